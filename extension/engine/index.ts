@@ -1,0 +1,163 @@
+// The typed face of the native engine. Every native failure surfaces as an EngineError carrying the engine's own
+// message (which names the file, tensor or value at fault), so callers can show it as is.
+import { loadAddon } from './addon';
+import type {
+  NativeAddon,
+  NativeLoraInfo,
+  NativeLoraOptions,
+  NativeMemory,
+  NativeModel,
+  NativeModelConfig,
+  NativeOptimizerOptions,
+  NativeQuantizeReport,
+  NativeRunOptions,
+  NativeStepReport,
+  NativeTensorToWrite,
+} from './native';
+
+export type {
+  NativeModelConfig as ModelConfig,
+  NativeLoraInfo as LoraInfo,
+  NativeLoraOptions as LoraOptions,
+  NativeMemory as EngineMemory,
+  NativeOptimizerOptions as OptimizerOptions,
+  NativeQuantizeReport as QuantizeReport,
+  NativeStepReport as StepReport,
+  NativeTensorToWrite as TensorToWrite,
+} from './native';
+export type { MemoryCategory } from './native';
+
+/** An error raised by the engine (bad file, bad shape, unsupported model...) or by loading it. */
+export class EngineError extends Error {
+  override readonly name = 'EngineError';
+  constructor(
+    message: string,
+    /** 'engine': the engine rejected the input; 'load': the addon could not be loaded; 'argument': a bad call. */
+    readonly kind: 'engine' | 'load' | 'argument',
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+function translate(err: unknown): EngineError {
+  if (err instanceof EngineError) return err;
+  if (err instanceof Error) {
+    const code = (err as Error & { code?: unknown }).code;
+    const kind = code === 'QLORA_ENGINE' ? 'engine' : err instanceof TypeError || err instanceof RangeError ? 'argument' : 'engine';
+    return new EngineError(err.message, kind, { cause: err });
+  }
+  return new EngineError(String(err), 'engine');
+}
+
+function call<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw translate(err);
+  }
+}
+
+function addon(): NativeAddon {
+  try {
+    return loadAddon();
+  } catch (err) {
+    throw new EngineError(err instanceof Error ? err.message : String(err), 'load', { cause: err });
+  }
+}
+
+export interface RunInput {
+  /** Token ids, batch * seq of them, row-major. */
+  ids: Int32Array;
+  /** Labels aligned with ids (transformers' convention: shifted inside), -100 to ignore; default: the ids. */
+  labels?: Int32Array;
+  batch: number;
+  seq: number;
+}
+
+export interface RunOptions extends NativeRunOptions {}
+
+export interface RunResult {
+  lossSum: number;
+  labelled: number;
+  /** Mean loss over labelled positions (NaN when none is labelled, as transformers gives). */
+  loss: number;
+  /** [batch, seq - 1] log-probabilities of each next label, when asked for. */
+  logprobs?: Float64Array;
+}
+
+/** A model loaded by the engine, with at most one LoRA adapter attached. */
+export class EngineModel {
+  private constructor(private readonly native: NativeModel) {}
+
+  /** Loads a Hugging Face model folder; `quantize` stores dense linear weights as NF4 (QLoRA training). */
+  static load(dir: string, options: { quantize?: boolean } = {}): EngineModel {
+    const { Model } = addon();
+    return new EngineModel(call(() => new Model(dir, options)));
+  }
+
+  config(): NativeModelConfig {
+    return call(() => this.native.config());
+  }
+  stored4bit(): boolean {
+    return call(() => this.native.stored4bit());
+  }
+  createLora(options: NativeLoraOptions): void {
+    call(() => this.native.createLora(options));
+  }
+  loadAdapter(dir: string): void {
+    call(() => this.native.loadAdapter(dir));
+  }
+  saveAdapter(dir: string, baseModelName: string): void {
+    call(() => this.native.saveAdapter(dir, baseModelName));
+  }
+  loraInfo(): NativeLoraInfo | null {
+    return call(() => this.native.loraInfo());
+  }
+
+  run(input: RunInput, options: RunOptions = {}): RunResult {
+    const { ids, labels, batch, seq } = input;
+    if (ids.length !== batch * seq) throw new EngineError(`ids has ${ids.length} tokens, expected batch * seq = ${batch * seq}`, 'argument');
+    const r = call(() => this.native.run(ids, labels ?? null, batch, seq, options));
+    return { lossSum: r.lossSum, labelled: r.labelled, loss: r.labelled > 0 ? r.lossSum / r.labelled : NaN, logprobs: r.logprobs };
+  }
+
+  zeroGrad(): void {
+    call(() => this.native.zeroGrad());
+  }
+  saveGradients(path: string): void {
+    call(() => this.native.saveGradients(path));
+  }
+  gradNorm(): number {
+    return call(() => this.native.gradNorm());
+  }
+  optimizerStep(options: NativeOptimizerOptions): NativeStepReport {
+    return call(() => this.native.optimizerStep(options));
+  }
+  memory(): NativeMemory {
+    return call(() => this.native.memory());
+  }
+  dispose(): void {
+    this.native.dispose();
+  }
+}
+
+export function engineVersion(): string {
+  return call(() => addon().version());
+}
+export function engineInfo(): { backends: string[]; threads: number } {
+  return call(() => addon().engineInfo());
+}
+export function readModelConfig(dir: string): NativeModelConfig {
+  return call(() => addon().readModelConfig(dir));
+}
+export type QuantizeDtype = 'float32' | 'bfloat16' | 'float16';
+export function quantizeModel(modelDir: string, outFile: string, doubleQuant: boolean, dtype?: QuantizeDtype): NativeQuantizeReport {
+  return call(() => addon().quantizeModel(modelDir, outFile, doubleQuant, dtype ?? ''));
+}
+export function randomNormal(seed: number, count: number): Float32Array {
+  return call(() => addon().randomNormal(seed, count));
+}
+export function writeSafetensors(path: string, tensors: NativeTensorToWrite[], metadata?: Record<string, string>): void {
+  call(() => addon().writeSafetensors(path, tensors, metadata));
+}

@@ -1,0 +1,125 @@
+// The shape of the native addon exactly as native/src/binding/addon.cpp exports it. Only extension/engine/ uses
+// these raw types; everything else goes through the typed wrapper in index.ts.
+
+export interface NativeModelConfig {
+  architecture: string;
+  modelType: string;
+  vocabSize: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  rmsNormEps: number;
+  ropeTheta: number;
+  ropeScaling: 'default' | 'linear' | 'llama3';
+  tieWordEmbeddings: boolean;
+  qkvBias: boolean;
+  maxPositionEmbeddings: number;
+  bosTokenId: number | null;
+  eosTokenIds: number[];
+  dtype: string;
+  quantized4bit: boolean;
+}
+
+export interface NativeLoraOptions {
+  rank?: number;
+  alpha?: number;
+  dropout?: number;
+  useRslora?: boolean;
+  targets?: string[];
+  seed?: number;
+}
+
+export interface NativeLoraInfo {
+  rank: number;
+  alpha: number;
+  dropout: number;
+  useRslora: boolean;
+  scale: number;
+  targets: string[];
+  parameters: number;
+}
+
+export interface NativeRunOptions {
+  computeGrads?: boolean;
+  gradientCheckpointing?: boolean;
+  gradNormalizer?: number;
+  training?: boolean;
+  seed?: number;
+  step?: number;
+  microBatch?: number;
+  logprobs?: boolean;
+}
+
+export interface NativeRunResult {
+  lossSum: number;
+  labelled: number;
+  logprobs?: Float64Array;
+}
+
+export interface NativeOptimizerOptions {
+  lr?: number;
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weightDecay?: number;
+  maxGradNorm?: number;
+}
+
+export interface NativeStepReport {
+  gradNorm: number;
+  clipped: boolean;
+  step: number;
+}
+
+export type MemoryCategory = 'weights' | 'adapters' | 'gradients' | 'optimizer' | 'activations' | 'workspace';
+
+export interface NativeMemory {
+  current: Record<MemoryCategory, number>;
+  peak: Record<MemoryCategory, number>;
+  totalCurrent: number;
+  totalPeak: number;
+}
+
+export interface NativeModel {
+  config(): NativeModelConfig;
+  stored4bit(): boolean;
+  createLora(options: NativeLoraOptions): void;
+  loadAdapter(dir: string): void;
+  saveAdapter(dir: string, baseModelName: string): void;
+  loraInfo(): NativeLoraInfo | null;
+  run(ids: Int32Array, labels: Int32Array | null, batch: number, seq: number, options: NativeRunOptions): NativeRunResult;
+  zeroGrad(): void;
+  saveGradients(path: string): void;
+  gradNorm(): number;
+  optimizerStep(options: NativeOptimizerOptions): NativeStepReport;
+  memory(): NativeMemory;
+  dispose(): void;
+}
+
+export interface NativeTensorToWrite {
+  name: string;
+  dtype: 'F32' | 'BF16' | 'F16';
+  shape: number[];
+  data: Float32Array;
+}
+
+export interface NativeQuantizeReport {
+  quantizedTensors: number;
+  copiedTensors: number;
+  bytesIn: number;
+  bytesOut: number;
+}
+
+export interface NativeAddon {
+  version(): string;
+  engineInfo(): { backends: string[]; threads: number };
+  readModelConfig(dir: string): NativeModelConfig;
+  /** dtype: '' keeps stored dtypes; 'float32' | 'bfloat16' | 'float16' casts first, as transformers' torch_dtype. */
+  quantizeModel(modelDir: string, outFile: string, doubleQuant: boolean, dtype: string): NativeQuantizeReport;
+  randomNormal(seed: number, count: number): Float32Array;
+  writeSafetensors(path: string, tensors: NativeTensorToWrite[], metadata?: Record<string, string>): void;
+  Model: new (dir: string, options?: { quantize?: boolean }) => NativeModel;
+}

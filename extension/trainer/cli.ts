@@ -1,0 +1,124 @@
+// The qlora-studio command line: every engine capability is scriptable and testable through it, and the trainer
+// process of the extension runs the same code. Errors go to stderr as one sentence (the stack only with --debug)
+// and exit with status 1.
+import { engineInfo, engineVersion, EngineError } from '../engine';
+import { helpText, integerOption, parseIdList, parseOptions, requiredString, stringOption, UsageError, type OptionSpec } from './cliArgs';
+import { makeTinyModel } from './tinyModel/makeTinyModel';
+import { quantize } from './verbs/quantize';
+import { score } from './verbs/score';
+
+interface Verb {
+  summary: string;
+  options: Record<string, OptionSpec>;
+  run(options: ReturnType<typeof parseOptions>): void;
+}
+
+const print = (text: string) => process.stdout.write(text + '\n');
+
+const verbs: Record<string, Verb> = {
+  'make-tiny-model': {
+    summary: 'write a tiny random model in Hugging Face layout, with a real byte-level BPE tokenizer',
+    options: {
+      out: { type: 'string', required: true, description: 'folder to write the model into' },
+      arch: { type: 'string', description: 'llama (default) or qwen2' },
+      seed: { type: 'string', description: 'random seed (integer, default 0)' },
+      size: { type: 'string', description: 'tiny (default, for tests) or small (for benchmarks)' },
+      json: { type: 'boolean', description: 'print a JSON summary' },
+    },
+    run(o) {
+      const arch = stringOption(o, 'arch') ?? 'llama';
+      if (arch !== 'llama' && arch !== 'qwen2') throw new UsageError(`--arch must be llama or qwen2, got '${arch}'`);
+      const size = stringOption(o, 'size') ?? 'tiny';
+      if (size !== 'tiny' && size !== 'small') throw new UsageError(`--size must be tiny or small, got '${size}'`);
+      const summary = makeTinyModel({ out: requiredString(o, 'out'), arch, seed: integerOption(o, 'seed', 0), size });
+      print(o.json ? JSON.stringify(summary) : `wrote a tiny ${arch} model (${summary.parameters} parameters, vocabulary ${summary.vocabSize}) to ${summary.dir}`);
+    },
+  },
+  score: {
+    summary: 'loss and next-token log-probs of a token sequence, as transformers computes them (fp32)',
+    options: {
+      model: { type: 'string', required: true, description: 'Hugging Face model folder (plain or bnb-4bit)' },
+      adapter: { type: 'string', description: 'PEFT LoRA adapter folder' },
+      ids: { type: 'string', required: true, description: 'comma-separated token ids, e.g. 1,5,200' },
+      grads: { type: 'string', description: 'write d loss / d LoRA parameters to this safetensors file' },
+      json: { type: 'boolean', description: 'print {"loss", "next_token_logprobs"} as JSON' },
+    },
+    run(o) {
+      const result = score({
+        model: requiredString(o, 'model'),
+        adapter: stringOption(o, 'adapter'),
+        ids: parseIdList(requiredString(o, 'ids'), 'ids'),
+        gradsFile: stringOption(o, 'grads'),
+      });
+      if (o.json) return print(JSON.stringify(result));
+      print(`loss ${result.loss.toFixed(6)} over ${result.next_token_logprobs.length} predictions`);
+      result.next_token_logprobs.forEach((lp, i) => print(`  position ${i + 1}: log p = ${lp.toFixed(6)}`));
+    },
+  },
+  quantize: {
+    summary: 'write a model as a bnb-4bit checkpoint (NF4, blocks of 64, double quantization by default)',
+    options: {
+      model: { type: 'string', required: true, description: 'Hugging Face model folder (f32/bf16/f16 safetensors)' },
+      out: { type: 'string', required: true, description: 'folder for the quantized model' },
+      'no-double-quant': { type: 'boolean', description: 'keep the block constants in fp32 instead of 8 bits' },
+      dtype: { type: 'string', description: 'cast the model first: float32, bfloat16 or float16 (default: as stored)' },
+      json: { type: 'boolean', description: 'print a JSON report' },
+    },
+    run(o) {
+      const dtype = stringOption(o, 'dtype');
+      if (dtype !== undefined && dtype !== 'float32' && dtype !== 'bfloat16' && dtype !== 'float16')
+        throw new UsageError(`--dtype must be float32, bfloat16 or float16, got '${dtype}'`);
+      const report = quantize({ model: requiredString(o, 'model'), out: requiredString(o, 'out'), doubleQuant: !o['no-double-quant'], dtype });
+      if (o.json) return print(JSON.stringify(report));
+      const mb = (b: number) => (b / 1048576).toFixed(2);
+      print(`quantized ${report.quantizedTensors} linear weights to NF4 and copied ${report.copiedTensors} tensors: ${mb(report.bytesIn)} MB -> ${mb(report.bytesOut)} MB in ${report.out}`);
+    },
+  },
+  'engine-info': {
+    summary: 'the engine version and the compute backends it can use',
+    options: { json: { type: 'boolean', description: 'print JSON' } },
+    run(o) {
+      const info = { version: engineVersion(), ...engineInfo() };
+      print(o.json ? JSON.stringify(info) : `QLoRA engine ${info.version}: backends ${info.backends.join(', ')}; ${info.threads} CPU threads`);
+    },
+  },
+};
+
+function usage(): string {
+  const lines = ['usage: qlora-studio <verb> [options]   (qlora-studio <verb> --help for its options)', '', 'verbs:'];
+  for (const [name, verb] of Object.entries(verbs)) lines.push(`  ${name.padEnd(16)} ${verb.summary}`);
+  return lines.join('\n');
+}
+
+/** Runs the CLI; returns the exit status. */
+export function main(argv: string[]): number {
+  const debug = argv.includes('--debug');
+  const args = argv.filter((a) => a !== '--debug');
+  const [verbName, ...rest] = args;
+  if (!verbName || verbName === '--help' || verbName === 'help') {
+    print(usage());
+    return verbName ? 0 : 1;
+  }
+  const verb = verbs[verbName];
+  try {
+    if (!verb) throw new UsageError(`unknown verb '${verbName}' (known: ${Object.keys(verbs).join(', ')})`);
+    if (rest.includes('--help')) {
+      print(helpText(verbName, verb.summary, verb.options));
+      return 0;
+    }
+    verb.run(parseOptions(verbName, rest, verb.options));
+    return 0;
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    process.stderr.write(`qlora-studio: ${message}\n`);
+    if (debug && err instanceof Error && err.stack) process.stderr.write(err.stack + '\n');
+    if (err instanceof UsageError) process.stderr.write(`run "qlora-studio ${verb ? verbName + ' ' : ''}--help" for usage\n`);
+    return 1;
+  }
+}
+
+if (require.main === module) {
+  process.exitCode = main(process.argv.slice(2));
+}
+
+export { EngineError };

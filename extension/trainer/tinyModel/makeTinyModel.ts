@@ -1,0 +1,151 @@
+// make-tiny-model: a tiny random LLaMA or Qwen2 model in Hugging Face layout (config.json, model.safetensors in
+// bf16, a real byte-level BPE tokenizer.json, tokenizer_config.json with a chat template), loadable by
+// transformers. Tests and the demo use it; nothing is downloaded. The same seed gives the same files.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { randomNormal, writeSafetensors, type TensorToWrite } from '../../engine';
+import { writeJsonAtomic } from '../../util/atomicFile';
+import { buildTinyTokenizer, type TinyArch } from './tokenizer';
+
+export type TinySize = 'tiny' | 'small';
+
+export interface TinyModelOptions {
+  out: string;
+  arch: TinyArch;
+  seed: number;
+  /** 'tiny' for tests (~0.2M parameters); 'small' for benchmarks (~13M parameters, same tokenizer). */
+  size?: TinySize;
+}
+
+export interface TinyModelSummary {
+  dir: string;
+  arch: TinyArch;
+  parameters: number;
+  vocabSize: number;
+  files: string[];
+}
+
+// Small but not degenerate: GQA (query heads over half as many kv heads), an intermediate size that is not a
+// multiple of the hidden size.
+interface Shape {
+  hidden: number;
+  intermediate: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  maxPositions: number;
+}
+const SHAPES: Record<TinySize, Shape> = {
+  tiny: { hidden: 64, intermediate: 176, layers: 2, heads: 4, kvHeads: 2, headDim: 16, maxPositions: 2048 },
+  small: { hidden: 512, intermediate: 1408, layers: 4, heads: 8, kvHeads: 4, headDim: 64, maxPositions: 2048 },
+};
+const INIT_STD = 0.02; // transformers' initializer_range
+
+export function tinyModelConfig(arch: TinyArch, shape: Shape, vocabSize: number, bos: number | null, eos: number, pad: number): Record<string, unknown> {
+  const common = {
+    vocab_size: vocabSize,
+    hidden_size: shape.hidden,
+    intermediate_size: shape.intermediate,
+    num_hidden_layers: shape.layers,
+    num_attention_heads: shape.heads,
+    num_key_value_heads: shape.kvHeads,
+    hidden_act: 'silu',
+    max_position_embeddings: shape.maxPositions,
+    initializer_range: INIT_STD,
+    rms_norm_eps: 1e-6,
+    rope_theta: 10000.0,
+    rope_scaling: null,
+    attention_dropout: 0.0,
+    use_cache: true,
+    bos_token_id: bos,
+    eos_token_id: eos,
+    pad_token_id: pad,
+    torch_dtype: 'bfloat16',
+  };
+  if (arch === 'llama') {
+    return {
+      architectures: ['LlamaForCausalLM'],
+      model_type: 'llama',
+      ...common,
+      head_dim: shape.headDim,
+      attention_bias: false,
+      mlp_bias: false,
+      pretraining_tp: 1,
+      tie_word_embeddings: false,
+    };
+  }
+  // Qwen2 omits head_dim (hidden / heads), has q/k/v biases and ties the embeddings, as the small Qwen2.5 do.
+  return {
+    architectures: ['Qwen2ForCausalLM'],
+    model_type: 'qwen2',
+    ...common,
+    tie_word_embeddings: true,
+    use_sliding_window: false,
+    sliding_window: null,
+    max_window_layers: shape.layers,
+  };
+}
+
+function tinyTensors(arch: TinyArch, shape: Shape, vocabSize: number, seed: number): TensorToWrite[] {
+  const tensors: TensorToWrite[] = [];
+  let stream = 0;
+  const normal = (name: string, shape: number[], std: number) => {
+    const n = shape.reduce((a, b) => a * b, 1);
+    // Each tensor draws from its own seed so that adding a tensor never changes the others.
+    const data = randomNormal(seed * 1000 + ++stream, n);
+    for (let i = 0; i < n; i++) data[i] *= std;
+    tensors.push({ name, dtype: 'BF16', shape, data });
+  };
+  const ones = (name: string, n: number) => tensors.push({ name, dtype: 'BF16', shape: [n], data: new Float32Array(n).fill(1) });
+  const { hidden, intermediate, heads, kvHeads, headDim } = shape;
+  const qOut = heads * headDim;
+  const kvOut = kvHeads * headDim;
+  normal('model.embed_tokens.weight', [vocabSize, hidden], INIT_STD);
+  for (let l = 0; l < shape.layers; l++) {
+    const p = `model.layers.${l}.`;
+    ones(p + 'input_layernorm.weight', hidden);
+    ones(p + 'post_attention_layernorm.weight', hidden);
+    normal(p + 'self_attn.q_proj.weight', [qOut, hidden], INIT_STD);
+    normal(p + 'self_attn.k_proj.weight', [kvOut, hidden], INIT_STD);
+    normal(p + 'self_attn.v_proj.weight', [kvOut, hidden], INIT_STD);
+    if (arch === 'qwen2') {
+      normal(p + 'self_attn.q_proj.bias', [qOut], INIT_STD);
+      normal(p + 'self_attn.k_proj.bias', [kvOut], INIT_STD);
+      normal(p + 'self_attn.v_proj.bias', [kvOut], INIT_STD);
+    }
+    normal(p + 'self_attn.o_proj.weight', [hidden, qOut], INIT_STD);
+    normal(p + 'mlp.gate_proj.weight', [intermediate, hidden], INIT_STD);
+    normal(p + 'mlp.up_proj.weight', [intermediate, hidden], INIT_STD);
+    normal(p + 'mlp.down_proj.weight', [hidden, intermediate], INIT_STD);
+  }
+  ones('model.norm.weight', hidden);
+  if (arch === 'llama') normal('lm_head.weight', [vocabSize, hidden], INIT_STD);
+  return tensors;
+}
+
+export function makeTinyModel(options: TinyModelOptions): TinyModelSummary {
+  const { out, arch, seed } = options;
+  const tok = buildTinyTokenizer(arch);
+  fs.mkdirSync(out, { recursive: true });
+  const shape = SHAPES[options.size ?? 'tiny'];
+  const config = tinyModelConfig(arch, shape, tok.vocabSize, tok.bosTokenId, tok.eosTokenId, tok.padTokenId);
+  const tensors = tinyTensors(arch, shape, tok.vocabSize, seed);
+  writeSafetensors(path.join(out, 'model.safetensors'), tensors, { format: 'pt' });
+  writeJsonAtomic(path.join(out, 'config.json'), config);
+  writeJsonAtomic(path.join(out, 'generation_config.json'), {
+    bos_token_id: tok.bosTokenId,
+    eos_token_id: tok.eosTokenIds,
+    pad_token_id: tok.padTokenId,
+  });
+  writeJsonAtomic(path.join(out, 'tokenizer.json'), tok.tokenizerJson);
+  writeJsonAtomic(path.join(out, 'tokenizer_config.json'), tok.tokenizerConfig);
+  writeJsonAtomic(path.join(out, 'special_tokens_map.json'), tok.specialTokensMap);
+  return {
+    dir: out,
+    arch,
+    parameters: tensors.reduce((sum, t) => sum + t.data.length, 0),
+    vocabSize: tok.vocabSize,
+    files: ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'],
+  };
+}

@@ -1,0 +1,60 @@
+// quantize: writes a model as a bnb-4bit checkpoint (NF4, blocks of 64, double quantization by default) that
+// transformers loads as it loads any *-bnb-4bit model: model.safetensors in bitsandbytes' layout, config.json with
+// quantization_config, and the model's other files (tokenizer, generation config) copied as they are.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { quantizeModel, readModelConfig, type QuantizeDtype, type QuantizeReport } from '../../engine';
+import { writeJsonAtomic } from '../../util/atomicFile';
+
+export interface QuantizeOptions {
+  model: string;
+  out: string;
+  doubleQuant: boolean;
+  /** Cast the model to this dtype first (transformers' torch_dtype); default: as stored. */
+  dtype?: QuantizeDtype;
+}
+
+// Weights and their index are rewritten; everything else the folder holds (tokenizer files, chat template,
+// generation config, README) is copied.
+function isWeightFile(name: string): boolean {
+  return name.endsWith('.safetensors') || name === 'model.safetensors.index.json' || name.endsWith('.bin') || name.endsWith('.pt');
+}
+
+export function quantize(options: QuantizeOptions): QuantizeReport & { out: string } {
+  const { model, out, doubleQuant, dtype } = options;
+  if (path.resolve(model) === path.resolve(out)) throw new Error('--out must be a different folder from --model');
+  const configPath = path.join(model, 'config.json');
+  const config = readModelConfig(model); // validates the architecture before any work
+  if (config.quantized4bit) throw new Error(`${model} is already a bnb-4bit checkpoint`);
+  const rawConfig = JSON.parse(fs.readFileSync(configPath, 'utf8')) as Record<string, unknown>;
+  fs.mkdirSync(out, { recursive: true });
+  const report = quantizeModel(model, path.join(out, 'model.safetensors'), doubleQuant, dtype);
+  for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
+    if (!entry.isFile() || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
+    fs.copyFileSync(path.join(model, entry.name), path.join(out, entry.name));
+  }
+  const modelDtype = dtype ?? config.dtype;
+  const computeDtype = modelDtype === 'float32' || modelDtype === 'float16' ? modelDtype : 'bfloat16';
+  if (dtype) {
+    // Record the cast in whichever key the config uses (transformers 5: dtype; older: torch_dtype).
+    if ('torch_dtype' in rawConfig && !('dtype' in rawConfig)) rawConfig.torch_dtype = dtype;
+    else rawConfig.dtype = dtype;
+  }
+  rawConfig.quantization_config = {
+    quant_method: 'bitsandbytes',
+    load_in_4bit: true,
+    load_in_8bit: false,
+    bnb_4bit_quant_type: 'nf4',
+    bnb_4bit_use_double_quant: doubleQuant,
+    bnb_4bit_compute_dtype: computeDtype,
+    bnb_4bit_quant_storage: 'uint8',
+    llm_int8_threshold: 6.0,
+    llm_int8_skip_modules: null,
+    llm_int8_enable_fp32_cpu_offload: false,
+    llm_int8_has_fp16_weight: false,
+    _load_in_4bit: true,
+    _load_in_8bit: false,
+  };
+  writeJsonAtomic(path.join(out, 'config.json'), rawConfig);
+  return { ...report, out };
+}

@@ -1,0 +1,153 @@
+// The device seam. The model code (model/) is written once against this interface; the CPU backend runs the
+// reference kernels of cpu/kernels.h and the CUDA backend will run kernels with the same signatures. Pointers
+// handed to these functions are device pointers from alloc(); host data crosses only through upload/download.
+#pragma once
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace qlora {
+
+// What every engine allocation is for: the memory report (and the paging budget on the GPU) is by category.
+enum class MemCategory { Weights = 0, Adapters, Gradients, Optimizer, Activations, Workspace, Count };
+const char* mem_category_name(MemCategory c);
+
+struct MemoryStats {
+  std::array<int64_t, static_cast<size_t>(MemCategory::Count)> current{};
+  std::array<int64_t, static_cast<size_t>(MemCategory::Count)> peak{};
+  int64_t total_current = 0;
+  int64_t total_peak = 0;
+};
+
+// Tracks bytes by category and the peak of the total, as the allocator of each backend sees them.
+class MemoryTracker {
+ public:
+  void on_alloc(MemCategory c, int64_t bytes);
+  void on_free(MemCategory c, int64_t bytes);
+  const MemoryStats& stats() const { return stats_; }
+  void reset_peak();
+
+ private:
+  MemoryStats stats_;
+};
+
+// Storage dtype of the dequantized NF4 values (the quant state's dtype): values are rounded to it.
+enum class RoundTo { F32, BF16, F16 };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory ----
+  virtual void* alloc_bytes(size_t bytes, MemCategory category) = 0;
+  virtual void free_bytes(void* ptr, size_t bytes, MemCategory category) = 0;
+  virtual void upload(void* device_dst, const void* host_src, size_t bytes) = 0;
+  virtual void download(void* host_dst, const void* device_src, size_t bytes) = 0;
+  virtual void fill_zero(float* x, int64_t n) = 0;
+  const MemoryStats& memory() const { return tracker_.stats(); }
+  void reset_peak_memory() { tracker_.reset_peak(); }
+
+  // ---- dense math (fp32 in the CPU reference) ----
+  virtual void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                    const float* B, float beta, float* C) = 0;
+  virtual void add_inplace(float* y, const float* x, int64_t n) = 0;       // y += x
+  virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
+  virtual void scale_inplace(float* x, float s, int64_t n) = 0;
+  virtual double sum_of_squares(const float* x, int64_t n) = 0;
+
+  // ---- transformer ops (see cpu/kernels.h for the exact math) ----
+  virtual void embedding(const int32_t* host_ids, int64_t rows, const float* table, int64_t dim, float* out) = 0;
+  virtual void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
+                               float* rstd) = 0;
+  virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
+                                int64_t dim, float* dx) = 0;
+  virtual void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                          const float* cos_table, const float* sin_table, bool inverse) = 0;
+  virtual void attention_forward(const float* q, const float* k, const float* v, int64_t batch, int64_t seq,
+                                 int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, float* probs) = 0;
+  virtual void attention_backward(const float* dout, const float* q, const float* k, const float* v,
+                                  const float* probs, int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads,
+                                  int64_t head_dim, float* dq, float* dk, float* dv) = 0;
+  virtual void swiglu_forward(const float* g, const float* u, int64_t n, float* out) = 0;
+  virtual void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg,
+                               float* du) = 0;
+  // Sum of -log p(target) over labelled rows; dlogits (optional) = grad_scale * (softmax - onehot);
+  // host_logprobs (optional, host memory) = log p(target) per row. Targets live in host memory.
+  virtual double cross_entropy(const float* logits, const int32_t* host_targets, int64_t rows, int64_t vocab,
+                               double grad_scale, float* dlogits, double* host_logprobs) = 0;
+
+  // ---- QLoRA specifics ----
+  // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.
+  virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
+                              float* out) = 0;
+  // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p.
+  virtual void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
+                       float* out) = 0;
+  virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
+                            double beta2, double eps, double weight_decay, int64_t step, double grad_scale) = 0;
+
+ protected:
+  MemoryTracker tracker_;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+
+// A device allocation owned by one object: freed (and un-counted) when it goes away.
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  DeviceArray(Backend* backend, int64_t n, MemCategory category) { reset(backend, n, category); }
+  ~DeviceArray() { release(); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  DeviceArray(DeviceArray&& o) noexcept { *this = std::move(o); }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    if (this != &o) {
+      release();
+      backend_ = o.backend_;
+      ptr_ = o.ptr_;
+      n_ = o.n_;
+      category_ = o.category_;
+      o.ptr_ = nullptr;
+      o.n_ = 0;
+    }
+    return *this;
+  }
+
+  void reset(Backend* backend, int64_t n, MemCategory category) {
+    release();
+    backend_ = backend;
+    category_ = category;
+    n_ = n;
+    ptr_ = n > 0 ? static_cast<T*>(backend->alloc_bytes(static_cast<size_t>(n) * sizeof(T), category)) : nullptr;
+  }
+  void release() {
+    if (ptr_) backend_->free_bytes(ptr_, static_cast<size_t>(n_) * sizeof(T), category_);
+    ptr_ = nullptr;
+    n_ = 0;
+  }
+  void upload(const T* host, int64_t n) { backend_->upload(ptr_, host, static_cast<size_t>(n) * sizeof(T)); }
+  void upload(const std::vector<T>& host) { upload(host.data(), static_cast<int64_t>(host.size())); }
+  std::vector<T> download() const {
+    std::vector<T> host(static_cast<size_t>(n_));
+    if (n_ > 0) backend_->download(host.data(), ptr_, static_cast<size_t>(n_) * sizeof(T));
+    return host;
+  }
+
+  T* get() const { return ptr_; }
+  int64_t size() const { return n_; }
+  bool empty() const { return n_ == 0; }
+
+ private:
+  Backend* backend_ = nullptr;
+  T* ptr_ = nullptr;
+  int64_t n_ = 0;
+  MemCategory category_ = MemCategory::Workspace;
+};
+
+}  // namespace qlora

@@ -1,0 +1,145 @@
+// The CPU backend: host memory and the reference kernels of cpu/kernels.h in fp32, threaded with OpenMP.
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "backend/backend.h"
+#include "cpu/kernels.h"
+#include "io/dtype.h"
+#include "quant/nf4.h"
+#include "util/philox.h"
+
+namespace qlora {
+
+const char* mem_category_name(MemCategory c) {
+  switch (c) {
+    case MemCategory::Weights: return "weights";
+    case MemCategory::Adapters: return "adapters";
+    case MemCategory::Gradients: return "gradients";
+    case MemCategory::Optimizer: return "optimizer";
+    case MemCategory::Activations: return "activations";
+    case MemCategory::Workspace: return "workspace";
+    case MemCategory::Count: break;
+  }
+  return "unknown";
+}
+
+void MemoryTracker::on_alloc(MemCategory c, int64_t bytes) {
+  const size_t i = static_cast<size_t>(c);
+  stats_.current[i] += bytes;
+  stats_.peak[i] = std::max(stats_.peak[i], stats_.current[i]);
+  stats_.total_current += bytes;
+  stats_.total_peak = std::max(stats_.total_peak, stats_.total_current);
+}
+
+void MemoryTracker::on_free(MemCategory c, int64_t bytes) {
+  stats_.current[static_cast<size_t>(c)] -= bytes;
+  stats_.total_current -= bytes;
+}
+
+void MemoryTracker::reset_peak() {
+  stats_.peak = stats_.current;
+  stats_.total_peak = stats_.total_current;
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+
+  void* alloc_bytes(size_t bytes, MemCategory category) override {
+    void* p = std::malloc(bytes);
+    if (!p) fail("out of host memory allocating ", bytes, " bytes for ", mem_category_name(category));
+    tracker_.on_alloc(category, static_cast<int64_t>(bytes));
+    return p;
+  }
+  void free_bytes(void* ptr, size_t bytes, MemCategory category) override {
+    std::free(ptr);
+    tracker_.on_free(category, static_cast<int64_t>(bytes));
+  }
+  void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
+  void fill_zero(float* x, int64_t n) override { std::memset(x, 0, static_cast<size_t>(n) * sizeof(float)); }
+
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B,
+            float beta, float* C) override {
+    cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
+  }
+  void add_inplace(float* y, const float* x, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+  void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) y[r * cols + c] += bias[c];
+  }
+  void scale_inplace(float* x, float s, int64_t n) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) x[i] *= s;
+  }
+  double sum_of_squares(const float* x, int64_t n) override { return cpu::sum_of_squares<float>(x, n); }
+
+  void embedding(const int32_t* ids, int64_t rows, const float* table, int64_t dim, float* out) override {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      std::memcpy(out + r * dim, table + static_cast<int64_t>(ids[r]) * dim, static_cast<size_t>(dim) * sizeof(float));
+  }
+  void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
+                       float* rstd) override {
+    cpu::rmsnorm_forward<float>(x, w, rows, dim, eps, y, rstd);
+  }
+  void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
+                        int64_t dim, float* dx) override {
+    cpu::rmsnorm_backward<float>(dy, x, w, rstd, rows, dim, dx);
+  }
+  void rope_apply(float* x, int64_t b, int64_t t, int64_t h, int64_t d, const float* c, const float* s,
+                  bool inverse) override {
+    cpu::rope_apply<float>(x, b, t, h, d, c, s, inverse);
+  }
+  void attention_forward(const float* q, const float* k, const float* v, int64_t b, int64_t t, int64_t h,
+                         int64_t kvh, int64_t d, float* out, float* probs) override {
+    cpu::attention_forward<float>(q, k, v, b, t, h, kvh, d, out, probs);
+  }
+  void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* probs,
+                          int64_t b, int64_t t, int64_t h, int64_t kvh, int64_t d, float* dq, float* dk,
+                          float* dv) override {
+    cpu::attention_backward<float>(dout, q, k, v, probs, b, t, h, kvh, d, dq, dk, dv);
+  }
+  void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
+    cpu::swiglu_forward<float>(g, u, n, out);
+  }
+  void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
+    cpu::swiglu_backward<float>(dout, g, u, n, dg, du);
+  }
+  double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
+                       float* dlogits, double* logprobs) override {
+    return cpu::cross_entropy<float>(logits, targets, rows, vocab, grad_scale, dlogits, logprobs);
+  }
+
+  void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
+                      float* out) override {
+    nf4::dequantize(packed, absmax, n, blocksize, out);
+    if (round_to == RoundTo::F32) return;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = round_to == RoundTo::BF16 ? round_to_bf16(out[i]) : round_to_f16(out[i]);
+  }
+  void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
+               float* out) override {
+    const Philox rng(seed, RngStream::Dropout, step);
+    const float keep_scale = 1.0f / (1.0f - p);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = rng.uniform(offset + static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
+  }
+  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {
+    cpu::adamw_update<float>(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace qlora

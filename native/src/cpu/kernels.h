@@ -1,0 +1,317 @@
+// The CPU reference kernels, one function per op, templated on the scalar type: the engine runs them in fp32, the
+// native tests run them in fp64 against finite differences. Layouts are row-major; activations of a batch are
+// [B*T, features], with heads split as [B, T, H, Dh] (the natural output of x·W^T). The CUDA kernels implement the
+// same functions with the same arguments and are tested against these.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "util/error.h"
+
+namespace qlora::cpu {
+
+// ---------------------------------------------------------------------------------------------------------------
+// GEMM: C[M,N] = alpha * op(A)[M,K] · op(B)[K,N] + beta * C. op(A) = A ([M,K]) or A^T (A stored [K,M]);
+// op(B) = B ([K,N]) or B^T (B stored [N,K]). So x·W^T is gemm(false, true, ...). Both operands are first packed
+// row-major so the inner loop is a contiguous axpy the compiler vectorizes; rows of C are split across threads and
+// each thread updates four rows per pass over a row of B.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta,
+          T* C) {
+  if (M == 0 || N == 0) return;
+  std::vector<T> a_packed, b_packed;
+  const T* a = A;
+  if (trans_a) {
+    a_packed.resize(static_cast<size_t>(M * K));
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) a_packed[m * K + k] = A[k * M + m];
+    a = a_packed.data();
+  }
+  const T* b = B;
+  if (trans_b) {
+    b_packed.resize(static_cast<size_t>(K * N));
+#pragma omp parallel for schedule(static)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) b_packed[k * N + n] = B[n * K + k];
+    b = b_packed.data();
+  }
+  constexpr int64_t kRows = 4;
+  constexpr int64_t kColTile = 512;
+  const int64_t row_blocks = (M + kRows - 1) / kRows;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    const int64_t m0 = rb * kRows;
+    const int64_t rows = std::min(kRows, M - m0);
+    T acc[kRows][kColTile];
+    for (int64_t n0 = 0; n0 < N; n0 += kColTile) {
+      const int64_t cols = std::min(kColTile, N - n0);
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t j = 0; j < cols; ++j) acc[r][j] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* brow = b + k * N + n0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const T av = a[(m0 + r) * K + k];
+          T* accr = acc[r];
+          for (int64_t j = 0; j < cols; ++j) accr[j] += av * brow[j];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* crow = C + (m0 + r) * N + n0;
+        if (beta == T(0)) {
+          for (int64_t j = 0; j < cols; ++j) crow[j] = alpha * acc[r][j];
+        } else {
+          for (int64_t j = 0; j < cols; ++j) crow[j] = beta * crow[j] + alpha * acc[r][j];
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm as transformers computes it: y = x / sqrt(mean(x^2) + eps) * w. rstd[row] is kept for backward.
+template <typename T>
+void rmsnorm_forward(const T* x, const T* w, int64_t rows, int64_t dim, double eps, T* y, T* rstd) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * dim;
+    double ss = 0.0;
+    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const T s = static_cast<T>(1.0 / std::sqrt(ss / static_cast<double>(dim) + eps));
+    rstd[r] = s;
+    T* yr = y + r * dim;
+    for (int64_t i = 0; i < dim; ++i) yr[i] = (xr[i] * s) * w[i];
+  }
+}
+
+// dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat)), x_hat = x * rstd. The norm weight is frozen (not trained).
+template <typename T>
+void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* rstd, int64_t rows, int64_t dim, T* dx) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * dim;
+    const T* dyr = dy + r * dim;
+    const T s = rstd[r];
+    double dot = 0.0;
+    for (int64_t i = 0; i < dim; ++i) dot += static_cast<double>(dyr[i]) * w[i] * xr[i] * s;
+    const T mean_dot = static_cast<T>(dot / static_cast<double>(dim));
+    T* dxr = dx + r * dim;
+    for (int64_t i = 0; i < dim; ++i) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RoPE on the two halves of each head (transformers' rotate_half): for i < Dh/2,
+//   out[i] = x[i] cos - x[i+h] sin,  out[i+h] = x[i+h] cos + x[i] sin,
+// with cos/sin tables [T, Dh/2] for positions 0..T-1 (built by the model from the config's rope settings).
+// In place on x [B, T, H, Dh]. Backward applies the inverse rotation (sin negated).
+template <typename T>
+void rope_apply(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, const float* cos_table,
+                const float* sin_table, bool inverse) {
+  const int64_t half = head_dim / 2;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t < seq; ++t) {
+      const float* c = cos_table + t * half;
+      const float* s = sin_table + t * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* v = x + ((b * seq + t) * heads + h) * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const T ci = static_cast<T>(c[i]);
+          const T si = inverse ? -static_cast<T>(s[i]) : static_cast<T>(s[i]);
+          const T x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * ci - x2 * si;
+          v[i + half] = x2 * ci + x1 * si;
+        }
+      }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Causal self-attention with grouped KV heads: q [B,T,H,Dh], k/v [B,T,Hkv,Dh], out [B,T,H,Dh]; query head h reads
+// kv head h / (H/Hkv) (transformers' repeat_kv). probs [B,H,T,T] (softmax rows, zero above the diagonal) is kept
+// for backward.
+template <typename T>
+void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_t seq, int64_t heads,
+                       int64_t kv_heads, int64_t head_dim, T* out, T* probs) {
+  const int64_t group = heads / kv_heads;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+#pragma omp parallel for collapse(3) schedule(dynamic, 4)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < seq; ++i) {
+        const int64_t kvh = h / group;
+        const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
+        T* p = probs + ((b * heads + h) * seq + i) * seq;
+        T max_score = -INFINITY;
+        for (int64_t j = 0; j <= i; ++j) {
+          const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
+          T dot = 0;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
+          p[j] = dot * scale;
+          max_score = std::max(max_score, p[j]);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          p[j] = std::exp(p[j] - max_score);
+          sum += p[j];
+        }
+        const T inv = T(1) / sum;
+        for (int64_t j = 0; j <= i; ++j) p[j] *= inv;
+        for (int64_t j = i + 1; j < seq; ++j) p[j] = 0;
+        T* oi = out + (b * seq + i) * q_stride + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
+        for (int64_t j = 0; j <= i; ++j) {
+          const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
+          const T pj = p[j];
+          for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
+        }
+      }
+}
+
+// dP = dO·V^T, dS = P ⊙ (dP - rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO (summed over the
+// query heads that share a kv head). Writes dq, dk, dv (not accumulated).
+template <typename T>
+void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs, int64_t batch,
+                        int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv) {
+  const int64_t group = heads / kv_heads;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+  // Each (batch, kv head) is independent: its query heads write only its dk/dv slices, so the loop parallelizes
+  // without atomics.
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      std::vector<T> ds(static_cast<size_t>(seq));
+      for (int64_t j = 0; j < seq; ++j) {
+        T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
+        T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) dkj[d] = dvj[d] = 0;
+      }
+      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+        for (int64_t i = 0; i < seq; ++i) {
+          const T* p = probs + ((b * heads + h) * seq + i) * seq;
+          const T* doi = dout + (b * seq + i) * q_stride + h * head_dim;
+          const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
+          T row_dot = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
+            T dp = 0;
+            for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
+            ds[j] = dp;
+            row_dot += dp * p[j];
+          }
+          T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            const T dsj = p[j] * (ds[j] - row_dot) * scale;
+            const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
+            T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
+            T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
+            const T pj = p[j];
+            for (int64_t d = 0; d < head_dim; ++d) {
+              dqi[d] += dsj * kj[d];
+              dkj[d] += dsj * qi[d];
+              dvj[d] += pj * doi[d];
+            }
+          }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g).
+template <typename T>
+void swiglu_forward(const T* g, const T* u, int64_t n, T* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = T(1) / (T(1) + std::exp(-g[i]));
+    out[i] = g[i] * s * u[i];
+  }
+}
+
+// dg = dout * u * sigmoid(g) * (1 + g (1 - sigmoid(g))), du = dout * silu(g).
+template <typename T>
+void swiglu_backward(const T* dout, const T* g, const T* u, int64_t n, T* dg, T* du) {
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T s = T(1) / (T(1) + std::exp(-g[i]));
+    du[i] = dout[i] * g[i] * s;
+    dg[i] = dout[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Cross-entropy over rows of logits [rows, V] with integer targets; target -100 (transformers' ignore_index) skips
+// the row. Returns the sum of -log p(target) over labelled rows. When dlogits is given it receives
+// grad_scale * (softmax - onehot) (zero for ignored rows); when target_logprob is given it receives log p(target)
+// (0 for ignored rows). The log-sum-exp is accumulated in double.
+constexpr int32_t kIgnoreIndex = -100;
+
+template <typename T>
+double cross_entropy(const T* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
+                     T* dlogits, double* target_logprob) {
+  double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* lr = logits + r * vocab;
+    const int32_t target = targets[r];
+    if (target == kIgnoreIndex) {
+      if (dlogits)
+        for (int64_t i = 0; i < vocab; ++i) dlogits[r * vocab + i] = 0;
+      if (target_logprob) target_logprob[r] = 0.0;
+      continue;
+    }
+    double max_logit = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i) max_logit = std::max(max_logit, static_cast<double>(lr[i]));
+    double sum = 0.0;
+    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(lr[i]) - max_logit);
+    const double log_z = max_logit + std::log(sum);
+    const double logprob = static_cast<double>(lr[target]) - log_z;
+    total += -logprob;
+    if (target_logprob) target_logprob[r] = logprob;
+    if (dlogits) {
+      T* dr = dlogits + r * vocab;
+      for (int64_t i = 0; i < vocab; ++i)
+        dr[i] = static_cast<T>(std::exp(static_cast<double>(lr[i]) - log_z) * grad_scale);
+      dr[target] -= static_cast<T>(grad_scale);
+    }
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// AdamW (torch.optim.AdamW semantics): p -= lr*wd*p (decoupled), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
+// p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps). `step` counts from 1.
+template <typename T>
+void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
+                  double weight_decay, int64_t step, double grad_scale) {
+  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+  const double step_size = lr / bc1;
+  const double bc2_sqrt = std::sqrt(bc2);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = static_cast<double>(grad[i]) * grad_scale;
+    double p = static_cast<double>(param[i]) * (1.0 - lr * weight_decay);
+    const double mi = beta1 * m[i] + (1.0 - beta1) * g;
+    const double vi = beta2 * v[i] + (1.0 - beta2) * g * g;
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+    p -= step_size * mi / (std::sqrt(vi) / bc2_sqrt + eps);
+    param[i] = static_cast<T>(p);
+  }
+}
+
+template <typename T>
+double sum_of_squares(const T* x, int64_t n) {
+  double total = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += static_cast<double>(x[i]) * x[i];
+  return total;
+}
+
+}  // namespace qlora::cpu

@@ -1,0 +1,42 @@
+// Element types of safetensors tensors and conversions to and from fp32.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+namespace qlora {
+
+enum class DType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+
+// Parses a safetensors dtype name ("F32", "BF16", ...); throws EngineError naming `context` for unknown names.
+DType dtype_from_name(const std::string& name, const std::string& context);
+const char* dtype_name(DType t);
+size_t dtype_size(DType t);
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Round to nearest even, as torch does when casting fp32 to bf16. NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+float f16_to_f32(uint16_t h);
+uint16_t f32_to_f16(float f);  // round to nearest even, overflow to inf
+
+inline float round_to_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+inline float round_to_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
+
+// Converts n elements of a floating dtype (F32, F16, BF16, F64) to fp32; other dtypes throw naming `context`.
+void convert_to_f32(DType t, const void* src, size_t n, float* dst, const std::string& context);
+
+}  // namespace qlora

@@ -1,0 +1,182 @@
+#include "io/model_config.h"
+
+#include <filesystem>
+
+#include "io/safetensors.h"
+#include "util/error.h"
+#include "util/json.h"
+
+namespace qlora {
+
+namespace {
+
+constexpr const char* kSupported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+
+struct Reader {
+  const json::Value& root;
+  const std::string& source;
+
+  std::string where(const std::string& key) const { return source + ": " + key; }
+  const json::Value* get(const json::Value& obj, const std::string& key) const {
+    const json::Value* v = obj.find(key);
+    return v && !v->is_null() ? v : nullptr;
+  }
+  int64_t required_int(const std::string& key) const {
+    const json::Value* v = get(root, key);
+    if (!v) fail(source, ": missing '", key, "'");
+    return v->as_int(where(key));
+  }
+  int64_t positive_int(const std::string& key) const {
+    const int64_t v = required_int(key);
+    if (v <= 0) fail(source, ": ", key, " must be positive, got ", v);
+    return v;
+  }
+  std::optional<double> number(const json::Value& obj, const std::string& key) const {
+    const json::Value* v = get(obj, key);
+    return v ? std::optional<double>(v->as_number(where(key))) : std::nullopt;
+  }
+  std::optional<bool> boolean(const json::Value& obj, const std::string& key) const {
+    const json::Value* v = get(obj, key);
+    return v ? std::optional<bool>(v->as_bool(where(key))) : std::nullopt;
+  }
+  std::optional<std::string> string(const json::Value& obj, const std::string& key) const {
+    const json::Value* v = get(obj, key);
+    return v ? std::optional<std::string>(v->as_string(where(key))) : std::nullopt;
+  }
+};
+
+void read_rope_scaling(const Reader& r, const json::Value& obj, const std::string& what, ModelConfig& c) {
+  std::string type = r.string(obj, "rope_type").value_or(r.string(obj, "type").value_or("default"));
+  RopeScaling& s = c.rope_scaling;
+  if (type == "default") {
+    s.kind = RopeScaling::Kind::None;
+    return;
+  }
+  auto required = [&](const char* key) {
+    const auto v = r.number(obj, key);
+    if (!v) fail(r.source, ": ", what, ".", key, " is required for rope type '", type, "'");
+    return *v;
+  };
+  if (type == "linear") {
+    s.kind = RopeScaling::Kind::Linear;
+    s.factor = required("factor");
+  } else if (type == "llama3") {
+    s.kind = RopeScaling::Kind::Llama3;
+    s.factor = required("factor");
+    s.low_freq_factor = required("low_freq_factor");
+    s.high_freq_factor = required("high_freq_factor");
+    s.original_max_position_embeddings = static_cast<int64_t>(required("original_max_position_embeddings"));
+    if (s.high_freq_factor <= s.low_freq_factor)
+      fail(r.source, ": ", what, ".high_freq_factor must exceed low_freq_factor");
+  } else {
+    fail(r.source, ": rope scaling type '", type, "' is not supported (supported: default, linear, llama3)");
+  }
+  if (s.factor <= 0) fail(r.source, ": ", what, ".factor must be positive");
+}
+
+}  // namespace
+
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
+  const json::Value root = json::Value::parse(json_text, source);
+  if (!root.is_object()) fail(source, ": is not a JSON object");
+  const Reader r{root, source};
+  ModelConfig c;
+  c.model_type = r.string(root, "model_type").value_or("");
+  if (const json::Value* archs = r.get(root, "architectures")) {
+    const auto& list = archs->as_array(r.where("architectures"));
+    if (list.empty()) fail(source, ": architectures is empty");
+    c.architecture = list[0].as_string(r.where("architectures"));
+  } else if (c.model_type == "llama") {
+    c.architecture = "LlamaForCausalLM";
+  } else if (c.model_type == "mistral") {
+    c.architecture = "MistralForCausalLM";
+  } else if (c.model_type == "qwen2") {
+    c.architecture = "Qwen2ForCausalLM";
+  } else {
+    fail(source, ": model_type '", c.model_type, "' is not supported and no architectures are given (supported: ",
+         kSupported, ")");
+  }
+  const bool llama_like = c.architecture == "LlamaForCausalLM" || c.architecture == "MistralForCausalLM";
+  const bool qwen2 = c.architecture == "Qwen2ForCausalLM";
+  if (!llama_like && !qwen2)
+    fail(source, ": architecture '", c.architecture, "' is not supported (supported: ", kSupported, ")");
+
+  c.vocab_size = r.positive_int("vocab_size");
+  c.hidden_size = r.positive_int("hidden_size");
+  c.intermediate_size = r.positive_int("intermediate_size");
+  c.num_layers = r.positive_int("num_hidden_layers");
+  c.num_heads = r.positive_int("num_attention_heads");
+  c.num_kv_heads = r.get(root, "num_key_value_heads") ? r.positive_int("num_key_value_heads") : c.num_heads;
+  if (c.num_heads % c.num_kv_heads != 0)
+    fail(source, ": num_key_value_heads (", c.num_kv_heads, ") does not divide num_attention_heads (", c.num_heads, ")");
+  if (r.get(root, "head_dim")) {
+    c.head_dim = r.positive_int("head_dim");
+  } else {
+    if (c.hidden_size % c.num_heads != 0)
+      fail(source, ": num_attention_heads (", c.num_heads, ") does not divide hidden_size (", c.hidden_size,
+           ") and head_dim is not given");
+    c.head_dim = c.hidden_size / c.num_heads;
+  }
+  if (c.head_dim % 2 != 0) fail(source, ": head_dim (", c.head_dim, ") must be even for rotary embeddings");
+  if (const auto act = r.string(root, "hidden_act"); act && *act != "silu")
+    fail(source, ": hidden_act '", *act, "' is not supported (only silu)");
+  c.rms_norm_eps = r.number(root, "rms_norm_eps").value_or(1e-6);
+  c.max_position_embeddings = r.get(root, "max_position_embeddings") ? r.positive_int("max_position_embeddings") : 0;
+  c.tie_word_embeddings = r.boolean(root, "tie_word_embeddings").value_or(false);
+  if (qwen2) {
+    c.qkv_bias = true;
+  } else {
+    const bool attention_bias = r.boolean(root, "attention_bias").value_or(false);
+    c.qkv_bias = c.o_bias = attention_bias;
+    c.mlp_bias = r.boolean(root, "mlp_bias").value_or(false);
+  }
+
+  // Rotary embeddings: transformers 5 writes rope_parameters; Hub configs carry rope_theta and rope_scaling.
+  if (const json::Value* params = r.get(root, "rope_parameters")) {
+    if (!params->is_object()) fail(source, ": rope_parameters is not an object");
+    c.rope_theta = r.number(*params, "rope_theta").value_or(r.number(root, "rope_theta").value_or(10000.0));
+    read_rope_scaling(r, *params, "rope_parameters", c);
+  } else {
+    c.rope_theta = r.number(root, "rope_theta").value_or(10000.0);
+    if (const json::Value* scaling = r.get(root, "rope_scaling")) {
+      if (!scaling->is_object()) fail(source, ": rope_scaling is not an object");
+      read_rope_scaling(r, *scaling, "rope_scaling", c);
+    }
+  }
+  if (c.rope_theta <= 0) fail(source, ": rope_theta must be positive");
+
+  if (const json::Value* bos = r.get(root, "bos_token_id")) c.bos_token_id = bos->as_int(r.where("bos_token_id"));
+  if (const json::Value* eos = r.get(root, "eos_token_id")) {
+    if (eos->is_array()) {
+      for (const json::Value& e : eos->as_array(r.where("eos_token_id"))) c.eos_token_ids.push_back(e.as_int(r.where("eos_token_id")));
+    } else {
+      c.eos_token_ids.push_back(eos->as_int(r.where("eos_token_id")));
+    }
+  }
+  c.dtype = r.string(root, "dtype").value_or(r.string(root, "torch_dtype").value_or(""));
+
+  if (const json::Value* q = r.get(root, "quantization_config")) {
+    const std::string method = r.string(*q, "quant_method").value_or("");
+    if (method != "bitsandbytes")
+      fail(source, ": quantization method '", method, "' is not supported (only bitsandbytes 4-bit)");
+    if (r.boolean(*q, "load_in_8bit").value_or(false))
+      fail(source, ": 8-bit bitsandbytes checkpoints are not supported (only 4-bit NF4)");
+    QuantizationConfig qc;
+    qc.load_in_4bit = r.boolean(*q, "load_in_4bit").value_or(r.boolean(*q, "_load_in_4bit").value_or(false));
+    qc.quant_type = r.string(*q, "bnb_4bit_quant_type").value_or("fp4");
+    if (qc.load_in_4bit && qc.quant_type != "nf4")
+      fail(source, ": bnb_4bit_quant_type '", qc.quant_type, "' is not supported (only nf4)");
+    qc.double_quant = r.boolean(*q, "bnb_4bit_use_double_quant").value_or(false);
+    qc.compute_dtype = r.string(*q, "bnb_4bit_compute_dtype").value_or("float32");
+    c.quantization = qc;
+  }
+  return c;
+}
+
+ModelConfig load_model_config(const std::string& model_dir) {
+  const std::filesystem::path path = std::filesystem::path(model_dir) / "config.json";
+  if (!std::filesystem::exists(path)) fail(model_dir, ": no config.json (is this a Hugging Face model folder?)");
+  return parse_model_config(read_text_file(path.string()), path.string());
+}
+
+}  // namespace qlora

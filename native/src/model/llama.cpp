@@ -1,0 +1,432 @@
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "io/safetensors.h"
+#include "model/rope.h"
+#include "quant/bnb4.h"
+#include "quant/nf4.h"
+#include "util/error.h"
+
+namespace qlora {
+
+// ----------------------------------------------------------------------------------------------------------------
+// Buffers
+
+// What one block keeps from its forward for its backward (all [rows, features] with rows = batch * seq).
+struct LlamaModel::BlockActivations {
+  const float* x_in = nullptr;
+  DeviceArray<float> xn1, rstd1, q, k, v, probs, attn, h, xn2, rstd2, g, u, m;
+  std::array<DeviceArray<float>, kNumModules> lora_t;  // drop(x)·A^T per adapted module, [rows, r]
+
+  void allocate(Backend* b, const ModelConfig& c, int64_t batch, int64_t seq, const LoraAdapter* adapter) {
+    const int64_t n = batch * seq;
+    const auto cat = MemCategory::Activations;
+    xn1.reset(b, n * c.hidden_size, cat);
+    rstd1.reset(b, n, cat);
+    q.reset(b, n * c.num_heads * c.head_dim, cat);
+    k.reset(b, n * c.num_kv_heads * c.head_dim, cat);
+    v.reset(b, n * c.num_kv_heads * c.head_dim, cat);
+    probs.reset(b, batch * c.num_heads * seq * seq, cat);
+    attn.reset(b, n * c.num_heads * c.head_dim, cat);
+    h.reset(b, n * c.hidden_size, cat);
+    xn2.reset(b, n * c.hidden_size, cat);
+    rstd2.reset(b, n, cat);
+    g.reset(b, n * c.intermediate_size, cat);
+    u.reset(b, n * c.intermediate_size, cat);
+    m.reset(b, n * c.intermediate_size, cat);
+    if (adapter)
+      for (Module mod : adapter->config().targets)
+        lora_t[static_cast<int>(mod)].reset(b, n * adapter->config().rank, cat);
+  }
+};
+
+// Scratch shared by all blocks of one run.
+struct LlamaModel::Workspace {
+  DeviceArray<float> weight;  // one dequantized base weight at a time
+  DeviceArray<float> cos, sin;
+  DeviceArray<float> dropx, dropx_grad, lora_dt;
+  // backward scratch
+  DeviceArray<float> dm, dg, du, dxn, dh, dattn, dq, dk, dv;
+  // LM head
+  DeviceArray<float> xf, rstdf, dxf, logits;
+  int64_t logits_rows = 0;
+};
+
+namespace {
+
+constexpr int32_t kIgnoreLabel = -100;  // transformers' ignore_index
+
+int64_t max_linear_in(const ModelConfig& c) {
+  return std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
+}
+
+int64_t max_linear_size(const ModelConfig& c) {
+  int64_t best = 0;
+  for (int m = 0; m < kNumModules; ++m) {
+    const auto s = module_shape(c, static_cast<Module>(m));
+    best = std::max(best, s[0] * s[1]);
+  }
+  return best;
+}
+
+RoundTo round_to_for_dtype(const std::string& dtype, const std::string& context) {
+  if (dtype == "float32") return RoundTo::F32;
+  if (dtype == "bfloat16") return RoundTo::BF16;
+  if (dtype == "float16") return RoundTo::F16;
+  fail(context, ": quant state dtype '", dtype, "' is not supported (float32, bfloat16, float16)");
+}
+
+std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+bool has_bias(const ModelConfig& c, Module m) {
+  switch (m) {
+    case Module::Q:
+    case Module::K:
+    case Module::V: return c.qkv_bias;
+    case Module::O: return c.o_bias;
+    default: return c.mlp_bias;
+  }
+}
+
+// Dropout elements of each (micro-batch, layer, module) come from their own range of the dropout stream.
+uint64_t dropout_offset(uint32_t micro_batch, int64_t layer, Module m) {
+  return ((static_cast<uint64_t>(micro_batch) * 4096 + static_cast<uint64_t>(layer)) * kNumModules +
+          static_cast<uint64_t>(m))
+         << 36;
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------------------------------
+// Loading
+
+std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string& dir, const LoadOptions& options) {
+  std::unique_ptr<LlamaModel> model(new LlamaModel());
+  model->backend_ = backend;
+  model->dir_ = dir;
+  model->config_ = load_model_config(dir);
+  const ModelConfig& c = model->config_;
+  const auto store = TensorStore::open_dir(dir);
+
+  auto load_dense = [&](const std::string& name, std::vector<int64_t> shape) {
+    DeviceArray<float> out(backend, shape.size() == 1 ? shape[0] : shape[0] * shape[1], MemCategory::Weights);
+    out.upload(store->read_f32(name, shape));
+    return out;
+  };
+
+  model->embed_ = load_dense("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  model->final_norm_ = load_dense("model.norm.weight", {c.hidden_size});
+  if (!c.tie_word_embeddings) model->lm_head_ = load_dense("lm_head.weight", {c.vocab_size, c.hidden_size});
+
+  model->layers_.resize(static_cast<size_t>(c.num_layers));
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    LayerWeights& lw = model->layers_[layer];
+    const std::string prefix = layer_prefix(layer);
+    lw.attn_norm = load_dense(prefix + "input_layernorm.weight", {c.hidden_size});
+    lw.mlp_norm = load_dense(prefix + "post_attention_layernorm.weight", {c.hidden_size});
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      const Module m = static_cast<Module>(mi);
+      const auto shape = module_shape(c, m);
+      const std::string name = prefix + module_parent(m) + "." + module_name(m) + ".weight";
+      FrozenLinear& fl = lw.linear[mi];
+      fl.out = shape[0];
+      fl.in = shape[1];
+      if (bnb4::is_quantized(*store, name)) {
+        const bnb4::Nf4Weight w = bnb4::read_weight(*store, name);
+        if (w.shape != std::vector<int64_t>{shape[0], shape[1]})
+          fail(store->file_of(name), ": tensor '", name, "' has shape ", shape_to_string(w.shape), ", expected ",
+               shape_to_string({shape[0], shape[1]}));
+        fl.packed.reset(backend, static_cast<int64_t>(w.packed.size()), MemCategory::Weights);
+        fl.packed.upload(w.packed);
+        fl.absmax.reset(backend, static_cast<int64_t>(w.absmax.size()), MemCategory::Weights);
+        fl.absmax.upload(w.absmax);
+        fl.blocksize = w.blocksize;
+        fl.round_to = round_to_for_dtype(w.dtype, store->file_of(name) + ": tensor '" + name + "'");
+        model->stored_4bit_ = true;
+      } else if (options.quantize_nf4) {
+        const std::vector<float> values = store->read_f32(name, {shape[0], shape[1]});
+        const nf4::Blockwise4bit q = nf4::quantize(values.data(), static_cast<int64_t>(values.size()), 64);
+        // Double quantization, as QLoRA stores it: the block constants themselves go through 8 bits.
+        const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
+        const std::vector<float> absmax =
+            nf4::double_dequantize(dq.codes.data(), static_cast<int64_t>(dq.codes.size()), dq.state2_absmax.data(),
+                                   nf4::dynamic_map_signed().data(), dq.offset, 256);
+        fl.packed.reset(backend, static_cast<int64_t>(q.packed.size()), MemCategory::Weights);
+        fl.packed.upload(q.packed);
+        fl.absmax.reset(backend, static_cast<int64_t>(absmax.size()), MemCategory::Weights);
+        fl.absmax.upload(absmax);
+        const DType stored = store->info(name).dtype;
+        fl.round_to = stored == DType::BF16 ? RoundTo::BF16 : stored == DType::F16 ? RoundTo::F16 : RoundTo::F32;
+      } else {
+        fl.dense = load_dense(name, {shape[0], shape[1]});
+      }
+      if (has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
+    }
+  }
+  return model;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Linear layers with LoRA: y = x W^T + b + s (drop(x) A^T) B^T
+
+const float* LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
+  if (!w.quantized()) return w.dense.get();
+  backend_->nf4_dequantize(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to, ws.weight.get());
+  return ws.weight.get();
+}
+
+void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
+                                float* lora_t, Workspace& ws, const RunOptions& opt) {
+  const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
+  backend_->gemm(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
+  if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
+  LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
+  if (!p) return;
+  const LoraConfig& lc = adapter->config();
+  const float* xin = x;
+  if (opt.training && lc.dropout > 0.0) {
+    backend_->dropout(x, rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step,
+                      dropout_offset(opt.micro_batch, layer, m), ws.dropx.get());
+    xin = ws.dropx.get();
+  }
+  backend_->gemm(false, true, rows, lc.rank, w.in, 1.0f, xin, p->a.get(), 0.0f, lora_t);
+  backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale()), lora_t, p->b.get(), 1.0f, y);
+}
+
+void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
+                                 const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
+                                 const RunOptions& opt) {
+  const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
+  backend_->gemm(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f, dx);
+  LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
+  if (!p) return;
+  const LoraConfig& lc = adapter->config();
+  const float s = static_cast<float>(lc.scale());
+  const bool drop = opt.training && lc.dropout > 0.0;
+  const uint64_t offset = dropout_offset(opt.micro_batch, layer, m);
+  // dB += s dy^T t
+  backend_->gemm(true, false, w.out, lc.rank, rows, s, dy, lora_t, 1.0f, p->grad_b.get());
+  // dt = s dy B
+  backend_->gemm(false, false, rows, lc.rank, w.out, s, dy, p->b.get(), 0.0f, ws.lora_dt.get());
+  // dA += dt^T drop(x)
+  const float* xin = x;
+  if (drop) {
+    backend_->dropout(x, rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step, offset, ws.dropx.get());
+    xin = ws.dropx.get();
+  }
+  backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), xin, 1.0f, p->grad_a.get());
+  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient.
+  backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 0.0f, ws.dropx_grad.get());
+  if (drop) {
+    backend_->dropout(ws.dropx_grad.get(), rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step, offset,
+                      ws.dropx.get());
+    backend_->add_inplace(dx, ws.dropx.get(), rows * w.in);
+  } else {
+    backend_->add_inplace(dx, ws.dropx_grad.get(), rows * w.in);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Decoder block
+
+void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& a,
+                               LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws,
+                               const RunOptions& opt) {
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = layers_[layer];
+  const int64_t n = batch * seq;
+  auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
+  a.x_in = x_in;
+  backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
+  linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
+  linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
+  linear_forward(layer, Module::V, adapter, a.xn1.get(), n, a.v.get(), t(Module::V), ws, opt);
+  backend_->rope_apply(a.q.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
+  backend_->rope_apply(a.k.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
+  backend_->attention_forward(a.q.get(), a.k.get(), a.v.get(), batch, seq, c.num_heads, c.num_kv_heads, c.head_dim,
+                              a.attn.get(), a.probs.get());
+  linear_forward(layer, Module::O, adapter, a.attn.get(), n, a.h.get(), t(Module::O), ws, opt);
+  backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
+  backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
+                            a.rstd2.get());
+  linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
+  linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
+  backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
+  linear_forward(layer, Module::Down, adapter, a.m.get(), n, x_out, t(Module::Down), ws, opt);
+  backend_->add_inplace(x_out, a.h.get(), n * c.hidden_size);
+}
+
+void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const float* dx_out, float* dx_in,
+                                LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws,
+                                const RunOptions& opt) {
+  const ModelConfig& c = config_;
+  const LayerWeights& lw = layers_[layer];
+  const int64_t n = batch * seq;
+  auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
+  // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
+  linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, ws.dm.get(), false, ws, opt);
+  backend_->swiglu_backward(ws.dm.get(), a.g.get(), a.u.get(), n * c.intermediate_size, ws.dg.get(), ws.du.get());
+  linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), ws.dg.get(), n, ws.dxn.get(), false, ws,
+                  opt);
+  linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), ws.du.get(), n, ws.dxn.get(), true, ws, opt);
+  backend_->rmsnorm_backward(ws.dxn.get(), a.h.get(), lw.mlp_norm.get(), a.rstd2.get(), n, c.hidden_size,
+                             ws.dh.get());
+  backend_->add_inplace(ws.dh.get(), dx_out, n * c.hidden_size);
+  // Attention: h = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+  linear_backward(layer, Module::O, adapter, a.attn.get(), t(Module::O), ws.dh.get(), n, ws.dattn.get(), false, ws,
+                  opt);
+  backend_->attention_backward(ws.dattn.get(), a.q.get(), a.k.get(), a.v.get(), a.probs.get(), batch, seq,
+                               c.num_heads, c.num_kv_heads, c.head_dim, ws.dq.get(), ws.dk.get(), ws.dv.get());
+  backend_->rope_apply(ws.dq.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), true);
+  backend_->rope_apply(ws.dk.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), true);
+  linear_backward(layer, Module::Q, adapter, a.xn1.get(), t(Module::Q), ws.dq.get(), n, ws.dxn.get(), false, ws, opt);
+  linear_backward(layer, Module::K, adapter, a.xn1.get(), t(Module::K), ws.dk.get(), n, ws.dxn.get(), true, ws, opt);
+  linear_backward(layer, Module::V, adapter, a.xn1.get(), t(Module::V), ws.dv.get(), n, ws.dxn.get(), true, ws, opt);
+  backend_->rmsnorm_backward(ws.dxn.get(), a.x_in, lw.attn_norm.get(), a.rstd1.get(), n, c.hidden_size, dx_in);
+  backend_->add_inplace(dx_in, ws.dh.get(), n * c.hidden_size);
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// LM head and loss, in chunks of rows so that the [rows, vocab] logits never exist at once.
+
+double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale,
+                           float* dx_final, double* logprobs, Workspace& ws) {
+  const ModelConfig& c = config_;
+  const float* w = lm_head_.empty() ? embed_.get() : lm_head_.get();
+  backend_->rmsnorm_forward(x_final, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, ws.xf.get(),
+                            ws.rstdf.get());
+  double loss = 0.0;
+  for (int64_t r0 = 0; r0 < rows; r0 += ws.logits_rows) {
+    const int64_t rc = std::min(ws.logits_rows, rows - r0);
+    backend_->gemm(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
+                   ws.logits.get());
+    // The gradient of the logits overwrites the logits in place (each row is read before it is written).
+    loss += backend_->cross_entropy(ws.logits.get(), targets + r0, rc, c.vocab_size, grad_scale,
+                                    dx_final ? ws.logits.get() : nullptr, logprobs ? logprobs + r0 : nullptr);
+    if (dx_final)
+      backend_->gemm(false, false, rc, c.hidden_size, c.vocab_size, 1.0f, ws.logits.get(), w, 0.0f,
+                     ws.dxf.get() + r0 * c.hidden_size);
+  }
+  if (dx_final)
+    backend_->rmsnorm_backward(ws.dxf.get(), x_final, final_norm_.get(), ws.rstdf.get(), rows, c.hidden_size,
+                               dx_final);
+  return loss;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Whole model
+
+void LlamaModel::check_ids(const int32_t* ids, int64_t n) const {
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= config_.vocab_size)
+      fail("token id ", ids[i], " at position ", i, " is outside the model's vocabulary (0..", config_.vocab_size - 1,
+           ")");
+}
+
+RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t batch, int64_t seq, LoraAdapter* adapter,
+                          const RunOptions& opt) {
+  const ModelConfig& c = config_;
+  if (batch <= 0 || seq <= 0) fail("run needs at least one sequence of at least one token");
+  const int64_t n = batch * seq;
+  check_ids(ids, n);
+  if (adapter && adapter->num_layers() != c.num_layers)
+    fail("adapter has ", adapter->num_layers(), " layers but the model has ", c.num_layers);
+  if (opt.compute_grads && !adapter) fail("gradients need a LoRA adapter");
+
+  // Targets: position t of each sequence is scored on labels[t + 1]; the last position has none.
+  std::vector<int32_t> targets(static_cast<size_t>(n), kIgnoreLabel);
+  RunResult result;
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t t = 0; t + 1 < seq; ++t) {
+      const int32_t label = labels[b * seq + t + 1];
+      if (label != kIgnoreLabel && (label < 0 || label >= c.vocab_size))
+        fail("label ", label, " at position ", b * seq + t + 1, " is neither -100 nor a token id of the vocabulary (0..",
+             c.vocab_size - 1, ")");
+      targets[b * seq + t] = label;
+      if (label != kIgnoreLabel) ++result.labelled;
+    }
+
+  Workspace ws;
+  Backend* be = backend_;
+  const auto act = MemCategory::Activations, work = MemCategory::Workspace;
+  int64_t rank = 0;
+  if (adapter) rank = adapter->config().rank;
+  ws.weight.reset(be, max_linear_size(c), work);
+  const RopeTables rope = build_rope_tables(c, seq);
+  ws.cos.reset(be, static_cast<int64_t>(rope.cos.size()), work);
+  ws.cos.upload(rope.cos);
+  ws.sin.reset(be, static_cast<int64_t>(rope.sin.size()), work);
+  ws.sin.upload(rope.sin);
+  if (adapter) {
+    ws.dropx.reset(be, n * max_linear_in(c), work);
+    if (opt.compute_grads) {
+      ws.dropx_grad.reset(be, n * max_linear_in(c), work);
+      ws.lora_dt.reset(be, n * rank, work);
+    }
+  }
+  ws.xf.reset(be, n * c.hidden_size, act);
+  ws.rstdf.reset(be, n, act);
+  // About 16M logits per chunk at most (64 MB in fp32), and at least one row.
+  ws.logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / c.vocab_size));
+  ws.logits.reset(be, ws.logits_rows * c.vocab_size, work);
+
+  // Block inputs: inputs[l] is the input of block l, inputs[L] the final hidden state.
+  std::vector<DeviceArray<float>> inputs(static_cast<size_t>(c.num_layers + 1));
+  for (auto& x : inputs) x.reset(be, n * c.hidden_size, act);
+  be->embedding(ids, n, embed_.get(), c.hidden_size, inputs[0].get());
+
+  const bool keep_all = opt.compute_grads && !opt.gradient_checkpointing;
+  std::vector<BlockActivations> acts(keep_all ? static_cast<size_t>(c.num_layers) : 1);
+  for (auto& a : acts) a.allocate(be, c, batch, seq, adapter);
+  for (int64_t layer = 0; layer < c.num_layers; ++layer)
+    block_forward(layer, inputs[layer].get(), inputs[layer + 1].get(), acts[keep_all ? layer : 0], adapter, batch,
+                  seq, ws, opt);
+
+  const double normalizer = opt.grad_normalizer > 0.0 ? opt.grad_normalizer : static_cast<double>(result.labelled);
+  const double grad_scale = normalizer > 0.0 ? 1.0 / normalizer : 0.0;
+  std::vector<double> row_logprobs(opt.want_logprobs ? static_cast<size_t>(n) : 0);
+  DeviceArray<float> d_cur, d_next;
+  if (opt.compute_grads) {
+    d_cur.reset(be, n * c.hidden_size, act);
+    d_next.reset(be, n * c.hidden_size, act);
+    ws.dxf.reset(be, n * c.hidden_size, act);
+  }
+  result.loss_sum = lm_head(inputs[c.num_layers].get(), targets.data(), n, grad_scale,
+                            opt.compute_grads ? d_cur.get() : nullptr,
+                            opt.want_logprobs ? row_logprobs.data() : nullptr, ws);
+
+  if (opt.compute_grads) {
+    const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
+    ws.dm.reset(be, n * c.intermediate_size, act);
+    ws.dg.reset(be, n * c.intermediate_size, act);
+    ws.du.reset(be, n * c.intermediate_size, act);
+    ws.dxn.reset(be, n * c.hidden_size, act);
+    ws.dh.reset(be, n * c.hidden_size, act);
+    ws.dattn.reset(be, n * qd, act);
+    ws.dq.reset(be, n * qd, act);
+    ws.dk.reset(be, n * kd, act);
+    ws.dv.reset(be, n * kd, act);
+    DeviceArray<float> recompute_out;
+    if (!keep_all) recompute_out.reset(be, n * c.hidden_size, act);
+    for (int64_t layer = c.num_layers - 1; layer >= 0; --layer) {
+      BlockActivations& a = acts[keep_all ? layer : 0];
+      // Gradient checkpointing: only the block's input was kept; run the block again to get its activations.
+      // Dropout masks come from the counter-based generator, so the recomputation draws the same ones.
+      if (!keep_all)
+        block_forward(layer, inputs[layer].get(), recompute_out.get(), a, adapter, batch, seq, ws, opt);
+      block_backward(layer, a, d_cur.get(), d_next.get(), adapter, batch, seq, ws, opt);
+      std::swap(d_cur, d_next);
+    }
+  }
+
+  if (opt.want_logprobs) {
+    result.logprobs.reserve(static_cast<size_t>(batch * (seq - 1)));
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t t = 0; t + 1 < seq; ++t) result.logprobs.push_back(row_logprobs[b * seq + t]);
+  }
+  return result;
+}
+
+}  // namespace qlora

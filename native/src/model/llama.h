@@ -1,0 +1,100 @@
+// The LLaMA-family decoder (Llama 2/3, Mistral, Qwen2) with LoRA on its linear layers: loading from a Hugging Face
+// folder (plain or bnb-4bit), forward, backward to every LoRA parameter, loss and per-token log-probs. Written once
+// against Backend; only the kernels differ between devices.
+#pragma once
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/model_config.h"
+#include "model/lora.h"
+
+namespace qlora {
+
+// A frozen base weight [out, in]: either dense fp32 (as stored: f32/bf16/f16 widened) or NF4 codes with per-block
+// absmax, dequantized (rounded to the quant state's dtype) into a workspace at each use, as QLoRA does.
+struct FrozenLinear {
+  int64_t out = 0, in = 0;
+  DeviceArray<float> dense;
+  DeviceArray<uint8_t> packed;
+  DeviceArray<float> absmax;
+  int blocksize = 64;
+  RoundTo round_to = RoundTo::F32;
+  DeviceArray<float> bias;  // empty when the layer has none
+  bool quantized() const { return !packed.empty(); }
+};
+
+struct LayerWeights {
+  DeviceArray<float> attn_norm, mlp_norm;
+  std::array<FrozenLinear, kNumModules> linear;
+};
+
+struct LoadOptions {
+  // Quantize dense linear weights to NF4 on load (QLoRA training from a bf16/f32 model). Checkpoints already in
+  // bnb-4bit are used as stored either way.
+  bool quantize_nf4 = false;
+};
+
+struct RunOptions {
+  bool compute_grads = false;
+  bool gradient_checkpointing = true;  // keep only each block's input; recompute the block in backward
+  double grad_normalizer = 0.0;        // gradients are of sum(loss)/normalizer; 0 means the labelled count
+  bool training = false;               // LoRA dropout on
+  uint64_t seed = 0;                   // dropout stream key
+  uint32_t step = 0;
+  uint32_t micro_batch = 0;
+  bool want_logprobs = false;
+};
+
+struct RunResult {
+  double loss_sum = 0.0;      // sum over labelled positions of -log p(label)
+  int64_t labelled = 0;       // positions with a label (the next token's label is not -100)
+  std::vector<double> logprobs;  // [batch, seq - 1]: log p(labels[t+1] | ids[..t]) (0 where unlabelled)
+};
+
+class LlamaModel {
+ public:
+  static std::unique_ptr<LlamaModel> load(Backend* backend, const std::string& dir, const LoadOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  const std::string& dir() const { return dir_; }
+  bool stored_4bit() const { return stored_4bit_; }
+  Backend* backend() const { return backend_; }
+
+  // ids, labels: [batch, seq] row-major; labels[t] is the label of ids[t] as transformers takes them (shifted
+  // inside: position t is scored on labels[t+1]); -100 ignores a position. With compute_grads the gradients are
+  // added to the adapter's gradient buffers.
+  RunResult run(const int32_t* ids, const int32_t* labels, int64_t batch, int64_t seq, LoraAdapter* adapter,
+                const RunOptions& options);
+
+ private:
+  struct BlockActivations;
+  struct Workspace;
+  LlamaModel() = default;
+  void check_ids(const int32_t* ids, int64_t n) const;
+  void linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
+                      float* lora_t, Workspace& ws, const RunOptions& options);
+  void linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
+                       const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
+                       const RunOptions& options);
+  void block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& acts, LoraAdapter* adapter,
+                     int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
+  void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
+                      LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
+  const float* base_weight(const FrozenLinear& w, Workspace& ws);
+  double lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale, float* dx_final,
+                 double* logprobs, Workspace& ws);
+
+  Backend* backend_ = nullptr;
+  std::string dir_;
+  ModelConfig config_;
+  bool stored_4bit_ = false;
+  DeviceArray<float> embed_;    // [vocab, hidden]
+  DeviceArray<float> lm_head_;  // [vocab, hidden]; empty when tied to embed_
+  DeviceArray<float> final_norm_;
+  std::vector<LayerWeights> layers_;
+};
+
+}  // namespace qlora

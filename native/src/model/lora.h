@@ -1,0 +1,72 @@
+// LoRA adapters on the linear layers of the decoder blocks, kept in fp32 as PEFT keeps them, with PEFT's file
+// format in and out (adapter_config.json + adapter_model.safetensors, tensors named
+// base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight; A [r, in], B [out, r]).
+#pragma once
+#include <array>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/model_config.h"
+
+namespace qlora {
+
+enum class Module { Q = 0, K, V, O, Gate, Up, Down };
+constexpr int kNumModules = 7;
+const char* module_name(Module m);    // "q_proj"
+const char* module_parent(Module m);  // "self_attn" or "mlp"
+std::optional<Module> module_from_name(const std::string& name);
+// [out, in] of a module's base weight.
+std::array<int64_t, 2> module_shape(const ModelConfig& config, Module m);
+
+struct LoraConfig {
+  int64_t rank = 8;
+  double alpha = 16.0;
+  double dropout = 0.0;
+  bool use_rslora = false;
+  std::vector<Module> targets = {Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Up, Module::Down};
+  // alpha / r, or alpha / sqrt(r) with rsLoRA.
+  double scale() const;
+};
+
+struct LoraParam {
+  int64_t in = 0, out = 0;
+  DeviceArray<float> a, b;            // A [r, in], B [out, r]
+  DeviceArray<float> grad_a, grad_b;  // same shapes, accumulated across micro-batches
+};
+
+class LoraAdapter {
+ public:
+  // New adapter: A Kaiming-uniform (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))) from the counter-based generator
+  // keyed by `seed`, B zero, as PEFT initializes.
+  static std::unique_ptr<LoraAdapter> create(Backend* backend, const ModelConfig& model, const LoraConfig& config,
+                                             uint64_t seed);
+  // Reads a PEFT adapter folder; every tensor's shape is checked against the model, and unknown or missing tensors
+  // are errors naming the file and tensor.
+  static std::unique_ptr<LoraAdapter> load_peft(Backend* backend, const ModelConfig& model, const std::string& dir);
+
+  // Writes adapter_config.json and adapter_model.safetensors (each atomically) in PEFT's layout.
+  void save_peft(const std::string& dir, const std::string& base_model_name) const;
+  // Writes d loss / d A, B under PEFT's names as a safetensors file.
+  void save_gradients(const std::string& path) const;
+
+  const LoraConfig& config() const { return config_; }
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  LoraParam* param(int64_t layer, Module m) const { return layers_[layer][static_cast<int>(m)].get(); }
+  int64_t num_parameters() const;
+  void zero_grad();
+  // Every parameter and its gradient, in a fixed order (layer, module, A then B), for the optimizer.
+  std::vector<std::pair<DeviceArray<float>*, DeviceArray<float>*>> parameters_and_grads();
+
+  static std::string peft_tensor_name(int64_t layer, Module m, char which);  // which = 'A' or 'B'
+
+ private:
+  LoraAdapter(Backend* backend, const ModelConfig& model, LoraConfig config);
+  Backend* backend_;
+  LoraConfig config_;
+  std::vector<std::array<std::unique_ptr<LoraParam>, kNumModules>> layers_;
+};
+
+}  // namespace qlora

@@ -1,0 +1,43 @@
+// AdamW over the LoRA parameters with fp32 state, and global gradient-norm clipping (torch.nn.utils.
+// clip_grad_norm_ semantics: scale every gradient by max_norm / (norm + 1e-6) when the norm exceeds max_norm).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+#include "model/lora.h"
+
+namespace qlora {
+
+struct AdamWOptions {
+  double lr = 2e-4;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  double max_grad_norm = 0.0;  // 0 or less: no clipping
+};
+
+struct StepReport {
+  double grad_norm = 0.0;  // before clipping
+  bool clipped = false;
+  int64_t step = 0;        // the optimizer step just taken (1-based)
+};
+
+class AdamW {
+ public:
+  AdamW(Backend* backend, LoraAdapter* adapter);
+  // One update from the gradients accumulated in the adapter. A non-finite gradient norm is an error and leaves the
+  // parameters untouched.
+  StepReport step(const AdamWOptions& options);
+  int64_t steps_taken() const { return step_; }
+  static double global_grad_norm(Backend* backend, LoraAdapter* adapter);
+
+ private:
+  Backend* backend_;
+  LoraAdapter* adapter_;
+  std::vector<DeviceArray<float>> m_, v_;
+  int64_t step_ = 0;
+};
+
+}  // namespace qlora

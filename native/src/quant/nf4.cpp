@@ -1,0 +1,232 @@
+// NF4 blockwise quantization and double quantization, reproducing bitsandbytes' CUDA kernels to the bit
+// (kQuantizeBlockwise with dQuantizeNF4 / dQuantize, create_dynamic_map). The float operations below are kept in
+// the same order and precision as there; comments say where that matters.
+#include "quant/nf4.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "util/error.h"
+
+namespace qlora::nf4 {
+
+const float kCodes[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+// bitsandbytes' dQuantizeNF4: the thresholds are its hard-coded midpoints (as float literals, not computed from
+// kCodes), compared with strict `>` so a value exactly on a midpoint takes the lower code. NaN falls through every
+// comparison to code 0, as on the GPU.
+uint8_t quantize_normalized(float x) {
+  if (x > 0.03979014977812767f) {
+    if (x > 0.3893125355243683f) {
+      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
+      return x > 0.5016634166240692f ? 13 : 12;
+    }
+    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
+    return x > 0.1202552504837513f ? 9 : 8;
+  }
+  if (x > -0.33967943489551544f) {
+    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
+    return x > -0.23460740596055984f ? 5 : 4;
+  }
+  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
+  return x > -0.8480964004993439f ? 1 : 0;
+}
+
+namespace {
+
+// max |x| over a block; NaN is skipped as fmaxf does in the kernel.
+float block_absmax(const float* x, int64_t count) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    float a = std::fabs(x[i]);
+    if (a > m) m = a;
+  }
+  return m;
+}
+
+void check_blocksize(int blocksize, const char* what) {
+  QLORA_CHECK(blocksize > 0 && blocksize % 2 == 0, what, " blocksize must be a positive even number, got ", blocksize);
+}
+
+}  // namespace
+
+Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
+  check_blocksize(blocksize, "nf4::quantize");
+  QLORA_CHECK(n >= 0, "nf4::quantize: negative length ", n);
+  Blockwise4bit out;
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  out.packed.assign(static_cast<size_t>((n + 1) / 2), 0);
+  out.absmax.resize(static_cast<size_t>(nblocks));
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t count = std::min<int64_t>(blocksize, n - begin);
+    const float absmax = block_absmax(x + begin, count);
+    out.absmax[static_cast<size_t>(b)] = absmax;
+    if (absmax == 0.0f) continue;  // the GPU path computes 0 * inf = NaN -> code 0; packed is already 0
+    // The kernel multiplies by the fp32 reciprocal; x / absmax would round differently.
+    const float scale = 1.0f / absmax;
+    // An odd n leaves one padding element in the last byte's low nibble. The kernel loads it as 0.0f and quantizes
+    // it like any other element (code 7, the NF4 zero), so do the same.
+    const int64_t padded = (count % 2 == 0) ? count : count + 1;
+    for (int64_t i = 0; i < padded; i += 2) {
+      const float v0 = x[begin + i];
+      const float v1 = (i + 1 < count) ? x[begin + i + 1] : 0.0f;
+      const uint8_t hi = quantize_normalized(v0 * scale);
+      const uint8_t lo = quantize_normalized(v1 * scale);
+      out.packed[static_cast<size_t>((begin + i) / 2)] = static_cast<uint8_t>((hi << 4) | lo);
+    }
+  }
+  return out;
+}
+
+void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out) {
+  check_blocksize(blocksize, "nf4::dequantize");
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t byte = packed[i / 2];
+    const uint8_t code = (i % 2 == 0) ? static_cast<uint8_t>(byte >> 4) : static_cast<uint8_t>(byte & 0x0f);
+    out[i] = kCodes[code] * absmax[i / blocksize];
+  }
+}
+
+namespace {
+
+// torch.linspace(start, end, steps, dtype=float32) on the CPU: the first half counts up from start, the second
+// half down from end. ATen's kernel is compiled with FMA contraction, so `start + step * idx` is one fused
+// multiply-add; plain fp32 multiply-then-add differs in the last bit for some of the 65-point boundaries (checked
+// against the map bitsandbytes 0.50 wrote into nf4-vectors.safetensors).
+std::vector<float> torch_linspace_f32(float start, float end, int64_t steps) {
+  std::vector<float> out(static_cast<size_t>(steps));
+  const float step = (end - start) / static_cast<float>(steps - 1);
+  const int64_t halfway = steps / 2;
+  for (int64_t idx = 0; idx < steps; ++idx) {
+    out[static_cast<size_t>(idx)] = idx < halfway ? std::fma(step, static_cast<float>(idx), start)
+                                                   : std::fma(-step, static_cast<float>(steps - idx - 1), end);
+  }
+  return out;
+}
+
+// create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for exponent e = 10^-6 .. 10^0, the midpoints
+// of 2^i + 1 evenly spaced boundaries in [0.1, 1], scaled by ±e (the Python float scale is cast to fp32 first, as
+// torch does for tensor * scalar), plus 0 and 1, sorted.
+std::vector<float> make_dynamic_map_signed() {
+  std::vector<float> data;
+  data.reserve(256);
+  for (int i = 0; i < 7; ++i) {
+    const std::vector<float> boundaries = torch_linspace_f32(0.1f, 1.0f, (int64_t{1} << i) + 1);
+    const float scale = static_cast<float>(std::pow(10.0, -6 + i));
+    std::vector<float> means(boundaries.size() - 1);
+    for (size_t k = 0; k + 1 < boundaries.size(); ++k) means[k] = (boundaries[k] + boundaries[k + 1]) / 2.0f;
+    for (float m : means) data.push_back(scale * m);
+    for (float m : means) data.push_back(-scale * m);
+  }
+  data.push_back(0.0f);
+  data.push_back(1.0f);
+  QLORA_CHECK(data.size() == 256, "dynamic map has ", data.size(), " values");
+  std::sort(data.begin(), data.end());
+  return data;
+}
+
+// bitsandbytes' dQuantize (non-stochastic): a 7-step binary search over the sorted 256-entry map, then rounding
+// to the nearer neighbour by comparing with the fp32 midpoint.
+uint8_t quantize_dynamic(const float* code, float x) {
+  int pivot = 127;
+  int upper_pivot = 255;
+  int lower_pivot = 0;
+  float lower = -1.0f;
+  float upper = 1.0f;
+  float val = code[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = (upper + val) * 0.5f;
+    return static_cast<uint8_t>(x > midpoint ? upper_pivot : pivot);
+  }
+  const float midpoint = (lower + val) * 0.5f;
+  return static_cast<uint8_t>(x < midpoint ? lower_pivot : pivot);
+}
+
+}  // namespace
+
+const std::vector<float>& dynamic_map_signed() {
+  static const std::vector<float> map = make_dynamic_map_signed();
+  return map;
+}
+
+void quantize_blockwise_8bit(const float* x, int64_t n, const std::vector<float>& code, int blocksize,
+                             uint8_t* codes_out, float* absmax_out) {
+  QLORA_CHECK(code.size() == 256, "8-bit map must have 256 entries, got ", code.size());
+  QLORA_CHECK(blocksize > 0, "8-bit blocksize must be positive, got ", blocksize);
+  const int64_t nblocks = (n + blocksize - 1) / blocksize;
+  for (int64_t b = 0; b < nblocks; ++b) {
+    const int64_t begin = b * blocksize;
+    const int64_t count = std::min<int64_t>(blocksize, n - begin);
+    const float absmax = block_absmax(x + begin, count);
+    absmax_out[b] = absmax;
+    if (absmax == 0.0f) {  // NaN on the GPU (0 * inf), which its binary search maps to index 0
+      for (int64_t i = 0; i < count; ++i) codes_out[begin + i] = 0;
+      continue;
+    }
+    const float scale = 1.0f / absmax;
+    for (int64_t i = 0; i < count; ++i) codes_out[begin + i] = quantize_dynamic(code.data(), x[begin + i] * scale);
+  }
+}
+
+DoubleQuantized double_quantize(const std::vector<float>& absmax, int blocksize2) {
+  QLORA_CHECK(blocksize2 > 0, "double quantization blocksize must be positive, got ", blocksize2);
+  DoubleQuantized out;
+  const int64_t n = static_cast<int64_t>(absmax.size());
+  if (n == 0) return out;
+  // torch's mean over fp32; summing in double and rounding once matches the references' offsets bit for bit.
+  double sum = 0.0;
+  for (float a : absmax) sum += a;
+  out.offset = static_cast<float>(sum / static_cast<double>(n));
+  std::vector<float> centered(absmax.size());
+  for (size_t i = 0; i < absmax.size(); ++i) centered[i] = absmax[i] - out.offset;
+  out.codes.resize(absmax.size());
+  out.state2_absmax.resize(static_cast<size_t>((n + blocksize2 - 1) / blocksize2));
+  quantize_blockwise_8bit(centered.data(), n, dynamic_map_signed(), blocksize2, out.codes.data(),
+                          out.state2_absmax.data());
+  return out;
+}
+
+std::vector<float> double_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
+                                     float offset, int blocksize2) {
+  QLORA_CHECK(blocksize2 > 0, "double quantization blocksize must be positive, got ", blocksize2);
+  std::vector<float> out(static_cast<size_t>(n));
+  // Two separate fp32 roundings, as bitsandbytes does (dequantize_blockwise, then `absmax += offset`): kept in two
+  // loops so that the product and the sum are never fused into one multiply-add.
+  for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = code2[codes[i]] * state2_absmax[i / blocksize2];
+  for (float& v : out) v += offset;
+  return out;
+}
+
+}  // namespace qlora::nf4

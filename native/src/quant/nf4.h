@@ -1,0 +1,48 @@
+// NF4 with double quantization, bit-identical to bitsandbytes (see ../shared/facts/formats.md):
+// - blocks of 64 over the row-major flattened weight; absmax = max |x| (fp32); each x * (1/absmax) goes to the
+//   NF4 code chosen by bitsandbytes' midpoint decision tree (strict >); two codes per byte, first element in the
+//   high nibble; a last partial block is padded with code 0; an all-zero block writes code 0.
+// - double quantization: offset = mean(absmax); (absmax - offset) quantized in blocks of 256 to 8 bits with the
+//   signed dynamic map (bitsandbytes' create_dynamic_map(signed=True)), one fp32 absmax per 256-block.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qlora::nf4 {
+
+extern const float kCodes[16];
+
+uint8_t quantize_normalized(float x);  // x already scaled to [-1, 1]
+
+struct Blockwise4bit {
+  std::vector<uint8_t> packed;  // ceil(n / 2) bytes
+  std::vector<float> absmax;    // ceil(n / blocksize)
+};
+
+Blockwise4bit quantize(const float* x, int64_t n, int blocksize = 64);
+
+// out[i] = kCodes[code_i] * absmax[i / blocksize], computed in fp32 (rounding to the quant state's dtype is the
+// caller's choice: see round_to_dtype below).
+void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out);
+
+// bitsandbytes' signed dynamic 8-bit map (256 sorted values in [-1, 1]), used for the block constants.
+const std::vector<float>& dynamic_map_signed();
+
+struct DoubleQuantized {
+  std::vector<uint8_t> codes;          // one byte per absmax value
+  std::vector<float> state2_absmax;    // one per `blocksize2` codes
+  float offset = 0.0f;                 // mean of the absmax values
+};
+
+DoubleQuantized double_quantize(const std::vector<float>& absmax, int blocksize2 = 256);
+// absmax_i = code2[codes_i] * state2_absmax[i / blocksize2] + offset
+std::vector<float> double_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax,
+                                     const float* code2, float offset, int blocksize2 = 256);
+
+// 8-bit blockwise quantization with a sorted 256-entry map, as bitsandbytes' quantize_blockwise does (x times the
+// reciprocal of the block absmax, then the map's binary search with midpoint rounding).
+void quantize_blockwise_8bit(const float* x, int64_t n, const std::vector<float>& code, int blocksize,
+                             uint8_t* codes_out, float* absmax_out);
+
+}  // namespace qlora::nf4

@@ -1,0 +1,69 @@
+// A minimal test harness for the native tests (llm.c style: plain functions, numbers checked, no framework).
+// TEST(name) registers a function; main() runs them all (or those whose name contains argv[2]) and prints one line
+// per test. Fixture files are found under the directory given as argv[1].
+#pragma once
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace qtest {
+
+struct TestCase {
+  std::string name;
+  std::function<void()> fn;
+};
+
+inline std::vector<TestCase>& registry() {
+  static std::vector<TestCase> tests;
+  return tests;
+}
+
+inline std::string& fixtures_dir() {
+  static std::string dir;
+  return dir;
+}
+
+struct Registrar {
+  Registrar(const char* name, std::function<void()> fn) { registry().push_back({name, std::move(fn)}); }
+};
+
+struct Failure {
+  std::string message;
+};
+
+template <typename... Parts>
+[[noreturn]] void fail_test(const char* file, int line, const Parts&... parts) {
+  std::ostringstream out;
+  out << file << ":" << line << ": ";
+  (out << ... << parts);
+  throw Failure{out.str()};
+}
+
+}  // namespace qtest
+
+#define QT_CONCAT2(a, b) a##b
+#define QT_CONCAT(a, b) QT_CONCAT2(a, b)
+#define TEST(name)                                                            \
+  static void QT_CONCAT(test_fn_, name)();                                    \
+  static qtest::Registrar QT_CONCAT(test_reg_, name)(#name, QT_CONCAT(test_fn_, name)); \
+  static void QT_CONCAT(test_fn_, name)()
+
+#define EXPECT_TRUE(cond, ...) \
+  do { if (!(cond)) qtest::fail_test(__FILE__, __LINE__, "expected ", #cond, " ", ##__VA_ARGS__); } while (0)
+#define EXPECT_EQ(a, b)                                                                              \
+  do { auto va_ = (a); auto vb_ = (b);                                                               \
+    if (!(va_ == vb_)) qtest::fail_test(__FILE__, __LINE__, #a, " == ", #b, " failed: ", va_, " vs ", vb_); } while (0)
+#define EXPECT_NEAR(a, b, tol)                                                                       \
+  do { double va_ = (a); double vb_ = (b);                                                           \
+    if (!(std::fabs(va_ - vb_) <= (tol)))                                                            \
+      qtest::fail_test(__FILE__, __LINE__, #a, " ~ ", #b, " failed: ", va_, " vs ", vb_, " (tol ", (tol), ")"); } while (0)
+// Runs stmt and expects an EngineError whose message contains `fragment`.
+#define EXPECT_THROWS_WITH(stmt, fragment)                                                           \
+  do { bool threw_ = false;                                                                          \
+    try { stmt; } catch (const std::exception& e_) { threw_ = true;                                  \
+      if (std::string(e_.what()).find(fragment) == std::string::npos)                                \
+        qtest::fail_test(__FILE__, __LINE__, "error message '", e_.what(), "' lacks '", fragment, "'"); } \
+    if (!threw_) qtest::fail_test(__FILE__, __LINE__, #stmt, " did not throw"); } while (0)

@@ -1,0 +1,199 @@
+// Finite-difference checks of every CPU kernel's backward, in fp64, plus the GEMM against a naive product and one
+// AdamW step against hand-computed values. For an op y = f(x) and a random upstream gradient dy, the scalar
+// L = sum(dy * f(x)) has dL/dx = backward(dy); each input element is perturbed by ±h and compared.
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "harness.h"
+#include "model/rope.h"
+
+using namespace qlora;
+using Vec = std::vector<double>;
+
+namespace {
+
+Vec random_vec(size_t n, uint32_t seed, double scale = 1.0) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> dist(0.0, scale);
+  Vec v(n);
+  for (double& x : v) x = dist(gen);
+  return v;
+}
+
+double dot(const Vec& a, const Vec& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Checks the analytic gradient `grad` of loss(x) against central differences at every element of x.
+void check_gradient(const char* what, Vec x, const std::function<double(const Vec&)>& loss, const Vec& grad,
+                    double tol = 1e-6) {
+  const double h = 1e-5;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double saved = x[i];
+    x[i] = saved + h;
+    const double up = loss(x);
+    x[i] = saved - h;
+    const double down = loss(x);
+    x[i] = saved;
+    const double numeric = (up - down) / (2 * h);
+    const double err = std::fabs(numeric - grad[i]);
+    if (err > tol * std::max(1.0, std::fabs(numeric)))
+      qtest::fail_test(__FILE__, __LINE__, what, ": element ", i, " analytic ", grad[i], " numeric ", numeric);
+  }
+}
+
+}  // namespace
+
+TEST(kernel_gemm_matches_naive_product_for_all_transposes) {
+  const int64_t M = 7, N = 600, K = 5;  // N > the column tile, M not a multiple of the row block
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      const Vec A = random_vec(M * K, 1), B = random_vec(K * N, 2);
+      Vec C = random_vec(M * N, 3), expected = C;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            const double a = ta ? A[k * M + m] : A[m * K + k];
+            const double b = tb ? B[n * K + k] : B[k * N + n];
+            s += a * b;
+          }
+          expected[m * N + n] = 0.5 * expected[m * N + n] + 2.0 * s;
+        }
+      cpu::gemm<double>(ta, tb, M, N, K, 2.0, A.data(), B.data(), 0.5, C.data());
+      for (size_t i = 0; i < C.size(); ++i) EXPECT_NEAR(C[i], expected[i], 1e-12);
+    }
+}
+
+TEST(kernel_rmsnorm_backward_matches_finite_differences) {
+  const int64_t rows = 3, dim = 8;
+  const Vec x = random_vec(rows * dim, 4), w = random_vec(dim, 5), dy = random_vec(rows * dim, 6);
+  auto loss = [&](const Vec& xv) {
+    Vec y(rows * dim), rstd(rows);
+    cpu::rmsnorm_forward<double>(xv.data(), w.data(), rows, dim, 1e-6, y.data(), rstd.data());
+    return dot(y, dy);
+  };
+  Vec y(rows * dim), rstd(rows), dx(rows * dim);
+  cpu::rmsnorm_forward<double>(x.data(), w.data(), rows, dim, 1e-6, y.data(), rstd.data());
+  cpu::rmsnorm_backward<double>(dy.data(), x.data(), w.data(), rstd.data(), rows, dim, dx.data());
+  check_gradient("rmsnorm dx", x, loss, dx);
+  // Known value: x = [3, 4], w = 1: rms = sqrt(12.5) → y = [0.8485, 1.1314].
+  const Vec x2 = {3, 4}, w2 = {1, 1};
+  Vec y2(2), r2(1);
+  cpu::rmsnorm_forward<double>(x2.data(), w2.data(), 1, 2, 0.0, y2.data(), r2.data());
+  EXPECT_NEAR(y2[0], 3 / std::sqrt(12.5), 1e-12);
+  EXPECT_NEAR(y2[1], 4 / std::sqrt(12.5), 1e-12);
+}
+
+TEST(kernel_rope_backward_matches_finite_differences) {
+  const int64_t B = 2, T = 3, H = 2, D = 6, half = D / 2;
+  ModelConfig c;
+  c.head_dim = D;
+  c.rope_theta = 10000;
+  const RopeTables tables = build_rope_tables(c, T);
+  const Vec x = random_vec(B * T * H * D, 7), dy = random_vec(B * T * H * D, 8);
+  auto loss = [&](const Vec& xv) {
+    Vec y = xv;
+    cpu::rope_apply<double>(y.data(), B, T, H, D, tables.cos.data(), tables.sin.data(), false);
+    return dot(y, dy);
+  };
+  Vec dx = dy;
+  cpu::rope_apply<double>(dx.data(), B, T, H, D, tables.cos.data(), tables.sin.data(), true);
+  check_gradient("rope dx", x, loss, dx);
+  // Position 0 is the identity; position 1 rotates pair (i, i+half) by inv_freq[i] radians.
+  EXPECT_NEAR(tables.cos[0], 1.0, 0.0);
+  EXPECT_NEAR(tables.sin[half + 0], std::sin(1.0), 1e-7);
+  EXPECT_NEAR(tables.cos[half + 1], std::cos(std::pow(10000.0, -2.0 / 6.0)), 1e-7);
+}
+
+TEST(kernel_rope_llama3_scaling_keeps_high_and_divides_low_frequencies) {
+  ModelConfig c;
+  c.head_dim = 64;
+  c.rope_theta = 500000;
+  const std::vector<float> plain = rope_inv_freq(c);
+  c.rope_scaling.kind = RopeScaling::Kind::Llama3;
+  c.rope_scaling.factor = 8;
+  c.rope_scaling.low_freq_factor = 1;
+  c.rope_scaling.high_freq_factor = 4;
+  c.rope_scaling.original_max_position_embeddings = 8192;
+  const std::vector<float> scaled = rope_inv_freq(c);
+  EXPECT_NEAR(scaled[0], plain[0], 0.0);                  // wavelength 2π < 2048: unchanged
+  EXPECT_NEAR(scaled[31], plain[31] / 8.0f, 1e-12);       // wavelength > 8192: divided by the factor
+  for (size_t i = 0; i < scaled.size(); ++i) EXPECT_TRUE(scaled[i] <= plain[i] && scaled[i] >= plain[i] / 8.0f);
+  c.rope_scaling.kind = RopeScaling::Kind::Linear;
+  c.rope_scaling.factor = 2;
+  EXPECT_NEAR(rope_inv_freq(c)[5], plain[5] / 2.0f, 1e-12);
+}
+
+TEST(kernel_attention_backward_matches_finite_differences) {
+  const int64_t B = 2, T = 5, H = 4, Hkv = 2, D = 3;
+  const Vec q = random_vec(B * T * H * D, 9), k = random_vec(B * T * Hkv * D, 10), v = random_vec(B * T * Hkv * D, 11);
+  const Vec dout = random_vec(B * T * H * D, 12);
+  auto forward = [&](const Vec& qv, const Vec& kv, const Vec& vv) {
+    Vec out(B * T * H * D), probs(B * H * T * T);
+    cpu::attention_forward<double>(qv.data(), kv.data(), vv.data(), B, T, H, Hkv, D, out.data(), probs.data());
+    return dot(out, dout);
+  };
+  Vec out(B * T * H * D), probs(B * H * T * T), dq(q.size()), dk(k.size()), dv(v.size());
+  cpu::attention_forward<double>(q.data(), k.data(), v.data(), B, T, H, Hkv, D, out.data(), probs.data());
+  cpu::attention_backward<double>(dout.data(), q.data(), k.data(), v.data(), probs.data(), B, T, H, Hkv, D, dq.data(),
+                                  dk.data(), dv.data());
+  check_gradient("attention dq", q, [&](const Vec& x) { return forward(x, k, v); }, dq);
+  check_gradient("attention dk", k, [&](const Vec& x) { return forward(q, x, v); }, dk);
+  check_gradient("attention dv", v, [&](const Vec& x) { return forward(q, k, x); }, dv);
+  // Causality: the first query attends only to itself, so its output is v[0] of its kv head.
+  for (int64_t d = 0; d < D; ++d) EXPECT_NEAR(out[d], v[d], 1e-12);
+}
+
+TEST(kernel_swiglu_backward_matches_finite_differences) {
+  const int64_t n = 20;
+  const Vec g = random_vec(n, 13, 2.0), u = random_vec(n, 14), dout = random_vec(n, 15);
+  auto forward = [&](const Vec& gv, const Vec& uv) {
+    Vec out(n);
+    cpu::swiglu_forward<double>(gv.data(), uv.data(), n, out.data());
+    return dot(out, dout);
+  };
+  Vec dg(n), du(n);
+  cpu::swiglu_backward<double>(dout.data(), g.data(), u.data(), n, dg.data(), du.data());
+  check_gradient("swiglu dg", g, [&](const Vec& x) { return forward(x, u); }, dg);
+  check_gradient("swiglu du", u, [&](const Vec& x) { return forward(g, x); }, du);
+}
+
+TEST(kernel_cross_entropy_gradient_and_ignore_index) {
+  const int64_t rows = 4, V = 7;
+  const Vec logits = random_vec(rows * V, 16, 3.0);
+  const std::vector<int32_t> targets = {3, cpu::kIgnoreIndex, 0, 6};
+  const double scale = 1.0 / 3.0;  // mean over the three labelled rows
+  auto loss = [&](const Vec& l) { return cpu::cross_entropy<double>(l.data(), targets.data(), rows, V, 1.0, nullptr, nullptr) * scale; };
+  Vec dlogits(rows * V);
+  std::vector<double> logprobs(rows);
+  const double total = cpu::cross_entropy<double>(logits.data(), targets.data(), rows, V, scale, dlogits.data(), logprobs.data());
+  check_gradient("cross-entropy dlogits", logits, loss, dlogits);
+  EXPECT_NEAR(total, -(logprobs[0] + logprobs[2] + logprobs[3]), 1e-12);
+  EXPECT_NEAR(logprobs[1], 0.0, 0.0);
+  // Uniform logits: -log p = log V.
+  const Vec flat(V, 0.25);
+  const int32_t t0 = 2;
+  EXPECT_NEAR(cpu::cross_entropy<double>(flat.data(), &t0, 1, V, 1.0, nullptr, nullptr), std::log(7.0), 1e-12);
+}
+
+TEST(kernel_adamw_step_matches_hand_computation) {
+  // torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), one step from zero state:
+  // p1 = p0 (1 - lr wd) - lr * g / (|g| + eps) = 1.0 * 0.999 - 0.1 * sign(g).
+  Vec p = {1.0, -2.0}, g = {0.5, -0.25}, m = {0, 0}, v = {0, 0};
+  cpu::adamw_update<double>(p.data(), g.data(), m.data(), v.data(), 2, 0.1, 0.9, 0.999, 1e-8, 0.01, 1, 1.0);
+  EXPECT_NEAR(p[0], 0.999 - 0.1 * 0.5 / (0.5 + 1e-8), 1e-12);
+  EXPECT_NEAR(p[1], -2.0 * 0.999 + 0.1 * 0.25 / (0.25 + 1e-8), 1e-12);
+  EXPECT_NEAR(m[0], 0.05, 1e-15);
+  EXPECT_NEAR(v[1], 0.001 * 0.0625, 1e-15);
+  // Second step, gradient scaled by 0.5 (clipping): m2 = 0.9 m1 + 0.1 g', v2 = 0.999 v1 + 0.001 g'^2.
+  const double p1 = p[0];
+  cpu::adamw_update<double>(p.data(), g.data(), m.data(), v.data(), 2, 0.1, 0.9, 0.999, 1e-8, 0.01, 2, 0.5);
+  const double m2 = 0.9 * 0.05 + 0.1 * 0.25, v2 = 0.999 * 0.001 * 0.25 + 0.001 * 0.0625;
+  const double expected = p1 * 0.999 - (0.1 / (1 - 0.81)) * m2 / (std::sqrt(v2) / std::sqrt(1 - 0.999 * 0.999) + 1e-8);
+  EXPECT_NEAR(p[0], expected, 1e-12);
+}

@@ -1,0 +1,183 @@
+// Whole-model checks on the reference Llama fixture: the gradient of the loss with respect to all LoRA parameters
+// against finite differences (fp32 model, so along directions where the signal is large: the gradient itself and
+// single large elements), identical gradients with and without checkpointing, and dropout that is reproducible.
+#include <cmath>
+#include <vector>
+
+#include "backend/backend.h"
+#include "harness.h"
+#include "model/llama.h"
+#include "model/lora.h"
+#include "model/optimizer.h"
+
+using namespace qlora;
+
+namespace {
+
+std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
+
+struct Snapshot {
+  std::vector<std::vector<float>> values;
+};
+
+Snapshot snapshot(LoraAdapter& a, bool grads) {
+  Snapshot s;
+  for (auto& [p, g] : a.parameters_and_grads()) s.values.push_back((grads ? g : p)->download());
+  return s;
+}
+
+void restore_with_step(LoraAdapter& a, const Snapshot& base, const Snapshot& dir, double t) {
+  auto pg = a.parameters_and_grads();
+  for (size_t i = 0; i < pg.size(); ++i) {
+    std::vector<float> v = base.values[i];
+    for (size_t j = 0; j < v.size(); ++j) v[j] += static_cast<float>(t * dir.values[i][j]);
+    pg[i].first->upload(v);
+  }
+}
+
+const std::vector<int32_t> kIds = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+
+double loss_of(LlamaModel& m, LoraAdapter& a, const RunOptions& base_opts) {
+  RunOptions o = base_opts;
+  o.compute_grads = false;
+  const RunResult r = m.run(kIds.data(), kIds.data(), 2, 6, &a, o);
+  return r.loss_sum / static_cast<double>(r.labelled);
+}
+
+}  // namespace
+
+TEST(model_lora_gradient_matches_finite_differences) {
+  auto backend = make_cpu_backend();
+  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
+  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), fixture("llama-shared-adapter"));
+  RunOptions opt;
+  opt.compute_grads = true;
+  model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
+  const Snapshot params = snapshot(*adapter, false), grads = snapshot(*adapter, true);
+  double norm2 = 0;
+  for (const auto& g : grads.values)
+    for (float x : g) norm2 += static_cast<double>(x) * x;
+  const double norm = std::sqrt(norm2);
+  EXPECT_TRUE(norm > 1e-4, "gradient norm ", norm);
+  // Along the unit gradient direction the directional derivative equals |g|.
+  Snapshot unit = grads;
+  for (auto& g : unit.values)
+    for (float& x : g) x = static_cast<float>(x / norm);
+  const double t = 1e-2;
+  restore_with_step(*adapter, params, unit, t);
+  const double up = loss_of(*model, *adapter, opt);
+  restore_with_step(*adapter, params, unit, -t);
+  const double down = loss_of(*model, *adapter, opt);
+  restore_with_step(*adapter, params, unit, 0);
+  const double numeric = (up - down) / (2 * t);
+  EXPECT_NEAR(numeric / norm, 1.0, 1e-2);
+  // And along a fixed pseudo-random direction that mixes all tensors.
+  Snapshot mix = grads;
+  uint32_t state = 12345;
+  double expected = 0;
+  for (size_t i = 0; i < mix.values.size(); ++i)
+    for (size_t j = 0; j < mix.values[i].size(); ++j) {
+      state = state * 1664525u + 1013904223u;
+      const float d = (static_cast<float>(state >> 8) / 16777216.0f - 0.5f) * 0.2f;
+      mix.values[i][j] = d;
+      expected += static_cast<double>(d) * grads.values[i][j];
+    }
+  restore_with_step(*adapter, params, mix, t);
+  const double up2 = loss_of(*model, *adapter, opt);
+  restore_with_step(*adapter, params, mix, -t);
+  const double down2 = loss_of(*model, *adapter, opt);
+  restore_with_step(*adapter, params, mix, 0);
+  EXPECT_NEAR((up2 - down2) / (2 * t), expected, 2e-2 * std::fabs(expected) + 1e-5);
+}
+
+TEST(model_checkpointing_gives_identical_gradients) {
+  auto backend = make_cpu_backend();
+  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
+  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), fixture("llama-shared-adapter"));
+  RunOptions opt;
+  opt.compute_grads = true;
+  opt.gradient_checkpointing = true;
+  const RunResult with = model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
+  const Snapshot g1 = snapshot(*adapter, true);
+  const int64_t peak_with = backend->memory().peak[static_cast<size_t>(MemCategory::Activations)];
+  adapter->zero_grad();
+  backend->reset_peak_memory();
+  opt.gradient_checkpointing = false;
+  const RunResult without = model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
+  const Snapshot g2 = snapshot(*adapter, true);
+  const int64_t peak_without = backend->memory().peak[static_cast<size_t>(MemCategory::Activations)];
+  EXPECT_EQ(with.loss_sum, without.loss_sum);
+  for (size_t i = 0; i < g1.values.size(); ++i)
+    for (size_t j = 0; j < g1.values[i].size(); ++j) EXPECT_EQ(g1.values[i][j], g2.values[i][j]);
+  EXPECT_TRUE(peak_with < peak_without, "checkpointing should lower activation memory: ", peak_with, " vs ",
+              peak_without);
+}
+
+TEST(model_dropout_is_reproducible_and_its_gradient_is_exact) {
+  auto backend = make_cpu_backend();
+  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
+  LoraConfig lc;
+  lc.dropout = 0.3;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  // B starts at zero; give it values so that every path carries gradient.
+  for (auto& [p, g] : adapter->parameters_and_grads()) {
+    (void)g;
+    std::vector<float> v = p->download();
+    for (size_t j = 0; j < v.size(); ++j) v[j] += 0.01f * std::sin(static_cast<float>(j));
+    p->upload(v);
+  }
+  RunOptions opt;
+  opt.training = true;
+  opt.seed = 42;
+  opt.step = 3;
+  opt.compute_grads = true;
+  const RunResult a = model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
+  const RunResult b = model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
+  EXPECT_EQ(a.loss_sum, b.loss_sum);
+  adapter->zero_grad();
+  model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
+  const Snapshot params = snapshot(*adapter, false), grads = snapshot(*adapter, true);
+  double norm2 = 0;
+  for (const auto& g : grads.values)
+    for (float x : g) norm2 += static_cast<double>(x) * x;
+  Snapshot unit = grads;
+  for (auto& g : unit.values)
+    for (float& x : g) x = static_cast<float>(x / std::sqrt(norm2));
+  restore_with_step(*adapter, params, unit, 1e-2);
+  const double up = loss_of(*model, *adapter, opt);
+  restore_with_step(*adapter, params, unit, -1e-2);
+  const double down = loss_of(*model, *adapter, opt);
+  EXPECT_NEAR((up - down) / 2e-2 / std::sqrt(norm2), 1.0, 1e-2);
+  // A different step draws a different mask.
+  restore_with_step(*adapter, params, unit, 0);
+  RunOptions other = opt;
+  other.step = 4;
+  EXPECT_TRUE(loss_of(*model, *adapter, other) != loss_of(*model, *adapter, opt));
+}
+
+TEST(model_adamw_lowers_the_loss_on_nf4_weights) {
+  auto backend = make_cpu_backend();
+  LoadOptions lo;
+  lo.quantize_nf4 = true;
+  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), lo);
+  LoraConfig lc;
+  lc.rank = 4;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 1);
+  AdamW opt(backend.get(), adapter.get());
+  RunOptions ro;
+  ro.compute_grads = true;
+  const double first = loss_of(*model, *adapter, ro);
+  for (int step = 0; step < 8; ++step) {
+    adapter->zero_grad();
+    model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), ro);
+    AdamWOptions ao;
+    ao.lr = 1e-2;
+    ao.max_grad_norm = 1.0;
+    opt.step(ao);
+  }
+  const double last = loss_of(*model, *adapter, ro);
+  EXPECT_TRUE(last < first - 0.1, "loss went from ", first, " to ", last);
+  EXPECT_TRUE(backend->memory().current[static_cast<size_t>(MemCategory::Optimizer)] ==
+                  2 * 4 * static_cast<int64_t>(adapter->num_parameters()),
+              "optimizer state is two fp32 values per parameter");
+}

@@ -1,0 +1,118 @@
+// The command line end to end, as a user runs it: make-tiny-model, score, quantize, engine-info, and the way
+// errors are reported (one sentence on stderr, exit status 1, no stack trace without --debug).
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { EngineModel, readModelConfig } from '../../extension/engine';
+import { cliPath, reference, tempDir } from '../helpers/paths';
+import { readSafetensors } from '../helpers/safetensors';
+
+function cli(...args: string[]) {
+  const r = spawnSync(process.execPath, [cliPath, ...args], { encoding: 'utf8' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+function expectCleanError(r: ReturnType<typeof cli>, fragment: string | RegExp) {
+  assert.equal(r.status, 1, `exit status; stderr: ${r.stderr}`);
+  const first = r.stderr.split('\n')[0];
+  assert.match(first, /^qlora-studio: /);
+  if (typeof fragment === 'string') assert.ok(first.includes(fragment), `stderr: ${r.stderr}`);
+  else assert.match(first, fragment);
+  assert.ok(!/\n\s+at /.test(r.stderr), `no stack trace without --debug: ${r.stderr}`);
+}
+
+for (const arch of ['llama', 'qwen2'] as const) {
+  test(`make-tiny-model --arch ${arch} writes a loadable model that scores near uniform`, () => {
+    const dir = path.join(tempDir(`tiny-${arch}`), 'model');
+    const made = cli('make-tiny-model', '--out', dir, '--arch', arch, '--seed', '3', '--json');
+    assert.equal(made.status, 0, made.stderr);
+    for (const f of ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', 'generation_config.json'])
+      assert.ok(fs.existsSync(path.join(dir, f)), f);
+    const config = readModelConfig(dir);
+    assert.equal(config.architecture, arch === 'llama' ? 'LlamaForCausalLM' : 'Qwen2ForCausalLM');
+    assert.equal(config.vocabSize, 512);
+    assert.equal(config.qkvBias, arch === 'qwen2');
+    assert.equal(config.tieWordEmbeddings, arch === 'qwen2');
+    const tensors = readSafetensors(path.join(dir, 'model.safetensors'));
+    assert.equal(tensors.get('model.embed_tokens.weight')?.dtype, 'BF16');
+    // Random init with std 0.02 gives nearly uniform predictions: loss close to log(512). Tied embeddings (qwen2)
+    // favour the input token a little, so allow 0.1.
+    const scored = cli('score', '--model', dir, '--ids', '1,2,3,4,5,6,7,8', '--json');
+    assert.equal(scored.status, 0, scored.stderr);
+    const { loss, next_token_logprobs } = JSON.parse(scored.stdout) as { loss: number; next_token_logprobs: number[] };
+    assert.equal(next_token_logprobs.length, 7);
+    assert.ok(Math.abs(loss - Math.log(512)) < 0.1, `loss ${loss}`);
+    // Same seed, same bytes; another seed, other weights.
+    const again = path.join(tempDir(`tiny-${arch}-again`), 'model');
+    cli('make-tiny-model', '--out', again, '--arch', arch, '--seed', '3');
+    assert.ok(fs.readFileSync(path.join(dir, 'model.safetensors')).equals(fs.readFileSync(path.join(again, 'model.safetensors'))));
+    const other = path.join(tempDir(`tiny-${arch}-other`), 'model');
+    cli('make-tiny-model', '--out', other, '--arch', arch, '--seed', '4');
+    assert.ok(!fs.readFileSync(path.join(dir, 'model.safetensors')).equals(fs.readFileSync(path.join(other, 'model.safetensors'))));
+  });
+}
+
+test('quantize writes the NF4 codes and block constants bitsandbytes writes', () => {
+  // The references were written by transformers loading the bf16 model with torch_dtype=float32, hence --dtype.
+  for (const [flag, refName] of [[[], 'llama-shared-bnb4-dq'], [['--no-double-quant'], 'llama-shared-bnb4']] as const) {
+    const out = path.join(tempDir('quant'), 'model');
+    const r = cli('quantize', '--model', reference('llama-shared'), '--out', out, '--dtype', 'float32', ...flag, '--json');
+    assert.equal(r.status, 0, r.stderr);
+    const ours = readSafetensors(path.join(out, 'model.safetensors'));
+    const theirs = readSafetensors(reference(`${refName}/model.safetensors`));
+    assert.deepEqual([...ours.keys()].sort(), [...theirs.keys()].sort());
+    for (const [name, t] of theirs) {
+      const o = ours.get(name)!;
+      assert.equal(o.dtype, t.dtype, name);
+      assert.deepEqual(o.shape, t.shape, name);
+      assert.ok(o.bytes.equals(t.bytes), `${name} differs from bitsandbytes' bytes`);
+    }
+    const config = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8'));
+    assert.equal(config.quantization_config.quant_method, 'bitsandbytes');
+    assert.equal(config.quantization_config.bnb_4bit_use_double_quant, flag.length === 0);
+    // The engine reads it back as a 4-bit checkpoint and scores it as the reference stack did.
+    const ref = JSON.parse(fs.readFileSync(reference(`${refName}.ref.json`), 'utf8'));
+    const scored = JSON.parse(cli('score', '--model', out, '--ids', ref.ids.join(','), '--json').stdout);
+    assert.ok(Math.abs(scored.loss - ref.loss) <= 1e-3, `${scored.loss} vs ${ref.loss}`);
+  }
+});
+
+test('quantize of a tiny bf16 model keeps the tokenizer and records bf16 dequantization', () => {
+  const dir = path.join(tempDir('tiny-q'), 'model');
+  cli('make-tiny-model', '--out', dir);
+  const out = path.join(tempDir('tiny-q-out'), 'model');
+  const r = cli('quantize', '--model', dir, '--out', out);
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stdout, /quantized 14 linear weights/);
+  assert.ok(fs.existsSync(path.join(out, 'tokenizer.json')));
+  const state = readSafetensors(path.join(out, 'model.safetensors')).get('model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4')!;
+  assert.equal(JSON.parse(state.bytes.toString('utf8')).dtype, 'bfloat16');
+  const model = EngineModel.load(out);
+  assert.equal(model.stored4bit(), true);
+  model.dispose();
+  expectCleanError(cli('quantize', '--model', out, '--out', path.join(tempDir('again'), 'm')), 'already');
+});
+
+test('errors are one clear sentence on stderr with exit status 1', () => {
+  expectCleanError(cli('frobnicate'), "unknown verb 'frobnicate'");
+  expectCleanError(cli('score', '--ids', '1,2'), 'needs --model');
+  expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,x,3'), "entry 2 ('x') is not a token id");
+  expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,999'), 'token id 999 at position 1 is outside');
+  expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,2', '--grads', 'g.safetensors'), '--grads needs --adapter');
+  expectCleanError(cli('score', '--model', tempDir('empty'), '--ids', '1,2'), 'no config.json');
+  expectCleanError(cli('make-tiny-model', '--out', tempDir('x'), '--arch', 'gpt2'), '--arch must be llama or qwen2');
+  expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,2', '--bogus'), 'unknown option --bogus');
+  const debug = cli('score', '--model', tempDir('empty'), '--ids', '1,2', '--debug');
+  assert.equal(debug.status, 1);
+  assert.match(debug.stderr, /\n\s+at /, 'a stack with --debug');
+});
+
+test('engine-info reports the CPU backend', () => {
+  const r = cli('engine-info', '--json');
+  assert.equal(r.status, 0, r.stderr);
+  const info = JSON.parse(r.stdout);
+  assert.ok(info.backends.includes('cpu'));
+  assert.ok(info.threads >= 1);
+});
