@@ -99,3 +99,18 @@ test('QLoRA steps on NF4 weights lower the loss; adapters round-trip through PEF
   model.dispose();
   reloaded.dispose();
 });
+
+test('a Mistral config computes what the same Llama weights compute; its sliding window is enforced', () => {
+  const dir = copyModel('llama-shared');
+  const configFile = path.join(dir, 'config.json');
+  const config = JSON.parse(fs.readFileSync(configFile, 'utf8'));
+  fs.writeFileSync(configFile, JSON.stringify({ ...config, architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: 6 }));
+  const ref = JSON.parse(fs.readFileSync(reference('llama-shared.ref.json'), 'utf8'));
+  const model = EngineModel.load(dir);
+  assert.equal(model.config().architecture, 'MistralForCausalLM');
+  const ids = Int32Array.from(ref.ids.slice(0, 6));
+  const mistral = model.run({ ids, batch: 1, seq: 6 }, { logprobs: true });
+  mistral.logprobs!.forEach((lp, i) => assert.ok(Math.abs(lp - ref.next_token_logprobs[i]) <= 1e-3, `log-prob ${i}`));
+  expectEngineError(() => model.run({ ids: Int32Array.from(ref.ids), batch: 1, seq: ref.ids.length }), 'longer than the model\'s sliding attention window (6)');
+  model.dispose();
+});

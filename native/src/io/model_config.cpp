@@ -123,6 +123,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.rms_norm_eps = r.number(root, "rms_norm_eps").value_or(1e-6);
   c.max_position_embeddings = r.get(root, "max_position_embeddings") ? r.positive_int("max_position_embeddings") : 0;
   c.tie_word_embeddings = r.boolean(root, "tie_word_embeddings").value_or(false);
+  const bool uses_window = qwen2 ? r.boolean(root, "use_sliding_window").value_or(false) : true;
+  if (uses_window && r.get(root, "sliding_window")) c.sliding_window = r.positive_int("sliding_window");
   if (qwen2) {
     c.qkv_bias = true;
   } else {

@@ -43,6 +43,9 @@ struct ModelConfig {
   bool o_bias = false;    // Llama when attention_bias
   bool mlp_bias = false;  // Llama when mlp_bias
   int64_t max_position_embeddings = 0;
+  // Sliding-window attention (Mistral; Qwen2 with use_sliding_window): 0 when the model has none. Sequences up to
+  // the window attend exactly as full causal attention, which is all the engine computes.
+  int64_t sliding_window = 0;
   std::optional<int64_t> bos_token_id;
   std::vector<int64_t> eos_token_ids;  // eos_token_id may be an int or a list
   std::string dtype;                   // "float32", "bfloat16", "float16" (from dtype or torch_dtype; "" if absent)

@@ -330,6 +330,9 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   const ModelConfig& c = config_;
   if (batch <= 0 || seq <= 0) fail("run needs at least one sequence of at least one token");
   const int64_t n = batch * seq;
+  if (c.sliding_window > 0 && seq > c.sliding_window)
+    fail("a sequence of ", seq, " tokens is longer than the model's sliding attention window (", c.sliding_window,
+         "); sliding-window attention is not supported, use sequences of at most ", c.sliding_window, " tokens");
   check_ids(ids, n);
   if (adapter && adapter->num_layers() != c.num_layers)
     fail("adapter has ", adapter->num_layers(), " layers but the model has ", c.num_layers);
