@@ -134,6 +134,13 @@ export class EngineModel {
   optimizerStep(options: NativeOptimizerOptions): NativeStepReport {
     return call(() => this.native.optimizerStep(options));
   }
+  /** AdamW's moments and step count, for checkpoints (safetensors, written atomically). */
+  saveOptimizerState(path: string): void {
+    call(() => this.native.saveOptimizerState(path));
+  }
+  loadOptimizerState(path: string): void {
+    call(() => this.native.loadOptimizerState(path));
+  }
   memory(): NativeMemory {
     return call(() => this.native.memory());
   }

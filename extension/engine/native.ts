@@ -95,6 +95,8 @@ export interface NativeModel {
   saveGradients(path: string): void;
   gradNorm(): number;
   optimizerStep(options: NativeOptimizerOptions): NativeStepReport;
+  saveOptimizerState(path: string): void;
+  loadOptimizerState(path: string): void;
   memory(): NativeMemory;
   dispose(): void;
 }

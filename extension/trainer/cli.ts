@@ -5,17 +5,50 @@ import { engineInfo, engineVersion, EngineError } from '../engine';
 import { helpText, integerOption, parseIdList, parseOptions, requiredString, stringOption, UsageError, type OptionSpec } from './cliArgs';
 import { makeTinyModel } from './tinyModel/makeTinyModel';
 import { quantize } from './verbs/quantize';
+import { estimateVerb } from './verbs/estimate';
+import { exportAdapter } from './verbs/export';
+import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
+import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
 
 interface Verb {
   summary: string;
   options: Record<string, OptionSpec>;
-  run(options: ReturnType<typeof parseOptions>): void;
+  run(options: ReturnType<typeof parseOptions>): void | Promise<void>;
 }
 
-const print = (text: string) => process.stdout.write(text + '\n');
+const print = (text: string): void => {
+  process.stdout.write(text + '\n');
+};
 
 const verbs: Record<string, Verb> = {
+  train: {
+    summary: 'finetune a model with QLoRA on a dataset into a run folder (checkpoints, events, adapter)',
+    options: trainOptions,
+    run: trainVerb,
+  },
+  resume: {
+    summary: "continue a run from its newest complete checkpoint",
+    options: {
+      run: { type: 'string', required: true, description: 'the run folder' },
+      json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
+    },
+    run: resumeVerb,
+  },
+  export: {
+    summary: "copy a run's adapter (final, or of a checkpoint) to a folder, in PEFT's layout",
+    options: {
+      run: { type: 'string', required: true, description: 'the run folder' },
+      out: { type: 'string', required: true, description: 'folder to write the adapter into' },
+      checkpoint: { type: 'string', description: 'checkpoint step to export (default: the final adapter)' },
+      json: { type: 'boolean', description: 'print JSON' },
+    },
+    run(o) {
+      const step = stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0);
+      const r = exportAdapter({ run: requiredString(o, 'run'), out: requiredString(o, 'out'), checkpoint: step });
+      print(o.json ? JSON.stringify(r) : `exported ${r.from} to ${r.out}`);
+    },
+  },
   'make-tiny-model': {
     summary: 'write a tiny random model in Hugging Face layout, with a real byte-level BPE tokenizer',
     options: {
@@ -74,6 +107,8 @@ const verbs: Record<string, Verb> = {
       print(`quantized ${report.quantizedTensors} linear weights to NF4 and copied ${report.copiedTensors} tensors: ${mb(report.bytesIn)} MB -> ${mb(report.bytesOut)} MB in ${report.out}`);
     },
   },
+  merge: mergeVerb,
+  estimate: estimateVerb,
   'engine-info': {
     summary: 'the engine version and the compute backends it can use',
     options: { json: { type: 'boolean', description: 'print JSON' } },
@@ -90,8 +125,8 @@ function usage(): string {
   return lines.join('\n');
 }
 
-/** Runs the CLI; returns the exit status. */
-export function main(argv: string[]): number {
+/** Runs the CLI; resolves to the exit status. */
+export async function main(argv: string[]): Promise<number> {
   const debug = argv.includes('--debug');
   const args = argv.filter((a) => a !== '--debug');
   const [verbName, ...rest] = args;
@@ -106,7 +141,7 @@ export function main(argv: string[]): number {
       print(helpText(verbName, verb.summary, verb.options));
       return 0;
     }
-    verb.run(parseOptions(verbName, rest, verb.options));
+    await verb.run(parseOptions(verbName, rest, verb.options));
     return 0;
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
@@ -118,7 +153,9 @@ export function main(argv: string[]): number {
 }
 
 if (require.main === module) {
-  process.exitCode = main(process.argv.slice(2));
+  void main(process.argv.slice(2)).then((status) => {
+    process.exitCode = status;
+  });
 }
 
 export { EngineError };

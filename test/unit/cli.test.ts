@@ -37,13 +37,13 @@ for (const arch of ['llama', 'qwen2'] as const) {
     assert.equal(config.tieWordEmbeddings, arch === 'qwen2');
     const tensors = readSafetensors(path.join(dir, 'model.safetensors'));
     assert.equal(tensors.get('model.embed_tokens.weight')?.dtype, 'BF16');
-    // Random init with std 0.02 gives nearly uniform predictions: loss close to log(512). Tied embeddings (qwen2)
-    // favour the input token a little, so allow 0.1.
+    // A random model predicts about uniformly: its logits have unit spread, which costs about half a nat over
+    // log(512).
     const scored = cli('score', '--model', dir, '--ids', '1,2,3,4,5,6,7,8', '--json');
     assert.equal(scored.status, 0, scored.stderr);
     const { loss, next_token_logprobs } = JSON.parse(scored.stdout) as { loss: number; next_token_logprobs: number[] };
     assert.equal(next_token_logprobs.length, 7);
-    assert.ok(Math.abs(loss - Math.log(512)) < 0.1, `loss ${loss}`);
+    assert.ok(loss > Math.log(512) - 0.1 && loss < Math.log(512) + 1.0, `loss ${loss}`);
     // Same seed, same bytes; another seed, other weights.
     const again = path.join(tempDir(`tiny-${arch}-again`), 'model');
     cli('make-tiny-model', '--out', again, '--arch', arch, '--seed', '3');

@@ -126,6 +126,8 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
                         InstanceMethod("saveGradients", &ModelHandle::SaveGradients),
                         InstanceMethod("gradNorm", &ModelHandle::GradNorm),
                         InstanceMethod("optimizerStep", &ModelHandle::OptimizerStep),
+                        InstanceMethod("saveOptimizerState", &ModelHandle::SaveOptimizerState),
+                        InstanceMethod("loadOptimizerState", &ModelHandle::LoadOptimizerState),
                         InstanceMethod("memory", &ModelHandle::Memory),
                         InstanceMethod("dispose", &ModelHandle::Dispose)});
   }
@@ -296,15 +298,37 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     ao.eps = opt_number(o, "eps").value_or(ao.eps);
     ao.weight_decay = opt_number(o, "weightDecay").value_or(ao.weight_decay);
     ao.max_grad_norm = opt_number(o, "maxGradNorm").value_or(ao.max_grad_norm);
-    StepReport rep = guarded(env, [&] {
-      if (!optimizer_) optimizer_ = std::make_unique<AdamW>(backend_.get(), &adapter(env));
-      return optimizer_->step(ao);
-    });
+    StepReport rep = guarded(env, [&] { return optimizer(env).step(ao); });
     Napi::Object out = Napi::Object::New(env);
     out.Set("gradNorm", rep.grad_norm);
     out.Set("clipped", rep.clipped);
     out.Set("step", static_cast<double>(rep.step));
     return out;
+  }
+
+  AdamW& optimizer(Napi::Env env) {
+    if (!optimizer_) optimizer_ = std::make_unique<AdamW>(backend_.get(), &adapter(env));
+    return *optimizer_;
+  }
+
+  Napi::Value SaveOptimizerState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string path = string_arg(info, 0, "optimizer state path");
+    guarded(env, [&] {
+      optimizer(env).save(path);
+      return 0;
+    });
+    return env.Undefined();
+  }
+
+  Napi::Value LoadOptimizerState(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string path = string_arg(info, 0, "optimizer state path");
+    guarded(env, [&] {
+      optimizer(env).load(path);
+      return 0;
+    });
+    return env.Undefined();
   }
 
   Napi::Value Memory(const Napi::CallbackInfo& info) { return memory_to_js(info.Env(), backend_->memory()); }
@@ -427,6 +451,9 @@ Napi::Value WriteSafetensors(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
+// Defined in tools_binding.cpp: merge and memory estimation.
+void register_tools(Napi::Env env, Napi::Object exports);
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("version", Napi::Function::New(env, Version));
   exports.Set("engineInfo", Napi::Function::New(env, EngineInfo));
@@ -435,6 +462,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("randomNormal", Napi::Function::New(env, RandomNormal));
   exports.Set("writeSafetensors", Napi::Function::New(env, WriteSafetensors));
   exports.Set("Model", ModelHandle::Define(env));
+  register_tools(env, exports);
   return exports;
 }
 

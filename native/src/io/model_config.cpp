@@ -1,6 +1,7 @@
 #include "io/model_config.h"
 
 #include <filesystem>
+#include <system_error>
 
 #include "io/safetensors.h"
 #include "util/error.h"
@@ -12,6 +13,9 @@ namespace {
 
 constexpr const char* kSupported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
 
+// Typed access to config keys; a JSON null counts as absent, as transformers treats it. Errors name the file and
+// key ("<source>: hidden_size: expected a number, got a string"); `prefix` names the enclosing object for keys of
+// nested objects ("rope_scaling.").
 struct Reader {
   const json::Value& root;
   const std::string& source;
@@ -31,29 +35,39 @@ struct Reader {
     if (v <= 0) fail(source, ": ", key, " must be positive, got ", v);
     return v;
   }
-  std::optional<double> number(const json::Value& obj, const std::string& key) const {
+  std::optional<double> number(const json::Value& obj, const std::string& key, const std::string& prefix = "") const {
     const json::Value* v = get(obj, key);
-    return v ? std::optional<double>(v->as_number(where(key))) : std::nullopt;
+    return v ? std::optional<double>(v->as_number(where(prefix + key))) : std::nullopt;
   }
-  std::optional<bool> boolean(const json::Value& obj, const std::string& key) const {
+  std::optional<int64_t> integer(const json::Value& obj, const std::string& key, const std::string& prefix = "") const {
     const json::Value* v = get(obj, key);
-    return v ? std::optional<bool>(v->as_bool(where(key))) : std::nullopt;
+    return v ? std::optional<int64_t>(v->as_int(where(prefix + key))) : std::nullopt;
   }
-  std::optional<std::string> string(const json::Value& obj, const std::string& key) const {
+  std::optional<bool> boolean(const json::Value& obj, const std::string& key, const std::string& prefix = "") const {
     const json::Value* v = get(obj, key);
-    return v ? std::optional<std::string>(v->as_string(where(key))) : std::nullopt;
+    return v ? std::optional<bool>(v->as_bool(where(prefix + key))) : std::nullopt;
+  }
+  std::optional<std::string> string(const json::Value& obj, const std::string& key,
+                                    const std::string& prefix = "") const {
+    const json::Value* v = get(obj, key);
+    return v ? std::optional<std::string>(v->as_string(where(prefix + key))) : std::nullopt;
   }
 };
 
+// Reads the scaling part of rope_parameters (transformers 5) or rope_scaling (older configs, where the kind is
+// `rope_type` or, older still, `type`). Only the kinds the engine computes exactly are accepted; the others (yarn,
+// dynamic, longrope, ...) change attention in ways a silent fallback would get wrong.
 void read_rope_scaling(const Reader& r, const json::Value& obj, const std::string& what, ModelConfig& c) {
-  std::string type = r.string(obj, "rope_type").value_or(r.string(obj, "type").value_or("default"));
+  const std::string prefix = what + ".";
+  const std::string type =
+      r.string(obj, "rope_type", prefix).value_or(r.string(obj, "type", prefix).value_or("default"));
   RopeScaling& s = c.rope_scaling;
   if (type == "default") {
     s.kind = RopeScaling::Kind::None;
     return;
   }
   auto required = [&](const char* key) {
-    const auto v = r.number(obj, key);
+    const auto v = r.number(obj, key, prefix);
     if (!v) fail(r.source, ": ", what, ".", key, " is required for rope type '", type, "'");
     return *v;
   };
@@ -65,13 +79,17 @@ void read_rope_scaling(const Reader& r, const json::Value& obj, const std::strin
     s.factor = required("factor");
     s.low_freq_factor = required("low_freq_factor");
     s.high_freq_factor = required("high_freq_factor");
-    s.original_max_position_embeddings = static_cast<int64_t>(required("original_max_position_embeddings"));
+    const auto original = r.integer(obj, "original_max_position_embeddings", prefix);
+    if (!original || *original <= 0)
+      fail(r.source, ": ", what, ".original_max_position_embeddings must be a positive integer for rope type 'llama3'");
+    s.original_max_position_embeddings = *original;
+    // The llama3 formula divides by high_freq_factor - low_freq_factor.
     if (s.high_freq_factor <= s.low_freq_factor)
       fail(r.source, ": ", what, ".high_freq_factor must exceed low_freq_factor");
   } else {
     fail(r.source, ": rope scaling type '", type, "' is not supported (supported: default, linear, llama3)");
   }
-  if (s.factor <= 0) fail(r.source, ": ", what, ".factor must be positive");
+  if (!(s.factor > 0)) fail(r.source, ": ", what, ".factor must be positive");
 }
 
 }  // namespace
@@ -82,16 +100,19 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   const Reader r{root, source};
   ModelConfig c;
   c.model_type = r.string(root, "model_type").value_or("");
-  if (const json::Value* archs = r.get(root, "architectures")) {
-    const auto& list = archs->as_array(r.where("architectures"));
-    if (list.empty()) fail(source, ": architectures is empty");
-    c.architecture = list[0].as_string(r.where("architectures"));
+  // architectures[0] names the class transformers instantiates; configs written by hand may only give model_type.
+  const json::Value* archs = r.get(root, "architectures");
+  const std::vector<json::Value>* arch_list = archs ? &archs->as_array(r.where("architectures")) : nullptr;
+  if (arch_list && !arch_list->empty()) {
+    c.architecture = (*arch_list)[0].as_string(r.where("architectures[0]"));
   } else if (c.model_type == "llama") {
     c.architecture = "LlamaForCausalLM";
   } else if (c.model_type == "mistral") {
     c.architecture = "MistralForCausalLM";
   } else if (c.model_type == "qwen2") {
     c.architecture = "Qwen2ForCausalLM";
+  } else if (c.model_type.empty()) {
+    fail(source, ": has neither architectures nor model_type (supported: ", kSupported, ")");
   } else {
     fail(source, ": model_type '", c.model_type, "' is not supported and no architectures are given (supported: ",
          kSupported, ")");
@@ -100,6 +121,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   const bool qwen2 = c.architecture == "Qwen2ForCausalLM";
   if (!llama_like && !qwen2)
     fail(source, ": architecture '", c.architecture, "' is not supported (supported: ", kSupported, ")");
+  if (c.model_type.empty())
+    c.model_type = qwen2 ? "qwen2" : c.architecture == "MistralForCausalLM" ? "mistral" : "llama";
 
   c.vocab_size = r.positive_int("vocab_size");
   c.hidden_size = r.positive_int("hidden_size");
@@ -108,7 +131,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.num_heads = r.positive_int("num_attention_heads");
   c.num_kv_heads = r.get(root, "num_key_value_heads") ? r.positive_int("num_key_value_heads") : c.num_heads;
   if (c.num_heads % c.num_kv_heads != 0)
-    fail(source, ": num_key_value_heads (", c.num_kv_heads, ") does not divide num_attention_heads (", c.num_heads, ")");
+    fail(source, ": num_key_value_heads (", c.num_kv_heads, ") does not divide num_attention_heads (", c.num_heads,
+         ")");
   if (r.get(root, "head_dim")) {
     c.head_dim = r.positive_int("head_dim");
   } else {
@@ -121,10 +145,18 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   if (const auto act = r.string(root, "hidden_act"); act && *act != "silu")
     fail(source, ": hidden_act '", *act, "' is not supported (only silu)");
   c.rms_norm_eps = r.number(root, "rms_norm_eps").value_or(1e-6);
+  if (!(c.rms_norm_eps > 0)) fail(source, ": rms_norm_eps must be positive, got ", json::format_double(c.rms_norm_eps));
   c.max_position_embeddings = r.get(root, "max_position_embeddings") ? r.positive_int("max_position_embeddings") : 0;
+  // transformers defaults to untied for all three (Qwen2 configs usually state it).
   c.tie_word_embeddings = r.boolean(root, "tie_word_embeddings").value_or(false);
+  // Qwen2 has a sliding_window key that only counts with use_sliding_window; Mistral's counts whenever it is set.
+  // A window that covers every position the model supports is no window at all.
   const bool uses_window = qwen2 ? r.boolean(root, "use_sliding_window").value_or(false) : true;
-  if (uses_window && r.get(root, "sliding_window")) c.sliding_window = r.positive_int("sliding_window");
+  if (uses_window && r.get(root, "sliding_window")) {
+    c.sliding_window = r.positive_int("sliding_window");
+    if (c.max_position_embeddings > 0 && c.sliding_window >= c.max_position_embeddings) c.sliding_window = 0;
+  }
+  // Qwen2 always has q/k/v biases and never an o_proj bias; Llama and Mistral have either all four or none.
   if (qwen2) {
     c.qkv_bias = true;
   } else {
@@ -136,7 +168,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   // Rotary embeddings: transformers 5 writes rope_parameters; Hub configs carry rope_theta and rope_scaling.
   if (const json::Value* params = r.get(root, "rope_parameters")) {
     if (!params->is_object()) fail(source, ": rope_parameters is not an object");
-    c.rope_theta = r.number(*params, "rope_theta").value_or(r.number(root, "rope_theta").value_or(10000.0));
+    c.rope_theta =
+        r.number(*params, "rope_theta", "rope_parameters.").value_or(r.number(root, "rope_theta").value_or(10000.0));
     read_rope_scaling(r, *params, "rope_parameters", c);
   } else {
     c.rope_theta = r.number(root, "rope_theta").value_or(10000.0);
@@ -145,31 +178,39 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
       read_rope_scaling(r, *scaling, "rope_scaling", c);
     }
   }
-  if (c.rope_theta <= 0) fail(source, ": rope_theta must be positive");
+  if (!(c.rope_theta > 0)) fail(source, ": rope_theta must be positive");
 
   if (const json::Value* bos = r.get(root, "bos_token_id")) c.bos_token_id = bos->as_int(r.where("bos_token_id"));
   if (const json::Value* eos = r.get(root, "eos_token_id")) {
     if (eos->is_array()) {
-      for (const json::Value& e : eos->as_array(r.where("eos_token_id"))) c.eos_token_ids.push_back(e.as_int(r.where("eos_token_id")));
+      for (const json::Value& e : eos->as_array(r.where("eos_token_id")))
+        c.eos_token_ids.push_back(e.as_int(r.where("eos_token_id")));
     } else {
       c.eos_token_ids.push_back(eos->as_int(r.where("eos_token_id")));
     }
   }
   c.dtype = r.string(root, "dtype").value_or(r.string(root, "torch_dtype").value_or(""));
 
+  // Only pre-quantized bitsandbytes 4-bit checkpoints can be read; other methods store weights in layouts the
+  // engine does not decode.
   if (const json::Value* q = r.get(root, "quantization_config")) {
-    const std::string method = r.string(*q, "quant_method").value_or("");
+    if (!q->is_object()) fail(source, ": quantization_config is not an object");
+    const std::string qp = "quantization_config.";
+    const auto method_value = r.string(*q, "quant_method", qp);
+    if (!method_value) fail(source, ": quantization_config has no quant_method");
+    const std::string& method = *method_value;
     if (method != "bitsandbytes")
       fail(source, ": quantization method '", method, "' is not supported (only bitsandbytes 4-bit)");
-    if (r.boolean(*q, "load_in_8bit").value_or(false))
+    if (r.boolean(*q, "load_in_8bit", qp).value_or(r.boolean(*q, "_load_in_8bit", qp).value_or(false)))
       fail(source, ": 8-bit bitsandbytes checkpoints are not supported (only 4-bit NF4)");
     QuantizationConfig qc;
-    qc.load_in_4bit = r.boolean(*q, "load_in_4bit").value_or(r.boolean(*q, "_load_in_4bit").value_or(false));
-    qc.quant_type = r.string(*q, "bnb_4bit_quant_type").value_or("fp4");
+    qc.load_in_4bit = r.boolean(*q, "load_in_4bit", qp).value_or(r.boolean(*q, "_load_in_4bit", qp).value_or(false));
+    // fp4 is BitsAndBytesConfig's default when the key is absent.
+    qc.quant_type = r.string(*q, "bnb_4bit_quant_type", qp).value_or("fp4");
     if (qc.load_in_4bit && qc.quant_type != "nf4")
       fail(source, ": bnb_4bit_quant_type '", qc.quant_type, "' is not supported (only nf4)");
-    qc.double_quant = r.boolean(*q, "bnb_4bit_use_double_quant").value_or(false);
-    qc.compute_dtype = r.string(*q, "bnb_4bit_compute_dtype").value_or("float32");
+    qc.double_quant = r.boolean(*q, "bnb_4bit_use_double_quant", qp).value_or(false);
+    qc.compute_dtype = r.string(*q, "bnb_4bit_compute_dtype", qp).value_or("float32");
     c.quantization = qc;
   }
   return c;
@@ -177,7 +218,9 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 
 ModelConfig load_model_config(const std::string& model_dir) {
   const std::filesystem::path path = std::filesystem::path(model_dir) / "config.json";
-  if (!std::filesystem::exists(path)) fail(model_dir, ": no config.json (is this a Hugging Face model folder?)");
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec))
+    fail(model_dir, ": no config.json (is this a Hugging Face model folder?)");
   return parse_model_config(read_text_file(path.string()), path.string());
 }
 

@@ -5,15 +5,18 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <functional>
+#include <limits>
 #include <sstream>
+#include <system_error>
 
 #include "util/error.h"
 #include "util/json.h"
 
 #ifdef _WIN32
+#ifndef NOMINMAX
 #define NOMINMAX
+#endif
 #include <process.h>
 #include <windows.h>
 #else
@@ -28,7 +31,9 @@ namespace qlora {
 namespace fs = std::filesystem;
 
 namespace {
-// No real header comes near this; a larger value means a corrupt or foreign file.
+
+// The Rust safetensors library refuses headers over 100 MB; no real header comes near it, so a larger value means
+// a corrupt or foreign file, and we never try to parse it.
 constexpr uint64_t kMaxHeaderBytes = 100ull * 1024 * 1024;
 
 int current_pid() {
@@ -38,11 +43,29 @@ int current_pid() {
   return static_cast<int>(getpid());
 #endif
 }
+
+// a * b, or false when the product does not fit in uint64 (shapes from a hostile header can be anything).
+bool checked_mul(uint64_t a, uint64_t b, uint64_t& out) {
+  if (a != 0 && b > std::numeric_limits<uint64_t>::max() / a) return false;
+  out = a * b;
+  return true;
+}
+
+// Number of elements of `shape`; false on a negative dimension or an overflowing product.
+bool checked_numel(const std::vector<int64_t>& shape, uint64_t& out) {
+  uint64_t n = 1;
+  for (const int64_t d : shape) {
+    if (d < 0 || !checked_mul(n, static_cast<uint64_t>(d), n)) return false;
+  }
+  out = n;
+  return true;
+}
+
 }  // namespace
 
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  for (const int64_t d : shape) n *= d;
   return n;
 }
 
@@ -61,107 +84,145 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
 #ifdef _WIN32
-  HANDLE h = CreateFileA(path.c_str(), GENERIC_READ, FILE_SHARE_READ, nullptr, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL, nullptr);
-  if (h == INVALID_HANDLE_VALUE) fail(path, ": cannot open (error ", GetLastError(), ")");
+  HANDLE h = CreateFileA(path.c_str(), GENERIC_READ, FILE_SHARE_READ, nullptr, OPEN_EXISTING, FILE_ATTRIBUTE_NORMAL,
+                         nullptr);
+  if (h == INVALID_HANDLE_VALUE) fail(path, ": cannot open (Windows error ", GetLastError(), ")");
   LARGE_INTEGER size;
-  GetFileSizeEx(h, &size);
+  if (!GetFileSizeEx(h, &size)) {
+    const DWORD err = GetLastError();
+    CloseHandle(h);
+    fail(path, ": cannot read the file size (Windows error ", err, ")");
+  }
   file->size_ = static_cast<size_t>(size.QuadPart);
+  // A zero-length file cannot be mapped; it is rejected below as too short.
   if (file->size_ > 0) {
     HANDLE mapping = CreateFileMappingA(h, nullptr, PAGE_READONLY, 0, 0, nullptr);
     if (!mapping) {
+      const DWORD err = GetLastError();
       CloseHandle(h);
-      fail(path, ": cannot map (error ", GetLastError(), ")");
+      fail(path, ": cannot map (Windows error ", err, ")");
     }
     file->base_ = static_cast<const uint8_t*>(MapViewOfFile(mapping, FILE_MAP_READ, 0, 0, 0));
+    const DWORD err = GetLastError();
+    // The view keeps the mapping alive; the handles are no longer needed.
     CloseHandle(mapping);
+    CloseHandle(h);
+    if (!file->base_) fail(path, ": cannot map (Windows error ", err, ")");
+  } else {
+    CloseHandle(h);
   }
-  CloseHandle(h);
-  if (file->size_ > 0 && !file->base_) fail(path, ": cannot map the file");
 #else
   const int fd = ::open(path.c_str(), O_RDONLY);
   if (fd < 0) fail(path, ": cannot open (", std::strerror(errno), ")");
   struct stat st;
   if (fstat(fd, &st) != 0) {
+    const int err = errno;
     ::close(fd);
-    fail(path, ": cannot stat (", std::strerror(errno), ")");
+    fail(path, ": cannot stat (", std::strerror(err), ")");
   }
-  if (S_ISDIR(st.st_mode)) {
+  if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    fail(path, ": is a directory, not a safetensors file");
+    fail(path, ": is not a regular file");
   }
   file->size_ = static_cast<size_t>(st.st_size);
+  // A zero-length file cannot be mapped; it is rejected below as too short.
   if (file->size_ > 0) {
     void* p = mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
+      const int err = errno;
       ::close(fd);
-      fail(path, ": cannot map (", std::strerror(errno), ")");
+      fail(path, ": cannot map (", std::strerror(err), ")");
     }
     file->base_ = static_cast<const uint8_t*>(p);
   }
-  ::close(fd);
+  ::close(fd);  // the mapping stays valid after the descriptor is closed
 #endif
 
   // From here on `file` owns the mapping, so every failure below unmaps it.
   const size_t size = file->size_;
-  if (size < 8) fail(path, ": too short to be a safetensors file (", size, " bytes; the header length alone is 8)");
+  if (size < 8)
+    fail(path, ": too short to be a safetensors file (", size, " bytes; the header length alone takes 8)");
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | file->base_[i];
   if (header_len > size - 8)
-    fail(path, ": header length ", header_len, " is larger than the rest of the file (", size - 8, " bytes); truncated or not safetensors");
-  if (header_len > kMaxHeaderBytes) fail(path, ": header length ", header_len, " is implausibly large; not a safetensors file");
+    fail(path, ": header length ", header_len, " is larger than the rest of the file (", size - 8,
+         " bytes); the file is truncated or not safetensors");
+  if (header_len > kMaxHeaderBytes)
+    fail(path, ": header length ", header_len, " is implausibly large (over ", kMaxHeaderBytes,
+         " bytes); not a safetensors file");
   const std::string_view header(reinterpret_cast<const char*>(file->base_ + 8), static_cast<size_t>(header_len));
-  const json::Value root = json::Value::parse(header, path + " (header)");
+  // Duplicates are kept so that a repeated tensor name is reported instead of silently taking the last entry.
+  const json::Value root = json::Value::parse(header, path + " (header)", /*keep_duplicate_keys=*/true);
   if (!root.is_object()) fail(path, ": header is not a JSON object");
   const size_t data_start = 8 + static_cast<size_t>(header_len);
-  const size_t data_size = size - data_start;
+  const uint64_t data_size = size - data_start;
 
-  std::vector<std::pair<size_t, size_t>> ranges;
+  bool seen_metadata = false;
   for (const auto& [name, entry] : root.as_object(path)) {
     if (name == "__metadata__") {
+      if (seen_metadata) fail(path, ": __metadata__ appears twice in the header");
+      seen_metadata = true;
       if (entry.is_null()) continue;
       if (!entry.is_object()) fail(path, ": __metadata__ is not an object");
-      for (const auto& [k, v] : entry.as_object(path))
-        file->metadata_[k] = v.is_string() ? v.as_string("") : v.dump();
+      // The format says string -> string; tolerate other values (some writers put numbers) as their JSON text.
+      for (const auto& [k, v] : entry.as_object(path)) file->metadata_[k] = v.is_string() ? v.as_string("") : v.dump();
       continue;
     }
     const std::string where = path + ": tensor '" + name + "'";
-    if (!entry.is_object()) fail(where, " has no {dtype, shape, data_offsets} entry");
+    if (file->index_.count(name)) fail(where, " appears twice in the header");
+    if (!entry.is_object()) fail(where, " is not a {dtype, shape, data_offsets} object");
     const json::Value* dtype = entry.find("dtype");
     const json::Value* shape = entry.find("shape");
     const json::Value* offsets = entry.find("data_offsets");
-    if (!dtype || !shape || !offsets) fail(where, " lacks dtype, shape or data_offsets");
+    if (!dtype) fail(where, " has no dtype");
+    if (!shape) fail(where, " has no shape");
+    if (!offsets) fail(where, " has no data_offsets");
+
     TensorInfo info;
     info.name = name;
     info.dtype = dtype_from_name(dtype->as_string(where + " dtype"), where);
     for (const json::Value& d : shape->as_array(where + " shape")) {
       const int64_t dim = d.as_int(where + " shape");
-      if (dim < 0) fail(where, " has a negative dimension in its shape");
+      if (dim < 0) fail(where, " has a negative dimension (", dim, ") in its shape");
       info.shape.push_back(dim);
     }
+    uint64_t numel = 0, expected_bytes = 0;
+    if (!checked_numel(info.shape, numel) || numel > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
+        !checked_mul(numel, dtype_size(info.dtype), expected_bytes))
+      fail(where, " has shape ", shape_to_string(info.shape), ", whose size overflows");
+
     const auto& off = offsets->as_array(where + " data_offsets");
-    if (off.size() != 2) fail(where, " data_offsets must be [begin, end]");
-    const int64_t begin = off[0].as_int(where + " data_offsets"), end = off[1].as_int(where + " data_offsets");
-    if (begin < 0 || end < begin) fail(where, " has data_offsets [", begin, ", ", end, "] (begin must be <= end)");
+    if (off.size() != 2) fail(where, " data_offsets must be [begin, end], got ", off.size(), " numbers");
+    const int64_t begin = off[0].as_int(where + " data_offsets");
+    const int64_t end = off[1].as_int(where + " data_offsets");
+    if (begin < 0 || end < begin)
+      fail(where, " has data_offsets [", begin, ", ", end, "] (need 0 <= begin <= end)");
     if (static_cast<uint64_t>(end) > data_size)
       fail(where, " data_offsets [", begin, ", ", end, "] extend past the end of the data (", data_size, " bytes)");
-    const size_t nbytes = static_cast<size_t>(end - begin);
-    const int64_t numel = info.numel();
-    if (static_cast<uint64_t>(numel) * dtype_size(info.dtype) != nbytes)
-      fail(where, " holds ", nbytes, " bytes but ", dtype_name(info.dtype), " ", shape_to_string(info.shape), " needs ",
-           static_cast<uint64_t>(numel) * dtype_size(info.dtype));
+    const uint64_t nbytes = static_cast<uint64_t>(end - begin);
+    if (nbytes != expected_bytes)
+      fail(where, " holds ", nbytes, " bytes but ", dtype_name(info.dtype), " ", shape_to_string(info.shape),
+           " needs ", expected_bytes);
     info.data_begin = data_start + static_cast<size_t>(begin);
-    info.nbytes = nbytes;
-    if (file->index_.count(name)) fail(where, " appears twice in the header");
+    info.nbytes = static_cast<size_t>(nbytes);
     file->index_[name] = file->tensors_.size();
     file->tensors_.push_back(std::move(info));
-    if (nbytes > 0) ranges.emplace_back(static_cast<size_t>(begin), static_cast<size_t>(end));
   }
-  std::sort(ranges.begin(), ranges.end());
-  for (size_t i = 1; i < ranges.size(); ++i)
-    if (ranges[i].first < ranges[i - 1].second)
-      fail(path, ": tensor data ranges overlap at byte ", ranges[i].first, " of the data section");
-  std::sort(file->tensors_.begin(), file->tensors_.end(),
-            [](const TensorInfo& a, const TensorInfo& b) { return a.data_begin < b.data_begin; });
+
+  // File order; ties (zero-size tensors share offsets) by name so the order does not depend on the header's.
+  std::sort(file->tensors_.begin(), file->tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return a.data_begin != b.data_begin ? a.data_begin < b.data_begin : a.name < b.name;
+  });
+  // Two tensors sharing bytes would alias each other's weights; zero-size tensors take no bytes and never overlap.
+  const TensorInfo* prev = nullptr;
+  for (const TensorInfo& t : file->tensors_) {
+    if (t.nbytes == 0) continue;
+    if (prev && t.data_begin < prev->data_begin + prev->nbytes)
+      fail(path, ": tensors '", prev->name, "' and '", t.name, "' overlap (data bytes [", prev->data_begin - data_start,
+           ", ", prev->data_begin - data_start + prev->nbytes, ") and [", t.data_begin - data_start, ", ",
+           t.data_begin - data_start + t.nbytes, "))");
+    prev = &t;
+  }
   for (size_t i = 0; i < file->tensors_.size(); ++i) file->index_[file->tensors_[i].name] = i;
   return file;
 }
@@ -184,7 +245,6 @@ const TensorInfo* SafetensorsFile::find(const std::string& name) const {
 // TensorStore
 
 std::unique_ptr<TensorStore> TensorStore::open_file(const std::string& path) {
-  if (!fs::exists(path)) fail(path, ": file not found");
   auto store = std::unique_ptr<TensorStore>(new TensorStore());
   store->location_ = path;
   store->files_.push_back(SafetensorsFile::open(path));
@@ -192,39 +252,56 @@ std::unique_ptr<TensorStore> TensorStore::open_file(const std::string& path) {
   return store;
 }
 
+namespace {
+// A shard name must stay inside the model folder: no absolute paths, no "..", no drive or root names.
+bool is_inside_folder(const std::string& shard) {
+  const fs::path p(shard);
+  if (shard.empty() || p.is_absolute() || p.has_root_name() || p.has_root_directory()) return false;
+  for (const fs::path& part : p)
+    if (part == "..") return false;
+  return true;
+}
+
+bool is_file(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_regular_file(p, ec);
+}
+}  // namespace
+
 std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
-  if (!fs::is_directory(dir)) fail(dir, ": not a folder");
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) fail(dir, ": not a folder");
   const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
   const fs::path single = fs::path(dir) / "model.safetensors";
   auto store = std::unique_ptr<TensorStore>(new TensorStore());
   store->location_ = dir;
-  if (fs::exists(index_path)) {
+  if (is_file(index_path)) {
     const std::string index_file = index_path.string();
     const json::Value index = json::Value::parse(read_text_file(index_file), index_file);
     const json::Value* map = index.find("weight_map");
     if (!map) fail(index_file, ": no weight_map");
-    std::map<std::string, size_t> shard_of_file;
+    // Each shard is opened (and mapped) once, however many tensors the index assigns to it.
+    std::map<std::string, size_t> file_of_shard;
     for (const auto& [name, shard_value] : map->as_object(index_file + ": weight_map")) {
       const std::string shard = shard_value.as_string(index_file + ": weight_map['" + name + "']");
-      if (shard.find("..") != std::string::npos || fs::path(shard).is_absolute())
-        fail(index_file, ": shard '", shard, "' is outside the model folder");
-      auto it = shard_of_file.find(shard);
-      if (it == shard_of_file.end()) {
-        const std::string shard_path = (fs::path(dir) / shard).string();
-        if (!fs::exists(shard_path)) fail(index_file, ": shard '", shard, "' listed for '", name, "' does not exist");
-        store->files_.push_back(SafetensorsFile::open(shard_path));
-        it = shard_of_file.emplace(shard, store->files_.size() - 1).first;
+      if (!is_inside_folder(shard)) fail(index_file, ": shard '", shard, "' is outside the model folder");
+      auto it = file_of_shard.find(shard);
+      if (it == file_of_shard.end()) {
+        const fs::path shard_path = fs::path(dir) / shard;
+        if (!is_file(shard_path)) fail(index_file, ": shard '", shard, "' listed for '", name, "' does not exist");
+        store->files_.push_back(SafetensorsFile::open(shard_path.string()));
+        it = file_of_shard.emplace(shard, store->files_.size() - 1).first;
       }
       if (!store->files_[it->second]->find(name))
-        fail(index_file, ": tensor '", name, "' is listed in shard '", shard, "' but ", store->files_[it->second]->path(),
-             " does not contain it");
+        fail(index_file, ": tensor '", name, "' is listed in shard '", shard, "' but ",
+             store->files_[it->second]->path(), " does not contain it");
       store->file_of_tensor_[name] = it->second;
     }
-  } else if (fs::exists(single)) {
+  } else if (is_file(single)) {
     store->files_.push_back(SafetensorsFile::open(single.string()));
     for (const TensorInfo& t : store->files_[0]->tensors()) store->file_of_tensor_[t.name] = 0;
   } else {
-    fail(dir, ": no model.safetensors or model.safetensors.index.json (only safetensors weights are read)");
+    fail(dir, ": no model.safetensors or model.safetensors.index.json (only safetensors weights can be read)");
   }
   return store;
 }
@@ -250,6 +327,7 @@ const std::string& TensorStore::file_of(const std::string& name) const {
 
 std::vector<std::string> TensorStore::names() const {
   std::vector<std::string> out;
+  out.reserve(file_of_tensor_.size());
   for (const auto& [name, file] : file_of_tensor_) out.push_back(name);
   return out;
 }
@@ -259,8 +337,11 @@ std::vector<float> TensorStore::read_f32(const std::string& name, const std::vec
   if (!expected_shape.empty() && t.shape != expected_shape)
     fail(file_of(name), ": tensor '", name, "' has shape ", shape_to_string(t.shape), ", expected ",
          shape_to_string(expected_shape));
+  const std::string context = file_of(name) + ": tensor '" + name + "'";
+  if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16 && t.dtype != DType::F64)
+    fail(context, " is ", dtype_name(t.dtype), ", not a floating type (F32, F16, BF16 or F64 expected)");
   std::vector<float> out(static_cast<size_t>(t.numel()));
-  convert_to_f32(t.dtype, data(name), out.size(), out.data(), file_of(name) + ": tensor '" + name + "'");
+  convert_to_f32(t.dtype, data(name), out.size(), out.data(), context);
   return out;
 }
 
@@ -269,13 +350,15 @@ std::vector<float> TensorStore::read_f32(const std::string& name, const std::vec
 
 void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vector<int64_t>& shape, const void* data,
                             size_t nbytes) {
+  if (name == "__metadata__") fail("safetensors writer: '__metadata__' is reserved and cannot name a tensor");
   for (const Entry& e : entries_)
     if (e.name == name) fail("safetensors writer: tensor '", name, "' added twice");
-  int64_t numel = 1;
-  for (int64_t d : shape) numel *= d;
-  if (static_cast<size_t>(numel) * dtype_size(dtype) != nbytes)
+  uint64_t numel = 0, expected = 0;
+  if (!checked_numel(shape, numel) || !checked_mul(numel, dtype_size(dtype), expected))
+    fail("safetensors writer: tensor '", name, "' has an invalid shape ", shape_to_string(shape));
+  if (expected != nbytes)
     fail("safetensors writer: tensor '", name, "' has ", nbytes, " bytes for ", dtype_name(dtype), " ",
-         shape_to_string(shape));
+         shape_to_string(shape), " (needs ", expected, ")");
   Entry e{name, dtype, shape, std::vector<uint8_t>(nbytes)};
   if (nbytes) std::memcpy(e.bytes.data(), data, nbytes);
   entries_.push_back(std::move(e));
@@ -289,12 +372,37 @@ void SafetensorsWriter::add_f32(const std::string& name, const std::vector<int64
 void SafetensorsWriter::set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
 
 namespace {
-// Writes to a temp file beside `path`, flushes it to disk, then renames it over `path`.
+
+void write_all(std::FILE* f, const void* data, size_t n, const std::string& path) {
+  if (n && std::fwrite(data, 1, n, f) != n) fail(path, ": write failed (", std::strerror(errno), ")");
+}
+
+// Makes the rename itself durable: on POSIX the new directory entry reaches the disk only when the directory is
+// synced. Best effort: some file systems refuse to open or sync a directory, and the data is already safe.
+void sync_parent_dir(const fs::path& target) {
+#ifndef _WIN32
+  const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  const int fd = ::open(parent.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd >= 0) {
+    (void)fsync(fd);
+    ::close(fd);
+  }
+#else
+  (void)target;
+#endif
+}
+
+// Writes to a hidden temp file beside `path` (same folder, so the rename cannot cross file systems; the same
+// `.<name>.tmp-<pid>` pattern as the extension's atomicFile.ts), flushes it to disk, then renames it over `path`.
+// Any failure removes the temp file and leaves an existing `path` untouched.
 void write_atomic(const std::string& path, const std::function<void(std::FILE*)>& body) {
   const fs::path target(path);
-  const fs::path tmp = target.parent_path() / ("." + target.filename().string() + ".tmp-" + std::to_string(current_pid()));
+  if (target.filename().empty()) fail(path, ": not a file path");
+  const fs::path tmp =
+      target.parent_path() / ("." + target.filename().string() + ".tmp-" + std::to_string(current_pid()));
   std::FILE* f = std::fopen(tmp.string().c_str(), "wb");
   if (!f) fail(path, ": cannot write (", std::strerror(errno), ")");
+  std::error_code ec;
   try {
     body(f);
     if (std::fflush(f) != 0) fail(path, ": write failed (", std::strerror(errno), ")");
@@ -303,55 +411,56 @@ void write_atomic(const std::string& path, const std::function<void(std::FILE*)>
 #endif
   } catch (...) {
     std::fclose(f);
-    std::error_code ec;
     fs::remove(tmp, ec);
     throw;
   }
+  // fclose can be where a deferred write error (a full disk on a network file system) finally shows.
   if (std::fclose(f) != 0) {
-    std::error_code ec;
+    const int err = errno;
     fs::remove(tmp, ec);
-    fail(path, ": write failed on close");
+    fail(path, ": write failed on close (", std::strerror(err), ")");
   }
-  std::error_code ec;
   fs::rename(tmp, target, ec);
   if (ec) {
+    const std::string reason = ec.message();
     fs::remove(tmp, ec);
-    fail(path, ": cannot rename the finished file into place (", ec.message(), ")");
+    fail(path, ": cannot move the finished file into place (", reason, ")");
   }
+  sync_parent_dir(target);
 }
 
-void write_all(std::FILE* f, const void* data, size_t n, const std::string& path) {
-  if (n && std::fwrite(data, 1, n, f) != n) fail(path, ": write failed (", std::strerror(errno), ")");
-}
 }  // namespace
 
 void SafetensorsWriter::write(const std::string& path) const {
-  json::Value header = json::Value::object();
+  std::vector<std::pair<std::string, json::Value>> members;
+  members.reserve(entries_.size() + 1);
+  // __metadata__ first, as the Python and Rust libraries write it.
   if (!metadata_.empty()) {
     json::Value meta = json::Value::object();
     for (const auto& [k, v] : metadata_) meta.set(k, json::Value::string(v));
-    header.set("__metadata__", meta);
+    members.emplace_back("__metadata__", std::move(meta));
   }
-  size_t offset = 0;
+  uint64_t offset = 0;
   for (const Entry& e : entries_) {
-    json::Value shape = json::Value::array();
-    for (int64_t d : e.shape) shape.push_back(json::Value::number(static_cast<double>(d)));
-    json::Value offsets = json::Value::array();
-    offsets.push_back(json::Value::number(static_cast<double>(offset)));
-    offsets.push_back(json::Value::number(static_cast<double>(offset + e.bytes.size())));
-    json::Value entry = json::Value::object();
-    entry.set("dtype", json::Value::string(dtype_name(e.dtype)));
-    entry.set("shape", shape);
-    entry.set("data_offsets", offsets);
-    header.set(e.name, entry);
+    std::vector<json::Value> shape;
+    for (const int64_t d : e.shape) shape.push_back(json::Value::number(static_cast<double>(d)));
+    // Offsets are contiguous, in the order the tensors were added.
+    std::vector<json::Value> offsets = {json::Value::number(static_cast<double>(offset)),
+                                        json::Value::number(static_cast<double>(offset + e.bytes.size()))};
+    members.emplace_back(e.name, json::Value::object({{"dtype", json::Value::string(dtype_name(e.dtype))},
+                                                      {"shape", json::Value::array(std::move(shape))},
+                                                      {"data_offsets", json::Value::array(std::move(offsets))}}));
     offset += e.bytes.size();
   }
-  std::string text = header.dump();
-  // Pad with spaces so the data starts 8-byte aligned, as the reference implementation does.
-  while ((8 + text.size()) % 8 != 0) text += ' ';
+  // The offsets are held as doubles in the header; past 2^53 they could no longer be written exactly.
+  if (offset > (uint64_t{1} << 53))
+    fail(path, ": ", offset, " bytes of tensor data is more than one header can describe");
+  std::string text = json::Value::object(std::move(members)).dump();
+  // Pad with spaces so the data starts 8-byte aligned, as the Rust safetensors library does.
+  text.append((8 - text.size() % 8) % 8, ' ');
   write_atomic(path, [&](std::FILE* f) {
     uint8_t len[8];
-    uint64_t n = text.size();
+    const uint64_t n = text.size();
     for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
     write_all(f, len, 8, path);
     write_all(f, text.data(), text.size(), path);
@@ -364,11 +473,19 @@ void write_file_atomic(const std::string& path, const std::string& contents) {
 }
 
 std::string read_text_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, ": cannot read (", std::strerror(errno), ")");
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail(path, ": cannot read (it is a folder)");
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) fail(path, ": cannot read (", std::strerror(errno), ")");
+  std::string out;
+  char buf[1 << 16];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
+  const bool failed = std::ferror(f) != 0;
+  const int err = errno;
+  std::fclose(f);
+  if (failed) fail(path, ": cannot read (", std::strerror(err), ")");
+  return out;
 }
 
 }  // namespace qlora

@@ -74,9 +74,11 @@ class TensorStore {
   std::map<std::string, size_t> file_of_tensor_;
 };
 
-// Collects tensors and writes them as one safetensors file: to `<path>.tmp-<pid>`, flushed, then renamed over
-// `path`, so a crash never leaves a half-written file under the real name. Tensors are written in the order added;
-// names must be unique.
+// Collects tensors and writes them as one safetensors file: to a hidden temp file beside it (`.<name>.tmp-<pid>`,
+// the pattern the extension's atomicFile.ts uses), flushed to disk, then renamed over `path`, so a crash never
+// leaves a half-written file under the real name. Tensors are written in the order added, with contiguous offsets,
+// __metadata__ first and the header space-padded to a multiple of 8 bytes (as the Rust library writes); names must
+// be unique.
 class SafetensorsWriter {
  public:
   void add(const std::string& name, DType dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes);

@@ -215,4 +215,15 @@ std::vector<std::pair<DeviceArray<float>*, DeviceArray<float>*>> LoraAdapter::pa
   return out;
 }
 
+std::vector<std::string> LoraAdapter::parameter_names() const {
+  std::vector<std::string> out;
+  for (size_t layer = 0; layer < layers_.size(); ++layer)
+    for (int m = 0; m < kNumModules; ++m)
+      if (layers_[layer][m]) {
+        out.push_back(peft_tensor_name(static_cast<int64_t>(layer), static_cast<Module>(m), 'A'));
+        out.push_back(peft_tensor_name(static_cast<int64_t>(layer), static_cast<Module>(m), 'B'));
+      }
+  return out;
+}
+
 }  // namespace qlora

@@ -59,6 +59,8 @@ class LoraAdapter {
   void zero_grad();
   // Every parameter and its gradient, in a fixed order (layer, module, A then B), for the optimizer.
   std::vector<std::pair<DeviceArray<float>*, DeviceArray<float>*>> parameters_and_grads();
+  // PEFT names of the parameters, in the order of parameters_and_grads().
+  std::vector<std::string> parameter_names() const;
 
   static std::string peft_tensor_name(int64_t layer, Module m, char which);  // which = 'A' or 'B'
 

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "io/safetensors.h"
 #include "util/error.h"
 
 namespace qlora {
@@ -45,6 +46,38 @@ StepReport AdamW::step(const AdamWOptions& o) {
                            params[i].first->size(), o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step_, grad_scale);
   report.step = step_;
   return report;
+}
+
+void AdamW::save(const std::string& path) const {
+  SafetensorsWriter writer;
+  writer.set_metadata("format", "qlora-studio-adamw");
+  writer.set_metadata("step", std::to_string(step_));
+  const std::vector<std::string> names = adapter_->parameter_names();
+  for (size_t i = 0; i < names.size(); ++i) {
+    writer.add_f32(names[i] + ".exp_avg", {m_[i].size()}, m_[i].download());
+    writer.add_f32(names[i] + ".exp_avg_sq", {v_[i].size()}, v_[i].download());
+  }
+  writer.write(path);
+}
+
+void AdamW::load(const std::string& path) {
+  const auto file = SafetensorsFile::open(path);
+  const auto& meta = file->metadata();
+  const auto step = meta.find("step");
+  if (step == meta.end()) fail(path, ": not an optimizer state file (no step in its metadata)");
+  const auto store = TensorStore::open_file(path);
+  const std::vector<std::string> names = adapter_->parameter_names();
+  if (store->names().size() != 2 * names.size())
+    fail(path, ": holds ", store->names().size(), " tensors, expected ", 2 * names.size(), " for this adapter");
+  for (size_t i = 0; i < names.size(); ++i) {
+    m_[i].upload(store->read_f32(names[i] + ".exp_avg", {m_[i].size()}));
+    v_[i].upload(store->read_f32(names[i] + ".exp_avg_sq", {v_[i].size()}));
+  }
+  try {
+    step_ = std::stoll(step->second);
+  } catch (const std::exception&) {
+    fail(path, ": step '", step->second, "' in its metadata is not a number");
+  }
 }
 
 }  // namespace qlora

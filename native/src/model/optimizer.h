@@ -2,6 +2,7 @@
 // clip_grad_norm_ semantics: scale every gradient by max_norm / (norm + 1e-6) when the norm exceeds max_norm).
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -31,6 +32,10 @@ class AdamW {
   // parameters untouched.
   StepReport step(const AdamWOptions& options);
   int64_t steps_taken() const { return step_; }
+  // The optimizer state as one safetensors file: `<PEFT name>.exp_avg` and `.exp_avg_sq` per parameter and the
+  // step count in the metadata (written atomically). load() checks every name and shape against this adapter.
+  void save(const std::string& path) const;
+  void load(const std::string& path);
   static double global_grad_norm(Backend* backend, LoraAdapter* adapter);
 
  private:

@@ -22,8 +22,11 @@ class Value {
   static Value array(std::vector<Value> items = {});
   static Value object(std::vector<std::pair<std::string, Value>> members = {});
 
-  // Parses `text`; on error throws EngineError "<source_name>: invalid JSON at byte N: <what>".
-  static Value parse(std::string_view text, const std::string& source_name);
+  // Parses `text`; on error throws EngineError "<source_name>: invalid JSON at byte N: <what>". A key repeated in
+  // one object keeps its first position and takes the last value, as Python's json does. With
+  // `keep_duplicate_keys` every member is kept instead (find() returns the last), so a reader that must reject
+  // repeated names (safetensors headers) can see them.
+  static Value parse(std::string_view text, const std::string& source_name, bool keep_duplicate_keys = false);
 
   Type type() const { return type_; }
   bool is_null() const { return type_ == Type::Null; }
@@ -42,7 +45,7 @@ class Value {
   const std::vector<Value>& as_array(const std::string& what) const;
   const std::vector<std::pair<std::string, Value>>& as_object(const std::string& what) const;
 
-  // Object lookup: nullptr when this is not an object or the key is absent.
+  // Object lookup: nullptr when this is not an object or the key is absent; the last member of that name.
   const Value* find(const std::string& key) const;
 
   // Mutating helpers for building documents.
@@ -61,8 +64,10 @@ class Value {
   std::vector<std::pair<std::string, Value>> object_;
 };
 
-// Shortest decimal text that reads back as the same double (as Python's repr does): 0.1279611587524414.
+// Shortest decimal text that reads back as the same double, laid out as Python's repr does: 0.1279611587524414,
+// 1.0, 1e-05, 1e+16. Non-finite values give NaN, Infinity, -Infinity, as Python's json.dumps writes them.
 std::string format_double(double d);
+// A JSON string literal: quotes, backslashes and control characters escaped; other bytes (UTF-8) kept as they are.
 std::string quote(std::string_view s);
 
 }  // namespace qlora::json

@@ -1,0 +1,63 @@
+/**
+ * JSON documents: an array of objects, or an object with exactly one array-of-objects field (`{"data": [...]}`,
+ * as many exports wrap rows). Rows keep their 1-based index in that array.
+ */
+import * as path from 'node:path';
+import { DataError, DataFileError, jsonTypeName } from '../errors';
+import { SHAPE_SIGNATURE_FIELDS } from '../shapes';
+import { describeJsonError } from './jsonText';
+import { isRecord, RawRow } from './types';
+
+const EXPECTED = 'expected an array of objects, or an object with one array field such as {"data": [...]}';
+
+/** Parses JSON text (BOM already removed). Whole-document problems throw DataFileError. */
+export function parseJsonDocument(text: string, filePath: string): RawRow[] {
+  let doc: unknown;
+  try {
+    doc = JSON.parse(text);
+  } catch (err) {
+    if (looksLikeJsonLines(text)) {
+      throw new DataFileError(filePath, 'holds JSON Lines (one object per line), not one JSON document; rename it to .jsonl');
+    }
+    throw new DataFileError(filePath, `not valid JSON (${describeJsonError(err, text)})`);
+  }
+  return rowsOf(arrayOfRows(doc, filePath), path.basename(filePath));
+}
+
+function arrayOfRows(doc: unknown, filePath: string): unknown[] {
+  if (Array.isArray(doc)) return doc;
+  if (!isRecord(doc)) throw new DataFileError(filePath, `${EXPECTED}; got ${jsonTypeName(doc)}`);
+  const keys = Object.keys(doc);
+  if (keys.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k))) {
+    throw new DataFileError(
+      filePath,
+      'holds a single example object; put the examples in an array [ {...}, {...} ] or use one object per line in a .jsonl file',
+    );
+  }
+  const arrays = keys.filter((k) => Array.isArray(doc[k]) && (doc[k] as unknown[]).some(isRecord));
+  if (arrays.length === 1) return doc[arrays[0]] as unknown[];
+  if (arrays.length === 0) {
+    const fields = keys.length > 0 ? `fields ${keys.map((k) => `"${k}"`).join(', ')}` : 'no fields';
+    throw new DataFileError(filePath, `${EXPECTED}; got an object with ${fields}`);
+  }
+  const names = arrays.map((k) => `"${k}"`).join(', ');
+  throw new DataFileError(filePath, `has several arrays of objects (${names}); keep only the one with the examples`);
+}
+
+function rowsOf(items: unknown[], file: string): RawRow[] {
+  return items.map((value, i): RawRow => {
+    const at = { file, row: i + 1 };
+    return isRecord(value) ? { at, value } : { at, error: new DataError(at, `expected a JSON object, got ${jsonTypeName(value)}`) };
+  });
+}
+
+/** Two or more non-blank lines, the first of which is a JSON object on its own. */
+function looksLikeJsonLines(text: string): boolean {
+  const lines = text.split('\n').filter((l) => l.trim() !== '');
+  if (lines.length < 2) return false;
+  try {
+    return isRecord(JSON.parse(lines[0]));
+  } catch {
+    return false;
+  }
+}

@@ -1,0 +1,27 @@
+/** JSON Lines: one JSON object per line; blank lines are skipped, rows keep their 1-based line number. */
+import * as path from 'node:path';
+import { DataError, jsonTypeName } from '../errors';
+import { describeJsonError } from './jsonText';
+import { isRecord, RawRow } from './types';
+
+/** Parses JSONL text (BOM already removed); LF and CRLF line ends both work. */
+export function parseJsonl(text: string, filePath: string): RawRow[] {
+  const file = path.basename(filePath);
+  const rows: RawRow[] = [];
+  const lines = text.split('\n');
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i].endsWith('\r') ? lines[i].slice(0, -1) : lines[i];
+    if (line.trim() === '') continue;
+    const at = { file, line: i + 1 };
+    let value: unknown;
+    try {
+      value = JSON.parse(line);
+    } catch (err) {
+      rows.push({ at, error: new DataError(at, `not valid JSON (${describeJsonError(err, line)})`) });
+      continue;
+    }
+    if (isRecord(value)) rows.push({ at, value });
+    else rows.push({ at, error: new DataError(at, `expected a JSON object, got ${jsonTypeName(value)}`) });
+  }
+  return rows;
+}

@@ -1,0 +1,192 @@
+/**
+ * Rendering examples to text segments marked trained or not, before tokenization.
+ *
+ * Chat examples go through the model's chat template. Which characters belong to each assistant turn is found by
+ * rendering prefixes of the conversation: the turn starts where the rendering of messages[:i] with the generation
+ * prompt stops agreeing with the full rendering (so whatever the template makes the model produce after the
+ * prompt, such as Qwen3's empty think block, is trained), and it ends after the assistant's content and the
+ * end-of-turn special token the template writes after it (<|eot_id|>, <|im_end|>, ...). Whitespace the template
+ * adds after that token belongs to the next turn and is not trained. A template without a generation prompt thus
+ * trains the assistant header too, which is right: at inference the model would have to write it.
+ *
+ * BOS: when the template writes bos_token itself (Llama 3), no other is added; when it does not and the tokenizer
+ * adds one to plain text (add_bos_token), it is prepended, untrained. Completions and texts get BOS the same way.
+ */
+import { ChatMessage, ExampleBody } from './shapes';
+import { ModelTokenizer } from './modelTokenizer';
+
+export interface Segment {
+  text: string;
+  trained: boolean;
+}
+
+/** Which template rendered chat examples: the model's own, or the Alpaca-style fallback for models without one. */
+export type TemplateKind = 'chat_template' | 'alpaca-fallback';
+
+export interface RenderOptions {
+  /** Label every token (prompt included), not only the responses. */
+  trainOnPrompt?: boolean;
+  /** Extra variables for the chat template (e.g. enable_thinking: false for Qwen3, date_string for Llama 3.x). */
+  templateVars?: Record<string, unknown>;
+}
+
+/** A chat example the template cannot render (raise_exception, unsupported role order, ...); a row error. */
+export class TemplateRenderError extends Error {
+  override name = 'TemplateRenderError';
+}
+
+/**
+ * The date Llama 3.x templates print as "Today Date" when none is passed. Fixed rather than today's date so a
+ * dataset tokenizes the same on every day (a resumed run packs the same sequences).
+ */
+const DEFAULT_DATE_STRING = '26 Jul 2024';
+
+/** Renders one example into segments whose concatenation is the full text of the example. */
+export function renderExample(
+  example: ExampleBody,
+  tok: ModelTokenizer,
+  options: RenderOptions = {},
+): { segments: Segment[]; template: TemplateKind | null } {
+  let segments: Segment[];
+  let template: TemplateKind | null = null;
+  switch (example.kind) {
+    case 'chat':
+      template = tok.template ? 'chat_template' : 'alpaca-fallback';
+      segments = tok.template
+        ? templateSegments(example.messages, tok, options.templateVars ?? {})
+        : fallbackSegments(example.messages, tok);
+      break;
+    case 'completion':
+      segments = withBos(tok, [
+        { text: example.prompt, trained: false },
+        { text: example.completion + tok.eosToken, trained: true },
+      ]);
+      break;
+    case 'text':
+      segments = withBos(tok, [{ text: example.text + tok.eosToken, trained: true }]);
+      break;
+  }
+  if (options.trainOnPrompt) segments = segments.map((s) => ({ text: s.text, trained: true }));
+  return { segments: segments.filter((s) => s.text !== ''), template };
+}
+
+/** Prepends BOS (untrained) when the tokenizer adds one and the text does not already start with it. */
+function withBos(tok: ModelTokenizer, segments: Segment[]): Segment[] {
+  if (!tok.addsBos || tok.bosToken === null) return segments;
+  if (segments.length > 0 && segments[0].text.startsWith(tok.bosToken)) return segments;
+  return [{ text: tok.bosToken, trained: false }, ...segments];
+}
+
+/**
+ * Alpaca-style prompt for models without a chat template: "### Instruction:\n...\n\n### Response:\n" before each
+ * answer; each answer is followed by EOS, and both are trained.
+ */
+function fallbackSegments(messages: ChatMessage[], tok: ModelTokenizer): Segment[] {
+  const segments: Segment[] = [];
+  messages.forEach((m, i) => {
+    if (m.role === 'system') segments.push({ text: `${m.content}\n\n`, trained: false });
+    else if (m.role === 'user') segments.push({ text: `### Instruction:\n${m.content}\n\n### Response:\n`, trained: false });
+    else {
+      segments.push({ text: m.content + tok.eosToken, trained: true });
+      if (i < messages.length - 1) segments.push({ text: '\n\n', trained: false });
+    }
+  });
+  return withBos(tok, segments);
+}
+
+function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): Segment[] {
+  const template = tok.template;
+  if (template === null) throw new Error('templateSegments needs a chat template');
+  const context: Record<string, unknown> = { date_string: DEFAULT_DATE_STRING, ...vars };
+  if (tok.bosToken !== null) context.bos_token = tok.bosToken;
+  context.eos_token = tok.eosToken;
+  // @huggingface/jinja defines raise_exception (and strftime_now) itself; they throw or format as in transformers.
+  const render = (msgs: ChatMessage[], addGenerationPrompt: boolean): string => {
+    try {
+      return template.render({ ...context, messages: msgs, add_generation_prompt: addGenerationPrompt });
+    } catch (err) {
+      throw new TemplateRenderError(`chat template error: ${(err as Error).message}`);
+    }
+  };
+
+  const full = render(messages, false);
+  const spans: [number, number][] = [];
+  let cursor = 0;
+  messages.forEach((m, i) => {
+    if (m.role !== 'assistant') return;
+    // The prompt before this turn; templates may refuse a prefix (e.g. one that must end with a user turn).
+    let promptEnd: number | null = null;
+    if (i > 0) {
+      try {
+        promptEnd = Math.max(cursor, commonPrefixLength(render(messages.slice(0, i), true), full));
+      } catch {
+        promptEnd = null;
+      }
+    }
+    const turn = locateTurn(full, m.content, promptEnd ?? cursor, tok.specialTokens);
+    // Without a prompt to compare with (a conversation that opens with the assistant), the turn starts at its content.
+    const start = promptEnd ?? turn?.contentStart ?? null;
+    if (turn === null || start === null) {
+      throw new TemplateRenderError(`the chat template does not render message ${i + 1} (assistant) so that its tokens can be found`);
+    }
+    spans.push([start, turn.end]);
+    cursor = turn.end;
+  });
+
+  const segments: Segment[] = [];
+  let at = 0;
+  for (const [start, end] of spans) {
+    segments.push({ text: full.slice(at, start), trained: false }, { text: full.slice(start, end), trained: true });
+    at = end;
+  }
+  segments.push({ text: full.slice(at), trained: false });
+  return withBos(tok, segments.filter((s) => s.text !== ''));
+}
+
+function commonPrefixLength(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  let i = 0;
+  while (i < n && a.charCodeAt(i) === b.charCodeAt(i)) i++;
+  return i;
+}
+
+/** End of an end-of-turn special token at `pos`, after optional whitespace; null if none is there. */
+function endOfTurnAt(text: string, pos: number, specials: readonly string[]): number | null {
+  let p = pos;
+  while (p < text.length && /\s/.test(text[p])) p++;
+  const token = specials.find((s) => text.startsWith(s, p));
+  return token === undefined ? null : p + token.length;
+}
+
+/**
+ * Where an assistant turn is in the full rendering, searching from `from`. It ends after the first occurrence of
+ * its content (as is, or trimmed, as many templates trim) that is followed by an end-of-turn special token,
+ * including that token; else after the content itself (a template that writes no end-of-turn token). When the
+ * content is not there at all (a template that rewrites it, as Qwen3's does with think blocks), the turn ends after
+ * the first special token following `from`, and its content start is unknown.
+ */
+function locateTurn(
+  full: string,
+  content: string,
+  from: number,
+  specials: readonly string[],
+): { contentStart: number | null; end: number } | null {
+  const candidates = [...new Set([content, content.trim()])].filter((c) => c !== '');
+  let bare: { contentStart: number; end: number } | null = null;
+  for (const candidate of candidates) {
+    for (let at = full.indexOf(candidate, from); at >= 0; at = full.indexOf(candidate, at + 1)) {
+      const end = endOfTurnAt(full, at + candidate.length, specials);
+      if (end !== null) return { contentStart: at, end };
+      bare ??= { contentStart: at, end: at + candidate.length };
+    }
+  }
+  if (bare !== null) return bare;
+  let firstSpecial: number | null = null;
+  for (const s of specials) {
+    const at = full.indexOf(s, from);
+    if (at >= 0 && (firstSpecial === null || at < firstSpecial)) firstSpecial = at;
+  }
+  if (firstSpecial === null) return null;
+  const token = specials.find((s) => full.startsWith(s, firstSpecial as number)) as string;
+  return { contentStart: null, end: firstSpecial + token.length };
+}

@@ -1,0 +1,175 @@
+/**
+ * Tokenizing rendered examples into ids and labels (labels aligned with ids, transformers' convention: the
+ * engine shifts them; -100 = not trained).
+ *
+ * Ids are the tokenization of the whole rendered text, exactly what transformers' apply_chat_template(tokenize=True)
+ * gives and what the model sees at inference for a conversation so far. Tokenizing segment by segment and
+ * concatenating would be cheaper but wrong where a token spans a boundary, and for SentencePiece tokenizers,
+ * which add a "▁" at the start of every encode call. So the segments are tokenized one by one only to find the
+ * token boundaries: when their concatenation equals the whole tokenization (the usual case, since turns end on
+ * special tokens) the boundaries are read off directly; otherwise each boundary is where the tokenization of the
+ * text before it stops agreeing with the whole, and a token that straddles a boundary belongs to the later segment.
+ */
+import { DataError, DatasetInvalidError, formatLocation } from './errors';
+import { ModelTokenizer } from './modelTokenizer';
+import { RenderOptions, renderExample, Segment, TemplateKind, TemplateRenderError } from './render';
+import { NormalizedExample } from './shapes';
+import { TokenLengthStats, tokenLengthStats } from './stats';
+
+export const IGNORE_INDEX = -100;
+
+export interface TokenizedExample {
+  ids: Int32Array;
+  /** Same length as ids; the token id where trained, IGNORE_INDEX (-100) elsewhere. */
+  labels: Int32Array;
+  /** "train.jsonl line 7". */
+  source: string;
+}
+
+export interface TokenizeOptions extends RenderOptions {
+  /** Cut examples to this many tokens (keeping the start). */
+  maxLength?: number;
+}
+
+export interface TokenizeDatasetOptions extends TokenizeOptions {
+  /** Drop examples the chat template cannot render instead of throwing DatasetInvalidError. */
+  skipInvalid?: boolean;
+}
+
+export interface TokenizationStats {
+  /** Which template rendered chat examples; null when the dataset has none. */
+  template: TemplateKind | null;
+  /** Examples kept. */
+  examples: number;
+  /** Lengths of every rendered example before truncation; `truncated` counts those cut to maxLength. */
+  lengths: TokenLengthStats;
+  /** Dropped because no token was left to train after truncation (a warning, not an error). */
+  droppedNoTrainable: number;
+  /** Dropped because the chat template could not render them (only with skipInvalid). */
+  invalid: number;
+  /** Tokens and trained tokens in the kept examples, after truncation. */
+  totalTokens: number;
+  trainedTokens: number;
+}
+
+export interface TokenizedDataset {
+  examples: TokenizedExample[];
+  stats: TokenizationStats;
+  /** Examples the template could not render, one error each. */
+  errors: DataError[];
+}
+
+/** Ids and labels of rendered segments (see the module comment for how the boundaries are found). */
+export function tokenizeSegments(tok: ModelTokenizer, segments: readonly Segment[]): { ids: Int32Array; labels: Int32Array } {
+  const full = segments.map((s) => s.text).join('');
+  const whole = tok.encode(full);
+  const pieces = segments.map((s) => tok.encode(s.text));
+  const bounds = [0];
+  if (sameIds(pieces.flat(), whole)) {
+    for (const p of pieces) bounds.push(bounds[bounds.length - 1] + p.length);
+  } else {
+    let offset = 0;
+    for (let k = 0; k < segments.length - 1; k++) {
+      offset += segments[k].text.length;
+      const prefix = tok.encode(full.slice(0, offset));
+      let agree = 0;
+      while (agree < prefix.length && agree < whole.length && prefix[agree] === whole[agree]) agree++;
+      bounds.push(Math.max(agree, bounds[bounds.length - 1]));
+    }
+    bounds.push(whole.length);
+  }
+  const ids = Int32Array.from(whole);
+  const labels = new Int32Array(whole.length).fill(IGNORE_INDEX);
+  segments.forEach((s, k) => {
+    if (!s.trained) return;
+    for (let t = bounds[k]; t < bounds[k + 1]; t++) labels[t] = ids[t];
+  });
+  return { ids, labels };
+}
+
+function sameIds(a: readonly number[], b: readonly number[]): boolean {
+  return a.length === b.length && a.every((v, i) => v === b[i]);
+}
+
+function trainedCount(labels: Int32Array): number {
+  let n = 0;
+  for (const l of labels) if (l !== IGNORE_INDEX) n++;
+  return n;
+}
+
+/**
+ * Renders and tokenizes one example, without truncation. Throws TemplateRenderError when the chat template
+ * cannot render it.
+ */
+export function tokenizeExample(
+  example: NormalizedExample,
+  tok: ModelTokenizer,
+  options: RenderOptions = {},
+): TokenizedExample & { template: TemplateKind | null } {
+  const { segments, template } = renderExample(example, tok, options);
+  return { ...tokenizeSegments(tok, segments), source: formatLocation(example.at), template };
+}
+
+/**
+ * Tokenizes a dataset: render, tokenize, truncate to maxLength, drop examples left with nothing to train.
+ * Examples the template cannot render are DataErrors: thrown together as DatasetInvalidError unless skipInvalid.
+ */
+export function tokenizeDataset(
+  examples: readonly NormalizedExample[],
+  tok: ModelTokenizer,
+  options: TokenizeDatasetOptions = {},
+): TokenizedDataset {
+  const { maxLength } = options;
+  if (maxLength !== undefined && (!Number.isInteger(maxLength) || maxLength < 1)) {
+    throw new RangeError(`maxLength must be a positive integer, got ${maxLength}`);
+  }
+  const kept: TokenizedExample[] = [];
+  const errors: DataError[] = [];
+  const lengths: number[] = [];
+  let template: TemplateKind | null = null;
+  let truncated = 0;
+  let droppedNoTrainable = 0;
+  let totalTokens = 0;
+  let trainedTokens = 0;
+
+  for (const example of examples) {
+    let tokenized: ReturnType<typeof tokenizeExample>;
+    try {
+      tokenized = tokenizeExample(example, tok, options);
+    } catch (err) {
+      if (!(err instanceof TemplateRenderError)) throw err;
+      errors.push(new DataError(example.at, err.message));
+      continue;
+    }
+    template ??= tokenized.template;
+    let { ids, labels } = tokenized;
+    lengths.push(ids.length);
+    if (maxLength !== undefined && ids.length > maxLength) {
+      ids = ids.slice(0, maxLength);
+      labels = labels.slice(0, maxLength);
+      truncated++;
+    }
+    const trained = trainedCount(labels);
+    if (trained === 0) {
+      droppedNoTrainable++;
+      continue;
+    }
+    kept.push({ ids, labels, source: tokenized.source });
+    totalTokens += ids.length;
+    trainedTokens += trained;
+  }
+  if (errors.length > 0 && !options.skipInvalid) throw new DatasetInvalidError(errors);
+  return {
+    examples: kept,
+    errors,
+    stats: {
+      template,
+      examples: kept.length,
+      lengths: tokenLengthStats(lengths, truncated),
+      droppedNoTrainable,
+      invalid: errors.length,
+      totalTokens,
+      trainedTokens,
+    },
+  };
+}

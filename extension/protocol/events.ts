@@ -1,0 +1,267 @@
+// The one protocol between the trainer process, the extension host and the webview: every event the trainer
+// reports and every control message it accepts, as TypeScript types with runtime validation. Each event is a JSON
+// object whose `kind` names it; the run-started event carries the protocol version. The trainer appends each event
+// as one line of <run>/events.jsonl and, when started by the extension host, also sends it over IPC.
+
+export const PROTOCOL_VERSION = 1;
+
+export type MemoryCategory = 'weights' | 'adapters' | 'gradients' | 'optimizer' | 'activations' | 'workspace';
+export const MEMORY_CATEGORIES: readonly MemoryCategory[] = ['weights', 'adapters', 'gradients', 'optimizer', 'activations', 'workspace'];
+export type ByCategory = Record<MemoryCategory, number>;
+
+export interface DatasetStats {
+  file: string;
+  format: string;
+  shape: string;
+  template: string;
+  trainExamples: number;
+  evalExamples: number;
+  trainTokens: number;
+  trainedTokens: number;
+  truncated: number;
+  skippedInvalid: number;
+  droppedEmpty: number;
+  packed: boolean;
+}
+
+export interface MemoryEstimate {
+  categories: ByCategory;
+  peakTotal: number;
+}
+
+export interface RunStartedEvent {
+  kind: 'run-started';
+  time: string;
+  protocol: number;
+  runDir: string;
+  /** The resolved training configuration (config.json of the run). */
+  config: Record<string, unknown>;
+  dataset: DatasetStats;
+  trainableParameters: number;
+  memoryEstimate: MemoryEstimate | null;
+  totalSteps: number;
+  /** The step of the checkpoint this run resumed from; null for a new run. */
+  resumedFrom: number | null;
+}
+
+export interface StepEvent {
+  kind: 'step';
+  time: string;
+  step: number;
+  totalSteps: number;
+  epoch: number;
+  loss: number;
+  lr: number;
+  gradNorm: number;
+  tokensPerSecond: number;
+  elapsedSeconds: number;
+  etaSeconds: number | null;
+}
+
+export interface EvalEvent {
+  kind: 'eval';
+  time: string;
+  step: number;
+  evalLoss: number;
+  evalTokens: number;
+}
+
+export interface MemoryEvent {
+  kind: 'memory';
+  time: string;
+  step: number;
+  current: ByCategory;
+  peak: ByCategory;
+  totalCurrent: number;
+  totalPeak: number;
+  /** The whole device as its driver sees it (NVML), when the engine runs on a GPU; null on the CPU. */
+  device: { total: number; used: number } | null;
+}
+
+export interface PageEvent {
+  kind: 'page';
+  time: string;
+  dir: 'out' | 'in';
+  bytes: number;
+  tensor: string;
+  ms: number;
+}
+
+export interface CheckpointEvent {
+  kind: 'checkpoint';
+  time: string;
+  step: number;
+  path: string;
+}
+
+export interface WarningEvent {
+  kind: 'warning';
+  time: string;
+  message: string;
+}
+
+export interface ErrorEvent {
+  kind: 'error';
+  time: string;
+  message: string;
+  step: number | null;
+  /** The newest complete checkpoint, from which `resume` continues; null when there is none. */
+  lastCheckpoint: string | null;
+}
+
+export interface FinishedEvent {
+  kind: 'finished';
+  time: string;
+  status: 'completed' | 'stopped' | 'failed';
+  step: number;
+  adapterPath: string | null;
+  finalLoss: number | null;
+  elapsedSeconds: number;
+}
+
+export type TrainerEvent =
+  | RunStartedEvent
+  | StepEvent
+  | EvalEvent
+  | MemoryEvent
+  | PageEvent
+  | CheckpointEvent
+  | WarningEvent
+  | ErrorEvent
+  | FinishedEvent;
+
+export type EventKind = TrainerEvent['kind'];
+
+/** Control messages from the extension host to the trainer. */
+export type ControlMessage = { kind: 'stop' } | { kind: 'save-now' };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Runtime validation: a field spec per kind. Messages cross a process boundary (and events.jsonl may be edited or
+// truncated), so nothing is trusted until it passes here.
+
+export class ProtocolError extends Error {
+  override readonly name = 'ProtocolError';
+}
+
+type FieldType = 'number' | 'string' | 'boolean' | 'object' | 'number|null' | 'string|null' | 'object|null' | 'byCategory';
+type Spec = Record<string, FieldType | readonly string[]>;
+
+const eventSpecs: Record<EventKind, Spec> = {
+  'run-started': {
+    time: 'string', protocol: 'number', runDir: 'string', config: 'object', dataset: 'object',
+    trainableParameters: 'number', memoryEstimate: 'object|null', totalSteps: 'number', resumedFrom: 'number|null',
+  },
+  step: {
+    time: 'string', step: 'number', totalSteps: 'number', epoch: 'number', loss: 'number', lr: 'number',
+    gradNorm: 'number', tokensPerSecond: 'number', elapsedSeconds: 'number', etaSeconds: 'number|null',
+  },
+  eval: { time: 'string', step: 'number', evalLoss: 'number', evalTokens: 'number' },
+  memory: {
+    time: 'string', step: 'number', current: 'byCategory', peak: 'byCategory', totalCurrent: 'number',
+    totalPeak: 'number', device: 'object|null',
+  },
+  page: { time: 'string', dir: ['out', 'in'], bytes: 'number', tensor: 'string', ms: 'number' },
+  checkpoint: { time: 'string', step: 'number', path: 'string' },
+  warning: { time: 'string', message: 'string' },
+  error: { time: 'string', message: 'string', step: 'number|null', lastCheckpoint: 'string|null' },
+  finished: {
+    time: 'string', status: ['completed', 'stopped', 'failed'], step: 'number', adapterPath: 'string|null',
+    finalLoss: 'number|null', elapsedSeconds: 'number',
+  },
+};
+
+function isObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+function checkField(kind: string, name: string, value: unknown, type: FieldType | readonly string[]): void {
+  const fail = (expected: string) => {
+    throw new ProtocolError(`${kind} event: field "${name}" must be ${expected}, got ${value === null ? 'null' : typeof value}`);
+  };
+  if (Array.isArray(type)) {
+    if (typeof value !== 'string' || !type.includes(value)) fail(`one of ${type.join(', ')}`);
+    return;
+  }
+  switch (type) {
+    case 'number':
+      // NaN and Infinity are legitimate training numbers (a diverged loss); JSON turns them into null, so accept
+      // null for numbers only where the spec says so.
+      if (typeof value !== 'number') fail('a number');
+      return;
+    case 'string':
+      if (typeof value !== 'string') fail('a string');
+      return;
+    case 'boolean':
+      if (typeof value !== 'boolean') fail('a boolean');
+      return;
+    case 'object':
+      if (!isObject(value)) fail('an object');
+      return;
+    case 'number|null':
+      if (value !== null && typeof value !== 'number') fail('a number or null');
+      return;
+    case 'string|null':
+      if (value !== null && typeof value !== 'string') fail('a string or null');
+      return;
+    case 'object|null':
+      if (value !== null && !isObject(value)) fail('an object or null');
+      return;
+    case 'byCategory':
+      if (!isObject(value) || MEMORY_CATEGORIES.some((c) => typeof value[c] !== 'number')) fail(`bytes for each of ${MEMORY_CATEGORIES.join(', ')}`);
+      return;
+  }
+}
+
+/** Validates an untrusted value as a TrainerEvent; throws ProtocolError naming the field at fault. */
+export function validateEvent(value: unknown): TrainerEvent {
+  if (!isObject(value)) throw new ProtocolError('an event must be a JSON object');
+  const kind = value.kind;
+  if (typeof kind !== 'string' || !(kind in eventSpecs)) throw new ProtocolError(`unknown event kind ${JSON.stringify(kind)}`);
+  for (const [name, type] of Object.entries(eventSpecs[kind as EventKind])) checkField(kind, name, value[name], type);
+  return value as unknown as TrainerEvent;
+}
+
+export function isTrainerEvent(value: unknown): value is TrainerEvent {
+  try {
+    validateEvent(value);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export function validateControl(value: unknown): ControlMessage {
+  if (!isObject(value) || (value.kind !== 'stop' && value.kind !== 'save-now'))
+    throw new ProtocolError(`unknown control message ${JSON.stringify(isObject(value) ? value.kind : value)}`);
+  return { kind: value.kind };
+}
+
+/**
+ * Reads events.jsonl text: every complete line must be a valid event; a last line without its newline is a write
+ * cut short by a kill and is ignored (reported in `partialTail`).
+ */
+export function parseEventLog(text: string, source = 'events.jsonl'): { events: TrainerEvent[]; partialTail: boolean } {
+  const lines = text.split('\n');
+  const tail = lines.pop() ?? '';
+  const events: TrainerEvent[] = [];
+  lines.forEach((line, i) => {
+    if (line.trim() === '') return;
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(line);
+    } catch (err) {
+      throw new ProtocolError(`${source} line ${i + 1}: not valid JSON (${err instanceof Error ? err.message : String(err)})`);
+    }
+    try {
+      events.push(validateEvent(parsed));
+    } catch (err) {
+      throw new ProtocolError(`${source} line ${i + 1}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+  });
+  return { events, partialTail: tail.trim() !== '' };
+}
+
+/** JSON for one events.jsonl line; non-finite numbers (a diverged loss) are written as null. */
+export function serializeEvent(event: TrainerEvent): string {
+  return JSON.stringify(event, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? null : v));
+}

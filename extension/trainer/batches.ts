@@ -1,0 +1,74 @@
+// Micro-batches: examples of one batch padded to the longest (pad id for inputs, -100 for labels, so padding is
+// never trained and, being at the end of causal sequences, never attended to by real tokens).
+
+export interface TrainExample {
+  ids: Int32Array;
+  labels: Int32Array;
+}
+
+export interface MicroBatch {
+  ids: Int32Array;
+  labels: Int32Array;
+  batch: number;
+  seq: number;
+  /** Positions scored by the loss: labels[t] != -100 for t >= 1 (transformers shifts labels by one). */
+  labelled: number;
+  /** Real (non-padding) tokens, for tokens/s. */
+  tokens: number;
+}
+
+export const IGNORE_LABEL = -100;
+
+export function labelledCount(labels: Int32Array): number {
+  let n = 0;
+  for (let t = 1; t < labels.length; t++) if (labels[t] !== IGNORE_LABEL) n++;
+  return n;
+}
+
+export function makeMicroBatch(examples: readonly TrainExample[], padId: number): MicroBatch {
+  const seq = Math.max(2, ...examples.map((e) => e.ids.length));
+  const batch = examples.length;
+  const ids = new Int32Array(batch * seq).fill(padId);
+  const labels = new Int32Array(batch * seq).fill(IGNORE_LABEL);
+  let labelled = 0;
+  let tokens = 0;
+  examples.forEach((e, b) => {
+    ids.set(e.ids, b * seq);
+    labels.set(e.labels, b * seq);
+    labelled += labelledCount(e.labels);
+    tokens += e.ids.length;
+  });
+  return { ids, labels, batch, seq, labelled, tokens };
+}
+
+/**
+ * The global sequence of micro-batches over epochs: micro-batch g is number g % perEpoch of epoch
+ * floor(g / perEpoch), whose order is a seeded shuffle of the examples. Everything follows from (seed, g), so a
+ * resumed run sees exactly the batches the uninterrupted run would have.
+ */
+export class BatchSchedule {
+  private cachedEpoch = -1;
+  private order: number[] = [];
+
+  constructor(
+    private readonly examples: readonly TrainExample[],
+    private readonly batchSize: number,
+    private readonly epochOrder: (epoch: number) => number[],
+  ) {
+    if (examples.length === 0) throw new Error('no training examples');
+  }
+
+  get perEpoch(): number {
+    return Math.ceil(this.examples.length / this.batchSize);
+  }
+
+  examplesOf(g: number): TrainExample[] {
+    const epoch = Math.floor(g / this.perEpoch);
+    if (epoch !== this.cachedEpoch) {
+      this.order = this.epochOrder(epoch);
+      this.cachedEpoch = epoch;
+    }
+    const k = g % this.perEpoch;
+    return this.order.slice(k * this.batchSize, (k + 1) * this.batchSize).map((i) => this.examples[i]);
+  }
+}

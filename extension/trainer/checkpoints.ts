@@ -1,0 +1,86 @@
+// Checkpoints: <run>/checkpoints/step-N/ holds the adapter (PEFT layout), the optimizer state, the trainer state
+// and, written last, a DONE marker. Each is assembled in a temporary sibling folder and renamed into place, so a
+// kill at any moment leaves either a complete checkpoint or none; resume takes the newest with DONE.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import type { EngineModel } from '../engine';
+import { writeJsonAtomic } from '../util/atomicFile';
+
+export interface TrainerState {
+  /** Optimizer steps completed. The data position follows from it (step * gradAccum micro-batches). */
+  step: number;
+  epoch: number;
+  microBatchesDone: number;
+  lastLoss: number;
+  seed: number;
+  elapsedSeconds: number;
+  /** Identifies the config the state belongs to (its JSON), so a changed config is not resumed silently. */
+  configDigest: string;
+}
+
+const STEP_DIR = /^step-(\d+)$/;
+
+export function checkpointsDir(runDir: string): string {
+  return path.join(runDir, 'checkpoints');
+}
+
+export function checkpointPath(runDir: string, step: number): string {
+  return path.join(checkpointsDir(runDir), `step-${step}`);
+}
+
+export function writeCheckpoint(runDir: string, model: EngineModel, state: TrainerState, baseModelName: string): string {
+  const finalDir = checkpointPath(runDir, state.step);
+  const tmp = path.join(checkpointsDir(runDir), `.step-${state.step}.tmp-${process.pid}`);
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  try {
+    model.saveAdapter(path.join(tmp, 'adapter'), baseModelName);
+    model.saveOptimizerState(path.join(tmp, 'optimizer.safetensors'));
+    writeJsonAtomic(path.join(tmp, 'trainer_state.json'), state);
+    writeJsonAtomic(path.join(tmp, 'DONE'), { step: state.step, time: new Date().toISOString() });
+    // A checkpoint of the same step (a stop right after a periodic checkpoint) is replaced whole.
+    fs.rmSync(finalDir, { recursive: true, force: true });
+    fs.renameSync(tmp, finalDir);
+  } catch (err) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw err;
+  }
+  return finalDir;
+}
+
+/** Complete checkpoints (with DONE), oldest first. */
+export function listCheckpoints(runDir: string): { step: number; dir: string }[] {
+  const dir = checkpointsDir(runDir);
+  if (!fs.existsSync(dir)) return [];
+  return fs
+    .readdirSync(dir)
+    .map((name) => ({ name, m: STEP_DIR.exec(name) }))
+    .filter(({ name, m }) => m && fs.existsSync(path.join(dir, name, 'DONE')))
+    .map(({ name, m }) => ({ step: Number(m![1]), dir: path.join(dir, name) }))
+    .sort((a, b) => a.step - b.step);
+}
+
+export function latestCheckpoint(runDir: string): { step: number; dir: string } | null {
+  const all = listCheckpoints(runDir);
+  return all.length ? all[all.length - 1] : null;
+}
+
+/** Keeps the newest `keep` complete checkpoints and removes leftovers of interrupted writes. */
+export function pruneCheckpoints(runDir: string, keep: number): void {
+  const dir = checkpointsDir(runDir);
+  if (!fs.existsSync(dir)) return;
+  for (const name of fs.readdirSync(dir)) {
+    if (name.startsWith('.step-') && name.includes('.tmp-')) fs.rmSync(path.join(dir, name), { recursive: true, force: true });
+  }
+  const all = listCheckpoints(runDir);
+  for (const old of all.slice(0, Math.max(0, all.length - keep))) fs.rmSync(old.dir, { recursive: true, force: true });
+}
+
+export function readTrainerState(checkpointDir: string): TrainerState {
+  const file = path.join(checkpointDir, 'trainer_state.json');
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as TrainerState;
+  } catch (err) {
+    throw new Error(`${file}: cannot read the trainer state (${err instanceof Error ? err.message : String(err)})`);
+  }
+}

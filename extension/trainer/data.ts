@@ -1,0 +1,73 @@
+// From the run's config to training examples: read and validate the dataset(s), render and tokenize them with the
+// model's own tokenizer and chat template, hold out an eval split, optionally pack. Everything that can be wrong
+// with the data is found here, before the run folder is written.
+import * as path from 'node:path';
+import { loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDataset, type ModelTokenizer, type TokenizedExample } from '../data';
+import type { DatasetStats } from '../protocol/events';
+import type { TrainExample } from './batches';
+import type { TrainConfig } from './config';
+
+export interface PreparedData {
+  train: TrainExample[];
+  eval: TrainExample[];
+  /** Padding fills batches after each sequence's end; it is never a label and never attended to by real tokens. */
+  padId: number;
+  stats: DatasetStats;
+  warnings: string[];
+}
+
+async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainConfig, warnings: string[]) {
+  const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
+  const name = path.basename(file);
+  if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
+  const t = tokenizeDataset(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid });
+  if (t.stats.invalid > 0) warnings.push(`${name}: skipped ${t.stats.invalid} example(s) the chat template could not render`);
+  if (t.stats.lengths.truncated > 0)
+    warnings.push(`${name}: ${t.stats.lengths.truncated} example(s) longer than ${config.seqLen} tokens were truncated (longest: ${t.stats.lengths.max})`);
+  if (t.stats.droppedNoTrainable > 0)
+    warnings.push(`${name}: dropped ${t.stats.droppedNoTrainable} example(s) with nothing left to train after truncation`);
+  if (t.examples.length === 0) throw new Error(`${file}: no example has any token to train (all were dropped; raise --seq-len?)`);
+  return { ds, t };
+}
+
+export async function prepareData(config: TrainConfig): Promise<PreparedData> {
+  const tok = await loadModelTokenizer(config.model);
+  const warnings: string[] = [];
+  const { ds, t } = await tokenizedFile(config.data, tok, config, warnings);
+  let train: TokenizedExample[] = t.examples;
+  let evalSet: TrainExample[] = [];
+  if (config.evalData) {
+    evalSet = (await tokenizedFile(config.evalData, tok, config, warnings)).t.examples;
+  } else if (config.evalFraction > 0 && train.length >= 2) {
+    const split = splitEval(train, config.evalFraction, config.seed);
+    train = split.train;
+    evalSet = split.eval;
+  }
+  const trainSet: TrainExample[] = config.packing ? packExamples(train, config.seqLen) : train;
+  const count = (xs: TrainExample[], f: (l: number) => boolean) => xs.reduce((n, e) => n + e.labels.filter(f).length, 0);
+  return {
+    train: trainSet,
+    eval: evalSet,
+    padId: tok.eosId,
+    warnings,
+    stats: {
+      file: config.data,
+      format: ds.format,
+      shape: ds.shape,
+      template: t.stats.template ?? 'none',
+      trainExamples: trainSet.length,
+      evalExamples: evalSet.length,
+      trainTokens: trainSet.reduce((n, e) => n + e.ids.length, 0),
+      trainedTokens: count(trainSet, (l) => l !== -100),
+      truncated: t.stats.lengths.truncated,
+      skippedInvalid: ds.skipped + t.stats.invalid,
+      droppedEmpty: t.stats.droppedNoTrainable,
+      packed: config.packing,
+    },
+  };
+}
+
+/** The order of the training examples in an epoch: a seeded shuffle, the same on every run with that seed. */
+export function epochOrder(n: number, seed: number, epoch: number): number[] {
+  return Array.from(shuffleIndices(n, seed, epoch));
+}

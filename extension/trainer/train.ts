@@ -1,0 +1,259 @@
+// The training loop: config → data → model + LoRA → steps (micro-batches, gradient accumulation, schedule,
+// clipping) → eval, checkpoints, events → the PEFT adapter. The run directory is the source of truth: config.json,
+// events.jsonl, checkpoints/step-N/, adapter/. `resume` continues from the newest complete checkpoint and, since
+// data order and dropout follow from (seed, step), computes exactly what the uninterrupted run would have.
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { EngineError, EngineModel } from '../engine';
+import { writeJsonAtomic } from '../util/atomicFile';
+import { BatchSchedule, makeMicroBatch, type TrainExample } from './batches';
+import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
+import type { TrainConfig } from './config';
+import { epochOrder, prepareData } from './data';
+import { EventLog } from './eventLog';
+import type { MemoryEstimate, TrainerEvent } from '../protocol/events';
+import { learningRate, type Schedule } from './schedule';
+
+export class TrainingError extends Error {
+  override readonly name = 'TrainingError';
+}
+
+/** Requests that arrive while training runs (IPC control messages, SIGINT/SIGTERM). */
+export class TrainingControl {
+  stopRequested = false;
+  saveRequested = false;
+}
+
+export interface TrainOptions {
+  runDir: string;
+  /** For a new run; a resumed run reads <run>/config.json. */
+  config?: TrainConfig;
+  resume: boolean;
+  control?: TrainingControl;
+  /** Sees every event as it is written (terminal progress, tests). */
+  onEvent?: (event: TrainerEvent) => void;
+  /** Memory estimate for the run-started event, when the caller can make one. */
+  estimate?: (config: TrainConfig) => MemoryEstimate | null;
+}
+
+export interface TrainOutcome {
+  status: 'completed' | 'stopped';
+  step: number;
+  totalSteps: number;
+  adapterPath: string | null;
+  finalLoss: number | null;
+  runDir: string;
+}
+
+function configDigest(config: TrainConfig): string {
+  return createHash('sha256').update(JSON.stringify(config)).digest('hex').slice(0, 16);
+}
+
+function readRunConfig(runDir: string): TrainConfig {
+  const file = path.join(runDir, 'config.json');
+  if (!fs.existsSync(file)) throw new TrainingError(`${runDir} is not a run folder (no config.json)`);
+  return JSON.parse(fs.readFileSync(file, 'utf8')) as TrainConfig;
+}
+
+// A new run never overwrites another: the folder must not hold a run already.
+function assertNoRunIn(runDir: string): void {
+  if (fs.existsSync(path.join(runDir, 'config.json')) || fs.existsSync(path.join(runDir, 'events.jsonl')))
+    throw new TrainingError(`${runDir} already holds a run; continue it with "resume --run ${runDir}" or choose another --out`);
+}
+
+// Absolute paths, so that resume works from any working directory.
+function absolutePaths(config: TrainConfig): TrainConfig {
+  return { ...config, model: path.resolve(config.model), data: path.resolve(config.data), evalData: config.evalData ? path.resolve(config.evalData) : null };
+}
+
+function evaluate(model: EngineModel, examples: readonly TrainExample[], batchSize: number, padId: number): { loss: number; tokens: number } {
+  let lossSum = 0;
+  let tokens = 0;
+  for (let i = 0; i < examples.length; i += batchSize) {
+    const mb = makeMicroBatch(examples.slice(i, i + batchSize), padId);
+    const r = model.run({ ids: mb.ids, labels: mb.labels, batch: mb.batch, seq: mb.seq });
+    lossSum += r.lossSum;
+    tokens += r.labelled;
+  }
+  return { loss: tokens > 0 ? lossSum / tokens : NaN, tokens };
+}
+
+function saveFinalAdapter(runDir: string, model: EngineModel, baseModel: string): string {
+  const finalDir = path.join(runDir, 'adapter');
+  const tmp = path.join(runDir, `.adapter.tmp-${process.pid}`);
+  fs.rmSync(tmp, { recursive: true, force: true });
+  try {
+    model.saveAdapter(tmp, baseModel);
+    fs.rmSync(finalDir, { recursive: true, force: true });
+    fs.renameSync(tmp, finalDir);
+  } catch (err) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw err;
+  }
+  return finalDir;
+}
+
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+export async function train(options: TrainOptions): Promise<TrainOutcome> {
+  const { runDir, resume } = options;
+  const control = options.control ?? new TrainingControl();
+  let config: TrainConfig;
+  if (resume) {
+    config = readRunConfig(runDir);
+  } else {
+    if (!options.config) throw new TrainingError('no configuration for a new run');
+    assertNoRunIn(runDir);
+    config = absolutePaths(options.config);
+  }
+  // Everything that can be wrong with the inputs (data rows, model files) is found before the run folder is
+  // written, so a bad input leaves nothing behind.
+  const data = await prepareData(config);
+  const model = EngineModel.load(config.model, { quantize: config.quantize });
+  if (!resume) {
+    fs.mkdirSync(runDir, { recursive: true });
+    writeJsonAtomic(path.join(runDir, 'config.json'), config);
+  }
+  const log = new EventLog(runDir);
+  if (options.onEvent) log.onEvent(options.onEvent);
+  const digest = configDigest(config);
+  const started = Date.now();
+  let step = 0;
+  let lastCheckpointDir: string | null = null;
+  try {
+    for (const w of data.warnings) log.emit({ kind: 'warning', message: w });
+    let elapsedBefore = 0;
+    let lastLoss: number | null = null;
+    const checkpoint = resume ? latestCheckpoint(runDir) : null;
+    if (resume && !checkpoint) {
+      // Killed before its first checkpoint: start over from step 0 in the same folder.
+      log.emit({ kind: 'warning', message: 'no complete checkpoint yet; starting the run from the beginning' });
+    }
+    if (checkpoint) {
+      const state: TrainerState = readTrainerState(checkpoint.dir);
+      if (state.configDigest !== digest)
+        throw new TrainingError(`${path.join(runDir, 'config.json')} changed since checkpoint step ${state.step} was written; resume needs the run's original settings`);
+      model.loadAdapter(path.join(checkpoint.dir, 'adapter'));
+      model.loadOptimizerState(path.join(checkpoint.dir, 'optimizer.safetensors'));
+      step = state.step;
+      elapsedBefore = state.elapsedSeconds;
+      lastLoss = state.lastLoss;
+      lastCheckpointDir = checkpoint.dir;
+    } else {
+      model.createLora({ rank: config.rank, alpha: config.alpha, dropout: config.dropout, useRslora: config.useRslora, targets: config.targets, seed: config.seed });
+    }
+    pruneCheckpoints(runDir, config.keepCheckpoints);
+
+    const batches = new BatchSchedule(data.train, config.batchSize, (epoch) => epochOrder(data.train.length, config.seed, epoch));
+    const totalSteps = config.maxSteps ?? Math.max(1, Math.ceil((config.epochs * batches.perEpoch) / config.gradAccum));
+    const schedule: Schedule = { kind: config.schedule, lr: config.lr, warmupSteps: config.warmupSteps, totalSteps };
+    log.emit({
+      kind: 'run-started',
+      protocol: 1,
+      runDir: path.resolve(runDir),
+      config: config as unknown as Record<string, unknown>,
+      dataset: data.stats,
+      trainableParameters: model.loraInfo()?.parameters ?? 0,
+      memoryEstimate: options.estimate ? options.estimate(config) : null,
+      totalSteps,
+      resumedFrom: checkpoint ? checkpoint.step : null,
+    });
+
+    const state = (): TrainerState => ({
+      step,
+      epoch: (step * config.gradAccum) / batches.perEpoch,
+      microBatchesDone: step * config.gradAccum,
+      lastLoss: lastLoss ?? NaN,
+      seed: config.seed,
+      elapsedSeconds: elapsedBefore + (Date.now() - started) / 1000,
+      configDigest: digest,
+    });
+    const saveCheckpoint = () => {
+      lastCheckpointDir = writeCheckpoint(runDir, model, state(), config.model);
+      pruneCheckpoints(runDir, config.keepCheckpoints);
+      log.emit({ kind: 'checkpoint', step, path: lastCheckpointDir });
+    };
+    const runEval = () => {
+      if (data.eval.length === 0) return;
+      const r = evaluate(model, data.eval, config.batchSize, data.padId);
+      log.emit({ kind: 'eval', step, evalLoss: r.loss, evalTokens: r.tokens });
+    };
+    const emitMemory = () => {
+      const m = model.memory();
+      log.emit({ kind: 'memory', step, current: m.current, peak: m.peak, totalCurrent: m.totalCurrent, totalPeak: m.totalPeak, device: null });
+    };
+
+    const firstStep = step;
+    let tokensSinceStart = 0;
+    const loopStart = Date.now();
+    while (step < totalSteps) {
+      if (control.stopRequested) break;
+      const micro = Array.from({ length: config.gradAccum }, (_, i) => makeMicroBatch(batches.examplesOf(step * config.gradAccum + i), data.padId));
+      // The loss of a step is the mean over all labelled tokens of all its micro-batches (not a mean of means).
+      const labelled = micro.reduce((n, mb) => n + mb.labelled, 0);
+      model.zeroGrad();
+      let lossSum = 0;
+      micro.forEach((mb, i) => {
+        const r = model.run(
+          { ids: mb.ids, labels: mb.labels, batch: mb.batch, seq: mb.seq },
+          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i },
+        );
+        lossSum += r.lossSum;
+      });
+      const loss = labelled > 0 ? lossSum / labelled : NaN;
+      if (!Number.isFinite(loss)) {
+        throw new TrainingError(`the loss became ${loss} at step ${step + 1}` + (labelled === 0 ? ' (no labelled tokens in the batch)' : ''));
+      }
+      const lr = learningRate(schedule, step + 1);
+      let report;
+      try {
+        report = model.optimizerStep({ lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weightDecay: config.weightDecay, maxGradNorm: config.maxGradNorm });
+      } catch (err) {
+        if (err instanceof EngineError && /not finite/.test(err.message)) throw new TrainingError(`training diverged at step ${step + 1}: ${err.message}`);
+        throw err;
+      }
+      step += 1;
+      lastLoss = loss;
+      tokensSinceStart += micro.reduce((n, mb) => n + mb.tokens, 0);
+      const now = Date.now();
+      const secondsThisRun = (now - loopStart) / 1000;
+      const stepsThisRun = step - firstStep;
+      log.emit({
+        kind: 'step',
+        step,
+        totalSteps,
+        epoch: (step * config.gradAccum) / batches.perEpoch,
+        loss,
+        lr,
+        gradNorm: report.gradNorm,
+        tokensPerSecond: tokensSinceStart / Math.max(1e-9, secondsThisRun),
+        elapsedSeconds: elapsedBefore + (now - started) / 1000,
+        etaSeconds: stepsThisRun > 0 ? (secondsThisRun / stepsThisRun) * (totalSteps - step) : null,
+      });
+      if (step === firstStep + 1 || step % 10 === 0) emitMemory();
+      if (config.evalEvery > 0 && step % config.evalEvery === 0 && step < totalSteps) runEval();
+      if ((config.checkpointEvery > 0 && step % config.checkpointEvery === 0 && step < totalSteps) || control.saveRequested) {
+        control.saveRequested = false;
+        saveCheckpoint();
+      }
+      await yieldToEventLoop();
+    }
+
+    const stopped = step < totalSteps;
+    runEval();
+    if (step > firstStep || !lastCheckpointDir) saveCheckpoint();
+    const adapterPath = saveFinalAdapter(runDir, model, config.model);
+    const elapsed = elapsedBefore + (Date.now() - started) / 1000;
+    log.emit({ kind: 'finished', status: stopped ? 'stopped' : 'completed', step, adapterPath, finalLoss: lastLoss, elapsedSeconds: elapsed });
+    return { status: stopped ? 'stopped' : 'completed', step, totalSteps, adapterPath, finalLoss: lastLoss, runDir };
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    log.emit({ kind: 'error', message, step: step > 0 ? step : null, lastCheckpoint: lastCheckpointDir });
+    log.emit({ kind: 'finished', status: 'failed', step, adapterPath: null, finalLoss: null, elapsedSeconds: (Date.now() - started) / 1000 });
+    throw err;
+  } finally {
+    model.dispose();
+    log.close();
+  }
+}

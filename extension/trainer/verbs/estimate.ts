@@ -1,0 +1,93 @@
+// estimate: the memory one QLoRA training step needs, by category, from config.json alone — the engine's own
+// allocations (weights, LoRA adapters and gradients, AdamW state, activations, workspace) and their peak, which is
+// what --gpu-memory-budget bounds. The CUDA context and NVML's view of other processes come on top.
+import { estimateMemory, type MemoryEstimate } from '../../engine/tools';
+import type { MemoryCategory } from '../../engine/native';
+import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+
+export interface EstimateVerbOptions {
+  model: string;
+  seq?: number;
+  batch?: number;
+  rank?: number;
+  targets?: string[];
+  /** NF4 base weights (default true; a bnb-4bit checkpoint is NF4 either way). */
+  quantize?: boolean;
+  gradientCheckpointing?: boolean;
+}
+
+export interface EstimateResult extends MemoryEstimate {
+  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean };
+}
+
+export const DEFAULT_SEQ = 512;
+export const DEFAULT_BATCH = 1;
+export const DEFAULT_RANK = 8;
+export const ALL_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'];
+
+export function estimate(options: EstimateVerbOptions): EstimateResult {
+  const resolved = {
+    seq: options.seq ?? DEFAULT_SEQ,
+    batch: options.batch ?? DEFAULT_BATCH,
+    rank: options.rank ?? DEFAULT_RANK,
+    targets: options.targets ?? ALL_TARGETS,
+    quantize: options.quantize ?? true,
+    gradientCheckpointing: options.gradientCheckpointing ?? true,
+  };
+  for (const [name, value] of [['seq-len', resolved.seq], ['batch-size', resolved.batch], ['rank', resolved.rank]] as const)
+    if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
+  const result = estimateMemory(options.model, { ...resolved, optimizer: true });
+  return { ...result, options: { ...resolved, quantize: resolved.quantize || result.stored4bit } };
+}
+
+const CATEGORIES: MemoryCategory[] = ['weights', 'adapters', 'gradients', 'optimizer', 'activations', 'workspace'];
+
+export function formatEstimate(e: EstimateResult): string {
+  const mib = (b: number) => (b / 1048576).toFixed(1).padStart(12);
+  const c = e.config;
+  const o = e.options;
+  const lines = [
+    `${c.architecture}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocabulary ${c.vocabSize}`,
+    `batch ${o.batch} x ${o.seq} tokens, LoRA rank ${o.rank} on ${o.targets.length} modules (${e.loraParameters} parameters), ` +
+      `${o.quantize ? 'NF4' : 'fp32'} base weights, gradient checkpointing ${o.gradientCheckpointing ? 'on' : 'off'}`,
+    '',
+    `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
+    ...CATEGORIES.map((k) => `  ${k.padEnd(12)}${mib(e.categories[k])}`),
+    `  ${'peak'.padEnd(12)}${mib(e.peakTotal)}`,
+  ];
+  return lines.join('\n');
+}
+
+function targetsOption(text: string | undefined): string[] | undefined {
+  if (text === undefined) return undefined;
+  const targets = text.split(',').map((s) => s.trim()).filter((s) => s.length > 0);
+  for (const t of targets) if (!ALL_TARGETS.includes(t)) throw new UsageError(`--targets: unknown module '${t}' (known: ${ALL_TARGETS.join(', ')})`);
+  if (targets.length === 0) throw new UsageError('--targets needs at least one module');
+  return targets;
+}
+
+export const estimateVerb = {
+  summary: 'estimate the memory of one training step by category (weights, adapters, optimizer, activations...)',
+  options: {
+    model: { type: 'string', required: true, description: 'Hugging Face model folder (only config.json is read)' },
+    'seq-len': { type: 'string', description: `tokens per sequence (default ${DEFAULT_SEQ})` },
+    'batch-size': { type: 'string', description: `sequences per micro-batch (default ${DEFAULT_BATCH})` },
+    rank: { type: 'string', description: `LoRA rank (default ${DEFAULT_RANK})` },
+    targets: { type: 'string', description: 'comma-separated LoRA target modules (default all seven)' },
+    'no-quantize': { type: 'boolean', description: 'keep dense base weights (fp32) instead of NF4' },
+    'no-checkpointing': { type: 'boolean', description: 'keep every block\'s activations instead of recomputing them' },
+    json: { type: 'boolean', description: 'print JSON (bytes)' },
+  } satisfies Record<string, OptionSpec>,
+  run(o: ParsedOptions): void {
+    const result = estimate({
+      model: requiredString(o, 'model'),
+      seq: integerOption(o, 'seq-len', DEFAULT_SEQ),
+      batch: integerOption(o, 'batch-size', DEFAULT_BATCH),
+      rank: integerOption(o, 'rank', DEFAULT_RANK),
+      targets: targetsOption(stringOption(o, 'targets')),
+      quantize: !o['no-quantize'],
+      gradientCheckpointing: !o['no-checkpointing'],
+    });
+    process.stdout.write((o.json ? JSON.stringify(result) : formatEstimate(result)) + '\n');
+  },
+};

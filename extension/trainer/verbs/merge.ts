@@ -1,0 +1,140 @@
+// merge: base model + PEFT LoRA adapter written as a plain Hugging Face model (W + scale * B @ A for every adapted
+// linear, a bnb-4bit base dequantized first), sharded like transformers' save_pretrained, with config.json
+// (quantization_config dropped, dtype set) and the base's other files (tokenizer, generation config, chat
+// template). The folder appears complete or not at all.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { readModelConfig } from '../../engine';
+import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
+import { writeJsonAtomic } from '../../util/atomicFile';
+import { writeFolderAtomic } from '../../util/atomicFolder';
+import { requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+
+export interface MergeOptions {
+  model: string;
+  adapter: string;
+  out: string;
+  /** Default bfloat16. */
+  dtype?: MergeDtype;
+  /** Largest shard in tensor bytes; default 5 GB (transformers' "5GB"). */
+  maxShardBytes?: number;
+}
+
+export interface MergeResult extends MergeWeightsReport {
+  out: string;
+  dtype: MergeDtype;
+  /** Files copied from the base model (and tokenizer files from the adapter folder). */
+  copied: string[];
+}
+
+export const DEFAULT_MAX_SHARD_BYTES = 5_000_000_000;
+
+// Weights and their index are written by the merge; the other files of the base are copied.
+function isWeightFile(name: string): boolean {
+  return name.endsWith('.safetensors') || name === 'model.safetensors.index.json' || name.endsWith('.bin') || name.endsWith('.pt');
+}
+
+// Tokenizer files saved beside an adapter (trainers save the tokenizer they trained with, chat template included)
+// take precedence over the base's.
+const TOKENIZER_FILES = [
+  'tokenizer.json',
+  'tokenizer_config.json',
+  'special_tokens_map.json',
+  'added_tokens.json',
+  'tokenizer.model',
+  'vocab.json',
+  'merges.txt',
+  'chat_template.jinja',
+  'chat_template.json',
+];
+
+const DTYPE_ALIASES: Record<string, MergeDtype> = {
+  bf16: 'bfloat16',
+  bfloat16: 'bfloat16',
+  f16: 'float16',
+  fp16: 'float16',
+  float16: 'float16',
+  f32: 'float32',
+  fp32: 'float32',
+  float32: 'float32',
+};
+
+export function parseMergeDtype(text: string): MergeDtype {
+  const dtype = DTYPE_ALIASES[text.toLowerCase()];
+  if (!dtype) throw new UsageError(`--dtype must be bf16, f16 or f32, got '${text}'`);
+  return dtype;
+}
+
+const UNITS: Record<string, number> = { '': 1, b: 1, kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40 };
+
+/** "5GB" (10^9, as transformers reads it), "500MiB" (2^20) or a plain byte count. */
+export function parseByteSize(text: string, option = 'max-shard-size'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$/i.exec(text);
+  const bytes = m ? Math.floor(Number(m[1]) * UNITS[(m[2] ?? '').toLowerCase()]) : NaN;
+  if (!(bytes >= 1) || !Number.isSafeInteger(bytes)) throw new UsageError(`--${option} must be a size such as 5GB, 500MB or 2GiB, got '${text}'`);
+  return bytes;
+}
+
+export function merge(options: MergeOptions): MergeResult {
+  const { model, adapter, out } = options;
+  const dtype = options.dtype ?? 'bfloat16';
+  const maxShardBytes = options.maxShardBytes ?? DEFAULT_MAX_SHARD_BYTES;
+  for (const [name, dir] of [['--model', model], ['--adapter', adapter]] as const)
+    if (path.resolve(dir) === path.resolve(out)) throw new Error(`--out must be a different folder from ${name}`);
+  readModelConfig(model); // validates the architecture before any work
+  const rawConfig = JSON.parse(fs.readFileSync(path.join(model, 'config.json'), 'utf8')) as Record<string, unknown>;
+
+  return writeFolderAtomic(out, (tmp) => {
+    const report = mergeWeights(model, adapter, tmp, dtype, maxShardBytes);
+    const copied: string[] = [];
+    for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
+      if (!entry.isFile() || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
+      fs.copyFileSync(path.join(model, entry.name), path.join(tmp, entry.name));
+      copied.push(entry.name);
+    }
+    for (const name of TOKENIZER_FILES) {
+      const source = path.join(adapter, name);
+      if (!fs.existsSync(source) || !fs.statSync(source).isFile()) continue;
+      fs.copyFileSync(source, path.join(tmp, name));
+      if (!copied.includes(name)) copied.push(name);
+    }
+    // A plain model now: no quantization_config, and the dtype the weights are in, under whichever key the config
+    // uses (transformers 5: dtype; older: torch_dtype).
+    delete rawConfig.quantization_config;
+    const hasDtype = 'dtype' in rawConfig, hasTorchDtype = 'torch_dtype' in rawConfig;
+    if (hasDtype || !hasTorchDtype) rawConfig.dtype = dtype;
+    if (hasTorchDtype) rawConfig.torch_dtype = dtype;
+    writeJsonAtomic(path.join(tmp, 'config.json'), rawConfig);
+    return { ...report, out, dtype, copied };
+  });
+}
+
+const print = (text: string): void => {
+  process.stdout.write(text + '\n');
+};
+
+export const mergeVerb = {
+  summary: 'merge a LoRA adapter into its base model and write a plain Hugging Face model (bf16 by default)',
+  options: {
+    model: { type: 'string', required: true, description: 'base model folder (plain or bnb-4bit)' },
+    adapter: { type: 'string', required: true, description: 'PEFT LoRA adapter folder' },
+    out: { type: 'string', required: true, description: 'folder for the merged model (must not exist or be empty)' },
+    dtype: { type: 'string', description: 'bf16 (default), f16 or f32' },
+    'max-shard-size': { type: 'string', description: 'largest weight file, e.g. 5GB (default), 500MB, 2GiB' },
+    json: { type: 'boolean', description: 'print a JSON report' },
+  } satisfies Record<string, OptionSpec>,
+  run(o: ParsedOptions): void {
+    const dtypeText = stringOption(o, 'dtype');
+    const shardText = stringOption(o, 'max-shard-size');
+    const result = merge({
+      model: requiredString(o, 'model'),
+      adapter: requiredString(o, 'adapter'),
+      out: requiredString(o, 'out'),
+      dtype: dtypeText === undefined ? undefined : parseMergeDtype(dtypeText),
+      maxShardBytes: shardText === undefined ? undefined : parseByteSize(shardText),
+    });
+    if (o.json) return print(JSON.stringify(result));
+    const files = result.shards === 1 ? 'model.safetensors' : `${result.shards} shards`;
+    print(`merged ${result.tensors} tensors (${(result.bytes / 1048576).toFixed(2)} MiB, ${result.dtype}) into ${files} in ${result.out}`);
+  },
+};

@@ -1,0 +1,149 @@
+// train and resume: the trainer process. The extension host forks this same code with IPC; events then go both to
+// <run>/events.jsonl and over IPC, and control messages (stop, save now) come back over IPC. On a terminal it shows
+// progress; SIGINT/SIGTERM stop gracefully after the current step with a final checkpoint (a second SIGINT exits).
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { estimateMemory } from '../../engine/tools';
+import { validateControl, type MemoryEstimate, type TrainerEvent } from '../../protocol/events';
+import { requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { readConfigFile, resolveConfig, type TrainConfig } from '../config';
+import { TerminalProgress } from '../progress';
+import { train, TrainingControl, type TrainOutcome } from '../train';
+
+function installControl(control: TrainingControl): () => void {
+  let interrupts = 0;
+  const onSignal = () => {
+    interrupts += 1;
+    if (interrupts > 1) process.exit(130);
+    control.stopRequested = true;
+    process.stderr.write('\nstopping after this step (a checkpoint will be written; press Ctrl-C again to quit at once)\n');
+  };
+  const onMessage = (message: unknown) => {
+    try {
+      const m = validateControl(message);
+      if (m.kind === 'stop') control.stopRequested = true;
+      else control.saveRequested = true;
+    } catch {
+      // A malformed control message is ignored: the host validates what it sends; nothing here acts on it.
+    }
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('message', onMessage);
+  return () => {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('message', onMessage);
+  };
+}
+
+async function runWithProgress(start: (control: TrainingControl, onEvent?: (e: TrainerEvent) => void) => Promise<TrainOutcome>, json: boolean): Promise<TrainOutcome> {
+  const control = new TrainingControl();
+  const uninstall = installControl(control);
+  const progress = json ? undefined : new TerminalProgress();
+  try {
+    return await start(control, progress && ((e) => progress.handle(e)));
+  } finally {
+    uninstall();
+  }
+}
+
+export const trainOptions: Record<string, OptionSpec> = {
+  model: { type: 'string', description: 'Hugging Face model folder' },
+  data: { type: 'string', description: 'training data (.jsonl, .json, .csv, .parquet)' },
+  out: { type: 'string', required: true, description: 'run folder to create' },
+  config: { type: 'string', description: 'JSON config file (schemas/train-config.schema.json); flags override it' },
+  'eval-data': { type: 'string', description: 'evaluation data file (default: hold out a fraction of --data)' },
+  preset: { type: 'string', description: 'qlora (default: the QLoRA paper recipe) or quick' },
+  'max-steps': { type: 'string', description: 'optimizer steps' },
+  epochs: { type: 'string', description: 'passes over the data (when --max-steps is not given)' },
+  lr: { type: 'string', description: 'learning rate' },
+  rank: { type: 'string', description: 'LoRA rank' },
+  alpha: { type: 'string', description: 'LoRA alpha' },
+  'batch-size': { type: 'string', description: 'sequences per micro-batch' },
+  'grad-accum': { type: 'string', description: 'micro-batches per optimizer step' },
+  'seq-len': { type: 'string', description: 'maximum tokens per sequence' },
+  'checkpoint-every': { type: 'string', description: 'checkpoint every N steps' },
+  'eval-every': { type: 'string', description: 'evaluate every N steps' },
+  seed: { type: 'string', description: 'random seed' },
+  'skip-invalid': { type: 'boolean', description: 'skip invalid rows instead of refusing to start' },
+  packing: { type: 'boolean', description: 'pack examples into full sequences' },
+  json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
+};
+
+function numberFlag(o: ParsedOptions, name: string): number | undefined {
+  const v = stringOption(o, name);
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
+  return n;
+}
+
+export function configFromFlags(o: ParsedOptions): TrainConfig {
+  const file = stringOption(o, 'config');
+  const fromFile = file ? readConfigFile(file) : {};
+  const overrides: Partial<TrainConfig> = {};
+  const set = <K extends keyof TrainConfig>(key: K, value: TrainConfig[K] | undefined) => {
+    if (value !== undefined) overrides[key] = value;
+  };
+  set('model', stringOption(o, 'model'));
+  set('data', stringOption(o, 'data'));
+  set('evalData', stringOption(o, 'eval-data'));
+  set('preset', stringOption(o, 'preset') as TrainConfig['preset'] | undefined);
+  set('maxSteps', numberFlag(o, 'max-steps'));
+  set('epochs', numberFlag(o, 'epochs'));
+  set('lr', numberFlag(o, 'lr'));
+  set('rank', numberFlag(o, 'rank'));
+  set('alpha', numberFlag(o, 'alpha'));
+  set('batchSize', numberFlag(o, 'batch-size'));
+  set('gradAccum', numberFlag(o, 'grad-accum'));
+  set('seqLen', numberFlag(o, 'seq-len'));
+  set('checkpointEvery', numberFlag(o, 'checkpoint-every'));
+  set('evalEvery', numberFlag(o, 'eval-every'));
+  set('seed', numberFlag(o, 'seed'));
+  if (o['skip-invalid']) overrides.skipInvalid = true;
+  if (o.packing) overrides.packing = true;
+  // Paths in a config file are relative to the file, as editors and users expect.
+  if (file) {
+    const base = path.dirname(path.resolve(file));
+    for (const key of ['model', 'data', 'evalData'] as const) {
+      const v = fromFile[key];
+      if (typeof v === 'string' && overrides[key] === undefined) (fromFile as Record<string, unknown>)[key] = path.resolve(base, v);
+    }
+  }
+  return resolveConfig(fromFile, overrides);
+}
+
+/** The engine's own memory estimate for the run (peak bytes by category), for the run-started event. */
+export function runEstimate(config: TrainConfig): MemoryEstimate {
+  const e = estimateMemory(config.model, {
+    batch: config.batchSize,
+    seq: config.seqLen,
+    rank: config.rank,
+    targets: config.targets,
+    quantize: config.quantize,
+    gradientCheckpointing: config.gradientCheckpointing,
+  });
+  return { categories: e.categories, peakTotal: e.peakTotal };
+}
+
+function printOutcome(outcome: TrainOutcome, json: boolean): void {
+  if (json) process.stdout.write(JSON.stringify(outcome) + '\n');
+}
+
+export async function trainVerb(o: ParsedOptions): Promise<void> {
+  const config = configFromFlags(o);
+  const runDir = requiredString(o, 'out');
+  const json = Boolean(o.json);
+  const outcome = await runWithProgress((control, onEvent) => train({ runDir, config, resume: false, control, onEvent, estimate: runEstimate }), json);
+  printOutcome(outcome, json);
+}
+
+export async function resumeVerb(o: ParsedOptions): Promise<void> {
+  const runDir = requiredString(o, 'run');
+  if (!fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} is not a run folder (no config.json)`);
+  const json = Boolean(o.json);
+  const outcome = await runWithProgress((control, onEvent) => train({ runDir, resume: true, control, onEvent, estimate: runEstimate }), json);
+  printOutcome(outcome, json);
+}
+

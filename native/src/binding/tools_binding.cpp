@@ -1,0 +1,151 @@
+// Bindings of the engine's whole-model tools (merge, memory estimate). Kept apart from addon.cpp, which binds the
+// training model; errors follow its convention (JS Error with the engine's message and code "QLORA_ENGINE").
+#include <napi.h>
+
+#include <optional>
+#include <string>
+
+#include "backend/backend.h"
+#include "io/model_config.h"
+#include "model/estimate.h"
+#include "model/lora.h"
+#include "model/merge.h"
+
+namespace {
+
+using namespace qlora;
+
+template <typename F>
+auto guarded(const Napi::Env& env, F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    Napi::Error err = Napi::Error::New(env, e.what());
+    err.Set("code", Napi::String::New(env, "QLORA_ENGINE"));
+    throw err;
+  }
+}
+
+std::string string_arg(const Napi::CallbackInfo& info, size_t i, const char* what) {
+  if (info.Length() <= i || !info[i].IsString())
+    throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a string");
+  return info[i].As<Napi::String>().Utf8Value();
+}
+
+std::optional<double> opt_number(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+std::optional<bool> opt_bool(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  if (!v.IsBoolean()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+// A positive whole number option (sizes and counts).
+std::optional<int64_t> opt_count(const Napi::Object& o, const char* key) {
+  const std::optional<double> v = opt_number(o, key);
+  if (!v) return std::nullopt;
+  if (!(*v >= 1) || *v != static_cast<double>(static_cast<int64_t>(*v)))
+    throw Napi::RangeError::New(o.Env(), std::string(key) + " must be a positive integer");
+  return static_cast<int64_t>(*v);
+}
+
+// mergeWeights(modelDir, adapterDir, folder, dtype, maxShardBytes?) -> {shards, tensors, bytes, files}
+Napi::Value MergeWeights(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const std::string model_dir = string_arg(info, 0, "model directory");
+  const std::string adapter_dir = string_arg(info, 1, "adapter directory");
+  const std::string folder = string_arg(info, 2, "output folder");
+  const std::string dtype = string_arg(info, 3, "dtype");
+  int64_t max_shard_bytes = kDefaultMaxShardBytes;
+  if (info.Length() > 4 && !info[4].IsUndefined() && !info[4].IsNull()) {
+    if (!info[4].IsNumber()) throw Napi::TypeError::New(env, "maxShardBytes must be a number");
+    const double v = info[4].As<Napi::Number>().DoubleValue();
+    if (!(v >= 1) || v != static_cast<double>(static_cast<int64_t>(v)))
+      throw Napi::RangeError::New(env, "maxShardBytes must be a positive integer");
+    max_shard_bytes = static_cast<int64_t>(v);
+  }
+  const MergeReport r =
+      guarded(env, [&] { return merge_weights(model_dir, adapter_dir, folder, dtype, max_shard_bytes); });
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("shards", static_cast<double>(r.shards));
+  o.Set("tensors", static_cast<double>(r.tensors));
+  o.Set("bytes", static_cast<double>(r.bytes));
+  Napi::Array files = Napi::Array::New(env, r.files.size());
+  for (size_t i = 0; i < r.files.size(); ++i) files.Set(static_cast<uint32_t>(i), r.files[i]);
+  o.Set("files", files);
+  return o;
+}
+
+// estimateMemory(modelDir, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer}) ->
+// {categories, peakTotal, loraParameters, stored4bit, config}. Reads config.json only.
+Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const std::string dir = string_arg(info, 0, "model directory");
+  Napi::Object opts = Napi::Object::New(env);
+  if (info.Length() > 1 && !info[1].IsUndefined() && !info[1].IsNull()) {
+    if (!info[1].IsObject()) throw Napi::TypeError::New(env, "options must be an object");
+    opts = info[1].As<Napi::Object>();
+  }
+  EstimateOptions eo;
+  eo.batch = opt_count(opts, "batch").value_or(eo.batch);
+  eo.seq = opt_count(opts, "seq").value_or(eo.seq);
+  eo.rank = opt_count(opts, "rank").value_or(eo.rank);
+  eo.quantize_nf4 = opt_bool(opts, "quantize").value_or(eo.quantize_nf4);
+  eo.gradient_checkpointing = opt_bool(opts, "gradientCheckpointing").value_or(eo.gradient_checkpointing);
+  eo.with_optimizer = opt_bool(opts, "optimizer").value_or(eo.with_optimizer);
+  Napi::Value targets = opts.Get("targets");
+  if (!targets.IsUndefined() && !targets.IsNull()) {
+    if (!targets.IsArray()) throw Napi::TypeError::New(env, "targets must be an array of module names");
+    Napi::Array arr = targets.As<Napi::Array>();
+    eo.targets.clear();
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      const std::string name = arr.Get(i).ToString().Utf8Value();
+      const auto m = module_from_name(name);
+      if (!m)
+        throw Napi::Error::New(env, "unknown LoRA target module '" + name +
+                                        "' (known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)");
+      eo.targets.push_back(*m);
+    }
+  }
+  const ModelConfig c = guarded(env, [&] { return load_model_config(dir); });
+  eo.stored_4bit = c.quantization.has_value() && c.quantization->load_in_4bit;
+  const MemoryEstimate e = guarded(env, [&] { return estimate_memory(c, eo); });
+
+  Napi::Object categories = Napi::Object::New(env);
+  for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i)
+    categories.Set(mem_category_name(static_cast<MemCategory>(i)), static_cast<double>(e.bytes[i]));
+  Napi::Object config = Napi::Object::New(env);
+  config.Set("architecture", c.architecture);
+  config.Set("modelType", c.model_type);
+  config.Set("numLayers", static_cast<double>(c.num_layers));
+  config.Set("hiddenSize", static_cast<double>(c.hidden_size));
+  config.Set("intermediateSize", static_cast<double>(c.intermediate_size));
+  config.Set("numHeads", static_cast<double>(c.num_heads));
+  config.Set("numKvHeads", static_cast<double>(c.num_kv_heads));
+  config.Set("headDim", static_cast<double>(c.head_dim));
+  config.Set("vocabSize", static_cast<double>(c.vocab_size));
+  config.Set("tieWordEmbeddings", c.tie_word_embeddings);
+  config.Set("dtype", c.dtype);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("categories", categories);
+  o.Set("peakTotal", static_cast<double>(e.peak_total));
+  o.Set("loraParameters", static_cast<double>(e.lora_parameters));
+  o.Set("stored4bit", eo.stored_4bit);
+  o.Set("config", config);
+  return o;
+}
+
+}  // namespace
+
+void register_tools(Napi::Env env, Napi::Object exports) {
+  exports.Set("mergeWeights", Napi::Function::New(env, MergeWeights));
+  exports.Set("estimateMemory", Napi::Function::New(env, EstimateMemory));
+}

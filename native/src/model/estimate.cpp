@@ -1,0 +1,100 @@
+#include "model/estimate.h"
+
+#include <algorithm>
+#include <set>
+
+#include "util/error.h"
+
+namespace qlora {
+
+namespace {
+
+constexpr int64_t kF32 = 4;
+constexpr int64_t kNf4Blocksize = 64;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool has_bias(const ModelConfig& c, Module m) {
+  switch (m) {
+    case Module::Q:
+    case Module::K:
+    case Module::V: return c.qkv_bias;
+    case Module::O: return c.o_bias;
+    default: return c.mlp_bias;
+  }
+}
+
+}  // namespace
+
+MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
+  if (o.batch <= 0 || o.seq <= 0) fail("estimate: batch size and sequence length must be positive");
+  if (o.rank <= 0) fail("estimate: LoRA rank must be positive, got ", o.rank);
+  if (o.targets.empty()) fail("estimate: LoRA needs at least one target module");
+  if (c.sliding_window > 0 && o.seq > c.sliding_window)
+    fail("estimate: a sequence of ", o.seq, " tokens is longer than the model's sliding attention window (",
+         c.sliding_window, "), which training refuses");
+  const std::set<Module> targets(o.targets.begin(), o.targets.end());
+
+  MemoryEstimate e;
+  auto add = [&](MemCategory cat, int64_t bytes) { e.bytes[static_cast<size_t>(cat)] += bytes; };
+  const auto W = MemCategory::Weights, Ad = MemCategory::Adapters, G = MemCategory::Gradients,
+             Opt = MemCategory::Optimizer, Act = MemCategory::Activations, Ws = MemCategory::Workspace;
+  const int64_t h = c.hidden_size, inter = c.intermediate_size, vocab = c.vocab_size, L = c.num_layers;
+  const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
+
+  // LlamaModel::load: everything dense is fp32; NF4 linears keep packed codes and one fp32 absmax per block.
+  const bool nf4 = o.stored_4bit || o.quantize_nf4;
+  add(W, vocab * h * kF32);                               // embed_tokens
+  add(W, h * kF32);                                       // final norm
+  if (!c.tie_word_embeddings) add(W, vocab * h * kF32);   // lm_head
+  int64_t max_linear_size = 0, max_linear_in = std::max({h, qd, inter});
+  for (int64_t layer = 0; layer < L; ++layer) {
+    add(W, 2 * h * kF32);  // input and post-attention norms
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      const Module m = static_cast<Module>(mi);
+      const auto shape = module_shape(c, m);
+      const int64_t n = shape[0] * shape[1];
+      max_linear_size = std::max(max_linear_size, n);
+      add(W, nf4 ? ceil_div(n, 2) + ceil_div(n, kNf4Blocksize) * kF32 : n * kF32);
+      if (has_bias(c, m)) add(W, shape[0] * kF32);
+    }
+  }
+
+  // LoraAdapter: A [r, in] and B [out, r] with gradients of the same shapes; AdamW: exp_avg and exp_avg_sq.
+  for (Module m : targets) {
+    const auto shape = module_shape(c, m);
+    e.lora_parameters += L * o.rank * (shape[0] + shape[1]);
+  }
+  add(Ad, e.lora_parameters * kF32);
+  add(G, e.lora_parameters * kF32);
+  if (o.with_optimizer) add(Opt, 2 * e.lora_parameters * kF32);
+
+  // LlamaModel::run with gradients: nothing is freed before the run ends, so each category peaks at the sum of
+  // its buffers.
+  const int64_t n = o.batch * o.seq;
+  const int64_t r = o.rank;
+  const int64_t targets_count = static_cast<int64_t>(targets.size());
+  // Workspace: one dequantized weight, rope tables, dropout and LoRA scratch, one chunk of logits.
+  add(Ws, max_linear_size * kF32);
+  add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
+  add(Ws, 2 * n * max_linear_in * kF32);  // dropx, dropx_grad
+  add(Ws, n * r * kF32);                  // lora_dt
+  const int64_t logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / vocab));
+  add(Ws, logits_rows * vocab * kF32);
+  // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all
+  // of them without checkpointing, one block's worth with it), then the backward pass's buffers.
+  add(Act, (n * h + n) * kF32);        // xf, rstdf
+  add(Act, (L + 1) * n * h * kF32);    // block inputs
+  const bool keep_all = !o.gradient_checkpointing;
+  const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + o.batch * c.num_heads * o.seq * o.seq +
+                        n * inter * 3 + targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, probs, g u m, lora_t
+  add(Act, (keep_all ? L : 1) * block * kF32);
+  add(Act, 3 * n * h * kF32);                          // d_cur, d_next, dxf
+  add(Act, (3 * n * inter + 2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dm dg du, dxn dh, dattn dq, dk dv
+  if (!keep_all) add(Act, n * h * kF32);               // recompute_out
+
+  for (int64_t b : e.bytes) e.peak_total += b;
+  return e;
+}
+
+}  // namespace qlora

@@ -1,0 +1,44 @@
+// Memory a QLoRA training step needs, by category, from config.json alone: the same buffers, of the same sizes,
+// that LlamaModel::load, LoraAdapter, AdamW and LlamaModel::run allocate on the CPU backend (fp32 everywhere,
+// NF4 codes one byte per two weights and one fp32 absmax per block of 64). The CUDA path allocates through the
+// same model code, so the numbers carry over as long as its buffers keep these shapes.
+#pragma once
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+#include "io/model_config.h"
+#include "model/lora.h"
+
+namespace qlora {
+
+struct EstimateOptions {
+  int64_t batch = 1;
+  int64_t seq = 512;
+  int64_t rank = 8;
+  std::vector<Module> targets = {Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Up, Module::Down};
+  // Dense linear weights quantized to NF4 on load (LoadOptions::quantize_nf4); a bnb-4bit checkpoint is NF4 either
+  // way (stored_4bit).
+  bool quantize_nf4 = true;
+  bool stored_4bit = false;
+  bool gradient_checkpointing = true;
+  bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
+};
+
+struct MemoryEstimate {
+  // Peak bytes per category over a training step (run with gradients, then the optimizer update): weights,
+  // adapters, gradients and optimizer are constant; activations and workspace peak at the end of the backward
+  // pass, when every buffer of the run is held at once.
+  std::array<int64_t, static_cast<size_t>(MemCategory::Count)> bytes{};
+  int64_t peak_total = 0;       // all categories at once (nothing is freed before the run's end)
+  int64_t lora_parameters = 0;  // A and B elements over all layers and targets
+
+  int64_t operator[](MemCategory c) const { return bytes[static_cast<size_t>(c)]; }
+};
+
+// Throws EngineError for non-positive batch, seq or rank, no targets, or a sequence longer than the model's
+// sliding window (which LlamaModel::run refuses).
+MemoryEstimate estimate_memory(const ModelConfig& config, const EstimateOptions& options);
+
+}  // namespace qlora

@@ -1,0 +1,308 @@
+#include "model/merge.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+
+#include "backend/backend.h"
+#include "io/dtype.h"
+#include "io/model_config.h"
+#include "io/safetensors.h"
+#include "model/lora.h"
+#include "quant/bnb4.h"
+#include "util/error.h"
+#include "util/json.h"
+
+namespace qlora {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* const kQuantStateInfix = ".quant_state.";
+const char* const kNf4State = ".quant_state.bitsandbytes__nf4";
+const char* const kFp4State = ".quant_state.bitsandbytes__fp4";
+
+DType parse_output_dtype(const std::string& dtype) {
+  if (dtype == "float32") return DType::F32;
+  if (dtype == "bfloat16") return DType::BF16;
+  if (dtype == "float16") return DType::F16;
+  fail("merge: dtype '", dtype, "' is not supported (bfloat16, float16, float32)");
+}
+
+bool is_floating(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16 || t == DType::F64; }
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+// Names in "natural" order (model.layers.2 before model.layers.10), so that shards hold whole layers in sequence.
+bool natural_less(const std::string& a, const std::string& b) {
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (digit(a[i]) && digit(b[j])) {
+      size_t ie = i, je = j;
+      while (ie < a.size() && digit(a[ie])) ++ie;
+      while (je < b.size() && digit(b[je])) ++je;
+      size_t is = i, js = j;
+      while (is + 1 < ie && a[is] == '0') ++is;
+      while (js + 1 < je && b[js] == '0') ++js;
+      if (ie - is != je - js) return ie - is < je - js;
+      const int c = a.compare(is, ie - is, b, js, je - js);
+      if (c != 0) return c < 0;
+      i = ie;
+      j = je;
+    } else {
+      if (a[i] != b[j]) return a[i] < b[j];
+      ++i;
+      ++j;
+    }
+  }
+  if (a.size() - i != b.size() - j) return a.size() - i < b.size() - j;
+  return a < b;
+}
+
+// x rounded to fp32 "to odd" (truncated, with the last mantissa bit set when inexact). Rounding that to bf16 or
+// f16 (8 and 11 significant bits, well under fp32's 24 - 2) gives the correctly rounded double -> half result, so
+// a merged weight is rounded once, never twice.
+float round_to_odd_f32(double x) {
+  float f = static_cast<float>(x);
+  if (static_cast<double>(f) == x || !std::isfinite(f)) return f;
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 1u) == 0) {
+    const float inf = std::numeric_limits<float>::infinity();
+    f = std::nextafter(f, x > static_cast<double>(f) ? inf : -inf);
+  }
+  return f;
+}
+
+// One tensor of the output, planned from the base model's header before anything is written.
+struct Planned {
+  std::string name;
+  std::vector<int64_t> shape;  // as written (a bnb-4bit weight's real shape, not its packed one)
+  DType dtype = DType::F32;    // as written
+  int64_t nbytes = 0;
+  bool quantized = false;      // bnb-4bit in the base: dequantized first
+  const LoraParam* lora = nullptr;
+};
+
+// The [out, in] shape recorded in a bnb-4bit weight's quant state (the packed tensor is [out*in/2, 1]).
+std::vector<int64_t> quant_state_shape(const TensorStore& store, const std::string& name) {
+  const std::string state = name + kNf4State;
+  const TensorInfo& info = store.info(state);
+  const std::string ctx = store.file_of(state) + ": tensor '" + state + "'";
+  const json::Value v =
+      json::Value::parse(std::string_view(reinterpret_cast<const char*>(store.data(state)), info.nbytes), ctx);
+  const json::Value* shape = v.find("shape");
+  if (!shape) fail(ctx, ": quant state lacks 'shape'");
+  std::vector<int64_t> out;
+  for (const json::Value& d : shape->as_array(ctx + ": shape")) out.push_back(d.as_int(ctx + ": shape"));
+  return out;
+}
+
+std::string shard_name(int64_t i, int64_t n) {
+  if (n == 1) return "model.safetensors";
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "model-%05lld-of-%05lld.safetensors", static_cast<long long>(i + 1),
+                static_cast<long long>(n));
+  return buf;
+}
+
+// Computes one output tensor and adds it to `writer`.
+void add_merged(SafetensorsWriter& writer, const TensorStore& store, const Planned& t, double scale, int64_t rank) {
+  const TensorInfo& src = store.info(t.name);
+  if (!t.quantized && !t.lora && (src.dtype == t.dtype || !is_floating(src.dtype))) {
+    writer.add(t.name, src.dtype, t.shape, store.data(t.name), src.nbytes);
+    return;
+  }
+  std::vector<float> values =
+      t.quantized ? bnb4::dequantize_weight(bnb4::read_weight(store, t.name)) : store.read_f32(t.name);
+  if (t.lora) {
+    // W' = W + scale * (B @ A), B @ A accumulated in double and the sum rounded once (to fp32 nearest, or to odd
+    // when a half dtype follows).
+    const int64_t out = t.shape[0], in = t.shape[1];
+    const std::vector<float> a = t.lora->a.download(), b = t.lora->b.download();
+    const bool half = t.dtype != DType::F32;
+#pragma omp parallel
+    {
+      std::vector<double> acc(static_cast<size_t>(in));
+#pragma omp for schedule(static)
+      for (int64_t o = 0; o < out; ++o) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t k = 0; k < rank; ++k) {
+          const double bk = b[static_cast<size_t>(o * rank + k)];
+          const float* ak = a.data() + k * in;
+          for (int64_t i = 0; i < in; ++i) acc[static_cast<size_t>(i)] += bk * static_cast<double>(ak[i]);
+        }
+        float* row = values.data() + o * in;
+        for (int64_t i = 0; i < in; ++i) {
+          const double x = static_cast<double>(row[i]) + scale * acc[static_cast<size_t>(i)];
+          row[i] = half ? round_to_odd_f32(x) : static_cast<float>(x);
+        }
+      }
+    }
+  }
+  if (t.dtype == DType::F32) {
+    writer.add(t.name, DType::F32, t.shape, values.data(), values.size() * sizeof(float));
+    return;
+  }
+  std::vector<uint16_t> encoded(values.size());
+  for (size_t i = 0; i < values.size(); ++i)
+    encoded[i] = t.dtype == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+  writer.add(t.name, t.dtype, t.shape, encoded.data(), encoded.size() * sizeof(uint16_t));
+}
+
+}  // namespace
+
+MergeReport merge_weights(const std::string& model_dir, const std::string& adapter_dir, const std::string& folder,
+                          const std::string& dtype, int64_t max_shard_bytes) {
+  const DType out_dtype = parse_output_dtype(dtype);
+  if (max_shard_bytes <= 0) fail("merge: the maximum shard size must be positive, got ", max_shard_bytes);
+  const bool folder_existed = fs::exists(folder);
+  if (folder_existed) {
+    if (!fs::is_directory(folder)) fail(folder, ": exists and is not a folder");
+    if (!fs::is_empty(folder))
+      fail(folder, ": already exists and is not empty; merge writes into a new or empty folder (nothing was written)");
+  }
+
+  const ModelConfig config = load_model_config(model_dir);
+  const std::unique_ptr<TensorStore> store = TensorStore::open_dir(model_dir);
+  // The adapter is small next to the model: read it whole, with LoraAdapter's checks of every name and shape
+  // against the model's config.
+  const std::unique_ptr<Backend> backend = make_cpu_backend();
+  const std::unique_ptr<LoraAdapter> adapter = LoraAdapter::load_peft(backend.get(), config, adapter_dir);
+  const LoraConfig& lc = adapter->config();
+
+  // bnb-4bit weights of the base, and their auxiliary tensors, which are not written.
+  std::set<std::string> quantized, auxiliary;
+  for (const std::string& name : store->names()) {
+    const size_t pos = name.find(kQuantStateInfix);
+    if (pos == std::string::npos) continue;
+    const std::string base = name.substr(0, pos);
+    if (store->has(base + kFp4State))
+      fail(store->file_of(name), ": tensor '", base, "' uses fp4, which is not supported (only nf4)");
+    quantized.insert(base);
+  }
+  for (const std::string& name : store->names()) {
+    if (name.find(kQuantStateInfix) != std::string::npos) {
+      auxiliary.insert(name);
+      continue;
+    }
+    const size_t dot = name.rfind('.');
+    if (dot == std::string::npos || !quantized.count(name.substr(0, dot))) continue;
+    const std::string rest = name.substr(dot + 1);
+    if (rest == "absmax" || rest == "quant_map" || rest.rfind("nested_", 0) == 0) auxiliary.insert(name);
+  }
+
+  // Every adapted linear must exist in the base with the shape the adapter was checked against.
+  struct Adapted {
+    const LoraParam* param;
+    std::string lora_a;  // its PEFT name, for messages
+  };
+  std::map<std::string, Adapted> adapted;
+  for (int64_t layer = 0; layer < config.num_layers; ++layer)
+    for (Module m : lc.targets) {
+      const std::string name =
+          "model.layers." + std::to_string(layer) + "." + module_parent(m) + "." + module_name(m) + ".weight";
+      if (!store->has(name))
+        fail(model_dir, ": the adapter has '", LoraAdapter::peft_tensor_name(layer, m, 'A'),
+             "' but the base model has no tensor '", name, "'");
+      adapted[name] = Adapted{adapter->param(layer, m), LoraAdapter::peft_tensor_name(layer, m, 'A')};
+    }
+
+  std::vector<std::string> names;
+  for (const std::string& name : store->names())
+    if (!auxiliary.count(name)) names.push_back(name);
+  std::sort(names.begin(), names.end(), natural_less);
+
+  std::vector<Planned> plan;
+  for (const std::string& name : names) {
+    const TensorInfo& info = store->info(name);
+    Planned t;
+    t.name = name;
+    t.quantized = quantized.count(name) > 0;
+    t.shape = t.quantized ? quant_state_shape(*store, name) : info.shape;
+    t.dtype = t.quantized || is_floating(info.dtype) ? out_dtype : info.dtype;
+    t.nbytes = numel_of(t.shape) * static_cast<int64_t>(dtype_size(t.dtype));
+    if (const auto it = adapted.find(name); it != adapted.end()) {
+      t.lora = it->second.param;
+      const std::vector<int64_t> expected = {t.lora->out, t.lora->in};
+      if (t.shape != expected)
+        fail(store->file_of(name), ": tensor '", name, "' has shape ", shape_to_string(t.shape), " but the adapter's '",
+             it->second.lora_a, "' and its lora_B make a ", shape_to_string(expected), " update");
+      if (!t.quantized && !is_floating(info.dtype))
+        fail(store->file_of(name), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
+             ", expected a floating or bnb-4bit weight to merge into");
+    }
+    plan.push_back(std::move(t));
+  }
+
+  // Shards from the planned sizes: a new shard starts when the next tensor would overflow the current one.
+  std::vector<std::vector<size_t>> shards;
+  int64_t current = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (shards.empty() || (current > 0 && current + plan[i].nbytes > max_shard_bytes)) {
+      shards.emplace_back();
+      current = 0;
+    }
+    shards.back().push_back(i);
+    current += plan[i].nbytes;
+  }
+  if (shards.empty()) fail(model_dir, ": the model has no tensors to write");
+
+  MergeReport report;
+  report.shards = static_cast<int64_t>(shards.size());
+  std::vector<fs::path> written;
+  try {
+    fs::create_directories(folder);
+    for (size_t s = 0; s < shards.size(); ++s) {
+      const std::string file = shard_name(static_cast<int64_t>(s), report.shards);
+      SafetensorsWriter writer;
+      writer.set_metadata("format", "pt");
+      for (size_t i : shards[s]) {
+        add_merged(writer, *store, plan[i], lc.scale(), lc.rank);
+        report.bytes += plan[i].nbytes;
+        ++report.tensors;
+      }
+      const fs::path path = fs::path(folder) / file;
+      writer.write(path.string());
+      written.push_back(path);
+      report.files.push_back(file);
+    }
+    if (report.shards > 1) {
+      std::vector<std::pair<std::string, std::string>> entries;
+      for (size_t s = 0; s < shards.size(); ++s)
+        for (size_t i : shards[s]) entries.emplace_back(plan[i].name, shard_name(static_cast<int64_t>(s), report.shards));
+      std::sort(entries.begin(), entries.end());
+      json::Value weight_map = json::Value::object();
+      for (const auto& [name, file] : entries) weight_map.set(name, json::Value::string(file));
+      json::Value metadata = json::Value::object();
+      metadata.set("total_size", json::Value::number(static_cast<double>(report.bytes)));
+      json::Value index = json::Value::object();
+      index.set("metadata", metadata);
+      index.set("weight_map", weight_map);
+      const fs::path path = fs::path(folder) / "model.safetensors.index.json";
+      write_file_atomic(path.string(), index.dump(true) + "\n");
+      written.push_back(path);
+      report.files.push_back("model.safetensors.index.json");
+    }
+  } catch (...) {
+    std::error_code ec;
+    for (const fs::path& p : written) fs::remove(p, ec);
+    if (!folder_existed) fs::remove(folder, ec);  // removes only an empty folder
+    throw;
+  }
+  return report;
+}
+
+}  // namespace qlora

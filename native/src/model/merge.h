@@ -1,0 +1,33 @@
+// Merging a PEFT LoRA adapter into its base model, written out as a plain Hugging Face model: for every adapted
+// linear W' = W + scale * B @ A (PEFT's merge; scale = alpha / r, or alpha / sqrt(r) with rsLoRA), with W
+// dequantized first when the base is bnb-4bit. The sum is computed in double and rounded once to the output dtype;
+// every other floating tensor is converted to it, non-floating tensors are copied, and a bnb-4bit base's auxiliary
+// tensors (.absmax, .quant_map, .nested_*, .quant_state.*) are dropped. Tensor names stay the base model's.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qlora {
+
+constexpr int64_t kDefaultMaxShardBytes = 5'000'000'000;  // transformers' default max_shard_size ("5GB")
+
+struct MergeReport {
+  int64_t shards = 0;               // files written: 1 means a single model.safetensors
+  int64_t tensors = 0;              // tensors written
+  int64_t bytes = 0;                // tensor bytes written (the index's total_size)
+  std::vector<std::string> files;   // file names written in `folder`, index included
+};
+
+// Writes the merged weights into `folder` (created when absent): model.safetensors when every tensor fits in one
+// file of at most `max_shard_bytes` tensor bytes, else model-0000i-of-0000N.safetensors shards (a tensor larger
+// than the limit gets a shard of its own) and model.safetensors.index.json. `dtype` is "bfloat16", "float16" or
+// "float32". The folder, names, shapes and dtypes are checked before anything is written: a `folder` that exists
+// and is not empty is refused, and an adapter that does not fit the base fails naming the tensor. Memory stays at
+// one shard's tensors plus one weight being merged; each file is written atomically, and on a later failure (a
+// corrupt bnb-4bit weight, a full disk) the files written so far are removed, and `folder` too when this call
+// created it. config.json, tokenizer files and the like are the caller's to write.
+MergeReport merge_weights(const std::string& model_dir, const std::string& adapter_dir, const std::string& folder,
+                          const std::string& dtype, int64_t max_shard_bytes = kDefaultMaxShardBytes);
+
+}  // namespace qlora

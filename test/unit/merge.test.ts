@@ -1,0 +1,160 @@
+// merge end to end: the merged model scores like PEFT's merged reference, bf16 and sharded outputs load, config.json
+// becomes a plain model's, and a failure leaves neither the output folder nor its temporary sibling behind.
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { EngineError } from '../../extension/engine';
+import { parseOptions } from '../../extension/trainer/cliArgs';
+import { merge, mergeVerb, parseByteSize, parseMergeDtype } from '../../extension/trainer/verbs/merge';
+import { score } from '../../extension/trainer/verbs/score';
+import { reference, tempDir } from '../helpers/paths';
+import { readSafetensors } from '../helpers/safetensors';
+
+interface Ref {
+  ids: number[];
+  loss: number;
+  next_token_logprobs: number[];
+}
+
+const mergedRef = JSON.parse(fs.readFileSync(reference('llama-shared-merged.ref.json'), 'utf8')) as Ref;
+
+function expectScoresLike(model: string, ref: Ref, tol: number) {
+  const result = score({ model, ids: Int32Array.from(ref.ids) });
+  assert.ok(Math.abs(result.loss - ref.loss) <= tol, `loss ${result.loss} vs ${ref.loss}`);
+  assert.equal(result.next_token_logprobs.length, ref.next_token_logprobs.length);
+  result.next_token_logprobs.forEach((lp, i) => {
+    assert.ok(Math.abs(lp - ref.next_token_logprobs[i]) <= tol, `log-prob ${i}: ${lp} vs ${ref.next_token_logprobs[i]}`);
+  });
+}
+
+function leftovers(parent: string): string[] {
+  return fs.readdirSync(parent).filter((name) => name.includes('.tmp-'));
+}
+
+// Runs the verb as the CLI would, capturing what it prints.
+function runVerb(argv: string[]): string {
+  const write = process.stdout.write;
+  let out = '';
+  process.stdout.write = ((chunk: string) => {
+    out += chunk;
+    return true;
+  }) as typeof process.stdout.write;
+  try {
+    mergeVerb.run(parseOptions('merge', argv, mergeVerb.options));
+  } finally {
+    process.stdout.write = write;
+  }
+  return out;
+}
+
+test('merge --dtype f32 scores like PEFT merged it (loss and every log-prob within 1e-3)', () => {
+  const parent = tempDir('merge-f32');
+  const out = path.join(parent, 'merged');
+  const report = JSON.parse(
+    runVerb(['--model', reference('llama-shared'), '--adapter', reference('llama-shared-adapter'), '--out', out, '--dtype', 'f32', '--json']),
+  ) as { shards: number; tensors: number; dtype: string; files: string[]; copied: string[] };
+  assert.equal(report.shards, 1);
+  assert.equal(report.tensors, 21);
+  assert.equal(report.dtype, 'float32');
+  assert.deepEqual(report.files, ['model.safetensors']);
+  assert.deepEqual(fs.readdirSync(out).sort(), ['config.json', 'generation_config.json', 'model.safetensors']);
+  assert.deepEqual(leftovers(parent), []);
+  const config = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')) as Record<string, unknown>;
+  assert.equal(config.dtype, 'float32');
+  assert.ok(!('torch_dtype' in config));
+  expectScoresLike(out, mergedRef, 1e-3);
+});
+
+for (const [model, adapter] of [['llama3-shared', 'llama3-shared-adapter'], ['qwen2-shared', 'qwen2-shared-adapter']] as const) {
+  test(`merge of ${model} in f32 scores as the base with its adapter does`, () => {
+    const ref = JSON.parse(fs.readFileSync(reference(`${adapter}.ref.json`), 'utf8')) as Ref;
+    const out = path.join(tempDir('merge-same'), 'merged');
+    merge({ model: reference(model), adapter: reference(adapter), out, dtype: 'float32' });
+    const withAdapter = score({ model: reference(model), adapter: reference(adapter), ids: Int32Array.from(ref.ids) });
+    expectScoresLike(out, { ids: ref.ids, loss: withAdapter.loss, next_token_logprobs: withAdapter.next_token_logprobs }, 1e-4);
+    // The config keeps its own form: llama3-shared is Hub-style (torch_dtype), qwen2-shared transformers-5 (dtype).
+    const raw = JSON.parse(fs.readFileSync(reference(`${model}/config.json`), 'utf8')) as Record<string, unknown>;
+    const config = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')) as Record<string, unknown>;
+    assert.equal('torch_dtype' in config, 'torch_dtype' in raw);
+    assert.equal('dtype' in config, 'dtype' in raw || !('torch_dtype' in raw));
+    assert.equal(config.torch_dtype ?? config.dtype, 'float32');
+    for (const f of fs.readdirSync(reference(model))) assert.ok(fs.existsSync(path.join(out, f)), f);
+  });
+}
+
+test('merge writes bf16 by default, and the bf16 model loads and scores close to the f32 merge', () => {
+  const out = path.join(tempDir('merge-bf16'), 'merged');
+  const result = merge({ model: reference('llama-shared'), adapter: reference('llama-shared-adapter'), out });
+  assert.equal(result.dtype, 'bfloat16');
+  for (const [name, t] of readSafetensors(path.join(out, 'model.safetensors'))) assert.equal(t.dtype, 'BF16', name);
+  assert.equal((JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')) as { dtype: string }).dtype, 'bfloat16');
+  expectScoresLike(out, mergedRef, 0.05);
+});
+
+test('merge --max-shard-size writes shards and an index that load like the single file', () => {
+  const out = path.join(tempDir('merge-shards'), 'merged');
+  runVerb(['--model', reference('llama-shared'), '--adapter', reference('llama-shared-adapter'), '--out', out, '--dtype', 'f32', '--max-shard-size', '300KB']);
+  const index = JSON.parse(fs.readFileSync(path.join(out, 'model.safetensors.index.json'), 'utf8')) as {
+    metadata: { total_size: number };
+    weight_map: Record<string, string>;
+  };
+  const shards = [...new Set(Object.values(index.weight_map))].sort();
+  assert.ok(shards.length >= 2, `shards: ${shards.join(', ')}`);
+  shards.forEach((name, i) => assert.equal(name, `model-${String(i + 1).padStart(5, '0')}-of-${String(shards.length).padStart(5, '0')}.safetensors`));
+  let total = 0;
+  for (const shard of shards) for (const t of readSafetensors(path.join(out, shard)).values()) total += t.bytes.length;
+  assert.equal(index.metadata.total_size, total);
+  assert.ok(!fs.existsSync(path.join(out, 'model.safetensors')));
+  expectScoresLike(out, mergedRef, 1e-3);
+});
+
+test('merge of a bnb-4bit base writes a plain model: no quantization_config, no bnb tensors', () => {
+  const out = path.join(tempDir('merge-bnb4'), 'merged');
+  merge({ model: reference('llama-shared-bnb4-dq'), adapter: reference('llama-shared-adapter'), out, dtype: 'float32' });
+  const config = JSON.parse(fs.readFileSync(path.join(out, 'config.json'), 'utf8')) as Record<string, unknown>;
+  assert.ok(!('quantization_config' in config));
+  const tensors = readSafetensors(path.join(out, 'model.safetensors'));
+  const plain = readSafetensors(reference('llama-shared/model.safetensors'));
+  assert.deepEqual([...tensors.keys()].sort(), [...plain.keys()].sort());
+  assert.deepEqual(tensors.get('model.layers.0.mlp.down_proj.weight')?.shape, [128, 256]);
+  const result = score({ model: out, ids: Int32Array.from(mergedRef.ids) });
+  // NF4 moves the weights a little: close to the unquantized merge, not equal to it.
+  assert.ok(Math.abs(result.loss - mergedRef.loss) < 0.1, `loss ${result.loss}`);
+});
+
+test('a failed merge leaves no output folder and no .tmp- folder', () => {
+  const parent = tempDir('merge-fail');
+  const out = path.join(parent, 'merged');
+  assert.throws(
+    () => merge({ model: reference('llama-shared'), adapter: path.join(parent, 'no-such-adapter'), out }),
+    (err: unknown) => err instanceof EngineError && /no adapter_config\.json/.test(err.message),
+  );
+  assert.throws(
+    () => merge({ model: reference('llama-shared'), adapter: reference('llama3-shared-adapter'), out }),
+    (err: unknown) => err instanceof EngineError && /lora_A\.weight' has shape/.test(err.message),
+  );
+  assert.deepEqual(fs.readdirSync(parent), []);
+});
+
+test('merge refuses a non-empty output folder and leaves it as it was', () => {
+  const out = tempDir('merge-nonempty');
+  fs.writeFileSync(path.join(out, 'notes.txt'), 'keep me');
+  assert.throws(() => merge({ model: reference('llama-shared'), adapter: reference('llama-shared-adapter'), out }), /not empty/);
+  assert.deepEqual(fs.readdirSync(out), ['notes.txt']);
+  assert.deepEqual(leftovers(path.dirname(out)).filter((n) => n.startsWith(path.basename(out))), []);
+});
+
+test('merge option parsing: dtypes and shard sizes', () => {
+  assert.equal(parseMergeDtype('bf16'), 'bfloat16');
+  assert.equal(parseMergeDtype('F16'), 'float16');
+  assert.equal(parseMergeDtype('float32'), 'float32');
+  assert.throws(() => parseMergeDtype('int8'), /bf16, f16 or f32/);
+  assert.equal(parseByteSize('5GB'), 5e9);
+  assert.equal(parseByteSize('500MB'), 5e8);
+  assert.equal(parseByteSize('2GiB'), 2 * 2 ** 30);
+  assert.equal(parseByteSize('1.5kb'), 1500);
+  assert.equal(parseByteSize('12345'), 12345);
+  assert.throws(() => parseByteSize('5 apples'), /size such as 5GB/);
+  assert.throws(() => parseByteSize('0'), /size such as 5GB/);
+});
