@@ -5,7 +5,7 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { EngineError, EngineModel } from '../engine';
+import { EngineError, EngineModel, readModelConfig } from '../engine';
 import { writeJsonAtomic } from '../util/atomicFile';
 import { BatchSchedule, makeMicroBatch, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
@@ -109,6 +109,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   }
   // Everything that can be wrong with the inputs (data rows, model files) is found before the run folder is
   // written, so a bad input leaves nothing behind.
+  readModelConfig(config.model); // the model folder first: "no config.json" says more than a missing tokenizer
   const data = await prepareData(config);
   const model = EngineModel.load(config.model, { quantize: config.quantize });
   if (!resume) {

@@ -1,0 +1,206 @@
+// Training runs end to end on a tiny model: the loss falls on every dataset shape in every file format (BOM and
+// CRLF included) and a PEFT adapter comes out; a stopped run resumed gives exactly the uninterrupted run's
+// adapter; kill -9 then resume finishes with at most one checkpoint interval lost; bad inputs stop the CLI with
+// one sentence and leave no run folder; stop over IPC writes a final checkpoint.
+import assert from 'node:assert/strict';
+import { fork, spawn, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { before, test } from 'node:test';
+import { EngineModel } from '../../extension/engine';
+import { parseEventLog, type TrainerEvent } from '../../extension/protocol/events';
+import { resolveConfig, type TrainConfig } from '../../extension/trainer/config';
+import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
+import { train, TrainingControl } from '../../extension/trainer/train';
+import { dataFixtures, shapeRows, toCsv } from '../fixtures/data/helpers';
+import { cliPath, repoRoot, tempDir } from '../helpers/paths';
+
+let model = '';
+before(() => {
+  model = path.join(tempDir('train-model'), 'tiny');
+  makeTinyModel({ out: model, arch: 'llama', seed: 5 });
+});
+
+function config(data: string, overrides: Partial<TrainConfig> = {}): TrainConfig {
+  return resolveConfig(
+    {},
+    { model, data, preset: 'quick', rank: 8, lr: 0.02, batchSize: 2, gradAccum: 1, seqLen: 96, maxSteps: 25, warmupSteps: 0, evalFraction: 0, checkpointEvery: 0, evalEvery: 0, ...overrides },
+  );
+}
+
+function events(runDir: string): TrainerEvent[] {
+  return parseEventLog(fs.readFileSync(path.join(runDir, 'events.jsonl'), 'utf8')).events;
+}
+
+function losses(runDir: string): number[] {
+  return events(runDir).flatMap((e) => (e.kind === 'step' ? [e.loss] : []));
+}
+
+const shapes = ['messages', 'sharegpt', 'alpaca', 'completion', 'text'] as const;
+const rows = shapeRows();
+
+function dataFile(shape: (typeof shapes)[number], format: string): string {
+  const dir = tempDir(`data-${shape}`);
+  const r = rows[shape];
+  switch (format) {
+    case 'jsonl':
+      // A byte-order mark, CRLF line ends and a blank line: files as Windows editors write them.
+      return write(path.join(dir, 'train.jsonl'), '\uFEFF' + r.map((x) => JSON.stringify(x)).join('\r\n') + '\r\n\r\n');
+    case 'json':
+      return write(path.join(dir, 'train.json'), JSON.stringify({ data: r }, null, 2));
+    case 'csv':
+      return write(path.join(dir, 'train.csv'), '\uFEFF' + toCsv(r, '\r\n'));
+    default:
+      return path.join(dataFixtures, `${shape}.parquet`);
+  }
+}
+
+function write(file: string, text: string): string {
+  fs.writeFileSync(file, text);
+  return file;
+}
+
+for (const shape of shapes) {
+  test(`train learns on ${shape} data in JSONL, JSON, CSV and Parquet`, async () => {
+    for (const format of ['jsonl', 'json', 'csv', 'parquet']) {
+      const runDir = path.join(tempDir(`run-${shape}-${format}`), 'run');
+      const outcome = await train({ runDir, config: config(dataFile(shape, format)), resume: false });
+      assert.equal(outcome.status, 'completed');
+      const l = losses(runDir);
+      assert.equal(l.length, 25);
+      assert.ok(l[l.length - 1] < 0.5 * l[0], `${format}: loss ${l[0]} -> ${l[l.length - 1]}`);
+      const adapter = path.join(runDir, 'adapter');
+      const cfg = JSON.parse(fs.readFileSync(path.join(adapter, 'adapter_config.json'), 'utf8'));
+      assert.equal(cfg.peft_type, 'LORA');
+      assert.equal(cfg.base_model_name_or_path, model);
+      const started = events(runDir).find((e) => e.kind === 'run-started');
+      assert.ok(started && started.kind === 'run-started' && started.dataset.shape === shape && started.memoryEstimate === null);
+    }
+  });
+}
+
+test('a stopped run resumed computes exactly what the uninterrupted run computes', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const c = config(data, { batchSize: 4, gradAccum: 2, maxSteps: 8, dropout: 0.1, checkpointEvery: 3, evalFraction: 0.1, evalEvery: 4 });
+  const straight = path.join(tempDir('straight'), 'run');
+  await train({ runDir: straight, config: c, resume: false });
+
+  const interrupted = path.join(tempDir('interrupted'), 'run');
+  const control = new TrainingControl();
+  const first = await train({ runDir: interrupted, config: c, resume: false, control, onEvent: (e) => { if (e.kind === 'step' && e.step === 5) control.stopRequested = true; } });
+  assert.equal(first.status, 'stopped');
+  assert.equal(first.step, 5);
+  assert.ok(fs.existsSync(path.join(interrupted, 'checkpoints', 'step-5', 'DONE')), 'stopping writes a final checkpoint');
+  const second = await train({ runDir: interrupted, resume: true });
+  assert.equal(second.status, 'completed');
+  assert.equal(second.step, 8);
+  const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
+  assert.ok(read(straight).equals(read(interrupted)), 'the resumed adapter equals the uninterrupted one byte for byte');
+  assert.deepEqual(losses(interrupted), losses(straight));
+  const resumed = events(interrupted).filter((e) => e.kind === 'run-started');
+  assert.deepEqual(resumed.map((e) => e.kind === 'run-started' && e.resumedFrom), [null, 5]);
+  // keepCheckpoints (3) bounds what stays on disk.
+  assert.ok(fs.readdirSync(path.join(interrupted, 'checkpoints')).length <= 3);
+});
+
+function cliTrainArgs(data: string, runDir: string, extra: string[] = []): string[] {
+  return [cliPath, 'train', '--model', model, '--data', data, '--out', runDir, '--preset', 'quick', '--rank', '8', '--lr', '0.01',
+    '--batch-size', '4', '--seq-len', '96', '--max-steps', '30', '--checkpoint-every', '3', '--eval-every', '0', '--json', ...extra];
+}
+
+test('kill -9 during training, then resume, finishes with the adapter of an uninterrupted run', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const reference = path.join(tempDir('ref'), 'run');
+  assert.equal(spawnSync(process.execPath, cliTrainArgs(data, reference)).status, 0);
+
+  const runDir = path.join(tempDir('killed'), 'run');
+  const child = spawn(process.execPath, cliTrainArgs(data, runDir), { stdio: 'ignore' });
+  // Kill it as soon as a second checkpoint exists, mid-way through the steps that follow.
+  await new Promise<void>((resolve, reject) => {
+    const timer = setInterval(() => {
+      const file = path.join(runDir, 'events.jsonl');
+      const text = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
+      if ((text.match(/"kind":"checkpoint"/g) ?? []).length >= 2) {
+        child.kill('SIGKILL');
+        clearInterval(timer);
+        resolve();
+      }
+    }, 5);
+    child.on('exit', () => {
+      clearInterval(timer);
+      reject(new Error('the trainer finished before it could be killed'));
+    });
+  });
+  await new Promise((resolve) => child.on('exit', resolve));
+  for (const name of fs.readdirSync(path.join(runDir, 'checkpoints')))
+    assert.ok(name.includes('.tmp-') || fs.existsSync(path.join(runDir, 'checkpoints', name, 'DONE')), `${name} is a complete checkpoint or a temp folder`);
+  const stepsBefore = losses(runDir).length;
+  const resumed = spawnSync(process.execPath, [cliPath, 'resume', '--run', runDir, '--json'], { encoding: 'utf8' });
+  assert.equal(resumed.status, 0, resumed.stderr);
+  assert.equal(JSON.parse(resumed.stdout).status, 'completed');
+  const started = events(runDir).filter((e) => e.kind === 'run-started');
+  const from = started[1].kind === 'run-started' ? started[1].resumedFrom! : -1;
+  assert.ok(from >= 6 && stepsBefore - from <= 3, `resumed from ${from} after ${stepsBefore} steps: at most one interval lost`);
+  const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
+  assert.ok(read(runDir).equals(read(reference)));
+  const m = EngineModel.load(model, { quantize: true });
+  m.loadAdapter(path.join(runDir, 'adapter'));
+  m.dispose();
+});
+
+test('bad input stops train with one sentence, exit 1, and no run folder', () => {
+  const dir = tempDir('bad');
+  const broken = write(path.join(dir, 'train.jsonl'), '{"text": "ok"}\n{"text": "cut\n');
+  const role = write(path.join(dir, 'roles.jsonl'), JSON.stringify({ messages: [{ role: 'robot', content: 'x' }, { role: 'assistant', content: 'y' }] }) + '\n');
+  const empty = write(path.join(dir, 'empty.jsonl'), '');
+  const binary = path.join(dir, 'blob.jsonl');
+  fs.writeFileSync(binary, Buffer.from([0, 1, 2, 0xff, 0xfe, 0]));
+  const unknownShape = write(path.join(dir, 'shape.jsonl'), '{"question": "q", "answer": "a"}\n');
+  const notModel = tempDir('not-a-model');
+  const truncated = path.join(tempDir('truncated'), 'model');
+  fs.cpSync(model, truncated, { recursive: true });
+  const weights = path.join(truncated, 'model.safetensors');
+  fs.writeFileSync(weights, fs.readFileSync(weights).subarray(0, 5000));
+  const cases: [string[], string | RegExp][] = [
+    [['--data', broken], 'train.jsonl line 2: not valid JSON'],
+    [['--data', role], /roles.jsonl line 1: .*role "robot"/],
+    [['--data', empty], 'empty.jsonl'],
+    [['--data', binary], 'blob.jsonl'],
+    [['--data', unknownShape], 'shape.jsonl'],
+    [['--data', path.join(dir, 'missing.jsonl')], 'missing.jsonl'],
+    [['--data', path.join(repoRoot, 'examples', 'chat-sample.jsonl'), '--model', notModel], 'no config.json'],
+    [['--data', path.join(repoRoot, 'examples', 'chat-sample.jsonl'), '--model', truncated], weights],
+  ];
+  for (const [args, fragment] of cases) {
+    const runDir = path.join(tempDir('bad-run'), 'run');
+    const base = cliTrainArgs('unused', runDir).filter((a) => a !== '--json');
+    const argv = [...base];
+    for (let i = 0; i < args.length; i += 2) argv[argv.indexOf(args[i]) + 1] = args[i + 1];
+    const r = spawnSync(process.execPath, argv, { encoding: 'utf8' });
+    assert.equal(r.status, 1, `${args.join(' ')}: ${r.stderr}`);
+    const firstLine = r.stderr.split('\n')[0];
+    if (typeof fragment === 'string') assert.ok(firstLine.includes(fragment), `${firstLine} lacks ${fragment}`);
+    else assert.match(firstLine, fragment);
+    assert.ok(!/\n\s+at /.test(r.stderr), 'no stack trace');
+    assert.ok(!fs.existsSync(runDir), `no run folder left for ${args.join(' ')}`);
+  }
+});
+
+test('stop over IPC ends the run with a final checkpoint and events over IPC', async () => {
+  const runDir = path.join(tempDir('ipc'), 'run');
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const args = cliTrainArgs(data, runDir, []).slice(1).map((a) => (a === '30' ? '1000' : a));
+  const child = fork(cliPath, args, { stdio: ['ignore', 'ignore', 'ignore', 'ipc'] });
+  const received: TrainerEvent[] = [];
+  child.on('message', (m) => {
+    received.push(m as TrainerEvent);
+    if ((m as TrainerEvent).kind === 'step' && (m as { step: number }).step === 4) child.send({ kind: 'stop' });
+  });
+  const code = await new Promise((resolve) => child.on('exit', resolve));
+  assert.equal(code, 0);
+  const finished = received.find((e) => e.kind === 'finished');
+  assert.ok(finished && finished.kind === 'finished' && finished.status === 'stopped');
+  assert.ok(finished.step >= 4 && finished.step < 1000);
+  assert.ok(fs.existsSync(path.join(runDir, 'checkpoints', `step-${finished.step}`, 'DONE')));
+  assert.deepEqual(received.map((e) => e.kind), events(runDir).map((e) => e.kind), 'IPC carries the same events as events.jsonl');
+});
