@@ -7,6 +7,7 @@ import { makeTinyModel } from './tinyModel/makeTinyModel';
 import { quantize } from './verbs/quantize';
 import { estimateVerb } from './verbs/estimate';
 import { exportAdapter } from './verbs/export';
+import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
 import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
@@ -106,6 +107,11 @@ const verbs: Record<string, Verb> = {
       const mb = (b: number) => (b / 1048576).toFixed(2);
       print(`quantized ${report.quantizedTensors} linear weights to NF4 and copied ${report.copiedTensors} tensors: ${mb(report.bytesIn)} MB -> ${mb(report.bytesOut)} MB in ${report.out}`);
     },
+  },
+  'inspect-data': {
+    summary: 'check a dataset: format, shape, invalid rows, token lengths, examples with the trained part marked',
+    options: inspectDataOptions,
+    run: inspectDataVerb,
   },
   merge: mergeVerb,
   estimate: estimateVerb,

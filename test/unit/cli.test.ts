@@ -116,3 +116,20 @@ test('engine-info reports the CPU backend', () => {
   assert.ok(info.backends.includes('cpu'));
   assert.ok(info.threads >= 1);
 });
+
+test('inspect-data reports shape, invalid rows and the trained part of rendered examples', () => {
+  const dir = path.join(tempDir('inspect'), 'model');
+  cli('make-tiny-model', '--out', dir);
+  const data = path.join(tempDir('inspect-data'), 'mixed.jsonl');
+  fs.writeFileSync(data, [JSON.stringify({ prompt: 'Say hi.', completion: ' Hi!' }), '{"prompt": 3, "completion": "x"}', ''].join('\n'));
+  const r = cli('inspect-data', '--data', data, '--model', dir, '--json');
+  assert.equal(r.status, 0, r.stderr);
+  const report = JSON.parse(r.stdout);
+  assert.equal(report.shape, 'completion');
+  assert.equal(report.validRows, 1);
+  assert.deepEqual(report.errors, ['mixed.jsonl line 2: field "prompt" must be a string, got number']);
+  const segments: { text: string; trained: boolean }[] = report.tokenization.examples[0].segments;
+  assert.equal(segments.filter((s) => s.trained).map((s) => s.text).join(''), ' Hi!<|eot_id|>');
+  const human = cli('inspect-data', '--data', data, '--model', dir);
+  assert.match(human.stdout, /⟦ Hi!<\|eot_id\|>⟧/);
+});

@@ -1,0 +1,46 @@
+// inspect-data: what a dataset file holds, before a run: format and shape, row count, every invalid row, and with
+// a model the token-length statistics and the first examples rendered through the chat template with the trained
+// part marked.
+import { inspectDataset, isDatasetShape, type DatasetReport } from '../../data';
+import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+
+export const inspectDataOptions: Record<string, OptionSpec> = {
+  data: { type: 'string', required: true, description: 'dataset file (.jsonl, .json, .csv, .parquet)' },
+  model: { type: 'string', description: 'model folder whose tokenizer and chat template to use' },
+  'seq-len': { type: 'string', description: 'maximum tokens per example, for the truncation count' },
+  shape: { type: 'string', description: 'messages, sharegpt, alpaca, completion or text (default: detected)' },
+  json: { type: 'boolean', description: 'print the report as JSON' },
+};
+
+// Trained text is shown between ⟦ ⟧ (and in green on a terminal), so the split is visible in plain logs too.
+function markTrained(segments: { text: string; trained: boolean }[], color: boolean): string {
+  return segments.map((s) => (s.trained ? (color ? `\x1b[32m⟦${s.text}⟧\x1b[0m` : `⟦${s.text}⟧`) : s.text)).join('');
+}
+
+export function formatReport(r: DatasetReport, color = false): string {
+  const lines = [
+    `${r.file}: ${r.format}, shape ${r.shape ?? 'unknown'}, ${r.rowCount} rows (${r.validRows} valid, ${r.invalidRows} invalid)`,
+  ];
+  for (const e of r.errors) lines.push(`  ${e}`);
+  if (r.invalidRows > r.errors.length) lines.push(`  ... and ${r.invalidRows - r.errors.length} more`);
+  if (r.tokenization) {
+    const { stats, template, examples } = r.tokenization;
+    const l = stats.lengths;
+    lines.push(
+      `template: ${template ?? 'none'}; tokens per example: min ${l.min}, mean ${l.mean.toFixed(1)}, p50 ${l.p50}, p95 ${l.p95}, max ${l.max}; ` +
+        `${l.truncated} truncated; ${stats.trainedTokens} of ${stats.totalTokens} tokens trained`,
+    );
+    for (const ex of examples) {
+      lines.push('', `--- ${ex.source} (${ex.tokens} tokens, ${ex.trainedTokens} trained; trained text in ⟦ ⟧)`, markTrained(ex.segments, color));
+    }
+  }
+  return lines.join('\n');
+}
+
+export async function inspectDataVerb(o: ParsedOptions): Promise<void> {
+  const shape = stringOption(o, 'shape');
+  if (shape !== undefined && !isDatasetShape(shape)) throw new UsageError(`--shape must be messages, sharegpt, alpaca, completion or text, got '${shape}'`);
+  const seqLen = stringOption(o, 'seq-len') === undefined ? undefined : integerOption(o, 'seq-len', 0);
+  const report = await inspectDataset(requiredString(o, 'data'), { modelDir: stringOption(o, 'model'), maxLength: seqLen, shape });
+  process.stdout.write((o.json ? JSON.stringify(report) : formatReport(report, Boolean(process.stdout.isTTY))) + '\n');
+}
