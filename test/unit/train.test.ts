@@ -204,3 +204,34 @@ test('stop over IPC ends the run with a final checkpoint and events over IPC', a
   assert.ok(fs.existsSync(path.join(runDir, 'checkpoints', `step-${finished.step}`, 'DONE')));
   assert.deepEqual(received.map((e) => e.kind), events(runDir).map((e) => e.kind), 'IPC carries the same events as events.jsonl');
 });
+
+test('a loss that turns NaN stops the run with a clear error and keeps the last good checkpoint', async () => {
+  // A model whose embedding of "~" is NaN: the loss is finite until the one example holding "~" comes up.
+  const poisoned = path.join(tempDir('nan-model'), 'model');
+  fs.cpSync(model, poisoned, { recursive: true });
+  const vocab = JSON.parse(fs.readFileSync(path.join(poisoned, 'tokenizer.json'), 'utf8')).model.vocab as Record<string, number>;
+  const file = path.join(poisoned, 'model.safetensors');
+  const bytes = fs.readFileSync(file);
+  const headerLen = Number(bytes.readBigUInt64LE(0));
+  const header = JSON.parse(bytes.subarray(8, 8 + headerLen).toString('utf8'));
+  const embed = header['model.embed_tokens.weight'];
+  const hidden = embed.shape[1];
+  const rowStart = 8 + headerLen + embed.data_offsets[0] + vocab['~'] * hidden * 2;
+  for (let i = 0; i < hidden; i++) bytes.writeUInt16LE(0x7fc0, rowStart + 2 * i); // bf16 NaN
+  fs.writeFileSync(file, bytes);
+
+  const rows = Array.from({ length: 12 }, (_, i) => ({ text: i === 7 ? 'a tilde ~ here' : `plain sentence number ${i}` }));
+  const data = write(path.join(tempDir('nan-data'), 'train.jsonl'), rows.map((r) => JSON.stringify(r)).join('\n'));
+  const runDir = path.join(tempDir('nan-run'), 'run');
+  const c = { ...config(data, { batchSize: 1, checkpointEvery: 1, maxSteps: 12, keepCheckpoints: 20 }), model: poisoned };
+  await assert.rejects(train({ runDir, config: c, resume: false }), /the loss became NaN at step (\d+)/);
+  const log = events(runDir);
+  const error = log.find((e) => e.kind === 'error');
+  assert.ok(error && error.kind === 'error' && error.step !== null);
+  const failedAt = Number(/step (\d+)/.exec(error.message)![1]);
+  assert.ok(failedAt > 1, 'the poisoned example is not the first (seeded order)');
+  assert.equal(error.lastCheckpoint, path.join(runDir, 'checkpoints', `step-${failedAt - 1}`));
+  assert.ok(fs.existsSync(path.join(error.lastCheckpoint!, 'DONE')));
+  assert.ok(!fs.existsSync(path.join(runDir, 'adapter')), 'no adapter is written from a diverged run');
+  assert.equal(log[log.length - 1].kind, 'finished');
+});
