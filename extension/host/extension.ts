@@ -23,7 +23,7 @@ function runCli(context: vscode.ExtensionContext, args: string[]): Promise<strin
 
 export function activate(context: vscode.ExtensionContext): void {
   context.subscriptions.push(
-    vscode.commands.registerCommand('qloraStudio.showEngineInfo', async () => {
+    vscode.commands.registerCommand('qlora.showEngineInfo', async () => {
       try {
         const info = JSON.parse(await runCli(context, ['engine-info', '--json'])) as EngineInfo;
         void vscode.window.showInformationMessage(
