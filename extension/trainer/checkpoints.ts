@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { EngineModel } from '../engine';
 import { writeJsonAtomic } from '../util/atomicFile';
+import { replaceFolderAtomic } from '../util/atomicFolder';
 
 export interface TrainerState {
   /** Optimizer steps completed. The data position follows from it (step * gradAccum micro-batches). */
@@ -30,21 +31,13 @@ export function checkpointPath(runDir: string, step: number): string {
 
 export function writeCheckpoint(runDir: string, model: EngineModel, state: TrainerState, baseModelName: string): string {
   const finalDir = checkpointPath(runDir, state.step);
-  const tmp = path.join(checkpointsDir(runDir), `.step-${state.step}.tmp-${process.pid}`);
-  fs.rmSync(tmp, { recursive: true, force: true });
-  fs.mkdirSync(tmp, { recursive: true });
-  try {
+  // A checkpoint of the same step (a stop right after a periodic checkpoint) is replaced whole; DONE goes last.
+  replaceFolderAtomic(finalDir, (tmp) => {
     model.saveAdapter(path.join(tmp, 'adapter'), baseModelName);
     model.saveOptimizerState(path.join(tmp, 'optimizer.safetensors'));
     writeJsonAtomic(path.join(tmp, 'trainer_state.json'), state);
     writeJsonAtomic(path.join(tmp, 'DONE'), { step: state.step, time: new Date().toISOString() });
-    // A checkpoint of the same step (a stop right after a periodic checkpoint) is replaced whole.
-    fs.rmSync(finalDir, { recursive: true, force: true });
-    fs.renameSync(tmp, finalDir);
-  } catch (err) {
-    fs.rmSync(tmp, { recursive: true, force: true });
-    throw err;
-  }
+  });
   return finalDir;
 }
 

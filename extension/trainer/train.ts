@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { EngineError, EngineModel, readModelConfig } from '../engine';
 import { writeJsonAtomic } from '../util/atomicFile';
+import { replaceFolderAtomic } from '../util/atomicFolder';
 import { BatchSchedule, makeMicroBatch, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import type { TrainConfig } from './config';
@@ -81,16 +82,7 @@ function evaluate(model: EngineModel, examples: readonly TrainExample[], batchSi
 
 function saveFinalAdapter(runDir: string, model: EngineModel, baseModel: string): string {
   const finalDir = path.join(runDir, 'adapter');
-  const tmp = path.join(runDir, `.adapter.tmp-${process.pid}`);
-  fs.rmSync(tmp, { recursive: true, force: true });
-  try {
-    model.saveAdapter(tmp, baseModel);
-    fs.rmSync(finalDir, { recursive: true, force: true });
-    fs.renameSync(tmp, finalDir);
-  } catch (err) {
-    fs.rmSync(tmp, { recursive: true, force: true });
-    throw err;
-  }
+  replaceFolderAtomic(finalDir, (tmp) => model.saveAdapter(tmp, baseModel));
   return finalDir;
 }
 

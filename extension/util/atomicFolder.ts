@@ -28,3 +28,24 @@ export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
     throw err;
   }
 }
+
+/**
+ * Like writeFolderAtomic, but for outputs that are meant to be rewritten (a run's adapter, a checkpoint of the same
+ * step): `fill` writes a temporary sibling, which then replaces `out` whole. A kill leaves the old `out` or the
+ * new one, plus at worst a temporary folder that the next write removes.
+ */
+export function replaceFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
+  const target = path.resolve(out);
+  const tmp = path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}`);
+  fs.rmSync(tmp, { recursive: true, force: true });
+  fs.mkdirSync(tmp, { recursive: true });
+  try {
+    const result = fill(tmp);
+    fs.rmSync(target, { recursive: true, force: true });
+    fs.renameSync(tmp, target);
+    return result;
+  } catch (err) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}

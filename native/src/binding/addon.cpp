@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "backend/backend.h"
+#include "binding/binding_util.h"
 #include "io/model_config.h"
 #include "model/llama.h"
 #include "model/lora.h"
@@ -25,45 +26,7 @@
 namespace {
 
 using namespace qlora;
-
-// Runs `body`, rethrowing engine errors as JS errors tagged with code "QLORA_ENGINE".
-template <typename F>
-auto guarded(const Napi::Env& env, F&& body) -> decltype(body()) {
-  try {
-    return body();
-  } catch (const Napi::Error&) {
-    throw;
-  } catch (const std::exception& e) {
-    Napi::Error err = Napi::Error::New(env, e.what());
-    err.Set("code", Napi::String::New(env, "QLORA_ENGINE"));
-    throw err;
-  }
-}
-
-std::string string_arg(const Napi::CallbackInfo& info, size_t i, const char* what) {
-  if (info.Length() <= i || !info[i].IsString()) throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a string");
-  return info[i].As<Napi::String>().Utf8Value();
-}
-
-Napi::Object options_arg(const Napi::CallbackInfo& info, size_t i) {
-  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return Napi::Object::New(info.Env());
-  if (!info[i].IsObject()) throw Napi::TypeError::New(info.Env(), "options must be an object");
-  return info[i].As<Napi::Object>();
-}
-
-std::optional<double> opt_number(const Napi::Object& o, const char* key) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
-  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a number");
-  return v.As<Napi::Number>().DoubleValue();
-}
-
-std::optional<bool> opt_bool(const Napi::Object& o, const char* key) {
-  Napi::Value v = o.Get(key);
-  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
-  if (!v.IsBoolean()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a boolean");
-  return v.As<Napi::Boolean>().Value();
-}
+using namespace qlora::binding;
 
 Napi::Object config_to_js(Napi::Env env, const ModelConfig& c) {
   Napi::Object o = Napi::Object::New(env);

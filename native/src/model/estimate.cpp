@@ -14,16 +14,6 @@ constexpr int64_t kNf4Blocksize = 64;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool has_bias(const ModelConfig& c, Module m) {
-  switch (m) {
-    case Module::Q:
-    case Module::K:
-    case Module::V: return c.qkv_bias;
-    case Module::O: return c.o_bias;
-    default: return c.mlp_bias;
-  }
-}
-
 }  // namespace
 
 MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
@@ -56,7 +46,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       const int64_t n = shape[0] * shape[1];
       max_linear_size = std::max(max_linear_size, n);
       add(W, nf4 ? ceil_div(n, 2) + ceil_div(n, kNf4Blocksize) * kF32 : n * kF32);
-      if (has_bias(c, m)) add(W, shape[0] * kF32);
+      if (module_has_bias(c, m)) add(W, shape[0] * kF32);
     }
   }
 

@@ -80,16 +80,6 @@ RoundTo round_to_for_dtype(const std::string& dtype, const std::string& context)
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
-bool has_bias(const ModelConfig& c, Module m) {
-  switch (m) {
-    case Module::Q:
-    case Module::K:
-    case Module::V: return c.qkv_bias;
-    case Module::O: return c.o_bias;
-    default: return c.mlp_bias;
-  }
-}
-
 // Dropout elements of each (micro-batch, layer, module) come from their own range of the dropout stream.
 uint64_t dropout_offset(uint32_t micro_batch, int64_t layer, Module m) {
   return ((static_cast<uint64_t>(micro_batch) * 4096 + static_cast<uint64_t>(layer)) * kNumModules +
@@ -162,7 +152,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
       } else {
         fl.dense = load_dense(name, {shape[0], shape[1]});
       }
-      if (has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
+      if (module_has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
     }
   }
   return model;

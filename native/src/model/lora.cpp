@@ -39,6 +39,16 @@ std::array<int64_t, 2> module_shape(const ModelConfig& c, Module m) {
   return {0, 0};
 }
 
+bool module_has_bias(const ModelConfig& c, Module m) {
+  switch (m) {
+    case Module::Q:
+    case Module::K:
+    case Module::V: return c.qkv_bias;
+    case Module::O: return c.o_bias;
+    default: return c.mlp_bias;
+  }
+}
+
 double LoraConfig::scale() const {
   return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
 }

@@ -20,6 +20,8 @@ const char* module_parent(Module m);  // "self_attn" or "mlp"
 std::optional<Module> module_from_name(const std::string& name);
 // [out, in] of a module's base weight.
 std::array<int64_t, 2> module_shape(const ModelConfig& config, Module m);
+// Whether the base layer has a bias: q/k/v with qkv_bias (Qwen2), o with o_bias, the MLP with mlp_bias.
+bool module_has_bias(const ModelConfig& config, Module m);
 
 struct LoraConfig {
   int64_t rank = 8;

@@ -1,0 +1,51 @@
+// Argument and error conventions shared by the addon's binding files: engine errors become JS errors carrying the
+// engine's message and code "QLORA_ENGINE"; bad arguments become TypeError/RangeError naming the argument.
+#pragma once
+#include <napi.h>
+
+#include <exception>
+#include <optional>
+#include <string>
+
+namespace qlora::binding {
+
+template <typename F>
+auto guarded(const Napi::Env& env, F&& body) -> decltype(body()) {
+  try {
+    return body();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    Napi::Error err = Napi::Error::New(env, e.what());
+    err.Set("code", Napi::String::New(env, "QLORA_ENGINE"));
+    throw err;
+  }
+}
+
+inline std::string string_arg(const Napi::CallbackInfo& info, size_t i, const char* what) {
+  if (info.Length() <= i || !info[i].IsString())
+    throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a string");
+  return info[i].As<Napi::String>().Utf8Value();
+}
+
+inline Napi::Object options_arg(const Napi::CallbackInfo& info, size_t i) {
+  if (info.Length() <= i || info[i].IsUndefined() || info[i].IsNull()) return Napi::Object::New(info.Env());
+  if (!info[i].IsObject()) throw Napi::TypeError::New(info.Env(), "options must be an object");
+  return info[i].As<Napi::Object>();
+}
+
+inline std::optional<double> opt_number(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  if (!v.IsNumber()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+inline std::optional<bool> opt_bool(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  if (!v.IsBoolean()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+}  // namespace qlora::binding
