@@ -1,39 +1,78 @@
-// The VS Code side. It never loads the native engine: anything that needs the engine runs the qlora-studio CLI
-// (the same code as the trainer process) as a child process, so a native crash cannot take the editor down.
-import { execFile } from 'node:child_process';
+// The VS Code side: runs registry, trainer process manager, commands, the Runs view, the status bar. Activation is
+// light; the host never loads the native engine: anything that needs it runs the qlora-studio CLI (the same code as
+// the trainer process) as a child process, so a native crash cannot take the editor down.
 import * as path from 'node:path';
 import * as vscode from 'vscode';
+import { registerCommands } from './commands';
+import { registerTrainingPanels } from './panel';
+import { RunRegistry } from './runs/registry';
+import { createRunsView } from './runs/tree';
+import type { RunSource } from './runs/types';
+import { runsDirectory, trainerLaunch } from './settings';
+import { createRunNotifications, createStatusBar } from './statusBar';
+import { TrainerProcess } from './trainerProcess';
 
-interface EngineInfo {
-  version: string;
-  backends: string[];
-  threads: number;
+/** What activate() returns: for the e2e suite and other extensions. */
+export interface QloraApi {
+  runs: RunSource;
+  runsDirectory(): string;
 }
 
-function runCli(context: vscode.ExtensionContext, args: string[]): Promise<string> {
-  const cli = path.join(context.extensionPath, 'dist', 'cli.js');
-  return new Promise((resolve, reject) => {
-    // An argument array, never a shell string.
-    execFile(process.execPath, [cli, ...args], { env: { ...process.env, ELECTRON_RUN_AS_NODE: '1' }, timeout: 60_000 }, (err, stdout, stderr) => {
-      if (err) reject(new Error(stderr.trim().replace(/^qlora-studio: /, '') || err.message));
-      else resolve(stdout);
-    });
-  });
+let trainer: TrainerProcess | undefined;
+
+/** Watches run folders appear, change and go (runs the CLI creates included); the registry debounces. */
+function watchRunsDirectory(dir: string, onChange: () => void): vscode.Disposable {
+  const files = '{*,*/config.json,*/events.jsonl,*/checkpoints/*/DONE}';
+  // Inside a workspace folder, a workspace-relative pattern rides on the workspace's own watcher.
+  const inside = (root: string) => {
+    const rel = path.relative(root, dir);
+    return !rel.startsWith('..') && !path.isAbsolute(rel);
+  };
+  const folder = vscode.workspace.workspaceFolders?.find((f) => inside(f.uri.fsPath));
+  const rel = folder ? path.relative(folder.uri.fsPath, dir).split(path.sep).join('/') : '';
+  const pattern = folder
+    ? new vscode.RelativePattern(folder, rel === '' ? files : `${rel}/${files}`)
+    : new vscode.RelativePattern(vscode.Uri.file(dir), files);
+  const watcher = vscode.workspace.createFileSystemWatcher(pattern);
+  return vscode.Disposable.from(watcher, watcher.onDidCreate(onChange), watcher.onDidChange(onChange), watcher.onDidDelete(onChange));
 }
 
-export function activate(context: vscode.ExtensionContext): void {
+export function activate(context: vscode.ExtensionContext): QloraApi {
+  const output = vscode.window.createOutputChannel('QLoRA Studio');
+  const launch = () => trainerLaunch(context);
+  const runsDir = () => runsDirectory(context);
+  trainer = new TrainerProcess(launch, output);
+  const runs = new RunRegistry(trainer, runsDir);
+  const diagnostics = vscode.languages.createDiagnosticCollection('qlora');
+
+  let watcher = watchRunsDirectory(runsDir(), () => runs.scheduleRefresh());
+  const rewatch = () => {
+    watcher.dispose();
+    watcher = watchRunsDirectory(runsDir(), () => runs.scheduleRefresh());
+    runs.refresh();
+  };
+
   context.subscriptions.push(
-    vscode.commands.registerCommand('qlora.showEngineInfo', async () => {
-      try {
-        const info = JSON.parse(await runCli(context, ['engine-info', '--json'])) as EngineInfo;
-        void vscode.window.showInformationMessage(
-          `QLoRA engine ${info.version}: backends ${info.backends.join(', ')}, ${info.threads} CPU threads.`,
-        );
-      } catch (err) {
-        void vscode.window.showErrorMessage(`QLoRA Studio could not start its engine: ${err instanceof Error ? err.message : String(err)}`);
-      }
+    output,
+    diagnostics,
+    trainer,
+    runs,
+    { dispose: () => watcher.dispose() },
+    ...registerCommands({ context, runs, trainer, output, diagnostics, launch, runsDirectory: runsDir }),
+    ...registerTrainingPanels(context, runs),
+    createRunsView(runs),
+    createStatusBar(runs),
+    createRunNotifications(runs, output),
+    vscode.workspace.onDidChangeConfiguration((e) => {
+      if (e.affectsConfiguration('qlora.runsDirectory')) rewatch();
     }),
+    vscode.workspace.onDidChangeWorkspaceFolders(rewatch),
+    vscode.workspace.onDidGrantWorkspaceTrust(rewatch),
   );
+  return { runs, runsDirectory: runsDir };
 }
 
-export function deactivate(): void {}
+/** Stops a live run cleanly (stop, then up to ~5 s for its final checkpoint, then terminate). */
+export async function deactivate(): Promise<void> {
+  await trainer?.shutdown(5000);
+}

@@ -1,0 +1,351 @@
+// Every qlora.* command of the manifest, as a table of name → handler (like rust-analyzer's createCommands). Each
+// works interactively and, given arguments, without asking anything, so scripts and the e2e suite can drive it.
+// A failure is shown as one sentence and the command resolves to undefined.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as vscode from 'vscode';
+import type { TrainerEvent } from '../protocol/events';
+import { runCliJson } from './cliRunner';
+import { formatMiB } from './format';
+import {
+  adapterOfRun,
+  defaultRunName,
+  estimateShape,
+  modelOfRun,
+  normalizeOverrides,
+  parseDataError,
+  runDirOf,
+  runNameProblem,
+  trainArgs,
+  uniqueRunName,
+  type PresetName,
+} from './newRun';
+import { pickDataset, pickModel, pickPreset, pickRun, rememberModel, SELECTED_DATASET, SELECTED_MODEL } from './pickers';
+import type { RunRegistry } from './runs/registry';
+import { presetDescriptions, readSettings } from './settings';
+import { TrainerBusyError, type ActiveRun, type TrainerLaunch, type TrainerProcess } from './trainerProcess';
+
+export interface NewFinetuneArgs {
+  model?: string;
+  data?: string;
+  preset?: PresetName;
+  runName?: string;
+  /** Training settings by config name (maxSteps, batchSize, lr, rank, skipInvalid, ...). */
+  overrides?: Record<string, unknown>;
+}
+
+export type MergeDtype = 'bf16' | 'f16' | 'f32';
+
+export interface HostServices {
+  context: vscode.ExtensionContext;
+  runs: RunRegistry;
+  trainer: TrainerProcess;
+  output: vscode.OutputChannel;
+  diagnostics: vscode.DiagnosticCollection;
+  launch(): TrainerLaunch;
+  runsDirectory(): string;
+}
+
+/** What the host reads of `inspect-data --json` (the report of extension/data). */
+interface DatasetPreview {
+  format: string;
+  shape: string | null;
+  rowCount: number;
+  validRows: number;
+  invalidRows: number;
+  errors: string[];
+}
+
+type Handler = (...args: unknown[]) => unknown;
+
+const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
+
+class Refusal extends Error {}
+
+function refuseUntrusted(): void {
+  if (!vscode.workspace.isTrusted) throw new Refusal('QLoRA Studio cannot start training in an untrusted workspace. Trust the workspace first.');
+}
+
+/** Row errors of the dataset in the Problems panel, at their line (rows without a line: at the top). */
+export function showDatasetProblems(diagnostics: vscode.DiagnosticCollection, dataFile: string, report: DatasetPreview): void {
+  const uri = vscode.Uri.file(dataFile);
+  const items: vscode.Diagnostic[] = [];
+  for (const text of report.errors) {
+    const at = parseDataError(text);
+    const line = at?.line !== undefined ? at.line - 1 : 0;
+    const what = at === undefined ? text : at.row !== undefined ? `row ${at.row}: ${at.message}` : at.message;
+    const d = new vscode.Diagnostic(new vscode.Range(line, 0, line, Number.MAX_SAFE_INTEGER), what, vscode.DiagnosticSeverity.Error);
+    d.source = 'qlora';
+    items.push(d);
+  }
+  if (report.invalidRows > report.errors.length) {
+    const more = new vscode.Diagnostic(new vscode.Range(0, 0, 0, 0), `${report.invalidRows - report.errors.length} more invalid rows not listed`, vscode.DiagnosticSeverity.Information);
+    more.source = 'qlora';
+    items.push(more);
+  }
+  diagnostics.set(uri, items);
+}
+
+export function createCommands(h: HostServices): Record<string, Handler> {
+  const { context, runs, trainer } = h;
+
+  /** Starts the trainer and waits for its run-started event (or its early end: bad inputs end it before that). */
+  async function startRun(verb: 'train' | 'resume', runDir: string, args: string[] = []): Promise<string | undefined> {
+    let run: ActiveRun;
+    try {
+      run = trainer.start(verb, runDir, args);
+    } catch (err) {
+      if (err instanceof TrainerBusyError) throw new Refusal(err.message);
+      throw err;
+    }
+    const started = new Promise<boolean>((resolve) => {
+      const sub = trainer.onDidReceiveEvent(({ runDir: dir, event }: { runDir: string; event: TrainerEvent }) => {
+        if (dir === runDir && event.kind === 'run-started') {
+          sub.dispose();
+          resolve(true);
+        }
+      });
+      void run.ended.then(() => {
+        sub.dispose();
+        resolve(false);
+      });
+    });
+    const ok = await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: `${verb === 'train' ? 'Starting' : 'Resuming'} ${path.basename(runDir)}: reading data and loading the model…` },
+      () => started,
+    );
+    // An early failure has been announced by the run-end notification already.
+    return ok ? runDir : undefined;
+  }
+
+  async function runArg(arg: unknown, placeHolder: string, statuses?: readonly ('running' | 'finished' | 'stopped' | 'failed')[]): Promise<string | undefined> {
+    return runDirOf(arg) ?? (await pickRun(runs.list(), placeHolder, statuses));
+  }
+
+  async function newFinetune(args: NewFinetuneArgs = {}): Promise<string | undefined> {
+    refuseUntrusted();
+    const active = trainer.active;
+    if (active) throw new Refusal(`A run is already training (${active.name}); stop it first.`);
+    const interactive = !(args.model && args.data && args.preset);
+    const settings = readSettings();
+    // A bad override is reported before anything runs.
+    const overrides: Record<string, unknown> = normalizeOverrides(args.overrides);
+
+    const model = args.model ?? (await pickModel(context));
+    if (!model) return undefined;
+    const data = args.data ?? (await pickDataset(context));
+    if (!data) return undefined;
+
+    const seqLen = typeof overrides.seqLen === 'number' ? overrides.seqLen : settings.maxSequenceLength;
+    const preview = await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Checking ${path.basename(data)}…` }, () =>
+      runCliJson<DatasetPreview>(h.launch(), ['inspect-data', '--data', data, '--model', model, '--seq-len', String(seqLen)], { timeoutMs: 300_000 }),
+    );
+    showDatasetProblems(h.diagnostics, data, preview);
+    const summary = `${path.basename(data)}: ${preview.shape ?? 'unknown shape'}, ${preview.rowCount.toLocaleString('en-US')} rows, ${preview.invalidRows} invalid`;
+    if (preview.validRows === 0) throw new Refusal(`${summary}: nothing to train on${preview.errors[0] ? ` (${preview.errors[0]})` : ''}.`);
+
+    const preset = args.preset ?? (interactive ? await pickPreset(presetDescriptions(context), settings.defaultPreset, `${summary}. Choose a preset`) : settings.defaultPreset);
+    if (!preset) return undefined;
+
+    if (preview.invalidRows > 0 && overrides.skipInvalid !== true && interactive) {
+      const skip = 'Skip Invalid Rows';
+      const answer = await vscode.window.showWarningMessage(
+        `${preview.invalidRows} of ${preview.rowCount} rows of ${path.basename(data)} are invalid (listed in the Problems panel).`,
+        { modal: true, detail: 'Train on the valid rows only, or cancel and fix the file.' },
+        skip,
+      );
+      if (answer !== skip) return undefined;
+      overrides.skipInvalid = true;
+    }
+
+    const runsDir = h.runsDirectory();
+    let name = args.runName;
+    if (name !== undefined) {
+      const problem = runNameProblem(name, runsDir);
+      if (problem) throw new Refusal(problem);
+    } else {
+      const suggested = uniqueRunName(runsDir, defaultRunName(model, data));
+      name = interactive
+        ? await vscode.window.showInputBox({ title: 'QLoRA: Run Name', value: suggested, prompt: `A folder in ${runsDir}`, validateInput: (v) => runNameProblem(v, runsDir), ignoreFocusOut: true })
+        : suggested;
+      if (!name) return undefined;
+    }
+    const runDir = path.join(runsDir, name);
+
+    if (interactive) {
+      const shape = estimateShape(preset, overrides);
+      let memory: string;
+      try {
+        const e = await runCliJson<{ peakTotal: number }>(h.launch(), ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank)], { timeoutMs: 60_000 });
+        memory = `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens)`;
+      } catch (err) {
+        memory = `unknown (${message(err)})`;
+      }
+      const start = 'Start Training';
+      const answer = await vscode.window.showInformationMessage(
+        `Start finetune "${name}"?`,
+        { modal: true, detail: [`Model: ${model}`, `Data: ${summary}`, `Preset: ${preset}`, `Memory: ${memory}`, `Run folder: ${runDir}`].join('\n') },
+        start,
+      );
+      if (answer !== start) return undefined;
+    }
+
+    const cliArgs = trainArgs({ model, data, preset, seqLen: settings.maxSequenceLength, checkpointEvery: settings.checkpointEvery, evalEvery: settings.evalEvery, overrides });
+    if (interactive) void vscode.commands.executeCommand('qlora.trainingView.focus');
+    await rememberModel(context, model);
+    return startRun('train', runDir, cliArgs);
+  }
+
+  async function resumeRun(arg?: unknown): Promise<string | undefined> {
+    refuseUntrusted();
+    const runDir = await runArg(arg, 'Run to resume', ['stopped', 'failed']);
+    if (!runDir) return undefined;
+    return startRun('resume', runDir);
+  }
+
+  async function exportAdapter(arg?: unknown, outArg?: unknown): Promise<string | undefined> {
+    const runDir = await runArg(arg, 'Run whose adapter to export', ['finished', 'stopped']);
+    if (!runDir) return undefined;
+    let out = typeof outArg === 'string' ? outArg : undefined;
+    if (!out) {
+      const parent = vscode.workspace.workspaceFolders?.[0]?.uri ?? vscode.Uri.file(path.dirname(runDir));
+      const picked = await vscode.window.showSaveDialog({ title: 'Export adapter to a new folder', saveLabel: 'Export', defaultUri: vscode.Uri.joinPath(parent, `${path.basename(runDir)}-adapter`) });
+      out = picked?.fsPath;
+      if (!out) return undefined;
+    }
+    const target = out;
+    const result = await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Exporting the adapter of ${path.basename(runDir)}…` }, () =>
+      runCliJson<{ from: string; out: string }>(h.launch(), ['export', '--run', runDir, '--out', target], { timeoutMs: 300_000 }),
+    );
+    void revealNotice(`Exported the adapter of ${path.basename(runDir)} to ${result.out}.`, result.out);
+    return result.out;
+  }
+
+  async function mergeAndSave(arg?: unknown, outArg?: unknown, dtypeArg?: unknown): Promise<string | undefined> {
+    const runDir = await runArg(arg, 'Run to merge into its base model', ['finished', 'stopped']);
+    if (!runDir) return undefined;
+    const model = modelOfRun(runDir);
+    const adapter = adapterOfRun(runDir);
+    if (!adapter) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
+    let dtype: MergeDtype | undefined = dtypeArg === 'bf16' || dtypeArg === 'f16' || dtypeArg === 'f32' ? dtypeArg : undefined;
+    if (dtypeArg !== undefined && dtype === undefined) throw new Refusal(`dtype must be bf16, f16 or f32, got ${JSON.stringify(dtypeArg)}.`);
+    if (!dtype) {
+      const choice = await vscode.window.showQuickPick(
+        [
+          { label: 'bf16', detail: 'bfloat16: the usual choice, half the size of f32', dtype: 'bf16' as const },
+          { label: 'f16', detail: 'float16: for runtimes without bfloat16', dtype: 'f16' as const },
+          { label: 'f32', detail: 'float32: exact, twice the size', dtype: 'f32' as const },
+        ],
+        { title: 'QLoRA: Merged Model Precision' },
+      );
+      dtype = choice?.dtype;
+      if (!dtype) return undefined;
+    }
+    let out = typeof outArg === 'string' ? outArg : undefined;
+    if (!out) {
+      const picked = await vscode.window.showSaveDialog({ title: 'Save the merged model to a new folder', saveLabel: 'Merge', defaultUri: vscode.Uri.file(uniqueFolder(path.join(runDir, 'merged'))) });
+      out = picked?.fsPath;
+      if (!out) return undefined;
+    }
+    const target = out;
+    const chosen = dtype;
+    const result = await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: `Merging ${path.basename(runDir)} into a ${chosen} model…`, cancellable: true },
+      (_progress, token) => {
+        const abort = new AbortController();
+        token.onCancellationRequested(() => abort.abort());
+        return runCliJson<{ out: string }>(h.launch(), ['merge', '--model', model, '--adapter', adapter, '--out', target, '--dtype', chosen], { signal: abort.signal });
+      },
+    );
+    void revealNotice(`Merged ${path.basename(runDir)} into ${result.out}.`, result.out);
+    return result.out;
+  }
+
+  function uniqueFolder(base: string): string {
+    let candidate = base;
+    for (let i = 2; fs.existsSync(candidate); i++) candidate = `${base}-${i}`;
+    return candidate;
+  }
+
+  async function revealNotice(text: string, folder: string): Promise<void> {
+    const reveal = 'Reveal';
+    if ((await vscode.window.showInformationMessage(text, reveal)) === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(folder));
+  }
+
+  async function deleteRun(arg?: unknown, confirmed?: unknown): Promise<boolean> {
+    const runDir = await runArg(arg, 'Run to delete', ['finished', 'stopped', 'failed']);
+    if (!runDir) return false;
+    const active = trainer.active;
+    if (active && path.resolve(active.runDir) === path.resolve(runDir)) throw new Refusal(`${active.name} is training; stop it before deleting it.`);
+    if (confirmed !== true) {
+      const remove = 'Delete';
+      const answer = await vscode.window.showWarningMessage(
+        `Delete run "${path.basename(runDir)}"?`,
+        { modal: true, detail: `Its folder, checkpoints and adapter are removed from disk:\n${runDir}` },
+        remove,
+      );
+      if (answer !== remove) return false;
+    }
+    await fs.promises.rm(runDir, { recursive: true, force: true });
+    runs.refresh();
+    return true;
+  }
+
+  const table: Record<string, Handler> = {
+    'qlora.newFinetune': (args) => newFinetune((args ?? {}) as NewFinetuneArgs),
+    'qlora.selectModel': async () => {
+      const dir = await pickModel(context);
+      if (dir) await context.workspaceState.update(SELECTED_MODEL, dir);
+      return dir;
+    },
+    'qlora.selectDataset': async () => {
+      const file = await pickDataset(context);
+      if (file) await context.workspaceState.update(SELECTED_DATASET, file);
+      return file;
+    },
+    'qlora.stopTraining': () => {
+      if (trainer.stop()) return true;
+      void vscode.window.showInformationMessage('No run is training.');
+      return false;
+    },
+    'qlora.resumeRun': (arg) => resumeRun(arg),
+    'qlora.exportAdapter': (arg, out) => exportAdapter(arg, out),
+    'qlora.mergeAndSave': (arg, out, dtype) => mergeAndSave(arg, out, dtype),
+    'qlora.openRun': async (arg) => {
+      const runDir = await runArg(arg, 'Run to open');
+      if (runDir) await vscode.commands.executeCommand('qlora.internal.openRunPanel', runDir);
+      return runDir;
+    },
+    'qlora.showTrainingPanel': () => vscode.commands.executeCommand('qlora.trainingView.focus'),
+    'qlora.revealRun': async (arg) => {
+      const runDir = await runArg(arg, 'Run to reveal');
+      if (runDir) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(runDir));
+      return runDir;
+    },
+    'qlora.deleteRun': (arg, confirmed) => deleteRun(arg, confirmed),
+    'qlora.refreshRuns': () => runs.refresh(),
+    'qlora.showEngineInfo': async () => {
+      const info = await runCliJson<{ version: string; backends: string[]; threads: number }>(h.launch(), ['engine-info'], { timeoutMs: 60_000 });
+      void vscode.window.showInformationMessage(`QLoRA engine ${info.version}: backends ${info.backends.join(', ')}, ${info.threads} CPU threads.`);
+      return info;
+    },
+  };
+  return table;
+}
+
+export function registerCommands(h: HostServices): vscode.Disposable[] {
+  return Object.entries(createCommands(h)).map(([name, handler]) =>
+    vscode.commands.registerCommand(name, async (...args: unknown[]) => {
+      try {
+        return await handler(...args);
+      } catch (err) {
+        if (err instanceof Refusal) void vscode.window.showWarningMessage(err.message);
+        else {
+          h.output.appendLine(`${name} failed: ${err instanceof Error && err.stack ? err.stack : message(err)}`);
+          void vscode.window.showErrorMessage(`QLoRA Studio: ${message(err)}`);
+        }
+        return undefined;
+      }
+    }),
+  );
+}

@@ -1,0 +1,145 @@
+// What a run folder says about its run: status, progress and failure reason derived from events.jsonl, plus the
+// scan of a runs directory. Pure Node (no vscode), so the rules are unit-tested directly.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { parseEventLog, type TrainerEvent } from '../../protocol/events';
+import type { RunStatus } from '../../protocol/webview';
+import type { RunInfo } from './types';
+
+export interface RunFacts {
+  runDir: string;
+  events: readonly TrainerEvent[];
+  /** Why events.jsonl could not be read; the run then shows as failed with this reason. */
+  parseError?: string;
+  /** Whether checkpoints/ holds a complete (DONE) checkpoint to resume from. */
+  hasCheckpoint: boolean;
+  /** A trainer process of this host is running the run now. */
+  live: boolean;
+  /** Why this host's trainer process for the run ended badly (crash, kill) when no event says so. */
+  exitFailure?: string;
+  /** When the folder last changed, for runs with no events yet. */
+  modified: Date;
+}
+
+// A resumed run appends a new run-started to the same log: only the events from the last one on describe the
+// current attempt (an earlier "stopped" or error is history).
+function currentAttempt(events: readonly TrainerEvent[]): readonly TrainerEvent[] {
+  for (let i = events.length - 1; i >= 0; i--) if (events[i].kind === 'run-started') return events.slice(i);
+  return events;
+}
+
+export function deriveStatus(facts: RunFacts): { status: RunStatus; error?: string } {
+  if (facts.live) return { status: 'running' };
+  if (facts.parseError !== undefined) return { status: 'failed', error: facts.parseError };
+  // This window saw the process end badly: that outranks what the log says (it may end with a clean-looking event).
+  if (facts.exitFailure !== undefined) return { status: 'failed', error: facts.exitFailure };
+  const attempt = currentAttempt(facts.events);
+  let finished: Extract<TrainerEvent, { kind: 'finished' }> | undefined;
+  let lastError: string | undefined;
+  for (const e of attempt) {
+    if (e.kind === 'finished') finished = e;
+    else if (e.kind === 'error') lastError = e.message;
+  }
+  if (finished) {
+    if (finished.status === 'completed') return { status: 'finished' };
+    if (finished.status === 'stopped') return { status: 'stopped' };
+    return { status: 'failed', error: lastError ?? 'the trainer reported a failure' };
+  }
+  if (lastError !== undefined) return { status: 'failed', error: lastError };
+  // Killed without a word (a closed terminal, a crash before this window saw it): resumable when a checkpoint exists.
+  if (facts.hasCheckpoint) return { status: 'stopped' };
+  return { status: 'failed', error: 'the trainer ended without finishing and left no checkpoint' };
+}
+
+export function deriveRunInfo(facts: RunFacts): RunInfo {
+  let step = 0;
+  let totalSteps: number | null = null;
+  let loss: number | null = null;
+  for (const e of facts.events) {
+    if (e.kind === 'run-started') totalSteps = e.totalSteps;
+    else if (e.kind === 'step') {
+      step = e.step;
+      totalSteps = e.totalSteps;
+      // A diverged loss is written as null (JSON has no NaN).
+      loss = typeof e.loss === 'number' ? e.loss : null;
+    } else if (e.kind === 'finished') step = e.step;
+  }
+  const last = facts.events[facts.events.length - 1];
+  const lastTime = last ? Date.parse(last.time) : NaN;
+  const { status, error } = deriveStatus(facts);
+  const info: RunInfo = {
+    runDir: facts.runDir,
+    name: path.basename(facts.runDir),
+    status,
+    step,
+    totalSteps,
+    loss,
+    updated: Number.isFinite(lastTime) ? new Date(lastTime) : facts.modified,
+  };
+  if (error !== undefined) info.error = error;
+  return info;
+}
+
+export function hasCompleteCheckpoint(runDir: string): boolean {
+  const dir = path.join(runDir, 'checkpoints');
+  try {
+    return fs.readdirSync(dir).some((name) => /^step-\d+$/.test(name) && fs.existsSync(path.join(dir, name, 'DONE')));
+  } catch {
+    return false;
+  }
+}
+
+export interface EventFile {
+  events: TrainerEvent[];
+  parseError?: string;
+}
+
+/** Reads <run>/events.jsonl; a missing file is no events yet, a broken one a parse error (never thrown). */
+export function readEventFile(runDir: string): EventFile {
+  let text: string;
+  try {
+    text = fs.readFileSync(path.join(runDir, 'events.jsonl'), 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { events: [] };
+    return { events: [], parseError: `cannot read events.jsonl (${(err as NodeJS.ErrnoException).code ?? String(err)})` };
+  }
+  try {
+    return { events: parseEventLog(text, path.join(path.basename(runDir), 'events.jsonl')).events };
+  } catch (err) {
+    return { events: [], parseError: err instanceof Error ? err.message : String(err) };
+  }
+}
+
+/** The run folders (those with config.json) directly inside a runs directory; none when it does not exist. */
+export function listRunFolders(runsDir: string): string[] {
+  let entries: fs.Dirent[];
+  try {
+    entries = fs.readdirSync(runsDir, { withFileTypes: true });
+  } catch {
+    return [];
+  }
+  return entries
+    .filter((e) => e.isDirectory() && fs.existsSync(path.join(runsDir, e.name, 'config.json')))
+    .map((e) => path.join(runsDir, e.name));
+}
+
+/** A key that changes whenever events.jsonl does (appends change size and mtime), so unchanged logs are not re-read. */
+export function eventFileStamp(runDir: string): string {
+  try {
+    const s = fs.statSync(path.join(runDir, 'events.jsonl'));
+    return `${s.size}:${s.mtimeMs}`;
+  } catch {
+    return 'none';
+  }
+}
+
+export function folderModified(runDir: string): Date {
+  for (const name of ['events.jsonl', 'config.json']) {
+    try {
+      return fs.statSync(path.join(runDir, name)).mtime;
+    } catch {
+      // try the next
+    }
+  }
+  return new Date(0);
+}

@@ -1,0 +1,61 @@
+// The qlora.* settings, read when used (so changes apply without a reload), and what follows from them: the runs
+// directory and how to launch the CLI.
+import * as path from 'node:path';
+import * as vscode from 'vscode';
+import type { PresetName } from './newRun';
+import type { TrainerLaunch } from './trainerProcess';
+
+export interface Settings {
+  defaultPreset: PresetName;
+  maxSequenceLength: number;
+  checkpointEvery: number;
+  evalEvery: number;
+  huggingFaceCache: string;
+}
+
+export function readSettings(): Settings {
+  const c = vscode.workspace.getConfiguration('qlora');
+  const preset = c.get<string>('defaultPreset', 'qlora');
+  return {
+    defaultPreset: preset === 'quick' ? 'quick' : 'qlora',
+    maxSequenceLength: c.get<number>('maxSequenceLength', 1024),
+    checkpointEvery: c.get<number>('checkpointEvery', 100),
+    evalEvery: c.get<number>('evalEvery', 100),
+    huggingFaceCache: c.get<string>('huggingFaceCache', ''),
+  };
+}
+
+/**
+ * A setting naming a program or a folder to write to, as the user set it. In an untrusted workspace the
+ * workspace's own value is ignored: a cloned repository must not choose the executable we run.
+ */
+function pathSetting(key: 'nodePath' | 'runsDirectory'): string {
+  const c = vscode.workspace.getConfiguration('qlora');
+  if (vscode.workspace.isTrusted) return c.get<string>(key, '').trim();
+  return (c.inspect<string>(key)?.globalValue ?? '').trim();
+}
+
+export function trainerLaunch(context: vscode.ExtensionContext): TrainerLaunch {
+  return {
+    cliPath: path.join(context.extensionPath, 'dist', 'cli.js'),
+    execPath: pathSetting('nodePath') || process.execPath,
+  };
+}
+
+/** The qlora.runsDirectory setting, else <first workspace folder>/.qlora/runs, else the extension's global storage. */
+export function runsDirectory(context: vscode.ExtensionContext): string {
+  const setting = pathSetting('runsDirectory');
+  const folder = vscode.workspace.workspaceFolders?.[0]?.uri.fsPath;
+  if (setting !== '') return path.resolve(folder ?? context.globalStorageUri.fsPath, setting);
+  if (folder) return path.join(folder, '.qlora', 'runs');
+  return path.join(context.globalStorageUri.fsPath, 'runs');
+}
+
+/** The manifest's description of each preset (package.json is the one place they are written for the UI). */
+export function presetDescriptions(context: vscode.ExtensionContext): Record<string, string> {
+  const property = (context.extension.packageJSON as { contributes?: { configuration?: { properties?: Record<string, { enum?: string[]; enumDescriptions?: string[] }> } } })
+    .contributes?.configuration?.properties?.['qlora.defaultPreset'];
+  const out: Record<string, string> = {};
+  property?.enum?.forEach((name, i) => (out[name] = property.enumDescriptions?.[i] ?? ''));
+  return out;
+}

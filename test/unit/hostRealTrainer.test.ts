@@ -1,0 +1,72 @@
+// The host's process manager and registry driving the real CLI (dist/cli.js) on a tiny model: a run trains with
+// events over IPC, stops on request with a checkpoint, shows as stopped, resumes to finished; bad data fails
+// before a run folder exists with the CLI's sentence; inspect-data's JSON gives row errors the Problems panel reads.
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { before, test } from 'node:test';
+import { runCliJson } from '../../extension/host/cliRunner';
+import { parseDataError, trainArgs } from '../../extension/host/newRun';
+import { RunRegistry } from '../../extension/host/runs/registry';
+import { TrainerProcess } from '../../extension/host/trainerProcess';
+import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
+import { cliPath, repoRoot, tempDir } from '../helpers/paths';
+import { memoryOutput } from './hostFakes';
+
+const launch = () => ({ cliPath, execPath: process.execPath });
+const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+let model = '';
+
+before(() => {
+  model = path.join(tempDir('host-real-model'), 'tiny');
+  makeTinyModel({ out: model, arch: 'llama', seed: 3 });
+});
+
+const args = (overrides: Record<string, unknown>) =>
+  trainArgs({ model, data, preset: 'quick', seqLen: 96, checkpointEvery: 0, evalEvery: 0, overrides: { batchSize: 2, gradAccum: 1, rank: 4, ...overrides } });
+
+test('train, stop over IPC, resume to the end', async () => {
+  const runsDir = tempDir('host-real-runs');
+  const output = memoryOutput();
+  const trainer = new TrainerProcess(launch, output);
+  const runs = new RunRegistry(trainer, () => runsDir, 5);
+  const runDir = path.join(runsDir, 'run1');
+  const kinds: string[] = [];
+  runs.onDidReceiveEvent(({ event }) => {
+    kinds.push(event.kind);
+    if (event.kind === 'step' && event.step === 3) trainer.stop();
+  });
+  const first = await trainer.start('train', runDir, args({ maxSteps: 400 })).ended;
+  assert.equal(first.status, 'stopped', output.lines.join('\n'));
+  assert.ok(kinds.includes('run-started'));
+  const info = runs.list().find((r) => r.name === 'run1');
+  assert.equal(info?.status, 'stopped');
+  assert.ok(info && info.step >= 3 && info.step < 400);
+  assert.ok(output.lines.some((l) => l.includes('"status":"stopped"')), 'the --json outcome reaches the output channel');
+
+  const second = await trainer.start('resume', runDir).ended;
+  assert.equal(second.status, 'finished', output.lines.join('\n'));
+  const snapshot = runs.snapshot(runDir);
+  assert.equal(snapshot.status, 'finished');
+  assert.equal(snapshot.events.filter((e) => e.kind === 'run-started').length, 2);
+  assert.equal(runs.list()[0].step, 400);
+  runs.dispose();
+});
+
+test('bad data fails with the CLI sentence and leaves no run folder; inspect-data lists the rows', async () => {
+  const dir = tempDir('host-real-bad');
+  const bad = path.join(dir, 'bad.jsonl');
+  fs.writeFileSync(bad, '{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}\n{"messages": 5}\n');
+  const trainer = new TrainerProcess(launch, memoryOutput());
+  const runDir = path.join(dir, 'runs', 'bad');
+  const end = await trainer.start('train', runDir, trainArgs({ model, data: bad, preset: 'quick', seqLen: 64, checkpointEvery: 0, evalEvery: 0, overrides: { maxSteps: 2 } })).ended;
+  assert.equal(end.status, 'failed');
+  assert.match(end.reason ?? '', /^bad\.jsonl line 2: /);
+  assert.ok(!fs.existsSync(runDir));
+
+  const report = await runCliJson<{ rowCount: number; invalidRows: number; errors: string[] }>(launch(), ['inspect-data', '--data', bad, '--model', model]);
+  assert.equal(report.rowCount, 2);
+  assert.equal(report.invalidRows, 1);
+  assert.equal(parseDataError(report.errors[0])?.line, 2);
+  await assert.rejects(runCliJson(launch(), ['inspect-data', '--data', path.join(dir, 'missing.jsonl')]), /missing\.jsonl/);
+});

@@ -1,0 +1,184 @@
+// The training panel's view-model: a realistic run's events become the chart series, header numbers and counters;
+// live (one event at a time) equals replayed; failures, resumes and the panel's buttons; number formatting and
+// theme colours.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { MEMORY_CATEGORIES, type ByCategory, type TrainerEvent } from '../../extension/protocol/events';
+import { categoryColors, readPalette, themeKind, withAlpha } from '../../webview/colors';
+import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from '../../webview/format';
+import { applyEvent, availableActions, emptyView, progress, reduceRun } from '../../webview/model';
+
+const GiB = 1024 ** 3;
+const at = (seconds: number) => new Date(Date.UTC(2026, 10, 24, 10, 0, 0) + seconds * 1000).toISOString();
+const bytes = (weights: number, activations: number): ByCategory => ({
+  weights, adapters: 20e6, gradients: 20e6, optimizer: 40e6, activations, workspace: 8e6,
+});
+
+const started = (resumedFrom: number | null = null, t = 0): TrainerEvent => ({
+  kind: 'run-started', time: at(t), protocol: 1, runDir: '/runs/r1', config: { rank: 64 }, totalSteps: 6, resumedFrom,
+  trainableParameters: 6_815_744, memoryEstimate: { categories: bytes(0.9 * GiB, 0.3 * GiB), peakTotal: 1.3 * GiB },
+  dataset: {
+    file: 'chat.jsonl', format: 'jsonl', shape: 'messages', template: 'model', trainExamples: 90, evalExamples: 10,
+    trainTokens: 12_000, trainedTokens: 9_000, truncated: 2, skippedInvalid: 1, droppedEmpty: 0, packed: false,
+  },
+});
+const step = (n: number, loss: number, t = n): TrainerEvent => ({
+  kind: 'step', time: at(t), step: n, totalSteps: 6, epoch: n / 3, loss, lr: 2e-4 * (1 - n / 12), gradNorm: 0.3 + n / 100,
+  tokensPerSecond: 800 + n, elapsedSeconds: t, etaSeconds: 6 - n,
+});
+const memory = (n: number, activations: number, device: { total: number; used: number } | null = { total: 24 * GiB, used: 2 * GiB }): TrainerEvent => {
+  const current = bytes(GiB, activations);
+  const total = Object.values(current).reduce((a, b) => a + b, 0);
+  return { kind: 'memory', time: at(n), step: n, current, peak: current, totalCurrent: total, totalPeak: total + 1e6, device };
+};
+const page = (dir: 'out' | 'in', t: number, size: number, ms: number): TrainerEvent => ({ kind: 'page', time: at(t), dir, bytes: size, tensor: 'exp_avg.3', ms });
+
+/** A run that trains six steps with evals, memory and paging, a checkpoint and a warning, and completes. */
+const completedRun: TrainerEvent[] = [
+  started(),
+  step(1, 2.8), memory(1, 100e6), page('out', 1.5, 64e6, 12),
+  step(2, 2.5), memory(2, 120e6), page('in', 2.5, 64e6, 10),
+  step(3, 2.1), { kind: 'eval', time: at(3.2), step: 3, evalLoss: 2.3, evalTokens: 500 }, memory(3, 110e6),
+  { kind: 'checkpoint', time: at(3.5), step: 3, path: '/runs/r1/checkpoints/step-3' },
+  { kind: 'warning', time: at(3.6), message: '2 examples longer than 1024 tokens were truncated' },
+  step(4, 1.9), step(5, 1.7), page('out', 5.5, 32e6, 4.5), step(6, 1.6),
+  { kind: 'eval', time: at(6.2), step: 6, evalLoss: 1.8, evalTokens: 500 }, memory(6, 90e6),
+  { kind: 'checkpoint', time: at(6.5), step: 6, path: '/runs/r1/checkpoints/step-6' },
+  { kind: 'finished', time: at(7), status: 'completed', step: 6, adapterPath: '/runs/r1/adapter', finalLoss: 1.6, elapsedSeconds: 7 },
+];
+
+test('a completed run: series per chart, header, counters, warnings', () => {
+  const v = reduceRun(completedRun);
+  assert.equal(v.status, 'finished');
+  assert.deepEqual(v.series.loss.map((p) => [p.x, p.y]), [[1, 2.8], [2, 2.5], [3, 2.1], [4, 1.9], [5, 1.7], [6, 1.6]]);
+  assert.deepEqual(v.series.evalLoss, [{ x: 3, y: 2.3 }, { x: 6, y: 1.8 }]);
+  assert.equal(v.series.lr.length, 6);
+  assert.equal(v.series.lr[0].y, 2e-4 * (1 - 1 / 12));
+  assert.deepEqual(v.series.gradNorm.map((p) => p.y), [1, 2, 3, 4, 5, 6].map((n) => 0.3 + n / 100));
+  assert.deepEqual(v.series.tokensPerSecond.map((p) => p.y), [801, 802, 803, 804, 805, 806]);
+
+  // Memory: one point per memory event in every category, at the event's step.
+  for (const c of MEMORY_CATEGORIES) assert.deepEqual(v.series.memory[c].map((p) => p.x), [1, 2, 3, 6]);
+  assert.deepEqual(v.series.memory.activations.map((p) => p.y), [100e6, 120e6, 110e6, 90e6]);
+  assert.equal(v.series.memory.weights[0].y, GiB);
+  assert.equal(v.series.memoryPeak[1].y, GiB + 20e6 + 20e6 + 40e6 + 120e6 + 8e6 + 1e6);
+  assert.deepEqual(v.series.deviceTotal.map((p) => p.y), [24 * GiB, 24 * GiB, 24 * GiB, 24 * GiB]);
+  assert.equal(v.series.deviceUsed[0].y, 2 * GiB);
+
+  // Paging: a timeline in seconds since run-started, split by direction, and the totals.
+  assert.deepEqual(v.series.pagesOut, [{ x: 1.5, y: 64e6 }, { x: 5.5, y: 32e6 }]);
+  assert.deepEqual(v.series.pagesIn, [{ x: 2.5, y: 64e6 }]);
+  assert.deepEqual(v.pages, { moves: 3, movesOut: 2, movesIn: 1, bytesOut: 96e6, bytesIn: 64e6, totalMs: 26.5 });
+
+  assert.deepEqual(v.header, {
+    step: 6, totalSteps: 6, epoch: 2, loss: 1.6, evalLoss: 1.8, lr: 2e-4 * (1 - 6 / 12), gradNorm: 0.3 + 6 / 100,
+    tokensPerSecond: 806, elapsedSeconds: 7, etaSeconds: null,
+  });
+  assert.equal(progress(v), 1);
+  assert.equal(v.start?.trainableParameters, 6_815_744);
+  assert.equal(v.start?.dataset.trainExamples, 90);
+  assert.deepEqual(v.checkpoints.map((c) => c.step), [3, 6]);
+  assert.deepEqual(v.warnings.map((w) => w.message), ['2 examples longer than 1024 tokens were truncated']);
+  assert.equal(v.error, null);
+  assert.deepEqual(v.end, { status: 'completed', step: 6, adapterPath: '/runs/r1/adapter', finalLoss: 1.6, elapsedSeconds: 7 });
+});
+
+test('applying events one at a time (live) gives the same view as replaying the log, at every prefix', () => {
+  const live = emptyView();
+  completedRun.forEach((event, i) => {
+    applyEvent(live, event);
+    assert.deepEqual(live, reduceRun(completedRun.slice(0, i + 1)), `after event ${i} (${event.kind})`);
+  });
+});
+
+test('mid-run: running, progress and ETA from the latest step; no paging and no device on the CPU', () => {
+  const v = reduceRun([started(), step(1, 2.8), memory(1, 1e6, null), step(2, 2.6)]);
+  assert.equal(v.status, 'running');
+  assert.equal(progress(v), 2 / 6);
+  assert.equal(v.header.etaSeconds, 4);
+  assert.equal(v.series.deviceTotal.length, 0);
+  assert.equal(v.series.deviceUsed.length, 0);
+  assert.equal(v.pages.moves, 0);
+  assert.equal(v.series.pagesOut.length + v.series.pagesIn.length, 0);
+  assert.equal(v.end, null);
+});
+
+test('a failed run shows its error, step and the checkpoint resume continues from', () => {
+  const v = reduceRun([
+    started(), step(1, 2.8), step(2, 9.5), step(3, Number.NaN),
+    { kind: 'error', time: at(4), message: 'loss diverged (NaN) at step 3', step: 3, lastCheckpoint: '/runs/r1/checkpoints/step-2' },
+    { kind: 'finished', time: at(4), status: 'failed', step: 3, adapterPath: null, finalLoss: null, elapsedSeconds: 4 },
+  ]);
+  assert.equal(v.status, 'failed');
+  assert.deepEqual(v.error, { message: 'loss diverged (NaN) at step 3', step: 3, lastCheckpoint: '/runs/r1/checkpoints/step-2' });
+  assert.ok(Number.isNaN(v.header.loss));
+  assert.equal(v.end?.adapterPath, null);
+});
+
+test('an error event alone (no finished: the process died) already marks the run failed', () => {
+  const v = reduceRun([started(), step(1, 2.8), { kind: 'error', time: at(2), message: 'out of memory', step: 1, lastCheckpoint: null }]);
+  assert.equal(v.status, 'failed');
+  assert.equal(v.error?.message, 'out of memory');
+});
+
+test('a resumed run redraws from its checkpoint: the old attempt past it is cut, the new one continues', () => {
+  const v = reduceRun([
+    started(), step(1, 2.8), memory(1, 1e6), step(2, 2.5),
+    { kind: 'checkpoint', time: at(2.5), step: 2, path: '/runs/r1/checkpoints/step-2' },
+    step(3, 2.2), memory(3, 1e6), { kind: 'eval', time: at(3.1), step: 3, evalLoss: 2.4, evalTokens: 10 },
+    { kind: 'finished', time: at(4), status: 'stopped', step: 3, adapterPath: '/runs/r1/adapter', finalLoss: 2.2, elapsedSeconds: 4 },
+    started(2, 100), step(3, 2.15, 101),
+  ]);
+  assert.equal(v.status, 'running');
+  assert.equal(v.end, null);
+  assert.deepEqual(v.series.loss.map((p) => [p.x, p.y]), [[1, 2.8], [2, 2.5], [3, 2.15]]);
+  assert.deepEqual(v.series.evalLoss, []);
+  assert.equal(v.header.evalLoss, null);
+  assert.deepEqual(v.series.memory.weights.map((p) => p.x), [1]);
+  assert.deepEqual(v.checkpoints.map((c) => c.step), [2]);
+  assert.equal(v.start?.resumedFrom, 2);
+  assert.equal(v.header.step, 3);
+});
+
+test('buttons follow the run status', () => {
+  assert.deepEqual(availableActions(null, false), ['newFinetune']);
+  assert.deepEqual(availableActions('running', true), ['stop', 'openFolder']);
+  assert.deepEqual(availableActions('stopped', true), ['resume', 'export', 'merge', 'openFolder']);
+  assert.deepEqual(availableActions('failed', true), ['resume', 'openFolder']);
+  assert.deepEqual(availableActions('finished', true), ['export', 'merge', 'openFolder']);
+  assert.deepEqual(availableActions(null, true), ['openFolder']);
+});
+
+test('number formatting for the header, counters and ticks', () => {
+  assert.equal(formatBytes(0), '0 B');
+  assert.equal(formatBytes(1536), '1.50 KiB');
+  assert.equal(formatBytes(1.3 * GiB), '1.30 GiB');
+  assert.equal(formatBytes(150 * 1024 ** 2), '150 MiB');
+  assert.equal(formatDuration(45), '45s');
+  assert.equal(formatDuration(185), '3m 05s');
+  assert.equal(formatDuration(7620), '2h 07m');
+  assert.equal(formatNumber(2.34567), '2.346');
+  assert.equal(formatNumber(null), '–');
+  assert.equal(formatNumber(Number.NaN), 'NaN');
+  assert.equal(formatNumber(1.5e-5), '1.500e-5');
+  assert.equal(formatRate(2e-4), '2.00e-4');
+  assert.equal(formatCount(6_815_744), '6,815,744');
+});
+
+test('theme: kind from the body classes, variables with fallbacks, translucent fills', () => {
+  assert.equal(themeKind(['vscode-light']), 'light');
+  assert.equal(themeKind(['vscode-dark']), 'dark');
+  assert.equal(themeKind(['vscode-high-contrast']), 'high-contrast');
+  assert.equal(themeKind(['vscode-high-contrast', 'vscode-high-contrast-light']), 'high-contrast-light');
+  const vars: Record<string, string> = { '--vscode-charts-blue': ' #0000ff ', '--vscode-foreground': 'rgb(10, 20, 30)' };
+  const p = readPalette((name) => vars[name] ?? '', 'light');
+  assert.equal(p.blue, '#0000ff');
+  assert.equal(p.foreground, 'rgb(10, 20, 30)');
+  assert.match(p.red, /^#[0-9a-f]{6}$/i); // a fallback where the host defines nothing
+  assert.equal(categoryColors(p).weights, p.blue);
+  assert.equal(withAlpha('#0000ff', 0.5), 'rgba(0, 0, 255, 0.5)');
+  assert.equal(withAlpha('#f00', 0.25), 'rgba(255, 0, 0, 0.25)');
+  assert.equal(withAlpha('rgba(10, 20, 30, 1)', 0.4), 'rgba(10, 20, 30, 0.4)');
+  assert.equal(withAlpha('red', 0.4), 'red');
+  assert.equal(withAlpha('#0000ff', 0.5, 'high-contrast'), '#0000ff');
+});

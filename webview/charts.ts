@@ -1,0 +1,169 @@
+// The chart.js side: builds the six charts once and copies the view-model's series into them. Only the pieces
+// registered here are bundled (chart.js tree-shakes). CSP note: chart.js sizes its canvas through the CSSOM
+// (canvas.style.width = …) and watches size with a ResizeObserver; neither is an inline style attribute, so the
+// webview needs no 'unsafe-inline' for style-src.
+import {
+  Chart,
+  Decimation,
+  Filler,
+  Legend,
+  LinearScale,
+  LineController,
+  LineElement,
+  PointElement,
+  Tooltip,
+  type ChartDataset,
+  type ChartOptions,
+} from 'chart.js';
+import { MEMORY_CATEGORIES } from '../extension/protocol/events';
+import { categoryColors, withAlpha, type Palette } from './colors';
+import { formatBytes, formatDuration, formatNumber, formatRate } from './format';
+import type { Point, RunView } from './model';
+
+Chart.register(LineController, LineElement, PointElement, LinearScale, Legend, Tooltip, Filler, Decimation);
+
+export type ChartId = 'loss-chart' | 'lr-chart' | 'gradnorm-chart' | 'tps-chart' | 'memory-chart' | 'pages-chart';
+
+type LineDataset = ChartDataset<'line', Point[]>;
+
+interface ChartSpec {
+  id: ChartId;
+  title: string;
+  xTitle: string;
+  yTick: (value: number) => string;
+  stacked?: boolean;
+  /** Long series are thinned to the canvas width (LTTB); stacked charts are not, as stacking needs equal x values. */
+  decimate?: boolean;
+  datasets(view: RunView, p: Palette): LineDataset[];
+}
+
+const line = (label: string, data: Point[], color: string, extra: Partial<LineDataset> = {}): LineDataset => ({
+  label, data, borderColor: color, backgroundColor: color, borderWidth: 1.5, pointRadius: 0, pointHitRadius: 6, ...extra,
+});
+
+export const CHART_SPECS: readonly ChartSpec[] = [
+  {
+    id: 'loss-chart', title: 'Loss', xTitle: 'step', yTick: (v) => formatNumber(v, 3), decimate: true,
+    datasets: (v, p) => [
+      line('train loss', v.series.loss, p.blue),
+      line('eval loss', v.series.evalLoss, p.orange, { pointRadius: 3, borderWidth: 2 }),
+    ],
+  },
+  {
+    id: 'lr-chart', title: 'Learning rate', xTitle: 'step', yTick: (v) => formatRate(v), decimate: true,
+    datasets: (v, p) => [line('learning rate', v.series.lr, p.purple)],
+  },
+  {
+    id: 'gradnorm-chart', title: 'Gradient norm', xTitle: 'step', yTick: (v) => formatNumber(v, 3), decimate: true,
+    datasets: (v, p) => [line('grad norm', v.series.gradNorm, p.yellow)],
+  },
+  {
+    id: 'tps-chart', title: 'Tokens per second', xTitle: 'step', yTick: (v) => formatNumber(v, 3), decimate: true,
+    datasets: (v, p) => [line('tokens/s', v.series.tokensPerSecond, p.green)],
+  },
+  {
+    id: 'memory-chart', title: 'Memory', xTitle: 'step', yTick: (v) => formatBytes(v), stacked: true,
+    datasets: (v, p) => {
+      const colors = categoryColors(p);
+      // Categories share one stack and fill down to the one below; the totals each get their own stack so they
+      // are drawn at their value, not on top of the categories.
+      const areas = MEMORY_CATEGORIES.map((c) =>
+        line(c, v.series.memory[c], colors[c], { stack: 'categories', fill: 'stack', backgroundColor: withAlpha(colors[c], 0.45, p.kind), borderWidth: 1 }),
+      );
+      const totals = [line('peak', v.series.memoryPeak, p.red, { stack: 'peak', borderDash: [6, 3] })];
+      if (v.series.deviceTotal.length > 0) {
+        totals.push(
+          line('device total', v.series.deviceTotal, p.foreground, { stack: 'device-total', borderDash: [2, 2] }),
+          line('device used', v.series.deviceUsed, p.muted, { stack: 'device-used' }),
+        );
+      }
+      return [...areas, ...totals];
+    },
+  },
+  {
+    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTick: (v) => formatBytes(v),
+    datasets: (v, p) => [
+      line('paged out', v.series.pagesOut, p.orange, { showLine: false, pointRadius: 2.5 }),
+      line('paged in', v.series.pagesIn, p.blue, { showLine: false, pointRadius: 2.5, pointStyle: 'triangle' }),
+    ],
+  },
+];
+
+function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
+  const ticks = { color: p.muted };
+  return {
+    // Streaming redraws many times a second; animation would only lag behind the data.
+    animation: false,
+    responsive: true,
+    maintainAspectRatio: false,
+    parsing: false,
+    normalized: true,
+    interaction: { mode: 'nearest', axis: 'x', intersect: false },
+    color: p.foreground,
+    scales: {
+      x: {
+        type: 'linear',
+        title: { display: true, text: spec.xTitle, color: p.muted },
+        ticks: { ...ticks, callback: spec.xTitle === 'seconds' ? (v) => formatDuration(Number(v)) : undefined },
+        grid: { color: p.grid },
+        border: { color: p.grid },
+      },
+      y: {
+        type: 'linear',
+        stacked: spec.stacked ?? false,
+        beginAtZero: spec.stacked || spec.id === 'pages-chart' || spec.id === 'tps-chart',
+        ticks: { ...ticks, callback: (v) => spec.yTick(Number(v)) },
+        grid: { color: p.grid },
+        border: { color: p.grid },
+      },
+    },
+    plugins: {
+      legend: { display: true, labels: { color: p.foreground, boxWidth: 12, boxHeight: 12 } },
+      tooltip: {
+        backgroundColor: p.background,
+        titleColor: p.foreground,
+        bodyColor: p.foreground,
+        borderColor: p.grid,
+        borderWidth: 1,
+        callbacks: { label: (item) => `${item.dataset.label}: ${spec.yTick((item.raw as Point).y)}` },
+      },
+      decimation: { enabled: spec.decimate ?? false, algorithm: 'lttb' },
+    },
+  };
+}
+
+/** The panel's charts: one per canvas, fed from the view-model. */
+export class RunCharts {
+  private readonly charts = new Map<ChartId, Chart<'line', Point[]>>();
+
+  constructor(canvases: Record<ChartId, HTMLCanvasElement>, private palette: Palette) {
+    for (const spec of CHART_SPECS) {
+      const chart = new Chart<'line', Point[]>(canvases[spec.id], { type: 'line', data: { datasets: [] }, options: options(spec, palette) });
+      this.charts.set(spec.id, chart);
+    }
+  }
+
+  /**
+   * Redraws every chart from the view. Datasets are rebuilt (cheap: references to the model's arrays, copied so
+   * chart.js never patches the model's own arrays) and drawn without animation.
+   */
+  update(view: RunView): void {
+    for (const spec of CHART_SPECS) {
+      const chart = this.charts.get(spec.id)!;
+      chart.data.datasets = spec.datasets(view, this.palette).map((d) => ({ ...d, data: d.data.slice() }));
+      chart.update('none');
+    }
+  }
+
+  /** A theme change: new colours for axes, legends and lines. */
+  restyle(palette: Palette, view: RunView): void {
+    this.palette = palette;
+    for (const spec of CHART_SPECS) this.charts.get(spec.id)!.options = options(spec, palette);
+    this.update(view);
+  }
+
+  dispose(): void {
+    for (const chart of this.charts.values()) chart.destroy();
+    this.charts.clear();
+  }
+}

@@ -1,0 +1,251 @@
+// The training panel's view-model: trainer events in, everything the panel draws out (chart series, header numbers,
+// paging counters, warnings). Pure, with no DOM and no chart.js, so it is unit-tested under node and the webview
+// only copies its arrays into charts. It imports only from extension/protocol, which the webview bundle shares.
+import { MEMORY_CATEGORIES, type ByCategory, type DatasetStats, type MemoryCategory, type MemoryEstimate, type TrainerEvent } from '../extension/protocol/events';
+import type { PanelAction, RunStatus } from '../extension/protocol/webview';
+
+/** One chart point, already in chart.js's internal {x, y} format (the charts skip parsing). */
+export interface Point {
+  x: number;
+  y: number;
+}
+
+export interface RunHeader {
+  step: number;
+  totalSteps: number | null;
+  epoch: number | null;
+  loss: number | null;
+  evalLoss: number | null;
+  lr: number | null;
+  gradNorm: number | null;
+  tokensPerSecond: number | null;
+  elapsedSeconds: number | null;
+  etaSeconds: number | null;
+}
+
+export interface PageCounters {
+  moves: number;
+  movesOut: number;
+  movesIn: number;
+  bytesOut: number;
+  bytesIn: number;
+  totalMs: number;
+}
+
+export interface RunSeries {
+  /** Training loss per step. */
+  loss: Point[];
+  /** Held-out loss per evaluated step. */
+  evalLoss: Point[];
+  lr: Point[];
+  gradNorm: Point[];
+  tokensPerSecond: Point[];
+  /** Current bytes per memory category per memory event (x = step); drawn stacked. */
+  memory: Record<MemoryCategory, Point[]>;
+  /** The engine's peak total so far, per memory event. */
+  memoryPeak: Point[];
+  /** The device as its driver sees it; empty when the engine runs on the CPU. */
+  deviceTotal: Point[];
+  deviceUsed: Point[];
+  /** Page moves: x = seconds since the run started, y = bytes moved. */
+  pagesOut: Point[];
+  pagesIn: Point[];
+}
+
+export interface RunStart {
+  time: string;
+  dataset: DatasetStats;
+  trainableParameters: number;
+  memoryEstimate: MemoryEstimate | null;
+  totalSteps: number;
+  resumedFrom: number | null;
+}
+
+export interface RunEnd {
+  status: 'completed' | 'stopped' | 'failed';
+  step: number;
+  adapterPath: string | null;
+  finalLoss: number | null;
+  elapsedSeconds: number;
+}
+
+export interface RunView {
+  /** From events: running after run-started, then what finished (or an error) says; null before any event. */
+  status: RunStatus | null;
+  header: RunHeader;
+  series: RunSeries;
+  pages: PageCounters;
+  /** The latest run-started (a resumed run starts again). */
+  start: RunStart | null;
+  end: RunEnd | null;
+  checkpoints: { step: number; path: string }[];
+  warnings: { time: string; message: string }[];
+  error: { message: string; step: number | null; lastCheckpoint: string | null } | null;
+  /** Date.parse of the first run-started: time zero of the page timeline. */
+  startMs: number | null;
+}
+
+export function emptyView(): RunView {
+  const memory = {} as Record<MemoryCategory, Point[]>;
+  for (const c of MEMORY_CATEGORIES) memory[c] = [];
+  return {
+    status: null,
+    header: {
+      step: 0, totalSteps: null, epoch: null, loss: null, evalLoss: null, lr: null, gradNorm: null,
+      tokensPerSecond: null, elapsedSeconds: null, etaSeconds: null,
+    },
+    series: {
+      loss: [], evalLoss: [], lr: [], gradNorm: [], tokensPerSecond: [], memory, memoryPeak: [],
+      deviceTotal: [], deviceUsed: [], pagesOut: [], pagesIn: [],
+    },
+    pages: { moves: 0, movesOut: 0, movesIn: 0, bytesOut: 0, bytesIn: 0, totalMs: 0 },
+    start: null,
+    end: null,
+    checkpoints: [],
+    warnings: [],
+    error: null,
+    startMs: null,
+  };
+}
+
+const END_STATUS: Record<RunEnd['status'], RunStatus> = { completed: 'finished', stopped: 'stopped', failed: 'failed' };
+
+// A resumed run redoes the steps after its checkpoint; the old attempt's points past it would otherwise overlap the
+// new ones, so step-indexed series are cut back to the checkpoint.
+function cutAfter(points: Point[], step: number): Point[] {
+  return points.filter((p) => p.x <= step);
+}
+
+function resumeFrom(view: RunView, step: number): void {
+  const s = view.series;
+  for (const key of ['loss', 'evalLoss', 'lr', 'gradNorm', 'tokensPerSecond', 'memoryPeak', 'deviceTotal', 'deviceUsed'] as const) s[key] = cutAfter(s[key], step);
+  for (const c of MEMORY_CATEGORIES) s.memory[c] = cutAfter(s.memory[c], step);
+  view.checkpoints = view.checkpoints.filter((c) => c.step <= step);
+  const last = s.loss[s.loss.length - 1];
+  view.header.step = step;
+  view.header.loss = last ? last.y : null;
+  const lastEval = s.evalLoss[s.evalLoss.length - 1];
+  view.header.evalLoss = lastEval ? lastEval.y : null;
+}
+
+function sum(values: ByCategory): number {
+  return MEMORY_CATEGORIES.reduce((total, c) => total + values[c], 0);
+}
+
+/** Applies one event to the view in place (the live path: one event per message) and returns it. */
+export function applyEvent(view: RunView, event: TrainerEvent): RunView {
+  const { header, series } = view;
+  switch (event.kind) {
+    case 'run-started':
+      view.startMs ??= Date.parse(event.time);
+      if (event.resumedFrom !== null) resumeFrom(view, event.resumedFrom);
+      view.start = {
+        time: event.time, dataset: event.dataset, trainableParameters: event.trainableParameters,
+        memoryEstimate: event.memoryEstimate, totalSteps: event.totalSteps, resumedFrom: event.resumedFrom,
+      };
+      view.status = 'running';
+      view.end = null;
+      view.error = null;
+      header.totalSteps = event.totalSteps;
+      header.etaSeconds = null;
+      break;
+    case 'step':
+      series.loss.push({ x: event.step, y: event.loss });
+      series.lr.push({ x: event.step, y: event.lr });
+      series.gradNorm.push({ x: event.step, y: event.gradNorm });
+      series.tokensPerSecond.push({ x: event.step, y: event.tokensPerSecond });
+      Object.assign(header, {
+        step: event.step, totalSteps: event.totalSteps, epoch: event.epoch, loss: event.loss, lr: event.lr,
+        gradNorm: event.gradNorm, tokensPerSecond: event.tokensPerSecond, elapsedSeconds: event.elapsedSeconds,
+        etaSeconds: event.etaSeconds,
+      });
+      break;
+    case 'eval':
+      series.evalLoss.push({ x: event.step, y: event.evalLoss });
+      header.evalLoss = event.evalLoss;
+      break;
+    case 'memory':
+      for (const c of MEMORY_CATEGORIES) series.memory[c].push({ x: event.step, y: event.current[c] });
+      // totalPeak is the engine's own high-water mark; fall back to the category sum only if it reports less.
+      series.memoryPeak.push({ x: event.step, y: Math.max(event.totalPeak, sum(event.current)) });
+      if (event.device) {
+        series.deviceTotal.push({ x: event.step, y: event.device.total });
+        series.deviceUsed.push({ x: event.step, y: event.device.used });
+      }
+      break;
+    case 'page': {
+      view.startMs ??= Date.parse(event.time);
+      const point = { x: (Date.parse(event.time) - view.startMs) / 1000, y: event.bytes };
+      const p = view.pages;
+      p.moves++;
+      p.totalMs += event.ms;
+      if (event.dir === 'out') {
+        series.pagesOut.push(point);
+        p.movesOut++;
+        p.bytesOut += event.bytes;
+      } else {
+        series.pagesIn.push(point);
+        p.movesIn++;
+        p.bytesIn += event.bytes;
+      }
+      break;
+    }
+    case 'checkpoint':
+      view.checkpoints.push({ step: event.step, path: event.path });
+      break;
+    case 'warning':
+      view.warnings.push({ time: event.time, message: event.message });
+      break;
+    case 'error':
+      view.error = { message: event.message, step: event.step, lastCheckpoint: event.lastCheckpoint };
+      view.status = 'failed';
+      break;
+    case 'finished':
+      view.end = {
+        status: event.status, step: event.step, adapterPath: event.adapterPath, finalLoss: event.finalLoss,
+        elapsedSeconds: event.elapsedSeconds,
+      };
+      view.status = END_STATUS[event.status];
+      header.step = event.step;
+      header.elapsedSeconds = event.elapsedSeconds;
+      header.etaSeconds = null;
+      break;
+  }
+  return view;
+}
+
+/** The view of a whole event log (a snapshot): the same as applying each event in turn. */
+export function reduceRun(events: readonly TrainerEvent[]): RunView {
+  return events.reduce(applyEvent, emptyView());
+}
+
+/** Fraction of the run done, 0..1; null when the total is unknown. */
+export function progress(view: RunView): number | null {
+  const total = view.header.totalSteps;
+  if (!total || total <= 0) return null;
+  return Math.min(1, Math.max(0, view.header.step / total));
+}
+
+/**
+ * The buttons a run offers, in display order. Stop only while running; Resume after a stop or failure; the adapter
+ * exists once a run finished or stopped (a stop writes a final checkpoint and adapter); the folder always.
+ * Without a run: New Finetune.
+ */
+export function availableActions(status: RunStatus | null, hasRun: boolean): PanelAction[] {
+  if (!hasRun) return ['newFinetune'];
+  const actions: PanelAction[] = [];
+  if (status === 'running') actions.push('stop');
+  if (status === 'stopped' || status === 'failed') actions.push('resume');
+  if (status === 'finished' || status === 'stopped') actions.push('export', 'merge');
+  actions.push('openFolder');
+  return actions;
+}
+
+export const ACTION_LABELS: Record<PanelAction, string> = {
+  stop: 'Stop',
+  resume: 'Resume',
+  export: 'Export Adapter',
+  merge: 'Merge and Save',
+  openFolder: 'Open Run Folder',
+  newFinetune: 'New Finetune',
+};
