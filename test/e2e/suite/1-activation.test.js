@@ -1,0 +1,38 @@
+const assert = require('assert');
+const fs = require('fs');
+const path = require('path');
+const vscode = require('vscode');
+const h = require('./helpers');
+
+suite('QLoRA Studio in the real extension host', () => {
+  test('the installed extension activates', async () => {
+    const ext = h.extension();
+    assert.ok(fs.existsSync(path.join(ext.extensionPath, 'dist', 'extension.js')), `no dist/extension.js in ${ext.extensionPath}`);
+    assert.ok(fs.existsSync(path.join(ext.extensionPath, 'build', 'Release', 'qlora_native.node')), 'the native engine is not shipped');
+    await ext.activate();
+    assert.strictEqual(ext.isActive, true);
+  });
+
+  test('the workspace holds the tiny model and the sample dataset', () => {
+    const { model, data } = h.fixtures();
+    assert.ok(fs.existsSync(path.join(model, 'config.json')), `no model at ${model}`);
+    assert.ok(fs.existsSync(data), `no dataset at ${data}`);
+  });
+
+  test('every qlora.* command of the manifest is registered', async () => {
+    const declared = h.extension().packageJSON.contributes.commands.map(c => c.command);
+    assert.ok(declared.length > 1);
+    const registered = new Set(await vscode.commands.getCommands(true));
+    const missing = declared.filter(c => !registered.has(c));
+    assert.deepStrictEqual(missing, [], `declared in package.json but not registered: ${missing.join(', ')}`);
+  });
+
+  test('qlora.showEngineInfo runs the engine through the CLI', async () => {
+    await vscode.commands.executeCommand('qlora.showEngineInfo');
+  });
+
+  test('the extension exports the run registry (runs.list())', async () => {
+    const api = await h.api();
+    assert.ok(Array.isArray(api.runs.list()));
+  });
+});

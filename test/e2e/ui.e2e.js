@@ -1,0 +1,280 @@
+// UI test of QLoRA Studio in code-server, driven by playwright-core as a user would: command palette, QuickPicks
+// typed into, the side panel's webview (charts drawn from the trainer's real events), its Stop/Resume buttons, and
+// screenshots in the dark and light themes (test/e2e/artifacts/).
+// Usage: node ui.e2e.js <code-server URL> <workspace> <artifacts dir> <user-data-dir>
+// The server must run WITHOUT enable-smoke-test-driver (that flag hides notifications).
+// Env: E2E_CS_LOG (code-server log, dumped on failure).
+const fs = require('fs');
+const path = require('path');
+const { launch, serverDump } = require('./browser');
+
+const [base, folder, outDir, userDataDir] = process.argv.slice(2);
+const t0 = Date.now();
+const lap = m => console.log(`[ui ${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
+const sleep = ms => new Promise(r => setTimeout(r, ms));
+const results = [];
+let page;
+
+const runsDir = () => path.join(folder, '.qlora', 'runs');
+function latestRun() {
+  if (!fs.existsSync(runsDir())) return undefined;
+  const dirs = fs.readdirSync(runsDir()).map(n => path.join(runsDir(), n)).filter(d => fs.statSync(d).isDirectory());
+  dirs.sort((a, b) => fs.statSync(b).mtimeMs - fs.statSync(a).mtimeMs);
+  return dirs[0];
+}
+function events(runDir) {
+  const f = runDir && path.join(runDir, 'events.jsonl');
+  if (!f || !fs.existsSync(f)) return [];
+  return fs.readFileSync(f, 'utf8').split('\n').filter(Boolean).map(l => { try { return JSON.parse(l); } catch { return null; } }).filter(Boolean);
+}
+function eventsTail(runDir, n = 6) {
+  const f = runDir && path.join(runDir, 'events.jsonl');
+  return f && fs.existsSync(f) ? fs.readFileSync(f, 'utf8').trim().split('\n').slice(-n).map(l => l.slice(0, 240)).join('\n') : '(no run folder yet)';
+}
+
+async function dump(what) {
+  const lines = [`--- state while waiting for ${what} ---`];
+  try { lines.push(`page text: ${(await page.locator('.monaco-workbench').innerText({ timeout: 2000 })).replace(/\s+/g, ' ').slice(0, 1500)}`); } catch (e) { lines.push(`page text: (${e.message.split('\n')[0]})`); }
+  const wv = await trainingFrame().catch(() => null);
+  if (wv) lines.push(`training webview body: ${JSON.stringify(await wv.evaluate(() => ({ attrs: Object.fromEntries([...document.body.attributes].map(a => [a.name, a.value])), text: document.body.innerText.slice(0, 800) })).catch(e => e.message))}`);
+  lines.push(`events.jsonl tail (${latestRun()}):\n${eventsTail(latestRun())}`);
+  lines.push(serverDump(userDataDir));
+  return lines.join('\n');
+}
+
+/** Polls fn until truthy; on timeout throws with the page text, the run's events and the server logs. */
+async function waitFor(what, fn, timeout = 30000, interval = 250) {
+  const end = Date.now() + timeout;
+  let lastErr;
+  while (Date.now() < end) {
+    try { const v = await fn(); if (v) return v; } catch (e) { lastErr = e; }
+    await sleep(interval);
+  }
+  throw new Error(`timed out after ${timeout / 1000}s waiting for ${what}${lastErr ? ` (last error: ${lastErr.message.split('\n')[0]})` : ''}\n${await dump(what)}`);
+}
+
+async function step(name, fn) {
+  const s = Date.now();
+  try {
+    await fn();
+    results.push([name, true]);
+    lap(`ok   ${name} (${((Date.now() - s) / 1000).toFixed(1)}s)`);
+    return true;
+  } catch (e) {
+    results.push([name, false]);
+    lap(`FAIL ${name}: ${e.message}`);
+    await page.screenshot({ path: path.join(outDir, `failure-${results.length}.png`) }).catch(() => {});
+    return false;
+  }
+}
+
+const shot = async name => { const p = path.join(outDir, name); await page.screenshot({ path: p }); lap(`screenshot ${p}`); };
+const quickInput = () => page.locator('.quick-input-widget');
+
+/** F1, type the command's title, pick its row. The palette lists a command only once the extension host registered
+ * it: retry. The row is clicked by its exact label (Enter would take the top fuzzy match). */
+async function runCommand(title) {
+  await waitFor(`"${title}" in the command palette`, async () => {
+    await page.keyboard.press('F1');
+    const input = page.locator('.quick-input-widget input');
+    await input.waitFor({ state: 'visible', timeout: 10000 });
+    await input.fill('>' + title);
+    const rows = page.locator('.quick-input-list .monaco-list-row');
+    const end = Date.now() + 2500;
+    while (Date.now() < end) {
+      const labels = await rows.locator('.label-name').allInnerTexts().catch(() => []);
+      const i = labels.findIndex(l => l.replace(/\s+/g, ' ').trim() === title);
+      if (i >= 0) { await rows.nth(i).click(); return true; }
+      await sleep(200);
+    }
+    await page.keyboard.press('Escape');
+    return false;
+  }, 60000, 500);
+}
+
+/** The frame of the Training view's webview: the inner frame that has the loss chart. */
+async function trainingFrame() {
+  for (const f of page.frames()) {
+    if (await f.evaluate(() => !!document.getElementById('loss-chart')).catch(() => false)) return f;
+  }
+  return undefined;
+}
+
+/** How many pixels of a canvas are painted (alpha > 0), read inside the webview. */
+const paintedPixels = (frame, id) => frame.evaluate(id => {
+  const c = document.getElementById(id);
+  if (!c || !c.getContext || !c.width || !c.height) return -1;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+  return n;
+}, id);
+const bodyData = frame => frame.evaluate(() => ({ ...document.body.dataset }));
+
+/** Clicks a panel button: [data-action=<action>] when the panel marks its buttons so, else by its accessible name. */
+async function clickAction(action) {
+  const frame = await waitFor('the Training webview', trainingFrame, 15000);
+  const marked = frame.locator(`[data-action="${action}"]`);
+  if (await marked.count()) return marked.first().click();
+  return frame.getByRole('button', { name: new RegExp(`^\\s*${action}`, 'i') }).first().click({ timeout: 10000 });
+}
+
+/** Screenshots the lead can read: collapse the Runs view under Training and widen the side bar (drag its sash). */
+async function roomForTheCharts() {
+  const runsHeader = page.locator('.part.sidebar .pane-header', { hasText: /^\s*Runs/ }).first();
+  if (await runsHeader.count() && (await runsHeader.getAttribute('aria-expanded')) === 'true') await runsHeader.click();
+  const box = await page.locator('.part.sidebar').boundingBox();
+  if (box && box.width < 500) {
+    const x = box.x + box.width + 1, y = box.y + box.height / 2;
+    await page.mouse.move(x, y);
+    await page.mouse.down();
+    await page.mouse.move(x + 300, y, { steps: 10 });
+    await page.mouse.up();
+  }
+  await sleep(500);
+}
+
+/** Preferences: Color Theme, pick the theme by its label ("Light Modern" is the setting's "Default Light Modern"). */
+async function setTheme(label, cls) {
+  await runCommand('Preferences: Color Theme');
+  await page.locator('.quick-input-widget input').fill(label);
+  const rows = page.locator('.quick-input-list .monaco-list-row');
+  const i = await waitFor(`"${label}" in the theme picker`, async () => {
+    const labels = await rows.locator('.label-name').allInnerTexts();
+    const k = labels.findIndex(l => l.trim() === label);
+    return k >= 0 ? k + 1 : false;
+  }, 15000);
+  await rows.nth(i - 1).click();
+  await waitFor(`the ${label} theme`, () => page.evaluate(c => document.querySelector('.monaco-workbench').classList.contains(c), cls), 20000);
+  await sleep(1500); // webviews restyle from the new theme variables and charts redraw
+}
+
+(async () => {
+  fs.mkdirSync(outDir, { recursive: true });
+  const browser = await launch({ width: 1600, height: 1000 });
+  page = browser.page;
+  page.on('pageerror', e => console.log('pageerror:', e.message));
+  let runDir;
+  try {
+    const loaded = await step('workbench loads on the workspace', async () => {
+      await page.goto(`${base}/?folder=${encodeURIComponent(folder)}`);
+      await page.waitForSelector('.monaco-workbench', { timeout: 60000 });
+      await page.waitForSelector('.statusbar', { timeout: 60000 });
+    });
+    if (!loaded) throw new Error('no workbench');
+
+    await step('QLoRA: Show Engine Info shows a notification', async () => {
+      await runCommand('QLoRA: Show Engine Info');
+      await waitFor('the engine info notification', () => page.locator('.notifications-toasts', { hasText: 'QLoRA engine' }).isVisible(), 30000);
+      await shot('engine-info.png');
+      await page.keyboard.press('Escape');
+    });
+
+    const started = await step('QLoRA: New Finetune... through the QuickPicks starts a run', async () => {
+      const before = latestRun();
+      await runCommand('QLoRA: New Finetune...');
+      // Answer each QuickPick/InputBox the flow shows, as a user: type to filter, Enter.
+      const answers = [[/model/i, 'tiny'], [/dataset/i, 'chat-long'], [/preset/i, 'quick']];
+      const dialog = page.locator('.monaco-dialog-box');
+      for (let n = 1; n <= 8; n++) {
+        const next = await waitFor('the next QuickPick or dialog (or the end of the flow)', async () => {
+          if (await dialog.isVisible()) return 'dialog';
+          if (await quickInput().isVisible()) return 'pick';
+          const r = latestRun();
+          return r && r !== before && events(r).length ? 'done' : false;
+        }, 30000);
+        if (next === 'done') break;
+        await sleep(300); // the items arrive asynchronously
+        if (next === 'dialog') {
+          // the confirmation: a modal dialog summing up the run; a user clicks its primary button
+          lap(`  dialog ${n}: ${(await dialog.innerText()).replace(/\s+/g, ' ').slice(0, 400)}`);
+          await shot(`new-finetune-${n}.png`);
+          await dialog.getByRole('button', { name: /start/i }).first().click();
+          await waitFor('the dialog to close', async () => !(await dialog.isVisible()), 15000);
+          continue;
+        }
+        const title = (await page.locator('.quick-input-widget .quick-input-title').innerText().catch(() => '')).trim();
+        const placeholder = await page.locator('.quick-input-widget input').getAttribute('placeholder').catch(() => '');
+        const value = await page.locator('.quick-input-widget input').inputValue().catch(() => '');
+        const items = (await page.locator('.quick-input-list .monaco-list-row').allInnerTexts().catch(() => [])).map(s => s.replace(/\s+/g, ' ').trim());
+        lap(`  quick input ${n}: "${title}" (${placeholder}) value "${value}" items: ${JSON.stringify(items.slice(0, 6))}`);
+        await shot(`new-finetune-${n}.png`);
+        const answer = answers.find(([re]) => re.test(title) || re.test(placeholder || ''));
+        if (answer) {
+          await page.locator('.quick-input-widget input').fill(answer[1]);
+          await waitFor(`a row matching "${answer[1]}"`, () => page.locator('.quick-input-list .monaco-list-row', { hasText: answer[1] }).first().isVisible(), 15000);
+        }
+        await page.keyboard.press('Enter'); // an InputBox (run name): accept the proposed value
+        await waitFor('the QuickPick to move on', async () => !(await quickInput().isVisible()) ||
+          (await page.locator('.quick-input-widget .quick-input-title').innerText().catch(() => '')).trim() !== title, 15000);
+      }
+      runDir = await waitFor('a new run folder with events', () => { const r = latestRun(); return r && r !== before && events(r).length && r; }, 60000);
+      lap(`  run folder ${runDir}`);
+    });
+
+    const panel = started && await step('the Training view shows the loss chart from real events', async () => {
+      // the activity bar's "QLoRA Studio" container (the extension may have revealed it already)
+      const sideTitle = () => page.locator('.part.sidebar .composite.title').innerText().catch(() => '');
+      if (!/QLoRA Studio/i.test(await sideTitle())) {
+        const labels = await page.locator('.activitybar .action-item [aria-label], .activitybar .action-item[aria-label]').evaluateAll(els => els.map(e => e.getAttribute('aria-label')));
+        lap(`  activity bar: ${JSON.stringify(labels)}`);
+        await page.locator('.activitybar .action-item').filter({ has: page.locator('[aria-label^="QLoRA Studio"]') }).first().click({ timeout: 10000 });
+        await waitFor('the QLoRA Studio side bar', async () => /QLoRA Studio/i.test(await sideTitle()), 10000);
+      }
+      const frame = await waitFor('the Training webview (#loss-chart)', trainingFrame, 30000);
+      await roomForTheCharts();
+      await waitFor('data-run-status=running and data-steps >= 5', async () => {
+        const d = await bodyData(frame);
+        return d.runStatus === 'running' && Number(d.steps) >= 5;
+      }, 60000);
+      const d = await bodyData(frame);
+      const onDisk = events(runDir).filter(e => e.kind === 'step').length;
+      lap(`  webview data: ${JSON.stringify(d)}; steps in events.jsonl: ${onDisk}`);
+      if (!(Number(d.steps) > 0 && Number(d.steps) <= onDisk)) throw new Error(`data-steps ${d.steps} does not match the ${onDisk} steps in events.jsonl`);
+      const lossPx = await waitFor('painted pixels in #loss-chart', async () => { const n = await paintedPixels(frame, 'loss-chart'); return n > 200 && n; }, 20000);
+      const memPx = await paintedPixels(frame, 'memory-chart');
+      const pages = await frame.evaluate(() => !!document.getElementById('pages-chart'));
+      lap(`  painted pixels: loss ${lossPx}, memory ${memPx}; pages-chart present: ${pages}`);
+      if (memPx <= 0) throw new Error(`memory-chart has nothing drawn (${memPx})`);
+      if (!pages) throw new Error('no #pages-chart (page events area)');
+      await shot('training-dark-running.png');
+    });
+
+    if (panel) await step('Stop and Resume buttons in the webview', async () => {
+      await clickAction('stop');
+      await waitFor('data-run-status=stopped', async () => (await bodyData(await trainingFrame())).runStatus === 'stopped', 60000);
+      await waitFor('a stopped finished event', () => events(runDir).some(e => e.kind === 'finished' && e.status === 'stopped'), 15000);
+      await shot('training-dark-stopped.png');
+      await clickAction('resume');
+      await waitFor('data-run-status=running after Resume', async () => (await bodyData(await trainingFrame())).runStatus === 'running', 60000);
+      await waitFor('data-run-status=finished', async () => (await bodyData(await trainingFrame())).runStatus === 'finished', 180000, 1000);
+      if (!events(runDir).some(e => e.kind === 'finished' && e.status === 'completed')) throw new Error('no completed finished event');
+    });
+
+    await step('screenshots in the dark and light themes', async () => {
+      // the top of the Training view (loss, lr, grad norm), then scrolled to the memory chart and page events
+      const both = async theme => {
+        const frame = await trainingFrame();
+        if (frame) await frame.evaluate(() => window.scrollTo(0, 0));
+        await shot(`training-${theme}.png`);
+        if (frame && await frame.evaluate(() => { const c = document.getElementById('memory-chart'); if (c) c.scrollIntoView(); return !!c; })) {
+          await sleep(300);
+          await shot(`training-${theme}-memory.png`);
+        }
+      };
+      await setTheme('Dark Modern', 'vs-dark');
+      await both('dark');
+      await setTheme('Light Modern', 'vs');
+      await both('light');
+      await setTheme('Dark Modern', 'vs-dark');
+    });
+  } catch (e) {
+    lap(`aborted: ${e.message}`);
+    results.push(['(aborted)', false]);
+  } finally {
+    await browser.close();
+  }
+  const passed = results.filter(r => r[1]).length, failed = results.length - passed;
+  console.log(`UI suite: ${passed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+})();
