@@ -45,8 +45,9 @@ export const CHART_SPECS: readonly ChartSpec[] = [
   {
     id: 'loss-chart', title: 'Loss', xTitle: 'step', yTick: (v) => formatNumber(v, 3), decimate: true,
     datasets: (v, p) => [
-      line('train loss', v.series.loss, p.blue),
-      line('eval loss', v.series.evalLoss, p.orange, { pointRadius: 3, borderWidth: 2 }),
+      // Lower order is drawn on top: the few eval points must not sink into the noisy band of train steps.
+      line('train loss', v.series.loss, p.blue, { order: 1 }),
+      line('eval loss', v.series.evalLoss, p.orange, { order: 0, pointRadius: 3.5, borderWidth: 2.5 }),
     ],
   },
   {

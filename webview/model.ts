@@ -1,7 +1,7 @@
 // The training panel's view-model: trainer events in, everything the panel draws out (chart series, header numbers,
 // paging counters, warnings). Pure, with no DOM and no chart.js, so it is unit-tested under node and the webview
 // only copies its arrays into charts. It imports only from extension/protocol, which the webview bundle shares.
-import { MEMORY_CATEGORIES, type ByCategory, type DatasetStats, type MemoryCategory, type MemoryEstimate, type TrainerEvent } from '../extension/protocol/events';
+import { MEMORY_CATEGORIES, type DatasetStats, type MemoryCategory, type MemoryEstimate, type TrainerEvent } from '../extension/protocol/events';
 import type { PanelAction, RunStatus } from '../extension/protocol/webview';
 
 /** One chart point, already in chart.js's internal {x, y} format (the charts skip parsing). */
@@ -40,7 +40,7 @@ export interface RunSeries {
   lr: Point[];
   gradNorm: Point[];
   tokensPerSecond: Point[];
-  /** Current bytes per memory category per memory event (x = step); drawn stacked. */
+  /** Bytes per memory category at each interval's high-water mark (x = step of the memory event); drawn stacked. */
   memory: Record<MemoryCategory, Point[]>;
   /** The engine's peak total so far, per memory event. */
   memoryPeak: Point[];
@@ -128,10 +128,6 @@ function resumeFrom(view: RunView, step: number): void {
   view.header.evalLoss = lastEval ? lastEval.y : null;
 }
 
-function sum(values: ByCategory): number {
-  return MEMORY_CATEGORIES.reduce((total, c) => total + values[c], 0);
-}
-
 /** Applies one event to the view in place (the live path: one event per message) and returns it. */
 export function applyEvent(view: RunView, event: TrainerEvent): RunView {
   const { header, series } = view;
@@ -165,9 +161,11 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
       header.evalLoss = event.evalLoss;
       break;
     case 'memory':
-      for (const c of MEMORY_CATEGORIES) series.memory[c].push({ x: event.step, y: event.current[c] });
-      // totalPeak is the engine's own high-water mark; fall back to the category sum only if it reports less.
-      series.memoryPeak.push({ x: event.step, y: Math.max(event.totalPeak, sum(event.current)) });
+      // The interval's high-water mark by category: what the steps since the previous event held at once (the
+      // current figures, taken between steps, have no activations in them).
+      for (const c of MEMORY_CATEGORIES) series.memory[c].push({ x: event.step, y: event.highWater[c] });
+      // totalPeak is the engine's own lifetime high-water mark, never below an interval's.
+      series.memoryPeak.push({ x: event.step, y: Math.max(event.totalPeak, event.highWaterTotal) });
       if (event.device) {
         series.deviceTotal.push({ x: event.step, y: event.device.total });
         series.deviceUsed.push({ x: event.step, y: event.device.used });

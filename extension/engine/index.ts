@@ -144,6 +144,10 @@ export class EngineModel {
   memory(): NativeMemory {
     return call(() => this.native.memory());
   }
+  /** Starts a new high-water interval: memory().highWater then covers only what runs after this call. */
+  beginMemoryInterval(): void {
+    call(() => this.native.beginMemoryInterval());
+  }
   dispose(): void {
     this.native.dispose();
   }

@@ -81,6 +81,9 @@ export interface NativeMemory {
   peak: Record<MemoryCategory, number>;
   totalCurrent: number;
   totalPeak: number;
+  /** By category at the highest total since the last beginMemoryInterval() (or load). */
+  highWater: Record<MemoryCategory, number>;
+  highWaterTotal: number;
 }
 
 export interface NativeModel {
@@ -98,6 +101,7 @@ export interface NativeModel {
   saveOptimizerState(path: string): void;
   loadOptimizerState(path: string): void;
   memory(): NativeMemory;
+  beginMemoryInterval(): void;
   dispose(): void;
 }
 

@@ -74,6 +74,10 @@ export interface MemoryEvent {
   peak: ByCategory;
   totalCurrent: number;
   totalPeak: number;
+  /** By category at the highest point since the previous memory event: what the steps in between needed at once
+   * (between steps, `current` has no activations). Sums to highWaterTotal. */
+  highWater: ByCategory;
+  highWaterTotal: number;
   /** The whole device as its driver sees it (NVML), when the engine runs on a GPU; null on the CPU. */
   device: { total: number; used: number } | null;
 }
@@ -158,7 +162,7 @@ const eventSpecs: Record<EventKind, Spec> = {
   eval: { time: 'string', step: 'number', evalLoss: 'number', evalTokens: 'number' },
   memory: {
     time: 'string', step: 'number', current: 'byCategory', peak: 'byCategory', totalCurrent: 'number',
-    totalPeak: 'number', device: 'object|null',
+    totalPeak: 'number', highWater: 'byCategory', highWaterTotal: 'number', device: 'object|null',
   },
   page: { time: 'string', dir: ['out', 'in'], bytes: 'number', tensor: 'string', ms: 'number' },
   checkpoint: { time: 'string', step: 'number', path: 'string' },

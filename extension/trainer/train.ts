@@ -174,7 +174,11 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     };
     const emitMemory = () => {
       const m = model.memory();
-      log.emit({ kind: 'memory', step, current: m.current, peak: m.peak, totalCurrent: m.totalCurrent, totalPeak: m.totalPeak, device: null });
+      log.emit({
+        kind: 'memory', step, current: m.current, peak: m.peak, totalCurrent: m.totalCurrent, totalPeak: m.totalPeak,
+        highWater: m.highWater, highWaterTotal: m.highWaterTotal, device: null,
+      });
+      model.beginMemoryInterval();
     };
 
     const firstStep = step;

@@ -103,3 +103,28 @@ TEST(estimate_rejects_bad_options) {
   eo.targets.clear();
   EXPECT_THROWS_WITH(estimate_memory(config, eo), "at least one target");
 }
+
+TEST(memory_tracker_high_water_mark_by_category) {
+  MemoryTracker t;
+  t.on_alloc(MemCategory::Weights, 100);
+  t.on_alloc(MemCategory::Optimizer, 20);
+  t.begin_interval();
+  // A step: activations rise to 50 while a 30-byte workspace comes and goes, then everything of the step is freed.
+  t.on_alloc(MemCategory::Activations, 40);
+  t.on_alloc(MemCategory::Workspace, 30);
+  t.on_free(MemCategory::Workspace, 30);
+  t.on_alloc(MemCategory::Activations, 10);
+  t.on_free(MemCategory::Activations, 50);
+  const MemoryStats& s = t.stats();
+  EXPECT_EQ(s.total_current, int64_t{120});
+  EXPECT_EQ(s.interval_peak_total, int64_t{190});
+  EXPECT_EQ(s.at_interval_peak[static_cast<size_t>(MemCategory::Weights)], int64_t{100});
+  EXPECT_EQ(s.at_interval_peak[static_cast<size_t>(MemCategory::Optimizer)], int64_t{20});
+  EXPECT_EQ(s.at_interval_peak[static_cast<size_t>(MemCategory::Activations)], int64_t{40});
+  EXPECT_EQ(s.at_interval_peak[static_cast<size_t>(MemCategory::Workspace)], int64_t{30});
+  // A new interval starts from what is held now; the lifetime peak stays.
+  t.begin_interval();
+  EXPECT_EQ(t.stats().interval_peak_total, int64_t{120});
+  EXPECT_EQ(t.stats().at_interval_peak[static_cast<size_t>(MemCategory::Activations)], int64_t{0});
+  EXPECT_EQ(t.stats().total_peak, int64_t{190});
+}

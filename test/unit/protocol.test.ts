@@ -13,7 +13,7 @@ const samples: TrainerEvent[] = [
   },
   { kind: 'step', time, step: 1, totalSteps: 10, epoch: 0.1, loss: 2.5, lr: 1e-4, gradNorm: 0.7, tokensPerSecond: 100, elapsedSeconds: 1, etaSeconds: 9 },
   { kind: 'eval', time, step: 1, evalLoss: 2.4, evalTokens: 12 },
-  { kind: 'memory', time, step: 1, current: zero, peak: zero, totalCurrent: 21, totalPeak: 21, device: null },
+  { kind: 'memory', time, step: 1, current: zero, peak: zero, totalCurrent: 21, totalPeak: 21, highWater: zero, highWaterTotal: 21, device: null },
   { kind: 'page', time, dir: 'out', bytes: 4096, tensor: 'exp_avg', ms: 0.3 },
   { kind: 'checkpoint', time, step: 5, path: '/r/checkpoints/step-5' },
   { kind: 'warning', time, message: 'w' },

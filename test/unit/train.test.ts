@@ -79,6 +79,24 @@ for (const shape of shapes) {
   });
 }
 
+test('memory events report each interval\'s high-water mark by category, activations included', async () => {
+  const runDir = path.join(tempDir('run-memory'), 'run');
+  await train({ runDir, config: config(dataFile(shapes[0], 'jsonl')), resume: false });
+  const memory = events(runDir).flatMap((e) => (e.kind === 'memory' ? [e] : []));
+  assert.ok(memory.length >= 2);
+  for (const m of memory) {
+    const sum = Object.values(m.highWater).reduce((a, b) => a + b, 0);
+    assert.equal(sum, m.highWaterTotal);
+    assert.ok(m.highWaterTotal <= m.totalPeak);
+    assert.ok(m.highWater.activations > 0, `step ${m.step}: a training step holds activations at its high point`);
+    assert.equal(m.current.activations, 0, 'between steps the activations are freed');
+    assert.equal(m.highWater.weights, m.current.weights);
+  }
+  // The lifetime peak is the highest of the interval marks.
+  const last = memory[memory.length - 1];
+  assert.equal(last.totalPeak, Math.max(...memory.map((m) => m.highWaterTotal)));
+});
+
 test('a stopped run resumed computes exactly what the uninterrupted run computes', async () => {
   const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
   const c = config(data, { batchSize: 4, gradAccum: 2, maxSteps: 8, dropout: 0.1, checkpointEvery: 3, evalFraction: 0.1, evalEvery: 4 });

@@ -27,9 +27,14 @@ const step = (n: number, loss: number, t = n): TrainerEvent => ({
   tokensPerSecond: 800 + n, elapsedSeconds: t, etaSeconds: 6 - n,
 });
 const memory = (n: number, activations: number, device: { total: number; used: number } | null = { total: 24 * GiB, used: 2 * GiB }): TrainerEvent => {
-  const current = bytes(GiB, activations);
-  const total = Object.values(current).reduce((a, b) => a + b, 0);
-  return { kind: 'memory', time: at(n), step: n, current, peak: current, totalCurrent: total, totalPeak: total + 1e6, device };
+  // Between steps the activations are freed; the high-water mark holds them.
+  const current = bytes(GiB, 0);
+  const highWater = bytes(GiB, activations);
+  const sumOf = (b: Record<string, number>) => Object.values(b).reduce((a, x) => a + x, 0);
+  return {
+    kind: 'memory', time: at(n), step: n, current, peak: highWater, totalCurrent: sumOf(current), totalPeak: sumOf(highWater) + 1e6,
+    highWater, highWaterTotal: sumOf(highWater), device,
+  };
 };
 const page = (dir: 'out' | 'in', t: number, size: number, ms: number): TrainerEvent => ({ kind: 'page', time: at(t), dir, bytes: size, tensor: 'exp_avg.3', ms });
 

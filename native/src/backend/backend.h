@@ -20,6 +20,10 @@ struct MemoryStats {
   std::array<int64_t, static_cast<size_t>(MemCategory::Count)> peak{};
   int64_t total_current = 0;
   int64_t total_peak = 0;
+  // The high-water mark since the last begin_interval(): its total and what each category held at that moment
+  // (between steps activations are freed, so `current` alone never shows what a step needs).
+  int64_t interval_peak_total = 0;
+  std::array<int64_t, static_cast<size_t>(MemCategory::Count)> at_interval_peak{};
 };
 
 // Tracks bytes by category and the peak of the total, as the allocator of each backend sees them.
@@ -29,6 +33,7 @@ class MemoryTracker {
   void on_free(MemCategory c, int64_t bytes);
   const MemoryStats& stats() const { return stats_; }
   void reset_peak();
+  void begin_interval();
 
  private:
   MemoryStats stats_;
@@ -50,6 +55,7 @@ class Backend {
   virtual void fill_zero(float* x, int64_t n) = 0;
   const MemoryStats& memory() const { return tracker_.stats(); }
   void reset_peak_memory() { tracker_.reset_peak(); }
+  void begin_memory_interval() { tracker_.begin_interval(); }
 
   // ---- dense math (fp32 in the CPU reference) ----
   virtual void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,

@@ -30,6 +30,10 @@ void MemoryTracker::on_alloc(MemCategory c, int64_t bytes) {
   stats_.peak[i] = std::max(stats_.peak[i], stats_.current[i]);
   stats_.total_current += bytes;
   stats_.total_peak = std::max(stats_.total_peak, stats_.total_current);
+  if (stats_.total_current > stats_.interval_peak_total) {
+    stats_.interval_peak_total = stats_.total_current;
+    stats_.at_interval_peak = stats_.current;
+  }
 }
 
 void MemoryTracker::on_free(MemCategory c, int64_t bytes) {
@@ -40,6 +44,12 @@ void MemoryTracker::on_free(MemCategory c, int64_t bytes) {
 void MemoryTracker::reset_peak() {
   stats_.peak = stats_.current;
   stats_.total_peak = stats_.total_current;
+  begin_interval();
+}
+
+void MemoryTracker::begin_interval() {
+  stats_.interval_peak_total = stats_.total_current;
+  stats_.at_interval_peak = stats_.current;
 }
 
 namespace {

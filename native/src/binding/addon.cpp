@@ -58,17 +58,20 @@ Napi::Object config_to_js(Napi::Env env, const ModelConfig& c) {
 }
 
 Napi::Object memory_to_js(Napi::Env env, const MemoryStats& s) {
-  Napi::Object current = Napi::Object::New(env), peak = Napi::Object::New(env);
+  Napi::Object current = Napi::Object::New(env), peak = Napi::Object::New(env), high_water = Napi::Object::New(env);
   for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
     const char* name = mem_category_name(static_cast<MemCategory>(i));
     current.Set(name, static_cast<double>(s.current[i]));
     peak.Set(name, static_cast<double>(s.peak[i]));
+    high_water.Set(name, static_cast<double>(s.at_interval_peak[i]));
   }
   Napi::Object o = Napi::Object::New(env);
   o.Set("current", current);
   o.Set("peak", peak);
   o.Set("totalCurrent", static_cast<double>(s.total_current));
   o.Set("totalPeak", static_cast<double>(s.total_peak));
+  o.Set("highWater", high_water);
+  o.Set("highWaterTotal", static_cast<double>(s.interval_peak_total));
   return o;
 }
 
@@ -92,6 +95,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
                         InstanceMethod("saveOptimizerState", &ModelHandle::SaveOptimizerState),
                         InstanceMethod("loadOptimizerState", &ModelHandle::LoadOptimizerState),
                         InstanceMethod("memory", &ModelHandle::Memory),
+                        InstanceMethod("beginMemoryInterval", &ModelHandle::BeginMemoryInterval),
                         InstanceMethod("dispose", &ModelHandle::Dispose)});
   }
 
@@ -295,6 +299,11 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
   }
 
   Napi::Value Memory(const Napi::CallbackInfo& info) { return memory_to_js(info.Env(), backend_->memory()); }
+  // Starts a new high-water interval: the trainer calls it after each memory report.
+  Napi::Value BeginMemoryInterval(const Napi::CallbackInfo& info) {
+    backend_->begin_memory_interval();
+    return info.Env().Undefined();
+  }
 
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
     optimizer_.reset();
