@@ -33,3 +33,29 @@ export function tokenLengthStats(lengths: readonly number[], truncated = 0): Tok
     truncated,
   };
 }
+
+/** Example lengths in equal bins from 0: bin i counts lengths in [i·binWidth, (i+1)·binWidth). */
+export interface LengthHistogram {
+  binWidth: number;
+  counts: number[];
+}
+
+/** The smallest of 1, 2, 5 × 10^k that is at least `x`. */
+function niceStep(x: number): number {
+  const p = 10 ** Math.floor(Math.log10(x));
+  for (const m of [1, 2, 5, 10]) if (m * p >= x) return m * p;
+  return 10 * p;
+}
+
+/**
+ * A histogram of example lengths over [0, max(maxLength, longest)] in about `targetBins` bins of a round width, so
+ * the maximum length falls on a bin edge region a reader can see.
+ */
+export function lengthHistogram(lengths: readonly number[], maxLength?: number, targetBins = 24): LengthHistogram {
+  let top = Math.max(maxLength ?? 0, 1);
+  for (const n of lengths) top = Math.max(top, n); // no spread: datasets have millions of rows
+  const binWidth = Math.max(1, niceStep(top / targetBins)); // token counts are whole numbers
+  const counts = new Array<number>(Math.floor(top / binWidth) + 1).fill(0);
+  for (const n of lengths) counts[Math.floor(n / binWidth)]++;
+  return { binWidth, counts };
+}

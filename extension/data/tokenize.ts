@@ -14,7 +14,7 @@ import { DataError, DatasetInvalidError, formatLocation } from './errors';
 import { ModelTokenizer } from './modelTokenizer';
 import { RenderOptions, renderExample, Segment, TemplateKind, TemplateRenderError } from './render';
 import { NormalizedExample } from './shapes';
-import { TokenLengthStats, tokenLengthStats } from './stats';
+import { lengthHistogram, type LengthHistogram, TokenLengthStats, tokenLengthStats } from './stats';
 
 export const IGNORE_INDEX = -100;
 
@@ -43,6 +43,8 @@ export interface TokenizationStats {
   examples: number;
   /** Lengths of every rendered example before truncation; `truncated` counts those cut to maxLength. */
   lengths: TokenLengthStats;
+  /** The same lengths binned, with maxLength inside the range. */
+  histogram: LengthHistogram;
   /** Dropped because no token was left to train after truncation (a warning, not an error). */
   droppedNoTrainable: number;
   /** Dropped because the chat template could not render them (only with skipInvalid). */
@@ -166,6 +168,7 @@ export function tokenizeDataset(
       template,
       examples: kept.length,
       lengths: tokenLengthStats(lengths, truncated),
+      histogram: lengthHistogram(lengths, maxLength),
       droppedNoTrainable,
       invalid: errors.length,
       totalTokens,

@@ -2,15 +2,19 @@
 // works interactively and, given arguments, without asking anything, so scripts and the e2e suite can drive it.
 // A failure is shown as one sentence and the command resolves to undefined.
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import * as vscode from 'vscode';
+import type { DatasetReport } from '../data';
 import type { TrainerEvent } from '../protocol/events';
 import { runCliJson } from './cliRunner';
+import { DatasetPreviewPanel } from './datasetPreview/panel';
 import { formatMiB } from './format';
 import {
   adapterOfRun,
   defaultRunName,
   estimateShape,
+  memoryFit,
   modelOfRun,
   normalizeOverrides,
   parseDataError,
@@ -47,14 +51,7 @@ export interface HostServices {
 }
 
 /** What the host reads of `inspect-data --json` (the report of extension/data). */
-interface DatasetPreview {
-  format: string;
-  shape: string | null;
-  rowCount: number;
-  validRows: number;
-  invalidRows: number;
-  errors: string[];
-}
+type DatasetPreview = DatasetReport;
 
 type Handler = (...args: unknown[]) => unknown;
 
@@ -86,8 +83,16 @@ export function showDatasetProblems(diagnostics: vscode.DiagnosticCollection, da
   diagnostics.set(uri, items);
 }
 
-export function createCommands(h: HostServices): Record<string, Handler> {
+export function createCommands(h: HostServices, preview: DatasetPreviewPanel): Record<string, Handler> {
   const { context, runs, trainer } = h;
+
+  /** inspect-data in a child process (the tokenizer loads there, not in the host), with a progress notification. */
+  function inspectData(data: string, model: string | undefined, seqLen: number): Thenable<DatasetPreview> {
+    const args = ['inspect-data', '--data', data, '--seq-len', String(seqLen), ...(model ? ['--model', model] : [])];
+    return vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Checking ${path.basename(data)}…` }, () =>
+      runCliJson<DatasetPreview>(h.launch(), args, { timeoutMs: 300_000 }),
+    );
+  }
 
   /** Starts the trainer and waits for its run-started event (or its early end: bad inputs end it before that). */
   async function startRun(verb: 'train' | 'resume', runDir: string, args: string[] = []): Promise<string | undefined> {
@@ -137,20 +142,20 @@ export function createCommands(h: HostServices): Record<string, Handler> {
     if (!data) return undefined;
 
     const seqLen = typeof overrides.seqLen === 'number' ? overrides.seqLen : settings.maxSequenceLength;
-    const preview = await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Checking ${path.basename(data)}…` }, () =>
-      runCliJson<DatasetPreview>(h.launch(), ['inspect-data', '--data', data, '--model', model, '--seq-len', String(seqLen)], { timeoutMs: 300_000 }),
-    );
-    showDatasetProblems(h.diagnostics, data, preview);
-    const summary = `${path.basename(data)}: ${preview.shape ?? 'unknown shape'}, ${preview.rowCount.toLocaleString('en-US')} rows, ${preview.invalidRows} invalid`;
-    if (preview.validRows === 0) throw new Refusal(`${summary}: nothing to train on${preview.errors[0] ? ` (${preview.errors[0]})` : ''}.`);
+    const report = await inspectData(data, model, seqLen);
+    showDatasetProblems(h.diagnostics, data, report);
+    // Shown beside the flow (focus stays in the QuickPick), so the preset is chosen with the data in view.
+    if (interactive) preview.show(report, { maxLength: seqLen, modelDir: model, preserveFocus: true });
+    const summary = `${path.basename(data)}: ${report.shape ?? 'unknown shape'}, ${report.rowCount.toLocaleString('en-US')} rows, ${report.invalidRows} invalid`;
+    if (report.validRows === 0) throw new Refusal(`${summary}: nothing to train on${report.errors[0] ? ` (${report.errors[0]})` : ''}.`);
 
     const preset = args.preset ?? (interactive ? await pickPreset(presetDescriptions(context), settings.defaultPreset, `${summary}. Choose a preset`) : settings.defaultPreset);
     if (!preset) return undefined;
 
-    if (preview.invalidRows > 0 && overrides.skipInvalid !== true && interactive) {
+    if (report.invalidRows > 0 && overrides.skipInvalid !== true && interactive) {
       const skip = 'Skip Invalid Rows';
       const answer = await vscode.window.showWarningMessage(
-        `${preview.invalidRows} of ${preview.rowCount} rows of ${path.basename(data)} are invalid (listed in the Problems panel).`,
+        `${report.invalidRows} of ${report.rowCount} rows of ${path.basename(data)} are invalid (listed in the Problems panel).`,
         { modal: true, detail: 'Train on the valid rows only, or cancel and fix the file.' },
         skip,
       );
@@ -175,18 +180,22 @@ export function createCommands(h: HostServices): Record<string, Handler> {
     if (interactive) {
       const shape = estimateShape(preset, overrides);
       let memory: string;
+      let fits = true;
       try {
         const e = await runCliJson<{ peakTotal: number }>(h.launch(), ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank)], { timeoutMs: 60_000 });
-        memory = `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens)`;
+        const fit = memoryFit(e.peakTotal, settings.memoryBudget, os.freemem());
+        fits = fit.fits;
+        memory =
+          `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens); ` +
+          (fit.fits ? `fits in ${fit.limit}` : `more than ${fit.limit}: lower qlora.maxSequenceLength or the batch size`);
       } catch (err) {
         memory = `unknown (${message(err)})`;
       }
-      const start = 'Start Training';
-      const answer = await vscode.window.showInformationMessage(
-        `Start finetune "${name}"?`,
-        { modal: true, detail: [`Model: ${model}`, `Data: ${summary}`, `Preset: ${preset}`, `Memory: ${memory}`, `Run folder: ${runDir}`].join('\n') },
-        start,
-      );
+      const start = fits ? 'Start Training' : 'Start Anyway';
+      const detail = { modal: true, detail: [`Model: ${model}`, `Data: ${summary}`, `Preset: ${preset}`, `Memory: ${memory}`, `Run folder: ${runDir}`].join('\n') };
+      const answer = fits
+        ? await vscode.window.showInformationMessage(`Start finetune "${name}"?`, detail, start)
+        : await vscode.window.showWarningMessage(`Finetune "${name}" may not fit in memory. Start it anyway?`, detail, start);
       if (answer !== start) return undefined;
     }
 
@@ -298,9 +307,17 @@ export function createCommands(h: HostServices): Record<string, Handler> {
       if (dir) await context.workspaceState.update(SELECTED_MODEL, dir);
       return dir;
     },
-    'qlora.selectDataset': async () => {
-      const file = await pickDataset(context);
-      if (file) await context.workspaceState.update(SELECTED_DATASET, file);
+    // Picks (or takes) a dataset, then previews it with the selected model's tokenizer when one is selected.
+    'qlora.selectDataset': async (arg) => {
+      const file = typeof arg === 'string' && arg !== '' ? arg : await pickDataset(context);
+      if (!file) return undefined;
+      await context.workspaceState.update(SELECTED_DATASET, file);
+      const selected = context.workspaceState.get<string>(SELECTED_MODEL);
+      const model = selected && fs.existsSync(selected) ? selected : undefined;
+      const seqLen = readSettings().maxSequenceLength;
+      const report = await inspectData(file, model, seqLen);
+      showDatasetProblems(h.diagnostics, file, report);
+      preview.show(report, { maxLength: seqLen, modelDir: model ?? null, preserveFocus: false });
       return file;
     },
     'qlora.stopTraining': () => {
@@ -334,7 +351,8 @@ export function createCommands(h: HostServices): Record<string, Handler> {
 }
 
 export function registerCommands(h: HostServices): vscode.Disposable[] {
-  return Object.entries(createCommands(h)).map(([name, handler]) =>
+  const preview = new DatasetPreviewPanel();
+  const commands = Object.entries(createCommands(h, preview)).map(([name, handler]) =>
     vscode.commands.registerCommand(name, async (...args: unknown[]) => {
       try {
         return await handler(...args);
@@ -348,4 +366,5 @@ export function registerCommands(h: HostServices): vscode.Disposable[] {
       }
     }),
   );
+  return [preview, ...commands];
 }

@@ -91,6 +91,18 @@ export function estimateShape(preset: PresetName, overrides: Record<string, unkn
   return { rank: typeof o.rank === 'number' ? o.rank : base.rank, batchSize: typeof o.batchSize === 'number' ? o.batchSize : base.batchSize };
 }
 
+/**
+ * Whether a run's estimated peak fits: against qlora.memoryBudget (MiB) when set, else against the memory free now.
+ * The sentence goes into New Finetune's confirmation.
+ */
+export function memoryFit(peakBytes: number, budgetMiB: number, freeBytes: number): { fits: boolean; limit: string } {
+  const mib = (b: number) => `${Math.round(b / 1048576).toLocaleString('en-US')} MiB`;
+  if (budgetMiB > 0) {
+    return { fits: peakBytes <= budgetMiB * 1048576, limit: `the budget of ${budgetMiB.toLocaleString('en-US')} MiB (qlora.memoryBudget)` };
+  }
+  return { fits: peakBytes <= freeBytes, limit: `the ${mib(freeBytes)} free on this machine` };
+}
+
 const pad = (n: number) => String(n).padStart(2, '0');
 
 /** "<model folder>-<dataset file stem>-20261124-153012": readable, sortable, and safe as a folder name everywhere. */

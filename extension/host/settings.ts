@@ -10,6 +10,8 @@ export interface Settings {
   maxSequenceLength: number;
   checkpointEvery: number;
   evalEvery: number;
+  /** MiB; 0 = the memory free when the run starts. */
+  memoryBudget: number;
   huggingFaceCache: string;
 }
 
@@ -21,6 +23,7 @@ export function readSettings(): Settings {
     maxSequenceLength: c.get<number>('maxSequenceLength', 1024),
     checkpointEvery: c.get<number>('checkpointEvery', 100),
     evalEvery: c.get<number>('evalEvery', 100),
+    memoryBudget: Math.max(0, c.get<number>('memoryBudget', 0)),
     huggingFaceCache: c.get<string>('huggingFaceCache', ''),
   };
 }

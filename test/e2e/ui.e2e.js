@@ -212,6 +212,25 @@ async function setTheme(label, cls) {
       lap(`  run folder ${runDir}`);
     });
 
+    started && await step('New Finetune previewed the dataset: histogram against the max length, trained text marked', async () => {
+      // the preview is a script-less webview; its document is one of the page's frames
+      const frame = await waitFor('the dataset preview (svg.histogram)', async () => {
+        for (const f of page.frames()) {
+          if (await f.evaluate(() => !!document.querySelector('svg.histogram')).catch(() => false)) return f;
+        }
+        return undefined;
+      }, 30000);
+      const d = await frame.evaluate(() => ({
+        shape: document.body.dataset.shape, rows: document.body.dataset.rows,
+        bars: document.querySelectorAll('svg.histogram rect.bar').length,
+        limit: document.querySelector('svg .limit-label')?.textContent,
+        examples: document.querySelectorAll('pre.example').length, marked: document.querySelectorAll('mark.trained').length,
+      }));
+      lap(`  preview: ${JSON.stringify(d)}`);
+      if (d.shape !== 'messages' || d.bars < 1 || d.limit !== 'max length 128' || d.examples < 1 || d.marked < 1) throw new Error(`dataset preview incomplete: ${JSON.stringify(d)}`);
+      await shot('dataset-preview.png');
+    });
+
     const panel = started && await step('the Training view shows the loss chart from real events', async () => {
       // the activity bar's "QLoRA Studio" container (the extension may have revealed it already)
       const sideTitle = () => page.locator('.part.sidebar .composite.title').innerText().catch(() => '');

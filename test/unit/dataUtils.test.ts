@@ -13,6 +13,7 @@ import {
   shuffleIndices,
   splitEval,
   tokenLengthStats,
+  lengthHistogram,
 } from '../../extension/data';
 
 const hex = (words: ArrayLike<number>) => Array.from(words, (w) => w.toString(16).padStart(8, '0')).join(' ');
@@ -128,4 +129,18 @@ test('token length statistics', () => {
   assert.deepEqual(tokenLengthStats(lengths, 3), { count: 20, min: 1, max: 20, mean: 10.5, p50: 10, p95: 19, truncated: 3 });
   assert.deepEqual(tokenLengthStats([7]), { count: 1, min: 7, max: 7, mean: 7, p50: 7, p95: 7, truncated: 0 });
   assert.deepEqual(tokenLengthStats([]), { count: 0, min: 0, max: 0, mean: 0, p50: 0, p95: 0, truncated: 0 });
+});
+
+test('token length histogram: round bin widths from 0 that cover the maximum length', () => {
+  // top 512 (the max length) / 24 bins = 21.3 -> width 50; bins [0,50) ... [500,550)
+  const h = lengthHistogram([0, 49, 50, 120, 130, 499, 500, 512], 512);
+  assert.equal(h.binWidth, 50);
+  assert.equal(h.counts.length, 11);
+  assert.deepEqual(h.counts, [2, 1, 2, 0, 0, 0, 0, 0, 0, 1, 2]);
+  // longer than the max length: the range grows to the longest example
+  const long = lengthHistogram([10, 3000], 128);
+  assert.equal(long.binWidth, 200);
+  assert.equal(long.counts.reduce((a, b) => a + b, 0), 2);
+  assert.equal(long.counts[15], 1);
+  assert.deepEqual(lengthHistogram([], undefined), { binWidth: 1, counts: [0, 0] });
 });

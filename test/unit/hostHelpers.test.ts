@@ -11,6 +11,7 @@ import {
   defaultRunName,
   estimateShape,
   isLikelyDatasetFile,
+  memoryFit,
   modelOfRun,
   normalizeOverrides,
   parseDataError,
@@ -41,6 +42,14 @@ test('the presets the estimate uses match the trainer\'s', () => {
     assert.deepEqual(shape, { rank: values.rank, batchSize: values.batchSize });
   }
   assert.deepEqual(estimateShape('qlora', { rank: 16 }), { rank: 16, batchSize: 4 });
+});
+
+test('memory fit: against the budget setting when set, else against the free memory', () => {
+  const MiB = 1048576;
+  assert.deepEqual(memoryFit(900 * MiB, 1024, 10 * MiB), { fits: true, limit: 'the budget of 1,024 MiB (qlora.memoryBudget)' });
+  assert.equal(memoryFit(1025 * MiB, 1024, 1e12).fits, false);
+  assert.deepEqual(memoryFit(3 * MiB, 0, 2048 * MiB), { fits: true, limit: 'the 2,048 MiB free on this machine' });
+  assert.equal(memoryFit(2049 * MiB, 0, 2048 * MiB).fits, false);
 });
 
 test('run names: a readable default, validation, and a free folder', () => {
