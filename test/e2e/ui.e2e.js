@@ -270,6 +270,39 @@ async function setTheme(label, cls) {
       if (!events(runDir).some(e => e.kind === 'finished' && e.status === 'completed')) throw new Error('no completed finished event');
     });
 
+    // Export and merge from the panel's buttons, answering the dialogs as a user: the save dialog (code-server's
+    // simple file dialog, a QuickInput holding the proposed path) is accepted with Enter; the merge asks for a dtype.
+    if (panel) await step('Export Adapter and Merge and Save buttons write their folders', async () => {
+      const acceptSaveDialog = async (what) => {
+        await waitFor(`the ${what} save dialog`, () => quickInput().isVisible(), 20000);
+        await sleep(300);
+        const proposed = await page.locator('.quick-input-widget input').inputValue();
+        lap(`  ${what} dialog proposes ${proposed}`);
+        await page.keyboard.press('Enter');
+        return proposed;
+      };
+      await clickAction('export');
+      const exported = await acceptSaveDialog('export');
+      const adapterDir = path.join(folder, `${path.basename(runDir)}-adapter`); // proposed in the workspace folder
+      await waitFor(`the exported adapter in ${adapterDir}`, () => fs.existsSync(path.join(adapterDir, 'adapter_config.json')) && fs.existsSync(path.join(adapterDir, 'adapter_model.safetensors')), 60000);
+      await waitFor('the export notification', () => page.locator('.notifications-toasts', { hasText: 'Exported' }).first().isVisible(), 20000);
+      await shot('export-done.png');
+      if (!exported.includes(path.basename(adapterDir))) throw new Error(`the export dialog proposed ${exported}`);
+
+      await clickAction('merge');
+      await waitFor('the merge precision QuickPick', async () => /Precision/i.test(await page.locator('.quick-input-widget .quick-input-title').innerText().catch(() => '')), 20000);
+      await page.locator('.quick-input-widget input').fill('f32');
+      await sleep(300);
+      await page.keyboard.press('Enter');
+      await waitFor('the precision QuickPick to close', async () => !/Precision/i.test(await page.locator('.quick-input-widget .quick-input-title').innerText().catch(() => '')), 10000);
+      await acceptSaveDialog('merge');
+      const mergedDir = path.join(runDir, 'merged');
+      await waitFor(`the merged model in ${mergedDir}`, () => fs.existsSync(path.join(mergedDir, 'config.json')) && fs.readdirSync(mergedDir).some(f => f.endsWith('.safetensors')), 120000);
+      await waitFor('the merge notification', () => page.locator('.notifications-toasts', { hasText: 'Merged' }).first().isVisible(), 20000);
+      await shot('merge-done.png');
+      await page.keyboard.press('Escape');
+    });
+
     await step('screenshots in the dark and light themes', async () => {
       // the top of the Training view (loss, lr, grad norm), then scrolled to the memory chart and page events
       const both = async theme => {

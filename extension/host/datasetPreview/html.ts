@@ -79,7 +79,9 @@ export function histogramSvg(h: LengthHistogram, maxLength: number): string {
   parts.push(`<text x="${left - 6}" y="${top + plotH}" text-anchor="end">0</text>`);
   const lx = x(maxLength).toFixed(1);
   parts.push(`<line class="limit" x1="${lx}" y1="${top - 6}" x2="${lx}" y2="${top + plotH}"/>`);
-  parts.push(`<text class="limit-label" x="${lx}" y="${top - 8}" text-anchor="middle">max length ${int(maxLength)}</text>`);
+  // near the right edge the label ends at the line, so it is not cut off
+  const anchor = x(maxLength) > W - right - 60 ? 'end' : 'middle';
+  parts.push(`<text class="limit-label" x="${lx}" y="${top - 8}" text-anchor="${anchor}">max length ${int(maxLength)}</text>`);
   return `<svg class="histogram" viewBox="0 0 ${W} ${H}" role="img" aria-label="Token lengths of the examples against the max length ${maxLength}">${parts.join('')}</svg>`;
 }
 
