@@ -1,5 +1,5 @@
-// Typed wrappers of the engine's whole-model tools: merging a LoRA adapter into its base and estimating the memory
-// of a training step. Native failures surface as EngineError, as in index.ts.
+// Typed wrappers of the engine's whole-model tools: merging a LoRA adapter into its base, estimating the memory
+// of a training step, and llama.cpp's GGUF block quantizers. Native failures surface as EngineError, as in index.ts.
 import { loadAddon } from './addon';
 import { EngineError } from './index';
 import type { MemoryCategory } from './native';
@@ -52,10 +52,44 @@ export interface MemoryEstimate {
   };
 }
 
+/** GGUF tensor types the engine encodes, by ggml's names (lower case). */
+export type GgmlType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_k' | 'q6_k';
+
+export interface GgmlTypeInfo {
+  /** Values per block; a row's length must be a multiple of it. */
+  blockSize: number;
+  /** Bytes per block. */
+  blockBytes: number;
+  /** ggml's GGML_TYPE_* id, as a GGUF tensor info records it. */
+  id: number;
+}
+
+/** Block geometry of each type (native/src/quant/ggml_quants.h has the layouts). */
+export const GGML_TYPES: Readonly<Record<GgmlType, GgmlTypeInfo>> = {
+  f32: { blockSize: 1, blockBytes: 4, id: 0 },
+  f16: { blockSize: 1, blockBytes: 2, id: 1 },
+  q8_0: { blockSize: 32, blockBytes: 34, id: 8 },
+  q4_k: { blockSize: 256, blockBytes: 144, id: 12 },
+  q6_k: { blockSize: 256, blockBytes: 210, id: 14 },
+  bf16: { blockSize: 1, blockBytes: 2, id: 30 },
+};
+
+/** Bytes of one row of `cols` values; throws EngineError ('argument') when cols is not a multiple of the block size. */
+export function ggmlRowBytes(type: GgmlType, cols: number): number {
+  const info = GGML_TYPES[type];
+  if (!info) throw new EngineError(`unknown ggml type '${String(type)}' (known: ${Object.keys(GGML_TYPES).join(', ')})`, 'argument');
+  if (!Number.isInteger(cols) || cols < 0 || cols % info.blockSize !== 0) {
+    throw new EngineError(`${type}: cols ${cols} is not a multiple of the block size ${info.blockSize}`, 'argument');
+  }
+  return (cols / info.blockSize) * info.blockBytes;
+}
+
 // The addon's tool functions, as native/src/binding/tools_binding.cpp exports them.
 interface NativeTools {
   mergeWeights(modelDir: string, adapterDir: string, folder: string, dtype: string, maxShardBytes?: number): MergeWeightsReport;
   estimateMemory(modelDir: string, options: EstimateOptions): MemoryEstimate;
+  ggmlQuantize(type: string, data: Float32Array, rows: number, cols: number): Uint8Array;
+  ggmlDequantize(type: string, bytes: Uint8Array, rows: number, cols: number): Float32Array;
 }
 
 function tools(): NativeTools {
@@ -91,4 +125,20 @@ export function mergeWeights(modelDir: string, adapterDir: string, folder: strin
 /** Memory of one training step by category, from the model's config.json alone. */
 export function estimateMemory(modelDir: string, options: EstimateOptions = {}): MemoryEstimate {
   return call(() => tools().estimateMemory(modelDir, options));
+}
+
+/**
+ * Encodes a row-major [rows, cols] fp32 matrix (a whole tensor or a range of its rows) in a GGUF block format:
+ * rows * ggmlRowBytes(type, cols) bytes, exactly as a GGUF tensor's data holds them. Rows are independent, so a
+ * tensor can be streamed a range of rows at a time and the pieces concatenated. Throws EngineError ('argument') when
+ * cols is not a multiple of the type's block size (32 for q8_0, 256 for q4_k and q6_k) or data.length is not
+ * rows * cols. Runs on the calling thread (threaded inside the engine).
+ */
+export function ggmlQuantize(type: GgmlType, data: Float32Array, rows: number, cols: number): Uint8Array {
+  return call(() => tools().ggmlQuantize(type, data, rows, cols));
+}
+
+/** Decodes GGUF block bytes to fp32 with llama.cpp's dequantization arithmetic (the inverse view of ggmlQuantize). */
+export function ggmlDequantize(type: GgmlType, bytes: Uint8Array, rows: number, cols: number): Float32Array {
+  return call(() => tools().ggmlDequantize(type, bytes, rows, cols));
 }

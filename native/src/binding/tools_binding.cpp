@@ -1,5 +1,6 @@
-// Bindings of the engine's whole-model tools (merge, memory estimate). Kept apart from addon.cpp, which binds the
-// training model; errors follow its convention (JS Error with the engine's message and code "QLORA_ENGINE").
+// Bindings of the engine's whole-model tools (merge, memory estimate, GGUF block quantizers). Kept apart from
+// addon.cpp, which binds the training model; errors follow its convention (JS Error with the engine's message and
+// code "QLORA_ENGINE").
 #include <napi.h>
 
 #include <optional>
@@ -11,6 +12,7 @@
 #include "model/estimate.h"
 #include "model/lora.h"
 #include "model/merge.h"
+#include "quant/ggml_quants.h"
 
 namespace {
 
@@ -112,9 +114,78 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   return o;
 }
 
+ggml::GgmlType ggml_type_arg(const Napi::CallbackInfo& info, size_t i) {
+  const std::string name = string_arg(info, i, "type");
+  const std::optional<ggml::GgmlType> t = ggml::type_from_name(name);
+  if (!t)
+    throw Napi::TypeError::New(info.Env(),
+                               "unknown ggml type '" + name + "' (known: f32, f16, bf16, q8_0, q4_k, q6_k)");
+  return *t;
+}
+
+// A non-negative whole number argument (rows, cols).
+int64_t size_arg(const Napi::CallbackInfo& info, size_t i, const char* what) {
+  if (info.Length() <= i || !info[i].IsNumber())
+    throw Napi::TypeError::New(info.Env(), std::string(what) + " must be a number");
+  const double v = info[i].As<Napi::Number>().DoubleValue();
+  if (!(v >= 0) || v > 9007199254740991.0 || v != static_cast<double>(static_cast<int64_t>(v)))
+    throw Napi::RangeError::New(info.Env(), std::string(what) + " must be a non-negative integer");
+  return static_cast<int64_t>(v);
+}
+
+// Bytes of one row; a cols that is not a multiple of the type's block size is a RangeError naming both.
+size_t ggml_row_bytes_arg(const Napi::Env& env, ggml::GgmlType t, int64_t cols) {
+  try {
+    return ggml::row_bytes(t, cols);
+  } catch (const std::exception& e) {
+    throw Napi::RangeError::New(env, e.what());
+  }
+}
+
+// ggmlQuantize(type, data: Float32Array, rows, cols) -> Uint8Array of rows * rowBytes(type, cols) bytes in ggml's
+// block layout. Works on a whole tensor or any range of its rows.
+Napi::Value GgmlQuantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const ggml::GgmlType t = ggml_type_arg(info, 0);
+  if (info.Length() <= 1 || !info[1].IsTypedArray() ||
+      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+    throw Napi::TypeError::New(env, "data must be a Float32Array");
+  Napi::Float32Array data = info[1].As<Napi::Float32Array>();
+  const int64_t rows = size_arg(info, 2, "rows"), cols = size_arg(info, 3, "cols");
+  const size_t rb = ggml_row_bytes_arg(env, t, cols);
+  if (static_cast<double>(data.ElementLength()) != static_cast<double>(rows) * static_cast<double>(cols))
+    throw Napi::RangeError::New(env, "data has " + std::to_string(data.ElementLength()) +
+                                         " values, expected rows * cols = " + std::to_string(rows) + " * " +
+                                         std::to_string(cols));
+  Napi::Uint8Array out = Napi::Uint8Array::New(env, static_cast<size_t>(rows) * rb);
+  guarded(env, [&] { ggml::quantize(t, data.Data(), out.Data(), rows, cols); });
+  return out;
+}
+
+// ggmlDequantize(type, bytes: Uint8Array, rows, cols) -> Float32Array of rows * cols values, as llama.cpp decodes them.
+Napi::Value GgmlDequantize(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const ggml::GgmlType t = ggml_type_arg(info, 0);
+  if (info.Length() <= 1 || !info[1].IsTypedArray() ||
+      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw Napi::TypeError::New(env, "bytes must be a Uint8Array");
+  Napi::Uint8Array bytes = info[1].As<Napi::Uint8Array>();
+  const int64_t rows = size_arg(info, 2, "rows"), cols = size_arg(info, 3, "cols");
+  const size_t rb = ggml_row_bytes_arg(env, t, cols);
+  if (static_cast<double>(bytes.ElementLength()) != static_cast<double>(rows) * static_cast<double>(rb))
+    throw Napi::RangeError::New(env, "bytes has " + std::to_string(bytes.ElementLength()) + " bytes, expected " +
+                                         std::to_string(rows) + " rows of " + std::to_string(rb) + " bytes (" +
+                                         ggml::type_name(t) + ", " + std::to_string(cols) + " columns)");
+  Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(rows * cols));
+  guarded(env, [&] { ggml::dequantize(t, bytes.Data(), out.Data(), rows, cols); });
+  return out;
+}
+
 }  // namespace
 
 void register_tools(Napi::Env env, Napi::Object exports) {
   exports.Set("mergeWeights", Napi::Function::New(env, MergeWeights));
   exports.Set("estimateMemory", Napi::Function::New(env, EstimateMemory));
+  exports.Set("ggmlQuantize", Napi::Function::New(env, GgmlQuantize));
+  exports.Set("ggmlDequantize", Napi::Function::New(env, GgmlDequantize));
 }
