@@ -84,6 +84,8 @@ export interface RunResult {
   loss: number;
   /** [batch, seq - 1] log-probabilities of each next label, when asked for. */
   logprobs?: Float64Array;
+  /** [batch * seq, vocab] the whole next-token log-distribution at each position, when asked for (logSoftmax). */
+  logSoftmax?: Float32Array;
 }
 
 /** A model loaded by the engine, with at most one LoRA adapter attached. */
@@ -119,7 +121,7 @@ export class EngineModel {
     const { ids, labels, batch, seq } = input;
     if (ids.length !== batch * seq) throw new EngineError(`ids has ${ids.length} tokens, expected batch * seq = ${batch * seq}`, 'argument');
     const r = call(() => this.native.run(ids, labels ?? null, batch, seq, options));
-    return { lossSum: r.lossSum, labelled: r.labelled, loss: r.labelled > 0 ? r.lossSum / r.labelled : NaN, logprobs: r.logprobs };
+    return { lossSum: r.lossSum, labelled: r.labelled, loss: r.labelled > 0 ? r.lossSum / r.labelled : NaN, logprobs: r.logprobs, logSoftmax: r.logSoftmax };
   }
 
   zeroGrad(): void {

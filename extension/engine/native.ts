@@ -14,6 +14,11 @@ export interface NativeModelConfig {
   rmsNormEps: number;
   ropeTheta: number;
   ropeScaling: 'default' | 'linear' | 'llama3';
+  /** linear and llama3: the factor; llama3 also the low/high frequency factors and original context length. */
+  ropeScalingFactor: number;
+  ropeLowFreqFactor: number;
+  ropeHighFreqFactor: number;
+  ropeOriginalMaxPositionEmbeddings: number;
   tieWordEmbeddings: boolean;
   qkvBias: boolean;
   maxPositionEmbeddings: number;
@@ -51,12 +56,15 @@ export interface NativeRunOptions {
   step?: number;
   microBatch?: number;
   logprobs?: boolean;
+  /** Return the whole next-token log-distribution at every position ([batch * seq, vocab]). */
+  logSoftmax?: boolean;
 }
 
 export interface NativeRunResult {
   lossSum: number;
   labelled: number;
   logprobs?: Float64Array;
+  logSoftmax?: Float32Array;
 }
 
 export interface NativeOptimizerOptions {

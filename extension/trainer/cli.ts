@@ -7,6 +7,7 @@ import { makeTinyModel } from './tinyModel/makeTinyModel';
 import { quantize } from './verbs/quantize';
 import { estimateVerb } from './verbs/estimate';
 import { exportAdapter } from './verbs/export';
+import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
@@ -56,14 +57,14 @@ const verbs: Record<string, Verb> = {
       out: { type: 'string', required: true, description: 'folder to write the model into' },
       arch: { type: 'string', description: 'llama (default) or qwen2' },
       seed: { type: 'string', description: 'random seed (integer, default 0)' },
-      size: { type: 'string', description: 'tiny (default, for tests) or small (for benchmarks)' },
+      size: { type: 'string', description: 'tiny (default, for tests), kquant (GGUF k-quant tests) or small (benchmarks)' },
       json: { type: 'boolean', description: 'print a JSON summary' },
     },
     run(o) {
       const arch = stringOption(o, 'arch') ?? 'llama';
       if (arch !== 'llama' && arch !== 'qwen2') throw new UsageError(`--arch must be llama or qwen2, got '${arch}'`);
       const size = stringOption(o, 'size') ?? 'tiny';
-      if (size !== 'tiny' && size !== 'small') throw new UsageError(`--size must be tiny or small, got '${size}'`);
+      if (size !== 'tiny' && size !== 'kquant' && size !== 'small') throw new UsageError(`--size must be tiny, kquant or small, got '${size}'`);
       const summary = makeTinyModel({ out: requiredString(o, 'out'), arch, seed: integerOption(o, 'seed', 0), size });
       print(o.json ? JSON.stringify(summary) : `wrote a tiny ${arch} model (${summary.parameters} parameters, vocabulary ${summary.vocabSize}) to ${summary.dir}`);
     },
@@ -114,6 +115,16 @@ const verbs: Record<string, Verb> = {
     run: inspectDataVerb,
   },
   merge: mergeVerb,
+  'export-gguf': {
+    summary: 'write a run\'s merged model (or a base model) as a GGUF file for llama.cpp, Ollama and LM Studio',
+    options: exportGgufOptions,
+    run: exportGgufVerb,
+  },
+  'verify-gguf': {
+    summary: 'check a GGUF file in llama.cpp against the engine: next-token log-probs and chat prompt tokens',
+    options: verifyGgufOptions,
+    run: verifyGgufVerb,
+  },
   estimate: estimateVerb,
   'engine-info': {
     summary: 'the engine version and the compute backends it can use',

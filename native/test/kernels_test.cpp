@@ -181,6 +181,29 @@ TEST(kernel_cross_entropy_gradient_and_ignore_index) {
   EXPECT_NEAR(cpu::cross_entropy<double>(flat.data(), &t0, 1, V, 1.0, nullptr, nullptr), std::log(7.0), 1e-12);
 }
 
+TEST(kernel_log_softmax_rows_matches_cross_entropy_and_normalizes) {
+  const int64_t rows = 3, V = 5;
+  const Vec logits = random_vec(rows * V, 21, 4.0);
+  std::vector<float> out(rows * V);
+  cpu::log_softmax_rows<double>(logits.data(), rows, V, out.data());
+  for (int64_t r = 0; r < rows; ++r) {
+    double total = 0.0;
+    for (int64_t i = 0; i < V; ++i) total += std::exp(static_cast<double>(out[r * V + i]));
+    EXPECT_NEAR(total, 1.0, 1e-6);
+    for (int32_t t = 0; t < V; ++t) {
+      double lp = 0.0;
+      cpu::cross_entropy<double>(logits.data() + r * V, &t, 1, V, 1.0, nullptr, &lp);
+      EXPECT_NEAR(out[r * V + t], lp, 1e-6);
+    }
+  }
+  // a huge logit: no overflow, the others at -inf-ish but finite
+  const Vec big = {1000.0, 0.0};
+  std::vector<float> o2(2);
+  cpu::log_softmax_rows<double>(big.data(), 1, 2, o2.data());
+  EXPECT_NEAR(o2[0], 0.0, 1e-12);
+  EXPECT_NEAR(o2[1], -1000.0, 1e-3);
+}
+
 TEST(kernel_adamw_step_matches_hand_computation) {
   // torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), one step from zero state:
   // p1 = p0 (1 - lr wd) - lr * g / (|g| + eps) = 1.0 * 0.999 - 0.1 * sign(g).

@@ -59,6 +59,21 @@ test('an adapter that does not fit the model is rejected naming the tensor', () 
   model.dispose();
 });
 
+test('logSoftmax: the whole next-token distribution at each position, consistent with logprobs', () => {
+  const model = EngineModel.load(reference('llama-shared'));
+  const vocab = model.config().vocabSize;
+  const ids = Int32Array.from([1, 5, 200, 7, 31, 99]);
+  const r = model.run({ ids, batch: 1, seq: 6 }, { logprobs: true, logSoftmax: true });
+  assert.equal(r.logSoftmax!.length, 6 * vocab);
+  for (let t = 0; t < 6; t++) {
+    const row = r.logSoftmax!.subarray(t * vocab, (t + 1) * vocab);
+    const total = row.reduce((a, x) => a + Math.exp(x), 0);
+    assert.ok(Math.abs(total - 1) < 1e-5, `position ${t} sums to ${total}`);
+    if (t < 5) assert.ok(Math.abs(row[ids[t + 1]] - r.logprobs![t]) < 1e-5);
+  }
+  model.dispose();
+});
+
 test('QLoRA steps on NF4 weights lower the loss; adapters round-trip through PEFT layout', () => {
   const model = EngineModel.load(reference('llama-shared'), { quantize: true });
   model.createLora({ rank: 8, alpha: 16, seed: 1 });

@@ -7,13 +7,16 @@ import { randomNormal, writeSafetensors, type TensorToWrite } from '../../engine
 import { writeJsonAtomic } from '../../util/atomicFile';
 import { buildTinyTokenizer, type TinyArch } from './tokenizer';
 
-export type TinySize = 'tiny' | 'small';
+export type TinySize = 'tiny' | 'kquant' | 'small';
 
 export interface TinyModelOptions {
   out: string;
   arch: TinyArch;
   seed: number;
-  /** 'tiny' for tests (~0.2M parameters); 'small' for benchmarks (~13M parameters, same tokenizer). */
+  /**
+   * 'tiny' for tests (~0.2M parameters); 'kquant' for GGUF k-quant tests (every matrix row a whole number of
+   * 256-value blocks, ~2M parameters); 'small' for benchmarks (~13M parameters). All share the tokenizer.
+   */
   size?: TinySize;
 }
 
@@ -38,6 +41,7 @@ interface Shape {
 }
 const SHAPES: Record<TinySize, Shape> = {
   tiny: { hidden: 64, intermediate: 176, layers: 2, heads: 4, kvHeads: 2, headDim: 16, maxPositions: 2048 },
+  kquant: { hidden: 256, intermediate: 768, layers: 2, heads: 4, kvHeads: 2, headDim: 64, maxPositions: 2048 },
   small: { hidden: 512, intermediate: 1408, layers: 4, heads: 8, kvHeads: 4, headDim: 64, maxPositions: 2048 },
 };
 const INIT_STD = 0.02; // transformers' initializer_range, recorded in config.json and used for the biases

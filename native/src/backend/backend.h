@@ -85,6 +85,8 @@ class Backend {
   // host_logprobs (optional, host memory) = log p(target) per row. Targets live in host memory.
   virtual double cross_entropy(const float* logits, const int32_t* host_targets, int64_t rows, int64_t vocab,
                                double grad_scale, float* dlogits, double* host_logprobs) = 0;
+  // Log-softmax of each row of `logits` (device memory) into `host_out` [rows, vocab] (host memory).
+  virtual void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) = 0;
 
   // ---- QLoRA specifics ----
   // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.

@@ -126,7 +126,10 @@ class CpuBackend final : public Backend {
   double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                        float* dlogits, double* logprobs) override {
     return cpu::cross_entropy<float>(logits, targets, rows, vocab, grad_scale, dlogits, logprobs);
+  }  void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
+    cpu::log_softmax_rows<float>(logits, rows, vocab, host_out);
   }
+
 
   void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
                       float* out) override {

@@ -45,6 +45,10 @@ Napi::Object config_to_js(Napi::Env env, const ModelConfig& c) {
                      : c.rope_scaling.kind == RopeScaling::Kind::Linear ? "linear"
                                                                         : "default";
   o.Set("ropeScaling", rope);
+  o.Set("ropeScalingFactor", c.rope_scaling.factor);
+  o.Set("ropeLowFreqFactor", c.rope_scaling.low_freq_factor);
+  o.Set("ropeHighFreqFactor", c.rope_scaling.high_freq_factor);
+  o.Set("ropeOriginalMaxPositionEmbeddings", static_cast<double>(c.rope_scaling.original_max_position_embeddings));
   o.Set("tieWordEmbeddings", c.tie_word_embeddings);
   o.Set("qkvBias", c.qkv_bias);
   o.Set("maxPositionEmbeddings", static_cast<double>(c.max_position_embeddings));
@@ -221,6 +225,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     ro.step = static_cast<uint32_t>(opt_number(o, "step").value_or(0));
     ro.micro_batch = static_cast<uint32_t>(opt_number(o, "microBatch").value_or(0));
     ro.want_logprobs = opt_bool(o, "logprobs").value_or(false);
+    ro.want_log_softmax = opt_bool(o, "logSoftmax").value_or(false);
     RunResult r = guarded(env, [&] {
       return model(env).run(ids.Data(), labels, batch, seq, adapter_.get(), ro);
     });
@@ -231,6 +236,11 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
       Napi::Float64Array lp = Napi::Float64Array::New(env, r.logprobs.size());
       for (size_t i = 0; i < r.logprobs.size(); ++i) lp[i] = r.logprobs[i];
       out.Set("logprobs", lp);
+    }
+    if (ro.want_log_softmax) {
+      Napi::Float32Array ls = Napi::Float32Array::New(env, r.log_softmax.size());
+      std::copy(r.log_softmax.begin(), r.log_softmax.end(), ls.Data());
+      out.Set("logSoftmax", ls);
     }
     return out;
   }

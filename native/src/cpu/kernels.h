@@ -283,6 +283,21 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t rows, int6
   return total;
 }
 
+// Log-softmax of each row (the full next-token distribution), the log-sum-exp accumulated in double.
+template <typename T>
+void log_softmax_rows(const T* logits, int64_t rows, int64_t vocab, float* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* lr = logits + r * vocab;
+    double max_logit = -INFINITY;
+    for (int64_t i = 0; i < vocab; ++i) max_logit = std::max(max_logit, static_cast<double>(lr[i]));
+    double sum = 0.0;
+    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(lr[i]) - max_logit);
+    const double log_z = max_logit + std::log(sum);
+    for (int64_t i = 0; i < vocab; ++i) out[r * vocab + i] = static_cast<float>(static_cast<double>(lr[i]) - log_z);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // AdamW (torch.optim.AdamW semantics): p -= lr*wd*p (decoupled), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
 // p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps). `step` counts from 1.

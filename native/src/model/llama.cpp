@@ -282,7 +282,7 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
 // LM head and loss, in chunks of rows so that the [rows, vocab] logits never exist at once.
 
 double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale,
-                           float* dx_final, double* logprobs, Workspace& ws) {
+                           float* dx_final, double* logprobs, float* log_softmax, Workspace& ws) {
   const ModelConfig& c = config_;
   const float* w = lm_head_.empty() ? embed_.get() : lm_head_.get();
   backend_->rmsnorm_forward(x_final, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, ws.xf.get(),
@@ -292,6 +292,7 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
     const int64_t rc = std::min(ws.logits_rows, rows - r0);
     backend_->gemm(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
                    ws.logits.get());
+    if (log_softmax) backend_->log_softmax_rows(ws.logits.get(), rc, c.vocab_size, log_softmax + r0 * c.vocab_size);
     // The gradient of the logits overwrites the logits in place (each row is read before it is written).
     loss += backend_->cross_entropy(ws.logits.get(), targets + r0, rc, c.vocab_size, grad_scale,
                                     dx_final ? ws.logits.get() : nullptr, logprobs ? logprobs + r0 : nullptr);
@@ -380,6 +381,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   const double normalizer = opt.grad_normalizer > 0.0 ? opt.grad_normalizer : static_cast<double>(result.labelled);
   const double grad_scale = normalizer > 0.0 ? 1.0 / normalizer : 0.0;
   std::vector<double> row_logprobs(opt.want_logprobs ? static_cast<size_t>(n) : 0);
+  if (opt.want_log_softmax) result.log_softmax.resize(static_cast<size_t>(n * c.vocab_size));
   DeviceArray<float> d_cur, d_next;
   if (opt.compute_grads) {
     d_cur.reset(be, n * c.hidden_size, act);
@@ -388,7 +390,8 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   }
   result.loss_sum = lm_head(inputs[c.num_layers].get(), targets.data(), n, grad_scale,
                             opt.compute_grads ? d_cur.get() : nullptr,
-                            opt.want_logprobs ? row_logprobs.data() : nullptr, ws);
+                            opt.want_logprobs ? row_logprobs.data() : nullptr,
+                            opt.want_log_softmax ? result.log_softmax.data() : nullptr, ws);
 
   if (opt.compute_grads) {
     const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;

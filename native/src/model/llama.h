@@ -46,12 +46,14 @@ struct RunOptions {
   uint32_t step = 0;
   uint32_t micro_batch = 0;
   bool want_logprobs = false;
+  bool want_log_softmax = false;  // the whole next-token distribution at every position (for export checks)
 };
 
 struct RunResult {
   double loss_sum = 0.0;      // sum over labelled positions of -log p(label)
   int64_t labelled = 0;       // positions with a label (the next token's label is not -100)
   std::vector<double> logprobs;  // [batch, seq - 1]: log p(labels[t+1] | ids[..t]) (0 where unlabelled)
+  std::vector<float> log_softmax;  // [batch * seq, vocab] when want_log_softmax: log p(. | ids[..t])
 };
 
 class LlamaModel {
@@ -85,7 +87,7 @@ class LlamaModel {
                       LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   const float* base_weight(const FrozenLinear& w, Workspace& ws);
   double lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale, float* dx_final,
-                 double* logprobs, Workspace& ws);
+                 double* logprobs, float* log_softmax, Workspace& ws);
 
   Backend* backend_ = nullptr;
   std::string dir_;

@@ -1,0 +1,76 @@
+// export-gguf: a run's merged model (base + adapter), or a base model alone, as one GGUF file for llama.cpp,
+// Ollama and LM Studio. An adapter (or a bnb-4bit base) is merged first, in float32, into a temporary folder beside
+// the output, which is removed afterwards; the GGUF itself is written under a temporary name and renamed.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { readModelConfig } from '../engine';
+import { merge } from '../trainer/verbs/merge';
+import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
+import { writeModelGguf, type ModelGgufReport } from './gguf/llamaGguf';
+import type { GgufFileType } from './gguf/types';
+import { verifyGguf, verifyGgufInChild, type VerifyReport } from './verifyGguf';
+
+export const GGUF_FILE_TYPES: readonly GgufFileType[] = ['f32', 'f16', 'bf16', 'q8_0', 'q4_k_m'];
+
+export interface ExportGgufOptions {
+  /** A run folder: its base model and adapter (final, or `checkpoint`'s). */
+  run?: string;
+  checkpoint?: number;
+  /** Or a model folder, with an optional PEFT adapter. */
+  model?: string;
+  adapter?: string;
+  out: string;
+  type: GgufFileType;
+  /** Check the file with llama.cpp against the engine (default true). */
+  verify?: boolean;
+  /** Run the check in a child process of this CLI (so a llama.cpp abort cannot take this process down). */
+  cli?: { execPath: string; cliPath: string };
+  onProgress?(phase: 'merge' | 'write' | 'verify', done: number, total: number): void;
+}
+
+export interface ExportGgufReport extends ModelGgufReport {
+  model: string;
+  adapter: string | null;
+  type: GgufFileType;
+  /** llama.cpp's check of the written file; null when skipped. */
+  verification: VerifyReport | null;
+}
+
+export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport> {
+  if (o.run === undefined && o.model === undefined) throw new Error('export-gguf needs --run or --model');
+  if (o.run !== undefined && (o.model !== undefined || o.adapter !== undefined)) throw new Error('--run takes its model and adapter from the run; leave out --model and --adapter');
+  const model = o.run !== undefined ? runModelDir(o.run) : o.model!;
+  const adapter = o.run !== undefined ? runAdapterDir(o.run, o.checkpoint) : (o.adapter ?? null);
+  if (!o.out.toLowerCase().endsWith('.gguf')) throw new Error(`--out must name a .gguf file, got ${o.out}`);
+  if (fs.existsSync(o.out) && fs.statSync(o.out).isDirectory()) throw new Error(`--out ${o.out} is a folder; name the .gguf file to write`);
+  const config = readModelConfig(model); // the architecture and files are checked before any work
+  if (config.quantized4bit && adapter === null) {
+    throw new Error(`${model} is a bnb-4bit model: export the original (unquantized) model, or a run's merged model`);
+  }
+  const name = path.basename(o.run ?? model);
+
+  let source = model;
+  let tmp: string | null = null;
+  try {
+    if (adapter !== null) {
+      // float32 so the GGUF's own rounding is the only one (a bf16 merge would round twice)
+      tmp = `${o.out}.merge-tmp-${process.pid}`;
+      fs.rmSync(tmp, { recursive: true, force: true });
+      o.onProgress?.('merge', 0, 1);
+      merge({ model, adapter, out: tmp, dtype: 'float32' });
+      o.onProgress?.('merge', 1, 1);
+      source = tmp;
+    }
+    const report = await writeModelGguf({ modelDir: source, out: o.out, fileType: o.type, name, onProgress: (done, total) => o.onProgress?.('write', done, total) });
+    let verification: VerifyReport | null = null;
+    if (o.verify !== false) {
+      o.onProgress?.('verify', 0, 1);
+      const v = { gguf: o.out, type: o.type, model, adapter, run: o.run ?? null };
+      verification = o.cli ? await verifyGgufInChild(v, o.cli) : await verifyGguf(v);
+      o.onProgress?.('verify', 1, 1);
+    }
+    return { ...report, model, adapter, type: o.type, verification };
+  } finally {
+    if (tmp !== null) fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,12 @@
+// Float32 values to a ggml type's bytes: f32 as is; the others through the engine's quantizers (native, threaded;
+// native/src/quant/ggml_quants.cpp), which write ggml's block layouts byte for byte.
+import { ggmlQuantize } from '../../engine/tools';
+import type { GgmlTypeName } from './types';
+
+/** `values` in GGUF order: shape[0] values per row. */
+export function encodeTensor(type: GgmlTypeName, values: Float32Array, shape: readonly number[]): Uint8Array {
+  if (type === 'f32') return new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+  const cols = shape[0];
+  const rows = values.length / cols;
+  return ggmlQuantize(type, values, rows, cols);
+}

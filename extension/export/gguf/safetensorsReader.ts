@@ -1,0 +1,115 @@
+// Reads the tensors of a Hugging Face model folder one at a time (model.safetensors, or the shards listed in
+// model.safetensors.index.json) as float32, for the GGUF export: only one tensor is in memory at once. Every
+// header, offset and size is checked against the file; a problem names the file and the tensor.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+export interface TensorEntry {
+  name: string;
+  dtype: string;
+  shape: number[];
+  file: string;
+  /** Absolute byte range in `file`. */
+  begin: number;
+  end: number;
+}
+
+const DTYPE_BYTES: Record<string, number> = { F32: 4, BF16: 2, F16: 2, F64: 8, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1 };
+
+function readHeader(file: string): TensorEntry[] {
+  const fd = fs.openSync(file, 'r');
+  try {
+    const size = fs.fstatSync(fd).size;
+    const lenBuf = Buffer.alloc(8);
+    if (size < 8 || fs.readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new Error(`${file}: not a safetensors file (shorter than its 8-byte header length)`);
+    const headerLength = Number(lenBuf.readBigUInt64LE(0));
+    if (headerLength > size - 8 || headerLength > 100_000_000) throw new Error(`${file}: header length ${headerLength} runs past the end of the file (${size} bytes)`);
+    const json = Buffer.alloc(headerLength);
+    fs.readSync(fd, json, 0, headerLength, 8);
+    let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+    try {
+      header = JSON.parse(json.toString('utf8'));
+    } catch {
+      throw new Error(`${file}: the safetensors header is not valid JSON`);
+    }
+    const dataStart = 8 + headerLength;
+    const entries: TensorEntry[] = [];
+    for (const [name, info] of Object.entries(header)) {
+      if (name === '__metadata__') continue;
+      const [b, e] = info.data_offsets ?? [];
+      const itemBytes = DTYPE_BYTES[info.dtype];
+      const count = (info.shape ?? []).reduce((a, d) => a * d, 1);
+      if (itemBytes === undefined) throw new Error(`${file}: tensor ${name} has dtype ${info.dtype}, which the export does not read`);
+      if (!(Number.isInteger(b) && Number.isInteger(e) && b >= 0 && e >= b && dataStart + e <= size)) {
+        throw new Error(`${file}: tensor ${name} has data offsets [${b}, ${e}] outside the file's ${size - dataStart} data bytes`);
+      }
+      if (e - b !== count * itemBytes) throw new Error(`${file}: tensor ${name} holds ${e - b} bytes, but ${info.dtype} [${info.shape.join(', ')}] needs ${count * itemBytes}`);
+      entries.push({ name, dtype: info.dtype, shape: info.shape, file, begin: dataStart + b, end: dataStart + e });
+    }
+    return entries;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** The tensors of a model folder by name. */
+export function listModelTensors(modelDir: string): Map<string, TensorEntry> {
+  const index = path.join(modelDir, 'model.safetensors.index.json');
+  const files = fs.existsSync(index)
+    ? [...new Set(Object.values((JSON.parse(fs.readFileSync(index, 'utf8')) as { weight_map: Record<string, string> }).weight_map))]
+    : ['model.safetensors'];
+  const out = new Map<string, TensorEntry>();
+  for (const f of files) {
+    const file = path.join(modelDir, f);
+    if (!fs.existsSync(file)) throw new Error(`${modelDir}: ${f} is missing`);
+    for (const e of readHeader(file)) out.set(e.name, e);
+  }
+  return out;
+}
+
+const f32Scratch = new Float32Array(1);
+const u32OfF32 = new Uint32Array(f32Scratch.buffer);
+
+function halfToFloat(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >> 10) & 0x1f;
+  const frac = h & 0x3ff;
+  if (exp === 0) return sign * frac * 2 ** -24;
+  if (exp === 31) return frac ? NaN : sign * Infinity;
+  return sign * (1 + frac / 1024) * 2 ** (exp - 15);
+}
+
+/** Reads a floating tensor as float32 (F32 as is, BF16 and F16 widened exactly). */
+export function readTensorF32(entry: TensorEntry): Float32Array {
+  const bytes = Buffer.alloc(entry.end - entry.begin);
+  const fd = fs.openSync(entry.file, 'r');
+  try {
+    let off = 0;
+    while (off < bytes.length) {
+      const n = fs.readSync(fd, bytes, off, bytes.length - off, entry.begin + off);
+      if (n === 0) throw new Error(`${entry.file}: tensor ${entry.name} ends early`);
+      off += n;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  const count = entry.shape.reduce((a, d) => a * d, 1);
+  const out = new Float32Array(count);
+  switch (entry.dtype) {
+    case 'F32':
+      for (let i = 0; i < count; i++) out[i] = bytes.readFloatLE(i * 4);
+      break;
+    case 'BF16':
+      for (let i = 0; i < count; i++) {
+        u32OfF32[0] = bytes.readUInt16LE(i * 2) << 16;
+        out[i] = f32Scratch[0];
+      }
+      break;
+    case 'F16':
+      for (let i = 0; i < count; i++) out[i] = halfToFloat(bytes.readUInt16LE(i * 2));
+      break;
+    default:
+      throw new Error(`${entry.file}: tensor ${entry.name} is ${entry.dtype}, not a floating tensor`);
+  }
+  return out;
+}

@@ -1,0 +1,84 @@
+// export-gguf verb: the CLI face of extension/export/exportGguf.ts.
+import { exportGguf, GGUF_FILE_TYPES } from '../../export/exportGguf';
+import { verifyGguf } from '../../export/verifyGguf';
+import type { GgufFileType } from '../../export/gguf/types';
+import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+
+export const exportGgufOptions: Record<string, OptionSpec> = {
+  run: { type: 'string', description: 'a run folder: its base model merged with its adapter' },
+  checkpoint: { type: 'string', description: "with --run: a checkpoint step's adapter instead of the final one" },
+  model: { type: 'string', description: 'or a Hugging Face model folder (plain, or bnb-4bit with --adapter)' },
+  adapter: { type: 'string', description: 'with --model: a PEFT LoRA adapter to merge in' },
+  out: { type: 'string', required: true, description: 'the .gguf file to write' },
+  type: { type: 'string', description: `tensor type: ${GGUF_FILE_TYPES.join(', ')} (default f16)` },
+  'no-verify': { type: 'boolean', description: 'skip the check of the file in llama.cpp against the engine' },
+  json: { type: 'boolean', description: 'print a JSON report (no progress output)' },
+};
+
+export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
+  const type = (stringOption(o, 'type') ?? 'f16').toLowerCase();
+  if (!(GGUF_FILE_TYPES as readonly string[]).includes(type)) throw new UsageError(`--type must be one of ${GGUF_FILE_TYPES.join(', ')}, got '${type}'`);
+  const json = Boolean(o.json);
+  let lastTenth = -1;
+  const report = await exportGguf({
+    run: stringOption(o, 'run'),
+    checkpoint: stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0),
+    model: stringOption(o, 'model'),
+    adapter: stringOption(o, 'adapter'),
+    out: requiredString(o, 'out'),
+    type: type as GgufFileType,
+    verify: !o['no-verify'],
+    cli: { execPath: process.execPath, cliPath: process.argv[1] },
+    onProgress(phase, done, total) {
+      if (json) return;
+      if (phase === 'verify') {
+        if (done === 0) process.stderr.write('checking the file in llama.cpp against the engine...\n');
+        return;
+      }
+      if (phase === 'merge') {
+        if (done === 0) process.stderr.write('merging the adapter into the base (float32)...\n');
+        return;
+      }
+      const tenth = Math.floor((10 * done) / total); // a line per tenth of the tensors
+      if (tenth !== lastTenth) process.stderr.write(`writing tensors: ${done}/${total}\n`);
+      lastTenth = tenth;
+    },
+  });
+  if (json) {
+    process.stdout.write(JSON.stringify(report) + '\n');
+    return;
+  }
+  const types = Object.entries(report.types).map(([t, n]) => `${n} ${t}`).join(', ');
+  process.stdout.write(`wrote ${report.file}: ${report.architecture}, ${report.tensors} tensors (${types}), ${(report.bytes / 1048576).toFixed(2)} MiB\n`);
+  const v = report.verification;
+  if (v === null) return;
+  const figures =
+    `${v.tokens} tokens of ${v.sequences} sequences: max |Δ log-prob| ${v.maxAbsLogprobDiff.toFixed(4)}, mean ${v.meanAbsLogprobDiff.toFixed(4)}, ` +
+    `top-1 agreement ${(100 * v.top1Agreement).toFixed(1)}% (${(100 * v.confidentTop1Agreement).toFixed(1)}% at the ${v.confidentPositions} confident positions), mean KL ${v.meanKl.toExponential(2)}; chat prompt tokens ${v.promptTokensMatch ? 'match' : 'DIFFER'}`;
+  if (v.verified) process.stdout.write(`verified in llama.cpp (${v.tolerance}): ${figures}\n`);
+  else {
+    process.stdout.write(`NOT verified in llama.cpp (${v.tolerance}): ${figures}\n`);
+    for (const p of v.problems) process.stdout.write(`  ${p}\n`);
+    process.exitCode = 1;
+  }
+}
+
+export const verifyGgufOptions: Record<string, OptionSpec> = {
+  gguf: { type: 'string', required: true, description: 'the GGUF file to check' },
+  type: { type: 'string', required: true, description: `its type: ${GGUF_FILE_TYPES.join(', ')}` },
+  model: { type: 'string', required: true, description: 'the model folder it was made from' },
+  adapter: { type: 'string', description: 'the adapter merged into it' },
+  run: { type: 'string', description: 'the run whose held-out data to score' },
+  json: { type: 'boolean', description: 'print the report as JSON' },
+};
+
+/** verify-gguf: the llama.cpp check alone (export-gguf runs it in a child process). */
+export async function verifyGgufVerb(o: ParsedOptions): Promise<void> {
+  const type = requiredString(o, 'type');
+  if (!(GGUF_FILE_TYPES as readonly string[]).includes(type)) throw new UsageError(`--type must be one of ${GGUF_FILE_TYPES.join(', ')}, got '${type}'`);
+  const r = await verifyGguf({
+    gguf: requiredString(o, 'gguf'), type: type as GgufFileType, model: requiredString(o, 'model'),
+    adapter: stringOption(o, 'adapter') ?? null, run: stringOption(o, 'run') ?? null,
+  });
+  process.stdout.write((o.json ? JSON.stringify(r) : `${r.verified ? 'verified' : 'NOT verified'} (${r.tolerance}); ${r.problems.join('; ')}`) + '\n');
+}

@@ -1,0 +1,136 @@
+// The GGUF writer against an independent reader, and the Hugging Face → GGUF layout of the tiny models: names,
+// shapes, the Q/K row permutation, biases, tied embeddings, llama3 rope factors, tokenizer metadata.
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { readModelConfig } from '../../extension/engine';
+import { llama3RopeFactors, permuteForInterleavedRope, tensorTypeFor, writeModelGguf } from '../../extension/export/gguf/llamaGguf';
+import { listModelTensors, readTensorF32 } from '../../extension/export/gguf/safetensorsReader';
+import { tensorBytes } from '../../extension/export/gguf/types';
+import { gguf, writeGguf, type GgufValue } from '../../extension/export/gguf/writer';
+import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
+import { readGguf } from '../helpers/ggufReader';
+import { tempDir } from '../helpers/paths';
+
+test('GGUF writer: every metadata type, aligned tensor data, read back by an independent reader', async () => {
+  const file = path.join(tempDir('gguf-writer'), 'x.gguf');
+  const metadata = new Map<string, GgufValue>([
+    ['general.alignment', gguf.u32(32)],
+    ['a.u8', { type: 'u8', value: 250 }],
+    ['a.i8', { type: 'i8', value: -5 }],
+    ['a.u16', { type: 'u16', value: 65000 }],
+    ['a.i16', { type: 'i16', value: -30000 }],
+    ['a.i32', gguf.i32(-7)],
+    ['a.f32', gguf.f32(0.5)],
+    ['a.bool', gguf.bool(true)],
+    ['a.str', gguf.str('héllo ✓')],
+    ['a.u64', { type: 'u64', value: 2 ** 40 }],
+    ['a.i64', { type: 'i64', value: -(2 ** 40) }],
+    ['a.f64', { type: 'f64', value: Math.PI }],
+    ['a.strings', gguf.strings(['x', '', 'yz'])],
+    ['a.i32s', gguf.i32s([1, -2, 3])],
+  ]);
+  const t1 = Float32Array.from([1, 2, 3]); // 12 bytes: the next tensor starts 32-aligned after padding
+  const t2 = Float32Array.from({ length: 8 }, (_, i) => i / 8);
+  const specs = [
+    { name: 'one', shape: [3], type: 'f32' as const },
+    { name: 'two', shape: [4, 2], type: 'f32' as const },
+  ];
+  const { bytes } = await writeGguf(file, metadata, specs, (i) => new Uint8Array([t1, t2][i].buffer));
+  const r = readGguf(file);
+  assert.equal(r.version, 3);
+  assert.equal(bytes, fs.statSync(file).size);
+  for (const [k, v] of metadata) {
+    const expected = v.type === 'array' ? Array.from(v.values as ArrayLike<unknown>) : v.value;
+    assert.deepEqual(r.metadata.get(k), expected, k);
+  }
+  assert.deepEqual(r.tensors.map((t) => [t.name, t.shape, t.type, t.offset]), [['one', [3], 0, 0], ['two', [4, 2], 0, 32]]);
+  assert.equal(r.dataStart % 32, 0);
+  assert.deepEqual(new Float32Array(Uint8Array.from(r.tensorBytes('two', 32)).buffer), t2);
+  assert.deepEqual(fs.readdirSync(path.dirname(file)), ['x.gguf'], 'no temporary file left');
+});
+
+test('GGUF writer: a wrong tensor size or a failing producer leaves no file', async () => {
+  const dir = tempDir('gguf-fail');
+  const md = new Map<string, GgufValue>([['general.alignment', gguf.u32(32)]]);
+  const specs = [{ name: 'w', shape: [4], type: 'f32' as const }];
+  await assert.rejects(writeGguf(path.join(dir, 'a.gguf'), md, specs, () => new Uint8Array(12)), /tensor w \(f32 \[4\]\) has 12 bytes, expected 16/);
+  await assert.rejects(writeGguf(path.join(dir, 'b.gguf'), md, specs, () => { throw new Error('disk full'); }), /disk full/);
+  assert.deepEqual(fs.readdirSync(dir), []);
+  assert.throws(() => tensorBytes('q8_0', [33, 2]), /multiple of 32 values, got 33/);
+  assert.equal(tensorBytes('q8_0', [64, 3]), 2 * 34 * 3);
+  assert.equal(tensorBytes('q4_k', [512, 2]), 2 * 144 * 2);
+});
+
+test('Q/K permutation: rotate-half rows become interleaved pairs within each head', () => {
+  // 2 heads of 4 rows, 1 column: per head rows [a0 a1 b0 b1] -> [a0 b0 a1 b1]
+  const w = Float32Array.from([0, 1, 2, 3, 10, 11, 12, 13]);
+  assert.deepEqual(Array.from(permuteForInterleavedRope(w, 2, 1)), [0, 2, 1, 3, 10, 12, 11, 13]);
+  // columns move with their rows
+  const w2 = Float32Array.from([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5]);
+  assert.deepEqual(Array.from(permuteForInterleavedRope(w2, 1, 2)), [0, 0.5, 2, 2.5, 1, 1.5, 3, 3.5]);
+});
+
+test('tensor types: vectors stay f32; matrices follow the file type; q8_0 needs rows of 32', () => {
+  assert.equal(tensorTypeFor('q8_0', [64]), 'f32');
+  assert.equal(tensorTypeFor('q8_0', [64, 8]), 'q8_0');
+  assert.equal(tensorTypeFor('q8_0', [48, 8]), 'f16');
+  assert.equal(tensorTypeFor('bf16', [48, 8]), 'bf16');
+  assert.equal(tensorTypeFor('f32', [48, 8]), 'f32');
+});
+
+function layout(arch: 'llama' | 'qwen2') {
+  const dir = path.join(tempDir(`gguf-${arch}`), 'model');
+  makeTinyModel({ out: dir, arch, seed: 3, size: 'tiny' });
+  return dir;
+}
+
+for (const arch of ['llama', 'qwen2'] as const) {
+  test(`a tiny ${arch} model as an f32 GGUF: names, shapes, permutation, tokenizer metadata`, async () => {
+    const model = layout(arch);
+    const out = path.join(path.dirname(model), 'model.gguf');
+    const report = await writeModelGguf({ modelDir: model, out, fileType: 'f32', name: 'tiny' });
+    const c = readModelConfig(model);
+    const r = readGguf(out);
+    assert.equal(r.metadata.get('general.architecture'), arch);
+    assert.equal(r.metadata.get(`${arch}.block_count`), c.numLayers);
+    assert.equal(r.metadata.get(`${arch}.attention.head_count_kv`), c.numKvHeads);
+    assert.equal(r.metadata.get(`${arch}.rope.freq_base`), Math.fround(c.ropeTheta));
+    assert.equal(r.metadata.get('tokenizer.ggml.model'), 'gpt2');
+    assert.equal(r.metadata.get('tokenizer.ggml.pre'), arch === 'llama' ? 'llama-bpe' : 'qwen2');
+    assert.equal((r.metadata.get('tokenizer.ggml.tokens') as string[]).length, c.vocabSize);
+    assert.ok(typeof r.metadata.get('tokenizer.chat_template') === 'string');
+    assert.equal(report.tensors, r.tensors.length);
+
+    const hf = listModelTensors(model);
+    const tensor = (name: string) => {
+      const t = r.tensors.find((x) => x.name === name)!;
+      const n = t.shape.reduce((a, b) => a * b, 1);
+      return { shape: t.shape, values: new Float32Array(Uint8Array.from(r.tensorBytes(name, n * 4)).buffer) };
+    };
+    const embd = tensor('token_embd.weight');
+    assert.deepEqual(embd.shape, [c.hiddenSize, c.vocabSize]);
+    assert.deepEqual(embd.values, readTensorF32(hf.get('model.embed_tokens.weight')!));
+    const q = tensor('blk.1.attn_q.weight');
+    const hfQ = readTensorF32(hf.get('model.layers.1.self_attn.q_proj.weight')!);
+    assert.deepEqual(q.values, arch === 'llama' ? permuteForInterleavedRope(hfQ, c.numHeads, c.hiddenSize) : hfQ);
+    const k = tensor('blk.0.attn_k.weight');
+    assert.deepEqual(k.shape, [c.hiddenSize, c.numKvHeads * c.headDim]);
+    assert.equal(r.tensors.some((t) => t.name === 'blk.0.attn_q.bias'), c.qkvBias);
+    assert.equal(r.tensors.some((t) => t.name === 'output.weight'), !c.tieWordEmbeddings);
+    assert.equal(r.tensors.length, 1 + c.numLayers * (9 + (c.qkvBias ? 3 : 0)) + 1 + (c.tieWordEmbeddings ? 0 : 1));
+  });
+}
+
+test('llama3 rope factors: 1 for high frequencies, the factor for low ones, smooth in between', () => {
+  const c = {
+    headDim: 64, ropeTheta: 500000, ropeScalingFactor: 8, ropeLowFreqFactor: 1, ropeHighFreqFactor: 4, ropeOriginalMaxPositionEmbeddings: 8192,
+  } as Parameters<typeof llama3RopeFactors>[0];
+  const f = llama3RopeFactors(c);
+  assert.equal(f.length, 32);
+  assert.equal(f[0], 1);
+  assert.equal(f[31], 8);
+  for (let i = 1; i < 32; i++) assert.ok(f[i] >= f[i - 1], 'monotone');
+  assert.ok(f.some((x) => x > 1 && x < 8), 'a smooth band');
+});

@@ -1,0 +1,118 @@
+// export-gguf end to end: models made here and the reference models with PEFT-written adapters, in every type,
+// written as GGUF and checked in real llama.cpp (node-llama-cpp's prebuilt CPU binary) against the engine.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { exportGguf } from '../../extension/export/exportGguf';
+import type { GgufFileType } from '../../extension/export/gguf/types';
+import { verifyGguf } from '../../extension/export/verifyGguf';
+import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
+import { resolveConfig } from '../../extension/trainer/config';
+import { train } from '../../extension/trainer/train';
+import { readGguf } from '../helpers/ggufReader';
+import { cliPath, reference, repoRoot, tempDir } from '../helpers/paths';
+
+const cli = { execPath: process.execPath, cliPath };
+
+function tiny(arch: 'llama' | 'qwen2', size: 'tiny' | 'kquant' = 'tiny', seed = 0): string {
+  const dir = path.join(tempDir(`gguf-${arch}-${size}`), 'model');
+  makeTinyModel({ out: dir, arch, seed, size });
+  return dir;
+}
+
+function assertVerified(r: Awaited<ReturnType<typeof exportGguf>>, label: string) {
+  const v = r.verification!;
+  assert.ok(v.verified, `${label}: ${v.problems.join('; ')}`);
+  assert.ok(v.tokens >= 60, `${label}: scored ${v.tokens} tokens`);
+  assert.ok(v.promptTokensMatch, `${label}: chat prompt tokens`);
+}
+
+test('tiny Llama in f32, f16, bf16 and q8_0: llama.cpp matches the engine within each type\'s tolerance', async () => {
+  const model = tiny('llama');
+  const dir = path.dirname(model);
+  const limits: Record<string, number> = { f32: 1e-3, f16: 0.05, bf16: 0.05, q8_0: 0.2 };
+  for (const type of ['f32', 'f16', 'bf16', 'q8_0'] as GgufFileType[]) {
+    const out = path.join(dir, `tiny-${type}.gguf`);
+    // one of them through the CLI's child process, as export-gguf runs it
+    const r = await exportGguf({ model, out, type, ...(type === 'q8_0' ? { cli } : {}) });
+    assertVerified(r, type);
+    assert.ok(r.verification!.maxAbsLogprobDiff <= limits[type], `${type}: ${r.verification!.maxAbsLogprobDiff}`);
+    assert.equal(readGguf(out).metadata.get('general.file_type'), ({ f32: 0, f16: 1, bf16: 32, q8_0: 7 } as Record<string, number>)[type]);
+  }
+  const sizes = Object.fromEntries(['f32', 'f16', 'q8_0'].map((t) => [t, fs.statSync(path.join(dir, `tiny-${t}.gguf`)).size]));
+  assert.ok(sizes.f16 < 0.6 * sizes.f32 && sizes.q8_0 < 0.7 * sizes.f16, JSON.stringify(sizes));
+});
+
+test('Llama-3 style (llama3 rope scaling, tied embeddings) and Qwen2 (q/k/v biases) with PEFT-written adapters', async () => {
+  const dir = tempDir('gguf-ref');
+  for (const name of ['llama3-shared', 'qwen2-shared']) {
+    for (const type of ['f32', 'bf16', 'q8_0'] as GgufFileType[]) {
+      const out = path.join(dir, `${name}-${type}.gguf`);
+      const r = await exportGguf({ model: reference(name), adapter: reference(`${name}-adapter`), out, type });
+      assertVerified(r, `${name} ${type}`);
+      if (type === 'f32') assert.ok(r.verification!.maxAbsLogprobDiff < 1e-3, `${name} f32: ${r.verification!.maxAbsLogprobDiff}`);
+      const g = readGguf(out);
+      assert.equal(g.tensors.some((t) => t.name === 'rope_freqs.weight'), name === 'llama3-shared');
+      assert.equal(g.tensors.some((t) => t.name === 'output.weight'), false, 'tied embeddings: no output.weight');
+    }
+    assert.deepEqual(fs.readdirSync(dir).filter((f) => !f.endsWith('.gguf')), [], 'no temporary merge folder left');
+  }
+});
+
+for (const arch of ['llama', 'qwen2'] as const) {
+  test(`q4_k_m of a briefly trained ${arch} run: llama.cpp's own type mix, verified`, async () => {
+    const model = tiny(arch, 'kquant', 1);
+    const runDir = path.join(path.dirname(model), 'run');
+    const config = resolveConfig({}, {
+      model, data: path.join(repoRoot, 'examples', 'chat-sample.jsonl'), preset: 'quick', maxSteps: 60, seqLen: 96, batchSize: 4, lr: 5e-3,
+      checkpointEvery: 0, evalEvery: 0,
+    });
+    const outcome = await train({ runDir, config, resume: false });
+    assert.equal(outcome.status, 'completed');
+    const out = path.join(path.dirname(model), 'q4km.gguf');
+    const r = await exportGguf({ run: runDir, out, type: 'q4_k_m', cli });
+    assertVerified(r, `${arch} q4_k_m`);
+    assert.ok(r.verification!.meanKl < 0.1 && r.verification!.confidentPositions >= 10, JSON.stringify(r.verification));
+    // 2 layers: use_more_bits picks layer 1's attn_v and ffn_down; the output layer is q6_k too
+    const types = Object.fromEntries(readGguf(out).tensors.map((t) => [t.name, t.type]));
+    assert.equal(types['blk.1.attn_v.weight'], 14);
+    assert.equal(types['blk.1.ffn_down.weight'], 14);
+    assert.equal(types['blk.0.attn_v.weight'], 12);
+    assert.equal(types['blk.0.attn_q.weight'], 12);
+    assert.equal(types[arch === 'llama' ? 'output.weight' : 'token_embd.weight'], 14);
+    assert.equal(types['blk.0.attn_norm.weight'], 0);
+  });
+}
+
+test('a GGUF checked against a model it was not made from fails the check, saying what differs', async () => {
+  const a = tiny('llama', 'tiny', 0);
+  const b = tiny('llama', 'tiny', 7);
+  const out = path.join(path.dirname(a), 'a.gguf');
+  await exportGguf({ model: a, out, type: 'f16', verify: false });
+  const v = await verifyGguf({ gguf: out, type: 'f16', model: b, adapter: null, run: null });
+  assert.equal(v.verified, false);
+  assert.ok(v.meanKl > 0.1, `KL ${v.meanKl}`);
+  assert.match(v.problems[0], /differ from the engine's by up to/);
+  assert.ok(fs.existsSync(out), 'a failed check keeps the file');
+});
+
+test('export-gguf refuses what it cannot do, naming it, and leaves no file', async () => {
+  const dir = tempDir('gguf-bad');
+  await assert.rejects(exportGguf({ model: reference('llama-shared-bnb4'), out: path.join(dir, 'x.gguf'), type: 'f16' }), /bnb-4bit model: export the original/);
+  await assert.rejects(exportGguf({ model: tiny('llama'), out: path.join(dir, 'x.bin'), type: 'f16' }), /--out must name a \.gguf file/);
+  await assert.rejects(exportGguf({ model: reference('llama-shared'), out: path.join(dir, 'y.gguf'), type: 'f16' }), /no tokenizer\.json/);
+  await assert.rejects(exportGguf({ model: tiny('llama'), adapter: reference('qwen2-shared-adapter'), out: path.join(dir, 'z.gguf'), type: 'f16' }), /adapter|shape|tensor/i);
+  assert.deepEqual(fs.readdirSync(dir), []);
+  // the CLI: one sentence, exit 1
+  try {
+    execFileSync(process.execPath, [cliPath, 'export-gguf', '--model', reference('llama-shared-bnb4'), '--out', path.join(dir, 'x.gguf')], { stdio: 'pipe' });
+    assert.fail('expected exit 1');
+  } catch (e) {
+    const err = e as { status: number; stderr: Buffer };
+    assert.equal(err.status, 1);
+    assert.match(err.stderr.toString(), /bnb-4bit model/);
+    assert.doesNotMatch(err.stderr.toString(), /\n\s+at /, 'no stack trace');
+  }
+});
