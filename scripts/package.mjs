@@ -4,9 +4,12 @@
 // Node for vsce: $QLORA_NODE24, else the Node 24 of the e2e tools folder (.vscode-e2e/node24), else the Node running
 // this script when it is >= 22. vsce: $QLORA_VSCE (path to its `vsce` script), else .vscode-e2e/tools, else
 // node_modules/@vscode/vsce. Everything the extension runs is bundled into dist/ by esbuild, plus the native addon,
-// so vsce runs with --no-dependencies; .vscodeignore decides what goes in.
+// except node-llama-cpp (an ES module with native binaries): it ships from node_modules with the packages it depends
+// on, which this script lists from node_modules into the ignore file it gives vsce; only this platform's CPU
+// binary of llama.cpp goes in, and the VSIX is marked for this platform (--target).
 import { spawnSync } from 'node:child_process';
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -77,5 +80,45 @@ for (const f of ['dist/extension.js', 'dist/cli.js', 'build/Release/qlora_native
   if (!existsSync(path.join(root, f)))
     fail(`${f} is missing${f.startsWith('build/') ? ' (build the native engine: npm run build:native)' : ''}`);
 }
-run(node, [vsce, 'package', '--no-dependencies', '--allow-missing-repository', '--out', out]);
+// node-llama-cpp's runtime dependency closure, as installed (nested node_modules included), minus the other
+// platforms' and the GPU binary packages.
+const TARGETS = { 'linux-x64': 'linux-x64', 'linux-arm64': 'linux-arm64', 'darwin-x64': 'darwin-x64', 'darwin-arm64': 'darwin-arm64', 'win32-x64': 'win32-x64', 'win32-arm64': 'win32-arm64' };
+const target = TARGETS[`${process.platform}-${process.arch}`];
+if (!target) fail(`no VS Code target for ${process.platform}-${process.arch}`);
+const LLAMA_BINARY = { 'linux-x64': 'linux-x64', 'linux-arm64': 'linux-arm64', 'darwin-x64': 'mac-x64', 'darwin-arm64': 'mac-arm64-metal', 'win32-x64': 'win-x64', 'win32-arm64': 'win-arm64' }[target];
+
+function packageDir(name, fromDir) {
+  for (let dir = fromDir; ; dir = path.dirname(dir)) {
+    const candidate = path.join(dir, 'node_modules', name);
+    if (existsSync(path.join(candidate, 'package.json'))) return candidate;
+    if (dir === root || path.dirname(dir) === dir) return null;
+  }
+}
+
+function dependencyClosure(name) {
+  const dirs = new Set();
+  const visit = (dep, fromDir, optional) => {
+    if (dep.startsWith('@node-llama-cpp/') && dep !== `@node-llama-cpp/${LLAMA_BINARY}`) return;
+    const dir = packageDir(dep, fromDir);
+    if (!dir) {
+      if (optional) return;
+      fail(`${dep} (needed by node-llama-cpp) is not installed: run npm ci`);
+    }
+    if (dirs.has(dir)) return;
+    dirs.add(dir);
+    const manifest = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8'));
+    for (const d of Object.keys(manifest.dependencies ?? {})) visit(d, dir, false);
+    for (const d of Object.keys(manifest.optionalDependencies ?? {})) visit(d, dir, true);
+  };
+  visit(name, root, false);
+  return [...dirs].map((d) => path.relative(root, d).split(path.sep).join('/'));
+}
+
+const shipped = dependencyClosure('node-llama-cpp').filter((d) => d !== 'node_modules/node-llama-cpp');
+if (!shipped.includes(`node_modules/@node-llama-cpp/${LLAMA_BINARY}`)) fail(`@node-llama-cpp/${LLAMA_BINARY} (llama.cpp for this platform) is not installed: run npm ci`);
+const ignoreFile = path.join(mkdtempSync(path.join(tmpdir(), 'qlora-vsce-')), '.vscodeignore');
+// One pattern per package: vsce matches every file against every pattern, so per-file or per-extension lists make
+// packaging take minutes. Their source maps, type declarations and docs ride along (a few MB).
+writeFileSync(ignoreFile, [readFileSync(path.join(root, '.vscodeignore'), 'utf8'), ...shipped.map((d) => `!${d}/**`), ''].join('\n'));
+run(node, [vsce, 'package', '--target', target, '--ignoreFile', ignoreFile, '--allow-missing-repository', '--out', out]);
 console.log(`package: ${path.relative(process.cwd(), out) || out}`);

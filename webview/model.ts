@@ -234,7 +234,7 @@ export function availableActions(status: RunStatus | null, hasRun: boolean): Pan
   const actions: PanelAction[] = [];
   if (status === 'running') actions.push('stop');
   if (status === 'stopped' || status === 'failed') actions.push('resume');
-  if (status === 'finished' || status === 'stopped') actions.push('export', 'merge');
+  if (status === 'finished' || status === 'stopped') actions.push('export', 'merge', 'gguf');
   actions.push('openFolder');
   return actions;
 }
@@ -244,6 +244,7 @@ export const ACTION_LABELS: Record<PanelAction, string> = {
   resume: 'Resume',
   export: 'Export Adapter',
   merge: 'Merge and Save',
+  gguf: 'Export GGUF',
   openFolder: 'Open Run Folder',
   newFinetune: 'New Finetune',
 };

@@ -5,8 +5,10 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readModelConfig } from '../engine';
 import { merge } from '../trainer/verbs/merge';
+import { removeStaleTemps } from '../util/staleTemp';
 import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
 import { writeModelGguf, type ModelGgufReport } from './gguf/llamaGguf';
+import { LORA_GGUF_TYPES, planLoraGguf, writeLoraGguf, type LoraGgufType } from './gguf/loraGguf';
 import type { GgufFileType } from './gguf/types';
 import { verifyGguf, verifyGgufInChild, type VerifyReport } from './verifyGguf';
 
@@ -21,11 +23,17 @@ export interface ExportGgufOptions {
   adapter?: string;
   out: string;
   type: GgufFileType;
+  /**
+   * Write the adapter alone as a GGUF LoRA (llama.cpp's --lora, type f32, f16 or bf16) instead of the merged model.
+   * The check then applies it in llama.cpp to a temporary f16 GGUF of the base.
+   */
+  loraOnly?: boolean;
   /** Check the file with llama.cpp against the engine (default true). */
   verify?: boolean;
   /** Run the check in a child process of this CLI (so a llama.cpp abort cannot take this process down). */
   cli?: { execPath: string; cliPath: string };
-  onProgress?(phase: 'merge' | 'write' | 'verify', done: number, total: number): void;
+  /** 'base': the temporary GGUF of the base a --lora-only check applies the LoRA to. */
+  onProgress?(phase: 'merge' | 'base' | 'write' | 'verify', done: number, total: number): void;
 }
 
 export interface ExportGgufReport extends ModelGgufReport {
@@ -44,6 +52,7 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
   if (!o.out.toLowerCase().endsWith('.gguf')) throw new Error(`--out must name a .gguf file, got ${o.out}`);
   if (fs.existsSync(o.out) && fs.statSync(o.out).isDirectory()) throw new Error(`--out ${o.out} is a folder; name the .gguf file to write`);
   const config = readModelConfig(model); // the architecture and files are checked before any work
+  if (o.loraOnly) return exportLoraGguf(o, model, adapter, config.quantized4bit);
   if (config.quantized4bit && adapter === null) {
     throw new Error(`${model} is a bnb-4bit model: export the original (unquantized) model, or a run's merged model`);
   }
@@ -54,6 +63,7 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
   try {
     if (adapter !== null) {
       // float32 so the GGUF's own rounding is the only one (a bf16 merge would round twice)
+      removeStaleTemps(o.out, 'merge-tmp');
       tmp = `${o.out}.merge-tmp-${process.pid}`;
       fs.rmSync(tmp, { recursive: true, force: true });
       o.onProgress?.('merge', 0, 1);
@@ -72,5 +82,38 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
     return { ...report, model, adapter, type: o.type, verification };
   } finally {
     if (tmp !== null) fs.rmSync(tmp, { recursive: true, force: true });
+  }
+}
+
+/** export-gguf --lora-only: the adapter as a GGUF LoRA, checked in llama.cpp on a temporary GGUF of its base. */
+async function exportLoraGguf(o: ExportGgufOptions, model: string, adapter: string | null, base4bit: boolean): Promise<ExportGgufReport> {
+  if (adapter === null) throw new Error('--lora-only writes an adapter: give --run, or --model with --adapter');
+  if (!(LORA_GGUF_TYPES as readonly string[]).includes(o.type)) throw new Error(`a GGUF LoRA is written in ${LORA_GGUF_TYPES.join(', ')}, not ${o.type}`);
+  const type = o.type as LoraGgufType;
+  const verify = o.verify !== false;
+  if (base4bit && verify) {
+    throw new Error(`${model} is a bnb-4bit model: the check applies the LoRA to a GGUF of the unquantized base; give the original model with --model and --adapter, or pass --no-verify`);
+  }
+  planLoraGguf({ adapterDir: adapter, baseModelDir: model, type }); // what it refuses, before any file is written
+  const name = path.basename(o.run ?? adapter);
+  const base = `${o.out}.base-tmp-${process.pid}.gguf`;
+  try {
+    // the base first: what stops its GGUF (a missing tokenizer.json, say) stops the export before the LoRA is written
+    if (verify) {
+      o.onProgress?.('base', 0, 1);
+      await writeModelGguf({ modelDir: model, out: base, fileType: 'f16', name: path.basename(model) });
+      o.onProgress?.('base', 1, 1);
+    }
+    const report = await writeLoraGguf({ adapterDir: adapter, baseModelDir: model, out: o.out, type, name, onProgress: (done, total) => o.onProgress?.('write', done, total) });
+    let verification: VerifyReport | null = null;
+    if (verify) {
+      o.onProgress?.('verify', 0, 1);
+      const v = { gguf: base, lora: o.out, type: o.type, model, adapter, run: o.run ?? null };
+      verification = o.cli ? await verifyGgufInChild(v, o.cli) : await verifyGguf(v);
+      o.onProgress?.('verify', 1, 1);
+    }
+    return { ...report, model, adapter, type: o.type, verification };
+  } finally {
+    fs.rmSync(base, { force: true });
   }
 }

@@ -21,6 +21,8 @@ export interface OpenGgufOptions {
    * supported), which is how llama.cpp, Ollama and LM Studio run the file, at ~1e-2 in log-prob from fp64.
    */
   f32Attention?: boolean;
+  /** A GGUF LoRA (general.type "adapter") to apply to the model in every context, as llama.cpp's --lora does. */
+  lora?: { file: string; scale?: number };
 }
 
 export interface GgufModel {
@@ -123,6 +125,7 @@ async function loadLlama(): Promise<{ lib: Module; llama: NodeLlamaCpp.Llama }> 
 
 export async function openGguf(file: string, options: OpenGgufOptions = {}): Promise<GgufModel> {
   if (!fs.existsSync(file)) throw new Error(`GGUF file not found: ${file}`);
+  if (options.lora !== undefined && !fs.existsSync(options.lora.file)) throw new Error(`GGUF LoRA file not found: ${options.lora.file}`);
   if (options.threads !== undefined && !(Number.isInteger(options.threads) && options.threads >= 1)) {
     throw new Error(`threads must be a positive integer, got ${options.threads}`);
   }
@@ -152,6 +155,8 @@ export async function openGguf(file: string, options: OpenGgufOptions = {}): Pro
       batchSize: ids.length,
       sequences: 1,
       threads,
+      // node-llama-cpp loads the adapter once per model (llama_adapter_lora_init) and attaches it to each context
+      ...(options.lora !== undefined ? { lora: { adapters: [{ filePath: path.resolve(options.lora.file), scale: options.lora.scale ?? 1 }] } } : {}),
       ...(options.f32Attention === true
         ? { experimentalKvCacheKeyType: 'F32', experimentalKvCacheValueType: 'F32', flashAttention: false }
         : {}),

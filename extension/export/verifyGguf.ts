@@ -16,7 +16,8 @@ import { openGguf } from './llamaCpp';
 interface Criterion {
   text: string;
   /** What fails the check, or null. */
-  failure(r: { maxAbs: number; top1: number; confidentTop1: number; meanKl: number }): string | null;
+  /** confidentTop1 is null when too few positions are confident to judge (a flat model): the KL decides alone. */
+  failure(r: { maxAbs: number; top1: number; confidentTop1: number | null; meanKl: number }): string | null;
 }
 
 const maxLogprobDiff = (type: GgufFileType, bound: number): Criterion => ({
@@ -32,6 +33,7 @@ const maxLogprobDiff = (type: GgufFileType, bound: number): Criterion => ({
  * confident positions; an export with a wrong tensor layout gives KL > 1. The bound is 0.1 nats.
  */
 export const Q4_K_M_MEAN_KL_BOUND = 0.1;
+const MIN_CONFIDENT_POSITIONS = 10;
 
 export const CRITERIA: Record<GgufFileType, Criterion> = {
   f32: maxLogprobDiff('f32', 0.05),
@@ -41,8 +43,8 @@ export const CRITERIA: Record<GgufFileType, Criterion> = {
   q4_k_m: {
     text: `top-1 agreement >= 90% where the engine's top token has p >= 0.5, and mean KL <= ${Q4_K_M_MEAN_KL_BOUND}`,
     failure: (r) =>
-      r.confidentTop1 < 0.9 || !(r.meanKl <= Q4_K_M_MEAN_KL_BOUND)
-        ? `llama.cpp picks the engine's clear top token at ${(100 * r.confidentTop1).toFixed(1)}% of those positions with mean KL ${r.meanKl.toFixed(4)} (q4_k_m needs >= 90% and <= ${Q4_K_M_MEAN_KL_BOUND})`
+      (r.confidentTop1 !== null && r.confidentTop1 < 0.9) || !(r.meanKl <= Q4_K_M_MEAN_KL_BOUND)
+        ? `llama.cpp picks the engine's clear top token at ${r.confidentTop1 === null ? 'too few positions to judge' : `${(100 * r.confidentTop1).toFixed(1)}% of those positions`} with mean KL ${r.meanKl.toFixed(4)} (q4_k_m needs >= 90% and <= ${Q4_K_M_MEAN_KL_BOUND})`
         : null,
   },
 };
@@ -114,6 +116,8 @@ export interface VerifyOptions {
   adapter: string | null;
   /** The run, for its held-out data. */
   run: string | null;
+  /** A GGUF LoRA of `adapter` that llama.cpp applies to `gguf` (then a GGUF of `model` alone); `type` is the LoRA's. */
+  lora?: string | null;
 }
 
 export async function verifyGguf(o: VerifyOptions): Promise<VerifyReport> {
@@ -122,7 +126,7 @@ export async function verifyGguf(o: VerifyOptions): Promise<VerifyReport> {
   const engine = EngineModel.load(o.model);
   const problems: string[] = [];
   let tokens = 0, sumAbs = 0, maxAbs = 0, agree = 0, klSum = 0, confident = 0, confidentAgree = 0;
-  const gguf = await openGguf(o.gguf, { f32Attention: true });
+  const gguf = await openGguf(o.gguf, { f32Attention: true, ...(o.lora ? { lora: { file: o.lora } } : {}) });
   try {
     if (o.adapter !== null) engine.loadAdapter(o.adapter);
     const vocab = engine.config().vocabSize;
@@ -151,8 +155,8 @@ export async function verifyGguf(o: VerifyOptions): Promise<VerifyReport> {
     const criterion = CRITERIA[o.type];
     if (tokens === 0) problems.push('no sequence of at least two tokens to score');
     else {
-      // with no confident position at all (a flat model), every position counts
-      const confidentTop1 = confident > 0 ? confidentAgree / confident : agree / tokens;
+      // fewer than 10 confident positions (a model with flat predictions): the top token is noise, the KL decides
+      const confidentTop1 = confident >= MIN_CONFIDENT_POSITIONS ? confidentAgree / confident : null;
       const failure = criterion.failure({ maxAbs, top1: agree / tokens, confidentTop1, meanKl: klSum / tokens });
       if (failure !== null) problems.push(failure);
     }
@@ -211,6 +215,7 @@ export async function verifyGgufInChild(o: VerifyOptions, cli: { execPath: strin
   const args = [cli.cliPath, 'verify-gguf', '--gguf', o.gguf, '--type', o.type, '--model', o.model, '--json'];
   if (o.adapter !== null) args.push('--adapter', o.adapter);
   if (o.run !== null) args.push('--run', o.run);
+  if (o.lora) args.push('--lora', o.lora);
   const { code, signal, stdout, stderr } = await new Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>((resolve, reject) => {
     const child = spawn(cli.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '', err = '';

@@ -12,11 +12,13 @@ export interface CliOptions {
   timeoutMs?: number;
   /** Aborts the process (a cancelled progress notification). */
   signal?: AbortSignal;
+  /** Each line the verb prints to stderr as it goes (its progress). */
+  onStderrLine?(line: string): void;
 }
 
 export function runCli(launch: TrainerLaunch, args: readonly string[], options: CliOptions = {}): Promise<string> {
   return new Promise((resolve, reject) => {
-    execFile(
+    const child = execFile(
       launch.execPath,
       [launch.cliPath, ...args],
       {
@@ -38,6 +40,15 @@ export function runCli(launch: TrainerLaunch, args: readonly string[], options: 
         reject(new CliError(stderr.trim() || err.message));
       },
     );
+    const onLine = options.onStderrLine;
+    if (onLine && child.stderr) {
+      let pending = '';
+      child.stderr.on('data', (chunk: Buffer | string) => {
+        const lines = (pending + chunk.toString()).split(/\r?\n/);
+        pending = lines.pop() ?? '';
+        for (const line of lines) if (line.trim() !== '') onLine(line);
+      });
+    }
   });
 }
 

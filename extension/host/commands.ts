@@ -40,6 +40,22 @@ export interface NewFinetuneArgs {
 
 export type MergeDtype = 'bf16' | 'f16' | 'f32';
 
+/** The export-gguf verb's JSON report, as far as the host reads it. */
+export interface GgufExportSummary {
+  file: string;
+  bytes: number;
+  verification: { verified: boolean; maxAbsLogprobDiff: number; top1Agreement: number; problems: string[] } | null;
+}
+
+/** GGUF types for the picker, the usual choice first. */
+const GGUF_TYPES = [
+  { type: 'q4_k_m', detail: '4-bit k-quants with llama.cpp\'s Q4_K_M mix: the usual choice for local inference, about 30% of f16' },
+  { type: 'q8_0', detail: '8-bit: nearly lossless, about half of f16' },
+  { type: 'f16', detail: 'float16: the merged weights as they are, rounded once' },
+  { type: 'bf16', detail: 'bfloat16: as f16, for runtimes that prefer it' },
+  { type: 'f32', detail: 'float32: exact, twice the size of f16' },
+] as const;
+
 export interface HostServices {
   context: vscode.ExtensionContext;
   runs: RunRegistry;
@@ -270,6 +286,63 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     return result.out;
   }
 
+  /**
+   * The run's merged model as a GGUF for llama.cpp / Ollama / LM Studio, checked in llama.cpp against the engine
+   * (export-gguf). Arguments for scripts: (runDir, outFile, type).
+   */
+  async function exportGgufCommand(arg?: unknown, outArg?: unknown, typeArg?: unknown): Promise<GgufExportSummary | undefined> {
+    const runDir = await runArg(arg, 'Run to export as GGUF', ['finished', 'stopped']);
+    if (!runDir) return undefined;
+    if (!adapterOfRun(runDir)) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
+    let type = typeof typeArg === 'string' ? typeArg : undefined;
+    if (type !== undefined && !GGUF_TYPES.some((t) => t.type === type)) throw new Refusal(`type must be one of ${GGUF_TYPES.map((t) => t.type).join(', ')}, got ${JSON.stringify(typeArg)}.`);
+    if (!type) {
+      const choice = await vscode.window.showQuickPick(
+        GGUF_TYPES.map((t) => ({ label: t.type, detail: t.detail, type: t.type })),
+        { title: 'QLoRA: GGUF Type', placeHolder: 'How the merged weights are stored' },
+      );
+      type = choice?.type;
+      if (!type) return undefined;
+    }
+    let out = typeof outArg === 'string' ? outArg : undefined;
+    if (!out) {
+      const parent = vscode.workspace.workspaceFolders?.[0]?.uri ?? vscode.Uri.file(path.dirname(runDir));
+      const picked = await vscode.window.showSaveDialog({
+        title: 'Export the merged model as GGUF', saveLabel: 'Export', filters: { GGUF: ['gguf'] },
+        defaultUri: vscode.Uri.joinPath(parent, `${path.basename(runDir)}-${type}.gguf`),
+      });
+      out = picked?.fsPath;
+      if (!out) return undefined;
+    }
+    const target = out;
+    const chosen = type;
+    const report = await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: `Exporting ${path.basename(runDir)} as ${chosen} GGUF`, cancellable: true },
+      (progress, token) => {
+        const abort = new AbortController();
+        token.onCancellationRequested(() => abort.abort());
+        return runCliJson<GgufExportSummary>(h.launch(), ['export-gguf', '--run', runDir, '--out', target, '--type', chosen], {
+          signal: abort.signal,
+          onStderrLine: (line) => progress.report({ message: line.replace(/\.\.\.$/, '…') }),
+        });
+      },
+    );
+    const v = report.verification;
+    const size = formatMiB(report.bytes);
+    if (v?.verified) {
+      void revealNotice(
+        `Exported ${path.basename(report.file)} (${size}); verified in llama.cpp: max |Δ log-prob| ${v.maxAbsLogprobDiff.toFixed(3)}, top-1 agreement ${(100 * v.top1Agreement).toFixed(1)}%.`,
+        report.file,
+      );
+    } else if (v) {
+      h.output.appendLine(`GGUF check of ${report.file} failed: ${v.problems.join('; ')}`);
+      const reveal = 'Reveal';
+      const answer = await vscode.window.showWarningMessage(`${path.basename(report.file)} was written but llama.cpp does not reproduce the model: ${v.problems[0] ?? 'the check failed'}`, reveal);
+      if (answer === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(report.file));
+    }
+    return report;
+  }
+
   function uniqueFolder(base: string): string {
     let candidate = base;
     for (let i = 2; fs.existsSync(candidate); i++) candidate = `${base}-${i}`;
@@ -328,6 +401,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     'qlora.resumeRun': (arg) => resumeRun(arg),
     'qlora.exportAdapter': (arg, out) => exportAdapter(arg, out),
     'qlora.mergeAndSave': (arg, out, dtype) => mergeAndSave(arg, out, dtype),
+    'qlora.exportGguf': (arg, out, type) => exportGgufCommand(arg, out, type),
     'qlora.openRun': async (arg) => {
       const runDir = await runArg(arg, 'Run to open');
       if (runDir) await vscode.commands.executeCommand('qlora.internal.openRunPanel', runDir);

@@ -8,6 +8,7 @@ import { quantize } from './verbs/quantize';
 import { estimateVerb } from './verbs/estimate';
 import { exportAdapter } from './verbs/export';
 import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
+import { exportOllamaOptions, exportOllamaVerb } from './verbs/exportOllama';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
@@ -120,6 +121,11 @@ const verbs: Record<string, Verb> = {
     options: exportGgufOptions,
     run: exportGgufVerb,
   },
+  'export-ollama': {
+    summary: "write a run's merged model as a folder for Ollama: model.gguf and a Modelfile with its chat template and stops",
+    options: exportOllamaOptions,
+    run: exportOllamaVerb,
+  },
   'verify-gguf': {
     summary: 'check a GGUF file in llama.cpp against the engine: next-token log-probs and chat prompt tokens',
     options: verifyGgufOptions,
@@ -159,7 +165,8 @@ export async function main(argv: string[]): Promise<number> {
       return 0;
     }
     await verb.run(parseOptions(verbName, rest, verb.options));
-    return 0;
+    // a verb may end with a failure it has already reported (export-gguf: the file is written, the check failed)
+    return Number(process.exitCode ?? 0);
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
     process.stderr.write(`qlora-studio: ${message}\n`);

@@ -96,6 +96,15 @@ test('a GGUF checked against a model it was not made from fails the check, sayin
   assert.ok(v.meanKl > 0.1, `KL ${v.meanKl}`);
   assert.match(v.problems[0], /differ from the engine's by up to/);
   assert.ok(fs.existsSync(out), 'a failed check keeps the file');
+  // the CLI says so and exits 1
+  try {
+    execFileSync(process.execPath, [cliPath, 'verify-gguf', '--gguf', out, '--type', 'f16', '--model', b], { stdio: 'pipe' });
+    assert.fail('expected exit 1');
+  } catch (e) {
+    const err = e as { status: number; stdout: Buffer };
+    assert.equal(err.status, 1);
+    assert.match(err.stdout.toString(), /^NOT verified/);
+  }
 });
 
 test('export-gguf refuses what it cannot do, naming it, and leaves no file', async () => {
@@ -115,4 +124,27 @@ test('export-gguf refuses what it cannot do, naming it, and leaves no file', asy
     assert.match(err.stderr.toString(), /bnb-4bit model/);
     assert.doesNotMatch(err.stderr.toString(), /\n\s+at /, 'no stack trace');
   }
+});
+
+test('kill -9 mid-export leaves no .gguf; the next export removes the dead process\'s temporaries', async () => {
+  const dir = tempDir('gguf-kill');
+  const model = path.join(dir, 'model');
+  makeTinyModel({ out: model, arch: 'llama', seed: 2, size: 'small' });
+  const out = path.join(dir, 'small.gguf');
+  const { spawn } = await import('node:child_process');
+  const child = spawn(process.execPath, [cliPath, 'export-gguf', '--model', model, '--out', out, '--type', 'q4_k_m', '--no-verify'], { stdio: 'ignore' });
+  // kill it once the temporary file has data in it
+  const tmp = `${out}.tmp-${child.pid}`;
+  for (let i = 0; i < 600 && !(fs.existsSync(tmp) && fs.statSync(tmp).size > 1_000_000); i++) await new Promise((r) => setTimeout(r, 25));
+  assert.ok(fs.existsSync(tmp), 'the export never started writing');
+  child.kill('SIGKILL');
+  await new Promise((r) => child.on('close', r));
+  assert.equal(fs.existsSync(out), false, 'no half-written GGUF under the final name');
+  assert.ok(fs.existsSync(tmp), 'the killed process left its temporary');
+  const alive = `${out}.tmp-${process.ppid}`; // a live process's temporary is left alone
+  fs.writeFileSync(alive, 'x');
+  const r = await exportGguf({ model, out, type: 'q8_0', verify: false });
+  assert.ok(fs.statSync(out).size === r.bytes);
+  assert.equal(fs.existsSync(tmp), false, 'the stale temporary is gone');
+  assert.ok(fs.existsSync(alive));
 });

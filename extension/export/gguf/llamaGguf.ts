@@ -15,7 +15,7 @@ import { GGUF_ALIGNMENT, gguf, writeGguf, type GgufTensorSpec, type GgufValue } 
 
 export type GgufArch = 'llama' | 'qwen2';
 
-const ARCHITECTURES: Record<string, GgufArch> = {
+export const ARCHITECTURES: Record<string, GgufArch> = {
   LlamaForCausalLM: 'llama',
   MistralForCausalLM: 'llama',
   Qwen2ForCausalLM: 'qwen2',

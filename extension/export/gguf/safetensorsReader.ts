@@ -16,7 +16,8 @@ export interface TensorEntry {
 
 const DTYPE_BYTES: Record<string, number> = { F32: 4, BF16: 2, F16: 2, F64: 8, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1 };
 
-function readHeader(file: string): TensorEntry[] {
+/** The tensors of one safetensors file, every offset and size checked against the file. */
+export function readSafetensorsHeader(file: string): TensorEntry[] {
   const fd = fs.openSync(file, 'r');
   try {
     const size = fs.fstatSync(fd).size;
@@ -62,7 +63,7 @@ export function listModelTensors(modelDir: string): Map<string, TensorEntry> {
   for (const f of files) {
     const file = path.join(modelDir, f);
     if (!fs.existsSync(file)) throw new Error(`${modelDir}: ${f} is missing`);
-    for (const e of readHeader(file)) out.set(e.name, e);
+    for (const e of readSafetensorsHeader(file)) out.set(e.name, e);
   }
   return out;
 }

@@ -5,6 +5,7 @@
 // Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { removeStaleTemps } from '../../util/staleTemp';
 import { GGML_TYPES, type GgmlTypeName, tensorBytes } from './types';
 
 export const GGUF_ALIGNMENT = 32;
@@ -164,6 +165,7 @@ export async function writeGguf(
   if (metadata.get('general.alignment') === undefined) throw new Error('GGUF: general.alignment must be set');
   const { header, dataBytes } = ggufHeader(metadata, tensors);
   fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
+  removeStaleTemps(file, 'tmp');
   const tmp = `${file}.tmp-${process.pid}`;
   const fd = fs.openSync(tmp, 'w');
   let ok = false;

@@ -9,6 +9,7 @@ export const ACTION_COMMANDS: Record<PanelAction, string> = {
   resume: 'qlora.resumeRun',
   export: 'qlora.exportAdapter',
   merge: 'qlora.mergeAndSave',
+  gguf: 'qlora.exportGguf',
   openFolder: 'qlora.revealRun',
   newFinetune: 'qlora.newFinetune',
 };

@@ -1,5 +1,6 @@
 // export-gguf verb: the CLI face of extension/export/exportGguf.ts.
 import { exportGguf, GGUF_FILE_TYPES } from '../../export/exportGguf';
+import { LORA_GGUF_TYPES } from '../../export/gguf/loraGguf';
 import { verifyGguf } from '../../export/verifyGguf';
 import type { GgufFileType } from '../../export/gguf/types';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
@@ -10,14 +11,17 @@ export const exportGgufOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'or a Hugging Face model folder (plain, or bnb-4bit with --adapter)' },
   adapter: { type: 'string', description: 'with --model: a PEFT LoRA adapter to merge in' },
   out: { type: 'string', required: true, description: 'the .gguf file to write' },
-  type: { type: 'string', description: `tensor type: ${GGUF_FILE_TYPES.join(', ')} (default f16)` },
+  type: { type: 'string', description: `tensor type: ${GGUF_FILE_TYPES.join(', ')} (default f16; with --lora-only ${LORA_GGUF_TYPES.join(', ')})` },
+  'lora-only': { type: 'boolean', description: "the adapter alone as a GGUF LoRA, for llama.cpp's --lora on a GGUF of the base" },
   'no-verify': { type: 'boolean', description: 'skip the check of the file in llama.cpp against the engine' },
-  json: { type: 'boolean', description: 'print a JSON report (no progress output)' },
+  json: { type: 'boolean', description: 'print a JSON report; exit 0 once the file is written (its verification.verified says how the check went)' },
 };
 
 export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
   const type = (stringOption(o, 'type') ?? 'f16').toLowerCase();
   if (!(GGUF_FILE_TYPES as readonly string[]).includes(type)) throw new UsageError(`--type must be one of ${GGUF_FILE_TYPES.join(', ')}, got '${type}'`);
+  const loraOnly = Boolean(o['lora-only']);
+  if (loraOnly && !(LORA_GGUF_TYPES as readonly string[]).includes(type)) throw new UsageError(`--type must be one of ${LORA_GGUF_TYPES.join(', ')} with --lora-only, got '${type}'`);
   const json = Boolean(o.json);
   let lastTenth = -1;
   const report = await exportGguf({
@@ -28,15 +32,19 @@ export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
     out: requiredString(o, 'out'),
     type: type as GgufFileType,
     verify: !o['no-verify'],
+    loraOnly,
     cli: { execPath: process.execPath, cliPath: process.argv[1] },
     onProgress(phase, done, total) {
-      if (json) return;
       if (phase === 'verify') {
         if (done === 0) process.stderr.write('checking the file in llama.cpp against the engine...\n');
         return;
       }
       if (phase === 'merge') {
         if (done === 0) process.stderr.write('merging the adapter into the base (float32)...\n');
+        return;
+      }
+      if (phase === 'base') {
+        if (done === 0) process.stderr.write('writing a temporary f16 GGUF of the base for the check...\n');
         return;
       }
       const tenth = Math.floor((10 * done) / total); // a line per tenth of the tensors
@@ -49,7 +57,7 @@ export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
     return;
   }
   const types = Object.entries(report.types).map(([t, n]) => `${n} ${t}`).join(', ');
-  process.stdout.write(`wrote ${report.file}: ${report.architecture}, ${report.tensors} tensors (${types}), ${(report.bytes / 1048576).toFixed(2)} MiB\n`);
+  process.stdout.write(`wrote ${report.file}: ${report.architecture}${loraOnly ? ' LoRA adapter' : ''}, ${report.tensors} tensors (${types}), ${(report.bytes / 1048576).toFixed(2)} MiB\n`);
   const v = report.verification;
   if (v === null) return;
   const figures =
@@ -69,6 +77,7 @@ export const verifyGgufOptions: Record<string, OptionSpec> = {
   model: { type: 'string', required: true, description: 'the model folder it was made from' },
   adapter: { type: 'string', description: 'the adapter merged into it' },
   run: { type: 'string', description: 'the run whose held-out data to score' },
+  lora: { type: 'string', description: "a GGUF LoRA of --adapter applied to --gguf (then the base's GGUF); --type is the LoRA's" },
   json: { type: 'boolean', description: 'print the report as JSON' },
 };
 
@@ -78,7 +87,8 @@ export async function verifyGgufVerb(o: ParsedOptions): Promise<void> {
   if (!(GGUF_FILE_TYPES as readonly string[]).includes(type)) throw new UsageError(`--type must be one of ${GGUF_FILE_TYPES.join(', ')}, got '${type}'`);
   const r = await verifyGguf({
     gguf: requiredString(o, 'gguf'), type: type as GgufFileType, model: requiredString(o, 'model'),
-    adapter: stringOption(o, 'adapter') ?? null, run: stringOption(o, 'run') ?? null,
+    adapter: stringOption(o, 'adapter') ?? null, run: stringOption(o, 'run') ?? null, lora: stringOption(o, 'lora') ?? null,
   });
   process.stdout.write((o.json ? JSON.stringify(r) : `${r.verified ? 'verified' : 'NOT verified'} (${r.tolerance}); ${r.problems.join('; ')}`) + '\n');
+  if (!o.json && !r.verified) process.exitCode = 1;
 }

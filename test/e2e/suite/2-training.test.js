@@ -1,4 +1,5 @@
-// A finetune started through the command runs to the end, its loss falls, and its adapter exports and merges.
+// A finetune started through the command runs to the end, its loss falls, and its adapter exports, merges and
+// exports as a GGUF that llama.cpp verifies.
 const assert = require('assert');
 const fs = require('fs');
 const path = require('path');
@@ -42,5 +43,16 @@ suite('training through the commands', () => {
     await vscode.commands.executeCommand('qlora.mergeAndSave', runDir, out, 'f32');
     await h.waitFor(`${out}/config.json and model.safetensors`, () =>
       fs.existsSync(path.join(out, 'config.json')) && fs.existsSync(path.join(out, 'model.safetensors')), { timeout: 60000, runDir });
+  });
+
+  // llama.cpp (node-llama-cpp's binary, shipped in the VSIX) loads the export and reproduces the engine
+  test("qlora.exportGguf(runDir, file, 'q8_0') writes a GGUF that llama.cpp verifies", async () => {
+    const out = path.join(h.workspaceDir(), 'exports', 'e2e-q8_0.gguf');
+    const report = await vscode.commands.executeCommand('qlora.exportGguf', runDir, out, 'q8_0');
+    assert.ok(report, 'the command returned nothing (see the QLoRA Studio output channel)');
+    assert.ok(fs.statSync(out).size > 0);
+    const v = report.verification;
+    assert.ok(v && v.verified, `not verified: ${JSON.stringify(v)}`);
+    assert.ok(v.maxAbsLogprobDiff <= 0.2 && v.top1Agreement >= 0.9, JSON.stringify(v));
   });
 });
