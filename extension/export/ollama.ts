@@ -5,6 +5,7 @@
 // a temporary name beside `out` and renamed once complete, so a refusal or failure leaves nothing under `out`.
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import { findOnPath } from '../util/findOnPath';
 import * as path from 'node:path';
 import { loadModelTokenizer, readDataset } from '../data';
 import type { TrainConfig } from '../trainer/config';
@@ -150,24 +151,6 @@ export function shellLine(args: readonly string[]): string {
   return args.map((a) => (/^[\w./:@=+-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
 }
 
-/** The `ollama` executable on the PATH (PATHEXT extensions on Windows), or null; looked up without a shell. */
-export function findOnPath(command: string, env: NodeJS.ProcessEnv = process.env): string | null {
-  const dirs = (env.PATH ?? env.Path ?? '').split(path.delimiter).filter((d) => d !== '');
-  const extensions = process.platform === 'win32' ? ['', ...(env.PATHEXT ?? '.EXE;.CMD;.BAT').split(';').filter((e) => e !== '')] : [''];
-  for (const dir of dirs) {
-    for (const ext of extensions) {
-      const file = path.join(dir, command + ext);
-      try {
-        if (!fs.statSync(file).isFile()) continue;
-        fs.accessSync(file, fs.constants.X_OK);
-        return file;
-      } catch {
-        // not there, or not executable
-      }
-    }
-  }
-  return null;
-}
 
 /** Runs `ollama create` (argument array, no shell); its output goes to `output`. Rejects on a non-zero exit. */
 export function runOllamaCreate(ollama: string, report: Pick<ExportOllamaReport, 'createCommand'>, output: 'inherit' | 'stderr'): Promise<void> {
@@ -181,3 +164,5 @@ export function runOllamaCreate(ollama: string, report: Pick<ExportOllamaReport,
     });
   });
 }
+
+export { findOnPath };

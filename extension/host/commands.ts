@@ -1,12 +1,14 @@
 // Every qlora.* command of the manifest, as a table of name → handler (like rust-analyzer's createCommands). Each
 // works interactively and, given arguments, without asking anything, so scripts and the e2e suite can drive it.
 // A failure is shown as one sentence and the command resolves to undefined.
+import { execFile } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import * as vscode from 'vscode';
 import type { DatasetReport } from '../data';
 import type { TrainerEvent } from '../protocol/events';
+import { findOnPath } from '../util/findOnPath';
 import { runCliJson } from './cliRunner';
 import { DatasetPreviewPanel } from './datasetPreview/panel';
 import { formatMiB } from './format';
@@ -45,6 +47,14 @@ export interface GgufExportSummary {
   file: string;
   bytes: number;
   verification: { verified: boolean; maxAbsLogprobDiff: number; top1Agreement: number; problems: string[] } | null;
+}
+
+/** The export-ollama verb's JSON report, as far as the host reads it. */
+export interface OllamaExportSummary {
+  out: string;
+  name: string;
+  createCommand: string[];
+  gguf: GgufExportSummary;
 }
 
 /** GGUF types for the picker, the usual choice first. */
@@ -343,6 +353,66 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     return report;
   }
 
+  /**
+   * The run as an Ollama model folder (model.gguf, checked in llama.cpp, and a Modelfile), then `ollama create` on
+   * request when Ollama is installed. Arguments for scripts: (runDir, outFolder, type).
+   */
+  async function exportOllamaCommand(arg?: unknown, outArg?: unknown, typeArg?: unknown): Promise<OllamaExportSummary | undefined> {
+    const runDir = await runArg(arg, 'Run to export for Ollama', ['finished', 'stopped']);
+    if (!runDir) return undefined;
+    if (!adapterOfRun(runDir)) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
+    let type = typeof typeArg === 'string' ? typeArg : undefined;
+    if (type !== undefined && !GGUF_TYPES.some((t) => t.type === type)) throw new Refusal(`type must be one of ${GGUF_TYPES.map((t) => t.type).join(', ')}, got ${JSON.stringify(typeArg)}.`);
+    if (!type) {
+      const choice = await vscode.window.showQuickPick(GGUF_TYPES.map((t) => ({ label: t.type, detail: t.detail, type: t.type })), { title: 'QLoRA: GGUF Type for Ollama' });
+      type = choice?.type;
+      if (!type) return undefined;
+    }
+    let out = typeof outArg === 'string' ? outArg : undefined;
+    if (!out) {
+      const parent = vscode.workspace.workspaceFolders?.[0]?.uri ?? vscode.Uri.file(path.dirname(runDir));
+      const picked = await vscode.window.showSaveDialog({ title: 'Write the Ollama model to a new folder', saveLabel: 'Export', defaultUri: vscode.Uri.file(uniqueFolder(path.join(parent.fsPath, `${path.basename(runDir)}-ollama`))) });
+      out = picked?.fsPath;
+      if (!out) return undefined;
+    }
+    const target = out;
+    const chosen = type;
+    const report = await vscode.window.withProgress(
+      { location: vscode.ProgressLocation.Notification, title: `Exporting ${path.basename(runDir)} for Ollama`, cancellable: true },
+      (progress, token) => {
+        const abort = new AbortController();
+        token.onCancellationRequested(() => abort.abort());
+        return runCliJson<OllamaExportSummary>(h.launch(), ['export-ollama', '--run', runDir, '--out', target, '--type', chosen], {
+          signal: abort.signal,
+          onStderrLine: (line) => progress.report({ message: line.replace(/\.\.\.$/, '…') }),
+        });
+      },
+    );
+    const command = report.createCommand.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(' ');
+    h.output.appendLine(`Ollama model written to ${report.out}; import it with: ${command}`);
+    const ollama = findOnPath('ollama');
+    const create = 'Create in Ollama', copy = 'Copy Command', reveal = 'Reveal';
+    const answer = await vscode.window.showInformationMessage(
+      `Wrote ${path.basename(report.out)} (model.gguf verified in llama.cpp, and a Modelfile). Import it with: ${command}`,
+      ...(ollama ? [create] : []), copy, reveal,
+    );
+    if (answer === copy) await vscode.env.clipboard.writeText(command);
+    else if (answer === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(report.out));
+    else if (answer === create && ollama) {
+      await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `ollama create ${report.name}` }, () =>
+        new Promise<void>((resolve, reject) => {
+          execFile(ollama, report.createCommand.slice(1), { windowsHide: true, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+            h.output.appendLine(`${command}\n${stdout}${stderr}`);
+            if (err) reject(new Error(`ollama create failed: ${(stderr || err.message).trim().split('\n').pop()}`));
+            else resolve();
+          });
+        }),
+      );
+      void vscode.window.showInformationMessage(`Created the Ollama model ${report.name}: ollama run ${report.name}`);
+    }
+    return report;
+  }
+
   function uniqueFolder(base: string): string {
     let candidate = base;
     for (let i = 2; fs.existsSync(candidate); i++) candidate = `${base}-${i}`;
@@ -402,6 +472,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     'qlora.exportAdapter': (arg, out) => exportAdapter(arg, out),
     'qlora.mergeAndSave': (arg, out, dtype) => mergeAndSave(arg, out, dtype),
     'qlora.exportGguf': (arg, out, type) => exportGgufCommand(arg, out, type),
+    'qlora.exportOllama': (arg, out, type) => exportOllamaCommand(arg, out, type),
     'qlora.openRun': async (arg) => {
       const runDir = await runArg(arg, 'Run to open');
       if (runDir) await vscode.commands.executeCommand('qlora.internal.openRunPanel', runDir);

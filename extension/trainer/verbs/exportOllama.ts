@@ -11,7 +11,7 @@ export const exportOllamaOptions: Record<string, OptionSpec> = {
   checkpoint: { type: 'string', description: "a checkpoint step's adapter instead of the final one" },
   name: { type: 'string', description: 'the Ollama model name for "ollama create" (default: the run folder\'s name)' },
   create: { type: 'boolean', description: 'run "ollama create" once the folder is written (needs ollama on the PATH)' },
-  json: { type: 'boolean', description: 'print a JSON report (no progress output)' },
+  json: { type: 'boolean', description: 'print a JSON report' },
 };
 
 export async function exportOllamaVerb(o: ParsedOptions): Promise<void> {
@@ -23,9 +23,8 @@ export async function exportOllamaVerb(o: ParsedOptions): Promise<void> {
   // checked before the export, so a missing ollama does not cost a merge and a GGUF write first
   const ollama = findOnPath('ollama');
   if (o.create && ollama === null) throw new Error('--create needs the ollama command on the PATH, and it is not there; install Ollama or leave out --create and run the printed command later');
-  const say = (line: string) => {
-    if (!json) process.stderr.write(line + '\n');
-  };
+  // progress goes to stderr in both modes (the extension shows it while the JSON report waits on stdout)
+  const say = (line: string) => process.stderr.write(line + '\n');
   const report = await exportOllama({
     run: requiredString(o, 'run'),
     out: requiredString(o, 'out'),

@@ -55,4 +55,15 @@ suite('training through the commands', () => {
     assert.ok(v && v.verified, `not verified: ${JSON.stringify(v)}`);
     assert.ok(v.maxAbsLogprobDiff <= 0.2 && v.top1Agreement >= 0.9, JSON.stringify(v));
   });
+
+  test("qlora.exportOllama(runDir, folder, 'q8_0') writes model.gguf and a Modelfile", async () => {
+    const out = path.join(h.workspaceDir(), 'exports', 'e2e-ollama');
+    const report = await vscode.commands.executeCommand('qlora.exportOllama', runDir, out, 'q8_0');
+    assert.ok(report, 'the command returned nothing (see the QLoRA Studio output channel)');
+    const modelfile = fs.readFileSync(path.join(out, 'Modelfile'), 'utf8');
+    assert.ok(/^FROM \.\/model\.gguf$/m.test(modelfile) && /^TEMPLATE """/m.test(modelfile) && /^PARAMETER stop "<\|eot_id\|>"$/m.test(modelfile), modelfile);
+    assert.ok(fs.statSync(path.join(out, 'model.gguf')).size > 0);
+    assert.ok(report.gguf.verification.verified, JSON.stringify(report.gguf.verification));
+    assert.deepStrictEqual(report.createCommand.slice(0, 2), ['ollama', 'create']);
+  });
 });
