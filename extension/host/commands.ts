@@ -347,8 +347,10 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     } else if (v) {
       h.output.appendLine(`GGUF check of ${report.file} failed: ${v.problems.join('; ')}`);
       const reveal = 'Reveal';
-      const answer = await vscode.window.showWarningMessage(`${path.basename(report.file)} was written but llama.cpp does not reproduce the model: ${v.problems[0] ?? 'the check failed'}`, reveal);
-      if (answer === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(report.file));
+      // not awaited: the command resolves with the report while the warning waits for the user
+      void vscode.window
+        .showWarningMessage(`${path.basename(report.file)} was written but llama.cpp does not reproduce the model: ${v.problems[0] ?? 'the check failed'}`, reveal)
+        .then((answer) => (answer === reveal ? vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(report.file)) : undefined));
     }
     return report;
   }
@@ -392,25 +394,33 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     h.output.appendLine(`Ollama model written to ${report.out}; import it with: ${command}`);
     const ollama = findOnPath('ollama');
     const create = 'Create in Ollama', copy = 'Copy Command', reveal = 'Reveal';
-    const answer = await vscode.window.showInformationMessage(
-      `Wrote ${path.basename(report.out)} (model.gguf verified in llama.cpp, and a Modelfile). Import it with: ${command}`,
-      ...(ollama ? [create] : []), copy, reveal,
-    );
-    if (answer === copy) await vscode.env.clipboard.writeText(command);
-    else if (answer === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(report.out));
-    else if (answer === create && ollama) {
-      await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `ollama create ${report.name}` }, () =>
-        new Promise<void>((resolve, reject) => {
-          execFile(ollama, report.createCommand.slice(1), { windowsHide: true, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
-            h.output.appendLine(`${command}\n${stdout}${stderr}`);
-            if (err) reject(new Error(`ollama create failed: ${(stderr || err.message).trim().split('\n').pop()}`));
-            else resolve();
-          });
-        }),
-      );
-      void vscode.window.showInformationMessage(`Created the Ollama model ${report.name}: ollama run ${report.name}`);
-    }
+    // not awaited: the command resolves with the report while the notification waits for the user
+    void vscode.window
+      .showInformationMessage(
+        `Wrote ${path.basename(report.out)} (model.gguf verified in llama.cpp, and a Modelfile). Import it with: ${command}`,
+        ...(ollama ? [create] : []), copy, reveal,
+      )
+      .then(async (answer) => {
+        if (answer === copy) await vscode.env.clipboard.writeText(command);
+        else if (answer === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(report.out));
+        else if (answer === create && ollama) await ollamaCreate(ollama, report, command);
+      })
+      .then(undefined, (err: unknown) => void vscode.window.showErrorMessage(`QLoRA Studio: ${message(err)}`));
     return report;
+  }
+
+  /** `ollama create` with the export's argument list (no shell), its output in the output channel. */
+  async function ollamaCreate(ollama: string, report: OllamaExportSummary, command: string): Promise<void> {
+    await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `ollama create ${report.name}` }, () =>
+      new Promise<void>((resolve, reject) => {
+        execFile(ollama, report.createCommand.slice(1), { windowsHide: true, maxBuffer: 16 * 1024 * 1024 }, (err, stdout, stderr) => {
+          h.output.appendLine(`${command}\n${stdout}${stderr}`);
+          if (err) reject(new Error(`ollama create failed: ${(stderr || err.message).trim().split('\n').pop()}`));
+          else resolve();
+        });
+      }),
+    );
+    void vscode.window.showInformationMessage(`Created the Ollama model ${report.name}: ollama run ${report.name}`);
   }
 
   function uniqueFolder(base: string): string {
