@@ -296,6 +296,28 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     return result.out;
   }
 
+  /** The GGUF type given by a script (checked), else picked by the user; undefined when the pick is dismissed. */
+  async function ggufTypeArg(typeArg: unknown, pick: { title: string; placeHolder?: string }): Promise<string | undefined> {
+    if (typeof typeArg === 'string') {
+      if (GGUF_TYPES.some((t) => t.type === typeArg)) return typeArg;
+      throw new Refusal(`type must be one of ${GGUF_TYPES.map((t) => t.type).join(', ')}, got ${JSON.stringify(typeArg)}.`);
+    }
+    const choice = await vscode.window.showQuickPick(GGUF_TYPES.map((t) => ({ label: t.type, detail: t.detail, type: t.type })), pick);
+    return choice?.type;
+  }
+
+  /** An export verb under a cancellable progress notification that shows the lines it prints to stderr. */
+  function runExportVerb<T>(title: string, args: string[]): Thenable<T> {
+    return vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title, cancellable: true }, (progress, token) => {
+      const abort = new AbortController();
+      token.onCancellationRequested(() => abort.abort());
+      return runCliJson<T>(h.launch(), args, {
+        signal: abort.signal,
+        onStderrLine: (line) => progress.report({ message: line.replace(/\.\.\.$/, '…') }),
+      });
+    });
+  }
+
   /**
    * The run's merged model as a GGUF for llama.cpp / Ollama / LM Studio, checked in llama.cpp against the engine
    * (export-gguf). Arguments for scripts: (runDir, outFile, type).
@@ -304,16 +326,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     const runDir = await runArg(arg, 'Run to export as GGUF', ['finished', 'stopped']);
     if (!runDir) return undefined;
     if (!adapterOfRun(runDir)) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
-    let type = typeof typeArg === 'string' ? typeArg : undefined;
-    if (type !== undefined && !GGUF_TYPES.some((t) => t.type === type)) throw new Refusal(`type must be one of ${GGUF_TYPES.map((t) => t.type).join(', ')}, got ${JSON.stringify(typeArg)}.`);
-    if (!type) {
-      const choice = await vscode.window.showQuickPick(
-        GGUF_TYPES.map((t) => ({ label: t.type, detail: t.detail, type: t.type })),
-        { title: 'QLoRA: GGUF Type', placeHolder: 'How the merged weights are stored' },
-      );
-      type = choice?.type;
-      if (!type) return undefined;
-    }
+    const type = await ggufTypeArg(typeArg, { title: 'QLoRA: GGUF Type', placeHolder: 'How the merged weights are stored' });
+    if (!type) return undefined;
     let out = typeof outArg === 'string' ? outArg : undefined;
     if (!out) {
       const parent = vscode.workspace.workspaceFolders?.[0]?.uri ?? vscode.Uri.file(path.dirname(runDir));
@@ -324,19 +338,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       out = picked?.fsPath;
       if (!out) return undefined;
     }
-    const target = out;
-    const chosen = type;
-    const report = await vscode.window.withProgress(
-      { location: vscode.ProgressLocation.Notification, title: `Exporting ${path.basename(runDir)} as ${chosen} GGUF`, cancellable: true },
-      (progress, token) => {
-        const abort = new AbortController();
-        token.onCancellationRequested(() => abort.abort());
-        return runCliJson<GgufExportSummary>(h.launch(), ['export-gguf', '--run', runDir, '--out', target, '--type', chosen], {
-          signal: abort.signal,
-          onStderrLine: (line) => progress.report({ message: line.replace(/\.\.\.$/, '…') }),
-        });
-      },
-    );
+    const report = await runExportVerb<GgufExportSummary>(`Exporting ${path.basename(runDir)} as ${type} GGUF`, ['export-gguf', '--run', runDir, '--out', out, '--type', type]);
     const v = report.verification;
     const size = formatMiB(report.bytes);
     if (v?.verified) {
@@ -363,13 +365,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     const runDir = await runArg(arg, 'Run to export for Ollama', ['finished', 'stopped']);
     if (!runDir) return undefined;
     if (!adapterOfRun(runDir)) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
-    let type = typeof typeArg === 'string' ? typeArg : undefined;
-    if (type !== undefined && !GGUF_TYPES.some((t) => t.type === type)) throw new Refusal(`type must be one of ${GGUF_TYPES.map((t) => t.type).join(', ')}, got ${JSON.stringify(typeArg)}.`);
-    if (!type) {
-      const choice = await vscode.window.showQuickPick(GGUF_TYPES.map((t) => ({ label: t.type, detail: t.detail, type: t.type })), { title: 'QLoRA: GGUF Type for Ollama' });
-      type = choice?.type;
-      if (!type) return undefined;
-    }
+    const type = await ggufTypeArg(typeArg, { title: 'QLoRA: GGUF Type for Ollama' });
+    if (!type) return undefined;
     let out = typeof outArg === 'string' ? outArg : undefined;
     if (!out) {
       const parent = vscode.workspace.workspaceFolders?.[0]?.uri ?? vscode.Uri.file(path.dirname(runDir));
@@ -377,19 +374,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       out = picked?.fsPath;
       if (!out) return undefined;
     }
-    const target = out;
-    const chosen = type;
-    const report = await vscode.window.withProgress(
-      { location: vscode.ProgressLocation.Notification, title: `Exporting ${path.basename(runDir)} for Ollama`, cancellable: true },
-      (progress, token) => {
-        const abort = new AbortController();
-        token.onCancellationRequested(() => abort.abort());
-        return runCliJson<OllamaExportSummary>(h.launch(), ['export-ollama', '--run', runDir, '--out', target, '--type', chosen], {
-          signal: abort.signal,
-          onStderrLine: (line) => progress.report({ message: line.replace(/\.\.\.$/, '…') }),
-        });
-      },
-    );
+    const report = await runExportVerb<OllamaExportSummary>(`Exporting ${path.basename(runDir)} for Ollama`, ['export-ollama', '--run', runDir, '--out', out, '--type', type]);
     const command = report.createCommand.map((a) => (/[\s"']/.test(a) ? JSON.stringify(a) : a)).join(' ');
     h.output.appendLine(`Ollama model written to ${report.out}; import it with: ${command}`);
     const ollama = findOnPath('ollama');

@@ -40,7 +40,8 @@ function gpt2ByteTokens(): string[] {
   return out;
 }
 
-function mulberry32(seed: number): () => number {
+/** A small seeded uniform [0, 1) generator (mulberry32) for reproducible test weights. */
+export function mulberry32(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;

@@ -16,7 +16,7 @@ import { after, test } from 'node:test';
 import { ggmlDequantize, ggmlQuantize, type GgmlType } from '../../extension/engine/tools';
 import { openGguf } from '../../extension/export/llamaCpp';
 import { GGUF_ALIGNMENT, gguf, writeGguf, type GgufTensorSpec, type GgufValue } from '../../extension/export/gguf/writer';
-import { makeMiniLlama } from '../helpers/miniGguf';
+import { makeMiniLlama, mulberry32 } from '../helpers/miniGguf';
 import { tempDir } from '../helpers/paths';
 
 const dir = tempDir('gguf-decode');
@@ -36,17 +36,6 @@ const tokens = [...mini.tokens];
 while (tokens.length < 600) tokens.push(`<pad${tokens.length}>`);
 const VOCAB = tokens.length;
 const ZERO_ROW = 300; // output.weight's all-zero row: the reference logit
-
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** N(0, sigma) by Box-Muller, [VOCAB, HIDDEN] row-major, with ZERO_ROW all zeros. */
 function gaussianWeights(seed: number): Float32Array {

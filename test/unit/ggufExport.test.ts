@@ -9,10 +9,9 @@ import { exportGguf } from '../../extension/export/exportGguf';
 import type { GgufFileType } from '../../extension/export/gguf/types';
 import { verifyGguf } from '../../extension/export/verifyGguf';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
-import { resolveConfig } from '../../extension/trainer/config';
-import { train } from '../../extension/trainer/train';
 import { readGguf } from '../helpers/ggufReader';
-import { cliPath, reference, repoRoot, tempDir } from '../helpers/paths';
+import { cliPath, reference, tempDir } from '../helpers/paths';
+import { trainBriefly } from '../helpers/briefRun';
 
 const cli = { execPath: process.execPath, cliPath };
 
@@ -64,13 +63,7 @@ test('Llama-3 style (llama3 rope scaling, tied embeddings) and Qwen2 (q/k/v bias
 for (const arch of ['llama', 'qwen2'] as const) {
   test(`q4_k_m of a briefly trained ${arch} run: llama.cpp's own type mix, verified`, async () => {
     const model = tiny(arch, 'kquant', 1);
-    const runDir = path.join(path.dirname(model), 'run');
-    const config = resolveConfig({}, {
-      model, data: path.join(repoRoot, 'examples', 'chat-sample.jsonl'), preset: 'quick', maxSteps: 60, seqLen: 96, batchSize: 4, lr: 5e-3,
-      checkpointEvery: 0, evalEvery: 0,
-    });
-    const outcome = await train({ runDir, config, resume: false });
-    assert.equal(outcome.status, 'completed');
+    const runDir = await trainBriefly(model);
     const out = path.join(path.dirname(model), 'q4km.gguf');
     const r = await exportGguf({ run: runDir, out, type: 'q4_k_m', cli });
     assertVerified(r, `${arch} q4_k_m`);

@@ -15,11 +15,10 @@ import { exportGguf } from '../../extension/export/exportGguf';
 import { parseGoTemplate, GoTemplateError } from '../../extension/export/goTemplate';
 import { exportOllama, findOnPath, modelfileText, sharedSystemMessage, type ExportOllamaReport } from '../../extension/export/ollama';
 import { emitGoTemplate, fitTemplate, ollamaTemplate, renderOllama, UnsupportedTemplateError, type OllamaMessage, type TurnFormat } from '../../extension/export/ollamaTemplate';
-import { resolveConfig } from '../../extension/trainer/config';
-import { train } from '../../extension/trainer/train';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
 import { cliPath, repoRoot, tempDir } from '../helpers/paths';
+import { trainBriefly } from '../helpers/briefRun';
 
 const cli = { execPath: process.execPath, cliPath };
 
@@ -404,14 +403,7 @@ test('export-ollama refuses an unsupported template or a non-empty folder before
 
 async function trainedRun(arch: 'llama' | 'qwen2'): Promise<string> {
   const model = tinyModel(arch);
-  const runDir = path.join(path.dirname(model), 'run');
-  const config = resolveConfig({}, {
-    model, data: path.join(repoRoot, 'examples', 'chat-sample.jsonl'), preset: 'quick', maxSteps: 60, seqLen: 96, batchSize: 4, lr: 5e-3,
-    checkpointEvery: 0, evalEvery: 0,
-  });
-  const outcome = await train({ runDir, config, resume: false });
-  assert.equal(outcome.status, 'completed');
-  return runDir;
+  return trainBriefly(model);
 }
 
 const importEsm = new Function('url', 'return import(url)') as (url: string) => Promise<unknown>;

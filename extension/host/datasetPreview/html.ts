@@ -3,6 +3,7 @@
 // them with the trained part marked. Static: no script runs in it, so the policy allows only its own nonce'd
 // <style>. Pure (no vscode import) so it is unit-tested.
 import type { DatasetReport, LengthHistogram } from '../../data';
+import { escapeHtml } from '../panel/html';
 
 export interface PreviewOptions {
   nonce: string;
@@ -16,7 +17,6 @@ export function previewContentSecurityPolicy(nonce: string): string {
   return `default-src 'none'; style-src 'nonce-${nonce}'`;
 }
 
-const escapeHtml = (s: string) => s.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 const int = (n: number) => n.toLocaleString('en-US');
 const plural = (n: number, one: string, many = `${one}s`) => `${int(n)} ${n === 1 ? one : many}`;
 

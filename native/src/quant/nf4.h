@@ -1,4 +1,4 @@
-// NF4 with double quantization, bit-identical to bitsandbytes (see ../shared/facts/formats.md):
+// NF4 with double quantization, bit-identical to bitsandbytes (checked against the vectors in test/fixtures/reference/nf4-vectors.safetensors):
 // - blocks of 64 over the row-major flattened weight; absmax = max |x| (fp32); each x * (1/absmax) goes to the
 //   NF4 code chosen by bitsandbytes' midpoint decision tree (strict >); two codes per byte, first element in the
 //   high nibble; a last partial block is padded with code 0; an all-zero block writes code 0.
