@@ -56,14 +56,14 @@ const verbs: Record<string, Verb> = {
     summary: 'write a tiny random model in Hugging Face layout, with a real byte-level BPE tokenizer',
     options: {
       out: { type: 'string', required: true, description: 'folder to write the model into' },
-      arch: { type: 'string', description: 'llama (default) or qwen2' },
+      arch: { type: 'string', description: 'llama (default, Llama 3 style), mistral (Llama 2 / Mistral style SentencePiece vocabulary) or qwen2' },
       seed: { type: 'string', description: 'random seed (integer, default 0)' },
       size: { type: 'string', description: 'tiny (default, for tests), kquant (GGUF k-quant tests) or small (benchmarks)' },
       json: { type: 'boolean', description: 'print a JSON summary' },
     },
     run(o) {
       const arch = stringOption(o, 'arch') ?? 'llama';
-      if (arch !== 'llama' && arch !== 'qwen2') throw new UsageError(`--arch must be llama or qwen2, got '${arch}'`);
+      if (arch !== 'llama' && arch !== 'qwen2' && arch !== 'mistral') throw new UsageError(`--arch must be llama, mistral or qwen2, got '${arch}'`);
       const size = stringOption(o, 'size') ?? 'tiny';
       if (size !== 'tiny' && size !== 'kquant' && size !== 'small') throw new UsageError(`--size must be tiny, kquant or small, got '${size}'`);
       const summary = makeTinyModel({ out: requiredString(o, 'out'), arch, seed: integerOption(o, 'seed', 0), size });

@@ -102,7 +102,7 @@ test('errors are one clear sentence on stderr with exit status 1', () => {
   expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,999'), 'token id 999 at position 1 is outside');
   expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,2', '--grads', 'g.safetensors'), '--grads needs --adapter');
   expectCleanError(cli('score', '--model', tempDir('empty'), '--ids', '1,2'), 'no config.json');
-  expectCleanError(cli('make-tiny-model', '--out', tempDir('x'), '--arch', 'gpt2'), '--arch must be llama or qwen2');
+  expectCleanError(cli('make-tiny-model', '--out', tempDir('x'), '--arch', 'gpt2'), '--arch must be llama, mistral or qwen2');
   expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,2', '--bogus'), 'unknown option --bogus');
   const debug = cli('score', '--model', tempDir('empty'), '--ids', '1,2', '--debug');
   assert.equal(debug.status, 1);

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { Template } from '@huggingface/jinja';
-import { buildTinyTokenizer, preTokenize, TinyArch, TinyTokenizer } from '../../extension/trainer/tinyModel/tokenizer';
+import { buildTinyTokenizer, preTokenize, ByteLevelArch as TinyArch, TinyTokenizer } from '../../extension/trainer/tinyModel/tokenizer';
 
 const ARCHES: TinyArch[] = ['llama', 'qwen2'];
 

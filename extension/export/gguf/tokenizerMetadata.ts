@@ -1,8 +1,11 @@
 // The tokenizer part of a GGUF: llama.cpp's tokenizer.ggml.* keys from a Hugging Face tokenizer.json. Byte-level
 // BPE vocabularies (Llama 3, Qwen2, SmolLM, GPT-2 style) become the "gpt2" tokenizer model with tokens, token
-// types and merges, and the pre-tokenizer name llama.cpp knows for the split regex. Special token ids and the chat
-// template come from the same loader training uses (extension/data's loadModelTokenizer), so the GGUF stops and
-// renders prompts as the finetune saw them.
+// types and merges, and the pre-tokenizer name llama.cpp knows for the split regex. SentencePiece BPE vocabularies
+// (Llama 2, Mistral, TinyLlama: BPE with byte fallback and "▁" for spaces) become the "llama" tokenizer model,
+// which merges by score: each piece's score is minus the rank of the first merge that makes it, so llama.cpp's
+// highest-score-first merging follows the merge list. Special token ids and the chat template come from the same
+// loader training uses (extension/data's loadModelTokenizer), so the GGUF stops and renders prompts as the
+// finetune saw them.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadModelTokenizer } from '../../data';
@@ -20,9 +23,24 @@ const KNOWN_PRE_TOKENIZERS: Record<string, string> = {
 };
 
 interface TokenizerJson {
-  model?: { type?: string; vocab?: Record<string, number>; merges?: (string | [string, string])[]; byte_fallback?: boolean };
+  model?: {
+    type?: string;
+    vocab?: Record<string, number>;
+    merges?: (string | [string, string])[];
+    byte_fallback?: boolean;
+    unk_token?: string | null;
+  };
   added_tokens?: { id: number; content: string; special?: boolean }[];
+  normalizer?: Normalizer | null;
   pre_tokenizer?: PreTokenizer | null;
+}
+
+interface Normalizer {
+  type: string;
+  normalizers?: Normalizer[];
+  prepend?: string;
+  pattern?: { String?: string; Regex?: string };
+  content?: string;
 }
 
 interface PreTokenizer {
@@ -30,7 +48,12 @@ interface PreTokenizer {
   pattern?: { Regex?: string; String?: string };
   pretokenizers?: PreTokenizer[];
   use_regex?: boolean;
+  replacement?: string;
+  prepend_scheme?: string;
+  add_prefix_space?: boolean;
 }
+
+const SPACE_MARK = '\u2581'; // SentencePiece's "▁"
 
 function flatten(p: PreTokenizer | null | undefined): PreTokenizer[] {
   if (!p) return [];
@@ -68,13 +91,58 @@ export async function tokenizerMetadata(modelDir: string, vocabSize: number): Pr
   if (!fs.existsSync(file)) throw new Error(`${modelDir}: no tokenizer.json (GGUF export needs the Hugging Face tokenizer file)`);
   const tok = JSON.parse(fs.readFileSync(file, 'utf8')) as TokenizerJson;
   const model = tok.model;
-  if (model?.type !== 'BPE' || !model.vocab || !model.merges) throw new Error(`${file}: tokenizer model ${model?.type ?? 'missing'} is not supported for GGUF export (byte-level BPE is)`);
-  if (model.byte_fallback) throw new Error(`${file}: SentencePiece-style BPE with byte fallback is not supported for GGUF export yet`);
-  const pre = preTokenizerName(tok, file);
+  if (model?.type !== 'BPE' || !model.vocab || !model.merges) {
+    throw new Error(`${file}: tokenizer model ${model?.type ?? 'missing'} is not supported for GGUF export (byte-level BPE and SentencePiece BPE are)`);
+  }
+  const merges = model.merges.map((m) => (Array.isArray(m) ? `${m[0]} ${m[1]}` : m));
+  const vocab = vocabularyTable(tok, model.vocab, vocabSize, file);
 
+  const entries: [string, GgufValue][] = [];
+  if (model.byte_fallback) {
+    const addSpacePrefix = sentencePieceSpacePrefix(tok, file);
+    entries.push(
+      ['tokenizer.ggml.model', gguf.str('llama')],
+      ['tokenizer.ggml.pre', gguf.str('default')],
+      ['tokenizer.ggml.tokens', gguf.strings(vocab.tokens)],
+      ['tokenizer.ggml.scores', gguf.f32s(pieceScores(vocab.tokens, merges))],
+      ['tokenizer.ggml.token_type', gguf.i32s(sentencePieceTypes(vocab, model.unk_token ?? null))],
+      ['tokenizer.ggml.add_space_prefix', gguf.bool(addSpacePrefix)],
+    );
+    const unk = model.unk_token ? vocab.tokens.indexOf(model.unk_token) : -1;
+    if (unk >= 0) entries.push(['tokenizer.ggml.unknown_token_id', gguf.u32(unk)]);
+  } else {
+    entries.push(
+      ['tokenizer.ggml.model', gguf.str('gpt2')],
+      ['tokenizer.ggml.pre', gguf.str(preTokenizerName(tok, file))],
+      ['tokenizer.ggml.tokens', gguf.strings(vocab.tokens)],
+      ['tokenizer.ggml.token_type', gguf.i32s(vocab.types)],
+      ['tokenizer.ggml.merges', gguf.strings(merges)],
+    );
+  }
+
+  const t = await loadModelTokenizer(modelDir);
+  entries.push(['tokenizer.ggml.eos_token_id', gguf.u32(t.eosId)]);
+  if (t.bosId !== null) entries.push(['tokenizer.ggml.bos_token_id', gguf.u32(t.bosId)]);
+  entries.push(['tokenizer.ggml.add_bos_token', gguf.bool(t.addsBos)], ['tokenizer.ggml.add_eos_token', gguf.bool(false)]);
+  const padId = padTokenId(modelDir, tok);
+  if (padId !== null) entries.push(['tokenizer.ggml.padding_token_id', gguf.u32(padId)]);
+  if (t.chatTemplate !== null) entries.push(['tokenizer.chat_template', gguf.str(t.chatTemplate)]);
+  return { entries, vocabSize, eosId: t.eosId };
+}
+
+interface VocabularyTable {
+  tokens: string[];
+  types: Int32Array;
+}
+
+/**
+ * Token texts and types by id, from the model vocabulary and the added tokens. Ids the tokenizer does not define
+ * are unused "[PAD<id>]" tokens, as llama.cpp's converter writes them.
+ */
+function vocabularyTable(tok: TokenizerJson, modelVocab: Record<string, number>, vocabSize: number, file: string): VocabularyTable {
   const tokens = new Array<string | undefined>(vocabSize);
   const types = new Int32Array(vocabSize).fill(TOKEN_TYPE.normal);
-  for (const [text, id] of Object.entries(model.vocab)) {
+  for (const [text, id] of Object.entries(modelVocab)) {
     if (id >= vocabSize) throw new Error(`${file}: token ${JSON.stringify(text)} has id ${id}, beyond the model's vocab_size ${vocabSize}`);
     tokens[id] = text;
   }
@@ -89,23 +157,61 @@ export async function tokenizerMetadata(modelDir: string, vocabSize: number): Pr
       types[id] = TOKEN_TYPE.unused;
     }
   }
-  const merges = model.merges.map((m) => (Array.isArray(m) ? `${m[0]} ${m[1]}` : m));
+  return { tokens: tokens as string[], types };
+}
 
-  const t = await loadModelTokenizer(modelDir);
-  const entries: [string, GgufValue][] = [
-    ['tokenizer.ggml.model', gguf.str('gpt2')],
-    ['tokenizer.ggml.pre', gguf.str(pre)],
-    ['tokenizer.ggml.tokens', gguf.strings(tokens as string[])],
-    ['tokenizer.ggml.token_type', gguf.i32s(types)],
-    ['tokenizer.ggml.merges', gguf.strings(merges)],
-    ['tokenizer.ggml.eos_token_id', gguf.u32(t.eosId)],
-  ];
-  if (t.bosId !== null) entries.push(['tokenizer.ggml.bos_token_id', gguf.u32(t.bosId)]);
-  entries.push(['tokenizer.ggml.add_bos_token', gguf.bool(t.addsBos)], ['tokenizer.ggml.add_eos_token', gguf.bool(false)]);
-  const padId = padTokenId(modelDir, tok);
-  if (padId !== null) entries.push(['tokenizer.ggml.padding_token_id', gguf.u32(padId)]);
-  if (t.chatTemplate !== null) entries.push(['tokenizer.chat_template', gguf.str(t.chatTemplate)]);
-  return { entries, vocabSize, eosId: t.eosId };
+/** SentencePiece token types: byte tokens "<0xXX>" are bytes (llama.cpp decodes them to that byte), unk unknown. */
+function sentencePieceTypes(vocab: VocabularyTable, unkToken: string | null): Int32Array {
+  const types = Int32Array.from(vocab.types);
+  vocab.tokens.forEach((text, id) => {
+    if (text === unkToken) types[id] = TOKEN_TYPE.unknown;
+    else if (types[id] === TOKEN_TYPE.normal && /^<0x[0-9A-Fa-f]{2}>$/.test(text)) types[id] = TOKEN_TYPE.byte;
+  });
+  return types;
+}
+
+/**
+ * Scores for the "llama" tokenizer model: minus the rank of the first merge that makes each piece (the best score
+ * is merged first), 0 for pieces no merge makes (characters, bytes, specials: llama.cpp never looks them up as a
+ * merge result).
+ */
+export function pieceScores(tokens: readonly string[], merges: readonly string[]): Float32Array {
+  const idOf = new Map<string, number>();
+  tokens.forEach((t, id) => idOf.set(t, id));
+  const scores = new Float32Array(tokens.length);
+  const scored = new Uint8Array(tokens.length);
+  merges.forEach((merge, rank) => {
+    const space = merge.indexOf(' ');
+    const id = idOf.get(merge.slice(0, space) + merge.slice(space + 1));
+    if (id !== undefined && !scored[id]) {
+      scored[id] = 1;
+      scores[id] = -rank;
+    }
+  });
+  return scores;
+}
+
+/**
+ * Whether the tokenizer puts a "▁" before each text section (llama.cpp's add_space_prefix), from its normalizer
+ * (Llama 2's Prepend + Replace) or pre-tokenizer (Metaspace). Anything else the "llama" tokenizer model cannot
+ * reproduce is refused.
+ */
+function sentencePieceSpacePrefix(tok: TokenizerJson, file: string): boolean {
+  const flat = (n: Normalizer | null | undefined): Normalizer[] => (!n ? [] : n.type === 'Sequence' ? (n.normalizers ?? []).flatMap(flat) : [n]);
+  let prefix = false;
+  for (const n of flat(tok.normalizer)) {
+    if (n.type === 'Prepend' && n.prepend === SPACE_MARK) prefix = true;
+    else if (n.type === 'Replace' && n.pattern?.String === ' ' && n.content === SPACE_MARK) continue;
+    else throw new Error(`${file}: the normalizer step ${n.type} is not supported for a SentencePiece GGUF (llama.cpp would tokenize differently)`);
+  }
+  for (const p of flatten(tok.pre_tokenizer)) {
+    if (p.type !== 'Metaspace') {
+      throw new Error(`${file}: pre-tokenizer ${p.type} is not supported for a SentencePiece GGUF (Llama 2 and Mistral use none, or Metaspace)`);
+    }
+    const scheme = p.prepend_scheme ?? (p.add_prefix_space === false ? 'never' : 'always');
+    if (scheme !== 'never') prefix = true;
+  }
+  return prefix;
 }
 
 /** tokenizer_config.json's pad_token, as an id, when it names a token of the vocabulary. */

@@ -1,11 +1,12 @@
-// make-tiny-model: a tiny random LLaMA or Qwen2 model in Hugging Face layout (config.json, model.safetensors in
-// bf16, a real byte-level BPE tokenizer.json, tokenizer_config.json with a chat template), loadable by
-// transformers. Tests and the demo use it; nothing is downloaded. The same seed gives the same files.
+// make-tiny-model: a tiny random Llama (3-style), Mistral (Llama 2-style SentencePiece vocabulary) or Qwen2 model in
+// Hugging Face layout (config.json, model.safetensors in bf16, a real tokenizer.json, tokenizer_config.json with a
+// chat template), loadable by transformers. Tests and the demo use it; nothing is downloaded. The same seed gives the same files.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomNormal, writeSafetensors, type TensorToWrite } from '../../engine';
 import { writeJsonAtomic } from '../../util/atomicFile';
-import { buildTinyTokenizer, type TinyArch } from './tokenizer';
+import { buildSentencePieceTokenizer } from './sentencePieceTokenizer';
+import { buildTinyTokenizer, type TinyArch, type TinyTokenizer } from './tokenizer';
 
 export type TinySize = 'tiny' | 'kquant' | 'small';
 
@@ -18,6 +19,11 @@ export interface TinyModelOptions {
    * 256-value blocks, ~2M parameters); 'small' for benchmarks (~13M parameters). All share the tokenizer.
    */
   size?: TinySize;
+  /**
+   * A folder with a real tokenizer.json and tokenizer_config.json to use instead of the tiny tokenizer (tests of
+   * vocabularies made elsewhere); the model's vocabulary is sized to it.
+   */
+  tokenizerFrom?: string;
 }
 
 export interface TinyModelSummary {
@@ -71,6 +77,17 @@ export function tinyModelConfig(arch: TinyArch, shape: Shape, vocabSize: number,
     pad_token_id: pad,
     torch_dtype: 'bfloat16',
   };
+  if (arch === 'mistral') {
+    // Mistral v0.2 and later: no sliding window (v0.1's 4096 would only limit sequence lengths here).
+    return {
+      architectures: ['MistralForCausalLM'],
+      model_type: 'mistral',
+      ...common,
+      head_dim: shape.headDim,
+      sliding_window: null,
+      tie_word_embeddings: false,
+    };
+  }
   if (arch === 'llama') {
     return {
       architectures: ['LlamaForCausalLM'],
@@ -128,13 +145,47 @@ function tinyTensors(arch: TinyArch, shape: Shape, vocabSize: number, seed: numb
     normal(p + 'mlp.down_proj.weight', [hidden, intermediate], fanInStd(intermediate));
   }
   ones('model.norm.weight', hidden);
-  if (arch === 'llama') normal('lm_head.weight', [vocabSize, hidden], fanInStd(hidden));
+  if (arch !== 'qwen2') normal('lm_head.weight', [vocabSize, hidden], fanInStd(hidden));
   return tensors;
+}
+
+/** The tokenizer files of a tiny model of this architecture. */
+export function tinyTokenizerFor(arch: TinyArch): TinyTokenizer {
+  return arch === 'mistral' ? buildSentencePieceTokenizer() : buildTinyTokenizer(arch);
+}
+
+/** A tokenizer copied from `dir`: its files as they are, with the ids the config needs. */
+function tokenizerFromFolder(dir: string): TinyTokenizer {
+  const read = (name: string) => JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8')) as Record<string, unknown>;
+  const tokenizerJson = read('tokenizer.json');
+  const tokenizerConfig = read('tokenizer_config.json');
+  const model = tokenizerJson.model as { vocab: Record<string, number> };
+  const added = (tokenizerJson.added_tokens ?? []) as { id: number; content: string }[];
+  const idOf = new Map<string, number>([...Object.entries(model.vocab), ...added.map((a) => [a.content, a.id] as [string, number])]);
+  const ids = [...idOf.values()];
+  const vocabSize = Math.max(...ids) + 1;
+  const tokenText = (v: unknown) => (typeof v === 'string' ? v : (v as { content?: string } | null)?.content);
+  const id = (key: string): number | null => {
+    const text = tokenText(tokenizerConfig[key]);
+    return text === undefined ? null : idOf.get(text) ?? null;
+  };
+  const eos = id('eos_token');
+  if (eos === null) throw new Error(`${dir}: tokenizer_config.json names no eos_token of the vocabulary`);
+  return {
+    tokenizerJson,
+    tokenizerConfig,
+    specialTokensMap: {},
+    vocabSize,
+    bosTokenId: id('bos_token'),
+    eosTokenId: eos,
+    eosTokenIds: [eos],
+    padTokenId: id('pad_token') ?? eos,
+  };
 }
 
 export function makeTinyModel(options: TinyModelOptions): TinyModelSummary {
   const { out, arch, seed } = options;
-  const tok = buildTinyTokenizer(arch);
+  const tok = options.tokenizerFrom ? tokenizerFromFolder(options.tokenizerFrom) : tinyTokenizerFor(arch);
   fs.mkdirSync(out, { recursive: true });
   const shape = SHAPES[options.size ?? 'tiny'];
   const config = tinyModelConfig(arch, shape, tok.vocabSize, tok.bosTokenId, tok.eosTokenId, tok.padTokenId);

@@ -13,7 +13,11 @@
  *   (512 - S)..511  the S special tokens, as `added_tokens`
  */
 
-export type TinyArch = 'llama' | 'qwen2';
+/** llama: Llama 3 style; qwen2: Qwen2 style; mistral: Mistral / Llama 2 style (SentencePiece-like vocabulary). */
+export type TinyArch = 'llama' | 'qwen2' | 'mistral';
+
+/** The architectures whose tokenizer is byte-level BPE (built here); mistral's is in sentencePieceTokenizer.ts. */
+export type ByteLevelArch = Exclude<TinyArch, 'mistral'>;
 
 export interface TinyTokenizer {
   /** The tokenizer.json object. */
@@ -38,13 +42,13 @@ export interface TinyTokenizer {
 }
 
 /** Vocab size of every tiny tokenizer: a multiple of 64, as real models pad to. */
-const TINY_VOCAB_SIZE = 512;
+export const TINY_VOCAB_SIZE = 512;
 
 /** The 256 single-byte symbols; merges are only learned once these exist. */
 const BYTE_VOCAB_SIZE = 256;
 
 /** Merges must be seen at least this often so each one reflects real structure. */
-const MIN_PAIR_FREQUENCY = 2;
+export const MIN_PAIR_FREQUENCY = 2;
 
 /** Llama 3's pre-tokenizer regex (Oniguruma syntax, as stored in tokenizer.json). */
 const LLAMA3_SPLIT_PATTERN =
@@ -88,7 +92,7 @@ const CHATML_CHAT_TEMPLATE =
   '{% endfor %}' +
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
-const ARCH_SPECS: Record<TinyArch, ArchSpec> = {
+const ARCH_SPECS: Record<ByteLevelArch, ArchSpec> = {
   // Relative order follows Llama 3 (128000, 128001, 128004, 128006, 128007, 128009).
   llama: {
     splitPattern: LLAMA3_SPLIT_PATTERN,
@@ -124,7 +128,7 @@ const ARCH_SPECS: Record<TinyArch, ArchSpec> = {
  * " and", ...) and the instruction/answer phrasing used by demos encodes compactly.
  * Editing this text changes every tiny model's vocabulary.
  */
-const TRAINING_CORPUS = [
+export const TRAINING_CORPUS = [
   'Cooking at home is one of the simplest ways to eat well. Start with a few good ingredients: fresh vegetables, olive oil, garlic, salt and pepper. Heat the pan before you add the oil, then let the onions soften slowly until they turn golden. A pinch of salt at the beginning draws out the water and helps the flavor develop.',
   'To make a simple tomato sauce, cook the garlic in oil for a minute, add the chopped tomatoes and let the sauce simmer for twenty minutes. Taste it and add more salt if it needs it. Fresh basil goes in at the end, because heat destroys its delicate smell. Serve the sauce with pasta, rice or bread.',
   'Baking is more precise than cooking. Weigh the flour instead of measuring it with cups, and keep the butter cold when you make pastry. The oven should be fully heated before the bread goes in. When the crust is brown and the loaf sounds hollow, it is ready. Let it cool before you cut it, or the inside will be gummy.',
@@ -193,7 +197,7 @@ function toJsRegExp(pattern: string): RegExp {
  * ByteLevel without its own regex): regex pieces, each mapped to byte symbols.
  * Exported so tests can check it against the tokenizer library.
  */
-export function preTokenize(arch: TinyArch, text: string): string[] {
+export function preTokenize(arch: ByteLevelArch, text: string): string[] {
   const byteChars = byteToChar();
   const encoder = new TextEncoder();
   const pieces = text.match(toJsRegExp(ARCH_SPECS[arch].splitPattern)) ?? [];
@@ -283,22 +287,22 @@ function learnMerges(
 }
 
 /** An added_tokens entry of tokenizer.json, with the fields and order HF tokenizers writes. */
-function addedToken(id: number, content: string): Record<string, unknown> {
+export function addedToken(id: number, content: string): Record<string, unknown> {
   return { id, content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: true };
 }
 
 /** An added_tokens_decoder entry of tokenizer_config.json, as transformers writes it. */
-function addedTokenDecoderEntry(content: string): Record<string, unknown> {
+export function addedTokenDecoderEntry(content: string): Record<string, unknown> {
   return { content, lstrip: false, normalized: false, rstrip: false, single_word: false, special: true };
 }
 
 /** The AddedToken dict form transformers writes into special_tokens_map.json. */
-function tokenDict(content: string): Record<string, unknown> {
+export function tokenDict(content: string): Record<string, unknown> {
   return { content, lstrip: false, normalized: false, rstrip: false, single_word: false };
 }
 
 /** Builds the complete tokenizer files for one architecture. Pure and deterministic. */
-export function buildTinyTokenizer(arch: TinyArch): TinyTokenizer {
+export function buildTinyTokenizer(arch: ByteLevelArch): TinyTokenizer {
   const spec = ARCH_SPECS[arch];
 
   // Count pre-tokenized words of the corpus, with the same split the tokenizer uses.
