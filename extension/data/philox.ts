@@ -13,6 +13,7 @@ export enum RngStream {
   Dropout = 2,
   Shuffle = 3,
   TinyModelInit = 4,
+  Sampling = 5,
 }
 
 const MUL0 = 0xd2511f53;

@@ -143,6 +143,27 @@ function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Re
   return withBos(tok, segments.filter((s) => s.text !== ''));
 }
 
+/**
+ * The text a model continues to answer `messages` (ending with a user turn): the chat template with
+ * add_generation_prompt, or the Alpaca-style fallback up to "### Response:\n", with BOS as training adds it. The
+ * same rendering as training, so the model is asked in the format it learned.
+ */
+export function renderGenerationPrompt(messages: ChatMessage[], tok: ModelTokenizer, templateVars: Record<string, unknown> = {}): string {
+  const template = tok.template;
+  if (template === null) {
+    return fallbackSegments(messages, tok).map((s) => s.text).join('');
+  }
+  const context: Record<string, unknown> = { date_string: DEFAULT_DATE_STRING, ...templateVars, eos_token: tok.eosToken };
+  if (tok.bosToken !== null) context.bos_token = tok.bosToken;
+  let text: string;
+  try {
+    text = template.render({ ...context, messages, add_generation_prompt: true });
+  } catch (err) {
+    throw new TemplateRenderError(`chat template error: ${(err as Error).message}`);
+  }
+  return withBos(tok, [{ text, trained: false }]).map((s) => s.text).join('');
+}
+
 function commonPrefixLength(a: string, b: string): number {
   const n = Math.min(a.length, b.length);
   let i = 0;

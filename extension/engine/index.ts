@@ -150,8 +150,44 @@ export class EngineModel {
   beginMemoryInterval(): void {
     call(() => this.native.beginMemoryInterval());
   }
+  /**
+   * A generation (one sequence with its KV cache) run with the adapter scaled by `loraScale` (default 1 when an
+   * adapter is loaded; 0 = the base model, exactly as if no adapter were loaded). Replacing the adapter ends it.
+   */
+  startGeneration(options: { loraScale?: number } = {}): GenerationSession {
+    const id = call(() => this.native.generationStart(options));
+    return new GenerationSession(this.native, id, this.config().vocabSize);
+  }
   dispose(): void {
     this.native.dispose();
+  }
+}
+
+/** One sequence being generated: its tokens so far live in the engine's KV cache. */
+export class GenerationSession {
+  private ended = false;
+  constructor(private readonly native: NativeModel, private readonly id: number, readonly vocabSize: number) {}
+
+  /**
+   * Runs `ids` (a prompt, or the token just sampled) after the tokens so far and returns the raw next-token logits
+   * of the last one ([vocab]); with `allLogits`, those of every new position ([ids.length, vocab]).
+   */
+  append(ids: ArrayLike<number>, options: { allLogits?: boolean } = {}): Float32Array {
+    return call(() => this.native.generationAppend(this.id, Int32Array.from(ids), options));
+  }
+  /** Tokens in the cache. */
+  get length(): number {
+    return call(() => this.native.generationLength(this.id));
+  }
+  /** Forgets every token after the first `length` (to reuse a shared prefix). */
+  truncate(length: number): void {
+    call(() => this.native.generationTruncate(this.id, length));
+  }
+  /** Frees the cache; the session cannot be used afterwards. */
+  end(): void {
+    if (this.ended) return;
+    this.ended = true;
+    this.native.generationEnd(this.id);
   }
 }
 

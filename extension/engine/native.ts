@@ -110,6 +110,11 @@ export interface NativeModel {
   loadOptimizerState(path: string): void;
   memory(): NativeMemory;
   beginMemoryInterval(): void;
+  generationStart(options: { loraScale?: number }): number;
+  generationAppend(id: number, ids: Int32Array, options: { allLogits?: boolean }): Float32Array;
+  generationTruncate(id: number, length: number): void;
+  generationLength(id: number): number;
+  generationEnd(id: number): void;
   dispose(): void;
 }
 

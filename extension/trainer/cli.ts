@@ -10,6 +10,7 @@ import { exportAdapter } from './verbs/export';
 import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
 import { exportOllamaOptions, exportOllamaVerb } from './verbs/exportOllama';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
+import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
 import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
@@ -29,6 +30,11 @@ const verbs: Record<string, Verb> = {
     summary: 'finetune a model with QLoRA on a dataset into a run folder (checkpoints, events, adapter)',
     options: trainOptions,
     run: trainVerb,
+  },
+  generate: {
+    summary: "answer a prompt with a model, a model + adapter or a run's adapter (streamed); --compare shows base and finetuned",
+    options: generateOptions,
+    run: generateVerb,
   },
   resume: {
     summary: "continue a run from its newest complete checkpoint",

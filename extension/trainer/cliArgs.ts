@@ -9,10 +9,12 @@ export interface OptionSpec {
   /** 'string' takes a value; 'boolean' is a flag. */
   type: 'string' | 'boolean';
   required?: boolean;
+  /** A string option that may be given several times; its values are collected in order (listOption). */
+  repeatable?: boolean;
   description: string;
 }
 
-export type ParsedOptions = Record<string, string | boolean | undefined>;
+export type ParsedOptions = Record<string, string | string[] | boolean | undefined>;
 
 export function parseOptions(verb: string, argv: string[], spec: Record<string, OptionSpec>): ParsedOptions {
   const out: ParsedOptions = {};
@@ -33,7 +35,8 @@ export function parseOptions(verb: string, argv: string[], spec: Record<string, 
     }
     const value = eq >= 0 ? arg.slice(eq + 1) : argv[++i];
     if (value === undefined || (eq < 0 && value.startsWith('--'))) throw new UsageError(`--${name} needs a value`);
-    out[name] = value;
+    if (option.repeatable) out[name] = [...((out[name] as string[] | undefined) ?? []), value];
+    else out[name] = value;
   }
   for (const [name, option] of Object.entries(spec)) {
     if (option.required && out[name] === undefined) throw new UsageError(`'${verb}' needs --${name} (${option.description})`);
@@ -44,6 +47,12 @@ export function parseOptions(verb: string, argv: string[], spec: Record<string, 
 export function stringOption(options: ParsedOptions, name: string): string | undefined {
   const v = options[name];
   return typeof v === 'string' ? v : undefined;
+}
+
+/** The values of a repeatable option, in the order given (empty when absent). */
+export function listOption(options: ParsedOptions, name: string): string[] {
+  const v = options[name];
+  return Array.isArray(v) ? v : typeof v === 'string' ? [v] : [];
 }
 
 export function requiredString(options: ParsedOptions, name: string): string {

@@ -149,6 +149,22 @@ TEST(kernel_attention_backward_matches_finite_differences) {
   for (int64_t d = 0; d < D; ++d) EXPECT_NEAR(out[d], v[d], 1e-12);
 }
 
+TEST(kernel_attention_cached_equals_full_causal_attention) {
+  // Queries of positions 3..6 over a cache of 7 rows give the full pass's rows 3..6, whatever was cached first.
+  const int64_t T = 7, H = 4, Hkv = 2, D = 3, past = 3, n = T - past;
+  const Vec q = random_vec(T * H * D, 30), k = random_vec(T * Hkv * D, 31), v = random_vec(T * Hkv * D, 32);
+  Vec full(T * H * D), probs(H * T * T), cached(n * H * D);
+  cpu::attention_forward<double>(q.data(), k.data(), v.data(), 1, T, H, Hkv, D, full.data(), probs.data());
+  cpu::attention_cached<double>(q.data() + past * H * D, k.data(), v.data(), n, past, H, Hkv, D, cached.data());
+  for (int64_t i = 0; i < n * H * D; ++i) EXPECT_EQ(cached[i], full[past * H * D + i]);
+  // One token at a time, as decoding runs.
+  for (int64_t t = 0; t < T; ++t) {
+    Vec one(H * D);
+    cpu::attention_cached<double>(q.data() + t * H * D, k.data(), v.data(), 1, t, H, Hkv, D, one.data());
+    for (int64_t i = 0; i < H * D; ++i) EXPECT_EQ(one[i], full[t * H * D + i]);
+  }
+}
+
 TEST(kernel_swiglu_backward_matches_finite_differences) {
   const int64_t n = 20;
   const Vec g = random_vec(n, 13, 2.0), u = random_vec(n, 14), dout = random_vec(n, 15);

@@ -53,6 +53,7 @@ class Backend {
   virtual void upload(void* device_dst, const void* host_src, size_t bytes) = 0;
   virtual void download(void* host_dst, const void* device_src, size_t bytes) = 0;
   virtual void fill_zero(float* x, int64_t n) = 0;
+  virtual void copy(float* dst, const float* src, int64_t n) = 0;  // device to device
   const MemoryStats& memory() const { return tracker_.stats(); }
   void reset_peak_memory() { tracker_.reset_peak(); }
   void begin_memory_interval() { tracker_.begin_interval(); }
@@ -78,6 +79,9 @@ class Backend {
   virtual void attention_backward(const float* dout, const float* q, const float* k, const float* v,
                                   const float* probs, int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads,
                                   int64_t head_dim, float* dq, float* dk, float* dv) = 0;
+  // Generation: q_len new queries (positions past..past+q_len-1) over the first past + q_len rows of the caches.
+  virtual void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len,
+                                int64_t past, int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) = 0;
   virtual void swiglu_forward(const float* g, const float* u, int64_t n, float* out) = 0;
   virtual void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg,
                                float* du) = 0;

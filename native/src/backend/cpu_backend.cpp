@@ -71,6 +71,9 @@ class CpuBackend final : public Backend {
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(float* x, int64_t n) override { std::memset(x, 0, static_cast<size_t>(n) * sizeof(float)); }
+  void copy(float* dst, const float* src, int64_t n) override {
+    std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  }
 
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B,
             float beta, float* C) override {
@@ -111,6 +114,10 @@ class CpuBackend final : public Backend {
   void attention_forward(const float* q, const float* k, const float* v, int64_t b, int64_t t, int64_t h,
                          int64_t kvh, int64_t d, float* out, float* probs) override {
     cpu::attention_forward<float>(q, k, v, b, t, h, kvh, d, out, probs);
+  }
+  void attention_cached(const float* q, const float* kc, const float* vc, int64_t q_len, int64_t past, int64_t h,
+                        int64_t kvh, int64_t d, float* out) override {
+    cpu::attention_cached<float>(q, kc, vc, q_len, past, h, kvh, d, out);
   }
   void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* probs,
                           int64_t b, int64_t t, int64_t h, int64_t kvh, int64_t d, float* dq, float* dk,

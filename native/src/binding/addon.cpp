@@ -3,6 +3,7 @@
 // Calls are synchronous: the engine only ever runs inside the trainer process, never in the extension host.
 #include <napi.h>
 
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -100,6 +101,11 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
                         InstanceMethod("loadOptimizerState", &ModelHandle::LoadOptimizerState),
                         InstanceMethod("memory", &ModelHandle::Memory),
                         InstanceMethod("beginMemoryInterval", &ModelHandle::BeginMemoryInterval),
+                        InstanceMethod("generationStart", &ModelHandle::GenerationStart),
+                        InstanceMethod("generationAppend", &ModelHandle::GenerationAppend),
+                        InstanceMethod("generationTruncate", &ModelHandle::GenerationTruncate),
+                        InstanceMethod("generationLength", &ModelHandle::GenerationLength),
+                        InstanceMethod("generationEnd", &ModelHandle::GenerationEnd),
                         InstanceMethod("dispose", &ModelHandle::Dispose)});
   }
 
@@ -154,6 +160,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     const uint64_t seed = static_cast<uint64_t>(opt_number(o, "seed").value_or(0));
     guarded(env, [&] {
       optimizer_.reset();
+      sessions_.clear();
       adapter_ = LoraAdapter::create(backend_.get(), model(env).config(), lc, seed);
       return 0;
     });
@@ -165,6 +172,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     const std::string dir = string_arg(info, 0, "adapter directory");
     guarded(env, [&] {
       optimizer_.reset();
+      sessions_.clear();
       adapter_ = LoraAdapter::load_peft(backend_.get(), model(env).config(), dir);
       return 0;
     });
@@ -315,7 +323,75 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     return info.Env().Undefined();
   }
 
+  // ---- generation sessions: KV caches held here, so that replacing the adapter ends them (their keys and values
+  // came from the old one) and nothing outlives the model.
+
+  // generationStart({ loraScale }) -> session id
+  Napi::Value GenerationStart(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    model(env);
+    const Napi::Object o = options_arg(info, 0);
+    auto cache = std::make_unique<KvCache>();
+    cache->lora_scale = opt_number(o, "loraScale").value_or(adapter_ ? 1.0 : 0.0);
+    if (cache->lora_scale != 0.0 && !adapter_)
+      throw Napi::Error::New(env, "a generation with loraScale " + std::to_string(cache->lora_scale) +
+                                      " needs a LoRA adapter: load one first, or use loraScale 0 for the base model");
+    const int64_t id = next_session_++;
+    sessions_[id] = std::move(cache);
+    return Napi::Number::New(env, static_cast<double>(id));
+  }
+
+  KvCache& session(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "a generation session id is required");
+    const int64_t id = info[0].As<Napi::Number>().Int64Value();
+    auto it = sessions_.find(id);
+    if (it == sessions_.end())
+      throw Napi::Error::New(env, "generation session " + std::to_string(id) +
+                                      " no longer exists (it was ended, or the adapter was replaced)");
+    return *it->second;
+  }
+
+  // generationAppend(id, ids: Int32Array, { allLogits }) -> Float32Array logits
+  Napi::Value GenerationAppend(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    KvCache& cache = session(info);
+    if (info.Length() < 2 || !info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_int32_array)
+      throw Napi::TypeError::New(env, "generationAppend(id, ids: Int32Array, options)");
+    Napi::Int32Array ids = info[1].As<Napi::Int32Array>();
+    const bool all = opt_bool(options_arg(info, 2), "allLogits").value_or(false);
+    LoraAdapter* adapter = cache.lora_scale != 0.0 ? adapter_.get() : nullptr;
+    std::vector<float> logits = guarded(env, [&] {
+      return model(env).decode(ids.Data(), static_cast<int64_t>(ids.ElementLength()), cache, adapter, all);
+    });
+    Napi::Float32Array out = Napi::Float32Array::New(env, logits.size());
+    std::copy(logits.begin(), logits.end(), out.Data());
+    return out;
+  }
+
+  Napi::Value GenerationTruncate(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    KvCache& cache = session(info);
+    if (info.Length() < 2 || !info[1].IsNumber()) throw Napi::TypeError::New(env, "generationTruncate(id, length)");
+    const int64_t length = info[1].As<Napi::Number>().Int64Value();
+    if (length < 0 || length > cache.length)
+      throw Napi::RangeError::New(env, "cannot truncate a generation of " + std::to_string(cache.length) +
+                                           " tokens to " + std::to_string(length));
+    cache.length = length;
+    return env.Undefined();
+  }
+
+  Napi::Value GenerationLength(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), static_cast<double>(session(info).length));
+  }
+
+  Napi::Value GenerationEnd(const Napi::CallbackInfo& info) {
+    if (info.Length() >= 1 && info[0].IsNumber()) sessions_.erase(info[0].As<Napi::Number>().Int64Value());
+    return info.Env().Undefined();
+  }
+
   Napi::Value Dispose(const Napi::CallbackInfo& info) {
+    sessions_.clear();
     optimizer_.reset();
     adapter_.reset();
     model_.reset();
@@ -327,6 +403,8 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<LoraAdapter> adapter_;
   std::unique_ptr<AdamW> optimizer_;
+  std::map<int64_t, std::unique_ptr<KvCache>> sessions_;
+  int64_t next_session_ = 1;
 };
 
 // ---------------------------------------------------------------------------------------------------------------

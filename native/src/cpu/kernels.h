@@ -172,6 +172,49 @@ void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_
       }
 }
 
+// Attention of q_len new queries over a KV cache, for generation: query i sits at position past + i and reads the
+// cache rows 0..past + i. q/out [q_len, H, Dh]; caches [>= past + q_len, Hkv, Dh]. The same math, in the same
+// order, as attention_forward, so a cached pass reproduces a full one.
+template <typename T>
+void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_len, int64_t past, int64_t heads,
+                      int64_t kv_heads, int64_t head_dim, T* out) {
+  const int64_t group = heads / kv_heads;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+#pragma omp parallel
+  {
+    std::vector<T> p(static_cast<size_t>(past + q_len));
+#pragma omp for collapse(2) schedule(dynamic, 4)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < q_len; ++i) {
+        const int64_t kvh = h / group, last = past + i;
+        const T* qi = q + i * q_stride + h * head_dim;
+        T max_score = -INFINITY;
+        for (int64_t j = 0; j <= last; ++j) {
+          const T* kj = k_cache + j * kv_stride + kvh * head_dim;
+          T dot = 0;
+          for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
+          p[j] = dot * scale;
+          max_score = std::max(max_score, p[j]);
+        }
+        T sum = 0;
+        for (int64_t j = 0; j <= last; ++j) {
+          p[j] = std::exp(p[j] - max_score);
+          sum += p[j];
+        }
+        const T inv = T(1) / sum;
+        for (int64_t j = 0; j <= last; ++j) p[j] *= inv;
+        T* oi = out + i * q_stride + h * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
+        for (int64_t j = 0; j <= last; ++j) {
+          const T* vj = v_cache + j * kv_stride + kvh * head_dim;
+          const T pj = p[j];
+          for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
+        }
+      }
+  }
+}
+
 // dP = dO·V^T, dS = P ⊙ (dP - rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO (summed over the
 // query heads that share a kv head). Writes dq, dk, dv (not accumulated).
 template <typename T>

@@ -172,7 +172,7 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   backend_->gemm(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
-  LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
+  LoraParam* p = adapter && opt.lora_scale != 0.0 ? adapter->param(layer, m) : nullptr;
   if (!p) return;
   const LoraConfig& lc = adapter->config();
   const float* xin = x;
@@ -182,7 +182,8 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
     xin = ws.dropx.get();
   }
   backend_->gemm(false, true, rows, lc.rank, w.in, 1.0f, xin, p->a.get(), 0.0f, lora_t);
-  backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale()), lora_t, p->b.get(), 1.0f, y);
+  backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale() * opt.lora_scale), lora_t, p->b.get(),
+                 1.0f, y);
 }
 
 void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
@@ -423,6 +424,99 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
       for (int64_t t = 0; t + 1 < seq; ++t) result.logprobs.push_back(row_logprobs[b * seq + t]);
   }
   return result;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Generation with a KV cache
+
+void LlamaModel::reserve(KvCache& cache, int64_t needed) const {
+  if (needed <= cache.capacity) return;
+  const ModelConfig& c = config_;
+  // Grow geometrically so a long answer reallocates a handful of times, not at every token.
+  const int64_t capacity = std::max({needed, cache.capacity * 2, int64_t{256}});
+  const int64_t kd = c.num_kv_heads * c.head_dim;
+  const auto cat = MemCategory::Activations;
+  cache.k.resize(static_cast<size_t>(c.num_layers));
+  cache.v.resize(static_cast<size_t>(c.num_layers));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    for (auto* arrays : {&cache.k, &cache.v}) {
+      DeviceArray<float> grown(backend_, capacity * kd, cat);
+      auto& old = (*arrays)[static_cast<size_t>(l)];
+      if (cache.length > 0) backend_->copy(grown.get(), old.get(), cache.length * kd);
+      old = std::move(grown);
+    }
+  }
+  const RopeTables rope = build_rope_tables(c, capacity);
+  cache.cos.reset(backend_, static_cast<int64_t>(rope.cos.size()), cat);
+  cache.cos.upload(rope.cos);
+  cache.sin.reset(backend_, static_cast<int64_t>(rope.sin.size()), cat);
+  cache.sin.upload(rope.sin);
+  cache.capacity = capacity;
+}
+
+std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache& cache, LoraAdapter* adapter,
+                                      bool all_logits) {
+  const ModelConfig& c = config_;
+  if (count <= 0) fail("decode needs at least one token");
+  const int64_t past = cache.length, total = past + count;
+  if (c.sliding_window > 0 && total > c.sliding_window)
+    fail("a sequence of ", total, " tokens is longer than the model's sliding attention window (", c.sliding_window,
+         "); sliding-window attention is not supported");
+  check_ids(ids, count);
+  if (adapter && adapter->num_layers() != c.num_layers)
+    fail("adapter has ", adapter->num_layers(), " layers but the model has ", c.num_layers);
+  reserve(cache, total);
+
+  RunOptions opt;
+  opt.lora_scale = cache.lora_scale;
+  Backend* be = backend_;
+  const auto act = MemCategory::Activations, work = MemCategory::Workspace;
+  const int64_t n = count, qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
+  const int64_t half = c.head_dim / 2;
+  Workspace ws;
+  ws.weight.reset(be, max_linear_size(c), work);
+  DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
+  DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);
+  DeviceArray<float> h(be, n * c.hidden_size, act), g(be, n * c.intermediate_size, act);
+  DeviceArray<float> u(be, n * c.intermediate_size, act), m(be, n * c.intermediate_size, act);
+  DeviceArray<float> lora_t;
+  if (adapter) lora_t.reset(be, n * adapter->config().rank, work);
+  be->embedding(ids, n, embed_.get(), c.hidden_size, x.get());
+
+  const float* cos = cache.cos.get() + past * half;
+  const float* sin = cache.sin.get() + past * half;
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    const LayerWeights& lw = layers_[layer];
+    float* k_new = cache.k[static_cast<size_t>(layer)].get() + past * kd;
+    float* v_new = cache.v[static_cast<size_t>(layer)].get() + past * kd;
+    be->rmsnorm_forward(x.get(), lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, xn.get(), rstd.get());
+    linear_forward(layer, Module::Q, adapter, xn.get(), n, q.get(), lora_t.get(), ws, opt);
+    linear_forward(layer, Module::K, adapter, xn.get(), n, k_new, lora_t.get(), ws, opt);
+    linear_forward(layer, Module::V, adapter, xn.get(), n, v_new, lora_t.get(), ws, opt);
+    be->rope_apply(q.get(), 1, n, c.num_heads, c.head_dim, cos, sin, false);
+    be->rope_apply(k_new, 1, n, c.num_kv_heads, c.head_dim, cos, sin, false);
+    be->attention_cached(q.get(), cache.k[static_cast<size_t>(layer)].get(), cache.v[static_cast<size_t>(layer)].get(),
+                         n, past, c.num_heads, c.num_kv_heads, c.head_dim, attn.get());
+    linear_forward(layer, Module::O, adapter, attn.get(), n, h.get(), lora_t.get(), ws, opt);
+    be->add_inplace(h.get(), x.get(), n * c.hidden_size);
+    be->rmsnorm_forward(h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, xn.get(), rstd.get());
+    linear_forward(layer, Module::Gate, adapter, xn.get(), n, g.get(), lora_t.get(), ws, opt);
+    linear_forward(layer, Module::Up, adapter, xn.get(), n, u.get(), lora_t.get(), ws, opt);
+    be->swiglu_forward(g.get(), u.get(), n * c.intermediate_size, m.get());
+    linear_forward(layer, Module::Down, adapter, m.get(), n, x_next.get(), lora_t.get(), ws, opt);
+    be->add_inplace(x_next.get(), h.get(), n * c.hidden_size);
+    std::swap(x, x_next);
+  }
+  cache.length = total;
+
+  // Only the rows whose logits are wanted go through the final norm and the LM head.
+  const int64_t rows = all_logits ? n : 1;
+  const float* last = x.get() + (n - rows) * c.hidden_size;
+  const float* w = lm_head_.empty() ? embed_.get() : lm_head_.get();
+  be->rmsnorm_forward(last, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, xn.get(), rstd.get());
+  DeviceArray<float> logits(be, rows * c.vocab_size, work);
+  be->gemm(false, true, rows, c.vocab_size, c.hidden_size, 1.0f, xn.get(), w, 0.0f, logits.get());
+  return logits.download();
 }
 
 }  // namespace qlora

@@ -47,6 +47,18 @@ struct RunOptions {
   uint32_t micro_batch = 0;
   bool want_logprobs = false;
   bool want_log_softmax = false;  // the whole next-token distribution at every position (for export checks)
+  double lora_scale = 1.0;        // multiplies the adapter's alpha/r; 0 runs the base model alone
+};
+
+// Generation state of one sequence: the keys and values of every position so far, per layer, so that each new
+// token costs one position's forward pass. One per conversation and adapter scale; positions beyond `length` are
+// free (truncating a cache is setting `length`). Tied to the adapter it was filled with.
+struct KvCache {
+  int64_t length = 0;
+  int64_t capacity = 0;
+  double lora_scale = 1.0;
+  std::vector<DeviceArray<float>> k, v;  // per layer [capacity, kv_heads * head_dim], after RoPE
+  DeviceArray<float> cos, sin;           // rotary tables of positions 0..capacity-1
 };
 
 struct RunResult {
@@ -71,6 +83,12 @@ class LlamaModel {
   RunResult run(const int32_t* ids, const int32_t* labels, int64_t batch, int64_t seq, LoraAdapter* adapter,
                 const RunOptions& options);
 
+  // Generation: runs `count` tokens at positions cache.length.. (a whole prompt, or one sampled token) through the
+  // model with the cache's adapter scale, appends their keys and values to the cache, and returns the raw fp32
+  // next-token logits of the last new position ([vocab]) or, with all_logits, of each new position ([count, vocab]).
+  std::vector<float> decode(const int32_t* ids, int64_t count, KvCache& cache, LoraAdapter* adapter,
+                            bool all_logits = false);
+
  private:
   struct BlockActivations;
   struct Workspace;
@@ -86,6 +104,7 @@ class LlamaModel {
   void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
                       LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   const float* base_weight(const FrozenLinear& w, Workspace& ws);
+  void reserve(KvCache& cache, int64_t needed) const;
   double lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale, float* dx_final,
                  double* logprobs, float* log_softmax, Workspace& ws);
 

@@ -14,6 +14,7 @@ enum class RngStream : uint32_t {
   Dropout = 2,
   Shuffle = 3,
   TinyModelInit = 4,
+  Sampling = 5,  // token draws in generation (drawn in TypeScript)
 };
 
 std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);

@@ -1,0 +1,129 @@
+// Choosing the next token from the engine's raw logits, with the logits processors transformers applies and in its
+// order: repetition penalty, temperature, top-k, top-p, min-p, then a draw. Temperature 0 is greedy (argmax, the
+// lowest id on a tie). Draws come from the engine's Philox generator keyed by the seed and counted by the token's
+// index, so a seed reproduces an answer exactly, whatever was generated before with other seeds.
+import { Philox, RngStream } from '../data/philox';
+
+export interface SamplingOptions {
+  /** 0 = greedy. */
+  temperature: number;
+  /** Keep the k most likely tokens; 0 = off. */
+  topK: number;
+  /** Keep the smallest set of most likely tokens whose probabilities reach p; 1 = off. */
+  topP: number;
+  /** Drop tokens less likely than minP times the most likely one; 0 = off. */
+  minP: number;
+  /** transformers' repetition_penalty over every token so far (prompt included); 1 = off. */
+  repetitionPenalty: number;
+  seed: number;
+}
+
+export const DEFAULT_SAMPLING: SamplingOptions = { temperature: 0.7, topK: 0, topP: 0.9, minP: 0, repetitionPenalty: 1, seed: 0 };
+export const GREEDY: SamplingOptions = { temperature: 0, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 0 };
+
+/** A sentence naming the first sampling option that is out of range, or null. */
+export function samplingProblem(o: SamplingOptions): string | null {
+  if (!(o.temperature >= 0 && o.temperature <= 100)) return `temperature must be between 0 and 100, got ${o.temperature}`;
+  if (!(Number.isInteger(o.topK) && o.topK >= 0)) return `top-k must be a whole number >= 0, got ${o.topK}`;
+  if (!(o.topP > 0 && o.topP <= 1)) return `top-p must be in (0, 1], got ${o.topP}`;
+  if (!(o.minP >= 0 && o.minP < 1)) return `min-p must be in [0, 1), got ${o.minP}`;
+  if (!(o.repetitionPenalty > 0 && o.repetitionPenalty <= 10)) return `repetition penalty must be in (0, 10], got ${o.repetitionPenalty}`;
+  if (!(Number.isInteger(o.seed) && o.seed >= 0)) return `seed must be a whole number >= 0, got ${o.seed}`;
+  return null;
+}
+
+/** Picks tokens for one answer; `index` counts the tokens drawn so far (the Philox counter). */
+export class Sampler {
+  private readonly rng: Philox;
+  private index = 0;
+
+  constructor(private readonly options: SamplingOptions) {
+    const problem = samplingProblem(options);
+    if (problem) throw new RangeError(problem);
+    this.rng = new Philox(options.seed, RngStream.Sampling);
+  }
+
+  /** The next token for `logits` (not modified) given every token so far. */
+  next(logits: Float32Array, history: readonly number[]): number {
+    const o = this.options;
+    const x = Float32Array.from(logits);
+    if (o.repetitionPenalty !== 1) {
+      for (const id of new Set(history)) {
+        if (id >= 0 && id < x.length) x[id] = x[id] > 0 ? x[id] / o.repetitionPenalty : x[id] * o.repetitionPenalty;
+      }
+    }
+    const draw = this.rng.uniform(this.index++);
+    if (o.temperature === 0) return argmax(x);
+    return drawFrom(candidates(x, o), draw);
+  }
+}
+
+export function argmax(x: ArrayLike<number>): number {
+  let best = 0;
+  for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
+  return best;
+}
+
+interface Candidates {
+  ids: number[];
+  probs: number[];
+}
+
+/** The tokens left after temperature, top-k, top-p and min-p, most likely first, with their probabilities. */
+export function candidates(logits: Float32Array, o: SamplingOptions): Candidates {
+  let max = -Infinity;
+  for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
+  const weights = new Float64Array(logits.length);
+  let total = 0;
+  for (let i = 0; i < logits.length; i++) {
+    const w = Math.exp((logits[i] - max) / o.temperature);
+    weights[i] = w;
+    total += w;
+  }
+  // Only tokens that could survive are sorted: with top-p, those at least 1e-9 of the best usually hold all of the
+  // mass asked for; when they do not, everything is sorted.
+  const order = sortedIds(weights, o.topK > 0 || o.topP >= 1 ? 0 : 1e-9, o.topP * total);
+  let ids = o.topK > 0 ? order.slice(0, o.topK) : order;
+  if (o.topP < 1) {
+    // after top-k, top-p is over what top-k kept (transformers renormalizes); otherwise over every token
+    const mass = o.topK > 0 ? ids.reduce((s, id) => s + weights[id], 0) : total;
+    let cumulative = 0;
+    let keep = 0;
+    while (keep < ids.length && (keep === 0 || cumulative < o.topP * mass)) cumulative += weights[ids[keep++]];
+    ids = ids.slice(0, keep);
+  }
+  if (o.minP > 0) {
+    const floor = o.minP * weights[ids[0]];
+    ids = ids.filter((id, i) => i === 0 || weights[id] >= floor);
+  }
+  const kept = ids.reduce((s, id) => s + weights[id], 0);
+  return { ids, probs: ids.map((id) => weights[id] / kept) };
+}
+
+/** Ids by weight, largest first (ties: lower id first); with a relative floor when it keeps `needMass`. */
+function sortedIds(weights: Float64Array, relativeFloor: number, needMass: number): number[] {
+  const byWeight = (a: number, b: number) => weights[b] - weights[a] || a - b;
+  if (relativeFloor > 0) {
+    let best = 0;
+    for (const w of weights) if (w > best) best = w;
+    const ids: number[] = [];
+    let mass = 0;
+    for (let i = 0; i < weights.length; i++) {
+      if (weights[i] >= relativeFloor * best) {
+        ids.push(i);
+        mass += weights[i];
+      }
+    }
+    if (mass >= needMass) return ids.sort(byWeight);
+  }
+  return Array.from(weights.keys()).sort(byWeight);
+}
+
+function drawFrom(c: Candidates, u: number): number {
+  let cumulative = 0;
+  for (let i = 0; i < c.ids.length; i++) {
+    cumulative += c.probs[i];
+    if (u < cumulative) return c.ids[i];
+  }
+  return c.ids[c.ids.length - 1];
+}

@@ -1,0 +1,199 @@
+// Generation: the KV-cached decode picks, token for token, what full forward passes pick; the base column equals a
+// model with no adapter; sampling follows transformers' processors and is reproducible by seed; answers stream,
+// stop at end-of-turn tokens and stop strings, and continue conversations from the cache.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { EngineModel } from '../../extension/engine';
+import { ChatColumn, loadChatModel } from '../../extension/generate/chatModel';
+import { generate, safeLength } from '../../extension/generate/generate';
+import { argmax, candidates, GREEDY, Sampler, type SamplingOptions } from '../../extension/generate/sampling';
+import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
+import { trainBriefly } from '../helpers/briefRun';
+import { cliPath, tempDir } from '../helpers/paths';
+
+let trained: { model: string; run: string } | undefined;
+async function trainedRun(): Promise<{ model: string; run: string }> {
+  if (!trained) {
+    const model = path.join(tempDir('generate'), 'model');
+    makeTinyModel({ out: model, arch: 'llama', seed: 7 });
+    trained = { model, run: await trainBriefly(model) };
+  }
+  return trained;
+}
+
+/** The greedy choice of a full forward pass (no cache) after each prefix of `ids`. */
+function fullPassArgmax(engine: EngineModel, ids: number[]): number[] {
+  const r = engine.run({ ids: Int32Array.from(ids), batch: 1, seq: ids.length }, { logSoftmax: true });
+  const vocab = engine.config().vocabSize;
+  return ids.map((_, t) => argmax(r.logSoftmax!.subarray(t * vocab, (t + 1) * vocab)));
+}
+
+test('greedy decoding with the KV cache picks what a full forward pass picks at every position, with and without the adapter', async () => {
+  const { model, run } = await trainedRun();
+  const chat = await loadChatModel({ run, quantize: false });
+  const bare = EngineModel.load(model);
+  try {
+    const prompt = chat.tok.encode('<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is the capital of Italy?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n');
+    const answers: Record<string, number[]> = {};
+    for (const scale of [1, 0]) {
+      const session = chat.engine.startGeneration({ loraScale: scale });
+      const r = await generate(session, chat.tok, prompt, { sampling: GREEDY, maxNewTokens: 24, stopTokenIds: [] });
+      session.end();
+      assert.equal(r.ids.length, 24);
+      const all = [...prompt, ...r.ids];
+      // with the adapter loaded at this scale, and (scale 0) a model that never had one
+      for (const engine of scale === 1 ? [chat.engine] : [bare]) {
+        const picks = fullPassArgmax(engine, all);
+        for (let i = 0; i < r.ids.length; i++) assert.equal(r.ids[i], picks[prompt.length - 1 + i], `scale ${scale}, token ${i}`);
+      }
+      answers[scale] = r.ids;
+    }
+    assert.notDeepEqual(answers[1], answers[0], 'the adapter changes the answer');
+    // the base column is exactly the model without an adapter: same logits, bit for bit
+    const withAdapterAtZero = chat.engine.startGeneration({ loraScale: 0 });
+    const noAdapter = bare.startGeneration();
+    assert.deepEqual(withAdapterAtZero.append(prompt), noAdapter.append(prompt));
+    withAdapterAtZero.end();
+    noAdapter.end();
+  } finally {
+    chat.dispose();
+    bare.dispose();
+  }
+});
+
+test('the finetuned column answers as trained and stops at <|eot_id|>; a seed reproduces a sampled answer', async () => {
+  const { run } = await trainedRun();
+  const chat = await loadChatModel({ run });
+  try {
+    const column = new ChatColumn(chat, 1);
+    const greedy = await column.answer([{ role: 'user', content: 'What is the capital of France?' }], { sampling: GREEDY, maxNewTokens: 48 });
+    assert.equal(greedy.finishReason, 'stop-token', greedy.text);
+    assert.match(greedy.text, /^The capital of/);
+    const sampled: SamplingOptions = { temperature: 1, topK: 40, topP: 0.95, minP: 0.01, repetitionPenalty: 1.1, seed: 11 };
+    const texts = [];
+    for (let i = 0; i < 2; i++) {
+      const c = new ChatColumn(chat, 1);
+      texts.push((await c.answer([{ role: 'user', content: 'Tell me about the weather.' }], { sampling: sampled, maxNewTokens: 30 })).text);
+      c.end();
+    }
+    assert.equal(texts[0], texts[1]);
+    const other = new ChatColumn(chat, 1);
+    const otherText = (await other.answer([{ role: 'user', content: 'Tell me about the weather.' }], { sampling: { ...sampled, seed: 12 }, maxNewTokens: 30 })).text;
+    assert.notEqual(otherText, texts[0]);
+    other.end();
+    column.end();
+  } finally {
+    chat.dispose();
+  }
+});
+
+test('a continuing conversation reuses the cached tokens and answers as a fresh session does', async () => {
+  const { run } = await trainedRun();
+  const chat = await loadChatModel({ run });
+  try {
+    const first = [{ role: 'user' as const, content: 'What is the capital of Spain?' }];
+    const cont = new ChatColumn(chat, 1);
+    const a1 = await cont.answer(first, { sampling: GREEDY, maxNewTokens: 40 });
+    const second = [...first, { role: 'assistant' as const, content: a1.text }, { role: 'user' as const, content: 'And of Germany?' }];
+    const a2 = await cont.answer(second, { sampling: GREEDY, maxNewTokens: 40 });
+    const fresh = new ChatColumn(chat, 1);
+    const b2 = await fresh.answer(second, { sampling: GREEDY, maxNewTokens: 40 });
+    // the whole first turn (prompt and answer) came from the cache; only what follows the common prefix ran
+    assert.ok(b2.promptTokens - a2.promptTokens >= 25, `${a2.promptTokens} of ${b2.promptTokens} prompt tokens ran`);
+    assert.deepEqual(a2.ids, b2.ids);
+    cont.end();
+    fresh.end();
+  } finally {
+    chat.dispose();
+  }
+});
+
+test('streaming: deltas add up to the text, nothing of a stop string is shown, and cancellation stops between tokens', async () => {
+  const { run } = await trainedRun();
+  const chat = await loadChatModel({ run });
+  try {
+    const ask = [{ role: 'user' as const, content: 'What is the capital of France?' }];
+    const full = await new ChatColumn(chat, 1).answer(ask, { sampling: GREEDY, maxNewTokens: 48 });
+    const word = full.text.split(' ')[2]; // "of"
+    let streamed = '';
+    const cut = await new ChatColumn(chat, 1).answer(ask, { sampling: GREEDY, maxNewTokens: 48, stopStrings: [` ${word}`], onText: (d) => (streamed += d) });
+    assert.equal(cut.finishReason, 'stop-string');
+    assert.equal(cut.text, full.text.slice(0, full.text.indexOf(` ${word}`)));
+    assert.equal(streamed, cut.text);
+
+    const controller = new AbortController();
+    let pieces = 0;
+    const cancelled = await new ChatColumn(chat, 0).answer(ask, {
+      sampling: GREEDY, maxNewTokens: 48, signal: controller.signal,
+      onText: () => { if (++pieces === 3) controller.abort(); },
+    });
+    assert.equal(cancelled.finishReason, 'cancelled');
+    assert.ok(cancelled.ids.length >= 3 && cancelled.ids.length < 10, String(cancelled.ids.length));
+  } finally {
+    chat.dispose();
+  }
+});
+
+test('safeLength holds back an unfinished character and a possible stop-string start', () => {
+  assert.equal(safeLength('Hello wor', ['world']), 6);
+  assert.equal(safeLength('Hello\uFFFD', []), 5);
+  assert.equal(safeLength('Hello', ['\nUser:']), 5);
+  assert.equal(safeLength('Hello\nUs', ['\nUser:', 'xyz']), 5);
+});
+
+test('sampling: repetition penalty, temperature, top-k, top-p and min-p as transformers applies them', () => {
+  const logits = Float32Array.from([2, 1, 0, -1, 3]);
+  const o = (over: Partial<SamplingOptions>): SamplingOptions => ({ temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 0, ...over });
+  const softmax = (x: number[]) => { const m = Math.max(...x); const e = x.map((v) => Math.exp(v - m)); const s = e.reduce((a, b) => a + b); return e.map((v) => v / s); };
+  // no filtering: every token, most likely first, softmax probabilities
+  const all = candidates(logits, o({}));
+  assert.deepEqual(all.ids, [4, 0, 1, 2, 3]);
+  const p = softmax([2, 1, 0, -1, 3]);
+  all.ids.forEach((id, i) => assert.ok(Math.abs(all.probs[i] - p[id]) < 1e-12));
+  // temperature 0.5 sharpens: softmax(x / 0.5)
+  const t = candidates(logits, o({ temperature: 0.5 }));
+  assert.ok(Math.abs(t.probs[0] - softmax([4, 2, 0, -2, 6])[4]) < 1e-12);
+  assert.deepEqual(candidates(logits, o({ topK: 2 })).ids, [4, 0]);
+  // top-p 0.9: p = [.64, .24, .09, .03, .01] sorted; .64 + .24 = .88 < .9, so three are kept
+  assert.deepEqual(candidates(logits, o({ topP: 0.9 })).ids, [4, 0, 1]);
+  assert.deepEqual(candidates(logits, o({ topP: 0.5 })).ids, [4]);
+  // min-p 0.3: keep p >= 0.3 * 0.64
+  assert.deepEqual(candidates(logits, o({ minP: 0.3 })).ids, [4, 0]);
+  // repetition penalty 2 over token 4 (positive: divided) and 3 (negative: multiplied): greedy moves to token 0
+  const s = new Sampler({ ...GREEDY, repetitionPenalty: 2 });
+  assert.equal(s.next(logits, [4, 3]), 0);
+  assert.equal(new Sampler(GREEDY).next(logits, [4]), 4);
+  // draws follow the probabilities: over many seeds, the frequencies of top-k 2 match 0.73 / 0.27
+  let first = 0;
+  for (let seed = 0; seed < 2000; seed++) if (new Sampler(o({ topK: 2, seed })).next(logits, []) === 4) first++;
+  assert.ok(Math.abs(first / 2000 - Math.E / (Math.E + 1)) < 0.04, String(first / 2000));
+  assert.throws(() => new Sampler(o({ topP: 0 })), /top-p must be in \(0, 1\]/);
+});
+
+test('generate on the command line: --compare prints the base and the finetuned answer; bad input is one sentence', async () => {
+  const { run } = await trainedRun();
+  const out = execFileSync(process.execPath, [cliPath, 'generate', '--run', run, '--prompt', 'What is the capital of France?', '--compare', '--temperature', '0', '--max-new-tokens', '30', '--json'], { encoding: 'utf8' });
+  const r = JSON.parse(out) as { answers: { label: string; text: string; finishReason: string }[] };
+  assert.deepEqual(r.answers.map((a) => a.label), ['base', 'finetuned']);
+  assert.notEqual(r.answers[0].text, r.answers[1].text);
+  assert.equal(r.answers[1].finishReason, 'stop-token');
+  const streamed = execFileSync(process.execPath, [cliPath, 'generate', '--run', run, '--prompt', 'What is the capital of France?', '--temperature', '0', '--max-new-tokens', '30'], { encoding: 'utf8' });
+  assert.equal(streamed.trim(), r.answers[1].text.trim());
+  for (const [args, message] of [
+    [['--run', run], /give the question as --prompt TEXT or --messages FILE/],
+    [['--run', run, '--prompt', 'x', '--top-p', '1.5'], /top-p must be in \(0, 1\], got 1.5/],
+    [['--model', path.dirname(run), '--prompt', 'x', '--compare'], /./],
+    [['--run', run, '--messages', path.join(run, 'missing.json')], /missing.json: no such file/],
+  ] as [string[], RegExp][]) {
+    let err = '';
+    try {
+      execFileSync(process.execPath, [cliPath, 'generate', ...args], { encoding: 'utf8', stdio: 'pipe' });
+    } catch (e) {
+      err = (e as { stderr: string }).stderr;
+    }
+    assert.match(err, message);
+    assert.equal(err.trim().split('\n').length <= 2, true, err);
+  }
+});
