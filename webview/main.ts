@@ -99,13 +99,18 @@ const ui = (() => {
   figures['pages-chart'].append(noPaging, pageCounters.root);
   const charts = el('section', { className: 'charts' }, ...CHART_SPECS.map((s) => figures[s.id]));
 
+  // Sample answers: one block per prompt, newest answer first.
+  const samplesNote = el('p', { id: 'samples-note', className: 'muted' });
+  const sampleThreads = el('div', { id: 'sample-threads' });
+  const samples = el('section', { id: 'samples' }, el('h2', { text: 'Samples' }), samplesNote, sampleThreads);
+
   const details = new Facts();
   details.root.id = 'run-details';
   const detailsSection = el('section', { id: 'details' }, el('h2', { text: 'Run' }), details.root);
 
-  const run = el('section', { id: 'run' }, header, problems, charts, detailsSection);
+  const run = el('section', { id: 'run' }, header, problems, charts, samples, detailsSection);
   document.body.append(el('main', {}, empty, run));
-  return { empty, run, name, badge, progressBar, progressText, stats, actions, error, warnings, canvases, figures, pageCounters, noPaging, details };
+  return { empty, run, name, badge, progressBar, progressText, stats, actions, error, warnings, canvases, figures, pageCounters, noPaging, samples, samplesNote, sampleThreads, details };
 })();
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -199,6 +204,31 @@ function renderPaging(): void {
   ui.pageCounters.set('ms', 'time paging', p.totalMs < 1000 ? `${formatNumber(p.totalMs, 3)} ms` : formatDuration(p.totalMs / 1000));
 }
 
+let shownSamples = '';
+
+function renderSamples(): void {
+  const threads = view.samples;
+  ui.samples.hidden = threads.length === 0;
+  const key = threads.map((t) => `${t.index}:${t.answers.map((a) => `${a.step}/${a.text.length}`).join(',')}`).join(';');
+  if (key === shownSamples) return;
+  shownSamples = key;
+  const trainingSeconds = view.header.elapsedSeconds;
+  const share = trainingSeconds && trainingSeconds > 0 ? ` (${formatNumber((100 * view.sampleMs) / 1000 / trainingSeconds, 2)}% of the run's time)` : '';
+  ui.samplesNote.textContent = `Greedy answers with the adapter of each step (step 0: the base model). Generating them took ${formatDuration(view.sampleMs / 1000)}${share}.`;
+  ui.sampleThreads.replaceChildren(...threads.map((t) => {
+    const answers = [...t.answers].reverse().map((a) => {
+      const label = `step ${formatCount(a.step)}${a.step === 0 ? ' (base)' : ''}`;
+      const note = a.finishReason === 'length' ? ' …' : '';
+      const item = el('li', {}, el('span', { className: 'sample-step', text: label }), el('span', { className: 'sample-text', text: a.text + note }));
+      item.title = `${a.tokens} tokens in ${formatNumber(a.ms, 3)} ms`;
+      return item;
+    });
+    const block = el('div', { className: 'sample-thread' }, el('h3', { className: 'sample-prompt', text: t.prompt }), el('ol', { className: 'sample-answers' }, ...answers));
+    block.dataset.index = String(t.index);
+    return block;
+  }));
+}
+
 function renderDetails(): void {
   const s = view.start;
   const d = s?.dataset;
@@ -227,6 +257,7 @@ function summary() {
     memoryPoints: view.series.memoryPeak.length,
     pageEvents: view.pages.moves,
     warnings: view.warnings.length,
+    samples: view.samples.reduce((n, t) => n + t.answers.length, 0),
     error: view.error?.message ?? null,
     actions: availableActions(status, shown !== null),
     theme: currentTheme(),
@@ -243,6 +274,7 @@ function writeTestHooks(): void {
   data.memoryPoints = String(s.memoryPoints);
   data.pageEvents = String(s.pageEvents);
   data.warnings = String(s.warnings);
+  data.samples = String(s.samples);
   data.error = s.error === null ? 'false' : 'true';
   data.actions = s.actions.join(',');
   data.theme = s.theme;
@@ -256,6 +288,7 @@ function render(): void {
   renderHeader();
   renderProblems();
   renderPaging();
+  renderSamples();
   renderDetails();
   writeTestHooks();
   scheduleCharts();

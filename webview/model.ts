@@ -69,6 +69,13 @@ export interface RunEnd {
   elapsedSeconds: number;
 }
 
+/** One sample prompt and its answers, oldest step first. */
+export interface SampleThread {
+  index: number;
+  prompt: string;
+  answers: { step: number; text: string; tokens: number; finishReason: string; ms: number }[];
+}
+
 export interface RunView {
   /** From events: running after run-started, then what finished (or an error) says; null before any event. */
   status: RunStatus | null;
@@ -83,6 +90,10 @@ export interface RunView {
   error: { message: string; step: number | null; lastCheckpoint: string | null } | null;
   /** Date.parse of the first run-started: time zero of the page timeline. */
   startMs: number | null;
+  /** The run's sample prompts with their answers step by step, by prompt position. */
+  samples: SampleThread[];
+  /** Time spent generating samples, for comparing with the training time. */
+  sampleMs: number;
 }
 
 export function emptyView(): RunView {
@@ -105,6 +116,8 @@ export function emptyView(): RunView {
     warnings: [],
     error: null,
     startMs: null,
+    samples: [],
+    sampleMs: 0,
   };
 }
 
@@ -121,6 +134,8 @@ function resumeFrom(view: RunView, step: number): void {
   for (const key of ['loss', 'evalLoss', 'lr', 'gradNorm', 'tokensPerSecond', 'memoryPeak', 'deviceTotal', 'deviceUsed'] as const) s[key] = cutAfter(s[key], step);
   for (const c of MEMORY_CATEGORIES) s.memory[c] = cutAfter(s.memory[c], step);
   view.checkpoints = view.checkpoints.filter((c) => c.step <= step);
+  for (const thread of view.samples) thread.answers = thread.answers.filter((a) => a.step <= step);
+  view.sampleMs = view.samples.reduce((ms, t) => t.answers.reduce((m, a) => m + a.ms, ms), 0);
   const last = s.loss[s.loss.length - 1];
   view.header.step = step;
   view.header.loss = last ? last.y : null;
@@ -160,6 +175,21 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
       series.evalLoss.push({ x: event.step, y: event.evalLoss });
       header.evalLoss = event.evalLoss;
       break;
+    case 'sample': {
+      let thread = view.samples.find((t) => t.index === event.index);
+      if (!thread) {
+        thread = { index: event.index, prompt: event.prompt, answers: [] };
+        view.samples.push(thread);
+        view.samples.sort((a, b) => a.index - b.index);
+      }
+      thread.prompt = event.prompt;
+      // an answer for a step already shown (the final eval after a stop at an eval step) replaces it
+      for (const old of thread.answers.filter((a) => a.step === event.step)) view.sampleMs -= old.ms;
+      thread.answers = thread.answers.filter((a) => a.step !== event.step);
+      thread.answers.push({ step: event.step, text: event.text, tokens: event.tokens, finishReason: event.finishReason, ms: event.ms });
+      view.sampleMs += event.ms;
+      break;
+    }
     case 'memory':
       // The interval's high-water mark by category: what the steps since the previous event held at once (the
       // current figures, taken between steps, have no activations in them).

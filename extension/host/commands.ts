@@ -225,7 +225,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       if (answer !== start) return undefined;
     }
 
-    const cliArgs = trainArgs({ model, data, preset, seqLen: settings.maxSequenceLength, checkpointEvery: settings.checkpointEvery, evalEvery: settings.evalEvery, overrides });
+    const cliArgs = trainArgs({ model, data, preset, seqLen: settings.maxSequenceLength, checkpointEvery: settings.checkpointEvery, evalEvery: settings.evalEvery, samplePrompts: settings.samplePrompts, overrides });
     if (interactive) void vscode.commands.executeCommand('qlora.trainingView.focus');
     await rememberModel(context, model);
     return startRun('train', runDir, cliArgs);

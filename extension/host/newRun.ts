@@ -17,7 +17,7 @@ export const PRESET_SHAPES: Record<PresetName, { rank: number; batchSize: number
 };
 
 /** Training settings a script may override, by config name, with the `train` flag each becomes. */
-const OVERRIDE_FLAGS: Record<string, { flag: string; type: 'number' | 'boolean' | 'string' }> = {
+const OVERRIDE_FLAGS: Record<string, { flag: string; type: 'number' | 'boolean' | 'string' | 'strings' }> = {
   evalData: { flag: 'eval-data', type: 'string' },
   maxSteps: { flag: 'max-steps', type: 'number' },
   epochs: { flag: 'epochs', type: 'number' },
@@ -32,6 +32,8 @@ const OVERRIDE_FLAGS: Record<string, { flag: string; type: 'number' | 'boolean' 
   seed: { flag: 'seed', type: 'number' },
   skipInvalid: { flag: 'skip-invalid', type: 'boolean' },
   packing: { flag: 'packing', type: 'boolean' },
+  samplePrompts: { flag: 'sample-prompt', type: 'strings' },
+  sampleMaxTokens: { flag: 'sample-max-tokens', type: 'number' },
 };
 export const OVERRIDE_KEYS = Object.keys(OVERRIDE_FLAGS);
 
@@ -43,6 +45,8 @@ export interface TrainRequest {
   seqLen: number;
   checkpointEvery: number;
   evalEvery: number;
+  /** From qlora.samplePrompts: answered at the start and at every eval, shown in the panel. */
+  samplePrompts?: string[];
   /** Config names (maxSteps) or flag names (max-steps); these win over the settings. */
   overrides?: Record<string, unknown>;
 }
@@ -50,8 +54,8 @@ export interface TrainRequest {
 const camel = (key: string) => key.replace(/-([a-z])/g, (_m, c: string) => c.toUpperCase());
 
 /** Overrides in config names, checked: unknown keys and wrong types are errors naming the key. */
-export function normalizeOverrides(overrides: Record<string, unknown> = {}): Record<string, number | boolean | string> {
-  const out: Record<string, number | boolean | string> = {};
+export function normalizeOverrides(overrides: Record<string, unknown> = {}): Record<string, number | boolean | string | string[]> {
+  const out: Record<string, number | boolean | string | string[]> = {};
   for (const [rawKey, value] of Object.entries(overrides)) {
     const key = camel(rawKey);
     const spec = OVERRIDE_FLAGS[key];
@@ -59,17 +63,19 @@ export function normalizeOverrides(overrides: Record<string, unknown> = {}): Rec
     if (spec.type === 'number' && (typeof value !== 'number' || !Number.isFinite(value))) throw new Error(`training override "${rawKey}" must be a number`);
     if (spec.type === 'boolean' && typeof value !== 'boolean') throw new Error(`training override "${rawKey}" must be true or false`);
     if (spec.type === 'string' && (typeof value !== 'string' || value === '')) throw new Error(`training override "${rawKey}" must be a non-empty string`);
-    out[key] = value as number | boolean | string;
+    if (spec.type === 'strings' && (!Array.isArray(value) || value.some((v) => typeof v !== 'string' || v.trim() === ''))) throw new Error(`training override "${rawKey}" must be a list of non-empty strings`);
+    out[key] = value as number | boolean | string | string[];
   }
   return out;
 }
 
 /** The `train` arguments before --out and --json (an argument array: paths are never shell-parsed). */
 export function trainArgs(r: TrainRequest): string[] {
-  const values: Record<string, number | boolean | string> = {
+  const values: Record<string, number | boolean | string | string[]> = {
     seqLen: r.seqLen,
     checkpointEvery: r.checkpointEvery,
     evalEvery: r.evalEvery,
+    ...(r.samplePrompts && r.samplePrompts.length > 0 ? { samplePrompts: r.samplePrompts } : {}),
     ...normalizeOverrides(r.overrides),
   };
   const args = ['--model', r.model, '--data', r.data, '--preset', r.preset];
@@ -77,6 +83,8 @@ export function trainArgs(r: TrainRequest): string[] {
     const { flag, type } = OVERRIDE_FLAGS[key];
     if (type === 'boolean') {
       if (value === true) args.push(`--${flag}`);
+    } else if (type === 'strings') {
+      for (const v of value as string[]) args.push(`--${flag}`, v);
     } else {
       args.push(`--${flag}`, String(value));
     }

@@ -13,6 +13,8 @@ export interface Settings {
   /** MiB; 0 = the memory free when the run starts. */
   memoryBudget: number;
   huggingFaceCache: string;
+  /** Prompts answered at the start and at every eval of a run (qlora.samplePrompts). */
+  samplePrompts: string[];
 }
 
 export function readSettings(): Settings {
@@ -25,6 +27,7 @@ export function readSettings(): Settings {
     evalEvery: c.get<number>('evalEvery', 100),
     memoryBudget: Math.max(0, c.get<number>('memoryBudget', 0)),
     huggingFaceCache: c.get<string>('huggingFaceCache', ''),
+    samplePrompts: c.get<unknown[]>('samplePrompts', []).filter((p): p is string => typeof p === 'string' && p.trim() !== '').slice(0, 16),
   };
 }
 

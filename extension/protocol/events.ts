@@ -66,6 +66,22 @@ export interface EvalEvent {
   evalTokens: number;
 }
 
+/** One sample prompt's answer with the adapter of `step` (step 0: before training, the base model). */
+export interface SampleEvent {
+  kind: 'sample';
+  time: string;
+  step: number;
+  /** Position of the prompt in the run's samplePrompts. */
+  index: number;
+  prompt: string;
+  text: string;
+  /** Tokens generated, and why the answer ended. */
+  tokens: number;
+  finishReason: 'stop-token' | 'stop-string' | 'length' | 'cancelled';
+  /** Wall time of this answer (prefill and decode). */
+  ms: number;
+}
+
 export interface MemoryEvent {
   kind: 'memory';
   time: string;
@@ -127,6 +143,7 @@ export type TrainerEvent =
   | RunStartedEvent
   | StepEvent
   | EvalEvent
+  | SampleEvent
   | MemoryEvent
   | PageEvent
   | CheckpointEvent
@@ -160,6 +177,10 @@ const eventSpecs: Record<EventKind, Spec> = {
     gradNorm: 'number', tokensPerSecond: 'number', elapsedSeconds: 'number', etaSeconds: 'number|null',
   },
   eval: { time: 'string', step: 'number', evalLoss: 'number', evalTokens: 'number' },
+  sample: {
+    time: 'string', step: 'number', index: 'number', prompt: 'string', text: 'string', tokens: 'number',
+    finishReason: ['stop-token', 'stop-string', 'length', 'cancelled'], ms: 'number',
+  },
   memory: {
     time: 'string', step: 'number', current: 'byCategory', peak: 'byCategory', totalCurrent: 'number',
     totalPeak: 'number', highWater: 'byCategory', highWaterTotal: 'number', device: 'object|null',

@@ -45,6 +45,10 @@ export interface TrainConfig {
   gradientCheckpointing: boolean;
   /** Store the base weights as NF4 (QLoRA); false keeps them as the model stores them. */
   quantize: boolean;
+  /** User messages answered (greedy) with the current adapter at the start and at every eval: `sample` events. */
+  samplePrompts: string[];
+  /** Most tokens of each sample answer. */
+  sampleMaxTokens: number;
 }
 
 export type PresetName = 'qlora' | 'quick';
@@ -82,6 +86,8 @@ const qlora: Tunables = {
   packing: false,
   gradientCheckpointing: true,
   quantize: true,
+  samplePrompts: [],
+  sampleMaxTokens: 64,
 };
 
 export const PRESETS: Record<PresetName, { description: string; values: Tunables }> = {
@@ -111,7 +117,7 @@ export class ConfigError extends Error {
 }
 
 /** Fields a config file or the command line may set, with their types, for validation and the JSON schema. */
-export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number' | 'integer' | 'boolean' | 'enum' | 'targets' | 'string|null'; values?: readonly string[]; min?: number; max?: number; description: string }> = {
+export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number' | 'integer' | 'boolean' | 'enum' | 'targets' | 'strings' | 'string|null'; values?: readonly string[]; min?: number; max?: number; description: string }> = {
   model: { type: 'string', description: 'Hugging Face model folder (config.json, safetensors, tokenizer.json)' },
   data: { type: 'string', description: 'training data: .jsonl, .json, .csv or .parquet' },
   evalData: { type: 'string|null', description: 'separate evaluation data file' },
@@ -145,6 +151,8 @@ export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number
   seed: { type: 'integer', min: 0, description: 'seed of every random choice (init, dropout, shuffle)' },
   gradientCheckpointing: { type: 'boolean', description: 'recompute activations in backward to save memory' },
   quantize: { type: 'boolean', description: 'store base weights as NF4 (QLoRA)' },
+  samplePrompts: { type: 'strings', max: 16, description: 'user messages the model answers (greedy, with the current adapter) at the start and at every evaluation, so the answers can be watched as they change' },
+  sampleMaxTokens: { type: 'integer', min: 1, max: 4096, description: 'most tokens of each sample answer' },
 };
 
 function checkValue(key: keyof TrainConfig, value: unknown, source: string): unknown {
@@ -169,6 +177,13 @@ function checkValue(key: keyof TrainConfig, value: unknown, source: string): unk
       for (const t of value as unknown[])
         if (typeof t !== 'string' || !(LORA_TARGETS as readonly string[]).includes(t)) fail(`has unknown module ${JSON.stringify(t)} (known: ${LORA_TARGETS.join(', ')})`);
       return [...new Set(value as string[])];
+    }
+    case 'strings': {
+      if (!Array.isArray(value)) fail('must be a list of strings');
+      const list = value as unknown[];
+      if (list.some((t) => typeof t !== 'string' || t.trim() === '')) fail('must hold non-empty strings');
+      if (field.max !== undefined && list.length > field.max) fail(`holds ${list.length} entries; at most ${field.max}`);
+      return list;
     }
     case 'number':
     case 'integer': {
@@ -242,6 +257,11 @@ export function trainConfigSchema(): Record<string, unknown> {
         p.items = { enum: [...f.values!] };
         p.minItems = 1;
         p.uniqueItems = true;
+        break;
+      case 'strings':
+        p.type = 'array';
+        p.items = { type: 'string', minLength: 1 };
+        if (f.max !== undefined) p.maxItems = f.max;
         break;
       case 'number':
       case 'integer':

@@ -12,6 +12,8 @@ export interface PreparedData {
   eval: TrainExample[];
   /** Padding fills batches after each sequence's end; it is never a label and never attended to by real tokens. */
   padId: number;
+  /** The model's tokenizer and chat template, as the data was rendered with them (sample prompts use them too). */
+  tokenizer: ModelTokenizer;
   stats: DatasetStats;
   warnings: string[];
 }
@@ -49,6 +51,7 @@ export async function prepareData(config: TrainConfig): Promise<PreparedData> {
     train: trainSet,
     eval: evalSet,
     padId: tok.eosId,
+    tokenizer: tok,
     warnings,
     stats: {
       file: config.data,

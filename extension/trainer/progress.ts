@@ -48,6 +48,11 @@ export class TerminalProgress {
       case 'eval':
         this.line(`eval at step ${e.step}: loss ${e.evalLoss.toFixed(4)} over ${e.evalTokens} tokens`);
         break;
+      case 'sample': {
+        const text = e.text.replace(/\s+/g, ' ').trim();
+        this.line(`sample ${e.index + 1} at step ${e.step}: ${JSON.stringify(e.prompt)} -> ${JSON.stringify(text.length > 160 ? text.slice(0, 157) + '...' : text)}`);
+        break;
+      }
       case 'checkpoint':
         this.line(`checkpoint saved: ${e.path}`);
         break;

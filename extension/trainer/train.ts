@@ -13,6 +13,7 @@ import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, 
 import type { TrainConfig } from './config';
 import { epochOrder, prepareData } from './data';
 import { EventLog } from './eventLog';
+import { TrainingSamples } from './samples';
 import type { MemoryEstimate, TrainerEvent } from '../protocol/events';
 import { learningRate, type Schedule } from './schedule';
 
@@ -104,6 +105,14 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   readModelConfig(config.model); // the model folder first: "no config.json" says more than a missing tokenizer
   const data = await prepareData(config);
   const model = EngineModel.load(config.model, { quantize: config.quantize });
+  let samples: TrainingSamples;
+  try {
+    // older runs' config.json has no sample settings
+    samples = new TrainingSamples(model, data.tokenizer, config.samplePrompts ?? [], config.sampleMaxTokens ?? 64);
+  } catch (err) {
+    model.dispose();
+    throw err;
+  }
   if (!resume) {
     fs.mkdirSync(runDir, { recursive: true });
     writeJsonAtomic(path.join(runDir, 'config.json'), config);
@@ -167,10 +176,17 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       pruneCheckpoints(runDir, config.keepCheckpoints);
       log.emit({ kind: 'checkpoint', step, path: lastCheckpointDir });
     };
-    const runEval = () => {
-      if (data.eval.length === 0) return;
-      const r = evaluate(model, data.eval, config.batchSize, data.padId);
-      log.emit({ kind: 'eval', step, evalLoss: r.loss, evalTokens: r.tokens });
+    const runSamples = async () => {
+      if (samples.count === 0) return;
+      const r = await samples.answer(step);
+      for (const e of r.events) log.emit(e);
+    };
+    const runEval = async () => {
+      if (data.eval.length > 0) {
+        const r = evaluate(model, data.eval, config.batchSize, data.padId);
+        log.emit({ kind: 'eval', step, evalLoss: r.loss, evalTokens: r.tokens });
+      }
+      await runSamples();
     };
     const emitMemory = () => {
       const m = model.memory();
@@ -180,6 +196,9 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       });
       model.beginMemoryInterval();
     };
+
+    // the answers before any training (the adapter's B is zero: the base model), to compare the later ones with
+    if (step === 0) await runSamples();
 
     const firstStep = step;
     let tokensSinceStart = 0;
@@ -229,7 +248,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
         etaSeconds: stepsThisRun > 0 ? (secondsThisRun / stepsThisRun) * (totalSteps - step) : null,
       });
       if (step === firstStep + 1 || step % 10 === 0) emitMemory();
-      if (config.evalEvery > 0 && step % config.evalEvery === 0 && step < totalSteps) runEval();
+      if (config.evalEvery > 0 && step % config.evalEvery === 0 && step < totalSteps) await runEval();
       if ((config.checkpointEvery > 0 && step % config.checkpointEvery === 0 && step < totalSteps) || control.saveRequested) {
         control.saveRequested = false;
         saveCheckpoint();
@@ -238,7 +257,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     }
 
     const stopped = step < totalSteps;
-    runEval();
+    await runEval();
     if (step > firstStep || !lastCheckpointDir) saveCheckpoint();
     const adapterPath = saveFinalAdapter(runDir, model, config.model);
     const elapsed = elapsedBefore + (Date.now() - started) / 1000;

@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { estimateMemory } from '../../engine/tools';
 import { validateControl, type MemoryEstimate, type TrainerEvent } from '../../protocol/events';
-import { requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { listOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { readConfigFile, resolveConfig, type TrainConfig } from '../config';
 import { TerminalProgress } from '../progress';
 import { train, TrainingControl, type TrainOutcome } from '../train';
@@ -68,6 +68,8 @@ export const trainOptions: Record<string, OptionSpec> = {
   seed: { type: 'string', description: 'random seed' },
   'skip-invalid': { type: 'boolean', description: 'skip invalid rows instead of refusing to start' },
   packing: { type: 'boolean', description: 'pack examples into full sequences' },
+  'sample-prompt': { type: 'string', repeatable: true, description: 'a user message answered with the current adapter at the start and at every eval (repeatable)' },
+  'sample-max-tokens': { type: 'string', description: 'most tokens of each sample answer (default 64)' },
   json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
 };
 
@@ -103,6 +105,9 @@ export function configFromFlags(o: ParsedOptions): TrainConfig {
   set('seed', numberFlag(o, 'seed'));
   if (o['skip-invalid']) overrides.skipInvalid = true;
   if (o.packing) overrides.packing = true;
+  const samplePrompts = listOption(o, 'sample-prompt');
+  if (samplePrompts.length > 0) overrides.samplePrompts = samplePrompts;
+  set('sampleMaxTokens', numberFlag(o, 'sample-max-tokens'));
   // Paths in a config file are relative to the file, as editors and users expect.
   if (file) {
     const base = path.dirname(path.resolve(file));

@@ -1,0 +1,53 @@
+// Sample answers during training: the run's sample prompts answered greedily with the adapter as it is at that
+// step (at the start: the base model), each reported as a `sample` event so the panel shows how the answers change.
+// Greedy and bounded, so an answer depends only on the adapter and costs little beside a training step.
+import { renderGenerationPrompt, type ModelTokenizer } from '../data';
+import type { EngineModel } from '../engine';
+import { readGenerationConfig } from '../generate/chatModel';
+import { generate } from '../generate/generate';
+import { GREEDY } from '../generate/sampling';
+import type { SampleEvent } from '../protocol/events';
+
+export class TrainingSamples {
+  private readonly prompts: { text: string; ids: number[] }[];
+  private readonly stopTokenIds: number[];
+
+  /** Renders every prompt now, so a prompt the chat template refuses stops the run before it starts. */
+  constructor(
+    private readonly model: EngineModel,
+    private readonly tok: ModelTokenizer,
+    prompts: readonly string[],
+    private readonly maxTokens: number,
+  ) {
+    this.prompts = prompts.map((text, i) => {
+      try {
+        return { text, ids: tok.encode(renderGenerationPrompt([{ role: 'user', content: text }], tok)) };
+      } catch (err) {
+        throw new Error(`sample prompt ${i + 1} cannot be rendered with the model's chat template: ${(err as Error).message}`);
+      }
+    });
+    this.stopTokenIds = [...new Set([tok.eosId, ...model.config().eosTokenIds, ...readGenerationConfig(tok.modelDir).eosTokenIds])];
+  }
+  get count(): number {
+    return this.prompts.length;
+  }
+
+  /** Answers every prompt with the current adapter; returns the events (without their time) and the total ms. */
+  async answer(step: number): Promise<{ events: Omit<SampleEvent, 'time'>[]; ms: number }> {
+    const events: Omit<SampleEvent, 'time'>[] = [];
+    let total = 0;
+    for (const [index, prompt] of this.prompts.entries()) {
+      const started = performance.now();
+      const session = this.model.startGeneration();
+      try {
+        const r = await generate(session, this.tok, prompt.ids, { sampling: GREEDY, maxNewTokens: this.maxTokens, stopTokenIds: this.stopTokenIds });
+        const ms = performance.now() - started;
+        total += ms;
+        events.push({ kind: 'sample', step, index, prompt: prompt.text, text: r.text, tokens: r.ids.length, finishReason: r.finishReason, ms });
+      } finally {
+        session.end();
+      }
+    }
+    return { events, ms: total };
+  }
+}
