@@ -264,7 +264,7 @@ export function availableActions(status: RunStatus | null, hasRun: boolean): Pan
   const actions: PanelAction[] = [];
   if (status === 'running') actions.push('stop');
   if (status === 'stopped' || status === 'failed') actions.push('resume');
-  if (status === 'finished' || status === 'stopped') actions.push('export', 'merge', 'gguf');
+  if (status === 'finished' || status === 'stopped') actions.push('try', 'export', 'merge', 'gguf');
   actions.push('openFolder');
   return actions;
 }
@@ -272,6 +272,7 @@ export function availableActions(status: RunStatus | null, hasRun: boolean): Pan
 export const ACTION_LABELS: Record<PanelAction, string> = {
   stop: 'Stop',
   resume: 'Resume',
+  try: 'Try Model',
   export: 'Export Adapter',
   merge: 'Merge and Save',
   gguf: 'Export GGUF',

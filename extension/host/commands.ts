@@ -7,8 +7,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as vscode from 'vscode';
 import type { DatasetReport } from '../data';
+import type { ChatSource } from '../protocol/chat';
 import type { TrainerEvent } from '../protocol/events';
 import { findOnPath } from '../util/findOnPath';
+import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
 import { DatasetPreviewPanel } from './datasetPreview/panel';
 import { formatMiB } from './format';
@@ -72,6 +74,7 @@ export interface HostServices {
   trainer: TrainerProcess;
   output: vscode.OutputChannel;
   diagnostics: vscode.DiagnosticCollection;
+  chats: ChatPanels;
   launch(): TrainerLaunch;
   runsDirectory(): string;
 }
@@ -419,6 +422,45 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     if ((await vscode.window.showInformationMessage(text, reveal)) === reveal) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(folder));
   }
 
+  /**
+   * What Try Model chats with: a run (the argument, or picked among runs with an adapter), optionally one of its
+   * checkpoints; or a model folder with or without an adapter folder ({model, adapter} or picked).
+   */
+  async function chatSource(arg: unknown, checkpointArg: unknown): Promise<ChatSource | undefined> {
+    const o = typeof arg === 'object' && arg !== null ? (arg as Record<string, unknown>) : {};
+    if (typeof o.model === 'string') return { model: o.model, ...(typeof o.adapter === 'string' ? { adapter: o.adapter } : {}) };
+    const checkpoint = typeof checkpointArg === 'number' ? checkpointArg : typeof o.checkpoint === 'number' ? o.checkpoint : undefined;
+    const given = runDirOf(arg);
+    if (given) return { run: given, ...(checkpoint !== undefined ? { checkpoint } : {}) };
+
+    const tryable = runs.list().filter((r) => r.status === 'finished' || r.status === 'stopped' || adapterOfRun(r.runDir) !== undefined);
+    const MODEL = '$(folder) A model folder…';
+    const choice = await vscode.window.showQuickPick(
+      [
+        ...tryable.map((r) => ({ label: r.name, description: r.status, detail: r.runDir, runDir: r.runDir })),
+        { label: MODEL, description: 'a base model, with or without a LoRA adapter folder', runDir: undefined },
+      ],
+      { title: 'QLoRA: Try Model', placeHolder: 'A run to chat with (its base model and its adapter side by side)', ignoreFocusOut: true },
+    );
+    if (!choice) return undefined;
+    if (choice.runDir) return { run: choice.runDir };
+    const model = await pickModel(context);
+    if (!model) return undefined;
+    const adapterChoice = await vscode.window.showQuickPick(['Base model only', 'Choose a LoRA adapter folder…'], { title: 'QLoRA: Try Model', placeHolder: 'Compare with an adapter?', ignoreFocusOut: true });
+    if (!adapterChoice) return undefined;
+    if (adapterChoice === 'Base model only') return { model };
+    const picked = await vscode.window.showOpenDialog({ title: 'A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)', canSelectFolders: true, canSelectFiles: false, openLabel: 'Use Adapter' });
+    if (!picked?.[0]) return undefined;
+    return { model, adapter: picked[0].fsPath };
+  }
+
+  async function tryModel(arg?: unknown, checkpointArg?: unknown): Promise<string | undefined> {
+    const source = await chatSource(arg, checkpointArg);
+    if (!source) return undefined;
+    const panel = h.chats.open(source);
+    return panel.title;
+  }
+
   async function deleteRun(arg?: unknown, confirmed?: unknown): Promise<boolean> {
     const runDir = await runArg(arg, 'Run to delete', ['finished', 'stopped', 'failed']);
     if (!runDir) return false;
@@ -479,6 +521,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       if (runDir) await vscode.commands.executeCommand('revealFileInOS', vscode.Uri.file(runDir));
       return runDir;
     },
+    'qlora.tryModel': (arg, checkpoint) => tryModel(arg, checkpoint),
     'qlora.deleteRun': (arg, confirmed) => deleteRun(arg, confirmed),
     'qlora.refreshRuns': () => runs.refresh(),
     'qlora.showEngineInfo': async () => {

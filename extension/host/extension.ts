@@ -3,6 +3,7 @@
 // the trainer process) as a child process, so a native crash cannot take the editor down.
 import * as path from 'node:path';
 import * as vscode from 'vscode';
+import { ChatPanels, type ChatPanelInfo } from './chat/chatPanel';
 import { registerCommands } from './commands';
 import { registerTrainingPanels } from './panel';
 import { RunRegistry } from './runs/registry';
@@ -16,6 +17,8 @@ import { TrainerProcess } from './trainerProcess';
 export interface QloraApi {
   runs: RunSource;
   runsDirectory(): string;
+  /** The open chat panels and their server processes. */
+  chats(): ChatPanelInfo[];
 }
 
 let trainer: TrainerProcess | undefined;
@@ -44,6 +47,7 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
   trainer = new TrainerProcess(launch, output);
   const runs = new RunRegistry(trainer, runsDir);
   const diagnostics = vscode.languages.createDiagnosticCollection('qlora');
+  const chats = new ChatPanels(context.extensionUri, launch, output);
 
   let watcher = watchRunsDirectory(runsDir(), () => runs.scheduleRefresh());
   const rewatch = () => {
@@ -58,7 +62,8 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
     trainer,
     runs,
     { dispose: () => watcher.dispose() },
-    ...registerCommands({ context, runs, trainer, output, diagnostics, launch, runsDirectory: runsDir }),
+    chats,
+    ...registerCommands({ context, runs, trainer, output, diagnostics, chats, launch, runsDirectory: runsDir }),
     ...registerTrainingPanels(context, runs),
     createRunsView(runs),
     createStatusBar(runs),
@@ -69,7 +74,7 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
     vscode.workspace.onDidChangeWorkspaceFolders(rewatch),
     vscode.workspace.onDidGrantWorkspaceTrust(rewatch),
   );
-  return { runs, runsDirectory: runsDir };
+  return { runs, runsDirectory: runsDir, chats: () => chats.list() };
 }
 
 /** Stops a live run cleanly (stop, then up to ~5 s for its final checkpoint, then terminate). */

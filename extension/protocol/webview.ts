@@ -21,8 +21,8 @@ export type HostToWebview =
   /** The run's status changed (started, ended, failed). */
   | { type: 'status'; runDir: string; status: RunStatus; message?: string };
 
-export type PanelAction = 'stop' | 'resume' | 'export' | 'merge' | 'gguf' | 'openFolder' | 'newFinetune';
-export const PANEL_ACTIONS: readonly PanelAction[] = ['stop', 'resume', 'export', 'merge', 'gguf', 'openFolder', 'newFinetune'];
+export type PanelAction = 'stop' | 'resume' | 'try' | 'export' | 'merge' | 'gguf' | 'openFolder' | 'newFinetune';
+export const PANEL_ACTIONS: readonly PanelAction[] = ['stop', 'resume', 'try', 'export', 'merge', 'gguf', 'openFolder', 'newFinetune'];
 
 export type WebviewToHost =
   /** The webview has loaded its script and can receive messages. */

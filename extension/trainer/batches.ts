@@ -4,6 +4,8 @@
 export interface TrainExample {
   ids: Int32Array;
   labels: Int32Array;
+  /** "train.jsonl line 7" for an example of one row (packed sequences have none). */
+  source?: string;
 }
 
 export interface MicroBatch {

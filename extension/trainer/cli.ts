@@ -10,6 +10,7 @@ import { exportAdapter } from './verbs/export';
 import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
 import { exportOllamaOptions, exportOllamaVerb } from './verbs/exportOllama';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
+import { chatServerVerb } from './verbs/chatServer';
 import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
@@ -35,6 +36,11 @@ const verbs: Record<string, Verb> = {
     summary: "answer a prompt with a model, a model + adapter or a run's adapter (streamed); --compare shows base and finetuned",
     options: generateOptions,
     run: generateVerb,
+  },
+  'chat-server': {
+    summary: 'the process behind the chat panel: holds a model and answers over the IPC channel of the extension that forked it',
+    options: {},
+    run: chatServerVerb,
   },
   resume: {
     summary: "continue a run from its newest complete checkpoint",

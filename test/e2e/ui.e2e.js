@@ -303,6 +303,77 @@ async function setTheme(label, cls) {
       await page.keyboard.press('Escape');
     });
 
+    // qlora.samplePrompts (the workspace's settings) made the run answer two prompts at the start and at each eval
+    if (panel) await step('the Training view shows the sample answers step by step', async () => {
+      const onDisk = events(runDir).filter(e => e.kind === 'sample').length;
+      if (onDisk < 4) throw new Error(`only ${onDisk} sample events in events.jsonl`);
+      const frame = await waitFor('the Training webview', trainingFrame, 15000);
+      await waitFor(`data-samples=${onDisk}`, async () => Number((await bodyData(frame)).samples) === onDisk, 20000);
+      const d = await frame.evaluate(() => ({
+        prompts: [...document.querySelectorAll('.sample-prompt')].map(e => e.textContent),
+        steps: [...document.querySelectorAll('.sample-thread')].map(t => [...t.querySelectorAll('.sample-step')].map(e => e.textContent)),
+      }));
+      lap(`  samples: ${JSON.stringify(d)}`);
+      if (d.prompts.length !== 2 || !d.steps.every(s => s.length >= 2 && s[s.length - 1].startsWith('step 0'))) throw new Error(`sample threads incomplete: ${JSON.stringify(d)}`);
+      await frame.evaluate(() => document.getElementById('samples').scrollIntoView());
+      await sleep(300);
+      await shot('training-samples.png');
+    });
+
+    if (panel) await step('after a window reload, the samples are read back from events.jsonl', async () => {
+      const onDisk = events(runDir).filter(e => e.kind === 'sample').length;
+      await runCommand('Developer: Reload Window');
+      await page.waitForSelector('.monaco-workbench', { timeout: 60000 });
+      await sleep(2000);
+      const frame = await waitFor('the Training webview after the reload', async () => {
+        const f = await trainingFrame();
+        if (f) return f;
+        await page.locator('.activitybar .action-item').filter({ has: page.locator('[aria-label^="QLoRA Studio"]') }).first().click({ timeout: 5000 }).catch(() => {});
+        return undefined;
+      }, 60000, 1000);
+      await waitFor(`data-samples=${onDisk} after the reload`, async () => Number((await bodyData(frame)).samples) === onDisk, 30000);
+    });
+
+    const chatFrame = async () => {
+      for (const f of page.frames()) if (await f.evaluate(() => !!document.getElementById('chat-title')).catch(() => false)) return f;
+      return undefined;
+    };
+    const chatServers = () => require('child_process').execFileSync('ps', ['-eo', 'pid,args'], { encoding: 'utf8' }).split('\n').filter(l => /cli\.js chat-server/.test(l));
+
+    if (panel) await step('Try Model: the base and the finetuned column answer a prompt, streaming; closing the panel frees the model', async () => {
+      await clickAction('try');
+      const frame = await waitFor('the chat webview', chatFrame, 30000);
+      await waitFor('the model loaded (data-chat-state=ready)', async () => (await bodyData(frame)).chatState === 'ready', 60000);
+      if (chatServers().length !== 1) throw new Error(`expected one chat server process: ${chatServers().join(' | ')}`);
+      const loaded = await frame.evaluate(() => window.qloraChat);
+      lap(`  chat: ${JSON.stringify(loaded)}`);
+      if (loaded.columns.join() !== 'base,finetuned') throw new Error(`columns: ${loaded.columns}`);
+      // long enough answers to watch them grow: the untrained base never ends its turn
+      await frame.evaluate(() => { document.getElementById('max-new-tokens').value = '400'; document.getElementById('temperature').value = '0'; });
+      const prompt = frame.locator('#prompt');
+      await prompt.click();
+      await page.keyboard.type('What is the capital of France?');
+      await page.keyboard.press('Enter');
+      const lengths = new Set();
+      await waitFor('both answers finished (data-answered=1)', async () => {
+        const c = await frame.evaluate(() => window.qloraChat);
+        if (c.busy) lengths.add(`${c.answers.base[0]?.length ?? 0}/${c.answers.finetuned[0]?.length ?? 0}`);
+        return (await bodyData(frame)).answered === '1';
+      }, 120000, 60);
+      const c = await frame.evaluate(() => window.qloraChat);
+      lap(`  answers: ${JSON.stringify(c.answers).slice(0, 400)}; finished ${JSON.stringify(c.finished)}; partial lengths seen ${[...lengths].join(' ')}`);
+      if (!c.answers.base[0] || !c.answers.finetuned[0]) throw new Error('a column has no answer');
+      if (lengths.size < 2) throw new Error(`the answers did not stream (partial lengths seen: ${[...lengths].join(' ')})`);
+      if (c.finished.finetuned[0] !== 'stop-token') throw new Error(`the finetuned answer did not end its turn: ${c.finished.finetuned[0]}`);
+      await shot('chat-dark.png');
+      await setTheme('Light Modern', 'vs');
+      await shot('chat-light.png');
+      await setTheme('Dark Modern', 'vs-dark');
+      await runCommand('View: Close Editor');
+      await waitFor('the chat webview to go', async () => !(await chatFrame()), 15000);
+      await waitFor('the chat server to exit', () => chatServers().length === 0, 20000);
+    });
+
     await step('screenshots in the dark and light themes', async () => {
       // the top of the Training view (loss, lr, grad norm), then scrolled to the memory chart and page events
       const both = async theme => {

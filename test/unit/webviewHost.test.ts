@@ -56,7 +56,7 @@ test('button presses for the run on show run their command with that run', () =>
   // The same folder spelled differently still matches; the command gets the host's spelling.
   assert.deepEqual(resolveAction(action({ type: 'action', action: 'stop', runDir: '/ws/.qlora/runs/./r1/' }), shown), { command: 'qlora.stopTraining', args: [shown] });
   assert.deepEqual(ACTION_COMMANDS, {
-    stop: 'qlora.stopTraining', resume: 'qlora.resumeRun', export: 'qlora.exportAdapter', merge: 'qlora.mergeAndSave', gguf: 'qlora.exportGguf',
+    stop: 'qlora.stopTraining', resume: 'qlora.resumeRun', try: 'qlora.tryModel', export: 'qlora.exportAdapter', merge: 'qlora.mergeAndSave', gguf: 'qlora.exportGguf',
     openFolder: 'qlora.revealRun', newFinetune: 'qlora.newFinetune',
   });
 });

@@ -148,9 +148,9 @@ test('a resumed run redraws from its checkpoint: the old attempt past it is cut,
 test('buttons follow the run status', () => {
   assert.deepEqual(availableActions(null, false), ['newFinetune']);
   assert.deepEqual(availableActions('running', true), ['stop', 'openFolder']);
-  assert.deepEqual(availableActions('stopped', true), ['resume', 'export', 'merge', 'gguf', 'openFolder']);
+  assert.deepEqual(availableActions('stopped', true), ['resume', 'try', 'export', 'merge', 'gguf', 'openFolder']);
   assert.deepEqual(availableActions('failed', true), ['resume', 'openFolder']);
-  assert.deepEqual(availableActions('finished', true), ['export', 'merge', 'gguf', 'openFolder']);
+  assert.deepEqual(availableActions('finished', true), ['try', 'export', 'merge', 'gguf', 'openFolder']);
   assert.deepEqual(availableActions(null, true), ['openFolder']);
 });
 

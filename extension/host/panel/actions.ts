@@ -7,6 +7,7 @@ import type { PanelAction, WebviewToHost } from '../../protocol/webview';
 export const ACTION_COMMANDS: Record<PanelAction, string> = {
   stop: 'qlora.stopTraining',
   resume: 'qlora.resumeRun',
+  try: 'qlora.tryModel',
   export: 'qlora.exportAdapter',
   merge: 'qlora.mergeAndSave',
   gguf: 'qlora.exportGguf',

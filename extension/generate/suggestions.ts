@@ -1,0 +1,33 @@
+// Prompts to try a finetuned model with: the user messages of the run's held-out examples (its eval file, or the
+// eval split training made, found through the same data preparation so they are the examples the run never
+// trained on).
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { formatLocation, loadDataset, type NormalizedExample } from '../data';
+import type { TrainConfig } from '../trainer/config';
+import { prepareData } from '../trainer/data';
+
+/** The question an example asks: its first user message, or a completion's prompt; null for plain text. */
+export function promptOf(example: NormalizedExample): string | null {
+  if (example.kind === 'chat') return example.messages.find((m) => m.role === 'user')?.content ?? null;
+  if (example.kind === 'completion') return example.prompt;
+  return null;
+}
+
+export async function evalPrompts(run: string, limit = 8): Promise<string[]> {
+  const config = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8')) as TrainConfig;
+  const data = await prepareData(config);
+  const held = new Set(data.eval.map((e) => e.source).filter((s): s is string => s !== undefined));
+  const files = config.evalData ? [config.evalData] : [config.data];
+  const prompts: string[] = [];
+  for (const file of files) {
+    const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: true });
+    for (const example of ds.examples) {
+      if (!held.has(formatLocation(example.at))) continue;
+      const prompt = promptOf(example)?.trim();
+      if (prompt && !prompts.includes(prompt)) prompts.push(prompt);
+      if (prompts.length >= limit) return prompts;
+    }
+  }
+  return prompts;
+}

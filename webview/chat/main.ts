@@ -1,0 +1,339 @@
+// The chat panel app: two columns, the base model and the finetuned one, answering each prompt as they stream. The
+// host owns the conversation (extension/host/chat/chatSession.ts); this draws what it sends and sends what the user
+// does. Text is only ever set with textContent. Test hooks: body data-* attributes and window.qloraChat.
+import '@vscode-elements/elements/dist/vscode-button/index.js';
+import '@vscode-elements/elements/dist/vscode-collapsible/index.js';
+import '@vscode-elements/elements/dist/vscode-option/index.js';
+import '@vscode-elements/elements/dist/vscode-single-select/index.js';
+import '@vscode-elements/elements/dist/vscode-textarea/index.js';
+import '@vscode-elements/elements/dist/vscode-textfield/index.js';
+import {
+  CHAT_COLUMNS,
+  SETTING_LIMITS,
+  validateChatHostMessage,
+  type AnswerStats,
+  type ChatColumnId,
+  type ChatHostToWebview,
+  type ChatModelInfo,
+  type ChatSettings,
+  type ChatWebviewToHost,
+} from '../../extension/protocol/chat';
+import { describeStats, parseStopStrings } from './format';
+import './chat.css';
+
+interface VsCodeApi {
+  postMessage(message: ChatWebviewToHost): void;
+}
+declare function acquireVsCodeApi(): VsCodeApi;
+const vscode = acquireVsCodeApi();
+
+/** vscode-textarea / vscode-textfield / vscode-single-select: all expose `value`. */
+type ValueElement = HTMLElement & { value: string };
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: { id?: string; className?: string; text?: string } = {}, ...children: Node[]): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  if (props.id) node.id = props.id;
+  if (props.className) node.className = props.className;
+  if (props.text !== undefined) node.textContent = props.text;
+  node.append(...children);
+  return node;
+}
+
+function custom(tag: string, attrs: Record<string, string> = {}, text?: string): ValueElement {
+  const node = document.createElement(tag) as ValueElement;
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const COLUMN_TITLES: Record<ChatColumnId, string> = { base: 'Base model', finetuned: 'Finetuned' };
+
+// ---------------------------------------------------------------------------------------------------------------
+// DOM
+
+const ui = (() => {
+  const title = el('h1', { id: 'chat-title' });
+  const modelNote = el('div', { id: 'model-note', className: 'muted' });
+  const checkpoint = custom('vscode-single-select', { id: 'checkpoint', 'aria-label': 'Adapter' });
+  const clear = custom('vscode-button', { id: 'clear', secondary: '' }, 'Clear');
+  const toolbar = el('div', { className: 'toolbar' }, el('label', { className: 'muted', text: 'Adapter' }), checkpoint, clear);
+
+  const system = custom('vscode-textarea', { id: 'system', rows: '2', placeholder: 'System prompt (optional)', 'aria-label': 'System prompt' });
+  const field = (id: string, label: string, limits: readonly [number, number], step: string) => {
+    const input = custom('vscode-textfield', { id, type: 'number', min: String(limits[0]), max: String(limits[1]), step, 'aria-label': label });
+    return { input, row: el('label', { className: 'setting' }, el('span', { text: label }), input) };
+  };
+  const L = SETTING_LIMITS;
+  const fields = {
+    temperature: field('temperature', 'Temperature', L.temperature, '0.05'),
+    topP: field('top-p', 'Top-p', L.topP, '0.05'),
+    topK: field('top-k', 'Top-k', L.topK, '1'),
+    minP: field('min-p', 'Min-p', L.minP, '0.01'),
+    repetitionPenalty: field('repetition-penalty', 'Repetition penalty', L.repetitionPenalty, '0.05'),
+    maxNewTokens: field('max-new-tokens', 'Max new tokens', L.maxNewTokens, '1'),
+    seed: field('seed', 'Seed', L.seed, '1'),
+  };
+  const stops = custom('vscode-textfield', { id: 'stop-strings', placeholder: 'e.g. "###", "User:"', 'aria-label': 'Stop strings' });
+  const settings = custom('vscode-collapsible', { id: 'settings', heading: 'System prompt and sampling' });
+  settings.append(
+    el('div', { className: 'settings-body' },
+      el('label', { className: 'setting wide' }, el('span', { text: 'System prompt' }), system),
+      el('div', { className: 'settings-grid' }, ...Object.values(fields).map((f) => f.row)),
+      el('label', { className: 'setting wide' }, el('span', { text: 'Stop strings (comma-separated, quoted if they hold commas)' }), stops),
+      el('p', { className: 'muted', text: 'Temperature 0 is greedy. Both columns use the same settings and seed.' })),
+  );
+
+  const status = el('div', { id: 'status', className: 'muted' });
+  const error = el('div', { id: 'error', className: 'error' });
+  error.hidden = true;
+
+  const columns = {} as Record<ChatColumnId, { root: HTMLElement; messages: HTMLElement }>;
+  for (const id of CHAT_COLUMNS) {
+    const messages = el('div', { className: 'messages' });
+    const root = el('section', { className: 'column' }, el('h2', { text: COLUMN_TITLES[id] }), messages);
+    root.dataset.column = id;
+    columns[id] = { root, messages };
+  }
+  const columnsRow = el('div', { id: 'columns' }, columns.base.root, columns.finetuned.root);
+
+  const suggestions = el('div', { id: 'suggestions' });
+  const prompt = custom('vscode-textarea', { id: 'prompt', rows: '3', placeholder: 'Ask both models… (Enter sends, Shift+Enter adds a line)', 'aria-label': 'Prompt' });
+  const send = custom('vscode-button', { id: 'send' }, 'Send');
+  const stop = custom('vscode-button', { id: 'stop', secondary: '' }, 'Stop');
+  const composer = el('footer', { id: 'composer' }, prompt, el('div', { className: 'composer-actions' }, send, stop));
+
+  document.body.append(el('header', {}, el('div', { className: 'title-row' }, title, toolbar), modelNote), settings, status, error, columnsRow, suggestions, composer);
+  return { title, modelNote, checkpoint, clear, system, fields, stops, settings, status, error, columns, suggestions, prompt, send, stop };
+})();
+
+// ---------------------------------------------------------------------------------------------------------------
+// State
+
+interface Answer {
+  text: string;
+  stats: AnswerStats | null;
+  textNode: HTMLElement;
+  statsNode: HTMLElement;
+}
+
+let state: 'loading' | 'ready' | 'error' = 'loading';
+let info: ChatModelInfo | null = null;
+/** answers[turn][column] */
+let answers: Partial<Record<ChatColumnId, Answer>>[] = [];
+const busy = () => answers.some((t) => Object.values(t).some((a) => a !== undefined && a.stats === null));
+
+function showError(message: string | null): void {
+  ui.error.hidden = message === null;
+  ui.error.textContent = message ?? '';
+}
+
+function fillSettings(d: ChatSettings): void {
+  for (const [key, f] of Object.entries(ui.fields) as [keyof typeof ui.fields, { input: ValueElement }][]) f.input.value = String(d[key]);
+  ui.stops.value = d.stopStrings.map((s) => JSON.stringify(s)).join(', ');
+}
+
+/** The settings as typed, checked against the limits; a sentence naming the first bad one otherwise. */
+function readSettings(): ChatSettings | string {
+  const out: Record<string, number> = {};
+  for (const [key, f] of Object.entries(ui.fields) as [keyof typeof ui.fields, { input: ValueElement }][]) {
+    const n = Number(f.input.value);
+    const [min, max] = SETTING_LIMITS[key];
+    const whole = key === 'topK' || key === 'seed' || key === 'maxNewTokens';
+    if (f.input.value.trim() === '' || !Number.isFinite(n) || n < min || n > max || (whole && !Number.isInteger(n))) {
+      return `${f.input.getAttribute('aria-label')} must be ${whole ? 'a whole number' : 'a number'} from ${min} to ${max}.`;
+    }
+    out[key] = n;
+  }
+  const stops = parseStopStrings(ui.stops.value);
+  if (typeof stops === 'string') return stops;
+  return { ...(out as unknown as Omit<ChatSettings, 'stopStrings'>), stopStrings: stops };
+}
+
+function fillCheckpoints(i: ChatModelInfo): void {
+  const options: { value: string; label: string }[] = [];
+  if (i.hasFinalAdapter || i.checkpoints.length === 0) options.push({ value: 'final', label: i.adapterDir ? (i.hasFinalAdapter ? 'Final adapter' : 'Adapter') : 'No adapter' });
+  for (const step of [...i.checkpoints].reverse()) options.push({ value: String(step), label: `Checkpoint step ${step}` });
+  const selected = i.checkpoint === null ? options[0]?.value : String(i.checkpoint);
+  ui.checkpoint.replaceChildren(...options.map((o) => {
+    const opt = custom('vscode-option', { value: o.value }, o.label);
+    if (o.value === selected) opt.setAttribute('selected', '');
+    return opt;
+  }));
+  ui.checkpoint.toggleAttribute('disabled', options.length < 2);
+}
+
+function fillSuggestions(i: ChatModelInfo): void {
+  ui.suggestions.replaceChildren(...(i.suggestions.length > 0 ? [el('span', { className: 'muted', text: 'From the eval data:' })] : []), ...i.suggestions.map((s) => {
+    const b = custom('vscode-button', { secondary: '', title: s }, s.length > 60 ? s.slice(0, 57) + '…' : s);
+    b.classList.add('suggestion');
+    b.dataset.suggestion = s;
+    return b;
+  }));
+}
+
+function addTurn(turn: number, prompt: string): void {
+  answers[turn] = {};
+  for (const id of CHAT_COLUMNS) {
+    if (!activeColumns().includes(id)) continue;
+    const textNode = el('div', { className: 'answer-text' });
+    const statsNode = el('div', { className: 'answer-stats muted', text: 'writing…' });
+    const copy = custom('vscode-button', { secondary: '', title: 'Copy this answer' }, 'Copy');
+    copy.classList.add('copy');
+    copy.dataset.copy = `${id}:${turn}`;
+    const answer = el('div', { className: 'answer' }, textNode, el('div', { className: 'answer-footer' }, statsNode, copy));
+    ui.columns[id].messages.append(el('div', { className: 'user', text: prompt }), answer);
+    answers[turn][id] = { text: '', stats: null, textNode, statsNode };
+  }
+}
+
+function activeColumns(): ChatColumnId[] {
+  return info?.adapterDir ? ['base', 'finetuned'] : ['base'];
+}
+
+function clearConversation(): void {
+  answers = [];
+  for (const id of CHAT_COLUMNS) ui.columns[id].messages.replaceChildren();
+}
+
+function render(): void {
+  const b = busy();
+  ui.send.toggleAttribute('disabled', state !== 'ready' || b);
+  ui.stop.toggleAttribute('disabled', !b);
+  ui.clear.toggleAttribute('disabled', state !== 'ready' || answers.length === 0);
+  ui.columns.finetuned.root.hidden = !activeColumns().includes('finetuned');
+  document.body.classList.toggle('single-column', !activeColumns().includes('finetuned'));
+  writeTestHooks();
+}
+
+function summary() {
+  return {
+    state,
+    busy: busy(),
+    turns: answers.length,
+    columns: activeColumns(),
+    answers: Object.fromEntries(CHAT_COLUMNS.map((c) => [c, answers.map((t) => t[c]?.text ?? null)])),
+    finished: Object.fromEntries(CHAT_COLUMNS.map((c) => [c, answers.map((t) => t[c]?.stats?.finishReason ?? null)])),
+    checkpoint: info?.checkpoint ?? null,
+    suggestions: info?.suggestions.length ?? 0,
+  };
+}
+
+function writeTestHooks(): void {
+  const s = summary();
+  const d = document.body.dataset;
+  d.chatState = s.state;
+  d.busy = String(s.busy);
+  d.turns = String(s.turns);
+  d.answered = String(answers.filter((t) => Object.values(t).every((a) => a?.stats !== null)).length);
+}
+Object.defineProperty(window, 'qloraChat', { get: () => JSON.parse(JSON.stringify(summary())) as ReturnType<typeof summary>, enumerable: false });
+
+// ---------------------------------------------------------------------------------------------------------------
+// Messages
+
+function receive(m: ChatHostToWebview): void {
+  switch (m.type) {
+    case 'loading':
+      state = 'loading';
+      ui.status.textContent = m.message;
+      showError(null);
+      break;
+    case 'loaded': {
+      const first = info === null;
+      info = m.info;
+      state = 'ready';
+      ui.title.textContent = m.info.title;
+      ui.modelNote.textContent = m.info.adapterDir ? `${m.info.modelDir} with the adapter ${m.info.adapterDir}` : `${m.info.modelDir} (no adapter: the base model only)`;
+      ui.status.textContent = '';
+      fillCheckpoints(m.info);
+      fillSuggestions(m.info);
+      if (first) {
+        fillSettings(m.info.defaults);
+        if (m.info.system !== null && ui.system.value === '') ui.system.value = m.info.system;
+      }
+      break;
+    }
+    case 'turn':
+      addTurn(m.turn, m.prompt);
+      break;
+    case 'delta': {
+      const a = answers[m.turn]?.[m.column];
+      if (!a) break;
+      a.text += m.text;
+      a.textNode.textContent = a.text;
+      a.textNode.parentElement?.scrollIntoView({ block: 'end' });
+      break;
+    }
+    case 'done': {
+      const a = answers[m.turn]?.[m.column];
+      if (!a) break;
+      a.stats = m.stats;
+      a.statsNode.textContent = describeStats(m.stats);
+      break;
+    }
+    case 'cleared':
+      clearConversation();
+      break;
+    case 'error':
+      if (info === null) state = 'error';
+      ui.status.textContent = '';
+      showError(m.message);
+      break;
+  }
+  render();
+}
+
+function ask(prompt: string): void {
+  if (prompt.trim() === '' || state !== 'ready' || busy()) return;
+  const settings = readSettings();
+  if (typeof settings === 'string') {
+    showError(settings);
+    ui.settings.setAttribute('open', '');
+    return;
+  }
+  showError(null);
+  vscode.postMessage({ type: 'ask', prompt, system: ui.system.value, settings });
+  ui.prompt.value = '';
+}
+
+window.addEventListener('message', (e: MessageEvent<unknown>) => {
+  let m: ChatHostToWebview;
+  try {
+    m = validateChatHostMessage(e.data);
+  } catch (err) {
+    console.warn('qlora chat: dropped an invalid host message:', err instanceof Error ? err.message : err);
+    return;
+  }
+  receive(m);
+});
+
+ui.send.addEventListener('click', () => ask(ui.prompt.value));
+ui.stop.addEventListener('click', () => vscode.postMessage({ type: 'stop' }));
+ui.clear.addEventListener('click', () => vscode.postMessage({ type: 'clear' }));
+ui.prompt.addEventListener('keydown', (e: KeyboardEvent) => {
+  if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
+    e.preventDefault();
+    ask(ui.prompt.value);
+  }
+});
+ui.checkpoint.addEventListener('change', () => {
+  const v = ui.checkpoint.value;
+  vscode.postMessage({ type: 'checkpoint', step: v === 'final' || v === '' ? null : Number(v) });
+});
+document.body.addEventListener('click', (e) => {
+  const target = e.target as Element | null;
+  const suggestion = target?.closest<HTMLElement>('[data-suggestion]');
+  if (suggestion?.dataset.suggestion) {
+    ui.prompt.value = suggestion.dataset.suggestion;
+    ui.prompt.focus();
+    return;
+  }
+  const copy = target?.closest<HTMLElement>('[data-copy]')?.dataset.copy;
+  if (copy) {
+    const [column, turn] = copy.split(':');
+    vscode.postMessage({ type: 'copy', column: column as ChatColumnId, turn: Number(turn) });
+  }
+});
+
+render();
+vscode.postMessage({ type: 'ready' });
