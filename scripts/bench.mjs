@@ -3,7 +3,9 @@
 // 2. GGUF export (export-gguf) of a model at a realistic width made here (hidden 2048 as TinyLlama and Llama 3.2 1B,
 //    a 32000-token vocabulary, 4 layers, bf16): wall time, throughput and the export process's peak memory, which
 //    shows the streaming (about one tensor plus the runtime, not the model).
-// QLORA_BENCH_TRAIN=0 or QLORA_BENCH_GGUF=0 skips a part.
+// 3. Generation (the chat panel's and `generate`'s engine path): prefill and KV-cached decode tokens/s with the adapter
+//    applied, on the small model and on the TinyLlama-width model of part 2, NF4 base as QLoRA trains it.
+// QLORA_BENCH_TRAIN=0, QLORA_BENCH_GGUF=0 or QLORA_BENCH_GENERATE=0 skips a part.
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -181,5 +183,44 @@ function benchGgufExport() {
   console.log(` layer count; the check loads the whole model in the engine (f32) and the GGUF in llama.cpp.)`);
 }
 
+/** Prefill of a `prompt`-token prompt, then `decode` tokens one at a time (greedy: argmax of the logits). */
+function generationFigures(dir, prompt, decode) {
+  const model = new addon.Model(dir, { quantize: true });
+  try {
+    const config = model.config();
+    model.createLora({ rank: 16, alpha: 16, seed: 1 });
+    const ids = new Int32Array(prompt).map((_, i) => (i * 7919 + 13) % config.vocabSize);
+    const argmax = (x) => x.reduce((best, v, i) => (v > x[best] ? i : best), 0);
+    const run = () => {
+      const id = model.generationStart({ loraScale: 1 });
+      const t0 = process.hrtime.bigint();
+      let logits = model.generationAppend(id, ids, {});
+      const t1 = process.hrtime.bigint();
+      for (let i = 0; i < decode; i++) logits = model.generationAppend(id, Int32Array.of(argmax(logits)), {});
+      const t2 = process.hrtime.bigint();
+      model.generationEnd(id);
+      return { prefill: prompt / (Number(t1 - t0) / 1e9), decode: decode / (Number(t2 - t1) / 1e9) };
+    };
+    run(); // warm-up
+    const r = run();
+    const params = config.numLayers * (config.hiddenSize * (2 * config.numHeads * config.headDim + 2 * config.numKvHeads * config.headDim) + 3 * config.hiddenSize * config.intermediateSize);
+    console.log(`  ${config.numLayers} layers, hidden ${config.hiddenSize}, vocab ${config.vocabSize} (${(params / 1e6).toFixed(0)} M linear parameters): ` +
+      `prefill ${r.prefill.toFixed(0)} tokens/s (${prompt}-token prompt), decode ${r.decode.toFixed(1)} tokens/s (${decode} tokens)`);
+  } finally {
+    model.dispose();
+  }
+}
+
+function benchGeneration() {
+  const small = path.join(os.tmpdir(), 'qlora-bench-small');
+  if (!fs.existsSync(path.join(small, 'model.safetensors')))
+    execFileSync(process.execPath, [cli, 'make-tiny-model', '--out', small, '--size', 'small', '--seed', '1']);
+  console.log(`\nGeneration on the CPU (${addon.engineInfo().threads} threads), NF4 base, LoRA r=16 applied, batch 1:`);
+  generationFigures(small, 256, 64);
+  generationFigures(wideModel(), 256, 32);
+  console.log('  (the CPU path dequantizes each NF4 weight for every token; the 1B/8B shapes and the fused decode kernel are GPU figures)');
+}
+
 if (enabled('QLORA_BENCH_TRAIN')) benchTraining();
 if (enabled('QLORA_BENCH_GGUF')) benchGgufExport();
+if (enabled('QLORA_BENCH_GENERATE')) benchGeneration();
