@@ -53,7 +53,7 @@ export interface MemoryEstimate {
 }
 
 /** GGUF tensor types the engine encodes, by ggml's names (lower case). */
-export type GgmlType = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_k' | 'q6_k';
+export type GgmlType = 'f32' | 'f16' | 'bf16' | 'q5_0' | 'q8_0' | 'q4_k' | 'q6_k';
 
 export interface GgmlTypeInfo {
   /** Values per block; a row's length must be a multiple of it. */
@@ -68,6 +68,7 @@ export interface GgmlTypeInfo {
 export const GGML_TYPES: Readonly<Record<GgmlType, GgmlTypeInfo>> = {
   f32: { blockSize: 1, blockBytes: 4, id: 0 },
   f16: { blockSize: 1, blockBytes: 2, id: 1 },
+  q5_0: { blockSize: 32, blockBytes: 22, id: 6 },
   q8_0: { blockSize: 32, blockBytes: 34, id: 8 },
   q4_k: { blockSize: 256, blockBytes: 144, id: 12 },
   q6_k: { blockSize: 256, blockBytes: 210, id: 14 },

@@ -87,7 +87,9 @@ TEST(ggml_block_sizes_and_names) {
   EXPECT_TRUE(type_from_name("Q4_K") == GgmlType::Q4_K);
   EXPECT_TRUE(type_from_name("bf16") == GgmlType::BF16);
   EXPECT_TRUE(!type_from_name("q5_k").has_value());
-  for (GgmlType t : {GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K})
+  EXPECT_EQ(static_cast<uint32_t>(GgmlType::Q5_0), 6u);
+  EXPECT_EQ(row_bytes(GgmlType::Q5_0, 896), size_t{28 * 22});
+  for (GgmlType t : {GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K})
     EXPECT_TRUE(type_from_name(type_name(t)) == t, type_name(t));
 }
 
@@ -103,6 +105,27 @@ TEST(ggml_malformed_sizes_are_named) {
   EXPECT_THROWS_WITH(row_bytes(GgmlType::Q4_K, 255), "block size 256");
   EXPECT_THROWS_WITH(quantize(GgmlType::F16, x.data(), y.data(), -1, 4), "negative");
   EXPECT_THROWS_WITH(quantize_row_q4_k(x.data(), y.data(), 100), "not a multiple of the block size 256");
+}
+
+// A Q5_0 block built by hand: d = 0.25 (fp16 0x3400), codes q = 0..31 (x = (q - 16) * d); the low nibbles of values
+// j and j + 16 share qs[j], their fifth bits are bits j and j + 16 of qh. Decoding gives the values back, and
+// encoding them gives these bytes again (the largest magnitude, -4 = (0 - 16) * 0.25, makes d = 4 / 16).
+TEST(ggml_q5_0_known_block) {
+  uint8_t b[22] = {0x00, 0x34};
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    const int q0 = j, q1 = j + 16;
+    b[6 + j] = static_cast<uint8_t>((q0 & 15) | ((q1 & 15) << 4));
+    qh |= static_cast<uint32_t>(q0 >> 4) << j;
+    qh |= static_cast<uint32_t>(q1 >> 4) << (j + 16);
+  }
+  for (int i = 0; i < 4; ++i) b[2 + i] = static_cast<uint8_t>(qh >> (8 * i));
+  float x[32];
+  dequantize_row_q5_0(b, x, 32);
+  for (int i = 0; i < 32; ++i) EXPECT_EQ(x[i], (i - 16) * 0.25f);
+  uint8_t again[22];
+  quantize_row_q5_0(x, again, 32);
+  for (int i = 0; i < 22; ++i) EXPECT_EQ(static_cast<int>(again[i]), static_cast<int>(b[i]));
 }
 
 // A Q8_0 block built by hand: d = 0.5 (fp16 0x3800, stored low byte first), qs = -128, -127, ..., then x = qs * d.

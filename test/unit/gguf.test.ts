@@ -78,6 +78,11 @@ test('tensor types: vectors stay f32; matrices follow the file type; q8_0 needs 
   assert.equal(tensorTypeFor('q8_0', [48, 8]), 'f16');
   assert.equal(tensorTypeFor('bf16', [48, 8]), 'bf16');
   assert.equal(tensorTypeFor('f32', [48, 8]), 'f32');
+  // q4_k_m: rows that are not whole super-blocks fall back as llama.cpp's do: q4_k to q5_0, q6_k to q8_0
+  assert.equal(tensorTypeFor('q4_k_m', [896, 8], { kind: 'other', layer: 0, layers: 24 }), 'q5_0');
+  assert.equal(tensorTypeFor('q4_k_m', [896, 8], { kind: 'output', layer: 0, layers: 24 }), 'q8_0');
+  assert.equal(tensorTypeFor('q4_k_m', [1024, 8], { kind: 'other', layer: 0, layers: 24 }), 'q4_k');
+  assert.equal(tensorTypeFor('q4_k_m', [40, 8], { kind: 'other', layer: 0, layers: 24 }), 'f16');
 });
 
 function layout(arch: 'llama' | 'qwen2') {

@@ -136,12 +136,14 @@ function diffStats(a: ArrayLike<number>, b: ArrayLike<number>): { max: number; r
 }
 
 // Relative RMS error of the decoded weights against the Gaussian originals, measured here (seed 8, 307k weights; the
-// same figures from llama.cpp and from ggmlDequantize): q8_0 0.536%, q6_k 1.774%, q4_k 7.077%, f16 0.021%, bf16
-// 0.166%; llama.cpp and ggmlDequantize agree to at most 9e-7 of the weights' RMS. Rounding to a uniform grid gives
+// same figures from llama.cpp and from ggmlDequantize): q8_0 0.536%, q5_0 4.275%, q6_k 1.774%, q4_k 7.077%, f16
+// 0.021%, bf16 0.166%; llama.cpp and ggmlDequantize agree to at most 9e-7 of the weights' RMS. q5_0's step is a
+// block-of-32 absmax / 16 (~4%). Rounding to a uniform grid gives
 // about step / sqrt(12): q8_0's step is a block-of-32 absmax / 127 (~0.5%), q6_k's a block-of-16 absmax / 32, q4_k's
 // a block-of-32 range / 15 (~7%). The bounds are the formats' expected errors, just above these.
 const CASES: { type: GgmlType; maxRelRms: number }[] = [
   { type: 'q8_0', maxRelRms: 0.006 },
+  { type: 'q5_0', maxRelRms: 0.05 },
   { type: 'q6_k', maxRelRms: 0.02 },
   { type: 'q4_k', maxRelRms: 0.075 },
   { type: 'f16', maxRelRms: 0.0005 },

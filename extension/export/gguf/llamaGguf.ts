@@ -84,11 +84,15 @@ export function useMoreBits(layer: number, layers: number): boolean {
   return layer < eighth || layer >= Math.floor((7 * layers) / 8) || (layer - eighth) % 3 === 2;
 }
 
-/** A type the tensor's rows can hold: k-quants need rows of whole 256-value blocks, q8_0 of 32. */
+/**
+ * A type the tensor's rows can hold: k-quants need rows of whole 256-value blocks, q5_0 and q8_0 of 32. Rows that do
+ * not fit fall back as llama.cpp's quantizer does (llama-quant.cpp): q4_k to q5_0, q6_k to q8_0, and to f16 when
+ * even blocks of 32 do not fit (Qwen2.5-0.5B's hidden size 896, for one, is 3.5 super-blocks).
+ */
 function fitting(type: GgmlTypeName, rowLength: number): GgmlTypeName {
   if (rowLength % GGML_TYPES[type].blockSize === 0) return type;
-  // llama.cpp falls back to q5_0 for q4_k; we write q8_0 (more bits, never fewer), and f16 when even that does not fit
-  return rowLength % GGML_TYPES.q8_0.blockSize === 0 ? 'q8_0' : 'f16';
+  const fallback: GgmlTypeName = type === 'q4_k' ? 'q5_0' : 'q8_0';
+  return rowLength % GGML_TYPES[fallback].blockSize === 0 ? fallback : 'f16';
 }
 
 /**

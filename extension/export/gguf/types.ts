@@ -1,7 +1,7 @@
 // The ggml tensor types a GGUF export writes, with their ids and block geometry (ggml.h's ggml_type and
 // ggml-common.h's block structs), and llama.cpp's file types (llama_ftype) for general.file_type.
 
-export type GgmlTypeName = 'f32' | 'f16' | 'bf16' | 'q8_0' | 'q4_k' | 'q6_k';
+export type GgmlTypeName = 'f32' | 'f16' | 'bf16' | 'q5_0' | 'q8_0' | 'q4_k' | 'q6_k';
 
 export interface GgmlTypeInfo {
   id: number;
@@ -14,6 +14,7 @@ export interface GgmlTypeInfo {
 export const GGML_TYPES: Record<GgmlTypeName, GgmlTypeInfo> = {
   f32: { id: 0, blockSize: 1, typeSize: 4 },
   f16: { id: 1, blockSize: 1, typeSize: 2 },
+  q5_0: { id: 6, blockSize: 32, typeSize: 2 + 4 + 16 }, // fp16 d, qh[4] (the fifth bits), qs[16] (low nibbles)
   q8_0: { id: 8, blockSize: 32, typeSize: 2 + 32 }, // fp16 d, int8 qs[32]
   q4_k: { id: 12, blockSize: 256, typeSize: 2 + 2 + 12 + 128 }, // fp16 d, fp16 dmin, scales[12], qs[128]
   q6_k: { id: 14, blockSize: 256, typeSize: 128 + 64 + 16 + 2 }, // ql[128], qh[64], int8 scales[16], fp16 d

@@ -140,6 +140,48 @@ void q8_0_block_decode(const uint8_t* b, float* y) {
   for (int i = 0; i < 32; ++i) y[i] = static_cast<float>(static_cast<int8_t>(b[2 + i])) * d;
 }
 
+// ---------------------------------------------------------------------------------------------- Q5_0
+
+// d = m / -16 where m is the value of largest magnitude (with its sign), rounded to fp16 first as for Q8_0; then
+// q = round(x / d) + 16 cut to [0, 31], so m itself lands on code 0 exactly and the other end keeps 15 steps.
+void q5_0_block(const float* x, uint8_t* y) {
+  float amax = 0.0f, m = 0.0f;
+  for (int i = 0; i < 32; ++i) {
+    const float a = std::fabs(x[i]);
+    if (a > amax) {  // NaN skipped
+      amax = a;
+      m = x[i];
+    }
+  }
+  const uint16_t dh = f16_finite(m / -16.0f);
+  const float d = f16_to_f32(dh);
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  store_u16(y, dh);
+  uint32_t qh = 0;
+  uint8_t* qs = y + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int q0 = static_cast<int>(round_clamped(x[j] * id, -16.0f, 15.0f)) + 16;
+    const int q1 = static_cast<int>(round_clamped(x[j + 16] * id, -16.0f, 15.0f)) + 16;
+    qs[j] = static_cast<uint8_t>((q0 & 15) | ((q1 & 15) << 4));
+    qh |= static_cast<uint32_t>((q0 >> 4) & 1) << j;
+    qh |= static_cast<uint32_t>((q1 >> 4) & 1) << (j + 16);
+  }
+  for (int b = 0; b < 4; ++b) y[2 + b] = static_cast<uint8_t>(qh >> (8 * b));
+}
+
+void q5_0_block_decode(const uint8_t* b, float* y) {
+  const float d = f16_to_f32(load_u16(b));
+  uint32_t qh = 0;
+  for (int i = 0; i < 4; ++i) qh |= static_cast<uint32_t>(b[2 + i]) << (8 * i);
+  const uint8_t* qs = b + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int q0 = (qs[j] & 15) | static_cast<int>(((qh >> j) & 1) << 4);
+    const int q1 = (qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1) << 4);
+    y[j] = static_cast<float>(q0 - 16) * d;
+    y[j + 16] = static_cast<float>(q1 - 16) * d;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- Q4_K
 
 constexpr int kQ4Sub = 32;
@@ -461,6 +503,7 @@ RowQuant row_quantizer(GgmlType t) {
     case GgmlType::F16: return quantize_row_f16;
     case GgmlType::BF16: return quantize_row_bf16;
     case GgmlType::Q8_0: return quantize_row_q8_0;
+    case GgmlType::Q5_0: return quantize_row_q5_0;
     case GgmlType::Q4_K: return quantize_row_q4_k;
     case GgmlType::Q6_K: return quantize_row_q6_k;
   }
@@ -473,6 +516,7 @@ RowDequant row_dequantizer(GgmlType t) {
     case GgmlType::F16: return dequantize_row_f16;
     case GgmlType::BF16: return dequantize_row_bf16;
     case GgmlType::Q8_0: return dequantize_row_q8_0;
+    case GgmlType::Q5_0: return dequantize_row_q5_0;
     case GgmlType::Q4_K: return dequantize_row_q4_k;
     case GgmlType::Q6_K: return dequantize_row_q6_k;
   }
@@ -507,6 +551,7 @@ std::optional<GgmlType> type_from_name(const std::string& name) {
   if (s == "f16") return GgmlType::F16;
   if (s == "bf16") return GgmlType::BF16;
   if (s == "q8_0") return GgmlType::Q8_0;
+  if (s == "q5_0") return GgmlType::Q5_0;
   if (s == "q4_k") return GgmlType::Q4_K;
   if (s == "q6_k") return GgmlType::Q6_K;
   return std::nullopt;
@@ -518,6 +563,7 @@ const char* type_name(GgmlType t) {
     case GgmlType::F16: return "f16";
     case GgmlType::BF16: return "bf16";
     case GgmlType::Q8_0: return "q8_0";
+    case GgmlType::Q5_0: return "q5_0";
     case GgmlType::Q4_K: return "q4_k";
     case GgmlType::Q6_K: return "q6_k";
   }
@@ -527,6 +573,7 @@ const char* type_name(GgmlType t) {
 int64_t block_size(GgmlType t) {
   switch (t) {
     case GgmlType::Q8_0: return kQK8_0;
+    case GgmlType::Q5_0: return kQK5_0;
     case GgmlType::Q4_K:
     case GgmlType::Q6_K: return kQK_K;
     default: return 1;
@@ -539,6 +586,7 @@ size_t block_bytes(GgmlType t) {
     case GgmlType::F16:
     case GgmlType::BF16: return 2;
     case GgmlType::Q8_0: return kBlockBytesQ8_0;
+    case GgmlType::Q5_0: return kBlockBytesQ5_0;
     case GgmlType::Q4_K: return kBlockBytesQ4_K;
     case GgmlType::Q6_K: return kBlockBytesQ6_K;
   }
@@ -602,6 +650,15 @@ void quantize_row_q8_0(const float* x, uint8_t* y, int64_t k) {
 void dequantize_row_q8_0(const uint8_t* x, float* y, int64_t k) {
   check_multiple("q8_0", k, kQK8_0);
   for (int64_t b = 0; b < k / kQK8_0; ++b) q8_0_block_decode(x + b * kBlockBytesQ8_0, y + b * kQK8_0);
+}
+
+void quantize_row_q5_0(const float* x, uint8_t* y, int64_t k) {
+  check_multiple("q5_0", k, kQK5_0);
+  for (int64_t b = 0; b < k / kQK5_0; ++b) q5_0_block(x + b * kQK5_0, y + b * kBlockBytesQ5_0);
+}
+void dequantize_row_q5_0(const uint8_t* x, float* y, int64_t k) {
+  check_multiple("q5_0", k, kQK5_0);
+  for (int64_t b = 0; b < k / kQK5_0; ++b) q5_0_block_decode(x + b * kBlockBytesQ5_0, y + b * kQK5_0);
 }
 
 void quantize_row_q4_k(const float* x, uint8_t* y, int64_t k) {

@@ -6,6 +6,10 @@
 //   BF16  2 bytes a value, the top half of binary32 rounded to nearest even as ggml and PyTorch do; NaN stays NaN
 //         (quieted), subnormals are kept.
 //   Q8_0  blocks of 32 values, 34 bytes: fp16 d, int8 qs[32];                    x = qs[i] * d
+//   Q5_0  blocks of 32 values, 22 bytes: fp16 d, uint8 qh[4], uint8 qs[16]; 5-bit codes q in [0, 31];
+//                                                                                x = (q - 16) * d
+//         value j < 16 has its low 4 bits in the low nibble of qs[j], value j + 16 in the high nibble; bit j of
+//         the little-endian uint32 qh is bit 4 of value j (j = 0..31).
 //   Q4_K  super-blocks of 256 values = 8 sub-blocks of 32, 144 bytes: fp16 d, fp16 dmin, uint8 scales[12] (eight
 //         6-bit scales sc and eight 6-bit mins m, packed as below), uint8 qs[128] (4-bit codes q);
 //                                                                                x = (d * sc) * q - (dmin * m)
@@ -36,15 +40,17 @@
 namespace qlora::ggml {
 
 // Values are ggml's GGML_TYPE_* ids, as a GGUF file records them.
-enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
+enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q6_K = 14, BF16 = 30 };
 
 constexpr int64_t kQK8_0 = 32;
+constexpr int64_t kQK5_0 = 32;
+constexpr size_t kBlockBytesQ5_0 = 22;
 constexpr int64_t kQK_K = 256;
 constexpr size_t kBlockBytesQ8_0 = 34;
 constexpr size_t kBlockBytesQ4_K = 144;
 constexpr size_t kBlockBytesQ6_K = 210;
 
-// "f32", "f16", "bf16", "q8_0", "q4_k", "q6_k" (case-insensitive); nullopt for anything else.
+// "f32", "f16", "bf16", "q5_0", "q8_0", "q4_k", "q6_k" (case-insensitive); nullopt for anything else.
 std::optional<GgmlType> type_from_name(const std::string& name);
 const char* type_name(GgmlType t);  // lower case, as accepted by type_from_name
 int64_t block_size(GgmlType t);     // values per block: 1 for the float types
@@ -65,6 +71,7 @@ void quantize_row_f32(const float* x, uint8_t* y, int64_t k);
 void quantize_row_f16(const float* x, uint8_t* y, int64_t k);
 void quantize_row_bf16(const float* x, uint8_t* y, int64_t k);
 void quantize_row_q8_0(const float* x, uint8_t* y, int64_t k);
+void quantize_row_q5_0(const float* x, uint8_t* y, int64_t k);
 void quantize_row_q4_k(const float* x, uint8_t* y, int64_t k);
 void quantize_row_q6_k(const float* x, uint8_t* y, int64_t k);
 
@@ -72,6 +79,7 @@ void dequantize_row_f32(const uint8_t* x, float* y, int64_t k);
 void dequantize_row_f16(const uint8_t* x, float* y, int64_t k);
 void dequantize_row_bf16(const uint8_t* x, float* y, int64_t k);
 void dequantize_row_q8_0(const uint8_t* x, float* y, int64_t k);
+void dequantize_row_q5_0(const uint8_t* x, float* y, int64_t k);
 void dequantize_row_q4_k(const uint8_t* x, float* y, int64_t k);
 void dequantize_row_q6_k(const uint8_t* x, float* y, int64_t k);
 
