@@ -1,6 +1,7 @@
 // Messages of the chat panel: between the extension host and the chat server process (`cli.js chat-server`, which
 // holds the model), and between the host and the chat webview. Everything crossing a process or webview boundary
 // is validated here before it is acted on.
+import type { SamplingOptions } from '../generate/sampling';
 
 /** A chat message (the same shape as extension/data's ChatMessage, which the webview bundle cannot import). */
 export interface ChatMessage {
@@ -12,13 +13,8 @@ export type ChatColumnId = 'base' | 'finetuned';
 export const CHAT_COLUMNS: readonly ChatColumnId[] = ['base', 'finetuned'];
 export type FinishReason = 'stop-token' | 'stop-string' | 'length' | 'cancelled';
 
-export interface ChatSettings {
-  temperature: number;
-  topK: number;
-  topP: number;
-  minP: number;
-  repetitionPenalty: number;
-  seed: number;
+/** The sampling options of extension/generate (temperature, top-k, top-p, min-p, repetition penalty, seed), plus: */
+export interface ChatSettings extends SamplingOptions {
   maxNewTokens: number;
   /** Strings that end an answer. */
   stopStrings: string[];

@@ -49,6 +49,15 @@ export function stringOption(options: ParsedOptions, name: string): string | und
   return typeof v === 'string' ? v : undefined;
 }
 
+/** A number option's value; a usage error naming the option when it is not a number. */
+export function numberOption(options: ParsedOptions, name: string): number | undefined {
+  const v = stringOption(options, name);
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
+  return n;
+}
+
 /** The values of a repeatable option, in the order given (empty when absent). */
 export function listOption(options: ParsedOptions, name: string): string[] {
   const v = options[name];

@@ -9,6 +9,7 @@ import { exportGguf } from '../../extension/export/exportGguf';
 import type { GgufFileType } from '../../extension/export/gguf/types';
 import { verifyGguf } from '../../extension/export/verifyGguf';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
+import { assertVerified } from '../helpers/ggufAssert';
 import { readGguf } from '../helpers/ggufReader';
 import { cliPath, reference, tempDir } from '../helpers/paths';
 import { trainBriefly } from '../helpers/briefRun';
@@ -19,13 +20,6 @@ function tiny(arch: 'llama' | 'qwen2', size: 'tiny' | 'kquant' = 'tiny', seed = 
   const dir = path.join(tempDir(`gguf-${arch}-${size}`), 'model');
   makeTinyModel({ out: dir, arch, seed, size });
   return dir;
-}
-
-function assertVerified(r: Awaited<ReturnType<typeof exportGguf>>, label: string) {
-  const v = r.verification!;
-  assert.ok(v.verified, `${label}: ${v.problems.join('; ')}`);
-  assert.ok(v.tokens >= 60, `${label}: scored ${v.tokens} tokens`);
-  assert.ok(v.promptTokensMatch, `${label}: chat prompt tokens`);
 }
 
 test('tiny Llama in f32, f16, bf16 and q8_0: llama.cpp matches the engine within each type\'s tolerance', async () => {

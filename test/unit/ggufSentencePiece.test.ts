@@ -11,6 +11,7 @@ import type { GgufFileType } from '../../extension/export/gguf/types';
 import { openGguf } from '../../extension/export/llamaCpp';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { trainBriefly } from '../helpers/briefRun';
+import { assertVerified } from '../helpers/ggufAssert';
 import { readGguf } from '../helpers/ggufReader';
 import { cliPath, repoRoot, tempDir } from '../helpers/paths';
 
@@ -20,13 +21,6 @@ function tinyMistral(size: 'tiny' | 'kquant', seed: number): string {
   const dir = path.join(tempDir(`gguf-spm-${size}`), 'model');
   makeTinyModel({ out: dir, arch: 'mistral', seed, size });
   return dir;
-}
-
-function assertVerified(r: Awaited<ReturnType<typeof exportGguf>>, label: string) {
-  const v = r.verification!;
-  assert.ok(v.verified, `${label}: ${v.problems.join('; ')}`);
-  assert.ok(v.tokens >= 60, `${label}: scored ${v.tokens} tokens`);
-  assert.ok(v.promptTokensMatch, `${label}: chat prompt tokens`);
 }
 
 test('pieceScores: minus the rank of the first merge making each piece, 0 for pieces no merge makes', () => {

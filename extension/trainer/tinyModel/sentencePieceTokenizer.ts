@@ -16,7 +16,7 @@
 import {
   addedToken,
   addedTokenDecoderEntry,
-  MIN_PAIR_FREQUENCY,
+  learnMerges,
   TINY_VOCAB_SIZE,
   tokenDict,
   TRAINING_CORPUS,
@@ -54,57 +54,6 @@ function corpusWords(): Map<string, number> {
   return words;
 }
 
-/**
- * BPE training on characters: merge the most frequent adjacent pair (ties: the smallest pair in code-unit order)
- * until `mergedCount` new pieces exist. Returns the new pieces in the order they were made.
- */
-function learnPieces(words: Map<string, number>, mergedCount: number): string[] {
-  const entries = [...words.entries()].map(([word, count]) => ({ symbols: [...word], count }));
-  const known = new Set(entries.flatMap((e) => e.symbols));
-  const pieces: string[] = [];
-  while (pieces.length < mergedCount) {
-    // Symbols never contain a plain space, so "a b" is an unambiguous pair key.
-    const counts = new Map<string, number>();
-    for (const { symbols, count } of entries) {
-      for (let i = 0; i + 1 < symbols.length; i++) {
-        const key = `${symbols[i]} ${symbols[i + 1]}`;
-        counts.set(key, (counts.get(key) ?? 0) + count);
-      }
-    }
-    let best: string | null = null;
-    let bestCount = 0;
-    for (const [key, count] of counts) {
-      if (count > bestCount || (count === bestCount && best !== null && key < best)) {
-        best = key;
-        bestCount = count;
-      }
-    }
-    if (best === null || bestCount < MIN_PAIR_FREQUENCY) {
-      throw new Error(`tiny SentencePiece tokenizer: corpus too small, only ${pieces.length} of ${mergedCount} pieces learned`);
-    }
-    const [left, right] = best.split(' ');
-    const merged = left + right;
-    if (!known.has(merged)) {
-      known.add(merged);
-      pieces.push(merged);
-    }
-    for (const entry of entries) {
-      const s = entry.symbols;
-      const out: string[] = [];
-      for (let i = 0; i < s.length; i++) {
-        if (i + 1 < s.length && s[i] === left && s[i + 1] === right) {
-          out.push(merged);
-          i++;
-        } else {
-          out.push(s[i]);
-        }
-      }
-      entry.symbols = out;
-    }
-  }
-  return pieces;
-}
-
 /** Every split of each merged piece into two vocabulary entries, in the pieces' order (the converter's merges). */
 function mergesFromPieces(pieces: string[], vocab: Record<string, number>): string[] {
   const merges: string[] = [];
@@ -126,7 +75,8 @@ export function buildSentencePieceTokenizer(): TinyTokenizer {
   const words = corpusWords();
   const chars = [...new Set([...words.keys()].flatMap((w) => [...w]))].sort();
   const fixed = SPECIALS.length + 256;
-  const pieces = learnPieces(words, TINY_VOCAB_SIZE - fixed - chars.length);
+  // the same BPE training as the byte-level tokenizers, over characters; the merged pieces follow the characters
+  const pieces = learnMerges(words, chars, TINY_VOCAB_SIZE - fixed).tokens.slice(chars.length);
 
   const vocab: Record<string, number> = {};
   const order = [...SPECIALS, ...Array.from({ length: 256 }, (_, b) => byteToken(b)), ...pieces, ...chars];

@@ -48,7 +48,7 @@ export const TINY_VOCAB_SIZE = 512;
 const BYTE_VOCAB_SIZE = 256;
 
 /** Merges must be seen at least this often so each one reflects real structure. */
-export const MIN_PAIR_FREQUENCY = 2;
+const MIN_PAIR_FREQUENCY = 2;
 
 /** Llama 3's pre-tokenizer regex (Oniguruma syntax, as stored in tokenizer.json). */
 const LLAMA3_SPLIT_PATTERN =
@@ -226,7 +226,7 @@ function comparePairs(a: [string, string], b: [string, string]): number {
  * by another route (e.g. "ab"+"c" after "a"+"bc"); it is kept, as HF's trainer
  * does, but adds no id, so the loop counts tokens rather than merges.
  */
-function learnMerges(
+export function learnMerges(
   words: Map<string, number>,
   baseVocab: string[],
   targetSize: number,

@@ -5,7 +5,7 @@ import { CHAT_ROLES, type ChatMessage, type ChatRole } from '../../data';
 import { ChatColumn, loadChatModel } from '../../generate/chatModel';
 import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
-import { integerOption, listOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 
 export const generateOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'a base model folder (Hugging Face layout)' },
@@ -28,14 +28,6 @@ export const generateOptions: Record<string, OptionSpec> = {
   quantize: { type: 'boolean', description: 'store the base weights as NF4 (as QLoRA training; --run does what the run did)' },
   json: { type: 'boolean', description: 'print the answers as JSON (no streaming)' },
 };
-
-function numberOption(o: ParsedOptions, name: string): number | undefined {
-  const v = stringOption(o, name);
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
-  return n;
-}
 
 /** The conversation to answer, from --prompt or --messages, with --system in front. */
 export function conversationFrom(o: ParsedOptions): ChatMessage[] {

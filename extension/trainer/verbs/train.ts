@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { estimateMemory } from '../../engine/tools';
 import { validateControl, type MemoryEstimate, type TrainerEvent } from '../../protocol/events';
-import { listOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { listOption, numberOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { readConfigFile, resolveConfig, type TrainConfig } from '../config';
 import { TerminalProgress } from '../progress';
 import { train, TrainingControl, type TrainOutcome } from '../train';
@@ -73,14 +73,6 @@ export const trainOptions: Record<string, OptionSpec> = {
   json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
 };
 
-function numberFlag(o: ParsedOptions, name: string): number | undefined {
-  const v = stringOption(o, name);
-  if (v === undefined) return undefined;
-  const n = Number(v);
-  if (v.trim() === '' || !Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
-  return n;
-}
-
 export function configFromFlags(o: ParsedOptions): TrainConfig {
   const file = stringOption(o, 'config');
   const fromFile = file ? readConfigFile(file) : {};
@@ -92,22 +84,22 @@ export function configFromFlags(o: ParsedOptions): TrainConfig {
   set('data', stringOption(o, 'data'));
   set('evalData', stringOption(o, 'eval-data'));
   set('preset', stringOption(o, 'preset') as TrainConfig['preset'] | undefined);
-  set('maxSteps', numberFlag(o, 'max-steps'));
-  set('epochs', numberFlag(o, 'epochs'));
-  set('lr', numberFlag(o, 'lr'));
-  set('rank', numberFlag(o, 'rank'));
-  set('alpha', numberFlag(o, 'alpha'));
-  set('batchSize', numberFlag(o, 'batch-size'));
-  set('gradAccum', numberFlag(o, 'grad-accum'));
-  set('seqLen', numberFlag(o, 'seq-len'));
-  set('checkpointEvery', numberFlag(o, 'checkpoint-every'));
-  set('evalEvery', numberFlag(o, 'eval-every'));
-  set('seed', numberFlag(o, 'seed'));
+  set('maxSteps', numberOption(o, 'max-steps'));
+  set('epochs', numberOption(o, 'epochs'));
+  set('lr', numberOption(o, 'lr'));
+  set('rank', numberOption(o, 'rank'));
+  set('alpha', numberOption(o, 'alpha'));
+  set('batchSize', numberOption(o, 'batch-size'));
+  set('gradAccum', numberOption(o, 'grad-accum'));
+  set('seqLen', numberOption(o, 'seq-len'));
+  set('checkpointEvery', numberOption(o, 'checkpoint-every'));
+  set('evalEvery', numberOption(o, 'eval-every'));
+  set('seed', numberOption(o, 'seed'));
   if (o['skip-invalid']) overrides.skipInvalid = true;
   if (o.packing) overrides.packing = true;
   const samplePrompts = listOption(o, 'sample-prompt');
   if (samplePrompts.length > 0) overrides.samplePrompts = samplePrompts;
-  set('sampleMaxTokens', numberFlag(o, 'sample-max-tokens'));
+  set('sampleMaxTokens', numberOption(o, 'sample-max-tokens'));
   // Paths in a config file are relative to the file, as editors and users expect.
   if (file) {
     const base = path.dirname(path.resolve(file));

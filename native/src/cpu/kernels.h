@@ -130,6 +130,35 @@ void rope_apply(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_di
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// One query row of causal attention: softmax(scale q·k_j) over the keys j = 0..last into p[0..last], and
+// out = sum_j p_j v_j. k and v point at the kv head's first row; rows are kv_stride apart. Both attention kernels
+// use it, so a cached pass computes exactly what a full one does.
+template <typename T>
+void attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
+                T* oi) {
+  T max_score = -INFINITY;
+  for (int64_t j = 0; j <= last; ++j) {
+    const T* kj = k + j * kv_stride;
+    T dot = 0;
+    for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
+    p[j] = dot * scale;
+    max_score = std::max(max_score, p[j]);
+  }
+  T sum = 0;
+  for (int64_t j = 0; j <= last; ++j) {
+    p[j] = std::exp(p[j] - max_score);
+    sum += p[j];
+  }
+  const T inv = T(1) / sum;
+  for (int64_t j = 0; j <= last; ++j) p[j] *= inv;
+  for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
+  for (int64_t j = 0; j <= last; ++j) {
+    const T* vj = v + j * kv_stride;
+    const T pj = p[j];
+    for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
+  }
+}
+
 // Causal self-attention with grouped KV heads: q [B,T,H,Dh], k/v [B,T,Hkv,Dh], out [B,T,H,Dh]; query head h reads
 // kv head h / (H/Hkv) (transformers' repeat_kv). probs [B,H,T,T] (softmax rows, zero above the diagonal) is kept
 // for backward.
@@ -143,38 +172,16 @@ void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < seq; ++i) {
-        const int64_t kvh = h / group;
-        const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
+        const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
         T* p = probs + ((b * heads + h) * seq + i) * seq;
-        T max_score = -INFINITY;
-        for (int64_t j = 0; j <= i; ++j) {
-          const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
-          T dot = 0;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
-          p[j] = dot * scale;
-          max_score = std::max(max_score, p[j]);
-        }
-        T sum = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          p[j] = std::exp(p[j] - max_score);
-          sum += p[j];
-        }
-        const T inv = T(1) / sum;
-        for (int64_t j = 0; j <= i; ++j) p[j] *= inv;
+        attend_row(q + (b * seq + i) * q_stride + h * head_dim, k + kv_offset, v + kv_offset, kv_stride, i, head_dim,
+                   scale, p, out + (b * seq + i) * q_stride + h * head_dim);
         for (int64_t j = i + 1; j < seq; ++j) p[j] = 0;
-        T* oi = out + (b * seq + i) * q_stride + h * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
-        for (int64_t j = 0; j <= i; ++j) {
-          const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
-          const T pj = p[j];
-          for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
-        }
       }
 }
 
 // Attention of q_len new queries over a KV cache, for generation: query i sits at position past + i and reads the
-// cache rows 0..past + i. q/out [q_len, H, Dh]; caches [>= past + q_len, Hkv, Dh]. The same math, in the same
-// order, as attention_forward, so a cached pass reproduces a full one.
+// cache rows 0..past + i. q/out [q_len, H, Dh]; caches [>= past + q_len, Hkv, Dh].
 template <typename T>
 void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_len, int64_t past, int64_t heads,
                       int64_t kv_heads, int64_t head_dim, T* out) {
@@ -187,30 +194,9 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < q_len; ++i) {
-        const int64_t kvh = h / group, last = past + i;
-        const T* qi = q + i * q_stride + h * head_dim;
-        T max_score = -INFINITY;
-        for (int64_t j = 0; j <= last; ++j) {
-          const T* kj = k_cache + j * kv_stride + kvh * head_dim;
-          T dot = 0;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
-          p[j] = dot * scale;
-          max_score = std::max(max_score, p[j]);
-        }
-        T sum = 0;
-        for (int64_t j = 0; j <= last; ++j) {
-          p[j] = std::exp(p[j] - max_score);
-          sum += p[j];
-        }
-        const T inv = T(1) / sum;
-        for (int64_t j = 0; j <= last; ++j) p[j] *= inv;
-        T* oi = out + i * q_stride + h * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
-        for (int64_t j = 0; j <= last; ++j) {
-          const T* vj = v_cache + j * kv_stride + kvh * head_dim;
-          const T pj = p[j];
-          for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
-        }
+        const int64_t kv_offset = (h / group) * head_dim;
+        attend_row(q + i * q_stride + h * head_dim, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i,
+                   head_dim, scale, p.data(), out + i * q_stride + h * head_dim);
       }
   }
 }
