@@ -3,6 +3,7 @@
 import { loadAddon } from './addon';
 import type {
   NativeAddon,
+  NativeGpuReport,
   NativeLoraInfo,
   NativeLoraOptions,
   NativeMemory,
@@ -16,6 +17,7 @@ import type {
 } from './native';
 
 export type {
+  NativeGpuReport as GpuReport,
   NativeModelConfig as ModelConfig,
   NativeLoraInfo as LoraInfo,
   NativeLoraOptions as LoraOptions,
@@ -194,8 +196,12 @@ export class GenerationSession {
 export function engineVersion(): string {
   return call(() => addon().version());
 }
-export function engineInfo(): { backends: string[]; threads: number } {
+export function engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean } {
   return call(() => addon().engineInfo());
+}
+/** What this machine offers the GPU engine (driver, NVML, cuBLASLt, GPUs) and each problem as a sentence. */
+export function gpuReport(libraryDir?: string): NativeGpuReport {
+  return call(() => addon().gpuReport(libraryDir ?? ''));
 }
 export function readModelConfig(dir: string): NativeModelConfig {
   return call(() => addon().readModelConfig(dir));

@@ -134,11 +134,51 @@ export interface NativeQuantizeReport {
 
 export interface NativeAddon {
   version(): string;
-  engineInfo(): { backends: string[]; threads: number };
+  engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean };
+  gpuReport(libraryDir?: string): NativeGpuReport;
   readModelConfig(dir: string): NativeModelConfig;
   /** dtype: '' keeps stored dtypes; 'float32' | 'bfloat16' | 'float16' casts first, as transformers' torch_dtype. */
   quantizeModel(modelDir: string, outFile: string, doubleQuant: boolean, dtype: string): NativeQuantizeReport;
   randomNormal(seed: number, count: number): Float32Array;
   writeSafetensors(path: string, tensors: NativeTensorToWrite[], metadata?: Record<string, string>): void;
   Model: new (dir: string, options?: { quantize?: boolean }) => NativeModel;
+}
+
+/** One NVIDIA library as the GPU probe found it (or every file it tried). */
+export interface NativeLibraryReport {
+  found: boolean;
+  path: string | null;
+  tried: string[];
+  error: string | null;
+}
+
+export interface NativeGpuInfo {
+  index: number;
+  name: string;
+  memoryTotal: number;
+  memoryUsed: number;
+  memoryFree: number;
+  /** "8.9" */
+  computeCapability: string;
+  utilization: number | null;
+  temperature: number | null;
+  powerW: number | null;
+}
+
+/** native/src/gpu/probe.h's GpuReport. */
+export interface NativeGpuReport {
+  cudaCompiled: boolean;
+  /** The CUDA runtime the engine was built with, "13.0"; null without CUDA. */
+  cudaRuntimeVersion: string | null;
+  driver: NativeLibraryReport;
+  driverVersion: string | null;
+  /** The newest CUDA the driver supports. */
+  driverCudaVersion: string | null;
+  nvml: NativeLibraryReport;
+  cublasLt: NativeLibraryReport;
+  gpus: NativeGpuInfo[];
+  runtimeDevices: number;
+  runtimeError: string | null;
+  computeDtype: 'bf16' | 'fp16' | null;
+  problems: string[];
 }

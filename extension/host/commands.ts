@@ -13,6 +13,7 @@ import { findOnPath } from '../util/findOnPath';
 import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
 import { DatasetPreviewPanel } from './datasetPreview/panel';
+import { doctorMarkdown, type DoctorSummary } from './doctorView';
 import { formatMiB } from './format';
 import {
   adapterOfRun,
@@ -30,7 +31,7 @@ import {
 } from './newRun';
 import { pickDataset, pickModel, pickPreset, pickRun, rememberModel, SELECTED_DATASET, SELECTED_MODEL } from './pickers';
 import type { RunRegistry } from './runs/registry';
-import { presetDescriptions, readSettings } from './settings';
+import { pathSetting, presetDescriptions, readSettings } from './settings';
 import { TrainerBusyError, type ActiveRun, type TrainerLaunch, type TrainerProcess } from './trainerProcess';
 
 export interface NewFinetuneArgs {
@@ -524,6 +525,18 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     'qlora.tryModel': (arg, checkpoint) => tryModel(arg, checkpoint),
     'qlora.deleteRun': (arg, confirmed) => deleteRun(arg, confirmed),
     'qlora.refreshRuns': () => runs.refresh(),
+    'qlora.checkGpuSetup': async () => {
+      const dir = pathSetting('cudaLibraryPath');
+      const args = ['doctor', '--json', ...(dir ? ['--cuda-lib-dir', dir] : [])];
+      const report = await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: 'Checking the GPU setup…' }, () =>
+        runCliJson<DoctorSummary>(h.launch(), args, { timeoutMs: 60_000 }),
+      );
+      const doc = await vscode.workspace.openTextDocument({ language: 'markdown', content: doctorMarkdown(report) });
+      await vscode.window.showTextDocument(doc, { preview: true });
+      const summary = report.device === 'cuda' ? `Training will use ${report.gpus[0]?.name ?? 'the GPU'} (${report.computeDtype}).` : `Training will run on the CPU: ${report.problems.length} problem${report.problems.length === 1 ? '' : 's'} found.`;
+      void (report.device === 'cuda' ? vscode.window.showInformationMessage(summary) : vscode.window.showWarningMessage(summary));
+      return report;
+    },
     'qlora.showEngineInfo': async () => {
       const info = await runCliJson<{ version: string; backends: string[]; threads: number }>(h.launch(), ['engine-info'], { timeoutMs: 60_000 });
       void vscode.window.showInformationMessage(`QLoRA engine ${info.version}: backends ${info.backends.join(', ')}, ${info.threads} CPU threads.`);

@@ -35,7 +35,7 @@ export function readSettings(): Settings {
  * A setting naming a program or a folder to write to, as the user set it. In an untrusted workspace the
  * workspace's own value is ignored: a cloned repository must not choose the executable we run.
  */
-function pathSetting(key: 'nodePath' | 'runsDirectory'): string {
+export function pathSetting(key: 'nodePath' | 'runsDirectory' | 'cudaLibraryPath'): string {
   const c = vscode.workspace.getConfiguration('qlora');
   if (vscode.workspace.isTrusted) return c.get<string>(key, '').trim();
   return (c.inspect<string>(key)?.globalValue ?? '').trim();

@@ -11,6 +11,7 @@ import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } 
 import { exportOllamaOptions, exportOllamaVerb } from './verbs/exportOllama';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
 import { chatServerVerb } from './verbs/chatServer';
+import { doctorOptions, doctorVerb } from './verbs/doctor';
 import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
@@ -36,6 +37,11 @@ const verbs: Record<string, Verb> = {
     summary: "answer a prompt with a model, a model + adapter or a run's adapter (streamed); --compare shows base and finetuned",
     options: generateOptions,
     run: generateVerb,
+  },
+  doctor: {
+    summary: 'what this machine offers the GPU engine (driver, GPUs, cuBLASLt, NVML) and what to do about each problem',
+    options: doctorOptions,
+    run: doctorVerb,
   },
   'chat-server': {
     summary: 'the process behind the chat panel: holds a model and answers over the IPC channel of the extension that forked it',

@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "backend/backend.h"
+#include "cuda/runtime_probe.h"
 #include "binding/binding_util.h"
 #include "io/model_config.h"
 #include "model/llama.h"
@@ -417,6 +418,7 @@ Napi::Value EngineInfo(const Napi::CallbackInfo& info) {
   o.Set("backends", Napi::Array::New(env));
   Napi::Array backends = o.Get("backends").As<Napi::Array>();
   backends.Set(0u, "cpu");
+  o.Set("cudaCompiled", qlora::cuda::compiled());
 #ifdef _OPENMP
   o.Set("threads", omp_get_max_threads());
 #else
@@ -511,8 +513,9 @@ Napi::Value WriteSafetensors(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-// Defined in tools_binding.cpp: merge and memory estimation.
+// Defined in tools_binding.cpp: merge and memory estimation; in gpu_binding.cpp: the GPU probe.
 void register_tools(Napi::Env env, Napi::Object exports);
+void register_gpu(Napi::Env env, Napi::Object exports);
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("version", Napi::Function::New(env, Version));
@@ -523,6 +526,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("writeSafetensors", Napi::Function::New(env, WriteSafetensors));
   exports.Set("Model", ModelHandle::Define(env));
   register_tools(env, exports);
+  register_gpu(env, exports);
   return exports;
 }
 

@@ -31,6 +31,15 @@ suite('QLoRA Studio in the real extension host', () => {
     await vscode.commands.executeCommand('qlora.showEngineInfo');
   });
 
+  test('qlora.checkGpuSetup reports the driver, cuBLASLt and the device in a document', async () => {
+    const report = await vscode.commands.executeCommand('qlora.checkGpuSetup');
+    assert.ok(report && Array.isArray(report.problems) && typeof report.cudaCompiled === 'boolean', JSON.stringify(report));
+    const doc = vscode.window.activeTextEditor && vscode.window.activeTextEditor.document;
+    assert.ok(doc && /# QLoRA Studio: GPU setup/.test(doc.getText()), 'the report document is not open');
+    if (!report.driver.found) assert.strictEqual(report.device, 'cpu');
+    await vscode.commands.executeCommand('workbench.action.closeActiveEditor');
+  });
+
   test('the extension exports the run registry (runs.list())', async () => {
     const api = await h.api();
     assert.ok(Array.isArray(api.runs.list()));

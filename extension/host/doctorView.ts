@@ -1,0 +1,43 @@
+// The GPU-setup report (`doctor --json`) as the Markdown document QLoRA: Check GPU Setup opens. Pure, unit-tested.
+
+/** What the host reads of the doctor verb's JSON report. */
+export interface DoctorSummary {
+  platform: string;
+  engine: string;
+  cudaCompiled: boolean;
+  cudaRuntimeVersion: string | null;
+  driver: { found: boolean; path: string | null; error: string | null };
+  driverVersion: string | null;
+  driverCudaVersion: string | null;
+  nvml: { found: boolean; path: string | null; error: string | null };
+  cublasLt: { found: boolean; path: string | null; error: string | null; tried: string[] };
+  gpus: { index: number; name: string; memoryTotal: number; memoryFree: number; computeCapability: string }[];
+  computeDtype: string | null;
+  device: 'cuda' | 'cpu';
+  problems: string[];
+}
+
+const GiB = 1024 ** 3;
+const found = (l: { found: boolean; path: string | null; error: string | null }) => (l.found ? `found: \`${l.path}\`` : `**not found**${l.error ? ` (${l.error})` : ''}`);
+
+export function doctorMarkdown(r: DoctorSummary): string {
+  const lines = [
+    '# QLoRA Studio: GPU setup',
+    '',
+    r.device === 'cuda' ? `Training runs on **GPU ${r.gpus[0]?.index ?? 0}** in **${r.computeDtype}**.` : 'Training runs on the **CPU**.',
+    '',
+    '| | |',
+    '|---|---|',
+    `| Platform | ${r.platform} |`,
+    `| Engine | ${r.engine}, CUDA backend ${r.cudaCompiled ? `compiled in (CUDA ${r.cudaRuntimeVersion})` : 'not compiled in'} |`,
+    `| NVIDIA driver | ${found(r.driver)}${r.driverVersion ? `, version ${r.driverVersion}` : ''}${r.driverCudaVersion ? `, supports CUDA ${r.driverCudaVersion}` : ''} |`,
+    `| NVML | ${found(r.nvml)} |`,
+    `| cuBLASLt | ${found(r.cublasLt)} |`,
+  ];
+  for (const g of r.gpus) lines.push(`| GPU ${g.index} | ${g.name}, compute capability ${g.computeCapability}, ${(g.memoryTotal / GiB).toFixed(1)} GiB (${(g.memoryFree / GiB).toFixed(1)} GiB free) |`);
+  if (r.gpus.length === 0) lines.push('| GPUs | none found |');
+  lines.push('', r.problems.length === 0 ? 'No problems found.' : '## What to do', '');
+  for (const p of r.problems) lines.push(`- ${p.replace(/\|/g, '\\|')}`);
+  lines.push('', 'The same report: `qlora-studio doctor` on the command line.', '');
+  return lines.join('\n');
+}

@@ -1,0 +1,52 @@
+// doctor verb: what this machine offers the GPU engine and, for each problem, one sentence on what to do. This is
+// what a user reads when "it does not use my GPU" (the extension's QLoRA: Check GPU Setup shows the same).
+import * as os from 'node:os';
+import { engineVersion, gpuReport, type GpuReport } from '../../engine';
+import { stringOption, type OptionSpec, type ParsedOptions } from '../cliArgs';
+
+export const doctorOptions: Record<string, OptionSpec> = {
+  'cuda-lib-dir': { type: 'string', description: 'a folder holding cuBLASLt, searched first (the qlora.cudaLibraryPath setting; else QLORA_CUDA_LIB_DIR)' },
+  json: { type: 'boolean', description: 'print the report as JSON' },
+};
+
+export interface DoctorReport extends GpuReport {
+  platform: string;
+  node: string;
+  engine: string;
+  /** The device `--device auto` would train on. */
+  device: 'cuda' | 'cpu';
+}
+
+export function doctorReport(libraryDir?: string): DoctorReport {
+  const g = gpuReport(libraryDir);
+  const usable = g.cudaCompiled && g.driver.found && g.cublasLt.found && g.computeDtype !== null && g.runtimeDevices > 0;
+  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, device: usable ? 'cuda' : 'cpu' };
+}
+
+const GiB = 1024 ** 3;
+
+/** The report as the terminal (and the extension's document) shows it. */
+export function doctorText(r: DoctorReport): string {
+  const lib = (name: string, l: GpuReport['cublasLt']) => `${name}: ${l.found ? `found at ${l.path}` : `not found${l.error ? ` (${l.error})` : ''}`}`;
+  const lines = [
+    `platform: ${r.platform}, Node ${r.node}`,
+    `engine: ${r.engine}; CUDA backend ${r.cudaCompiled ? `compiled in (CUDA ${r.cudaRuntimeVersion} runtime, linked statically)` : 'not compiled in'}`,
+    `${lib('NVIDIA driver', r.driver)}${r.driverVersion ? `; version ${r.driverVersion}` : ''}${r.driverCudaVersion ? `, supports CUDA ${r.driverCudaVersion}` : ''}`,
+    lib('NVML', r.nvml),
+    lib('cuBLASLt', r.cublasLt),
+  ];
+  if (r.gpus.length === 0) lines.push('GPUs: none');
+  for (const g of r.gpus) {
+    const extra = [g.utilization !== null ? `${g.utilization}% busy` : null, g.temperature !== null ? `${g.temperature} °C` : null, g.powerW !== null ? `${g.powerW.toFixed(0)} W` : null].filter(Boolean).join(', ');
+    lines.push(`GPU ${g.index}: ${g.name}, compute capability ${g.computeCapability}, ${(g.memoryTotal / GiB).toFixed(1)} GiB (${(g.memoryFree / GiB).toFixed(1)} GiB free)${extra ? `, ${extra}` : ''}`);
+  }
+  lines.push(`training would run on: ${r.device === 'cuda' ? `the GPU, in ${r.computeDtype}` : 'the CPU'}`);
+  if (r.problems.length === 0) lines.push('no problems found');
+  else lines.push('problems:', ...r.problems.map((p) => `  - ${p}`));
+  return lines.join('\n');
+}
+
+export function doctorVerb(o: ParsedOptions): void {
+  const report = doctorReport(stringOption(o, 'cuda-lib-dir'));
+  process.stdout.write((o.json ? JSON.stringify(report) : doctorText(report)) + '\n');
+}

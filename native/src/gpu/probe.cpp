@@ -1,0 +1,195 @@
+#include "gpu/probe.h"
+
+#include <sstream>
+
+#include "cuda/runtime_probe.h"
+#include "gpu/libraries.h"
+
+namespace qlora::gpu {
+
+namespace {
+
+// ---- our declarations of the few driver and NVML functions used (cuda.h / nvml.h, stable C ABI) ----
+using CUresult = int;
+using CuInit = CUresult (*)(unsigned int);
+using CuDriverGetVersion = CUresult (*)(int*);
+
+using nvmlReturn_t = int;
+using nvmlDevice_t = struct nvmlDevice_st*;
+struct nvmlMemory_t {
+  unsigned long long total, free, used;
+};
+struct nvmlUtilization_t {
+  unsigned int gpu, memory;
+};
+constexpr int kNvmlTemperatureGpu = 0;
+using NvmlInit = nvmlReturn_t (*)();
+using NvmlShutdown = nvmlReturn_t (*)();
+using NvmlErrorString = const char* (*)(nvmlReturn_t);
+using NvmlSystemGetDriverVersion = nvmlReturn_t (*)(char*, unsigned int);
+using NvmlDeviceGetCount = nvmlReturn_t (*)(unsigned int*);
+using NvmlDeviceGetHandleByIndex = nvmlReturn_t (*)(unsigned int, nvmlDevice_t*);
+using NvmlDeviceGetName = nvmlReturn_t (*)(nvmlDevice_t, char*, unsigned int);
+using NvmlDeviceGetMemoryInfo = nvmlReturn_t (*)(nvmlDevice_t, nvmlMemory_t*);
+using NvmlDeviceGetCudaComputeCapability = nvmlReturn_t (*)(nvmlDevice_t, int*, int*);
+using NvmlDeviceGetUtilizationRates = nvmlReturn_t (*)(nvmlDevice_t, nvmlUtilization_t*);
+using NvmlDeviceGetTemperature = nvmlReturn_t (*)(nvmlDevice_t, int, unsigned int*);
+using NvmlDeviceGetPowerUsage = nvmlReturn_t (*)(nvmlDevice_t, unsigned int*);
+
+template <typename F>
+F fn(const Library& lib, const char* name) {
+  return reinterpret_cast<F>(lib.symbol(name));
+}
+
+LibraryReport report_of(const Library& lib, const std::vector<std::string>& dirs) {
+  LibraryReport r;
+  r.found = lib.found();
+  r.path = lib.path;
+  r.tried = lib.tried;
+  r.searched = dirs;
+  r.error = lib.error;
+  return r;
+}
+
+// "the loader's search path (LD_LIBRARY_PATH and the system folders), /usr/local/cuda/lib64 and 3 more folders"
+std::string where_looked(const LibraryReport& r, bool windows) {
+  std::ostringstream s;
+  size_t shown = 0;
+  for (const std::string& d : r.searched) {
+    if (shown == 4) break;
+    s << (shown ? ", " : "")
+      << (d.empty() ? (windows ? std::string("the DLL search path") : std::string("the loader's search path (LD_LIBRARY_PATH and the system folders)")) : d);
+    ++shown;
+  }
+  if (r.searched.size() > shown) s << " and " << (r.searched.size() - shown) << " more folders";
+  return s.str();
+}
+
+void probe_driver(GpuReport& report, const std::vector<std::string>& dirs, bool windows) {
+  const Library lib = load_library(cuda_driver_names(windows), dirs);
+  report.driver = report_of(lib, dirs);
+  if (!lib.found()) {
+    report.problems.push_back("No NVIDIA driver was found (" + cuda_driver_names(windows)[0] +
+                              " could not be loaded" + (lib.error.empty() ? "" : ": " + lib.error) +
+                              "); install the NVIDIA driver, 580 or newer, to train on a GPU.");
+    return;
+  }
+  const auto init = fn<CuInit>(lib, "cuInit");
+  const auto version = fn<CuDriverGetVersion>(lib, "cuDriverGetVersion");
+  if (!init || !version || version(&report.driver_cuda_version) != 0) {
+    report.problems.push_back("The NVIDIA driver library at " + lib.path +
+                              " does not answer cuDriverGetVersion; reinstall the NVIDIA driver.");
+    return;
+  }
+  if (const CUresult e = init(0); e != 0)
+    report.problems.push_back("The NVIDIA driver is installed but cuInit failed with error " + std::to_string(e) +
+                              " (is a GPU present, and is its kernel module loaded? nvidia-smi tells).");
+}
+
+void probe_nvml(GpuReport& report, const std::vector<std::string>& dirs, bool windows) {
+  const Library lib = load_library(nvml_names(windows), dirs);
+  report.nvml = report_of(lib, dirs);
+  if (!lib.found()) return;  // the driver problem above already says what to install
+  const auto init = fn<NvmlInit>(lib, "nvmlInit_v2");
+  const auto shutdown = fn<NvmlShutdown>(lib, "nvmlShutdown");
+  const auto error_string = fn<NvmlErrorString>(lib, "nvmlErrorString");
+  if (!init || !shutdown) {
+    report.problems.push_back("NVML at " + lib.path + " lacks nvmlInit_v2; GPU telemetry is unavailable.");
+    return;
+  }
+  if (const nvmlReturn_t e = init(); e != 0) {
+    report.problems.push_back(std::string("NVML could not start (") + (error_string ? error_string(e) : "error") +
+                              "); GPU telemetry is unavailable.");
+    return;
+  }
+  char text[96] = {0};
+  if (const auto dv = fn<NvmlSystemGetDriverVersion>(lib, "nvmlSystemGetDriverVersion"); dv && dv(text, sizeof text) == 0)
+    report.driver_version = text;
+  unsigned int count = 0;
+  const auto get_count = fn<NvmlDeviceGetCount>(lib, "nvmlDeviceGetCount_v2");
+  const auto get_handle = fn<NvmlDeviceGetHandleByIndex>(lib, "nvmlDeviceGetHandleByIndex_v2");
+  if (get_count && get_handle && get_count(&count) == 0) {
+    for (unsigned int i = 0; i < count; ++i) {
+      nvmlDevice_t dev = nullptr;
+      if (get_handle(i, &dev) != 0) continue;
+      GpuInfo g;
+      g.index = static_cast<int>(i);
+      char name[96] = {0};
+      if (const auto f = fn<NvmlDeviceGetName>(lib, "nvmlDeviceGetName"); f && f(dev, name, sizeof name) == 0) g.name = name;
+      nvmlMemory_t mem{};
+      if (const auto f = fn<NvmlDeviceGetMemoryInfo>(lib, "nvmlDeviceGetMemoryInfo"); f && f(dev, &mem) == 0) {
+        g.memory_total = mem.total;
+        g.memory_free = mem.free;
+        g.memory_used = mem.used;
+      }
+      if (const auto f = fn<NvmlDeviceGetCudaComputeCapability>(lib, "nvmlDeviceGetCudaComputeCapability"))
+        f(dev, &g.cc_major, &g.cc_minor);
+      nvmlUtilization_t u{};
+      if (const auto f = fn<NvmlDeviceGetUtilizationRates>(lib, "nvmlDeviceGetUtilizationRates"); f && f(dev, &u) == 0)
+        g.utilization = static_cast<int>(u.gpu);
+      unsigned int t = 0;
+      if (const auto f = fn<NvmlDeviceGetTemperature>(lib, "nvmlDeviceGetTemperature");
+          f && f(dev, kNvmlTemperatureGpu, &t) == 0)
+        g.temperature = static_cast<int>(t);
+      unsigned int mw = 0;
+      if (const auto f = fn<NvmlDeviceGetPowerUsage>(lib, "nvmlDeviceGetPowerUsage"); f && f(dev, &mw) == 0)
+        g.power_w = mw / 1000.0;
+      report.gpus.push_back(g);
+    }
+  }
+  shutdown();
+}
+
+}  // namespace
+
+std::string cuda_version_text(int version) {
+  return std::to_string(version / 1000) + "." + std::to_string((version % 1000) / 10);
+}
+
+GpuReport probe(const std::string& library_dir) {
+  GpuReport report;
+  const SearchEnv env = current_search_env(library_dir);
+  const std::vector<std::string> dirs = search_dirs(env);
+  report.cuda_compiled = cuda::compiled();
+  report.runtime_version = cuda::runtime_version();
+  if (!report.cuda_compiled)
+    report.problems.push_back("This build of the engine has no CUDA backend (nvcc was not found when it was built); "
+                              "rebuild it on a machine with the CUDA 13 toolkit (npm ci).");
+
+  // The driver and NVML come with the NVIDIA driver: the loader's own search first, the same folders after.
+  probe_driver(report, dirs, env.windows);
+  probe_nvml(report, dirs, env.windows);
+  if (report.driver.found && report.driver_cuda_version > 0 && report.driver_cuda_version < kMinDriverCudaVersion)
+    report.problems.push_back("The NVIDIA driver" + (report.driver_version.empty() ? "" : " " + report.driver_version) +
+                              " supports CUDA " + cuda_version_text(report.driver_cuda_version) +
+                              "; the engine's CUDA 13 runtime needs driver 580 or newer: update the NVIDIA driver.");
+  if (report.driver.found && report.nvml.found && report.gpus.empty())
+    report.problems.push_back("The NVIDIA driver is installed but sees no GPU.");
+
+  const Library cublas = load_library(cublaslt_names(env.windows), dirs);
+  report.cublaslt = report_of(cublas, dirs);
+  if (!cublas.found()) {
+    report.problems.push_back(
+        "cuBLASLt (" + cublaslt_names(env.windows)[0] + ") was not found in " + where_looked(report.cublaslt, env.windows) +
+        ": install the CUDA 13 toolkit or the nvidia-cublas wheel for CUDA 13 (pip install nvidia-cublas), or set "
+        "qlora.cudaLibraryPath (QLORA_CUDA_LIB_DIR) to the folder that holds it.");
+  }
+
+  if (report.cuda_compiled && report.driver.found)
+    report.runtime_devices = cuda::device_count(&report.runtime_error);
+
+  int best = 0;
+  for (const GpuInfo& g : report.gpus) {
+    const int cc = g.cc_major * 10 + g.cc_minor;
+    if (cc > 0 && cc < kMinComputeCapability)
+      report.problems.push_back("GPU " + std::to_string(g.index) + " (" + g.name + ", compute capability " +
+                                std::to_string(g.cc_major) + "." + std::to_string(g.cc_minor) +
+                                ") is older than Turing (7.5), the oldest GPU the engine supports.");
+    best = cc > best ? cc : best;
+  }
+  if (best >= 80) report.compute_dtype = "bf16";
+  else if (best >= kMinComputeCapability) report.compute_dtype = "fp16";
+  return report;
+}
+
+}  // namespace qlora::gpu

@@ -1,0 +1,55 @@
+// doctor: on a machine without an NVIDIA driver (this one, CI's) it says so in sentences and picks the CPU; its JSON
+// has the fields the issue names; a cuBLASLt folder given by the user is searched first, and a file there that does
+// not load is named with the loader's reason. The extension's document shows the same.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { engineInfo } from '../../extension/engine';
+import { doctorMarkdown, type DoctorSummary } from '../../extension/host/doctorView';
+import { cliPath, tempDir } from '../helpers/paths';
+
+const doctor = (...args: string[]) => execFileSync(process.execPath, [cliPath, 'doctor', ...args], { encoding: 'utf8' });
+
+test('doctor --json: cudaCompiled, gpus, cublasLt, nvml, problems; without a driver the CPU and one sentence per problem', () => {
+  const r = JSON.parse(doctor('--json')) as DoctorSummary & { nvml: { found: boolean; path: string | null } };
+  assert.equal(r.cudaCompiled, engineInfo().cudaCompiled);
+  for (const key of ['gpus', 'problems'] as const) assert.ok(Array.isArray(r[key]), key);
+  for (const lib of [r.cublasLt, r.nvml]) assert.ok(typeof lib.found === 'boolean' && (lib.found ? typeof lib.path === 'string' : lib.path === null));
+  if (!r.driver.found) {
+    assert.equal(r.device, 'cpu');
+    assert.deepEqual(r.gpus, []);
+    assert.match(r.problems[r.cudaCompiled ? 0 : 1], /^No NVIDIA driver was found \(libcuda\.so\.1 could not be loaded: .*\); install the NVIDIA driver, 580 or newer/);
+    for (const p of r.problems) assert.ok(!p.includes('\n') && p.endsWith('.'), p);
+  }
+  const text = doctor();
+  assert.match(text, /^platform: /);
+  assert.match(text, r.device === 'cuda' ? /training would run on: the GPU/ : /training would run on: the CPU/);
+});
+
+test('a cuBLASLt folder from qlora.cudaLibraryPath is searched first; a file there that does not load is named', () => {
+  const dir = tempDir('doctor-lib');
+  fs.writeFileSync(path.join(dir, 'libcublasLt.so.13'), 'not a library');
+  const r = JSON.parse(doctor('--json', '--cuda-lib-dir', dir)) as DoctorSummary;
+  assert.equal(r.cublasLt.found, false);
+  assert.equal(r.cublasLt.tried[0], path.join(dir, 'libcublasLt.so.13'));
+  assert.match(r.cublasLt.error ?? '', /libcublasLt\.so\.13/);
+  const problem = r.problems.find((p) => p.startsWith('cuBLASLt'))!;
+  assert.ok(problem.includes(dir), problem);
+});
+
+test('the Check GPU Setup document: the device, each library, the GPUs and what to do', () => {
+  const md = doctorMarkdown({
+    platform: 'linux x64', engine: '0.1.0', cudaCompiled: true, cudaRuntimeVersion: '13.0',
+    driver: { found: true, path: 'libcuda.so.1', error: null }, driverVersion: '580.65.06', driverCudaVersion: '13.0',
+    nvml: { found: true, path: 'libnvidia-ml.so.1', error: null },
+    cublasLt: { found: false, path: null, error: 'libcublasLt.so.13: cannot open shared object file', tried: ['libcublasLt.so.13'] },
+    gpus: [{ index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * 1024 ** 3, memoryFree: 79 * 1024 ** 3, computeCapability: '9.0' }],
+    computeDtype: 'bf16', device: 'cpu', problems: ['cuBLASLt (libcublasLt.so.13) was not found in a | b: install it.'],
+  });
+  assert.match(md, /Training runs on the \*\*CPU\*\*/);
+  assert.match(md, /\| GPU 0 \| NVIDIA H100 80GB HBM3, compute capability 9\.0, 80\.0 GiB \(79\.0 GiB free\) \|/);
+  assert.match(md, /\| cuBLASLt \| \*\*not found\*\* \(libcublasLt\.so\.13: cannot open shared object file\) \|/);
+  assert.match(md, /## What to do\n\n- cuBLASLt .* a \\\| b: install it\./);
+});
