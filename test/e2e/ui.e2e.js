@@ -205,8 +205,20 @@ async function setTheme(label, cls) {
           await waitFor(`a row matching "${answer[1]}"`, () => page.locator('.quick-input-list .monaco-list-row', { hasText: answer[1] }).first().isVisible(), 15000);
         }
         await page.keyboard.press('Enter'); // an InputBox (run name): accept the proposed value
-        await waitFor('the QuickPick to move on', async () => !(await quickInput().isVisible()) ||
-          (await page.locator('.quick-input-widget .quick-input-title').innerText().catch(() => '')).trim() !== title, 15000);
+        // The dataset preview opening beside the flow can take the keyboard focus from the input just as Enter is
+        // pressed (the input stays up: ignoreFocusOut); a user would click into it and press Enter again.
+        let pressedAt = Date.now();
+        await waitFor('the QuickPick to move on', async () => {
+          const moved = !(await quickInput().isVisible()) ||
+            (await page.locator('.quick-input-widget .quick-input-title').innerText().catch(() => '')).trim() !== title;
+          if (!moved && Date.now() - pressedAt > 3000) {
+            lap(`  "${title}" still open: focusing it and pressing Enter again`);
+            await page.locator('.quick-input-widget input').click().catch(() => {});
+            await page.keyboard.press('Enter');
+            pressedAt = Date.now();
+          }
+          return moved;
+        }, 20000);
       }
       runDir = await waitFor('a new run folder with events', () => { const r = latestRun(); return r && r !== before && events(r).length && r; }, 60000);
       lap(`  run folder ${runDir}`);
