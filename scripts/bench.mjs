@@ -218,7 +218,8 @@ function benchGeneration() {
   console.log(`\nGeneration on the CPU (${addon.engineInfo().threads} threads), NF4 base, LoRA r=16 applied, batch 1:`);
   generationFigures(small, 256, 64);
   generationFigures(wideModel(), 256, 32);
-  console.log('  (the CPU path dequantizes each NF4 weight for every token; the 1B/8B shapes and the fused decode kernel are GPU figures)');
+  console.log('  (decode reads the NF4 codes in place, dequantizing inside the matrix-vector product; prefill dequantizes a layer at a');
+  console.log('  time for the GEMM. The 1B/8B shapes are GPU figures.)');
 }
 
 if (enabled('QLORA_BENCH_TRAIN')) benchTraining();

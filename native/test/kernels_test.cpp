@@ -2,6 +2,7 @@
 // AdamW step against hand-computed values. For an op y = f(x) and a random upstream gradient dy, the scalar
 // L = sum(dy * f(x)) has dL/dx = backward(dy); each input element is perturbed by ±h and compared.
 #include <functional>
+#include <cmath>
 #include <random>
 #include <vector>
 
@@ -235,4 +236,20 @@ TEST(kernel_adamw_step_matches_hand_computation) {
   const double m2 = 0.9 * 0.05 + 0.1 * 0.25, v2 = 0.999 * 0.001 * 0.25 + 0.001 * 0.0625;
   const double expected = p1 * 0.999 - (0.1 / (1 - 0.81)) * m2 / (std::sqrt(v2) / std::sqrt(1 - 0.999 * 0.999) + 1e-8);
   EXPECT_NEAR(p[0], expected, 1e-12);
+}
+
+TEST(kernel_gemm_few_rows_equals_the_blocked_path_bit_for_bit) {
+  // x·W^T for 1..4 rows takes gemm_nt_few_rows; the same rows inside a 7-row product take the blocked path.
+  const int64_t N = 37, K = 53;
+  std::mt19937 gen(40);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> a(7 * K), b(N * K), big(7 * N);
+  for (float& v : a) v = dist(gen);
+  for (float& v : b) v = dist(gen);
+  cpu::gemm<float>(false, true, 7, N, K, 1.0f, a.data(), b.data(), 0.0f, big.data());
+  for (int64_t M = 1; M <= cpu::kFewRows; ++M) {
+    std::vector<float> few(M * N, std::nanf(""));
+    cpu::gemm<float>(false, true, M, N, K, 1.0f, a.data(), b.data(), 0.0f, few.data());
+    for (int64_t i = 0; i < M * N; ++i) EXPECT_TRUE(few[i] == big[i], "row-major index ", i, ": ", few[i], " vs ", big[i]);
+  }
 }

@@ -223,3 +223,24 @@ TEST(model_decode_with_kv_cache_matches_full_forward) {
   const std::vector<float> again = model->decode(kIds.data() + 4, 4, cache, adapter.get());
   for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(first[j], again[j], 1e-5);
 }
+
+TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
+  // Awkward sizes: rows of 100 weights, so blocks of 64 straddle rows; every rounding the quant state can ask for.
+  auto backend = make_cpu_backend();
+  const int64_t out = 7, in = 100, n = out * in, blocksize = 64;
+  std::vector<uint8_t> packed(static_cast<size_t>(n / 2));
+  std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
+  for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
+  for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
+  for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
+    std::vector<float> w(static_cast<size_t>(n));
+    backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
+    for (int64_t rows = 1; rows <= 3; ++rows) {
+      std::vector<float> want(rows * out), got(rows * out);
+      backend->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, want.data());
+      backend->nf4_matmul_nt(x.data(), rows, packed.data(), absmax.data(), out, in, blocksize, rt, got.data());
+      for (int64_t i = 0; i < rows * out; ++i) EXPECT_TRUE(got[i] == want[i], "index ", i, ": ", got[i], " vs ", want[i]);
+    }
+  }
+}

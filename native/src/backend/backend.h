@@ -39,6 +39,9 @@ class MemoryTracker {
   MemoryStats stats_;
 };
 
+// The most rows nf4_matmul_nt takes: generation's prefill of a few tokens and token-by-token decode.
+constexpr int64_t kNf4MatmulMaxRows = 4;
+
 // Storage dtype of the dequantized NF4 values (the quant state's dtype): values are rounded to it.
 enum class RoundTo { F32, BF16, F16 };
 
@@ -96,6 +99,11 @@ class Backend {
   // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.
   virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
                               float* out) = 0;
+  // y [rows, out] = x [rows, in] · W^T (rows <= kNf4MatmulMaxRows) with W [out, in] dequantized on the fly as nf4_dequantize would (rounded to
+  // `round_to`), never written out: generation's few-row products read the 4-bit weights once. Equal to
+  // nf4_dequantize followed by gemm(false, true, ...) bit for bit.
+  virtual void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
+                             int64_t in, int blocksize, RoundTo round_to, float* y) = 0;
   // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p.
   virtual void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                        float* out) = 0;

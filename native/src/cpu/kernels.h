@@ -17,10 +17,33 @@ namespace qlora::cpu {
 // op(B) = B ([K,N]) or B^T (B stored [N,K]). So x·W^T is gemm(false, true, ...). Both operands are first packed
 // row-major so the inner loop is a contiguous axpy the compiler vectorizes; rows of C are split across threads and
 // each thread updates four rows per pass over a row of B.
+// C[m, n] = alpha * sum_k A[m, k] B[n, k] (+ beta C) for a handful of rows m: generation's x·W^T. Each sum runs over
+// k in order in T, exactly as gemm's inner loop accumulates it, so the result equals gemm's bit for bit; threads
+// split the outputs n (gemm splits rows, which would leave one thread working), and W is read in place instead of
+// being packed (transposed) first.
+template <typename T>
+void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) {
+    const T* bn = B + n * K;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* am = A + m * K;
+      T acc = T(0);
+      for (int64_t k = 0; k < K; ++k) acc += am[k] * bn[k];
+      T* c = C + m * N + n;
+      *c = beta == T(0) ? alpha * acc : beta * *c + alpha * acc;
+    }
+  }
+}
+
+// Rows that take gemm_nt_few_rows.
+constexpr int64_t kFewRows = 4;
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta,
           T* C) {
   if (M == 0 || N == 0) return;
+  if (!trans_a && trans_b && M <= kFewRows) return gemm_nt_few_rows(M, N, K, alpha, A, B, beta, C);
   std::vector<T> a_packed, b_packed;
   const T* a = A;
   if (trans_a) {

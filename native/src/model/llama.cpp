@@ -170,7 +170,11 @@ const float* LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
 void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
                                 float* lora_t, Workspace& ws, const RunOptions& opt) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
-  backend_->gemm(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
+  if (w.quantized() && rows <= kNf4MatmulMaxRows)
+    // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
+    backend_->nf4_matmul_nt(x, rows, w.packed.get(), w.absmax.get(), w.out, w.in, w.blocksize, w.round_to, y);
+  else
+    backend_->gemm(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
   LoraParam* p = adapter && opt.lora_scale != 0.0 ? adapter->param(layer, m) : nullptr;
   if (!p) return;
@@ -474,7 +478,8 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   const int64_t n = count, qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
   const int64_t half = c.head_dim / 2;
   Workspace ws;
-  ws.weight.reset(be, max_linear_size(c), work);
+  // few rows read NF4 weights in place (nf4_matmul_nt); only a longer prefill dequantizes a layer at a time
+  if (n > kNf4MatmulMaxRows) ws.weight.reset(be, max_linear_size(c), work);
   DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
   DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);
   DeviceArray<float> h(be, n * c.hidden_size, act), g(be, n * c.intermediate_size, act);

@@ -98,6 +98,7 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
 
 void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out) {
   check_blocksize(blocksize, "nf4::dequantize");
+#pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t byte = packed[i / 2];
     const uint8_t code = (i % 2 == 0) ? static_cast<uint8_t>(byte >> 4) : static_cast<uint8_t>(byte & 0x0f);
