@@ -52,17 +52,20 @@ export async function loadChatModel(source: ChatModelSource): Promise<ChatModel>
     engine.dispose();
     throw err;
   }
-  const generationConfig = readGenerationConfig(modelDir);
-  const stopTokenIds = [...new Set([tok.eosId, ...config.eosTokenIds, ...generationConfig.eosTokenIds])];
   return {
     engine,
     tok,
     modelDir,
     adapterDir,
-    stopTokenIds,
-    defaultSampling: generationConfig.sampling,
+    stopTokenIds: stopTokenIds(tok, config.eosTokenIds),
+    defaultSampling: readGenerationConfig(modelDir).sampling,
     dispose: () => engine.dispose(),
   };
+}
+
+/** The tokens that end an answer: the tokenizer's EOS, config.json's eos_token_id(s) and generation_config.json's. */
+export function stopTokenIds(tok: ModelTokenizer, configEosIds: readonly number[]): number[] {
+  return [...new Set([tok.eosId, ...configEosIds, ...readGenerationConfig(tok.modelDir).eosTokenIds])];
 }
 
 function runQuantized(run: string): boolean {
@@ -110,7 +113,7 @@ export class ChatColumn {
   private tokens: number[] = [];
 
   /** `loraScale` 0 is the base model; 1 the finetuned one. */
-  constructor(private readonly chat: ChatModel, readonly loraScale: number) {
+  constructor(private readonly chat: ChatModel, loraScale: number) {
     this.session = chat.engine.startGeneration({ loraScale });
   }
 
@@ -128,11 +131,6 @@ export class ChatColumn {
     const result = await generate(this.session, this.chat.tok, prompt.slice(common), { ...options, stopTokenIds: this.chat.stopTokenIds }, prompt);
     this.tokens = [...prompt, ...result.ids].slice(0, this.session.length);
     return result;
-  }
-
-  /** Tokens held in the cache. */
-  get cachedTokens(): number {
-    return this.tokens.length;
   }
 
   end(): void {

@@ -3,13 +3,14 @@
 // the base model (adapter scale 0) and the finetuned one, each with its own KV cache kept between turns. Requests
 // run concurrently: two answers interleave token by token, so both columns stream at once. When the host goes away
 // (the panel closed), the process ends and the model is freed.
+import * as fs from 'node:fs';
 import * as path from 'node:path';
+import type { ChatMessage } from '../data';
 import { sharedSystemMessage } from '../export/ollama';
 import type { ChatColumnId, ChatModelInfo, ChatSettings, ChatSource, HostToServer, ServerToHost } from '../protocol/chat';
 import { listCheckpoints } from '../trainer/checkpoints';
 import { ChatColumn, loadChatModel, type ChatModel } from './chatModel';
 import { evalPrompts } from './suggestions';
-import * as fs from 'node:fs';
 
 /** Default answer length in the panel; the model's generation_config gives the sampling defaults. */
 const DEFAULT_MAX_NEW_TOKENS = 512;
@@ -105,7 +106,7 @@ export class ChatServer {
     };
   }
 
-  private async generate(id: number, columnId: ChatColumnId, messages: Parameters<ChatColumn['answer']>[0], settings: ChatSettings, signal: AbortSignal): Promise<void> {
+  private async generate(id: number, columnId: ChatColumnId, messages: ChatMessage[], settings: ChatSettings, signal: AbortSignal): Promise<void> {
     try {
       await this.loading;
       const column = this.columns.get(columnId);

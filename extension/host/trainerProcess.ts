@@ -22,6 +22,20 @@ export interface TrainerLaunch {
 
 export type ForkFunction = (modulePath: string, args: readonly string[], options: ForkOptions) => ChildProcess;
 
+/**
+ * `cli.js <args>` as a child with an IPC channel and piped stdout/stderr (the trainer, the chat server). VS Code's own
+ * binary acts as plain Node with ELECTRON_RUN_AS_NODE; execArgv is cleared so the extension host's inspector and
+ * loader flags do not leak into the child.
+ */
+export function forkCli(forkFn: ForkFunction, launch: TrainerLaunch, args: readonly string[]): ChildProcess {
+  return forkFn(launch.cliPath, args, {
+    execPath: launch.execPath,
+    execArgv: [],
+    env: { ...process.env, ELECTRON_RUN_AS_NODE: '1' },
+    stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
+  });
+}
+
 export interface RunEnd {
   runDir: string;
   status: Exclude<RunStatus, 'running'>;
@@ -120,14 +134,7 @@ export class TrainerProcess {
     this.output.appendLine(`[${new Date().toLocaleTimeString()}] ${verb} ${runDir}`);
     this.output.appendLine(`$ ${[execPath, cliPath, ...args].map((a) => (/\s/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
 
-    // VS Code's own binary acts as plain Node with ELECTRON_RUN_AS_NODE; execArgv is cleared so the extension
-    // host's inspector and loader flags do not leak into the trainer.
-    const child = this.forkFn(cliPath, args, {
-      execPath,
-      execArgv: [],
-      env: { ...process.env, ELECTRON_RUN_AS_NODE: '1' },
-      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-    });
+    const child = forkCli(this.forkFn, { cliPath, execPath }, args);
 
     const stderr: string[] = [];
     let finished: FinishedEvent | undefined;

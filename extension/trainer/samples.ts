@@ -3,7 +3,7 @@
 // Greedy and bounded, so an answer depends only on the adapter and costs little beside a training step.
 import { renderGenerationPrompt, type ModelTokenizer } from '../data';
 import type { EngineModel } from '../engine';
-import { readGenerationConfig } from '../generate/chatModel';
+import { stopTokenIds } from '../generate/chatModel';
 import { generate } from '../generate/generate';
 import { GREEDY } from '../generate/sampling';
 import type { SampleEvent } from '../protocol/events';
@@ -26,7 +26,7 @@ export class TrainingSamples {
         throw new Error(`sample prompt ${i + 1} cannot be rendered with the model's chat template: ${(err as Error).message}`);
       }
     });
-    this.stopTokenIds = [...new Set([tok.eosId, ...model.config().eosTokenIds, ...readGenerationConfig(tok.modelDir).eosTokenIds])];
+    this.stopTokenIds = stopTokenIds(tok, model.config().eosTokenIds);
   }
   get count(): number {
     return this.prompts.length;

@@ -4,8 +4,7 @@
 import * as path from 'node:path';
 import * as vscode from 'vscode';
 import { validateChatWebviewMessage, type ChatHostToWebview, type ChatSource } from '../../protocol/chat';
-import { buildWebviewHtml, makeNonce } from '../panel/html';
-import { webviewOptions } from '../panel/session';
+import { webviewHtml, webviewOptions } from '../panel/session';
 import type { OutputSink, TrainerLaunch } from '../trainerProcess';
 import { ChatProcess } from './chatProcess';
 import { ChatSession } from './chatSession';
@@ -57,8 +56,7 @@ export class ChatPanels implements vscode.Disposable {
       retainContextWhenHidden: false,
     });
     panel.iconPath = vscode.Uri.joinPath(this.extensionUri, 'media', 'icon.svg');
-    const dist = (file: string) => panel.webview.asWebviewUri(vscode.Uri.joinPath(this.extensionUri, 'dist', file)).toString();
-    panel.webview.html = buildWebviewHtml({ cspSource: panel.webview.cspSource, scriptUri: dist('chat.js'), styleUri: dist('chat.css'), nonce: makeNonce(), title });
+    panel.webview.html = webviewHtml(panel.webview, this.extensionUri, title, 'chat');
 
     const process = new ChatProcess(this.launch(), this.output);
     const post = (message: ChatHostToWebview) => void panel.webview.postMessage(message);

@@ -13,7 +13,7 @@ import {
   type ChatSource,
   type HostToServer,
 } from '../../protocol/chat';
-import { failureFromStderr, LineSplitter, type ForkFunction, type OutputSink, type TrainerLaunch } from '../trainerProcess';
+import { failureFromStderr, forkCli, LineSplitter, type ForkFunction, type OutputSink, type TrainerLaunch } from '../trainerProcess';
 
 export interface ChatAnswer {
   text: string;
@@ -41,12 +41,7 @@ export class ChatProcess {
   readonly exited: Promise<void>;
 
   constructor(launch: TrainerLaunch, private readonly output: OutputSink, forkFn: ForkFunction = fork) {
-    this.child = forkFn(launch.cliPath, ['chat-server'], {
-      execPath: launch.execPath,
-      execArgv: [],
-      env: { ...process.env, ELECTRON_RUN_AS_NODE: '1' },
-      stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-    });
+    this.child = forkCli(forkFn, launch, ['chat-server']);
     const err = new LineSplitter((line) => {
       this.output.appendLine(`[chat] ${line}`);
       this.stderr.push(line);

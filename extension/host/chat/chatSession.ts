@@ -25,7 +25,8 @@ export class ChatSession {
   private info: ChatModelInfo | null = null;
   private loadError: string | null = null;
   private turns: Turn[] = [];
-  private readonly running = new Set<number>();
+  /** Answers being written, by request id, each settling when its answer is done (or failed). */
+  private readonly running = new Map<number, Promise<void>>();
   private loading: Promise<void> | null = null;
 
   constructor(
@@ -61,7 +62,7 @@ export class ChatSession {
       case 'ask':
         return this.ask(message.prompt, message.system, message.settings);
       case 'stop':
-        for (const id of this.running) this.backend.cancel(id);
+        for (const id of this.running.keys()) this.backend.cancel(id);
         return;
       case 'clear':
         await this.stopAll();
@@ -116,8 +117,8 @@ export class ChatSession {
   }
 
   private async stopAll(): Promise<void> {
-    for (const id of this.running) this.backend.cancel(id);
-    while (this.running.size > 0) await new Promise((resolve) => setTimeout(resolve, 10));
+    for (const id of this.running.keys()) this.backend.cancel(id);
+    await Promise.all(this.running.values());
   }
 
   /** The conversation as `column` has seen it, ending with the new prompt. */
@@ -159,8 +160,7 @@ export class ChatSession {
         entry.answers[column] += text;
         this.post({ type: 'delta', column, turn, text });
       });
-      this.running.add(id);
-      return done.then(
+      const settled = done.then(
         (answer) => {
           entry.answers[column] = answer.text;
           entry.stats[column] = answer.stats;
@@ -172,6 +172,8 @@ export class ChatSession {
           this.post({ type: 'done', column, turn, stats: entry.stats[column] });
         },
       ).finally(() => this.running.delete(id));
+      this.running.set(id, settled);
+      return settled;
     });
     await Promise.all(requests);
   }

@@ -16,9 +16,10 @@ export function webviewOptions(extensionUri: vscode.Uri): vscode.WebviewOptions 
   return { enableScripts: true, localResourceRoots: [vscode.Uri.joinPath(extensionUri, 'dist'), vscode.Uri.joinPath(extensionUri, 'media')] };
 }
 
-export function webviewHtml(webview: vscode.Webview, extensionUri: vscode.Uri, title: string): string {
+/** The HTML of a webview running the app bundled as dist/<bundle>.js and dist/<bundle>.css. */
+export function webviewHtml(webview: vscode.Webview, extensionUri: vscode.Uri, title: string, bundle: 'webview' | 'chat' = 'webview'): string {
   const dist = (file: string) => webview.asWebviewUri(vscode.Uri.joinPath(extensionUri, 'dist', file)).toString();
-  return buildWebviewHtml({ cspSource: webview.cspSource, scriptUri: dist('webview.js'), styleUri: dist('webview.css'), nonce: makeNonce(), title });
+  return buildWebviewHtml({ cspSource: webview.cspSource, scriptUri: dist(`${bundle}.js`), styleUri: dist(`${bundle}.css`), nonce: makeNonce(), title });
 }
 
 /** The run a restored webview showed, from the state it saved with setState ({runDir}); anything else: none. */
