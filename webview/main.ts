@@ -8,6 +8,7 @@ import '@vscode-elements/elements/dist/vscode-progress-bar/index.js';
 import { validateHostMessage, type HostToWebview, type PanelAction, type RunStatus, type WebviewToHost } from '../extension/protocol/webview';
 import { RunCharts, CHART_SPECS, type ChartId } from './charts';
 import { readPalette, themeKind, type ThemeKind } from './colors';
+import { el } from './dom';
 import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from './format';
 import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, type RunView } from './model';
 import './styles.css';
@@ -30,15 +31,6 @@ const vscode = acquireVsCodeApi();
 
 // ---------------------------------------------------------------------------------------------------------------
 // DOM
-
-function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: { id?: string; className?: string; text?: string } = {}, ...children: Node[]): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  if (props.id) node.id = props.id;
-  if (props.className) node.className = props.className;
-  if (props.text !== undefined) node.textContent = props.text;
-  node.append(...children);
-  return node;
-}
 
 function button(action: PanelAction, secondary: boolean): HTMLElement {
   const b = el('vscode-button', { text: ACTION_LABELS[action] });

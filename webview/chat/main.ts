@@ -18,6 +18,7 @@ import {
   type ChatSettings,
   type ChatWebviewToHost,
 } from '../../extension/protocol/chat';
+import { el } from '../dom';
 import { describeStats, parseStopStrings } from './format';
 import './chat.css';
 
@@ -29,15 +30,6 @@ const vscode = acquireVsCodeApi();
 
 /** vscode-textarea / vscode-textfield / vscode-single-select: all expose `value`. */
 type ValueElement = HTMLElement & { value: string };
-
-function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: { id?: string; className?: string; text?: string } = {}, ...children: Node[]): HTMLElementTagNameMap[K] {
-  const node = document.createElement(tag);
-  if (props.id) node.id = props.id;
-  if (props.className) node.className = props.className;
-  if (props.text !== undefined) node.textContent = props.text;
-  node.append(...children);
-  return node;
-}
 
 function custom(tag: string, attrs: Record<string, string> = {}, text?: string): ValueElement {
   const node = document.createElement(tag) as ValueElement;
