@@ -1,19 +1,7 @@
 // Number formatting for the panel's header, counters and chart ticks. Pure; shared by the DOM code and the tests.
 
-const BYTE_UNITS = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-
 /** 1536 → "1.5 KiB"; binary units, as the engine's memory accounting uses. */
-export function formatBytes(bytes: number): string {
-  if (!Number.isFinite(bytes)) return String(bytes);
-  let value = Math.abs(bytes);
-  let unit = 0;
-  while (value >= 1024 && unit < BYTE_UNITS.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  const digits = unit === 0 || value >= 100 ? 0 : value >= 10 ? 1 : 2;
-  return `${bytes < 0 ? '-' : ''}${value.toFixed(digits)} ${BYTE_UNITS[unit]}`;
-}
+export { formatBinaryBytes as formatBytes } from '../extension/util/bytes';
 
 /** Seconds → "45s", "3m 05s", "2h 07m". */
 export function formatDuration(seconds: number): string {

@@ -227,6 +227,16 @@ function renderDetails(): void {
   const f = ui.details;
   f.set('trainable', 'trainable parameters', s ? formatCount(s.trainableParameters) : null);
   f.set('resumed', 'resumed from step', s?.resumedFrom != null ? formatCount(s.resumedFrom) : null);
+  const dev = s?.device;
+  f.set('device', 'device', dev
+    ? `${dev.kind === 'cuda' ? 'GPU' : 'CPU'}: ${dev.name}, ${dev.computeDtype}` +
+      (dev.memoryBudget !== null ? `; budget ${formatBytes(dev.memoryBudget)}${dev.pagedOptimizer ? ', optimizer paged to host memory' : ''}` : '')
+    : null);
+  const g = view.gpu;
+  f.set('gpu', 'GPU now', g
+    ? [`${formatBytes(g.memoryUsed)} of ${formatBytes(g.memoryTotal)} used`, g.utilization !== null ? `${g.utilization}% busy` : null,
+      g.temperature !== null ? `${g.temperature} °C` : null, g.powerW !== null ? `${Math.round(g.powerW)} W` : null].filter((x) => x !== null).join(', ')
+    : null);
   f.set('estimate', 'estimated peak memory', s?.memoryEstimate ? formatBytes(s.memoryEstimate.peakTotal) : null);
   f.set('dataset', 'dataset', d ? `${d.file} (${d.format}, ${d.shape}, template ${d.template})` : null);
   f.set('examples', 'examples', d ? `${formatCount(d.trainExamples)} train, ${formatCount(d.evalExamples)} eval` : null);

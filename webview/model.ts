@@ -1,7 +1,7 @@
 // The training panel's view-model: trainer events in, everything the panel draws out (chart series, header numbers,
 // paging counters, warnings). Pure, with no DOM and no chart.js, so it is unit-tested under node and the webview
 // only copies its arrays into charts. It imports only from extension/protocol, which the webview bundle shares.
-import { MEMORY_CATEGORIES, type DatasetStats, type MemoryCategory, type MemoryEstimate, type TrainerEvent } from '../extension/protocol/events';
+import { MEMORY_CATEGORIES, type DatasetStats, type GpuEvent, type MemoryCategory, type MemoryEstimate, type RunDevice, type TrainerEvent } from '../extension/protocol/events';
 import type { PanelAction, RunStatus } from '../extension/protocol/webview';
 
 /** One chart point, already in chart.js's internal {x, y} format (the charts skip parsing). */
@@ -59,6 +59,8 @@ export interface RunStart {
   memoryEstimate: MemoryEstimate | null;
   totalSteps: number;
   resumedFrom: number | null;
+  /** Null for runs written before the device was reported. */
+  device: RunDevice | null;
 }
 
 export interface RunEnd {
@@ -94,6 +96,8 @@ export interface RunView {
   samples: SampleThread[];
   /** Time spent generating samples, for comparing with the training time. */
   sampleMs: number;
+  /** The latest GPU telemetry sample (runs on a GPU only). */
+  gpu: Omit<GpuEvent, 'kind'> | null;
 }
 
 export function emptyView(): RunView {
@@ -118,6 +122,7 @@ export function emptyView(): RunView {
     startMs: null,
     samples: [],
     sampleMs: 0,
+    gpu: null,
   };
 }
 
@@ -153,6 +158,7 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
       view.start = {
         time: event.time, dataset: event.dataset, trainableParameters: event.trainableParameters,
         memoryEstimate: event.memoryEstimate, totalSteps: event.totalSteps, resumedFrom: event.resumedFrom,
+        device: event.device ?? null,
       };
       view.status = 'running';
       view.end = null;
@@ -216,6 +222,11 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
         p.movesIn++;
         p.bytesIn += event.bytes;
       }
+      break;
+    }
+    case 'gpu': {
+      const { kind: _kind, ...sample } = event;
+      view.gpu = sample;
       break;
     }
     case 'checkpoint':

@@ -3,17 +3,21 @@
 import { loadAddon } from './addon';
 import type {
   NativeAddon,
+  NativeGpuInfo,
   NativeGpuReport,
   NativeLoraInfo,
   NativeLoraOptions,
   NativeMemory,
   NativeModel,
   NativeModelConfig,
+  NativeModelOptions,
   NativeOptimizerOptions,
+  NativePageMove,
   NativeQuantizeReport,
   NativeRunOptions,
   NativeStepReport,
   NativeTensorToWrite,
+  SyntheticModel,
 } from './native';
 
 export type {
@@ -23,6 +27,7 @@ export type {
   NativeLoraOptions as LoraOptions,
   NativeMemory as EngineMemory,
   NativeOptimizerOptions as OptimizerOptions,
+  NativePageMove as PageMove,
   NativeQuantizeReport as QuantizeReport,
   NativeStepReport as StepReport,
   NativeTensorToWrite as TensorToWrite,
@@ -95,9 +100,9 @@ export class EngineModel {
   private constructor(private readonly native: NativeModel) {}
 
   /** Loads a Hugging Face model folder; `quantize` stores dense linear weights as NF4 (QLoRA training). */
-  static load(dir: string, options: { quantize?: boolean } = {}): EngineModel {
+  static load(source: string | SyntheticModel, options: NativeModelOptions = {}): EngineModel {
     const { Model } = addon();
-    return new EngineModel(call(() => new Model(dir, options)));
+    return new EngineModel(call(() => new Model(source, options)));
   }
 
   config(): NativeModelConfig {
@@ -152,6 +157,10 @@ export class EngineModel {
   beginMemoryInterval(): void {
     call(() => this.native.beginMemoryInterval());
   }
+  /** The paged optimizer's page moves since the last call (none without a memory budget). */
+  takePageMoves(): NativePageMove[] {
+    return call(() => this.native.takePageMoves());
+  }
   /**
    * A generation (one sequence with its KV cache) run with the adapter scaled by `loraScale` (default 1 when an
    * adapter is loaded; 0 = the base model, exactly as if no adapter were loaded). Replacing the adapter ends it.
@@ -202,6 +211,10 @@ export function engineInfo(): { backends: string[]; threads: number; cudaCompile
 /** What this machine offers the GPU engine (driver, NVML, cuBLASLt, GPUs) and each problem as a sentence. */
 export function gpuReport(libraryDir?: string): NativeGpuReport {
   return call(() => addon().gpuReport(libraryDir ?? ''));
+}
+/** The GPUs now (memory, utilization, temperature, power) for telemetry; null without NVML. */
+export function gpuTelemetry(libraryDir?: string): NativeGpuInfo[] | null {
+  return call(() => addon().gpuTelemetry(libraryDir ?? ''));
 }
 export function readModelConfig(dir: string): NativeModelConfig {
   return call(() => addon().readModelConfig(dir));

@@ -94,6 +94,28 @@ export interface NativeMemory {
   highWaterTotal: number;
 }
 
+/** One move of a paged-optimizer page between device memory and host memory. */
+export interface NativePageMove {
+  dir: 'out' | 'in';
+  /** The page: "model.layers.7.optimizer" (AdamW's moments of that layer's LoRA parameters). */
+  tensor: string;
+  bytes: number;
+  ms: number;
+}
+
+/** A benchmark shape with random NF4 weights and no files (native/src/model/bench_shapes.h). */
+export interface SyntheticModel {
+  shape: 'tiny' | '1b' | '8b' | '70b';
+  seed?: number;
+}
+
+export interface NativeModelOptions {
+  /** Store dense linear weights as NF4 (QLoRA training). */
+  quantize?: boolean;
+  /** Bytes the engine's allocations may hold at once (0 or absent: no budget); the optimizer pages to stay under. */
+  memoryBudget?: number;
+}
+
 export interface NativeModel {
   config(): NativeModelConfig;
   stored4bit(): boolean;
@@ -110,6 +132,7 @@ export interface NativeModel {
   loadOptimizerState(path: string): void;
   memory(): NativeMemory;
   beginMemoryInterval(): void;
+  takePageMoves(): NativePageMove[];
   generationStart(options: { loraScale?: number }): number;
   generationAppend(id: number, ids: Int32Array, options: { allLogits?: boolean }): Float32Array;
   generationTruncate(id: number, length: number): void;
@@ -136,12 +159,14 @@ export interface NativeAddon {
   version(): string;
   engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean };
   gpuReport(libraryDir?: string): NativeGpuReport;
+  /** The GPUs now, from NVML (started once per process); null without NVML. */
+  gpuTelemetry(libraryDir?: string): NativeGpuInfo[] | null;
   readModelConfig(dir: string): NativeModelConfig;
   /** dtype: '' keeps stored dtypes; 'float32' | 'bfloat16' | 'float16' casts first, as transformers' torch_dtype. */
   quantizeModel(modelDir: string, outFile: string, doubleQuant: boolean, dtype: string): NativeQuantizeReport;
   randomNormal(seed: number, count: number): Float32Array;
   writeSafetensors(path: string, tensors: NativeTensorToWrite[], metadata?: Record<string, string>): void;
-  Model: new (dir: string, options?: { quantize?: boolean }) => NativeModel;
+  Model: new (source: string | SyntheticModel, options?: NativeModelOptions) => NativeModel;
 }
 
 /** One NVIDIA library as the GPU probe found it (or every file it tried). */
@@ -180,5 +205,8 @@ export interface NativeGpuReport {
   runtimeDevices: number;
   runtimeError: string | null;
   computeDtype: 'bf16' | 'fp16' | null;
+  /** Each stands between this machine and training on its GPU, as a sentence saying what to do. */
   problems: string[];
+  /** Worth knowing but not in the way (GPU telemetry unavailable). */
+  notes: string[];
 }

@@ -36,6 +36,8 @@ export interface MemoryEstimate {
   /** All categories at once: the engine's allocator peak. */
   peakTotal: number;
   loraParameters: number;
+  /** One page of the paged optimizer: AdamW's two moments of one layer's LoRA parameters. */
+  optimizerPageBytes: number;
   stored4bit: boolean;
   config: {
     architecture: string;
@@ -88,7 +90,7 @@ export function ggmlRowBytes(type: GgmlType, cols: number): number {
 // The addon's tool functions, as native/src/binding/tools_binding.cpp exports them.
 interface NativeTools {
   mergeWeights(modelDir: string, adapterDir: string, folder: string, dtype: string, maxShardBytes?: number): MergeWeightsReport;
-  estimateMemory(modelDir: string, options: EstimateOptions): MemoryEstimate;
+  estimateMemory(model: string | { shape: string }, options: EstimateOptions): MemoryEstimate;
   ggmlQuantize(type: string, data: Float32Array, rows: number, cols: number): Uint8Array;
   ggmlDequantize(type: string, bytes: Uint8Array, rows: number, cols: number): Float32Array;
 }
@@ -124,8 +126,9 @@ export function mergeWeights(modelDir: string, adapterDir: string, folder: strin
 }
 
 /** Memory of one training step by category, from the model's config.json alone. */
-export function estimateMemory(modelDir: string, options: EstimateOptions = {}): MemoryEstimate {
-  return call(() => tools().estimateMemory(modelDir, options));
+/** From a model folder's config.json, or of a benchmark shape ({shape: '8b'}). */
+export function estimateMemory(model: string | { shape: string }, options: EstimateOptions = {}): MemoryEstimate {
+  return call(() => tools().estimateMemory(model, options));
 }
 
 /**

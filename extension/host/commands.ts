@@ -9,6 +9,7 @@ import * as vscode from 'vscode';
 import type { DatasetReport } from '../data';
 import type { ChatSource } from '../protocol/chat';
 import type { TrainerEvent } from '../protocol/events';
+import type { EstimateForPlan } from '../trainer/memoryPlan';
 import { findOnPath } from '../util/findOnPath';
 import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
@@ -23,15 +24,17 @@ import {
   modelOfRun,
   normalizeOverrides,
   parseDataError,
+  placementArgs,
   runDirOf,
   runNameProblem,
   trainArgs,
   uniqueRunName,
+  type FitTarget,
   type PresetName,
 } from './newRun';
 import { pickDataset, pickModel, pickPreset, pickRun, rememberModel, SELECTED_DATASET, SELECTED_MODEL } from './pickers';
 import type { RunRegistry } from './runs/registry';
-import { pathSetting, presetDescriptions, readSettings } from './settings';
+import { pathSetting, presetDescriptions, readSettings, type Settings } from './settings';
 import { TrainerBusyError, type ActiveRun, type TrainerLaunch, type TrainerProcess } from './trainerProcess';
 
 export interface NewFinetuneArgs {
@@ -124,6 +127,16 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     );
   }
 
+  /** Where New Finetune's memory check measures: the GPU `--device` would choose (doctor's answer), else this machine's RAM. */
+  async function fitTarget(settings: Settings): Promise<FitTarget> {
+    const cpu: FitTarget = { kind: 'cpu', freeBytes: os.freemem() };
+    if (settings.device === 'cpu') return cpu;
+    const dir = pathSetting('cudaLibraryPath');
+    const doctor = await runCliJson<DoctorSummary>(h.launch(), ['doctor', '--json', ...(dir ? ['--cuda-lib-dir', dir] : [])], { timeoutMs: 60_000 });
+    const gpu = doctor.gpus[0];
+    return doctor.device === 'cuda' && gpu ? { kind: 'gpu', name: gpu.name, memoryTotal: gpu.memoryTotal, memoryFree: gpu.memoryFree, budgetGiB: settings.gpuMemoryBudget } : cpu;
+  }
+
   /** Starts the trainer and waits for its run-started event (or its early end: bad inputs end it before that). */
   async function startRun(verb: 'train' | 'resume', runDir: string, args: string[] = []): Promise<string | undefined> {
     let run: ActiveRun;
@@ -212,12 +225,12 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       let memory: string;
       let fits = true;
       try {
-        const e = await runCliJson<{ peakTotal: number }>(h.launch(), ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank)], { timeoutMs: 60_000 });
-        const fit = memoryFit(e.peakTotal, settings.memoryBudget, os.freemem());
+        const e = await runCliJson<EstimateForPlan>(h.launch(), ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank)], { timeoutMs: 60_000 });
+        const fit = memoryFit(e, await fitTarget(settings));
         fits = fit.fits;
         memory =
           `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens); ` +
-          (fit.fits ? `fits in ${fit.limit}` : `more than ${fit.limit}: lower qlora.maxSequenceLength or the batch size`);
+          (fit.fits ? `fits in ${fit.limit}${fit.paged ? ' with the optimizer paging to host memory' : ''}` : `more than ${fit.limit}: lower qlora.maxSequenceLength or the batch size`);
       } catch (err) {
         memory = `unknown (${message(err)})`;
       }
@@ -229,7 +242,10 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       if (answer !== start) return undefined;
     }
 
-    const cliArgs = trainArgs({ model, data, preset, seqLen: settings.maxSequenceLength, checkpointEvery: settings.checkpointEvery, evalEvery: settings.evalEvery, samplePrompts: settings.samplePrompts, overrides });
+    const cliArgs = [
+      ...trainArgs({ model, data, preset, seqLen: settings.maxSequenceLength, checkpointEvery: settings.checkpointEvery, evalEvery: settings.evalEvery, samplePrompts: settings.samplePrompts, overrides }),
+      ...placementArgs({ ...settings, cudaLibraryPath: pathSetting('cudaLibraryPath') }),
+    ];
     if (interactive) void vscode.commands.executeCommand('qlora.trainingView.focus');
     await rememberModel(context, model);
     return startRun('train', runDir, cliArgs);
@@ -239,7 +255,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     refuseUntrusted();
     const runDir = await runArg(arg, 'Run to resume', ['stopped', 'failed']);
     if (!runDir) return undefined;
-    return startRun('resume', runDir);
+    return startRun('resume', runDir, placementArgs({ ...readSettings(), cudaLibraryPath: pathSetting('cudaLibraryPath') }));
   }
 
   async function exportAdapter(arg?: unknown, outArg?: unknown): Promise<string | undefined> {

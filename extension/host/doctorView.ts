@@ -15,6 +15,8 @@ export interface DoctorSummary {
   computeDtype: string | null;
   device: 'cuda' | 'cpu';
   problems: string[];
+  /** Absent in reports of engines before notes were split from problems. */
+  notes?: string[];
 }
 
 const GiB = 1024 ** 3;
@@ -38,6 +40,7 @@ export function doctorMarkdown(r: DoctorSummary): string {
   if (r.gpus.length === 0) lines.push('| GPUs | none found |');
   lines.push('', r.problems.length === 0 ? 'No problems found.' : '## What to do', '');
   for (const p of r.problems) lines.push(`- ${p.replace(/\|/g, '\\|')}`);
+  if ((r.notes ?? []).length > 0) lines.push('', '## Notes', '', ...(r.notes ?? []).map((p) => `- ${p.replace(/\|/g, '\\|')}`));
   lines.push('', 'The same report: `qlora-studio doctor` on the command line.', '');
   return lines.join('\n');
 }

@@ -3,6 +3,8 @@
 // row errors as file positions; and the run argument commands accept.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import type { DeviceRequest } from '../engine/device';
+import { defaultGpuBudget, planMemory, type EstimateForPlan } from '../trainer/memoryPlan';
 
 export type PresetName = 'qlora' | 'quick';
 export const PRESET_NAMES: readonly PresetName[] = ['qlora', 'quick'];
@@ -99,16 +101,30 @@ export function estimateShape(preset: PresetName, overrides: Record<string, unkn
   return { rank: typeof o.rank === 'number' ? o.rank : base.rank, batchSize: typeof o.batchSize === 'number' ? o.batchSize : base.batchSize };
 }
 
+/** The trainer's --device, --gpu-memory-budget and --cuda-lib-dir from the settings (for train and resume alike). */
+export function placementArgs(p: { device: DeviceRequest; gpuMemoryBudget: number; cudaLibraryPath: string }): string[] {
+  return [
+    '--device', p.device,
+    ...(p.gpuMemoryBudget > 0 ? ['--gpu-memory-budget', String(p.gpuMemoryBudget)] : []),
+    ...(p.cudaLibraryPath !== '' ? ['--cuda-lib-dir', p.cudaLibraryPath] : []),
+  ];
+}
+
+/** Where New Finetune's check measures: the GPU the run would train on (from `doctor --json`), or this machine's RAM. */
+export type FitTarget = { kind: 'gpu'; name: string; memoryTotal: number; memoryFree: number; budgetGiB: number } | { kind: 'cpu'; freeBytes: number };
+
 /**
- * Whether a run's estimated peak fits: against qlora.memoryBudget (MiB) when set, else against the memory free now.
- * The sentence goes into New Finetune's confirmation.
+ * Whether a run's estimate fits where it will train, as the trainer decides it before its first step: on the GPU
+ * against qlora.gpuMemoryBudget (or the free memory less the trainer's margin), the paged optimizer counted; on the
+ * CPU the peak against the memory free now. The sentence goes into New Finetune's confirmation.
  */
-export function memoryFit(peakBytes: number, budgetMiB: number, freeBytes: number): { fits: boolean; limit: string } {
+export function memoryFit(e: EstimateForPlan, target: FitTarget): { fits: boolean; limit: string; paged: boolean } {
   const mib = (b: number) => `${Math.round(b / 1048576).toLocaleString('en-US')} MiB`;
-  if (budgetMiB > 0) {
-    return { fits: peakBytes <= budgetMiB * 1048576, limit: `the budget of ${budgetMiB.toLocaleString('en-US')} MiB (qlora.memoryBudget)` };
-  }
-  return { fits: peakBytes <= freeBytes, limit: `the ${mib(freeBytes)} free on this machine` };
+  if (target.kind === 'cpu') return { fits: e.peakTotal <= target.freeBytes, limit: `the ${mib(target.freeBytes)} free on this machine`, paged: false };
+  const budget = target.budgetGiB > 0 ? target.budgetGiB * 1024 ** 3 : defaultGpuBudget(target);
+  const plan = planMemory(e, budget);
+  const limit = target.budgetGiB > 0 ? `the budget of ${target.budgetGiB} GiB on ${target.name} (qlora.gpuMemoryBudget)` : `the ${mib(budget)} usable on ${target.name}`;
+  return { fits: plan.fits, limit, paged: plan.paged };
 }
 
 const pad = (n: number) => String(n).padStart(2, '0');

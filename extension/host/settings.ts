@@ -2,6 +2,7 @@
 // directory and how to launch the CLI.
 import * as path from 'node:path';
 import * as vscode from 'vscode';
+import { DEVICE_REQUESTS, type DeviceRequest } from '../engine/device';
 import type { PresetName } from './newRun';
 import type { TrainerLaunch } from './trainerProcess';
 
@@ -10,8 +11,10 @@ export interface Settings {
   maxSequenceLength: number;
   checkpointEvery: number;
   evalEvery: number;
-  /** MiB; 0 = the memory free when the run starts. */
-  memoryBudget: number;
+  /** Where runs train (qlora.device). */
+  device: DeviceRequest;
+  /** GiB of GPU memory a run may use; 0 = what is free when it starts, less a margin. */
+  gpuMemoryBudget: number;
   huggingFaceCache: string;
   /** Prompts answered at the start and at every eval of a run (qlora.samplePrompts). */
   samplePrompts: string[];
@@ -25,7 +28,8 @@ export function readSettings(): Settings {
     maxSequenceLength: c.get<number>('maxSequenceLength', 1024),
     checkpointEvery: c.get<number>('checkpointEvery', 100),
     evalEvery: c.get<number>('evalEvery', 100),
-    memoryBudget: Math.max(0, c.get<number>('memoryBudget', 0)),
+    device: (DEVICE_REQUESTS as readonly string[]).includes(c.get<string>('device', 'auto')) ? (c.get<string>('device', 'auto') as DeviceRequest) : 'auto',
+    gpuMemoryBudget: Math.max(0, c.get<number>('gpuMemoryBudget', 0)),
     huggingFaceCache: c.get<string>('huggingFaceCache', ''),
     samplePrompts: c.get<unknown[]>('samplePrompts', []).filter((p): p is string => typeof p === 'string' && p.trim() !== '').slice(0, 16),
   };

@@ -124,13 +124,13 @@ export class TrainerProcess {
   }
 
   /**
-   * Starts `train <args> --out <runDir> --json` or `resume --run <runDir> --json`. Throws TrainerBusyError while
+   * Starts `train <args> --out <runDir> --json` or `resume --run <runDir> <args> --json`. Throws TrainerBusyError while
    * another run trains.
    */
   start(verb: 'train' | 'resume', runDir: string, trainArgs: readonly string[] = []): ActiveRun {
     if (this.current) throw new TrainerBusyError(`A run is already training (${this.current.name}); stop it first.`);
     const { cliPath, execPath } = this.launch();
-    const args = verb === 'train' ? ['train', ...trainArgs, '--out', runDir, '--json'] : ['resume', '--run', runDir, '--json'];
+    const args = verb === 'train' ? ['train', ...trainArgs, '--out', runDir, '--json'] : ['resume', '--run', runDir, ...trainArgs, '--json'];
     this.output.appendLine(`[${new Date().toLocaleTimeString()}] ${verb} ${runDir}`);
     this.output.appendLine(`$ ${[execPath, cliPath, ...args].map((a) => (/\s/.test(a) ? JSON.stringify(a) : a)).join(' ')}`);
 

@@ -29,6 +29,18 @@ export interface MemoryEstimate {
   peakTotal: number;
 }
 
+/** Where a run trains: the device chosen for it (`--device`, the qlora.device setting) and its memory budget. */
+export interface RunDevice {
+  kind: 'cpu' | 'cuda';
+  /** The GPU's name, or the CPU model and thread count. */
+  name: string;
+  computeDtype: 'f32' | 'bf16' | 'fp16';
+  /** Bytes the engine's allocations may hold at once; null without a budget. */
+  memoryBudget: number | null;
+  /** The optimizer state does not all fit beside a step's peak under the budget: its pages move to host memory. */
+  pagedOptimizer: boolean;
+}
+
 export interface RunStartedEvent {
   kind: 'run-started';
   time: string;
@@ -42,6 +54,8 @@ export interface RunStartedEvent {
   totalSteps: number;
   /** The step of the checkpoint this run resumed from; null for a new run. */
   resumedFrom: number | null;
+  /** Absent in runs written before the device was reported. */
+  device?: RunDevice | null;
 }
 
 export interface StepEvent {
@@ -107,6 +121,21 @@ export interface PageEvent {
   ms: number;
 }
 
+/** The GPU the engine trains on, as its driver (NVML) reports it, about once a second while training. */
+export interface GpuEvent {
+  kind: 'gpu';
+  time: string;
+  index: number;
+  name: string;
+  memoryTotal: number;
+  memoryUsed: number;
+  memoryFree: number;
+  /** Percent of the last sample period the GPU was busy; null when the driver does not say. */
+  utilization: number | null;
+  temperature: number | null;
+  powerW: number | null;
+}
+
 export interface CheckpointEvent {
   kind: 'checkpoint';
   time: string;
@@ -146,6 +175,7 @@ export type TrainerEvent =
   | SampleEvent
   | MemoryEvent
   | PageEvent
+  | GpuEvent
   | CheckpointEvent
   | WarningEvent
   | ErrorEvent
@@ -164,13 +194,15 @@ export class ProtocolError extends Error {
   override readonly name = 'ProtocolError';
 }
 
-type FieldType = 'number' | 'string' | 'boolean' | 'object' | 'number|null' | 'string|null' | 'object|null' | 'byCategory';
+// 'object?': an object, null, or absent (a field added after runs were written with the same protocol).
+type FieldType = 'number' | 'string' | 'boolean' | 'object' | 'number|null' | 'string|null' | 'object|null' | 'object?' | 'byCategory';
 type Spec = Record<string, FieldType | readonly string[]>;
 
 const eventSpecs: Record<EventKind, Spec> = {
   'run-started': {
     time: 'string', protocol: 'number', runDir: 'string', config: 'object', dataset: 'object',
     trainableParameters: 'number', memoryEstimate: 'object|null', totalSteps: 'number', resumedFrom: 'number|null',
+    device: 'object?',
   },
   step: {
     time: 'string', step: 'number', totalSteps: 'number', epoch: 'number', loss: 'number', lr: 'number',
@@ -186,6 +218,10 @@ const eventSpecs: Record<EventKind, Spec> = {
     totalPeak: 'number', highWater: 'byCategory', highWaterTotal: 'number', device: 'object|null',
   },
   page: { time: 'string', dir: ['out', 'in'], bytes: 'number', tensor: 'string', ms: 'number' },
+  gpu: {
+    time: 'string', index: 'number', name: 'string', memoryTotal: 'number', memoryUsed: 'number', memoryFree: 'number',
+    utilization: 'number|null', temperature: 'number|null', powerW: 'number|null',
+  },
   checkpoint: { time: 'string', step: 'number', path: 'string' },
   warning: { time: 'string', message: 'string' },
   error: { time: 'string', message: 'string', step: 'number|null', lastCheckpoint: 'string|null' },
@@ -230,6 +266,9 @@ function checkField(kind: string, name: string, value: unknown, type: FieldType 
       return;
     case 'object|null':
       if (value !== null && !isObject(value)) fail('an object or null');
+      return;
+    case 'object?':
+      if (value !== undefined && value !== null && !isObject(value)) fail('an object, null or absent');
       return;
     case 'byCategory':
       if (!isObject(value) || MEMORY_CATEGORIES.some((c) => typeof value[c] !== 'number')) fail(`bytes for each of ${MEMORY_CATEGORIES.join(', ')}`);

@@ -5,6 +5,7 @@ import { engineInfo, engineVersion, EngineError } from '../engine';
 import { helpText, integerOption, parseIdList, parseOptions, requiredString, stringOption, UsageError, type OptionSpec } from './cliArgs';
 import { makeTinyModel } from './tinyModel/makeTinyModel';
 import { quantize } from './verbs/quantize';
+import { benchOptions, benchVerb } from './verbs/bench';
 import { estimateVerb } from './verbs/estimate';
 import { exportAdapter } from './verbs/export';
 import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
@@ -15,6 +16,7 @@ import { doctorOptions, doctorVerb } from './verbs/doctor';
 import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
+import { placementFromFlags, placementOptions, placeRun } from './placement';
 import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
 
 interface Verb {
@@ -52,6 +54,7 @@ const verbs: Record<string, Verb> = {
     summary: "continue a run from its newest complete checkpoint",
     options: {
       run: { type: 'string', required: true, description: 'the run folder' },
+      ...placementOptions,
       json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
     },
     run: resumeVerb,
@@ -95,9 +98,13 @@ const verbs: Record<string, Verb> = {
       adapter: { type: 'string', description: 'PEFT LoRA adapter folder' },
       ids: { type: 'string', required: true, description: 'comma-separated token ids, e.g. 1,5,200' },
       grads: { type: 'string', description: 'write d loss / d LoRA parameters to this safetensors file' },
+      device: placementOptions.device,
+      'cuda-lib-dir': placementOptions['cuda-lib-dir'],
       json: { type: 'boolean', description: 'print {"loss", "next_token_logprobs"} as JSON' },
     },
     run(o) {
+      // --device cuda that cannot be had is an error; auto's CPU fallback is not worth a warning for one sequence
+      placeRun(placementFromFlags(o));
       const result = score({
         model: requiredString(o, 'model'),
         adapter: stringOption(o, 'adapter'),
@@ -150,6 +157,11 @@ const verbs: Record<string, Verb> = {
     run: verifyGgufVerb,
   },
   estimate: estimateVerb,
+  bench: {
+    summary: 'QLoRA training speed and memory on a synthetic Llama-3 1B, 8B or 70B (random NF4 weights, no files): tokens/s, step time, peak memory by category, paging, MFU',
+    options: benchOptions,
+    run: benchVerb,
+  },
   'engine-info': {
     summary: 'the engine version and the compute backends it can use',
     options: { json: { type: 'boolean', description: 'print JSON' } },

@@ -5,7 +5,8 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { EngineError, EngineModel, readModelConfig } from '../engine';
+import { EngineError, EngineModel, gpuTelemetry, readModelConfig } from '../engine';
+import { estimateMemory } from '../engine/tools';
 import { writeJsonAtomic } from '../util/atomicFile';
 import { replaceFolderAtomic } from '../util/atomicFolder';
 import { BatchSchedule, makeMicroBatch, type TrainExample } from './batches';
@@ -14,7 +15,10 @@ import type { TrainConfig } from './config';
 import { epochOrder, prepareData } from './data';
 import { EventLog } from './eventLog';
 import { TrainingSamples } from './samples';
-import type { MemoryEstimate, TrainerEvent } from '../protocol/events';
+import type { TrainerEvent } from '../protocol/events';
+import { GpuMonitor, type GpuSource } from './gpuTelemetry';
+import { overBudgetMessage, planMemory } from './memoryPlan';
+import { placeRun, runDevice, type PlacementOptions } from './placement';
 import { learningRate, type Schedule } from './schedule';
 
 export class TrainingError extends Error {
@@ -35,8 +39,10 @@ export interface TrainOptions {
   control?: TrainingControl;
   /** Sees every event as it is written (terminal progress, tests). */
   onEvent?: (event: TrainerEvent) => void;
-  /** Memory estimate for the run-started event, when the caller can make one. */
-  estimate?: (config: TrainConfig) => MemoryEstimate | null;
+  /** Where to train and under which memory budget (default: --device auto, the GPU's free memory less a margin). */
+  placement?: PlacementOptions;
+  /** GPU telemetry on a GPU run (default: NVML); tests pass their own. */
+  gpuSource?: GpuSource;
 }
 
 export interface TrainOutcome {
@@ -92,6 +98,8 @@ const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resol
 export async function train(options: TrainOptions): Promise<TrainOutcome> {
   const { runDir, resume } = options;
   const control = options.control ?? new TrainingControl();
+  // The device first: `--device cuda` on a machine that cannot is the first thing to hear about.
+  const placement = placeRun(options.placement ?? {});
   let config: TrainConfig;
   if (resume) {
     config = readRunConfig(runDir);
@@ -103,8 +111,16 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   // Everything that can be wrong with the inputs (data rows, model files) is found before the run folder is
   // written, so a bad input leaves nothing behind.
   readModelConfig(config.model); // the model folder first: "no config.json" says more than a missing tokenizer
+  // The engine's estimate of what a step holds, by category; under a budget it decides, before anything runs,
+  // whether the optimizer pages and whether the run fits at all.
+  const estimate = estimateMemory(config.model, {
+    batch: config.batchSize, seq: config.seqLen, rank: config.rank, targets: config.targets, quantize: config.quantize,
+    gradientCheckpointing: config.gradientCheckpointing,
+  });
+  const plan = placement.memoryBudget !== null ? planMemory(estimate, placement.memoryBudget) : null;
+  if (plan && !plan.fits) throw new TrainingError(overBudgetMessage(estimate, plan, config, placement.device.kind === 'cuda' ? 'GPU' : 'device'));
   const data = await prepareData(config);
-  const model = EngineModel.load(config.model, { quantize: config.quantize });
+  const model = EngineModel.load(config.model, { quantize: config.quantize, memoryBudget: placement.memoryBudget ?? 0 });
   let samples: TrainingSamples;
   try {
     // older runs' config.json has no sample settings
@@ -124,7 +140,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   let step = 0;
   let lastCheckpointDir: string | null = null;
   try {
-    for (const w of data.warnings) log.emit({ kind: 'warning', message: w });
+    for (const w of [...placement.warnings, ...data.warnings]) log.emit({ kind: 'warning', message: w });
     let elapsedBefore = 0;
     let lastLoss: number | null = null;
     const checkpoint = resume ? latestCheckpoint(runDir) : null;
@@ -157,10 +173,23 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       config: config as unknown as Record<string, unknown>,
       dataset: data.stats,
       trainableParameters: model.loraInfo()?.parameters ?? 0,
-      memoryEstimate: options.estimate ? options.estimate(config) : null,
+      memoryEstimate: { categories: estimate.categories, peakTotal: estimate.peakTotal },
       totalSteps,
       resumedFrom: checkpoint ? checkpoint.step : null,
+      device: runDevice(placement, plan?.paged ?? false),
     });
+    // Every move of the paged optimizer, as it happened (none without a budget).
+    const emitPageMoves = () => {
+      for (const m of model.takePageMoves()) log.emit({ kind: 'page', dir: m.dir, tensor: m.tensor, bytes: m.bytes, ms: m.ms });
+    };
+    const gpu = placement.device.gpu
+      ? new GpuMonitor(placement.device.gpu.index, options.gpuSource ?? (() => gpuTelemetry(options.placement?.cudaLibraryDir)))
+      : null;
+    const sampleGpu = () => {
+      const e = gpu?.poll(Date.now());
+      if (e) log.emit(e);
+    };
+    sampleGpu();
 
     const state = (): TrainerState => ({
       step,
@@ -187,12 +216,13 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
         log.emit({ kind: 'eval', step, evalLoss: r.loss, evalTokens: r.tokens });
       }
       await runSamples();
+      emitPageMoves();
     };
     const emitMemory = () => {
       const m = model.memory();
       log.emit({
         kind: 'memory', step, current: m.current, peak: m.peak, totalCurrent: m.totalCurrent, totalPeak: m.totalPeak,
-        highWater: m.highWater, highWaterTotal: m.highWaterTotal, device: null,
+        highWater: m.highWater, highWaterTotal: m.highWaterTotal, device: gpu?.device() ?? null,
       });
       model.beginMemoryInterval();
     };
@@ -229,6 +259,8 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
         if (err instanceof EngineError && /not finite/.test(err.message)) throw new TrainingError(`training diverged at step ${step + 1}: ${err.message}`);
         throw err;
       }
+      emitPageMoves();
+      sampleGpu();
       step += 1;
       lastLoss = loss;
       tokensSinceStart += micro.reduce((n, mb) => n + mb.tokens, 0);

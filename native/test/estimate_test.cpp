@@ -5,6 +5,7 @@
 #include "backend/backend.h"
 #include "harness.h"
 #include "io/model_config.h"
+#include "model/bench_shapes.h"
 #include "model/estimate.h"
 #include "model/llama.h"
 #include "model/lora.h"
@@ -17,7 +18,7 @@ namespace {
 std::string ref(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
 
 struct Case {
-  std::string model;
+  std::string model;  // a reference fixture, or "shape:<name>" for a synthetic benchmark shape
   bool quantize;
   bool checkpointing;
   int64_t batch, seq, rank;
@@ -28,7 +29,8 @@ void check_case(const Case& c) {
   auto backend = make_cpu_backend();
   LoadOptions lo;
   lo.quantize_nf4 = c.quantize;
-  auto model = LlamaModel::load(backend.get(), ref(c.model), lo);
+  auto model = c.model.rfind("shape:", 0) == 0 ? LlamaModel::synthetic(backend.get(), bench_shape(c.model.substr(6)), 1)
+                                               : LlamaModel::load(backend.get(), ref(c.model), lo);
   LoraConfig lc;
   lc.rank = c.rank;
   lc.dropout = 0.1;
@@ -127,4 +129,25 @@ TEST(memory_tracker_high_water_mark_by_category) {
   EXPECT_EQ(t.stats().interval_peak_total, int64_t{120});
   EXPECT_EQ(t.stats().at_interval_peak[static_cast<size_t>(MemCategory::Activations)], int64_t{0});
   EXPECT_EQ(t.stats().total_peak, int64_t{190});
+}
+
+TEST(estimate_matches_measured_peaks_on_a_synthetic_bench_shape) {
+  check_case({"shape:tiny", true, true, 2, 24, 16, kAll});
+}
+
+// Parameter counts as the model cards give them: the shapes are the real models' shapes.
+TEST(bench_shapes_have_the_parameter_counts_of_the_real_models) {
+  auto parameters = [](const ModelConfig& c) {
+    int64_t n = c.vocab_size * c.hidden_size * (c.tie_word_embeddings ? 1 : 2) + c.hidden_size;
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      const auto s = module_shape(c, static_cast<Module>(mi));
+      n += c.num_layers * s[0] * s[1];
+    }
+    return n + c.num_layers * 2 * c.hidden_size;
+  };
+  EXPECT_EQ(parameters(bench_shape("1b")), int64_t{1235814400});
+  EXPECT_EQ(parameters(bench_shape("8b")), int64_t{8030261248});
+  EXPECT_EQ(parameters(bench_shape("70b")), int64_t{70553706496});
+  EXPECT_EQ(bench_shape("8b").rope_scaling.factor, 8.0);
+  EXPECT_THROWS_WITH(bench_shape("13b"), "unknown benchmark shape '13b' (known: tiny, 1b, 8b, 70b)");
 }

@@ -2,12 +2,25 @@
 // TEST(name) registers a function; main() runs them all (or those whose name contains argv[2]) and prints one line
 // per test. Fixture files are found under the directory given as argv[1].
 #pragma once
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#ifdef _WIN32
+#include <process.h>
+#define QLORA_TEST_PID _getpid()
+#else
+#include <unistd.h>
+#define QLORA_TEST_PID getpid()
+#endif
 
 namespace qtest {
 
@@ -40,6 +53,29 @@ template <typename... Parts>
   out << file << ":" << line << ": ";
   (out << ... << parts);
   throw Failure{out.str()};
+}
+
+// A fresh folder under the system temp dir, removed when the test ends (pass or fail). The name carries the pid,
+// a counter and the clock, so concurrent and repeated runs never share one.
+struct TempDir {
+  std::filesystem::path path;
+  explicit TempDir(const std::string& name) {
+    static std::atomic<int> counter{0};
+    const auto ticks = std::chrono::steady_clock::now().time_since_epoch().count();
+    path = std::filesystem::temp_directory_path() / ("qlora-test-" + name + "-" + std::to_string(QLORA_TEST_PID) + "-" +
+                                        std::to_string(counter++) + "-" + std::to_string(ticks));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+inline std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
 }  // namespace qtest

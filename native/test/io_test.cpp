@@ -17,46 +17,20 @@
 #include "io/safetensors.h"
 #include "util/json.h"
 
-#ifdef _WIN32
-#include <process.h>
-#define QLORA_TEST_PID _getpid()
-#else
-#include <unistd.h>
-#define QLORA_TEST_PID getpid()
-#endif
 
 using namespace qlora;
 namespace fs = std::filesystem;
 
 namespace {
 
-// A fresh folder under the system temp dir, removed when the test ends (pass or fail). The name carries the pid,
-// a counter and the clock, so concurrent and repeated runs never share one.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    static std::atomic<int> counter{0};
-    const auto ticks = std::chrono::steady_clock::now().time_since_epoch().count();
-    path = fs::temp_directory_path() / ("qlora-io-" + name + "-" + std::to_string(QLORA_TEST_PID) + "-" +
-                                        std::to_string(counter++) + "-" + std::to_string(ticks));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
+using qtest::read_bytes;
+using qtest::TempDir;
 
 void write_bytes(const fs::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << bytes;
 }
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 std::string le64(uint64_t n) {
   std::string out(8, '\0');

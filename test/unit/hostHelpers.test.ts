@@ -12,6 +12,7 @@ import {
   estimateShape,
   isLikelyDatasetFile,
   memoryFit,
+  placementArgs,
   modelOfRun,
   normalizeOverrides,
   parseDataError,
@@ -44,12 +45,26 @@ test('the presets the estimate uses match the trainer\'s', () => {
   assert.deepEqual(estimateShape('qlora', { rank: 16 }), { rank: 16, batchSize: 4 });
 });
 
-test('memory fit: against the budget setting when set, else against the free memory', () => {
+test('memory fit: on the CPU the peak against the free RAM; on the GPU the trainer\'s plan against the budget', () => {
   const MiB = 1048576;
-  assert.deepEqual(memoryFit(900 * MiB, 1024, 10 * MiB), { fits: true, limit: 'the budget of 1,024 MiB (qlora.memoryBudget)' });
-  assert.equal(memoryFit(1025 * MiB, 1024, 1e12).fits, false);
-  assert.deepEqual(memoryFit(3 * MiB, 0, 2048 * MiB), { fits: true, limit: 'the 2,048 MiB free on this machine' });
-  assert.equal(memoryFit(2049 * MiB, 0, 2048 * MiB).fits, false);
+  const GiB = 1024 * MiB;
+  const e = {
+    categories: { weights: 3 * GiB, adapters: 50 * MiB, gradients: 50 * MiB, optimizer: 100 * MiB, activations: 1 * GiB, workspace: 100 * MiB },
+    peakTotal: 3 * GiB + 1300 * MiB,
+    optimizerPageBytes: 4 * MiB,
+  };
+  assert.deepEqual(memoryFit(e, { kind: 'cpu', freeBytes: 8 * GiB }), { fits: true, limit: 'the 8,192 MiB free on this machine', paged: false });
+  assert.equal(memoryFit(e, { kind: 'cpu', freeBytes: 4 * GiB }).fits, false);
+  const gpu = { kind: 'gpu' as const, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryFree: 23 * GiB, budgetGiB: 0 };
+  assert.deepEqual(memoryFit(e, gpu), { fits: true, limit: 'the 22,323 MiB usable on NVIDIA L4', paged: false });
+  // 4.25 GiB: below the peak (so the optimizer pages), above the peak without the optimizer
+  assert.deepEqual(memoryFit(e, { ...gpu, budgetGiB: 4.25 }), { fits: true, limit: 'the budget of 4.25 GiB on NVIDIA L4 (qlora.gpuMemoryBudget)', paged: true });
+  assert.equal(memoryFit(e, { ...gpu, budgetGiB: 4 }).fits, false);
+});
+
+test('the trainer\'s placement flags from the settings', () => {
+  assert.deepEqual(placementArgs({ device: 'auto', gpuMemoryBudget: 0, cudaLibraryPath: '' }), ['--device', 'auto']);
+  assert.deepEqual(placementArgs({ device: 'cuda', gpuMemoryBudget: 10.5, cudaLibraryPath: '/opt/cuda/lib' }), ['--device', 'cuda', '--gpu-memory-budget', '10.5', '--cuda-lib-dir', '/opt/cuda/lib']);
 });
 
 test('run names: a readable default, validation, and a free folder', () => {

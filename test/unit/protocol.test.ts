@@ -15,6 +15,7 @@ const samples: TrainerEvent[] = [
   { kind: 'eval', time, step: 1, evalLoss: 2.4, evalTokens: 12 },
   { kind: 'memory', time, step: 1, current: zero, peak: zero, totalCurrent: 21, totalPeak: 21, highWater: zero, highWaterTotal: 21, device: null },
   { kind: 'page', time, dir: 'out', bytes: 4096, tensor: 'exp_avg', ms: 0.3 },
+  { kind: 'gpu', time, index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 85e9, memoryUsed: 40e9, memoryFree: 45e9, utilization: 93, temperature: 61, powerW: null },
   { kind: 'checkpoint', time, step: 5, path: '/r/checkpoints/step-5' },
   { kind: 'warning', time, message: 'w' },
   { kind: 'error', time, message: 'e', step: null, lastCheckpoint: null },
@@ -33,6 +34,10 @@ test('invalid events name the field at fault', () => {
   assert.throws(() => validateEvent({ ...samples[4], dir: 'sideways' }), /field "dir" must be one of out, in/);
   assert.throws(() => validateEvent({ ...samples[3], peak: { weights: 1 } }), /field "peak" must be bytes for each of weights/);
   assert.throws(() => validateEvent([1]), ProtocolError);
+  // the run's device is absent in runs written before it was reported, and an object when present
+  assert.throws(() => validateEvent({ ...samples[0], device: 'cuda' }), /run-started event: field "device" must be an object, null or absent/);
+  const withDevice = { ...samples[0], device: { kind: 'cpu', name: 'x', computeDtype: 'f32', memoryBudget: null, pagedOptimizer: false } };
+  assert.deepEqual(validateEvent(withDevice), withDevice);
 });
 
 test('a partial last line (a kill mid-write) is skipped; a bad complete line is named', () => {

@@ -8,6 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { before, test } from 'node:test';
 import { EngineModel } from '../../extension/engine';
+import { estimateMemory } from '../../extension/engine/tools';
 import { parseEventLog, type TrainerEvent } from '../../extension/protocol/events';
 import { resolveConfig, type TrainConfig } from '../../extension/trainer/config';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
@@ -74,7 +75,10 @@ for (const shape of shapes) {
       assert.equal(cfg.peft_type, 'LORA');
       assert.equal(cfg.base_model_name_or_path, model);
       const started = events(runDir).find((e) => e.kind === 'run-started');
-      assert.ok(started && started.kind === 'run-started' && started.dataset.shape === shape && started.memoryEstimate === null);
+      assert.ok(started && started.kind === 'run-started' && started.dataset.shape === shape);
+      assert.ok(started.memoryEstimate && started.memoryEstimate.peakTotal > 0);
+      assert.equal(started.device?.kind, 'cpu');
+      assert.equal(started.device?.memoryBudget, null);
     }
   });
 }
@@ -95,6 +99,46 @@ test('memory events report each interval\'s high-water mark by category, activat
   // The lifetime peak is the highest of the interval marks.
   const last = memory[memory.length - 1];
   assert.equal(last.totalPeak, Math.max(...memory.map((m) => m.highWaterTotal)));
+});
+
+test('under a memory budget the optimizer pages out and back in every step, with the same losses and adapter', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  // packed sequences are all seqLen long, so every step reaches the estimate's peak
+  const c = config(data, { packing: true, seqLen: 64, batchSize: 2, maxSteps: 6 });
+  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize });
+  const free = path.join(tempDir('budget-free'), 'run');
+  await train({ runDir: free, config: c, resume: false, placement: { device: 'cpu' } });
+  const paged = path.join(tempDir('budget-paged'), 'run');
+  const budget = e.peakTotal - e.categories.optimizer / 2;
+  await train({ runDir: paged, config: c, resume: false, placement: { device: 'cpu', memoryBudgetBytes: budget } });
+
+  assert.deepEqual(losses(paged), losses(free));
+  const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
+  assert.ok(read(paged).equals(read(free)), 'paging changes where the optimizer state is, never the numbers');
+  const started = events(paged).find((e) => e.kind === 'run-started');
+  assert.deepEqual(started?.kind === 'run-started' && started.device, { kind: 'cpu', name: started?.kind === 'run-started' ? started.device?.name : '', computeDtype: 'f32', memoryBudget: budget, pagedOptimizer: true });
+  const pages = events(paged).flatMap((e) => (e.kind === 'page' ? [e] : []));
+  assert.equal(events(free).filter((e) => e.kind === 'page').length, 0);
+  // the optimizer state comes into being at the first update, so steps 2 to 6 each move a page out and back in
+  assert.deepEqual([pages.filter((p) => p.dir === 'out').length, pages.filter((p) => p.dir === 'in').length], [5, 5]);
+  for (const p of pages) {
+    assert.match(p.tensor, /^model\.layers\.\d+\.optimizer$/);
+    assert.equal(p.bytes, e.optimizerPageBytes);
+    assert.ok(p.ms >= 0);
+  }
+  const memory = events(paged).flatMap((e) => (e.kind === 'memory' ? [e] : []));
+  for (const m of memory) assert.ok(m.totalPeak <= budget, `peak ${m.totalPeak} over the budget ${budget}`);
+});
+
+test('a budget nothing fits in stops the run before its first step with the estimate and what to change', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const runDir = path.join(tempDir('budget-small'), 'run');
+  const e = estimateMemory(model, { batch: 2, seq: 96, rank: 8 });
+  await assert.rejects(
+    train({ runDir, config: config(data), resume: false, placement: { device: 'cpu', memoryBudgetBytes: e.categories.weights + e.categories.adapters + e.categories.gradients } }),
+    (err: Error) => /^This run needs at least .* of device memory and its budget is .*: weights .*To fit: lower the batch size \(now 2\) or the sequence length \(now 96\)/.test(err.message),
+  );
+  assert.ok(!fs.existsSync(runDir), 'nothing was written');
 });
 
 test('a stopped run resumed computes exactly what the uninterrupted run computes', async () => {

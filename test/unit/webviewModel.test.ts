@@ -108,6 +108,19 @@ test('mid-run: running, progress and ETA from the latest step; no paging and no 
   assert.equal(v.end, null);
 });
 
+test('the device a run trains on and the latest GPU sample; older runs without a device', () => {
+  const device = { kind: 'cuda' as const, name: 'NVIDIA H100 80GB HBM3', computeDtype: 'bf16' as const, memoryBudget: 70 * GiB, pagedOptimizer: true };
+  const gpu = (t: number, utilization: number): TrainerEvent => ({
+    kind: 'gpu', time: at(t), index: 0, name: device.name, memoryTotal: 80 * GiB, memoryUsed: 61 * GiB, memoryFree: 19 * GiB, utilization, temperature: 55, powerW: 402.5,
+  });
+  const v = reduceRun([{ ...started(), device } as TrainerEvent, gpu(0.5, 40), step(1, 2.8), gpu(1.5, 97)]);
+  assert.deepEqual(v.start?.device, device);
+  assert.deepEqual(v.gpu, { time: at(1.5), index: 0, name: device.name, memoryTotal: 80 * GiB, memoryUsed: 61 * GiB, memoryFree: 19 * GiB, utilization: 97, temperature: 55, powerW: 402.5 });
+  const old = reduceRun([started()]);
+  assert.equal(old.start?.device, null);
+  assert.equal(old.gpu, null);
+});
+
 test('a failed run shows its error, step and the checkpoint resume continues from', () => {
   const v = reduceRun([
     started(), step(1, 2.8), step(2, 9.5), step(3, Number.NaN),

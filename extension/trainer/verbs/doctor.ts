@@ -1,11 +1,13 @@
 // doctor verb: what this machine offers the GPU engine and, for each problem, one sentence on what to do. This is
 // what a user reads when "it does not use my GPU" (the extension's QLoRA: Check GPU Setup shows the same).
 import * as os from 'node:os';
-import { engineVersion, gpuReport, type GpuReport } from '../../engine';
+import { engineInfo, engineVersion, gpuReport, type GpuReport } from '../../engine';
+import { chooseDevice, cudaBlockers } from '../../engine/device';
 import { stringOption, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { placementOptions } from '../placement';
 
 export const doctorOptions: Record<string, OptionSpec> = {
-  'cuda-lib-dir': { type: 'string', description: 'a folder holding cuBLASLt, searched first (the qlora.cudaLibraryPath setting; else QLORA_CUDA_LIB_DIR)' },
+  'cuda-lib-dir': placementOptions['cuda-lib-dir'],
   json: { type: 'boolean', description: 'print the report as JSON' },
 };
 
@@ -19,8 +21,10 @@ export interface DoctorReport extends GpuReport {
 
 export function doctorReport(libraryDir?: string): DoctorReport {
   const g = gpuReport(libraryDir);
-  const usable = g.cudaCompiled && g.driver.found && g.cublasLt.found && g.computeDtype !== null && g.runtimeDevices > 0;
-  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, device: usable ? 'cuda' : 'cpu' };
+  const engine = engineInfo();
+  // The same choice and the same sentences as `train --device auto`.
+  const device = chooseDevice('auto', g, engine).kind;
+  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, problems: cudaBlockers(g, engine.backends), device };
 }
 
 const GiB = 1024 ** 3;
@@ -43,6 +47,7 @@ export function doctorText(r: DoctorReport): string {
   lines.push(`training would run on: ${r.device === 'cuda' ? `the GPU, in ${r.computeDtype}` : 'the CPU'}`);
   if (r.problems.length === 0) lines.push('no problems found');
   else lines.push('problems:', ...r.problems.map((p) => `  - ${p}`));
+  if (r.notes.length > 0) lines.push('notes:', ...r.notes.map((p) => `  - ${p}`));
   return lines.join('\n');
 }
 

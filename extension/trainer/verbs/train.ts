@@ -3,10 +3,10 @@
 // progress; SIGINT/SIGTERM stop gracefully after the current step with a final checkpoint (a second SIGINT exits).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { estimateMemory } from '../../engine/tools';
-import { validateControl, type MemoryEstimate, type TrainerEvent } from '../../protocol/events';
+import { validateControl, type TrainerEvent } from '../../protocol/events';
 import { listOption, numberOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { readConfigFile, resolveConfig, type TrainConfig } from '../config';
+import { placementFromFlags, placementOptions } from '../placement';
 import { TerminalProgress } from '../progress';
 import { train, TrainingControl, type TrainOutcome } from '../train';
 
@@ -70,6 +70,7 @@ export const trainOptions: Record<string, OptionSpec> = {
   packing: { type: 'boolean', description: 'pack examples into full sequences' },
   'sample-prompt': { type: 'string', repeatable: true, description: 'a user message answered with the current adapter at the start and at every eval (repeatable)' },
   'sample-max-tokens': { type: 'string', description: 'most tokens of each sample answer (default 64)' },
+  ...placementOptions,
   json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
 };
 
@@ -111,28 +112,16 @@ export function configFromFlags(o: ParsedOptions): TrainConfig {
   return resolveConfig(fromFile, overrides);
 }
 
-/** The engine's own memory estimate for the run (peak bytes by category), for the run-started event. */
-export function runEstimate(config: TrainConfig): MemoryEstimate {
-  const e = estimateMemory(config.model, {
-    batch: config.batchSize,
-    seq: config.seqLen,
-    rank: config.rank,
-    targets: config.targets,
-    quantize: config.quantize,
-    gradientCheckpointing: config.gradientCheckpointing,
-  });
-  return { categories: e.categories, peakTotal: e.peakTotal };
-}
-
 function printOutcome(outcome: TrainOutcome, json: boolean): void {
   if (json) process.stdout.write(JSON.stringify(outcome) + '\n');
 }
 
 export async function trainVerb(o: ParsedOptions): Promise<void> {
+  const placement = placementFromFlags(o);
   const config = configFromFlags(o);
   const runDir = requiredString(o, 'out');
   const json = Boolean(o.json);
-  const outcome = await runWithProgress((control, onEvent) => train({ runDir, config, resume: false, control, onEvent, estimate: runEstimate }), json);
+  const outcome = await runWithProgress((control, onEvent) => train({ runDir, config, resume: false, control, onEvent, placement }), json);
   printOutcome(outcome, json);
 }
 
@@ -140,7 +129,8 @@ export async function resumeVerb(o: ParsedOptions): Promise<void> {
   const runDir = requiredString(o, 'run');
   if (!fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} is not a run folder (no config.json)`);
   const json = Boolean(o.json);
-  const outcome = await runWithProgress((control, onEvent) => train({ runDir, resume: true, control, onEvent, estimate: runEstimate }), json);
+  const placement = placementFromFlags(o);
+  const outcome = await runWithProgress((control, onEvent) => train({ runDir, resume: true, control, onEvent, placement }), json);
   printOutcome(outcome, json);
 }
 

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,9 @@ class MemoryTracker {
   MemoryStats stats_;
 };
 
+// Direction of a page copy: out of device memory to host memory, or back in.
+enum class PageDir { Out, In };
+
 // The most rows nf4_matmul_nt takes: generation's prefill of a few tokens and token-by-token decode.
 constexpr int64_t kNf4MatmulMaxRows = 4;
 
@@ -51,8 +55,17 @@ class Backend {
   virtual std::string name() const = 0;
 
   // ---- memory ----
-  virtual void* alloc_bytes(size_t bytes, MemCategory category) = 0;
-  virtual void free_bytes(void* ptr, size_t bytes, MemCategory category) = 0;
+  // Every engine allocation goes through here: it is counted by category and kept under the memory budget. When
+  // an allocation would go over the budget, the pressure handler (the paged optimizer) is asked to free memory
+  // first; if it cannot, the allocation is an EngineError that names the category, the bytes and the budget.
+  void* alloc_bytes(size_t bytes, MemCategory category);
+  void free_bytes(void* ptr, size_t bytes, MemCategory category);
+  // 0: no budget (the default). A budget below what is allocated already applies to later allocations.
+  void set_memory_budget(int64_t bytes) { budget_ = bytes; }
+  int64_t memory_budget() const { return budget_; }
+  // handler(bytes) frees at least `bytes` of device memory if it can and returns how much it freed.
+  using PressureHandler = std::function<int64_t(int64_t bytes)>;
+  void set_pressure_handler(PressureHandler handler) { pressure_handler_ = std::move(handler); }
   virtual void upload(void* device_dst, const void* host_src, size_t bytes) = 0;
   virtual void download(void* host_dst, const void* device_src, size_t bytes) = 0;
   virtual void fill_zero(float* x, int64_t n) = 0;
@@ -110,8 +123,25 @@ class Backend {
   virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
                             double beta2, double eps, double weight_decay, int64_t step, double grad_scale) = 0;
 
+  // ---- paging: host memory that device pages move to, and the copies between them ----
+  // Host memory for pages moved out (page-locked on the GPU, so copies run asynchronously); not counted in the
+  // device budget.
+  virtual void* alloc_host(size_t bytes) = 0;
+  virtual void free_host(void* ptr, size_t bytes) = 0;
+  // Starts copying `bytes` between device memory and host memory (dir Out: device src to host dst; In: host src
+  // to device dst) after the compute issued so far, on a stream of its own, and returns a ticket for it.
+  virtual int64_t begin_page_copy(void* dst, const void* src, size_t bytes, PageDir dir) = 0;
+  // Waits until the copy is done (compute issued afterwards sees its data) and returns how long it took, in ms.
+  virtual double finish_page_copy(int64_t ticket) = 0;
+
  protected:
+  virtual void* device_alloc(size_t bytes, MemCategory category) = 0;
+  virtual void device_free(void* ptr, size_t bytes) = 0;
   MemoryTracker tracker_;
+
+ private:
+  int64_t budget_ = 0;
+  PressureHandler pressure_handler_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -1,4 +1,5 @@
 // The CPU backend: host memory and the reference kernels of cpu/kernels.h in fp32, threaded with OpenMP.
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -52,21 +53,56 @@ void MemoryTracker::begin_interval() {
   stats_.at_interval_peak = stats_.current;
 }
 
+void* Backend::alloc_bytes(size_t bytes, MemCategory category) {
+  const int64_t n = static_cast<int64_t>(bytes);
+  if (budget_ > 0 && tracker_.stats().total_current + n > budget_ && pressure_handler_)
+    pressure_handler_(tracker_.stats().total_current + n - budget_);
+  if (budget_ > 0 && tracker_.stats().total_current + n > budget_) {
+    const MemoryStats& s = tracker_.stats();
+    std::string held;
+    for (size_t i = 0; i < s.current.size(); ++i) {
+      if (s.current[i] == 0) continue;
+      held += held.empty() ? "" : ", ";
+      held += std::string(mem_category_name(static_cast<MemCategory>(i))) + " " + format_bytes(s.current[i]);
+    }
+    fail("over the memory budget: ", format_bytes(n), " more for ", mem_category_name(category), " would make ",
+         format_bytes(s.total_current + n), " of a ", format_bytes(budget_), " budget (held now: ",
+         held.empty() ? "nothing" : held, ")");
+  }
+  void* p = device_alloc(bytes, category);
+  tracker_.on_alloc(category, n);
+  return p;
+}
+
+void Backend::free_bytes(void* ptr, size_t bytes, MemCategory category) {
+  device_free(ptr, bytes);
+  tracker_.on_free(category, static_cast<int64_t>(bytes));
+}
+
 namespace {
 
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
 
-  void* alloc_bytes(size_t bytes, MemCategory category) override {
+  void* alloc_host(size_t bytes) override {
     void* p = std::malloc(bytes);
-    if (!p) fail("out of host memory allocating ", bytes, " bytes for ", mem_category_name(category));
-    tracker_.on_alloc(category, static_cast<int64_t>(bytes));
+    if (!p) fail("out of host memory allocating ", bytes, " bytes for paged-out memory");
     return p;
   }
-  void free_bytes(void* ptr, size_t bytes, MemCategory category) override {
-    std::free(ptr);
-    tracker_.on_free(category, static_cast<int64_t>(bytes));
+  void free_host(void* ptr, size_t) override { std::free(ptr); }
+  // On the CPU "device" and host memory are the same memory: a page copy is a memcpy, done when it starts.
+  int64_t begin_page_copy(void* dst, const void* src, size_t bytes, PageDir) override {
+    const auto start = std::chrono::steady_clock::now();
+    std::memcpy(dst, src, bytes);
+    copy_ms_.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    return static_cast<int64_t>(copy_ms_.size()) - 1;
+  }
+  double finish_page_copy(int64_t ticket) override {
+    if (ticket < 0 || ticket >= static_cast<int64_t>(copy_ms_.size())) fail("finish_page_copy: unknown ticket ", ticket);
+    const double ms = copy_ms_[static_cast<size_t>(ticket)];
+    if (ticket == static_cast<int64_t>(copy_ms_.size()) - 1) copy_ms_.clear();  // nothing is outstanding
+    return ms;
   }
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
@@ -183,6 +219,17 @@ class CpuBackend final : public Backend {
                     double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {
     cpu::adamw_update<float>(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   }
+
+ protected:
+  void* device_alloc(size_t bytes, MemCategory category) override {
+    void* p = std::malloc(bytes);
+    if (!p) fail("out of host memory allocating ", bytes, " bytes for ", mem_category_name(category));
+    return p;
+  }
+  void device_free(void* ptr, size_t) override { std::free(ptr); }
+
+ private:
+  std::vector<double> copy_ms_;  // durations of the copies not finished yet, by ticket
 };
 
 }  // namespace

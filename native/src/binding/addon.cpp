@@ -13,6 +13,7 @@
 #include "cuda/runtime_probe.h"
 #include "binding/binding_util.h"
 #include "io/model_config.h"
+#include "model/bench_shapes.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/optimizer.h"
@@ -102,6 +103,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
                         InstanceMethod("loadOptimizerState", &ModelHandle::LoadOptimizerState),
                         InstanceMethod("memory", &ModelHandle::Memory),
                         InstanceMethod("beginMemoryInterval", &ModelHandle::BeginMemoryInterval),
+                        InstanceMethod("takePageMoves", &ModelHandle::TakePageMoves),
                         InstanceMethod("generationStart", &ModelHandle::GenerationStart),
                         InstanceMethod("generationAppend", &ModelHandle::GenerationAppend),
                         InstanceMethod("generationTruncate", &ModelHandle::GenerationTruncate),
@@ -110,12 +112,34 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
                         InstanceMethod("dispose", &ModelHandle::Dispose)});
   }
 
+  // new Model(dir, options) loads a Hugging Face folder; new Model({shape, seed}, options) makes a benchmark shape
+  // with random NF4 weights (model/bench_shapes.h).
   explicit ModelHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ModelHandle>(info) {
     Napi::Env env = info.Env();
-    const std::string dir = string_arg(info, 0, "model directory");
+    std::optional<std::string> shape;
+    uint64_t seed = 0;
+    std::string dir;
+    if (info.Length() > 0 && info[0].IsObject()) {
+      const Napi::Object source = info[0].As<Napi::Object>();
+      if (!source.Get("shape").IsString()) throw Napi::TypeError::New(env, "a synthetic model needs {shape: 'tiny' | '1b' | '8b' | '70b'}");
+      shape = source.Get("shape").As<Napi::String>().Utf8Value();
+      seed = static_cast<uint64_t>(opt_number(source, "seed").value_or(0));
+    } else {
+      dir = string_arg(info, 0, "model directory");
+    }
     const Napi::Object opts = options_arg(info, 1);
     guarded(env, [&] {
       backend_ = make_cpu_backend();
+      // The budget bounds every engine allocation; the paged optimizer moves its pages to host memory to stay under.
+      const std::optional<double> budget = opt_number(opts, "memoryBudget");
+      if (budget) {
+        if (!(*budget >= 0)) fail("memoryBudget must be a number of bytes >= 0, got ", *budget);
+        backend_->set_memory_budget(static_cast<int64_t>(*budget));
+      }
+      if (shape) {
+        model_ = LlamaModel::synthetic(backend_.get(), bench_shape(*shape), seed);
+        return 0;
+      }
       LoadOptions lo;
       lo.quantize_nf4 = opt_bool(opts, "quantize").value_or(false);
       model_ = LlamaModel::load(backend_.get(), dir, lo);
@@ -322,6 +346,22 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
   Napi::Value BeginMemoryInterval(const Napi::CallbackInfo& info) {
     backend_->begin_memory_interval();
     return info.Env().Undefined();
+  }
+
+  // takePageMoves() -> [{dir: 'out' | 'in', tensor, bytes, ms}]: the paged optimizer's moves since the last call.
+  Napi::Value TakePageMoves(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::vector<PageMove> moves = optimizer_ ? optimizer_->pages().take_moves() : std::vector<PageMove>{};
+    Napi::Array out = Napi::Array::New(env, moves.size());
+    for (size_t i = 0; i < moves.size(); ++i) {
+      Napi::Object m = Napi::Object::New(env);
+      m.Set("dir", moves[i].dir == PageDir::Out ? "out" : "in");
+      m.Set("tensor", moves[i].tensor);
+      m.Set("bytes", static_cast<double>(moves[i].bytes));
+      m.Set("ms", moves[i].ms);
+      out.Set(i, m);
+    }
+    return out;
   }
 
   // ---- generation sessions: KV caches held here, so that replacing the adapter ends them (their keys and values

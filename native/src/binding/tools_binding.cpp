@@ -9,6 +9,7 @@
 #include "backend/backend.h"
 #include "binding/binding_util.h"
 #include "io/model_config.h"
+#include "model/bench_shapes.h"
 #include "model/estimate.h"
 #include "model/lora.h"
 #include "model/merge.h"
@@ -55,11 +56,13 @@ Napi::Value MergeWeights(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// estimateMemory(modelDir, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer}) ->
-// {categories, peakTotal, loraParameters, stored4bit, config}. Reads config.json only.
+// estimateMemory(modelDir | {shape}, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer}) ->
+// {categories, peakTotal, loraParameters, optimizerPageBytes, stored4bit, config}. Reads config.json only.
 Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const std::string dir = string_arg(info, 0, "model directory");
+  // a model folder, or {shape} of a benchmark shape
+  const bool synthetic = info.Length() > 0 && info[0].IsObject();
+  const std::string dir = synthetic ? "" : string_arg(info, 0, "model directory");
   Napi::Object opts = Napi::Object::New(env);
   if (info.Length() > 1 && !info[1].IsUndefined() && !info[1].IsNull()) {
     if (!info[1].IsObject()) throw Napi::TypeError::New(env, "options must be an object");
@@ -86,7 +89,9 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
       eo.targets.push_back(*m);
     }
   }
-  const ModelConfig c = guarded(env, [&] { return load_model_config(dir); });
+  const ModelConfig c = guarded(env, [&] {
+    return synthetic ? bench_shape(info[0].As<Napi::Object>().Get("shape").ToString().Utf8Value()) : load_model_config(dir);
+  });
   eo.stored_4bit = c.quantization.has_value() && c.quantization->load_in_4bit;
   const MemoryEstimate e = guarded(env, [&] { return estimate_memory(c, eo); });
 
@@ -109,6 +114,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   o.Set("categories", categories);
   o.Set("peakTotal", static_cast<double>(e.peak_total));
   o.Set("loraParameters", static_cast<double>(e.lora_parameters));
+  o.Set("optimizerPageBytes", static_cast<double>(e.optimizer_page_bytes));
   o.Set("stored4bit", eo.stored_4bit);
   o.Set("config", config);
   return o;

@@ -4,6 +4,7 @@
 
 #include "cuda/runtime_probe.h"
 #include "gpu/libraries.h"
+#include "gpu/nvml.h"
 
 namespace qlora::gpu {
 
@@ -13,28 +14,6 @@ namespace {
 using CUresult = int;
 using CuInit = CUresult (*)(unsigned int);
 using CuDriverGetVersion = CUresult (*)(int*);
-
-using nvmlReturn_t = int;
-using nvmlDevice_t = struct nvmlDevice_st*;
-struct nvmlMemory_t {
-  unsigned long long total, free, used;
-};
-struct nvmlUtilization_t {
-  unsigned int gpu, memory;
-};
-constexpr int kNvmlTemperatureGpu = 0;
-using NvmlInit = nvmlReturn_t (*)();
-using NvmlShutdown = nvmlReturn_t (*)();
-using NvmlErrorString = const char* (*)(nvmlReturn_t);
-using NvmlSystemGetDriverVersion = nvmlReturn_t (*)(char*, unsigned int);
-using NvmlDeviceGetCount = nvmlReturn_t (*)(unsigned int*);
-using NvmlDeviceGetHandleByIndex = nvmlReturn_t (*)(unsigned int, nvmlDevice_t*);
-using NvmlDeviceGetName = nvmlReturn_t (*)(nvmlDevice_t, char*, unsigned int);
-using NvmlDeviceGetMemoryInfo = nvmlReturn_t (*)(nvmlDevice_t, nvmlMemory_t*);
-using NvmlDeviceGetCudaComputeCapability = nvmlReturn_t (*)(nvmlDevice_t, int*, int*);
-using NvmlDeviceGetUtilizationRates = nvmlReturn_t (*)(nvmlDevice_t, nvmlUtilization_t*);
-using NvmlDeviceGetTemperature = nvmlReturn_t (*)(nvmlDevice_t, int, unsigned int*);
-using NvmlDeviceGetPowerUsage = nvmlReturn_t (*)(nvmlDevice_t, unsigned int*);
 
 template <typename F>
 F fn(const Library& lib, const char* name) {
@@ -87,57 +66,14 @@ void probe_driver(GpuReport& report, const std::vector<std::string>& dirs, bool 
 }
 
 void probe_nvml(GpuReport& report, const std::vector<std::string>& dirs, bool windows) {
-  const Library lib = load_library(nvml_names(windows), dirs);
-  report.nvml = report_of(lib, dirs);
-  if (!lib.found()) return;  // the driver problem above already says what to install
-  const auto init = fn<NvmlInit>(lib, "nvmlInit_v2");
-  const auto shutdown = fn<NvmlShutdown>(lib, "nvmlShutdown");
-  const auto error_string = fn<NvmlErrorString>(lib, "nvmlErrorString");
-  if (!init || !shutdown) {
-    report.problems.push_back("NVML at " + lib.path + " lacks nvmlInit_v2; GPU telemetry is unavailable.");
-    return;
-  }
-  if (const nvmlReturn_t e = init(); e != 0) {
-    report.problems.push_back(std::string("NVML could not start (") + (error_string ? error_string(e) : "error") +
-                              "); GPU telemetry is unavailable.");
-    return;
-  }
-  char text[96] = {0};
-  if (const auto dv = fn<NvmlSystemGetDriverVersion>(lib, "nvmlSystemGetDriverVersion"); dv && dv(text, sizeof text) == 0)
-    report.driver_version = text;
-  unsigned int count = 0;
-  const auto get_count = fn<NvmlDeviceGetCount>(lib, "nvmlDeviceGetCount_v2");
-  const auto get_handle = fn<NvmlDeviceGetHandleByIndex>(lib, "nvmlDeviceGetHandleByIndex_v2");
-  if (get_count && get_handle && get_count(&count) == 0) {
-    for (unsigned int i = 0; i < count; ++i) {
-      nvmlDevice_t dev = nullptr;
-      if (get_handle(i, &dev) != 0) continue;
-      GpuInfo g;
-      g.index = static_cast<int>(i);
-      char name[96] = {0};
-      if (const auto f = fn<NvmlDeviceGetName>(lib, "nvmlDeviceGetName"); f && f(dev, name, sizeof name) == 0) g.name = name;
-      nvmlMemory_t mem{};
-      if (const auto f = fn<NvmlDeviceGetMemoryInfo>(lib, "nvmlDeviceGetMemoryInfo"); f && f(dev, &mem) == 0) {
-        g.memory_total = mem.total;
-        g.memory_free = mem.free;
-        g.memory_used = mem.used;
-      }
-      if (const auto f = fn<NvmlDeviceGetCudaComputeCapability>(lib, "nvmlDeviceGetCudaComputeCapability"))
-        f(dev, &g.cc_major, &g.cc_minor);
-      nvmlUtilization_t u{};
-      if (const auto f = fn<NvmlDeviceGetUtilizationRates>(lib, "nvmlDeviceGetUtilizationRates"); f && f(dev, &u) == 0)
-        g.utilization = static_cast<int>(u.gpu);
-      unsigned int t = 0;
-      if (const auto f = fn<NvmlDeviceGetTemperature>(lib, "nvmlDeviceGetTemperature");
-          f && f(dev, kNvmlTemperatureGpu, &t) == 0)
-        g.temperature = static_cast<int>(t);
-      unsigned int mw = 0;
-      if (const auto f = fn<NvmlDeviceGetPowerUsage>(lib, "nvmlDeviceGetPowerUsage"); f && f(dev, &mw) == 0)
-        g.power_w = mw / 1000.0;
-      report.gpus.push_back(g);
-    }
-  }
-  shutdown();
+  Library library;
+  std::string note;
+  const std::unique_ptr<Nvml> nvml = Nvml::open(dirs, windows, &library, &note);
+  report.nvml = report_of(library, dirs);
+  if (!note.empty()) report.notes.push_back(note);
+  if (!nvml) return;
+  report.driver_version = nvml->driver_version();
+  report.gpus = nvml->sample();
 }
 
 }  // namespace

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "gpu/nvml.h"
+
 namespace qlora::gpu {
 
 struct LibraryReport {
@@ -15,16 +17,6 @@ struct LibraryReport {
   std::vector<std::string> tried;    // files attempted
   std::vector<std::string> searched; // folders looked in ("" = the loader's own search path)
   std::string error;
-};
-
-struct GpuInfo {
-  int index = 0;
-  std::string name;
-  uint64_t memory_total = 0, memory_used = 0, memory_free = 0;
-  int cc_major = 0, cc_minor = 0;
-  int utilization = -1;   // percent, -1 when not reported
-  int temperature = -1;   // degrees C
-  double power_w = -1.0;  // watts
 };
 
 struct GpuReport {
@@ -37,7 +29,8 @@ struct GpuReport {
   int runtime_devices = -1;        // what the CUDA runtime sees; -1 with runtime_error when it cannot
   std::string runtime_error;
   std::string compute_dtype;       // "bf16" (sm_80+), "fp16" (sm_75), "" without a usable GPU
-  std::vector<std::string> problems;
+  std::vector<std::string> problems;  // each stands between this machine and training on its GPU
+  std::vector<std::string> notes;     // worth knowing but not in the way (GPU telemetry unavailable)
 };
 
 // The minimum the engine supports: Turing (sm_75); bf16 compute needs Ampere (sm_80).

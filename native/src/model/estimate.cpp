@@ -57,7 +57,10 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   }
   add(Ad, e.lora_parameters * kF32);
   add(G, e.lora_parameters * kF32);
-  if (o.with_optimizer) add(Opt, 2 * e.lora_parameters * kF32);
+  if (o.with_optimizer) {
+    add(Opt, 2 * e.lora_parameters * kF32);
+    e.optimizer_page_bytes = 2 * (e.lora_parameters / L) * kF32;
+  }
 
   // LlamaModel::run with gradients: nothing is freed before the run ends, so each category peaks at the sum of
   // its buffers.

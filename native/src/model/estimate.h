@@ -33,6 +33,8 @@ struct MemoryEstimate {
   std::array<int64_t, static_cast<size_t>(MemCategory::Count)> bytes{};
   int64_t peak_total = 0;       // all categories at once (nothing is freed before the run's end)
   int64_t lora_parameters = 0;  // A and B elements over all layers and targets
+  // The paged optimizer's page: AdamW's two moments of one layer's LoRA parameters (0 without the optimizer).
+  int64_t optimizer_page_bytes = 0;
 
   int64_t operator[](MemCategory c) const { return bytes[static_cast<size_t>(c)]; }
 };

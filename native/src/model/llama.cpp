@@ -2,12 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
+#include "io/dtype.h"
 #include "io/safetensors.h"
 #include "model/rope.h"
 #include "quant/bnb4.h"
 #include "quant/nf4.h"
 #include "util/error.h"
+#include "util/philox.h"
 
 namespace qlora {
 
@@ -153,6 +156,76 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
         fl.dense = load_dense(name, {shape[0], shape[1]});
       }
       if (module_has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
+    }
+  }
+  return model;
+}
+
+namespace {
+
+// Fills device memory with `n` values made on the host in chunks (a whole 70B embedding never sits on the host).
+template <typename T, typename Make>
+void fill_in_chunks(Backend* backend, T* device, int64_t n, Make make) {
+  constexpr int64_t kChunk = int64_t{1} << 22;
+  std::vector<T> chunk(static_cast<size_t>(std::min(n, kChunk)));
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t count = std::min(kChunk, n - start);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) chunk[static_cast<size_t>(i)] = make(start + i);
+    backend->upload(device + start, chunk.data(), static_cast<size_t>(count) * sizeof(T));
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelConfig& config, uint64_t seed) {
+  std::unique_ptr<LlamaModel> model(new LlamaModel());
+  model->backend_ = backend;
+  model->dir_ = "synthetic";
+  model->config_ = config;
+  const ModelConfig& c = model->config_;
+  const Philox rng(seed, RngStream::BenchWeights);
+  uint64_t stream_offset = 0;  // each tensor takes its own range of the generator
+  // uniform on [-a, a] with a = 0.02 * sqrt(3): the 0.02 standard deviation of Llama's initialization
+  auto random_dense = [&](int64_t n) {
+    DeviceArray<float> out(backend, n, MemCategory::Weights);
+    const uint64_t base = stream_offset;
+    fill_in_chunks(backend, out.get(), n, [&](int64_t i) { return (rng.uniform(base + i) * 2.0f - 1.0f) * 0.0346410f; });
+    stream_offset += static_cast<uint64_t>(n);
+    return out;
+  };
+  auto ones = [&](int64_t n) {
+    DeviceArray<float> out(backend, n, MemCategory::Weights);
+    fill_in_chunks(backend, out.get(), n, [](int64_t) { return 1.0f; });
+    return out;
+  };
+  model->embed_ = random_dense(c.vocab_size * c.hidden_size);
+  model->final_norm_ = ones(c.hidden_size);
+  if (!c.tie_word_embeddings) model->lm_head_ = random_dense(c.vocab_size * c.hidden_size);
+  model->layers_.resize(static_cast<size_t>(c.num_layers));
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    LayerWeights& lw = model->layers_[layer];
+    lw.attn_norm = ones(c.hidden_size);
+    lw.mlp_norm = ones(c.hidden_size);
+    for (int mi = 0; mi < kNumModules; ++mi) {
+      const auto shape = module_shape(c, static_cast<Module>(mi));
+      FrozenLinear& fl = lw.linear[mi];
+      fl.out = shape[0];
+      fl.in = shape[1];
+      fl.blocksize = 64;
+      fl.round_to = RoundTo::BF16;
+      const int64_t n = shape[0] * shape[1];
+      fl.packed.reset(backend, (n + 1) / 2, MemCategory::Weights);
+      const uint64_t base = stream_offset;
+      fill_in_chunks(backend, fl.packed.get(), (n + 1) / 2, [&](int64_t i) { return static_cast<uint8_t>(rng.bits(base + i)); });
+      stream_offset += static_cast<uint64_t>((n + 1) / 2);
+      // a block's largest |w| of 0.02-spread weights is about 2.5 standard deviations
+      const int64_t blocks = (n + fl.blocksize - 1) / fl.blocksize;
+      fl.absmax.reset(backend, blocks, MemCategory::Weights);
+      const uint64_t abase = stream_offset;
+      fill_in_chunks(backend, fl.absmax.get(), blocks, [&](int64_t i) { return round_to_bf16(0.05f * (0.8f + 0.4f * rng.uniform(abase + i))); });
+      stream_offset += static_cast<uint64_t>(blocks);
+      if (module_has_bias(c, static_cast<Module>(mi))) fl.bias = ones(shape[0]);
     }
   }
   return model;

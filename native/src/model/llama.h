@@ -71,6 +71,11 @@ struct RunResult {
 class LlamaModel {
  public:
   static std::unique_ptr<LlamaModel> load(Backend* backend, const std::string& dir, const LoadOptions& options);
+  // A model of the given shape with random weights and no files, for benchmarks: embeddings (and an untied LM head)
+  // uniform with the spread of a trained model's, unit norms, and every linear layer NF4 with random codes and block
+  // constants (bf16-rounded, as QLoRA quantizes a bf16 model): the same buffers, of the same sizes, that load()
+  // makes of that model quantized.
+  static std::unique_ptr<LlamaModel> synthetic(Backend* backend, const ModelConfig& config, uint64_t seed);
 
   const ModelConfig& config() const { return config_; }
   const std::string& dir() const { return dir_; }

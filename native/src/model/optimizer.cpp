@@ -1,5 +1,6 @@
 #include "model/optimizer.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "io/safetensors.h"
@@ -8,13 +9,15 @@
 namespace qlora {
 
 AdamW::AdamW(Backend* backend, LoraAdapter* adapter) : backend_(backend), adapter_(adapter) {
-  for (auto& [param, grad] : adapter_->parameters_and_grads()) {
-    (void)grad;
-    m_.emplace_back(backend, param->size(), MemCategory::Optimizer);
-    v_.emplace_back(backend, param->size(), MemCategory::Optimizer);
-    backend->fill_zero(m_.back().get(), param->size());
-    backend->fill_zero(v_.back().get(), param->size());
+  // parameters_and_grads() runs layer by layer (layer, module, A then B): a page per layer.
+  std::vector<int64_t> sizes, layers;
+  const auto params = adapter_->parameters_and_grads();
+  const size_t per_layer = params.size() / static_cast<size_t>(std::max<int64_t>(1, adapter_->num_layers()));
+  for (size_t i = 0; i < params.size(); ++i) {
+    sizes.push_back(params[i].first->size());
+    layers.push_back(static_cast<int64_t>(i / std::max<size_t>(1, per_layer)));
   }
+  pages_ = std::make_unique<OptimizerPages>(backend, sizes, layers);
 }
 
 double AdamW::global_grad_norm(Backend* backend, LoraAdapter* adapter) {
@@ -41,9 +44,16 @@ StepReport AdamW::step(const AdamWOptions& o) {
   }
   ++step_;
   auto params = adapter_->parameters_and_grads();
-  for (size_t i = 0; i < params.size(); ++i)
-    backend_->adamw_update(params[i].first->get(), params[i].second->get(), m_[i].get(), v_[i].get(),
-                           params[i].first->size(), o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step_, grad_scale);
+  OptimizerPages& pages = *pages_;
+  for (size_t page = 0; page < pages.num_pages(); ++page) {
+    pages.acquire(page);
+    if (page + 1 < pages.num_pages()) pages.prefetch(page + 1);  // its copy runs while this page is updated
+    for (size_t i : pages.params_of(page))
+      backend_->adamw_update(params[i].first->get(), params[i].second->get(), pages.exp_avg(i), pages.exp_avg_sq(i),
+                             params[i].first->size(), o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step_,
+                             grad_scale);
+    pages.release(page);
+  }
   report.step = step_;
   return report;
 }
@@ -54,8 +64,9 @@ void AdamW::save(const std::string& path) const {
   writer.set_metadata("step", std::to_string(step_));
   const std::vector<std::string> names = adapter_->parameter_names();
   for (size_t i = 0; i < names.size(); ++i) {
-    writer.add_f32(names[i] + ".exp_avg", {m_[i].size()}, m_[i].download());
-    writer.add_f32(names[i] + ".exp_avg_sq", {v_[i].size()}, v_[i].download());
+    const std::vector<float> m = pages_->read(i, 0);
+    writer.add_f32(names[i] + ".exp_avg", {static_cast<int64_t>(m.size())}, m);
+    writer.add_f32(names[i] + ".exp_avg_sq", {static_cast<int64_t>(m.size())}, pages_->read(i, 1));
   }
   writer.write(path);
 }
@@ -69,9 +80,11 @@ void AdamW::load(const std::string& path) {
   const std::vector<std::string> names = adapter_->parameter_names();
   if (store->names().size() != 2 * names.size())
     fail(path, ": holds ", store->names().size(), " tensors, expected ", 2 * names.size(), " for this adapter");
+  const auto params = adapter_->parameters_and_grads();
   for (size_t i = 0; i < names.size(); ++i) {
-    m_[i].upload(store->read_f32(names[i] + ".exp_avg", {m_[i].size()}));
-    v_[i].upload(store->read_f32(names[i] + ".exp_avg_sq", {v_[i].size()}));
+    const int64_t n = params[i].first->size();
+    pages_->write(i, 0, store->read_f32(names[i] + ".exp_avg", {n}));
+    pages_->write(i, 1, store->read_f32(names[i] + ".exp_avg_sq", {n}));
   }
   try {
     step_ = std::stoll(step->second);

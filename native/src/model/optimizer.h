@@ -1,12 +1,16 @@
 // AdamW over the LoRA parameters with fp32 state, and global gradient-norm clipping (torch.nn.utils.
 // clip_grad_norm_ semantics: scale every gradient by max_norm / (norm + 1e-6) when the norm exceeds max_norm).
+// The state is paged (model/optimizer_pages.h): under a memory budget it moves between device and host memory, and
+// the numbers are the same wherever it is.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "model/lora.h"
+#include "model/optimizer_pages.h"
 
 namespace qlora {
 
@@ -37,11 +41,12 @@ class AdamW {
   void save(const std::string& path) const;
   void load(const std::string& path);
   static double global_grad_norm(Backend* backend, LoraAdapter* adapter);
+  OptimizerPages& pages() { return *pages_; }
 
  private:
   Backend* backend_;
   LoraAdapter* adapter_;
-  std::vector<DeviceArray<float>> m_, v_;
+  std::unique_ptr<OptimizerPages> pages_;
   int64_t step_ = 0;
 };
 

@@ -10,44 +10,10 @@
 
 namespace qlora::nf4 {
 
-const float kCodes[16] = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f,
-};
-
-// bitsandbytes' dQuantizeNF4: the thresholds are its hard-coded midpoints (as float literals, not computed from
-// kCodes), compared with strict `>` so a value exactly on a midpoint takes the lower code. NaN falls through every
-// comparison to code 0, as on the GPU.
-uint8_t quantize_normalized(float x) {
-  if (x > 0.03979014977812767f) {
-    if (x > 0.3893125355243683f) {
-      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
-      return x > 0.5016634166240692f ? 13 : 12;
-    }
-    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
-    return x > 0.1202552504837513f ? 9 : 8;
-  }
-  if (x > -0.33967943489551544f) {
-    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
-    return x > -0.23460740596055984f ? 5 : 4;
-  }
-  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
-  return x > -0.8480964004993439f ? 1 : 0;
-}
+const float kCodes[16] = {code_value(0),  code_value(1),  code_value(2),  code_value(3),
+                          code_value(4),  code_value(5),  code_value(6),  code_value(7),
+                          code_value(8),  code_value(9),  code_value(10), code_value(11),
+                          code_value(12), code_value(13), code_value(14), code_value(15)};
 
 namespace {
 

@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "quant/nf4_codebook.h"
+
 namespace qlora::nf4 {
 
-extern const float kCodes[16];
-
-uint8_t quantize_normalized(float x);  // x already scaled to [-1, 1]
+extern const float kCodes[16];  // code_value(0..15) as a table
 
 struct Blockwise4bit {
   std::vector<uint8_t> packed;  // ceil(n / 2) bytes

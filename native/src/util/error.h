@@ -2,6 +2,8 @@
 // architecture) becomes an EngineError whose message names the file or tensor and what is wrong; the addon turns it
 // into a JS exception with the message intact. Never exit(), never abort on user input.
 #pragma once
+#include <cstdint>
+#include <cstdio>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -19,6 +21,20 @@ template <typename... Parts>
   std::ostringstream out;
   (out << ... << parts);
   throw EngineError(out.str());
+}
+
+// "512 B", "3.5 MiB", "7.25 GiB": byte counts in messages a user reads.
+inline std::string format_bytes(int64_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while ((v >= 1024.0 || v <= -1024.0) && u < 4) {
+    v /= 1024.0;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, u == 0 ? "%.0f %s" : "%.2f %s", v, units[u]);
+  return buf;
 }
 
 // Internal invariant checks (shapes passed between our own functions). Reported with file:line so a bug in the

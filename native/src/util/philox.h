@@ -15,6 +15,7 @@ enum class RngStream : uint32_t {
   Shuffle = 3,
   TinyModelInit = 4,
   Sampling = 5,  // token draws in generation (drawn in TypeScript)
+  BenchWeights = 6,  // the random weights of `bench --shape`
 };
 
 std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);

@@ -1,0 +1,71 @@
+// Where a run, a scoring pass or a benchmark computes: the device (`--device`, qlora.device) and the engine's memory
+// budget (`--gpu-memory-budget`, qlora.gpuMemoryBudget; by default what the GPU has free less a margin). Shared by
+// train, resume, score and bench so that each says the same thing about the same machine.
+import { engineInfo, gpuReport } from '../engine';
+import { chooseDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest } from '../engine/device';
+import type { NativeGpuReport } from '../engine/native';
+import type { RunDevice } from '../protocol/events';
+import { numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from './cliArgs';
+import { defaultGpuBudget } from './memoryPlan';
+
+const GiB = 1024 ** 3;
+
+export interface PlacementOptions {
+  device?: DeviceRequest;
+  /** GiB the engine may hold on the GPU (--gpu-memory-budget). */
+  gpuMemoryBudget?: number;
+  /** A budget in bytes on whatever device is chosen, instead of the above: tests page on the CPU with it (the paging
+   * logic is the backend-independent part of the engine). */
+  memoryBudgetBytes?: number;
+  /** A folder searched first for cuBLASLt (qlora.cudaLibraryPath). */
+  cudaLibraryDir?: string;
+}
+
+export interface Placement {
+  device: DeviceChoice;
+  /** Bytes; null: no budget. */
+  memoryBudget: number | null;
+  /** For warning events: the CPU fallback and why, a GPU budget given for a CPU run. */
+  warnings: string[];
+}
+
+export type MachineProbe = () => { report: NativeGpuReport; engine: { backends: string[]; threads: number } };
+
+const probeThisMachine =
+  (libraryDir: string | undefined): MachineProbe =>
+  () => ({ report: gpuReport(libraryDir), engine: engineInfo() });
+
+export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMachine(o.cudaLibraryDir)): Placement {
+  const { report, engine } = probe();
+  const device = chooseDevice(o.device ?? 'auto', report, engine);
+  const warnings = device.fallback ? [device.fallback] : [];
+  let memoryBudget: number | null = null;
+  if (o.memoryBudgetBytes !== undefined) {
+    memoryBudget = o.memoryBudgetBytes;
+  } else if (device.kind === 'cuda' && device.gpu) {
+    memoryBudget = o.gpuMemoryBudget !== undefined ? Math.floor(o.gpuMemoryBudget * GiB) : defaultGpuBudget(device.gpu);
+  } else if (o.gpuMemoryBudget !== undefined) {
+    warnings.push(`--gpu-memory-budget ${o.gpuMemoryBudget} applies on the GPU; this run is on the CPU and has no memory budget.`);
+  }
+  return { device, memoryBudget, warnings };
+}
+
+/** The run-started event's device. */
+export function runDevice(p: Placement, pagedOptimizer: boolean): RunDevice {
+  return { kind: p.device.kind, name: p.device.name, computeDtype: p.device.computeDtype, memoryBudget: p.memoryBudget, pagedOptimizer };
+}
+
+export const placementOptions: Record<string, OptionSpec> = {
+  device: { type: 'string', description: 'auto (default: the GPU when it can be used, else the CPU with a warning), cuda or cpu' },
+  'gpu-memory-budget': { type: 'string', description: 'GiB the engine may use on the GPU (default: what is free, less a margin); the optimizer pages to host memory to stay under' },
+  'cuda-lib-dir': { type: 'string', description: 'a folder holding cuBLASLt, searched first (the qlora.cudaLibraryPath setting; else QLORA_CUDA_LIB_DIR)' },
+};
+
+export function placementFromFlags(o: ParsedOptions): PlacementOptions {
+  const device = stringOption(o, 'device');
+  if (device !== undefined && !(DEVICE_REQUESTS as readonly string[]).includes(device))
+    throw new UsageError(`--device must be one of ${DEVICE_REQUESTS.join(', ')}, got '${device}'`);
+  const budget = numberOption(o, 'gpu-memory-budget');
+  if (budget !== undefined && !(budget > 0)) throw new UsageError(`--gpu-memory-budget must be a positive number of GiB, got ${budget}`);
+  return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir') };
+}

@@ -1,0 +1,171 @@
+// bench: QLoRA training speed and memory on a synthetic model with the exact shapes of Llama-3.2-1B, Llama-3.1-8B or
+// Llama-3-70B (random NF4 weights made by the engine, no files), as ../shared/bench/hf_reference.py measures
+// transformers + PEFT + bitsandbytes: LoRA r 16, alpha 32, dropout 0 on all seven linear layers, gradient
+// checkpointing, AdamW, random tokens, warm-up steps then the mean of timed steps. Prints tokens/s, step time, peak
+// memory by category, page traffic and model FLOP utilization.
+import { EngineModel, type MemoryCategory } from '../../engine';
+import { estimateMemory } from '../../engine/tools';
+import { MEMORY_CATEGORIES } from '../../protocol/events';
+import { formatBinaryBytes } from '../../util/bytes';
+import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { peakFlops, trainingFlopsPerToken } from '../flops';
+import { overBudgetMessage, planMemory } from '../memoryPlan';
+import { placeRun, placementFromFlags, placementOptions, type PlacementOptions } from '../placement';
+
+export const BENCH_SHAPES = ['tiny', '1b', '8b', '70b'] as const;
+export type BenchShape = (typeof BENCH_SHAPES)[number];
+
+export interface BenchOptions {
+  shape: BenchShape;
+  batch: number;
+  seq: number;
+  steps: number;
+  warmup: number;
+  rank: number;
+  placement: PlacementOptions;
+  /** Called after each step (warm-up included) with its index and time, for progress on a terminal. */
+  onStep?: (index: number, ms: number, warmup: boolean) => void;
+}
+
+export interface BenchResult {
+  shape: BenchShape;
+  device: { kind: 'cpu' | 'cuda'; name: string; computeDtype: string };
+  batch: number;
+  seq: number;
+  rank: number;
+  steps: number;
+  warmup: number;
+  tokens_per_s: number;
+  step_ms: number;
+  step_ms_min: number;
+  step_ms_max: number;
+  /** The engine's peak bytes by category over the whole benchmark, and their sum at the highest point. */
+  peak_bytes: Record<MemoryCategory, number> & { total: number };
+  memory_budget: number | null;
+  paged_optimizer: boolean;
+  page_bytes: number;
+  page_moves: number;
+  page_ms: number;
+  flops_per_token: number;
+  /** Model FLOPs per second over the GPU's dense bf16 peak; null where the peak is not known (every CPU). */
+  mfu: number | null;
+  /** The loss of the last step (random tokens: near log(vocabulary)). */
+  loss: number;
+  trainable_parameters: number;
+  /** What --device auto's choice had to say (the CPU fallback and why). */
+  warnings: string[];
+}
+
+/** The reference's token stream: uniform over the vocabulary, new tokens every step, the same on every run. */
+function randomIds(count: number, vocab: number, step: number): Int32Array {
+  let state = (0x9e3779b9 ^ Math.imul(step + 1, 0x85ebca6b)) >>> 0;
+  const ids = new Int32Array(count);
+  for (let i = 0; i < count; i++) {
+    // xorshift32
+    state ^= state << 13;
+    state >>>= 0;
+    state ^= state >>> 17;
+    state ^= state << 5;
+    state >>>= 0;
+    ids[i] = state % vocab;
+  }
+  return ids;
+}
+
+export function bench(o: BenchOptions): BenchResult {
+  for (const [name, value] of [['batch', o.batch], ['seq', o.seq], ['steps', o.steps], ['rank', o.rank]] as const)
+    if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
+  if (!Number.isSafeInteger(o.warmup) || o.warmup < 0) throw new UsageError(`--warmup must be a whole number, got ${o.warmup}`);
+  const placement = placeRun(o.placement);
+  const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank });
+  const plan = placement.memoryBudget !== null ? planMemory(estimate, placement.memoryBudget) : null;
+  if (plan && !plan.fits)
+    throw new Error(overBudgetMessage(estimate, plan, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true }, placement.device.kind === 'cuda' ? 'GPU' : 'device'));
+
+  const model = EngineModel.load({ shape: o.shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
+  try {
+    const config = model.config();
+    model.createLora({ rank: o.rank, alpha: 2 * o.rank, dropout: 0, seed: 1 });
+    let pageBytes = 0, pageMoves = 0, pageMs = 0;
+    let loss = NaN;
+    const times: number[] = [];
+    for (let i = 0; i < o.warmup + o.steps; i++) {
+      const ids = randomIds(o.batch * o.seq, config.vocabSize, i);
+      const t0 = process.hrtime.bigint();
+      model.zeroGrad();
+      const r = model.run({ ids, labels: ids, batch: o.batch, seq: o.seq }, { computeGrads: true, training: true, gradientCheckpointing: true, seed: 1, step: i + 1 });
+      model.optimizerStep({ lr: 2e-4 });
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      loss = r.loss;
+      for (const m of model.takePageMoves()) {
+        pageBytes += m.bytes;
+        pageMoves += 1;
+        pageMs += m.ms;
+      }
+      if (i >= o.warmup) times.push(ms);
+      o.onStep?.(i, ms, i < o.warmup);
+    }
+    const stepMs = times.reduce((a, b) => a + b, 0) / times.length;
+    const flopsPerToken = trainingFlopsPerToken(config, o.rank, o.seq);
+    const tokensPerS = (o.batch * o.seq) / (stepMs / 1000);
+    const peak = placement.device.kind === 'cuda' ? peakFlops(placement.device.name) : null;
+    const m = model.memory();
+    const peakBytes = { ...m.peak, total: m.totalPeak };
+    return {
+      shape: o.shape,
+      device: { kind: placement.device.kind, name: placement.device.name, computeDtype: placement.device.computeDtype },
+      batch: o.batch, seq: o.seq, rank: o.rank, steps: o.steps, warmup: o.warmup,
+      tokens_per_s: tokensPerS, step_ms: stepMs, step_ms_min: Math.min(...times), step_ms_max: Math.max(...times),
+      peak_bytes: peakBytes, memory_budget: placement.memoryBudget, paged_optimizer: plan?.paged ?? false,
+      page_bytes: pageBytes, page_moves: pageMoves, page_ms: pageMs,
+      flops_per_token: flopsPerToken, mfu: peak ? (tokensPerS * flopsPerToken) / peak : null,
+      loss, trainable_parameters: model.loraInfo()?.parameters ?? 0, warnings: placement.warnings,
+    };
+  } finally {
+    model.dispose();
+  }
+}
+
+export function formatBench(r: BenchResult): string {
+  const lines = [
+    `bench ${r.shape} on ${r.device.kind === 'cuda' ? 'GPU' : 'CPU'} ${r.device.name} (${r.device.computeDtype}): batch ${r.batch} x ${r.seq} tokens, ` +
+      `LoRA r ${r.rank} on all linear layers (${r.trainable_parameters.toLocaleString('en-US')} parameters), ${r.steps} steps after ${r.warmup} warm-up`,
+    `  tokens/s      ${r.tokens_per_s.toFixed(r.tokens_per_s < 100 ? 1 : 0)}`,
+    `  step          ${r.step_ms.toFixed(1)} ms (min ${r.step_ms_min.toFixed(1)}, max ${r.step_ms_max.toFixed(1)})`,
+    `  MFU           ${r.mfu === null ? `unknown (no peak FLOP/s figure for ${r.device.name})` : `${(100 * r.mfu).toFixed(1)}%`} at ${(r.flops_per_token / 1e9).toFixed(2)} GFLOP per token`,
+    `  peak memory   ${formatBinaryBytes(r.peak_bytes.total)}${r.memory_budget !== null ? ` of a ${formatBinaryBytes(r.memory_budget)} budget${r.paged_optimizer ? ', optimizer paged' : ''}` : ''}`,
+    ...MEMORY_CATEGORIES.map((c) => `    ${c.padEnd(12)}${formatBinaryBytes(r.peak_bytes[c]).padStart(12)}`),
+    `  paging        ${r.page_moves === 0 ? 'none' : `${r.page_moves} moves, ${formatBinaryBytes(r.page_bytes)} in ${r.page_ms.toFixed(1)} ms`}`,
+    `  loss          ${r.loss.toFixed(4)} (random tokens)`,
+  ];
+  return lines.join('\n');
+}
+
+export const benchOptions: Record<string, OptionSpec> = {
+  shape: { type: 'string', required: true, description: `model shape: ${BENCH_SHAPES.join(', ')} (Llama-3.2-1B, Llama-3.1-8B, Llama-3-70B; tiny for a quick run)` },
+  batch: { type: 'string', description: 'sequences per step (default 1)' },
+  seq: { type: 'string', description: 'tokens per sequence (default 2048)' },
+  steps: { type: 'string', description: 'timed steps (default 10)' },
+  warmup: { type: 'string', description: 'untimed steps first (default 3)' },
+  rank: { type: 'string', description: 'LoRA rank (default 16; alpha is twice the rank)' },
+  ...placementOptions,
+  json: { type: 'boolean', description: 'print the result as JSON' },
+};
+
+export function benchVerb(o: ParsedOptions): void {
+  const shape = stringOption(o, 'shape');
+  if (!shape || !(BENCH_SHAPES as readonly string[]).includes(shape)) throw new UsageError(`--shape must be one of ${BENCH_SHAPES.join(', ')}, got '${shape ?? ''}'`);
+  const json = Boolean(o.json);
+  const result = bench({
+    shape: shape as BenchShape,
+    batch: integerOption(o, 'batch', 1),
+    seq: integerOption(o, 'seq', 2048),
+    steps: integerOption(o, 'steps', 10),
+    warmup: integerOption(o, 'warmup', 3),
+    rank: integerOption(o, 'rank', 16),
+    placement: placementFromFlags(o),
+    onStep: json ? undefined : (i, ms, warm) => process.stderr.write(`${warm ? 'warm-up' : 'step'} ${i + 1}: ${ms.toFixed(1)} ms\n`),
+  });
+  for (const w of result.warnings) process.stderr.write(`warning: ${w}\n`);
+  process.stdout.write((json ? JSON.stringify(result) : formatBench(result)) + '\n');
+}

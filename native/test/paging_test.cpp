@@ -1,0 +1,146 @@
+// The memory budget and the paged optimizer, on the CPU backend (the logic is the backend's and the pager's, not
+// the device's): pages move out when an allocation would go over the budget and back in for the update, every move
+// is recorded, the numbers are the same as without a budget, and what cannot fit is an error that says so.
+#include <cstring>
+#include <vector>
+
+#include "backend/backend.h"
+#include "harness.h"
+#include "model/llama.h"
+#include "model/lora.h"
+#include "model/optimizer.h"
+#include "model/optimizer_pages.h"
+#include "util/error.h"
+
+using namespace qlora;
+
+namespace {
+
+std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
+
+const std::vector<int32_t> kIds = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+
+struct Trained {
+  std::vector<std::vector<float>> params;
+  std::vector<PageMove> moves;
+  MemoryStats memory;
+  std::vector<double> losses;
+};
+
+// Five AdamW steps on the fixture with NF4 weights, under `budget` bytes (0: none).
+Trained train_under(int64_t budget, const std::string& save_optimizer_to = "") {
+  auto backend = make_cpu_backend();
+  LoadOptions lo;
+  lo.quantize_nf4 = true;
+  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), lo);
+  LoraConfig lc;
+  lc.rank = 4;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  backend->set_memory_budget(budget);
+  AdamW opt(backend.get(), adapter.get());
+  Trained t;
+  RunOptions ro;
+  ro.compute_grads = true;
+  for (int step = 0; step < 5; ++step) {
+    adapter->zero_grad();
+    const RunResult r = model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), ro);
+    t.losses.push_back(r.loss_sum / static_cast<double>(r.labelled));
+    AdamWOptions ao;
+    ao.lr = 1e-2;
+    opt.step(ao);
+  }
+  if (!save_optimizer_to.empty()) opt.save(save_optimizer_to);
+  for (auto& [p, g] : adapter->parameters_and_grads()) t.params.push_back(p->download());
+  t.moves = opt.pages().take_moves();
+  t.memory = backend->memory();
+  return t;
+}
+
+int64_t optimizer_bytes(const MemoryStats& s) { return s.peak[static_cast<size_t>(MemCategory::Optimizer)]; }
+
+}  // namespace
+
+TEST(paging_pages_move_out_under_pressure_and_back_for_the_update) {
+  auto backend = make_cpu_backend();
+  // three "layers" of two parameters each: pages of exp_avg and exp_avg_sq, 4 bytes a value
+  const std::vector<int64_t> sizes = {60, 40, 30, 20, 20, 10};
+  OptimizerPages pages(backend.get(), sizes, {0, 0, 1, 1, 2, 2});
+  EXPECT_EQ(pages.num_pages(), size_t{3});
+  EXPECT_EQ(pages.page_bytes(0), int64_t{800});
+  EXPECT_EQ(pages.resident_bytes(), int64_t{800 + 400 + 240});
+  // state written to each page survives moving out and back in
+  for (size_t p = 0; p < sizes.size(); ++p)
+    pages.write(p, 1, std::vector<float>(static_cast<size_t>(sizes[p]), static_cast<float>(p) + 0.5f));
+  pages.acquire(1);
+  pages.release(1);
+  pages.acquire(2);
+  pages.release(2);
+  // page 0 is the least recently used: 500 bytes of pressure move it (800 bytes) out, and only it
+  EXPECT_EQ(pages.evict(500), int64_t{800});
+  EXPECT_EQ(pages.paged_out_bytes(), int64_t{800});
+  EXPECT_EQ(backend->memory().current[static_cast<size_t>(MemCategory::Optimizer)], int64_t{640});
+  // a held page is never moved out
+  pages.acquire(1);
+  EXPECT_EQ(pages.evict(10000), int64_t{240});
+  pages.release(1);
+  EXPECT_EQ(pages.read(0, 1)[59], 0.5f);  // read from host memory
+  EXPECT_EQ(pages.read(4, 1)[0], 4.5f);
+  pages.acquire(0);
+  EXPECT_EQ(pages.read(0, 1)[0], 0.5f);  // and back in device memory
+  pages.release(0);
+  const std::vector<PageMove> moves = pages.take_moves();
+  EXPECT_EQ(moves.size(), size_t{3});
+  EXPECT_TRUE(moves[0].dir == PageDir::Out && moves[0].tensor == "model.layers.0.optimizer" && moves[0].bytes == 800);
+  EXPECT_TRUE(moves[1].dir == PageDir::Out && moves[1].tensor == "model.layers.2.optimizer");
+  EXPECT_TRUE(moves[2].dir == PageDir::In && moves[2].tensor == "model.layers.0.optimizer");
+  EXPECT_TRUE(pages.take_moves().empty(), "moves are handed out once");
+}
+
+TEST(paging_budget_moves_optimizer_pages_and_keeps_the_numbers) {
+  const Trained free_run = train_under(0);
+  EXPECT_TRUE(free_run.moves.empty(), "no budget, no paging");
+  const int64_t peak = free_run.memory.total_peak, optimizer = optimizer_bytes(free_run.memory);
+  EXPECT_TRUE(optimizer > 0);
+  // Half the optimizer state does not fit beside the run's peak: a page moves out during each forward/backward
+  // and back in for the update.
+  const int64_t budget = peak - optimizer / 2;
+  const Trained paged = train_under(budget);
+  EXPECT_TRUE(paged.memory.total_peak <= budget, "peak ", paged.memory.total_peak, " over the budget ", budget);
+  int outs = 0, ins = 0;
+  for (const PageMove& m : paged.moves) {
+    (m.dir == PageDir::Out ? outs : ins) += 1;
+    EXPECT_TRUE(m.bytes == optimizer / 2 && m.ms >= 0.0 && m.tensor.rfind("model.layers.", 0) == 0);
+  }
+  EXPECT_TRUE(outs >= 4 && ins >= 4, outs, " moves out and ", ins, " in over 5 steps");
+  EXPECT_EQ(paged.losses.size(), free_run.losses.size());
+  for (size_t i = 0; i < paged.losses.size(); ++i) EXPECT_EQ(paged.losses[i], free_run.losses[i]);
+  for (size_t i = 0; i < paged.params.size(); ++i)
+    EXPECT_TRUE(std::memcmp(paged.params[i].data(), free_run.params[i].data(), paged.params[i].size() * 4) == 0,
+                "parameter ", i, " differs with paging");
+}
+
+TEST(paging_optimizer_state_saved_while_paged_out_equals_the_resident_one) {
+  const qtest::TempDir dir("paging");
+  const std::string a = dir.file("free.safetensors"), b = dir.file("paged.safetensors");
+  const Trained free_run = train_under(0, a);
+  train_under(free_run.memory.total_peak - optimizer_bytes(free_run.memory) / 2, b);
+  EXPECT_TRUE(qtest::read_bytes(a) == qtest::read_bytes(b), "optimizer files differ");
+}
+
+TEST(paging_over_budget_is_an_error_naming_the_category_and_the_budget) {
+  auto backend = make_cpu_backend();
+  backend->set_memory_budget(1000);
+  DeviceArray<float> small(backend.get(), 200, MemCategory::Weights);
+  bool threw = false;
+  try {
+    DeviceArray<float> big(backend.get(), 100, MemCategory::Activations);
+  } catch (const EngineError& e) {
+    threw = true;
+    const std::string m = e.what();
+    EXPECT_TRUE(m.find("over the memory budget") != std::string::npos && m.find("activations") != std::string::npos &&
+                    m.find("1000 B budget") != std::string::npos && m.find("weights 800 B") != std::string::npos,
+                m);
+  }
+  EXPECT_TRUE(threw);
+  EXPECT_EQ(backend->memory().total_current, int64_t{800});
+}

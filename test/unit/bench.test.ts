@@ -1,0 +1,61 @@
+// bench --shape: a synthetic model trains (random tokens: the loss sits near log(vocabulary)), the JSON has the
+// figures the issue names, the FLOP count follows the shape, a memory budget pages the optimizer without changing the
+// numbers, and on the CPU there is no MFU (no peak figure) rather than a made-up one.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { test } from 'node:test';
+import { estimateMemory } from '../../extension/engine/tools';
+import { peakFlops, trainingFlopsPerToken } from '../../extension/trainer/flops';
+import { bench, type BenchResult } from '../../extension/trainer/verbs/bench';
+import { cliPath } from '../helpers/paths';
+
+const quick = { shape: 'tiny' as const, batch: 2, seq: 48, steps: 2, warmup: 1, rank: 8 };
+
+test('bench --shape tiny --json: tokens/s, step time, peak memory by category, paging, MFU, device', () => {
+  const r = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--batch', '2', '--seq', '48', '--steps', '2', '--warmup', '1', '--device', 'cpu', '--json'], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  const b = JSON.parse(r.stdout) as BenchResult;
+  assert.ok(b.tokens_per_s > 0 && Math.abs(b.tokens_per_s - (2 * 48) / (b.step_ms / 1000)) < 1e-6 * b.tokens_per_s);
+  assert.equal(b.device.kind, 'cpu');
+  assert.equal(b.mfu, null);
+  assert.equal(b.page_bytes, 0);
+  // random tokens over 8192: the loss of an untrained model is about log(8192) = 9.01
+  assert.ok(Math.abs(b.loss - Math.log(8192)) < 0.5, `loss ${b.loss}`);
+  // the engine's peaks are the estimate's, category by category (the synthetic model makes load()'s buffers)
+  const e = estimateMemory({ shape: 'tiny' }, { batch: 2, seq: 48, rank: 16 });
+  for (const c of ['weights', 'adapters', 'gradients', 'optimizer', 'activations', 'workspace'] as const) assert.equal(b.peak_bytes[c], e.categories[c], c);
+  assert.equal(b.peak_bytes.total, e.peakTotal);
+  assert.equal(b.trainable_parameters, e.loraParameters);
+
+  const text = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--seq', '32', '--steps', '1', '--warmup', '0', '--device', 'cpu'], { encoding: 'utf8' });
+  assert.equal(text.status, 0, text.stderr);
+  assert.match(text.stdout, /^bench tiny on CPU .* \(f32\): batch 1 x 32 tokens, LoRA r 16 on all linear layers/);
+  assert.match(text.stdout, /MFU +unknown \(no peak FLOP\/s figure for /);
+  const bad = spawnSync(process.execPath, [cliPath, 'bench', '--shape', '13b'], { encoding: 'utf8' });
+  assert.equal(bad.status, 1);
+  assert.match(bad.stderr, /--shape must be one of tiny, 1b, 8b, 70b, got '13b'/);
+});
+
+test('bench under a memory budget pages the optimizer and computes the same losses', () => {
+  const free = bench({ ...quick, placement: { device: 'cpu' } });
+  const e = estimateMemory({ shape: 'tiny' }, { batch: 2, seq: 48, rank: 8 });
+  const paged = bench({ ...quick, placement: { device: 'cpu', memoryBudgetBytes: e.peakTotal - e.categories.optimizer / 2 } });
+  assert.equal(paged.loss, free.loss);
+  assert.equal(paged.paged_optimizer, true);
+  assert.ok(paged.page_moves >= 4 && paged.page_bytes === paged.page_moves * e.optimizerPageBytes, `${paged.page_moves} moves, ${paged.page_bytes} bytes`);
+  assert.ok(paged.peak_bytes.total <= paged.memory_budget!);
+  assert.throws(() => bench({ ...quick, placement: { device: 'cpu', memoryBudgetBytes: e.categories.weights } }), /^Error: This run needs at least .* To fit: lower the batch size \(now 2\)/);
+});
+
+test('model FLOPs per token: frozen base twice, LoRA three times, causal attention; peaks by GPU name', () => {
+  const shape8b = { vocabSize: 128256, hiddenSize: 4096, intermediateSize: 14336, numLayers: 32, numHeads: 32, numKvHeads: 8, headDim: 128 };
+  // 8B: 6.98e9 linear weights and 0.525e9 LM head weights, 4 FLOPs each; LoRA r 16: 42M parameters, 6 each;
+  // attention at 2048 tokens: 3 * 4 * 4096 * 1024.5 per layer
+  const expected = 4 * 6_979_321_856 + 4 * 525_336_576 + 6 * 41_943_040 + 32 * 3 * 4 * 4096 * 1024.5;
+  assert.equal(trainingFlopsPerToken(shape8b, 16, 2048), expected);
+  assert.equal(peakFlops('NVIDIA H100 80GB HBM3'), 989.4e12);
+  assert.equal(peakFlops('NVIDIA H100 PCIe'), 756e12);
+  assert.equal(peakFlops('NVIDIA H200'), 989.4e12);
+  assert.equal(peakFlops('NVIDIA L4'), 121e12);
+  assert.equal(peakFlops('Some Future GPU'), null);
+});

@@ -1,0 +1,130 @@
+// Where a run computes and whether it fits: --device against what the GPU probe reports (every way the GPU can be
+// out of reach names what is missing; auto falls back with a warning), the memory budget (default: the GPU's free
+// memory less a margin; a GPU budget on a CPU run is a warning), and the plan made from the engine's estimate before
+// the first step: when the optimizer pages, when nothing fits, and the message that says what to change.
+import assert from 'node:assert/strict';
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { gpuTelemetry } from '../../extension/engine';
+import { chooseDevice, cudaBlockers, DeviceError } from '../../extension/engine/device';
+import type { NativeGpuReport } from '../../extension/engine/native';
+import { GpuMonitor } from '../../extension/trainer/gpuTelemetry';
+import { defaultGpuBudget, overBudgetMessage, planMemory } from '../../extension/trainer/memoryPlan';
+import { placeRun } from '../../extension/trainer/placement';
+import { cliPath, tempDir } from '../helpers/paths';
+
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+const lib = (found: boolean) => ({ found, path: found ? '/usr/lib/x.so' : null, tried: [], error: found ? null : 'cannot open shared object file' });
+const h100 = { index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * GiB, memoryUsed: 1 * GiB, memoryFree: 79 * GiB, computeCapability: '9.0', utilization: 0, temperature: 31, powerW: 70 };
+
+function report(overrides: Partial<NativeGpuReport> = {}): NativeGpuReport {
+  return {
+    cudaCompiled: true, cudaRuntimeVersion: '13.0', driver: lib(true), driverVersion: '580.65.06', driverCudaVersion: '13.0',
+    nvml: lib(true), cublasLt: lib(true), gpus: [h100], runtimeDevices: 1, runtimeError: null, computeDtype: 'bf16', problems: [], notes: [],
+    ...overrides,
+  };
+}
+const withCuda = { backends: ['cpu', 'cuda'], threads: 16 };
+const cpuOnly = { backends: ['cpu'], threads: 16 };
+
+test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back naming what is missing', () => {
+  const gpu = chooseDevice('auto', report(), withCuda);
+  assert.deepEqual({ kind: gpu.kind, name: gpu.name, dtype: gpu.computeDtype, fallback: gpu.fallback }, { kind: 'cuda', name: h100.name, dtype: 'bf16', fallback: null });
+  assert.equal(chooseDevice('cuda', report({ computeDtype: 'fp16' }), withCuda).computeDtype, 'fp16');
+  const cpu = chooseDevice('cpu', report(), withCuda);
+  assert.equal(cpu.kind, 'cpu');
+  assert.equal(cpu.computeDtype, 'f32');
+  assert.equal(cpu.fallback, null);
+  assert.match(cpu.name, /\(16 threads\)$/);
+
+  const noCublas = report({ cublasLt: lib(false), problems: ['cuBLASLt (libcublasLt.so.13) was not found in /usr/local/cuda/lib64: install the CUDA 13 toolkit.'] });
+  const fallback = chooseDevice('auto', noCublas, withCuda);
+  assert.equal(fallback.kind, 'cpu');
+  assert.equal(fallback.fallback, 'No usable GPU, so training runs on the CPU. cuBLASLt (libcublasLt.so.13) was not found in /usr/local/cuda/lib64: install the CUDA 13 toolkit.');
+  assert.throws(() => chooseDevice('cuda', noCublas, withCuda), (e: unknown) => e instanceof DeviceError && /^cannot train on the GPU \(--device cuda\): cuBLASLt \(libcublasLt\.so\.13\) was not found/.test(e.message));
+});
+
+test('every way the GPU is out of reach is one sentence', () => {
+  assert.deepEqual(cudaBlockers(report({ gpus: [], runtimeDevices: 0 }), withCuda.backends), ['No NVIDIA GPU was found.']);
+  assert.deepEqual(cudaBlockers(report({ runtimeError: 'cudaErrorInsufficientDriver' }), withCuda.backends), ['The CUDA runtime cannot use the GPU: cudaErrorInsufficientDriver.']);
+  assert.match(cudaBlockers(report(), cpuOnly.backends)[0], /^This version of the engine cannot train on the GPU yet/);
+  // telemetry notes are not in the way
+  assert.deepEqual(cudaBlockers(report({ notes: ['NVML could not start (Unknown Error); GPU telemetry is unavailable.'] }), withCuda.backends), []);
+  assert.deepEqual(cudaBlockers(report({ problems: ['a', 'b'] }), withCuda.backends), ['a', 'b']);
+});
+
+test('the budget: the GPU\'s free memory less a margin by default, --gpu-memory-budget when given, none on the CPU', () => {
+  const probe = () => ({ report: report(), engine: withCuda });
+  assert.equal(defaultGpuBudget(h100), 79 * GiB - 4 * GiB);
+  assert.equal(defaultGpuBudget({ memoryTotal: 8 * GiB, memoryFree: 6 * GiB }), 6 * GiB - 512 * MiB);
+  assert.equal(placeRun({}, probe).memoryBudget, 75 * GiB);
+  assert.equal(placeRun({ gpuMemoryBudget: 10.5 }, probe).memoryBudget, 10.5 * GiB);
+  const onCpu = placeRun({ device: 'cpu', gpuMemoryBudget: 8 }, probe);
+  assert.equal(onCpu.memoryBudget, null);
+  assert.deepEqual(onCpu.warnings, ['--gpu-memory-budget 8 applies on the GPU; this run is on the CPU and has no memory budget.']);
+  assert.equal(placeRun({ device: 'cpu', memoryBudgetBytes: 12345 }, probe).memoryBudget, 12345);
+});
+
+const estimate = {
+  categories: { weights: 4 * GiB, adapters: 100 * MiB, gradients: 100 * MiB, optimizer: 200 * MiB, activations: 2 * GiB, workspace: 300 * MiB },
+  peakTotal: 4 * GiB + 700 * MiB + 2 * GiB,
+  optimizerPageBytes: 25 * MiB,
+};
+const shape = { batchSize: 4, seqLen: 2048, rank: 16, gradientCheckpointing: true };
+
+test('the plan: everything fits, the optimizer pages, or the run cannot start', () => {
+  assert.deepEqual(planMemory(estimate, 8 * GiB), { budget: 8 * GiB, required: estimate.peakTotal - 200 * MiB, fits: true, paged: false });
+  const paged = planMemory(estimate, estimate.peakTotal - 100 * MiB);
+  assert.equal(paged.fits, true);
+  assert.equal(paged.paged, true);
+  const tight = planMemory(estimate, estimate.peakTotal - 200 * MiB);
+  assert.ok(tight.fits && tight.paged, 'all of the optimizer state out during the step is still a run');
+  const no = planMemory(estimate, 6 * GiB);
+  assert.equal(no.fits, false);
+  assert.equal(
+    overBudgetMessage(estimate, no, shape, 'GPU'),
+    'This run needs at least 6.49 GiB of GPU memory and its budget is 6.00 GiB: weights 4.00 GiB, adapters 100 MiB, gradients 100 MiB, ' +
+      'activations 2.00 GiB, workspace 300 MiB, and optimizer state 200 MiB of which all but one 25.0 MiB page can move to host memory. ' +
+      'To fit: lower the batch size (now 4) or the sequence length (now 2048): activations grow with both; lower the LoRA rank (now 16): ' +
+      'adapters and gradients grow with it; or raise the memory budget (--gpu-memory-budget, the qlora.gpuMemoryBudget setting).',
+  );
+  const weightsTooBig = overBudgetMessage(estimate, planMemory(estimate, 3 * GiB), { ...shape, gradientCheckpointing: false }, 'GPU');
+  assert.match(weightsTooBig, /The model's weights alone take 4\.00 GiB: choose a smaller model or a device with more memory\.$/);
+});
+
+test('train --device cuda without a usable GPU says what is missing and writes nothing; --device must be known', () => {
+  const out = path.join(tempDir('device-cli'), 'run');
+  const r = spawnSync(process.execPath, [cliPath, 'train', '--model', 'nowhere', '--data', 'nothing.jsonl', '--out', out, '--device', 'cuda'], { encoding: 'utf8' });
+  assert.equal(r.status, 1);
+  const doctor = JSON.parse(execFileSync(process.execPath, [cliPath, 'doctor', '--json'], { encoding: 'utf8' })) as { device: string; problems: string[] };
+  if (doctor.device === 'cpu') assert.equal(r.stderr.trim(), `qlora-studio: cannot train on the GPU (--device cuda): ${doctor.problems.join(' ')}`);
+  assert.ok(!fs.existsSync(out));
+  const bad = spawnSync(process.execPath, [cliPath, 'train', '--out', out, '--device', 'gpu'], { encoding: 'utf8' });
+  assert.equal(bad.status, 1);
+  assert.match(bad.stderr, /--device must be one of auto, cuda, cpu, got 'gpu'/);
+});
+
+test('GPU telemetry: one gpu event a second at most, of the GPU trained on, and the memory events\' device figure', () => {
+  let calls = 0;
+  const monitor = new GpuMonitor(1, () => {
+    calls++;
+    return [h100, { ...h100, index: 1, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryUsed: calls * GiB, memoryFree: (24 - calls) * GiB, utilization: 90 + calls }];
+  });
+  assert.equal(monitor.device(), null);
+  assert.deepEqual(monitor.poll(10_000), { kind: 'gpu', index: 1, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryUsed: 1 * GiB, memoryFree: 23 * GiB, utilization: 91, temperature: 31, powerW: 70 });
+  assert.equal(monitor.poll(10_400), null, 'not twice within a second');
+  assert.equal(calls, 1, 'and NVML is not asked in between');
+  assert.equal(monitor.poll(11_000)?.memoryUsed, 2 * GiB);
+  assert.deepEqual(monitor.device(), { total: 24 * GiB, used: 2 * GiB });
+  assert.equal(new GpuMonitor(0, () => null).poll(0), null, 'no NVML, no events');
+});
+
+test('gpuTelemetry: null without NVML (this machine), else one entry per GPU', () => {
+  const gpus = gpuTelemetry();
+  const doctor = JSON.parse(execFileSync(process.execPath, [cliPath, 'doctor', '--json'], { encoding: 'utf8' })) as { nvml: { found: boolean }; gpus: unknown[] };
+  if (!doctor.nvml.found) assert.equal(gpus, null);
+  else assert.equal(gpus?.length, doctor.gpus.length);
+});
