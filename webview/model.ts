@@ -233,7 +233,8 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
       view.checkpoints.push({ step: event.step, path: event.path });
       break;
     case 'warning':
-      view.warnings.push({ time: event.time, message: event.message });
+      // a resumed run says again what it said at its start (the CPU fallback, truncated examples): once is enough
+      if (!view.warnings.some((w) => w.message === event.message)) view.warnings.push({ time: event.time, message: event.message });
       break;
     case 'error':
       view.error = { message: event.message, step: event.step, lastCheckpoint: event.lastCheckpoint };

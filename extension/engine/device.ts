@@ -32,6 +32,21 @@ export function cudaBlockers(report: NativeGpuReport, backends: readonly string[
   return [];
 }
 
+/** What is missing, in a few words each, for the CPU-fallback warning ("no NVIDIA driver, cuBLASLt not found"). */
+export function cudaBlockersBrief(report: NativeGpuReport, backends: readonly string[]): string[] {
+  const brief: string[] = [];
+  if (!report.cudaCompiled) brief.push('the engine was built without CUDA');
+  if (!report.driver.found) brief.push('no NVIDIA driver');
+  else if (report.driverCudaVersion !== null && Number(report.driverCudaVersion) < 13) brief.push(`NVIDIA driver ${report.driverVersion ?? ''} too old for CUDA 13 (580 or newer needed)`.replace('  ', ' '));
+  else if (report.gpus.length === 0 || report.runtimeDevices === 0) brief.push('no NVIDIA GPU');
+  if (!report.cublasLt.found) brief.push('cuBLASLt not found');
+  if (report.gpus.some((g) => Number(g.computeCapability) > 0 && Number(g.computeCapability) < 7.5)) brief.push('GPU older than Turing');
+  if (report.runtimeError && report.driver.found) brief.push('the CUDA runtime cannot use the GPU');
+  if (brief.length === 0 && report.problems.length > 0) brief.push(...report.problems);
+  if (brief.length === 0 && !backends.includes('cuda')) brief.push('this build of the engine has no CUDA training backend yet');
+  return brief;
+}
+
 export function cpuName(threads: number): string {
   const model = os.cpus()[0]?.model?.replace(/\s+/g, ' ').trim();
   return `${model || `${os.arch()} CPU`} (${threads} threads)`;
@@ -43,7 +58,8 @@ export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, en
   const blockers = cudaBlockers(report, engine.backends);
   if (blockers.length > 0) {
     if (request === 'cuda') throw new DeviceError(`cannot train on the GPU (--device cuda): ${blockers.join(' ')}`);
-    return cpu(`No usable GPU, so training runs on the CPU. ${blockers.join(' ')}`);
+    const brief = cudaBlockersBrief(report, engine.backends);
+    return cpu(`Training on the CPU: the GPU cannot be used (${brief.join('; ')}). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.`);
   }
   const gpu = report.gpus[0];
   return { kind: 'cuda', name: gpu.name, computeDtype: report.computeDtype ?? 'bf16', gpu, fallback: null };

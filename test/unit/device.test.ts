@@ -43,7 +43,12 @@ test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back
   const noCublas = report({ cublasLt: lib(false), problems: ['cuBLASLt (libcublasLt.so.13) was not found in /usr/local/cuda/lib64: install the CUDA 13 toolkit.'] });
   const fallback = chooseDevice('auto', noCublas, withCuda);
   assert.equal(fallback.kind, 'cpu');
-  assert.equal(fallback.fallback, 'No usable GPU, so training runs on the CPU. cuBLASLt (libcublasLt.so.13) was not found in /usr/local/cuda/lib64: install the CUDA 13 toolkit.');
+  assert.equal(fallback.fallback, 'Training on the CPU: the GPU cannot be used (cuBLASLt not found). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.');
+  const bare = report({ cudaCompiled: false, driver: lib(false), nvml: lib(false), cublasLt: lib(false), gpus: [], runtimeDevices: -1, computeDtype: null, problems: ['x.'] });
+  assert.equal(chooseDevice('auto', bare, cpuOnly).fallback, 'Training on the CPU: the GPU cannot be used (the engine was built without CUDA; no NVIDIA driver; cuBLASLt not found). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.');
+  const oldDriver = report({ driverCudaVersion: '12.4', driverVersion: '550.54.15', problems: ['update the driver.'] });
+  assert.match(chooseDevice('auto', oldDriver, withCuda).fallback ?? '', /\(NVIDIA driver 550\.54\.15 too old for CUDA 13 \(580 or newer needed\)\)/);
+  assert.match(chooseDevice('auto', report(), cpuOnly).fallback ?? '', /\(this build of the engine has no CUDA training backend yet\)/);
   assert.throws(() => chooseDevice('cuda', noCublas, withCuda), (e: unknown) => e instanceof DeviceError && /^cannot train on the GPU \(--device cuda\): cuBLASLt \(libcublasLt\.so\.13\) was not found/.test(e.message));
 });
 

@@ -116,6 +116,10 @@ test('the device a run trains on and the latest GPU sample; older runs without a
   const v = reduceRun([{ ...started(), device } as TrainerEvent, gpu(0.5, 40), step(1, 2.8), gpu(1.5, 97)]);
   assert.deepEqual(v.start?.device, device);
   assert.deepEqual(v.gpu, { time: at(1.5), index: 0, name: device.name, memoryTotal: 80 * GiB, memoryUsed: 61 * GiB, memoryFree: 19 * GiB, utilization: 97, temperature: 55, powerW: 402.5 });
+  // a resumed run repeats its start's warnings; the panel shows each once
+  const fallback: TrainerEvent = { kind: 'warning', time: at(0), message: 'Training on the CPU: the GPU cannot be used (no NVIDIA driver).' };
+  const resumed = reduceRun([started(), fallback, step(1, 2.8), started(1, 5), { ...fallback, time: at(5) }]);
+  assert.deepEqual(resumed.warnings, [{ time: at(0), message: fallback.message }]);
   const old = reduceRun([started()]);
   assert.equal(old.start?.device, null);
   assert.equal(old.gpu, null);

@@ -1,0 +1,145 @@
+#include "gpu/cublaslt.h"
+
+#include <mutex>
+
+#include "util/error.h"
+
+namespace qlora::gpu {
+
+namespace {
+
+// ---- our declarations (cublasLt.h, stable since CUDA 11) ----
+using cublasStatus_t = int;
+using Handle = void*;
+using Desc = void*;
+using Layout = void*;
+using Preference = void*;
+struct Algo {
+  uint64_t data[8];
+};
+struct HeuristicResult {
+  Algo algo;
+  size_t workspace_size;
+  cublasStatus_t state;
+  float waves_count;
+  int reserved[4];
+};
+constexpr int kComputeF32 = 68;             // CUBLAS_COMPUTE_32F: fp32 accumulation, no TF32
+constexpr int kDescTransA = 3;              // CUBLASLT_MATMUL_DESC_TRANSA
+constexpr int kDescTransB = 4;              // CUBLASLT_MATMUL_DESC_TRANSB
+constexpr int kPrefMaxWorkspaceBytes = 1;   // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+constexpr int kOpN = 0, kOpT = 1;           // CUBLAS_OP_N, CUBLAS_OP_T
+
+template <typename F>
+F fn(const Library& lib, const char* name) {
+  F f = reinterpret_cast<F>(lib.symbol(name));
+  if (!f) fail("cuBLASLt at ", lib.path, " has no ", name, "; install cuBLASLt for CUDA 13");
+  return f;
+}
+
+}  // namespace
+
+struct CublasLt::Functions {
+  cublasStatus_t (*create)(Handle*);
+  cublasStatus_t (*destroy)(Handle);
+  size_t (*get_version)();
+  cublasStatus_t (*desc_create)(Desc*, int, int);
+  cublasStatus_t (*desc_set)(Desc, int, const void*, size_t);
+  cublasStatus_t (*desc_destroy)(Desc);
+  cublasStatus_t (*layout_create)(Layout*, int, uint64_t, uint64_t, int64_t);
+  cublasStatus_t (*layout_destroy)(Layout);
+  cublasStatus_t (*pref_create)(Preference*);
+  cublasStatus_t (*pref_set)(Preference, int, const void*, size_t);
+  cublasStatus_t (*pref_destroy)(Preference);
+  cublasStatus_t (*heuristic)(Handle, Desc, Layout, Layout, Layout, Layout, Preference, int, HeuristicResult*, int*);
+  cublasStatus_t (*matmul)(Handle, Desc, const void*, const void*, Layout, const void*, Layout, const void*,
+                           const void*, Layout, void*, Layout, const Algo*, void*, size_t, void*);
+};
+
+const CublasLt& CublasLt::get(const std::string& library_dir) {
+  static std::mutex mutex;
+  static std::unique_ptr<CublasLt> instance;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (instance) return *instance;
+  const SearchEnv env = current_search_env(library_dir);
+  const std::vector<std::string> dirs = search_dirs(env);
+  const Library lib = load_library(cublaslt_names(env.windows), dirs);
+  if (!lib.found())
+    fail("cuBLASLt (", cublaslt_names(env.windows)[0], ") was not found in ", dirs.size(),
+         " places searched: install the CUDA 13 toolkit or the nvidia-cublas wheel for CUDA 13, or set "
+         "qlora.cudaLibraryPath (QLORA_CUDA_LIB_DIR) to the folder that holds it (QLoRA: Check GPU Setup lists them)");
+  std::unique_ptr<CublasLt> lt(new CublasLt());
+  auto f = std::make_unique<Functions>();
+  f->create = fn<decltype(f->create)>(lib, "cublasLtCreate");
+  f->destroy = fn<decltype(f->destroy)>(lib, "cublasLtDestroy");
+  f->get_version = fn<decltype(f->get_version)>(lib, "cublasLtGetVersion");
+  f->desc_create = fn<decltype(f->desc_create)>(lib, "cublasLtMatmulDescCreate");
+  f->desc_set = fn<decltype(f->desc_set)>(lib, "cublasLtMatmulDescSetAttribute");
+  f->desc_destroy = fn<decltype(f->desc_destroy)>(lib, "cublasLtMatmulDescDestroy");
+  f->layout_create = fn<decltype(f->layout_create)>(lib, "cublasLtMatrixLayoutCreate");
+  f->layout_destroy = fn<decltype(f->layout_destroy)>(lib, "cublasLtMatrixLayoutDestroy");
+  f->pref_create = fn<decltype(f->pref_create)>(lib, "cublasLtMatmulPreferenceCreate");
+  f->pref_set = fn<decltype(f->pref_set)>(lib, "cublasLtMatmulPreferenceSetAttribute");
+  f->pref_destroy = fn<decltype(f->pref_destroy)>(lib, "cublasLtMatmulPreferenceDestroy");
+  f->heuristic = fn<decltype(f->heuristic)>(lib, "cublasLtMatmulAlgoGetHeuristic");
+  f->matmul = fn<decltype(f->matmul)>(lib, "cublasLtMatmul");
+  if (const cublasStatus_t s = f->create(&lt->handle_); s != 0)
+    fail("cublasLtCreate failed with status ", s, " (is the NVIDIA driver new enough for CUDA 13?)");
+  lt->version_ = f->get_version();
+  lt->path_ = lib.path;
+  lt->f_ = std::move(f);
+  instance = std::move(lt);
+  return *instance;
+}
+
+CublasLt::~CublasLt() {
+  if (handle_) f_->destroy(handle_);
+}
+
+void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+                      const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
+                      size_t workspace_bytes, void* stream) const {
+  if (M == 0 || N == 0) return;
+  // cuBLASLt is column-major: row-major C [M, N] is column-major C^T [N, M] = op(B)^T op(A)^T, so B goes first.
+  // Row-major X stored [r, c] is column-major [c, r] with leading dimension c.
+  const auto check = [](cublasStatus_t s, const char* what) {
+    if (s != 0) fail("cuBLASLt ", what, " failed with status ", s);
+  };
+  Desc desc = nullptr;
+  check(f_->desc_create(&desc, kComputeF32, static_cast<int>(GemmType::F32)), "cublasLtMatmulDescCreate");
+  const int op_first = trans_b ? kOpT : kOpN, op_second = trans_a ? kOpT : kOpN;
+  Layout lb = nullptr, la = nullptr, lc = nullptr;
+  Preference pref = nullptr;
+  try {
+    check(f_->desc_set(desc, kDescTransA, &op_first, sizeof op_first), "set TRANSA");
+    check(f_->desc_set(desc, kDescTransB, &op_second, sizeof op_second), "set TRANSB");
+    // first operand: op(B)^T is [N, K] column-major; stored B is [K, N] row-major (= [N, K] column-major, ld N) or,
+    // transposed, [N, K] row-major (= [K, N] column-major, ld K)
+    check(f_->layout_create(&lb, static_cast<int>(in), trans_b ? K : N, trans_b ? N : K, trans_b ? K : N), "layout B");
+    check(f_->layout_create(&la, static_cast<int>(in), trans_a ? M : K, trans_a ? K : M, trans_a ? M : K), "layout A");
+    check(f_->layout_create(&lc, static_cast<int>(out), N, M, N), "layout C");
+    check(f_->pref_create(&pref), "cublasLtMatmulPreferenceCreate");
+    const uint64_t ws = workspace ? workspace_bytes : 0;
+    check(f_->pref_set(pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws), "set max workspace");
+    HeuristicResult result{};
+    int found = 0;
+    check(f_->heuristic(handle_, desc, lb, la, lc, lc, pref, 1, &result, &found), "cublasLtMatmulAlgoGetHeuristic");
+    if (found == 0) fail("cuBLASLt has no algorithm for a ", M, "x", N, "x", K, " GEMM of these types");
+    check(f_->matmul(handle_, desc, &alpha, B, lb, A, la, &beta, C, lc, C, lc, &result.algo, workspace, ws, stream),
+          "cublasLtMatmul");
+  } catch (...) {
+    if (pref) f_->pref_destroy(pref);
+    if (lc) f_->layout_destroy(lc);
+    if (la) f_->layout_destroy(la);
+    if (lb) f_->layout_destroy(lb);
+    f_->desc_destroy(desc);
+    throw;
+  }
+  f_->pref_destroy(pref);
+  f_->layout_destroy(lc);
+  f_->layout_destroy(la);
+  f_->layout_destroy(lb);
+  f_->desc_destroy(desc);
+}
+
+}  // namespace qlora::gpu

@@ -1,0 +1,45 @@
+// cuBLASLt, loaded at run time from the folders of libraries.h, with our own declarations of the few functions and
+// constants the engine uses (cublasLt.h's stable C ABI), so that no cuBLAS is needed to build. One handle per
+// process; `matmul` is the engine's GEMM on the GPU: row-major C = alpha * op(A) op(B) + beta * C with fp32
+// accumulation, inputs in fp32, bf16 or fp16.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "gpu/libraries.h"
+
+namespace qlora::gpu {
+
+// cudaDataType values (library_types.h) of the element types the engine passes.
+enum class GemmType : int { F32 = 0, F16 = 2, BF16 = 14 };
+
+class CublasLt {
+ public:
+  // Loads and initializes cuBLASLt, or throws EngineError with the sentence `doctor` gives for a missing library.
+  static const CublasLt& get(const std::string& library_dir = "");
+  ~CublasLt();
+  CublasLt(const CublasLt&) = delete;
+  CublasLt& operator=(const CublasLt&) = delete;
+
+  const std::string& path() const { return path_; }
+  size_t version() const { return version_; }
+
+  // Row-major C [M, N] = alpha * op(A) op(B) + beta * C, op(A) [M, K], op(B) [K, N]; A stored [M, K] or, with
+  // trans_a, [K, M] (likewise B). A and B of type `in`, C of type `out`; compute and scale in fp32. `workspace`
+  // (device memory, may be null) speeds up some algorithms. Runs on `stream` (a cudaStream_t; null: the default).
+  void matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+              const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
+              size_t workspace_bytes, void* stream) const;
+
+ private:
+  struct Functions;
+  CublasLt() = default;
+  std::unique_ptr<Functions> f_;
+  void* handle_ = nullptr;
+  std::string path_;
+  size_t version_ = 0;
+};
+
+}  // namespace qlora::gpu
