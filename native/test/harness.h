@@ -3,6 +3,7 @@
 // per test. Fixture files are found under the directory given as argv[1].
 #pragma once
 #include <atomic>
+#include <exception>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -76,6 +77,27 @@ struct TempDir {
 inline std::string read_bytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Runs the registered tests (those whose name contains `filter`, when given), one line each; returns the exit status.
+inline int run_all(const char* filter) {
+  int passed = 0, failed = 0;
+  for (const auto& test : registry()) {
+    if (filter && test.name.find(filter) == std::string::npos) continue;
+    try {
+      test.fn();
+      std::printf("ok   %s\n", test.name.c_str());
+      ++passed;
+    } catch (const Failure& f) {
+      std::printf("FAIL %s\n     %s\n", test.name.c_str(), f.message.c_str());
+      ++failed;
+    } catch (const std::exception& e) {
+      std::printf("FAIL %s\n     unexpected exception: %s\n", test.name.c_str(), e.what());
+      ++failed;
+    }
+  }
+  std::printf("%d passed, %d failed\n", passed, failed);
+  return failed == 0 ? 0 : 1;
 }
 
 }  // namespace qtest

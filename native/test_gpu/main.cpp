@@ -1,8 +1,6 @@
 // The GPU tests (npm run test:gpu): each CUDA kernel against the CPU reference on awkward sizes, the device
 // allocator on cudaMalloc, page copies on their stream. Built with the CUDA backend; on a machine without a usable
 // GPU it says so and runs nothing.
-#include <cstring>
-#include <exception>
 #include <string>
 
 #include "cuda/runtime_probe.h"
@@ -20,22 +18,5 @@ int main(int argc, char** argv) {
     return 3;  // the runner (scripts/test-gpu.mjs) reports this as skipped, not passed
   }
   qtest::fixtures_dir() = argv[1];
-  const char* filter = argc > 2 ? argv[2] : nullptr;
-  int passed = 0, failed = 0;
-  for (const auto& test : qtest::registry()) {
-    if (filter && test.name.find(filter) == std::string::npos) continue;
-    try {
-      test.fn();
-      std::printf("ok   %s\n", test.name.c_str());
-      ++passed;
-    } catch (const qtest::Failure& f) {
-      std::printf("FAIL %s\n     %s\n", test.name.c_str(), f.message.c_str());
-      ++failed;
-    } catch (const std::exception& e) {
-      std::printf("FAIL %s\n     unexpected exception: %s\n", test.name.c_str(), e.what());
-      ++failed;
-    }
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed == 0 ? 0 : 1;
+  return qtest::run_all(argc > 2 ? argv[2] : nullptr);
 }
