@@ -1,4 +1,5 @@
-
+// The native test executable: the engine checked on the CPU (fp64 finite differences, reference files, byte for
+// byte formats). Usage: qlora_native_tests FIXTURES_DIR [NAME_FILTER].
 #include "harness.h"
 
 int main(int argc, char** argv) {
