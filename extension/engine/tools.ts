@@ -66,14 +66,14 @@ export interface GgmlTypeInfo {
   id: number;
 }
 
-/** Block geometry of each type (native/src/quant/ggml_quants.h has the layouts). */
+/** Block geometry of each type (ggml.h's ggml_type ids; ggml-common.h's block structs, which native/src/quant/ggml_quants.h writes). */
 export const GGML_TYPES: Readonly<Record<GgmlType, GgmlTypeInfo>> = {
   f32: { blockSize: 1, blockBytes: 4, id: 0 },
   f16: { blockSize: 1, blockBytes: 2, id: 1 },
-  q5_0: { blockSize: 32, blockBytes: 22, id: 6 },
-  q8_0: { blockSize: 32, blockBytes: 34, id: 8 },
-  q4_k: { blockSize: 256, blockBytes: 144, id: 12 },
-  q6_k: { blockSize: 256, blockBytes: 210, id: 14 },
+  q5_0: { blockSize: 32, blockBytes: 2 + 4 + 16, id: 6 }, // fp16 d, qh[4] (the fifth bits), qs[16] (low nibbles)
+  q8_0: { blockSize: 32, blockBytes: 2 + 32, id: 8 }, // fp16 d, int8 qs[32]
+  q4_k: { blockSize: 256, blockBytes: 2 + 2 + 12 + 128, id: 12 }, // fp16 d, fp16 dmin, scales[12], qs[128]
+  q6_k: { blockSize: 256, blockBytes: 128 + 64 + 16 + 2, id: 14 }, // ql[128], qh[64], int8 scales[16], fp16 d
   bf16: { blockSize: 1, blockBytes: 2, id: 30 },
 };
 
