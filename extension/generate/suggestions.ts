@@ -3,7 +3,7 @@
 // trained on).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { formatLocation, loadDataset, type NormalizedExample } from '../data';
+import type { NormalizedExample } from '../data';
 import type { TrainConfig } from '../trainer/config';
 import { prepareData } from '../trainer/data';
 
@@ -17,17 +17,11 @@ export function promptOf(example: NormalizedExample): string | null {
 export async function evalPrompts(run: string, limit = 8): Promise<string[]> {
   const config = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8')) as TrainConfig;
   const data = await prepareData(config);
-  const held = new Set(data.eval.map((e) => e.source).filter((s): s is string => s !== undefined));
-  const files = config.evalData ? [config.evalData] : [config.data];
   const prompts: string[] = [];
-  for (const file of files) {
-    const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: true });
-    for (const example of ds.examples) {
-      if (!held.has(formatLocation(example.at))) continue;
-      const prompt = promptOf(example)?.trim();
-      if (prompt && !prompts.includes(prompt)) prompts.push(prompt);
-      if (prompts.length >= limit) return prompts;
-    }
+  for (const example of data.heldOut) {
+    const prompt = promptOf(example)?.trim();
+    if (prompt && !prompts.includes(prompt)) prompts.push(prompt);
+    if (prompts.length >= limit) break;
   }
   return prompts;
 }

@@ -2,7 +2,7 @@
 // model's own tokenizer and chat template, hold out an eval split, optionally pack. Everything that can be wrong
 // with the data is found here, before the run folder is written.
 import * as path from 'node:path';
-import { loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDataset, type ModelTokenizer, type TokenizedExample } from '../data';
+import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDataset, type ModelTokenizer, type NormalizedExample, type TokenizedExample } from '../data';
 import type { DatasetStats } from '../protocol/events';
 import type { TrainExample } from './batches';
 import type { TrainConfig } from './config';
@@ -10,6 +10,8 @@ import type { TrainConfig } from './config';
 export interface PreparedData {
   train: TrainExample[];
   eval: TrainExample[];
+  /** The dataset rows the eval examples were made from, in the same order (the chat panel offers their prompts). */
+  heldOut: NormalizedExample[];
   /** Padding fills batches after each sequence's end; it is never a label and never attended to by real tokens. */
   padId: number;
   /** The model's tokenizer and chat template, as the data was rendered with them (sample prompts use them too). */
@@ -38,18 +40,24 @@ export async function prepareData(config: TrainConfig): Promise<PreparedData> {
   const { ds, t } = await tokenizedFile(config.data, tok, config, warnings);
   let train: TokenizedExample[] = t.examples;
   let evalSet: TrainExample[] = [];
+  let evalRows = ds.examples;
   if (config.evalData) {
-    evalSet = (await tokenizedFile(config.evalData, tok, config, warnings)).t.examples;
+    const e = await tokenizedFile(config.evalData, tok, config, warnings);
+    evalSet = e.t.examples;
+    evalRows = e.ds.examples;
   } else if (config.evalFraction > 0 && train.length >= 2) {
     const split = splitEval(train, config.evalFraction, config.seed);
     train = split.train;
     evalSet = split.eval;
   }
   const trainSet: TrainExample[] = config.packing ? packExamples(train, config.seqLen) : train;
+  const rowAt = new Map(evalRows.map((row) => [formatLocation(row.at), row]));
+  const heldOut = evalSet.flatMap((e) => (e.source !== undefined && rowAt.has(e.source) ? [rowAt.get(e.source)!] : []));
   const count = (xs: TrainExample[], f: (l: number) => boolean) => xs.reduce((n, e) => n + e.labels.filter(f).length, 0);
   return {
     train: trainSet,
     eval: evalSet,
+    heldOut,
     padId: tok.eosId,
     tokenizer: tok,
     warnings,
