@@ -1,12 +1,14 @@
 // Where a run, a scoring pass or a benchmark computes: the device (`--device`, qlora.device) and the engine's memory
 // budget (`--gpu-memory-budget`, qlora.gpuMemoryBudget; by default what the GPU has free less a margin). Shared by
 // train, resume, score and bench so that each says the same thing about the same machine.
+import * as os from 'node:os';
 import { engineInfo, gpuReport } from '../engine';
 import { chooseDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest } from '../engine/device';
 import type { NativeGpuReport } from '../engine/native';
 import type { RunDevice } from '../protocol/events';
 import { numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from './cliArgs';
-import { defaultGpuBudget } from './memoryPlan';
+import { defaultGpuBudget, overBudgetMessage, planMemory, type EstimateForPlan, type MemoryPlan, type RunShape } from './memoryPlan';
+import { formatBinaryBytes } from '../util/bytes';
 
 const GiB = 1024 ** 3;
 
@@ -68,4 +70,26 @@ export function placementFromFlags(o: ParsedOptions): PlacementOptions {
   const budget = numberOption(o, 'gpu-memory-budget');
   if (budget !== undefined && !(budget > 0)) throw new UsageError(`--gpu-memory-budget must be a positive number of GiB, got ${budget}`);
   return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir') };
+}
+
+/**
+ * Before anything runs: under a budget, the plan (does the optimizer page; does the run fit at all), and a run that
+ * cannot fit is an Error with the estimate by category and what to change; without a budget (the CPU) a peak beyond
+ * this machine's memory is refused the same way instead of ending in the system's out-of-memory killer.
+ */
+export function checkMemory(estimate: EstimateForPlan, placement: Placement, run: RunShape, totalMemory = os.totalmem()): MemoryPlan | null {
+  if (placement.memoryBudget === null) {
+    if (estimate.peakTotal > totalMemory) {
+      const c = estimate.categories;
+      throw new Error(
+        `This run needs ${formatBinaryBytes(estimate.peakTotal)} of memory at its peak and this machine has ${formatBinaryBytes(totalMemory)} ` +
+          `(weights ${formatBinaryBytes(c.weights)}, activations ${formatBinaryBytes(c.activations)}, workspace ${formatBinaryBytes(c.workspace)}): ` +
+          `lower the batch size (now ${run.batchSize}) or the sequence length (now ${run.seqLen}), or train a smaller model.`,
+      );
+    }
+    return null;
+  }
+  const plan = planMemory(estimate, placement.memoryBudget);
+  if (!plan.fits) throw new Error(overBudgetMessage(estimate, plan, run, placement.device.kind === 'cuda' ? 'GPU' : 'device'));
+  return plan;
 }

@@ -17,8 +17,8 @@ import { EventLog } from './eventLog';
 import { TrainingSamples } from './samples';
 import type { TrainerEvent } from '../protocol/events';
 import { GpuMonitor, type GpuSource } from './gpuTelemetry';
-import { overBudgetMessage, planMemory } from './memoryPlan';
-import { placeRun, runDevice, type PlacementOptions } from './placement';
+import type { MemoryPlan } from './memoryPlan';
+import { checkMemory, placeRun, runDevice, type PlacementOptions } from './placement';
 import { learningRate, type Schedule } from './schedule';
 
 export class TrainingError extends Error {
@@ -117,8 +117,12 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     batch: config.batchSize, seq: config.seqLen, rank: config.rank, targets: config.targets, quantize: config.quantize,
     gradientCheckpointing: config.gradientCheckpointing,
   });
-  const plan = placement.memoryBudget !== null ? planMemory(estimate, placement.memoryBudget) : null;
-  if (plan && !plan.fits) throw new TrainingError(overBudgetMessage(estimate, plan, config, placement.device.kind === 'cuda' ? 'GPU' : 'device'));
+  let plan: MemoryPlan | null;
+  try {
+    plan = checkMemory(estimate, placement, config);
+  } catch (err) {
+    throw new TrainingError(err instanceof Error ? err.message : String(err));
+  }
   const data = await prepareData(config);
   const model = EngineModel.load(config.model, { quantize: config.quantize, memoryBudget: placement.memoryBudget ?? 0 });
   let samples: TrainingSamples;

@@ -12,7 +12,7 @@ import { chooseDevice, cudaBlockers, DeviceError } from '../../extension/engine/
 import type { NativeGpuReport } from '../../extension/engine/native';
 import { GpuMonitor } from '../../extension/trainer/gpuTelemetry';
 import { defaultGpuBudget, overBudgetMessage, planMemory } from '../../extension/trainer/memoryPlan';
-import { placeRun } from '../../extension/trainer/placement';
+import { checkMemory, placeRun } from '../../extension/trainer/placement';
 import { cliPath, tempDir } from '../helpers/paths';
 
 const GiB = 1024 ** 3;
@@ -132,4 +132,16 @@ test('gpuTelemetry: null without NVML (this machine), else one entry per GPU', (
   const doctor = JSON.parse(execFileSync(process.execPath, [cliPath, 'doctor', '--json'], { encoding: 'utf8' })) as { nvml: { found: boolean }; gpus: unknown[] };
   if (!doctor.nvml.found) assert.equal(gpus, null);
   else assert.equal(gpus?.length, doctor.gpus.length);
+});
+
+test('without a budget (the CPU) a peak beyond the machine\'s memory is refused before anything runs', () => {
+  const cpu = placeRun({ device: 'cpu' }, () => ({ report: report(), engine: withCuda }));
+  assert.equal(checkMemory(estimate, cpu, shape, 64 * GiB), null);
+  assert.throws(
+    () => checkMemory(estimate, cpu, shape, 4 * GiB),
+    /^Error: This run needs 6\.68 GiB of memory at its peak and this machine has 4\.00 GiB \(weights 4\.00 GiB, activations 2\.00 GiB, workspace 300 MiB\): lower the batch size \(now 4\) or the sequence length \(now 2048\), or train a smaller model\.$/,
+  );
+  const gpu = placeRun({ gpuMemoryBudget: 6 }, () => ({ report: report(), engine: withCuda }));
+  assert.throws(() => checkMemory(estimate, gpu, shape), /^Error: This run needs at least 6\.49 GiB of GPU memory and its budget is 6\.00 GiB/);
+  assert.equal(checkMemory(estimate, placeRun({ gpuMemoryBudget: 6.6 }, () => ({ report: report(), engine: withCuda })), shape)?.paged, true);
 });

@@ -9,8 +9,7 @@ import { MEMORY_CATEGORIES } from '../../protocol/events';
 import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
-import { overBudgetMessage, planMemory } from '../memoryPlan';
-import { placeRun, placementFromFlags, placementOptions, type PlacementOptions } from '../placement';
+import { checkMemory, placeRun, placementFromFlags, placementOptions, type PlacementOptions } from '../placement';
 
 export const BENCH_SHAPES = ['tiny', '1b', '8b', '70b'] as const;
 export type BenchShape = (typeof BENCH_SHAPES)[number];
@@ -78,9 +77,7 @@ export function bench(o: BenchOptions): BenchResult {
   if (!Number.isSafeInteger(o.warmup) || o.warmup < 0) throw new UsageError(`--warmup must be a whole number, got ${o.warmup}`);
   const placement = placeRun(o.placement);
   const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank });
-  const plan = placement.memoryBudget !== null ? planMemory(estimate, placement.memoryBudget) : null;
-  if (plan && !plan.fits)
-    throw new Error(overBudgetMessage(estimate, plan, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true }, placement.device.kind === 'cuda' ? 'GPU' : 'device'));
+  const plan = checkMemory(estimate, placement, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true });
 
   const model = EngineModel.load({ shape: o.shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
   try {
