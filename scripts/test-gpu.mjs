@@ -21,29 +21,26 @@ if (!doctor.cudaCompiled || !hardware) {
 }
 console.log(`test:gpu on ${doctor.gpus.map((g) => `${g.name} (compute capability ${g.computeCapability})`).join(', ')}, driver ${doctor.driverVersion}`);
 
-let failed = false;
+// Each part: passed, failed, or not run (and why); the suite passes only when every part ran and passed.
+const parts = [];
 if (!fs.existsSync(gpuTests)) {
-  console.log(`FAIL ${gpuTests} is missing: the CUDA backend was compiled but not its tests (npm run build:native)`);
-  failed = true;
+  parts.push(['kernels and device memory', 'not run', `${gpuTests} is missing (npm run build:native builds it with the CUDA backend)`]);
 } else {
   const r = spawnSync(gpuTests, [path.join(root, 'test', 'fixtures'), ...process.argv.slice(2)], { stdio: 'inherit' });
-  if (r.status !== 0) failed = true;
+  parts.push(['kernels and device memory', r.status === 0 ? 'passed' : 'failed', r.status === 0 ? '' : `exit status ${r.status ?? r.signal}`]);
 }
-
-const trainerOnGpu = doctor.device === 'cuda';
-if (!trainerOnGpu) {
-  console.log('FAIL the trainer cannot run on this GPU yet:');
-  for (const p of doctor.problems) console.log(`  - ${p}`);
-  failed = true;
+if (doctor.device !== 'cuda') {
+  parts.push(['the trainer on the GPU', 'not run', doctor.problems.join(' ')]);
 } else {
   const dir = path.join(root, 'out', 'test', 'gpu');
   const files = fs.existsSync(dir) ? fs.readdirSync(dir).filter((f) => f.endsWith('.test.js')).map((f) => path.join(dir, f)) : [];
   if (files.length === 0) {
-    console.log('FAIL no trainer GPU tests were built (out/test/gpu)');
-    failed = true;
+    parts.push(['the trainer on the GPU', 'not run', 'no trainer GPU tests were built (out/test/gpu)']);
   } else {
     const r = spawnSync(process.execPath, ['--test', '--test-concurrency=1', ...files], { stdio: 'inherit' });
-    if (r.status !== 0) failed = true;
+    parts.push(['the trainer on the GPU', r.status === 0 ? 'passed' : 'failed', '']);
   }
 }
-process.exit(failed ? 1 : 0);
+console.log('\ntest:gpu summary:');
+for (const [name, result, why] of parts) console.log(`  ${name}: ${result}${why ? ` (${why})` : ''}`);
+process.exit(parts.every(([, result]) => result === 'passed') ? 0 : 1);

@@ -23,10 +23,16 @@ export class DeviceError extends Error {
 }
 
 /** What stands between this machine and training on its GPU, as sentences; empty when nothing does. */
+/** The GPU the engine trains on: CUDA device 0 (CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER apply). */
+export function trainingGpu(report: NativeGpuReport): NativeGpuInfo | null {
+  return report.gpus.find((g) => g.cudaIndex === 0) ?? null;
+}
+
 export function cudaBlockers(report: NativeGpuReport, backends: readonly string[]): string[] {
   if (report.problems.length > 0) return report.problems;
-  if (report.gpus.length === 0 || report.runtimeDevices === 0) return ['No NVIDIA GPU was found.'];
+  if (report.runtimeDevices === 0) return ['No NVIDIA GPU was found (the CUDA runtime sees none; is CUDA_VISIBLE_DEVICES empty?).'];
   if (report.runtimeError) return [`The CUDA runtime cannot use the GPU: ${report.runtimeError}.`];
+  if (!trainingGpu(report)) return ['The CUDA runtime sees a GPU but it could not be identified (QLoRA: Check GPU Setup lists what was found).'];
   if (!backends.includes('cuda'))
     return ['This version of the engine cannot train on the GPU yet: its CUDA training backend is not part of this build, so training runs on the CPU.'];
   return [];
@@ -38,7 +44,7 @@ export function cudaBlockersBrief(report: NativeGpuReport, backends: readonly st
   if (!report.cudaCompiled) brief.push('the engine was built without CUDA');
   if (!report.driver.found) brief.push('no NVIDIA driver');
   else if (report.driverCudaVersion !== null && Number(report.driverCudaVersion) < 13) brief.push(`NVIDIA driver ${report.driverVersion ?? ''} too old for CUDA 13 (580 or newer needed)`.replace('  ', ' '));
-  else if (report.gpus.length === 0 || report.runtimeDevices === 0) brief.push('no NVIDIA GPU');
+  else if (report.runtimeDevices === 0 || (report.gpus.length === 0 && report.runtimeDevices < 0)) brief.push('no NVIDIA GPU');
   if (!report.cublasLt.found) brief.push('cuBLASLt not found');
   if (report.gpus.some((g) => Number(g.computeCapability) > 0 && Number(g.computeCapability) < 7.5)) brief.push('GPU older than Turing');
   if (report.runtimeError && report.driver.found) brief.push('the CUDA runtime cannot use the GPU');
@@ -61,6 +67,6 @@ export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, en
     const brief = cudaBlockersBrief(report, engine.backends);
     return cpu(`Training on the CPU: the GPU cannot be used (${brief.join('; ')}). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.`);
   }
-  const gpu = report.gpus[0];
+  const gpu = trainingGpu(report)!;
   return { kind: 'cuda', name: gpu.name, computeDtype: report.computeDtype ?? 'bf16', gpu, fallback: null };
 }

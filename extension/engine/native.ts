@@ -188,6 +188,8 @@ export interface NativeGpuInfo {
   utilization: number | null;
   temperature: number | null;
   powerW: number | null;
+  /** The CUDA runtime's number for this GPU (the engine trains on 0); null when the runtime does not see it. */
+  cudaIndex: number | null;
 }
 
 /** native/src/gpu/probe.h's GpuReport. */

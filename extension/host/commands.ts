@@ -133,7 +133,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     if (settings.device === 'cpu') return cpu;
     const dir = pathSetting('cudaLibraryPath');
     const doctor = await runCliJson<DoctorSummary>(h.launch(), ['doctor', '--json', ...(dir ? ['--cuda-lib-dir', dir] : [])], { timeoutMs: 60_000 });
-    const gpu = doctor.gpus[0];
+    const gpu = doctor.gpus.find((g) => g.cudaIndex === 0);
     return doctor.device === 'cuda' && gpu ? { kind: 'gpu', name: gpu.name, memoryTotal: gpu.memoryTotal, memoryFree: gpu.memoryFree, budgetGiB: settings.gpuMemoryBudget } : cpu;
   }
 

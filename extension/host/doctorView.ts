@@ -11,7 +11,7 @@ export interface DoctorSummary {
   driverCudaVersion: string | null;
   nvml: { found: boolean; path: string | null; error: string | null };
   cublasLt: { found: boolean; path: string | null; error: string | null; tried: string[] };
-  gpus: { index: number; name: string; memoryTotal: number; memoryFree: number; computeCapability: string }[];
+  gpus: { index: number; name: string; memoryTotal: number; memoryFree: number; computeCapability: string; cudaIndex?: number | null }[];
   computeDtype: string | null;
   device: 'cuda' | 'cpu';
   problems: string[];
@@ -26,7 +26,7 @@ export function doctorMarkdown(r: DoctorSummary): string {
   const lines = [
     '# QLoRA Studio: GPU setup',
     '',
-    r.device === 'cuda' ? `Training runs on **GPU ${r.gpus[0]?.index ?? 0}** in **${r.computeDtype}**.` : 'Training runs on the **CPU**.',
+    r.device === 'cuda' ? `Training runs on **GPU ${r.gpus.find((g) => g.cudaIndex === 0)?.index ?? 0}** in **${r.computeDtype}**.` : 'Training runs on the **CPU**.',
     '',
     '| | |',
     '|---|---|',

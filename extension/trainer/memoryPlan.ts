@@ -37,7 +37,8 @@ export function planMemory(e: EstimateForPlan, budget: number): MemoryPlan {
  * allocator slack (5% of the GPU, at least 512 MiB).
  */
 export function defaultGpuBudget(gpu: { memoryTotal: number; memoryFree: number }): number {
-  return Math.max(0, gpu.memoryFree - Math.max(512 * MiB, 0.05 * gpu.memoryTotal));
+  // at least one byte: a budget of 0 would mean "no budget" to the engine; a run never fits in 1 byte, so it is refused
+  return Math.max(1, Math.floor(gpu.memoryFree - Math.max(512 * MiB, 0.05 * gpu.memoryTotal)));
 }
 
 export interface RunShape {

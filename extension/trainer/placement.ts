@@ -31,6 +31,13 @@ export interface Placement {
   warnings: string[];
 }
 
+const missing = { found: false, path: null, tried: [], error: null };
+// What --device cpu decides by: nothing of the GPU is looked at.
+const NO_GPU_REPORT: NativeGpuReport = {
+  cudaCompiled: false, cudaRuntimeVersion: null, driver: missing, driverVersion: null, driverCudaVersion: null, nvml: missing,
+  cublasLt: missing, gpus: [], runtimeDevices: -1, runtimeError: null, computeDtype: null, problems: [], notes: [],
+};
+
 export type MachineProbe = () => { report: NativeGpuReport; engine: { backends: string[]; threads: number } };
 
 const probeThisMachine =
@@ -38,8 +45,11 @@ const probeThisMachine =
   () => ({ report: gpuReport(libraryDir), engine: engineInfo() });
 
 export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMachine(o.cudaLibraryDir)): Placement {
-  const { report, engine } = probe();
-  const device = chooseDevice(o.device ?? 'auto', report, engine);
+  // --device cpu needs no look at the GPU (loading the driver and NVML takes a moment)
+  const device = o.device === 'cpu' ? chooseDevice('cpu', NO_GPU_REPORT, { backends: ['cpu'], threads: engineInfo().threads }) : (() => {
+    const { report, engine } = probe();
+    return chooseDevice(o.device ?? 'auto', report, engine);
+  })();
   const warnings = device.fallback ? [device.fallback] : [];
   let memoryBudget: number | null = null;
   if (o.memoryBudgetBytes !== undefined) {

@@ -77,5 +77,6 @@ TEST(caching_allocator_gives_the_cache_back_when_the_device_is_full_or_the_limit
   a.set_reserve_limit(2048);
   void* w = a.allocate(1536, "workspace");  // a new block would pass the limit: the cache goes back first
   EXPECT_EQ(a.reserved_bytes(), int64_t{1536});
+  EXPECT_THROWS_WITH(a.allocate(1024, "activations"), "device memory would pass its limit: 1.00 KiB more for activations on top of 1.50 KiB of 2.00 KiB");
   a.free(w);
 }

@@ -71,29 +71,58 @@ TEST(paging_pages_move_out_under_pressure_and_back_for_the_update) {
   // state written to each page survives moving out and back in
   for (size_t p = 0; p < sizes.size(); ++p)
     pages.write(p, 1, std::vector<float>(static_cast<size_t>(sizes[p]), static_cast<float>(p) + 0.5f));
-  pages.acquire(1);
-  pages.release(1);
+  pages.acquire(0);
+  pages.release(0);
   pages.acquire(2);
   pages.release(2);
-  // page 0 is the least recently used: 500 bytes of pressure move it (800 bytes) out, and only it
-  EXPECT_EQ(pages.evict(500), int64_t{800});
-  EXPECT_EQ(pages.paged_out_bytes(), int64_t{800});
-  EXPECT_EQ(backend->memory().current[static_cast<size_t>(MemCategory::Optimizer)], int64_t{640});
-  // a held page is never moved out
   pages.acquire(1);
-  EXPECT_EQ(pages.evict(10000), int64_t{240});
   pages.release(1);
-  EXPECT_EQ(pages.read(0, 1)[59], 0.5f);  // read from host memory
-  EXPECT_EQ(pages.read(4, 1)[0], 4.5f);
+  // the most recently used page goes first: page 1 (400 bytes), then page 2 (240) until 500 bytes are free
+  EXPECT_EQ(pages.evict(500), int64_t{640});
+  EXPECT_EQ(pages.paged_out_bytes(), int64_t{640});
+  EXPECT_EQ(backend->memory().current[static_cast<size_t>(MemCategory::Optimizer)], int64_t{800});
+  // a held page is never moved out
   pages.acquire(0);
-  EXPECT_EQ(pages.read(0, 1)[0], 0.5f);  // and back in device memory
+  EXPECT_EQ(pages.evict(10000), int64_t{0});
   pages.release(0);
+  EXPECT_EQ(pages.read(2, 1)[29], 2.5f);  // read from host memory
+  EXPECT_EQ(pages.read(0, 1)[0], 0.5f);   // and from device memory
+  pages.acquire(1);
+  EXPECT_EQ(pages.read(3, 1)[0], 3.5f);  // back in device memory
+  pages.release(1);
   const std::vector<PageMove> moves = pages.take_moves();
   EXPECT_EQ(moves.size(), size_t{3});
-  EXPECT_TRUE(moves[0].dir == PageDir::Out && moves[0].tensor == "model.layers.0.optimizer" && moves[0].bytes == 800);
-  EXPECT_TRUE(moves[1].dir == PageDir::Out && moves[1].tensor == "model.layers.2.optimizer");
-  EXPECT_TRUE(moves[2].dir == PageDir::In && moves[2].tensor == "model.layers.0.optimizer");
+  EXPECT_TRUE(moves[0].dir == PageDir::Out && moves[0].tensor == "model.layers.1.optimizer" && moves[0].bytes == 400);
+  EXPECT_TRUE(moves[1].dir == PageDir::Out && moves[1].tensor == "model.layers.2.optimizer" && moves[1].bytes == 240);
+  EXPECT_TRUE(moves[2].dir == PageDir::In && moves[2].tensor == "model.layers.1.optimizer");
   EXPECT_TRUE(pages.take_moves().empty(), "moves are handed out once");
+  // a prefetch still in flight while another page moves out (two copies outstanding at once) finishes intact
+  pages.prefetch(2);
+  EXPECT_EQ(pages.evict(1), int64_t{400});
+  pages.acquire(2);
+  EXPECT_EQ(pages.read(4, 1)[19], 4.5f);
+  pages.release(2);
+}
+
+// The update visits the pages in order every step. With room for all pages but one, a step should move one page
+// out and one in, not all of them (which is what evicting the least recently used page would do).
+TEST(paging_one_page_short_moves_two_pages_a_step_not_all) {
+  auto backend = make_cpu_backend();
+  const std::vector<int64_t> sizes(8, 100);  // 8 layers of one parameter: pages of 800 bytes
+  std::vector<int64_t> layers(8);
+  for (int64_t i = 0; i < 8; ++i) layers[static_cast<size_t>(i)] = i;
+  backend->set_memory_budget(7 * 800 + 100);
+  OptimizerPages pages(backend.get(), sizes, layers);
+  EXPECT_EQ(pages.paged_out_bytes(), int64_t{800});  // the eighth page starts in host memory
+  for (int step = 0; step < 5; ++step) {
+    for (size_t p = 0; p < pages.num_pages(); ++p) {
+      pages.acquire(p);
+      if (p + 1 < pages.num_pages()) pages.prefetch(p + 1);
+      pages.release(p);
+    }
+    EXPECT_EQ(pages.take_moves().size(), size_t{2});
+    EXPECT_TRUE(backend->memory().total_peak <= 7 * 800 + 100);
+  }
 }
 
 TEST(paging_budget_moves_optimizer_pages_and_keeps_the_numbers) {

@@ -18,7 +18,7 @@ TEST(gpu_caching_allocator_over_cudamalloc) {
   EXPECT_TRUE(x == y, "a freed block of about the size is reused");
   EXPECT_EQ(a.device_allocations(), int64_t{1});
   a.free(y);
-  a.set_reserve_limit(4 << 20);
+  a.set_reserve_limit(3 << 20);
   void* z = a.allocate(1 << 20, "workspace");  // the cached 3 MiB goes back before a new block passes the limit
   EXPECT_EQ(a.reserved_bytes(), int64_t{1 << 20});
   a.free(z);

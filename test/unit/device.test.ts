@@ -18,7 +18,7 @@ import { cliPath, tempDir } from '../helpers/paths';
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 const lib = (found: boolean) => ({ found, path: found ? '/usr/lib/x.so' : null, tried: [], error: found ? null : 'cannot open shared object file' });
-const h100 = { index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * GiB, memoryUsed: 1 * GiB, memoryFree: 79 * GiB, computeCapability: '9.0', utilization: 0, temperature: 31, powerW: 70 };
+const h100 = { index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * GiB, memoryUsed: 1 * GiB, memoryFree: 79 * GiB, computeCapability: '9.0', utilization: 0, temperature: 31, powerW: 70, cudaIndex: 0 };
 
 function report(overrides: Partial<NativeGpuReport> = {}): NativeGpuReport {
   return {
@@ -52,8 +52,21 @@ test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back
   assert.throws(() => chooseDevice('cuda', noCublas, withCuda), (e: unknown) => e instanceof DeviceError && /^cannot train on the GPU \(--device cuda\): cuBLASLt \(libcublasLt\.so\.13\) was not found/.test(e.message));
 });
 
+test('the GPU trained on is CUDA device 0, whatever NVML\'s order; telemetry follows it by NVML\'s index', () => {
+  const l4 = { ...h100, index: 0, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryFree: 20 * GiB, cudaIndex: 1 };
+  const hopper = { ...h100, index: 1, cudaIndex: 0 };
+  const d = chooseDevice('auto', report({ gpus: [l4, hopper], runtimeDevices: 2 }), withCuda);
+  assert.equal(d.name, h100.name);
+  assert.equal(d.gpu?.index, 1);
+  const p = placeRun({}, () => ({ report: report({ gpus: [l4, hopper], runtimeDevices: 2 }), engine: withCuda }));
+  assert.equal(p.memoryBudget, defaultGpuBudget(hopper));
+  // CUDA_VISIBLE_DEVICES hides the only GPU from the runtime
+  assert.match(cudaBlockers(report({ gpus: [{ ...h100, cudaIndex: null }], runtimeDevices: 0 }), withCuda.backends)[0], /^No NVIDIA GPU was found \(the CUDA runtime sees none/);
+  assert.match(cudaBlockers(report({ gpus: [{ ...h100, cudaIndex: null }] }), withCuda.backends)[0], /sees a GPU but it could not be identified/);
+});
+
 test('every way the GPU is out of reach is one sentence', () => {
-  assert.deepEqual(cudaBlockers(report({ gpus: [], runtimeDevices: 0 }), withCuda.backends), ['No NVIDIA GPU was found.']);
+  assert.match(cudaBlockers(report({ gpus: [], runtimeDevices: 0 }), withCuda.backends)[0], /^No NVIDIA GPU was found/);
   assert.deepEqual(cudaBlockers(report({ runtimeError: 'cudaErrorInsufficientDriver' }), withCuda.backends), ['The CUDA runtime cannot use the GPU: cudaErrorInsufficientDriver.']);
   assert.match(cudaBlockers(report(), cpuOnly.backends)[0], /^This version of the engine cannot train on the GPU yet/);
   // telemetry notes are not in the way

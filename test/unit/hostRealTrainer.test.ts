@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { before, test } from 'node:test';
 import { runCliJson } from '../../extension/host/cliRunner';
-import { parseDataError, trainArgs } from '../../extension/host/newRun';
+import { parseDataError, placementArgs, trainArgs } from '../../extension/host/newRun';
 import { RunRegistry } from '../../extension/host/runs/registry';
 import { TrainerProcess } from '../../extension/host/trainerProcess';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
@@ -69,4 +69,26 @@ test('bad data fails with the CLI sentence and leaves no run folder; inspect-dat
   assert.equal(report.invalidRows, 1);
   assert.equal(parseDataError(report.errors[0])?.line, 2);
   await assert.rejects(runCliJson(launch(), ['inspect-data', '--data', path.join(dir, 'missing.jsonl')]), /missing\.jsonl/);
+});
+
+test('qlora.device = cuda on a machine whose GPU cannot be used: the run fails before its folder with what is missing', async (t) => {
+  const doctor = await runCliJson<{ device: string; problems: string[] }>(launch(), ['doctor', '--json']);
+  if (doctor.device === 'cuda') return t.skip('this machine can train on its GPU');
+  const dir = tempDir('host-real-device');
+  const trainer = new TrainerProcess(launch, memoryOutput());
+  const runDir = path.join(dir, 'runs', 'gpu');
+  const settings = { device: 'cuda' as const, gpuMemoryBudget: 0, cudaLibraryPath: '' };
+  const end = await trainer.start('train', runDir, [...args({ maxSteps: 2 }), ...placementArgs(settings)]).ended;
+  assert.equal(end.status, 'failed');
+  assert.equal(end.reason, `cannot train on the GPU (--device cuda): ${doctor.problems.join(' ')}`);
+  assert.ok(!fs.existsSync(runDir));
+  // auto: the same run trains on the CPU and says why in a warning event
+  const runs = new RunRegistry(trainer, () => path.join(dir, 'runs'), 5);
+  const auto = await trainer.start('train', runDir, [...args({ maxSteps: 2 }), ...placementArgs({ ...settings, device: 'auto' })]).ended;
+  assert.equal(auto.status, 'finished');
+  const events = runs.snapshot(runDir).events;
+  const started = events.find((e) => e.kind === 'run-started');
+  assert.equal(started?.kind === 'run-started' && started.device?.kind, 'cpu');
+  assert.ok(events.some((e) => e.kind === 'warning' && /^Training on the CPU: the GPU cannot be used \(/.test(e.message)));
+  runs.dispose();
 });

@@ -130,6 +130,22 @@ test('under a memory budget the optimizer pages out and back in every step, with
   for (const m of memory) assert.ok(m.totalPeak <= budget, `peak ${m.totalPeak} over the budget ${budget}`);
 });
 
+test('checkpoints do not depend on where the optimizer state was: a paged run resumes without a budget to the same adapter', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const c = config(data, { packing: true, seqLen: 64, batchSize: 2, maxSteps: 6, checkpointEvery: 2 });
+  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize });
+  const straight = path.join(tempDir('paged-straight'), 'run');
+  await train({ runDir: straight, config: c, resume: false, placement: { device: 'cpu' } });
+  const paged = path.join(tempDir('paged-resumed'), 'run');
+  const control = new TrainingControl();
+  await train({ runDir: paged, config: c, resume: false, control, placement: { device: 'cpu', memoryBudgetBytes: e.peakTotal - e.categories.optimizer / 2 }, onEvent: (ev) => { if (ev.kind === 'step' && ev.step === 3) control.stopRequested = true; } });
+  assert.ok(events(paged).some((ev) => ev.kind === 'page'), 'the first part paged');
+  const done = await train({ runDir: paged, resume: true, placement: { device: 'cpu' } });
+  assert.equal(done.status, 'completed');
+  const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
+  assert.ok(read(paged).equals(read(straight)));
+});
+
 test('a budget nothing fits in stops the run before its first step with the estimate and what to change', async () => {
   const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
   const runDir = path.join(tempDir('budget-small'), 'run');

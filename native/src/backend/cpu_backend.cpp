@@ -1,4 +1,5 @@
 // The CPU backend: host memory and the reference kernels of cpu/kernels.h in fp32, threaded with OpenMP.
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -99,9 +100,12 @@ class CpuBackend final : public Backend {
     return static_cast<int64_t>(copy_ms_.size()) - 1;
   }
   double finish_page_copy(int64_t ticket) override {
-    if (ticket < 0 || ticket >= static_cast<int64_t>(copy_ms_.size())) fail("finish_page_copy: unknown ticket ", ticket);
+    if (ticket < 0 || ticket >= static_cast<int64_t>(copy_ms_.size()) || copy_ms_[static_cast<size_t>(ticket)] < 0)
+      fail("finish_page_copy: unknown ticket ", ticket);
     const double ms = copy_ms_[static_cast<size_t>(ticket)];
-    if (ticket == static_cast<int64_t>(copy_ms_.size()) - 1) copy_ms_.clear();  // nothing is outstanding
+    copy_ms_[static_cast<size_t>(ticket)] = -1.0;  // finished
+    // tickets start again from 0 once no copy is outstanding
+    if (std::all_of(copy_ms_.begin(), copy_ms_.end(), [](double m) { return m < 0; })) copy_ms_.clear();
     return ms;
   }
   void upload(void* dst, const void* src, size_t bytes) override { std::memcpy(dst, src, bytes); }
@@ -229,7 +233,7 @@ class CpuBackend final : public Backend {
   void device_free(void* ptr, size_t) override { std::free(ptr); }
 
  private:
-  std::vector<double> copy_ms_;  // durations of the copies not finished yet, by ticket
+  std::vector<double> copy_ms_;  // by ticket: the copy's duration until it is finished, then -1
 };
 
 }  // namespace

@@ -33,6 +33,7 @@ Napi::Array gpus_to_js(Napi::Env env, const std::vector<qlora::gpu::GpuInfo>& li
     go.Set("utilization", g.utilization >= 0 ? Napi::Value(Napi::Number::New(env, g.utilization)) : env.Null());
     go.Set("temperature", g.temperature >= 0 ? Napi::Value(Napi::Number::New(env, g.temperature)) : env.Null());
     go.Set("powerW", g.power_w >= 0 ? Napi::Value(Napi::Number::New(env, g.power_w)) : env.Null());
+    go.Set("cudaIndex", g.cuda_index >= 0 ? Napi::Value(Napi::Number::New(env, g.cuda_index)) : env.Null());
     gpus.Set(static_cast<uint32_t>(i), go);
   }
   return gpus;

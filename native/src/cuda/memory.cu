@@ -44,9 +44,9 @@ PageCopier::PageCopier() {
 }
 
 PageCopier::~PageCopier() {
-  const auto destroy = [](Copy& c) {
-    cudaEventDestroy(static_cast<cudaEvent_t>(c.start));
-    cudaEventDestroy(static_cast<cudaEvent_t>(c.end));
+  const auto destroy = [](Copy& c) {  // finished slots hold no events
+    if (c.start) cudaEventDestroy(static_cast<cudaEvent_t>(c.start));
+    if (c.end) cudaEventDestroy(static_cast<cudaEvent_t>(c.end));
   };
   cudaStreamSynchronize(static_cast<cudaStream_t>(stream_));
   for (Copy& c : copies_) destroy(c);
@@ -84,7 +84,8 @@ double PageCopier::finish(int64_t ticket) {
   QLORA_CUDA_CHECK(cudaEventSynchronize(end));
   QLORA_CUDA_CHECK(cudaStreamWaitEvent(cudaStreamLegacy, end, 0));
   float ms = 0.0f;
-  // the copy stream starts the copy when the default stream reaches `start`, so this is the copy's own time
+  // from when the default stream reached the copy to its end: the copy itself, plus any wait behind earlier copies
+  // still on the copy stream (the time the page was not yet there)
   QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(c.start), end));
   spare_.push_back(c);
   c = Copy{};

@@ -22,7 +22,8 @@ void synchronize();
 void memory_info(size_t* free_bytes, size_t* total_bytes);
 
 // Copies between device and page-locked host memory on a stream of their own, ordered after the compute issued on
-// the default stream so far, timed with events.
+// the default stream so far (the engine computes on the default stream; a compute stream of its own would have to
+// be handed to this), timed with events.
 class PageCopier {
  public:
   PageCopier();

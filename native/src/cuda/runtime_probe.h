@@ -15,4 +15,16 @@ int runtime_version();
 // Devices the runtime can use; on failure -1 and the runtime's message in `error`.
 int device_count(std::string* error);
 
+// A runtime device as the CUDA runtime sees it (ordered as the engine's device numbers: CUDA_VISIBLE_DEVICES and
+// CUDA_DEVICE_ORDER apply). False when it cannot be asked.
+struct RuntimeDevice {
+  std::string pci_bus_id;  // "0000:3B:00.0", which NVML looks devices up by
+  std::string name;
+  int cc_major = 0, cc_minor = 0;
+  unsigned long long memory_total = 0, memory_free = 0;  // memory_free: 0 unless with_free_memory
+};
+// with_free_memory creates the device's context (cudaMemGetInfo), which takes time and some memory: only when
+// nothing else (NVML) can tell.
+bool runtime_device(int device, bool with_free_memory, RuntimeDevice* out);
+
 }  // namespace qlora::cuda

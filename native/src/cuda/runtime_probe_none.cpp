@@ -10,6 +10,7 @@ int device_count(std::string* error) {
   if (error) *error = "this build of the engine has no CUDA backend (nvcc was not found when it was built)";
   return -1;
 }
+bool runtime_device(int, bool, RuntimeDevice*) { return false; }
 
 }  // namespace qlora::cuda
 #endif

@@ -32,7 +32,12 @@ void* CachingAllocator::allocate(size_t bytes, const std::string& what) {
 
 void* CachingAllocator::fresh_block(size_t size, const std::string& what) {
   const int64_t n = static_cast<int64_t>(size);
-  if (reserve_limit_ > 0 && reserved_ + n > reserve_limit_) release_cached();
+  if (reserve_limit_ > 0 && reserved_ + n > reserve_limit_) {
+    release_cached();
+    if (reserved_ + n > reserve_limit_)
+      fail("the engine's device memory would pass its limit: ", format_bytes(n), " more for ", what, " on top of ",
+           format_bytes(reserved_), " of ", format_bytes(reserve_limit_));
+  }
   void* ptr = raw_alloc_(size);
   if (!ptr && cached_ > 0) {
     release_cached();

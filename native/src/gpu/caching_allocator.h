@@ -32,7 +32,8 @@ class CachingAllocator {
   int64_t release_cached();
 
   // 0: no limit. The budget of the engine bounds what it holds in use; this bounds what it holds from the device,
-  // cache included, so that the budget means device memory.
+  // cache included (a reused block may be up to twice the request), so that the budget means device memory: past
+  // it, even with the cache given back, allocate() throws.
   void set_reserve_limit(int64_t bytes) { reserve_limit_ = bytes; }
   int64_t reserved_bytes() const { return reserved_; }  // held from the device: in use + cached
   int64_t cached_bytes() const { return cached_; }

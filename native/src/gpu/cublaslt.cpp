@@ -1,5 +1,6 @@
 #include "gpu/cublaslt.h"
 
+#include <algorithm>
 #include <mutex>
 
 #include "util/error.h"
@@ -28,6 +29,14 @@ constexpr int kComputeF32 = 68;             // CUBLAS_COMPUTE_32F: fp32 accumula
 constexpr int kDescTransA = 3;              // CUBLASLT_MATMUL_DESC_TRANSA
 constexpr int kDescTransB = 4;              // CUBLASLT_MATMUL_DESC_TRANSB
 constexpr int kPrefMaxWorkspaceBytes = 1;   // CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES
+constexpr int kPrefMinAlignmentA = 5;       // CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES: 5, 6, 7, 8
+
+// The alignment a pointer has, up to the 256 bytes cuBLASLt assumes by default: the engine passes pointers into
+// the middle of buffers (a chunk of rows), which an algorithm that needs 256 would read wrongly.
+uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  return a == 0 ? 256u : static_cast<uint32_t>(std::min<uintptr_t>(256, a & (~a + 1)));
+}
 constexpr int kOpN = 0, kOpT = 1;           // CUBLAS_OP_N, CUBLAS_OP_T
 
 template <typename F>
@@ -100,6 +109,7 @@ void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
                       const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
                       size_t workspace_bytes, void* stream) const {
   if (M == 0 || N == 0) return;
+  if (K <= 0) fail("cuBLASLt matmul with an inner dimension of ", K, " (the engine never asks for one)");
   // cuBLASLt is column-major: row-major C [M, N] is column-major C^T [N, M] = op(B)^T op(A)^T, so B goes first.
   // Row-major X stored [r, c] is column-major [c, r] with leading dimension c.
   const auto check = [](cublasStatus_t s, const char* what) {
@@ -121,6 +131,10 @@ void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
     check(f_->pref_create(&pref), "cublasLtMatmulPreferenceCreate");
     const uint64_t ws = workspace ? workspace_bytes : 0;
     check(f_->pref_set(pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws), "set max workspace");
+    // cuBLASLt's A, B, C, D are our B, A, C, C
+    const uint32_t alignments[4] = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
+    for (int i = 0; i < 4; ++i)
+      check(f_->pref_set(pref, kPrefMinAlignmentA + i, &alignments[i], sizeof alignments[i]), "set min alignment");
     HeuristicResult result{};
     int found = 0;
     check(f_->heuristic(handle_, desc, lb, la, lc, lc, pref, 1, &result, &found), "cublasLtMatmulAlgoGetHeuristic");

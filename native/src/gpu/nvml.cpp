@@ -36,6 +36,8 @@ struct Nvml::Functions {
   nvmlReturn_t (*utilization)(nvmlDevice_t, nvmlUtilization_t*) = nullptr;
   nvmlReturn_t (*temperature)(nvmlDevice_t, int, unsigned int*) = nullptr;
   nvmlReturn_t (*power)(nvmlDevice_t, unsigned int*) = nullptr;
+  nvmlReturn_t (*by_bus_id)(const char*, nvmlDevice_t*) = nullptr;
+  nvmlReturn_t (*index)(nvmlDevice_t, unsigned int*) = nullptr;
 };
 
 Nvml::Nvml(std::unique_ptr<Functions> f) : f_(std::move(f)) {}
@@ -68,6 +70,8 @@ std::unique_ptr<Nvml> Nvml::open(const std::vector<std::string>& dirs, bool wind
   f->utilization = fn<decltype(f->utilization)>(*library, "nvmlDeviceGetUtilizationRates");
   f->temperature = fn<decltype(f->temperature)>(*library, "nvmlDeviceGetTemperature");
   f->power = fn<decltype(f->power)>(*library, "nvmlDeviceGetPowerUsage");
+  f->by_bus_id = fn<decltype(f->by_bus_id)>(*library, "nvmlDeviceGetHandleByPciBusId_v2");
+  f->index = fn<decltype(f->index)>(*library, "nvmlDeviceGetIndex");
   return std::unique_ptr<Nvml>(new Nvml(std::move(f)));
 }
 
@@ -103,6 +107,13 @@ std::vector<GpuInfo> Nvml::sample() const {
     out.push_back(g);
   }
   return out;
+}
+
+int Nvml::index_of_bus_id(const std::string& bus_id) const {
+  nvmlDevice_t dev = nullptr;
+  unsigned int index = 0;
+  if (!f_->by_bus_id || !f_->index || f_->by_bus_id(bus_id.c_str(), &dev) != 0 || f_->index(dev, &index) != 0) return -1;
+  return static_cast<int>(index);
 }
 
 const Nvml* telemetry_nvml(const std::string& library_dir) {

@@ -19,6 +19,8 @@ struct GpuInfo {
   int utilization = -1;   // percent, -1 when not reported
   int temperature = -1;   // degrees C
   double power_w = -1.0;  // watts
+  int cuda_index = -1;    // the CUDA runtime's number for this GPU (the engine's device 0 is the one it trains on);
+                          // -1 when the runtime does not see it (CUDA_VISIBLE_DEVICES, or no CUDA)
 };
 
 class Nvml {
@@ -34,6 +36,8 @@ class Nvml {
   std::string driver_version() const;
   // Every GPU now; a figure the driver does not report stays at its "unknown" value.
   std::vector<GpuInfo> sample() const;
+  // NVML's index of the GPU at a PCI bus id ("0000:3B:00.0"), or -1.
+  int index_of_bus_id(const std::string& bus_id) const;
 
  private:
   struct Functions;

@@ -65,15 +65,39 @@ void probe_driver(GpuReport& report, const std::vector<std::string>& dirs, bool 
                               " (is a GPU present, and is its kernel module loaded? nvidia-smi tells).");
 }
 
-void probe_nvml(GpuReport& report, const std::vector<std::string>& dirs, bool windows) {
+std::unique_ptr<Nvml> probe_nvml(GpuReport& report, const std::vector<std::string>& dirs, bool windows) {
   Library library;
   std::string note;
-  const std::unique_ptr<Nvml> nvml = Nvml::open(dirs, windows, &library, &note);
+  std::unique_ptr<Nvml> nvml = Nvml::open(dirs, windows, &library, &note);
   report.nvml = report_of(library, dirs);
   if (!note.empty()) report.notes.push_back(note);
-  if (!nvml) return;
+  if (!nvml) return nullptr;
   report.driver_version = nvml->driver_version();
   report.gpus = nvml->sample();
+  return nvml;
+}
+
+// Which NVML GPU each CUDA runtime device is (by PCI bus id); without NVML the runtime's own description of each.
+void match_runtime_devices(GpuReport& report, const Nvml* nvml) {
+  for (int i = 0; i < report.runtime_devices; ++i) {
+    cuda::RuntimeDevice d;
+    if (!cuda::runtime_device(i, nvml == nullptr, &d)) continue;
+    const int index = nvml ? nvml->index_of_bus_id(d.pci_bus_id) : -1;
+    for (GpuInfo& g : report.gpus)
+      if (g.index == index) g.cuda_index = i;
+    if (!nvml) {
+      GpuInfo g;
+      g.index = i;
+      g.cuda_index = i;
+      g.name = d.name;
+      g.cc_major = d.cc_major;
+      g.cc_minor = d.cc_minor;
+      g.memory_total = d.memory_total;
+      g.memory_free = d.memory_free;
+      g.memory_used = d.memory_total - d.memory_free;
+      report.gpus.push_back(g);
+    }
+  }
 }
 
 }  // namespace
@@ -94,7 +118,7 @@ GpuReport probe(const std::string& library_dir) {
 
   // The driver and NVML come with the NVIDIA driver: the loader's own search first, the same folders after.
   probe_driver(report, dirs, env.windows);
-  probe_nvml(report, dirs, env.windows);
+  const std::unique_ptr<Nvml> nvml = probe_nvml(report, dirs, env.windows);
   if (report.driver.found && report.driver_cuda_version > 0 && report.driver_cuda_version < kMinDriverCudaVersion)
     report.problems.push_back("The NVIDIA driver" + (report.driver_version.empty() ? "" : " " + report.driver_version) +
                               " supports CUDA " + cuda_version_text(report.driver_cuda_version) +
@@ -111,20 +135,26 @@ GpuReport probe(const std::string& library_dir) {
         "qlora.cudaLibraryPath (QLORA_CUDA_LIB_DIR) to the folder that holds it.");
   }
 
-  if (report.cuda_compiled && report.driver.found)
+  if (report.cuda_compiled && report.driver.found) {
     report.runtime_devices = cuda::device_count(&report.runtime_error);
-
-  int best = 0;
-  for (const GpuInfo& g : report.gpus) {
-    const int cc = g.cc_major * 10 + g.cc_minor;
-    if (cc > 0 && cc < kMinComputeCapability)
-      report.problems.push_back("GPU " + std::to_string(g.index) + " (" + g.name + ", compute capability " +
-                                std::to_string(g.cc_major) + "." + std::to_string(g.cc_minor) +
-                                ") is older than Turing (7.5), the oldest GPU the engine supports.");
-    best = cc > best ? cc : best;
+    match_runtime_devices(report, nvml.get());
   }
-  if (best >= 80) report.compute_dtype = "bf16";
-  else if (best >= kMinComputeCapability) report.compute_dtype = "fp16";
+
+  // The engine trains on CUDA device 0; without the runtime's numbering (no CUDA), the first GPU NVML lists.
+  const GpuInfo* trained_on = nullptr;
+  for (const GpuInfo& g : report.gpus)
+    if (g.cuda_index == 0) trained_on = &g;
+  if (!trained_on && report.runtime_devices <= 0 && !report.gpus.empty()) trained_on = &report.gpus[0];
+  if (trained_on) {
+    const int cc = trained_on->cc_major * 10 + trained_on->cc_minor;
+    if (cc > 0 && cc < kMinComputeCapability)
+      report.problems.push_back("GPU " + std::to_string(trained_on->index) + " (" + trained_on->name +
+                                ", compute capability " + std::to_string(trained_on->cc_major) + "." +
+                                std::to_string(trained_on->cc_minor) +
+                                ") is older than Turing (7.5), the oldest GPU the engine supports.");
+    if (cc >= 80) report.compute_dtype = "bf16";
+    else if (cc >= kMinComputeCapability) report.compute_dtype = "fp16";
+  }
   return report;
 }
 

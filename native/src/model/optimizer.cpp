@@ -42,7 +42,9 @@ StepReport AdamW::step(const AdamWOptions& o) {
       report.clipped = true;
     }
   }
-  ++step_;
+  // The step count moves on only when every page was updated; a step that fails halfway (a device error) leaves
+  // the optimizer part-updated, and the trainer stops the run at its last checkpoint.
+  const int64_t step = step_ + 1;
   auto params = adapter_->parameters_and_grads();
   OptimizerPages& pages = *pages_;
   for (size_t page = 0; page < pages.num_pages(); ++page) {
@@ -50,10 +52,11 @@ StepReport AdamW::step(const AdamWOptions& o) {
     if (page + 1 < pages.num_pages()) pages.prefetch(page + 1);  // its copy runs while this page is updated
     for (size_t i : pages.params_of(page))
       backend_->adamw_update(params[i].first->get(), params[i].second->get(), pages.exp_avg(i), pages.exp_avg_sq(i),
-                             params[i].first->size(), o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step_,
+                             params[i].first->size(), o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step,
                              grad_scale);
     pages.release(page);
   }
+  step_ = step;
   report.step = step_;
   return report;
 }

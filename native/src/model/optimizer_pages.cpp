@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 
 #include "util/error.h"
 
@@ -40,10 +41,14 @@ OptimizerPages::OptimizerPages(Backend* backend, const std::vector<int64_t>& siz
 
 OptimizerPages::~OptimizerPages() {
   backend_->set_pressure_handler(nullptr);
+  // A destructor must not throw (that would end the process): a failing device call here has nothing left to save.
   for (Page& page : pages_) {
-    if (page.state == State::Incoming) backend_->finish_page_copy(page.ticket);
-    page.device.release();
-    if (page.host) backend_->free_host(page.host, static_cast<size_t>(page.floats) * sizeof(float));
+    try {
+      if (page.state == State::Incoming) backend_->finish_page_copy(page.ticket);
+      page.device.release();
+      if (page.host) backend_->free_host(page.host, static_cast<size_t>(page.floats) * sizeof(float));
+    } catch (const std::exception&) {
+    }
   }
 }
 
@@ -79,9 +84,12 @@ int64_t OptimizerPages::evictable_bytes() const {
 int64_t OptimizerPages::evict(int64_t bytes) {
   int64_t freed = 0;
   while (freed < bytes) {
+    // The most recently used page goes first. The update visits the pages in order, every step: a page just updated
+    // is needed again only after all the others, so least-recently-used would move out exactly the page needed next
+    // (and every page would move out and back in every step).
     Page* victim = nullptr;
     for (Page& page : pages_)
-      if (page.state == State::Resident && !page.held && (!victim || page.last_use < victim->last_use)) victim = &page;
+      if (page.state == State::Resident && !page.held && (!victim || page.last_use > victim->last_use)) victim = &page;
     if (!victim) break;
     freed += victim->floats * static_cast<int64_t>(sizeof(float));
     page_out(*victim);
@@ -92,12 +100,11 @@ int64_t OptimizerPages::evict(int64_t bytes) {
 void OptimizerPages::prefetch(size_t index) {
   Page& page = pages_.at(index);
   if (page.state != State::Out) return;
+  // Only into free room: moving another page out to bring this one in early would gain nothing.
   const int64_t bytes = page.floats * static_cast<int64_t>(sizeof(float));
   const int64_t budget = backend_->memory_budget();
-  if (budget > 0 && backend_->memory().total_current + bytes - evictable_bytes() > budget) return;
-  page.held = true;  // not a candidate while its own allocation makes room
+  if (budget > 0 && backend_->memory().total_current + bytes > budget) return;
   page.device.reset(backend_, page.floats, MemCategory::Optimizer);
-  page.held = false;
   page.ticket = backend_->begin_page_copy(page.device.get(), page.host, static_cast<size_t>(bytes), PageDir::In);
   page.state = State::Incoming;
 }
@@ -105,8 +112,13 @@ void OptimizerPages::prefetch(size_t index) {
 void OptimizerPages::acquire(size_t index) {
   Page& page = pages_.at(index);
   if (page.state == State::Out) {
-    page.held = true;
-    page.device.reset(backend_, page.floats, MemCategory::Optimizer);  // may move other pages out
+    page.held = true;  // not a candidate while its own allocation makes room
+    try {
+      page.device.reset(backend_, page.floats, MemCategory::Optimizer);  // may move other pages out
+    } catch (...) {
+      page.held = false;
+      throw;
+    }
     page.ticket = backend_->begin_page_copy(page.device.get(), page.host,
                                             static_cast<size_t>(page.floats) * sizeof(float), PageDir::In);
     page.state = State::Incoming;

@@ -1,8 +1,8 @@
 // The paged optimizer's state: AdamW's exp_avg and exp_avg_sq of every LoRA parameter, in pages of one decoder
 // layer each. A page stays in device memory while the memory budget allows; when an allocation would go over the
-// budget (the activations of a long batch, say) the least recently used pages move out to host memory, and the
-// optimizer step moves each page back in before it updates that layer, the next page's copy running while the
-// current one is updated. This is what bitsandbytes' paged optimizers do with CUDA unified memory, done with
+// budget (the activations of a long batch, say) pages move out to host memory (the most recently used first: the
+// update visits them in order), and the optimizer step moves each page back in before it updates that layer, the
+// next page's copy running, where there is room, while the current one is updated. This is what bitsandbytes' paged optimizers do with CUDA unified memory, done with
 // explicit copies so that every move is seen, timed and reported.
 #pragma once
 #include <cstdint>
@@ -37,14 +37,14 @@ class OptimizerPages {
   // Makes the page resident (moving it in, or waiting for its prefetch) and keeps it there until release(page).
   void acquire(size_t page);
   void release(size_t page);
-  // Starts moving a page in, if it is out and there is room for it without moving out a held page, so that a later
-  // acquire finds it ready.
+  // Starts moving a page in, if it is out and there is free room for it under the budget, so that a later acquire
+  // finds it ready.
   void prefetch(size_t page);
   // Device pointers to a parameter's exp_avg and exp_avg_sq; valid while its page is held.
   float* exp_avg(size_t param);
   float* exp_avg_sq(size_t param);
 
-  // Moves resident pages that are not held out to host memory, least recently used first, until at least `bytes`
+  // Moves resident pages that are not held out to host memory, most recently used first, until at least `bytes`
   // are freed or none is left; returns the bytes freed.
   int64_t evict(int64_t bytes);
 

@@ -12,7 +12,7 @@
 namespace qlora::nf4 {
 
 // The value of each 4-bit code (bitsandbytes' NF4 table).
-QLORA_HOST_DEVICE inline float code_value(int code) {
+QLORA_HOST_DEVICE constexpr float code_value(int code) {
   switch (code & 15) {
     case 0: return -1.0f;
     case 1: return -0.6961928009986877f;
@@ -36,7 +36,7 @@ QLORA_HOST_DEVICE inline float code_value(int code) {
 // bitsandbytes' dQuantizeNF4: the thresholds are its hard-coded midpoints (as float literals, not computed from the
 // code values), compared with strict `>` so a value exactly on a midpoint takes the lower code. NaN falls through
 // every comparison to code 0, as on the GPU.
-QLORA_HOST_DEVICE inline uint8_t quantize_normalized(float x) {
+QLORA_HOST_DEVICE constexpr uint8_t quantize_normalized(float x) {
   if (x > 0.03979014977812767f) {
     if (x > 0.3893125355243683f) {
       if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
