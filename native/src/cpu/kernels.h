@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "util/error.h"
@@ -39,6 +40,62 @@ void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, cons
 // Rows that take gemm_nt_few_rows.
 constexpr int64_t kFewRows = 4;
 
+// Rows m0 .. m0 + rows - 1 (rows <= 4) of C = alpha * a b + beta * C, a [M, K] and b [K, N] row-major, 512 columns
+// at a time, each C element summed over k in order (so any vector width gives the same bits).
+constexpr int64_t kGemmRows = 4;
+#if defined(__GNUC__) || defined(__clang__)
+#define QLORA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define QLORA_ALWAYS_INLINE inline
+#endif
+// Always inlined, so that gemm_row_block_f32's AVX-512 and AVX2 versions compile this loop for their instructions.
+template <typename T>
+QLORA_ALWAYS_INLINE void gemm_row_block(int64_t m0, int64_t rows, int64_t N, int64_t K, T alpha, const T* a, const T* b, T beta, T* C) {
+  constexpr int64_t kColTile = 512;
+  T acc[kGemmRows][kColTile];
+  for (int64_t n0 = 0; n0 < N; n0 += kColTile) {
+    const int64_t cols = std::min(kColTile, N - n0);
+    for (int64_t r = 0; r < kGemmRows; ++r)
+      for (int64_t j = 0; j < cols; ++j) acc[r][j] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* brow = b + k * N + n0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const T av = a[(m0 + r) * K + k];
+        T* accr = acc[r];
+        for (int64_t j = 0; j < cols; ++j) accr[j] += av * brow[j];
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      T* crow = C + (m0 + r) * N + n0;
+      if (beta == T(0)) {
+        for (int64_t j = 0; j < cols; ++j) crow[j] = alpha * acc[r][j];
+      } else {
+        for (int64_t j = 0; j < cols; ++j) crow[j] = beta * crow[j] + alpha * acc[r][j];
+      }
+    }
+  }
+}
+
+// The fp32 instance of gemm_row_block, compiled for AVX-512 and AVX2 too and chosen at load time by what the CPU
+// has (cpu/simd_f32.cpp): the same operations in the same order, so the same bits on every CPU.
+void gemm_row_block_f32(int64_t m0, int64_t rows, int64_t N, int64_t K, float alpha, const float* a, const float* b,
+                        float beta, float* C);
+
+// C = alpha * a b + beta * C, row-major, threaded over blocks of four rows.
+template <typename T>
+void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const T* b, T beta, T* C) {
+  const int64_t row_blocks = (M + kGemmRows - 1) / kGemmRows;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t rb = 0; rb < row_blocks; ++rb) {
+    const int64_t m0 = rb * kGemmRows;
+    const int64_t rows = std::min(kGemmRows, M - m0);
+    if constexpr (std::is_same_v<T, float>)
+      gemm_row_block_f32(m0, rows, N, K, alpha, a, b, beta, C);
+    else
+      gemm_row_block<T>(m0, rows, N, K, alpha, a, b, beta, C);
+  }
+}
+
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta,
           T* C) {
@@ -61,36 +118,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
       for (int64_t n = 0; n < N; ++n) b_packed[k * N + n] = B[n * K + k];
     b = b_packed.data();
   }
-  constexpr int64_t kRows = 4;
-  constexpr int64_t kColTile = 512;
-  const int64_t row_blocks = (M + kRows - 1) / kRows;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t rb = 0; rb < row_blocks; ++rb) {
-    const int64_t m0 = rb * kRows;
-    const int64_t rows = std::min(kRows, M - m0);
-    T acc[kRows][kColTile];
-    for (int64_t n0 = 0; n0 < N; n0 += kColTile) {
-      const int64_t cols = std::min(kColTile, N - n0);
-      for (int64_t r = 0; r < kRows; ++r)
-        for (int64_t j = 0; j < cols; ++j) acc[r][j] = T(0);
-      for (int64_t k = 0; k < K; ++k) {
-        const T* brow = b + k * N + n0;
-        for (int64_t r = 0; r < rows; ++r) {
-          const T av = a[(m0 + r) * K + k];
-          T* accr = acc[r];
-          for (int64_t j = 0; j < cols; ++j) accr[j] += av * brow[j];
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        T* crow = C + (m0 + r) * N + n0;
-        if (beta == T(0)) {
-          for (int64_t j = 0; j < cols; ++j) crow[j] = alpha * acc[r][j];
-        } else {
-          for (int64_t j = 0; j < cols; ++j) crow[j] = beta * crow[j] + alpha * acc[r][j];
-        }
-      }
-    }
-  }
+  gemm_row_major(M, N, K, alpha, a, b, beta, C);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -226,51 +254,66 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
 
 // dP = dO·V^T, dS = P ⊙ (dP - rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO (summed over the
 // query heads that share a kv head). Writes dq, dk, dv (not accumulated).
+// One (batch, kv head) of attention_backward: its query heads write only its dk/dv slices. Always inlined, so that
+// attention_backward_group_f32's AVX-512 and AVX2 versions compile it for their instructions.
 template <typename T>
-void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs, int64_t batch,
-                        int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv) {
+QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, const T* k, const T* v, const T* probs,
+                                                  int64_t b, int64_t kvh, int64_t seq, int64_t heads, int64_t kv_heads,
+                                                  int64_t head_dim, T* dq, T* dk, T* dv, T* ds) {
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-  // Each (batch, kv head) is independent: its query heads write only its dk/dv slices, so the loop parallelizes
-  // without atomics.
+  for (int64_t j = 0; j < seq; ++j) {
+    T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
+    T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) dkj[d] = dvj[d] = 0;
+  }
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+    for (int64_t i = 0; i < seq; ++i) {
+      const T* p = probs + ((b * heads + h) * seq + i) * seq;
+      const T* doi = dout + (b * seq + i) * q_stride + h * head_dim;
+      const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
+      T row_dot = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
+        T dp = 0;
+        for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
+        ds[j] = dp;
+        row_dot += dp * p[j];
+      }
+      T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
+      for (int64_t j = 0; j <= i; ++j) {
+        const T dsj = p[j] * (ds[j] - row_dot) * scale;
+        const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
+        T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
+        T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
+        const T pj = p[j];
+        for (int64_t d = 0; d < head_dim; ++d) {
+          dqi[d] += dsj * kj[d];
+          dkj[d] += dsj * qi[d];
+          dvj[d] += pj * doi[d];
+        }
+      }
+    }
+}
+
+void attention_backward_group_f32(const float* dout, const float* q, const float* k, const float* v,
+                                  const float* probs, int64_t b, int64_t kvh, int64_t seq, int64_t heads,
+                                  int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv, float* ds);
+
+template <typename T>
+void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs, int64_t batch,
+                        int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv) {
+  // Each (batch, kv head) is independent, so the loop parallelizes without atomics.
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
       std::vector<T> ds(static_cast<size_t>(seq));
-      for (int64_t j = 0; j < seq; ++j) {
-        T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
-        T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
-        for (int64_t d = 0; d < head_dim; ++d) dkj[d] = dvj[d] = 0;
-      }
-      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
-        for (int64_t i = 0; i < seq; ++i) {
-          const T* p = probs + ((b * heads + h) * seq + i) * seq;
-          const T* doi = dout + (b * seq + i) * q_stride + h * head_dim;
-          const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
-          T row_dot = 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
-            T dp = 0;
-            for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
-            ds[j] = dp;
-            row_dot += dp * p[j];
-          }
-          T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            const T dsj = p[j] * (ds[j] - row_dot) * scale;
-            const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
-            T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
-            T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
-            const T pj = p[j];
-            for (int64_t d = 0; d < head_dim; ++d) {
-              dqi[d] += dsj * kj[d];
-              dkj[d] += dsj * qi[d];
-              dvj[d] += pj * doi[d];
-            }
-          }
-        }
+      if constexpr (std::is_same_v<T, float>)
+        attention_backward_group_f32(dout, q, k, v, probs, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, ds.data());
+      else
+        attention_backward_group<T>(dout, q, k, v, probs, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, ds.data());
     }
 }
 
