@@ -2,6 +2,7 @@
 // against finite differences (fp32 model, so along directions where the signal is large: the gradient itself and
 // single large elements), identical gradients with and without checkpointing, and dropout that is reproducible.
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -225,22 +226,35 @@ TEST(model_decode_with_kv_cache_matches_full_forward) {
 }
 
 TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
-  // Awkward sizes: rows of 100 weights, so blocks of 64 straddle rows; every rounding the quant state can ask for.
+  // Awkward sizes: rows of 100, 99 (odd: a row starts inside a byte) and 301 weights (more than one chunk of 256),
+  // so blocks of 64 straddle rows; 7, 37 and 19 outputs (partial tiles of 16); every rounding the quant state can ask
+  // for. Both fast paths are checked against the plain sum in order, which is what they must equal bit for bit.
   auto backend = make_cpu_backend();
-  const int64_t out = 7, in = 100, n = out * in, blocksize = 64;
-  std::vector<uint8_t> packed(static_cast<size_t>(n / 2));
-  std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
-  for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
-  for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
-  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
-  for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
-    std::vector<float> w(static_cast<size_t>(n));
-    backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
-    for (int64_t rows = 1; rows <= 3; ++rows) {
-      std::vector<float> want(rows * out), got(rows * out);
-      backend->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, want.data());
-      backend->nf4_matmul_nt(x.data(), rows, packed.data(), absmax.data(), out, in, blocksize, rt, got.data());
-      for (int64_t i = 0; i < rows * out; ++i) EXPECT_TRUE(got[i] == want[i], "index ", i, ": ", got[i], " vs ", want[i]);
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}}) {
+    const int64_t n = out * in, blocksize = 64;
+    std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
+    std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
+    for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
+    for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
+    for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
+      std::vector<float> w(static_cast<size_t>(n));
+      backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
+      for (int64_t rows = 1; rows <= 3; ++rows) {
+        std::vector<float> plain(rows * out), via_gemm(rows * out), fused(rows * out);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t o = 0; o < out; ++o) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < in; ++k) acc += x[r * in + k] * w[o * in + k];
+            plain[r * out + o] = acc;
+          }
+        backend->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, via_gemm.data());
+        backend->nf4_matmul_nt(x.data(), rows, packed.data(), absmax.data(), out, in, blocksize, rt, fused.data());
+        for (int64_t i = 0; i < rows * out; ++i) {
+          EXPECT_TRUE(via_gemm[i] == plain[i], "gemm, ", out, "x", in, " index ", i, ": ", via_gemm[i], " vs ", plain[i]);
+          EXPECT_TRUE(fused[i] == plain[i], "nf4_matmul_nt, ", out, "x", in, " index ", i, ": ", fused[i], " vs ", plain[i]);
+        }
+      }
     }
   }
 }

@@ -189,28 +189,12 @@ class CpuBackend final : public Backend {
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                      int64_t in, int blocksize, RoundTo round_to, float* y) override {
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
-    const auto rounded = [round_to](float v) {
-      return round_to == RoundTo::F32 ? v : round_to == RoundTo::BF16 ? round_to_bf16(v) : round_to_f16(v);
-    };
+    const int round = round_to == RoundTo::F32 ? 0 : round_to == RoundTo::BF16 ? 1 : 2;
+    const int64_t tiles = (out + cpu::kNtTile - 1) / cpu::kNtTile;
 #pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out; ++o) {
-      // The 16 values a block's codes stand for, as dequantize computes and rounds them, built once per block (a
-      // block of `blocksize` consecutive weights may start inside a row and end in the next).
-      float table[16];
-      float acc[kNf4MatmulMaxRows] = {};
-      const int64_t first = o * in, end = first + in;
-      for (int64_t i = first; i < end;) {
-        const int64_t block = i / blocksize;
-        const int64_t stop = std::min(end, (block + 1) * blocksize);
-        for (int c = 0; c < 16; ++c) table[c] = rounded(nf4::kCodes[c] * absmax[block]);
-        for (; i < stop; ++i) {
-          const uint8_t byte = packed[i >> 1];
-          const float w = table[(i & 1) ? (byte & 0x0f) : (byte >> 4)];
-          const float* xk = x + (i - first);
-          for (int64_t r = 0; r < rows; ++r) acc[r] += xk[r * in] * w;
-        }
-      }
-      for (int64_t r = 0; r < rows; ++r) y[r * out + o] = 1.0f * acc[r];
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t o0 = t * cpu::kNtTile;
+      cpu::nf4_matmul_tile_f32(x, rows, packed, absmax, o0, std::min(cpu::kNtTile, out - o0), out, in, blocksize, round, y);
     }
   }
   void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,

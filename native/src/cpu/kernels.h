@@ -11,6 +11,14 @@
 
 #include "util/error.h"
 
+// The hottest loops are always inlined into the fp32 functions of cpu/simd_f32.cpp, which are compiled for several
+// instruction sets: a loop in a separate function would be compiled for the baseline only.
+#if defined(__GNUC__) || defined(__clang__)
+#define QLORA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define QLORA_ALWAYS_INLINE inline
+#endif
+
 namespace qlora::cpu {
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -23,31 +31,65 @@ namespace qlora::cpu {
 // split the outputs n (gemm splits rows, which would leave one thread working), and W is read in place instead of
 // being packed (transposed) first.
 template <typename T>
-void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C) {
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    const T* bn = B + n * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const T* am = A + m * K;
-      T acc = T(0);
-      for (int64_t k = 0; k < K; ++k) acc += am[k] * bn[k];
-      T* c = C + m * N + n;
-      *c = beta == T(0) ? alpha * acc : beta * *c + alpha * acc;
-    }
-  }
-}
+void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C);
 
 // Rows that take gemm_nt_few_rows.
 constexpr int64_t kFewRows = 4;
 
+// Outputs n0 .. n0 + cols - 1 (cols <= 16) of gemm_nt_few_rows. The sums run across 16 outputs at once (one vector)
+// instead of along k (which would reorder them): a chunk of W's rows is copied transposed into a small tile so that
+// each k adds one contiguous vector per row of A. Always inlined, for gemm_nt_tile_f32's instruction sets.
+constexpr int64_t kNtTile = 16;
+constexpr int64_t kNtChunk = 256;
+template <typename T>
+QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                                      const T* B, T beta, T* C) {
+  T acc[kFewRows][kNtTile] = {};
+  T tile[kNtChunk][kNtTile];
+  for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
+    const int64_t kc = std::min(kNtChunk, K - k0);
+    for (int64_t j = 0; j < kNtTile; ++j) {
+      const T* bn = B + (n0 + std::min(j, cols - 1)) * K + k0;  // lanes past cols repeat the last output, unused
+      for (int64_t k = 0; k < kc; ++k) tile[k][j] = bn[k];
+    }
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t m = 0; m < M; ++m) {
+        const T a = A[m * K + k0 + k];
+        for (int64_t j = 0; j < kNtTile; ++j) acc[m][j] += a * tile[k][j];
+      }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < cols; ++j) {
+      T* c = C + m * N + n0 + j;
+      *c = beta == T(0) ? alpha * acc[m][j] : beta * *c + alpha * acc[m][j];
+    }
+}
+
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const float* B, float beta, float* C);
+
+// Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes
+// `packed`, one constant per `blocksize` weights), each weight dequantized and rounded (round_to: 0 fp32, 1 bf16,
+// 2 fp16) as nf4_dequantize does, summed as gemm_nt_few_rows sums: the same bits as dequantize + gemm.
+void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
+                         int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y);
+
+template <typename T>
+void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C) {
+  const int64_t tiles = (N + kNtTile - 1) / kNtTile;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * kNtTile, cols = std::min(kNtTile, N - n0);
+    if constexpr (std::is_same_v<T, float>)
+      gemm_nt_tile_f32(n0, cols, M, N, K, alpha, A, B, beta, C);
+    else
+      gemm_nt_tile<T>(n0, cols, M, N, K, alpha, A, B, beta, C);
+  }
+}
+
 // Rows m0 .. m0 + rows - 1 (rows <= 4) of C = alpha * a b + beta * C, a [M, K] and b [K, N] row-major, 512 columns
 // at a time, each C element summed over k in order (so any vector width gives the same bits).
 constexpr int64_t kGemmRows = 4;
-#if defined(__GNUC__) || defined(__clang__)
-#define QLORA_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define QLORA_ALWAYS_INLINE inline
-#endif
 // Always inlined, so that gemm_row_block_f32's AVX-512 and AVX2 versions compile this loop for their instructions.
 template <typename T>
 QLORA_ALWAYS_INLINE void gemm_row_block(int64_t m0, int64_t rows, int64_t N, int64_t K, T alpha, const T* a, const T* b, T beta, T* C) {

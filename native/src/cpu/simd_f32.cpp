@@ -1,8 +1,10 @@
-// The CPU's hottest fp32 loops (the GEMM's row blocks, attention's backward pass), built for AVX-512, AVX2 and the
+// The CPU's hottest fp32 loops (the GEMM's row blocks, generation's few-row products, attention's backward pass), built for AVX-512, AVX2 and the
 // baseline, the best chosen when the addon loads (GCC/Clang function multi-versioning on x86-64 Linux; one version
 // elsewhere). Contraction stays off (no FMA) and no reduction is reordered, so every version rounds each multiply and
 // add as the baseline does: the results are bit for bit the same on every CPU.
 #include "cpu/kernels.h"
+#include "io/dtype.h"
+#include "quant/nf4_codebook.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define QLORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -23,6 +25,58 @@ void attention_backward_group_f32(const float* dout, const float* q, const float
                                   const float* probs, int64_t b, int64_t kvh, int64_t seq, int64_t heads,
                                   int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv, float* ds) {
   attention_backward_group<float>(dout, q, k, v, probs, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, ds);
+}
+
+QLORA_SIMD_CLONES
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const float* B, float beta, float* C) {
+  gemm_nt_tile<float>(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
+                         int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y) {
+  const auto rounded = [round_to](float v) {
+    return round_to == 0 ? v : round_to == 1 ? round_to_bf16(v) : round_to_f16(v);
+  };
+  float acc[kFewRows][kNtTile] = {};
+  float tile[kNtChunk][kNtTile];
+  for (int64_t k0 = 0; k0 < in; k0 += kNtChunk) {
+    const int64_t kc = std::min(kNtChunk, in - k0);
+    for (int64_t j = 0; j < kNtTile; ++j) {
+      // the weights of output row o, dequantized as nf4_dequantize computes and rounds them, a block's 16 values
+      // built once (a block of `blocksize` consecutive weights may start inside a row and end in the next)
+      const int64_t o = o0 + std::min(j, cols - 1);  // lanes past cols repeat the last output, unused
+      float table[16];
+      int64_t i = o * in + k0, k = 0;
+      const int64_t end = i + kc;
+      while (i < end) {
+        const int64_t block = i / blocksize;
+        const int64_t stop = std::min(end, (block + 1) * blocksize);
+        for (int c = 0; c < 16; ++c) table[c] = rounded(nf4::code_value(c) * absmax[block]);
+        if (i & 1) {  // a segment starting on a byte's second weight
+          tile[k++][j] = table[packed[i >> 1] & 0x0f];
+          ++i;
+        }
+        for (; i + 1 < stop; i += 2, k += 2) {  // two weights a byte, the first in the high nibble
+          const uint8_t byte = packed[i >> 1];
+          tile[k][j] = table[byte >> 4];
+          tile[k + 1][j] = table[byte & 0x0f];
+        }
+        if (i < stop) {
+          tile[k++][j] = table[packed[i >> 1] >> 4];
+          ++i;
+        }
+      }
+    }
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t r = 0; r < rows; ++r) {
+        const float a = x[r * in + k0 + k];
+        for (int64_t j = 0; j < kNtTile; ++j) acc[r][j] += a * tile[k][j];
+      }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) y[r * out + o0 + j] = 1.0f * acc[r][j];
 }
 
 }  // namespace qlora::cpu
