@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import { estimateMemory } from '../../extension/engine/tools';
 import { peakFlops, trainingFlopsPerToken } from '../../extension/trainer/flops';
-import { bench, type BenchResult } from '../../extension/trainer/verbs/bench';
+import { bench, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
 import { cliPath } from '../helpers/paths';
 
 const quick = { shape: 'tiny' as const, batch: 2, seq: 48, steps: 2, warmup: 1, rank: 8 };
@@ -58,4 +58,16 @@ test('model FLOPs per token: frozen base twice, LoRA three times, causal attenti
   assert.equal(peakFlops('NVIDIA H200'), 989.4e12);
   assert.equal(peakFlops('NVIDIA L4'), 121e12);
   assert.equal(peakFlops('Some Future GPU'), null);
+});
+
+test('bench --generate: prefill and decode tokens/s at batch 1 with the adapter applied', () => {
+  const r = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--generate', '--prompt-tokens', '40', '--new-tokens', '6', '--device', 'cpu', '--json'], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  const g = JSON.parse(r.stdout) as GenerateBenchResult;
+  assert.deepEqual([g.shape, g.prompt_tokens, g.new_tokens, g.rank, g.device.kind], ['tiny', 40, 6, 16, 'cpu']);
+  assert.ok(g.prefill_tokens_per_s > 0 && g.decode_tokens_per_s > 0);
+  assert.ok(Math.abs(g.decode_ms_per_token - 1000 / g.decode_tokens_per_s) < 1e-6 * g.decode_ms_per_token);
+  assert.ok(g.peak_bytes > 0);
+  const text = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--generate', '--prompt-tokens', '8', '--new-tokens', '2', '--device', 'cpu'], { encoding: 'utf8' });
+  assert.match(text.stdout, /^bench tiny generation on CPU .*: batch 1, NF4 base, LoRA r 16 applied\n  prefill +[\d.]+ tokens\/s \(8-token prompt\)\n  decode +[\d.]+ tokens\/s/);
 });

@@ -2,7 +2,8 @@
 // Llama-3-70B (random NF4 weights made by the engine, no files), as ../shared/bench/hf_reference.py measures
 // transformers + PEFT + bitsandbytes: LoRA r 16, alpha 32, dropout 0 on all seven linear layers, gradient
 // checkpointing, AdamW, random tokens, warm-up steps then the mean of timed steps. Prints tokens/s, step time, peak
-// memory by category, page traffic and model FLOP utilization.
+// memory by category, page traffic and model FLOP utilization. With --generate: prefill and decode tokens/s of
+// generation at batch 1 with the adapter applied (the chat panel's path), on the same shapes.
 import { EngineModel, type MemoryCategory } from '../../engine';
 import { estimateMemory } from '../../engine/tools';
 import { MEMORY_CATEGORIES } from '../../protocol/events';
@@ -123,6 +124,81 @@ export function bench(o: BenchOptions): BenchResult {
   }
 }
 
+export interface GenerateBenchOptions {
+  shape: BenchShape;
+  promptTokens: number;
+  newTokens: number;
+  rank: number;
+  placement: PlacementOptions;
+}
+
+export interface GenerateBenchResult {
+  shape: BenchShape;
+  device: { kind: 'cpu' | 'cuda'; name: string; computeDtype: string };
+  rank: number;
+  prompt_tokens: number;
+  new_tokens: number;
+  prefill_tokens_per_s: number;
+  decode_tokens_per_s: number;
+  decode_ms_per_token: number;
+  peak_bytes: number;
+  warnings: string[];
+}
+
+/** Prefill of a random prompt, then greedy decode token by token, after one untimed warm-up of the same. */
+export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
+  for (const [name, value] of [['prompt-tokens', o.promptTokens], ['new-tokens', o.newTokens], ['rank', o.rank]] as const)
+    if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
+  const placement = placeRun(o.placement);
+  const model = EngineModel.load({ shape: o.shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
+  try {
+    const config = model.config();
+    model.createLora({ rank: o.rank, alpha: 2 * o.rank, dropout: 0, seed: 1 });
+    const prompt = randomIds(o.promptTokens, config.vocabSize, 0);
+    const argmax = (x: Float32Array) => {
+      let best = 0;
+      for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
+      return best;
+    };
+    const once = () => {
+      const session = model.startGeneration();
+      try {
+        const t0 = process.hrtime.bigint();
+        let logits = session.append(prompt);
+        const t1 = process.hrtime.bigint();
+        for (let i = 0; i < o.newTokens; i++) logits = session.append([argmax(logits)]);
+        const t2 = process.hrtime.bigint();
+        return { prefillMs: Number(t1 - t0) / 1e6, decodeMs: Number(t2 - t1) / 1e6 };
+      } finally {
+        session.end();
+      }
+    };
+    once();
+    const t = once();
+    return {
+      shape: o.shape,
+      device: { kind: placement.device.kind, name: placement.device.name, computeDtype: placement.device.computeDtype },
+      rank: o.rank, prompt_tokens: o.promptTokens, new_tokens: o.newTokens,
+      prefill_tokens_per_s: o.promptTokens / (t.prefillMs / 1000),
+      decode_tokens_per_s: o.newTokens / (t.decodeMs / 1000),
+      decode_ms_per_token: t.decodeMs / o.newTokens,
+      peak_bytes: model.memory().totalPeak,
+      warnings: placement.warnings,
+    };
+  } finally {
+    model.dispose();
+  }
+}
+
+export function formatGenerateBench(r: GenerateBenchResult): string {
+  return [
+    `bench ${r.shape} generation on ${r.device.kind === 'cuda' ? 'GPU' : 'CPU'} ${r.device.name} (${r.device.computeDtype}): batch 1, NF4 base, LoRA r ${r.rank} applied`,
+    `  prefill       ${r.prefill_tokens_per_s.toFixed(r.prefill_tokens_per_s < 100 ? 1 : 0)} tokens/s (${r.prompt_tokens}-token prompt)`,
+    `  decode        ${r.decode_tokens_per_s.toFixed(r.decode_tokens_per_s < 100 ? 2 : 0)} tokens/s (${r.decode_ms_per_token.toFixed(1)} ms a token, ${r.new_tokens} tokens)`,
+    `  peak memory   ${formatBinaryBytes(r.peak_bytes)}`,
+  ].join('\n');
+}
+
 export function formatBench(r: BenchResult): string {
   const lines = [
     `bench ${r.shape} on ${r.device.kind === 'cuda' ? 'GPU' : 'CPU'} ${r.device.name} (${r.device.computeDtype}): batch ${r.batch} x ${r.seq} tokens, ` +
@@ -145,6 +221,9 @@ export const benchOptions: Record<string, OptionSpec> = {
   steps: { type: 'string', description: 'timed steps (default 10)' },
   warmup: { type: 'string', description: 'untimed steps first (default 3)' },
   rank: { type: 'string', description: 'LoRA rank (default 16; alpha is twice the rank)' },
+  generate: { type: 'boolean', description: 'measure generation instead: prefill and decode tokens/s at batch 1 with the adapter applied' },
+  'prompt-tokens': { type: 'string', description: 'with --generate: prompt length (default 512)' },
+  'new-tokens': { type: 'string', description: 'with --generate: tokens decoded one by one (default 128)' },
   ...placementOptions,
   json: { type: 'boolean', description: 'print the result as JSON' },
 };
@@ -153,6 +232,18 @@ export function benchVerb(o: ParsedOptions): void {
   const shape = stringOption(o, 'shape');
   if (!shape || !(BENCH_SHAPES as readonly string[]).includes(shape)) throw new UsageError(`--shape must be one of ${BENCH_SHAPES.join(', ')}, got '${shape ?? ''}'`);
   const json = Boolean(o.json);
+  if (o.generate) {
+    const g = benchGenerate({
+      shape: shape as BenchShape,
+      promptTokens: integerOption(o, 'prompt-tokens', 512),
+      newTokens: integerOption(o, 'new-tokens', 128),
+      rank: integerOption(o, 'rank', 16),
+      placement: placementFromFlags(o),
+    });
+    for (const w of g.warnings) process.stderr.write(`warning: ${w}\n`);
+    process.stdout.write((json ? JSON.stringify(g) : formatGenerateBench(g)) + '\n');
+    return;
+  }
   const result = bench({
     shape: shape as BenchShape,
     batch: integerOption(o, 'batch', 1),
