@@ -40,9 +40,10 @@ for ws in ws ws-ui; do
 done
 node "$ROOT/dist/cli.js" make-tiny-model --out "$RUN/ws/models/tiny" >/dev/null
 cp -r "$RUN/ws/models/tiny" "$RUN/ws-ui/models/tiny"
-# the UI run must last long enough to press Stop (it is pressed a few steps in): the sample 4 times over (171 steps
-# of the quick preset, ~20 s on 2 busy cores; the whole run is then resumed to its end)
-for i in $(seq 4); do cat "$ROOT/examples/chat-sample.jsonl"; done >"$RUN/ws-ui/data/chat-long.jsonl"
+# the UI run must last long enough to press Stop, about 25 s after it starts (after the New Finetune flow, the dataset
+# preview and the training view's checks): the sample 10 times over (3 epochs of the quick preset: 450 steps, ~60 s on
+# 2 busy cores; the whole run is then resumed to its end)
+for i in $(seq 10); do cat "$ROOT/examples/chat-sample.jsonl"; done >"$RUN/ws-ui/data/chat-long.jsonl"
 for ud in ud-host ud-ui; do
   mkdir -p "$RUN/$ud/User"
   cat >"$RUN/$ud/User/settings.json" <<JSON
