@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -87,54 +88,77 @@ void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, cons
   }
 }
 
-// Rows m0 .. m0 + rows - 1 (rows <= 4) of C = alpha * a b + beta * C, a [M, K] and b [K, N] row-major, 512 columns
-// at a time, each C element summed over k in order (so any vector width gives the same bits).
-constexpr int64_t kGemmRows = 4;
-// Always inlined, so that gemm_row_block_f32's AVX-512 and AVX2 versions compile this loop for their instructions.
+// One panel of C = alpha * a b + beta * C (a [M, K] and b [K, N] row-major): rows m0 .. m0 + rows - 1 (rows <= 64)
+// and columns n0 .. n0 + cols - 1 (cols <= 512). The sums are kept in `acc` across chunks of 128 k, so that a chunk
+// of b (128 x 512, in L2) serves all the panel's rows, four at a time, before the next is read: b is read once per
+// 64 rows of C, not once per 4. Each sum still runs over k in order in T, so any vector width and any panel size
+// give the same bits. Always inlined, so that gemm_panel_f32's AVX-512 and AVX2 versions compile this loop.
+constexpr int64_t kGemmPanelRows = 64, kGemmColTile = 512, kGemmKChunk = 128;
+// With trans_b, b is stored [N, K] (x · W^T): each chunk is first copied transposed into `pack`, so W is never
+// transposed whole (a 128256 x 4096 LM head would be 2 GB).
 template <typename T>
-QLORA_ALWAYS_INLINE void gemm_row_block(int64_t m0, int64_t rows, int64_t N, int64_t K, T alpha, const T* a, const T* b, T beta, T* C) {
-  constexpr int64_t kColTile = 512;
-  T acc[kGemmRows][kColTile];
-  for (int64_t n0 = 0; n0 < N; n0 += kColTile) {
-    const int64_t cols = std::min(kColTile, N - n0);
-    for (int64_t r = 0; r < kGemmRows; ++r)
-      for (int64_t j = 0; j < cols; ++j) acc[r][j] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const T* brow = b + k * N + n0;
-      for (int64_t r = 0; r < rows; ++r) {
-        const T av = a[(m0 + r) * K + k];
-        T* accr = acc[r];
-        for (int64_t j = 0; j < cols; ++j) accr[j] += av * brow[j];
+QLORA_ALWAYS_INLINE void gemm_panel(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, T alpha,
+                                    const T* a, const T* b, bool trans_b, T beta, T* C,
+                                    T* acc /* [kGemmPanelRows][kGemmColTile] */,
+                                    T* pack /* [kGemmKChunk][kGemmColTile], with trans_b */) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j) acc[r * kGemmColTile + j] = T(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kGemmKChunk) {
+    const int64_t k1 = std::min(K, k0 + kGemmKChunk);
+    if (trans_b)  // 16 rows of b at a time: 16 sequential reads, 64-byte writes
+      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
+        const int64_t j1 = std::min(cols, j0 + 16);
+        for (int64_t k = k0; k < k1; ++k)
+          for (int64_t j = j0; j < j1; ++j) pack[(k - k0) * kGemmColTile + j] = b[(n0 + j) * K + k];
+      }
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const int64_t rr = std::min<int64_t>(4, rows - r0);
+      for (int64_t k = k0; k < k1; ++k) {
+        const T* brow = trans_b ? pack + (k - k0) * kGemmColTile : b + k * N + n0;
+        for (int64_t r = 0; r < rr; ++r) {
+          const T av = a[(m0 + r0 + r) * K + k];
+          T* accr = acc + (r0 + r) * kGemmColTile;
+          for (int64_t j = 0; j < cols; ++j) accr[j] += av * brow[j];
+        }
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      T* crow = C + (m0 + r) * N + n0;
-      if (beta == T(0)) {
-        for (int64_t j = 0; j < cols; ++j) crow[j] = alpha * acc[r][j];
-      } else {
-        for (int64_t j = 0; j < cols; ++j) crow[j] = beta * crow[j] + alpha * acc[r][j];
-      }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    T* crow = C + (m0 + r) * N + n0;
+    const T* accr = acc + r * kGemmColTile;
+    if (beta == T(0)) {
+      for (int64_t j = 0; j < cols; ++j) crow[j] = alpha * accr[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) crow[j] = beta * crow[j] + alpha * accr[j];
     }
   }
 }
 
-// The fp32 instance of gemm_row_block, compiled for AVX-512 and AVX2 too and chosen at load time by what the CPU
-// has (cpu/simd_f32.cpp): the same operations in the same order, so the same bits on every CPU.
-void gemm_row_block_f32(int64_t m0, int64_t rows, int64_t N, int64_t K, float alpha, const float* a, const float* b,
-                        float beta, float* C);
+// The fp32 instance of gemm_panel, compiled for AVX-512 and AVX2 too and chosen at load time by what the CPU has
+// (cpu/simd_f32.cpp): the same operations in the same order, so the same bits on every CPU.
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const float* b, bool trans_b, float beta, float* C, float* acc, float* pack);
 
-// C = alpha * a b + beta * C, row-major, threaded over blocks of four rows.
+// C = alpha * a op(b) + beta * C, a [M, K] row-major, b [K, N] or with trans_b [N, K]; threaded over panels of 64
+// rows by 512 columns.
 template <typename T>
-void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const T* b, T beta, T* C) {
-  const int64_t row_blocks = (M + kGemmRows - 1) / kGemmRows;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t rb = 0; rb < row_blocks; ++rb) {
-    const int64_t m0 = rb * kGemmRows;
-    const int64_t rows = std::min(kGemmRows, M - m0);
-    if constexpr (std::is_same_v<T, float>)
-      gemm_row_block_f32(m0, rows, N, K, alpha, a, b, beta, C);
-    else
-      gemm_row_block<T>(m0, rows, N, K, alpha, a, b, beta, C);
+void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const T* b, bool trans_b, T beta, T* C) {
+  const int64_t panels = (M + kGemmPanelRows - 1) / kGemmPanelRows;
+  const int64_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
+#pragma omp parallel
+  {
+    std::vector<T> acc(static_cast<size_t>(kGemmPanelRows * kGemmColTile));
+    std::vector<T> pack(trans_b ? static_cast<size_t>(kGemmKChunk * kGemmColTile) : 0);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t p = 0; p < panels; ++p)
+      for (int64_t t = 0; t < col_tiles; ++t) {
+        const int64_t m0 = p * kGemmPanelRows, n0 = t * kGemmColTile;
+        const int64_t rows = std::min(kGemmPanelRows, M - m0), cols = std::min(kGemmColTile, N - n0);
+        if constexpr (std::is_same_v<T, float>)
+          gemm_panel_f32(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc.data(), pack.data());
+        else
+          gemm_panel<T>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc.data(), pack.data());
+      }
   }
 }
 
@@ -143,7 +167,8 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
           T* C) {
   if (M == 0 || N == 0) return;
   if (!trans_a && trans_b && M <= kFewRows) return gemm_nt_few_rows(M, N, K, alpha, A, B, beta, C);
-  std::vector<T> a_packed, b_packed;
+  // op(A) = A^T is packed row-major (only LoRA's weight gradients ask for it: a handful of rows).
+  std::vector<T> a_packed;
   const T* a = A;
   if (trans_a) {
     a_packed.resize(static_cast<size_t>(M * K));
@@ -152,15 +177,21 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
       for (int64_t k = 0; k < K; ++k) a_packed[m * K + k] = A[k * M + m];
     a = a_packed.data();
   }
-  const T* b = B;
-  if (trans_b) {
-    b_packed.resize(static_cast<size_t>(K * N));
-#pragma omp parallel for schedule(static)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) b_packed[k * N + n] = B[n * K + k];
-    b = b_packed.data();
+  // B^T is transposed a chunk at a time inside the panels, each panel of 64 rows packing what it reads: with few
+  // rows (up to 4 panels) that costs less than transposing B whole, and an LM head is never transposed whole. Many
+  // rows with a B of up to 64 MiB: B is transposed once, whole, in 32 x 32 tiles.
+  constexpr int64_t kWholeTransposeBytes = int64_t{64} << 20;
+  if (trans_b && M > 4 * kGemmPanelRows && K * N * static_cast<int64_t>(sizeof(T)) <= kWholeTransposeBytes) {
+    std::unique_ptr<T[]> b_packed(new T[static_cast<size_t>(K * N)]);  // every element is written below
+    constexpr int64_t kTile = 32;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += kTile)
+      for (int64_t k0 = 0; k0 < K; k0 += kTile)
+        for (int64_t n = n0; n < std::min(N, n0 + kTile); ++n)
+          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) b_packed[k * N + n] = B[n * K + k];
+    return gemm_row_major(M, N, K, alpha, a, b_packed.get(), false, beta, C);
   }
-  gemm_row_major(M, N, K, alpha, a, b, beta, C);
+  gemm_row_major(M, N, K, alpha, a, B, trans_b, beta, C);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// The CPU's hottest fp32 loops (the GEMM's row blocks, generation's few-row products, attention's backward pass), built for AVX-512, AVX2 and the
+// The CPU's hottest fp32 loops (the GEMM's panels, generation's few-row products, attention's backward pass), built for AVX-512, AVX2 and the
 // baseline, the best chosen when the addon loads (GCC/Clang function multi-versioning on x86-64 Linux; one version
 // elsewhere). Contraction stays off (no FMA) and no reduction is reordered, so every version rounds each multiply and
 // add as the baseline does: the results are bit for bit the same on every CPU.
@@ -15,9 +15,9 @@
 namespace qlora::cpu {
 
 QLORA_SIMD_CLONES
-void gemm_row_block_f32(int64_t m0, int64_t rows, int64_t N, int64_t K, float alpha, const float* a, const float* b,
-                        float beta, float* C) {
-  gemm_row_block<float>(m0, rows, N, K, alpha, a, b, beta, C);
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const float* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
+  gemm_panel<float>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
 }
 
 QLORA_SIMD_CLONES
