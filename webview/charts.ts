@@ -72,6 +72,8 @@ export const CHART_SPECS: readonly ChartSpec[] = [
         line(c, v.series.memory[c], colors[c], { stack: 'categories', fill: 'stack', backgroundColor: withAlpha(colors[c], 0.45, p.kind), borderWidth: 1 }),
       );
       const totals = [line('peak', v.series.memoryPeak, p.red, { stack: 'peak', borderDash: [6, 3] })];
+      // under a budget, where the paged optimizer starts moving pages to host memory
+      if (v.series.memoryBudget.length > 0) totals.push(line('budget', v.series.memoryBudget, p.orange, { stack: 'budget', borderDash: [10, 4] }));
       if (v.series.deviceTotal.length > 0) {
         totals.push(
           line('device total', v.series.deviceTotal, p.foreground, { stack: 'device-total', borderDash: [2, 2] }),

@@ -44,6 +44,8 @@ export interface RunSeries {
   memory: Record<MemoryCategory, Point[]>;
   /** The engine's peak total so far, per memory event. */
   memoryPeak: Point[];
+  /** The run's memory budget at each memory event; empty without a budget. */
+  memoryBudget: Point[];
   /** The device as its driver sees it; empty when the engine runs on the CPU. */
   deviceTotal: Point[];
   deviceUsed: Point[];
@@ -111,7 +113,7 @@ export function emptyView(): RunView {
     },
     series: {
       loss: [], evalLoss: [], lr: [], gradNorm: [], tokensPerSecond: [], memory, memoryPeak: [],
-      deviceTotal: [], deviceUsed: [], pagesOut: [], pagesIn: [],
+      memoryBudget: [], deviceTotal: [], deviceUsed: [], pagesOut: [], pagesIn: [],
     },
     pages: { moves: 0, movesOut: 0, movesIn: 0, bytesOut: 0, bytesIn: 0, totalMs: 0 },
     start: null,
@@ -136,7 +138,7 @@ function cutAfter(points: Point[], step: number): Point[] {
 
 function resumeFrom(view: RunView, step: number): void {
   const s = view.series;
-  for (const key of ['loss', 'evalLoss', 'lr', 'gradNorm', 'tokensPerSecond', 'memoryPeak', 'deviceTotal', 'deviceUsed'] as const) s[key] = cutAfter(s[key], step);
+  for (const key of ['loss', 'evalLoss', 'lr', 'gradNorm', 'tokensPerSecond', 'memoryPeak', 'memoryBudget', 'deviceTotal', 'deviceUsed'] as const) s[key] = cutAfter(s[key], step);
   for (const c of MEMORY_CATEGORIES) s.memory[c] = cutAfter(s.memory[c], step);
   view.checkpoints = view.checkpoints.filter((c) => c.step <= step);
   for (const thread of view.samples) thread.answers = thread.answers.filter((a) => a.step <= step);
@@ -202,6 +204,7 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
       for (const c of MEMORY_CATEGORIES) series.memory[c].push({ x: event.step, y: event.highWater[c] });
       // totalPeak is the engine's own lifetime high-water mark, never below an interval's.
       series.memoryPeak.push({ x: event.step, y: Math.max(event.totalPeak, event.highWaterTotal) });
+      if (view.start?.device?.memoryBudget != null) series.memoryBudget.push({ x: event.step, y: view.start.device.memoryBudget });
       if (event.device) {
         series.deviceTotal.push({ x: event.step, y: event.device.total });
         series.deviceUsed.push({ x: event.step, y: event.device.used });

@@ -113,7 +113,9 @@ test('the device a run trains on and the latest GPU sample; older runs without a
   const gpu = (t: number, utilization: number): TrainerEvent => ({
     kind: 'gpu', time: at(t), index: 0, name: device.name, memoryTotal: 80 * GiB, memoryUsed: 61 * GiB, memoryFree: 19 * GiB, utilization, temperature: 55, powerW: 402.5,
   });
-  const v = reduceRun([{ ...started(), device } as TrainerEvent, gpu(0.5, 40), step(1, 2.8), gpu(1.5, 97)]);
+  const v = reduceRun([{ ...started(), device } as TrainerEvent, gpu(0.5, 40), step(1, 2.8), gpu(1.5, 97), memory(1, 100e6), memory(2, 90e6)]);
+  assert.deepEqual(v.series.memoryBudget, [{ x: 1, y: 70 * GiB }, { x: 2, y: 70 * GiB }], 'the budget line beside the memory');
+  assert.deepEqual(reduceRun([started(), memory(1, 100e6)]).series.memoryBudget, [], 'no budget, no line');
   assert.deepEqual(v.start?.device, device);
   assert.deepEqual(v.gpu, { time: at(1.5), index: 0, name: device.name, memoryTotal: 80 * GiB, memoryUsed: 61 * GiB, memoryFree: 19 * GiB, utilization: 97, temperature: 55, powerW: 402.5 });
   // a resumed run repeats its start's warnings; the panel shows each once
