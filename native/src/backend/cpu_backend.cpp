@@ -188,6 +188,7 @@ class CpuBackend final : public Backend {
   }
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                      int64_t in, int blocksize, RoundTo round_to, float* y) override {
+    static_assert(kNf4MatmulMaxRows <= cpu::kFewRows, "nf4_matmul_tile_f32 sums at most kFewRows rows");
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
     const int round = round_to == RoundTo::F32 ? 0 : round_to == RoundTo::BF16 ? 1 : 2;
     const int64_t tiles = (out + cpu::kNtTile - 1) / cpu::kNtTile;

@@ -12,6 +12,10 @@
 
 #include "util/error.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 // The hottest loops are always inlined into the fp32 functions of cpu/simd_f32.cpp, which are compiled for several
 // instruction sets: a loop in a separate function would be compiled for the baseline only.
 #if defined(__GNUC__) || defined(__clang__)
@@ -21,6 +25,21 @@
 #endif
 
 namespace qlora::cpu {
+
+inline int64_t max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+inline int64_t thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // GEMM: C[M,N] = alpha * op(A)[M,K] · op(B)[K,N] + beta * C. op(A) = A ([M,K]) or A^T (A stored [K,M]);
@@ -42,11 +61,25 @@ constexpr int64_t kFewRows = 4;
 // each k adds one contiguous vector per row of A. Always inlined, for gemm_nt_tile_f32's instruction sets.
 constexpr int64_t kNtTile = 16;
 constexpr int64_t kNtChunk = 256;
+// acc[m][0..15] += a * tile[k][0..15], one vector of 16 lanes (GCC/Clang vector extension: element by element, so
+// the same bits as the scalar loop; left to itself the compiler vectorizes across m instead).
+template <typename T>
+QLORA_ALWAYS_INLINE void axpy16(T* acc, T a, const T* x) {
+#if defined(__GNUC__) || defined(__clang__)
+  if constexpr (std::is_same_v<T, float>) {
+    typedef float v16 __attribute__((vector_size(64), aligned(4)));
+    *reinterpret_cast<v16*>(acc) += a * *reinterpret_cast<const v16*>(x);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < 16; ++j) acc[j] += a * x[j];
+}
+
 template <typename T>
 QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
                                       const T* B, T beta, T* C) {
-  T acc[kFewRows][kNtTile] = {};
-  T tile[kNtChunk][kNtTile];
+  alignas(64) T acc[kFewRows][kNtTile] = {};
+  alignas(64) T tile[kNtChunk][kNtTile];
   for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
     const int64_t kc = std::min(kNtChunk, K - k0);
     for (int64_t j = 0; j < kNtTile; ++j) {
@@ -54,10 +87,7 @@ QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64
       for (int64_t k = 0; k < kc; ++k) tile[k][j] = bn[k];
     }
     for (int64_t k = 0; k < kc; ++k)
-      for (int64_t m = 0; m < M; ++m) {
-        const T a = A[m * K + k0 + k];
-        for (int64_t j = 0; j < kNtTile; ++j) acc[m][j] += a * tile[k][j];
-      }
+      for (int64_t m = 0; m < M; ++m) axpy16(acc[m], A[m * K + k0 + k], tile[k]);
   }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < cols; ++j) {
@@ -145,19 +175,24 @@ template <typename T>
 void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const T* b, bool trans_b, T beta, T* C) {
   const int64_t panels = (M + kGemmPanelRows - 1) / kGemmPanelRows;
   const int64_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
-#pragma omp parallel
+  // Each thread's sums and packed chunk, allocated here (an allocation failure inside the parallel region would end
+  // the process instead of reaching the caller) and not zero-filled (gemm_panel writes what it reads).
+  const int64_t per_thread = kGemmPanelRows * kGemmColTile + (trans_b ? kGemmKChunk * kGemmColTile : 0);
+  const int64_t threads = std::min<int64_t>(max_threads(), panels * col_tiles);
+  std::unique_ptr<T[]> scratch(new T[static_cast<size_t>(threads * per_thread)]);
+#pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    std::vector<T> acc(static_cast<size_t>(kGemmPanelRows * kGemmColTile));
-    std::vector<T> pack(trans_b ? static_cast<size_t>(kGemmKChunk * kGemmColTile) : 0);
+    T* acc = scratch.get() + thread_index() * per_thread;
+    T* pack = acc + kGemmPanelRows * kGemmColTile;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t p = 0; p < panels; ++p)
       for (int64_t t = 0; t < col_tiles; ++t) {
         const int64_t m0 = p * kGemmPanelRows, n0 = t * kGemmColTile;
         const int64_t rows = std::min(kGemmPanelRows, M - m0), cols = std::min(kGemmColTile, N - n0);
         if constexpr (std::is_same_v<T, float>)
-          gemm_panel_f32(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc.data(), pack.data());
+          gemm_panel_f32(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
         else
-          gemm_panel<T>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc.data(), pack.data());
+          gemm_panel<T>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
       }
   }
 }
@@ -362,11 +397,10 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
         T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
         T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
         const T pj = p[j];
-        for (int64_t d = 0; d < head_dim; ++d) {
-          dqi[d] += dsj * kj[d];
-          dkj[d] += dsj * qi[d];
-          dvj[d] += pj * doi[d];
-        }
+        // three separate loops (three different arrays): each vectorizes, where one combined loop does not
+        for (int64_t d = 0; d < head_dim; ++d) dqi[d] += dsj * kj[d];
+        for (int64_t d = 0; d < head_dim; ++d) dkj[d] += dsj * qi[d];
+        for (int64_t d = 0; d < head_dim; ++d) dvj[d] += pj * doi[d];
       }
     }
 }

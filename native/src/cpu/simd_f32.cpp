@@ -1,12 +1,13 @@
 // The CPU's hottest fp32 loops (the GEMM's panels, generation's few-row products, attention's backward pass), built for AVX-512, AVX2 and the
-// baseline, the best chosen when the addon loads (GCC/Clang function multi-versioning on x86-64 Linux; one version
-// elsewhere). Contraction stays off (no FMA) and no reduction is reordered, so every version rounds each multiply and
+// baseline, the best chosen when the addon loads (GCC/Clang function multi-versioning on x86-64 Linux with glibc,
+// whose ifunc chooses; one version elsewhere). Contraction stays off (no FMA) and no reduction is reordered, so every version rounds each multiply and
 // add as the baseline does: the results are bit for bit the same on every CPU.
 #include "cpu/kernels.h"
 #include "io/dtype.h"
 #include "quant/nf4_codebook.h"
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#include <cstdlib>  // through glibc's features.h: __GLIBC__, which target_clones (ifunc) needs
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
 #define QLORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define QLORA_SIMD_CLONES
@@ -39,8 +40,8 @@ void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, co
   const auto rounded = [round_to](float v) {
     return round_to == 0 ? v : round_to == 1 ? round_to_bf16(v) : round_to_f16(v);
   };
-  float acc[kFewRows][kNtTile] = {};
-  float tile[kNtChunk][kNtTile];
+  alignas(64) float acc[kFewRows][kNtTile] = {};
+  alignas(64) float tile[kNtChunk][kNtTile];
   for (int64_t k0 = 0; k0 < in; k0 += kNtChunk) {
     const int64_t kc = std::min(kNtChunk, in - k0);
     for (int64_t j = 0; j < kNtTile; ++j) {
@@ -70,10 +71,7 @@ void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, co
       }
     }
     for (int64_t k = 0; k < kc; ++k)
-      for (int64_t r = 0; r < rows; ++r) {
-        const float a = x[r * in + k0 + k];
-        for (int64_t j = 0; j < kNtTile; ++j) acc[r][j] += a * tile[k][j];
-      }
+      for (int64_t r = 0; r < rows; ++r) axpy16(acc[r], x[r * in + k0 + k], tile[k]);
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j) y[r * out + o0 + j] = 1.0f * acc[r][j];
