@@ -22,12 +22,12 @@ export class DeviceError extends Error {
   override readonly name = 'DeviceError';
 }
 
-/** What stands between this machine and training on its GPU, as sentences; empty when nothing does. */
 /** The GPU the engine trains on: CUDA device 0 (CUDA_VISIBLE_DEVICES and CUDA_DEVICE_ORDER apply). */
 export function trainingGpu(report: NativeGpuReport): NativeGpuInfo | null {
   return report.gpus.find((g) => g.cudaIndex === 0) ?? null;
 }
 
+/** What stands between this machine and training on its GPU, as sentences; empty when nothing does. */
 export function cudaBlockers(report: NativeGpuReport, backends: readonly string[]): string[] {
   if (report.problems.length > 0) return report.problems;
   if (report.runtimeDevices === 0) return ['No NVIDIA GPU was found (the CUDA runtime sees none; is CUDA_VISIBLE_DEVICES empty?).'];

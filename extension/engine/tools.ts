@@ -125,8 +125,7 @@ export function mergeWeights(modelDir: string, adapterDir: string, folder: strin
   return call(() => tools().mergeWeights(modelDir, adapterDir, folder, dtype, maxShardBytes));
 }
 
-/** Memory of one training step by category, from the model's config.json alone. */
-/** From a model folder's config.json, or of a benchmark shape ({shape: '8b'}). */
+/** Memory of one training step by category, from a model folder's config.json alone, or of a benchmark shape ({shape: '8b'}). */
 export function estimateMemory(model: string | { shape: string }, options: EstimateOptions = {}): MemoryEstimate {
   return call(() => tools().estimateMemory(model, options));
 }

@@ -1,7 +1,7 @@
 // bench: QLoRA training speed and memory on a synthetic model with the exact shapes of Llama-3.2-1B, Llama-3.1-8B or
-// Llama-3-70B (random NF4 weights made by the engine, no files), as ../shared/bench/hf_reference.py measures
-// transformers + PEFT + bitsandbytes: LoRA r 16, alpha 32, dropout 0 on all seven linear layers, gradient
-// checkpointing, AdamW, random tokens, warm-up steps then the mean of timed steps. Prints tokens/s, step time, peak
+// Llama-3-70B (random NF4 weights made by the engine, no files), with the settings of the transformers + PEFT +
+// bitsandbytes reference benchmark it is compared with: LoRA r 16, alpha 32, dropout 0 on all seven linear layers,
+// gradient checkpointing, AdamW, random tokens, warm-up steps then the mean of timed steps. Prints tokens/s, step time, peak
 // memory by category, page traffic and model FLOP utilization. With --generate: prefill and decode tokens/s of
 // generation at batch 1 with the adapter applied (the chat panel's path), on the same shapes.
 import { EngineModel, type MemoryCategory } from '../../engine';
