@@ -58,8 +58,13 @@ export function cpuName(threads: number): string {
   return `${model || `${os.arch()} CPU`} (${threads} threads)`;
 }
 
+/** The CPU as a device; `fallback` says why `auto` chose it. */
+export function cpuDevice(threads: number, fallback: string | null = null): DeviceChoice {
+  return { kind: 'cpu', name: cpuName(threads), computeDtype: 'f32', gpu: null, fallback };
+}
+
 export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, engine: { backends: readonly string[]; threads: number }): DeviceChoice {
-  const cpu = (fallback: string | null): DeviceChoice => ({ kind: 'cpu', name: cpuName(engine.threads), computeDtype: 'f32', gpu: null, fallback });
+  const cpu = (fallback: string | null) => cpuDevice(engine.threads, fallback);
   if (request === 'cpu') return cpu(null);
   const blockers = cudaBlockers(report, engine.backends);
   if (blockers.length > 0) {

@@ -23,12 +23,13 @@ export interface Settings {
 export function readSettings(): Settings {
   const c = vscode.workspace.getConfiguration('qlora');
   const preset = c.get<string>('defaultPreset', 'qlora');
+  const device = c.get<string>('device', 'auto');
   return {
     defaultPreset: preset === 'quick' ? 'quick' : 'qlora',
     maxSequenceLength: c.get<number>('maxSequenceLength', 1024),
     checkpointEvery: c.get<number>('checkpointEvery', 100),
     evalEvery: c.get<number>('evalEvery', 100),
-    device: (DEVICE_REQUESTS as readonly string[]).includes(c.get<string>('device', 'auto')) ? (c.get<string>('device', 'auto') as DeviceRequest) : 'auto',
+    device: (DEVICE_REQUESTS as readonly string[]).includes(device) ? (device as DeviceRequest) : 'auto',
     gpuMemoryBudget: Math.max(0, c.get<number>('gpuMemoryBudget', 0)),
     huggingFaceCache: c.get<string>('huggingFaceCache', ''),
     samplePrompts: c.get<unknown[]>('samplePrompts', []).filter((p): p is string => typeof p === 'string' && p.trim() !== '').slice(0, 16),

@@ -3,7 +3,7 @@
 // train, resume, score and bench so that each says the same thing about the same machine.
 import * as os from 'node:os';
 import { engineInfo, gpuReport } from '../engine';
-import { chooseDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest } from '../engine/device';
+import { chooseDevice, cpuDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest } from '../engine/device';
 import type { NativeGpuReport } from '../engine/native';
 import type { RunDevice } from '../protocol/events';
 import { numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from './cliArgs';
@@ -31,13 +31,6 @@ export interface Placement {
   warnings: string[];
 }
 
-const missing = { found: false, path: null, tried: [], error: null };
-// What --device cpu decides by: nothing of the GPU is looked at.
-const NO_GPU_REPORT: NativeGpuReport = {
-  cudaCompiled: false, cudaRuntimeVersion: null, driver: missing, driverVersion: null, driverCudaVersion: null, nvml: missing,
-  cublasLt: missing, gpus: [], runtimeDevices: -1, runtimeError: null, computeDtype: null, problems: [], notes: [],
-};
-
 export type MachineProbe = () => { report: NativeGpuReport; engine: { backends: string[]; threads: number } };
 
 const probeThisMachine =
@@ -46,10 +39,13 @@ const probeThisMachine =
 
 export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMachine(o.cudaLibraryDir)): Placement {
   // --device cpu needs no look at the GPU (loading the driver and NVML takes a moment)
-  const device = o.device === 'cpu' ? chooseDevice('cpu', NO_GPU_REPORT, { backends: ['cpu'], threads: engineInfo().threads }) : (() => {
+  let device: DeviceChoice;
+  if (o.device === 'cpu') {
+    device = cpuDevice(engineInfo().threads);
+  } else {
     const { report, engine } = probe();
-    return chooseDevice(o.device ?? 'auto', report, engine);
-  })();
+    device = chooseDevice(o.device ?? 'auto', report, engine);
+  }
   const warnings = device.fallback ? [device.fallback] : [];
   let memoryBudget: number | null = null;
   if (o.memoryBudgetBytes !== undefined) {
