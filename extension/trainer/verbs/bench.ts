@@ -10,7 +10,8 @@ import { MEMORY_CATEGORIES } from '../../protocol/events';
 import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
-import { checkMemory, placeRun, placementFromFlags, placementOptions, type PlacementOptions } from '../placement';
+import { argmax } from '../../generate/sampling';
+import { checkMemory, placeRun, placementFromFlags, placementOptions, type Placement, type PlacementOptions } from '../placement';
 
 export const BENCH_SHAPES = ['tiny', '1b', '8b', '70b'] as const;
 export type BenchShape = (typeof BENCH_SHAPES)[number];
@@ -72,6 +73,26 @@ function randomIds(count: number, vocab: number, step: number): Int32Array {
   return ids;
 }
 
+type BenchDevice = BenchResult['device'];
+
+function benchDevice(p: Placement): BenchDevice {
+  return { kind: p.device.kind, name: p.device.name, computeDtype: p.device.computeDtype };
+}
+
+/** The synthetic model of `shape` with a fresh adapter of `rank` (alpha twice the rank, no dropout), under the run's budget. */
+function benchModel(shape: BenchShape, rank: number, placement: Placement): EngineModel {
+  const model = EngineModel.load({ shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
+  try {
+    model.createLora({ rank, alpha: 2 * rank, dropout: 0, seed: 1 });
+  } catch (err) {
+    model.dispose();
+    throw err;
+  }
+  return model;
+}
+
+const deviceWord = (d: BenchDevice) => `${d.kind === 'cuda' ? 'GPU' : 'CPU'} ${d.name} (${d.computeDtype})`;
+
 export function bench(o: BenchOptions): BenchResult {
   for (const [name, value] of [['batch', o.batch], ['seq', o.seq], ['steps', o.steps], ['rank', o.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
@@ -80,10 +101,9 @@ export function bench(o: BenchOptions): BenchResult {
   const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank });
   const plan = checkMemory(estimate, placement, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true });
 
-  const model = EngineModel.load({ shape: o.shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
+  const model = benchModel(o.shape, o.rank, placement);
   try {
     const config = model.config();
-    model.createLora({ rank: o.rank, alpha: 2 * o.rank, dropout: 0, seed: 1 });
     let pageBytes = 0, pageMoves = 0, pageMs = 0;
     let loss = NaN;
     const times: number[] = [];
@@ -111,7 +131,7 @@ export function bench(o: BenchOptions): BenchResult {
     const peakBytes = { ...m.peak, total: m.totalPeak };
     return {
       shape: o.shape,
-      device: { kind: placement.device.kind, name: placement.device.name, computeDtype: placement.device.computeDtype },
+      device: benchDevice(placement),
       batch: o.batch, seq: o.seq, rank: o.rank, steps: o.steps, warmup: o.warmup,
       tokens_per_s: tokensPerS, step_ms: stepMs, step_ms_min: Math.min(...times), step_ms_max: Math.max(...times),
       peak_bytes: peakBytes, memory_budget: placement.memoryBudget, paged_optimizer: plan?.paged ?? false,
@@ -134,7 +154,7 @@ export interface GenerateBenchOptions {
 
 export interface GenerateBenchResult {
   shape: BenchShape;
-  device: { kind: 'cpu' | 'cuda'; name: string; computeDtype: string };
+  device: BenchDevice;
   rank: number;
   prompt_tokens: number;
   new_tokens: number;
@@ -150,16 +170,9 @@ export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
   for (const [name, value] of [['prompt-tokens', o.promptTokens], ['new-tokens', o.newTokens], ['rank', o.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
   const placement = placeRun(o.placement);
-  const model = EngineModel.load({ shape: o.shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
+  const model = benchModel(o.shape, o.rank, placement);
   try {
-    const config = model.config();
-    model.createLora({ rank: o.rank, alpha: 2 * o.rank, dropout: 0, seed: 1 });
-    const prompt = randomIds(o.promptTokens, config.vocabSize, 0);
-    const argmax = (x: Float32Array) => {
-      let best = 0;
-      for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;
-      return best;
-    };
+    const prompt = randomIds(o.promptTokens, model.config().vocabSize, 0);
     const once = () => {
       const session = model.startGeneration();
       try {
@@ -177,7 +190,7 @@ export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
     const t = once();
     return {
       shape: o.shape,
-      device: { kind: placement.device.kind, name: placement.device.name, computeDtype: placement.device.computeDtype },
+      device: benchDevice(placement),
       rank: o.rank, prompt_tokens: o.promptTokens, new_tokens: o.newTokens,
       prefill_tokens_per_s: o.promptTokens / (t.prefillMs / 1000),
       decode_tokens_per_s: o.newTokens / (t.decodeMs / 1000),
@@ -192,7 +205,7 @@ export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
 
 export function formatGenerateBench(r: GenerateBenchResult): string {
   return [
-    `bench ${r.shape} generation on ${r.device.kind === 'cuda' ? 'GPU' : 'CPU'} ${r.device.name} (${r.device.computeDtype}): batch 1, NF4 base, LoRA r ${r.rank} applied`,
+    `bench ${r.shape} generation on ${deviceWord(r.device)}: batch 1, NF4 base, LoRA r ${r.rank} applied`,
     `  prefill       ${r.prefill_tokens_per_s.toFixed(r.prefill_tokens_per_s < 100 ? 1 : 0)} tokens/s (${r.prompt_tokens}-token prompt)`,
     `  decode        ${r.decode_tokens_per_s.toFixed(r.decode_tokens_per_s < 100 ? 2 : 0)} tokens/s (${r.decode_ms_per_token.toFixed(1)} ms a token, ${r.new_tokens} tokens)`,
     `  peak memory   ${formatBinaryBytes(r.peak_bytes)}`,
@@ -201,7 +214,7 @@ export function formatGenerateBench(r: GenerateBenchResult): string {
 
 export function formatBench(r: BenchResult): string {
   const lines = [
-    `bench ${r.shape} on ${r.device.kind === 'cuda' ? 'GPU' : 'CPU'} ${r.device.name} (${r.device.computeDtype}): batch ${r.batch} x ${r.seq} tokens, ` +
+    `bench ${r.shape} on ${deviceWord(r.device)}: batch ${r.batch} x ${r.seq} tokens, ` +
       `LoRA r ${r.rank} on all linear layers (${r.trainable_parameters.toLocaleString('en-US')} parameters), ${r.steps} steps after ${r.warmup} warm-up`,
     `  tokens/s      ${r.tokens_per_s.toFixed(r.tokens_per_s < 100 ? 1 : 0)}`,
     `  step          ${r.step_ms.toFixed(1)} ms (min ${r.step_ms_min.toFixed(1)}, max ${r.step_ms_max.toFixed(1)})`,
