@@ -3,18 +3,23 @@
 #include <napi.h>
 
 #include <string>
+#include <vector>
 
 #include "gpu/probe.h"
 
 namespace {
 
+Napi::Array strings_to_js(Napi::Env env, const std::vector<std::string>& list) {
+  Napi::Array out = Napi::Array::New(env, list.size());
+  for (size_t i = 0; i < list.size(); ++i) out.Set(static_cast<uint32_t>(i), list[i]);
+  return out;
+}
+
 Napi::Object library_to_js(Napi::Env env, const qlora::gpu::LibraryReport& r) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("found", r.found);
   o.Set("path", r.found ? Napi::Value(Napi::String::New(env, r.path)) : env.Null());
-  Napi::Array tried = Napi::Array::New(env, r.tried.size());
-  for (size_t i = 0; i < r.tried.size(); ++i) tried.Set(static_cast<uint32_t>(i), r.tried[i]);
-  o.Set("tried", tried);
+  o.Set("tried", strings_to_js(env, r.tried));
   o.Set("error", r.error.empty() ? env.Null() : Napi::Value(Napi::String::New(env, r.error)));
   return o;
 }
@@ -66,12 +71,8 @@ Napi::Value GpuReport(const Napi::CallbackInfo& info) {
   o.Set("runtimeDevices", r.runtime_devices);
   o.Set("runtimeError", r.runtime_error.empty() ? env.Null() : Napi::Value(Napi::String::New(env, r.runtime_error)));
   o.Set("computeDtype", r.compute_dtype.empty() ? env.Null() : Napi::Value(Napi::String::New(env, r.compute_dtype)));
-  Napi::Array problems = Napi::Array::New(env, r.problems.size());
-  for (size_t i = 0; i < r.problems.size(); ++i) problems.Set(static_cast<uint32_t>(i), r.problems[i]);
-  o.Set("problems", problems);
-  Napi::Array notes = Napi::Array::New(env, r.notes.size());
-  for (size_t i = 0; i < r.notes.size(); ++i) notes.Set(static_cast<uint32_t>(i), r.notes[i]);
-  o.Set("notes", notes);
+  o.Set("problems", strings_to_js(env, r.problems));
+  o.Set("notes", strings_to_js(env, r.notes));
   return o;
 }
 

@@ -39,9 +39,10 @@ uint32_t alignment_of(const void* p) {
 }
 constexpr int kOpN = 0, kOpT = 1;           // CUBLAS_OP_N, CUBLAS_OP_T
 
+// A function cuBLASLt must have.
 template <typename F>
-F fn(const Library& lib, const char* name) {
-  F f = reinterpret_cast<F>(lib.symbol(name));
+F required(const Library& lib, const char* name) {
+  F f = lib.function<F>(name);
   if (!f) fail("cuBLASLt at ", lib.path, " has no ", name, "; install cuBLASLt for CUDA 13");
   return f;
 }
@@ -79,19 +80,19 @@ const CublasLt& CublasLt::get(const std::string& library_dir) {
          "qlora.cudaLibraryPath (QLORA_CUDA_LIB_DIR) to the folder that holds it (QLoRA: Check GPU Setup lists them)");
   std::unique_ptr<CublasLt> lt(new CublasLt());
   auto f = std::make_unique<Functions>();
-  f->create = fn<decltype(f->create)>(lib, "cublasLtCreate");
-  f->destroy = fn<decltype(f->destroy)>(lib, "cublasLtDestroy");
-  f->get_version = fn<decltype(f->get_version)>(lib, "cublasLtGetVersion");
-  f->desc_create = fn<decltype(f->desc_create)>(lib, "cublasLtMatmulDescCreate");
-  f->desc_set = fn<decltype(f->desc_set)>(lib, "cublasLtMatmulDescSetAttribute");
-  f->desc_destroy = fn<decltype(f->desc_destroy)>(lib, "cublasLtMatmulDescDestroy");
-  f->layout_create = fn<decltype(f->layout_create)>(lib, "cublasLtMatrixLayoutCreate");
-  f->layout_destroy = fn<decltype(f->layout_destroy)>(lib, "cublasLtMatrixLayoutDestroy");
-  f->pref_create = fn<decltype(f->pref_create)>(lib, "cublasLtMatmulPreferenceCreate");
-  f->pref_set = fn<decltype(f->pref_set)>(lib, "cublasLtMatmulPreferenceSetAttribute");
-  f->pref_destroy = fn<decltype(f->pref_destroy)>(lib, "cublasLtMatmulPreferenceDestroy");
-  f->heuristic = fn<decltype(f->heuristic)>(lib, "cublasLtMatmulAlgoGetHeuristic");
-  f->matmul = fn<decltype(f->matmul)>(lib, "cublasLtMatmul");
+  f->create = required<decltype(f->create)>(lib, "cublasLtCreate");
+  f->destroy = required<decltype(f->destroy)>(lib, "cublasLtDestroy");
+  f->get_version = required<decltype(f->get_version)>(lib, "cublasLtGetVersion");
+  f->desc_create = required<decltype(f->desc_create)>(lib, "cublasLtMatmulDescCreate");
+  f->desc_set = required<decltype(f->desc_set)>(lib, "cublasLtMatmulDescSetAttribute");
+  f->desc_destroy = required<decltype(f->desc_destroy)>(lib, "cublasLtMatmulDescDestroy");
+  f->layout_create = required<decltype(f->layout_create)>(lib, "cublasLtMatrixLayoutCreate");
+  f->layout_destroy = required<decltype(f->layout_destroy)>(lib, "cublasLtMatrixLayoutDestroy");
+  f->pref_create = required<decltype(f->pref_create)>(lib, "cublasLtMatmulPreferenceCreate");
+  f->pref_set = required<decltype(f->pref_set)>(lib, "cublasLtMatmulPreferenceSetAttribute");
+  f->pref_destroy = required<decltype(f->pref_destroy)>(lib, "cublasLtMatmulPreferenceDestroy");
+  f->heuristic = required<decltype(f->heuristic)>(lib, "cublasLtMatmulAlgoGetHeuristic");
+  f->matmul = required<decltype(f->matmul)>(lib, "cublasLtMatmul");
   if (const cublasStatus_t s = f->create(&lt->handle_); s != 0)
     fail("cublasLtCreate failed with status ", s, " (is the NVIDIA driver new enough for CUDA 13?)");
   lt->version_ = f->get_version();
@@ -115,45 +116,43 @@ void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
   const auto check = [](cublasStatus_t s, const char* what) {
     if (s != 0) fail("cuBLASLt ", what, " failed with status ", s);
   };
-  Desc desc = nullptr;
-  check(f_->desc_create(&desc, kComputeF32, static_cast<int>(GemmType::F32)), "cublasLtMatmulDescCreate");
+  // The descriptors of this call, destroyed on the way out, error or not.
+  struct Descriptors {
+    const Functions& f;
+    Desc desc = nullptr;
+    Layout lb = nullptr, la = nullptr, lc = nullptr;
+    Preference pref = nullptr;
+    ~Descriptors() {
+      if (pref) f.pref_destroy(pref);
+      for (Layout l : {lc, la, lb})
+        if (l) f.layout_destroy(l);
+      if (desc) f.desc_destroy(desc);
+    }
+  } d{*f_};
+  check(f_->desc_create(&d.desc, kComputeF32, static_cast<int>(GemmType::F32)), "cublasLtMatmulDescCreate");
   const int op_first = trans_b ? kOpT : kOpN, op_second = trans_a ? kOpT : kOpN;
-  Layout lb = nullptr, la = nullptr, lc = nullptr;
-  Preference pref = nullptr;
-  try {
-    check(f_->desc_set(desc, kDescTransA, &op_first, sizeof op_first), "set TRANSA");
-    check(f_->desc_set(desc, kDescTransB, &op_second, sizeof op_second), "set TRANSB");
-    // first operand: op(B)^T is [N, K] column-major; stored B is [K, N] row-major (= [N, K] column-major, ld N) or,
-    // transposed, [N, K] row-major (= [K, N] column-major, ld K)
-    check(f_->layout_create(&lb, static_cast<int>(in), trans_b ? K : N, trans_b ? N : K, trans_b ? K : N), "layout B");
-    check(f_->layout_create(&la, static_cast<int>(in), trans_a ? M : K, trans_a ? K : M, trans_a ? M : K), "layout A");
-    check(f_->layout_create(&lc, static_cast<int>(out), N, M, N), "layout C");
-    check(f_->pref_create(&pref), "cublasLtMatmulPreferenceCreate");
-    const uint64_t ws = workspace ? workspace_bytes : 0;
-    check(f_->pref_set(pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws), "set max workspace");
-    // cuBLASLt's A, B, C, D are our B, A, C, C
-    const uint32_t alignments[4] = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
-    for (int i = 0; i < 4; ++i)
-      check(f_->pref_set(pref, kPrefMinAlignmentA + i, &alignments[i], sizeof alignments[i]), "set min alignment");
-    HeuristicResult result{};
-    int found = 0;
-    check(f_->heuristic(handle_, desc, lb, la, lc, lc, pref, 1, &result, &found), "cublasLtMatmulAlgoGetHeuristic");
-    if (found == 0) fail("cuBLASLt has no algorithm for a ", M, "x", N, "x", K, " GEMM of these types");
-    check(f_->matmul(handle_, desc, &alpha, B, lb, A, la, &beta, C, lc, C, lc, &result.algo, workspace, ws, stream),
-          "cublasLtMatmul");
-  } catch (...) {
-    if (pref) f_->pref_destroy(pref);
-    if (lc) f_->layout_destroy(lc);
-    if (la) f_->layout_destroy(la);
-    if (lb) f_->layout_destroy(lb);
-    f_->desc_destroy(desc);
-    throw;
-  }
-  f_->pref_destroy(pref);
-  f_->layout_destroy(lc);
-  f_->layout_destroy(la);
-  f_->layout_destroy(lb);
-  f_->desc_destroy(desc);
+  check(f_->desc_set(d.desc, kDescTransA, &op_first, sizeof op_first), "set TRANSA");
+  check(f_->desc_set(d.desc, kDescTransB, &op_second, sizeof op_second), "set TRANSB");
+  // first operand: op(B)^T is [N, K] column-major; stored B is [K, N] row-major (= [N, K] column-major, ld N) or,
+  // transposed, [N, K] row-major (= [K, N] column-major, ld K)
+  check(f_->layout_create(&d.lb, static_cast<int>(in), trans_b ? K : N, trans_b ? N : K, trans_b ? K : N), "layout B");
+  check(f_->layout_create(&d.la, static_cast<int>(in), trans_a ? M : K, trans_a ? K : M, trans_a ? M : K), "layout A");
+  check(f_->layout_create(&d.lc, static_cast<int>(out), N, M, N), "layout C");
+  check(f_->pref_create(&d.pref), "cublasLtMatmulPreferenceCreate");
+  const uint64_t ws = workspace ? workspace_bytes : 0;
+  check(f_->pref_set(d.pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws), "set max workspace");
+  // cuBLASLt's A, B, C, D are our B, A, C, C
+  const uint32_t alignments[4] = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
+  for (int i = 0; i < 4; ++i)
+    check(f_->pref_set(d.pref, kPrefMinAlignmentA + i, &alignments[i], sizeof alignments[i]), "set min alignment");
+  HeuristicResult result{};
+  int found = 0;
+  check(f_->heuristic(handle_, d.desc, d.lb, d.la, d.lc, d.lc, d.pref, 1, &result, &found),
+        "cublasLtMatmulAlgoGetHeuristic");
+  if (found == 0) fail("cuBLASLt has no algorithm for a ", M, "x", N, "x", K, " GEMM of these types");
+  check(f_->matmul(handle_, d.desc, &alpha, B, d.lb, A, d.la, &beta, C, d.lc, C, d.lc, &result.algo, workspace, ws,
+                   stream),
+        "cublasLtMatmul");
 }
 
 }  // namespace qlora::gpu

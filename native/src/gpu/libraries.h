@@ -43,6 +43,11 @@ struct Library {
   std::string error;               // the loader's message for the last attempt when nothing loaded
   bool found() const { return handle != nullptr; }
   void* symbol(const char* name) const;
+  // The symbol as a pointer to a function of type F (our own declaration of its C signature); null when missing.
+  template <typename F>
+  F function(const char* name) const {
+    return reinterpret_cast<F>(symbol(name));
+  }
 };
 
 // Tries each name in each folder ("" = the loader's own search) and keeps the first that loads. The handle stays

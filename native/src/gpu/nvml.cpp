@@ -18,10 +18,6 @@ struct nvmlUtilization_t {
 };
 constexpr int kNvmlTemperatureGpu = 0;
 
-template <typename F>
-F fn(const Library& lib, const char* name) {
-  return reinterpret_cast<F>(lib.symbol(name));
-}
 
 }  // namespace
 
@@ -48,10 +44,10 @@ std::unique_ptr<Nvml> Nvml::open(const std::vector<std::string>& dirs, bool wind
                                  std::string* note) {
   *library = load_library(nvml_names(windows), dirs);
   if (!library->found()) return nullptr;  // the driver's absence is reported by the probe itself
-  const auto init = fn<nvmlReturn_t (*)()>(*library, "nvmlInit_v2");
-  const auto error_string = fn<const char* (*)(nvmlReturn_t)>(*library, "nvmlErrorString");
+  const auto init = library->function<nvmlReturn_t (*)()>("nvmlInit_v2");
+  const auto error_string = library->function<const char* (*)(nvmlReturn_t)>("nvmlErrorString");
   auto f = std::make_unique<Functions>();
-  f->shutdown = fn<decltype(f->shutdown)>(*library, "nvmlShutdown");
+  f->shutdown = library->function<decltype(f->shutdown)>("nvmlShutdown");
   if (!init || !f->shutdown) {
     *note = "NVML at " + library->path + " lacks nvmlInit_v2; GPU telemetry is unavailable.";
     return nullptr;
@@ -61,17 +57,17 @@ std::unique_ptr<Nvml> Nvml::open(const std::vector<std::string>& dirs, bool wind
             "); GPU telemetry is unavailable.";
     return nullptr;
   }
-  f->driver_version = fn<decltype(f->driver_version)>(*library, "nvmlSystemGetDriverVersion");
-  f->count = fn<decltype(f->count)>(*library, "nvmlDeviceGetCount_v2");
-  f->handle = fn<decltype(f->handle)>(*library, "nvmlDeviceGetHandleByIndex_v2");
-  f->name = fn<decltype(f->name)>(*library, "nvmlDeviceGetName");
-  f->memory = fn<decltype(f->memory)>(*library, "nvmlDeviceGetMemoryInfo");
-  f->capability = fn<decltype(f->capability)>(*library, "nvmlDeviceGetCudaComputeCapability");
-  f->utilization = fn<decltype(f->utilization)>(*library, "nvmlDeviceGetUtilizationRates");
-  f->temperature = fn<decltype(f->temperature)>(*library, "nvmlDeviceGetTemperature");
-  f->power = fn<decltype(f->power)>(*library, "nvmlDeviceGetPowerUsage");
-  f->by_bus_id = fn<decltype(f->by_bus_id)>(*library, "nvmlDeviceGetHandleByPciBusId_v2");
-  f->index = fn<decltype(f->index)>(*library, "nvmlDeviceGetIndex");
+  f->driver_version = library->function<decltype(f->driver_version)>("nvmlSystemGetDriverVersion");
+  f->count = library->function<decltype(f->count)>("nvmlDeviceGetCount_v2");
+  f->handle = library->function<decltype(f->handle)>("nvmlDeviceGetHandleByIndex_v2");
+  f->name = library->function<decltype(f->name)>("nvmlDeviceGetName");
+  f->memory = library->function<decltype(f->memory)>("nvmlDeviceGetMemoryInfo");
+  f->capability = library->function<decltype(f->capability)>("nvmlDeviceGetCudaComputeCapability");
+  f->utilization = library->function<decltype(f->utilization)>("nvmlDeviceGetUtilizationRates");
+  f->temperature = library->function<decltype(f->temperature)>("nvmlDeviceGetTemperature");
+  f->power = library->function<decltype(f->power)>("nvmlDeviceGetPowerUsage");
+  f->by_bus_id = library->function<decltype(f->by_bus_id)>("nvmlDeviceGetHandleByPciBusId_v2");
+  f->index = library->function<decltype(f->index)>("nvmlDeviceGetIndex");
   return std::unique_ptr<Nvml>(new Nvml(std::move(f)));
 }
 

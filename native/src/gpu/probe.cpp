@@ -15,10 +15,6 @@ using CUresult = int;
 using CuInit = CUresult (*)(unsigned int);
 using CuDriverGetVersion = CUresult (*)(int*);
 
-template <typename F>
-F fn(const Library& lib, const char* name) {
-  return reinterpret_cast<F>(lib.symbol(name));
-}
 
 LibraryReport report_of(const Library& lib, const std::vector<std::string>& dirs) {
   LibraryReport r;
@@ -53,8 +49,8 @@ void probe_driver(GpuReport& report, const std::vector<std::string>& dirs, bool 
                               "); install the NVIDIA driver, 580 or newer, to train on a GPU.");
     return;
   }
-  const auto init = fn<CuInit>(lib, "cuInit");
-  const auto version = fn<CuDriverGetVersion>(lib, "cuDriverGetVersion");
+  const auto init = lib.function<CuInit>("cuInit");
+  const auto version = lib.function<CuDriverGetVersion>("cuDriverGetVersion");
   if (!init || !version || version(&report.driver_cuda_version) != 0) {
     report.problems.push_back("The NVIDIA driver library at " + lib.path +
                               " does not answer cuDriverGetVersion; reinstall the NVIDIA driver.");
