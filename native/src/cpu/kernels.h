@@ -43,13 +43,13 @@ inline int64_t thread_index() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // GEMM: C[M,N] = alpha * op(A)[M,K] · op(B)[K,N] + beta * C. op(A) = A ([M,K]) or A^T (A stored [K,M]);
-// op(B) = B ([K,N]) or B^T (B stored [N,K]). So x·W^T is gemm(false, true, ...). Both operands are first packed
-// row-major so the inner loop is a contiguous axpy the compiler vectorizes; rows of C are split across threads and
-// each thread updates four rows per pass over a row of B.
+// op(B) = B ([K,N]) or B^T (B stored [N,K]). So x·W^T is gemm(false, true, ...). The inner loop is a contiguous
+// axpy over a row of B (B^T packed row-major first, whole or a chunk at a time); threads take panels of C (see
+// gemm_panel).
 // C[m, n] = alpha * sum_k A[m, k] B[n, k] (+ beta C) for a handful of rows m: generation's x·W^T. Each sum runs over
 // k in order in T, exactly as gemm's inner loop accumulates it, so the result equals gemm's bit for bit; threads
-// split the outputs n (gemm splits rows, which would leave one thread working), and W is read in place instead of
-// being packed (transposed) first.
+// split the outputs n (gemm splits rows, which would leave one thread working), and W is read a tile at a time
+// instead of being transposed whole first.
 template <typename T>
 void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C);
 

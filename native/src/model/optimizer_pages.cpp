@@ -74,13 +74,6 @@ void OptimizerPages::finish_incoming(Page& page) {
   moves_.push_back({PageDir::In, page.name, page.floats * static_cast<int64_t>(sizeof(float)), ms});
 }
 
-int64_t OptimizerPages::evictable_bytes() const {
-  int64_t bytes = 0;
-  for (const Page& page : pages_)
-    if (page.state == State::Resident && !page.held) bytes += page.floats * static_cast<int64_t>(sizeof(float));
-  return bytes;
-}
-
 int64_t OptimizerPages::evict(int64_t bytes) {
   int64_t freed = 0;
   while (freed < bytes) {

@@ -73,8 +73,6 @@ class OptimizerPages {
   void ensure_host(Page& page);
   void page_out(Page& page);
   void finish_incoming(Page& page);
-  // Bytes of resident pages that evict() could move out now.
-  int64_t evictable_bytes() const;
   float* device_ptr(size_t param, int which);
 
   Backend* backend_;
