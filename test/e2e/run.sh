@@ -40,10 +40,11 @@ for ws in ws ws-ui; do
 done
 node "$ROOT/dist/cli.js" make-tiny-model --out "$RUN/ws/models/tiny" >/dev/null
 cp -r "$RUN/ws/models/tiny" "$RUN/ws-ui/models/tiny"
-# the UI run must last long enough to press Stop, about 25 s after it starts (after the New Finetune flow, the dataset
-# preview and the training view's checks): the sample 10 times over (3 epochs of the quick preset: 450 steps, ~60 s on
-# 2 busy cores; the whole run is then resumed to its end)
-for i in $(seq 10); do cat "$ROOT/examples/chat-sample.jsonl"; done >"$RUN/ws-ui/data/chat-long.jsonl"
+# the UI run must still be running when the training view's checks and Stop come, up to about a minute after it
+# starts (after the New Finetune flow and the dataset preview), however fast the machine: the sample 40 times over
+# (3 epochs of the quick preset: about 1700 steps, 1.5 to 4 minutes on 2 cores; the whole run is then resumed to its
+# end)
+for i in $(seq 40); do cat "$ROOT/examples/chat-sample.jsonl"; done >"$RUN/ws-ui/data/chat-long.jsonl"
 for ud in ud-host ud-ui; do
   mkdir -p "$RUN/$ud/User"
   cat >"$RUN/$ud/User/settings.json" <<JSON
