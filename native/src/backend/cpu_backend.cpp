@@ -204,7 +204,6 @@ class CpuBackend final : public Backend {
     const float keep_scale = 1.0f / (1.0f - p);
     // One Philox block gives the uniforms of four consecutive counters: compute each block once, not once per value
     // (the same numbers as rng.uniform(offset + i)).
-    const auto uniform_of = [](uint32_t bits) { return static_cast<float>(bits >> 8) * (1.0f / 16777216.0f); };
     const uint64_t first_block = offset >> 2, last_block = (offset + static_cast<uint64_t>(n) + 3) >> 2;
 #pragma omp parallel for schedule(static)
     for (int64_t b = static_cast<int64_t>(first_block); b < static_cast<int64_t>(last_block); ++b) {
@@ -212,7 +211,7 @@ class CpuBackend final : public Backend {
       for (int w = 0; w < 4; ++w) {
         const int64_t i = static_cast<int64_t>(static_cast<uint64_t>(b) * 4 + static_cast<uint64_t>(w) - offset);
         if (i < 0 || i >= n) continue;
-        out[i] = uniform_of(words[static_cast<size_t>(w)]) >= p ? x[i] * keep_scale : 0.0f;
+        out[i] = philox_uniform(words[static_cast<size_t>(w)]) >= p ? x[i] * keep_scale : 0.0f;
       }
     }
   }

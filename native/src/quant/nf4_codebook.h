@@ -3,11 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define QLORA_HOST_DEVICE __host__ __device__
-#else
-#define QLORA_HOST_DEVICE
-#endif
+#include "util/host_device.h"
 
 namespace qlora::nf4 {
 

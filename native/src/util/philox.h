@@ -6,6 +6,8 @@
 #include <array>
 #include <cstdint>
 
+#include "util/philox_core.h"
+
 namespace qlora {
 
 // Stream ids: one per use, so two uses with the same seed and step never share numbers.
@@ -34,7 +36,7 @@ class Philox {
   }
   uint32_t bits(uint64_t index) const { return block(index >> 2)[index & 3]; }
   // Uniform in [0, 1) with 24 bits, identical on every device.
-  float uniform(uint64_t index) const { return static_cast<float>(bits(index) >> 8) * (1.0f / 16777216.0f); }
+  float uniform(uint64_t index) const { return philox_uniform(bits(index)); }
   // Standard normal from two uniforms (Box-Muller); element i uses words 2i and 2i+1.
   float normal(uint64_t index) const;
 

@@ -1,0 +1,83 @@
+// The CUDA executor of KernelBackend (cuda/kernel_backend.h): kernel launches on the default stream, device memory
+// from the caching allocator, cuBLASLt for the GEMMs, page copies on the PageCopier's stream.
+#include "cuda/cuda_backend.h"
+
+#include <utility>
+
+#include "cuda/check.cuh"
+#include "cuda/kernel_backend.h"
+#include "cuda/memory.h"
+#include "gpu/caching_allocator.h"
+#include "gpu/cublaslt.h"
+
+namespace qlora {
+
+namespace {
+
+class CudaExec {
+ public:
+  static constexpr int kThreads = 256;
+  const int threads = kThreads;
+
+  explicit CudaExec(const CudaBackendOptions& options)
+      : lt_(&gpu::CublasLt::get(options.library_dir)),
+        allocator_([](size_t bytes) { return cuda::device_malloc(bytes); }, [](void* p) { cuda::device_free(p); }) {
+    int device = 0;
+    QLORA_CUDA_CHECK(cudaGetDevice(&device));
+    cudaDeviceProp prop{};
+    QLORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    if (prop.major * 10 + prop.minor < 75)
+      fail("the GPU ", prop.name, " (compute capability ", prop.major, ".", prop.minor,
+           ") is older than Turing (7.5), the oldest this engine is built for; train on the CPU (--device cpu)");
+    name_ = std::string("cuda:") + prop.name;
+  }
+
+  std::string name() const { return name_; }
+
+  template <typename... Params, typename... Args>
+  void launch(const char* what, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
+    kernel<<<grid, block>>>(args...);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+      fail("CUDA kernel ", what, " (grid ", grid.x, "x", grid.y, "x", grid.z, ", block ", block.x, ") failed to start: ",
+           cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  }
+
+  void* alloc(size_t bytes, const char* what) { return allocator_.allocate(bytes, what); }
+  void free(void* p) { allocator_.free(p); }
+  void upload(void* dst, const void* src, size_t bytes) { cuda::copy_to_device(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) { cuda::copy_to_host(dst, src, bytes); }
+  void copy(void* dst, const void* src, size_t bytes) {
+    QLORA_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cudaStreamLegacy));
+  }
+  void zero(void* p, size_t bytes) { QLORA_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cudaStreamLegacy)); }
+
+  // cuBLASLt's recommended workspace for Hopper; smaller GPUs use less of it.
+  size_t gemm_workspace_bytes() const { return size_t{32} << 20; }
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B, float beta,
+            float* C, void* workspace, size_t workspace_bytes) {
+    lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
+                workspace_bytes, nullptr);
+  }
+
+  void* alloc_host(size_t bytes) { return cuda::pinned_malloc(bytes); }
+  void free_host(void* p) { cuda::pinned_free(p); }
+  int64_t begin_page_copy(void* dst, const void* src, size_t bytes, bool to_host) {
+    return copier_.begin(dst, src, bytes, to_host);
+  }
+  double finish_page_copy(int64_t ticket) { return copier_.finish(ticket); }
+
+ private:
+  const gpu::CublasLt* lt_;
+  gpu::CachingAllocator allocator_;
+  cuda::PageCopier copier_;
+  std::string name_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
+  return std::make_unique<cuda::KernelBackend<CudaExec>>(options);
+}
+
+}  // namespace qlora

@@ -1,0 +1,19 @@
+// The CUDA backend: the engine's ops on the first CUDA device (CUDA_VISIBLE_DEVICES applies), fp32 compute with
+// cuBLASLt GEMMs (fp32 accumulation, no TF32), memory from a caching allocator, optimizer pages copied on a stream of
+// their own. Plain C++ declarations; defined in cuda_backend.cu, or in cuda_backend_none.cpp for a build without
+// CUDA, where asking for it is an error that says so.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "backend/backend.h"
+
+namespace qlora {
+
+struct CudaBackendOptions {
+  std::string library_dir;  // where to look for cuBLASLt first (qlora.cudaLibraryPath / --cuda-lib-dir)
+};
+
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options);
+
+}  // namespace qlora

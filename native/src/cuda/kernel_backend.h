@@ -1,0 +1,248 @@
+// The GPU backend's ops: the host side of each op of the backend seam (checks, launch shapes, scratch memory,
+// results that go to host memory) over the kernels of cuda/kernels.cuh. Written once against an executor `Exec`
+// that launches kernels and moves memory: cuda/cuda_backend.cu instantiates it with the CUDA runtime and cuBLASLt;
+// the native tests instantiate it with a CUDA emulator on the CPU (test/cuda_emu.h), so that all of this code and
+// every kernel runs in CI, through the whole model, against the CPU backend.
+//
+// Exec provides: name(), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
+// kernel, args...), alloc(bytes, what) / free(ptr), upload / download / copy (device to device) / zero, gemm (fp32,
+// the seam's signature plus a workspace of gemm_workspace_bytes()), alloc_host / free_host, begin_page_copy /
+// finish_page_copy.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend/backend.h"
+#include "cuda/kernels.cuh"
+#include "util/error.h"
+#include "util/philox.h"
+
+namespace qlora::cuda {
+
+template <typename Exec>
+class KernelBackend final : public Backend {
+ public:
+  template <typename... Args>
+  explicit KernelBackend(Args&&... args) : exec_(std::forward<Args>(args)...) {}
+  ~KernelBackend() override { gemm_workspace_.release(); }
+
+  Exec& exec() { return exec_; }
+  std::string name() const override { return exec_.name(); }
+
+  // ---- memory ----
+  void upload(void* dst, const void* src, size_t bytes) override { exec_.upload(dst, src, bytes); }
+  void download(void* dst, const void* src, size_t bytes) override { exec_.download(dst, src, bytes); }
+  void fill_zero(float* x, int64_t n) override { exec_.zero(x, static_cast<size_t>(n) * sizeof(float)); }
+  void copy(float* dst, const float* src, int64_t n) override {
+    exec_.copy(dst, src, static_cast<size_t>(n) * sizeof(float));
+  }
+  void* alloc_host(size_t bytes) override { return exec_.alloc_host(bytes); }
+  void free_host(void* ptr, size_t) override { exec_.free_host(ptr); }
+  int64_t begin_page_copy(void* dst, const void* src, size_t bytes, PageDir dir) override {
+    return exec_.begin_page_copy(dst, src, bytes, dir == PageDir::Out);
+  }
+  double finish_page_copy(int64_t ticket) override { return exec_.finish_page_copy(ticket); }
+
+  // ---- dense math ----
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B,
+            float beta, float* C) override {
+    if (M == 0 || N == 0) return;
+    if (K == 0) {  // C = beta * C: cuBLASLt takes no empty inner dimension
+      if (beta == 0.0f)
+        fill_zero(C, M * N);
+      else
+        scale_inplace(C, beta, M * N);
+      return;
+    }
+    if (!gemm_workspace_ready_) {  // allocated on first use, so that it counts against the budget set by then
+      const size_t bytes = exec_.gemm_workspace_bytes();
+      if (bytes > 0) gemm_workspace_.reset(this, static_cast<int64_t>(bytes), MemCategory::Workspace);
+      gemm_workspace_ready_ = true;
+    }
+    exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, gemm_workspace_.get(), static_cast<size_t>(gemm_workspace_.size()));
+  }
+  void add_inplace(float* y, const float* x, int64_t n) override {
+    if (n > 0) exec_.launch("add_inplace", grid_for(n), exec_.threads, kernels::add_inplace, y, x, n);
+  }
+  void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) override {
+    if (rows * cols > 0)
+      exec_.launch("add_bias_rows", grid_for(rows * cols), exec_.threads, kernels::add_bias_rows, y, bias, rows, cols);
+  }
+  void scale_inplace(float* x, float s, int64_t n) override {
+    if (n > 0) exec_.launch("scale_inplace", grid_for(n), exec_.threads, kernels::scale_inplace, x, s, n);
+  }
+  double sum_of_squares(const float* x, int64_t n) override {
+    if (n <= 0) return 0.0;
+    const unsigned blocks = grid_for(n);
+    DeviceArray<double> partial(this, static_cast<int64_t>(blocks) + 1, MemCategory::Workspace);
+    double* total = partial.get() + blocks;
+    exec_.launch("sum_of_squares", blocks, exec_.threads, kernels::sum_of_squares_partial, x, n, partial.get());
+    exec_.launch("sum_of_squares", 1u, exec_.threads, kernels::sum_partials, static_cast<const double*>(partial.get()),
+                 static_cast<int64_t>(blocks), total);
+    double result = 0.0;
+    exec_.download(&result, total, sizeof result);
+    return result;
+  }
+
+  // ---- transformer ops ----
+  void embedding(const int32_t* host_ids, int64_t rows, const float* table, int64_t dim, float* out) override {
+    if (rows <= 0) return;
+    DeviceArray<int32_t> ids(this, rows, MemCategory::Workspace);
+    ids.upload(host_ids, rows);
+    exec_.launch("embedding", row_grid(rows), exec_.threads, kernels::embedding, static_cast<const int32_t*>(ids.get()),
+                 table, dim, out);
+  }
+  void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
+                       float* rstd) override {
+    if (rows > 0) exec_.launch("rmsnorm_forward", row_grid(rows), exec_.threads, kernels::rmsnorm_forward, x, w, dim, eps, y, rstd);
+  }
+  void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
+                        int64_t dim, float* dx) override {
+    if (rows > 0)
+      exec_.launch("rmsnorm_backward", row_grid(rows), exec_.threads, kernels::rmsnorm_backward, dy, x, w, rstd, dim, dx);
+  }
+  void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, const float* cos_table,
+                  const float* sin_table, bool inverse) override {
+    const int64_t total = batch * seq * heads * (head_dim / 2);
+    if (total > 0)
+      exec_.launch("rope_apply", grid_for(total), exec_.threads, kernels::rope_apply, x, batch, seq, heads, head_dim,
+                   cos_table, sin_table, inverse);
+  }
+  void attention_forward(const float* q, const float* k, const float* v, int64_t batch, int64_t seq, int64_t heads,
+                         int64_t kv_heads, int64_t head_dim, float* out, float* probs) override {
+    check_heads(heads, kv_heads, batch);
+    if (batch * seq == 0) return;
+    exec_.launch("attention_forward", attention_grid(seq, heads, batch), exec_.threads, kernels::attention_forward, q, k,
+                 v, seq, heads, kv_heads, head_dim, attention_scale(head_dim), out, probs);
+  }
+  void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* probs,
+                          int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq,
+                          float* dk, float* dv) override {
+    check_heads(heads, kv_heads, batch);
+    if (batch * seq == 0) return;
+    // dS for every query row, as large as probs: the rows pass writes it and the key pass reads it by column.
+    DeviceArray<float> ds(this, batch * heads * seq * seq, MemCategory::Workspace);
+    exec_.launch("attention_backward", attention_grid(seq, heads, batch), exec_.threads,
+                 kernels::attention_backward_rows, dout, k, v, probs, seq, heads, kv_heads, head_dim,
+                 attention_scale(head_dim), ds.get(), dq);
+    exec_.launch("attention_backward", attention_grid(seq, kv_heads, batch), exec_.threads,
+                 kernels::attention_backward_kv, dout, q, probs, static_cast<const float*>(ds.get()), seq, heads,
+                 kv_heads, head_dim, dk, dv);
+  }
+  void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len, int64_t past,
+                        int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) override {
+    check_heads(heads, kv_heads, 1);
+    if (q_len <= 0) return;
+    DeviceArray<float> p(this, heads * q_len * (past + q_len), MemCategory::Workspace);
+    exec_.launch("attention_cached", attention_grid(q_len, heads, 1), exec_.threads, kernels::attention_cached, q,
+                 k_cache, v_cache, q_len, past, heads, kv_heads, head_dim, attention_scale(head_dim), p.get(), out);
+  }
+  void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
+    if (n > 0) exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, out);
+  }
+  void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
+    if (n > 0) exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, dg, du);
+  }
+  double cross_entropy(const float* logits, const int32_t* host_targets, int64_t rows, int64_t vocab,
+                       double grad_scale, float* dlogits, double* host_logprobs) override {
+    if (rows <= 0) return 0.0;
+    for (int64_t r = 0; r < rows; ++r)  // an index outside the vocabulary would read outside the row
+      if (host_targets[r] != kernels::kIgnoreIndex && (host_targets[r] < 0 || host_targets[r] >= vocab))
+        fail("cross_entropy: target ", host_targets[r], " of row ", r, " is outside the vocabulary of ", vocab);
+    DeviceArray<int32_t> targets(this, rows, MemCategory::Workspace);
+    targets.upload(host_targets, rows);
+    DeviceArray<double> logprob(this, rows, MemCategory::Workspace);
+    exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits,
+                 static_cast<const int32_t*>(targets.get()), vocab, grad_scale, dlogits, logprob.get());
+    const std::vector<double> lp = logprob.download();
+    double total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (host_targets[r] != kernels::kIgnoreIndex) total += -lp[static_cast<size_t>(r)];
+      if (host_logprobs) host_logprobs[r] = lp[static_cast<size_t>(r)];
+    }
+    return total;
+  }
+  void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
+    if (rows <= 0) return;
+    DeviceArray<float> out(this, rows * vocab, MemCategory::Workspace);
+    exec_.launch("log_softmax_rows", row_grid(rows), exec_.threads, kernels::log_softmax_rows, logits, vocab, out.get());
+    exec_.download(host_out, out.get(), static_cast<size_t>(rows * vocab) * sizeof(float));
+  }
+
+  // ---- QLoRA specifics ----
+  void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
+                      float* out) override {
+    if (n <= 0) return;
+    if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_dequantize: blocksize must be a positive even number, got ", blocksize);
+    exec_.launch("nf4_dequantize", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize, packed, absmax, n,
+                 blocksize, static_cast<int>(round_to), out);
+  }
+  // The seam's contract is dequantize + gemm bit for bit; here it is exactly that (a fused decode kernel is faster).
+  void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
+                     int64_t in, int blocksize, RoundTo round_to, float* y) override {
+    if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
+    if (rows == 0) return;
+    DeviceArray<float> w(this, out * in, MemCategory::Workspace);
+    nf4_dequantize(packed, absmax, out * in, blocksize, round_to, w.get());
+    gemm(false, true, rows, out, in, 1.0f, x, w.get(), 0.0f, y);
+  }
+  // bitsandbytes' blockwise NF4 quantizer on the device (not part of the seam: the loader quantizes on the CPU).
+  void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {
+    if (n <= 0) return;
+    if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_quantize: blocksize must be a positive even number, got ", blocksize);
+    exec_.launch("nf4_quantize", static_cast<unsigned>((n + blocksize - 1) / blocksize), exec_.threads,
+                 kernels::nf4_quantize, x, n, blocksize, packed, absmax);
+  }
+  void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
+               float* out) override {
+    if (n <= 0) return;
+    exec_.launch("dropout", grid_for((n + 3) / 4 + 1), exec_.threads, kernels::dropout, x, n, p, seed,
+                 static_cast<uint32_t>(RngStream::Dropout), step, offset, 1.0f / (1.0f - p), out);
+  }
+  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
+                    double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {
+    if (n <= 0) return;
+    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
+    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
+    exec_.launch("adamw_update", grid_for(n), exec_.threads, kernels::adamw_update, param, grad, m, v, n, lr, beta1,
+                 beta2, eps, weight_decay, lr / bc1, std::sqrt(bc2), grad_scale);
+  }
+
+ protected:
+  void* device_alloc(size_t bytes, MemCategory category) override {
+    return exec_.alloc(bytes, mem_category_name(category));
+  }
+  void device_free(void* ptr, size_t) override { exec_.free(ptr); }
+
+ private:
+  // Blocks for a grid-stride loop over n items: enough to fill the device, at most 4096 (each thread loops).
+  unsigned grid_for(int64_t n) const {
+    const int64_t blocks = (n + exec_.threads - 1) / exec_.threads;
+    return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, 4096));
+  }
+  static unsigned row_grid(int64_t rows) {
+    if (rows > int64_t{0x7fffffff}) fail("too many rows for one launch: ", rows);
+    return static_cast<unsigned>(rows);
+  }
+  static dim3 attention_grid(int64_t rows, int64_t heads, int64_t batch) {
+    if (rows > int64_t{0x7fffffff} || heads > 65535 || batch > 65535)
+      fail("attention of ", batch, " x ", heads, " heads x ", rows, " rows is more than one launch takes");
+    return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+  }
+  static void check_heads(int64_t heads, int64_t kv_heads, int64_t batch) {
+    if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || batch < 0)
+      fail("attention: ", heads, " query heads cannot share ", kv_heads, " kv heads");
+  }
+  static float attention_scale(int64_t head_dim) {
+    return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  }
+
+  Exec exec_;
+  DeviceArray<uint8_t> gemm_workspace_;  // scratch of the GEMM library (cuBLASLt's), when it wants one
+  bool gemm_workspace_ready_ = false;
+};
+
+}  // namespace qlora::cuda

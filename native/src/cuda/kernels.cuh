@@ -1,0 +1,399 @@
+// The GPU kernels of the engine's fp32 ops, one per op of the backend seam, each computing what the CPU reference of
+// cpu/kernels.h computes (the same formula, in the same precision: sums the CPU keeps in double are kept in double
+// here). Reductions run over the threads of one block through shared memory; only the order of the terms of a sum
+// differs from the CPU's, so results agree to rounding. This header is device code that nvcc compiles in
+// cuda/cuda_backend.cu, and that the native tests compile as plain C++ under a CUDA emulator (test/cuda_emu.h) to
+// check it against the CPU without a GPU. Blocks are one-dimensional, blockDim.x a power of two <= kMaxThreads.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#else
+#include "io/dtype.h"
+#endif
+
+#include "quant/nf4_codebook.h"
+#include "util/philox_core.h"
+
+namespace qlora::cuda::kernels {
+
+constexpr int kMaxThreads = 256;
+constexpr int32_t kIgnoreIndex = -100;  // transformers' ignore_index, as cpu::kIgnoreIndex
+
+// ---- block reductions: every thread passes its value and receives the block's total ----
+template <typename T>
+__device__ T block_sum(T v) {
+  __shared__ T buf[kMaxThreads];
+  const int t = threadIdx.x;
+  buf[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (t < s) buf[t] += buf[t + s];
+    __syncthreads();
+  }
+  const T total = buf[0];
+  __syncthreads();  // the next reduction may reuse buf
+  return total;
+}
+
+// The maximum as std::max(a, b) takes it (a NaN candidate is skipped, as in the CPU's loops).
+template <typename T>
+__device__ __forceinline__ T max_of(T a, T b) {
+  return a < b ? b : a;
+}
+
+template <typename T>
+__device__ T block_max(T v) {
+  __shared__ T buf[kMaxThreads];
+  const int t = threadIdx.x;
+  buf[t] = v;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s /= 2) {
+    if (t < s) buf[t] = max_of(buf[t], buf[t + s]);
+    __syncthreads();
+  }
+  const T m = buf[0];
+  __syncthreads();
+  return m;
+}
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// ---- element-wise ----
+__global__ void add_inplace(float* y, const float* x, int64_t n) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) y[i] += x[i];
+}
+
+__global__ void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) {
+  for (int64_t i = global_thread(); i < rows * cols; i += grid_threads()) y[i] += bias[i % cols];
+}
+
+__global__ void scale_inplace(float* x, float s, int64_t n) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) x[i] *= s;
+}
+
+// One partial sum of squares (in double) per block; sum_partials adds them in order: the total is the same on
+// every run.
+__global__ void sum_of_squares_partial(const float* x, int64_t n, double* partial) {
+  double acc = 0.0;
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) acc += static_cast<double>(x[i]) * x[i];
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+__global__ void sum_partials(const double* partial, int64_t count, double* out) {
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) *out = total;
+}
+
+// SwiGLU: out = silu(g) * u.
+__global__ void swiglu_forward(const float* g, const float* u, int64_t n, float* out) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const float s = 1.0f / (1.0f + expf(-g[i]));
+    out[i] = g[i] * s * u[i];
+  }
+}
+
+__global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const float s = 1.0f / (1.0f + expf(-g[i]));
+    du[i] = dout[i] * g[i] * s;
+    dg[i] = dout[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+  }
+}
+
+// AdamW in double as the CPU computes it; step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) come
+// from the host.
+__global__ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
+                             double beta2, double eps, double weight_decay, double step_size, double bc2_sqrt,
+                             double grad_scale) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const double g = static_cast<double>(grad[i]) * grad_scale;
+    double p = static_cast<double>(param[i]) * (1.0 - lr * weight_decay);
+    const double mi = beta1 * m[i] + (1.0 - beta1) * g;
+    const double vi = beta2 * v[i] + (1.0 - beta2) * g * g;
+    m[i] = static_cast<float>(mi);
+    v[i] = static_cast<float>(vi);
+    p -= step_size * mi / (sqrt(vi) / bc2_sqrt + eps);
+    param[i] = static_cast<float>(p);
+  }
+}
+
+// Dropout with the CPU's mask: element i keeps x[i] / (1 - p) when the Philox uniform of counter offset + i
+// (seed, stream, step) is >= p. Each thread computes one Philox block: four consecutive counters.
+__global__ void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t stream, uint32_t step,
+                        uint64_t offset, float keep_scale, float* out) {
+  const uint64_t first_block = offset >> 2, last_block = (offset + static_cast<uint64_t>(n) + 3) >> 2;
+  const int64_t blocks = static_cast<int64_t>(last_block - first_block);
+  for (int64_t t = global_thread(); t < blocks; t += grid_threads()) {
+    const uint64_t b = first_block + static_cast<uint64_t>(t);
+    const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), stream, step,
+                                            static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    for (int w = 0; w < 4; ++w) {
+      const int64_t i = static_cast<int64_t>(b * 4 + static_cast<uint64_t>(w) - offset);
+      if (i < 0 || i >= n) continue;
+      out[i] = philox_uniform(words.w[w]) >= p ? x[i] * keep_scale : 0.0f;
+    }
+  }
+}
+
+// ---- rows: one block per row ----
+__global__ void embedding(const int32_t* ids, const float* table, int64_t dim, float* out) {
+  const int64_t r = blockIdx.x;
+  const float* src = table + static_cast<int64_t>(ids[r]) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = src[i];
+}
+
+// RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) with the sum in double.
+__global__ void rmsnorm_forward(const float* x, const float* w, int64_t dim, double eps, float* y, float* rstd) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * dim;
+  double ss = 0.0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) ss += static_cast<double>(xr[i]) * xr[i];
+  ss = block_sum(ss);
+  const float s = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
+  if (threadIdx.x == 0) rstd[r] = s;
+  float* yr = y + r * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] * s) * w[i];
+}
+
+// dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat)).
+__global__ void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t dim,
+                                 float* dx) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * dim;
+  const float* dyr = dy + r * dim;
+  const float s = rstd[r];
+  double dot = 0.0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dot += static_cast<double>(dyr[i]) * w[i] * xr[i] * s;
+  dot = block_sum(dot);
+  const float mean_dot = static_cast<float>(dot / static_cast<double>(dim));
+  float* dxr = dx + r * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
+}
+
+// Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
+// logprob[r]; dlogits (optional) = grad_scale * (softmax - onehot). The log-sum-exp in double.
+__global__ void cross_entropy(const float* logits, const int32_t* targets, int64_t vocab, double grad_scale,
+                              float* dlogits, double* logprob) {
+  const int64_t r = blockIdx.x;
+  const int32_t target = targets[r];
+  const float* lr = logits + r * vocab;
+  float* dr = dlogits ? dlogits + r * vocab : nullptr;
+  if (target == kIgnoreIndex) {  // the whole block takes this branch: no barrier is skipped by some threads only
+    if (dr)
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) dr[i] = 0.0f;
+    if (threadIdx.x == 0) logprob[r] = 0.0;
+    return;
+  }
+  double m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = max_of(m, static_cast<double>(lr[i]));
+  m = block_max(m);
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) sum += exp(static_cast<double>(lr[i]) - m);
+  sum = block_sum(sum);
+  const double log_z = m + log(sum);
+  if (threadIdx.x == 0) logprob[r] = static_cast<double>(lr[target]) - log_z;
+  if (dr)
+    for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+      float d = static_cast<float>(exp(static_cast<double>(lr[i]) - log_z) * grad_scale);
+      if (i == target) d -= static_cast<float>(grad_scale);
+      dr[i] = d;
+    }
+}
+
+__global__ void log_softmax_rows(const float* logits, int64_t vocab, float* out) {
+  const int64_t r = blockIdx.x;
+  const float* lr = logits + r * vocab;
+  double m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = max_of(m, static_cast<double>(lr[i]));
+  m = block_max(m);
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) sum += exp(static_cast<double>(lr[i]) - m);
+  sum = block_sum(sum);
+  const double log_z = m + log(sum);
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
+    out[r * vocab + i] = static_cast<float>(static_cast<double>(lr[i]) - log_z);
+}
+
+// RoPE on the two halves of each head, in place on x [B, T, H, Dh]; tables [T, Dh/2]; inverse negates sin.
+__global__ void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
+                           const float* cos_table, const float* sin_table, bool inverse) {
+  const int64_t half = head_dim / 2;
+  const int64_t total = batch * seq * heads * half;
+  for (int64_t idx = global_thread(); idx < total; idx += grid_threads()) {
+    const int64_t i = idx % half, row = idx / half;  // row = (b * seq + t) * heads + h
+    const int64_t t = (row / heads) % seq;
+    const float c = cos_table[t * half + i];
+    const float s = inverse ? -sin_table[t * half + i] : sin_table[t * half + i];
+    float* v = x + row * head_dim;
+    const float x1 = v[i], x2 = v[i + half];
+    v[i] = x1 * c - x2 * s;
+    v[i + half] = x2 * c + x1 * s;
+  }
+}
+
+// ---- attention ----
+// One query row, by the whole block: p[j] = softmax(scale q·k_j) for j = 0..last, p[j] = 0 for last < j < p_len,
+// out = sum_j p_j v_j. k and v point at the kv head's first row; rows are kv_stride apart.
+__device__ void attend_row(const float* qi, const float* k, const float* v, int64_t kv_stride, int64_t last,
+                           int64_t head_dim, float scale, float* p, int64_t p_len, float* oi) {
+  float local_max = -INFINITY;
+  for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
+    const float* kj = k + j * kv_stride;
+    float dot = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
+    p[j] = dot * scale;
+    local_max = max_of(local_max, p[j]);
+  }
+  const float m = block_max(local_max);
+  float local_sum = 0.0f;
+  for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
+    p[j] = expf(p[j] - m);
+    local_sum += p[j];
+  }
+  const float inv = 1.0f / block_sum(local_sum);
+  for (int64_t j = threadIdx.x; j < p_len; j += blockDim.x) p[j] = j <= last ? p[j] * inv : 0.0f;
+  __syncthreads();  // every p[j] written before any thread reads the row
+  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j <= last; ++j) acc += p[j] * v[j * kv_stride + d];
+    oi[d] = acc;
+  }
+}
+
+// Causal GQA attention; grid (seq, heads, batch): one block per query row. probs [B, H, T, T] kept for backward.
+__global__ void attention_forward(const float* q, const float* k, const float* v, int64_t seq, int64_t heads,
+                                  int64_t kv_heads, int64_t head_dim, float scale, float* out, float* probs) {
+  const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+  const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
+  const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim;
+  attend_row(q + q_offset, k + kv_offset, v + kv_offset, kv_stride, i, head_dim, scale,
+             probs + ((b * heads + h) * seq + i) * seq, seq, out + q_offset);
+}
+
+// q_len new queries at positions past.. over a KV cache; grid (q_len, heads). p: scratch [H, q_len, past + q_len].
+__global__ void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len,
+                                 int64_t past, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
+                                 float* p, float* out) {
+  const int64_t i = blockIdx.x, h = blockIdx.y;
+  const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+  const int64_t kv_offset = (h / group) * head_dim;
+  const int64_t q_offset = i * q_stride + h * head_dim;
+  attend_row(q + q_offset, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i, head_dim, scale,
+             p + (h * q_len + i) * (past + q_len), past + i + 1, out + q_offset);
+}
+
+// Backward, first pass; grid (seq, heads, batch), one block per query row i: dP_ij = dO_i·V_j, then
+// dS_ij = P_ij (dP_ij - sum_j dP_ij P_ij) * scale into ds [B, H, T, T] (j <= i), and dQ_i = sum_j dS_ij K_j.
+__global__ void attention_backward_rows(const float* dout, const float* k, const float* v, const float* probs,
+                                        int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
+                                        float* ds, float* dq) {
+  const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+  const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
+  const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim;
+  const int64_t row = ((b * heads + h) * seq + i) * seq;
+  const float* p = probs + row;
+  float* dsr = ds + row;
+  const float* doi = dout + q_offset;
+  float local = 0.0f;
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
+    const float* vj = v + kv_offset + j * kv_stride;
+    float dp = 0.0f;
+    for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
+    dsr[j] = dp;
+    local += dp * p[j];
+  }
+  const float row_dot = block_sum(local);
+  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) dsr[j] = p[j] * (dsr[j] - row_dot) * scale;
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j <= i; ++j) acc += dsr[j] * k[kv_offset + j * kv_stride + d];
+    dq[q_offset + d] = acc;
+  }
+}
+
+// Backward, second pass; grid (seq, kv_heads, batch), one block per key row j of a kv head: dK_j = sum over the
+// group's query heads and rows i >= j of dS_ij Q_i, dV_j = sum of P_ij dO_i.
+__global__ void attention_backward_kv(const float* dout, const float* q, const float* probs, const float* ds,
+                                      int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, float* dk,
+                                      float* dv) {
+  const int64_t j = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
+  const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float dk_acc = 0.0f, dv_acc = 0.0f;
+    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+      for (int64_t i = j; i < seq; ++i) {
+        const int64_t at = ((b * heads + h) * seq + i) * seq + j;
+        const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim + d;
+        dk_acc += ds[at] * q[q_offset];
+        dv_acc += probs[at] * dout[q_offset];
+      }
+    dk[(b * seq + j) * kv_stride + kvh * head_dim + d] = dk_acc;
+    dv[(b * seq + j) * kv_stride + kvh * head_dim + d] = dv_acc;
+  }
+}
+
+// ---- NF4 ----
+// A dequantized value rounded to the quant state's dtype (round_to: 0 fp32, 1 bf16, 2 fp16), round to nearest even.
+__device__ __forceinline__ float round_stored(float v, int round_to) {
+#ifdef __CUDACC__
+  if (round_to == 1) return __bfloat162float(__float2bfloat16_rn(v));
+  if (round_to == 2) return __half2float(__float2half_rn(v));
+#else
+  if (round_to == 1) return round_to_bf16(v);
+  if (round_to == 2) return round_to_f16(v);
+#endif
+  return v;
+}
+
+// Two elements per thread: one packed byte (first element in the high nibble).
+__global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
+                               float* out) {
+  const int64_t bytes = (n + 1) / 2;
+  for (int64_t byte = global_thread(); byte < bytes; byte += grid_threads()) {
+    const int64_t i = 2 * byte;
+    const uint8_t b = packed[byte];
+    for (int k = 0; k < 2 && i + k < n; ++k) {
+      const int code = k == 0 ? (b >> 4) : (b & 0x0f);
+      out[i + k] = round_stored(nf4::code_value(code) * absmax[(i + k) / blocksize], round_to);
+    }
+  }
+}
+
+// One CUDA block per quantization block: the absmax by a reduction (max is exact in any order; NaN is skipped as
+// fmaxf skips it, like the CPU's `a > m`), then each thread quantizes pairs with bitsandbytes' decision tree,
+// multiplying by the reciprocal of the absmax as bitsandbytes does. An all-zero block writes code 0.
+__global__ void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * blocksize;
+  const int64_t count = n - begin < blocksize ? n - begin : static_cast<int64_t>(blocksize);
+  float m = 0.0f;
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) m = fmaxf(m, fabsf(x[begin + j]));
+  const float block_absmax = block_max(m);
+  if (threadIdx.x == 0) absmax[blockIdx.x] = block_absmax;
+  const float scale = 1.0f / block_absmax;
+  const int64_t pairs = (count + 1) / 2;
+  for (int64_t pair = threadIdx.x; pair < pairs; pair += blockDim.x) {
+    const int64_t j = 2 * pair;
+    uint8_t byte = 0;
+    if (block_absmax != 0.0f) {
+      const float v0 = x[begin + j];
+      const float v1 = j + 1 < count ? x[begin + j + 1] : 0.0f;
+      byte = static_cast<uint8_t>((nf4::quantize_normalized(v0 * scale) << 4) | nf4::quantize_normalized(v1 * scale));
+    }
+    packed[(begin + j) / 2] = byte;
+  }
+}
+
+}  // namespace qlora::cuda::kernels
