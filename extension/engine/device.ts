@@ -63,7 +63,20 @@ export function cpuDevice(threads: number, fallback: string | null = null): Devi
   return { kind: 'cpu', name: cpuName(threads), computeDtype: 'f32', gpu: null, fallback };
 }
 
-export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, engine: { backends: readonly string[]; threads: number }): DeviceChoice {
+/** What the engine offers: its backends, CPU threads, and the compute dtypes its CUDA backend has. */
+export interface EngineCapabilities {
+  backends: readonly string[];
+  threads: number;
+  cudaComputeDtypes: readonly string[];
+}
+
+/** The GPU's own dtype (bf16 from Ampere on, fp16 on Turing) when the CUDA backend computes in it, else fp32. */
+export function cudaComputeDtype(report: NativeGpuReport, engine: EngineCapabilities): DeviceChoice['computeDtype'] {
+  const preferred = report.computeDtype;
+  return preferred && engine.cudaComputeDtypes.includes(preferred) ? preferred : 'f32';
+}
+
+export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, engine: EngineCapabilities): DeviceChoice {
   const cpu = (fallback: string | null) => cpuDevice(engine.threads, fallback);
   if (request === 'cpu') return cpu(null);
   const blockers = cudaBlockers(report, engine.backends);
@@ -73,5 +86,5 @@ export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, en
     return cpu(`Training on the CPU: the GPU cannot be used (${brief.join('; ')}). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.`);
   }
   const gpu = trainingGpu(report)!;
-  return { kind: 'cuda', name: gpu.name, computeDtype: report.computeDtype ?? 'bf16', gpu, fallback: null };
+  return { kind: 'cuda', name: gpu.name, computeDtype: cudaComputeDtype(report, engine), gpu, fallback: null };
 }

@@ -205,7 +205,7 @@ export class GenerationSession {
 export function engineVersion(): string {
   return call(() => addon().version());
 }
-export function engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean } {
+export function engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean; cudaComputeDtypes: string[] } {
   return call(() => addon().engineInfo());
 }
 /** What this machine offers the GPU engine (driver, NVML, cuBLASLt, GPUs) and each problem as a sentence. */

@@ -114,6 +114,10 @@ export interface NativeModelOptions {
   quantize?: boolean;
   /** Bytes the engine's allocations may hold at once (0 or absent: no budget); the optimizer pages to stay under. */
   memoryBudget?: number;
+  /** Where the model lives and computes (default the CPU); 'cuda' is the first CUDA device. */
+  device?: 'cpu' | 'cuda';
+  /** A folder searched first for cuBLASLt (with device 'cuda'). */
+  cudaLibraryDir?: string;
 }
 
 export interface NativeModel {
@@ -157,7 +161,7 @@ export interface NativeQuantizeReport {
 
 export interface NativeAddon {
   version(): string;
-  engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean };
+  engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean; cudaComputeDtypes: string[] };
   gpuReport(libraryDir?: string): NativeGpuReport;
   /** The GPUs now, from NVML (started once per process); null without NVML. */
   gpuTelemetry(libraryDir?: string): NativeGpuInfo[] | null;

@@ -28,6 +28,8 @@ export interface EstimateOptions {
   gradientCheckpointing?: boolean;
   /** Count AdamW's state; default true. */
   optimizer?: boolean;
+  /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
+  device?: 'cpu' | 'cuda';
 }
 
 export interface MemoryEstimate {

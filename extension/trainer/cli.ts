@@ -16,7 +16,7 @@ import { doctorOptions, doctorVerb } from './verbs/doctor';
 import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
-import { placementFromFlags, placementOptions, placeRun } from './placement';
+import { engineOptions, placementFromFlags, placementOptions, placeRun } from './placement';
 import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
 
 interface Verb {
@@ -104,8 +104,9 @@ const verbs: Record<string, Verb> = {
     },
     run(o) {
       // --device cuda that cannot be had is an error; auto's CPU fallback is not worth a warning for one sequence
-      placeRun(placementFromFlags(o));
+      const placement = placeRun(placementFromFlags(o));
       const result = score({
+        engine: { ...engineOptions(placement), memoryBudget: 0 },
         model: requiredString(o, 'model'),
         adapter: stringOption(o, 'adapter'),
         ids: parseIdList(requiredString(o, 'ids'), 'ids'),

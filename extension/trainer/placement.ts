@@ -3,7 +3,8 @@
 // train, resume, score and bench so that each says the same thing about the same machine.
 import * as os from 'node:os';
 import { engineInfo, gpuReport } from '../engine';
-import { chooseDevice, cpuDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest } from '../engine/device';
+import { chooseDevice, cpuDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest, type EngineCapabilities } from '../engine/device';
+import type { NativeModelOptions } from '../engine/native';
 import type { NativeGpuReport } from '../engine/native';
 import type { RunDevice } from '../protocol/events';
 import { numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from './cliArgs';
@@ -29,9 +30,11 @@ export interface Placement {
   memoryBudget: number | null;
   /** For warning events: the CPU fallback and why, a GPU budget given for a CPU run. */
   warnings: string[];
+  /** A folder searched first for cuBLASLt. */
+  cudaLibraryDir?: string;
 }
 
-export type MachineProbe = () => { report: NativeGpuReport; engine: { backends: string[]; threads: number } };
+export type MachineProbe = () => { report: NativeGpuReport; engine: EngineCapabilities };
 
 const probeThisMachine =
   (libraryDir: string | undefined): MachineProbe =>
@@ -55,7 +58,12 @@ export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMac
   } else if (o.gpuMemoryBudget !== undefined) {
     warnings.push(`--gpu-memory-budget ${o.gpuMemoryBudget} applies on the GPU; this run is on the CPU and has no memory budget.`);
   }
-  return { device, memoryBudget, warnings };
+  return { device, memoryBudget, warnings, cudaLibraryDir: o.cudaLibraryDir };
+}
+
+/** The engine model's options for this placement: its device, budget and where cuBLASLt is. */
+export function engineOptions(p: Placement): NativeModelOptions {
+  return { device: p.device.kind, memoryBudget: p.memoryBudget ?? 0, ...(p.cudaLibraryDir ? { cudaLibraryDir: p.cudaLibraryDir } : {}) };
 }
 
 /** The run-started event's device. */

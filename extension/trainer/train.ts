@@ -18,7 +18,7 @@ import { TrainingSamples } from './samples';
 import type { TrainerEvent } from '../protocol/events';
 import { GpuMonitor, type GpuSource } from './gpuTelemetry';
 import type { MemoryPlan } from './memoryPlan';
-import { checkMemory, placeRun, runDevice, type PlacementOptions } from './placement';
+import { checkMemory, engineOptions, placeRun, runDevice, type PlacementOptions } from './placement';
 import { learningRate, type Schedule } from './schedule';
 
 export class TrainingError extends Error {
@@ -115,7 +115,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   // whether the optimizer pages and whether the run fits at all.
   const estimate = estimateMemory(config.model, {
     batch: config.batchSize, seq: config.seqLen, rank: config.rank, targets: config.targets, quantize: config.quantize,
-    gradientCheckpointing: config.gradientCheckpointing,
+    gradientCheckpointing: config.gradientCheckpointing, device: placement.device.kind,
   });
   let plan: MemoryPlan | null;
   try {
@@ -124,7 +124,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     throw new TrainingError(err instanceof Error ? err.message : String(err));
   }
   const data = await prepareData(config);
-  const model = EngineModel.load(config.model, { quantize: config.quantize, memoryBudget: placement.memoryBudget ?? 0 });
+  const model = EngineModel.load(config.model, { quantize: config.quantize, ...engineOptions(placement) });
   let samples: TrainingSamples;
   try {
     // older runs' config.json has no sample settings

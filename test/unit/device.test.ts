@@ -27,13 +27,15 @@ function report(overrides: Partial<NativeGpuReport> = {}): NativeGpuReport {
     ...overrides,
   };
 }
-const withCuda = { backends: ['cpu', 'cuda'], threads: 16 };
-const cpuOnly = { backends: ['cpu'], threads: 16 };
+const withCuda = { backends: ['cpu', 'cuda'], threads: 16, cudaComputeDtypes: ['f32', 'bf16', 'fp16'] };
+const cpuOnly = { backends: ['cpu'], threads: 16, cudaComputeDtypes: [] };
 
 test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back naming what is missing', () => {
   const gpu = chooseDevice('auto', report(), withCuda);
   assert.deepEqual({ kind: gpu.kind, name: gpu.name, dtype: gpu.computeDtype, fallback: gpu.fallback }, { kind: 'cuda', name: h100.name, dtype: 'bf16', fallback: null });
   assert.equal(chooseDevice('cuda', report({ computeDtype: 'fp16' }), withCuda).computeDtype, 'fp16');
+  // a CUDA backend that computes in fp32 only trains in fp32, whatever the GPU would prefer
+  assert.equal(chooseDevice('auto', report(), { ...withCuda, cudaComputeDtypes: ['f32'] }).computeDtype, 'f32');
   const cpu = chooseDevice('cpu', report(), withCuda);
   assert.equal(cpu.kind, 'cpu');
   assert.equal(cpu.computeDtype, 'f32');

@@ -11,7 +11,7 @@ import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
 import { argmax } from '../../generate/sampling';
-import { checkMemory, placeRun, placementFromFlags, placementOptions, type Placement, type PlacementOptions } from '../placement';
+import { checkMemory, engineOptions, placeRun, placementFromFlags, placementOptions, type Placement, type PlacementOptions } from '../placement';
 
 export const BENCH_SHAPES = ['tiny', '1b', '8b', '70b'] as const;
 export type BenchShape = (typeof BENCH_SHAPES)[number];
@@ -81,7 +81,7 @@ function benchDevice(p: Placement): BenchDevice {
 
 /** The synthetic model of `shape` with a fresh adapter of `rank` (alpha twice the rank, no dropout), under the run's budget. */
 function benchModel(shape: BenchShape, rank: number, placement: Placement): EngineModel {
-  const model = EngineModel.load({ shape, seed: 1 }, { memoryBudget: placement.memoryBudget ?? 0 });
+  const model = EngineModel.load({ shape, seed: 1 }, engineOptions(placement));
   try {
     model.createLora({ rank, alpha: 2 * rank, dropout: 0, seed: 1 });
   } catch (err) {
@@ -98,7 +98,7 @@ export function bench(o: BenchOptions): BenchResult {
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
   if (!Number.isSafeInteger(o.warmup) || o.warmup < 0) throw new UsageError(`--warmup must be a whole number, got ${o.warmup}`);
   const placement = placeRun(o.placement);
-  const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank });
+  const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank, device: placement.device.kind });
   const plan = checkMemory(estimate, placement, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true });
 
   const model = benchModel(o.shape, o.rank, placement);

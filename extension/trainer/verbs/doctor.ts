@@ -11,7 +11,9 @@ export const doctorOptions: Record<string, OptionSpec> = {
   json: { type: 'boolean', description: 'print the report as JSON' },
 };
 
-export interface DoctorReport extends GpuReport {
+export interface DoctorReport extends Omit<GpuReport, 'computeDtype'> {
+  /** What training on the GPU would compute in (null without a usable GPU). */
+  computeDtype: 'bf16' | 'fp16' | 'f32' | null;
   platform: string;
   node: string;
   engine: string;
@@ -23,8 +25,9 @@ export function doctorReport(libraryDir?: string): DoctorReport {
   const g = gpuReport(libraryDir);
   const engine = engineInfo();
   // The same choice and the same sentences as `train --device auto`.
-  const device = chooseDevice('auto', g, engine).kind;
-  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, problems: cudaBlockers(g, engine.backends), device };
+  const choice = chooseDevice('auto', g, engine);
+  // computeDtype: what training would compute in (the engine's CUDA backend may not have the GPU's own dtype yet)
+  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : g.computeDtype, problems: cudaBlockers(g, engine.backends), device: choice.kind };
 }
 
 const GiB = 1024 ** 3;

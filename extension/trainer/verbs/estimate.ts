@@ -14,10 +14,12 @@ export interface EstimateVerbOptions {
   /** NF4 base weights (default true; a bnb-4bit checkpoint is NF4 either way). */
   quantize?: boolean;
   gradientCheckpointing?: boolean;
+  /** The device the step runs on (default the CPU); the GPU adds cuBLASLt's workspace and attention scratch. */
+  device?: 'cpu' | 'cuda';
 }
 
 export interface EstimateResult extends MemoryEstimate {
-  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean };
+  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean; device: 'cpu' | 'cuda' };
 }
 
 export const DEFAULT_SEQ = 512;
@@ -33,6 +35,7 @@ export function estimate(options: EstimateVerbOptions): EstimateResult {
     targets: options.targets ?? ALL_TARGETS,
     quantize: options.quantize ?? true,
     gradientCheckpointing: options.gradientCheckpointing ?? true,
+    device: options.device ?? 'cpu',
   };
   for (const [name, value] of [['seq-len', resolved.seq], ['batch-size', resolved.batch], ['rank', resolved.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
@@ -49,7 +52,7 @@ export function formatEstimate(e: EstimateResult): string {
   const lines = [
     `${c.architecture}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocabulary ${c.vocabSize}`,
     `batch ${o.batch} x ${o.seq} tokens, LoRA rank ${o.rank} on ${o.targets.length} modules (${e.loraParameters} parameters), ` +
-      `${o.quantize ? 'NF4' : 'fp32'} base weights, gradient checkpointing ${o.gradientCheckpointing ? 'on' : 'off'}`,
+      `${o.quantize ? 'NF4' : 'fp32'} base weights, gradient checkpointing ${o.gradientCheckpointing ? 'on' : 'off'}, on the ${o.device === 'cuda' ? 'GPU' : 'CPU'}`,
     '',
     `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
     ...CATEGORIES.map((k) => `  ${k.padEnd(12)}${mib(e.categories[k])}`),
@@ -66,6 +69,11 @@ function targetsOption(text: string | undefined): string[] | undefined {
   return targets;
 }
 
+function deviceOption(text: string | undefined): 'cpu' | 'cuda' | undefined {
+  if (text === undefined || text === 'cpu' || text === 'cuda') return text;
+  throw new UsageError(`--device must be cpu or cuda, got '${text}'`);
+}
+
 export const estimateVerb = {
   summary: 'estimate the memory of one training step by category (weights, adapters, optimizer, activations...)',
   options: {
@@ -76,6 +84,7 @@ export const estimateVerb = {
     targets: { type: 'string', description: 'comma-separated LoRA target modules (default all seven)' },
     'no-quantize': { type: 'boolean', description: 'keep dense base weights (fp32) instead of NF4' },
     'no-checkpointing': { type: 'boolean', description: 'keep every block\'s activations instead of recomputing them' },
+    device: { type: 'string', description: 'cpu (default) or cuda: on the GPU the engine also holds cuBLASLt\'s workspace and attention scratch' },
     json: { type: 'boolean', description: 'print JSON (bytes)' },
   } satisfies Record<string, OptionSpec>,
   run(o: ParsedOptions): void {
@@ -87,6 +96,7 @@ export const estimateVerb = {
       targets: targetsOption(stringOption(o, 'targets')),
       quantize: !o['no-quantize'],
       gradientCheckpointing: !o['no-checkpointing'],
+      device: deviceOption(stringOption(o, 'device')),
     });
     process.stdout.write((o.json ? JSON.stringify(result) : formatEstimate(result)) + '\n');
   },

@@ -1,6 +1,7 @@
 // score: the loss and next-token log-probabilities of one token sequence, exactly as transformers computes
 // model(input_ids, labels=input_ids) in fp32, optionally with a PEFT adapter and the LoRA gradients.
 import { EngineModel } from '../../engine';
+import type { NativeModelOptions } from '../../engine/native';
 
 export interface ScoreOptions {
   model: string;
@@ -8,6 +9,8 @@ export interface ScoreOptions {
   ids: Int32Array;
   /** Write d loss / d LoRA parameters here (safetensors, PEFT names). Needs an adapter. */
   gradsFile?: string;
+  /** Where to compute (default: the CPU). */
+  engine?: NativeModelOptions;
 }
 
 export interface ScoreResult {
@@ -18,7 +21,7 @@ export interface ScoreResult {
 export function score(options: ScoreOptions): ScoreResult {
   if (options.ids.length < 2) throw new Error('score needs at least two token ids (one prediction)');
   if (options.gradsFile && !options.adapter) throw new Error('--grads needs --adapter: gradients are taken with respect to the LoRA parameters');
-  const model = EngineModel.load(options.model);
+  const model = EngineModel.load(options.model, options.engine ?? {});
   try {
     if (options.adapter) model.loadAdapter(options.adapter);
     const result = model.run(

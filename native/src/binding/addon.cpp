@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "backend/backend.h"
+#include "cuda/cuda_backend.h"
 #include "cuda/runtime_probe.h"
 #include "binding/binding_util.h"
 #include "io/model_config.h"
@@ -129,7 +130,16 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     }
     const Napi::Object opts = options_arg(info, 1);
     guarded(env, [&] {
-      backend_ = make_cpu_backend();
+      const std::string device = opt_string(opts, "device").value_or("cpu");
+      if (device == "cuda") {
+        CudaBackendOptions co;
+        co.library_dir = opt_string(opts, "cudaLibraryDir").value_or("");
+        backend_ = make_cuda_backend(co);
+      } else if (device == "cpu") {
+        backend_ = make_cpu_backend();
+      } else {
+        fail("device must be 'cpu' or 'cuda', got '", device, "'");
+      }
       // The budget bounds every engine allocation; the paged optimizer moves its pages to host memory to stay under.
       const std::optional<double> budget = opt_number(opts, "memoryBudget");
       if (budget) {
@@ -458,6 +468,11 @@ Napi::Value EngineInfo(const Napi::CallbackInfo& info) {
   o.Set("backends", Napi::Array::New(env));
   Napi::Array backends = o.Get("backends").As<Napi::Array>();
   backends.Set(0u, "cpu");
+  if (qlora::cuda::compiled()) backends.Set(1u, "cuda");
+  // What the CUDA backend computes in (bf16 and fp16 compute are not built yet): the device choice reports it.
+  Napi::Array dtypes = Napi::Array::New(env);
+  if (qlora::cuda::compiled()) dtypes.Set(0u, "f32");
+  o.Set("cudaComputeDtypes", dtypes);
   o.Set("cudaCompiled", qlora::cuda::compiled());
 #ifdef _OPENMP
   o.Set("threads", omp_get_max_threads());

@@ -48,4 +48,11 @@ inline std::optional<bool> opt_bool(const Napi::Object& o, const char* key) {
   return v.As<Napi::Boolean>().Value();
 }
 
+inline std::optional<std::string> opt_string(const Napi::Object& o, const char* key) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() || v.IsNull()) return std::nullopt;
+  if (!v.IsString()) throw Napi::TypeError::New(o.Env(), std::string(key) + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
 }  // namespace qlora::binding

@@ -75,6 +75,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   eo.quantize_nf4 = opt_bool(opts, "quantize").value_or(eo.quantize_nf4);
   eo.gradient_checkpointing = opt_bool(opts, "gradientCheckpointing").value_or(eo.gradient_checkpointing);
   eo.with_optimizer = opt_bool(opts, "optimizer").value_or(eo.with_optimizer);
+  eo.cuda = opt_string(opts, "device").value_or("cpu") == "cuda";
   Napi::Value targets = opts.Get("targets");
   if (!targets.IsUndefined() && !targets.IsNull()) {
     if (!targets.IsArray()) throw Napi::TypeError::New(env, "targets must be an array of module names");

@@ -1,5 +1,6 @@
 // The CUDA executor of KernelBackend (cuda/kernel_backend.h): kernel launches on the default stream, device memory
-// from the caching allocator, cuBLASLt for the GEMMs, page copies on the PageCopier's stream.
+// from the caching allocator, cuBLASLt for the GEMMs, page copies on the PageCopier's stream. Also the standalone NF4
+// calls of nf4_kernels.h. The only translation unit that includes cuda/kernels.cuh (its kernels are defined there).
 #include "cuda/cuda_backend.h"
 
 #include <utility>
@@ -7,6 +8,7 @@
 #include "cuda/check.cuh"
 #include "cuda/kernel_backend.h"
 #include "cuda/memory.h"
+#include "cuda/nf4_kernels.h"
 #include "gpu/caching_allocator.h"
 #include "gpu/cublaslt.h"
 
@@ -53,7 +55,7 @@ class CudaExec {
   void zero(void* p, size_t bytes) { QLORA_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, cudaStreamLegacy)); }
 
   // cuBLASLt's recommended workspace for Hopper; smaller GPUs use less of it.
-  size_t gemm_workspace_bytes() const { return size_t{32} << 20; }
+  size_t gemm_workspace_bytes() const { return static_cast<size_t>(kCudaGemmWorkspaceBytes); }
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B, float beta,
             float* C, void* workspace, size_t workspace_bytes) {
     lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
@@ -81,3 +83,28 @@ std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
 }
 
 }  // namespace qlora
+
+namespace qlora::cuda {
+
+constexpr int kNf4Threads = 256;
+
+void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to, float* out) {
+  if (n <= 0) return;
+  if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_dequantize: blocksize must be a positive even number, got ", blocksize);
+  const int64_t bytes = (n + 1) / 2;
+  const int64_t blocks = std::min<int64_t>((bytes + kNf4Threads - 1) / kNf4Threads, 65535);
+  kernels::nf4_dequantize<<<static_cast<unsigned>(blocks), kNf4Threads>>>(packed, absmax, n, blocksize,
+                                                                        static_cast<int>(round_to), out);
+  QLORA_CUDA_CHECK_LAUNCH("nf4_dequantize");
+}
+
+void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {
+  if (n <= 0) return;
+  // a block must start on a byte: even block sizes only (bitsandbytes uses 64 to 4096)
+  if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_quantize: blocksize must be a positive even number, got ", blocksize);
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  kernels::nf4_quantize<<<static_cast<unsigned>(blocks), kNf4Threads>>>(x, n, blocksize, packed, absmax);
+  QLORA_CUDA_CHECK_LAUNCH("nf4_quantize");
+}
+
+}  // namespace qlora::cuda

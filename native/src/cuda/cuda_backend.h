@@ -10,6 +10,9 @@
 
 namespace qlora {
 
+// The cuBLASLt workspace the backend holds (Workspace category) from its first GEMM on; the memory estimate counts it.
+constexpr int64_t kCudaGemmWorkspaceBytes = int64_t{32} << 20;
+
 struct CudaBackendOptions {
   std::string library_dir;  // where to look for cuBLASLt first (qlora.cudaLibraryPath / --cuda-lib-dir)
 };

@@ -1,5 +1,5 @@
 // NF4 on the GPU: the block quantizer and the dequantizer, byte for byte and bit for bit the CPU reference's
-// (quant/nf4.h), which is bitsandbytes'. Plain C++ declarations over device pointers; defined in nf4_kernels.cu.
+// (quant/nf4.h), which is bitsandbytes'. Plain C++ declarations over device pointers; defined in cuda_backend.cu.
 #pragma once
 #include <cstdint>
 

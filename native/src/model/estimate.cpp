@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "cuda/cuda_backend.h"
 #include "util/error.h"
 
 namespace qlora {
@@ -74,6 +75,10 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Ws, n * r * kF32);                  // lora_dt
   const int64_t logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / vocab));
   add(Ws, logits_rows * vocab * kF32);
+  if (o.cuda) {
+    add(Ws, kCudaGemmWorkspaceBytes);
+    add(Ws, o.batch * c.num_heads * o.seq * o.seq * kF32);  // attention backward's dS, as large as probs
+  }
   // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all
   // of them without checkpointing, one block's worth with it), then the backward pass's buffers.
   add(Act, (n * h + n) * kF32);        // xf, rstdf

@@ -24,6 +24,8 @@ struct EstimateOptions {
   bool stored_4bit = false;
   bool gradient_checkpointing = true;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
+  // On the CUDA backend: its GEMM workspace and the attention backward's dS scratch (cuda/kernel_backend.h) too.
+  bool cuda = false;
 };
 
 struct MemoryEstimate {

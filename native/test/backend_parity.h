@@ -1,0 +1,318 @@
+// Parity of a backend under test with the CPU backend, op by op on awkward sizes (odd row lengths, GQA, sequence
+// lengths that are not multiples of a block, vocabularies larger than a block), NF4 dequantize and dropout bit for
+// bit, and the whole model (loss, every log-prob and LoRA gradient on the reference fixtures; NF4 training with
+// AdamW under a budget that pages the optimizer; generation with the KV cache). The native tests run these on the
+// CUDA kernels under the emulator (cuda_emu_backend_test.cpp), the GPU tests on the GPU (test_gpu/).
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "harness.h"
+#include "model/llama.h"
+#include "model/lora.h"
+#include "model/optimizer.h"
+#include "model/rope.h"
+#include "quant/nf4.h"
+
+namespace parity {
+
+using namespace qlora;
+using MakeBackend = std::function<std::unique_ptr<Backend>()>;
+
+// How close the whole model must come to the CPU: loss (mean over labelled positions) and log-probs absolutely,
+// gradients and trained parameters relatively.
+struct ModelTolerance {
+  double loss, logprob, gradient;
+};
+
+inline std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+// One buffer on the CPU and one on the backend under test, with the same contents.
+struct Twin {
+  DeviceArray<float> cpu, dev;
+  Twin(Backend* c, Backend* d, const std::vector<float>& host)
+      : cpu(c, static_cast<int64_t>(host.size()), MemCategory::Activations),
+        dev(d, static_cast<int64_t>(host.size()), MemCategory::Activations) {
+    cpu.upload(host);
+    dev.upload(host);
+  }
+  Twin(Backend* c, Backend* d, size_t n) : Twin(c, d, std::vector<float>(n, 0.0f)) {}
+};
+
+inline void expect_close(const char* what, const std::vector<float>& expected, const std::vector<float>& got,
+                         double tol) {
+  EXPECT_EQ(expected.size(), got.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    const double e = expected[i], g = got[i];
+    if (!(std::fabs(e - g) <= tol * std::max(1.0, std::fabs(e))))
+      qtest::fail_test(__FILE__, __LINE__, what, ": element ", i, " is ", g, ", the CPU's ", e, " (tol ", tol, ")");
+  }
+}
+inline void expect_close(const char* what, const Twin& t, double tol) {
+  expect_close(what, t.cpu.download(), t.dev.download(), tol);
+}
+
+inline std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
+
+inline void elementwise_and_row_ops(const MakeBackend& make) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  Backend* c = cpu.get();
+  Backend* e = dev.get();
+  const int64_t rows = 7, dim = 301;  // a row longer than a block of 256 and not a multiple of it
+  const int64_t n = rows * dim;
+  Twin x(c, e, random_floats(n, 1)), y(c, e, random_floats(n, 2)), w(c, e, random_floats(dim, 3));
+  c->add_inplace(y.cpu.get(), x.cpu.get(), n);
+  e->add_inplace(y.dev.get(), x.dev.get(), n);
+  expect_close("add_inplace", y, 0);
+  c->add_bias_rows(y.cpu.get(), w.cpu.get(), rows, dim);
+  e->add_bias_rows(y.dev.get(), w.dev.get(), rows, dim);
+  expect_close("add_bias_rows", y, 0);
+  c->scale_inplace(y.cpu.get(), 0.37f, n);
+  e->scale_inplace(y.dev.get(), 0.37f, n);
+  expect_close("scale_inplace", y, 0);
+  EXPECT_NEAR(e->sum_of_squares(y.dev.get(), n), c->sum_of_squares(y.cpu.get(), n), 1e-9 * c->sum_of_squares(y.cpu.get(), n));
+
+  Twin out(c, e, n), rstd(c, e, rows), dx(c, e, n);
+  c->rmsnorm_forward(x.cpu.get(), w.cpu.get(), rows, dim, 1e-5, out.cpu.get(), rstd.cpu.get());
+  e->rmsnorm_forward(x.dev.get(), w.dev.get(), rows, dim, 1e-5, out.dev.get(), rstd.dev.get());
+  expect_close("rmsnorm_forward y", out, 1e-6);
+  expect_close("rmsnorm_forward rstd", rstd, 1e-6);
+  c->rmsnorm_backward(y.cpu.get(), x.cpu.get(), w.cpu.get(), rstd.cpu.get(), rows, dim, dx.cpu.get());
+  e->rmsnorm_backward(y.dev.get(), x.dev.get(), w.dev.get(), rstd.dev.get(), rows, dim, dx.dev.get());
+  expect_close("rmsnorm_backward", dx, 1e-6);
+
+  Twin g(c, e, random_floats(n, 4, 3.0f)), dg(c, e, n), du(c, e, n);
+  c->swiglu_forward(g.cpu.get(), x.cpu.get(), n, out.cpu.get());
+  e->swiglu_forward(g.dev.get(), x.dev.get(), n, out.dev.get());
+  expect_close("swiglu_forward", out, 1e-6);
+  c->swiglu_backward(y.cpu.get(), g.cpu.get(), x.cpu.get(), n, dg.cpu.get(), du.cpu.get());
+  e->swiglu_backward(y.dev.get(), g.dev.get(), x.dev.get(), n, dg.dev.get(), du.dev.get());
+  expect_close("swiglu_backward dg", dg, 1e-6);
+  expect_close("swiglu_backward du", du, 1e-6);
+
+  const std::vector<int32_t> ids = {3, 0, 6, 6, 1, 5, 2};
+  Twin table(c, e, random_floats(7 * dim, 5));
+  c->embedding(ids.data(), rows, table.cpu.get(), dim, out.cpu.get());
+  e->embedding(ids.data(), rows, table.dev.get(), dim, out.dev.get());
+  expect_close("embedding", out, 0);
+
+  // AdamW: two steps with weight decay and a gradient scale
+  Twin param(c, e, random_floats(n, 6)), grad(c, e, random_floats(n, 7)), m(c, e, n), v(c, e, n);
+  for (int64_t step = 1; step <= 2; ++step) {
+    c->adamw_update(param.cpu.get(), grad.cpu.get(), m.cpu.get(), v.cpu.get(), n, 1e-2, 0.9, 0.999, 1e-8, 0.01, step, 0.5);
+    e->adamw_update(param.dev.get(), grad.dev.get(), m.dev.get(), v.dev.get(), n, 1e-2, 0.9, 0.999, 1e-8, 0.01, step, 0.5);
+  }
+  expect_close("adamw param", param, 1e-7);
+  expect_close("adamw m", m, 1e-7);
+  expect_close("adamw v", v, 1e-7);
+}
+
+inline void cross_entropy_and_log_softmax(const MakeBackend& make) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  Backend* c = cpu.get();
+  Backend* e = dev.get();
+  const int64_t rows = 6, vocab = 301;
+  Twin logits(c, e, random_floats(rows * vocab, 11, 4.0f)), dl(c, e, rows * vocab);
+  const std::vector<int32_t> targets = {5, -100, 300, 0, 17, -100};
+  std::vector<double> lp_c(rows), lp_e(rows);
+  const double loss_c = c->cross_entropy(logits.cpu.get(), targets.data(), rows, vocab, 0.25, dl.cpu.get(), lp_c.data());
+  const double loss_e = e->cross_entropy(logits.dev.get(), targets.data(), rows, vocab, 0.25, dl.dev.get(), lp_e.data());
+  EXPECT_NEAR(loss_e, loss_c, 1e-12 * std::fabs(loss_c));
+  for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(lp_e[r], lp_c[r], 1e-12);
+  expect_close("cross_entropy dlogits", dl, 1e-7);
+  EXPECT_NEAR(e->cross_entropy(logits.dev.get(), targets.data(), rows, vocab, 1.0, nullptr, nullptr), loss_c, 1e-9);
+  std::vector<float> ls_c(rows * vocab), ls_e(rows * vocab);
+  c->log_softmax_rows(logits.cpu.get(), rows, vocab, ls_c.data());
+  e->log_softmax_rows(logits.dev.get(), rows, vocab, ls_e.data());
+  expect_close("log_softmax_rows", ls_c, ls_e, 1e-7);
+  const std::vector<int32_t> bad = {5, 301, 0, 0, 0, 0};
+  EXPECT_THROWS_WITH(e->cross_entropy(logits.dev.get(), bad.data(), rows, vocab, 1.0, nullptr, nullptr),
+                     "target 301 of row 1 is outside the vocabulary of 301");
+}
+
+inline void rope_and_attention(const MakeBackend& make) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  Backend* c = cpu.get();
+  Backend* e = dev.get();
+  // GQA 6 query heads over 2 kv heads (and 3 over 3), head_dim 10, 37 positions (longer than a block of 32)
+  for (const auto& [heads, kv_heads] : {std::pair<int64_t, int64_t>{6, 2}, {3, 3}}) {
+    const int64_t batch = 2, seq = 37, hd = 10;
+    const int64_t qn = batch * seq * heads * hd, kvn = batch * seq * kv_heads * hd;
+    ModelConfig config;
+    config.head_dim = hd;
+    config.rope_theta = 10000.0;
+    const RopeTables tables = build_rope_tables(config, seq);
+    Twin cos(c, e, tables.cos), sin(c, e, tables.sin);
+    Twin q(c, e, random_floats(qn, 21)), k(c, e, random_floats(kvn, 22)), v(c, e, random_floats(kvn, 23));
+    for (bool inverse : {false, true}) {
+      c->rope_apply(q.cpu.get(), batch, seq, heads, hd, cos.cpu.get(), sin.cpu.get(), inverse);
+      e->rope_apply(q.dev.get(), batch, seq, heads, hd, cos.dev.get(), sin.dev.get(), inverse);
+      expect_close("rope_apply", q, 1e-6);
+    }
+    c->rope_apply(k.cpu.get(), batch, seq, kv_heads, hd, cos.cpu.get(), sin.cpu.get(), false);
+    e->rope_apply(k.dev.get(), batch, seq, kv_heads, hd, cos.dev.get(), sin.dev.get(), false);
+    expect_close("rope_apply k", k, 1e-6);
+
+    Twin out(c, e, qn), probs(c, e, batch * heads * seq * seq);
+    c->attention_forward(q.cpu.get(), k.cpu.get(), v.cpu.get(), batch, seq, heads, kv_heads, hd, out.cpu.get(), probs.cpu.get());
+    e->attention_forward(q.dev.get(), k.dev.get(), v.dev.get(), batch, seq, heads, kv_heads, hd, out.dev.get(), probs.dev.get());
+    expect_close("attention_forward out", out, 1e-5);
+    expect_close("attention_forward probs", probs, 1e-6);
+
+    Twin dout(c, e, random_floats(qn, 24)), dq(c, e, qn), dk(c, e, kvn), dv(c, e, kvn);
+    c->attention_backward(dout.cpu.get(), q.cpu.get(), k.cpu.get(), v.cpu.get(), probs.cpu.get(), batch, seq, heads,
+                          kv_heads, hd, dq.cpu.get(), dk.cpu.get(), dv.cpu.get());
+    e->attention_backward(dout.dev.get(), q.dev.get(), k.dev.get(), v.dev.get(), probs.dev.get(), batch, seq, heads,
+                          kv_heads, hd, dq.dev.get(), dk.dev.get(), dv.dev.get());
+    expect_close("attention_backward dq", dq, 1e-5);
+    expect_close("attention_backward dk", dk, 1e-5);
+    expect_close("attention_backward dv", dv, 1e-5);
+
+    // Generation: 3 new queries after 34 cached positions (batch 1), against the CPU's cached attention.
+    const int64_t past = 34, q_len = 3;
+    Twin qc(c, e, random_floats(q_len * heads * hd, 25)), oc(c, e, q_len * heads * hd);
+    c->attention_cached(qc.cpu.get(), k.cpu.get(), v.cpu.get(), q_len, past, heads, kv_heads, hd, oc.cpu.get());
+    e->attention_cached(qc.dev.get(), k.dev.get(), v.dev.get(), q_len, past, heads, kv_heads, hd, oc.dev.get());
+    expect_close("attention_cached", oc, 1e-5);
+  }
+}
+
+inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  // NF4 dequantize of bitsandbytes' layout (1000 and 999 values in blocks of 64), every rounding: bit for bit.
+  for (int64_t n : {int64_t{1000}, int64_t{999}}) {
+    const std::vector<float> x = random_floats(static_cast<size_t>(n), 31);
+    const nf4::Blockwise4bit q = nf4::quantize(x.data(), n, 64);
+    DeviceArray<uint8_t> packed(dev.get(), static_cast<int64_t>(q.packed.size()), MemCategory::Workspace);
+    DeviceArray<float> absmax(dev.get(), static_cast<int64_t>(q.absmax.size()), MemCategory::Workspace);
+    packed.upload(q.packed);
+    absmax.upload(q.absmax);
+    for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
+      std::vector<float> want(static_cast<size_t>(n));
+      cpu->nf4_dequantize(q.packed.data(), q.absmax.data(), n, 64, rt, want.data());
+      DeviceArray<float> got(dev.get(), n, MemCategory::Workspace);
+      dev->nf4_dequantize(packed.get(), absmax.get(), n, 64, rt, got.get());
+      EXPECT_TRUE(std::memcmp(got.download().data(), want.data(), want.size() * sizeof(float)) == 0, "dequantize");
+    }
+  }
+  // dropout: offsets that start inside a Philox block, counts that end inside one
+  for (uint64_t offset : {uint64_t{0}, uint64_t{3}, uint64_t{1000001}}) {
+    const int64_t n = 517;
+    const std::vector<float> x = random_floats(n, 41);
+    std::vector<float> want(n);
+    cpu->dropout(x.data(), n, 0.3f, 1234, 7, offset, want.data());
+    DeviceArray<float> xd(dev.get(), n, MemCategory::Workspace), out(dev.get(), n, MemCategory::Workspace);
+    xd.upload(x);
+    dev->dropout(xd.get(), n, 0.3f, 1234, 7, offset, out.get());
+    EXPECT_TRUE(std::memcmp(out.download().data(), want.data(), want.size() * sizeof(float)) == 0, "dropout at offset ", offset);
+  }
+}
+
+inline void whole_model(const MakeBackend& make, const ModelTolerance& tol) {
+  // Loss, every log-prob and every LoRA gradient of the reference models (Llama with its adapter, Llama 3 with rope
+  // scaling, Qwen2 with q/k/v biases and GQA), batch 2, with checkpointing.
+  const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+  for (const char* name : {"llama-shared", "llama3-shared", "qwen2-shared"}) {
+    auto cpu = make_cpu_backend();
+    auto dev = make();
+    auto mc = LlamaModel::load(cpu.get(), fixture(name), {});
+    auto me = LlamaModel::load(dev.get(), fixture(name), {});
+    const std::string adapter_dir = fixture(std::string(name) + "-adapter");
+    auto ac = LoraAdapter::load_peft(cpu.get(), mc->config(), adapter_dir);
+    auto ae = LoraAdapter::load_peft(dev.get(), me->config(), adapter_dir);
+    RunOptions opt;
+    opt.compute_grads = true;
+    opt.want_logprobs = true;
+    const RunResult rc = mc->run(ids.data(), ids.data(), 2, 6, ac.get(), opt);
+    const RunResult re = me->run(ids.data(), ids.data(), 2, 6, ae.get(), opt);
+    EXPECT_NEAR(re.loss_sum / re.labelled, rc.loss_sum / rc.labelled, tol.loss);
+    EXPECT_EQ(re.labelled, rc.labelled);
+    for (size_t i = 0; i < rc.logprobs.size(); ++i) EXPECT_NEAR(re.logprobs[i], rc.logprobs[i], tol.logprob);
+    auto gc = ac->parameters_and_grads();
+    auto ge = ae->parameters_and_grads();
+    for (size_t i = 0; i < gc.size(); ++i) {
+      const std::vector<float> want = gc[i].second->download(), got = ge[i].second->download();
+      double diff = 0, norm = 0;
+      for (size_t j = 0; j < want.size(); ++j) {
+        diff += (static_cast<double>(got[j]) - want[j]) * (static_cast<double>(got[j]) - want[j]);
+        norm += static_cast<double>(want[j]) * want[j];
+      }
+      EXPECT_TRUE(std::sqrt(diff) <= tol.gradient * std::sqrt(norm) + 1e-9, name, " gradient ", i, ": relative difference ",
+                  std::sqrt(diff / std::max(norm, 1e-30)));
+    }
+  }
+}
+
+inline void training_paging_and_generation(const MakeBackend& make, const ModelTolerance& tol) {
+  // NF4 weights, a new adapter with dropout, 4 AdamW steps; the emulated backend under a budget that pages the
+  // optimizer. The losses of every step and the final parameters agree with the CPU's; then greedy decoding with the
+  // KV cache gives the same logits.
+  const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  LoadOptions lo;
+  lo.quantize_nf4 = true;
+  auto mc = LlamaModel::load(cpu.get(), fixture("llama-shared"), lo);
+  auto me = LlamaModel::load(dev.get(), fixture("llama-shared"), lo);
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.dropout = 0.1;
+  auto ac = LoraAdapter::create(cpu.get(), mc->config(), lc, 3);
+  auto ae = LoraAdapter::create(dev.get(), me->config(), lc, 3);
+  AdamW oc(cpu.get(), ac.get());
+  AdamW oe(dev.get(), ae.get());
+  constexpr size_t kOptimizer = static_cast<size_t>(MemCategory::Optimizer);
+  RunOptions ro;
+  ro.compute_grads = true;
+  ro.training = true;
+  ro.seed = 9;
+  for (uint32_t step = 1; step <= 4; ++step) {
+    ro.step = step;
+    ac->zero_grad();
+    ae->zero_grad();
+    const RunResult rc = mc->run(ids.data(), ids.data(), 2, 6, ac.get(), ro);
+    const RunResult re = me->run(ids.data(), ids.data(), 2, 6, ae.get(), ro);
+    EXPECT_NEAR(re.loss_sum / re.labelled, rc.loss_sum / rc.labelled, tol.loss);
+    const int64_t run_peak = dev->memory().total_peak - dev->memory().current[kOptimizer];
+    AdamWOptions ao;
+    ao.lr = 1e-2;
+    ao.max_grad_norm = 1.0;
+    const StepReport sc = oc.step(ao), se = oe.step(ao);
+    EXPECT_NEAR(se.grad_norm, sc.grad_norm, tol.gradient * sc.grad_norm);
+    // after the first step, a budget with room for the run and half the optimizer state
+    if (step == 1) dev->set_memory_budget(run_peak + dev->memory().current[kOptimizer] / 2);
+  }
+  EXPECT_TRUE(!oe.pages().take_moves().empty(), "the budget pages the optimizer");
+  auto pc = ac->parameters_and_grads();
+  auto pe = ae->parameters_and_grads();
+  for (size_t i = 0; i < pc.size(); ++i) expect_close("trained parameter", pc[i].first->download(), pe[i].first->download(), tol.gradient);
+
+  dev->set_memory_budget(0);  // generation dequantizes whole weights into workspace: no room in this budget
+  KvCache cache_c, cache_e;
+  std::vector<float> lc_rows = mc->decode(ids.data(), 5, cache_c, ac.get());
+  std::vector<float> le_rows = me->decode(ids.data(), 5, cache_e, ae.get());
+  expect_close("prefill logits", lc_rows, le_rows, tol.logprob);
+  for (int t = 5; t < 9; ++t) {
+    lc_rows = mc->decode(ids.data() + t, 1, cache_c, ac.get());
+    le_rows = me->decode(ids.data() + t, 1, cache_e, ae.get());
+    expect_close("decode logits", lc_rows, le_rows, tol.logprob);
+  }
+}
+
+}  // namespace parity
