@@ -118,6 +118,8 @@ export interface NativeModelOptions {
   device?: 'cpu' | 'cuda';
   /** A folder searched first for cuBLASLt (with device 'cuda'). */
   cudaLibraryDir?: string;
+  /** On the GPU: 'bf16' rounds every GEMM's inputs to bf16 (fp32 accumulation), as torch.autocast does; default 'f32'. */
+  computeDtype?: 'f32' | 'bf16';
 }
 
 export interface NativeModel {

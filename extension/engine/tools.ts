@@ -30,6 +30,8 @@ export interface EstimateOptions {
   optimizer?: boolean;
   /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
   device?: 'cpu' | 'cuda';
+  /** On the GPU: bf16 compute holds bf16 copies of each GEMM's inputs while it runs. */
+  computeDtype?: 'f32' | 'bf16';
 }
 
 export interface MemoryEstimate {

@@ -99,12 +99,15 @@ const verbs: Record<string, Verb> = {
       ids: { type: 'string', required: true, description: 'comma-separated token ids, e.g. 1,5,200' },
       grads: { type: 'string', description: 'write d loss / d LoRA parameters to this safetensors file' },
       device: placementOptions.device,
+      dtype: { ...placementOptions.dtype, description: 'compute dtype on the GPU: f32 (default here, as transformers in fp32) or bf16 (as torch.autocast)' },
       'cuda-lib-dir': placementOptions['cuda-lib-dir'],
       json: { type: 'boolean', description: 'print {"loss", "next_token_logprobs"} as JSON' },
     },
     run(o) {
       // --device cuda that cannot be had is an error; auto's CPU fallback is not worth a warning for one sequence
-      const placement = placeRun(placementFromFlags(o));
+      const flags = placementFromFlags(o);
+      const placement = placeRun({ ...flags, computeDtype: flags.computeDtype ?? 'f32' });
+      if (flags.computeDtype === 'bf16' && placement.device.kind !== 'cuda') throw new UsageError('--dtype bf16 is the GPU\'s (--device cuda); the CPU computes in fp32');
       const result = score({
         engine: { ...engineOptions(placement), memoryBudget: 0 },
         model: requiredString(o, 'model'),

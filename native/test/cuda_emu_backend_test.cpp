@@ -14,7 +14,9 @@
 
 #include "backend_parity.h"
 #include "cpu/kernels.h"
+#include "cuda/cuda_backend.h"
 #include "cuda/kernel_backend.h"
+#include "model/estimate.h"
 #include "harness.h"
 #include "quant/nf4.h"
 
@@ -42,10 +44,17 @@ struct EmulatorExec {
   void download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   void zero(void* p, size_t bytes) { std::memset(p, 0, bytes); }
-  size_t gemm_workspace_bytes() const { return 0; }
+  size_t gemm_workspace_bytes() const { return static_cast<size_t>(kCudaGemmWorkspaceBytes); }  // as on the GPU
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B, float beta,
             float* C, void*, size_t) {
     cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
+  }
+  void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
+                 float beta, float* C, void*, size_t) {
+    std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N));
+    for (size_t i = 0; i < a.size(); ++i) a[i] = bf16_to_f32(A[i]);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = bf16_to_f32(B[i]);
+    cpu::gemm<float>(ta, tb, M, N, K, alpha, a.data(), b.data(), beta, C);
   }
   void* alloc_host(size_t bytes) { return alloc(bytes, "paged-out memory"); }
   void free_host(void* p) { std::free(p); }
@@ -112,6 +121,54 @@ TEST(cuda_kernels_nf4_quantize_is_bitsandbytes_byte_for_byte) {
 TEST(cuda_backend_whole_model_matches_the_cpu_on_the_reference_fixtures) {
   parity::whole_model(emulated_with(32), kEmulatedTolerance);
 }
+TEST(cuda_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
+  parity::whole_model_bf16([]() -> std::unique_ptr<Backend> {
+    auto backend = emulated(32);
+    backend->set_bf16_gemms(true);
+    return backend;
+  });
+}
+TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
+  // Two training steps as the trainer takes them; every category but the workspace is what the CPU holds (same model
+  // code), and the workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within the estimate.
+  for (bool bf16 : {false, true}) {
+    auto backend = emulated(32);
+    backend->set_bf16_gemms(bf16);
+    LoadOptions lo;
+    lo.quantize_nf4 = true;
+    auto model = LlamaModel::load(backend.get(), parity::fixture("llama-shared"), lo);
+    LoraConfig lc;
+    lc.rank = 4;
+    auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+    const int64_t batch = 2, seq = 7;
+    std::vector<int32_t> ids(static_cast<size_t>(batch * seq));
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37 + 5) % 200);
+    RunOptions ro;
+    ro.compute_grads = true;
+    std::unique_ptr<AdamW> optimizer;
+    for (int step = 0; step < 2; ++step) {
+      adapter->zero_grad();
+      model->run(ids.data(), ids.data(), batch, seq, adapter.get(), ro);
+      if (!optimizer) optimizer = std::make_unique<AdamW>(backend.get(), adapter.get());
+      optimizer->step(AdamWOptions{});
+    }
+    EstimateOptions eo;
+    eo.batch = batch;
+    eo.seq = seq;
+    eo.rank = 4;
+    eo.cuda = true;
+    eo.bf16_compute = bf16;
+    const MemoryEstimate e = estimate_memory(model->config(), eo);
+    const MemoryStats& s = backend->memory();
+    for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
+      const bool workspace = static_cast<MemCategory>(i) == MemCategory::Workspace;
+      EXPECT_TRUE(workspace ? s.peak[i] <= e.bytes[i] : s.peak[i] == e.bytes[i], "bf16 ", bf16, ": ",
+                  mem_category_name(static_cast<MemCategory>(i)), " measured ", s.peak[i], ", estimated ", e.bytes[i]);
+    }
+    EXPECT_TRUE(s.total_peak <= e.peak_total, "total peak ", s.total_peak, " over the estimate ", e.peak_total);
+  }
+}
+
 TEST(cuda_backend_trains_nf4_with_paging_and_generates_like_the_cpu) {
   parity::training_paging_and_generation(emulated_with(64), kEmulatedTolerance);
 }

@@ -12,7 +12,7 @@ import { chooseDevice, cudaBlockers, DeviceError } from '../../extension/engine/
 import type { NativeGpuReport } from '../../extension/engine/native';
 import { GpuMonitor } from '../../extension/trainer/gpuTelemetry';
 import { defaultGpuBudget, overBudgetMessage, planMemory } from '../../extension/trainer/memoryPlan';
-import { checkMemory, placeRun } from '../../extension/trainer/placement';
+import { checkMemory, engineOptions, placeRun } from '../../extension/trainer/placement';
 import { cliPath, tempDir } from '../helpers/paths';
 
 const GiB = 1024 ** 3;
@@ -34,8 +34,10 @@ test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back
   const gpu = chooseDevice('auto', report(), withCuda);
   assert.deepEqual({ kind: gpu.kind, name: gpu.name, dtype: gpu.computeDtype, fallback: gpu.fallback }, { kind: 'cuda', name: h100.name, dtype: 'bf16', fallback: null });
   assert.equal(chooseDevice('cuda', report({ computeDtype: 'fp16' }), withCuda).computeDtype, 'fp16');
-  // a CUDA backend that computes in fp32 only trains in fp32, whatever the GPU would prefer
+  // a CUDA backend that computes in fp32 only trains in fp32, whatever the GPU would prefer; without fp16 compute a
+  // Turing GPU trains in fp32
   assert.equal(chooseDevice('auto', report(), { ...withCuda, cudaComputeDtypes: ['f32'] }).computeDtype, 'f32');
+  assert.equal(chooseDevice('auto', report({ computeDtype: 'fp16' }), { ...withCuda, cudaComputeDtypes: ['f32', 'bf16'] }).computeDtype, 'f32');
   const cpu = chooseDevice('cpu', report(), withCuda);
   assert.equal(cpu.kind, 'cpu');
   assert.equal(cpu.computeDtype, 'f32');
@@ -86,6 +88,20 @@ test('the budget: the GPU\'s free memory less a margin by default, --gpu-memory-
   assert.equal(onCpu.memoryBudget, null);
   assert.deepEqual(onCpu.warnings, ['--gpu-memory-budget 8 applies on the GPU; this run is on the CPU and has no memory budget.']);
   assert.equal(placeRun({ device: 'cpu', memoryBudgetBytes: 12345 }, probe).memoryBudget, 12345);
+});
+
+test('--dtype: bf16 by default where the GPU has it, f32 when asked; the engine options follow the placement', () => {
+  const probe = () => ({ report: report(), engine: withCuda });
+  assert.equal(placeRun({}, probe).device.computeDtype, 'bf16');
+  assert.deepEqual(engineOptions(placeRun({}, probe)), { device: 'cuda', memoryBudget: 75 * GiB, computeDtype: 'bf16' });
+  const f32 = placeRun({ computeDtype: 'f32', cudaLibraryDir: '/opt/cuda/lib' }, probe);
+  assert.equal(f32.device.computeDtype, 'f32');
+  assert.deepEqual(engineOptions(f32), { device: 'cuda', memoryBudget: 75 * GiB, computeDtype: 'f32', cudaLibraryDir: '/opt/cuda/lib' });
+  const turing = () => ({ report: report({ computeDtype: 'fp16' }), engine: withCuda });
+  assert.throws(() => placeRun({ computeDtype: 'bf16' }, turing), /--dtype bf16: NVIDIA H100 80GB HBM3 computes in fp16 here/);
+  const cpu = placeRun({ device: 'cpu', computeDtype: 'bf16' }, probe);
+  assert.deepEqual(cpu.warnings, ['--dtype bf16 applies on the GPU; this run is on the CPU, which computes in fp32.']);
+  assert.deepEqual(engineOptions(cpu), { device: 'cpu', memoryBudget: 0 });
 });
 
 const estimate = {

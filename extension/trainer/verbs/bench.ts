@@ -98,7 +98,7 @@ export function bench(o: BenchOptions): BenchResult {
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
   if (!Number.isSafeInteger(o.warmup) || o.warmup < 0) throw new UsageError(`--warmup must be a whole number, got ${o.warmup}`);
   const placement = placeRun(o.placement);
-  const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank, device: placement.device.kind });
+  const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank, device: placement.device.kind, computeDtype: engineOptions(placement).computeDtype });
   const plan = checkMemory(estimate, placement, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true });
 
   const model = benchModel(o.shape, o.rank, placement);

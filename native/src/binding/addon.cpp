@@ -131,11 +131,15 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     const Napi::Object opts = options_arg(info, 1);
     guarded(env, [&] {
       const std::string device = opt_string(opts, "device").value_or("cpu");
+      const std::string dtype = opt_string(opts, "computeDtype").value_or("f32");
+      if (dtype != "f32" && dtype != "bf16") fail("computeDtype must be 'f32' or 'bf16', got '", dtype, "'");
       if (device == "cuda") {
         CudaBackendOptions co;
         co.library_dir = opt_string(opts, "cudaLibraryDir").value_or("");
+        co.bf16_compute = dtype == "bf16";
         backend_ = make_cuda_backend(co);
       } else if (device == "cpu") {
+        if (dtype != "f32") fail("the CPU computes in fp32 only (computeDtype '", dtype, "' is for the GPU)");
         backend_ = make_cpu_backend();
       } else {
         fail("device must be 'cpu' or 'cuda', got '", device, "'");
@@ -469,9 +473,12 @@ Napi::Value EngineInfo(const Napi::CallbackInfo& info) {
   Napi::Array backends = o.Get("backends").As<Napi::Array>();
   backends.Set(0u, "cpu");
   if (qlora::cuda::compiled()) backends.Set(1u, "cuda");
-  // What the CUDA backend computes in (bf16 and fp16 compute are not built yet): the device choice reports it.
+  // What the CUDA backend computes in (fp16 with loss scaling, for Turing, is not built yet).
   Napi::Array dtypes = Napi::Array::New(env);
-  if (qlora::cuda::compiled()) dtypes.Set(0u, "f32");
+  if (qlora::cuda::compiled()) {
+    dtypes.Set(0u, "f32");
+    dtypes.Set(1u, "bf16");
+  }
   o.Set("cudaComputeDtypes", dtypes);
   o.Set("cudaCompiled", qlora::cuda::compiled());
 #ifdef _OPENMP

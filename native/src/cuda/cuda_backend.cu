@@ -61,6 +61,11 @@ class CudaExec {
     lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
                 workspace_bytes, nullptr);
   }
+  void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
+                 float beta, float* C, void* workspace, size_t workspace_bytes) {
+    lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::BF16, gpu::GemmType::F32, workspace,
+                workspace_bytes, nullptr);
+  }
 
   void* alloc_host(size_t bytes) { return cuda::pinned_malloc(bytes); }
   void free_host(void* p) { cuda::pinned_free(p); }
@@ -79,7 +84,9 @@ class CudaExec {
 }  // namespace
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
-  return std::make_unique<cuda::KernelBackend<CudaExec>>(options);
+  auto backend = std::make_unique<cuda::KernelBackend<CudaExec>>(options);
+  backend->set_bf16_gemms(options.bf16_compute);
+  return backend;
 }
 
 }  // namespace qlora

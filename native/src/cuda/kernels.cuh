@@ -345,6 +345,19 @@ __global__ void attention_backward_kv(const float* dout, const float* q, const f
   }
 }
 
+// bf16 for the GEMMs of bf16 compute: each value rounded to nearest even, as torch casts.
+__device__ __forceinline__ uint16_t bf16_bits(float v) {
+#ifdef __CUDACC__
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#else
+  return f32_to_bf16(v);
+#endif
+}
+
+__global__ void to_bf16(const float* x, int64_t n, uint16_t* out) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = bf16_bits(x[i]);
+}
+
 // ---- NF4 ----
 // A dequantized value rounded to the quant state's dtype (round_to: 0 fp32, 1 bf16, 2 fp16), round to nearest even.
 __device__ __forceinline__ float round_stored(float v, int round_to) {

@@ -78,6 +78,13 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.cuda) {
     add(Ws, kCudaGemmWorkspaceBytes);
     add(Ws, o.batch * c.num_heads * o.seq * o.seq * kF32);  // attention backward's dS, as large as probs
+    if (o.bf16_compute) {
+      // the largest weight-side operand (the LM head or a linear) and the largest row-side one (a chunk of
+      // logits' gradient, or activations into the widest linear), two bytes each
+      const int64_t weight_side = std::max(vocab * h, max_linear_size);
+      const int64_t row_side = std::max(logits_rows * vocab, n * std::max({h, qd, inter}));
+      add(Ws, 2 * (weight_side + row_side));
+    }
   }
   // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all
   // of them without checkpointing, one block's worth with it), then the backward pass's buffers.

@@ -24,8 +24,10 @@ struct EstimateOptions {
   bool stored_4bit = false;
   bool gradient_checkpointing = true;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
-  // On the CUDA backend: its GEMM workspace and the attention backward's dS scratch (cuda/kernel_backend.h) too.
+  // On the CUDA backend: its GEMM workspace and the attention backward's dS scratch (cuda/kernel_backend.h) too,
+  // and with bf16 compute the bf16 copies of the largest GEMM's inputs.
   bool cuda = false;
+  bool bf16_compute = false;
 };
 
 struct MemoryEstimate {

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# There (the GPU machine, from the repository root, with what prepare-gpu-check.sh made carried along): every GPU
+# check of issues 2, 3 and 6 in one go, each step's log in $OUT and one line per step in $OUT/summary.txt:
+#   reference_check  transformers + PEFT against our scores, adapters and merges (issues 2, 3)
+#   test_gpu         the GPU suite: CUDA kernels and the whole model against the CPU, then the trainer on the GPU
+#   bench_*          bench --shape 8b --batch 1 --seq 2048 (bf16 and f32), and under a budget that pages
+#   hf_reference     transformers + PEFT LoRA on the same shape, for the speed ratio (last: it takes longest)
+# Steps run in that order whatever the earlier ones gave; SKIP=name,name leaves steps out. Run it as
+#   bash scripts/device/gpu_check.sh                       (about 9 minutes at most)
+#   SKIP=reference_check,test_gpu bash scripts/device/gpu_check.sh   (a second call: the benchmarks)
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+xz -dc .device/node.xz > /tmp/node && chmod +x /tmp/node && export PATH=/tmp:$PATH
+export PYTHONUNBUFFERED=1
+# cuBLASLt: the engine searches the CUDA folders and Python's nvidia wheels itself; name the first one found too
+lib=$(find /usr/local /usr/lib /opt $(python3 -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null) \
+  -name 'libcublasLt.so.13*' 2>/dev/null | head -1)
+[ -n "$lib" ] && export QLORA_CUDA_LIB_DIR=$(dirname "$lib")
+{ nvidia-smi; echo "QLORA_CUDA_LIB_DIR=${QLORA_CUDA_LIB_DIR:-}"; node --version; } > "$OUT/machine.txt" 2>&1
+node dist/cli.js doctor --json > "$OUT/doctor.json" 2>&1
+
+# Steps share DEADLINE seconds (default 540, inside the run tool's 600): each gets its own limit or what is left.
+DEADLINE=${DEADLINE:-540}
+step() {
+  local name=$1 limit=$2; shift 2
+  case ",${SKIP:-}," in *",$name,"*) echo "$name: skipped" >> "$OUT/summary.txt"; return;; esac
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 30 ]; then echo "$name: not run (out of time)" >> "$OUT/summary.txt"; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: exit $? in $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
+}
+step reference_check 120 python3 scripts/device/reference_check.py .device/refcheck --device cpu,cuda --out "$OUT"
+step test_gpu 300 node scripts/test-gpu.mjs
+step bench_8b_bf16 150 node dist/cli.js bench --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --json
+step bench_8b_f32 150 node dist/cli.js bench --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --dtype f32 --json
+# a budget half the optimizer state short of the estimated peak: the optimizer pages, the loss stays
+budget=$(node -e "const e = require('./out/extension/engine/tools').estimateMemory({ shape: '8b' }, { batch: 1, seq: 2048, rank: 16, device: 'cuda', computeDtype: 'bf16' }); console.log(((e.peakTotal - e.categories.optimizer / 2) / 2 ** 30).toFixed(4))")
+echo "paged budget: $budget GiB" >> "$OUT/summary.txt"
+step bench_8b_paged 150 node dist/cli.js bench --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --gpu-memory-budget "$budget" --json
+step hf_reference 300 python3 .device/hf_reference.py --mode lora --configs 8b:1x2048 --optim adamw
