@@ -34,10 +34,10 @@ step() {
 }
 step reference_check 120 python3 scripts/device/reference_check.py .device/refcheck --device cpu,cuda --out "$OUT"
 step test_gpu 300 node scripts/test-gpu.mjs
-step bench_8b_bf16 150 node dist/cli.js bench --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --json
-step bench_8b_f32 150 node dist/cli.js bench --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --dtype f32 --json
+step bench_8b_bf16 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --json
+step bench_8b_f32 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --dtype f32 --json
 # a budget half the optimizer state short of the estimated peak: the optimizer pages, the loss stays
 budget=$(node -e "const e = require('./out/extension/engine/tools').estimateMemory({ shape: '8b' }, { batch: 1, seq: 2048, rank: 16, device: 'cuda', computeDtype: 'bf16' }); console.log(((e.peakTotal - e.categories.optimizer / 2) / 2 ** 30).toFixed(4))")
 echo "paged budget: $budget GiB" >> "$OUT/summary.txt"
-step bench_8b_paged 150 node dist/cli.js bench --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --gpu-memory-budget "$budget" --json
+step bench_8b_paged 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --gpu-memory-budget "$budget" --json
 step hf_reference 300 python3 .device/hf_reference.py --mode lora --configs 8b:1x2048 --optim adamw
