@@ -37,7 +37,9 @@ void fiber_entry() {
   swapcontext(&current->context, &scheduler);
 }
 
-void run_block(size_t threads) {
+// Threads run in index order in even blocks and in reverse order in odd ones: a kernel that reads what another
+// thread writes without a barrier between gets different results in the two orders, which the tests see.
+void run_block(size_t threads, bool reverse) {
   for (size_t t = 0; t < threads; ++t) {
     Fiber& f = *pool[t];
     f.index = dim3(static_cast<unsigned>(t % block_dim.x), static_cast<unsigned>((t / block_dim.x) % block_dim.y),
@@ -51,8 +53,8 @@ void run_block(size_t threads) {
     makecontext(&f.context, fiber_entry, 0);
   }
   for (;;) {
-    for (size_t t = 0; t < threads; ++t) {
-      Fiber& f = *pool[t];
+    for (size_t k = 0; k < threads; ++k) {
+      Fiber& f = *pool[reverse ? threads - 1 - k : k];
       if (f.done || f.at_barrier) continue;
       current = &f;
       thread_idx = f.index;
@@ -81,7 +83,7 @@ void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         block_idx = dim3(x, y, z);
-        run_block(threads);
+        run_block(threads, (x + y + z) % 2 == 1);
       }
   current_body = nullptr;
 }

@@ -2,8 +2,9 @@
 // run on the CPU, each CUDA thread a fiber, so that CI (which has nvcc but no GPU) checks their indexing, their
 // reductions and the host code around them against the CPU reference. Every thread of a block runs until it reaches
 // __syncthreads() or returns; when all have, the block goes on. __shared__ variables are static (one copy, shared
-// by the block's threads; blocks run one after another). What it cannot check: timing, memory coalescing, and
-// races that a real GPU would show between threads that never synchronize (it runs them in a fixed order).
+// by the block's threads; blocks run one after another). Threads run in index order in some blocks and in reverse
+// order in others, so a missing barrier shows as a wrong result. What it cannot check: timing, memory coalescing,
+// and races that only true parallelism shows.
 // Linux only (ucontext).
 #pragma once
 #include <cmath>

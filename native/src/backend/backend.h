@@ -101,8 +101,9 @@ class Backend {
   virtual void swiglu_forward(const float* g, const float* u, int64_t n, float* out) = 0;
   virtual void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg,
                                float* du) = 0;
-  // Sum of -log p(target) over labelled rows; dlogits (optional) = grad_scale * (softmax - onehot);
-  // host_logprobs (optional, host memory) = log p(target) per row. Targets live in host memory.
+  // Sum of -log p(target) over labelled rows; dlogits (optional) = grad_scale * (softmax - onehot), and may be
+  // `logits` itself (written in place); host_logprobs (optional, host memory) = log p(target) per row. Targets live
+  // in host memory.
   virtual double cross_entropy(const float* logits, const int32_t* host_targets, int64_t rows, int64_t vocab,
                                double grad_scale, float* dlogits, double* host_logprobs) = 0;
   // Log-softmax of each row of `logits` (device memory) into `host_out` [rows, vocab] (host memory).

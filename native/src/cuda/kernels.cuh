@@ -181,7 +181,9 @@ __global__ void rmsnorm_backward(const float* dy, const float* x, const float* w
 }
 
 // Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
-// logprob[r]; dlogits (optional) = grad_scale * (softmax - onehot). The log-sum-exp in double.
+// logprob[r]; dlogits (optional) = grad_scale * (softmax - onehot). The log-sum-exp in double. dlogits may be the
+// logits themselves (the model writes the gradient in place): every read of the row that another thread's write
+// could overwrite happens before the reductions' barriers.
 __global__ void cross_entropy(const float* logits, const int32_t* targets, int64_t vocab, double grad_scale,
                               float* dlogits, double* logprob) {
   const int64_t r = blockIdx.x;
@@ -194,6 +196,7 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
     if (threadIdx.x == 0) logprob[r] = 0.0;
     return;
   }
+  const double target_logit = lr[target];
   double m = -INFINITY;
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = max_of(m, static_cast<double>(lr[i]));
   m = block_max(m);
@@ -201,8 +204,8 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) sum += exp(static_cast<double>(lr[i]) - m);
   sum = block_sum(sum);
   const double log_z = m + log(sum);
-  if (threadIdx.x == 0) logprob[r] = static_cast<double>(lr[target]) - log_z;
-  if (dr)
+  if (threadIdx.x == 0) logprob[r] = target_logit - log_z;
+  if (dr)  // each thread reads and writes its own elements only
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
       float d = static_cast<float>(exp(static_cast<double>(lr[i]) - log_z) * grad_scale);
       if (i == target) d -= static_cast<float>(grad_scale);
