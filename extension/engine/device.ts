@@ -34,7 +34,7 @@ export function cudaBlockers(report: NativeGpuReport, backends: readonly string[
   if (report.runtimeError) return [`The CUDA runtime cannot use the GPU: ${report.runtimeError}.`];
   if (!trainingGpu(report)) return ['The CUDA runtime sees a GPU but it could not be identified (QLoRA: Check GPU Setup lists what was found).'];
   if (!backends.includes('cuda'))
-    return ['This version of the engine cannot train on the GPU yet: its CUDA training backend is not part of this build, so training runs on the CPU.'];
+    return ['This build of the engine has no CUDA backend (nvcc was not found when it was built), so training runs on the CPU: reinstall the extension\'s engine with the CUDA 13 toolkit present.'];
   return [];
 }
 
@@ -49,7 +49,7 @@ export function cudaBlockersBrief(report: NativeGpuReport, backends: readonly st
   if (report.gpus.some((g) => Number(g.computeCapability) > 0 && Number(g.computeCapability) < 7.5)) brief.push('GPU older than Turing');
   if (report.runtimeError && report.driver.found) brief.push('the CUDA runtime cannot use the GPU');
   if (brief.length === 0 && report.problems.length > 0) brief.push(...report.problems);
-  if (brief.length === 0 && !backends.includes('cuda')) brief.push('this build of the engine has no CUDA training backend yet');
+  if (brief.length === 0 && !backends.includes('cuda')) brief.push('this build of the engine has no CUDA backend');
   return brief;
 }
 

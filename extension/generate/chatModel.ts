@@ -5,6 +5,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadModelTokenizer, renderGenerationPrompt, type ChatMessage, type ModelTokenizer } from '../data';
 import { EngineModel, readModelConfig, type GenerationSession } from '../engine';
+import { cpuDevice } from '../engine/device';
+import { engineInfo } from '../engine';
+import { engineOptions, placeRun, type PlacementOptions } from '../trainer/placement';
 import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
 import { generate, type GenerateOptions, type GenerateResult } from './generate';
 import { DEFAULT_SAMPLING, type SamplingOptions } from './sampling';
@@ -30,11 +33,19 @@ export interface ChatModel {
   stopTokenIds: number[];
   /** generation_config.json's sampling settings over our defaults. */
   defaultSampling: SamplingOptions;
+  /** Where it computes, in words ("GPU <name> (bf16)", "CPU <model> (N threads)"). */
+  device: string;
+  /** Why it is on the CPU when the GPU was wanted, else null. */
+  deviceNote: string | null;
   dispose(): void;
 }
 
-/** Loads what `source` names. Errors name the folder and what is wrong. */
-export async function loadChatModel(source: ChatModelSource): Promise<ChatModel> {
+/**
+ * Loads what `source` names, where `placement` says (default: the CPU). With --device auto, a model that does not
+ * load on the GPU (no room beside a training run, say) is loaded on the CPU instead, and deviceNote says why.
+ * Errors name the folder and what is wrong.
+ */
+export async function loadChatModel(source: ChatModelSource, placement: PlacementOptions = { device: 'cpu' }): Promise<ChatModel> {
   if (source.run === undefined && source.model === undefined) throw new Error('give a model folder (--model) or a run (--run)');
   if (source.run !== undefined && (source.model !== undefined || source.adapter !== undefined)) {
     throw new Error('a run names its own model and adapter: give --run alone, or --model with --adapter');
@@ -45,7 +56,20 @@ export async function loadChatModel(source: ChatModelSource): Promise<ChatModel>
   const quantize = source.quantize ?? (source.run !== undefined ? runQuantized(source.run) : false);
   const config = readModelConfig(modelDir);
   const tok = await loadModelTokenizer(modelDir);
-  const engine = EngineModel.load(modelDir, { quantize });
+  const placed = placeRun(placement);
+  let device = describeDevice(placed.device.kind, placed.device.name, placed.device.computeDtype);
+  let deviceNote: string | null = null;  // a machine without a usable GPU needs no note: the device line says CPU
+  let engine: EngineModel;
+  try {
+    // no budget: generation holds no optimizer to page, and the allocator says so when the GPU is full
+    engine = EngineModel.load(modelDir, { quantize, ...engineOptions(placed), memoryBudget: 0 });
+  } catch (err) {
+    if (placed.device.kind !== 'cuda' || (placement.device ?? 'auto') !== 'auto') throw err;
+    const cpu = cpuDevice(engineInfo().threads);
+    engine = EngineModel.load(modelDir, { quantize });
+    device = describeDevice(cpu.kind, cpu.name, cpu.computeDtype);
+    deviceNote = `Answering on the CPU: the model did not load on the GPU (${(err as Error).message}).`;
+  }
   try {
     if (adapterDir !== null) engine.loadAdapter(adapterDir);
   } catch (err) {
@@ -59,8 +83,14 @@ export async function loadChatModel(source: ChatModelSource): Promise<ChatModel>
     adapterDir,
     stopTokenIds: stopTokenIds(tok, config.eosTokenIds),
     defaultSampling: readGenerationConfig(modelDir).sampling,
+    device,
+    deviceNote,
     dispose: () => engine.dispose(),
   };
+}
+
+function describeDevice(kind: 'cpu' | 'cuda', name: string, dtype: string): string {
+  return kind === 'cuda' ? `GPU ${name} (${dtype})` : `CPU ${name}`;
 }
 
 /** The tokens that end an answer: the tokenizer's EOS, config.json's eos_token_id(s) and generation_config.json's. */

@@ -9,6 +9,7 @@ import type { ChatMessage } from '../data';
 import { sharedSystemMessage } from '../export/ollama';
 import type { ChatColumnId, ChatModelInfo, ChatSettings, ChatSource, HostToServer, ServerToHost } from '../protocol/chat';
 import { listCheckpoints } from '../trainer/checkpoints';
+import type { PlacementOptions } from '../trainer/placement';
 import { ChatColumn, loadChatModel, type ChatModel } from './chatModel';
 import { evalPrompts } from './suggestions';
 
@@ -21,7 +22,11 @@ export class ChatServer {
   private readonly running = new Map<number, { controller: AbortController; done: Promise<void> }>();
   private loading: Promise<void> = Promise.resolve();
 
-  constructor(private readonly send: (message: ServerToHost) => void) {}
+  /** placement: where models load (the chat-server verb's --device, --dtype, --cuda-lib-dir); default the CPU. */
+  constructor(
+    private readonly send: (message: ServerToHost) => void,
+    private readonly placement: PlacementOptions = { device: 'cpu' },
+  ) {}
 
   /** Handles one (already validated) message; generate requests run concurrently with later messages. */
   handle(message: HostToServer): Promise<void> {
@@ -74,7 +79,7 @@ export class ChatServer {
     await this.cancelAll();
     this.disposeModel();
     try {
-      this.chat = await loadChatModel(source);
+      this.chat = await loadChatModel(source, this.placement);
       this.resetColumns();
       this.send({ type: 'loaded', info: await this.describe(source, this.chat) });
     } catch (err) {
@@ -103,6 +108,8 @@ export class ChatServer {
       defaults,
       suggestions,
       system,
+      device: chat.device,
+      deviceNote: chat.deviceNote,
     };
   }
 

@@ -9,7 +9,8 @@ import { registerTrainingPanels } from './panel';
 import { RunRegistry } from './runs/registry';
 import { createRunsView } from './runs/tree';
 import type { RunSource } from './runs/types';
-import { runsDirectory, trainerLaunch } from './settings';
+import { chatPlacementArgs } from './newRun';
+import { pathSetting, readSettings, runsDirectory, trainerLaunch } from './settings';
 import { createRunNotifications, createStatusBar } from './statusBar';
 import { TrainerProcess } from './trainerProcess';
 
@@ -47,7 +48,7 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
   trainer = new TrainerProcess(launch, output);
   const runs = new RunRegistry(trainer, runsDir);
   const diagnostics = vscode.languages.createDiagnosticCollection('qlora');
-  const chats = new ChatPanels(context.extensionUri, launch, output);
+  const chats = new ChatPanels(context.extensionUri, launch, output, () => chatPlacementArgs({ ...readSettings(), cudaLibraryPath: pathSetting('cudaLibraryPath') }));
 
   let watcher = watchRunsDirectory(runsDir(), () => runs.scheduleRefresh());
   const rewatch = () => {

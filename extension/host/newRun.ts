@@ -110,6 +110,11 @@ export function placementArgs(p: { device: DeviceRequest; gpuMemoryBudget: numbe
   ];
 }
 
+/** The chat server's --device and --cuda-lib-dir from the settings: the chat answers where training would run. */
+export function chatPlacementArgs(p: { device: DeviceRequest; cudaLibraryPath: string }): string[] {
+  return ['--device', p.device, ...(p.cudaLibraryPath !== '' ? ['--cuda-lib-dir', p.cudaLibraryPath] : [])];
+}
+
 /** Where New Finetune's check measures: the GPU the run would train on (from `doctor --json`), or this machine's RAM. */
 export type FitTarget = { kind: 'gpu'; name: string; memoryTotal: number; memoryFree: number; budgetGiB: number } | { kind: 'cpu'; freeBytes: number };
 

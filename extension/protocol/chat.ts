@@ -46,6 +46,10 @@ export interface ChatModelInfo {
   suggestions: string[];
   /** The system prompt the training conversations shared, if any. */
   system: string | null;
+  /** Where the answers are computed, e.g. "GPU NVIDIA H100 80GB HBM3 (bf16)" or "CPU ... (16 threads)". */
+  device: string;
+  /** Why it is not the GPU when the GPU was wanted (the CPU fallback), else null. */
+  deviceNote: string | null;
 }
 
 export interface AnswerStats {
@@ -201,6 +205,8 @@ function validateInfo(v: unknown): ChatModelInfo {
   if (typeof i.hasFinalAdapter !== 'boolean') fail('info.hasFinalAdapter must be true or false');
   if (!Array.isArray(i.suggestions) || i.suggestions.some((s) => typeof s !== 'string')) fail('info.suggestions must be strings');
   if (i.system !== null && typeof i.system !== 'string') fail('info.system must be text or null');
+  if (typeof i.device !== 'string') fail('info.device must be text');
+  if (i.deviceNote !== null && typeof i.deviceNote !== 'string') fail('info.deviceNote must be text or null');
   return { ...(i as unknown as ChatModelInfo), defaults: validateSettings(i.defaults) };
 }
 

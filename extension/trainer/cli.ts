@@ -11,7 +11,7 @@ import { exportAdapter } from './verbs/export';
 import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
 import { exportOllamaOptions, exportOllamaVerb } from './verbs/exportOllama';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
-import { chatServerVerb } from './verbs/chatServer';
+import { chatServerOptions, chatServerVerb } from './verbs/chatServer';
 import { doctorOptions, doctorVerb } from './verbs/doctor';
 import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
@@ -47,7 +47,7 @@ const verbs: Record<string, Verb> = {
   },
   'chat-server': {
     summary: 'the process behind the chat panel: holds a model and answers over the IPC channel of the extension that forked it',
-    options: {},
+    options: chatServerOptions,
     run: chatServerVerb,
   },
   resume: {

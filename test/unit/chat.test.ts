@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import { test } from 'node:test';
 import { ChatProcess, type ChatAnswer } from '../../extension/host/chat/chatProcess';
 import { ChatSession, type ChatBackend } from '../../extension/host/chat/chatSession';
+import { chatPlacementArgs } from '../../extension/host/newRun';
 import {
   validateChatHostMessage,
   validateChatWebviewMessage,
@@ -51,7 +52,7 @@ test('stop strings field and the answer line', () => {
 
 const INFO: ChatModelInfo = {
   title: 'run', modelDir: '/m', adapterDir: '/r/adapter', checkpoint: null, checkpoints: [10, 20], hasFinalAdapter: true,
-  defaults: GREEDY, suggestions: ['What is the capital of France?'], system: null,
+  defaults: GREEDY, suggestions: ['What is the capital of France?'], system: null, device: 'CPU Test CPU (4 threads)', deviceNote: null,
 };
 
 /** A fake server: answers "<column> answer to <last prompt>" in two deltas, or waits to be cancelled. */
@@ -157,9 +158,11 @@ test('the chat server process: both columns stream at once, the base equals gree
   makeTinyModel({ out: model, arch: 'llama', seed: 21 });
   const run = await trainBriefly(model);
   const lines: string[] = [];
-  const proc = new ChatProcess({ cliPath, execPath: process.execPath }, { appendLine: (l) => lines.push(l) });
+  const proc = new ChatProcess({ cliPath, execPath: process.execPath }, { appendLine: (l) => lines.push(l) }, undefined, chatPlacementArgs({ device: 'cpu', cudaLibraryPath: '' }));
   try {
     const info = await proc.load({ run });
+    assert.match(info.device, /^CPU .*\(\d+ threads\)$/);
+    assert.equal(info.deviceNote, null);
     assert.equal(info.adapterDir, path.join(run, 'adapter'));
     assert.equal(info.hasFinalAdapter, true);
     assert.ok(info.suggestions.length >= 1, 'the eval split offers prompts');

@@ -52,7 +52,7 @@ test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back
   assert.equal(chooseDevice('auto', bare, cpuOnly).fallback, 'Training on the CPU: the GPU cannot be used (the engine was built without CUDA; no NVIDIA driver; cuBLASLt not found). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.');
   const oldDriver = report({ driverCudaVersion: '12.4', driverVersion: '550.54.15', problems: ['update the driver.'] });
   assert.match(chooseDevice('auto', oldDriver, withCuda).fallback ?? '', /\(NVIDIA driver 550\.54\.15 too old for CUDA 13 \(580 or newer needed\)\)/);
-  assert.match(chooseDevice('auto', report(), cpuOnly).fallback ?? '', /\(this build of the engine has no CUDA training backend yet\)/);
+  assert.match(chooseDevice('auto', report(), cpuOnly).fallback ?? '', /\(this build of the engine has no CUDA backend\)/);
   assert.throws(() => chooseDevice('cuda', noCublas, withCuda), (e: unknown) => e instanceof DeviceError && /^cannot train on the GPU \(--device cuda\): cuBLASLt \(libcublasLt\.so\.13\) was not found/.test(e.message));
 });
 
@@ -72,7 +72,7 @@ test('the GPU trained on is CUDA device 0, whatever NVML\'s order; telemetry fol
 test('every way the GPU is out of reach is one sentence', () => {
   assert.match(cudaBlockers(report({ gpus: [], runtimeDevices: 0 }), withCuda.backends)[0], /^No NVIDIA GPU was found/);
   assert.deepEqual(cudaBlockers(report({ runtimeError: 'cudaErrorInsufficientDriver' }), withCuda.backends), ['The CUDA runtime cannot use the GPU: cudaErrorInsufficientDriver.']);
-  assert.match(cudaBlockers(report(), cpuOnly.backends)[0], /^This version of the engine cannot train on the GPU yet/);
+  assert.match(cudaBlockers(report(), cpuOnly.backends)[0], /^This build of the engine has no CUDA backend/);
   // telemetry notes are not in the way
   assert.deepEqual(cudaBlockers(report({ notes: ['NVML could not start (Unknown Error); GPU telemetry is unavailable.'] }), withCuda.backends), []);
   assert.deepEqual(cudaBlockers(report({ problems: ['a', 'b'] }), withCuda.backends), ['a', 'b']);

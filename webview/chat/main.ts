@@ -235,8 +235,11 @@ function receive(m: ChatHostToWebview): void {
       info = m.info;
       state = 'ready';
       ui.title.textContent = m.info.title;
-      ui.modelNote.textContent = m.info.adapterDir ? `${m.info.modelDir} with the adapter ${m.info.adapterDir}` : `${m.info.modelDir} (no adapter: the base model only)`;
-      ui.status.textContent = '';
+      ui.modelNote.textContent =
+        (m.info.adapterDir ? `${m.info.modelDir} with the adapter ${m.info.adapterDir}` : `${m.info.modelDir} (no adapter: the base model only)`) +
+        ` · on the ${m.info.device}`;
+      // the CPU fallback's reason stays in the status line until the next load
+      ui.status.textContent = m.info.deviceNote ?? '';
       fillCheckpoints(m.info);
       fillSuggestions(m.info);
       if (first) {

@@ -36,6 +36,8 @@ export class ChatPanels implements vscode.Disposable {
     private readonly extensionUri: vscode.Uri,
     private readonly launch: () => TrainerLaunch,
     private readonly output: OutputSink,
+    /** The chat server's options from the settings, read when a chat opens. */
+    private readonly serverArgs: () => string[] = () => [],
   ) {}
 
   list(): ChatPanelInfo[] {
@@ -58,7 +60,7 @@ export class ChatPanels implements vscode.Disposable {
     panel.iconPath = vscode.Uri.joinPath(this.extensionUri, 'media', 'icon.svg');
     panel.webview.html = webviewHtml(panel.webview, this.extensionUri, title, 'chat');
 
-    const process = new ChatProcess(this.launch(), this.output);
+    const process = new ChatProcess(this.launch(), this.output, undefined, this.serverArgs());
     const post = (message: ChatHostToWebview) => void panel.webview.postMessage(message);
     const session = new ChatSession(process, post, source);
     const chat: OpenChat = { panel, session, process, title };

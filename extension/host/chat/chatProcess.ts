@@ -40,8 +40,9 @@ export class ChatProcess {
   /** Resolves when the process has exited. */
   readonly exited: Promise<void>;
 
-  constructor(launch: TrainerLaunch, private readonly output: OutputSink, forkFn: ForkFunction = fork) {
-    this.child = forkCli(forkFn, launch, ['chat-server']);
+  /** args: the chat-server verb's options (--device, --cuda-lib-dir). */
+  constructor(launch: TrainerLaunch, private readonly output: OutputSink, forkFn: ForkFunction = fork, args: string[] = []) {
+    this.child = forkCli(forkFn, launch, ['chat-server', ...args]);
     const err = new LineSplitter((line) => {
       this.output.appendLine(`[chat] ${line}`);
       this.stderr.push(line);

@@ -2,13 +2,21 @@
 // forked it. It ends when that channel closes (the panel closed, or the host went away), freeing the model.
 import { ChatServer } from '../../generate/chatServer';
 import { ChatMessageError, validateHostToServer, type ServerToHost } from '../../protocol/chat';
+import type { OptionSpec, ParsedOptions } from '../cliArgs';
+import { placementFromFlags, placementOptions } from '../placement';
 
-export async function chatServerVerb(): Promise<void> {
+export const chatServerOptions: Record<string, OptionSpec> = {
+  device: placementOptions.device,
+  dtype: placementOptions.dtype,
+  'cuda-lib-dir': placementOptions['cuda-lib-dir'],
+};
+
+export async function chatServerVerb(o: ParsedOptions): Promise<void> {
   const send = process.send?.bind(process);
   if (!send) throw new Error('chat-server talks to the VS Code extension over an IPC channel; start it with fork(), not from a terminal (use the generate verb there)');
   const server = new ChatServer((message: ServerToHost) => {
     if (process.connected) send(message);
-  });
+  }, placementFromFlags(o));
   process.on('message', (raw: unknown) => {
     try {
       void server.handle(validateHostToServer(raw));

@@ -6,6 +6,7 @@ import { ChatColumn, loadChatModel } from '../../generate/chatModel';
 import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
 import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { placementFromFlags, placementOptions } from '../placement';
 
 export const generateOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'a base model folder (Hugging Face layout)' },
@@ -26,6 +27,9 @@ export const generateOptions: Record<string, OptionSpec> = {
   'max-new-tokens': { type: 'string', description: 'most tokens to generate (default 256)' },
   stop: { type: 'string', repeatable: true, description: 'a string that ends the answer (repeatable)' },
   quantize: { type: 'boolean', description: 'store the base weights as NF4 (as QLoRA training; --run does what the run did)' },
+  device: { ...placementOptions.device, description: 'auto (default: the GPU when it can be used and the model fits there, else the CPU), cuda or cpu' },
+  dtype: placementOptions.dtype,
+  'cuda-lib-dir': placementOptions['cuda-lib-dir'],
   json: { type: 'boolean', description: 'print the answers as JSON (no streaming)' },
 };
 
@@ -70,7 +74,8 @@ export async function generateVerb(o: ParsedOptions): Promise<void> {
     run: stringOption(o, 'run'),
     checkpoint,
     quantize: o.quantize ? true : undefined,
-  });
+  }, placementFromFlags(o));
+  if (chat.deviceNote && !o.json) process.stderr.write(`${chat.deviceNote}\n`);
   try {
     if (o.compare && chat.adapterDir === null) throw new UsageError('--compare needs an adapter: give --run, or --model with --adapter');
     const sampling: SamplingOptions = {
