@@ -80,3 +80,26 @@ TEST(caching_allocator_gives_the_cache_back_when_the_device_is_full_or_the_limit
   EXPECT_THROWS_WITH(a.allocate(1024, "activations"), "device memory would pass its limit: 1.00 KiB more for activations on top of 1.50 KiB of 2.00 KiB");
   a.free(w);
 }
+
+TEST(caching_allocator_under_a_limit_reuses_blocks_of_the_very_size_only) {
+  // Under a limit (the memory budget) a larger cached block would hold more than is asked for, unseen by the budget:
+  // only the same rounded size is reused, and a new block gives the cache back first when the limit needs it.
+  FakeDevice dev(1 << 20);
+  CachingAllocator a = dev.allocator();
+  a.set_reserve_limit(5000);
+  void* x = a.allocate(1536, "optimizer");
+  a.free(x);
+  void* y = a.allocate(1000, "activations");  // 1024: not the cached 1536, although it would fit
+  EXPECT_TRUE(y != x);
+  EXPECT_EQ(a.in_use_bytes(), int64_t{1024});
+  void* z = a.allocate(1500, "optimizer");  // 1536: the cached block
+  EXPECT_TRUE(z == x);
+  EXPECT_EQ(a.device_allocations(), int64_t{2});
+  a.free(y);
+  void* big = a.allocate(3000, "weights");  // 3072 + 1536 in use + 1024 cached > 5000: the cache goes back first
+  EXPECT_EQ(a.cached_bytes(), int64_t{0});
+  EXPECT_EQ(a.reserved_bytes(), int64_t{3072 + 1536});
+  EXPECT_EQ(dev.held, int64_t{3072 + 1536});
+  a.free(big);
+  a.free(z);
+}

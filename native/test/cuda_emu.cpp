@@ -61,12 +61,18 @@ void run_block(size_t threads, bool reverse) {
       ++switch_count;
       swapcontext(&scheduler, &f.context);
     }
-    bool any_waiting = false;
+    bool any_waiting = false, any_done = false;
     for (size_t t = 0; t < threads; ++t) {
       any_waiting = any_waiting || pool[t]->at_barrier;
+      any_done = any_done || pool[t]->done;
       pool[t]->at_barrier = false;
     }
     if (!any_waiting) return;
+    // On a GPU a barrier that some threads of the block never reach (they returned) is undefined behaviour.
+    if (any_done)
+      throw std::runtime_error("cuda_emu: some threads of block (" + std::to_string(block_idx.x) + ", " +
+                               std::to_string(block_idx.y) + ", " + std::to_string(block_idx.z) +
+                               ") returned while others wait at __syncthreads()");
   }
 }
 
@@ -74,7 +80,11 @@ void run_block(size_t threads, bool reverse) {
 
 void launch(dim3 grid, dim3 block, const std::function<void()>& body) {
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
-  if (threads == 0 || threads > 1024) throw std::runtime_error("cuda_emu: a block of " + std::to_string(threads) + " threads");
+  // CUDA's launch limits (compute capability 7.5 and newer): a launch past them fails on the GPU
+  if (threads == 0 || threads > 1024 || block.z > 64) throw std::runtime_error("cuda_emu: a block of " + std::to_string(threads) + " threads");
+  if (grid.x == 0 || grid.x > 0x7fffffffu || grid.y == 0 || grid.y > 65535 || grid.z == 0 || grid.z > 65535)
+    throw std::runtime_error("cuda_emu: a grid of " + std::to_string(grid.x) + " x " + std::to_string(grid.y) + " x " +
+                             std::to_string(grid.z) + " blocks");
   while (pool.size() < threads) pool.push_back(std::make_unique<Fiber>());
   grid_dim = grid;
   block_dim = block;

@@ -3,8 +3,9 @@
 // reductions and the host code around them against the CPU reference. Every thread of a block runs until it reaches
 // __syncthreads() or returns; when all have, the block goes on. __shared__ variables are static (one copy, shared
 // by the block's threads; blocks run one after another). Threads run in index order in some blocks and in reverse
-// order in others, so a missing barrier shows as a wrong result. What it cannot check: timing, memory coalescing,
-// and races that only true parallelism shows.
+// order in others, so a missing barrier shows as a wrong result; a barrier some threads never reach and a launch
+// past CUDA's grid and block limits are errors. What it cannot check: timing, memory coalescing, warp-level
+// behaviour, and races that only true parallelism shows.
 // Linux only (ucontext).
 #pragma once
 #include <cmath>

@@ -40,6 +40,7 @@ struct EmulatorExec {
     return p;
   }
   void free(void* p) { std::free(p); }
+  void set_memory_limit(int64_t) {}  // malloc holds no cache
   void upload(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   void copy(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
@@ -49,12 +50,13 @@ struct EmulatorExec {
             float* C, void*, size_t) {
     cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
   }
-  void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
+  bool gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
                  float beta, float* C, void*, size_t) {
     std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N));
     for (size_t i = 0; i < a.size(); ++i) a[i] = bf16_to_f32(A[i]);
     for (size_t i = 0; i < b.size(); ++i) b[i] = bf16_to_f32(B[i]);
     cpu::gemm<float>(ta, tb, M, N, K, alpha, a.data(), b.data(), beta, C);
+    return true;
   }
   void* alloc_host(size_t bytes) { return alloc(bytes, "paged-out memory"); }
   void free_host(void* p) { std::free(p); }
@@ -87,6 +89,13 @@ TEST(cuda_emu_runs_every_thread_and_orders_them_at_barriers) {
   });
   for (unsigned b = 0; b < 3; ++b)
     for (unsigned t = 0; t < 64; ++t) EXPECT_EQ(out[b * 64 + t], 64.0 * 100 * b + 63 * 64 / 2);
+  // what a GPU would not run: a barrier that some threads return before, a grid past its limits
+  EXPECT_THROWS_WITH(cuda_emu::launch(dim3(1), dim3(32), [] {
+                       if (threadIdx.x < 16) return;
+                       __syncthreads();
+                     }),
+                     "returned while others wait at __syncthreads()");
+  EXPECT_THROWS_WITH(cuda_emu::launch(dim3(1, 70000), dim3(32), [] {}), "a grid of 1 x 70000 x 1 blocks");
 }
 
 // Blocks of 32 and 256 threads: rows shorter and longer than a block.

@@ -61,7 +61,10 @@ class Backend {
   void* alloc_bytes(size_t bytes, MemCategory category);
   void free_bytes(void* ptr, size_t bytes, MemCategory category);
   // 0: no budget (the default). A budget below what is allocated already applies to later allocations.
-  void set_memory_budget(int64_t bytes) { budget_ = bytes; }
+  void set_memory_budget(int64_t bytes) {
+    budget_ = bytes;
+    on_memory_budget(bytes);
+  }
   int64_t memory_budget() const { return budget_; }
   // handler(bytes) frees at least `bytes` of device memory if it can and returns how much it freed.
   using PressureHandler = std::function<int64_t(int64_t bytes)>;
@@ -136,6 +139,8 @@ class Backend {
   virtual double finish_page_copy(int64_t ticket) = 0;
 
  protected:
+  // A backend whose device allocator holds memory beyond what is in use (a cache) bounds it by the budget too.
+  virtual void on_memory_budget(int64_t) {}
   virtual void* device_alloc(size_t bytes, MemCategory category) = 0;
   virtual void device_free(void* ptr, size_t bytes) = 0;
   MemoryTracker tracker_;

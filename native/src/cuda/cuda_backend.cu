@@ -19,6 +19,9 @@ namespace {
 class CudaExec {
  public:
   static constexpr int kThreads = 256;
+  static_assert(kThreads <= cuda::kernels::kMaxThreads && (kThreads & (kThreads - 1)) == 0,
+                "the kernels' block reductions take a power of two up to kMaxThreads threads");
+  static constexpr int64_t kRoundingSlack = int64_t{64} << 20;
   const int threads = kThreads;
 
   explicit CudaExec(const CudaBackendOptions& options)
@@ -31,6 +34,9 @@ class CudaExec {
     if (prop.major * 10 + prop.minor < 75)
       fail("the GPU ", prop.name, " (compute capability ", prop.major, ".", prop.minor,
            ") is older than Turing (7.5), the oldest this engine is built for; train on the CPU (--device cpu)");
+    if (options.bf16_compute && prop.major < 8)
+      fail("bf16 compute needs an Ampere or newer GPU (compute capability 8.0); ", prop.name, " has ", prop.major, ".",
+           prop.minor, ": use fp32 compute (--dtype f32)");
     name_ = std::string("cuda:") + prop.name;
   }
 
@@ -46,6 +52,12 @@ class CudaExec {
   }
 
   void* alloc(size_t bytes, const char* what) { return allocator_.allocate(bytes, what); }
+  // The budget bounds what the allocator holds from the device, its cache included, so that paging really frees
+  // device memory; the slack covers the rounding of each block to 512 bytes.
+  void set_memory_limit(int64_t budget) {
+    allocator_.set_reserve_limit(budget > 0 ? budget + kRoundingSlack : 0);
+    if (budget > 0 && allocator_.reserved_bytes() > budget + kRoundingSlack) allocator_.release_cached();
+  }
   void free(void* p) { allocator_.free(p); }
   void upload(void* dst, const void* src, size_t bytes) { cuda::copy_to_device(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) { cuda::copy_to_host(dst, src, bytes); }
@@ -61,10 +73,11 @@ class CudaExec {
     lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
                 workspace_bytes, nullptr);
   }
-  void gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
+  // False when cuBLASLt has no bf16 algorithm for this shape and alignment: the backend computes it in fp32.
+  bool gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
                  float beta, float* C, void* workspace, size_t workspace_bytes) {
-    lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::BF16, gpu::GemmType::F32, workspace,
-                workspace_bytes, nullptr);
+    return lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::BF16, gpu::GemmType::F32, workspace,
+                           workspace_bytes, nullptr);
   }
 
   void* alloc_host(size_t bytes) { return cuda::pinned_malloc(bytes); }

@@ -5,9 +5,9 @@
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
 // Exec provides: name(), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
-// kernel, args...), alloc(bytes, what) / free(ptr), upload / download / copy (device to device) / zero, gemm (fp32,
+// kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download / copy (device to device) / zero, gemm (fp32,
 // the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_bf16 (the same with A and B as bf16
-// bits, fp32 accumulation and output), alloc_host / free_host, begin_page_copy / finish_page_copy.
+// bits, fp32 accumulation and output; false when it has no way to),  alloc_host / free_host, begin_page_copy / finish_page_copy.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -74,7 +74,8 @@ class KernelBackend final : public Backend {
     DeviceArray<uint16_t> a16(this, M * K, MemCategory::Workspace), b16(this, K * N, MemCategory::Workspace);
     exec_.launch("to_bf16", grid_for(M * K), exec_.threads, kernels::to_bf16, A, M * K, a16.get());
     exec_.launch("to_bf16", grid_for(K * N), exec_.threads, kernels::to_bf16, B, K * N, b16.get());
-    exec_.gemm_bf16(ta, tb, M, N, K, alpha, a16.get(), b16.get(), beta, C, workspace, workspace_bytes);
+    if (!exec_.gemm_bf16(ta, tb, M, N, K, alpha, a16.get(), b16.get(), beta, C, workspace, workspace_bytes))
+      exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);  // no bf16 kernel for this shape
   }
   void add_inplace(float* y, const float* x, int64_t n) override {
     if (n > 0) exec_.launch("add_inplace", grid_for(n), exec_.threads, kernels::add_inplace, y, x, n);
@@ -228,6 +229,7 @@ class KernelBackend final : public Backend {
     return exec_.alloc(bytes, mem_category_name(category));
   }
   void device_free(void* ptr, size_t) override { exec_.free(ptr); }
+  void on_memory_budget(int64_t bytes) override { exec_.set_memory_limit(bytes); }
 
  private:
   // Blocks for a grid-stride loop over n items: enough to fill the device, at most 4096 (each thread loops).

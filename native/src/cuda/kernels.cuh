@@ -19,6 +19,9 @@
 #include "util/philox_core.h"
 
 namespace qlora::cuda::kernels {
+// Internal linkage: the one translation unit of the engine that includes this (cuda/cuda_backend.cu) and the native
+// tests' emulator each have their own copy, so the two can never clash at link time.
+namespace {
 
 constexpr int kMaxThreads = 256;
 constexpr int32_t kIgnoreIndex = -100;  // transformers' ignore_index, as cpu::kIgnoreIndex
@@ -412,4 +415,5 @@ __global__ void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* 
   }
 }
 
+}  // namespace
 }  // namespace qlora::cuda::kernels

@@ -18,9 +18,11 @@ CachingAllocator::~CachingAllocator() {
 
 void* CachingAllocator::allocate(size_t bytes, const std::string& what) {
   const size_t size = (std::max<size_t>(bytes, 1) + kRound - 1) / kRound * kRound;
-  // the smallest cached block that fits, unless it would waste more than the request itself
+  // the smallest cached block that fits, unless it would waste more than the request itself; under a reserve limit
+  // only a block of the very size (a training step asks for the same sizes every time), so that what is held in
+  // use stays what was asked for and the limit is not reached through waste
   auto it = cache_.lower_bound(size);
-  if (it != cache_.end() && it->first <= 2 * size) {
+  if (it != cache_.end() && it->first <= (reserve_limit_ > 0 ? size : 2 * size)) {
     void* ptr = it->second;
     cached_ -= static_cast<int64_t>(it->first);
     cache_.erase(it);

@@ -23,8 +23,8 @@ class CachingAllocator {
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
-  // A block of at least `bytes` (rounded up to 512): a cached one of the same rounded size up to twice it, else a
-  // new one. When the device has no room, or a new block would take the reserved bytes over the reserve limit, the
+  // A block of at least `bytes` (rounded up to 512): a cached one of the same rounded size up to twice it (exactly
+  // that size under a reserve limit), else a new one. When the device has no room, or a new block would take the reserved bytes over the reserve limit, the
   // cache is given back first. Throws EngineError naming the bytes and `what` when even that is not enough.
   void* allocate(size_t bytes, const std::string& what);
   void free(void* ptr);

@@ -109,7 +109,14 @@ CublasLt::~CublasLt() {
 void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                       const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
                       size_t workspace_bytes, void* stream) const {
-  if (M == 0 || N == 0) return;
+  if (!try_matmul(trans_a, trans_b, M, N, K, alpha, A, B, beta, C, in, out, workspace, workspace_bytes, stream))
+    fail("cuBLASLt has no algorithm for a ", M, "x", N, "x", K, " GEMM of these types");
+}
+
+bool CublasLt::try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+                          const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
+                          size_t workspace_bytes, void* stream) const {
+  if (M == 0 || N == 0) return true;
   if (K <= 0) fail("cuBLASLt matmul with an inner dimension of ", K, " (the engine never asks for one)");
   // cuBLASLt is column-major: row-major C [M, N] is column-major C^T [N, M] = op(B)^T op(A)^T, so B goes first.
   // Row-major X stored [r, c] is column-major [c, r] with leading dimension c.
@@ -149,10 +156,11 @@ void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
   int found = 0;
   check(f_->heuristic(handle_, d.desc, d.lb, d.la, d.lc, d.lc, d.pref, 1, &result, &found),
         "cublasLtMatmulAlgoGetHeuristic");
-  if (found == 0) fail("cuBLASLt has no algorithm for a ", M, "x", N, "x", K, " GEMM of these types");
+  if (found == 0) return false;
   check(f_->matmul(handle_, d.desc, &alpha, B, d.lb, A, d.la, &beta, C, d.lc, C, d.lc, &result.algo, workspace, ws,
                    stream),
         "cublasLtMatmul");
+  return true;
 }
 
 }  // namespace qlora::gpu

@@ -32,6 +32,11 @@ class CublasLt {
   void matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
               const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
               size_t workspace_bytes, void* stream) const;
+  // The same, returning false (and computing nothing) when cuBLASLt has no algorithm for these types, shapes and
+  // alignments (bf16 rows of an odd length, say), so that the caller can compute it another way.
+  bool try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
+                  const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
+                  size_t workspace_bytes, void* stream) const;
 
  private:
   struct Functions;
