@@ -171,7 +171,7 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
     case 'step':
       series.loss.push({ x: event.step, y: event.loss });
       series.lr.push({ x: event.step, y: event.lr });
-      series.gradNorm.push({ x: event.step, y: event.gradNorm });
+      if (event.gradNorm !== null) series.gradNorm.push({ x: event.step, y: event.gradNorm });
       series.tokensPerSecond.push({ x: event.step, y: event.tokensPerSecond });
       Object.assign(header, {
         step: event.step, totalSteps: event.totalSteps, epoch: event.epoch, loss: event.loss, lr: event.lr,

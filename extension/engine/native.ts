@@ -58,6 +58,8 @@ export interface NativeRunOptions {
   logprobs?: boolean;
   /** Return the whole next-token log-distribution at every position ([batch * seq, vocab]). */
   logSoftmax?: boolean;
+  /** fp16's loss scaling: gradients of lossScale times the loss (lossSum stays unscaled). Default 1. */
+  lossScale?: number;
 }
 
 export interface NativeRunResult {
@@ -74,12 +76,19 @@ export interface NativeOptimizerOptions {
   eps?: number;
   weightDecay?: number;
   maxGradNorm?: number;
+  /** The loss scale the gradients were taken with: divided out before clipping and the update. Default 1. */
+  lossScale?: number;
+  /** Gradients that are not finite (an fp16 overflow) skip the update instead of failing. */
+  skipNonFinite?: boolean;
 }
 
 export interface NativeStepReport {
+  /** Of the unscaled loss. */
   gradNorm: number;
   clipped: boolean;
   step: number;
+  /** skipNonFinite and the gradients overflowed: nothing was updated. */
+  skipped: boolean;
 }
 
 export type MemoryCategory = 'weights' | 'adapters' | 'gradients' | 'optimizer' | 'activations' | 'workspace';
@@ -118,8 +127,9 @@ export interface NativeModelOptions {
   device?: 'cpu' | 'cuda';
   /** A folder searched first for cuBLASLt (with device 'cuda'). */
   cudaLibraryDir?: string;
-  /** On the GPU: 'bf16' rounds every GEMM's inputs to bf16 (fp32 accumulation), as torch.autocast does; default 'f32'. */
-  computeDtype?: 'f32' | 'bf16';
+  /** On the GPU: 'bf16' or 'fp16' rounds every GEMM's inputs to that type (fp32 accumulation), as torch.autocast
+   * does (fp16 wants loss scaling in training); default 'f32'. */
+  computeDtype?: 'f32' | 'bf16' | 'fp16';
 }
 
 export interface NativeModel {

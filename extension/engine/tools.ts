@@ -31,7 +31,7 @@ export interface EstimateOptions {
   /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
   device?: 'cpu' | 'cuda';
   /** On the GPU: bf16 compute holds bf16 copies of each GEMM's inputs while it runs. */
-  computeDtype?: 'f32' | 'bf16';
+  computeDtype?: 'f32' | 'bf16' | 'fp16';
 }
 
 export interface MemoryEstimate {

@@ -66,7 +66,8 @@ export interface StepEvent {
   epoch: number;
   loss: number;
   lr: number;
-  gradNorm: number;
+  /** null: fp16 gradients overflowed and the update was skipped (a warning event says so). */
+  gradNorm: number | null;
   tokensPerSecond: number;
   elapsedSeconds: number;
   etaSeconds: number | null;
@@ -206,7 +207,7 @@ const eventSpecs: Record<EventKind, Spec> = {
   },
   step: {
     time: 'string', step: 'number', totalSteps: 'number', epoch: 'number', loss: 'number', lr: 'number',
-    gradNorm: 'number', tokensPerSecond: 'number', elapsedSeconds: 'number', etaSeconds: 'number|null',
+    gradNorm: 'number|null', tokensPerSecond: 'number', elapsedSeconds: 'number', etaSeconds: 'number|null',
   },
   eval: { time: 'string', step: 'number', evalLoss: 'number', evalTokens: 'number' },
   sample: {

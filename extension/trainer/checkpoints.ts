@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { EngineModel } from '../engine';
 import { writeJsonAtomic } from '../util/atomicFile';
+import type { LossScalerState } from './lossScaler';
 import { replaceFolderAtomic } from '../util/atomicFolder';
 
 export interface TrainerState {
@@ -17,6 +18,8 @@ export interface TrainerState {
   elapsedSeconds: number;
   /** Identifies the config the state belongs to (its JSON), so a changed config is not resumed silently. */
   configDigest: string;
+  /** fp16 compute's loss scale at the checkpoint (absent when the run computed in fp32 or bf16). */
+  lossScaler?: LossScalerState;
 }
 
 const STEP_DIR = /^step-(\d+)$/;

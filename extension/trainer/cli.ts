@@ -99,7 +99,7 @@ const verbs: Record<string, Verb> = {
       ids: { type: 'string', required: true, description: 'comma-separated token ids, e.g. 1,5,200' },
       grads: { type: 'string', description: 'write d loss / d LoRA parameters to this safetensors file' },
       device: placementOptions.device,
-      dtype: { ...placementOptions.dtype, description: 'compute dtype on the GPU: f32 (default here, as transformers in fp32) or bf16 (as torch.autocast)' },
+      dtype: { ...placementOptions.dtype, description: 'compute dtype on the GPU: f32 (default here, as transformers in fp32), bf16 or fp16 (as torch.autocast)' },
       'cuda-lib-dir': placementOptions['cuda-lib-dir'],
       json: { type: 'boolean', description: 'print {"loss", "next_token_logprobs"} as JSON' },
     },
@@ -107,7 +107,7 @@ const verbs: Record<string, Verb> = {
       // --device cuda that cannot be had is an error; auto's CPU fallback is not worth a warning for one sequence
       const flags = placementFromFlags(o);
       const placement = placeRun({ ...flags, computeDtype: flags.computeDtype ?? 'f32' });
-      if (flags.computeDtype === 'bf16' && placement.device.kind !== 'cuda') throw new UsageError('--dtype bf16 is the GPU\'s (--device cuda); the CPU computes in fp32');
+      if (flags.computeDtype !== undefined && flags.computeDtype !== 'f32' && placement.device.kind !== 'cuda') throw new UsageError(`--dtype ${flags.computeDtype} is the GPU's (--device cuda); the CPU computes in fp32`);
       const result = score({
         engine: { ...engineOptions(placement), memoryBudget: 0 },
         model: requiredString(o, 'model'),

@@ -22,8 +22,8 @@ export interface PlacementOptions {
   memoryBudgetBytes?: number;
   /** A folder searched first for cuBLASLt (qlora.cudaLibraryPath). */
   cudaLibraryDir?: string;
-  /** The GPU's compute dtype (--dtype): f32, or bf16 (the default where the GPU has it). */
-  computeDtype?: 'f32' | 'bf16';
+  /** The GPU's compute dtype (--dtype): f32, bf16 (the default from Ampere on) or fp16 (Turing's default). */
+  computeDtype?: 'f32' | 'bf16' | 'fp16';
 }
 
 export interface Placement {
@@ -57,8 +57,8 @@ export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMac
       if (o.computeDtype === 'bf16' && device.computeDtype !== 'bf16')
         throw new UsageError(`--dtype bf16: ${device.name} computes in ${device.computeDtype} here (bf16 needs an Ampere or newer GPU)`);
       device = { ...device, computeDtype: o.computeDtype };
-    } else if (o.computeDtype === 'bf16') {
-      warnings.push('--dtype bf16 applies on the GPU; this run is on the CPU, which computes in fp32.');
+    } else if (o.computeDtype !== 'f32') {
+      warnings.push(`--dtype ${o.computeDtype} applies on the GPU; this run is on the CPU, which computes in fp32.`);
     }
   }
   let memoryBudget: number | null = null;
@@ -74,12 +74,10 @@ export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMac
 
 /** The engine model's options for this placement: its device, compute dtype, budget and where cuBLASLt is. */
 export function engineOptions(p: Placement): NativeModelOptions {
-  const dtype = p.device.computeDtype;
-  if (p.device.kind === 'cuda' && dtype === 'fp16') throw new Error('fp16 compute is not built into this engine'); // chooseDevice never picks it
   return {
     device: p.device.kind,
     memoryBudget: p.memoryBudget ?? 0,
-    ...(p.device.kind === 'cuda' ? { computeDtype: dtype === 'bf16' ? 'bf16' : 'f32' } : {}),
+    ...(p.device.kind === 'cuda' ? { computeDtype: p.device.computeDtype } : {}),
     ...(p.cudaLibraryDir ? { cudaLibraryDir: p.cudaLibraryDir } : {}),
   };
 }
@@ -93,7 +91,7 @@ export const placementOptions: Record<string, OptionSpec> = {
   device: { type: 'string', description: 'auto (default: the GPU when it can be used, else the CPU with a warning), cuda or cpu' },
   'gpu-memory-budget': { type: 'string', description: 'GiB the engine may use on the GPU (default: what is free, less a margin); the optimizer pages to host memory to stay under' },
   'cuda-lib-dir': { type: 'string', description: 'a folder holding cuBLASLt, searched first (the qlora.cudaLibraryPath setting; else QLORA_CUDA_LIB_DIR)' },
-  dtype: { type: 'string', description: 'compute dtype on the GPU: bf16 (default on Ampere and newer: GEMM inputs in bf16, as torch.autocast) or f32' },
+  dtype: { type: 'string', description: 'compute dtype on the GPU: bf16 (default on Ampere and newer: GEMM inputs in bf16, as torch.autocast), fp16 (default on Turing, with dynamic loss scaling) or f32' },
 };
 
 export function placementFromFlags(o: ParsedOptions): PlacementOptions {
@@ -103,7 +101,7 @@ export function placementFromFlags(o: ParsedOptions): PlacementOptions {
   const budget = numberOption(o, 'gpu-memory-budget');
   if (budget !== undefined && !(budget > 0)) throw new UsageError(`--gpu-memory-budget must be a positive number of GiB, got ${budget}`);
   const dtype = stringOption(o, 'dtype');
-  if (dtype !== undefined && dtype !== 'f32' && dtype !== 'bf16') throw new UsageError(`--dtype must be f32 or bf16, got '${dtype}'`);
+  if (dtype !== undefined && dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'fp16') throw new UsageError(`--dtype must be bf16, fp16 or f32, got '${dtype}'`);
   return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir'), computeDtype: dtype };
 }
 

@@ -11,6 +11,7 @@ import { writeJsonAtomic } from '../util/atomicFile';
 import { replaceFolderAtomic } from '../util/atomicFolder';
 import { BatchSchedule, makeMicroBatch, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
+import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
 import type { TrainConfig } from './config';
 import { epochOrder, prepareData } from './data';
 import { EventLog } from './eventLog';
@@ -147,6 +148,8 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     for (const w of [...placement.warnings, ...data.warnings]) log.emit({ kind: 'warning', message: w });
     let elapsedBefore = 0;
     let lastLoss: number | null = null;
+    // fp16 compute scales the loss (dynamic loss scaling); fp32 and bf16 need none
+    let scaler = placement.device.kind === 'cuda' && placement.device.computeDtype === 'fp16' ? new LossScaler() : null;
     const checkpoint = resume ? latestCheckpoint(runDir) : null;
     if (resume && !checkpoint) {
       // Killed before its first checkpoint: start over from step 0 in the same folder.
@@ -159,6 +162,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       model.loadAdapter(path.join(checkpoint.dir, 'adapter'));
       model.loadOptimizerState(path.join(checkpoint.dir, 'optimizer.safetensors'));
       step = state.step;
+      if (scaler && state.lossScaler) scaler = new LossScaler(DEFAULT_LOSS_SCALER, state.lossScaler);
       elapsedBefore = state.elapsedSeconds;
       lastLoss = state.lastLoss;
       lastCheckpointDir = checkpoint.dir;
@@ -203,6 +207,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       seed: config.seed,
       elapsedSeconds: elapsedBefore + (Date.now() - started) / 1000,
       configDigest: digest,
+      ...(scaler ? { lossScaler: scaler.snapshot() } : {}),
     });
     const saveCheckpoint = () => {
       lastCheckpointDir = writeCheckpoint(runDir, model, state(), config.model);
@@ -247,7 +252,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       micro.forEach((mb, i) => {
         const r = model.run(
           { ids: mb.ids, labels: mb.labels, batch: mb.batch, seq: mb.seq },
-          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i },
+          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i, lossScale: scaler?.scale ?? 1 },
         );
         lossSum += r.lossSum;
       });
@@ -258,10 +263,22 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       const lr = learningRate(schedule, step + 1);
       let report;
       try {
-        report = model.optimizerStep({ lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weightDecay: config.weightDecay, maxGradNorm: config.maxGradNorm });
+        report = model.optimizerStep({
+          lr, beta1: config.beta1, beta2: config.beta2, eps: config.eps, weightDecay: config.weightDecay, maxGradNorm: config.maxGradNorm,
+          lossScale: scaler?.scale ?? 1, skipNonFinite: scaler?.canBackOff ?? false,
+        });
       } catch (err) {
         if (err instanceof EngineError && /not finite/.test(err.message)) throw new TrainingError(`training diverged at step ${step + 1}: ${err.message}`);
         throw err;
+      }
+      if (scaler) {
+        if (report.skipped) {
+          const was = scaler.scale;
+          scaler.update(true);
+          log.emit({ kind: 'warning', message: `step ${step + 1}: the fp16 gradients overflowed at loss scale ${was}; the update was skipped and the scale lowered to ${scaler.scale}` });
+        } else {
+          scaler.update(false);
+        }
       }
       emitPageMoves();
       sampleGpu();
@@ -278,7 +295,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
         epoch: (step * config.gradAccum) / batches.perEpoch,
         loss,
         lr,
-        gradNorm: report.gradNorm,
+        gradNorm: report.skipped ? null : report.gradNorm,
         tokensPerSecond: tokensSinceStart / Math.max(1e-9, secondsThisRun),
         elapsedSeconds: elapsedBefore + (now - started) / 1000,
         etaSeconds: stepsThisRun > 0 ? (secondsThisRun / stepsThisRun) * (totalSteps - step) : null,

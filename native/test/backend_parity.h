@@ -322,13 +322,14 @@ inline void training_paging_and_generation(const MakeBackend& make, const ModelT
   }
 }
 
-// bf16 compute (GEMM inputs rounded to bf16, fp32 accumulation) against the CPU's fp32: issue 6's bounds, the loss
-// within 1% and each LoRA gradient's cosine similarity with the CPU's >= 0.999, on the reference fixtures.
-inline void whole_model_bf16(const MakeBackend& make_bf16) {
+// bf16 or fp16 compute (GEMM inputs rounded to the half type, fp32 accumulation) against the CPU's fp32: issue 6's
+// bounds, the loss within 1% and each LoRA gradient's cosine similarity with the CPU's >= 0.999, on the reference
+// fixtures; with fp16's loss scaling the gradients are loss_scale times the CPU's.
+inline void whole_model_half(const MakeBackend& make_half, double loss_scale = 1.0) {
   const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
   for (const char* name : {"llama-shared", "llama3-shared", "qwen2-shared"}) {
     auto cpu = make_cpu_backend();
-    auto dev = make_bf16();
+    auto dev = make_half();
     auto mc = LlamaModel::load(cpu.get(), fixture(name), {});
     auto md = LlamaModel::load(dev.get(), fixture(name), {});
     const std::string adapter_dir = fixture(std::string(name) + "-adapter");
@@ -337,10 +338,12 @@ inline void whole_model_bf16(const MakeBackend& make_bf16) {
     RunOptions opt;
     opt.compute_grads = true;
     const RunResult rc = mc->run(ids.data(), ids.data(), 2, 6, ac.get(), opt);
-    const RunResult rd = md->run(ids.data(), ids.data(), 2, 6, ad.get(), opt);
-    EXPECT_TRUE(std::fabs(rd.loss_sum - rc.loss_sum) <= 0.01 * std::fabs(rc.loss_sum), name, ": bf16 loss ",
+    RunOptions scaled = opt;
+    scaled.loss_scale = loss_scale;
+    const RunResult rd = md->run(ids.data(), ids.data(), 2, 6, ad.get(), scaled);
+    EXPECT_TRUE(std::fabs(rd.loss_sum - rc.loss_sum) <= 0.01 * std::fabs(rc.loss_sum), name, ": half-precision loss ",
                 rd.loss_sum, ", fp32 ", rc.loss_sum);
-    EXPECT_TRUE(rd.loss_sum != rc.loss_sum, name, ": bf16 compute gave the fp32 loss exactly (not rounding?)");
+    EXPECT_TRUE(rd.loss_sum != rc.loss_sum, name, ": half-precision compute gave the fp32 loss exactly (not rounding?)");
     auto gc = ac->parameters_and_grads();
     auto gd = ad->parameters_and_grads();
     for (size_t i = 0; i < gc.size(); ++i) {
@@ -354,6 +357,8 @@ inline void whole_model_bf16(const MakeBackend& make_bf16) {
       if (nw == 0 && ng == 0) continue;  // B of a fresh adapter has zero gradient in A's rows... both zero is agreement
       const double cosine = dot / std::sqrt(nw * ng);
       EXPECT_TRUE(cosine >= 0.999, name, " gradient ", i, ": cosine similarity ", cosine);
+      EXPECT_TRUE(std::fabs(std::sqrt(ng / nw) / loss_scale - 1.0) <= 0.01, name, " gradient ", i, ": norm ",
+                  std::sqrt(ng), " for ", loss_scale, " times ", std::sqrt(nw));
     }
   }
 }

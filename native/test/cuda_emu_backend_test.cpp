@@ -50,11 +50,11 @@ struct EmulatorExec {
             float* C, void*, size_t) {
     cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
   }
-  bool gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
-                 float beta, float* C, void*, size_t) {
+  bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+                 const uint16_t* B, float beta, float* C, void*, size_t) {
     std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N));
-    for (size_t i = 0; i < a.size(); ++i) a[i] = bf16_to_f32(A[i]);
-    for (size_t i = 0; i < b.size(); ++i) b[i] = bf16_to_f32(B[i]);
+    for (size_t i = 0; i < a.size(); ++i) a[i] = f16 ? f16_to_f32(A[i]) : bf16_to_f32(A[i]);
+    for (size_t i = 0; i < b.size(); ++i) b[i] = f16 ? f16_to_f32(B[i]) : bf16_to_f32(B[i]);
     cpu::gemm<float>(ta, tb, M, N, K, alpha, a.data(), b.data(), beta, C);
     return true;
   }
@@ -131,18 +131,27 @@ TEST(cuda_backend_whole_model_matches_the_cpu_on_the_reference_fixtures) {
   parity::whole_model(emulated_with(32), kEmulatedTolerance);
 }
 TEST(cuda_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
-  parity::whole_model_bf16([]() -> std::unique_ptr<Backend> {
+  parity::whole_model_half([]() -> std::unique_ptr<Backend> {
     auto backend = emulated(32);
-    backend->set_bf16_gemms(true);
+    backend->set_compute(GpuCompute::BF16);
     return backend;
   });
+}
+TEST(cuda_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
+  parity::whole_model_half(
+      []() -> std::unique_ptr<Backend> {
+        auto backend = emulated(32);
+        backend->set_compute(GpuCompute::F16);
+        return backend;
+      },
+      1024.0);
 }
 TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   // Two training steps as the trainer takes them; every category but the workspace is what the CPU holds (same model
   // code), and the workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within the estimate.
   for (bool bf16 : {false, true}) {
     auto backend = emulated(32);
-    backend->set_bf16_gemms(bf16);
+    backend->set_compute(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
     LoadOptions lo;
     lo.quantize_nf4 = true;
     auto model = LlamaModel::load(backend.get(), parity::fixture("llama-shared"), lo);
@@ -166,7 +175,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     eo.seq = seq;
     eo.rank = 4;
     eo.cuda = true;
-    eo.bf16_compute = bf16;
+    eo.half_compute = bf16;
     const MemoryEstimate e = estimate_memory(model->config(), eo);
     const MemoryStats& s = backend->memory();
     for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {

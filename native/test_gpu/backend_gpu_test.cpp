@@ -21,11 +21,20 @@ TEST(gpu_backend_nf4_dequantize_and_dropout_are_bit_identical_to_the_cpu) {
 }
 TEST(gpu_backend_whole_model_matches_the_cpu_in_fp32) { parity::whole_model(cuda_backend, kGpuFp32Tolerance); }
 TEST(gpu_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
-  parity::whole_model_bf16([] {
+  parity::whole_model_half([] {
     qlora::CudaBackendOptions o;
-    o.bf16_compute = true;
+    o.compute = qlora::GpuCompute::BF16;
     return qlora::make_cuda_backend(o);
   });
+}
+TEST(gpu_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
+  parity::whole_model_half(
+      [] {
+        qlora::CudaBackendOptions o;
+        o.compute = qlora::GpuCompute::F16;
+        return qlora::make_cuda_backend(o);
+      },
+      1024.0);
 }
 TEST(gpu_backend_trains_nf4_with_paging_and_generates_like_the_cpu) {
   parity::training_paging_and_generation(cuda_backend, kGpuFp32Tolerance);

@@ -69,6 +69,19 @@ test('200 steps of the tiny model on the GPU follow the CPU loss curve within 2%
   for (const s of samples) assert.ok(s.memoryUsed > 0 && s.memoryTotal >= s.memoryUsed);
 });
 
+test('fp16 compute trains with dynamic loss scaling: its loss curve stays within 5% of fp32\'s, and the scale is checkpointed', async () => {
+  const c = config({ maxSteps: 30, checkpointEvery: 10 });
+  const f32 = path.join(tempDir('fp16-ref'), 'run');
+  const f16 = path.join(tempDir('fp16-run'), 'run');
+  await train({ runDir: f32, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'f32' } });
+  await train({ runDir: f16, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'fp16' } });
+  assertCurvesAgree(losses(f16), losses(f32), 0.05);
+  const started = events(f16).find((e) => e.kind === 'run-started');
+  assert.equal(started?.kind === 'run-started' && started.device?.computeDtype, 'fp16');
+  const state = JSON.parse(fs.readFileSync(path.join(f16, 'checkpoints', 'step-20', 'trainer_state.json'), 'utf8')) as { lossScaler?: { scale: number } };
+  assert.ok((state.lossScaler?.scale ?? 0) >= 1, 'the loss scale is part of the checkpoint');
+});
+
 test('a run resumes across devices: GPU to CPU and CPU to GPU, each close to the uninterrupted run', async () => {
   const c = config({ maxSteps: 8, checkpointEvery: 4 });
   const straight = path.join(tempDir('cross-straight'), 'run');

@@ -99,6 +99,9 @@ test('--dtype: bf16 by default where the GPU has it, f32 when asked; the engine 
   assert.deepEqual(engineOptions(f32), { device: 'cuda', memoryBudget: 75 * GiB, computeDtype: 'f32', cudaLibraryDir: '/opt/cuda/lib' });
   const turing = () => ({ report: report({ computeDtype: 'fp16' }), engine: withCuda });
   assert.throws(() => placeRun({ computeDtype: 'bf16' }, turing), /--dtype bf16: NVIDIA H100 80GB HBM3 computes in fp16 here/);
+  // Turing trains in fp16 (with loss scaling) by default
+  assert.equal(engineOptions(placeRun({}, turing)).computeDtype, 'fp16');
+  assert.equal(engineOptions(placeRun({ computeDtype: 'fp16' }, probe)).computeDtype, 'fp16');
   const cpu = placeRun({ device: 'cpu', computeDtype: 'bf16' }, probe);
   assert.deepEqual(cpu.warnings, ['--dtype bf16 applies on the GPU; this run is on the CPU, which computes in fp32.']);
   assert.deepEqual(engineOptions(cpu), { device: 'cpu', memoryBudget: 0 });

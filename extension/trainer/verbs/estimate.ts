@@ -16,12 +16,12 @@ export interface EstimateVerbOptions {
   gradientCheckpointing?: boolean;
   /** The device the step runs on (default the CPU); the GPU adds cuBLASLt's workspace and attention scratch. */
   device?: 'cpu' | 'cuda';
-  /** On the GPU: bf16 compute (the default there, as training on Ampere and newer) or f32. */
-  computeDtype?: 'f32' | 'bf16';
+  /** On the GPU: bf16 compute (the default there, as training on Ampere and newer), fp16 or f32. */
+  computeDtype?: 'f32' | 'bf16' | 'fp16';
 }
 
 export interface EstimateResult extends MemoryEstimate {
-  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean; device: 'cpu' | 'cuda'; computeDtype: 'f32' | 'bf16' };
+  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean; device: 'cpu' | 'cuda'; computeDtype: 'f32' | 'bf16' | 'fp16' };
 }
 
 export const DEFAULT_SEQ = 512;
@@ -40,7 +40,7 @@ export function estimate(options: EstimateVerbOptions): EstimateResult {
     device: options.device ?? 'cpu',
     computeDtype: options.device === 'cuda' ? (options.computeDtype ?? 'bf16') : 'f32',
   };
-  if (options.device !== 'cuda' && options.computeDtype === 'bf16') throw new UsageError('--dtype bf16 is the GPU\'s (--device cuda); the CPU computes in fp32');
+  if (options.device !== 'cuda' && options.computeDtype !== undefined && options.computeDtype !== 'f32') throw new UsageError(`--dtype ${options.computeDtype} is the GPU's (--device cuda); the CPU computes in fp32`);
   for (const [name, value] of [['seq-len', resolved.seq], ['batch-size', resolved.batch], ['rank', resolved.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
   const result = estimateMemory(options.model, { ...resolved, optimizer: true });
@@ -78,9 +78,9 @@ function deviceOption(text: string | undefined): 'cpu' | 'cuda' | undefined {
   throw new UsageError(`--device must be cpu or cuda, got '${text}'`);
 }
 
-function dtypeOption(text: string | undefined): 'f32' | 'bf16' | undefined {
-  if (text === undefined || text === 'f32' || text === 'bf16') return text;
-  throw new UsageError(`--dtype must be f32 or bf16, got '${text}'`);
+function dtypeOption(text: string | undefined): 'f32' | 'bf16' | 'fp16' | undefined {
+  if (text === undefined || text === 'f32' || text === 'bf16' || text === 'fp16') return text;
+  throw new UsageError(`--dtype must be bf16, fp16 or f32, got '${text}'`);
 }
 
 export const estimateVerb = {
@@ -94,7 +94,7 @@ export const estimateVerb = {
     'no-quantize': { type: 'boolean', description: 'keep dense base weights (fp32) instead of NF4' },
     'no-checkpointing': { type: 'boolean', description: 'keep every block\'s activations instead of recomputing them' },
     device: { type: 'string', description: 'cpu (default) or cuda: on the GPU the engine also holds cuBLASLt\'s workspace and attention scratch' },
-    dtype: { type: 'string', description: 'with --device cuda: bf16 (default) or f32 compute' },
+    dtype: { type: 'string', description: 'with --device cuda: bf16 (default), fp16 or f32 compute' },
     json: { type: 'boolean', description: 'print JSON (bytes)' },
   } satisfies Record<string, OptionSpec>,
   run(o: ParsedOptions): void {

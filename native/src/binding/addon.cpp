@@ -132,11 +132,11 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     guarded(env, [&] {
       const std::string device = opt_string(opts, "device").value_or("cpu");
       const std::string dtype = opt_string(opts, "computeDtype").value_or("f32");
-      if (dtype != "f32" && dtype != "bf16") fail("computeDtype must be 'f32' or 'bf16', got '", dtype, "'");
+      if (dtype != "f32" && dtype != "bf16" && dtype != "fp16") fail("computeDtype must be 'f32', 'bf16' or 'fp16', got '", dtype, "'");
       if (device == "cuda") {
         CudaBackendOptions co;
         co.library_dir = opt_string(opts, "cudaLibraryDir").value_or("");
-        co.bf16_compute = dtype == "bf16";
+        co.compute = dtype == "bf16" ? GpuCompute::BF16 : dtype == "fp16" ? GpuCompute::F16 : GpuCompute::F32;
         backend_ = make_cuda_backend(co);
       } else if (device == "cpu") {
         if (dtype != "f32") fail("the CPU computes in fp32 only (computeDtype '", dtype, "' is for the GPU)");
@@ -273,6 +273,8 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     ro.micro_batch = static_cast<uint32_t>(opt_number(o, "microBatch").value_or(0));
     ro.want_logprobs = opt_bool(o, "logprobs").value_or(false);
     ro.want_log_softmax = opt_bool(o, "logSoftmax").value_or(false);
+    ro.loss_scale = opt_number(o, "lossScale").value_or(1.0);
+    if (!(ro.loss_scale > 0.0)) throw Napi::RangeError::New(env, "lossScale must be a positive number");
     RunResult r = guarded(env, [&] {
       return model(env).run(ids.Data(), labels, batch, seq, adapter_.get(), ro);
     });
@@ -322,11 +324,14 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     ao.eps = opt_number(o, "eps").value_or(ao.eps);
     ao.weight_decay = opt_number(o, "weightDecay").value_or(ao.weight_decay);
     ao.max_grad_norm = opt_number(o, "maxGradNorm").value_or(ao.max_grad_norm);
+    ao.loss_scale = opt_number(o, "lossScale").value_or(ao.loss_scale);
+    ao.skip_non_finite = opt_bool(o, "skipNonFinite").value_or(ao.skip_non_finite);
     StepReport rep = guarded(env, [&] { return optimizer(env).step(ao); });
     Napi::Object out = Napi::Object::New(env);
     out.Set("gradNorm", rep.grad_norm);
     out.Set("clipped", rep.clipped);
     out.Set("step", static_cast<double>(rep.step));
+    out.Set("skipped", rep.skipped);
     return out;
   }
 
@@ -473,11 +478,12 @@ Napi::Value EngineInfo(const Napi::CallbackInfo& info) {
   Napi::Array backends = o.Get("backends").As<Napi::Array>();
   backends.Set(0u, "cpu");
   if (qlora::cuda::compiled()) backends.Set(1u, "cuda");
-  // What the CUDA backend computes in (fp16 with loss scaling, for Turing, is not built yet).
+  // What the CUDA backend computes in (fp16 with the trainer's dynamic loss scaling).
   Napi::Array dtypes = Napi::Array::New(env);
   if (qlora::cuda::compiled()) {
     dtypes.Set(0u, "f32");
     dtypes.Set(1u, "bf16");
+    dtypes.Set(2u, "fp16");
   }
   o.Set("cudaComputeDtypes", dtypes);
   o.Set("cudaCompiled", qlora::cuda::compiled());

@@ -76,7 +76,8 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   eo.gradient_checkpointing = opt_bool(opts, "gradientCheckpointing").value_or(eo.gradient_checkpointing);
   eo.with_optimizer = opt_bool(opts, "optimizer").value_or(eo.with_optimizer);
   eo.cuda = opt_string(opts, "device").value_or("cpu") == "cuda";
-  eo.bf16_compute = eo.cuda && opt_string(opts, "computeDtype").value_or("f32") == "bf16";
+  const std::string dtype = opt_string(opts, "computeDtype").value_or("f32");
+  eo.half_compute = eo.cuda && (dtype == "bf16" || dtype == "fp16");
   Napi::Value targets = opts.Get("targets");
   if (!targets.IsUndefined() && !targets.IsNull()) {
     if (!targets.IsArray()) throw Napi::TypeError::New(env, "targets must be an array of module names");

@@ -34,9 +34,9 @@ class CudaExec {
     if (prop.major * 10 + prop.minor < 75)
       fail("the GPU ", prop.name, " (compute capability ", prop.major, ".", prop.minor,
            ") is older than Turing (7.5), the oldest this engine is built for; train on the CPU (--device cpu)");
-    if (options.bf16_compute && prop.major < 8)
+    if (options.compute == GpuCompute::BF16 && prop.major < 8)
       fail("bf16 compute needs an Ampere or newer GPU (compute capability 8.0); ", prop.name, " has ", prop.major, ".",
-           prop.minor, ": use fp32 compute (--dtype f32)");
+           prop.minor, ": use fp16 (--dtype fp16) or fp32 compute (--dtype f32)");
     name_ = std::string("cuda:") + prop.name;
   }
 
@@ -73,11 +73,11 @@ class CudaExec {
     lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
                 workspace_bytes, nullptr);
   }
-  // False when cuBLASLt has no bf16 algorithm for this shape and alignment: the backend computes it in fp32.
-  bool gemm_bf16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A, const uint16_t* B,
-                 float beta, float* C, void* workspace, size_t workspace_bytes) {
-    return lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::BF16, gpu::GemmType::F32, workspace,
-                           workspace_bytes, nullptr);
+  // False when cuBLASLt has no half algorithm for this shape and alignment: the backend computes it in fp32.
+  bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
+                 const uint16_t* B, float beta, float* C, void* workspace, size_t workspace_bytes) {
+    return lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, f16 ? gpu::GemmType::F16 : gpu::GemmType::BF16,
+                           gpu::GemmType::F32, workspace, workspace_bytes, nullptr);
   }
 
   void* alloc_host(size_t bytes) { return cuda::pinned_malloc(bytes); }
@@ -98,7 +98,7 @@ class CudaExec {
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options) {
   auto backend = std::make_unique<cuda::KernelBackend<CudaExec>>(options);
-  backend->set_bf16_gemms(options.bf16_compute);
+  backend->set_compute(options.compute);
   return backend;
 }
 

@@ -1,4 +1,4 @@
-// The CUDA backend: the engine's ops on the first CUDA device (CUDA_VISIBLE_DEVICES applies), fp32 or bf16 compute
+// The CUDA backend: the engine's ops on the first CUDA device (CUDA_VISIBLE_DEVICES applies), fp32, bf16 or fp16 compute
 // with cuBLASLt GEMMs (fp32 accumulation, no TF32), memory from a caching allocator, optimizer pages copied on a stream of
 // their own. Plain C++ declarations; defined in cuda_backend.cu, or in cuda_backend_none.cpp for a build without
 // CUDA, where asking for it is an error that says so.
@@ -13,10 +13,13 @@ namespace qlora {
 // The cuBLASLt workspace the backend holds (Workspace category) from its first GEMM on; the memory estimate counts it.
 constexpr int64_t kCudaGemmWorkspaceBytes = int64_t{32} << 20;
 
+enum class GpuCompute { F32, BF16, F16 };
+
 struct CudaBackendOptions {
   std::string library_dir;  // where to look for cuBLASLt first (qlora.cudaLibraryPath / --cuda-lib-dir)
-  // bf16 compute (torch.autocast(bfloat16)): GEMM inputs rounded to bf16, fp32 accumulation; else fp32 throughout.
-  bool bf16_compute = false;
+  // bf16 or fp16 compute (torch.autocast): GEMM inputs rounded to the half type, fp32 accumulation; else fp32
+  // throughout. fp16 needs loss scaling (RunOptions::loss_scale) to keep small gradients.
+  GpuCompute compute = GpuCompute::F32;
 };
 
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options);

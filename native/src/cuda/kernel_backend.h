@@ -6,8 +6,8 @@
 //
 // Exec provides: name(), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
 // kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download / copy (device to device) / zero, gemm (fp32,
-// the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_bf16 (the same with A and B as bf16
-// bits, fp32 accumulation and output; false when it has no way to),  alloc_host / free_host, begin_page_copy / finish_page_copy.
+// the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_half (the same with A and B as fp16 or
+// bf16 bits, fp32 accumulation and output; false when it has no way to),  alloc_host / free_host, begin_page_copy / finish_page_copy.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "cuda/cuda_backend.h"
 #include "cuda/kernels.cuh"
 #include "util/error.h"
 #include "util/philox.h"
@@ -31,10 +32,10 @@ class KernelBackend final : public Backend {
 
   Exec& exec() { return exec_; }
 
-  // bf16 compute, as torch.autocast(bfloat16) computes: every GEMM rounds its inputs to bf16 and accumulates in
-  // fp32 (activations, norms, softmax, the loss and the optimizer stay fp32). Off: fp32 GEMMs.
-  void set_bf16_gemms(bool on) { bf16_gemms_ = on; }
-  bool bf16_gemms() const { return bf16_gemms_; }
+  // bf16 or fp16 compute, as torch.autocast computes: every GEMM rounds its inputs to the half type and accumulates
+  // in fp32 (activations, norms, softmax, the loss and the optimizer stay fp32). F32: fp32 GEMMs.
+  void set_compute(GpuCompute compute) { compute_ = compute; }
+  GpuCompute compute() const { return compute_; }
   std::string name() const override { return exec_.name(); }
 
   // ---- memory ----
@@ -69,13 +70,14 @@ class KernelBackend final : public Backend {
     }
     void* workspace = gemm_workspace_.get();
     const size_t workspace_bytes = static_cast<size_t>(gemm_workspace_.size());
-    if (!bf16_gemms_) return exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);
+    if (compute_ == GpuCompute::F32) return exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);
     // A holds M*K values and B K*N, whichever way they are stored
+    const bool f16 = compute_ == GpuCompute::F16;
     DeviceArray<uint16_t> a16(this, M * K, MemCategory::Workspace), b16(this, K * N, MemCategory::Workspace);
-    exec_.launch("to_bf16", grid_for(M * K), exec_.threads, kernels::to_bf16, A, M * K, a16.get());
-    exec_.launch("to_bf16", grid_for(K * N), exec_.threads, kernels::to_bf16, B, K * N, b16.get());
-    if (!exec_.gemm_bf16(ta, tb, M, N, K, alpha, a16.get(), b16.get(), beta, C, workspace, workspace_bytes))
-      exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);  // no bf16 kernel for this shape
+    exec_.launch("to_half", grid_for(M * K), exec_.threads, kernels::to_half, A, M * K, f16, a16.get());
+    exec_.launch("to_half", grid_for(K * N), exec_.threads, kernels::to_half, B, K * N, f16, b16.get());
+    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a16.get(), b16.get(), beta, C, workspace, workspace_bytes))
+      exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);  // no half kernel for this shape
   }
   void add_inplace(float* y, const float* x, int64_t n) override {
     if (n > 0) exec_.launch("add_inplace", grid_for(n), exec_.threads, kernels::add_inplace, y, x, n);
@@ -257,7 +259,7 @@ class KernelBackend final : public Backend {
   Exec exec_;
   DeviceArray<uint8_t> gemm_workspace_;  // scratch of the GEMM library (cuBLASLt's), when it wants one
   bool gemm_workspace_ready_ = false;
-  bool bf16_gemms_ = false;
+  GpuCompute compute_ = GpuCompute::F32;
 };
 
 }  // namespace qlora::cuda

@@ -360,8 +360,18 @@ __device__ __forceinline__ uint16_t bf16_bits(float v) {
 #endif
 }
 
-__global__ void to_bf16(const float* x, int64_t n, uint16_t* out) {
-  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = bf16_bits(x[i]);
+// fp16 likewise (beyond 65504 it is inf, which the loss scaler sees as an overflow).
+__device__ __forceinline__ uint16_t f16_bits(float v) {
+#ifdef __CUDACC__
+  return __half_as_ushort(__float2half_rn(v));
+#else
+  return f32_to_f16(v);
+#endif
+}
+
+// x rounded to a 16-bit type: bf16 (to_f16 false) or fp16.
+__global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = to_f16 ? f16_bits(x[i]) : bf16_bits(x[i]);
 }
 
 // ---- NF4 ----

@@ -78,7 +78,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.cuda) {
     add(Ws, kCudaGemmWorkspaceBytes);
     add(Ws, o.batch * c.num_heads * o.seq * o.seq * kF32);  // attention backward's dS, as large as probs
-    if (o.bf16_compute) {
+    if (o.half_compute) {
       // the largest weight-side operand (the LM head or a linear) and the largest row-side one (a chunk of
       // logits' gradient, or activations into the widest linear), two bytes each
       const int64_t weight_side = std::max(vocab * h, max_linear_size);

@@ -25,9 +25,9 @@ struct EstimateOptions {
   bool gradient_checkpointing = true;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
   // On the CUDA backend: its GEMM workspace and the attention backward's dS scratch (cuda/kernel_backend.h) too,
-  // and with bf16 compute the bf16 copies of the largest GEMM's inputs.
+  // and with bf16 or fp16 compute the 16-bit copies of the largest GEMM's inputs.
   bool cuda = false;
-  bool bf16_compute = false;
+  bool half_compute = false;
 };
 
 struct MemoryEstimate {

@@ -457,7 +457,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
                   seq, ws, opt);
 
   const double normalizer = opt.grad_normalizer > 0.0 ? opt.grad_normalizer : static_cast<double>(result.labelled);
-  const double grad_scale = normalizer > 0.0 ? 1.0 / normalizer : 0.0;
+  const double grad_scale = normalizer > 0.0 ? opt.loss_scale / normalizer : 0.0;
   std::vector<double> row_logprobs(opt.want_logprobs ? static_cast<size_t>(n) : 0);
   if (opt.want_log_softmax) result.log_softmax.resize(static_cast<size_t>(n * c.vocab_size));
   DeviceArray<float> d_cur, d_next;

@@ -48,6 +48,9 @@ struct RunOptions {
   bool want_logprobs = false;
   bool want_log_softmax = false;  // the whole next-token distribution at every position (for export checks)
   double lora_scale = 1.0;        // multiplies the adapter's alpha/r; 0 runs the base model alone
+  // fp16 compute's loss scaling: gradients are of loss_scale * loss (the optimizer divides it out), so that small
+  // gradients do not flush to zero in fp16; the loss itself is reported unscaled.
+  double loss_scale = 1.0;
 };
 
 // Generation state of one sequence: the keys and values of every position so far, per layer, so that each new

@@ -30,15 +30,22 @@ double AdamW::global_grad_norm(Backend* backend, LoraAdapter* adapter) {
 }
 
 StepReport AdamW::step(const AdamWOptions& o) {
+  if (!(o.loss_scale > 0.0) || !std::isfinite(o.loss_scale)) fail("loss scale must be a positive number, got ", o.loss_scale);
   StepReport report;
-  report.grad_norm = global_grad_norm(backend_, adapter_);
-  if (!std::isfinite(report.grad_norm))
+  report.grad_norm = global_grad_norm(backend_, adapter_) / o.loss_scale;
+  if (!std::isfinite(report.grad_norm)) {
+    if (o.skip_non_finite) {
+      report.skipped = true;
+      report.step = step_;
+      return report;
+    }
     fail("gradient norm is ", report.grad_norm, " (not finite); the parameters were not updated");
-  double grad_scale = 1.0;
+  }
+  double grad_scale = 1.0 / o.loss_scale;  // the update sees the gradients of the unscaled loss
   if (o.max_grad_norm > 0.0) {
     const double coef = o.max_grad_norm / (report.grad_norm + 1e-6);
     if (coef < 1.0) {
-      grad_scale = coef;
+      grad_scale *= coef;
       report.clipped = true;
     }
   }

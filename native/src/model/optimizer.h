@@ -21,12 +21,18 @@ struct AdamWOptions {
   double eps = 1e-8;
   double weight_decay = 0.0;
   double max_grad_norm = 0.0;  // 0 or less: no clipping
+  // The loss scale the gradients were computed with (RunOptions::loss_scale): divided out before clipping and the
+  // update. With skip_non_finite, gradients that overflowed (a non-finite norm) skip the update instead of failing:
+  // fp16's dynamic loss scaling then lowers the scale and goes on.
+  double loss_scale = 1.0;
+  bool skip_non_finite = false;
 };
 
 struct StepReport {
   double grad_norm = 0.0;  // before clipping
   bool clipped = false;
   int64_t step = 0;        // the optimizer step just taken (1-based)
+  bool skipped = false;    // skip_non_finite and the gradients were not finite: nothing was updated
 };
 
 class AdamW {
