@@ -2,6 +2,7 @@
 // against finite differences (fp32 model, so along directions where the signal is large: the gradient itself and
 // single large elements), identical gradients with and without checkpointing, and dropout that is reproducible.
 #include <cmath>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -230,8 +231,10 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
   // so blocks of 64 straddle rows; 7, 37 and 19 outputs (partial tiles of 16); every rounding the quant state can ask
   // for. Both fast paths are checked against the plain sum in order, which is what they must equal bit for bit.
   auto backend = make_cpu_backend();
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}}) {
-    const int64_t n = out * in, blocksize = 64;
+  // Rows of whole blocks (192, 640: more than a chunk of 256) take the vector fill; blocks of 32 as well.
+  for (const auto& [out, in, blocksize] : {std::tuple<int64_t, int64_t, int64_t>{7, 100, 64}, {37, 99, 64}, {19, 301, 64},
+                                           {37, 192, 64}, {19, 640, 64}, {5, 96, 32}}) {
+    const int64_t n = out * in;
     std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
     std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
     for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);

@@ -6,6 +6,8 @@
 #include "io/dtype.h"
 #include "quant/nf4_codebook.h"
 
+#include <cstring>
+
 #include <cstdlib>  // through glibc's features.h: __GLIBC__, which target_clones (ifunc) needs
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
 #define QLORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -34,6 +36,64 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
   gemm_nt_tile<float>(n0, cols, M, N, K, alpha, A, B, beta, C);
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+namespace {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+// round_to_bf16 lane by lane, in place (round to nearest even; a NaN stays a NaN with its quiet bit set, as
+// f32_to_bf16 does). By reference: a 64-byte vector passed by value changes the ABI between the instruction sets.
+QLORA_ALWAYS_INLINE void round_bf16_lanes(v16f& v) {
+  v16u bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const v16u rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) & 0xffff0000u;
+  const v16u nan = ((bits >> 16) | 0x40u) << 16;
+  const v16u out = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  std::memcpy(&v, &out, sizeof v);
+}
+
+// The tile of nf4_matmul_tile_f32 for one chunk, 16 outputs across the lanes of a vector: for each pair of k (one
+// byte of every output row) the 16 codes index the code book, times each row's block constant, rounded. The same
+// products and roundings as the scalar fill, so the same bits. Needs rows that start on a byte (`in` even) and
+// blocks that start and end with the rows (`in` a multiple of the block size), so all 16 rows change block
+// constants at the same k; fp32 or bf16 rounding.
+QLORA_ALWAYS_INLINE void nf4_fill_tile_lanes(const uint8_t* packed, const float* absmax, int64_t o0, int64_t cols,
+                                             int64_t in, int blocksize, bool bf16, int64_t k0, int64_t kc,
+                                             float (*tile)[kNtTile]) {
+  v16f codebook;
+  for (int c = 0; c < 16; ++c) codebook[c] = nf4::code_value(c);
+  const uint8_t* row[kNtTile];
+  int64_t first_block[kNtTile];
+  for (int64_t j = 0; j < kNtTile; ++j) {
+    const int64_t o = o0 + std::min(j, cols - 1);  // lanes past cols repeat the last output, unused
+    row[j] = packed + o * in / 2;
+    first_block[j] = o * in / blocksize;
+  }
+  v16f scale = {};
+  for (int64_t k = 0; k < kc; k += 2) {
+    const int64_t kk = k0 + k;
+    if (k == 0 || kk % blocksize == 0)
+      for (int64_t j = 0; j < kNtTile; ++j) scale[j] = absmax[first_block[j] + kk / blocksize];
+    v16b bytes;
+    for (int64_t j = 0; j < kNtTile; ++j) bytes[j] = row[j][kk >> 1];
+    const v16i codes = __builtin_convertvector(bytes, v16i);
+    v16f w0 = __builtin_shuffle(codebook, codes >> 4) * scale;  // the first weight of a byte: its high nibble
+    v16f w1 = __builtin_shuffle(codebook, codes & 15) * scale;
+    if (bf16) {
+      round_bf16_lanes(w0);
+      round_bf16_lanes(w1);
+    }
+    std::memcpy(tile[k], &w0, sizeof w0);
+    std::memcpy(tile[k + 1], &w1, sizeof w1);
+  }
+}
+
+}  // namespace
+#endif
+
 QLORA_SIMD_CLONES
 void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
                          int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y) {
@@ -42,8 +102,21 @@ void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, co
   };
   alignas(64) float acc[kFewRows][kNtTile] = {};
   alignas(64) float tile[kNtChunk][kNtTile];
+#if defined(__GNUC__) || defined(__clang__)
+  const bool lanes = in % 2 == 0 && blocksize % 2 == 0 && in % blocksize == 0 && round_to != 2;
+#else
+  const bool lanes = false;
+#endif
   for (int64_t k0 = 0; k0 < in; k0 += kNtChunk) {
     const int64_t kc = std::min(kNtChunk, in - k0);
+#if defined(__GNUC__) || defined(__clang__)
+    if (lanes) {
+      nf4_fill_tile_lanes(packed, absmax, o0, cols, in, blocksize, round_to == 1, k0, kc, tile);
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t r = 0; r < rows; ++r) axpy16(acc[r], x[r * in + k0 + k], tile[k]);
+      continue;
+    }
+#endif
     for (int64_t j = 0; j < kNtTile; ++j) {
       // the weights of output row o, dequantized as nf4_dequantize computes and rounds them, a block's 16 values
       // built once (a block of `blocksize` consecutive weights may start inside a row and end in the next)
