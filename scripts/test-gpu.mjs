@@ -1,5 +1,6 @@
 // npm run test:gpu: the GPU test suite. On a machine whose GPU the engine cannot use it says so, with doctor's
-// sentences, and skips (exit 0); with a usable GPU it runs every part and fails on any failure.
+// sentences, and skips (exit 0, or 1 with REQUIRE_GPU=1); with a usable GPU it runs every part and fails on any
+// failure.
 // Parts: 1. the CUDA kernels and device memory against the CPU reference (build/Release/qlora_gpu_tests);
 //        2. the trainer on the GPU (whole-model parity, a short training run, paging under a small budget,
 //           telemetry), which needs the engine's CUDA training backend.
@@ -17,7 +18,8 @@ const hardware = doctor.gpus.length > 0 && doctor.driver.found && doctor.runtime
 if (!doctor.cudaCompiled || !hardware) {
   console.log('test:gpu: skipped, no usable GPU on this machine:');
   for (const p of doctor.problems) console.log(`  - ${p}`);
-  process.exit(0);
+  // REQUIRE_GPU=1 (the GPU check on a lent machine): a skip there is a failure, not a pass
+  process.exit(process.env.REQUIRE_GPU === '1' ? 1 : 0);
 }
 console.log(`test:gpu on ${doctor.gpus.map((g) => `${g.name} (compute capability ${g.computeCapability})`).join(', ')}, driver ${doctor.driverVersion}`);
 

@@ -81,7 +81,7 @@ export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, en
   if (request === 'cpu') return cpu(null);
   const blockers = cudaBlockers(report, engine.backends);
   if (blockers.length > 0) {
-    if (request === 'cuda') throw new DeviceError(`cannot train on the GPU (--device cuda): ${blockers.join(' ')}`);
+    if (request === 'cuda') throw new DeviceError(`cannot use the GPU (--device cuda): ${blockers.join(' ')}`);
     const brief = cudaBlockersBrief(report, engine.backends);
     return cpu(`Training on the CPU: the GPU cannot be used (${brief.join('; ')}). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.`);
   }

@@ -61,14 +61,14 @@ export async function loadChatModel(source: ChatModelSource, placement: Placemen
   let deviceNote: string | null = null;  // a machine without a usable GPU needs no note: the device line says CPU
   let engine: EngineModel;
   try {
-    // no budget: generation holds no optimizer to page, and the allocator says so when the GPU is full
-    engine = EngineModel.load(modelDir, { quantize, ...engineOptions(placed), memoryBudget: 0 });
+    // under the GPU's free memory less the margin, as training: loading beside a training run fails early, here
+    engine = EngineModel.load(modelDir, { quantize, ...engineOptions(placed) });
   } catch (err) {
     if (placed.device.kind !== 'cuda' || (placement.device ?? 'auto') !== 'auto') throw err;
     const cpu = cpuDevice(engineInfo().threads);
     engine = EngineModel.load(modelDir, { quantize });
     device = describeDevice(cpu.kind, cpu.name, cpu.computeDtype);
-    deviceNote = `Answering on the CPU: the model did not load on the GPU (${(err as Error).message}).`;
+    deviceNote = `Answering on the CPU: the model does not fit on the GPU now (${(err as Error).message.replace(/[.;]\s.*$/s, '')}).`;
   }
   try {
     if (adapterDir !== null) engine.loadAdapter(adapterDir);

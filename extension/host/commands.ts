@@ -19,6 +19,7 @@ import { formatMiB } from './format';
 import {
   adapterOfRun,
   defaultRunName,
+  estimateDeviceArgs,
   estimateShape,
   memoryFit,
   modelOfRun,
@@ -134,7 +135,9 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     const dir = pathSetting('cudaLibraryPath');
     const doctor = await runCliJson<DoctorSummary>(h.launch(), ['doctor', '--json', ...(dir ? ['--cuda-lib-dir', dir] : [])], { timeoutMs: 60_000 });
     const gpu = doctor.gpus.find((g) => g.cudaIndex === 0);
-    return doctor.device === 'cuda' && gpu ? { kind: 'gpu', name: gpu.name, memoryTotal: gpu.memoryTotal, memoryFree: gpu.memoryFree, budgetGiB: settings.gpuMemoryBudget } : cpu;
+    return doctor.device === 'cuda' && gpu
+      ? { kind: 'gpu', name: gpu.name, memoryTotal: gpu.memoryTotal, memoryFree: gpu.memoryFree, budgetGiB: settings.gpuMemoryBudget, computeDtype: doctor.computeDtype }
+      : cpu;
   }
 
   /** Starts the trainer and waits for its run-started event (or its early end: bad inputs end it before that). */
@@ -225,8 +228,13 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       let memory: string;
       let fits = true;
       try {
-        const e = await runCliJson<EstimateForPlan>(h.launch(), ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank)], { timeoutMs: 60_000 });
-        const fit = memoryFit(e, await fitTarget(settings));
+        const target = await fitTarget(settings);
+        const e = await runCliJson<EstimateForPlan>(
+          h.launch(),
+          ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank), ...estimateDeviceArgs(target)],
+          { timeoutMs: 60_000 },
+        );
+        const fit = memoryFit(e, target);
         fits = fit.fits;
         memory =
           `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens); ` +

@@ -116,7 +116,15 @@ export function chatPlacementArgs(p: { device: DeviceRequest; cudaLibraryPath: s
 }
 
 /** Where New Finetune's check measures: the GPU the run would train on (from `doctor --json`), or this machine's RAM. */
-export type FitTarget = { kind: 'gpu'; name: string; memoryTotal: number; memoryFree: number; budgetGiB: number } | { kind: 'cpu'; freeBytes: number };
+export type FitTarget =
+  | { kind: 'gpu'; name: string; memoryTotal: number; memoryFree: number; budgetGiB: number; computeDtype: string | null }
+  | { kind: 'cpu'; freeBytes: number };
+
+/** estimate's --device and --dtype for the target: on the GPU its buffers and dtype count too. */
+export function estimateDeviceArgs(target: FitTarget): string[] {
+  if (target.kind === 'cpu') return [];
+  return ['--device', 'cuda', '--dtype', target.computeDtype ?? 'f32'];
+}
 
 /**
  * Whether a run's estimate fits where it will train, as the trainer decides it before its first step: on the GPU

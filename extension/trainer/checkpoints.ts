@@ -20,6 +20,8 @@ export interface TrainerState {
   configDigest: string;
   /** fp16 compute's loss scale at the checkpoint (absent when the run computed in fp32 or bf16). */
   lossScaler?: LossScalerState;
+  /** The GPU compute dtype the steps so far were computed in (absent on the CPU); a resumed run keeps it. */
+  computeDtype?: 'f32' | 'bf16' | 'fp16';
 }
 
 const STEP_DIR = /^step-(\d+)$/;
@@ -74,9 +76,16 @@ export function pruneCheckpoints(runDir: string, keep: number): void {
 
 export function readTrainerState(checkpointDir: string): TrainerState {
   const file = path.join(checkpointDir, 'trainer_state.json');
+  let state: TrainerState;
   try {
-    return JSON.parse(fs.readFileSync(file, 'utf8')) as TrainerState;
+    state = JSON.parse(fs.readFileSync(file, 'utf8')) as TrainerState;
   } catch (err) {
     throw new Error(`${file}: cannot read the trainer state (${err instanceof Error ? err.message : String(err)})`);
   }
+  const s = state.lossScaler;
+  if (s !== undefined && !(Number.isFinite(s?.scale) && s.scale > 0 && Number.isInteger(s.goodSteps) && s.goodSteps >= 0))
+    throw new Error(`${file}: lossScaler must be {scale > 0, goodSteps >= 0}, got ${JSON.stringify(s)}`);
+  if (state.computeDtype !== undefined && !['f32', 'bf16', 'fp16'].includes(state.computeDtype))
+    throw new Error(`${file}: computeDtype must be f32, bf16 or fp16, got ${JSON.stringify(state.computeDtype)}`);
+  return state;
 }

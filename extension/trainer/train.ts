@@ -19,7 +19,7 @@ import { TrainingSamples } from './samples';
 import type { TrainerEvent } from '../protocol/events';
 import { GpuMonitor, type GpuSource } from './gpuTelemetry';
 import type { MemoryPlan } from './memoryPlan';
-import { checkMemory, engineOptions, placeRun, runDevice, type PlacementOptions } from './placement';
+import { checkMemory, engineOptions, placeRun, runDevice, type Placement, type PlacementOptions } from './placement';
 import { learningRate, type Schedule } from './schedule';
 
 export class TrainingError extends Error {
@@ -96,11 +96,27 @@ function saveFinalAdapter(runDir: string, model: EngineModel, baseModel: string)
 
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
+/** A resumed run on the GPU computes in the dtype its checkpoint was computed in, unless --dtype was given or the GPU
+ * lacks it (bf16 before Ampere: then the GPU's own, with a warning). */
+function keepSavedDtype(runDir: string, resume: boolean, asked: PlacementOptions, placement: Placement): Placement {
+  if (!resume || asked.computeDtype !== undefined || placement.device.kind !== 'cuda') return placement;
+  const checkpoint = latestCheckpoint(runDir);
+  const saved = checkpoint ? readTrainerState(checkpoint.dir).computeDtype : undefined;
+  if (saved === undefined || saved === placement.device.computeDtype) return placement;
+  if (saved === 'bf16' && placement.device.computeDtype !== 'bf16') {
+    const warning = `the run was computed in bf16 so far; ${placement.device.name} has no bf16, so it goes on in ${placement.device.computeDtype}`;
+    return { ...placement, warnings: [...placement.warnings, warning] };
+  }
+  return { ...placement, device: { ...placement.device, computeDtype: saved } };
+}
+
 export async function train(options: TrainOptions): Promise<TrainOutcome> {
   const { runDir, resume } = options;
   const control = options.control ?? new TrainingControl();
-  // The device first: `--device cuda` on a machine that cannot is the first thing to hear about.
-  const placement = placeRun(options.placement ?? {});
+  // The device first: `--device cuda` on a machine that cannot is the first thing to hear about. A resumed run keeps
+  // the compute dtype it was trained in on the GPU (unless --dtype says otherwise), so that it computes what the
+  // uninterrupted run would have.
+  const placement = keepSavedDtype(runDir, resume, options.placement ?? {}, placeRun(options.placement ?? {}));
   let config: TrainConfig;
   if (resume) {
     config = readRunConfig(runDir);
@@ -207,6 +223,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       seed: config.seed,
       elapsedSeconds: elapsedBefore + (Date.now() - started) / 1000,
       configDigest: digest,
+      ...(placement.device.kind === 'cuda' ? { computeDtype: placement.device.computeDtype } : {}),
       ...(scaler ? { lossScaler: scaler.snapshot() } : {}),
     });
     const saveCheckpoint = () => {
@@ -258,7 +275,12 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       });
       const loss = labelled > 0 ? lossSum / labelled : NaN;
       if (!Number.isFinite(loss)) {
-        throw new TrainingError(`the loss became ${loss} at step ${step + 1}` + (labelled === 0 ? ' (no labelled tokens in the batch)' : ''));
+        const why = labelled === 0
+          ? ' (no labelled tokens in the batch)'
+          : scaler
+            ? ': in fp16 compute an activation passed fp16\'s range (65504); resume with --dtype f32, or bf16 on an Ampere or newer GPU'
+            : '';
+        throw new TrainingError(`the loss became ${loss} at step ${step + 1}${why}`);
       }
       const lr = learningRate(schedule, step + 1);
       let report;
@@ -271,11 +293,13 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
         if (err instanceof EngineError && /not finite/.test(err.message)) throw new TrainingError(`training diverged at step ${step + 1}: ${err.message}`);
         throw err;
       }
+      // A skipped update still counts as a step (its data is consumed and the learning-rate schedule moves on, as a
+      // plain GradScaler loop does); the message has no step number, so that the Problems list shows each once.
       if (scaler) {
         if (report.skipped) {
           const was = scaler.scale;
           scaler.update(true);
-          log.emit({ kind: 'warning', message: `step ${step + 1}: the fp16 gradients overflowed at loss scale ${was}; the update was skipped and the scale lowered to ${scaler.scale}` });
+          log.emit({ kind: 'warning', message: `the fp16 gradients overflowed at loss scale ${was}: that step's update was skipped and the scale lowered to ${scaler.scale}` });
         } else {
           scaler.update(false);
         }

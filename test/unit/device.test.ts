@@ -53,7 +53,7 @@ test('--device: cuda when the GPU is usable, the CPU when asked; auto falls back
   const oldDriver = report({ driverCudaVersion: '12.4', driverVersion: '550.54.15', problems: ['update the driver.'] });
   assert.match(chooseDevice('auto', oldDriver, withCuda).fallback ?? '', /\(NVIDIA driver 550\.54\.15 too old for CUDA 13 \(580 or newer needed\)\)/);
   assert.match(chooseDevice('auto', report(), cpuOnly).fallback ?? '', /\(this build of the engine has no CUDA backend\)/);
-  assert.throws(() => chooseDevice('cuda', noCublas, withCuda), (e: unknown) => e instanceof DeviceError && /^cannot train on the GPU \(--device cuda\): cuBLASLt \(libcublasLt\.so\.13\) was not found/.test(e.message));
+  assert.throws(() => chooseDevice('cuda', noCublas, withCuda), (e: unknown) => e instanceof DeviceError && /^cannot use the GPU \(--device cuda\): cuBLASLt \(libcublasLt\.so\.13\) was not found/.test(e.message));
 });
 
 test('the GPU trained on is CUDA device 0, whatever NVML\'s order; telemetry follows it by NVML\'s index', () => {
@@ -139,7 +139,7 @@ test('train --device cuda without a usable GPU says what is missing and writes n
   const r = spawnSync(process.execPath, [cliPath, 'train', '--model', 'nowhere', '--data', 'nothing.jsonl', '--out', out, '--device', 'cuda'], { encoding: 'utf8' });
   assert.equal(r.status, 1);
   const doctor = JSON.parse(execFileSync(process.execPath, [cliPath, 'doctor', '--json'], { encoding: 'utf8' })) as { device: string; problems: string[] };
-  if (doctor.device === 'cpu') assert.equal(r.stderr.trim(), `qlora-studio: cannot train on the GPU (--device cuda): ${doctor.problems.join(' ')}`);
+  if (doctor.device === 'cpu') assert.equal(r.stderr.trim(), `qlora-studio: cannot use the GPU (--device cuda): ${doctor.problems.join(' ')}`);
   assert.ok(!fs.existsSync(out));
   const bad = spawnSync(process.execPath, [cliPath, 'train', '--out', out, '--device', 'gpu'], { encoding: 'utf8' });
   assert.equal(bad.status, 1);

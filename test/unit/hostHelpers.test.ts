@@ -11,6 +11,7 @@ import {
   defaultRunName,
   estimateShape,
   isLikelyDatasetFile,
+  estimateDeviceArgs,
   memoryFit,
   placementArgs,
   modelOfRun,
@@ -55,11 +56,15 @@ test('memory fit: on the CPU the peak against the free RAM; on the GPU the train
   };
   assert.deepEqual(memoryFit(e, { kind: 'cpu', freeBytes: 8 * GiB }), { fits: true, limit: 'the 8,192 MiB free on this machine', paged: false });
   assert.equal(memoryFit(e, { kind: 'cpu', freeBytes: 4 * GiB }).fits, false);
-  const gpu = { kind: 'gpu' as const, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryFree: 23 * GiB, budgetGiB: 0 };
+  const gpu = { kind: 'gpu' as const, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryFree: 23 * GiB, budgetGiB: 0, computeDtype: 'bf16' };
   assert.deepEqual(memoryFit(e, gpu), { fits: true, limit: 'the 22,323 MiB usable on NVIDIA L4', paged: false });
   // 4.25 GiB: below the peak (so the optimizer pages), above the peak without the optimizer
   assert.deepEqual(memoryFit(e, { ...gpu, budgetGiB: 4.25 }), { fits: true, limit: 'the budget of 4.25 GiB on NVIDIA L4 (qlora.gpuMemoryBudget)', paged: true });
   assert.equal(memoryFit(e, { ...gpu, budgetGiB: 4 }).fits, false);
+  // the estimate the check asks for: the GPU's buffers in the GPU's dtype
+  assert.deepEqual(estimateDeviceArgs(gpu), ['--device', 'cuda', '--dtype', 'bf16']);
+  assert.deepEqual(estimateDeviceArgs({ ...gpu, computeDtype: null }), ['--device', 'cuda', '--dtype', 'f32']);
+  assert.deepEqual(estimateDeviceArgs({ kind: 'cpu', freeBytes: 1 }), []);
 });
 
 test('the trainer\'s placement flags from the settings', () => {

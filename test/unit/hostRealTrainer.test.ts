@@ -80,7 +80,7 @@ test('qlora.device = cuda on a machine whose GPU cannot be used: the run fails b
   const settings = { device: 'cuda' as const, gpuMemoryBudget: 0, cudaLibraryPath: '' };
   const end = await trainer.start('train', runDir, [...args({ maxSteps: 2 }), ...placementArgs(settings)]).ended;
   assert.equal(end.status, 'failed');
-  assert.equal(end.reason, `cannot train on the GPU (--device cuda): ${doctor.problems.join(' ')}`);
+  assert.equal(end.reason, `cannot use the GPU (--device cuda): ${doctor.problems.join(' ')}`);
   assert.ok(!fs.existsSync(runDir));
   // auto: the same run trains on the CPU and says why in a warning event
   const runs = new RunRegistry(trainer, () => path.join(dir, 'runs'), 5);

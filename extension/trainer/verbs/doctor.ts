@@ -27,7 +27,7 @@ export function doctorReport(libraryDir?: string): DoctorReport {
   // The same choice and the same sentences as `train --device auto`.
   const choice = chooseDevice('auto', g, engine);
   // computeDtype: what training would compute in (the engine's CUDA backend may not have the GPU's own dtype yet)
-  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : g.computeDtype, problems: cudaBlockers(g, engine.backends), device: choice.kind };
+  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : null, problems: cudaBlockers(g, engine.backends), device: choice.kind };
 }
 
 const GiB = 1024 ** 3;

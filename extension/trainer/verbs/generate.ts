@@ -6,7 +6,7 @@ import { ChatColumn, loadChatModel } from '../../generate/chatModel';
 import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
 import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
-import { placementFromFlags, placementOptions } from '../placement';
+import { placementFromFlags, placementOptions, type PlacementOptions } from '../placement';
 
 export const generateOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'a base model folder (Hugging Face layout)' },
@@ -64,6 +64,14 @@ export function conversationFrom(o: ParsedOptions): ChatMessage[] {
   return messages;
 }
 
+/** --device and --dtype (fp32 by default on the CPU, which has no other). */
+function generatePlacement(o: ParsedOptions): PlacementOptions {
+  const flags = placementFromFlags(o);
+  if (flags.device === 'cpu' && flags.computeDtype !== undefined && flags.computeDtype !== 'f32')
+    throw new UsageError(`--dtype ${flags.computeDtype} is the GPU's; the CPU computes in fp32`);
+  return flags;
+}
+
 export async function generateVerb(o: ParsedOptions): Promise<void> {
   const messages = conversationFrom(o);
   if (o.raw && stringOption(o, 'prompt') === undefined) throw new UsageError('--raw continues --prompt as plain text; it does not apply to --messages');
@@ -74,7 +82,7 @@ export async function generateVerb(o: ParsedOptions): Promise<void> {
     run: stringOption(o, 'run'),
     checkpoint,
     quantize: o.quantize ? true : undefined,
-  }, placementFromFlags(o));
+  }, generatePlacement(o));
   if (chat.deviceNote && !o.json) process.stderr.write(`${chat.deviceNote}\n`);
   try {
     if (o.compare && chat.adapterDir === null) throw new UsageError('--compare needs an adapter: give --run, or --model with --adapter');
@@ -127,6 +135,8 @@ export async function generateVerb(o: ParsedOptions): Promise<void> {
       process.stdout.write(JSON.stringify({
         model: chat.modelDir,
         adapter: chat.adapterDir,
+        device: chat.device,
+        deviceNote: chat.deviceNote,
         sampling,
         answers: answers.map((a) => ({ label: a.label, text: a.text, ids: a.ids, finishReason: a.finishReason, promptTokens: a.promptTokens, prefillMs: a.prefillMs, decodeMs: a.decodeMs, decodeTokensPerSecond: a.decodeTokensPerSecond })),
       }) + '\n');

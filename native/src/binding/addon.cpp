@@ -3,6 +3,7 @@
 // Calls are synchronous: the engine only ever runs inside the trainer process, never in the extension host.
 #include <napi.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <optional>
@@ -274,7 +275,8 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     ro.want_logprobs = opt_bool(o, "logprobs").value_or(false);
     ro.want_log_softmax = opt_bool(o, "logSoftmax").value_or(false);
     ro.loss_scale = opt_number(o, "lossScale").value_or(1.0);
-    if (!(ro.loss_scale > 0.0)) throw Napi::RangeError::New(env, "lossScale must be a positive number");
+    if (!(ro.loss_scale > 0.0) || !std::isfinite(ro.loss_scale))
+      throw Napi::RangeError::New(env, "lossScale must be a positive finite number");
     RunResult r = guarded(env, [&] {
       return model(env).run(ids.Data(), labels, batch, seq, adapter_.get(), ro);
     });
