@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "model/adamw_math.h"
 #include "util/error.h"
 
 #ifdef _OPENMP
@@ -501,24 +502,17 @@ void log_softmax_rows(const T* logits, int64_t rows, int64_t vocab, float* out) 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// AdamW (torch.optim.AdamW semantics): p -= lr*wd*p (decoupled), m = b1 m + (1-b1) g, v = b2 v + (1-b2) g^2,
-// p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps). `step` counts from 1.
+// AdamW (torch.optim.AdamW semantics, model/adamw_math.h) over n parameters. `step` counts from 1.
 template <typename T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, double lr, double beta1, double beta2, double eps,
                   double weight_decay, int64_t step, double grad_scale) {
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  const double step_size = lr / bc1;
-  const double bc2_sqrt = std::sqrt(bc2);
+  const AdamWStep s = adamw_step_constants(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const double g = static_cast<double>(grad[i]) * grad_scale;
-    double p = static_cast<double>(param[i]) * (1.0 - lr * weight_decay);
-    const double mi = beta1 * m[i] + (1.0 - beta1) * g;
-    const double vi = beta2 * v[i] + (1.0 - beta2) * g * g;
+    double p = static_cast<double>(param[i]), mi = static_cast<double>(m[i]), vi = static_cast<double>(v[i]);
+    adamw_element(s, static_cast<double>(grad[i]), p, mi, vi);
     m[i] = static_cast<T>(mi);
     v[i] = static_cast<T>(vi);
-    p -= step_size * mi / (std::sqrt(vi) / bc2_sqrt + eps);
     param[i] = static_cast<T>(p);
   }
 }

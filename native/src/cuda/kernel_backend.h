@@ -220,10 +220,8 @@ class KernelBackend final : public Backend {
   void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
                     double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {
     if (n <= 0) return;
-    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-    exec_.launch("adamw_update", grid_for(n), exec_.threads, kernels::adamw_update, param, grad, m, v, n, lr, beta1,
-                 beta2, eps, weight_decay, lr / bc1, std::sqrt(bc2), grad_scale);
+    exec_.launch("adamw_update", grid_for(n), exec_.threads, kernels::adamw_update, param, grad, m, v, n,
+                 adamw_step_constants(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
   }
 
  protected:

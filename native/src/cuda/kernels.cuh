@@ -15,6 +15,7 @@
 #include "io/dtype.h"
 #endif
 
+#include "model/adamw_math.h"
 #include "quant/nf4_codebook.h"
 #include "util/philox_core.h"
 
@@ -26,41 +27,45 @@ namespace {
 constexpr int kMaxThreads = 256;
 constexpr int32_t kIgnoreIndex = -100;  // transformers' ignore_index, as cpu::kIgnoreIndex
 
-// ---- block reductions: every thread passes its value and receives the block's total ----
-template <typename T>
-__device__ T block_sum(T v) {
-  __shared__ T buf[kMaxThreads];
-  const int t = threadIdx.x;
-  buf[t] = v;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (t < s) buf[t] += buf[t + s];
-    __syncthreads();
-  }
-  const T total = buf[0];
-  __syncthreads();  // the next reduction may reuse buf
-  return total;
-}
-
 // The maximum as std::max(a, b) takes it (a NaN candidate is skipped, as in the CPU's loops).
 template <typename T>
 __device__ __forceinline__ T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
-template <typename T>
-__device__ T block_max(T v) {
+struct SumOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return max_of(a, b); }
+};
+
+// ---- block reductions: every thread passes its value and receives the block's result (a tree in shared memory;
+// one buffer per type and operation) ----
+template <typename T, typename Op>
+__device__ T block_reduce(T v, Op op) {
   __shared__ T buf[kMaxThreads];
   const int t = threadIdx.x;
   buf[t] = v;
   __syncthreads();
   for (int s = blockDim.x / 2; s > 0; s /= 2) {
-    if (t < s) buf[t] = max_of(buf[t], buf[t + s]);
+    if (t < s) buf[t] = op(buf[t], buf[t + s]);
     __syncthreads();
   }
-  const T m = buf[0];
-  __syncthreads();
-  return m;
+  const T result = buf[0];
+  __syncthreads();  // the next reduction may reuse buf
+  return result;
+}
+
+template <typename T>
+__device__ T block_sum(T v) {
+  return block_reduce(v, SumOp{});
+}
+template <typename T>
+__device__ T block_max(T v) {
+  return block_reduce(v, MaxOp{});
 }
 
 __device__ __forceinline__ int64_t global_thread() {
@@ -113,19 +118,13 @@ __global__ void swiglu_backward(const float* dout, const float* g, const float* 
   }
 }
 
-// AdamW in double as the CPU computes it; step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) come
-// from the host.
-__global__ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
-                             double beta2, double eps, double weight_decay, double step_size, double bc2_sqrt,
-                             double grad_scale) {
+// AdamW in double, the CPU's adamw_element; the step's constants come from the host.
+__global__ void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, AdamWStep s) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const double g = static_cast<double>(grad[i]) * grad_scale;
-    double p = static_cast<double>(param[i]) * (1.0 - lr * weight_decay);
-    const double mi = beta1 * m[i] + (1.0 - beta1) * g;
-    const double vi = beta2 * v[i] + (1.0 - beta2) * g * g;
+    double p = param[i], mi = m[i], vi = v[i];
+    adamw_element(s, static_cast<double>(grad[i]), p, mi, vi);
     m[i] = static_cast<float>(mi);
     v[i] = static_cast<float>(vi);
-    p -= step_size * mi / (sqrt(vi) / bc2_sqrt + eps);
     param[i] = static_cast<float>(p);
   }
 }
