@@ -182,6 +182,16 @@ __global__ void rmsnorm_backward(const float* dy, const float* x, const float* w
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
 }
 
+// log(sum_i exp(row[i])) of one row by the whole block, in double (the max subtracted first).
+__device__ double row_log_sum_exp(const float* row, int64_t n) {
+  double m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = max_of(m, static_cast<double>(row[i]));
+  m = block_max(m);
+  double sum = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += exp(static_cast<double>(row[i]) - m);
+  return m + log(block_sum(sum));
+}
+
 // Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
 // logprob[r]; dlogits (optional) = grad_scale * (softmax - onehot). The log-sum-exp in double. dlogits may be the
 // logits themselves (the model writes the gradient in place): every read of the row that another thread's write
@@ -199,13 +209,7 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
     return;
   }
   const double target_logit = lr[target];
-  double m = -INFINITY;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = max_of(m, static_cast<double>(lr[i]));
-  m = block_max(m);
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) sum += exp(static_cast<double>(lr[i]) - m);
-  sum = block_sum(sum);
-  const double log_z = m + log(sum);
+  const double log_z = row_log_sum_exp(lr, vocab);
   if (threadIdx.x == 0) logprob[r] = target_logit - log_z;
   if (dr)  // each thread reads and writes its own elements only
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
@@ -218,13 +222,7 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
 __global__ void log_softmax_rows(const float* logits, int64_t vocab, float* out) {
   const int64_t r = blockIdx.x;
   const float* lr = logits + r * vocab;
-  double m = -INFINITY;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) m = max_of(m, static_cast<double>(lr[i]));
-  m = block_max(m);
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) sum += exp(static_cast<double>(lr[i]) - m);
-  sum = block_sum(sum);
-  const double log_z = m + log(sum);
+  const double log_z = row_log_sum_exp(lr, vocab);
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
     out[r * vocab + i] = static_cast<float>(static_cast<double>(lr[i]) - log_z);
 }
