@@ -199,6 +199,33 @@ inline void rope_and_attention(const MakeBackend& make) {
   }
 }
 
+// Generation's fused NF4 product against the CPU's (dequantize + in-order sums): rows that start inside a byte,
+// blocks straddling rows, 1 to 4 rows, every rounding of the quant state.
+inline void nf4_matmul_nt(const MakeBackend& make) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}, {5, 640}}) {
+    const int64_t n = out * in;
+    const nf4::Blockwise4bit q = nf4::quantize(random_floats(static_cast<size_t>(n), 51).data(), n, 64);
+    DeviceArray<uint8_t> packed(dev.get(), static_cast<int64_t>(q.packed.size()), MemCategory::Workspace);
+    DeviceArray<float> absmax(dev.get(), static_cast<int64_t>(q.absmax.size()), MemCategory::Workspace);
+    packed.upload(q.packed);
+    absmax.upload(q.absmax);
+    const std::vector<float> x = random_floats(static_cast<size_t>(4 * in), 52);
+    DeviceArray<float> xd(dev.get(), 4 * in, MemCategory::Workspace), y(dev.get(), 4 * out, MemCategory::Workspace);
+    xd.upload(x);
+    for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16})
+      for (int64_t rows = 1; rows <= 4; ++rows) {
+        std::vector<float> want(static_cast<size_t>(rows * out));
+        cpu->nf4_matmul_nt(x.data(), rows, q.packed.data(), q.absmax.data(), out, in, 64, rt, want.data());
+        dev->nf4_matmul_nt(xd.get(), rows, packed.get(), absmax.get(), out, in, 64, rt, y.get());
+        std::vector<float> got = y.download();
+        got.resize(want.size());
+        expect_close("nf4_matmul_nt", want, got, 1e-5);
+      }
+  }
+}
+
 inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
   auto cpu = make_cpu_backend();
   auto dev = make();

@@ -109,6 +109,8 @@ TEST(cuda_kernels_nf4_dequantize_and_dropout_are_bit_identical_to_the_cpu) {
   parity::nf4_dequantize_and_dropout_bit_for_bit(emulated_with(64));
 }
 
+TEST(cuda_kernels_nf4_matmul_for_generation_matches_the_cpu) { parity::nf4_matmul_nt(emulated_with(64)); }
+
 TEST(cuda_kernels_nf4_quantize_is_bitsandbytes_byte_for_byte) {
   auto emu = emulated(64);
   // 1000 values in blocks of 64 (a partial last block), one all-zero block, an odd count

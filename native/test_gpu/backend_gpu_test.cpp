@@ -19,6 +19,7 @@ TEST(gpu_backend_rope_and_attention_match_the_cpu) { parity::rope_and_attention(
 TEST(gpu_backend_nf4_dequantize_and_dropout_are_bit_identical_to_the_cpu) {
   parity::nf4_dequantize_and_dropout_bit_for_bit(cuda_backend);
 }
+TEST(gpu_backend_nf4_matmul_for_generation_matches_the_cpu) { parity::nf4_matmul_nt(cuda_backend); }
 TEST(gpu_backend_whole_model_matches_the_cpu_in_fp32) { parity::whole_model(cuda_backend, kGpuFp32Tolerance); }
 TEST(gpu_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
   parity::whole_model_half([] {

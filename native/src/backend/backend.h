@@ -118,7 +118,7 @@ class Backend {
                               float* out) = 0;
   // y [rows, out] = x [rows, in] · W^T (rows <= kNf4MatmulMaxRows) with W [out, in] dequantized on the fly as nf4_dequantize would (rounded to
   // `round_to`), never written out: generation's few-row products read the 4-bit weights once. Equal to
-  // nf4_dequantize followed by gemm(false, true, ...) bit for bit.
+  // nf4_dequantize followed by gemm(false, true, ...): bit for bit on the CPU, to rounding on the GPU.
   virtual void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                              int64_t in, int blocksize, RoundTo round_to, float* y) = 0;
   // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p.

@@ -195,14 +195,17 @@ class KernelBackend final : public Backend {
     exec_.launch("nf4_dequantize", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize, packed, absmax, n,
                  blocksize, static_cast<int>(round_to), out);
   }
-  // The seam's contract is dequantize + gemm bit for bit; here it is exactly that (a fused decode kernel is faster).
+  // Reads the 4-bit weights once, dequantizing as it goes: the values of nf4_dequantize + gemm in the compute dtype,
+  // summed in another order than cuBLASLt's (so equal to rounding, not bit for bit as on the CPU).
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                      int64_t in, int blocksize, RoundTo round_to, float* y) override {
+    static_assert(kNf4MatmulMaxRows <= kernels::kMaxFewRows, "the kernel keeps kMaxFewRows sums a thread");
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
-    if (rows == 0) return;
-    DeviceArray<float> w(this, out * in, MemCategory::Workspace);
-    nf4_dequantize(packed, absmax, out * in, blocksize, round_to, w.get());
-    gemm(false, true, rows, out, in, 1.0f, x, w.get(), 0.0f, y);
+    if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_matmul_nt: blocksize must be a positive even number, got ", blocksize);
+    if (rows == 0 || out == 0) return;
+    const int round_x = compute_ == GpuCompute::BF16 ? 1 : compute_ == GpuCompute::F16 ? 2 : 0;
+    exec_.launch("nf4_matmul_nt", row_grid(out), exec_.threads, kernels::nf4_matmul_nt, x, rows, packed, absmax, out,
+                 in, blocksize, static_cast<int>(round_to), round_x, y);
   }
   // bitsandbytes' blockwise NF4 quantizer on the device (not part of the seam: the loader quantizes on the CPU).
   void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {

@@ -398,6 +398,28 @@ __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64
   }
 }
 
+// Generation's few-row product y [rows, out] = x [rows, in] · W^T with W in NF4, each weight dequantized (and
+// rounded to the quant state's dtype, round_to) as it is read, never written out: one block per output row, the
+// threads splitting k. x is rounded to the compute dtype first (round_x: 0 none, 1 bf16, 2 fp16), as the GEMM of
+// that dtype would. rows <= kMaxFewRows.
+constexpr int kMaxFewRows = 4;
+__global__ void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
+                              int64_t in, int blocksize, int round_to, int round_x, float* y) {
+  const int64_t o = blockIdx.x;
+  float acc[kMaxFewRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t k = threadIdx.x; k < in; k += blockDim.x) {
+    const int64_t i = o * in + k;
+    const uint8_t byte = packed[i >> 1];
+    const int code = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+    const float w = round_stored(nf4::code_value(code) * absmax[i / blocksize], round_to);
+    for (int64_t r = 0; r < rows; ++r) acc[r] += round_stored(x[r * in + k], round_x) * w;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float total = block_sum(acc[r]);
+    if (threadIdx.x == 0) y[r * out + o] = total;
+  }
+}
+
 // One CUDA block per quantization block: the absmax by a reduction (max is exact in any order; NaN is skipped as
 // fmaxf skips it, like the CPU's `a > m`), then each thread quantizes pairs with bitsandbytes' decision tree,
 // multiplying by the reciprocal of the absmax as bitsandbytes does. An all-zero block writes code 0.
