@@ -110,7 +110,7 @@ constexpr int kNf4Threads = 256;
 
 void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to, float* out) {
   if (n <= 0) return;
-  if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_dequantize: blocksize must be a positive even number, got ", blocksize);
+  nf4::check_blocksize(blocksize, "cuda::nf4_dequantize");
   const int64_t bytes = (n + 1) / 2;
   const int64_t blocks = std::min<int64_t>((bytes + kNf4Threads - 1) / kNf4Threads, 65535);
   kernels::nf4_dequantize<<<static_cast<unsigned>(blocks), kNf4Threads>>>(packed, absmax, n, blocksize,
@@ -120,8 +120,7 @@ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int b
 
 void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {
   if (n <= 0) return;
-  // a block must start on a byte: even block sizes only (bitsandbytes uses 64 to 4096)
-  if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_quantize: blocksize must be a positive even number, got ", blocksize);
+  nf4::check_blocksize(blocksize, "cuda::nf4_quantize");
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   kernels::nf4_quantize<<<static_cast<unsigned>(blocks), kNf4Threads>>>(x, n, blocksize, packed, absmax);
   QLORA_CUDA_CHECK_LAUNCH("nf4_quantize");

@@ -5,9 +5,10 @@
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
 // Exec provides: name(), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
-// kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download / copy (device to device) / zero, gemm (fp32,
-// the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_half (the same with A and B as fp16 or
-// bf16 bits, fp32 accumulation and output; false when it has no way to),  alloc_host / free_host, begin_page_copy / finish_page_copy.
+// kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download /
+// copy (device to device) / zero, gemm (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and
+// gemm_half (the same with A and B as fp16 or bf16 bits, fp32 accumulation and output; false when it has no way to),
+// alloc_host / free_host, begin_page_copy / finish_page_copy.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -18,6 +19,7 @@
 #include "backend/backend.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.cuh"
+#include "quant/nf4.h"
 #include "util/error.h"
 #include "util/philox.h"
 
@@ -191,7 +193,7 @@ class KernelBackend final : public Backend {
   void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
                       float* out) override {
     if (n <= 0) return;
-    if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_dequantize: blocksize must be a positive even number, got ", blocksize);
+    nf4::check_blocksize(blocksize, "nf4_dequantize");
     exec_.launch("nf4_dequantize", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize, packed, absmax, n,
                  blocksize, static_cast<int>(round_to), out);
   }
@@ -201,7 +203,7 @@ class KernelBackend final : public Backend {
                      int64_t in, int blocksize, RoundTo round_to, float* y) override {
     static_assert(kNf4MatmulMaxRows <= kernels::kMaxFewRows, "the kernel keeps kMaxFewRows sums a thread");
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
-    if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_matmul_nt: blocksize must be a positive even number, got ", blocksize);
+    nf4::check_blocksize(blocksize, "nf4_matmul_nt");
     if (rows == 0 || out == 0) return;
     const int round_x = compute_ == GpuCompute::BF16 ? 1 : compute_ == GpuCompute::F16 ? 2 : 0;
     exec_.launch("nf4_matmul_nt", row_grid(out), exec_.threads, kernels::nf4_matmul_nt, x, rows, packed, absmax, out,
@@ -210,7 +212,7 @@ class KernelBackend final : public Backend {
   // bitsandbytes' blockwise NF4 quantizer on the device (not part of the seam: the loader quantizes on the CPU).
   void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {
     if (n <= 0) return;
-    if (blocksize <= 0 || blocksize % 2 != 0) fail("nf4_quantize: blocksize must be a positive even number, got ", blocksize);
+    nf4::check_blocksize(blocksize, "nf4_quantize");
     exec_.launch("nf4_quantize", static_cast<unsigned>((n + blocksize - 1) / blocksize), exec_.threads,
                  kernels::nf4_quantize, x, n, blocksize, packed, absmax);
   }

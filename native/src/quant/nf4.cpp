@@ -27,11 +27,12 @@ float block_absmax(const float* x, int64_t count) {
   return m;
 }
 
+
+}  // namespace
+
 void check_blocksize(int blocksize, const char* what) {
   QLORA_CHECK(blocksize > 0 && blocksize % 2 == 0, what, " blocksize must be a positive even number, got ", blocksize);
 }
-
-}  // namespace
 
 Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
   check_blocksize(blocksize, "nf4::quantize");

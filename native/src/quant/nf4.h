@@ -22,6 +22,10 @@ struct Blockwise4bit {
 
 Blockwise4bit quantize(const float* x, int64_t n, int blocksize = 64);
 
+// A block must start on a byte (two codes a byte): a positive even block size, else an error naming `what`. The CPU
+// and GPU quantizers and dequantizers all check with it.
+void check_blocksize(int blocksize, const char* what);
+
 // out[i] = kCodes[code_i] * absmax[i / blocksize], computed in fp32 (rounding to the quant state's dtype is the
 // caller's choice: see round_to_dtype below).
 void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out);
