@@ -2,7 +2,7 @@
 // found and which backends this build of the engine has. `cuda` that cannot be had is an error saying exactly what
 // is missing; `auto` falls back to the CPU and says why. `doctor` shows the same choice.
 import * as os from 'node:os';
-import type { NativeGpuInfo, NativeGpuReport } from './native';
+import type { ComputeDtype, NativeGpuInfo, NativeGpuReport } from './native';
 
 export type DeviceRequest = 'auto' | 'cuda' | 'cpu';
 export const DEVICE_REQUESTS: readonly DeviceRequest[] = ['auto', 'cuda', 'cpu'];
@@ -11,7 +11,7 @@ export interface DeviceChoice {
   kind: 'cpu' | 'cuda';
   /** The GPU's name, or the CPU model and thread count. */
   name: string;
-  computeDtype: 'f32' | 'bf16' | 'fp16';
+  computeDtype: ComputeDtype;
   /** The GPU trained on (the first usable one); null on the CPU. */
   gpu: NativeGpuInfo | null;
   /** Why `auto` chose the CPU (what is missing for the GPU); null when it was not a fallback. */

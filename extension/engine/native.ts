@@ -118,6 +118,9 @@ export interface SyntheticModel {
   seed?: number;
 }
 
+/** What the engine computes in: fp32 (the CPU, or the GPU with --dtype f32), or bf16/fp16 on the GPU. */
+export type ComputeDtype = 'f32' | 'bf16' | 'fp16';
+
 export interface NativeModelOptions {
   /** Store dense linear weights as NF4 (QLoRA training). */
   quantize?: boolean;
@@ -129,7 +132,7 @@ export interface NativeModelOptions {
   cudaLibraryDir?: string;
   /** On the GPU: 'bf16' or 'fp16' rounds every GEMM's inputs to that type (fp32 accumulation), as torch.autocast
    * does (fp16 wants loss scaling in training); default 'f32'. */
-  computeDtype?: 'f32' | 'bf16' | 'fp16';
+  computeDtype?: ComputeDtype;
 }
 
 export interface NativeModel {

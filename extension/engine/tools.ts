@@ -2,7 +2,7 @@
 // of a training step, and llama.cpp's GGUF block quantizers. Native failures surface as EngineError, as in index.ts.
 import { loadAddon } from './addon';
 import { EngineError } from './index';
-import type { MemoryCategory } from './native';
+import type { ComputeDtype, MemoryCategory } from './native';
 
 /** Output dtype of a merged model. */
 export type MergeDtype = 'bfloat16' | 'float16' | 'float32';
@@ -31,7 +31,7 @@ export interface EstimateOptions {
   /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
   device?: 'cpu' | 'cuda';
   /** On the GPU: bf16 compute holds bf16 copies of each GEMM's inputs while it runs. */
-  computeDtype?: 'f32' | 'bf16' | 'fp16';
+  computeDtype?: ComputeDtype;
 }
 
 export interface MemoryEstimate {

@@ -4,9 +4,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { loadModelTokenizer, renderGenerationPrompt, type ChatMessage, type ModelTokenizer } from '../data';
-import { EngineModel, readModelConfig, type GenerationSession } from '../engine';
+import { EngineModel, engineInfo, readModelConfig, type GenerationSession } from '../engine';
 import { cpuDevice } from '../engine/device';
-import { engineInfo } from '../engine';
 import { engineOptions, placeRun, type PlacementOptions } from '../trainer/placement';
 import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
 import { generate, type GenerateOptions, type GenerateResult } from './generate';

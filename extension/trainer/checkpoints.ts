@@ -4,6 +4,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { EngineModel } from '../engine';
+import type { ComputeDtype } from '../engine/native';
 import { writeJsonAtomic } from '../util/atomicFile';
 import type { LossScalerState } from './lossScaler';
 import { replaceFolderAtomic } from '../util/atomicFolder';
@@ -21,7 +22,7 @@ export interface TrainerState {
   /** fp16 compute's loss scale at the checkpoint (absent when the run computed in fp32 or bf16). */
   lossScaler?: LossScalerState;
   /** The GPU compute dtype the steps so far were computed in (absent on the CPU); a resumed run keeps it. */
-  computeDtype?: 'f32' | 'bf16' | 'fp16';
+  computeDtype?: ComputeDtype;
 }
 
 const STEP_DIR = /^step-(\d+)$/;

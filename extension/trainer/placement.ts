@@ -4,8 +4,7 @@
 import * as os from 'node:os';
 import { engineInfo, gpuReport } from '../engine';
 import { chooseDevice, cpuDevice, DEVICE_REQUESTS, type DeviceChoice, type DeviceRequest, type EngineCapabilities } from '../engine/device';
-import type { NativeModelOptions } from '../engine/native';
-import type { NativeGpuReport } from '../engine/native';
+import type { ComputeDtype, NativeGpuReport, NativeModelOptions } from '../engine/native';
 import type { RunDevice } from '../protocol/events';
 import { numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from './cliArgs';
 import { defaultGpuBudget, overBudgetMessage, planMemory, type EstimateForPlan, type MemoryPlan, type RunShape } from './memoryPlan';
@@ -23,7 +22,18 @@ export interface PlacementOptions {
   /** A folder searched first for cuBLASLt (qlora.cudaLibraryPath). */
   cudaLibraryDir?: string;
   /** The GPU's compute dtype (--dtype): f32, bf16 (the default from Ampere on) or fp16 (Turing's default). */
-  computeDtype?: 'f32' | 'bf16' | 'fp16';
+  computeDtype?: ComputeDtype;
+}
+
+/** --dtype's value, checked. */
+export function parseComputeDtype(text: string | undefined): ComputeDtype | undefined {
+  if (text === undefined || text === 'f32' || text === 'bf16' || text === 'fp16') return text;
+  throw new UsageError(`--dtype must be bf16, fp16 or f32, got '${text}'`);
+}
+
+/** Where a verb computes on the CPU for certain, a half-precision --dtype is a mistake, not a wish to ignore. */
+export function refuseHalfDtypeOnCpu(dtype: ComputeDtype | undefined, onCpu: boolean): void {
+  if (onCpu && dtype !== undefined && dtype !== 'f32') throw new UsageError(`--dtype ${dtype} is the GPU's (--device cuda); the CPU computes in fp32`);
 }
 
 export interface Placement {
@@ -100,9 +110,7 @@ export function placementFromFlags(o: ParsedOptions): PlacementOptions {
     throw new UsageError(`--device must be one of ${DEVICE_REQUESTS.join(', ')}, got '${device}'`);
   const budget = numberOption(o, 'gpu-memory-budget');
   if (budget !== undefined && !(budget > 0)) throw new UsageError(`--gpu-memory-budget must be a positive number of GiB, got ${budget}`);
-  const dtype = stringOption(o, 'dtype');
-  if (dtype !== undefined && dtype !== 'f32' && dtype !== 'bf16' && dtype !== 'fp16') throw new UsageError(`--dtype must be bf16, fp16 or f32, got '${dtype}'`);
-  return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir'), computeDtype: dtype };
+  return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir'), computeDtype: parseComputeDtype(stringOption(o, 'dtype')) };
 }
 
 /**

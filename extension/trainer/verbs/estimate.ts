@@ -2,8 +2,9 @@
 // allocations (weights, LoRA adapters and gradients, AdamW state, activations, workspace) and their peak, which is
 // what --gpu-memory-budget bounds. The CUDA context and NVML's view of other processes come on top.
 import { estimateMemory, type MemoryEstimate } from '../../engine/tools';
-import type { MemoryCategory } from '../../engine/native';
+import type { ComputeDtype, MemoryCategory } from '../../engine/native';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { parseComputeDtype, refuseHalfDtypeOnCpu } from '../placement';
 
 export interface EstimateVerbOptions {
   model: string;
@@ -17,11 +18,11 @@ export interface EstimateVerbOptions {
   /** The device the step runs on (default the CPU); the GPU adds cuBLASLt's workspace and attention scratch. */
   device?: 'cpu' | 'cuda';
   /** On the GPU: bf16 compute (the default there, as training on Ampere and newer), fp16 or f32. */
-  computeDtype?: 'f32' | 'bf16' | 'fp16';
+  computeDtype?: ComputeDtype;
 }
 
 export interface EstimateResult extends MemoryEstimate {
-  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean; device: 'cpu' | 'cuda'; computeDtype: 'f32' | 'bf16' | 'fp16' };
+  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean; device: 'cpu' | 'cuda'; computeDtype: ComputeDtype };
 }
 
 export const DEFAULT_SEQ = 512;
@@ -40,7 +41,7 @@ export function estimate(options: EstimateVerbOptions): EstimateResult {
     device: options.device ?? 'cpu',
     computeDtype: options.device === 'cuda' ? (options.computeDtype ?? 'bf16') : 'f32',
   };
-  if (options.device !== 'cuda' && options.computeDtype !== undefined && options.computeDtype !== 'f32') throw new UsageError(`--dtype ${options.computeDtype} is the GPU's (--device cuda); the CPU computes in fp32`);
+  refuseHalfDtypeOnCpu(options.computeDtype, options.device !== 'cuda');
   for (const [name, value] of [['seq-len', resolved.seq], ['batch-size', resolved.batch], ['rank', resolved.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
   const result = estimateMemory(options.model, { ...resolved, optimizer: true });
@@ -78,11 +79,6 @@ function deviceOption(text: string | undefined): 'cpu' | 'cuda' | undefined {
   throw new UsageError(`--device must be cpu or cuda, got '${text}'`);
 }
 
-function dtypeOption(text: string | undefined): 'f32' | 'bf16' | 'fp16' | undefined {
-  if (text === undefined || text === 'f32' || text === 'bf16' || text === 'fp16') return text;
-  throw new UsageError(`--dtype must be bf16, fp16 or f32, got '${text}'`);
-}
-
 export const estimateVerb = {
   summary: 'estimate the memory of one training step by category (weights, adapters, optimizer, activations...)',
   options: {
@@ -107,7 +103,7 @@ export const estimateVerb = {
       quantize: !o['no-quantize'],
       gradientCheckpointing: !o['no-checkpointing'],
       device: deviceOption(stringOption(o, 'device')),
-      computeDtype: dtypeOption(stringOption(o, 'dtype')),
+      computeDtype: parseComputeDtype(stringOption(o, 'dtype')),
     });
     process.stdout.write((o.json ? JSON.stringify(result) : formatEstimate(result)) + '\n');
   },

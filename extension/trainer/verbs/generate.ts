@@ -6,7 +6,7 @@ import { ChatColumn, loadChatModel } from '../../generate/chatModel';
 import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
 import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
-import { placementFromFlags, placementOptions, type PlacementOptions } from '../placement';
+import { placementFromFlags, placementOptions, refuseHalfDtypeOnCpu, type PlacementOptions } from '../placement';
 
 export const generateOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'a base model folder (Hugging Face layout)' },
@@ -67,8 +67,7 @@ export function conversationFrom(o: ParsedOptions): ChatMessage[] {
 /** --device and --dtype (fp32 by default on the CPU, which has no other). */
 function generatePlacement(o: ParsedOptions): PlacementOptions {
   const flags = placementFromFlags(o);
-  if (flags.device === 'cpu' && flags.computeDtype !== undefined && flags.computeDtype !== 'f32')
-    throw new UsageError(`--dtype ${flags.computeDtype} is the GPU's; the CPU computes in fp32`);
+  refuseHalfDtypeOnCpu(flags.computeDtype, flags.device === 'cpu');
   return flags;
 }
 
