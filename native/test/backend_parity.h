@@ -64,8 +64,6 @@ inline void expect_close(const char* what, const Twin& t, double tol) {
   expect_close(what, t.cpu.download(), t.dev.download(), tol);
 }
 
-inline std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-
 inline void elementwise_and_row_ops(const MakeBackend& make) {
   auto cpu = make_cpu_backend();
   auto dev = make();
@@ -258,37 +256,66 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
   }
 }
 
+// A reference model with its PEFT adapter, loaded on the CPU and on the backend under test (the models and adapters
+// go before their backends).
+struct ReferenceOnBoth {
+  std::unique_ptr<Backend> cpu, dev;
+  std::unique_ptr<LlamaModel> model_cpu, model_dev;
+  std::unique_ptr<LoraAdapter> adapter_cpu, adapter_dev;
+  ReferenceOnBoth(const MakeBackend& make, const std::string& name) : cpu(make_cpu_backend()), dev(make()) {
+    model_cpu = LlamaModel::load(cpu.get(), qtest::reference(name), {});
+    model_dev = LlamaModel::load(dev.get(), qtest::reference(name), {});
+    adapter_cpu = LoraAdapter::load_peft(cpu.get(), model_cpu->config(), qtest::reference(name + "-adapter"));
+    adapter_dev = LoraAdapter::load_peft(dev.get(), model_dev->config(), qtest::reference(name + "-adapter"));
+  }
+};
+
+// How one LoRA gradient on the backend under test (got) compares with the CPU's (want), in double.
+struct GradientPair {
+  double dot = 0, want2 = 0, got2 = 0, diff2 = 0;
+};
+
+// Each LoRA gradient of the two adapters, compared.
+inline std::vector<GradientPair> compare_gradients(LoraAdapter& want, LoraAdapter& got) {
+  auto gw = want.parameters_and_grads();
+  auto gg = got.parameters_and_grads();
+  std::vector<GradientPair> pairs;
+  for (size_t i = 0; i < gw.size(); ++i) {
+    const std::vector<float> w = gw[i].second->download(), g = gg[i].second->download();
+    GradientPair p;
+    for (size_t j = 0; j < w.size(); ++j) {
+      const double a = w[j], b = g[j];
+      p.dot += a * b;
+      p.want2 += a * a;
+      p.got2 += b * b;
+      p.diff2 += (b - a) * (b - a);
+    }
+    pairs.push_back(p);
+  }
+  return pairs;
+}
+
+const char* const kReferenceModels[] = {"llama-shared", "llama3-shared", "qwen2-shared"};
+
 inline void whole_model(const MakeBackend& make, const ModelTolerance& tol) {
   // Loss, every log-prob and every LoRA gradient of the reference models (Llama with its adapter, Llama 3 with rope
   // scaling, Qwen2 with q/k/v biases and GQA), batch 2, with checkpointing.
-  const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
-  for (const char* name : {"llama-shared", "llama3-shared", "qwen2-shared"}) {
-    auto cpu = make_cpu_backend();
-    auto dev = make();
-    auto mc = LlamaModel::load(cpu.get(), fixture(name), {});
-    auto me = LlamaModel::load(dev.get(), fixture(name), {});
-    const std::string adapter_dir = fixture(std::string(name) + "-adapter");
-    auto ac = LoraAdapter::load_peft(cpu.get(), mc->config(), adapter_dir);
-    auto ae = LoraAdapter::load_peft(dev.get(), me->config(), adapter_dir);
+  const std::vector<int32_t>& ids = qtest::reference_ids();
+  for (const char* name : kReferenceModels) {
+    ReferenceOnBoth r(make, name);
     RunOptions opt;
     opt.compute_grads = true;
     opt.want_logprobs = true;
-    const RunResult rc = mc->run(ids.data(), ids.data(), 2, 6, ac.get(), opt);
-    const RunResult re = me->run(ids.data(), ids.data(), 2, 6, ae.get(), opt);
+    const RunResult rc = r.model_cpu->run(ids.data(), ids.data(), 2, 6, r.adapter_cpu.get(), opt);
+    const RunResult re = r.model_dev->run(ids.data(), ids.data(), 2, 6, r.adapter_dev.get(), opt);
     EXPECT_NEAR(re.loss_sum / re.labelled, rc.loss_sum / rc.labelled, tol.loss);
     EXPECT_EQ(re.labelled, rc.labelled);
     for (size_t i = 0; i < rc.logprobs.size(); ++i) EXPECT_NEAR(re.logprobs[i], rc.logprobs[i], tol.logprob);
-    auto gc = ac->parameters_and_grads();
-    auto ge = ae->parameters_and_grads();
-    for (size_t i = 0; i < gc.size(); ++i) {
-      const std::vector<float> want = gc[i].second->download(), got = ge[i].second->download();
-      double diff = 0, norm = 0;
-      for (size_t j = 0; j < want.size(); ++j) {
-        diff += (static_cast<double>(got[j]) - want[j]) * (static_cast<double>(got[j]) - want[j]);
-        norm += static_cast<double>(want[j]) * want[j];
-      }
-      EXPECT_TRUE(std::sqrt(diff) <= tol.gradient * std::sqrt(norm) + 1e-9, name, " gradient ", i, ": relative difference ",
-                  std::sqrt(diff / std::max(norm, 1e-30)));
+    const std::vector<GradientPair> grads = compare_gradients(*r.adapter_cpu, *r.adapter_dev);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const GradientPair& g = grads[i];
+      EXPECT_TRUE(std::sqrt(g.diff2) <= tol.gradient * std::sqrt(g.want2) + 1e-9, name, " gradient ", i,
+                  ": relative difference ", std::sqrt(g.diff2 / std::max(g.want2, 1e-30)));
     }
   }
 }
@@ -297,13 +324,13 @@ inline void training_paging_and_generation(const MakeBackend& make, const ModelT
   // NF4 weights, a new adapter with dropout, 4 AdamW steps; the emulated backend under a budget that pages the
   // optimizer. The losses of every step and the final parameters agree with the CPU's; then greedy decoding with the
   // KV cache gives the same logits.
-  const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+  const std::vector<int32_t>& ids = qtest::reference_ids();
   auto cpu = make_cpu_backend();
   auto dev = make();
   LoadOptions lo;
   lo.quantize_nf4 = true;
-  auto mc = LlamaModel::load(cpu.get(), fixture("llama-shared"), lo);
-  auto me = LlamaModel::load(dev.get(), fixture("llama-shared"), lo);
+  auto mc = LlamaModel::load(cpu.get(), qtest::reference("llama-shared"), lo);
+  auto me = LlamaModel::load(dev.get(), qtest::reference("llama-shared"), lo);
   LoraConfig lc;
   lc.rank = 4;
   lc.dropout = 0.1;
@@ -337,7 +364,7 @@ inline void training_paging_and_generation(const MakeBackend& make, const ModelT
   auto pe = ae->parameters_and_grads();
   for (size_t i = 0; i < pc.size(); ++i) expect_close("trained parameter", pc[i].first->download(), pe[i].first->download(), tol.gradient);
 
-  dev->set_memory_budget(0);  // generation dequantizes whole weights into workspace: no room in this budget
+  dev->set_memory_budget(0);  // a prefill of 5 rows dequantizes whole weights into workspace: no room in this budget
   KvCache cache_c, cache_e;
   std::vector<float> lc_rows = mc->decode(ids.data(), 5, cache_c, ac.get());
   std::vector<float> le_rows = me->decode(ids.data(), 5, cache_e, ae.get());
@@ -353,39 +380,26 @@ inline void training_paging_and_generation(const MakeBackend& make, const ModelT
 // bounds, the loss within 1% and each LoRA gradient's cosine similarity with the CPU's >= 0.999, on the reference
 // fixtures; with fp16's loss scaling the gradients are loss_scale times the CPU's.
 inline void whole_model_half(const MakeBackend& make_half, double loss_scale = 1.0) {
-  const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
-  for (const char* name : {"llama-shared", "llama3-shared", "qwen2-shared"}) {
-    auto cpu = make_cpu_backend();
-    auto dev = make_half();
-    auto mc = LlamaModel::load(cpu.get(), fixture(name), {});
-    auto md = LlamaModel::load(dev.get(), fixture(name), {});
-    const std::string adapter_dir = fixture(std::string(name) + "-adapter");
-    auto ac = LoraAdapter::load_peft(cpu.get(), mc->config(), adapter_dir);
-    auto ad = LoraAdapter::load_peft(dev.get(), md->config(), adapter_dir);
+  const std::vector<int32_t>& ids = qtest::reference_ids();
+  for (const char* name : kReferenceModels) {
+    ReferenceOnBoth r(make_half, name);
     RunOptions opt;
     opt.compute_grads = true;
-    const RunResult rc = mc->run(ids.data(), ids.data(), 2, 6, ac.get(), opt);
+    const RunResult rc = r.model_cpu->run(ids.data(), ids.data(), 2, 6, r.adapter_cpu.get(), opt);
     RunOptions scaled = opt;
     scaled.loss_scale = loss_scale;
-    const RunResult rd = md->run(ids.data(), ids.data(), 2, 6, ad.get(), scaled);
+    const RunResult rd = r.model_dev->run(ids.data(), ids.data(), 2, 6, r.adapter_dev.get(), scaled);
     EXPECT_TRUE(std::fabs(rd.loss_sum - rc.loss_sum) <= 0.01 * std::fabs(rc.loss_sum), name, ": half-precision loss ",
                 rd.loss_sum, ", fp32 ", rc.loss_sum);
     EXPECT_TRUE(rd.loss_sum != rc.loss_sum, name, ": half-precision compute gave the fp32 loss exactly (not rounding?)");
-    auto gc = ac->parameters_and_grads();
-    auto gd = ad->parameters_and_grads();
-    for (size_t i = 0; i < gc.size(); ++i) {
-      const std::vector<float> want = gc[i].second->download(), got = gd[i].second->download();
-      double dot = 0, nw = 0, ng = 0;
-      for (size_t j = 0; j < want.size(); ++j) {
-        dot += static_cast<double>(want[j]) * got[j];
-        nw += static_cast<double>(want[j]) * want[j];
-        ng += static_cast<double>(got[j]) * got[j];
-      }
-      if (nw == 0 && ng == 0) continue;  // B of a fresh adapter has zero gradient in A's rows... both zero is agreement
-      const double cosine = dot / std::sqrt(nw * ng);
+    const std::vector<GradientPair> grads = compare_gradients(*r.adapter_cpu, *r.adapter_dev);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const GradientPair& g = grads[i];
+      if (g.want2 == 0 && g.got2 == 0) continue;  // a gradient that is zero on both sides agrees
+      const double cosine = g.dot / std::sqrt(g.want2 * g.got2);
       EXPECT_TRUE(cosine >= 0.999, name, " gradient ", i, ": cosine similarity ", cosine);
-      EXPECT_TRUE(std::fabs(std::sqrt(ng / nw) / loss_scale - 1.0) <= 0.01, name, " gradient ", i, ": norm ",
-                  std::sqrt(ng), " for ", loss_scale, " times ", std::sqrt(nw));
+      EXPECT_TRUE(std::fabs(std::sqrt(g.got2 / g.want2) / loss_scale - 1.0) <= 0.01, name, " gradient ", i, ": norm ",
+                  std::sqrt(g.got2), " for ", loss_scale, " times ", std::sqrt(g.want2));
     }
   }
 }

@@ -156,7 +156,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     backend->set_compute(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
     LoadOptions lo;
     lo.quantize_nf4 = true;
-    auto model = LlamaModel::load(backend.get(), parity::fixture("llama-shared"), lo);
+    auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
     LoraConfig lc;
     lc.rank = 4;
     auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);

@@ -15,8 +15,6 @@ using namespace qlora;
 
 namespace {
 
-std::string ref(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-
 struct Case {
   std::string model;  // a reference fixture, or "shape:<name>" for a synthetic benchmark shape
   bool quantize;
@@ -30,7 +28,7 @@ void check_case(const Case& c) {
   LoadOptions lo;
   lo.quantize_nf4 = c.quantize;
   auto model = c.model.rfind("shape:", 0) == 0 ? LlamaModel::synthetic(backend.get(), bench_shape(c.model.substr(6)), 1)
-                                               : LlamaModel::load(backend.get(), ref(c.model), lo);
+                                               : LlamaModel::load(backend.get(), qtest::reference(c.model), lo);
   LoraConfig lc;
   lc.rank = c.rank;
   lc.dropout = 0.1;
@@ -94,7 +92,7 @@ TEST(estimate_matches_measured_peaks_with_biases_tied_embeddings_and_some_target
 }
 
 TEST(estimate_rejects_bad_options) {
-  const ModelConfig config = load_model_config(ref("llama-shared"));
+  const ModelConfig config = load_model_config(qtest::reference("llama-shared"));
   EstimateOptions eo;
   eo.seq = 0;
   EXPECT_THROWS_WITH(estimate_memory(config, eo), "must be positive");

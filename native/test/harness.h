@@ -6,6 +6,7 @@
 #include <exception>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -38,6 +39,16 @@ inline std::vector<TestCase>& registry() {
 inline std::string& fixtures_dir() {
   static std::string dir;
   return dir;
+}
+
+// A folder or file of the reference fixtures (test/fixtures/reference: models, adapters and what transformers, PEFT
+// and bitsandbytes computed of them).
+inline std::string reference(const std::string& name) { return fixtures_dir() + "/reference/" + name; }
+
+// Twelve token ids that every reference model's vocabulary holds: two sequences of six for batch-2 runs.
+inline const std::vector<int32_t>& reference_ids() {
+  static const std::vector<int32_t> ids = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+  return ids;
 }
 
 struct Registrar {

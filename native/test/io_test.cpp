@@ -17,7 +17,6 @@
 #include "io/safetensors.h"
 #include "util/json.h"
 
-
 using namespace qlora;
 namespace fs = std::filesystem;
 
@@ -30,7 +29,6 @@ void write_bytes(const fs::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out << bytes;
 }
-
 
 std::string le64(uint64_t n) {
   std::string out(8, '\0');
@@ -46,8 +44,6 @@ uint64_t header_length(const std::string& bytes) {
   for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
   return n;
 }
-
-std::string ref(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
 
 // The fields every config below shares; each case adds or overrides keys (a repeated key: the last one wins).
 const std::string kBaseConfig =
@@ -231,7 +227,7 @@ TEST(io_writer_round_trips_bytes_with_a_padded_header) {
 TEST(io_writer_reproduces_a_reference_file_byte_for_byte) {
   // The reference checkpoint was written by the Rust safetensors library (via transformers): compact JSON,
   // __metadata__ first, space padding to 8 bytes. Writing its tensors back in file order must give the same bytes.
-  const std::string source = ref("llama-shared/model.safetensors");
+  const std::string source = qtest::reference("llama-shared/model.safetensors");
   const auto f = SafetensorsFile::open(source);
   EXPECT_EQ(f->tensors().size(), 21u);
   SafetensorsWriter w;
@@ -325,7 +321,7 @@ TEST(io_sharded_store_resolves_through_the_index) {
 }
 
 TEST(io_reference_model_tensors_read_as_f32) {
-  const auto store = TensorStore::open_dir(ref("llama-shared"));
+  const auto store = TensorStore::open_dir(qtest::reference("llama-shared"));
   EXPECT_EQ(store->names().size(), 21u);
   const TensorInfo& embed = store->info("model.embed_tokens.weight");
   EXPECT_TRUE(embed.dtype == DType::BF16);
@@ -348,7 +344,7 @@ TEST(io_reference_model_tensors_read_as_f32) {
 
 TEST(io_reference_configs_parse_in_both_forms) {
   // transformers 5: rope_parameters, dtype, explicit head_dim.
-  const ModelConfig llama = load_model_config(ref("llama-shared"));
+  const ModelConfig llama = load_model_config(qtest::reference("llama-shared"));
   EXPECT_EQ(llama.architecture, std::string("LlamaForCausalLM"));
   EXPECT_EQ(llama.model_type, std::string("llama"));
   EXPECT_EQ(llama.vocab_size, 256);
@@ -370,7 +366,7 @@ TEST(io_reference_configs_parse_in_both_forms) {
   EXPECT_TRUE(!llama.quantization);
 
   // Hub form: top-level rope_theta, rope_scaling with llama3 parameters, torch_dtype, tied embeddings.
-  const ModelConfig l3 = load_model_config(ref("llama3-shared"));
+  const ModelConfig l3 = load_model_config(qtest::reference("llama3-shared"));
   EXPECT_EQ(l3.hidden_size, 96);
   EXPECT_EQ(l3.num_heads, 6);
   EXPECT_EQ(l3.num_kv_heads, 2);
@@ -388,7 +384,7 @@ TEST(io_reference_configs_parse_in_both_forms) {
   EXPECT_EQ(l3.dtype, std::string("bfloat16"));
 
   // Qwen2 without head_dim: hidden_size / num_attention_heads; q/k/v biases but no o_proj bias.
-  const ModelConfig qwen = load_model_config(ref("qwen2-shared"));
+  const ModelConfig qwen = load_model_config(qtest::reference("qwen2-shared"));
   EXPECT_EQ(qwen.architecture, std::string("Qwen2ForCausalLM"));
   EXPECT_EQ(qwen.model_type, std::string("qwen2"));
   EXPECT_EQ(qwen.head_dim, 16);
@@ -399,14 +395,14 @@ TEST(io_reference_configs_parse_in_both_forms) {
   EXPECT_EQ(qwen.sliding_window, 0);
 
   // bitsandbytes 4-bit checkpoints, with and without double quantization.
-  const ModelConfig dq = load_model_config(ref("llama-shared-bnb4-dq"));
+  const ModelConfig dq = load_model_config(qtest::reference("llama-shared-bnb4-dq"));
   EXPECT_TRUE(dq.quantization.has_value());
   EXPECT_TRUE(dq.quantization->load_in_4bit);
   EXPECT_EQ(dq.quantization->quant_type, std::string("nf4"));
   EXPECT_TRUE(dq.quantization->double_quant);
   EXPECT_EQ(dq.quantization->compute_dtype, std::string("float32"));
   EXPECT_EQ(dq.dtype, std::string("float32"));
-  const ModelConfig bnb = load_model_config(ref("llama-shared-bnb4"));
+  const ModelConfig bnb = load_model_config(qtest::reference("llama-shared-bnb4"));
   EXPECT_TRUE(bnb.quantization && bnb.quantization->load_in_4bit && !bnb.quantization->double_quant);
 }
 

@@ -14,8 +14,7 @@ using namespace qlora;
 
 namespace {
 
-std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-const std::vector<int32_t> kIds = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+const std::vector<int32_t>& kIds = qtest::reference_ids();
 
 struct Trained {
   std::vector<std::vector<float>> params;
@@ -25,7 +24,7 @@ struct Trained {
 // Three AdamW steps of the reference model with loss_scale on the run and the optimizer.
 Trained train(double loss_scale, bool skip_non_finite) {
   auto backend = make_cpu_backend();
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), {});
   LoraConfig lc;
   lc.rank = 4;
   auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 3);
@@ -69,7 +68,7 @@ TEST(loss_scale_overflow_skips_the_update_or_fails_when_not_asked_to_skip) {
     EXPECT_EQ(r.step, int64_t{0});
   }
   auto backend = make_cpu_backend();
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), {});
   LoraConfig lc;
   lc.rank = 4;
   auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 3);

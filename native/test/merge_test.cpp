@@ -25,8 +25,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string ref(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-
 // A fresh, absent path under the system temp folder.
 fs::path temp_path(const std::string& name) {
 #ifdef _WIN32
@@ -63,13 +61,13 @@ std::vector<float> expected_merge(const std::vector<float>& w, const std::vector
 
 TEST(merge_f32_reproduces_peft_merge) {
   const fs::path out = temp_path("f32");
-  const MergeReport r = merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), out.string(), "float32");
+  const MergeReport r = merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), out.string(), "float32");
   EXPECT_EQ(r.shards, 1);
   EXPECT_EQ(r.files.size(), size_t{1});
   EXPECT_TRUE(fs::exists(out / "model.safetensors"));
   EXPECT_TRUE(!fs::exists(out / "model.safetensors.index.json"));
   const auto ours = TensorStore::open_dir(out.string());
-  const auto peft = TensorStore::open_dir(ref("llama-shared-merged-f32"));
+  const auto peft = TensorStore::open_dir(qtest::reference("llama-shared-merged-f32"));
   EXPECT_TRUE(ours->names() == peft->names(), "same tensor names as PEFT's merged model");
   EXPECT_EQ(r.tensors, static_cast<int64_t>(peft->names().size()));
   int64_t bytes = 0;
@@ -86,10 +84,10 @@ TEST(merge_f32_reproduces_peft_merge) {
 
 TEST(merge_shards_and_index_read_back_identically) {
   const fs::path single = temp_path("single"), sharded = temp_path("sharded");
-  merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), single.string(), "bfloat16");
+  merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), single.string(), "bfloat16");
   // 40 KB shards: the bf16 linears (16-64 KB) and embeddings (64 KB) overflow it, so some tensors get their own.
   const int64_t limit = 40000;
-  const MergeReport r = merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), sharded.string(), "bfloat16", limit);
+  const MergeReport r = merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), sharded.string(), "bfloat16", limit);
   EXPECT_TRUE(r.shards > 2, "shards ", r.shards);
   EXPECT_TRUE(!fs::exists(sharded / "model.safetensors"));
   const std::string index_path = (sharded / "model.safetensors.index.json").string();
@@ -129,8 +127,8 @@ TEST(merge_shards_and_index_read_back_identically) {
 
 TEST(merge_bf16_is_the_f32_merge_rounded_once) {
   const fs::path f32 = temp_path("r32"), bf16 = temp_path("r16");
-  merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), f32.string(), "float32");
-  merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), bf16.string(), "bfloat16");
+  merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), f32.string(), "float32");
+  merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), bf16.string(), "bfloat16");
   const auto a = TensorStore::open_dir(f32.string()), b = TensorStore::open_dir(bf16.string());
   for (const std::string& name : a->names()) {
     const std::vector<float> x = a->read_f32(name), y = b->read_f32(name);
@@ -151,16 +149,16 @@ TEST(merge_bf16_is_the_f32_merge_rounded_once) {
 
 TEST(merge_bnb4_base_is_dequantized_then_updated) {
   const fs::path out = temp_path("bnb4");
-  const std::string base = ref("llama-shared-bnb4-dq");
-  merge_weights(base, ref("llama-shared-adapter"), out.string(), "float32");
+  const std::string base = qtest::reference("llama-shared-bnb4-dq");
+  merge_weights(base, qtest::reference("llama-shared-adapter"), out.string(), "float32");
   const auto merged = TensorStore::open_dir(out.string());
-  const auto plain = TensorStore::open_dir(ref("llama-shared"));
+  const auto plain = TensorStore::open_dir(qtest::reference("llama-shared"));
   // The plain model's tensor names exactly: no .absmax, .quant_map, .nested_* or .quant_state.* left.
   EXPECT_TRUE(merged->names() == plain->names());
   const auto store = TensorStore::open_dir(base);
   const ModelConfig config = load_model_config(base);
   auto backend = make_cpu_backend();
-  const auto adapter = LoraAdapter::load_peft(backend.get(), config, ref("llama-shared-adapter"));
+  const auto adapter = LoraAdapter::load_peft(backend.get(), config, qtest::reference("llama-shared-adapter"));
   const LoraConfig& lc = adapter->config();
   for (int64_t layer = 0; layer < config.num_layers; ++layer)
     for (Module m : lc.targets) {
@@ -181,12 +179,12 @@ TEST(merge_bnb4_base_is_dequantized_then_updated) {
 TEST(merge_rejects_an_adapter_that_does_not_fit_naming_the_tensor) {
   const fs::path out = temp_path("misfit");
   // llama3-shared's adapter has hidden 96 / intermediate 150; llama-shared has 128 / 256.
-  EXPECT_THROWS_WITH(merge_weights(ref("llama-shared"), ref("llama3-shared-adapter"), out.string(), "float32"),
+  EXPECT_THROWS_WITH(merge_weights(qtest::reference("llama-shared"), qtest::reference("llama3-shared-adapter"), out.string(), "float32"),
                      "lora_A.weight' has shape");
   EXPECT_TRUE(!fs::exists(out), "nothing written");
-  EXPECT_THROWS_WITH(merge_weights(ref("llama-shared"), ref("no-such-adapter"), out.string(), "float32"),
+  EXPECT_THROWS_WITH(merge_weights(qtest::reference("llama-shared"), qtest::reference("no-such-adapter"), out.string(), "float32"),
                      "no adapter_config.json");
-  EXPECT_THROWS_WITH(merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), out.string(), "int8"),
+  EXPECT_THROWS_WITH(merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), out.string(), "int8"),
                      "dtype 'int8' is not supported");
   EXPECT_TRUE(!fs::exists(out), "nothing written");
 }
@@ -195,12 +193,12 @@ TEST(merge_refuses_a_non_empty_folder_before_any_work) {
   const fs::path out = temp_path("nonempty");
   fs::create_directories(out);
   { std::ofstream(out / "keep.txt") << "mine"; }
-  EXPECT_THROWS_WITH(merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), out.string(), "float32"),
+  EXPECT_THROWS_WITH(merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), out.string(), "float32"),
                      "is not empty");
   EXPECT_EQ(read_text_file((out / "keep.txt").string()), std::string("mine"));
   EXPECT_TRUE(!fs::exists(out / "model.safetensors"));
   // An empty existing folder is fine.
   fs::remove(out / "keep.txt");
-  EXPECT_EQ(merge_weights(ref("llama-shared"), ref("llama-shared-adapter"), out.string(), "float32").shards, 1);
+  EXPECT_EQ(merge_weights(qtest::reference("llama-shared"), qtest::reference("llama-shared-adapter"), out.string(), "float32").shards, 1);
   fs::remove_all(out);
 }

@@ -16,8 +16,6 @@ using namespace qlora;
 
 namespace {
 
-std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-
 struct Snapshot {
   std::vector<std::vector<float>> values;
 };
@@ -37,7 +35,7 @@ void restore_with_step(LoraAdapter& a, const Snapshot& base, const Snapshot& dir
   }
 }
 
-const std::vector<int32_t> kIds = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+const std::vector<int32_t>& kIds = qtest::reference_ids();
 
 double loss_of(LlamaModel& m, LoraAdapter& a, const RunOptions& base_opts) {
   RunOptions o = base_opts;
@@ -50,8 +48,8 @@ double loss_of(LlamaModel& m, LoraAdapter& a, const RunOptions& base_opts) {
 
 TEST(model_lora_gradient_matches_finite_differences) {
   auto backend = make_cpu_backend();
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
-  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), fixture("llama-shared-adapter"));
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), {});
+  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), qtest::reference("llama-shared-adapter"));
   RunOptions opt;
   opt.compute_grads = true;
   model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), opt);
@@ -94,8 +92,8 @@ TEST(model_lora_gradient_matches_finite_differences) {
 
 TEST(model_checkpointing_gives_identical_gradients) {
   auto backend = make_cpu_backend();
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
-  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), fixture("llama-shared-adapter"));
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), {});
+  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), qtest::reference("llama-shared-adapter"));
   RunOptions opt;
   opt.compute_grads = true;
   opt.gradient_checkpointing = true;
@@ -117,7 +115,7 @@ TEST(model_checkpointing_gives_identical_gradients) {
 
 TEST(model_dropout_is_reproducible_and_its_gradient_is_exact) {
   auto backend = make_cpu_backend();
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), {});
   LoraConfig lc;
   lc.dropout = 0.3;
   auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
@@ -161,7 +159,7 @@ TEST(model_adamw_lowers_the_loss_on_nf4_weights) {
   auto backend = make_cpu_backend();
   LoadOptions lo;
   lo.quantize_nf4 = true;
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), lo);
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
   LoraConfig lc;
   lc.rank = 4;
   auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 1);
@@ -188,8 +186,8 @@ TEST(model_decode_with_kv_cache_matches_full_forward) {
   // Prefill of a prompt, then one token at a time: every position's logits equal the full forward pass's (same
   // kernels, same order), with the adapter, at half its scale, and with scale 0 equal to no adapter at all.
   auto backend = make_cpu_backend();
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), {});
-  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), fixture("llama-shared-adapter"));
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), {});
+  auto adapter = LoraAdapter::load_peft(backend.get(), model->config(), qtest::reference("llama-shared-adapter"));
   const int64_t V = model->config().vocab_size, T = static_cast<int64_t>(kIds.size()), prompt = 5;
   for (double scale : {1.0, 0.5, 0.0}) {
     RunOptions opt;

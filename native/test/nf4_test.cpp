@@ -18,8 +18,6 @@ using namespace qlora;
 
 namespace {
 
-std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-
 std::vector<uint8_t> bytes_of(const TensorStore& store, const std::string& name) {
   const uint8_t* p = store.data(name);
   return std::vector<uint8_t>(p, p + store.info(name).nbytes);
@@ -90,7 +88,7 @@ void copy_with_edit(const TensorStore& src, const std::string& out_path, Edit ed
 }  // namespace
 
 TEST(nf4_dynamic_map_matches_bitsandbytes_bit_for_bit) {
-  auto store = TensorStore::open_file(fixture("nf4-vectors.safetensors"));
+  auto store = TensorStore::open_file(qtest::reference("nf4-vectors.safetensors"));
   const std::vector<float>& map = nf4::dynamic_map_signed();
   EXPECT_EQ(map.size(), size_t{256});
   for (const char* v : {"v0_dq", "v2_dq"}) {
@@ -99,7 +97,7 @@ TEST(nf4_dynamic_map_matches_bitsandbytes_bit_for_bit) {
 }
 
 TEST(nf4_vectors_are_bit_identical_to_bitsandbytes) {
-  auto store = TensorStore::open_file(fixture("nf4-vectors.safetensors"));
+  auto store = TensorStore::open_file(qtest::reference("nf4-vectors.safetensors"));
   for (const std::string v : {"v0", "v2"}) {
     const std::vector<float> x = store->read_f32(v + ".input_bf16");  // bf16 widened: exact
     const int64_t n = static_cast<int64_t>(x.size());
@@ -177,9 +175,9 @@ TEST(nf4_quantizable_linear_names) {
 // The references were quantized from the model loaded in fp32, so with dtype "float32" every tensor bnb wrote for a
 // weight, quant state JSON included, must come out byte for byte.
 TEST(nf4_add_quantized_weight_reproduces_reference_checkpoints) {
-  auto model = TensorStore::open_dir(fixture("llama-shared"));
+  auto model = TensorStore::open_dir(qtest::reference("llama-shared"));
   for (const bool dq : {true, false}) {
-    auto ref = TensorStore::open_dir(fixture(dq ? "llama-shared-bnb4-dq" : "llama-shared-bnb4"));
+    auto ref = TensorStore::open_dir(qtest::reference(dq ? "llama-shared-bnb4-dq" : "llama-shared-bnb4"));
     TempDir tmp(dq ? "add-dq" : "add");
     SafetensorsWriter w;
     const std::vector<std::string> names = quantizable_names(*model);
@@ -209,13 +207,13 @@ TEST(nf4_quantize_model_matches_reference_checkpoints) {
   for (const bool dq : {true, false}) {
     TempDir tmp(dq ? "model-dq" : "model");
     const std::string out = tmp.file("model.safetensors");
-    const bnb4::QuantizeReport r = bnb4::quantize_model(fixture("llama-shared"), out, dq);
+    const bnb4::QuantizeReport r = bnb4::quantize_model(qtest::reference("llama-shared"), out, dq);
     EXPECT_EQ(r.quantized_tensors, int64_t{14});
     EXPECT_EQ(r.copied_tensors, int64_t{7});
     EXPECT_TRUE(r.bytes_out < r.bytes_in);
 
-    auto src = TensorStore::open_dir(fixture("llama-shared"));
-    auto ref = TensorStore::open_dir(fixture(dq ? "llama-shared-bnb4-dq" : "llama-shared-bnb4"));
+    auto src = TensorStore::open_dir(qtest::reference("llama-shared"));
+    auto ref = TensorStore::open_dir(qtest::reference(dq ? "llama-shared-bnb4-dq" : "llama-shared-bnb4"));
     auto ours = TensorStore::open_file(out);
     for (const std::string& n : src->names()) {
       if (!bnb4::is_quantizable_linear(n)) {  // copied as stored (bf16 here)
@@ -241,9 +239,9 @@ TEST(nf4_quantize_model_matches_reference_checkpoints) {
 }
 
 TEST(nf4_read_weight_dequantizes_reference_checkpoint) {
-  auto src = TensorStore::open_dir(fixture("llama-shared"));
-  auto ref_dq = TensorStore::open_dir(fixture("llama-shared-bnb4-dq"));
-  auto ref_plain = TensorStore::open_dir(fixture("llama-shared-bnb4"));
+  auto src = TensorStore::open_dir(qtest::reference("llama-shared"));
+  auto ref_dq = TensorStore::open_dir(qtest::reference("llama-shared-bnb4-dq"));
+  auto ref_plain = TensorStore::open_dir(qtest::reference("llama-shared-bnb4"));
   for (const std::string& n : quantizable_names(*src)) {
     const std::vector<float> original = src->read_f32(n);
     EXPECT_TRUE(bnb4::is_quantized(*ref_dq, n), n);
@@ -293,7 +291,7 @@ TEST(nf4_dequantize_weight_rounds_to_state_dtype) {
 }
 
 TEST(nf4_rejects_malformed_checkpoints_by_name) {
-  auto ref = TensorStore::open_dir(fixture("llama-shared-bnb4-dq"));
+  auto ref = TensorStore::open_dir(qtest::reference("llama-shared-bnb4-dq"));
   const std::string q = "model.layers.0.self_attn.q_proj.weight";
   TempDir tmp("bad");
 
@@ -343,6 +341,6 @@ TEST(nf4_rejects_malformed_checkpoints_by_name) {
   EXPECT_THROWS_WITH(bnb4::read_weight(*bad3, q), "'" + q + "' uses fp4, which is not supported (only nf4)");
 
   // Quantizing a checkpoint that is already bnb-4bit.
-  EXPECT_THROWS_WITH(bnb4::quantize_model(fixture("llama-shared-bnb4-dq"), tmp.file("again.safetensors"), true),
+  EXPECT_THROWS_WITH(bnb4::quantize_model(qtest::reference("llama-shared-bnb4-dq"), tmp.file("again.safetensors"), true),
                      "model is already quantized (bnb-4bit)");
 }

@@ -16,9 +16,7 @@ using namespace qlora;
 
 namespace {
 
-std::string fixture(const std::string& name) { return qtest::fixtures_dir() + "/reference/" + name; }
-
-const std::vector<int32_t> kIds = {1, 5, 200, 7, 31, 99, 4, 250, 13, 2, 17, 64};
+const std::vector<int32_t>& kIds = qtest::reference_ids();
 
 struct Trained {
   std::vector<std::vector<float>> params;
@@ -32,7 +30,7 @@ Trained train_under(int64_t budget, const std::string& save_optimizer_to = "") {
   auto backend = make_cpu_backend();
   LoadOptions lo;
   lo.quantize_nf4 = true;
-  auto model = LlamaModel::load(backend.get(), fixture("llama-shared"), lo);
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
   LoraConfig lc;
   lc.rank = 4;
   auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);

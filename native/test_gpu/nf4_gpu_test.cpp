@@ -80,7 +80,7 @@ TEST(gpu_nf4_zero_blocks_nan_and_exact_midpoints) {
 }
 
 TEST(gpu_nf4_matches_the_bitsandbytes_vectors) {
-  auto store = TensorStore::open_file(qtest::fixtures_dir() + "/reference/nf4-vectors.safetensors");
+  auto store = TensorStore::open_file(qtest::reference("nf4-vectors.safetensors"));
   for (const std::string v : {"v0", "v2"}) {
     const std::vector<float> x = store->read_f32(v + ".input_bf16");
     const int64_t n = static_cast<int64_t>(x.size());
