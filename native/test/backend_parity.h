@@ -14,6 +14,7 @@
 
 #include "backend/backend.h"
 #include "harness.h"
+#include "io/dtype.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/optimizer.h"
@@ -103,8 +104,8 @@ inline void elementwise_and_row_ops(const MakeBackend& make) {
 
   const std::vector<int32_t> ids = {3, 0, 6, 6, 1, 5, 2};
   Twin table(c, e, random_floats(7 * dim, 5));
-  c->embedding(ids.data(), rows, table.cpu.get(), dim, out.cpu.get());
-  e->embedding(ids.data(), rows, table.dev.get(), dim, out.dev.get());
+  c->embedding(ids.data(), rows, {table.cpu.get(), FloatFormat::F32}, dim, out.cpu.get());
+  e->embedding(ids.data(), rows, {table.dev.get(), FloatFormat::F32}, dim, out.dev.get());
   expect_close("embedding", out, 0);
 
   // AdamW: two steps with weight decay and a gradient scale
@@ -116,6 +117,64 @@ inline void elementwise_and_row_ops(const MakeBackend& make) {
   expect_close("adamw param", param, 1e-7);
   expect_close("adamw m", m, 1e-7);
   expect_close("adamw v", v, 1e-7);
+}
+
+// A matrix of 16-bit values (bf16 or fp16 bits) on both backends, and the same values widened to fp32.
+struct StoredTwin {
+  DeviceArray<uint16_t> cpu, dev;
+  std::vector<float> widened;
+  FloatFormat format;
+  StoredTwin(Backend* c, Backend* d, const std::vector<float>& values, FloatFormat f)
+      : cpu(c, static_cast<int64_t>(values.size()), MemCategory::Weights),
+        dev(d, static_cast<int64_t>(values.size()), MemCategory::Weights),
+        format(f) {
+    std::vector<uint16_t> bits(values.size());
+    for (size_t i = 0; i < values.size(); ++i) {
+      bits[i] = f == FloatFormat::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+      widened.push_back(f == FloatFormat::BF16 ? bf16_to_f32(bits[i]) : f16_to_f32(bits[i]));
+    }
+    cpu.upload(bits);
+    dev.upload(bits);
+  }
+  StoredMatrix on_cpu() const { return {cpu.get(), format}; }
+  StoredMatrix on_dev() const { return {dev.get(), format}; }
+};
+
+// Frozen weights kept in 16 bits: the embedding reads them widened (exactly), and gemm_stored computes what gemm
+// computes with B widened beforehand, for x · W^T and dy · W, few rows and many.
+inline void stored_weights(const MakeBackend& make) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  Backend* c = cpu.get();
+  Backend* e = dev.get();
+  for (FloatFormat f : {FloatFormat::BF16, FloatFormat::F16}) {
+    const int64_t vocab = 9, dim = 301, rows = 5;
+    const StoredTwin table(c, e, random_floats(vocab * dim, 21), f);
+    const std::vector<int32_t> ids = {8, 0, 3, 3, 7};
+    Twin out(c, e, rows * dim);
+    c->embedding(ids.data(), rows, table.on_cpu(), dim, out.cpu.get());
+    e->embedding(ids.data(), rows, table.on_dev(), dim, out.dev.get());
+    std::vector<float> expected;
+    for (int32_t id : ids) expected.insert(expected.end(), table.widened.begin() + id * dim, table.widened.begin() + (id + 1) * dim);
+    expect_close("embedding of a 16-bit table on the CPU", expected, out.cpu.download(), 0);
+    expect_close("embedding of a 16-bit table", out, 0);
+
+    const int64_t N = 37, K = 19;  // W [N, K]
+    const StoredTwin w(c, e, random_floats(N * K, 22), f);
+    Twin wide(c, e, w.widened);
+    for (int64_t M : {int64_t{3}, int64_t{70}}) {
+      for (bool tb : {true, false}) {
+        const int64_t inner = tb ? K : N, outer = tb ? N : K;  // x [M, K] · W^T, or dy [M, N] · W
+        Twin a(c, e, random_floats(M * inner, 23)), got(c, e, random_floats(M * outer, 24)), plain(c, e, M * outer);
+        plain.cpu.upload(got.cpu.download());
+        c->gemm(false, tb, M, outer, inner, 0.5f, a.cpu.get(), wide.cpu.get(), 1.0f, plain.cpu.get());
+        c->gemm_stored(false, tb, M, outer, inner, 0.5f, a.cpu.get(), w.on_cpu(), 1.0f, got.cpu.get());
+        e->gemm_stored(false, tb, M, outer, inner, 0.5f, a.dev.get(), w.on_dev(), 1.0f, got.dev.get());
+        expect_close("gemm_stored on the CPU, against gemm of the widened B", plain.cpu.download(), got.cpu.download(), 0);
+        expect_close("gemm_stored", got, 1e-5);
+      }
+    }
+  }
 }
 
 inline void cross_entropy_and_log_softmax(const MakeBackend& make) {
@@ -212,7 +271,7 @@ inline void nf4_matmul_nt(const MakeBackend& make) {
     const std::vector<float> x = random_floats(static_cast<size_t>(4 * in), 52);
     DeviceArray<float> xd(dev.get(), 4 * in, MemCategory::Workspace), y(dev.get(), 4 * out, MemCategory::Workspace);
     xd.upload(x);
-    for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16})
+    for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16})
       for (int64_t rows = 1; rows <= 4; ++rows) {
         std::vector<float> want(static_cast<size_t>(rows * out));
         cpu->nf4_matmul_nt(x.data(), rows, q.packed.data(), q.absmax.data(), out, in, 64, rt, want.data());
@@ -235,7 +294,7 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
     DeviceArray<float> absmax(dev.get(), static_cast<int64_t>(q.absmax.size()), MemCategory::Workspace);
     packed.upload(q.packed);
     absmax.upload(q.absmax);
-    for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
+    for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
       std::vector<float> want(static_cast<size_t>(n));
       cpu->nf4_dequantize(q.packed.data(), q.absmax.data(), n, 64, rt, want.data());
       DeviceArray<float> got(dev.get(), n, MemCategory::Workspace);

@@ -103,6 +103,29 @@ TEST(cuda_kernels_elementwise_and_row_ops_match_the_cpu) {
   parity::elementwise_and_row_ops(emulated_with(32));
   parity::elementwise_and_row_ops(emulated_with(256));
 }
+TEST(cuda_kernels_read_frozen_weights_stored_in_16_bits_as_the_cpu_does) {
+  parity::stored_weights(emulated_with(64));
+  for (GpuCompute compute : {GpuCompute::BF16, GpuCompute::F16}) {
+    // half compute: B in the compute dtype goes to the half GEMM as it is, the other 16-bit type converted first
+    auto cpu = make_cpu_backend();
+    auto dev = emulated(64);
+    dev->set_compute(compute);
+    for (FloatFormat f : {FloatFormat::BF16, FloatFormat::F16}) {
+      const int64_t M = 6, N = 37, K = 19;
+      const parity::StoredTwin w(cpu.get(), dev.get(), parity::random_floats(N * K, 31), f);
+      // what the half GEMM computes: both operands in the compute dtype, fp32 sums
+      const auto round = [compute](float v) { return compute == GpuCompute::BF16 ? round_to_bf16(v) : round_to_f16(v); };
+      std::vector<float> a = parity::random_floats(M * K, 32), a_rounded, w_rounded;
+      for (float v : a) a_rounded.push_back(round(v));
+      for (float v : w.widened) w_rounded.push_back(round(v));
+      std::vector<float> expected(M * N);
+      cpu::gemm<float>(false, true, M, N, K, 1.0f, a_rounded.data(), w_rounded.data(), 0.0f, expected.data());
+      parity::Twin x(cpu.get(), dev.get(), a), y(cpu.get(), dev.get(), M * N);
+      dev->gemm_stored(false, true, M, N, K, 1.0f, x.dev.get(), w.on_dev(), 0.0f, y.dev.get());
+      parity::expect_close("gemm_stored in half compute", expected, y.dev.download(), 0);
+    }
+  }
+}
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
 TEST(cuda_kernels_rope_and_attention_match_the_cpu) { parity::rope_and_attention(emulated_with(32)); }
 TEST(cuda_kernels_nf4_dequantize_and_dropout_are_bit_identical_to_the_cpu) {
@@ -177,7 +200,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     eo.seq = seq;
     eo.rank = 4;
     eo.cuda = true;
-    eo.half_compute = bf16;
+    eo.compute = bf16 ? GpuCompute::BF16 : GpuCompute::F32;
     const MemoryEstimate e = estimate_memory(model->config(), eo);
     const MemoryStats& s = backend->memory();
     for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {

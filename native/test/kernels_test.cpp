@@ -276,3 +276,39 @@ TEST(kernel_gemm_transposes_a_large_b_by_chunks_to_the_same_bits) {
     }
   }
 }
+
+TEST(kernel_gemm_with_a_16_bit_b_equals_gemm_of_the_widened_b_bit_for_bit) {
+  // A frozen weight kept as bf16 or fp16 bits is widened where it is read or packed: every path (few rows, panels
+  // packing x·W^T by chunks, the whole transpose of a small B for many rows, and dy·W) gives the bits of the fp32
+  // GEMM of the widened B.
+  const int64_t N = 600, K = 300;
+  std::mt19937 gen(9);
+  std::normal_distribution<float> dist;
+  std::vector<uint16_t> bf(N * K), hf(N * K);
+  std::vector<float> wide_bf(N * K), wide_hf(N * K);
+  for (int64_t i = 0; i < N * K; ++i) {
+    const float v = dist(gen);
+    bf[i] = f32_to_bf16(v);
+    hf[i] = f32_to_f16(v);
+    wide_bf[i] = bf16_to_f32(bf[i]);
+    wide_hf[i] = f16_to_f32(hf[i]);
+  }
+  const auto* b16 = reinterpret_cast<const cpu::Bf16Bits*>(bf.data());
+  const auto* h16 = reinterpret_cast<const cpu::F16Bits*>(hf.data());
+  for (const int64_t M : {3, 70, 300}) {
+    for (const bool tb : {true, false}) {
+      const int64_t inner = tb ? K : N, outer = tb ? N : K;
+      std::vector<float> a(M * inner);
+      for (float& x : a) x = dist(gen);
+      std::vector<float> want_bf(M * outer, 1.0f), want_hf(M * outer, 1.0f), got_bf(M * outer, 1.0f), got_hf(M * outer, 1.0f);
+      cpu::gemm<float>(false, tb, M, outer, inner, 0.5f, a.data(), wide_bf.data(), 0.25f, want_bf.data());
+      cpu::gemm<float>(false, tb, M, outer, inner, 0.5f, a.data(), wide_hf.data(), 0.25f, want_hf.data());
+      cpu::gemm<float>(false, tb, M, outer, inner, 0.5f, a.data(), b16, 0.25f, got_bf.data());
+      cpu::gemm<float>(false, tb, M, outer, inner, 0.5f, a.data(), h16, 0.25f, got_hf.data());
+      for (int64_t i = 0; i < M * outer; ++i) {
+        EXPECT_TRUE(want_bf[i] == got_bf[i], "bf16 M ", M, " trans_b ", tb, " index ", i, ": ", got_bf[i], " vs ", want_bf[i]);
+        EXPECT_TRUE(want_hf[i] == got_hf[i], "fp16 M ", M, " trans_b ", tb, " index ", i, ": ", got_hf[i], " vs ", want_hf[i]);
+      }
+    }
+  }
+}

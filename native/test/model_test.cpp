@@ -238,7 +238,7 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
     for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
     for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
     for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
-    for (RoundTo rt : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
+    for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
       std::vector<float> w(static_cast<size_t>(n));
       backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
       for (int64_t rows = 1; rows <= 3; ++rows) {

@@ -14,6 +14,7 @@ constexpr parity::ModelTolerance kGpuFp32Tolerance{1e-4, 1e-4, 1e-3};
 }  // namespace
 
 TEST(gpu_backend_elementwise_and_row_ops_match_the_cpu) { parity::elementwise_and_row_ops(cuda_backend); }
+TEST(gpu_backend_reads_frozen_weights_stored_in_16_bits_as_the_cpu_does) { parity::stored_weights(cuda_backend); }
 TEST(gpu_backend_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(cuda_backend); }
 TEST(gpu_backend_rope_and_attention_match_the_cpu) { parity::rope_and_attention(cuda_backend); }
 TEST(gpu_backend_nf4_dequantize_and_dropout_are_bit_identical_to_the_cpu) {

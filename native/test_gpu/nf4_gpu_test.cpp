@@ -53,10 +53,10 @@ void check_quantize(const std::vector<float>& x, int blocksize, const std::strin
   cuda::nf4_quantize(dx.ptr, n, blocksize, packed.ptr, absmax.ptr);
   EXPECT_TRUE(packed.get() == cpu.packed, label, ": packed codes differ from the CPU's");
   EXPECT_TRUE(same_bits(absmax.get(), cpu.absmax), label, ": absmax differs from the CPU's");
-  for (RoundTo r : {RoundTo::F32, RoundTo::BF16, RoundTo::F16}) {
+  for (FloatFormat r : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
     std::vector<float> want(x.size());
     nf4::dequantize(cpu.packed.data(), cpu.absmax.data(), n, blocksize, want.data());
-    for (float& v : want) v = r == RoundTo::F32 ? v : r == RoundTo::BF16 ? round_to_bf16(v) : round_to_f16(v);
+    for (float& v : want) v = r == FloatFormat::F32 ? v : r == FloatFormat::BF16 ? round_to_bf16(v) : round_to_f16(v);
     DeviceBuffer<float> out(x.size());
     cuda::nf4_dequantize(packed.ptr, absmax.ptr, n, blocksize, r, out.ptr);
     EXPECT_TRUE(same_bits(out.get(), want), label, ": dequantized values differ from the CPU's (round_to ", static_cast<int>(r), ")");
@@ -93,7 +93,7 @@ TEST(gpu_nf4_matches_the_bitsandbytes_vectors) {
     EXPECT_TRUE(got.size() == store->info(v + "_plain.packed_u8").nbytes && std::memcmp(got.data(), want, got.size()) == 0,
                 v, ": packed codes differ from bitsandbytes'");
     DeviceBuffer<float> out(x.size());
-    cuda::nf4_dequantize(packed.ptr, absmax.ptr, n, 64, RoundTo::BF16, out.ptr);
+    cuda::nf4_dequantize(packed.ptr, absmax.ptr, n, 64, FloatFormat::BF16, out.ptr);
     EXPECT_TRUE(same_bits(out.get(), store->read_f32(v + "_plain.dequant_f32")), v, ": dequantized values differ from bitsandbytes'");
   }
 }

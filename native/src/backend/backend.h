@@ -46,8 +46,18 @@ enum class PageDir { Out, In };
 // The most rows nf4_matmul_nt takes: generation's prefill of a few tokens and token-by-token decode.
 constexpr int64_t kNf4MatmulMaxRows = 4;
 
-// Storage dtype of the dequantized NF4 values (the quant state's dtype): values are rounded to it.
-enum class RoundTo { F32, BF16, F16 };
+// A floating format of the engine's frozen numbers: fp32, or 16 bits (bf16 or fp16). The dequantized NF4 values
+// are rounded to the quant state's format; dense frozen weights are stored in the format of their file.
+enum class FloatFormat { F32, BF16, F16 };
+inline int64_t float_format_bytes(FloatFormat f) { return f == FloatFormat::F32 ? 4 : 2; }
+
+// A frozen dense matrix in device memory as its file stores it: fp32 values (float), or the bf16/fp16 bits
+// themselves (uint16_t), half the memory of an embedding or an LM head in fp32. Widening 16 bits to fp32 is exact,
+// so every op sees the numbers the file holds.
+struct StoredMatrix {
+  const void* data = nullptr;
+  FloatFormat format = FloatFormat::F32;
+};
 
 class Backend {
  public:
@@ -80,13 +90,17 @@ class Backend {
   // ---- dense math (fp32 in the CPU reference) ----
   virtual void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                     const float* B, float beta, float* C) = 0;
+  // gemm with B a frozen weight as stored (A and C fp32): the numbers of gemm with B widened to fp32.
+  virtual void gemm_stored(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                           StoredMatrix B, float beta, float* C) = 0;
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;       // y += x
   virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
   virtual void scale_inplace(float* x, float s, int64_t n) = 0;
   virtual double sum_of_squares(const float* x, int64_t n) = 0;
 
   // ---- transformer ops (see cpu/kernels.h for the exact math) ----
-  virtual void embedding(const int32_t* host_ids, int64_t rows, const float* table, int64_t dim, float* out) = 0;
+  // out[r] = table[host_ids[r]] widened to fp32.
+  virtual void embedding(const int32_t* host_ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) = 0;
   virtual void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
                                float* rstd) = 0;
   virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
@@ -114,13 +128,13 @@ class Backend {
 
   // ---- QLoRA specifics ----
   // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.
-  virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
+  virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                               float* out) = 0;
   // y [rows, out] = x [rows, in] · W^T (rows <= kNf4MatmulMaxRows) with W [out, in] dequantized on the fly as nf4_dequantize would (rounded to
   // `round_to`), never written out: generation's few-row products read the 4-bit weights once. Equal to
   // nf4_dequantize followed by gemm(false, true, ...): bit for bit on the CPU, to rounding on the GPU.
   virtual void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                             int64_t in, int blocksize, RoundTo round_to, float* y) = 0;
+                             int64_t in, int blocksize, FloatFormat round_to, float* y) = 0;
   // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p.
   virtual void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                        float* out) = 0;

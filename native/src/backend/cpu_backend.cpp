@@ -120,6 +120,16 @@ class CpuBackend final : public Backend {
             float beta, float* C) override {
     cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
   }
+  void gemm_stored(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, StoredMatrix B,
+                   float beta, float* C) override {
+    switch (B.format) {
+      case FloatFormat::F32: return gemm(ta, tb, M, N, K, alpha, A, static_cast<const float*>(B.data), beta, C);
+      case FloatFormat::BF16:
+        return cpu::gemm<float>(ta, tb, M, N, K, alpha, A, static_cast<const cpu::Bf16Bits*>(B.data), beta, C);
+      case FloatFormat::F16:
+        return cpu::gemm<float>(ta, tb, M, N, K, alpha, A, static_cast<const cpu::F16Bits*>(B.data), beta, C);
+    }
+  }
   void add_inplace(float* y, const float* x, int64_t n) override {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) y[i] += x[i];
@@ -135,10 +145,13 @@ class CpuBackend final : public Backend {
   }
   double sum_of_squares(const float* x, int64_t n) override { return cpu::sum_of_squares<float>(x, n); }
 
-  void embedding(const int32_t* ids, int64_t rows, const float* table, int64_t dim, float* out) override {
+  void embedding(const int32_t* ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) override {
+    const DType dtype = table.format == FloatFormat::F32 ? DType::F32 : table.format == FloatFormat::BF16 ? DType::BF16 : DType::F16;
+    const size_t row_bytes = static_cast<size_t>(dim * float_format_bytes(table.format));
 #pragma omp parallel for schedule(static)
     for (int64_t r = 0; r < rows; ++r)
-      std::memcpy(out + r * dim, table + static_cast<int64_t>(ids[r]) * dim, static_cast<size_t>(dim) * sizeof(float));
+      convert_to_f32(dtype, static_cast<const uint8_t*>(table.data) + static_cast<size_t>(ids[r]) * row_bytes,
+                     static_cast<size_t>(dim), out + r * dim, "embedding");
   }
   void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
                        float* rstd) override {
@@ -174,23 +187,24 @@ class CpuBackend final : public Backend {
   double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                        float* dlogits, double* logprobs) override {
     return cpu::cross_entropy<float>(logits, targets, rows, vocab, grad_scale, dlogits, logprobs);
-  }  void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
+  }
+  void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
     cpu::log_softmax_rows<float>(logits, rows, vocab, host_out);
   }
 
 
-  void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
+  void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                       float* out) override {
     nf4::dequantize(packed, absmax, n, blocksize, out);
-    if (round_to == RoundTo::F32) return;
+    if (round_to == FloatFormat::F32) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i) out[i] = round_to == RoundTo::BF16 ? round_to_bf16(out[i]) : round_to_f16(out[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = round_to == FloatFormat::BF16 ? round_to_bf16(out[i]) : round_to_f16(out[i]);
   }
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                     int64_t in, int blocksize, RoundTo round_to, float* y) override {
+                     int64_t in, int blocksize, FloatFormat round_to, float* y) override {
     static_assert(kNf4MatmulMaxRows <= cpu::kFewRows, "nf4_matmul_tile_f32 sums at most kFewRows rows");
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
-    const int round = round_to == RoundTo::F32 ? 0 : round_to == RoundTo::BF16 ? 1 : 2;
+    const int round = round_to == FloatFormat::F32 ? 0 : round_to == FloatFormat::BF16 ? 1 : 2;
     const int64_t tiles = (out + cpu::kNtTile - 1) / cpu::kNtTile;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {

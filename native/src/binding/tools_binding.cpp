@@ -77,7 +77,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   eo.with_optimizer = opt_bool(opts, "optimizer").value_or(eo.with_optimizer);
   eo.cuda = opt_string(opts, "device").value_or("cpu") == "cuda";
   const std::string dtype = opt_string(opts, "computeDtype").value_or("f32");
-  eo.half_compute = eo.cuda && (dtype == "bf16" || dtype == "fp16");
+  eo.compute = !eo.cuda ? GpuCompute::F32 : dtype == "bf16" ? GpuCompute::BF16 : dtype == "fp16" ? GpuCompute::F16 : GpuCompute::F32;
   Napi::Value targets = opts.Get("targets");
   if (!targets.IsUndefined() && !targets.IsNull()) {
     if (!targets.IsArray()) throw Napi::TypeError::New(env, "targets must be an array of module names");

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "io/dtype.h"
 #include "model/adamw_math.h"
 #include "util/error.h"
 
@@ -43,6 +44,25 @@ inline int64_t thread_index() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Frozen weights kept in 16 bits (StoredMatrix) are B operands of the GEMMs below, of element type Bf16Bits or
+// F16Bits, widened to T (exactly) where they are read or packed; every sum is the one with B widened beforehand.
+struct Bf16Bits {
+  uint16_t bits;
+};
+struct F16Bits {
+  uint16_t bits;
+};
+template <typename T, typename TB>
+QLORA_ALWAYS_INLINE T widen(TB v) {
+  if constexpr (std::is_same_v<TB, Bf16Bits>)
+    return static_cast<T>(bf16_to_f32(v.bits));
+  else if constexpr (std::is_same_v<TB, F16Bits>)
+    return static_cast<T>(f16_to_f32(v.bits));
+  else
+    return v;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // GEMM: C[M,N] = alpha * op(A)[M,K] · op(B)[K,N] + beta * C. op(A) = A ([M,K]) or A^T (A stored [K,M]);
 // op(B) = B ([K,N]) or B^T (B stored [N,K]). So x·W^T is gemm(false, true, ...). The inner loop is a contiguous
 // axpy over a row of B (B^T packed row-major first, whole or a chunk at a time); threads take panels of C (see
@@ -51,8 +71,8 @@ inline int64_t thread_index() {
 // k in order in T, exactly as gemm's inner loop accumulates it, so the result equals gemm's bit for bit; threads
 // split the outputs n (gemm splits rows, which would leave one thread working), and W is read a tile at a time
 // instead of being transposed whole first.
-template <typename T>
-void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C);
+template <typename T, typename TB = T>
+void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const TB* B, T beta, T* C);
 
 // Rows that take gemm_nt_few_rows.
 constexpr int64_t kFewRows = 4;
@@ -76,16 +96,16 @@ QLORA_ALWAYS_INLINE void axpy16(T* acc, T a, const T* x) {
   for (int64_t j = 0; j < 16; ++j) acc[j] += a * x[j];
 }
 
-template <typename T>
+template <typename T, typename TB>
 QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                                      const T* B, T beta, T* C) {
+                                      const TB* B, T beta, T* C) {
   alignas(64) T acc[kFewRows][kNtTile] = {};
   alignas(64) T tile[kNtChunk][kNtTile];
   for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
     const int64_t kc = std::min(kNtChunk, K - k0);
     for (int64_t j = 0; j < kNtTile; ++j) {
-      const T* bn = B + (n0 + std::min(j, cols - 1)) * K + k0;  // lanes past cols repeat the last output, unused
-      for (int64_t k = 0; k < kc; ++k) tile[k][j] = bn[k];
+      const TB* bn = B + (n0 + std::min(j, cols - 1)) * K + k0;  // lanes past cols repeat the last output, unused
+      for (int64_t k = 0; k < kc; ++k) tile[k][j] = widen<T>(bn[k]);
     }
     for (int64_t k = 0; k < kc; ++k)
       for (int64_t m = 0; m < M; ++m) axpy16(acc[m], A[m * K + k0 + k], tile[k]);
@@ -99,6 +119,10 @@ QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64
 
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                       const float* B, float beta, float* C);
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const Bf16Bits* B, float beta, float* C);
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const F16Bits* B, float beta, float* C);
 
 // Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes
 // `packed`, one constant per `blocksize` weights), each weight dequantized and rounded (round_to: 0 fp32, 1 bf16,
@@ -106,8 +130,8 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
 void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
                          int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y);
 
-template <typename T>
-void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta, T* C) {
+template <typename T, typename TB>
+void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, const TB* B, T beta, T* C) {
   const int64_t tiles = (N + kNtTile - 1) / kNtTile;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tiles; ++t) {
@@ -115,7 +139,7 @@ void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, cons
     if constexpr (std::is_same_v<T, float>)
       gemm_nt_tile_f32(n0, cols, M, N, K, alpha, A, B, beta, C);
     else
-      gemm_nt_tile<T>(n0, cols, M, N, K, alpha, A, B, beta, C);
+      gemm_nt_tile<T, TB>(n0, cols, M, N, K, alpha, A, B, beta, C);
   }
 }
 
@@ -126,26 +150,33 @@ void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, cons
 // give the same bits. Always inlined, so that gemm_panel_f32's AVX-512 and AVX2 versions compile this loop.
 constexpr int64_t kGemmPanelRows = 64, kGemmColTile = 512, kGemmKChunk = 128;
 // With trans_b, b is stored [N, K] (x · W^T): each chunk is first copied transposed into `pack`, so W is never
-// transposed whole (a 128256 x 4096 LM head would be 2 GB).
-template <typename T>
+// transposed whole (a 128256 x 4096 LM head would be 2 GB). A 16-bit b is packed too, widened, either way.
+template <typename TB>
+constexpr bool kGemmWidensB = !std::is_same_v<TB, float> && !std::is_same_v<TB, double>;
+template <typename T, typename TB>
 QLORA_ALWAYS_INLINE void gemm_panel(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, T alpha,
-                                    const T* a, const T* b, bool trans_b, T beta, T* C,
+                                    const T* a, const TB* b, bool trans_b, T beta, T* C,
                                     T* acc /* [kGemmPanelRows][kGemmColTile] */,
-                                    T* pack /* [kGemmKChunk][kGemmColTile], with trans_b */) {
+                                    T* pack /* [kGemmKChunk][kGemmColTile], with trans_b or a 16-bit b */) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j) acc[r * kGemmColTile + j] = T(0);
   for (int64_t k0 = 0; k0 < K; k0 += kGemmKChunk) {
     const int64_t k1 = std::min(K, k0 + kGemmKChunk);
-    if (trans_b)  // 16 rows of b at a time: 16 sequential reads, 64-byte writes
+    if (trans_b) {  // 16 rows of b at a time: 16 sequential reads, 64-byte writes
       for (int64_t j0 = 0; j0 < cols; j0 += 16) {
         const int64_t j1 = std::min(cols, j0 + 16);
         for (int64_t k = k0; k < k1; ++k)
-          for (int64_t j = j0; j < j1; ++j) pack[(k - k0) * kGemmColTile + j] = b[(n0 + j) * K + k];
+          for (int64_t j = j0; j < j1; ++j) pack[(k - k0) * kGemmColTile + j] = widen<T>(b[(n0 + j) * K + k]);
       }
+    } else if constexpr (kGemmWidensB<TB>) {
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t j = 0; j < cols; ++j) pack[(k - k0) * kGemmColTile + j] = widen<T>(b[k * N + n0 + j]);
+    }
+    const bool packed = trans_b || kGemmWidensB<TB>;
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       const int64_t rr = std::min<int64_t>(4, rows - r0);
       for (int64_t k = k0; k < k1; ++k) {
-        const T* brow = trans_b ? pack + (k - k0) * kGemmColTile : b + k * N + n0;
+        const T* brow = packed ? pack + (k - k0) * kGemmColTile : reinterpret_cast<const T*>(b + k * N + n0);
         for (int64_t r = 0; r < rr; ++r) {
           const T av = a[(m0 + r0 + r) * K + k];
           T* accr = acc + (r0 + r) * kGemmColTile;
@@ -169,16 +200,21 @@ QLORA_ALWAYS_INLINE void gemm_panel(int64_t m0, int64_t rows, int64_t n0, int64_
 // (cpu/simd_f32.cpp): the same operations in the same order, so the same bits on every CPU.
 void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
                     const float* a, const float* b, bool trans_b, float beta, float* C, float* acc, float* pack);
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const Bf16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack);
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const F16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack);
 
 // C = alpha * a op(b) + beta * C, a [M, K] row-major, b [K, N] or with trans_b [N, K]; threaded over panels of 64
 // rows by 512 columns.
-template <typename T>
-void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const T* b, bool trans_b, T beta, T* C) {
+template <typename T, typename TB>
+void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const TB* b, bool trans_b, T beta, T* C) {
   const int64_t panels = (M + kGemmPanelRows - 1) / kGemmPanelRows;
   const int64_t col_tiles = (N + kGemmColTile - 1) / kGemmColTile;
   // Each thread's sums and packed chunk, allocated here (an allocation failure inside the parallel region would end
   // the process instead of reaching the caller) and not zero-filled (gemm_panel writes what it reads).
-  const int64_t per_thread = kGemmPanelRows * kGemmColTile + (trans_b ? kGemmKChunk * kGemmColTile : 0);
+  const bool packs = trans_b || kGemmWidensB<TB>;
+  const int64_t per_thread = kGemmPanelRows * kGemmColTile + (packs ? kGemmKChunk * kGemmColTile : 0);
   const int64_t threads = std::min<int64_t>(max_threads(), panels * col_tiles);
   std::unique_ptr<T[]> scratch(new T[static_cast<size_t>(threads * per_thread)]);
 #pragma omp parallel num_threads(static_cast<int>(threads))
@@ -193,13 +229,13 @@ void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const 
         if constexpr (std::is_same_v<T, float>)
           gemm_panel_f32(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
         else
-          gemm_panel<T>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+          gemm_panel<T, TB>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
       }
   }
 }
 
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const T* B, T beta,
+template <typename T, typename TB = T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const TB* B, T beta,
           T* C) {
   if (M == 0 || N == 0) return;
   if (!trans_a && trans_b && M <= kFewRows) return gemm_nt_few_rows(M, N, K, alpha, A, B, beta, C);
@@ -224,7 +260,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
     for (int64_t n0 = 0; n0 < N; n0 += kTile)
       for (int64_t k0 = 0; k0 < K; k0 += kTile)
         for (int64_t n = n0; n < std::min(N, n0 + kTile); ++n)
-          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) b_packed[k * N + n] = B[n * K + k];
+          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) b_packed[k * N + n] = widen<T>(B[n * K + k]);
     return gemm_row_major(M, N, K, alpha, a, b_packed.get(), false, beta, C);
   }
   gemm_row_major(M, N, K, alpha, a, B, trans_b, beta, C);

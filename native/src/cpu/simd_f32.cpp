@@ -20,7 +20,19 @@ namespace qlora::cpu {
 QLORA_SIMD_CLONES
 void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
                     const float* a, const float* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
-  gemm_panel<float>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+  gemm_panel<float, float>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+}
+
+QLORA_SIMD_CLONES
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const Bf16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
+  gemm_panel<float, Bf16Bits>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+}
+
+QLORA_SIMD_CLONES
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const F16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
+  gemm_panel<float, F16Bits>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
 }
 
 QLORA_SIMD_CLONES
@@ -33,7 +45,19 @@ void attention_backward_group_f32(const float* dout, const float* q, const float
 QLORA_SIMD_CLONES
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                       const float* B, float beta, float* C) {
-  gemm_nt_tile<float>(n0, cols, M, N, K, alpha, A, B, beta, C);
+  gemm_nt_tile<float, float>(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const Bf16Bits* B, float beta, float* C) {
+  gemm_nt_tile<float, Bf16Bits>(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const F16Bits* B, float beta, float* C) {
+  gemm_nt_tile<float, F16Bits>(n0, cols, M, N, K, alpha, A, B, beta, C);
 }
 
 #if defined(__GNUC__) || defined(__clang__)

@@ -108,7 +108,7 @@ namespace qlora::cuda {
 
 constexpr int kNf4Threads = 256;
 
-void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to, float* out) {
+void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to, float* out) {
   if (n <= 0) return;
   nf4::check_blocksize(blocksize, "cuda::nf4_dequantize");
   const int64_t bytes = (n + 1) / 2;

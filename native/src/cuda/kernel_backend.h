@@ -57,6 +57,12 @@ class KernelBackend final : public Backend {
   // ---- dense math ----
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B,
             float beta, float* C) override {
+    gemm_stored(ta, tb, M, N, K, alpha, A, StoredMatrix{B, FloatFormat::F32}, beta, C);
+  }
+  // A 16-bit B in the compute dtype goes to the GEMM as it is (the LM head of a bf16 model is never converted);
+  // otherwise B is converted into workspace first, whole.
+  void gemm_stored(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, StoredMatrix B,
+                   float beta, float* C) override {
     if (M == 0 || N == 0) return;
     if (K == 0) {  // C = beta * C: cuBLASLt takes no empty inner dimension
       if (beta == 0.0f)
@@ -72,14 +78,38 @@ class KernelBackend final : public Backend {
     }
     void* workspace = gemm_workspace_.get();
     const size_t workspace_bytes = static_cast<size_t>(gemm_workspace_.size());
-    if (compute_ == GpuCompute::F32) return exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);
     // A holds M*K values and B K*N, whichever way they are stored
+    const int64_t b_count = K * N;
+    DeviceArray<float> b32;  // B widened to fp32, when fp32 is what the GEMM takes
+    auto b_f32 = [&]() -> const float* {
+      if (B.format == FloatFormat::F32) return static_cast<const float*>(B.data);
+      b32.reset(this, b_count, MemCategory::Workspace);
+      exec_.launch("widen_to_f32", grid_for(b_count), exec_.threads, kernels::widen_to_f32,
+                   static_cast<const uint16_t*>(B.data), b_count, static_cast<int>(B.format), b32.get());
+      return b32.get();
+    };
+    if (compute_ == GpuCompute::F32)
+      return exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);
     const bool f16 = compute_ == GpuCompute::F16;
-    DeviceArray<uint16_t> a16(this, M * K, MemCategory::Workspace), b16(this, K * N, MemCategory::Workspace);
+    const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
+    DeviceArray<uint16_t> a16(this, M * K, MemCategory::Workspace), b16;
     exec_.launch("to_half", grid_for(M * K), exec_.threads, kernels::to_half, A, M * K, f16, a16.get());
-    exec_.launch("to_half", grid_for(K * N), exec_.threads, kernels::to_half, B, K * N, f16, b16.get());
-    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a16.get(), b16.get(), beta, C, workspace, workspace_bytes))
-      exec_.gemm(ta, tb, M, N, K, alpha, A, B, beta, C, workspace, workspace_bytes);  // no half kernel for this shape
+    const uint16_t* b_half = static_cast<const uint16_t*>(B.data);
+    if (B.format != half) {
+      b16.reset(this, b_count, MemCategory::Workspace);
+      if (B.format == FloatFormat::F32)
+        exec_.launch("to_half", grid_for(b_count), exec_.threads, kernels::to_half, static_cast<const float*>(B.data),
+                     b_count, f16, b16.get());
+      else
+        exec_.launch("half_to_half", grid_for(b_count), exec_.threads, kernels::half_to_half,
+                     static_cast<const uint16_t*>(B.data), b_count, static_cast<int>(B.format), f16, b16.get());
+      b_half = b16.get();
+    }
+    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a16.get(), b_half, beta, C, workspace, workspace_bytes)) {
+      a16.release();
+      b16.release();
+      exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);  // no half kernel for this shape
+    }
   }
   void add_inplace(float* y, const float* x, int64_t n) override {
     if (n > 0) exec_.launch("add_inplace", grid_for(n), exec_.threads, kernels::add_inplace, y, x, n);
@@ -105,12 +135,12 @@ class KernelBackend final : public Backend {
   }
 
   // ---- transformer ops ----
-  void embedding(const int32_t* host_ids, int64_t rows, const float* table, int64_t dim, float* out) override {
+  void embedding(const int32_t* host_ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) override {
     if (rows <= 0) return;
     DeviceArray<int32_t> ids(this, rows, MemCategory::Workspace);
     ids.upload(host_ids, rows);
     exec_.launch("embedding", row_grid(rows), exec_.threads, kernels::embedding, static_cast<const int32_t*>(ids.get()),
-                 table, dim, out);
+                 table.data, static_cast<int>(table.format), dim, out);
   }
   void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
                        float* rstd) override {
@@ -190,7 +220,7 @@ class KernelBackend final : public Backend {
   }
 
   // ---- QLoRA specifics ----
-  void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to,
+  void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                       float* out) override {
     if (n <= 0) return;
     nf4::check_blocksize(blocksize, "nf4_dequantize");
@@ -200,7 +230,7 @@ class KernelBackend final : public Backend {
   // Reads the 4-bit weights once, dequantizing as it goes: the values of nf4_dequantize + gemm in the compute dtype,
   // summed in another order than cuBLASLt's (so equal to rounding, not bit for bit as on the CPU).
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                     int64_t in, int blocksize, RoundTo round_to, float* y) override {
+                     int64_t in, int blocksize, FloatFormat round_to, float* y) override {
     static_assert(kNf4MatmulMaxRows <= kernels::kMaxFewRows, "the kernel keeps kMaxFewRows sums a thread");
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
     nf4::check_blocksize(blocksize, "nf4_matmul_nt");

@@ -147,11 +147,29 @@ __global__ void dropout(const float* x, int64_t n, float p, uint64_t seed, uint3
   }
 }
 
+// ---- frozen weights stored in 16 bits (StoredMatrix): format 1 bf16, 2 fp16 (FloatFormat's order) ----
+__device__ __forceinline__ float widen_bits(uint16_t bits, int format) {
+#ifdef __CUDACC__
+  return format == 1 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+#else
+  return format == 1 ? bf16_to_f32(bits) : f16_to_f32(bits);
+#endif
+}
+
+// A stored value of format 0 (fp32), 1 or 2 at index i, as fp32.
+__device__ __forceinline__ float load_stored(const void* data, int format, int64_t i) {
+  return format == 0 ? static_cast<const float*>(data)[i] : widen_bits(static_cast<const uint16_t*>(data)[i], format);
+}
+
+__global__ void widen_to_f32(const uint16_t* x, int64_t n, int format, float* out) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = widen_bits(x[i], format);
+}
+
 // ---- rows: one block per row ----
-__global__ void embedding(const int32_t* ids, const float* table, int64_t dim, float* out) {
+__global__ void embedding(const int32_t* ids, const void* table, int format, int64_t dim, float* out) {
   const int64_t r = blockIdx.x;
-  const float* src = table + static_cast<int64_t>(ids[r]) * dim;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = src[i];
+  const int64_t row = static_cast<int64_t>(ids[r]) * dim;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = load_stored(table, format, row + i);
 }
 
 // RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) with the sum in double.
@@ -369,6 +387,14 @@ __device__ __forceinline__ uint16_t f16_bits(float v) {
 // x rounded to a 16-bit type: bf16 (to_f16 false) or fp16.
 __global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = to_f16 ? f16_bits(x[i]) : bf16_bits(x[i]);
+}
+
+// 16-bit values of format 1 or 2 in the other 16-bit type (a bf16 weight for fp16 compute: as torch casts it).
+__global__ void half_to_half(const uint16_t* x, int64_t n, int format, bool to_f16, uint16_t* out) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const float v = widen_bits(x[i], format);
+    out[i] = to_f16 ? f16_bits(v) : bf16_bits(v);
+  }
 }
 
 // ---- NF4 ----

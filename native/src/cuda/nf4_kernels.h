@@ -9,7 +9,7 @@ namespace qlora::cuda {
 
 // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to` (the quant state's dtype). Bit for bit the
 // CPU's for every finite block constant (a NaN result, from an inf or NaN constant, is the canonical NaN here).
-void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, RoundTo round_to, float* out);
+void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to, float* out);
 
 // bitsandbytes' kQuantizeBlockwise for NF4: absmax[b] = max |x| over block b; each x * (1 / absmax) to its code, two
 // per byte (first element in the high nibble); an odd n pads the last byte with the code of 0; an all-zero block

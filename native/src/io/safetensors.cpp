@@ -332,16 +332,21 @@ std::vector<std::string> TensorStore::names() const {
   return out;
 }
 
-std::vector<float> TensorStore::read_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+const TensorInfo& TensorStore::floating(const std::string& name, const std::vector<int64_t>& expected_shape) const {
   const TensorInfo& t = info(name);
   if (!expected_shape.empty() && t.shape != expected_shape)
     fail(file_of(name), ": tensor '", name, "' has shape ", shape_to_string(t.shape), ", expected ",
          shape_to_string(expected_shape));
-  const std::string context = file_of(name) + ": tensor '" + name + "'";
   if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16 && t.dtype != DType::F64)
-    fail(context, " is ", dtype_name(t.dtype), ", not a floating type (F32, F16, BF16 or F64 expected)");
+    fail(file_of(name), ": tensor '", name, "' is ", dtype_name(t.dtype),
+         ", not a floating type (F32, F16, BF16 or F64 expected)");
+  return t;
+}
+
+std::vector<float> TensorStore::read_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
+  const TensorInfo& t = floating(name, expected_shape);
   std::vector<float> out(static_cast<size_t>(t.numel()));
-  convert_to_f32(t.dtype, data(name), out.size(), out.data(), context);
+  convert_to_f32(t.dtype, data(name), out.size(), out.data(), file_of(name) + ": tensor '" + name + "'");
   return out;
 }
 

@@ -65,6 +65,9 @@ class TensorStore {
   // Reads a floating tensor as fp32, checking its shape when `expected_shape` is non-empty: a mismatch throws
   // "<file>: tensor '<name>' has shape [a, b], expected [c, d]".
   std::vector<float> read_f32(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
+  // The tensor's info after the checks of read_f32 (a floating dtype; the shape when `expected_shape` is non-empty),
+  // for a caller that takes its bytes as stored.
+  const TensorInfo& floating(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
 
   const std::string& location() const { return location_; }
 

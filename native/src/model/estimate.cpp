@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <set>
 
-#include "cuda/cuda_backend.h"
 #include "util/error.h"
 
 namespace qlora {
@@ -16,6 +15,12 @@ constexpr int64_t kNf4Blocksize = 64;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
+
+FloatFormat dense_weight_format(const ModelConfig& c) {
+  if (c.dtype == "bfloat16") return FloatFormat::BF16;
+  if (c.dtype == "float16") return FloatFormat::F16;
+  return FloatFormat::F32;
+}
 
 MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.batch <= 0 || o.seq <= 0) fail("estimate: batch size and sequence length must be positive");
@@ -33,11 +38,14 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const int64_t h = c.hidden_size, inter = c.intermediate_size, vocab = c.vocab_size, L = c.num_layers;
   const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
 
-  // LlamaModel::load: everything dense is fp32; NF4 linears keep packed codes and one fp32 absmax per block.
+  // LlamaModel::load: frozen matrices as stored, norms and biases fp32; NF4 linears keep packed codes and one fp32
+  // absmax per block.
   const bool nf4 = o.stored_4bit || o.quantize_nf4;
-  add(W, vocab * h * kF32);                               // embed_tokens
-  add(W, h * kF32);                                       // final norm
-  if (!c.tie_word_embeddings) add(W, vocab * h * kF32);   // lm_head
+  const FloatFormat dense = dense_weight_format(c);
+  const int64_t dense_bytes = float_format_bytes(dense);
+  add(W, vocab * h * dense_bytes);                               // embed_tokens
+  add(W, h * kF32);                                              // final norm
+  if (!c.tie_word_embeddings) add(W, vocab * h * dense_bytes);   // lm_head
   int64_t max_linear_size = 0, max_linear_in = std::max({h, qd, inter});
   for (int64_t layer = 0; layer < L; ++layer) {
     add(W, 2 * h * kF32);  // input and post-attention norms
@@ -46,7 +54,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       const auto shape = module_shape(c, m);
       const int64_t n = shape[0] * shape[1];
       max_linear_size = std::max(max_linear_size, n);
-      add(W, nf4 ? ceil_div(n, 2) + ceil_div(n, kNf4Blocksize) * kF32 : n * kF32);
+      add(W, nf4 ? ceil_div(n, 2) + ceil_div(n, kNf4Blocksize) * kF32 : n * dense_bytes);
       if (module_has_bias(c, m)) add(W, shape[0] * kF32);
     }
   }
@@ -78,12 +86,20 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.cuda) {
     add(Ws, kCudaGemmWorkspaceBytes);
     add(Ws, o.batch * c.num_heads * o.seq * o.seq * kF32);  // attention backward's dS, as large as probs
-    if (o.half_compute) {
-      // the largest weight-side operand (the LM head or a linear) and the largest row-side one (a chunk of
-      // logits' gradient, or activations into the widest linear), two bytes each
-      const int64_t weight_side = std::max(vocab * h, max_linear_size);
-      const int64_t row_side = std::max(logits_rows * vocab, n * std::max({h, qd, inter}));
-      add(Ws, 2 * (weight_side + row_side));
+    // KernelBackend::gemm_stored: a weight-side operand (the LM head, or a linear: NF4 dequantized to fp32, or
+    // dense as stored) not in the format the GEMM takes is converted whole. With half compute both operands of
+    // every GEMM are 16 bits: the row side (a chunk of logits' gradient, or activations of the widest linear) and
+    // the other (a converted weight, or LoRA's factors and their n x r products).
+    const FloatFormat takes = o.compute == GpuCompute::F32    ? FloatFormat::F32
+                              : o.compute == GpuCompute::BF16 ? FloatFormat::BF16
+                                                              : FloatFormat::F16;
+    const FloatFormat linear = nf4 ? FloatFormat::F32 : dense;
+    const int64_t weight_side = std::max(dense != takes ? vocab * h : 0, linear != takes ? max_linear_size : 0);
+    if (o.compute == GpuCompute::F32) {
+      add(Ws, weight_side * kF32);
+    } else {
+      const int64_t row_side = std::max(logits_rows * vocab, n * max_linear_in);
+      add(Ws, 2 * (row_side + std::max({weight_side, n * r, r * max_linear_in})));
     }
   }
   // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all

@@ -1,13 +1,15 @@
 // Memory a QLoRA training step needs, by category, from config.json alone: the same buffers, of the same sizes,
-// that LlamaModel::load, LoraAdapter, AdamW and LlamaModel::run allocate on the CPU backend (fp32 everywhere,
-// NF4 codes one byte per two weights and one fp32 absmax per block of 64). The CUDA path allocates through the
-// same model code, so the numbers carry over as long as its buffers keep these shapes.
+// that LlamaModel::load, LoraAdapter, AdamW and LlamaModel::run allocate on the CPU backend (activations fp32,
+// frozen dense weights in the format config.json's dtype names, NF4 codes one byte per two weights and one fp32
+// absmax per block of 64). The CUDA path allocates through the same model code, so the numbers carry over as long
+// as its buffers keep these shapes.
 #pragma once
 #include <array>
 #include <cstdint>
 #include <vector>
 
 #include "backend/backend.h"
+#include "cuda/cuda_backend.h"
 #include "io/model_config.h"
 #include "model/lora.h"
 
@@ -25,9 +27,9 @@ struct EstimateOptions {
   bool gradient_checkpointing = true;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
   // On the CUDA backend: its GEMM workspace and the attention backward's dS scratch (cuda/kernel_backend.h) too,
-  // and with bf16 or fp16 compute the 16-bit copies of the largest GEMM's inputs.
+  // and the converted copies of the largest GEMM's inputs that the compute dtype asks for.
   bool cuda = false;
-  bool half_compute = false;
+  GpuCompute compute = GpuCompute::F32;
 };
 
 struct MemoryEstimate {
@@ -42,6 +44,10 @@ struct MemoryEstimate {
 
   int64_t operator[](MemCategory c) const { return bytes[static_cast<size_t>(c)]; }
 };
+
+// The format LlamaModel::load keeps the embedding, the LM head and unquantized linear weights in, as config.json's
+// dtype names the file's (fp32 when it names none).
+FloatFormat dense_weight_format(const ModelConfig& config);
 
 // Throws EngineError for non-positive batch, seq or rank, no targets, or a sequence longer than the model's
 // sliding window (which LlamaModel::run refuses).

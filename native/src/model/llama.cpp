@@ -74,10 +74,10 @@ int64_t max_linear_size(const ModelConfig& c) {
   return best;
 }
 
-RoundTo round_to_for_dtype(const std::string& dtype, const std::string& context) {
-  if (dtype == "float32") return RoundTo::F32;
-  if (dtype == "bfloat16") return RoundTo::BF16;
-  if (dtype == "float16") return RoundTo::F16;
+FloatFormat round_to_for_dtype(const std::string& dtype, const std::string& context) {
+  if (dtype == "float32") return FloatFormat::F32;
+  if (dtype == "bfloat16") return FloatFormat::BF16;
+  if (dtype == "float16") return FloatFormat::F16;
   fail(context, ": quant state dtype '", dtype, "' is not supported (float32, bfloat16, float16)");
 }
 
@@ -108,10 +108,25 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     out.upload(store->read_f32(name, shape));
     return out;
   };
+  // a frozen matrix as its file stores it
+  auto load_stored = [&](const std::string& name, std::vector<int64_t> shape) {
+    const TensorInfo& t = store->floating(name, shape);
+    DenseWeight w;
+    if (t.dtype == DType::F64) {
+      const std::vector<float> values = store->read_f32(name);
+      w.bytes.reset(backend, t.numel() * 4, MemCategory::Weights);
+      w.bytes.upload(reinterpret_cast<const uint8_t*>(values.data()), t.numel() * 4);
+      return w;
+    }
+    w.format = t.dtype == DType::BF16 ? FloatFormat::BF16 : t.dtype == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
+    w.bytes.reset(backend, static_cast<int64_t>(t.nbytes), MemCategory::Weights);
+    w.bytes.upload(store->data(name), static_cast<int64_t>(t.nbytes));
+    return w;
+  };
 
-  model->embed_ = load_dense("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  model->embed_ = load_stored("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   model->final_norm_ = load_dense("model.norm.weight", {c.hidden_size});
-  if (!c.tie_word_embeddings) model->lm_head_ = load_dense("lm_head.weight", {c.vocab_size, c.hidden_size});
+  if (!c.tie_word_embeddings) model->lm_head_ = load_stored("lm_head.weight", {c.vocab_size, c.hidden_size});
 
   model->layers_.resize(static_cast<size_t>(c.num_layers));
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
@@ -151,9 +166,9 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
         fl.absmax.reset(backend, static_cast<int64_t>(absmax.size()), MemCategory::Weights);
         fl.absmax.upload(absmax);
         const DType stored = store->info(name).dtype;
-        fl.round_to = stored == DType::BF16 ? RoundTo::BF16 : stored == DType::F16 ? RoundTo::F16 : RoundTo::F32;
+        fl.round_to = stored == DType::BF16 ? FloatFormat::BF16 : stored == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
       } else {
-        fl.dense = load_dense(name, {shape[0], shape[1]});
+        fl.dense = load_stored(name, {shape[0], shape[1]});
       }
       if (module_has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
     }
@@ -187,10 +202,14 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
   const Philox rng(seed, RngStream::BenchWeights);
   uint64_t stream_offset = 0;  // each tensor takes its own range of the generator
   // uniform on [-a, a] with a = 0.02 * sqrt(3): the 0.02 standard deviation of Llama's initialization
+  // bf16, as the checkpoints of these shapes store their embeddings
   auto random_dense = [&](int64_t n) {
-    DeviceArray<float> out(backend, n, MemCategory::Weights);
+    DenseWeight out;
+    out.format = FloatFormat::BF16;
+    out.bytes.reset(backend, 2 * n, MemCategory::Weights);
     const uint64_t base = stream_offset;
-    fill_in_chunks(backend, out.get(), n, [&](int64_t i) { return (rng.uniform(base + i) * 2.0f - 1.0f) * 0.0346410f; });
+    fill_in_chunks(backend, reinterpret_cast<uint16_t*>(out.bytes.get()), n,
+                   [&](int64_t i) { return f32_to_bf16((rng.uniform(base + i) * 2.0f - 1.0f) * 0.0346410f); });
     stream_offset += static_cast<uint64_t>(n);
     return out;
   };
@@ -213,7 +232,7 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
       fl.out = shape[0];
       fl.in = shape[1];
       fl.blocksize = 64;
-      fl.round_to = RoundTo::BF16;
+      fl.round_to = FloatFormat::BF16;
       const int64_t n = shape[0] * shape[1];
       fl.packed.reset(backend, (n + 1) / 2, MemCategory::Weights);
       const uint64_t base = stream_offset;
@@ -234,10 +253,10 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
 // ----------------------------------------------------------------------------------------------------------------
 // Linear layers with LoRA: y = x W^T + b + s (drop(x) A^T) B^T
 
-const float* LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
-  if (!w.quantized()) return w.dense.get();
+StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
+  if (!w.quantized()) return w.dense.view();
   backend_->nf4_dequantize(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to, ws.weight.get());
-  return ws.weight.get();
+  return {ws.weight.get(), FloatFormat::F32};
 }
 
 void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
@@ -247,7 +266,7 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
     // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
     backend_->nf4_matmul_nt(x, rows, w.packed.get(), w.absmax.get(), w.out, w.in, w.blocksize, w.round_to, y);
   else
-    backend_->gemm(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
+    backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
   LoraParam* p = adapter && opt.lora_scale != 0.0 ? adapter->param(layer, m) : nullptr;
   if (!p) return;
@@ -267,7 +286,7 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
                                  const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
                                  const RunOptions& opt) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
-  backend_->gemm(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f, dx);
+  backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f, dx);
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
   if (!p) return;
   const LoraConfig& lc = adapter->config();
@@ -362,21 +381,21 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
 double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale,
                            float* dx_final, double* logprobs, float* log_softmax, Workspace& ws) {
   const ModelConfig& c = config_;
-  const float* w = lm_head_.empty() ? embed_.get() : lm_head_.get();
+  const StoredMatrix w = lm_head_weight();
   backend_->rmsnorm_forward(x_final, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, ws.xf.get(),
                             ws.rstdf.get());
   double loss = 0.0;
   for (int64_t r0 = 0; r0 < rows; r0 += ws.logits_rows) {
     const int64_t rc = std::min(ws.logits_rows, rows - r0);
-    backend_->gemm(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
-                   ws.logits.get());
+    backend_->gemm_stored(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
+                          ws.logits.get());
     if (log_softmax) backend_->log_softmax_rows(ws.logits.get(), rc, c.vocab_size, log_softmax + r0 * c.vocab_size);
     // The gradient of the logits overwrites the logits in place (each row is read before it is written).
     loss += backend_->cross_entropy(ws.logits.get(), targets + r0, rc, c.vocab_size, grad_scale,
                                     dx_final ? ws.logits.get() : nullptr, logprobs ? logprobs + r0 : nullptr);
     if (dx_final)
-      backend_->gemm(false, false, rc, c.hidden_size, c.vocab_size, 1.0f, ws.logits.get(), w, 0.0f,
-                     ws.dxf.get() + r0 * c.hidden_size);
+      backend_->gemm_stored(false, false, rc, c.hidden_size, c.vocab_size, 1.0f, ws.logits.get(), w, 0.0f,
+                            ws.dxf.get() + r0 * c.hidden_size);
   }
   if (dx_final)
     backend_->rmsnorm_backward(ws.dxf.get(), x_final, final_norm_.get(), ws.rstdf.get(), rows, c.hidden_size,
@@ -447,7 +466,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   // Block inputs: inputs[l] is the input of block l, inputs[L] the final hidden state.
   std::vector<DeviceArray<float>> inputs(static_cast<size_t>(c.num_layers + 1));
   for (auto& x : inputs) x.reset(be, n * c.hidden_size, act);
-  be->embedding(ids, n, embed_.get(), c.hidden_size, inputs[0].get());
+  be->embedding(ids, n, embed_.view(), c.hidden_size, inputs[0].get());
 
   const bool keep_all = opt.compute_grads && !opt.gradient_checkpointing;
   std::vector<BlockActivations> acts(keep_all ? static_cast<size_t>(c.num_layers) : 1);
@@ -559,7 +578,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   DeviceArray<float> u(be, n * c.intermediate_size, act), m(be, n * c.intermediate_size, act);
   DeviceArray<float> lora_t;
   if (adapter) lora_t.reset(be, n * adapter->config().rank, work);
-  be->embedding(ids, n, embed_.get(), c.hidden_size, x.get());
+  be->embedding(ids, n, embed_.view(), c.hidden_size, x.get());
 
   const float* cos = cache.cos.get() + past * half;
   const float* sin = cache.sin.get() + past * half;
@@ -590,10 +609,9 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   // Only the rows whose logits are wanted go through the final norm and the LM head.
   const int64_t rows = all_logits ? n : 1;
   const float* last = x.get() + (n - rows) * c.hidden_size;
-  const float* w = lm_head_.empty() ? embed_.get() : lm_head_.get();
   be->rmsnorm_forward(last, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, xn.get(), rstd.get());
   DeviceArray<float> logits(be, rows * c.vocab_size, work);
-  be->gemm(false, true, rows, c.vocab_size, c.hidden_size, 1.0f, xn.get(), w, 0.0f, logits.get());
+  be->gemm_stored(false, true, rows, c.vocab_size, c.hidden_size, 1.0f, xn.get(), lm_head_weight(), 0.0f, logits.get());
   return logits.download();
 }
 

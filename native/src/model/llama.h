@@ -13,15 +13,24 @@
 
 namespace qlora {
 
-// A frozen base weight [out, in]: either dense fp32 (as stored: f32/bf16/f16 widened) or NF4 codes with per-block
-// absmax, dequantized (rounded to the quant state's dtype) into a workspace at each use, as QLoRA does.
+// A frozen dense matrix (the embedding, the LM head, a linear weight left unquantized) in device memory in its
+// file's format: fp32, bf16 or fp16 (an F64 tensor is narrowed to fp32).
+struct DenseWeight {
+  DeviceArray<uint8_t> bytes;
+  FloatFormat format = FloatFormat::F32;
+  StoredMatrix view() const { return {bytes.get(), format}; }
+  bool empty() const { return bytes.empty(); }
+};
+
+// A frozen base weight [out, in]: either dense (as stored) or NF4 codes with per-block absmax, dequantized (rounded
+// to the quant state's dtype) into a workspace at each use, as QLoRA does.
 struct FrozenLinear {
   int64_t out = 0, in = 0;
-  DeviceArray<float> dense;
+  DenseWeight dense;
   DeviceArray<uint8_t> packed;
   DeviceArray<float> absmax;
   int blocksize = 64;
-  RoundTo round_to = RoundTo::F32;
+  FloatFormat round_to = FloatFormat::F32;
   DeviceArray<float> bias;  // empty when the layer has none
   bool quantized() const { return !packed.empty(); }
 };
@@ -111,7 +120,8 @@ class LlamaModel {
                      int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
                       LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
-  const float* base_weight(const FrozenLinear& w, Workspace& ws);
+  StoredMatrix base_weight(const FrozenLinear& w, Workspace& ws);
+  StoredMatrix lm_head_weight() const { return lm_head_.empty() ? embed_.view() : lm_head_.view(); }
   void reserve(KvCache& cache, int64_t needed) const;
   double lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale, float* dx_final,
                  double* logprobs, float* log_softmax, Workspace& ws);
@@ -120,8 +130,8 @@ class LlamaModel {
   std::string dir_;
   ModelConfig config_;
   bool stored_4bit_ = false;
-  DeviceArray<float> embed_;    // [vocab, hidden]
-  DeviceArray<float> lm_head_;  // [vocab, hidden]; empty when tied to embed_
+  DenseWeight embed_;    // [vocab, hidden]
+  DenseWeight lm_head_;  // [vocab, hidden]; empty when tied to embed_
   DeviceArray<float> final_norm_;
   std::vector<LayerWeights> layers_;
 };
