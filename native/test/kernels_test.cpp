@@ -135,27 +135,35 @@ TEST(kernel_attention_backward_matches_finite_differences) {
   const Vec q = random_vec(B * T * H * D, 9), k = random_vec(B * T * Hkv * D, 10), v = random_vec(B * T * Hkv * D, 11);
   const Vec dout = random_vec(B * T * H * D, 12);
   auto forward = [&](const Vec& qv, const Vec& kv, const Vec& vv) {
-    Vec out(B * T * H * D), probs(B * H * T * T);
-    cpu::attention_forward<double>(qv.data(), kv.data(), vv.data(), B, T, H, Hkv, D, out.data(), probs.data());
+    Vec out(B * T * H * D), lse(B * H * T);
+    cpu::attention_forward<double>(qv.data(), kv.data(), vv.data(), B, T, H, Hkv, D, out.data(), lse.data());
     return dot(out, dout);
   };
-  Vec out(B * T * H * D), probs(B * H * T * T), dq(q.size()), dk(k.size()), dv(v.size());
-  cpu::attention_forward<double>(q.data(), k.data(), v.data(), B, T, H, Hkv, D, out.data(), probs.data());
-  cpu::attention_backward<double>(dout.data(), q.data(), k.data(), v.data(), probs.data(), B, T, H, Hkv, D, dq.data(),
-                                  dk.data(), dv.data());
+  Vec out(B * T * H * D), lse(B * H * T), dq(q.size()), dk(k.size()), dv(v.size());
+  cpu::attention_forward<double>(q.data(), k.data(), v.data(), B, T, H, Hkv, D, out.data(), lse.data());
+  cpu::attention_backward<double>(dout.data(), q.data(), k.data(), v.data(), out.data(), lse.data(), B, T, H, Hkv, D,
+                                  dq.data(), dk.data(), dv.data());
   check_gradient("attention dq", q, [&](const Vec& x) { return forward(x, k, v); }, dq);
   check_gradient("attention dk", k, [&](const Vec& x) { return forward(q, x, v); }, dk);
   check_gradient("attention dv", v, [&](const Vec& x) { return forward(q, k, x); }, dv);
   // Causality: the first query attends only to itself, so its output is v[0] of its kv head.
   for (int64_t d = 0; d < D; ++d) EXPECT_NEAR(out[d], v[d], 1e-12);
+  // lse is the log-sum-exp of each row's scaled scores: row 1 of head 0 (batch 0) over keys 0 and 1 of kv head 0
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  double s0 = 0, s1 = 0;
+  for (int64_t d = 0; d < D; ++d) {
+    s0 += q[H * D + d] * k[d] * scale;
+    s1 += q[H * D + d] * k[Hkv * D + d] * scale;
+  }
+  EXPECT_NEAR(lse[1], std::log(std::exp(s0) + std::exp(s1)), 1e-12);
 }
 
 TEST(kernel_attention_cached_equals_full_causal_attention) {
   // Queries of positions 3..6 over a cache of 7 rows give the full pass's rows 3..6, whatever was cached first.
   const int64_t T = 7, H = 4, Hkv = 2, D = 3, past = 3, n = T - past;
   const Vec q = random_vec(T * H * D, 30), k = random_vec(T * Hkv * D, 31), v = random_vec(T * Hkv * D, 32);
-  Vec full(T * H * D), probs(H * T * T), cached(n * H * D);
-  cpu::attention_forward<double>(q.data(), k.data(), v.data(), 1, T, H, Hkv, D, full.data(), probs.data());
+  Vec full(T * H * D), lse(H * T), cached(n * H * D);
+  cpu::attention_forward<double>(q.data(), k.data(), v.data(), 1, T, H, Hkv, D, full.data(), lse.data());
   cpu::attention_cached<double>(q.data() + past * H * D, k.data(), v.data(), n, past, H, Hkv, D, cached.data());
   for (int64_t i = 0; i < n * H * D; ++i) EXPECT_EQ(cached[i], full[past * H * D + i]);
   // One token at a time, as decoding runs.

@@ -107,11 +107,14 @@ class Backend {
                                 int64_t dim, float* dx) = 0;
   virtual void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
                           const float* cos_table, const float* sin_table, bool inverse) = 0;
+  // lse [batch, heads, seq]: each query row's log-sum-exp of its scores, all that backward keeps of the softmax
+  // (it recomputes the probabilities from q, k and lse; nothing seq x seq is ever stored).
   virtual void attention_forward(const float* q, const float* k, const float* v, int64_t batch, int64_t seq,
-                                 int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, float* probs) = 0;
+                                 int64_t heads, int64_t kv_heads, int64_t head_dim, float* out, float* lse) = 0;
+  // out, lse: what attention_forward wrote.
   virtual void attention_backward(const float* dout, const float* q, const float* k, const float* v,
-                                  const float* probs, int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads,
-                                  int64_t head_dim, float* dq, float* dk, float* dv) = 0;
+                                  const float* out, const float* lse, int64_t batch, int64_t seq, int64_t heads,
+                                  int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv) = 0;
   // Generation: q_len new queries (positions past..past+q_len-1) over the first past + q_len rows of the caches.
   virtual void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len,
                                 int64_t past, int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) = 0;

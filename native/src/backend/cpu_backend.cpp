@@ -166,17 +166,17 @@ class CpuBackend final : public Backend {
     cpu::rope_apply<float>(x, b, t, h, d, c, s, inverse);
   }
   void attention_forward(const float* q, const float* k, const float* v, int64_t b, int64_t t, int64_t h,
-                         int64_t kvh, int64_t d, float* out, float* probs) override {
-    cpu::attention_forward<float>(q, k, v, b, t, h, kvh, d, out, probs);
+                         int64_t kvh, int64_t d, float* out, float* lse) override {
+    cpu::attention_forward<float>(q, k, v, b, t, h, kvh, d, out, lse);
   }
   void attention_cached(const float* q, const float* kc, const float* vc, int64_t q_len, int64_t past, int64_t h,
                         int64_t kvh, int64_t d, float* out) override {
     cpu::attention_cached<float>(q, kc, vc, q_len, past, h, kvh, d, out);
   }
-  void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* probs,
-                          int64_t b, int64_t t, int64_t h, int64_t kvh, int64_t d, float* dq, float* dk,
-                          float* dv) override {
-    cpu::attention_backward<float>(dout, q, k, v, probs, b, t, h, kvh, d, dq, dk, dv);
+  void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                          const float* lse, int64_t b, int64_t t, int64_t h, int64_t kvh, int64_t d, float* dq,
+                          float* dk, float* dv) override {
+    cpu::attention_backward<float>(dout, q, k, v, out, lse, b, t, h, kvh, d, dq, dk, dv);
   }
   void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
     cpu::swiglu_forward<float>(g, u, n, out);

@@ -326,12 +326,13 @@ void rope_apply(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_di
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// One query row of causal attention: softmax(scale q·k_j) over the keys j = 0..last into p[0..last], and
-// out = sum_j p_j v_j. k and v point at the kv head's first row; rows are kv_stride apart. Both attention kernels
-// use it, so a cached pass computes exactly what a full one does.
+// One query row of causal attention: softmax(scale q·k_j) over the keys j = 0..last into p[0..last] (scratch), and
+// out = sum_j p_j v_j; returns the row's log-sum-exp of the scores, max + log(sum exp(s - max)), from which backward
+// recomputes p_j = exp(s_j - lse). k and v point at the kv head's first row; rows are kv_stride apart. Both
+// attention kernels use it, so a cached pass computes exactly what a full one does.
 template <typename T>
-void attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
-                T* oi) {
+T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
+             T* oi) {
   T max_score = -INFINITY;
   for (int64_t j = 0; j <= last; ++j) {
     const T* kj = k + j * kv_stride;
@@ -353,27 +354,31 @@ void attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t 
     const T pj = p[j];
     for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
   }
+  return max_score + std::log(sum);
 }
 
 // Causal self-attention with grouped KV heads: q [B,T,H,Dh], k/v [B,T,Hkv,Dh], out [B,T,H,Dh]; query head h reads
-// kv head h / (H/Hkv) (transformers' repeat_kv). probs [B,H,T,T] (softmax rows, zero above the diagonal) is kept
-// for backward.
+// kv head h / (H/Hkv) (transformers' repeat_kv). Only each row's log-sum-exp, lse [B,H,T], is kept for backward,
+// never the T x T probabilities (as FlashAttention keeps them): backward recomputes them.
 template <typename T>
 void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_t seq, int64_t heads,
-                       int64_t kv_heads, int64_t head_dim, T* out, T* probs) {
+                       int64_t kv_heads, int64_t head_dim, T* out, T* lse) {
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-#pragma omp parallel for collapse(3) schedule(dynamic, 4)
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t i = 0; i < seq; ++i) {
-        const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
-        T* p = probs + ((b * heads + h) * seq + i) * seq;
-        attend_row(q + (b * seq + i) * q_stride + h * head_dim, k + kv_offset, v + kv_offset, kv_stride, i, head_dim,
-                   scale, p, out + (b * seq + i) * q_stride + h * head_dim);
-        for (int64_t j = i + 1; j < seq; ++j) p[j] = 0;
-      }
+#pragma omp parallel
+  {
+    std::vector<T> p(static_cast<size_t>(seq));
+#pragma omp for collapse(3) schedule(dynamic, 4)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < seq; ++i) {
+          const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
+          lse[(b * heads + h) * seq + i] =
+              attend_row(q + (b * seq + i) * q_stride + h * head_dim, k + kv_offset, v + kv_offset, kv_stride, i,
+                         head_dim, scale, p.data(), out + (b * seq + i) * q_stride + h * head_dim);
+        }
+  }
 }
 
 // Attention of q_len new queries over a KV cache, for generation: query i sits at position past + i and reads the
@@ -397,14 +402,16 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
   }
 }
 
-// dP = dO·V^T, dS = P ⊙ (dP - rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO (summed over the
-// query heads that share a kv head). Writes dq, dk, dv (not accumulated).
+// P = exp(scale Q·K^T - lse) recomputed row by row from the forward pass's log-sum-exp, dP = dO·V^T,
+// dS = P ⊙ (dP - D) with D = rowsum(dO ⊙ O) (= rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO
+// (summed over the query heads that share a kv head). Writes dq, dk, dv (not accumulated).
 // One (batch, kv head) of attention_backward: its query heads write only its dk/dv slices. Always inlined, so that
-// attention_backward_group_f32's AVX-512 and AVX2 versions compile it for their instructions.
+// attention_backward_group_f32's AVX-512 and AVX2 versions compile it for their instructions. p and ds: seq each.
 template <typename T>
-QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, const T* k, const T* v, const T* probs,
-                                                  int64_t b, int64_t kvh, int64_t seq, int64_t heads, int64_t kv_heads,
-                                                  int64_t head_dim, T* dq, T* dk, T* dv, T* ds) {
+QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, const T* k, const T* v, const T* out,
+                                                  const T* lse, int64_t b, int64_t kvh, int64_t seq, int64_t heads,
+                                                  int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv, T* p,
+                                                  T* ds) {
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
@@ -415,16 +422,20 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
   }
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
     for (int64_t i = 0; i < seq; ++i) {
-      const T* p = probs + ((b * heads + h) * seq + i) * seq;
       const T* doi = dout + (b * seq + i) * q_stride + h * head_dim;
+      const T* oi = out + (b * seq + i) * q_stride + h * head_dim;
       const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
+      const T row_lse = lse[(b * heads + h) * seq + i];
       T row_dot = 0;
+      for (int64_t d = 0; d < head_dim; ++d) row_dot += doi[d] * oi[d];
       for (int64_t j = 0; j <= i; ++j) {
+        const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
         const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
-        T dp = 0;
+        T score = 0, dp = 0;
+        for (int64_t d = 0; d < head_dim; ++d) score += qi[d] * kj[d];
         for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
+        p[j] = std::exp(score * scale - row_lse);
         ds[j] = dp;
-        row_dot += dp * p[j];
       }
       T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
       for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
@@ -443,21 +454,25 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
 }
 
 void attention_backward_group_f32(const float* dout, const float* q, const float* k, const float* v,
-                                  const float* probs, int64_t b, int64_t kvh, int64_t seq, int64_t heads,
-                                  int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv, float* ds);
+                                  const float* out, const float* lse, int64_t b, int64_t kvh, int64_t seq,
+                                  int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv,
+                                  float* p, float* ds);
 
+// out and lse: the forward pass's output and log-sum-exp.
 template <typename T>
-void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* probs, int64_t batch,
+void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse, int64_t batch,
                         int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv) {
   // Each (batch, kv head) is independent, so the loop parallelizes without atomics.
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      std::vector<T> ds(static_cast<size_t>(seq));
+      std::vector<T> p(static_cast<size_t>(seq)), ds(static_cast<size_t>(seq));
       if constexpr (std::is_same_v<T, float>)
-        attention_backward_group_f32(dout, q, k, v, probs, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, ds.data());
+        attention_backward_group_f32(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv,
+                                     p.data(), ds.data());
       else
-        attention_backward_group<T>(dout, q, k, v, probs, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, ds.data());
+        attention_backward_group<T>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv,
+                                    p.data(), ds.data());
     }
 }
 

@@ -37,9 +37,10 @@ void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t 
 
 QLORA_SIMD_CLONES
 void attention_backward_group_f32(const float* dout, const float* q, const float* k, const float* v,
-                                  const float* probs, int64_t b, int64_t kvh, int64_t seq, int64_t heads,
-                                  int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv, float* ds) {
-  attention_backward_group<float>(dout, q, k, v, probs, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, ds);
+                                  const float* out, const float* lse, int64_t b, int64_t kvh, int64_t seq,
+                                  int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv,
+                                  float* p, float* ds) {
+  attention_backward_group<float>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, p, ds);
 }
 
 QLORA_SIMD_CLONES

@@ -159,33 +159,32 @@ class KernelBackend final : public Backend {
                    cos_table, sin_table, inverse);
   }
   void attention_forward(const float* q, const float* k, const float* v, int64_t batch, int64_t seq, int64_t heads,
-                         int64_t kv_heads, int64_t head_dim, float* out, float* probs) override {
-    check_heads(heads, kv_heads, batch);
+                         int64_t kv_heads, int64_t head_dim, float* out, float* lse) override {
+    check_heads(heads, kv_heads, batch, head_dim);
     if (batch * seq == 0) return;
     exec_.launch("attention_forward", attention_grid(seq, heads, batch), exec_.threads, kernels::attention_forward, q, k,
-                 v, seq, heads, kv_heads, head_dim, attention_scale(head_dim), out, probs);
+                 v, seq, heads, kv_heads, head_dim, attention_scale(head_dim), out, lse);
   }
-  void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* probs,
-                          int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq,
-                          float* dk, float* dv) override {
-    check_heads(heads, kv_heads, batch);
+  void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                          const float* lse, int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads,
+                          int64_t head_dim, float* dq, float* dk, float* dv) override {
+    check_heads(heads, kv_heads, batch, head_dim);
     if (batch * seq == 0) return;
-    // dS for every query row, as large as probs: the rows pass writes it and the key pass reads it by column.
-    DeviceArray<float> ds(this, batch * heads * seq * seq, MemCategory::Workspace);
-    exec_.launch("attention_backward", attention_grid(seq, heads, batch), exec_.threads,
-                 kernels::attention_backward_rows, dout, k, v, probs, seq, heads, kv_heads, head_dim,
-                 attention_scale(head_dim), ds.get(), dq);
-    exec_.launch("attention_backward", attention_grid(seq, kv_heads, batch), exec_.threads,
-                 kernels::attention_backward_kv, dout, q, probs, static_cast<const float*>(ds.get()), seq, heads,
-                 kv_heads, head_dim, dk, dv);
+    // D_i = dO_i·O_i of every query row: the rows pass writes it, the key pass reads it.
+    DeviceArray<float> row_dots(this, batch * heads * seq, MemCategory::Workspace);
+    exec_.launch("attention_backward_dq", attention_grid(seq, heads, batch), exec_.threads,
+                 kernels::attention_backward_dq, dout, q, k, v, out, lse, seq, heads, kv_heads, head_dim,
+                 attention_scale(head_dim), row_dots.get(), dq);
+    exec_.launch("attention_backward_dkv", attention_grid(seq, kv_heads, batch), exec_.threads,
+                 kernels::attention_backward_dkv, dout, q, k, v, lse, static_cast<const float*>(row_dots.get()), seq,
+                 heads, kv_heads, head_dim, attention_scale(head_dim), dk, dv);
   }
   void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len, int64_t past,
                         int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) override {
-    check_heads(heads, kv_heads, 1);
+    check_heads(heads, kv_heads, 1, head_dim);
     if (q_len <= 0) return;
-    DeviceArray<float> p(this, heads * q_len * (past + q_len), MemCategory::Workspace);
     exec_.launch("attention_cached", attention_grid(q_len, heads, 1), exec_.threads, kernels::attention_cached, q,
-                 k_cache, v_cache, q_len, past, heads, kv_heads, head_dim, attention_scale(head_dim), p.get(), out);
+                 k_cache, v_cache, past, heads, kv_heads, head_dim, attention_scale(head_dim), out);
   }
   void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
     if (n > 0) exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, out);
@@ -281,9 +280,11 @@ class KernelBackend final : public Backend {
       fail("attention of ", batch, " x ", heads, " heads x ", rows, " rows is more than one launch takes");
     return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(heads), static_cast<unsigned>(batch));
   }
-  static void check_heads(int64_t heads, int64_t kv_heads, int64_t batch) {
+  void check_heads(int64_t heads, int64_t kv_heads, int64_t batch, int64_t head_dim) const {
     if (heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 || batch < 0)
       fail("attention: ", heads, " query heads cannot share ", kv_heads, " kv heads");
+    if (head_dim > int64_t{kernels::kMaxDimsPerThread} * exec_.threads)
+      fail("attention: a head of ", head_dim, " dimensions is more than the kernels take (", kernels::kMaxDimsPerThread * exec_.threads, ")");
   }
   static float attention_scale(int64_t head_dim) {
     return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));

@@ -262,107 +262,165 @@ __global__ void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, 
   }
 }
 
-// ---- attention ----
-// One query row, by the whole block: p[j] = softmax(scale q·k_j) for j = 0..last, p[j] = 0 for last < j < p_len,
-// out = sum_j p_j v_j. k and v point at the kv head's first row; rows are kv_stride apart.
-__device__ void attend_row(const float* qi, const float* k, const float* v, int64_t kv_stride, int64_t last,
-                           int64_t head_dim, float scale, float* p, int64_t p_len, float* oi) {
-  float local_max = -INFINITY;
-  for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
-    const float* kj = k + j * kv_stride;
-    float dot = 0.0f;
-    for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
-    p[j] = dot * scale;
-    local_max = max_of(local_max, p[j]);
-  }
-  const float m = block_max(local_max);
-  float local_sum = 0.0f;
-  for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
-    p[j] = expf(p[j] - m);
-    local_sum += p[j];
-  }
-  const float inv = 1.0f / block_sum(local_sum);
-  for (int64_t j = threadIdx.x; j < p_len; j += blockDim.x) p[j] = j <= last ? p[j] * inv : 0.0f;
-  __syncthreads();  // every p[j] written before any thread reads the row
-  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t j = 0; j <= last; ++j) acc += p[j] * v[j * kv_stride + d];
-    oi[d] = acc;
-  }
+// ---- attention: FlashAttention's algorithm, a row at a time (no seq x seq matrix is ever stored) ----
+// head_dim / blockDim rounded up: the output dims one thread accumulates (d = threadIdx.x + r * blockDim.x).
+constexpr int kMaxDimsPerThread = 4;
+
+__device__ __forceinline__ float dot_row(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
 }
 
-// Causal GQA attention; grid (seq, heads, batch): one block per query row. probs [B, H, T, T] kept for backward.
+// One query row, by the whole block, over the keys 0..last in tiles of blockDim keys: each thread scores one key of
+// the tile; the running max and sum of the row are updated tile by tile and the output so far rescaled (online
+// softmax), so out = sum_j softmax(scale q·k)_j v_j without the scores of the row existing at once. Returns the
+// row's log-sum-exp (to every thread). k and v point at the kv head's first row; rows are kv_stride apart.
+__device__ float attend_row(const float* qi, const float* k, const float* v, int64_t kv_stride, int64_t last,
+                            int64_t head_dim, float scale, float* oi) {
+  __shared__ float p[kMaxThreads];
+  float acc[kMaxDimsPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float m = -INFINITY, l = 0.0f;
+  for (int64_t j0 = 0; j0 <= last; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    const float s = j <= last ? dot_row(qi, k + j * kv_stride, head_dim) * scale : -INFINITY;
+    const float m_new = max_of(m, block_max(s));
+    const float e = j <= last ? expf(s - m_new) : 0.0f;
+    p[threadIdx.x] = e;
+    const float correction = expf(m - m_new);  // 0 on the first tile (m = -inf), where l and acc are 0
+    l = l * correction + block_sum(e);          // block_sum's barriers also publish p
+    const int64_t count = last - j0 + 1 < blockDim.x ? last - j0 + 1 : static_cast<int64_t>(blockDim.x);
+    for (int r = 0; r < kMaxDimsPerThread; ++r) {
+      const int64_t d = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+      if (d >= head_dim) break;
+      float a = acc[r] * correction;
+      for (int64_t t = 0; t < count; ++t) a += p[t] * v[(j0 + t) * kv_stride + d];
+      acc[r] = a;
+    }
+    m = m_new;
+    __syncthreads();  // the next tile rewrites p
+  }
+  for (int r = 0; r < kMaxDimsPerThread; ++r) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+    if (d < head_dim) oi[d] = acc[r] / l;
+  }
+  return m + logf(l);
+}
+
+// Causal GQA attention; grid (seq, heads, batch): one block per query row. lse [B, H, T] kept for backward.
 __global__ void attention_forward(const float* q, const float* k, const float* v, int64_t seq, int64_t heads,
-                                  int64_t kv_heads, int64_t head_dim, float scale, float* out, float* probs) {
+                                  int64_t kv_heads, int64_t head_dim, float scale, float* out, float* lse) {
   const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
   const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
   const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim;
-  attend_row(q + q_offset, k + kv_offset, v + kv_offset, kv_stride, i, head_dim, scale,
-             probs + ((b * heads + h) * seq + i) * seq, seq, out + q_offset);
+  const float row_lse = attend_row(q + q_offset, k + kv_offset, v + kv_offset, kv_stride, i, head_dim, scale, out + q_offset);
+  if (threadIdx.x == 0) lse[(b * heads + h) * seq + i] = row_lse;
 }
 
-// q_len new queries at positions past.. over a KV cache; grid (q_len, heads). p: scratch [H, q_len, past + q_len].
-__global__ void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len,
-                                 int64_t past, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
-                                 float* p, float* out) {
+// q_len new queries at positions past.. over a KV cache; grid (q_len, heads).
+__global__ void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t past,
+                                 int64_t heads, int64_t kv_heads, int64_t head_dim, float scale, float* out) {
   const int64_t i = blockIdx.x, h = blockIdx.y;
   const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
   const int64_t kv_offset = (h / group) * head_dim;
   const int64_t q_offset = i * q_stride + h * head_dim;
-  attend_row(q + q_offset, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i, head_dim, scale,
-             p + (h * q_len + i) * (past + q_len), past + i + 1, out + q_offset);
+  attend_row(q + q_offset, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i, head_dim, scale, out + q_offset);
 }
 
-// Backward, first pass; grid (seq, heads, batch), one block per query row i: dP_ij = dO_i·V_j, then
-// dS_ij = P_ij (dP_ij - sum_j dP_ij P_ij) * scale into ds [B, H, T, T] (j <= i), and dQ_i = sum_j dS_ij K_j.
-__global__ void attention_backward_rows(const float* dout, const float* k, const float* v, const float* probs,
-                                        int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, float scale,
-                                        float* ds, float* dq) {
+// Backward recomputes each probability from the forward pass's lse: P_ij = exp(scale q_i·k_j - lse_i); with
+// dP_ij = dO_i·V_j and D_i = dO_i·O_i (= sum_j dP_ij P_ij), dS_ij = scale P_ij (dP_ij - D_i).
+__device__ __forceinline__ void attention_grad_entry(const float* qi, const float* doi, const float* kj, const float* vj,
+                                                     int64_t head_dim, float scale, float row_lse, float row_dot,
+                                                     float* p, float* ds) {
+  *p = expf(dot_row(qi, kj, head_dim) * scale - row_lse);
+  *ds = *p * (dot_row(doi, vj, head_dim) - row_dot) * scale;
+}
+
+// Backward, first pass; grid (seq, heads, batch), one block per query row i: D_i into row_dots [B, H, T], and
+// dQ_i = sum_{j <= i} dS_ij K_j over tiles of blockDim keys.
+__global__ void attention_backward_dq(const float* dout, const float* q, const float* k, const float* v,
+                                      const float* out, const float* lse, int64_t seq, int64_t heads, int64_t kv_heads,
+                                      int64_t head_dim, float scale, float* row_dots, float* dq) {
+  __shared__ float ds[kMaxThreads];
   const int64_t i = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
   const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
   const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim;
-  const int64_t row = ((b * heads + h) * seq + i) * seq;
-  const float* p = probs + row;
-  float* dsr = ds + row;
   const float* doi = dout + q_offset;
   float local = 0.0f;
-  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) {
-    const float* vj = v + kv_offset + j * kv_stride;
-    float dp = 0.0f;
-    for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
-    dsr[j] = dp;
-    local += dp * p[j];
-  }
+  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) local += doi[d] * out[q_offset + d];
   const float row_dot = block_sum(local);
-  for (int64_t j = threadIdx.x; j <= i; j += blockDim.x) dsr[j] = p[j] * (dsr[j] - row_dot) * scale;
-  __syncthreads();
-  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t j = 0; j <= i; ++j) acc += dsr[j] * k[kv_offset + j * kv_stride + d];
-    dq[q_offset + d] = acc;
+  const int64_t row = (b * heads + h) * seq + i;
+  if (threadIdx.x == 0) row_dots[row] = row_dot;
+  const float row_lse = lse[row];
+  float acc[kMaxDimsPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t j0 = 0; j0 <= i; j0 += blockDim.x) {
+    const int64_t j = j0 + threadIdx.x;
+    float p = 0.0f, g = 0.0f;
+    if (j <= i)
+      attention_grad_entry(q + q_offset, doi, k + kv_offset + j * kv_stride, v + kv_offset + j * kv_stride, head_dim,
+                           scale, row_lse, row_dot, &p, &g);
+    ds[threadIdx.x] = g;
+    __syncthreads();
+    const int64_t count = i - j0 + 1 < blockDim.x ? i - j0 + 1 : static_cast<int64_t>(blockDim.x);
+    for (int r = 0; r < kMaxDimsPerThread; ++r) {
+      const int64_t d = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+      if (d >= head_dim) break;
+      for (int64_t t = 0; t < count; ++t) acc[r] += ds[t] * k[kv_offset + (j0 + t) * kv_stride + d];
+    }
+    __syncthreads();  // the next tile rewrites ds
+  }
+  for (int r = 0; r < kMaxDimsPerThread; ++r) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+    if (d < head_dim) dq[q_offset + d] = acc[r];
   }
 }
 
-// Backward, second pass; grid (seq, kv_heads, batch), one block per key row j of a kv head: dK_j = sum over the
-// group's query heads and rows i >= j of dS_ij Q_i, dV_j = sum of P_ij dO_i.
-__global__ void attention_backward_kv(const float* dout, const float* q, const float* probs, const float* ds,
-                                      int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, float* dk,
-                                      float* dv) {
+// Backward, second pass; grid (seq, kv_heads, batch), one block per key row j of a kv head: over the group's query
+// heads and tiles of blockDim query rows i >= j, dK_j = sum dS_ij Q_i and dV_j = sum P_ij dO_i. row_dots: D from the
+// first pass. Each block writes only its own key row: no atomics, the same sums on every run.
+__global__ void attention_backward_dkv(const float* dout, const float* q, const float* k, const float* v,
+                                       const float* lse, const float* row_dots, int64_t seq, int64_t heads,
+                                       int64_t kv_heads, int64_t head_dim, float scale, float* dk, float* dv) {
+  __shared__ float ps[kMaxThreads];
+  __shared__ float dss[kMaxThreads];
   const int64_t j = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z;
   const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-  for (int64_t d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float dk_acc = 0.0f, dv_acc = 0.0f;
-    for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
-      for (int64_t i = j; i < seq; ++i) {
-        const int64_t at = ((b * heads + h) * seq + i) * seq + j;
-        const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim + d;
-        dk_acc += ds[at] * q[q_offset];
-        dv_acc += probs[at] * dout[q_offset];
+  const int64_t kv_row = (b * seq + j) * kv_stride + kvh * head_dim;
+  float dk_acc[kMaxDimsPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float dv_acc[kMaxDimsPerThread] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+    for (int64_t i0 = j; i0 < seq; i0 += blockDim.x) {
+      const int64_t i = i0 + threadIdx.x;
+      float p = 0.0f, g = 0.0f;
+      if (i < seq) {
+        const int64_t q_offset = (b * seq + i) * q_stride + h * head_dim;
+        const int64_t row = (b * heads + h) * seq + i;
+        attention_grad_entry(q + q_offset, dout + q_offset, k + kv_row, v + kv_row, head_dim, scale, lse[row],
+                             row_dots[row], &p, &g);
       }
-    dk[(b * seq + j) * kv_stride + kvh * head_dim + d] = dk_acc;
-    dv[(b * seq + j) * kv_stride + kvh * head_dim + d] = dv_acc;
+      ps[threadIdx.x] = p;
+      dss[threadIdx.x] = g;
+      __syncthreads();
+      const int64_t count = seq - i0 < blockDim.x ? seq - i0 : static_cast<int64_t>(blockDim.x);
+      for (int r = 0; r < kMaxDimsPerThread; ++r) {
+        const int64_t d = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+        if (d >= head_dim) break;
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t at = (b * seq + i0 + t) * q_stride + h * head_dim + d;
+          dk_acc[r] += dss[t] * q[at];
+          dv_acc[r] += ps[t] * dout[at];
+        }
+      }
+      __syncthreads();  // the next tile rewrites ps and dss
+    }
+  for (int r = 0; r < kMaxDimsPerThread; ++r) {
+    const int64_t d = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+    if (d < head_dim) {
+      dk[kv_row + d] = dk_acc[r];
+      dv[kv_row + d] = dv_acc[r];
+    }
   }
 }
 

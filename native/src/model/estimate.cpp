@@ -85,7 +85,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Ws, logits_rows * vocab * kF32);
   if (o.cuda) {
     add(Ws, kCudaGemmWorkspaceBytes);
-    add(Ws, o.batch * c.num_heads * o.seq * o.seq * kF32);  // attention backward's dS, as large as probs
+    add(Ws, o.batch * c.num_heads * o.seq * kF32);  // attention backward's row dots D_i
     // KernelBackend::gemm_stored: a weight-side operand (the LM head, or a linear: NF4 dequantized to fp32, or
     // dense as stored) not in the format the GEMM takes is converted whole. With half compute both operands of
     // every GEMM are 16 bits: the row side (a chunk of logits' gradient, or activations of the widest linear) and
@@ -107,8 +107,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Act, (n * h + n) * kF32);        // xf, rstdf
   add(Act, (L + 1) * n * h * kF32);    // block inputs
   const bool keep_all = !o.gradient_checkpointing;
-  const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + o.batch * c.num_heads * o.seq * o.seq +
-                        n * inter * 3 + targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, probs, g u m, lora_t
+  const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads + n * inter * 3 +
+                        targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);
   add(Act, 3 * n * h * kF32);                          // d_cur, d_next, dxf
   add(Act, (3 * n * inter + 2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dm dg du, dxn dh, dattn dq, dk dv

@@ -26,7 +26,7 @@ struct EstimateOptions {
   bool stored_4bit = false;
   bool gradient_checkpointing = true;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
-  // On the CUDA backend: its GEMM workspace and the attention backward's dS scratch (cuda/kernel_backend.h) too,
+  // On the CUDA backend: its GEMM workspace and the attention backward's row dots (cuda/kernel_backend.h) too,
   // and the converted copies of the largest GEMM's inputs that the compute dtype asks for.
   bool cuda = false;
   GpuCompute compute = GpuCompute::F32;

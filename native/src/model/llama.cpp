@@ -20,7 +20,7 @@ namespace qlora {
 // What one block keeps from its forward for its backward (all [rows, features] with rows = batch * seq).
 struct LlamaModel::BlockActivations {
   const float* x_in = nullptr;
-  DeviceArray<float> xn1, rstd1, q, k, v, probs, attn, h, xn2, rstd2, g, u, m;
+  DeviceArray<float> xn1, rstd1, q, k, v, lse, attn, h, xn2, rstd2, g, u, m;
   std::array<DeviceArray<float>, kNumModules> lora_t;  // drop(x)·A^T per adapted module, [rows, r]
 
   void allocate(Backend* b, const ModelConfig& c, int64_t batch, int64_t seq, const LoraAdapter* adapter) {
@@ -31,7 +31,7 @@ struct LlamaModel::BlockActivations {
     q.reset(b, n * c.num_heads * c.head_dim, cat);
     k.reset(b, n * c.num_kv_heads * c.head_dim, cat);
     v.reset(b, n * c.num_kv_heads * c.head_dim, cat);
-    probs.reset(b, batch * c.num_heads * seq * seq, cat);
+    lse.reset(b, batch * c.num_heads * seq, cat);  // attention's log-sum-exp per query row and head
     attn.reset(b, n * c.num_heads * c.head_dim, cat);
     h.reset(b, n * c.hidden_size, cat);
     xn2.reset(b, n * c.hidden_size, cat);
@@ -333,7 +333,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   backend_->rope_apply(a.q.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
   backend_->rope_apply(a.k.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
   backend_->attention_forward(a.q.get(), a.k.get(), a.v.get(), batch, seq, c.num_heads, c.num_kv_heads, c.head_dim,
-                              a.attn.get(), a.probs.get());
+                              a.attn.get(), a.lse.get());
   linear_forward(layer, Module::O, adapter, a.attn.get(), n, a.h.get(), t(Module::O), ws, opt);
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
@@ -364,7 +364,7 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   // Attention: h = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
   linear_backward(layer, Module::O, adapter, a.attn.get(), t(Module::O), ws.dh.get(), n, ws.dattn.get(), false, ws,
                   opt);
-  backend_->attention_backward(ws.dattn.get(), a.q.get(), a.k.get(), a.v.get(), a.probs.get(), batch, seq,
+  backend_->attention_backward(ws.dattn.get(), a.q.get(), a.k.get(), a.v.get(), a.attn.get(), a.lse.get(), batch, seq,
                                c.num_heads, c.num_kv_heads, c.head_dim, ws.dq.get(), ws.dk.get(), ws.dv.get());
   backend_->rope_apply(ws.dq.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), true);
   backend_->rope_apply(ws.dk.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), true);
