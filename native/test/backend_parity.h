@@ -101,6 +101,14 @@ inline void elementwise_and_row_ops(const MakeBackend& make) {
   e->swiglu_backward(y.dev.get(), g.dev.get(), x.dev.get(), n, dg.dev.get(), du.dev.get());
   expect_close("swiglu_backward dg", dg, 1e-6);
   expect_close("swiglu_backward du", du, 1e-6);
+  // in place, as the model calls it: dg over g, du over u
+  Twin g_in_place(c, e, g.cpu.download()), u_in_place(c, e, x.cpu.download());
+  c->swiglu_backward(y.cpu.get(), g_in_place.cpu.get(), u_in_place.cpu.get(), n, g_in_place.cpu.get(), u_in_place.cpu.get());
+  e->swiglu_backward(y.dev.get(), g_in_place.dev.get(), u_in_place.dev.get(), n, g_in_place.dev.get(), u_in_place.dev.get());
+  expect_close("CPU swiglu_backward in place dg", dg.cpu.download(), g_in_place.cpu.download(), 0);
+  expect_close("CPU swiglu_backward in place du", du.cpu.download(), u_in_place.cpu.download(), 0);
+  expect_close("swiglu_backward in place dg", dg.dev.download(), g_in_place.dev.download(), 0);
+  expect_close("swiglu_backward in place du", du.dev.download(), u_in_place.dev.download(), 0);
 
   const std::vector<int32_t> ids = {3, 0, 6, 6, 1, 5, 2};
   Twin table(c, e, random_floats(7 * dim, 5));
@@ -318,6 +326,12 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
     xd.upload(x);
     dev->dropout(xd.get(), n, 0.3f, 1234, 7, offset, out.get());
     EXPECT_TRUE(std::memcmp(out.download().data(), want.data(), want.size() * sizeof(float)) == 0, "dropout at offset ", offset);
+    // in place, as LoRA's backward applies it to its own buffer
+    std::vector<float> in_place = x;
+    cpu->dropout(in_place.data(), n, 0.3f, 1234, 7, offset, in_place.data());
+    dev->dropout(xd.get(), n, 0.3f, 1234, 7, offset, xd.get());
+    EXPECT_TRUE(std::memcmp(in_place.data(), want.data(), want.size() * sizeof(float)) == 0, "CPU dropout in place");
+    EXPECT_TRUE(std::memcmp(xd.download().data(), want.data(), want.size() * sizeof(float)) == 0, "dropout in place");
   }
 }
 

@@ -119,6 +119,7 @@ class Backend {
   virtual void attention_cached(const float* q, const float* k_cache, const float* v_cache, int64_t q_len,
                                 int64_t past, int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) = 0;
   virtual void swiglu_forward(const float* g, const float* u, int64_t n, float* out) = 0;
+  // dg may be g and du may be u (in place).
   virtual void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg,
                                float* du) = 0;
   // Sum of -log p(target) over labelled rows; dlogits (optional) = grad_scale * (softmax - onehot), and may be
@@ -138,7 +139,7 @@ class Backend {
   // nf4_dequantize followed by gemm(false, true, ...): bit for bit on the CPU, to rounding on the GPU.
   virtual void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                              int64_t in, int blocksize, FloatFormat round_to, float* y) = 0;
-  // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p.
+  // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p; out may be x.
   virtual void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                        float* out) = 0;
   virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,

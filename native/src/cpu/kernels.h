@@ -487,14 +487,15 @@ void swiglu_forward(const T* g, const T* u, int64_t n, T* out) {
   }
 }
 
-// dg = dout * u * sigmoid(g) * (1 + g (1 - sigmoid(g))), du = dout * silu(g).
+// dg = dout * u * sigmoid(g) * (1 + g (1 - sigmoid(g))), du = dout * silu(g). dg may be g and du may be u.
 template <typename T>
 void swiglu_backward(const T* dout, const T* g, const T* u, int64_t n, T* dg, T* du) {
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const T s = T(1) / (T(1) + std::exp(-g[i]));
-    du[i] = dout[i] * g[i] * s;
-    dg[i] = dout[i] * u[i] * s * (T(1) + g[i] * (T(1) - s));
+    const T gi = g[i], ui = u[i], di = dout[i];
+    const T s = T(1) / (T(1) + std::exp(-gi));
+    du[i] = di * gi * s;
+    dg[i] = di * ui * s * (T(1) + gi * (T(1) - s));
   }
 }
 

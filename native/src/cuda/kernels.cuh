@@ -110,11 +110,13 @@ __global__ void swiglu_forward(const float* g, const float* u, int64_t n, float*
   }
 }
 
+// dg may be g and du may be u: each element is read before it is written.
 __global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const float s = 1.0f / (1.0f + expf(-g[i]));
-    du[i] = dout[i] * g[i] * s;
-    dg[i] = dout[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+    const float gi = g[i], ui = u[i], di = dout[i];
+    const float s = 1.0f / (1.0f + expf(-gi));
+    du[i] = di * gi * s;
+    dg[i] = di * ui * s * (1.0f + gi * (1.0f - s));
   }
 }
 

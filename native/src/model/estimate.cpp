@@ -79,7 +79,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // Workspace: one dequantized weight, rope tables, dropout and LoRA scratch, one chunk of logits.
   add(Ws, max_linear_size * kF32);
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
-  add(Ws, 2 * n * max_linear_in * kF32);  // dropx, dropx_grad
+  add(Ws, n * max_linear_in * kF32);      // dropx
   add(Ws, n * r * kF32);                  // lora_dt
   const int64_t logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / vocab));
   add(Ws, logits_rows * vocab * kF32);
@@ -111,7 +111,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
                         targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);
   add(Act, 3 * n * h * kF32);                          // d_cur, d_next, dxf
-  add(Act, (3 * n * inter + 2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dm dg du, dxn dh, dattn dq, dk dv
+  add(Act, (n * inter + 2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dm (dg, du take g's and u's place), dxn dh, dattn dq, dk dv
   if (!keep_all) add(Act, n * h * kF32);               // recompute_out
 
   for (int64_t b : e.bytes) e.peak_total += b;

@@ -49,9 +49,9 @@ struct LlamaModel::BlockActivations {
 struct LlamaModel::Workspace {
   DeviceArray<float> weight;  // one dequantized base weight at a time
   DeviceArray<float> cos, sin;
-  DeviceArray<float> dropx, dropx_grad, lora_dt;
-  // backward scratch
-  DeviceArray<float> dm, dg, du, dxn, dh, dattn, dq, dk, dv;
+  DeviceArray<float> dropx, lora_dt;
+  // backward scratch (the gradients of gate and up overwrite their saved activations)
+  DeviceArray<float> dm, dxn, dh, dattn, dq, dk, dv;
   // LM head
   DeviceArray<float> xf, rstdf, dxf, logits;
   int64_t logits_rows = 0;
@@ -304,14 +304,15 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
     xin = ws.dropx.get();
   }
   backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), xin, 1.0f, p->grad_a.get());
-  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient.
-  backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 0.0f, ws.dropx_grad.get());
+  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient. With
+  // dropout, dt A goes through drop(x)'s buffer (no longer needed); without, the GEMM adds it to dx itself.
   if (drop) {
-    backend_->dropout(ws.dropx_grad.get(), rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step, offset,
+    backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 0.0f, ws.dropx.get());
+    backend_->dropout(ws.dropx.get(), rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step, offset,
                       ws.dropx.get());
     backend_->add_inplace(dx, ws.dropx.get(), rows * w.in);
   } else {
-    backend_->add_inplace(dx, ws.dropx_grad.get(), rows * w.in);
+    backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 1.0f, dx);
   }
 }
 
@@ -354,10 +355,11 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, ws.dm.get(), false, ws, opt);
-  backend_->swiglu_backward(ws.dm.get(), a.g.get(), a.u.get(), n * c.intermediate_size, ws.dg.get(), ws.du.get());
-  linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), ws.dg.get(), n, ws.dxn.get(), false, ws,
+  // in place: the gradients of gate and up take the place of g and u, which nothing reads afterwards
+  backend_->swiglu_backward(ws.dm.get(), a.g.get(), a.u.get(), n * c.intermediate_size, a.g.get(), a.u.get());
+  linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), a.g.get(), n, ws.dxn.get(), false, ws,
                   opt);
-  linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), ws.du.get(), n, ws.dxn.get(), true, ws, opt);
+  linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), a.u.get(), n, ws.dxn.get(), true, ws, opt);
   backend_->rmsnorm_backward(ws.dxn.get(), a.h.get(), lw.mlp_norm.get(), a.rstd2.get(), n, c.hidden_size,
                              ws.dh.get());
   backend_->add_inplace(ws.dh.get(), dx_out, n * c.hidden_size);
@@ -452,10 +454,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   ws.sin.upload(rope.sin);
   if (adapter) {
     ws.dropx.reset(be, n * max_linear_in(c), work);
-    if (opt.compute_grads) {
-      ws.dropx_grad.reset(be, n * max_linear_in(c), work);
-      ws.lora_dt.reset(be, n * rank, work);
-    }
+    if (opt.compute_grads) ws.lora_dt.reset(be, n * rank, work);
   }
   ws.xf.reset(be, n * c.hidden_size, act);
   ws.rstdf.reset(be, n, act);
@@ -493,8 +492,6 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   if (opt.compute_grads) {
     const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
     ws.dm.reset(be, n * c.intermediate_size, act);
-    ws.dg.reset(be, n * c.intermediate_size, act);
-    ws.du.reset(be, n * c.intermediate_size, act);
     ws.dxn.reset(be, n * c.hidden_size, act);
     ws.dh.reset(be, n * c.hidden_size, act);
     ws.dattn.reset(be, n * qd, act);
