@@ -314,6 +314,16 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
       DeviceArray<float> got(dev.get(), n, MemCategory::Workspace);
       dev->nf4_dequantize(packed.get(), absmax.get(), n, 64, rt, got.get());
       EXPECT_TRUE(std::memcmp(got.download().data(), want.data(), want.size() * sizeof(float)) == 0, "dequantize");
+      // straight into 16 bits: the fp32 values rounded on, on both
+      for (FloatFormat out : {FloatFormat::BF16, FloatFormat::F16}) {
+        std::vector<uint16_t> want16(static_cast<size_t>(n)), cpu16(static_cast<size_t>(n));
+        for (size_t i = 0; i < want.size(); ++i) want16[i] = out == FloatFormat::BF16 ? f32_to_bf16(want[i]) : f32_to_f16(want[i]);
+        cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, cpu16.data());
+        DeviceArray<uint16_t> got16(dev.get(), n, MemCategory::Workspace);
+        dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, got16.get());
+        EXPECT_TRUE(cpu16 == want16, "CPU dequantize to 16 bits");
+        EXPECT_TRUE(got16.download() == want16, "dequantize to 16 bits");
+      }
     }
   }
   // dropout: offsets that start inside a Philox block, counts that end inside one

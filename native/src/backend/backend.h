@@ -90,6 +90,9 @@ class Backend {
   // ---- dense math (fp32 in the CPU reference) ----
   virtual void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                     const float* B, float beta, float* C) = 0;
+  // The format gemm_stored takes a frozen weight in without converting it first: fp32 on the CPU, the compute
+  // dtype's 16 bits on the GPU under bf16 or fp16 compute (its GEMMs round B to it anyway).
+  virtual FloatFormat gemm_weight_format() const { return FloatFormat::F32; }
   // gemm with B a frozen weight as stored (A and C fp32): the numbers of gemm with B widened to fp32.
   virtual void gemm_stored(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                            StoredMatrix B, float beta, float* C) = 0;
@@ -134,6 +137,10 @@ class Backend {
   // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.
   virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                               float* out) = 0;
+  // nf4_dequantize's values rounded on to 16 bits (out_format BF16 or F16): a weight dequantized straight into the
+  // format the GEMM takes (gemm_weight_format), never written out in fp32.
+  virtual void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize,
+                                 FloatFormat round_to, FloatFormat out_format, uint16_t* out) = 0;
   // y [rows, out] = x [rows, in] · W^T (rows <= kNf4MatmulMaxRows) with W [out, in] dequantized on the fly as nf4_dequantize would (rounded to
   // `round_to`), never written out: generation's few-row products read the 4-bit weights once. Equal to
   // nf4_dequantize followed by gemm(false, true, ...): bit for bit on the CPU, to rounding on the GPU.

@@ -200,6 +200,15 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) out[i] = round_to == FloatFormat::BF16 ? round_to_bf16(out[i]) : round_to_f16(out[i]);
   }
+  void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
+                         FloatFormat out_format, uint16_t* out) override {
+    if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
+    std::vector<float> values(static_cast<size_t>(n));
+    nf4_dequantize(packed, absmax, n, blocksize, round_to, values.data());
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i)
+      out[i] = out_format == FloatFormat::BF16 ? f32_to_bf16(values[static_cast<size_t>(i)]) : f32_to_f16(values[static_cast<size_t>(i)]);
+  }
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                      int64_t in, int blocksize, FloatFormat round_to, float* y) override {
     static_assert(kNf4MatmulMaxRows <= cpu::kFewRows, "nf4_matmul_tile_f32 sums at most kFewRows rows");

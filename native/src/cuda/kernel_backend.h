@@ -38,6 +38,9 @@ class KernelBackend final : public Backend {
   // in fp32 (activations, norms, softmax, the loss and the optimizer stay fp32). F32: fp32 GEMMs.
   void set_compute(GpuCompute compute) { compute_ = compute; }
   GpuCompute compute() const { return compute_; }
+  FloatFormat gemm_weight_format() const override {
+    return compute_ == GpuCompute::BF16 ? FloatFormat::BF16 : compute_ == GpuCompute::F16 ? FloatFormat::F16 : FloatFormat::F32;
+  }
   std::string name() const override { return exec_.name(); }
 
   // ---- memory ----
@@ -225,6 +228,14 @@ class KernelBackend final : public Backend {
     nf4::check_blocksize(blocksize, "nf4_dequantize");
     exec_.launch("nf4_dequantize", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize, packed, absmax, n,
                  blocksize, static_cast<int>(round_to), out);
+  }
+  void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
+                         FloatFormat out_format, uint16_t* out) override {
+    if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
+    if (n <= 0) return;
+    nf4::check_blocksize(blocksize, "nf4_dequantize");
+    exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, packed, absmax,
+                 n, blocksize, static_cast<int>(round_to), out_format == FloatFormat::F16, out);
   }
   // Reads the 4-bit weights once, dequantizing as it goes: the values of nf4_dequantize + gemm in the compute dtype,
   // summed in another order than cuBLASLt's (so equal to rounding, not bit for bit as on the CPU).

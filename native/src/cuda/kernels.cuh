@@ -484,6 +484,21 @@ __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64
   }
 }
 
+// nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them.
+__global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
+                                  bool to_f16, uint16_t* out) {
+  const int64_t bytes = (n + 1) / 2;
+  for (int64_t byte = global_thread(); byte < bytes; byte += grid_threads()) {
+    const int64_t i = 2 * byte;
+    const uint8_t b = packed[byte];
+    for (int k = 0; k < 2 && i + k < n; ++k) {
+      const int code = k == 0 ? (b >> 4) : (b & 0x0f);
+      const float v = round_stored(nf4::code_value(code) * absmax[(i + k) / blocksize], round_to);
+      out[i + k] = to_f16 ? f16_bits(v) : bf16_bits(v);
+    }
+  }
+}
+
 // Generation's few-row product y [rows, out] = x [rows, in] · W^T with W in NF4, each weight dequantized (and
 // rounded to the quant state's dtype, round_to) as it is read, never written out: one block per output row, the
 // threads splitting k. x is rounded to the compute dtype first (round_x: 0 none, 1 bf16, 2 fp16), as the GEMM of

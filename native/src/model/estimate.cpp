@@ -76,8 +76,12 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const int64_t n = o.batch * o.seq;
   const int64_t r = o.rank;
   const int64_t targets_count = static_cast<int64_t>(targets.size());
-  // Workspace: one dequantized weight, rope tables, dropout and LoRA scratch, one chunk of logits.
-  add(Ws, max_linear_size * kF32);
+  // Workspace: one dequantized weight (in the format the GEMM takes it), rope tables, dropout and LoRA scratch, one
+  // chunk of logits.
+  const FloatFormat takes = !o.cuda || o.compute == GpuCompute::F32 ? FloatFormat::F32
+                            : o.compute == GpuCompute::BF16      ? FloatFormat::BF16
+                                                                 : FloatFormat::F16;
+  add(Ws, max_linear_size * float_format_bytes(takes));
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
   add(Ws, n * max_linear_in * kF32);      // dropx
   add(Ws, n * r * kF32);                  // lora_dt
@@ -86,14 +90,11 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.cuda) {
     add(Ws, kCudaGemmWorkspaceBytes);
     add(Ws, o.batch * c.num_heads * o.seq * kF32);  // attention backward's row dots D_i
-    // KernelBackend::gemm_stored: a weight-side operand (the LM head, or a linear: NF4 dequantized to fp32, or
-    // dense as stored) not in the format the GEMM takes is converted whole. With half compute both operands of
-    // every GEMM are 16 bits: the row side (a chunk of logits' gradient, or activations of the widest linear) and
-    // the other (a converted weight, or LoRA's factors and their n x r products).
-    const FloatFormat takes = o.compute == GpuCompute::F32    ? FloatFormat::F32
-                              : o.compute == GpuCompute::BF16 ? FloatFormat::BF16
-                                                              : FloatFormat::F16;
-    const FloatFormat linear = nf4 ? FloatFormat::F32 : dense;
+    // KernelBackend::gemm_stored: a weight-side operand (the LM head, or a linear: NF4 dequantized straight into
+    // the format the GEMM takes, or dense as stored) not in that format is converted whole. With half compute both
+    // operands of every GEMM are 16 bits: the row side (a chunk of logits' gradient, or activations of the widest
+    // linear) and the other (a converted weight, or LoRA's factors and their n x r products).
+    const FloatFormat linear = nf4 ? takes : dense;
     const int64_t weight_side = std::max(dense != takes ? vocab * h : 0, linear != takes ? max_linear_size : 0);
     if (o.compute == GpuCompute::F32) {
       add(Ws, weight_side * kF32);

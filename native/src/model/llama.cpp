@@ -47,7 +47,7 @@ struct LlamaModel::BlockActivations {
 
 // Scratch shared by all blocks of one run.
 struct LlamaModel::Workspace {
-  DeviceArray<float> weight;  // one dequantized base weight at a time
+  DeviceArray<uint8_t> weight;  // one dequantized base weight at a time, in the backend's gemm_weight_format
   DeviceArray<float> cos, sin;
   DeviceArray<float> dropx, lora_dt;
   // backward scratch (the gradients of gate and up overwrite their saved activations)
@@ -255,8 +255,14 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
 
 StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
   if (!w.quantized()) return w.dense.view();
-  backend_->nf4_dequantize(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to, ws.weight.get());
-  return {ws.weight.get(), FloatFormat::F32};
+  const FloatFormat format = backend_->gemm_weight_format();
+  if (format == FloatFormat::F32)
+    backend_->nf4_dequantize(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to,
+                             reinterpret_cast<float*>(ws.weight.get()));
+  else
+    backend_->nf4_dequantize_16(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to, format,
+                                reinterpret_cast<uint16_t*>(ws.weight.get()));
+  return {ws.weight.get(), format};
 }
 
 void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
@@ -446,7 +452,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   const auto act = MemCategory::Activations, work = MemCategory::Workspace;
   int64_t rank = 0;
   if (adapter) rank = adapter->config().rank;
-  ws.weight.reset(be, max_linear_size(c), work);
+  ws.weight.reset(be, max_linear_size(c) * float_format_bytes(be->gemm_weight_format()), work);
   const RopeTables rope = build_rope_tables(c, seq);
   ws.cos.reset(be, static_cast<int64_t>(rope.cos.size()), work);
   ws.cos.upload(rope.cos);
@@ -568,7 +574,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   const int64_t half = c.head_dim / 2;
   Workspace ws;
   // few rows read NF4 weights in place (nf4_matmul_nt); only a longer prefill dequantizes a layer at a time
-  if (n > kNf4MatmulMaxRows) ws.weight.reset(be, max_linear_size(c), work);
+  if (n > kNf4MatmulMaxRows) ws.weight.reset(be, max_linear_size(c) * float_format_bytes(be->gemm_weight_format()), work);
   DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
   DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);
   DeviceArray<float> h(be, n * c.hidden_size, act), g(be, n * c.intermediate_size, act);
