@@ -326,6 +326,25 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
       }
     }
   }
+  // double quantization's block constants (1000 of them: the last group of 256 is partial), bit for bit
+  {
+    std::vector<float> constants = random_floats(1000, 33, 0.01f);
+    for (float& v : constants) v = std::fabs(v) + 0.03f;
+    const nf4::DoubleQuantized dq = nf4::double_quantize(constants, 256);
+    const std::vector<float>& map = nf4::dynamic_map_signed();
+    const std::vector<float> want = nf4::double_dequantize(dq.codes.data(), 1000, dq.state2_absmax.data(), map.data(), dq.offset, 256);
+    std::vector<float> on_cpu(1000);
+    cpu->absmax_dequantize(dq.codes.data(), 1000, dq.state2_absmax.data(), map.data(), dq.offset, 256, on_cpu.data());
+    DeviceArray<uint8_t> codes(dev.get(), 1000, MemCategory::Workspace);
+    DeviceArray<float> state2(dev.get(), static_cast<int64_t>(dq.state2_absmax.size()), MemCategory::Workspace);
+    DeviceArray<float> code2(dev.get(), 256, MemCategory::Workspace), got(dev.get(), 1000, MemCategory::Workspace);
+    codes.upload(dq.codes);
+    state2.upload(dq.state2_absmax);
+    code2.upload(map);
+    dev->absmax_dequantize(codes.get(), 1000, state2.get(), code2.get(), dq.offset, 256, got.get());
+    EXPECT_TRUE(std::memcmp(on_cpu.data(), want.data(), want.size() * sizeof(float)) == 0, "CPU absmax_dequantize");
+    EXPECT_TRUE(std::memcmp(got.download().data(), want.data(), want.size() * sizeof(float)) == 0, "absmax_dequantize");
+  }
   // dropout: offsets that start inside a Philox block, counts that end inside one
   for (uint64_t offset : {uint64_t{0}, uint64_t{3}, uint64_t{1000001}}) {
     const int64_t n = 517;

@@ -134,6 +134,10 @@ class Backend {
   virtual void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) = 0;
 
   // ---- QLoRA specifics ----
+  // Double quantization's block constants: out[i] = code2[codes[i]] * state2_absmax[i / blocksize2] + offset, a
+  // product and a sum each rounded to fp32 (never one fused multiply-add), as bitsandbytes computes them.
+  virtual void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
+                                 float offset, int blocksize2, float* out) = 0;
   // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.
   virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                               float* out) = 0;

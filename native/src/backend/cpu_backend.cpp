@@ -200,6 +200,10 @@ class CpuBackend final : public Backend {
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) out[i] = round_to == FloatFormat::BF16 ? round_to_bf16(out[i]) : round_to_f16(out[i]);
   }
+  void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2, float offset,
+                         int blocksize2, float* out) override {
+    nf4::double_dequantize_into(codes, n, state2_absmax, code2, offset, blocksize2, out);
+  }
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                          FloatFormat out_format, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");

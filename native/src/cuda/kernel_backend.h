@@ -229,6 +229,13 @@ class KernelBackend final : public Backend {
     exec_.launch("nf4_dequantize", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize, packed, absmax, n,
                  blocksize, static_cast<int>(round_to), out);
   }
+  void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2, float offset,
+                         int blocksize2, float* out) override {
+    if (blocksize2 <= 0) fail("double quantization blocksize must be positive, got ", blocksize2);
+    if (n > 0)
+      exec_.launch("absmax_dequantize", grid_for(n), exec_.threads, kernels::absmax_dequantize, codes, n, state2_absmax,
+                   code2, offset, blocksize2, out);
+  }
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                          FloatFormat out_format, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");

@@ -484,6 +484,20 @@ __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64
   }
 }
 
+// Double quantization's block constants: code2[codes[i]] * state2_absmax[i / blocksize2] + offset, the product
+// and the sum rounded separately (nvcc would otherwise fuse them into one multiply-add), as bitsandbytes does.
+__global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
+                                  float offset, int blocksize2, float* out) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+#ifdef __CUDACC__
+    out[i] = __fadd_rn(__fmul_rn(code2[codes[i]], state2_absmax[i / blocksize2]), offset);
+#else
+    const float product = code2[codes[i]] * state2_absmax[i / blocksize2];
+    out[i] = product + offset;
+#endif
+  }
+}
+
 // nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them.
 __global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
                                   bool to_f16, uint16_t* out) {

@@ -11,6 +11,7 @@ namespace {
 
 constexpr int64_t kF32 = 4;
 constexpr int64_t kNf4Blocksize = 64;
+constexpr int64_t kDoubleQuantBlocksize = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -38,9 +39,14 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const int64_t h = c.hidden_size, inter = c.intermediate_size, vocab = c.vocab_size, L = c.num_layers;
   const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
 
-  // LlamaModel::load: frozen matrices as stored, norms and biases fp32; NF4 linears keep packed codes and one fp32
-  // absmax per block.
+  // LlamaModel::load: frozen matrices as stored, norms and biases fp32; NF4 linears keep packed codes and their
+  // block constants: with double quantization (always when quantizing on load; as config.json says for a bnb-4bit
+  // checkpoint) one byte per block, one fp32 per 256 blocks and the 256-value map, else one fp32 per block.
   const bool nf4 = o.stored_4bit || o.quantize_nf4;
+  const bool double_quant = o.stored_4bit ? c.quantization.has_value() && c.quantization->double_quant : nf4;
+  auto block_constants_bytes = [&](int64_t blocks) {
+    return double_quant ? blocks + ceil_div(blocks, kDoubleQuantBlocksize) * kF32 + 256 * kF32 : blocks * kF32;
+  };
   const FloatFormat dense = dense_weight_format(c);
   const int64_t dense_bytes = float_format_bytes(dense);
   add(W, vocab * h * dense_bytes);                               // embed_tokens
@@ -54,7 +60,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       const auto shape = module_shape(c, m);
       const int64_t n = shape[0] * shape[1];
       max_linear_size = std::max(max_linear_size, n);
-      add(W, nf4 ? ceil_div(n, 2) + ceil_div(n, kNf4Blocksize) * kF32 : n * dense_bytes);
+      add(W, nf4 ? ceil_div(n, 2) + block_constants_bytes(ceil_div(n, kNf4Blocksize)) : n * dense_bytes);
       if (module_has_bias(c, m)) add(W, shape[0] * kF32);
     }
   }
@@ -82,6 +88,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
                             : o.compute == GpuCompute::BF16      ? FloatFormat::BF16
                                                                  : FloatFormat::F16;
   add(Ws, max_linear_size * float_format_bytes(takes));
+  if (nf4 && double_quant) add(Ws, ceil_div(max_linear_size, kNf4Blocksize) * kF32);  // its block constants
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
   add(Ws, n * max_linear_in * kF32);      // dropx
   add(Ws, n * r * kF32);                  // lora_dt

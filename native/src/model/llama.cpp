@@ -48,6 +48,7 @@ struct LlamaModel::BlockActivations {
 // Scratch shared by all blocks of one run.
 struct LlamaModel::Workspace {
   DeviceArray<uint8_t> weight;  // one dequantized base weight at a time, in the backend's gemm_weight_format
+  DeviceArray<float> absmax;    // its block constants, when they are double-quantized
   DeviceArray<float> cos, sin;
   DeviceArray<float> dropx, lora_dt;
   // backward scratch (the gradients of gate and up overwrite their saved activations)
@@ -82,6 +83,26 @@ FloatFormat round_to_for_dtype(const std::string& dtype, const std::string& cont
 }
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
+
+int64_t max_double_quant_blocks(const std::vector<LayerWeights>& layers) {
+  int64_t most = 0;
+  for (const LayerWeights& lw : layers)
+    for (const FrozenLinear& fl : lw.linear)
+      if (fl.double_quantized()) most = std::max(most, fl.blocks());
+  return most;
+}
+
+void upload_double_quant(Backend* backend, FrozenLinear& fl, const bnb4::DoubleQuantState& dq) {
+  const auto w = MemCategory::Weights;
+  fl.absmax_codes.reset(backend, static_cast<int64_t>(dq.codes.size()), w);
+  fl.absmax_codes.upload(dq.codes);
+  fl.absmax2.reset(backend, static_cast<int64_t>(dq.state2_absmax.size()), w);
+  fl.absmax2.upload(dq.state2_absmax);
+  fl.absmax_map.reset(backend, static_cast<int64_t>(dq.code2.size()), w);
+  fl.absmax_map.upload(dq.code2);
+  fl.absmax_offset = dq.offset;
+  fl.absmax_blocksize2 = dq.blocksize2;
+}
 
 // Dropout elements of each (micro-batch, layer, module) come from their own range of the dropout stream.
 uint64_t dropout_offset(uint32_t micro_batch, int64_t layer, Module m) {
@@ -148,23 +169,29 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
                shape_to_string({shape[0], shape[1]}));
         fl.packed.reset(backend, static_cast<int64_t>(w.packed.size()), MemCategory::Weights);
         fl.packed.upload(w.packed);
-        fl.absmax.reset(backend, static_cast<int64_t>(w.absmax.size()), MemCategory::Weights);
-        fl.absmax.upload(w.absmax);
         fl.blocksize = w.blocksize;
+        if (w.nested) {
+          upload_double_quant(backend, fl, *w.nested);
+        } else {
+          fl.absmax.reset(backend, static_cast<int64_t>(w.absmax.size()), MemCategory::Weights);
+          fl.absmax.upload(w.absmax);
+        }
         fl.round_to = round_to_for_dtype(w.dtype, store->file_of(name) + ": tensor '" + name + "'");
         model->stored_4bit_ = true;
       } else if (options.quantize_nf4) {
         const std::vector<float> values = store->read_f32(name, {shape[0], shape[1]});
         const nf4::Blockwise4bit q = nf4::quantize(values.data(), static_cast<int64_t>(values.size()), 64);
         // Double quantization, as QLoRA stores it: the block constants themselves go through 8 bits.
-        const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
-        const std::vector<float> absmax =
-            nf4::double_dequantize(dq.codes.data(), static_cast<int64_t>(dq.codes.size()), dq.state2_absmax.data(),
-                                   nf4::dynamic_map_signed().data(), dq.offset, 256);
+        nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
         fl.packed.reset(backend, static_cast<int64_t>(q.packed.size()), MemCategory::Weights);
         fl.packed.upload(q.packed);
-        fl.absmax.reset(backend, static_cast<int64_t>(absmax.size()), MemCategory::Weights);
-        fl.absmax.upload(absmax);
+        bnb4::DoubleQuantState state;
+        state.codes = std::move(dq.codes);
+        state.state2_absmax = std::move(dq.state2_absmax);
+        state.code2 = nf4::dynamic_map_signed();
+        state.offset = dq.offset;
+        state.blocksize2 = 256;
+        upload_double_quant(backend, fl, state);
         const DType stored = store->info(name).dtype;
         fl.round_to = stored == DType::BF16 ? FloatFormat::BF16 : stored == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
       } else {
@@ -173,6 +200,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
       if (module_has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
     }
   }
+  model->max_double_quant_blocks_ = max_double_quant_blocks(model->layers_);
   return model;
 }
 
@@ -238,29 +266,44 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
       const uint64_t base = stream_offset;
       fill_in_chunks(backend, fl.packed.get(), (n + 1) / 2, [&](int64_t i) { return static_cast<uint8_t>(rng.bits(base + i)); });
       stream_offset += static_cast<uint64_t>((n + 1) / 2);
-      // a block's largest |w| of 0.02-spread weights is about 2.5 standard deviations
-      const int64_t blocks = (n + fl.blocksize - 1) / fl.blocksize;
-      fl.absmax.reset(backend, blocks, MemCategory::Weights);
+      // Double-quantized block constants, as QLoRA stores them: 0.05 +- 0.01 (a block's largest |w| of 0.02-spread
+      // weights is about 2.5 standard deviations), one random 8-bit code each.
+      const int64_t blocks = fl.blocks();
+      fl.absmax_codes.reset(backend, blocks, MemCategory::Weights);
       const uint64_t abase = stream_offset;
-      fill_in_chunks(backend, fl.absmax.get(), blocks, [&](int64_t i) { return round_to_bf16(0.05f * (0.8f + 0.4f * rng.uniform(abase + i))); });
+      fill_in_chunks(backend, fl.absmax_codes.get(), blocks, [&](int64_t i) { return static_cast<uint8_t>(rng.bits(abase + i)); });
       stream_offset += static_cast<uint64_t>(blocks);
+      fl.absmax2.reset(backend, (blocks + fl.absmax_blocksize2 - 1) / fl.absmax_blocksize2, MemCategory::Weights);
+      fill_in_chunks(backend, fl.absmax2.get(), fl.absmax2.size(), [](int64_t) { return 0.01f; });
+      fl.absmax_map.reset(backend, 256, MemCategory::Weights);
+      fl.absmax_map.upload(nf4::dynamic_map_signed());
+      fl.absmax_offset = 0.05f;
       if (module_has_bias(c, static_cast<Module>(mi))) fl.bias = ones(shape[0]);
     }
   }
+  model->max_double_quant_blocks_ = max_double_quant_blocks(model->layers_);
   return model;
 }
 
 // ----------------------------------------------------------------------------------------------------------------
 // Linear layers with LoRA: y = x W^T + b + s (drop(x) A^T) B^T
 
+const float* LlamaModel::block_constants(const FrozenLinear& w, Workspace& ws) {
+  if (!w.double_quantized()) return w.absmax.get();
+  backend_->absmax_dequantize(w.absmax_codes.get(), w.blocks(), w.absmax2.get(), w.absmax_map.get(), w.absmax_offset,
+                              w.absmax_blocksize2, ws.absmax.get());
+  return ws.absmax.get();
+}
+
 StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
   if (!w.quantized()) return w.dense.view();
   const FloatFormat format = backend_->gemm_weight_format();
+  const float* absmax = block_constants(w, ws);
   if (format == FloatFormat::F32)
-    backend_->nf4_dequantize(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to,
+    backend_->nf4_dequantize(w.packed.get(), absmax, w.out * w.in, w.blocksize, w.round_to,
                              reinterpret_cast<float*>(ws.weight.get()));
   else
-    backend_->nf4_dequantize_16(w.packed.get(), w.absmax.get(), w.out * w.in, w.blocksize, w.round_to, format,
+    backend_->nf4_dequantize_16(w.packed.get(), absmax, w.out * w.in, w.blocksize, w.round_to, format,
                                 reinterpret_cast<uint16_t*>(ws.weight.get()));
   return {ws.weight.get(), format};
 }
@@ -270,7 +313,7 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   if (w.quantized() && rows <= kNf4MatmulMaxRows)
     // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
-    backend_->nf4_matmul_nt(x, rows, w.packed.get(), w.absmax.get(), w.out, w.in, w.blocksize, w.round_to, y);
+    backend_->nf4_matmul_nt(x, rows, w.packed.get(), block_constants(w, ws), w.out, w.in, w.blocksize, w.round_to, y);
   else
     backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
@@ -453,6 +496,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   int64_t rank = 0;
   if (adapter) rank = adapter->config().rank;
   ws.weight.reset(be, max_linear_size(c) * float_format_bytes(be->gemm_weight_format()), work);
+  ws.absmax.reset(be, max_double_quant_blocks_, work);
   const RopeTables rope = build_rope_tables(c, seq);
   ws.cos.reset(be, static_cast<int64_t>(rope.cos.size()), work);
   ws.cos.upload(rope.cos);
@@ -575,6 +619,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   Workspace ws;
   // few rows read NF4 weights in place (nf4_matmul_nt); only a longer prefill dequantizes a layer at a time
   if (n > kNf4MatmulMaxRows) ws.weight.reset(be, max_linear_size(c) * float_format_bytes(be->gemm_weight_format()), work);
+  ws.absmax.reset(be, max_double_quant_blocks_, work);
   DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
   DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);
   DeviceArray<float> h(be, n * c.hidden_size, act), g(be, n * c.intermediate_size, act);

@@ -28,11 +28,19 @@ struct FrozenLinear {
   int64_t out = 0, in = 0;
   DenseWeight dense;
   DeviceArray<uint8_t> packed;
-  DeviceArray<float> absmax;
+  DeviceArray<float> absmax;  // the block constants in fp32; empty when they are double-quantized
+  // Double quantization as QLoRA keeps it: one 8-bit code per block constant, one fp32 constant per absmax_blocksize2
+  // codes, the 256-value map and the offset; the fp32 constants are restored into workspace at each use.
+  DeviceArray<uint8_t> absmax_codes;
+  DeviceArray<float> absmax2, absmax_map;
+  float absmax_offset = 0.0f;
+  int absmax_blocksize2 = 256;
   int blocksize = 64;
   FloatFormat round_to = FloatFormat::F32;
   DeviceArray<float> bias;  // empty when the layer has none
   bool quantized() const { return !packed.empty(); }
+  bool double_quantized() const { return !absmax_codes.empty(); }
+  int64_t blocks() const { return (out * in + blocksize - 1) / blocksize; }
 };
 
 struct LayerWeights {
@@ -121,6 +129,7 @@ class LlamaModel {
   void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
                       LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   StoredMatrix base_weight(const FrozenLinear& w, Workspace& ws);
+  const float* block_constants(const FrozenLinear& w, Workspace& ws);
   StoredMatrix lm_head_weight() const { return lm_head_.empty() ? embed_.view() : lm_head_.view(); }
   void reserve(KvCache& cache, int64_t needed) const;
   double lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale, float* dx_final,
@@ -134,6 +143,7 @@ class LlamaModel {
   DenseWeight lm_head_;  // [vocab, hidden]; empty when tied to embed_
   DeviceArray<float> final_norm_;
   std::vector<LayerWeights> layers_;
+  int64_t max_double_quant_blocks_ = 0;  // the workspace block_constants needs
 };
 
 }  // namespace qlora

@@ -205,6 +205,13 @@ Nf4Weight read_weight(const TensorStore& store, const std::string& name) {
         read_f32_count(store, component(store, name, name + ".nested_quant_map"), 256, " (the 8-bit code table)");
     w.absmax = nf4::double_dequantize(store.data(absmax.name), nblocks, state2_absmax.data(), code2.data(), offset,
                                       static_cast<int>(blocksize2));
+    DoubleQuantState nested;
+    nested.codes.assign(store.data(absmax.name), store.data(absmax.name) + nblocks);
+    nested.state2_absmax = state2_absmax;
+    nested.code2 = code2;
+    nested.offset = offset;
+    nested.blocksize2 = static_cast<int>(blocksize2);
+    w.nested = std::move(nested);
   } else {
     expect_dtype(store, absmax, DType::F32);
     w.absmax = read_f32_count(store, absmax, nblocks, for_shape);

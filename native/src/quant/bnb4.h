@@ -5,6 +5,7 @@
 // nested_offset]).
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,11 +18,22 @@ bool is_quantized(const TensorStore& store, const std::string& name);
 
 // An NF4 weight as stored: codes and per-block absmax (already double-dequantized), plus the dtype the quant state
 // says the dequantized values come out in.
+// The block constants of a double-quantized weight as stored: absmax_i = code2[codes_i] * state2[i / blocksize2] +
+// offset (nf4::double_dequantize).
+struct DoubleQuantState {
+  std::vector<uint8_t> codes;  // one byte per block constant
+  std::vector<float> state2_absmax;
+  std::vector<float> code2;  // the 256-value 8-bit map
+  float offset = 0.0f;
+  int blocksize2 = 256;
+};
+
 struct Nf4Weight {
   std::vector<int64_t> shape;   // [out, in]
   int blocksize = 64;
   std::vector<uint8_t> packed;
-  std::vector<float> absmax;
+  std::vector<float> absmax;    // the block constants in fp32 (double-dequantized when nested)
+  std::optional<DoubleQuantState> nested;  // with double quantization, as stored
   std::string dtype;            // "float32", "bfloat16", "float16"
 };
 

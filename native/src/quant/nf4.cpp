@@ -196,13 +196,18 @@ DoubleQuantized double_quantize(const std::vector<float>& absmax, int blocksize2
 
 std::vector<float> double_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
                                      float offset, int blocksize2) {
-  QLORA_CHECK(blocksize2 > 0, "double quantization blocksize must be positive, got ", blocksize2);
   std::vector<float> out(static_cast<size_t>(n));
+  double_dequantize_into(codes, n, state2_absmax, code2, offset, blocksize2, out.data());
+  return out;
+}
+
+void double_dequantize_into(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
+                            float offset, int blocksize2, float* out) {
+  QLORA_CHECK(blocksize2 > 0, "double quantization blocksize must be positive, got ", blocksize2);
   // Two separate fp32 roundings, as bitsandbytes does (dequantize_blockwise, then `absmax += offset`): kept in two
   // loops so that the product and the sum are never fused into one multiply-add.
-  for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = code2[codes[i]] * state2_absmax[i / blocksize2];
-  for (float& v : out) v += offset;
-  return out;
+  for (int64_t i = 0; i < n; ++i) out[i] = code2[codes[i]] * state2_absmax[i / blocksize2];
+  for (int64_t i = 0; i < n; ++i) out[i] += offset;
 }
 
 }  // namespace qlora::nf4

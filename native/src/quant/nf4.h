@@ -43,6 +43,8 @@ DoubleQuantized double_quantize(const std::vector<float>& absmax, int blocksize2
 // absmax_i = code2[codes_i] * state2_absmax[i / blocksize2] + offset
 std::vector<float> double_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax,
                                      const float* code2, float offset, int blocksize2 = 256);
+void double_dequantize_into(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
+                            float offset, int blocksize2, float* out);
 
 // 8-bit blockwise quantization with a sorted 256-entry map, as bitsandbytes' quantize_blockwise does (x times the
 // reciprocal of the block absmax, then the map's binary search with midpoint rounding).
