@@ -116,6 +116,22 @@ inline void elementwise_and_row_ops(const MakeBackend& make) {
   e->embedding(ids.data(), rows, {table.dev.get(), FloatFormat::F32}, dim, out.dev.get());
   expect_close("embedding", out, 0);
 
+  // 16-bit storage of hidden states: rounded to nearest even, widened exactly, on both
+  for (FloatFormat f : {FloatFormat::BF16, FloatFormat::F16}) {
+    std::vector<uint16_t> bits_c(static_cast<size_t>(n));
+    DeviceArray<uint16_t> bits_e(e, n, MemCategory::Workspace);
+    c->pack_16(x.cpu.get(), n, f, bits_c.data());
+    e->pack_16(x.dev.get(), n, f, bits_e.get());
+    EXPECT_TRUE(bits_e.download() == bits_c, "pack_16");
+    Twin wide(c, e, n);
+    c->widen_16(bits_c.data(), n, f, wide.cpu.get());
+    e->widen_16(bits_e.get(), n, f, wide.dev.get());
+    expect_close("widen_16", wide, 0);
+    const std::vector<float> xs = x.cpu.download(), ws = wide.cpu.download();
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_TRUE(ws[i] == (f == FloatFormat::BF16 ? round_to_bf16(xs[i]) : round_to_f16(xs[i])), "widen_16 of pack_16 at ", i);
+  }
+
   // AdamW: two steps with weight decay and a gradient scale
   Twin param(c, e, random_floats(n, 6)), grad(c, e, random_floats(n, 7)), m(c, e, n), v(c, e, n);
   for (int64_t step = 1; step <= 2; ++step) {

@@ -133,6 +133,16 @@ class Backend {
   // Log-softmax of each row of `logits` (device memory) into `host_out` [rows, vocab] (host memory).
   virtual void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) = 0;
 
+  // ---- 16-bit storage ----
+  // The format of the hidden states between decoder blocks: fp32, or bf16 under bf16 compute (where a bf16 model's
+  // residual stream is bf16 anyway). The model rounds each block's output to it, so that the checkpointed block
+  // inputs can be stored in it losslessly.
+  virtual FloatFormat hidden_state_format() const { return FloatFormat::F32; }
+  // out = x rounded to `format` (BF16 or F16), as its bits.
+  virtual void pack_16(const float* x, int64_t n, FloatFormat format, uint16_t* out) = 0;
+  // out = x (BF16 or F16 bits) widened to fp32, exactly.
+  virtual void widen_16(const uint16_t* x, int64_t n, FloatFormat format, float* out) = 0;
+
   // ---- QLoRA specifics ----
   // Double quantization's block constants: out[i] = code2[codes[i]] * state2_absmax[i / blocksize2] + offset, a
   // product and a sum each rounded to fp32 (never one fused multiply-add), as bitsandbytes computes them.

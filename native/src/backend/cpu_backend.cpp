@@ -193,6 +193,17 @@ class CpuBackend final : public Backend {
   }
 
 
+  void pack_16(const float* x, int64_t n, FloatFormat format, uint16_t* out) override {
+    if (format == FloatFormat::F32) fail("pack_16 writes bf16 or fp16, not fp32");
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = format == FloatFormat::BF16 ? f32_to_bf16(x[i]) : f32_to_f16(x[i]);
+  }
+  void widen_16(const uint16_t* x, int64_t n, FloatFormat format, float* out) override {
+    if (format == FloatFormat::F32) fail("widen_16 reads bf16 or fp16, not fp32");
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) out[i] = format == FloatFormat::BF16 ? bf16_to_f32(x[i]) : f16_to_f32(x[i]);
+  }
+
   void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                       float* out) override {
     nf4::dequantize(packed, absmax, n, blocksize, out);

@@ -221,6 +221,21 @@ class KernelBackend final : public Backend {
     exec_.download(host_out, out.get(), static_cast<size_t>(rows * vocab) * sizeof(float));
   }
 
+  // ---- 16-bit storage ----
+  FloatFormat hidden_state_format() const override {
+    return compute_ == GpuCompute::BF16 ? FloatFormat::BF16 : FloatFormat::F32;
+  }
+  void pack_16(const float* x, int64_t n, FloatFormat format, uint16_t* out) override {
+    if (format == FloatFormat::F32) fail("pack_16 writes bf16 or fp16, not fp32");
+    if (n > 0)
+      exec_.launch("to_half", grid_for(n), exec_.threads, kernels::to_half, x, n, format == FloatFormat::F16, out);
+  }
+  void widen_16(const uint16_t* x, int64_t n, FloatFormat format, float* out) override {
+    if (format == FloatFormat::F32) fail("widen_16 reads bf16 or fp16, not fp32");
+    if (n > 0)
+      exec_.launch("widen_to_f32", grid_for(n), exec_.threads, kernels::widen_to_f32, x, n, static_cast<int>(format), out);
+  }
+
   // ---- QLoRA specifics ----
   void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                       float* out) override {

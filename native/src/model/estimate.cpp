@@ -113,8 +113,19 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all
   // of them without checkpointing, one block's worth with it), then the backward pass's buffers.
   add(Act, (n * h + n) * kF32);        // xf, rstdf
-  add(Act, (L + 1) * n * h * kF32);    // block inputs
+  // block inputs: under bf16 compute stored in bf16 (widened into two fp32 buffers as blocks read them), unless
+  // every block's activations are kept
   const bool keep_all = !o.gradient_checkpointing;
+  if (o.cuda && o.compute == GpuCompute::BF16) {
+    if (keep_all) {
+      add(Act, (L + 1) * n * h * kF32);
+      add(Ws, n * h * 2);  // the rounding's 16-bit scratch
+    } else {
+      add(Act, (L + 1) * n * h * 2 + 2 * n * h * kF32);
+    }
+  } else {
+    add(Act, (L + 1) * n * h * kF32);
+  }
   const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads + n * inter * 3 +
                         targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);

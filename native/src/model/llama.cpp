@@ -92,6 +92,62 @@ int64_t max_double_quant_blocks(const std::vector<LayerWeights>& layers) {
   return most;
 }
 
+// The hidden states between the decoder blocks of one run: state l is the input of block l, state L the final
+// hidden state. In fp32, or in the backend's 16-bit hidden_state_format: then each block's output is rounded to it
+// when committed and stored in 16 bits, and widened into one of two fp32 buffers when a block reads it (in forward
+// the state just written; in backward each checkpointed input in turn). keep_fp32 (training without checkpointing,
+// where each block's saved activations point at their input until backward) rounds each state but keeps it in fp32.
+class HiddenStates {
+ public:
+  HiddenStates(Backend* backend, int64_t count, int64_t size, FloatFormat format, bool keep_fp32)
+      : backend_(backend), size_(size), format_(format), packed_(format != FloatFormat::F32 && !keep_fp32) {
+    const auto act = MemCategory::Activations;
+    if (packed_) {
+      stored_.resize(static_cast<size_t>(count));
+      for (auto& s : stored_) s.reset(backend, size, act);
+      for (auto& w : wide_) w.reset(backend, size, act);
+    } else {
+      fp32_.resize(static_cast<size_t>(count));
+      for (auto& x : fp32_) x.reset(backend, size, act);
+      if (format != FloatFormat::F32) rounding_.reset(backend, size, MemCategory::Workspace);
+    }
+  }
+  // Where state l is written, in fp32, before commit(l).
+  float* output(int64_t l) {
+    if (!packed_) return fp32_[static_cast<size_t>(l)].get();
+    holds_[l % 2] = l;
+    return wide_[l % 2].get();
+  }
+  // State l is written: round it to the format (storing it in 16 bits).
+  void commit(int64_t l) {
+    if (format_ == FloatFormat::F32) return;
+    float* x = packed_ ? wide_[l % 2].get() : fp32_[static_cast<size_t>(l)].get();
+    uint16_t* bits = packed_ ? stored_[static_cast<size_t>(l)].get() : rounding_.get();
+    backend_->pack_16(x, size_, format_, bits);
+    backend_->widen_16(bits, size_, format_, x);
+  }
+  // State l in fp32; valid until the state two below or above it is read or written.
+  const float* input(int64_t l) {
+    if (!packed_) return fp32_[static_cast<size_t>(l)].get();
+    if (holds_[l % 2] != l) {
+      backend_->widen_16(stored_[static_cast<size_t>(l)].get(), size_, format_, wide_[l % 2].get());
+      holds_[l % 2] = l;
+    }
+    return wide_[l % 2].get();
+  }
+
+ private:
+  Backend* backend_;
+  int64_t size_;
+  FloatFormat format_;
+  bool packed_;
+  std::vector<DeviceArray<float>> fp32_;
+  DeviceArray<uint16_t> rounding_;
+  std::vector<DeviceArray<uint16_t>> stored_;
+  std::array<DeviceArray<float>, 2> wide_;
+  std::array<int64_t, 2> holds_ = {-1, -1};  // the state each of wide_ holds
+};
+
 void upload_double_quant(Backend* backend, FrozenLinear& fl, const bnb4::DoubleQuantState& dq) {
   const auto w = MemCategory::Weights;
   fl.absmax_codes.reset(backend, static_cast<int64_t>(dq.codes.size()), w);
@@ -512,17 +568,19 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   ws.logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / c.vocab_size));
   ws.logits.reset(be, ws.logits_rows * c.vocab_size, work);
 
-  // Block inputs: inputs[l] is the input of block l, inputs[L] the final hidden state.
-  std::vector<DeviceArray<float>> inputs(static_cast<size_t>(c.num_layers + 1));
-  for (auto& x : inputs) x.reset(be, n * c.hidden_size, act);
-  be->embedding(ids, n, embed_.view(), c.hidden_size, inputs[0].get());
-
   const bool keep_all = opt.compute_grads && !opt.gradient_checkpointing;
+  // Block inputs: the input of each block and the final hidden state.
+  HiddenStates states(be, c.num_layers + 1, n * c.hidden_size, be->hidden_state_format(), keep_all);
+  be->embedding(ids, n, embed_.view(), c.hidden_size, states.output(0));
+  states.commit(0);
+
   std::vector<BlockActivations> acts(keep_all ? static_cast<size_t>(c.num_layers) : 1);
   for (auto& a : acts) a.allocate(be, c, batch, seq, adapter);
-  for (int64_t layer = 0; layer < c.num_layers; ++layer)
-    block_forward(layer, inputs[layer].get(), inputs[layer + 1].get(), acts[keep_all ? layer : 0], adapter, batch,
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    block_forward(layer, states.input(layer), states.output(layer + 1), acts[keep_all ? layer : 0], adapter, batch,
                   seq, ws, opt);
+    states.commit(layer + 1);
+  }
 
   const double normalizer = opt.grad_normalizer > 0.0 ? opt.grad_normalizer : static_cast<double>(result.labelled);
   const double grad_scale = normalizer > 0.0 ? opt.loss_scale / normalizer : 0.0;
@@ -534,7 +592,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
     d_next.reset(be, n * c.hidden_size, act);
     ws.dxf.reset(be, n * c.hidden_size, act);
   }
-  result.loss_sum = lm_head(inputs[c.num_layers].get(), targets.data(), n, grad_scale,
+  result.loss_sum = lm_head(states.input(c.num_layers), targets.data(), n, grad_scale,
                             opt.compute_grads ? d_cur.get() : nullptr,
                             opt.want_logprobs ? row_logprobs.data() : nullptr,
                             opt.want_log_softmax ? result.log_softmax.data() : nullptr, ws);
@@ -555,7 +613,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
       // Gradient checkpointing: only the block's input was kept; run the block again to get its activations.
       // Dropout masks come from the counter-based generator, so the recomputation draws the same ones.
       if (!keep_all)
-        block_forward(layer, inputs[layer].get(), recompute_out.get(), a, adapter, batch, seq, ws, opt);
+        block_forward(layer, states.input(layer), recompute_out.get(), a, adapter, batch, seq, ws, opt);
       block_backward(layer, a, d_cur.get(), d_next.get(), adapter, batch, seq, ws, opt);
       std::swap(d_cur, d_next);
     }
@@ -627,6 +685,16 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   DeviceArray<float> lora_t;
   if (adapter) lora_t.reset(be, n * adapter->config().rank, work);
   be->embedding(ids, n, embed_.view(), c.hidden_size, x.get());
+  // hidden states between blocks rounded as a training run rounds them (hidden_state_format)
+  const FloatFormat hidden = be->hidden_state_format();
+  DeviceArray<uint16_t> rounding;
+  auto round_hidden = [&](float* state) {
+    if (hidden == FloatFormat::F32) return;
+    if (rounding.empty()) rounding.reset(be, n * c.hidden_size, work);
+    be->pack_16(state, n * c.hidden_size, hidden, rounding.get());
+    be->widen_16(rounding.get(), n * c.hidden_size, hidden, state);
+  };
+  round_hidden(x.get());
 
   const float* cos = cache.cos.get() + past * half;
   const float* sin = cache.sin.get() + past * half;
@@ -650,6 +718,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
     be->swiglu_forward(g.get(), u.get(), n * c.intermediate_size, m.get());
     linear_forward(layer, Module::Down, adapter, m.get(), n, x_next.get(), lora_t.get(), ws, opt);
     be->add_inplace(x_next.get(), h.get(), n * c.hidden_size);
+    round_hidden(x_next.get());
     std::swap(x, x_next);
   }
   cache.length = total;
