@@ -131,7 +131,6 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Act, (keep_all ? L : 1) * block * kF32);
   add(Act, 3 * n * h * kF32);                          // d_cur, d_next, dxf
   add(Act, (n * inter + 2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dm (dg, du take g's and u's place), dxn dh, dattn dq, dk dv
-  if (!keep_all) add(Act, n * h * kF32);               // recompute_out
 
   for (int64_t b : e.bytes) e.peak_total += b;
   return e;

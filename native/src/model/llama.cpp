@@ -373,18 +373,27 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
   else
     backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
-  LoraParam* p = adapter && opt.lora_scale != 0.0 ? adapter->param(layer, m) : nullptr;
+  const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
   if (!p) return;
   const LoraConfig& lc = adapter->config();
+  backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale() * opt.lora_scale), lora_t, p->b.get(),
+                 1.0f, y);
+}
+
+const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows,
+                                       float* lora_t, Workspace& ws, const RunOptions& opt) {
+  const LoraParam* p = adapter && opt.lora_scale != 0.0 ? adapter->param(layer, m) : nullptr;
+  if (!p) return nullptr;
+  const LoraConfig& lc = adapter->config();
+  const int64_t in = layers_[layer].linear[static_cast<int>(m)].in;
   const float* xin = x;
   if (opt.training && lc.dropout > 0.0) {
-    backend_->dropout(x, rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step,
+    backend_->dropout(x, rows * in, static_cast<float>(lc.dropout), opt.seed, opt.step,
                       dropout_offset(opt.micro_batch, layer, m), ws.dropx.get());
     xin = ws.dropx.get();
   }
-  backend_->gemm(false, true, rows, lc.rank, w.in, 1.0f, xin, p->a.get(), 0.0f, lora_t);
-  backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale() * opt.lora_scale), lora_t, p->b.get(),
-                 1.0f, y);
+  backend_->gemm(false, true, rows, lc.rank, in, 1.0f, xin, p->a.get(), 0.0f, lora_t);
+  return p;
 }
 
 void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
@@ -447,6 +456,10 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
+  if (!x_out) {  // recomputed for backward, which needs down's LoRA input but not the block's output
+    lora_down(layer, Module::Down, adapter, a.m.get(), n, t(Module::Down), ws, opt);
+    return;
+  }
   linear_forward(layer, Module::Down, adapter, a.m.get(), n, x_out, t(Module::Down), ws, opt);
   backend_->add_inplace(x_out, a.h.get(), n * c.hidden_size);
 }
@@ -606,14 +619,12 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
     ws.dq.reset(be, n * qd, act);
     ws.dk.reset(be, n * kd, act);
     ws.dv.reset(be, n * kd, act);
-    DeviceArray<float> recompute_out;
-    if (!keep_all) recompute_out.reset(be, n * c.hidden_size, act);
     for (int64_t layer = c.num_layers - 1; layer >= 0; --layer) {
       BlockActivations& a = acts[keep_all ? layer : 0];
       // Gradient checkpointing: only the block's input was kept; run the block again to get its activations.
       // Dropout masks come from the counter-based generator, so the recomputation draws the same ones.
       if (!keep_all)
-        block_forward(layer, states.input(layer), recompute_out.get(), a, adapter, batch, seq, ws, opt);
+        block_forward(layer, states.input(layer), nullptr, a, adapter, batch, seq, ws, opt);
       block_backward(layer, a, d_cur.get(), d_next.get(), adapter, batch, seq, ws, opt);
       std::swap(d_cur, d_next);
     }

@@ -121,9 +121,14 @@ class LlamaModel {
   void check_ids(const int32_t* ids, int64_t n) const;
   void linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
                       float* lora_t, Workspace& ws, const RunOptions& options);
+  // t = drop(x)·A^T of the adapter's module m (the LoRA input backward needs); its parameter, or null without one.
+  const LoraParam* lora_down(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows,
+                             float* lora_t, Workspace& ws, const RunOptions& opt);
   void linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
                        const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
                        const RunOptions& options);
+  // x_out null: the recomputation of gradient checkpointing, which skips what only the block's output needs (the
+  // base down projection).
   void block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& acts, LoraAdapter* adapter,
                      int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
