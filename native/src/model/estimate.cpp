@@ -129,8 +129,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads + n * inter * 3 +
                         targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);
-  add(Act, 3 * n * h * kF32);                          // d_cur, d_next, dxf
-  add(Act, (n * inter + 2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dm (dg, du take g's and u's place), dxn dh, dattn dq, dk dv
+  add(Act, 2 * n * h * kF32);                          // d_cur, d_next (the latter also the final norm's dxf)
+  add(Act, (2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dxn dh, dattn dq, dk dv (dm, dg, du take m's, g's, u's place)
 
   for (int64_t b : e.bytes) e.peak_total += b;
   return e;

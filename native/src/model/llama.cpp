@@ -51,10 +51,11 @@ struct LlamaModel::Workspace {
   DeviceArray<float> absmax;    // its block constants, when they are double-quantized
   DeviceArray<float> cos, sin;
   DeviceArray<float> dropx, lora_dt;
-  // backward scratch (the gradients of gate and up overwrite their saved activations)
-  DeviceArray<float> dm, dxn, dh, dattn, dq, dk, dv;
+  // backward scratch (the gradients of the MLP's intermediates overwrite their saved activations)
+  DeviceArray<float> dxn, dh, dattn, dq, dk, dv;
   // LM head
-  DeviceArray<float> xf, rstdf, dxf, logits;
+  DeviceArray<float> xf, rstdf, logits;
+  float* dxf = nullptr;  // the final norm's output gradient: the backward pass's second gradient buffer, free then
   int64_t logits_rows = 0;
 };
 
@@ -400,13 +401,20 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
                                  const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
                                  const RunOptions& opt) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
-  backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f, dx);
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
+  // dx = dy W (+ LoRA's term). Accumulating, the base term goes first, as it always has; otherwise last, so that dx
+  // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
+  // and LoRA terms are added once, in either order.
+  const bool base_first = accumulate_dx || !p;
+  if (base_first)
+    backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f,
+                          dx);
   if (!p) return;
   const LoraConfig& lc = adapter->config();
   const float s = static_cast<float>(lc.scale());
   const bool drop = opt.training && lc.dropout > 0.0;
   const uint64_t offset = dropout_offset(opt.micro_batch, layer, m);
+  const float dropout_p = static_cast<float>(lc.dropout);
   // dB += s dy^T t
   backend_->gemm(true, false, w.out, lc.rank, rows, s, dy, lora_t, 1.0f, p->grad_b.get());
   // dt = s dy B
@@ -414,20 +422,23 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   // dA += dt^T drop(x)
   const float* xin = x;
   if (drop) {
-    backend_->dropout(x, rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step, offset, ws.dropx.get());
+    backend_->dropout(x, rows * w.in, dropout_p, opt.seed, opt.step, offset, ws.dropx.get());
     xin = ws.dropx.get();
   }
   backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), xin, 1.0f, p->grad_a.get());
-  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient. With
-  // dropout, dt A goes through drop(x)'s buffer (no longer needed); without, the GEMM adds it to dx itself.
-  if (drop) {
+  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient. x is
+  // not read from here on.
+  if (drop && base_first) {  // through drop(x)'s buffer, no longer needed
     backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 0.0f, ws.dropx.get());
-    backend_->dropout(ws.dropx.get(), rows * w.in, static_cast<float>(lc.dropout), opt.seed, opt.step, offset,
-                      ws.dropx.get());
+    backend_->dropout(ws.dropx.get(), rows * w.in, dropout_p, opt.seed, opt.step, offset, ws.dropx.get());
     backend_->add_inplace(dx, ws.dropx.get(), rows * w.in);
+  } else if (drop) {  // into dx itself, which the base term is added to next
+    backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 0.0f, dx);
+    backend_->dropout(dx, rows * w.in, dropout_p, opt.seed, opt.step, offset, dx);
   } else {
-    backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 1.0f, dx);
+    backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), base_first ? 1.0f : 0.0f, dx);
   }
+  if (!base_first) backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), 1.0f, dx);
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -472,9 +483,9 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   const int64_t n = batch * seq;
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
-  linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, ws.dm.get(), false, ws, opt);
-  // in place: the gradients of gate and up take the place of g and u, which nothing reads afterwards
-  backend_->swiglu_backward(ws.dm.get(), a.g.get(), a.u.get(), n * c.intermediate_size, a.g.get(), a.u.get());
+  // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards)
+  linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt);
+  backend_->swiglu_backward(a.m.get(), a.g.get(), a.u.get(), n * c.intermediate_size, a.g.get(), a.u.get());
   linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), a.g.get(), n, ws.dxn.get(), false, ws,
                   opt);
   linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), a.u.get(), n, ws.dxn.get(), true, ws, opt);
@@ -515,10 +526,10 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
                                     dx_final ? ws.logits.get() : nullptr, logprobs ? logprobs + r0 : nullptr);
     if (dx_final)
       backend_->gemm_stored(false, false, rc, c.hidden_size, c.vocab_size, 1.0f, ws.logits.get(), w, 0.0f,
-                            ws.dxf.get() + r0 * c.hidden_size);
+                            ws.dxf + r0 * c.hidden_size);
   }
   if (dx_final)
-    backend_->rmsnorm_backward(ws.dxf.get(), x_final, final_norm_.get(), ws.rstdf.get(), rows, c.hidden_size,
+    backend_->rmsnorm_backward(ws.dxf, x_final, final_norm_.get(), ws.rstdf.get(), rows, c.hidden_size,
                                dx_final);
   return loss;
 }
@@ -603,7 +614,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   if (opt.compute_grads) {
     d_cur.reset(be, n * c.hidden_size, act);
     d_next.reset(be, n * c.hidden_size, act);
-    ws.dxf.reset(be, n * c.hidden_size, act);
+    ws.dxf = d_next.get();
   }
   result.loss_sum = lm_head(states.input(c.num_layers), targets.data(), n, grad_scale,
                             opt.compute_grads ? d_cur.get() : nullptr,
@@ -612,7 +623,6 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
 
   if (opt.compute_grads) {
     const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
-    ws.dm.reset(be, n * c.intermediate_size, act);
     ws.dxn.reset(be, n * c.hidden_size, act);
     ws.dh.reset(be, n * c.hidden_size, act);
     ws.dattn.reset(be, n * qd, act);
