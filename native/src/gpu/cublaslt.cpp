@@ -102,7 +102,25 @@ const CublasLt& CublasLt::get(const std::string& library_dir) {
   return *instance;
 }
 
+// One GEMM shape as cuBLASLt plans it: its descriptors and the heuristic's algorithm (found false: none).
+struct CublasLt::Plan {
+  const Functions& f;
+  Desc desc = nullptr;
+  Layout lb = nullptr, la = nullptr, lc = nullptr;
+  bool found = false;
+  Algo algo{};
+  explicit Plan(const Functions& functions) : f(functions) {}
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
+  ~Plan() {
+    for (Layout l : {lc, la, lb})
+      if (l) f.layout_destroy(l);
+    if (desc) f.desc_destroy(desc);
+  }
+};
+
 CublasLt::~CublasLt() {
+  plans_.clear();  // their descriptors go before the handle
   if (handle_) f_->destroy(handle_);
 }
 
@@ -118,49 +136,59 @@ bool CublasLt::try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
                           size_t workspace_bytes, void* stream) const {
   if (M == 0 || N == 0) return true;
   if (K <= 0) fail("cuBLASLt matmul with an inner dimension of ", K, " (the engine never asks for one)");
+  // cuBLASLt's A, B, C, D are our B, A, C, C
+  const std::array<uint32_t, 4> alignments = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
+  const uint64_t ws = workspace ? workspace_bytes : 0;
+  const Plan& p = plan(trans_a, trans_b, M, N, K, in, out, alignments, ws);
+  if (!p.found) return false;
+  const cublasStatus_t s = f_->matmul(handle_, p.desc, &alpha, B, p.lb, A, p.la, &beta, C, p.lc, C, p.lc, &p.algo,
+                                      workspace, ws, stream);
+  if (s != 0) fail("cuBLASLt cublasLtMatmul failed with status ", s);
+  return true;
+}
+
+const CublasLt::Plan& CublasLt::plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, GemmType in,
+                                     GemmType out, const std::array<uint32_t, 4>& alignments, uint64_t ws) const {
+  const PlanKey key = {trans_a,       trans_b,       M, N, K, static_cast<int64_t>(in), static_cast<int64_t>(out),
+                       alignments[0], alignments[1], alignments[2], alignments[3], static_cast<int64_t>(ws)};
+  std::lock_guard<std::mutex> lock(plans_mutex_);
+  auto at = plans_.find(key);
+  if (at != plans_.end()) return *at->second;
   // cuBLASLt is column-major: row-major C [M, N] is column-major C^T [N, M] = op(B)^T op(A)^T, so B goes first.
   // Row-major X stored [r, c] is column-major [c, r] with leading dimension c.
   const auto check = [](cublasStatus_t s, const char* what) {
     if (s != 0) fail("cuBLASLt ", what, " failed with status ", s);
   };
-  // The descriptors of this call, destroyed on the way out, error or not.
-  struct Descriptors {
-    const Functions& f;
-    Desc desc = nullptr;
-    Layout lb = nullptr, la = nullptr, lc = nullptr;
-    Preference pref = nullptr;
-    ~Descriptors() {
-      if (pref) f.pref_destroy(pref);
-      for (Layout l : {lc, la, lb})
-        if (l) f.layout_destroy(l);
-      if (desc) f.desc_destroy(desc);
-    }
-  } d{*f_};
-  check(f_->desc_create(&d.desc, kComputeF32, static_cast<int>(GemmType::F32)), "cublasLtMatmulDescCreate");
+  auto p = std::make_unique<Plan>(*f_);
+  check(f_->desc_create(&p->desc, kComputeF32, static_cast<int>(GemmType::F32)), "cublasLtMatmulDescCreate");
   const int op_first = trans_b ? kOpT : kOpN, op_second = trans_a ? kOpT : kOpN;
-  check(f_->desc_set(d.desc, kDescTransA, &op_first, sizeof op_first), "set TRANSA");
-  check(f_->desc_set(d.desc, kDescTransB, &op_second, sizeof op_second), "set TRANSB");
+  check(f_->desc_set(p->desc, kDescTransA, &op_first, sizeof op_first), "set TRANSA");
+  check(f_->desc_set(p->desc, kDescTransB, &op_second, sizeof op_second), "set TRANSB");
   // first operand: op(B)^T is [N, K] column-major; stored B is [K, N] row-major (= [N, K] column-major, ld N) or,
   // transposed, [N, K] row-major (= [K, N] column-major, ld K)
-  check(f_->layout_create(&d.lb, static_cast<int>(in), trans_b ? K : N, trans_b ? N : K, trans_b ? K : N), "layout B");
-  check(f_->layout_create(&d.la, static_cast<int>(in), trans_a ? M : K, trans_a ? K : M, trans_a ? M : K), "layout A");
-  check(f_->layout_create(&d.lc, static_cast<int>(out), N, M, N), "layout C");
-  check(f_->pref_create(&d.pref), "cublasLtMatmulPreferenceCreate");
-  const uint64_t ws = workspace ? workspace_bytes : 0;
-  check(f_->pref_set(d.pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws), "set max workspace");
-  // cuBLASLt's A, B, C, D are our B, A, C, C
-  const uint32_t alignments[4] = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
+  check(f_->layout_create(&p->lb, static_cast<int>(in), trans_b ? K : N, trans_b ? N : K, trans_b ? K : N), "layout B");
+  check(f_->layout_create(&p->la, static_cast<int>(in), trans_a ? M : K, trans_a ? K : M, trans_a ? M : K), "layout A");
+  check(f_->layout_create(&p->lc, static_cast<int>(out), N, M, N), "layout C");
+  // The preference is needed only by the heuristic.
+  struct PreferenceOwner {
+    const Functions& f;
+    Preference pref = nullptr;
+    ~PreferenceOwner() {
+      if (pref) f.pref_destroy(pref);
+    }
+  } pref{*f_};
+  check(f_->pref_create(&pref.pref), "cublasLtMatmulPreferenceCreate");
+  check(f_->pref_set(pref.pref, kPrefMaxWorkspaceBytes, &ws, sizeof ws), "set max workspace");
   for (int i = 0; i < 4; ++i)
-    check(f_->pref_set(d.pref, kPrefMinAlignmentA + i, &alignments[i], sizeof alignments[i]), "set min alignment");
+    check(f_->pref_set(pref.pref, kPrefMinAlignmentA + i, &alignments[static_cast<size_t>(i)], sizeof(uint32_t)),
+          "set min alignment");
   HeuristicResult result{};
   int found = 0;
-  check(f_->heuristic(handle_, d.desc, d.lb, d.la, d.lc, d.lc, d.pref, 1, &result, &found),
+  check(f_->heuristic(handle_, p->desc, p->lb, p->la, p->lc, p->lc, pref.pref, 1, &result, &found),
         "cublasLtMatmulAlgoGetHeuristic");
-  if (found == 0) return false;
-  check(f_->matmul(handle_, d.desc, &alpha, B, d.lb, A, d.la, &beta, C, d.lc, C, d.lc, &result.algo, workspace, ws,
-                   stream),
-        "cublasLtMatmul");
-  return true;
+  p->found = found > 0;
+  p->algo = result.algo;
+  return *plans_.emplace(key, std::move(p)).first->second;
 }
 
 }  // namespace qlora::gpu

@@ -3,9 +3,12 @@
 // process; `matmul` is the engine's GEMM on the GPU: row-major C = alpha * op(A) op(B) + beta * C with fp32
 // accumulation, inputs in fp32, bf16 or fp16.
 #pragma once
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "gpu/libraries.h"
@@ -33,15 +36,23 @@ class CublasLt {
               const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
               size_t workspace_bytes, void* stream) const;
   // The same, returning false (and computing nothing) when cuBLASLt has no algorithm for these types, shapes and
-  // alignments (bf16 rows of an odd length, say), so that the caller can compute it another way.
+  // alignments (bf16 rows of an odd length, say), so that the caller can compute it another way. Each distinct
+  // shape, types, alignments and workspace is planned once (descriptors and the heuristic's algorithm) and the
+  // plan kept: a training step's few dozen shapes never ask the heuristic twice.
   bool try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                   const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
                   size_t workspace_bytes, void* stream) const;
 
  private:
   struct Functions;
+  struct Plan;
+  using PlanKey = std::array<int64_t, 12>;
   CublasLt() = default;
+  const Plan& plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, GemmType in, GemmType out,
+                   const std::array<uint32_t, 4>& alignments, uint64_t workspace_bytes) const;
   std::unique_ptr<Functions> f_;
+  mutable std::mutex plans_mutex_;
+  mutable std::map<PlanKey, std::unique_ptr<Plan>> plans_;
   void* handle_ = nullptr;
   std::string path_;
   size_t version_ = 0;
