@@ -209,27 +209,44 @@ inline void cross_entropy_and_log_softmax(const MakeBackend& make) {
   const int64_t rows = 6, vocab = 301;
   Twin logits(c, e, random_floats(rows * vocab, 11, 4.0f)), dl(c, e, rows * vocab);
   const std::vector<int32_t> targets = {5, 300, -100, 250, 0, 99};  // odd rows: targets far into the row
-  std::vector<double> lp_c(rows), lp_e(rows);
-  const double loss_c = c->cross_entropy(logits.cpu.get(), targets.data(), rows, vocab, 0.25, dl.cpu.get(), lp_c.data());
-  const double loss_e = e->cross_entropy(logits.dev.get(), targets.data(), rows, vocab, 0.25, dl.dev.get(), lp_e.data());
-  EXPECT_NEAR(loss_e, loss_c, 1e-12 * std::fabs(loss_c));
-  for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(lp_e[r], lp_c[r], 1e-12);
+  DeviceArray<int32_t> t_c(c, rows, MemCategory::Workspace), t_e(e, rows, MemCategory::Workspace);
+  t_c.upload(targets);
+  t_e.upload(targets);
+  DeviceArray<double> lp_c(c, rows, MemCategory::Workspace), lp_e(e, rows, MemCategory::Workspace);
+  c->cross_entropy(logits.cpu.get(), t_c.get(), rows, vocab, 0.25, dl.cpu.get(), lp_c.get());
+  e->cross_entropy(logits.dev.get(), t_e.get(), rows, vocab, 0.25, dl.dev.get(), lp_e.get());
+  const std::vector<double> want = lp_c.download();
+  auto expect_logprobs = [&](const char* what) {
+    const std::vector<double> got = lp_e.download();
+    for (int64_t r = 0; r < rows; ++r)
+      EXPECT_TRUE(std::fabs(got[r] - want[r]) <= 1e-12, what, " row ", r, ": ", got[r], " vs ", want[r]);
+  };
+  expect_logprobs("cross_entropy log-probs");
+  EXPECT_NEAR(want[2], 0.0, 0.0);  // the ignored row
   expect_close("cross_entropy dlogits", dl, 1e-7);
-  EXPECT_NEAR(e->cross_entropy(logits.dev.get(), targets.data(), rows, vocab, 1.0, nullptr, nullptr), loss_c, 1e-9);
+  e->cross_entropy(logits.dev.get(), t_e.get(), rows, vocab, 1.0, nullptr, lp_e.get());
+  expect_logprobs("cross_entropy without gradients");
   std::vector<float> ls_c(rows * vocab), ls_e(rows * vocab);
   c->log_softmax_rows(logits.cpu.get(), rows, vocab, ls_c.data());
   e->log_softmax_rows(logits.dev.get(), rows, vocab, ls_e.data());
   expect_close("log_softmax_rows", ls_c, ls_e, 1e-7);
   // in place, as the model asks for it: the gradient overwrites the logits
   Twin inplace(c, e, random_floats(rows * vocab, 11, 4.0f));
-  const double loss_in_place = e->cross_entropy(inplace.dev.get(), targets.data(), rows, vocab, 0.25, inplace.dev.get(), lp_e.data());
-  c->cross_entropy(inplace.cpu.get(), targets.data(), rows, vocab, 0.25, inplace.cpu.get(), nullptr);
-  EXPECT_NEAR(loss_in_place, loss_c, 1e-12 * std::fabs(loss_c));
-  for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(lp_e[r], lp_c[r], 1e-12);
+  e->cross_entropy(inplace.dev.get(), t_e.get(), rows, vocab, 0.25, inplace.dev.get(), lp_e.get());
+  c->cross_entropy(inplace.cpu.get(), t_c.get(), rows, vocab, 0.25, inplace.cpu.get(), lp_c.get());
+  expect_logprobs("cross_entropy in place");
   expect_close("cross_entropy in place", inplace, 1e-7);
-  const std::vector<int32_t> bad = {5, 301, 0, 0, 0, 0};
-  EXPECT_THROWS_WITH(e->cross_entropy(logits.dev.get(), bad.data(), rows, vocab, 1.0, nullptr, nullptr),
-                     "target 301 of row 1 is outside the vocabulary of 301");
+  // a target outside the vocabulary: a NaN log-prob and no gradient, never a read outside the row
+  const std::vector<int32_t> bad = {5, 301, 0, 0, 0, -7};
+  t_c.upload(bad);
+  t_e.upload(bad);
+  c->cross_entropy(logits.cpu.get(), t_c.get(), rows, vocab, 1.0, dl.cpu.get(), lp_c.get());
+  e->cross_entropy(logits.dev.get(), t_e.get(), rows, vocab, 1.0, dl.dev.get(), lp_e.get());
+  for (const std::vector<double>& lp : {lp_c.download(), lp_e.download()}) {
+    EXPECT_TRUE(std::isnan(lp[1]) && std::isnan(lp[5]) && !std::isnan(lp[0]), "NaN log-probs for targets 301 and -7");
+  }
+  const std::vector<float> d_bad = dl.dev.download();
+  for (int64_t i = 0; i < vocab; ++i) EXPECT_NEAR(d_bad[vocab + i], 0.0, 0.0);
 }
 
 inline void rope_and_attention(const MakeBackend& make) {

@@ -100,6 +100,8 @@ class Backend {
   virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
   virtual void scale_inplace(float* x, float s, int64_t n) = 0;
   virtual double sum_of_squares(const float* x, int64_t n) = 0;
+  // The sum of squares of several tensors (a global gradient norm), brought to the host once.
+  virtual double sum_of_squares_many(const std::vector<std::pair<const float*, int64_t>>& tensors) = 0;
 
   // ---- transformer ops (see cpu/kernels.h for the exact math) ----
   // out[r] = table[host_ids[r]] widened to fp32.
@@ -125,11 +127,12 @@ class Backend {
   // dg may be g and du may be u (in place).
   virtual void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg,
                                float* du) = 0;
-  // Sum of -log p(target) over labelled rows; dlogits (optional) = grad_scale * (softmax - onehot), and may be
-  // `logits` itself (written in place); host_logprobs (optional, host memory) = log p(target) per row. Targets live
-  // in host memory.
-  virtual double cross_entropy(const float* logits, const int32_t* host_targets, int64_t rows, int64_t vocab,
-                               double grad_scale, float* dlogits, double* host_logprobs) = 0;
+  // logprobs[r] = log p(targets[r]) (0 where the target is -100; NaN where it is outside the vocabulary);
+  // dlogits (optional) = grad_scale * (softmax - onehot), and may be `logits` itself (written in place). targets and
+  // logprobs are device memory: nothing comes back to the host here, so a step's chunks of the loss run without
+  // waiting for each other.
+  virtual void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab,
+                             double grad_scale, float* dlogits, double* logprobs) = 0;
   // Log-softmax of each row of `logits` (device memory) into `host_out` [rows, vocab] (host memory).
   virtual void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) = 0;
 

@@ -144,6 +144,11 @@ class CpuBackend final : public Backend {
     for (int64_t i = 0; i < n; ++i) x[i] *= s;
   }
   double sum_of_squares(const float* x, int64_t n) override { return cpu::sum_of_squares<float>(x, n); }
+  double sum_of_squares_many(const std::vector<std::pair<const float*, int64_t>>& tensors) override {
+    double total = 0.0;
+    for (const auto& [x, n] : tensors) total += cpu::sum_of_squares<float>(x, n);
+    return total;
+  }
 
   void embedding(const int32_t* ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) override {
     const DType dtype = table.format == FloatFormat::F32 ? DType::F32 : table.format == FloatFormat::BF16 ? DType::BF16 : DType::F16;
@@ -184,9 +189,9 @@ class CpuBackend final : public Backend {
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
     cpu::swiglu_backward<float>(dout, g, u, n, dg, du);
   }
-  double cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
-                       float* dlogits, double* logprobs) override {
-    return cpu::cross_entropy<float>(logits, targets, rows, vocab, grad_scale, dlogits, logprobs);
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
+                     float* dlogits, double* logprobs) override {
+    cpu::cross_entropy<float>(logits, targets, rows, vocab, grad_scale, dlogits, logprobs);
   }
   void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
     cpu::log_softmax_rows<float>(logits, rows, vocab, host_out);

@@ -514,10 +514,10 @@ double cross_entropy(const T* logits, const int32_t* targets, int64_t rows, int6
   for (int64_t r = 0; r < rows; ++r) {
     const T* lr = logits + r * vocab;
     const int32_t target = targets[r];
-    if (target == kIgnoreIndex) {
+    if (target == kIgnoreIndex || target < 0 || target >= vocab) {  // outside the vocabulary: a NaN log-prob
       if (dlogits)
         for (int64_t i = 0; i < vocab; ++i) dlogits[r * vocab + i] = 0;
-      if (target_logprob) target_logprob[r] = 0.0;
+      if (target_logprob) target_logprob[r] = target == kIgnoreIndex ? 0.0 : std::nan("");
       continue;
     }
     double max_logit = -INFINITY;

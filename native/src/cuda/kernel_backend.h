@@ -124,19 +124,27 @@ class KernelBackend final : public Backend {
   void scale_inplace(float* x, float s, int64_t n) override {
     if (n > 0) exec_.launch("scale_inplace", grid_for(n), exec_.threads, kernels::scale_inplace, x, s, n);
   }
-  double sum_of_squares(const float* x, int64_t n) override {
-    if (n <= 0) return 0.0;
-    const unsigned blocks = grid_for(n);
-    DeviceArray<double> partial(this, static_cast<int64_t>(blocks) + 1, MemCategory::Workspace);
-    double* total = partial.get() + blocks;
-    exec_.launch("sum_of_squares", blocks, exec_.threads, kernels::sum_of_squares_partial, x, n, partial.get());
+  double sum_of_squares(const float* x, int64_t n) override { return sum_of_squares_many({{x, n}}); }
+  // Each tensor's blocks write their partial sums side by side; one block adds them all, one download.
+  double sum_of_squares_many(const std::vector<std::pair<const float*, int64_t>>& tensors) override {
+    int64_t slots = 0;
+    for (const auto& [x, n] : tensors) slots += n > 0 ? grid_for(n) : 0;
+    if (slots == 0) return 0.0;
+    DeviceArray<double> partial(this, slots + 1, MemCategory::Workspace);
+    double* total = partial.get() + slots;
+    int64_t at = 0;
+    for (const auto& [x, n] : tensors) {
+      if (n <= 0) continue;
+      const unsigned blocks = grid_for(n);
+      exec_.launch("sum_of_squares", blocks, exec_.threads, kernels::sum_of_squares_partial, x, n, partial.get() + at);
+      at += blocks;
+    }
     exec_.launch("sum_of_squares", 1u, exec_.threads, kernels::sum_partials, static_cast<const double*>(partial.get()),
-                 static_cast<int64_t>(blocks), total);
+                 slots, total);
     double result = 0.0;
     exec_.download(&result, total, sizeof result);
     return result;
   }
-
   // ---- transformer ops ----
   void embedding(const int32_t* host_ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) override {
     if (rows <= 0) return;
@@ -195,24 +203,11 @@ class KernelBackend final : public Backend {
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
     if (n > 0) exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, dg, du);
   }
-  double cross_entropy(const float* logits, const int32_t* host_targets, int64_t rows, int64_t vocab,
-                       double grad_scale, float* dlogits, double* host_logprobs) override {
-    if (rows <= 0) return 0.0;
-    for (int64_t r = 0; r < rows; ++r)  // an index outside the vocabulary would read outside the row
-      if (host_targets[r] != kernels::kIgnoreIndex && (host_targets[r] < 0 || host_targets[r] >= vocab))
-        fail("cross_entropy: target ", host_targets[r], " of row ", r, " is outside the vocabulary of ", vocab);
-    DeviceArray<int32_t> targets(this, rows, MemCategory::Workspace);
-    targets.upload(host_targets, rows);
-    DeviceArray<double> logprob(this, rows, MemCategory::Workspace);
-    exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits,
-                 static_cast<const int32_t*>(targets.get()), vocab, grad_scale, dlogits, logprob.get());
-    const std::vector<double> lp = logprob.download();
-    double total = 0.0;
-    for (int64_t r = 0; r < rows; ++r) {
-      if (host_targets[r] != kernels::kIgnoreIndex) total += -lp[static_cast<size_t>(r)];
-      if (host_logprobs) host_logprobs[r] = lp[static_cast<size_t>(r)];
-    }
-    return total;
+  void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
+                     float* dlogits, double* logprobs) override {
+    if (rows > 0)
+      exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits, targets, vocab,
+                   grad_scale, dlogits, logprobs);
   }
   void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
     if (rows <= 0) return;

@@ -222,10 +222,11 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
   const int32_t target = targets[r];
   const float* lr = logits + r * vocab;
   float* dr = dlogits ? dlogits + r * vocab : nullptr;
-  if (target == kIgnoreIndex) {  // the whole block takes this branch: no barrier is skipped by some threads only
+  // the whole block takes this branch: no barrier is skipped by some threads only
+  if (target == kIgnoreIndex || target < 0 || target >= vocab) {  // outside the vocabulary: a NaN log-prob
     if (dr)
       for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) dr[i] = 0.0f;
-    if (threadIdx.x == 0) logprob[r] = 0.0;
+    if (threadIdx.x == 0) logprob[r] = target == kIgnoreIndex ? 0.0 : static_cast<double>(NAN);
     return;
   }
   const double target_logit = lr[target];

@@ -94,6 +94,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Ws, n * r * kF32);                  // lora_dt
   const int64_t logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / vocab));
   add(Ws, logits_rows * vocab * kF32);
+  add(Ws, n * (4 + 8));  // every row's target and log-prob
   if (o.cuda) {
     add(Ws, kCudaGemmWorkspaceBytes);
     add(Ws, o.batch * c.num_heads * o.seq * kF32);  // attention backward's row dots D_i

@@ -55,6 +55,8 @@ struct LlamaModel::Workspace {
   DeviceArray<float> dxn, dh, dattn, dq, dk, dv;
   // LM head
   DeviceArray<float> xf, rstdf, logits;
+  DeviceArray<int32_t> targets;  // of every row, and their log-probs, on the device
+  DeviceArray<double> logprobs;
   float* dxf = nullptr;  // the final norm's output gradient: the backward pass's second gradient buffer, free then
   int64_t logits_rows = 0;
 };
@@ -515,15 +517,15 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
   const StoredMatrix w = lm_head_weight();
   backend_->rmsnorm_forward(x_final, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, ws.xf.get(),
                             ws.rstdf.get());
-  double loss = 0.0;
+  ws.targets.upload(targets, rows);
   for (int64_t r0 = 0; r0 < rows; r0 += ws.logits_rows) {
     const int64_t rc = std::min(ws.logits_rows, rows - r0);
     backend_->gemm_stored(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
                           ws.logits.get());
     if (log_softmax) backend_->log_softmax_rows(ws.logits.get(), rc, c.vocab_size, log_softmax + r0 * c.vocab_size);
     // The gradient of the logits overwrites the logits in place (each row is read before it is written).
-    loss += backend_->cross_entropy(ws.logits.get(), targets + r0, rc, c.vocab_size, grad_scale,
-                                    dx_final ? ws.logits.get() : nullptr, logprobs ? logprobs + r0 : nullptr);
+    backend_->cross_entropy(ws.logits.get(), ws.targets.get() + r0, rc, c.vocab_size, grad_scale,
+                            dx_final ? ws.logits.get() : nullptr, ws.logprobs.get() + r0);
     if (dx_final)
       backend_->gemm_stored(false, false, rc, c.hidden_size, c.vocab_size, 1.0f, ws.logits.get(), w, 0.0f,
                             ws.dxf + r0 * c.hidden_size);
@@ -531,6 +533,13 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
   if (dx_final)
     backend_->rmsnorm_backward(ws.dxf, x_final, final_norm_.get(), ws.rstdf.get(), rows, c.hidden_size,
                                dx_final);
+  // The log-probs of every row come back once, after all the chunks (the loss needs nothing sooner).
+  const std::vector<double> row_logprobs = ws.logprobs.download();
+  double loss = 0.0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (targets[r] != kIgnoreLabel) loss -= row_logprobs[static_cast<size_t>(r)];
+    if (logprobs) logprobs[r] = row_logprobs[static_cast<size_t>(r)];
+  }
   return loss;
 }
 
@@ -591,6 +600,8 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   // About 16M logits per chunk at most (64 MB in fp32), and at least one row.
   ws.logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / c.vocab_size));
   ws.logits.reset(be, ws.logits_rows * c.vocab_size, work);
+  ws.targets.reset(be, n, work);
+  ws.logprobs.reset(be, n, work);
 
   const bool keep_all = opt.compute_grads && !opt.gradient_checkpointing;
   // Block inputs: the input of each block and the final hidden state.

@@ -21,12 +21,12 @@ AdamW::AdamW(Backend* backend, LoraAdapter* adapter) : backend_(backend), adapte
 }
 
 double AdamW::global_grad_norm(Backend* backend, LoraAdapter* adapter) {
-  double total = 0.0;
+  std::vector<std::pair<const float*, int64_t>> grads;
   for (auto& [param, grad] : adapter->parameters_and_grads()) {
     (void)param;
-    total += backend->sum_of_squares(grad->get(), grad->size());
+    grads.emplace_back(grad->get(), grad->size());
   }
-  return std::sqrt(total);
+  return std::sqrt(backend->sum_of_squares_many(grads));
 }
 
 StepReport AdamW::step(const AdamWOptions& o) {
