@@ -11,6 +11,7 @@ import type {
   NativeModel,
   NativeModelConfig,
   NativeModelOptions,
+  NativeOpTime,
   NativeOptimizerOptions,
   NativePageMove,
   NativeQuantizeReport,
@@ -26,6 +27,7 @@ export type {
   NativeLoraInfo as LoraInfo,
   NativeLoraOptions as LoraOptions,
   NativeMemory as EngineMemory,
+  NativeOpTime as OpTime,
   NativeOptimizerOptions as OptimizerOptions,
   NativePageMove as PageMove,
   NativeQuantizeReport as QuantizeReport,
@@ -160,6 +162,14 @@ export class EngineModel {
   /** The paged optimizer's page moves since the last call (none without a memory budget). */
   takePageMoves(): NativePageMove[] {
     return call(() => this.native.takePageMoves());
+  }
+  /** On the GPU, times every kernel and GEMM from now on (a small cost per launch); no effect on the CPU. */
+  setProfiling(on: boolean): void {
+    call(() => this.native.setProfiling(on));
+  }
+  /** Device time by op since the last call, the most first; empty on the CPU, which has no per-op profile. */
+  takeProfile(): NativeOpTime[] {
+    return call(() => this.native.takeProfile());
   }
   /**
    * A generation (one sequence with its KV cache) run with the adapter scaled by `loraScale` (default 1 when an

@@ -112,6 +112,13 @@ export interface NativePageMove {
   ms: number;
 }
 
+/** Device time of one op (a kernel by name, or a GEMM by types and shape) summed over its calls. */
+export interface NativeOpTime {
+  op: string;
+  calls: number;
+  ms: number;
+}
+
 /** A benchmark shape with random NF4 weights and no files (native/src/model/bench_shapes.h). */
 export interface SyntheticModel {
   shape: 'tiny' | '1b' | '8b' | '70b';
@@ -152,6 +159,8 @@ export interface NativeModel {
   memory(): NativeMemory;
   beginMemoryInterval(): void;
   takePageMoves(): NativePageMove[];
+  setProfiling(on: boolean): void;
+  takeProfile(): NativeOpTime[];
   generationStart(options: { loraScale?: number }): number;
   generationAppend(id: number, ids: Int32Array, options: { allLogits?: boolean }): Float32Array;
   generationTruncate(id: number, length: number): void;

@@ -7,6 +7,7 @@
 #ifndef _WIN32
 #include "cuda_emu.h"
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -31,8 +32,8 @@ struct EmulatorExec {
   explicit EmulatorExec(int block_threads) : threads(block_threads) {}
   std::string name() const { return "cuda-emulator"; }
   template <typename... Params, typename... Args>
-  void launch(const char*, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
-    cuda_emu::launch(grid, block, [&] { kernel(args...); });
+  void launch(const char* what, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
+    timed(what, [&] { cuda_emu::launch(grid, block, [&] { kernel(args...); }); });
   }
   void* alloc(size_t bytes, const char* what) {
     void* p = std::malloc(bytes);
@@ -48,14 +49,14 @@ struct EmulatorExec {
   size_t gemm_workspace_bytes() const { return static_cast<size_t>(kCudaGemmWorkspaceBytes); }  // as on the GPU
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B, float beta,
             float* C, void*, size_t) {
-    cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
+    timed("gemm f32", [&] { cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C); });
   }
   bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                  const uint16_t* B, float beta, float* C, void*, size_t) {
     std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N));
     for (size_t i = 0; i < a.size(); ++i) a[i] = f16 ? f16_to_f32(A[i]) : bf16_to_f32(A[i]);
     for (size_t i = 0; i < b.size(); ++i) b[i] = f16 ? f16_to_f32(B[i]) : bf16_to_f32(B[i]);
-    cpu::gemm<float>(ta, tb, M, N, K, alpha, a.data(), b.data(), beta, C);
+    timed(f16 ? "gemm f16" : "gemm bf16", [&] { cpu::gemm<float>(ta, tb, M, N, K, alpha, a.data(), b.data(), beta, C); });
     return true;
   }
   void* alloc_host(size_t bytes) { return alloc(bytes, "paged-out memory"); }
@@ -65,6 +66,18 @@ struct EmulatorExec {
     return 0;
   }
   double finish_page_copy(int64_t) { return 0.0; }
+  // the profile by name, timed on the host (the emulator runs each kernel to its end before returning)
+  bool profiling = false;
+  OpProfile profile;
+  void set_profiling(bool on) { profiling = on; }
+  std::vector<OpTime> take_profile() { return profile.take(); }
+  template <typename Work>
+  void timed(const std::string& op, Work&& work) {
+    if (!profiling) return work();
+    const auto start = std::chrono::steady_clock::now();
+    work();
+    profile.add(op, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
 };
 
 using EmulatedBackend = cuda::KernelBackend<EmulatorExec>;
@@ -210,6 +223,37 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     }
     EXPECT_TRUE(s.total_peak <= e.peak_total, "total peak ", s.total_peak, " over the estimate ", e.peak_total);
   }
+}
+
+TEST(cuda_backend_profile_times_every_kernel_and_gemm_by_name_while_on) {
+  auto backend = emulated(32);
+  LoadOptions lo;
+  lo.quantize_nf4 = true;
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
+  LoraConfig lc;
+  lc.rank = 4;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  const std::vector<int32_t>& ids = qtest::reference_ids();
+  RunOptions ro;
+  ro.compute_grads = true;
+  model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro);
+  EXPECT_TRUE(backend->take_profile().empty(), "nothing is timed while profiling is off");
+  backend->set_profiling(true);
+  model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro);
+  const std::vector<OpTime> profile = backend->take_profile();
+  const int64_t layers = model->config().num_layers;
+  auto calls = [&](const std::string& op) {
+    for (const OpTime& t : profile)
+      if (t.op == op) return t.calls;
+    return int64_t{0};
+  };
+  // with checkpointing each block runs forward twice (the recomputation) and backward once
+  EXPECT_EQ(calls("attention_forward"), 2 * layers);
+  EXPECT_EQ(calls("attention_backward_dq"), layers);
+  EXPECT_EQ(calls("absmax_dequantize"), calls("nf4_dequantize"));
+  EXPECT_TRUE(calls("gemm f32") > 0, "GEMMs are in the profile");
+  for (size_t i = 1; i < profile.size(); ++i) EXPECT_TRUE(profile[i - 1].ms >= profile[i].ms, "the most time first");
+  EXPECT_TRUE(backend->take_profile().empty(), "a take starts afresh");
 }
 
 TEST(cuda_backend_trains_nf4_with_paging_and_generates_like_the_cpu) {

@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import { estimateMemory } from '../../extension/engine/tools';
 import { peakFlops, trainingFlopsPerToken } from '../../extension/trainer/flops';
-import { bench, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
+import { bench, formatBench, profilePerStep, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
 import { cliPath } from '../helpers/paths';
 
 const quick = { shape: 'tiny' as const, batch: 2, seq: 48, steps: 2, warmup: 1, rank: 8 };
@@ -45,6 +45,23 @@ test('bench under a memory budget pages the optimizer and computes the same loss
   assert.ok(paged.page_moves >= 4 && paged.page_bytes === paged.page_moves * e.optimizerPageBytes, `${paged.page_moves} moves, ${paged.page_bytes} bytes`);
   assert.ok(paged.peak_bytes.total <= paged.memory_budget!);
   assert.throws(() => bench({ ...quick, placement: { device: 'cpu', memoryBudgetBytes: e.categories.weights } }), /^Error: This run needs at least .* To fit: lower the batch size \(now 2\)/);
+});
+
+test('bench --profile: device time per step by op, the most first; none on the CPU, said so', () => {
+  // the per-step figures of a profile taken over several steps
+  const perStep = profilePerStep([{ op: 'attention_backward_dkv', calls: 64, ms: 30 }, { op: 'gemm bf16 8192x2048x2048 NT', calls: 32, ms: 10 }], 2);
+  assert.deepEqual(perStep, [
+    { op: 'attention_backward_dkv', calls: 32, ms: 15, share: 0.75 },
+    { op: 'gemm bf16 8192x2048x2048 NT', calls: 16, ms: 5, share: 0.25 },
+  ]);
+  const onCpu = bench({ ...quick, steps: 1, placement: { device: 'cpu' }, profile: true });
+  assert.equal(onCpu.profile, null);
+  const text = formatBench({ ...onCpu, profile: perStep });
+  assert.match(text, /\n {2}profile +20\.0 ms of device time a step in 2 ops \(of a [\d.]+ ms step\); the most:\n {4}attention_backward_dkv +15\.00 ms +75\.0% +32 calls\n {4}gemm bf16 8192x2048x2048 NT +5\.00 ms +25\.0% +16 calls$/);
+  const cli = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--seq', '16', '--steps', '1', '--warmup', '0', '--device', 'cpu', '--profile'], { encoding: 'utf8' });
+  assert.equal(cli.status, 0, cli.stderr);
+  assert.match(cli.stderr, /warning: --profile times GPU kernels; this run was on the CPU, which has none/);
+  assert.doesNotMatch(cli.stdout, /profile/);
 });
 
 test('model FLOPs per token: frozen base twice, LoRA three times, causal attention; peaks by GPU name', () => {

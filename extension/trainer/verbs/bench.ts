@@ -4,7 +4,7 @@
 // gradient checkpointing, AdamW, random tokens, warm-up steps then the mean of timed steps. Prints tokens/s, step time, peak
 // memory by category, page traffic and model FLOP utilization. With --generate: prefill and decode tokens/s of
 // generation at batch 1 with the adapter applied (the chat panel's path), on the same shapes.
-import { EngineModel, type MemoryCategory } from '../../engine';
+import { EngineModel, type MemoryCategory, type OpTime } from '../../engine';
 import { estimateMemory } from '../../engine/tools';
 import { MEMORY_CATEGORIES } from '../../protocol/events';
 import { formatBinaryBytes } from '../../util/bytes';
@@ -24,6 +24,8 @@ export interface BenchOptions {
   warmup: number;
   rank: number;
   placement: PlacementOptions;
+  /** Time every GPU kernel and GEMM of the timed steps (CUDA events; a small cost per launch). */
+  profile?: boolean;
   /** Called after each step (warm-up included) with its index and time, for progress on a terminal. */
   onStep?: (index: number, ms: number, warmup: boolean) => void;
 }
@@ -55,6 +57,24 @@ export interface BenchResult {
   trainable_parameters: number;
   /** What --device auto's choice had to say (the CPU fallback and why). */
   warnings: string[];
+  /** With --profile on a GPU: device time per timed step by op, the most first; null otherwise. */
+  profile: ProfileEntry[] | null;
+}
+
+export interface ProfileEntry {
+  op: string;
+  /** Calls per step. */
+  calls: number;
+  /** Device milliseconds per step. */
+  ms: number;
+  /** Share of the profiled device time. */
+  share: number;
+}
+
+/** A profile taken over `steps` steps, per step. */
+export function profilePerStep(times: readonly OpTime[], steps: number): ProfileEntry[] {
+  const total = times.reduce((sum, t) => sum + t.ms, 0);
+  return times.map((t) => ({ op: t.op, calls: t.calls / steps, ms: t.ms / steps, share: total > 0 ? t.ms / total : 0 }));
 }
 
 /** The reference's token stream: uniform over the vocabulary, new tokens every step, the same on every run. */
@@ -108,6 +128,10 @@ export function bench(o: BenchOptions): BenchResult {
     let loss = NaN;
     const times: number[] = [];
     for (let i = 0; i < o.warmup + o.steps; i++) {
+      if (o.profile && i === o.warmup) {
+        model.takeProfile();
+        model.setProfiling(true);
+      }
       const ids = randomIds(o.batch * o.seq, config.vocabSize, i);
       const t0 = process.hrtime.bigint();
       model.zeroGrad();
@@ -123,6 +147,8 @@ export function bench(o: BenchOptions): BenchResult {
       if (i >= o.warmup) times.push(ms);
       o.onStep?.(i, ms, i < o.warmup);
     }
+    const profiled = o.profile ? model.takeProfile() : [];
+    if (o.profile) model.setProfiling(false);
     const stepMs = times.reduce((a, b) => a + b, 0) / times.length;
     const flopsPerToken = trainingFlopsPerToken(config, o.rank, o.seq);
     const tokensPerS = (o.batch * o.seq) / (stepMs / 1000);
@@ -138,6 +164,7 @@ export function bench(o: BenchOptions): BenchResult {
       page_bytes: pageBytes, page_moves: pageMoves, page_ms: pageMs,
       flops_per_token: flopsPerToken, mfu: peak ? (tokensPerS * flopsPerToken) / peak : null,
       loss, trainable_parameters: model.loraInfo()?.parameters ?? 0, warnings: placement.warnings,
+      profile: profiled.length > 0 ? profilePerStep(profiled, o.steps) : null,
     };
   } finally {
     model.dispose();
@@ -224,6 +251,12 @@ export function formatBench(r: BenchResult): string {
     `  paging        ${r.page_moves === 0 ? 'none' : `${r.page_moves} moves, ${formatBinaryBytes(r.page_bytes)} in ${r.page_ms.toFixed(1)} ms`}`,
     `  loss          ${r.loss.toFixed(4)} (random tokens)`,
   ];
+  if (r.profile) {
+    const deviceMs = r.profile.reduce((sum, e) => sum + e.ms, 0);
+    lines.push(`  profile       ${deviceMs.toFixed(1)} ms of device time a step in ${r.profile.length} ops (of a ${r.step_ms.toFixed(1)} ms step); the most:`);
+    for (const e of r.profile.slice(0, PROFILE_LINES))
+      lines.push(`    ${e.op.padEnd(44)}${e.ms.toFixed(2).padStart(10)} ms ${(100 * e.share).toFixed(1).padStart(5)}%  ${formatCalls(e.calls)}`);
+  }
   return lines.join('\n');
 }
 
@@ -238,8 +271,12 @@ export const benchOptions: Record<string, OptionSpec> = {
   'prompt-tokens': { type: 'string', description: 'with --generate: prompt length (default 512)' },
   'new-tokens': { type: 'string', description: 'with --generate: tokens decoded one by one (default 128)' },
   ...placementOptions,
+  profile: { type: 'boolean', description: 'time every GPU kernel and GEMM of the timed steps and print where the time goes (CUDA events)' },
   json: { type: 'boolean', description: 'print the result as JSON' },
 };
+
+const PROFILE_LINES = 25;
+const formatCalls = (calls: number) => `${Number.isInteger(calls) ? calls : calls.toFixed(1)} call${calls === 1 ? '' : 's'}`;
 
 export function benchVerb(o: ParsedOptions): void {
   const shape = stringOption(o, 'shape');
@@ -265,8 +302,11 @@ export function benchVerb(o: ParsedOptions): void {
     warmup: integerOption(o, 'warmup', 3),
     rank: integerOption(o, 'rank', 16),
     placement: placementFromFlags(o),
+    profile: Boolean(o.profile),
     onStep: json ? undefined : (i, ms, warm) => process.stderr.write(`${warm ? 'warm-up' : 'step'} ${i + 1}: ${ms.toFixed(1)} ms\n`),
   });
   for (const w of result.warnings) process.stderr.write(`warning: ${w}\n`);
+  if (o.profile && result.profile === null)
+    process.stderr.write(`warning: --profile times GPU kernels; this run was on the ${result.device.kind === 'cuda' ? 'GPU but took no profile' : 'CPU, which has none'}\n`);
   process.stdout.write((json ? JSON.stringify(result) : formatBench(result)) + '\n');
 }

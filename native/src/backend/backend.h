@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "util/op_profile.h"
+
 namespace qlora {
 
 // What every engine allocation is for: the memory report (and the paging budget on the GPU) is by category.
@@ -168,6 +170,13 @@ class Backend {
                        float* out) = 0;
   virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
                             double beta2, double eps, double weight_decay, int64_t step, double grad_scale) = 0;
+
+  // ---- profile: time by op (bench --profile) ----
+  // On: each op's device time is measured (GPU: CUDA events around every kernel and GEMM, which costs a little);
+  // a backend without a profiler ignores it and takes nothing.
+  virtual void set_profiling(bool on) { (void)on; }
+  // The time by op since the last take (waiting for the device first), the most time first.
+  virtual std::vector<OpTime> take_profile() { return {}; }
 
   // ---- paging: host memory that device pages move to, and the copies between them ----
   // Host memory for pages moved out (page-locked on the GPU, so copies run asynchronously); not counted in the

@@ -106,6 +106,8 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
                         InstanceMethod("memory", &ModelHandle::Memory),
                         InstanceMethod("beginMemoryInterval", &ModelHandle::BeginMemoryInterval),
                         InstanceMethod("takePageMoves", &ModelHandle::TakePageMoves),
+                        InstanceMethod("setProfiling", &ModelHandle::SetProfiling),
+                        InstanceMethod("takeProfile", &ModelHandle::TakeProfile),
                         InstanceMethod("generationStart", &ModelHandle::GenerationStart),
                         InstanceMethod("generationAppend", &ModelHandle::GenerationAppend),
                         InstanceMethod("generationTruncate", &ModelHandle::GenerationTruncate),
@@ -381,6 +383,28 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
       m.Set("bytes", static_cast<double>(moves[i].bytes));
       m.Set("ms", moves[i].ms);
       out.Set(i, m);
+    }
+    return out;
+  }
+
+  // setProfiling(on): time every kernel and GEMM on the GPU (no effect on the CPU).
+  Napi::Value SetProfiling(const Napi::CallbackInfo& info) {
+    if (info.Length() < 1 || !info[0].IsBoolean()) throw Napi::TypeError::New(info.Env(), "setProfiling takes a boolean");
+    backend_->set_profiling(info[0].As<Napi::Boolean>().Value());
+    return info.Env().Undefined();
+  }
+
+  // takeProfile() -> [{op, calls, ms}]: device time by op since the last call, the most first ([] on the CPU).
+  Napi::Value TakeProfile(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::vector<OpTime> profile = guarded(env, [&] { return backend_->take_profile(); });
+    Napi::Array out = Napi::Array::New(env, profile.size());
+    for (size_t i = 0; i < profile.size(); ++i) {
+      Napi::Object t = Napi::Object::New(env);
+      t.Set("op", profile[i].op);
+      t.Set("calls", static_cast<double>(profile[i].calls));
+      t.Set("ms", profile[i].ms);
+      out.Set(i, t);
     }
     return out;
   }

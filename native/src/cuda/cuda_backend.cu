@@ -3,7 +3,9 @@
 // calls of nf4_kernels.h. The only translation unit that includes cuda/kernels.cuh (its kernels are defined there).
 #include "cuda/cuda_backend.h"
 
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "cuda/check.cuh"
 #include "cuda/kernel_backend.h"
@@ -15,6 +17,12 @@
 namespace qlora {
 
 namespace {
+
+// A GEMM's name in the profile: its types, shape and transposes ("gemm bf16 8192x2048x2048 NT").
+std::string gemm_op(const char* types, bool ta, bool tb, int64_t M, int64_t N, int64_t K) {
+  return std::string("gemm ") + types + " " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+         " " + (ta ? "T" : "N") + (tb ? "T" : "N");
+}
 
 class CudaExec {
  public:
@@ -40,15 +48,29 @@ class CudaExec {
     name_ = std::string("cuda:") + prop.name;
   }
 
+  ~CudaExec() {
+    for (const Timed& t : timed_) spare_.insert(spare_.end(), {t.start, t.stop});
+    for (cudaEvent_t e : spare_) cudaEventDestroy(e);  // no check: a failing destructor has nowhere to report
+  }
+  CudaExec(const CudaExec&) = delete;
+  CudaExec& operator=(const CudaExec&) = delete;
+
   std::string name() const { return name_; }
 
   template <typename... Params, typename... Args>
   void launch(const char* what, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
-    kernel<<<grid, block>>>(args...);
+    timed(what, [&] { kernel<<<grid, block>>>(args...); });
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess)
       fail("CUDA kernel ", what, " (grid ", grid.x, "x", grid.y, "x", grid.z, ", block ", block.x, ") failed to start: ",
            cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+  }
+
+  // ---- profile: a pair of CUDA events around each kernel and GEMM while on, read back by take_profile ----
+  void set_profiling(bool on) { profiling_ = on; }
+  std::vector<OpTime> take_profile() {
+    drain_timings();
+    return profile_.take();
   }
 
   void* alloc(size_t bytes, const char* what) { return allocator_.allocate(bytes, what); }
@@ -70,14 +92,20 @@ class CudaExec {
   size_t gemm_workspace_bytes() const { return static_cast<size_t>(kCudaGemmWorkspaceBytes); }
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B, float beta,
             float* C, void* workspace, size_t workspace_bytes) {
-    lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
-                workspace_bytes, nullptr);
+    timed(profiling_ ? gemm_op("f32", ta, tb, M, N, K) : std::string(), [&] {
+      lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
+                  workspace_bytes, nullptr);
+    });
   }
   // False when cuBLASLt has no half algorithm for this shape and alignment: the backend computes it in fp32.
   bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                  const uint16_t* B, float beta, float* C, void* workspace, size_t workspace_bytes) {
-    return lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, f16 ? gpu::GemmType::F16 : gpu::GemmType::BF16,
-                           gpu::GemmType::F32, workspace, workspace_bytes, nullptr);
+    bool done = false;
+    timed(profiling_ ? gemm_op(f16 ? "f16" : "bf16", ta, tb, M, N, K) : std::string(), [&] {
+      done = lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, f16 ? gpu::GemmType::F16 : gpu::GemmType::BF16,
+                             gpu::GemmType::F32, workspace, workspace_bytes, nullptr);
+    });
+    return done;
   }
 
   void* alloc_host(size_t bytes) { return cuda::pinned_malloc(bytes); }
@@ -88,10 +116,51 @@ class CudaExec {
   double finish_page_copy(int64_t ticket) { return copier_.finish(ticket); }
 
  private:
+  struct Timed {
+    std::string op;
+    cudaEvent_t start, stop;
+  };
+  // Runs `work` (launches on the legacy stream) between two events when profiling; they are read back later.
+  template <typename Work>
+  void timed(const std::string& op, Work&& work) {
+    if (!profiling_) return work();
+    const cudaEvent_t start = spare_event(), stop = spare_event();
+    QLORA_CUDA_CHECK(cudaEventRecord(start, cudaStreamLegacy));
+    work();
+    QLORA_CUDA_CHECK(cudaEventRecord(stop, cudaStreamLegacy));
+    timed_.push_back({op, start, stop});
+    if (timed_.size() >= 8192) drain_timings();  // bounded, even if nobody takes the profile
+  }
+  cudaEvent_t spare_event() {
+    if (spare_.empty()) {
+      cudaEvent_t e = nullptr;
+      QLORA_CUDA_CHECK(cudaEventCreate(&e));
+      return e;
+    }
+    const cudaEvent_t e = spare_.back();
+    spare_.pop_back();
+    return e;
+  }
+  void drain_timings() {
+    if (timed_.empty()) return;
+    QLORA_CUDA_CHECK(cudaEventSynchronize(timed_.back().stop));
+    for (const Timed& t : timed_) {
+      float ms = 0.0f;
+      QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.stop));
+      profile_.add(t.op, ms);
+      spare_.insert(spare_.end(), {t.start, t.stop});
+    }
+    timed_.clear();
+  }
+
   const gpu::CublasLt* lt_;
   gpu::CachingAllocator allocator_;
   cuda::PageCopier copier_;
   std::string name_;
+  bool profiling_ = false;
+  std::vector<Timed> timed_;
+  std::vector<cudaEvent_t> spare_;
+  OpProfile profile_;
 };
 
 }  // namespace

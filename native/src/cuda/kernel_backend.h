@@ -8,7 +8,8 @@
 // kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download /
 // copy (device to device) / zero, gemm (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and
 // gemm_half (the same with A and B as fp16 or bf16 bits, fp32 accumulation and output; false when it has no way to),
-// alloc_host / free_host, begin_page_copy / finish_page_copy.
+// alloc_host / free_host, begin_page_copy / finish_page_copy, set_profiling(on) / take_profile() (the time of each
+// launch and GEMM by name while on).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -56,6 +57,8 @@ class KernelBackend final : public Backend {
     return exec_.begin_page_copy(dst, src, bytes, dir == PageDir::Out);
   }
   double finish_page_copy(int64_t ticket) override { return exec_.finish_page_copy(ticket); }
+  void set_profiling(bool on) override { exec_.set_profiling(on); }
+  std::vector<OpTime> take_profile() override { return exec_.take_profile(); }
 
   // ---- dense math ----
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B,
