@@ -278,6 +278,36 @@ void fill_in_chunks(Backend* backend, T* device, int64_t n, Make make) {
   }
 }
 
+// Fills device memory with n random elements, kPerBlock of them from each Philox block (four words), each block
+// computed once: element i is make(words of block first_block + i / kPerBlock, i % kPerBlock). Returns the blocks
+// used, so that the next tensor takes the generator's blocks after them.
+template <typename T, int64_t kPerBlock, typename Make>
+uint64_t fill_from_philox(Backend* backend, T* device, int64_t n, const Philox& rng, uint64_t first_block, Make make) {
+  constexpr int64_t kChunk = int64_t{1} << 22;
+  static_assert(kChunk % kPerBlock == 0, "chunks start on a block");
+  std::vector<T> chunk(static_cast<size_t>(std::min(n, kChunk)));
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t count = std::min(kChunk, n - start);
+    const int64_t blocks = (count + kPerBlock - 1) / kPerBlock;
+    const uint64_t chunk_block = first_block + static_cast<uint64_t>(start / kPerBlock);
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const std::array<uint32_t, 4> words = rng.block(chunk_block + static_cast<uint64_t>(b));
+      for (int64_t lane = 0; lane < kPerBlock && b * kPerBlock + lane < count; ++lane)
+        chunk[static_cast<size_t>(b * kPerBlock + lane)] = make(words, lane);
+    }
+    backend->upload(device + start, chunk.data(), static_cast<size_t>(count) * sizeof(T));
+  }
+  return static_cast<uint64_t>((n + kPerBlock - 1) / kPerBlock);
+}
+
+// Random bytes, sixteen from a block.
+uint64_t fill_random_bytes(Backend* backend, uint8_t* device, int64_t n, const Philox& rng, uint64_t first_block) {
+  return fill_from_philox<uint8_t, 16>(backend, device, n, rng, first_block, [](const std::array<uint32_t, 4>& w, int64_t lane) {
+    return static_cast<uint8_t>(w[static_cast<size_t>(lane / 4)] >> (8 * (lane % 4)));
+  });
+}
+
 }  // namespace
 
 std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelConfig& config, uint64_t seed) {
@@ -287,17 +317,18 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
   model->config_ = config;
   const ModelConfig& c = model->config_;
   const Philox rng(seed, RngStream::BenchWeights);
-  uint64_t stream_offset = 0;  // each tensor takes its own range of the generator
+  uint64_t next_block = 0;  // each tensor takes its own range of the generator's blocks
   // uniform on [-a, a] with a = 0.02 * sqrt(3): the 0.02 standard deviation of Llama's initialization
   // bf16, as the checkpoints of these shapes store their embeddings
   auto random_dense = [&](int64_t n) {
     DenseWeight out;
     out.format = FloatFormat::BF16;
     out.bytes.reset(backend, 2 * n, MemCategory::Weights);
-    const uint64_t base = stream_offset;
-    fill_in_chunks(backend, reinterpret_cast<uint16_t*>(out.bytes.get()), n,
-                   [&](int64_t i) { return f32_to_bf16((rng.uniform(base + i) * 2.0f - 1.0f) * 0.0346410f); });
-    stream_offset += static_cast<uint64_t>(n);
+    next_block += fill_from_philox<uint16_t, 4>(backend, reinterpret_cast<uint16_t*>(out.bytes.get()), n, rng, next_block,
+                                                [](const std::array<uint32_t, 4>& w, int64_t lane) {
+                                                  const float u = philox_uniform(w[static_cast<size_t>(lane)]);
+                                                  return f32_to_bf16((u * 2.0f - 1.0f) * 0.0346410f);
+                                                });
     return out;
   };
   auto ones = [&](int64_t n) {
@@ -322,16 +353,12 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
       fl.round_to = FloatFormat::BF16;
       const int64_t n = shape[0] * shape[1];
       fl.packed.reset(backend, (n + 1) / 2, MemCategory::Weights);
-      const uint64_t base = stream_offset;
-      fill_in_chunks(backend, fl.packed.get(), (n + 1) / 2, [&](int64_t i) { return static_cast<uint8_t>(rng.bits(base + i)); });
-      stream_offset += static_cast<uint64_t>((n + 1) / 2);
+      next_block += fill_random_bytes(backend, fl.packed.get(), (n + 1) / 2, rng, next_block);
       // Double-quantized block constants, as QLoRA stores them: 0.05 +- 0.01 (a block's largest |w| of 0.02-spread
       // weights is about 2.5 standard deviations), one random 8-bit code each.
       const int64_t blocks = fl.blocks();
       fl.absmax_codes.reset(backend, blocks, MemCategory::Weights);
-      const uint64_t abase = stream_offset;
-      fill_in_chunks(backend, fl.absmax_codes.get(), blocks, [&](int64_t i) { return static_cast<uint8_t>(rng.bits(abase + i)); });
-      stream_offset += static_cast<uint64_t>(blocks);
+      next_block += fill_random_bytes(backend, fl.absmax_codes.get(), blocks, rng, next_block);
       fl.absmax2.reset(backend, (blocks + fl.absmax_blocksize2 - 1) / fl.absmax_blocksize2, MemCategory::Weights);
       fill_in_chunks(backend, fl.absmax2.get(), fl.absmax2.size(), [](int64_t) { return 0.01f; });
       fl.absmax_map.reset(backend, 256, MemCategory::Weights);
