@@ -218,7 +218,17 @@ class CpuBackend final : public Backend {
   }
   void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2, float offset,
                          int blocksize2, float* out) override {
-    nf4::double_dequantize_into(codes, n, state2_absmax, code2, offset, blocksize2, out);
+    if (blocksize2 <= 0) fail("double quantization blocksize must be positive, got ", blocksize2);
+    // nf4::double_dequantize_into's two roundings, a group of blocksize2 constants per iteration (no division per value)
+    const int64_t groups = (n + blocksize2 - 1) / blocksize2;
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = state2_absmax[g];
+      for (int64_t i = g * blocksize2; i < std::min(n, (g + 1) * blocksize2); ++i) {
+        const float product = code2[codes[i]] * scale;
+        out[i] = product + offset;
+      }
+    }
   }
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                          FloatFormat out_format, uint16_t* out) override {
