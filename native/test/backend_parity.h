@@ -183,6 +183,18 @@ inline void stored_weights(const MakeBackend& make) {
     expect_close("embedding of a 16-bit table on the CPU", expected, out.cpu.download(), 0);
     expect_close("embedding of a 16-bit table", out, 0);
 
+    // conversions of a stored matrix into each format, bit for bit the CPU's
+    for (FloatFormat to : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
+      const int64_t n = vocab * dim, bytes = n * float_format_bytes(to);
+      std::vector<uint8_t> on_cpu(static_cast<size_t>(bytes));
+      DeviceArray<uint8_t> on_dev(e, bytes, MemCategory::Workspace);
+      c->convert_stored(table.on_cpu(), n, to, on_cpu.data());
+      e->convert_stored(table.on_dev(), n, to, on_dev.get());
+      EXPECT_TRUE(on_dev.download() == on_cpu, "convert_stored to format ", static_cast<int>(to));
+      if (to == FloatFormat::F32)
+        EXPECT_TRUE(std::memcmp(on_cpu.data(), table.widened.data(), static_cast<size_t>(bytes)) == 0, "widened exactly");
+    }
+
     const int64_t N = 37, K = 19;  // W [N, K]
     const StoredTwin w(c, e, random_floats(N * K, 22), f);
     Twin wide(c, e, w.widened);

@@ -95,6 +95,11 @@ class Backend {
   // The format gemm_stored takes a frozen weight in without converting it first: fp32 on the CPU, the compute
   // dtype's 16 bits on the GPU under bf16 or fp16 compute (its GEMMs round B to it anyway).
   virtual FloatFormat gemm_weight_format() const { return FloatFormat::F32; }
+  // Whether gemm_stored converts a B of this format whole before each GEMM (the GPU, for any format but the one it
+  // takes); a caller that uses one frozen weight in many GEMMs then converts it once itself (convert_stored).
+  virtual bool gemm_converts(FloatFormat b_format) const { return b_format != gemm_weight_format(); }
+  // out = the n values of src in format `to` (widened exactly, or rounded to nearest even).
+  virtual void convert_stored(StoredMatrix src, int64_t n, FloatFormat to, void* out) = 0;
   // gemm with B a frozen weight as stored (A and C fp32): the numbers of gemm with B widened to fp32.
   virtual void gemm_stored(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                            StoredMatrix B, float beta, float* C) = 0;

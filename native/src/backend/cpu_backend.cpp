@@ -120,6 +120,25 @@ class CpuBackend final : public Backend {
             float beta, float* C) override {
     cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C);
   }
+  // The CPU's GEMM widens a 16-bit B as it packs it: no whole copy, whatever the format.
+  bool gemm_converts(FloatFormat) const override { return false; }
+  void convert_stored(StoredMatrix src, int64_t n, FloatFormat to, void* out) override {
+    const auto value = [&](int64_t i) {
+      switch (src.format) {
+        case FloatFormat::BF16: return bf16_to_f32(static_cast<const uint16_t*>(src.data)[i]);
+        case FloatFormat::F16: return f16_to_f32(static_cast<const uint16_t*>(src.data)[i]);
+        case FloatFormat::F32: break;
+      }
+      return static_cast<const float*>(src.data)[i];
+    };
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      if (to == FloatFormat::F32)
+        static_cast<float*>(out)[i] = value(i);
+      else
+        static_cast<uint16_t*>(out)[i] = to == FloatFormat::BF16 ? f32_to_bf16(value(i)) : f32_to_f16(value(i));
+    }
+  }
   void gemm_stored(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, StoredMatrix B,
                    float beta, float* C) override {
     switch (B.format) {

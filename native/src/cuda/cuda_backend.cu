@@ -92,7 +92,8 @@ class CudaExec {
   size_t gemm_workspace_bytes() const { return static_cast<size_t>(kCudaGemmWorkspaceBytes); }
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, const float* B, float beta,
             float* C, void* workspace, size_t workspace_bytes) {
-    timed(profiling_ ? gemm_op("f32", ta, tb, M, N, K) : std::string(), [&] {
+    const std::string op = profiling_ ? gemm_op("f32", ta, tb, M, N, K) : std::string();
+    timed(op.c_str(), [&] {
       lt_->matmul(ta, tb, M, N, K, alpha, A, B, beta, C, gpu::GemmType::F32, gpu::GemmType::F32, workspace,
                   workspace_bytes, nullptr);
     });
@@ -101,7 +102,8 @@ class CudaExec {
   bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
                  const uint16_t* B, float beta, float* C, void* workspace, size_t workspace_bytes) {
     bool done = false;
-    timed(profiling_ ? gemm_op(f16 ? "f16" : "bf16", ta, tb, M, N, K) : std::string(), [&] {
+    const std::string op = profiling_ ? gemm_op(f16 ? "f16" : "bf16", ta, tb, M, N, K) : std::string();
+    timed(op.c_str(), [&] {
       done = lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, f16 ? gpu::GemmType::F16 : gpu::GemmType::BF16,
                              gpu::GemmType::F32, workspace, workspace_bytes, nullptr);
     });
@@ -120,14 +122,20 @@ class CudaExec {
     std::string op;
     cudaEvent_t start, stop;
   };
-  // Runs `work` (launches on the legacy stream) between two events when profiling; they are read back later.
+  // Runs `work` (launches on the legacy stream) between two events when profiling; they are read back later. The
+  // events go back to the spares if anything throws.
   template <typename Work>
-  void timed(const std::string& op, Work&& work) {
+  void timed(const char* op, Work&& work) {
     if (!profiling_) return work();
     const cudaEvent_t start = spare_event(), stop = spare_event();
-    QLORA_CUDA_CHECK(cudaEventRecord(start, cudaStreamLegacy));
-    work();
-    QLORA_CUDA_CHECK(cudaEventRecord(stop, cudaStreamLegacy));
+    try {
+      QLORA_CUDA_CHECK(cudaEventRecord(start, cudaStreamLegacy));
+      work();
+      QLORA_CUDA_CHECK(cudaEventRecord(stop, cudaStreamLegacy));
+    } catch (...) {
+      spare_.insert(spare_.end(), {start, stop});
+      throw;
+    }
     timed_.push_back({op, start, stop});
     if (timed_.size() >= 8192) drain_timings();  // bounded, even if nobody takes the profile
   }
@@ -141,16 +149,24 @@ class CudaExec {
     spare_.pop_back();
     return e;
   }
+  // Each pair leaves timed_ before it is read, so that an error halfway leaves every event in exactly one list.
   void drain_timings() {
     if (timed_.empty()) return;
-    QLORA_CUDA_CHECK(cudaEventSynchronize(timed_.back().stop));
-    for (const Timed& t : timed_) {
-      float ms = 0.0f;
-      QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, t.start, t.stop));
-      profile_.add(t.op, ms);
-      spare_.insert(spare_.end(), {t.start, t.stop});
+    std::vector<Timed> pending;
+    pending.swap(timed_);
+    size_t next = 0;
+    try {
+      QLORA_CUDA_CHECK(cudaEventSynchronize(pending.back().stop));
+      for (; next < pending.size(); ++next) {
+        float ms = 0.0f;
+        QLORA_CUDA_CHECK(cudaEventElapsedTime(&ms, pending[next].start, pending[next].stop));
+        profile_.add(pending[next].op, ms);
+        spare_.insert(spare_.end(), {pending[next].start, pending[next].stop});
+      }
+    } catch (...) {
+      for (; next < pending.size(); ++next) spare_.insert(spare_.end(), {pending[next].start, pending[next].stop});
+      throw;
     }
-    timed_.clear();
   }
 
   const gpu::CublasLt* lt_;

@@ -65,6 +65,21 @@ class KernelBackend final : public Backend {
             float beta, float* C) override {
     gemm_stored(ta, tb, M, N, K, alpha, A, StoredMatrix{B, FloatFormat::F32}, beta, C);
   }
+  void convert_stored(StoredMatrix src, int64_t n, FloatFormat to, void* out) override {
+    if (n <= 0) return;
+    const int from = static_cast<int>(src.format);
+    if (src.format == to)
+      exec_.copy(out, src.data, static_cast<size_t>(n * float_format_bytes(to)));
+    else if (to == FloatFormat::F32)
+      exec_.launch("widen_to_f32", grid_for(n), exec_.threads, kernels::widen_to_f32,
+                   static_cast<const uint16_t*>(src.data), n, from, static_cast<float*>(out));
+    else if (src.format == FloatFormat::F32)
+      exec_.launch("to_half", grid_for(n), exec_.threads, kernels::to_half, static_cast<const float*>(src.data), n,
+                   to == FloatFormat::F16, static_cast<uint16_t*>(out));
+    else
+      exec_.launch("half_to_half", grid_for(n), exec_.threads, kernels::half_to_half,
+                   static_cast<const uint16_t*>(src.data), n, from, to == FloatFormat::F16, static_cast<uint16_t*>(out));
+  }
   // A 16-bit B in the compute dtype goes to the GEMM as it is (the LM head of a bf16 model is never converted);
   // otherwise B is converted into workspace first, whole.
   void gemm_stored(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, StoredMatrix B,

@@ -486,7 +486,8 @@ __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64
 }
 
 // Double quantization's block constants: code2[codes[i]] * state2_absmax[i / blocksize2] + offset, the product
-// and the sum rounded separately (nvcc would otherwise fuse them into one multiply-add), as bitsandbytes does.
+// and the sum rounded separately, as bitsandbytes does (the build's --fmad=false already keeps nvcc from fusing
+// them; the intrinsics say so here whatever the flags).
 __global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
                                   float offset, int blocksize2, float* out) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {

@@ -139,27 +139,30 @@ bool CublasLt::try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
   // cuBLASLt's A, B, C, D are our B, A, C, C
   const std::array<uint32_t, 4> alignments = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
   const uint64_t ws = workspace ? workspace_bytes : 0;
-  const Plan& p = plan(trans_a, trans_b, M, N, K, in, out, alignments, ws);
-  if (!p.found) return false;
-  const cublasStatus_t s = f_->matmul(handle_, p.desc, &alpha, B, p.lb, A, p.la, &beta, C, p.lc, C, p.lc, &p.algo,
-                                      workspace, ws, stream);
+  const std::shared_ptr<const Plan> p = plan(trans_a, trans_b, M, N, K, in, out, alignments, ws);
+  if (!p->found) return false;
+  const cublasStatus_t s = f_->matmul(handle_, p->desc, &alpha, B, p->lb, A, p->la, &beta, C, p->lc, C, p->lc,
+                                      &p->algo, workspace, ws, stream);
   if (s != 0) fail("cuBLASLt cublasLtMatmul failed with status ", s);
   return true;
 }
 
-const CublasLt::Plan& CublasLt::plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, GemmType in,
-                                     GemmType out, const std::array<uint32_t, 4>& alignments, uint64_t ws) const {
+std::shared_ptr<const CublasLt::Plan> CublasLt::plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
+                                                     GemmType in, GemmType out,
+                                                     const std::array<uint32_t, 4>& alignments, uint64_t ws) const {
+  constexpr size_t kMaxPlans = 4096;
   const PlanKey key = {trans_a,       trans_b,       M, N, K, static_cast<int64_t>(in), static_cast<int64_t>(out),
                        alignments[0], alignments[1], alignments[2], alignments[3], static_cast<int64_t>(ws)};
   std::lock_guard<std::mutex> lock(plans_mutex_);
   auto at = plans_.find(key);
-  if (at != plans_.end()) return *at->second;
+  if (at != plans_.end()) return at->second;
+  if (plans_.size() >= kMaxPlans) plans_.clear();
   // cuBLASLt is column-major: row-major C [M, N] is column-major C^T [N, M] = op(B)^T op(A)^T, so B goes first.
   // Row-major X stored [r, c] is column-major [c, r] with leading dimension c.
   const auto check = [](cublasStatus_t s, const char* what) {
     if (s != 0) fail("cuBLASLt ", what, " failed with status ", s);
   };
-  auto p = std::make_unique<Plan>(*f_);
+  auto p = std::make_shared<Plan>(*f_);
   check(f_->desc_create(&p->desc, kComputeF32, static_cast<int>(GemmType::F32)), "cublasLtMatmulDescCreate");
   const int op_first = trans_b ? kOpT : kOpN, op_second = trans_a ? kOpT : kOpN;
   check(f_->desc_set(p->desc, kDescTransA, &op_first, sizeof op_first), "set TRANSA");
@@ -188,7 +191,8 @@ const CublasLt::Plan& CublasLt::plan(bool trans_a, bool trans_b, int64_t M, int6
         "cublasLtMatmulAlgoGetHeuristic");
   p->found = found > 0;
   p->algo = result.algo;
-  return *plans_.emplace(key, std::move(p)).first->second;
+  plans_.emplace(key, p);
+  return p;
 }
 
 }  // namespace qlora::gpu

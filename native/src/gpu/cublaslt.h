@@ -38,7 +38,8 @@ class CublasLt {
   // The same, returning false (and computing nothing) when cuBLASLt has no algorithm for these types, shapes and
   // alignments (bf16 rows of an odd length, say), so that the caller can compute it another way. Each distinct
   // shape, types, alignments and workspace is planned once (descriptors and the heuristic's algorithm) and the
-  // plan kept: a training step's few dozen shapes never ask the heuristic twice.
+  // plan kept (up to a few thousand, then all are dropped and planned afresh): a training step's few dozen shapes
+  // never ask the heuristic twice.
   bool try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                   const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
                   size_t workspace_bytes, void* stream) const;
@@ -48,11 +49,14 @@ class CublasLt {
   struct Plan;
   using PlanKey = std::array<int64_t, 12>;
   CublasLt() = default;
-  const Plan& plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, GemmType in, GemmType out,
-                   const std::array<uint32_t, 4>& alignments, uint64_t workspace_bytes) const;
+  std::shared_ptr<const Plan> plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, GemmType in,
+                                   GemmType out, const std::array<uint32_t, 4>& alignments,
+                                   uint64_t workspace_bytes) const;
   std::unique_ptr<Functions> f_;
   mutable std::mutex plans_mutex_;
-  mutable std::map<PlanKey, std::unique_ptr<Plan>> plans_;
+  // Shared with the calls using them, so that dropping the plans (when there are too many: generation's prompts
+  // of every length) never destroys one in use.
+  mutable std::map<PlanKey, std::shared_ptr<const Plan>> plans_;
   void* handle_ = nullptr;
   std::string path_;
   size_t version_ = 0;

@@ -541,7 +541,14 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
 double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale,
                            float* dx_final, double* logprobs, float* log_softmax, Workspace& ws) {
   const ModelConfig& c = config_;
-  const StoredMatrix w = lm_head_weight();
+  StoredMatrix w = lm_head_weight();
+  DeviceArray<uint8_t> converted;
+  if (backend_->gemm_converts(w.format)) {  // once for every chunk, forward and backward, not at each GEMM
+    const FloatFormat to = backend_->gemm_weight_format();
+    converted.reset(backend_, c.vocab_size * c.hidden_size * float_format_bytes(to), MemCategory::Workspace);
+    backend_->convert_stored(w, c.vocab_size * c.hidden_size, to, converted.get());
+    w = {converted.get(), to};
+  }
   backend_->rmsnorm_forward(x_final, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, ws.xf.get(),
                             ws.rstdf.get());
   ws.targets.upload(targets, rows);
