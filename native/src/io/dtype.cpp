@@ -101,15 +101,20 @@ uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
+// Conversions of whole tensors (a model's weights on load) run on every core; a row of an embedding does not.
+constexpr size_t kParallelFrom = size_t{1} << 16;
+
 void convert_to_f32(DType t, const void* src, size_t n, float* dst, const std::string& context) {
   switch (t) {
     case DType::F32:
       if (n) std::memcpy(dst, src, n * sizeof(float));
       return;
     case DType::BF16:
+#pragma omp parallel for schedule(static) if (n >= kParallelFrom)
       for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(src, i));
       return;
     case DType::F16:
+#pragma omp parallel for schedule(static) if (n >= kParallelFrom)
       for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(src, i));
       return;
     case DType::F64:

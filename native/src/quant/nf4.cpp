@@ -41,6 +41,8 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   out.packed.assign(static_cast<size_t>((n + 1) / 2), 0);
   out.absmax.resize(static_cast<size_t>(nblocks));
+  // Blocks are independent and start on a byte (an even block size), so threads never share a byte.
+#pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t count = std::min<int64_t>(blocksize, n - begin);
