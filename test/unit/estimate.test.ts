@@ -1,6 +1,9 @@
 // estimate through the addon: the numbers equal what the engine's allocator reports after real training steps on
 // the reference model, and the verb prints a table and JSON.
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { test } from 'node:test';
 import { EngineModel } from '../../extension/engine';
 import { estimateMemory } from '../../extension/engine/tools';
@@ -41,6 +44,31 @@ test('estimate reads bnb-4bit checkpoints as NF4 and reports the config', () => 
   const dense = estimate({ model: reference('llama-shared'), quantize: false });
   assert.ok(e.categories.weights < dense.categories.weights);
   assert.equal(e.categories.activations, dense.categories.activations);
+});
+
+test('a bnb-4bit checkpoint is estimated by its tensors: double-quantized block constants or not, whatever config.json says', () => {
+  const plain = estimate({ model: reference('llama-shared-bnb4'), quantize: false });
+  const nested = estimate({ model: reference('llama-shared-bnb4-dq'), quantize: false });
+  // 8-bit codes, one fp32 constant per 256 and the 256-value map, instead of one fp32 constant a block (the map
+  // makes it more on a model this small)
+  assert.notEqual(nested.categories.weights, plain.categories.weights);
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qlora-estimate-'));
+  try {
+    for (const f of fs.readdirSync(reference('llama-shared-bnb4'))) fs.copyFileSync(path.join(reference('llama-shared-bnb4'), f), path.join(dir, f));
+    const config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
+    config.quantization_config.bnb_4bit_use_double_quant = true;  // wrong: its tensors have no nested state
+    fs.writeFileSync(path.join(dir, 'config.json'), JSON.stringify(config));
+    const mislabelled = estimate({ model: dir, quantize: false });
+    assert.deepEqual(mislabelled.categories, plain.categories);
+    const model = EngineModel.load(dir, { quantize: false });
+    try {
+      assert.equal(model.memory().current.weights, plain.categories.weights);
+    } finally {
+      model.dispose();
+    }
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test('estimate verb: --json gives bytes, the table gives MiB by category and the peak', () => {

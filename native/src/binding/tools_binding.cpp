@@ -9,6 +9,7 @@
 #include "backend/backend.h"
 #include "binding/binding_util.h"
 #include "io/model_config.h"
+#include "io/safetensors.h"
 #include "model/bench_shapes.h"
 #include "model/estimate.h"
 #include "model/lora.h"
@@ -92,10 +93,20 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
       eo.targets.push_back(*m);
     }
   }
-  const ModelConfig c = guarded(env, [&] {
+  ModelConfig c = guarded(env, [&] {
     return synthetic ? bench_shape(info[0].As<Napi::Object>().Get("shape").ToString().Utf8Value()) : load_model_config(dir);
   });
   eo.stored_4bit = c.quantization.has_value() && c.quantization->load_in_4bit;
+  if (eo.stored_4bit) {
+    // The tensors, not config.json, say whether the block constants are double-quantized (the loader goes by them):
+    // the first layer's q_proj has a nested state or not. Reading the headers maps no weights.
+    guarded(env, [&] {
+      const auto store = TensorStore::open_dir(dir);
+      const std::string q = "model.layers.0.self_attn.q_proj.weight";
+      if (store->has(q)) c.quantization->double_quant = store->has(q + ".nested_absmax");
+      return 0;
+    });
+  }
   const MemoryEstimate e = guarded(env, [&] { return estimate_memory(c, eo); });
 
   Napi::Object categories = Napi::Object::New(env);
