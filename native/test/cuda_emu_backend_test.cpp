@@ -87,6 +87,22 @@ parity::MakeBackend emulated_with(int threads) {
   return [threads]() -> std::unique_ptr<Backend> { return emulated(threads); };
 }
 
+// The reference model quantized on load, with a fresh rank-4 adapter, on `backend`.
+struct QuantizedWithAdapter {
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<LoraAdapter> adapter;
+};
+QuantizedWithAdapter quantized_with_adapter(Backend* backend) {
+  LoadOptions lo;
+  lo.quantize_nf4 = true;
+  QuantizedWithAdapter q;
+  q.model = LlamaModel::load(backend, qtest::reference("llama-shared"), lo);
+  LoraConfig lc;
+  lc.rank = 4;
+  q.adapter = LoraAdapter::create(backend, q.model->config(), lc, 7);
+  return q;
+}
+
 // The emulator runs the GPU's fp32 arithmetic: only the order of sums differs from the CPU's.
 constexpr parity::ModelTolerance kEmulatedTolerance{1e-5, 1e-5, 1e-4};
 
@@ -190,12 +206,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   for (bool bf16 : {false, true}) {
     auto backend = emulated(32);
     backend->set_compute(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
-    LoadOptions lo;
-    lo.quantize_nf4 = true;
-    auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
-    LoraConfig lc;
-    lc.rank = 4;
-    auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+    auto [model, adapter] = quantized_with_adapter(backend.get());
     const int64_t batch = 2, seq = 7;
     std::vector<int32_t> ids(static_cast<size_t>(batch * seq));
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37 + 5) % 200);
@@ -227,12 +238,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
 
 TEST(cuda_backend_profile_times_every_kernel_and_gemm_by_name_while_on) {
   auto backend = emulated(32);
-  LoadOptions lo;
-  lo.quantize_nf4 = true;
-  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
-  LoraConfig lc;
-  lc.rank = 4;
-  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  auto [model, adapter] = quantized_with_adapter(backend.get());
   const std::vector<int32_t>& ids = qtest::reference_ids();
   RunOptions ro;
   ro.compute_grads = true;

@@ -471,18 +471,19 @@ __device__ __forceinline__ float round_stored(float v, int round_to) {
   return v;
 }
 
-// Two elements per thread: one packed byte (first element in the high nibble).
+// Weight i of an NF4 tensor (two a byte, the first in the high nibble), dequantized and rounded to round_to.
+__device__ __forceinline__ float nf4_weight(const uint8_t* packed, const float* absmax, int64_t i, int blocksize,
+                                            int round_to) {
+  const uint8_t byte = packed[i >> 1];
+  const int code = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+  return round_stored(nf4::code_value(code) * absmax[i / blocksize], round_to);
+}
+
+// Two elements per thread: one packed byte.
 __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
                                float* out) {
-  const int64_t bytes = (n + 1) / 2;
-  for (int64_t byte = global_thread(); byte < bytes; byte += grid_threads()) {
-    const int64_t i = 2 * byte;
-    const uint8_t b = packed[byte];
-    for (int k = 0; k < 2 && i + k < n; ++k) {
-      const int code = k == 0 ? (b >> 4) : (b & 0x0f);
-      out[i + k] = round_stored(nf4::code_value(code) * absmax[(i + k) / blocksize], round_to);
-    }
-  }
+  for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
+    for (int64_t k = i; k < i + 2 && k < n; ++k) out[k] = nf4_weight(packed, absmax, k, blocksize, round_to);
 }
 
 // Double quantization's block constants: code2[codes[i]] * state2_absmax[i / blocksize2] + offset, the product
@@ -503,16 +504,11 @@ __global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* 
 // nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them.
 __global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
                                   bool to_f16, uint16_t* out) {
-  const int64_t bytes = (n + 1) / 2;
-  for (int64_t byte = global_thread(); byte < bytes; byte += grid_threads()) {
-    const int64_t i = 2 * byte;
-    const uint8_t b = packed[byte];
-    for (int k = 0; k < 2 && i + k < n; ++k) {
-      const int code = k == 0 ? (b >> 4) : (b & 0x0f);
-      const float v = round_stored(nf4::code_value(code) * absmax[(i + k) / blocksize], round_to);
-      out[i + k] = to_f16 ? f16_bits(v) : bf16_bits(v);
+  for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
+    for (int64_t k = i; k < i + 2 && k < n; ++k) {
+      const float v = nf4_weight(packed, absmax, k, blocksize, round_to);
+      out[k] = to_f16 ? f16_bits(v) : bf16_bits(v);
     }
-  }
 }
 
 // Generation's few-row product y [rows, out] = x [rows, in] · W^T with W in NF4, each weight dequantized (and
@@ -525,10 +521,7 @@ __global__ void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packe
   const int64_t o = blockIdx.x;
   float acc[kMaxFewRows] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t k = threadIdx.x; k < in; k += blockDim.x) {
-    const int64_t i = o * in + k;
-    const uint8_t byte = packed[i >> 1];
-    const int code = (i & 1) ? (byte & 0x0f) : (byte >> 4);
-    const float w = round_stored(nf4::code_value(code) * absmax[i / blocksize], round_to);
+    const float w = nf4_weight(packed, absmax, o * in + k, blocksize, round_to);
     for (int64_t r = 0; r < rows; ++r) acc[r] += round_stored(x[r * in + k], round_x) * w;
   }
   for (int64_t r = 0; r < rows; ++r) {
