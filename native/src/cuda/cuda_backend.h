@@ -14,6 +14,10 @@ namespace qlora {
 constexpr int64_t kCudaGemmWorkspaceBytes = int64_t{32} << 20;
 
 enum class GpuCompute { F32, BF16, F16 };
+// The format a compute dtype's GEMMs take their inputs in.
+inline FloatFormat compute_format(GpuCompute c) {
+  return c == GpuCompute::BF16 ? FloatFormat::BF16 : c == GpuCompute::F16 ? FloatFormat::F16 : FloatFormat::F32;
+}
 
 struct CudaBackendOptions {
   std::string library_dir;  // where to look for cuBLASLt first (qlora.cudaLibraryPath / --cuda-lib-dir)

@@ -39,9 +39,7 @@ class KernelBackend final : public Backend {
   // in fp32 (activations, norms, softmax, the loss and the optimizer stay fp32). F32: fp32 GEMMs.
   void set_compute(GpuCompute compute) { compute_ = compute; }
   GpuCompute compute() const { return compute_; }
-  FloatFormat gemm_weight_format() const override {
-    return compute_ == GpuCompute::BF16 ? FloatFormat::BF16 : compute_ == GpuCompute::F16 ? FloatFormat::F16 : FloatFormat::F32;
-  }
+  FloatFormat gemm_weight_format() const override { return compute_format(compute_); }
   std::string name() const override { return exec_.name(); }
 
   // ---- memory ----
@@ -105,8 +103,7 @@ class KernelBackend final : public Backend {
     auto b_f32 = [&]() -> const float* {
       if (B.format == FloatFormat::F32) return static_cast<const float*>(B.data);
       b32.reset(this, b_count, MemCategory::Workspace);
-      exec_.launch("widen_to_f32", grid_for(b_count), exec_.threads, kernels::widen_to_f32,
-                   static_cast<const uint16_t*>(B.data), b_count, static_cast<int>(B.format), b32.get());
+      convert_stored(B, b_count, FloatFormat::F32, b32.get());
       return b32.get();
     };
     if (compute_ == GpuCompute::F32)
@@ -118,12 +115,7 @@ class KernelBackend final : public Backend {
     const uint16_t* b_half = static_cast<const uint16_t*>(B.data);
     if (B.format != half) {
       b16.reset(this, b_count, MemCategory::Workspace);
-      if (B.format == FloatFormat::F32)
-        exec_.launch("to_half", grid_for(b_count), exec_.threads, kernels::to_half, static_cast<const float*>(B.data),
-                     b_count, f16, b16.get());
-      else
-        exec_.launch("half_to_half", grid_for(b_count), exec_.threads, kernels::half_to_half,
-                     static_cast<const uint16_t*>(B.data), b_count, static_cast<int>(B.format), f16, b16.get());
+      convert_stored(B, b_count, half, b16.get());
       b_half = b16.get();
     }
     if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a16.get(), b_half, beta, C, workspace, workspace_bytes)) {
@@ -280,7 +272,7 @@ class KernelBackend final : public Backend {
     if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
     nf4::check_blocksize(blocksize, "nf4_matmul_nt");
     if (rows == 0 || out == 0) return;
-    const int round_x = compute_ == GpuCompute::BF16 ? 1 : compute_ == GpuCompute::F16 ? 2 : 0;
+    const int round_x = static_cast<int>(compute_format(compute_));  // 0 none, 1 bf16, 2 fp16
     exec_.launch("nf4_matmul_nt", row_grid(out), exec_.threads, kernels::nf4_matmul_nt, x, rows, packed, absmax, out,
                  in, blocksize, static_cast<int>(round_to), round_x, y);
   }

@@ -40,8 +40,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
 
   // LlamaModel::load: frozen matrices as stored, norms and biases fp32; NF4 linears keep packed codes and their
-  // block constants: with double quantization (always when quantizing on load; as config.json says for a bnb-4bit
-  // checkpoint) one byte per block, one fp32 per 256 blocks and the 256-value map, else one fp32 per block.
+  // block constants: with double quantization (always when quantizing on load; for a bnb-4bit checkpoint as its
+  // tensors say, which the binding reads into config.quantization) one byte per block, one fp32 per 256 blocks and the 256-value map, else one fp32 per block.
   const bool nf4 = o.stored_4bit || o.quantize_nf4;
   const bool double_quant = o.stored_4bit ? c.quantization.has_value() && c.quantization->double_quant : nf4;
   auto block_constants_bytes = [&](int64_t blocks) {
@@ -84,9 +84,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const int64_t targets_count = static_cast<int64_t>(targets.size());
   // Workspace: one dequantized weight (in the format the GEMM takes it), rope tables, dropout and LoRA scratch, one
   // chunk of logits.
-  const FloatFormat takes = !o.cuda || o.compute == GpuCompute::F32 ? FloatFormat::F32
-                            : o.compute == GpuCompute::BF16      ? FloatFormat::BF16
-                                                                 : FloatFormat::F16;
+  const FloatFormat takes = o.cuda ? compute_format(o.compute) : FloatFormat::F32;
   add(Ws, max_linear_size * float_format_bytes(takes));
   if (nf4 && double_quant) add(Ws, ceil_div(max_linear_size, kNf4Blocksize) * kF32);  // its block constants
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);

@@ -85,6 +85,16 @@ FloatFormat round_to_for_dtype(const std::string& dtype, const std::string& cont
   fail(context, ": quant state dtype '", dtype, "' is not supported (float32, bfloat16, float16)");
 }
 
+FloatFormat float_format_of(DType t) {
+  return t == DType::BF16 ? FloatFormat::BF16 : t == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
+}
+
+// x (n fp32 values) rounded in place to `format`, through its 16-bit bits in `bits`.
+void round_through_16(Backend* backend, float* x, int64_t n, FloatFormat format, uint16_t* bits) {
+  backend->pack_16(x, n, format, bits);
+  backend->widen_16(bits, n, format, x);
+}
+
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
 int64_t max_double_quant_blocks(const std::vector<LayerWeights>& layers) {
@@ -125,9 +135,7 @@ class HiddenStates {
   void commit(int64_t l) {
     if (format_ == FloatFormat::F32) return;
     float* x = packed_ ? wide_[l % 2].get() : fp32_[static_cast<size_t>(l)].get();
-    uint16_t* bits = packed_ ? stored_[static_cast<size_t>(l)].get() : rounding_.get();
-    backend_->pack_16(x, size_, format_, bits);
-    backend_->widen_16(bits, size_, format_, x);
+    round_through_16(backend_, x, size_, format_, packed_ ? stored_[static_cast<size_t>(l)].get() : rounding_.get());
   }
   // State l in fp32; valid until the state two below or above it is read or written.
   const float* input(int64_t l) {
@@ -198,7 +206,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
       w.bytes.upload(reinterpret_cast<const uint8_t*>(values.data()), t.numel() * 4);
       return w;
     }
-    w.format = t.dtype == DType::BF16 ? FloatFormat::BF16 : t.dtype == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
+    w.format = float_format_of(t.dtype);
     w.bytes.reset(backend, static_cast<int64_t>(t.nbytes), MemCategory::Weights);
     w.bytes.upload(store->data(name), static_cast<int64_t>(t.nbytes));
     return w;
@@ -251,8 +259,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
         state.offset = dq.offset;
         state.blocksize2 = 256;
         upload_double_quant(backend, fl, state);
-        const DType stored = store->info(name).dtype;
-        fl.round_to = stored == DType::BF16 ? FloatFormat::BF16 : stored == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
+        fl.round_to = float_format_of(store->info(name).dtype);
       } else {
         fl.dense = load_stored(name, {shape[0], shape[1]});
       }
@@ -757,8 +764,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   auto round_hidden = [&](float* state) {
     if (hidden == FloatFormat::F32) return;
     if (rounding.empty()) rounding.reset(be, n * c.hidden_size, work);
-    be->pack_16(state, n * c.hidden_size, hidden, rounding.get());
-    be->widen_16(rounding.get(), n * c.hidden_size, hidden, state);
+    round_through_16(be, state, n * c.hidden_size, hidden, rounding.get());
   };
   round_hidden(x.get());
 
