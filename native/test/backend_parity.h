@@ -315,6 +315,45 @@ inline void rope_and_attention(const MakeBackend& make) {
   }
 }
 
+// The tensor-core attention of half compute (cuda/flash_attention.cuh) against the CPU's fp32 attention of the same
+// inputs rounded to the compute's 16-bit type, as the kernels stage them; the kernels also round P and dS into their
+// products, so the two agree to that type's precision. Sequences that end inside a tile of 64 and of 32 rows, GQA, and
+// every head size built (16, 32, 64, 128).
+inline void flash_attention(const MakeBackend& make, bool f16) {
+  auto cpu = make_cpu_backend();
+  auto dev = make();
+  Backend* c = cpu.get();
+  Backend* e = dev.get();
+  const double tol = f16 ? 4e-3 : 3e-2;
+  auto rounded = [f16](std::vector<float> v) {
+    for (float& x : v) x = f16 ? round_to_f16(x) : round_to_bf16(x);
+    return v;
+  };
+  struct Shape {
+    int64_t heads, kv_heads, hd, seq;
+  };
+  for (const Shape& shape : {Shape{4, 2, 16, 37}, Shape{2, 1, 32, 100}, Shape{2, 2, 64, 70}, Shape{2, 1, 128, 65}}) {
+    const int64_t heads = shape.heads, kv_heads = shape.kv_heads, hd = shape.hd, seq = shape.seq, batch = 2;
+    const int64_t qn = batch * seq * heads * hd, kvn = batch * seq * kv_heads * hd;
+    Twin q(c, e, rounded(random_floats(qn, 31))), k(c, e, rounded(random_floats(kvn, 32))),
+        v(c, e, rounded(random_floats(kvn, 33)));
+    Twin out(c, e, qn), lse(c, e, batch * heads * seq);
+    c->attention_forward(q.cpu.get(), k.cpu.get(), v.cpu.get(), batch, seq, heads, kv_heads, hd, out.cpu.get(), lse.cpu.get());
+    e->attention_forward(q.dev.get(), k.dev.get(), v.dev.get(), batch, seq, heads, kv_heads, hd, out.dev.get(), lse.dev.get());
+    expect_close("tensor-core attention out", out, tol);
+    expect_close("tensor-core attention lse", lse, 1e-4);
+
+    Twin dout(c, e, rounded(random_floats(qn, 34))), dq(c, e, qn), dk(c, e, kvn), dv(c, e, kvn);
+    c->attention_backward(dout.cpu.get(), q.cpu.get(), k.cpu.get(), v.cpu.get(), out.cpu.get(), lse.cpu.get(), batch,
+                          seq, heads, kv_heads, hd, dq.cpu.get(), dk.cpu.get(), dv.cpu.get());
+    e->attention_backward(dout.dev.get(), q.dev.get(), k.dev.get(), v.dev.get(), out.dev.get(), lse.dev.get(), batch,
+                          seq, heads, kv_heads, hd, dq.dev.get(), dk.dev.get(), dv.dev.get());
+    expect_close("tensor-core attention dq", dq, tol);
+    expect_close("tensor-core attention dk", dk, tol);
+    expect_close("tensor-core attention dv", dv, tol);
+  }
+}
+
 // Generation's fused NF4 product against the CPU's (dequantize + in-order sums): rows that start inside a byte,
 // blocks straddling rows, 1 to 4 rows, every rounding of the quant state.
 inline void nf4_matmul_nt(const MakeBackend& make) {

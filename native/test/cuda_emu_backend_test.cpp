@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "backend_parity.h"
@@ -29,8 +30,10 @@ namespace {
 // is the CPU's (cuBLASLt's part is checked on the GPU).
 struct EmulatorExec {
   int threads;
+  int compute_capability = 90;  // an H100's: half compute takes the tensor-core attention; 75 for the scalar kernels
   explicit EmulatorExec(int block_threads) : threads(block_threads) {}
   std::string name() const { return "cuda-emulator"; }
+  int sm() const { return compute_capability; }
   template <typename... Params, typename... Args>
   void launch(const char* what, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
     timed(what, [&] { cuda_emu::launch(grid, block, [&] { kernel(args...); }); });
@@ -127,6 +130,46 @@ TEST(cuda_emu_runs_every_thread_and_orders_them_at_barriers) {
   EXPECT_THROWS_WITH(cuda_emu::launch(dim3(1, 70000), dim3(32), [] {}), "a grid of 1 x 70000 x 1 blocks");
 }
 
+// Warp collectives: a shuffle reads the partner lane's value; the tensor-core product, through the fragment helpers of
+// warp_mma.cuh, is the matrix product (small integers: exact in bf16 and fp32); a lane missing is an error.
+TEST(cuda_emu_warp_shuffles_and_mma_follow_ptx) {
+  std::vector<int> shuffled(64, -1);
+  cuda_emu::launch(dim3(1), dim3(64), [&] {
+    shuffled[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x) * 10, 5);
+  });
+  for (int t = 0; t < 64; ++t) EXPECT_EQ(shuffled[t], (t ^ 5) * 10);
+
+  // A 16 x 16 and B 16 x 8 in row-major tiles; D = A B, each lane writing its accumulators where PTX places them
+  auto a_at = [](int r, int c) { return static_cast<float>((r * 3 + c * 5) % 7 - 3); };
+  auto b_at = [](int r, int c) { return static_cast<float>((r * 2 + c) % 5 - 2); };
+  std::vector<float> d(16 * 8, 0.0f);
+  cuda_emu::launch(dim3(1), dim3(32), [&] {
+    __shared__ uint16_t a_tile[16][16 + cuda::kernels::kTilePad];
+    __shared__ uint16_t b_tile[16][8 + cuda::kernels::kTilePad];
+    for (int i = threadIdx.x; i < 16 * 16; i += 32) a_tile[i / 16][i % 16] = f32_to_bf16(a_at(i / 16, i % 16));
+    for (int i = threadIdx.x; i < 16 * 8; i += 32) b_tile[i / 8][i % 8] = f32_to_bf16(b_at(i / 8, i % 8));
+    __syncthreads();
+    uint32_t a[4], b[2];
+    float acc[4] = {};
+    cuda::kernels::fragment_a(a_tile, 0, 0, a);
+    cuda::kernels::fragment_b(b_tile, 0, 0, b);
+    cuda::kernels::mma_16816<false>(acc, a, b);
+    const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+    for (int i = 0; i < 4; ++i) d[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + i % 2] = acc[i];
+  });
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 8; ++c) {
+      float expected = 0.0f;
+      for (int k = 0; k < 16; ++k) expected += a_at(r, k) * b_at(k, c);
+      EXPECT_EQ(d[r * 8 + c], expected);
+    }
+  EXPECT_THROWS_WITH(cuda_emu::launch(dim3(1), dim3(32), [] {
+                       if (threadIdx.x < 16) return;
+                       (void)__shfl_xor_sync(0xffffffffu, 1.0f, 1);
+                     }),
+                     "wait in a warp collective that the others never reach");
+}
+
 // Blocks of 32 and 256 threads: rows shorter and longer than a block.
 TEST(cuda_kernels_elementwise_and_row_ops_match_the_cpu) {
   parity::elementwise_and_row_ops(emulated_with(32));
@@ -157,6 +200,36 @@ TEST(cuda_kernels_read_frozen_weights_stored_in_16_bits_as_the_cpu_does) {
 }
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
 TEST(cuda_kernels_rope_and_attention_match_the_cpu) { parity::rope_and_attention(emulated_with(32)); }
+TEST(cuda_kernels_tensor_core_attention_matches_the_cpu_in_bf16_and_fp16) {
+  auto half_compute = [](bool f16, int sm) {
+    return [f16, sm]() -> std::unique_ptr<Backend> {
+      auto backend = emulated(32);
+      backend->exec().compute_capability = sm;
+      backend->set_compute(f16 ? GpuCompute::F16 : GpuCompute::BF16);
+      return backend;
+    };
+  };
+  parity::flash_attention(half_compute(false, 90), false);
+  parity::flash_attention(half_compute(true, 90), true);
+  parity::flash_attention(half_compute(true, 75), true);  // Turing: the scalar kernels
+  // which kernels ran: the tensor-core ones on sm_80 and newer in half compute, the scalar ones otherwise
+  for (const auto& [sm, compute, expected] : {std::tuple{90, GpuCompute::BF16, "flash_attention_forward"},
+                                              std::tuple{75, GpuCompute::F16, "attention_forward"},
+                                              std::tuple{90, GpuCompute::F32, "attention_forward"}}) {
+    auto backend = emulated(32);
+    backend->exec().compute_capability = sm;
+    backend->set_compute(compute);
+    backend->set_profiling(true);
+    const int64_t seq = 5, heads = 2, hd = 16;
+    DeviceArray<float> x(backend.get(), seq * heads * hd, MemCategory::Activations), out(backend.get(), seq * heads * hd, MemCategory::Activations),
+        lse(backend.get(), heads * seq, MemCategory::Activations);
+    x.upload(parity::random_floats(static_cast<size_t>(seq * heads * hd), 3));
+    backend->attention_forward(x.get(), x.get(), x.get(), 1, seq, heads, heads, hd, out.get(), lse.get());
+    const std::vector<OpTime> profile = backend->take_profile();
+    EXPECT_TRUE(profile.size() == 1 && profile[0].op == expected, "the attention kernel chosen for the GPU and dtype");
+  }
+}
+
 TEST(cuda_kernels_nf4_dequantize_and_dropout_are_bit_identical_to_the_cpu) {
   parity::nf4_dequantize_and_dropout_bit_for_bit(emulated_with(64));
 }

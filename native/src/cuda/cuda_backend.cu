@@ -46,6 +46,7 @@ class CudaExec {
       fail("bf16 compute needs an Ampere or newer GPU (compute capability 8.0); ", prop.name, " has ", prop.major, ".",
            prop.minor, ": use fp16 (--dtype fp16) or fp32 compute (--dtype f32)");
     name_ = std::string("cuda:") + prop.name;
+    sm_ = prop.major * 10 + prop.minor;
   }
 
   ~CudaExec() {
@@ -56,6 +57,7 @@ class CudaExec {
   CudaExec& operator=(const CudaExec&) = delete;
 
   std::string name() const { return name_; }
+  int sm() const { return sm_; }
 
   template <typename... Params, typename... Args>
   void launch(const char* what, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
@@ -173,6 +175,7 @@ class CudaExec {
   gpu::CachingAllocator allocator_;
   cuda::PageCopier copier_;
   std::string name_;
+  int sm_ = 0;  // compute capability, major * 10 + minor
   bool profiling_ = false;
   std::vector<Timed> timed_;
   std::vector<cudaEvent_t> spare_;

@@ -4,7 +4,7 @@
 // the native tests instantiate it with a CUDA emulator on the CPU (test/cuda_emu.h), so that all of this code and
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
-// Exec provides: name(), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
+// Exec provides: name(), sm() (the GPU's compute capability, major * 10 + minor), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
 // kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download /
 // copy (device to device) / zero, gemm (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and
 // gemm_half (the same with A and B as fp16 or bf16 bits, fp32 accumulation and output; false when it has no way to),
@@ -14,11 +14,13 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "backend/backend.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/flash_attention.cuh"
 #include "cuda/kernels.cuh"
 #include "quant/nf4.h"
 #include "util/error.h"
@@ -183,6 +185,14 @@ class KernelBackend final : public Backend {
                          int64_t kv_heads, int64_t head_dim, float* out, float* lse) override {
     check_heads(heads, kv_heads, batch, head_dim);
     if (batch * seq == 0) return;
+    if (uses_flash_attention(head_dim))
+      return with_flash_kernels(head_dim, [&](auto dims, auto f16) {
+        constexpr int D = decltype(dims)::value;
+        constexpr bool F16 = decltype(f16)::value;
+        exec_.launch("flash_attention_forward", flash_grid(seq, kernels::kFlashQueryRows, heads, batch),
+                     kernels::kFlashThreads, kernels::flash_attention_forward<D, F16>, q, k, v, seq, heads, kv_heads,
+                     attention_scale(head_dim), out, lse);
+      });
     exec_.launch("attention_forward", attention_grid(seq, heads, batch), exec_.threads, kernels::attention_forward, q, k,
                  v, seq, heads, kv_heads, head_dim, attention_scale(head_dim), out, lse);
   }
@@ -193,6 +203,18 @@ class KernelBackend final : public Backend {
     if (batch * seq == 0) return;
     // D_i = dO_i·O_i of every query row: the rows pass writes it, the key pass reads it.
     DeviceArray<float> row_dots(this, batch * heads * seq, MemCategory::Workspace);
+    if (uses_flash_attention(head_dim))
+      return with_flash_kernels(head_dim, [&](auto dims, auto f16) {
+        constexpr int D = decltype(dims)::value;
+        constexpr bool F16 = decltype(f16)::value;
+        const float scale = attention_scale(head_dim);
+        exec_.launch("flash_attention_backward_dq", flash_grid(seq, kernels::kFlashQueryRows, heads, batch),
+                     kernels::kFlashThreads, kernels::flash_attention_backward_dq<D, F16>, dout, q, k, v, out, lse,
+                     seq, heads, kv_heads, scale, row_dots.get(), dq);
+        exec_.launch("flash_attention_backward_dkv", flash_grid(seq, kernels::kFlashDkvKeys, kv_heads, batch),
+                     kernels::kFlashDkvThreads, kernels::flash_attention_backward_dkv<D, F16>, dout, q, k, v, lse,
+                     static_cast<const float*>(row_dots.get()), seq, heads, kv_heads, scale, dk, dv);
+      });
     exec_.launch("attention_backward_dq", attention_grid(seq, heads, batch), exec_.threads,
                  kernels::attention_backward_dq, dout, q, k, v, out, lse, seq, heads, kv_heads, head_dim,
                  attention_scale(head_dim), row_dots.get(), dq);
@@ -323,6 +345,31 @@ class KernelBackend final : public Backend {
       fail("attention: ", heads, " query heads cannot share ", kv_heads, " kv heads");
     if (head_dim > int64_t{kernels::kMaxDimsPerThread} * exec_.threads)
       fail("attention: a head of ", head_dim, " dimensions is more than the kernels take (", kernels::kMaxDimsPerThread * exec_.threads, ")");
+  }
+  // The tensor-core attention (flash_attention.cuh): half compute on sm_80 and newer, for the head sizes built.
+  bool uses_flash_attention(int64_t head_dim) const {
+    return compute_ != GpuCompute::F32 && exec_.sm() >= 80 && kernels::flash_head_dim_supported(head_dim);
+  }
+  // Calls run(dims, f16) with the head size and the compute's 16-bit type as compile-time constants.
+  template <typename Run>
+  void with_flash_kernels(int64_t head_dim, Run&& run) const {
+    const bool f16 = compute_ == GpuCompute::F16;
+    auto with_dims = [&](auto dims) {
+      if (f16)
+        run(dims, std::true_type{});
+      else
+        run(dims, std::false_type{});
+    };
+    switch (head_dim) {
+      case 16: return with_dims(std::integral_constant<int, 16>{});
+      case 32: return with_dims(std::integral_constant<int, 32>{});
+      case 64: return with_dims(std::integral_constant<int, 64>{});
+      case 128: return with_dims(std::integral_constant<int, 128>{});
+      default: fail("attention: no tensor-core kernel for heads of ", head_dim, " dimensions");
+    }
+  }
+  static dim3 flash_grid(int64_t rows, int64_t rows_per_block, int64_t heads, int64_t batch) {
+    return attention_grid((rows + rows_per_block - 1) / rows_per_block, heads, batch);
   }
   static float attention_scale(int64_t head_dim) {
     return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
