@@ -198,6 +198,48 @@ TEST(cuda_kernels_read_frozen_weights_stored_in_16_bits_as_the_cpu_does) {
     }
   }
 }
+// GEMMs that share an input (Backend::begin_shared_input) round it to 16 bits once, as A or as B, transposed or not,
+// with the bits of the GEMMs that round it each time; a part of it, or a GEMM after the scope, converts its own.
+TEST(cuda_backend_gemms_sharing_an_input_round_it_once_with_the_same_bits) {
+  auto backend = emulated(32);
+  backend->set_compute(GpuCompute::BF16);
+  const int64_t M = 6, N = 5, K = 9;
+  DeviceArray<float> x(backend.get(), M * K, MemCategory::Activations), w(backend.get(), N * K, MemCategory::Activations);
+  x.upload(parity::random_floats(static_cast<size_t>(M * K), 41));
+  w.upload(parity::random_floats(static_cast<size_t>(N * K), 42));
+  auto run_all = [&]() {
+    std::vector<std::vector<float>> results;
+    DeviceArray<float> c(backend.get(), M * N, MemCategory::Activations), ct(backend.get(), K * K, MemCategory::Activations);
+    backend->gemm(false, true, M, N, K, 1.0f, x.get(), w.get(), 0.0f, c.get());      // x as A
+    results.push_back(c.download());
+    backend->gemm(true, false, K, K, M, 1.0f, x.get(), x.get(), 0.0f, ct.get());     // x^T x: A transposed and B
+    results.push_back(ct.download());
+    backend->gemm(false, true, M - 1, N, K, 1.0f, x.get(), w.get(), 0.0f, c.get());  // its first rows only
+    results.push_back(c.download());
+    return results;
+  };
+  auto conversions = [&]() {
+    int64_t calls = 0;
+    for (const OpTime& t : backend->take_profile())
+      if (t.op == "to_half") calls = t.calls;
+    return calls;
+  };
+  backend->set_profiling(true);
+  const auto separate = run_all();
+  EXPECT_EQ(conversions(), 6);  // A and B of each GEMM
+  {
+    SharedGemmInput shared(backend.get(), x.get(), M * K);
+    SharedGemmInput again(backend.get(), x.get(), M * K);  // already shared: nothing to end
+    const auto together = run_all();
+    EXPECT_EQ(conversions(), 4);  // x once, w twice, the part of x once
+    for (size_t i = 0; i < separate.size(); ++i) EXPECT_TRUE(together[i] == separate[i], "the same bits shared or not");
+  }
+  EXPECT_TRUE(run_all() == separate, "after the scope");
+  EXPECT_EQ(conversions(), 6);
+  backend->set_compute(GpuCompute::F32);
+  EXPECT_TRUE(!backend->begin_shared_input(x.get(), M * K), "fp32 GEMMs convert nothing to share");
+}
+
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
 TEST(cuda_kernels_rope_and_attention_match_the_cpu) { parity::rope_and_attention(emulated_with(32)); }
 TEST(cuda_kernels_tensor_core_attention_matches_the_cpu_in_bf16_and_fp16) {

@@ -103,6 +103,12 @@ class Backend {
   // gemm with B a frozen weight as stored (A and C fp32): the numbers of gemm with B widened to fp32.
   virtual void gemm_stored(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                            StoredMatrix B, float beta, float* C) = 0;
+  // The caller's promise that x (n floats) is not written until end_shared_input(x): meanwhile a backend whose GEMMs
+  // round their fp32 operands to 16 bits (the GPU under half compute) rounds x once for every GEMM that reads it whole,
+  // as A or as B, instead of once per GEMM (the same bits). False where x is shared already (or sharing buys nothing);
+  // then no end is due. Use SharedGemmInput.
+  virtual bool begin_shared_input(const float* /*x*/, int64_t /*n*/) { return false; }
+  virtual void end_shared_input(const float* /*x*/) {}
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;       // y += x
   virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
   virtual void scale_inplace(float* x, float s, int64_t n) = 0;
@@ -207,6 +213,25 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+
+// A scope over which the GEMMs reading x share its 16-bit copy (Backend::begin_shared_input); end() closes it early.
+class SharedGemmInput {
+ public:
+  SharedGemmInput(Backend* backend, const float* x, int64_t n)
+      : backend_(backend), x_(x), open_(backend->begin_shared_input(x, n)) {}
+  ~SharedGemmInput() { end(); }
+  SharedGemmInput(const SharedGemmInput&) = delete;
+  SharedGemmInput& operator=(const SharedGemmInput&) = delete;
+  void end() {
+    if (open_) backend_->end_shared_input(x_);
+    open_ = false;
+  }
+
+ private:
+  Backend* backend_;
+  const float* x_;
+  bool open_;
+};
 
 // A device allocation owned by one object: freed (and un-counted) when it goes away.
 template <typename T>

@@ -4,7 +4,7 @@
 // the native tests instantiate it with a CUDA emulator on the CPU (test/cuda_emu.h), so that all of this code and
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
-// Exec provides: name(), sm() (the GPU's compute capability, major * 10 + minor), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
+// Exec provides: name(), sm() (the compute capability the kernels run as, major * 10 + minor), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
 // kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download /
 // copy (device to device) / zero, gemm (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and
 // gemm_half (the same with A and B as fp16 or bf16 bits, fp32 accumulation and output; false when it has no way to),
@@ -33,7 +33,10 @@ class KernelBackend final : public Backend {
  public:
   template <typename... Args>
   explicit KernelBackend(Args&&... args) : exec_(std::forward<Args>(args)...) {}
-  ~KernelBackend() override { gemm_workspace_.release(); }
+  ~KernelBackend() override {
+    shared_.clear();
+    gemm_workspace_.release();
+  }
 
   Exec& exec() { return exec_; }
 
@@ -112,19 +115,37 @@ class KernelBackend final : public Backend {
       return exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);
     const bool f16 = compute_ == GpuCompute::F16;
     const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
-    DeviceArray<uint16_t> a16(this, M * K, MemCategory::Workspace), b16;
-    exec_.launch("to_half", grid_for(M * K), exec_.threads, kernels::to_half, A, M * K, f16, a16.get());
-    const uint16_t* b_half = static_cast<const uint16_t*>(B.data);
-    if (B.format != half) {
+    DeviceArray<uint16_t> a16, b16;
+    const uint16_t* a_half = shared_half(A, M * K);
+    if (!a_half) {
+      a16.reset(this, M * K, MemCategory::Workspace);
+      exec_.launch("to_half", grid_for(M * K), exec_.threads, kernels::to_half, A, M * K, f16, a16.get());
+      a_half = a16.get();
+    }
+    const uint16_t* b_half = B.format == half                 ? static_cast<const uint16_t*>(B.data)
+                             : B.format == FloatFormat::F32 ? shared_half(static_cast<const float*>(B.data), b_count)
+                                                            : nullptr;
+    if (!b_half) {
       b16.reset(this, b_count, MemCategory::Workspace);
       convert_stored(B, b_count, half, b16.get());
       b_half = b16.get();
     }
-    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a16.get(), b_half, beta, C, workspace, workspace_bytes)) {
+    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a_half, b_half, beta, C, workspace, workspace_bytes)) {
       a16.release();
       b16.release();
       exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);  // no half kernel for this shape
     }
+  }
+  bool begin_shared_input(const float* x, int64_t n) override {
+    if (compute_ == GpuCompute::F32 || !x || n <= 0) return false;
+    for (const SharedInput& s : shared_)
+      if (s.x == x) return false;
+    shared_.push_back(SharedInput{x, n, {}});
+    return true;
+  }
+  void end_shared_input(const float* x) override {
+    shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [x](const SharedInput& s) { return s.x == x; }),
+                  shared_.end());
   }
   void add_inplace(float* y, const float* x, int64_t n) override {
     if (n > 0) exec_.launch("add_inplace", grid_for(n), exec_.threads, kernels::add_inplace, y, x, n);
@@ -375,6 +396,27 @@ class KernelBackend final : public Backend {
     return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   }
 
+  // The 16-bit copy of a shared GEMM input (begin_shared_input) read whole as n values, made on first use; null
+  // where x is not shared or is read as another count (a part of it).
+  const uint16_t* shared_half(const float* x, int64_t n) {
+    for (SharedInput& s : shared_) {
+      if (s.x != x || s.n != n) continue;
+      if (s.half.empty()) {
+        s.half.reset(this, n, MemCategory::Workspace);
+        exec_.launch("to_half", grid_for(n), exec_.threads, kernels::to_half, x, n, compute_ == GpuCompute::F16,
+                     s.half.get());
+      }
+      return s.half.get();
+    }
+    return nullptr;
+  }
+
+  struct SharedInput {
+    const float* x;
+    int64_t n;
+    DeviceArray<uint16_t> half;
+  };
+  std::vector<SharedInput> shared_;  // a few at a time
   Exec exec_;
   DeviceArray<uint8_t> gemm_workspace_;  // scratch of the GEMM library (cuBLASLt's), when it wants one
   bool gemm_workspace_ready_ = false;

@@ -99,14 +99,15 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
     // KernelBackend::gemm_stored: a weight-side operand (the LM head, or a linear: NF4 dequantized straight into
     // the format the GEMM takes, or dense as stored) not in that format is converted whole. With half compute both
     // operands of every GEMM are 16 bits: the row side (a chunk of logits' gradient, or activations of the widest
-    // linear) and the other (a converted weight, or LoRA's factors and their n x r products).
+    // linear, one copy at a time even where several GEMMs share it) and the other (a converted weight, or an n x r
+    // LoRA product with a LoRA factor, both converted while a shared row-side copy lives).
     const FloatFormat linear = nf4 ? takes : dense;
     const int64_t weight_side = std::max(dense != takes ? vocab * h : 0, linear != takes ? max_linear_size : 0);
     if (o.compute == GpuCompute::F32) {
       add(Ws, weight_side * kF32);
     } else {
       const int64_t row_side = std::max(logits_rows * vocab, n * max_linear_in);
-      add(Ws, 2 * (row_side + std::max({weight_side, n * r, r * max_linear_in})));
+      add(Ws, 2 * (row_side + std::max(weight_side, n * r + r * max_linear_in)));
     }
   }
   // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all

@@ -404,6 +404,7 @@ StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
 void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
                                 float* lora_t, Workspace& ws, const RunOptions& opt) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
+  SharedGemmInput shared_x(backend_, x, rows * w.in);  // the base GEMM and LoRA's down projection both read x
   if (w.quantized() && rows <= kNf4MatmulMaxRows)
     // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
     backend_->nf4_matmul_nt(x, rows, w.packed.get(), block_constants(w, ws), w.out, w.in, w.blocksize, w.round_to, y);
@@ -442,6 +443,9 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
   // and LoRA terms are added once, in either order.
   const bool base_first = accumulate_dx || !p;
+  // dy feeds up to three GEMMs: the base term, dB and dt. Shared until dA's GEMM, which converts x (a second row-wide
+  // 16-bit copy would raise the peak); a base term that comes last converts dy again.
+  SharedGemmInput shared_dy(backend_, dy, rows * w.out);
   if (base_first)
     backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f,
                           dx);
@@ -455,6 +459,7 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   backend_->gemm(true, false, w.out, lc.rank, rows, s, dy, lora_t, 1.0f, p->grad_b.get());
   // dt = s dy B
   backend_->gemm(false, false, rows, lc.rank, w.out, s, dy, p->b.get(), 0.0f, ws.lora_dt.get());
+  shared_dy.end();
   // dA += dt^T drop(x)
   const float* xin = x;
   if (drop) {
@@ -489,9 +494,11 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   a.x_in = x_in;
   backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
+  SharedGemmInput shared_xn1(backend_, a.xn1.get(), n * c.hidden_size);  // q, k, v and their LoRA down projections
   linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
   linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
   linear_forward(layer, Module::V, adapter, a.xn1.get(), n, a.v.get(), t(Module::V), ws, opt);
+  shared_xn1.end();
   backend_->rope_apply(a.q.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
   backend_->rope_apply(a.k.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
   backend_->attention_forward(a.q.get(), a.k.get(), a.v.get(), batch, seq, c.num_heads, c.num_kv_heads, c.head_dim,
@@ -500,8 +507,10 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
                             a.rstd2.get());
+  SharedGemmInput shared_xn2(backend_, a.xn2.get(), n * c.hidden_size);  // gate, up and their LoRA down projections
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
+  shared_xn2.end();
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
   if (!x_out) {  // recomputed for backward, which needs down's LoRA input but not the block's output
     lora_down(layer, Module::Down, adapter, a.m.get(), n, t(Module::Down), ws, opt);
