@@ -46,7 +46,11 @@ class CudaExec {
       fail("bf16 compute needs an Ampere or newer GPU (compute capability 8.0); ", prop.name, " has ", prop.major, ".",
            prop.minor, ": use fp16 (--dtype fp16) or fp32 compute (--dtype f32)");
     name_ = std::string("cuda:") + prop.name;
-    sm_ = prop.major * 10 + prop.minor;
+    // The architecture the kernels were built for on this GPU: the device's, or older where the build has only an
+    // older architecture's PTX, which the driver compiles for it (the tensor-core kernels are traps there).
+    cudaFuncAttributes built{};
+    QLORA_CUDA_CHECK(cudaFuncGetAttributes(&built, cuda::kernels::flash_attention_forward<64, false>));
+    sm_ = std::min(prop.major * 10 + prop.minor, built.ptxVersion);
   }
 
   ~CudaExec() {
@@ -175,7 +179,7 @@ class CudaExec {
   gpu::CachingAllocator allocator_;
   cuda::PageCopier copier_;
   std::string name_;
-  int sm_ = 0;  // compute capability, major * 10 + minor
+  int sm_ = 0;  // compute capability the kernels were built for, major * 10 + minor
   bool profiling_ = false;
   std::vector<Timed> timed_;
   std::vector<cudaEvent_t> spare_;

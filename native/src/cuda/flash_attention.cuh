@@ -74,7 +74,7 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
 
   // this lane's two rows (accumulator entries 0, 1 and 2, 3), their running max (base 2) and partial sums
   const int64_t rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  const int64_t warp_last_row = q0 + warp * 16 + 15;
+  // key tiles as tall as the block: every warp has keys at or before its rows in every tile
   const int64_t block_last_row = q0 + kFlashQueryRows - 1 < seq - 1 ? q0 + kFlashQueryRows - 1 : seq - 1;
   const float scale_log2 = scale * kLog2e;
   float o[D / 8][4] = {};
@@ -84,7 +84,6 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
     stage_rows<D, F16, BC>(s_k, kh, kv_stride, j0, seq);
     stage_rows<D, F16, BC>(s_v, vh, kv_stride, j0, seq);
     __syncthreads();
-    if (j0 > warp_last_row) continue;  // every key of the tile is after this warp's rows (warp-uniform)
     float s[BC / 8][4] = {};
     QLORA_UNROLL
     for (int kk = 0; kk < D / 16; ++kk)
