@@ -317,8 +317,8 @@ inline void rope_and_attention(const MakeBackend& make) {
 
 // The tensor-core attention of half compute (cuda/flash_attention.cuh) against the CPU's fp32 attention of the same
 // inputs rounded to the compute's 16-bit type, as the kernels stage them; the kernels also round P and dS into their
-// products, so the two agree to that type's precision. Sequences that end inside a tile of 64 and of 32 rows, GQA, and
-// every head size built (16, 32, 64, 128).
+// products, so the two agree to that type's precision. Sequences that end inside a tile of 64 and of 32 rows, GQA,
+// every head size built (16, 32, 64, 128), and generation's prefill over a KV cache.
 inline void flash_attention(const MakeBackend& make, bool f16) {
   auto cpu = make_cpu_backend();
   auto dev = make();
@@ -351,6 +351,15 @@ inline void flash_attention(const MakeBackend& make, bool f16) {
     expect_close("tensor-core attention dq", dq, tol);
     expect_close("tensor-core attention dk", dk, tol);
     expect_close("tensor-core attention dv", dv, tol);
+
+    // generation's prefill: 20 new rows after 0 and after 17 cached ones (batch element 0's keys as the cache)
+    for (int64_t past : {int64_t{0}, int64_t{17}}) {
+      const int64_t q_len = 20;
+      Twin qc(c, e, rounded(random_floats(q_len * heads * hd, 35))), oc(c, e, q_len * heads * hd);
+      c->attention_cached(qc.cpu.get(), k.cpu.get(), v.cpu.get(), q_len, past, heads, kv_heads, hd, oc.cpu.get());
+      e->attention_cached(qc.dev.get(), k.dev.get(), v.dev.get(), q_len, past, heads, kv_heads, hd, oc.dev.get());
+      expect_close("tensor-core attention of a prefill", oc, tol);
+    }
   }
 }
 

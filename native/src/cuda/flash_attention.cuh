@@ -52,19 +52,21 @@ __device__ __forceinline__ void stage_rows(uint16_t (*tile)[D + kTilePad], const
   }
 }
 
+// seq query rows at positions past..past+seq-1 over past + seq keys (training: past 0; generation's prefill: the
+// rows after a KV cache's past ones, batch 1). lse may be null (generation keeps none).
 template <int D, bool F16>
-__global__ void flash_attention_forward(const float* q, const float* k, const float* v, int64_t seq, int64_t heads,
-                                        int64_t kv_heads, float scale, float* out, float* lse) {
+__global__ void flash_attention_forward(const float* q, const float* k, const float* v, int64_t seq, int64_t past,
+                                        int64_t heads, int64_t kv_heads, float scale, float* out, float* lse) {
   constexpr int BC = kFlashKeyTile;
   static_assert(kFlashQueryRows == BC, "the K tile stages the queries first");
   __shared__ __align__(16) uint16_t s_k[BC][D + kTilePad];
   __shared__ __align__(16) uint16_t s_v[BC][D + kTilePad];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t q0 = int64_t{blockIdx.x} * kFlashQueryRows, h = blockIdx.y, b = blockIdx.z;
-  const int64_t group = heads / kv_heads, q_stride = heads * D, kv_stride = kv_heads * D;
+  const int64_t group = heads / kv_heads, q_stride = heads * D, kv_stride = kv_heads * D, keys = past + seq;
   const float* qh = q + b * seq * q_stride + h * D;
-  const float* kh = k + b * seq * kv_stride + (h / group) * D;
-  const float* vh = v + b * seq * kv_stride + (h / group) * D;
+  const float* kh = k + b * keys * kv_stride + (h / group) * D;
+  const float* vh = v + b * keys * kv_stride + (h / group) * D;
 
   stage_rows<D, F16, kFlashQueryRows>(s_k, qh, q_stride, q0, seq);
   __syncthreads();
@@ -74,15 +76,14 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
 
   // this lane's two rows (accumulator entries 0, 1 and 2, 3), their running max (base 2) and partial sums
   const int64_t rows[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  // key tiles as tall as the block: every warp has keys at or before its rows in every tile
-  const int64_t block_last_row = q0 + kFlashQueryRows - 1 < seq - 1 ? q0 + kFlashQueryRows - 1 : seq - 1;
+  const int64_t block_last_key = past + (q0 + kFlashQueryRows - 1 < seq - 1 ? q0 + kFlashQueryRows - 1 : seq - 1);
   const float scale_log2 = scale * kLog2e;
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  for (int64_t j0 = 0; j0 <= block_last_row; j0 += BC) {
+  for (int64_t j0 = 0; j0 <= block_last_key; j0 += BC) {
     __syncthreads();  // the previous tile (or the queries) is read
-    stage_rows<D, F16, BC>(s_k, kh, kv_stride, j0, seq);
-    stage_rows<D, F16, BC>(s_v, vh, kv_stride, j0, seq);
+    stage_rows<D, F16, BC>(s_k, kh, kv_stride, j0, keys);
+    stage_rows<D, F16, BC>(s_v, vh, kv_stride, j0, keys);
     __syncthreads();
     float s[BC / 8][4] = {};
     QLORA_UNROLL
@@ -99,14 +100,14 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
       QLORA_UNROLL
       for (int i = 0; i < 4; ++i) {
         const int64_t key = j0 + n * 8 + 2 * t + (i & 1);
-        const float x = key <= rows[i / 2] && key < seq ? s[n][i] * scale_log2 : -INFINITY;
+        const float x = key <= past + rows[i / 2] && key < keys ? s[n][i] * scale_log2 : -INFINITY;
         s[n][i] = x;
         tile_max[i / 2] = fmaxf(tile_max[i / 2], x);
       }
     float correction[2];
     QLORA_UNROLL
     for (int r = 0; r < 2; ++r) {
-      // finite: the first tile holds key 0, which every row sees
+      // finite: the first tile holds key 0, which every row sees (a later tile may hold none of a row's keys)
       const float m_new = quad_max(tile_max[r]);
       correction[r] = exp2f(m[r] - m_new);  // 0 on the first tile (m = -inf)
       m[r] = m_new;
@@ -146,7 +147,7 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
       out_row[n * 8 + 2 * t] = o[n][2 * r] / row_sum;
       out_row[n * 8 + 2 * t + 1] = o[n][2 * r + 1] / row_sum;
     }
-    if (t == 0) lse[(b * heads + h) * seq + rows[r]] = (m[r] + log2f(row_sum)) * kLn2;
+    if (t == 0 && lse) lse[(b * heads + h) * seq + rows[r]] = (m[r] + log2f(row_sum)) * kLn2;
   }
 }
 

@@ -211,8 +211,8 @@ class KernelBackend final : public Backend {
         constexpr int D = decltype(dims)::value;
         constexpr bool F16 = decltype(f16)::value;
         exec_.launch("flash_attention_forward", flash_grid(seq, kernels::kFlashQueryRows, heads, batch),
-                     kernels::kFlashThreads, kernels::flash_attention_forward<D, F16>, q, k, v, seq, heads, kv_heads,
-                     attention_scale(head_dim), out, lse);
+                     kernels::kFlashThreads, kernels::flash_attention_forward<D, F16>, q, k, v, seq, int64_t{0},
+                     heads, kv_heads, attention_scale(head_dim), out, lse);
       });
     exec_.launch("attention_forward", attention_grid(seq, heads, batch), exec_.threads, kernels::attention_forward, q, k,
                  v, seq, heads, kv_heads, head_dim, attention_scale(head_dim), out, lse);
@@ -247,6 +247,14 @@ class KernelBackend final : public Backend {
                         int64_t heads, int64_t kv_heads, int64_t head_dim, float* out) override {
     check_heads(heads, kv_heads, 1, head_dim);
     if (q_len <= 0) return;
+    if (q_len >= kFlashPrefillRows && uses_flash_attention(head_dim))  // a prompt's prefill; decoding stays scalar
+      return with_flash_kernels(head_dim, [&](auto dims, auto f16) {
+        constexpr int D = decltype(dims)::value;
+        constexpr bool F16 = decltype(f16)::value;
+        exec_.launch("flash_attention_forward", flash_grid(q_len, kernels::kFlashQueryRows, heads, 1),
+                     kernels::kFlashThreads, kernels::flash_attention_forward<D, F16>, q, k_cache, v_cache, q_len,
+                     past, heads, kv_heads, attention_scale(head_dim), out, static_cast<float*>(nullptr));
+      });
     exec_.launch("attention_cached", attention_grid(q_len, heads, 1), exec_.threads, kernels::attention_cached, q,
                  k_cache, v_cache, past, heads, kv_heads, head_dim, attention_scale(head_dim), out);
   }
@@ -367,6 +375,8 @@ class KernelBackend final : public Backend {
     if (head_dim > int64_t{kernels::kMaxDimsPerThread} * exec_.threads)
       fail("attention: a head of ", head_dim, " dimensions is more than the kernels take (", kernels::kMaxDimsPerThread * exec_.threads, ")");
   }
+  // Generation's new rows from which the tensor-core kernel (blocks of 64 query rows) beats one block per row.
+  static constexpr int64_t kFlashPrefillRows = 16;
   // The tensor-core attention (flash_attention.cuh): half compute on sm_80 and newer, for the head sizes built.
   bool uses_flash_attention(int64_t head_dim) const {
     return compute_ != GpuCompute::F32 && exec_.sm() >= 80 && kernels::flash_head_dim_supported(head_dim);
