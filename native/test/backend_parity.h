@@ -411,11 +411,21 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
       for (FloatFormat out : {FloatFormat::BF16, FloatFormat::F16}) {
         std::vector<uint16_t> want16(static_cast<size_t>(n)), cpu16(static_cast<size_t>(n));
         for (size_t i = 0; i < want.size(); ++i) want16[i] = out == FloatFormat::BF16 ? f32_to_bf16(want[i]) : f32_to_f16(want[i]);
-        cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, cpu16.data());
+        cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, n, n, cpu16.data());
         DeviceArray<uint16_t> got16(dev.get(), n, MemCategory::Workspace);
-        dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, got16.get());
+        dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, n, n, got16.get());
         EXPECT_TRUE(cpu16 == want16, "CPU dequantize to 16 bits");
         EXPECT_TRUE(got16.download() == want16, "dequantize to 16 bits");
+        // into rows of 50 values 56 apart: the gaps untouched
+        const int64_t row_len = 50, stride = 56, rows = (n + row_len - 1) / row_len;
+        std::vector<uint16_t> strided_want(static_cast<size_t>(rows * stride), 0xffff), strided_cpu = strided_want;
+        for (int64_t i = 0; i < n; ++i) strided_want[static_cast<size_t>(i / row_len * stride + i % row_len)] = want16[static_cast<size_t>(i)];
+        cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, row_len, stride, strided_cpu.data());
+        DeviceArray<uint16_t> strided_got(dev.get(), rows * stride, MemCategory::Workspace);
+        strided_got.upload(std::vector<uint16_t>(static_cast<size_t>(rows * stride), 0xffff));
+        dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, row_len, stride, strided_got.get());
+        EXPECT_TRUE(strided_cpu == strided_want, "CPU dequantize into wider rows");
+        EXPECT_TRUE(strided_got.download() == strided_want, "dequantize into wider rows");
       }
     }
   }
@@ -463,9 +473,12 @@ struct ReferenceOnBoth {
   std::unique_ptr<Backend> cpu, dev;
   std::unique_ptr<LlamaModel> model_cpu, model_dev;
   std::unique_ptr<LoraAdapter> adapter_cpu, adapter_dev;
-  ReferenceOnBoth(const MakeBackend& make, const std::string& name) : cpu(make_cpu_backend()), dev(make()) {
-    model_cpu = LlamaModel::load(cpu.get(), qtest::reference(name), {});
-    model_dev = LlamaModel::load(dev.get(), qtest::reference(name), {});
+  ReferenceOnBoth(const MakeBackend& make, const std::string& name, bool quantize_nf4 = false)
+      : cpu(make_cpu_backend()), dev(make()) {
+    LoadOptions lo;
+    lo.quantize_nf4 = quantize_nf4;
+    model_cpu = LlamaModel::load(cpu.get(), qtest::reference(name), lo);
+    model_dev = LlamaModel::load(dev.get(), qtest::reference(name), lo);
     adapter_cpu = LoraAdapter::load_peft(cpu.get(), model_cpu->config(), qtest::reference(name + "-adapter"));
     adapter_dev = LoraAdapter::load_peft(dev.get(), model_dev->config(), qtest::reference(name + "-adapter"));
   }
@@ -583,10 +596,12 @@ inline void training_paging_and_generation(const MakeBackend& make, const ModelT
 // bf16 or fp16 compute (GEMM inputs rounded to the half type, fp32 accumulation) against the CPU's fp32: issue 6's
 // bounds, the loss within 1% and each LoRA gradient's cosine similarity with the CPU's >= 0.999, on the reference
 // fixtures; with fp16's loss scaling the gradients are loss_scale times the CPU's.
-inline void whole_model_half(const MakeBackend& make_half, double loss_scale = 1.0) {
+// quantize_nf4: both models quantized on load (the GPU then dequantizes into 16 bits, with LoRA's up projection in
+// the base GEMM).
+inline void whole_model_half(const MakeBackend& make_half, double loss_scale = 1.0, bool quantize_nf4 = false) {
   const std::vector<int32_t>& ids = qtest::reference_ids();
   for (const char* name : kReferenceModels) {
-    ReferenceOnBoth r(make_half, name);
+    ReferenceOnBoth r(make_half, name, quantize_nf4);
     RunOptions opt;
     opt.compute_grads = true;
     const RunResult rc = r.model_cpu->run(ids.data(), ids.data(), 2, 6, r.adapter_cpu.get(), opt);

@@ -55,10 +55,21 @@ struct EmulatorExec {
     timed("gemm f32", [&] { cpu::gemm<float>(ta, tb, M, N, K, alpha, A, B, beta, C); });
   }
   bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
-                 const uint16_t* B, float beta, float* C, void*, size_t) {
-    std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(K * N));
-    for (size_t i = 0; i < a.size(); ++i) a[i] = f16 ? f16_to_f32(A[i]) : bf16_to_f32(A[i]);
-    for (size_t i = 0; i < b.size(); ++i) b[i] = f16 ? f16_to_f32(B[i]) : bf16_to_f32(B[i]);
+                 const uint16_t* B, float beta, float* C, void*, size_t, int64_t lda = 0, int64_t ldb = 0) {
+    // each operand gathered from its stored rows (of lda or ldb values where it is part of wider rows)
+    auto widen = [f16](const uint16_t* x, int64_t rows, int64_t cols, int64_t ld) {
+      if (ld == 0) ld = cols;
+      EXPECT_TRUE(ld >= cols, "a GEMM operand's rows are at least as long as its stored width");
+      std::vector<float> out(static_cast<size_t>(rows * cols));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+          const uint16_t bits = x[r * ld + c];
+          out[static_cast<size_t>(r * cols + c)] = f16 ? f16_to_f32(bits) : bf16_to_f32(bits);
+        }
+      return out;
+    };
+    const std::vector<float> a = ta ? widen(A, K, M, lda) : widen(A, M, K, lda);
+    const std::vector<float> b = tb ? widen(B, N, K, ldb) : widen(B, K, N, ldb);
     timed(f16 ? "gemm f16" : "gemm bf16", [&] { cpu::gemm<float>(ta, tb, M, N, K, alpha, a.data(), b.data(), beta, C); });
     return true;
   }
@@ -227,17 +238,66 @@ TEST(cuda_backend_gemms_sharing_an_input_round_it_once_with_the_same_bits) {
   backend->set_profiling(true);
   const auto separate = run_all();
   EXPECT_EQ(conversions(), 6);  // A and B of each GEMM
-  {
-    SharedGemmInput shared(backend.get(), x.get(), M * K);
-    SharedGemmInput again(backend.get(), x.get(), M * K);  // already shared: nothing to end
+  for (int64_t lora_columns : {0, 8}) {  // a copy with room for LoRA's columns is read with its wider rows
+    SharedGemmInput shared(backend.get(), x.get(), M, K, lora_columns);
+    SharedGemmInput again(backend.get(), x.get(), M, K);  // already shared: nothing to end
     const auto together = run_all();
-    EXPECT_EQ(conversions(), 4);  // x once, w twice, the part of x once
+    int64_t made = 0;
+    for (const OpTime& t : backend->take_profile())
+      if (t.op == "to_half" || t.op == "to_half_rows") made += t.calls;
+    EXPECT_EQ(made, 4);  // x once, w twice, the part of x once
     for (size_t i = 0; i < separate.size(); ++i) EXPECT_TRUE(together[i] == separate[i], "the same bits shared or not");
   }
   EXPECT_TRUE(run_all() == separate, "after the scope");
   EXPECT_EQ(conversions(), 6);
   backend->set_compute(GpuCompute::F32);
-  EXPECT_TRUE(!backend->begin_shared_input(x.get(), M * K), "fp32 GEMMs convert nothing to share");
+  EXPECT_TRUE(!backend->begin_shared_input(x.get(), M, K, 0), "fp32 GEMMs convert nothing to share");
+}
+
+// LoRA's up projection inside the base GEMM: y = x W^T + alpha t B^T over K + 8 columns, whatever the memory beside
+// W held (bf16 NaNs here), from x's shared copy or from one of its own: the product of the rounded operands summed in
+// fp32, in bf16 and fp16.
+TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
+  const int64_t M = 7, N = 5, K = 24, R = 4;
+  const float alpha = 0.5f;
+  for (bool f16 : {false, true}) {
+    auto backend = emulated(32);
+    backend->set_compute(f16 ? GpuCompute::F16 : GpuCompute::BF16);
+    const int64_t columns = backend->lora_fused_columns(R), ld = K + columns;
+    EXPECT_EQ(columns, 8);
+    const auto to16 = [f16](float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); };
+    const auto from16 = [f16](uint16_t b) { return f16 ? f16_to_f32(b) : bf16_to_f32(b); };
+    const std::vector<float> xs = parity::random_floats(M * K, 51), ws = parity::random_floats(N * K, 52),
+                             ts = parity::random_floats(M * R, 53), bs = parity::random_floats(N * R, 54);
+    std::vector<uint16_t> w_rows(static_cast<size_t>(N * ld), 0x7fff);  // NaN in bf16 and in fp16
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) w_rows[static_cast<size_t>(n * ld + k)] = to16(ws[static_cast<size_t>(n * K + k)]);
+    std::vector<double> want(static_cast<size_t>(M * N), 0.0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double sum = 0.0;
+        for (int64_t k = 0; k < K; ++k)
+          sum += double{from16(to16(xs[static_cast<size_t>(m * K + k)]))} * from16(w_rows[static_cast<size_t>(n * ld + k)]);
+        for (int64_t r = 0; r < R; ++r)
+          sum += double{from16(to16(alpha * ts[static_cast<size_t>(m * R + r)]))} * from16(to16(bs[static_cast<size_t>(n * R + r)]));
+        want[static_cast<size_t>(m * N + n)] = sum;
+      }
+    DeviceArray<float> x(backend.get(), M * K, MemCategory::Activations), t(backend.get(), M * R, MemCategory::Activations),
+        b(backend.get(), N * R, MemCategory::Activations), y(backend.get(), M * N, MemCategory::Activations);
+    DeviceArray<uint16_t> w(backend.get(), N * ld, MemCategory::Workspace);
+    x.upload(xs);
+    t.upload(ts);
+    b.upload(bs);
+    for (bool shared : {false, true}) {
+      w.upload(w_rows);
+      SharedGemmInput scope(backend.get(), shared ? x.get() : nullptr, M, K, columns);
+      backend->gemm_with_lora_up(M, N, K, x.get(), w.get(), R, t.get(), b.get(), alpha, y.get());
+      const std::vector<float> got = y.download();
+      for (size_t i = 0; i < got.size(); ++i)
+        EXPECT_TRUE(std::fabs(got[i] - want[i]) <= 1e-5 * std::max(1.0, std::fabs(want[i])), "the fused product");
+    }
+  }
+  EXPECT_EQ(emulated(32)->lora_fused_columns(16), 0);  // fp32 compute runs the two GEMMs
 }
 
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
@@ -305,6 +365,16 @@ TEST(cuda_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
     backend->set_compute(GpuCompute::BF16);
     return backend;
   });
+}
+TEST(cuda_backend_half_compute_of_nf4_models_with_fused_lora_is_within_the_same_bounds) {
+  for (GpuCompute compute : {GpuCompute::BF16, GpuCompute::F16})
+    parity::whole_model_half(
+        [compute]() -> std::unique_ptr<Backend> {
+          auto backend = emulated(32);
+          backend->set_compute(compute);
+          return backend;
+        },
+        compute == GpuCompute::F16 ? 1024.0 : 1.0, true);
 }
 TEST(cuda_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
   parity::whole_model_half(

@@ -39,6 +39,10 @@ TEST(gpu_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
 TEST(gpu_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
   parity::whole_model_half([] { return cuda_backend_in(qlora::GpuCompute::F16); }, 1024.0);
 }
+TEST(gpu_backend_half_compute_of_nf4_models_with_fused_lora_is_within_the_same_bounds) {
+  parity::whole_model_half([] { return cuda_backend_in(qlora::GpuCompute::BF16); }, 1.0, true);
+  parity::whole_model_half([] { return cuda_backend_in(qlora::GpuCompute::F16); }, 1024.0, true);
+}
 TEST(gpu_backend_trains_nf4_with_paging_and_generates_like_the_cpu) {
   parity::training_paging_and_generation(cuda_backend, kGpuFp32Tolerance);
 }

@@ -103,12 +103,25 @@ class Backend {
   // gemm with B a frozen weight as stored (A and C fp32): the numbers of gemm with B widened to fp32.
   virtual void gemm_stored(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                            StoredMatrix B, float beta, float* C) = 0;
-  // The caller's promise that x (n floats) is not written until end_shared_input(x): meanwhile a backend whose GEMMs
-  // round their fp32 operands to 16 bits (the GPU under half compute) rounds x once for every GEMM that reads it whole,
-  // as A or as B, instead of once per GEMM (the same bits). False where x is shared already (or sharing buys nothing);
-  // then no end is due. Use SharedGemmInput.
-  virtual bool begin_shared_input(const float* /*x*/, int64_t /*n*/) { return false; }
+  // The caller's promise that x ([rows, cols] floats) is not written until end_shared_input(x): meanwhile a backend
+  // whose GEMMs round their fp32 operands to 16 bits (the GPU under half compute) rounds x once for every GEMM that
+  // reads it whole, as A or as B, instead of once per GEMM (the same bits). lora_columns: lora_fused_columns of the
+  // adapter's rank where gemm_with_lora_up will read x (its copy then has room for them). False where x is shared
+  // already (or sharing buys nothing); then no end is due. Use SharedGemmInput.
+  virtual bool begin_shared_input(const float* /*x*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
+    return false;
+  }
   virtual void end_shared_input(const float* /*x*/) {}
+
+  // LoRA's up projection inside the base GEMM. A backend whose GEMMs round their inputs to 16 bits (the GPU under
+  // half compute) computes y = x W^T + alpha t B^T as one GEMM over K + lora_fused_columns(R) values ([x | alpha t]
+  // times [W | B]^T, the columns past R zeros), so y is written once instead of written, then read and written
+  // again. 0: this backend runs the two GEMMs (the CPU, whose fp32 sums must stay those of the reference).
+  virtual int64_t lora_fused_columns(int64_t /*rank*/) const { return 0; }
+  // The fused product: x [M, K] fp32; w_rows: the base weight [N, K] in gemm_weight_format, in rows of
+  // K + lora_fused_columns(R) values whose last columns this fills with B [N, R]; t [M, R] = drop(x) A^T.
+  virtual void gemm_with_lora_up(int64_t M, int64_t N, int64_t K, const float* x, uint16_t* w_rows, int64_t R,
+                                 const float* t, const float* b, float alpha, float* y);
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;       // y += x
   virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
   virtual void scale_inplace(float* x, float s, int64_t n) = 0;
@@ -168,9 +181,11 @@ class Backend {
   virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                               float* out) = 0;
   // nf4_dequantize's values rounded on to 16 bits (out_format BF16 or F16): a weight dequantized straight into the
-  // format the GEMM takes (gemm_weight_format), never written out in fp32.
+  // format the GEMM takes (gemm_weight_format), never written out in fp32. Value i goes to row i / row_len of `out`,
+  // rows row_stride values apart (row_stride = row_len: contiguous; wider rows leave room for LoRA's factor).
   virtual void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize,
-                                 FloatFormat round_to, FloatFormat out_format, uint16_t* out) = 0;
+                                 FloatFormat round_to, FloatFormat out_format, int64_t row_len, int64_t row_stride,
+                                 uint16_t* out) = 0;
   // y [rows, out] = x [rows, in] · W^T (rows <= kNf4MatmulMaxRows) with W [out, in] dequantized on the fly as nf4_dequantize would (rounded to
   // `round_to`), never written out: generation's few-row products read the 4-bit weights once. Equal to
   // nf4_dequantize followed by gemm(false, true, ...): bit for bit on the CPU, to rounding on the GPU.
@@ -217,8 +232,8 @@ std::unique_ptr<Backend> make_cpu_backend();
 // A scope over which the GEMMs reading x share its 16-bit copy (Backend::begin_shared_input); end() closes it early.
 class SharedGemmInput {
  public:
-  SharedGemmInput(Backend* backend, const float* x, int64_t n)
-      : backend_(backend), x_(x), open_(backend->begin_shared_input(x, n)) {}
+  SharedGemmInput(Backend* backend, const float* x, int64_t rows, int64_t cols, int64_t lora_columns = 0)
+      : backend_(backend), x_(x), open_(backend->begin_shared_input(x, rows, cols, lora_columns)) {}
   ~SharedGemmInput() { end(); }
   SharedGemmInput(const SharedGemmInput&) = delete;
   SharedGemmInput& operator=(const SharedGemmInput&) = delete;

@@ -81,6 +81,11 @@ void Backend::free_bytes(void* ptr, size_t bytes, MemCategory category) {
   tracker_.on_free(category, static_cast<int64_t>(bytes));
 }
 
+void Backend::gemm_with_lora_up(int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, const float*,
+                                const float*, float, float*) {
+  fail(name(), " backend: LoRA's up projection is not fused into the base GEMM here (lora_fused_columns is 0)");
+}
+
 namespace {
 
 class CpuBackend final : public Backend {
@@ -250,13 +255,16 @@ class CpuBackend final : public Backend {
     }
   }
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
-                         FloatFormat out_format, uint16_t* out) override {
+                         FloatFormat out_format, int64_t row_len, int64_t row_stride, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
+    if (row_len <= 0 || row_stride < row_len) fail("nf4_dequantize_16: rows of ", row_len, " values ", row_stride, " apart");
     std::vector<float> values(static_cast<size_t>(n));
     nf4_dequantize(packed, absmax, n, blocksize, round_to, values.data());
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; ++i)
-      out[i] = out_format == FloatFormat::BF16 ? f32_to_bf16(values[static_cast<size_t>(i)]) : f32_to_f16(values[static_cast<size_t>(i)]);
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = values[static_cast<size_t>(i)];
+      out[i / row_len * row_stride + i % row_len] = out_format == FloatFormat::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+    }
   }
   void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
                      int64_t in, int blocksize, FloatFormat round_to, float* y) override {

@@ -106,12 +106,13 @@ class CudaExec {
   }
   // False when cuBLASLt has no half algorithm for this shape and alignment: the backend computes it in fp32.
   bool gemm_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
-                 const uint16_t* B, float beta, float* C, void* workspace, size_t workspace_bytes) {
+                 const uint16_t* B, float beta, float* C, void* workspace, size_t workspace_bytes, int64_t lda = 0,
+                 int64_t ldb = 0) {
     bool done = false;
     const std::string op = profiling_ ? gemm_op(f16 ? "f16" : "bf16", ta, tb, M, N, K) : std::string();
     timed(op.c_str(), [&] {
       done = lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, beta, C, f16 ? gpu::GemmType::F16 : gpu::GemmType::BF16,
-                             gpu::GemmType::F32, workspace, workspace_bytes, nullptr);
+                             gpu::GemmType::F32, workspace, workspace_bytes, nullptr, lda, ldb);
     });
     return done;
   }

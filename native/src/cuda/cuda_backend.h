@@ -19,6 +19,13 @@ inline FloatFormat compute_format(GpuCompute c) {
   return c == GpuCompute::BF16 ? FloatFormat::BF16 : c == GpuCompute::F16 ? FloatFormat::F16 : FloatFormat::F32;
 }
 
+// The columns a linear's GEMM grows by when LoRA's up projection of rank `rank` goes into it (Backend::
+// lora_fused_columns): under half compute the rank in whole 16-byte groups, so that the rows of [x | t] and [W | B]
+// stay as aligned as the GEMM wants them; none in fp32.
+inline int64_t lora_fused_columns(GpuCompute c, int64_t rank) {
+  return c == GpuCompute::F32 || rank <= 0 ? 0 : (rank + 7) / 8 * 8;
+}
+
 struct CudaBackendOptions {
   std::string library_dir;  // where to look for cuBLASLt first (qlora.cudaLibraryPath / --cuda-lib-dir)
   // bf16 or fp16 compute (torch.autocast): GEMM inputs rounded to the half type, fp32 accumulation; else fp32

@@ -95,13 +95,7 @@ class KernelBackend final : public Backend {
         scale_inplace(C, beta, M * N);
       return;
     }
-    if (!gemm_workspace_ready_) {  // allocated on first use, so that it counts against the budget set by then
-      const size_t bytes = exec_.gemm_workspace_bytes();
-      if (bytes > 0) gemm_workspace_.reset(this, static_cast<int64_t>(bytes), MemCategory::Workspace);
-      gemm_workspace_ready_ = true;
-    }
-    void* workspace = gemm_workspace_.get();
-    const size_t workspace_bytes = static_cast<size_t>(gemm_workspace_.size());
+    const auto [workspace, workspace_bytes] = gemm_workspace();
     // A holds M*K values and B K*N, whichever way they are stored
     const int64_t b_count = K * N;
     DeviceArray<float> b32;  // B widened to fp32, when fp32 is what the GEMM takes
@@ -116,32 +110,66 @@ class KernelBackend final : public Backend {
     const bool f16 = compute_ == GpuCompute::F16;
     const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
     DeviceArray<uint16_t> a16, b16;
-    const uint16_t* a_half = shared_half(A, M * K);
+    // a shared copy (begin_shared_input) may have wider rows than the operand: its leading dimension goes along
+    int64_t lda = 0, ldb = 0;
+    const uint16_t* a_half = shared_half(A, ta ? K : M, ta ? M : K, &lda);
     if (!a_half) {
       a16.reset(this, M * K, MemCategory::Workspace);
       exec_.launch("to_half", grid_for(M * K), exec_.threads, kernels::to_half, A, M * K, f16, a16.get());
       a_half = a16.get();
     }
-    const uint16_t* b_half = B.format == half                 ? static_cast<const uint16_t*>(B.data)
-                             : B.format == FloatFormat::F32 ? shared_half(static_cast<const float*>(B.data), b_count)
-                                                            : nullptr;
+    const uint16_t* b_half = B.format == half ? static_cast<const uint16_t*>(B.data)
+                             : B.format == FloatFormat::F32
+                                 ? shared_half(static_cast<const float*>(B.data), tb ? N : K, tb ? K : N, &ldb)
+                                 : nullptr;
     if (!b_half) {
       b16.reset(this, b_count, MemCategory::Workspace);
       convert_stored(B, b_count, half, b16.get());
       b_half = b16.get();
     }
-    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a_half, b_half, beta, C, workspace, workspace_bytes)) {
+    if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a_half, b_half, beta, C, workspace, workspace_bytes, lda, ldb)) {
       a16.release();
       b16.release();
       exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);  // no half kernel for this shape
     }
   }
-  bool begin_shared_input(const float* x, int64_t n) override {
-    if (compute_ == GpuCompute::F32 || !x || n <= 0) return false;
+  bool begin_shared_input(const float* x, int64_t rows, int64_t cols, int64_t lora_columns) override {
+    if (compute_ == GpuCompute::F32 || !x || rows <= 0 || cols <= 0) return false;
     for (const SharedInput& s : shared_)
       if (s.x == x) return false;
-    shared_.push_back(SharedInput{x, n, {}});
+    shared_.push_back(SharedInput{x, rows, cols, cols + std::max<int64_t>(lora_columns, 0), {}});
     return true;
+  }
+  int64_t lora_fused_columns(int64_t rank) const override { return qlora::lora_fused_columns(compute_, rank); }
+  void gemm_with_lora_up(int64_t M, int64_t N, int64_t K, const float* x, uint16_t* w_rows, int64_t R,
+                         const float* t, const float* b, float alpha, float* y) override {
+    const int64_t columns = lora_fused_columns(R), ld = K + columns;
+    if (columns < R || M <= 0 || N <= 0 || K <= 0) fail("gemm_with_lora_up: ", M, "x", N, "x", K, " of rank ", R, " under ", exec_.name(), " in this dtype");
+    const bool f16 = compute_ == GpuCompute::F16;
+    exec_.launch("to_half_rows", grid_for(N * columns), exec_.threads, kernels::to_half_rows, b, N, R, R, 1.0f, f16,
+                 w_rows + K, ld, columns);  // B beside W
+    // [x | alpha t]: in x's shared copy where it has the room, else in a copy for this GEMM
+    DeviceArray<uint16_t> own;
+    int64_t shared_ld = 0;
+    uint16_t* a = shared_half(x, M, K, &shared_ld);
+    if (!a || shared_ld != ld) {
+      own.reset(this, M * ld, MemCategory::Workspace);
+      exec_.launch("to_half_rows", grid_for(M * K), exec_.threads, kernels::to_half_rows, x, M, K, K, 1.0f, f16,
+                   own.get(), ld, K);
+      a = own.get();
+    }
+    exec_.launch("to_half_rows", grid_for(M * columns), exec_.threads, kernels::to_half_rows, t, M, R, R, alpha, f16,
+                 a + K, ld, columns);
+    // [M, ld] and [N, ld] are whole matrices now: one GEMM over ld
+    const auto [workspace, workspace_bytes] = gemm_workspace();
+    if (!exec_.gemm_half(f16, false, true, M, N, ld, 1.0f, a, w_rows, 0.0f, y, workspace, workspace_bytes)) {
+      // no half algorithm for this shape: the same product in fp32 from the 16-bit values
+      const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
+      DeviceArray<float> a32(this, M * ld, MemCategory::Workspace), w32(this, N * ld, MemCategory::Workspace);
+      convert_stored({a, half}, M * ld, FloatFormat::F32, a32.get());
+      convert_stored({w_rows, half}, N * ld, FloatFormat::F32, w32.get());
+      exec_.gemm(false, true, M, N, ld, 1.0f, a32.get(), w32.get(), 0.0f, y, workspace, workspace_bytes);
+    }
   }
   void end_shared_input(const float* x) override {
     shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [x](const SharedInput& s) { return s.x == x; }),
@@ -308,12 +336,13 @@ class KernelBackend final : public Backend {
                    code2, offset, blocksize2, out);
   }
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
-                         FloatFormat out_format, uint16_t* out) override {
+                         FloatFormat out_format, int64_t row_len, int64_t row_stride, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
+    if (row_len <= 0 || row_stride < row_len) fail("nf4_dequantize_16: rows of ", row_len, " values ", row_stride, " apart");
     if (n <= 0) return;
     nf4::check_blocksize(blocksize, "nf4_dequantize");
     exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, packed, absmax,
-                 n, blocksize, static_cast<int>(round_to), out_format == FloatFormat::F16, out);
+                 n, blocksize, static_cast<int>(round_to), out_format == FloatFormat::F16, row_len, row_stride, out);
   }
   // Reads the 4-bit weights once, dequantizing as it goes: the values of nf4_dequantize + gemm in the compute dtype,
   // summed in another order than cuBLASLt's (so equal to rounding, not bit for bit as on the CPU).
@@ -406,16 +435,26 @@ class KernelBackend final : public Backend {
     return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   }
 
-  // The 16-bit copy of a shared GEMM input (begin_shared_input) read whole as n values, made on first use; null
-  // where x is not shared or is read as another count (a part of it).
-  const uint16_t* shared_half(const float* x, int64_t n) {
+  // cuBLASLt's scratch, allocated on first use, so that it counts against the budget set by then.
+  std::pair<void*, size_t> gemm_workspace() {
+    if (!gemm_workspace_ready_) {
+      const size_t bytes = exec_.gemm_workspace_bytes();
+      if (bytes > 0) gemm_workspace_.reset(this, static_cast<int64_t>(bytes), MemCategory::Workspace);
+      gemm_workspace_ready_ = true;
+    }
+    return {gemm_workspace_.get(), static_cast<size_t>(gemm_workspace_.size())};
+  }
+  // The 16-bit copy of a shared GEMM input (begin_shared_input) read whole as [rows, cols], made on first use, and
+  // its leading dimension (*ld); null where x is not shared or is read as another shape (a part of it).
+  uint16_t* shared_half(const float* x, int64_t rows, int64_t cols, int64_t* ld) {
     for (SharedInput& s : shared_) {
-      if (s.x != x || s.n != n) continue;
+      if (s.x != x || s.rows != rows || s.cols != cols) continue;
       if (s.half.empty()) {
-        s.half.reset(this, n, MemCategory::Workspace);
-        exec_.launch("to_half", grid_for(n), exec_.threads, kernels::to_half, x, n, compute_ == GpuCompute::F16,
-                     s.half.get());
+        s.half.reset(this, rows * s.ld, MemCategory::Workspace);
+        exec_.launch("to_half_rows", grid_for(rows * cols), exec_.threads, kernels::to_half_rows, x, rows, cols, cols,
+                     1.0f, compute_ == GpuCompute::F16, s.half.get(), s.ld, cols);
       }
+      *ld = s.ld;
       return s.half.get();
     }
     return nullptr;
@@ -423,7 +462,7 @@ class KernelBackend final : public Backend {
 
   struct SharedInput {
     const float* x;
-    int64_t n;
+    int64_t rows, cols, ld;  // ld: cols and room for LoRA's columns (gemm_with_lora_up)
     DeviceArray<uint16_t> half;
   };
   std::vector<SharedInput> shared_;  // a few at a time

@@ -450,6 +450,18 @@ __global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = to_f16 ? f16_bits(x[i]) : bf16_bits(x[i]);
 }
 
+// Rows of cols values of x (x_ld apart) times scale, rounded to 16 bits into rows out_ld apart, each row's columns
+// cols..out_cols-1 zeros: a part of a wider 16-bit matrix (LoRA's factor beside a weight, or t beside x, with the
+// alignment padding that must hold zeros, not whatever the memory held).
+__global__ void to_half_rows(const float* x, int64_t rows, int64_t cols, int64_t x_ld, float scale, bool to_f16,
+                             uint16_t* out, int64_t out_ld, int64_t out_cols) {
+  for (int64_t i = global_thread(); i < rows * out_cols; i += grid_threads()) {
+    const int64_t r = i / out_cols, c = i % out_cols;
+    const float v = c < cols ? x[r * x_ld + c] * scale : 0.0f;
+    out[r * out_ld + c] = to_f16 ? f16_bits(v) : bf16_bits(v);
+  }
+}
+
 // 16-bit values of format 1 or 2 in the other 16-bit type (a bf16 weight for fp16 compute: as torch casts it).
 __global__ void half_to_half(const uint16_t* x, int64_t n, int format, bool to_f16, uint16_t* out) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
@@ -501,13 +513,14 @@ __global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* 
   }
 }
 
-// nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them.
+// nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them. Value k goes
+// to row k / row_len, rows row_stride apart (row_stride > row_len leaves room beside each row).
 __global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
-                                  bool to_f16, uint16_t* out) {
+                                  bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
   for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
     for (int64_t k = i; k < i + 2 && k < n; ++k) {
       const float v = nf4_weight(packed, absmax, k, blocksize, round_to);
-      out[k] = to_f16 ? f16_bits(v) : bf16_bits(v);
+      out[k / row_len * row_stride + k % row_len] = to_f16 ? f16_bits(v) : bf16_bits(v);
     }
 }
 

@@ -52,7 +52,10 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(W, vocab * h * dense_bytes);                               // embed_tokens
   add(W, h * kF32);                                              // final norm
   if (!c.tie_word_embeddings) add(W, vocab * h * dense_bytes);   // lm_head
-  int64_t max_linear_size = 0, max_linear_in = std::max({h, qd, inter});
+  // on the GPU under half compute LoRA's up projection goes into the base GEMM: a dequantized weight and a shared
+  // 16-bit input have room for it beside each row
+  const int64_t lora_columns = o.cuda ? lora_fused_columns(o.compute, o.rank) : 0;
+  int64_t max_linear_size = 0, max_weight_rows = 0, max_linear_in = std::max({h, qd, inter});
   for (int64_t layer = 0; layer < L; ++layer) {
     add(W, 2 * h * kF32);  // input and post-attention norms
     for (int mi = 0; mi < kNumModules; ++mi) {
@@ -60,6 +63,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       const auto shape = module_shape(c, m);
       const int64_t n = shape[0] * shape[1];
       max_linear_size = std::max(max_linear_size, n);
+      max_weight_rows = std::max(max_weight_rows, shape[0] * (shape[1] + lora_columns));
       add(W, nf4 ? ceil_div(n, 2) + block_constants_bytes(ceil_div(n, kNf4Blocksize)) : n * dense_bytes);
       if (module_has_bias(c, m)) add(W, shape[0] * kF32);
     }
@@ -85,7 +89,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // Workspace: one dequantized weight (in the format the GEMM takes it), rope tables, dropout and LoRA scratch, one
   // chunk of logits.
   const FloatFormat takes = o.cuda ? compute_format(o.compute) : FloatFormat::F32;
-  add(Ws, max_linear_size * float_format_bytes(takes));
+  add(Ws, max_weight_rows * float_format_bytes(takes));
   if (nf4 && double_quant) add(Ws, ceil_div(max_linear_size, kNf4Blocksize) * kF32);  // its block constants
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
   add(Ws, n * max_linear_in * kF32);      // dropx
@@ -106,7 +110,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
     if (o.compute == GpuCompute::F32) {
       add(Ws, weight_side * kF32);
     } else {
-      const int64_t row_side = std::max(logits_rows * vocab, n * max_linear_in);
+      const int64_t row_side = std::max(logits_rows * vocab, n * (max_linear_in + lora_columns));
       add(Ws, 2 * (row_side + std::max(weight_side, n * r + r * max_linear_in)));
     }
   }

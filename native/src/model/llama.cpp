@@ -69,11 +69,11 @@ int64_t max_linear_in(const ModelConfig& c) {
   return std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
 }
 
-int64_t max_linear_size(const ModelConfig& c) {
+int64_t max_linear_size(const ModelConfig& c, int64_t extra_columns) {
   int64_t best = 0;
   for (int m = 0; m < kNumModules; ++m) {
     const auto s = module_shape(c, static_cast<Module>(m));
-    best = std::max(best, s[0] * s[1]);
+    best = std::max(best, s[0] * (s[1] + extra_columns));
   }
   return best;
 }
@@ -391,20 +391,39 @@ const float* LlamaModel::block_constants(const FrozenLinear& w, Workspace& ws) {
 StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
   if (!w.quantized()) return w.dense.view();
   const FloatFormat format = backend_->gemm_weight_format();
-  const float* absmax = block_constants(w, ws);
   if (format == FloatFormat::F32)
-    backend_->nf4_dequantize(w.packed.get(), absmax, w.out * w.in, w.blocksize, w.round_to,
+    backend_->nf4_dequantize(w.packed.get(), block_constants(w, ws), w.out * w.in, w.blocksize, w.round_to,
                              reinterpret_cast<float*>(ws.weight.get()));
   else
-    backend_->nf4_dequantize_16(w.packed.get(), absmax, w.out * w.in, w.blocksize, w.round_to, format,
-                                reinterpret_cast<uint16_t*>(ws.weight.get()));
+    dequantize_rows(w, ws, 0);
   return {ws.weight.get(), format};
+}
+
+uint16_t* LlamaModel::dequantize_rows(const FrozenLinear& w, Workspace& ws, int64_t extra_columns) {
+  uint16_t* rows = reinterpret_cast<uint16_t*>(ws.weight.get());
+  backend_->nf4_dequantize_16(w.packed.get(), block_constants(w, ws), w.out * w.in, w.blocksize, w.round_to,
+                              backend_->gemm_weight_format(), w.in, w.in + extra_columns, rows);
+  return rows;
+}
+
+int64_t LlamaModel::weight_workspace_bytes(const LoraAdapter* adapter) const {
+  const int64_t lora_columns = adapter ? backend_->lora_fused_columns(adapter->config().rank) : 0;
+  return max_linear_size(config_, lora_columns) * float_format_bytes(backend_->gemm_weight_format());
 }
 
 void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
                                 float* lora_t, Workspace& ws, const RunOptions& opt) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
-  SharedGemmInput shared_x(backend_, x, rows * w.in);  // the base GEMM and LoRA's down projection both read x
+  const int64_t lora_columns = fused_lora_columns(layer, m, adapter, rows, opt);
+  SharedGemmInput shared_x(backend_, x, rows, w.in, lora_columns);  // the base GEMM and LoRA's down projection read x
+  if (lora_columns > 0) {  // LoRA's up projection inside the base GEMM: y written once
+    const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
+    const LoraConfig& lc = adapter->config();
+    backend_->gemm_with_lora_up(rows, w.out, w.in, x, dequantize_rows(w, ws, lora_columns), lc.rank, lora_t,
+                                p->b.get(), static_cast<float>(lc.scale() * opt.lora_scale), y);
+    if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
+    return;
+  }
   if (w.quantized() && rows <= kNf4MatmulMaxRows)
     // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
     backend_->nf4_matmul_nt(x, rows, w.packed.get(), block_constants(w, ws), w.out, w.in, w.blocksize, w.round_to, y);
@@ -416,6 +435,15 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
   const LoraConfig& lc = adapter->config();
   backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale() * opt.lora_scale), lora_t, p->b.get(),
                  1.0f, y);
+}
+
+int64_t LlamaModel::fused_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
+                                       const RunOptions& opt) const {
+  const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
+  // an NF4 weight dequantized for a GEMM (generation's few rows read it in place; a dense one is used as stored)
+  if (!adapter || opt.lora_scale == 0.0 || !adapter->param(layer, m) || !w.quantized() || rows <= kNf4MatmulMaxRows)
+    return 0;
+  return backend_->lora_fused_columns(adapter->config().rank);
 }
 
 const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows,
@@ -445,7 +473,7 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   const bool base_first = accumulate_dx || !p;
   // dy feeds up to three GEMMs: the base term, dB and dt. Shared until dA's GEMM, which converts x (a second row-wide
   // 16-bit copy would raise the peak); a base term that comes last converts dy again.
-  SharedGemmInput shared_dy(backend_, dy, rows * w.out);
+  SharedGemmInput shared_dy(backend_, dy, rows, w.out);
   if (base_first)
     backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f,
                           dx);
@@ -494,7 +522,13 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   a.x_in = x_in;
   backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
-  SharedGemmInput shared_xn1(backend_, a.xn1.get(), n * c.hidden_size);  // q, k, v and their LoRA down projections
+  // q, k, v and their LoRA down projections
+  auto fused = [&](std::initializer_list<Module> modules) {
+    int64_t columns = 0;
+    for (Module m : modules) columns = std::max(columns, fused_lora_columns(layer, m, adapter, n, opt));
+    return columns;
+  };
+  SharedGemmInput shared_xn1(backend_, a.xn1.get(), n, c.hidden_size, fused({Module::Q, Module::K, Module::V}));
   linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
   linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
   linear_forward(layer, Module::V, adapter, a.xn1.get(), n, a.v.get(), t(Module::V), ws, opt);
@@ -507,7 +541,8 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
                             a.rstd2.get());
-  SharedGemmInput shared_xn2(backend_, a.xn2.get(), n * c.hidden_size);  // gate, up and their LoRA down projections
+  // gate, up and their LoRA down projections
+  SharedGemmInput shared_xn2(backend_, a.xn2.get(), n, c.hidden_size, fused({Module::Gate, Module::Up}));
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
   shared_xn2.end();
@@ -634,7 +669,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   const auto act = MemCategory::Activations, work = MemCategory::Workspace;
   int64_t rank = 0;
   if (adapter) rank = adapter->config().rank;
-  ws.weight.reset(be, max_linear_size(c) * float_format_bytes(be->gemm_weight_format()), work);
+  ws.weight.reset(be, weight_workspace_bytes(adapter), work);
   ws.absmax.reset(be, max_double_quant_blocks_, work);
   const RopeTables rope = build_rope_tables(c, seq);
   ws.cos.reset(be, static_cast<int64_t>(rope.cos.size()), work);
@@ -758,7 +793,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   const int64_t half = c.head_dim / 2;
   Workspace ws;
   // few rows read NF4 weights in place (nf4_matmul_nt); only a longer prefill dequantizes a layer at a time
-  if (n > kNf4MatmulMaxRows) ws.weight.reset(be, max_linear_size(c) * float_format_bytes(be->gemm_weight_format()), work);
+  if (n > kNf4MatmulMaxRows) ws.weight.reset(be, weight_workspace_bytes(adapter), work);
   ws.absmax.reset(be, max_double_quant_blocks_, work);
   DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
   DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);

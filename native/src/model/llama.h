@@ -134,6 +134,14 @@ class LlamaModel {
   void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
                       LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   StoredMatrix base_weight(const FrozenLinear& w, Workspace& ws);
+  // An NF4 weight dequantized into ws.weight in 16 bits, in rows of in + extra_columns values (LoRA's factor goes
+  // beside each row for gemm_with_lora_up).
+  uint16_t* dequantize_rows(const FrozenLinear& w, Workspace& ws, int64_t extra_columns);
+  // ws.weight's size: the largest linear in the GEMM's format, with room for LoRA's factor where the backend fuses it.
+  int64_t weight_workspace_bytes(const LoraAdapter* adapter) const;
+  // lora_fused_columns of the adapter's rank where this linear's LoRA up projection goes into its base GEMM, else 0.
+  int64_t fused_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
+                             const RunOptions& opt) const;
   const float* block_constants(const FrozenLinear& w, Workspace& ws);
   StoredMatrix lm_head_weight() const { return lm_head_.empty() ? embed_.view() : lm_head_.view(); }
   void reserve(KvCache& cache, int64_t needed) const;
