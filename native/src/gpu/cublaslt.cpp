@@ -38,6 +38,7 @@ uint32_t alignment_of(const void* p) {
   return a == 0 ? 256u : static_cast<uint32_t>(std::min<uintptr_t>(256, a & (~a + 1)));
 }
 constexpr int kOpN = 0, kOpT = 1;           // CUBLAS_OP_N, CUBLAS_OP_T
+constexpr int kStatusNotSupported = 15;    // CUBLAS_STATUS_NOT_SUPPORTED
 
 // A function cuBLASLt must have.
 template <typename F>
@@ -191,8 +192,14 @@ std::shared_ptr<const CublasLt::Plan> CublasLt::plan(bool trans_a, bool trans_b,
           "set min alignment");
   HeuristicResult result{};
   int found = 0;
-  check(f_->heuristic(handle_, p->desc, p->lb, p->la, p->lc, p->lc, pref.pref, 1, &result, &found),
-        "cublasLtMatmulAlgoGetHeuristic");
+  // "not supported" is the heuristic's way of saying that no algorithm fits these types, shapes and alignments: the
+  // caller then computes the product another way, as when it finds none
+  const cublasStatus_t heuristic =
+      f_->heuristic(handle_, p->desc, p->lb, p->la, p->lc, p->lc, pref.pref, 1, &result, &found);
+  if (heuristic == kStatusNotSupported)
+    found = 0;
+  else
+    check(heuristic, "cublasLtMatmulAlgoGetHeuristic");
   p->found = found > 0;
   p->algo = result.algo;
   plans_.emplace(key, p);
