@@ -300,6 +300,44 @@ TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
   EXPECT_EQ(emulated(32)->lora_fused_columns(16), 0);  // fp32 compute runs the two GEMMs
 }
 
+// Backward's counterpart: dx = dy W + dt A (+ beta dx) over K + 8 rows of [W ; A], whatever the memory under W held.
+TEST(cuda_backend_fuses_loras_input_gradient_into_the_base_gemm) {
+  const int64_t M = 7, N = 24, K = 5, R = 4;  // dy [M, K], W [K, N], dt [M, R], A [R, N]
+  for (bool f16 : {false, true})
+    for (float beta : {0.0f, 1.0f}) {
+      auto backend = emulated(32);
+      backend->set_compute(f16 ? GpuCompute::F16 : GpuCompute::BF16);
+      const int64_t columns = backend->lora_fused_columns(R);
+      const auto to16 = [f16](float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); };
+      const auto from16 = [f16](uint16_t b) { return f16 ? f16_to_f32(b) : bf16_to_f32(b); };
+      const std::vector<float> dys = parity::random_floats(M * K, 61), ws = parity::random_floats(K * N, 62),
+                               dts = parity::random_floats(M * R, 63), as = parity::random_floats(R * N, 64),
+                               before = parity::random_floats(M * N, 65);
+      std::vector<uint16_t> w_rows(static_cast<size_t>((K + columns) * N), 0x7fff);  // NaN under W
+      for (int64_t i = 0; i < K * N; ++i) w_rows[static_cast<size_t>(i)] = to16(ws[static_cast<size_t>(i)]);
+      DeviceArray<float> dy(backend.get(), M * K, MemCategory::Activations), dt(backend.get(), M * R, MemCategory::Activations),
+          a(backend.get(), R * N, MemCategory::Activations), dx(backend.get(), M * N, MemCategory::Activations);
+      DeviceArray<uint16_t> w(backend.get(), (K + columns) * N, MemCategory::Workspace);
+      dy.upload(dys);
+      dt.upload(dts);
+      a.upload(as);
+      dx.upload(before);
+      w.upload(w_rows);
+      backend->gemm_dx_with_lora(M, N, K, dy.get(), w.get(), R, dt.get(), a.get(), beta, dx.get());
+      const std::vector<float> got = dx.download();
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double want = beta * double{before[static_cast<size_t>(m * N + n)]};
+          for (int64_t k = 0; k < K; ++k)
+            want += double{from16(to16(dys[static_cast<size_t>(m * K + k)]))} * from16(w_rows[static_cast<size_t>(k * N + n)]);
+          for (int64_t r = 0; r < R; ++r)
+            want += double{from16(to16(dts[static_cast<size_t>(m * R + r)]))} * from16(to16(as[static_cast<size_t>(r * N + n)]));
+          EXPECT_TRUE(std::fabs(got[static_cast<size_t>(m * N + n)] - want) <= 1e-5 * std::max(1.0, std::fabs(want)),
+                      "the fused input gradient");
+        }
+    }
+}
+
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
 TEST(cuda_kernels_rope_and_attention_match_the_cpu) { parity::rope_and_attention(emulated_with(32)); }
 TEST(cuda_kernels_tensor_core_attention_matches_the_cpu_in_bf16_and_fp16) {

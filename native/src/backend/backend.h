@@ -122,6 +122,11 @@ class Backend {
   // K + lora_fused_columns(R) values whose last columns this fills with B [N, R]; t [M, R] = drop(x) A^T.
   virtual void gemm_with_lora_up(int64_t M, int64_t N, int64_t K, const float* x, uint16_t* w_rows, int64_t R,
                                  const float* t, const float* b, float alpha, float* y);
+  // Backward's counterpart: dx = dy W + dt A (+ beta dx) as one GEMM over K + lora_fused_columns(R) rows of
+  // [dy | dt] times [W ; A]. dy [M, K] fp32; w_rows: the base weight [K, N] in gemm_weight_format followed by room for
+  // lora_fused_columns(R) more rows, which this fills with A [R, N] and zeros; dt [M, R].
+  virtual void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
+                                 const float* dt, const float* a, float beta, float* dx);
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;       // y += x
   virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
   virtual void scale_inplace(float* x, float s, int64_t n) = 0;

@@ -86,6 +86,11 @@ void Backend::gemm_with_lora_up(int64_t, int64_t, int64_t, const float*, uint16_
   fail(name(), " backend: LoRA's up projection is not fused into the base GEMM here (lora_fused_columns is 0)");
 }
 
+void Backend::gemm_dx_with_lora(int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, const float*,
+                                const float*, float, float*) {
+  fail(name(), " backend: LoRA's input gradient is not fused into the base GEMM here (lora_fused_columns is 0)");
+}
+
 namespace {
 
 class CpuBackend final : public Backend {

@@ -143,33 +143,23 @@ class KernelBackend final : public Backend {
   int64_t lora_fused_columns(int64_t rank) const override { return qlora::lora_fused_columns(compute_, rank); }
   void gemm_with_lora_up(int64_t M, int64_t N, int64_t K, const float* x, uint16_t* w_rows, int64_t R,
                          const float* t, const float* b, float alpha, float* y) override {
-    const int64_t columns = lora_fused_columns(R), ld = K + columns;
-    if (columns < R || M <= 0 || N <= 0 || K <= 0) fail("gemm_with_lora_up: ", M, "x", N, "x", K, " of rank ", R, " under ", exec_.name(), " in this dtype");
-    const bool f16 = compute_ == GpuCompute::F16;
-    exec_.launch("to_half_rows", grid_for(N * columns), exec_.threads, kernels::to_half_rows, b, N, R, R, 1.0f, f16,
-                 w_rows + K, ld, columns);  // B beside W
-    // [x | alpha t]: in x's shared copy where it has the room, else in a copy for this GEMM
+    const int64_t columns = check_lora_fusion("gemm_with_lora_up", M, N, K, R), ld = K + columns;
+    exec_.launch("to_half_rows", grid_for(N * columns), exec_.threads, kernels::to_half_rows, b, N, R, R, 1.0f,
+                 compute_ == GpuCompute::F16, w_rows + K, ld, columns);  // B beside W
     DeviceArray<uint16_t> own;
-    int64_t shared_ld = 0;
-    uint16_t* a = shared_half(x, M, K, &shared_ld);
-    if (!a || shared_ld != ld) {
-      own.reset(this, M * ld, MemCategory::Workspace);
-      exec_.launch("to_half_rows", grid_for(M * K), exec_.threads, kernels::to_half_rows, x, M, K, K, 1.0f, f16,
-                   own.get(), ld, K);
-      a = own.get();
-    }
-    exec_.launch("to_half_rows", grid_for(M * columns), exec_.threads, kernels::to_half_rows, t, M, R, R, alpha, f16,
-                 a + K, ld, columns);
-    // [M, ld] and [N, ld] are whole matrices now: one GEMM over ld
-    const auto [workspace, workspace_bytes] = gemm_workspace();
-    if (!exec_.gemm_half(f16, false, true, M, N, ld, 1.0f, a, w_rows, 0.0f, y, workspace, workspace_bytes)) {
-      // no half algorithm for this shape: the same product in fp32 from the 16-bit values
-      const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
-      DeviceArray<float> a32(this, M * ld, MemCategory::Workspace), w32(this, N * ld, MemCategory::Workspace);
-      convert_stored({a, half}, M * ld, FloatFormat::F32, a32.get());
-      convert_stored({w_rows, half}, N * ld, FloatFormat::F32, w32.get());
-      exec_.gemm(false, true, M, N, ld, 1.0f, a32.get(), w32.get(), 0.0f, y, workspace, workspace_bytes);
-    }
+    const uint16_t* a = with_lora_columns(x, M, K, t, R, alpha, own);
+    gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
+  }
+  void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
+                         const float* dt, const float* a, float beta, float* dx) override {
+    const int64_t columns = check_lora_fusion("gemm_dx_with_lora", M, N, K, R), ld = K + columns;
+    uint16_t* below = w_rows + K * N;  // A under W, then zero rows
+    exec_.launch("to_half_rows", grid_for(R * N), exec_.threads, kernels::to_half_rows, a, R, N, N, 1.0f,
+                 compute_ == GpuCompute::F16, below, N, N);
+    if (columns > R) exec_.zero(below + R * N, static_cast<size_t>((columns - R) * N) * sizeof(uint16_t));
+    DeviceArray<uint16_t> own;
+    const uint16_t* g = with_lora_columns(dy, M, K, dt, R, 1.0f, own);
+    gemm_16(false, false, M, N, ld, g, w_rows, ld * N, beta, dx);
   }
   void end_shared_input(const float* x) override {
     shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [x](const SharedInput& s) { return s.x == x; }),
@@ -435,6 +425,44 @@ class KernelBackend final : public Backend {
     return static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   }
 
+  int64_t check_lora_fusion(const char* op, int64_t M, int64_t N, int64_t K, int64_t R) const {
+    const int64_t columns = lora_fused_columns(R);
+    if (columns < R || columns == 0 || M <= 0 || N <= 0 || K <= 0)
+      fail(op, ": a ", M, "x", N, "x", K, " GEMM with LoRA of rank ", R, " is not fused under ", exec_.name(),
+           " in this compute dtype");
+    return columns;
+  }
+  // [x | scale t] ([M, K] and [M, R] fp32) in 16 bits, rows of K + lora_fused_columns(R) values, the columns past R
+  // zero: in x's shared copy where it has that room, else in `own`.
+  const uint16_t* with_lora_columns(const float* x, int64_t M, int64_t K, const float* t, int64_t R, float scale,
+                                    DeviceArray<uint16_t>& own) {
+    const int64_t columns = lora_fused_columns(R), ld = K + columns;
+    const bool f16 = compute_ == GpuCompute::F16;
+    int64_t shared_ld = 0;
+    uint16_t* rows = shared_half(x, M, K, &shared_ld);
+    if (!rows || shared_ld != ld) {
+      own.reset(this, M * ld, MemCategory::Workspace);
+      exec_.launch("to_half_rows", grid_for(M * K), exec_.threads, kernels::to_half_rows, x, M, K, K, 1.0f, f16,
+                   own.get(), ld, K);
+      rows = own.get();
+    }
+    exec_.launch("to_half_rows", grid_for(M * columns), exec_.threads, kernels::to_half_rows, t, M, R, R, scale, f16,
+                 rows + K, ld, columns);
+    return rows;
+  }
+  // C = A op(B) + beta C with A [M, K] and B (b_count values) whole 16-bit matrices in the compute's format; where
+  // cuBLASLt has no half algorithm for the shape, the same product in fp32 from the 16-bit values.
+  void gemm_16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
+               int64_t b_count, float beta, float* C) {
+    const bool f16 = compute_ == GpuCompute::F16;
+    const auto [workspace, workspace_bytes] = gemm_workspace();
+    if (exec_.gemm_half(f16, ta, tb, M, N, K, 1.0f, A, B, beta, C, workspace, workspace_bytes)) return;
+    const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
+    DeviceArray<float> a32(this, M * K, MemCategory::Workspace), b32(this, b_count, MemCategory::Workspace);
+    convert_stored({A, half}, M * K, FloatFormat::F32, a32.get());
+    convert_stored({B, half}, b_count, FloatFormat::F32, b32.get());
+    exec_.gemm(ta, tb, M, N, K, 1.0f, a32.get(), b32.get(), beta, C, workspace, workspace_bytes);
+  }
   // cuBLASLt's scratch, allocated on first use, so that it counts against the budget set by then.
   std::pair<void*, size_t> gemm_workspace() {
     if (!gemm_workspace_ready_) {

@@ -55,7 +55,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // on the GPU under half compute LoRA's up projection goes into the base GEMM: a dequantized weight and a shared
   // 16-bit input have room for it beside each row
   const int64_t lora_columns = o.cuda ? lora_fused_columns(o.compute, o.rank) : 0;
-  int64_t max_linear_size = 0, max_weight_rows = 0, max_linear_in = std::max({h, qd, inter});
+  int64_t max_linear_size = 0, max_weight_rows = 0, max_linear_in = std::max({h, qd, inter}), max_in_plus_out = 0;
   for (int64_t layer = 0; layer < L; ++layer) {
     add(W, 2 * h * kF32);  // input and post-attention norms
     for (int mi = 0; mi < kNumModules; ++mi) {
@@ -63,7 +63,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       const auto shape = module_shape(c, m);
       const int64_t n = shape[0] * shape[1];
       max_linear_size = std::max(max_linear_size, n);
-      max_weight_rows = std::max(max_weight_rows, shape[0] * (shape[1] + lora_columns));
+      max_weight_rows = std::max({max_weight_rows, shape[0] * (shape[1] + lora_columns), (shape[0] + lora_columns) * shape[1]});
+      max_in_plus_out = std::max(max_in_plus_out, shape[0] + shape[1]);
       add(W, nf4 ? ceil_div(n, 2) + block_constants_bytes(ceil_div(n, kNf4Blocksize)) : n * dense_bytes);
       if (module_has_bias(c, m)) add(W, shape[0] * kF32);
     }
@@ -102,15 +103,16 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
     add(Ws, o.batch * c.num_heads * o.seq * kF32);  // attention backward's row dots D_i
     // KernelBackend::gemm_stored: a weight-side operand (the LM head, or a linear: NF4 dequantized straight into
     // the format the GEMM takes, or dense as stored) not in that format is converted whole. With half compute both
-    // operands of every GEMM are 16 bits: the row side (a chunk of logits' gradient, or activations of the widest
-    // linear, one copy at a time even where several GEMMs share it) and the other (a converted weight, or an n x r
-    // LoRA product with a LoRA factor, both converted while a shared row-side copy lives).
+    // operands of every GEMM are 16 bits: the row side (a chunk of logits' gradient, or a linear's input with room
+    // for LoRA's columns, with drop(input) as LoRA's down projection reads it where q, k, v or gate and up share the
+    // input, and in backward a linear's input and output gradient at once) and the other (a converted weight, or an
+    // n x r LoRA product with a LoRA factor, both converted while a shared row-side copy lives).
     const FloatFormat linear = nf4 ? takes : dense;
     const int64_t weight_side = std::max(dense != takes ? vocab * h : 0, linear != takes ? max_linear_size : 0);
     if (o.compute == GpuCompute::F32) {
       add(Ws, weight_side * kF32);
     } else {
-      const int64_t row_side = std::max(logits_rows * vocab, n * (max_linear_in + lora_columns));
+      const int64_t row_side = std::max(logits_rows * vocab, n * (std::max(max_in_plus_out, 2 * h) + lora_columns));
       add(Ws, 2 * (row_side + std::max(weight_side, n * r + r * max_linear_in)));
     }
   }

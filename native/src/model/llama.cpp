@@ -69,11 +69,13 @@ int64_t max_linear_in(const ModelConfig& c) {
   return std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
 }
 
-int64_t max_linear_size(const ModelConfig& c, int64_t extra_columns) {
+// The largest linear [out, in], with room for `extra` more columns (LoRA's B beside W in the forward GEMM) or rows
+// (its A under W in backward's).
+int64_t max_linear_size(const ModelConfig& c, int64_t extra) {
   int64_t best = 0;
   for (int m = 0; m < kNumModules; ++m) {
     const auto s = module_shape(c, static_cast<Module>(m));
-    best = std::max(best, s[0] * (s[1] + extra_columns));
+    best = std::max({best, s[0] * (s[1] + extra), (s[0] + extra) * s[1]});
   }
   return best;
 }
@@ -424,13 +426,15 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
     if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
     return;
   }
+  // LoRA's down projection first: with dropout it rounds drop(x) to 16 bits for its GEMM, before the base GEMM makes
+  // x's shared copy (the two would otherwise be alive at once)
+  const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
   if (w.quantized() && rows <= kNf4MatmulMaxRows)
     // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
     backend_->nf4_matmul_nt(x, rows, w.packed.get(), block_constants(w, ws), w.out, w.in, w.blocksize, w.round_to, y);
   else
     backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
-  const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
   if (!p) return;
   const LoraConfig& lc = adapter->config();
   backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale() * opt.lora_scale), lora_t, p->b.get(),
@@ -467,6 +471,20 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
                                  const RunOptions& opt) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
+  const bool drop = p && opt.training && adapter->config().dropout > 0.0;
+  const int64_t lora_columns = drop ? 0 : fused_lora_columns(layer, m, adapter, rows, opt);
+  if (lora_columns > 0) {
+    // dx = [dy | dt] [W ; A] in one GEMM, after dB, dt and dA (dx may be x's own buffer), dy's copy shared by all
+    const LoraConfig& lc = adapter->config();
+    const float s = static_cast<float>(lc.scale());
+    SharedGemmInput shared_dy(backend_, dy, rows, w.out, lora_columns);
+    backend_->gemm(true, false, w.out, lc.rank, rows, s, dy, lora_t, 1.0f, p->grad_b.get());           // dB += s dy^T t
+    backend_->gemm(false, false, rows, lc.rank, w.out, s, dy, p->b.get(), 0.0f, ws.lora_dt.get());     // dt = s dy B
+    backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), x, 1.0f, p->grad_a.get());  // dA += dt^T x
+    backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
+                                p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
+    return;
+  }
   // dx = dy W (+ LoRA's term). Accumulating, the base term goes first, as it always has; otherwise last, so that dx
   // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
   // and LoRA terms are added once, in either order.
@@ -480,7 +498,6 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   if (!p) return;
   const LoraConfig& lc = adapter->config();
   const float s = static_cast<float>(lc.scale());
-  const bool drop = opt.training && lc.dropout > 0.0;
   const uint64_t offset = dropout_offset(opt.micro_batch, layer, m);
   const float dropout_p = static_cast<float>(lc.dropout);
   // dB += s dy^T t
@@ -566,9 +583,11 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards)
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt);
   backend_->swiglu_backward(a.m.get(), a.g.get(), a.u.get(), n * c.intermediate_size, a.g.get(), a.u.get());
+  SharedGemmInput shared_xn2(backend_, a.xn2.get(), n, c.hidden_size);  // gate's and up's dA
   linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), a.g.get(), n, ws.dxn.get(), false, ws,
                   opt);
   linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), a.u.get(), n, ws.dxn.get(), true, ws, opt);
+  shared_xn2.end();
   backend_->rmsnorm_backward(ws.dxn.get(), a.h.get(), lw.mlp_norm.get(), a.rstd2.get(), n, c.hidden_size,
                              ws.dh.get());
   backend_->add_inplace(ws.dh.get(), dx_out, n * c.hidden_size);
@@ -579,9 +598,11 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
                                c.num_heads, c.num_kv_heads, c.head_dim, ws.dq.get(), ws.dk.get(), ws.dv.get());
   backend_->rope_apply(ws.dq.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), true);
   backend_->rope_apply(ws.dk.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), true);
+  SharedGemmInput shared_xn1(backend_, a.xn1.get(), n, c.hidden_size);  // q's, k's and v's dA
   linear_backward(layer, Module::Q, adapter, a.xn1.get(), t(Module::Q), ws.dq.get(), n, ws.dxn.get(), false, ws, opt);
   linear_backward(layer, Module::K, adapter, a.xn1.get(), t(Module::K), ws.dk.get(), n, ws.dxn.get(), true, ws, opt);
   linear_backward(layer, Module::V, adapter, a.xn1.get(), t(Module::V), ws.dv.get(), n, ws.dxn.get(), true, ws, opt);
+  shared_xn1.end();
   backend_->rmsnorm_backward(ws.dxn.get(), a.x_in, lw.attn_norm.get(), a.rstd1.get(), n, c.hidden_size, dx_in);
   backend_->add_inplace(dx_in, ws.dh.get(), n * c.hidden_size);
 }
