@@ -426,15 +426,25 @@ TEST(cuda_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
 TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   // Two training steps as the trainer takes them; every category but the workspace is what the CPU holds (same model
   // code), and the workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within the estimate.
-  for (bool bf16 : {false, true}) {
+  // NF4 (LoRA fused into the base GEMMs under bf16) or dense, LoRA dropout (unfused, drop(x)'s own 16-bit copies) or not
+  for (const auto& [bf16, nf4, dropout] : {std::tuple{false, true, 0.0}, std::tuple{true, true, 0.0},
+                                           std::tuple{true, true, 0.1}, std::tuple{true, false, 0.1},
+                                           std::tuple{true, false, 0.0}}) {
     auto backend = emulated(32);
     backend->set_compute(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
-    auto [model, adapter] = quantized_with_adapter(backend.get());
+    LoadOptions lo;
+    lo.quantize_nf4 = nf4;
+    auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
+    LoraConfig lc;
+    lc.rank = 4;
+    lc.dropout = dropout;
+    auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
     const int64_t batch = 2, seq = 7;
     std::vector<int32_t> ids(static_cast<size_t>(batch * seq));
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37 + 5) % 200);
     RunOptions ro;
     ro.compute_grads = true;
+    ro.training = dropout > 0.0;
     std::unique_ptr<AdamW> optimizer;
     for (int step = 0; step < 2; ++step) {
       adapter->zero_grad();
@@ -448,11 +458,13 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     eo.rank = 4;
     eo.cuda = true;
     eo.compute = bf16 ? GpuCompute::BF16 : GpuCompute::F32;
+    eo.quantize_nf4 = nf4;
     const MemoryEstimate e = estimate_memory(model->config(), eo);
     const MemoryStats& s = backend->memory();
     for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
       const bool workspace = static_cast<MemCategory>(i) == MemCategory::Workspace;
-      EXPECT_TRUE(workspace ? s.peak[i] <= e.bytes[i] : s.peak[i] == e.bytes[i], "bf16 ", bf16, ": ",
+      EXPECT_TRUE(workspace ? s.peak[i] <= e.bytes[i] : s.peak[i] == e.bytes[i], "bf16 ", bf16, " nf4 ", nf4,
+                  " dropout ", dropout, ": ",
                   mem_category_name(static_cast<MemCategory>(i)), " measured ", s.peak[i], ", estimated ", e.bytes[i]);
     }
     EXPECT_TRUE(s.total_peak <= e.peak_total, "total peak ", s.total_peak, " over the estimate ", e.peak_total);
