@@ -44,9 +44,15 @@ __device__ __forceinline__ void stage_rows(uint16_t (*tile)[D + kTilePad], const
     const int64_t row = first + r;
     float lo = 0.0f, hi = 0.0f;
     if (row < seq) {
-      const float* p = head + row * stride + c;
+      const float* p = head + row * stride + c;  // 8-byte aligned: c, the strides and the heads' offsets are even
+#ifdef __CUDACC__
+      const float2 pair = *reinterpret_cast<const float2*>(p);
+      lo = pair.x;
+      hi = pair.y;
+#else
       lo = p[0];
       hi = p[1];
+#endif
     }
     store_pair(&tile[r][c], pack_pair<F16>(lo, hi));
   }
