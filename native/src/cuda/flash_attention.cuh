@@ -60,6 +60,39 @@ __device__ __forceinline__ void stage_rows(uint16_t (*tile)[D + kTilePad], const
 
 // seq query rows at positions past..past+seq-1 over past + seq keys (training: past 0; generation's prefill: the
 // rows after a KV cache's past ones, batch 1). lse may be null (generation keeps none).
+// s [16 x 8 N8] = A [16 x D] (a warp's rows, as A fragments of 16 columns each) times the transpose of the tile's rows
+// 0..8 N8-1: scores against keys (Q K^T), or dO against values (dO V^T).
+template <bool F16, int D, int N8, int W>
+__device__ __forceinline__ void product_with_rows(float (&s)[N8][4], const uint32_t (&a)[D / 16][4],
+                                                  const uint16_t (*tile)[W]) {
+  QLORA_UNROLL
+  for (int kk = 0; kk < D / 16; ++kk)
+    QLORA_UNROLL
+    for (int n = 0; n < N8; ++n) {
+      uint32_t b[2];
+      fragment_b_transposed(tile, n * 8, kk * 16, b);
+      mma_16816<F16>(s[n], a[kk], b);
+    }
+}
+
+// acc [16 x D] += P [16 x 8 N8] (accumulators, rounded to 16 bits as they enter) times the tile's rows 0..8 N8-1:
+// P V, dS K, P^T dO, dS^T Q.
+template <bool F16, int D, int N8, int W>
+__device__ __forceinline__ void accumulate_times_rows(float (&acc)[D / 8][4], const float (&p)[N8][4],
+                                                      const uint16_t (*tile)[W]) {
+  QLORA_UNROLL
+  for (int kk = 0; kk < N8 / 2; ++kk) {
+    uint32_t a[4];
+    accumulators_to_a<F16>(p[2 * kk], p[2 * kk + 1], a);
+    QLORA_UNROLL
+    for (int n = 0; n < D / 8; ++n) {
+      uint32_t b[2];
+      fragment_b(tile, kk * 16, n * 8, b);
+      mma_16816<F16>(acc[n], a, b);
+    }
+  }
+}
+
 template <int D, bool F16>
 __global__ void flash_attention_forward(const float* q, const float* k, const float* v, int64_t seq, int64_t past,
                                         int64_t heads, int64_t kv_heads, float scale, float* out, float* lse) {
@@ -92,14 +125,7 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
     stage_rows<D, F16, BC>(s_v, vh, kv_stride, j0, keys);
     __syncthreads();
     float s[BC / 8][4] = {};
-    QLORA_UNROLL
-    for (int kk = 0; kk < D / 16; ++kk)
-      QLORA_UNROLL
-      for (int n = 0; n < BC / 8; ++n) {
-        uint32_t kb[2];
-        fragment_b_transposed(s_k, n * 8, kk * 16, kb);
-        mma_16816<F16>(s[n], qa[kk], kb);
-      }
+    product_with_rows<F16, D>(s, qa, s_k);
     float tile_max[2] = {m[0], m[1]};
     QLORA_UNROLL
     for (int n = 0; n < BC / 8; ++n)
@@ -131,17 +157,7 @@ __global__ void flash_attention_forward(const float* q, const float* k, const fl
         s[n][i] = p;
         l[i / 2] += p;
       }
-    QLORA_UNROLL
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t pa[4];
-      accumulators_to_a<F16>(s[2 * kk], s[2 * kk + 1], pa);
-      QLORA_UNROLL
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t vb[2];
-        fragment_b(s_v, kk * 16, n * 8, vb);
-        mma_16816<F16>(o[n], pa, vb);
-      }
-    }
+    accumulate_times_rows<F16, D>(o, s, s_v);
   }
   QLORA_UNROLL
   for (int r = 0; r < 2; ++r) {
@@ -213,16 +229,8 @@ __global__ void flash_attention_backward_dq(const float* dout, const float* q, c
     __syncthreads();
     if (j0 > warp_last_row) continue;
     float s[BC / 8][4] = {}, dp[BC / 8][4] = {};
-    QLORA_UNROLL
-    for (int kk = 0; kk < D / 16; ++kk)
-      QLORA_UNROLL
-      for (int n = 0; n < BC / 8; ++n) {
-        uint32_t kb[2], vb[2];
-        fragment_b_transposed(s_kv, n * 8, kk * 16, kb);
-        mma_16816<F16>(s[n], qa[kk], kb);
-        fragment_b_transposed(s_kv + BC, n * 8, kk * 16, vb);
-        mma_16816<F16>(dp[n], doa[kk], vb);
-      }
+    product_with_rows<F16, D>(s, qa, s_kv);
+    product_with_rows<F16, D>(dp, doa, s_kv + BC);
     QLORA_UNROLL
     for (int n = 0; n < BC / 8; ++n)
       QLORA_UNROLL
@@ -231,17 +239,7 @@ __global__ void flash_attention_backward_dq(const float* dout, const float* q, c
         const float p = key <= row && row < seq ? exp2f(s[n][i] * scale_log2 - lse2[i / 2]) : 0.0f;
         s[n][i] = p * (dp[n][i] - dots[i / 2]) * scale;  // dS
       }
-    QLORA_UNROLL
-    for (int kk = 0; kk < BC / 16; ++kk) {
-      uint32_t dsa[4];
-      accumulators_to_a<F16>(s[2 * kk], s[2 * kk + 1], dsa);
-      QLORA_UNROLL
-      for (int n = 0; n < D / 8; ++n) {
-        uint32_t kb[2];
-        fragment_b(s_kv, kk * 16, n * 8, kb);
-        mma_16816<F16>(acc[n], dsa, kb);
-      }
-    }
+    accumulate_times_rows<F16, D>(acc, s, s_kv);
   }
   QLORA_UNROLL
   for (int r = 0; r < 2; ++r) {
@@ -315,20 +313,8 @@ __global__ void flash_attention_backward_dkv(const float* dout, const float* q, 
           s[n][i] = p;
           dp[n][i] = p * (dp[n][i] - s_dot[c]) * scale;  // dS^T
         }
-      QLORA_UNROLL
-      for (int kk = 0; kk < BQ / 16; ++kk) {
-        uint32_t pa[4], dsa[4];
-        accumulators_to_a<F16>(s[2 * kk], s[2 * kk + 1], pa);
-        accumulators_to_a<F16>(dp[2 * kk], dp[2 * kk + 1], dsa);
-        QLORA_UNROLL
-        for (int n = 0; n < D / 8; ++n) {
-          uint32_t dob[2], qb[2];
-          fragment_b(s_do, kk * 16, n * 8, dob);
-          mma_16816<F16>(dv_acc[n], pa, dob);
-          fragment_b(s_q, kk * 16, n * 8, qb);
-          mma_16816<F16>(dk_acc[n], dsa, qb);
-        }
-      }
+      accumulate_times_rows<F16, D>(dv_acc, s, s_do);
+      accumulate_times_rows<F16, D>(dk_acc, dp, s_q);
     }
   }
   QLORA_UNROLL
