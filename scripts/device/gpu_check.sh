@@ -3,8 +3,10 @@
 # check of issues 2, 3 and 6 in one go, each step's log in $OUT and one line per step in $OUT/summary.txt:
 #   reference_check  transformers + PEFT against our scores, adapters and merges (issues 2, 3)
 #   test_gpu         the GPU suite: CUDA kernels and the whole model against the CPU, then the trainer on the GPU
+#   sanitize_attention  compute-sanitizer's racecheck and memcheck on the tensor-core attention's GPU test
 #   bench_*          bench --shape 8b --batch 1 --seq 2048 (bf16, its per-kernel profile, f32), 1b at 4 x 2048,
 #                    and 8b under a budget that pages
+#   ncu_attention    Nsight Compute's speed-of-light and occupancy of the tensor-core attention kernels (1b, 4 x 2048)
 #   hf_reference     transformers + PEFT LoRA on the same shape, for the speed ratio (last: it takes longest)
 # Steps run in that order whatever the earlier ones gave; SKIP=name,name leaves steps out. Run it as
 #   bash scripts/device/gpu_check.sh                       (about 9 minutes at most)
@@ -36,9 +38,12 @@ step() {
 }
 step reference_check 120 python3 scripts/device/reference_check.py .device/refcheck --device cpu,cuda --out "$OUT"
 step test_gpu 300 env REQUIRE_GPU=1 node scripts/test-gpu.mjs
+# the warp-level kernels (mma.sync, shuffles) have no emulator for races between real warps: the sanitizer looks
+step sanitize_attention 120 bash -c 'compute-sanitizer --tool racecheck --error-exitcode 3 build/Release/qlora_gpu_tests test/fixtures tensor_core && compute-sanitizer --tool memcheck --error-exitcode 3 build/Release/qlora_gpu_tests test/fixtures tensor_core'
 step bench_8b_bf16 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --json
 step bench_8b_profile 120 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --profile
 step bench_1b_bf16 120 node dist/cli.js bench --device cuda --shape 1b --batch 4 --seq 2048 --steps 3 --warmup 1 --json
+step ncu_attention 120 ncu --clock-control none --kernel-name regex:flash_attention --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats node dist/cli.js bench --device cuda --shape 1b --batch 4 --seq 2048 --steps 1 --warmup 0
 step bench_8b_f32 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --dtype f32 --json
 # a budget half the optimizer state short of the estimated peak: the optimizer pages, the loss stays
 budget=$(node -e "const e = require('./out/extension/engine/tools').estimateMemory({ shape: '8b' }, { batch: 1, seq: 2048, rank: 16, device: 'cuda', computeDtype: 'bf16' }); console.log(((e.peakTotal - e.categories.optimizer / 2) / 2 ** 30).toFixed(4))" 2>> "$OUT/summary.txt")

@@ -539,12 +539,13 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   a.x_in = x_in;
   backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
-  // q, k, v and their LoRA down projections
+  // the room a shared input needs for the LoRA columns of the linears reading it
   auto fused = [&](std::initializer_list<Module> modules) {
     int64_t columns = 0;
     for (Module m : modules) columns = std::max(columns, fused_lora_columns(layer, m, adapter, n, opt));
     return columns;
   };
+  // q, k, v and their LoRA down projections
   SharedGemmInput shared_xn1(backend_, a.xn1.get(), n, c.hidden_size, fused({Module::Q, Module::K, Module::V}));
   linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
   linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
