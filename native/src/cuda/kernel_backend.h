@@ -4,12 +4,13 @@
 // the native tests instantiate it with a CUDA emulator on the CPU (test/cuda_emu.h), so that all of this code and
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
-// Exec provides: name(), sm() (the compute capability the kernels run as, major * 10 + minor), threads (block size: a power of two <= kernels::kMaxThreads), launch(what, grid, block,
-// kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download /
-// copy (device to device) / zero, gemm (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and
-// gemm_half (the same with A and B as fp16 or bf16 bits, fp32 accumulation and output; false when it has no way to),
-// alloc_host / free_host, begin_page_copy / finish_page_copy, set_profiling(on) / take_profile() (the time of each
-// launch and GEMM by name while on).
+// Exec provides: name(), sm() (the compute capability the kernels run as, major * 10 + minor), threads (block size:
+// a power of two <= kernels::kMaxThreads), launch(what, grid, block, kernel, args...), alloc(bytes, what) /
+// free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download / copy (device to device) / zero, gemm
+// (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_half (the same with A and B as
+// fp16 or bf16 bits, fp32 accumulation and output, and optional leading dimensions lda / ldb for operands that are
+// part of wider rows; false when it has no way to), alloc_host / free_host, begin_page_copy / finish_page_copy,
+// set_profiling(on) / take_profile() (the time of each launch and GEMM by name while on).
 #pragma once
 #include <algorithm>
 #include <cmath>
