@@ -52,8 +52,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(W, vocab * h * dense_bytes);                               // embed_tokens
   add(W, h * kF32);                                              // final norm
   if (!c.tie_word_embeddings) add(W, vocab * h * dense_bytes);   // lm_head
-  // on the GPU under half compute LoRA's up projection goes into the base GEMM: a dequantized weight and a shared
-  // 16-bit input have room for it beside each row
+  // on the GPU under half compute LoRA's terms go into the base GEMMs: a dequantized weight has room for B beside
+  // each row (forward) or for A's rows under it (backward), and a shared 16-bit input for t or dt beside each row
   const int64_t lora_columns = o.cuda ? lora_fused_columns(o.compute, o.rank) : 0;
   int64_t max_linear_size = 0, max_weight_rows = 0, max_linear_in = std::max({h, qd, inter}), max_in_plus_out = 0;
   for (int64_t layer = 0; layer < L; ++layer) {

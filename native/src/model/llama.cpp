@@ -489,8 +489,9 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
   // and LoRA terms are added once, in either order.
   const bool base_first = accumulate_dx || !p;
-  // dy feeds up to three GEMMs: the base term, dB and dt. Shared until dA's GEMM, which converts x (a second row-wide
-  // 16-bit copy would raise the peak); a base term that comes last converts dy again.
+  // dy feeds up to three GEMMs: the base term, dB and dt. Shared until dA's GEMM, which reads x's 16-bit copy (the
+  // block's shared one, or its own) or drop(x)'s: two row-wide copies beside dy's would raise the peak. A base term
+  // that comes last converts dy again.
   SharedGemmInput shared_dy(backend_, dy, rows, w.out);
   if (base_first)
     backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f,
