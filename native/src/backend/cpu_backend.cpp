@@ -248,21 +248,12 @@ class CpuBackend final : public Backend {
   void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2, float offset,
                          int blocksize2, float* out) override {
     if (blocksize2 <= 0) fail("double quantization blocksize must be positive, got ", blocksize2);
-    // nf4::double_dequantize_into's two roundings, a group of blocksize2 constants per iteration (no division per value)
-    const int64_t groups = (n + blocksize2 - 1) / blocksize2;
-#pragma omp parallel for schedule(static)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float scale = state2_absmax[g];
-      for (int64_t i = g * blocksize2; i < std::min(n, (g + 1) * blocksize2); ++i) {
-        const float product = code2[codes[i]] * scale;
-        out[i] = product + offset;
-      }
-    }
+    nf4::double_dequantize_into(codes, n, state2_absmax, code2, offset, blocksize2, out);
   }
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                          FloatFormat out_format, int64_t row_len, int64_t row_stride, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
-    if (row_len <= 0 || row_stride < row_len) fail("nf4_dequantize_16: rows of ", row_len, " values ", row_stride, " apart");
+    nf4::check_rows(row_len, row_stride, "nf4_dequantize_16");
     std::vector<float> values(static_cast<size_t>(n));
     nf4_dequantize(packed, absmax, n, blocksize, round_to, values.data());
 #pragma omp parallel for schedule(static)

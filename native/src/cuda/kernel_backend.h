@@ -329,7 +329,7 @@ class KernelBackend final : public Backend {
   void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                          FloatFormat out_format, int64_t row_len, int64_t row_stride, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
-    if (row_len <= 0 || row_stride < row_len) fail("nf4_dequantize_16: rows of ", row_len, " values ", row_stride, " apart");
+    nf4::check_rows(row_len, row_stride, "nf4_dequantize_16");
     if (n <= 0) return;
     nf4::check_blocksize(blocksize, "nf4_dequantize");
     exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, packed, absmax,

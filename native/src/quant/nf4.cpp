@@ -34,6 +34,10 @@ void check_blocksize(int blocksize, const char* what) {
   QLORA_CHECK(blocksize > 0 && blocksize % 2 == 0, what, " blocksize must be a positive even number, got ", blocksize);
 }
 
+void check_rows(int64_t row_len, int64_t row_stride, const char* what) {
+  if (row_len <= 0 || row_stride < row_len) fail(what, ": rows of ", row_len, " values ", row_stride, " apart");
+}
+
 Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
   check_blocksize(blocksize, "nf4::quantize");
   QLORA_CHECK(n >= 0, "nf4::quantize: negative length ", n);
@@ -206,10 +210,18 @@ std::vector<float> double_dequantize(const uint8_t* codes, int64_t n, const floa
 void double_dequantize_into(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
                             float offset, int blocksize2, float* out) {
   QLORA_CHECK(blocksize2 > 0, "double quantization blocksize must be positive, got ", blocksize2);
-  // Two separate fp32 roundings, as bitsandbytes does (dequantize_blockwise, then `absmax += offset`): kept in two
-  // loops so that the product and the sum are never fused into one multiply-add.
-  for (int64_t i = 0; i < n; ++i) out[i] = code2[codes[i]] * state2_absmax[i / blocksize2];
-  for (int64_t i = 0; i < n; ++i) out[i] += offset;
+  // Two separate fp32 roundings, as bitsandbytes does (dequantize_blockwise, then `absmax += offset`): the build's
+  // -ffp-contract=off never fuses the product and the sum into one multiply-add. A group of blocksize2 constants per
+  // iteration, threaded, with no division per value (generation restores a layer's constants at every token).
+  const int64_t groups = (n + blocksize2 - 1) / blocksize2;
+#pragma omp parallel for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = state2_absmax[g];
+    for (int64_t i = g * blocksize2; i < std::min(n, (g + 1) * blocksize2); ++i) {
+      const float product = code2[codes[i]] * scale;
+      out[i] = product + offset;
+    }
+  }
 }
 
 }  // namespace qlora::nf4

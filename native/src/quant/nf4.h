@@ -25,6 +25,9 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize = 64);
 // A block must start on a byte (two codes a byte): a positive even block size, else an error naming `what`. The CPU
 // and GPU quantizers and dequantizers all check with it.
 void check_blocksize(int blocksize, const char* what);
+// Dequantized values written in rows of row_len, row_stride apart: positive rows no wider than their stride, else an
+// error naming `what` (the CPU's and the GPU's nf4_dequantize_16).
+void check_rows(int64_t row_len, int64_t row_stride, const char* what);
 
 // out[i] = kCodes[code_i] * absmax[i / blocksize], computed in fp32 (rounding to the quant state's dtype is the
 // caller's choice: see round_to_dtype below).
