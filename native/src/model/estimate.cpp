@@ -41,7 +41,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
 
   // LlamaModel::load: frozen matrices as stored, norms and biases fp32; NF4 linears keep packed codes and their
   // block constants: with double quantization (always when quantizing on load; for a bnb-4bit checkpoint as its
-  // tensors say, which the binding reads into config.quantization) one byte per block, one fp32 per 256 blocks and the 256-value map, else one fp32 per block.
+  // tensors say, which the binding reads into config.quantization) one byte per block, one fp32 per 256 blocks and
+  // the 256-value map, else one fp32 per block.
   const bool nf4 = o.stored_4bit || o.quantize_nf4;
   const bool double_quant = o.stored_4bit ? c.quantization.has_value() && c.quantization->double_quant : nf4;
   auto block_constants_bytes = [&](int64_t blocks) {
@@ -55,15 +56,15 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // on the GPU under half compute LoRA's terms go into the base GEMMs: a dequantized weight has room for B beside
   // each row (forward) or for A's rows under it (backward), and a shared 16-bit input for t or dt beside each row
   const int64_t lora_columns = o.cuda ? lora_fused_columns(o.compute, o.rank) : 0;
-  int64_t max_linear_size = 0, max_weight_rows = 0, max_linear_in = std::max({h, qd, inter}), max_in_plus_out = 0;
+  const int64_t largest_linear = max_linear_size(c), max_weight_rows = max_linear_size(c, lora_columns);
+  const int64_t widest_in = max_linear_in(c);
+  int64_t max_in_plus_out = 0;
   for (int64_t layer = 0; layer < L; ++layer) {
     add(W, 2 * h * kF32);  // input and post-attention norms
     for (int mi = 0; mi < kNumModules; ++mi) {
       const Module m = static_cast<Module>(mi);
       const auto shape = module_shape(c, m);
       const int64_t n = shape[0] * shape[1];
-      max_linear_size = std::max(max_linear_size, n);
-      max_weight_rows = std::max({max_weight_rows, shape[0] * (shape[1] + lora_columns), (shape[0] + lora_columns) * shape[1]});
       max_in_plus_out = std::max(max_in_plus_out, shape[0] + shape[1]);
       add(W, nf4 ? ceil_div(n, 2) + block_constants_bytes(ceil_div(n, kNf4Blocksize)) : n * dense_bytes);
       if (module_has_bias(c, m)) add(W, shape[0] * kF32);
@@ -91,9 +92,9 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // chunk of logits.
   const FloatFormat takes = o.cuda ? compute_format(o.compute) : FloatFormat::F32;
   add(Ws, max_weight_rows * float_format_bytes(takes));
-  if (nf4 && double_quant) add(Ws, ceil_div(max_linear_size, kNf4Blocksize) * kF32);  // its block constants
+  if (nf4 && double_quant) add(Ws, ceil_div(largest_linear, kNf4Blocksize) * kF32);  // its block constants
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
-  add(Ws, n * max_linear_in * kF32);      // dropx
+  add(Ws, n * widest_in * kF32);          // dropx
   add(Ws, n * r * kF32);                  // lora_dt
   const int64_t logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / vocab));
   add(Ws, logits_rows * vocab * kF32);
@@ -108,12 +109,12 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
     // input, and in backward a linear's input and output gradient at once) and the other (a converted weight, or an
     // n x r LoRA product with a LoRA factor, both converted while a shared row-side copy lives).
     const FloatFormat linear = nf4 ? takes : dense;
-    const int64_t weight_side = std::max(dense != takes ? vocab * h : 0, linear != takes ? max_linear_size : 0);
+    const int64_t weight_side = std::max(dense != takes ? vocab * h : 0, linear != takes ? largest_linear : 0);
     if (o.compute == GpuCompute::F32) {
       add(Ws, weight_side * kF32);
     } else {
       const int64_t row_side = std::max(logits_rows * vocab, n * (std::max(max_in_plus_out, 2 * h) + lora_columns));
-      add(Ws, 2 * (row_side + std::max(weight_side, n * r + r * max_linear_in)));
+      add(Ws, 2 * (row_side + std::max(weight_side, n * r + r * widest_in)));
     }
   }
   // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all

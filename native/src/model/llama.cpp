@@ -65,20 +65,6 @@ namespace {
 
 constexpr int32_t kIgnoreLabel = -100;  // transformers' ignore_index
 
-int64_t max_linear_in(const ModelConfig& c) {
-  return std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
-}
-
-// The largest linear [out, in], with room for `extra` more columns (LoRA's B beside W in the forward GEMM) or rows
-// (its A under W in backward's).
-int64_t max_linear_size(const ModelConfig& c, int64_t extra) {
-  int64_t best = 0;
-  for (int m = 0; m < kNumModules; ++m) {
-    const auto s = module_shape(c, static_cast<Module>(m));
-    best = std::max({best, s[0] * (s[1] + extra), (s[0] + extra) * s[1]});
-  }
-  return best;
-}
 
 FloatFormat round_to_for_dtype(const std::string& dtype, const std::string& context) {
   if (dtype == "float32") return FloatFormat::F32;
@@ -418,27 +404,21 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   const int64_t lora_columns = fused_lora_columns(layer, m, adapter, rows, opt);
   SharedGemmInput shared_x(backend_, x, rows, w.in, lora_columns);  // the base GEMM and LoRA's down projection read x
-  if (lora_columns > 0) {  // LoRA's up projection inside the base GEMM: y written once
-    const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
-    const LoraConfig& lc = adapter->config();
-    backend_->gemm_with_lora_up(rows, w.out, w.in, x, dequantize_rows(w, ws, lora_columns), lc.rank, lora_t,
-                                p->b.get(), static_cast<float>(lc.scale() * opt.lora_scale), y);
-    if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
-    return;
-  }
   // LoRA's down projection first: with dropout it rounds drop(x) to 16 bits for its GEMM, before the base GEMM makes
   // x's shared copy (the two would otherwise be alive at once)
   const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
-  if (w.quantized() && rows <= kNf4MatmulMaxRows)
+  const float lora_scale = p ? static_cast<float>(adapter->config().scale() * opt.lora_scale) : 0.0f;
+  if (lora_columns > 0)  // LoRA's up projection inside the base GEMM: y written once
+    backend_->gemm_with_lora_up(rows, w.out, w.in, x, dequantize_rows(w, ws, lora_columns), adapter->config().rank,
+                                lora_t, p->b.get(), lora_scale, y);
+  else if (w.quantized() && rows <= kNf4MatmulMaxRows)
     // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
     backend_->nf4_matmul_nt(x, rows, w.packed.get(), block_constants(w, ws), w.out, w.in, w.blocksize, w.round_to, y);
   else
     backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
-  if (!p) return;
-  const LoraConfig& lc = adapter->config();
-  backend_->gemm(false, true, rows, w.out, lc.rank, static_cast<float>(lc.scale() * opt.lora_scale), lora_t, p->b.get(),
-                 1.0f, y);
+  if (p && lora_columns == 0)
+    backend_->gemm(false, true, rows, w.out, adapter->config().rank, lora_scale, lora_t, p->b.get(), 1.0f, y);
 }
 
 int64_t LlamaModel::fused_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
@@ -472,28 +452,18 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
   const bool drop = p && opt.training && adapter->config().dropout > 0.0;
+  // Without dropout (whose mask applies to LoRA's term alone) a fusing backend computes dx = [dy | dt] [W ; A] in one
+  // GEMM, last, with dy's 16-bit copy shared by the four GEMMs that read dy.
   const int64_t lora_columns = drop ? 0 : fused_lora_columns(layer, m, adapter, rows, opt);
-  if (lora_columns > 0) {
-    // dx = [dy | dt] [W ; A] in one GEMM, after dB, dt and dA (dx may be x's own buffer), dy's copy shared by all
-    const LoraConfig& lc = adapter->config();
-    const float s = static_cast<float>(lc.scale());
-    SharedGemmInput shared_dy(backend_, dy, rows, w.out, lora_columns);
-    backend_->gemm(true, false, w.out, lc.rank, rows, s, dy, lora_t, 1.0f, p->grad_b.get());           // dB += s dy^T t
-    backend_->gemm(false, false, rows, lc.rank, w.out, s, dy, p->b.get(), 0.0f, ws.lora_dt.get());     // dt = s dy B
-    backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), x, 1.0f, p->grad_a.get());  // dA += dt^T x
-    backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
-                                p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
-    return;
-  }
   // dx = dy W (+ LoRA's term). Accumulating, the base term goes first, as it always has; otherwise last, so that dx
   // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
   // and LoRA terms are added once, in either order.
   const bool base_first = accumulate_dx || !p;
   // dy feeds up to three GEMMs: the base term, dB and dt. Shared until dA's GEMM, which reads x's 16-bit copy (the
   // block's shared one, or its own) or drop(x)'s: two row-wide copies beside dy's would raise the peak. A base term
-  // that comes last converts dy again.
-  SharedGemmInput shared_dy(backend_, dy, rows, w.out);
-  if (base_first)
+  // that comes last converts dy again. The fused GEMM reads dy's copy last, so it stays.
+  SharedGemmInput shared_dy(backend_, dy, rows, w.out, lora_columns);
+  if (base_first && lora_columns == 0)
     backend_->gemm_stored(false, false, rows, w.in, w.out, 1.0f, dy, base_weight(w, ws), accumulate_dx ? 1.0f : 0.0f,
                           dx);
   if (!p) return;
@@ -505,7 +475,7 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   backend_->gemm(true, false, w.out, lc.rank, rows, s, dy, lora_t, 1.0f, p->grad_b.get());
   // dt = s dy B
   backend_->gemm(false, false, rows, lc.rank, w.out, s, dy, p->b.get(), 0.0f, ws.lora_dt.get());
-  shared_dy.end();
+  if (lora_columns == 0) shared_dy.end();
   // dA += dt^T drop(x)
   const float* xin = x;
   if (drop) {
@@ -513,6 +483,11 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
     xin = ws.dropx.get();
   }
   backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), xin, 1.0f, p->grad_a.get());
+  if (lora_columns > 0) {  // the base and LoRA terms of dx in one GEMM
+    backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
+                                p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
+    return;
+  }
   // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient. x is
   // not read from here on.
   if (drop && base_first) {  // through drop(x)'s buffer, no longer needed

@@ -1,5 +1,6 @@
 #include "model/lora.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
@@ -37,6 +38,19 @@ std::array<int64_t, 2> module_shape(const ModelConfig& c, Module m) {
     case Module::Down: return {c.hidden_size, c.intermediate_size};
   }
   return {0, 0};
+}
+
+int64_t max_linear_in(const ModelConfig& c) {
+  return std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size});
+}
+
+int64_t max_linear_size(const ModelConfig& c, int64_t extra) {
+  int64_t best = 0;
+  for (int m = 0; m < kNumModules; ++m) {
+    const auto s = module_shape(c, static_cast<Module>(m));
+    best = std::max({best, s[0] * (s[1] + extra), (s[0] + extra) * s[1]});
+  }
+  return best;
 }
 
 bool module_has_bias(const ModelConfig& c, Module m) {

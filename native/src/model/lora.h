@@ -20,6 +20,11 @@ const char* module_parent(Module m);  // "self_attn" or "mlp"
 std::optional<Module> module_from_name(const std::string& name);
 // [out, in] of a module's base weight.
 std::array<int64_t, 2> module_shape(const ModelConfig& config, Module m);
+// The widest input of any linear (hidden, q heads or intermediate size).
+int64_t max_linear_in(const ModelConfig& config);
+// The largest linear [out, in], with room for `extra` more columns (LoRA's B beside W in the forward GEMM) or rows
+// (its A under W in backward's).
+int64_t max_linear_size(const ModelConfig& config, int64_t extra = 0);
 // Whether the base layer has a bias: q/k/v with qkv_bias (Qwen2), o with o_bias, the MLP with mlp_bias.
 bool module_has_bias(const ModelConfig& config, Module m);
 
