@@ -100,6 +100,20 @@ std::unique_ptr<EmulatedBackend> emulated(int threads) { return std::make_unique
 parity::MakeBackend emulated_with(int threads) {
   return [threads]() -> std::unique_ptr<Backend> { return emulated(threads); };
 }
+// An emulated backend computing in `compute` on a GPU of compute capability `sm` (by default an H100's).
+std::unique_ptr<EmulatedBackend> emulated_in(GpuCompute compute, int sm = 90, int threads = 32) {
+  auto backend = emulated(threads);
+  backend->exec().compute_capability = sm;
+  backend->set_compute(compute);
+  return backend;
+}
+parity::MakeBackend emulated_in_with(GpuCompute compute, int sm = 90) {
+  return [compute, sm]() -> std::unique_ptr<Backend> { return emulated_in(compute, sm); };
+}
+GpuCompute half_compute(bool f16) { return f16 ? GpuCompute::F16 : GpuCompute::BF16; }
+// A value rounded to the 16-bit type of half compute, and widened back.
+uint16_t half_bits(bool f16, float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); }
+float half_value(bool f16, uint16_t bits) { return f16 ? f16_to_f32(bits) : bf16_to_f32(bits); }
 
 // The reference model quantized on load, with a fresh rank-4 adapter, on `backend`.
 struct QuantizedWithAdapter {
@@ -191,8 +205,7 @@ TEST(cuda_kernels_read_frozen_weights_stored_in_16_bits_as_the_cpu_does) {
   for (GpuCompute compute : {GpuCompute::BF16, GpuCompute::F16}) {
     // half compute: B in the compute dtype goes to the half GEMM as it is, the other 16-bit type converted first
     auto cpu = make_cpu_backend();
-    auto dev = emulated(64);
-    dev->set_compute(compute);
+    auto dev = emulated_in(compute, 90, 64);
     for (FloatFormat f : {FloatFormat::BF16, FloatFormat::F16}) {
       const int64_t M = 6, N = 37, K = 19;
       const parity::StoredTwin w(cpu.get(), dev.get(), parity::random_floats(N * K, 31), f);
@@ -212,8 +225,7 @@ TEST(cuda_kernels_read_frozen_weights_stored_in_16_bits_as_the_cpu_does) {
 // GEMMs that share an input (Backend::begin_shared_input) round it to 16 bits once, as A or as B, transposed or not,
 // with the bits of the GEMMs that round it each time; a part of it, or a GEMM after the scope, converts its own.
 TEST(cuda_backend_gemms_sharing_an_input_round_it_once_with_the_same_bits) {
-  auto backend = emulated(32);
-  backend->set_compute(GpuCompute::BF16);
+  auto backend = emulated_in(GpuCompute::BF16);
   const int64_t M = 6, N = 5, K = 9;
   DeviceArray<float> x(backend.get(), M * K, MemCategory::Activations), w(backend.get(), N * K, MemCategory::Activations);
   x.upload(parity::random_floats(static_cast<size_t>(M * K), 41));
@@ -261,12 +273,11 @@ TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
   const int64_t M = 7, N = 5, K = 24, R = 4;
   const float alpha = 0.5f;
   for (bool f16 : {false, true}) {
-    auto backend = emulated(32);
-    backend->set_compute(f16 ? GpuCompute::F16 : GpuCompute::BF16);
+    auto backend = emulated_in(half_compute(f16));
     const int64_t columns = backend->lora_fused_columns(R), ld = K + columns;
     EXPECT_EQ(columns, 8);
-    const auto to16 = [f16](float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); };
-    const auto from16 = [f16](uint16_t b) { return f16 ? f16_to_f32(b) : bf16_to_f32(b); };
+    const auto to16 = [f16](float v) { return half_bits(f16, v); };
+    const auto from16 = [f16](uint16_t b) { return half_value(f16, b); };
     const std::vector<float> xs = parity::random_floats(M * K, 51), ws = parity::random_floats(N * K, 52),
                              ts = parity::random_floats(M * R, 53), bs = parity::random_floats(N * R, 54);
     std::vector<uint16_t> w_rows(static_cast<size_t>(N * ld), 0x7fff);  // NaN in bf16 and in fp16
@@ -305,11 +316,10 @@ TEST(cuda_backend_fuses_loras_input_gradient_into_the_base_gemm) {
   const int64_t M = 7, N = 24, K = 5, R = 4;  // dy [M, K], W [K, N], dt [M, R], A [R, N]
   for (bool f16 : {false, true})
     for (float beta : {0.0f, 1.0f}) {
-      auto backend = emulated(32);
-      backend->set_compute(f16 ? GpuCompute::F16 : GpuCompute::BF16);
+      auto backend = emulated_in(half_compute(f16));
       const int64_t columns = backend->lora_fused_columns(R);
-      const auto to16 = [f16](float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); };
-      const auto from16 = [f16](uint16_t b) { return f16 ? f16_to_f32(b) : bf16_to_f32(b); };
+      const auto to16 = [f16](float v) { return half_bits(f16, v); };
+      const auto from16 = [f16](uint16_t b) { return half_value(f16, b); };
       const std::vector<float> dys = parity::random_floats(M * K, 61), ws = parity::random_floats(K * N, 62),
                                dts = parity::random_floats(M * R, 63), as = parity::random_floats(R * N, 64),
                                before = parity::random_floats(M * N, 65);
@@ -341,24 +351,14 @@ TEST(cuda_backend_fuses_loras_input_gradient_into_the_base_gemm) {
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
 TEST(cuda_kernels_rope_and_attention_match_the_cpu) { parity::rope_and_attention(emulated_with(32)); }
 TEST(cuda_kernels_tensor_core_attention_matches_the_cpu_in_bf16_and_fp16) {
-  auto half_compute = [](bool f16, int sm) {
-    return [f16, sm]() -> std::unique_ptr<Backend> {
-      auto backend = emulated(32);
-      backend->exec().compute_capability = sm;
-      backend->set_compute(f16 ? GpuCompute::F16 : GpuCompute::BF16);
-      return backend;
-    };
-  };
-  parity::flash_attention(half_compute(false, 90), false);
-  parity::flash_attention(half_compute(true, 90), true);
-  parity::flash_attention(half_compute(true, 75), true);  // Turing: the scalar kernels
+  parity::flash_attention(emulated_in_with(GpuCompute::BF16), false);
+  parity::flash_attention(emulated_in_with(GpuCompute::F16), true);
+  parity::flash_attention(emulated_in_with(GpuCompute::F16, 75), true);  // Turing: the scalar kernels
   // which kernels ran: the tensor-core ones on sm_80 and newer in half compute, the scalar ones otherwise
   for (const auto& [sm, compute, expected] : {std::tuple{90, GpuCompute::BF16, "flash_attention_forward"},
                                               std::tuple{75, GpuCompute::F16, "attention_forward"},
                                               std::tuple{90, GpuCompute::F32, "attention_forward"}}) {
-    auto backend = emulated(32);
-    backend->exec().compute_capability = sm;
-    backend->set_compute(compute);
+    auto backend = emulated_in(compute, sm);
     backend->set_profiling(true);
     const int64_t seq = 5, heads = 2, hd = 16;
     DeviceArray<float> x(backend.get(), seq * heads * hd, MemCategory::Activations), out(backend.get(), seq * heads * hd, MemCategory::Activations),
@@ -398,30 +398,14 @@ TEST(cuda_backend_whole_model_matches_the_cpu_on_the_reference_fixtures) {
   parity::whole_model(emulated_with(32), kEmulatedTolerance);
 }
 TEST(cuda_backend_bf16_compute_is_within_issue_6s_bounds_of_fp32) {
-  parity::whole_model_half([]() -> std::unique_ptr<Backend> {
-    auto backend = emulated(32);
-    backend->set_compute(GpuCompute::BF16);
-    return backend;
-  });
+  parity::whole_model_half(emulated_in_with(GpuCompute::BF16));
 }
 TEST(cuda_backend_half_compute_of_nf4_models_with_fused_lora_is_within_the_same_bounds) {
   for (GpuCompute compute : {GpuCompute::BF16, GpuCompute::F16})
-    parity::whole_model_half(
-        [compute]() -> std::unique_ptr<Backend> {
-          auto backend = emulated(32);
-          backend->set_compute(compute);
-          return backend;
-        },
-        compute == GpuCompute::F16 ? 1024.0 : 1.0, true);
+    parity::whole_model_half(emulated_in_with(compute), compute == GpuCompute::F16 ? 1024.0 : 1.0, true);
 }
 TEST(cuda_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
-  parity::whole_model_half(
-      []() -> std::unique_ptr<Backend> {
-        auto backend = emulated(32);
-        backend->set_compute(GpuCompute::F16);
-        return backend;
-      },
-      1024.0);
+  parity::whole_model_half(emulated_in_with(GpuCompute::F16), 1024.0);
 }
 TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   // Two training steps as the trainer takes them; every category but the workspace is what the CPU holds (same model
@@ -430,8 +414,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   for (const auto& [bf16, nf4, dropout] : {std::tuple{false, true, 0.0}, std::tuple{true, true, 0.0},
                                            std::tuple{true, true, 0.1}, std::tuple{true, false, 0.1},
                                            std::tuple{true, false, 0.0}}) {
-    auto backend = emulated(32);
-    backend->set_compute(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
+    auto backend = emulated_in(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
     LoadOptions lo;
     lo.quantize_nf4 = nf4;
     auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);

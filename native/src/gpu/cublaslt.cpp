@@ -140,7 +140,8 @@ bool CublasLt::try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
   const int64_t a_row = trans_a ? M : K, b_row = trans_b ? K : N;  // the length of a stored row
   if (lda == 0) lda = a_row;
   if (ldb == 0) ldb = b_row;
-  if (lda < a_row || ldb < b_row) fail("cuBLASLt matmul with rows of ", lda, " and ", ldb, " values, shorter than ", a_row, " and ", b_row);
+  if (lda < a_row || ldb < b_row)
+    fail("cuBLASLt matmul with rows of ", lda, " and ", ldb, " values, shorter than ", a_row, " and ", b_row);
   // cuBLASLt's A, B, C, D are our B, A, C, C
   const std::array<uint32_t, 4> alignments = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
   const uint64_t ws = workspace ? workspace_bytes : 0;
@@ -156,8 +157,9 @@ std::shared_ptr<const CublasLt::Plan> CublasLt::plan(bool trans_a, bool trans_b,
                                                      int64_t lda, int64_t ldb, GemmType in, GemmType out,
                                                      const std::array<uint32_t, 4>& alignments, uint64_t ws) const {
   constexpr size_t kMaxPlans = 4096;
-  const PlanKey key = {trans_a,       trans_b,       M,   N,   K, lda, ldb, static_cast<int64_t>(in), static_cast<int64_t>(out),
-                       alignments[0], alignments[1], alignments[2], alignments[3], static_cast<int64_t>(ws)};
+  const PlanKey key = {trans_a,       trans_b,       M,   N, K, lda, ldb, static_cast<int64_t>(in),
+                       static_cast<int64_t>(out), alignments[0], alignments[1], alignments[2], alignments[3],
+                       static_cast<int64_t>(ws)};
   std::lock_guard<std::mutex> lock(plans_mutex_);
   auto at = plans_.find(key);
   if (at != plans_.end()) return at->second;
