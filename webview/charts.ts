@@ -84,7 +84,8 @@ export const CHART_SPECS: readonly ChartSpec[] = [
     },
   },
   {
-    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTick: (v) => formatBytes(v),
+    // every step of a run with offloaded block inputs moves dozens of pages: thinned like the step series
+    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTick: (v) => formatBytes(v), decimate: true,
     datasets: (v, p) => [
       line('paged out', v.series.pagesOut, p.orange, { showLine: false, pointRadius: 2.5 }),
       line('paged in', v.series.pagesIn, p.blue, { showLine: false, pointRadius: 2.5, pointStyle: 'triangle' }),

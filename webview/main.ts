@@ -10,7 +10,7 @@ import { RunCharts, CHART_SPECS, type ChartId } from './charts';
 import { readPalette, themeKind, type ThemeKind } from './colors';
 import { el } from './dom';
 import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from './format';
-import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, type RunView } from './model';
+import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, hostMemoryNote, type RunView } from './model';
 import './styles.css';
 
 interface VsCodeApi {
@@ -230,7 +230,7 @@ function renderDetails(): void {
   const dev = s?.device;
   f.set('device', 'device', dev
     ? `${dev.kind === 'cuda' ? 'GPU' : 'CPU'}: ${dev.name}, ${dev.computeDtype}` +
-      (dev.memoryBudget !== null ? `; budget ${formatBytes(dev.memoryBudget)}${dev.pagedOptimizer ? ', optimizer paged to host memory' : ''}` : '')
+      (dev.memoryBudget !== null ? `; budget ${formatBytes(dev.memoryBudget)}${hostMemoryNote(dev)}` : '')
     : null);
   const g = view.gpu;
   f.set('gpu', 'GPU now', g

@@ -294,3 +294,9 @@ export const ACTION_LABELS: Record<PanelAction, string> = {
   openFolder: 'Open Run Folder',
   newFinetune: 'New Finetune',
 };
+
+/** What the run's memory plan moves to host memory, after its budget in the details ("" when nothing does). */
+export function hostMemoryNote(dev: RunDevice): string {
+  const moved = [...(dev.pagedOptimizer ? ['optimizer paged'] : []), ...(dev.offloadedActivations ? ['block inputs offloaded'] : [])];
+  return moved.length > 0 ? `, ${moved.join(' and ')} to host memory` : '';
+}

@@ -50,6 +50,9 @@ export interface NativeLoraInfo {
 export interface NativeRunOptions {
   computeGrads?: boolean;
   gradientCheckpointing?: boolean;
+  /** With gradients and checkpointing: the kept block inputs move to host memory as forward writes them and come
+   * back as backward reaches them (page events), so that a step holds two of them instead of all. */
+  offloadActivations?: boolean;
   gradNormalizer?: number;
   training?: boolean;
   seed?: number;

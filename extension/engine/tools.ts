@@ -28,6 +28,8 @@ export interface EstimateOptions {
   gradientCheckpointing?: boolean;
   /** Count AdamW's state; default true. */
   optimizer?: boolean;
+  /** With checkpointing: the block inputs move to host memory between their forward and backward (two stay). */
+  offloadActivations?: boolean;
   /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
   device?: 'cpu' | 'cuda';
   /** On the GPU: bf16 compute holds bf16 copies of each GEMM's inputs while it runs. */
@@ -42,6 +44,10 @@ export interface MemoryEstimate {
   loraParameters: number;
   /** One page of the paged optimizer: AdamW's two moments of one layer's LoRA parameters. */
   optimizerPageBytes: number;
+  /** One checkpointed block input: what each activation page event moves. */
+  activationPageBytes: number;
+  /** How much less a step holds with offloadActivations (0 without gradient checkpointing). */
+  offloadableActivationBytes: number;
   stored4bit: boolean;
   config: {
     architecture: string;

@@ -21,6 +21,7 @@ import {
   defaultRunName,
   estimateDeviceArgs,
   estimateShape,
+  hostMemoryUse,
   memoryFit,
   modelOfRun,
   normalizeOverrides,
@@ -238,7 +239,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
         fits = fit.fits;
         memory =
           `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens); ` +
-          (fit.fits ? `fits in ${fit.limit}${fit.paged ? ' with the optimizer paging to host memory' : ''}` : `more than ${fit.limit}: lower qlora.maxSequenceLength or the batch size`);
+          (fit.fits ? `fits in ${fit.limit}${hostMemoryUse(fit)}` : `more than ${fit.limit}: lower qlora.maxSequenceLength or the batch size`);
       } catch (err) {
         memory = `unknown (${message(err)})`;
       }

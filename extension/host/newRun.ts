@@ -128,16 +128,23 @@ export function estimateDeviceArgs(target: FitTarget): string[] {
 
 /**
  * Whether a run's estimate fits where it will train, as the trainer decides it before its first step: on the GPU
- * against qlora.gpuMemoryBudget (or the free memory less the trainer's margin), the paged optimizer counted; on the
- * CPU the peak against the memory free now. The sentence goes into New Finetune's confirmation.
+ * against qlora.gpuMemoryBudget (or the free memory less the trainer's margin), the paged optimizer and offloaded
+ * block inputs counted; on the CPU the peak against the memory free now. The sentence goes into New Finetune's
+ * confirmation.
  */
-export function memoryFit(e: EstimateForPlan, target: FitTarget): { fits: boolean; limit: string; paged: boolean } {
+export function memoryFit(e: EstimateForPlan, target: FitTarget): { fits: boolean; limit: string; paged: boolean; offloaded: boolean } {
   const mib = (b: number) => `${Math.round(b / 1048576).toLocaleString('en-US')} MiB`;
-  if (target.kind === 'cpu') return { fits: e.peakTotal <= target.freeBytes, limit: `the ${mib(target.freeBytes)} free on this machine`, paged: false };
+  if (target.kind === 'cpu') return { fits: e.peakTotal <= target.freeBytes, limit: `the ${mib(target.freeBytes)} free on this machine`, paged: false, offloaded: false };
   const budget = target.budgetGiB > 0 ? target.budgetGiB * 1024 ** 3 : defaultGpuBudget(target);
   const plan = planMemory(e, budget);
   const limit = target.budgetGiB > 0 ? `the budget of ${target.budgetGiB} GiB on ${target.name} (qlora.gpuMemoryBudget)` : `the ${mib(budget)} usable on ${target.name}`;
-  return { fits: plan.fits, limit, paged: plan.paged };
+  return { fits: plan.fits, limit, paged: plan.paged, offloaded: plan.offloadActivations };
+}
+
+/** What of a fitting run moves to host memory, for New Finetune's confirmation ("" when nothing does). */
+export function hostMemoryUse(fit: { paged: boolean; offloaded: boolean }): string {
+  const parts = [...(fit.paged ? ['the optimizer paging'] : []), ...(fit.offloaded ? ['the block inputs offloaded'] : [])];
+  return parts.length > 0 ? ` with ${parts.join(' and ')} to host memory` : '';
 }
 
 const pad = (n: number) => String(n).padStart(2, '0');

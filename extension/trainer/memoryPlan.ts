@@ -1,8 +1,9 @@
 // Whether a run fits its memory budget, decided before its first step from the engine's estimate: everything but
 // the optimizer state must fit beside a step's peak (the paged optimizer moves its pages to host memory to make
-// room), and the optimizer update needs the weights, adapters, gradients and one page at once. A run that cannot
-// fit even so stops here, with the estimate by category and what to change, never with an out-of-memory error
-// halfway through.
+// room; where that is not enough, the checkpointed block inputs move to host memory between their forward and
+// backward too), and the optimizer update needs the weights, adapters, gradients and one page at once. A run that
+// cannot fit even so stops here, with the estimate by category and what to change, never with an out-of-memory
+// error halfway through.
 import type { MemoryCategory } from '../engine';
 import { formatBinaryBytes as formatBytes } from '../util/bytes';
 
@@ -11,6 +12,8 @@ export interface EstimateForPlan {
   peakTotal: number;
   /** AdamW's two moments of one layer's LoRA parameters: what the update holds in device memory at least. */
   optimizerPageBytes: number;
+  /** How much less a step holds with the block inputs offloaded (0 without gradient checkpointing). */
+  offloadableActivationBytes: number;
 }
 
 export interface MemoryPlan {
@@ -20,16 +23,21 @@ export interface MemoryPlan {
   fits: boolean;
   /** Not all of the optimizer state fits beside a step's peak: pages move between device and host memory. */
   paged: boolean;
+  /** Not even without the optimizer state: the checkpointed block inputs move to host memory as well. */
+  offloadActivations: boolean;
 }
 
 const MiB = 1024 ** 2;
 
-export function planMemory(e: EstimateForPlan, budget: number): MemoryPlan {
+/** force: offload the block inputs even where they fit (`bench --offload-activations`). */
+export function planMemory(e: EstimateForPlan, budget: number, force = false): MemoryPlan {
   const c = e.categories;
   const forwardBackward = e.peakTotal - c.optimizer;
+  const offloadActivations = force || (budget < forwardBackward && e.offloadableActivationBytes > 0);
   const update = c.weights + c.adapters + c.gradients + e.optimizerPageBytes;
-  const required = Math.max(forwardBackward, update);
-  return { budget, required, fits: budget >= required, paged: budget < e.peakTotal };
+  const required = Math.max(forwardBackward - (offloadActivations ? e.offloadableActivationBytes : 0), update);
+  const peak = e.peakTotal - (offloadActivations ? e.offloadableActivationBytes : 0);
+  return { budget, required, fits: budget >= required, paged: budget < peak, offloadActivations };
 }
 
 /**
@@ -46,6 +54,8 @@ export interface RunShape {
   seqLen: number;
   rank: number;
   gradientCheckpointing: boolean;
+  /** Offload the block inputs even where they fit (`bench --offload-activations`). */
+  offloadActivations?: boolean;
 }
 
 /** One paragraph: what the run needs by category, the budget, and the changes that would make it fit. */
@@ -54,7 +64,8 @@ export function overBudgetMessage(e: EstimateForPlan, plan: MemoryPlan, run: Run
   const parts = (['weights', 'adapters', 'gradients', 'activations', 'workspace'] as const).map((k) => `${k} ${formatBytes(c[k])}`);
   const head =
     `This run needs at least ${formatBytes(plan.required)} of ${where} memory and its budget is ${formatBytes(plan.budget)}: ` +
-    `${parts.join(', ')}, and optimizer state ${formatBytes(c.optimizer)} of which all but one ${formatBytes(e.optimizerPageBytes)} page can move to host memory.`;
+    `${parts.join(', ')}, and optimizer state ${formatBytes(c.optimizer)} of which all but one ${formatBytes(e.optimizerPageBytes)} page can move to host memory` +
+    (e.offloadableActivationBytes > 0 ? `, as can ${formatBytes(e.offloadableActivationBytes)} of the activations (the checkpointed block inputs).` : '.');
   if (c.weights > plan.budget)
     return `${head} The model's weights alone take ${formatBytes(c.weights)}: choose a smaller model or a device with more memory.`;
   const fixes = [

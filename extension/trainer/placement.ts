@@ -92,14 +92,17 @@ export function engineOptions(p: Placement): NativeModelOptions {
   };
 }
 
-/** The run-started event's device. */
-export function runDevice(p: Placement, pagedOptimizer: boolean): RunDevice {
-  return { kind: p.device.kind, name: p.device.name, computeDtype: p.device.computeDtype, memoryBudget: p.memoryBudget, pagedOptimizer };
+/** The run-started event's device, with what its memory plan moves to host memory. */
+export function runDevice(p: Placement, plan: MemoryPlan | null): RunDevice {
+  return {
+    kind: p.device.kind, name: p.device.name, computeDtype: p.device.computeDtype, memoryBudget: p.memoryBudget,
+    pagedOptimizer: plan?.paged ?? false, offloadedActivations: plan?.offloadActivations ?? false,
+  };
 }
 
 export const placementOptions: Record<string, OptionSpec> = {
   device: { type: 'string', description: 'auto (default: the GPU when it can be used, else the CPU with a warning), cuda or cpu' },
-  'gpu-memory-budget': { type: 'string', description: 'GiB the engine may use on the GPU (default: what is free, less a margin); the optimizer pages to host memory to stay under' },
+  'gpu-memory-budget': { type: 'string', description: 'GiB the engine may use on the GPU (default: what is free, less a margin); the optimizer pages, and if need be the checkpointed block inputs, move to host memory to stay under' },
   'cuda-lib-dir': { type: 'string', description: 'a folder holding cuBLASLt, searched first (the qlora.cudaLibraryPath setting; else QLORA_CUDA_LIB_DIR)' },
   dtype: { type: 'string', description: 'compute dtype on the GPU: bf16 (default on Ampere and newer: GEMM inputs in bf16, as torch.autocast), fp16 (default on Turing, with dynamic loss scaling) or f32' },
 };
@@ -130,7 +133,7 @@ export function checkMemory(estimate: EstimateForPlan, placement: Placement, run
     }
     return null;
   }
-  const plan = planMemory(estimate, placement.memoryBudget);
+  const plan = planMemory(estimate, placement.memoryBudget, run.offloadActivations ?? false);
   if (!plan.fits) throw new Error(overBudgetMessage(estimate, plan, run, placement.device.kind === 'cuda' ? 'GPU' : 'device'));
   return plan;
 }

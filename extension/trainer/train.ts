@@ -200,9 +200,9 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       memoryEstimate: { categories: estimate.categories, peakTotal: estimate.peakTotal },
       totalSteps,
       resumedFrom: checkpoint ? checkpoint.step : null,
-      device: runDevice(placement, plan?.paged ?? false),
+      device: runDevice(placement, plan),
     });
-    // Every move of the paged optimizer, as it happened (none without a budget).
+    // Every move of the paged optimizer and of offloaded block inputs, as it happened (none without a budget).
     const emitPageMoves = () => {
       for (const m of model.takePageMoves()) log.emit({ kind: 'page', dir: m.dir, tensor: m.tensor, bytes: m.bytes, ms: m.ms });
     };
@@ -269,7 +269,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       micro.forEach((mb, i) => {
         const r = model.run(
           { ids: mb.ids, labels: mb.labels, batch: mb.batch, seq: mb.seq },
-          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i, lossScale: scaler?.scale ?? 1 },
+          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, offloadActivations: plan?.offloadActivations ?? false, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i, lossScale: scaler?.scale ?? 1 },
         );
         lossSum += r.lossSum;
       });

@@ -573,7 +573,7 @@ inline void training_paging_and_generation(const MakeBackend& make, const ModelT
     // after the first step, a budget with room for the run and half the optimizer state
     if (step == 1) dev->set_memory_budget(run_peak + dev->memory().current[kOptimizer] / 2);
   }
-  EXPECT_TRUE(!oe.pages().take_moves().empty(), "the budget pages the optimizer");
+  EXPECT_TRUE(!dev->take_page_moves().empty(), "the budget pages the optimizer");
   auto pc = ac->parameters_and_grads();
   auto pe = ae->parameters_and_grads();
   for (size_t i = 0; i < pc.size(); ++i) expect_close("trained parameter", pc[i].first->download(), pe[i].first->download(), tol.gradient);

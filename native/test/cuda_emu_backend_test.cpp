@@ -411,9 +411,11 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   // Two training steps as the trainer takes them; every category but the workspace is what the CPU holds (same model
   // code), and the workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within the estimate.
   // NF4 (LoRA fused into the base GEMMs under bf16) or dense, LoRA dropout (unfused, drop(x)'s own 16-bit copies) or not
-  for (const auto& [bf16, nf4, dropout] : {std::tuple{false, true, 0.0}, std::tuple{true, true, 0.0},
-                                           std::tuple{true, true, 0.1}, std::tuple{true, false, 0.1},
-                                           std::tuple{true, false, 0.0}}) {
+  // and the block inputs offloaded to host memory or kept
+  for (const auto& [bf16, nf4, dropout, offload] :
+       {std::tuple{false, true, 0.0, false}, std::tuple{true, true, 0.0, false}, std::tuple{true, true, 0.1, false},
+        std::tuple{true, false, 0.1, false}, std::tuple{true, false, 0.0, false}, std::tuple{true, true, 0.0, true},
+        std::tuple{false, true, 0.1, true}}) {
     auto backend = emulated_in(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
     LoadOptions lo;
     lo.quantize_nf4 = nf4;
@@ -428,6 +430,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     RunOptions ro;
     ro.compute_grads = true;
     ro.training = dropout > 0.0;
+    ro.offload_activations = offload;
     std::unique_ptr<AdamW> optimizer;
     for (int step = 0; step < 2; ++step) {
       adapter->zero_grad();
@@ -442,16 +445,45 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     eo.cuda = true;
     eo.compute = bf16 ? GpuCompute::BF16 : GpuCompute::F32;
     eo.quantize_nf4 = nf4;
+    eo.offload_activations = offload;
     const MemoryEstimate e = estimate_memory(model->config(), eo);
     const MemoryStats& s = backend->memory();
     for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
       const bool workspace = static_cast<MemCategory>(i) == MemCategory::Workspace;
       EXPECT_TRUE(workspace ? s.peak[i] <= e.bytes[i] : s.peak[i] == e.bytes[i], "bf16 ", bf16, " nf4 ", nf4,
-                  " dropout ", dropout, ": ",
+                  " dropout ", dropout, " offload ", offload, ": ",
                   mem_category_name(static_cast<MemCategory>(i)), " measured ", s.peak[i], ", estimated ", e.bytes[i]);
     }
     EXPECT_TRUE(s.total_peak <= e.peak_total, "total peak ", s.total_peak, " over the estimate ", e.peak_total);
   }
+}
+
+TEST(cuda_backend_offloads_bf16_block_inputs_through_page_copies_with_the_same_numbers) {
+  // Under bf16 compute the block inputs are stored in bf16: block 0's (2 x 6 rows of 64) moves out through the
+  // copy stream as forward writes it and back in for its backward; the loss and gradients are those of a run that
+  // keeps it, bit for bit.
+  std::vector<double> losses;
+  std::vector<std::vector<float>> grads[2];
+  for (bool offload : {false, true}) {
+    auto backend = emulated_in(GpuCompute::BF16);
+    auto [model, adapter] = quantized_with_adapter(backend.get());
+    RunOptions ro;
+    ro.compute_grads = true;
+    ro.offload_activations = offload;
+    const std::vector<int32_t>& ids = qtest::reference_ids();
+    losses.push_back(model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum);
+    for (auto& [p, g] : adapter->parameters_and_grads()) grads[offload].push_back(g->download());
+    const std::vector<PageMove> moves = backend->take_page_moves();
+    const int64_t page = 2 * 6 * model->config().hidden_size * 2;
+    EXPECT_EQ(moves.size(), offload ? size_t{2} : size_t{0});
+    if (moves.size() == 2) {
+      EXPECT_TRUE(moves[0].dir == PageDir::Out && moves[0].tensor == "model.layers.0.input" && moves[0].bytes == page);
+      EXPECT_TRUE(moves[1].dir == PageDir::In && moves[1].tensor == "model.layers.0.input" && moves[1].bytes == page);
+    }
+  }
+  EXPECT_EQ(losses[1], losses[0]);
+  for (size_t i = 0; i < grads[0].size(); ++i)
+    EXPECT_TRUE(grads[0][i] == grads[1][i], "gradient ", i, " differs with offloading");
 }
 
 TEST(cuda_backend_profile_times_every_kernel_and_gemm_by_name_while_on) {

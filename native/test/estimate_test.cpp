@@ -21,6 +21,7 @@ struct Case {
   bool checkpointing;
   int64_t batch, seq, rank;
   std::vector<Module> targets;
+  bool offload = false;
 };
 
 void check_case(const Case& c) {
@@ -40,6 +41,7 @@ void check_case(const Case& c) {
   ro.compute_grads = true;
   ro.training = true;
   ro.gradient_checkpointing = c.checkpointing;
+  ro.offload_activations = c.offload;
   // As the trainer does it: the optimizer comes into being at the first update, so the second step is the one
   // that holds everything at once.
   std::unique_ptr<AdamW> optimizer;
@@ -59,11 +61,13 @@ void check_case(const Case& c) {
   eo.quantize_nf4 = c.quantize;
   eo.stored_4bit = model->stored_4bit();
   eo.gradient_checkpointing = c.checkpointing;
+  eo.offload_activations = c.offload;
   const MemoryEstimate e = estimate_memory(model->config(), eo);
   const MemoryStats& s = backend->memory();
   for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
     if (e.bytes[i] != s.peak[i])
-      qtest::fail_test(__FILE__, __LINE__, c.model, " quantize=", c.quantize, " checkpointing=", c.checkpointing, ": ",
+      qtest::fail_test(__FILE__, __LINE__, c.model, " quantize=", c.quantize, " checkpointing=", c.checkpointing,
+                       " offload=", c.offload, ": ",
                        mem_category_name(static_cast<MemCategory>(i)), " estimated ", e.bytes[i], ", measured ",
                        s.peak[i]);
   }
@@ -131,6 +135,33 @@ TEST(memory_tracker_high_water_mark_by_category) {
 
 TEST(estimate_matches_measured_peaks_on_a_synthetic_bench_shape) {
   check_case({"shape:tiny", true, true, 2, 24, 16, kAll});
+}
+
+TEST(estimate_matches_measured_peaks_with_offloaded_activations) {
+  // two layers: block 0's input moves out; four: blocks 0 and 1's (each step holds two block inputs, not four)
+  check_case({"llama-shared", true, true, 2, 6, 8, kAll, true});
+  check_case({"shape:tiny", true, true, 2, 24, 16, kAll, true});
+  // without checkpointing every block keeps its input in its saved activations: nothing moves
+  check_case({"llama-shared", true, false, 2, 6, 8, kAll, true});
+}
+
+TEST(estimate_offloadable_activations_are_what_offloading_saves) {
+  const ModelConfig c = bench_shape("8b");
+  EstimateOptions eo;
+  eo.batch = 1;
+  eo.seq = 2048;
+  eo.rank = 16;
+  eo.cuda = true;
+  eo.compute = GpuCompute::BF16;
+  const MemoryEstimate kept = estimate_memory(c, eo);
+  eo.offload_activations = true;
+  const MemoryEstimate offloaded = estimate_memory(c, eo);
+  // bf16 block inputs of 2048 x 4096: 30 of the 32 move out
+  EXPECT_EQ(kept.activation_page_bytes, int64_t{2048 * 4096 * 2});
+  EXPECT_EQ(kept.offloadable_activation_bytes, 30 * kept.activation_page_bytes);
+  EXPECT_EQ(offloaded.peak_total, kept.peak_total - kept.offloadable_activation_bytes);
+  eo.gradient_checkpointing = false;
+  EXPECT_EQ(estimate_memory(c, eo).offloadable_activation_bytes, int64_t{0});
 }
 
 // Parameter counts as the model cards give them: the shapes are the real models' shapes.

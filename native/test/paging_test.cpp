@@ -6,6 +6,7 @@
 
 #include "backend/backend.h"
 #include "harness.h"
+#include "model/bench_shapes.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/optimizer.h"
@@ -49,7 +50,7 @@ Trained train_under(int64_t budget, const std::string& save_optimizer_to = "") {
   }
   if (!save_optimizer_to.empty()) opt.save(save_optimizer_to);
   for (auto& [p, g] : adapter->parameters_and_grads()) t.params.push_back(p->download());
-  t.moves = opt.pages().take_moves();
+  t.moves = backend->take_page_moves();
   t.memory = backend->memory();
   return t;
 }
@@ -88,12 +89,12 @@ TEST(paging_pages_move_out_under_pressure_and_back_for_the_update) {
   pages.acquire(1);
   EXPECT_EQ(pages.read(3, 1)[0], 3.5f);  // back in device memory
   pages.release(1);
-  const std::vector<PageMove> moves = pages.take_moves();
+  const std::vector<PageMove> moves = backend->take_page_moves();
   EXPECT_EQ(moves.size(), size_t{3});
   EXPECT_TRUE(moves[0].dir == PageDir::Out && moves[0].tensor == "model.layers.1.optimizer" && moves[0].bytes == 400);
   EXPECT_TRUE(moves[1].dir == PageDir::Out && moves[1].tensor == "model.layers.2.optimizer" && moves[1].bytes == 240);
   EXPECT_TRUE(moves[2].dir == PageDir::In && moves[2].tensor == "model.layers.1.optimizer");
-  EXPECT_TRUE(pages.take_moves().empty(), "moves are handed out once");
+  EXPECT_TRUE(backend->take_page_moves().empty(), "moves are handed out once");
   // a prefetch still in flight while another page moves out (two copies outstanding at once) finishes intact
   pages.prefetch(2);
   EXPECT_EQ(pages.evict(1), int64_t{400});
@@ -118,7 +119,7 @@ TEST(paging_one_page_short_moves_two_pages_a_step_not_all) {
       if (p + 1 < pages.num_pages()) pages.prefetch(p + 1);
       pages.release(p);
     }
-    EXPECT_EQ(pages.take_moves().size(), size_t{2});
+    EXPECT_EQ(backend->take_page_moves().size(), size_t{2});
     EXPECT_TRUE(backend->memory().total_peak <= 7 * 800 + 100);
   }
 }
@@ -170,4 +171,101 @@ TEST(paging_over_budget_is_an_error_naming_the_category_and_the_budget) {
   }
   EXPECT_TRUE(threw);
   EXPECT_EQ(backend->memory().total_current, int64_t{800});
+}
+
+namespace {
+
+struct OffloadRun {
+  std::vector<double> losses;
+  std::vector<std::vector<float>> grads, params;
+  std::vector<std::vector<PageMove>> moves;  // per step
+  int64_t activations_peak = 0;
+};
+
+// Three AdamW steps of the 4-layer synthetic shape with checkpointing, the block inputs offloaded or kept.
+OffloadRun train_tiny(bool offload) {
+  auto backend = make_cpu_backend();
+  auto model = LlamaModel::synthetic(backend.get(), bench_shape("tiny"), 3);
+  LoraConfig lc;
+  lc.rank = 4;
+  lc.dropout = 0.1;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  std::vector<int32_t> ids(2 * 24);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 131 + 17) % 8192);
+  AdamW opt(backend.get(), adapter.get());
+  RunOptions ro;
+  ro.compute_grads = true;
+  ro.training = true;
+  ro.offload_activations = offload;
+  OffloadRun out;
+  for (uint32_t step = 0; step < 3; ++step) {
+    ro.step = step;
+    adapter->zero_grad();
+    const RunResult r = model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro);
+    out.losses.push_back(r.loss_sum);
+    out.moves.push_back(backend->take_page_moves());
+    if (step == 2)
+      for (auto& [p, g] : adapter->parameters_and_grads()) out.grads.push_back(g->download());
+    AdamWOptions ao;
+    ao.lr = 1e-2;
+    opt.step(ao);
+  }
+  for (auto& [p, g] : adapter->parameters_and_grads()) out.params.push_back(p->download());
+  out.activations_peak = backend->memory().peak[static_cast<size_t>(MemCategory::Activations)];
+  return out;
+}
+
+}  // namespace
+
+TEST(paging_offloaded_block_inputs_move_out_and_back_and_keep_the_numbers) {
+  const OffloadRun kept = train_tiny(false), offloaded = train_tiny(true);
+  for (const auto& step : kept.moves) EXPECT_TRUE(step.empty(), "nothing moves unless asked");
+  // Every step: the inputs of blocks 0, 1 and 2 (2 x 24 rows of 256 fp32 values) move out as forward writes them
+  // and back in as backward reaches them; block 3's stays (backward needs it first), and so does the final state.
+  const int64_t page = 2 * 24 * 256 * 4;
+  for (const auto& step : offloaded.moves) {
+    EXPECT_EQ(step.size(), size_t{6});
+    const std::vector<std::pair<PageDir, std::string>> expected = {
+        {PageDir::Out, "model.layers.0.input"}, {PageDir::Out, "model.layers.1.input"},
+        {PageDir::Out, "model.layers.2.input"}, {PageDir::In, "model.layers.2.input"},
+        {PageDir::In, "model.layers.1.input"},  {PageDir::In, "model.layers.0.input"}};
+    for (size_t i = 0; i < step.size() && i < expected.size(); ++i)
+      EXPECT_TRUE(step[i].dir == expected[i].first && step[i].tensor == expected[i].second && step[i].bytes == page &&
+                      step[i].ms >= 0.0,
+                  "move ", i, ": ", step[i].tensor, " ", step[i].bytes, " B");
+  }
+  // backward holds two block inputs (the one in use and the next, prefetched) instead of four
+  EXPECT_EQ(offloaded.activations_peak, kept.activations_peak - 2 * page);
+  // the same numbers, bit for bit
+  for (size_t i = 0; i < kept.losses.size(); ++i) EXPECT_EQ(offloaded.losses[i], kept.losses[i]);
+  for (size_t i = 0; i < kept.grads.size(); ++i)
+    EXPECT_TRUE(std::memcmp(kept.grads[i].data(), offloaded.grads[i].data(), kept.grads[i].size() * 4) == 0,
+                "gradient ", i, " differs with offloading");
+  for (size_t i = 0; i < kept.params.size(); ++i)
+    EXPECT_TRUE(std::memcmp(kept.params[i].data(), offloaded.params[i].data(), kept.params[i].size() * 4) == 0,
+                "parameter ", i, " differs with offloading");
+}
+
+TEST(paging_offloading_block_inputs_fits_a_budget_keeping_them_does_not) {
+  auto backend = make_cpu_backend();
+  auto model = LlamaModel::synthetic(backend.get(), bench_shape("tiny"), 3);
+  LoraConfig lc;
+  lc.rank = 4;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  std::vector<int32_t> ids(2 * 24);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 131 + 17) % 8192);
+  RunOptions ro;
+  ro.compute_grads = true;
+  ro.offload_activations = true;
+  const double loss = model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro).loss_sum;
+  // the offloaded run's own peak as the budget: it runs again within it; keeping every input does not fit
+  backend->set_memory_budget(backend->memory().total_peak);
+  adapter->zero_grad();
+  EXPECT_EQ(model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro).loss_sum, loss);
+  ro.offload_activations = false;
+  EXPECT_THROWS_WITH(model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro), "over the memory budget");
+  // a failed run leaves nothing held: the offloaded one still fits
+  ro.offload_activations = true;
+  adapter->zero_grad();
+  EXPECT_EQ(model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro).loss_sum, loss);
 }

@@ -5,7 +5,7 @@
 #   test_gpu         the GPU suite: CUDA kernels and the whole model against the CPU, then the trainer on the GPU
 #   sanitize_attention  compute-sanitizer's racecheck and memcheck on the tensor-core attention's GPU test
 #   bench_*          bench --shape 8b --batch 1 --seq 2048 (bf16, its per-kernel profile, f32), 1b at 4 x 2048,
-#                    and 8b under a budget that pages
+#                    8b under a budget that pages, and 8b with its block inputs offloaded
 #   ncu_attention    Nsight Compute's speed-of-light and occupancy of the tensor-core attention kernels (1b, 4 x 2048)
 #   hf_reference     transformers + PEFT LoRA on the same shape, for the speed ratio (last: it takes longest)
 # Steps run in that order whatever the earlier ones gave; SKIP=name,name leaves steps out. Run it as
@@ -50,4 +50,6 @@ budget=$(node -e "const e = require('./out/extension/engine/tools').estimateMemo
 echo "paged budget: ${budget:-none (the estimate failed)} GiB" >> "$OUT/summary.txt"
 [ -n "$budget" ] || SKIP="${SKIP:-},bench_8b_paged"
 step bench_8b_paged 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --gpu-memory-budget "$budget" --json
+# the 30 offloadable block inputs through pinned host memory: what the copies cost beside bench_8b_bf16
+step bench_8b_offload 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --offload-activations --json
 step hf_reference 300 python3 .device/hf_reference.py --mode lora --configs 8b:1x2048 --optim adamw

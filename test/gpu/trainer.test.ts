@@ -1,7 +1,7 @@
 // The trainer on the GPU (npm run test:gpu runs these only where doctor says training would use the GPU): scoring in
 // fp32 against the CPU on the reference fixtures, a 200-step run of the tiny model following the CPU's loss curve,
-// resume across devices both ways, the optimizer paged under a small budget without changing the losses, and GPU
-// telemetry in the event log. Issue 6's bounds: loss and log-probs within 1e-4, losses of a run within 2% a step.
+// resume across devices both ways, the optimizer paged and the block inputs offloaded under small budgets without
+// changing the losses, and GPU telemetry in the event log. Issue 6's bounds: loss and log-probs within 1e-4, losses of a run within 2% a step.
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -111,4 +111,22 @@ test('under a budget half the optimizer state short the GPU run pages and keeps 
   const pages = events(paged).flatMap((ev) => (ev.kind === 'page' ? [ev] : []));
   assert.ok(pages.some((p) => p.dir === 'out') && pages.some((p) => p.dir === 'in'), `${pages.length} page events`);
   for (const p of pages) assert.ok(p.ms >= 0 && p.bytes === e.optimizerPageBytes);
+});
+
+test('under a budget below the step without its optimizer, the GPU run offloads block inputs through pinned memory with the same losses', async () => {
+  // four layers in bf16: the inputs of blocks 0 to 2 move out on the copy stream while the next block computes and
+  // come back a block ahead of their backward; a race between the streams would show in the losses
+  const small = path.join(tempDir('gpu-offload-model'), 'small');
+  makeTinyModel({ out: small, arch: 'llama', seed: 5, size: 'small' });
+  const c = resolveConfig({}, { ...config({ maxSteps: 4, packing: true }), model: small });
+  const e = estimateMemory(small, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, device: 'cuda', computeDtype: 'bf16' });
+  const free = path.join(tempDir('gpu-offload-free'), 'run');
+  const offloaded = path.join(tempDir('gpu-offload-tight'), 'run');
+  await train({ runDir: free, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'bf16' } });
+  const budget = e.peakTotal - e.categories.optimizer - e.offloadableActivationBytes / 2;
+  await train({ runDir: offloaded, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'bf16', memoryBudgetBytes: budget } });
+  assertCurvesAgree(losses(offloaded), losses(free), 1e-6);
+  const inputs = events(offloaded).flatMap((ev) => (ev.kind === 'page' && ev.tensor.endsWith('.input') ? [ev] : []));
+  assert.deepEqual([inputs.filter((p) => p.dir === 'out').length, inputs.filter((p) => p.dir === 'in').length], [12, 12]);
+  for (const p of inputs) assert.ok(p.ms >= 0 && p.bytes === e.activationPageBytes);
 });

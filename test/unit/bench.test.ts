@@ -47,6 +47,23 @@ test('bench under a memory budget pages the optimizer and computes the same loss
   assert.throws(() => bench({ ...quick, placement: { device: 'cpu', memoryBudgetBytes: e.categories.weights } }), /^Error: This run needs at least .* To fit: lower the batch size \(now 2\)/);
 });
 
+test('bench --offload-activations: the block inputs move to host memory and back every step, with the same losses', () => {
+  const free = bench({ ...quick, placement: { device: 'cpu' } });
+  const e = estimateMemory({ shape: 'tiny' }, { batch: 2, seq: 48, rank: 8 });
+  const offloaded = bench({ ...quick, placement: { device: 'cpu' }, offloadActivations: true });
+  assert.equal(offloaded.loss, free.loss);
+  assert.equal(free.offloaded_activations, false);
+  assert.equal(offloaded.offloaded_activations, true);
+  // 4 layers: the inputs of blocks 0, 1 and 2 out and back in, in each step (the warm-up's and the 2 timed ones)
+  assert.equal(offloaded.page_moves, 3 * 6);
+  assert.equal(offloaded.page_bytes, offloaded.page_moves * e.activationPageBytes);
+  assert.equal(offloaded.peak_bytes.activations, free.peak_bytes.activations - e.offloadableActivationBytes);
+  assert.match(formatBench(offloaded), /\n {2}paging +18 moves, /);
+  const cli = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--seq', '16', '--steps', '1', '--warmup', '0', '--device', 'cpu', '--offload-activations', '--json'], { encoding: 'utf8' });
+  assert.equal(cli.status, 0, cli.stderr);
+  assert.equal((JSON.parse(cli.stdout) as BenchResult).offloaded_activations, true);
+});
+
 test('bench --profile: device time per step by op, the most first; none on the CPU, said so', () => {
   // the per-step figures of a profile taken over several steps
   const perStep = profilePerStep([{ op: 'attention_backward_dkv', calls: 64, ms: 30 }, { op: 'gemm bf16 8192x2048x2048 NT', calls: 32, ms: 10 }], 2);

@@ -111,22 +111,34 @@ const estimate = {
   categories: { weights: 4 * GiB, adapters: 100 * MiB, gradients: 100 * MiB, optimizer: 200 * MiB, activations: 2 * GiB, workspace: 300 * MiB },
   peakTotal: 4 * GiB + 700 * MiB + 2 * GiB,
   optimizerPageBytes: 25 * MiB,
+  offloadableActivationBytes: 1 * GiB,
 };
 const shape = { batchSize: 4, seqLen: 2048, rank: 16, gradientCheckpointing: true };
 
-test('the plan: everything fits, the optimizer pages, or the run cannot start', () => {
-  assert.deepEqual(planMemory(estimate, 8 * GiB), { budget: 8 * GiB, required: estimate.peakTotal - 200 * MiB, fits: true, paged: false });
+test('the plan: everything fits, the optimizer pages, the block inputs move too, or the run cannot start', () => {
+  assert.deepEqual(planMemory(estimate, 8 * GiB), { budget: 8 * GiB, required: estimate.peakTotal - 200 * MiB, fits: true, paged: false, offloadActivations: false });
   const paged = planMemory(estimate, estimate.peakTotal - 100 * MiB);
   assert.equal(paged.fits, true);
   assert.equal(paged.paged, true);
+  assert.equal(paged.offloadActivations, false);
   const tight = planMemory(estimate, estimate.peakTotal - 200 * MiB);
-  assert.ok(tight.fits && tight.paged, 'all of the optimizer state out during the step is still a run');
-  const no = planMemory(estimate, 6 * GiB);
+  assert.ok(tight.fits && tight.paged && !tight.offloadActivations, 'all of the optimizer state out during the step is still a run');
+  // below the step's peak without the optimizer: the checkpointed block inputs move to host memory, and then the
+  // optimizer state fits beside the rest (6 GiB) or pages too (5.6 GiB)
+  assert.deepEqual(planMemory(estimate, 6 * GiB), { budget: 6 * GiB, required: estimate.peakTotal - 200 * MiB - 1 * GiB, fits: true, paged: false, offloadActivations: true });
+  const both = planMemory(estimate, 5.6 * GiB);
+  assert.ok(both.fits && both.paged && both.offloadActivations);
+  // asked for where it is not needed: the peak it leaves is what decides whether the optimizer pages
+  assert.deepEqual(planMemory(estimate, estimate.peakTotal - 100 * MiB, true), { budget: estimate.peakTotal - 100 * MiB, required: estimate.peakTotal - 200 * MiB - 1 * GiB, fits: true, paged: false, offloadActivations: true });
+  // without gradient checkpointing nothing of the activations can move
+  assert.equal(planMemory({ ...estimate, offloadableActivationBytes: 0 }, 6 * GiB).fits, false);
+  const no = planMemory(estimate, 5 * GiB);
   assert.equal(no.fits, false);
   assert.equal(
     overBudgetMessage(estimate, no, shape, 'GPU'),
-    'This run needs at least 6.49 GiB of GPU memory and its budget is 6.00 GiB: weights 4.00 GiB, adapters 100 MiB, gradients 100 MiB, ' +
-      'activations 2.00 GiB, workspace 300 MiB, and optimizer state 200 MiB of which all but one 25.0 MiB page can move to host memory. ' +
+    'This run needs at least 5.49 GiB of GPU memory and its budget is 5.00 GiB: weights 4.00 GiB, adapters 100 MiB, gradients 100 MiB, ' +
+      'activations 2.00 GiB, workspace 300 MiB, and optimizer state 200 MiB of which all but one 25.0 MiB page can move to host memory, ' +
+      'as can 1.00 GiB of the activations (the checkpointed block inputs). ' +
       'To fit: lower the batch size (now 4) or the sequence length (now 2048): activations grow with both; lower the LoRA rank (now 16): ' +
       'adapters and gradients grow with it; or raise the memory budget (--gpu-memory-budget, the qlora.gpuMemoryBudget setting).',
   );
@@ -175,7 +187,8 @@ test('without a budget (the CPU) a peak beyond the machine\'s memory is refused 
     () => checkMemory(estimate, cpu, shape, 4 * GiB),
     /^Error: This run needs 6\.68 GiB of memory at its peak and this machine has 4\.00 GiB \(weights 4\.00 GiB, activations 2\.00 GiB, workspace 300 MiB\): lower the batch size \(now 4\) or the sequence length \(now 2048\), or train a smaller model\.$/,
   );
-  const gpu = placeRun({ gpuMemoryBudget: 6 }, () => ({ report: report(), engine: withCuda }));
-  assert.throws(() => checkMemory(estimate, gpu, shape), /^Error: This run needs at least 6\.49 GiB of GPU memory and its budget is 6\.00 GiB/);
+  const gpu = placeRun({ gpuMemoryBudget: 5 }, () => ({ report: report(), engine: withCuda }));
+  assert.throws(() => checkMemory(estimate, gpu, shape), /^Error: This run needs at least 5\.49 GiB of GPU memory and its budget is 5\.00 GiB/);
+  assert.equal(checkMemory(estimate, placeRun({ gpuMemoryBudget: 6 }, () => ({ report: report(), engine: withCuda })), shape)?.offloadActivations, true);
   assert.equal(checkMemory(estimate, placeRun({ gpuMemoryBudget: 6.6 }, () => ({ report: report(), engine: withCuda })), shape)?.paged, true);
 });

@@ -90,6 +90,15 @@ test('estimate verb: --json gives bytes, the table gives MiB by category and the
   assert.equal(json.peakTotal, Object.values(json.categories).reduce((a, b) => a + b, 0));
   const table = formatEstimate(json);
   for (const word of ['weights', 'adapters', 'gradients', 'optimizer', 'activations', 'workspace', 'peak', 'MiB']) assert.ok(table.includes(word), word);
+  // without checkpointing the block inputs stay in each block's saved activations: nothing of them can move
+  assert.equal(json.offloadableActivationBytes, 0);
+  assert.doesNotMatch(table, /block inputs/);
+  const checkpointed = estimate({ model: reference('llama-shared'), seq: 64, rank: 16 });
+  assert.equal(checkpointed.activationPageBytes, 64 * checkpointed.config.hiddenSize * 4);
+  // two layers: both block inputs stay (backward's first block and the one it prefetches)
+  assert.equal(checkpointed.offloadableActivationBytes, 0);
+  const long = estimate({ model: reference('llama-shared'), seq: 64, rank: 16, device: 'cuda' });
+  assert.equal(long.activationPageBytes, 64 * long.config.hiddenSize * 2, 'bf16 block inputs on the GPU');
   assert.throws(() => estimate({ model: reference('llama-shared'), targets: ['q_proj', 'nope'] }), /unknown LoRA target module 'nope'/);
   assert.throws(() => estimate({ model: reference('llama-shared'), seq: 0 }), /--seq-len must be a positive integer/);
 });

@@ -116,7 +116,7 @@ test('under a memory budget the optimizer pages out and back in every step, with
   const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
   assert.ok(read(paged).equals(read(free)), 'paging changes where the optimizer state is, never the numbers');
   const started = events(paged).find((e) => e.kind === 'run-started');
-  assert.deepEqual(started?.kind === 'run-started' && started.device, { kind: 'cpu', name: started?.kind === 'run-started' ? started.device?.name : '', computeDtype: 'f32', memoryBudget: budget, pagedOptimizer: true });
+  assert.deepEqual(started?.kind === 'run-started' && started.device, { kind: 'cpu', name: started?.kind === 'run-started' ? started.device?.name : '', computeDtype: 'f32', memoryBudget: budget, pagedOptimizer: true, offloadedActivations: false });
   const pages = events(paged).flatMap((e) => (e.kind === 'page' ? [e] : []));
   assert.equal(events(free).filter((e) => e.kind === 'page').length, 0);
   // the optimizer state comes into being at the first update, so steps 2 to 6 each move a page out and back in
@@ -128,6 +128,35 @@ test('under a memory budget the optimizer pages out and back in every step, with
   }
   const memory = events(paged).flatMap((e) => (e.kind === 'memory' ? [e] : []));
   for (const m of memory) assert.ok(m.totalPeak <= budget, `peak ${m.totalPeak} over the budget ${budget}`);
+});
+
+test('under a budget below the step without its optimizer state, the block inputs move to host memory too, with the same numbers', async () => {
+  // four layers: the inputs of blocks 0 to 2 move out as forward writes them and back as backward reaches them
+  const small = path.join(tempDir('offload-model'), 'small');
+  makeTinyModel({ out: small, arch: 'llama', seed: 5, size: 'small' });
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const c = resolveConfig({}, { ...config(data, { packing: true, seqLen: 64, batchSize: 2, maxSteps: 3 }), model: small });
+  const e = estimateMemory(small, { batch: 2, seq: 64, rank: 8, quantize: c.quantize });
+  assert.ok(e.offloadableActivationBytes > 0 && e.activationPageBytes === 2 * 64 * 512 * 4);
+  const free = path.join(tempDir('offload-free'), 'run');
+  await train({ runDir: free, config: c, resume: false, placement: { device: 'cpu' } });
+  const offloaded = path.join(tempDir('offload-tight'), 'run');
+  const budget = e.peakTotal - e.categories.optimizer - e.offloadableActivationBytes / 2;
+  await train({ runDir: offloaded, config: c, resume: false, placement: { device: 'cpu', memoryBudgetBytes: budget } });
+
+  assert.deepEqual(losses(offloaded), losses(free));
+  const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
+  assert.ok(read(offloaded).equals(read(free)), 'offloading changes where the block inputs are, never the numbers');
+  const started = events(offloaded).find((ev) => ev.kind === 'run-started');
+  assert.equal(started?.kind === 'run-started' && started.device?.offloadedActivations, true);
+  const inputs = events(offloaded).flatMap((ev) => (ev.kind === 'page' && ev.tensor.endsWith('.input') ? [ev] : []));
+  // three steps, three block inputs out and back in each
+  assert.deepEqual([inputs.filter((p) => p.dir === 'out').length, inputs.filter((p) => p.dir === 'in').length], [9, 9]);
+  for (const p of inputs) {
+    assert.match(p.tensor, /^model\.layers\.[0-2]\.input$/);
+    assert.equal(p.bytes, e.activationPageBytes);
+  }
+  for (const m of events(offloaded).flatMap((ev) => (ev.kind === 'memory' ? [ev] : []))) assert.ok(m.totalPeak <= budget, `peak ${m.totalPeak} over the budget ${budget}`);
 });
 
 test('checkpoints do not depend on where the optimizer state was: a paged run resumes without a budget to the same adapter', async () => {

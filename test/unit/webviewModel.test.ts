@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import { MEMORY_CATEGORIES, type ByCategory, type TrainerEvent } from '../../extension/protocol/events';
 import { categoryColors, readPalette, themeKind, withAlpha } from '../../webview/colors';
 import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from '../../webview/format';
-import { applyEvent, availableActions, emptyView, progress, reduceRun } from '../../webview/model';
+import { applyEvent, availableActions, emptyView, hostMemoryNote, progress, reduceRun } from '../../webview/model';
 
 const GiB = 1024 ** 3;
 const at = (seconds: number) => new Date(Date.UTC(2026, 10, 24, 10, 0, 0) + seconds * 1000).toISOString();
@@ -125,6 +125,11 @@ test('the device a run trains on and the latest GPU sample; older runs without a
   const old = reduceRun([started()]);
   assert.equal(old.start?.device, null);
   assert.equal(old.gpu, null);
+  // what moves to host memory, after the budget in the details (runs from before activations moved say nothing of them)
+  assert.equal(hostMemoryNote(device), ', optimizer paged to host memory');
+  assert.equal(hostMemoryNote({ ...device, offloadedActivations: true }), ', optimizer paged and block inputs offloaded to host memory');
+  assert.equal(hostMemoryNote({ ...device, pagedOptimizer: false, offloadedActivations: true }), ', block inputs offloaded to host memory');
+  assert.equal(hostMemoryNote({ ...device, pagedOptimizer: false }), '');
 });
 
 test('a failed run shows its error, step and the checkpoint resume continues from', () => {

@@ -62,6 +62,9 @@ export function formatEstimate(e: EstimateResult): string {
     `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
     ...CATEGORIES.map((k) => `  ${k.padEnd(12)}${mib(e.categories[k])}`),
     `  ${'peak'.padEnd(12)}${mib(e.peakTotal)}`,
+    ...(e.offloadableActivationBytes > 0
+      ? ['', `Under a memory budget below the peak, the optimizer state (${(e.categories.optimizer / 1048576).toFixed(1)} MiB) and then ${(e.offloadableActivationBytes / 1048576).toFixed(1)} MiB of the activations (the checkpointed block inputs) move to host memory.`]
+      : []),
   ];
   return lines.join('\n');
 }

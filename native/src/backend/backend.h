@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "util/op_profile.h"
@@ -45,6 +46,16 @@ class MemoryTracker {
 // Direction of a page copy: out of device memory to host memory, or back in.
 enum class PageDir { Out, In };
 
+// One move of a page between device and host memory, as the user sees it (a `page` event).
+struct PageMove {
+  PageDir dir = PageDir::Out;
+  // The page: "model.layers.7.optimizer" (AdamW's moments of that layer's LoRA) or "model.layers.7.input" (the
+  // checkpointed input of that decoder block).
+  std::string tensor;
+  int64_t bytes = 0;
+  double ms = 0.0;
+};
+
 // The most rows nf4_matmul_nt takes: generation's prefill of a few tokens and token-by-token decode.
 constexpr int64_t kNf4MatmulMaxRows = 4;
 
@@ -78,6 +89,8 @@ class Backend {
     on_memory_budget(bytes);
   }
   int64_t memory_budget() const { return budget_; }
+  // Whether `bytes` more fit under the budget now, without moving anything out.
+  bool has_room(int64_t bytes) const { return budget_ <= 0 || tracker_.stats().total_current + bytes <= budget_; }
   // handler(bytes) frees at least `bytes` of device memory if it can and returns how much it freed.
   using PressureHandler = std::function<int64_t(int64_t bytes)>;
   void set_pressure_handler(PressureHandler handler) { pressure_handler_ = std::move(handler); }
@@ -219,6 +232,15 @@ class Backend {
   virtual int64_t begin_page_copy(void* dst, const void* src, size_t bytes, PageDir dir) = 0;
   // Waits until the copy is done (compute issued afterwards sees its data) and returns how long it took, in ms.
   virtual double finish_page_copy(int64_t ticket) = 0;
+  // Every pager (the optimizer's, the activations') logs its moves here, so that they come out in the order they
+  // happened.
+  void record_page_move(PageMove move) { page_moves_.push_back(std::move(move)); }
+  // The moves since the last call, oldest first.
+  std::vector<PageMove> take_page_moves() {
+    std::vector<PageMove> out;
+    out.swap(page_moves_);
+    return out;
+  }
 
  protected:
   // A backend whose device allocator holds memory beyond what is in use (a cache) bounds it by the budget too.
@@ -230,6 +252,7 @@ class Backend {
  private:
   int64_t budget_ = 0;
   PressureHandler pressure_handler_;
+  std::vector<PageMove> page_moves_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
@@ -305,6 +328,52 @@ class DeviceArray {
   T* ptr_ = nullptr;
   int64_t n_ = 0;
   MemCategory category_ = MemCategory::Workspace;
+};
+
+// Host memory that pages move to (Backend::alloc_host: page-locked on the GPU), owned by one object.
+class HostBuffer {
+ public:
+  HostBuffer() = default;
+  ~HostBuffer() {
+    try {
+      release();
+    } catch (...) {  // a destructor must not throw; a failing device call here has nothing left to save
+    }
+  }
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+  HostBuffer(HostBuffer&& o) noexcept { *this = std::move(o); }
+  HostBuffer& operator=(HostBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      backend_ = o.backend_;
+      ptr_ = o.ptr_;
+      bytes_ = o.bytes_;
+      o.ptr_ = nullptr;
+      o.bytes_ = 0;
+    }
+    return *this;
+  }
+  // At least `bytes`: kept when it is large enough (page-locking memory is slow, so buffers live across steps).
+  void ensure(Backend* backend, size_t bytes) {
+    if (ptr_ && bytes_ >= bytes) return;
+    release();
+    backend_ = backend;
+    ptr_ = backend->alloc_host(bytes);
+    bytes_ = bytes;
+  }
+  void release() {
+    if (ptr_) backend_->free_host(ptr_, bytes_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  Backend* backend_ = nullptr;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
 };
 
 }  // namespace qlora

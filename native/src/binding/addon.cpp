@@ -269,6 +269,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     RunOptions ro;
     ro.compute_grads = opt_bool(o, "computeGrads").value_or(false);
     ro.gradient_checkpointing = opt_bool(o, "gradientCheckpointing").value_or(true);
+    ro.offload_activations = opt_bool(o, "offloadActivations").value_or(false);
     ro.grad_normalizer = opt_number(o, "gradNormalizer").value_or(0);
     ro.training = opt_bool(o, "training").value_or(false);
     ro.seed = static_cast<uint64_t>(opt_number(o, "seed").value_or(0));
@@ -371,10 +372,11 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     return info.Env().Undefined();
   }
 
-  // takePageMoves() -> [{dir: 'out' | 'in', tensor, bytes, ms}]: the paged optimizer's moves since the last call.
+  // takePageMoves() -> [{dir: 'out' | 'in', tensor, bytes, ms}]: the moves of the paged optimizer and of offloaded
+  // activations since the last call, oldest first.
   Napi::Value TakePageMoves(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    const std::vector<PageMove> moves = optimizer_ ? optimizer_->pages().take_moves() : std::vector<PageMove>{};
+    const std::vector<PageMove> moves = backend_->take_page_moves();
     Napi::Array out = Napi::Array::New(env, moves.size());
     for (size_t i = 0; i < moves.size(); ++i) {
       Napi::Object m = Napi::Object::New(env);

@@ -57,8 +57,9 @@ Napi::Value MergeWeights(const Napi::CallbackInfo& info) {
   return o;
 }
 
-// estimateMemory(modelDir | {shape}, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer}) ->
-// {categories, peakTotal, loraParameters, optimizerPageBytes, stored4bit, config}. Reads config.json only.
+// estimateMemory(modelDir | {shape}, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer,
+// offloadActivations, device, computeDtype}) -> {categories, peakTotal, loraParameters, optimizerPageBytes,
+// activationPageBytes, offloadableActivationBytes, stored4bit, config}. Reads config.json only.
 Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   // a model folder, or {shape} of a benchmark shape
@@ -76,6 +77,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   eo.quantize_nf4 = opt_bool(opts, "quantize").value_or(eo.quantize_nf4);
   eo.gradient_checkpointing = opt_bool(opts, "gradientCheckpointing").value_or(eo.gradient_checkpointing);
   eo.with_optimizer = opt_bool(opts, "optimizer").value_or(eo.with_optimizer);
+  eo.offload_activations = opt_bool(opts, "offloadActivations").value_or(eo.offload_activations);
   eo.cuda = opt_string(opts, "device").value_or("cpu") == "cuda";
   const std::string dtype = opt_string(opts, "computeDtype").value_or("f32");
   eo.compute = !eo.cuda ? GpuCompute::F32 : dtype == "bf16" ? GpuCompute::BF16 : dtype == "fp16" ? GpuCompute::F16 : GpuCompute::F32;
@@ -129,6 +131,8 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   o.Set("peakTotal", static_cast<double>(e.peak_total));
   o.Set("loraParameters", static_cast<double>(e.lora_parameters));
   o.Set("optimizerPageBytes", static_cast<double>(e.optimizer_page_bytes));
+  o.Set("activationPageBytes", static_cast<double>(e.activation_page_bytes));
+  o.Set("offloadableActivationBytes", static_cast<double>(e.offloadable_activation_bytes));
   o.Set("stored4bit", eo.stored_4bit);
   o.Set("config", config);
   return o;

@@ -83,8 +83,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
     e.optimizer_page_bytes = 2 * (e.lora_parameters / L) * kF32;
   }
 
-  // LlamaModel::run with gradients: nothing is freed before the run ends, so each category peaks at the sum of
-  // its buffers.
+  // LlamaModel::run with gradients: only block inputs are freed before the run ends (as backward is done with
+  // them), so each category peaks at the sum of its buffers as backward starts.
   const int64_t n = o.batch * o.seq;
   const int64_t r = o.rank;
   const int64_t targets_count = static_cast<int64_t>(targets.size());
@@ -117,22 +117,21 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       add(Ws, 2 * (row_side + std::max(weight_side, n * r + r * widest_in)));
     }
   }
-  // Activations: the final norm, every block's input (and the final hidden state), the blocks' saved tensors (all
-  // of them without checkpointing, one block's worth with it), then the backward pass's buffers.
+  // Activations: the final norm, the block inputs backward still holds, the blocks' saved tensors (all of them
+  // without checkpointing, one block's worth with it), then the backward pass's buffers.
   add(Act, (n * h + n) * kF32);        // xf, rstdf
-  // block inputs: under bf16 compute stored in bf16 (widened into two fp32 buffers as blocks read them), unless
-  // every block's activations are kept
+  // Block inputs (HiddenStates): the final hidden state is released after the loss, so backward's peak holds the L
+  // block inputs, or with offloading two (the one in use and the next, prefetched). Under bf16 compute they are
+  // stored in bf16 (widened into two fp32 buffers as blocks read them), unless every block's activations are kept.
   const bool keep_all = !o.gradient_checkpointing;
-  if (o.cuda && o.compute == GpuCompute::BF16) {
-    if (keep_all) {
-      add(Act, (L + 1) * n * h * kF32);
-      add(Ws, n * h * 2);  // the rounding's 16-bit scratch
-    } else {
-      add(Act, (L + 1) * n * h * 2 + 2 * n * h * kF32);
-    }
-  } else {
-    add(Act, (L + 1) * n * h * kF32);
-  }
+  const bool packed = o.cuda && o.compute == GpuCompute::BF16 && !keep_all;
+  const int64_t state_bytes = n * h * (packed ? 2 : kF32);
+  const int64_t held_states = o.offload_activations && !keep_all ? std::min<int64_t>(L, 2) : L;
+  add(Act, held_states * state_bytes);
+  if (packed) add(Act, 2 * n * h * kF32);
+  if (o.cuda && o.compute == GpuCompute::BF16 && keep_all) add(Ws, n * h * 2);  // the rounding's 16-bit scratch
+  e.activation_page_bytes = state_bytes;
+  e.offloadable_activation_bytes = keep_all ? 0 : (L - std::min<int64_t>(L, 2)) * state_bytes;
   const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads + n * inter * 3 +
                         targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);

@@ -6,6 +6,7 @@
 
 #include "io/dtype.h"
 #include "io/safetensors.h"
+#include "model/hidden_states.h"
 #include "model/rope.h"
 #include "quant/bnb4.h"
 #include "quant/nf4.h"
@@ -77,12 +78,6 @@ FloatFormat float_format_of(DType t) {
   return t == DType::BF16 ? FloatFormat::BF16 : t == DType::F16 ? FloatFormat::F16 : FloatFormat::F32;
 }
 
-// x (n fp32 values) rounded in place to `format`, through its 16-bit bits in `bits`.
-void round_through_16(Backend* backend, float* x, int64_t n, FloatFormat format, uint16_t* bits) {
-  backend->pack_16(x, n, format, bits);
-  backend->widen_16(bits, n, format, x);
-}
-
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
 int64_t max_double_quant_blocks(const std::vector<LayerWeights>& layers) {
@@ -92,60 +87,6 @@ int64_t max_double_quant_blocks(const std::vector<LayerWeights>& layers) {
       if (fl.double_quantized()) most = std::max(most, fl.blocks());
   return most;
 }
-
-// The hidden states between the decoder blocks of one run: state l is the input of block l, state L the final
-// hidden state. In fp32, or in the backend's 16-bit hidden_state_format: then each block's output is rounded to it
-// when committed and stored in 16 bits, and widened into one of two fp32 buffers when a block reads it (in forward
-// the state just written; in backward each checkpointed input in turn). keep_fp32 (training without checkpointing,
-// where each block's saved activations point at their input until backward) rounds each state but keeps it in fp32.
-class HiddenStates {
- public:
-  HiddenStates(Backend* backend, int64_t count, int64_t size, FloatFormat format, bool keep_fp32)
-      : backend_(backend), size_(size), format_(format), packed_(format != FloatFormat::F32 && !keep_fp32) {
-    const auto act = MemCategory::Activations;
-    if (packed_) {
-      stored_.resize(static_cast<size_t>(count));
-      for (auto& s : stored_) s.reset(backend, size, act);
-      for (auto& w : wide_) w.reset(backend, size, act);
-    } else {
-      fp32_.resize(static_cast<size_t>(count));
-      for (auto& x : fp32_) x.reset(backend, size, act);
-      if (format != FloatFormat::F32) rounding_.reset(backend, size, MemCategory::Workspace);
-    }
-  }
-  // Where state l is written, in fp32, before commit(l).
-  float* output(int64_t l) {
-    if (!packed_) return fp32_[static_cast<size_t>(l)].get();
-    holds_[l % 2] = l;
-    return wide_[l % 2].get();
-  }
-  // State l is written: round it to the format (storing it in 16 bits).
-  void commit(int64_t l) {
-    if (format_ == FloatFormat::F32) return;
-    float* x = packed_ ? wide_[l % 2].get() : fp32_[static_cast<size_t>(l)].get();
-    round_through_16(backend_, x, size_, format_, packed_ ? stored_[static_cast<size_t>(l)].get() : rounding_.get());
-  }
-  // State l in fp32; valid until the state two below or above it is read or written.
-  const float* input(int64_t l) {
-    if (!packed_) return fp32_[static_cast<size_t>(l)].get();
-    if (holds_[l % 2] != l) {
-      backend_->widen_16(stored_[static_cast<size_t>(l)].get(), size_, format_, wide_[l % 2].get());
-      holds_[l % 2] = l;
-    }
-    return wide_[l % 2].get();
-  }
-
- private:
-  Backend* backend_;
-  int64_t size_;
-  FloatFormat format_;
-  bool packed_;
-  std::vector<DeviceArray<float>> fp32_;
-  DeviceArray<uint16_t> rounding_;
-  std::vector<DeviceArray<uint16_t>> stored_;
-  std::array<DeviceArray<float>, 2> wide_;
-  std::array<int64_t, 2> holds_ = {-1, -1};  // the state each of wide_ holds
-};
 
 void upload_double_quant(Backend* backend, FrozenLinear& fl, const bnb4::DoubleQuantState& dq) {
   const auto w = MemCategory::Weights;
@@ -688,7 +629,13 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
 
   const bool keep_all = opt.compute_grads && !opt.gradient_checkpointing;
   // Block inputs: the input of each block and the final hidden state.
-  HiddenStates states(be, c.num_layers + 1, n * c.hidden_size, be->hidden_state_format(), keep_all);
+  HiddenStatesOptions so;
+  so.count = c.num_layers + 1;
+  so.size = n * c.hidden_size;
+  so.format = be->hidden_state_format();
+  so.keep_fp32 = keep_all;
+  so.offload = opt.offload_activations && opt.compute_grads;
+  HiddenStates states(be, so, &state_host_);
   be->embedding(ids, n, embed_.view(), c.hidden_size, states.output(0));
   states.commit(0);
 
@@ -698,6 +645,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
     block_forward(layer, states.input(layer), states.output(layer + 1), acts[keep_all ? layer : 0], adapter, batch,
                   seq, ws, opt);
     states.commit(layer + 1);
+    if (!opt.compute_grads) states.release(layer);  // no backward to come back for it
   }
 
   const double normalizer = opt.grad_normalizer > 0.0 ? opt.grad_normalizer : static_cast<double>(result.labelled);
@@ -714,6 +662,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
                             opt.compute_grads ? d_cur.get() : nullptr,
                             opt.want_logprobs ? row_logprobs.data() : nullptr,
                             opt.want_log_softmax ? result.log_softmax.data() : nullptr, ws);
+  states.release(c.num_layers);
 
   if (opt.compute_grads) {
     const int64_t qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
@@ -727,9 +676,11 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
       BlockActivations& a = acts[keep_all ? layer : 0];
       // Gradient checkpointing: only the block's input was kept; run the block again to get its activations.
       // Dropout masks come from the counter-based generator, so the recomputation draws the same ones.
-      if (!keep_all)
-        block_forward(layer, states.input(layer), nullptr, a, adapter, batch, seq, ws, opt);
+      const float* x_in = states.input(layer);
+      if (layer > 0) states.prefetch(layer - 1);  // an offloaded input comes back while this block computes
+      if (!keep_all) block_forward(layer, x_in, nullptr, a, adapter, batch, seq, ws, opt);
       block_backward(layer, a, d_cur.get(), d_next.get(), adapter, batch, seq, ws, opt);
+      states.release(layer);
       std::swap(d_cur, d_next);
     }
   }

@@ -57,6 +57,9 @@ struct LoadOptions {
 struct RunOptions {
   bool compute_grads = false;
   bool gradient_checkpointing = true;  // keep only each block's input; recompute the block in backward
+  // With gradients and checkpointing: the kept block inputs move to host memory as forward writes them and come
+  // back as backward reaches them (each move a page event), so that a step holds two of them instead of all.
+  bool offload_activations = false;
   double grad_normalizer = 0.0;        // gradients are of sum(loss)/normalizer; 0 means the labelled count
   bool training = false;               // LoRA dropout on
   uint64_t seed = 0;                   // dropout stream key
@@ -157,6 +160,7 @@ class LlamaModel {
   DeviceArray<float> final_norm_;
   std::vector<LayerWeights> layers_;
   int64_t max_double_quant_blocks_ = 0;  // the workspace block_constants needs
+  std::vector<HostBuffer> state_host_;   // where offloaded block inputs go, kept between runs
 };
 
 }  // namespace qlora

@@ -25,11 +25,10 @@ OptimizerPages::OptimizerPages(Backend* backend, const std::vector<int64_t>& siz
   }
   for (Page& page : pages_) {
     const int64_t bytes = page.floats * static_cast<int64_t>(sizeof(float));
-    const int64_t budget = backend_->memory_budget();
-    if (budget > 0 && backend_->memory().total_current + bytes > budget) {
+    if (!backend_->has_room(bytes)) {
       // No room now: the page starts out, zero, in host memory (nothing moved, so no page event).
       ensure_host(page);
-      std::memset(page.host, 0, static_cast<size_t>(bytes));
+      std::memset(page.host.get(), 0, static_cast<size_t>(bytes));
       page.state = State::Out;
     } else {
       page.device.reset(backend_, page.floats, MemCategory::Optimizer);
@@ -46,32 +45,33 @@ OptimizerPages::~OptimizerPages() {
     try {
       if (page.state == State::Incoming) backend_->finish_page_copy(page.ticket);
       page.device.release();
-      if (page.host) backend_->free_host(page.host, static_cast<size_t>(page.floats) * sizeof(float));
+      page.host.release();
     } catch (const std::exception&) {
     }
   }
 }
 
 void OptimizerPages::ensure_host(Page& page) {
-  if (!page.host)
-    page.host = static_cast<float*>(backend_->alloc_host(static_cast<size_t>(page.floats) * sizeof(float)));
+  page.host.ensure(backend_, static_cast<size_t>(page.floats) * sizeof(float));
 }
+
+float* OptimizerPages::host_floats(Page& page) { return static_cast<float*>(page.host.get()); }
 
 void OptimizerPages::page_out(Page& page) {
   ensure_host(page);
   const int64_t bytes = page.floats * static_cast<int64_t>(sizeof(float));
-  const int64_t ticket = backend_->begin_page_copy(page.host, page.device.get(), static_cast<size_t>(bytes), PageDir::Out);
+  const int64_t ticket = backend_->begin_page_copy(page.host.get(), page.device.get(), static_cast<size_t>(bytes), PageDir::Out);
   const double ms = backend_->finish_page_copy(ticket);  // the device memory is reused as soon as it is freed
   page.device.release();
   page.state = State::Out;
-  moves_.push_back({PageDir::Out, page.name, bytes, ms});
+  backend_->record_page_move({PageDir::Out, page.name, bytes, ms});
 }
 
 void OptimizerPages::finish_incoming(Page& page) {
   const double ms = backend_->finish_page_copy(page.ticket);
   page.ticket = -1;
   page.state = State::Resident;
-  moves_.push_back({PageDir::In, page.name, page.floats * static_cast<int64_t>(sizeof(float)), ms});
+  backend_->record_page_move({PageDir::In, page.name, page.floats * static_cast<int64_t>(sizeof(float)), ms});
 }
 
 int64_t OptimizerPages::evict(int64_t bytes) {
@@ -95,10 +95,9 @@ void OptimizerPages::prefetch(size_t index) {
   if (page.state != State::Out) return;
   // Only into free room: moving another page out to bring this one in early would gain nothing.
   const int64_t bytes = page.floats * static_cast<int64_t>(sizeof(float));
-  const int64_t budget = backend_->memory_budget();
-  if (budget > 0 && backend_->memory().total_current + bytes > budget) return;
+  if (!backend_->has_room(bytes)) return;
   page.device.reset(backend_, page.floats, MemCategory::Optimizer);
-  page.ticket = backend_->begin_page_copy(page.device.get(), page.host, static_cast<size_t>(bytes), PageDir::In);
+  page.ticket = backend_->begin_page_copy(page.device.get(), page.host.get(), static_cast<size_t>(bytes), PageDir::In);
   page.state = State::Incoming;
 }
 
@@ -112,7 +111,7 @@ void OptimizerPages::acquire(size_t index) {
       page.held = false;
       throw;
     }
-    page.ticket = backend_->begin_page_copy(page.device.get(), page.host,
+    page.ticket = backend_->begin_page_copy(page.device.get(), page.host.get(),
                                             static_cast<size_t>(page.floats) * sizeof(float), PageDir::In);
     page.state = State::Incoming;
   }
@@ -138,7 +137,7 @@ std::vector<float> OptimizerPages::read(size_t param, int which) {
   std::vector<float> out(static_cast<size_t>(size_[param]));
   const int64_t at = offset_[param] + (which ? size_[param] : 0);
   if (page.state == State::Out)
-    std::memcpy(out.data(), page.host + at, out.size() * sizeof(float));
+    std::memcpy(out.data(), host_floats(page) + at, out.size() * sizeof(float));
   else
     backend_->download(out.data(), page.device.get() + at, out.size() * sizeof(float));
   return out;
@@ -151,15 +150,9 @@ void OptimizerPages::write(size_t param, int which, const std::vector<float>& va
   if (page.state == State::Incoming) finish_incoming(page);
   const int64_t at = offset_[param] + (which ? size_[param] : 0);
   if (page.state == State::Out)
-    std::memcpy(page.host + at, values.data(), values.size() * sizeof(float));
+    std::memcpy(host_floats(page) + at, values.data(), values.size() * sizeof(float));
   else
     backend_->upload(page.device.get() + at, values.data(), values.size() * sizeof(float));
-}
-
-std::vector<PageMove> OptimizerPages::take_moves() {
-  std::vector<PageMove> out;
-  out.swap(moves_);
-  return out;
 }
 
 int64_t OptimizerPages::resident_bytes() const {

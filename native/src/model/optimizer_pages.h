@@ -3,7 +3,7 @@
 // budget (the activations of a long batch, say) pages move out to host memory (the most recently used first: the
 // update visits them in order), and the optimizer step moves each page back in before it updates that layer, the
 // next page's copy running, where there is room, while the current one is updated. This is what bitsandbytes' paged optimizers do with CUDA unified memory, done with
-// explicit copies so that every move is seen, timed and reported.
+// explicit copies so that every move is seen, timed and reported (Backend::take_page_moves).
 #pragma once
 #include <cstdint>
 #include <string>
@@ -12,13 +12,6 @@
 #include "backend/backend.h"
 
 namespace qlora {
-
-struct PageMove {
-  PageDir dir = PageDir::Out;
-  std::string tensor;  // the page: "model.layers.7.optimizer" (exp_avg and exp_avg_sq of that layer's LoRA)
-  int64_t bytes = 0;
-  double ms = 0.0;
-};
 
 class OptimizerPages {
  public:
@@ -52,8 +45,6 @@ class OptimizerPages {
   std::vector<float> read(size_t param, int which);
   void write(size_t param, int which, const std::vector<float>& values);
 
-  // The moves since the last call, oldest first.
-  std::vector<PageMove> take_moves();
   int64_t resident_bytes() const;
   int64_t paged_out_bytes() const;
 
@@ -65,12 +56,13 @@ class OptimizerPages {
     int64_t floats = 0;
     State state = State::Resident;
     DeviceArray<float> device;
-    float* host = nullptr;  // allocated the first time the page moves out (or at start when it starts out)
+    HostBuffer host;        // allocated the first time the page moves out (or at start when it starts out)
     int64_t ticket = -1;    // the copy in flight while Incoming
     bool held = false;
     uint64_t last_use = 0;
   };
   void ensure_host(Page& page);
+  static float* host_floats(Page& page);
   void page_out(Page& page);
   void finish_incoming(Page& page);
   float* device_ptr(size_t param, int which);
@@ -80,7 +72,6 @@ class OptimizerPages {
   std::vector<size_t> page_of_;     // per parameter
   std::vector<int64_t> offset_;     // per parameter: exp_avg at offset, exp_avg_sq at offset + size
   std::vector<int64_t> size_;       // per parameter
-  std::vector<PageMove> moves_;
   uint64_t clock_ = 0;
 };
 
