@@ -180,3 +180,11 @@ TEST(bench_shapes_have_the_parameter_counts_of_the_real_models) {
   EXPECT_EQ(bench_shape("8b").rope_scaling.factor, 8.0);
   EXPECT_THROWS_WITH(bench_shape("13b"), "unknown benchmark shape '13b' (known: tiny, 1b, 8b, 70b)");
 }
+
+TEST(loss_chunks_are_whole_gemm_tiles_of_about_16m_logits) {
+  EXPECT_EQ(loss_chunk_rows(8192, 128256), int64_t{128});   // Llama 3: 130 rows fit, 128 run in whole tiles
+  EXPECT_EQ(loss_chunk_rows(100000, 8192), int64_t{2048});  // 16M logits exactly
+  EXPECT_EQ(loss_chunk_rows(8192, 151936), int64_t{110});   // Qwen2: fewer than a tile fit, so all that fit
+  EXPECT_EQ(loss_chunk_rows(12, 256), int64_t{12});         // every row at once
+  EXPECT_EQ(loss_chunk_rows(5, int64_t{1} << 25), int64_t{1});
+}

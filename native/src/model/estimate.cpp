@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "model/llama.h"
 #include "util/error.h"
 
 namespace qlora {
@@ -96,7 +97,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
   add(Ws, n * widest_in * kF32);          // dropx
   add(Ws, n * r * kF32);                  // lora_dt
-  const int64_t logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / vocab));
+  const int64_t logits_rows = loss_chunk_rows(n, vocab);
   add(Ws, logits_rows * vocab * kF32);
   add(Ws, n * (4 + 8));  // every row's target and log-prob
   if (o.cuda) {

@@ -528,6 +528,13 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
 // ----------------------------------------------------------------------------------------------------------------
 // LM head and loss, in chunks of rows so that the [rows, vocab] logits never exist at once.
 
+int64_t loss_chunk_rows(int64_t rows, int64_t vocab) {
+  constexpr int64_t kTile = 128;
+  const int64_t fit = (int64_t{1} << 24) / vocab;
+  if (fit >= rows) return rows;
+  return fit >= kTile ? fit / kTile * kTile : std::max<int64_t>(1, fit);
+}
+
 double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale,
                            float* dx_final, double* logprobs, float* log_softmax, Workspace& ws) {
   const ModelConfig& c = config_;
@@ -621,8 +628,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   }
   ws.xf.reset(be, n * c.hidden_size, act);
   ws.rstdf.reset(be, n, act);
-  // About 16M logits per chunk at most (64 MB in fp32), and at least one row.
-  ws.logits_rows = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 24) / c.vocab_size));
+  ws.logits_rows = loss_chunk_rows(n, c.vocab_size);
   ws.logits.reset(be, ws.logits_rows * c.vocab_size, work);
   ws.targets.reset(be, n, work);
   ws.logprobs.reset(be, n, work);

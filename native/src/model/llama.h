@@ -91,6 +91,11 @@ struct RunResult {
   std::vector<float> log_softmax;  // [batch * seq, vocab] when want_log_softmax: log p(. | ids[..t])
 };
 
+// Rows of logits the loss computes at once, of `rows` over a vocabulary of `vocab`: about 16M logits (64 MB in
+// fp32) and at least one row; a multiple of 128 rows where that many fit, since the LM head's GEMMs compute in tiles
+// of 64 or 128 rows (130 rows would run a last tile almost empty).
+int64_t loss_chunk_rows(int64_t rows, int64_t vocab);
+
 class LlamaModel {
  public:
   static std::unique_ptr<LlamaModel> load(Backend* backend, const std::string& dir, const LoadOptions& options);
