@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace cuda_emu {
@@ -45,9 +47,16 @@ const std::function<void()>* current_body = nullptr;
 int64_t switch_count = 0;
 std::vector<WarpState> warps;  // of the block being run
 int64_t events = 0;            // arrivals and returns: a pass of the scheduler without any is a deadlock
+// An exception cannot unwind across fibers: a thread's is kept here and rethrown by the scheduler, which abandons the
+// block (its other fibers' stacks are reused by the next launch).
+std::exception_ptr thread_failure;
 
 void fiber_entry() {
-  (*current_body)();
+  try {
+    (*current_body)();
+  } catch (...) {
+    thread_failure = std::current_exception();
+  }
   current->done = true;
   ++events;
   swapcontext(&current->context, &scheduler);
@@ -87,6 +96,7 @@ void run_block(size_t threads, bool reverse) {
         thread_idx = f.index;
         ++switch_count;
         swapcontext(&scheduler, &f.context);
+        if (thread_failure) std::rethrow_exception(std::exchange(thread_failure, nullptr));
       }
       if (!any_running) break;
       if (events == events_before)
@@ -200,6 +210,22 @@ void mma_m16n8k16(bool f16, float d[4], const uint32_t a[4], const uint32_t b[2]
     float acc = c_in[i];
     for (int k = 0; k < 16; ++k) acc += a_at(row, k) * b_at(k, col);
     d[i] = acc;
+  }
+}
+
+void ldmatrix(int count, bool trans, const uint16_t* row, uint32_t out[]) {
+  const uint16_t* rows[kWarpSize];
+  warp_exchange(&row, sizeof row, rows);
+  const int l = lane(), g = l / 4, t = l % 4;
+  for (int j = 0; j < count; ++j) {
+    const uint16_t* const* m = rows + 8 * j;  // matrix j's rows
+    for (int r = 0; r < 8; ++r)
+      if (reinterpret_cast<uintptr_t>(m[r]) % 16 != 0)
+        throw std::runtime_error("cuda_emu: ldmatrix row address of lane " + std::to_string(8 * j + r) +
+                                 " is not 16-byte aligned");
+    const uint16_t lo = trans ? m[2 * t][g] : m[g][2 * t];
+    const uint16_t hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+    out[j] = uint32_t{lo} | uint32_t{hi} << 16;
   }
 }
 

@@ -47,6 +47,11 @@ void warp_exchange(const void* mine, size_t bytes, void* all);
 // index in the low half), fp32 C and D. The products are summed in fp32, in order.
 void mma_m16n8k16(bool f16, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]);
 
+// ldmatrix.sync.aligned.m8n8.x{count}{.trans}.shared.b16 as PTX defines it: lanes 8j..8j+7 each give the address of
+// one row (eight 16-bit values) of matrix j < count; out[j] of lane l is then row l / 4, values 2 (l % 4) and the
+// next, of matrix j, or with trans its column l / 4, rows 2 (l % 4) and the next (the lower index in the low half).
+void ldmatrix(int count, bool trans, const uint16_t* row, uint32_t out[]);
+
 }  // namespace cuda_emu
 
 #define threadIdx ::cuda_emu::thread_idx

@@ -164,30 +164,47 @@ TEST(cuda_emu_warp_shuffles_and_mma_follow_ptx) {
   });
   for (int t = 0; t < 64; ++t) EXPECT_EQ(shuffled[t], (t ^ 5) * 10);
 
-  // A 16 x 16 and B 16 x 8 in row-major tiles; D = A B, each lane writing its accumulators where PTX places them
+  // A 16 x 16 and B 16 x 8 in row-major tiles (B also stored transposed, as K is); D = A B, each lane writing its
+  // accumulators where PTX places them. The fragments load with ldmatrix from blocks inside larger tiles.
   auto a_at = [](int r, int c) { return static_cast<float>((r * 3 + c * 5) % 7 - 3); };
   auto b_at = [](int r, int c) { return static_cast<float>((r * 2 + c) % 5 - 2); };
-  std::vector<float> d(16 * 8, 0.0f);
-  cuda_emu::launch(dim3(1), dim3(32), [&] {
-    __shared__ uint16_t a_tile[16][16 + cuda::kernels::kTilePad];
-    __shared__ uint16_t b_tile[16][8 + cuda::kernels::kTilePad];
-    for (int i = threadIdx.x; i < 16 * 16; i += 32) a_tile[i / 16][i % 16] = f32_to_bf16(a_at(i / 16, i % 16));
-    for (int i = threadIdx.x; i < 16 * 8; i += 32) b_tile[i / 8][i % 8] = f32_to_bf16(b_at(i / 8, i % 8));
-    __syncthreads();
-    uint32_t a[4], b[2];
-    float acc[4] = {};
-    cuda::kernels::fragment_a(a_tile, 0, 0, a);
-    cuda::kernels::fragment_b(b_tile, 0, 0, b);
-    cuda::kernels::mma_16816<false>(acc, a, b);
-    const int g = threadIdx.x / 4, t = threadIdx.x % 4;
-    for (int i = 0; i < 4; ++i) d[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + i % 2] = acc[i];
-  });
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 8; ++c) {
-      float expected = 0.0f;
-      for (int k = 0; k < 16; ++k) expected += a_at(r, k) * b_at(k, c);
-      EXPECT_EQ(d[r * 8 + c], expected);
-    }
+  for (bool transposed : {false, true}) {
+    std::vector<float> d(16 * 8, 0.0f);
+    cuda_emu::launch(dim3(1), dim3(32), [&] {
+      __shared__ __align__(16) uint16_t a_tile[32][32 + cuda::kernels::kTilePad];
+      __shared__ __align__(16) uint16_t b_tile[32][16 + cuda::kernels::kTilePad];   // B at (16, 8)
+      __shared__ __align__(16) uint16_t bt_tile[16][32 + cuda::kernels::kTilePad];  // B^T at (8, 16)
+      for (int i = threadIdx.x; i < 16 * 16; i += 32) a_tile[16 + i / 16][16 + i % 16] = f32_to_bf16(a_at(i / 16, i % 16));
+      for (int i = threadIdx.x; i < 16 * 8; i += 32) {
+        b_tile[16 + i / 8][8 + i % 8] = f32_to_bf16(b_at(i / 8, i % 8));
+        bt_tile[8 + i % 8][16 + i / 8] = f32_to_bf16(b_at(i / 8, i % 8));
+      }
+      __syncthreads();
+      uint32_t a[4], b[2];
+      float acc[4] = {};
+      cuda::kernels::fragment_a(a_tile, 16, 16, a);
+      if (transposed)
+        cuda::kernels::fragment_b_transposed(bt_tile, 8, 16, b);
+      else
+        cuda::kernels::fragment_b(b_tile, 16, 8, b);
+      cuda::kernels::mma_16816<false>(acc, a, b);
+      const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+      for (int i = 0; i < 4; ++i) d[(g + (i >= 2 ? 8 : 0)) * 8 + 2 * t + i % 2] = acc[i];
+    });
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 8; ++c) {
+        float expected = 0.0f;
+        for (int k = 0; k < 16; ++k) expected += a_at(r, k) * b_at(k, c);
+        EXPECT_EQ(d[r * 8 + c], expected);
+      }
+  }
+  // ldmatrix reads whole 16-byte rows: a row address off that alignment is an error, as on a GPU
+  EXPECT_THROWS_WITH(cuda_emu::launch(dim3(1), dim3(32), [] {
+                       __shared__ __align__(16) uint16_t tile[16][16 + cuda::kernels::kTilePad];
+                       uint32_t a[4];
+                       cuda::kernels::fragment_a(tile, 0, 2, a);
+                     }),
+                     "not 16-byte aligned");
   EXPECT_THROWS_WITH(cuda_emu::launch(dim3(1), dim3(32), [] {
                        if (threadIdx.x < 16) return;
                        (void)__shfl_xor_sync(0xffffffffu, 1.0f, 1);
