@@ -370,11 +370,14 @@ TEST(cuda_kernels_rope_and_attention_match_the_cpu) { parity::rope_and_attention
 TEST(cuda_kernels_tensor_core_attention_matches_the_cpu_in_bf16_and_fp16) {
   parity::flash_attention(emulated_in_with(GpuCompute::BF16), false);
   parity::flash_attention(emulated_in_with(GpuCompute::F16), true);
-  parity::flash_attention(emulated_in_with(GpuCompute::F16, 75), true);  // Turing: the scalar kernels
-  // which kernels ran: the tensor-core ones on sm_80 and newer in half compute, the scalar ones otherwise
+  parity::flash_attention(emulated_in_with(GpuCompute::F16, 75), true);  // Turing: fp16 as two k8 products each
+  // which kernels ran: the tensor-core ones in half compute (fp16 from Turing on, bf16 from Ampere on), the scalar
+  // ones in fp32
   for (const auto& [sm, compute, expected] : {std::tuple{90, GpuCompute::BF16, "flash_attention_forward"},
-                                              std::tuple{75, GpuCompute::F16, "attention_forward"},
-                                              std::tuple{90, GpuCompute::F32, "attention_forward"}}) {
+                                              std::tuple{80, GpuCompute::BF16, "flash_attention_forward"},
+                                              std::tuple{75, GpuCompute::F16, "flash_attention_forward"},
+                                              std::tuple{90, GpuCompute::F32, "attention_forward"},
+                                              std::tuple{75, GpuCompute::F32, "attention_forward"}}) {
     auto backend = emulated_in(compute, sm);
     backend->set_profiling(true);
     const int64_t seq = 5, heads = 2, hd = 16;

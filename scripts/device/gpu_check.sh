@@ -4,6 +4,7 @@
 #   reference_check  transformers + PEFT against our scores, adapters and merges (issues 2, 3)
 #   test_gpu         the GPU suite: CUDA kernels and the whole model against the CPU, then the trainer on the GPU
 #   sanitize_attention  compute-sanitizer's racecheck and memcheck on the tensor-core attention's GPU test
+#   turing_path      the tensor-core attention and fp16 compute of a build from compute_75 PTX alone (Turing's code)
 #   bench_*          bench --shape 8b --batch 1 --seq 2048 (bf16, its per-kernel profile, f32), 1b at 4 x 2048,
 #                    8b under a budget that pages, and 8b with its block inputs offloaded
 #   ncu_attention    Nsight Compute's speed-of-light and occupancy of the tensor-core attention kernels (1b, 4 x 2048)
@@ -40,6 +41,8 @@ step reference_check 120 python3 scripts/device/reference_check.py .device/refch
 step test_gpu 300 env REQUIRE_GPU=1 node scripts/test-gpu.mjs
 # the warp-level kernels (mma.sync, shuffles) have no emulator for races between real warps: the sanitizer looks
 step sanitize_attention 120 bash -c 'compute-sanitizer --tool racecheck --error-exitcode 3 build/Release/qlora_gpu_tests test/fixtures tensor_core && compute-sanitizer --tool memcheck --error-exitcode 3 build/Release/qlora_gpu_tests test/fixtures tensor_core'
+# Turing's path on this GPU: the test program built from compute_75 PTX alone (fp16 attention as m16n8k8 products)
+step turing_path 120 bash -c '.device/qlora_gpu_tests_ptx75 test/fixtures tensor_core && .device/qlora_gpu_tests_ptx75 test/fixtures fp16'
 step bench_8b_bf16 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --json
 step bench_8b_profile 120 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --profile
 step bench_1b_bf16 120 node dist/cli.js bench --device cuda --shape 1b --batch 4 --seq 2048 --steps 3 --warmup 1 --json

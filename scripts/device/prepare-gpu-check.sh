@@ -10,6 +10,13 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 npx cmake-js compile --directory native --out build --CDCMAKE_BUILD_TYPE=Release --CDQLORA_CUDA_ARCHS=90-real
+# The GPU test program again with compute_75 PTX alone: the driver compiles it for the H100 as Turing code (the
+# backend then takes the GPU for an sm_75), so the tensor-core attention's Turing path, fp16 as two m16n8k8 products
+# each, runs on the H100 too.
+cmake -S native -B build-ptx75 -G Ninja -DCMAKE_BUILD_TYPE=Release -DQLORA_CUDA_ARCHS=75-virtual > /dev/null
+cmake --build build-ptx75 --target qlora_gpu_tests
+mkdir -p .device
+cp build-ptx75/Release/qlora_gpu_tests .device/qlora_gpu_tests_ptx75
 node scripts/build.mjs
 npx tsc -p .
 bash ../shared/device/pack-node.sh .device 22

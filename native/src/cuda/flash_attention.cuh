@@ -2,8 +2,8 @@
 // queries by tiles of keys, an online softmax, the seq x seq scores never stored), with mma.sync m16n8k16 products in
 // the compute's 16-bit type and fp32 accumulation, as torch's sdpa computes under autocast. Q, K, V, dO stay fp32 in
 // memory (the engine's activations) and are rounded to 16 bits as they are staged into shared memory; P and dS are
-// rounded as they enter their products. The scalar kernels of kernels.cuh remain the fp32 path, and the path of
-// GPUs older than sm_80 and of head sizes not built here.
+// rounded as they enter their products. bf16 needs sm_80 and newer; fp16 runs from sm_75 (Turing) on. The scalar
+// kernels of kernels.cuh remain the fp32 path, and the path of head sizes not built here.
 //
 // Layouts as in kernels.cuh: q, out, dq [B, T, H, D]; k, v, dk, dv [B, T, KVH, D]; lse and row_dots [B, H, T].
 // Forward and dQ: a block of 4 warps takes 64 query rows (16 a warp) of one head. dK/dV: a block of 2 warps takes 32

@@ -397,9 +397,11 @@ class KernelBackend final : public Backend {
   }
   // Generation's new rows from which the tensor-core kernel (blocks of 64 query rows) beats one block per row.
   static constexpr int64_t kFlashPrefillRows = 16;
-  // The tensor-core attention (flash_attention.cuh): half compute on sm_80 and newer, for the head sizes built.
+  // The tensor-core attention (flash_attention.cuh), for the head sizes built: fp16 compute from Turing on (its
+  // tensor cores take fp16 in products of k 8, two to each of the kernels' k 16), bf16 from Ampere on.
   bool uses_flash_attention(int64_t head_dim) const {
-    return compute_ != GpuCompute::F32 && exec_.sm() >= 80 && kernels::flash_head_dim_supported(head_dim);
+    const int least_sm = compute_ == GpuCompute::F16 ? 75 : compute_ == GpuCompute::BF16 ? 80 : 0;
+    return least_sm > 0 && exec_.sm() >= least_sm && kernels::flash_head_dim_supported(head_dim);
   }
   // Calls run(dims, f16) with the head size and the compute's 16-bit type as compile-time constants.
   template <typename Run>

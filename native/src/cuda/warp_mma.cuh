@@ -27,8 +27,9 @@ namespace {
 // Shared tiles are rows of 16-bit values, padded by 8 so that the lanes of a fragment load spread over the banks.
 constexpr int kTilePad = 8;
 
-// D += A B on the tensor cores, A and B bf16 (F16 false) or fp16. Only sm_80 and newer run it; the host never
-// launches a kernel that uses it on an older GPU.
+// D += A B on the tensor cores, A and B bf16 (F16 false) or fp16. sm_80 and newer take it as one m16n8k16; Turing
+// (sm_75), fp16 only, as two m16n8k8 over k 0-7 and 8-15, whose fragments are the halves of k16's (a[0], a[1] and
+// b[0]; a[2], a[3] and b[1]). The host never launches a kernel that uses it where neither applies.
 template <bool F16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
 #ifdef __CUDACC__
@@ -43,6 +44,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  if constexpr (F16) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[2]), "r"(a[3]), "r"(b[1]));
+  } else {
+    (void)d, (void)a, (void)b;
+    __trap();
+  }
 #elif defined(__CUDA_ARCH__)
   (void)d, (void)a, (void)b;
   __trap();
@@ -82,7 +95,7 @@ template <int N, bool Trans>
 __device__ __forceinline__ void ldmatrix(const uint16_t* row, uint32_t (&r)[N]) {
   static_assert(N == 2 || (N == 4 && !Trans), "four matrices as stored, or two either way");
 #ifdef __CUDACC__
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
   if constexpr (N == 4)
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
