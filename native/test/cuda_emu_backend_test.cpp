@@ -286,6 +286,44 @@ TEST(cuda_backend_gemms_sharing_an_input_round_it_once_with_the_same_bits) {
 // LoRA's up projection inside the base GEMM: y = x W^T + alpha t B^T over K + 8 columns, whatever the memory beside
 // W held (bf16 NaNs here), from x's shared copy or from one of its own: the product of the rounded operands summed in
 // fp32, in bf16 and fp16.
+// The loss's gradient shared as the output cross_entropy writes next (Backend::begin_shared_output): written in 16
+// bits alone, the bits the GEMM reading it would have made, so the GEMM's result is the same bit for bit, with one
+// conversion less; the fp32 buffer keeps what it held.
+TEST(cuda_backend_loss_gradient_written_in_16_bits_alone_gives_the_gemm_the_same_bits) {
+  for (bool f16 : {false, true}) {
+    auto backend = emulated_in(half_compute(f16));
+    const int64_t rows = 5, vocab = 37, hidden = 12;
+    const std::vector<float> logits_host = parity::random_floats(static_cast<size_t>(rows * vocab), 51);
+    DeviceArray<float> w(backend.get(), vocab * hidden, MemCategory::Weights);
+    w.upload(parity::random_floats(static_cast<size_t>(vocab * hidden), 52));
+    DeviceArray<int32_t> targets(backend.get(), rows, MemCategory::Workspace);
+    targets.upload(std::vector<int32_t>{3, -100, 36, 0, 17});
+    backend->set_profiling(true);
+    auto step = [&](bool shared, std::vector<float>* logits_after) {
+      DeviceArray<float> logits(backend.get(), rows * vocab, MemCategory::Workspace), dx(backend.get(), rows * hidden,
+                                                                                              MemCategory::Workspace);
+      DeviceArray<double> logprobs(backend.get(), rows, MemCategory::Workspace);
+      logits.upload(logits_host);
+      SharedGemmInput gradient(backend.get(), logits.get(), shared ? rows : 0, vocab, SharedGemmInput::kWrittenNext);
+      backend->cross_entropy(logits.get(), targets.get(), rows, vocab, 0.25, logits.get(), logprobs.get());
+      backend->gemm(false, false, rows, hidden, vocab, 1.0f, logits.get(), w.get(), 0.0f, dx.get());
+      gradient.end();
+      if (logits_after) *logits_after = logits.download();
+      int64_t conversions = 0;
+      for (const OpTime& t : backend->take_profile())
+        if (t.op == "to_half" || t.op == "to_half_rows") conversions += t.calls;
+      return std::tuple{dx.download(), logprobs.download(), conversions};
+    };
+    std::vector<float> untouched;
+    const auto [dx_converted, lp_converted, conversions_converted] = step(false, nullptr);
+    const auto [dx_shared, lp_shared, conversions_shared] = step(true, &untouched);
+    EXPECT_TRUE(dx_shared == dx_converted, "f16 ", f16, ": the GEMM over the 16-bit gradient differs");
+    EXPECT_TRUE(lp_shared == lp_converted);
+    EXPECT_EQ(conversions_shared, conversions_converted - 1);  // the gradient's conversion is gone; w's stays
+    EXPECT_TRUE(untouched == logits_host, "the fp32 buffer keeps the logits");
+  }
+}
+
 TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
   const int64_t M = 7, N = 5, K = 24, R = 4;
   const float alpha = 0.5f;

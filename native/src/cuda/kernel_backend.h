@@ -138,7 +138,14 @@ class KernelBackend final : public Backend {
     if (compute_ == GpuCompute::F32 || !x || rows <= 0 || cols <= 0) return false;
     for (const SharedInput& s : shared_)
       if (s.x == x) return false;
-    shared_.push_back(SharedInput{x, rows, cols, cols + std::max<int64_t>(lora_columns, 0), {}});
+    shared_.push_back(SharedInput{x, rows, cols, cols + std::max<int64_t>(lora_columns, 0), {}, false});
+    return true;
+  }
+  // cross_entropy then writes the gradient's 16-bit copy alone; an op that writes y in fp32 instead leaves the copy
+  // to be made from it at the first GEMM, as for a shared input.
+  bool begin_shared_output(float* y, int64_t rows, int64_t cols) override {
+    if (!begin_shared_input(y, rows, cols, 0)) return false;
+    shared_.back().written_next = true;
     return true;
   }
   int64_t lora_fused_columns(int64_t rank) const override { return qlora::lora_fused_columns(compute_, rank); }
@@ -285,9 +292,16 @@ class KernelBackend final : public Backend {
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                      float* dlogits, double* logprobs) override {
-    if (rows > 0)
-      exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits, targets, vocab,
-                   grad_scale, dlogits, logprobs);
+    if (rows <= 0) return;
+    // dlogits shared as the output it is about to be (begin_shared_output): its 16-bit copy is written instead
+    uint16_t* dlogits16 = nullptr;
+    for (SharedInput& s : shared_)
+      if (dlogits && s.x == dlogits && s.written_next && s.rows == rows && s.cols == vocab && s.half.empty()) {
+        s.half.reset(this, rows * s.ld, MemCategory::Workspace);
+        dlogits16 = s.half.get();
+      }
+    exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits, targets, vocab,
+                 grad_scale, dlogits16 ? nullptr : dlogits, dlogits16, compute_ == GpuCompute::F16, logprobs);
   }
   void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
     if (rows <= 0) return;
@@ -495,6 +509,7 @@ class KernelBackend final : public Backend {
     const float* x;
     int64_t rows, cols, ld;  // ld: cols and room for LoRA's columns (gemm_with_lora_up)
     DeviceArray<uint16_t> half;
+    bool written_next;  // begin_shared_output: the next op may write `half` alone
   };
   std::vector<SharedInput> shared_;  // a few at a time
   Exec exec_;

@@ -202,6 +202,24 @@ __global__ void rmsnorm_backward(const float* dy, const float* x, const float* w
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
 }
 
+// bf16 for the GEMMs of bf16 compute: each value rounded to nearest even, as torch casts.
+__device__ __forceinline__ uint16_t bf16_bits(float v) {
+#ifdef __CUDACC__
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#else
+  return f32_to_bf16(v);
+#endif
+}
+
+// fp16 likewise (beyond 65504 it is inf, which the loss scaler sees as an overflow).
+__device__ __forceinline__ uint16_t f16_bits(float v) {
+#ifdef __CUDACC__
+  return __half_as_ushort(__float2half_rn(v));
+#else
+  return f32_to_f16(v);
+#endif
+}
+
 // log(sum_i exp(row[i])) of one row by the whole block, in double (the max subtracted first).
 __device__ double row_log_sum_exp(const float* row, int64_t n) {
   double m = -INFINITY;
@@ -213,30 +231,36 @@ __device__ double row_log_sum_exp(const float* row, int64_t n) {
 }
 
 // Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
-// logprob[r]; dlogits (optional) = grad_scale * (softmax - onehot). The log-sum-exp in double. dlogits may be the
+// logprob[r]; the gradient grad_scale * (softmax - onehot) (optional) into dlogits in fp32, or into dlogits16 rounded
+// to 16 bits (fp16 with f16, else bf16) as a GEMM would round it. The log-sum-exp in double. dlogits may be the
 // logits themselves (the model writes the gradient in place): every read of the row that another thread's write
 // could overwrite happens before the reductions' barriers.
 __global__ void cross_entropy(const float* logits, const int32_t* targets, int64_t vocab, double grad_scale,
-                              float* dlogits, double* logprob) {
+                              float* dlogits, uint16_t* dlogits16, bool f16, double* logprob) {
   const int64_t r = blockIdx.x;
   const int32_t target = targets[r];
   const float* lr = logits + r * vocab;
   float* dr = dlogits ? dlogits + r * vocab : nullptr;
+  uint16_t* dr16 = dlogits16 ? dlogits16 + r * vocab : nullptr;
+  auto write = [&](int64_t i, float d) {
+    if (dr) dr[i] = d;
+    if (dr16) dr16[i] = f16 ? f16_bits(d) : bf16_bits(d);
+  };
   // the whole block takes this branch: no barrier is skipped by some threads only
   if (target == kIgnoreIndex || target < 0 || target >= vocab) {  // outside the vocabulary: a NaN log-prob
-    if (dr)
-      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) dr[i] = 0.0f;
+    if (dr || dr16)
+      for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) write(i, 0.0f);
     if (threadIdx.x == 0) logprob[r] = target == kIgnoreIndex ? 0.0 : static_cast<double>(NAN);
     return;
   }
   const double target_logit = lr[target];
   const double log_z = row_log_sum_exp(lr, vocab);
   if (threadIdx.x == 0) logprob[r] = target_logit - log_z;
-  if (dr)  // each thread reads and writes its own elements only
+  if (dr || dr16)  // each thread reads and writes its own elements only
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
       float d = static_cast<float>(exp(static_cast<double>(lr[i]) - log_z) * grad_scale);
       if (i == target) d -= static_cast<float>(grad_scale);
-      dr[i] = d;
+      write(i, d);
     }
 }
 
@@ -427,23 +451,6 @@ __global__ void attention_backward_dkv(const float* dout, const float* q, const 
   }
 }
 
-// bf16 for the GEMMs of bf16 compute: each value rounded to nearest even, as torch casts.
-__device__ __forceinline__ uint16_t bf16_bits(float v) {
-#ifdef __CUDACC__
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-#else
-  return f32_to_bf16(v);
-#endif
-}
-
-// fp16 likewise (beyond 65504 it is inf, which the loss scaler sees as an overflow).
-__device__ __forceinline__ uint16_t f16_bits(float v) {
-#ifdef __CUDACC__
-  return __half_as_ushort(__float2half_rn(v));
-#else
-  return f32_to_f16(v);
-#endif
-}
 
 // x rounded to a 16-bit type: bf16 (to_f16 false) or fp16.
 __global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {

@@ -554,7 +554,9 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
     backend_->gemm_stored(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
                           ws.logits.get());
     if (log_softmax) backend_->log_softmax_rows(ws.logits.get(), rc, c.vocab_size, log_softmax + r0 * c.vocab_size);
-    // The gradient of the logits overwrites the logits in place (each row is read before it is written).
+    // The gradient of the logits overwrites the logits in place (each row is read before it is written); its one
+    // reader is the GEMM below, so a backend whose GEMMs round it to 16 bits may write it in 16 bits alone.
+    SharedGemmInput gradient(backend_, ws.logits.get(), dx_final ? rc : 0, c.vocab_size, SharedGemmInput::kWrittenNext);
     backend_->cross_entropy(ws.logits.get(), ws.targets.get() + r0, rc, c.vocab_size, grad_scale,
                             dx_final ? ws.logits.get() : nullptr, ws.logprobs.get() + r0);
     if (dx_final)
