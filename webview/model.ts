@@ -297,6 +297,7 @@ export const ACTION_LABELS: Record<PanelAction, string> = {
 
 /** What the run's memory plan moves to host memory, after its budget in the details ("" when nothing does). */
 export function hostMemoryNote(dev: RunDevice): string {
-  const moved = [...(dev.pagedOptimizer ? ['optimizer paged'] : []), ...(dev.offloadedActivations ? ['block inputs offloaded'] : [])];
+  const inputs = dev.offloadedBlockInputs ?? 0;
+  const moved = [...(dev.pagedOptimizer ? ['optimizer paged'] : []), ...(inputs > 0 ? [`${inputs} block input${inputs === 1 ? '' : 's'} offloaded`] : [])];
   return moved.length > 0 ? `, ${moved.join(' and ')} to host memory` : '';
 }

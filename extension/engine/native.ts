@@ -50,9 +50,10 @@ export interface NativeLoraInfo {
 export interface NativeRunOptions {
   computeGrads?: boolean;
   gradientCheckpointing?: boolean;
-  /** With gradients and checkpointing: the kept block inputs move to host memory as forward writes them and come
-   * back as backward reaches them (page events), so that a step holds two of them instead of all. */
-  offloadActivations?: boolean;
+  /** With gradients and checkpointing: the inputs of the lowest this many blocks move to host memory as forward
+   * writes them and come back as backward reaches them (page events), so that a step holds that many fewer (all but
+   * two at most). */
+  offloadBlockInputs?: number;
   gradNormalizer?: number;
   training?: boolean;
   seed?: number;

@@ -28,8 +28,9 @@ export interface EstimateOptions {
   gradientCheckpointing?: boolean;
   /** Count AdamW's state; default true. */
   optimizer?: boolean;
-  /** With checkpointing: the block inputs move to host memory between their forward and backward (two stay). */
-  offloadActivations?: boolean;
+  /** With checkpointing: the inputs of the lowest this many blocks move to host memory between their forward and
+   * backward (at most all but two count). */
+  offloadBlockInputs?: number;
   /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
   device?: 'cpu' | 'cuda';
   /** On the GPU: bf16 compute holds bf16 copies of each GEMM's inputs while it runs. */
@@ -46,7 +47,8 @@ export interface MemoryEstimate {
   optimizerPageBytes: number;
   /** One checkpointed block input: what each activation page event moves. */
   activationPageBytes: number;
-  /** How much less a step holds with offloadActivations (0 without gradient checkpointing). */
+  /** How much less a step holds with every block input that can move offloaded (all but two; 0 without gradient
+   * checkpointing). */
   offloadableActivationBytes: number;
   stored4bit: boolean;
   config: {

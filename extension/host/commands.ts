@@ -238,7 +238,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
         const fit = memoryFit(e, target);
         fits = fit.fits;
         memory =
-          `about ${formatMiB(e.peakTotal)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens); ` +
+          `about ${formatMiB(fit.peak)} at peak (rank ${shape.rank}, batch ${shape.batchSize} × ${seqLen} tokens); ` +
           (fit.fits ? `fits in ${fit.limit}${hostMemoryUse(fit)}` : `more than ${fit.limit}: lower qlora.maxSequenceLength or the batch size`);
       } catch (err) {
         memory = `unknown (${message(err)})`;

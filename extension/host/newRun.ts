@@ -132,18 +132,30 @@ export function estimateDeviceArgs(target: FitTarget): string[] {
  * block inputs counted; on the CPU the peak against the memory free now. The sentence goes into New Finetune's
  * confirmation.
  */
-export function memoryFit(e: EstimateForPlan, target: FitTarget): { fits: boolean; limit: string; paged: boolean; offloaded: boolean } {
+export interface MemoryFit {
+  fits: boolean;
+  limit: string;
+  paged: boolean;
+  /** Block inputs moved to host memory. */
+  offloaded: number;
+  /** The step's peak with them moved. */
+  peak: number;
+}
+
+export function memoryFit(e: EstimateForPlan, target: FitTarget): MemoryFit {
   const mib = (b: number) => `${Math.round(b / 1048576).toLocaleString('en-US')} MiB`;
-  if (target.kind === 'cpu') return { fits: e.peakTotal <= target.freeBytes, limit: `the ${mib(target.freeBytes)} free on this machine`, paged: false, offloaded: false };
+  if (target.kind === 'cpu')
+    return { fits: e.peakTotal <= target.freeBytes, limit: `the ${mib(target.freeBytes)} free on this machine`, paged: false, offloaded: 0, peak: e.peakTotal };
   const budget = target.budgetGiB > 0 ? target.budgetGiB * 1024 ** 3 : defaultGpuBudget(target);
   const plan = planMemory(e, budget);
   const limit = target.budgetGiB > 0 ? `the budget of ${target.budgetGiB} GiB on ${target.name} (qlora.gpuMemoryBudget)` : `the ${mib(budget)} usable on ${target.name}`;
-  return { fits: plan.fits, limit, paged: plan.paged, offloaded: plan.offloadActivations };
+  return { fits: plan.fits, limit, paged: plan.paged, offloaded: plan.offloadBlockInputs, peak: plan.peak };
 }
 
 /** What of a fitting run moves to host memory, for New Finetune's confirmation ("" when nothing does). */
-export function hostMemoryUse(fit: { paged: boolean; offloaded: boolean }): string {
-  const parts = [...(fit.paged ? ['the optimizer paging'] : []), ...(fit.offloaded ? ['the block inputs offloaded'] : [])];
+export function hostMemoryUse(fit: { paged: boolean; offloaded: number }): string {
+  const inputs = `${fit.offloaded} block input${fit.offloaded === 1 ? '' : 's'} offloaded`;
+  const parts = [...(fit.paged ? ['the optimizer paging'] : []), ...(fit.offloaded > 0 ? [inputs] : [])];
   return parts.length > 0 ? ` with ${parts.join(' and ')} to host memory` : '';
 }
 

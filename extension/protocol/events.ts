@@ -39,9 +39,9 @@ export interface RunDevice {
   memoryBudget: number | null;
   /** The optimizer state does not all fit beside a step's peak under the budget: its pages move to host memory. */
   pagedOptimizer: boolean;
-  /** Not even so: the checkpointed block inputs move to host memory between forward and backward too. Absent in
-   * runs written before activations could move. */
-  offloadedActivations?: boolean;
+  /** Not even so: the checkpointed inputs of this many of the lowest blocks move to host memory between forward and
+   * backward too. Absent in runs written before activations could move. */
+  offloadedBlockInputs?: number;
 }
 
 export interface RunStartedEvent {

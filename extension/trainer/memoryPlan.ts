@@ -12,7 +12,9 @@ export interface EstimateForPlan {
   peakTotal: number;
   /** AdamW's two moments of one layer's LoRA parameters: what the update holds in device memory at least. */
   optimizerPageBytes: number;
-  /** How much less a step holds with the block inputs offloaded (0 without gradient checkpointing). */
+  /** One checkpointed block input, and how much less a step holds with all of those that can move offloaded (0
+   * without gradient checkpointing). */
+  activationPageBytes: number;
   offloadableActivationBytes: number;
 }
 
@@ -23,21 +25,33 @@ export interface MemoryPlan {
   fits: boolean;
   /** Not all of the optimizer state fits beside a step's peak: pages move between device and host memory. */
   paged: boolean;
-  /** Not even without the optimizer state: the checkpointed block inputs move to host memory as well. */
-  offloadActivations: boolean;
+  /** Not even without the optimizer state: the inputs of this many of the lowest blocks move to host memory too. */
+  offloadBlockInputs: number;
+  /** The step's peak with those inputs moved (the estimate's peak less them). */
+  peak: number;
 }
 
 const MiB = 1024 ** 2;
 
-/** force: offload the block inputs even where they fit (`bench --offload-activations`). */
+/** The block inputs that can move to host memory (all but the last two blocks'; none without checkpointing). */
+export function movableBlockInputs(e: EstimateForPlan): number {
+  return e.activationPageBytes > 0 ? Math.round(e.offloadableActivationBytes / e.activationPageBytes) : 0;
+}
+
+/**
+ * force: offload every block input that can move, even where the budget does not need it (`bench
+ * --offload-activations`); otherwise as few as bring the step without its optimizer state under the budget.
+ */
 export function planMemory(e: EstimateForPlan, budget: number, force = false): MemoryPlan {
   const c = e.categories;
   const forwardBackward = e.peakTotal - c.optimizer;
-  const offloadActivations = force || (budget < forwardBackward && e.offloadableActivationBytes > 0);
+  const movable = movableBlockInputs(e);
+  const short = Math.max(0, forwardBackward - budget);
+  const offloadBlockInputs = force ? movable : Math.min(movable, short > 0 ? Math.ceil(short / e.activationPageBytes) : 0);
   const update = c.weights + c.adapters + c.gradients + e.optimizerPageBytes;
-  const required = Math.max(forwardBackward - (offloadActivations ? e.offloadableActivationBytes : 0), update);
-  const peak = e.peakTotal - (offloadActivations ? e.offloadableActivationBytes : 0);
-  return { budget, required, fits: budget >= required, paged: budget < peak, offloadActivations };
+  const required = Math.max(forwardBackward - e.offloadableActivationBytes, update);
+  const peak = e.peakTotal - offloadBlockInputs * e.activationPageBytes;
+  return { budget, required, fits: budget >= required, paged: budget < peak, offloadBlockInputs, peak };
 }
 
 /**
@@ -54,7 +68,7 @@ export interface RunShape {
   seqLen: number;
   rank: number;
   gradientCheckpointing: boolean;
-  /** Offload the block inputs even where they fit (`bench --offload-activations`). */
+  /** Offload every block input that can move, even where the budget does not need it (`bench --offload-activations`). */
   offloadActivations?: boolean;
 }
 

@@ -96,7 +96,7 @@ export function engineOptions(p: Placement): NativeModelOptions {
 export function runDevice(p: Placement, plan: MemoryPlan | null): RunDevice {
   return {
     kind: p.device.kind, name: p.device.name, computeDtype: p.device.computeDtype, memoryBudget: p.memoryBudget,
-    pagedOptimizer: plan?.paged ?? false, offloadedActivations: plan?.offloadActivations ?? false,
+    pagedOptimizer: plan?.paged ?? false, offloadedBlockInputs: plan?.offloadBlockInputs ?? 0,
   };
 }
 

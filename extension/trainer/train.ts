@@ -140,6 +140,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   } catch (err) {
     throw new TrainingError(err instanceof Error ? err.message : String(err));
   }
+  const offloadedBytes = (plan?.offloadBlockInputs ?? 0) * estimate.activationPageBytes;
   const data = await prepareData(config);
   const model = EngineModel.load(config.model, { quantize: config.quantize, ...engineOptions(placement) });
   let samples: TrainingSamples;
@@ -197,7 +198,11 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       config: config as unknown as Record<string, unknown>,
       dataset: data.stats,
       trainableParameters: model.loraInfo()?.parameters ?? 0,
-      memoryEstimate: { categories: estimate.categories, peakTotal: estimate.peakTotal },
+      // with the block inputs the plan moves to host memory gone from the activations
+      memoryEstimate: {
+        categories: { ...estimate.categories, activations: estimate.categories.activations - offloadedBytes },
+        peakTotal: estimate.peakTotal - offloadedBytes,
+      },
       totalSteps,
       resumedFrom: checkpoint ? checkpoint.step : null,
       device: runDevice(placement, plan),
@@ -269,7 +274,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
       micro.forEach((mb, i) => {
         const r = model.run(
           { ids: mb.ids, labels: mb.labels, batch: mb.batch, seq: mb.seq },
-          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, offloadActivations: plan?.offloadActivations ?? false, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i, lossScale: scaler?.scale ?? 1 },
+          { computeGrads: true, training: true, gradientCheckpointing: config.gradientCheckpointing, offloadBlockInputs: plan?.offloadBlockInputs ?? 0, gradNormalizer: Math.max(1, labelled), seed: config.seed, step: step + 1, microBatch: i, lossScale: scaler?.scale ?? 1 },
         );
         lossSum += r.lossSum;
       });

@@ -7,10 +7,12 @@
 #ifndef _WIN32
 #include "cuda_emu.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -18,6 +20,7 @@
 #include "cpu/kernels.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernel_backend.h"
+#include "model/bench_shapes.h"
 #include "model/estimate.h"
 #include "harness.h"
 #include "quant/nf4.h"
@@ -75,11 +78,29 @@ struct EmulatorExec {
   }
   void* alloc_host(size_t bytes) { return alloc(bytes, "paged-out memory"); }
   void free_host(void* p) { std::free(p); }
+  // A page copy as late as a GPU's copy stream may run it: nothing moves until finish_page_copy, which reads the
+  // source then, and the destination holds garbage meanwhile. A pager that reads a page before its copy is
+  // finished, or reuses the source's memory before then, gets wrong numbers here as it would on a GPU.
+  struct PendingCopy {
+    void* dst;
+    const void* src;
+    size_t bytes;
+    bool done;
+  };
+  std::vector<PendingCopy> copies;
   int64_t begin_page_copy(void* dst, const void* src, size_t bytes, bool) {
-    std::memcpy(dst, src, bytes);
-    return 0;
+    std::memset(dst, 0xA5, bytes);
+    copies.push_back({dst, src, bytes, false});
+    return static_cast<int64_t>(copies.size()) - 1;
   }
-  double finish_page_copy(int64_t) { return 0.0; }
+  double finish_page_copy(int64_t ticket) {
+    PendingCopy& c = copies.at(static_cast<size_t>(ticket));
+    EXPECT_TRUE(!c.done, "page copy ", ticket, " finished twice");
+    std::memcpy(c.dst, c.src, c.bytes);
+    c.done = true;
+    if (std::all_of(copies.begin(), copies.end(), [](const PendingCopy& p) { return p.done; })) copies.clear();
+    return 0.0;
+  }
   // the profile by name, timed on the host (the emulator runs each kernel to its end before returning)
   bool profiling = false;
   OpProfile profile;
@@ -304,7 +325,7 @@ TEST(cuda_backend_loss_gradient_written_in_16_bits_alone_gives_the_gemm_the_same
                                                                                               MemCategory::Workspace);
       DeviceArray<double> logprobs(backend.get(), rows, MemCategory::Workspace);
       logits.upload(logits_host);
-      SharedGemmInput gradient(backend.get(), logits.get(), shared ? rows : 0, vocab, SharedGemmInput::kWrittenNext);
+      SharedGemmInput gradient(backend.get(), logits.get(), shared ? rows : 0, vocab, 0, SharedGemmInput::kWrittenNext);
       backend->cross_entropy(logits.get(), targets.get(), rows, vocab, 0.25, logits.get(), logprobs.get());
       backend->gemm(false, false, rows, hidden, vocab, 1.0f, logits.get(), w.get(), 0.0f, dx.get());
       gradient.end();
@@ -322,6 +343,51 @@ TEST(cuda_backend_loss_gradient_written_in_16_bits_alone_gives_the_gemm_the_same
     EXPECT_EQ(conversions_shared, conversions_converted - 1);  // the gradient's conversion is gone; w's stays
     EXPECT_TRUE(untouched == logits_host, "the fp32 buffer keeps the logits");
   }
+}
+
+// A training step of the NF4 model in bf16 and fp16, LoRA dropout on and off, with the outputs whose only readers
+// are GEMMs written in 16 bits alone (the loss's gradient, SwiGLU's dg) and with every output in fp32: the same loss
+// and gradients bit for bit.
+TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_step) {
+  struct AllOutputsInFp32 : EmulatedBackend {
+    AllOutputsInFp32() : EmulatedBackend(32) {}
+    bool begin_shared_output(float*, int64_t, int64_t, int64_t) override { return false; }
+  };
+  for (bool f16 : {false, true})
+    for (double dropout : {0.0, 0.1}) {
+      std::vector<double> losses;
+      std::vector<std::vector<float>> grads[2];
+      int64_t conversions[2] = {};
+      for (int fp32_outputs = 0; fp32_outputs < 2; ++fp32_outputs) {
+        std::unique_ptr<EmulatedBackend> backend =
+            fp32_outputs ? std::make_unique<AllOutputsInFp32>() : std::make_unique<EmulatedBackend>(32);
+        backend->exec().compute_capability = 90;
+        backend->set_compute(half_compute(f16));
+        LoadOptions lo;
+        lo.quantize_nf4 = true;
+        auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
+        LoraConfig lc;
+        lc.rank = 4;
+        lc.dropout = dropout;
+        auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+        RunOptions ro;
+        ro.compute_grads = true;
+        ro.training = true;
+        ro.loss_scale = f16 ? 1024.0 : 1.0;
+        const std::vector<int32_t>& ids = qtest::reference_ids();
+        backend->set_profiling(true);
+        losses.push_back(model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum);
+        for (const OpTime& t : backend->take_profile())
+          if (t.op == "to_half" || t.op == "to_half_rows") conversions[fp32_outputs] += t.calls;
+        for (auto& [p, g] : adapter->parameters_and_grads()) grads[fp32_outputs].push_back(g->download());
+      }
+      // per layer dg's conversion (under dropout two: gate's base term, last, converted it again after the early end
+      // of dy's share), and the loss gradient's (one chunk)
+      EXPECT_EQ(conversions[0], conversions[1] - 2 * (dropout > 0.0 ? 2 : 1) - 1);
+      EXPECT_EQ(losses[0], losses[1]);
+      for (size_t i = 0; i < grads[0].size(); ++i)
+        EXPECT_TRUE(grads[0][i] == grads[1][i], "f16 ", f16, " dropout ", dropout, ": gradient ", i, " differs");
+    }
 }
 
 TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
@@ -488,7 +554,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     RunOptions ro;
     ro.compute_grads = true;
     ro.training = dropout > 0.0;
-    ro.offload_activations = offload;
+    ro.offload_block_inputs = offload ? 1 : 0;
     std::unique_ptr<AdamW> optimizer;
     for (int step = 0; step < 2; ++step) {
       adapter->zero_grad();
@@ -503,7 +569,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     eo.cuda = true;
     eo.compute = bf16 ? GpuCompute::BF16 : GpuCompute::F32;
     eo.quantize_nf4 = nf4;
-    eo.offload_activations = offload;
+    eo.offload_block_inputs = offload ? 1 : 0;
     const MemoryEstimate e = estimate_memory(model->config(), eo);
     const MemoryStats& s = backend->memory();
     for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
@@ -517,27 +583,43 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
 }
 
 TEST(cuda_backend_offloads_bf16_block_inputs_through_page_copies_with_the_same_numbers) {
-  // Under bf16 compute the block inputs are stored in bf16: block 0's (2 x 6 rows of 64) moves out through the
-  // copy stream as forward writes it and back in for its backward; the loss and gradients are those of a run that
-  // keeps it, bit for bit.
+  // Under bf16 compute the block inputs are stored in bf16: on the 4-layer synthetic shape, blocks 0 and 1's (2 x 8
+  // rows of 256) move out through the copy stream as forward writes them and back in for their backward (the
+  // emulator's copies run as late as a GPU's could); the loss and gradients are those of a run that keeps them, bit
+  // for bit, and the activations' peak is the estimate's.
   std::vector<double> losses;
   std::vector<std::vector<float>> grads[2];
-  for (bool offload : {false, true}) {
+  const int64_t batch = 2, seq = 8;
+  for (int64_t offload : {0, 2}) {
     auto backend = emulated_in(GpuCompute::BF16);
-    auto [model, adapter] = quantized_with_adapter(backend.get());
+    auto model = LlamaModel::synthetic(backend.get(), bench_shape("tiny"), 3);
+    LoraConfig lc;
+    lc.rank = 4;
+    auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
     RunOptions ro;
     ro.compute_grads = true;
-    ro.offload_activations = offload;
-    const std::vector<int32_t>& ids = qtest::reference_ids();
-    losses.push_back(model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum);
-    for (auto& [p, g] : adapter->parameters_and_grads()) grads[offload].push_back(g->download());
+    ro.offload_block_inputs = offload;
+    std::vector<int32_t> ids(static_cast<size_t>(batch * seq));
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 131 + 17) % 8192);
+    losses.push_back(model->run(ids.data(), ids.data(), batch, seq, adapter.get(), ro).loss_sum);
+    for (auto& [p, g] : adapter->parameters_and_grads()) grads[offload > 0].push_back(g->download());
     const std::vector<PageMove> moves = backend->take_page_moves();
-    const int64_t page = 2 * 6 * model->config().hidden_size * 2;
-    EXPECT_EQ(moves.size(), offload ? size_t{2} : size_t{0});
-    if (moves.size() == 2) {
-      EXPECT_TRUE(moves[0].dir == PageDir::Out && moves[0].tensor == "model.layers.0.input" && moves[0].bytes == page);
-      EXPECT_TRUE(moves[1].dir == PageDir::In && moves[1].tensor == "model.layers.0.input" && moves[1].bytes == page);
-    }
+    const int64_t page = batch * seq * model->config().hidden_size * 2;
+    EXPECT_EQ(moves.size(), offload ? size_t{4} : size_t{0});
+    for (size_t i = 0; i < moves.size(); ++i)
+      EXPECT_TRUE(moves[i].dir == (i < 2 ? PageDir::Out : PageDir::In) && moves[i].bytes == page &&
+                      moves[i].tensor == "model.layers." + std::to_string(i < 2 ? i : 3 - i) + ".input",
+                  "move ", i, ": ", moves[i].tensor);
+    EstimateOptions eo;
+    eo.batch = batch;
+    eo.seq = seq;
+    eo.rank = 4;
+    eo.cuda = true;
+    eo.compute = GpuCompute::BF16;
+    eo.with_optimizer = false;
+    eo.offload_block_inputs = offload;
+    const size_t act = static_cast<size_t>(MemCategory::Activations);
+    EXPECT_EQ(backend->memory().peak[act], estimate_memory(model->config(), eo).bytes[act]);
   }
   EXPECT_EQ(losses[1], losses[0]);
   for (size_t i = 0; i < grads[0].size(); ++i)

@@ -1,7 +1,9 @@
 // The memory budget and the paged optimizer, on the CPU backend (the logic is the backend's and the pager's, not
 // the device's): pages move out when an allocation would go over the budget and back in for the update, every move
 // is recorded, the numbers are the same as without a budget, and what cannot fit is an error that says so.
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -182,8 +184,9 @@ struct OffloadRun {
   int64_t activations_peak = 0;
 };
 
-// Three AdamW steps of the 4-layer synthetic shape with checkpointing, the block inputs offloaded or kept.
-OffloadRun train_tiny(bool offload) {
+// Three AdamW steps of the 4-layer synthetic shape with checkpointing, the inputs of its lowest `offload` blocks
+// offloaded.
+OffloadRun train_tiny(int64_t offload) {
   auto backend = make_cpu_backend();
   auto model = LlamaModel::synthetic(backend.get(), bench_shape("tiny"), 3);
   LoraConfig lc;
@@ -196,7 +199,7 @@ OffloadRun train_tiny(bool offload) {
   RunOptions ro;
   ro.compute_grads = true;
   ro.training = true;
-  ro.offload_activations = offload;
+  ro.offload_block_inputs = offload;
   OffloadRun out;
   for (uint32_t step = 0; step < 3; ++step) {
     ro.step = step;
@@ -218,32 +221,36 @@ OffloadRun train_tiny(bool offload) {
 }  // namespace
 
 TEST(paging_offloaded_block_inputs_move_out_and_back_and_keep_the_numbers) {
-  const OffloadRun kept = train_tiny(false), offloaded = train_tiny(true);
+  const OffloadRun kept = train_tiny(0);
   for (const auto& step : kept.moves) EXPECT_TRUE(step.empty(), "nothing moves unless asked");
-  // Every step: the inputs of blocks 0, 1 and 2 (2 x 24 rows of 256 fp32 values) move out as forward writes them
-  // and back in as backward reaches them; block 3's stays (backward needs it first), and so does the final state.
+  // Every step: the inputs of blocks 0 and 1 (2 x 24 rows of 256 fp32 values) move out as forward writes them and
+  // back in as backward reaches them (block 1's prefetched while block 2 computes); blocks 2 and 3's stay, as
+  // backward starts on them at once. Asked for more, the same two move; asked for one, block 0's.
   const int64_t page = 2 * 24 * 256 * 4;
-  for (const auto& step : offloaded.moves) {
-    EXPECT_EQ(step.size(), size_t{6});
-    const std::vector<std::pair<PageDir, std::string>> expected = {
-        {PageDir::Out, "model.layers.0.input"}, {PageDir::Out, "model.layers.1.input"},
-        {PageDir::Out, "model.layers.2.input"}, {PageDir::In, "model.layers.2.input"},
-        {PageDir::In, "model.layers.1.input"},  {PageDir::In, "model.layers.0.input"}};
-    for (size_t i = 0; i < step.size() && i < expected.size(); ++i)
-      EXPECT_TRUE(step[i].dir == expected[i].first && step[i].tensor == expected[i].second && step[i].bytes == page &&
-                      step[i].ms >= 0.0,
-                  "move ", i, ": ", step[i].tensor, " ", step[i].bytes, " B");
+  for (int64_t asked : {2, 3, 1}) {
+    const OffloadRun offloaded = train_tiny(asked);
+    const int64_t moved = std::min<int64_t>(asked, 2);
+    std::vector<std::pair<PageDir, std::string>> expected;
+    for (int64_t l = 0; l < moved; ++l) expected.push_back({PageDir::Out, "model.layers." + std::to_string(l) + ".input"});
+    for (int64_t l = moved - 1; l >= 0; --l) expected.push_back({PageDir::In, "model.layers." + std::to_string(l) + ".input"});
+    for (const auto& step : offloaded.moves) {
+      EXPECT_EQ(step.size(), expected.size());
+      for (size_t i = 0; i < step.size() && i < expected.size(); ++i)
+        EXPECT_TRUE(step[i].dir == expected[i].first && step[i].tensor == expected[i].second &&
+                        step[i].bytes == page && step[i].ms >= 0.0,
+                    "move ", i, ": ", step[i].tensor, " ", step[i].bytes, " B");
+    }
+    // backward holds 4 - moved block inputs instead of four
+    EXPECT_EQ(offloaded.activations_peak, kept.activations_peak - moved * page);
+    // the same numbers, bit for bit
+    for (size_t i = 0; i < kept.losses.size(); ++i) EXPECT_EQ(offloaded.losses[i], kept.losses[i]);
+    for (size_t i = 0; i < kept.grads.size(); ++i)
+      EXPECT_TRUE(std::memcmp(kept.grads[i].data(), offloaded.grads[i].data(), kept.grads[i].size() * 4) == 0,
+                  "gradient ", i, " differs with offloading");
+    for (size_t i = 0; i < kept.params.size(); ++i)
+      EXPECT_TRUE(std::memcmp(kept.params[i].data(), offloaded.params[i].data(), kept.params[i].size() * 4) == 0,
+                  "parameter ", i, " differs with offloading");
   }
-  // backward holds two block inputs (the one in use and the next, prefetched) instead of four
-  EXPECT_EQ(offloaded.activations_peak, kept.activations_peak - 2 * page);
-  // the same numbers, bit for bit
-  for (size_t i = 0; i < kept.losses.size(); ++i) EXPECT_EQ(offloaded.losses[i], kept.losses[i]);
-  for (size_t i = 0; i < kept.grads.size(); ++i)
-    EXPECT_TRUE(std::memcmp(kept.grads[i].data(), offloaded.grads[i].data(), kept.grads[i].size() * 4) == 0,
-                "gradient ", i, " differs with offloading");
-  for (size_t i = 0; i < kept.params.size(); ++i)
-    EXPECT_TRUE(std::memcmp(kept.params[i].data(), offloaded.params[i].data(), kept.params[i].size() * 4) == 0,
-                "parameter ", i, " differs with offloading");
 }
 
 TEST(paging_offloading_block_inputs_fits_a_budget_keeping_them_does_not) {
@@ -256,16 +263,16 @@ TEST(paging_offloading_block_inputs_fits_a_budget_keeping_them_does_not) {
   for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 131 + 17) % 8192);
   RunOptions ro;
   ro.compute_grads = true;
-  ro.offload_activations = true;
+  ro.offload_block_inputs = 2;
   const double loss = model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro).loss_sum;
   // the offloaded run's own peak as the budget: it runs again within it; keeping every input does not fit
   backend->set_memory_budget(backend->memory().total_peak);
   adapter->zero_grad();
   EXPECT_EQ(model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro).loss_sum, loss);
-  ro.offload_activations = false;
+  ro.offload_block_inputs = 0;
   EXPECT_THROWS_WITH(model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro), "over the memory budget");
   // a failed run leaves nothing held: the offloaded one still fits
-  ro.offload_activations = true;
+  ro.offload_block_inputs = 2;
   adapter->zero_grad();
   EXPECT_EQ(model->run(ids.data(), ids.data(), 2, 24, adapter.get(), ro).loss_sum, loss);
 }

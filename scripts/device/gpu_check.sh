@@ -53,6 +53,14 @@ budget=$(node -e "const e = require('./out/extension/engine/tools').estimateMemo
 echo "paged budget: ${budget:-none (the estimate failed)} GiB" >> "$OUT/summary.txt"
 [ -n "$budget" ] || SKIP="${SKIP:-},bench_8b_paged"
 step bench_8b_paged 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --gpu-memory-budget "$budget" --json
-# the 30 offloadable block inputs through pinned host memory: what the copies cost beside bench_8b_bf16
+# the 30 block inputs that can move, through pinned host memory: the step time beside bench_8b_bf16's, and the same
+# loss (the same seed and steps: a race between the copy stream and the compute would change it)
 step bench_8b_offload 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --offload-activations --json
+node -e "
+const fs = require('fs');
+const last = (f) => JSON.parse(fs.readFileSync(f, 'utf8').trim().split('\n').filter((l) => l.startsWith('{')).pop());
+const kept = last(process.argv[1]), moved = last(process.argv[2]);
+console.log('offload: loss ' + (moved.loss === kept.loss ? 'equal' : 'DIFFERS') + ' (' + moved.loss + ' vs ' + kept.loss + '), step ' +
+  moved.step_ms.toFixed(1) + ' ms vs ' + kept.step_ms.toFixed(1) + ' ms, ' + moved.page_moves + ' moves');
+" "$OUT/bench_8b_bf16.log" "$OUT/bench_8b_offload.log" >> "$OUT/summary.txt" 2>&1
 step hf_reference 300 python3 .device/hf_reference.py --mode lora --configs 8b:1x2048 --optim adamw

@@ -114,8 +114,8 @@ test('under a budget half the optimizer state short the GPU run pages and keeps 
 });
 
 test('under a budget below the step without its optimizer, the GPU run offloads block inputs through pinned memory with the same losses', async () => {
-  // four layers in bf16: the inputs of blocks 0 to 2 move out on the copy stream while the next block computes and
-  // come back a block ahead of their backward; a race between the streams would show in the losses
+  // four layers in bf16: block 0's input (half of what can move) moves out on the copy stream while the next block
+  // computes and comes back a block ahead of its backward; a race between the streams would show in the losses
   const small = path.join(tempDir('gpu-offload-model'), 'small');
   makeTinyModel({ out: small, arch: 'llama', seed: 5, size: 'small' });
   const c = resolveConfig({}, { ...config({ maxSteps: 4, packing: true }), model: small });
@@ -127,6 +127,6 @@ test('under a budget below the step without its optimizer, the GPU run offloads 
   await train({ runDir: offloaded, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'bf16', memoryBudgetBytes: budget } });
   assertCurvesAgree(losses(offloaded), losses(free), 1e-6);
   const inputs = events(offloaded).flatMap((ev) => (ev.kind === 'page' && ev.tensor.endsWith('.input') ? [ev] : []));
-  assert.deepEqual([inputs.filter((p) => p.dir === 'out').length, inputs.filter((p) => p.dir === 'in').length], [12, 12]);
+  assert.deepEqual([inputs.filter((p) => p.dir === 'out').length, inputs.filter((p) => p.dir === 'in').length], [4, 4]);
   for (const p of inputs) assert.ok(p.ms >= 0 && p.bytes === e.activationPageBytes);
 });

@@ -111,25 +111,31 @@ const estimate = {
   categories: { weights: 4 * GiB, adapters: 100 * MiB, gradients: 100 * MiB, optimizer: 200 * MiB, activations: 2 * GiB, workspace: 300 * MiB },
   peakTotal: 4 * GiB + 700 * MiB + 2 * GiB,
   optimizerPageBytes: 25 * MiB,
+  // four block inputs of 256 MiB can move
+  activationPageBytes: 256 * MiB,
   offloadableActivationBytes: 1 * GiB,
 };
 const shape = { batchSize: 4, seqLen: 2048, rank: 16, gradientCheckpointing: true };
 
 test('the plan: everything fits, the optimizer pages, the block inputs move too, or the run cannot start', () => {
-  assert.deepEqual(planMemory(estimate, 8 * GiB), { budget: 8 * GiB, required: estimate.peakTotal - 200 * MiB, fits: true, paged: false, offloadActivations: false });
-  const paged = planMemory(estimate, estimate.peakTotal - 100 * MiB);
-  assert.equal(paged.fits, true);
-  assert.equal(paged.paged, true);
-  assert.equal(paged.offloadActivations, false);
-  const tight = planMemory(estimate, estimate.peakTotal - 200 * MiB);
-  assert.ok(tight.fits && tight.paged && !tight.offloadActivations, 'all of the optimizer state out during the step is still a run');
-  // below the step's peak without the optimizer: the checkpointed block inputs move to host memory, and then the
-  // optimizer state fits beside the rest (6 GiB) or pages too (5.6 GiB)
-  assert.deepEqual(planMemory(estimate, 6 * GiB), { budget: 6 * GiB, required: estimate.peakTotal - 200 * MiB - 1 * GiB, fits: true, paged: false, offloadActivations: true });
-  const both = planMemory(estimate, 5.6 * GiB);
-  assert.ok(both.fits && both.paged && both.offloadActivations);
-  // asked for where it is not needed: the peak it leaves is what decides whether the optimizer pages
-  assert.deepEqual(planMemory(estimate, estimate.peakTotal - 100 * MiB, true), { budget: estimate.peakTotal - 100 * MiB, required: estimate.peakTotal - 200 * MiB - 1 * GiB, fits: true, paged: false, offloadActivations: true });
+  const peak = estimate.peakTotal;
+  // the least budget it trains under: the step without its optimizer state and without the block inputs that can move
+  const least = peak - 200 * MiB - 1 * GiB;
+  assert.deepEqual(planMemory(estimate, 8 * GiB), { budget: 8 * GiB, required: least, fits: true, paged: false, offloadBlockInputs: 0, peak });
+  const paged = planMemory(estimate, peak - 100 * MiB);
+  assert.deepEqual([paged.fits, paged.paged, paged.offloadBlockInputs], [true, true, 0]);
+  const tight = planMemory(estimate, peak - 200 * MiB);
+  assert.ok(tight.fits && tight.paged && tight.offloadBlockInputs === 0, 'all of the optimizer state out during the step is still a run');
+  // below the step's peak without the optimizer: as few block inputs move as close the gap (200 MiB: one of 256 MiB;
+  // 500 MiB: two), and the optimizer pages where what is left does not fit beside it
+  assert.deepEqual(planMemory(estimate, peak - 400 * MiB), { budget: peak - 400 * MiB, required: least, fits: true, paged: true, offloadBlockInputs: 1, peak: peak - 256 * MiB });
+  const two = planMemory(estimate, 6 * GiB);
+  assert.deepEqual([two.offloadBlockInputs, two.peak, two.paged], [2, peak - 512 * MiB, true]);
+  // close to the least: all four
+  const all = planMemory(estimate, 5.6 * GiB);
+  assert.ok(all.fits && all.paged && all.offloadBlockInputs === 4);
+  // asked for all of them where none is needed: the peak they leave decides whether the optimizer pages
+  assert.deepEqual(planMemory(estimate, peak - 100 * MiB, true), { budget: peak - 100 * MiB, required: least, fits: true, paged: false, offloadBlockInputs: 4, peak: peak - 1 * GiB });
   // without gradient checkpointing nothing of the activations can move
   assert.equal(planMemory({ ...estimate, offloadableActivationBytes: 0 }, 6 * GiB).fits, false);
   const no = planMemory(estimate, 5 * GiB);
@@ -189,6 +195,6 @@ test('without a budget (the CPU) a peak beyond the machine\'s memory is refused 
   );
   const gpu = placeRun({ gpuMemoryBudget: 5 }, () => ({ report: report(), engine: withCuda }));
   assert.throws(() => checkMemory(estimate, gpu, shape), /^Error: This run needs at least 5\.49 GiB of GPU memory and its budget is 5\.00 GiB/);
-  assert.equal(checkMemory(estimate, placeRun({ gpuMemoryBudget: 6 }, () => ({ report: report(), engine: withCuda })), shape)?.offloadActivations, true);
+  assert.equal(checkMemory(estimate, placeRun({ gpuMemoryBudget: 6 }, () => ({ report: report(), engine: withCuda })), shape)?.offloadBlockInputs, 2);
   assert.equal(checkMemory(estimate, placeRun({ gpuMemoryBudget: 6.6 }, () => ({ report: report(), engine: withCuda })), shape)?.paged, true);
 });

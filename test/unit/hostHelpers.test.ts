@@ -54,25 +54,27 @@ test('memory fit: on the CPU the peak against the free RAM; on the GPU the train
     categories: { weights: 3 * GiB, adapters: 50 * MiB, gradients: 50 * MiB, optimizer: 100 * MiB, activations: 1 * GiB, workspace: 100 * MiB },
     peakTotal: 3 * GiB + 1300 * MiB,
     optimizerPageBytes: 4 * MiB,
+    activationPageBytes: 128 * MiB,
     offloadableActivationBytes: 512 * MiB,
   };
-  assert.deepEqual(memoryFit(e, { kind: 'cpu', freeBytes: 8 * GiB }), { fits: true, limit: 'the 8,192 MiB free on this machine', paged: false, offloaded: false });
+  const peak = e.peakTotal;
+  assert.deepEqual(memoryFit(e, { kind: 'cpu', freeBytes: 8 * GiB }), { fits: true, limit: 'the 8,192 MiB free on this machine', paged: false, offloaded: 0, peak });
   assert.equal(memoryFit(e, { kind: 'cpu', freeBytes: 4 * GiB }).fits, false);
   const gpu = { kind: 'gpu' as const, name: 'NVIDIA L4', memoryTotal: 24 * GiB, memoryFree: 23 * GiB, budgetGiB: 0, computeDtype: 'bf16' };
-  assert.deepEqual(memoryFit(e, gpu), { fits: true, limit: 'the 22,323 MiB usable on NVIDIA L4', paged: false, offloaded: false });
+  assert.deepEqual(memoryFit(e, gpu), { fits: true, limit: 'the 22,323 MiB usable on NVIDIA L4', paged: false, offloaded: 0, peak });
   // 4.25 GiB: below the peak (so the optimizer pages), above the peak without the optimizer
   const paged = memoryFit(e, { ...gpu, budgetGiB: 4.25 });
-  assert.deepEqual(paged, { fits: true, limit: 'the budget of 4.25 GiB on NVIDIA L4 (qlora.gpuMemoryBudget)', paged: true, offloaded: false });
+  assert.deepEqual(paged, { fits: true, limit: 'the budget of 4.25 GiB on NVIDIA L4 (qlora.gpuMemoryBudget)', paged: true, offloaded: 0, peak });
   assert.equal(hostMemoryUse(paged), ' with the optimizer paging to host memory');
-  // 4 GiB: below that too, so the block inputs move to host memory (and the optimizer fits beside the rest then);
-  // 3.7 GiB: both move; 3.5 GiB is too little even so
-  const offloaded = memoryFit(e, { ...gpu, budgetGiB: 4 });
-  assert.ok(offloaded.fits && !offloaded.paged && offloaded.offloaded);
-  assert.equal(hostMemoryUse(offloaded), ' with the block inputs offloaded to host memory');
+  // 4.15 GiB: 22 MiB below that too, so one block input of 128 MiB moves to host memory, and then the optimizer
+  // fits beside the rest; 3.7 GiB: all four move and the optimizer pages; 3.5 GiB is too little even so
+  const offloaded = memoryFit(e, { ...gpu, budgetGiB: 4.15 });
+  assert.deepEqual([offloaded.fits, offloaded.paged, offloaded.offloaded, offloaded.peak], [true, false, 1, peak - 128 * MiB]);
+  assert.equal(hostMemoryUse(offloaded), ' with 1 block input offloaded to host memory');
   const both = memoryFit(e, { ...gpu, budgetGiB: 3.7 });
-  assert.ok(both.fits && both.paged && both.offloaded);
-  assert.equal(hostMemoryUse(both), ' with the optimizer paging and the block inputs offloaded to host memory');
-  assert.equal(hostMemoryUse({ paged: false, offloaded: false }), '');
+  assert.deepEqual([both.fits, both.paged, both.offloaded], [true, true, 4]);
+  assert.equal(hostMemoryUse(both), ' with the optimizer paging and 4 block inputs offloaded to host memory');
+  assert.equal(hostMemoryUse({ paged: false, offloaded: 0 }), '');
   assert.equal(memoryFit(e, { ...gpu, budgetGiB: 3.5 }).fits, false);
   // the estimate the check asks for: the GPU's buffers in the GPU's dtype
   assert.deepEqual(estimateDeviceArgs(gpu), ['--device', 'cuda', '--dtype', 'bf16']);

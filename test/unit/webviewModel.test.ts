@@ -127,8 +127,8 @@ test('the device a run trains on and the latest GPU sample; older runs without a
   assert.equal(old.gpu, null);
   // what moves to host memory, after the budget in the details (runs from before activations moved say nothing of them)
   assert.equal(hostMemoryNote(device), ', optimizer paged to host memory');
-  assert.equal(hostMemoryNote({ ...device, offloadedActivations: true }), ', optimizer paged and block inputs offloaded to host memory');
-  assert.equal(hostMemoryNote({ ...device, pagedOptimizer: false, offloadedActivations: true }), ', block inputs offloaded to host memory');
+  assert.equal(hostMemoryNote({ ...device, offloadedBlockInputs: 30 }), ', optimizer paged and 30 block inputs offloaded to host memory');
+  assert.equal(hostMemoryNote({ ...device, pagedOptimizer: false, offloadedBlockInputs: 1 }), ', 1 block input offloaded to host memory');
   assert.equal(hostMemoryNote({ ...device, pagedOptimizer: false }), '');
 });
 

@@ -11,6 +11,7 @@ import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
 import { argmax } from '../../generate/sampling';
+import { movableBlockInputs } from '../memoryPlan';
 import { checkMemory, engineOptions, placeRun, placementFromFlags, placementOptions, type Placement, type PlacementOptions } from '../placement';
 
 export const BENCH_SHAPES = ['tiny', '1b', '8b', '70b'] as const;
@@ -26,7 +27,7 @@ export interface BenchOptions {
   placement: PlacementOptions;
   /** Time every GPU kernel and GEMM of the timed steps (CUDA events; a small cost per launch). */
   profile?: boolean;
-  /** Move the checkpointed block inputs to host memory even where the budget does not need it. */
+  /** Move every checkpointed block input that can move to host memory, even where the budget does not need it. */
   offloadActivations?: boolean;
   /** Called after each step (warm-up included) with its index and time, for progress on a terminal. */
   onStep?: (index: number, ms: number, warmup: boolean) => void;
@@ -49,7 +50,7 @@ export interface BenchResult {
   memory_budget: number | null;
   paged_optimizer: boolean;
   /** The checkpointed block inputs moved to host memory between forward and backward (asked for, or the budget's need). */
-  offloaded_activations: boolean;
+  offloaded_block_inputs: number;
   page_bytes: number;
   page_moves: number;
   page_ms: number;
@@ -124,7 +125,7 @@ export function bench(o: BenchOptions): BenchResult {
   const placement = placeRun(o.placement);
   const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank, device: placement.device.kind, computeDtype: engineOptions(placement).computeDtype });
   const plan = checkMemory(estimate, placement, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true, offloadActivations: o.offloadActivations });
-  const offloadActivations = (o.offloadActivations ?? false) || (plan?.offloadActivations ?? false);
+  const offloadBlockInputs = plan ? plan.offloadBlockInputs : o.offloadActivations ? movableBlockInputs(estimate) : 0;
 
   const model = benchModel(o.shape, o.rank, placement);
   try {
@@ -140,7 +141,7 @@ export function bench(o: BenchOptions): BenchResult {
       const ids = randomIds(o.batch * o.seq, config.vocabSize, i);
       const t0 = process.hrtime.bigint();
       model.zeroGrad();
-      const r = model.run({ ids, labels: ids, batch: o.batch, seq: o.seq }, { computeGrads: true, training: true, gradientCheckpointing: true, offloadActivations, seed: 1, step: i + 1 });
+      const r = model.run({ ids, labels: ids, batch: o.batch, seq: o.seq }, { computeGrads: true, training: true, gradientCheckpointing: true, offloadBlockInputs, seed: 1, step: i + 1 });
       model.optimizerStep({ lr: 2e-4 });
       const ms = Number(process.hrtime.bigint() - t0) / 1e6;
       loss = r.loss;
@@ -165,7 +166,7 @@ export function bench(o: BenchOptions): BenchResult {
       device: benchDevice(placement),
       batch: o.batch, seq: o.seq, rank: o.rank, steps: o.steps, warmup: o.warmup,
       tokens_per_s: tokensPerS, step_ms: stepMs, step_ms_min: Math.min(...times), step_ms_max: Math.max(...times),
-      peak_bytes: peakBytes, memory_budget: placement.memoryBudget, paged_optimizer: plan?.paged ?? false, offloaded_activations: offloadActivations,
+      peak_bytes: peakBytes, memory_budget: placement.memoryBudget, paged_optimizer: plan?.paged ?? false, offloaded_block_inputs: offloadBlockInputs,
       page_bytes: pageBytes, page_moves: pageMoves, page_ms: pageMs,
       flops_per_token: flopsPerToken, mfu: peak ? (tokensPerS * flopsPerToken) / peak : null,
       loss, trainable_parameters: model.loraInfo()?.parameters ?? 0, warnings: placement.warnings,
@@ -252,7 +253,7 @@ export function formatBench(r: BenchResult): string {
     `  step          ${r.step_ms.toFixed(1)} ms (min ${r.step_ms_min.toFixed(1)}, max ${r.step_ms_max.toFixed(1)})`,
     `  MFU           ${r.mfu === null ? `unknown (no peak FLOP/s figure for ${r.device.name})` : `${(100 * r.mfu).toFixed(1)}%`} at ${(r.flops_per_token / 1e9).toFixed(2)} GFLOP per token`,
     `  peak memory   ${formatBinaryBytes(r.peak_bytes.total)}${r.memory_budget !== null ? ` of a ${formatBinaryBytes(r.memory_budget)} budget` : ''}` +
-      `${r.paged_optimizer ? ', optimizer paged' : ''}${r.offloaded_activations ? ', block inputs offloaded' : ''}`,
+      `${r.paged_optimizer ? ', optimizer paged' : ''}${r.offloaded_block_inputs > 0 ? `, ${r.offloaded_block_inputs} block inputs offloaded` : ''}`,
     ...MEMORY_CATEGORIES.map((c) => `    ${c.padEnd(12)}${formatBinaryBytes(r.peak_bytes[c]).padStart(12)}`),
     `  paging        ${r.page_moves === 0 ? 'none' : `${r.page_moves} moves, ${formatBinaryBytes(r.page_bytes)} in ${r.page_ms.toFixed(1)} ms`}`,
     `  loss          ${r.loss.toFixed(4)} (random tokens)`,
@@ -278,7 +279,7 @@ export const benchOptions: Record<string, OptionSpec> = {
   'new-tokens': { type: 'string', description: 'with --generate: tokens decoded one by one (default 128)' },
   ...placementOptions,
   profile: { type: 'boolean', description: 'time every GPU kernel and GEMM of the timed steps and print where the time goes (CUDA events)' },
-  'offload-activations': { type: 'boolean', description: 'move the checkpointed block inputs to host memory between forward and backward even where the budget does not need it (it does so by itself where it does)' },
+  'offload-activations': { type: 'boolean', description: 'move the checkpointed block inputs (all but the last two) to host memory between forward and backward even where the budget does not need it (it moves as many as it needs by itself)' },
   json: { type: 'boolean', description: 'print the result as JSON' },
 };
 

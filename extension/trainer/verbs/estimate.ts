@@ -62,8 +62,10 @@ export function formatEstimate(e: EstimateResult): string {
     `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
     ...CATEGORIES.map((k) => `  ${k.padEnd(12)}${mib(e.categories[k])}`),
     `  ${'peak'.padEnd(12)}${mib(e.peakTotal)}`,
-    ...(e.offloadableActivationBytes > 0
-      ? ['', `Under a memory budget below the peak, the optimizer state (${(e.categories.optimizer / 1048576).toFixed(1)} MiB) and then ${(e.offloadableActivationBytes / 1048576).toFixed(1)} MiB of the activations (the checkpointed block inputs) move to host memory.`]
+    // the GPU's budget (--gpu-memory-budget): the CPU has none, and its "host memory" is the same memory
+    ...(o.device === 'cuda' && e.offloadableActivationBytes > 0
+      ? ['', `Under a GPU memory budget below the peak the optimizer state (${(e.categories.optimizer / 1048576).toFixed(1)} MiB) pages to host memory; ` +
+          `below the peak without it, up to ${(e.offloadableActivationBytes / 1048576).toFixed(1)} MiB of the activations (the checkpointed inputs of all but the last two blocks) move there as well.`]
       : []),
   ];
   return lines.join('\n');

@@ -125,10 +125,13 @@ class Backend {
     return false;
   }
   virtual void end_shared_input(const float* /*x*/) {}
-  // The caller's promise that y ([rows, cols]) is written next by cross_entropy (its dlogits) and then read only by
-  // GEMMs, whole, until end_shared_input(y): a backend whose GEMMs round their inputs to 16 bits may then write only
-  // y's 16-bit copy (the bits those GEMMs would make of it) and leave y itself as it was. False where it does not.
-  virtual bool begin_shared_output(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/) { return false; }
+  // The caller's promise that y ([rows, cols]) is written next by cross_entropy (its dlogits) or swiglu_backward
+  // (its dg, or du) and then read only by GEMMs, whole, until end_shared_input(y): a backend whose GEMMs round their
+  // inputs to 16 bits may then write only y's 16-bit copy (the bits those GEMMs would make of it, with room for
+  // lora_columns as begin_shared_input) and leave y itself as it was. False where it does not.
+  virtual bool begin_shared_output(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
+    return false;
+  }
 
   // LoRA's up projection inside the base GEMM. A backend whose GEMMs round their inputs to 16 bits (the GPU under
   // half compute) computes y = x W^T + alpha t B^T as one GEMM over K + lora_fused_columns(R) values ([x | alpha t]
@@ -267,9 +270,10 @@ class SharedGemmInput {
  public:
   SharedGemmInput(Backend* backend, const float* x, int64_t rows, int64_t cols, int64_t lora_columns = 0)
       : backend_(backend), x_(x), open_(backend->begin_shared_input(x, rows, cols, lora_columns)) {}
-  enum WrittenNext { kWrittenNext };
-  SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, WrittenNext)
-      : backend_(backend), x_(y), open_(backend->begin_shared_output(y, rows, cols)) {}
+  enum class WrittenNext { kYes };  // scoped: never taken for a column count
+  static constexpr WrittenNext kWrittenNext = WrittenNext::kYes;
+  SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext)
+      : backend_(backend), x_(y), open_(backend->begin_shared_output(y, rows, cols, lora_columns)) {}
   ~SharedGemmInput() { end(); }
   SharedGemmInput(const SharedGemmInput&) = delete;
   SharedGemmInput& operator=(const SharedGemmInput&) = delete;

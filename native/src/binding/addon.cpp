@@ -269,7 +269,7 @@ class ModelHandle : public Napi::ObjectWrap<ModelHandle> {
     RunOptions ro;
     ro.compute_grads = opt_bool(o, "computeGrads").value_or(false);
     ro.gradient_checkpointing = opt_bool(o, "gradientCheckpointing").value_or(true);
-    ro.offload_activations = opt_bool(o, "offloadActivations").value_or(false);
+    ro.offload_block_inputs = opt_whole(o, "offloadBlockInputs").value_or(0);
     ro.grad_normalizer = opt_number(o, "gradNormalizer").value_or(0);
     ro.training = opt_bool(o, "training").value_or(false);
     ro.seed = static_cast<uint64_t>(opt_number(o, "seed").value_or(0));

@@ -41,6 +41,15 @@ inline std::optional<double> opt_number(const Napi::Object& o, const char* key) 
   return v.As<Napi::Number>().DoubleValue();
 }
 
+// A whole number of 0 or more (a count that may be none).
+inline std::optional<int64_t> opt_whole(const Napi::Object& o, const char* key) {
+  const std::optional<double> v = opt_number(o, key);
+  if (!v) return std::nullopt;
+  if (!(*v >= 0) || *v > 9.0e15 || *v != static_cast<double>(static_cast<int64_t>(*v)))
+    throw Napi::RangeError::New(o.Env(), std::string(key) + " must be a whole number");
+  return static_cast<int64_t>(*v);
+}
+
 inline std::optional<bool> opt_bool(const Napi::Object& o, const char* key) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined() || v.IsNull()) return std::nullopt;

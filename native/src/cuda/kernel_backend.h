@@ -30,7 +30,7 @@
 namespace qlora::cuda {
 
 template <typename Exec>
-class KernelBackend final : public Backend {
+class KernelBackend : public Backend {
  public:
   template <typename... Args>
   explicit KernelBackend(Args&&... args) : exec_(std::forward<Args>(args)...) {}
@@ -115,6 +115,7 @@ class KernelBackend final : public Backend {
     int64_t lda = 0, ldb = 0;
     const uint16_t* a_half = shared_half(A, ta ? K : M, ta ? M : K, &lda);
     if (!a_half) {
+      require_fp32(A, "gemm");
       a16.reset(this, M * K, MemCategory::Workspace);
       exec_.launch("to_half", grid_for(M * K), exec_.threads, kernels::to_half, A, M * K, f16, a16.get());
       a_half = a16.get();
@@ -124,11 +125,13 @@ class KernelBackend final : public Backend {
                                  ? shared_half(static_cast<const float*>(B.data), tb ? N : K, tb ? K : N, &ldb)
                                  : nullptr;
     if (!b_half) {
+      if (B.format == FloatFormat::F32) require_fp32(static_cast<const float*>(B.data), "gemm");
       b16.reset(this, b_count, MemCategory::Workspace);
       convert_stored(B, b_count, half, b16.get());
       b_half = b16.get();
     }
     if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a_half, b_half, beta, C, workspace, workspace_bytes, lda, ldb)) {
+      require_fp32(A, "gemm's fp32 fallback");
       a16.release();
       b16.release();
       exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);  // no half kernel for this shape
@@ -138,13 +141,13 @@ class KernelBackend final : public Backend {
     if (compute_ == GpuCompute::F32 || !x || rows <= 0 || cols <= 0) return false;
     for (const SharedInput& s : shared_)
       if (s.x == x) return false;
-    shared_.push_back(SharedInput{x, rows, cols, cols + std::max<int64_t>(lora_columns, 0), {}, false});
+    shared_.push_back(SharedInput{x, rows, cols, cols + std::max<int64_t>(lora_columns, 0), {}});
     return true;
   }
   // cross_entropy then writes the gradient's 16-bit copy alone; an op that writes y in fp32 instead leaves the copy
   // to be made from it at the first GEMM, as for a shared input.
-  bool begin_shared_output(float* y, int64_t rows, int64_t cols) override {
-    if (!begin_shared_input(y, rows, cols, 0)) return false;
+  bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns) override {
+    if (!begin_shared_input(y, rows, cols, lora_columns)) return false;
     shared_.back().written_next = true;
     return true;
   }
@@ -288,20 +291,19 @@ class KernelBackend final : public Backend {
     if (n > 0) exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, out);
   }
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
-    if (n > 0) exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, dg, du);
+    if (n <= 0) return;
+    // dg and du shared as the outputs they are about to be (begin_shared_output): their 16-bit copies are written
+    const kernels::HalfRows dg16 = written_in_16_bits(dg, n), du16 = written_in_16_bits(du, n);
+    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, dg, du, dg16,
+                 du16, compute_ == GpuCompute::F16);
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                      float* dlogits, double* logprobs) override {
     if (rows <= 0) return;
     // dlogits shared as the output it is about to be (begin_shared_output): its 16-bit copy is written instead
-    uint16_t* dlogits16 = nullptr;
-    for (SharedInput& s : shared_)
-      if (dlogits && s.x == dlogits && s.written_next && s.rows == rows && s.cols == vocab && s.half.empty()) {
-        s.half.reset(this, rows * s.ld, MemCategory::Workspace);
-        dlogits16 = s.half.get();
-      }
+    const kernels::HalfRows dlogits16 = written_in_16_bits(dlogits, rows * vocab);
     exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits, targets, vocab,
-                 grad_scale, dlogits16 ? nullptr : dlogits, dlogits16, compute_ == GpuCompute::F16, logprobs);
+                 grad_scale, dlogits16.data ? nullptr : dlogits, dlogits16, compute_ == GpuCompute::F16, logprobs);
   }
   void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
     if (rows <= 0) return;
@@ -458,6 +460,7 @@ class KernelBackend final : public Backend {
     int64_t shared_ld = 0;
     uint16_t* rows = shared_half(x, M, K, &shared_ld);
     if (!rows || shared_ld != ld) {
+      require_fp32(x, "a fused LoRA GEMM");
       own.reset(this, M * ld, MemCategory::Workspace);
       exec_.launch("to_half_rows", grid_for(M * K), exec_.threads, kernels::to_half_rows, x, M, K, K, 1.0f, f16,
                    own.get(), ld, K);
@@ -505,11 +508,32 @@ class KernelBackend final : public Backend {
     return nullptr;
   }
 
+  // Where an op writes y's 16-bit copy alone: y shared by begin_shared_output as n values, its copy not yet made.
+  // The copy is made here and y marked as held in 16 bits only; {} (no data) where y is not such an output.
+  kernels::HalfRows written_in_16_bits(const float* y, int64_t n) {
+    for (SharedInput& s : shared_)
+      if (y && s.x == y && s.written_next && s.rows * s.cols == n && s.half.empty()) {
+        s.half.reset(this, s.rows * s.ld, MemCategory::Workspace);
+        s.fp32_stale = true;
+        return {s.half.get(), s.cols, s.ld};
+      }
+    return {};
+  }
+  // An op about to read x in fp32: an error where only x's 16-bit copy was written (a caller that broke
+  // begin_shared_output's promise), instead of results from whatever the fp32 buffer held.
+  void require_fp32(const float* x, const char* op) const {
+    for (const SharedInput& s : shared_)
+      if (s.x == x && s.fp32_stale)
+        fail(op, ": reads in fp32 a tensor of ", s.rows, "x", s.cols, " that was written only in 16 bits (shared as an ",
+             "output its GEMMs read whole)");
+  }
+
   struct SharedInput {
     const float* x;
     int64_t rows, cols, ld;  // ld: cols and room for LoRA's columns (gemm_with_lora_up)
     DeviceArray<uint16_t> half;
-    bool written_next;  // begin_shared_output: the next op may write `half` alone
+    bool written_next = false;  // begin_shared_output: the next op may write `half` alone
+    bool fp32_stale = false;    // ... and did: x itself holds what it held before
   };
   std::vector<SharedInput> shared_;  // a few at a time
   Exec exec_;

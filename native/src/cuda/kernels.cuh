@@ -33,6 +33,32 @@ __device__ __forceinline__ T max_of(T a, T b) {
   return a < b ? b : a;
 }
 
+// bf16 for the GEMMs of bf16 compute: each value rounded to nearest even, as torch casts.
+__device__ __forceinline__ uint16_t bf16_bits(float v) {
+#ifdef __CUDACC__
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+#else
+  return f32_to_bf16(v);
+#endif
+}
+
+// fp16 likewise (beyond 65504 it is inf, which the loss scaler sees as an overflow).
+__device__ __forceinline__ uint16_t f16_bits(float v) {
+#ifdef __CUDACC__
+  return __half_as_ushort(__float2half_rn(v));
+#else
+  return f32_to_f16(v);
+#endif
+}
+
+// A matrix of n values as cols-value rows of a 16-bit one whose rows are ld apart (a GEMM input with room for
+// LoRA's columns beside each row): where an op writes its output's 16-bit copy alone.
+struct HalfRows {
+  uint16_t* data = nullptr;
+  int64_t cols = 0, ld = 0;
+  __device__ uint16_t& at(int64_t i) const { return data[i / cols * ld + i % cols]; }
+};
+
 struct SumOp {
   template <typename T>
   __device__ T operator()(T a, T b) const { return a + b; }
@@ -111,12 +137,22 @@ __global__ void swiglu_forward(const float* g, const float* u, int64_t n, float*
 }
 
 // dg may be g and du may be u: each element is read before it is written.
-__global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) {
+// dg and du in fp32, or each (where its HalfRows has data) rounded to 16 bits into its rows.
+__global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du,
+                                HalfRows dg16, HalfRows du16, bool f16) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const float gi = g[i], ui = u[i], di = dout[i];
     const float s = 1.0f / (1.0f + expf(-gi));
-    du[i] = di * gi * s;
-    dg[i] = di * ui * s * (1.0f + gi * (1.0f - s));
+    const float dui = di * gi * s;
+    const float dgi = di * ui * s * (1.0f + gi * (1.0f - s));
+    if (du16.data)
+      du16.at(i) = f16 ? f16_bits(dui) : bf16_bits(dui);
+    else
+      du[i] = dui;
+    if (dg16.data)
+      dg16.at(i) = f16 ? f16_bits(dgi) : bf16_bits(dgi);
+    else
+      dg[i] = dgi;
   }
 }
 
@@ -202,23 +238,6 @@ __global__ void rmsnorm_backward(const float* dy, const float* x, const float* w
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
 }
 
-// bf16 for the GEMMs of bf16 compute: each value rounded to nearest even, as torch casts.
-__device__ __forceinline__ uint16_t bf16_bits(float v) {
-#ifdef __CUDACC__
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-#else
-  return f32_to_bf16(v);
-#endif
-}
-
-// fp16 likewise (beyond 65504 it is inf, which the loss scaler sees as an overflow).
-__device__ __forceinline__ uint16_t f16_bits(float v) {
-#ifdef __CUDACC__
-  return __half_as_ushort(__float2half_rn(v));
-#else
-  return f32_to_f16(v);
-#endif
-}
 
 // log(sum_i exp(row[i])) of one row by the whole block, in double (the max subtracted first).
 __device__ double row_log_sum_exp(const float* row, int64_t n) {
@@ -231,17 +250,17 @@ __device__ double row_log_sum_exp(const float* row, int64_t n) {
 }
 
 // Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
-// logprob[r]; the gradient grad_scale * (softmax - onehot) (optional) into dlogits in fp32, or into dlogits16 rounded
-// to 16 bits (fp16 with f16, else bf16) as a GEMM would round it. The log-sum-exp in double. dlogits may be the
+// logprob[r]; the gradient grad_scale * (softmax - onehot) (optional) into dlogits in fp32, or into dlogits16's rows
+// rounded to 16 bits (fp16 with f16, else bf16) as a GEMM would round it. The log-sum-exp in double. dlogits may be the
 // logits themselves (the model writes the gradient in place): every read of the row that another thread's write
 // could overwrite happens before the reductions' barriers.
 __global__ void cross_entropy(const float* logits, const int32_t* targets, int64_t vocab, double grad_scale,
-                              float* dlogits, uint16_t* dlogits16, bool f16, double* logprob) {
+                              float* dlogits, HalfRows dlogits16, bool f16, double* logprob) {
   const int64_t r = blockIdx.x;
   const int32_t target = targets[r];
   const float* lr = logits + r * vocab;
   float* dr = dlogits ? dlogits + r * vocab : nullptr;
-  uint16_t* dr16 = dlogits16 ? dlogits16 + r * vocab : nullptr;
+  uint16_t* dr16 = dlogits16.data ? dlogits16.data + r * dlogits16.ld : nullptr;
   auto write = [&](int64_t i, float d) {
     if (dr) dr[i] = d;
     if (dr16) dr16[i] = f16 ? f16_bits(d) : bf16_bits(d);

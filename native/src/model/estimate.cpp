@@ -122,17 +122,19 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // without checkpointing, one block's worth with it), then the backward pass's buffers.
   add(Act, (n * h + n) * kF32);        // xf, rstdf
   // Block inputs (HiddenStates): the final hidden state is released after the loss, so backward's peak holds the L
-  // block inputs, or with offloading two (the one in use and the next, prefetched). Under bf16 compute they are
-  // stored in bf16 (widened into two fp32 buffers as blocks read them), unless every block's activations are kept.
+  // block inputs less those offloaded (the lowest k <= L - 2: the last ones come back, prefetched, only after the
+  // top ones are released). Under bf16 compute they are stored in bf16 (widened into two fp32 buffers as blocks read
+  // them), unless every block's activations are kept.
   const bool keep_all = !o.gradient_checkpointing;
   const bool packed = o.cuda && o.compute == GpuCompute::BF16 && !keep_all;
   const int64_t state_bytes = n * h * (packed ? 2 : kF32);
-  const int64_t held_states = o.offload_activations && !keep_all ? std::min<int64_t>(L, 2) : L;
-  add(Act, held_states * state_bytes);
+  const int64_t movable = keep_all ? 0 : std::max<int64_t>(L - 2, 0);
+  const int64_t offloaded = std::clamp<int64_t>(o.offload_block_inputs, 0, movable);
+  add(Act, (L - offloaded) * state_bytes);
   if (packed) add(Act, 2 * n * h * kF32);
   if (o.cuda && o.compute == GpuCompute::BF16 && keep_all) add(Ws, n * h * 2);  // the rounding's 16-bit scratch
   e.activation_page_bytes = state_bytes;
-  e.offloadable_activation_bytes = keep_all ? 0 : (L - std::min<int64_t>(L, 2)) * state_bytes;
+  e.offloadable_activation_bytes = movable * state_bytes;
   const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads + n * inter * 3 +
                         targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);

@@ -25,9 +25,9 @@ struct EstimateOptions {
   bool quantize_nf4 = true;
   bool stored_4bit = false;
   bool gradient_checkpointing = true;
-  // RunOptions::offload_activations (with checkpointing): the block inputs move to host memory between their
-  // forward and their backward.
-  bool offload_activations = false;
+  // RunOptions::offload_block_inputs (with checkpointing): the inputs of the lowest blocks move to host memory
+  // between their forward and their backward (at most L - 2 of them count).
+  int64_t offload_block_inputs = 0;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
   // On the CUDA backend: its GEMM workspace and the attention backward's row dots (cuda/kernel_backend.h) too,
   // and the converted copies of the largest GEMM's inputs that the compute dtype asks for.
@@ -38,14 +38,15 @@ struct EstimateOptions {
 struct MemoryEstimate {
   // Peak bytes per category over a training step (run with gradients, then the optimizer update): weights,
   // adapters, gradients and optimizer are constant; activations and workspace peak as the backward pass starts (at
-  // the model's last block), when every buffer of the run is held at once.
+  // the model's last block), when every buffer of the run is held at once (of the block inputs, those not offloaded).
   std::array<int64_t, static_cast<size_t>(MemCategory::Count)> bytes{};
   int64_t peak_total = 0;       // all categories at once (each peaks as backward starts)
   int64_t lora_parameters = 0;  // A and B elements over all layers and targets
   // The paged optimizer's page: AdamW's two moments of one layer's LoRA parameters (0 without the optimizer).
   int64_t optimizer_page_bytes = 0;
-  // One checkpointed block input (an activation page), and how much less a step holds with offload_activations
-  // (0 without checkpointing); the estimate's own figures are with or without it as the options say.
+  // One checkpointed block input (an activation page), and how much less a step holds with every block input that
+  // can move offloaded (L - 2 of them; 0 without checkpointing); the estimate's own figures are with the options'
+  // offload_block_inputs.
   int64_t activation_page_bytes = 0;
   int64_t offloadable_activation_bytes = 0;
 

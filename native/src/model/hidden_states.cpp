@@ -1,5 +1,6 @@
 #include "model/hidden_states.h"
 
+#include <algorithm>
 #include <exception>
 #include <string>
 
@@ -19,16 +20,16 @@ HiddenStates::HiddenStates(Backend* backend, const HiddenStatesOptions& o, std::
       format_(o.format),
       packed_(o.format != FloatFormat::F32 && !o.keep_fp32),
       // the saved activations of every block point at their inputs: nothing of those can move
-      offload_(o.offload && !o.keep_fp32),
+      offload_(o.keep_fp32 ? 0 : std::clamp<int64_t>(o.offload, 0, std::max<int64_t>(o.count - 3, 0))),
       host_(host),
       states_(static_cast<size_t>(o.count)) {
-  QLORA_CHECK(!offload_ || host_, "offloaded hidden states need host buffers");
+  QLORA_CHECK(offload_ == 0 || host_, "offloaded hidden states need host buffers");
   if (packed_) {
     for (auto& w : wide_) w.reset(backend, size_, MemCategory::Activations);
   } else if (format_ != FloatFormat::F32) {
     rounding_.reset(backend, size_, MemCategory::Workspace);
   }
-  if (offload_ && static_cast<int64_t>(host_->size()) < count_) host_->resize(static_cast<size_t>(count_));
+  if (offload_ > 0 && static_cast<int64_t>(host_->size()) < offload_) host_->resize(static_cast<size_t>(offload_));
 }
 
 HiddenStates::~HiddenStates() {
@@ -53,7 +54,10 @@ void HiddenStates::allocate(State& s) {
 
 void* HiddenStates::host_of(int64_t l) {
   HostBuffer& h = (*host_)[static_cast<size_t>(l)];
-  h.ensure(backend_, static_cast<size_t>(state_bytes()));
+  // a quarter more than this run needs: micro-batches padded to their longest example grow a little at a time, and
+  // page-locking anew (and the GPU stall of unlocking) at each new longest would cost more than the slack
+  const auto bytes = static_cast<size_t>(state_bytes());
+  if (h.bytes() < bytes) h.ensure(backend_, bytes + bytes / 4);
   return h.get();
 }
 

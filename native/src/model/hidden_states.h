@@ -8,10 +8,10 @@
 // state just written; in backward each checkpointed input in turn). keep_fp32 (training without checkpointing, where
 // each block's saved activations point at their input until backward) rounds each state but keeps it in fp32.
 //
-// Offloading (training with checkpointing under a tight memory budget): every checkpointed input but the last one
-// starts moving to host memory as soon as it is committed, on the copy stream while the next block computes, and
-// its device memory is freed at the next commit; backward brings each one back a block ahead of its use (prefetch)
-// where the budget has room, else when it is needed. Each move is a page event ("model.layers.7.input").
+// Offloading (training with checkpointing under a tight memory budget): the lowest checkpointed inputs (up to all but
+// the last two) start moving to host memory as soon as they are committed, on the copy stream while the next block
+// computes, and their device memory is freed at the next commit; backward brings each one back a block ahead of its
+// use (prefetch) where the budget has room, else when it is needed. Each move is a page event ("model.layers.7.input").
 #pragma once
 #include <array>
 #include <cstdint>
@@ -29,7 +29,7 @@ struct HiddenStatesOptions {
   int64_t size = 0;   // floats in each: rows x hidden size
   FloatFormat format = FloatFormat::F32;
   bool keep_fp32 = false;
-  bool offload = false;
+  int64_t offload = 0;  // the lowest states to move out (see offloaded_below)
 };
 
 class HiddenStates {
@@ -52,8 +52,9 @@ class HiddenStates {
   void prefetch(int64_t l);
   // The run needs state l no more: its device memory is freed.
   void release(int64_t l);
-  // States offloaded from the forward pass: 0..offloaded_below()-1 (the last block's input and the final state stay).
-  int64_t offloaded_below() const { return offload_ ? count_ - 2 : 0; }
+  // States offloaded from the forward pass: 0..offloaded_below()-1, at most all but the last two blocks' inputs and
+  // the final state (backward needs the last two at once, so moving the second-last out would only bring it back).
+  int64_t offloaded_below() const { return offload_; }
 
  private:
   enum class Where { Absent, Resident, Outgoing, Out, Incoming };
@@ -76,7 +77,7 @@ class HiddenStates {
   int64_t size_;
   FloatFormat format_;
   bool packed_;
-  bool offload_;
+  int64_t offload_;
   std::vector<HostBuffer>* host_;
   std::vector<State> states_;
   DeviceArray<uint16_t> rounding_;  // keep_fp32 with a 16-bit format: round_through_16's scratch

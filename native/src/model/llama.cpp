@@ -371,6 +371,12 @@ int64_t LlamaModel::fused_lora_columns(int64_t layer, Module m, const LoraAdapte
   return backend_->lora_fused_columns(adapter->config().rank);
 }
 
+int64_t LlamaModel::dy_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
+                                    const RunOptions& opt) const {
+  const bool drop = adapter && opt.training && adapter->config().dropout > 0.0;
+  return drop ? 0 : fused_lora_columns(layer, m, adapter, rows, opt);
+}
+
 const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows,
                                        float* lora_t, Workspace& ws, const RunOptions& opt) {
   const LoraParam* p = adapter && opt.lora_scale != 0.0 ? adapter->param(layer, m) : nullptr;
@@ -395,7 +401,7 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   const bool drop = p && opt.training && adapter->config().dropout > 0.0;
   // Without dropout (whose mask applies to LoRA's term alone) a fusing backend computes dx = [dy | dt] [W ; A] in one
   // GEMM, last, with dy's 16-bit copy shared by the four GEMMs that read dy.
-  const int64_t lora_columns = drop ? 0 : fused_lora_columns(layer, m, adapter, rows, opt);
+  const int64_t lora_columns = dy_lora_columns(layer, m, adapter, rows, opt);
   // dx = dy W (+ LoRA's term). Accumulating, the base term goes first, as it always has; otherwise last, so that dx
   // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
   // and LoRA terms are added once, in either order.
@@ -500,10 +506,16 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
   // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards)
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt);
-  backend_->swiglu_backward(a.m.get(), a.g.get(), a.u.get(), n * c.intermediate_size, a.g.get(), a.u.get());
+  // dg is read by gate's GEMMs alone: a backend whose GEMMs round it to 16 bits writes it so (du too would hold two
+  // such copies at once beside xn2's, a higher peak; it is converted for up's GEMMs after dg's copy is gone)
+  const int64_t inter = c.intermediate_size;
+  SharedGemmInput dg(backend_, a.g.get(), n, inter, dy_lora_columns(layer, Module::Gate, adapter, n, opt),
+                     SharedGemmInput::kWrittenNext);
+  backend_->swiglu_backward(a.m.get(), a.g.get(), a.u.get(), n * inter, a.g.get(), a.u.get());
   SharedGemmInput shared_xn2(backend_, a.xn2.get(), n, c.hidden_size);  // gate's and up's dA
   linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), a.g.get(), n, ws.dxn.get(), false, ws,
                   opt);
+  dg.end();
   linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), a.u.get(), n, ws.dxn.get(), true, ws, opt);
   shared_xn2.end();
   backend_->rmsnorm_backward(ws.dxn.get(), a.h.get(), lw.mlp_norm.get(), a.rstd2.get(), n, c.hidden_size,
@@ -556,7 +568,8 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
     if (log_softmax) backend_->log_softmax_rows(ws.logits.get(), rc, c.vocab_size, log_softmax + r0 * c.vocab_size);
     // The gradient of the logits overwrites the logits in place (each row is read before it is written); its one
     // reader is the GEMM below, so a backend whose GEMMs round it to 16 bits may write it in 16 bits alone.
-    SharedGemmInput gradient(backend_, ws.logits.get(), dx_final ? rc : 0, c.vocab_size, SharedGemmInput::kWrittenNext);
+    SharedGemmInput gradient(backend_, ws.logits.get(), dx_final ? rc : 0, c.vocab_size, 0,
+                             SharedGemmInput::kWrittenNext);
     backend_->cross_entropy(ws.logits.get(), ws.targets.get() + r0, rc, c.vocab_size, grad_scale,
                             dx_final ? ws.logits.get() : nullptr, ws.logprobs.get() + r0);
     if (dx_final)
@@ -642,7 +655,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   so.size = n * c.hidden_size;
   so.format = be->hidden_state_format();
   so.keep_fp32 = keep_all;
-  so.offload = opt.offload_activations && opt.compute_grads;
+  so.offload = opt.compute_grads ? opt.offload_block_inputs : 0;
   HiddenStates states(be, so, &state_host_);
   be->embedding(ids, n, embed_.view(), c.hidden_size, states.output(0));
   states.commit(0);

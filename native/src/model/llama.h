@@ -57,9 +57,10 @@ struct LoadOptions {
 struct RunOptions {
   bool compute_grads = false;
   bool gradient_checkpointing = true;  // keep only each block's input; recompute the block in backward
-  // With gradients and checkpointing: the kept block inputs move to host memory as forward writes them and come
-  // back as backward reaches them (each move a page event), so that a step holds two of them instead of all.
-  bool offload_activations = false;
+  // With gradients and checkpointing: the inputs of blocks 0..k-1 move to host memory as forward writes them and
+  // come back as backward reaches them (each move a page event), so that a step holds L - k of the L block inputs.
+  // At most L - 2 can help (backward starts on the last two at once); more is taken as that many.
+  int64_t offload_block_inputs = 0;
   double grad_normalizer = 0.0;        // gradients are of sum(loss)/normalizer; 0 means the labelled count
   bool training = false;               // LoRA dropout on
   uint64_t seed = 0;                   // dropout stream key
@@ -150,6 +151,10 @@ class LlamaModel {
   // lora_fused_columns of the adapter's rank where this linear's LoRA up projection goes into its base GEMM, else 0.
   int64_t fused_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
                              const RunOptions& opt) const;
+  // The LoRA columns beside the output gradient's 16-bit copy in linear_backward: fused_lora_columns where the input
+  // gradient's base and LoRA terms are one GEMM (never under LoRA dropout, whose mask applies to LoRA's term alone).
+  int64_t dy_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
+                          const RunOptions& opt) const;
   const float* block_constants(const FrozenLinear& w, Workspace& ws);
   StoredMatrix lm_head_weight() const { return lm_head_.empty() ? embed_.view() : lm_head_.view(); }
   void reserve(KvCache& cache, int64_t needed) const;
