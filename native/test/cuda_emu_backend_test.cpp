@@ -136,18 +136,20 @@ GpuCompute half_compute(bool f16) { return f16 ? GpuCompute::F16 : GpuCompute::B
 uint16_t half_bits(bool f16, float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); }
 float half_value(bool f16, uint16_t bits) { return f16 ? f16_to_f32(bits) : bf16_to_f32(bits); }
 
-// The reference model quantized on load, with a fresh rank-4 adapter, on `backend`.
+// The reference model quantized on load (or dense), with a fresh rank-4 adapter of LoRA dropout `dropout`, on
+// `backend`.
 struct QuantizedWithAdapter {
   std::unique_ptr<LlamaModel> model;
   std::unique_ptr<LoraAdapter> adapter;
 };
-QuantizedWithAdapter quantized_with_adapter(Backend* backend) {
+QuantizedWithAdapter quantized_with_adapter(Backend* backend, double dropout = 0.0, bool quantize = true) {
   LoadOptions lo;
-  lo.quantize_nf4 = true;
+  lo.quantize_nf4 = quantize;
   QuantizedWithAdapter q;
   q.model = LlamaModel::load(backend, qtest::reference("llama-shared"), lo);
   LoraConfig lc;
   lc.rank = 4;
+  lc.dropout = dropout;
   q.adapter = LoraAdapter::create(backend, q.model->config(), lc, 7);
   return q;
 }
@@ -363,13 +365,7 @@ TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_s
             fp32_outputs ? std::make_unique<AllOutputsInFp32>() : std::make_unique<EmulatedBackend>(32);
         backend->exec().compute_capability = 90;
         backend->set_compute(half_compute(f16));
-        LoadOptions lo;
-        lo.quantize_nf4 = true;
-        auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
-        LoraConfig lc;
-        lc.rank = 4;
-        lc.dropout = dropout;
-        auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+        auto [model, adapter] = quantized_with_adapter(backend.get(), dropout);
         RunOptions ro;
         ro.compute_grads = true;
         ro.training = true;
@@ -541,13 +537,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
         std::tuple{true, false, 0.1, false}, std::tuple{true, false, 0.0, false}, std::tuple{true, true, 0.0, true},
         std::tuple{false, true, 0.1, true}}) {
     auto backend = emulated_in(bf16 ? GpuCompute::BF16 : GpuCompute::F32);
-    LoadOptions lo;
-    lo.quantize_nf4 = nf4;
-    auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
-    LoraConfig lc;
-    lc.rank = 4;
-    lc.dropout = dropout;
-    auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+    auto [model, adapter] = quantized_with_adapter(backend.get(), dropout, nf4);
     const int64_t batch = 2, seq = 7;
     std::vector<int32_t> ids(static_cast<size_t>(batch * seq));
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37 + 5) % 200);

@@ -51,6 +51,9 @@ __device__ __forceinline__ uint16_t f16_bits(float v) {
 #endif
 }
 
+// v in half compute's 16-bit type: fp16 with f16, else bf16.
+__device__ __forceinline__ uint16_t half_bits(bool f16, float v) { return f16 ? f16_bits(v) : bf16_bits(v); }
+
 // A matrix of n values as cols-value rows of a 16-bit one whose rows are ld apart (a GEMM input with room for
 // LoRA's columns beside each row): where an op writes its output's 16-bit copy alone.
 struct HalfRows {
@@ -146,11 +149,11 @@ __global__ void swiglu_backward(const float* dout, const float* g, const float* 
     const float dui = di * gi * s;
     const float dgi = di * ui * s * (1.0f + gi * (1.0f - s));
     if (du16.data)
-      du16.at(i) = f16 ? f16_bits(dui) : bf16_bits(dui);
+      du16.at(i) = half_bits(f16, dui);
     else
       du[i] = dui;
     if (dg16.data)
-      dg16.at(i) = f16 ? f16_bits(dgi) : bf16_bits(dgi);
+      dg16.at(i) = half_bits(f16, dgi);
     else
       dg[i] = dgi;
   }
@@ -263,7 +266,7 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
   uint16_t* dr16 = dlogits16.data ? dlogits16.data + r * dlogits16.ld : nullptr;
   auto write = [&](int64_t i, float d) {
     if (dr) dr[i] = d;
-    if (dr16) dr16[i] = f16 ? f16_bits(d) : bf16_bits(d);
+    if (dr16) dr16[i] = half_bits(f16, d);
   };
   // the whole block takes this branch: no barrier is skipped by some threads only
   if (target == kIgnoreIndex || target < 0 || target >= vocab) {  // outside the vocabulary: a NaN log-prob
@@ -473,7 +476,7 @@ __global__ void attention_backward_dkv(const float* dout, const float* q, const 
 
 // x rounded to a 16-bit type: bf16 (to_f16 false) or fp16.
 __global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {
-  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = to_f16 ? f16_bits(x[i]) : bf16_bits(x[i]);
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) out[i] = half_bits(to_f16, x[i]);
 }
 
 // Rows of cols values of x (x_ld apart) times scale, rounded to 16 bits into rows out_ld apart, each row's columns
@@ -484,7 +487,7 @@ __global__ void to_half_rows(const float* x, int64_t rows, int64_t cols, int64_t
   for (int64_t i = global_thread(); i < rows * out_cols; i += grid_threads()) {
     const int64_t r = i / out_cols, c = i % out_cols;
     const float v = c < cols ? x[r * x_ld + c] * scale : 0.0f;
-    out[r * out_ld + c] = to_f16 ? f16_bits(v) : bf16_bits(v);
+    out[r * out_ld + c] = half_bits(to_f16, v);
   }
 }
 
@@ -492,7 +495,7 @@ __global__ void to_half_rows(const float* x, int64_t rows, int64_t cols, int64_t
 __global__ void half_to_half(const uint16_t* x, int64_t n, int format, bool to_f16, uint16_t* out) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const float v = widen_bits(x[i], format);
-    out[i] = to_f16 ? f16_bits(v) : bf16_bits(v);
+    out[i] = half_bits(to_f16, v);
   }
 }
 
@@ -546,7 +549,7 @@ __global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, in
   for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
     for (int64_t k = i; k < i + 2 && k < n; ++k) {
       const float v = nf4_weight(packed, absmax, k, blocksize, round_to);
-      out[k / row_len * row_stride + k % row_len] = to_f16 ? f16_bits(v) : bf16_bits(v);
+      out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, v);
     }
 }
 
