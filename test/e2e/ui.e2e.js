@@ -225,13 +225,14 @@ async function setTheme(label, cls) {
     });
 
     started && await step('New Finetune previewed the dataset: histogram against the max length, trained text marked', async () => {
-      // the preview is a script-less webview; its document is one of the page's frames
+      // the preview is a script-less webview; its document is one of the page's frames. The run just started trains
+      // on the same two cores meanwhile: CI once saw the preview's frame take more than 30 s to render
       const frame = await waitFor('the dataset preview (svg.histogram)', async () => {
         for (const f of page.frames()) {
           if (await f.evaluate(() => !!document.querySelector('svg.histogram')).catch(() => false)) return f;
         }
         return undefined;
-      }, 30000);
+      }, 60000);
       const d = await frame.evaluate(() => ({
         shape: document.body.dataset.shape, rows: document.body.dataset.rows,
         bars: document.querySelectorAll('svg.histogram rect.bar').length,
