@@ -303,7 +303,7 @@ class KernelBackend : public Backend {
     // dlogits shared as the output it is about to be (begin_shared_output): its 16-bit copy is written instead
     const kernels::HalfRows dlogits16 = written_in_16_bits(dlogits, rows * vocab);
     exec_.launch("cross_entropy", row_grid(rows), exec_.threads, kernels::cross_entropy, logits, targets, vocab,
-                 grad_scale, dlogits16.data ? nullptr : dlogits, dlogits16, compute_ == GpuCompute::F16, logprobs);
+                 grad_scale, dlogits, dlogits16, compute_ == GpuCompute::F16, logprobs);
   }
   void log_softmax_rows(const float* logits, int64_t rows, int64_t vocab, float* host_out) override {
     if (rows <= 0) return;
@@ -524,8 +524,8 @@ class KernelBackend : public Backend {
   void require_fp32(const float* x, const char* op) const {
     for (const SharedInput& s : shared_)
       if (s.x == x && s.fp32_stale)
-        fail(op, ": reads in fp32 a tensor of ", s.rows, "x", s.cols, " that was written only in 16 bits (shared as an ",
-             "output its GEMMs read whole)");
+        fail(op, ": reads in fp32 a tensor of ", s.rows, "x", s.cols,
+             " that was written only in 16 bits (shared as an output its GEMMs read whole)");
   }
 
   struct SharedInput {

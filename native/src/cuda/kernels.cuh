@@ -241,7 +241,6 @@ __global__ void rmsnorm_backward(const float* dy, const float* x, const float* w
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
 }
 
-
 // log(sum_i exp(row[i])) of one row by the whole block, in double (the max subtracted first).
 __device__ double row_log_sum_exp(const float* row, int64_t n) {
   double m = -INFINITY;
@@ -253,9 +252,9 @@ __device__ double row_log_sum_exp(const float* row, int64_t n) {
 }
 
 // Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
-// logprob[r]; the gradient grad_scale * (softmax - onehot) (optional) into dlogits in fp32, or into dlogits16's rows
-// rounded to 16 bits (fp16 with f16, else bf16) as a GEMM would round it. The log-sum-exp in double. dlogits may be the
-// logits themselves (the model writes the gradient in place): every read of the row that another thread's write
+// logprob[r]; the gradient grad_scale * (softmax - onehot) (optional) into dlogits16's rows where it has data,
+// rounded to 16 bits (fp16 with f16, else bf16) as a GEMM would round it, else into dlogits in fp32. The log-sum-exp
+// in double. dlogits may be the logits themselves (the model writes the gradient in place): every read of the row that another thread's write
 // could overwrite happens before the reductions' barriers.
 __global__ void cross_entropy(const float* logits, const int32_t* targets, int64_t vocab, double grad_scale,
                               float* dlogits, HalfRows dlogits16, bool f16, double* logprob) {
@@ -265,8 +264,10 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
   float* dr = dlogits ? dlogits + r * vocab : nullptr;
   uint16_t* dr16 = dlogits16.data ? dlogits16.data + r * dlogits16.ld : nullptr;
   auto write = [&](int64_t i, float d) {
-    if (dr) dr[i] = d;
-    if (dr16) dr16[i] = half_bits(f16, d);
+    if (dr16)
+      dr16[i] = half_bits(f16, d);
+    else
+      dr[i] = d;
   };
   // the whole block takes this branch: no barrier is skipped by some threads only
   if (target == kIgnoreIndex || target < 0 || target >= vocab) {  // outside the vocabulary: a NaN log-prob
@@ -472,7 +473,6 @@ __global__ void attention_backward_dkv(const float* dout, const float* q, const 
     }
   }
 }
-
 
 // x rounded to a 16-bit type: bf16 (to_f16 false) or fp16.
 __global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {

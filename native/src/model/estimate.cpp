@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <set>
 
+#include "model/hidden_states.h"
 #include "model/llama.h"
 #include "util/error.h"
 
@@ -128,7 +129,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   const bool keep_all = !o.gradient_checkpointing;
   const bool packed = o.cuda && o.compute == GpuCompute::BF16 && !keep_all;
   const int64_t state_bytes = n * h * (packed ? 2 : kF32);
-  const int64_t movable = keep_all ? 0 : std::max<int64_t>(L - 2, 0);
+  const int64_t movable = keep_all ? 0 : movable_block_inputs(L);
   const int64_t offloaded = std::clamp<int64_t>(o.offload_block_inputs, 0, movable);
   add(Act, (L - offloaded) * state_bytes);
   if (packed) add(Act, 2 * n * h * kF32);

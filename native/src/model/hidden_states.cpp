@@ -20,7 +20,7 @@ HiddenStates::HiddenStates(Backend* backend, const HiddenStatesOptions& o, std::
       format_(o.format),
       packed_(o.format != FloatFormat::F32 && !o.keep_fp32),
       // the saved activations of every block point at their inputs: nothing of those can move
-      offload_(o.keep_fp32 ? 0 : std::clamp<int64_t>(o.offload, 0, std::max<int64_t>(o.count - 3, 0))),
+      offload_(o.keep_fp32 ? 0 : std::clamp<int64_t>(o.offload, 0, movable_block_inputs(o.count - 1))),
       host_(host),
       states_(static_cast<size_t>(o.count)) {
   QLORA_CHECK(offload_ == 0 || host_, "offloaded hidden states need host buffers");

@@ -24,6 +24,10 @@ namespace qlora {
 // x (n fp32 values) rounded in place to `format` (BF16 or F16), through its 16-bit bits in `bits`.
 void round_through_16(Backend* backend, float* x, int64_t n, FloatFormat format, uint16_t* bits);
 
+// How many of a model's `layers` block inputs offloading can move: all but the last two (backward starts on both at
+// once, so moving the second-last out would only bring it straight back).
+inline int64_t movable_block_inputs(int64_t layers) { return layers > 2 ? layers - 2 : 0; }
+
 struct HiddenStatesOptions {
   int64_t count = 0;  // states: layers + 1
   int64_t size = 0;   // floats in each: rows x hidden size
@@ -52,8 +56,7 @@ class HiddenStates {
   void prefetch(int64_t l);
   // The run needs state l no more: its device memory is freed.
   void release(int64_t l);
-  // States offloaded from the forward pass: 0..offloaded_below()-1, at most all but the last two blocks' inputs and
-  // the final state (backward needs the last two at once, so moving the second-last out would only bring it back).
+  // States offloaded from the forward pass: 0..offloaded_below()-1 (at most movable_block_inputs of the model).
   int64_t offloaded_below() const { return offload_; }
 
  private:

@@ -66,7 +66,6 @@ namespace {
 
 constexpr int32_t kIgnoreLabel = -100;  // transformers' ignore_index
 
-
 FloatFormat round_to_for_dtype(const std::string& dtype, const std::string& context) {
   if (dtype == "float32") return FloatFormat::F32;
   if (dtype == "bfloat16") return FloatFormat::BF16;

@@ -60,7 +60,8 @@ float* OptimizerPages::host_floats(Page& page) { return static_cast<float*>(page
 void OptimizerPages::page_out(Page& page) {
   ensure_host(page);
   const int64_t bytes = page.floats * static_cast<int64_t>(sizeof(float));
-  const int64_t ticket = backend_->begin_page_copy(page.host.get(), page.device.get(), static_cast<size_t>(bytes), PageDir::Out);
+  const int64_t ticket =
+      backend_->begin_page_copy(page.host.get(), page.device.get(), static_cast<size_t>(bytes), PageDir::Out);
   const double ms = backend_->finish_page_copy(ticket);  // the device memory is reused as soon as it is freed
   page.device.release();
   page.state = State::Out;
