@@ -347,25 +347,35 @@ TEST(cuda_backend_loss_gradient_written_in_16_bits_alone_gives_the_gemm_the_same
   }
 }
 
-// A training step of the NF4 model in bf16 and fp16, LoRA dropout on and off, with the outputs whose only readers
-// are GEMMs written in 16 bits alone (the loss's gradient, SwiGLU's dg) and with every output in fp32: the same loss
-// and gradients bit for bit.
+// A training step of the NF4 model in bf16 and fp16, LoRA dropout on and off, and a forward without gradients, with
+// the outputs whose only readers are GEMMs written in 16 bits alone (the loss's gradient, SwiGLU's dg, and in a
+// forward that backward does not read again the normed inputs and SwiGLU's output) and with every output written in
+// fp32 (shared the same way, its copy made at its first GEMM): the same loss, gradients and log-probs bit for bit.
 TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_step) {
   struct AllOutputsInFp32 : EmulatedBackend {
     AllOutputsInFp32() : EmulatedBackend(32) {}
-    bool begin_shared_output(float*, int64_t, int64_t, int64_t) override { return false; }
+    bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns) override {
+      return begin_shared_input(y, rows, cols, lora_columns);
+    }
   };
   for (bool f16 : {false, true})
     for (double dropout : {0.0, 0.1}) {
       std::vector<double> losses;
       std::vector<std::vector<float>> grads[2];
-      int64_t conversions[2] = {};
+      std::vector<double> logprobs[2];
+      int64_t conversions[2] = {}, forward_conversions[2] = {};
       for (int fp32_outputs = 0; fp32_outputs < 2; ++fp32_outputs) {
         std::unique_ptr<EmulatedBackend> backend =
             fp32_outputs ? std::make_unique<AllOutputsInFp32>() : std::make_unique<EmulatedBackend>(32);
         backend->exec().compute_capability = 90;
         backend->set_compute(half_compute(f16));
         auto [model, adapter] = quantized_with_adapter(backend.get(), dropout);
+        auto count_conversions = [&]() {
+          int64_t count = 0;
+          for (const OpTime& t : backend->take_profile())
+            if (t.op == "to_half" || t.op == "to_half_rows") count += t.calls;
+          return count;
+        };
         RunOptions ro;
         ro.compute_grads = true;
         ro.training = true;
@@ -373,16 +383,21 @@ TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_s
         const std::vector<int32_t>& ids = qtest::reference_ids();
         backend->set_profiling(true);
         losses.push_back(model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum);
-        for (const OpTime& t : backend->take_profile())
-          if (t.op == "to_half" || t.op == "to_half_rows") conversions[fp32_outputs] += t.calls;
+        conversions[fp32_outputs] = count_conversions();
         for (auto& [p, g] : adapter->parameters_and_grads()) grads[fp32_outputs].push_back(g->download());
+        RunOptions eval;
+        eval.want_logprobs = true;
+        logprobs[fp32_outputs] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), eval).logprobs;
+        forward_conversions[fp32_outputs] = count_conversions();
       }
-      // per layer dg's conversion (under dropout two: gate's base term, last, converted it again after the early end
-      // of dy's share), and the loss gradient's (one chunk)
-      EXPECT_EQ(conversions[0], conversions[1] - 2 * (dropout > 0.0 ? 2 : 1) - 1);
+      // per layer (two) dg's conversion, and without dropout the first forward's normed inputs and SwiGLU's output;
+      // the loss gradient's (one chunk)
+      EXPECT_EQ(conversions[0], conversions[1] - 2 * (dropout > 0.0 ? 1 : 4) - 1);
+      EXPECT_EQ(forward_conversions[0], forward_conversions[1] - 2 * 3);
       EXPECT_EQ(losses[0], losses[1]);
       for (size_t i = 0; i < grads[0].size(); ++i)
         EXPECT_TRUE(grads[0][i] == grads[1][i], "f16 ", f16, " dropout ", dropout, ": gradient ", i, " differs");
+      EXPECT_TRUE(logprobs[0] == logprobs[1], "f16 ", f16, " dropout ", dropout, ": log-probs differ");
     }
 }
 

@@ -116,19 +116,21 @@ class Backend {
   // gemm with B a frozen weight as stored (A and C fp32): the numbers of gemm with B widened to fp32.
   virtual void gemm_stored(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                            StoredMatrix B, float beta, float* C) = 0;
-  // The caller's promise that x ([rows, cols] floats) is not written until end_shared_input(x): meanwhile a backend
-  // whose GEMMs round their fp32 operands to 16 bits (the GPU under half compute) rounds x once for every GEMM that
-  // reads it whole, as A or as B, instead of once per GEMM (the same bits). lora_columns: lora_fused_columns of the
-  // adapter's rank where gemm_with_lora_up will read x (its copy then has room for them). False where x is shared
-  // already (or sharing buys nothing); then no end is due. Use SharedGemmInput.
+  // The caller's promise that x ([rows, cols] floats) is not written from the first GEMM that reads it until
+  // end_shared_input(x): meanwhile a backend whose GEMMs round their fp32 operands to 16 bits (the GPU under half
+  // compute) rounds x once, at that first GEMM, for every GEMM that reads it whole, as A or as B, instead of once per
+  // GEMM (the same bits). lora_columns: lora_fused_columns of the adapter's rank where gemm_with_lora_up will read x
+  // (its copy then has room for them). False where x is shared already (or sharing buys nothing); then no end is due.
+  // Use SharedGemmInput.
   virtual bool begin_shared_input(const float* /*x*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
     return false;
   }
   virtual void end_shared_input(const float* /*x*/) {}
-  // The caller's promise that y ([rows, cols]) is written next by cross_entropy (its dlogits) or swiglu_backward
-  // (its dg, or du) and then read only by GEMMs, whole, until end_shared_input(y): a backend whose GEMMs round their
-  // inputs to 16 bits may then write only y's 16-bit copy (the bits those GEMMs would make of it, with room for
-  // lora_columns as begin_shared_input) and leave y itself as it was. False where it does not.
+  // The caller's promise that y ([rows, cols]) is written next by rmsnorm_forward (its y), swiglu_forward (its out),
+  // cross_entropy (its dlogits) or swiglu_backward (its dg, or du) and then read only by GEMMs, whole, until
+  // end_shared_input(y): a backend whose GEMMs round their inputs to 16 bits may then write only y's 16-bit copy (the
+  // bits those GEMMs would make of it, with room for lora_columns as begin_shared_input) and leave y itself as it
+  // was. False where it does not.
   virtual bool begin_shared_output(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
     return false;
   }
@@ -275,8 +277,12 @@ class SharedGemmInput {
   SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext)
       : backend_(backend), x_(y), open_(backend->begin_shared_output(y, rows, cols, lora_columns)) {}
   ~SharedGemmInput() { end(); }
+  SharedGemmInput(SharedGemmInput&& other) noexcept : backend_(other.backend_), x_(other.x_), open_(other.open_) {
+    other.open_ = false;
+  }
   SharedGemmInput(const SharedGemmInput&) = delete;
   SharedGemmInput& operator=(const SharedGemmInput&) = delete;
+  SharedGemmInput& operator=(SharedGemmInput&&) = delete;
   void end() {
     if (open_) backend_->end_shared_input(x_);
     open_ = false;

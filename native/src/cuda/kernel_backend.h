@@ -217,7 +217,11 @@ class KernelBackend : public Backend {
   }
   void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
                        float* rstd) override {
-    if (rows > 0) exec_.launch("rmsnorm_forward", row_grid(rows), exec_.threads, kernels::rmsnorm_forward, x, w, dim, eps, y, rstd);
+    if (rows <= 0) return;
+    // y shared as the output it is about to be (begin_shared_output): its 16-bit copy is written instead
+    const kernels::HalfRows y16 = written_in_16_bits(y, rows * dim);
+    exec_.launch("rmsnorm_forward", row_grid(rows), exec_.threads, kernels::rmsnorm_forward, x, w, dim, eps, y, y16,
+                 compute_ == GpuCompute::F16, rstd);
   }
   void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
                         int64_t dim, float* dx) override {
@@ -288,7 +292,10 @@ class KernelBackend : public Backend {
                  k_cache, v_cache, past, heads, kv_heads, head_dim, attention_scale(head_dim), out);
   }
   void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
-    if (n > 0) exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, out);
+    if (n <= 0) return;
+    const kernels::HalfRows out16 = written_in_16_bits(out, n);  // as rmsnorm_forward's y
+    exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, out, out16,
+                 compute_ == GpuCompute::F16);
   }
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
     if (n <= 0) return;

@@ -131,11 +131,15 @@ __global__ void sum_partials(const double* partial, int64_t count, double* out) 
   if (threadIdx.x == 0) *out = total;
 }
 
-// SwiGLU: out = silu(g) * u.
-__global__ void swiglu_forward(const float* g, const float* u, int64_t n, float* out) {
+// SwiGLU: out = silu(g) * u, in fp32 or (where out16 has data) rounded to 16 bits into its rows.
+__global__ void swiglu_forward(const float* g, const float* u, int64_t n, float* out, HalfRows out16, bool f16) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const float s = 1.0f / (1.0f + expf(-g[i]));
-    out[i] = g[i] * s * u[i];
+    const float v = g[i] * s * u[i];
+    if (out16.data)
+      out16.at(i) = half_bits(f16, v);
+    else
+      out[i] = v;
   }
 }
 
@@ -213,8 +217,10 @@ __global__ void embedding(const int32_t* ids, const void* table, int format, int
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) out[r * dim + i] = load_stored(table, format, row + i);
 }
 
-// RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) with the sum in double.
-__global__ void rmsnorm_forward(const float* x, const float* w, int64_t dim, double eps, float* y, float* rstd) {
+// RMSNorm: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) with the sum in double; y in fp32 or (where y16 has
+// data) rounded to 16 bits into its rows.
+__global__ void rmsnorm_forward(const float* x, const float* w, int64_t dim, double eps, float* y, HalfRows y16,
+                                bool f16, float* rstd) {
   const int64_t r = blockIdx.x;
   const float* xr = x + r * dim;
   double ss = 0.0;
@@ -222,6 +228,10 @@ __global__ void rmsnorm_forward(const float* x, const float* w, int64_t dim, dou
   ss = block_sum(ss);
   const float s = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
   if (threadIdx.x == 0) rstd[r] = s;
+  if (y16.data) {
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) y16.at(r * dim + i) = half_bits(f16, (xr[i] * s) * w[i]);
+    return;
+  }
   float* yr = y + r * dim;
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) yr[i] = (xr[i] * s) * w[i];
 }

@@ -452,6 +452,12 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
 // ----------------------------------------------------------------------------------------------------------------
 // Decoder block
 
+bool LlamaModel::gemm_only_activations(const LoraAdapter* adapter, int64_t rows, bool read_by_backward,
+                                       const RunOptions& opt) const {
+  if (read_by_backward || rows <= kNf4MatmulMaxRows) return false;
+  return !(adapter && opt.training && opt.lora_scale != 0.0 && adapter->config().dropout > 0.0);
+}
+
 void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& a,
                                LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws,
                                const RunOptions& opt) {
@@ -460,15 +466,20 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   const int64_t n = batch * seq;
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   a.x_in = x_in;
-  backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
-  // the room a shared input needs for the LoRA columns of the linears reading it
-  auto fused = [&](std::initializer_list<Module> modules) {
-    int64_t columns = 0;
-    for (Module m : modules) columns = std::max(columns, fused_lora_columns(layer, m, adapter, n, opt));
-    return columns;
+  // The normed inputs and SwiGLU's output, each shared by the GEMMs of the linears reading it (with room for their
+  // LoRA columns), from before the op that writes it: that op writes its 16-bit copy alone where those GEMMs are all
+  // that read it.
+  const bool gemm_only = gemm_only_activations(adapter, n, !x_out || (opt.compute_grads && !opt.gradient_checkpointing),
+                                               opt);
+  auto share = [&](float* y, int64_t cols, std::initializer_list<Module> readers) {
+    int64_t lora_columns = 0;
+    for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
+    return gemm_only ? SharedGemmInput(backend_, y, n, cols, lora_columns, SharedGemmInput::kWrittenNext)
+                     : SharedGemmInput(backend_, y, n, cols, lora_columns);
   };
   // q, k, v and their LoRA down projections
-  SharedGemmInput shared_xn1(backend_, a.xn1.get(), n, c.hidden_size, fused({Module::Q, Module::K, Module::V}));
+  SharedGemmInput shared_xn1 = share(a.xn1.get(), c.hidden_size, {Module::Q, Module::K, Module::V});
+  backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
   linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
   linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
   linear_forward(layer, Module::V, adapter, a.xn1.get(), n, a.v.get(), t(Module::V), ws, opt);
@@ -479,13 +490,14 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
                               a.attn.get(), a.lse.get());
   linear_forward(layer, Module::O, adapter, a.attn.get(), n, a.h.get(), t(Module::O), ws, opt);
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
+  // gate, up and their LoRA down projections
+  SharedGemmInput shared_xn2 = share(a.xn2.get(), c.hidden_size, {Module::Gate, Module::Up});
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
                             a.rstd2.get());
-  // gate, up and their LoRA down projections
-  SharedGemmInput shared_xn2(backend_, a.xn2.get(), n, c.hidden_size, fused({Module::Gate, Module::Up}));
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
   shared_xn2.end();
+  SharedGemmInput shared_m = share(a.m.get(), c.intermediate_size, {Module::Down});
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
   if (!x_out) {  // recomputed for backward, which needs down's LoRA input but not the block's output
     lora_down(layer, Module::Down, adapter, a.m.get(), n, t(Module::Down), ws, opt);
