@@ -347,58 +347,70 @@ TEST(cuda_backend_loss_gradient_written_in_16_bits_alone_gives_the_gemm_the_same
   }
 }
 
-// A training step of the NF4 model in bf16 and fp16, LoRA dropout on and off, and a forward without gradients, with
-// the outputs whose only readers are GEMMs written in 16 bits alone (the loss's gradient, SwiGLU's dg, and in a
-// forward that backward does not read again the normed inputs and SwiGLU's output) and with every output written in
-// fp32 (shared the same way, its copy made at its first GEMM): the same loss, gradients and log-probs bit for bit.
+// A training step of the NF4 model in bf16 and fp16, LoRA dropout on and off, with and without checkpointing, and a
+// forward without gradients, with the outputs whose only readers are GEMMs written in 16 bits alone (the loss's
+// gradient, SwiGLU's dg, and where no LoRA dropout reads them the normed inputs and SwiGLU's output, in their own
+// buffers' bytes) and with every output written in fp32 (shared the same way, its copy made beside it at its first
+// GEMM): the same loss, gradients and log-probs bit for bit, fewer conversions and a lower peak.
 TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_step) {
   struct AllOutputsInFp32 : EmulatedBackend {
     AllOutputsInFp32() : EmulatedBackend(32) {}
-    bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns) override {
+    bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns, bool) override {
       return begin_shared_input(y, rows, cols, lora_columns);
     }
   };
   for (bool f16 : {false, true})
-    for (double dropout : {0.0, 0.1}) {
-      std::vector<double> losses;
-      std::vector<std::vector<float>> grads[2];
-      std::vector<double> logprobs[2];
-      int64_t conversions[2] = {}, forward_conversions[2] = {};
-      for (int fp32_outputs = 0; fp32_outputs < 2; ++fp32_outputs) {
-        std::unique_ptr<EmulatedBackend> backend =
-            fp32_outputs ? std::make_unique<AllOutputsInFp32>() : std::make_unique<EmulatedBackend>(32);
-        backend->exec().compute_capability = 90;
-        backend->set_compute(half_compute(f16));
-        auto [model, adapter] = quantized_with_adapter(backend.get(), dropout);
-        auto count_conversions = [&]() {
-          int64_t count = 0;
-          for (const OpTime& t : backend->take_profile())
-            if (t.op == "to_half" || t.op == "to_half_rows") count += t.calls;
-          return count;
-        };
-        RunOptions ro;
-        ro.compute_grads = true;
-        ro.training = true;
-        ro.loss_scale = f16 ? 1024.0 : 1.0;
-        const std::vector<int32_t>& ids = qtest::reference_ids();
-        backend->set_profiling(true);
-        losses.push_back(model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum);
-        conversions[fp32_outputs] = count_conversions();
-        for (auto& [p, g] : adapter->parameters_and_grads()) grads[fp32_outputs].push_back(g->download());
-        RunOptions eval;
-        eval.want_logprobs = true;
-        logprobs[fp32_outputs] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), eval).logprobs;
-        forward_conversions[fp32_outputs] = count_conversions();
+    for (double dropout : {0.0, 0.1})
+      for (bool checkpointing : {true, false}) {
+        std::vector<double> losses;
+        std::vector<std::vector<float>> grads[2];
+        std::vector<double> logprobs[2];
+        int64_t conversions[2] = {}, forward_conversions[2] = {}, peaks[2] = {};
+        for (int fp32_outputs = 0; fp32_outputs < 2; ++fp32_outputs) {
+          std::unique_ptr<EmulatedBackend> backend =
+              fp32_outputs ? std::make_unique<AllOutputsInFp32>() : std::make_unique<EmulatedBackend>(32);
+          backend->exec().compute_capability = 90;
+          backend->set_compute(half_compute(f16));
+          auto [model, adapter] = quantized_with_adapter(backend.get(), dropout);
+          auto count_conversions = [&]() {
+            int64_t count = 0;
+            for (const OpTime& t : backend->take_profile())
+              if (t.op == "to_half" || t.op == "to_half_rows") count += t.calls;
+            return count;
+          };
+          RunOptions ro;
+          ro.compute_grads = true;
+          ro.gradient_checkpointing = checkpointing;
+          ro.training = true;
+          ro.loss_scale = f16 ? 1024.0 : 1.0;
+          const std::vector<int32_t>& ids = qtest::reference_ids();
+          backend->set_profiling(true);
+          backend->begin_memory_interval();
+          losses.push_back(model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum);
+          peaks[fp32_outputs] = backend->memory().interval_peak_total;
+          conversions[fp32_outputs] = count_conversions();
+          for (auto& [p, g] : adapter->parameters_and_grads()) grads[fp32_outputs].push_back(g->download());
+          RunOptions eval;
+          eval.want_logprobs = true;
+          logprobs[fp32_outputs] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), eval).logprobs;
+          forward_conversions[fp32_outputs] = count_conversions();
+        }
+        // per layer (two) dg's conversion, and without dropout those of the normed inputs and SwiGLU's output in the
+        // first forward and (checkpointing) the recomputed one, whose copies backward's GEMMs read too; the loss
+        // gradient's (one chunk)
+        const std::string where = std::string("f16 ") + (f16 ? "on" : "off") + ", dropout " +
+                                  std::to_string(dropout) + ", checkpointing " + (checkpointing ? "on" : "off");
+        EXPECT_EQ(conversions[0], conversions[1] - 2 * (1 + (dropout > 0.0 ? 0 : checkpointing ? 6 : 3)) - 1);
+        EXPECT_EQ(forward_conversions[0], forward_conversions[1] - 2 * 3);
+        // never higher; lower where every block's copies would otherwise sit beside its activations
+        EXPECT_TRUE(peaks[0] <= peaks[1], where, ": peak ", peaks[0], " vs ", peaks[1]);
+        EXPECT_TRUE(dropout > 0.0 || checkpointing || peaks[0] < peaks[1], where, ": peak ", peaks[0], " vs ",
+                    peaks[1]);
+        EXPECT_EQ(losses[0], losses[1]);
+        for (size_t i = 0; i < grads[0].size(); ++i)
+          EXPECT_TRUE(grads[0][i] == grads[1][i], where, ": gradient ", i, " differs");
+        EXPECT_TRUE(logprobs[0] == logprobs[1], where, ": log-probs differ");
       }
-      // per layer (two) dg's conversion, and without dropout the first forward's normed inputs and SwiGLU's output;
-      // the loss gradient's (one chunk)
-      EXPECT_EQ(conversions[0], conversions[1] - 2 * (dropout > 0.0 ? 1 : 4) - 1);
-      EXPECT_EQ(forward_conversions[0], forward_conversions[1] - 2 * 3);
-      EXPECT_EQ(losses[0], losses[1]);
-      for (size_t i = 0; i < grads[0].size(); ++i)
-        EXPECT_TRUE(grads[0][i] == grads[1][i], "f16 ", f16, " dropout ", dropout, ": gradient ", i, " differs");
-      EXPECT_TRUE(logprobs[0] == logprobs[1], "f16 ", f16, " dropout ", dropout, ": log-probs differ");
-    }
 }
 
 TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {

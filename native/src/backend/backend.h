@@ -130,8 +130,11 @@ class Backend {
   // cross_entropy (its dlogits) or swiglu_backward (its dg, or du) and then read only by GEMMs, whole, until
   // end_shared_input(y): a backend whose GEMMs round their inputs to 16 bits may then write only y's 16-bit copy (the
   // bits those GEMMs would make of it, with room for lora_columns as begin_shared_input) and leave y itself as it
-  // was. False where it does not.
-  virtual bool begin_shared_output(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
+  // was. in_place: the copy may take y's own bytes instead (no memory beside y's), where nothing reads y's fp32
+  // values again and the op writing the copy reads other buffers (rmsnorm_forward, swiglu_forward). False where the
+  // backend does neither (for in_place also where the copy's rows would not fit in y's).
+  virtual bool begin_shared_output(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/,
+                                   bool /*in_place*/) {
     return false;
   }
 
@@ -267,15 +270,18 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 
 // A scope over which the GEMMs reading x share its 16-bit copy (Backend::begin_shared_input, or with
-// kWrittenNext begin_shared_output); end() closes it early.
+// kWrittenNext or kWrittenNextInPlace begin_shared_output); end() closes it early.
 class SharedGemmInput {
  public:
   SharedGemmInput(Backend* backend, const float* x, int64_t rows, int64_t cols, int64_t lora_columns = 0)
       : backend_(backend), x_(x), open_(backend->begin_shared_input(x, rows, cols, lora_columns)) {}
-  enum class WrittenNext { kYes };  // scoped: never taken for a column count
-  static constexpr WrittenNext kWrittenNext = WrittenNext::kYes;
-  SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext)
-      : backend_(backend), x_(y), open_(backend->begin_shared_output(y, rows, cols, lora_columns)) {}
+  enum class WrittenNext { kBeside, kInPlace };  // scoped: never taken for a column count
+  static constexpr WrittenNext kWrittenNext = WrittenNext::kBeside;
+  static constexpr WrittenNext kWrittenNextInPlace = WrittenNext::kInPlace;
+  SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext where)
+      : backend_(backend),
+        x_(y),
+        open_(backend->begin_shared_output(y, rows, cols, lora_columns, where == WrittenNext::kInPlace)) {}
   ~SharedGemmInput() { end(); }
   SharedGemmInput(SharedGemmInput&& other) noexcept : backend_(other.backend_), x_(other.x_), open_(other.open_) {
     other.open_ = false;

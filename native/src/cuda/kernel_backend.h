@@ -144,11 +144,14 @@ class KernelBackend : public Backend {
     shared_.push_back(SharedInput{x, rows, cols, cols + std::max<int64_t>(lora_columns, 0), {}});
     return true;
   }
-  // cross_entropy then writes the gradient's 16-bit copy alone; an op that writes y in fp32 instead leaves the copy
-  // to be made from it at the first GEMM, as for a shared input.
-  bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns) override {
+  // The op writing y then writes its 16-bit copy alone (written_in_16_bits); an op that writes y in fp32 instead
+  // leaves the copy to be made from it at the first GEMM, as for a shared input (beside y, even where in_place).
+  bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns, bool in_place) override {
+    // in place, rows of cols + lora_columns 16-bit values fill at most rows of cols floats
+    if (in_place && std::max<int64_t>(lora_columns, 0) > cols) return false;
     if (!begin_shared_input(y, rows, cols, lora_columns)) return false;
     shared_.back().written_next = true;
+    shared_.back().in_place = in_place;
     return true;
   }
   int64_t lora_fused_columns(int64_t rank) const override { return qlora::lora_fused_columns(compute_, rank); }
@@ -504,13 +507,14 @@ class KernelBackend : public Backend {
   uint16_t* shared_half(const float* x, int64_t rows, int64_t cols, int64_t* ld) {
     for (SharedInput& s : shared_) {
       if (s.x != x || s.rows != rows || s.cols != cols) continue;
-      if (s.half.empty()) {
-        s.half.reset(this, rows * s.ld, MemCategory::Workspace);
+      if (!s.half) {
+        s.own.reset(this, rows * s.ld, MemCategory::Workspace);
+        s.half = s.own.get();
         exec_.launch("to_half_rows", grid_for(rows * cols), exec_.threads, kernels::to_half_rows, x, rows, cols, cols,
-                     1.0f, compute_ == GpuCompute::F16, s.half.get(), s.ld, cols);
+                     1.0f, compute_ == GpuCompute::F16, s.half, s.ld, cols);
       }
       *ld = s.ld;
-      return s.half.get();
+      return s.half;
     }
     return nullptr;
   }
@@ -519,10 +523,15 @@ class KernelBackend : public Backend {
   // The copy is made here and y marked as held in 16 bits only; {} (no data) where y is not such an output.
   kernels::HalfRows written_in_16_bits(const float* y, int64_t n) {
     for (SharedInput& s : shared_)
-      if (y && s.x == y && s.written_next && s.rows * s.cols == n && s.half.empty()) {
-        s.half.reset(this, s.rows * s.ld, MemCategory::Workspace);
+      if (y && s.x == y && s.written_next && s.rows * s.cols == n && !s.half) {
+        if (s.in_place) {
+          s.half = reinterpret_cast<uint16_t*>(const_cast<float*>(y));
+        } else {
+          s.own.reset(this, s.rows * s.ld, MemCategory::Workspace);
+          s.half = s.own.get();
+        }
         s.fp32_stale = true;
-        return {s.half.get(), s.cols, s.ld};
+        return {s.half, s.cols, s.ld};
       }
     return {};
   }
@@ -538,9 +547,11 @@ class KernelBackend : public Backend {
   struct SharedInput {
     const float* x;
     int64_t rows, cols, ld;  // ld: cols and room for LoRA's columns (gemm_with_lora_up)
-    DeviceArray<uint16_t> half;
+    DeviceArray<uint16_t> own;  // the copy where it is not in x's own bytes
+    uint16_t* half = nullptr;   // the copy, once made
     bool written_next = false;  // begin_shared_output: the next op may write `half` alone
-    bool fp32_stale = false;    // ... and did: x itself holds what it held before
+    bool in_place = false;      // ... into x's own bytes
+    bool fp32_stale = false;    // ... and did: x holds what it held before, or (in place) the copy
   };
   std::vector<SharedInput> shared_;  // a few at a time
   Exec exec_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "io/dtype.h"
@@ -23,6 +24,10 @@ struct LlamaModel::BlockActivations {
   const float* x_in = nullptr;
   DeviceArray<float> xn1, rstd1, q, k, v, lse, attn, h, xn2, rstd2, g, u, m;
   std::array<DeviceArray<float>, kNumModules> lora_t;  // drop(x)·A^T per adapted module, [rows, r]
+  // xn1's, xn2's and m's 16-bit copies, written in their own bytes by the forward that keeps them for backward
+  // (gemm_only_activations) and shared until backward's GEMMs have read them. Declared after the buffers they
+  // live in, so that they end first.
+  std::optional<SharedGemmInput> xn1_16, xn2_16, m_16;
 
   void allocate(Backend* b, const ModelConfig& c, int64_t batch, int64_t seq, const LoraAdapter* adapter) {
     const int64_t n = batch * seq;
@@ -452,9 +457,8 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
 // ----------------------------------------------------------------------------------------------------------------
 // Decoder block
 
-bool LlamaModel::gemm_only_activations(const LoraAdapter* adapter, int64_t rows, bool read_by_backward,
-                                       const RunOptions& opt) const {
-  if (read_by_backward || rows <= kNf4MatmulMaxRows) return false;
+bool LlamaModel::gemm_only_activations(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const {
+  if (rows <= kNf4MatmulMaxRows) return false;
   return !(adapter && opt.training && opt.lora_scale != 0.0 && adapter->config().dropout > 0.0);
 }
 
@@ -467,23 +471,31 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   a.x_in = x_in;
   // The normed inputs and SwiGLU's output, each shared by the GEMMs of the linears reading it (with room for their
-  // LoRA columns), from before the op that writes it: that op writes its 16-bit copy alone where those GEMMs are all
-  // that read it.
-  const bool gemm_only = gemm_only_activations(adapter, n, !x_out || (opt.compute_grads && !opt.gradient_checkpointing),
-                                               opt);
-  auto share = [&](float* y, int64_t cols, std::initializer_list<Module> readers) {
+  // LoRA columns) from before the op that writes it. Where GEMMs are all that read them, that op writes the 16-bit
+  // copy alone, into the fp32 buffer's own bytes; a forward whose activations backward reads keeps these shares
+  // open for backward's GEMMs (block_backward ends them).
+  const bool gemm_only = gemm_only_activations(adapter, n, opt);
+  const bool for_backward = gemm_only && (!x_out || (opt.compute_grads && !opt.gradient_checkpointing));
+  auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
+                   std::initializer_list<Module> readers) {
     int64_t lora_columns = 0;
     for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
-    return gemm_only ? SharedGemmInput(backend_, y, n, cols, lora_columns, SharedGemmInput::kWrittenNext)
-                     : SharedGemmInput(backend_, y, n, cols, lora_columns);
+    scope.reset();
+    if (gemm_only)
+      scope.emplace(backend_, y.get(), n, cols, lora_columns, SharedGemmInput::kWrittenNextInPlace);
+    else
+      scope.emplace(backend_, static_cast<const float*>(y.get()), n, cols, lora_columns);
+  };
+  auto forward_done_with = [&](std::optional<SharedGemmInput>& scope) {
+    if (!for_backward) scope.reset();
   };
   // q, k, v and their LoRA down projections
-  SharedGemmInput shared_xn1 = share(a.xn1.get(), c.hidden_size, {Module::Q, Module::K, Module::V});
+  share(a.xn1_16, a.xn1, c.hidden_size, {Module::Q, Module::K, Module::V});
   backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
   linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
   linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
   linear_forward(layer, Module::V, adapter, a.xn1.get(), n, a.v.get(), t(Module::V), ws, opt);
-  shared_xn1.end();
+  forward_done_with(a.xn1_16);
   backend_->rope_apply(a.q.get(), batch, seq, c.num_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
   backend_->rope_apply(a.k.get(), batch, seq, c.num_kv_heads, c.head_dim, ws.cos.get(), ws.sin.get(), false);
   backend_->attention_forward(a.q.get(), a.k.get(), a.v.get(), batch, seq, c.num_heads, c.num_kv_heads, c.head_dim,
@@ -491,32 +503,38 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   linear_forward(layer, Module::O, adapter, a.attn.get(), n, a.h.get(), t(Module::O), ws, opt);
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
   // gate, up and their LoRA down projections
-  SharedGemmInput shared_xn2 = share(a.xn2.get(), c.hidden_size, {Module::Gate, Module::Up});
+  share(a.xn2_16, a.xn2, c.hidden_size, {Module::Gate, Module::Up});
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
                             a.rstd2.get());
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
-  shared_xn2.end();
-  SharedGemmInput shared_m = share(a.m.get(), c.intermediate_size, {Module::Down});
+  forward_done_with(a.xn2_16);
+  share(a.m_16, a.m, c.intermediate_size, {Module::Down});
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
   if (!x_out) {  // recomputed for backward, which needs down's LoRA input but not the block's output
     lora_down(layer, Module::Down, adapter, a.m.get(), n, t(Module::Down), ws, opt);
+    forward_done_with(a.m_16);
     return;
   }
   linear_forward(layer, Module::Down, adapter, a.m.get(), n, x_out, t(Module::Down), ws, opt);
+  forward_done_with(a.m_16);
   backend_->add_inplace(x_out, a.h.get(), n * c.hidden_size);
 }
 
-void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const float* dx_out, float* dx_in,
+void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float* dx_out, float* dx_in,
                                 LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws,
                                 const RunOptions& opt) {
   const ModelConfig& c = config_;
   const LayerWeights& lw = layers_[layer];
   const int64_t n = batch * seq;
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
+  // xn1, xn2 and m are shared from the forward where it kept their shares open (BlockActivations::xn1_16 ...): the
+  // scopes opened here then add nothing, and each ends once its last GEMM has read it.
   // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
-  // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards)
+  // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards);
+  // m is read (its dA) before its gradient is written
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt);
+  a.m_16.reset();
   // dg is read by gate's GEMMs alone: a backend whose GEMMs round it to 16 bits writes it so (du too would hold two
   // such copies at once beside xn2's, a higher peak; it is converted for up's GEMMs after dg's copy is gone)
   const int64_t inter = c.intermediate_size;
@@ -529,6 +547,7 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   dg.end();
   linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), a.u.get(), n, ws.dxn.get(), true, ws, opt);
   shared_xn2.end();
+  a.xn2_16.reset();
   backend_->rmsnorm_backward(ws.dxn.get(), a.h.get(), lw.mlp_norm.get(), a.rstd2.get(), n, c.hidden_size,
                              ws.dh.get());
   backend_->add_inplace(ws.dh.get(), dx_out, n * c.hidden_size);
@@ -544,6 +563,7 @@ void LlamaModel::block_backward(int64_t layer, const BlockActivations& a, const 
   linear_backward(layer, Module::K, adapter, a.xn1.get(), t(Module::K), ws.dk.get(), n, ws.dxn.get(), true, ws, opt);
   linear_backward(layer, Module::V, adapter, a.xn1.get(), t(Module::V), ws.dv.get(), n, ws.dxn.get(), true, ws, opt);
   shared_xn1.end();
+  a.xn1_16.reset();
   backend_->rmsnorm_backward(ws.dxn.get(), a.x_in, lw.attn_norm.get(), a.rstd1.get(), n, c.hidden_size, dx_in);
   backend_->add_inplace(dx_in, ws.dh.get(), n * c.hidden_size);
 }

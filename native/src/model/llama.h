@@ -140,13 +140,12 @@ class LlamaModel {
   // base down projection).
   // Whether a forward of a block may write its normed inputs and SwiGLU's output in 16 bits alone
   // (Backend::begin_shared_output): only where the GEMMs of the linears reading them, reading them whole, are all
-  // that ever read them: not where backward reads them again (activations kept for it, or its recomputation of the
-  // block), LoRA dropout masks them in fp32 or few rows read NF4 weights in place (nf4_matmul_nt takes fp32 rows).
-  bool gemm_only_activations(const LoraAdapter* adapter, int64_t rows, bool read_by_backward,
-                             const RunOptions& opt) const;
+  // that read them, in the forward and in backward (not where LoRA dropout masks them in fp32 or few rows read NF4
+  // weights in place: nf4_matmul_nt takes fp32 rows).
+  bool gemm_only_activations(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const;
   void block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& acts, LoraAdapter* adapter,
                      int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
-  void block_backward(int64_t layer, const BlockActivations& acts, const float* dx_out, float* dx_in,
+  void block_backward(int64_t layer, BlockActivations& acts, const float* dx_out, float* dx_in,
                       LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   StoredMatrix base_weight(const FrozenLinear& w, Workspace& ws);
   // An NF4 weight dequantized into ws.weight in 16 bits, in rows of in + extra_columns values (LoRA's factor goes
