@@ -5,9 +5,11 @@
 // CUDA kernels under the emulator (cuda_emu_backend_test.cpp), the GPU tests on the GPU (test_gpu/).
 #pragma once
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -510,6 +512,79 @@ inline std::vector<GradientPair> compare_gradients(LoraAdapter& want, LoraAdapte
 }
 
 const char* const kReferenceModels[] = {"llama-shared", "llama3-shared", "qwen2-shared"};
+
+// Gate's and up's outputs held in 16 bits (begin_half_activation), as torch's autocast holds them: the fused GEMM
+// writes its fp32 sums rounded into the output's own bytes (rows with room for LoRA's columns), SwiGLU reads the
+// rounded values, and its backward writes the rounded gradients in their place.
+inline void half_activations(const MakeBackend& make, bool f16) {
+  const int64_t M = 7, N = 16, K = 24, R = 4;
+  auto backend = make();
+  Backend* be = backend.get();
+  const int64_t columns = be->lora_fused_columns(R), ld = K + columns, out_ld = N + columns;
+  const auto to16 = [f16](float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); };
+  const auto from16 = [f16](uint16_t b) { return f16 ? f16_to_f32(b) : bf16_to_f32(b); };
+  // 16-bit values at most one unit in the last place apart (the GPU's GEMM may sum in another order for a 16-bit
+  // output, its exp differ from the host's in the last fp32 bit)
+  const auto near = [](uint16_t a, uint16_t b) { return std::abs(int{a} - int{b}) <= 1; };
+  const auto rows_of = [](const DeviceArray<float>& y) {  // y's bytes as 16-bit values
+    const std::vector<float> bytes = y.download();
+    std::vector<uint16_t> out(bytes.size() * 2);
+    std::memcpy(out.data(), bytes.data(), bytes.size() * sizeof(float));
+    return out;
+  };
+  const std::vector<float> xs = parity::random_floats(M * K, 61), ts = parity::random_floats(M * R, 62),
+                           bs = parity::random_floats(N * R, 63), douts = parity::random_floats(M * N, 64);
+  DeviceArray<float> x(be, M * K, MemCategory::Activations), t(be, M * R, MemCategory::Activations),
+      b(be, N * R, MemCategory::Activations), dout(be, M * N, MemCategory::Activations);
+  x.upload(xs);
+  t.upload(ts);
+  b.upload(bs);
+  dout.upload(douts);
+  DeviceArray<uint16_t> w(be, N * ld, MemCategory::Workspace);
+  // gate's and up's products in fp32, then held
+  std::vector<float> fp32[2];
+  DeviceArray<float> held[2] = {DeviceArray<float>(be, M * N, MemCategory::Activations),
+                                DeviceArray<float>(be, M * N, MemCategory::Activations)};
+  std::optional<SharedGemmInput> scopes[2];
+  for (int i = 0; i < 2; ++i) {
+    std::vector<uint16_t> w_rows(static_cast<size_t>(N * ld), 0);
+    const std::vector<float> ws = parity::random_floats(N * K, 65 + i);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) w_rows[static_cast<size_t>(n * ld + k)] = to16(ws[static_cast<size_t>(n * K + k)]);
+    DeviceArray<float> y(be, M * N, MemCategory::Activations);
+    w.upload(w_rows);
+    be->gemm_with_lora_up(M, N, K, x.get(), w.get(), R, t.get(), b.get(), 0.5f, y.get());
+    fp32[i] = y.download();
+    scopes[i].emplace(be, held[i].get(), M, N, columns, SharedGemmInput::kHalfActivation);
+    w.upload(w_rows);
+    be->gemm_with_lora_up(M, N, K, x.get(), w.get(), R, t.get(), b.get(), 0.5f, held[i].get());
+    const std::vector<uint16_t> rows = rows_of(held[i]);
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t n = 0; n < N; ++n)
+        EXPECT_TRUE(near(rows[static_cast<size_t>(r * out_ld + n)], to16(fp32[i][static_cast<size_t>(r * N + n)])),
+                    "the GEMM's output held in 16 bits");
+  }
+  // SwiGLU of the held values, and its backward in their place
+  DeviceArray<float> m(be, M * N, MemCategory::Activations);
+  be->swiglu_forward(held[0].get(), held[1].get(), M * N, m.get());
+  const std::vector<float> ms = m.download();
+  std::vector<uint16_t> want_dg(static_cast<size_t>(M * N)), want_du(static_cast<size_t>(M * N));
+  for (int64_t i = 0; i < M * N; ++i) {
+    const float g = from16(to16(fp32[0][static_cast<size_t>(i)])), u = from16(to16(fp32[1][static_cast<size_t>(i)]));
+    const float s = 1.0f / (1.0f + std::exp(-g)), d = douts[static_cast<size_t>(i)];
+    EXPECT_TRUE(std::fabs(ms[static_cast<size_t>(i)] - g * s * u) <= 1e-5f * std::max(1.0f, std::fabs(g * s * u)),
+                "SwiGLU reads the rounded values");
+    want_du[static_cast<size_t>(i)] = to16(d * g * s);
+    want_dg[static_cast<size_t>(i)] = to16(d * u * s * (1.0f + g * (1.0f - s)));
+  }
+  be->swiglu_backward(dout.get(), held[0].get(), held[1].get(), M * N, held[0].get(), held[1].get());
+  const std::vector<uint16_t> dg_rows = rows_of(held[0]), du_rows = rows_of(held[1]);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t n = 0; n < N; ++n) {
+      const size_t at = static_cast<size_t>(r * out_ld + n), i = static_cast<size_t>(r * N + n);
+      EXPECT_TRUE(near(dg_rows[at], want_dg[i]) && near(du_rows[at], want_du[i]), "SwiGLU's gradients in place");
+    }
+}
 
 inline void whole_model(const MakeBackend& make, const ModelTolerance& tol) {
   // Loss, every log-prob and every LoRA gradient of the reference models (Llama with its adapter, Llama 3 with rope

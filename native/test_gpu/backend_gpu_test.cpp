@@ -43,6 +43,11 @@ TEST(gpu_backend_half_compute_of_nf4_models_with_fused_lora_is_within_the_same_b
   parity::whole_model_half([] { return cuda_backend_in(qlora::GpuCompute::BF16); }, 1.0, true);
   parity::whole_model_half([] { return cuda_backend_in(qlora::GpuCompute::F16); }, 1024.0, true);
 }
+// cuBLASLt's 16-bit output (bf16 and fp16 D) in rows with room for LoRA's columns, and SwiGLU on such rows.
+TEST(gpu_backend_holds_gate_and_up_outputs_in_16_bits_as_autocast_does) {
+  parity::half_activations([] { return cuda_backend_in(qlora::GpuCompute::BF16); }, false);
+  parity::half_activations([] { return cuda_backend_in(qlora::GpuCompute::F16); }, true);
+}
 TEST(gpu_backend_trains_nf4_with_paging_and_generates_like_the_cpu) {
   parity::training_paging_and_generation(cuda_backend, kGpuFp32Tolerance);
 }

@@ -137,6 +137,15 @@ class Backend {
                                    bool /*in_place*/) {
     return false;
   }
+  // The caller's promise that y ([rows, cols]), written next by a linear's fused GEMM (gemm_with_lora_up), is then
+  // read only by swiglu_forward, by swiglu_backward (which may write its gradient in y's place: dg over g, du over
+  // u) and by GEMMs, whole, until end_shared_input(y): a backend that computes as torch's autocast does (the GPU
+  // under half compute) may then hold y as the GEMM's output rounded to 16 bits, in y's own bytes, with room for
+  // lora_columns as begin_shared_input, and its readers read that rounding (other numbers than fp32's, autocast's
+  // own), the gradient written there likewise. False where it does not (the CPU keeps its fp32 numbers).
+  virtual bool begin_half_activation(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
+    return false;
+  }
 
   // LoRA's up projection inside the base GEMM. A backend whose GEMMs round their inputs to 16 bits (the GPU under
   // half compute) computes y = x W^T + alpha t B^T as one GEMM over K + lora_fused_columns(R) values ([x | alpha t]
@@ -269,19 +278,18 @@ class Backend {
 
 std::unique_ptr<Backend> make_cpu_backend();
 
-// A scope over which the GEMMs reading x share its 16-bit copy (Backend::begin_shared_input, or with
-// kWrittenNext or kWrittenNextInPlace begin_shared_output); end() closes it early.
+// A scope over which the GEMMs reading x share its 16-bit copy (Backend::begin_shared_input, with kWrittenNext or
+// kWrittenNextInPlace begin_shared_output, with kHalfActivation begin_half_activation); end() closes it early.
 class SharedGemmInput {
  public:
   SharedGemmInput(Backend* backend, const float* x, int64_t rows, int64_t cols, int64_t lora_columns = 0)
       : backend_(backend), x_(x), open_(backend->begin_shared_input(x, rows, cols, lora_columns)) {}
-  enum class WrittenNext { kBeside, kInPlace };  // scoped: never taken for a column count
+  enum class WrittenNext { kBeside, kInPlace, kHalf };  // scoped: never taken for a column count
   static constexpr WrittenNext kWrittenNext = WrittenNext::kBeside;
   static constexpr WrittenNext kWrittenNextInPlace = WrittenNext::kInPlace;
-  SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext where)
-      : backend_(backend),
-        x_(y),
-        open_(backend->begin_shared_output(y, rows, cols, lora_columns, where == WrittenNext::kInPlace)) {}
+  static constexpr WrittenNext kHalfActivation = WrittenNext::kHalf;
+  SharedGemmInput(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext how)
+      : backend_(backend), x_(y), open_(begin(backend, y, rows, cols, lora_columns, how)) {}
   ~SharedGemmInput() { end(); }
   SharedGemmInput(SharedGemmInput&& other) noexcept : backend_(other.backend_), x_(other.x_), open_(other.open_) {
     other.open_ = false;
@@ -295,6 +303,10 @@ class SharedGemmInput {
   }
 
  private:
+  static bool begin(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext how) {
+    if (how == WrittenNext::kHalf) return backend->begin_half_activation(y, rows, cols, lora_columns);
+    return backend->begin_shared_output(y, rows, cols, lora_columns, how == WrittenNext::kInPlace);
+  }
   Backend* backend_;
   const float* x_;
   bool open_;

@@ -147,12 +147,11 @@ class KernelBackend : public Backend {
   // The op writing y then writes its 16-bit copy alone (written_in_16_bits); an op that writes y in fp32 instead
   // leaves the copy to be made from it at the first GEMM, as for a shared input (beside y, even where in_place).
   bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns, bool in_place) override {
-    // in place, rows of cols + lora_columns 16-bit values fill at most rows of cols floats
-    if (in_place && std::max<int64_t>(lora_columns, 0) > cols) return false;
-    if (!begin_shared_input(y, rows, cols, lora_columns)) return false;
-    shared_.back().written_next = true;
-    shared_.back().in_place = in_place;
-    return true;
+    return share_output(y, rows, cols, lora_columns, in_place, false);
+  }
+  // Held in 16 bits from the GEMM writing it: written as the GEMM's output rounded, read so by swiglu.
+  bool begin_half_activation(float* y, int64_t rows, int64_t cols, int64_t lora_columns) override {
+    return share_output(y, rows, cols, lora_columns, true, true);
   }
   int64_t lora_fused_columns(int64_t rank) const override { return qlora::lora_fused_columns(compute_, rank); }
   void gemm_with_lora_up(int64_t M, int64_t N, int64_t K, const float* x, uint16_t* w_rows, int64_t R,
@@ -162,7 +161,12 @@ class KernelBackend : public Backend {
                  compute_ == GpuCompute::F16, w_rows + K, ld, columns);  // B beside W
     DeviceArray<uint16_t> own;
     const uint16_t* a = with_lora_columns(x, M, K, t, R, alpha, own);
-    gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
+    // y shared as the output it is about to be (begin_shared_output, begin_half_activation): its 16-bit copy is
+    // written instead
+    const kernels::HalfRows y16 = written_in_16_bits(y, M * N);
+    if (!y16.data) return gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
+    if (y16.cols != N) fail("gemm_with_lora_up: a ", M, "x", N, " output shared as rows of ", y16.cols, " values");
+    gemm_16_to_16(M, N, ld, a, w_rows, N * ld, y16);
   }
   void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
                          const float* dt, const float* a, float beta, float* dx) override {
@@ -296,16 +300,22 @@ class KernelBackend : public Backend {
   }
   void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
     if (n <= 0) return;
+    const kernels::HalfRows g16 = held_in_16_bits(g, n, "swiglu_forward"), u16 = held_in_16_bits(u, n, "swiglu_forward");
     const kernels::HalfRows out16 = written_in_16_bits(out, n);  // as rmsnorm_forward's y
-    exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, out, out16,
+    exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, g16, u16, out, out16,
                  compute_ == GpuCompute::F16);
   }
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
     if (n <= 0) return;
-    // dg and du shared as the outputs they are about to be (begin_shared_output): their 16-bit copies are written
-    const kernels::HalfRows dg16 = written_in_16_bits(dg, n), du16 = written_in_16_bits(du, n);
-    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, dg, du, dg16,
-                 du16, compute_ == GpuCompute::F16);
+    require_fp32(dout, "swiglu_backward");
+    const kernels::HalfRows g16 = held_in_16_bits(g, n, "swiglu_backward"),
+                            u16 = held_in_16_bits(u, n, "swiglu_backward");
+    // dg and du shared as the outputs they are about to be (begin_shared_output): their 16-bit copies are written;
+    // in place of g and u held in 16 bits (begin_half_activation), in their rows, which then hold the gradients
+    const kernels::HalfRows dg16 = g16.data && dg == g ? g16 : written_in_16_bits(dg, n),
+                            du16 = u16.data && du == u ? u16 : written_in_16_bits(du, n);
+    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, g16, u16, dg,
+                 du, dg16, du16, compute_ == GpuCompute::F16);
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                      float* dlogits, double* logprobs) override {
@@ -480,6 +490,19 @@ class KernelBackend : public Backend {
                  rows + K, ld, columns);
     return rows;
   }
+  // C = A B^T written in 16 bits into C's rows (the fp32 sums rounded), as gemm_16 (fp32, then rounded, where
+  // cuBLASLt has no such algorithm).
+  void gemm_16_to_16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, int64_t b_count,
+                     kernels::HalfRows C) {
+    const bool f16 = compute_ == GpuCompute::F16;
+    const auto [workspace, workspace_bytes] = gemm_workspace();
+    if (exec_.gemm_half_to_half(f16, false, true, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes))
+      return;
+    DeviceArray<float> c32(this, M * N, MemCategory::Workspace);
+    gemm_16(false, true, M, N, K, A, B, b_count, 0.0f, c32.get());
+    exec_.launch("to_half_rows", grid_for(M * N), exec_.threads, kernels::to_half_rows, c32.get(), M, N, N, 1.0f, f16,
+                 C.data, C.ld, N);
+  }
   // C = A op(B) + beta C with A [M, K] and B (b_count values) whole 16-bit matrices in the compute's format; where
   // cuBLASLt has no half algorithm for the shape, the same product in fp32 from the 16-bit values.
   void gemm_16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
@@ -535,6 +558,25 @@ class KernelBackend : public Backend {
       }
     return {};
   }
+  bool share_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns, bool in_place, bool half_activation) {
+    // in place, rows of cols + lora_columns 16-bit values fill at most rows of cols floats
+    if (in_place && std::max<int64_t>(lora_columns, 0) > cols) return false;
+    if (!begin_shared_input(y, rows, cols, lora_columns)) return false;
+    shared_.back().written_next = true;
+    shared_.back().in_place = in_place;
+    shared_.back().half_activation = half_activation;
+    return true;
+  }
+  // x of n values as held in 16 bits (begin_half_activation), its rows; {} (no data) where x is held in fp32.
+  kernels::HalfRows held_in_16_bits(const float* x, int64_t n, const char* op) {
+    for (SharedInput& s : shared_)
+      if (x && s.x == x && s.half_activation && s.fp32_stale) {
+        if (s.rows * s.cols != n) fail(op, ": reads ", n, " values of a tensor held in 16 bits as ", s.rows, "x", s.cols);
+        return {s.half, s.cols, s.ld};
+      }
+    require_fp32(x, op);
+    return {};
+  }
   // An op about to read x in fp32: an error where only x's 16-bit copy was written (a caller that broke
   // begin_shared_output's promise), instead of results from whatever the fp32 buffer held.
   void require_fp32(const float* x, const char* op) const {
@@ -551,6 +593,7 @@ class KernelBackend : public Backend {
     uint16_t* half = nullptr;   // the copy, once made
     bool written_next = false;  // begin_shared_output: the next op may write `half` alone
     bool in_place = false;      // ... into x's own bytes
+    bool half_activation = false;  // begin_half_activation: swiglu reads the copy (x held in 16 bits)
     bool fp32_stale = false;    // ... and did: x holds what it held before, or (in place) the copy
   };
   std::vector<SharedInput> shared_;  // a few at a time

@@ -54,6 +54,18 @@ __device__ __forceinline__ uint16_t f16_bits(float v) {
 // v in half compute's 16-bit type: fp16 with f16, else bf16.
 __device__ __forceinline__ uint16_t half_bits(bool f16, float v) { return f16 ? f16_bits(v) : bf16_bits(v); }
 
+// 16-bit values widened exactly: format 1 bf16, 2 fp16 (FloatFormat's order).
+__device__ __forceinline__ float widen_bits(uint16_t bits, int format) {
+#ifdef __CUDACC__
+  return format == 1 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
+#else
+  return format == 1 ? bf16_to_f32(bits) : f16_to_f32(bits);
+#endif
+}
+
+// half_bits' value: fp16 bits with f16, else bf16.
+__device__ __forceinline__ float half_value(bool f16, uint16_t bits) { return widen_bits(bits, f16 ? 2 : 1); }
+
 // A matrix of n values as cols-value rows of a 16-bit one whose rows are ld apart (a GEMM input with room for
 // LoRA's columns beside each row): where an op writes its output's 16-bit copy alone.
 struct HalfRows {
@@ -131,11 +143,15 @@ __global__ void sum_partials(const double* partial, int64_t count, double* out) 
   if (threadIdx.x == 0) *out = total;
 }
 
-// SwiGLU: out = silu(g) * u, in fp32 or (where out16 has data) rounded to 16 bits into its rows.
-__global__ void swiglu_forward(const float* g, const float* u, int64_t n, float* out, HalfRows out16, bool f16) {
+// SwiGLU: out = silu(g) * u, in fp32 or (where out16 has data) rounded to 16 bits into its rows; g and u read in
+// fp32 or (where g16, u16 have data) from their 16-bit rows.
+__global__ void swiglu_forward(const float* g, const float* u, int64_t n, HalfRows g16, HalfRows u16, float* out,
+                               HalfRows out16, bool f16) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const float s = 1.0f / (1.0f + expf(-g[i]));
-    const float v = g[i] * s * u[i];
+    const float gi = g16.data ? half_value(f16, g16.at(i)) : g[i];
+    const float ui = u16.data ? half_value(f16, u16.at(i)) : u[i];
+    const float s = 1.0f / (1.0f + expf(-gi));
+    const float v = gi * s * ui;
     if (out16.data)
       out16.at(i) = half_bits(f16, v);
     else
@@ -143,12 +159,15 @@ __global__ void swiglu_forward(const float* g, const float* u, int64_t n, float*
   }
 }
 
-// dg may be g and du may be u: each element is read before it is written.
-// dg and du in fp32, or each (where its HalfRows has data) rounded to 16 bits into its rows.
-__global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du,
-                                HalfRows dg16, HalfRows du16, bool f16) {
+// dg may be g and du may be u, and dg16, du16 g16's and u16's rows: each element is read before it is written.
+// g and u read as swiglu_forward reads them; dg and du in fp32, or each (where its HalfRows has data) rounded to 16
+// bits into its rows.
+__global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, HalfRows g16,
+                                HalfRows u16, float* dg, float* du, HalfRows dg16, HalfRows du16, bool f16) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const float gi = g[i], ui = u[i], di = dout[i];
+    const float gi = g16.data ? half_value(f16, g16.at(i)) : g[i];
+    const float ui = u16.data ? half_value(f16, u16.at(i)) : u[i];
+    const float di = dout[i];
     const float s = 1.0f / (1.0f + expf(-gi));
     const float dui = di * gi * s;
     const float dgi = di * ui * s * (1.0f + gi * (1.0f - s));
@@ -193,13 +212,6 @@ __global__ void dropout(const float* x, int64_t n, float p, uint64_t seed, uint3
 }
 
 // ---- frozen weights stored in 16 bits (StoredMatrix): format 1 bf16, 2 fp16 (FloatFormat's order) ----
-__device__ __forceinline__ float widen_bits(uint16_t bits, int format) {
-#ifdef __CUDACC__
-  return format == 1 ? __bfloat162float(__ushort_as_bfloat16(bits)) : __half2float(__ushort_as_half(bits));
-#else
-  return format == 1 ? bf16_to_f32(bits) : f16_to_f32(bits);
-#endif
-}
 
 // A stored value of format 0 (fp32), 1 or 2 at index i, as fp32.
 __device__ __forceinline__ float load_stored(const void* data, int format, int64_t i) {

@@ -134,18 +134,20 @@ void CublasLt::matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
 
 bool CublasLt::try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                           const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
-                          size_t workspace_bytes, void* stream, int64_t lda, int64_t ldb) const {
+                          size_t workspace_bytes, void* stream, int64_t lda, int64_t ldb, int64_t ldc) const {
   if (M == 0 || N == 0) return true;
   if (K <= 0) fail("cuBLASLt matmul with an inner dimension of ", K, " (the engine never asks for one)");
   const int64_t a_row = trans_a ? M : K, b_row = trans_b ? K : N;  // the length of a stored row
   if (lda == 0) lda = a_row;
   if (ldb == 0) ldb = b_row;
-  if (lda < a_row || ldb < b_row)
-    fail("cuBLASLt matmul with rows of ", lda, " and ", ldb, " values, shorter than ", a_row, " and ", b_row);
+  if (ldc == 0) ldc = N;
+  if (lda < a_row || ldb < b_row || ldc < N)
+    fail("cuBLASLt matmul with rows of ", lda, ", ", ldb, " and ", ldc, " values, shorter than ", a_row, ", ", b_row,
+         " and ", N);
   // cuBLASLt's A, B, C, D are our B, A, C, C
   const std::array<uint32_t, 4> alignments = {alignment_of(B), alignment_of(A), alignment_of(C), alignment_of(C)};
   const uint64_t ws = workspace ? workspace_bytes : 0;
-  const std::shared_ptr<const Plan> p = plan(trans_a, trans_b, M, N, K, lda, ldb, in, out, alignments, ws);
+  const std::shared_ptr<const Plan> p = plan(trans_a, trans_b, M, N, K, lda, ldb, ldc, in, out, alignments, ws);
   if (!p->found) return false;
   const cublasStatus_t s = f_->matmul(handle_, p->desc, &alpha, B, p->lb, A, p->la, &beta, C, p->lc, C, p->lc,
                                       &p->algo, workspace, ws, stream);
@@ -154,10 +156,11 @@ bool CublasLt::try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int6
 }
 
 std::shared_ptr<const CublasLt::Plan> CublasLt::plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
-                                                     int64_t lda, int64_t ldb, GemmType in, GemmType out,
-                                                     const std::array<uint32_t, 4>& alignments, uint64_t ws) const {
+                                                     int64_t lda, int64_t ldb, int64_t ldc, GemmType in,
+                                                     GemmType out, const std::array<uint32_t, 4>& alignments,
+                                                     uint64_t ws) const {
   constexpr size_t kMaxPlans = 4096;
-  const PlanKey key = {trans_a,       trans_b,       M,   N, K, lda, ldb, static_cast<int64_t>(in),
+  const PlanKey key = {trans_a,       trans_b,       M,   N, K, lda, ldb, ldc, static_cast<int64_t>(in),
                        static_cast<int64_t>(out), alignments[0], alignments[1], alignments[2], alignments[3],
                        static_cast<int64_t>(ws)};
   std::lock_guard<std::mutex> lock(plans_mutex_);
@@ -178,7 +181,7 @@ std::shared_ptr<const CublasLt::Plan> CublasLt::plan(bool trans_a, bool trans_b,
   // transposed, [N, K] row-major (= [K, N] column-major, ld K); a part of wider rows has the wider rows' ld
   check(f_->layout_create(&p->lb, static_cast<int>(in), trans_b ? K : N, trans_b ? N : K, ldb), "layout B");
   check(f_->layout_create(&p->la, static_cast<int>(in), trans_a ? M : K, trans_a ? K : M, lda), "layout A");
-  check(f_->layout_create(&p->lc, static_cast<int>(out), N, M, N), "layout C");
+  check(f_->layout_create(&p->lc, static_cast<int>(out), N, M, ldc), "layout C");
   // The preference is needed only by the heuristic.
   struct PreferenceOwner {
     const Functions& f;

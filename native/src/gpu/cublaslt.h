@@ -39,20 +39,20 @@ class CublasLt {
   // alignments (bf16 rows of an odd length, say), so that the caller can compute it another way. Each distinct
   // shape, types, alignments, leading dimensions and workspace is planned once (descriptors and the heuristic's
   // algorithm) and the plan kept (up to a few thousand, then all are dropped and planned afresh): a training step's
-  // few dozen shapes never ask the heuristic twice. lda, ldb: the stored rows' lengths in values when A or B is a
-  // part of a wider matrix (0: as stored whole, K or M for A, N or K for B).
+  // few dozen shapes never ask the heuristic twice. lda, ldb, ldc: the stored rows' lengths in values when A, B or C
+  // is a part of a wider matrix (0: as stored whole, K or M for A, N or K for B, N for C).
   bool try_matmul(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void* A,
                   const void* B, float beta, void* C, GemmType in, GemmType out, void* workspace,
-                  size_t workspace_bytes, void* stream, int64_t lda = 0, int64_t ldb = 0) const;
+                  size_t workspace_bytes, void* stream, int64_t lda = 0, int64_t ldb = 0, int64_t ldc = 0) const;
 
  private:
   struct Functions;
   struct Plan;
-  using PlanKey = std::array<int64_t, 14>;
+  using PlanKey = std::array<int64_t, 15>;
   CublasLt() = default;
   std::shared_ptr<const Plan> plan(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int64_t lda,
-                                   int64_t ldb, GemmType in, GemmType out, const std::array<uint32_t, 4>& alignments,
-                                   uint64_t workspace_bytes) const;
+                                   int64_t ldb, int64_t ldc, GemmType in, GemmType out,
+                                   const std::array<uint32_t, 4>& alignments, uint64_t workspace_bytes) const;
   std::unique_ptr<Functions> f_;
   mutable std::mutex plans_mutex_;
   // Shared with the calls using them, so that dropping the plans (when there are too many: generation's prompts

@@ -25,9 +25,10 @@ struct LlamaModel::BlockActivations {
   DeviceArray<float> xn1, rstd1, q, k, v, lse, attn, h, xn2, rstd2, g, u, m;
   std::array<DeviceArray<float>, kNumModules> lora_t;  // drop(x)·A^T per adapted module, [rows, r]
   // xn1's, xn2's and m's 16-bit copies, written in their own bytes by the forward that keeps them for backward
-  // (gemm_only_activations) and shared until backward's GEMMs have read them. Declared after the buffers they
-  // live in, so that they end first.
-  std::optional<SharedGemmInput> xn1_16, xn2_16, m_16;
+  // (gemm_only_activations) and shared until backward's GEMMs have read them; g and u held in 16 bits
+  // (Backend::begin_half_activation) until backward's GEMMs have read the gradients written in their place.
+  // Declared after the buffers they live in, so that they end first.
+  std::optional<SharedGemmInput> xn1_16, xn2_16, m_16, g_16, u_16;
 
   void allocate(Backend* b, const ModelConfig& c, int64_t batch, int64_t seq, const LoraAdapter* adapter) {
     const int64_t n = batch * seq;
@@ -475,7 +476,8 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   // copy alone, into the fp32 buffer's own bytes; a forward whose activations backward reads keeps these shares
   // open for backward's GEMMs (block_backward ends them).
   const bool gemm_only = gemm_only_activations(adapter, n, opt);
-  const bool for_backward = gemm_only && (!x_out || (opt.compute_grads && !opt.gradient_checkpointing));
+  const bool backward_reads = !x_out || (opt.compute_grads && !opt.gradient_checkpointing);
+  const bool for_backward = gemm_only && backward_reads;
   auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
                    std::initializer_list<Module> readers) {
     int64_t lora_columns = 0;
@@ -502,7 +504,16 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
                               a.attn.get(), a.lse.get());
   linear_forward(layer, Module::O, adapter, a.attn.get(), n, a.h.get(), t(Module::O), ws, opt);
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
-  // gate, up and their LoRA down projections
+  // gate, up and their LoRA down projections. Their outputs are held in 16 bits, as autocast holds them, by a
+  // backend that computes so, where each is one fused GEMM; backward writes their gradients in their place.
+  auto hold_in_16_bits = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, Module m) {
+    scope.reset();
+    if (fused_lora_columns(layer, m, adapter, n, opt) > 0)
+      scope.emplace(backend_, y.get(), n, c.intermediate_size, dy_lora_columns(layer, m, adapter, n, opt),
+                    SharedGemmInput::kHalfActivation);
+  };
+  hold_in_16_bits(a.g_16, a.g, Module::Gate);
+  hold_in_16_bits(a.u_16, a.u, Module::Up);
   share(a.xn2_16, a.xn2, c.hidden_size, {Module::Gate, Module::Up});
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
                             a.rstd2.get());
@@ -511,6 +522,10 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   forward_done_with(a.xn2_16);
   share(a.m_16, a.m, c.intermediate_size, {Module::Down});
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
+  if (!backward_reads) {
+    a.g_16.reset();
+    a.u_16.reset();
+  }
   if (!x_out) {  // recomputed for backward, which needs down's LoRA input but not the block's output
     lora_down(layer, Module::Down, adapter, a.m.get(), n, t(Module::Down), ws, opt);
     forward_done_with(a.m_16);
@@ -528,15 +543,16 @@ void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float*
   const LayerWeights& lw = layers_[layer];
   const int64_t n = batch * seq;
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
-  // xn1, xn2 and m are shared from the forward where it kept their shares open (BlockActivations::xn1_16 ...): the
-  // scopes opened here then add nothing, and each ends once its last GEMM has read it.
+  // xn1, xn2, m, g and u are shared from the forward where it kept their shares open (BlockActivations::xn1_16
+  // ...): the scopes opened here then add nothing, and each ends once its last GEMM has read it.
   // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
   // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards);
   // m is read (its dA) before its gradient is written
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt);
   a.m_16.reset();
-  // dg is read by gate's GEMMs alone: a backend whose GEMMs round it to 16 bits writes it so (du too would hold two
-  // such copies at once beside xn2's, a higher peak; it is converted for up's GEMMs after dg's copy is gone)
+  // dg and du are read by gate's and up's GEMMs alone: where g and u are held in 16 bits they are written in their
+  // rows; else a backend whose GEMMs round dg to 16 bits writes it so (du too would hold two such copies at once
+  // beside xn2's, a higher peak; it is converted for up's GEMMs after dg's copy is gone)
   const int64_t inter = c.intermediate_size;
   SharedGemmInput dg(backend_, a.g.get(), n, inter, dy_lora_columns(layer, Module::Gate, adapter, n, opt),
                      SharedGemmInput::kWrittenNext);
@@ -545,7 +561,9 @@ void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float*
   linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), a.g.get(), n, ws.dxn.get(), false, ws,
                   opt);
   dg.end();
+  a.g_16.reset();
   linear_backward(layer, Module::Up, adapter, a.xn2.get(), t(Module::Up), a.u.get(), n, ws.dxn.get(), true, ws, opt);
+  a.u_16.reset();
   shared_xn2.end();
   a.xn2_16.reset();
   backend_->rmsnorm_backward(ws.dxn.get(), a.h.get(), lw.mlp_norm.get(), a.rstd2.get(), n, c.hidden_size,
