@@ -550,7 +550,8 @@ inline void half_activations(const MakeBackend& make, bool f16) {
     std::vector<uint16_t> w_rows(static_cast<size_t>(N * ld), 0);
     const std::vector<float> ws = parity::random_floats(N * K, 65 + i);
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) w_rows[static_cast<size_t>(n * ld + k)] = to16(ws[static_cast<size_t>(n * K + k)]);
+      for (int64_t k = 0; k < K; ++k)
+        w_rows[static_cast<size_t>(n * ld + k)] = to16(ws[static_cast<size_t>(n * K + k)]);
     DeviceArray<float> y(be, M * N, MemCategory::Activations);
     w.upload(w_rows);
     be->gemm_with_lora_up(M, N, K, x.get(), w.get(), R, t.get(), b.get(), 0.5f, y.get());

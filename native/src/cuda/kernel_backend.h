@@ -300,7 +300,8 @@ class KernelBackend : public Backend {
   }
   void swiglu_forward(const float* g, const float* u, int64_t n, float* out) override {
     if (n <= 0) return;
-    const kernels::HalfRows g16 = held_in_16_bits(g, n, "swiglu_forward"), u16 = held_in_16_bits(u, n, "swiglu_forward");
+    const kernels::HalfRows g16 = held_in_16_bits(g, n, "swiglu_forward"),
+                            u16 = held_in_16_bits(u, n, "swiglu_forward");
     const kernels::HalfRows out16 = written_in_16_bits(out, n);  // as rmsnorm_forward's y
     exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, g16, u16, out, out16,
                  compute_ == GpuCompute::F16);
@@ -571,7 +572,8 @@ class KernelBackend : public Backend {
   kernels::HalfRows held_in_16_bits(const float* x, int64_t n, const char* op) {
     for (SharedInput& s : shared_)
       if (x && s.x == x && s.half_activation && s.fp32_stale) {
-        if (s.rows * s.cols != n) fail(op, ": reads ", n, " values of a tensor held in 16 bits as ", s.rows, "x", s.cols);
+        if (s.rows * s.cols != n)
+          fail(op, ": reads ", n, " values of a tensor held in 16 bits as ", s.rows, "x", s.cols);
         return {s.half, s.cols, s.ld};
       }
     require_fp32(x, op);
