@@ -468,6 +468,34 @@ TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
   EXPECT_EQ(emulated(32)->lora_fused_columns(16), 0);  // fp32 compute runs the two GEMMs
 }
 
+// A prefill (more rows than nf4_matmul_nt takes) in bf16 and fp16 writes its normed inputs and SwiGLU's output in
+// 16 bits in their own bytes, as a training run's forward does: the same logits bit for bit as with every output
+// in fp32, with none of the conversions (one per linear, shared by LoRA's down projection and the fused GEMM).
+TEST(cuda_backend_prefill_writes_gemm_only_activations_in_16_bits_with_the_same_logits) {
+  struct NothingWrittenIn16Bits : EmulatedBackend {
+    NothingWrittenIn16Bits() : EmulatedBackend(32) {}
+    bool begin_shared_output(float*, int64_t, int64_t, int64_t, bool) override { return false; }
+  };
+  for (bool f16 : {false, true}) {
+    std::vector<float> logits[2];
+    int64_t conversions[2] = {};
+    for (int fp32_outputs = 0; fp32_outputs < 2; ++fp32_outputs) {
+      std::unique_ptr<EmulatedBackend> backend =
+          fp32_outputs ? std::make_unique<NothingWrittenIn16Bits>() : std::make_unique<EmulatedBackend>(32);
+      backend->exec().compute_capability = 90;
+      backend->set_compute(half_compute(f16));
+      auto [model, adapter] = quantized_with_adapter(backend.get());
+      KvCache cache;
+      backend->set_profiling(true);
+      logits[fp32_outputs] = model->decode(qtest::reference_ids().data(), 8, cache, adapter.get(), true);
+      for (const OpTime& t : backend->take_profile())
+        if (t.op == "to_half" || t.op == "to_half_rows") conversions[fp32_outputs] += t.calls;
+    }
+    EXPECT_TRUE(logits[0] == logits[1], "f16 ", f16, ": the prefill's logits differ");
+    EXPECT_EQ(conversions[0], conversions[1] - 2 * (3 + 2 + 1));  // two layers of q k v, gate up, down
+  }
+}
+
 TEST(cuda_backend_holds_gate_and_up_outputs_in_16_bits_as_autocast_does) {
   parity::half_activations(emulated_in_with(GpuCompute::BF16), false);
   parity::half_activations(emulated_in_with(GpuCompute::F16), true);

@@ -833,25 +833,40 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
 
   const float* cos = cache.cos.get() + past * half;
   const float* sin = cache.sin.get() + past * half;
+  // A prefill's normed inputs and SwiGLU's output, read by GEMMs alone, are written in 16 bits in their own bytes
+  // where the backend's GEMMs round them so (as a training run's forward writes them; few rows read fp32).
+  const bool gemm_only = gemm_only_activations(adapter, n, opt);
+  auto share = [&](int64_t layer, DeviceArray<float>& y, int64_t cols, std::initializer_list<Module> readers) {
+    int64_t lora_columns = 0;
+    for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
+    return SharedGemmInput(be, gemm_only ? y.get() : nullptr, n, cols, lora_columns,
+                           SharedGemmInput::kWrittenNextInPlace);
+  };
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& lw = layers_[layer];
     float* k_new = cache.k[static_cast<size_t>(layer)].get() + past * kd;
     float* v_new = cache.v[static_cast<size_t>(layer)].get() + past * kd;
+    SharedGemmInput shared_xn1 = share(layer, xn, c.hidden_size, {Module::Q, Module::K, Module::V});
     be->rmsnorm_forward(x.get(), lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, xn.get(), rstd.get());
     linear_forward(layer, Module::Q, adapter, xn.get(), n, q.get(), lora_t.get(), ws, opt);
     linear_forward(layer, Module::K, adapter, xn.get(), n, k_new, lora_t.get(), ws, opt);
     linear_forward(layer, Module::V, adapter, xn.get(), n, v_new, lora_t.get(), ws, opt);
+    shared_xn1.end();
     be->rope_apply(q.get(), 1, n, c.num_heads, c.head_dim, cos, sin, false);
     be->rope_apply(k_new, 1, n, c.num_kv_heads, c.head_dim, cos, sin, false);
     be->attention_cached(q.get(), cache.k[static_cast<size_t>(layer)].get(), cache.v[static_cast<size_t>(layer)].get(),
                          n, past, c.num_heads, c.num_kv_heads, c.head_dim, attn.get());
     linear_forward(layer, Module::O, adapter, attn.get(), n, h.get(), lora_t.get(), ws, opt);
     be->add_inplace(h.get(), x.get(), n * c.hidden_size);
+    SharedGemmInput shared_xn2 = share(layer, xn, c.hidden_size, {Module::Gate, Module::Up});
     be->rmsnorm_forward(h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, xn.get(), rstd.get());
     linear_forward(layer, Module::Gate, adapter, xn.get(), n, g.get(), lora_t.get(), ws, opt);
     linear_forward(layer, Module::Up, adapter, xn.get(), n, u.get(), lora_t.get(), ws, opt);
+    shared_xn2.end();
+    SharedGemmInput shared_m = share(layer, m, c.intermediate_size, {Module::Down});
     be->swiglu_forward(g.get(), u.get(), n * c.intermediate_size, m.get());
     linear_forward(layer, Module::Down, adapter, m.get(), n, x_next.get(), lora_t.get(), ws, opt);
+    shared_m.end();
     be->add_inplace(x_next.get(), h.get(), n * c.hidden_size);
     round_hidden(x_next.get());
     std::swap(x, x_next);
