@@ -468,6 +468,55 @@ TEST(cuda_backend_fuses_loras_up_projection_into_the_base_gemm) {
   EXPECT_EQ(emulated(32)->lora_fused_columns(16), 0);  // fp32 compute runs the two GEMMs
 }
 
+// Under LoRA dropout the normed inputs and SwiGLU's output are held in 16 bits and the mask applies to the rounded
+// values, as PEFT's dropout under autocast does: a training step (A and B random, so that every gradient counts)
+// within issue 6's bounds of the same step with them and gate's and up's outputs in fp32, with fewer conversions.
+TEST(cuda_backend_lora_dropout_on_activations_held_in_16_bits_stays_within_the_bounds) {
+  struct NothingHeld : EmulatedBackend {
+    NothingHeld() : EmulatedBackend(32) {}
+    bool begin_half_activation(float*, int64_t, int64_t, int64_t) override { return false; }
+  };
+  for (bool f16 : {false, true}) {
+    double losses[2] = {};
+    int64_t conversions[2] = {};
+    std::unique_ptr<EmulatedBackend> backends[2];  // first, so that the model and adapter on each go before it
+    std::unique_ptr<LlamaModel> models[2];
+    std::unique_ptr<LoraAdapter> adapters[2];
+    for (int fp32_held = 0; fp32_held < 2; ++fp32_held) {
+      backends[fp32_held] = fp32_held ? std::make_unique<NothingHeld>() : std::make_unique<EmulatedBackend>(32);
+      EmulatedBackend* backend = backends[fp32_held].get();
+      backend->exec().compute_capability = 90;
+      backend->set_compute(half_compute(f16));
+      auto [model, adapter] = quantized_with_adapter(backend, 0.1);
+      uint32_t seed = 90;
+      for (auto& [p, g] : adapter->parameters_and_grads())
+        p->upload(parity::random_floats(static_cast<size_t>(p->size()), seed++, 0.05f));
+      RunOptions ro;
+      ro.compute_grads = true;
+      ro.training = true;
+      ro.loss_scale = f16 ? 1024.0 : 1.0;
+      backend->set_profiling(true);
+      losses[fp32_held] = model->run(qtest::reference_ids().data(), qtest::reference_ids().data(), 2, 6, adapter.get(),
+                                     ro).loss_sum;
+      for (const OpTime& t : backend->take_profile())
+        if (t.op == "to_half" || t.op == "to_half_rows") conversions[fp32_held] += t.calls;
+      models[fp32_held] = std::move(model);
+      adapters[fp32_held] = std::move(adapter);
+    }
+    EXPECT_TRUE(std::fabs(losses[0] - losses[1]) <= 0.01 * std::fabs(losses[1]), "loss ", losses[0], " vs ", losses[1]);
+    EXPECT_TRUE(losses[0] != losses[1], "f16 ", f16, ": holding in 16 bits changed no number (not rounding?)");
+    const std::vector<parity::GradientPair> grads = parity::compare_gradients(*adapters[1], *adapters[0]);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const parity::GradientPair& g = grads[i];
+      EXPECT_TRUE(g.want2 > 0.0, "gradient ", i, " is zero");
+      const double cosine = g.dot / std::sqrt(g.want2 * g.got2);
+      EXPECT_TRUE(cosine >= 0.999, "f16 ", f16, " gradient ", i, ": cosine similarity ", cosine);
+      EXPECT_TRUE(std::fabs(std::sqrt(g.got2 / g.want2) - 1.0) <= 0.01, "f16 ", f16, " gradient ", i, ": norm");
+    }
+    EXPECT_TRUE(conversions[0] < conversions[1], "conversions ", conversions[0], " vs ", conversions[1]);
+  }
+}
+
 // A prefill (more rows than nf4_matmul_nt takes) in bf16 and fp16 writes its normed inputs and SwiGLU's output in
 // 16 bits in their own bytes, as a training run's forward does: the same logits bit for bit as with every output
 // in fp32, with none of the conversions (one per linear, shared by LoRA's down projection and the fused GEMM).

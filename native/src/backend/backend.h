@@ -137,12 +137,13 @@ class Backend {
                                    bool /*in_place*/) {
     return false;
   }
-  // The caller's promise that y ([rows, cols]), written next by a linear's fused GEMM (gemm_with_lora_up), is then
-  // read only by swiglu_forward, by swiglu_backward (which may write its gradient in y's place: dg over g, du over
-  // u) and by GEMMs, whole, until end_shared_input(y): a backend that computes as torch's autocast does (the GPU
-  // under half compute) may then hold y as the GEMM's output rounded to 16 bits, in y's own bytes, with room for
-  // lora_columns as begin_shared_input, and its readers read that rounding (other numbers than fp32's, autocast's
-  // own), the gradient written there likewise. False where it does not (the CPU keeps its fp32 numbers).
+  // The caller's promise that y ([rows, cols]), written next by a linear's fused GEMM (gemm_with_lora_up),
+  // rmsnorm_forward or swiglu_forward, is then read only by dropout, swiglu_forward, swiglu_backward (which may write
+  // its gradient in y's place: dg over g, du over u) and GEMMs reading it whole, until end_shared_input(y): a backend
+  // that computes as torch's autocast does (the GPU under half compute) may then hold y as its writer's output
+  // rounded to 16 bits, in y's own bytes, with room for lora_columns as begin_shared_input, and its readers read
+  // that rounding (other numbers than fp32's, autocast's own), the gradient written there likewise. False where it
+  // does not (the CPU keeps its fp32 numbers).
   virtual bool begin_half_activation(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
     return false;
   }

@@ -394,8 +394,10 @@ class KernelBackend : public Backend {
   void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                float* out) override {
     if (n <= 0) return;
-    exec_.launch("dropout", grid_for((n + 3) / 4 + 1), exec_.threads, kernels::dropout, x, n, p, seed,
-                 static_cast<uint32_t>(RngStream::Dropout), step, offset, 1.0f / (1.0f - p), out);
+    const kernels::HalfRows x16 = held_in_16_bits(x, n, "dropout");
+    exec_.launch("dropout", grid_for((n + 3) / 4 + 1), exec_.threads, kernels::dropout, x, x16,
+                 compute_ == GpuCompute::F16, n, p, seed, static_cast<uint32_t>(RngStream::Dropout), step, offset,
+                 1.0f / (1.0f - p), out);
   }
   void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
                     double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {

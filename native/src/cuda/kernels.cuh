@@ -194,9 +194,10 @@ __global__ void adamw_update(float* param, const float* grad, float* m, float* v
 }
 
 // Dropout with the CPU's mask: element i keeps x[i] / (1 - p) when the Philox uniform of counter offset + i
-// (seed, stream, step) is >= p. Each thread computes one Philox block: four consecutive counters.
-__global__ void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t stream, uint32_t step,
-                        uint64_t offset, float keep_scale, float* out) {
+// (seed, stream, step) is >= p. Each thread computes one Philox block: four consecutive counters. x read in fp32
+// or (where x16 has data) from its 16-bit rows.
+__global__ void dropout(const float* x, HalfRows x16, bool f16, int64_t n, float p, uint64_t seed, uint32_t stream,
+                        uint32_t step, uint64_t offset, float keep_scale, float* out) {
   const uint64_t first_block = offset >> 2, last_block = (offset + static_cast<uint64_t>(n) + 3) >> 2;
   const int64_t blocks = static_cast<int64_t>(last_block - first_block);
   for (int64_t t = global_thread(); t < blocks; t += grid_threads()) {
@@ -206,7 +207,8 @@ __global__ void dropout(const float* x, int64_t n, float p, uint64_t seed, uint3
     for (int w = 0; w < 4; ++w) {
       const int64_t i = static_cast<int64_t>(b * 4 + static_cast<uint64_t>(w) - offset);
       if (i < 0 || i >= n) continue;
-      out[i] = philox_uniform(words.w[w]) >= p ? x[i] * keep_scale : 0.0f;
+      const float xi = x16.data ? half_value(f16, x16.at(i)) : x[i];
+      out[i] = philox_uniform(words.w[w]) >= p ? xi * keep_scale : 0.0f;
     }
   }
 }

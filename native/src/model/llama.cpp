@@ -25,7 +25,7 @@ struct LlamaModel::BlockActivations {
   DeviceArray<float> xn1, rstd1, q, k, v, lse, attn, h, xn2, rstd2, g, u, m;
   std::array<DeviceArray<float>, kNumModules> lora_t;  // drop(x)·A^T per adapted module, [rows, r]
   // xn1's, xn2's and m's 16-bit copies, written in their own bytes by the forward that keeps them for backward
-  // (gemm_only_activations) and shared until backward's GEMMs have read them; g and u held in 16 bits
+  // (gemm_input_writing) and shared until backward's GEMMs have read them; g and u held in 16 bits
   // (Backend::begin_half_activation) until backward's GEMMs have read the gradients written in their place.
   // Declared after the buffers they live in, so that they end first.
   std::optional<SharedGemmInput> xn1_16, xn2_16, m_16, g_16, u_16;
@@ -400,7 +400,7 @@ const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* ada
 
 void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
                                  const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
-                                 const RunOptions& opt) {
+                                 const RunOptions& opt, std::optional<SharedGemmInput>* x_share) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
   const bool drop = p && opt.training && adapter->config().dropout > 0.0;
@@ -435,13 +435,13 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
     xin = ws.dropx.get();
   }
   backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), xin, 1.0f, p->grad_a.get());
+  if (x_share) x_share->reset();  // x is not read from here on
   if (lora_columns > 0) {  // the base and LoRA terms of dx in one GEMM
     backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
                                 p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
     return;
   }
-  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient. x is
-  // not read from here on.
+  // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient.
   if (drop && base_first) {  // through drop(x)'s buffer, no longer needed
     backend_->gemm(false, false, rows, w.in, lc.rank, 1.0f, ws.lora_dt.get(), p->a.get(), 0.0f, ws.dropx.get());
     backend_->dropout(ws.dropx.get(), rows * w.in, dropout_p, opt.seed, opt.step, offset, ws.dropx.get());
@@ -458,9 +458,11 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
 // ----------------------------------------------------------------------------------------------------------------
 // Decoder block
 
-bool LlamaModel::gemm_only_activations(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const {
-  if (rows <= kNf4MatmulMaxRows) return false;
-  return !(adapter && opt.training && opt.lora_scale != 0.0 && adapter->config().dropout > 0.0);
+std::optional<SharedGemmInput::WrittenNext> LlamaModel::gemm_input_writing(const LoraAdapter* adapter, int64_t rows,
+                                                                           const RunOptions& opt) const {
+  if (rows <= kNf4MatmulMaxRows) return std::nullopt;
+  const bool dropout = adapter && opt.training && opt.lora_scale != 0.0 && adapter->config().dropout > 0.0;
+  return dropout ? SharedGemmInput::kHalfActivation : SharedGemmInput::kWrittenNextInPlace;
 }
 
 void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& a,
@@ -472,19 +474,19 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   auto t = [&](Module m) { return a.lora_t[static_cast<int>(m)].get(); };
   a.x_in = x_in;
   // The normed inputs and SwiGLU's output, each shared by the GEMMs of the linears reading it (with room for their
-  // LoRA columns) from before the op that writes it. Where GEMMs are all that read them, that op writes the 16-bit
-  // copy alone, into the fp32 buffer's own bytes; a forward whose activations backward reads keeps these shares
-  // open for backward's GEMMs (block_backward ends them).
-  const bool gemm_only = gemm_only_activations(adapter, n, opt);
+  // LoRA columns) from before the op that writes it, which then writes the 16-bit copy alone, into the fp32
+  // buffer's own bytes (gemm_input_writing); a forward whose activations backward reads keeps these shares open for
+  // backward's GEMMs and dropout (block_backward ends them).
+  const std::optional<SharedGemmInput::WrittenNext> writing = gemm_input_writing(adapter, n, opt);
   const bool backward_reads = !x_out || (opt.compute_grads && !opt.gradient_checkpointing);
-  const bool for_backward = gemm_only && backward_reads;
+  const bool for_backward = writing && backward_reads;
   auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
                    std::initializer_list<Module> readers) {
     int64_t lora_columns = 0;
     for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
     scope.reset();
-    if (gemm_only)
-      scope.emplace(backend_, y.get(), n, cols, lora_columns, SharedGemmInput::kWrittenNextInPlace);
+    if (writing)
+      scope.emplace(backend_, y.get(), n, cols, lora_columns, *writing);
     else
       scope.emplace(backend_, static_cast<const float*>(y.get()), n, cols, lora_columns);
   };
@@ -548,8 +550,9 @@ void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float*
   // MLP: x_out = h + down(swiglu(gate(xn2), up(xn2)))
   // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards);
   // m is read (its dA) before its gradient is written
-  linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt);
-  a.m_16.reset();
+  linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt,
+                  &a.m_16);
+  a.m_16.reset();  // where down has no LoRA, x was not read
   // dg and du are read by gate's and up's GEMMs alone: where g and u are held in 16 bits they are written in their
   // rows; else a backend whose GEMMs round dg to 16 bits writes it so (du too would hold two such copies at once
   // beside xn2's, a higher peak; it is converted for up's GEMMs after dg's copy is gone)
@@ -835,12 +838,12 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   const float* sin = cache.sin.get() + past * half;
   // A prefill's normed inputs and SwiGLU's output, read by GEMMs alone, are written in 16 bits in their own bytes
   // where the backend's GEMMs round them so (as a training run's forward writes them; few rows read fp32).
-  const bool gemm_only = gemm_only_activations(adapter, n, opt);
+  const std::optional<SharedGemmInput::WrittenNext> writing = gemm_input_writing(adapter, n, opt);
   auto share = [&](int64_t layer, DeviceArray<float>& y, int64_t cols, std::initializer_list<Module> readers) {
     int64_t lora_columns = 0;
     for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
-    return SharedGemmInput(be, gemm_only ? y.get() : nullptr, n, cols, lora_columns,
-                           SharedGemmInput::kWrittenNextInPlace);
+    return SharedGemmInput(be, writing ? y.get() : nullptr, n, cols, lora_columns,
+                           writing.value_or(SharedGemmInput::kWrittenNextInPlace));
   };
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& lw = layers_[layer];

@@ -4,6 +4,7 @@
 #pragma once
 #include <array>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -133,16 +134,20 @@ class LlamaModel {
   // t = drop(x)·A^T of the adapter's module m (the LoRA input backward needs); its parameter, or null without one.
   const LoraParam* lora_down(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows,
                              float* lora_t, Workspace& ws, const RunOptions& opt);
+  // x_share: a share of x (its 16-bit copy, which may live in x's own bytes) that ends once x is last read, before
+  // dx, which may then be x's buffer, is written.
   void linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
                        const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
-                       const RunOptions& options);
+                       const RunOptions& options, std::optional<SharedGemmInput>* x_share = nullptr);
   // x_out null: the recomputation of gradient checkpointing, which skips what only the block's output needs (the
   // base down projection).
-  // Whether a forward of a block may write its normed inputs and SwiGLU's output in 16 bits alone
-  // (Backend::begin_shared_output): only where the GEMMs of the linears reading them, reading them whole, are all
-  // that read them, in the forward and in backward (not where LoRA dropout masks them in fp32 or few rows read NF4
-  // weights in place: nf4_matmul_nt takes fp32 rows).
-  bool gemm_only_activations(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const;
+  // How a forward of a block writes its normed inputs and SwiGLU's output, which only GEMMs and LoRA dropout read
+  // (in the forward and in backward): in 16 bits alone, in their own bytes, with the same bits where GEMMs alone
+  // read them (kWrittenNextInPlace); under LoRA dropout held in 16 bits (kHalfActivation: the mask applies to the
+  // rounded values, as PEFT's dropout under autocast does); in fp32 (nullopt) where few rows read NF4 weights in
+  // place (nf4_matmul_nt takes fp32 rows).
+  std::optional<SharedGemmInput::WrittenNext> gemm_input_writing(const LoraAdapter* adapter, int64_t rows,
+                                                                 const RunOptions& opt) const;
   void block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& acts, LoraAdapter* adapter,
                      int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   void block_backward(int64_t layer, BlockActivations& acts, const float* dx_out, float* dx_in,
