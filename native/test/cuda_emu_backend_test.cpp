@@ -371,6 +371,7 @@ TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_s
     bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns, bool) override {
       return begin_shared_input(y, rows, cols, lora_columns);
     }
+    bool holds_activations_in_16_bits() const override { return false; }  // its outputs need their fp32 room
   };
   for (bool f16 : {false, true})
     for (double dropout : {0.0, 0.1})
@@ -475,6 +476,7 @@ TEST(cuda_backend_lora_dropout_on_activations_held_in_16_bits_stays_within_the_b
   struct NothingHeld : EmulatedBackend {
     NothingHeld() : EmulatedBackend(32) {}
     bool begin_half_activation(float*, int64_t, int64_t, int64_t) override { return false; }
+    bool holds_activations_in_16_bits() const override { return false; }
   };
   for (bool f16 : {false, true}) {
     double losses[2] = {};
@@ -524,6 +526,7 @@ TEST(cuda_backend_prefill_writes_gemm_only_activations_in_16_bits_with_the_same_
   struct NothingWrittenIn16Bits : EmulatedBackend {
     NothingWrittenIn16Bits() : EmulatedBackend(32) {}
     bool begin_shared_output(float*, int64_t, int64_t, int64_t, bool) override { return false; }
+    bool holds_activations_in_16_bits() const override { return false; }
   };
   for (bool f16 : {false, true}) {
     std::vector<float> logits[2];
@@ -650,8 +653,9 @@ TEST(cuda_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
   parity::whole_model_half(emulated_in_with(GpuCompute::F16), 1024.0);
 }
 TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
-  // Two training steps as the trainer takes them; every category but the workspace is what the CPU holds (same model
-  // code), and the workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within the estimate.
+  // Two training steps as the trainer takes them; every category but the workspace is what the estimate says exactly
+  // (under bf16 with the normed inputs, and gate's and up's outputs where fused, in buffers of 16-bit rows), and the
+  // workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within it.
   // NF4 (LoRA fused into the base GEMMs under bf16) or dense, LoRA dropout (unfused, drop(x)'s own 16-bit copies) or not
   // and the block inputs offloaded to host memory or kept
   for (const auto& [bf16, nf4, dropout, offload] :

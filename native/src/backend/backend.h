@@ -147,6 +147,10 @@ class Backend {
   virtual bool begin_half_activation(float* /*y*/, int64_t /*rows*/, int64_t /*cols*/, int64_t /*lora_columns*/) {
     return false;
   }
+  // Whether begin_shared_output in place and begin_half_activation take every y not shared yet whose LoRA columns
+  // are at most its columns (the GPU under half compute): a caller may then allocate such a y at the size of its
+  // 16-bit rows alone.
+  virtual bool holds_activations_in_16_bits() const { return false; }
 
   // LoRA's up projection inside the base GEMM. A backend whose GEMMs round their inputs to 16 bits (the GPU under
   // half compute) computes y = x W^T + alpha t B^T as one GEMM over K + lora_fused_columns(R) values ([x | alpha t]
@@ -302,6 +306,7 @@ class SharedGemmInput {
     if (open_) backend_->end_shared_input(x_);
     open_ = false;
   }
+  bool open() const { return open_; }
 
  private:
   static bool begin(Backend* backend, float* y, int64_t rows, int64_t cols, int64_t lora_columns, WrittenNext how) {

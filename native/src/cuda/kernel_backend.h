@@ -149,6 +149,7 @@ class KernelBackend : public Backend {
   bool begin_shared_output(float* y, int64_t rows, int64_t cols, int64_t lora_columns, bool in_place) override {
     return share_output(y, rows, cols, lora_columns, in_place, false);
   }
+  bool holds_activations_in_16_bits() const override { return compute_ != GpuCompute::F32; }
   // Held in 16 bits from the GEMM writing it: written as the GEMM's output rounded, read so by swiglu.
   bool begin_half_activation(float* y, int64_t rows, int64_t cols, int64_t lora_columns) override {
     return share_output(y, rows, cols, lora_columns, true, true);

@@ -136,8 +136,16 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.cuda && o.compute == GpuCompute::BF16 && keep_all) add(Ws, n * h * 2);  // the rounding's 16-bit scratch
   e.activation_page_bytes = state_bytes;
   e.offloadable_activation_bytes = movable * state_bytes;
-  const int64_t block = n * h * 3 + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads + n * inter * 3 +
-                        targets_count * n * r;  // xn1 h xn2, rstd1/2, q attn, k v, lse, g u m, lora_t
+  // Under half compute on the GPU (more rows than generation's few) xn1 and xn2 are held as 16-bit rows alone with
+  // room for LoRA's columns, and g and u too where gate and up are fused GEMMs (NF4, adapted):
+  // LlamaModel::half_row_buffers.
+  const bool half_rows = o.cuda && o.compute != GpuCompute::F32 && n > kNf4MatmulMaxRows;
+  auto floats = [&](int64_t cols, bool half) { return half ? (n * (cols + lora_columns) + 1) / 2 : n * cols; };
+  const bool xn_half = half_rows && lora_columns <= h;
+  auto fused_half = [&](Module m) { return half_rows && nf4 && targets.count(m) > 0 && lora_columns <= inter; };
+  const int64_t block = 2 * floats(h, xn_half) + n * h + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads +
+                        floats(inter, fused_half(Module::Gate)) + floats(inter, fused_half(Module::Up)) + n * inter +
+                        targets_count * n * r;  // xn1 xn2, h, rstd1/2, q attn, k v, lse, g, u, m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);
   add(Act, 2 * n * h * kF32);                          // d_cur, d_next (the latter also the final norm's dxf)
   add(Act, (2 * n * h + 2 * n * qd + 2 * n * kd) * kF32);  // dxn dh, dattn dq, dk dv (dm, dg, du take m's, g's, u's place)

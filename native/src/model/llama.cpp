@@ -29,11 +29,18 @@ struct LlamaModel::BlockActivations {
   // (Backend::begin_half_activation) until backward's GEMMs have read the gradients written in their place.
   // Declared after the buffers they live in, so that they end first.
   std::optional<SharedGemmInput> xn1_16, xn2_16, m_16, g_16, u_16;
+  HalfRowBuffers half;  // which buffers hold 16-bit rows alone
 
-  void allocate(Backend* b, const ModelConfig& c, int64_t batch, int64_t seq, const LoraAdapter* adapter) {
+  // floats that hold rows x cols values, or their 16-bit rows with `room` beside each
+  static int64_t floats(int64_t rows, int64_t cols, bool half_rows, int64_t room) {
+    return half_rows ? (rows * (cols + room) + 1) / 2 : rows * cols;
+  }
+  void allocate(Backend* b, const ModelConfig& c, int64_t batch, int64_t seq, const LoraAdapter* adapter,
+                const HalfRowBuffers& half_rows) {
     const int64_t n = batch * seq;
     const auto cat = MemCategory::Activations;
-    xn1.reset(b, n * c.hidden_size, cat);
+    half = half_rows;
+    xn1.reset(b, floats(n, c.hidden_size, half.xn, half.room), cat);
     rstd1.reset(b, n, cat);
     q.reset(b, n * c.num_heads * c.head_dim, cat);
     k.reset(b, n * c.num_kv_heads * c.head_dim, cat);
@@ -41,10 +48,10 @@ struct LlamaModel::BlockActivations {
     lse.reset(b, batch * c.num_heads * seq, cat);  // attention's log-sum-exp per query row and head
     attn.reset(b, n * c.num_heads * c.head_dim, cat);
     h.reset(b, n * c.hidden_size, cat);
-    xn2.reset(b, n * c.hidden_size, cat);
+    xn2.reset(b, floats(n, c.hidden_size, half.xn, half.room), cat);
     rstd2.reset(b, n, cat);
-    g.reset(b, n * c.intermediate_size, cat);
-    u.reset(b, n * c.intermediate_size, cat);
+    g.reset(b, floats(n, c.intermediate_size, half.g, half.room), cat);
+    u.reset(b, floats(n, c.intermediate_size, half.u, half.room), cat);
     m.reset(b, n * c.intermediate_size, cat);
     if (adapter)
       for (Module mod : adapter->config().targets)
@@ -465,6 +472,23 @@ std::optional<SharedGemmInput::WrittenNext> LlamaModel::gemm_input_writing(const
   return dropout ? SharedGemmInput::kHalfActivation : SharedGemmInput::kWrittenNextInPlace;
 }
 
+LlamaModel::HalfRowBuffers LlamaModel::half_row_buffers(const LoraAdapter* adapter, int64_t rows,
+                                                         const RunOptions& opt) const {
+  HalfRowBuffers half;
+  if (!backend_->holds_activations_in_16_bits()) return half;
+  const ModelConfig& c = config_;
+  half.room = adapter ? backend_->lora_fused_columns(adapter->config().rank) : 0;
+  auto fused_everywhere = [&](Module m) {
+    for (int64_t layer = 0; layer < c.num_layers; ++layer)
+      if (fused_lora_columns(layer, m, adapter, rows, opt) == 0) return false;
+    return half.room <= c.intermediate_size;  // in place (Backend::begin_half_activation)
+  };
+  half.xn = gemm_input_writing(adapter, rows, opt).has_value() && half.room <= c.hidden_size;
+  half.g = fused_everywhere(Module::Gate);
+  half.u = fused_everywhere(Module::Up);
+  return half;
+}
+
 void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& a,
                                LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws,
                                const RunOptions& opt) {
@@ -481,7 +505,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   const bool backward_reads = !x_out || (opt.compute_grads && !opt.gradient_checkpointing);
   const bool for_backward = writing && backward_reads;
   auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
-                   std::initializer_list<Module> readers) {
+                   std::initializer_list<Module> readers, bool half_rows) {
     int64_t lora_columns = 0;
     for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
     scope.reset();
@@ -489,12 +513,14 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
       scope.emplace(backend_, y.get(), n, cols, lora_columns, *writing);
     else
       scope.emplace(backend_, static_cast<const float*>(y.get()), n, cols, lora_columns);
+    if (half_rows && !scope->open())  // fp32 values would not fit
+      fail("layer ", layer, ": a normed input has a buffer of 16-bit rows that the backend did not write so");
   };
   auto forward_done_with = [&](std::optional<SharedGemmInput>& scope) {
     if (!for_backward) scope.reset();
   };
   // q, k, v and their LoRA down projections
-  share(a.xn1_16, a.xn1, c.hidden_size, {Module::Q, Module::K, Module::V});
+  share(a.xn1_16, a.xn1, c.hidden_size, {Module::Q, Module::K, Module::V}, a.half.xn);
   backend_->rmsnorm_forward(x_in, lw.attn_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn1.get(), a.rstd1.get());
   linear_forward(layer, Module::Q, adapter, a.xn1.get(), n, a.q.get(), t(Module::Q), ws, opt);
   linear_forward(layer, Module::K, adapter, a.xn1.get(), n, a.k.get(), t(Module::K), ws, opt);
@@ -508,21 +534,23 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   backend_->add_inplace(a.h.get(), x_in, n * c.hidden_size);
   // gate, up and their LoRA down projections. Their outputs are held in 16 bits, as autocast holds them, by a
   // backend that computes so, where each is one fused GEMM; backward writes their gradients in their place.
-  auto hold_in_16_bits = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, Module m) {
+  auto hold_in_16_bits = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, Module m, bool half_rows) {
     scope.reset();
     if (fused_lora_columns(layer, m, adapter, n, opt) > 0)
       scope.emplace(backend_, y.get(), n, c.intermediate_size, dy_lora_columns(layer, m, adapter, n, opt),
                     SharedGemmInput::kHalfActivation);
+    if (half_rows && !(scope && scope->open()))
+      fail("layer ", layer, ": ", module_name(m), "'s output has a buffer of 16-bit rows that the backend did not hold");
   };
-  hold_in_16_bits(a.g_16, a.g, Module::Gate);
-  hold_in_16_bits(a.u_16, a.u, Module::Up);
-  share(a.xn2_16, a.xn2, c.hidden_size, {Module::Gate, Module::Up});
+  hold_in_16_bits(a.g_16, a.g, Module::Gate, a.half.g);
+  hold_in_16_bits(a.u_16, a.u, Module::Up, a.half.u);
+  share(a.xn2_16, a.xn2, c.hidden_size, {Module::Gate, Module::Up}, a.half.xn);
   backend_->rmsnorm_forward(a.h.get(), lw.mlp_norm.get(), n, c.hidden_size, c.rms_norm_eps, a.xn2.get(),
                             a.rstd2.get());
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
   forward_done_with(a.xn2_16);
-  share(a.m_16, a.m, c.intermediate_size, {Module::Down});
+  share(a.m_16, a.m, c.intermediate_size, {Module::Down}, false);
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
   if (!backward_reads) {
     a.g_16.reset();
@@ -713,7 +741,8 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   states.commit(0);
 
   std::vector<BlockActivations> acts(keep_all ? static_cast<size_t>(c.num_layers) : 1);
-  for (auto& a : acts) a.allocate(be, c, batch, seq, adapter);
+  const HalfRowBuffers half_rows = half_row_buffers(adapter, n, opt);
+  for (auto& a : acts) a.allocate(be, c, batch, seq, adapter, half_rows);
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     block_forward(layer, states.input(layer), states.output(layer + 1), acts[keep_all ? layer : 0], adapter, batch,
                   seq, ws, opt);

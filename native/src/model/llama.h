@@ -127,6 +127,15 @@ class LlamaModel {
  private:
   struct BlockActivations;
   struct Workspace;
+  // Which of a block's activations a run allocates at the size of their 16-bit rows alone (rows of their columns and
+  // `room` for LoRA's), because the backend holds them so (Backend::holds_activations_in_16_bits): xn1 and xn2
+  // where gemm_input_writing writes them in 16 bits, g and u where gate's (up's) linear is one fused GEMM in every
+  // layer. m stays fp32-sized: down's input gradient takes its place.
+  struct HalfRowBuffers {
+    bool xn = false, g = false, u = false;
+    int64_t room = 0;
+  };
+  HalfRowBuffers half_row_buffers(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const;
   LlamaModel() = default;
   void check_ids(const int32_t* ids, int64_t n) const;
   void linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
