@@ -540,7 +540,8 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
       scope.emplace(backend_, y.get(), n, c.intermediate_size, dy_lora_columns(layer, m, adapter, n, opt),
                     SharedGemmInput::kHalfActivation);
     if (half_rows && !(scope && scope->open()))
-      fail("layer ", layer, ": ", module_name(m), "'s output has a buffer of 16-bit rows that the backend did not hold");
+      fail("layer ", layer, ": ", module_name(m), "'s output has a buffer of 16-bit rows that the backend did not",
+           " hold");
   };
   hold_in_16_bits(a.g_16, a.g, Module::Gate, a.half.g);
   hold_in_16_bits(a.u_16, a.u, Module::Up, a.half.u);
