@@ -515,7 +515,8 @@ const char* const kReferenceModels[] = {"llama-shared", "llama3-shared", "qwen2-
 
 // Gate's and up's outputs held in 16 bits (begin_half_activation), as torch's autocast holds them: the fused GEMM
 // writes its fp32 sums rounded into the output's own bytes (rows with room for LoRA's columns), SwiGLU reads the
-// rounded values, and its backward writes the rounded gradients in their place.
+// rounded values, and its backward, reading its output gradient held so too (down's fused input-gradient GEMM
+// writes it), writes the rounded gradients in their place.
 inline void half_activations(const MakeBackend& make, bool f16) {
   const int64_t M = 7, N = 16, K = 24, R = 4;
   auto backend = make();
@@ -533,13 +534,12 @@ inline void half_activations(const MakeBackend& make, bool f16) {
     return out;
   };
   const std::vector<float> xs = parity::random_floats(M * K, 61), ts = parity::random_floats(M * R, 62),
-                           bs = parity::random_floats(N * R, 63), douts = parity::random_floats(M * N, 64);
+                           bs = parity::random_floats(N * R, 63);
   DeviceArray<float> x(be, M * K, MemCategory::Activations), t(be, M * R, MemCategory::Activations),
       b(be, N * R, MemCategory::Activations), dout(be, M * N, MemCategory::Activations);
   x.upload(xs);
   t.upload(ts);
   b.upload(bs);
-  dout.upload(douts);
   DeviceArray<uint16_t> w(be, N * ld, MemCategory::Workspace);
   // gate's and up's products in fp32, then held
   std::vector<float> fp32[2];
@@ -565,6 +565,32 @@ inline void half_activations(const MakeBackend& make, bool f16) {
         EXPECT_TRUE(near(rows[static_cast<size_t>(r * out_ld + n)], to16(fp32[i][static_cast<size_t>(r * N + n)])),
                     "the GEMM's output held in 16 bits");
   }
+  // SwiGLU's output gradient held in 16 bits from the fused GEMM that writes it (down's dx = [dy | dt] [W ; A])
+  std::vector<float> douts;
+  std::optional<SharedGemmInput> dout_scope;
+  {
+    const int64_t Kd = 24;  // down's output width
+    const std::vector<float> dys = parity::random_floats(M * Kd, 70), dts = parity::random_floats(M * R, 71),
+                             as = parity::random_floats(R * N, 72), wds = parity::random_floats(Kd * N, 73);
+    std::vector<uint16_t> wd_rows(static_cast<size_t>((Kd + columns) * N), 0);
+    for (size_t i = 0; i < wds.size(); ++i) wd_rows[i] = to16(wds[i]);
+    DeviceArray<float> dy(be, M * Kd, MemCategory::Activations), dt(be, M * R, MemCategory::Activations),
+        a(be, R * N, MemCategory::Activations), dout32(be, M * N, MemCategory::Activations);
+    DeviceArray<uint16_t> wd(be, (Kd + columns) * N, MemCategory::Workspace);
+    dy.upload(dys);
+    dt.upload(dts);
+    a.upload(as);
+    wd.upload(wd_rows);
+    be->gemm_dx_with_lora(M, N, Kd, dy.get(), wd.get(), R, dt.get(), a.get(), 0.0f, dout32.get());
+    douts = dout32.download();
+    dout_scope.emplace(be, dout.get(), M, N, 0, SharedGemmInput::kHalfActivation);
+    wd.upload(wd_rows);
+    be->gemm_dx_with_lora(M, N, Kd, dy.get(), wd.get(), R, dt.get(), a.get(), 0.0f, dout.get());
+    const std::vector<uint16_t> rows = rows_of(dout);
+    for (int64_t i = 0; i < M * N; ++i)
+      EXPECT_TRUE(near(rows[static_cast<size_t>(i)], to16(douts[static_cast<size_t>(i)])),
+                  "the input gradient's GEMM output held in 16 bits");
+  }
   // SwiGLU of the held values, and its backward in their place
   DeviceArray<float> m(be, M * N, MemCategory::Activations);
   be->swiglu_forward(held[0].get(), held[1].get(), M * N, m.get());
@@ -572,7 +598,7 @@ inline void half_activations(const MakeBackend& make, bool f16) {
   std::vector<uint16_t> want_dg(static_cast<size_t>(M * N)), want_du(static_cast<size_t>(M * N));
   for (int64_t i = 0; i < M * N; ++i) {
     const float g = from16(to16(fp32[0][static_cast<size_t>(i)])), u = from16(to16(fp32[1][static_cast<size_t>(i)]));
-    const float s = 1.0f / (1.0f + std::exp(-g)), d = douts[static_cast<size_t>(i)];
+    const float s = 1.0f / (1.0f + std::exp(-g)), d = from16(to16(douts[static_cast<size_t>(i)]));
     EXPECT_TRUE(std::fabs(ms[static_cast<size_t>(i)] - g * s * u) <= 1e-5f * std::max(1.0f, std::fabs(g * s * u)),
                 "SwiGLU reads the rounded values");
     want_du[static_cast<size_t>(i)] = to16(d * g * s);

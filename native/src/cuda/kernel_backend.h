@@ -167,7 +167,7 @@ class KernelBackend : public Backend {
     const kernels::HalfRows y16 = written_in_16_bits(y, M * N);
     if (!y16.data) return gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
     if (y16.cols != N) fail("gemm_with_lora_up: a ", M, "x", N, " output shared as rows of ", y16.cols, " values");
-    gemm_16_to_16(M, N, ld, a, w_rows, N * ld, y16);
+    gemm_16_to_16(true, M, N, ld, a, w_rows, N * ld, y16);
   }
   void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
                          const float* dt, const float* a, float beta, float* dx) override {
@@ -178,7 +178,11 @@ class KernelBackend : public Backend {
     if (columns > R) exec_.zero(below + R * N, static_cast<size_t>((columns - R) * N) * sizeof(uint16_t));
     DeviceArray<uint16_t> own;
     const uint16_t* g = with_lora_columns(dy, M, K, dt, R, 1.0f, own);
-    gemm_16(false, false, M, N, ld, g, w_rows, ld * N, beta, dx);
+    // dx held in 16 bits from here (begin_half_activation): written so, when not accumulated into
+    const kernels::HalfRows dx16 = beta == 0.0f ? written_in_16_bits(dx, M * N) : kernels::HalfRows{};
+    if (!dx16.data) return gemm_16(false, false, M, N, ld, g, w_rows, ld * N, beta, dx);
+    if (dx16.cols != N) fail("gemm_dx_with_lora: a ", M, "x", N, " output shared as rows of ", dx16.cols, " values");
+    gemm_16_to_16(false, M, N, ld, g, w_rows, ld * N, dx16);
   }
   void end_shared_input(const float* x) override {
     shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [x](const SharedInput& s) { return s.x == x; }),
@@ -309,15 +313,15 @@ class KernelBackend : public Backend {
   }
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
     if (n <= 0) return;
-    require_fp32(dout, "swiglu_backward");
-    const kernels::HalfRows g16 = held_in_16_bits(g, n, "swiglu_backward"),
+    const kernels::HalfRows dout16 = held_in_16_bits(dout, n, "swiglu_backward"),
+                            g16 = held_in_16_bits(g, n, "swiglu_backward"),
                             u16 = held_in_16_bits(u, n, "swiglu_backward");
     // dg and du shared as the outputs they are about to be (begin_shared_output): their 16-bit copies are written;
     // in place of g and u held in 16 bits (begin_half_activation), in their rows, which then hold the gradients
     const kernels::HalfRows dg16 = g16.data && dg == g ? g16 : written_in_16_bits(dg, n),
                             du16 = u16.data && du == u ? u16 : written_in_16_bits(du, n);
-    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, g, u, n, g16, u16, dg,
-                 du, dg16, du16, compute_ == GpuCompute::F16);
+    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, dout16, g, u, n, g16,
+                 u16, dg, du, dg16, du16, compute_ == GpuCompute::F16);
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                      float* dlogits, double* logprobs) override {
@@ -494,16 +498,16 @@ class KernelBackend : public Backend {
                  rows + K, ld, columns);
     return rows;
   }
-  // C = A B^T written in 16 bits into C's rows (the fp32 sums rounded), as gemm_16 (fp32, then rounded, where
+  // C = A op(B) written in 16 bits into C's rows (the fp32 sums rounded), as gemm_16 (fp32, then rounded, where
   // cuBLASLt has no such algorithm).
-  void gemm_16_to_16(int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, int64_t b_count,
+  void gemm_16_to_16(bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, int64_t b_count,
                      kernels::HalfRows C) {
     const bool f16 = compute_ == GpuCompute::F16;
     const auto [workspace, workspace_bytes] = gemm_workspace();
-    if (exec_.gemm_half_to_half(f16, false, true, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes))
+    if (exec_.gemm_half_to_half(f16, false, tb, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes))
       return;
     DeviceArray<float> c32(this, M * N, MemCategory::Workspace);
-    gemm_16(false, true, M, N, K, A, B, b_count, 0.0f, c32.get());
+    gemm_16(false, tb, M, N, K, A, B, b_count, 0.0f, c32.get());
     exec_.launch("to_half_rows", grid_for(M * N), exec_.threads, kernels::to_half_rows, c32.get(), M, N, N, 1.0f, f16,
                  C.data, C.ld, N);
   }

@@ -160,14 +160,15 @@ __global__ void swiglu_forward(const float* g, const float* u, int64_t n, HalfRo
 }
 
 // dg may be g and du may be u, and dg16, du16 g16's and u16's rows: each element is read before it is written.
-// g and u read as swiglu_forward reads them; dg and du in fp32, or each (where its HalfRows has data) rounded to 16
-// bits into its rows.
-__global__ void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, HalfRows g16,
-                                HalfRows u16, float* dg, float* du, HalfRows dg16, HalfRows du16, bool f16) {
+// dout, g and u read as swiglu_forward reads g and u; dg and du in fp32, or each (where its HalfRows has data)
+// rounded to 16 bits into its rows.
+__global__ void swiglu_backward(const float* dout, HalfRows dout16, const float* g, const float* u, int64_t n,
+                                HalfRows g16, HalfRows u16, float* dg, float* du, HalfRows dg16, HalfRows du16,
+                                bool f16) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const float gi = g16.data ? half_value(f16, g16.at(i)) : g[i];
     const float ui = u16.data ? half_value(f16, u16.at(i)) : u[i];
-    const float di = dout[i];
+    const float di = dout16.data ? half_value(f16, dout16.at(i)) : dout[i];
     const float s = 1.0f / (1.0f + expf(-gi));
     const float dui = di * gi * s;
     const float dgi = di * ui * s * (1.0f + gi * (1.0f - s));

@@ -26,9 +26,10 @@ struct LlamaModel::BlockActivations {
   std::array<DeviceArray<float>, kNumModules> lora_t;  // drop(x)·A^T per adapted module, [rows, r]
   // xn1's, xn2's and m's 16-bit copies, written in their own bytes by the forward that keeps them for backward
   // (gemm_input_writing) and shared until backward's GEMMs have read them; g and u held in 16 bits
-  // (Backend::begin_half_activation) until backward's GEMMs have read the gradients written in their place.
+  // (Backend::begin_half_activation) until backward's GEMMs have read the gradients written in their place; m's
+  // gradient held so (in m's bytes) where one GEMM writes it, until SwiGLU's backward has read it.
   // Declared after the buffers they live in, so that they end first.
-  std::optional<SharedGemmInput> xn1_16, xn2_16, m_16, g_16, u_16;
+  std::optional<SharedGemmInput> xn1_16, xn2_16, m_16, g_16, u_16, dm_16;
   HalfRowBuffers half;  // which buffers hold 16-bit rows alone
 
   // floats that hold rows x cols values, or their 16-bit rows with `room` beside each
@@ -407,7 +408,8 @@ const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* ada
 
 void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
                                  const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
-                                 const RunOptions& opt, std::optional<SharedGemmInput>* x_share) {
+                                 const RunOptions& opt, std::optional<SharedGemmInput>* x_share,
+                                 std::optional<SharedGemmInput>* dx_hold) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
   const bool drop = p && opt.training && adapter->config().dropout > 0.0;
@@ -444,6 +446,8 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   backend_->gemm(true, false, lc.rank, w.in, rows, 1.0f, ws.lora_dt.get(), xin, 1.0f, p->grad_a.get());
   if (x_share) x_share->reset();  // x is not read from here on
   if (lora_columns > 0) {  // the base and LoRA terms of dx in one GEMM
+    if (dx_hold && !accumulate_dx)
+      dx_hold->emplace(backend_, dx, rows, w.in, 0, SharedGemmInput::kHalfActivation);
     backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
                                 p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
     return;
@@ -580,7 +584,7 @@ void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float*
   // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards);
   // m is read (its dA) before its gradient is written
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt,
-                  &a.m_16);
+                  &a.m_16, &a.dm_16);
   a.m_16.reset();  // where down has no LoRA, x was not read
   // dg and du are read by gate's and up's GEMMs alone: where g and u are held in 16 bits they are written in their
   // rows; else a backend whose GEMMs round dg to 16 bits writes it so (du too would hold two such copies at once
@@ -589,6 +593,7 @@ void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float*
   SharedGemmInput dg(backend_, a.g.get(), n, inter, dy_lora_columns(layer, Module::Gate, adapter, n, opt),
                      SharedGemmInput::kWrittenNext);
   backend_->swiglu_backward(a.m.get(), a.g.get(), a.u.get(), n * inter, a.g.get(), a.u.get());
+  a.dm_16.reset();
   SharedGemmInput shared_xn2(backend_, a.xn2.get(), n, c.hidden_size);  // gate's and up's dA
   linear_backward(layer, Module::Gate, adapter, a.xn2.get(), t(Module::Gate), a.g.get(), n, ws.dxn.get(), false, ws,
                   opt);
