@@ -131,11 +131,20 @@ class KernelBackend : public Backend {
       b_half = b16.get();
     }
     if (!exec_.gemm_half(f16, ta, tb, M, N, K, alpha, a_half, b_half, beta, C, workspace, workspace_bytes, lda, ldb)) {
-      require_fp32(A, "gemm's fp32 fallback");
+      // No half kernel for this shape: the same product in fp32 from the 16-bit operands (a shared copy may be all
+      // there is of A or B, held in its own bytes).
+      DeviceArray<float> a32(this, M * K, MemCategory::Workspace), b32w(this, b_count, MemCategory::Workspace);
+      widen_rows(a_half, ta ? K : M, ta ? M : K, lda, a32.get());
+      widen_rows(b_half, tb ? N : K, tb ? K : N, ldb, b32w.get());
       a16.release();
       b16.release();
-      exec_.gemm(ta, tb, M, N, K, alpha, A, b_f32(), beta, C, workspace, workspace_bytes);  // no half kernel for this shape
+      exec_.gemm(ta, tb, M, N, K, alpha, a32.get(), b32w.get(), beta, C, workspace, workspace_bytes);
     }
+  }
+  // rows x cols 16-bit values in the compute's format, their rows ld apart (0: cols), widened to fp32.
+  void widen_rows(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld, float* out) {
+    exec_.launch("widen_rows", grid_for(rows * cols), exec_.threads, kernels::widen_rows, x, rows, cols,
+                 ld == 0 ? cols : ld, compute_ == GpuCompute::F16, out);
   }
   bool begin_shared_input(const float* x, int64_t rows, int64_t cols, int64_t lora_columns) override {
     if (compute_ == GpuCompute::F32 || !x || rows <= 0 || cols <= 0) return false;
@@ -192,6 +201,7 @@ class KernelBackend : public Backend {
     if (n > 0) exec_.launch("add_inplace", grid_for(n), exec_.threads, kernels::add_inplace, y, x, n);
   }
   void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) override {
+    require_fp32(y, "add_bias_rows");
     if (rows * cols > 0)
       exec_.launch("add_bias_rows", grid_for(rows * cols), exec_.threads, kernels::add_bias_rows, y, bias, rows, cols);
   }

@@ -214,6 +214,12 @@ __global__ void dropout(const float* x, HalfRows x16, bool f16, int64_t n, float
   }
 }
 
+// rows x cols 16-bit values (fp16 with f16, else bf16), their rows ld apart, widened to fp32 [rows, cols].
+__global__ void widen_rows(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld, bool f16, float* out) {
+  for (int64_t i = global_thread(); i < rows * cols; i += grid_threads())
+    out[i] = half_value(f16, x[i / cols * ld + i % cols]);
+}
+
 // ---- frozen weights stored in 16 bits (StoredMatrix): format 1 bf16, 2 fp16 (FloatFormat's order) ----
 
 // A stored value of format 0 (fp32), 1 or 2 at index i, as fp32.

@@ -137,12 +137,14 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   e.activation_page_bytes = state_bytes;
   e.offloadable_activation_bytes = movable * state_bytes;
   // Under half compute on the GPU (more rows than generation's few) xn1 and xn2 are held as 16-bit rows alone with
-  // room for LoRA's columns, and g and u too where gate and up are fused GEMMs (NF4, adapted):
+  // room for LoRA's columns, and g and u too where gate and up are fused GEMMs (NF4, adapted, no bias):
   // LlamaModel::half_row_buffers.
   const bool half_rows = o.cuda && o.compute != GpuCompute::F32 && n > kNf4MatmulMaxRows;
   auto floats = [&](int64_t cols, bool half) { return half ? (n * (cols + lora_columns) + 1) / 2 : n * cols; };
   const bool xn_half = half_rows && lora_columns <= h;
-  auto fused_half = [&](Module m) { return half_rows && nf4 && targets.count(m) > 0 && lora_columns <= inter; };
+  auto fused_half = [&](Module m) {
+    return half_rows && nf4 && targets.count(m) > 0 && !module_has_bias(c, m) && lora_columns <= inter;
+  };
   const int64_t block = 2 * floats(h, xn_half) + n * h + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads +
                         floats(inter, fused_half(Module::Gate)) + floats(inter, fused_half(Module::Up)) + n * inter +
                         targets_count * n * r;  // xn1 xn2, h, rstd1/2, q attn, k v, lse, g, u, m, lora_t

@@ -483,6 +483,7 @@ LlamaModel::HalfRowBuffers LlamaModel::half_row_buffers(const LoraAdapter* adapt
   const ModelConfig& c = config_;
   half.room = adapter ? backend_->lora_fused_columns(adapter->config().rank) : 0;
   auto fused_everywhere = [&](Module m) {
+    if (module_has_bias(c, m)) return false;  // added to the fp32 output (block_forward holds it in fp32 then)
     for (int64_t layer = 0; layer < c.num_layers; ++layer)
       if (fused_lora_columns(layer, m, adapter, rows, opt) == 0) return false;
     return half.room <= c.intermediate_size;  // in place (Backend::begin_half_activation)
@@ -540,7 +541,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   // backend that computes so, where each is one fused GEMM; backward writes their gradients in their place.
   auto hold_in_16_bits = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, Module m, bool half_rows) {
     scope.reset();
-    if (fused_lora_columns(layer, m, adapter, n, opt) > 0)
+    if (fused_lora_columns(layer, m, adapter, n, opt) > 0 && !module_has_bias(c, m))  // a bias is added in fp32
       scope.emplace(backend_, y.get(), n, c.intermediate_size, dy_lora_columns(layer, m, adapter, n, opt),
                     SharedGemmInput::kHalfActivation);
     if (half_rows && !(scope && scope->open()))

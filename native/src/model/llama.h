@@ -130,7 +130,7 @@ class LlamaModel {
   // Which of a block's activations a run allocates at the size of their 16-bit rows alone (rows of their columns and
   // `room` for LoRA's), because the backend holds them so (Backend::holds_activations_in_16_bits): xn1 and xn2
   // where gemm_input_writing writes them in 16 bits, g and u where gate's (up's) linear is one fused GEMM in every
-  // layer. m stays fp32-sized: down's input gradient takes its place.
+  // layer and has no bias. m stays fp32-sized: down's input gradient takes its place.
   struct HalfRowBuffers {
     bool xn = false, g = false, u = false;
     int64_t room = 0;
