@@ -170,6 +170,21 @@ QuantizedWithAdapter quantized_with_adapter(Backend* backend, double dropout = 0
   return q;
 }
 
+// Every LoRA parameter random (A and B, scale 0.05, seeds from `seed` on), so that every gradient counts.
+void randomize_lora(LoraAdapter& adapter, uint32_t seed) {
+  for (auto& [p, g] : adapter.parameters_and_grads())
+    p->upload(parity::random_floats(static_cast<size_t>(p->size()), seed++, 0.05f));
+}
+
+// A training step's options: gradients, LoRA dropout on, and under fp16 the loss scale.
+RunOptions training_step(bool f16) {
+  RunOptions ro;
+  ro.compute_grads = true;
+  ro.training = true;
+  ro.loss_scale = f16 ? 1024.0 : 1.0;
+  return ro;
+}
+
 // The emulator runs the GPU's fp32 arithmetic: only the order of sums differs from the CPU's.
 constexpr parity::ModelTolerance kEmulatedTolerance{1e-5, 1e-5, 1e-4};
 
@@ -493,13 +508,8 @@ TEST(cuda_backend_lora_dropout_on_activations_held_in_16_bits_stays_within_the_b
       backend->exec().compute_capability = 90;
       backend->set_compute(half_compute(f16));
       auto [model, adapter] = quantized_with_adapter(backend, 0.1);
-      uint32_t seed = 90;
-      for (auto& [p, g] : adapter->parameters_and_grads())
-        p->upload(parity::random_floats(static_cast<size_t>(p->size()), seed++, 0.05f));
-      RunOptions ro;
-      ro.compute_grads = true;
-      ro.training = true;
-      ro.loss_scale = f16 ? 1024.0 : 1.0;
+      randomize_lora(*adapter, 90);
+      const RunOptions ro = training_step(f16);
       backend->set_profiling(true);
       losses[fp32_held] = model->run(qtest::reference_ids().data(), qtest::reference_ids().data(), 2, 6, adapter.get(),
                                      ro).loss_sum;
@@ -534,15 +544,9 @@ TEST(cuda_backend_fp32_fallback_of_half_gemms_reads_their_16_bit_operands) {
         auto backend = emulated_in(half_compute(f16));
         backend->exec().half_gemms = fallback == 0;
         auto [model, adapter] = quantized_with_adapter(backend.get(), dropout);
-        uint32_t seed = 110;
-        for (auto& [p, g] : adapter->parameters_and_grads())
-          p->upload(parity::random_floats(static_cast<size_t>(p->size()), seed++, 0.05f));
-        RunOptions ro;
-        ro.compute_grads = true;
-        ro.training = true;
-        ro.loss_scale = f16 ? 1024.0 : 1.0;
+        randomize_lora(*adapter, 110);
         const std::vector<int32_t>& ids = qtest::reference_ids();
-        losses[fallback] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum;
+        losses[fallback] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), training_step(f16)).loss_sum;
         for (auto& [p, g] : adapter->parameters_and_grads()) grads[fallback].push_back(g->download());
       }
       EXPECT_EQ(losses[0], losses[1]);
@@ -573,9 +577,7 @@ TEST(cuda_backend_mlp_biases_keep_gate_and_up_outputs_in_fp32) {
     LoraConfig lc;
     lc.rank = 4;
     adapters[i] = LoraAdapter::create(backends[i], c, lc, 7);
-    uint32_t seed = 130;
-    for (auto& [p, g] : adapters[i]->parameters_and_grads())
-      p->upload(parity::random_floats(static_cast<size_t>(p->size()), seed++, 0.05f));
+    randomize_lora(*adapters[i], 130);
     RunOptions ro;
     ro.compute_grads = true;
     losses[i] = models[i]->run(ids.data(), ids.data(), 2, 6, adapters[i].get(), ro).loss_sum;
