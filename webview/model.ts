@@ -1,7 +1,7 @@
 // The training panel's view-model: trainer events in, everything the panel draws out (chart series, header numbers,
 // paging counters, warnings). Pure, with no DOM and no chart.js, so it is unit-tested under node and the webview
 // only copies its arrays into charts. It imports only from extension/protocol, which the webview bundle shares.
-import { MEMORY_CATEGORIES, type DatasetStats, type GpuEvent, type MemoryCategory, type MemoryEstimate, type RunDevice, type TrainerEvent } from '../extension/protocol/events';
+import { MEMORY_CATEGORIES, blockInputsOffloaded, type DatasetStats, type GpuEvent, type MemoryCategory, type MemoryEstimate, type RunDevice, type TrainerEvent } from '../extension/protocol/events';
 import type { PanelAction, RunStatus } from '../extension/protocol/webview';
 
 /** One chart point, already in chart.js's internal {x, y} format (the charts skip parsing). */
@@ -298,6 +298,6 @@ export const ACTION_LABELS: Record<PanelAction, string> = {
 /** What the run's memory plan moves to host memory, after its budget in the details ("" when nothing does). */
 export function hostMemoryNote(dev: RunDevice): string {
   const inputs = dev.offloadedBlockInputs ?? 0;
-  const moved = [...(dev.pagedOptimizer ? ['optimizer paged'] : []), ...(inputs > 0 ? [`${inputs} block input${inputs === 1 ? '' : 's'} offloaded`] : [])];
+  const moved = [...(dev.pagedOptimizer ? ['optimizer paged'] : []), ...(inputs > 0 ? [blockInputsOffloaded(inputs)] : [])];
   return moved.length > 0 ? `, ${moved.join(' and ')} to host memory` : '';
 }

@@ -4,6 +4,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { DeviceRequest } from '../engine/device';
+import { blockInputsOffloaded } from '../protocol/events';
 import { defaultGpuBudget, planMemory, type EstimateForPlan } from '../trainer/memoryPlan';
 
 export type PresetName = 'qlora' | 'quick';
@@ -154,8 +155,7 @@ export function memoryFit(e: EstimateForPlan, target: FitTarget): MemoryFit {
 
 /** What of a fitting run moves to host memory, for New Finetune's confirmation ("" when nothing does). */
 export function hostMemoryUse(fit: { paged: boolean; offloaded: number }): string {
-  const inputs = `${fit.offloaded} block input${fit.offloaded === 1 ? '' : 's'} offloaded`;
-  const parts = [...(fit.paged ? ['the optimizer paging'] : []), ...(fit.offloaded > 0 ? [inputs] : [])];
+  const parts = [...(fit.paged ? ['the optimizer paging'] : []), ...(fit.offloaded > 0 ? [blockInputsOffloaded(fit.offloaded)] : [])];
   return parts.length > 0 ? ` with ${parts.join(' and ')} to host memory` : '';
 }
 

@@ -44,6 +44,11 @@ export interface RunDevice {
   offloadedBlockInputs?: number;
 }
 
+/** "3 block inputs offloaded": how New Finetune and the Training view name what a memory plan moved. */
+export function blockInputsOffloaded(count: number): string {
+  return `${count} block input${count === 1 ? '' : 's'} offloaded`;
+}
+
 export interface RunStartedEvent {
   kind: 'run-started';
   time: string;

@@ -175,7 +175,6 @@ class KernelBackend : public Backend {
     // written instead
     const kernels::HalfRows y16 = written_in_16_bits(y, M * N);
     if (!y16.data) return gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
-    if (y16.cols != N) fail("gemm_with_lora_up: a ", M, "x", N, " output shared as rows of ", y16.cols, " values");
     gemm_16_to_16(true, M, N, ld, a, w_rows, N * ld, y16);
   }
   void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
@@ -190,7 +189,6 @@ class KernelBackend : public Backend {
     // dx held in 16 bits from here (begin_half_activation): written so, when not accumulated into
     const kernels::HalfRows dx16 = beta == 0.0f ? written_in_16_bits(dx, M * N) : kernels::HalfRows{};
     if (!dx16.data) return gemm_16(false, false, M, N, ld, g, w_rows, ld * N, beta, dx);
-    if (dx16.cols != N) fail("gemm_dx_with_lora: a ", M, "x", N, " output shared as rows of ", dx16.cols, " values");
     gemm_16_to_16(false, M, N, ld, g, w_rows, ld * N, dx16);
   }
   void end_shared_input(const float* x) override {
@@ -512,6 +510,7 @@ class KernelBackend : public Backend {
   // cuBLASLt has no such algorithm).
   void gemm_16_to_16(bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, int64_t b_count,
                      kernels::HalfRows C) {
+    if (C.cols != N) fail("a ", M, "x", N, " GEMM output shared as rows of ", C.cols, " values");
     const bool f16 = compute_ == GpuCompute::F16;
     const auto [workspace, workspace_bytes] = gemm_workspace();
     if (exec_.gemm_half_to_half(f16, false, tb, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes))

@@ -384,6 +384,13 @@ int64_t LlamaModel::fused_lora_columns(int64_t layer, Module m, const LoraAdapte
   return backend_->lora_fused_columns(adapter->config().rank);
 }
 
+int64_t LlamaModel::shared_lora_columns(int64_t layer, std::initializer_list<Module> readers,
+                                        const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const {
+  int64_t columns = 0;
+  for (Module m : readers) columns = std::max(columns, fused_lora_columns(layer, m, adapter, rows, opt));
+  return columns;
+}
+
 int64_t LlamaModel::dy_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
                                     const RunOptions& opt) const {
   const bool drop = adapter && opt.training && adapter->config().dropout > 0.0;
@@ -511,8 +518,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   const bool for_backward = writing && backward_reads;
   auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
                    std::initializer_list<Module> readers, bool half_rows) {
-    int64_t lora_columns = 0;
-    for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
+    const int64_t lora_columns = shared_lora_columns(layer, readers, adapter, n, opt);
     scope.reset();
     if (writing)
       scope.emplace(backend_, y.get(), n, cols, lora_columns, *writing);
@@ -876,9 +882,8 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   // where the backend's GEMMs round them so (as a training run's forward writes them; few rows read fp32).
   const std::optional<SharedGemmInput::WrittenNext> writing = gemm_input_writing(adapter, n, opt);
   auto share = [&](int64_t layer, DeviceArray<float>& y, int64_t cols, std::initializer_list<Module> readers) {
-    int64_t lora_columns = 0;
-    for (Module m : readers) lora_columns = std::max(lora_columns, fused_lora_columns(layer, m, adapter, n, opt));
-    return SharedGemmInput(be, writing ? y.get() : nullptr, n, cols, lora_columns,
+    return SharedGemmInput(be, writing ? y.get() : nullptr, n, cols,
+                           shared_lora_columns(layer, readers, adapter, n, opt),
                            writing.value_or(SharedGemmInput::kWrittenNextInPlace));
   };
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {

@@ -3,6 +3,7 @@
 // against Backend; only the kernels differ between devices.
 #pragma once
 #include <array>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -175,6 +176,9 @@ class LlamaModel {
                              const RunOptions& opt) const;
   // The LoRA columns beside the output gradient's 16-bit copy in linear_backward: fused_lora_columns where the input
   // gradient's base and LoRA terms are one GEMM (never under LoRA dropout, whose mask applies to LoRA's term alone).
+  // The room a shared input of these linears needs for their LoRA columns: the widest of their fused_lora_columns.
+  int64_t shared_lora_columns(int64_t layer, std::initializer_list<Module> readers, const LoraAdapter* adapter,
+                              int64_t rows, const RunOptions& opt) const;
   int64_t dy_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
                           const RunOptions& opt) const;
   const float* block_constants(const FrozenLinear& w, Workspace& ws);
