@@ -67,6 +67,62 @@ inline void expect_close(const char* what, const Twin& t, double tol) {
   expect_close(what, t.cpu.download(), t.dev.download(), tol);
 }
 
+// AdamW over more tensors than one launch takes (kernels::kTensorsPerLaunch is 16), of sizes from empty to longer
+// than a block, with the gradient scale of their norm: unclipped, clipped, and not finite (nothing written).
+inline void adamw_over_many_tensors(Backend* c, Backend* e) {
+  constexpr size_t kTensors = 19;
+  std::vector<std::unique_ptr<Twin>> params, grads, ms, vs;
+  for (size_t t = 0; t < kTensors; ++t) {
+    const size_t n = t == 3 ? 0 : (t * 97) % 700 + 1;
+    params.push_back(std::make_unique<Twin>(c, e, random_floats(n, static_cast<uint32_t>(60 + t))));
+    grads.push_back(std::make_unique<Twin>(c, e, random_floats(n, static_cast<uint32_t>(90 + t))));
+    ms.push_back(std::make_unique<Twin>(c, e, n));
+    vs.push_back(std::make_unique<Twin>(c, e, n));
+  }
+  auto tensors_on = [&](bool dev) {
+    std::vector<AdamWTensor> out;
+    for (size_t t = 0; t < kTensors; ++t) {
+      auto side = [&](Twin& x) { return (dev ? x.dev : x.cpu).get(); };
+      out.push_back({side(*params[t]), side(*grads[t]), side(*ms[t]), side(*vs[t]), params[t]->cpu.size()});
+    }
+    return out;
+  };
+  auto grads_on = [&](bool dev) {
+    std::vector<std::pair<const float*, int64_t>> out;
+    for (auto& g : grads) out.emplace_back((dev ? g->dev : g->cpu).get(), g->cpu.size());
+    return out;
+  };
+  DeviceArray<GradScale> scale_c(c, 1, MemCategory::Workspace), scale_e(e, 1, MemCategory::Workspace);
+  // step 1: loss scale 2, no clipping; step 2: a max norm below the norm (clipped); step 3: an infinite gradient
+  for (int64_t step = 1; step <= 3; ++step) {
+    const double max_norm = step == 2 ? 1.0 : 0.0;
+    if (step == 3) {
+      grads[5]->cpu.upload(std::vector<float>(static_cast<size_t>(grads[5]->cpu.size()), INFINITY));
+      grads[5]->dev.upload(std::vector<float>(static_cast<size_t>(grads[5]->dev.size()), INFINITY));
+    }
+    c->grad_scale(grads_on(false), 2.0, max_norm, scale_c.get());
+    e->grad_scale(grads_on(true), 2.0, max_norm, scale_e.get());
+    const GradScale sc = scale_c.download().at(0), se = scale_e.download().at(0);
+    EXPECT_EQ(se.finite, sc.finite);
+    EXPECT_EQ(se.clipped, sc.clipped);
+    EXPECT_EQ(sc.clipped, step == 2 ? 1 : 0);
+    EXPECT_EQ(sc.finite, step == 3 ? 0 : 1);
+    if (sc.finite) {
+      EXPECT_NEAR(se.norm, sc.norm, 1e-12 * sc.norm);
+      EXPECT_NEAR(se.scale, sc.scale, 1e-12 * sc.scale);
+    }
+    const std::vector<float> before = params[7]->dev.download();
+    c->adamw_update_many(tensors_on(false), 1e-2, 0.9, 0.999, 1e-8, 0.01, step, scale_c.get());
+    e->adamw_update_many(tensors_on(true), 1e-2, 0.9, 0.999, 1e-8, 0.01, step, scale_e.get());
+    if (step == 3) EXPECT_TRUE(params[7]->dev.download() == before, "a step of infinite norm changed a parameter");
+  }
+  for (size_t t = 0; t < kTensors; ++t) {
+    expect_close("adamw param", *params[t], 1e-7);
+    expect_close("adamw m", *ms[t], 1e-7);
+    expect_close("adamw v", *vs[t], 1e-7);
+  }
+}
+
 inline void elementwise_and_row_ops(const MakeBackend& make) {
   auto cpu = make_cpu_backend();
   auto dev = make();
@@ -134,16 +190,9 @@ inline void elementwise_and_row_ops(const MakeBackend& make) {
       EXPECT_TRUE(ws[i] == (f == FloatFormat::BF16 ? round_to_bf16(xs[i]) : round_to_f16(xs[i])), "widen_16 of pack_16 at ", i);
   }
 
-  // AdamW: two steps with weight decay and a gradient scale
-  Twin param(c, e, random_floats(n, 6)), grad(c, e, random_floats(n, 7)), m(c, e, n), v(c, e, n);
-  for (int64_t step = 1; step <= 2; ++step) {
-    c->adamw_update(param.cpu.get(), grad.cpu.get(), m.cpu.get(), v.cpu.get(), n, 1e-2, 0.9, 0.999, 1e-8, 0.01, step, 0.5);
-    e->adamw_update(param.dev.get(), grad.dev.get(), m.dev.get(), v.dev.get(), n, 1e-2, 0.9, 0.999, 1e-8, 0.01, step, 0.5);
-  }
-  expect_close("adamw param", param, 1e-7);
-  expect_close("adamw m", m, 1e-7);
-  expect_close("adamw v", v, 1e-7);
+  adamw_over_many_tensors(c, e);
 }
+
 
 // A matrix of 16-bit values (bf16 or fp16 bits) on both backends, and the same values widened to fp32.
 struct StoredTwin {

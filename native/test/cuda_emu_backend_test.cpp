@@ -774,6 +774,29 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   }
 }
 
+TEST(cuda_backend_keeps_an_untied_embedding_table_in_host_memory) {
+  // llama-shared (bf16, untied): the device holds every weight the CPU holds but the table, whose rows a forward
+  // gathers on the host; qwen2-shared ties it to the LM head, so it stays on the device. Same log-probs either way.
+  for (const auto& [name, tied] : {std::pair{"llama-shared", false}, std::pair{"qwen2-shared", true}}) {
+    auto cpu = make_cpu_backend();
+    auto gpu = emulated(32);
+    auto on_cpu = LlamaModel::load(cpu.get(), qtest::reference(name), LoadOptions{});
+    auto on_gpu = LlamaModel::load(gpu.get(), qtest::reference(name), LoadOptions{});
+    const ModelConfig& c = on_cpu->config();
+    const auto weights = static_cast<size_t>(MemCategory::Weights);
+    const int64_t table = c.vocab_size * c.hidden_size * 2;  // bf16
+    EXPECT_EQ(gpu->memory().current[weights], cpu->memory().current[weights] - (tied ? 0 : table));
+    std::vector<int32_t> ids(12);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 53 + 11) % c.vocab_size);
+    RunOptions ro;
+    ro.want_logprobs = true;
+    const RunResult a = on_cpu->run(ids.data(), ids.data(), 2, 6, nullptr, ro);
+    const RunResult b = on_gpu->run(ids.data(), ids.data(), 2, 6, nullptr, ro);
+    EXPECT_EQ(a.logprobs.size(), b.logprobs.size());
+    for (size_t i = 0; i < a.logprobs.size(); ++i) EXPECT_NEAR(a.logprobs[i], b.logprobs[i], 1e-4);
+  }
+}
+
 TEST(cuda_backend_offloads_bf16_block_inputs_through_page_copies_with_the_same_numbers) {
   // Under bf16 compute the block inputs are stored in bf16: on the 4-layer synthetic shape, blocks 0 and 1's (2 x 8
   // rows of 256) move out through the copy stream as forward writes them and back in for their backward (the

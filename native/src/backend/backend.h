@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "model/adamw_math.h"
 #include "util/op_profile.h"
 
 namespace qlora {
@@ -41,6 +42,15 @@ class MemoryTracker {
 
  private:
   MemoryStats stats_;
+};
+
+// One tensor of a multi-tensor AdamW update: a parameter, its gradient and AdamW's two moments, n floats each.
+struct AdamWTensor {
+  float* param;
+  const float* grad;
+  float* m;
+  float* v;
+  int64_t n;
 };
 
 // Direction of a page copy: out of device memory to host memory, or back in.
@@ -176,6 +186,11 @@ class Backend {
   // ---- transformer ops (see cpu/kernels.h for the exact math) ----
   // out[r] = table[host_ids[r]] widened to fp32.
   virtual void embedding(const int32_t* host_ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) = 0;
+  // Whether the model keeps an untied embedding table in host memory, gathers a run's rows there and uploads only
+  // them (widened with widen_16): the GPU, where the table would hold device memory (1 GiB of Llama-3-8B's, 2 GiB of
+  // 70B's in bf16) that nothing but this lookup of a few MiB of rows a step reads. A tied table stays on the device,
+  // where it is the LM head.
+  virtual bool keeps_embedding_on_host() const { return false; }
   virtual void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
                                float* rstd) = 0;
   virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
@@ -238,8 +253,14 @@ class Backend {
   // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p; out may be x.
   virtual void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                        float* out) = 0;
-  virtual void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
-                            double beta2, double eps, double weight_decay, int64_t step, double grad_scale) = 0;
+  // AdamW over several tensors at once (one launch on the GPU where they fit in one), with each gradient times
+  // scale->scale; where !scale->finite nothing is written. scale: device memory, as grad_scale wrote it.
+  virtual void adamw_update_many(const std::vector<AdamWTensor>& tensors, double lr, double beta1, double beta2,
+                                 double eps, double weight_decay, int64_t step, const GradScale* scale) = 0;
+  // *out (device memory) = make_grad_scale of the gradients' sum of squares, computed on the device: nothing waits
+  // for the host between backward and the update that reads it.
+  virtual void grad_scale(const std::vector<std::pair<const float*, int64_t>>& grads, double loss_scale,
+                          double max_grad_norm, GradScale* out) = 0;
 
   // ---- profile: time by op (bench --profile) ----
   // On: each op's device time is measured (GPU: CUDA events around every kernel and GEMM, which costs a little);

@@ -291,9 +291,15 @@ class CpuBackend final : public Backend {
       }
     }
   }
-  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
-                    double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {
-    cpu::adamw_update<float>(param, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, step, grad_scale);
+  void adamw_update_many(const std::vector<AdamWTensor>& tensors, double lr, double beta1, double beta2, double eps,
+                         double weight_decay, int64_t step, const GradScale* scale) override {
+    if (!scale->finite) return;
+    for (const AdamWTensor& t : tensors)
+      cpu::adamw_update<float>(t.param, t.grad, t.m, t.v, t.n, lr, beta1, beta2, eps, weight_decay, step, scale->scale);
+  }
+  void grad_scale(const std::vector<std::pair<const float*, int64_t>>& grads, double loss_scale, double max_grad_norm,
+                  GradScale* out) override {
+    *out = make_grad_scale(sum_of_squares_many(grads), loss_scale, max_grad_norm);
   }
 
  protected:

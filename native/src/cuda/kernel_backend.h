@@ -209,18 +209,10 @@ class KernelBackend : public Backend {
   double sum_of_squares(const float* x, int64_t n) override { return sum_of_squares_many({{x, n}}); }
   // Each tensor's blocks write their partial sums side by side; one block adds them all, one download.
   double sum_of_squares_many(const std::vector<std::pair<const float*, int64_t>>& tensors) override {
-    int64_t slots = 0;
-    for (const auto& [x, n] : tensors) slots += n > 0 ? grid_for(n) : 0;
+    DeviceArray<double> partial;
+    const int64_t slots = partial_sums_of_squares(tensors, partial, 1);
     if (slots == 0) return 0.0;
-    DeviceArray<double> partial(this, slots + 1, MemCategory::Workspace);
     double* total = partial.get() + slots;
-    int64_t at = 0;
-    for (const auto& [x, n] : tensors) {
-      if (n <= 0) continue;
-      const unsigned blocks = grid_for(n);
-      exec_.launch("sum_of_squares", blocks, exec_.threads, kernels::sum_of_squares_partial, x, n, partial.get() + at);
-      at += blocks;
-    }
     exec_.launch("sum_of_squares", 1u, exec_.threads, kernels::sum_partials, static_cast<const double*>(partial.get()),
                  slots, total);
     double result = 0.0;
@@ -228,6 +220,7 @@ class KernelBackend : public Backend {
     return result;
   }
   // ---- transformer ops ----
+  bool keeps_embedding_on_host() const override { return true; }
   void embedding(const int32_t* host_ids, int64_t rows, StoredMatrix table, int64_t dim, float* out) override {
     if (rows <= 0) return;
     DeviceArray<int32_t> ids(this, rows, MemCategory::Workspace);
@@ -412,11 +405,34 @@ class KernelBackend : public Backend {
                  compute_ == GpuCompute::F16, n, p, seed, static_cast<uint32_t>(RngStream::Dropout), step, offset,
                  1.0f / (1.0f - p), out);
   }
-  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n, double lr, double beta1,
-                    double beta2, double eps, double weight_decay, int64_t step, double grad_scale) override {
-    if (n <= 0) return;
-    exec_.launch("adamw_update", grid_for(n), exec_.threads, kernels::adamw_update, param, grad, m, v, n,
-                 adamw_step_constants(lr, beta1, beta2, eps, weight_decay, step, grad_scale));
+  void adamw_update_many(const std::vector<AdamWTensor>& tensors, double lr, double beta1, double beta2, double eps,
+                         double weight_decay, int64_t step, const GradScale* scale) override {
+    // the gradient's scale is the device's (scale->scale), not this 1
+    const AdamWStep constants = adamw_step_constants(lr, beta1, beta2, eps, weight_decay, step, 1.0);
+    for (size_t first = 0; first < tensors.size(); first += kernels::kTensorsPerLaunch) {
+      const size_t count = std::min<size_t>(kernels::kTensorsPerLaunch, tensors.size() - first);
+      kernels::AdamWTensorList list{};
+      int64_t widest = 0;
+      for (size_t k = 0; k < count; ++k) {
+        const AdamWTensor& t = tensors[first + k];
+        list.param[k] = t.param;
+        list.grad[k] = t.grad;
+        list.m[k] = t.m;
+        list.v[k] = t.v;
+        list.n[k] = t.n;
+        widest = std::max(widest, t.n);
+      }
+      if (widest > 0)
+        exec_.launch("adamw_update", dim3(grid_for(widest), static_cast<unsigned>(count)), exec_.threads,
+                     kernels::adamw_update_many, list, constants, scale);
+    }
+  }
+  void grad_scale(const std::vector<std::pair<const float*, int64_t>>& grads, double loss_scale, double max_grad_norm,
+                  GradScale* out) override {
+    DeviceArray<double> partial;
+    const int64_t slots = partial_sums_of_squares(grads, partial, 0);
+    exec_.launch("grad_scale", 1u, exec_.threads, kernels::grad_scale_of_partials,
+                 static_cast<const double*>(partial.get()), slots, loss_scale, max_grad_norm, out);
   }
 
  protected:
@@ -427,6 +443,38 @@ class KernelBackend : public Backend {
   void on_memory_budget(int64_t bytes) override { exec_.set_memory_limit(bytes); }
 
  private:
+  // The partial sums of squares of `tensors` (in double, kernels::kTensorsPerLaunch tensors a launch) into
+  // `partial`, with `extra` slots after them; returns how many partials there are. The same tensors give the same
+  // partials in the same order on every run.
+  int64_t partial_sums_of_squares(const std::vector<std::pair<const float*, int64_t>>& tensors,
+                                  DeviceArray<double>& partial, int64_t extra) {
+    struct Launch {
+      size_t first, count;
+      unsigned blocks;  // over the widest tensor of the launch (each tensor's extra blocks write zeros)
+    };
+    std::vector<Launch> launches;
+    int64_t slots = 0;
+    for (size_t first = 0; first < tensors.size(); first += kernels::kTensorsPerLaunch) {
+      const size_t count = std::min<size_t>(kernels::kTensorsPerLaunch, tensors.size() - first);
+      int64_t widest = 0;
+      for (size_t k = 0; k < count; ++k) widest = std::max(widest, tensors[first + k].second);
+      launches.push_back({first, count, grid_for(widest)});
+      slots += static_cast<int64_t>(launches.back().blocks) * static_cast<int64_t>(count);
+    }
+    partial.reset(this, slots + extra, MemCategory::Workspace);
+    int64_t at = 0;
+    for (const Launch& l : launches) {
+      kernels::TensorList list{};
+      for (size_t k = 0; k < l.count; ++k) {
+        list.x[k] = tensors[l.first + k].first;
+        list.n[k] = std::max<int64_t>(0, tensors[l.first + k].second);
+      }
+      exec_.launch("sum_of_squares", dim3(l.blocks, static_cast<unsigned>(l.count)), exec_.threads,
+                   kernels::sum_of_squares_partial_many, list, partial.get() + at);
+      at += static_cast<int64_t>(l.blocks) * static_cast<int64_t>(l.count);
+    }
+    return slots;
+  }
   // Blocks for a grid-stride loop over n items: enough to fill the device, at most 4096 (each thread loops).
   unsigned grid_for(int64_t n) const {
     const int64_t blocks = (n + exec_.threads - 1) / exec_.threads;

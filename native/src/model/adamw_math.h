@@ -22,6 +22,32 @@ inline AdamWStep adamw_step_constants(double lr, double beta1, double beta2, dou
   return AdamWStep{lr, beta1, beta2, eps, weight_decay, lr / bc1, std::sqrt(bc2), grad_scale};
 }
 
+// What a step's gradients make of its update, computed where the gradients are (on the GPU, without a wait for the
+// host between backward and the update): the host reads it once the update is queued.
+struct GradScale {
+  double norm;      // the global gradient norm of the unscaled loss: sqrt(sum of squares) / loss_scale
+  double scale;     // what the update multiplies each gradient by: 1 / loss_scale, times the clip coefficient
+  int32_t finite;   // 0: the norm is NaN or infinite, and the update leaves every parameter and moment as it was
+  int32_t clipped;  // 1: the clip coefficient max_grad_norm / (norm + 1e-6) was below 1 and applied
+};
+
+// The GradScale of gradients whose squares sum to sum_of_squares (max_grad_norm <= 0: no clipping), in the order of
+// torch's clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), applied where below 1).
+QLORA_HOST_DEVICE inline GradScale make_grad_scale(double sum_of_squares, double loss_scale, double max_grad_norm) {
+  GradScale g{};
+  g.norm = sqrt(sum_of_squares) / loss_scale;
+  g.finite = g.norm - g.norm == 0.0 ? 1 : 0;  // NaN - NaN and inf - inf are NaN (isfinite without std:: either side)
+  g.scale = 1.0 / loss_scale;
+  if (g.finite && max_grad_norm > 0.0) {
+    const double coef = max_grad_norm / (g.norm + 1e-6);
+    if (coef < 1.0) {
+      g.scale *= coef;
+      g.clipped = 1;
+    }
+  }
+  return g;
+}
+
 // param, m and v in and out; `grad` before grad_scale (clipping and loss scaling).
 QLORA_HOST_DEVICE inline void adamw_element(const AdamWStep& s, double grad, double& param, double& m, double& v) {
   const double g = grad * s.grad_scale;

@@ -52,7 +52,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   };
   const FloatFormat dense = dense_weight_format(c);
   const int64_t dense_bytes = float_format_bytes(dense);
-  add(W, vocab * h * dense_bytes);                               // embed_tokens
+  // embed_tokens: on the GPU an untied table stays in host memory (Backend::keeps_embedding_on_host)
+  if (!(o.cuda && !c.tie_word_embeddings)) add(W, vocab * h * dense_bytes);
   add(W, h * kF32);                                              // final norm
   if (!c.tie_word_embeddings) add(W, vocab * h * dense_bytes);   // lm_head
   // on the GPU under half compute LoRA's terms go into the base GEMMs: a dequantized weight has room for B beside

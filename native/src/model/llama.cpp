@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -154,7 +155,26 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     return w;
   };
 
-  model->embed_ = load_stored("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  // an untied table in host memory: the backend wants it there, and nothing else reads it
+  auto load_host = [&](const std::string& name, std::vector<int64_t> shape) {
+    const TensorInfo& t = store->floating(name, shape);
+    HostMatrix w;
+    if (t.dtype == DType::F64) {
+      const std::vector<float> values = store->read_f32(name);
+      const auto* bytes = reinterpret_cast<const uint8_t*>(values.data());
+      w.bytes.assign(bytes, bytes + values.size() * sizeof(float));
+      return w;
+    }
+    w.format = float_format_of(t.dtype);
+    const uint8_t* bytes = store->data(name);
+    w.bytes.assign(bytes, bytes + t.nbytes);
+    return w;
+  };
+
+  if (backend->keeps_embedding_on_host() && !c.tie_word_embeddings)
+    model->embed_host_ = load_host("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  else
+    model->embed_ = load_stored("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   model->final_norm_ = load_dense("model.norm.weight", {c.hidden_size});
   if (!c.tie_word_embeddings) model->lm_head_ = load_stored("lm_head.weight", {c.vocab_size, c.hidden_size});
 
@@ -227,11 +247,12 @@ void fill_in_chunks(Backend* backend, T* device, int64_t n, Make make) {
   }
 }
 
-// Fills device memory with n random elements, kPerBlock of them from each Philox block (four words), each block
-// computed once: element i is make(words of block first_block + i / kPerBlock, i % kPerBlock). Returns the blocks
-// used, so that the next tensor takes the generator's blocks after them.
-template <typename T, int64_t kPerBlock, typename Make>
-uint64_t fill_from_philox(Backend* backend, T* device, int64_t n, const Philox& rng, uint64_t first_block, Make make) {
+// Makes n random elements, kPerBlock of them from each Philox block (four words), each block computed once: element
+// i is make(words of block first_block + i / kPerBlock, i % kPerBlock); each chunk of them goes to emit(start of the
+// chunk, its elements, their count). Returns the blocks used, so that the next tensor takes the generator's blocks
+// after them.
+template <typename T, int64_t kPerBlock, typename Make, typename Emit>
+uint64_t make_from_philox(int64_t n, const Philox& rng, uint64_t first_block, Make make, Emit emit) {
   constexpr int64_t kChunk = int64_t{1} << 22;
   static_assert(kChunk % kPerBlock == 0, "chunks start on a block");
   std::vector<T> chunk(static_cast<size_t>(std::min(n, kChunk)));
@@ -245,9 +266,17 @@ uint64_t fill_from_philox(Backend* backend, T* device, int64_t n, const Philox& 
       for (int64_t lane = 0; lane < kPerBlock && b * kPerBlock + lane < count; ++lane)
         chunk[static_cast<size_t>(b * kPerBlock + lane)] = make(words, lane);
     }
-    backend->upload(device + start, chunk.data(), static_cast<size_t>(count) * sizeof(T));
+    emit(start, chunk.data(), count);
   }
   return static_cast<uint64_t>((n + kPerBlock - 1) / kPerBlock);
+}
+
+// make_from_philox into device memory.
+template <typename T, int64_t kPerBlock, typename Make>
+uint64_t fill_from_philox(Backend* backend, T* device, int64_t n, const Philox& rng, uint64_t first_block, Make make) {
+  return make_from_philox<T, kPerBlock>(n, rng, first_block, make, [&](int64_t start, const T* chunk, int64_t count) {
+    backend->upload(device + start, chunk, static_cast<size_t>(count) * sizeof(T));
+  });
 }
 
 // Random bytes, sixteen from a block.
@@ -269,14 +298,27 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
   uint64_t next_block = 0;  // each tensor takes its own range of the generator's blocks
   // uniform on [-a, a] with a = 0.02 * sqrt(3): the 0.02 standard deviation of Llama's initialization
   // bf16, as the checkpoints of these shapes store their embeddings
+  auto random_bf16 = [](const std::array<uint32_t, 4>& w, int64_t lane) {
+    const float u = philox_uniform(w[static_cast<size_t>(lane)]);
+    return f32_to_bf16((u * 2.0f - 1.0f) * 0.0346410f);
+  };
   auto random_dense = [&](int64_t n) {
     DenseWeight out;
     out.format = FloatFormat::BF16;
     out.bytes.reset(backend, 2 * n, MemCategory::Weights);
-    next_block += fill_from_philox<uint16_t, 4>(backend, reinterpret_cast<uint16_t*>(out.bytes.get()), n, rng, next_block,
-                                                [](const std::array<uint32_t, 4>& w, int64_t lane) {
-                                                  const float u = philox_uniform(w[static_cast<size_t>(lane)]);
-                                                  return f32_to_bf16((u * 2.0f - 1.0f) * 0.0346410f);
+    next_block += fill_from_philox<uint16_t, 4>(backend, reinterpret_cast<uint16_t*>(out.bytes.get()), n, rng,
+                                                next_block, random_bf16);
+    return out;
+  };
+  // the same numbers in host memory (an embedding kept there)
+  auto random_host = [&](int64_t n) {
+    HostMatrix out;
+    out.format = FloatFormat::BF16;
+    out.bytes.resize(static_cast<size_t>(2 * n));
+    auto* values = reinterpret_cast<uint16_t*>(out.bytes.data());
+    next_block += make_from_philox<uint16_t, 4>(n, rng, next_block, random_bf16,
+                                                [&](int64_t start, const uint16_t* chunk, int64_t count) {
+                                                  std::copy(chunk, chunk + count, values + start);
                                                 });
     return out;
   };
@@ -285,7 +327,10 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
     fill_in_chunks(backend, out.get(), n, [](int64_t) { return 1.0f; });
     return out;
   };
-  model->embed_ = random_dense(c.vocab_size * c.hidden_size);
+  if (backend->keeps_embedding_on_host() && !c.tie_word_embeddings)
+    model->embed_host_ = random_host(c.vocab_size * c.hidden_size);
+  else
+    model->embed_ = random_dense(c.vocab_size * c.hidden_size);
   model->final_norm_ = ones(c.hidden_size);
   if (!c.tie_word_embeddings) model->lm_head_ = random_dense(c.vocab_size * c.hidden_size);
   model->layers_.resize(static_cast<size_t>(c.num_layers));
@@ -640,8 +685,8 @@ int64_t loss_chunk_rows(int64_t rows, int64_t vocab) {
   return fit >= kTile ? fit / kTile * kTile : std::max<int64_t>(1, fit);
 }
 
-double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale,
-                           float* dx_final, double* logprobs, float* log_softmax, Workspace& ws) {
+void LlamaModel::lm_head(const float* x_final, int64_t rows, double grad_scale, float* dx_final, float* log_softmax,
+                         Workspace& ws) {
   const ModelConfig& c = config_;
   StoredMatrix w = lm_head_weight();
   DeviceArray<uint8_t> converted;
@@ -653,7 +698,6 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
   }
   backend_->rmsnorm_forward(x_final, final_norm_.get(), rows, c.hidden_size, c.rms_norm_eps, ws.xf.get(),
                             ws.rstdf.get());
-  ws.targets.upload(targets, rows);
   for (int64_t r0 = 0; r0 < rows; r0 += ws.logits_rows) {
     const int64_t rc = std::min(ws.logits_rows, rows - r0);
     backend_->gemm_stored(false, true, rc, c.vocab_size, c.hidden_size, 1.0f, ws.xf.get() + r0 * c.hidden_size, w, 0.0f,
@@ -672,14 +716,6 @@ double LlamaModel::lm_head(const float* x_final, const int32_t* targets, int64_t
   if (dx_final)
     backend_->rmsnorm_backward(ws.dxf, x_final, final_norm_.get(), ws.rstdf.get(), rows, c.hidden_size,
                                dx_final);
-  // The log-probs of every row come back once, after all the chunks (the loss needs nothing sooner).
-  const std::vector<double> row_logprobs = ws.logprobs.download();
-  double loss = 0.0;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (targets[r] != kIgnoreLabel) loss -= row_logprobs[static_cast<size_t>(r)];
-    if (logprobs) logprobs[r] = row_logprobs[static_cast<size_t>(r)];
-  }
-  return loss;
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -690,6 +726,25 @@ void LlamaModel::check_ids(const int32_t* ids, int64_t n) const {
     if (ids[i] < 0 || ids[i] >= config_.vocab_size)
       fail("token id ", ids[i], " at position ", i, " is outside the model's vocabulary (0..", config_.vocab_size - 1,
            ")");
+}
+
+void LlamaModel::embed(const int32_t* ids, int64_t rows, float* out) {
+  const int64_t h = config_.hidden_size;
+  if (embed_host_.empty()) return backend_->embedding(ids, rows, embed_.view(), h, out);
+  const FloatFormat format = embed_host_.format;
+  const size_t row_bytes = static_cast<size_t>(h * float_format_bytes(format));
+  const size_t bytes = static_cast<size_t>(rows) * row_bytes;
+  embed_rows_.ensure(backend_, bytes);
+  auto* gathered = static_cast<uint8_t*>(embed_rows_.get());
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(gathered + static_cast<size_t>(r) * row_bytes,
+                embed_host_.bytes.data() + static_cast<size_t>(ids[r]) * row_bytes, row_bytes);
+  if (format == FloatFormat::F32) return backend_->upload(out, gathered, bytes);
+  // up as stored (half the bytes of fp32), widened there exactly
+  DeviceArray<uint16_t> rows16(backend_, rows * h, MemCategory::Workspace);
+  backend_->upload(rows16.get(), gathered, bytes);
+  backend_->widen_16(rows16.get(), rows * h, format, out);
 }
 
 RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t batch, int64_t seq, LoraAdapter* adapter,
@@ -739,6 +794,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   ws.logits_rows = loss_chunk_rows(n, c.vocab_size);
   ws.logits.reset(be, ws.logits_rows * c.vocab_size, work);
   ws.targets.reset(be, n, work);
+  ws.targets.upload(targets);  // here, not at the loss: an upload from pageable memory waits for the device
   ws.logprobs.reset(be, n, work);
 
   const bool keep_all = opt.compute_grads && !opt.gradient_checkpointing;
@@ -750,7 +806,7 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   so.keep_fp32 = keep_all;
   so.offload = opt.compute_grads ? opt.offload_block_inputs : 0;
   HiddenStates states(be, so, &state_host_);
-  be->embedding(ids, n, embed_.view(), c.hidden_size, states.output(0));
+  embed(ids, n, states.output(0));
   states.commit(0);
 
   std::vector<BlockActivations> acts(keep_all ? static_cast<size_t>(c.num_layers) : 1);
@@ -765,7 +821,6 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
 
   const double normalizer = opt.grad_normalizer > 0.0 ? opt.grad_normalizer : static_cast<double>(result.labelled);
   const double grad_scale = normalizer > 0.0 ? opt.loss_scale / normalizer : 0.0;
-  std::vector<double> row_logprobs(opt.want_logprobs ? static_cast<size_t>(n) : 0);
   if (opt.want_log_softmax) result.log_softmax.resize(static_cast<size_t>(n * c.vocab_size));
   DeviceArray<float> d_cur, d_next;
   if (opt.compute_grads) {
@@ -773,10 +828,8 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
     d_next.reset(be, n * c.hidden_size, act);
     ws.dxf = d_next.get();
   }
-  result.loss_sum = lm_head(states.input(c.num_layers), targets.data(), n, grad_scale,
-                            opt.compute_grads ? d_cur.get() : nullptr,
-                            opt.want_logprobs ? row_logprobs.data() : nullptr,
-                            opt.want_log_softmax ? result.log_softmax.data() : nullptr, ws);
+  lm_head(states.input(c.num_layers), n, grad_scale, opt.compute_grads ? d_cur.get() : nullptr,
+          opt.want_log_softmax ? result.log_softmax.data() : nullptr, ws);
   states.release(c.num_layers);
 
   if (opt.compute_grads) {
@@ -800,6 +853,11 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
     }
   }
 
+  // The log-probs of every row come back once, with backward queued too: nothing in a step waits for the host
+  // before its end (the loss needs nothing sooner).
+  const std::vector<double> row_logprobs = ws.logprobs.download();
+  for (int64_t r = 0; r < n; ++r)
+    if (targets[static_cast<size_t>(r)] != kIgnoreLabel) result.loss_sum -= row_logprobs[static_cast<size_t>(r)];
   if (opt.want_logprobs) {
     result.logprobs.reserve(static_cast<size_t>(batch * (seq - 1)));
     for (int64_t b = 0; b < batch; ++b)
@@ -865,7 +923,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   DeviceArray<float> u(be, n * c.intermediate_size, act), m(be, n * c.intermediate_size, act);
   DeviceArray<float> lora_t;
   if (adapter) lora_t.reset(be, n * adapter->config().rank, work);
-  be->embedding(ids, n, embed_.view(), c.hidden_size, x.get());
+  embed(ids, n, x.get());
   // hidden states between blocks rounded as a training run rounds them (hidden_state_format)
   const FloatFormat hidden = be->hidden_state_format();
   DeviceArray<uint16_t> rounding;

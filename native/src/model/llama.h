@@ -24,6 +24,14 @@ struct DenseWeight {
   bool empty() const { return bytes.empty(); }
 };
 
+// A frozen dense matrix in host memory as its file stores it: an untied embedding table where the backend keeps it
+// there (Backend::keeps_embedding_on_host).
+struct HostMatrix {
+  std::vector<uint8_t> bytes;
+  FloatFormat format = FloatFormat::F32;
+  bool empty() const { return bytes.empty(); }
+};
+
 // A frozen base weight [out, in]: either dense (as stored) or NF4 codes with per-block absmax, dequantized (rounded
 // to the quant state's dtype) into a workspace at each use, as QLoRA does.
 struct FrozenLinear {
@@ -139,6 +147,8 @@ class LlamaModel {
   HalfRowBuffers half_row_buffers(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const;
   LlamaModel() = default;
   void check_ids(const int32_t* ids, int64_t n) const;
+  // out [rows, hidden] = the embedding rows of ids (checked), widened to fp32, from wherever the table is kept.
+  void embed(const int32_t* ids, int64_t rows, float* out);
   void linear_forward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, int64_t rows, float* y,
                       float* lora_t, Workspace& ws, const RunOptions& options);
   // t = drop(x)·A^T of the adapter's module m (the LoRA input backward needs); its parameter, or null without one.
@@ -184,14 +194,19 @@ class LlamaModel {
   const float* block_constants(const FrozenLinear& w, Workspace& ws);
   StoredMatrix lm_head_weight() const { return lm_head_.empty() ? embed_.view() : lm_head_.view(); }
   void reserve(KvCache& cache, int64_t needed) const;
-  double lm_head(const float* x_final, const int32_t* targets, int64_t rows, double grad_scale, float* dx_final,
-                 double* logprobs, float* log_softmax, Workspace& ws);
+  // The final norm, the LM head and the loss over chunks of rows, on the targets in ws.targets: each row's log-prob
+  // into ws.logprobs (device memory, read by run after backward), the gradient of the hidden state into dx_final
+  // (optional).
+  void lm_head(const float* x_final, int64_t rows, double grad_scale, float* dx_final, float* log_softmax,
+               Workspace& ws);
 
   Backend* backend_ = nullptr;
   std::string dir_;
   ModelConfig config_;
   bool stored_4bit_ = false;
-  DenseWeight embed_;    // [vocab, hidden]
+  DenseWeight embed_;      // [vocab, hidden]; empty when it is kept in host memory (embed_host_)
+  HostMatrix embed_host_;  // [vocab, hidden] where Backend::keeps_embedding_on_host and it is untied
+  HostBuffer embed_rows_;  // a run's rows of embed_host_, gathered (page-locked on the GPU) to go up in one copy
   DenseWeight lm_head_;  // [vocab, hidden]; empty when tied to embed_
   DeviceArray<float> final_norm_;
   std::vector<LayerWeights> layers_;

@@ -20,49 +20,61 @@ AdamW::AdamW(Backend* backend, LoraAdapter* adapter) : backend_(backend), adapte
   pages_ = std::make_unique<OptimizerPages>(backend, sizes, layers);
 }
 
-double AdamW::global_grad_norm(Backend* backend, LoraAdapter* adapter) {
+namespace {
+
+std::vector<std::pair<const float*, int64_t>> gradients_of(LoraAdapter* adapter) {
   std::vector<std::pair<const float*, int64_t>> grads;
   for (auto& [param, grad] : adapter->parameters_and_grads()) {
     (void)param;
     grads.emplace_back(grad->get(), grad->size());
   }
-  return std::sqrt(backend->sum_of_squares_many(grads));
+  return grads;
+}
+
+// The GradScale the device computed, once the work queued before it is done.
+GradScale read_back(const DeviceArray<GradScale>& scale) { return scale.download().at(0); }
+
+}  // namespace
+
+double AdamW::global_grad_norm(Backend* backend, LoraAdapter* adapter) {
+  DeviceArray<GradScale> scale(backend, 1, MemCategory::Workspace);
+  backend->grad_scale(gradients_of(adapter), 1.0, 0.0, scale.get());
+  return read_back(scale).norm;
 }
 
 StepReport AdamW::step(const AdamWOptions& o) {
   if (!(o.loss_scale > 0.0) || !std::isfinite(o.loss_scale)) fail("loss scale must be a positive number, got ", o.loss_scale);
-  StepReport report;
-  report.grad_norm = global_grad_norm(backend_, adapter_) / o.loss_scale;
-  if (!std::isfinite(report.grad_norm)) {
-    if (o.skip_non_finite) {
-      report.skipped = true;
-      report.step = step_;
-      return report;
-    }
-    fail("gradient norm is ", report.grad_norm, " (not finite); the parameters were not updated");
-  }
-  double grad_scale = 1.0 / o.loss_scale;  // the update sees the gradients of the unscaled loss
-  if (o.max_grad_norm > 0.0) {
-    const double coef = o.max_grad_norm / (report.grad_norm + 1e-6);
-    if (coef < 1.0) {
-      grad_scale *= coef;
-      report.clipped = true;
-    }
-  }
+  // The gradient norm, the clip coefficient and whether to update at all are the device's to compute and the
+  // update's to read there: the host queues the whole update without waiting for backward to finish, and reads the
+  // norm once, at the end (a step whose norm is not finite has written nothing).
+  DeviceArray<GradScale> scale(backend_, 1, MemCategory::Workspace);
+  backend_->grad_scale(gradients_of(adapter_), o.loss_scale, o.max_grad_norm, scale.get());
   // The step count moves on only when every page was updated; a step that fails halfway (a device error) leaves
   // the optimizer part-updated, and the trainer stops the run at its last checkpoint.
   const int64_t step = step_ + 1;
   auto params = adapter_->parameters_and_grads();
   OptimizerPages& pages = *pages_;
+  std::vector<AdamWTensor> tensors;
   for (size_t page = 0; page < pages.num_pages(); ++page) {
     pages.acquire(page);
     if (page + 1 < pages.num_pages()) pages.prefetch(page + 1);  // its copy runs while this page is updated
+    tensors.clear();
     for (size_t i : pages.params_of(page))
-      backend_->adamw_update(params[i].first->get(), params[i].second->get(), pages.exp_avg(i), pages.exp_avg_sq(i),
-                             params[i].first->size(), o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step,
-                             grad_scale);
+      tensors.push_back({params[i].first->get(), params[i].second->get(), pages.exp_avg(i), pages.exp_avg_sq(i),
+                         params[i].first->size()});
+    backend_->adamw_update_many(tensors, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, step, scale.get());
     pages.release(page);
   }
+  const GradScale s = read_back(scale);
+  StepReport report;
+  report.grad_norm = s.norm;
+  if (!s.finite) {
+    if (!o.skip_non_finite) fail("gradient norm is ", report.grad_norm, " (not finite); the parameters were not updated");
+    report.skipped = true;
+    report.step = step_;
+    return report;
+  }
+  report.clipped = s.clipped != 0;
   step_ = step;
   report.step = step_;
   return report;
