@@ -31,6 +31,8 @@ export interface EstimateOptions {
   /** With checkpointing: the inputs of the lowest this many blocks move to host memory between their forward and
    * backward (at most all but two count). */
   offloadBlockInputs?: number;
+  /** LoRA dropout of the run (default 0): on the GPU under half compute it keeps SwiGLU's output at its fp32 size. */
+  loraDropout?: number;
   /** The device the run computes on: the CUDA backend holds a GEMM workspace and attention scratch besides. */
   device?: 'cpu' | 'cuda';
   /** On the GPU: bf16 compute holds bf16 copies of each GEMM's inputs while it runs. */

@@ -232,7 +232,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
         const target = await fitTarget(settings);
         const e = await runCliJson<EstimateForPlan>(
           h.launch(),
-          ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank), ...estimateDeviceArgs(target)],
+          ['estimate', '--model', model, '--seq-len', String(seqLen), '--batch-size', String(shape.batchSize), '--rank', String(shape.rank), '--lora-dropout', String(shape.dropout), ...estimateDeviceArgs(target)],
           { timeoutMs: 60_000 },
         );
         const fit = memoryFit(e, target);

@@ -11,12 +11,17 @@ export type PresetName = 'qlora' | 'quick';
 export const PRESET_NAMES: readonly PresetName[] = ['qlora', 'quick'];
 
 /**
- * What the memory estimate needs of each preset (LoRA rank, micro-batch). They mirror PRESETS in
+ * What the memory estimate needs of each preset (LoRA rank, micro-batch, LoRA dropout). They mirror PRESETS in
  * extension/trainer/config.ts, which the host does not import (a unit test keeps the two in step).
  */
-export const PRESET_SHAPES: Record<PresetName, { rank: number; batchSize: number }> = {
-  qlora: { rank: 64, batchSize: 4 },
-  quick: { rank: 8, batchSize: 4 },
+export interface EstimateShape {
+  rank: number;
+  batchSize: number;
+  dropout: number;
+}
+export const PRESET_SHAPES: Record<PresetName, EstimateShape> = {
+  qlora: { rank: 64, batchSize: 4, dropout: 0.05 },
+  quick: { rank: 8, batchSize: 4, dropout: 0.05 },
 };
 
 /** Training settings a script may override, by config name, with the `train` flag each becomes. */
@@ -95,11 +100,15 @@ export function trainArgs(r: TrainRequest): string[] {
   return args;
 }
 
-/** The rank and micro-batch a run will use, for the memory estimate. */
-export function estimateShape(preset: PresetName, overrides: Record<string, unknown> = {}): { rank: number; batchSize: number } {
+/** The rank, micro-batch and LoRA dropout a run will use, for the memory estimate. */
+export function estimateShape(preset: PresetName, overrides: Record<string, unknown> = {}): EstimateShape {
   const o = normalizeOverrides(overrides);
   const base = PRESET_SHAPES[preset];
-  return { rank: typeof o.rank === 'number' ? o.rank : base.rank, batchSize: typeof o.batchSize === 'number' ? o.batchSize : base.batchSize };
+  return {
+    rank: typeof o.rank === 'number' ? o.rank : base.rank,
+    batchSize: typeof o.batchSize === 'number' ? o.batchSize : base.batchSize,
+    dropout: base.dropout,
+  };
 }
 
 /** The trainer's --device, --gpu-memory-budget and --cuda-lib-dir from the settings (for train and resume alike). */

@@ -132,7 +132,8 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   // whether the optimizer pages and whether the run fits at all.
   const estimate = estimateMemory(config.model, {
     batch: config.batchSize, seq: config.seqLen, rank: config.rank, targets: config.targets, quantize: config.quantize,
-    gradientCheckpointing: config.gradientCheckpointing, device: placement.device.kind, computeDtype: engineOptions(placement).computeDtype,
+    gradientCheckpointing: config.gradientCheckpointing, loraDropout: config.dropout, device: placement.device.kind,
+    computeDtype: engineOptions(placement).computeDtype,
   });
   let plan: MemoryPlan | null;
   try {

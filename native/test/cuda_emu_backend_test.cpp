@@ -9,8 +9,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -43,12 +45,37 @@ struct EmulatorExec {
   void launch(const char* what, dim3 grid, dim3 block, void (*kernel)(Params...), Args... args) {
     timed(what, [&] { cuda_emu::launch(grid, block, [&] { kernel(args...); }); });
   }
+  // Every allocation has a guard of kGuardBytes after it, checked when it is freed: a kernel or a copy that writes
+  // past the end of a buffer (one sized for 16-bit rows and written in fp32, say) fails the test that did it,
+  // naming the buffer, where on a GPU it would corrupt a neighbour silently.
+  static constexpr size_t kGuardBytes = 256;
+  static constexpr uint8_t kGuard = 0xC5;
+  struct Allocation {
+    size_t bytes;
+    std::string what;
+  };
+  std::map<const void*, Allocation> allocations;
   void* alloc(size_t bytes, const char* what) {
-    void* p = std::malloc(bytes);
+    auto* p = static_cast<uint8_t*>(std::malloc(bytes + kGuardBytes));
     if (!p) fail("out of memory for ", what);
+    std::memset(p + bytes, kGuard, kGuardBytes);
+    allocations[p] = {bytes, what};
     return p;
   }
-  void free(void* p) { std::free(p); }
+  void free(void* p) {
+    auto it = allocations.find(p);
+    if (it != allocations.end()) {
+      const uint8_t* guard = static_cast<const uint8_t*>(p) + it->second.bytes;
+      for (size_t i = 0; i < kGuardBytes; ++i)
+        if (guard[i] != kGuard) {
+          std::fprintf(stderr, "cuda emulator: a write past the end of %zu bytes of %s (byte %zu after it)\n",
+                       it->second.bytes, it->second.what.c_str(), i);
+          std::abort();  // from a destructor, where a test failure cannot be thrown
+        }
+      allocations.erase(it);
+    }
+    std::free(p);
+  }
   void set_memory_limit(int64_t) {}  // malloc holds no cache
   void upload(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
@@ -93,7 +120,7 @@ struct EmulatorExec {
     return true;
   }
   void* alloc_host(size_t bytes) { return alloc(bytes, "paged-out memory"); }
-  void free_host(void* p) { std::free(p); }
+  void free_host(void* p) { free(p); }
   // A page copy as late as a GPU's copy stream may run it: nothing moves until finish_page_copy, which reads the
   // source then, and the destination holds garbage meanwhile. A pager that reads a page before its copy is
   // finished, or reuses the source's memory before then, gets wrong numbers here as it would on a GPU.
@@ -730,7 +757,8 @@ TEST(cuda_backend_fp16_compute_with_loss_scaling_is_within_the_same_bounds) {
 }
 TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
   // Two training steps as the trainer takes them; every category but the workspace is what the estimate says exactly
-  // (under bf16 with the normed inputs, and gate's and up's outputs where fused, in buffers of 16-bit rows), and the
+  // (under bf16 with the normed inputs, gate's and up's outputs where fused, and SwiGLU's output where down's input
+  // gradient is one fused GEMM, in buffers of 16-bit rows), and the
   // workspace (cuBLASLt's, the attention scratch, bf16 copies) stays within it.
   // NF4 (LoRA fused into the base GEMMs under bf16) or dense, LoRA dropout (unfused, drop(x)'s own 16-bit copies) or not
   // and the block inputs offloaded to host memory or kept
@@ -762,6 +790,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
     eo.compute = bf16 ? GpuCompute::BF16 : GpuCompute::F32;
     eo.quantize_nf4 = nf4;
     eo.offload_block_inputs = offload ? 1 : 0;
+    eo.lora_dropout = dropout;
     const MemoryEstimate e = estimate_memory(model->config(), eo);
     const MemoryStats& s = backend->memory();
     for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {

@@ -102,3 +102,20 @@ test('estimate verb: --json gives bytes, the table gives MiB by category and the
   assert.throws(() => estimate({ model: reference('llama-shared'), targets: ['q_proj', 'nope'] }), /unknown LoRA target module 'nope'/);
   assert.throws(() => estimate({ model: reference('llama-shared'), seq: 0 }), /--seq-len must be a positive integer/);
 });
+
+test('estimate: LoRA dropout keeps SwiGLU\'s output in fp32 on the GPU under bf16, and nowhere else changes a byte', () => {
+  const model = reference('llama-shared'), seq = 64, rank = 16;
+  const gpu = estimate({ model, seq, rank, device: 'cuda' });
+  const gpuDropout = estimate({ model, seq, rank, device: 'cuda', loraDropout: 0.05 });
+  // one block's m: seq x intermediate values, 16-bit rows with room for LoRA's 16 columns (rank 16) or fp32
+  const inter = gpu.config.intermediateSize;
+  assert.equal(gpuDropout.categories.activations - gpu.categories.activations, seq * inter * 4 - seq * (inter + 16) * 2);
+  assert.equal(gpuDropout.options.loraDropout, 0.05);
+  assert.match(formatEstimate(gpuDropout), /dropout 0\.05/);
+  const cpu = estimate({ model, seq, rank });
+  assert.deepEqual(estimate({ model, seq, rank, loraDropout: 0.05 }).categories, cpu.categories);
+  const f32 = estimate({ model, seq, rank, device: 'cuda', computeDtype: 'f32' });
+  assert.deepEqual(estimate({ model, seq, rank, device: 'cuda', computeDtype: 'f32', loraDropout: 0.05 }).categories, f32.categories);
+  assert.throws(() => estimate({ model, loraDropout: 1 }), /--lora-dropout must be at least 0 and below 1, got 1/);
+  assert.throws(() => estimateVerb.run(parseOptions('estimate', ['--model', model, '--lora-dropout', 'x'], estimateVerb.options)), /--lora-dropout must be a number, got 'x'/);
+});

@@ -42,9 +42,9 @@ test('train arguments: settings, then overrides by config or flag name; every fl
 test('the presets the estimate uses match the trainer\'s', () => {
   for (const [name, shape] of Object.entries(PRESET_SHAPES)) {
     const values = PRESETS[name as keyof typeof PRESETS].values;
-    assert.deepEqual(shape, { rank: values.rank, batchSize: values.batchSize });
+    assert.deepEqual(shape, { rank: values.rank, batchSize: values.batchSize, dropout: values.dropout });
   }
-  assert.deepEqual(estimateShape('qlora', { rank: 16 }), { rank: 16, batchSize: 4 });
+  assert.deepEqual(estimateShape('qlora', { rank: 16 }), { rank: 16, batchSize: 4, dropout: 0.05 });
 });
 
 test('memory fit: on the CPU the peak against the free RAM; on the GPU the trainer\'s plan against the budget', () => {

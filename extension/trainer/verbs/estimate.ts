@@ -3,7 +3,7 @@
 // what --gpu-memory-budget bounds. The CUDA context and NVML's view of other processes come on top.
 import { estimateMemory, type MemoryEstimate } from '../../engine/tools';
 import type { ComputeDtype, MemoryCategory } from '../../engine/native';
-import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { integerOption, numberOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { parseComputeDtype, refuseHalfDtypeOnCpu } from '../placement';
 
 export interface EstimateVerbOptions {
@@ -14,6 +14,8 @@ export interface EstimateVerbOptions {
   targets?: string[];
   /** NF4 base weights (default true; a bnb-4bit checkpoint is NF4 either way). */
   quantize?: boolean;
+  /** LoRA dropout of the run (default 0, as bench trains). */
+  loraDropout?: number;
   gradientCheckpointing?: boolean;
   /** The device the step runs on (default the CPU); the GPU adds cuBLASLt's workspace and attention scratch. */
   device?: 'cpu' | 'cuda';
@@ -22,7 +24,7 @@ export interface EstimateVerbOptions {
 }
 
 export interface EstimateResult extends MemoryEstimate {
-  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; gradientCheckpointing: boolean; device: 'cpu' | 'cuda'; computeDtype: ComputeDtype };
+  options: { seq: number; batch: number; rank: number; targets: string[]; quantize: boolean; loraDropout: number; gradientCheckpointing: boolean; device: 'cpu' | 'cuda'; computeDtype: ComputeDtype };
 }
 
 export const DEFAULT_SEQ = 512;
@@ -37,6 +39,7 @@ export function estimate(options: EstimateVerbOptions): EstimateResult {
     rank: options.rank ?? DEFAULT_RANK,
     targets: options.targets ?? ALL_TARGETS,
     quantize: options.quantize ?? true,
+    loraDropout: options.loraDropout ?? 0,
     gradientCheckpointing: options.gradientCheckpointing ?? true,
     device: options.device ?? 'cpu',
     computeDtype: options.device === 'cuda' ? (options.computeDtype ?? 'bf16') : 'f32',
@@ -44,6 +47,8 @@ export function estimate(options: EstimateVerbOptions): EstimateResult {
   refuseHalfDtypeOnCpu(options.computeDtype, options.device !== 'cuda');
   for (const [name, value] of [['seq-len', resolved.seq], ['batch-size', resolved.batch], ['rank', resolved.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
+  if (!(resolved.loraDropout >= 0 && resolved.loraDropout < 1))
+    throw new UsageError(`--lora-dropout must be at least 0 and below 1, got ${resolved.loraDropout}`);
   const result = estimateMemory(options.model, { ...resolved, optimizer: true });
   return { ...result, options: { ...resolved, quantize: resolved.quantize || result.stored4bit } };
 }
@@ -56,7 +61,7 @@ export function formatEstimate(e: EstimateResult): string {
   const o = e.options;
   const lines = [
     `${c.architecture}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocabulary ${c.vocabSize}`,
-    `batch ${o.batch} x ${o.seq} tokens, LoRA rank ${o.rank} on ${o.targets.length} modules (${e.loraParameters} parameters), ` +
+    `batch ${o.batch} x ${o.seq} tokens, LoRA rank ${o.rank} on ${o.targets.length} modules (${e.loraParameters} parameters)${o.loraDropout > 0 ? `, dropout ${o.loraDropout}` : ''}, ` +
       `${o.quantize ? 'NF4' : 'fp32'} base weights, gradient checkpointing ${o.gradientCheckpointing ? 'on' : 'off'}, on the ${o.device === 'cuda' ? `GPU in ${o.computeDtype}` : 'CPU'}`,
     '',
     `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
@@ -92,6 +97,7 @@ export const estimateVerb = {
     'batch-size': { type: 'string', description: `sequences per micro-batch (default ${DEFAULT_BATCH})` },
     rank: { type: 'string', description: `LoRA rank (default ${DEFAULT_RANK})` },
     targets: { type: 'string', description: 'comma-separated LoRA target modules (default all seven)' },
+    'lora-dropout': { type: 'string', description: 'LoRA dropout of the run (default 0); on the GPU it keeps one MLP activation a block in fp32' },
     'no-quantize': { type: 'boolean', description: 'keep dense base weights (fp32) instead of NF4' },
     'no-checkpointing': { type: 'boolean', description: 'keep every block\'s activations instead of recomputing them' },
     device: { type: 'string', description: 'cpu (default) or cuda: on the GPU the engine also holds cuBLASLt\'s workspace and attention scratch' },
@@ -106,6 +112,7 @@ export const estimateVerb = {
       rank: integerOption(o, 'rank', DEFAULT_RANK),
       targets: targetsOption(stringOption(o, 'targets')),
       quantize: !o['no-quantize'],
+      loraDropout: numberOption(o, 'lora-dropout'),
       gradientCheckpointing: !o['no-checkpointing'],
       device: deviceOption(stringOption(o, 'device')),
       computeDtype: parseComputeDtype(stringOption(o, 'dtype')),

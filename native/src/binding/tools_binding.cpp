@@ -58,7 +58,7 @@ Napi::Value MergeWeights(const Napi::CallbackInfo& info) {
 }
 
 // estimateMemory(modelDir | {shape}, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer,
-// offloadBlockInputs, device, computeDtype}) -> {categories, peakTotal, loraParameters, optimizerPageBytes,
+// offloadBlockInputs, loraDropout, device, computeDtype}) -> {categories, peakTotal, loraParameters, optimizerPageBytes,
 // activationPageBytes, offloadableActivationBytes, stored4bit, config}. Reads config.json only.
 Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -78,6 +78,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   eo.gradient_checkpointing = opt_bool(opts, "gradientCheckpointing").value_or(eo.gradient_checkpointing);
   eo.with_optimizer = opt_bool(opts, "optimizer").value_or(eo.with_optimizer);
   eo.offload_block_inputs = opt_whole(opts, "offloadBlockInputs").value_or(eo.offload_block_inputs);
+  eo.lora_dropout = opt_number(opts, "loraDropout").value_or(eo.lora_dropout);
   eo.cuda = opt_string(opts, "device").value_or("cpu") == "cuda";
   const std::string dtype = opt_string(opts, "computeDtype").value_or("f32");
   eo.compute = !eo.cuda ? GpuCompute::F32 : dtype == "bf16" ? GpuCompute::BF16 : dtype == "fp16" ? GpuCompute::F16 : GpuCompute::F32;

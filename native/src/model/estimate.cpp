@@ -29,6 +29,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   if (o.batch <= 0 || o.seq <= 0) fail("estimate: batch size and sequence length must be positive");
   if (o.rank <= 0) fail("estimate: LoRA rank must be positive, got ", o.rank);
   if (o.targets.empty()) fail("estimate: LoRA needs at least one target module");
+  if (!(o.lora_dropout >= 0.0 && o.lora_dropout < 1.0))
+    fail("estimate: LoRA dropout must be at least 0 and below 1, got ", o.lora_dropout);
   if (c.sliding_window > 0 && o.seq > c.sliding_window)
     fail("estimate: a sequence of ", o.seq, " tokens is longer than the model's sliding attention window (",
          c.sliding_window, "), which training refuses");
@@ -138,7 +140,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   e.activation_page_bytes = state_bytes;
   e.offloadable_activation_bytes = movable * state_bytes;
   // Under half compute on the GPU (more rows than generation's few) xn1 and xn2 are held as 16-bit rows alone with
-  // room for LoRA's columns, and g and u too where gate and up are fused GEMMs (NF4, adapted, no bias):
+  // room for LoRA's columns, g and u too where gate and up are fused GEMMs (NF4, adapted, no bias), and m where
+  // down's input gradient, written in its place, is one fused GEMM (NF4, adapted, no LoRA dropout):
   // LlamaModel::half_row_buffers.
   const bool half_rows = o.cuda && o.compute != GpuCompute::F32 && n > kNf4MatmulMaxRows;
   auto floats = [&](int64_t cols, bool half) { return half ? (n * (cols + lora_columns) + 1) / 2 : n * cols; };
@@ -146,8 +149,11 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   auto fused_half = [&](Module m) {
     return half_rows && nf4 && targets.count(m) > 0 && !module_has_bias(c, m) && lora_columns <= inter;
   };
+  const bool m_half = half_rows && nf4 && targets.count(Module::Down) > 0 && !(o.lora_dropout > 0.0) &&
+                      lora_columns <= inter;
   const int64_t block = 2 * floats(h, xn_half) + n * h + n * 2 + n * qd * 2 + n * kd * 2 + n * c.num_heads +
-                        floats(inter, fused_half(Module::Gate)) + floats(inter, fused_half(Module::Up)) + n * inter +
+                        floats(inter, fused_half(Module::Gate)) + floats(inter, fused_half(Module::Up)) +
+                        floats(inter, m_half) +
                         targets_count * n * r;  // xn1 xn2, h, rstd1/2, q attn, k v, lse, g, u, m, lora_t
   add(Act, (keep_all ? L : 1) * block * kF32);
   add(Act, 2 * n * h * kF32);                          // d_cur, d_next (the latter also the final norm's dxf)

@@ -54,7 +54,7 @@ struct LlamaModel::BlockActivations {
     rstd2.reset(b, n, cat);
     g.reset(b, floats(n, c.intermediate_size, half.g, half.room), cat);
     u.reset(b, floats(n, c.intermediate_size, half.u, half.room), cat);
-    m.reset(b, n * c.intermediate_size, cat);
+    m.reset(b, floats(n, c.intermediate_size, half.m, half.room), cat);
     if (adapter)
       for (Module mod : adapter->config().targets)
         lora_t[static_cast<int>(mod)].reset(b, n * adapter->config().rank, cat);
@@ -540,9 +540,16 @@ LlamaModel::HalfRowBuffers LlamaModel::half_row_buffers(const LoraAdapter* adapt
       if (fused_lora_columns(layer, m, adapter, rows, opt) == 0) return false;
     return half.room <= c.intermediate_size;  // in place (Backend::begin_half_activation)
   };
-  half.xn = gemm_input_writing(adapter, rows, opt).has_value() && half.room <= c.hidden_size;
+  const bool written_in_16_bits = gemm_input_writing(adapter, rows, opt).has_value();
+  half.xn = written_in_16_bits && half.room <= c.hidden_size;
   half.g = fused_everywhere(Module::Gate);
   half.u = fused_everywhere(Module::Up);
+  // m's gradient is written in m's place: in 16 bits where down's input gradient is one fused GEMM
+  // (linear_backward's dx_hold), else in fp32, which needs m's fp32 size
+  bool gradient_held = true;
+  for (int64_t layer = 0; layer < c.num_layers; ++layer)
+    gradient_held = gradient_held && dy_lora_columns(layer, Module::Down, adapter, rows, opt) > 0;
+  half.m = written_in_16_bits && half.room <= c.intermediate_size && (!opt.compute_grads || gradient_held);
   return half;
 }
 

@@ -139,9 +139,10 @@ class LlamaModel {
   // Which of a block's activations a run allocates at the size of their 16-bit rows alone (rows of their columns and
   // `room` for LoRA's), because the backend holds them so (Backend::holds_activations_in_16_bits): xn1 and xn2
   // where gemm_input_writing writes them in 16 bits, g and u where gate's (up's) linear is one fused GEMM in every
-  // layer and has no bias. m stays fp32-sized: down's input gradient takes its place.
+  // layer and has no bias, m where SwiGLU writes it in 16 bits and its gradient, which takes its place, is held in
+  // 16 bits too (down's input gradient one fused GEMM in every layer) or not computed.
   struct HalfRowBuffers {
-    bool xn = false, g = false, u = false;
+    bool xn = false, g = false, u = false, m = false;
     int64_t room = 0;
   };
   HalfRowBuffers half_row_buffers(const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const;
