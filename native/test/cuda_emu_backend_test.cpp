@@ -65,6 +65,18 @@ struct EmulatorExec {
   void free(void* p) {
     auto it = allocations.find(p);
     if (it != allocations.end()) {
+      // a page copy still under way reads or writes memory it may no longer own (the GPU's copy stream would)
+      const auto* begin = static_cast<const uint8_t*>(p);
+      const uint8_t* end = begin + it->second.bytes;
+      for (const PendingCopy& c : copies) {
+        const auto* src = static_cast<const uint8_t*>(c.src);
+        const auto* dst = static_cast<const uint8_t*>(c.dst);
+        if (!c.done && ((src >= begin && src < end) || (dst >= begin && dst < end))) {
+          std::fprintf(stderr, "cuda emulator: %s freed while a page copy from or to it is under way\n",
+                       it->second.what.c_str());
+          std::abort();
+        }
+      }
       const uint8_t* guard = static_cast<const uint8_t*>(p) + it->second.bytes;
       for (size_t i = 0; i < kGuardBytes; ++i)
         if (guard[i] != kGuard) {

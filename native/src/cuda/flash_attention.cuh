@@ -12,6 +12,9 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#ifndef __CUDACC__
+#include <stdexcept>
+#endif
 
 #include "cuda/warp_mma.cuh"
 
@@ -50,6 +53,8 @@ __device__ __forceinline__ void stage_rows(uint16_t (*tile)[D + kTilePad], const
       lo = pair.x;
       hi = pair.y;
 #else
+      if (reinterpret_cast<uintptr_t>(p) % 8 != 0)  // the GPU's float2 load would fault
+        throw std::runtime_error("cuda_emu: a float2 load from an address that is not 8-byte aligned");
       lo = p[0];
       hi = p[1];
 #endif
