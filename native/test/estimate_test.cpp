@@ -22,6 +22,7 @@ struct Case {
   int64_t batch, seq, rank;
   std::vector<Module> targets;
   int64_t offload = 0;  // block inputs offloaded
+  double dropout = 0.1;  // LoRA dropout (a drop(x) workspace)
 };
 
 void check_case(const Case& c) {
@@ -32,7 +33,7 @@ void check_case(const Case& c) {
                                                : LlamaModel::load(backend.get(), qtest::reference(c.model), lo);
   LoraConfig lc;
   lc.rank = c.rank;
-  lc.dropout = 0.1;
+  lc.dropout = c.dropout;
   lc.targets = c.targets;
   auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
   std::vector<int32_t> ids(static_cast<size_t>(c.batch * c.seq));
@@ -62,6 +63,7 @@ void check_case(const Case& c) {
   eo.stored_4bit = model->stored_4bit();
   eo.gradient_checkpointing = c.checkpointing;
   eo.offload_block_inputs = c.offload;
+  eo.lora_dropout = c.dropout;
   const MemoryEstimate e = estimate_memory(model->config(), eo);
   const MemoryStats& s = backend->memory();
   for (size_t i = 0; i < static_cast<size_t>(MemCategory::Count); ++i) {
@@ -135,6 +137,7 @@ TEST(memory_tracker_high_water_mark_by_category) {
 
 TEST(estimate_matches_measured_peaks_on_a_synthetic_bench_shape) {
   check_case({"shape:tiny", true, true, 2, 24, 16, kAll});
+  check_case({"shape:tiny", true, true, 2, 24, 16, kAll, 0, 0.0});  // without LoRA dropout: no drop(x) workspace
 }
 
 TEST(estimate_matches_measured_peaks_with_offloaded_activations) {

@@ -25,7 +25,7 @@ for (const quantize of [true, false]) {
           model.optimizerStep({ lr: 1e-3 });
         }
         const measured = model.memory();
-        const estimated = estimateMemory(reference('llama-shared'), { batch, seq, rank, quantize, gradientCheckpointing });
+        const estimated = estimateMemory(reference('llama-shared'), { batch, seq, rank, quantize, gradientCheckpointing, loraDropout: 0.05 });
         assert.deepEqual(estimated.categories, measured.peak);
         assert.equal(estimated.peakTotal, measured.totalPeak);
         assert.equal(estimated.loraParameters, model.loraInfo()?.parameters);
@@ -103,19 +103,20 @@ test('estimate verb: --json gives bytes, the table gives MiB by category and the
   assert.throws(() => estimate({ model: reference('llama-shared'), seq: 0 }), /--seq-len must be a positive integer/);
 });
 
-test('estimate: LoRA dropout keeps SwiGLU\'s output in fp32 on the GPU under bf16, and nowhere else changes a byte', () => {
+test('estimate: LoRA dropout adds drop(x)\'s workspace, and on the GPU under bf16 keeps SwiGLU\'s output in fp32', () => {
   const model = reference('llama-shared'), seq = 64, rank = 16;
-  const gpu = estimate({ model, seq, rank, device: 'cuda' });
-  const gpuDropout = estimate({ model, seq, rank, device: 'cuda', loraDropout: 0.05 });
-  // one block's m: seq x intermediate values, 16-bit rows with room for LoRA's 16 columns (rank 16) or fp32
-  const inter = gpu.config.intermediateSize;
-  assert.equal(gpuDropout.categories.activations - gpu.categories.activations, seq * inter * 4 - seq * (inter + 16) * 2);
-  assert.equal(gpuDropout.options.loraDropout, 0.05);
-  assert.match(formatEstimate(gpuDropout), /dropout 0\.05/);
-  const cpu = estimate({ model, seq, rank });
-  assert.deepEqual(estimate({ model, seq, rank, loraDropout: 0.05 }).categories, cpu.categories);
-  const f32 = estimate({ model, seq, rank, device: 'cuda', computeDtype: 'f32' });
-  assert.deepEqual(estimate({ model, seq, rank, device: 'cuda', computeDtype: 'f32', loraDropout: 0.05 }).categories, f32.categories);
+  for (const [device, computeDtype] of [['cpu', undefined], ['cuda', 'f32'], ['cuda', 'bf16']] as const) {
+    const plain = estimate({ model, seq, rank, device, computeDtype });
+    const dropped = estimate({ model, seq, rank, device, computeDtype, loraDropout: 0.05 });
+    const c = plain.config;
+    // drop(x) of the widest linear input; one block's m as 16-bit rows with room for LoRA's 16 columns, or fp32
+    const widest = Math.max(c.hiddenSize, c.intermediateSize, c.numHeads * c.headDim);
+    assert.equal(dropped.categories.workspace - plain.categories.workspace, seq * widest * 4, `${device} ${computeDtype}`);
+    const m = computeDtype === 'bf16' ? seq * c.intermediateSize * 4 - seq * (c.intermediateSize + 16) * 2 : 0;
+    assert.equal(dropped.categories.activations - plain.categories.activations, m, `${device} ${computeDtype}`);
+    assert.equal(dropped.options.loraDropout, 0.05);
+    assert.match(formatEstimate(dropped), /dropout 0\.05/);
+  }
   assert.throws(() => estimate({ model, loraDropout: 1 }), /--lora-dropout must be at least 0 and below 1, got 1/);
   assert.throws(() => estimateVerb.run(parseOptions('estimate', ['--model', model, '--lora-dropout', 'x'], estimateVerb.options)), /--lora-dropout must be a number, got 'x'/);
 });

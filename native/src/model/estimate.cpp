@@ -99,7 +99,7 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   add(Ws, max_weight_rows * float_format_bytes(takes));
   if (nf4 && double_quant) add(Ws, ceil_div(largest_linear, kNf4Blocksize) * kF32);  // its block constants
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
-  add(Ws, n * widest_in * kF32);          // dropx
+  if (o.lora_dropout > 0.0) add(Ws, n * widest_in * kF32);  // dropx: drop(x) of the widest input
   add(Ws, n * r * kF32);                  // lora_dt
   const int64_t logits_rows = loss_chunk_rows(n, vocab);
   add(Ws, logits_rows * vocab * kF32);

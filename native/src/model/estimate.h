@@ -29,8 +29,9 @@ struct EstimateOptions {
   // between their forward and their backward (at most L - 2 of them count).
   int64_t offload_block_inputs = 0;
   bool with_optimizer = true;  // AdamW's two fp32 moments per LoRA parameter
-  // LoRA dropout (during training): on the GPU under half compute it keeps SwiGLU's output at its fp32 size, since
-  // down's input gradient, written in its place, is then not one fused GEMM held in 16 bits.
+  // LoRA dropout (during training): a workspace for drop(x) of the widest input, and on the GPU under half compute
+  // SwiGLU's output at its fp32 size, since down's input gradient, written in its place, is then not one fused GEMM
+  // held in 16 bits.
   double lora_dropout = 0.0;
   // On the CUDA backend: its GEMM workspace and the attention backward's row dots (cuda/kernel_backend.h) too,
   // and the converted copies of the largest GEMM's inputs that the compute dtype asks for.

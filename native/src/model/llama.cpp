@@ -793,7 +793,8 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   ws.sin.reset(be, static_cast<int64_t>(rope.sin.size()), work);
   ws.sin.upload(rope.sin);
   if (adapter) {
-    ws.dropx.reset(be, n * max_linear_in(c), work);
+    // drop(x), for LoRA dropout's masks alone
+    if (opt.training && adapter->config().dropout > 0.0) ws.dropx.reset(be, n * max_linear_in(c), work);
     if (opt.compute_grads) ws.lora_dt.reset(be, n * rank, work);
   }
   ws.xf.reset(be, n * c.hidden_size, act);
