@@ -308,21 +308,35 @@ __global__ void rmsnorm_backward(const float* dy, const float* x, const float* w
   for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) dxr[i] = s * (dyr[i] * w[i] - xr[i] * s * mean_dot);
 }
 
-// log(sum_i exp(row[i])) of one row by the whole block, in double (the max subtracted first).
-__device__ double row_log_sum_exp(const float* row, int64_t n) {
-  double m = -INFINITY;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = max_of(m, static_cast<double>(row[i]));
+// The log-sum-exp of one row, by the whole block: the row's max and log(sum_i exp(row[i] - max)). The exponentials
+// and each thread's sum in fp32, as torch computes a loss (a consumer GPU runs fp64 at 1/32 to 1/64 of fp32's rate,
+// which made double exponentials a few percent of a small model's step), the sum compensated (Kahan) so that a row
+// of 128k logits stays within about 1e-7 of the exact sum; the threads' sums add up in double.
+struct RowLogSumExp {
+  float max;
+  double log_sum;
+  __device__ double value() const { return static_cast<double>(max) + log_sum; }
+};
+__device__ RowLogSumExp row_log_sum_exp(const float* row, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) m = max_of(m, row[i]);
   m = block_max(m);
-  double sum = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) sum += exp(static_cast<double>(row[i]) - m);
-  return m + log(block_sum(sum));
+  float sum = 0.0f, lost = 0.0f;  // lost: what the last addition rounded away (Kahan)
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float term = expf(row[i] - m) - lost;
+    const float next = sum + term;
+    lost = (next - sum) - term;
+    sum = next;
+  }
+  return {m, log(block_sum(static_cast<double>(sum) - static_cast<double>(lost)))};
 }
 
 // Cross-entropy of one row against its target (kIgnoreIndex: skipped, zero gradient): log p(target) into
 // logprob[r]; the gradient grad_scale * (softmax - onehot) (optional) into dlogits16's rows where it has data,
-// rounded to 16 bits (fp16 with f16, else bf16) as a GEMM would round it, else into dlogits in fp32. The log-sum-exp
-// in double. dlogits may be the logits themselves (the model writes the gradient in place): every read of the row that another thread's write
-// could overwrite happens before the reductions' barriers.
+// rounded to 16 bits (fp16 with f16, else bf16) as a GEMM would round it, else into dlogits in fp32. The gradient's
+// exponentials in fp32, as the log-sum-exp's. dlogits may be the logits themselves (the model writes the gradient
+// in place): every read of the row that another thread's write could overwrite happens before the reductions'
+// barriers.
 __global__ void cross_entropy(const float* logits, const int32_t* targets, int64_t vocab, double grad_scale,
                               float* dlogits, HalfRows dlogits16, bool f16, double* logprob) {
   const int64_t r = blockIdx.x;
@@ -344,12 +358,13 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
     return;
   }
   const double target_logit = lr[target];
-  const double log_z = row_log_sum_exp(lr, vocab);
-  if (threadIdx.x == 0) logprob[r] = target_logit - log_z;
+  const RowLogSumExp lse = row_log_sum_exp(lr, vocab);
+  if (threadIdx.x == 0) logprob[r] = target_logit - lse.value();
+  const float log_sum = static_cast<float>(lse.log_sum), scale = static_cast<float>(grad_scale);
   if (dr || dr16)  // each thread reads and writes its own elements only
     for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-      float d = static_cast<float>(exp(static_cast<double>(lr[i]) - log_z) * grad_scale);
-      if (i == target) d -= static_cast<float>(grad_scale);
+      float d = expf((lr[i] - lse.max) - log_sum) * scale;
+      if (i == target) d -= scale;
       write(i, d);
     }
 }
@@ -357,7 +372,7 @@ __global__ void cross_entropy(const float* logits, const int32_t* targets, int64
 __global__ void log_softmax_rows(const float* logits, int64_t vocab, float* out) {
   const int64_t r = blockIdx.x;
   const float* lr = logits + r * vocab;
-  const double log_z = row_log_sum_exp(lr, vocab);
+  const double log_z = row_log_sum_exp(lr, vocab).value();
   for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x)
     out[r * vocab + i] = static_cast<float>(static_cast<double>(lr[i]) - log_z);
 }
