@@ -52,6 +52,9 @@ export interface MemoryEstimate {
   /** How much less a step holds with every block input that can move offloaded (all but two; 0 without gradient
    * checkpointing). */
   offloadableActivationBytes: number;
+  /** Host memory held beside the categories on the GPU: an untied embedding table kept there, with the page-locked
+   * buffer a step gathers its rows in (0 on the CPU). Pages moved out under a budget come on top. */
+  hostBytes: number;
   stored4bit: boolean;
   config: {
     architecture: string;

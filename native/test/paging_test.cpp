@@ -126,6 +126,32 @@ TEST(paging_one_page_short_moves_two_pages_a_step_not_all) {
   }
 }
 
+TEST(paging_a_skipped_update_moves_no_page) {
+  // Under the budget below, the run moves a page out; an update whose gradients overflowed (skipped, as fp16's loss
+  // scaling asks) is known as such before any page moves back in, and leaves the pages where they are.
+  const Trained free_run = train_under(0);
+  const int64_t budget = free_run.memory.total_peak - optimizer_bytes(free_run.memory) / 2;
+  auto backend = make_cpu_backend();
+  LoadOptions lo;
+  lo.quantize_nf4 = true;
+  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
+  LoraConfig lc;
+  lc.rank = 4;
+  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
+  backend->set_memory_budget(budget);
+  AdamW opt(backend.get(), adapter.get());
+  RunOptions ro;
+  ro.compute_grads = true;
+  ro.loss_scale = 1e40;  // overflows fp32 in the logits' gradient
+  model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), ro);
+  EXPECT_TRUE(!backend->take_page_moves().empty(), "the run moved a page out");
+  AdamWOptions ao;
+  ao.loss_scale = 1e40;
+  ao.skip_non_finite = true;
+  EXPECT_TRUE(opt.step(ao).skipped);
+  EXPECT_TRUE(backend->take_page_moves().empty(), "a skipped update moved pages");
+}
+
 TEST(paging_budget_moves_optimizer_pages_and_keeps_the_numbers) {
   const Trained free_run = train_under(0);
   EXPECT_TRUE(free_run.moves.empty(), "no budget, no paging");

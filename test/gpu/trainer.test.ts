@@ -102,7 +102,7 @@ test('a run resumes across devices: GPU to CPU and CPU to GPU, each close to the
 test('under a budget half the optimizer state short the GPU run pages and keeps its losses', async () => {
   const c = config({ maxSteps: 6 });
   // bf16 compute, the GPU's default
-  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, device: 'cuda', computeDtype: 'bf16' });
+  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, loraDropout: c.dropout, device: 'cuda', computeDtype: 'bf16' });
   const free = path.join(tempDir('gpu-free'), 'run');
   const paged = path.join(tempDir('gpu-paged'), 'run');
   await train({ runDir: free, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'bf16' } });
@@ -119,7 +119,7 @@ test('under a budget below the step without its optimizer, the GPU run offloads 
   const small = path.join(tempDir('gpu-offload-model'), 'small');
   makeTinyModel({ out: small, arch: 'llama', seed: 5, size: 'small' });
   const c = resolveConfig({}, { ...config({ maxSteps: 4, packing: true }), model: small });
-  const e = estimateMemory(small, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, device: 'cuda', computeDtype: 'bf16' });
+  const e = estimateMemory(small, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, loraDropout: c.dropout, device: 'cuda', computeDtype: 'bf16' });
   const free = path.join(tempDir('gpu-offload-free'), 'run');
   const offloaded = path.join(tempDir('gpu-offload-tight'), 'run');
   await train({ runDir: free, config: c, resume: false, placement: { device: 'cuda', computeDtype: 'bf16' } });

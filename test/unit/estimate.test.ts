@@ -99,6 +99,12 @@ test('estimate verb: --json gives bytes, the table gives MiB by category and the
   assert.equal(checkpointed.offloadableActivationBytes, 0);
   const long = estimate({ model: reference('llama-shared'), seq: 64, rank: 16, device: 'cuda' });
   assert.equal(long.activationPageBytes, 64 * long.config.hiddenSize * 2, 'bf16 block inputs on the GPU');
+  // its untied bf16 embedding table stays in host memory there, with a buffer for a step's rows
+  const embeddingTable = long.config.vocabSize * long.config.hiddenSize * 2;
+  assert.equal(long.hostBytes, embeddingTable + 64 * long.config.hiddenSize * 2);
+  assert.equal(long.categories.weights, estimate({ model: reference('llama-shared'), seq: 64, rank: 16 }).categories.weights - embeddingTable);
+  assert.match(formatEstimate(long), /Host memory besides: [0-9.]+ MiB \(the embedding table/);
+  assert.equal(checkpointed.hostBytes, 0, 'on the CPU every byte is in the categories');
   assert.throws(() => estimate({ model: reference('llama-shared'), targets: ['q_proj', 'nope'] }), /unknown LoRA target module 'nope'/);
   assert.throws(() => estimate({ model: reference('llama-shared'), seq: 0 }), /--seq-len must be a positive integer/);
 });

@@ -105,7 +105,7 @@ test('under a memory budget the optimizer pages out and back in every step, with
   const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
   // packed sequences are all seqLen long, so every step reaches the estimate's peak
   const c = config(data, { packing: true, seqLen: 64, batchSize: 2, maxSteps: 6 });
-  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize });
+  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, loraDropout: c.dropout });
   const free = path.join(tempDir('budget-free'), 'run');
   await train({ runDir: free, config: c, resume: false, placement: { device: 'cpu' } });
   const paged = path.join(tempDir('budget-paged'), 'run');
@@ -137,7 +137,7 @@ test('under a budget below the step without its optimizer state, block inputs mo
   makeTinyModel({ out: small, arch: 'llama', seed: 5, size: 'small' });
   const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
   const c = resolveConfig({}, { ...config(data, { packing: true, seqLen: 64, batchSize: 2, maxSteps: 3 }), model: small });
-  const e = estimateMemory(small, { batch: 2, seq: 64, rank: 8, quantize: c.quantize });
+  const e = estimateMemory(small, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, loraDropout: c.dropout });
   assert.ok(e.offloadableActivationBytes > 0 && e.activationPageBytes === 2 * 64 * 512 * 4);
   const free = path.join(tempDir('offload-free'), 'run');
   await train({ runDir: free, config: c, resume: false, placement: { device: 'cpu' } });
@@ -165,7 +165,7 @@ test('under a budget below the step without its optimizer state, block inputs mo
 test('checkpoints do not depend on where the optimizer state was: a paged run resumes without a budget to the same adapter', async () => {
   const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
   const c = config(data, { packing: true, seqLen: 64, batchSize: 2, maxSteps: 6, checkpointEvery: 2 });
-  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize });
+  const e = estimateMemory(model, { batch: 2, seq: 64, rank: 8, quantize: c.quantize, loraDropout: c.dropout });
   const straight = path.join(tempDir('paged-straight'), 'run');
   await train({ runDir: straight, config: c, resume: false, placement: { device: 'cpu' } });
   const paged = path.join(tempDir('paged-resumed'), 'run');

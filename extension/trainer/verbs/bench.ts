@@ -6,7 +6,7 @@
 // generation at batch 1 with the adapter applied (the chat panel's path), on the same shapes.
 import { EngineModel, type MemoryCategory, type OpTime } from '../../engine';
 import { estimateMemory } from '../../engine/tools';
-import { MEMORY_CATEGORIES } from '../../protocol/events';
+import { blockInputsOffloaded, MEMORY_CATEGORIES } from '../../protocol/events';
 import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
@@ -253,7 +253,7 @@ export function formatBench(r: BenchResult): string {
     `  step          ${r.step_ms.toFixed(1)} ms (min ${r.step_ms_min.toFixed(1)}, max ${r.step_ms_max.toFixed(1)})`,
     `  MFU           ${r.mfu === null ? `unknown (no peak FLOP/s figure for ${r.device.name})` : `${(100 * r.mfu).toFixed(1)}%`} at ${(r.flops_per_token / 1e9).toFixed(2)} GFLOP per token`,
     `  peak memory   ${formatBinaryBytes(r.peak_bytes.total)}${r.memory_budget !== null ? ` of a ${formatBinaryBytes(r.memory_budget)} budget` : ''}` +
-      `${r.paged_optimizer ? ', optimizer paged' : ''}${r.offloaded_block_inputs > 0 ? `, ${r.offloaded_block_inputs} block inputs offloaded` : ''}`,
+      `${r.paged_optimizer ? ', optimizer paged' : ''}${r.offloaded_block_inputs > 0 ? `, ${blockInputsOffloaded(r.offloaded_block_inputs)}` : ''}`,
     ...MEMORY_CATEGORIES.map((c) => `    ${c.padEnd(12)}${formatBinaryBytes(r.peak_bytes[c]).padStart(12)}`),
     `  paging        ${r.page_moves === 0 ? 'none' : `${r.page_moves} moves, ${formatBinaryBytes(r.page_bytes)} in ${r.page_ms.toFixed(1)} ms`}`,
     `  loss          ${r.loss.toFixed(4)} (random tokens)`,

@@ -67,6 +67,7 @@ export function formatEstimate(e: EstimateResult): string {
     `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
     ...CATEGORIES.map((k) => `  ${k.padEnd(12)}${mib(e.categories[k])}`),
     `  ${'peak'.padEnd(12)}${mib(e.peakTotal)}`,
+    ...(e.hostBytes > 0 ? ['', `Host memory besides: ${(e.hostBytes / 1048576).toFixed(1)} MiB (the embedding table, which the GPU reads only a step's rows of).`] : []),
     // the GPU's budget (--gpu-memory-budget): the CPU has none, and its "host memory" is the same memory
     ...(o.device === 'cuda' && e.offloadableActivationBytes > 0
       ? ['', `Under a GPU memory budget below the peak the optimizer state (${(e.categories.optimizer / 1048576).toFixed(1)} MiB) pages to host memory; ` +

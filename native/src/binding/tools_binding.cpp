@@ -59,7 +59,7 @@ Napi::Value MergeWeights(const Napi::CallbackInfo& info) {
 
 // estimateMemory(modelDir | {shape}, {batch, seq, rank, targets, quantize, gradientCheckpointing, optimizer,
 // offloadBlockInputs, loraDropout, device, computeDtype}) -> {categories, peakTotal, loraParameters, optimizerPageBytes,
-// activationPageBytes, offloadableActivationBytes, stored4bit, config}. Reads config.json only.
+// activationPageBytes, offloadableActivationBytes, hostBytes, stored4bit, config}. Reads config.json only.
 Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   // a model folder, or {shape} of a benchmark shape
@@ -134,6 +134,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   o.Set("optimizerPageBytes", static_cast<double>(e.optimizer_page_bytes));
   o.Set("activationPageBytes", static_cast<double>(e.activation_page_bytes));
   o.Set("offloadableActivationBytes", static_cast<double>(e.offloadable_activation_bytes));
+  o.Set("hostBytes", static_cast<double>(e.host_bytes));
   o.Set("stored4bit", eo.stored_4bit);
   o.Set("config", config);
   return o;

@@ -54,8 +54,12 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   };
   const FloatFormat dense = dense_weight_format(c);
   const int64_t dense_bytes = float_format_bytes(dense);
-  // embed_tokens: on the GPU an untied table stays in host memory (Backend::keeps_embedding_on_host)
-  if (!(o.cuda && !c.tie_word_embeddings)) add(W, vocab * h * dense_bytes);
+  // embed_tokens: on the GPU an untied table stays in host memory (Backend::keeps_embedding_on_host), with a
+  // page-locked buffer for a step's rows
+  if (o.cuda && !c.tie_word_embeddings)
+    e.host_bytes = vocab * h * dense_bytes + o.batch * o.seq * h * dense_bytes;
+  else
+    add(W, vocab * h * dense_bytes);
   add(W, h * kF32);                                              // final norm
   if (!c.tie_word_embeddings) add(W, vocab * h * dense_bytes);   // lm_head
   // on the GPU under half compute LoRA's terms go into the base GEMMs: a dequantized weight has room for B beside

@@ -53,6 +53,10 @@ struct MemoryEstimate {
   // offload_block_inputs.
   int64_t activation_page_bytes = 0;
   int64_t offloadable_activation_bytes = 0;
+  // Host memory the engine holds on the GPU beside the categories (0 on the CPU, whose every byte is in them): an
+  // untied embedding table kept there (Backend::keeps_embedding_on_host) and the page-locked buffer a step gathers
+  // its rows in. Pages moved out under a budget come on top.
+  int64_t host_bytes = 0;
 
   int64_t operator[](MemCategory c) const { return bytes[static_cast<size_t>(c)]; }
 };

@@ -461,13 +461,18 @@ const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* ada
 void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
                                  const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
                                  const RunOptions& opt, std::optional<SharedGemmInput>* x_share,
-                                 std::optional<SharedGemmInput>* dx_hold) {
+                                 std::optional<SharedGemmInput>* dx_hold, bool dx_half_rows) {
   const FrozenLinear& w = layers_[layer].linear[static_cast<int>(m)];
   LoraParam* p = adapter ? adapter->param(layer, m) : nullptr;
   const bool drop = p && opt.training && adapter->config().dropout > 0.0;
   // Without dropout (whose mask applies to LoRA's term alone) a fusing backend computes dx = [dy | dt] [W ; A] in one
   // GEMM, last, with dy's 16-bit copy shared by the four GEMMs that read dy.
   const int64_t lora_columns = dy_lora_columns(layer, m, adapter, rows, opt);
+  auto not_held = [&] {
+    fail("layer ", layer, ": the input gradient of ", module_name(m),
+         " has a buffer of 16-bit rows but would not be held in 16 bits");
+  };
+  if (dx_half_rows && (lora_columns == 0 || accumulate_dx || !dx_hold)) not_held();  // before any write to dx
   // dx = dy W (+ LoRA's term). Accumulating, the base term goes first, as it always has; otherwise last, so that dx
   // may be x's own buffer (x is read only before dx is first written). The sums are the same either way: the base
   // and LoRA terms are added once, in either order.
@@ -500,6 +505,7 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
   if (lora_columns > 0) {  // the base and LoRA terms of dx in one GEMM
     if (dx_hold && !accumulate_dx)
       dx_hold->emplace(backend_, dx, rows, w.in, 0, SharedGemmInput::kHalfActivation);
+    if (dx_half_rows && !(*dx_hold)->open()) not_held();
     backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
                                 p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
     return;
@@ -577,7 +583,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
     else
       scope.emplace(backend_, static_cast<const float*>(y.get()), n, cols, lora_columns);
     if (half_rows && !scope->open())  // fp32 values would not fit
-      fail("layer ", layer, ": a normed input has a buffer of 16-bit rows that the backend did not write so");
+      fail("layer ", layer, ": an activation has a buffer of 16-bit rows that the backend did not write so");
   };
   auto forward_done_with = [&](std::optional<SharedGemmInput>& scope) {
     if (!for_backward) scope.reset();
@@ -614,7 +620,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   linear_forward(layer, Module::Gate, adapter, a.xn2.get(), n, a.g.get(), t(Module::Gate), ws, opt);
   linear_forward(layer, Module::Up, adapter, a.xn2.get(), n, a.u.get(), t(Module::Up), ws, opt);
   forward_done_with(a.xn2_16);
-  share(a.m_16, a.m, c.intermediate_size, {Module::Down}, false);
+  share(a.m_16, a.m, c.intermediate_size, {Module::Down}, a.half.m);
   backend_->swiglu_forward(a.g.get(), a.u.get(), n * c.intermediate_size, a.m.get());
   if (!backward_reads) {
     a.g_16.reset();
@@ -643,7 +649,7 @@ void LlamaModel::block_backward(int64_t layer, BlockActivations& a, const float*
   // in place: the gradient of m takes m's place, those of gate and up g's and u's (nothing reads them afterwards);
   // m is read (its dA) before its gradient is written
   linear_backward(layer, Module::Down, adapter, a.m.get(), t(Module::Down), dx_out, n, a.m.get(), false, ws, opt,
-                  &a.m_16, &a.dm_16);
+                  &a.m_16, &a.dm_16, a.half.m);
   a.m_16.reset();  // where down has no LoRA, x was not read
   // dg and du are read by gate's and up's GEMMs alone: where g and u are held in 16 bits they are written in their
   // rows; else a backend whose GEMMs round dg to 16 bits writes it so (du too would hold two such copies at once

@@ -158,11 +158,12 @@ class LlamaModel {
   // x_share: a share of x (its 16-bit copy, which may live in x's own bytes) that ends once x is last read, before
   // dx, which may then be x's buffer, is written. dx_hold: where dx is one fused GEMM's output (not accumulated),
   // it is held in 16 bits from that GEMM (Backend::begin_half_activation) in this scope, for a reader that reads
-  // the rounding (SwiGLU's backward).
+  // the rounding (SwiGLU's backward). dx_half_rows: dx's buffer holds 16-bit rows alone, so a dx not held so is an
+  // error (before anything is written), never a write past the buffer's end.
   void linear_backward(int64_t layer, Module m, LoraAdapter* adapter, const float* x, const float* lora_t,
                        const float* dy, int64_t rows, float* dx, bool accumulate_dx, Workspace& ws,
                        const RunOptions& options, std::optional<SharedGemmInput>* x_share = nullptr,
-                       std::optional<SharedGemmInput>* dx_hold = nullptr);
+                       std::optional<SharedGemmInput>* dx_hold = nullptr, bool dx_half_rows = false);
   // x_out null: the recomputation of gradient checkpointing, which skips what only the block's output needs (the
   // base down projection).
   // How a forward of a block writes its normed inputs and SwiGLU's output, which only GEMMs and LoRA dropout read

@@ -45,10 +45,24 @@ double AdamW::global_grad_norm(Backend* backend, LoraAdapter* adapter) {
 StepReport AdamW::step(const AdamWOptions& o) {
   if (!(o.loss_scale > 0.0) || !std::isfinite(o.loss_scale)) fail("loss scale must be a positive number, got ", o.loss_scale);
   // The gradient norm, the clip coefficient and whether to update at all are the device's to compute and the
-  // update's to read there: the host queues the whole update without waiting for backward to finish, and reads the
-  // norm once, at the end (a step whose norm is not finite has written nothing).
+  // update's to read there: the update is queued behind the norm with no wait for the host between them, and the
+  // host reads the norm once, at the end (a step whose norm is not finite has written nothing).
   DeviceArray<GradScale> scale(backend_, 1, MemCategory::Workspace);
   backend_->grad_scale(gradients_of(adapter_), o.loss_scale, o.max_grad_norm, scale.get());
+  StepReport report;
+  auto not_finite = [&](const GradScale& s) {
+    report.grad_norm = s.norm;
+    if (!o.skip_non_finite) fail("gradient norm is ", report.grad_norm, " (not finite); the parameters were not updated");
+    report.skipped = true;
+    report.step = step_;
+    return report;
+  };
+  // Where the update moves pages, a step to be skipped is known first (one wait for the device, small beside the
+  // copies) and moves none.
+  if (pages_->paged_out_bytes() > 0) {
+    const GradScale early = read_back(scale);
+    if (!early.finite) return not_finite(early);
+  }
   // The step count moves on only when every page was updated; a step that fails halfway (a device error) leaves
   // the optimizer part-updated, and the trainer stops the run at its last checkpoint.
   const int64_t step = step_ + 1;
@@ -66,14 +80,8 @@ StepReport AdamW::step(const AdamWOptions& o) {
     pages.release(page);
   }
   const GradScale s = read_back(scale);
-  StepReport report;
+  if (!s.finite) return not_finite(s);
   report.grad_norm = s.norm;
-  if (!s.finite) {
-    if (!o.skip_non_finite) fail("gradient norm is ", report.grad_norm, " (not finite); the parameters were not updated");
-    report.skipped = true;
-    report.step = step_;
-    return report;
-  }
   report.clipped = s.clipped != 0;
   step_ = step;
   report.step = step_;
