@@ -28,23 +28,40 @@ struct Trained {
   std::vector<double> losses;
 };
 
-// Five AdamW steps on the fixture with NF4 weights, under `budget` bytes (0: none).
-Trained train_under(int64_t budget, const std::string& save_optimizer_to = "") {
-  auto backend = make_cpu_backend();
+// The fixture with NF4 weights, a rank-4 adapter and its optimizer, under `budget` bytes (0: none).
+struct Nf4Training {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<LoraAdapter> adapter;
+  std::unique_ptr<AdamW> optimizer;
+};
+Nf4Training nf4_training_under(int64_t budget) {
+  Nf4Training t;
+  t.backend = make_cpu_backend();
   LoadOptions lo;
   lo.quantize_nf4 = true;
-  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
+  t.model = LlamaModel::load(t.backend.get(), qtest::reference("llama-shared"), lo);
   LoraConfig lc;
   lc.rank = 4;
-  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
-  backend->set_memory_budget(budget);
-  AdamW opt(backend.get(), adapter.get());
+  t.adapter = LoraAdapter::create(t.backend.get(), t.model->config(), lc, 7);
+  t.backend->set_memory_budget(budget);
+  t.optimizer = std::make_unique<AdamW>(t.backend.get(), t.adapter.get());
+  return t;
+}
+
+// Five AdamW steps on the fixture with NF4 weights, under `budget` bytes (0: none).
+Trained train_under(int64_t budget, const std::string& save_optimizer_to = "") {
+  Nf4Training setup = nf4_training_under(budget);
+  Backend* backend = setup.backend.get();
+  LlamaModel* model = setup.model.get();
+  LoraAdapter* adapter = setup.adapter.get();
+  AdamW& opt = *setup.optimizer;
   Trained t;
   RunOptions ro;
   ro.compute_grads = true;
   for (int step = 0; step < 5; ++step) {
     adapter->zero_grad();
-    const RunResult r = model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), ro);
+    const RunResult r = model->run(kIds.data(), kIds.data(), 2, 6, adapter, ro);
     t.losses.push_back(r.loss_sum / static_cast<double>(r.labelled));
     AdamWOptions ao;
     ao.lr = 1e-2;
@@ -130,26 +147,17 @@ TEST(paging_a_skipped_update_moves_no_page) {
   // Under the budget below, the run moves a page out; an update whose gradients overflowed (skipped, as fp16's loss
   // scaling asks) is known as such before any page moves back in, and leaves the pages where they are.
   const Trained free_run = train_under(0);
-  const int64_t budget = free_run.memory.total_peak - optimizer_bytes(free_run.memory) / 2;
-  auto backend = make_cpu_backend();
-  LoadOptions lo;
-  lo.quantize_nf4 = true;
-  auto model = LlamaModel::load(backend.get(), qtest::reference("llama-shared"), lo);
-  LoraConfig lc;
-  lc.rank = 4;
-  auto adapter = LoraAdapter::create(backend.get(), model->config(), lc, 7);
-  backend->set_memory_budget(budget);
-  AdamW opt(backend.get(), adapter.get());
+  Nf4Training t = nf4_training_under(free_run.memory.total_peak - optimizer_bytes(free_run.memory) / 2);
   RunOptions ro;
   ro.compute_grads = true;
   ro.loss_scale = 1e40;  // overflows fp32 in the logits' gradient
-  model->run(kIds.data(), kIds.data(), 2, 6, adapter.get(), ro);
-  EXPECT_TRUE(!backend->take_page_moves().empty(), "the run moved a page out");
+  t.model->run(kIds.data(), kIds.data(), 2, 6, t.adapter.get(), ro);
+  EXPECT_TRUE(!t.backend->take_page_moves().empty(), "the run moved a page out");
   AdamWOptions ao;
   ao.loss_scale = 1e40;
   ao.skip_non_finite = true;
-  EXPECT_TRUE(opt.step(ao).skipped);
-  EXPECT_TRUE(backend->take_page_moves().empty(), "a skipped update moved pages");
+  EXPECT_TRUE(t.optimizer->step(ao).skipped);
+  EXPECT_TRUE(t.backend->take_page_moves().empty(), "a skipped update moved pages");
 }
 
 TEST(paging_budget_moves_optimizer_pages_and_keeps_the_numbers) {
