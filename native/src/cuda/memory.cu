@@ -19,7 +19,14 @@ void device_free(void* ptr) { QLORA_CUDA_CHECK(cudaFree(ptr)); }
 
 void* pinned_malloc(size_t bytes) {
   void* ptr = nullptr;
-  QLORA_CUDA_CHECK(cudaMallocHost(&ptr, bytes));
+  const cudaError_t e = cudaMallocHost(&ptr, bytes);
+  if (e == cudaErrorMemoryAllocation) {
+    (void)cudaGetLastError();
+    // what moves out of the GPU (optimizer pages, offloaded block inputs) and a step's embedding rows live here
+    fail("could not page-lock ", static_cast<double>(bytes) / (1 << 20), " MiB of host memory for what the GPU "
+         "moves out of its memory or reads from the host: free some RAM, or give the run a larger GPU memory budget");
+  }
+  QLORA_CUDA_CHECK(e);
   return ptr;
 }
 
