@@ -9,6 +9,7 @@
 #                    8b under a budget that pages, and 8b with its block inputs offloaded
 #   ncu_attention    Nsight Compute's speed-of-light and occupancy of the tensor-core attention kernels (1b, 4 x 2048)
 #   hf_reference     transformers + PEFT LoRA on the same shape, for the speed ratio (last: it takes longest)
+# then one summary line per JSON benchmark: tokens/s, MFU, and the measured peak beside the estimate's.
 # Steps run in that order whatever the earlier ones gave; SKIP=name,name leaves steps out. Run it as
 #   bash scripts/device/gpu_check.sh                       (about 9 minutes at most)
 #   SKIP=reference_check,test_gpu bash scripts/device/gpu_check.sh   (a second call: the benchmarks)
@@ -64,3 +65,16 @@ console.log('offload: loss ' + (moved.loss === kept.loss ? 'equal' : 'DIFFERS') 
   moved.step_ms.toFixed(1) + ' ms vs ' + kept.step_ms.toFixed(1) + ' ms, ' + moved.page_moves + ' moves');
 " "$OUT/bench_8b_bf16.log" "$OUT/bench_8b_offload.log" >> "$OUT/summary.txt" 2>&1
 step hf_reference 300 python3 .device/hf_reference.py --mode lora --configs 8b:1x2048 --optim adamw
+# each JSON benchmark in one line: speed, MFU, and its measured peak beside the estimate's (issue 7: within 10%)
+node -e "
+const fs = require('fs');
+for (const f of process.argv.slice(1)) {
+  if (!fs.existsSync(f)) continue;
+  const line = fs.readFileSync(f, 'utf8').trim().split('\n').filter((l) => l.startsWith('{')).pop();
+  if (!line) { console.log(require('path').basename(f) + ': no JSON'); continue; }
+  const b = JSON.parse(line), gib = (x) => (x / 2 ** 30).toFixed(2) + ' GiB';
+  const off = (100 * (b.peak_bytes.total - b.estimated_peak_bytes)) / b.estimated_peak_bytes;
+  console.log(require('path').basename(f, '.log') + ': ' + b.tokens_per_s.toFixed(0) + ' tok/s, MFU ' + (b.mfu === null ? '?' : (100 * b.mfu).toFixed(1) + '%') +
+    ', peak ' + gib(b.peak_bytes.total) + ' vs estimate ' + gib(b.estimated_peak_bytes) + ' (' + off.toFixed(1) + '%)' + (b.paged_optimizer ? ', paged' : ''));
+}
+" "$OUT"/bench_*.log >> "$OUT/summary.txt" 2>&1

@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import { estimateMemory } from '../../extension/engine/tools';
 import { peakFlops, trainingFlopsPerToken } from '../../extension/trainer/flops';
-import { bench, formatBench, profilePerStep, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
+import { bench, estimateDeviation, formatBench, profilePerStep, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
 import { cliPath } from '../helpers/paths';
 
 const quick = { shape: 'tiny' as const, batch: 2, seq: 48, steps: 2, warmup: 1, rank: 8 };
@@ -25,12 +25,17 @@ test('bench --shape tiny --json: tokens/s, step time, peak memory by category, p
   const e = estimateMemory({ shape: 'tiny' }, { batch: 2, seq: 48, rank: 16 });
   for (const c of ['weights', 'adapters', 'gradients', 'optimizer', 'activations', 'workspace'] as const) assert.equal(b.peak_bytes[c], e.categories[c], c);
   assert.equal(b.peak_bytes.total, e.peakTotal);
+  assert.equal(b.estimated_peak_bytes, e.peakTotal);
+  assert.equal(estimateDeviation(b), 'equal to');
+  assert.equal(estimateDeviation({ peak_bytes: { ...b.peak_bytes, total: 0.9 * b.estimated_peak_bytes }, estimated_peak_bytes: b.estimated_peak_bytes }), '10.0% below');
   assert.equal(b.trainable_parameters, e.loraParameters);
 
   const text = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--seq', '32', '--steps', '1', '--warmup', '0', '--device', 'cpu'], { encoding: 'utf8' });
   assert.equal(text.status, 0, text.stderr);
   assert.match(text.stdout, /^bench tiny on CPU .* \(f32\): batch 1 x 32 tokens, LoRA r 16 on all linear layers/);
   assert.match(text.stdout, /MFU +unknown \(no peak FLOP\/s figure for /);
+  // one step: the optimizer comes into being at its update, after the run's peak
+  assert.match(text.stdout, /estimate +[\d.]+ [KMG]iB \(the measured peak [\d.]+% below it\)/);
   const bad = spawnSync(process.execPath, [cliPath, 'bench', '--shape', '13b'], { encoding: 'utf8' });
   assert.equal(bad.status, 1);
   assert.match(bad.stderr, /--shape must be one of tiny, 1b, 8b, 70b, got '13b'/);
