@@ -38,6 +38,11 @@ export function movableBlockInputs(e: EstimateForPlan): number {
   return e.activationPageBytes > 0 ? Math.round(e.offloadableActivationBytes / e.activationPageBytes) : 0;
 }
 
+/** A step's peak with the inputs of its `offloaded` lowest blocks moved to host memory (the estimate's peak less them). */
+export function peakWithOffloadedInputs(e: Pick<EstimateForPlan, 'peakTotal' | 'activationPageBytes'>, offloaded: number): number {
+  return e.peakTotal - offloaded * e.activationPageBytes;
+}
+
 /**
  * force: offload every block input that can move, even where the budget does not need it (`bench
  * --offload-activations`); otherwise as few as bring the step without its optimizer state under the budget.
@@ -50,7 +55,7 @@ export function planMemory(e: EstimateForPlan, budget: number, force = false): M
   const offloadBlockInputs = force ? movable : Math.min(movable, short > 0 ? Math.ceil(short / e.activationPageBytes) : 0);
   const update = c.weights + c.adapters + c.gradients + e.optimizerPageBytes;
   const required = Math.max(forwardBackward - e.offloadableActivationBytes, update);
-  const peak = e.peakTotal - offloadBlockInputs * e.activationPageBytes;
+  const peak = peakWithOffloadedInputs(e, offloadBlockInputs);
   return { budget, required, fits: budget >= required, paged: budget < peak, offloadBlockInputs, peak };
 }
 

@@ -9,7 +9,8 @@
 #                    8b under a budget that pages, and 8b with its block inputs offloaded
 #   ncu_attention    Nsight Compute's speed-of-light and occupancy of the tensor-core attention kernels (1b, 4 x 2048)
 #   hf_reference     transformers + PEFT LoRA on the same shape, for the speed ratio (last: it takes longest)
-# then one summary line per JSON benchmark: tokens/s, MFU, and the measured peak beside the estimate's.
+# then scripts/device/bench-summary.mjs: one line per JSON benchmark (tokens/s, MFU, the measured peak beside the
+# estimate's) and the offloaded 8B run beside the kept one.
 # Steps run in that order whatever the earlier ones gave; SKIP=name,name leaves steps out. Run it as
 #   bash scripts/device/gpu_check.sh                       (about 9 minutes at most)
 #   SKIP=reference_check,test_gpu bash scripts/device/gpu_check.sh   (a second call: the benchmarks)
@@ -54,27 +55,8 @@ budget=$(node -e "const e = require('./out/extension/engine/tools').estimateMemo
 echo "paged budget: ${budget:-none (the estimate failed)} GiB" >> "$OUT/summary.txt"
 [ -n "$budget" ] || SKIP="${SKIP:-},bench_8b_paged"
 step bench_8b_paged 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --gpu-memory-budget "$budget" --json
-# the 30 block inputs that can move, through pinned host memory: the step time beside bench_8b_bf16's, and the same
-# loss (the same seed and steps: a race between the copy stream and the compute would change it)
+# the 30 block inputs that can move, through pinned host memory (bench-summary.mjs sets it beside bench_8b_bf16)
 step bench_8b_offload 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 3 --warmup 1 --offload-activations --json
-node -e "
-const fs = require('fs');
-const last = (f) => JSON.parse(fs.readFileSync(f, 'utf8').trim().split('\n').filter((l) => l.startsWith('{')).pop());
-const kept = last(process.argv[1]), moved = last(process.argv[2]);
-console.log('offload: loss ' + (moved.loss === kept.loss ? 'equal' : 'DIFFERS') + ' (' + moved.loss + ' vs ' + kept.loss + '), step ' +
-  moved.step_ms.toFixed(1) + ' ms vs ' + kept.step_ms.toFixed(1) + ' ms, ' + moved.page_moves + ' moves');
-" "$OUT/bench_8b_bf16.log" "$OUT/bench_8b_offload.log" >> "$OUT/summary.txt" 2>&1
 step hf_reference 300 python3 .device/hf_reference.py --mode lora --configs 8b:1x2048 --optim adamw
-# each JSON benchmark in one line: speed, MFU, and its measured peak beside the estimate's (issue 7: within 10%)
-node -e "
-const fs = require('fs');
-for (const f of process.argv.slice(1)) {
-  if (!fs.existsSync(f)) continue;
-  const line = fs.readFileSync(f, 'utf8').trim().split('\n').filter((l) => l.startsWith('{')).pop();
-  if (!line) { console.log(require('path').basename(f) + ': no JSON'); continue; }
-  const b = JSON.parse(line), gib = (x) => (x / 2 ** 30).toFixed(2) + ' GiB';
-  const off = (100 * (b.peak_bytes.total - b.estimated_peak_bytes)) / b.estimated_peak_bytes;
-  console.log(require('path').basename(f, '.log') + ': ' + b.tokens_per_s.toFixed(0) + ' tok/s, MFU ' + (b.mfu === null ? '?' : (100 * b.mfu).toFixed(1) + '%') +
-    ', peak ' + gib(b.peak_bytes.total) + ' vs estimate ' + gib(b.estimated_peak_bytes) + ' (' + off.toFixed(1) + '%)' + (b.paged_optimizer ? ', paged' : ''));
-}
-" "$OUT"/bench_*.log >> "$OUT/summary.txt" 2>&1
+# each JSON benchmark in one line, and the offloaded 8B run beside the kept one
+node scripts/device/bench-summary.mjs "$OUT" >> "$OUT/summary.txt" 2>&1

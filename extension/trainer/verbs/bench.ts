@@ -11,7 +11,7 @@ import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
 import { argmax } from '../../generate/sampling';
-import { movableBlockInputs } from '../memoryPlan';
+import { movableBlockInputs, peakWithOffloadedInputs } from '../memoryPlan';
 import { checkMemory, engineOptions, placeRun, placementFromFlags, placementOptions, type Placement, type PlacementOptions } from '../placement';
 
 export const BENCH_SHAPES = ['tiny', '1b', '8b', '70b'] as const;
@@ -169,7 +169,7 @@ export function bench(o: BenchOptions): BenchResult {
       device: benchDevice(placement),
       batch: o.batch, seq: o.seq, rank: o.rank, steps: o.steps, warmup: o.warmup,
       tokens_per_s: tokensPerS, step_ms: stepMs, step_ms_min: Math.min(...times), step_ms_max: Math.max(...times),
-      peak_bytes: peakBytes, estimated_peak_bytes: estimate.peakTotal - offloadBlockInputs * estimate.activationPageBytes,
+      peak_bytes: peakBytes, estimated_peak_bytes: peakWithOffloadedInputs(estimate, offloadBlockInputs),
       memory_budget: placement.memoryBudget, paged_optimizer: plan?.paged ?? false, offloaded_block_inputs: offloadBlockInputs,
       page_bytes: pageBytes, page_moves: pageMoves, page_ms: pageMs,
       flops_per_token: flopsPerToken, mfu: peak ? (tokensPerS * flopsPerToken) / peak : null,

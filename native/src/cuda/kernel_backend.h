@@ -409,23 +409,22 @@ class KernelBackend : public Backend {
                          double weight_decay, int64_t step, const GradScale* scale) override {
     // the gradient's scale is the device's (scale->scale), not this 1
     const AdamWStep constants = adamw_step_constants(lr, beta1, beta2, eps, weight_decay, step, 1.0);
-    for (size_t first = 0; first < tensors.size(); first += kernels::kTensorsPerLaunch) {
-      const size_t count = std::min<size_t>(kernels::kTensorsPerLaunch, tensors.size() - first);
-      kernels::AdamWTensorList list{};
-      int64_t widest = 0;
-      for (size_t k = 0; k < count; ++k) {
-        const AdamWTensor& t = tensors[first + k];
-        list.param[k] = t.param;
-        list.grad[k] = t.grad;
-        list.m[k] = t.m;
-        list.v[k] = t.v;
-        list.n[k] = t.n;
-        widest = std::max(widest, t.n);
-      }
-      if (widest > 0)
-        exec_.launch("adamw_update", dim3(grid_for(widest), static_cast<unsigned>(count)), exec_.threads,
-                     kernels::adamw_update_many, list, constants, scale);
-    }
+    in_launch_groups(
+        tensors.size(), [&](size_t i) { return tensors[i].n; },
+        [&](size_t first, size_t count, int64_t widest) {
+          if (widest <= 0) return;
+          kernels::AdamWTensorList list{};
+          for (size_t k = 0; k < count; ++k) {
+            const AdamWTensor& t = tensors[first + k];
+            list.param[k] = t.param;
+            list.grad[k] = t.grad;
+            list.m[k] = t.m;
+            list.v[k] = t.v;
+            list.n[k] = t.n;
+          }
+          exec_.launch("adamw_update", dim3(grid_for(widest), static_cast<unsigned>(count)), exec_.threads,
+                       kernels::adamw_update_many, list, constants, scale);
+        });
   }
   void grad_scale(const std::vector<std::pair<const float*, int64_t>>& grads, double loss_scale, double max_grad_norm,
                   GradScale* out) override {
@@ -448,32 +447,37 @@ class KernelBackend : public Backend {
   // partials in the same order on every run.
   int64_t partial_sums_of_squares(const std::vector<std::pair<const float*, int64_t>>& tensors,
                                   DeviceArray<double>& partial, int64_t extra) {
-    struct Launch {
-      size_t first, count;
-      unsigned blocks;  // over the widest tensor of the launch (each tensor's extra blocks write zeros)
-    };
-    std::vector<Launch> launches;
+    auto length = [&](size_t i) { return tensors[i].second; };
+    // each launch's blocks span its widest tensor (the others' extra blocks write zeros)
     int64_t slots = 0;
-    for (size_t first = 0; first < tensors.size(); first += kernels::kTensorsPerLaunch) {
-      const size_t count = std::min<size_t>(kernels::kTensorsPerLaunch, tensors.size() - first);
-      int64_t widest = 0;
-      for (size_t k = 0; k < count; ++k) widest = std::max(widest, tensors[first + k].second);
-      launches.push_back({first, count, grid_for(widest)});
-      slots += static_cast<int64_t>(launches.back().blocks) * static_cast<int64_t>(count);
-    }
+    in_launch_groups(tensors.size(), length, [&](size_t, size_t count, int64_t widest) {
+      slots += static_cast<int64_t>(grid_for(widest)) * static_cast<int64_t>(count);
+    });
     partial.reset(this, slots + extra, MemCategory::Workspace);
     int64_t at = 0;
-    for (const Launch& l : launches) {
+    in_launch_groups(tensors.size(), length, [&](size_t first, size_t count, int64_t widest) {
       kernels::TensorList list{};
-      for (size_t k = 0; k < l.count; ++k) {
-        list.x[k] = tensors[l.first + k].first;
-        list.n[k] = std::max<int64_t>(0, tensors[l.first + k].second);
+      for (size_t k = 0; k < count; ++k) {
+        list.x[k] = tensors[first + k].first;
+        list.n[k] = std::max<int64_t>(0, tensors[first + k].second);
       }
-      exec_.launch("sum_of_squares", dim3(l.blocks, static_cast<unsigned>(l.count)), exec_.threads,
+      const unsigned blocks = grid_for(widest);
+      exec_.launch("sum_of_squares", dim3(blocks, static_cast<unsigned>(count)), exec_.threads,
                    kernels::sum_of_squares_partial_many, list, partial.get() + at);
-      at += static_cast<int64_t>(l.blocks) * static_cast<int64_t>(l.count);
-    }
+      at += static_cast<int64_t>(blocks) * static_cast<int64_t>(count);
+    });
     return slots;
+  }
+  // The multi-tensor launches over `tensors` tensors: consecutive groups of at most kernels::kTensorsPerLaunch,
+  // each(first, count, the longest length(i) of the group).
+  template <typename Length, typename Each>
+  static void in_launch_groups(size_t tensors, Length length, Each each) {
+    for (size_t first = 0; first < tensors; first += kernels::kTensorsPerLaunch) {
+      const size_t count = std::min<size_t>(kernels::kTensorsPerLaunch, tensors - first);
+      int64_t widest = 0;
+      for (size_t k = 0; k < count; ++k) widest = std::max(widest, length(first + k));
+      each(first, count, widest);
+    }
   }
   // Blocks for a grid-stride loop over n items: enough to fill the device, at most 4096 (each thread loops).
   unsigned grid_for(int64_t n) const {

@@ -121,6 +121,12 @@ uint64_t dropout_offset(uint32_t micro_batch, int64_t layer, Module m) {
          << 36;
 }
 
+// Where the model keeps its embedding table: in host memory where the backend wants it there and it is not also
+// the LM head (tied), which the device's GEMMs read whole.
+bool embedding_kept_on_host(const Backend* backend, const ModelConfig& c) {
+  return backend->keeps_embedding_on_host() && !c.tie_word_embeddings;
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -139,39 +145,38 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     out.upload(store->read_f32(name, shape));
     return out;
   };
-  // a frozen matrix as its file stores it
+  // a frozen matrix as its file stores it (an F64 tensor narrowed to fp32, into `narrowed`): its format and bytes
+  struct Stored {
+    FloatFormat format;
+    const uint8_t* bytes;
+    size_t size;
+  };
+  auto stored = [&](const std::string& name, const std::vector<int64_t>& shape, std::vector<float>& narrowed) {
+    const TensorInfo& t = store->floating(name, shape);
+    if (t.dtype != DType::F64) return Stored{float_format_of(t.dtype), store->data(name), t.nbytes};
+    narrowed = store->read_f32(name);
+    return Stored{FloatFormat::F32, reinterpret_cast<const uint8_t*>(narrowed.data()), narrowed.size() * sizeof(float)};
+  };
   auto load_stored = [&](const std::string& name, std::vector<int64_t> shape) {
-    const TensorInfo& t = store->floating(name, shape);
+    std::vector<float> narrowed;
+    const Stored s = stored(name, shape, narrowed);
     DenseWeight w;
-    if (t.dtype == DType::F64) {
-      const std::vector<float> values = store->read_f32(name);
-      w.bytes.reset(backend, t.numel() * 4, MemCategory::Weights);
-      w.bytes.upload(reinterpret_cast<const uint8_t*>(values.data()), t.numel() * 4);
-      return w;
-    }
-    w.format = float_format_of(t.dtype);
-    w.bytes.reset(backend, static_cast<int64_t>(t.nbytes), MemCategory::Weights);
-    w.bytes.upload(store->data(name), static_cast<int64_t>(t.nbytes));
+    w.format = s.format;
+    w.bytes.reset(backend, static_cast<int64_t>(s.size), MemCategory::Weights);
+    w.bytes.upload(s.bytes, static_cast<int64_t>(s.size));
     return w;
   };
-
-  // an untied table in host memory: the backend wants it there, and nothing else reads it
+  // in host memory, where the backend keeps an untied embedding table
   auto load_host = [&](const std::string& name, std::vector<int64_t> shape) {
-    const TensorInfo& t = store->floating(name, shape);
+    std::vector<float> narrowed;
+    const Stored s = stored(name, shape, narrowed);
     HostMatrix w;
-    if (t.dtype == DType::F64) {
-      const std::vector<float> values = store->read_f32(name);
-      const auto* bytes = reinterpret_cast<const uint8_t*>(values.data());
-      w.bytes.assign(bytes, bytes + values.size() * sizeof(float));
-      return w;
-    }
-    w.format = float_format_of(t.dtype);
-    const uint8_t* bytes = store->data(name);
-    w.bytes.assign(bytes, bytes + t.nbytes);
+    w.format = s.format;
+    w.bytes.assign(s.bytes, s.bytes + s.size);
     return w;
   };
 
-  if (backend->keeps_embedding_on_host() && !c.tie_word_embeddings)
+  if (embedding_kept_on_host(backend, c))
     model->embed_host_ = load_host("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   else
     model->embed_ = load_stored("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
@@ -327,7 +332,7 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
     fill_in_chunks(backend, out.get(), n, [](int64_t) { return 1.0f; });
     return out;
   };
-  if (backend->keeps_embedding_on_host() && !c.tie_word_embeddings)
+  if (embedding_kept_on_host(backend, c))
     model->embed_host_ = random_host(c.vocab_size * c.hidden_size);
   else
     model->embed_ = random_dense(c.vocab_size * c.hidden_size);
