@@ -12,6 +12,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "backend/backend.h"
@@ -435,28 +436,106 @@ inline void flash_attention(const MakeBackend& make, bool f16) {
 
 // Generation's fused NF4 product against the CPU's (dequantize + in-order sums): rows that start inside a byte,
 // blocks straddling rows, 1 to 4 rows, every rounding of the quant state.
+// Generation's few-row products. nf4_matmul_nt on awkward sizes (rows of 99 and 301 weights: a row starting inside a
+// byte, blocks straddling rows) and on rows of whole 32-weight lanes (the GPU's wide path: 640 weights, fewer lanes
+// than a warp; 1344, more than a warp's step), with fp32 or double-quantized block constants, alone or with a bias and
+// LoRA's up projection, 1 to 4 rows, every rounding of the quant state; and LoRA's down projection gemm_few_rows_nt.
 inline void nf4_matmul_nt(const MakeBackend& make) {
   auto cpu = make_cpu_backend();
   auto dev = make();
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}, {5, 640}}) {
+  const int64_t rank = 5;
+  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}, {5, 640}, {9, 1344}}) {
     const int64_t n = out * in;
     const nf4::Blockwise4bit q = nf4::quantize(random_floats(static_cast<size_t>(n), 51).data(), n, 64);
-    DeviceArray<uint8_t> packed(dev.get(), static_cast<int64_t>(q.packed.size()), MemCategory::Workspace);
-    DeviceArray<float> absmax(dev.get(), static_cast<int64_t>(q.absmax.size()), MemCategory::Workspace);
-    packed.upload(q.packed);
-    absmax.upload(q.absmax);
+    const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
     const std::vector<float> x = random_floats(static_cast<size_t>(4 * in), 52);
-    DeviceArray<float> xd(dev.get(), 4 * in, MemCategory::Workspace), y(dev.get(), 4 * out, MemCategory::Workspace);
-    xd.upload(x);
-    for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16})
-      for (int64_t rows = 1; rows <= 4; ++rows) {
-        std::vector<float> want(static_cast<size_t>(rows * out));
-        cpu->nf4_matmul_nt(x.data(), rows, q.packed.data(), q.absmax.data(), out, in, 64, rt, want.data());
-        dev->nf4_matmul_nt(xd.get(), rows, packed.get(), absmax.get(), out, in, 64, rt, y.get());
-        std::vector<float> got = y.download();
-        got.resize(want.size());
-        expect_close("nf4_matmul_nt", want, got, 1e-5);
-      }
+    const std::vector<float> t = random_floats(static_cast<size_t>(4 * rank), 53), b = random_floats(out * rank, 54);
+    const std::vector<float> bias = random_floats(static_cast<size_t>(out), 55);
+    auto on = [](Backend* be, const auto& host) {
+      using T = typename std::decay_t<decltype(host)>::value_type;
+      DeviceArray<T> d(be, static_cast<int64_t>(host.size()), MemCategory::Workspace);
+      d.upload(host);
+      return d;
+    };
+    struct Operands {
+      DeviceArray<uint8_t> packed, codes;
+      DeviceArray<float> absmax, absmax2, map, x, t, b, bias, y;
+    };
+    auto operands = [&](Backend* be) {
+      return Operands{on(be, q.packed), on(be, dq.codes), on(be, q.absmax), on(be, dq.state2_absmax),
+                      on(be, nf4::dynamic_map_signed()), on(be, x), on(be, t), on(be, b), on(be, bias),
+                      DeviceArray<float>(be, 4 * out, MemCategory::Workspace)};
+    };
+    Operands oc = operands(cpu.get()), od = operands(dev.get());
+    for (bool double_quantized : {false, true})
+      for (bool addends : {false, true})
+        for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16})
+          for (int64_t rows = 1; rows <= 4; ++rows) {
+            auto product = [&](Backend* be, Operands& o) {
+              Nf4Weight w;
+              w.packed = o.packed.get();
+              if (double_quantized) {
+                w.absmax_codes = o.codes.get();
+                w.absmax2 = o.absmax2.get();
+                w.absmax_map = o.map.get();
+                w.absmax_offset = dq.offset;
+              } else {
+                w.absmax = o.absmax.get();
+              }
+              w.out = out;
+              w.in = in;
+              FewRowsAddends add;
+              if (addends) add = {o.bias.get(), o.t.get(), o.b.get(), rank, 0.7f};
+              be->nf4_matmul_nt(o.x.get(), rows, w, rt, add, o.y.get());
+              std::vector<float> y = o.y.download();
+              y.resize(static_cast<size_t>(rows * out));
+              return y;
+            };
+            const std::vector<float> want = product(cpu.get(), oc);
+            // the CPU's is the composition it stands for, step by step
+            std::vector<float> absmax = q.absmax, w(static_cast<size_t>(n)), composed(static_cast<size_t>(rows * out));
+            if (double_quantized) absmax = nf4::double_dequantize(dq.codes.data(), static_cast<int64_t>(dq.codes.size()),
+                                                                   dq.state2_absmax.data(), nf4::dynamic_map_signed().data(), dq.offset, 256);
+            cpu->nf4_dequantize(q.packed.data(), absmax.data(), n, 64, rt, w.data());
+            cpu->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, composed.data());
+            if (addends) {
+              cpu->add_bias_rows(composed.data(), bias.data(), rows, out);
+              cpu->gemm(false, true, rows, out, rank, 0.7f, t.data(), b.data(), 1.0f, composed.data());
+            }
+            EXPECT_TRUE(want == composed, "the CPU's nf4_matmul_nt is its composition bit for bit, ", out, "x", in);
+            // to the rounding of a sum in another order: relative to the sum of the terms' magnitudes (a row's sum
+            // of hundreds of terms may cancel to far less than they are)
+            std::vector<float> magnitude(want.size());
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t o = 0; o < out; ++o) {
+                double m = 0.0;
+                for (int64_t k = 0; k < in; ++k) m += std::fabs(x[r * in + k] * w[o * in + k]);
+                if (addends) {
+                  m += std::fabs(bias[o]);
+                  for (int64_t j = 0; j < rank; ++j) m += 0.7 * std::fabs(t[r * rank + j] * b[o * rank + j]);
+                }
+                magnitude[static_cast<size_t>(r * out + o)] = static_cast<float>(m);
+              }
+            const std::vector<float> got = product(dev.get(), od);
+            for (size_t i = 0; i < want.size(); ++i)
+              if (!(std::fabs(got[i] - want[i]) <= 1e-6 * magnitude[i]))
+                qtest::fail_test(__FILE__, __LINE__, "nf4_matmul_nt ", out, "x", in, ": element ", i, " is ", got[i],
+                                 ", the CPU's ", want[i], " (terms of total magnitude ", magnitude[i], ")");
+          }
+    // LoRA's down projection: x [rows, in] · A^T for A [rank, in]
+    const std::vector<float> a = random_floats(static_cast<size_t>(rank * in), 56, 0.05f);  // as LoRA's A
+    DeviceArray<float> ad = on(dev.get(), a), xd = on(dev.get(), x), td(dev.get(), 4 * rank, MemCategory::Workspace);
+    for (int64_t rows = 1; rows <= 4; ++rows) {
+      std::vector<float> want(static_cast<size_t>(rows * rank));
+      cpu->gemm_few_rows_nt(x.data(), rows, a.data(), rank, in, want.data());
+      std::vector<float> composed(want.size());
+      cpu->gemm(false, true, rows, rank, in, 1.0f, x.data(), a.data(), 0.0f, composed.data());
+      EXPECT_TRUE(want == composed, "the CPU's gemm_few_rows_nt is its gemm bit for bit");
+      dev->gemm_few_rows_nt(xd.get(), rows, ad.get(), rank, in, td.get());
+      std::vector<float> got = td.download();
+      got.resize(want.size());
+      expect_close("gemm_few_rows_nt", want, got, 1e-5);
+    }
   }
 }
 

@@ -908,6 +908,44 @@ TEST(cuda_backend_profile_times_every_kernel_and_gemm_by_name_while_on) {
   EXPECT_TRUE(backend->take_profile().empty(), "a take starts afresh");
 }
 
+// A decoded token reads each NF4 linear layer in one launch (its block constants, bias and LoRA's up projection in
+// the same pass) after one for LoRA's down projection: no dequantized copy, no conversion to 16 bits, no GEMM but
+// the LM head's. Its logits are the prefill's (the dequantized weights' GEMMs) to the rounding of sums in another
+// order, in fp32 and bf16 alike.
+TEST(cuda_backend_decodes_a_token_in_two_launches_a_linear_layer_with_the_prefills_logits) {
+  for (GpuCompute compute : {GpuCompute::F32, GpuCompute::BF16}) {
+    auto backend = emulated_in(compute);
+    auto [model, adapter] = quantized_with_adapter(backend.get());
+    randomize_lora(*adapter, 3);
+    const std::vector<int32_t>& ids = qtest::reference_ids();
+    const int64_t vocab = model->config().vocab_size, layers = model->config().num_layers;
+    KvCache whole, cached;
+    const std::vector<float> prefill = model->decode(ids.data(), 8, whole, adapter.get(), true);
+    model->decode(ids.data(), 5, cached, adapter.get());
+    double worst = 0.0;
+    for (int64_t t = 5; t < 8; ++t) {
+      backend->set_profiling(t == 7);
+      const std::vector<float> logits = model->decode(ids.data() + t, 1, cached, adapter.get());
+      for (int64_t v = 0; v < vocab; ++v)
+        worst = std::max(worst, static_cast<double>(std::fabs(logits[v] - prefill[t * vocab + v])));
+    }
+    // fp32: about 1e-6 here; bf16 rounds that away in the hidden states between blocks (a rounding tipped the other
+    // way would move a logit by about one bf16 step of a hidden value's contribution)
+    EXPECT_TRUE(worst <= (compute == GpuCompute::F32 ? 1e-5 : 1e-2), "decoded logits are ", worst, " from the prefill's");
+    const std::vector<OpTime> profile = backend->take_profile();
+    auto calls = [&](const std::string& op) {
+      for (const OpTime& t : profile)
+        if (t.op == op) return t.calls;
+      return int64_t{0};
+    };
+    EXPECT_EQ(calls("nf4_matmul_nt"), 7 * layers);
+    EXPECT_EQ(calls("gemm_few_rows_nt"), 7 * layers);
+    for (const char* op : {"absmax_dequantize", "nf4_dequantize", "nf4_dequantize_16", "to_half_rows", "add_bias_rows"})
+      EXPECT_EQ(calls(op), 0);
+    EXPECT_EQ(calls("gemm f32") + calls("gemm bf16"), 1);  // the LM head
+  }
+}
+
 TEST(cuda_backend_trains_nf4_with_paging_and_generates_like_the_cpu) {
   parity::training_paging_and_generation(emulated_with(64), kEmulatedTolerance);
 }

@@ -250,7 +250,13 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
             plain[r * out + o] = acc;
           }
         backend->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, via_gemm.data());
-        backend->nf4_matmul_nt(x.data(), rows, packed.data(), absmax.data(), out, in, blocksize, rt, fused.data());
+        Nf4Weight wv;
+        wv.packed = packed.data();
+        wv.absmax = absmax.data();
+        wv.blocksize = static_cast<int>(blocksize);
+        wv.out = out;
+        wv.in = in;
+        backend->nf4_matmul_nt(x.data(), rows, wv, rt, FewRowsAddends{}, fused.data());
         for (int64_t i = 0; i < rows * out; ++i) {
           EXPECT_TRUE(via_gemm[i] == plain[i], "gemm, ", out, "x", in, " index ", i, ": ", via_gemm[i], " vs ", plain[i]);
           EXPECT_TRUE(fused[i] == plain[i], "nf4_matmul_nt, ", out, "x", in, " index ", i, ": ", fused[i], " vs ", plain[i]);

@@ -1,7 +1,7 @@
 // There (the GPU machine, from the repository root, after gpu_check.sh's benchmarks): one line per JSON benchmark
-// in $OUT (tokens/s, MFU, the measured peak beside the estimate's: issue 7 holds it within 10%), and the offloaded
-// 8B run beside the one that keeps its block inputs (the same loss: a race between the copy stream and the compute
-// would change it).
+// in $OUT (tokens/s, MFU, the measured peak beside the estimate's: issue 7 holds it within 10%; generation's decode
+// and prefill tokens/s), and the offloaded 8B run beside the one that keeps its block inputs (the same loss: a race
+// between the copy stream and the compute would change it).
 //   node scripts/device/bench-summary.mjs "$OUT"
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -24,6 +24,11 @@ for (const file of fs.readdirSync(out).filter((f) => /^bench_.*\.log$/.test(f)).
   const b = result(name);
   if (!b) {
     console.log(`${name}: no JSON`);
+    continue;
+  }
+  if (b.decode_tokens_per_s !== undefined) {  // bench --generate
+    console.log(`${name}: decode ${b.decode_tokens_per_s.toFixed(0)} tok/s (${b.decode_ms_per_token.toFixed(2)} ms a token), ` +
+      `prefill ${b.prefill_tokens_per_s.toFixed(0)} tok/s, peak ${gib(b.peak_bytes)}`);
     continue;
   }
   const mfu = b.mfu === null ? '?' : `${(100 * b.mfu).toFixed(1)}%`;

@@ -66,8 +66,36 @@ struct PageMove {
   double ms = 0.0;
 };
 
-// The most rows nf4_matmul_nt takes: generation's prefill of a few tokens and token-by-token decode.
+// The most rows nf4_matmul_nt and gemm_few_rows_nt take: generation's prefill of a few tokens and token-by-token
+// decode.
 constexpr int64_t kNf4MatmulMaxRows = 4;
+// An error naming `op` unless 0 <= rows <= kNf4MatmulMaxRows.
+void check_few_rows(const char* op, int64_t rows);
+
+// A frozen NF4 weight [out, in] as generation's few-row products read it in place (device pointers): its 4-bit codes
+// and its block constants, in fp32 (absmax) or double-quantized (absmax_codes, absmax2, absmax_map, absmax_offset,
+// restored as absmax_dequantize does), each value rounded to round_to as nf4_dequantize rounds it.
+struct Nf4Weight {
+  const uint8_t* packed = nullptr;
+  const float* absmax = nullptr;  // null where the block constants are double-quantized
+  const uint8_t* absmax_codes = nullptr;
+  const float* absmax2 = nullptr;
+  const float* absmax_map = nullptr;
+  float absmax_offset = 0.0f;
+  int absmax_blocksize2 = 256;
+  int blocksize = 64;
+  int64_t out = 0, in = 0;
+};
+
+// What a few-row product adds to x · W^T: a bias [out] and LoRA's up projection scale · t [rows, rank] · B^T
+// (B [out, rank]); a null pointer (or rank 0) leaves either out.
+struct FewRowsAddends {
+  const float* bias = nullptr;
+  const float* lora_t = nullptr;
+  const float* lora_b = nullptr;
+  int64_t rank = 0;
+  float lora_scale = 0.0f;
+};
 
 // A floating format of the engine's frozen numbers: fp32, or 16 bits (bf16 or fp16). The dequantized NF4 values
 // are rounded to the quant state's format; dense frozen weights are stored in the format of their file.
@@ -245,11 +273,16 @@ class Backend {
   virtual void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize,
                                  FloatFormat round_to, FloatFormat out_format, int64_t row_len, int64_t row_stride,
                                  uint16_t* out) = 0;
-  // y [rows, out] = x [rows, in] · W^T (rows <= kNf4MatmulMaxRows) with W [out, in] dequantized on the fly as nf4_dequantize would (rounded to
-  // `round_to`), never written out: generation's few-row products read the 4-bit weights once. Equal to
-  // nf4_dequantize followed by gemm(false, true, ...): bit for bit on the CPU, to rounding on the GPU.
-  virtual void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                             int64_t in, int blocksize, FloatFormat round_to, float* y) = 0;
+  // y [rows, out] = x [rows, in] · W^T + bias + scale · t · B^T (rows <= kNf4MatmulMaxRows) with W dequantized on the
+  // fly as nf4_dequantize would (rounded to `round_to`), never written out: generation's few-row products read the
+  // 4-bit weights once, in one pass with their block constants, bias and LoRA's up projection. Equal to
+  // absmax_dequantize, nf4_dequantize, gemm(false, true, ...), add_bias_rows and gemm(..., beta 1) in turn: bit for
+  // bit on the CPU, to rounding on the GPU.
+  virtual void nf4_matmul_nt(const float* x, int64_t rows, const Nf4Weight& w, FloatFormat round_to,
+                             const FewRowsAddends& add, float* y) = 0;
+  // y [rows, out] = x [rows, in] · W^T for fp32 W [out, in] and rows <= kNf4MatmulMaxRows (LoRA's down projection in
+  // generation): gemm(false, true, ...)'s numbers, bit for bit on the CPU, to rounding on the GPU, in one launch there.
+  virtual void gemm_few_rows_nt(const float* x, int64_t rows, const float* w, int64_t out, int64_t in, float* y) = 0;
   // out = x * mask / (1 - p), mask[i] = philox(seed, Dropout, step).uniform(offset + i) >= p; out may be x.
   virtual void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                        float* out) = 0;

@@ -81,6 +81,10 @@ void Backend::free_bytes(void* ptr, size_t bytes, MemCategory category) {
   tracker_.on_free(category, static_cast<int64_t>(bytes));
 }
 
+void check_few_rows(const char* op, int64_t rows) {
+  if (rows < 0 || rows > kNf4MatmulMaxRows) fail(op, " takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
+}
+
 void Backend::gemm_with_lora_up(int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, const float*,
                                 const float*, float, float*) {
   fail(name(), " backend: LoRA's up projection is not fused into the base GEMM here (lora_fused_columns is 0)");
@@ -262,17 +266,35 @@ class CpuBackend final : public Backend {
       out[i / row_len * row_stride + i % row_len] = out_format == FloatFormat::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
     }
   }
-  void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                     int64_t in, int blocksize, FloatFormat round_to, float* y) override {
+  void nf4_matmul_nt(const float* x, int64_t rows, const Nf4Weight& w, FloatFormat round_to, const FewRowsAddends& add,
+                     float* y) override {
     static_assert(kNf4MatmulMaxRows <= cpu::kFewRows, "nf4_matmul_tile_f32 sums at most kFewRows rows");
-    if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
+    check_few_rows("nf4_matmul_nt", rows);
+    nf4::check_blocksize(w.blocksize, "nf4_matmul_nt");
+    // the composition this op stands for, step by step: the same numbers bit for bit
+    std::vector<float> restored;
+    const float* absmax = w.absmax;
+    if (!absmax) {
+      restored.resize(static_cast<size_t>((w.out * w.in + w.blocksize - 1) / w.blocksize));
+      absmax_dequantize(w.absmax_codes, static_cast<int64_t>(restored.size()), w.absmax2, w.absmax_map,
+                        w.absmax_offset, w.absmax_blocksize2, restored.data());
+      absmax = restored.data();
+    }
     const int round = round_to == FloatFormat::F32 ? 0 : round_to == FloatFormat::BF16 ? 1 : 2;
-    const int64_t tiles = (out + cpu::kNtTile - 1) / cpu::kNtTile;
+    const int64_t tiles = (w.out + cpu::kNtTile - 1) / cpu::kNtTile;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t o0 = t * cpu::kNtTile;
-      cpu::nf4_matmul_tile_f32(x, rows, packed, absmax, o0, std::min(cpu::kNtTile, out - o0), out, in, blocksize, round, y);
+      cpu::nf4_matmul_tile_f32(x, rows, w.packed, absmax, o0, std::min(cpu::kNtTile, w.out - o0), w.out, w.in,
+                               w.blocksize, round, y);
     }
+    if (add.bias) add_bias_rows(y, add.bias, rows, w.out);
+    if (add.lora_t && add.rank > 0)
+      gemm(false, true, rows, w.out, add.rank, add.lora_scale, add.lora_t, add.lora_b, 1.0f, y);
+  }
+  void gemm_few_rows_nt(const float* x, int64_t rows, const float* w, int64_t out, int64_t in, float* y) override {
+    check_few_rows("gemm_few_rows_nt", rows);
+    gemm(false, true, rows, out, in, 1.0f, x, w, 0.0f, y);
   }
   void dropout(const float* x, int64_t n, float p, uint64_t seed, uint32_t step, uint64_t offset,
                float* out) override {

@@ -21,6 +21,7 @@
 
 #include "backend/backend.h"
 #include "cuda/cuda_backend.h"
+#include "cuda/few_rows.cuh"
 #include "cuda/flash_attention.cuh"
 #include "cuda/kernels.cuh"
 #include "quant/nf4.h"
@@ -378,17 +379,35 @@ class KernelBackend : public Backend {
     exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, packed, absmax,
                  n, blocksize, static_cast<int>(round_to), out_format == FloatFormat::F16, row_len, row_stride, out);
   }
-  // Reads the 4-bit weights once, dequantizing as it goes: the values of nf4_dequantize + gemm in the compute dtype,
-  // summed in another order than cuBLASLt's (so equal to rounding, not bit for bit as on the CPU).
-  void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                     int64_t in, int blocksize, FloatFormat round_to, float* y) override {
+  // Reads the 4-bit weights once, dequantizing as it goes, with the block constants, bias and LoRA's up projection
+  // in the same pass: the values of the composition in the compute dtype, summed in another order than cuBLASLt's
+  // (so equal to rounding, not bit for bit as on the CPU).
+  void nf4_matmul_nt(const float* x, int64_t rows, const Nf4Weight& w, FloatFormat round_to, const FewRowsAddends& add,
+                     float* y) override {
     static_assert(kNf4MatmulMaxRows <= kernels::kMaxFewRows, "the kernel keeps kMaxFewRows sums a thread");
-    if (rows < 0 || rows > kNf4MatmulMaxRows) fail("nf4_matmul_nt takes 0 to ", kNf4MatmulMaxRows, " rows, got ", rows);
-    nf4::check_blocksize(blocksize, "nf4_matmul_nt");
+    check_few_rows("nf4_matmul_nt", rows);
+    nf4::check_blocksize(w.blocksize, "nf4_matmul_nt");
+    if (!w.absmax && w.absmax_blocksize2 <= 0)
+      fail("double quantization blocksize must be positive, got ", w.absmax_blocksize2);
+    if (rows == 0 || w.out == 0) return;
+    const int warps = exec_.threads / kernels::kLanes;
+    if (warps == 0) fail("nf4_matmul_nt: a warp a row needs blocks of at least ", kernels::kLanes, " threads");
+    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    // 16 aligned bytes of codes a lane, under one block constant, and x's rows in float4s
+    const bool wide = w.in % kernels::kNf4LaneWeights == 0 && w.blocksize % kernels::kNf4LaneWeights == 0 &&
+                      aligned(w.packed) && aligned(x);
+    const kernels::Nf4Rows rows_of_w{w.packed, w.absmax, w.absmax_codes, w.absmax2, w.absmax_map, w.absmax_offset,
+                                     w.absmax_blocksize2, w.blocksize, w.out, w.in, static_cast<int>(round_to),
+                                     static_cast<int>(compute_format(compute_))};
+    const kernels::RowAddends addends{add.bias, add.lora_t, add.lora_b, add.rank, add.lora_scale};
+    exec_.launch("nf4_matmul_nt", row_grid((w.out + warps - 1) / warps), exec_.threads, kernels::nf4_matmul_nt, x, rows,
+                 rows_of_w, wide, addends, y);
+  }
+  void gemm_few_rows_nt(const float* x, int64_t rows, const float* w, int64_t out, int64_t in, float* y) override {
+    check_few_rows("gemm_few_rows_nt", rows);
     if (rows == 0 || out == 0) return;
-    const int round_x = static_cast<int>(compute_format(compute_));  // 0 none, 1 bf16, 2 fp16
-    exec_.launch("nf4_matmul_nt", row_grid(out), exec_.threads, kernels::nf4_matmul_nt, x, rows, packed, absmax, out,
-                 in, blocksize, static_cast<int>(round_to), round_x, y);
+    exec_.launch("gemm_few_rows_nt", row_grid(out), exec_.threads, kernels::gemm_few_rows_nt, x, rows, w, out, in,
+                 static_cast<int>(compute_format(compute_)), y);
   }
   // bitsandbytes' blockwise NF4 quantizer on the device (not part of the seam: the loader quantizes on the CPU).
   void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {

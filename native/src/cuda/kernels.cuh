@@ -609,19 +609,23 @@ __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64
     for (int64_t k = i; k < i + 2 && k < n; ++k) out[k] = nf4_weight(packed, absmax, k, blocksize, round_to);
 }
 
-// Double quantization's block constants: code2[codes[i]] * state2_absmax[i / blocksize2] + offset, the product
-// and the sum rounded separately, as bitsandbytes does (the build's --fmad=false already keeps nvcc from fusing
-// them; the intrinsics say so here whatever the flags).
+// A double-quantized block constant: code2[code] * state2_absmax + offset, the product and the sum rounded
+// separately, as bitsandbytes does (the build's --fmad=false already keeps nvcc from fusing them; the intrinsics say
+// so here whatever the flags).
+__device__ __forceinline__ float restored_block_constant(float code2_value, float state2_absmax, float offset) {
+#ifdef __CUDACC__
+  return __fadd_rn(__fmul_rn(code2_value, state2_absmax), offset);
+#else
+  const float product = code2_value * state2_absmax;
+  return product + offset;
+#endif
+}
+
+// Double quantization's block constants: out[i] = code2[codes[i]] * state2_absmax[i / blocksize2] + offset.
 __global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2,
                                   float offset, int blocksize2, float* out) {
-  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-#ifdef __CUDACC__
-    out[i] = __fadd_rn(__fmul_rn(code2[codes[i]], state2_absmax[i / blocksize2]), offset);
-#else
-    const float product = code2[codes[i]] * state2_absmax[i / blocksize2];
-    out[i] = product + offset;
-#endif
-  }
+  for (int64_t i = global_thread(); i < n; i += grid_threads())
+    out[i] = restored_block_constant(code2[codes[i]], state2_absmax[i / blocksize2], offset);
 }
 
 // nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them. Value k goes
@@ -633,25 +637,6 @@ __global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, in
       const float v = nf4_weight(packed, absmax, k, blocksize, round_to);
       out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, v);
     }
-}
-
-// Generation's few-row product y [rows, out] = x [rows, in] · W^T with W in NF4, each weight dequantized (and
-// rounded to the quant state's dtype, round_to) as it is read, never written out: one block per output row, the
-// threads splitting k. x is rounded to the compute dtype first (round_x: 0 none, 1 bf16, 2 fp16), as the GEMM of
-// that dtype would. rows <= kMaxFewRows.
-constexpr int kMaxFewRows = 4;
-__global__ void nf4_matmul_nt(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t out,
-                              int64_t in, int blocksize, int round_to, int round_x, float* y) {
-  const int64_t o = blockIdx.x;
-  float acc[kMaxFewRows] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int64_t k = threadIdx.x; k < in; k += blockDim.x) {
-    const float w = nf4_weight(packed, absmax, o * in + k, blocksize, round_to);
-    for (int64_t r = 0; r < rows; ++r) acc[r] += round_stored(x[r * in + k], round_x) * w;
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float total = block_sum(acc[r]);
-    if (threadIdx.x == 0) y[r * out + o] = total;
-  }
 }
 
 // One CUDA block per quantization block: the absmax by a reduction (max is exact in any order; NaN is skipped as

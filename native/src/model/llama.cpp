@@ -380,6 +380,27 @@ const float* LlamaModel::block_constants(const FrozenLinear& w, Workspace& ws) {
   return ws.absmax.get();
 }
 
+namespace {
+// An NF4 weight as the few-row products read it in place.
+Nf4Weight nf4_weight(const FrozenLinear& w) {
+  Nf4Weight v;
+  v.packed = w.packed.get();
+  if (w.double_quantized()) {
+    v.absmax_codes = w.absmax_codes.get();
+    v.absmax2 = w.absmax2.get();
+    v.absmax_map = w.absmax_map.get();
+    v.absmax_offset = w.absmax_offset;
+    v.absmax_blocksize2 = w.absmax_blocksize2;
+  } else {
+    v.absmax = w.absmax.get();
+  }
+  v.blocksize = w.blocksize;
+  v.out = w.out;
+  v.in = w.in;
+  return v;
+}
+}  // namespace
+
 StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
   if (!w.quantized()) return w.dense.view();
   const FloatFormat format = backend_->gemm_weight_format();
@@ -412,12 +433,23 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
   // x's shared copy (the two would otherwise be alive at once)
   const LoraParam* p = lora_down(layer, m, adapter, x, rows, lora_t, ws, opt);
   const float lora_scale = p ? static_cast<float>(adapter->config().scale() * opt.lora_scale) : 0.0f;
+  if (w.quantized() && rows <= kNf4MatmulMaxRows) {
+    // generation: read the 4-bit weights once instead of writing out their dequantized copy, the block constants,
+    // bias and LoRA's up projection in the same pass (the same numbers)
+    FewRowsAddends add;
+    add.bias = w.bias.empty() ? nullptr : w.bias.get();
+    if (p) {
+      add.lora_t = lora_t;
+      add.lora_b = p->b.get();
+      add.rank = adapter->config().rank;
+      add.lora_scale = lora_scale;
+    }
+    backend_->nf4_matmul_nt(x, rows, nf4_weight(w), w.round_to, add, y);
+    return;
+  }
   if (lora_columns > 0)  // LoRA's up projection inside the base GEMM: y written once
     backend_->gemm_with_lora_up(rows, w.out, w.in, x, dequantize_rows(w, ws, lora_columns), adapter->config().rank,
                                 lora_t, p->b.get(), lora_scale, y);
-  else if (w.quantized() && rows <= kNf4MatmulMaxRows)
-    // generation: read the 4-bit weights once instead of writing out their dequantized copy (the same numbers)
-    backend_->nf4_matmul_nt(x, rows, w.packed.get(), block_constants(w, ws), w.out, w.in, w.blocksize, w.round_to, y);
   else
     backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
@@ -459,7 +491,10 @@ const LoraParam* LlamaModel::lora_down(int64_t layer, Module m, LoraAdapter* ada
                       dropout_offset(opt.micro_batch, layer, m), ws.dropx.get());
     xin = ws.dropx.get();
   }
-  backend_->gemm(false, true, rows, lc.rank, in, 1.0f, xin, p->a.get(), 0.0f, lora_t);
+  if (rows <= kNf4MatmulMaxRows)  // generation: one launch on the GPU, the same numbers
+    backend_->gemm_few_rows_nt(xin, rows, p->a.get(), lc.rank, in, lora_t);
+  else
+    backend_->gemm(false, true, rows, lc.rank, in, 1.0f, xin, p->a.get(), 0.0f, lora_t);
   return p;
 }
 
@@ -933,9 +968,12 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   const int64_t n = count, qd = c.num_heads * c.head_dim, kd = c.num_kv_heads * c.head_dim;
   const int64_t half = c.head_dim / 2;
   Workspace ws;
-  // few rows read NF4 weights in place (nf4_matmul_nt); only a longer prefill dequantizes a layer at a time
-  if (n > kNf4MatmulMaxRows) ws.weight.reset(be, weight_workspace_bytes(adapter), work);
-  ws.absmax.reset(be, max_double_quant_blocks_, work);
+  // few rows read NF4 weights and their block constants in place (nf4_matmul_nt); only a longer prefill dequantizes
+  // a layer at a time
+  if (n > kNf4MatmulMaxRows) {
+    ws.weight.reset(be, weight_workspace_bytes(adapter), work);
+    ws.absmax.reset(be, max_double_quant_blocks_, work);
+  }
   DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
   DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);
   DeviceArray<float> h(be, n * c.hidden_size, act), g(be, n * c.intermediate_size, act);

@@ -1,0 +1,170 @@
+// Generation's few-row products (decode's one row, a short prefill's up to kMaxFewRows): matrix-vector work, bound by
+// reading the weights, so each kernel reads them once, in wide loads, and does everything else a linear layer adds on
+// the way (the block constants' double quantization, the bias, LoRA's up projection) instead of in launches of its
+// own: a decoded token is some 2 launches per linear layer rather than 8. Device code that nvcc compiles and the native
+// tests run under the CUDA emulator (test/cuda_emu.h).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#ifndef __CUDACC__
+#include <stdexcept>
+#endif
+
+#include "cuda/kernels.cuh"
+#include "cuda/warp_mma.cuh"
+#include "quant/nf4_codebook.h"
+
+namespace qlora::cuda::kernels {
+namespace {
+
+constexpr int kMaxFewRows = 4;
+constexpr int kLanes = 32;
+// One lane's share of an NF4 row in the wide path: 16 bytes, 32 weights, inside one quantization block.
+constexpr int kNf4LaneWeights = 32;
+
+// An NF4 weight as Nf4Weight describes it, with the rounding of its values (round_to, FloatFormat's order) and of the
+// products' operands (round_x: the compute dtype's, as its GEMM rounds them).
+struct Nf4Rows {
+  const uint8_t* packed;
+  const float* absmax;  // null: double-quantized
+  const uint8_t* absmax_codes;
+  const float* absmax2;
+  const float* absmax_map;
+  float absmax_offset;
+  int absmax_blocksize2;
+  int blocksize;
+  int64_t out, in;
+  int round_to, round_x;
+};
+
+// FewRowsAddends on the device.
+struct RowAddends {
+  const float* bias;
+  const float* lora_t;
+  const float* lora_b;
+  int64_t rank;
+  float lora_scale;
+};
+
+__device__ __forceinline__ float block_constant(const Nf4Rows& w, int64_t block) {
+  if (w.absmax) return w.absmax[block];
+  return restored_block_constant(w.absmax_map[w.absmax_codes[block]], w.absmax2[block / w.absmax_blocksize2],
+                                 w.absmax_offset);
+}
+
+// 16 bytes from a 16-byte aligned address in one load (a misaligned one faults on the GPU; the emulator says so).
+__device__ __forceinline__ void load_16_bytes(const void* p, uint32_t (&out)[4]) {
+#ifdef __CUDACC__
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+#else
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    throw std::runtime_error("cuda_emu: a 16-byte load from an address that is not 16-byte aligned");
+  std::memcpy(out, p, 16);
+#endif
+}
+__device__ __forceinline__ void load_4_floats(const float* p, float (&out)[4]) {
+#ifdef __CUDACC__
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+#else
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    throw std::runtime_error("cuda_emu: a float4 load from an address that is not 16-byte aligned");
+  std::memcpy(out, p, 16);
+#endif
+}
+
+// y [rows, out] = x [rows, in] · W^T + bias + lora_scale · t [rows, rank] · B^T with W in NF4, each weight dequantized
+// (rounded to round_to, then to the compute dtype, as the dequantized GEMM's operand is) as it is read, never written
+// out. One warp per output row; blockDim.x a multiple of 32. Wide (the host's choice: in and the block size multiples
+// of 32, packed and x 16-byte aligned): each lane reads 16 bytes of codes (32 weights under one block constant) and
+// their x in float4s per step, the warp 512 contiguous bytes; otherwise a lane takes every 32nd weight. The NF4 code
+// book sits in shared memory: lanes look up different codes at once, which the constant cache would serialize.
+__global__ void nf4_matmul_nt(const float* x, int64_t rows, Nf4Rows w, bool wide, RowAddends add, float* y) {
+  __shared__ float codes[16];
+  if (threadIdx.x < 16) codes[threadIdx.x] = nf4::code_value(static_cast<int>(threadIdx.x));
+  __syncthreads();
+  const int lane = static_cast<int>(threadIdx.x) % kLanes;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
+  if (o >= w.out) return;  // the whole warp: no barrier and no shuffle of it is left
+  float acc[kMaxFewRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t first = o * w.in;  // the row's first weight
+  if (wide) {
+    for (int64_t k = static_cast<int64_t>(lane) * kNf4LaneWeights; k < w.in; k += kLanes * kNf4LaneWeights) {
+      uint32_t words[4];
+      load_16_bytes(w.packed + (first + k) / 2, words);
+      const float scale = block_constant(w, (first + k) / w.blocksize);
+      float weights[kNf4LaneWeights];
+      QLORA_UNROLL
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xffu;  // byte i of the 16, little-endian
+        weights[2 * i] = round_stored(round_stored(codes[byte >> 4] * scale, w.round_to), w.round_x);
+        weights[2 * i + 1] = round_stored(round_stored(codes[byte & 15u] * scale, w.round_to), w.round_x);
+      }
+      QLORA_UNROLL
+      for (int r = 0; r < kMaxFewRows; ++r) {  // a constant bound, so that acc stays in registers
+        if (r >= rows) break;
+        QLORA_UNROLL
+        for (int j = 0; j < kNf4LaneWeights; j += 4) {
+          float xs[4];
+          load_4_floats(x + r * w.in + k + j, xs);
+          QLORA_UNROLL
+          for (int e = 0; e < 4; ++e) acc[r] += round_stored(xs[e], w.round_x) * weights[j + e];
+        }
+      }
+    }
+  } else {
+    for (int64_t k = lane; k < w.in; k += kLanes) {
+      const int64_t i = first + k;
+      const uint8_t byte = w.packed[i >> 1];
+      const float v = codes[(i & 1) ? (byte & 0x0f) : (byte >> 4)] * block_constant(w, i / w.blocksize);
+      const float weight = round_stored(round_stored(v, w.round_to), w.round_x);
+      QLORA_UNROLL
+      for (int r = 0; r < kMaxFewRows; ++r)
+        if (r < rows) acc[r] += round_stored(x[r * w.in + k], w.round_x) * weight;
+    }
+  }
+  QLORA_UNROLL
+  for (int r = 0; r < kMaxFewRows; ++r) {
+    if (r >= rows) break;
+    float v = warp_sum(acc[r]);
+    if (add.bias) v += add.bias[o];
+    if (add.lora_t && add.rank > 0) {
+      float dot = 0.0f;
+      for (int64_t j = lane; j < add.rank; j += kLanes)
+        dot += round_stored(add.lora_t[r * add.rank + j], w.round_x) * round_stored(add.lora_b[o * add.rank + j], w.round_x);
+      v = add.lora_scale * warp_sum(dot) + v;
+    }
+    if (lane == 0) y[r * w.out + o] = v;
+  }
+}
+
+// y [rows, out] = x [rows, in] · W^T for fp32 W, rows <= kMaxFewRows, the operands rounded to the compute dtype
+// (round_x) as its GEMM rounds them: one block per output (LoRA's down projection has a few outputs of long rows), its
+// threads splitting k.
+__global__ void gemm_few_rows_nt(const float* x, int64_t rows, const float* w, int64_t out, int64_t in, int round_x,
+                                 float* y) {
+  const int64_t o = blockIdx.x;
+  float acc[kMaxFewRows] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t k = threadIdx.x; k < in; k += blockDim.x) {
+    const float weight = round_stored(w[o * in + k], round_x);
+    QLORA_UNROLL
+    for (int r = 0; r < kMaxFewRows; ++r)
+      if (r < rows) acc[r] += round_stored(x[r * in + k], round_x) * weight;
+  }
+  QLORA_UNROLL
+  for (int r = 0; r < kMaxFewRows; ++r) {
+    if (r >= rows) break;
+    const float total = block_sum(acc[r]);
+    if (threadIdx.x == 0) y[r * out + o] = total;
+  }
+}
+
+}  // namespace
+}  // namespace qlora::cuda::kernels
