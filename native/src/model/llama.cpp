@@ -599,6 +599,13 @@ LlamaModel::HalfRowBuffers LlamaModel::half_row_buffers(const LoraAdapter* adapt
   return half;
 }
 
+bool LlamaModel::forward_kept_for_backward(int64_t layer, const RunOptions& opt) const {
+  // With checkpointing the last block's forward is kept too: its backward comes right after the loss, so its
+  // activations are still there (one block's buffers serve every recomputation) and running it again would give
+  // the same bits.
+  return opt.compute_grads && (!opt.gradient_checkpointing || layer == config_.num_layers - 1);
+}
+
 void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& a,
                                LoraAdapter* adapter, int64_t batch, int64_t seq, Workspace& ws,
                                const RunOptions& opt) {
@@ -612,7 +619,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   // buffer's own bytes (gemm_input_writing); a forward whose activations backward reads keeps these shares open for
   // backward's GEMMs and dropout (block_backward ends them).
   const std::optional<SharedGemmInput::WrittenNext> writing = gemm_input_writing(adapter, n, opt);
-  const bool backward_reads = !x_out || (opt.compute_grads && !opt.gradient_checkpointing);
+  const bool backward_reads = !x_out || forward_kept_for_backward(layer, opt);
   const bool for_backward = writing && backward_reads;
   auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
                    std::initializer_list<Module> readers, bool half_rows) {
@@ -900,7 +907,10 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
       // Dropout masks come from the counter-based generator, so the recomputation draws the same ones.
       const float* x_in = states.input(layer);
       if (layer > 0) states.prefetch(layer - 1);  // an offloaded input comes back while this block computes
-      if (!keep_all) block_forward(layer, x_in, nullptr, a, adapter, batch, seq, ws, opt);
+      if (!forward_kept_for_backward(layer, opt))
+        block_forward(layer, x_in, nullptr, a, adapter, batch, seq, ws, opt);
+      else if (!keep_all)
+        a.x_in = x_in;  // the last block's forward was kept; its input read back as a recomputation would read it
       block_backward(layer, a, d_cur.get(), d_next.get(), adapter, batch, seq, ws, opt);
       states.release(layer);
       std::swap(d_cur, d_next);

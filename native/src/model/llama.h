@@ -173,6 +173,9 @@ class LlamaModel {
   // place (nf4_matmul_nt takes fp32 rows).
   std::optional<SharedGemmInput::WrittenNext> gemm_input_writing(const LoraAdapter* adapter, int64_t rows,
                                                                  const RunOptions& opt) const;
+  // Whether a block's forward pass keeps what its backward reads (no recomputation): every block without gradient
+  // checkpointing, the last one with it.
+  bool forward_kept_for_backward(int64_t layer, const RunOptions& opt) const;
   void block_forward(int64_t layer, const float* x_in, float* x_out, BlockActivations& acts, LoraAdapter* adapter,
                      int64_t batch, int64_t seq, Workspace& ws, const RunOptions& options);
   void block_backward(int64_t layer, BlockActivations& acts, const float* dx_out, float* dx_in,
