@@ -12,6 +12,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -542,8 +543,11 @@ inline void nf4_matmul_nt(const MakeBackend& make) {
 inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
   auto cpu = make_cpu_backend();
   auto dev = make();
-  // NF4 dequantize of bitsandbytes' layout (1000 and 999 values in blocks of 64), every rounding: bit for bit.
-  for (int64_t n : {int64_t{1000}, int64_t{999}}) {
+  // NF4 dequantize of bitsandbytes' layout in blocks of 64, every rounding: bit for bit. 1000 and 999 values, into
+  // rows of 50 (the GPU's value by value path); 37 rows of 96 (as a weight's rows: its wide path, 32 values a
+  // thread), contiguous and 104 apart.
+  for (const auto& [n, row_len, stride] : {std::tuple<int64_t, int64_t, int64_t>{1000, 50, 56}, {999, 50, 56},
+                                           {37 * 96, 96, 104}}) {
     const std::vector<float> x = random_floats(static_cast<size_t>(n), 31);
     const nf4::Blockwise4bit q = nf4::quantize(x.data(), n, 64);
     DeviceArray<uint8_t> packed(dev.get(), static_cast<int64_t>(q.packed.size()), MemCategory::Workspace);
@@ -565,8 +569,8 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
         dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, n, n, got16.get());
         EXPECT_TRUE(cpu16 == want16, "CPU dequantize to 16 bits");
         EXPECT_TRUE(got16.download() == want16, "dequantize to 16 bits");
-        // into rows of 50 values 56 apart: the gaps untouched
-        const int64_t row_len = 50, stride = 56, rows = (n + row_len - 1) / row_len;
+        // into rows of row_len values stride apart: the gaps untouched
+        const int64_t rows = (n + row_len - 1) / row_len;
         std::vector<uint16_t> strided_want(static_cast<size_t>(rows * stride), 0xffff), strided_cpu = strided_want;
         for (int64_t i = 0; i < n; ++i) strided_want[static_cast<size_t>(i / row_len * stride + i % row_len)] = want16[static_cast<size_t>(i)];
         cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, row_len, stride, strided_cpu.data());

@@ -5,14 +5,9 @@
 // tests run under the CUDA emulator (test/cuda_emu.h).
 #pragma once
 #include <cstdint>
-#include <cstring>
-#ifndef __CUDACC__
-#include <stdexcept>
-#endif
 
 #include "cuda/kernels.cuh"
 #include "cuda/warp_mma.cuh"
-#include "quant/nf4_codebook.h"
 
 namespace qlora::cuda::kernels {
 namespace {
@@ -52,44 +47,14 @@ __device__ __forceinline__ float block_constant(const Nf4Rows& w, int64_t block)
                                  w.absmax_offset);
 }
 
-// 16 bytes from a 16-byte aligned address in one load (a misaligned one faults on the GPU; the emulator says so).
-__device__ __forceinline__ void load_16_bytes(const void* p, uint32_t (&out)[4]) {
-#ifdef __CUDACC__
-  const uint4 v = *reinterpret_cast<const uint4*>(p);
-  out[0] = v.x;
-  out[1] = v.y;
-  out[2] = v.z;
-  out[3] = v.w;
-#else
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-    throw std::runtime_error("cuda_emu: a 16-byte load from an address that is not 16-byte aligned");
-  std::memcpy(out, p, 16);
-#endif
-}
-__device__ __forceinline__ void load_4_floats(const float* p, float (&out)[4]) {
-#ifdef __CUDACC__
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x;
-  out[1] = v.y;
-  out[2] = v.z;
-  out[3] = v.w;
-#else
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-    throw std::runtime_error("cuda_emu: a float4 load from an address that is not 16-byte aligned");
-  std::memcpy(out, p, 16);
-#endif
-}
-
 // y [rows, out] = x [rows, in] · W^T + bias + lora_scale · t [rows, rank] · B^T with W in NF4, each weight dequantized
 // (rounded to round_to, then to the compute dtype, as the dequantized GEMM's operand is) as it is read, never written
 // out. One warp per output row; blockDim.x a multiple of 32. Wide (the host's choice: in and the block size multiples
 // of 32, packed and x 16-byte aligned): each lane reads 16 bytes of codes (32 weights under one block constant) and
 // their x in float4s per step, the warp 512 contiguous bytes; otherwise a lane takes every 32nd weight. The NF4 code
-// book sits in shared memory: lanes look up different codes at once, which the constant cache would serialize.
+// book sits in shared memory (shared_nf4_codes).
 __global__ void nf4_matmul_nt(const float* x, int64_t rows, Nf4Rows w, bool wide, RowAddends add, float* y) {
-  __shared__ float codes[16];
-  if (threadIdx.x < 16) codes[threadIdx.x] = nf4::code_value(static_cast<int>(threadIdx.x));
-  __syncthreads();
+  const float* codes = shared_nf4_codes();
   const int lane = static_cast<int>(threadIdx.x) % kLanes;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kLanes) + threadIdx.x / kLanes;
   if (o >= w.out) return;  // the whole warp: no barrier and no shuffle of it is left

@@ -376,8 +376,17 @@ class KernelBackend : public Backend {
     nf4::check_rows(row_len, row_stride, "nf4_dequantize_16");
     if (n <= 0) return;
     nf4::check_blocksize(blocksize, "nf4_dequantize");
+    const bool to_f16 = out_format == FloatFormat::F16;
+    constexpr int64_t chunk = kernels::kNf4ChunkValues;
+    // every 32 values under one block constant, in one row, 16-byte aligned in and out: a weight's usual layout
+    if (row_len % chunk == 0 && n % row_len == 0 && blocksize % chunk == 0 && row_stride % 8 == 0 &&
+        aligned_16(packed) && aligned_16(out)) {
+      exec_.launch("nf4_dequantize_16", grid_for(n / chunk), exec_.threads, kernels::nf4_dequantize_16_wide, packed,
+                   absmax, n / chunk, blocksize, static_cast<int>(round_to), to_f16, row_len, row_stride, out);
+      return;
+    }
     exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, packed, absmax,
-                 n, blocksize, static_cast<int>(round_to), out_format == FloatFormat::F16, row_len, row_stride, out);
+                 n, blocksize, static_cast<int>(round_to), to_f16, row_len, row_stride, out);
   }
   // Reads the 4-bit weights once, dequantizing as it goes, with the block constants, bias and LoRA's up projection
   // in the same pass: the values of the composition in the compute dtype, summed in another order than cuBLASLt's
@@ -392,10 +401,9 @@ class KernelBackend : public Backend {
     if (rows == 0 || w.out == 0) return;
     const int warps = exec_.threads / kernels::kLanes;
     if (warps == 0) fail("nf4_matmul_nt: a warp a row needs blocks of at least ", kernels::kLanes, " threads");
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     // 16 aligned bytes of codes a lane, under one block constant, and x's rows in float4s
     const bool wide = w.in % kernels::kNf4LaneWeights == 0 && w.blocksize % kernels::kNf4LaneWeights == 0 &&
-                      aligned(w.packed) && aligned(x);
+                      aligned_16(w.packed) && aligned_16(x);
     const kernels::Nf4Rows rows_of_w{w.packed, w.absmax, w.absmax_codes, w.absmax2, w.absmax_map, w.absmax_offset,
                                      w.absmax_blocksize2, w.blocksize, w.out, w.in, static_cast<int>(round_to),
                                      static_cast<int>(compute_format(compute_))};
@@ -503,6 +511,7 @@ class KernelBackend : public Backend {
     const int64_t blocks = (n + exec_.threads - 1) / exec_.threads;
     return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, 4096));
   }
+  static bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
   static unsigned row_grid(int64_t rows) {
     if (rows > int64_t{0x7fffffff}) fail("too many rows for one launch: ", rows);
     return static_cast<unsigned>(rows);

@@ -7,14 +7,18 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #else
+#include <stdexcept>
+
 #include "io/dtype.h"
 #endif
 
+#include "cuda/warp_mma.cuh"  // QLORA_UNROLL
 #include "model/adamw_math.h"
 #include "quant/nf4_codebook.h"
 #include "util/philox_core.h"
@@ -594,19 +598,74 @@ __device__ __forceinline__ float round_stored(float v, int round_to) {
   return v;
 }
 
+// The NF4 code book in shared memory, for kernels whose lanes look up different codes at once: nf4::code_value's
+// switch compiles to a tree of branches that a warp would walk for each of the codes its lanes hold. Every thread
+// of the block calls it (it ends at a barrier) before its grid-stride loop.
+__device__ __forceinline__ const float* shared_nf4_codes() {
+  __shared__ float codes[16];
+  if (threadIdx.x < 16) codes[threadIdx.x] = nf4::code_value(static_cast<int>(threadIdx.x));
+  __syncthreads();
+  return codes;
+}
+
 // Weight i of an NF4 tensor (two a byte, the first in the high nibble), dequantized and rounded to round_to.
-__device__ __forceinline__ float nf4_weight(const uint8_t* packed, const float* absmax, int64_t i, int blocksize,
-                                            int round_to) {
+__device__ __forceinline__ float nf4_weight(const float* codes, const uint8_t* packed, const float* absmax, int64_t i,
+                                            int blocksize, int round_to) {
   const uint8_t byte = packed[i >> 1];
   const int code = (i & 1) ? (byte & 0x0f) : (byte >> 4);
-  return round_stored(nf4::code_value(code) * absmax[i / blocksize], round_to);
+  return round_stored(codes[code] * absmax[i / blocksize], round_to);
+}
+
+// 16 bytes to or from a 16-byte aligned address in one access (a misaligned one faults on the GPU; the emulator says
+// so).
+__device__ __forceinline__ void check_16_byte_aligned(const void* p) {
+#ifndef __CUDACC__
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    throw std::runtime_error("cuda_emu: a 16-byte access at an address that is not 16-byte aligned");
+#else
+  (void)p;
+#endif
+}
+__device__ __forceinline__ void load_16_bytes(const void* p, uint32_t (&out)[4]) {
+  check_16_byte_aligned(p);
+#ifdef __CUDACC__
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+#else
+  std::memcpy(out, p, 16);
+#endif
+}
+__device__ __forceinline__ void store_16_bytes(void* p, uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  check_16_byte_aligned(p);
+#ifdef __CUDACC__
+  *reinterpret_cast<uint4*>(p) = make_uint4(w0, w1, w2, w3);
+#else
+  const uint32_t w[4] = {w0, w1, w2, w3};
+  std::memcpy(p, w, 16);
+#endif
+}
+__device__ __forceinline__ void load_4_floats(const float* p, float (&out)[4]) {
+  check_16_byte_aligned(p);
+#ifdef __CUDACC__
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  out[0] = v.x;
+  out[1] = v.y;
+  out[2] = v.z;
+  out[3] = v.w;
+#else
+  std::memcpy(out, p, 16);
+#endif
 }
 
 // Two elements per thread: one packed byte.
 __global__ void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
                                float* out) {
+  const float* codes = shared_nf4_codes();
   for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
-    for (int64_t k = i; k < i + 2 && k < n; ++k) out[k] = nf4_weight(packed, absmax, k, blocksize, round_to);
+    for (int64_t k = i; k < i + 2 && k < n; ++k) out[k] = nf4_weight(codes, packed, absmax, k, blocksize, round_to);
 }
 
 // A double-quantized block constant: code2[code] * state2_absmax + offset, the product and the sum rounded
@@ -632,11 +691,41 @@ __global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* 
 // to row k / row_len, rows row_stride apart (row_stride > row_len leaves room beside each row).
 __global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
                                   bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
+  const float* codes = shared_nf4_codes();
   for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
     for (int64_t k = i; k < i + 2 && k < n; ++k) {
-      const float v = nf4_weight(packed, absmax, k, blocksize, round_to);
+      const float v = nf4_weight(codes, packed, absmax, k, blocksize, round_to);
       out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, v);
     }
+}
+
+// nf4_dequantize_16 where every 32 values (16 bytes of codes) share a block constant and a row, packed and each 32
+// values' place in out are 16-byte aligned (the host checks: row_len and blocksize multiples of 32, row_stride of 8):
+// a thread reads 16 bytes at once, divides once for the row and the block, and writes 64 bytes in four stores, so
+// that the kernel moves bytes at the memory's pace instead of doing integer division and branching per value.
+constexpr int kNf4ChunkValues = 32;
+__global__ void nf4_dequantize_16_wide(const uint8_t* packed, const float* absmax, int64_t chunks, int blocksize,
+                                       int round_to, bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
+  const float* codes = shared_nf4_codes();
+  for (int64_t c = global_thread(); c < chunks; c += grid_threads()) {
+    const int64_t first = c * kNf4ChunkValues;
+    const int64_t row = first / row_len;
+    uint32_t words[4];
+    load_16_bytes(packed + first / 2, words);
+    const float scale = absmax[first / blocksize];
+    uint32_t pairs[16];  // values 2i and 2i + 1 (byte i's high and low nibble), the first in the low half
+    QLORA_UNROLL
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xffu;
+      const uint32_t first_bits = half_bits(to_f16, round_stored(codes[byte >> 4] * scale, round_to));
+      const uint32_t second_bits = half_bits(to_f16, round_stored(codes[byte & 15u] * scale, round_to));
+      pairs[i] = first_bits | (second_bits << 16);
+    }
+    uint16_t* to = out + row * row_stride + (first - row * row_len);
+    QLORA_UNROLL
+    for (int q = 0; q < 4; ++q)
+      store_16_bytes(to + 8 * q, pairs[4 * q], pairs[4 * q + 1], pairs[4 * q + 2], pairs[4 * q + 3]);
+  }
 }
 
 // One CUDA block per quantization block: the absmax by a reduction (max is exact in any order; NaN is skipped as
