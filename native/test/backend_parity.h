@@ -435,8 +435,6 @@ inline void flash_attention(const MakeBackend& make, bool f16) {
   }
 }
 
-// Generation's fused NF4 product against the CPU's (dequantize + in-order sums): rows that start inside a byte,
-// blocks straddling rows, 1 to 4 rows, every rounding of the quant state.
 // Generation's few-row products. nf4_matmul_nt on awkward sizes (rows of 99 and 301 weights: a row starting inside a
 // byte, blocks straddling rows) and on rows of whole 32-weight lanes (the GPU's wide path: 640 weights, fewer lanes
 // than a warp; 1344, more than a warp's step), with fp32 or double-quantized block constants, alone or with a bias and

@@ -38,6 +38,9 @@ struct EmulatorExec {
   int threads;
   int compute_capability = 90;  // an H100's: half compute takes the tensor-core attention; 75 for the scalar kernels
   bool half_gemms = true;        // false: as cuBLASLt where it has no half algorithm for a shape
+  // Few blocks, so that every grid-stride loop goes round several times on the tests' small sizes (a GPU's 4096
+  // blocks take whole tensors of them in one step, and a loop's stepping would go untested).
+  int64_t max_grid_blocks = 5;
   explicit EmulatorExec(int block_threads) : threads(block_threads) {}
   std::string name() const { return "cuda-emulator"; }
   int sm() const { return compute_capability; }

@@ -31,6 +31,7 @@ class CudaExec {
                 "the kernels' block reductions take a power of two up to kMaxThreads threads");
   static constexpr int64_t kRoundingSlack = int64_t{64} << 20;
   const int threads = kThreads;
+  const int64_t max_grid_blocks = 4096;  // 1M threads: enough to fill any GPU, each looping over the rest
 
   explicit CudaExec(const CudaBackendOptions& options)
       : lt_(&gpu::CublasLt::get(options.library_dir)),

@@ -5,7 +5,7 @@
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
 // Exec provides: name(), sm() (the compute capability the kernels run as, major * 10 + minor), threads (block size:
-// a power of two <= kernels::kMaxThreads), launch(what, grid, block, kernel, args...), alloc(bytes, what) /
+// a power of two <= kernels::kMaxThreads), max_grid_blocks (the most blocks of a grid-stride loop), launch(what, grid, block, kernel, args...), alloc(bytes, what) /
 // free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download / copy (device to device) / zero, gemm
 // (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_half (the same with A and B as
 // fp16 or bf16 bits, fp32 accumulation and output, and optional leading dimensions lda / ldb for operands that are
@@ -14,6 +14,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -244,9 +245,8 @@ class KernelBackend : public Backend {
   }
   void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim, const float* cos_table,
                   const float* sin_table, bool inverse) override {
-    const int64_t total = batch * seq * heads * (head_dim / 2);
-    if (total > 0)
-      exec_.launch("rope_apply", grid_for(total), exec_.threads, kernels::rope_apply, x, batch, seq, heads, head_dim,
+    if (batch * seq * heads * (head_dim / 2) > 0)
+      exec_.launch("rope_apply", row_grid(batch * seq), exec_.threads, kernels::rope_apply, x, seq, heads, head_dim,
                    cos_table, sin_table, inverse);
   }
   void attention_forward(const float* q, const float* k, const float* v, int64_t batch, int64_t seq, int64_t heads,
@@ -310,8 +310,8 @@ class KernelBackend : public Backend {
     const kernels::HalfRows g16 = held_in_16_bits(g, n, "swiglu_forward"),
                             u16 = held_in_16_bits(u, n, "swiglu_forward");
     const kernels::HalfRows out16 = written_in_16_bits(out, n);  // as rmsnorm_forward's y
-    exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n, g16, u16, out, out16,
-                 compute_ == GpuCompute::F16);
+    exec_.launch("swiglu_forward", grid_for(n), exec_.threads, kernels::swiglu_forward, g, u, n,
+                 row_length(n, {g16, u16, out16}, "swiglu_forward"), g16, u16, out, out16, compute_ == GpuCompute::F16);
   }
   void swiglu_backward(const float* dout, const float* g, const float* u, int64_t n, float* dg, float* du) override {
     if (n <= 0) return;
@@ -322,8 +322,9 @@ class KernelBackend : public Backend {
     // in place of g and u held in 16 bits (begin_half_activation), in their rows, which then hold the gradients
     const kernels::HalfRows dg16 = g16.data && dg == g ? g16 : written_in_16_bits(dg, n),
                             du16 = u16.data && du == u ? u16 : written_in_16_bits(du, n);
-    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, dout16, g, u, n, g16,
-                 u16, dg, du, dg16, du16, compute_ == GpuCompute::F16);
+    exec_.launch("swiglu_backward", grid_for(n), exec_.threads, kernels::swiglu_backward, dout, dout16, g, u, n,
+                 row_length(n, {dout16, g16, u16, dg16, du16}, "swiglu_backward"), g16, u16, dg, du, dg16, du16,
+                 compute_ == GpuCompute::F16);
   }
   void cross_entropy(const float* logits, const int32_t* targets, int64_t rows, int64_t vocab, double grad_scale,
                      float* dlogits, double* logprobs) override {
@@ -400,7 +401,10 @@ class KernelBackend : public Backend {
       fail("double quantization blocksize must be positive, got ", w.absmax_blocksize2);
     if (rows == 0 || w.out == 0) return;
     const int warps = exec_.threads / kernels::kLanes;
-    if (warps == 0) fail("nf4_matmul_nt: a warp a row needs blocks of at least ", kernels::kLanes, " threads");
+    if (warps == 0 || exec_.threads % kernels::kLanes != 0)
+      fail("nf4_matmul_nt: a warp a row needs blocks of whole warps, not ", exec_.threads, " threads");
+    require_fp32(x, "nf4_matmul_nt");
+    if (add.lora_t) require_fp32(add.lora_t, "nf4_matmul_nt");
     // 16 aligned bytes of codes a lane, under one block constant, and x's rows in float4s
     const bool wide = w.in % kernels::kNf4LaneWeights == 0 && w.blocksize % kernels::kNf4LaneWeights == 0 &&
                       aligned_16(w.packed) && aligned_16(x);
@@ -414,6 +418,7 @@ class KernelBackend : public Backend {
   void gemm_few_rows_nt(const float* x, int64_t rows, const float* w, int64_t out, int64_t in, float* y) override {
     check_few_rows("gemm_few_rows_nt", rows);
     if (rows == 0 || out == 0) return;
+    require_fp32(x, "gemm_few_rows_nt");
     exec_.launch("gemm_few_rows_nt", row_grid(out), exec_.threads, kernels::gemm_few_rows_nt, x, rows, w, out, in,
                  static_cast<int>(compute_format(compute_)), y);
   }
@@ -506,10 +511,11 @@ class KernelBackend : public Backend {
       each(first, count, widest);
     }
   }
-  // Blocks for a grid-stride loop over n items: enough to fill the device, at most 4096 (each thread loops).
+  // Blocks for a grid-stride loop over n items: enough to fill the device, at most exec_.max_grid_blocks (each thread
+  // loops).
   unsigned grid_for(int64_t n) const {
     const int64_t blocks = (n + exec_.threads - 1) / exec_.threads;
-    return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, 4096));
+    return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, exec_.max_grid_blocks));
   }
   static bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
   static unsigned row_grid(int64_t rows) {
@@ -663,6 +669,17 @@ class KernelBackend : public Backend {
     shared_.back().in_place = in_place;
     shared_.back().half_activation = half_activation;
     return true;
+  }
+  // The row length of an elementwise op's operands held or written in 16-bit rows (all the same, else an error), or
+  // n (one row) where none is.
+  static int64_t row_length(int64_t n, std::initializer_list<kernels::HalfRows> operands, const char* op) {
+    int64_t cols = 0;
+    for (const kernels::HalfRows& h : operands)
+      if (h.data) {
+        if (cols != 0 && h.cols != cols) fail(op, ": operands in 16-bit rows of ", cols, " and ", h.cols, " values");
+        cols = h.cols;
+      }
+    return cols > 0 ? cols : std::max<int64_t>(n, 1);
   }
   // x of n values as held in 16 bits (begin_half_activation), its rows; {} (no data) where x is held in fp32.
   kernels::HalfRows held_in_16_bits(const float* x, int64_t n, const char* op) {

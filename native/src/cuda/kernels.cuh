@@ -75,7 +75,27 @@ __device__ __forceinline__ float half_value(bool f16, uint16_t bits) { return wi
 struct HalfRows {
   uint16_t* data = nullptr;
   int64_t cols = 0, ld = 0;
-  __device__ uint16_t& at(int64_t i) const { return data[i / cols * ld + i % cols]; }
+  __device__ uint16_t& at(int64_t row, int64_t col) const { return data[row * ld + col]; }
+};
+
+// Where a grid-stride loop over rows of `cols` values stands, advanced by additions alone: a 64-bit division per
+// element would cost an elementwise kernel more than its memory traffic. (No rows of 0 values: a loop over none.)
+struct RowPosition {
+  int64_t row, col, cols, step_rows, step_cols;
+  __device__ RowPosition(int64_t start, int64_t stride, int64_t cols_) : cols(cols_ > 0 ? cols_ : 1) {
+    row = start / cols;
+    col = start - row * cols;
+    step_rows = stride / cols;
+    step_cols = stride - step_rows * cols;
+  }
+  __device__ void advance() {
+    row += step_rows;
+    col += step_cols;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  }
 };
 
 struct SumOp {
@@ -179,15 +199,16 @@ __global__ void grad_scale_of_partials(const double* partial, int64_t count, dou
 
 // SwiGLU: out = silu(g) * u, in fp32 or (where out16 has data) rounded to 16 bits into its rows; g and u read in
 // fp32 or (where g16, u16 have data) from their 16-bit rows.
-__global__ void swiglu_forward(const float* g, const float* u, int64_t n, HalfRows g16, HalfRows u16, float* out,
-                               HalfRows out16, bool f16) {
-  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const float gi = g16.data ? half_value(f16, g16.at(i)) : g[i];
-    const float ui = u16.data ? half_value(f16, u16.at(i)) : u[i];
+__global__ void swiglu_forward(const float* g, const float* u, int64_t n, int64_t cols, HalfRows g16, HalfRows u16,
+                               float* out, HalfRows out16, bool f16) {
+  RowPosition at(global_thread(), grid_threads(), cols);
+  for (int64_t i = global_thread(); i < n; i += grid_threads(), at.advance()) {
+    const float gi = g16.data ? half_value(f16, g16.at(at.row, at.col)) : g[i];
+    const float ui = u16.data ? half_value(f16, u16.at(at.row, at.col)) : u[i];
     const float s = 1.0f / (1.0f + expf(-gi));
     const float v = gi * s * ui;
     if (out16.data)
-      out16.at(i) = half_bits(f16, v);
+      out16.at(at.row, at.col) = half_bits(f16, v);
     else
       out[i] = v;
   }
@@ -197,21 +218,22 @@ __global__ void swiglu_forward(const float* g, const float* u, int64_t n, HalfRo
 // dout, g and u read as swiglu_forward reads g and u; dg and du in fp32, or each (where its HalfRows has data)
 // rounded to 16 bits into its rows.
 __global__ void swiglu_backward(const float* dout, HalfRows dout16, const float* g, const float* u, int64_t n,
-                                HalfRows g16, HalfRows u16, float* dg, float* du, HalfRows dg16, HalfRows du16,
-                                bool f16) {
-  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
-    const float gi = g16.data ? half_value(f16, g16.at(i)) : g[i];
-    const float ui = u16.data ? half_value(f16, u16.at(i)) : u[i];
-    const float di = dout16.data ? half_value(f16, dout16.at(i)) : dout[i];
+                                int64_t cols, HalfRows g16, HalfRows u16, float* dg, float* du, HalfRows dg16,
+                                HalfRows du16, bool f16) {
+  RowPosition at(global_thread(), grid_threads(), cols);
+  for (int64_t i = global_thread(); i < n; i += grid_threads(), at.advance()) {
+    const float gi = g16.data ? half_value(f16, g16.at(at.row, at.col)) : g[i];
+    const float ui = u16.data ? half_value(f16, u16.at(at.row, at.col)) : u[i];
+    const float di = dout16.data ? half_value(f16, dout16.at(at.row, at.col)) : dout[i];
     const float s = 1.0f / (1.0f + expf(-gi));
     const float dui = di * gi * s;
     const float dgi = di * ui * s * (1.0f + gi * (1.0f - s));
     if (du16.data)
-      du16.at(i) = half_bits(f16, dui);
+      du16.at(at.row, at.col) = half_bits(f16, dui);
     else
       du[i] = dui;
     if (dg16.data)
-      dg16.at(i) = half_bits(f16, dgi);
+      dg16.at(at.row, at.col) = half_bits(f16, dgi);
     else
       dg[i] = dgi;
   }
@@ -245,10 +267,17 @@ __global__ void dropout(const float* x, HalfRows x16, bool f16, int64_t n, float
     const uint64_t b = first_block + static_cast<uint64_t>(t);
     const PhiloxWords words = philox4x32_10(static_cast<uint32_t>(b), static_cast<uint32_t>(b >> 32), stream, step,
                                             static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    const int64_t first = static_cast<int64_t>(b * 4 - offset);  // of the block's four (some may be outside 0..n)
     for (int w = 0; w < 4; ++w) {
-      const int64_t i = static_cast<int64_t>(b * 4 + static_cast<uint64_t>(w) - offset);
+      const int64_t i = first + w;
       if (i < 0 || i >= n) continue;
-      const float xi = x16.data ? half_value(f16, x16.at(i)) : x[i];
+      float xi = 0.0f;
+      if (x16.data) {
+        const int64_t row = i / x16.cols;
+        xi = half_value(f16, x16.at(row, i - row * x16.cols));
+      } else {
+        xi = x[i];
+      }
       out[i] = philox_uniform(words.w[w]) >= p ? xi * keep_scale : 0.0f;
     }
   }
@@ -256,8 +285,9 @@ __global__ void dropout(const float* x, HalfRows x16, bool f16, int64_t n, float
 
 // rows x cols 16-bit values (fp16 with f16, else bf16), their rows ld apart, widened to fp32 [rows, cols].
 __global__ void widen_rows(const uint16_t* x, int64_t rows, int64_t cols, int64_t ld, bool f16, float* out) {
-  for (int64_t i = global_thread(); i < rows * cols; i += grid_threads())
-    out[i] = half_value(f16, x[i / cols * ld + i % cols]);
+  RowPosition at(global_thread(), grid_threads(), cols);
+  for (int64_t i = global_thread(); i < rows * cols; i += grid_threads(), at.advance())
+    out[i] = half_value(f16, x[at.row * ld + at.col]);
 }
 
 // ---- frozen weights stored in 16 bits (StoredMatrix): format 1 bf16, 2 fp16 (FloatFormat's order) ----
@@ -290,7 +320,7 @@ __global__ void rmsnorm_forward(const float* x, const float* w, int64_t dim, dou
   const float s = static_cast<float>(1.0 / sqrt(ss / static_cast<double>(dim) + eps));
   if (threadIdx.x == 0) rstd[r] = s;
   if (y16.data) {
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) y16.at(r * dim + i) = half_bits(f16, (xr[i] * s) * w[i]);
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) y16.at(r, i) = half_bits(f16, (xr[i] * s) * w[i]);
     return;
   }
   float* yr = y + r * dim;
@@ -382,16 +412,17 @@ __global__ void log_softmax_rows(const float* logits, int64_t vocab, float* out)
 }
 
 // RoPE on the two halves of each head, in place on x [B, T, H, Dh]; tables [T, Dh/2]; inverse negates sin.
-__global__ void rope_apply(float* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_dim,
-                           const float* cos_table, const float* sin_table, bool inverse) {
-  const int64_t half = head_dim / 2;
-  const int64_t total = batch * seq * heads * half;
-  for (int64_t idx = global_thread(); idx < total; idx += grid_threads()) {
-    const int64_t i = idx % half, row = idx / half;  // row = (b * seq + t) * heads + h
-    const int64_t t = (row / heads) % seq;
+__global__ void rope_apply(float* x, int64_t seq, int64_t heads, int64_t head_dim, const float* cos_table,
+                           const float* sin_table, bool inverse) {
+  // one block per token (b * seq + t), its threads over the heads' pairs (h, i), stepped without division
+  const int64_t half = head_dim / 2, token = blockIdx.x, t = token % seq;
+  float* row = x + token * heads * head_dim;
+  RowPosition at(threadIdx.x, blockDim.x, half);  // at.row: the head, at.col: i
+  for (int64_t j = threadIdx.x; j < heads * half; j += blockDim.x, at.advance()) {
+    const int64_t i = at.col;
     const float c = cos_table[t * half + i];
     const float s = inverse ? -sin_table[t * half + i] : sin_table[t * half + i];
-    float* v = x + row * head_dim;
+    float* v = row + at.row * head_dim;
     const float x1 = v[i], x2 = v[i + half];
     v[i] = x1 * c - x2 * s;
     v[i + half] = x2 * c + x1 * s;
@@ -570,10 +601,10 @@ __global__ void to_half(const float* x, int64_t n, bool to_f16, uint16_t* out) {
 // alignment padding that must hold zeros, not whatever the memory held).
 __global__ void to_half_rows(const float* x, int64_t rows, int64_t cols, int64_t x_ld, float scale, bool to_f16,
                              uint16_t* out, int64_t out_ld, int64_t out_cols) {
-  for (int64_t i = global_thread(); i < rows * out_cols; i += grid_threads()) {
-    const int64_t r = i / out_cols, c = i % out_cols;
-    const float v = c < cols ? x[r * x_ld + c] * scale : 0.0f;
-    out[r * out_ld + c] = half_bits(to_f16, v);
+  RowPosition at(global_thread(), grid_threads(), out_cols);
+  for (int64_t i = global_thread(); i < rows * out_cols; i += grid_threads(), at.advance()) {
+    const float v = at.col < cols ? x[at.row * x_ld + at.col] * scale : 0.0f;
+    out[at.row * out_ld + at.col] = half_bits(to_f16, v);
   }
 }
 
