@@ -27,7 +27,8 @@ for (const file of fs.readdirSync(out).filter((f) => /^bench_.*\.log$/.test(f)).
     continue;
   }
   if (b.decode_tokens_per_s !== undefined) {  // bench --generate
-    console.log(`${name}: decode ${b.decode_tokens_per_s.toFixed(0)} tok/s (${b.decode_ms_per_token.toFixed(2)} ms a token), ` +
+    const device = b.decode_profile ? `, ${b.decode_profile.reduce((sum, e) => sum + e.ms, 0).toFixed(2)} ms of it on the device` : '';
+    console.log(`${name}: decode ${b.decode_tokens_per_s.toFixed(0)} tok/s (${b.decode_ms_per_token.toFixed(2)} ms a token${device}), ` +
       `prefill ${b.prefill_tokens_per_s.toFixed(0)} tok/s, peak ${gib(b.peak_bytes)}`);
     continue;
   }

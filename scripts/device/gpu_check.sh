@@ -7,7 +7,8 @@
 #   turing_path      the tensor-core attention and fp16 compute of a build from compute_75 PTX alone (Turing's code)
 #   bench_*          bench --shape 8b --batch 1 --seq 2048 (bf16, its per-kernel profile, f32), 1b at 4 x 2048,
 #                    8b under a budget that pages, and 8b with its block inputs offloaded
-#   bench_*_generate bench --generate on 8b and 1b: prefill and decode tokens/s at batch 1 with LoRA applied (issue 9)
+#   bench_*_generate bench --generate on 8b and 1b: prefill and decode tokens/s at batch 1 with LoRA applied (issue 9;
+#                    8b's with a third run's per-token device time by kernel)
 #   ncu_attention    Nsight Compute's speed-of-light and occupancy of the tensor-core attention kernels (1b, 4 x 2048)
 #   hf_reference     transformers + PEFT LoRA on the same shape, for the speed ratio (last: it takes longest)
 # then scripts/device/bench-summary.mjs: one line per JSON benchmark (tokens/s, MFU, the measured peak beside the
@@ -50,7 +51,7 @@ step bench_8b_bf16 150 node dist/cli.js bench --device cuda --shape 8b --batch 1
 step bench_8b_profile 120 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --profile
 step bench_1b_bf16 120 node dist/cli.js bench --device cuda --shape 1b --batch 4 --seq 2048 --steps 3 --warmup 1 --json
 # issue 9's figures: prefill of 512 tokens and 128 decoded one by one, LoRA r 16 applied (its goal: 8B >= 150 tok/s)
-step bench_8b_generate 120 node dist/cli.js bench --device cuda --shape 8b --generate --json
+step bench_8b_generate 120 node dist/cli.js bench --device cuda --shape 8b --generate --profile --json
 step bench_1b_generate 90 node dist/cli.js bench --device cuda --shape 1b --generate --json
 step ncu_attention 120 ncu --clock-control none --kernel-name regex:flash_attention --launch-count 3 --section SpeedOfLight --section Occupancy --section LaunchStats node dist/cli.js bench --device cuda --shape 1b --batch 4 --seq 2048 --steps 1 --warmup 0
 step bench_8b_f32 150 node dist/cli.js bench --device cuda --shape 8b --batch 1 --seq 2048 --steps 2 --warmup 1 --dtype f32 --json

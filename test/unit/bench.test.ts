@@ -6,7 +6,7 @@ import { spawnSync } from 'node:child_process';
 import { test } from 'node:test';
 import { estimateMemory } from '../../extension/engine/tools';
 import { peakFlops, trainingFlopsPerToken } from '../../extension/trainer/flops';
-import { bench, estimateDeviation, formatBench, profilePerStep, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
+import { bench, estimateDeviation, formatBench, formatGenerateBench, profilePerStep, type BenchResult, type GenerateBenchResult } from '../../extension/trainer/verbs/bench';
 import { cliPath } from '../helpers/paths';
 
 const quick = { shape: 'tiny' as const, batch: 2, seq: 48, steps: 2, warmup: 1, rank: 8 };
@@ -84,6 +84,18 @@ test('bench --profile: device time per step by op, the most first; none on the C
   assert.equal(cli.status, 0, cli.stderr);
   assert.match(cli.stderr, /warning: --profile times GPU kernels; this run was on the CPU, which has none/);
   assert.doesNotMatch(cli.stdout, /profile/);
+});
+
+test('bench --generate --profile: device time per decoded token by op beside the token\'s time; none on the CPU, said so', () => {
+  const r = spawnSync(process.execPath, [cliPath, 'bench', '--shape', 'tiny', '--generate', '--prompt-tokens', '8', '--new-tokens', '2', '--device', 'cpu', '--profile', '--json'], { encoding: 'utf8' });
+  assert.equal(r.status, 0, r.stderr);
+  assert.match(r.stderr, /warning: --profile times GPU kernels; this run was on the CPU, which has none/);
+  const g = JSON.parse(r.stdout) as GenerateBenchResult;
+  assert.equal(g.decode_profile, null);
+  // two decoded tokens' worth, per token
+  const profile = profilePerStep([{ op: 'nf4_matmul_nt', calls: 448, ms: 2.4 }, { op: 'gemm_few_rows_nt', calls: 448, ms: 0.8 }], 2);
+  const text = formatGenerateBench({ ...g, decode_profile: profile });
+  assert.match(text, /\n {2}profile +1\.60 ms of device time a decoded token in 2 ops \(of a [\d.]+ ms token\); the most:\n {4}nf4_matmul_nt +1\.200 ms +75\.0% +224 calls\n {4}gemm_few_rows_nt +0\.400 ms +25\.0% +224 calls$/);
 });
 
 test('model FLOPs per token: frozen base twice, LoRA three times, causal attention; peaks by GPU name', () => {

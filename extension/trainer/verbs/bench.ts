@@ -187,6 +187,8 @@ export interface GenerateBenchOptions {
   newTokens: number;
   rank: number;
   placement: PlacementOptions;
+  /** Run the same a third time with every GPU kernel and GEMM of its decode timed (not the timed run's figures). */
+  profile?: boolean;
 }
 
 export interface GenerateBenchResult {
@@ -200,6 +202,8 @@ export interface GenerateBenchResult {
   decode_ms_per_token: number;
   peak_bytes: number;
   warnings: string[];
+  /** With --profile on a GPU: device time per decoded token by op, the most first; null otherwise. */
+  decode_profile: ProfileEntry[] | null;
 }
 
 /** Prefill of a random prompt, then greedy decode token by token, after one untimed warm-up of the same. */
@@ -210,21 +214,33 @@ export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
   const model = benchModel(o.shape, o.rank, placement);
   try {
     const prompt = randomIds(o.promptTokens, model.config().vocabSize, 0);
-    const once = () => {
+    const once = (profileDecode = false) => {
       const session = model.startGeneration();
       try {
         const t0 = process.hrtime.bigint();
         let logits = session.append(prompt);
         const t1 = process.hrtime.bigint();
+        if (profileDecode) {
+          model.takeProfile();
+          model.setProfiling(true);
+        }
         for (let i = 0; i < o.newTokens; i++) logits = session.append([argmax(logits)]);
         const t2 = process.hrtime.bigint();
         return { prefillMs: Number(t1 - t0) / 1e6, decodeMs: Number(t2 - t1) / 1e6 };
       } finally {
         session.end();
+        if (profileDecode) model.setProfiling(false);
       }
     };
     once();
     const t = once();
+    // the kernels' timing events slow decode down: their run is a third one, apart from the figures above
+    let decodeProfile: ProfileEntry[] | null = null;
+    if (o.profile) {
+      once(true);
+      const profiled = model.takeProfile();
+      if (profiled.length > 0) decodeProfile = profilePerStep(profiled, o.newTokens);
+    }
     return {
       shape: o.shape,
       device: benchDevice(placement),
@@ -234,6 +250,7 @@ export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
       decode_ms_per_token: t.decodeMs / o.newTokens,
       peak_bytes: model.memory().totalPeak,
       warnings: placement.warnings,
+      decode_profile: decodeProfile,
     };
   } finally {
     model.dispose();
@@ -241,12 +258,24 @@ export function benchGenerate(o: GenerateBenchOptions): GenerateBenchResult {
 }
 
 export function formatGenerateBench(r: GenerateBenchResult): string {
-  return [
+  const lines = [
     `bench ${r.shape} generation on ${deviceWord(r.device)}: batch 1, NF4 base, LoRA r ${r.rank} applied`,
     `  prefill       ${r.prefill_tokens_per_s.toFixed(r.prefill_tokens_per_s < 100 ? 1 : 0)} tokens/s (${r.prompt_tokens}-token prompt)`,
     `  decode        ${r.decode_tokens_per_s.toFixed(r.decode_tokens_per_s < 100 ? 2 : 0)} tokens/s (${r.decode_ms_per_token.toFixed(1)} ms a token, ${r.new_tokens} tokens)`,
     `  peak memory   ${formatBinaryBytes(r.peak_bytes)}`,
-  ].join('\n');
+  ];
+  if (r.decode_profile) {
+    // device time against the token's wall time: the rest is the host's (launches, the logits' copy, sampling)
+    const deviceMs = r.decode_profile.reduce((sum, e) => sum + e.ms, 0);
+    lines.push(`  profile       ${deviceMs.toFixed(2)} ms of device time a decoded token in ${r.decode_profile.length} ops (of a ${r.decode_ms_per_token.toFixed(2)} ms token); the most:`);
+    for (const e of r.decode_profile.slice(0, PROFILE_LINES))
+      lines.push(profileLine(e, 3));
+  }
+  return lines.join('\n');
+}
+
+function profileLine(e: ProfileEntry, digits: number): string {
+  return `    ${e.op.padEnd(44)}${e.ms.toFixed(digits).padStart(10)} ms ${(100 * e.share).toFixed(1).padStart(5)}%  ${formatCalls(e.calls)}`;
 }
 
 /** How far the measured peak is from the estimate's: "equal to", or e.g. "3.1% below". */
@@ -273,8 +302,7 @@ export function formatBench(r: BenchResult): string {
   if (r.profile) {
     const deviceMs = r.profile.reduce((sum, e) => sum + e.ms, 0);
     lines.push(`  profile       ${deviceMs.toFixed(1)} ms of device time a step in ${r.profile.length} ops (of a ${r.step_ms.toFixed(1)} ms step); the most:`);
-    for (const e of r.profile.slice(0, PROFILE_LINES))
-      lines.push(`    ${e.op.padEnd(44)}${e.ms.toFixed(2).padStart(10)} ms ${(100 * e.share).toFixed(1).padStart(5)}%  ${formatCalls(e.calls)}`);
+    for (const e of r.profile.slice(0, PROFILE_LINES)) lines.push(profileLine(e, 2));
   }
   return lines.join('\n');
 }
@@ -290,12 +318,16 @@ export const benchOptions: Record<string, OptionSpec> = {
   'prompt-tokens': { type: 'string', description: 'with --generate: prompt length (default 512)' },
   'new-tokens': { type: 'string', description: 'with --generate: tokens decoded one by one (default 128)' },
   ...placementOptions,
-  profile: { type: 'boolean', description: 'time every GPU kernel and GEMM of the timed steps and print where the time goes (CUDA events)' },
+  profile: { type: 'boolean', description: 'time every GPU kernel and GEMM of the timed steps (with --generate: of a third run\'s decode, per token) and print where the time goes (CUDA events)' },
   'offload-activations': { type: 'boolean', description: 'move the checkpointed block inputs (all but the last two) to host memory between forward and backward even where the budget does not need it (it moves as many as it needs by itself)' },
   json: { type: 'boolean', description: 'print the result as JSON' },
 };
 
 const PROFILE_LINES = 25;
+
+function warnNoProfile(device: BenchDevice): void {
+  process.stderr.write(`warning: --profile times GPU kernels; this run was on the ${device.kind === 'cuda' ? 'GPU but took no profile' : 'CPU, which has none'}\n`);
+}
 const formatCalls = (calls: number) => `${Number.isInteger(calls) ? calls : calls.toFixed(1)} call${calls === 1 ? '' : 's'}`;
 
 export function benchVerb(o: ParsedOptions): void {
@@ -309,8 +341,10 @@ export function benchVerb(o: ParsedOptions): void {
       newTokens: integerOption(o, 'new-tokens', 128),
       rank: integerOption(o, 'rank', 16),
       placement: placementFromFlags(o),
+      profile: Boolean(o.profile),
     });
     for (const w of g.warnings) process.stderr.write(`warning: ${w}\n`);
+    if (o.profile && g.decode_profile === null) warnNoProfile(g.device);
     process.stdout.write((json ? JSON.stringify(g) : formatGenerateBench(g)) + '\n');
     return;
   }
@@ -327,7 +361,6 @@ export function benchVerb(o: ParsedOptions): void {
     onStep: json ? undefined : (i, ms, warm) => process.stderr.write(`${warm ? 'warm-up' : 'step'} ${i + 1}: ${ms.toFixed(1)} ms\n`),
   });
   for (const w of result.warnings) process.stderr.write(`warning: ${w}\n`);
-  if (o.profile && result.profile === null)
-    process.stderr.write(`warning: --profile times GPU kernels; this run was on the ${result.device.kind === 'cuda' ? 'GPU but took no profile' : 'CPU, which has none'}\n`);
+  if (o.profile && result.profile === null) warnNoProfile(result.device);
   process.stdout.write((json ? JSON.stringify(result) : formatBench(result)) + '\n');
 }
