@@ -543,15 +543,41 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
   auto dev = make();
   // NF4 dequantize of bitsandbytes' layout in blocks of 64, every rounding: bit for bit. 1000 and 999 values, into
   // rows of 50 (the GPU's value by value path); 37 rows of 96 (as a weight's rows: its wide path, 32 values a
-  // thread), contiguous and 104 apart.
+  // thread), contiguous and 104 apart. Into 16 bits with the block constants in fp32 or double-quantized (restored in
+  // the same pass).
   for (const auto& [n, row_len, stride] : {std::tuple<int64_t, int64_t, int64_t>{1000, 50, 56}, {999, 50, 56},
                                            {37 * 96, 96, 104}}) {
     const std::vector<float> x = random_floats(static_cast<size_t>(n), 31);
     const nf4::Blockwise4bit q = nf4::quantize(x.data(), n, 64);
-    DeviceArray<uint8_t> packed(dev.get(), static_cast<int64_t>(q.packed.size()), MemCategory::Workspace);
-    DeviceArray<float> absmax(dev.get(), static_cast<int64_t>(q.absmax.size()), MemCategory::Workspace);
-    packed.upload(q.packed);
-    absmax.upload(q.absmax);
+    const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
+    const std::vector<float>& map = nf4::dynamic_map_signed();
+    const std::vector<float> restored = nf4::double_dequantize(dq.codes.data(), static_cast<int64_t>(dq.codes.size()),
+                                                               dq.state2_absmax.data(), map.data(), dq.offset, 256);
+    auto on = [](Backend* be, const auto& host) {
+      using T = typename std::decay_t<decltype(host)>::value_type;
+      DeviceArray<T> d(be, static_cast<int64_t>(host.size()), MemCategory::Workspace);
+      d.upload(host);
+      return d;
+    };
+    DeviceArray<uint8_t> packed = on(dev.get(), q.packed), codes = on(dev.get(), dq.codes);
+    DeviceArray<float> absmax = on(dev.get(), q.absmax), absmax2 = on(dev.get(), dq.state2_absmax);
+    DeviceArray<float> map_dev = on(dev.get(), map);
+    // the weight as n values in one row (row_len says how they are written), on the CPU or the device
+    auto weight = [&](bool on_dev, bool double_quantized) {
+      Nf4Weight w;
+      w.packed = on_dev ? packed.get() : q.packed.data();
+      if (double_quantized) {
+        w.absmax_codes = on_dev ? codes.get() : dq.codes.data();
+        w.absmax2 = on_dev ? absmax2.get() : dq.state2_absmax.data();
+        w.absmax_map = on_dev ? map_dev.get() : map.data();
+        w.absmax_offset = dq.offset;
+      } else {
+        w.absmax = on_dev ? absmax.get() : q.absmax.data();
+      }
+      w.out = 1;
+      w.in = n;
+      return w;
+    };
     for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
       std::vector<float> want(static_cast<size_t>(n));
       cpu->nf4_dequantize(q.packed.data(), q.absmax.data(), n, 64, rt, want.data());
@@ -559,24 +585,27 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
       dev->nf4_dequantize(packed.get(), absmax.get(), n, 64, rt, got.get());
       EXPECT_TRUE(std::memcmp(got.download().data(), want.data(), want.size() * sizeof(float)) == 0, "dequantize");
       // straight into 16 bits: the fp32 values rounded on, on both
-      for (FloatFormat out : {FloatFormat::BF16, FloatFormat::F16}) {
-        std::vector<uint16_t> want16(static_cast<size_t>(n)), cpu16(static_cast<size_t>(n));
-        for (size_t i = 0; i < want.size(); ++i) want16[i] = out == FloatFormat::BF16 ? f32_to_bf16(want[i]) : f32_to_f16(want[i]);
-        cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, n, n, cpu16.data());
-        DeviceArray<uint16_t> got16(dev.get(), n, MemCategory::Workspace);
-        dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, n, n, got16.get());
-        EXPECT_TRUE(cpu16 == want16, "CPU dequantize to 16 bits");
-        EXPECT_TRUE(got16.download() == want16, "dequantize to 16 bits");
-        // into rows of row_len values stride apart: the gaps untouched
-        const int64_t rows = (n + row_len - 1) / row_len;
-        std::vector<uint16_t> strided_want(static_cast<size_t>(rows * stride), 0xffff), strided_cpu = strided_want;
-        for (int64_t i = 0; i < n; ++i) strided_want[static_cast<size_t>(i / row_len * stride + i % row_len)] = want16[static_cast<size_t>(i)];
-        cpu->nf4_dequantize_16(q.packed.data(), q.absmax.data(), n, 64, rt, out, row_len, stride, strided_cpu.data());
-        DeviceArray<uint16_t> strided_got(dev.get(), rows * stride, MemCategory::Workspace);
-        strided_got.upload(std::vector<uint16_t>(static_cast<size_t>(rows * stride), 0xffff));
-        dev->nf4_dequantize_16(packed.get(), absmax.get(), n, 64, rt, out, row_len, stride, strided_got.get());
-        EXPECT_TRUE(strided_cpu == strided_want, "CPU dequantize into wider rows");
-        EXPECT_TRUE(strided_got.download() == strided_want, "dequantize into wider rows");
+      for (bool double_quantized : {false, true}) {
+        if (double_quantized) cpu->nf4_dequantize(q.packed.data(), restored.data(), n, 64, rt, want.data());
+        for (FloatFormat out : {FloatFormat::BF16, FloatFormat::F16}) {
+          std::vector<uint16_t> want16(static_cast<size_t>(n)), cpu16(static_cast<size_t>(n));
+          for (size_t i = 0; i < want.size(); ++i) want16[i] = out == FloatFormat::BF16 ? f32_to_bf16(want[i]) : f32_to_f16(want[i]);
+          cpu->nf4_dequantize_16(weight(false, double_quantized), rt, out, n, n, cpu16.data());
+          DeviceArray<uint16_t> got16(dev.get(), n, MemCategory::Workspace);
+          dev->nf4_dequantize_16(weight(true, double_quantized), rt, out, n, n, got16.get());
+          EXPECT_TRUE(cpu16 == want16, "CPU dequantize to 16 bits");
+          EXPECT_TRUE(got16.download() == want16, "dequantize to 16 bits");
+          // into rows of row_len values stride apart: the gaps untouched
+          const int64_t rows = (n + row_len - 1) / row_len;
+          std::vector<uint16_t> strided_want(static_cast<size_t>(rows * stride), 0xffff), strided_cpu = strided_want;
+          for (int64_t i = 0; i < n; ++i) strided_want[static_cast<size_t>(i / row_len * stride + i % row_len)] = want16[static_cast<size_t>(i)];
+          cpu->nf4_dequantize_16(weight(false, double_quantized), rt, out, row_len, stride, strided_cpu.data());
+          DeviceArray<uint16_t> strided_got(dev.get(), rows * stride, MemCategory::Workspace);
+          strided_got.upload(std::vector<uint16_t>(static_cast<size_t>(rows * stride), 0xffff));
+          dev->nf4_dequantize_16(weight(true, double_quantized), rt, out, row_len, stride, strided_got.get());
+          EXPECT_TRUE(strided_cpu == strided_want, "CPU dequantize into wider rows");
+          EXPECT_TRUE(strided_got.download() == strided_want, "dequantize into wider rows");
+        }
       }
     }
   }
@@ -730,11 +759,11 @@ inline void half_activations(const MakeBackend& make, bool f16) {
     dt.upload(dts);
     a.upload(as);
     wd.upload(wd_rows);
-    be->gemm_dx_with_lora(M, N, Kd, dy.get(), wd.get(), R, dt.get(), a.get(), 0.0f, dout32.get());
+    be->gemm_dx_with_lora(M, N, Kd, dy.get(), wd.get(), N, R, dt.get(), a.get(), 0.0f, dout32.get());
     douts = dout32.download();
     dout_scope.emplace(be, dout.get(), M, N, 0, SharedGemmInput::kHalfActivation);
     wd.upload(wd_rows);
-    be->gemm_dx_with_lora(M, N, Kd, dy.get(), wd.get(), R, dt.get(), a.get(), 0.0f, dout.get());
+    be->gemm_dx_with_lora(M, N, Kd, dy.get(), wd.get(), N, R, dt.get(), a.get(), 0.0f, dout.get());
     const std::vector<uint16_t> rows = rows_of(dout);
     for (int64_t i = 0; i < M * N; ++i)
       EXPECT_TRUE(near(rows[static_cast<size_t>(i)], to16(douts[static_cast<size_t>(i)])),

@@ -122,11 +122,12 @@ struct EmulatorExec {
     return true;
   }
   bool gemm_half_to_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
-                         const uint16_t* B, uint16_t* C, int64_t ldc, void* workspace, size_t workspace_bytes) {
+                         const uint16_t* B, uint16_t* C, int64_t ldc, void* workspace, size_t workspace_bytes,
+                         int64_t ldb = 0) {
     if (!half_gemms) return false;
     EXPECT_TRUE(ldc >= N, "a GEMM output's rows are at least as long as its width");
     std::vector<float> c(static_cast<size_t>(M * N));
-    gemm_half(f16, ta, tb, M, N, K, alpha, A, B, 0.0f, c.data(), workspace, workspace_bytes);
+    gemm_half(f16, ta, tb, M, N, K, alpha, A, B, 0.0f, c.data(), workspace, workspace_bytes, 0, ldb);
     for (int64_t r = 0; r < M; ++r)
       for (int64_t j = 0; j < N; ++j) {
         const float v = c[static_cast<size_t>(r * N + j)];
@@ -673,35 +674,40 @@ TEST(cuda_backend_holds_gate_and_up_outputs_in_16_bits_as_autocast_does) {
   parity::half_activations(emulated_in_with(GpuCompute::F16), true);
 }
 
-// Backward's counterpart: dx = dy W + dt A (+ beta dx) over K + 8 rows of [W ; A], whatever the memory under W held.
+// Backward's counterpart: dx = dy W + dt A (+ beta dx) over K + 8 rows of [W ; A], whatever the memory under W held;
+// W's rows contiguous or wider (the forward's, B's columns beside them, NaN here), cuBLASLt's way or fp32's.
 TEST(cuda_backend_fuses_loras_input_gradient_into_the_base_gemm) {
   const int64_t M = 7, N = 24, K = 5, R = 4;  // dy [M, K], W [K, N], dt [M, R], A [R, N]
   for (bool f16 : {false, true})
-    for (float beta : {0.0f, 1.0f}) {
+    for (float beta : {0.0f, 1.0f})
+      for (int64_t w_ld : {N, N + 8})
+        for (bool half_gemms : {true, false}) {
       auto backend = emulated_in(half_compute(f16));
+      backend->exec().half_gemms = half_gemms;
       const int64_t columns = backend->lora_fused_columns(R);
       const auto to16 = [f16](float v) { return half_bits(f16, v); };
       const auto from16 = [f16](uint16_t b) { return half_value(f16, b); };
       const std::vector<float> dys = parity::random_floats(M * K, 61), ws = parity::random_floats(K * N, 62),
                                dts = parity::random_floats(M * R, 63), as = parity::random_floats(R * N, 64),
                                before = parity::random_floats(M * N, 65);
-      std::vector<uint16_t> w_rows(static_cast<size_t>((K + columns) * N), 0x7fff);  // NaN under W
-      for (int64_t i = 0; i < K * N; ++i) w_rows[static_cast<size_t>(i)] = to16(ws[static_cast<size_t>(i)]);
+      std::vector<uint16_t> w_rows(static_cast<size_t>((K + columns) * w_ld), 0x7fff);  // NaN under and beside W
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) w_rows[static_cast<size_t>(k * w_ld + n)] = to16(ws[static_cast<size_t>(k * N + n)]);
       DeviceArray<float> dy(backend.get(), M * K, MemCategory::Activations), dt(backend.get(), M * R, MemCategory::Activations),
           a(backend.get(), R * N, MemCategory::Activations), dx(backend.get(), M * N, MemCategory::Activations);
-      DeviceArray<uint16_t> w(backend.get(), (K + columns) * N, MemCategory::Workspace);
+      DeviceArray<uint16_t> w(backend.get(), (K + columns) * w_ld, MemCategory::Workspace);
       dy.upload(dys);
       dt.upload(dts);
       a.upload(as);
       dx.upload(before);
       w.upload(w_rows);
-      backend->gemm_dx_with_lora(M, N, K, dy.get(), w.get(), R, dt.get(), a.get(), beta, dx.get());
+      backend->gemm_dx_with_lora(M, N, K, dy.get(), w.get(), w_ld, R, dt.get(), a.get(), beta, dx.get());
       const std::vector<float> got = dx.download();
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
           double want = beta * double{before[static_cast<size_t>(m * N + n)]};
           for (int64_t k = 0; k < K; ++k)
-            want += double{from16(to16(dys[static_cast<size_t>(m * K + k)]))} * from16(w_rows[static_cast<size_t>(k * N + n)]);
+            want += double{from16(to16(dys[static_cast<size_t>(m * K + k)]))} * from16(w_rows[static_cast<size_t>(k * w_ld + n)]);
           for (int64_t r = 0; r < R; ++r)
             want += double{from16(to16(dts[static_cast<size_t>(m * R + r)]))} * from16(to16(as[static_cast<size_t>(r * N + n)]));
           EXPECT_TRUE(std::fabs(got[static_cast<size_t>(m * N + n)] - want) <= 1e-5 * std::max(1.0, std::fabs(want)),
@@ -949,6 +955,36 @@ TEST(cuda_backend_decodes_a_token_in_two_launches_a_linear_layer_with_the_prefil
     for (const char* op : {"absmax_dequantize", "nf4_dequantize", "nf4_dequantize_16", "to_half_rows", "add_bias_rows"})
       EXPECT_EQ(calls(op), 0);
     EXPECT_EQ(calls("gemm f32") + calls("gemm bf16"), 1);  // the LM head
+  }
+}
+
+// With checkpointing a block's recomputed forward keeps the weights it dequantizes (q k v o gate up) for its backward,
+// so that backward dequantizes only down's: on two layers 7 + 7 in the forward (the last block's kept), 6 in the
+// first block's recomputation and 2 in backward, instead of 14 more; the step's bits are those of keeping every
+// activation (no recomputation), where backward dequantizes all seven again.
+TEST(cuda_backend_checkpointed_backward_reads_the_weights_its_forward_dequantized) {
+  for (GpuCompute compute : {GpuCompute::BF16, GpuCompute::F16}) {
+    std::vector<std::vector<float>> grads[2];
+    double losses[2] = {};
+    int64_t dequantized[2] = {};
+    for (int checkpointing = 0; checkpointing < 2; ++checkpointing) {
+      auto backend = emulated_in(compute);
+      auto [model, adapter] = quantized_with_adapter(backend.get());
+      randomize_lora(*adapter, 3);
+      RunOptions ro = training_step(compute == GpuCompute::F16);
+      ro.gradient_checkpointing = checkpointing == 1;
+      const std::vector<int32_t>& ids = qtest::reference_ids();
+      backend->set_profiling(true);
+      losses[checkpointing] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum;
+      for (const OpTime& t : backend->take_profile())
+        if (t.op == "nf4_dequantize_16") dequantized[checkpointing] = t.calls;
+      for (auto& [p, g] : adapter->parameters_and_grads()) grads[checkpointing].push_back(g->download());
+    }
+    EXPECT_EQ(dequantized[0], 2 * 7 + 2 * 7);
+    EXPECT_EQ(dequantized[1], 2 * 7 + 6 + 2);
+    EXPECT_EQ(losses[1], losses[0]);
+    for (size_t i = 0; i < grads[0].size(); ++i)
+      EXPECT_TRUE(grads[0][i] == grads[1][i], "gradient ", i, " differs between checkpointing and keeping everything");
   }
 }
 

@@ -109,7 +109,7 @@ test('estimate verb: --json gives bytes, the table gives MiB by category and the
   assert.throws(() => estimate({ model: reference('llama-shared'), seq: 0 }), /--seq-len must be a positive integer/);
 });
 
-test('estimate: LoRA dropout adds drop(x)\'s workspace, and on the GPU under bf16 keeps SwiGLU\'s output in fp32', () => {
+test('estimate: LoRA dropout adds drop(x)\'s workspace, and on the GPU under bf16 keeps SwiGLU\'s output in fp32 and no dequantized weight for backward', () => {
   const model = reference('llama-shared'), seq = 64, rank = 16;
   for (const [device, computeDtype] of [['cpu', undefined], ['cuda', 'f32'], ['cuda', 'bf16']] as const) {
     const plain = estimate({ model, seq, rank, device, computeDtype });
@@ -117,7 +117,12 @@ test('estimate: LoRA dropout adds drop(x)\'s workspace, and on the GPU under bf1
     const c = plain.config;
     // drop(x) of the widest linear input; one block's m as 16-bit rows with room for LoRA's 16 columns, or fp32
     const widest = Math.max(c.hiddenSize, c.intermediateSize, c.numHeads * c.headDim);
-    assert.equal(dropped.categories.workspace - plain.categories.workspace, seq * widest * 4, `${device} ${computeDtype}`);
+    // without dropout under bf16, q k v o gate up dequantized for a block's forward and its backward, with room for
+    // LoRA's 16 columns beside and rows under each (dropout's mask keeps LoRA out of the input gradient's GEMM)
+    const q = c.numHeads * c.headDim, kv = c.numKvHeads * c.headDim, h = c.hiddenSize, inter = c.intermediateSize;
+    const shapes = [[q, h], [kv, h], [kv, h], [h, q], [inter, h], [inter, h]];
+    const kept = computeDtype === 'bf16' ? shapes.reduce((sum, [out, inp]) => sum + (out + 16) * (inp + 16) * 2, 0) : 0;
+    assert.equal(dropped.categories.workspace - plain.categories.workspace, seq * widest * 4 - kept, `${device} ${computeDtype}`);
     const m = computeDtype === 'bf16' ? seq * c.intermediateSize * 4 - seq * (c.intermediateSize + 16) * 2 : 0;
     assert.equal(dropped.categories.activations - plain.categories.activations, m, `${device} ${computeDtype}`);
     assert.equal(dropped.options.loraDropout, 0.05);

@@ -200,10 +200,11 @@ class Backend {
   virtual void gemm_with_lora_up(int64_t M, int64_t N, int64_t K, const float* x, uint16_t* w_rows, int64_t R,
                                  const float* t, const float* b, float alpha, float* y);
   // Backward's counterpart: dx = dy W + dt A (+ beta dx) as one GEMM over K + lora_fused_columns(R) rows of
-  // [dy | dt] times [W ; A]. dy [M, K] fp32; w_rows: the base weight [K, N] in gemm_weight_format followed by room for
-  // lora_fused_columns(R) more rows, which this fills with A [R, N] and zeros; dt [M, R].
-  virtual void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
-                                 const float* dt, const float* a, float beta, float* dx);
+  // [dy | dt] times [W ; A]. dy [M, K] fp32; w_rows: the base weight [K, N] in gemm_weight_format, in rows w_ld >= N
+  // values apart (wider: the forward's rows, B's columns beside W), followed by room for lora_fused_columns(R) more
+  // rows, which this fills with A [R, N] and zeros; dt [M, R].
+  virtual void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t w_ld,
+                                 int64_t R, const float* dt, const float* a, float beta, float* dx);
   virtual void add_inplace(float* y, const float* x, int64_t n) = 0;       // y += x
   virtual void add_bias_rows(float* y, const float* bias, int64_t rows, int64_t cols) = 0;
   virtual void scale_inplace(float* x, float s, int64_t n) = 0;
@@ -267,12 +268,13 @@ class Backend {
   // out[i] = code(packed, i) * absmax[i / blocksize], rounded to `round_to`.
   virtual void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                               float* out) = 0;
-  // nf4_dequantize's values rounded on to 16 bits (out_format BF16 or F16): a weight dequantized straight into the
-  // format the GEMM takes (gemm_weight_format), never written out in fp32. Value i goes to row i / row_len of `out`,
-  // rows row_stride values apart (row_stride = row_len: contiguous; wider rows leave room for LoRA's factor).
-  virtual void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize,
-                                 FloatFormat round_to, FloatFormat out_format, int64_t row_len, int64_t row_stride,
-                                 uint16_t* out) = 0;
+  // The w.out * w.in values of nf4_dequantize (its block constants restored as absmax_dequantize would, where they
+  // are double-quantized) rounded on to 16 bits (out_format BF16 or F16): a weight dequantized straight into the
+  // format the GEMM takes (gemm_weight_format), never written out in fp32, in one pass. Value i goes to row
+  // i / row_len of `out`, rows row_stride values apart (row_stride = row_len: contiguous; wider rows leave room for
+  // LoRA's factor).
+  virtual void nf4_dequantize_16(const Nf4Weight& w, FloatFormat round_to, FloatFormat out_format, int64_t row_len,
+                                 int64_t row_stride, uint16_t* out) = 0;
   // y [rows, out] = x [rows, in] · W^T + bias + scale · t · B^T (rows <= kNf4MatmulMaxRows) with W dequantized on the
   // fly as nf4_dequantize would (rounded to `round_to`), never written out: generation's few-row products read the
   // 4-bit weights once, in one pass with their block constants, bias and LoRA's up projection. Equal to

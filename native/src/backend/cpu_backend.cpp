@@ -90,7 +90,7 @@ void Backend::gemm_with_lora_up(int64_t, int64_t, int64_t, const float*, uint16_
   fail(name(), " backend: LoRA's up projection is not fused into the base GEMM here (lora_fused_columns is 0)");
 }
 
-void Backend::gemm_dx_with_lora(int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, const float*,
+void Backend::gemm_dx_with_lora(int64_t, int64_t, int64_t, const float*, uint16_t*, int64_t, int64_t, const float*,
                                 const float*, float, float*) {
   fail(name(), " backend: LoRA's input gradient is not fused into the base GEMM here (lora_fused_columns is 0)");
 }
@@ -254,17 +254,27 @@ class CpuBackend final : public Backend {
     if (blocksize2 <= 0) fail("double quantization blocksize must be positive, got ", blocksize2);
     nf4::double_dequantize_into(codes, n, state2_absmax, code2, offset, blocksize2, out);
   }
-  void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
-                         FloatFormat out_format, int64_t row_len, int64_t row_stride, uint16_t* out) override {
+  void nf4_dequantize_16(const Nf4Weight& w, FloatFormat round_to, FloatFormat out_format, int64_t row_len,
+                         int64_t row_stride, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
     nf4::check_rows(row_len, row_stride, "nf4_dequantize_16");
-    std::vector<float> values(static_cast<size_t>(n));
-    nf4_dequantize(packed, absmax, n, blocksize, round_to, values.data());
+    nf4::check_blocksize(w.blocksize, "nf4_dequantize_16");
+    const int64_t n = w.out * w.in;
+    std::vector<float> restored, values(static_cast<size_t>(n));
+    nf4_dequantize(w.packed, block_constants(w, restored), n, w.blocksize, round_to, values.data());
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       const float v = values[static_cast<size_t>(i)];
       out[i / row_len * row_stride + i % row_len] = out_format == FloatFormat::BF16 ? f32_to_bf16(v) : f32_to_f16(v);
     }
+  }
+  // w's block constants in fp32: its own, or restored into `restored` as absmax_dequantize restores them.
+  const float* block_constants(const Nf4Weight& w, std::vector<float>& restored) {
+    if (w.absmax) return w.absmax;
+    restored.resize(static_cast<size_t>((w.out * w.in + w.blocksize - 1) / w.blocksize));
+    absmax_dequantize(w.absmax_codes, static_cast<int64_t>(restored.size()), w.absmax2, w.absmax_map, w.absmax_offset,
+                      w.absmax_blocksize2, restored.data());
+    return restored.data();
   }
   void nf4_matmul_nt(const float* x, int64_t rows, const Nf4Weight& w, FloatFormat round_to, const FewRowsAddends& add,
                      float* y) override {
@@ -273,13 +283,7 @@ class CpuBackend final : public Backend {
     nf4::check_blocksize(w.blocksize, "nf4_matmul_nt");
     // the composition this op stands for, step by step: the same numbers bit for bit
     std::vector<float> restored;
-    const float* absmax = w.absmax;
-    if (!absmax) {
-      restored.resize(static_cast<size_t>((w.out * w.in + w.blocksize - 1) / w.blocksize));
-      absmax_dequantize(w.absmax_codes, static_cast<int64_t>(restored.size()), w.absmax2, w.absmax_map,
-                        w.absmax_offset, w.absmax_blocksize2, restored.data());
-      absmax = restored.data();
-    }
+    const float* absmax = block_constants(w, restored);
     const int round = round_to == FloatFormat::F32 ? 0 : round_to == FloatFormat::BF16 ? 1 : 2;
     const int64_t tiles = (w.out + cpu::kNtTile - 1) / cpu::kNtTile;
 #pragma omp parallel for schedule(static)

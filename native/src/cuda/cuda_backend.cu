@@ -119,13 +119,14 @@ class CudaExec {
   }
   // gemm_half with C written (beta 0) in the inputs' 16 bits, its rows ldc values apart: the fp32 sums rounded.
   bool gemm_half_to_half(bool f16, bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const uint16_t* A,
-                         const uint16_t* B, uint16_t* C, int64_t ldc, void* workspace, size_t workspace_bytes) {
+                         const uint16_t* B, uint16_t* C, int64_t ldc, void* workspace, size_t workspace_bytes,
+                         int64_t ldb = 0) {
     bool done = false;
     const std::string op = profiling_ ? gemm_op(f16 ? "f16>f16" : "bf16>bf16", ta, tb, M, N, K) : std::string();
     timed(op.c_str(), [&] {
       const gpu::GemmType half = f16 ? gpu::GemmType::F16 : gpu::GemmType::BF16;
       done = lt_->try_matmul(ta, tb, M, N, K, alpha, A, B, 0.0f, C, half, half, workspace, workspace_bytes, nullptr, 0,
-                             0, ldc);
+                             ldb, ldc);
     });
     return done;
   }

@@ -17,21 +17,6 @@ constexpr int kLanes = 32;
 // One lane's share of an NF4 row in the wide path: 16 bytes, 32 weights, inside one quantization block.
 constexpr int kNf4LaneWeights = 32;
 
-// An NF4 weight as Nf4Weight describes it, with the rounding of its values (round_to, FloatFormat's order) and of the
-// products' operands (round_x: the compute dtype's, as its GEMM rounds them).
-struct Nf4Rows {
-  const uint8_t* packed;
-  const float* absmax;  // null: double-quantized
-  const uint8_t* absmax_codes;
-  const float* absmax2;
-  const float* absmax_map;
-  float absmax_offset;
-  int absmax_blocksize2;
-  int blocksize;
-  int64_t out, in;
-  int round_to, round_x;
-};
-
 // FewRowsAddends on the device.
 struct RowAddends {
   const float* bias;
@@ -41,11 +26,6 @@ struct RowAddends {
   float lora_scale;
 };
 
-__device__ __forceinline__ float block_constant(const Nf4Rows& w, int64_t block) {
-  if (w.absmax) return w.absmax[block];
-  return restored_block_constant(w.absmax_map[w.absmax_codes[block]], w.absmax2[block / w.absmax_blocksize2],
-                                 w.absmax_offset);
-}
 
 // y [rows, out] = x [rows, in] · W^T + bias + lora_scale · t [rows, rank] · B^T with W in NF4, each weight dequantized
 // (rounded to round_to, then to the compute dtype, as the dequantized GEMM's operand is) as it is read, never written

@@ -179,19 +179,21 @@ class KernelBackend : public Backend {
     if (!y16.data) return gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
     gemm_16_to_16(true, M, N, ld, a, w_rows, N * ld, y16);
   }
-  void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t R,
+  void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t w_ld, int64_t R,
                          const float* dt, const float* a, float beta, float* dx) override {
     const int64_t columns = check_lora_fusion("gemm_dx_with_lora", M, N, K, R), ld = K + columns;
-    uint16_t* below = w_rows + K * N;  // A under W, then zero rows
+    if (w_ld < N) fail("gemm_dx_with_lora: rows of ", N, " weights ", w_ld, " apart");
+    uint16_t* below = w_rows + K * w_ld;  // A under W, then zero rows, in rows as wide as W's
     exec_.launch("to_half_rows", grid_for(R * N), exec_.threads, kernels::to_half_rows, a, R, N, N, 1.0f,
-                 compute_ == GpuCompute::F16, below, N, N);
-    if (columns > R) exec_.zero(below + R * N, static_cast<size_t>((columns - R) * N) * sizeof(uint16_t));
+                 compute_ == GpuCompute::F16, below, w_ld, N);
+    if (columns > R) exec_.zero(below + R * w_ld, static_cast<size_t>((columns - R) * w_ld) * sizeof(uint16_t));
     DeviceArray<uint16_t> own;
     const uint16_t* g = with_lora_columns(dy, M, K, dt, R, 1.0f, own);
     // dx held in 16 bits from here (begin_half_activation): written so, when not accumulated into
     const kernels::HalfRows dx16 = beta == 0.0f ? written_in_16_bits(dx, M * N) : kernels::HalfRows{};
-    if (!dx16.data) return gemm_16(false, false, M, N, ld, g, w_rows, ld * N, beta, dx);
-    gemm_16_to_16(false, M, N, ld, g, w_rows, ld * N, dx16);
+    const int64_t ldb = w_ld == N ? 0 : w_ld;
+    if (!dx16.data) return gemm_16(false, false, M, N, ld, g, w_rows, ld * w_ld, beta, dx, ldb);
+    gemm_16_to_16(false, M, N, ld, g, w_rows, ld * w_ld, dx16, ldb);
   }
   void end_shared_input(const float* x) override {
     shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [x](const SharedInput& s) { return s.x == x; }),
@@ -371,23 +373,26 @@ class KernelBackend : public Backend {
       exec_.launch("absmax_dequantize", grid_for(n), exec_.threads, kernels::absmax_dequantize, codes, n, state2_absmax,
                    code2, offset, blocksize2, out);
   }
-  void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
-                         FloatFormat out_format, int64_t row_len, int64_t row_stride, uint16_t* out) override {
+  void nf4_dequantize_16(const Nf4Weight& w, FloatFormat round_to, FloatFormat out_format, int64_t row_len,
+                         int64_t row_stride, uint16_t* out) override {
     if (out_format == FloatFormat::F32) fail("nf4_dequantize_16 writes bf16 or fp16, not fp32");
     nf4::check_rows(row_len, row_stride, "nf4_dequantize_16");
+    nf4::check_blocksize(w.blocksize, "nf4_dequantize_16");
+    check_double_quantization(w);
+    const int64_t n = w.out * w.in;
     if (n <= 0) return;
-    nf4::check_blocksize(blocksize, "nf4_dequantize");
     const bool to_f16 = out_format == FloatFormat::F16;
+    const kernels::Nf4Rows rows = nf4_rows(w, round_to);
     constexpr int64_t chunk = kernels::kNf4ChunkValues;
     // every 32 values under one block constant, in one row, 16-byte aligned in and out: a weight's usual layout
-    if (row_len % chunk == 0 && n % row_len == 0 && blocksize % chunk == 0 && row_stride % 8 == 0 &&
-        aligned_16(packed) && aligned_16(out)) {
-      exec_.launch("nf4_dequantize_16", grid_for(n / chunk), exec_.threads, kernels::nf4_dequantize_16_wide, packed,
-                   absmax, n / chunk, blocksize, static_cast<int>(round_to), to_f16, row_len, row_stride, out);
+    if (row_len % chunk == 0 && n % row_len == 0 && w.blocksize % chunk == 0 && row_stride % 8 == 0 &&
+        aligned_16(w.packed) && aligned_16(out)) {
+      exec_.launch("nf4_dequantize_16", grid_for(n / chunk), exec_.threads, kernels::nf4_dequantize_16_wide, rows,
+                   to_f16, row_len, row_stride, out);
       return;
     }
-    exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, packed, absmax,
-                 n, blocksize, static_cast<int>(round_to), to_f16, row_len, row_stride, out);
+    exec_.launch("nf4_dequantize_16", grid_for((n + 1) / 2), exec_.threads, kernels::nf4_dequantize_16, rows, to_f16,
+                 row_len, row_stride, out);
   }
   // Reads the 4-bit weights once, dequantizing as it goes, with the block constants, bias and LoRA's up projection
   // in the same pass: the values of the composition in the compute dtype, summed in another order than cuBLASLt's
@@ -397,8 +402,7 @@ class KernelBackend : public Backend {
     static_assert(kNf4MatmulMaxRows <= kernels::kMaxFewRows, "the kernel keeps kMaxFewRows sums a thread");
     check_few_rows("nf4_matmul_nt", rows);
     nf4::check_blocksize(w.blocksize, "nf4_matmul_nt");
-    if (!w.absmax && w.absmax_blocksize2 <= 0)
-      fail("double quantization blocksize must be positive, got ", w.absmax_blocksize2);
+    check_double_quantization(w);
     if (rows == 0 || w.out == 0) return;
     const int warps = exec_.threads / kernels::kLanes;
     if (warps == 0 || exec_.threads % kernels::kLanes != 0)
@@ -408,9 +412,7 @@ class KernelBackend : public Backend {
     // 16 aligned bytes of codes a lane, under one block constant, and x's rows in float4s
     const bool wide = w.in % kernels::kNf4LaneWeights == 0 && w.blocksize % kernels::kNf4LaneWeights == 0 &&
                       aligned_16(w.packed) && aligned_16(x);
-    const kernels::Nf4Rows rows_of_w{w.packed, w.absmax, w.absmax_codes, w.absmax2, w.absmax_map, w.absmax_offset,
-                                     w.absmax_blocksize2, w.blocksize, w.out, w.in, static_cast<int>(round_to),
-                                     static_cast<int>(compute_format(compute_))};
+    const kernels::Nf4Rows rows_of_w = nf4_rows(w, round_to);
     const kernels::RowAddends addends{add.bias, add.lora_t, add.lora_b, add.rank, add.lora_scale};
     exec_.launch("nf4_matmul_nt", row_grid((w.out + warps - 1) / warps), exec_.threads, kernels::nf4_matmul_nt, x, rows,
                  rows_of_w, wide, addends, y);
@@ -518,6 +520,14 @@ class KernelBackend : public Backend {
     return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, exec_.max_grid_blocks));
   }
   static bool aligned_16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+  kernels::Nf4Rows nf4_rows(const Nf4Weight& w, FloatFormat round_to) const {
+    return {w.packed, w.absmax, w.absmax_codes, w.absmax2, w.absmax_map, w.absmax_offset, w.absmax_blocksize2,
+            w.blocksize, w.out, w.in, static_cast<int>(round_to), static_cast<int>(compute_format(compute_))};
+  }
+  static void check_double_quantization(const Nf4Weight& w) {
+    if (!w.absmax && w.absmax_blocksize2 <= 0)
+      fail("double quantization blocksize must be positive, got ", w.absmax_blocksize2);
+  }
   static unsigned row_grid(int64_t rows) {
     if (rows > int64_t{0x7fffffff}) fail("too many rows for one launch: ", rows);
     return static_cast<unsigned>(rows);
@@ -595,28 +605,34 @@ class KernelBackend : public Backend {
   // C = A op(B) written in 16 bits into C's rows (the fp32 sums rounded), as gemm_16 (fp32, then rounded, where
   // cuBLASLt has no such algorithm).
   void gemm_16_to_16(bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, int64_t b_count,
-                     kernels::HalfRows C) {
+                     kernels::HalfRows C, int64_t ldb = 0) {
     if (C.cols != N) fail("a ", M, "x", N, " GEMM output shared as rows of ", C.cols, " values");
     const bool f16 = compute_ == GpuCompute::F16;
     const auto [workspace, workspace_bytes] = gemm_workspace();
-    if (exec_.gemm_half_to_half(f16, false, tb, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes))
+    if (exec_.gemm_half_to_half(f16, false, tb, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes, ldb))
       return;
     DeviceArray<float> c32(this, M * N, MemCategory::Workspace);
-    gemm_16(false, tb, M, N, K, A, B, b_count, 0.0f, c32.get());
+    gemm_16(false, tb, M, N, K, A, B, b_count, 0.0f, c32.get(), ldb);
     exec_.launch("to_half_rows", grid_for(M * N), exec_.threads, kernels::to_half_rows, c32.get(), M, N, N, 1.0f, f16,
                  C.data, C.ld, N);
   }
   // C = A op(B) + beta C with A [M, K] and B (b_count values) whole 16-bit matrices in the compute's format; where
   // cuBLASLt has no half algorithm for the shape, the same product in fp32 from the 16-bit values.
+  // B's rows ldb values apart where ldb > 0 (wider than its columns).
   void gemm_16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
-               int64_t b_count, float beta, float* C) {
+               int64_t b_count, float beta, float* C, int64_t ldb = 0) {
     const bool f16 = compute_ == GpuCompute::F16;
     const auto [workspace, workspace_bytes] = gemm_workspace();
-    if (exec_.gemm_half(f16, ta, tb, M, N, K, 1.0f, A, B, beta, C, workspace, workspace_bytes)) return;
+    if (exec_.gemm_half(f16, ta, tb, M, N, K, 1.0f, A, B, beta, C, workspace, workspace_bytes, 0, ldb)) return;
     const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
-    DeviceArray<float> a32(this, M * K, MemCategory::Workspace), b32(this, b_count, MemCategory::Workspace);
+    const int64_t b_rows = tb ? N : K, b_cols = tb ? K : N;
+    DeviceArray<float> a32(this, M * K, MemCategory::Workspace);
+    DeviceArray<float> b32(this, ldb > 0 ? b_rows * b_cols : b_count, MemCategory::Workspace);
     convert_stored({A, half}, M * K, FloatFormat::F32, a32.get());
-    convert_stored({B, half}, b_count, FloatFormat::F32, b32.get());
+    if (ldb > 0)
+      widen_rows(B, b_rows, b_cols, ldb, b32.get());
+    else
+      convert_stored({B, half}, b_count, FloatFormat::F32, b32.get());
     exec_.gemm(ta, tb, M, N, K, 1.0f, a32.get(), b32.get(), beta, C, workspace, workspace_bytes);
   }
   // cuBLASLt's scratch, allocated on first use, so that it counts against the budget set by then.

@@ -718,38 +718,63 @@ __global__ void absmax_dequantize(const uint8_t* codes, int64_t n, const float* 
     out[i] = restored_block_constant(code2[codes[i]], state2_absmax[i / blocksize2], offset);
 }
 
-// nf4_dequantize's values rounded on to 16 bits (bf16, or fp16 when to_f16): what to_half makes of them. Value k goes
-// to row k / row_len, rows row_stride apart (row_stride > row_len leaves room beside each row).
-__global__ void nf4_dequantize_16(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
-                                  bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
+// An NF4 weight as Nf4Weight describes it, with the rounding of its values (round_to, FloatFormat's order) and, in
+// products, of their operands (round_x: the compute dtype's, as its GEMM rounds them).
+struct Nf4Rows {
+  const uint8_t* packed;
+  const float* absmax;  // null: double-quantized
+  const uint8_t* absmax_codes;
+  const float* absmax2;
+  const float* absmax_map;
+  float absmax_offset;
+  int absmax_blocksize2;
+  int blocksize;
+  int64_t out, in;
+  int round_to, round_x;
+};
+
+// Block constant `block` of w: its own, or restored from double quantization as absmax_dequantize restores it.
+__device__ __forceinline__ float block_constant(const Nf4Rows& w, int64_t block) {
+  if (w.absmax) return w.absmax[block];
+  return restored_block_constant(w.absmax_map[w.absmax_codes[block]], w.absmax2[block / w.absmax_blocksize2],
+                                 w.absmax_offset);
+}
+
+// nf4_dequantize's values of w (its block constants restored in place where double-quantized) rounded on to 16 bits
+// (bf16, or fp16 when to_f16): what to_half makes of them. Value k goes to row k / row_len, rows row_stride apart
+// (row_stride > row_len leaves room beside each row).
+__global__ void nf4_dequantize_16(Nf4Rows w, bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
   const float* codes = shared_nf4_codes();
+  const int64_t n = w.out * w.in;
   for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
     for (int64_t k = i; k < i + 2 && k < n; ++k) {
-      const float v = nf4_weight(codes, packed, absmax, k, blocksize, round_to);
-      out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, v);
+      const uint8_t byte = w.packed[k >> 1];
+      const float v = codes[(k & 1) ? (byte & 0x0f) : (byte >> 4)] * block_constant(w, k / w.blocksize);
+      out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, round_stored(v, w.round_to));
     }
 }
 
 // nf4_dequantize_16 where every 32 values (16 bytes of codes) share a block constant and a row, packed and each 32
 // values' place in out are 16-byte aligned (the host checks: row_len and blocksize multiples of 32, row_stride of 8):
-// a thread reads 16 bytes at once, divides once for the row and the block, and writes 64 bytes in four stores, so
-// that the kernel moves bytes at the memory's pace instead of doing integer division and branching per value.
+// a thread reads 16 bytes at once, restores their block constant and divides once for the row, and writes 64 bytes
+// in four stores, so that the kernel moves bytes at the memory's pace instead of doing integer division and
+// branching per value.
 constexpr int kNf4ChunkValues = 32;
-__global__ void nf4_dequantize_16_wide(const uint8_t* packed, const float* absmax, int64_t chunks, int blocksize,
-                                       int round_to, bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
+__global__ void nf4_dequantize_16_wide(Nf4Rows w, bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
   const float* codes = shared_nf4_codes();
+  const int64_t chunks = w.out * w.in / kNf4ChunkValues;
   for (int64_t c = global_thread(); c < chunks; c += grid_threads()) {
     const int64_t first = c * kNf4ChunkValues;
     const int64_t row = first / row_len;
     uint32_t words[4];
-    load_16_bytes(packed + first / 2, words);
-    const float scale = absmax[first / blocksize];
+    load_16_bytes(w.packed + first / 2, words);
+    const float scale = block_constant(w, first / w.blocksize);
     uint32_t pairs[16];  // values 2i and 2i + 1 (byte i's high and low nibble), the first in the low half
     QLORA_UNROLL
     for (int i = 0; i < 16; ++i) {
       const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xffu;
-      const uint32_t first_bits = half_bits(to_f16, round_stored(codes[byte >> 4] * scale, round_to));
-      const uint32_t second_bits = half_bits(to_f16, round_stored(codes[byte & 15u] * scale, round_to));
+      const uint32_t first_bits = half_bits(to_f16, round_stored(codes[byte >> 4] * scale, w.round_to));
+      const uint32_t second_bits = half_bits(to_f16, round_stored(codes[byte & 15u] * scale, w.round_to));
       pairs[i] = first_bits | (second_bits << 16);
     }
     uint16_t* to = out + row * row_stride + (first - row * row_len);

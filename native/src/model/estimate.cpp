@@ -101,7 +101,18 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // chunk of logits.
   const FloatFormat takes = o.cuda ? compute_format(o.compute) : FloatFormat::F32;
   add(Ws, max_weight_rows * float_format_bytes(takes));
-  if (nf4 && double_quant) add(Ws, ceil_div(largest_linear, kNf4Blocksize) * kF32);  // its block constants
+  // with checkpointing, the weights a block's recomputed forward dequantizes and its backward reads again (q k v o
+  // gate up, fused with LoRA both ways: NF4, more rows than generation's, no LoRA dropout), in rows with room for B
+  // beside and A under them (LlamaModel::keeps_weight)
+  const bool fused_both_ways = nf4 && lora_columns > 0 && o.batch * o.seq > kNf4MatmulMaxRows && !(o.lora_dropout > 0.0);
+  if (o.gradient_checkpointing && fused_both_ways)
+    for (Module m : kRecomputedModules)
+      if (targets.count(m) > 0) {
+        const auto shape = module_shape(c, m);
+        add(Ws, (shape[0] + lora_columns) * (shape[1] + lora_columns) * float_format_bytes(takes));
+      }
+  // its block constants restored, for a dequantization into fp32 (into 16 bits they are restored as they are read)
+  if (nf4 && double_quant && takes == FloatFormat::F32) add(Ws, ceil_div(largest_linear, kNf4Blocksize) * kF32);
   add(Ws, 2 * o.seq * (c.head_dim / 2) * kF32);
   if (o.lora_dropout > 0.0) add(Ws, n * widest_in * kF32);  // dropx: drop(x) of the widest input
   add(Ws, n * r * kF32);                  // lora_dt

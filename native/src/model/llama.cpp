@@ -64,6 +64,12 @@ struct LlamaModel::BlockActivations {
 // Scratch shared by all blocks of one run.
 struct LlamaModel::Workspace {
   DeviceArray<uint8_t> weight;  // one dequantized base weight at a time, in the backend's gemm_weight_format
+  // The base weights a block's forward dequantizes for its backward to read again (kept_weights): q k v o gate up,
+  // whose recomputed forward runs right before their backward. Each in the forward's rows (B's columns beside W)
+  // with room below for backward's rows of A; kept_layer: the layer whose weight it holds (-1 none).
+  std::array<DeviceArray<uint16_t>, kNumModules> kept;
+  std::array<int64_t, kNumModules> kept_layer{-1, -1, -1, -1, -1, -1, -1};
+  int64_t keeping_for = -1;  // the layer whose forward is dequantizing into `kept` (its backward is next to come)
   DeviceArray<float> absmax;    // its block constants, when they are double-quantized
   DeviceArray<float> cos, sin;
   DeviceArray<float> dropx, lora_dt;
@@ -373,6 +379,12 @@ std::unique_ptr<LlamaModel> LlamaModel::synthetic(Backend* backend, const ModelC
 // ----------------------------------------------------------------------------------------------------------------
 // Linear layers with LoRA: y = x W^T + b + s (drop(x) A^T) B^T
 
+bool LlamaModel::restores_block_constants() const {
+  // only nf4_dequantize into fp32 takes them restored; the 16-bit dequantization and the few-row products restore
+  // them as they read them
+  return max_double_quant_blocks_ > 0 && backend_->gemm_weight_format() == FloatFormat::F32;
+}
+
 const float* LlamaModel::block_constants(const FrozenLinear& w, Workspace& ws) {
   if (!w.double_quantized()) return w.absmax.get();
   backend_->absmax_dequantize(w.absmax_codes.get(), w.blocks(), w.absmax2.get(), w.absmax_map.get(), w.absmax_offset,
@@ -413,9 +425,12 @@ StoredMatrix LlamaModel::base_weight(const FrozenLinear& w, Workspace& ws) {
 }
 
 uint16_t* LlamaModel::dequantize_rows(const FrozenLinear& w, Workspace& ws, int64_t extra_columns) {
-  uint16_t* rows = reinterpret_cast<uint16_t*>(ws.weight.get());
-  backend_->nf4_dequantize_16(w.packed.get(), block_constants(w, ws), w.out * w.in, w.blocksize, w.round_to,
-                              backend_->gemm_weight_format(), w.in, w.in + extra_columns, rows);
+  return dequantize_rows_into(w, reinterpret_cast<uint16_t*>(ws.weight.get()), extra_columns);
+}
+
+uint16_t* LlamaModel::dequantize_rows_into(const FrozenLinear& w, uint16_t* rows, int64_t extra_columns) {
+  backend_->nf4_dequantize_16(nf4_weight(w), w.round_to, backend_->gemm_weight_format(), w.in, w.in + extra_columns,
+                              rows);
   return rows;
 }
 
@@ -447,11 +462,20 @@ void LlamaModel::linear_forward(int64_t layer, Module m, LoraAdapter* adapter, c
     backend_->nf4_matmul_nt(x, rows, nf4_weight(w), w.round_to, add, y);
     return;
   }
-  if (lora_columns > 0)  // LoRA's up projection inside the base GEMM: y written once
-    backend_->gemm_with_lora_up(rows, w.out, w.in, x, dequantize_rows(w, ws, lora_columns), adapter->config().rank,
-                                lora_t, p->b.get(), lora_scale, y);
-  else
+  if (lora_columns > 0) {  // LoRA's up projection inside the base GEMM: y written once
+    const int mi = static_cast<int>(m);
+    uint16_t* w_rows = nullptr;
+    if (ws.keeping_for == layer && !ws.kept[static_cast<size_t>(mi)].empty()) {  // its backward reads it again
+      w_rows = dequantize_rows_into(w, ws.kept[static_cast<size_t>(mi)].get(), lora_columns);
+      ws.kept_layer[static_cast<size_t>(mi)] = layer;
+    } else {
+      w_rows = dequantize_rows(w, ws, lora_columns);
+    }
+    backend_->gemm_with_lora_up(rows, w.out, w.in, x, w_rows, adapter->config().rank, lora_t, p->b.get(), lora_scale,
+                                y);
+  } else {
     backend_->gemm_stored(false, true, rows, w.out, w.in, 1.0f, x, base_weight(w, ws), 0.0f, y);
+  }
   if (!w.bias.empty()) backend_->add_bias_rows(y, w.bias.get(), rows, w.out);
   if (p && lora_columns == 0)
     backend_->gemm(false, true, rows, w.out, adapter->config().rank, lora_scale, lora_t, p->b.get(), 1.0f, y);
@@ -546,8 +570,13 @@ void LlamaModel::linear_backward(int64_t layer, Module m, LoraAdapter* adapter, 
     if (dx_hold && !accumulate_dx)
       dx_hold->emplace(backend_, dx, rows, w.in, 0, SharedGemmInput::kHalfActivation);
     if (dx_half_rows && !(*dx_hold)->open()) not_held();
-    backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, dequantize_rows(w, ws, 0), lc.rank, ws.lora_dt.get(),
-                                p->a.get(), accumulate_dx ? 1.0f : 0.0f, dx);
+    // the weight as its forward left it, where it kept it (rows B's columns wider), else dequantized again
+    const size_t mi = static_cast<size_t>(m);
+    const bool kept = ws.kept_layer[mi] == layer;
+    uint16_t* w_rows = kept ? ws.kept[mi].get() : dequantize_rows(w, ws, 0);
+    const int64_t w_ld = kept ? w.in + backend_->lora_fused_columns(lc.rank) : w.in;
+    backend_->gemm_dx_with_lora(rows, w.in, w.out, dy, w_rows, w_ld, lc.rank, ws.lora_dt.get(), p->a.get(),
+                                accumulate_dx ? 1.0f : 0.0f, dx);
     return;
   }
   // dx += drop'(dt A): dropout is linear, so its backward is the same mask and scale applied to the gradient.
@@ -599,6 +628,22 @@ LlamaModel::HalfRowBuffers LlamaModel::half_row_buffers(const LoraAdapter* adapt
   return half;
 }
 
+bool LlamaModel::keeps_weight(Module m, const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const {
+  // only with checkpointing (its forward is recomputed right before backward), where the weight's forward and
+  // backward GEMMs are fused in every layer
+  if (!opt.compute_grads || !opt.gradient_checkpointing) return false;
+  for (int64_t layer = 0; layer < config_.num_layers; ++layer)
+    if (fused_lora_columns(layer, m, adapter, rows, opt) == 0 || dy_lora_columns(layer, m, adapter, rows, opt) == 0)
+      return false;
+  return true;
+}
+
+int64_t LlamaModel::kept_weight_values(Module m, const LoraAdapter* adapter) const {
+  const int64_t columns = backend_->lora_fused_columns(adapter->config().rank);
+  const auto shape = module_shape(config_, m);
+  return (shape[0] + columns) * (shape[1] + columns);  // rows of in + B's columns; out + A's rows of them
+}
+
 bool LlamaModel::forward_kept_for_backward(int64_t layer, const RunOptions& opt) const {
   // With checkpointing the last block's forward is kept too: its backward comes right after the loss, so its
   // activations are still there (one block's buffers serve every recomputation) and running it again would give
@@ -620,6 +665,7 @@ void LlamaModel::block_forward(int64_t layer, const float* x_in, float* x_out, B
   // backward's GEMMs and dropout (block_backward ends them).
   const std::optional<SharedGemmInput::WrittenNext> writing = gemm_input_writing(adapter, n, opt);
   const bool backward_reads = !x_out || forward_kept_for_backward(layer, opt);
+  ws.keeping_for = backward_reads && opt.compute_grads ? layer : -1;  // its linears' weights too, where kept
   const bool for_backward = writing && backward_reads;
   auto share = [&](std::optional<SharedGemmInput>& scope, DeviceArray<float>& y, int64_t cols,
                    std::initializer_list<Module> readers, bool half_rows) {
@@ -839,7 +885,10 @@ RunResult LlamaModel::run(const int32_t* ids, const int32_t* labels, int64_t bat
   int64_t rank = 0;
   if (adapter) rank = adapter->config().rank;
   ws.weight.reset(be, weight_workspace_bytes(adapter), work);
-  ws.absmax.reset(be, max_double_quant_blocks_, work);
+  if (restores_block_constants()) ws.absmax.reset(be, max_double_quant_blocks_, work);
+  for (Module m : kRecomputedModules)
+    if (keeps_weight(m, adapter, n, opt))
+      ws.kept[static_cast<size_t>(m)].reset(be, kept_weight_values(m, adapter), work);
   const RopeTables rope = build_rope_tables(c, seq);
   ws.cos.reset(be, static_cast<int64_t>(rope.cos.size()), work);
   ws.cos.upload(rope.cos);
@@ -982,7 +1031,7 @@ std::vector<float> LlamaModel::decode(const int32_t* ids, int64_t count, KvCache
   // a layer at a time
   if (n > kNf4MatmulMaxRows) {
     ws.weight.reset(be, weight_workspace_bytes(adapter), work);
-    ws.absmax.reset(be, max_double_quant_blocks_, work);
+    if (restores_block_constants()) ws.absmax.reset(be, max_double_quant_blocks_, work);
   }
   DeviceArray<float> x(be, n * c.hidden_size, act), x_next(be, n * c.hidden_size, act);
   DeviceArray<float> xn(be, n * c.hidden_size, act), rstd(be, n, act), q(be, n * qd, act), attn(be, n * qd, act);

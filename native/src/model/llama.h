@@ -184,6 +184,12 @@ class LlamaModel {
   // An NF4 weight dequantized into ws.weight in 16 bits, in rows of in + extra_columns values (LoRA's factor goes
   // beside each row for gemm_with_lora_up).
   uint16_t* dequantize_rows(const FrozenLinear& w, Workspace& ws, int64_t extra_columns);
+  uint16_t* dequantize_rows_into(const FrozenLinear& w, uint16_t* rows, int64_t extra_columns);
+  // Whether a run keeps module m's dequantized weight from a block's forward for its backward (Workspace::kept): the
+  // linears a checkpointed block's recomputation runs (all but down), fused with LoRA both ways in every layer; and
+  // the 16-bit values each such buffer holds.
+  bool keeps_weight(Module m, const LoraAdapter* adapter, int64_t rows, const RunOptions& opt) const;
+  int64_t kept_weight_values(Module m, const LoraAdapter* adapter) const;
   // ws.weight's size: the largest linear in the GEMM's format, with room for LoRA's factor where the backend fuses it.
   int64_t weight_workspace_bytes(const LoraAdapter* adapter) const;
   // lora_fused_columns of the adapter's rank where this linear's LoRA up projection goes into its base GEMM, else 0.
@@ -196,6 +202,8 @@ class LlamaModel {
                               int64_t rows, const RunOptions& opt) const;
   int64_t dy_lora_columns(int64_t layer, Module m, const LoraAdapter* adapter, int64_t rows,
                           const RunOptions& opt) const;
+  // Whether a run restores double-quantized block constants into ws.absmax (block_constants) before dequantizing.
+  bool restores_block_constants() const;
   const float* block_constants(const FrozenLinear& w, Workspace& ws);
   StoredMatrix lm_head_weight() const { return lm_head_.empty() ? embed_.view() : lm_head_.view(); }
   void reserve(KvCache& cache, int64_t needed) const;
