@@ -679,16 +679,15 @@ __device__ __forceinline__ void store_16_bytes(void* p, uint32_t w0, uint32_t w1
 #endif
 }
 __device__ __forceinline__ void load_4_floats(const float* p, float (&out)[4]) {
-  check_16_byte_aligned(p);
+  uint32_t words[4];
+  load_16_bytes(p, words);
+  for (int i = 0; i < 4; ++i) {
 #ifdef __CUDACC__
-  const float4 v = *reinterpret_cast<const float4*>(p);
-  out[0] = v.x;
-  out[1] = v.y;
-  out[2] = v.z;
-  out[3] = v.w;
+    out[i] = __uint_as_float(words[i]);
 #else
-  std::memcpy(out, p, 16);
+    std::memcpy(&out[i], &words[i], 4);
 #endif
+  }
 }
 
 // Two elements per thread: one packed byte.
