@@ -421,8 +421,9 @@ class KernelBackend : public Backend {
     check_few_rows("gemm_few_rows_nt", rows);
     if (rows == 0 || out == 0) return;
     require_fp32(x, "gemm_few_rows_nt");
+    const bool wide = in % 4 == 0 && aligned_16(w) && aligned_16(x);  // every row's start 16-byte aligned too
     exec_.launch("gemm_few_rows_nt", row_grid(out), exec_.threads, kernels::gemm_few_rows_nt, x, rows, w, out, in,
-                 static_cast<int>(compute_format(compute_)), y);
+                 wide, static_cast<int>(compute_format(compute_)), y);
   }
   // bitsandbytes' blockwise NF4 quantizer on the device (not part of the seam: the loader quantizes on the CPU).
   void nf4_quantize(const float* x, int64_t n, int blocksize, uint8_t* packed, float* absmax) {
