@@ -13,7 +13,6 @@
 #include <random>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "backend/backend.h"
@@ -42,6 +41,14 @@ inline std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1
   std::vector<float> v(n);
   for (float& x : v) x = dist(gen);
   return v;
+}
+
+// `host`'s values in a buffer of `be` (workspace).
+template <typename T>
+DeviceArray<T> on_device(Backend* be, const std::vector<T>& host) {
+  DeviceArray<T> d(be, static_cast<int64_t>(host.size()), MemCategory::Workspace);
+  d.upload(host);
+  return d;
 }
 
 // One buffer on the CPU and one on the backend under test, with the same contents.
@@ -450,19 +457,14 @@ inline void nf4_matmul_nt(const MakeBackend& make) {
     const std::vector<float> x = random_floats(static_cast<size_t>(4 * in), 52);
     const std::vector<float> t = random_floats(static_cast<size_t>(4 * rank), 53), b = random_floats(out * rank, 54);
     const std::vector<float> bias = random_floats(static_cast<size_t>(out), 55);
-    auto on = [](Backend* be, const auto& host) {
-      using T = typename std::decay_t<decltype(host)>::value_type;
-      DeviceArray<T> d(be, static_cast<int64_t>(host.size()), MemCategory::Workspace);
-      d.upload(host);
-      return d;
-    };
     struct Operands {
       DeviceArray<uint8_t> packed, codes;
       DeviceArray<float> absmax, absmax2, map, x, t, b, bias, y;
     };
     auto operands = [&](Backend* be) {
-      return Operands{on(be, q.packed), on(be, dq.codes), on(be, q.absmax), on(be, dq.state2_absmax),
-                      on(be, nf4::dynamic_map_signed()), on(be, x), on(be, t), on(be, b), on(be, bias),
+      return Operands{on_device(be, q.packed), on_device(be, dq.codes), on_device(be, q.absmax),
+                      on_device(be, dq.state2_absmax), on_device(be, nf4::dynamic_map_signed()), on_device(be, x),
+                      on_device(be, t), on_device(be, b), on_device(be, bias),
                       DeviceArray<float>(be, 4 * out, MemCategory::Workspace)};
     };
     Operands oc = operands(cpu.get()), od = operands(dev.get());
@@ -523,7 +525,8 @@ inline void nf4_matmul_nt(const MakeBackend& make) {
           }
     // LoRA's down projection: x [rows, in] · A^T for A [rank, in]
     const std::vector<float> a = random_floats(static_cast<size_t>(rank * in), 56, 0.05f);  // as LoRA's A
-    DeviceArray<float> ad = on(dev.get(), a), xd = on(dev.get(), x), td(dev.get(), 4 * rank, MemCategory::Workspace);
+    DeviceArray<float> ad = on_device(dev.get(), a), xd = on_device(dev.get(), x);
+    DeviceArray<float> td(dev.get(), 4 * rank, MemCategory::Workspace);
     for (int64_t rows = 1; rows <= 4; ++rows) {
       std::vector<float> want(static_cast<size_t>(rows * rank));
       cpu->gemm_few_rows_nt(x.data(), rows, a.data(), rank, in, want.data());
@@ -553,15 +556,9 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
     const std::vector<float>& map = nf4::dynamic_map_signed();
     const std::vector<float> restored = nf4::double_dequantize(dq.codes.data(), static_cast<int64_t>(dq.codes.size()),
                                                                dq.state2_absmax.data(), map.data(), dq.offset, 256);
-    auto on = [](Backend* be, const auto& host) {
-      using T = typename std::decay_t<decltype(host)>::value_type;
-      DeviceArray<T> d(be, static_cast<int64_t>(host.size()), MemCategory::Workspace);
-      d.upload(host);
-      return d;
-    };
-    DeviceArray<uint8_t> packed = on(dev.get(), q.packed), codes = on(dev.get(), dq.codes);
-    DeviceArray<float> absmax = on(dev.get(), q.absmax), absmax2 = on(dev.get(), dq.state2_absmax);
-    DeviceArray<float> map_dev = on(dev.get(), map);
+    DeviceArray<uint8_t> packed = on_device(dev.get(), q.packed), codes = on_device(dev.get(), dq.codes);
+    DeviceArray<float> absmax = on_device(dev.get(), q.absmax), absmax2 = on_device(dev.get(), dq.state2_absmax);
+    DeviceArray<float> map_dev = on_device(dev.get(), map);
     // the weight as n values in one row (row_len says how they are written), on the CPU or the device
     auto weight = [&](bool on_dev, bool double_quantized) {
       Nf4Weight w;

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -195,6 +196,17 @@ GpuCompute half_compute(bool f16) { return f16 ? GpuCompute::F16 : GpuCompute::B
 uint16_t half_bits(bool f16, float v) { return f16 ? f32_to_f16(v) : f32_to_bf16(v); }
 float half_value(bool f16, uint16_t bits) { return f16 ? f16_to_f32(bits) : bf16_to_f32(bits); }
 
+// The launches (or GEMMs) of `ops` in a profile, all together.
+int64_t calls_of(const std::vector<OpTime>& profile, std::initializer_list<const char*> ops) {
+  int64_t calls = 0;
+  for (const OpTime& t : profile)
+    for (const char* op : ops)
+      if (t.op == op) calls += t.calls;
+  return calls;
+}
+// The 16-bit conversions of a profile: whole tensors and rows.
+int64_t conversions_in(const std::vector<OpTime>& profile) { return calls_of(profile, {"to_half", "to_half_rows"}); }
+
 // The reference model quantized on load (or dense), with a fresh rank-4 adapter of LoRA dropout `dropout`, on
 // `backend`.
 struct QuantizedWithAdapter {
@@ -355,12 +367,7 @@ TEST(cuda_backend_gemms_sharing_an_input_round_it_once_with_the_same_bits) {
     results.push_back(c.download());
     return results;
   };
-  auto conversions = [&]() {
-    int64_t calls = 0;
-    for (const OpTime& t : backend->take_profile())
-      if (t.op == "to_half") calls = t.calls;
-    return calls;
-  };
+  auto conversions = [&]() { return calls_of(backend->take_profile(), {"to_half"}); };
   backend->set_profiling(true);
   const auto separate = run_all();
   EXPECT_EQ(conversions(), 6);  // A and B of each GEMM
@@ -368,10 +375,7 @@ TEST(cuda_backend_gemms_sharing_an_input_round_it_once_with_the_same_bits) {
     SharedGemmInput shared(backend.get(), x.get(), M, K, lora_columns);
     SharedGemmInput again(backend.get(), x.get(), M, K);  // already shared: nothing to end
     const auto together = run_all();
-    int64_t made = 0;
-    for (const OpTime& t : backend->take_profile())
-      if (t.op == "to_half" || t.op == "to_half_rows") made += t.calls;
-    EXPECT_EQ(made, 4);  // x once, w twice, the part of x once
+    EXPECT_EQ(conversions_in(backend->take_profile()), 4);  // x once, w twice, the part of x once
     for (size_t i = 0; i < separate.size(); ++i) EXPECT_TRUE(together[i] == separate[i], "the same bits shared or not");
   }
   EXPECT_TRUE(run_all() == separate, "after the scope");
@@ -406,10 +410,7 @@ TEST(cuda_backend_loss_gradient_written_in_16_bits_alone_gives_the_gemm_the_same
       backend->gemm(false, false, rows, hidden, vocab, 1.0f, logits.get(), w.get(), 0.0f, dx.get());
       gradient.end();
       if (logits_after) *logits_after = logits.download();
-      int64_t conversions = 0;
-      for (const OpTime& t : backend->take_profile())
-        if (t.op == "to_half" || t.op == "to_half_rows") conversions += t.calls;
-      return std::tuple{dx.download(), logprobs.download(), conversions};
+      return std::tuple{dx.download(), logprobs.download(), conversions_in(backend->take_profile())};
     };
     std::vector<float> untouched;
     const auto [dx_converted, lp_converted, conversions_converted] = step(false, nullptr);
@@ -447,12 +448,7 @@ TEST(cuda_backend_outputs_written_in_16_bits_alone_change_no_bit_of_a_training_s
           backend->exec().compute_capability = 90;
           backend->set_compute(half_compute(f16));
           auto [model, adapter] = quantized_with_adapter(backend.get(), dropout);
-          auto count_conversions = [&]() {
-            int64_t count = 0;
-            for (const OpTime& t : backend->take_profile())
-              if (t.op == "to_half" || t.op == "to_half_rows") count += t.calls;
-            return count;
-          };
+          auto count_conversions = [&]() { return conversions_in(backend->take_profile()); };
           RunOptions ro;
           ro.compute_grads = true;
           ro.gradient_checkpointing = checkpointing;
@@ -558,8 +554,7 @@ TEST(cuda_backend_lora_dropout_on_activations_held_in_16_bits_stays_within_the_b
       backend->set_profiling(true);
       losses[fp32_held] = model->run(qtest::reference_ids().data(), qtest::reference_ids().data(), 2, 6, adapter.get(),
                                      ro).loss_sum;
-      for (const OpTime& t : backend->take_profile())
-        if (t.op == "to_half" || t.op == "to_half_rows") conversions[fp32_held] += t.calls;
+      conversions[fp32_held] = conversions_in(backend->take_profile());
       models[fp32_held] = std::move(model);
       adapters[fp32_held] = std::move(adapter);
     }
@@ -661,8 +656,7 @@ TEST(cuda_backend_prefill_writes_gemm_only_activations_in_16_bits_with_the_same_
       KvCache cache;
       backend->set_profiling(true);
       logits[fp32_outputs] = model->decode(qtest::reference_ids().data(), 8, cache, adapter.get(), true);
-      for (const OpTime& t : backend->take_profile())
-        if (t.op == "to_half" || t.op == "to_half_rows") conversions[fp32_outputs] += t.calls;
+      conversions[fp32_outputs] = conversions_in(backend->take_profile());
     }
     EXPECT_TRUE(logits[0] == logits[1], "f16 ", f16, ": the prefill's logits differ");
     EXPECT_EQ(conversions[0], conversions[1] - 2 * (3 + 2 + 1));  // two layers of q k v, gate up, down
@@ -682,38 +676,38 @@ TEST(cuda_backend_fuses_loras_input_gradient_into_the_base_gemm) {
     for (float beta : {0.0f, 1.0f})
       for (int64_t w_ld : {N, N + 8})
         for (bool half_gemms : {true, false}) {
-      auto backend = emulated_in(half_compute(f16));
-      backend->exec().half_gemms = half_gemms;
-      const int64_t columns = backend->lora_fused_columns(R);
-      const auto to16 = [f16](float v) { return half_bits(f16, v); };
-      const auto from16 = [f16](uint16_t b) { return half_value(f16, b); };
-      const std::vector<float> dys = parity::random_floats(M * K, 61), ws = parity::random_floats(K * N, 62),
-                               dts = parity::random_floats(M * R, 63), as = parity::random_floats(R * N, 64),
-                               before = parity::random_floats(M * N, 65);
-      std::vector<uint16_t> w_rows(static_cast<size_t>((K + columns) * w_ld), 0x7fff);  // NaN under and beside W
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t n = 0; n < N; ++n) w_rows[static_cast<size_t>(k * w_ld + n)] = to16(ws[static_cast<size_t>(k * N + n)]);
-      DeviceArray<float> dy(backend.get(), M * K, MemCategory::Activations), dt(backend.get(), M * R, MemCategory::Activations),
-          a(backend.get(), R * N, MemCategory::Activations), dx(backend.get(), M * N, MemCategory::Activations);
-      DeviceArray<uint16_t> w(backend.get(), (K + columns) * w_ld, MemCategory::Workspace);
-      dy.upload(dys);
-      dt.upload(dts);
-      a.upload(as);
-      dx.upload(before);
-      w.upload(w_rows);
-      backend->gemm_dx_with_lora(M, N, K, dy.get(), w.get(), w_ld, R, dt.get(), a.get(), beta, dx.get());
-      const std::vector<float> got = dx.download();
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
-          double want = beta * double{before[static_cast<size_t>(m * N + n)]};
+          auto backend = emulated_in(half_compute(f16));
+          backend->exec().half_gemms = half_gemms;
+          const int64_t columns = backend->lora_fused_columns(R);
+          const auto to16 = [f16](float v) { return half_bits(f16, v); };
+          const auto from16 = [f16](uint16_t b) { return half_value(f16, b); };
+          const std::vector<float> dys = parity::random_floats(M * K, 61), ws = parity::random_floats(K * N, 62),
+                                   dts = parity::random_floats(M * R, 63), as = parity::random_floats(R * N, 64),
+                                   before = parity::random_floats(M * N, 65);
+          std::vector<uint16_t> w_rows(static_cast<size_t>((K + columns) * w_ld), 0x7fff);  // NaN under and beside W
           for (int64_t k = 0; k < K; ++k)
-            want += double{from16(to16(dys[static_cast<size_t>(m * K + k)]))} * from16(w_rows[static_cast<size_t>(k * w_ld + n)]);
-          for (int64_t r = 0; r < R; ++r)
-            want += double{from16(to16(dts[static_cast<size_t>(m * R + r)]))} * from16(to16(as[static_cast<size_t>(r * N + n)]));
-          EXPECT_TRUE(std::fabs(got[static_cast<size_t>(m * N + n)] - want) <= 1e-5 * std::max(1.0, std::fabs(want)),
-                      "the fused input gradient");
+            for (int64_t n = 0; n < N; ++n) w_rows[static_cast<size_t>(k * w_ld + n)] = to16(ws[static_cast<size_t>(k * N + n)]);
+          DeviceArray<float> dy(backend.get(), M * K, MemCategory::Activations), dt(backend.get(), M * R, MemCategory::Activations),
+              a(backend.get(), R * N, MemCategory::Activations), dx(backend.get(), M * N, MemCategory::Activations);
+          DeviceArray<uint16_t> w(backend.get(), (K + columns) * w_ld, MemCategory::Workspace);
+          dy.upload(dys);
+          dt.upload(dts);
+          a.upload(as);
+          dx.upload(before);
+          w.upload(w_rows);
+          backend->gemm_dx_with_lora(M, N, K, dy.get(), w.get(), w_ld, R, dt.get(), a.get(), beta, dx.get());
+          const std::vector<float> got = dx.download();
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) {
+              double want = beta * double{before[static_cast<size_t>(m * N + n)]};
+              for (int64_t k = 0; k < K; ++k)
+                want += double{from16(to16(dys[static_cast<size_t>(m * K + k)]))} * from16(w_rows[static_cast<size_t>(k * w_ld + n)]);
+              for (int64_t r = 0; r < R; ++r)
+                want += double{from16(to16(dts[static_cast<size_t>(m * R + r)]))} * from16(to16(as[static_cast<size_t>(r * N + n)]));
+              EXPECT_TRUE(std::fabs(got[static_cast<size_t>(m * N + n)] - want) <= 1e-5 * std::max(1.0, std::fabs(want)),
+                          "the fused input gradient");
+            }
         }
-    }
 }
 
 TEST(cuda_kernels_cross_entropy_and_log_softmax_match_the_cpu) { parity::cross_entropy_and_log_softmax(emulated_with(64)); }
@@ -905,11 +899,7 @@ TEST(cuda_backend_profile_times_every_kernel_and_gemm_by_name_while_on) {
   model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro);
   const std::vector<OpTime> profile = backend->take_profile();
   const int64_t layers = model->config().num_layers;
-  auto calls = [&](const std::string& op) {
-    for (const OpTime& t : profile)
-      if (t.op == op) return t.calls;
-    return int64_t{0};
-  };
+  auto calls = [&](const char* op) { return calls_of(profile, {op}); };
   // with checkpointing each block runs forward twice (the recomputation) and backward once, but the last, whose
   // forward is kept for its backward right after the loss
   EXPECT_EQ(calls("attention_forward"), 2 * layers - 1);
@@ -945,11 +935,7 @@ TEST(cuda_backend_decodes_a_token_in_two_launches_a_linear_layer_with_the_prefil
     // way would move a logit by about one bf16 step of a hidden value's contribution)
     EXPECT_TRUE(worst <= (compute == GpuCompute::F32 ? 1e-5 : 1e-2), "decoded logits are ", worst, " from the prefill's");
     const std::vector<OpTime> profile = backend->take_profile();
-    auto calls = [&](const std::string& op) {
-      for (const OpTime& t : profile)
-        if (t.op == op) return t.calls;
-      return int64_t{0};
-    };
+    auto calls = [&](const char* op) { return calls_of(profile, {op}); };
     EXPECT_EQ(calls("nf4_matmul_nt"), 7 * layers);
     EXPECT_EQ(calls("gemm_few_rows_nt"), 7 * layers);
     for (const char* op : {"absmax_dequantize", "nf4_dequantize", "nf4_dequantize_16", "to_half_rows", "add_bias_rows"})
@@ -976,8 +962,7 @@ TEST(cuda_backend_checkpointed_backward_reads_the_weights_its_forward_dequantize
       const std::vector<int32_t>& ids = qtest::reference_ids();
       backend->set_profiling(true);
       losses[checkpointing] = model->run(ids.data(), ids.data(), 2, 6, adapter.get(), ro).loss_sum;
-      for (const OpTime& t : backend->take_profile())
-        if (t.op == "nf4_dequantize_16") dequantized[checkpointing] = t.calls;
+      dequantized[checkpointing] = calls_of(backend->take_profile(), {"nf4_dequantize_16"});
       for (auto& [p, g] : adapter->parameters_and_grads()) grads[checkpointing].push_back(g->download());
     }
     EXPECT_EQ(dequantized[0], 2 * 7 + 2 * 7);

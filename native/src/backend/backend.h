@@ -275,8 +275,8 @@ class Backend {
   // LoRA's factor).
   virtual void nf4_dequantize_16(const Nf4Weight& w, FloatFormat round_to, FloatFormat out_format, int64_t row_len,
                                  int64_t row_stride, uint16_t* out) = 0;
-  // y [rows, out] = x [rows, in] · W^T + bias + scale · t · B^T (rows <= kNf4MatmulMaxRows) with W dequantized on the
-  // fly as nf4_dequantize would (rounded to `round_to`), never written out: generation's few-row products read the
+  // y [rows, out] = x [rows, in] · W^T + bias + scale · t · B^T (rows <= kNf4MatmulMaxRows) with W dequantized on
+  // the fly as nf4_dequantize would (rounded to `round_to`), never written out: generation's few-row products read the
   // 4-bit weights once, in one pass with their block constants, bias and LoRA's up projection. Equal to
   // absmax_dequantize, nf4_dequantize, gemm(false, true, ...), add_bias_rows and gemm(..., beta 1) in turn: bit for
   // bit on the CPU, to rounding on the GPU.

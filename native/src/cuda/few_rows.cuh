@@ -14,8 +14,6 @@ namespace {
 
 constexpr int kMaxFewRows = 4;
 constexpr int kLanes = 32;
-// One lane's share of an NF4 row in the wide path: 16 bytes, 32 weights, inside one quantization block.
-constexpr int kNf4LaneWeights = 32;
 
 // FewRowsAddends on the device.
 struct RowAddends {
@@ -26,10 +24,9 @@ struct RowAddends {
   float lora_scale;
 };
 
-
-// y [rows, out] = x [rows, in] · W^T + bias + lora_scale · t [rows, rank] · B^T with W in NF4, each weight dequantized
-// (rounded to round_to, then to the compute dtype, as the dequantized GEMM's operand is) as it is read, never written
-// out. One warp per output row; blockDim.x a multiple of 32. Wide (the host's choice: in and the block size multiples
+// y [rows, out] = x [rows, in] · W^T + bias + lora_scale · t [rows, rank] · B^T with W in NF4, each weight
+// dequantized (rounded to round_to, then to the compute dtype, as the dequantized GEMM's operand is) as it is read,
+// never written out. One warp per output row; blockDim.x a multiple of 32. Wide (the host's choice: in and the block size multiples
 // of 32, packed and x 16-byte aligned): each lane reads 16 bytes of codes (32 weights under one block constant) and
 // their x in float4s per step, the warp 512 contiguous bytes; otherwise a lane takes every 32nd weight. The NF4 code
 // book sits in shared memory (shared_nf4_codes).
@@ -41,22 +38,19 @@ __global__ void nf4_matmul_nt(const float* x, int64_t rows, Nf4Rows w, bool wide
   float acc[kMaxFewRows] = {0.0f, 0.0f, 0.0f, 0.0f};
   const int64_t first = o * w.in;  // the row's first weight
   if (wide) {
-    for (int64_t k = static_cast<int64_t>(lane) * kNf4LaneWeights; k < w.in; k += kLanes * kNf4LaneWeights) {
+    // a lane's step: one chunk of 16 bytes of codes, 32 weights under one block constant
+    for (int64_t k = static_cast<int64_t>(lane) * kNf4ChunkValues; k < w.in; k += kLanes * kNf4ChunkValues) {
       uint32_t words[4];
       load_16_bytes(w.packed + (first + k) / 2, words);
-      const float scale = block_constant(w, (first + k) / w.blocksize);
-      float weights[kNf4LaneWeights];
+      float weights[kNf4ChunkValues];
+      nf4_chunk_values(codes, words, block_constant(w, (first + k) / w.blocksize), w.round_to, weights);
       QLORA_UNROLL
-      for (int i = 0; i < 16; ++i) {
-        const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xffu;  // byte i of the 16, little-endian
-        weights[2 * i] = round_stored(round_stored(codes[byte >> 4] * scale, w.round_to), w.round_x);
-        weights[2 * i + 1] = round_stored(round_stored(codes[byte & 15u] * scale, w.round_to), w.round_x);
-      }
+      for (int j = 0; j < kNf4ChunkValues; ++j) weights[j] = round_stored(weights[j], w.round_x);
       QLORA_UNROLL
       for (int r = 0; r < kMaxFewRows; ++r) {  // a constant bound, so that acc stays in registers
         if (r >= rows) break;
         QLORA_UNROLL
-        for (int j = 0; j < kNf4LaneWeights; j += 4) {
+        for (int j = 0; j < kNf4ChunkValues; j += 4) {
           float xs[4];
           load_4_floats(x + r * w.in + k + j, xs);
           QLORA_UNROLL
@@ -66,10 +60,7 @@ __global__ void nf4_matmul_nt(const float* x, int64_t rows, Nf4Rows w, bool wide
     }
   } else {
     for (int64_t k = lane; k < w.in; k += kLanes) {
-      const int64_t i = first + k;
-      const uint8_t byte = w.packed[i >> 1];
-      const float v = codes[(i & 1) ? (byte & 0x0f) : (byte >> 4)] * block_constant(w, i / w.blocksize);
-      const float weight = round_stored(round_stored(v, w.round_to), w.round_x);
+      const float weight = round_stored(nf4_value(codes, w, first + k), w.round_x);
       QLORA_UNROLL
       for (int r = 0; r < kMaxFewRows; ++r)
         if (r < rows) acc[r] += round_stored(x[r * w.in + k], w.round_x) * weight;
@@ -83,7 +74,8 @@ __global__ void nf4_matmul_nt(const float* x, int64_t rows, Nf4Rows w, bool wide
     if (add.lora_t && add.rank > 0) {
       float dot = 0.0f;
       for (int64_t j = lane; j < add.rank; j += kLanes)
-        dot += round_stored(add.lora_t[r * add.rank + j], w.round_x) * round_stored(add.lora_b[o * add.rank + j], w.round_x);
+        dot += round_stored(add.lora_t[r * add.rank + j], w.round_x) *
+               round_stored(add.lora_b[o * add.rank + j], w.round_x);
       v = add.lora_scale * warp_sum(dot) + v;
     }
     if (lane == 0) y[r * w.out + o] = v;

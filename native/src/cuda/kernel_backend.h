@@ -5,12 +5,14 @@
 // every kernel runs in CI, through the whole model, against the CPU backend.
 //
 // Exec provides: name(), sm() (the compute capability the kernels run as, major * 10 + minor), threads (block size:
-// a power of two <= kernels::kMaxThreads), max_grid_blocks (the most blocks of a grid-stride loop), launch(what, grid, block, kernel, args...), alloc(bytes, what) /
-// free(ptr) / set_memory_limit(bytes: the budget, 0 none), upload / download / copy (device to device) / zero, gemm
-// (fp32, the seam's signature plus a workspace of gemm_workspace_bytes()) and gemm_half (the same with A and B as
-// fp16 or bf16 bits, fp32 accumulation and output, and optional leading dimensions lda / ldb for operands that are
-// part of wider rows; false when it has no way to), alloc_host / free_host, begin_page_copy / finish_page_copy,
-// set_profiling(on) / take_profile() (the time of each launch and GEMM by name while on).
+// a power of two <= kernels::kMaxThreads), max_grid_blocks (the most blocks of a grid-stride loop), launch(what,
+// grid, block, kernel, args...), alloc(bytes, what) / free(ptr) / set_memory_limit(bytes: the budget, 0 none),
+// upload / download / copy (device to device) / zero, gemm (fp32, the seam's signature plus a workspace of
+// gemm_workspace_bytes()) and gemm_half (the same with A and B as fp16 or bf16 bits, fp32 accumulation and output,
+// and optional leading dimensions lda / ldb for operands that are part of wider rows; false when it has no way to),
+// gemm_half_to_half (C written in 16 bits, its rows ldc apart; B's ldb optional), alloc_host / free_host,
+// begin_page_copy / finish_page_copy, set_profiling(on) / take_profile() (the time of each launch and GEMM by name
+// while on).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -176,8 +178,8 @@ class KernelBackend : public Backend {
     // y shared as the output it is about to be (begin_shared_output, begin_half_activation): its 16-bit copy is
     // written instead
     const kernels::HalfRows y16 = written_in_16_bits(y, M * N);
-    if (!y16.data) return gemm_16(false, true, M, N, ld, a, w_rows, N * ld, 0.0f, y);
-    gemm_16_to_16(true, M, N, ld, a, w_rows, N * ld, y16);
+    if (!y16.data) return gemm_16(false, true, M, N, ld, a, w_rows, 0.0f, y);
+    gemm_16_to_16(true, M, N, ld, a, w_rows, y16);
   }
   void gemm_dx_with_lora(int64_t M, int64_t N, int64_t K, const float* dy, uint16_t* w_rows, int64_t w_ld, int64_t R,
                          const float* dt, const float* a, float beta, float* dx) override {
@@ -192,8 +194,8 @@ class KernelBackend : public Backend {
     // dx held in 16 bits from here (begin_half_activation): written so, when not accumulated into
     const kernels::HalfRows dx16 = beta == 0.0f ? written_in_16_bits(dx, M * N) : kernels::HalfRows{};
     const int64_t ldb = w_ld == N ? 0 : w_ld;
-    if (!dx16.data) return gemm_16(false, false, M, N, ld, g, w_rows, ld * w_ld, beta, dx, ldb);
-    gemm_16_to_16(false, M, N, ld, g, w_rows, ld * w_ld, dx16, ldb);
+    if (!dx16.data) return gemm_16(false, false, M, N, ld, g, w_rows, beta, dx, ldb);
+    gemm_16_to_16(false, M, N, ld, g, w_rows, dx16, ldb);
   }
   void end_shared_input(const float* x) override {
     shared_.erase(std::remove_if(shared_.begin(), shared_.end(), [x](const SharedInput& s) { return s.x == x; }),
@@ -410,7 +412,7 @@ class KernelBackend : public Backend {
     require_fp32(x, "nf4_matmul_nt");
     if (add.lora_t) require_fp32(add.lora_t, "nf4_matmul_nt");
     // 16 aligned bytes of codes a lane, under one block constant, and x's rows in float4s
-    const bool wide = w.in % kernels::kNf4LaneWeights == 0 && w.blocksize % kernels::kNf4LaneWeights == 0 &&
+    const bool wide = w.in % kernels::kNf4ChunkValues == 0 && w.blocksize % kernels::kNf4ChunkValues == 0 &&
                       aligned_16(w.packed) && aligned_16(x);
     const kernels::Nf4Rows rows_of_w = nf4_rows(w, round_to);
     const kernels::RowAddends addends{add.bias, add.lora_t, add.lora_b, add.rank, add.lora_scale};
@@ -605,7 +607,7 @@ class KernelBackend : public Backend {
   }
   // C = A op(B) written in 16 bits into C's rows (the fp32 sums rounded), as gemm_16 (fp32, then rounded, where
   // cuBLASLt has no such algorithm).
-  void gemm_16_to_16(bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, int64_t b_count,
+  void gemm_16_to_16(bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
                      kernels::HalfRows C, int64_t ldb = 0) {
     if (C.cols != N) fail("a ", M, "x", N, " GEMM output shared as rows of ", C.cols, " values");
     const bool f16 = compute_ == GpuCompute::F16;
@@ -613,27 +615,27 @@ class KernelBackend : public Backend {
     if (exec_.gemm_half_to_half(f16, false, tb, M, N, K, 1.0f, A, B, C.data, C.ld, workspace, workspace_bytes, ldb))
       return;
     DeviceArray<float> c32(this, M * N, MemCategory::Workspace);
-    gemm_16(false, tb, M, N, K, A, B, b_count, 0.0f, c32.get(), ldb);
+    gemm_16(false, tb, M, N, K, A, B, 0.0f, c32.get(), ldb);
     exec_.launch("to_half_rows", grid_for(M * N), exec_.threads, kernels::to_half_rows, c32.get(), M, N, N, 1.0f, f16,
                  C.data, C.ld, N);
   }
-  // C = A op(B) + beta C with A [M, K] and B (b_count values) whole 16-bit matrices in the compute's format; where
-  // cuBLASLt has no half algorithm for the shape, the same product in fp32 from the 16-bit values.
-  // B's rows ldb values apart where ldb > 0 (wider than its columns).
-  void gemm_16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B,
-               int64_t b_count, float beta, float* C, int64_t ldb = 0) {
+  // C = A op(B) + beta C with A [M, K] and B 16-bit matrices in the compute's format, B's rows ldb values apart
+  // where ldb > 0 (wider than its columns); where cuBLASLt has no half algorithm for the shape, the same product in
+  // fp32 from the 16-bit values.
+  void gemm_16(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const uint16_t* A, const uint16_t* B, float beta,
+               float* C, int64_t ldb = 0) {
     const bool f16 = compute_ == GpuCompute::F16;
     const auto [workspace, workspace_bytes] = gemm_workspace();
     if (exec_.gemm_half(f16, ta, tb, M, N, K, 1.0f, A, B, beta, C, workspace, workspace_bytes, 0, ldb)) return;
     const FloatFormat half = f16 ? FloatFormat::F16 : FloatFormat::BF16;
     const int64_t b_rows = tb ? N : K, b_cols = tb ? K : N;
     DeviceArray<float> a32(this, M * K, MemCategory::Workspace);
-    DeviceArray<float> b32(this, ldb > 0 ? b_rows * b_cols : b_count, MemCategory::Workspace);
+    DeviceArray<float> b32(this, b_rows * b_cols, MemCategory::Workspace);
     convert_stored({A, half}, M * K, FloatFormat::F32, a32.get());
     if (ldb > 0)
       widen_rows(B, b_rows, b_cols, ldb, b32.get());
     else
-      convert_stored({B, half}, b_count, FloatFormat::F32, b32.get());
+      convert_stored({B, half}, b_rows * b_cols, FloatFormat::F32, b32.get());
     exec_.gemm(ta, tb, M, N, K, 1.0f, a32.get(), b32.get(), beta, C, workspace, workspace_bytes);
   }
   // cuBLASLt's scratch, allocated on first use, so that it counts against the budget set by then.

@@ -639,12 +639,16 @@ __device__ __forceinline__ const float* shared_nf4_codes() {
   return codes;
 }
 
-// Weight i of an NF4 tensor (two a byte, the first in the high nibble), dequantized and rounded to round_to.
+// Code i of an NF4 tensor: two a byte, the first in the high nibble (bitsandbytes' layout).
+__device__ __forceinline__ int nf4_code(const uint8_t* packed, int64_t i) {
+  const uint8_t byte = packed[i >> 1];
+  return (i & 1) ? (byte & 0x0f) : (byte >> 4);
+}
+
+// Weight i of an NF4 tensor, dequantized and rounded to round_to.
 __device__ __forceinline__ float nf4_weight(const float* codes, const uint8_t* packed, const float* absmax, int64_t i,
                                             int blocksize, int round_to) {
-  const uint8_t byte = packed[i >> 1];
-  const int code = (i & 1) ? (byte & 0x0f) : (byte >> 4);
-  return round_stored(codes[code] * absmax[i / blocksize], round_to);
+  return round_stored(codes[nf4_code(packed, i)] * absmax[i / blocksize], round_to);
 }
 
 // 16 bytes to or from a 16-byte aligned address in one access (a misaligned one faults on the GPU; the emulator says
@@ -739,6 +743,24 @@ __device__ __forceinline__ float block_constant(const Nf4Rows& w, int64_t block)
                                  w.absmax_offset);
 }
 
+// Value i of w, dequantized and rounded to w.round_to: nf4_weight's value with w's block constants.
+__device__ __forceinline__ float nf4_value(const float* codes, const Nf4Rows& w, int64_t i) {
+  return round_stored(codes[nf4_code(w.packed, i)] * block_constant(w, i / w.blocksize), w.round_to);
+}
+
+// The 32 values of 16 bytes of NF4 codes (load_16_bytes' words, little-endian; each byte's high nibble first) under
+// one block constant, dequantized and rounded to round_to: the wide kernels' chunk.
+constexpr int kNf4ChunkValues = 32;
+__device__ __forceinline__ void nf4_chunk_values(const float* codes, const uint32_t (&words)[4], float scale,
+                                                 int round_to, float (&values)[kNf4ChunkValues]) {
+  QLORA_UNROLL
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xffu;
+    values[2 * i] = round_stored(codes[byte >> 4] * scale, round_to);
+    values[2 * i + 1] = round_stored(codes[byte & 15u] * scale, round_to);
+  }
+}
+
 // nf4_dequantize's values of w (its block constants restored in place where double-quantized) rounded on to 16 bits
 // (bf16, or fp16 when to_f16): what to_half makes of them. Value k goes to row k / row_len, rows row_stride apart
 // (row_stride > row_len leaves room beside each row).
@@ -746,11 +768,8 @@ __global__ void nf4_dequantize_16(Nf4Rows w, bool to_f16, int64_t row_len, int64
   const float* codes = shared_nf4_codes();
   const int64_t n = w.out * w.in;
   for (int64_t i = 2 * global_thread(); i < n; i += 2 * grid_threads())
-    for (int64_t k = i; k < i + 2 && k < n; ++k) {
-      const uint8_t byte = w.packed[k >> 1];
-      const float v = codes[(k & 1) ? (byte & 0x0f) : (byte >> 4)] * block_constant(w, k / w.blocksize);
-      out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, round_stored(v, w.round_to));
-    }
+    for (int64_t k = i; k < i + 2 && k < n; ++k)
+      out[k / row_len * row_stride + k % row_len] = half_bits(to_f16, nf4_value(codes, w, k));
 }
 
 // nf4_dequantize_16 where every 32 values (16 bytes of codes) share a block constant and a row, packed and each 32
@@ -758,7 +777,6 @@ __global__ void nf4_dequantize_16(Nf4Rows w, bool to_f16, int64_t row_len, int64
 // a thread reads 16 bytes at once, restores their block constant and divides once for the row, and writes 64 bytes
 // in four stores, so that the kernel moves bytes at the memory's pace instead of doing integer division and
 // branching per value.
-constexpr int kNf4ChunkValues = 32;
 __global__ void nf4_dequantize_16_wide(Nf4Rows w, bool to_f16, int64_t row_len, int64_t row_stride, uint16_t* out) {
   const float* codes = shared_nf4_codes();
   const int64_t chunks = w.out * w.in / kNf4ChunkValues;
@@ -767,15 +785,13 @@ __global__ void nf4_dequantize_16_wide(Nf4Rows w, bool to_f16, int64_t row_len, 
     const int64_t row = first / row_len;
     uint32_t words[4];
     load_16_bytes(w.packed + first / 2, words);
-    const float scale = block_constant(w, first / w.blocksize);
-    uint32_t pairs[16];  // values 2i and 2i + 1 (byte i's high and low nibble), the first in the low half
+    float values[kNf4ChunkValues];
+    nf4_chunk_values(codes, words, block_constant(w, first / w.blocksize), w.round_to, values);
+    uint32_t pairs[kNf4ChunkValues / 2];  // values 2i and 2i + 1 in 16 bits, the first in the low half
     QLORA_UNROLL
-    for (int i = 0; i < 16; ++i) {
-      const uint32_t byte = (words[i / 4] >> (8 * (i % 4))) & 0xffu;
-      const uint32_t first_bits = half_bits(to_f16, round_stored(codes[byte >> 4] * scale, w.round_to));
-      const uint32_t second_bits = half_bits(to_f16, round_stored(codes[byte & 15u] * scale, w.round_to));
-      pairs[i] = first_bits | (second_bits << 16);
-    }
+    for (int i = 0; i < kNf4ChunkValues / 2; ++i)
+      pairs[i] = static_cast<uint32_t>(half_bits(to_f16, values[2 * i])) |
+                 (static_cast<uint32_t>(half_bits(to_f16, values[2 * i + 1])) << 16);
     uint16_t* to = out + row * row_stride + (first - row * row_len);
     QLORA_UNROLL
     for (int q = 0; q < 4; ++q)

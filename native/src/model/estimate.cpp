@@ -104,7 +104,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
   // with checkpointing, the weights a block's recomputed forward dequantizes and its backward reads again (q k v o
   // gate up, fused with LoRA both ways: NF4, more rows than generation's, no LoRA dropout), in rows with room for B
   // beside and A under them (LlamaModel::keeps_weight)
-  const bool fused_both_ways = nf4 && lora_columns > 0 && o.batch * o.seq > kNf4MatmulMaxRows && !(o.lora_dropout > 0.0);
+  const bool fused_both_ways =
+      nf4 && lora_columns > 0 && o.batch * o.seq > kNf4MatmulMaxRows && !(o.lora_dropout > 0.0);
   if (o.gradient_checkpointing && fused_both_ways)
     for (Module m : kRecomputedModules)
       if (targets.count(m) > 0) {

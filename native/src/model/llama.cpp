@@ -64,13 +64,13 @@ struct LlamaModel::BlockActivations {
 // Scratch shared by all blocks of one run.
 struct LlamaModel::Workspace {
   DeviceArray<uint8_t> weight;  // one dequantized base weight at a time, in the backend's gemm_weight_format
-  // The base weights a block's forward dequantizes for its backward to read again (kept_weights): q k v o gate up,
+  DeviceArray<float> absmax;    // its block constants restored, for a dequantization into fp32
+  // The base weights a block's forward dequantizes for its backward to read again (keeps_weight): q k v o gate up,
   // whose recomputed forward runs right before their backward. Each in the forward's rows (B's columns beside W)
   // with room below for backward's rows of A; kept_layer: the layer whose weight it holds (-1 none).
   std::array<DeviceArray<uint16_t>, kNumModules> kept;
   std::array<int64_t, kNumModules> kept_layer{-1, -1, -1, -1, -1, -1, -1};
   int64_t keeping_for = -1;  // the layer whose forward is dequantizing into `kept` (its backward is next to come)
-  DeviceArray<float> absmax;    // its block constants, when they are double-quantized
   DeviceArray<float> cos, sin;
   DeviceArray<float> dropx, lora_dt;
   // backward scratch (the gradients of the MLP's intermediates overwrite their saved activations)

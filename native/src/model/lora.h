@@ -17,7 +17,8 @@ enum class Module { Q = 0, K, V, O, Gate, Up, Down };
 constexpr int kNumModules = 7;
 // The linears whose forward a checkpointed block's recomputation runs: all but down, whose output (the block's)
 // backward does not need.
-constexpr std::array<Module, 6> kRecomputedModules = {Module::Q, Module::K, Module::V, Module::O, Module::Gate, Module::Up};
+constexpr std::array<Module, 6> kRecomputedModules = {Module::Q, Module::K,    Module::V,
+                                                      Module::O, Module::Gate, Module::Up};
 const char* module_name(Module m);    // "q_proj"
 const char* module_parent(Module m);  // "self_attn" or "mlp"
 std::optional<Module> module_from_name(const std::string& name);
