@@ -8,6 +8,7 @@
 
 #include "backend/backend.h"
 #include "harness.h"
+#include "vector_widths.h"
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/optimizer.h"
@@ -229,39 +230,45 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
   // so blocks of 64 straddle rows; 7, 37 and 19 outputs (partial tiles of 16); every rounding the quant state can ask
   // for. Both fast paths are checked against the plain sum in order, which is what they must equal bit for bit.
   auto backend = make_cpu_backend();
-  // Rows of whole blocks (192, 640: more than a chunk of 256) take the vector fill; blocks of 32 as well.
-  for (const auto& [out, in, blocksize] : {std::tuple<int64_t, int64_t, int64_t>{7, 100, 64}, {37, 99, 64}, {19, 301, 64},
-                                           {37, 192, 64}, {19, 640, 64}, {5, 96, 32}}) {
-    const int64_t n = out * in;
-    std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
-    std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
-    for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
-    for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
-    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
-    for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
-      std::vector<float> w(static_cast<size_t>(n));
-      backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
-      for (int64_t rows = 1; rows <= 3; ++rows) {
-        std::vector<float> plain(rows * out), via_gemm(rows * out), fused(rows * out);
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t o = 0; o < out; ++o) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < in; ++k) acc += x[r * in + k] * w[o * in + k];
-            plain[r * out + o] = acc;
+  // Rows of whole blocks (192, 640: more than a chunk of 256) take the vector fill; blocks of 32 and of 16 as well
+  // (80: two groups of 32 weights, then a pair at a time), at both vector widths.
+  qtest::at_both_vector_widths([&](bool narrow) {
+    for (const auto& [out, in, blocksize] :
+         {std::tuple<int64_t, int64_t, int64_t>{7, 100, 64}, {37, 99, 64}, {19, 301, 64}, {37, 192, 64}, {19, 640, 64},
+          {5, 96, 32}, {21, 80, 16}}) {
+      const int64_t n = out * in;
+      std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
+      std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
+      for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
+      for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
+      for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
+      for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
+        std::vector<float> w(static_cast<size_t>(n));
+        backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
+        for (int64_t rows = 1; rows <= 3; ++rows) {
+          std::vector<float> plain(rows * out), via_gemm(rows * out), fused(rows * out);
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t o = 0; o < out; ++o) {
+              float acc = 0.0f;
+              for (int64_t k = 0; k < in; ++k) acc += x[r * in + k] * w[o * in + k];
+              plain[r * out + o] = acc;
+            }
+          backend->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, via_gemm.data());
+          Nf4Weight wv;
+          wv.packed = packed.data();
+          wv.absmax = absmax.data();
+          wv.blocksize = static_cast<int>(blocksize);
+          wv.out = out;
+          wv.in = in;
+          backend->nf4_matmul_nt(x.data(), rows, wv, rt, FewRowsAddends{}, fused.data());
+          for (int64_t i = 0; i < rows * out; ++i) {
+            EXPECT_TRUE(via_gemm[i] == plain[i], "gemm, ", out, "x", in, " index ", i, ": ", via_gemm[i], " vs ",
+                        plain[i]);
+            EXPECT_TRUE(fused[i] == plain[i], "nf4_matmul_nt, narrow ", narrow, ", ", out, "x", in, " index ", i, ": ",
+                        fused[i], " vs ", plain[i]);
           }
-        backend->gemm(false, true, rows, out, in, 1.0f, x.data(), w.data(), 0.0f, via_gemm.data());
-        Nf4Weight wv;
-        wv.packed = packed.data();
-        wv.absmax = absmax.data();
-        wv.blocksize = static_cast<int>(blocksize);
-        wv.out = out;
-        wv.in = in;
-        backend->nf4_matmul_nt(x.data(), rows, wv, rt, FewRowsAddends{}, fused.data());
-        for (int64_t i = 0; i < rows * out; ++i) {
-          EXPECT_TRUE(via_gemm[i] == plain[i], "gemm, ", out, "x", in, " index ", i, ": ", via_gemm[i], " vs ", plain[i]);
-          EXPECT_TRUE(fused[i] == plain[i], "nf4_matmul_nt, ", out, "x", in, " index ", i, ": ", fused[i], " vs ", plain[i]);
         }
       }
     }
-  }
+  });
 }

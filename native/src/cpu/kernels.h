@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -96,25 +97,81 @@ QLORA_ALWAYS_INLINE void axpy16(T* acc, T a, const T* x) {
   for (int64_t j = 0; j < 16; ++j) acc[j] += a * x[j];
 }
 
-template <typename T, typename TB>
-QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
-                                      const TB* B, T beta, T* C) {
-  alignas(64) T acc[kFewRows][kNtTile] = {};
+// gemm_nt_tile's sums with the tile's values from fill(k0, kc, tile), which writes tile[k][j] = B[n0 + j, k0 + k]
+// (widened or dequantized) for k < kc: one loop of sums for every kind of B, however its tile is made.
+// Rows: a constant, so that the sums stay in registers instead of going through memory at each k. L: with GCC or
+// Clang, fp32 sums in vectors of L lanes (16 or 8: a register of AVX-512 or AVX2, see cpu/simd_f32.cpp), the same
+// operations as axpy16's.
+template <int Rows, int L, typename T, typename FillTile>
+QLORA_ALWAYS_INLINE void nt_tile_product_rows(int64_t n0, int64_t cols, int64_t N, int64_t K, T alpha, const T* A,
+                                              T beta, T* C, const FillTile& fill) {
+  alignas(64) T acc[Rows][kNtTile] = {};
   alignas(64) T tile[kNtChunk][kNtTile];
-  for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
-    const int64_t kc = std::min(kNtChunk, K - k0);
-    for (int64_t j = 0; j < kNtTile; ++j) {
-      const TB* bn = B + (n0 + std::min(j, cols - 1)) * K + k0;  // lanes past cols repeat the last output, unused
-      for (int64_t k = 0; k < kc; ++k) tile[k][j] = widen<T>(bn[k]);
+#if defined(__GNUC__) || defined(__clang__)
+  if constexpr (std::is_same_v<T, float> && (L == 8 || L == 16)) {
+    // sums that live only in the loop over k: GCC keeps an array's sums, or sums that outlive an inlined fill, in
+    // memory between iterations, which makes each add wait for a store
+    typedef float V __attribute__((vector_size(L * sizeof(float))));
+    constexpr int kGroups = kNtTile / L;
+    for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
+      const int64_t kc = std::min(kNtChunk, K - k0);
+      fill(k0, kc, tile);
+      V sums[Rows][kGroups];
+      std::memcpy(sums, acc, sizeof sums);
+      for (int64_t k = 0; k < kc; ++k)
+        for (int g = 0; g < kGroups; ++g) {
+          V b;
+          std::memcpy(&b, &tile[k][g * L], sizeof b);
+          for (int m = 0; m < Rows; ++m) sums[m][g] += A[m * K + k0 + k] * b;
+        }
+      std::memcpy(acc, sums, sizeof sums);
     }
-    for (int64_t k = 0; k < kc; ++k)
-      for (int64_t m = 0; m < M; ++m) axpy16(acc[m], A[m * K + k0 + k], tile[k]);
+  } else
+#endif
+  {
+    for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
+      const int64_t kc = std::min(kNtChunk, K - k0);
+      fill(k0, kc, tile);
+      for (int64_t k = 0; k < kc; ++k)
+        for (int m = 0; m < Rows; ++m) axpy16(acc[m], A[m * K + k0 + k], tile[k]);
+    }
   }
-  for (int64_t m = 0; m < M; ++m)
+  for (int m = 0; m < Rows; ++m)
     for (int64_t j = 0; j < cols; ++j) {
       T* c = C + m * N + n0 + j;
       *c = beta == T(0) ? alpha * acc[m][j] : beta * *c + alpha * acc[m][j];
     }
+}
+template <int L, typename T, typename FillTile>
+QLORA_ALWAYS_INLINE void nt_tile_product(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha,
+                                         const T* A, T beta, T* C, const FillTile& fill) {
+  static_assert(kFewRows == 4, "one case per number of rows");
+  switch (M) {
+    case 1: return nt_tile_product_rows<1, L>(n0, cols, N, K, alpha, A, beta, C, fill);
+    case 2: return nt_tile_product_rows<2, L>(n0, cols, N, K, alpha, A, beta, C, fill);
+    case 3: return nt_tile_product_rows<3, L>(n0, cols, N, K, alpha, A, beta, C, fill);
+    default: return nt_tile_product_rows<4, L>(n0, cols, N, K, alpha, A, beta, C, fill);
+  }
+}
+
+// fill for B [N, K] stored as TB: rows n0 .. n0 + 15 (lanes past cols repeat the last row, unused) into tile[k][j],
+// widened an element at a time. A struct, not a lambda, so that it is inlined into every instruction set's clone.
+template <typename T, typename TB>
+struct WidenedTile {
+  const TB* B;
+  int64_t n0, cols, K;
+  QLORA_ALWAYS_INLINE void operator()(int64_t k0, int64_t kc, T (*tile)[kNtTile]) const {
+    for (int64_t j = 0; j < kNtTile; ++j) {
+      const TB* bn = B + (n0 + std::min(j, cols - 1)) * K + k0;
+      for (int64_t k = 0; k < kc; ++k) tile[k][j] = widen<T>(bn[k]);
+    }
+  }
+};
+
+template <typename T, typename TB>
+QLORA_ALWAYS_INLINE void gemm_nt_tile(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha, const T* A,
+                                      const TB* B, T beta, T* C) {
+  nt_tile_product<1>(n0, cols, M, N, K, alpha, A, beta, C, WidenedTile<T, TB>{B, n0, cols, K});
 }
 
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
@@ -123,6 +180,10 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
                       const Bf16Bits* B, float beta, float* C);
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                       const F16Bits* B, float beta, float* C);
+
+// The few-row products (gemm_nt_tile_f32, nf4_matmul_tile_f32) use vectors of 8 lanes even where the CPU has
+// AVX-512 (where they use 16): for tests, which check that both widths give the same bits.
+void force_narrow_vectors(bool narrow);
 
 // Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes
 // `packed`, one constant per `blocksize` weights), each weight dequantized and rounded (round_to: 0 fp32, 1 bf16,

@@ -6,6 +6,7 @@
 #include "io/dtype.h"
 #include "quant/nf4_codebook.h"
 
+#include <atomic>
 #include <cstring>
 
 #include <cstdlib>  // through glibc's features.h: __GLIBC__, which target_clones (ifunc) needs
@@ -43,108 +44,234 @@ void attention_backward_group_f32(const float* dout, const float* q, const float
   attention_backward_group<float>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, p, ds);
 }
 
-QLORA_SIMD_CLONES
-void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                      const float* B, float beta, float* C) {
-  gemm_nt_tile<float, float>(n0, cols, M, N, K, alpha, A, B, beta, C);
+namespace {
+
+// The few-row products (gemm_nt_tile_f32, nf4_matmul_tile_f32) work on vectors of L lanes: 16 (one register) where
+// the CPU has AVX-512, 8 elsewhere. Both are compiled into every instruction set's clone and chosen when they run:
+// GCC turns the shuffles and conversions of 16-lane vectors into code a value at a time for AVX2, and keeps 16-lane
+// sums in memory there.
+std::atomic<bool> narrow_vectors_forced{false};
+bool has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes && !narrow_vectors_forced.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
 }
 
-QLORA_SIMD_CLONES
-void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                      const Bf16Bits* B, float beta, float* C) {
-  gemm_nt_tile<float, Bf16Bits>(n0, cols, M, N, K, alpha, A, B, beta, C);
-}
+}  // namespace
 
-QLORA_SIMD_CLONES
-void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
-                      const F16Bits* B, float beta, float* C) {
-  gemm_nt_tile<float, F16Bits>(n0, cols, M, N, K, alpha, A, B, beta, C);
-}
+void force_narrow_vectors(bool narrow) { narrow_vectors_forced.store(narrow, std::memory_order_relaxed); }
 
 #if defined(__GNUC__) || defined(__clang__)
 namespace {
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
+template <int L>
+struct Lanes;
+template <>
+struct Lanes<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef uint32_t U __attribute__((vector_size(64)));
+  typedef uint16_t H __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint32_t U __attribute__((vector_size(32)));
+  typedef uint16_t H __attribute__((vector_size(16)));
+};
 typedef uint8_t v16b __attribute__((vector_size(16)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+// Vectors go by reference throughout: passed by value, their ABI differs between the instruction sets.
 
 // round_to_bf16 lane by lane, in place (round to nearest even; a NaN stays a NaN with its quiet bit set, as
-// f32_to_bf16 does). By reference: a 64-byte vector passed by value changes the ABI between the instruction sets.
-QLORA_ALWAYS_INLINE void round_bf16_lanes(v16f& v) {
-  v16u bits;
+// f32_to_bf16 does).
+template <int L>
+QLORA_ALWAYS_INLINE void round_bf16_lanes(typename Lanes<L>::F& v) {
+  typedef typename Lanes<L>::U U;
+  U bits;
   std::memcpy(&bits, &v, sizeof bits);
-  const v16u rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) & 0xffff0000u;
-  const v16u nan = ((bits >> 16) | 0x40u) << 16;
-  const v16u out = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  const U rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) & 0xffff0000u;
+  const U nan = ((bits >> 16) | 0x40u) << 16;
+  const U out = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
   std::memcpy(&v, &out, sizeof v);
 }
 
-// The tile of nf4_matmul_tile_f32 for one chunk, 16 outputs across the lanes of a vector: for each pair of k (one
-// byte of every output row) the 16 codes index the code book, times each row's block constant, rounded. The same
-// products and roundings as the scalar fill, so the same bits. Needs rows that start on a byte (`in` even) and
-// blocks that start and end with the rows (`in` a multiple of the block size), so all 16 rows change block
-// constants at the same k; fp32 or bf16 rounding.
-QLORA_ALWAYS_INLINE void nf4_fill_tile_lanes(const uint8_t* packed, const float* absmax, int64_t o0, int64_t cols,
-                                             int64_t in, int blocksize, bool bf16, int64_t k0, int64_t kc,
-                                             float (*tile)[kNtTile]) {
-  v16f codebook;
-  for (int c = 0; c < 16; ++c) codebook[c] = nf4::code_value(c);
-  const uint8_t* row[kNtTile];
-  int64_t first_block[kNtTile];
-  for (int64_t j = 0; j < kNtTile; ++j) {
-    const int64_t o = o0 + std::min(j, cols - 1);  // lanes past cols repeat the last output, unused
-    row[j] = packed + o * in / 2;
-    first_block[j] = o * in / blocksize;
+// The n x n transpose of r (n = the lanes of V) in place: r[i][l] becomes the former r[l][i]. At each step d (n / 2
+// down to 1), each row i without bit d and row i + d swap the d-wide blocks off their diagonal, which exchanges bit d
+// of the row index with bit d of the lane index; the steps together exchange the two indices. Mask: integers of V's
+// element width.
+template <int n, int d, typename V, typename Mask>
+QLORA_ALWAYS_INLINE void swap_off_diagonal_blocks(V* r) {
+  Mask low, high;
+  for (int l = 0; l < n; ++l) {
+    low[l] = (l & d) ? n + l - d : l;   // row i: its own lanes without bit d, and there row i + d's lanes without it
+    high[l] = (l & d) ? n + l : l + d;  // row i + d: row i's lanes with bit d, and there its own lanes with it
   }
-  v16f scale = {};
-  for (int64_t k = 0; k < kc; k += 2) {
-    const int64_t kk = k0 + k;
-    if (k == 0 || kk % blocksize == 0)
-      for (int64_t j = 0; j < kNtTile; ++j) scale[j] = absmax[first_block[j] + kk / blocksize];
-    v16b bytes;
-    for (int64_t j = 0; j < kNtTile; ++j) bytes[j] = row[j][kk >> 1];
-    const v16i codes = __builtin_convertvector(bytes, v16i);
-    v16f w0 = __builtin_shuffle(codebook, codes >> 4) * scale;  // the first weight of a byte: its high nibble
-    v16f w1 = __builtin_shuffle(codebook, codes & 15) * scale;
-    if (bf16) {
-      round_bf16_lanes(w0);
-      round_bf16_lanes(w1);
-    }
-    std::memcpy(tile[k], &w0, sizeof w0);
-    std::memcpy(tile[k + 1], &w1, sizeof w1);
+  for (int i = 0; i < n; ++i) {
+    if (i & d) continue;
+    const V a = r[i], b = r[i + d];
+    r[i] = __builtin_shuffle(a, b, low);
+    r[i + d] = __builtin_shuffle(a, b, high);
   }
+  if constexpr (d > 1) swap_off_diagonal_blocks<n, d / 2, V, Mask>(r);
 }
+template <int n, typename V, typename Mask>
+QLORA_ALWAYS_INLINE void transpose(V* r) {
+  swap_off_diagonal_blocks<n, n / 2, V, Mask>(r);
+}
+
+// L consecutive values widened to fp32, the same bits as widen<float> gives each.
+template <int L>
+QLORA_ALWAYS_INLINE void load_widened(const float* p, typename Lanes<L>::F& out) {
+  std::memcpy(&out, p, sizeof out);
+}
+template <int L>
+QLORA_ALWAYS_INLINE void load_widened(const Bf16Bits* p, typename Lanes<L>::F& out) {
+  typename Lanes<L>::H h;
+  std::memcpy(&h, p, sizeof h);
+  const typename Lanes<L>::U bits = __builtin_convertvector(h, typename Lanes<L>::U) << 16;
+  std::memcpy(&out, &bits, sizeof out);
+}
+template <int L>
+QLORA_ALWAYS_INLINE void load_widened(const F16Bits* p, typename Lanes<L>::F& out) {
+  typedef typename Lanes<L>::U U;
+  typename Lanes<L>::H h;
+  std::memcpy(&h, p, sizeof h);
+  const U u = __builtin_convertvector(h, U);
+  const U magnitude = u & 0x7fffu;
+  const U normal = (magnitude << 13) + ((127u - 15u) << 23);  // the exponent rebiased, the mantissa widened
+  // a subnormal is its mantissa times 2^-24: exact in fp32, and normal there
+  const typename Lanes<L>::F subnormal_value =
+      __builtin_convertvector(reinterpret_cast<const typename Lanes<L>::I&>(magnitude), typename Lanes<L>::F) *
+      0x1p-24f;
+  U subnormal;
+  std::memcpy(&subnormal, &subnormal_value, sizeof subnormal);
+  const U inf_or_nan = (magnitude << 13) | 0x7f800000u;  // NaN keeps its payload
+  const U bits = ((u & 0x8000u) << 16) | (magnitude < 0x400u ? subnormal : magnitude >= 0x7c00u ? inf_or_nan : normal);
+  std::memcpy(&out, &bits, sizeof out);
+}
+
+// WidenedTile's fill, L values of each of L rows at a time: L loads of consecutive values, a transpose in registers
+// and L stores, instead of L * L loads and stores of one value each. The same values, so the same sums.
+template <typename TB, int L>
+struct WidenedTileLanes {
+  const TB* B;
+  int64_t n0, cols, K;
+
+  QLORA_SIMD_CLONES __attribute__((noinline)) void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
+    typedef typename Lanes<L>::F F;
+    const TB* row[kNtTile];
+    for (int64_t j = 0; j < kNtTile; ++j) row[j] = B + (n0 + std::min(j, cols - 1)) * K + k0;
+    int64_t k = 0;
+    for (; k + 16 <= kc; k += 16)
+      for (int j0 = 0; j0 < kNtTile; j0 += L)
+        for (int i0 = 0; i0 < 16; i0 += L) {
+          F r[L];
+          for (int j = 0; j < L; ++j) load_widened<L>(row[j0 + j] + k + i0, r[j]);
+          transpose<L, F, typename Lanes<L>::I>(r);
+          for (int i = 0; i < L; ++i) std::memcpy(&tile[k + i0 + i][j0], &r[i], sizeof r[i]);
+        }
+    for (; k < kc; ++k)
+      for (int64_t j = 0; j < kNtTile; ++j) tile[k][j] = widen<float>(row[j][k]);
+  }
+};
+
+// Nf4Tile's fill for rows that start on a byte (`in` even) and blocks that start and end with the rows (`in` a
+// multiple of the block size), so all 16 rows change block constants at the same k; fp32 or bf16 rounding. For each
+// pair of k (a byte of every row) the 16 codes index the code book, times each row's block constant, rounded: the
+// same products and roundings as Nf4Tile, so the same bits. The bytes come 16 of a row at a time, transposed in
+// registers, so that each pair's 16 bytes are one vector.
+template <int L>
+struct Nf4TileLanes {
+  const uint8_t* packed;
+  const float* absmax;
+  int64_t o0, cols, in;
+  int blocksize;
+  bool bf16;
+
+  QLORA_SIMD_CLONES __attribute__((noinline)) void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
+    typedef typename Lanes<L>::F F;
+    typedef typename Lanes<L>::I I;
+    constexpr int kGroups = kNtTile / L;  // vectors across a tile's row
+    F codebook[16 / L];                   // the code book in one vector, or two of 8
+    for (int c = 0; c < 16; ++c) codebook[c / L][c % L] = nf4::code_value(c);
+    const uint8_t* row[kNtTile];
+    int64_t first_block[kNtTile];
+    for (int64_t j = 0; j < kNtTile; ++j) {
+      const int64_t o = o0 + std::min(j, cols - 1);  // lanes past cols repeat the last output, unused
+      row[j] = packed + o * in / 2;
+      first_block[j] = o * in / blocksize;
+    }
+    F scale[kGroups] = {};
+    int64_t next_block = k0;  // where the block constants change next
+    // k and k + 1 of each row from `bytes`, the byte of each row that holds them (k0 is even: chunks are)
+    const auto fill_pair = [&](int64_t k, const v16b& bytes) __attribute__((always_inline)) {
+      const int64_t kk = k0 + k;
+      if (kk == next_block) {
+        for (int64_t j = 0; j < kNtTile; ++j) scale[j / L][j % L] = absmax[first_block[j] + kk / blocksize];
+        next_block = (kk / blocksize + 1) * blocksize;
+      }
+      // through 16 bits: GCC converts bytes to 32 bits directly a value at a time in the target clones
+      const v16h wide = __builtin_convertvector(bytes, v16h);
+      for (int g = 0; g < kGroups; ++g) {
+        typename Lanes<L>::H half;
+        std::memcpy(&half, reinterpret_cast<const uint16_t*>(&wide) + g * L, sizeof half);
+        const I codes = __builtin_convertvector(half, I);
+        F w0, w1;  // the first weight of a byte is its high nibble
+        if constexpr (L == 16) {
+          w0 = __builtin_shuffle(codebook[0], codes >> 4);
+          w1 = __builtin_shuffle(codebook[0], codes & 15);
+        } else {
+          w0 = __builtin_shuffle(codebook[0], codebook[1], codes >> 4);
+          w1 = __builtin_shuffle(codebook[0], codebook[1], codes & 15);
+        }
+        w0 *= scale[g];
+        w1 *= scale[g];
+        if (bf16) {
+          round_bf16_lanes<L>(w0);
+          round_bf16_lanes<L>(w1);
+        }
+        std::memcpy(&tile[k][g * L], &w0, sizeof w0);
+        std::memcpy(&tile[k + 1][g * L], &w1, sizeof w1);
+      }
+    };
+    int64_t k = 0;
+    for (; k + 32 <= kc; k += 32) {
+      v16b bytes[kNtTile];
+      for (int64_t j = 0; j < kNtTile; ++j) std::memcpy(&bytes[j], row[j] + ((k0 + k) >> 1), sizeof bytes[j]);
+      transpose<16, v16b, v16b>(bytes);
+      for (int64_t p = 0; p < 16; ++p) fill_pair(k + 2 * p, bytes[p]);
+    }
+    for (; k < kc; k += 2) {
+      v16b bytes;
+      for (int64_t j = 0; j < kNtTile; ++j) bytes[j] = row[j][(k0 + k) >> 1];
+      fill_pair(k, bytes);
+    }
+  }
+};
 
 }  // namespace
 #endif
 
-QLORA_SIMD_CLONES
-void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
-                         int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y) {
-  const auto rounded = [round_to](float v) {
-    return round_to == 0 ? v : round_to == 1 ? round_to_bf16(v) : round_to_f16(v);
-  };
-  alignas(64) float acc[kFewRows][kNtTile] = {};
-  alignas(64) float tile[kNtChunk][kNtTile];
-#if defined(__GNUC__) || defined(__clang__)
-  const bool lanes = in % 2 == 0 && blocksize % 2 == 0 && in % blocksize == 0 && round_to != 2;
-#else
-  const bool lanes = false;
-#endif
-  for (int64_t k0 = 0; k0 < in; k0 += kNtChunk) {
-    const int64_t kc = std::min(kNtChunk, in - k0);
-#if defined(__GNUC__) || defined(__clang__)
-    if (lanes) {
-      nf4_fill_tile_lanes(packed, absmax, o0, cols, in, blocksize, round_to == 1, k0, kc, tile);
-      for (int64_t k = 0; k < kc; ++k)
-        for (int64_t r = 0; r < rows; ++r) axpy16(acc[r], x[r * in + k0 + k], tile[k]);
-      continue;
-    }
-#endif
+namespace {
+
+// The fill for an NF4 W [out, in]: tile[k][j] = W[o0 + j, k0 + k] dequantized and rounded (round_to: 0 fp32, 1 bf16,
+// 2 fp16) as nf4_dequantize computes and rounds it, a value at a time; any `in` and block size.
+struct Nf4Tile {
+  const uint8_t* packed;
+  const float* absmax;
+  int64_t o0, cols, in;
+  int blocksize, round_to;
+
+  QLORA_ALWAYS_INLINE void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
     for (int64_t j = 0; j < kNtTile; ++j) {
-      // the weights of output row o, dequantized as nf4_dequantize computes and rounds them, a block's 16 values
-      // built once (a block of `blocksize` consecutive weights may start inside a row and end in the next)
+      // a block's 16 values are built once (a block of `blocksize` consecutive weights may start inside a row and
+      // end in the next)
       const int64_t o = o0 + std::min(j, cols - 1);  // lanes past cols repeat the last output, unused
       float table[16];
       int64_t i = o * in + k0, k = 0;
@@ -168,11 +295,69 @@ void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, co
         }
       }
     }
-    for (int64_t k = 0; k < kc; ++k)
-      for (int64_t r = 0; r < rows; ++r) axpy16(acc[r], x[r * in + k0 + k], tile[k]);
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t j = 0; j < cols; ++j) y[r * out + o0 + j] = 1.0f * acc[r][j];
+  QLORA_ALWAYS_INLINE float rounded(float v) const {
+    return round_to == 0 ? v : round_to == 1 ? round_to_bf16(v) : round_to_f16(v);
+  }
+};
+
+#if defined(__GNUC__) || defined(__clang__)
+template <typename TB, int L>
+using FastWidenedTile = WidenedTileLanes<TB, L>;
+#else
+template <typename TB, int L>
+using FastWidenedTile = WidenedTile<float, TB>;
+#endif
+
+}  // namespace
+
+// gemm_nt_tile with 16 rows of B at a time transposed in registers, in vectors of 16 lanes or 8 (has_avx512).
+template <typename TB>
+QLORA_ALWAYS_INLINE void gemm_nt_tile_lanes(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha,
+                                            const float* A, const TB* B, float beta, float* C) {
+  if (has_avx512())
+    nt_tile_product<16>(n0, cols, M, N, K, alpha, A, beta, C, FastWidenedTile<TB, 16>{B, n0, cols, K});
+  else
+    nt_tile_product<8>(n0, cols, M, N, K, alpha, A, beta, C, FastWidenedTile<TB, 8>{B, n0, cols, K});
+}
+
+QLORA_SIMD_CLONES
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const float* B, float beta, float* C) {
+  gemm_nt_tile_lanes(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const Bf16Bits* B, float beta, float* C) {
+  gemm_nt_tile_lanes(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                      const F16Bits* B, float beta, float* C) {
+  gemm_nt_tile_lanes(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
+                         int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (in % 2 == 0 && blocksize % 2 == 0 && in % blocksize == 0 && round_to != 2) {
+    if (has_avx512())
+      nt_tile_product<16>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y,
+                          Nf4TileLanes<16>{packed, absmax, o0, cols, in, blocksize, round_to == 1});
+    else
+      nt_tile_product<8>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y,
+                         Nf4TileLanes<8>{packed, absmax, o0, cols, in, blocksize, round_to == 1});
+    return;
+  }
+#endif
+  const Nf4Tile fill{packed, absmax, o0, cols, in, blocksize, round_to};
+  if (has_avx512())
+    nt_tile_product<16>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y, fill);
+  else
+    nt_tile_product<8>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y, fill);
 }
 
 }  // namespace qlora::cpu
