@@ -268,25 +268,37 @@ TEST(kernel_gemm_few_rows_equals_the_blocked_path_bit_for_bit) {
 
 TEST(kernel_gemm_transposes_a_large_b_by_chunks_to_the_same_bits) {
   // B^T is transposed a chunk at a time inside the panels (few rows, or an LM head) or whole in tiles (many rows):
-  // here both paths are taken on sizes that are multiples of nothing (several panels, column tiles and k chunks)
-  // and must give what a plain row-major B gives, bit for bit.
-  for (const int64_t M : {70, 300}) {
-    const int64_t N = 600, K = 300;
-    std::vector<float> a(M * K), b(N * K), plain(M * N), chunked(M * N, 1.0f), via_gemm(M * N, 2.0f), bt(K * N);
-    std::mt19937 gen(7);
-    std::normal_distribution<float> dist;
-    for (float& x : a) x = dist(gen);
-    for (float& x : b) x = dist(gen);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t n = 0; n < N; ++n) bt[k * N + n] = b[n * K + k];
-    cpu::gemm_row_major<float>(M, N, K, 1.5f, a.data(), bt.data(), false, 0.0f, plain.data());
-    cpu::gemm_row_major<float>(M, N, K, 1.5f, a.data(), b.data(), true, 0.0f, chunked.data());
-    cpu::gemm<float>(false, true, M, N, K, 1.5f, a.data(), b.data(), 0.0f, via_gemm.data());  // M 300: whole
-    for (int64_t i = 0; i < M * N; ++i) {
-      EXPECT_TRUE(plain[i] == chunked[i], "M ", M, " index ", i, ": ", plain[i], " vs ", chunked[i]);
-      EXPECT_TRUE(plain[i] == via_gemm[i], "M ", M, " index ", i, ": ", plain[i], " vs ", via_gemm[i]);
+  // here both paths are taken on sizes that are multiples of nothing (several panels, column tiles and k chunks;
+  // sums in registers for 64 columns at a time and the rest a row at a time), at both vector widths, and must give
+  // what a plain row-major B gives, bit for bit, and that is the sum over k in order, one product at a time.
+  qtest::at_both_vector_widths([&](bool narrow) {
+    for (const int64_t M : {70, 300}) {
+      const int64_t N = 600, K = 300;
+      std::vector<float> a(M * K), b(N * K), plain(M * N), chunked(M * N, 1.0f), via_gemm(M * N, 2.0f), bt(K * N);
+      std::mt19937 gen(7);
+      std::normal_distribution<float> dist;
+      for (float& x : a) x = dist(gen);
+      for (float& x : b) x = dist(gen);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) bt[k * N + n] = b[n * K + k];
+      cpu::gemm_row_major<float>(M, N, K, 1.5f, a.data(), bt.data(), false, 0.0f, plain.data());
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          float sum = 0.0f;
+          for (int64_t k = 0; k < K; ++k) sum += a[m * K + k] * b[n * K + k];
+          EXPECT_TRUE(plain[m * N + n] == 1.5f * sum, "narrow ", narrow, " M ", M, " row ", m, " column ", n, ": ",
+                      plain[m * N + n], " vs ", 1.5f * sum);
+        }
+      cpu::gemm_row_major<float>(M, N, K, 1.5f, a.data(), b.data(), true, 0.0f, chunked.data());
+      cpu::gemm<float>(false, true, M, N, K, 1.5f, a.data(), b.data(), 0.0f, via_gemm.data());  // M 300: whole
+      for (int64_t i = 0; i < M * N; ++i) {
+        EXPECT_TRUE(plain[i] == chunked[i], "narrow ", narrow, " M ", M, " index ", i, ": ", plain[i], " vs ",
+                    chunked[i]);
+        EXPECT_TRUE(plain[i] == via_gemm[i], "narrow ", narrow, " M ", M, " index ", i, ": ", plain[i], " vs ",
+                    via_gemm[i]);
+      }
     }
-  }
+  });
 }
 
 TEST(kernel_gemm_with_a_16_bit_b_equals_gemm_of_the_widened_b_bit_for_bit) {

@@ -181,8 +181,9 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                       const F16Bits* B, float beta, float* C);
 
-// The few-row products (gemm_nt_tile_f32, nf4_matmul_tile_f32) use vectors of 8 lanes even where the CPU has
-// AVX-512 (where they use 16): for tests, which check that both widths give the same bits.
+// The fp32 GEMM's panels and few-row products (gemm_panel_f32, gemm_nt_tile_f32, nf4_matmul_tile_f32) use vectors
+// of 8 lanes even where the CPU has AVX-512 (where they use 16): for tests, which check that both widths give the
+// same bits.
 void force_narrow_vectors(bool narrow);
 
 // Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes
@@ -206,42 +207,105 @@ void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, cons
 
 // One panel of C = alpha * a b + beta * C (a [M, K] and b [K, N] row-major): rows m0 .. m0 + rows - 1 (rows <= 64)
 // and columns n0 .. n0 + cols - 1 (cols <= 512). The sums are kept in `acc` across chunks of 128 k, so that a chunk
-// of b (128 x 512, in L2) serves all the panel's rows, four at a time, before the next is read: b is read once per
-// 64 rows of C, not once per 4. Each sum still runs over k in order in T, so any vector width and any panel size
-// give the same bits. Always inlined, so that gemm_panel_f32's AVX-512 and AVX2 versions compile this loop.
+// of b (128 x 512, in L2) serves all the panel's rows, four at a time (in registers for 64 columns at a time, see
+// panel_register_block), before the next is read: b is read once per 64 rows of C, not once per 4. Each sum still
+// runs over k in order in T, so any vector width, register block and panel size give the same bits. Always inlined, so that gemm_panel_f32's AVX-512 and AVX2 versions compile this loop.
 constexpr int64_t kGemmPanelRows = 64, kGemmColTile = 512, kGemmKChunk = 128;
 // With trans_b, b is stored [N, K] (x · W^T): each chunk is first copied transposed into `pack`, so W is never
 // transposed whole (a 128256 x 4096 LM head would be 2 GB). A 16-bit b is packed too, widened, either way.
 template <typename TB>
 constexpr bool kGemmWidensB = !std::is_same_v<TB, float> && !std::is_same_v<TB, double>;
-template <typename T, typename TB>
+#if defined(__GNUC__) || defined(__clang__)
+// acc[r][j] += a[r][k] * b[k][j] for RR rows, J vectors of L columns and k < kc, in order for each sum, with the
+// RR x J sums in registers (loaded at the start, stored at the end): per k, J loads of b and RR of a serve RR * J
+// vector products, where the plain loop loads and stores a row of sums per row of a. a's rows are lda apart, b's ldb,
+// acc's kGemmColTile.
+template <int RR, int J, int L>
+QLORA_ALWAYS_INLINE void panel_register_block(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc,
+                                              float* acc) {
+  typedef float V __attribute__((vector_size(L * sizeof(float))));
+  V sums[RR][J];
+  for (int r = 0; r < RR; ++r)
+    for (int v = 0; v < J; ++v) std::memcpy(&sums[r][v], acc + r * kGemmColTile + v * L, sizeof(V));
+  for (int64_t k = 0; k < kc; ++k) {
+    V bv[J];
+    for (int v = 0; v < J; ++v) std::memcpy(&bv[v], b + k * ldb + v * L, sizeof(V));
+    for (int r = 0; r < RR; ++r) {
+      const float av = a[r * lda + k];
+      for (int v = 0; v < J; ++v) sums[r][v] += av * bv[v];
+    }
+  }
+  for (int r = 0; r < RR; ++r)
+    for (int v = 0; v < J; ++v) std::memcpy(acc + r * kGemmColTile + v * L, &sums[r][v], sizeof(V));
+}
+// panel_register_block over the columns it covers (a multiple of 64) for RR rows; returns how many it covered.
+template <int RR, int L>
+QLORA_ALWAYS_INLINE int64_t panel_register_blocks(const float* a, int64_t lda, const float* b, int64_t ldb,
+                                                  int64_t kc, int64_t cols, float* acc) {
+  constexpr int J = 64 / L;  // 64 columns: 4 registers of AVX-512 or 8 of AVX2 a row
+  constexpr int kBlock = J * L;
+  const int64_t covered = cols / kBlock * kBlock;
+  for (int64_t j0 = 0; j0 < covered; j0 += kBlock) panel_register_block<RR, J, L>(a, lda, b + j0, ldb, kc, acc + j0);
+  return covered;
+}
+#endif
+
+// The chunk k0 .. k0 + kc - 1 of rows j0 .. j1 - 1 (j1 - j0 <= 16) of b (B [N, K] from gemm_panel's row n0 on),
+// transposed into pack[k][j] (rows kGemmColTile values apart) and widened: an element at a time.
+struct PackTransposed {
+  template <typename T, typename TB>
+  QLORA_ALWAYS_INLINE void operator()(const TB* b, int64_t j0, int64_t j1, int64_t K, int64_t k0, int64_t kc,
+                                      T* pack) const {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t j = j0; j < j1; ++j) pack[k * kGemmColTile + j] = widen<T>(b[j * K + k0 + k]);
+  }
+};
+
+// L: with GCC or Clang, fp32 sums of 64 columns at a time in registers of L lanes (16 or 8: AVX-512 or AVX2, see
+// cpu/simd_f32.cpp); 1, or other types, a row of sums at a time. pack_transposed: see PackTransposed.
+template <typename T, typename TB, int L = 1, typename PackB = PackTransposed>
 QLORA_ALWAYS_INLINE void gemm_panel(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, T alpha,
                                     const T* a, const TB* b, bool trans_b, T beta, T* C,
                                     T* acc /* [kGemmPanelRows][kGemmColTile] */,
-                                    T* pack /* [kGemmKChunk][kGemmColTile], with trans_b or a 16-bit b */) {
+                                    T* pack /* [kGemmKChunk][kGemmColTile], with trans_b or a 16-bit b */,
+                                    const PackB& pack_transposed = PackB{}) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j) acc[r * kGemmColTile + j] = T(0);
   for (int64_t k0 = 0; k0 < K; k0 += kGemmKChunk) {
     const int64_t k1 = std::min(K, k0 + kGemmKChunk);
     if (trans_b) {  // 16 rows of b at a time: 16 sequential reads, 64-byte writes
-      for (int64_t j0 = 0; j0 < cols; j0 += 16) {
-        const int64_t j1 = std::min(cols, j0 + 16);
-        for (int64_t k = k0; k < k1; ++k)
-          for (int64_t j = j0; j < j1; ++j) pack[(k - k0) * kGemmColTile + j] = widen<T>(b[(n0 + j) * K + k]);
-      }
+      for (int64_t j0 = 0; j0 < cols; j0 += 16)
+        pack_transposed(b + n0 * K, j0, std::min(cols, j0 + 16), K, k0, k1 - k0, pack);
     } else if constexpr (kGemmWidensB<TB>) {
       for (int64_t k = k0; k < k1; ++k)
         for (int64_t j = 0; j < cols; ++j) pack[(k - k0) * kGemmColTile + j] = widen<T>(b[k * N + n0 + j]);
     }
     const bool packed = trans_b || kGemmWidensB<TB>;
+    const T* b_chunk = packed ? pack : reinterpret_cast<const T*>(b + k0 * N + n0);
+    const int64_t ldb = packed ? kGemmColTile : N;
     for (int64_t r0 = 0; r0 < rows; r0 += 4) {
       const int64_t rr = std::min<int64_t>(4, rows - r0);
-      for (int64_t k = k0; k < k1; ++k) {
-        const T* brow = packed ? pack + (k - k0) * kGemmColTile : reinterpret_cast<const T*>(b + k * N + n0);
+      const T* a_rows = a + (m0 + r0) * K + k0;
+      T* acc_rows = acc + r0 * kGemmColTile;
+      int64_t j_from = 0;  // the columns from here on are summed a row at a time
+#if defined(__GNUC__) || defined(__clang__)
+      if constexpr (std::is_same_v<T, float> && (L == 8 || L == 16)) {
+        const int64_t kc = k1 - k0;
+        switch (rr) {
+          case 4: j_from = panel_register_blocks<4, L>(a_rows, K, b_chunk, ldb, kc, cols, acc_rows); break;
+          case 3: j_from = panel_register_blocks<3, L>(a_rows, K, b_chunk, ldb, kc, cols, acc_rows); break;
+          case 2: j_from = panel_register_blocks<2, L>(a_rows, K, b_chunk, ldb, kc, cols, acc_rows); break;
+          default: j_from = panel_register_blocks<1, L>(a_rows, K, b_chunk, ldb, kc, cols, acc_rows); break;
+        }
+      }
+#endif
+      if (j_from == cols) continue;
+      for (int64_t k = 0; k < k1 - k0; ++k) {
+        const T* brow = b_chunk + k * ldb;
         for (int64_t r = 0; r < rr; ++r) {
-          const T av = a[(m0 + r0 + r) * K + k];
-          T* accr = acc + (r0 + r) * kGemmColTile;
-          for (int64_t j = 0; j < cols; ++j) accr[j] += av * brow[j];
+          const T av = a_rows[r * K + k];
+          T* accr = acc_rows + r * kGemmColTile;
+          for (int64_t j = j_from; j < cols; ++j) accr[j] += av * brow[j];
         }
       }
     }

@@ -19,24 +19,6 @@
 namespace qlora::cpu {
 
 QLORA_SIMD_CLONES
-void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
-                    const float* a, const float* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
-  gemm_panel<float, float>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
-}
-
-QLORA_SIMD_CLONES
-void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
-                    const float* a, const Bf16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
-  gemm_panel<float, Bf16Bits>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
-}
-
-QLORA_SIMD_CLONES
-void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
-                    const float* a, const F16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
-  gemm_panel<float, F16Bits>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
-}
-
-QLORA_SIMD_CLONES
 void attention_backward_group_f32(const float* dout, const float* q, const float* k, const float* v,
                                   const float* out, const float* lse, int64_t b, int64_t kvh, int64_t seq,
                                   int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv,
@@ -46,10 +28,10 @@ void attention_backward_group_f32(const float* dout, const float* q, const float
 
 namespace {
 
-// The few-row products (gemm_nt_tile_f32, nf4_matmul_tile_f32) work on vectors of L lanes: 16 (one register) where
-// the CPU has AVX-512, 8 elsewhere. Both are compiled into every instruction set's clone and chosen when they run:
-// GCC turns the shuffles and conversions of 16-lane vectors into code a value at a time for AVX2, and keeps 16-lane
-// sums in memory there.
+// The vector code below (the panels' sums in registers and B^T's packing, the few-row products' tiles) works on
+// vectors of L lanes: 16 (one register) where the CPU has AVX-512, 8 elsewhere. Both are compiled into every
+// instruction set's clone and chosen when they run: GCC turns the shuffles and conversions of 16-lane vectors into
+// code a value at a time for AVX2, and keeps 16-lane sums in memory there.
 std::atomic<bool> narrow_vectors_forced{false};
 bool has_avx512() {
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -156,28 +138,48 @@ QLORA_ALWAYS_INLINE void load_widened(const F16Bits* p, typename Lanes<L>::F& ou
   std::memcpy(&out, &bits, sizeof out);
 }
 
-// WidenedTile's fill, L values of each of L rows at a time: L loads of consecutive values, a transpose in registers
-// and L stores, instead of L * L loads and stores of one value each. The same values, so the same sums.
+// out[k * ld + j] = row[j][k] widened, for 16 rows j and k < kc: L values of each of L rows at a time, L loads of
+// consecutive values, a transpose in registers and L stores, instead of L * L loads and stores of one value each.
+// The same values, so the same sums.
+template <int L, typename TB>
+QLORA_ALWAYS_INLINE void transpose_16_rows(const TB* const* row, int64_t kc, float* out, int64_t ld) {
+  typedef typename Lanes<L>::F F;
+  int64_t k = 0;
+  for (; k + 16 <= kc; k += 16)
+    for (int j0 = 0; j0 < 16; j0 += L)
+      for (int i0 = 0; i0 < 16; i0 += L) {
+        F r[L];
+        for (int j = 0; j < L; ++j) load_widened<L>(row[j0 + j] + k + i0, r[j]);
+        transpose<L, F, typename Lanes<L>::I>(r);
+        for (int i = 0; i < L; ++i) std::memcpy(out + (k + i0 + i) * ld + j0, &r[i], sizeof r[i]);
+      }
+  for (; k < kc; ++k)
+    for (int64_t j = 0; j < 16; ++j) out[k * ld + j] = widen<float>(row[j][k]);
+}
+
+// WidenedTile's fill through transpose_16_rows.
 template <typename TB, int L>
 struct WidenedTileLanes {
   const TB* B;
   int64_t n0, cols, K;
 
   QLORA_SIMD_CLONES __attribute__((noinline)) void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
-    typedef typename Lanes<L>::F F;
     const TB* row[kNtTile];
     for (int64_t j = 0; j < kNtTile; ++j) row[j] = B + (n0 + std::min(j, cols - 1)) * K + k0;
-    int64_t k = 0;
-    for (; k + 16 <= kc; k += 16)
-      for (int j0 = 0; j0 < kNtTile; j0 += L)
-        for (int i0 = 0; i0 < 16; i0 += L) {
-          F r[L];
-          for (int j = 0; j < L; ++j) load_widened<L>(row[j0 + j] + k + i0, r[j]);
-          transpose<L, F, typename Lanes<L>::I>(r);
-          for (int i = 0; i < L; ++i) std::memcpy(&tile[k + i0 + i][j0], &r[i], sizeof r[i]);
-        }
-    for (; k < kc; ++k)
-      for (int64_t j = 0; j < kNtTile; ++j) tile[k][j] = widen<float>(row[j][k]);
+    transpose_16_rows<L>(row, kc, tile[0], kNtTile);
+  }
+};
+
+// PackTransposed through transpose_16_rows (a pack's rows are kGemmColTile values wide, so 16 columns past j1 are
+// still inside it; they are written and never read).
+template <int L>
+struct PackTransposedLanes {
+  template <typename TB>
+  QLORA_ALWAYS_INLINE void operator()(const TB* b, int64_t j0, int64_t j1, int64_t K, int64_t k0, int64_t kc,
+                                      float* pack) const {
+    const TB* row[16];
+    for (int64_t j = 0; j < 16; ++j) row[j] = b + std::min(j0 + j, j1 - 1) * K + k0;
+    transpose_16_rows<L>(row, kc, pack + j0, kGemmColTile);
   }
 };
 
@@ -304,12 +306,49 @@ struct Nf4Tile {
 #if defined(__GNUC__) || defined(__clang__)
 template <typename TB, int L>
 using FastWidenedTile = WidenedTileLanes<TB, L>;
+template <int L>
+using FastPackTransposed = PackTransposedLanes<L>;
 #else
 template <typename TB, int L>
 using FastWidenedTile = WidenedTile<float, TB>;
+template <int L>
+using FastPackTransposed = PackTransposed;
 #endif
 
 }  // namespace
+
+// gemm_panel with its sums in registers of 16 lanes or 8 (has_avx512), B^T's chunks transposed in registers.
+template <typename TB>
+QLORA_ALWAYS_INLINE void gemm_panel_lanes(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K,
+                                          float alpha, const float* a, const TB* b, bool trans_b, float beta, float* C,
+                                          float* acc, float* pack) {
+  if (has_avx512())
+    gemm_panel<float, TB, 16>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack,
+                              FastPackTransposed<16>{});
+  else
+    gemm_panel<float, TB, 8>(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack,
+                             FastPackTransposed<8>{});
+}
+
+QLORA_SIMD_CLONES
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const float* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
+  gemm_panel_lanes(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+}
+
+QLORA_SIMD_CLONES
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const Bf16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
+  gemm_panel_lanes(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+}
+
+QLORA_SIMD_CLONES
+void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, float alpha,
+                    const float* a, const F16Bits* b, bool trans_b, float beta, float* C, float* acc, float* pack) {
+  gemm_panel_lanes(m0, rows, n0, cols, N, K, alpha, a, b, trans_b, beta, C, acc, pack);
+}
+
+
 
 // gemm_nt_tile with 16 rows of B at a time transposed in registers, in vectors of 16 lanes or 8 (has_avx512).
 template <typename TB>
