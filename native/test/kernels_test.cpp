@@ -266,6 +266,30 @@ TEST(kernel_gemm_few_rows_equals_the_blocked_path_bit_for_bit) {
   });
 }
 
+TEST(kernel_dot_rows_equals_the_loop_over_d_bit_for_bit) {
+  // Attention's scores q·k_j (and backward's dout·v_j) for 1..37 keys (partial tiles of 16), head dims of 64 and 70
+  // (16 values a row at a time, then one at a time), rows further apart than a head (the other heads between them):
+  // each the sum over d in order, at both vector widths.
+  std::mt19937 gen(11);
+  std::normal_distribution<float> dist;
+  qtest::at_both_vector_widths([&](bool narrow) {
+    for (const int64_t dim : {64, 70})
+      for (const int64_t count : {1, 16, 37}) {
+        const int64_t ld = 3 * dim + 5;
+        std::vector<float> x(dim), rows(count * ld), out(count, std::nanf(""));
+        for (float& v : x) v = dist(gen);
+        for (float& v : rows) v = dist(gen);
+        cpu::dot_rows_f32(x.data(), rows.data(), ld, count, dim, out.data());
+        for (int64_t j = 0; j < count; ++j) {
+          float dot = 0.0f;
+          for (int64_t d = 0; d < dim; ++d) dot += x[d] * rows[j * ld + d];
+          EXPECT_TRUE(out[j] == dot, "narrow ", narrow, " dim ", dim, " count ", count, " row ", j, ": ", out[j],
+                      " vs ", dot);
+        }
+      }
+  });
+}
+
 TEST(kernel_gemm_transposes_a_large_b_by_chunks_to_the_same_bits) {
   // B^T is transposed a chunk at a time inside the panels (few rows, or an LM head) or whole in tiles (many rows):
   // here both paths are taken on sizes that are multiples of nothing (several panels, column tiles and k chunks;

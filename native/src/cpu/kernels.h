@@ -159,10 +159,10 @@ QLORA_ALWAYS_INLINE void nt_tile_product(int64_t n0, int64_t cols, int64_t M, in
 template <typename T, typename TB>
 struct WidenedTile {
   const TB* B;
-  int64_t n0, cols, K;
+  int64_t n0, cols, ld;  // ld: B's rows are ld values apart
   QLORA_ALWAYS_INLINE void operator()(int64_t k0, int64_t kc, T (*tile)[kNtTile]) const {
     for (int64_t j = 0; j < kNtTile; ++j) {
-      const TB* bn = B + (n0 + std::min(j, cols - 1)) * K + k0;
+      const TB* bn = B + (n0 + std::min(j, cols - 1)) * ld + k0;
       for (int64_t k = 0; k < kc; ++k) tile[k][j] = widen<T>(bn[k]);
     }
   }
@@ -180,6 +180,11 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
                       const Bf16Bits* B, float beta, float* C);
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                       const F16Bits* B, float beta, float* C);
+
+// out[j] = the sum over d < dim, in order, of x[d] * rows[j * ld + d], for j < count: attention's scores (q·k_j)
+// and its backward's dp (dout·v_j), 16 rows at a time in vectors (gemm_nt_tile_f32's tiles): the bits of the plain
+// loop over d.
+void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out);
 
 // The fp32 GEMM's panels and few-row products (gemm_panel_f32, gemm_nt_tile_f32, nf4_matmul_tile_f32) use vectors
 // of 8 lanes even where the CPU has AVX-512 (where they use 16): for tests, which check that both widths give the
@@ -459,12 +464,20 @@ template <typename T>
 T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
              T* oi) {
   T max_score = -INFINITY;
-  for (int64_t j = 0; j <= last; ++j) {
-    const T* kj = k + j * kv_stride;
-    T dot = 0;
-    for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
-    p[j] = dot * scale;
-    max_score = std::max(max_score, p[j]);
+  if constexpr (std::is_same_v<T, float>) {
+    dot_rows_f32(qi, k, kv_stride, last + 1, head_dim, p);
+    for (int64_t j = 0; j <= last; ++j) {
+      p[j] *= scale;
+      max_score = std::max(max_score, p[j]);
+    }
+  } else {
+    for (int64_t j = 0; j <= last; ++j) {
+      const T* kj = k + j * kv_stride;
+      T dot = 0;
+      for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
+      p[j] = dot * scale;
+      max_score = std::max(max_score, p[j]);
+    }
   }
   T sum = 0;
   for (int64_t j = 0; j <= last; ++j) {
@@ -553,14 +566,20 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
       const T row_lse = lse[(b * heads + h) * seq + i];
       T row_dot = 0;
       for (int64_t d = 0; d < head_dim; ++d) row_dot += doi[d] * oi[d];
-      for (int64_t j = 0; j <= i; ++j) {
-        const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
-        const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
-        T score = 0, dp = 0;
-        for (int64_t d = 0; d < head_dim; ++d) score += qi[d] * kj[d];
-        for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
-        p[j] = std::exp(score * scale - row_lse);
-        ds[j] = dp;
+      if constexpr (std::is_same_v<T, float>) {  // the scores into p, dp into ds
+        dot_rows_f32(qi, k + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, p);
+        dot_rows_f32(doi, v + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, ds);
+        for (int64_t j = 0; j <= i; ++j) p[j] = std::exp(p[j] * scale - row_lse);
+      } else {
+        for (int64_t j = 0; j <= i; ++j) {
+          const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
+          const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
+          T score = 0, dp = 0;
+          for (int64_t d = 0; d < head_dim; ++d) score += qi[d] * kj[d];
+          for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
+          p[j] = std::exp(score * scale - row_lse);
+          ds[j] = dp;
+        }
       }
       T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
       for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;

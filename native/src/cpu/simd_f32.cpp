@@ -161,11 +161,11 @@ QLORA_ALWAYS_INLINE void transpose_16_rows(const TB* const* row, int64_t kc, flo
 template <typename TB, int L>
 struct WidenedTileLanes {
   const TB* B;
-  int64_t n0, cols, K;
+  int64_t n0, cols, ld;  // ld: B's rows are ld values apart
 
   QLORA_SIMD_CLONES __attribute__((noinline)) void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
     const TB* row[kNtTile];
-    for (int64_t j = 0; j < kNtTile; ++j) row[j] = B + (n0 + std::min(j, cols - 1)) * K + k0;
+    for (int64_t j = 0; j < kNtTile; ++j) row[j] = B + (n0 + std::min(j, cols - 1)) * ld + k0;
     transpose_16_rows<L>(row, kc, tile[0], kNtTile);
   }
 };
@@ -376,6 +376,17 @@ QLORA_SIMD_CLONES
 void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                       const F16Bits* B, float beta, float* C) {
   gemm_nt_tile_lanes(n0, cols, M, N, K, alpha, A, B, beta, C);
+}
+
+QLORA_SIMD_CLONES
+void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out) {
+  for (int64_t n0 = 0; n0 < count; n0 += kNtTile) {
+    const int64_t cols = std::min(kNtTile, count - n0);
+    if (has_avx512())
+      nt_tile_product<16>(n0, cols, 1, count, dim, 1.0f, x, 0.0f, out, FastWidenedTile<float, 16>{rows, n0, cols, ld});
+    else
+      nt_tile_product<8>(n0, cols, 1, count, dim, 1.0f, x, 0.0f, out, FastWidenedTile<float, 8>{rows, n0, cols, ld});
+  }
 }
 
 QLORA_SIMD_CLONES
