@@ -304,17 +304,14 @@ class CpuBackend final : public Backend {
                float* out) override {
     const Philox rng(seed, RngStream::Dropout, step);
     const float keep_scale = 1.0f / (1.0f - p);
-    // One Philox block gives the uniforms of four consecutive counters: compute each block once, not once per value
-    // (the same numbers as rng.uniform(offset + i)).
-    const uint64_t first_block = offset >> 2, last_block = (offset + static_cast<uint64_t>(n) + 3) >> 2;
+    // chunks for the threads; each chunk's first counter is offset + its start, so any split gives the same numbers
+    constexpr int64_t kChunk = 8192;
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = static_cast<int64_t>(first_block); b < static_cast<int64_t>(last_block); ++b) {
-      const std::array<uint32_t, 4> words = rng.block(static_cast<uint64_t>(b));
-      for (int w = 0; w < 4; ++w) {
-        const int64_t i = static_cast<int64_t>(static_cast<uint64_t>(b) * 4 + static_cast<uint64_t>(w) - offset);
-        if (i < 0 || i >= n) continue;
-        out[i] = philox_uniform(words[static_cast<size_t>(w)]) >= p ? x[i] * keep_scale : 0.0f;
-      }
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t begin = c * kChunk;
+      cpu::dropout_f32(x + begin, std::min(kChunk, n - begin), p, keep_scale, rng,
+                       offset + static_cast<uint64_t>(begin), out + begin);
     }
   }
   void adamw_update_many(const std::vector<AdamWTensor>& tensors, double lr, double beta1, double beta2, double eps,

@@ -14,6 +14,7 @@
 #include "io/dtype.h"
 #include "model/adamw_math.h"
 #include "util/error.h"
+#include "util/philox.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -185,6 +186,12 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
 // and its backward's dp (dout·v_j), 16 rows at a time in vectors (gemm_nt_tile_f32's tiles): the bits of the plain
 // loop over d.
 void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out);
+
+// Dropout of n values whose uniforms are those of rng (Philox::uniform) at counters offset .. offset + n - 1: out[i]
+// = x[i] * keep_scale where the uniform is >= p, else 0. Eight Philox blocks (32 values) at a time in vectors: the
+// same words, so the same mask and values, as a block at a time.
+void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Philox& rng, uint64_t offset,
+                 float* out);
 
 // The fp32 GEMM's panels and few-row products (gemm_panel_f32, gemm_nt_tile_f32, nf4_matmul_tile_f32) use vectors
 // of 8 lanes even where the CPU has AVX-512 (where they use 16): for tests, which check that both widths give the

@@ -5,6 +5,7 @@
 #include "cpu/kernels.h"
 #include "io/dtype.h"
 #include "quant/nf4_codebook.h"
+#include "util/philox.h"
 
 #include <atomic>
 #include <cstring>
@@ -387,6 +388,69 @@ void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, 
     else
       nt_tile_product<8>(n0, cols, 1, count, dim, 1.0f, x, 0.0f, out, FastWidenedTile<float, 8>{rows, n0, cols, ld});
   }
+}
+
+QLORA_SIMD_CLONES
+void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Philox& rng, uint64_t offset,
+                 float* out) {
+  int64_t i = 0;
+  const auto one_at_a_time = [&](int64_t end) {
+    for (; i < end; ++i) out[i] = rng.uniform(offset + static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
+  };
+#if defined(__GNUC__) || defined(__clang__)
+  typedef uint32_t U8 __attribute__((vector_size(32)));
+  typedef uint64_t Q8 __attribute__((vector_size(64)));
+  typedef int32_t I8 __attribute__((vector_size(32)));
+  typedef float F8 __attribute__((vector_size(32)));
+  // up to the first counter that starts a block, then eight blocks (32 values) at a time
+  one_at_a_time(std::min<int64_t>(n, static_cast<int64_t>((4 - offset % 4) % 4)));
+  const std::array<uint32_t, 2> key = rng.key();
+  for (; i + 32 <= n; i += 32) {
+    const uint64_t first_block = (offset + static_cast<uint64_t>(i)) >> 2;
+    // philox4x32_10 of the eight blocks' counters (as Philox::block builds them), a block in each lane
+    U8 c0, c1, c2, c3;
+    for (int l = 0; l < 8; ++l) {
+      c0[l] = static_cast<uint32_t>(first_block + static_cast<uint64_t>(l));
+      c1[l] = static_cast<uint32_t>((first_block + static_cast<uint64_t>(l)) >> 32);
+      c2[l] = rng.stream_word();
+      c3[l] = rng.step_word();
+    }
+    uint32_t k0 = key[0], k1 = key[1];
+    for (int round = 0; round < 10; ++round) {
+      const Q8 p0 = __builtin_convertvector(c0, Q8) * uint64_t{0xD2511F53u};
+      const Q8 p1 = __builtin_convertvector(c2, Q8) * uint64_t{0xCD9E8D57u};
+      const U8 hi0 = __builtin_convertvector(p0 >> 32, U8), lo0 = __builtin_convertvector(p0, U8);
+      const U8 hi1 = __builtin_convertvector(p1 >> 32, U8), lo1 = __builtin_convertvector(p1, U8);
+      const U8 n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    // the words in counter order (block l's words 0..3 are values 4l .. 4l + 3): interleave the four vectors
+    const U8 w01_low = __builtin_shuffle(c0, c1, U8{0, 8, 1, 9, 2, 10, 3, 11});
+    const U8 w23_low = __builtin_shuffle(c2, c3, U8{0, 8, 1, 9, 2, 10, 3, 11});
+    const U8 w01_high = __builtin_shuffle(c0, c1, U8{4, 12, 5, 13, 6, 14, 7, 15});
+    const U8 w23_high = __builtin_shuffle(c2, c3, U8{4, 12, 5, 13, 6, 14, 7, 15});
+    const U8 words[4] = {__builtin_shuffle(w01_low, w23_low, U8{0, 1, 8, 9, 2, 3, 10, 11}),
+                         __builtin_shuffle(w01_low, w23_low, U8{4, 5, 12, 13, 6, 7, 14, 15}),
+                         __builtin_shuffle(w01_high, w23_high, U8{0, 1, 8, 9, 2, 3, 10, 11}),
+                         __builtin_shuffle(w01_high, w23_high, U8{4, 5, 12, 13, 6, 7, 14, 15})};
+    for (int v = 0; v < 4; ++v) {
+      // philox_uniform: the word's top 24 bits over 2^24
+      const U8 top = words[v] >> 8;
+      const F8 uniform = __builtin_convertvector(reinterpret_cast<const I8&>(top), F8) * (1.0f / 16777216.0f);
+      F8 xv;
+      std::memcpy(&xv, x + i + 8 * v, sizeof xv);
+      const F8 kept = xv * keep_scale;
+      const F8 dropped = uniform >= p ? kept : F8{};
+      std::memcpy(out + i + 8 * v, &dropped, sizeof dropped);
+    }
+  }
+#endif
+  one_at_a_time(n);
 }
 
 QLORA_SIMD_CLONES

@@ -40,6 +40,12 @@ class Philox {
   // Standard normal from two uniforms (Box-Muller); element i uses words 2i and 2i+1.
   float normal(uint64_t index) const;
 
+  // What block() feeds philox4x32: the key, and the counter's last two words (its first two are the block index),
+  // for code that computes many blocks at once.
+  std::array<uint32_t, 2> key() const { return key_; }
+  uint32_t stream_word() const { return stream_; }
+  uint32_t step_word() const { return step_; }
+
  private:
   std::array<uint32_t, 2> key_;
   uint32_t stream_;
