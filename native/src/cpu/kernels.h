@@ -254,7 +254,7 @@ QLORA_ALWAYS_INLINE void panel_register_block(const float* a, int64_t lda, const
 template <int RR, int L>
 QLORA_ALWAYS_INLINE int64_t panel_register_blocks(const float* a, int64_t lda, const float* b, int64_t ldb,
                                                   int64_t kc, int64_t cols, float* acc) {
-  constexpr int J = 64 / L;  // 64 columns: 4 registers of AVX-512 or 8 of AVX2 a row
+  constexpr int J = L == 16 ? 4 : 2;  // a row: 64 columns in 4 of AVX-512's 32 registers, 16 in 2 of AVX2's 16
   constexpr int kBlock = J * L;
   const int64_t covered = cols / kBlock * kBlock;
   for (int64_t j0 = 0; j0 < covered; j0 += kBlock) panel_register_block<RR, J, L>(a, lda, b + j0, ldb, kc, acc + j0);
