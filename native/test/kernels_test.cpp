@@ -317,7 +317,7 @@ TEST(kernel_dot_rows_equals_the_loop_over_d_bit_for_bit) {
 TEST(kernel_gemm_transposes_a_large_b_by_chunks_to_the_same_bits) {
   // B^T is transposed a chunk at a time inside the panels (few rows, or an LM head) or whole in tiles (many rows):
   // here both paths are taken on sizes that are multiples of nothing (several panels, column tiles and k chunks;
-  // sums in registers for 64 columns at a time and the rest a row at a time), at both vector widths, and must give
+  // sums in registers for 64 or 16 columns at a time and the rest a row at a time), at both vector widths, and must give
   // what a plain row-major B gives, bit for bit, and that is the sum over k in order, one product at a time.
   qtest::at_both_vector_widths([&](bool narrow) {
     for (const int64_t M : {70, 300}) {

@@ -217,11 +217,12 @@ void gemm_nt_few_rows(int64_t M, int64_t N, int64_t K, T alpha, const T* A, cons
   }
 }
 
-// One panel of C = alpha * a b + beta * C (a [M, K] and b [K, N] row-major): rows m0 .. m0 + rows - 1 (rows <= 64)
-// and columns n0 .. n0 + cols - 1 (cols <= 512). The sums are kept in `acc` across chunks of 128 k, so that a chunk
-// of b (128 x 512, in L2) serves all the panel's rows, four at a time (in registers for 64 columns at a time, see
-// panel_register_block), before the next is read: b is read once per 64 rows of C, not once per 4. Each sum still
-// runs over k in order in T, so any vector width, register block and panel size give the same bits. Always inlined, so that gemm_panel_f32's AVX-512 and AVX2 versions compile this loop.
+// One panel of C = alpha * a b + beta * C (a [M, K] and b [K, N] row-major): rows m0 .. m0 + rows - 1 (rows <= 64) and
+// columns n0 .. n0 + cols - 1 (cols <= 512). The sums are kept in `acc` across chunks of 128 k, so that a chunk of b
+// (128 x 512, in L2) serves all the panel's rows, four at a time (in registers for 64 or 16 columns at a time, see
+// panel_register_block), before the next is read: b is read once per 64 rows of C, not once per 4. Each sum still runs
+// over k in order in T, so any vector width, register block and panel size give the same bits. Always inlined, so that
+// gemm_panel_f32's AVX-512 and AVX2 versions compile this loop.
 constexpr int64_t kGemmPanelRows = 64, kGemmColTile = 512, kGemmKChunk = 128;
 // With trans_b, b is stored [N, K] (x · W^T): each chunk is first copied transposed into `pack`, so W is never
 // transposed whole (a 128256 x 4096 LM head would be 2 GB). A 16-bit b is packed too, widened, either way.
@@ -250,7 +251,8 @@ QLORA_ALWAYS_INLINE void panel_register_block(const float* a, int64_t lda, const
   for (int r = 0; r < RR; ++r)
     for (int v = 0; v < J; ++v) std::memcpy(acc + r * kGemmColTile + v * L, &sums[r][v], sizeof(V));
 }
-// panel_register_block over the columns it covers (a multiple of 64) for RR rows; returns how many it covered.
+// panel_register_block over the columns it covers (whole blocks of 64 or 16 columns) for RR rows; returns how many it
+// covered.
 template <int RR, int L>
 QLORA_ALWAYS_INLINE int64_t panel_register_blocks(const float* a, int64_t lda, const float* b, int64_t ldb,
                                                   int64_t kc, int64_t cols, float* acc) {
@@ -273,8 +275,8 @@ struct PackTransposed {
   }
 };
 
-// L: with GCC or Clang, fp32 sums of 64 columns at a time in registers of L lanes (16 or 8: AVX-512 or AVX2, see
-// cpu/simd_f32.cpp); 1, or other types, a row of sums at a time. pack_transposed: see PackTransposed.
+// L: with GCC or Clang, fp32 sums of 64 columns (16 with 8 lanes) at a time in registers of L lanes (16 or 8: AVX-512
+// or AVX2, see cpu/simd_f32.cpp); 1, or other types, a row of sums at a time. pack_transposed: see PackTransposed.
 template <typename T, typename TB, int L = 1, typename PackB = PackTransposed>
 QLORA_ALWAYS_INLINE void gemm_panel(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N, int64_t K, T alpha,
                                     const T* a, const TB* b, bool trans_b, T beta, T* C,
