@@ -8,6 +8,7 @@
 #include "util/philox.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 
 #include <cstdlib>  // through glibc's features.h: __GLIBC__, which target_clones (ifunc) needs
@@ -73,12 +74,17 @@ typedef uint16_t v16h __attribute__((vector_size(32)));
 
 // round_to_bf16 lane by lane, in place (round to nearest even; a NaN stays a NaN with its quiet bit set, as
 // f32_to_bf16 does).
+// no_nan: the caller knows that no lane is a NaN, which spares the check.
 template <int L>
-QLORA_ALWAYS_INLINE void round_bf16_lanes(typename Lanes<L>::F& v) {
+QLORA_ALWAYS_INLINE void round_bf16_lanes(typename Lanes<L>::F& v, bool no_nan = false) {
   typedef typename Lanes<L>::U U;
   U bits;
   std::memcpy(&bits, &v, sizeof bits);
   const U rounded = (bits + (0x7fffu + ((bits >> 16) & 1u))) & 0xffff0000u;
+  if (no_nan) {
+    std::memcpy(&v, &rounded, sizeof v);
+    return;
+  }
   const U nan = ((bits >> 16) | 0x40u) << 16;
   const U out = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
   std::memcpy(&v, &out, sizeof v);
@@ -212,11 +218,16 @@ struct Nf4TileLanes {
     }
     F scale[kGroups] = {};
     int64_t next_block = k0;  // where the block constants change next
+    bool finite_scales = true;  // then every product is finite too (codes are within [-1, 1])
     // k and k + 1 of each row from `bytes`, the byte of each row that holds them (k0 is even: chunks are)
     const auto fill_pair = [&](int64_t k, const v16b& bytes) __attribute__((always_inline)) {
       const int64_t kk = k0 + k;
       if (kk == next_block) {
-        for (int64_t j = 0; j < kNtTile; ++j) scale[j / L][j % L] = absmax[first_block[j] + kk / blocksize];
+        finite_scales = true;
+        for (int64_t j = 0; j < kNtTile; ++j) {
+          scale[j / L][j % L] = absmax[first_block[j] + kk / blocksize];
+          finite_scales = finite_scales && std::isfinite(scale[j / L][j % L]);
+        }
         next_block = (kk / blocksize + 1) * blocksize;
       }
       // through 16 bits: GCC converts bytes to 32 bits directly a value at a time in the target clones
@@ -236,8 +247,8 @@ struct Nf4TileLanes {
         w0 *= scale[g];
         w1 *= scale[g];
         if (bf16) {
-          round_bf16_lanes<L>(w0);
-          round_bf16_lanes<L>(w1);
+          round_bf16_lanes<L>(w0, finite_scales);
+          round_bf16_lanes<L>(w1, finite_scales);
         }
         std::memcpy(&tile[k][g * L], &w0, sizeof w0);
         std::memcpy(&tile[k + 1][g * L], &w1, sizeof w1);
