@@ -12,6 +12,7 @@
 #include "model/llama.h"
 #include "model/lora.h"
 #include "model/optimizer.h"
+#include "quant/nf4.h"
 
 using namespace qlora;
 
@@ -223,6 +224,29 @@ TEST(model_decode_with_kv_cache_matches_full_forward) {
   cache.length = 4;
   const std::vector<float> again = model->decode(kIds.data() + 4, 4, cache, adapter.get());
   for (int64_t j = 0; j < V; ++j) EXPECT_NEAR(first[j], again[j], 1e-5);
+}
+
+TEST(model_nf4_dequantize_rounds_each_value_as_rounding_after_would) {
+  // The backend rounds a block's 16 values once and looks them up: for any length (an odd one: a last half byte),
+  // block size and rounding, each value is nf4::dequantize's rounded, with an infinite and a NaN block constant.
+  auto backend = make_cpu_backend();
+  for (const int blocksize : {2, 64})
+    for (const FloatFormat rt : {FloatFormat::BF16, FloatFormat::F16}) {
+      const int64_t n = 1001;
+      std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
+      std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), plain(n), got(n);
+      for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 91 + 7) & 0xff);
+      for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.37f * static_cast<float>(i + 1) + 0.013f;
+      absmax[1] = INFINITY;
+      absmax[2] = std::nanf("");
+      nf4::dequantize(packed.data(), absmax.data(), n, blocksize, plain.data());
+      backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, got.data());
+      for (int64_t i = 0; i < n; ++i) {
+        const float want = rt == FloatFormat::BF16 ? round_to_bf16(plain[i]) : round_to_f16(plain[i]);
+        EXPECT_TRUE(got[i] == want || (std::isnan(got[i]) && std::isnan(want)), "blocksize ", blocksize, " index ", i,
+                    ": ", got[i], " vs ", want);
+      }
+    }
 }
 
 TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
