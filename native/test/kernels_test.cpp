@@ -349,6 +349,27 @@ TEST(kernel_gemm_transposes_a_large_b_by_chunks_to_the_same_bits) {
   });
 }
 
+TEST(kernel_gemm_of_a_transposed_a_is_the_sum_in_order) {
+  // op(A) = A^T (LoRA's weight gradients: dy^T x) is transposed whole first, 16 rows at a time and the rest in tiles:
+  // 37 rows of A^T (two blocks of 16 and 5 more), 300 long, each sum over k in order, at both vector widths.
+  const int64_t M = 37, N = 70, K = 300;
+  std::mt19937 gen(13);
+  std::normal_distribution<float> dist;
+  std::vector<float> a_stored(K * M), b(K * N), c(M * N);
+  for (float& x : a_stored) x = dist(gen);
+  for (float& x : b) x = dist(gen);
+  qtest::at_both_vector_widths([&](bool narrow) {
+    cpu::gemm<float>(true, false, M, N, K, 1.0f, a_stored.data(), b.data(), 0.0f, c.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < K; ++k) sum += a_stored[k * M + m] * b[k * N + n];
+        EXPECT_TRUE(c[m * N + n] == 1.0f * sum, "narrow ", narrow, " row ", m, " column ", n, ": ", c[m * N + n],
+                    " vs ", sum);
+      }
+  });
+}
+
 TEST(kernel_gemm_with_a_16_bit_b_equals_gemm_of_the_widened_b_bit_for_bit) {
   // A frozen weight kept as bf16 or fp16 bits is widened where it is read or packed: every path (few rows, panels
   // packing x·W^T by chunks, the whole transpose of a small B for many rows, and dy·W) gives the bits of the fp32

@@ -373,6 +373,30 @@ void gemm_row_major(int64_t M, int64_t N, int64_t K, T alpha, const T* a, const 
   }
 }
 
+// dst[c * ld_dst + j] = src[j * ld_src + c] widened, for 16 rows j and c < cols: a block of transpose_whole, through
+// the same transposes in registers as the few-row tiles (cpu/simd_f32.cpp).
+void transpose_16_rows_f32(const float* src, int64_t ld_src, int64_t cols, float* dst, int64_t ld_dst);
+void transpose_16_rows_f32(const Bf16Bits* src, int64_t ld_src, int64_t cols, float* dst, int64_t ld_dst);
+void transpose_16_rows_f32(const F16Bits* src, int64_t ld_src, int64_t cols, float* dst, int64_t ld_dst);
+
+// dst [cols, rows] = src [rows, cols]^T, widened: 16 rows at a time in fp32, the rest (and other types) in 32 x 32
+// tiles an element at a time.
+template <typename T, typename TB>
+void transpose_whole(const TB* src, int64_t rows, int64_t cols, T* dst) {
+  int64_t done = 0;  // rows transposed 16 at a time
+  if constexpr (std::is_same_v<T, float>) {
+    done = rows / 16 * 16;
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < done; r0 += 16) transpose_16_rows_f32(src + r0 * cols, cols, cols, dst + r0, rows);
+  }
+  constexpr int64_t kTile = 32;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t r0 = done; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile)
+      for (int64_t r = r0; r < std::min(rows, r0 + kTile); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kTile); ++c) dst[c * rows + r] = widen<T>(src[r * cols + c]);
+}
+
 template <typename T, typename TB = T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, const TB* B, T beta,
           T* C) {
@@ -383,23 +407,16 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, 
   const T* a = A;
   if (trans_a) {
     a_packed.resize(static_cast<size_t>(M * K));
-#pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) a_packed[m * K + k] = A[k * M + m];
+    transpose_whole(A, K, M, a_packed.data());
     a = a_packed.data();
   }
   // B^T is transposed a chunk at a time inside the panels, each panel of 64 rows packing what it reads: with few
   // rows (up to 4 panels) that costs less than transposing B whole, and an LM head is never transposed whole. Many
-  // rows with a B of up to 64 MiB: B is transposed once, whole, in 32 x 32 tiles.
+  // rows with a B of up to 64 MiB: B is transposed once, whole.
   constexpr int64_t kWholeTransposeBytes = int64_t{64} << 20;
   if (trans_b && M > 4 * kGemmPanelRows && K * N * static_cast<int64_t>(sizeof(T)) <= kWholeTransposeBytes) {
     std::unique_ptr<T[]> b_packed(new T[static_cast<size_t>(K * N)]);  // every element is written below
-    constexpr int64_t kTile = 32;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += kTile)
-      for (int64_t k0 = 0; k0 < K; k0 += kTile)
-        for (int64_t n = n0; n < std::min(N, n0 + kTile); ++n)
-          for (int64_t k = k0; k < std::min(K, k0 + kTile); ++k) b_packed[k * N + n] = widen<T>(B[n * K + k]);
+    transpose_whole(B, N, K, b_packed.get());
     return gemm_row_major(M, N, K, alpha, a, b_packed.get(), false, beta, C);
   }
   gemm_row_major(M, N, K, alpha, a, B, trans_b, beta, C);

@@ -390,6 +390,38 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
   gemm_nt_tile_lanes(n0, cols, M, N, K, alpha, A, B, beta, C);
 }
 
+// transpose_16_rows with 16 or 8 lanes (has_avx512), for transpose_16_rows_f32.
+template <typename TB>
+QLORA_ALWAYS_INLINE void transpose_16_rows_lanes(const TB* src, int64_t ld_src, int64_t cols, float* dst,
+                                                 int64_t ld_dst) {
+  const TB* row[16];
+  for (int64_t j = 0; j < 16; ++j) row[j] = src + j * ld_src;
+#if defined(__GNUC__) || defined(__clang__)
+  if (has_avx512())
+    transpose_16_rows<16>(row, cols, dst, ld_dst);
+  else
+    transpose_16_rows<8>(row, cols, dst, ld_dst);
+#else
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t j = 0; j < 16; ++j) dst[c * ld_dst + j] = widen<float>(row[j][c]);
+#endif
+}
+
+QLORA_SIMD_CLONES
+void transpose_16_rows_f32(const float* src, int64_t ld_src, int64_t cols, float* dst, int64_t ld_dst) {
+  transpose_16_rows_lanes(src, ld_src, cols, dst, ld_dst);
+}
+
+QLORA_SIMD_CLONES
+void transpose_16_rows_f32(const Bf16Bits* src, int64_t ld_src, int64_t cols, float* dst, int64_t ld_dst) {
+  transpose_16_rows_lanes(src, ld_src, cols, dst, ld_dst);
+}
+
+QLORA_SIMD_CLONES
+void transpose_16_rows_f32(const F16Bits* src, int64_t ld_src, int64_t cols, float* dst, int64_t ld_dst) {
+  transpose_16_rows_lanes(src, ld_src, cols, dst, ld_dst);
+}
+
 QLORA_SIMD_CLONES
 void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out) {
   for (int64_t n0 = 0; n0 < count; n0 += kNtTile) {
