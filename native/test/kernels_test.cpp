@@ -291,13 +291,13 @@ TEST(kernel_dropout_keeps_the_values_whose_philox_uniform_reaches_p) {
 }
 
 TEST(kernel_dot_rows_equals_the_loop_over_d_bit_for_bit) {
-  // Attention's scores q·k_j (and backward's dout·v_j) for 1..37 keys (partial tiles of 16), head dims of 64 and 70
-  // (16 values a row at a time, then one at a time), rows further apart than a head (the other heads between them):
-  // each the sum over d in order, at both vector widths.
+  // Attention's scores q·k_j (and backward's dout·v_j) for 1..37 keys (partial tiles of 16), head dims of 8, 64, 70
+  // and 300 (16 values a row at a time, then one at a time; past a chunk of 256), rows further apart than a head (the
+  // other heads between them): each the sum over d in order, at both vector widths.
   std::mt19937 gen(11);
   std::normal_distribution<float> dist;
   qtest::at_both_vector_widths([&](bool narrow) {
-    for (const int64_t dim : {64, 70})
+    for (const int64_t dim : {8, 64, 70, 300})
       for (const int64_t count : {1, 16, 37}) {
         const int64_t ld = 3 * dim + 5;
         std::vector<float> x(dim), rows(count * ld), out(count, std::nanf(""));
@@ -320,7 +320,7 @@ TEST(kernel_gemm_transposes_a_large_b_by_chunks_to_the_same_bits) {
   // sums in registers for 64 or 16 columns at a time and the rest a row at a time), at both vector widths, and must give
   // what a plain row-major B gives, bit for bit, and that is the sum over k in order, one product at a time.
   qtest::at_both_vector_widths([&](bool narrow) {
-    for (const int64_t M : {70, 300}) {
+    for (const int64_t M : {65, 70, 300}) {  // 65: a last block of one row
       const int64_t N = 600, K = 300;
       std::vector<float> a(M * K), b(N * K), plain(M * N), chunked(M * N, 1.0f), via_gemm(M * N, 2.0f), bt(K * N);
       std::mt19937 gen(7);

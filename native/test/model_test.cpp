@@ -264,7 +264,7 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
           {37, 192, 64, false}, {19, 640, 64, false}, {5, 96, 32, false}, {21, 80, 16, false}, {23, 192, 64, true}}) {
       const int64_t n = out * in;
       std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
-      std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(3 * in);
+      std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(kNf4MatmulMaxRows * in);
       for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
       for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
       if (edges) {
@@ -276,8 +276,8 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
       for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
         std::vector<float> w(static_cast<size_t>(n));
         backend->nf4_dequantize(packed.data(), absmax.data(), n, blocksize, rt, w.data());
-        for (int64_t rows = 1; rows <= 3; ++rows) {
-          std::vector<float> plain(rows * out), via_gemm(rows * out), fused(rows * out);
+        for (int64_t rows = 0; rows <= kNf4MatmulMaxRows; ++rows) {  // none (nothing written) to the most
+          std::vector<float> plain(rows * out), via_gemm(rows * out), fused(std::max<int64_t>(rows, 1) * out, 7.0f);
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t o = 0; o < out; ++o) {
               float acc = 0.0f;
@@ -292,6 +292,8 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
           wv.out = out;
           wv.in = in;
           backend->nf4_matmul_nt(x.data(), rows, wv, rt, FewRowsAddends{}, fused.data());
+          if (rows == 0)
+            for (const float v : fused) EXPECT_TRUE(v == 7.0f, "nf4_matmul_nt of no rows wrote ", v);
           for (int64_t i = 0; i < rows * out; ++i) {
             EXPECT_TRUE(same(via_gemm[i], plain[i]), "gemm, ", out, "x", in, " index ", i, ": ", via_gemm[i], " vs ",
                         plain[i]);

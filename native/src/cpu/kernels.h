@@ -147,6 +147,7 @@ template <int L, typename T, typename FillTile>
 QLORA_ALWAYS_INLINE void nt_tile_product(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha,
                                          const T* A, T beta, T* C, const FillTile& fill) {
   static_assert(kFewRows == 4, "one case per number of rows");
+  if (M <= 0) return;
   switch (M) {
     case 1: return nt_tile_product_rows<1, L>(n0, cols, N, K, alpha, A, beta, C, fill);
     case 2: return nt_tile_product_rows<2, L>(n0, cols, N, K, alpha, A, beta, C, fill);
@@ -193,9 +194,10 @@ void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, 
 void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Philox& rng, uint64_t offset,
                  float* out);
 
-// The fp32 GEMM's panels and few-row products (gemm_panel_f32, gemm_nt_tile_f32, nf4_matmul_tile_f32) use vectors
-// of 8 lanes even where the CPU has AVX-512 (where they use 16): for tests, which check that both widths give the
-// same bits.
+// The fp32 GEMM's panels, whole transposes and few-row products (gemm_panel_f32, transpose_16_rows_f32,
+// gemm_nt_tile_f32, nf4_matmul_tile_f32, dot_rows_f32) use vectors of 8 lanes even where the CPU has AVX-512 (where
+// they use 16): for tests, which check that both widths give the same bits. It changes the width, not the
+// instruction set's clone the CPU runs.
 void force_narrow_vectors(bool narrow);
 
 // Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes

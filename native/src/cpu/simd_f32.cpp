@@ -18,6 +18,14 @@
 #define QLORA_SIMD_CLONES
 #endif
 
+// The vector code below uses GCC's __builtin_shuffle, which Clang lacks (it has __builtin_shufflevector): Clang and
+// MSVC build the element-at-a-time fills instead.
+#if defined(__GNUC__) && !defined(__clang__)
+#define QLORA_GCC_SHUFFLES 1
+#else
+#define QLORA_GCC_SHUFFLES 0
+#endif
+
 namespace qlora::cpu {
 
 QLORA_SIMD_CLONES
@@ -48,7 +56,7 @@ bool has_avx512() {
 
 void force_narrow_vectors(bool narrow) { narrow_vectors_forced.store(narrow, std::memory_order_relaxed); }
 
-#if defined(__GNUC__) || defined(__clang__)
+#if QLORA_GCC_SHUFFLES
 namespace {
 
 template <int L>
@@ -315,7 +323,7 @@ struct Nf4Tile {
   }
 };
 
-#if defined(__GNUC__) || defined(__clang__)
+#if QLORA_GCC_SHUFFLES
 template <typename TB, int L>
 using FastWidenedTile = WidenedTileLanes<TB, L>;
 template <int L>
@@ -396,7 +404,7 @@ QLORA_ALWAYS_INLINE void transpose_16_rows_lanes(const TB* src, int64_t ld_src, 
                                                  int64_t ld_dst) {
   const TB* row[16];
   for (int64_t j = 0; j < 16; ++j) row[j] = src + j * ld_src;
-#if defined(__GNUC__) || defined(__clang__)
+#if QLORA_GCC_SHUFFLES
   if (has_avx512())
     transpose_16_rows<16>(row, cols, dst, ld_dst);
   else
@@ -440,7 +448,7 @@ void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Phi
   const auto one_at_a_time = [&](int64_t end) {
     for (; i < end; ++i) out[i] = rng.uniform(offset + static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
   };
-#if defined(__GNUC__) || defined(__clang__)
+#if QLORA_GCC_SHUFFLES
   typedef uint32_t U8 __attribute__((vector_size(32)));
   typedef uint64_t Q8 __attribute__((vector_size(64)));
   typedef int32_t I8 __attribute__((vector_size(32)));
@@ -499,7 +507,7 @@ void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Phi
 QLORA_SIMD_CLONES
 void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
                          int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y) {
-#if defined(__GNUC__) || defined(__clang__)
+#if QLORA_GCC_SHUFFLES
   if (in % 2 == 0 && blocksize % 2 == 0 && in % blocksize == 0 && round_to != 2) {
     if (has_avx512())
       nt_tile_product<16>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y,
