@@ -266,6 +266,19 @@ TEST(kernel_gemm_few_rows_equals_the_blocked_path_bit_for_bit) {
   });
 }
 
+TEST(kernel_philox_gives_the_published_known_answers) {
+  // Random123's kat_vectors for Philox4x32-10, through the rounds every device and the CPU's dropout share.
+  const auto check = [](std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key, std::array<uint32_t, 4> want) {
+    const std::array<uint32_t, 4> got = philox4x32(counter, key);
+    for (int w = 0; w < 4; ++w) EXPECT_TRUE(got[w] == want[w], "word ", w, ": ", got[w], " vs ", want[w]);
+  };
+  check({0, 0, 0, 0}, {0, 0}, {0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8});
+  check({0xffffffff, 0xffffffff, 0xffffffff, 0xffffffff}, {0xffffffff, 0xffffffff},
+        {0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd});
+  check({0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344}, {0xa4093822, 0x299f31d0},
+        {0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1});
+}
+
 TEST(kernel_dropout_keeps_the_values_whose_philox_uniform_reaches_p) {
   // Eight Philox blocks at a time in vectors, with the counters before the first block and after the last group one
   // at a time: every offset within a block and lengths short of, at and past a group give each value the mask of

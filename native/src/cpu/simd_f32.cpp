@@ -59,21 +59,13 @@ void force_narrow_vectors(bool narrow) { narrow_vectors_forced.store(narrow, std
 #if QLORA_GCC_SHUFFLES
 namespace {
 
+// Vectors of L lanes (16 or 8) of each element type the fills use.
 template <int L>
-struct Lanes;
-template <>
-struct Lanes<16> {
-  typedef float F __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  typedef uint32_t U __attribute__((vector_size(64)));
-  typedef uint16_t H __attribute__((vector_size(32)));
-};
-template <>
-struct Lanes<8> {
-  typedef float F __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-  typedef uint32_t U __attribute__((vector_size(32)));
-  typedef uint16_t H __attribute__((vector_size(16)));
+struct Lanes {
+  typedef float F __attribute__((vector_size(L * 4)));
+  typedef int32_t I __attribute__((vector_size(L * 4)));
+  typedef uint32_t U __attribute__((vector_size(L * 4)));
+  typedef uint16_t H __attribute__((vector_size(L * 2)));
 };
 typedef uint8_t v16b __attribute__((vector_size(16)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
@@ -441,6 +433,21 @@ void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, 
   }
 }
 
+#if QLORA_GCC_SHUFFLES
+namespace {
+typedef uint32_t U8 __attribute__((vector_size(32)));
+// philox4x32_10_rounds' 32 x 32 -> 64-bit products for eight lanes at a time.
+struct Philox8MulHiLo {
+  QLORA_ALWAYS_INLINE void operator()(uint32_t m, const U8& a, U8& hi, U8& lo) const {
+    typedef uint64_t Q8 __attribute__((vector_size(64)));
+    const Q8 product = __builtin_convertvector(a, Q8) * uint64_t{m};
+    hi = __builtin_convertvector(product >> 32, U8);
+    lo = __builtin_convertvector(product, U8);
+  }
+};
+}  // namespace
+#endif
+
 QLORA_SIMD_CLONES
 void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Philox& rng, uint64_t offset,
                  float* out) {
@@ -449,8 +456,6 @@ void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Phi
     for (; i < end; ++i) out[i] = rng.uniform(offset + static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
   };
 #if QLORA_GCC_SHUFFLES
-  typedef uint32_t U8 __attribute__((vector_size(32)));
-  typedef uint64_t Q8 __attribute__((vector_size(64)));
   typedef int32_t I8 __attribute__((vector_size(32)));
   typedef float F8 __attribute__((vector_size(32)));
   // up to the first counter that starts a block, then eight blocks (32 values) at a time
@@ -466,20 +471,7 @@ void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Phi
       c2[l] = rng.stream_word();
       c3[l] = rng.step_word();
     }
-    uint32_t k0 = key[0], k1 = key[1];
-    for (int round = 0; round < 10; ++round) {
-      const Q8 p0 = __builtin_convertvector(c0, Q8) * uint64_t{0xD2511F53u};
-      const Q8 p1 = __builtin_convertvector(c2, Q8) * uint64_t{0xCD9E8D57u};
-      const U8 hi0 = __builtin_convertvector(p0 >> 32, U8), lo0 = __builtin_convertvector(p0, U8);
-      const U8 hi1 = __builtin_convertvector(p1 >> 32, U8), lo1 = __builtin_convertvector(p1, U8);
-      const U8 n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-      c0 = n0;
-      c1 = lo1;
-      c2 = n2;
-      c3 = lo0;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    philox4x32_10_rounds(c0, c1, c2, c3, key[0], key[1], Philox8MulHiLo{});
     // the words in counter order (block l's words 0..3 are values 4l .. 4l + 3): interleave the four vectors
     const U8 w01_low = __builtin_shuffle(c0, c1, U8{0, 8, 1, 9, 2, 10, 3, 11});
     const U8 w23_low = __builtin_shuffle(c2, c3, U8{0, 8, 1, 9, 2, 10, 3, 11});

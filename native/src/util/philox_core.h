@@ -10,15 +10,16 @@ struct PhiloxWords {
   uint32_t w[4];
 };
 
-// The four words of counter (c0, c1, c2, c3) under key (k0, k1), ten rounds.
-QLORA_HOST_DEVICE inline PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
-                                                   uint32_t k1) {
+// The ten rounds on counter words (c0, c1, c2, c3) under key (k0, k1), in place. W: uint32_t, or a vector of them
+// (the CPU's dropout computes several counters at once); mul_hi_lo(m, a, hi, lo) splits the 64-bit product m * a.
+template <typename W, typename MulHiLo>
+QLORA_HOST_DEVICE inline void philox4x32_10_rounds(W& c0, W& c1, W& c2, W& c3, uint32_t k0, uint32_t k1,
+                                                   const MulHiLo& mul_hi_lo) {
   for (int round = 0; round < 10; ++round) {
-    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
-    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    W hi0, lo0, hi1, lo1;
+    mul_hi_lo(0xD2511F53u, c0, hi0, lo0);
+    mul_hi_lo(0xCD9E8D57u, c2, hi1, lo1);
+    const W n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;
     c2 = n2;
@@ -26,6 +27,20 @@ QLORA_HOST_DEVICE inline PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uin
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+}
+
+struct PhiloxMulHiLo {
+  QLORA_HOST_DEVICE void operator()(uint32_t m, uint32_t a, uint32_t& hi, uint32_t& lo) const {
+    const uint64_t product = static_cast<uint64_t>(m) * a;
+    hi = static_cast<uint32_t>(product >> 32);
+    lo = static_cast<uint32_t>(product);
+  }
+};
+
+// The four words of counter (c0, c1, c2, c3) under key (k0, k1), ten rounds.
+QLORA_HOST_DEVICE inline PhiloxWords philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                                   uint32_t k1) {
+  philox4x32_10_rounds(c0, c1, c2, c3, k0, k1, PhiloxMulHiLo{});
   return PhiloxWords{{c0, c1, c2, c3}};
 }
 
