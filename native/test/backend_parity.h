@@ -450,7 +450,8 @@ inline void nf4_matmul_nt(const MakeBackend& make) {
   auto cpu = make_cpu_backend();
   auto dev = make();
   const int64_t rank = 5;
-  for (const auto& [out, in] : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}, {5, 640}, {9, 1344}}) {
+  for (const auto& shape : {std::pair<int64_t, int64_t>{7, 100}, {37, 99}, {19, 301}, {5, 640}, {9, 1344}}) {
+    const int64_t out = shape.first, in = shape.second;  // not a structured binding: the lambdas below capture them
     const int64_t n = out * in;
     const nf4::Blockwise4bit q = nf4::quantize(random_floats(static_cast<size_t>(n), 51).data(), n, 64);
     const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
@@ -548,8 +549,9 @@ inline void nf4_dequantize_and_dropout_bit_for_bit(const MakeBackend& make) {
   // rows of 50 (the GPU's value by value path); 37 rows of 96 (as a weight's rows: its wide path, 32 values a
   // thread), contiguous and 104 apart. Into 16 bits with the block constants in fp32 or double-quantized (restored in
   // the same pass).
-  for (const auto& [n, row_len, stride] : {std::tuple<int64_t, int64_t, int64_t>{1000, 50, 56}, {999, 50, 56},
-                                           {37 * 96, 96, 104}}) {
+  for (const auto& shape : {std::tuple<int64_t, int64_t, int64_t>{1000, 50, 56}, {999, 50, 56}, {37 * 96, 96, 104}}) {
+    // not a structured binding: the lambdas below capture them
+    const int64_t n = std::get<0>(shape), row_len = std::get<1>(shape), stride = std::get<2>(shape);
     const std::vector<float> x = random_floats(static_cast<size_t>(n), 31);
     const nf4::Blockwise4bit q = nf4::quantize(x.data(), n, 64);
     const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
