@@ -215,7 +215,7 @@ export class GenerationSession {
 export function engineVersion(): string {
   return call(() => addon().version());
 }
-export function engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean; cudaComputeDtypes: string[] } {
+export function engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean; cudaComputeDtypes: string[]; cpuVectorCode: string } {
   return call(() => addon().engineInfo());
 }
 /** What this machine offers the GPU engine (driver, NVML, cuBLASLt, GPUs) and each problem as a sentence. */

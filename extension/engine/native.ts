@@ -189,7 +189,8 @@ export interface NativeQuantizeReport {
 
 export interface NativeAddon {
   version(): string;
-  engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean; cudaComputeDtypes: string[] };
+  /** cpuVectorCode: the CPU kernels' version this machine runs ("AVX-512, 16-lane vectors"). */
+  engineInfo(): { backends: string[]; threads: number; cudaCompiled: boolean; cudaComputeDtypes: string[]; cpuVectorCode: string };
   gpuReport(libraryDir?: string): NativeGpuReport;
   /** The GPUs now, from NVML (started once per process); null without NVML. */
   gpuTelemetry(libraryDir?: string): NativeGpuInfo[] | null;

@@ -17,6 +17,8 @@ export interface DoctorSummary {
   problems: string[];
   /** Absent in reports of engines before notes were split from problems. */
   notes?: string[];
+  /** Absent in reports of engines before the CPU was reported. */
+  cpu?: { name: string; vectorCode: string };
 }
 
 const GiB = 1024 ** 3;
@@ -31,6 +33,7 @@ export function doctorMarkdown(r: DoctorSummary): string {
     '| | |',
     '|---|---|',
     `| Platform | ${r.platform} |`,
+    ...(r.cpu ? [`| CPU | ${r.cpu.name}; vector code: ${r.cpu.vectorCode} |`] : []),
     `| Engine | ${r.engine}, CUDA backend ${r.cudaCompiled ? `compiled in (CUDA ${r.cudaRuntimeVersion})` : 'not compiled in'} |`,
     `| NVIDIA driver | ${found(r.driver)}${r.driverVersion ? `, version ${r.driverVersion}` : ''}${r.driverCudaVersion ? `, supports CUDA ${r.driverCudaVersion}` : ''} |`,
     `| NVML | ${found(r.nvml)} |`,

@@ -23,8 +23,14 @@ test('doctor --json: cudaCompiled, gpus, cublasLt, nvml, problems; without a dri
     assert.match(r.problems[r.cudaCompiled ? 0 : 1], /^No NVIDIA driver was found \(libcuda\.so\.1 could not be loaded: .*\); install the NVIDIA driver, 580 or newer/);
     for (const p of r.problems) assert.ok(!p.includes('\n') && p.endsWith('.'), p);
   }
+  // the CPU kernels' version: on this machine (and CI's) an x86-64 one, chosen by what the CPU has
+  const vectorCode = (r as DoctorSummary & { cpu: { name: string; vectorCode: string } }).cpu.vectorCode;
+  assert.equal(vectorCode, engineInfo().cpuVectorCode);
+  if (process.arch === 'x64' && process.platform === 'linux')
+    assert.match(vectorCode, /^(AVX-512, 16-lane vectors|AVX2, 8-lane vectors|x86-64 baseline \(no AVX2\), 8-lane vectors)$/);
   const text = doctor();
   assert.match(text, /^platform: /);
+  assert.ok(text.split('\n')[1].startsWith('CPU: ') && text.split('\n')[1].endsWith(`; vector code: ${vectorCode}`), text);
   assert.match(text, r.device === 'cuda' ? /training would run on: the GPU/ : /training would run on: the CPU/);
 });
 
@@ -47,7 +53,9 @@ test('the Check GPU Setup document: the device, each library, the GPUs and what 
     cublasLt: { found: false, path: null, error: 'libcublasLt.so.13: cannot open shared object file', tried: ['libcublasLt.so.13'] },
     gpus: [{ index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * 1024 ** 3, memoryFree: 79 * 1024 ** 3, computeCapability: '9.0' }],
     computeDtype: 'bf16', device: 'cpu', problems: ['cuBLASLt (libcublasLt.so.13) was not found in a | b: install it.'],
+    cpu: { name: 'AMD EPYC 9R14 (2 threads)', vectorCode: 'AVX-512, 16-lane vectors' },
   });
+  assert.match(md, /\| CPU \| AMD EPYC 9R14 \(2 threads\); vector code: AVX-512, 16-lane vectors \|/);
   assert.match(md, /Training runs on the \*\*CPU\*\*/);
   assert.match(md, /\| GPU 0 \| NVIDIA H100 80GB HBM3, compute capability 9\.0, 80\.0 GiB \(79\.0 GiB free\) \|/);
   assert.match(md, /\| cuBLASLt \| \*\*not found\*\* \(libcublasLt\.so\.13: cannot open shared object file\) \|/);

@@ -2,7 +2,7 @@
 // what a user reads when "it does not use my GPU" (the extension's QLoRA: Check GPU Setup shows the same).
 import * as os from 'node:os';
 import { engineInfo, engineVersion, gpuReport, type GpuReport } from '../../engine';
-import { chooseDevice, cudaBlockers } from '../../engine/device';
+import { chooseDevice, cpuName, cudaBlockers } from '../../engine/device';
 import { stringOption, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { placementOptions } from '../placement';
 
@@ -19,6 +19,8 @@ export interface DoctorReport extends Omit<GpuReport, 'computeDtype'> {
   engine: string;
   /** The device `--device auto` would train on. */
   device: 'cuda' | 'cpu';
+  /** The CPU, its threads, and the version of the CPU kernels' vector code this machine runs. */
+  cpu: { name: string; vectorCode: string };
 }
 
 export function doctorReport(libraryDir?: string): DoctorReport {
@@ -27,7 +29,8 @@ export function doctorReport(libraryDir?: string): DoctorReport {
   // The same choice and the same sentences as `train --device auto`.
   const choice = chooseDevice('auto', g, engine);
   // computeDtype: what training would compute in (the engine's CUDA backend may not have the GPU's own dtype yet)
-  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : null, problems: cudaBlockers(g, engine.backends), device: choice.kind };
+  const cpu = { name: cpuName(engine.threads), vectorCode: engine.cpuVectorCode };
+  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : null, problems: cudaBlockers(g, engine.backends), device: choice.kind, cpu };
 }
 
 const GiB = 1024 ** 3;
@@ -37,6 +40,7 @@ export function doctorText(r: DoctorReport): string {
   const lib = (name: string, l: GpuReport['cublasLt']) => `${name}: ${l.found ? `found at ${l.path}` : `not found${l.error ? ` (${l.error})` : ''}`}`;
   const lines = [
     `platform: ${r.platform}, Node ${r.node}`,
+    `CPU: ${r.cpu.name}; vector code: ${r.cpu.vectorCode}`,
     `engine: ${r.engine}; CUDA backend ${r.cudaCompiled ? `compiled in (CUDA ${r.cudaRuntimeVersion} runtime, linked statically)` : 'not compiled in'}`,
     `${lib('NVIDIA driver', r.driver)}${r.driverVersion ? `; version ${r.driverVersion}` : ''}${r.driverCudaVersion ? `, supports CUDA ${r.driverCudaVersion}` : ''}`,
     lib('NVML', r.nvml),

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "backend/backend.h"
+#include "cpu/kernels.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/runtime_probe.h"
 #include "binding/binding_util.h"
@@ -515,6 +516,7 @@ Napi::Value EngineInfo(const Napi::CallbackInfo& info) {
   }
   o.Set("cudaComputeDtypes", dtypes);
   o.Set("cudaCompiled", qlora::cuda::compiled());
+  o.Set("cpuVectorCode", qlora::cpu::vector_code());
 #ifdef _OPENMP
   o.Set("threads", omp_get_max_threads());
 #else

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -199,6 +200,9 @@ void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Phi
 // they use 16): for tests, which check that both widths give the same bits. It changes the width, not the
 // instruction set's clone the CPU runs.
 void force_narrow_vectors(bool narrow);
+// The CPU vector code this machine runs, for doctor: the instruction set's version the addon chose when it loaded and
+// the vectors' width ("AVX-512, 16-lane vectors").
+std::string vector_code();
 
 // Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes
 // `packed`, one constant per `blocksize` weights), each weight dequantized and rounded (round_to: 0 fp32, 1 bf16,

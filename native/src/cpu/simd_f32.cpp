@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #include <cstdlib>  // through glibc's features.h: __GLIBC__, which target_clones (ifunc) needs
 #if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
@@ -55,6 +56,20 @@ bool has_avx512() {
 }  // namespace
 
 void force_narrow_vectors(bool narrow) { narrow_vectors_forced.store(narrow, std::memory_order_relaxed); }
+
+std::string vector_code() {
+  const std::string fills = !QLORA_GCC_SHUFFLES ? ", tiles filled a value at a time (built without GCC's shuffles)"
+                            : has_avx512()      ? ", 16-lane vectors"
+                                                : ", 8-lane vectors";
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
+  // the version target_clones' resolver picks, in its order
+  if (__builtin_cpu_supports("avx512f")) return "AVX-512" + fills;
+  if (__builtin_cpu_supports("avx2")) return "AVX2" + fills;
+  return "x86-64 baseline (no AVX2)" + fills;
+#else
+  return "one version for every CPU" + fills;
+#endif
+}
 
 #if QLORA_GCC_SHUFFLES
 namespace {
