@@ -257,19 +257,28 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
   // Rows of whole blocks (192, 640: more than a chunk of 256) take the vector fill; blocks of 32 and of 16 as well
   // (80: two groups of 32 weights, then a pair at a time), at both vector widths.
   qtest::at_both_vector_widths([&](bool narrow) {
-    // The last case has an infinite and a NaN block constant (bitsandbytes' absmax of a weight that overflowed):
-    // their products are inf and NaN, rounded as nf4_dequantize rounds them.
+    // The last cases have edge block constants, their products rounded as nf4_dequantize rounds them: 1, an infinite
+    // and a NaN one (bitsandbytes' absmax of a weight that overflowed); 2, tiny ones (fp16 subnormal products); 3,
+    // about fp16's largest value: 65504 to 65519 (products of the codes +-1 that round to +-65504), and in the first
+    // two rows only, 65520 (a tie that goes to infinity) and 65536; 4, 1 + 2^-11 and 1 + 3 * 2^-11, whose products
+    // with the codes +-1 are ties at fp16's precision (nearest even: down, then up).
     for (const auto& [out, in, blocksize, edges] :
-         {std::tuple<int64_t, int64_t, int64_t, bool>{7, 100, 64, false}, {37, 99, 64, false}, {19, 301, 64, false},
-          {37, 192, 64, false}, {19, 640, 64, false}, {5, 96, 32, false}, {21, 80, 16, false}, {23, 192, 64, true}}) {
+         {std::tuple<int64_t, int64_t, int64_t, int>{7, 100, 64, 0}, {37, 99, 64, 0}, {19, 301, 64, 0},
+          {37, 192, 64, 0}, {19, 640, 64, 0}, {5, 96, 32, 0}, {21, 80, 16, 0}, {23, 192, 64, 1}, {23, 192, 64, 2},
+          {23, 192, 64, 3}, {23, 192, 64, 4}}) {
       const int64_t n = out * in;
       std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
       std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize)), x(kNf4MatmulMaxRows * in);
       for (size_t i = 0; i < packed.size(); ++i) packed[i] = static_cast<uint8_t>((i * 37 + 11) & 0xff);
       for (size_t i = 0; i < absmax.size(); ++i) absmax[i] = 0.013f * static_cast<float>(i + 1) + 0.0071f;
-      if (edges) {
+      if (edges == 1) {
         absmax[4] = INFINITY;
         absmax[9] = std::nanf("");
+      }
+      for (size_t i = 0; i < absmax.size(); ++i) {
+        if (edges == 2) absmax[i] = std::ldexp(1.0f + 0.37f * static_cast<float>(i % 7), -17 - static_cast<int>(i % 9));
+        if (edges == 3) absmax[i] = i < 3 ? 65520.0f : i < 6 ? 65536.0f : 65504.0f + static_cast<float>(i % 16);
+        if (edges == 4) absmax[i] = i % 2 ? 1.0f + std::ldexp(1.0f, -11) : 1.0f + 3.0f * std::ldexp(1.0f, -11);
       }
       const auto same = [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); };
       for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;

@@ -1,7 +1,8 @@
-// The CPU's hottest fp32 loops (the GEMM's panels, generation's few-row products, attention's backward pass), built for AVX-512, AVX2 and the
-// baseline, the best chosen when the addon loads (GCC/Clang function multi-versioning on x86-64 Linux with glibc,
-// whose ifunc chooses; one version elsewhere). Contraction stays off (no FMA) and no reduction is reordered, so every version rounds each multiply and
-// add as the baseline does: the results are bit for bit the same on every CPU.
+// The CPU's hottest fp32 loops (the GEMM's panels and whole transposes, generation's few-row products and their
+// NF4 tiles, attention's dot products and backward pass, dropout), built for AVX-512, AVX2 and the baseline, the
+// best chosen when the addon loads (GCC/Clang function multi-versioning on x86-64 Linux with glibc, whose ifunc
+// chooses; one version elsewhere). Contraction stays off (no FMA) and no reduction is reordered, so every version
+// rounds each multiply and add as the baseline does: the results are bit for bit the same on every CPU.
 #include "cpu/kernels.h"
 #include "io/dtype.h"
 #include "quant/nf4_codebook.h"
@@ -102,6 +103,31 @@ QLORA_ALWAYS_INLINE void round_bf16_lanes(typename Lanes<L>::F& v, bool no_nan =
   }
   const U nan = ((bits >> 16) | 0x40u) << 16;
   const U out = (bits & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  std::memcpy(&v, &out, sizeof v);
+}
+
+// round_to_f16 lane by lane, in place: round to nearest even at fp16's precision, as f16_to_f32(f32_to_f16(v)) does.
+// Normal results keep 10 mantissa bits; below 2^-14, multiples of 2^-24 (0.5 + |v| rounds there, nearest even, and
+// 0.5 comes off exactly); from 65520 on, infinity; a NaN stays a quiet NaN with its top 10 payload bits.
+template <int L>
+QLORA_ALWAYS_INLINE void round_f16_lanes(typename Lanes<L>::F& v) {
+  typedef typename Lanes<L>::U U;
+  typedef typename Lanes<L>::F F;
+  U bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const U magnitude_bits = bits & 0x7fffffffu;
+  const U normal = (magnitude_bits + (0xfffu + ((magnitude_bits >> 13) & 1u))) & ~0x1fffu;
+  F magnitude;
+  std::memcpy(&magnitude, &magnitude_bits, sizeof magnitude);
+  const F subnormal_value = (magnitude + 0.5f) - 0.5f;
+  U subnormal;
+  std::memcpy(&subnormal, &subnormal_value, sizeof subnormal);
+  const U nan = 0x7fc00000u | (magnitude_bits & 0x007fe000u);
+  const U out = (bits & 0x80000000u) |
+                (magnitude_bits > 0x7f800000u    ? nan
+                 : magnitude_bits >= 0x477ff000u ? U{} + 0x7f800000u
+                 : magnitude_bits < 0x38800000u  ? subnormal
+                                                 : normal);
   std::memcpy(&v, &out, sizeof v);
 }
 
@@ -206,7 +232,7 @@ struct PackTransposedLanes {
 };
 
 // Nf4Tile's fill for rows that start on a byte (`in` even) and blocks that start and end with the rows (`in` a
-// multiple of the block size), so all 16 rows change block constants at the same k; fp32 or bf16 rounding. For each
+// multiple of the block size), so all 16 rows change block constants at the same k; any rounding. For each
 // pair of k (a byte of every row) the 16 codes index the code book, times each row's block constant, rounded: the
 // same products and roundings as Nf4Tile, so the same bits. The bytes come 16 of a row at a time, transposed in
 // registers, so that each pair's 16 bytes are one vector.
@@ -215,8 +241,7 @@ struct Nf4TileLanes {
   const uint8_t* packed;
   const float* absmax;
   int64_t o0, cols, in;
-  int blocksize;
-  bool bf16;
+  int blocksize, round_to;  // 0 fp32, 1 bf16, 2 fp16
 
   QLORA_SIMD_CLONES __attribute__((noinline)) void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
     typedef typename Lanes<L>::F F;
@@ -261,9 +286,12 @@ struct Nf4TileLanes {
         }
         w0 *= scale[g];
         w1 *= scale[g];
-        if (bf16) {
+        if (round_to == 1) {
           round_bf16_lanes<L>(w0, finite_scales);
           round_bf16_lanes<L>(w1, finite_scales);
+        } else if (round_to == 2) {
+          round_f16_lanes<L>(w0);
+          round_f16_lanes<L>(w1);
         }
         std::memcpy(&tile[k][g * L], &w0, sizeof w0);
         std::memcpy(&tile[k + 1][g * L], &w1, sizeof w1);
@@ -515,13 +543,13 @@ QLORA_SIMD_CLONES
 void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, const float* absmax, int64_t o0,
                          int64_t cols, int64_t out, int64_t in, int blocksize, int round_to, float* y) {
 #if QLORA_GCC_SHUFFLES
-  if (in % 2 == 0 && blocksize % 2 == 0 && in % blocksize == 0 && round_to != 2) {
+  if (in % 2 == 0 && blocksize % 2 == 0 && in % blocksize == 0) {
     if (has_avx512())
       nt_tile_product<16>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y,
-                          Nf4TileLanes<16>{packed, absmax, o0, cols, in, blocksize, round_to == 1});
+                          Nf4TileLanes<16>{packed, absmax, o0, cols, in, blocksize, round_to});
     else
       nt_tile_product<8>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y,
-                         Nf4TileLanes<8>{packed, absmax, o0, cols, in, blocksize, round_to == 1});
+                         Nf4TileLanes<8>{packed, absmax, o0, cols, in, blocksize, round_to});
     return;
   }
 #endif
