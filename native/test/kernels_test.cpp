@@ -3,6 +3,8 @@
 // L = sum(dy * f(x)) has dL/dx = backward(dy); each input element is perturbed by ±h and compared.
 #include <functional>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -264,6 +266,15 @@ TEST(kernel_gemm_few_rows_equals_the_blocked_path_bit_for_bit) {
         EXPECT_TRUE(few[i] == big[i], "narrow ", narrow, " row-major index ", i, ": ", few[i], " vs ", big[i]);
     }
   });
+}
+
+TEST(kernel_vector_code_is_the_version_the_cpu_chose) {
+  // doctor's description of the CPU kernels' version; QLORA_EXPECT_VECTOR_CODE (set by the emulated-CPU tests, which
+  // run this under qemu's CPU models) names the one the CPU must have chosen.
+  const std::string code = cpu::vector_code();
+  EXPECT_TRUE(!code.empty(), "an empty description");
+  if (const char* expected = std::getenv("QLORA_EXPECT_VECTOR_CODE"))
+    EXPECT_TRUE(code == expected, "vector code ", code, ", expected ", expected);
 }
 
 TEST(kernel_philox_gives_the_published_known_answers) {

@@ -2,6 +2,7 @@
 // against finite differences (fp32 model, so along directions where the signal is large: the gradient itself and
 // single large elements), identical gradients with and without checkpointing, and dropout that is reproducible.
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -259,8 +260,8 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
   qtest::at_both_vector_widths([&](bool narrow) {
     // The last cases have edge block constants, their products rounded as nf4_dequantize rounds them: 1, an infinite
     // and a NaN one (bitsandbytes' absmax of a weight that overflowed); 2, tiny ones (fp16 subnormal products); 3,
-    // about fp16's largest value: 65504 to 65519 (products of the codes +-1 that round to +-65504), and in the first
-    // two rows only, 65520 (a tie that goes to infinity) and 65536; 4, 1 + 2^-11 and 1 + 3 * 2^-11, whose products
+    // about fp16's largest value: 65504 to 65519 (products of the codes +-1 that round to +-65504), and 65520 (a tie
+    // that goes to infinity) for row 0's three blocks and 65536 for row 1's; 4, 1 + 2^-11 and 1 + 3 * 2^-11, whose products
     // with the codes +-1 are ties at fp16's precision (nearest even: down, then up).
     for (const auto& [out, in, blocksize, edges] :
          {std::tuple<int64_t, int64_t, int64_t, int>{7, 100, 64, 0}, {37, 99, 64, 0}, {19, 301, 64, 0},
@@ -280,7 +281,13 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
         if (edges == 3) absmax[i] = i < 3 ? 65520.0f : i < 6 ? 65536.0f : 65504.0f + static_cast<float>(i % 16);
         if (edges == 4) absmax[i] = i % 2 ? 1.0f + std::ldexp(1.0f, -11) : 1.0f + 3.0f * std::ldexp(1.0f, -11);
       }
-      const auto same = [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); };
+      // the same bits (a zero's sign included), or both NaN
+      const auto same = [](float a, float b) {
+        uint32_t ua, ub;
+        std::memcpy(&ua, &a, 4);
+        std::memcpy(&ub, &b, 4);
+        return ua == ub || (std::isnan(a) && std::isnan(b));
+      };
       for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i)) * 1.7f;
       for (FloatFormat rt : {FloatFormat::F32, FloatFormat::BF16, FloatFormat::F16}) {
         std::vector<float> w(static_cast<size_t>(n));

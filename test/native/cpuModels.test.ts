@@ -19,18 +19,25 @@ const skip =
       ? 'qemu-x86_64 is not installed (Debian: apt-get install qemu-user)'
       : false;
 
-// The native tests whose names hold these (the harness runs those containing its filter).
+// The native tests whose names hold these (the harness runs those containing its filter): every kernel_ test (one of
+// them checks that the CPU chose the version named below), the NF4 ones, and dropout's (with two CUDA-emulator tests
+// of the CPU's dropout and one kernel_ test again).
 const filters = ['kernel_', 'model_nf4', 'dropout'];
 
-for (const [cpu, what] of [
-  ['Haswell', 'AVX2 without AVX-512'],
-  ['Nehalem', 'baseline x86-64 (SSE4.2)'],
+for (const [cpu, what, vectorCode] of [
+  ['Haswell', 'AVX2 without AVX-512', 'AVX2, 8-lane vectors'],
+  ['Nehalem', 'baseline x86-64 (SSE4.2)', 'x86-64 baseline (no AVX2), 8-lane vectors'],
 ] as const) {
   test(`the CPU kernels' native tests pass on an emulated ${cpu} (${what})`, { skip }, () => {
     assert.ok(fs.existsSync(exe), `${exe} is missing: the native build did not run`);
     for (const filter of filters) {
-      const r = spawnSync('qemu-x86_64', ['-cpu', cpu, exe, fixtures, filter], { encoding: 'utf8', timeout: 600_000 });
-      const summary = r.stdout.trim().split('\n').pop() ?? '';
+      const r = spawnSync('qemu-x86_64', ['-cpu', cpu, exe, fixtures, filter], {
+        encoding: 'utf8',
+        timeout: 600_000,
+        env: { ...process.env, QLORA_EXPECT_VECTOR_CODE: vectorCode },
+      });
+      assert.ok(!r.error, `${cpu}, tests matching ${filter}: ${r.error?.message}`);
+      const summary = (r.stdout ?? '').trim().split('\n').pop() ?? '';
       assert.equal(r.status, 0, `${cpu}, tests matching ${filter}:\n${r.stdout}\n${r.stderr}`);
       assert.match(summary, /^[1-9]\d* passed, 0 failed$/, `${cpu}, tests matching ${filter}: ${summary}`);
     }

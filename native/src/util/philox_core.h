@@ -1,4 +1,5 @@
-// Philox4x32-10 itself, for the CPU (util/philox.h) and the GPU kernels (cuda/kernels.cuh) alike.
+// Philox4x32-10 itself, for the CPU (util/philox.h, and cpu/simd_f32.cpp's dropout on vectors of counters) and the
+// GPU kernels (cuda/kernels.cuh) alike.
 #pragma once
 #include <cstdint>
 
