@@ -97,6 +97,11 @@ void Backend::gemm_dx_with_lora(int64_t, int64_t, int64_t, const float*, uint16_
 
 namespace {
 
+// A dequantized weight's rounding to `format` (none for fp32).
+nf4::Rounding rounding(FloatFormat format) {
+  return format == FloatFormat::F32 ? nullptr : format == FloatFormat::BF16 ? round_to_bf16 : round_to_f16;
+}
+
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
@@ -244,28 +249,7 @@ class CpuBackend final : public Backend {
 
   void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                       float* out) override {
-    if (round_to == FloatFormat::F32) return nf4::dequantize(packed, absmax, n, blocksize, out);
-    nf4::check_blocksize(blocksize, "nf4_dequantize");
-    // One pass: a block's 16 values are rounded once, then looked up, which rounds each value as rounding them after
-    // nf4::dequantize would. Blocks start on a byte (the block size is even).
-    const bool bf16 = round_to == FloatFormat::BF16;
-    const int64_t blocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      float table[16];
-      for (int c = 0; c < 16; ++c) {
-        const float v = nf4::kCodes[c] * absmax[b];
-        table[c] = bf16 ? round_to_bf16(v) : round_to_f16(v);
-      }
-      const int64_t begin = b * blocksize, end = std::min<int64_t>(n, begin + blocksize);
-      int64_t i = begin;
-      for (; i + 1 < end; i += 2) {
-        const uint8_t byte = packed[i / 2];
-        out[i] = table[byte >> 4];
-        out[i + 1] = table[byte & 0x0f];
-      }
-      if (i < end) out[i] = table[packed[i / 2] >> 4];
-    }
+    nf4::dequantize(packed, absmax, n, blocksize, out, rounding(round_to));
   }
   void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2, float offset,
                          int blocksize2, float* out) override {

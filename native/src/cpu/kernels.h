@@ -188,6 +188,19 @@ void gemm_nt_tile_f32(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K,
 // and its backward's dp (dout·v_j), 16 rows at a time in vectors (gemm_nt_tile_f32's tiles): the bits of the plain
 // loop over d.
 void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out);
+// dot_rows_f32 for any T: in fp32 through it, otherwise a row at a time.
+template <typename T>
+void dot_rows(const T* x, const T* rows, int64_t ld, int64_t count, int64_t dim, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    dot_rows_f32(x, rows, ld, count, dim, out);
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      T dot = 0;
+      for (int64_t d = 0; d < dim; ++d) dot += x[d] * rows[j * ld + d];
+      out[j] = dot;
+    }
+  }
+}
 
 // Dropout of n values whose uniforms are those of rng (Philox::uniform) at counters offset .. offset + n - 1: out[i]
 // = x[i] * keep_scale where the uniform is >= p, else 0. Eight Philox blocks (32 values) at a time in vectors: the
@@ -496,20 +509,10 @@ template <typename T>
 T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
              T* oi) {
   T max_score = -INFINITY;
-  if constexpr (std::is_same_v<T, float>) {
-    dot_rows_f32(qi, k, kv_stride, last + 1, head_dim, p);
-    for (int64_t j = 0; j <= last; ++j) {
-      p[j] *= scale;
-      max_score = std::max(max_score, p[j]);
-    }
-  } else {
-    for (int64_t j = 0; j <= last; ++j) {
-      const T* kj = k + j * kv_stride;
-      T dot = 0;
-      for (int64_t d = 0; d < head_dim; ++d) dot += qi[d] * kj[d];
-      p[j] = dot * scale;
-      max_score = std::max(max_score, p[j]);
-    }
+  dot_rows(qi, k, kv_stride, last + 1, head_dim, p);
+  for (int64_t j = 0; j <= last; ++j) {
+    p[j] *= scale;
+    max_score = std::max(max_score, p[j]);
   }
   T sum = 0;
   for (int64_t j = 0; j <= last; ++j) {
@@ -598,21 +601,10 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
       const T row_lse = lse[(b * heads + h) * seq + i];
       T row_dot = 0;
       for (int64_t d = 0; d < head_dim; ++d) row_dot += doi[d] * oi[d];
-      if constexpr (std::is_same_v<T, float>) {  // the scores into p, dp into ds
-        dot_rows_f32(qi, k + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, p);
-        dot_rows_f32(doi, v + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, ds);
-        for (int64_t j = 0; j <= i; ++j) p[j] = std::exp(p[j] * scale - row_lse);
-      } else {
-        for (int64_t j = 0; j <= i; ++j) {
-          const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
-          const T* vj = v + (b * seq + j) * kv_stride + kvh * head_dim;
-          T score = 0, dp = 0;
-          for (int64_t d = 0; d < head_dim; ++d) score += qi[d] * kj[d];
-          for (int64_t d = 0; d < head_dim; ++d) dp += doi[d] * vj[d];
-          p[j] = std::exp(score * scale - row_lse);
-          ds[j] = dp;
-        }
-      }
+      // the scores into p, then their probabilities; dp into ds
+      dot_rows(qi, k + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, p);
+      dot_rows(doi, v + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, ds);
+      for (int64_t j = 0; j <= i; ++j) p[j] = std::exp(p[j] * scale - row_lse);
       T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
       for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
       for (int64_t j = 0; j <= i; ++j) {

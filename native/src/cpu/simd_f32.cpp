@@ -5,7 +5,7 @@
 // rounds each multiply and add as the baseline does: the results are bit for bit the same on every CPU.
 #include "cpu/kernels.h"
 #include "io/dtype.h"
-#include "quant/nf4_codebook.h"
+#include "quant/nf4.h"
 #include "util/philox.h"
 
 #include <atomic>
@@ -317,13 +317,14 @@ struct Nf4TileLanes {
 
 namespace {
 
-// The fill for an NF4 W [out, in]: tile[k][j] = W[o0 + j, k0 + k] dequantized and rounded (round_to: 0 fp32, 1 bf16,
-// 2 fp16) as nf4_dequantize computes and rounds it, a value at a time; any `in` and block size.
+// The fill for an NF4 W [out, in]: tile[k][j] = W[o0 + j, k0 + k] dequantized and rounded as nf4_dequantize computes
+// and rounds it, a value at a time; any `in` and block size.
 struct Nf4Tile {
   const uint8_t* packed;
   const float* absmax;
   int64_t o0, cols, in;
-  int blocksize, round_to;
+  int blocksize;
+  nf4::Rounding round;
 
   QLORA_ALWAYS_INLINE void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
     for (int64_t j = 0; j < kNtTile; ++j) {
@@ -336,7 +337,7 @@ struct Nf4Tile {
       while (i < end) {
         const int64_t block = i / blocksize;
         const int64_t stop = std::min(end, (block + 1) * blocksize);
-        for (int c = 0; c < 16; ++c) table[c] = rounded(nf4::code_value(c) * absmax[block]);
+        nf4::block_values(absmax[block], round, table);
         if (i & 1) {  // a segment starting on a byte's second weight
           tile[k++][j] = table[packed[i >> 1] & 0x0f];
           ++i;
@@ -352,9 +353,6 @@ struct Nf4Tile {
         }
       }
     }
-  }
-  QLORA_ALWAYS_INLINE float rounded(float v) const {
-    return round_to == 0 ? v : round_to == 1 ? round_to_bf16(v) : round_to_f16(v);
   }
 };
 
@@ -553,7 +551,8 @@ void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, co
     return;
   }
 #endif
-  const Nf4Tile fill{packed, absmax, o0, cols, in, blocksize, round_to};
+  const Nf4Tile fill{packed, absmax, o0, cols, in, blocksize,
+                     round_to == 0 ? nullptr : round_to == 1 ? round_to_bf16 : round_to_f16};
   if (has_avx512())
     nt_tile_product<16>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y, fill);
   else

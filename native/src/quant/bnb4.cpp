@@ -225,16 +225,12 @@ std::vector<float> dequantize_weight(const Nf4Weight& w) {
               " for ", n, " values");
   QLORA_CHECK(static_cast<int64_t>(w.absmax.size()) == ceil_div(n, w.blocksize), "absmax size ", w.absmax.size(),
               " for ", n, " values");
-  std::vector<float> out(static_cast<size_t>(n));
-  nf4::dequantize(w.packed.data(), w.absmax.data(), n, w.blocksize, out.data());
   // bitsandbytes' kernel writes code * absmax (fp32) into a tensor of the quant state's dtype.
-  if (w.dtype == "bfloat16") {
-    for (float& v : out) v = round_to_bf16(v);
-  } else if (w.dtype == "float16") {
-    for (float& v : out) v = round_to_f16(v);
-  } else {
-    QLORA_CHECK(w.dtype == "float32", "unknown quant state dtype '", w.dtype, "'");
-  }
+  QLORA_CHECK(w.dtype == "bfloat16" || w.dtype == "float16" || w.dtype == "float32", "unknown quant state dtype '",
+              w.dtype, "'");
+  const nf4::Rounding round = w.dtype == "bfloat16" ? round_to_bf16 : w.dtype == "float16" ? round_to_f16 : nullptr;
+  std::vector<float> out(static_cast<size_t>(n));
+  nf4::dequantize(w.packed.data(), w.absmax.data(), n, w.blocksize, out.data(), round);
   return out;
 }
 

@@ -69,21 +69,22 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
   return out;
 }
 
-void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out) {
+void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out, Rounding round) {
   check_blocksize(blocksize, "nf4::dequantize");
   // Block by block (an even block size: a block starts on a byte), two values a byte.
   const int64_t blocks = (n + blocksize - 1) / blocksize;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < blocks; ++b) {
-    const float scale = absmax[b];
+    float table[16];
+    block_values(absmax[b], round, table);
     const int64_t begin = b * blocksize, end = std::min<int64_t>(n, begin + blocksize);
     int64_t i = begin;
     for (; i + 1 < end; i += 2) {
       const uint8_t byte = packed[i / 2];
-      out[i] = kCodes[byte >> 4] * scale;
-      out[i + 1] = kCodes[byte & 0x0f] * scale;
+      out[i] = table[byte >> 4];
+      out[i + 1] = table[byte & 0x0f];
     }
-    if (i < end) out[i] = kCodes[packed[i / 2] >> 4] * scale;
+    if (i < end) out[i] = table[packed[i / 2] >> 4];
   }
 }
 

@@ -29,9 +29,19 @@ void check_blocksize(int blocksize, const char* what);
 // error naming `what` (the CPU's and the GPU's nf4_dequantize_16).
 void check_rows(int64_t row_len, int64_t row_stride, const char* what);
 
-// out[i] = kCodes[code_i] * absmax[i / blocksize], computed in fp32 (rounding to the quant state's dtype is the
-// caller's choice: see round_to_dtype below).
-void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out);
+// A value rounding: round_to_bf16 or round_to_f16 (the quant state's dtype, into which bitsandbytes writes code *
+// absmax), or none (fp32).
+using Rounding = float (*)(float);
+
+// The 16 values of a block whose constant is `scale`: kCodes[c] * scale in fp32, then rounded when `round` is given.
+// Each dequantizer builds them once a block and looks its codes up, which rounds each value as rounding after would.
+inline void block_values(float scale, Rounding round, float table[16]) {
+  for (int c = 0; c < 16; ++c) table[c] = round ? round(kCodes[c] * scale) : kCodes[c] * scale;
+}
+
+// out[i] = kCodes[code_i] * absmax[i / blocksize], computed in fp32, then rounded when `round` is given.
+void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out,
+                Rounding round = nullptr);
 
 // bitsandbytes' signed dynamic 8-bit map (256 sorted values in [-1, 1]), used for the block constants.
 const std::vector<float>& dynamic_map_signed();
