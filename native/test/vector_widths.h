@@ -1,5 +1,6 @@
-// The CPU's few-row products (generation's x·W^T and NF4 matrix-vector products) run on vectors of 16 lanes where
-// the CPU has AVX-512 and of 8 elsewhere: tests of their bits run at both widths, whatever CPU runs them.
+// The CPU's vector code (the GEMM's panels and transposes, generation's few-row and NF4 products, attention's dot
+// products) runs on vectors of 16 lanes where the CPU has AVX-512 and of 8 elsewhere: tests of its bits run at both
+// widths, whatever CPU runs them.
 #pragma once
 #include "cpu/kernels.h"
 
