@@ -169,6 +169,8 @@ function renderHeader(): void {
   }
 }
 
+let shownWarnings = '[]';
+
 function renderProblems(): void {
   const message = view.error?.message ?? (status === 'failed' ? statusMessage : undefined);
   ui.error.hidden = message === undefined;
@@ -177,7 +179,10 @@ function renderProblems(): void {
     const resume = view.error?.lastCheckpoint ? `Resume continues from ${view.error.lastCheckpoint}.` : '';
     ui.error.replaceChildren(el('strong', { text: `Failed${where}: ` }), document.createTextNode(message), ...(resume ? [el('div', { className: 'muted', text: resume })] : []));
   }
-  if (ui.warnings.childElementCount !== view.warnings.length) {
+  // redrawn when the list changes: a count alone would keep another run's warnings when both have as many
+  const key = JSON.stringify(view.warnings.map((w) => w.message));
+  if (key !== shownWarnings) {
+    shownWarnings = key;
     ui.warnings.replaceChildren(...view.warnings.map((w) => el('li', { text: w.message })));
   }
   ui.warnings.hidden = view.warnings.length === 0;
@@ -305,6 +310,7 @@ function receive(message: HostToWebview): void {
       received = true;
       shown = message.run && { runDir: message.run.runDir, name: message.run.name };
       view = reduceRun(message.run?.events ?? []);
+      shownSamples = ''; // another run's answers can have the same steps and lengths
       // The host's status wins on show: a killed trainer leaves a log that still reads as running.
       status = message.run?.status ?? null;
       statusMessage = undefined;

@@ -180,7 +180,8 @@ export function applyEvent(view: RunView, event: TrainerEvent): RunView {
       });
       break;
     case 'eval':
-      series.evalLoss.push({ x: event.step, y: event.evalLoss });
+      // a non-finite eval loss (its warning says why) leaves no point and no figure
+      if (event.evalLoss !== null) series.evalLoss.push({ x: event.step, y: event.evalLoss });
       header.evalLoss = event.evalLoss;
       break;
     case 'sample': {

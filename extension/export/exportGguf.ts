@@ -47,6 +47,7 @@ export interface ExportGgufReport extends ModelGgufReport {
 export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport> {
   if (o.run === undefined && o.model === undefined) throw new Error('export-gguf needs --run or --model');
   if (o.run !== undefined && (o.model !== undefined || o.adapter !== undefined)) throw new Error('--run takes its model and adapter from the run; leave out --model and --adapter');
+  if (o.run === undefined && o.checkpoint !== undefined) throw new Error(`--checkpoint ${o.checkpoint} picks a checkpoint of a run: it needs --run`);
   const model = o.run !== undefined ? runModelDir(o.run) : o.model!;
   const adapter = o.run !== undefined ? runAdapterDir(o.run, o.checkpoint) : (o.adapter ?? null);
   if (!o.out.toLowerCase().endsWith('.gguf')) throw new Error(`--out must name a .gguf file, got ${o.out}`);

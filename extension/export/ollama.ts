@@ -14,6 +14,7 @@ import { removeStaleTemps } from '../util/staleTemp';
 import { exportGguf, type ExportGgufOptions, type ExportGgufReport } from './exportGguf';
 import type { GgufFileType } from './gguf/types';
 import { ollamaTemplate, type ChatFamily } from './ollamaTemplate';
+import { readJsonFile } from '../util/jsonFile';
 
 export interface ExportOllamaOptions {
   run: string;
@@ -66,7 +67,7 @@ export function defaultOllamaName(folder: string): string {
  * and text data, mixed or absent system messages, or a data file no longer there give null, with the reason.
  */
 export async function sharedSystemMessage(run: string): Promise<{ system: string | null; note: string }> {
-  const config = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8')) as Partial<TrainConfig>;
+  const config = readJsonFile(path.join(run, 'config.json')) as Partial<TrainConfig>;
   if (typeof config.data !== 'string' || !fs.existsSync(config.data)) return { system: null, note: `the training data (${config.data ?? 'unnamed'}) is not there to read` };
   let ds: Awaited<ReturnType<typeof readDataset>>;
   try {

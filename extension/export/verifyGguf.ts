@@ -11,6 +11,7 @@ import { prepareData } from '../trainer/data';
 import type { TrainConfig } from '../trainer/config';
 import type { GgufFileType } from './gguf/types';
 import { openGguf } from './llamaCpp';
+import { readJsonFile } from '../util/jsonFile';
 
 /** How close llama.cpp must come to our engine for an export to count as verified, by its type. */
 interface Criterion {
@@ -76,7 +77,7 @@ const MAX_TOKENS = 64;
 /** A few held-out sequences: the run's eval split (else its first training examples), or sample text. */
 async function sequencesToScore(tok: ModelTokenizer, run: string | null): Promise<number[][]> {
   if (run !== null) {
-    const config = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8')) as TrainConfig;
+    const config = readJsonFile(path.join(run, 'config.json')) as TrainConfig;
     if (fs.existsSync(config.data)) {
       const data = await prepareData(config);
       const pool = data.eval.length > 0 ? data.eval : data.train;

@@ -10,6 +10,7 @@ import { engineOptions, placeRun, type PlacementOptions } from '../trainer/place
 import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
 import { generate, type GenerateOptions, type GenerateResult } from './generate';
 import { DEFAULT_SAMPLING, type SamplingOptions } from './sampling';
+import { readJsonFile } from '../util/jsonFile';
 
 export interface ChatModelSource {
   /** A base model folder (with `adapter`, or alone); or give `run`. */
@@ -98,7 +99,7 @@ export function stopTokenIds(tok: ModelTokenizer, configEosIds: readonly number[
 }
 
 function runQuantized(run: string): boolean {
-  const config = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8')) as { quantize?: unknown };
+  const config = readJsonFile(path.join(run, 'config.json')) as { quantize?: unknown };
   return config.quantize !== false;
 }
 

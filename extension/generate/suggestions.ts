@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import type { NormalizedExample } from '../data';
 import type { TrainConfig } from '../trainer/config';
 import { prepareData } from '../trainer/data';
+import { readJsonFile } from '../util/jsonFile';
 
 /** The question an example asks: its first user message, or a completion's prompt; null for plain text. */
 export function promptOf(example: NormalizedExample): string | null {
@@ -15,7 +16,7 @@ export function promptOf(example: NormalizedExample): string | null {
 }
 
 export async function evalPrompts(run: string, limit = 8): Promise<string[]> {
-  const config = JSON.parse(fs.readFileSync(path.join(run, 'config.json'), 'utf8')) as TrainConfig;
+  const config = readJsonFile(path.join(run, 'config.json')) as TrainConfig;
   const data = await prepareData(config);
   const prompts: string[] = [];
   for (const example of data.heldOut) {

@@ -10,6 +10,7 @@ import type { DatasetReport } from '../data';
 import type { ChatSource } from '../protocol/chat';
 import type { TrainerEvent } from '../protocol/events';
 import type { EstimateForPlan } from '../trainer/memoryPlan';
+import { describeRunLock, liveRunLock, type RunLock } from '../trainer/runLock';
 import { findOnPath } from '../util/findOnPath';
 import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
@@ -93,6 +94,33 @@ type Handler = (...args: unknown[]) => unknown;
 const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
 
 class Refusal extends Error {}
+
+/** A run that another window or a terminal is training is left to that process. */
+function refuseTrainedElsewhere(runDir: string, verb: 'resume' | 'delete'): void {
+  const holder = liveRunLock(runDir);
+  if (holder) throw new Refusal(`${path.basename(runDir)} is being trained by ${describeRunLock(holder)}, in another window or a terminal; stop it before you ${verb} it.`);
+}
+
+/**
+ * Stops a run that another process trains as Ctrl-C in its terminal would: SIGINT, after which it saves a checkpoint
+ * at the end of its step; a second Stop quits it at once. Windows has no such signal (Node's kill would end the
+ * process outright), so there the user stops it where it runs.
+ */
+function stopTrainedElsewhere(runDir: string, holder: RunLock): boolean {
+  const name = path.basename(runDir);
+  if (process.platform === 'win32') {
+    void vscode.window.showWarningMessage(`${name} is being trained by ${describeRunLock(holder)}, in another window or a terminal: stop it there.`);
+    return false;
+  }
+  try {
+    process.kill(holder.pid, 'SIGINT');
+  } catch (err) {
+    void vscode.window.showErrorMessage(`Could not stop ${name} (${describeRunLock(holder)}): ${err instanceof Error ? err.message : String(err)}`);
+    return false;
+  }
+  void vscode.window.showInformationMessage(`${name}: stopping after its current step (it saves a checkpoint); Stop again to quit it at once.`);
+  return true;
+}
 
 function refuseUntrusted(): void {
   if (!vscode.workspace.isTrusted) throw new Refusal('QLoRA Studio cannot start training in an untrusted workspace. Trust the workspace first.');
@@ -264,6 +292,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     refuseUntrusted();
     const runDir = await runArg(arg, 'Run to resume', ['stopped', 'failed']);
     if (!runDir) return undefined;
+    refuseTrainedElsewhere(runDir, 'resume');
     return startRun('resume', runDir, placementArgs({ ...readSettings(), cudaLibraryPath: pathSetting('cudaLibraryPath') }));
   }
 
@@ -492,6 +521,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     if (!runDir) return false;
     const active = trainer.active;
     if (active && path.resolve(active.runDir) === path.resolve(runDir)) throw new Refusal(`${active.name} is training; stop it before deleting it.`);
+    refuseTrainedElsewhere(runDir, 'delete');
     if (confirmed !== true) {
       const remove = 'Delete';
       const answer = await vscode.window.showWarningMessage(
@@ -526,9 +556,16 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       preview.show(report, { maxLength: seqLen, modelDir: model ?? null, preserveFocus: false });
       return file;
     },
-    'qlora.stopTraining': () => {
-      if (trainer.stop()) return true;
-      void vscode.window.showInformationMessage('No run is training.');
+    'qlora.stopTraining': (arg) => {
+      const runDir = runDirOf(arg);
+      const active = trainer.active;
+      if (runDir === undefined || (active && path.resolve(active.runDir) === path.resolve(runDir))) {
+        if (trainer.stop()) return true;
+      } else {
+        const holder = liveRunLock(runDir);
+        if (holder) return stopTrainedElsewhere(runDir, holder);
+      }
+      void vscode.window.showInformationMessage(runDir === undefined ? 'No run is training.' : `${path.basename(runDir)} is not training.`);
       return false;
     },
     'qlora.resumeRun': (arg) => resumeRun(arg),
@@ -558,7 +595,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       );
       const doc = await vscode.workspace.openTextDocument({ language: 'markdown', content: doctorMarkdown(report) });
       await vscode.window.showTextDocument(doc, { preview: true });
-      const summary = report.device === 'cuda' ? `Training will use ${report.gpus[0]?.name ?? 'the GPU'} (${report.computeDtype}).` : `Training will run on the CPU: ${report.problems.length} problem${report.problems.length === 1 ? '' : 's'} found.`;
+      const summary = report.device === 'cuda' ? `Training will use ${report.gpus.find((g) => g.cudaIndex === 0)?.name ?? 'the GPU'} (${report.computeDtype}).` : `Training will run on the CPU: ${report.problems.length} problem${report.problems.length === 1 ? '' : 's'} found.`;
       void (report.device === 'cuda' ? vscode.window.showInformationMessage(summary) : vscode.window.showWarningMessage(summary));
       return report;
     },

@@ -26,7 +26,7 @@ let trainer: TrainerProcess | undefined;
 
 /** Watches run folders appear, change and go (runs the CLI creates included); the registry debounces. */
 function watchRunsDirectory(dir: string, onChange: () => void): vscode.Disposable {
-  const files = '{*,*/config.json,*/events.jsonl,*/checkpoints/*/DONE}';
+  const files = '{*,*/config.json,*/events.jsonl,*/trainer.lock,*/checkpoints/*/DONE}';
   // Inside a workspace folder, a workspace-relative pattern rides on the workspace's own watcher.
   const inside = (root: string) => {
     const rel = path.relative(root, dir);
@@ -78,7 +78,7 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
   return { runs, runsDirectory: runsDir, chats: () => chats.list() };
 }
 
-/** Stops a live run cleanly (stop, then up to ~5 s for its final checkpoint, then terminate). */
+/** Stops a live run cleanly: it saves a checkpoint and exits, within 3 s or, when its step takes longer, on its own. */
 export async function deactivate(): Promise<void> {
-  await trainer?.shutdown(5000);
+  await trainer?.shutdown(3000);
 }

@@ -49,6 +49,7 @@ export function runTooltip(run: RunInfo): string {
   if (run.totalSteps !== null || run.step > 0) lines.push(`Step ${run.step}${run.totalSteps === null ? '' : ` of ${run.totalSteps}`}`);
   if (run.loss !== null) lines.push(`Loss ${formatLoss(run.loss, 4)}`);
   lines.push(`Updated ${run.updated.toLocaleString()}`);
+  if (run.trainedBy) lines.push(`Trained by ${run.trainedBy}, in another window or a terminal`);
   if (run.error) lines.push(`Error: ${run.error}`);
   lines.push(run.runDir);
   return lines.join('\n');

@@ -3,6 +3,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { expandHome } from '../util/homePath';
 
 export interface ModelDescription {
   dir: string;
@@ -66,7 +67,7 @@ export function describeModelFolder(dir: string, name: string = path.basename(di
 
 /** The hub cache: the setting, else $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub (as huggingface_hub). */
 export function huggingFaceHubDirectory(setting: string, env: NodeJS.ProcessEnv = process.env, home: string = os.homedir()): string {
-  if (setting.trim() !== '') return setting.replace(/^~(?=$|[\\/])/, home);
+  if (setting.trim() !== '') return expandHome(setting.trim(), home);
   if (env.HF_HUB_CACHE) return env.HF_HUB_CACHE;
   if (env.HF_HOME) return path.join(env.HF_HOME, 'hub');
   return path.join(home, '.cache', 'huggingface', 'hub');

@@ -92,7 +92,8 @@ export function trainArgs(r: TrainRequest): string[] {
     if (type === 'boolean') {
       if (value === true) args.push(`--${flag}`);
     } else if (type === 'strings') {
-      for (const v of value as string[]) args.push(`--${flag}`, v);
+      // --flag=text: free text such as "--help me" would otherwise read as the next flag
+      for (const v of value as string[]) args.push(`--${flag}=${v}`);
     } else {
       args.push(`--${flag}`, String(value));
     }

@@ -5,6 +5,7 @@ import * as vscode from 'vscode';
 import { DEVICE_REQUESTS, type DeviceRequest } from '../engine/device';
 import type { PresetName } from './newRun';
 import type { TrainerLaunch } from './trainerProcess';
+import { expandHome } from '../util/homePath';
 
 export interface Settings {
   defaultPreset: PresetName;
@@ -42,8 +43,8 @@ export function readSettings(): Settings {
  */
 export function pathSetting(key: 'nodePath' | 'runsDirectory' | 'cudaLibraryPath'): string {
   const c = vscode.workspace.getConfiguration('qlora');
-  if (vscode.workspace.isTrusted) return c.get<string>(key, '').trim();
-  return (c.inspect<string>(key)?.globalValue ?? '').trim();
+  const value = vscode.workspace.isTrusted ? c.get<string>(key, '') : (c.inspect<string>(key)?.globalValue ?? '');
+  return expandHome(value.trim());
 }
 
 export function trainerLaunch(context: vscode.ExtensionContext): TrainerLaunch {

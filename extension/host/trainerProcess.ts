@@ -179,7 +179,9 @@ export class TrainerProcess {
       resolveEnded(end);
     };
     child.on('error', (e: Error) => {
-      spawnError = e.message;
+      // only a process that never started failed to start; a running one's errors (a send on a closing channel)
+      // are logged, and its end is explained by its exit
+      if (child.pid === undefined) spawnError = e.message;
       this.output.appendLine(`trainer process error: ${e.message}`);
       // A process that never started emits no 'close' on every platform; end the run here.
       if (child.pid === undefined) finish(null, null);
@@ -213,24 +215,26 @@ export class TrainerProcess {
     return run.child.kill('SIGTERM');
   }
 
-  /** For deactivate: stop cleanly, wait up to `graceMs` for the exit, then terminate and finally kill. */
-  async shutdown(graceMs = 5000): Promise<void> {
+  /**
+   * For deactivate: asks the live run to stop and waits up to `graceMs` for it to exit. A trainer still in its step
+   * then is not killed, which would lose the step's work: it is disconnected and stops by itself at the step's end,
+   * with a checkpoint (the trainer treats a lost channel as a stop). Until then its trainer.lock shows the run as
+   * training in the next window, where Stop can still reach it.
+   */
+  async shutdown(graceMs = 3000): Promise<void> {
     const run = this.current;
     if (!run) return;
-    const exited = (ms: number) =>
-      new Promise<boolean>((resolve) => {
-        const timer = setTimeout(() => resolve(false), ms);
-        void run.ended.then(() => {
-          clearTimeout(timer);
-          resolve(true);
-        });
-      });
     this.stop();
-    if (await exited(graceMs)) return;
-    run.child.kill('SIGTERM');
-    if (await exited(500)) return;
-    run.child.kill('SIGKILL');
-    await exited(1000);
+    const exited = await new Promise<boolean>((resolve) => {
+      const timer = setTimeout(() => resolve(false), graceMs);
+      void run.ended.then(() => {
+        clearTimeout(timer);
+        resolve(true);
+      });
+    });
+    if (exited) return;
+    this.output.appendLine(`the trainer of ${run.name} (process ${run.child.pid ?? '?'}) finishes its step, saves a checkpoint and exits on its own`);
+    if (run.child.connected) run.child.disconnect();
   }
 
   dispose(): void {

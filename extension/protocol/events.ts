@@ -85,7 +85,8 @@ export interface EvalEvent {
   kind: 'eval';
   time: string;
   step: number;
-  evalLoss: number;
+  /** null where the loss over the eval set was not finite (an overflow, or no labelled tokens); a warning says which */
+  evalLoss: number | null;
   evalTokens: number;
 }
 
@@ -217,7 +218,7 @@ const eventSpecs: Record<EventKind, Spec> = {
     time: 'string', step: 'number', totalSteps: 'number', epoch: 'number', loss: 'number', lr: 'number',
     gradNorm: 'number|null', tokensPerSecond: 'number', elapsedSeconds: 'number', etaSeconds: 'number|null',
   },
-  eval: { time: 'string', step: 'number', evalLoss: 'number', evalTokens: 'number' },
+  eval: { time: 'string', step: 'number', evalLoss: 'number|null', evalTokens: 'number' },
   sample: {
     time: 'string', step: 'number', index: 'number', prompt: 'string', text: 'string', tokens: 'number',
     finishReason: ['stop-token', 'stop-string', 'length', 'cancelled'], ms: 'number',

@@ -210,7 +210,20 @@ export async function main(argv: string[]): Promise<number> {
   }
 }
 
+/**
+ * Output read by a pipe that closed early (`qlora-studio score ... | head -1`): the rest of the output has nowhere
+ * to go and is dropped, and the command goes on to its end, so that a run whose progress went to such a pipe is not
+ * killed before its checkpoint. Any other stream error is still an error.
+ */
+function dropOutputToClosedPipes(stream: NodeJS.WriteStream): void {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE' && err.code !== 'ERR_STREAM_DESTROYED') throw err;
+  });
+}
+
 if (require.main === module) {
+  dropOutputToClosedPipes(process.stdout);
+  dropOutputToClosedPipes(process.stderr);
   void main(process.argv.slice(2)).then((status) => {
     process.exitCode = status;
   });

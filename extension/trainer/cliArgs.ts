@@ -34,7 +34,8 @@ export function parseOptions(verb: string, argv: string[], spec: Record<string, 
       continue;
     }
     const value = eq >= 0 ? arg.slice(eq + 1) : argv[++i];
-    if (value === undefined || (eq < 0 && value.startsWith('--'))) throw new UsageError(`--${name} needs a value`);
+    if (value === undefined || (eq < 0 && value.startsWith('--')))
+      throw new UsageError(`--${name} needs a value${value === undefined ? '' : ` (a value that starts with -- is written --${name}=${value})`}`);
     if (option.repeatable) out[name] = [...((out[name] as string[] | undefined) ?? []), value];
     else out[name] = value;
   }

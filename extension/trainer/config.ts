@@ -148,7 +148,7 @@ export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number
   evalEvery: { type: 'integer', min: 0, description: 'evaluate every N steps (0: only at the end)' },
   checkpointEvery: { type: 'integer', min: 0, description: 'checkpoint every N steps (0: only at the end)' },
   keepCheckpoints: { type: 'integer', min: 1, description: 'complete checkpoints to keep' },
-  seed: { type: 'integer', min: 0, description: 'seed of every random choice (init, dropout, shuffle)' },
+  seed: { type: 'integer', min: 0, max: Number.MAX_SAFE_INTEGER, description: 'seed of every random choice (init, dropout, shuffle)' },
   gradientCheckpointing: { type: 'boolean', description: 'recompute activations in backward to save memory' },
   quantize: { type: 'boolean', description: 'store base weights as NF4 (QLoRA)' },
   samplePrompts: { type: 'strings', max: 16, description: 'user messages the model answers (greedy, with the current adapter) at the start and at every evaluation, so the answers can be watched as they change' },
@@ -156,9 +156,14 @@ export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number
 };
 
 function checkValue(key: keyof TrainConfig, value: unknown, source: string): unknown {
+  return checkSetting(key, value, `${source}: "${key}"`);
+}
+
+/** Checks one setting's value; what is wrong is said of `subject` (`train.json: "rank"`, or the flag `--rank`). */
+export function checkSetting(key: keyof TrainConfig, value: unknown, subject: string): unknown {
   const field = CONFIG_FIELDS[key];
   const fail = (what: string): never => {
-    throw new ConfigError(`${source}: "${key}" ${what}`);
+    throw new ConfigError(`${subject} ${what}`);
   };
   if (value === null && (field.type === 'string|null' || key === 'shape' || key === 'maxSteps')) return null;
   switch (field.type) {

@@ -21,10 +21,15 @@ export class EventLog {
   }
 
   emit(partial: NewEvent): TrainerEvent {
-    const event = validateEvent({ ...partial, time: new Date().toISOString() });
+    // What is checked is the line as written (a non-finite number becomes null there), so that every line this
+    // writes reads back: an event that would not is a bug here, not a log that no reader can open.
+    const line = serializeEvent({ ...partial, time: new Date().toISOString() } as TrainerEvent);
+    const event = validateEvent(JSON.parse(line));
     // One write per line, so a kill leaves at most a partial last line, which readers skip.
-    fs.writeSync(this.fd, serializeEvent(event) + '\n');
-    if (process.send && process.connected) process.send(event);
+    fs.writeSync(this.fd, line + '\n');
+    // The host may be gone before this process has heard (the channel then fails with EPIPE): the callback takes
+    // the error, which would otherwise end the process; the log above has the event anyway.
+    if (process.send && process.connected) process.send(event, undefined, undefined, () => undefined);
     for (const l of this.listeners) l(event);
     return event;
   }

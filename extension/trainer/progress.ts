@@ -18,8 +18,15 @@ export function progressLine(e: Extract<TrainerEvent, { kind: 'step' }>, width =
   return `[${bar}] step ${e.step}/${e.totalSteps} loss ${e.loss.toFixed(4)} lr ${e.lr.toExponential(2)} ${Math.round(e.tokensPerSecond)} tok/s${eta}`;
 }
 
+/** A path as a shell word: as it is when it is plain, else in single quotes (copied into a POSIX shell, it works). */
+export function shellWord(text: string): string {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
+}
+
 export class TerminalProgress {
   private barShown = false;
+  /** The run folder, from run-started, for the resume command a stop prints. */
+  private runDir = '<run>';
 
   constructor(private readonly out: NodeJS.WriteStream = process.stderr, private readonly tty = Boolean(process.stderr.isTTY)) {}
 
@@ -32,6 +39,7 @@ export class TerminalProgress {
   handle(e: TrainerEvent): void {
     switch (e.kind) {
       case 'run-started':
+        this.runDir = e.runDir;
         this.line(
           `${e.resumedFrom === null ? 'training' : `resuming from step ${e.resumedFrom}`}: ${e.dataset.trainExamples} examples ` +
             `(${e.dataset.evalExamples} for eval), ${e.trainableParameters.toLocaleString('en-US')} trainable parameters, ${e.totalSteps} steps`,
@@ -46,7 +54,7 @@ export class TerminalProgress {
         }
         break;
       case 'eval':
-        this.line(`eval at step ${e.step}: loss ${e.evalLoss.toFixed(4)} over ${e.evalTokens} tokens`);
+        this.line(`eval at step ${e.step}: loss ${e.evalLoss === null ? 'not finite' : e.evalLoss.toFixed(4)} over ${e.evalTokens} tokens`);
         break;
       case 'sample': {
         const text = e.text.replace(/\s+/g, ' ').trim();
@@ -64,7 +72,7 @@ export class TerminalProgress {
           e.status === 'completed'
             ? `finished ${e.step} steps in ${formatDuration(e.elapsedSeconds)}; adapter: ${e.adapterPath}`
             : e.status === 'stopped'
-              ? `stopped at step ${e.step}; resume with "qlora-studio resume --run <run>"${e.adapterPath ? `; adapter so far: ${e.adapterPath}` : ''}`
+              ? `stopped at step ${e.step}; resume with "qlora-studio resume --run ${shellWord(this.runDir)}"${e.adapterPath ? `; adapter so far: ${e.adapterPath}` : ''}`
               : `failed at step ${e.step}`,
         );
         break;

@@ -20,7 +20,9 @@ import type { TrainerEvent } from '../protocol/events';
 import { GpuMonitor, type GpuSource } from './gpuTelemetry';
 import type { MemoryPlan } from './memoryPlan';
 import { checkMemory, engineOptions, placeRun, runDevice, type Placement, type PlacementOptions } from './placement';
+import { claimRunLock } from './runLock';
 import { learningRate, type Schedule } from './schedule';
+import { readJsonFile } from '../util/jsonFile';
 
 export class TrainingError extends Error {
   override readonly name = 'TrainingError';
@@ -62,7 +64,7 @@ function configDigest(config: TrainConfig): string {
 function readRunConfig(runDir: string): TrainConfig {
   const file = path.join(runDir, 'config.json');
   if (!fs.existsSync(file)) throw new TrainingError(`${runDir} is not a run folder (no config.json)`);
-  return JSON.parse(fs.readFileSync(file, 'utf8')) as TrainConfig;
+  return readJsonFile(file) as TrainConfig;
 }
 
 // A new run never overwrites another: the folder must not hold a run already.
@@ -111,6 +113,19 @@ function keepSavedDtype(runDir: string, resume: boolean, asked: PlacementOptions
 }
 
 export async function train(options: TrainOptions): Promise<TrainOutcome> {
+  // trainer.lock: from the moment the folder is this run's until the trainer ends, however it ends short of a kill
+  let release: (() => void) | undefined;
+  const claim = () => {
+    release = claimRunLock(options.runDir, (message) => new TrainingError(message));
+  };
+  try {
+    return await trainClaimed(options, claim);
+  } finally {
+    release?.();
+  }
+}
+
+async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): Promise<TrainOutcome> {
   const { runDir, resume } = options;
   const control = options.control ?? new TrainingControl();
   // The device first: `--device cuda` on a machine that cannot is the first thing to hear about. A resumed run keeps
@@ -120,6 +135,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   let config: TrainConfig;
   if (resume) {
     config = readRunConfig(runDir);
+    claimRunFolder(); // before the long part (data, model), so that a run being trained is refused at once
   } else {
     if (!options.config) throw new TrainingError('no configuration for a new run');
     assertNoRunIn(runDir);
@@ -154,6 +170,7 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
   }
   if (!resume) {
     fs.mkdirSync(runDir, { recursive: true });
+    claimRunFolder();
     writeJsonAtomic(path.join(runDir, 'config.json'), config);
   }
   const log = new EventLog(runDir);
@@ -179,6 +196,9 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
         throw new TrainingError(`${path.join(runDir, 'config.json')} changed since checkpoint step ${state.step} was written; resume needs the run's original settings`);
       model.loadAdapter(path.join(checkpoint.dir, 'adapter'));
       model.loadOptimizerState(path.join(checkpoint.dir, 'optimizer.safetensors'));
+      // The final adapter a stop wrote is this checkpoint's (a stop saves both at its last step); from here on the
+      // checkpoints are newer, and a kill must not leave it standing as the run's adapter.
+      fs.rmSync(path.join(runDir, 'adapter'), { recursive: true, force: true });
       step = state.step;
       if (scaler && state.lossScaler) scaler = new LossScaler(DEFAULT_LOSS_SCALER, state.lossScaler);
       elapsedBefore = state.elapsedSeconds;
@@ -245,7 +265,16 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     const runEval = async () => {
       if (data.eval.length > 0) {
         const r = evaluate(model, data.eval, config.batchSize, data.padId);
-        log.emit({ kind: 'eval', step, evalLoss: r.loss, evalTokens: r.tokens });
+        const finite = Number.isFinite(r.loss);
+        log.emit({ kind: 'eval', step, evalLoss: finite ? r.loss : null, evalTokens: r.tokens });
+        if (!finite) {
+          const why = r.tokens === 0
+            ? ': the eval examples have no labelled tokens'
+            : scaler
+              ? ': in fp16 compute an activation passed fp16\'s range (65504); --dtype f32, or bf16 on an Ampere or newer GPU, avoids it'
+              : '';
+          log.emit({ kind: 'warning', message: `the eval loss at step ${step} is ${r.loss}${why}` });
+        }
       }
       await runSamples();
       emitPageMoves();
@@ -340,7 +369,9 @@ export async function train(options: TrainOptions): Promise<TrainOutcome> {
     }
 
     const stopped = step < totalSteps;
-    await runEval();
+    // A stop (the user's, or the window's closing) saves at once: the final eval and samples, which can take longer
+    // than a closing window waits, are for a run that completed.
+    if (!stopped) await runEval();
     if (step > firstStep || !lastCheckpointDir) saveCheckpoint();
     const adapterPath = saveFinalAdapter(runDir, model, config.model);
     const elapsed = elapsedBefore + (Date.now() - started) / 1000;

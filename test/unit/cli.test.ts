@@ -109,6 +109,47 @@ test('errors are one clear sentence on stderr with exit status 1', () => {
   assert.match(debug.stderr, /\n\s+at /, 'a stack with --debug');
 });
 
+test('flags that do not apply, folders that hold something else and unreadable run files are refused by name', () => {
+  const model = path.join(tempDir('refusals'), 'model');
+  assert.equal(cli('make-tiny-model', '--out', model).status, 0);
+  // a folder that holds files is never written into (another model's shards would stay beside the new weights)
+  const busy = tempDir('busy');
+  fs.writeFileSync(path.join(busy, 'model-00001-of-00002.safetensors'), '');
+  expectCleanError(cli('quantize', '--model', model, '--out', busy), 'already exists and is not empty');
+  expectCleanError(cli('make-tiny-model', '--out', busy), 'already exists and is not empty');
+  assert.deepEqual(fs.readdirSync(busy), ['model-00001-of-00002.safetensors']);
+  expectCleanError(cli('generate', '--model', model, '--prompt', 'hi', '--raw', '--system', 'be brief'), '--raw continues --prompt as plain text');
+  expectCleanError(cli('export-gguf', '--model', model, '--checkpoint', '5', '--out', path.join(tempDir('g'), 'm.gguf')), '--checkpoint 5 picks a checkpoint of a run: it needs --run');
+  expectCleanError(cli('generate', '--model', model, '--stop', '---', '--prompt', 'hi'), '--stop needs a value (a value that starts with -- is written --stop=---)');
+  // a run whose config.json was damaged: the file is named
+  const run = tempDir('damaged-run');
+  fs.writeFileSync(path.join(run, 'config.json'), '{bad');
+  expectCleanError(cli('resume', '--run', run), `${path.join(run, 'config.json')}: not valid JSON`);
+  expectCleanError(cli('generate', '--run', run, '--prompt', 'hi'), `${path.join(run, 'config.json')}: not valid JSON`);
+  // train's flags are named in what is wrong with them, and --shape is one
+  const data = path.join(tempDir('shape-data'), 'qa.jsonl');
+  fs.writeFileSync(data, '{"question": "q", "answer": "a"}\n');
+  const train = (...extra: string[]) => cli('train', '--model', model, '--data', data, '--out', path.join(tempDir('r'), 'run'), ...extra);
+  expectCleanError(train('--rank', '0'), '--rank must be at least 1');
+  expectCleanError(train('--seed', '1e20'), '--seed must be at most 9007199254740991');
+  expectCleanError(train('--shape', 'qa'), '--shape must be one of messages, sharegpt, alpaca, completion, text');
+  expectCleanError(train(), '(or pass --shape)');
+  expectCleanError(train('--shape', 'text'), 'qa.jsonl line 1');
+});
+
+test('a conversation file with a byte-order mark is read; output to a pipe closed early ends quietly', () => {
+  const model = path.join(tempDir('bom'), 'model');
+  assert.equal(cli('make-tiny-model', '--out', model).status, 0);
+  const messages = path.join(tempDir('bom-messages'), 'messages.json');
+  fs.writeFileSync(messages, '\uFEFF' + JSON.stringify([{ role: 'user', content: 'hi' }]));
+  const r = cli('generate', '--model', model, '--messages', messages, '--max-new-tokens', '2', '--temperature', '0', '--json');
+  assert.equal(r.status, 0, r.stderr);
+  // `score ... | head -1`, the reader gone before the output comes (here at once: `true` reads nothing)
+  const piped = spawnSync('bash', ['-c', `"${process.execPath}" "${cliPath}" score --model "${model}" --ids 1,2,3 | true; echo " status \${PIPESTATUS[0]}"`], { encoding: 'utf8' });
+  assert.match(piped.stdout, / status 0$/m, piped.stderr);
+  assert.equal(piped.stderr, '');
+});
+
 test('engine-info reports the CPU backend', () => {
   const r = cli('engine-info', '--json');
   assert.equal(r.status, 0, r.stderr);

@@ -18,6 +18,14 @@ export class FakeChild extends EventEmitter {
     return true;
   }
 
+  /** The IPC channel closed from this side (the host letting a trainer go on alone). */
+  disconnected = false;
+
+  disconnect(): void {
+    this.disconnected = true;
+    this.connected = false;
+  }
+
   kill(signal: string = 'SIGTERM'): boolean {
     this.signals.push(signal);
     return true;

@@ -29,6 +29,7 @@ import { PRESETS } from '../../extension/trainer/config';
 import { trainOptions } from '../../extension/trainer/verbs/train';
 import { tempDir } from '../helpers/paths';
 import { ev } from './hostFakes';
+import { expandHome } from '../../extension/util/homePath';
 
 test('train arguments: settings, then overrides by config or flag name; every flag is one train knows', () => {
   const args = trainArgs({ model: '/m s', data: '/d.jsonl', preset: 'quick', seqLen: 1024, checkpointEvery: 100, evalEvery: 50, overrides: { maxSteps: 5, 'batch-size': 2, seqLen: 64, skipInvalid: true, packing: false } });
@@ -168,6 +169,12 @@ test('model folders: architecture, size on disk, 4-bit; Hugging Face cache snaps
 
   assert.equal(huggingFaceHubDirectory('/x/hub', {}, '/home/u'), '/x/hub');
   assert.equal(huggingFaceHubDirectory('~/hf', {}, '/home/u'), path.join('/home/u', 'hf'));
+  // the path settings (runs directory, Node, CUDA libraries) take ~ the same way
+  assert.equal(expandHome('~', '/home/u'), '/home/u');
+  assert.equal(expandHome('~/qlora-runs', '/home/u'), '/home/u/qlora-runs');
+  assert.equal(expandHome('~\\runs', 'C:\\Users\\u'), 'C:\\Users\\u\\runs');
+  assert.equal(expandHome('~other/runs', '/home/u'), '~other/runs');
+  assert.equal(expandHome('/srv/~/runs', '/home/u'), '/srv/~/runs');
   assert.equal(huggingFaceHubDirectory('', { HF_HOME: '/hf' }, '/home/u'), path.join('/hf', 'hub'));
   assert.equal(huggingFaceHubDirectory('', { HF_HUB_CACHE: '/c', HF_HOME: '/hf' }, '/home/u'), '/c');
   assert.equal(huggingFaceHubDirectory('', {}, '/home/u'), path.join('/home/u', '.cache', 'huggingface', 'hub'));

@@ -1,13 +1,16 @@
 // Run status from events.jsonl (resumed runs, crashes, broken logs) and the registry over real folders with a fake
 // trainer process: scanning, the live run's events and snapshot, and how its end is reported.
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { RunRegistry } from '../../extension/host/runs/registry';
 import { deriveRunInfo, deriveStatus, listRunFolders, readEventFile, type RunFacts } from '../../extension/host/runs/runState';
 import { TrainerProcess } from '../../extension/host/trainerProcess';
 import { serializeEvent, type TrainerEvent } from '../../extension/protocol/events';
+import { RUN_LOCK_FILE } from '../../extension/trainer/runLock';
 import type { RunStatus } from '../../extension/protocol/webview';
 import { tempDir } from '../helpers/paths';
 import { ev, fakeFork, memoryOutput, tick } from './hostFakes';
@@ -68,10 +71,10 @@ test('event files: a partial last line is skipped, a broken line is a parse erro
   assert.deepEqual(readEventFile(path.join(runs, 'no-config')), { events: [] });
 });
 
-function registry(runsDir: string) {
+function registry(runsDir: string, pollMs?: number) {
   const f = fakeFork();
   const trainer = new TrainerProcess(() => ({ cliPath: '/cli.js', execPath: '/node' }), memoryOutput(), f.fork);
-  const runs = new RunRegistry(trainer, () => runsDir, 5);
+  const runs = new RunRegistry(trainer, () => runsDir, 5, pollMs);
   const statuses: { runDir: string; status: RunStatus; message?: string }[] = [];
   const live: TrainerEvent[] = [];
   let changes = 0;
@@ -145,5 +148,52 @@ test('a live run: running from the start, IPC events in its snapshot, failed wit
   await resumed.ended;
   assert.deepEqual(r.statuses.at(-1), { runDir, status: 'finished' });
   assert.equal(r.runs.list().find((x) => x.runDir === runDir)?.status, 'finished');
+  r.runs.dispose();
+});
+
+test('a run another process trains (its trainer.lock): running, followed through its log, and its end noticed', async () => {
+  const runsDir = tempDir('host-elsewhere');
+  const other = spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60000)'], { stdio: 'ignore' });
+  await new Promise((resolve) => other.once('spawn', resolve));
+  try {
+    const runDir = writeRun(runsDir, 'terminal', [ev.started('/r', 50), ev.step(1, 2.5, 50)], '', 1);
+    fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), JSON.stringify({ pid: other.pid, hostname: os.hostname(), started: new Date().toISOString() }));
+    const r = registry(runsDir, 20);
+    const info = r.runs.list()[0];
+    assert.equal(info.status, 'running');
+    assert.equal(info.trainedBy?.startsWith(`process ${other.pid} (started `), true);
+    assert.equal(r.runs.activeRun(), undefined, "another process's run is not this window's trainer");
+    assert.deepEqual(r.statuses, [{ runDir, status: 'running' }]);
+    assert.equal(r.runs.snapshot(runDir).status, 'running');
+
+    // what it appends reaches the panels as this window's trainer's events would
+    fs.appendFileSync(path.join(runDir, 'events.jsonl'), serializeEvent(ev.step(2, 2.25, 50)) + '\n');
+    r.runs.refresh();
+    assert.deepEqual(r.live.map((e) => e.kind), ['step']);
+
+    // killed: no file changes, but the poll sees the process gone; with a checkpoint the run is resumable
+    other.kill('SIGKILL');
+    await new Promise((resolve) => other.once('exit', resolve));
+    await new Promise((resolve) => setTimeout(resolve, 80));
+    assert.equal(r.runs.list()[0].status, 'stopped');
+    assert.equal(r.runs.list()[0].trainedBy, undefined);
+    assert.deepEqual(r.statuses.at(-1), { runDir, status: 'stopped' });
+    r.runs.dispose();
+  } finally {
+    other.kill('SIGKILL');
+  }
+});
+
+test('a run another process finishes: its last events, written before it let go of the lock, are followed too', async () => {
+  const runsDir = tempDir('host-elsewhere-end');
+  const runDir = writeRun(runsDir, 'terminal', [ev.started('/r', 50)], '', undefined);
+  fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), JSON.stringify({ pid: process.pid, hostname: os.hostname(), started: new Date().toISOString() }));
+  const r = registry(runsDir, 1000);
+  assert.equal(r.runs.list()[0].status, 'running');
+  fs.appendFileSync(path.join(runDir, 'events.jsonl'), serializeEvent(ev.finished('completed', 50)) + '\n');
+  fs.rmSync(path.join(runDir, RUN_LOCK_FILE));
+  r.runs.refresh();
+  assert.deepEqual(r.live.map((e) => e.kind), ['finished']);
+  assert.deepEqual(r.statuses, [{ runDir, status: 'running' }, { runDir, status: 'finished' }]);
   r.runs.dispose();
 });

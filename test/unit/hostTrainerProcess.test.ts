@@ -122,6 +122,16 @@ test('a process that cannot start (bad qlora.nodePath) fails with the reason', a
   assert.equal(s.ends.length, 1);
 });
 
+test('an error of a running trainer (a send on a closing channel) does not pass for a failed start', async () => {
+  const s = setup();
+  const run = s.trainer.start('train', '/runs/r1');
+  const child = s.children[0];
+  child.emit('error', new Error('channel closed'));
+  child.stderr.write('qlora-studio: out of memory\n');
+  child.exit(1);
+  assert.deepEqual(await run.ended, { runDir: '/runs/r1', status: 'failed', reason: 'out of memory' });
+});
+
 test('one run at a time; a second start is refused with the run named', async () => {
   const s = setup();
   const run = s.trainer.start('train', '/runs/first');
@@ -157,18 +167,15 @@ test('shutdown sends stop and returns once the trainer exits within the grace pe
   assert.deepEqual(child.signals, []);
 });
 
-test('shutdown terminates, then kills, a trainer that does not stop', async () => {
+test('shutdown leaves a trainer still in its step to stop on its own: asked to stop, disconnected, never killed', async () => {
   const s = setup();
   s.trainer.start('train', '/runs/r1');
   const child = s.children[0];
-  child.kill = (signal = 'SIGTERM') => {
-    child.signals.push(signal);
-    if (signal === 'SIGKILL') child.exit(null, 'SIGKILL');
-    return true;
-  };
   await s.trainer.shutdown(50);
-  assert.deepEqual(child.signals, ['SIGTERM', 'SIGKILL']);
-  assert.equal(s.ends[0].status, 'failed');
+  assert.deepEqual(child.sent, [{ kind: 'stop' }]);
+  assert.equal(child.disconnected, true);
+  assert.deepEqual(child.signals, []);
+  assert.ok(s.out.lines.some((l) => /finishes its step, saves a checkpoint and exits on its own/.test(l)));
 });
 
 test('line splitting and stderr sentences', () => {

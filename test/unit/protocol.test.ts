@@ -1,7 +1,11 @@
 // The event protocol: every kind validates, bad fields are named, control messages are checked, and an
 // events.jsonl cut short by a kill reads back without its partial last line.
 import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { test } from 'node:test';
+import { EventLog } from '../../extension/trainer/eventLog';
 import { parseEventLog, ProtocolError, serializeEvent, validateControl, validateEvent, type TrainerEvent } from '../../extension/protocol/events';
 
 const time = '2026-11-24T00:00:00.000Z';
@@ -51,7 +55,27 @@ test('a partial last line (a kill mid-write) is skipped; a bad complete line is 
 
 test('non-finite numbers are written as null; control messages are validated', () => {
   assert.match(serializeEvent({ ...samples[8], finalLoss: NaN } as TrainerEvent), /"finalLoss":null/);
+  // an eval set whose loss overflowed: null, which the spec allows
+  const overflowed = { ...samples[2], evalLoss: null };
+  assert.deepEqual(validateEvent(JSON.parse(serializeEvent(overflowed as TrainerEvent))), overflowed);
   assert.deepEqual(validateControl({ kind: 'stop', extra: 1 }), { kind: 'stop' });
   assert.deepEqual(validateControl({ kind: 'save-now' }), { kind: 'save-now' });
   assert.throws(() => validateControl({ kind: 'rm -rf' }), /unknown control message "rm -rf"/);
+});
+
+test('the trainer writes only lines that read back: a non-finite number where null is not allowed is refused, unwritten', () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qlora-eventlog-'));
+  try {
+    const log = new EventLog(dir);
+    log.emit({ kind: 'eval', step: 3, evalLoss: null, evalTokens: 0 });
+    assert.throws(() => log.emit({ kind: 'step', step: 4, totalSteps: 10, epoch: 0.4, loss: NaN, lr: 1e-4, gradNorm: null, tokensPerSecond: 1, elapsedSeconds: 1, etaSeconds: null }),
+      /step event: field "loss" must be a number, got null/);
+    log.emit({ kind: 'warning', message: 'after' });
+    log.close();
+    const read = parseEventLog(fs.readFileSync(path.join(dir, 'events.jsonl'), 'utf8'));
+    assert.deepEqual(read.events.map((e) => e.kind), ['eval', 'warning']);
+    assert.equal((read.events[0] as { evalLoss: number | null }).evalLoss, null);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });

@@ -201,7 +201,10 @@ test('a stopped run resumed computes exactly what the uninterrupted run computes
   assert.equal(first.status, 'stopped');
   assert.equal(first.step, 5);
   assert.ok(fs.existsSync(path.join(interrupted, 'checkpoints', 'step-5', 'DONE')), 'stopping writes a final checkpoint');
-  const second = await train({ runDir: interrupted, resume: true });
+  assert.ok(fs.existsSync(path.join(interrupted, 'adapter', 'adapter_model.safetensors')), 'a stop writes the final adapter');
+  let adapterWhileResumed: boolean | undefined;
+  const second = await train({ runDir: interrupted, resume: true, onEvent: (e) => { if (e.kind === 'step') adapterWhileResumed ??= fs.existsSync(path.join(interrupted, 'adapter')); } });
+  assert.equal(adapterWhileResumed, false, 'the stop\'s adapter goes once the resumed run trains past it (a kill then leaves the checkpoints)');
   assert.equal(second.status, 'completed');
   assert.equal(second.step, 8);
   const read = (run: string) => fs.readFileSync(path.join(run, 'adapter', 'adapter_model.safetensors'));
@@ -313,6 +316,32 @@ test('stop over IPC ends the run with a final checkpoint and events over IPC', a
   assert.ok(finished.step >= 4 && finished.step < 1000);
   assert.ok(fs.existsSync(path.join(runDir, 'checkpoints', `step-${finished.step}`, 'DONE')));
   assert.deepEqual(received.map((e) => e.kind), events(runDir).map((e) => e.kind), 'IPC carries the same events as events.jsonl');
+});
+
+test('a trainer whose host went away stops with a checkpoint and no final eval; meanwhile its folder is locked', async () => {
+  const runDir = path.join(tempDir('orphan'), 'run');
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const args = cliTrainArgs(data, runDir, ['--eval-every', '2']).slice(1).map((a) => (a === '30' ? '1000' : a));
+  const child = fork(cliPath, args, { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
+  let refusal = '';
+  child.on('message', (m) => {
+    if ((m as TrainerEvent).kind !== 'step' || (m as { step: number }).step !== 3) return;
+    // a second trainer on the same folder, while this one trains, is refused at once
+    const second = spawnSync(process.execPath, [cliPath, 'resume', '--run', runDir], { encoding: 'utf8' });
+    refusal = second.stderr.split('\n')[0];
+    child.disconnect();
+  });
+  const code = await new Promise((resolve) => child.on('exit', resolve));
+  assert.equal(code, 0);
+  assert.match(refusal, new RegExp(`is being trained by process ${child.pid} \\(started .*\\); stop that run first`));
+  const log = events(runDir);
+  const finished = log.find((e) => e.kind === 'finished');
+  assert.ok(finished && finished.kind === 'finished' && finished.status === 'stopped' && finished.step >= 3 && finished.step < 1000);
+  assert.ok(fs.existsSync(path.join(runDir, 'checkpoints', `step-${finished.step}`, 'DONE')));
+  // evals ran every 2 steps while it trained (5% of the data held out), and no final one after the stop
+  assert.ok(log.some((e) => e.kind === 'eval' && e.step === 2));
+  assert.equal(log.filter((e) => e.kind === 'eval' && e.step === finished.step).length, finished.step % 2 === 0 ? 1 : 0);
+  assert.equal(fs.existsSync(path.join(runDir, 'trainer.lock')), false, 'the lock goes with the trainer');
 });
 
 test('a loss that turns NaN stops the run with a clear error and keeps the last good checkpoint', async () => {

@@ -6,6 +6,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { trainArgs } from '../../extension/host/newRun';
+import { parseOptions } from '../../extension/trainer/cliArgs';
+import { trainOptions } from '../../extension/trainer/verbs/train';
 import { parseEventLog, type TrainerEvent } from '../../extension/protocol/events';
 import { ConfigError, resolveConfig } from '../../extension/trainer/config';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
@@ -79,10 +81,11 @@ test('sample prompts in the config: validated, and passed on by the extension as
   assert.equal(resolveConfig({}, base).sampleMaxTokens, 64);
   assert.throws(() => resolveConfig({}, { ...base, samplePrompts: ['ok', ''] }), (e: unknown) => e instanceof ConfigError && /"samplePrompts" must hold non-empty strings/.test((e as Error).message));
   assert.throws(() => resolveConfig({}, { ...base, samplePrompts: 'x' as unknown as string[] }), /must be a list of strings/);
-  const args = trainArgs({ model: 'm', data: 'd', preset: 'quick', seqLen: 512, checkpointEvery: 10, evalEvery: 10, samplePrompts: ['a b', 'c'] });
-  assert.deepEqual(args.slice(-4), ['--sample-prompt', 'a b', '--sample-prompt', 'c']);
+  const args = trainArgs({ model: 'm', data: 'd', preset: 'quick', seqLen: 512, checkpointEvery: 10, evalEvery: 10, samplePrompts: ['a b', '--help me'] });
+  assert.deepEqual(args.slice(-2), ['--sample-prompt=a b', '--sample-prompt=--help me']);
+  assert.deepEqual(parseOptions('train', [...args, '--out', 'r'], trainOptions)['sample-prompt'], ['a b', '--help me']);
   const overridden = trainArgs({ model: 'm', data: 'd', preset: 'quick', seqLen: 512, checkpointEvery: 10, evalEvery: 10, samplePrompts: ['a'], overrides: { samplePrompts: ['z'], sampleMaxTokens: 16 } });
-  assert.deepEqual(overridden.slice(-4), ['--sample-prompt', 'z', '--sample-max-tokens', '16']);
+  assert.deepEqual(overridden.slice(-3), ['--sample-prompt=z', '--sample-max-tokens', '16']);
 });
 
 test('a sample prompt the chat template refuses stops the run before its folder is written', async () => {

@@ -96,6 +96,12 @@ test('applying events one at a time (live) gives the same view as replaying the 
   });
 });
 
+test('an eval whose loss was not finite (written as null) leaves no point and no header figure', () => {
+  const v = reduceRun([...completedRun.slice(0, 9), { kind: 'eval', time: at(3.3), step: 3, evalLoss: null, evalTokens: 500 }]);
+  assert.deepEqual(v.series.evalLoss, [{ x: 3, y: 2.3 }]);
+  assert.equal(v.header.evalLoss, null);
+});
+
 test('mid-run: running, progress and ETA from the latest step; no paging and no device on the CPU', () => {
   const v = reduceRun([started(), step(1, 2.8), memory(1, 1e6, null), step(2, 2.6)]);
   assert.equal(v.status, 'running');

@@ -24,6 +24,8 @@ import './chat.css';
 
 interface VsCodeApi {
   postMessage(message: ChatWebviewToHost): void;
+  getState(): unknown;
+  setState(state: unknown): void;
 }
 declare function acquireVsCodeApi(): VsCodeApi;
 const vscode = acquireVsCodeApi();
@@ -117,6 +119,42 @@ const busy = () => answers.some((t) => Object.values(t).some((a) => a !== undefi
 function showError(message: string | null): void {
   ui.error.hidden = message === null;
   ui.error.textContent = message ?? '';
+}
+
+/**
+ * What the user typed, kept across the reload VS Code does when a hidden panel comes back (its document is not
+ * retained): system prompt, sampling fields and stop strings as typed, and the unsent prompt. The host keeps the
+ * conversation; without these the next question would go out with the model's defaults and another system prompt.
+ */
+interface TypedState {
+  system: string;
+  fields: Record<string, string>;
+  stops: string;
+  prompt: string;
+}
+
+function savedTypedState(): TypedState | null {
+  const v = vscode.getState() as Partial<TypedState> | null | undefined;
+  if (!v || typeof v.system !== 'string' || typeof v.stops !== 'string' || typeof v.prompt !== 'string' || typeof v.fields !== 'object' || v.fields === null) return null;
+  const fields: Record<string, string> = {};
+  for (const key of Object.keys(ui.fields)) {
+    const value = (v.fields as Record<string, unknown>)[key];
+    if (typeof value !== 'string') return null;
+    fields[key] = value;
+  }
+  return { system: v.system, fields, stops: v.stops, prompt: v.prompt };
+}
+
+function saveTypedState(): void {
+  if (info === null) return; // the fields are filled once the model's info comes; until then there is nothing to keep
+  const fields = Object.fromEntries(Object.entries(ui.fields).map(([key, f]) => [key, f.input.value]));
+  vscode.setState({ system: ui.system.value, fields, stops: ui.stops.value, prompt: ui.prompt.value } satisfies TypedState);
+}
+
+function restoreTypedState(saved: TypedState): void {
+  ui.system.value = saved.system;
+  for (const [key, f] of Object.entries(ui.fields)) f.input.value = saved.fields[key];
+  ui.stops.value = saved.stops;
 }
 
 function fillSettings(d: ChatSettings): void {
@@ -243,8 +281,15 @@ function receive(m: ChatHostToWebview): void {
       fillCheckpoints(m.info);
       fillSuggestions(m.info);
       if (first) {
-        fillSettings(m.info.defaults);
-        if (m.info.system !== null && ui.system.value === '') ui.system.value = m.info.system;
+        // a panel reloaded after being hidden goes on with what the user had typed; a new one starts from the model's
+        const saved = savedTypedState();
+        if (saved) {
+          restoreTypedState(saved);
+        } else {
+          fillSettings(m.info.defaults);
+          if (m.info.system !== null && ui.system.value === '') ui.system.value = m.info.system;
+        }
+        saveTypedState();
       }
       break;
     }
@@ -289,6 +334,7 @@ function ask(prompt: string): void {
   showError(null);
   vscode.postMessage({ type: 'ask', prompt, system: ui.system.value, settings });
   ui.prompt.value = '';
+  saveTypedState();
 }
 
 window.addEventListener('message', (e: MessageEvent<unknown>) => {
@@ -329,6 +375,13 @@ document.body.addEventListener('click', (e) => {
     vscode.postMessage({ type: 'copy', column: column as ChatColumnId, turn: Number(turn) });
   }
 });
+
+for (const input of [ui.system, ui.stops, ui.prompt, ...Object.values(ui.fields).map((f) => f.input)]) {
+  input.addEventListener('input', saveTypedState);
+  input.addEventListener('change', saveTypedState);
+}
+// the unsent prompt at once; the rest waits for the model's info (see 'loaded')
+ui.prompt.value = savedTypedState()?.prompt ?? '';
 
 render();
 vscode.postMessage({ type: 'ready' });

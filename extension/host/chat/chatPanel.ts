@@ -50,6 +50,8 @@ export class ChatPanels implements vscode.Disposable {
     const existing = this.open_.get(key);
     if (existing) {
       existing.panel.reveal();
+      // Try on a checkpoint of a run whose chat is open: that panel switches to it (a plain Try keeps what it shows)
+      if (source.checkpoint !== undefined && source.checkpoint !== existing.session.checkpoint) void existing.session.switchCheckpoint(source.checkpoint);
       return existing.panel;
     }
     const title = `Try ${path.basename(source.run ?? source.adapter ?? source.model ?? 'model')}`;

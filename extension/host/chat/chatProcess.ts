@@ -118,6 +118,9 @@ export class ChatProcess {
       m = validateServerToHost(raw);
     } catch (err) {
       this.output.appendLine(`[chat] dropped an invalid message: ${(err as Error).message}`);
+      // a load answered with something unreadable would otherwise leave the panel loading for ever
+      if ((raw as { type?: unknown } | null)?.type === 'loaded')
+        this.takeLoadWaiter()?.reject(new ChatProcessError(`the chat server's answer to the load could not be read: ${(err as Error).message}`));
       return;
     }
     switch (m.type) {

@@ -70,18 +70,27 @@ export class ChatSession {
         this.backend.reset();
         this.post({ type: 'cleared' });
         return;
-      case 'checkpoint': {
-        if (this.source.run === undefined) return;
-        await this.stopAll();
-        this.turns = [];
-        this.source = { run: this.source.run, ...(message.step === null ? {} : { checkpoint: message.step }) };
-        this.post({ type: 'cleared' });
-        this.loading = this.load();
-        return this.loading;
-      }
+      case 'checkpoint':
+        return this.switchCheckpoint(message.step);
       case 'copy':
         return;
     }
+  }
+
+  /** The adapter of another checkpoint of the run (null: its final adapter); the conversation starts over. */
+  async switchCheckpoint(step: number | null): Promise<void> {
+    if (this.source.run === undefined) return;
+    await this.stopAll();
+    this.turns = [];
+    this.source = { run: this.source.run, ...(step === null ? {} : { checkpoint: step }) };
+    this.post({ type: 'cleared' });
+    this.loading = this.load();
+    return this.loading;
+  }
+
+  /** The checkpoint the panel shows (undefined: the run's final adapter, or no run). */
+  get checkpoint(): number | undefined {
+    return this.source.checkpoint;
   }
 
   private async load(): Promise<void> {

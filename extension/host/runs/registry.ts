@@ -8,6 +8,7 @@ import type { RunSnapshot, RunStatus } from '../../protocol/webview';
 import { Emitter } from '../emitter';
 import type { ActiveRun, RunEnd, TrainerProcess } from '../trainerProcess';
 import { deriveRunInfo, eventFileStamp, folderModified, hasCompleteCheckpoint, listRunFolders, readEventFile, type EventFile } from './runState';
+import { liveRunLock } from '../../trainer/runLock';
 import type { RunInfo, RunSource } from './types';
 
 interface LiveRun {
@@ -28,6 +29,8 @@ export class RunRegistry implements RunSource {
   private runs: RunInfo[] | undefined;
   private refreshTimer: NodeJS.Timeout | undefined;
   private changeTimer: NodeJS.Timeout | undefined;
+  private pollTimer: NodeJS.Timeout | undefined;
+  private trainedElsewhere = new Map<string, RunInfo>();
   private readonly changeEmitter = new Emitter<void>();
   private readonly eventEmitter = new Emitter<{ runDir: string; event: TrainerEvent }>();
   private readonly statusEmitter = new Emitter<{ runDir: string; status: RunStatus; message?: string }>();
@@ -41,6 +44,8 @@ export class RunRegistry implements RunSource {
     readonly runsDirectory: () => string,
     /** Delay that coalesces bursts of file changes and live steps into one onDidChangeRuns. */
     private readonly debounceMs = 250,
+    /** How often runs that other processes train are re-read. */
+    private readonly pollMs = 5000,
   ) {
     this.subscriptions.push(
       trainer.onDidStart((run) => this.started(run)),
@@ -84,6 +89,7 @@ export class RunRegistry implements RunSource {
   dispose(): void {
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
     if (this.changeTimer) clearTimeout(this.changeTimer);
+    if (this.pollTimer) clearTimeout(this.pollTimer);
     for (const s of this.subscriptions) s.dispose();
     this.changeEmitter.dispose();
     this.eventEmitter.dispose();
@@ -96,6 +102,11 @@ export class RunRegistry implements RunSource {
     if (cached && cached.stamp === stamp) return cached;
     const file = { ...readEventFile(runDir), stamp };
     this.files.set(runDir, file);
+    // A run another process trains (or trained until this read) reaches the panels through its log: what was
+    // appended since the last read, as this window's trainer sends it over IPC (the log only grows meanwhile).
+    const live = this.live !== undefined && same(this.live.runDir, runDir);
+    if (cached && !live && file.events.length > cached.events.length && (this.trainedElsewhere.has(runDir) || liveRunLock(runDir)))
+      for (const event of file.events.slice(cached.events.length)) this.eventEmitter.fire({ runDir, event });
     return file;
   }
 
@@ -107,6 +118,7 @@ export class RunRegistry implements RunSource {
       parseError: isLive ? undefined : file.parseError,
       hasCheckpoint: hasCompleteCheckpoint(runDir),
       live: isLive,
+      lockedBy: isLive ? null : liveRunLock(runDir),
       exitFailure: this.exitFailures.get(runDir),
       modified: folderModified(runDir),
     });
@@ -118,7 +130,29 @@ export class RunRegistry implements RunSource {
     const infos = folders.map((dir) => this.infoOf(dir, this.eventFile(dir)));
     // The live run shows from the moment it starts, before the trainer has written its folder.
     if (this.live && !infos.some((r) => same(r.runDir, this.live!.runDir))) infos.push(this.infoOf(this.live.runDir, { events: [] }));
+    this.noticeOtherTrainers(infos);
     return infos.sort((a, b) => b.updated.getTime() - a.updated.getTime());
+  }
+
+  /**
+   * Runs that another process trains: their status changes are announced like the live run's, and while any is
+   * training the folder is re-read every few seconds, since a kill of that process changes no file to watch.
+   */
+  private noticeOtherTrainers(infos: readonly RunInfo[]): void {
+    const now = new Map(infos.filter((r) => r.trainedBy !== undefined).map((r) => [r.runDir, r] as const));
+    for (const [runDir] of this.trainedElsewhere) {
+      if (now.has(runDir)) continue;
+      const info = infos.find((r) => r.runDir === runDir);
+      if (info && !(this.live && same(this.live.runDir, runDir)))
+        this.statusEmitter.fire(info.error === undefined ? { runDir, status: info.status } : { runDir, status: info.status, message: info.error });
+    }
+    for (const [runDir] of now) if (!this.trainedElsewhere.has(runDir)) this.statusEmitter.fire({ runDir, status: 'running' });
+    this.trainedElsewhere = now;
+    if (this.pollTimer) clearTimeout(this.pollTimer);
+    this.pollTimer = now.size > 0 ? setTimeout(() => {
+      this.pollTimer = undefined;
+      this.refresh();
+    }, this.pollMs) : undefined;
   }
 
   private changedSoon(): void {

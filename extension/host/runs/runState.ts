@@ -3,6 +3,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseEventLog, type TrainerEvent } from '../../protocol/events';
+import { describeRunLock, type RunLock } from '../../trainer/runLock';
 import type { RunStatus } from '../../protocol/webview';
 import type { RunInfo } from './types';
 
@@ -15,6 +16,8 @@ export interface RunFacts {
   hasCheckpoint: boolean;
   /** A trainer process of this host is running the run now. */
   live: boolean;
+  /** Another live process holds the run's trainer.lock (another window's trainer, a terminal's): it is training. */
+  lockedBy?: RunLock | null;
   /** Why this host's trainer process for the run ended badly (crash, kill) when no event says so. */
   exitFailure?: string;
   /** When the folder last changed, for runs with no events yet. */
@@ -29,7 +32,7 @@ function currentAttempt(events: readonly TrainerEvent[]): readonly TrainerEvent[
 }
 
 export function deriveStatus(facts: RunFacts): { status: RunStatus; error?: string } {
-  if (facts.live) return { status: 'running' };
+  if (facts.live || facts.lockedBy) return { status: 'running' };
   if (facts.parseError !== undefined) return { status: 'failed', error: facts.parseError };
   // This window saw the process end badly: that outranks what the log says (it may end with a clean-looking event).
   if (facts.exitFailure !== undefined) return { status: 'failed', error: facts.exitFailure };
@@ -77,6 +80,7 @@ export function deriveRunInfo(facts: RunFacts): RunInfo {
     updated: Number.isFinite(lastTime) ? new Date(lastTime) : facts.modified,
   };
   if (error !== undefined) info.error = error;
+  if (!facts.live && facts.lockedBy) info.trainedBy = describeRunLock(facts.lockedBy);
   return info;
 }
 

@@ -17,6 +17,8 @@ export interface RunInfo {
   updated: Date;
   /** Why a failed run failed. */
   error?: string;
+  /** A running run that a process other than this window's trainer trains (another window, a terminal): which. */
+  trainedBy?: string;
 }
 
 export interface RunSource {

@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomNormal, writeSafetensors, type TensorToWrite } from '../../engine';
 import { writeJsonAtomic } from '../../util/atomicFile';
+import { writeFolderAtomic } from '../../util/atomicFolder';
 import { buildSentencePieceTokenizer } from './sentencePieceTokenizer';
 import { buildTinyTokenizer, type TinyArch, type TinyTokenizer } from './tokenizer';
 
@@ -186,20 +187,22 @@ function tokenizerFromFolder(dir: string): TinyTokenizer {
 export function makeTinyModel(options: TinyModelOptions): TinyModelSummary {
   const { out, arch, seed } = options;
   const tok = options.tokenizerFrom ? tokenizerFromFolder(options.tokenizerFrom) : tinyTokenizerFor(arch);
-  fs.mkdirSync(out, { recursive: true });
   const shape = SHAPES[options.size ?? 'tiny'];
   const config = tinyModelConfig(arch, shape, tok.vocabSize, tok.bosTokenId, tok.eosTokenId, tok.padTokenId);
   const tensors = tinyTensors(arch, shape, tok.vocabSize, seed);
-  writeSafetensors(path.join(out, 'model.safetensors'), tensors, { format: 'pt' });
-  writeJsonAtomic(path.join(out, 'config.json'), config);
-  writeJsonAtomic(path.join(out, 'generation_config.json'), {
-    bos_token_id: tok.bosTokenId,
-    eos_token_id: tok.eosTokenIds,
-    pad_token_id: tok.padTokenId,
+  // a whole model or none, and never mixed into a folder that holds other files (another model's shards)
+  writeFolderAtomic(out, (dir) => {
+    writeSafetensors(path.join(dir, 'model.safetensors'), tensors, { format: 'pt' });
+    writeJsonAtomic(path.join(dir, 'config.json'), config);
+    writeJsonAtomic(path.join(dir, 'generation_config.json'), {
+      bos_token_id: tok.bosTokenId,
+      eos_token_id: tok.eosTokenIds,
+      pad_token_id: tok.padTokenId,
+    });
+    writeJsonAtomic(path.join(dir, 'tokenizer.json'), tok.tokenizerJson);
+    writeJsonAtomic(path.join(dir, 'tokenizer_config.json'), tok.tokenizerConfig);
+    writeJsonAtomic(path.join(dir, 'special_tokens_map.json'), tok.specialTokensMap);
   });
-  writeJsonAtomic(path.join(out, 'tokenizer.json'), tok.tokenizerJson);
-  writeJsonAtomic(path.join(out, 'tokenizer_config.json'), tok.tokenizerConfig);
-  writeJsonAtomic(path.join(out, 'special_tokens_map.json'), tok.specialTokensMap);
   return {
     dir: out,
     arch,

@@ -14,8 +14,10 @@ export const chatServerOptions: Record<string, OptionSpec> = {
 export async function chatServerVerb(o: ParsedOptions): Promise<void> {
   const send = process.send?.bind(process);
   if (!send) throw new Error('chat-server talks to the VS Code extension over an IPC channel; start it with fork(), not from a terminal (use the generate verb there)');
+  // a host gone before this process heard fails the send with EPIPE: taken by the callback, the process then ends
+  // on 'disconnect' as it should, not on an unhandled error
   const server = new ChatServer((message: ServerToHost) => {
-    if (process.connected) send(message);
+    if (process.connected) send(message, undefined, undefined, () => undefined);
   }, placementFromFlags(o));
   process.on('message', (raw: unknown) => {
     try {

@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { writeFolderAtomic } from '../../util/atomicFolder';
 import { checkpointPath, latestCheckpoint } from '../checkpoints';
+import { readJsonFile } from '../../util/jsonFile';
 
 export interface ExportOptions {
   run: string;
@@ -29,7 +30,7 @@ export function runAdapterDir(run: string, checkpoint?: number): string {
 export function runModelDir(run: string): string {
   const file = path.join(run, 'config.json');
   if (!fs.existsSync(file)) throw new Error(`${run} is not a run folder (no config.json)`);
-  const model = (JSON.parse(fs.readFileSync(file, 'utf8')) as { model?: unknown }).model;
+  const model = (readJsonFile(file) as { model?: unknown }).model;
   if (typeof model !== 'string' || model === '') throw new Error(`${file} names no model`);
   return model;
 }

@@ -7,6 +7,7 @@ import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
 import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { placementFromFlags, placementOptions, refuseHalfDtypeOnCpu, type PlacementOptions } from '../placement';
+import { readJsonFile } from '../../util/jsonFile';
 
 export const generateOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'a base model folder (Hugging Face layout)' },
@@ -41,12 +42,7 @@ export function conversationFrom(o: ParsedOptions): ChatMessage[] {
   let messages: ChatMessage[];
   if (prompt !== undefined) messages = [{ role: 'user', content: prompt }];
   else {
-    let parsed: unknown;
-    try {
-      parsed = JSON.parse(fs.readFileSync(file!, 'utf8'));
-    } catch (err) {
-      throw new Error(`${file}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file' : `not valid JSON (${(err as Error).message})`}`);
-    }
+    const parsed = readJsonFile(file!);
     if (!Array.isArray(parsed) || parsed.length === 0) throw new Error(`${file}: expected a non-empty JSON array of {role, content} messages`);
     messages = parsed.map((m, i) => {
       const msg = m as { role?: unknown; content?: unknown };
@@ -74,6 +70,7 @@ function generatePlacement(o: ParsedOptions): PlacementOptions {
 export async function generateVerb(o: ParsedOptions): Promise<void> {
   const messages = conversationFrom(o);
   if (o.raw && stringOption(o, 'prompt') === undefined) throw new UsageError('--raw continues --prompt as plain text; it does not apply to --messages');
+  if (o.raw && stringOption(o, 'system') !== undefined) throw new UsageError('--raw continues --prompt as plain text, without the chat template that would hold --system; put the text in --prompt');
   const checkpoint = stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0);
   const chat = await loadChatModel({
     model: stringOption(o, 'model'),

@@ -5,6 +5,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { quantizeModel, readModelConfig, type QuantizeDtype, type QuantizeReport } from '../../engine';
 import { writeJsonAtomic } from '../../util/atomicFile';
+import { writeFolderAtomic } from '../../util/atomicFolder';
+import { readJsonFile } from '../../util/jsonFile';
 
 export interface QuantizeOptions {
   model: string;
@@ -26,14 +28,19 @@ export function quantize(options: QuantizeOptions): QuantizeReport & { out: stri
   const configPath = path.join(model, 'config.json');
   const config = readModelConfig(model); // validates the architecture before any work
   if (config.quantized4bit) throw new Error(`${model} is already a bnb-4bit checkpoint`);
-  const rawConfig = JSON.parse(fs.readFileSync(configPath, 'utf8')) as Record<string, unknown>;
-  fs.mkdirSync(out, { recursive: true });
+  const rawConfig = readJsonFile(configPath) as Record<string, unknown>;
+  // the whole checkpoint or nothing, and never mixed into a folder holding another model's files (its shards would
+  // stay beside the new model.safetensors, and its index would still point at them)
+  return writeFolderAtomic(out, (tmp) => ({ ...writeQuantized(model, tmp, rawConfig, config.dtype, doubleQuant, dtype), out }));
+}
+
+function writeQuantized(model: string, out: string, rawConfig: Record<string, unknown>, storedDtype: string, doubleQuant: boolean, dtype: QuantizeDtype | undefined): QuantizeReport {
   const report = quantizeModel(model, path.join(out, 'model.safetensors'), doubleQuant, dtype);
   for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
     if (!entry.isFile() || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
     fs.copyFileSync(path.join(model, entry.name), path.join(out, entry.name));
   }
-  const modelDtype = dtype ?? config.dtype;
+  const modelDtype = dtype ?? storedDtype;
   const computeDtype = modelDtype === 'float32' || modelDtype === 'float16' ? modelDtype : 'bfloat16';
   if (dtype) {
     // Record the cast in whichever key the config uses (transformers 5: dtype; older: torch_dtype).
@@ -56,5 +63,5 @@ export function quantize(options: QuantizeOptions): QuantizeReport & { out: stri
     _load_in_8bit: false,
   };
   writeJsonAtomic(path.join(out, 'config.json'), rawConfig);
-  return { ...report, out };
+  return report;
 }

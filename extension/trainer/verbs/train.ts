@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { validateControl, type TrainerEvent } from '../../protocol/events';
 import { listOption, numberOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
-import { readConfigFile, resolveConfig, type TrainConfig } from '../config';
+import { checkSetting, readConfigFile, resolveConfig, type TrainConfig } from '../config';
 import { placementFromFlags, placementOptions } from '../placement';
 import { TerminalProgress } from '../progress';
 import { train, TrainingControl, type TrainOutcome } from '../train';
@@ -27,13 +27,27 @@ function installControl(control: TrainingControl): () => void {
       // A malformed control message is ignored: the host validates what it sends; nothing here acts on it.
     }
   };
+  // The extension host that started this process is gone (its window closed or reloaded, or it crashed): nobody
+  // watches the run any more, so it stops after this step with a checkpoint, as a stop message would have it.
+  const onDisconnect = () => {
+    control.stopRequested = true;
+  };
+  // With the host gone its pipes are too: what is still written to them (the outcome line) fails with EPIPE, which
+  // must end neither the run before its checkpoint nor the process with a stack trace after it (so they stay on).
+  const onPipeError = () => undefined;
+  if (process.send) {
+    process.stdout.on('error', onPipeError);
+    process.stderr.on('error', onPipeError);
+  }
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('message', onMessage);
+  process.on('disconnect', onDisconnect);
   return () => {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
     process.off('message', onMessage);
+    process.off('disconnect', onDisconnect);
   };
 }
 
@@ -54,6 +68,7 @@ export const trainOptions: Record<string, OptionSpec> = {
   out: { type: 'string', required: true, description: 'run folder to create' },
   config: { type: 'string', description: 'JSON config file (schemas/train-config.schema.json); flags override it' },
   'eval-data': { type: 'string', description: 'evaluation data file (default: hold out a fraction of --data)' },
+  shape: { type: 'string', description: 'messages, sharegpt, alpaca, completion or text (default: detected from the fields)' },
   preset: { type: 'string', description: 'qlora (default: the QLoRA paper recipe) or quick' },
   'max-steps': { type: 'string', description: 'optimizer steps' },
   epochs: { type: 'string', description: 'passes over the data (when --max-steps is not given)' },
@@ -78,29 +93,34 @@ export function configFromFlags(o: ParsedOptions): TrainConfig {
   const file = stringOption(o, 'config');
   const fromFile = file ? readConfigFile(file) : {};
   const overrides: Partial<TrainConfig> = {};
-  const set = <K extends keyof TrainConfig>(key: K, value: TrainConfig[K] | undefined) => {
-    if (value !== undefined) overrides[key] = value;
+  // a bad value is said of the flag that gave it ("--rank must be at least 1"), not of the config key
+  const set = <K extends keyof TrainConfig>(key: K, flag: string, value: TrainConfig[K] | undefined) => {
+    if (value === undefined) return;
+    checkSetting(key, value, `--${flag}`);
+    overrides[key] = value;
   };
-  set('model', stringOption(o, 'model'));
-  set('data', stringOption(o, 'data'));
-  set('evalData', stringOption(o, 'eval-data'));
-  set('preset', stringOption(o, 'preset') as TrainConfig['preset'] | undefined);
-  set('maxSteps', numberOption(o, 'max-steps'));
-  set('epochs', numberOption(o, 'epochs'));
-  set('lr', numberOption(o, 'lr'));
-  set('rank', numberOption(o, 'rank'));
-  set('alpha', numberOption(o, 'alpha'));
-  set('batchSize', numberOption(o, 'batch-size'));
-  set('gradAccum', numberOption(o, 'grad-accum'));
-  set('seqLen', numberOption(o, 'seq-len'));
-  set('checkpointEvery', numberOption(o, 'checkpoint-every'));
-  set('evalEvery', numberOption(o, 'eval-every'));
-  set('seed', numberOption(o, 'seed'));
+  const number = (flag: string) => numberOption(o, flag);
+  set('model', 'model', stringOption(o, 'model'));
+  set('data', 'data', stringOption(o, 'data'));
+  set('evalData', 'eval-data', stringOption(o, 'eval-data'));
+  set('shape', 'shape', stringOption(o, 'shape') as TrainConfig['shape'] | undefined);
+  set('preset', 'preset', stringOption(o, 'preset') as TrainConfig['preset'] | undefined);
+  set('maxSteps', 'max-steps', number('max-steps'));
+  set('epochs', 'epochs', number('epochs'));
+  set('lr', 'lr', number('lr'));
+  set('rank', 'rank', number('rank'));
+  set('alpha', 'alpha', number('alpha'));
+  set('batchSize', 'batch-size', number('batch-size'));
+  set('gradAccum', 'grad-accum', number('grad-accum'));
+  set('seqLen', 'seq-len', number('seq-len'));
+  set('checkpointEvery', 'checkpoint-every', number('checkpoint-every'));
+  set('evalEvery', 'eval-every', number('eval-every'));
+  set('seed', 'seed', number('seed'));
   if (o['skip-invalid']) overrides.skipInvalid = true;
   if (o.packing) overrides.packing = true;
   const samplePrompts = listOption(o, 'sample-prompt');
   if (samplePrompts.length > 0) overrides.samplePrompts = samplePrompts;
-  set('sampleMaxTokens', numberOption(o, 'sample-max-tokens'));
+  set('sampleMaxTokens', 'sample-max-tokens', number('sample-max-tokens'));
   // Paths in a config file are relative to the file, as editors and users expect.
   if (file) {
     const base = path.dirname(path.resolve(file));
