@@ -207,6 +207,8 @@ export interface NativeLibraryReport {
   found: boolean;
   path: string | null;
   tried: string[];
+  /** The folders looked in, in order ("" is the loader's own search path: LD_LIBRARY_PATH, PATH on Windows). */
+  searched: string[];
   error: string | null;
 }
 

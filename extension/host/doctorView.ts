@@ -10,7 +10,7 @@ export interface DoctorSummary {
   driverVersion: string | null;
   driverCudaVersion: string | null;
   nvml: { found: boolean; path: string | null; error: string | null };
-  cublasLt: { found: boolean; path: string | null; error: string | null; tried: string[] };
+  cublasLt: { found: boolean; path: string | null; error: string | null; tried: string[]; searched?: string[] };
   gpus: { index: number; name: string; memoryTotal: number; memoryFree: number; computeCapability: string; cudaIndex?: number | null }[];
   computeDtype: string | null;
   device: 'cuda' | 'cpu';
@@ -41,6 +41,8 @@ export function doctorMarkdown(r: DoctorSummary): string {
   ];
   for (const g of r.gpus) lines.push(`| GPU ${g.index} | ${g.name}, compute capability ${g.computeCapability}, ${(g.memoryTotal / GiB).toFixed(1)} GiB (${(g.memoryFree / GiB).toFixed(1)} GiB free) |`);
   if (r.gpus.length === 0) lines.push('| GPUs | none found |');
+  const searched = r.cublasLt.found ? [] : (r.cublasLt.searched ?? []);
+  if (searched.length > 0) lines.push('', 'Folders searched for cuBLASLt, in order:', '', ...searched.map((d) => `- ${d === '' ? "the loader's search path (LD_LIBRARY_PATH and the system folders; PATH on Windows)" : `\`${d}\``}`));
   lines.push('', r.problems.length === 0 ? 'No problems found.' : '## What to do', '');
   for (const p of r.problems) lines.push(`- ${p.replace(/\|/g, '\\|')}`);
   if ((r.notes ?? []).length > 0) lines.push('', '## Notes', '', ...(r.notes ?? []).map((p) => `- ${p.replace(/\|/g, '\\|')}`));

@@ -17,7 +17,7 @@ import { cliPath, tempDir } from '../helpers/paths';
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
-const lib = (found: boolean) => ({ found, path: found ? '/usr/lib/x.so' : null, tried: [], error: found ? null : 'cannot open shared object file' });
+const lib = (found: boolean) => ({ found, path: found ? '/usr/lib/x.so' : null, tried: [], searched: [], error: found ? null : 'cannot open shared object file' });
 const h100 = { index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * GiB, memoryUsed: 1 * GiB, memoryFree: 79 * GiB, computeCapability: '9.0', utilization: 0, temperature: 31, powerW: 70, cudaIndex: 0 };
 
 function report(overrides: Partial<NativeGpuReport> = {}): NativeGpuReport {

@@ -43,10 +43,18 @@ test('a cuBLASLt folder from qlora.cudaLibraryPath is searched first; a file the
   assert.match(r.cublasLt.error ?? '', /libcublasLt\.so\.13/);
   const problem = r.problems.find((p) => p.startsWith('cuBLASLt'))!;
   assert.ok(problem.includes(dir), problem);
+  // every folder looked in, in order, the given one first (the problem's sentence names only the first few)
+  const searched = (r.cublasLt as { searched: string[] }).searched;
+  assert.equal(searched[0], dir);
+  assert.ok(doctor('--cuda-lib-dir', dir).includes(`; searched ${dir}, `));
+  // a folder that is not there is said to be missing, not searched in silence
+  const missing = path.join(dir, 'no-such-folder');
+  const m = JSON.parse(doctor('--json', '--cuda-lib-dir', missing)) as DoctorSummary;
+  assert.ok(m.problems.some((p) => p === `The CUDA library folder given (${missing}) does not exist or is not a folder; correct qlora.cudaLibraryPath (or --cuda-lib-dir), or leave it empty to search the usual places.`), m.problems.join('\n'));
 });
 
 test('the Check GPU Setup document: the device, each library, the GPUs and what to do', () => {
-  const md = doctorMarkdown({
+  const base: DoctorSummary = {
     platform: 'linux x64', engine: '0.1.0', cudaCompiled: true, cudaRuntimeVersion: '13.0',
     driver: { found: true, path: 'libcuda.so.1', error: null }, driverVersion: '580.65.06', driverCudaVersion: '13.0',
     nvml: { found: true, path: 'libnvidia-ml.so.1', error: null },
@@ -54,10 +62,13 @@ test('the Check GPU Setup document: the device, each library, the GPUs and what 
     gpus: [{ index: 0, name: 'NVIDIA H100 80GB HBM3', memoryTotal: 80 * 1024 ** 3, memoryFree: 79 * 1024 ** 3, computeCapability: '9.0' }],
     computeDtype: 'bf16', device: 'cpu', problems: ['cuBLASLt (libcublasLt.so.13) was not found in a | b: install it.'],
     cpu: { name: 'AMD EPYC 9R14 (2 threads)', vectorCode: 'AVX-512, 16-lane vectors' },
-  });
+  };
+  const md = doctorMarkdown(base);
   assert.match(md, /\| CPU \| AMD EPYC 9R14 \(2 threads\); vector code: AVX-512, 16-lane vectors \|/);
   assert.match(md, /Training runs on the \*\*CPU\*\*/);
   assert.match(md, /\| GPU 0 \| NVIDIA H100 80GB HBM3, compute capability 9\.0, 80\.0 GiB \(79\.0 GiB free\) \|/);
   assert.match(md, /\| cuBLASLt \| \*\*not found\*\* \(libcublasLt\.so\.13: cannot open shared object file\) \|/);
   assert.match(md, /## What to do\n\n- cuBLASLt .* a \\\| b: install it\./);
+  const listed = doctorMarkdown({ ...JSON.parse(JSON.stringify(base)), cublasLt: { ...base.cublasLt, searched: ['/opt/cuda', ''] } });
+  assert.match(listed, /Folders searched for cuBLASLt, in order:\n\n- `\/opt\/cuda`\n- the loader's search path/);
 });

@@ -1,5 +1,6 @@
 // doctor verb: what this machine offers the GPU engine and, for each problem, one sentence on what to do. This is
 // what a user reads when "it does not use my GPU" (the extension's QLoRA: Check GPU Setup shows the same).
+import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { engineInfo, engineVersion, gpuReport, type GpuReport } from '../../engine';
 import { chooseDevice, cpuName, cudaBlockers } from '../../engine/device';
@@ -30,14 +31,32 @@ export function doctorReport(libraryDir?: string): DoctorReport {
   const choice = chooseDevice('auto', g, engine);
   // computeDtype: what training would compute in (the engine's CUDA backend may not have the GPU's own dtype yet)
   const cpu = { name: cpuName(engine.threads), vectorCode: engine.cpuVectorCode };
-  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : null, problems: cudaBlockers(g, engine.backends), device: choice.kind, cpu };
+  const problems = cudaBlockers(g, engine.backends);
+  // a folder the user named that is not there is searched in vain, and its absence said nowhere else
+  if (libraryDir !== undefined && libraryDir !== '' && !isFolder(libraryDir))
+    problems.push(`The CUDA library folder given (${libraryDir}) does not exist or is not a folder; correct qlora.cudaLibraryPath (or --cuda-lib-dir), or leave it empty to search the usual places.`);
+  return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : null, problems, device: choice.kind, cpu };
+}
+
+function isFolder(dir: string): boolean {
+  try {
+    return fs.statSync(dir).isDirectory();
+  } catch {
+    return false;
+  }
+}
+
+/** Where a library was looked for, every folder ("" is the loader's own search path). */
+export function searchedText(searched: readonly string[]): string {
+  return searched.map((d) => (d === '' ? "the loader's search path" : d)).join(', ');
 }
 
 const GiB = 1024 ** 3;
 
 /** The report as the terminal (and the extension's document) shows it. */
 export function doctorText(r: DoctorReport): string {
-  const lib = (name: string, l: GpuReport['cublasLt']) => `${name}: ${l.found ? `found at ${l.path}` : `not found${l.error ? ` (${l.error})` : ''}`}`;
+  const lib = (name: string, l: GpuReport['cublasLt']) =>
+    `${name}: ${l.found ? `found at ${l.path}` : `not found${l.error ? ` (${l.error})` : ''}${l.searched.length > 0 ? `; searched ${searchedText(l.searched)}` : ''}`}`;
   const lines = [
     `platform: ${r.platform}, Node ${r.node}`,
     `CPU: ${r.cpu.name}; vector code: ${r.cpu.vectorCode}`,

@@ -20,6 +20,7 @@ Napi::Object library_to_js(Napi::Env env, const qlora::gpu::LibraryReport& r) {
   o.Set("found", r.found);
   o.Set("path", r.found ? Napi::Value(Napi::String::New(env, r.path)) : env.Null());
   o.Set("tried", strings_to_js(env, r.tried));
+  o.Set("searched", strings_to_js(env, r.searched));  // "" is the loader's own search path
   o.Set("error", r.error.empty() ? env.Null() : Napi::Value(Napi::String::New(env, r.error)));
   return o;
 }
