@@ -136,7 +136,13 @@ export async function loadModelTokenizer(modelDir: string): Promise<ModelTokeniz
   const tokenizerJson = await readJson(path.join(modelDir, 'tokenizer.json'), true);
   const config = (await readJson(path.join(modelDir, 'tokenizer_config.json'), false)) ?? {};
   const modelConfig = (await readJson(path.join(modelDir, 'config.json'), false)) ?? {};
-  const tokenizer = new Tokenizer(tokenizerJson as object, config);
+  let tokenizer: Tokenizer;
+  try {
+    tokenizer = new Tokenizer(tokenizerJson as object, config);
+  } catch (err) {
+    // the library's message ("Tokenizer must contain a "model" property") does not say which file
+    throw new DataFileError(path.join(modelDir, 'tokenizer.json'), `is not a tokenizer the tokenizers library can load (${(err as Error).message}; in ${modelDir})`);
+  }
   const where = path.join(modelDir, 'tokenizer_config.json');
 
   const resolve = (name: 'bos' | 'eos'): { token: string | null; id: number | null } => {

@@ -1,7 +1,6 @@
 // Prompts to try a finetuned model with: the user messages of the run's held-out examples (its eval file, or the
 // eval split training made, found through the same data preparation so they are the examples the run never
 // trained on).
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import type { NormalizedExample } from '../data';
 import type { TrainConfig } from '../trainer/config';

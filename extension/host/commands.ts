@@ -10,7 +10,7 @@ import type { DatasetReport } from '../data';
 import type { ChatSource } from '../protocol/chat';
 import type { TrainerEvent } from '../protocol/events';
 import type { EstimateForPlan } from '../trainer/memoryPlan';
-import { describeRunLock, liveRunLock, type RunLock } from '../trainer/runLock';
+import { describeRunLock, liveRunLock, runLockPath, type RunLock } from '../trainer/runLock';
 import { findOnPath } from '../util/findOnPath';
 import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
@@ -98,18 +98,18 @@ class Refusal extends Error {}
 /** A run that another window or a terminal is training is left to that process. */
 function refuseTrainedElsewhere(runDir: string, verb: 'resume' | 'delete'): void {
   const holder = liveRunLock(runDir);
-  if (holder) throw new Refusal(`${path.basename(runDir)} is being trained by ${describeRunLock(holder)}, in another window or a terminal; stop it before you ${verb} it.`);
+  if (holder) throw new Refusal(`${path.basename(runDir)} is being trained by ${describeRunLock(holder)}; stop it before you ${verb} it (if no such process trains it, delete ${runLockPath(runDir)}).`);
 }
 
 /**
  * Stops a run that another process trains as Ctrl-C in its terminal would: SIGINT, after which it saves a checkpoint
- * at the end of its step; a second Stop quits it at once. Windows has no such signal (Node's kill would end the
- * process outright), so there the user stops it where it runs.
+ * at the end of its step. Windows has no such signal (Node's kill ends the process outright), so there the first
+ * Stop says where to stop it; quitting at once is the second Stop's offer everywhere.
  */
 function stopTrainedElsewhere(runDir: string, holder: RunLock): boolean {
   const name = path.basename(runDir);
   if (process.platform === 'win32') {
-    void vscode.window.showWarningMessage(`${name} is being trained by ${describeRunLock(holder)}, in another window or a terminal: stop it there.`);
+    void vscode.window.showWarningMessage(`${name} is being trained by ${describeRunLock(holder)}, in another window or a terminal: stop it there (or Stop again here to quit it at once).`);
     return false;
   }
   try {
@@ -118,7 +118,23 @@ function stopTrainedElsewhere(runDir: string, holder: RunLock): boolean {
     void vscode.window.showErrorMessage(`Could not stop ${name} (${describeRunLock(holder)}): ${err instanceof Error ? err.message : String(err)}`);
     return false;
   }
-  void vscode.window.showInformationMessage(`${name}: stopping after its current step (it saves a checkpoint); Stop again to quit it at once.`);
+  void vscode.window.showInformationMessage(`${name}: stopping after its current step (it saves a checkpoint).`);
+  return true;
+}
+
+/**
+ * A second Stop of a run that has not stopped yet (a long step on the CPU, or a trainer stuck in one): offers to
+ * quit it now, losing the steps since its last checkpoint. True when it was quit.
+ */
+async function offerToQuit(name: string, quit: () => void): Promise<boolean> {
+  const now = 'Quit Now';
+  const answer = await vscode.window.showWarningMessage(
+    `${name} has not stopped yet: it stops at the end of its current step. Quit it now?`,
+    { modal: true, detail: 'The steps since its last checkpoint are lost; the checkpoints and the run folder are kept, and Resume goes on from the last checkpoint.' },
+    now,
+  );
+  if (answer !== now) return false;
+  quit();
   return true;
 }
 
@@ -536,6 +552,10 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     return true;
   }
 
+  // trainers asked to stop already: a second Stop offers to quit them at once
+  const stopsAsked = new WeakSet<object>();
+  const stopsAskedElsewhere = new Set<string>();
+
   const table: Record<string, Handler> = {
     'qlora.newFinetune': (args) => newFinetune((args ?? {}) as NewFinetuneArgs),
     'qlora.selectModel': async () => {
@@ -556,14 +576,23 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       preview.show(report, { maxLength: seqLen, modelDir: model ?? null, preserveFocus: false });
       return file;
     },
-    'qlora.stopTraining': (arg) => {
+    'qlora.stopTraining': async (arg) => {
       const runDir = runDirOf(arg);
       const active = trainer.active;
       if (runDir === undefined || (active && path.resolve(active.runDir) === path.resolve(runDir))) {
-        if (trainer.stop()) return true;
+        if (active && stopsAsked.has(active)) return offerToQuit(active.name, () => trainer.kill());
+        if (trainer.stop()) {
+          if (active) stopsAsked.add(active);
+          return true;
+        }
       } else {
         const holder = liveRunLock(runDir);
-        if (holder) return stopTrainedElsewhere(runDir, holder);
+        if (holder) {
+          const key = `${holder.pid} ${holder.started}`;
+          if (stopsAskedElsewhere.has(key)) return offerToQuit(path.basename(runDir), () => process.kill(holder.pid, 'SIGKILL'));
+          stopsAskedElsewhere.add(key);
+          return stopTrainedElsewhere(runDir, holder);
+        }
       }
       void vscode.window.showInformationMessage(runDir === undefined ? 'No run is training.' : `${path.basename(runDir)} is not training.`);
       return false;

@@ -38,7 +38,8 @@ export function createStatusBar(runs: RunSource): vscode.Disposable {
       render();
     }),
   ];
-  const active = runs.activeRun();
+  // this window's trainer, else a run another process trains (a window reloaded under its own run's trainer)
+  const active = runs.activeRun() ?? runs.list().find((r) => r.status === 'running');
   if (active) liveDir = active.runDir;
   render();
   return vscode.Disposable.from(...subscriptions);
@@ -52,6 +53,8 @@ export function createRunNotifications(runs: RunSource, output: vscode.OutputCha
     const info = runs.list().find((r) => r.runDir === runDir);
     // A run that failed before the trainer wrote its folder (bad inputs) has nothing to open.
     const hasFolder = fs.existsSync(path.join(runDir, 'config.json'));
+    // a run another process trains whose folder left the list (deleted, or the runs directory changed): nothing to say
+    if (!hasFolder && status !== 'failed') return;
     const open = 'Open Run';
     let answer: string | undefined;
     if (status === 'finished') {

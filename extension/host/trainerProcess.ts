@@ -215,6 +215,11 @@ export class TrainerProcess {
     return run.child.kill('SIGTERM');
   }
 
+  /** Quits the live run at once (the user's choice after a stop it did not finish): its end is reported as a kill. */
+  kill(): boolean {
+    return this.current?.child.kill('SIGKILL') ?? false;
+  }
+
   /**
    * For deactivate: asks the live run to stop and waits up to `graceMs` for it to exit. A trainer still in its step
    * then is not killed, which would lose the step's work: it is disconnected and stops by itself at the step's end,

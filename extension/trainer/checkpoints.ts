@@ -23,6 +23,8 @@ export interface TrainerState {
   lossScaler?: LossScalerState;
   /** The GPU compute dtype the steps so far were computed in (absent on the CPU); a resumed run keeps it. */
   computeDtype?: ComputeDtype;
+  /** Identifies the tokenized train and eval examples (absent in checkpoints written before it was kept). */
+  dataDigest?: string;
 }
 
 const STEP_DIR = /^step-(\d+)$/;

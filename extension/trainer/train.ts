@@ -20,7 +20,7 @@ import type { TrainerEvent } from '../protocol/events';
 import { GpuMonitor, type GpuSource } from './gpuTelemetry';
 import type { MemoryPlan } from './memoryPlan';
 import { checkMemory, engineOptions, placeRun, runDevice, type Placement, type PlacementOptions } from './placement';
-import { claimRunLock } from './runLock';
+import { claimRunLock, type RunLockHandle } from './runLock';
 import { learningRate, type Schedule } from './schedule';
 import { readJsonFile } from '../util/jsonFile';
 
@@ -61,6 +61,22 @@ function configDigest(config: TrainConfig): string {
   return createHash('sha256').update(JSON.stringify(config)).digest('hex').slice(0, 16);
 }
 
+/**
+ * Identifies what the run trains on: every example's token ids and labels, train and eval. The same settings read
+ * from an edited data file, or through a model folder whose tokenizer or chat template changed, give another.
+ */
+function dataDigest(train: readonly TrainExample[], evalSet: readonly TrainExample[]): string {
+  const hash = createHash('sha256');
+  for (const set of [train, evalSet]) {
+    hash.update(`${set.length};`);
+    for (const e of set) {
+      hash.update(new Uint8Array(e.ids.buffer, e.ids.byteOffset, e.ids.byteLength));
+      hash.update(new Uint8Array(e.labels.buffer, e.labels.byteOffset, e.labels.byteLength));
+    }
+  }
+  return hash.digest('hex').slice(0, 16);
+}
+
 function readRunConfig(runDir: string): TrainConfig {
   const file = path.join(runDir, 'config.json');
   if (!fs.existsSync(file)) throw new TrainingError(`${runDir} is not a run folder (no config.json)`);
@@ -69,6 +85,7 @@ function readRunConfig(runDir: string): TrainConfig {
 
 // A new run never overwrites another: the folder must not hold a run already.
 function assertNoRunIn(runDir: string): void {
+  if (fs.existsSync(runDir) && !fs.statSync(runDir).isDirectory()) throw new TrainingError(`${runDir} exists and is not a folder; choose another --out`);
   if (fs.existsSync(path.join(runDir, 'config.json')) || fs.existsSync(path.join(runDir, 'events.jsonl')))
     throw new TrainingError(`${runDir} already holds a run; continue it with "resume --run ${runDir}" or choose another --out`);
 }
@@ -114,18 +131,18 @@ function keepSavedDtype(runDir: string, resume: boolean, asked: PlacementOptions
 
 export async function train(options: TrainOptions): Promise<TrainOutcome> {
   // trainer.lock: from the moment the folder is this run's until the trainer ends, however it ends short of a kill
-  let release: (() => void) | undefined;
+  let lock: RunLockHandle | undefined;
   const claim = () => {
-    release = claimRunLock(options.runDir, (message) => new TrainingError(message));
+    lock = claimRunLock(options.runDir, (message) => new TrainingError(message));
   };
   try {
-    return await trainClaimed(options, claim);
+    return await trainClaimed(options, claim, () => lock?.heartbeat());
   } finally {
-    release?.();
+    lock?.release();
   }
 }
 
-async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): Promise<TrainOutcome> {
+async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, heartbeat: () => void): Promise<TrainOutcome> {
   const { runDir, resume } = options;
   const control = options.control ?? new TrainingControl();
   // The device first: `--device cuda` on a machine that cannot is the first thing to hear about. A resumed run keeps
@@ -169,13 +186,22 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): 
     throw err;
   }
   if (!resume) {
-    fs.mkdirSync(runDir, { recursive: true });
-    claimRunFolder();
-    writeJsonAtomic(path.join(runDir, 'config.json'), config);
+    try {
+      fs.mkdirSync(runDir, { recursive: true });
+      claimRunFolder();
+      // again, now that the folder is this process's: another `train --out` of the same folder may have got there
+      // while this one read its data and model
+      assertNoRunIn(runDir);
+      writeJsonAtomic(path.join(runDir, 'config.json'), config);
+    } catch (err) {
+      model.dispose();
+      throw err;
+    }
   }
   const log = new EventLog(runDir);
   if (options.onEvent) log.onEvent(options.onEvent);
   const digest = configDigest(config);
+  const examplesDigest = dataDigest(data.train, data.eval);
   const started = Date.now();
   let step = 0;
   let lastCheckpointDir: string | null = null;
@@ -194,6 +220,10 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): 
       const state: TrainerState = readTrainerState(checkpoint.dir);
       if (state.configDigest !== digest)
         throw new TrainingError(`${path.join(runDir, 'config.json')} changed since checkpoint step ${state.step} was written; resume needs the run's original settings`);
+      // Changed data is allowed (a fix to a few rows is worth going on with) but said: the steps ahead draw other
+      // examples than the ones the run's order was made for
+      if (state.dataDigest !== undefined && state.dataDigest !== examplesDigest)
+        log.emit({ kind: 'warning', message: `the training data is not what it was at checkpoint step ${state.step} (${config.data}${config.evalData ? ` or ${config.evalData}` : ''} changed, or the model's tokenizer or chat template did); the run goes on with the data as it is now` });
       model.loadAdapter(path.join(checkpoint.dir, 'adapter'));
       model.loadOptimizerState(path.join(checkpoint.dir, 'optimizer.safetensors'));
       // The final adapter a stop wrote is this checkpoint's (a stop saves both at its last step); from here on the
@@ -249,6 +279,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): 
       seed: config.seed,
       elapsedSeconds: elapsedBefore + (Date.now() - started) / 1000,
       configDigest: digest,
+      dataDigest: examplesDigest,
       ...(placement.device.kind === 'cuda' ? { computeDtype: placement.device.computeDtype } : {}),
       ...(scaler ? { lossScaler: scaler.snapshot() } : {}),
     });
@@ -278,6 +309,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): 
       }
       await runSamples();
       emitPageMoves();
+      heartbeat();
     };
     const emitMemory = () => {
       const m = model.memory();
@@ -341,6 +373,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void): 
       }
       emitPageMoves();
       sampleGpu();
+      heartbeat();
       step += 1;
       lastLoss = loss;
       tokensSinceStart += micro.reduce((n, mb) => n + mb.tokens, 0);

@@ -135,6 +135,19 @@ test('flags that do not apply, folders that hold something else and unreadable r
   expectCleanError(train('--shape', 'qa'), '--shape must be one of messages, sharegpt, alpaca, completion, text');
   expectCleanError(train(), '(or pass --shape)');
   expectCleanError(train('--shape', 'text'), 'qa.jsonl line 1');
+  // a file where a folder belongs, and the other way round, is said to be one, before any work
+  const file = path.join(tempDir('a-file'), 'notes.txt');
+  fs.writeFileSync(file, 'x');
+  expectCleanError(cli('train', '--model', model, '--data', data, '--out', file, '--shape', 'text'), `${file} exists and is not a folder; choose another --out`);
+  expectCleanError(cli('score', '--model', path.join(model, 'config.json'), '--ids', '1,2'), `${path.join(model, 'config.json')} is a file; name the model's folder`);
+  expectCleanError(cli('inspect-data', '--data', path.dirname(data)), 'is a directory, not a data file');
+  expectCleanError(cli('inspect-data', '--data', data, '--model', model, '--seq-len', '0'), '--seq-len must be at least 2, got 0');
+  expectCleanError(cli('bench', '--device', 'cpu', '--shape', 'tiny', '--seq', '1'), '--seq must be at least 2');
+  // a tokenizer.json the library cannot load is named
+  const badTokenizer = path.join(tempDir('bad-tokenizer'), 'model');
+  fs.cpSync(model, badTokenizer, { recursive: true });
+  fs.writeFileSync(path.join(badTokenizer, 'tokenizer.json'), '{"version": "1.0"}');
+  expectCleanError(cli('generate', '--model', badTokenizer, '--prompt', 'hi'), `tokenizer.json: is not a tokenizer the tokenizers library can load (Tokenizer must contain a "model" property; in ${badTokenizer})`);
 });
 
 test('a conversation file with a byte-order mark is read; output to a pipe closed early ends quietly', () => {
@@ -144,6 +157,12 @@ test('a conversation file with a byte-order mark is read; output to a pipe close
   fs.writeFileSync(messages, '\uFEFF' + JSON.stringify([{ role: 'user', content: 'hi' }]));
   const r = cli('generate', '--model', model, '--messages', messages, '--max-new-tokens', '2', '--temperature', '0', '--json');
   assert.equal(r.status, 0, r.stderr);
+  // a conversation the model's chat template refuses (Mistral's: roles must alternate) names its file
+  const mistral = path.join(tempDir('bom-mistral'), 'model');
+  assert.equal(cli('make-tiny-model', '--out', mistral, '--arch', 'mistral').status, 0);
+  const twice = path.join(tempDir('twice'), 'twice.json');
+  fs.writeFileSync(twice, JSON.stringify([{ role: 'user', content: 'a' }, { role: 'user', content: 'b' }]));
+  expectCleanError(cli('generate', '--model', mistral, '--messages', twice, '--max-new-tokens', '2'), new RegExp(`^qlora-studio: ${twice.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: the model's chat template error: `));
   // `score ... | head -1`, the reader gone before the output comes (here at once: `true` reads nothing)
   const piped = spawnSync('bash', ['-c', `"${process.execPath}" "${cliPath}" score --model "${model}" --ids 1,2,3 | true; echo " status \${PIPESTATUS[0]}"`], { encoding: 'utf8' });
   assert.match(piped.stdout, / status 0$/m, piped.stderr);

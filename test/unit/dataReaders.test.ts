@@ -78,7 +78,9 @@ test('UTF-8 BOM and CRLF line ends read like plain LF files, in JSONL, JSON and 
     const crlfJsonl = writeTemp(`${shape}.jsonl`, bom + rows[shape].map((r) => JSON.stringify(r)).join('\r\n') + '\r\n\r\n');
     const crlfJson = writeTemp(`${shape}.json`, bom + JSON.stringify(rows[shape], null, 2).replace(/\n/g, '\r\n'));
     const crlfCsv = writeTemp(`${shape}.csv`, bom + toCsv(rows[shape], '\r\n'));
-    for (const file of [crlfJsonl, crlfJson, crlfCsv]) {
+    // lone CR: "CSV (Macintosh)" as older Excel writes it
+    const crCsv = writeTemp(`${shape}-cr.csv`, toCsv(rows[shape], '\r'));
+    for (const file of [crlfJsonl, crlfJson, crlfCsv, crCsv]) {
       const read = await readDataset(file);
       assert.deepEqual(read.errors.map(String), [], file);
       assert.deepEqual(bodies(read.examples), expected, file);
@@ -87,6 +89,14 @@ test('UTF-8 BOM and CRLF line ends read like plain LF files, in JSONL, JSON and 
   // A quoted CSV field keeps its own line break as written (CRLF stays CRLF inside quotes, per RFC 4180).
   const csv = await readDataset(writeTemp('t.csv', 'text\r\n"a\r\nb"\r\n'));
   assert.deepEqual(bodies(csv.examples), [{ kind: 'text', text: 'a\r\nb' }]);
+  // "" alone on a line is an empty cell (reported as such), not a blank line (skipped)
+  const empty = await readDataset(writeTemp('empty-cell.csv', 'text\n"a"\n""\n\n"b"\n'));
+  assert.deepEqual(bodies(empty.examples), [{ kind: 'text', text: 'a' }, { kind: 'text', text: 'b' }]);
+  assert.deepEqual(empty.errors.map(String), ['empty-cell.csv line 3: field "text" is empty']);
+  // with lone CRs, records still split and an invalid row's line number counts them
+  const cr = await readDataset(writeTemp('cr.csv', 'text\r"a"\r"b"x\r'));
+  assert.deepEqual(bodies(cr.examples), [{ kind: 'text', text: 'a' }]);
+  assert.match(String(cr.errors[0]), /cr\.csv line 3: /);
 });
 
 test('JSON: an array, or an object with exactly one array of rows; other layouts are clear errors', async () => {
@@ -173,6 +183,8 @@ test('unusable files: one clear error each, naming the file', async () => {
   const folder = path.join(dir, 'folder.jsonl');
   fs.mkdirSync(folder);
   await assert.rejects(readDataset(folder), { message: `folder.jsonl: is a directory, not a data file (${folder})` });
+  // a folder named without an extension is still said to be a folder
+  await assert.rejects(readDataset(dir), { message: `${path.basename(dir)}: is a directory, not a data file (${dir})` });
 });
 
 test('a file extension is matched case-insensitively; a valid multi-byte UTF-8 file reads', async () => {

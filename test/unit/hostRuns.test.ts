@@ -10,7 +10,7 @@ import { RunRegistry } from '../../extension/host/runs/registry';
 import { deriveRunInfo, deriveStatus, listRunFolders, readEventFile, type RunFacts } from '../../extension/host/runs/runState';
 import { TrainerProcess } from '../../extension/host/trainerProcess';
 import { serializeEvent, type TrainerEvent } from '../../extension/protocol/events';
-import { RUN_LOCK_FILE } from '../../extension/trainer/runLock';
+import { claimRunLock, RUN_LOCK_FILE } from '../../extension/trainer/runLock';
 import type { RunStatus } from '../../extension/protocol/webview';
 import { tempDir } from '../helpers/paths';
 import { ev, fakeFork, memoryOutput, tick } from './hostFakes';
@@ -184,16 +184,73 @@ test('a run another process trains (its trainer.lock): running, followed through
   }
 });
 
-test('a run another process finishes: its last events, written before it let go of the lock, are followed too', async () => {
+/** A lock naming this test process as the trainer (on Linux with its exact start, as a trainer writes it). */
+function lockByThisProcess(runDir: string): void {
+  const { release } = claimRunLock(runDir, (m) => new Error(m));
+  const lock = fs.readFileSync(path.join(runDir, RUN_LOCK_FILE), 'utf8');
+  release();
+  fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), lock);
+}
+
+test('a run another process finishes: its last events, written before it let go of the lock, are followed too', async (t) => {
   const runsDir = tempDir('host-elsewhere-end');
   const runDir = writeRun(runsDir, 'terminal', [ev.started('/r', 50)], '', undefined);
-  fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), JSON.stringify({ pid: process.pid, hostname: os.hostname(), started: new Date().toISOString() }));
+  lockByThisProcess(runDir);
   const r = registry(runsDir, 1000);
+  t.after(() => r.runs.dispose());
   assert.equal(r.runs.list()[0].status, 'running');
   fs.appendFileSync(path.join(runDir, 'events.jsonl'), serializeEvent(ev.finished('completed', 50)) + '\n');
   fs.rmSync(path.join(runDir, RUN_LOCK_FILE));
   r.runs.refresh();
   assert.deepEqual(r.live.map((e) => e.kind), ['finished']);
   assert.deepEqual(r.statuses, [{ runDir, status: 'running' }, { runDir, status: 'finished' }]);
-  r.runs.dispose();
+});
+
+test('events another process appends reach a panel that opens the run on its run-started exactly once', (t) => {
+  const runsDir = tempDir('host-elsewhere-once');
+  const runDir = writeRun(runsDir, 'terminal', [], '');
+  const r = registry(runsDir, 1000);
+  t.after(() => r.runs.dispose());
+  r.runs.list();
+  // the lock, run-started and two steps land between two reads
+  lockByThisProcess(runDir);
+  fs.appendFileSync(path.join(runDir, 'events.jsonl'), [ev.started('/r', 50), ev.step(1, 2, 50), ev.step(2, 1.9, 50)].map((e) => serializeEvent(e) + '\n').join(''));
+  // a panel following new runs: a snapshot on run-started, then the events that come
+  let shown: string[] | undefined;
+  r.runs.onDidReceiveEvent(({ event }) => {
+    if (shown === undefined) {
+      if (event.kind === 'run-started') shown = r.runs.snapshot(runDir).events.map((e) => e.kind);
+    } else {
+      shown.push(event.kind);
+    }
+  });
+  r.runs.refresh();
+  assert.deepEqual(shown, ['run-started', 'step', 'step']);
+  // a status listener reads the list the status describes
+  assert.equal(r.runs.list()[0].status, 'running');
+});
+
+test("a resume of this window refused by another trainer's lock leaves the run training there, not failed", async (t) => {
+  const runsDir = tempDir('host-refused');
+  const runDir = writeRun(runsDir, 'r', [ev.started('/r', 50), ev.finished('stopped', 3)], '', 3);
+  const r = registry(runsDir, 1000);
+  t.after(() => r.runs.dispose());
+  assert.equal(r.runs.list()[0].status, 'stopped');
+  const run = r.trainer.start('resume', runDir);
+  // meanwhile a terminal's resume took the run; this window's trainer is refused
+  lockByThisProcess(runDir);
+  r.children[0].stderr.write(`qlora-studio: ${runDir} is being trained by process ${process.pid} (started x); stop that run first\n`);
+  r.children[0].exit(1);
+  await run.ended;
+  await tick();
+  const info = r.runs.list()[0];
+  assert.equal(info.status, 'running');
+  assert.equal(info.error, undefined);
+  assert.deepEqual(r.statuses.map((x) => x.status), ['running', 'running']);
+  // when that trainer is done, the log decides, not the refusal
+  fs.appendFileSync(path.join(runDir, 'events.jsonl'), serializeEvent(ev.started('/r', 50, 3)) + '\n' + serializeEvent(ev.finished('completed', 50)) + '\n');
+  fs.rmSync(path.join(runDir, RUN_LOCK_FILE));
+  r.runs.refresh();
+  assert.equal(r.runs.list()[0].status, 'finished');
+  assert.deepEqual(r.statuses.at(-1), { runDir, status: 'finished' });
 });

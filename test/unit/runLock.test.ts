@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { test } from 'node:test';
-import { claimRunLock, liveRunLock, readRunLock, RUN_LOCK_FILE, type RunLock } from '../../extension/trainer/runLock';
+import { claimRunLock, liveRunLock, readRunLock, RUN_LOCK_FILE, runLockPath, STALE_HEARTBEAT_MS, type RunLock } from '../../extension/trainer/runLock';
 import { tempDir } from '../helpers/paths';
 
 const writeLock = (runDir: string, lock: RunLock) => fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), JSON.stringify(lock));
@@ -22,7 +22,7 @@ function deadPid(): number {
 
 test('a claim writes this process into trainer.lock, and its release removes it', () => {
   const runDir = tempDir('lock-claim');
-  const release = claimRunLock(runDir, refuse);
+  const { release } = claimRunLock(runDir, refuse);
   const lock = readRunLock(runDir);
   assert.equal(lock?.pid, process.pid);
   assert.equal(lock?.hostname, os.hostname());
@@ -47,27 +47,84 @@ test('a live process of this machine holds the run; another process\'s lock is n
     await new Promise((resolve) => child.once('exit', resolve));
   }
   // now stale: the next claim takes the folder over; releasing after someone else took it leaves theirs alone
-  const release = claimRunLock(runDir, refuse);
+  const { release } = claimRunLock(runDir, refuse);
   const theirs = { pid: child.pid!, hostname: os.hostname(), started: now() };
   writeLock(runDir, theirs);
   release();
   assert.deepEqual(readRunLock(runDir), theirs);
 });
 
-test('stale or foreign locks do not count: a dead pid, a pid reused since, another machine, a torn file', () => {
+test('stale or foreign locks do not count: a dead pid, a pid another process got since, another machine, a torn file', () => {
   const runDir = tempDir('lock-stale');
   writeLock(runDir, { pid: deadPid(), hostname: os.hostname(), started: now() });
   assert.equal(liveRunLock(runDir), null);
-  writeLock(runDir, { pid: process.pid, hostname: `${os.hostname()}-elsewhere`, started: now() });
-  assert.equal(liveRunLock(runDir), null);
   if (process.platform === 'linux') {
-    // this process started long after the lock: a trainer that died, whose pid this process got
-    writeLock(runDir, { pid: process.pid, hostname: os.hostname(), started: new Date(Date.now() - 3_600_000 - process.uptime() * 1000).toISOString() });
-    assert.equal(liveRunLock(runDir), null);
+    // this process's own start, as /proc gives it: the lock is live with it, stale with any other start or boot
+    const { release } = claimRunLock(runDir, refuse);
+    const own = readRunLock(runDir)!;
+    assert.ok(own.linuxStart && own.linuxStart.ticks > 0 && own.linuxStart.bootId.length > 0);
+    release();
+    writeLock(runDir, own);
+    assert.equal(liveRunLock(runDir)?.pid, process.pid);
+    writeLock(runDir, { ...own, linuxStart: { ...own.linuxStart!, ticks: own.linuxStart!.ticks + 1 } });
+    assert.equal(liveRunLock(runDir), null, 'a trainer that died, whose pid this process got');
+    writeLock(runDir, { ...own, linuxStart: { ...own.linuxStart!, bootId: 'another-boot' } });
+    assert.equal(liveRunLock(runDir), null, 'a lock from before a reboot');
   }
-  fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), '{"pid": 12');
+  fs.writeFileSync(runLockPath(runDir), '{"pid": 12');
   assert.equal(readRunLock(runDir), null);
-  const release = claimRunLock(runDir, refuse);
+  const { release } = claimRunLock(runDir, refuse);
   assert.equal(readRunLock(runDir)?.pid, process.pid);
   release();
+  assert.deepEqual(fs.readdirSync(runDir), [], 'no lock and no temporary file left');
+});
+
+test("another machine's lock: the run shows no trainer here, and a trainer here is refused, told what to delete", () => {
+  const runDir = tempDir('lock-foreign');
+  writeLock(runDir, { pid: process.pid, hostname: `${os.hostname()}-elsewhere`, started: now() });
+  assert.equal(liveRunLock(runDir), null);
+  assert.throws(() => claimRunLock(runDir, refuse), new RegExp(`is claimed by process ${process.pid} on ${os.hostname()}-elsewhere .*; if no trainer runs there any more, delete ${runLockPath(runDir).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`));
+});
+
+test('a release that cannot remove the lock does not throw, and a claim released at exit leaves no lock', () => {
+  const runDir = tempDir('lock-release');
+  const { release } = claimRunLock(runDir, refuse);
+  // the removal fails (as antivirus or an indexer can make it on Windows): the run's outcome must not change
+  // (the module object itself: runLock.js reads fs.rmSync from it at the call)
+  const nodeFs = require('node:fs') as { rmSync: typeof fs.rmSync };
+  const rmSync = nodeFs.rmSync;
+  nodeFs.rmSync = () => {
+    throw Object.assign(new Error('EBUSY: resource busy or locked'), { code: 'EBUSY' });
+  };
+  try {
+    assert.doesNotThrow(release);
+  } finally {
+    nodeFs.rmSync = rmSync;
+  }
+  assert.equal(readRunLock(runDir)?.pid, process.pid, 'the lock stayed (and is stale once this process is gone)');
+  // a process that exits without releasing (a second Ctrl-C: process.exit) leaves no lock
+  const childRun = path.join(runDir, 'child');
+  fs.mkdirSync(childRun);
+  const module = path.join(__dirname, '..', '..', 'extension', 'trainer', 'runLock.js');
+  const child = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(module)}).claimRunLock(${JSON.stringify(childRun)}, (m) => new Error(m)); process.exit(130)`], { encoding: 'utf8' });
+  assert.equal(child.status, 130, child.stderr);
+  assert.deepEqual(fs.readdirSync(childRun), []);
+});
+
+test('without a start time to check (Windows, macOS), a lock untouched for hours shows no trainer, yet still refuses a claim', () => {
+  const runDir = tempDir('lock-heartbeat');
+  const { release, heartbeat } = claimRunLock(runDir, refuse);
+  const lock = readRunLock(runDir)!;
+  release();
+  writeLock(runDir, { pid: lock.pid, hostname: lock.hostname, started: lock.started }); // no linuxStart
+  const file = runLockPath(runDir);
+  const old = new Date(Date.now() - STALE_HEARTBEAT_MS - 60_000);
+  fs.utimesSync(file, old, old);
+  assert.equal(liveRunLock(runDir), null, 'its trainer may be long gone and the pid another process\'s');
+  assert.throws(() => claimRunLock(runDir, refuse), /is being trained by process/, 'but a trainer here waits for certainty');
+  // the trainer's heartbeat after each step keeps it live
+  const handle = { heartbeat };
+  fs.utimesSync(file, old, old);
+  handle.heartbeat();
+  assert.equal(liveRunLock(runDir)?.pid, process.pid);
 });

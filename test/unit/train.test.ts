@@ -216,6 +216,25 @@ test('a stopped run resumed computes exactly what the uninterrupted run computes
   assert.ok(fs.readdirSync(path.join(interrupted, 'checkpoints')).length <= 3);
 });
 
+test('a run resumed on data that changed since its checkpoint says so, and one on the same data does not', async () => {
+  const dir = tempDir('changed-data');
+  const data = path.join(dir, 'train.jsonl');
+  fs.copyFileSync(path.join(repoRoot, 'examples', 'chat-sample.jsonl'), data);
+  const runDir = path.join(dir, 'run');
+  const warnings = () => events(runDir).flatMap((e) => (e.kind === 'warning' ? [e.message] : []));
+  const stopAt = (n: number) => {
+    const control = new TrainingControl();
+    return { control, onEvent: (e: TrainerEvent) => { if (e.kind === 'step' && e.step === n) control.stopRequested = true; } };
+  };
+  await train({ runDir, config: config(data, { maxSteps: 6 }), resume: false, ...stopAt(2) });
+  await train({ runDir, resume: true, ...stopAt(4) });
+  assert.deepEqual(warnings().filter((w) => w.includes('training data')), []);
+  fs.appendFileSync(data, JSON.stringify({ messages: [{ role: 'user', content: 'new?' }, { role: 'assistant', content: 'yes' }] }) + '\n');
+  const resumed = await train({ runDir, resume: true });
+  assert.equal(resumed.status, 'completed');
+  assert.deepEqual(warnings().filter((w) => w.includes('training data')), [`the training data is not what it was at checkpoint step 4 (${data} changed, or the model's tokenizer or chat template did); the run goes on with the data as it is now`]);
+});
+
 function cliTrainArgs(data: string, runDir: string, extra: string[] = []): string[] {
   return [cliPath, 'train', '--model', model, '--data', data, '--out', runDir, '--preset', 'quick', '--rank', '8', '--lr', '0.01',
     '--batch-size', '4', '--seq-len', '96', '--max-steps', '30', '--checkpoint-every', '3', '--eval-every', '0', '--json', ...extra];

@@ -17,12 +17,14 @@ interface CsvRecord {
   fields: string[];
   /** A syntax problem in this record; its fields are then unreliable. */
   error?: string;
+  /** A field was quoted: `""` alone on a line is an empty cell, not a blank line. */
+  quoted?: boolean;
 }
 
 /** Parses CSV text (BOM already removed) into rows keyed by the header. */
 export function parseCsv(text: string, filePath: string): RawRow[] {
   const file = path.basename(filePath);
-  const records = splitRecords(text).filter((r) => !(r.fields.length === 1 && r.fields[0] === '' && !r.error));
+  const records = splitRecords(text).filter((r) => !(r.fields.length === 1 && r.fields[0] === '' && !r.error && !r.quoted));
   if (records.length === 0) throw new DataFileError(filePath, 'the file is empty');
   const header = records[0];
   if (header.error) throw new DataFileError(filePath, `the header row (line ${header.line}) ${header.error}`);
@@ -77,6 +79,7 @@ function splitRecords(text: string): CsvRecord[] {
     const ch = text[i];
     if (ch === '"' && field === '') {
       // Quoted field: runs to the next lone quote.
+      record.quoted = true;
       const openLine = line;
       i++;
       let closed = false;
@@ -92,7 +95,7 @@ function splitRecords(text: string): CsvRecord[] {
           i++;
           break;
         }
-        if (q === '\n') line++;
+        if (q === '\n' || (q === '\r' && text[i + 1] !== '\n')) line++;
         field += q;
         i++;
       }
@@ -102,9 +105,9 @@ function splitRecords(text: string): CsvRecord[] {
         return records;
       }
       // After the closing quote only a separator or the end of the record may follow.
-      if (i < n && text[i] !== ',' && text[i] !== '\n' && !(text[i] === '\r' && text[i + 1] === '\n')) {
+      if (i < n && text[i] !== ',' && text[i] !== '\n' && text[i] !== '\r') {
         record.error ??= `has text after a closing quote (write a quote inside a quoted field as "")`;
-        while (i < n && text[i] !== ',' && text[i] !== '\n') field += text[i++];
+        while (i < n && text[i] !== ',' && text[i] !== '\n' && text[i] !== '\r') field += text[i++];
       }
       continue;
     }
@@ -112,8 +115,9 @@ function splitRecords(text: string): CsvRecord[] {
       record.fields.push(field);
       field = '';
       i++;
-    } else if (ch === '\n' || (ch === '\r' && text[i + 1] === '\n')) {
-      i += ch === '\r' ? 2 : 1;
+    } else if (ch === '\n' || ch === '\r') {
+      // LF, CRLF, and the lone CR of old Mac spreadsheets ("CSV (Macintosh)" in Excel)
+      i += ch === '\r' && text[i + 1] === '\n' ? 2 : 1;
       line++;
       endRecord();
     } else {

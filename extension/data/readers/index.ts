@@ -1,4 +1,5 @@
 /** Reads any supported dataset file into raw rows, choosing the reader by the file's extension. */
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DataFileError } from '../errors';
 import { readTextFile } from '../textFile';
@@ -33,6 +34,8 @@ export function formatOf(filePath: string): DataFormat {
 
 /** Reads every row of a data file; whole-file problems throw DataFileError, row problems come back as rows. */
 export async function readDataFile(filePath: string): Promise<ReadResult> {
+  // a folder is said to be one, whatever its name (without an extension the message would be about that)
+  if (isFolder(filePath)) throw new DataFileError(filePath, `is a directory, not a data file (${filePath})`);
   const format = formatOf(filePath);
   if (format === 'parquet') return { format, rows: await readParquet(filePath) };
   const text = await readTextFile(filePath);
@@ -43,5 +46,13 @@ export async function readDataFile(filePath: string): Promise<ReadResult> {
       return { format, rows: parseJsonDocument(text, filePath) };
     case 'csv':
       return { format, rows: parseCsv(text, filePath) };
+  }
+}
+
+function isFolder(p: string): boolean {
+  try {
+    return fs.statSync(p).isDirectory();
+  } catch {
+    return false;
   }
 }

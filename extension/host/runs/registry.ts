@@ -31,6 +31,8 @@ export class RunRegistry implements RunSource {
   private changeTimer: NodeJS.Timeout | undefined;
   private pollTimer: NodeJS.Timeout | undefined;
   private trainedElsewhere = new Map<string, RunInfo>();
+  private pendingStatus: { runDir: string; status: RunStatus; message?: string }[] = [];
+  private disposed = false;
   private readonly changeEmitter = new Emitter<void>();
   private readonly eventEmitter = new Emitter<{ runDir: string; event: TrainerEvent }>();
   private readonly statusEmitter = new Emitter<{ runDir: string; status: RunStatus; message?: string }>();
@@ -55,8 +57,8 @@ export class RunRegistry implements RunSource {
   }
 
   list(): RunInfo[] {
-    this.runs ??= this.scan();
-    return this.runs;
+    if (!this.runs) this.assign(this.scan());
+    return this.runs!;
   }
 
   activeRun(): RunInfo | undefined {
@@ -73,8 +75,16 @@ export class RunRegistry implements RunSource {
 
   /** Re-reads the runs directory now. */
   refresh(): void {
-    this.runs = this.scan();
+    this.assign(this.scan());
     this.changeEmitter.fire();
+  }
+
+  /** The new list, then the status changes the scan found, so that their listeners read the list they describe. */
+  private assign(infos: RunInfo[]): void {
+    this.runs = infos;
+    const changes = this.pendingStatus;
+    this.pendingStatus = [];
+    for (const c of changes) this.statusEmitter.fire(c);
   }
 
   /** Re-reads soon: for file watchers, whose changes come in bursts. */
@@ -87,6 +97,7 @@ export class RunRegistry implements RunSource {
   }
 
   dispose(): void {
+    this.disposed = true;
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
     if (this.changeTimer) clearTimeout(this.changeTimer);
     if (this.pollTimer) clearTimeout(this.pollTimer);
@@ -101,13 +112,23 @@ export class RunRegistry implements RunSource {
     const cached = this.files.get(runDir);
     if (cached && cached.stamp === stamp) return cached;
     const file = { ...readEventFile(runDir), stamp };
-    this.files.set(runDir, file);
     // A run another process trains (or trained until this read) reaches the panels through its log: what was
     // appended since the last read, as this window's trainer sends it over IPC (the log only grows meanwhile).
     const live = this.live !== undefined && same(this.live.runDir, runDir);
-    if (cached && !live && file.events.length > cached.events.length && (this.trainedElsewhere.has(runDir) || liveRunLock(runDir)))
-      for (const event of file.events.slice(cached.events.length)) this.eventEmitter.fire({ runDir, event });
-    return file;
+    const follow = cached !== undefined && !live && file.events.length > cached.events.length && (this.trainedElsewhere.has(runDir) || liveRunLock(runDir) !== null);
+    if (!follow) {
+      this.files.set(runDir, file);
+      return file;
+    }
+    // The cached log grows event by event as each is announced: a snapshot a listener takes meanwhile (a panel
+    // switching to the run on its run-started) holds the events announced so far, and the rest reach it as events.
+    const growing = { ...file, events: [...cached.events] };
+    this.files.set(runDir, growing);
+    for (const event of file.events.slice(cached.events.length)) {
+      growing.events.push(event);
+      this.eventEmitter.fire({ runDir, event });
+    }
+    return growing;
   }
 
   private infoOf(runDir: string, file: EventFile): RunInfo {
@@ -141,18 +162,27 @@ export class RunRegistry implements RunSource {
   private noticeOtherTrainers(infos: readonly RunInfo[]): void {
     const now = new Map(infos.filter((r) => r.trainedBy !== undefined).map((r) => [r.runDir, r] as const));
     for (const [runDir] of this.trainedElsewhere) {
-      if (now.has(runDir)) continue;
+      if (now.has(runDir) || (this.live && same(this.live.runDir, runDir))) continue;
       const info = infos.find((r) => r.runDir === runDir);
-      if (info && !(this.live && same(this.live.runDir, runDir)))
-        this.statusEmitter.fire(info.error === undefined ? { runDir, status: info.status } : { runDir, status: info.status, message: info.error });
+      // gone from the list (its folder removed, or the runs directory changed): it trains on, but not here
+      if (!info) this.pendingStatus.push({ runDir, status: 'stopped' });
+      else this.pendingStatus.push(info.error === undefined ? { runDir, status: info.status } : { runDir, status: info.status, message: info.error });
     }
-    for (const [runDir] of now) if (!this.trainedElsewhere.has(runDir)) this.statusEmitter.fire({ runDir, status: 'running' });
+    for (const [runDir] of now) {
+      if (this.trainedElsewhere.has(runDir)) continue;
+      // what this window saw of the run before (a crash, a resume the other trainer's lock refused) is history now
+      this.exitFailures.delete(runDir);
+      this.pendingStatus.push({ runDir, status: 'running' });
+    }
     this.trainedElsewhere = now;
     if (this.pollTimer) clearTimeout(this.pollTimer);
-    this.pollTimer = now.size > 0 ? setTimeout(() => {
+    this.pollTimer = undefined;
+    if (now.size === 0 || this.disposed) return;
+    this.pollTimer = setTimeout(() => {
       this.pollTimer = undefined;
       this.refresh();
-    }, this.pollMs) : undefined;
+    }, this.pollMs);
+    this.pollTimer.unref?.();
   }
 
   private changedSoon(): void {
@@ -179,6 +209,12 @@ export class RunRegistry implements RunSource {
 
   private ended(end: RunEnd): void {
     if (this.live && same(this.live.runDir, end.runDir)) this.live = undefined;
+    // A trainer of this window that ended while another process holds the run's lock was refused by that lock
+    // (a race with a terminal's resume): the run is not failed, it trains elsewhere; the reason is in the output.
+    if (end.status === 'failed' && liveRunLock(end.runDir) !== null) {
+      this.refresh();
+      return;
+    }
     if (end.status === 'failed' && end.reason !== undefined) this.exitFailures.set(end.runDir, end.reason);
     this.refresh();
     const message = end.status === 'failed' ? end.reason : undefined;

@@ -125,6 +125,8 @@ export function bench(o: BenchOptions): BenchResult {
   for (const [name, value] of [['batch', o.batch], ['seq', o.seq], ['steps', o.steps], ['rank', o.rank]] as const)
     if (!Number.isSafeInteger(value) || value < 1) throw new UsageError(`--${name} must be a positive integer, got ${value}`);
   if (!Number.isSafeInteger(o.warmup) || o.warmup < 0) throw new UsageError(`--warmup must be a whole number, got ${o.warmup}`);
+  // one token has no next token to predict: the loss would be a mean over nothing (train asks at least 2 too)
+  if (o.seq < 2) throw new UsageError(`--seq must be at least 2 (a token and the next one it predicts), got ${o.seq}`);
   const placement = placeRun(o.placement);
   const estimate = estimateMemory({ shape: o.shape }, { batch: o.batch, seq: o.seq, rank: o.rank, device: placement.device.kind, computeDtype: engineOptions(placement).computeDtype });
   const plan = checkMemory(estimate, placement, { batchSize: o.batch, seqLen: o.seq, rank: o.rank, gradientCheckpointing: true, offloadActivations: o.offloadActivations });

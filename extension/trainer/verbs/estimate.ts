@@ -62,7 +62,7 @@ export function formatEstimate(e: EstimateResult): string {
   const lines = [
     `${c.architecture}: ${c.numLayers} layers, hidden ${c.hiddenSize}, vocabulary ${c.vocabSize}`,
     `batch ${o.batch} x ${o.seq} tokens, LoRA rank ${o.rank} on ${o.targets.length} modules (${e.loraParameters} parameters)${o.loraDropout > 0 ? `, dropout ${o.loraDropout}` : ''}, ` +
-      `${o.quantize ? 'NF4' : 'fp32'} base weights, gradient checkpointing ${o.gradientCheckpointing ? 'on' : 'off'}, on the ${o.device === 'cuda' ? `GPU in ${o.computeDtype}` : 'CPU'}`,
+      `${o.quantize ? 'NF4 base weights' : 'dense base weights in their stored dtype'}, gradient checkpointing ${o.gradientCheckpointing ? 'on' : 'off'}, on the ${o.device === 'cuda' ? `GPU in ${o.computeDtype}` : 'CPU'}`,
     '',
     `  ${'category'.padEnd(12)}${'MiB'.padStart(12)}`,
     ...CATEGORIES.map((k) => `  ${k.padEnd(12)}${mib(e.categories[k])}`),
@@ -99,7 +99,7 @@ export const estimateVerb = {
     rank: { type: 'string', description: `LoRA rank (default ${DEFAULT_RANK})` },
     targets: { type: 'string', description: 'comma-separated LoRA target modules (default all seven)' },
     'lora-dropout': { type: 'string', description: 'LoRA dropout of the run (default 0); on the GPU it keeps one MLP activation a block in fp32' },
-    'no-quantize': { type: 'boolean', description: 'keep dense base weights (fp32) instead of NF4' },
+    'no-quantize': { type: 'boolean', description: 'keep dense base weights, in the dtype the model files store (bf16, fp16 or fp32), instead of NF4' },
     'no-checkpointing': { type: 'boolean', description: 'keep every block\'s activations instead of recomputing them' },
     device: { type: 'string', description: 'cpu (default) or cuda: on the GPU the engine also holds cuBLASLt\'s workspace and attention scratch' },
     dtype: { type: 'string', description: 'with --device cuda: bf16 (default), fp16 or f32 compute' },

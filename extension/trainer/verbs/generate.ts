@@ -1,7 +1,6 @@
 // generate verb: an answer from a model, a model + adapter, or a run (any checkpoint), streamed to stdout; with
 // --compare, the base model's answer and the finetuned one for the same prompt and seed, one after the other.
-import * as fs from 'node:fs';
-import { CHAT_ROLES, type ChatMessage, type ChatRole } from '../../data';
+import { CHAT_ROLES, TemplateRenderError, type ChatMessage, type ChatRole } from '../../data';
 import { ChatColumn, loadChatModel } from '../../generate/chatModel';
 import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
@@ -116,7 +115,15 @@ export async function generateVerb(o: ParsedOptions): Promise<void> {
           signal: controller.signal,
           onText: json ? undefined : (delta: string) => process.stdout.write(delta),
         };
-        const r = prompt !== null ? await column.answerIds(prompt, options) : await column.answer(messages, options);
+        let r: GenerateResult;
+        try {
+          r = prompt !== null ? await column.answerIds(prompt, options) : await column.answer(messages, options);
+        } catch (err) {
+          // the template's refusal is of the conversation in --messages: say which file holds it
+          const file = stringOption(o, 'messages');
+          if (err instanceof TemplateRenderError && file !== undefined) throw new Error(`${file}: the model's ${err.message}`);
+          throw err;
+        }
         column.end();
         answers.push({ ...r, label: c.label });
         if (!json) {

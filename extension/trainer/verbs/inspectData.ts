@@ -41,6 +41,7 @@ export async function inspectDataVerb(o: ParsedOptions): Promise<void> {
   const shape = stringOption(o, 'shape');
   if (shape !== undefined && !isDatasetShape(shape)) throw new UsageError(`--shape must be messages, sharegpt, alpaca, completion or text, got '${shape}'`);
   const seqLen = stringOption(o, 'seq-len') === undefined ? undefined : integerOption(o, 'seq-len', 0);
+  if (seqLen !== undefined && seqLen < 2) throw new UsageError(`--seq-len must be at least 2, got ${seqLen}`);
   const report = await inspectDataset(requiredString(o, 'data'), { modelDir: stringOption(o, 'model'), maxLength: seqLen, shape });
   process.stdout.write((o.json ? JSON.stringify(report) : formatReport(report, Boolean(process.stdout.isTTY))) + '\n');
 }

@@ -219,6 +219,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 ModelConfig load_model_config(const std::string& model_dir) {
   const std::filesystem::path path = std::filesystem::path(model_dir) / "config.json";
   std::error_code ec;
+  if (std::filesystem::is_regular_file(model_dir, ec))
+    fail(model_dir, " is a file; name the model's folder (the one that holds config.json and the safetensors)");
   if (!std::filesystem::is_regular_file(path, ec))
     fail(model_dir, ": no config.json (is this a Hugging Face model folder?)");
   return parse_model_config(read_text_file(path.string()), path.string());
