@@ -51,6 +51,11 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
   const chats = new ChatPanels(context.extensionUri, launch, output, () => chatPlacementArgs({ ...readSettings(), cudaLibraryPath: pathSetting('cudaLibraryPath') }));
 
   let watcher = watchRunsDirectory(runsDir(), () => runs.scheduleRefresh());
+  // Beside the watcher, a look every 10 s while the window has focus: a run a terminal starts shows up even where
+  // the watcher misses new folders (seen with code-server's); nothing is redrawn unless something changed.
+  const recheck = setInterval(() => {
+    if (vscode.window.state.focused) runs.refreshIfChanged();
+  }, 10_000);
   const rewatch = () => {
     watcher.dispose();
     watcher = watchRunsDirectory(runsDir(), () => runs.scheduleRefresh());
@@ -63,6 +68,7 @@ export function activate(context: vscode.ExtensionContext): QloraApi {
     trainer,
     runs,
     { dispose: () => watcher.dispose() },
+    { dispose: () => clearInterval(recheck) },
     chats,
     ...registerCommands({ context, runs, trainer, output, diagnostics, chats, launch, runsDirectory: runsDir }),
     ...registerTrainingPanels(context, runs),

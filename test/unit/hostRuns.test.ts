@@ -106,6 +106,14 @@ test('the registry lists runs newest first with their status, and re-reads a log
   await new Promise((resolve) => setTimeout(resolve, 30));
   assert.ok(r.runs.list().some((x) => x.name === 'from-cli' && x.status === 'stopped'));
   assert.ok(r.changes() >= 1);
+  // the periodic look beside the watcher tells listeners only of a change
+  const before = r.changes();
+  r.runs.refreshIfChanged();
+  assert.equal(r.changes(), before);
+  writeRun(runsDir, 'from-terminal', [ev.started('/r'), ev.finished('completed', 2)]);
+  r.runs.refreshIfChanged();
+  assert.equal(r.changes(), before + 1);
+  assert.ok(r.runs.list().some((x) => x.name === 'from-terminal' && x.status === 'finished'));
   r.runs.dispose();
 });
 

@@ -87,6 +87,16 @@ export class RunRegistry implements RunSource {
     for (const c of changes) this.statusEmitter.fire(c);
   }
 
+  /**
+   * Re-reads now and tells listeners only if what the list shows changed: for a periodic check beside the file
+   * watcher, which does not report every change everywhere (remote and web hosts, folders created after it).
+   */
+  refreshIfChanged(): void {
+    const before = JSON.stringify(this.runs ?? null);
+    this.assign(this.scan());
+    if (JSON.stringify(this.runs) !== before) this.changeEmitter.fire();
+  }
+
   /** Re-reads soon: for file watchers, whose changes come in bursts. */
   scheduleRefresh(): void {
     if (this.refreshTimer) clearTimeout(this.refreshTimer);
