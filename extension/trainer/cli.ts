@@ -7,7 +7,7 @@ import { makeTinyModel } from './tinyModel/makeTinyModel';
 import { quantize } from './verbs/quantize';
 import { benchOptions, benchVerb } from './verbs/bench';
 import { estimateVerb } from './verbs/estimate';
-import { exportAdapter } from './verbs/export';
+import { adapterFlag, exportAdapter } from './verbs/export';
 import { exportGgufOptions, exportGgufVerb, verifyGgufOptions, verifyGgufVerb } from './verbs/exportGguf';
 import { exportOllamaOptions, exportOllamaVerb } from './verbs/exportOllama';
 import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
@@ -111,7 +111,7 @@ const verbs: Record<string, Verb> = {
       const result = score({
         engine: { ...engineOptions(placement), memoryBudget: 0 },
         model: requiredString(o, 'model'),
-        adapter: stringOption(o, 'adapter'),
+        adapter: adapterFlag(o),
         ids: parseIdList(requiredString(o, 'ids'), 'ids'),
         gradsFile: stringOption(o, 'grads'),
       });

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { EngineModel, readModelConfig } from '../../extension/engine';
-import { cliPath, reference, tempDir } from '../helpers/paths';
+import { cliPath, reference, repoRoot, tempDir } from '../helpers/paths';
 import { readSafetensors } from '../helpers/safetensors';
 
 function cli(...args: string[]) {
@@ -147,6 +147,13 @@ test('flags that do not apply, folders that hold something else and unreadable r
   const badTokenizer = path.join(tempDir('bad-tokenizer'), 'model');
   fs.cpSync(model, badTokenizer, { recursive: true });
   fs.writeFileSync(path.join(badTokenizer, 'tokenizer.json'), '{"version": "1.0"}');
+  // a run folder where an adapter folder belongs says which adapter to give; a checkpoint that is not there lists those that are
+  const adapterRun = path.join(tempDir('adapter-run'), 'run');
+  const trained = cli('train', '--model', model, '--data', path.join(repoRoot, 'examples', 'chat-sample.jsonl'), '--out', adapterRun, '--preset', 'quick', '--max-steps', '2', '--seq-len', '64', '--json');
+  assert.equal(trained.status, 0, trained.stderr);
+  expectCleanError(cli('merge', '--model', model, '--adapter', adapterRun, '--out', path.join(tempDir('m'), 'merged')), `--adapter ${adapterRun} is a run folder; give its adapter, --adapter ${path.join(adapterRun, 'adapter')}`);
+  expectCleanError(cli('generate', '--model', model, '--adapter', adapterRun, '--prompt', 'hi'), `, or the run itself, --run ${adapterRun}`);
+  expectCleanError(cli('export', '--run', adapterRun, '--checkpoint', '7', '--out', path.join(tempDir('e'), 'a')), `${adapterRun} has no complete checkpoint at step 7 (its checkpoints: step 2)`);
   expectCleanError(cli('generate', '--model', badTokenizer, '--prompt', 'hi'), `tokenizer.json: is not a tokenizer the tokenizers library can load (Tokenizer must contain a "model" property; in ${badTokenizer})`);
 });
 

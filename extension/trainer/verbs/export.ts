@@ -2,7 +2,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { writeFolderAtomic } from '../../util/atomicFolder';
-import { checkpointPath, latestCheckpoint } from '../checkpoints';
+import { checkpointPath, latestCheckpoint, listCheckpoints } from '../checkpoints';
+import { requiredString, stringOption, UsageError, type ParsedOptions } from '../cliArgs';
 import { readJsonFile } from '../../util/jsonFile';
 
 export interface ExportOptions {
@@ -17,7 +18,10 @@ export function runAdapterDir(run: string, checkpoint?: number): string {
   if (!fs.existsSync(path.join(run, 'config.json'))) throw new Error(`${run} is not a run folder (no config.json)`);
   if (checkpoint !== undefined) {
     const dir = checkpointPath(run, checkpoint);
-    if (!fs.existsSync(path.join(dir, 'DONE'))) throw new Error(`${run} has no complete checkpoint at step ${checkpoint}`);
+    if (!fs.existsSync(path.join(dir, 'DONE'))) {
+      const steps = listCheckpoints(run).map((c) => c.step);
+      throw new Error(`${run} has no complete checkpoint at step ${checkpoint} (${steps.length === 0 ? 'it has none yet' : `its checkpoints: step ${steps.join(', ')}`})`);
+    }
     return path.join(dir, 'adapter');
   }
   if (fs.existsSync(path.join(run, 'adapter', 'adapter_model.safetensors'))) return path.join(run, 'adapter');
@@ -39,4 +43,19 @@ export function exportAdapter(o: ExportOptions): { from: string; out: string } {
   const from = runAdapterDir(o.run, o.checkpoint);
   writeFolderAtomic(o.out, (tmp) => fs.cpSync(from, tmp, { recursive: true }));
   return { from, out: o.out };
+}
+
+/**
+ * The --adapter flag's folder; a run folder given there (the adapter is inside it) is refused with what to give
+ * instead, rather than failing later on a missing adapter_config.json.
+ */
+export function adapterFlag(o: ParsedOptions, options: { required: true; runFlag?: boolean }): string;
+export function adapterFlag(o: ParsedOptions, options?: { required?: false; runFlag?: boolean }): string | undefined;
+export function adapterFlag(o: ParsedOptions, options: { required?: boolean; runFlag?: boolean } = {}): string | undefined {
+  const dir = options.required ? requiredString(o, 'adapter') : stringOption(o, 'adapter');
+  if (dir !== undefined && !fs.existsSync(path.join(dir, 'adapter_config.json')) && fs.existsSync(path.join(dir, 'config.json')) && fs.existsSync(path.join(dir, 'events.jsonl'))) {
+    const inside = fs.existsSync(path.join(dir, 'adapter', 'adapter_config.json')) ? path.join(dir, 'adapter') : path.join(dir, 'checkpoints', 'step-N', 'adapter');
+    throw new UsageError(`--adapter ${dir} is a run folder; give its adapter, --adapter ${inside}${options.runFlag ? `, or the run itself, --run ${dir}` : ''}`);
+  }
+  return dir;
 }

@@ -4,6 +4,7 @@ import { LORA_GGUF_TYPES } from '../../export/gguf/loraGguf';
 import { verifyGguf } from '../../export/verifyGguf';
 import type { GgufFileType } from '../../export/gguf/types';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { adapterFlag } from './export';
 
 export const exportGgufOptions: Record<string, OptionSpec> = {
   run: { type: 'string', description: 'a run folder: its base model merged with its adapter' },
@@ -28,7 +29,7 @@ export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
     run: stringOption(o, 'run'),
     checkpoint: stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0),
     model: stringOption(o, 'model'),
-    adapter: stringOption(o, 'adapter'),
+    adapter: adapterFlag(o, { runFlag: true }),
     out: requiredString(o, 'out'),
     type: type as GgufFileType,
     verify: !o['no-verify'],

@@ -7,6 +7,7 @@ import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
 import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { placementFromFlags, placementOptions, refuseHalfDtypeOnCpu, type PlacementOptions } from '../placement';
 import { readJsonFile } from '../../util/jsonFile';
+import { adapterFlag } from './export';
 
 export const generateOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'a base model folder (Hugging Face layout)' },
@@ -73,7 +74,7 @@ export async function generateVerb(o: ParsedOptions): Promise<void> {
   const checkpoint = stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0);
   const chat = await loadChatModel({
     model: stringOption(o, 'model'),
-    adapter: stringOption(o, 'adapter'),
+    adapter: adapterFlag(o, { runFlag: true }),
     run: stringOption(o, 'run'),
     checkpoint,
     quantize: o.quantize ? true : undefined,

@@ -9,6 +9,7 @@ import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../en
 import { writeJsonAtomic } from '../../util/atomicFile';
 import { writeFolderAtomic } from '../../util/atomicFolder';
 import { requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { adapterFlag } from './export';
 
 export interface MergeOptions {
   model: string;
@@ -128,7 +129,7 @@ export const mergeVerb = {
     const shardText = stringOption(o, 'max-shard-size');
     const result = merge({
       model: requiredString(o, 'model'),
-      adapter: requiredString(o, 'adapter'),
+      adapter: adapterFlag(o, { required: true }),
       out: requiredString(o, 'out'),
       dtype: dtypeText === undefined ? undefined : parseMergeDtype(dtypeText),
       maxShardBytes: shardText === undefined ? undefined : parseByteSize(shardText),
