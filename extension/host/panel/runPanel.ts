@@ -2,6 +2,7 @@
 // qlora.internal.openRunPanel (the Runs view and qlora.openRun call it). Context is not retained while hidden, so
 // a panel that comes back redraws from the run's snapshot; the serializer brings panels back after a window reload
 // from the {runDir} state the webview saved.
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as vscode from 'vscode';
 import type { RunSource } from '../runs/types';
@@ -12,8 +13,14 @@ export const OPEN_RUN_PANEL_COMMAND = 'qlora.internal.openRunPanel';
 
 export class RunPanels implements vscode.WebviewPanelSerializer, vscode.Disposable {
   private readonly panels = new Map<string, { panel: vscode.WebviewPanel; session: RunWebviewSession }>();
+  private readonly subscription: vscode.Disposable;
 
-  constructor(private readonly extensionUri: vscode.Uri, private readonly runs: RunSource) {}
+  constructor(private readonly extensionUri: vscode.Uri, private readonly runs: RunSource) {
+    // A run deleted (Delete Run, or its folder removed) takes its panel along: its buttons would act on nothing.
+    this.subscription = runs.onDidChangeRuns(() => {
+      for (const [runDir, { panel }] of [...this.panels]) if (!fs.existsSync(path.join(runDir, 'config.json'))) panel.dispose();
+    });
+  }
 
   /** Shows the run's panel, creating it if needed; returns it (for tests and callers that want to wait). */
   open(runDir: string): vscode.WebviewPanel {
@@ -48,6 +55,7 @@ export class RunPanels implements vscode.WebviewPanelSerializer, vscode.Disposab
   }
 
   dispose(): void {
+    this.subscription.dispose();
     for (const { panel } of [...this.panels.values()]) panel.dispose();
   }
 

@@ -1,6 +1,6 @@
 // A run trained outside this window (`qlora-studio train` in a terminal, into the runs directory): the Runs view
 // shows it running and by which process, Resume and Delete leave it alone, and Stop ends it with a checkpoint, as
-// Ctrl-C in its terminal would.
+// Ctrl-C in its terminal would; deleted afterwards, its open panel closes with it.
 const assert = require('assert');
 const cp = require('child_process');
 const fs = require('fs');
@@ -42,6 +42,14 @@ suite('a run trained outside this window', () => {
       assert.ok(fs.existsSync(path.join(runDir, 'checkpoints', `step-${fin.step}`, 'DONE')), 'a checkpoint at the step it stopped');
       assert.ok(!fs.existsSync(path.join(runDir, 'trainer.lock')), 'the lock went with its trainer');
       await h.waitStatus(runDir, 'stopped', 20000);
+
+      // now it is this window's to delete; its open panel goes with it
+      await vscode.commands.executeCommand('qlora.openRun', runDir);
+      const tabs = () => vscode.window.tabGroups.all.flatMap(g => g.tabs).filter(t => t.label === path.basename(runDir));
+      await h.waitFor('the run panel tab', () => tabs().length === 1, { timeout: 20000, runDir });
+      assert.strictEqual(await vscode.commands.executeCommand('qlora.deleteRun', runDir, true), true);
+      assert.ok(!fs.existsSync(runDir));
+      await h.waitFor('the run panel to close with its run', () => tabs().length === 0, { timeout: 20000 });
     } finally {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     }
