@@ -15,6 +15,7 @@ import { exportGguf, type ExportGgufOptions, type ExportGgufReport } from './exp
 import type { GgufFileType } from './gguf/types';
 import { ollamaTemplate, type ChatFamily } from './ollamaTemplate';
 import { readJsonFile } from '../util/jsonFile';
+import { shellLine } from '../util/shellLine';
 
 export interface ExportOllamaOptions {
   run: string;
@@ -147,10 +148,6 @@ export async function exportOllama(o: ExportOllamaOptions): Promise<ExportOllama
   };
 }
 
-/** The command as one line to paste into a shell (arguments with spaces or quotes single-quoted). */
-export function shellLine(args: readonly string[]): string {
-  return args.map((a) => (/^[\w./:@=+-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
-}
 
 
 /** Runs `ollama create` (argument array, no shell); its output goes to `output`. Rejects on a non-zero exit. */

@@ -1,8 +1,8 @@
 // The training configuration: presets, the JSON config file, command-line overrides, and validation. The resolved
 // config is written to <run>/config.json and is what `resume` reads back. schemas/train-config.schema.json
 // describes the same fields for editors.
-import * as fs from 'node:fs';
 import type { ScheduleKind } from './schedule';
+import { readJsonFile } from '../util/jsonFile';
 
 export const LORA_TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
 export type LoraTarget = (typeof LORA_TARGETS)[number];
@@ -204,17 +204,11 @@ export function checkSetting(key: keyof TrainConfig, value: unknown, subject: st
 
 /** Reads a JSON config file: an object of TrainConfig fields (any subset), unknown keys rejected. */
 export function readConfigFile(file: string): Partial<TrainConfig> {
-  let text: string;
-  try {
-    text = fs.readFileSync(file, 'utf8');
-  } catch (err) {
-    throw new ConfigError(`${file}: cannot read (${(err as NodeJS.ErrnoException).code ?? String(err)})`);
-  }
   let parsed: unknown;
   try {
-    parsed = JSON.parse(text.replace(/^\uFEFF/, ''));
+    parsed = readJsonFile(file);
   } catch (err) {
-    throw new ConfigError(`${file}: not valid JSON (${err instanceof Error ? err.message : String(err)})`);
+    throw new ConfigError((err as Error).message);
   }
   if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new ConfigError(`${file}: must hold a JSON object`);
   const out: Partial<TrainConfig> = {};

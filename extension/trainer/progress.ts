@@ -1,6 +1,7 @@
 // Training progress on the terminal: a one-line progress bar redrawn in place when stderr is a TTY, plain lines
 // otherwise (logs, CI, pipes). Driven by the same events that go to events.jsonl.
 import type { TrainerEvent } from '../protocol/events';
+import { shellLine } from '../util/shellLine';
 
 export function formatDuration(seconds: number): string {
   if (!Number.isFinite(seconds) || seconds < 0) return '?';
@@ -16,11 +17,6 @@ export function progressLine(e: Extract<TrainerEvent, { kind: 'step' }>, width =
   const bar = '#'.repeat(filled) + '.'.repeat(width - filled);
   const eta = e.etaSeconds === null ? '' : ` ETA ${formatDuration(e.etaSeconds)}`;
   return `[${bar}] step ${e.step}/${e.totalSteps} loss ${e.loss.toFixed(4)} lr ${e.lr.toExponential(2)} ${Math.round(e.tokensPerSecond)} tok/s${eta}`;
-}
-
-/** A path as a shell word: as it is when it is plain, else in single quotes (copied into a POSIX shell, it works). */
-export function shellWord(text: string): string {
-  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, `'\\''`)}'`;
 }
 
 export class TerminalProgress {
@@ -72,7 +68,7 @@ export class TerminalProgress {
           e.status === 'completed'
             ? `finished ${e.step} steps in ${formatDuration(e.elapsedSeconds)}; adapter: ${e.adapterPath}`
             : e.status === 'stopped'
-              ? `stopped at step ${e.step}; resume with "qlora-studio resume --run ${shellWord(this.runDir)}"${e.adapterPath ? `; adapter so far: ${e.adapterPath}` : ''}`
+              ? `stopped at step ${e.step}; resume with "${shellLine(['qlora-studio', 'resume', '--run', this.runDir])}"${e.adapterPath ? `; adapter so far: ${e.adapterPath}` : ''}`
               : `failed at step ${e.step}`,
         );
         break;

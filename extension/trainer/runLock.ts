@@ -95,13 +95,13 @@ function holderAlive(lock: RunLock): boolean {
  * (its process is gone, or its pid now belongs to another process), or it names another machine (a runs folder on a
  * network share: there is no telling from here, and the log decides what the run shows).
  */
-export function liveRunLock(runDir: string, now: number = Date.now()): RunLock | null {
+export function liveRunLock(runDir: string): RunLock | null {
   const lock = readRunLock(runDir);
   if (!lock || lock.hostname !== os.hostname() || !holderAlive(lock)) return null;
   // Where the pid is all there is to go by (Windows, macOS), a lock its trainer has not touched for a long time is
   // taken for a killed trainer's whose pid another process got; for showing the run only: a trainer is still
   // refused the folder (claimRunLock), since a step can outlast any such limit.
-  if (!lock.linuxStart && now - lockTouched(runDir) > STALE_HEARTBEAT_MS) return null;
+  if (!lock.linuxStart && Date.now() - lockTouched(runDir) > STALE_HEARTBEAT_MS) return null;
   return lock;
 }
 

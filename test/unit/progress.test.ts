@@ -1,7 +1,8 @@
 // The terminal's progress lines: a stopped run says how to resume it, with its own folder as a shell word.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { shellWord, TerminalProgress } from '../../extension/trainer/progress';
+import { TerminalProgress } from '../../extension/trainer/progress';
+import { shellLine } from '../../extension/util/shellLine';
 import { ev } from './hostFakes';
 
 function linesFor(runDir: string): string[] {
@@ -16,6 +17,6 @@ function linesFor(runDir: string): string[] {
 test('a stop prints the resume command for this run, quoted for a shell where the path needs it', () => {
   assert.ok(linesFor('/runs/r1').some((l) => l.includes('stopped at step 4; resume with "qlora-studio resume --run /runs/r1"')));
   assert.ok(linesFor("/runs/it's mine").some((l) => l.includes(`resume --run '/runs/it'\\''s mine'`)));
-  assert.equal(shellWord('/a/b-c_d.e'), '/a/b-c_d.e');
-  assert.equal(shellWord('C:\\runs\\r 1'), "'C:\\runs\\r 1'");
+  assert.equal(shellLine(['/a/b-c_d.e']), '/a/b-c_d.e');
+  assert.equal(shellLine(['C:\\runs\\r 1']), "'C:\\runs\\r 1'");
 });

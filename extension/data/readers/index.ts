@@ -1,7 +1,7 @@
 /** Reads any supported dataset file into raw rows, choosing the reader by the file's extension. */
-import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { DataFileError } from '../errors';
+import { isFolder } from '../../util/isFolder';
 import { readTextFile } from '../textFile';
 import { parseCsv } from './csv';
 import { parseJsonDocument } from './json';
@@ -46,13 +46,5 @@ export async function readDataFile(filePath: string): Promise<ReadResult> {
       return { format, rows: parseJsonDocument(text, filePath) };
     case 'csv':
       return { format, rows: parseCsv(text, filePath) };
-  }
-}
-
-function isFolder(p: string): boolean {
-  try {
-    return fs.statSync(p).isDirectory();
-  } catch {
-    return false;
   }
 }

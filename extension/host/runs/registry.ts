@@ -30,7 +30,7 @@ export class RunRegistry implements RunSource {
   private refreshTimer: NodeJS.Timeout | undefined;
   private changeTimer: NodeJS.Timeout | undefined;
   private pollTimer: NodeJS.Timeout | undefined;
-  private trainedElsewhere = new Map<string, RunInfo>();
+  private trainedElsewhere = new Set<string>();
   private pendingStatus: { runDir: string; status: RunStatus; message?: string }[] = [];
   private disposed = false;
   private readonly changeEmitter = new Emitter<void>();
@@ -170,15 +170,15 @@ export class RunRegistry implements RunSource {
    * training the folder is re-read every few seconds, since a kill of that process changes no file to watch.
    */
   private noticeOtherTrainers(infos: readonly RunInfo[]): void {
-    const now = new Map(infos.filter((r) => r.trainedBy !== undefined).map((r) => [r.runDir, r] as const));
-    for (const [runDir] of this.trainedElsewhere) {
+    const now = new Set(infos.filter((r) => r.trainedBy !== undefined).map((r) => r.runDir));
+    for (const runDir of this.trainedElsewhere) {
       if (now.has(runDir) || (this.live && same(this.live.runDir, runDir))) continue;
       const info = infos.find((r) => r.runDir === runDir);
       // gone from the list (its folder removed, or the runs directory changed): it trains on, but not here
       if (!info) this.pendingStatus.push({ runDir, status: 'stopped' });
       else this.pendingStatus.push(info.error === undefined ? { runDir, status: info.status } : { runDir, status: info.status, message: info.error });
     }
-    for (const [runDir] of now) {
+    for (const runDir of now) {
       if (this.trainedElsewhere.has(runDir)) continue;
       // what this window saw of the run before (a crash, a resume the other trainer's lock refused) is history now
       this.exitFailures.delete(runDir);

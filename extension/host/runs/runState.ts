@@ -80,7 +80,7 @@ export function deriveRunInfo(facts: RunFacts): RunInfo {
     updated: Number.isFinite(lastTime) ? new Date(lastTime) : facts.modified,
   };
   if (error !== undefined) info.error = error;
-  if (!facts.live && facts.lockedBy) info.trainedBy = describeRunLock(facts.lockedBy);
+  if (facts.lockedBy) info.trainedBy = describeRunLock(facts.lockedBy);
   return info;
 }
 

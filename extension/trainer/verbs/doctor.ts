@@ -1,11 +1,11 @@
 // doctor verb: what this machine offers the GPU engine and, for each problem, one sentence on what to do. This is
 // what a user reads when "it does not use my GPU" (the extension's QLoRA: Check GPU Setup shows the same).
-import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { engineInfo, engineVersion, gpuReport, type GpuReport } from '../../engine';
 import { chooseDevice, cpuName, cudaBlockers } from '../../engine/device';
 import { stringOption, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { placementOptions } from '../placement';
+import { isFolder } from '../../util/isFolder';
 
 export const doctorOptions: Record<string, OptionSpec> = {
   'cuda-lib-dir': placementOptions['cuda-lib-dir'],
@@ -36,14 +36,6 @@ export function doctorReport(libraryDir?: string): DoctorReport {
   if (libraryDir !== undefined && libraryDir !== '' && !isFolder(libraryDir))
     problems.push(`The CUDA library folder given (${libraryDir}) does not exist or is not a folder; correct qlora.cudaLibraryPath (or --cuda-lib-dir), or leave it empty to search the usual places.`);
   return { platform: `${os.platform()} ${os.arch()} (${os.release()})`, node: process.version, engine: engineVersion(), ...g, computeDtype: choice.kind === 'cuda' ? choice.computeDtype : null, problems, device: choice.kind, cpu };
-}
-
-function isFolder(dir: string): boolean {
-  try {
-    return fs.statSync(dir).isDirectory();
-  } catch {
-    return false;
-  }
 }
 
 /** Where a library was looked for, every folder ("" is the loader's own search path). */

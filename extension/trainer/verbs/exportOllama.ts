@@ -1,7 +1,8 @@
 // export-ollama verb: the CLI face of extension/export/ollama.ts.
 import { GGUF_FILE_TYPES } from '../../export/exportGguf';
 import type { GgufFileType } from '../../export/gguf/types';
-import { checkOllamaName, exportOllama, findOnPath, runOllamaCreate, shellLine } from '../../export/ollama';
+import { checkOllamaName, exportOllama, findOnPath, runOllamaCreate } from '../../export/ollama';
+import { shellLine } from '../../util/shellLine';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 
 export const exportOllamaOptions: Record<string, OptionSpec> = {

@@ -32,13 +32,7 @@ function installControl(control: TrainingControl): () => void {
   const onDisconnect = () => {
     control.stopRequested = true;
   };
-  // With the host gone its pipes are too: what is still written to them (the outcome line) fails with EPIPE, which
-  // must end neither the run before its checkpoint nor the process with a stack trace after it (so they stay on).
-  const onPipeError = () => undefined;
-  if (process.send) {
-    process.stdout.on('error', onPipeError);
-    process.stderr.on('error', onPipeError);
-  }
+  // (With the host gone its pipes are too: cli.ts drops what is still written to them, the outcome line.)
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('message', onMessage);
