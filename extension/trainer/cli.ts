@@ -16,7 +16,7 @@ import { doctorOptions, doctorVerb } from './verbs/doctor';
 import { generateOptions, generateVerb } from './verbs/generate';
 import { mergeVerb } from './verbs/merge';
 import { score } from './verbs/score';
-import { engineOptions, placementFromFlags, placementOptions, placeRun, refuseHalfDtypeOnCpu } from './placement';
+import { engineOptions, placementFromFlags, placementOptions, placeRun, refuseHalfDtypeFallback } from './placement';
 import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
 
 interface Verb {
@@ -107,7 +107,7 @@ const verbs: Record<string, Verb> = {
       // --device cuda that cannot be had is an error; auto's CPU fallback is not worth a warning for one sequence
       const flags = placementFromFlags(o);
       const placement = placeRun({ ...flags, computeDtype: flags.computeDtype ?? 'f32' });
-      refuseHalfDtypeOnCpu(flags.computeDtype, placement.device.kind !== 'cuda');
+      refuseHalfDtypeFallback(flags.computeDtype, placement);
       const result = score({
         engine: { ...engineOptions(placement), memoryBudget: 0 },
         model: requiredString(o, 'model'),

@@ -31,9 +31,24 @@ export function parseComputeDtype(text: string | undefined): ComputeDtype | unde
   throw new UsageError(`--dtype must be bf16, fp16 or f32, got '${text}'`);
 }
 
-/** Where a verb computes on the CPU for certain, a half-precision --dtype is a mistake, not a wish to ignore. */
+/**
+ * Where a verb computes on the CPU for certain (`--device cpu`, or estimate's CPU), a half-precision --dtype is a
+ * mistake, not a wish to ignore. `--device auto` falling back to the CPU is another matter: a run then warns
+ * (placeRun), and score, whose numbers are the point, refuses with the fallback's reason (refuseHalfDtypeFallback).
+ */
 export function refuseHalfDtypeOnCpu(dtype: ComputeDtype | undefined, onCpu: boolean): void {
-  if (onCpu && dtype !== undefined && dtype !== 'f32') throw new UsageError(`--dtype ${dtype} is the GPU's (--device cuda); the CPU computes in fp32`);
+  if (onCpu && dtype !== undefined && dtype !== 'f32')
+    throw new UsageError(`--dtype ${dtype} is the GPU's (--device cuda); the CPU computes in fp32, so leave --dtype out there`);
+}
+
+/** A half-precision --dtype where `--device auto` chose the CPU: an error saying why the GPU could not be used. */
+export function refuseHalfDtypeFallback(dtype: ComputeDtype | undefined, placement: Placement): void {
+  if (placement.device.kind === 'cuda' || dtype === undefined || dtype === 'f32') return;
+  // the fallback's brief list of what is missing: "Training on the CPU: the GPU cannot be used (…). QLoRA: …"
+  const why = placement.device.fallback?.match(/cannot be used \((.*)\)\. /)?.[1];
+  throw new UsageError(
+    `--dtype ${dtype} is the GPU's, and the GPU cannot be used here${why ? ` (${why})` : ''}; leave --dtype out to compute in fp32 on the CPU`,
+  );
 }
 
 export interface Placement {
@@ -113,7 +128,9 @@ export function placementFromFlags(o: ParsedOptions): PlacementOptions {
     throw new UsageError(`--device must be one of ${DEVICE_REQUESTS.join(', ')}, got '${device}'`);
   const budget = numberOption(o, 'gpu-memory-budget');
   if (budget !== undefined && !(budget > 0)) throw new UsageError(`--gpu-memory-budget must be a positive number of GiB, got ${budget}`);
-  return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir'), computeDtype: parseComputeDtype(stringOption(o, 'dtype')) };
+  const computeDtype = parseComputeDtype(stringOption(o, 'dtype'));
+  refuseHalfDtypeOnCpu(computeDtype, device === 'cpu');
+  return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir'), computeDtype };
 }
 
 /**

@@ -12,7 +12,8 @@ import { chooseDevice, cudaBlockers, DeviceError } from '../../extension/engine/
 import type { NativeGpuReport } from '../../extension/engine/native';
 import { GpuMonitor } from '../../extension/trainer/gpuTelemetry';
 import { defaultGpuBudget, overBudgetMessage, planMemory } from '../../extension/trainer/memoryPlan';
-import { checkMemory, engineOptions, placeRun } from '../../extension/trainer/placement';
+import { parseOptions, UsageError } from '../../extension/trainer/cliArgs';
+import { checkMemory, engineOptions, placeRun, placementFromFlags, placementOptions, refuseHalfDtypeFallback } from '../../extension/trainer/placement';
 import { cliPath, tempDir } from '../helpers/paths';
 
 const GiB = 1024 ** 3;
@@ -102,9 +103,26 @@ test('--dtype: bf16 by default where the GPU has it, f32 when asked; the engine 
   // Turing trains in fp16 (with loss scaling) by default
   assert.equal(engineOptions(placeRun({}, turing)).computeDtype, 'fp16');
   assert.equal(engineOptions(placeRun({ computeDtype: 'fp16' }, probe)).computeDtype, 'fp16');
-  const cpu = placeRun({ device: 'cpu', computeDtype: 'bf16' }, probe);
-  assert.deepEqual(cpu.warnings, ['--dtype bf16 applies on the GPU; this run is on the CPU, which computes in fp32.']);
+  // auto falling back to the CPU: a run warns and goes on in fp32; score, whose numbers are the point, refuses
+  const noGpu = () => ({ report: report({ driver: lib(false), nvml: lib(false), gpus: [], runtimeDevices: -1, computeDtype: null, problems: ['x.'] }), engine: withCuda });
+  const cpu = placeRun({ computeDtype: 'bf16' }, noGpu);
+  assert.equal(cpu.warnings[1], '--dtype bf16 applies on the GPU; this run is on the CPU, which computes in fp32.');
   assert.deepEqual(engineOptions(cpu), { device: 'cpu', memoryBudget: 0 });
+  assert.throws(() => refuseHalfDtypeFallback('bf16', cpu), (e: unknown) => e instanceof UsageError &&
+    e.message === "--dtype bf16 is the GPU's, and the GPU cannot be used here (no NVIDIA driver); leave --dtype out to compute in fp32 on the CPU");
+  const oldDriver = placeRun({ computeDtype: 'fp16' }, () => ({ report: report({ driverCudaVersion: '12.4', driverVersion: '550.54.15', problems: ['update the driver.'] }), engine: withCuda }));
+  assert.throws(() => refuseHalfDtypeFallback('fp16', oldDriver), /cannot be used here \(NVIDIA driver 550\.54\.15 too old for CUDA 13 \(580 or newer needed\)\); leave/);
+  refuseHalfDtypeFallback('f32', cpu);
+  refuseHalfDtypeFallback('bf16', placeRun({}, probe));
+});
+
+test('--dtype bf16 or fp16 with --device cpu is refused by every verb that takes both flags', () => {
+  for (const dtype of ['bf16', 'fp16']) {
+    const o = parseOptions('train', ['--device', 'cpu', '--dtype', dtype], placementOptions);
+    assert.throws(() => placementFromFlags(o), new RegExp(`^UsageError: --dtype ${dtype} is the GPU's \\(--device cuda\\); the CPU computes in fp32, so leave --dtype out there$`));
+  }
+  assert.equal(placementFromFlags(parseOptions('train', ['--device', 'cpu', '--dtype', 'f32'], placementOptions)).computeDtype, 'f32');
+  assert.equal(placementFromFlags(parseOptions('train', ['--dtype', 'bf16'], placementOptions)).computeDtype, 'bf16');
 });
 
 const estimate = {

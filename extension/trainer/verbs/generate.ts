@@ -5,7 +5,7 @@ import { ChatColumn, loadChatModel } from '../../generate/chatModel';
 import type { GenerateResult } from '../../generate/generate';
 import { samplingProblem, type SamplingOptions } from '../../generate/sampling';
 import { integerOption, listOption, numberOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
-import { placementFromFlags, placementOptions, refuseHalfDtypeOnCpu, type PlacementOptions } from '../placement';
+import { placementFromFlags, placementOptions } from '../placement';
 import { readJsonFile } from '../../util/jsonFile';
 import { adapterFlag } from './export';
 
@@ -60,12 +60,6 @@ export function conversationFrom(o: ParsedOptions): ChatMessage[] {
   return messages;
 }
 
-/** --device and --dtype (fp32 by default on the CPU, which has no other). */
-function generatePlacement(o: ParsedOptions): PlacementOptions {
-  const flags = placementFromFlags(o);
-  refuseHalfDtypeOnCpu(flags.computeDtype, flags.device === 'cpu');
-  return flags;
-}
 
 export async function generateVerb(o: ParsedOptions): Promise<void> {
   const messages = conversationFrom(o);
@@ -78,7 +72,7 @@ export async function generateVerb(o: ParsedOptions): Promise<void> {
     run: stringOption(o, 'run'),
     checkpoint,
     quantize: o.quantize ? true : undefined,
-  }, generatePlacement(o));
+  }, placementFromFlags(o));
   if (chat.deviceNote && !o.json) process.stderr.write(`${chat.deviceNote}\n`);
   try {
     if (o.compare && chat.adapterDir === null) throw new UsageError('--compare needs an adapter: give --run, or --model with --adapter');
