@@ -58,7 +58,9 @@ export async function loadChatModel(source: ChatModelSource, placement: Placemen
   const tok = await loadModelTokenizer(modelDir);
   const placed = placeRun(placement);
   let device = describeDevice(placed.device.kind, placed.device.name, placed.device.computeDtype);
-  let deviceNote: string | null = null;  // a machine without a usable GPU needs no note: the device line says CPU
+  // a machine without a usable GPU needs no note (the device line says CPU), unless a GPU dtype was asked for
+  const dtypeWarning = placed.warnings.find((w) => w.startsWith('--dtype '));
+  let deviceNote: string | null = dtypeWarning ? dtypeWarning.replace('this run is', 'answering') : null;
   let engine: EngineModel;
   try {
     // under the GPU's free memory less the margin, as training: loading beside a training run fails early, here

@@ -197,3 +197,17 @@ test('generate on the command line: --compare prints the base and the finetuned 
     assert.equal(err.trim().split('\n').length <= 2, true, err);
   }
 });
+
+test('a GPU dtype asked for where the answer is computed on the CPU is said, not dropped in silence', async (t) => {
+  const { model } = await trainedRun();
+  const chat = await loadChatModel({ model }, { computeDtype: 'bf16' });
+  try {
+    if (chat.device.startsWith('GPU')) return t.skip(`the answer is computed on the ${chat.device} here`);
+    assert.equal(chat.deviceNote, '--dtype bf16 applies on the GPU; answering on the CPU, which computes in fp32.');
+  } finally {
+    chat.dispose();
+  }
+  const plain = await loadChatModel({ model });
+  plain.dispose();
+  assert.equal(plain.deviceNote, null);
+});
