@@ -99,7 +99,7 @@ test('errors are one clear sentence on stderr with exit status 1', () => {
   expectCleanError(cli('frobnicate'), "unknown verb 'frobnicate'");
   expectCleanError(cli('score', '--ids', '1,2'), 'needs --model');
   expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,x,3'), "entry 2 ('x') is not a token id");
-  expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,999'), 'token id 999 at position 1 is outside');
+  expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,999'), "--ids entry 2 (999) is outside the model's vocabulary (0..255)");
   expectCleanError(cli('score', '--model', reference('llama-shared'), '--ids', '1,2', '--grads', 'g.safetensors'), '--grads needs --adapter');
   expectCleanError(cli('score', '--model', tempDir('empty'), '--ids', '1,2'), 'no config.json');
   expectCleanError(cli('make-tiny-model', '--out', tempDir('x'), '--arch', 'gpt2'), '--arch must be llama, mistral or qwen2');

@@ -23,6 +23,10 @@ export function score(options: ScoreOptions): ScoreResult {
   if (options.gradsFile && !options.adapter) throw new Error('--grads needs --adapter: gradients are taken with respect to the LoRA parameters');
   const model = EngineModel.load(options.model, options.engine ?? {});
   try {
+    // counted from 1 as --ids's other errors count its entries (the engine's message counts rows from 0)
+    const vocab = model.config().vocabSize;
+    const outside = options.ids.findIndex((id) => id >= vocab);
+    if (outside >= 0) throw new Error(`--ids entry ${outside + 1} (${options.ids[outside]}) is outside the model's vocabulary (0..${vocab - 1})`);
     if (options.adapter) model.loadAdapter(options.adapter);
     const result = model.run(
       { ids: options.ids, labels: options.ids, batch: 1, seq: options.ids.length },
