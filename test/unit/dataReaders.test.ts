@@ -102,6 +102,9 @@ test('UTF-8 BOM and CRLF line ends read like plain LF files, in JSONL, JSON and 
 test('JSON: an array, or an object with exactly one array of rows; other layouts are clear errors', async () => {
   const wrapped = writeTemp('wrapped.json', JSON.stringify({ version: 2, data: rows.alpaca }));
   assert.equal((await readDataset(wrapped)).examples.length, 2);
+  // one array field of no objects: its rows, each one invalid where it is not an object (as in a top-level array)
+  const strings = await readDataset(writeTemp('strings.json', JSON.stringify({ data: ['a', 'b'] })));
+  assert.deepEqual(strings.errors.map(String), ['strings.json row 1: expected a JSON object, got string', 'strings.json row 2: expected a JSON object, got string']);
 
   const cases: [string, string, RegExp][] = [
     ['lines.json', rows.text.map((r) => JSON.stringify(r)).join('\n'), /^lines\.json: holds JSON Lines \(one object per line\), not one JSON document; rename it to \.jsonl$/],
@@ -164,6 +167,7 @@ test('unusable files: one clear error each, naming the file', async () => {
     ['notes.txt', 'hello', 'notes.txt: has an unsupported file type ".txt" (supported: .jsonl, .json, .csv, .parquet)'],
     ['README', 'hello', 'README: has no file extension (supported: .jsonl, .json, .csv, .parquet)'],
     ['none.json', '[]', 'none.json: has no rows'],
+    ['wrapped-none.json', '{"version": 1, "rows": []}', 'wrapped-none.json: has no rows ("rows" is an empty array)'],
     ['header.csv', 'text\r\n', 'header.csv: has no rows'],
     ['fake.parquet', 'PAR1 but not really', 'fake.parquet: not a readable Parquet file'],
     ['odd.jsonl', '{"colour": "red"}\n', `odd.jsonl: cannot tell the dataset's shape: its rows have fields "colour"; expected one of messages`],

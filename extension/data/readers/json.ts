@@ -37,6 +37,13 @@ function arrayOfRows(doc: unknown, filePath: string): unknown[] {
   const arrays = keys.filter((k) => Array.isArray(doc[k]) && (doc[k] as unknown[]).some(isRecord));
   if (arrays.length === 1) return doc[arrays[0]] as unknown[];
   if (arrays.length === 0) {
+    // one array field that holds no objects: its rows are what the file has (none, or each one invalid)
+    const anyArrays = keys.filter((k) => Array.isArray(doc[k]));
+    if (anyArrays.length === 1) {
+      const items = doc[anyArrays[0]] as unknown[];
+      if (items.length === 0) throw new DataFileError(filePath, `has no rows ("${anyArrays[0]}" is an empty array)`);
+      return items;
+    }
     const fields = keys.length > 0 ? `fields ${keys.map((k) => `"${k}"`).join(', ')}` : 'no fields';
     throw new DataFileError(filePath, `${EXPECTED}; got an object with ${fields}`);
   }
