@@ -118,7 +118,13 @@ function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Re
     let promptEnd: number | null = null;
     if (i > 0) {
       try {
-        promptEnd = Math.max(cursor, commonPrefixLength(render(messages.slice(0, i), true), full));
+        const prompt = render(messages.slice(0, i), true);
+        const shared = commonPrefixLength(prompt, full);
+        // A prompt that is not a prefix of the full rendering (Mistral v0.3's template writes the system message into
+        // the last user turn only) parts from it inside an earlier message: the turn then starts after the previous
+        // message's content and what the prompt writes after it ("[/INST]"), as found in the full rendering.
+        const start = shared === prompt.length ? shared : (promptEndAfter(prompt, full, messages[i - 1].content, cursor) ?? shared);
+        promptEnd = Math.max(cursor, start);
       } catch {
         promptEnd = null;
       }
@@ -162,6 +168,23 @@ export function renderGenerationPrompt(messages: ChatMessage[], tok: ModelTokeni
     throw new TemplateRenderError(`chat template error: ${(err as Error).message}`);
   }
   return withBos(tok, [{ text, trained: false }]).map((s) => s.text).join('');
+}
+
+/**
+ * Where the prompt's generation prompt ends in the full rendering, found from the content of the message before the
+ * turn: its last occurrence in `prompt` gives what the prompt writes after it, its first occurrence in `full` from
+ * `from` on where that should follow. Null when the content is found in neither.
+ */
+function promptEndAfter(prompt: string, full: string, previousContent: string, from: number): number | null {
+  for (const content of new Set([previousContent, previousContent.trim()])) {
+    if (content === '') continue;
+    const inPrompt = prompt.lastIndexOf(content);
+    const inFull = full.indexOf(content, from);
+    if (inPrompt < 0 || inFull < 0) continue;
+    const after = inFull + content.length;
+    return after + commonPrefixLength(prompt.slice(inPrompt + content.length), full.slice(after));
+  }
+  return null;
 }
 
 function commonPrefixLength(a: string, b: string): number {

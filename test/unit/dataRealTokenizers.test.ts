@@ -16,7 +16,7 @@ import {
   tokenizeSegments,
 } from '../../extension/data';
 import { tempDir } from '../helpers/paths';
-import { LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
+import { LLAMA2_DIR, LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
 
 const chat = (messages: ChatMessage[]): NormalizedExample => ({ kind: 'chat', messages, at: { file: 'chat.jsonl', line: 1 } });
 
@@ -99,6 +99,41 @@ test('a Llama 3.1-style template with a dated system block renders, with a fixed
   const dated = tokenizeExample(chat(messages), tok, { templateVars: { date_string: '3 Mar 2025' } });
   assert.ok(tok.decode(dated.ids).includes('Today Date: 3 Mar 2025\n'));
   assert.deepEqual(trainedRuns(tok, dated), ['Madrid.<|eot_id|>']);
+});
+
+test('Mistral v0.3: the system message the template writes into the last user turn only leaves the user turns untrained', async () => {
+  // Mistral-7B-Instruct-v0.3's template (its structure): the system message goes into the LAST user turn, so a
+  // prompt (messages[:i] with the generation prompt) is not a prefix of the full rendering, which has no system text.
+  const template = [
+    '{%- if messages[0]["role"] == "system" %}{%- set system_message = messages[0]["content"] %}{%- set loop_messages = messages[1:] %}',
+    '{%- else %}{%- set loop_messages = messages %}{%- endif %}',
+    '{{- bos_token }}',
+    '{%- for message in loop_messages %}',
+    '{%- if message["role"] == "user" %}',
+    '{%- if loop.last and system_message is defined %}{{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}',
+    '{%- else %}{{- "[INST] " + message["content"] + "[/INST]" }}{%- endif %}',
+    '{%- elif message["role"] == "assistant" %}{{- " " + message["content"]|trim + eos_token }}',
+    '{%- else %}{{- raise_exception("Only user and assistant roles are supported") }}{%- endif %}',
+    '{%- endfor %}',
+  ].join('\n');
+  const dir = tempDir('mistral-v03');
+  fs.copyFileSync(path.join(LLAMA2_DIR, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
+  fs.copyFileSync(path.join(LLAMA2_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
+  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), template);
+  const tok = await loadModelTokenizer(dir);
+  const turns: ChatMessage[] = [
+    { role: 'user', content: 'Capital of France?' },
+    { role: 'assistant', content: 'Paris.' },
+    { role: 'user', content: 'And Italy?' },
+    { role: 'assistant', content: 'Rome.' },
+  ];
+  for (const messages of [turns.slice(0, 2), turns]) {
+    const plain = trainedRuns(tok, tokenizeExample(chat(messages), tok));
+    assert.deepEqual(plain, ['Paris.</s>', 'Rome.</s>'].slice(0, messages.length / 2));
+    const withSystem = tokenizeExample(chat([{ role: 'system', content: 'Be brief.' }, ...messages]), tok);
+    assert.deepEqual(trainedRuns(tok, withSystem), plain, 'the same answers trained with a system message');
+    assert.ok(!tok.decode(withSystem.ids).includes('Be brief.'), 'the full rendering has no system text, as transformers renders it');
+  }
 });
 
 test('Qwen3: no BOS; the final turn trains the empty think block the template writes, history turns do not have one', async () => {
