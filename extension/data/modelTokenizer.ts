@@ -27,17 +27,39 @@ export class ModelTokenizer {
     readonly addsBos: boolean,
     /** The file the chat template came from, for messages. */
     readonly chatTemplateFile = 'tokenizer_config.json',
+    /** For a SentencePiece-style tokenizer that starts every text with "▁": the same tokenizer without that prefix. */
+    private readonly makeContinuationTokenizer: (() => Tokenizer) | null = null,
   ) {
-    this.specialTokens = [...tokenizer.get_added_tokens_decoder().values()]
+    const added = [...tokenizer.get_added_tokens_decoder().values()];
+    this.specialTokens = added
       .filter((t) => t.special)
       .map((t) => t.content)
       .sort((a, b) => b.length - a.length);
+    this.addedTokens = added.map((t) => t.content).filter((t) => t !== '');
   }
+
+  /** Every added token's text (special or not): the tokenizer splits text at them before anything else. */
+  private readonly addedTokens: readonly string[];
+  private continuationTokenizer: Tokenizer | undefined;
 
   /** Token ids of `text`, adding no BOS/EOS; special-token strings in the text become their ids, as in transformers. */
   encode(text: string): number[] {
     if (text === '') return [];
     return this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+  }
+
+  /**
+   * Token ids of `text` as the tokenizer would make them where `text` continues `before` inside one run of text,
+   * i.e. without the "▁" a SentencePiece-style tokenizer (Llama 2, Mistral, TinyLlama) puts at the start of every
+   * text it encodes, and at the start of the text after each added token. Equal to encode(text) for other tokenizers
+   * and where `before` is empty or ends with an added token. What encode(before + text) gives for text's part when
+   * no token spans the join (the caller checks).
+   */
+  encodeContinuation(before: string, text: string): number[] {
+    if (text === '') return [];
+    if (this.makeContinuationTokenizer === null || before === '' || this.addedTokens.some((t) => before.endsWith(t))) return this.encode(text);
+    this.continuationTokenizer ??= this.makeContinuationTokenizer();
+    return this.continuationTokenizer.encode(text, { add_special_tokens: false }).ids;
   }
 
   /** Text of `ids`, special tokens included and spacing untouched. */
@@ -177,5 +199,41 @@ export async function loadModelTokenizer(modelDir: string): Promise<ModelTokeniz
   }
 
   const chat = await findChatTemplate(modelDir, config);
-  return new ModelTokenizer(modelDir, tokenizer, chat.template, bos.token, bos.id, eos.token, eos.id, addsBos, chat.file);
+  const withoutPrefix = withoutDummyPrefix(tokenizerJson as Record<string, unknown>);
+  const continuation = withoutPrefix === null ? null : () => new Tokenizer(withoutPrefix, config);
+  return new ModelTokenizer(modelDir, tokenizer, chat.template, bos.token, bos.id, eos.token, eos.id, addsBos, chat.file, continuation);
+}
+
+type JsonObject = Record<string, unknown>;
+const isObject = (v: unknown): v is JsonObject => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/**
+ * tokenizer.json without the dummy prefix SentencePiece-style tokenizers put before each text they encode: a
+ * Prepend("▁") normalizer (Llama 2's layout), or a Metaspace pre-tokenizer's prepend_scheme / add_prefix_space
+ * (newer files). Null when the tokenizer has none (byte-level BPE: Llama 3, Qwen2).
+ */
+export function withoutDummyPrefix(json: JsonObject): JsonObject | null {
+  const copy = structuredClone(json);
+  let changed = false;
+  const normalizer = (n: unknown): unknown => {
+    if (!isObject(n)) return n;
+    if (n.type === 'Prepend') {
+      changed = true;
+      return null;
+    }
+    if (n.type === 'Sequence' && Array.isArray(n.normalizers)) n.normalizers = n.normalizers.map(normalizer).filter((x) => x !== null);
+    return n;
+  };
+  const preTokenizer = (p: unknown): void => {
+    if (!isObject(p)) return;
+    if (p.type === 'Sequence' && Array.isArray(p.pretokenizers)) p.pretokenizers.forEach(preTokenizer);
+    if (p.type === 'Metaspace' && (p.prepend_scheme !== 'never' || p.add_prefix_space === true)) {
+      p.prepend_scheme = 'never';
+      p.add_prefix_space = false;
+      changed = true;
+    }
+  };
+  copy.normalizer = normalizer(copy.normalizer);
+  preTokenizer(copy.pre_tokenizer);
+  return changed ? copy : null;
 }

@@ -4,11 +4,12 @@
  *
  * Ids are the tokenization of the whole rendered text, exactly what transformers' apply_chat_template(tokenize=True)
  * gives and what the model sees at inference for a conversation so far. Tokenizing segment by segment and
- * concatenating would be cheaper but wrong where a token spans a boundary, and for SentencePiece tokenizers,
- * which add a "▁" at the start of every encode call. So the segments are tokenized one by one only to find the
- * token boundaries: when their concatenation equals the whole tokenization (the usual case, since turns end on
- * special tokens) the boundaries are read off directly; otherwise each boundary is where the tokenization of the
- * text before it stops agreeing with the whole, and a token that straddles a boundary belongs to the later segment.
+ * concatenating would be cheaper but wrong where a token spans a boundary. So the segments are tokenized one by one
+ * only to find the token boundaries (SentencePiece tokenizers without the "▁" they put at the start of every encode
+ * call, where a segment continues a run of text: ModelTokenizer.encodeContinuation): when their concatenation equals
+ * the whole tokenization (the usual case, since turns end on special tokens) the boundaries are read off directly;
+ * otherwise each boundary is where the tokenization of the text before it stops agreeing with the whole, and a token
+ * that straddles a boundary belongs to the later segment (a tokenization of the text up to each boundary: slower).
  */
 import { DataError, DatasetInvalidError, formatLocation } from './errors';
 import { ModelTokenizer } from './modelTokenizer';
@@ -65,7 +66,12 @@ export interface TokenizedDataset {
 export function tokenizeSegments(tok: ModelTokenizer, segments: readonly Segment[]): { ids: Int32Array; labels: Int32Array } {
   const full = segments.map((s) => s.text).join('');
   const whole = tok.encode(full);
-  const pieces = segments.map((s) => tok.encode(s.text));
+  let before = '';
+  const pieces = segments.map((s) => {
+    const ids = tok.encodeContinuation(before, s.text);
+    before += s.text;
+    return ids;
+  });
   const bounds = [0];
   if (sameIds(pieces.flat(), whole)) {
     for (const p of pieces) bounds.push(bounds[bounds.length - 1] + p.length);

@@ -11,10 +11,12 @@ import {
   loadModelTokenizer,
   ModelTokenizer,
   NormalizedExample,
+  renderExample,
   tokenizeExample,
   TokenizedExample,
   tokenizeSegments,
 } from '../../extension/data';
+import { withoutDummyPrefix } from '../../extension/data/modelTokenizer';
 import { tempDir } from '../helpers/paths';
 import { LLAMA2_DIR, LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
 
@@ -134,6 +136,49 @@ test('Mistral v0.3: the system message the template writes into the last user tu
     assert.deepEqual(trainedRuns(tok, withSystem), plain, 'the same answers trained with a system message');
     assert.ok(!tok.decode(withSystem.ids).includes('Be brief.'), 'the full rendering has no system text, as transformers renders it');
   }
+});
+
+test('Llama 2 (SentencePiece): segments continuing a run of text are tokenized without the "▁" prefix, so boundaries come from the segments alone', async () => {
+  const tok = await loadModelTokenizer(LLAMA2_DIR);
+  const messages: ChatMessage[] = [];
+  for (let i = 0; i < 6; i++) {
+    messages.push({ role: 'user', content: ` Question  ${i} about "x", é 日本.\tMore.` }, { role: 'assistant', content: `Answer ${i}\n with  detail. ` });
+  }
+  const { segments } = renderExample(chat(messages), tok);
+  let before = '';
+  const pieces = segments.map((s) => {
+    const ids = tok.encodeContinuation(before, s.text);
+    before += s.text;
+    return ids;
+  });
+  const full = segments.map((s) => s.text).join('');
+  assert.deepEqual(pieces.flat(), tok.encode(full), 'the pieces are the whole tokenization, cut at the segments');
+  assert.notDeepEqual(pieces.slice(1).flat(), segments.slice(1).flatMap((s) => tok.encode(s.text)), 'plain encoding would have added "▁"s');
+  // the labels equal those of the slow path (each boundary from the tokenization of the text before it)
+  const { ids, labels } = tokenizeSegments(tok, segments);
+  const expected = new Int32Array(ids.length).fill(IGNORE_INDEX);
+  let offset = 0;
+  let from = 0;
+  segments.forEach((s, k) => {
+    offset += s.text.length;
+    const prefix = tok.encode(full.slice(0, offset));
+    let to = k === segments.length - 1 ? ids.length : 0;
+    while (k < segments.length - 1 && to < prefix.length && prefix[to] === ids[to]) to++;
+    if (s.trained) for (let t = from; t < to; t++) expected[t] = ids[t];
+    from = Math.max(from, to);
+  });
+  assert.deepEqual(Array.from(labels), Array.from(expected));
+  assert.deepEqual(trainedRuns(tok, { ids, labels, source: '' }).slice(0, 2), ['Answer 0\n with  detail. </s>', 'Answer 1\n with  detail. </s>']);
+});
+
+test('withoutDummyPrefix: the Prepend normalizer or Metaspace prefix goes, byte-level tokenizers have none', () => {
+  const llama2 = JSON.parse(fs.readFileSync(path.join(LLAMA2_DIR, 'tokenizer.json'), 'utf8')) as Record<string, unknown>;
+  assert.deepEqual(withoutDummyPrefix(llama2)?.normalizer, { type: 'Sequence', normalizers: [{ type: 'Replace', pattern: { String: ' ' }, content: '▁' }] });
+  assert.equal((llama2.normalizer as { normalizers: unknown[] }).normalizers.length, 2, 'the original is left as it was');
+  const metaspace = { model: {}, pre_tokenizer: { type: 'Metaspace', replacement: '▁', prepend_scheme: 'first', split: false } };
+  assert.deepEqual(withoutDummyPrefix(metaspace)?.pre_tokenizer, { type: 'Metaspace', replacement: '▁', prepend_scheme: 'never', split: false, add_prefix_space: false });
+  const llama3 = JSON.parse(fs.readFileSync(path.join(LLAMA31_DIR, 'tokenizer.json'), 'utf8')) as Record<string, unknown>;
+  assert.equal(withoutDummyPrefix(llama3), null);
 });
 
 test('Qwen3: no BOS; the final turn trains the empty think block the template writes, history turns do not have one', async () => {
