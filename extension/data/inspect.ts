@@ -9,7 +9,7 @@ import { loadModelTokenizer, ModelTokenizer } from './modelTokenizer';
 import { DataFormat } from './readers';
 import { TemplateKind } from './render';
 import { DatasetShape } from './shapes';
-import { IGNORE_INDEX, TokenizationStats, tokenizeDataset, TokenizedExample } from './tokenize';
+import { IGNORE_INDEX, TokenizationStats, tokenizeDataset, TokenizedExample, toolsUnusedMessage, trainedCount } from './tokenize';
 
 /** Errors listed in a report; the count of all of them is `invalidRows`. */
 const MAX_REPORTED_ERRORS = 50;
@@ -46,6 +46,8 @@ export interface DatasetReport {
   tokenization?: {
     template: TemplateKind | null;
     stats: TokenizationStats;
+    /** What training would warn about this tokenization (beyond truncation, which stats count). */
+    warnings: string[];
     examples: InspectedExample[];
   };
 }
@@ -87,10 +89,11 @@ export async function inspectDataset(file: string, options: InspectOptions = {})
     tokenization = {
       template: result.stats.template,
       stats: result.stats,
+      warnings: result.stats.toolsUnused > 0 ? [toolsUnusedMessage(result.stats.toolsUnused, tok)] : [],
       examples: result.examples.slice(0, SHOWN_EXAMPLES).map((e) => ({
         source: e.source,
         tokens: e.ids.length,
-        trainedTokens: e.labels.filter((l) => l !== IGNORE_INDEX).length,
+        trainedTokens: trainedCount(e.labels),
         segments: segmentsOf(tok, e),
       })),
     };

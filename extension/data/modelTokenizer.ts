@@ -72,6 +72,11 @@ export class ModelTokenizer {
     return this.tokenizer.id_to_token(id);
   }
 
+  /** Whether the chat template reads `tools` (a row's tool definitions are otherwise left out of its text). */
+  get templateUsesTools(): boolean {
+    return this.chatTemplate !== null && /\btools\b/.test(this.chatTemplate);
+  }
+
   /**
    * The parsed chat template, or null. Parsed on first use, so a model whose template @huggingface/jinja cannot
    * parse still tokenizes completion and text datasets.

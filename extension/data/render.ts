@@ -53,7 +53,7 @@ export function renderExample(
     case 'chat':
       template = tok.template ? 'chat_template' : 'alpaca-fallback';
       segments = tok.template
-        ? templateSegments(example.messages, tok, options.templateVars ?? {})
+        ? templateSegments(example.messages, tok, { ...options.templateVars, ...(example.tools ? { tools: example.tools } : {}) })
         : fallbackSegments(example.messages, tok);
       break;
     case 'completion':

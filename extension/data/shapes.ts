@@ -15,7 +15,8 @@ export interface ChatMessage {
 
 /** A normalized example, whatever shape the file had. */
 export type ExampleBody =
-  | { kind: 'chat'; messages: ChatMessage[] }
+  /** tools: the row's tool definitions (JSON schemas), given to the chat template as `tools`, as TRL does. */
+  | { kind: 'chat'; messages: ChatMessage[]; tools?: Record<string, unknown>[] }
   | { kind: 'completion'; prompt: string; completion: string }
   | { kind: 'text'; text: string };
 
@@ -148,18 +149,38 @@ function readTurns(
   return messages;
 }
 
+/**
+ * A chat row's `tools`: an array of tool definitions (objects), or a JSON string of one (as datasets on the Hub
+ * often store them, and TRL decodes them); absent, null or [] when the row has none.
+ */
+function readTools(row: Record<string, unknown>): Record<string, unknown>[] | undefined {
+  let tools = row.tools;
+  if (tools === undefined || tools === null) return undefined;
+  if (typeof tools === 'string') {
+    if (tools.trim() === '') return undefined;
+    try {
+      tools = JSON.parse(tools);
+    } catch {
+      throw new RowProblem('field "tools" is a string but not JSON (expected an array of tool definitions)', 'tools');
+    }
+  }
+  if (!Array.isArray(tools)) throw new RowProblem(`field "tools" must be an array of tool definitions, got ${jsonTypeName(tools)}`, 'tools');
+  const notObject = tools.findIndex((t) => typeof t !== 'object' || t === null || Array.isArray(t));
+  if (notObject >= 0) throw new RowProblem(`tool ${notObject + 1} in field "tools" must be an object, got ${jsonTypeName(tools[notObject])}`, 'tools');
+  return tools.length > 0 ? (tools as Record<string, unknown>[]) : undefined;
+}
+
+function chatBody(messages: ChatMessage[], row: Record<string, unknown>): ExampleBody {
+  const tools = readTools(row);
+  return tools === undefined ? { kind: 'chat', messages } : { kind: 'chat', messages, tools };
+}
+
 function normalizeAs(shape: DatasetShape, row: Record<string, unknown>): ExampleBody {
   switch (shape) {
     case 'messages':
-      return {
-        kind: 'chat',
-        messages: readTurns(row, 'messages', 'role', 'content', (r) => CHAT_ROLES.find((c) => c === r), CHAT_ROLES.join(', ')),
-      };
+      return chatBody(readTurns(row, 'messages', 'role', 'content', (r) => CHAT_ROLES.find((c) => c === r), CHAT_ROLES.join(', ')), row);
     case 'sharegpt':
-      return {
-        kind: 'chat',
-        messages: readTurns(row, 'conversations', 'from', 'value', (r) => SHAREGPT_ROLES[r], Object.keys(SHAREGPT_ROLES).join(', ')),
-      };
+      return chatBody(readTurns(row, 'conversations', 'from', 'value', (r) => SHAREGPT_ROLES[r], Object.keys(SHAREGPT_ROLES).join(', ')), row);
     case 'alpaca': {
       const instruction = requireString(row, 'instruction', false);
       const input = row.input === undefined || row.input === null ? '' : requireString(row, 'input', true);

@@ -50,6 +50,8 @@ export interface TokenizationStats {
   droppedNoTrainable: number;
   /** Dropped because the chat template could not render them (only with skipInvalid). */
   invalid: number;
+  /** Kept examples whose row has tools the chat template does not read (no template, or one without tools). */
+  toolsUnused: number;
   /** Tokens and trained tokens in the kept examples, after truncation. */
   totalTokens: number;
   trainedTokens: number;
@@ -99,9 +101,16 @@ function sameIds(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((v, i) => v === b[i]);
 }
 
-function trainedCount(labels: Int32Array): number {
+/** What a dataset's rows with tools the chat template does not read (TokenizationStats.toolsUnused) means. */
+export function toolsUnusedMessage(count: number, tok: ModelTokenizer): string {
+  const template = tok.chatTemplate === null ? 'the model has no chat template' : `the model's chat template (${tok.chatTemplateFile}) does not use tools`;
+  return `${count} example(s) have a "tools" field, but ${template}: they are trained without the tool definitions`;
+}
+
+/** Labels the loss counts: every one but the first position's, which no earlier token predicts. */
+export function trainedCount(labels: Int32Array): number {
   let n = 0;
-  for (const l of labels) if (l !== IGNORE_INDEX) n++;
+  for (let t = 1; t < labels.length; t++) if (labels[t] !== IGNORE_INDEX) n++;
   return n;
 }
 
@@ -139,6 +148,7 @@ export function tokenizeDataset(
   let droppedNoTrainable = 0;
   let totalTokens = 0;
   let trainedTokens = 0;
+  let toolsUnused = 0;
 
   for (const example of examples) {
     let tokenized: ReturnType<typeof tokenizeExample>;
@@ -162,6 +172,7 @@ export function tokenizeDataset(
       droppedNoTrainable++;
       continue;
     }
+    if (example.kind === 'chat' && example.tools && !tok.templateUsesTools) toolsUnused++;
     kept.push({ ids, labels, source: tokenized.source });
     totalTokens += ids.length;
     trainedTokens += trained;
@@ -177,6 +188,7 @@ export function tokenizeDataset(
       histogram: lengthHistogram(lengths, maxLength),
       droppedNoTrainable,
       invalid: errors.length,
+      toolsUnused,
       totalTokens,
       trainedTokens,
     },

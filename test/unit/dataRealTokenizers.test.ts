@@ -14,7 +14,9 @@ import {
   renderExample,
   tokenizeExample,
   TokenizedExample,
+  tokenizeDataset,
   tokenizeSegments,
+  toolsUnusedMessage,
 } from '../../extension/data';
 import { withoutDummyPrefix } from '../../extension/data/modelTokenizer';
 import { tempDir } from '../helpers/paths';
@@ -179,6 +181,39 @@ test('withoutDummyPrefix: the Prepend normalizer or Metaspace prefix goes, byte-
   assert.deepEqual(withoutDummyPrefix(metaspace)?.pre_tokenizer, { type: 'Metaspace', replacement: '▁', prepend_scheme: 'never', split: false, add_prefix_space: false });
   const llama3 = JSON.parse(fs.readFileSync(path.join(LLAMA31_DIR, 'tokenizer.json'), 'utf8')) as Record<string, unknown>;
   assert.equal(withoutDummyPrefix(llama3), null);
+});
+
+test('a row\'s tools go to the chat template as transformers\' tools=; a template without tools leaves them out, counted', async () => {
+  const weather = { type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } } };
+  const messages: ChatMessage[] = [{ role: 'user', content: 'Weather in Paris?' }, { role: 'assistant', content: '{"name": "get_weather", "parameters": {"city": "Paris"}}' }];
+  const example: NormalizedExample = { kind: 'chat', messages, tools: [weather], at: { file: 'tools.jsonl', line: 1 } };
+  // a Llama 3.1-style template that lists the tools in the first user turn, as Meta's does
+  const template = [
+    '{{- bos_token }}',
+    '{%- for message in messages %}',
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}",
+    "{%- if loop.first and tools is not none %}{{- 'Functions:\\n' }}{%- for t in tools %}{{- t | tojson }}{{- '\\n' }}{%- endfor %}{%- endif %}",
+    "{{- message['content'] | trim + '<|eot_id|>' }}",
+    '{%- endfor %}',
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
+  ].join('\n');
+  const dir = tempDir('llama31-tools');
+  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
+  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
+  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), '{%- if tools is not defined %}{%- set tools = none %}{%- endif %}\n' + template);
+  const withTools = await loadModelTokenizer(dir);
+  assert.equal(withTools.templateUsesTools, true);
+  const ex = tokenizeExample(example, withTools);
+  assert.ok(withTools.decode(ex.ids).includes('Functions:\n{"type": "function", "function": {"name": "get_weather"'), withTools.decode(ex.ids));
+  assert.deepEqual(trainedRuns(withTools, ex), ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>']);
+  const stats = tokenizeDataset([example], withTools).stats;
+  assert.equal(stats.toolsUnused, 0);
+
+  const plain = await llama();  // the package's Llama 3.1 template has no tools
+  assert.equal(plain.templateUsesTools, false);
+  const unused = tokenizeDataset([example, { ...example, tools: undefined }], plain).stats;
+  assert.equal(unused.toolsUnused, 1);
+  assert.equal(toolsUnusedMessage(1, plain), '1 example(s) have a "tools" field, but the model\'s chat template (tokenizer_config.json) does not use tools: they are trained without the tool definitions');
 });
 
 test('Qwen3: no BOS; the final turn trains the empty think block the template writes, history turns do not have one', async () => {

@@ -92,6 +92,32 @@ test('ShareGPT rows: speaker names map to roles; unknown ones list the allowed n
   ]);
 });
 
+test('tools: an array of definitions or a JSON string of one is kept for the chat template; other forms are row errors', async () => {
+  const weather = { type: 'function', function: { name: 'get_weather', parameters: { type: 'object', properties: { city: { type: 'string' } } } } };
+  const messages = [user('Weather in Paris?'), assistant('{"name": "get_weather"}')];
+  const file = writeTemp('tools.jsonl', jsonl([
+    { messages, tools: [weather] },
+    { messages, tools: JSON.stringify([weather]) },
+    { messages, tools: null },
+    { messages, tools: [] },
+    { messages, tools: '' },
+    { conversations: [{ from: 'human', value: 'Weather?' }, { from: 'gpt', value: 'Sunny.' }], tools: [weather] },
+    { messages, tools: '[{"type": ' },
+    { messages, tools: { type: 'function' } },
+    { messages, tools: [weather, 'get_time'] },
+  ]));
+  const read = await readDataset(file, { shape: 'messages' });
+  assert.deepEqual(read.errors.map(String), [
+    'tools.jsonl line 6: field "messages" is missing (this row has ShareGPT conversations [{from, value}] fields, but the file\'s shape is messages [{role, content}])',
+    'tools.jsonl line 7: field "tools" is a string but not JSON (expected an array of tool definitions)',
+    'tools.jsonl line 8: field "tools" must be an array of tool definitions, got object',
+    'tools.jsonl line 9: tool 2 in field "tools" must be an object, got string',
+  ]);
+  assert.deepEqual(read.examples.map((e) => (e.kind === 'chat' ? e.tools : 'not chat')), [[weather], [weather], undefined, undefined, undefined]);
+  const sharegpt = await readDataset(writeTemp('tools-sharegpt.jsonl', jsonl([{ conversations: [{ from: 'human', value: 'Weather?' }, { from: 'gpt', value: 'Sunny.' }], tools: [weather] }])));
+  assert.deepEqual(sharegpt.examples[0].kind === 'chat' && sharegpt.examples[0].tools, [weather]);
+});
+
 test('prompt/completion and text rows', async () => {
   const completion = await readDataset(writeTemp('pc.jsonl', jsonl([
     { prompt: '', completion: 'Once upon a time.' },

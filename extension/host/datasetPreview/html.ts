@@ -107,6 +107,7 @@ function tokenSection(report: DatasetReport, o: PreviewOptions): string {
   if (t.stats.droppedNoTrainable > 0) {
     rows.push(['dropped', `<span class="warn">${plural(t.stats.droppedNoTrainable, 'example')} with nothing left to train after the cut</span>`]);
   }
+  for (const w of t.warnings ?? []) rows.push(['warning', `<span class="warn">${escapeHtml(w)}</span>`]);
   const table = `<table class="stats">${rows.map(([k, v]) => `<tr><td>${k}</td><td>${v}</td></tr>`).join('')}</table>`;
   return `<h2>Tokens</h2>${table}${l.count > 0 ? histogramSvg(t.stats.histogram, o.maxLength) : ''}`;
 }

@@ -30,6 +30,7 @@ export function formatReport(r: DatasetReport, color = false): string {
       `template: ${template ?? 'none'}; tokens per example: min ${l.min}, mean ${l.mean.toFixed(1)}, p50 ${l.p50}, p95 ${l.p95}, max ${l.max}; ` +
         `${l.truncated} truncated; ${stats.trainedTokens} of ${stats.totalTokens} tokens trained`,
     );
+    for (const w of r.tokenization.warnings) lines.push(`warning: ${w}`);
     for (const ex of examples) {
       lines.push('', `--- ${ex.source} (${ex.tokens} tokens, ${ex.trainedTokens} trained; trained text in ⟦ ⟧)`, markTrained(ex.segments, color));
     }
