@@ -63,6 +63,39 @@ test('GGUF writer: a wrong tensor size or a failing producer leaves no file', as
   assert.equal(tensorBytes('q4_k', [512, 2]), 2 * 144 * 2);
 });
 
+test('tensors over 2 GiB: reads and writes go in pieces (fs takes at most 2 GiB - 1 bytes a call); small pieces give the same bytes', async () => {
+  const dir = tempDir('gguf-chunks');
+  const model = path.join(dir, 'model');
+  makeTinyModel({ out: model, arch: 'llama', seed: 3 });
+  const entry = listModelTensors(model).get('model.embed_tokens.weight')!;
+  const whole = readTensorF32(entry);
+  for (const chunk of [1, 2, 3, 7, 64, 1000]) assert.deepEqual(readTensorF32(entry, chunk), whole, `${entry.dtype} read ${chunk} bytes at a time`);
+  // each dtype: the same values as F32, BF16 and F16 files
+  const values = Float32Array.from([1, -2.5, 0.15625, 65504, -0, 3e-5, 7, 1e-7]);
+  const bf16 = new Uint16Array(values.length);
+  const f16 = Uint16Array.from([0x3c00, 0xc100, 0x3100, 0x7bff, 0x8000, 0x01f7, 0x4700, 0x0002]);
+  new Uint32Array(values.buffer).forEach((bits, i) => (bf16[i] = bits >>> 16));
+  for (const [dtype, data, expected] of [
+    ['F32', new Uint8Array(values.buffer), values],
+    ['BF16', new Uint8Array(bf16.buffer), Float32Array.from(bf16, (b) => new Float32Array(new Uint32Array([b << 16]).buffer)[0])],
+    ['F16', new Uint8Array(f16.buffer), Float32Array.from([1, -2.5, 0.15625, 65504, -0, 503 * 2 ** -24, 7, 2 * 2 ** -24])],
+  ] as const) {
+    const file = path.join(dir, `${dtype}.bin`);
+    fs.writeFileSync(file, Buffer.concat([Buffer.from('pad'), data]));
+    const e = { name: 't', file, dtype, shape: [2, 4], begin: 3, end: 3 + data.length };
+    for (const chunk of [1, 3, 5, 1 << 28]) assert.deepEqual(readTensorF32(e, chunk), expected, `${dtype} in ${chunk}-byte reads`);
+  }
+  assert.throws(() => readTensorF32({ name: 't', file: path.join(dir, 'F32.bin'), dtype: 'F32', shape: [3, 4], begin: 3, end: 35 }), /tensor t holds 32 bytes, not 12 F32 values/);
+
+  const md = new Map<string, GgufValue>([['general.alignment', gguf.u32(32)]]);
+  const t = Float32Array.from({ length: 37 }, (_, i) => i * 0.25 - 3);
+  const specs = [{ name: 'w', shape: [37], type: 'f32' as const }, { name: 'v', shape: [37], type: 'f32' as const }];
+  const produce = () => new Uint8Array(t.buffer);
+  await writeGguf(path.join(dir, 'one.gguf'), md, specs, produce);
+  await writeGguf(path.join(dir, 'pieces.gguf'), md, specs, produce, { chunkBytes: 5 });
+  assert.deepEqual(fs.readFileSync(path.join(dir, 'pieces.gguf')), fs.readFileSync(path.join(dir, 'one.gguf')));
+});
+
 test('Q/K permutation: rotate-half rows become interleaved pairs within each head', () => {
   // 2 heads of 4 rows, 1 column: per head rows [a0 a1 b0 b1] -> [a0 b0 a1 b1]
   const w = Float32Array.from([0, 1, 2, 3, 10, 11, 12, 13]);

@@ -80,37 +80,59 @@ function halfToFloat(h: number): number {
   return sign * (1 + frac / 1024) * 2 ** (exp - 15);
 }
 
-/** Reads a floating tensor as float32 (F32 as is, BF16 and F16 widened exactly). */
-export function readTensorF32(entry: TensorEntry): Float32Array {
-  const bytes = Buffer.alloc(entry.end - entry.begin);
+/**
+ * Bytes read from a file in one call at most: fs.readSync and fs.writeSync take at most 2 GiB - 1, and a 7B model's
+ * embedding is more than that in float32 (Qwen2.5-7B: 152064 x 3584 x 4 bytes).
+ */
+export const IO_CHUNK_BYTES = 1 << 28;
+
+const ELEMENT_BYTES: Record<string, number> = { F32: 4, BF16: 2, F16: 2 };
+
+/**
+ * Reads a floating tensor as float32 (F32 as is, BF16 and F16 widened exactly), `chunkBytes` at a time, so that no
+ * read and no buffer but the result is larger than that.
+ */
+export function readTensorF32(entry: TensorEntry, chunkBytes = IO_CHUNK_BYTES): Float32Array {
+  const size = ELEMENT_BYTES[entry.dtype];
+  if (size === undefined) throw new Error(`${entry.file}: tensor ${entry.name} is ${entry.dtype}, not a floating tensor`);
+  const count = entry.shape.reduce((a, d) => a * d, 1);
+  const total = entry.end - entry.begin;
+  if (total !== count * size) throw new Error(`${entry.file}: tensor ${entry.name} holds ${total} bytes, not ${count} ${entry.dtype} values`);
+  const out = new Float32Array(count);
+  const step = Math.max(size, chunkBytes - (chunkBytes % size));
+  const bytes = Buffer.allocUnsafe(Math.min(total, step));
   const fd = fs.openSync(entry.file, 'r');
   try {
-    let off = 0;
-    while (off < bytes.length) {
-      const n = fs.readSync(fd, bytes, off, bytes.length - off, entry.begin + off);
-      if (n === 0) throw new Error(`${entry.file}: tensor ${entry.name} ends early`);
-      off += n;
+    for (let done = 0; done < total; ) {
+      const want = Math.min(step, total - done);
+      for (let off = 0; off < want; ) {
+        const n = fs.readSync(fd, bytes, off, want - off, entry.begin + done + off);
+        if (n === 0) throw new Error(`${entry.file}: tensor ${entry.name} ends early`);
+        off += n;
+      }
+      widenInto(entry.dtype, bytes, want / size, out, done / size);
+      done += want;
     }
   } finally {
     fs.closeSync(fd);
   }
-  const count = entry.shape.reduce((a, d) => a * d, 1);
-  const out = new Float32Array(count);
-  switch (entry.dtype) {
+  return out;
+}
+
+/** n values of `dtype` from the start of `bytes` (little-endian) as float32 into out[at..]. */
+function widenInto(dtype: string, bytes: Buffer, n: number, out: Float32Array, at: number): void {
+  switch (dtype) {
     case 'F32':
-      for (let i = 0; i < count; i++) out[i] = bytes.readFloatLE(i * 4);
+      for (let i = 0; i < n; i++) out[at + i] = bytes.readFloatLE(i * 4);
       break;
     case 'BF16':
-      for (let i = 0; i < count; i++) {
+      for (let i = 0; i < n; i++) {
         u32OfF32[0] = bytes.readUInt16LE(i * 2) << 16;
-        out[i] = f32Scratch[0];
+        out[at + i] = f32Scratch[0];
       }
       break;
     case 'F16':
-      for (let i = 0; i < count; i++) out[i] = halfToFloat(bytes.readUInt16LE(i * 2));
+      for (let i = 0; i < n; i++) out[at + i] = halfToFloat(bytes.readUInt16LE(i * 2));
       break;
-    default:
-      throw new Error(`${entry.file}: tensor ${entry.name} is ${entry.dtype}, not a floating tensor`);
   }
-  return out;
 }

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { removeStaleTemps } from '../../util/staleTemp';
 import { GGML_TYPES, type GgmlTypeName, tensorBytes } from './types';
+import { IO_CHUNK_BYTES } from './safetensorsReader';
 
 export const GGUF_ALIGNMENT = 32;
 
@@ -149,6 +150,8 @@ export function ggufHeader(metadata: ReadonlyMap<string, GgufValue>, tensors: re
 export interface WriteGgufOptions {
   /** Called after each tensor with how many are done and the bytes written so far. */
   onProgress?(done: number, total: number, bytes: number): void;
+  /** Bytes written in one call at most (default IO_CHUNK_BYTES; tests pass a small one). */
+  chunkBytes?: number;
 }
 
 /**
@@ -167,13 +170,15 @@ export async function writeGguf(
   fs.mkdirSync(path.dirname(path.resolve(file)), { recursive: true });
   removeStaleTemps(file, 'tmp');
   const tmp = `${file}.tmp-${process.pid}`;
+  const chunkBytes = options.chunkBytes ?? IO_CHUNK_BYTES;
   const fd = fs.openSync(tmp, 'w');
   let ok = false;
   try {
     let position = 0;
+    // fs.writeSync takes at most 2 GiB - 1 bytes a call; a tensor can be more (a 7B model's embedding in f32)
     const put = (b: Uint8Array) => {
       let off = 0;
-      while (off < b.length) off += fs.writeSync(fd, b, off, b.length - off, position + off);
+      while (off < b.length) off += fs.writeSync(fd, b, off, Math.min(b.length - off, chunkBytes), position + off);
       position += b.length;
     };
     put(header);
