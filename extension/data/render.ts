@@ -94,6 +94,26 @@ function fallbackSegments(messages: ChatMessage[], tok: ModelTokenizer): Segment
   return withBos(tok, segments);
 }
 
+/**
+ * fallbackSegments as a Jinja chat template, for files other tools read (a finetune's GGUF, whose
+ * tokenizer.chat_template llama.cpp and LM Studio render): the same text, without BOS (llama.cpp adds it by
+ * tokenizer.ggml.add_bos_token). Each user turn already ends with "### Response:\n", so add_generation_prompt adds
+ * nothing.
+ */
+export const ALPACA_FALLBACK_TEMPLATE = [
+  '{%- for message in messages %}',
+  "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}",
+  "{%- elif message['role'] == 'user' %}{{- '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}",
+  "{%- else %}{{- message['content'] + eos_token }}{%- if not loop.last %}{{- '\\n\\n' }}{%- endif %}",
+  '{%- endif %}',
+  '{%- endfor %}',
+].join('');
+
+/** The chat template a model file written from `tok`'s model carries: its own, or for a finetune of a model without one, the fallback it was trained with. */
+export function exportedChatTemplate(tok: ModelTokenizer, finetuned: boolean): string | null {
+  return tok.chatTemplate ?? (finetuned ? ALPACA_FALLBACK_TEMPLATE : null);
+}
+
 function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): Segment[] {
   const template = tok.template;
   if (template === null) throw new Error('templateSegments needs a chat template');

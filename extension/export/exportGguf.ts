@@ -72,7 +72,7 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
       o.onProgress?.('merge', 1, 1);
       source = tmp;
     }
-    const report = await writeModelGguf({ modelDir: source, out: o.out, fileType: o.type, name, onProgress: (done, total) => o.onProgress?.('write', done, total) });
+    const report = await writeModelGguf({ modelDir: source, out: o.out, fileType: o.type, name, finetuned: adapter !== null, onProgress: (done, total) => o.onProgress?.('write', done, total) });
     let verification: VerifyReport | null = null;
     if (o.verify !== false) {
       o.onProgress?.('verify', 0, 1);

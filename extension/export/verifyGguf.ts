@@ -5,7 +5,7 @@
 import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { loadModelTokenizer, renderExample, type ModelTokenizer } from '../data';
+import { exportedChatTemplate, loadModelTokenizer, renderExample, type ModelTokenizer } from '../data';
 import { EngineModel } from '../engine';
 import { prepareData } from '../trainer/data';
 import type { TrainConfig } from '../trainer/config';
@@ -152,7 +152,9 @@ export async function verifyGguf(o: VerifyOptions): Promise<VerifyReport> {
         tokens++;
       }
     }
-    const promptTokensMatch = checkPromptTokens(tok, (text) => gguf.tokenize(text, { special: true }), gguf.chatTemplate, problems);
+    // a merged finetune carries the fallback template where the model has none; a base GGUF (the --lora check's) its own
+    const expectedTemplate = exportedChatTemplate(tok, o.adapter !== null && !o.lora);
+    const promptTokensMatch = checkPromptTokens(tok, (text) => gguf.tokenize(text, { special: true }), gguf.chatTemplate, expectedTemplate, problems);
     const criterion = CRITERIA[o.type];
     if (tokens === 0) problems.push('no sequence of at least two tokens to score');
     else {
@@ -186,8 +188,14 @@ export async function verifyGguf(o: VerifyOptions): Promise<VerifyReport> {
  * The GGUF's chat template must be ours, and llama.cpp's tokenizer must give our ids for a rendered conversation
  * (special-token text such as <|eot_id|> parsed into its id on both sides).
  */
-function checkPromptTokens(tok: ModelTokenizer, llamaTokenize: (text: string) => number[], ggufTemplate: string | undefined, problems: string[]): boolean {
-  if ((ggufTemplate ?? null) !== tok.chatTemplate) {
+function checkPromptTokens(
+  tok: ModelTokenizer,
+  llamaTokenize: (text: string) => number[],
+  ggufTemplate: string | undefined,
+  expectedTemplate: string | null,
+  problems: string[],
+): boolean {
+  if ((ggufTemplate ?? null) !== expectedTemplate) {
     problems.push('the GGUF carries a different chat template from the model\'s');
     return false;
   }

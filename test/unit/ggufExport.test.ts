@@ -5,6 +5,8 @@ import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
+import { Template } from '@huggingface/jinja';
+import { ALPACA_FALLBACK_TEMPLATE, loadModelTokenizer, renderExample, renderGenerationPrompt, type ChatMessage } from '../../extension/data';
 import { exportGguf } from '../../extension/export/exportGguf';
 import type { GgufFileType } from '../../extension/export/gguf/types';
 import { verifyGguf } from '../../extension/export/verifyGguf';
@@ -72,6 +74,40 @@ for (const arch of ['llama', 'qwen2'] as const) {
     assert.equal(types['blk.0.attn_norm.weight'], 0);
   });
 }
+
+test('a finetune of a model without a chat template carries the Alpaca-style format it was trained with (the base alone carries none)', async () => {
+  const model = tiny('llama', 'tiny', 5);
+  const configFile = path.join(model, 'tokenizer_config.json');
+  const { chat_template: _dropped, ...config } = JSON.parse(fs.readFileSync(configFile, 'utf8')) as Record<string, unknown>;
+  fs.writeFileSync(configFile, JSON.stringify(config));
+  const tok = await loadModelTokenizer(model);
+  assert.equal(tok.chatTemplate, null);
+  // the Jinja template renders what training rendered (BOS aside: llama.cpp adds it by add_bos_token)
+  const template = new Template(ALPACA_FALLBACK_TEMPLATE);
+  const turns: ChatMessage[] = [
+    { role: 'user', content: 'What is the capital of France?' },
+    { role: 'assistant', content: 'Paris.' },
+    { role: 'user', content: 'And of Italy?' },
+    { role: 'assistant', content: 'Rome.' },
+  ];
+  for (const system of [[], [{ role: 'system', content: 'Answer briefly.' }]] as ChatMessage[][]) {
+    for (let n = 1; n <= turns.length; n++) {
+      const messages = [...system, ...turns.slice(0, n)];
+      const rendered = template.render({ messages, eos_token: tok.eosToken, bos_token: tok.bosToken, add_generation_prompt: n % 2 === 1 });
+      const ours = n % 2 === 1 ? renderGenerationPrompt(messages, tok) : renderExample({ kind: 'chat', messages }, tok).segments.map((x) => x.text).join('');
+      assert.equal(`${tok.bosToken}${rendered}`, ours, `${messages.length} messages`);
+    }
+  }
+
+  const run = await trainBriefly(model);
+  const dir = path.dirname(model);
+  const finetune = await exportGguf({ run, out: path.join(dir, 'finetune.gguf'), type: 'f16' });
+  assertVerified(finetune, 'finetune of a model without a chat template');
+  assert.equal(readGguf(finetune.file).metadata.get('tokenizer.chat_template'), ALPACA_FALLBACK_TEMPLATE);
+  const base = await exportGguf({ model, out: path.join(dir, 'base.gguf'), type: 'f16' });
+  assertVerified(base, 'base without a chat template');
+  assert.equal(readGguf(base.file).metadata.get('tokenizer.chat_template'), undefined);
+});
 
 test('a GGUF checked against a model it was not made from fails the check, saying what differs', async () => {
   const a = tiny('llama', 'tiny', 0);

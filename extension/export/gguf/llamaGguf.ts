@@ -197,6 +197,8 @@ export interface ModelGgufOptions {
   fileType: GgufFileType;
   /** general.name; default the folder's name. */
   name: string;
+  /** The folder holds a merged finetune (its chat template: exportedChatTemplate). */
+  finetuned?: boolean;
   onProgress?(done: number, total: number, bytes: number): void;
 }
 
@@ -214,7 +216,7 @@ export async function writeModelGguf(o: ModelGgufOptions): Promise<ModelGgufRepo
   const arch = ARCHITECTURES[c.architecture];
   if (!arch) throw new Error(`${o.modelDir}: architecture ${c.architecture} is not supported for GGUF export (Llama, Mistral and Qwen2 are)`);
   if (c.quantized4bit) throw new Error(`${o.modelDir}: a bnb-4bit model must be dequantized (merged) before GGUF export`);
-  const tokenizer = await tokenizerMetadata(o.modelDir, c.vocabSize);
+  const tokenizer = await tokenizerMetadata(o.modelDir, c.vocabSize, o.finetuned ?? false);
   const tensors = planTensors(o.modelDir, c, arch, o.fileType);
   const metadata = new Map<string, GgufValue>([...architectureMetadata(c, arch, o.name, o.fileType), ...tokenizer.entries]);
   const { bytes } = await writeGguf(o.out, metadata, tensors, (i) => encodeTensor(tensors[i].type, tensors[i].values(), tensors[i].shape), { onProgress: o.onProgress });

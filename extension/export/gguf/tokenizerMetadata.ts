@@ -8,7 +8,7 @@
 // finetune saw them.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { loadModelTokenizer } from '../../data';
+import { exportedChatTemplate, loadModelTokenizer } from '../../data';
 import { gguf, type GgufValue } from './writer';
 
 /** llama_token_type (llama.cpp's llama-vocab.h). */
@@ -84,9 +84,10 @@ export interface TokenizerMetadata {
 /**
  * tokenizer.ggml.* for the model in `modelDir`. `vocabSize` is the model's (config.json's vocab_size, the
  * embedding's rows): ids the tokenizer does not define are written as unused "[PAD<id>]" tokens, as llama.cpp's
- * converter does.
+ * converter does. `finetuned`: the file holds a finetune, which carries the fallback chat template it was trained with
+ * where the model has none (exportedChatTemplate).
  */
-export async function tokenizerMetadata(modelDir: string, vocabSize: number): Promise<TokenizerMetadata> {
+export async function tokenizerMetadata(modelDir: string, vocabSize: number, finetuned = false): Promise<TokenizerMetadata> {
   const file = path.join(modelDir, 'tokenizer.json');
   if (!fs.existsSync(file)) throw new Error(`${modelDir}: no tokenizer.json (GGUF export needs the Hugging Face tokenizer file)`);
   const tok = JSON.parse(fs.readFileSync(file, 'utf8')) as TokenizerJson;
@@ -126,7 +127,8 @@ export async function tokenizerMetadata(modelDir: string, vocabSize: number): Pr
   entries.push(['tokenizer.ggml.add_bos_token', gguf.bool(t.addsBos)], ['tokenizer.ggml.add_eos_token', gguf.bool(false)]);
   const padId = padTokenId(modelDir, tok);
   if (padId !== null) entries.push(['tokenizer.ggml.padding_token_id', gguf.u32(padId)]);
-  if (t.chatTemplate !== null) entries.push(['tokenizer.chat_template', gguf.str(t.chatTemplate)]);
+  const template = exportedChatTemplate(t, finetuned);
+  if (template !== null) entries.push(['tokenizer.chat_template', gguf.str(template)]);
   return { entries, vocabSize, eosId: t.eosId };
 }
 
