@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import { readModelConfig } from '../../extension/engine';
 import { llama3RopeFactors, permuteForInterleavedRope, tensorTypeFor, writeModelGguf } from '../../extension/export/gguf/llamaGguf';
 import { listModelTensors, readTensorF32 } from '../../extension/export/gguf/safetensorsReader';
+import { looksLikeControlToken, tokenizerMetadata } from '../../extension/export/gguf/tokenizerMetadata';
 import { tensorBytes } from '../../extension/export/gguf/types';
 import { gguf, writeGguf, type GgufValue } from '../../extension/export/gguf/writer';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
@@ -94,6 +95,24 @@ test('tensors over 2 GiB: reads and writes go in pieces (fs takes at most 2 GiB 
   await writeGguf(path.join(dir, 'one.gguf'), md, specs, produce);
   await writeGguf(path.join(dir, 'pieces.gguf'), md, specs, produce, { chunkBytes: 5 });
   assert.deepEqual(fs.readFileSync(path.join(dir, 'pieces.gguf')), fs.readFileSync(path.join(dir, 'one.gguf')));
+});
+
+test('token types: added tokens marked special, or that look like control tokens ("<|...|>", as Qwen2.5\'s FIM tokens), are CONTROL as llama.cpp\'s converter makes them; other added tokens USER_DEFINED', async () => {
+  const model = path.join(tempDir('gguf-token-types'), 'model');
+  makeTinyModel({ out: model, arch: 'qwen2', seed: 2 });
+  const file = path.join(model, 'tokenizer.json');
+  const json = JSON.parse(fs.readFileSync(file, 'utf8')) as { added_tokens: { id: number; content: string; special: boolean }[] };
+  const imStart = json.added_tokens.find((t) => t.content === '<|im_start|>')!;
+  imStart.special = false;  // as tokenizer.json marks <|fim_prefix|>, <|repo_name|>, <|file_sep|>
+  json.added_tokens.push({ ...imStart, id: 512, content: '<custom>', special: false }, { ...imStart, id: 513, content: '<｜tool▁sep｜>', special: false });
+  fs.writeFileSync(file, JSON.stringify(json));
+  const { entries } = await tokenizerMetadata(model, 514);
+  const meta = new Map(entries);
+  const tokens = meta.get('tokenizer.ggml.tokens') as unknown as { values: string[] };
+  const types = meta.get('tokenizer.ggml.token_type') as unknown as { values: Int32Array };
+  const typeOf = (text: string) => types.values[tokens.values.indexOf(text)];
+  assert.deepEqual(['<|endoftext|>', '<|im_start|>', '<|im_end|>', '<custom>', '<｜tool▁sep｜>'].map(typeOf), [3, 3, 3, 4, 3]);
+  assert.deepEqual(['<pad>', '<unused12>', '<|a|>', '<|a', 'a|>', '<b>'].map(looksLikeControlToken), [true, true, true, false, false, false]);
 });
 
 test('Q/K permutation: rotate-half rows become interleaved pairs within each head', () => {

@@ -151,7 +151,7 @@ function vocabularyTable(tok: TokenizerJson, modelVocab: Record<string, number>,
   for (const t of tok.added_tokens ?? []) {
     if (t.id >= vocabSize) throw new Error(`${file}: added token ${JSON.stringify(t.content)} has id ${t.id}, beyond the model's vocab_size ${vocabSize}`);
     tokens[t.id] = t.content;
-    types[t.id] = t.special ? TOKEN_TYPE.control : TOKEN_TYPE.userDefined;
+    types[t.id] = t.special || looksLikeControlToken(t.content) ? TOKEN_TYPE.control : TOKEN_TYPE.userDefined;
   }
   for (let id = 0; id < vocabSize; id++) {
     if (tokens[id] === undefined) {
@@ -160,6 +160,20 @@ function vocabularyTable(tok: TokenizerJson, modelVocab: Record<string, number>,
     }
   }
   return { tokens: tokens as string[], types };
+}
+
+/**
+ * Added tokens llama.cpp's converter makes control tokens even where tokenizer.json does not mark them special
+ * (its does_token_look_special): "<|...|>" tokens such as Qwen2.5's <|fim_prefix|> and <|file_sep|>, among others.
+ * llama.cpp would otherwise retype them when it loads the file, warning that the file is probably wrong.
+ */
+export function looksLikeControlToken(text: string): boolean {
+  return (
+    ['<pad>', '<mask>', '<2mass>', '[@BOS@]'].includes(text) ||
+    (text.startsWith('<|') && text.endsWith('|>')) ||
+    (text.startsWith('<｜') && text.endsWith('｜>')) ||
+    (text.startsWith('<unused') && text.endsWith('>'))
+  );
 }
 
 /** SentencePiece token types: byte tokens "<0xXX>" are bytes (llama.cpp decodes them to that byte), unk unknown. */
