@@ -103,12 +103,24 @@ class RowProblem {
   ) {}
 }
 
+/** Half a UTF-16 surrogate pair: JSON can escape one ("\ud800"), but it is no character, and no tokenizer takes it. */
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+function checkWellFormed(value: string, what: string, field: string): string {
+  const lone = LONE_SURROGATE.exec(value);
+  if (lone !== null) {
+    const code = lone[0].charCodeAt(0).toString(16);
+    throw new RowProblem(`${what} holds half a UTF-16 surrogate pair (\\u${code} at character ${lone.index + 1}), which is not text`, field);
+  }
+  return value;
+}
+
 function requireString(row: Record<string, unknown>, field: string, allowEmpty: boolean): string {
   if (!(field in row) || row[field] === undefined) throw new RowProblem(`field "${field}" is missing`, field);
   const value = row[field];
   if (typeof value !== 'string') throw new RowProblem(`field "${field}" must be a string, got ${jsonTypeName(value)}`, field);
   if (!allowEmpty && value.trim() === '') throw new RowProblem(`field "${field}" is empty`, field);
-  return value;
+  return checkWellFormed(value, `field "${field}"`, field);
 }
 
 /** Reads a list of chat turns, with field names and role mapping given per shape. */
@@ -143,7 +155,7 @@ function readTurns(
       throw new RowProblem(`message ${n}: field "${contentField}" must be a string, got ${jsonTypeName(content)}`, listField);
     }
     if (role === 'assistant' && content.trim() === '') throw new RowProblem(`message ${n} (assistant) is empty`, listField);
-    return { role, content };
+    return { role, content: checkWellFormed(content, `message ${n}`, listField) };
   });
   if (!messages.some((m) => m.role === 'assistant')) throw new RowProblem('conversation has no assistant message', listField);
   return messages;

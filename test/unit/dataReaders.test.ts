@@ -80,7 +80,8 @@ test('UTF-8 BOM and CRLF line ends read like plain LF files, in JSONL, JSON and 
     const crlfCsv = writeTemp(`${shape}.csv`, bom + toCsv(rows[shape], '\r\n'));
     // lone CR: "CSV (Macintosh)" as older Excel writes it
     const crCsv = writeTemp(`${shape}-cr.csv`, toCsv(rows[shape], '\r'));
-    for (const file of [crlfJsonl, crlfJson, crlfCsv, crCsv]) {
+    const crJsonl = writeTemp(`${shape}-cr.jsonl`, rows[shape].map((r) => JSON.stringify(r)).join('\r') + '\r');
+    for (const file of [crlfJsonl, crlfJson, crlfCsv, crCsv, crJsonl]) {
       const read = await readDataset(file);
       assert.deepEqual(read.errors.map(String), [], file);
       assert.deepEqual(bodies(read.examples), expected, file);
@@ -97,11 +98,25 @@ test('UTF-8 BOM and CRLF line ends read like plain LF files, in JSONL, JSON and 
   const cr = await readDataset(writeTemp('cr.csv', 'text\r"a"\r"b"x\r'));
   assert.deepEqual(bodies(cr.examples), [{ kind: 'text', text: 'a' }]);
   assert.match(String(cr.errors[0]), /cr\.csv line 3: /);
+  // JSONL: lone CRs end lines only in a file without LFs; elsewhere a CR is JSON whitespace inside its line
+  const crl = await readDataset(writeTemp('cr.jsonl', '{"text": "a"}\r{"text": 1}\r'));
+  assert.deepEqual(bodies(crl.examples), [{ kind: 'text', text: 'a' }]);
+  assert.deepEqual(crl.errors.map(String), ['cr.jsonl line 2: field "text" must be a string, got number']);
+  const inside = await readDataset(writeTemp('cr-inside.jsonl', '{"text":\r"a"}\n{"text": "b"}\n'));
+  assert.deepEqual(bodies(inside.examples), [{ kind: 'text', text: 'a' }, { kind: 'text', text: 'b' }]);
 });
 
 test('JSON: an array, or an object with exactly one array of rows; other layouts are clear errors', async () => {
   const wrapped = writeTemp('wrapped.json', JSON.stringify({ version: 2, data: rows.alpaca }));
   assert.equal((await readDataset(wrapped)).examples.length, 2);
+  // pandas' DataFrame.to_json: by columns (its default) and by index
+  const byRecords = bodies((await readDataset(wrapped)).examples);
+  const columns = Object.fromEntries(Object.keys(rows.alpaca[0]).map((k) => [k, Object.fromEntries(rows.alpaca.map((r, i) => [String(i), r[k] ?? null]))]));
+  assert.deepEqual(bodies((await readDataset(writeTemp('columns.json', JSON.stringify(columns)))).examples), byRecords);
+  const byIndex = Object.fromEntries(rows.alpaca.map((r, i) => [String(i), r]));
+  assert.deepEqual(bodies((await readDataset(writeTemp('index.json', JSON.stringify(byIndex)))).examples), byRecords);
+  const badColumn = await readDataset(writeTemp('bad-column.json', JSON.stringify({ text: { 0: 'a', 1: 2 } })));
+  assert.deepEqual(badColumn.errors.map(String), ['bad-column.json row 2: field "text" must be a string, got number']);
   // one array field of no objects: its rows, each one invalid where it is not an object (as in a top-level array)
   const strings = await readDataset(writeTemp('strings.json', JSON.stringify({ data: ['a', 'b'] })));
   assert.deepEqual(strings.errors.map(String), ['strings.json row 1: expected a JSON object, got string', 'strings.json row 2: expected a JSON object, got string']);

@@ -118,6 +118,24 @@ test('tools: an array of definitions or a JSON string of one is kept for the cha
   assert.deepEqual(sharegpt.examples[0].kind === 'chat' && sharegpt.examples[0].tools, [weather]);
 });
 
+test('half a UTF-16 surrogate pair (a JSON escape such as \\ud800) is a row error naming the field; whole pairs are text', async () => {
+  const file = writeTemp('surrogates.jsonl', [
+    '{"text": "x\\ud800y"}',
+    '{"text": "ok \\ud83d\\ude00"}',
+    '{"text": "\\ude00"}',
+    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a\\udbffb"}]}',
+  ].join('\n') + '\n');
+  const read = await readDataset(file, { shape: 'text' });
+  assert.deepEqual(read.errors.map(String), [
+    'surrogates.jsonl line 1: field "text" holds half a UTF-16 surrogate pair (\\ud800 at character 2), which is not text',
+    'surrogates.jsonl line 3: field "text" holds half a UTF-16 surrogate pair (\\ude00 at character 1), which is not text',
+    'surrogates.jsonl line 4: field "text" is missing (this row has messages [{role, content}] fields, but the file\'s shape is text)',
+  ]);
+  assert.deepEqual(bodies(read.examples), [{ kind: 'text', text: 'ok 😀' }]);
+  const chat = await readDataset(file, { shape: 'messages' });
+  assert.equal(String(chat.errors.at(-1)), 'surrogates.jsonl line 4: message 2 holds half a UTF-16 surrogate pair (\\udbff at character 2), which is not text');
+});
+
 test('prompt/completion and text rows', async () => {
   const completion = await readDataset(writeTemp('pc.jsonl', jsonl([
     { prompt: '', completion: 'Once upon a time.' },

@@ -1,6 +1,7 @@
 /**
  * JSON documents: an array of objects, or an object with exactly one array-of-objects field (`{"data": [...]}`,
- * as many exports wrap rows). Rows keep their 1-based index in that array.
+ * as many exports wrap rows), or a table as pandas' to_json writes it (by columns or by index). Rows keep their
+ * 1-based index in that array (in the table's order).
  */
 import * as path from 'node:path';
 import { DataError, DataFileError, jsonTypeName } from '../errors';
@@ -28,6 +29,8 @@ function arrayOfRows(doc: unknown, filePath: string): unknown[] {
   if (Array.isArray(doc)) return doc;
   if (!isRecord(doc)) throw new DataFileError(filePath, `${EXPECTED}; got ${jsonTypeName(doc)}`);
   const keys = Object.keys(doc);
+  const table = pandasTableRows(doc, keys);
+  if (table !== null) return table;
   if (keys.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k))) {
     throw new DataFileError(
       filePath,
@@ -49,6 +52,26 @@ function arrayOfRows(doc: unknown, filePath: string): unknown[] {
   }
   const names = arrays.map((k) => `"${k}"`).join(', ');
   throw new DataFileError(filePath, `has several arrays of objects (${names}); keep only the one with the examples`);
+}
+
+/**
+ * The rows of a table as pandas' DataFrame.to_json writes it by default (orient='columns': {"instruction": {"0": ...,
+ * "1": ...}, "output": {...}}) or with orient='index' ({"0": {"instruction": ..., "output": ...}, ...}): every value
+ * an object, the inner keys the same in each, and the column names a dataset shape's. Null for anything else.
+ */
+function pandasTableRows(doc: Record<string, unknown>, keys: string[]): unknown[] | null {
+  const inner = keys.map((k) => doc[k]);
+  if (keys.length === 0 || !inner.every(isRecord)) return null;
+  const labels = Object.keys(inner[0] as Record<string, unknown>);
+  const sameLabels = (o: unknown) => {
+    const k = Object.keys(o as Record<string, unknown>);
+    return k.length === labels.length && k.every((label, i) => label === labels[i]);
+  };
+  if (keys.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k)) && labels.length > 0 && inner.every(sameLabels)) {
+    return labels.map((label) => Object.fromEntries(keys.map((k) => [k, (doc[k] as Record<string, unknown>)[label]])));
+  }
+  if (labels.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k)) && inner.every(sameLabels)) return inner;
+  return null;
 }
 
 function rowsOf(items: unknown[], file: string): RawRow[] {

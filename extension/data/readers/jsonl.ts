@@ -4,11 +4,14 @@ import { DataError, jsonTypeName } from '../errors';
 import { describeJsonError } from './jsonText';
 import { isRecord, RawRow } from './types';
 
-/** Parses JSONL text (BOM already removed); LF and CRLF line ends both work. */
+/**
+ * Parses JSONL text (BOM already removed); LF and CRLF line ends both work, and lone CRs (classic Mac OS) in a file
+ * with no LF at all. Elsewhere a CR is left to JSON, which takes it as whitespace between tokens.
+ */
 export function parseJsonl(text: string, filePath: string): RawRow[] {
   const file = path.basename(filePath);
   const rows: RawRow[] = [];
-  const lines = text.split('\n');
+  const lines = text.split(text.includes('\n') ? '\n' : '\r');
   for (let i = 0; i < lines.length; i++) {
     const line = lines[i].endsWith('\r') ? lines[i].slice(0, -1) : lines[i];
     if (line.trim() === '') continue;
