@@ -9,7 +9,7 @@ import { loadModelTokenizer, ModelTokenizer } from './modelTokenizer';
 import { DataFormat } from './readers';
 import { TemplateKind } from './render';
 import { DatasetShape } from './shapes';
-import { IGNORE_INDEX, TokenizationStats, tokenizeDataset, TokenizedExample, toolsUnusedMessage, trainedCount } from './tokenize';
+import { IGNORE_INDEX, TokenizationStats, tokenizeDataset, TokenizedExample, tokenizationWarnings, trainedCount } from './tokenize';
 
 /** Errors listed in a report; the count of all of them is `invalidRows`. */
 const MAX_REPORTED_ERRORS = 50;
@@ -89,7 +89,7 @@ export async function inspectDataset(file: string, options: InspectOptions = {})
     tokenization = {
       template: result.stats.template,
       stats: result.stats,
-      warnings: result.stats.toolsUnused > 0 ? [toolsUnusedMessage(result.stats.toolsUnused, tok)] : [],
+      warnings: tokenizationWarnings(result.stats, tok),
       examples: result.examples.slice(0, SHOWN_EXAMPLES).map((e) => ({
         source: e.source,
         tokens: e.ids.length,

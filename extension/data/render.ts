@@ -46,7 +46,7 @@ export function renderExample(
   example: ExampleBody,
   tok: ModelTokenizer,
   options: RenderOptions = {},
-): { segments: Segment[]; template: TemplateKind | null } {
+): { segments: Segment[]; template: TemplateKind | null; systemLeftOut: boolean } {
   let segments: Segment[];
   let template: TemplateKind | null = null;
   switch (example.kind) {
@@ -67,7 +67,11 @@ export function renderExample(
       break;
   }
   if (options.trainOnPrompt) segments = segments.map((s) => ({ text: s.text, trained: true }));
-  return { segments: segments.filter((s) => s.text !== ''), template };
+  // a template may leave the system message out of a whole conversation (Mistral v0.3's writes it into the last
+  // user turn only, so a conversation ending with the assistant has none), as apply_chat_template renders it too
+  const system = example.kind === 'chat' ? example.messages.find((m) => m.role === 'system')?.content.trim() : undefined;
+  const systemLeftOut = system !== undefined && system !== '' && !segments.some((s) => s.text.includes(system));
+  return { segments: segments.filter((s) => s.text !== ''), template, systemLeftOut };
 }
 
 /** Prepends BOS (untrained) when the tokenizer adds one and the text does not already start with it. */

@@ -52,6 +52,8 @@ export interface TokenizationStats {
   invalid: number;
   /** Kept examples whose row has tools the chat template does not read (no template, or one without tools). */
   toolsUnused: number;
+  /** Kept examples with a system message the chat template leaves out of their text. */
+  systemLeftOut: number;
   /** Tokens and trained tokens in the kept examples, after truncation. */
   totalTokens: number;
   trainedTokens: number;
@@ -101,6 +103,19 @@ function sameIds(a: readonly number[], b: readonly number[]): boolean {
   return a.length === b.length && a.every((v, i) => v === b[i]);
 }
 
+/** The warnings a tokenization's stats call for, beyond truncation and dropped examples. */
+export function tokenizationWarnings(stats: TokenizationStats, tok: ModelTokenizer): string[] {
+  const warnings: string[] = [];
+  if (stats.toolsUnused > 0) warnings.push(toolsUnusedMessage(stats.toolsUnused, tok));
+  if (stats.systemLeftOut > 0) {
+    warnings.push(
+      `${stats.systemLeftOut} example(s) have a system message that the model's chat template (${tok.chatTemplateFile}) leaves out of their text, ` +
+        'as transformers renders them: it is not trained on',
+    );
+  }
+  return warnings;
+}
+
 /** What a dataset's rows with tools the chat template does not read (TokenizationStats.toolsUnused) means. */
 export function toolsUnusedMessage(count: number, tok: ModelTokenizer): string {
   const template = tok.chatTemplate === null ? 'the model has no chat template' : `the model's chat template (${tok.chatTemplateFile}) does not use tools`;
@@ -122,9 +137,9 @@ export function tokenizeExample(
   example: NormalizedExample,
   tok: ModelTokenizer,
   options: RenderOptions = {},
-): TokenizedExample & { template: TemplateKind | null } {
-  const { segments, template } = renderExample(example, tok, options);
-  return { ...tokenizeSegments(tok, segments), source: formatLocation(example.at), template };
+): TokenizedExample & { template: TemplateKind | null; systemLeftOut: boolean } {
+  const { segments, template, systemLeftOut } = renderExample(example, tok, options);
+  return { ...tokenizeSegments(tok, segments), source: formatLocation(example.at), template, systemLeftOut };
 }
 
 /**
@@ -149,6 +164,7 @@ export function tokenizeDataset(
   let totalTokens = 0;
   let trainedTokens = 0;
   let toolsUnused = 0;
+  let systemLeftOut = 0;
 
   for (const example of examples) {
     let tokenized: ReturnType<typeof tokenizeExample>;
@@ -173,6 +189,7 @@ export function tokenizeDataset(
       continue;
     }
     if (example.kind === 'chat' && example.tools && !tok.templateUsesTools) toolsUnused++;
+    if (tokenized.systemLeftOut) systemLeftOut++;
     kept.push({ ids, labels, source: tokenized.source });
     totalTokens += ids.length;
     trainedTokens += trained;
@@ -189,6 +206,7 @@ export function tokenizeDataset(
       droppedNoTrainable,
       invalid: errors.length,
       toolsUnused,
+      systemLeftOut,
       totalTokens,
       trainedTokens,
     },

@@ -2,7 +2,7 @@
 // model's own tokenizer and chat template, hold out an eval split, optionally pack. Everything that can be wrong
 // with the data is found here, before the run folder is written.
 import * as path from 'node:path';
-import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDataset, toolsUnusedMessage, type ModelTokenizer, type NormalizedExample, type TokenizedExample } from '../data';
+import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDataset, tokenizationWarnings, type ModelTokenizer, type NormalizedExample, type TokenizedExample } from '../data';
 import type { DatasetStats } from '../protocol/events';
 import type { TrainExample } from './batches';
 import type { TrainConfig } from './config';
@@ -26,7 +26,7 @@ async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainCon
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
   const t = tokenizeDataset(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid });
   if (t.stats.invalid > 0) warnings.push(`${name}: skipped ${t.stats.invalid} example(s) the chat template could not render`);
-  if (t.stats.toolsUnused > 0) warnings.push(`${name}: ${toolsUnusedMessage(t.stats.toolsUnused, tok)}`);
+  for (const w of tokenizationWarnings(t.stats, tok)) warnings.push(`${name}: ${w}`);
   if (t.stats.lengths.truncated > 0)
     warnings.push(`${name}: ${t.stats.lengths.truncated} example(s) longer than ${config.seqLen} tokens were truncated (longest: ${t.stats.lengths.max})`);
   if (t.stats.droppedNoTrainable > 0)

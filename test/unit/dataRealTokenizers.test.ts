@@ -16,6 +16,7 @@ import {
   TokenizedExample,
   tokenizeDataset,
   tokenizeSegments,
+  tokenizationWarnings,
   toolsUnusedMessage,
 } from '../../extension/data';
 import { withoutDummyPrefix } from '../../extension/data/modelTokenizer';
@@ -138,6 +139,13 @@ test('Mistral v0.3: the system message the template writes into the last user tu
     assert.deepEqual(trainedRuns(tok, withSystem), plain, 'the same answers trained with a system message');
     assert.ok(!tok.decode(withSystem.ids).includes('Be brief.'), 'the full rendering has no system text, as transformers renders it');
   }
+  // which training says: the system message is not trained on
+  const stats = tokenizeDataset([chat([{ role: 'system', content: 'Be brief.' }, ...turns]), chat(turns)], tok).stats;
+  assert.equal(stats.systemLeftOut, 1);
+  assert.deepEqual(tokenizationWarnings(stats, tok), [
+    "1 example(s) have a system message that the model's chat template (chat_template.jinja) leaves out of their text, as transformers renders them: it is not trained on",
+  ]);
+  assert.equal(tokenizeDataset([chat(TWO_TURNS)], await llama()).stats.systemLeftOut, 0);
 });
 
 test('Llama 2 (SentencePiece): segments continuing a run of text are tokenized without the "▁" prefix, so boundaries come from the segments alone', async () => {
