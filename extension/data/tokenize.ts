@@ -110,7 +110,7 @@ export function tokenizationWarnings(stats: TokenizationStats, tok: ModelTokeniz
   if (stats.systemLeftOut > 0) {
     warnings.push(
       `${stats.systemLeftOut} example(s) have a system message that the model's chat template (${tok.chatTemplateFile}) leaves out of their text, ` +
-        'as transformers renders them: it is not trained on',
+        'as transformers renders them: the model never sees it in training',
     );
   }
   return warnings;

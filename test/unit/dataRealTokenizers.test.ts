@@ -143,7 +143,7 @@ test('Mistral v0.3: the system message the template writes into the last user tu
   const stats = tokenizeDataset([chat([{ role: 'system', content: 'Be brief.' }, ...turns]), chat(turns)], tok).stats;
   assert.equal(stats.systemLeftOut, 1);
   assert.deepEqual(tokenizationWarnings(stats, tok), [
-    "1 example(s) have a system message that the model's chat template (chat_template.jinja) leaves out of their text, as transformers renders them: it is not trained on",
+    "1 example(s) have a system message that the model's chat template (chat_template.jinja) leaves out of their text, as transformers renders them: the model never sees it in training",
   ]);
   assert.equal(tokenizeDataset([chat(TWO_TURNS)], await llama()).stats.systemLeftOut, 0);
 });
