@@ -45,7 +45,9 @@ export function makeMicroBatch(examples: readonly TrainExample[], padId: number)
 
 /**
  * The global sequence of micro-batches over epochs: micro-batch g is number g % perEpoch of epoch
- * floor(g / perEpoch), whose order is a seeded shuffle of the examples. Everything follows from (seed, g), so a
+ * floor(g / perEpoch), whose order is a seeded shuffle of the examples. Optimizer steps take gradAccum micro-batches
+ * each within one epoch, as transformers' Trainer does: an epoch whose micro-batches do not divide by gradAccum ends
+ * with a step of the rest, so `epochs: N` is N passes over the data. Everything follows from (seed, step), so a
  * resumed run sees exactly the batches the uninterrupted run would have.
  */
 export class BatchSchedule {
@@ -56,12 +58,41 @@ export class BatchSchedule {
     private readonly examples: readonly TrainExample[],
     private readonly batchSize: number,
     private readonly epochOrder: (epoch: number) => number[],
+    private readonly gradAccum = 1,
   ) {
     if (examples.length === 0) throw new Error('no training examples');
+    if (!Number.isInteger(gradAccum) || gradAccum < 1) throw new RangeError(`gradAccum must be a positive integer, got ${gradAccum}`);
   }
 
+  /** Micro-batches in an epoch. */
   get perEpoch(): number {
     return Math.ceil(this.examples.length / this.batchSize);
+  }
+
+  /** Optimizer steps in an epoch. */
+  get stepsPerEpoch(): number {
+    return Math.ceil(this.perEpoch / this.gradAccum);
+  }
+
+  /** The global indices of the micro-batches of optimizer step `step` (0-based): gradAccum of them, or fewer last in an epoch. */
+  microBatchesOf(step: number): number[] {
+    const epoch = Math.floor(step / this.stepsPerEpoch);
+    const first = (step % this.stepsPerEpoch) * this.gradAccum;
+    const count = Math.min(this.gradAccum, this.perEpoch - first);
+    return Array.from({ length: count }, (_, i) => epoch * this.perEpoch + first + i);
+  }
+
+  /** Epochs done after `steps` optimizer steps (fractional within an epoch). */
+  epochsAfter(steps: number): number {
+    const whole = Math.floor(steps / this.stepsPerEpoch);
+    const within = steps % this.stepsPerEpoch;
+    return whole + Math.min(this.perEpoch, within * this.gradAccum) / this.perEpoch;
+  }
+
+  /** Micro-batches done after `steps` optimizer steps. */
+  microBatchesAfter(steps: number): number {
+    const whole = Math.floor(steps / this.stepsPerEpoch);
+    return whole * this.perEpoch + Math.min(this.perEpoch, (steps % this.stepsPerEpoch) * this.gradAccum);
   }
 
   examplesOf(g: number): TrainExample[] {

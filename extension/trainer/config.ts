@@ -14,6 +14,11 @@ export interface TrainConfig {
   /** A separate eval file; otherwise evalFraction of the data is held out (0: no eval). */
   evalData: string | null;
   evalFraction: number;
+  /**
+   * Seed of the held-out split, apart from `seed` so that runs differing in seed are evaluated on the same examples
+   * (as datasets' train_test_split has its own). Older runs' config.json has none: their split follows `seed`.
+   */
+  evalSeed?: number;
   shape: (typeof DATA_SHAPES)[number] | null;
   skipInvalid: boolean;
   trainOnPrompt: boolean;
@@ -77,6 +82,7 @@ const qlora: Tunables = {
   maxSteps: null,
   epochs: 1,
   evalFraction: 0.05,
+  evalSeed: 0,
   evalEvery: 100,
   checkpointEvery: 100,
   keepCheckpoints: 3,
@@ -117,11 +123,12 @@ export class ConfigError extends Error {
 }
 
 /** Fields a config file or the command line may set, with their types, for validation and the JSON schema. */
-export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number' | 'integer' | 'boolean' | 'enum' | 'targets' | 'strings' | 'string|null'; values?: readonly string[]; min?: number; max?: number; description: string }> = {
+export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number' | 'integer' | 'boolean' | 'enum' | 'targets' | 'strings' | 'string|null'; values?: readonly string[]; min?: number; max?: number; below?: number; description: string }> = {
   model: { type: 'string', description: 'Hugging Face model folder (config.json, safetensors, tokenizer.json)' },
   data: { type: 'string', description: 'training data: .jsonl, .json, .csv or .parquet' },
   evalData: { type: 'string|null', description: 'separate evaluation data file' },
   evalFraction: { type: 'number', min: 0, max: 0.5, description: 'fraction of the data held out for evaluation when evalData is not given' },
+  evalSeed: { type: 'integer', min: 0, max: Number.MAX_SAFE_INTEGER, description: 'seed of the held-out split (apart from seed, so that runs with different seeds are evaluated on the same examples)' },
   shape: { type: 'enum', values: DATA_SHAPES, description: 'dataset shape; detected from the fields when absent' },
   skipInvalid: { type: 'boolean', description: 'skip invalid rows (and say how many) instead of refusing to start' },
   trainOnPrompt: { type: 'boolean', description: 'train on prompt tokens too (default: only the response)' },
@@ -137,8 +144,9 @@ export const CONFIG_FIELDS: Record<keyof TrainConfig, { type: 'string' | 'number
   warmupSteps: { type: 'integer', min: 0, description: 'linear warmup steps from 0' },
   weightDecay: { type: 'number', min: 0, description: 'AdamW decoupled weight decay' },
   maxGradNorm: { type: 'number', min: 0, description: 'clip the global gradient norm to this (0: no clipping)' },
-  beta1: { type: 'number', min: 0, max: 1, description: 'AdamW beta1' },
-  beta2: { type: 'number', min: 0, max: 1, description: 'AdamW beta2' },
+  // below 1, as torch.optim.AdamW requires: at 1 the bias correction 1 - beta^t is 0
+  beta1: { type: 'number', min: 0, below: 1, description: 'AdamW beta1' },
+  beta2: { type: 'number', min: 0, below: 1, description: 'AdamW beta2' },
   eps: { type: 'number', min: 0, description: 'AdamW epsilon' },
   batchSize: { type: 'integer', min: 1, description: 'sequences per micro-batch' },
   gradAccum: { type: 'integer', min: 1, description: 'micro-batches per optimizer step' },
@@ -197,6 +205,7 @@ export function checkSetting(key: keyof TrainConfig, value: unknown, subject: st
       if (field.type === 'integer' && !Number.isInteger(n)) fail('must be an integer');
       if (field.min !== undefined && n < field.min) fail(`must be at least ${field.min}`);
       if (field.max !== undefined && n > field.max) fail(`must be at most ${field.max}`);
+      if (field.below !== undefined && n >= field.below) fail(`must be less than ${field.below}`);
       return n;
     }
   }
@@ -267,6 +276,7 @@ export function trainConfigSchema(): Record<string, unknown> {
         p.type = key === 'maxSteps' ? [f.type, 'null'] : f.type;
         if (f.min !== undefined) p.minimum = f.min;
         if (f.max !== undefined) p.maximum = f.max;
+        if (f.below !== undefined) p.exclusiveMaximum = f.below;
         break;
     }
     const preset = PRESETS.qlora.values as unknown as Record<string, unknown>;

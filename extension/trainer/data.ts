@@ -47,7 +47,7 @@ export async function prepareData(config: TrainConfig): Promise<PreparedData> {
     evalSet = e.t.examples;
     evalRows = e.ds.examples;
   } else if (config.evalFraction > 0 && train.length >= 2) {
-    const split = splitEval(train, config.evalFraction, config.seed);
+    const split = splitEval(train, config.evalFraction, config.evalSeed ?? config.seed);
     train = split.train;
     evalSet = split.eval;
   }

@@ -24,3 +24,15 @@ export function learningRate(s: Schedule, step: number): number {
     }
   }
 }
+
+/**
+ * What a warmup as long as the run or longer does (the learning rate never reaches its peak; a run of one step
+ * trains at lr 0 and its adapter stays the base model), or null when the warmup is shorter than the run.
+ */
+export function warmupWarning(s: Schedule): string | null {
+  if (s.warmupSteps === 0 || s.warmupSteps < s.totalSteps) return null;
+  const run = `the warmup (warmupSteps ${s.warmupSteps}) is not shorter than the run (${s.totalSteps} step${s.totalSteps === 1 ? '' : 's'})`;
+  const last = learningRate(s, s.totalSteps);
+  if (last === 0) return `${run}: every step trains at learning rate 0, so the adapter will not change; lower warmupSteps or train more steps`;
+  return `${run}: the learning rate rises to ${last.toExponential(2)} at the last step and never reaches its peak ${s.lr}; lower warmupSteps or train more steps`;
+}

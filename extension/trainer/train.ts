@@ -21,7 +21,7 @@ import { GpuMonitor, type GpuSource } from './gpuTelemetry';
 import type { MemoryPlan } from './memoryPlan';
 import { checkMemory, engineOptions, placeRun, runDevice, type Placement, type PlacementOptions } from './placement';
 import { claimRunLock, type RunLockHandle } from './runLock';
-import { learningRate, type Schedule } from './schedule';
+import { learningRate, warmupWarning, type Schedule } from './schedule';
 import { readJsonFile } from '../util/jsonFile';
 
 export class TrainingError extends Error {
@@ -239,8 +239,8 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     }
     pruneCheckpoints(runDir, config.keepCheckpoints);
 
-    const batches = new BatchSchedule(data.train, config.batchSize, (epoch) => epochOrder(data.train.length, config.seed, epoch));
-    const totalSteps = config.maxSteps ?? Math.max(1, Math.ceil((config.epochs * batches.perEpoch) / config.gradAccum));
+    const batches = new BatchSchedule(data.train, config.batchSize, (epoch) => epochOrder(data.train.length, config.seed, epoch), config.gradAccum);
+    const totalSteps = config.maxSteps ?? Math.max(1, Math.ceil(config.epochs * batches.stepsPerEpoch));
     const schedule: Schedule = { kind: config.schedule, lr: config.lr, warmupSteps: config.warmupSteps, totalSteps };
     log.emit({
       kind: 'run-started',
@@ -258,6 +258,8 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
       resumedFrom: checkpoint ? checkpoint.step : null,
       device: runDevice(placement, plan),
     });
+    const warmup = warmupWarning(schedule);
+    if (warmup !== null) log.emit({ kind: 'warning', message: warmup });
     // Every move of the paged optimizer and of offloaded block inputs, as it happened (none without a budget).
     const emitPageMoves = () => {
       for (const m of model.takePageMoves()) log.emit({ kind: 'page', dir: m.dir, tensor: m.tensor, bytes: m.bytes, ms: m.ms });
@@ -273,8 +275,8 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
 
     const state = (): TrainerState => ({
       step,
-      epoch: (step * config.gradAccum) / batches.perEpoch,
-      microBatchesDone: step * config.gradAccum,
+      epoch: batches.epochsAfter(step),
+      microBatchesDone: batches.microBatchesAfter(step),
       lastLoss: lastLoss ?? NaN,
       seed: config.seed,
       elapsedSeconds: elapsedBefore + (Date.now() - started) / 1000,
@@ -328,7 +330,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     const loopStart = Date.now();
     while (step < totalSteps) {
       if (control.stopRequested) break;
-      const micro = Array.from({ length: config.gradAccum }, (_, i) => makeMicroBatch(batches.examplesOf(step * config.gradAccum + i), data.padId));
+      const micro = batches.microBatchesOf(step).map((g) => makeMicroBatch(batches.examplesOf(g), data.padId));
       // The loss of a step is the mean over all labelled tokens of all its micro-batches (not a mean of means).
       const labelled = micro.reduce((n, mb) => n + mb.labelled, 0);
       model.zeroGrad();
@@ -384,7 +386,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
         kind: 'step',
         step,
         totalSteps,
-        epoch: (step * config.gradAccum) / batches.perEpoch,
+        epoch: batches.epochsAfter(step),
         loss,
         lr,
         gradNorm: report.skipped ? null : report.gradNorm,

@@ -5,7 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { ConfigError, PRESETS, readConfigFile, resolveConfig, trainConfigSchema } from '../../extension/trainer/config';
-import { learningRate } from '../../extension/trainer/schedule';
+import { learningRate, warmupWarning } from '../../extension/trainer/schedule';
 import { repoRoot, tempDir } from '../helpers/paths';
 
 test('the qlora preset is the QLoRA paper recipe', () => {
@@ -31,6 +31,9 @@ test('config files are validated with the file and key named', () => {
     ['{"ranks": 8}', 'unknown setting "ranks"'],
     ['{"rank": 8,}', 'not valid JSON'],
     ['[1]', 'must hold a JSON object'],
+    // torch's AdamW refuses betas of 1 too: the bias correction 1 - beta^t would be 0
+    ['{"beta1": 1}', '"beta1" must be less than 1'],
+    ['{"beta2": 1.5}', '"beta2" must be less than 1'],
   ];
   for (const [text, fragment] of bad) {
     fs.writeFileSync(file, text);
@@ -55,4 +58,18 @@ test('learning-rate schedules follow transformers (first warmup step at 0)', () 
   assert.equal(learningRate({ ...s, kind: 'cosine' }, 11), 1e-3);
   assert.ok(Math.abs(learningRate({ ...s, kind: 'cosine' }, 61) - 5e-4) < 1e-15);
   assert.ok(learningRate({ ...s, kind: 'cosine' }, 110) < 1e-6);
+});
+
+test('a warmup as long as the run or longer is a warning saying what it does', () => {
+  const s = { kind: 'cosine' as const, lr: 1e-3, warmupSteps: 5 };
+  assert.equal(warmupWarning({ ...s, totalSteps: 6 }), null);
+  assert.equal(warmupWarning({ ...s, warmupSteps: 0, totalSteps: 1 }), null);
+  assert.equal(
+    warmupWarning({ ...s, totalSteps: 1 }),
+    'the warmup (warmupSteps 5) is not shorter than the run (1 step): every step trains at learning rate 0, so the adapter will not change; lower warmupSteps or train more steps',
+  );
+  assert.equal(
+    warmupWarning({ ...s, totalSteps: 3 }),
+    'the warmup (warmupSteps 5) is not shorter than the run (3 steps): the learning rate rises to 4.00e-4 at the last step and never reaches its peak 0.001; lower warmupSteps or train more steps',
+  );
 });
