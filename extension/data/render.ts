@@ -99,6 +99,31 @@ function fallbackSegments(messages: ChatMessage[], tok: ModelTokenizer): Segment
 }
 
 /**
+ * The special token the chat template writes after an assistant answer (<|eot_id|>, <|im_end|>, </s>, ...), found by
+ * rendering a probe conversation; null without a template, or where the template writes none there. A base model's
+ * template may end turns with a token that is not its EOS (Qwen2.5 base: <|im_end|>, EOS <|endoftext|>): training
+ * teaches that token, so generation must stop at it too.
+ */
+export function templateEndOfTurn(tok: ModelTokenizer): string | null {
+  const template = tok.template;
+  if (template === null) return null;
+  const answer = 'The answer is 42.';
+  let full: string;
+  try {
+    full = template.render({
+      date_string: DEFAULT_DATE_STRING, bos_token: tok.bosToken ?? '', eos_token: tok.eosToken, add_generation_prompt: false,
+      messages: [{ role: 'user', content: 'What is the answer?' }, { role: 'assistant', content: answer }, { role: 'user', content: 'Thanks.' }],
+    });
+  } catch {
+    return null;
+  }
+  const at = full.indexOf(answer);
+  if (at < 0) return null;
+  const end = endOfTurnAt(full, at + answer.length, tok.specialTokens);
+  return end === null ? null : full.slice(at + answer.length, end).trim();
+}
+
+/**
  * fallbackSegments as a Jinja chat template, for files other tools read (a finetune's GGUF, whose
  * tokenizer.chat_template llama.cpp and LM Studio render): the same text, without BOS (llama.cpp adds it by
  * tokenizer.ggml.add_bos_token). Each user turn already ends with "### Response:\n", so add_generation_prompt adds

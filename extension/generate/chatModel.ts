@@ -3,7 +3,7 @@
 // model serves both the base answers (adapter scale 0) and the finetuned ones.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { loadModelTokenizer, renderGenerationPrompt, type ChatMessage, type ModelTokenizer } from '../data';
+import { loadModelTokenizer, renderGenerationPrompt, templateEndOfTurn, type ChatMessage, type ModelTokenizer } from '../data';
 import { EngineModel, engineInfo, readModelConfig, type GenerationSession } from '../engine';
 import { cpuDevice } from '../engine/device';
 import { engineOptions, placeRun, type PlacementOptions } from '../trainer/placement';
@@ -95,9 +95,15 @@ function describeDevice(kind: 'cpu' | 'cuda', name: string, dtype: string): stri
   return kind === 'cuda' ? `GPU ${name} (${dtype})` : `CPU ${name}`;
 }
 
-/** The tokens that end an answer: the tokenizer's EOS, config.json's eos_token_id(s) and generation_config.json's. */
+/**
+ * The tokens that end an answer: the tokenizer's EOS, config.json's eos_token_id(s), generation_config.json's, and
+ * the end-of-turn token the chat template writes after each answer, which training teaches (where it is none of the
+ * others, as a base model's: Qwen2.5 base ends turns with <|im_end|> and lists only <|endoftext|>).
+ */
 export function stopTokenIds(tok: ModelTokenizer, configEosIds: readonly number[]): number[] {
-  return [...new Set([tok.eosId, ...configEosIds, ...readGenerationConfig(tok.modelDir).eosTokenIds])];
+  const endOfTurn = templateEndOfTurn(tok);
+  const endOfTurnIds = endOfTurn === null ? [] : tok.encode(endOfTurn);
+  return [...new Set([tok.eosId, ...configEosIds, ...readGenerationConfig(tok.modelDir).eosTokenIds, ...(endOfTurnIds.length === 1 ? endOfTurnIds : [])])];
 }
 
 function runQuantized(run: string): boolean {

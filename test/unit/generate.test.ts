@@ -3,10 +3,12 @@
 // stop at end-of-turn tokens and stop strings, and continue conversations from the cache.
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
+import { loadModelTokenizer, templateEndOfTurn } from '../../extension/data';
 import { EngineModel } from '../../extension/engine';
-import { ChatColumn, loadChatModel } from '../../extension/generate/chatModel';
+import { ChatColumn, loadChatModel, readGenerationConfig, stopTokenIds } from '../../extension/generate/chatModel';
 import { generate, safeLength } from '../../extension/generate/generate';
 import { argmax, candidates, GREEDY, Sampler, type SamplingOptions } from '../../extension/generate/sampling';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
@@ -210,4 +212,28 @@ test('a GPU dtype asked for where the answer is computed on the CPU is said, not
   const plain = await loadChatModel({ model });
   plain.dispose();
   assert.equal(plain.deviceNote, null);
+});
+
+test('an answer stops at the end-of-turn token the chat template writes, even where it is not an EOS id (a base model\'s layout)', async () => {
+  // Qwen2.5 base: EOS <|endoftext|> (509 here) everywhere, while its ChatML template ends turns with <|im_end|> (511)
+  const model = path.join(tempDir('generate-base-eot'), 'model');
+  makeTinyModel({ out: model, arch: 'qwen2', seed: 3 });
+  const edit = (file: string, change: (json: Record<string, unknown>) => void) => {
+    const json = JSON.parse(fs.readFileSync(path.join(model, file), 'utf8')) as Record<string, unknown>;
+    change(json);
+    fs.writeFileSync(path.join(model, file), JSON.stringify(json));
+  };
+  edit('tokenizer_config.json', (c) => (c.eos_token = '<|endoftext|>'));
+  edit('config.json', (c) => (c.eos_token_id = 509));
+  edit('generation_config.json', (c) => (c.eos_token_id = 509));
+  const tok = await loadModelTokenizer(model);
+  assert.equal(templateEndOfTurn(tok), '<|im_end|>');
+  assert.deepEqual(stopTokenIds(tok, [509]), [509, 511]);
+  // a template whose turns end with the EOS adds nothing; no template, nothing to add
+  const { model: llama } = await trainedRun();
+  const llamaTok = await loadModelTokenizer(llama);
+  assert.equal(templateEndOfTurn(llamaTok), '<|eot_id|>');
+  assert.deepEqual(stopTokenIds(llamaTok, []), [...new Set([llamaTok.eosId, ...readGenerationConfig(llama).eosTokenIds])]);
+  edit('tokenizer_config.json', (c) => delete c.chat_template);
+  assert.equal(templateEndOfTurn(await loadModelTokenizer(model)), null);
 });
