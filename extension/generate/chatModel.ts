@@ -116,7 +116,10 @@ interface GenerationConfig {
   sampling: SamplingOptions;
 }
 
-/** generation_config.json: the stop ids and sampling defaults the model's authors chose (greedy when do_sample is false). */
+/**
+ * generation_config.json: the stop ids and sampling defaults the model's authors chose, with transformers' meaning
+ * (greedy unless do_sample is true). Without the file: DEFAULT_SAMPLING (temperature 0.7, top-p 0.9), for a chat.
+ */
 export function readGenerationConfig(modelDir: string): GenerationConfig {
   const file = path.join(modelDir, 'generation_config.json');
   const sampling = { ...DEFAULT_SAMPLING };
@@ -130,13 +133,12 @@ export function readGenerationConfig(modelDir: string): GenerationConfig {
   const eos = g.eos_token_id;
   const eosTokenIds = (Array.isArray(eos) ? eos : [eos]).filter((x): x is number => Number.isInteger(x));
   const num = (key: string) => (typeof g[key] === 'number' ? (g[key] as number) : undefined);
-  if (g.do_sample === false) sampling.temperature = 0;
-  else if (g.do_sample === true) {
-    sampling.temperature = num('temperature') ?? sampling.temperature;
-    sampling.topP = num('top_p') ?? sampling.topP;
-    sampling.topK = num('top_k') ?? sampling.topK;
-    sampling.minP = num('min_p') ?? sampling.minP;
-  }
+  // as transformers' GenerationConfig reads it: greedy unless do_sample is true, and each setting the file leaves out
+  // at transformers' default (temperature 1, top-k 50, top-p 1), which the chat panel shows and sampling then uses
+  sampling.temperature = g.do_sample === true ? (num('temperature') ?? 1) : 0;
+  sampling.topP = num('top_p') ?? 1;
+  sampling.topK = num('top_k') ?? 50;
+  sampling.minP = num('min_p') ?? 0;
   sampling.repetitionPenalty = num('repetition_penalty') ?? sampling.repetitionPenalty;
   return { eosTokenIds, sampling };
 }

@@ -69,24 +69,52 @@ interface Candidates {
   probs: number[];
 }
 
-/** The tokens left after temperature, top-k, top-p and min-p, most likely first, with their probabilities. */
+/**
+ * The tokens left after temperature, top-k, top-p and min-p, most likely first (ties: lower id first), with their
+ * probabilities; with none of these filters, every token in id order. Only tokens that can survive are sorted, so a
+ * token costs O(vocab) and not a sort of the whole vocabulary: top-k keeps the tokens at least as likely as the k-th
+ * (ties with it survive, as in transformers' TopKLogitsWarper), min-p those at least min-p times the most likely,
+ * and top-p alone those at least 1e-9 of it where they hold the mass asked for.
+ */
 export function candidates(logits: Float32Array, o: SamplingOptions): Candidates {
   let max = -Infinity;
   for (let i = 0; i < logits.length; i++) if (logits[i] > max) max = logits[i];
   const weights = new Float64Array(logits.length);
   let total = 0;
+  let best = 0;
   for (let i = 0; i < logits.length; i++) {
     const w = Math.exp((logits[i] - max) / o.temperature);
     weights[i] = w;
     total += w;
+    if (w > best) best = w;
   }
-  // Only tokens that could survive are sorted: with top-p, those at least 1e-9 of the best usually hold all of the
-  // mass asked for; when they do not, everything is sorted.
-  const order = sortedIds(weights, o.topK > 0 || o.topP >= 1 ? 0 : 1e-9, o.topP * total);
-  let ids = o.topK > 0 ? order.slice(0, o.topK) : order;
+  const byWeight = (a: number, b: number) => weights[b] - weights[a] || a - b;
+  const atLeast = (floor: number) => {
+    const ids: number[] = [];
+    for (let i = 0; i < weights.length; i++) if (weights[i] >= floor) ids.push(i);
+    return ids;
+  };
+  const sum = (ids: readonly number[]) => ids.reduce((s, id) => s + weights[id], 0);
+
+  let ids: number[];
+  let mass = total;  // what top-p's share is of: every token, or what top-k kept (transformers renormalizes)
+  if (o.topK > 0 && o.topK < weights.length) {
+    ids = atLeast(kthLargest(weights, o.topK)).sort(byWeight);
+    mass = sum(ids);
+  } else if (o.minP > 0) {
+    ids = atLeast(o.minP * best).sort(byWeight);  // top-p can only keep a prefix of these before min-p filters
+  } else if (o.topP < 1) {
+    ids = atLeast(1e-9 * best).sort(byWeight);
+    if (sum(ids) < o.topP * total) ids = Array.from(weights.keys()).sort(byWeight);
+  } else {
+    const all: Candidates = { ids: new Array<number>(weights.length), probs: new Array<number>(weights.length) };
+    for (let i = 0; i < weights.length; i++) {
+      all.ids[i] = i;
+      all.probs[i] = weights[i] / total;
+    }
+    return all;
+  }
   if (o.topP < 1) {
-    // after top-k, top-p is over what top-k kept (transformers renormalizes); otherwise over every token
-    const mass = o.topK > 0 ? ids.reduce((s, id) => s + weights[id], 0) : total;
     let cumulative = 0;
     let keep = 0;
     while (keep < ids.length && (keep === 0 || cumulative < o.topP * mass)) cumulative += weights[ids[keep++]];
@@ -96,27 +124,36 @@ export function candidates(logits: Float32Array, o: SamplingOptions): Candidates
     const floor = o.minP * weights[ids[0]];
     ids = ids.filter((id, i) => i === 0 || weights[id] >= floor);
   }
-  const kept = ids.reduce((s, id) => s + weights[id], 0);
+  const kept = sum(ids);
   return { ids, probs: ids.map((id) => weights[id] / kept) };
 }
 
-/** Ids by weight, largest first (ties: lower id first); with a relative floor when it keeps `needMass`. */
-function sortedIds(weights: Float64Array, relativeFloor: number, needMass: number): number[] {
-  const byWeight = (a: number, b: number) => weights[b] - weights[a] || a - b;
-  if (relativeFloor > 0) {
-    let best = 0;
-    for (const w of weights) if (w > best) best = w;
-    const ids: number[] = [];
-    let mass = 0;
-    for (let i = 0; i < weights.length; i++) {
-      if (weights[i] >= relativeFloor * best) {
-        ids.push(i);
-        mass += weights[i];
+/** The k-th largest of `values` (1-based), by selection on a copy: O(n) on average. */
+function kthLargest(values: Float64Array, k: number): number {
+  const a = Float64Array.from(values);
+  let lo = 0;
+  let hi = a.length - 1;
+  const target = k - 1;  // index in descending order
+  while (lo < hi) {
+    const pivot = a[(lo + hi) >> 1];
+    let i = lo;
+    let j = hi;
+    while (i <= j) {
+      while (a[i] > pivot) i++;
+      while (a[j] < pivot) j--;
+      if (i <= j) {
+        const t = a[i];
+        a[i] = a[j];
+        a[j] = t;
+        i++;
+        j--;
       }
     }
-    if (mass >= needMass) return ids.sort(byWeight);
+    if (target <= j) hi = j;
+    else if (target >= i) lo = i;
+    else return a[target];
   }
-  return Array.from(weights.keys()).sort(byWeight);
+  return a[target];
 }
 
 function drawFrom(c: Candidates, u: number): number {

@@ -149,14 +149,14 @@ test('sampling: repetition penalty, temperature, top-k, top-p and min-p as trans
   const logits = Float32Array.from([2, 1, 0, -1, 3]);
   const o = (over: Partial<SamplingOptions>): SamplingOptions => ({ temperature: 1, topK: 0, topP: 1, minP: 0, repetitionPenalty: 1, seed: 0, ...over });
   const softmax = (x: number[]) => { const m = Math.max(...x); const e = x.map((v) => Math.exp(v - m)); const s = e.reduce((a, b) => a + b); return e.map((v) => v / s); };
-  // no filtering: every token, most likely first, softmax probabilities
+  // no filtering: every token (in id order), softmax probabilities
   const all = candidates(logits, o({}));
-  assert.deepEqual(all.ids, [4, 0, 1, 2, 3]);
+  assert.deepEqual(all.ids, [0, 1, 2, 3, 4]);
   const p = softmax([2, 1, 0, -1, 3]);
   all.ids.forEach((id, i) => assert.ok(Math.abs(all.probs[i] - p[id]) < 1e-12));
   // temperature 0.5 sharpens: softmax(x / 0.5)
   const t = candidates(logits, o({ temperature: 0.5 }));
-  assert.ok(Math.abs(t.probs[0] - softmax([4, 2, 0, -2, 6])[4]) < 1e-12);
+  assert.ok(Math.abs(t.probs[t.ids.indexOf(4)] - softmax([4, 2, 0, -2, 6])[4]) < 1e-12);
   assert.deepEqual(candidates(logits, o({ topK: 2 })).ids, [4, 0]);
   // top-p 0.9: p = [.64, .24, .09, .03, .01] sorted; .64 + .24 = .88 < .9, so three are kept
   assert.deepEqual(candidates(logits, o({ topP: 0.9 })).ids, [4, 0, 1]);
@@ -172,6 +172,47 @@ test('sampling: repetition penalty, temperature, top-k, top-p and min-p as trans
   for (let seed = 0; seed < 2000; seed++) if (new Sampler(o({ topK: 2, seed })).next(logits, []) === 4) first++;
   assert.ok(Math.abs(first / 2000 - Math.E / (Math.E + 1)) < 0.04, String(first / 2000));
   assert.throws(() => new Sampler(o({ topP: 0 })), /top-p must be in \(0, 1\]/);
+});
+
+test('sampling candidates equal a plain reference (the whole vocabulary sorted) on random logits, ties with the k-th included', () => {
+  // transformers' warpers over a full sort: top-k keeps every token at least as likely as the k-th, top-p the smallest
+  // most-likely prefix reaching p of what is left, min-p those at least min-p times the most likely
+  const reference = (logits: Float32Array, o: SamplingOptions): number[] => {
+    const max = Math.max(...logits);
+    const w = Array.from(logits, (x) => Math.exp((x - max) / o.temperature));
+    let ids = Array.from(w.keys()).sort((a, b) => w[b] - w[a] || a - b);
+    if (o.topK > 0 && o.topK < ids.length) ids = ids.filter((id) => w[id] >= w[ids[o.topK - 1]]);
+    if (o.topP < 1) {
+      const mass = ids.reduce((s, id) => s + w[id], 0);
+      let cumulative = 0;
+      let keep = 0;
+      while (keep < ids.length && (keep === 0 || cumulative < o.topP * mass)) cumulative += w[ids[keep++]];
+      ids = ids.slice(0, keep);
+    }
+    if (o.minP > 0) ids = ids.filter((id, i) => i === 0 || w[id] >= o.minP * w[ids[0]]);
+    return ids;
+  };
+  let state = 12345;
+  const random = () => ((state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  for (let trial = 0; trial < 400; trial++) {
+    const n = 1 + Math.floor(random() * 300);
+    // coarse values make ties; a wide range makes tokens under 1e-9 of the best
+    const logits = Float32Array.from({ length: n }, () => Math.round((random() * 60 - 40) * (trial % 2 ? 1 : 4)) / 4);
+    const o: SamplingOptions = {
+      temperature: [0.3, 0.7, 1, 2][trial % 4], topK: [0, 1, 3, 50, 400][Math.floor(random() * 5)],
+      topP: [1, 0.9, 0.5, 0.999999][Math.floor(random() * 4)], minP: [0, 0, 0.05, 0.5][Math.floor(random() * 4)], repetitionPenalty: 1, seed: 0,
+    };
+    const got = candidates(logits, o);
+    const expected = reference(logits, o);
+    if ((o.topK === 0 || o.topK >= n) && o.topP === 1 && o.minP === 0) {
+      assert.deepEqual(got.ids, Array.from(logits.keys()), `trial ${trial}: every token, in id order`);
+    } else {
+      assert.deepEqual(got.ids, expected, `trial ${trial}: ${JSON.stringify(o)}`);
+    }
+    assert.ok(Math.abs(got.probs.reduce((a, b) => a + b, 0) - 1) < 1e-9);
+  }
+  // ties at the k-th: [5, 5, 5, 1] with top-k 2 keeps the three 5s, as transformers does
+  assert.deepEqual(candidates(Float32Array.from([5, 5, 5, 1]), { ...GREEDY, temperature: 1, topK: 2 }).ids, [0, 1, 2]);
 });
 
 test('generate on the command line: --compare prints the base and the finetuned answer; bad input is one sentence', async () => {
@@ -236,4 +277,25 @@ test('an answer stops at the end-of-turn token the chat template writes, even wh
   assert.deepEqual(stopTokenIds(llamaTok, []), [...new Set([llamaTok.eosId, ...readGenerationConfig(llama).eosTokenIds])]);
   edit('tokenizer_config.json', (c) => delete c.chat_template);
   assert.equal(templateEndOfTurn(await loadModelTokenizer(model)), null);
+});
+
+test('generation_config.json is read as transformers reads it: greedy unless do_sample, unset settings at its defaults', () => {
+  const dir = tempDir('generation-config');
+  const read = (g: Record<string, unknown> | null) => {
+    fs.rmSync(path.join(dir, 'generation_config.json'), { force: true });
+    if (g !== null) fs.writeFileSync(path.join(dir, 'generation_config.json'), JSON.stringify(g));
+    const { temperature, topK, topP, minP, repetitionPenalty } = readGenerationConfig(dir).sampling;
+    return { temperature, topK, topP, minP, repetitionPenalty };
+  };
+  // Mistral-7B-Instruct-v0.3 and TinyLlama-Chat ship ids only: transformers decodes greedily
+  assert.deepEqual(read({ bos_token_id: 1, eos_token_id: 2 }), { temperature: 0, topK: 50, topP: 1, minP: 0, repetitionPenalty: 1 });
+  // Llama-3.1-8B-Instruct's: top-k is transformers' 50, not off
+  assert.deepEqual(read({ do_sample: true, temperature: 0.6, top_p: 0.9, eos_token_id: [128001, 128008, 128009] }), { temperature: 0.6, topK: 50, topP: 0.9, minP: 0, repetitionPenalty: 1 });
+  // Qwen2.5-7B-Instruct's
+  assert.deepEqual(read({ do_sample: true, temperature: 0.7, top_p: 0.8, top_k: 20, repetition_penalty: 1.05 }), { temperature: 0.7, topK: 20, topP: 0.8, minP: 0, repetitionPenalty: 1.05 });
+  assert.deepEqual(read({ do_sample: true }), { temperature: 1, topK: 50, topP: 1, minP: 0, repetitionPenalty: 1 });
+  assert.deepEqual(read({ do_sample: false, temperature: 0.6 }), { temperature: 0, topK: 50, topP: 1, minP: 0, repetitionPenalty: 1 });
+  // no file: a chat's defaults
+  assert.deepEqual(read(null), { temperature: 0.7, topK: 0, topP: 0.9, minP: 0, repetitionPenalty: 1 });
+  assert.deepEqual(readGenerationConfig(dir).eosTokenIds, []);
 });

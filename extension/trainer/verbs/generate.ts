@@ -19,7 +19,7 @@ export const generateOptions: Record<string, OptionSpec> = {
   system: { type: 'string', description: 'a system message before the conversation' },
   raw: { type: 'boolean', description: 'continue --prompt as plain text, without the chat template' },
   compare: { type: 'boolean', description: 'answer with the base model and with the adapter, one after the other (same prompt and seed)' },
-  temperature: { type: 'string', description: "sampling temperature; 0 = greedy (default: the model's generation_config.json, else 0.7)" },
+  temperature: { type: 'string', description: "sampling temperature; 0 = greedy (default: the model's generation_config.json as transformers reads it, greedy unless do_sample is true; without one 0.7)" },
   'top-k': { type: 'string', description: 'keep the k most likely tokens (0 = off)' },
   'top-p': { type: 'string', description: 'nucleus sampling: keep the most likely tokens up to this probability mass (1 = off)' },
   'min-p': { type: 'string', description: 'drop tokens less likely than this fraction of the most likely one (0 = off)' },
