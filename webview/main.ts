@@ -215,7 +215,7 @@ function renderSamples(): void {
   ui.sampleThreads.replaceChildren(...threads.map((t) => {
     const answers = [...t.answers].reverse().map((a) => {
       const label = `step ${formatCount(a.step)}${a.step === 0 ? ' (base)' : ''}`;
-      const note = a.finishReason === 'length' ? ' …' : '';
+      const note = a.finishReason === 'length' || a.finishReason === 'context' ? ' …' : '';
       const item = el('li', {}, el('span', { className: 'sample-step', text: label }), el('span', { className: 'sample-text', text: a.text + note }));
       item.title = `${a.tokens} tokens in ${formatNumber(a.ms, 3)} ms`;
       return item;

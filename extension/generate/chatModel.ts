@@ -31,6 +31,8 @@ export interface ChatModel {
   /** The adapter folder loaded, or null (base model only). */
   adapterDir: string | null;
   stopTokenIds: number[];
+  /** config.json's max_position_embeddings (0: not given). */
+  contextLength: number;
   /** generation_config.json's sampling settings over our defaults. */
   defaultSampling: SamplingOptions;
   /** Where it computes, in words ("GPU <name> (bf16)", "CPU <model> (N threads)"). */
@@ -84,6 +86,7 @@ export async function loadChatModel(source: ChatModelSource, placement: Placemen
     modelDir,
     adapterDir,
     stopTokenIds: stopTokenIds(tok, config.eosTokenIds),
+    contextLength: config.maxPositionEmbeddings,
     defaultSampling: readGenerationConfig(modelDir).sampling,
     device,
     deviceNote,
@@ -168,7 +171,7 @@ export class ChatColumn {
     while (common < this.tokens.length && common < prompt.length - 1 && this.tokens[common] === prompt[common]) common++;
     this.session.truncate(common);
     this.tokens = prompt.slice(0, common);
-    const result = await generate(this.session, this.chat.tok, prompt.slice(common), { ...options, stopTokenIds: this.chat.stopTokenIds }, prompt);
+    const result = await generate(this.session, this.chat.tok, prompt.slice(common), { ...options, stopTokenIds: this.chat.stopTokenIds, contextLength: this.chat.contextLength }, prompt);
     this.tokens = [...prompt, ...result.ids].slice(0, this.session.length);
     return result;
   }

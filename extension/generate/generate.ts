@@ -19,9 +19,20 @@ export interface GenerateOptions {
   signal?: AbortSignal;
   /** Called with each new piece of text, as soon as it can no longer turn out to be part of a stop string. */
   onText?: (delta: string) => void;
+  /**
+   * The model's context (config.json's max_position_embeddings; 0 or absent: none known). A conversation longer than
+   * it is refused, and an answer ends where the conversation reaches it: past it the model's positions are ones it
+   * never saw in training, and what it writes there is noise (transformers only warns).
+   */
+  contextLength?: number;
 }
 
-export type FinishReason = 'stop-token' | 'stop-string' | 'length' | 'cancelled';
+export type FinishReason = 'stop-token' | 'stop-string' | 'length' | 'context' | 'cancelled';
+
+/** A conversation that does not fit the model's context; its message says so and what to do. */
+export class ContextLengthError extends Error {
+  override readonly name = 'ContextLengthError';
+}
 
 export interface GenerateResult {
   text: string;
@@ -51,6 +62,13 @@ export async function generate(
 ): Promise<GenerateResult> {
   if (promptIds.length === 0) throw new Error('generation needs a prompt of at least one token');
   if (!(Number.isInteger(options.maxNewTokens) && options.maxNewTokens >= 1)) throw new RangeError(`max new tokens must be a whole number >= 1, got ${options.maxNewTokens}`);
+  const contextLength = options.contextLength ?? 0;
+  if (contextLength > 0 && history.length >= contextLength) {
+    throw new ContextLengthError(
+      `the conversation is ${history.length} tokens, and the model's context is ${contextLength} (max_position_embeddings in its config.json): ` +
+        'start a new conversation, or shorten the prompt',
+    );
+  }
   const sampler = new Sampler(options.sampling);
   const stops = new Set(options.stopTokenIds);
   const stopStrings = (options.stopStrings ?? []).filter((s) => s !== '');
@@ -87,6 +105,10 @@ export async function generate(
     if (safe > emitted) {
       options.onText?.(text.slice(emitted, safe));
       emitted = safe;
+    }
+    if (contextLength > 0 && context.length >= contextLength) {
+      finishReason = 'context';
+      break;
     }
     if (ids.length === options.maxNewTokens) break;
     logits = session.append([next]);

@@ -11,7 +11,7 @@ export interface ChatMessage {
 
 export type ChatColumnId = 'base' | 'finetuned';
 export const CHAT_COLUMNS: readonly ChatColumnId[] = ['base', 'finetuned'];
-export type FinishReason = 'stop-token' | 'stop-string' | 'length' | 'cancelled';
+export type FinishReason = 'stop-token' | 'stop-string' | 'length' | 'context' | 'cancelled';
 
 /** The sampling options of extension/generate (temperature, top-k, top-p, min-p, repetition penalty, seed), plus: */
 export interface ChatSettings extends SamplingOptions {
@@ -191,7 +191,7 @@ function validateStats(v: unknown): AnswerStats {
   if (!isObject(v)) fail('stats must be an object');
   const s = v as Record<string, unknown>;
   for (const k of ['tokens', 'promptTokens', 'prefillMs', 'decodeMs', 'tokensPerSecond']) if (typeof s[k] !== 'number') fail(`stats.${k} must be a number`);
-  if (!['stop-token', 'stop-string', 'length', 'cancelled'].includes(s.finishReason as string)) fail('stats.finishReason is not known');
+  if (!['stop-token', 'stop-string', 'length', 'context', 'cancelled'].includes(s.finishReason as string)) fail('stats.finishReason is not known');
   return s as unknown as AnswerStats;
 }
 

@@ -101,7 +101,7 @@ export interface SampleEvent {
   text: string;
   /** Tokens generated, and why the answer ended. */
   tokens: number;
-  finishReason: 'stop-token' | 'stop-string' | 'length' | 'cancelled';
+  finishReason: 'stop-token' | 'stop-string' | 'length' | 'context' | 'cancelled';
   /** Wall time of this answer (prefill and decode). */
   ms: number;
 }
@@ -221,7 +221,7 @@ const eventSpecs: Record<EventKind, Spec> = {
   eval: { time: 'string', step: 'number', evalLoss: 'number|null', evalTokens: 'number' },
   sample: {
     time: 'string', step: 'number', index: 'number', prompt: 'string', text: 'string', tokens: 'number',
-    finishReason: ['stop-token', 'stop-string', 'length', 'cancelled'], ms: 'number',
+    finishReason: ['stop-token', 'stop-string', 'length', 'context', 'cancelled'], ms: 'number',
   },
   memory: {
     time: 'string', step: 'number', current: 'byCategory', peak: 'byCategory', totalCurrent: 'number',

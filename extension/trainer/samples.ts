@@ -40,7 +40,7 @@ export class TrainingSamples {
       const started = performance.now();
       const session = this.model.startGeneration();
       try {
-        const r = await generate(session, this.tok, prompt.ids, { sampling: GREEDY, maxNewTokens: this.maxTokens, stopTokenIds: this.stopTokenIds });
+        const r = await generate(session, this.tok, prompt.ids, { sampling: GREEDY, maxNewTokens: this.maxTokens, stopTokenIds: this.stopTokenIds, contextLength: this.model.config().maxPositionEmbeddings });
         const ms = performance.now() - started;
         total += ms;
         events.push({ kind: 'sample', step, index, prompt: prompt.text, text: r.text, tokens: r.ids.length, finishReason: r.finishReason, ms });

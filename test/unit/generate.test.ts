@@ -7,9 +7,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { loadModelTokenizer, templateEndOfTurn } from '../../extension/data';
-import { EngineModel } from '../../extension/engine';
+import { EngineModel, type GenerationSession } from '../../extension/engine';
 import { ChatColumn, loadChatModel, readGenerationConfig, stopTokenIds } from '../../extension/generate/chatModel';
-import { generate, safeLength } from '../../extension/generate/generate';
+import { ContextLengthError, generate, safeLength } from '../../extension/generate/generate';
 import { argmax, candidates, GREEDY, Sampler, type SamplingOptions } from '../../extension/generate/sampling';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { trainBriefly } from '../helpers/briefRun';
@@ -136,6 +136,30 @@ test('streaming: deltas add up to the text, nothing of a stop string is shown, a
   } finally {
     chat.dispose();
   }
+});
+
+test('the model\'s context: a longer conversation is refused, an answer ends where the conversation reaches it', async () => {
+  // a session that always makes token 1 the likeliest and counts what it holds
+  let held = 0;
+  const session = {
+    append(ids: ArrayLike<number>) {
+      held += ids.length;
+      return Float32Array.from([0, 5, 0]);
+    },
+  } as unknown as GenerationSession;
+  const tok = { decode: (ids: ArrayLike<number>) => Array.from(ids, () => 'x').join('') };
+  const options = { sampling: GREEDY, maxNewTokens: 50, stopTokenIds: [], contextLength: 10 };
+  const r = await generate(session, tok, [2, 2, 2, 2], options);
+  assert.equal(r.finishReason, 'context');
+  assert.equal(r.ids.length, 6, 'the prompt (4) and the answer (6) fill the context (10)');
+  assert.equal(held, 4 + 5, 'the last token is not run');
+  // a continued conversation counts its history
+  const again = await generate(session, tok, [2], options, [2, 2, 2, 2, 2, 2, 2, 2]);
+  assert.deepEqual([again.ids.length, again.finishReason], [2, 'context']);
+  await assert.rejects(generate(session, tok, [2], options, new Array(10).fill(2)), (e: unknown) => e instanceof ContextLengthError &&
+    e.message === "the conversation is 10 tokens, and the model's context is 10 (max_position_embeddings in its config.json): start a new conversation, or shorten the prompt");
+  // no context known: the token limit alone
+  assert.equal((await generate(session, tok, new Array(20).fill(2), { ...options, contextLength: 0, maxNewTokens: 3 })).finishReason, 'length');
 });
 
 test('safeLength holds back an unfinished character and a possible stop-string start', () => {

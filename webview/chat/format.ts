@@ -5,6 +5,7 @@ const FINISH: Record<AnswerStats['finishReason'], string> = {
   'stop-token': 'ended its turn',
   'stop-string': 'reached a stop string',
   length: 'reached the token limit',
+  context: "reached the model's context length",
   cancelled: 'stopped',
 };
 

@@ -149,6 +149,7 @@ function finishText(r: GenerateResult): string {
     case 'stop-token': return 'stopped at the end-of-turn token';
     case 'stop-string': return 'stopped at a stop string';
     case 'length': return 'reached the token limit';
+    case 'context': return "reached the model's context length";
     case 'cancelled': return 'cancelled';
   }
 }
