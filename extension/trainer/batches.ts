@@ -44,11 +44,17 @@ export function makeMicroBatch(examples: readonly TrainExample[], padId: number)
 }
 
 /**
+ * How optimizer steps take micro-batches: 'epochs', gradAccum at a time within one epoch, as transformers' Trainer
+ * does (an epoch whose micro-batches do not divide by gradAccum ends with a step of the rest, so `epochs: N` is N
+ * passes over the data); 'continuous', gradAccum at a time across epoch ends, as runs checkpointed before 'epochs'
+ * did (a resumed one keeps it, so that it goes on as it began).
+ */
+export type BatchLayout = 'epochs' | 'continuous';
+
+/**
  * The global sequence of micro-batches over epochs: micro-batch g is number g % perEpoch of epoch
- * floor(g / perEpoch), whose order is a seeded shuffle of the examples. Optimizer steps take gradAccum micro-batches
- * each within one epoch, as transformers' Trainer does: an epoch whose micro-batches do not divide by gradAccum ends
- * with a step of the rest, so `epochs: N` is N passes over the data. Everything follows from (seed, step), so a
- * resumed run sees exactly the batches the uninterrupted run would have.
+ * floor(g / perEpoch), whose order is a seeded shuffle of the examples; optimizer steps take them as `layout` says.
+ * Everything follows from (seed, step), so a resumed run sees exactly the batches the uninterrupted run would have.
  */
 export class BatchSchedule {
   private cachedEpoch = -1;
@@ -59,6 +65,7 @@ export class BatchSchedule {
     private readonly batchSize: number,
     private readonly epochOrder: (epoch: number) => number[],
     private readonly gradAccum = 1,
+    readonly layout: BatchLayout = 'epochs',
   ) {
     if (examples.length === 0) throw new Error('no training examples');
     if (!Number.isInteger(gradAccum) || gradAccum < 1) throw new RangeError(`gradAccum must be a positive integer, got ${gradAccum}`);
@@ -69,13 +76,20 @@ export class BatchSchedule {
     return Math.ceil(this.examples.length / this.batchSize);
   }
 
-  /** Optimizer steps in an epoch. */
+  /** Optimizer steps in an epoch ('epochs' layout). */
   get stepsPerEpoch(): number {
     return Math.ceil(this.perEpoch / this.gradAccum);
   }
 
+  /** Optimizer steps of `epochs` passes (at least 1). */
+  totalSteps(epochs: number): number {
+    const steps = this.layout === 'epochs' ? epochs * this.stepsPerEpoch : (epochs * this.perEpoch) / this.gradAccum;
+    return Math.max(1, Math.ceil(steps));
+  }
+
   /** The global indices of the micro-batches of optimizer step `step` (0-based): gradAccum of them, or fewer last in an epoch. */
   microBatchesOf(step: number): number[] {
+    if (this.layout === 'continuous') return Array.from({ length: this.gradAccum }, (_, i) => step * this.gradAccum + i);
     const epoch = Math.floor(step / this.stepsPerEpoch);
     const first = (step % this.stepsPerEpoch) * this.gradAccum;
     const count = Math.min(this.gradAccum, this.perEpoch - first);
@@ -84,6 +98,7 @@ export class BatchSchedule {
 
   /** Epochs done after `steps` optimizer steps (fractional within an epoch). */
   epochsAfter(steps: number): number {
+    if (this.layout === 'continuous') return (steps * this.gradAccum) / this.perEpoch;
     const whole = Math.floor(steps / this.stepsPerEpoch);
     const within = steps % this.stepsPerEpoch;
     return whole + Math.min(this.perEpoch, within * this.gradAccum) / this.perEpoch;
@@ -91,6 +106,7 @@ export class BatchSchedule {
 
   /** Micro-batches done after `steps` optimizer steps. */
   microBatchesAfter(steps: number): number {
+    if (this.layout === 'continuous') return steps * this.gradAccum;
     const whole = Math.floor(steps / this.stepsPerEpoch);
     return whole * this.perEpoch + Math.min(this.perEpoch, (steps % this.stepsPerEpoch) * this.gradAccum);
   }

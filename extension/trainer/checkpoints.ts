@@ -6,6 +6,7 @@ import * as path from 'node:path';
 import type { EngineModel } from '../engine';
 import type { ComputeDtype } from '../engine/native';
 import { writeJsonAtomic } from '../util/atomicFile';
+import type { BatchLayout } from './batches';
 import type { LossScalerState } from './lossScaler';
 import { replaceFolderAtomic } from '../util/atomicFolder';
 
@@ -25,6 +26,8 @@ export interface TrainerState {
   computeDtype?: ComputeDtype;
   /** Identifies the tokenized train and eval examples (absent in checkpoints written before it was kept). */
   dataDigest?: string;
+  /** How the run's steps take micro-batches (absent in checkpoints written before 'epochs': those ran 'continuous'). */
+  batchLayout?: BatchLayout;
 }
 
 const STEP_DIR = /^step-(\d+)$/;

@@ -99,7 +99,7 @@ const qlora: Tunables = {
 export const PRESETS: Record<PresetName, { description: string; values: Tunables }> = {
   qlora: { description: "the QLoRA paper's recipe: r 64, alpha 16, lr 2e-4 constant, max grad norm 0.3", values: qlora },
   quick: {
-    description: 'a short run to try a dataset: r 8, alpha 16, lr 1e-3 with cosine decay, 3 epochs, small batches',
+    description: 'a short run to try a dataset: r 8, alpha 16, lr 1e-3 (5 warmup steps, then cosine decay), 3 epochs, small batches',
     values: {
       ...qlora,
       rank: 8,

@@ -9,7 +9,7 @@ import { EngineError, EngineModel, gpuTelemetry, readModelConfig } from '../engi
 import { estimateMemory } from '../engine/tools';
 import { writeJsonAtomic } from '../util/atomicFile';
 import { replaceFolderAtomic } from '../util/atomicFolder';
-import { BatchSchedule, makeMicroBatch, type TrainExample } from './batches';
+import { BatchSchedule, makeMicroBatch, type BatchLayout, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
 import type { TrainConfig } from './config';
@@ -209,6 +209,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     for (const w of [...placement.warnings, ...data.warnings]) log.emit({ kind: 'warning', message: w });
     let elapsedBefore = 0;
     let lastLoss: number | null = null;
+    let batchLayout: BatchLayout = 'epochs';
     // fp16 compute scales the loss (dynamic loss scaling); fp32 and bf16 need none
     let scaler = placement.device.kind === 'cuda' && placement.device.computeDtype === 'fp16' ? new LossScaler() : null;
     const checkpoint = resume ? latestCheckpoint(runDir) : null;
@@ -234,13 +235,14 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
       elapsedBefore = state.elapsedSeconds;
       lastLoss = state.lastLoss;
       lastCheckpointDir = checkpoint.dir;
+      batchLayout = state.batchLayout ?? 'continuous';
     } else {
       model.createLora({ rank: config.rank, alpha: config.alpha, dropout: config.dropout, useRslora: config.useRslora, targets: config.targets, seed: config.seed });
     }
     pruneCheckpoints(runDir, config.keepCheckpoints);
 
-    const batches = new BatchSchedule(data.train, config.batchSize, (epoch) => epochOrder(data.train.length, config.seed, epoch), config.gradAccum);
-    const totalSteps = config.maxSteps ?? Math.max(1, Math.ceil(config.epochs * batches.stepsPerEpoch));
+    const batches = new BatchSchedule(data.train, config.batchSize, (epoch) => epochOrder(data.train.length, config.seed, epoch), config.gradAccum, batchLayout);
+    const totalSteps = config.maxSteps ?? batches.totalSteps(config.epochs);
     const schedule: Schedule = { kind: config.schedule, lr: config.lr, warmupSteps: config.warmupSteps, totalSteps };
     log.emit({
       kind: 'run-started',
@@ -277,6 +279,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
       step,
       epoch: batches.epochsAfter(step),
       microBatchesDone: batches.microBatchesAfter(step),
+      batchLayout,
       lastLoss: lastLoss ?? NaN,
       seed: config.seed,
       elapsedSeconds: elapsedBefore + (Date.now() - started) / 1000,

@@ -45,3 +45,12 @@ test('an epoch ends with a step of the micro-batches left; steps, epochs and mic
   assert.equal(schedule.examplesOf(14).length, 1);
   assert.throws(() => new BatchSchedule(examples(3), 1, () => [0, 1, 2], 0), /gradAccum must be a positive integer, got 0/);
 });
+
+test("the 'continuous' layout of runs checkpointed before: gradAccum micro-batches a step, across epoch ends", () => {
+  const schedule = new BatchSchedule(examples(57), 4, (epoch) => epochOrder(57, 1, epoch), 4, 'continuous');
+  assert.deepEqual([0, 3, 4].map((s) => schedule.microBatchesOf(s)), [[0, 1, 2, 3], [12, 13, 14, 15], [16, 17, 18, 19]]);
+  assert.deepEqual([schedule.epochsAfter(4), schedule.microBatchesAfter(4)], [16 / 15, 16]);
+  assert.deepEqual([schedule.totalSteps(1), schedule.totalSteps(3)], [4, 12]);
+  const epochs = new BatchSchedule(examples(57), 64, (epoch) => epochOrder(57, 1, epoch), 1);
+  assert.deepEqual([epochs.totalSteps(1), epochs.totalSteps(2.5), epochs.totalSteps(0)], [1, 3, 1]);
+});

@@ -48,6 +48,14 @@ function trainedRuns(tok: ModelTokenizer, ex: TokenizedExample): string[] {
   return runs;
 }
 
+/** A real tokenizer (the files in `tokenizerDir`) with another chat template, in a folder of its own. */
+async function withTemplate(tokenizerDir: string, name: string, template: string): Promise<ModelTokenizer> {
+  const dir = tempDir(name);
+  for (const file of ['tokenizer.json', 'tokenizer_config.json']) fs.copyFileSync(path.join(tokenizerDir, file), path.join(dir, file));
+  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), template);
+  return loadModelTokenizer(dir);
+}
+
 let llamaPromise: Promise<ModelTokenizer> | undefined;
 let qwenPromise: Promise<ModelTokenizer> | undefined;
 const llama = () => (llamaPromise ??= loadModelTokenizer(LLAMA31_DIR));
@@ -90,11 +98,7 @@ test('a Llama 3.1-style template with a dated system block renders, with a fixed
     '{%- endfor %}',
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
   ].join('\n');
-  const dir = tempDir('llama31-style');
-  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
-  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
-  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), template);
-  const tok = await loadModelTokenizer(dir);
+  const tok = await withTemplate(LLAMA31_DIR, 'llama31-style', template);
 
   const messages: ChatMessage[] = [{ role: 'user', content: '  What is the capital of Spain? ' }, { role: 'assistant', content: ' Madrid. ' }];
   const ex = tokenizeExample(chat(messages), tok);
@@ -121,11 +125,7 @@ test('Mistral v0.3: the system message the template writes into the last user tu
     '{%- else %}{{- raise_exception("Only user and assistant roles are supported") }}{%- endif %}',
     '{%- endfor %}',
   ].join('\n');
-  const dir = tempDir('mistral-v03');
-  fs.copyFileSync(path.join(LLAMA2_DIR, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
-  fs.copyFileSync(path.join(LLAMA2_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
-  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), template);
-  const tok = await loadModelTokenizer(dir);
+  const tok = await withTemplate(LLAMA2_DIR, 'mistral-v03', template);
   const turns: ChatMessage[] = [
     { role: 'user', content: 'Capital of France?' },
     { role: 'assistant', content: 'Paris.' },
@@ -205,11 +205,7 @@ test('a row\'s tools go to the chat template as transformers\' tools=; a templat
     '{%- endfor %}',
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
   ].join('\n');
-  const dir = tempDir('llama31-tools');
-  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer.json'), path.join(dir, 'tokenizer.json'));
-  fs.copyFileSync(path.join(LLAMA31_DIR, 'tokenizer_config.json'), path.join(dir, 'tokenizer_config.json'));
-  fs.writeFileSync(path.join(dir, 'chat_template.jinja'), '{%- if tools is not defined %}{%- set tools = none %}{%- endif %}\n' + template);
-  const withTools = await loadModelTokenizer(dir);
+  const withTools = await withTemplate(LLAMA31_DIR, 'llama31-tools', '{%- if tools is not defined %}{%- set tools = none %}{%- endif %}\n' + template);
   assert.equal(withTools.templateUsesTools, true);
   const ex = tokenizeExample(example, withTools);
   assert.ok(withTools.decode(ex.ids).includes('Functions:\n{"type": "function", "function": {"name": "get_weather"'), withTools.decode(ex.ids));

@@ -216,6 +216,28 @@ test('a stopped run resumed computes exactly what the uninterrupted run computes
   assert.ok(fs.readdirSync(path.join(interrupted, 'checkpoints')).length <= 3);
 });
 
+test('steps stay within an epoch; a run checkpointed before that keeps taking micro-batches across epoch ends when resumed', async () => {
+  // 60 examples in batches of 4: 15 micro-batches an epoch; 4 a step: the epoch's last step takes 3
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const c = config(data, { batchSize: 4, gradAccum: 4, maxSteps: null, epochs: 2, checkpointEvery: 2 });
+  const runDir = path.join(tempDir('batch-layout'), 'run');
+  const stopAt = (n: number) => {
+    const control = new TrainingControl();
+    return { control, onEvent: (e: TrainerEvent) => { if (e.kind === 'step' && e.step === n) control.stopRequested = true; } };
+  };
+  const state = (step: number) => JSON.parse(fs.readFileSync(path.join(runDir, 'checkpoints', `step-${step}`, 'trainer_state.json'), 'utf8')) as Record<string, unknown>;
+  await train({ runDir, config: c, resume: false, ...stopAt(5) });
+  assert.deepEqual([state(4).microBatchesDone, state(4).epoch, state(4).batchLayout], [15, 1, 'epochs']);
+  assert.deepEqual([state(5).microBatchesDone, state(5).batchLayout], [19, 'epochs']);
+  // a checkpoint written before batchLayout was kept: its run went on across epoch ends
+  fs.rmSync(path.join(runDir, 'checkpoints', 'step-5'), { recursive: true });
+  const old = state(4);
+  delete old.batchLayout;
+  fs.writeFileSync(path.join(runDir, 'checkpoints', 'step-4', 'trainer_state.json'), JSON.stringify({ ...old, microBatchesDone: 16, epoch: 16 / 15 }));
+  await train({ runDir, resume: true, ...stopAt(5) });
+  assert.deepEqual([state(5).microBatchesDone, state(5).batchLayout], [20, 'continuous']);
+});
+
 test('a run resumed on data that changed since its checkpoint says so, and one on the same data does not', async () => {
   const dir = tempDir('changed-data');
   const data = path.join(dir, 'train.jsonl');
