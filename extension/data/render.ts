@@ -49,12 +49,17 @@ export function renderExample(
 ): { segments: Segment[]; template: TemplateKind | null; systemLeftOut: boolean } {
   let segments: Segment[];
   let template: TemplateKind | null = null;
+  let systemLeftOut = false;
   switch (example.kind) {
     case 'chat':
       template = tok.template ? 'chat_template' : 'alpaca-fallback';
-      segments = tok.template
-        ? templateSegments(example.messages, tok, { ...options.templateVars, ...(example.tools ? { tools: example.tools } : {}) })
-        : fallbackSegments(example.messages, tok);
+      if (tok.template) {
+        const rendered = templateSegments(example.messages, tok, { ...options.templateVars, ...(example.tools ? { tools: example.tools } : {}) });
+        segments = rendered.segments;
+        systemLeftOut = rendered.systemLeftOut;
+      } else {
+        segments = fallbackSegments(example.messages, tok);
+      }
       break;
     case 'completion':
       segments = withBos(tok, [
@@ -67,10 +72,6 @@ export function renderExample(
       break;
   }
   if (options.trainOnPrompt) segments = segments.map((s) => ({ text: s.text, trained: true }));
-  // a template may leave the system message out of a whole conversation (Mistral v0.3's writes it into the last
-  // user turn only, so a conversation ending with the assistant has none), as apply_chat_template renders it too
-  const system = example.kind === 'chat' ? example.messages.find((m) => m.role === 'system')?.content.trim() : undefined;
-  const systemLeftOut = system !== undefined && system !== '' && !segments.some((s) => s.text.includes(system));
   return { segments: segments.filter((s) => s.text !== ''), template, systemLeftOut };
 }
 
@@ -143,7 +144,7 @@ export function exportedChatTemplate(tok: ModelTokenizer, finetuned: boolean): s
   return tok.chatTemplate ?? (finetuned ? ALPACA_FALLBACK_TEMPLATE : null);
 }
 
-function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): Segment[] {
+function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): { segments: Segment[]; systemLeftOut: boolean } {
   const template = tok.template;
   if (template === null) throw new Error('templateSegments needs a chat template');
   const context: Record<string, unknown> = { date_string: DEFAULT_DATE_STRING, ...vars };
@@ -170,9 +171,9 @@ function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Re
         const prompt = render(messages.slice(0, i), true);
         const shared = commonPrefixLength(prompt, full);
         // A prompt that is not a prefix of the full rendering (Mistral v0.3's template writes the system message into
-        // the last user turn only) parts from it inside an earlier message: the turn then starts after the previous
-        // message's content and what the prompt writes after it ("[/INST]"), as found in the full rendering.
-        const start = shared === prompt.length ? shared : (promptEndAfter(prompt, full, messages[i - 1].content, cursor) ?? shared);
+        // the last user turn only) may part from it before the previous message's content: the turn then starts after
+        // that content and what the prompt writes after it ("[/INST]"), found past a marker (turnStartPastMarker).
+        const start = shared === prompt.length ? shared : (turnStartPastMarker(messages, i, render, full) ?? shared);
         promptEnd = Math.max(cursor, start);
       } catch {
         promptEnd = null;
@@ -195,7 +196,22 @@ function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Re
     at = end;
   }
   segments.push({ text: full.slice(at), trained: false });
-  return withBos(tok, segments.filter((s) => s.text !== ''));
+  return { segments: withBos(tok, segments.filter((s) => s.text !== '')), systemLeftOut: leavesOutSystem(messages, render) };
+}
+
+/**
+ * Whether the template leaves a conversation's system message out of its text (Mistral v0.3's writes it into the
+ * last user turn only, so a conversation ending with the assistant has none, as apply_chat_template renders it too):
+ * rendered again with a marker for the system content, which is then nowhere.
+ */
+function leavesOutSystem(messages: ChatMessage[], render: (msgs: ChatMessage[], addGenerationPrompt: boolean) => string): boolean {
+  const system = messages.findIndex((m) => m.role === 'system');
+  if (system < 0 || messages[system].content.trim() === '') return false;
+  try {
+    return !render(messages.map((m, k) => (k === system ? { ...m, content: SYSTEM_CONTENT_MARKER } : m)), false).includes(SYSTEM_CONTENT_MARKER);
+  } catch {
+    return false;
+  }
 }
 
 /**
@@ -219,21 +235,39 @@ export function renderGenerationPrompt(messages: ChatMessage[], tok: ModelTokeni
   return withBos(tok, [{ text, trained: false }]).map((s) => s.text).join('');
 }
 
+/** Stand in for the content of a message: text no template writes and no trim changes. */
+const PREVIOUS_CONTENT_MARKER = 'qlora-studio-previous-message-9f41c7';
+const SYSTEM_CONTENT_MARKER = 'qlora-studio-system-message-3b8e52';
+
 /**
- * Where the prompt's generation prompt ends in the full rendering, found from the content of the message before the
- * turn: its last occurrence in `prompt` gives what the prompt writes after it, its first occurrence in `full` from
- * `from` on where that should follow. Null when the content is found in neither.
+ * Where assistant turn `i` starts in `full` when the prompt (messages[:i] with the generation prompt) is not a prefix
+ * of it: both rendered again with the previous message's content replaced by a marker, the turn starts after the
+ * marker and as much of what the prompt writes after it as the full rendering writes there too ("[/INST]" for
+ * Mistral v0.3, "<|im_start|>assistant\n" where only the generation prompt differs). What follows the marker renders
+ * alike with the real content, so the place maps back from the end. Null where the marker is not there once.
  */
-function promptEndAfter(prompt: string, full: string, previousContent: string, from: number): number | null {
-  for (const content of new Set([previousContent, previousContent.trim()])) {
-    if (content === '') continue;
-    const inPrompt = prompt.lastIndexOf(content);
-    const inFull = full.indexOf(content, from);
-    if (inPrompt < 0 || inFull < 0) continue;
-    const after = inFull + content.length;
-    return after + commonPrefixLength(prompt.slice(inPrompt + content.length), full.slice(after));
+function turnStartPastMarker(
+  messages: ChatMessage[],
+  i: number,
+  render: (msgs: ChatMessage[], addGenerationPrompt: boolean) => string,
+  full: string,
+): number | null {
+  const marked = messages.map((m, k) => (k === i - 1 ? { ...m, content: PREVIOUS_CONTENT_MARKER } : m));
+  let prompt: string;
+  let markedFull: string;
+  try {
+    prompt = render(marked.slice(0, i), true);
+    markedFull = render(marked, false);
+  } catch {
+    return null;
   }
-  return null;
+  const once = (text: string) => text.indexOf(PREVIOUS_CONTENT_MARKER) >= 0 && text.indexOf(PREVIOUS_CONTENT_MARKER) === text.lastIndexOf(PREVIOUS_CONTENT_MARKER);
+  if (!once(prompt) || !once(markedFull)) return null;
+  const tail = prompt.slice(prompt.indexOf(PREVIOUS_CONTENT_MARKER) + PREVIOUS_CONTENT_MARKER.length);
+  const afterMarker = markedFull.indexOf(PREVIOUS_CONTENT_MARKER) + PREVIOUS_CONTENT_MARKER.length;
+  const rest = markedFull.slice(afterMarker);
+  if (!full.endsWith(rest)) return null;
+  return full.length - rest.length + commonPrefixLength(tail, rest);
 }
 
 function commonPrefixLength(a: string, b: string): number {

@@ -146,6 +146,13 @@ test('Mistral v0.3: the system message the template writes into the last user tu
     "1 example(s) have a system message that the model's chat template (chat_template.jinja) leaves out of their text, as transformers renders them: the model never sees it in training",
   ]);
   assert.equal(tokenizeDataset([chat(TWO_TURNS)], await llama()).stats.systemLeftOut, 0);
+  // user text the template also writes ("I" and "INST" are in "[/INST]"), an empty one, and a system message that
+  // is part of the user's: the answer alone is trained, and the system message is still found left out
+  for (const content of ['I', 'INST', '', 'Please answer. Be brief.']) {
+    const messages: ChatMessage[] = [{ role: 'system', content: 'Be brief.' }, { role: 'user', content }, { role: 'assistant', content: 'Paris.' }];
+    assert.deepEqual(trainedRuns(tok, tokenizeExample(chat(messages), tok)), ['Paris.</s>'], JSON.stringify(content));
+    assert.equal(tokenizeExample(chat(messages), tok).systemLeftOut, true, JSON.stringify(content));
+  }
 });
 
 test('Llama 2 (SentencePiece): segments continuing a run of text are tokenized without the "▁" prefix, so boundaries come from the segments alone', async () => {
@@ -238,6 +245,14 @@ test('Qwen3: enable_thinking=false puts the empty think block in the prompt, so 
   const tok = await qwen();
   const ex = tokenizeExample(chat(TWO_TURNS), tok, { templateVars: { enable_thinking: false } });
   assert.deepEqual(trainedRuns(tok, ex), ['The capital of France is Paris.<|im_end|>', 'The capital of Italy is Rome.<|im_end|>']);
+  // history turns have no think block, so a prompt parts from the full rendering after the user's text: user text
+  // the template also writes ("user", "assistant"), and the same question twice, change nothing
+  for (const question of ['And Italy?', 'user', 'assistant']) {
+    const messages: ChatMessage[] = [
+      { role: 'user', content: question }, { role: 'assistant', content: 'Paris.' }, { role: 'user', content: question }, { role: 'assistant', content: 'Rome.' },
+    ];
+    assert.deepEqual(trainedRuns(tok, tokenizeExample(chat(messages), tok, { templateVars: { enable_thinking: false } })), ['Paris.<|im_end|>', 'Rome.<|im_end|>'], question);
+  }
 });
 
 test('Qwen3: reasoning in assistant content is trained in the final turn and dropped from history by the template', async () => {
