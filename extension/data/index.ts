@@ -12,7 +12,7 @@ export type { ChatMessage, ChatRole, DatasetShape, ExampleBody, NormalizedExampl
 export { loadDataset, readDataset } from './dataset';
 export type { DatasetReadResult, LoadDatasetOptions, LoadedDataset, ReadDatasetOptions } from './dataset';
 export { loadModelTokenizer, ModelTokenizer } from './modelTokenizer';
-export { renderExample, renderGenerationPrompt, TemplateRenderError, ALPACA_FALLBACK_TEMPLATE, exportedChatTemplate, templateEndOfTurn } from './render';
+export { renderExample, renderGenerationPrompt, TemplateRenderError, alpacaFallbackTemplate, exportedChatTemplate, templateEndOfTurn } from './render';
 export type { RenderOptions, Segment, TemplateKind } from './render';
 export { IGNORE_INDEX, tokenizeDataset, tokenizeExample, tokenizeSegments, tokenizationWarnings, toolsUnusedMessage } from './tokenize';
 export type { TokenizationStats, TokenizeDatasetOptions, TokenizedDataset, TokenizedExample, TokenizeOptions } from './tokenize';

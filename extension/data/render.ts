@@ -125,12 +125,16 @@ export function templateEndOfTurn(tok: ModelTokenizer): string | null {
 }
 
 /**
- * fallbackSegments as a Jinja chat template, for files other tools read (a finetune's GGUF, whose
- * tokenizer.chat_template llama.cpp and LM Studio render): the same text, without BOS (llama.cpp adds it by
- * tokenizer.ggml.add_bos_token). Each user turn already ends with "### Response:\n", so add_generation_prompt adds
- * nothing.
+ * fallbackSegments as a Jinja chat template, for files other tools read (a merged finetune's tokenizer_config.json,
+ * a finetune's GGUF): the same text, BOS included where the tokenizer adds one (apply_chat_template adds no other;
+ * llama.cpp drops the rendered one where it adds its own). Each user turn already ends with "### Response:\n", so
+ * add_generation_prompt adds nothing.
  */
-export const ALPACA_FALLBACK_TEMPLATE = [
+export function alpacaFallbackTemplate(tok: ModelTokenizer): string {
+  return (tok.addsBos && tok.bosToken !== null ? '{{- bos_token }}' : '') + ALPACA_FALLBACK_TURNS;
+}
+
+const ALPACA_FALLBACK_TURNS = [
   '{%- for message in messages %}',
   "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}",
   "{%- elif message['role'] == 'user' %}{{- '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}",
@@ -141,7 +145,7 @@ export const ALPACA_FALLBACK_TEMPLATE = [
 
 /** The chat template a model file written from `tok`'s model carries: its own, or for a finetune of a model without one, the fallback it was trained with. */
 export function exportedChatTemplate(tok: ModelTokenizer, finetuned: boolean): string | null {
-  return tok.chatTemplate ?? (finetuned ? ALPACA_FALLBACK_TEMPLATE : null);
+  return tok.chatTemplate ?? (finetuned ? alpacaFallbackTemplate(tok) : null);
 }
 
 function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): { segments: Segment[]; systemLeftOut: boolean } {

@@ -175,6 +175,7 @@ function readTools(row: Record<string, unknown>): Record<string, unknown>[] | un
     } catch {
       throw new RowProblem('field "tools" is a string but not JSON (expected an array of tool definitions)', 'tools');
     }
+    if (tools === null) return undefined;  // "null", as a table column of JSON strings writes a row without tools
   }
   if (!Array.isArray(tools)) throw new RowProblem(`field "tools" must be an array of tool definitions, got ${jsonTypeName(tools)}`, 'tools');
   const notObject = tools.findIndex((t) => typeof t !== 'object' || t === null || Array.isArray(t));

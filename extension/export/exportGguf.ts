@@ -4,7 +4,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readModelConfig } from '../engine';
-import { merge } from '../trainer/verbs/merge';
+import { merge, mergedChatTemplate } from '../trainer/verbs/merge';
 import { removeStaleTemps } from '../util/staleTemp';
 import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
 import { writeModelGguf, type ModelGgufReport } from './gguf/llamaGguf';
@@ -68,7 +68,7 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
       tmp = `${o.out}.merge-tmp-${process.pid}`;
       fs.rmSync(tmp, { recursive: true, force: true });
       o.onProgress?.('merge', 0, 1);
-      merge({ model, adapter, out: tmp, dtype: 'float32' });
+      merge({ model, adapter, out: tmp, dtype: 'float32', chatTemplate: await mergedChatTemplate(model, adapter) });
       o.onProgress?.('merge', 1, 1);
       source = tmp;
     }

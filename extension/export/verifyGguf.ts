@@ -196,7 +196,14 @@ function checkPromptTokens(
   problems: string[],
 ): boolean {
   if ((ggufTemplate ?? null) !== expectedTemplate) {
-    problems.push('the GGUF carries a different chat template from the model\'s');
+    const expected = tok.chatTemplate !== null ? `the model's (${tok.chatTemplateFile})` : 'the Alpaca-style format this finetune was trained with (its model has none)';
+    problems.push(
+      ggufTemplate === undefined
+        ? `the GGUF carries no chat template, where ${expected} belongs (a file exported before it was written: export it again)`
+        : expectedTemplate === null
+          ? 'the GGUF carries a chat template, and the model has none'
+          : `the GGUF carries a different chat template from ${expected}`,
+    );
     return false;
   }
   const conversation: { role: 'user' | 'assistant'; content: string }[] = [

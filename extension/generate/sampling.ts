@@ -52,6 +52,10 @@ export class Sampler {
         if (id >= 0 && id < x.length) x[id] = x[id] > 0 ? x[id] / o.repetitionPenalty : x[id] * o.repetitionPenalty;
       }
     }
+    let max = -Infinity;
+    for (let i = 0; i < x.length; i++) if (x[i] > max) max = x[i];
+    // a model that has gone wrong (an overflow in fp16, a broken adapter) would otherwise answer token 0, or nothing
+    if (!Number.isFinite(max)) throw new Error(`the model's next-token scores are not finite numbers (the largest is ${max}); it cannot answer`);
     const draw = this.rng.uniform(this.index++);
     if (o.temperature === 0) return argmax(x);
     return drawFrom(candidates(x, o), draw);

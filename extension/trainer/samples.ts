@@ -12,19 +12,25 @@ export class TrainingSamples {
   private readonly prompts: { text: string; ids: number[] }[];
   private readonly stopTokenIds: number[];
 
-  /** Renders every prompt now, so a prompt the chat template refuses stops the run before it starts. */
+  /** Renders every prompt now, so a prompt the chat template refuses, or too long for the model, stops the run before it starts. */
   constructor(
     private readonly model: EngineModel,
     private readonly tok: ModelTokenizer,
     prompts: readonly string[],
     private readonly maxTokens: number,
   ) {
+    const context = model.config().maxPositionEmbeddings;
     this.prompts = prompts.map((text, i) => {
+      let ids: number[];
       try {
-        return { text, ids: tok.encode(renderGenerationPrompt([{ role: 'user', content: text }], tok)) };
+        ids = tok.encode(renderGenerationPrompt([{ role: 'user', content: text }], tok));
       } catch (err) {
         throw new Error(`sample prompt ${i + 1} cannot be rendered with the model's chat template: ${(err as Error).message}`);
       }
+      if (context > 0 && ids.length >= context) {
+        throw new Error(`sample prompt ${i + 1} is ${ids.length} tokens rendered, and the model's context is ${context} (max_position_embeddings): shorten it`);
+      }
+      return { text, ids };
     });
     this.stopTokenIds = stopTokenIds(tok, model.config().eosTokenIds);
   }

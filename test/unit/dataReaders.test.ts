@@ -117,6 +117,11 @@ test('JSON: an array, or an object with exactly one array of rows; other layouts
   assert.deepEqual(bodies((await readDataset(writeTemp('index.json', JSON.stringify(byIndex)))).examples), byRecords);
   const badColumn = await readDataset(writeTemp('bad-column.json', JSON.stringify({ text: { 0: 'a', 1: 2 } })));
   assert.deepEqual(badColumn.errors.map(String), ['bad-column.json row 2: field "text" must be a string, got number']);
+  // by index, rows whose fields differ in order or in which optional ones they have; labels in numeric order
+  const mixed = { 10: { output: 'c', instruction: 'C' }, 2: { instruction: 'B', output: 'b', input: null }, 1: { instruction: 'A', output: 'a' } };
+  const read = await readDataset(writeTemp('mixed-index.json', JSON.stringify(mixed)));
+  assert.deepEqual(read.examples.map((e) => (e.kind === 'chat' ? e.messages[0].content : '')), ['A', 'B', 'C']);
+  await assert.rejects(readDataset(writeTemp('empty-table.json', JSON.stringify({ instruction: {}, output: {} }))), /^Error: empty-table\.json: has no rows$|empty-table\.json: has no rows/);
   // one array field of no objects: its rows, each one invalid where it is not an object (as in a top-level array)
   const strings = await readDataset(writeTemp('strings.json', JSON.stringify({ data: ['a', 'b'] })));
   assert.deepEqual(strings.errors.map(String), ['strings.json row 1: expected a JSON object, got string', 'strings.json row 2: expected a JSON object, got string']);

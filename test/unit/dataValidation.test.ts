@@ -101,6 +101,7 @@ test('tools: an array of definitions or a JSON string of one is kept for the cha
     { messages, tools: null },
     { messages, tools: [] },
     { messages, tools: '' },
+    { messages, tools: 'null' },
     { conversations: [{ from: 'human', value: 'Weather?' }, { from: 'gpt', value: 'Sunny.' }], tools: [weather] },
     { messages, tools: '[{"type": ' },
     { messages, tools: { type: 'function' } },
@@ -108,12 +109,12 @@ test('tools: an array of definitions or a JSON string of one is kept for the cha
   ]));
   const read = await readDataset(file, { shape: 'messages' });
   assert.deepEqual(read.errors.map(String), [
-    'tools.jsonl line 6: field "messages" is missing (this row has ShareGPT conversations [{from, value}] fields, but the file\'s shape is messages [{role, content}])',
-    'tools.jsonl line 7: field "tools" is a string but not JSON (expected an array of tool definitions)',
-    'tools.jsonl line 8: field "tools" must be an array of tool definitions, got object',
-    'tools.jsonl line 9: tool 2 in field "tools" must be an object, got string',
+    'tools.jsonl line 7: field "messages" is missing (this row has ShareGPT conversations [{from, value}] fields, but the file\'s shape is messages [{role, content}])',
+    'tools.jsonl line 8: field "tools" is a string but not JSON (expected an array of tool definitions)',
+    'tools.jsonl line 9: field "tools" must be an array of tool definitions, got object',
+    'tools.jsonl line 10: tool 2 in field "tools" must be an object, got string',
   ]);
-  assert.deepEqual(read.examples.map((e) => (e.kind === 'chat' ? e.tools : 'not chat')), [[weather], [weather], undefined, undefined, undefined]);
+  assert.deepEqual(read.examples.map((e) => (e.kind === 'chat' ? e.tools : 'not chat')), [[weather], [weather], undefined, undefined, undefined, undefined]);
   const sharegpt = await readDataset(writeTemp('tools-sharegpt.jsonl', jsonl([{ conversations: [{ from: 'human', value: 'Weather?' }, { from: 'gpt', value: 'Sunny.' }], tools: [weather] }])));
   assert.deepEqual(sharegpt.examples[0].kind === 'chat' && sharegpt.examples[0].tools, [weather]);
 });

@@ -196,6 +196,12 @@ test('sampling: repetition penalty, temperature, top-k, top-p and min-p as trans
   for (let seed = 0; seed < 2000; seed++) if (new Sampler(o({ topK: 2, seed })).next(logits, []) === 4) first++;
   assert.ok(Math.abs(first / 2000 - Math.E / (Math.E + 1)) < 0.04, String(first / 2000));
   assert.throws(() => new Sampler(o({ topP: 0 })), /top-p must be in \(0, 1\]/);
+  // scores that are not numbers are an error, not token 0 (greedy) or no token at all (filters)
+  for (const bad of [Float32Array.from([NaN, NaN]), Float32Array.from([-Infinity, -Infinity])]) {
+    for (const options of [GREEDY, o({ topK: 1 }), o({ minP: 0.1 })]) {
+      assert.throws(() => new Sampler(options).next(bad, []), /the model's next-token scores are not finite numbers/);
+    }
+  }
 });
 
 test('sampling candidates equal a plain reference (the whole vocabulary sorted) on random logits, ties with the k-th included', () => {

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { Template } from '@huggingface/jinja';
-import { ALPACA_FALLBACK_TEMPLATE, loadModelTokenizer, renderExample, renderGenerationPrompt, type ChatMessage } from '../../extension/data';
+import { alpacaFallbackTemplate, loadModelTokenizer, renderExample, renderGenerationPrompt, type ChatMessage } from '../../extension/data';
 import { exportGguf } from '../../extension/export/exportGguf';
 import type { GgufFileType } from '../../extension/export/gguf/types';
 import { verifyGguf } from '../../extension/export/verifyGguf';
@@ -82,8 +82,11 @@ test('a finetune of a model without a chat template carries the Alpaca-style for
   fs.writeFileSync(configFile, JSON.stringify(config));
   const tok = await loadModelTokenizer(model);
   assert.equal(tok.chatTemplate, null);
-  // the Jinja template renders what training rendered (BOS aside: llama.cpp adds it by add_bos_token)
-  const template = new Template(ALPACA_FALLBACK_TEMPLATE);
+  // the Jinja template renders what training rendered, BOS included (as apply_chat_template renders; llama.cpp drops
+  // a rendered BOS where it adds its own)
+  const fallback = alpacaFallbackTemplate(tok);
+  assert.ok(fallback.startsWith('{{- bos_token }}'));
+  const template = new Template(fallback);
   const turns: ChatMessage[] = [
     { role: 'user', content: 'What is the capital of France?' },
     { role: 'assistant', content: 'Paris.' },
@@ -95,7 +98,7 @@ test('a finetune of a model without a chat template carries the Alpaca-style for
       const messages = [...system, ...turns.slice(0, n)];
       const rendered = template.render({ messages, eos_token: tok.eosToken, bos_token: tok.bosToken, add_generation_prompt: n % 2 === 1 });
       const ours = n % 2 === 1 ? renderGenerationPrompt(messages, tok) : renderExample({ kind: 'chat', messages }, tok).segments.map((x) => x.text).join('');
-      assert.equal(`${tok.bosToken}${rendered}`, ours, `${messages.length} messages`);
+      assert.equal(rendered, ours, `${messages.length} messages`);
     }
   }
 
@@ -103,10 +106,20 @@ test('a finetune of a model without a chat template carries the Alpaca-style for
   const dir = path.dirname(model);
   const finetune = await exportGguf({ run, out: path.join(dir, 'finetune.gguf'), type: 'f16' });
   assertVerified(finetune, 'finetune of a model without a chat template');
-  assert.equal(readGguf(finetune.file).metadata.get('tokenizer.chat_template'), ALPACA_FALLBACK_TEMPLATE);
+  assert.equal(readGguf(finetune.file).metadata.get('tokenizer.chat_template'), fallback);
   const base = await exportGguf({ model, out: path.join(dir, 'base.gguf'), type: 'f16' });
   assertVerified(base, 'base without a chat template');
   assert.equal(readGguf(base.file).metadata.get('tokenizer.chat_template'), undefined);
+  // a finetune's GGUF without it (as exported before it was written) is said to lack it
+  const stale = await verifyGguf({ gguf: base.file, type: 'f16', model, adapter: path.join(run, 'adapter'), run });
+  assert.ok(stale.problems.includes('the GGUF carries no chat template, where the Alpaca-style format this finetune was trained with (its model has none) belongs (a file exported before it was written: export it again)'), stale.problems.join('; '));
+  // merge writes it into the merged model's tokenizer_config.json, so its own GGUF carries it too
+  const merged = path.join(dir, 'merged');
+  execFileSync(process.execPath, [cliPath, 'merge', '--model', model, '--adapter', path.join(run, 'adapter'), '--out', merged], { stdio: 'pipe' });
+  const mergedConfig = JSON.parse(fs.readFileSync(path.join(merged, 'tokenizer_config.json'), 'utf8')) as { chat_template?: string };
+  assert.equal(mergedConfig.chat_template, fallback);
+  const fromMerged = await exportGguf({ model: merged, out: path.join(dir, 'merged.gguf'), type: 'f16', verify: false });
+  assert.equal(readGguf(fromMerged.file).metadata.get('tokenizer.chat_template'), fallback);
 });
 
 test('a GGUF checked against a model it was not made from fails the check, saying what differs', async () => {

@@ -33,7 +33,7 @@ function leftovers(parent: string): string[] {
 }
 
 // Runs the verb as the CLI would, capturing what it prints.
-function runVerb(argv: string[]): string {
+async function runVerb(argv: string[]): Promise<string> {
   const write = process.stdout.write;
   let out = '';
   process.stdout.write = ((chunk: string) => {
@@ -41,18 +41,18 @@ function runVerb(argv: string[]): string {
     return true;
   }) as typeof process.stdout.write;
   try {
-    mergeVerb.run(parseOptions('merge', argv, mergeVerb.options));
+    await mergeVerb.run(parseOptions('merge', argv, mergeVerb.options));
   } finally {
     process.stdout.write = write;
   }
   return out;
 }
 
-test('merge --dtype f32 scores like PEFT merged it (loss and every log-prob within 1e-3)', () => {
+test('merge --dtype f32 scores like PEFT merged it (loss and every log-prob within 1e-3)', async () => {
   const parent = tempDir('merge-f32');
   const out = path.join(parent, 'merged');
   const report = JSON.parse(
-    runVerb(['--model', reference('llama-shared'), '--adapter', reference('llama-shared-adapter'), '--out', out, '--dtype', 'f32', '--json']),
+    await runVerb(['--model', reference('llama-shared'), '--adapter', reference('llama-shared-adapter'), '--out', out, '--dtype', 'f32', '--json']),
   ) as { shards: number; tensors: number; dtype: string; files: string[]; copied: string[] };
   assert.equal(report.shards, 1);
   assert.equal(report.tensors, 21);
@@ -92,9 +92,9 @@ test('merge writes bf16 by default, and the bf16 model loads and scores close to
   expectScoresLike(out, mergedRef, 0.05);
 });
 
-test('merge --max-shard-size writes shards and an index that load like the single file', () => {
+test('merge --max-shard-size writes shards and an index that load like the single file', async () => {
   const out = path.join(tempDir('merge-shards'), 'merged');
-  runVerb(['--model', reference('llama-shared'), '--adapter', reference('llama-shared-adapter'), '--out', out, '--dtype', 'f32', '--max-shard-size', '300KB']);
+  await runVerb(['--model', reference('llama-shared'), '--adapter', reference('llama-shared-adapter'), '--out', out, '--dtype', 'f32', '--max-shard-size', '300KB']);
   const index = JSON.parse(fs.readFileSync(path.join(out, 'model.safetensors.index.json'), 'utf8')) as {
     metadata: { total_size: number };
     weight_map: Record<string, string>;

@@ -102,3 +102,14 @@ test('a sample prompt the chat template refuses stops the run before its folder 
   await assert.rejects(train({ runDir, config, resume: false }), /sample prompt 1 cannot be rendered with the model's chat template: .*no generation prompt/);
   assert.equal(fs.existsSync(runDir), false);
 });
+
+test('a sample prompt longer than the model\'s context stops the run before its folder is written, naming it', async () => {
+  const dir = tempDir('samples-long');
+  const model = path.join(dir, 'model');
+  makeTinyModel({ out: model, arch: 'llama', seed: 9 });
+  const runDir = path.join(dir, 'run');
+  const long = 'word '.repeat(3000);
+  const config = resolveConfig({}, { model, data: path.join(repoRoot, 'examples', 'chat-sample.jsonl'), preset: 'quick', maxSteps: 2, samplePrompts: ['Hi', long] });
+  await assert.rejects(train({ runDir, config, resume: false }), /^Error: sample prompt 2 is \d+ tokens rendered, and the model's context is 2048 \(max_position_embeddings\): shorten it$/);
+  assert.equal(fs.existsSync(runDir), false);
+});

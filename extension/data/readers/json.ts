@@ -57,21 +57,20 @@ function arrayOfRows(doc: unknown, filePath: string): unknown[] {
 /**
  * The rows of a table as pandas' DataFrame.to_json writes it by default (orient='columns': {"instruction": {"0": ...,
  * "1": ...}, "output": {...}}) or with orient='index' ({"0": {"instruction": ..., "output": ...}, ...}): every value
- * an object, the inner keys the same in each, and the column names a dataset shape's. Null for anything else.
+ * an object, and the column names a dataset shape's. Rows come in the order of their labels (JSON.parse puts labels
+ * that are numbers in ascending order, whatever the file's). Null for anything else.
  */
 function pandasTableRows(doc: Record<string, unknown>, keys: string[]): unknown[] | null {
-  const inner = keys.map((k) => doc[k]);
+  const inner = keys.map((k) => doc[k]) as Record<string, unknown>[];
   if (keys.length === 0 || !inner.every(isRecord)) return null;
-  const labels = Object.keys(inner[0] as Record<string, unknown>);
-  const sameLabels = (o: unknown) => {
-    const k = Object.keys(o as Record<string, unknown>);
-    return k.length === labels.length && k.every((label, i) => label === labels[i]);
-  };
-  if (keys.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k)) && labels.length > 0 && inner.every(sameLabels)) {
-    return labels.map((label) => Object.fromEntries(keys.map((k) => [k, (doc[k] as Record<string, unknown>)[label]])));
+  if (keys.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k))) {
+    // by columns: every column holds the same row labels
+    const labels = Object.keys(inner[0]);
+    const same = inner.every((column) => Object.keys(column).length === labels.length && labels.every((label) => label in column));
+    return same ? labels.map((label) => Object.fromEntries(keys.map((k, c) => [k, inner[c][label]]))) : null;
   }
-  if (labels.some((k) => SHAPE_SIGNATURE_FIELDS.includes(k)) && inner.every(sameLabels)) return inner;
-  return null;
+  // by index: each value a row, checked as rows are (fields may differ between them)
+  return inner.some((row) => Object.keys(row).some((k) => SHAPE_SIGNATURE_FIELDS.includes(k))) ? inner : null;
 }
 
 function rowsOf(items: unknown[], file: string): RawRow[] {

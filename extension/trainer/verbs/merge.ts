@@ -4,6 +4,7 @@
 // template). The folder appears complete or not at all.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
 import { readModelConfig } from '../../engine';
 import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
 import { writeJsonAtomic } from '../../util/atomicFile';
@@ -19,6 +20,12 @@ export interface MergeOptions {
   dtype?: MergeDtype;
   /** Largest shard in tensor bytes; default 5 GB (transformers' "5GB"). */
   maxShardBytes?: number;
+  /**
+   * Written into tokenizer_config.json as chat_template where the merged folder has no chat template: the format a
+   * finetune of a model without one was trained with (alpacaFallbackTemplate), so that apply_chat_template, vLLM and
+   * a GGUF made from the folder ask it as it learned.
+   */
+  chatTemplate?: string;
 }
 
 export interface MergeResult extends MergeWeightsReport {
@@ -99,6 +106,7 @@ export function merge(options: MergeOptions): MergeResult {
       fs.copyFileSync(source, path.join(tmp, name));
       if (!copied.includes(name)) copied.push(name);
     }
+    if (options.chatTemplate !== undefined) addChatTemplate(tmp, options.chatTemplate);
     // A plain model now: no quantization_config, and the dtype the weights are in, under whichever key the config
     // uses (transformers 5: dtype; older: torch_dtype).
     delete rawConfig.quantization_config;
@@ -108,6 +116,30 @@ export function merge(options: MergeOptions): MergeResult {
     writeJsonAtomic(path.join(tmp, 'config.json'), rawConfig);
     return { ...report, out, dtype, copied };
   });
+}
+
+/** chat_template into `dir`'s tokenizer_config.json, unless the folder has a chat template already. */
+function addChatTemplate(dir: string, template: string): void {
+  if (['chat_template.jinja', 'chat_template.json'].some((f) => fs.existsSync(path.join(dir, f)))) return;
+  const file = path.join(dir, 'tokenizer_config.json');
+  const config = fs.existsSync(file) ? (JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>) : {};
+  if (config.chat_template !== undefined && config.chat_template !== null && config.chat_template !== '') return;
+  writeJsonAtomic(file, { ...config, chat_template: template });
+}
+
+/**
+ * The chat template a merge of `adapter` into `model` adds: the fallback, where neither carries a template. None for
+ * a model without a tokenizer (a merge needs none) or one the tokenizers library cannot read.
+ */
+export async function mergedChatTemplate(model: string, adapter: string): Promise<string | undefined> {
+  const dir = [adapter, model].find((d) => fs.existsSync(path.join(d, 'tokenizer.json')));
+  if (dir === undefined) return undefined;
+  try {
+    const tok = await loadModelTokenizer(dir);
+    return tok.chatTemplate === null ? alpacaFallbackTemplate(tok) : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 const print = (text: string): void => {
@@ -124,15 +156,18 @@ export const mergeVerb = {
     'max-shard-size': { type: 'string', description: 'largest weight file, e.g. 5GB (default), 500MB, 2GiB' },
     json: { type: 'boolean', description: 'print a JSON report' },
   } satisfies Record<string, OptionSpec>,
-  run(o: ParsedOptions): void {
+  async run(o: ParsedOptions): Promise<void> {
     const dtypeText = stringOption(o, 'dtype');
     const shardText = stringOption(o, 'max-shard-size');
+    const model = requiredString(o, 'model');
+    const adapter = adapterFlag(o, { required: true });
     const result = merge({
-      model: requiredString(o, 'model'),
-      adapter: adapterFlag(o, { required: true }),
+      model,
+      adapter,
       out: requiredString(o, 'out'),
       dtype: dtypeText === undefined ? undefined : parseMergeDtype(dtypeText),
       maxShardBytes: shardText === undefined ? undefined : parseByteSize(shardText),
+      chatTemplate: await mergedChatTemplate(model, adapter),
     });
     if (o.json) return print(JSON.stringify(result));
     const files = result.shards === 1 ? 'model.safetensors' : `${result.shards} shards`;
