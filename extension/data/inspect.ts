@@ -23,6 +23,11 @@ export interface InspectOptions {
   shape?: DatasetShape;
   trainOnPrompt?: boolean;
   templateVars?: Record<string, unknown>;
+  /**
+   * Tokenize at most this many examples (the first ones): a large dataset's rows are all checked, but its token
+   * statistics come from a sample, so that the preview takes seconds, not the minutes training spends on all of it.
+   */
+  tokenizeAtMost?: number;
 }
 
 export interface InspectedExample {
@@ -46,6 +51,8 @@ export interface DatasetReport {
   tokenization?: {
     template: TemplateKind | null;
     stats: TokenizationStats;
+    /** When the statistics come from the first examples only: how many, of how many. */
+    sample: { tokenized: number; of: number } | null;
     /** What training would warn about this tokenization (beyond truncation, which stats count). */
     warnings: string[];
     examples: InspectedExample[];
@@ -78,7 +85,9 @@ export async function inspectDataset(file: string, options: InspectOptions = {})
 
   if (options.modelDir !== undefined) {
     const tok = await loadModelTokenizer(options.modelDir);
-    const result = tokenizeDataset(read.examples, tok, {
+    const limit = options.tokenizeAtMost;
+    const sampled = limit !== undefined && read.examples.length > limit;
+    const result = tokenizeDataset(sampled ? read.examples.slice(0, limit) : read.examples, tok, {
       maxLength: options.maxLength,
       trainOnPrompt: options.trainOnPrompt,
       templateVars: options.templateVars,
@@ -89,6 +98,7 @@ export async function inspectDataset(file: string, options: InspectOptions = {})
     tokenization = {
       template: result.stats.template,
       stats: result.stats,
+      sample: sampled ? { tokenized: limit, of: read.examples.length } : null,
       warnings: tokenizationWarnings(result.stats, tok),
       examples: result.examples.slice(0, SHOWN_EXAMPLES).map((e) => ({
         source: e.source,

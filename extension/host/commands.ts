@@ -93,6 +93,9 @@ type Handler = (...args: unknown[]) => unknown;
 
 const message = (err: unknown) => (err instanceof Error ? err.message : String(err));
 
+/** Examples the dataset check tokenizes for the preview's token statistics (all rows are checked). */
+export const PREVIEW_TOKENIZED_EXAMPLES = 20_000;
+
 class Refusal extends Error {}
 
 /** A run that another window or a terminal is training is left to that process. */
@@ -167,7 +170,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
 
   /** inspect-data in a child process (the tokenizer loads there, not in the host), with a progress notification. */
   function inspectData(data: string, model: string | undefined, seqLen: number): Thenable<DatasetPreview> {
-    const args = ['inspect-data', '--data', data, '--seq-len', String(seqLen), ...(model ? ['--model', model] : [])];
+    // every row is checked; the token statistics of a large dataset come from its first examples
+    const args = ['inspect-data', '--data', data, '--seq-len', String(seqLen), '--sample', String(PREVIEW_TOKENIZED_EXAMPLES), ...(model ? ['--model', model] : [])];
     return vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Checking ${path.basename(data)}…` }, () =>
       runCliJson<DatasetPreview>(h.launch(), args, { timeoutMs: 300_000 }),
     );

@@ -199,4 +199,12 @@ test('inspect-data reports shape, invalid rows and the trained part of rendered 
   assert.equal(segments.filter((s) => s.trained).map((s) => s.text).join(''), ' Hi!<|eot_id|>');
   const human = cli('inspect-data', '--data', data, '--model', dir);
   assert.match(human.stdout, /⟦ Hi!<\|eot_id\|>⟧/);
+  assert.equal(report.tokenization.sample, null);
+  // --sample: every row is checked, the token statistics come from the first examples
+  const many = path.join(tempDir('inspect-sample'), 'many.jsonl');
+  fs.writeFileSync(many, Array.from({ length: 30 }, (_, i) => JSON.stringify({ prompt: `Q${i}?`, completion: ` A${i}.` })).concat(['{"prompt": 1}']).join('\n'));
+  const sampled = JSON.parse(cli('inspect-data', '--data', many, '--model', dir, '--sample', '10', '--json').stdout);
+  assert.deepEqual([sampled.rowCount, sampled.invalidRows, sampled.tokenization.stats.lengths.count, sampled.tokenization.sample], [31, 1, 10, { tokenized: 10, of: 30 }]);
+  assert.match(cli('inspect-data', '--data', many, '--model', dir, '--sample', '10').stdout, /tokens per example \(the first 10 of 30\): min/);
+  expectCleanError(cli('inspect-data', '--data', many, '--sample', '0'), '--sample must be at least 1, got 0');
 });

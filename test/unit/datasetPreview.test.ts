@@ -26,6 +26,10 @@ test('preview of a chat dataset with a model: stats, histogram with the max leng
   // the first examples, trained parts marked
   assert.equal((html.match(/<pre class="example">/g) ?? []).length, 3);
   assert.ok((html.match(/<mark class="trained">/g) ?? []).length >= 3);
+  assert.ok(html.includes('<td>tokens per example</td>'));
+  // a large dataset's statistics from its first examples say so
+  const sampled = await inspectDataset(path.join(examplesDir, 'chat-sample.jsonl'), { modelDir: tinyModelDir('llama'), maxLength: 64, tokenizeAtMost: 20 });
+  assert.ok(buildDatasetPreviewHtml(sampled, { nonce, maxLength: 64, modelName: 'tiny' }).includes('<td>tokens per example (the first 20 of 60)</td>'));
 });
 
 test('preview without a model; invalid rows listed; the data\'s text is escaped', async () => {

@@ -95,7 +95,10 @@ function tokenSection(report: DatasetReport, o: PreviewOptions): string {
   const rows = [
     ['model', escapeHtml(o.modelName ?? '')],
     ['chat template', escapeHtml(t.template ?? 'none (plain text)')],
-    ['tokens per example', `min ${int(l.min)}, mean ${l.mean.toFixed(1)}, median ${int(l.p50)}, 95th percentile ${int(l.p95)}, max ${int(l.max)}`],
+    [
+      t.sample ? `tokens per example (the first ${int(t.sample.tokenized)} of ${int(t.sample.of)})` : 'tokens per example',
+      `min ${int(l.min)}, mean ${l.mean.toFixed(1)}, median ${int(l.p50)}, 95th percentile ${int(l.p95)}, max ${int(l.max)}`,
+    ],
     [
       'over the max length',
       l.truncated > 0

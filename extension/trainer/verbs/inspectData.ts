@@ -9,6 +9,7 @@ export const inspectDataOptions: Record<string, OptionSpec> = {
   model: { type: 'string', description: 'model folder whose tokenizer and chat template to use' },
   'seq-len': { type: 'string', description: 'maximum tokens per example, for the truncation count' },
   shape: { type: 'string', description: 'messages, sharegpt, alpaca, completion or text (default: detected)' },
+  sample: { type: 'string', description: 'tokenize only the first N examples for the token statistics (every row is still checked)' },
   json: { type: 'boolean', description: 'print the report as JSON' },
 };
 
@@ -27,7 +28,7 @@ export function formatReport(r: DatasetReport, color = false): string {
     const { stats, template, examples } = r.tokenization;
     const l = stats.lengths;
     lines.push(
-      `template: ${template ?? 'none'}; tokens per example: min ${l.min}, mean ${l.mean.toFixed(1)}, p50 ${l.p50}, p95 ${l.p95}, max ${l.max}; ` +
+      `template: ${template ?? 'none'}; tokens per example${r.tokenization.sample ? ` (the first ${r.tokenization.sample.tokenized} of ${r.tokenization.sample.of})` : ''}: min ${l.min}, mean ${l.mean.toFixed(1)}, p50 ${l.p50}, p95 ${l.p95}, max ${l.max}; ` +
         `${l.truncated} truncated; ${stats.trainedTokens} of ${stats.totalTokens} tokens trained`,
     );
     for (const w of r.tokenization.warnings) lines.push(`warning: ${w}`);
@@ -43,6 +44,8 @@ export async function inspectDataVerb(o: ParsedOptions): Promise<void> {
   if (shape !== undefined && !isDatasetShape(shape)) throw new UsageError(`--shape must be messages, sharegpt, alpaca, completion or text, got '${shape}'`);
   const seqLen = stringOption(o, 'seq-len') === undefined ? undefined : integerOption(o, 'seq-len', 0);
   if (seqLen !== undefined && seqLen < 2) throw new UsageError(`--seq-len must be at least 2, got ${seqLen}`);
-  const report = await inspectDataset(requiredString(o, 'data'), { modelDir: stringOption(o, 'model'), maxLength: seqLen, shape });
+  const sample = stringOption(o, 'sample') === undefined ? undefined : integerOption(o, 'sample', 0);
+  if (sample !== undefined && sample < 1) throw new UsageError(`--sample must be at least 1, got ${sample}`);
+  const report = await inspectDataset(requiredString(o, 'data'), { modelDir: stringOption(o, 'model'), maxLength: seqLen, shape, tokenizeAtMost: sample });
   process.stdout.write((o.json ? JSON.stringify(report) : formatReport(report, Boolean(process.stdout.isTTY))) + '\n');
 }
