@@ -35,6 +35,8 @@ export interface TokenizeOptions extends RenderOptions {
 export interface TokenizeDatasetOptions extends TokenizeOptions {
   /** Drop examples the chat template cannot render instead of throwing DatasetInvalidError. */
   skipInvalid?: boolean;
+  /** Called after each example with how many are done of how many. */
+  onProgress?: (done: number, total: number) => void;
 }
 
 export interface TokenizationStats {
@@ -166,7 +168,8 @@ export function tokenizeDataset(
   let toolsUnused = 0;
   let systemLeftOut = 0;
 
-  for (const example of examples) {
+  for (const [index, example] of examples.entries()) {
+    options.onProgress?.(index, examples.length);
     let tokenized: ReturnType<typeof tokenizeExample>;
     try {
       tokenized = tokenizeExample(example, tok, options);
@@ -194,6 +197,7 @@ export function tokenizeDataset(
     totalTokens += ids.length;
     trainedTokens += trained;
   }
+  options.onProgress?.(examples.length, examples.length);
   if (errors.length > 0 && !options.skipInvalid) throw new DatasetInvalidError(errors);
   return {
     examples: kept,

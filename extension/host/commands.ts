@@ -16,7 +16,7 @@ import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
 import { DatasetPreviewPanel } from './datasetPreview/panel';
 import { doctorMarkdown, type DoctorSummary } from './doctorView';
-import { formatMiB } from './format';
+import { formatMiB, preparingText } from './format';
 import {
   adapterOfRun,
   defaultRunName,
@@ -211,8 +211,14 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       });
     });
     const ok = await vscode.window.withProgress(
-      { location: vscode.ProgressLocation.Notification, title: `${verb === 'train' ? 'Starting' : 'Resuming'} ${path.basename(runDir)}: reading data and loading the model…` },
-      () => started,
+      { location: vscode.ProgressLocation.Notification, title: `${verb === 'train' ? 'Starting' : 'Resuming'} ${path.basename(runDir)}` },
+      (progress) => {
+        progress.report({ message: 'reading the data…' });
+        const sub = trainer.onDidPrepare(({ runDir: dir, preparing }) => {
+          if (dir === runDir) progress.report({ message: preparingText(preparing) });
+        });
+        return started.finally(() => sub.dispose());
+      },
     );
     // An early failure has been announced by the run-end notification already.
     return ok ? runDir : undefined;

@@ -5,7 +5,7 @@
 // with a fake child process.
 import { fork, type ChildProcess, type ForkOptions } from 'node:child_process';
 import * as path from 'node:path';
-import { validateEvent, type ControlMessage, type FinishedEvent, type TrainerEvent } from '../protocol/events';
+import { validateEvent, validatePreparing, type ControlMessage, type FinishedEvent, type PreparingMessage, type TrainerEvent } from '../protocol/events';
 import type { RunStatus } from '../protocol/webview';
 import { Emitter } from './emitter';
 
@@ -106,6 +106,9 @@ export class TrainerProcess {
   private readonly startEmitter = new Emitter<ActiveRun>();
   private readonly eventEmitter = new Emitter<{ runDir: string; event: TrainerEvent }>();
   private readonly endEmitter = new Emitter<RunEnd>();
+  private readonly preparingEmitter = new Emitter<{ runDir: string; preparing: PreparingMessage }>();
+  /** What the live trainer prepares before its run starts (tokenizing the data, loading the model). */
+  readonly onDidPrepare = this.preparingEmitter.event;
   /** A trainer process started for a run. */
   readonly onDidStart = this.startEmitter.event;
   /** A validated event from the live trainer. */
@@ -156,6 +159,11 @@ export class TrainerProcess {
     child.on('message', (message: unknown) => {
       let event: TrainerEvent;
       try {
+        const preparing = validatePreparing(message);
+        if (preparing !== null) {
+          this.preparingEmitter.fire({ runDir, preparing });
+          return;
+        }
         event = validateEvent(message);
       } catch (e) {
         this.output.appendLine(`ignored a malformed message from the trainer: ${e instanceof Error ? e.message : String(e)}`);

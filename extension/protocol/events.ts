@@ -196,6 +196,27 @@ export type EventKind = TrainerEvent['kind'];
 /** Control messages from the extension host to the trainer. */
 export type ControlMessage = { kind: 'stop' } | { kind: 'save-now' };
 
+/**
+ * What a trainer is doing before its run starts (sent to the host only, never in events.jsonl: a new run's folder
+ * does not exist yet): tokenizing the data (done of total examples), or loading the model.
+ */
+export interface PreparingMessage {
+  kind: 'preparing';
+  stage: 'data' | 'model';
+  done: number | null;
+  total: number | null;
+}
+
+/** A PreparingMessage, checked; null for any other message (an event); a ProtocolError when malformed. */
+export function validatePreparing(message: unknown): PreparingMessage | null {
+  if (!isObject(message) || message.kind !== 'preparing') return null;
+  const count = (v: unknown) => v === null || (typeof v === 'number' && Number.isInteger(v) && v >= 0);
+  if ((message.stage !== 'data' && message.stage !== 'model') || !count(message.done) || !count(message.total)) {
+    throw new ProtocolError('preparing message: stage must be data or model, done and total whole numbers or null');
+  }
+  return { kind: 'preparing', stage: message.stage, done: message.done as number | null, total: message.total as number | null };
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Runtime validation: a field spec per kind. Messages cross a process boundary (and events.jsonl may be edited or
 // truncated), so nothing is trusted until it passes here.

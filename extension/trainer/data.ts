@@ -20,11 +20,26 @@ export interface PreparedData {
   warnings: string[];
 }
 
-async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainConfig, warnings: string[]) {
+/** Examples tokenized so far of how many, now and then while data is prepared. */
+export type DataProgress = (done: number, total: number) => void;
+
+/** At most one report every PROGRESS_MS, and the last one. */
+const PROGRESS_MS = 500;
+function throttled(report: DataProgress): DataProgress {
+  let last = 0;
+  return (done, total) => {
+    const now = Date.now();
+    if (done < total && now - last < PROGRESS_MS) return;
+    last = now;
+    report(done, total);
+  };
+}
+
+async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainConfig, warnings: string[], onProgress?: DataProgress) {
   const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
   const name = path.basename(file);
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
-  const t = tokenizeDataset(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid });
+  const t = tokenizeDataset(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress });
   if (t.stats.invalid > 0) warnings.push(`${name}: skipped ${t.stats.invalid} example(s) the chat template could not render`);
   for (const w of tokenizationWarnings(t.stats, tok)) warnings.push(`${name}: ${w}`);
   if (t.stats.lengths.truncated > 0)
@@ -35,10 +50,11 @@ async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainCon
   return { ds, t };
 }
 
-export async function prepareData(config: TrainConfig): Promise<PreparedData> {
+export async function prepareData(config: TrainConfig, onProgress?: DataProgress): Promise<PreparedData> {
   const tok = await loadModelTokenizer(config.model);
   const warnings: string[] = [];
-  const { ds, t } = await tokenizedFile(config.data, tok, config, warnings);
+  const report = onProgress && throttled(onProgress);
+  const { ds, t } = await tokenizedFile(config.data, tok, config, warnings, report);
   let train: TokenizedExample[] = t.examples;
   let evalSet: TrainExample[] = [];
   let evalRows = ds.examples;

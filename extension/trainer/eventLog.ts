@@ -8,6 +8,14 @@ import { serializeEvent, validateEvent, type TrainerEvent } from '../protocol/ev
 type WithoutTime<T> = T extends unknown ? Omit<T, 'time'> : never;
 export type NewEvent = WithoutTime<TrainerEvent>;
 
+/**
+ * To the extension host, when this process was forked by it. The host may be gone before this process has heard
+ * (the channel then fails with EPIPE): the callback takes the error, which would otherwise end the process.
+ */
+export function sendToHost(message: object): void {
+  if (process.send && process.connected) process.send(message, undefined, undefined, () => undefined);
+}
+
 export class EventLog {
   private readonly fd: number;
   private readonly listeners: ((e: TrainerEvent) => void)[] = [];
@@ -27,9 +35,7 @@ export class EventLog {
     const event = validateEvent(JSON.parse(line));
     // One write per line, so a kill leaves at most a partial last line, which readers skip.
     fs.writeSync(this.fd, line + '\n');
-    // The host may be gone before this process has heard (the channel then fails with EPIPE): the callback takes
-    // the error, which would otherwise end the process; the log above has the event anyway.
-    if (process.send && process.connected) process.send(event, undefined, undefined, () => undefined);
+    sendToHost(event);
     for (const l of this.listeners) l(event);
     return event;
   }

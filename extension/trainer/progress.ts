@@ -1,6 +1,6 @@
 // Training progress on the terminal: a one-line progress bar redrawn in place when stderr is a TTY, plain lines
 // otherwise (logs, CI, pipes). Driven by the same events that go to events.jsonl.
-import type { TrainerEvent } from '../protocol/events';
+import type { PreparingMessage, TrainerEvent } from '../protocol/events';
 import { shellLine } from '../util/shellLine';
 
 export function formatDuration(seconds: number): string {
@@ -23,6 +23,7 @@ export class TerminalProgress {
   private barShown = false;
   /** The run folder, from run-started, for the resume command a stop prints. */
   private runDir = '<run>';
+  private stage: PreparingMessage['stage'] | null = null;
 
   constructor(private readonly out: NodeJS.WriteStream = process.stderr, private readonly tty = Boolean(process.stderr.isTTY)) {}
 
@@ -30,6 +31,18 @@ export class TerminalProgress {
     if (this.barShown) this.out.write('\r\x1b[2K');
     this.barShown = false;
     this.out.write(text + '\n');
+  }
+
+  /** Before the run: the tokenizing count redrawn in place on a TTY; elsewhere a line when a stage begins. */
+  preparing(p: PreparingMessage): void {
+    const text = p.stage === 'model' ? 'loading the model...' : `tokenizing the data: ${(p.done ?? 0).toLocaleString('en-US')} of ${(p.total ?? 0).toLocaleString('en-US')} examples`;
+    if (this.tty) {
+      this.out.write('\r\x1b[2K' + text);
+      this.barShown = true;
+    } else if (p.stage !== this.stage) {
+      this.line(p.stage === 'model' ? text : `tokenizing the data: ${(p.total ?? 0).toLocaleString('en-US')} examples...`);
+    }
+    this.stage = p.stage;
   }
 
   handle(e: TrainerEvent): void {

@@ -14,9 +14,9 @@ import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, 
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
 import type { TrainConfig } from './config';
 import { epochOrder, prepareData } from './data';
-import { EventLog } from './eventLog';
+import { EventLog, sendToHost } from './eventLog';
 import { TrainingSamples } from './samples';
-import type { TrainerEvent } from '../protocol/events';
+import type { PreparingMessage, TrainerEvent } from '../protocol/events';
 import { GpuMonitor, type GpuSource } from './gpuTelemetry';
 import type { MemoryPlan } from './memoryPlan';
 import { checkMemory, engineOptions, placeRun, runDevice, type Placement, type PlacementOptions } from './placement';
@@ -42,6 +42,8 @@ export interface TrainOptions {
   control?: TrainingControl;
   /** Sees every event as it is written (terminal progress, tests). */
   onEvent?: (event: TrainerEvent) => void;
+  /** Sees what the trainer prepares before the run starts (sent to the host too). */
+  onPreparing?: (message: PreparingMessage) => void;
   /** Where to train and under which memory budget (default: --device auto, the GPU's free memory less a margin). */
   placement?: PlacementOptions;
   /** GPU telemetry on a GPU run (default: NVML); tests pass their own. */
@@ -175,7 +177,13 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     throw new TrainingError(err instanceof Error ? err.message : String(err));
   }
   const offloadedBytes = (plan?.offloadBlockInputs ?? 0) * estimate.activationPageBytes;
-  const data = await prepareData(config);
+  const preparing = (stage: PreparingMessage['stage'], done: number | null, total: number | null) => {
+    const message: PreparingMessage = { kind: 'preparing', stage, done, total };
+    sendToHost(message);
+    options.onPreparing?.(message);
+  };
+  const data = await prepareData(config, (done, total) => preparing('data', done, total));
+  preparing('model', null, null);
   const model = EngineModel.load(config.model, { quantize: config.quantize, ...engineOptions(placement) });
   let samples: TrainingSamples;
   try {

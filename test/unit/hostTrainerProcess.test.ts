@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { failureFromStderr, LineSplitter, runEnd, TrainerBusyError, TrainerProcess, type RunEnd } from '../../extension/host/trainerProcess';
+import { preparingText } from '../../extension/host/format';
 import type { TrainerEvent } from '../../extension/protocol/events';
 import { ev, fakeFork, memoryOutput, tick } from './hostFakes';
 
@@ -43,6 +44,11 @@ test('valid events pass, garbage and malformed events are logged and ignored; a 
   const s = setup();
   const run = s.trainer.start('train', '/runs/r1');
   const child = s.children[0];
+  const prepared: string[] = [];
+  s.trainer.onDidPrepare(({ runDir, preparing }) => prepared.push(`${runDir} ${preparingText(preparing)}`));
+  child.emit('message', { kind: 'preparing', stage: 'data', done: 1500, total: 20000 });
+  child.emit('message', { kind: 'preparing', stage: 'model', done: null, total: null });
+  child.emit('message', { kind: 'preparing', stage: 'weights', done: 1, total: 2 });
   child.emit('message', ev.started('/runs/r1'));
   child.emit('message', 'garbage');
   child.emit('message', { kind: 'step', step: 'one' });
@@ -54,7 +60,8 @@ test('valid events pass, garbage and malformed events are logged and ignored; a 
   child.exit(0);
   const end = await run.ended;
   assert.deepEqual(s.events.map((e) => e.kind), ['run-started', 'step', 'finished']);
-  assert.equal(s.out.lines.filter((l) => l.startsWith('ignored a malformed message')).length, 3);
+  assert.equal(s.out.lines.filter((l) => l.startsWith('ignored a malformed message')).length, 4);
+  assert.deepEqual(prepared, ['/runs/r1 tokenizing the data: 1,500 of 20,000 examples', '/runs/r1 loading the model…']);
   assert.ok(s.out.lines.includes('{"status":"completed"}'));
   assert.ok(s.out.lines.includes('a warning line'));
   assert.ok(s.out.lines.includes('partial'), 'a last line without newline is flushed at exit');

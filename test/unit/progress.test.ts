@@ -20,3 +20,18 @@ test('a stop prints the resume command for this run, quoted for a shell where th
   assert.equal(shellLine(['/a/b-c_d.e']), '/a/b-c_d.e');
   assert.equal(shellLine(['C:\\runs\\r 1']), "'C:\\runs\\r 1'");
 });
+
+test('before the run: the tokenizing count in place on a terminal, a line a stage elsewhere', () => {
+  const run = (tty: boolean) => {
+    const written: string[] = [];
+    const progress = new TerminalProgress({ write: (text: string) => written.push(text) } as unknown as NodeJS.WriteStream, tty);
+    for (const done of [0, 5000, 20000]) progress.preparing({ kind: 'preparing', stage: 'data', done, total: 20000 });
+    progress.preparing({ kind: 'preparing', stage: 'model', done: null, total: null });
+    progress.handle(ev.started('/runs/r1', 10));
+    return written.join('');
+  };
+  assert.equal(run(false).split('\n').slice(0, 2).join('\n'), 'tokenizing the data: 20,000 examples...\nloading the model...');
+  const tty = run(true);
+  assert.ok(tty.includes('\r\x1b[2Ktokenizing the data: 5,000 of 20,000 examples\r\x1b[2Ktokenizing the data: 20,000 of 20,000 examples'), JSON.stringify(tty));
+  assert.ok(tty.includes('loading the model...\r\x1b[2Ktraining: '), 'the run-started line replaces it');
+});

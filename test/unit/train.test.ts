@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { before, test } from 'node:test';
 import { EngineModel } from '../../extension/engine';
 import { estimateMemory } from '../../extension/engine/tools';
-import { parseEventLog, type TrainerEvent } from '../../extension/protocol/events';
+import { parseEventLog, type PreparingMessage, type TrainerEvent } from '../../extension/protocol/events';
 import { resolveConfig, type TrainConfig } from '../../extension/trainer/config';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { train, TrainingControl } from '../../extension/trainer/train';
@@ -236,6 +236,20 @@ test('steps stay within an epoch; a run checkpointed before that keeps taking mi
   fs.writeFileSync(path.join(runDir, 'checkpoints', 'step-4', 'trainer_state.json'), JSON.stringify({ ...old, microBatchesDone: 16, epoch: 16 / 15 }));
   await train({ runDir, resume: true, ...stopAt(5) });
   assert.deepEqual([state(5).microBatchesDone, state(5).batchLayout], [20, 'continuous']);
+});
+
+test('before its run starts the trainer says what it prepares: the data tokenized so far, then the model loading', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const messages: PreparingMessage[] = [];
+  let startedAfter = -1;
+  await train({
+    runDir: path.join(tempDir('preparing'), 'run'), config: config(data, { maxSteps: 1 }), resume: false,
+    onPreparing: (m) => messages.push(m), onEvent: (e) => { if (e.kind === 'run-started') startedAfter = messages.length; },
+  });
+  assert.deepEqual(messages.at(-2), { kind: 'preparing', stage: 'data', done: 60, total: 60 });
+  assert.deepEqual(messages.at(-1), { kind: 'preparing', stage: 'model', done: null, total: null });
+  assert.ok(messages.every((m, i) => i === 0 || m.stage === 'model' || (m.done ?? 0) >= (messages[i - 1].done ?? 0)), 'counts only grow');
+  assert.equal(startedAfter, messages.length, 'all of it before run-started');
 });
 
 test('a run resumed on data that changed since its checkpoint says so, and one on the same data does not', async () => {

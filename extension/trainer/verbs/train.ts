@@ -8,7 +8,7 @@ import { listOption, numberOption, requiredString, stringOption, UsageError, typ
 import { checkSetting, readConfigFile, resolveConfig, type TrainConfig } from '../config';
 import { placementFromFlags, placementOptions } from '../placement';
 import { TerminalProgress } from '../progress';
-import { train, TrainingControl, type TrainOutcome } from '../train';
+import { train, TrainingControl, type TrainOptions, type TrainOutcome } from '../train';
 
 function installControl(control: TrainingControl): () => void {
   let interrupts = 0;
@@ -45,12 +45,14 @@ function installControl(control: TrainingControl): () => void {
   };
 }
 
-async function runWithProgress(start: (control: TrainingControl, onEvent?: (e: TrainerEvent) => void) => Promise<TrainOutcome>, json: boolean): Promise<TrainOutcome> {
+type Watchers = Pick<TrainOptions, 'onEvent' | 'onPreparing'>;
+
+async function runWithProgress(start: (control: TrainingControl, watchers: Watchers) => Promise<TrainOutcome>, json: boolean): Promise<TrainOutcome> {
   const control = new TrainingControl();
   const uninstall = installControl(control);
   const progress = json ? undefined : new TerminalProgress();
   try {
-    return await start(control, progress && ((e) => progress.handle(e)));
+    return await start(control, progress ? { onEvent: (e) => progress.handle(e), onPreparing: (p) => progress.preparing(p) } : {});
   } finally {
     uninstall();
   }
@@ -135,7 +137,7 @@ export async function trainVerb(o: ParsedOptions): Promise<void> {
   const config = configFromFlags(o);
   const runDir = requiredString(o, 'out');
   const json = Boolean(o.json);
-  const outcome = await runWithProgress((control, onEvent) => train({ runDir, config, resume: false, control, onEvent, placement }), json);
+  const outcome = await runWithProgress((control, watchers) => train({ runDir, config, resume: false, control, ...watchers, placement }), json);
   printOutcome(outcome, json);
 }
 
@@ -144,7 +146,7 @@ export async function resumeVerb(o: ParsedOptions): Promise<void> {
   if (!fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} is not a run folder (no config.json)`);
   const json = Boolean(o.json);
   const placement = placementFromFlags(o);
-  const outcome = await runWithProgress((control, onEvent) => train({ runDir, resume: true, control, onEvent, placement }), json);
+  const outcome = await runWithProgress((control, watchers) => train({ runDir, resume: true, control, ...watchers, placement }), json);
   printOutcome(outcome, json);
 }
 
