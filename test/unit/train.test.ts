@@ -346,7 +346,10 @@ test('bad input stops train with one sentence, exit 1, and no run folder', () =>
     for (let i = 0; i < args.length; i += 2) argv[argv.indexOf(args[i]) + 1] = args[i + 1];
     const r = spawnSync(process.execPath, argv, { encoding: 'utf8' });
     assert.equal(r.status, 1, `${args.join(' ')}: ${r.stderr}`);
-    const firstLine = r.stderr.split('\n')[0];
+    // what it was preparing may come first ("tokenizing the data: ..."); the error is one sentence
+    const lines = r.stderr.split('\n').filter((l) => l !== '');
+    const firstLine = lines.find((l) => l.startsWith('qlora-studio: ')) ?? lines[0];
+    assert.ok(lines.every((l) => l === firstLine || /^(tokenizing the data|loading the model|run ")/.test(l)), r.stderr);
     if (typeof fragment === 'string') assert.ok(firstLine.includes(fragment), `${firstLine} lacks ${fragment}`);
     else assert.match(firstLine, fragment);
     assert.ok(!/\n\s+at /.test(r.stderr), 'no stack trace');
@@ -370,7 +373,10 @@ test('stop over IPC ends the run with a final checkpoint and events over IPC', a
   assert.ok(finished && finished.kind === 'finished' && finished.status === 'stopped');
   assert.ok(finished.step >= 4 && finished.step < 1000);
   assert.ok(fs.existsSync(path.join(runDir, 'checkpoints', `step-${finished.step}`, 'DONE')));
-  assert.deepEqual(received.map((e) => e.kind), events(runDir).map((e) => e.kind), 'IPC carries the same events as events.jsonl');
+  // and before them, what it prepared (not events: the host shows them while the run starts)
+  const preparing = received.filter((e) => (e.kind as string) === 'preparing');
+  assert.deepEqual(preparing.at(-1), { kind: 'preparing', stage: 'model', done: null, total: null });
+  assert.deepEqual(received.filter((e) => (e.kind as string) !== 'preparing').map((e) => e.kind), events(runDir).map((e) => e.kind), 'IPC carries the same events as events.jsonl');
 });
 
 test('a trainer whose host went away stops with a checkpoint and no final eval; meanwhile its folder is locked', async () => {
