@@ -9,7 +9,7 @@ import { loadModelTokenizer, ModelTokenizer } from './modelTokenizer';
 import { DataFormat } from './readers';
 import { TemplateKind } from './render';
 import { DatasetShape } from './shapes';
-import { IGNORE_INDEX, TokenizationStats, tokenizeDataset, TokenizedExample, tokenizationWarnings, trainedCount } from './tokenize';
+import { IGNORE_INDEX, TokenizationStats, tokenizeDatasetAsync, TokenizedExample, tokenizationWarnings, trainedCount } from './tokenize';
 
 /** Errors listed in a report; the count of all of them is `invalidRows`. */
 const MAX_REPORTED_ERRORS = 50;
@@ -87,7 +87,7 @@ export async function inspectDataset(file: string, options: InspectOptions = {})
     const tok = await loadModelTokenizer(options.modelDir);
     const limit = options.tokenizeAtMost;
     const sampled = limit !== undefined && read.examples.length > limit;
-    const result = tokenizeDataset(sampled ? read.examples.slice(0, limit) : read.examples, tok, {
+    const result = await tokenizeDatasetAsync(sampled ? read.examples.slice(0, limit) : read.examples, tok, {
       maxLength: options.maxLength,
       trainOnPrompt: options.trainOnPrompt,
       templateVars: options.templateVars,

@@ -11,9 +11,11 @@
  * otherwise each boundary is where the tokenization of the text before it stops agreeing with the whole, and a token
  * that straddles a boundary belongs to the later segment (a tokenization of the text up to each boundary: slower).
  */
+import * as os from 'node:os';
 import { DataError, DatasetInvalidError, formatLocation } from './errors';
 import { ModelTokenizer } from './modelTokenizer';
 import { RenderOptions, renderExample, Segment, TemplateKind, TemplateRenderError } from './render';
+import { tokenizeInWorkers } from './tokenizeWorkers';
 import { NormalizedExample } from './shapes';
 import { lengthHistogram, type LengthHistogram, TokenLengthStats, tokenLengthStats } from './stats';
 
@@ -144,6 +146,19 @@ export function tokenizeExample(
   return { ...tokenizeSegments(tok, segments), source: formatLocation(example.at), template, systemLeftOut };
 }
 
+/** One example rendered and tokenized, or the sentence saying why its chat template refused it. */
+export type ExampleOutcome = (TokenizedExample & { template: TemplateKind | null; systemLeftOut: boolean }) | { error: string };
+
+/** tokenizeExample, with the template's refusal as an outcome instead of a throw. */
+export function tokenizeOutcome(example: NormalizedExample, tok: ModelTokenizer, options: RenderOptions = {}): ExampleOutcome {
+  try {
+    return tokenizeExample(example, tok, options);
+  } catch (err) {
+    if (!(err instanceof TemplateRenderError)) throw err;
+    return { error: err.message };
+  }
+}
+
 /**
  * Tokenizes a dataset: render, tokenize, truncate to maxLength, drop examples left with nothing to train.
  * Examples the template cannot render are DataErrors: thrown together as DatasetInvalidError unless skipInvalid.
@@ -152,6 +167,47 @@ export function tokenizeDataset(
   examples: readonly NormalizedExample[],
   tok: ModelTokenizer,
   options: TokenizeDatasetOptions = {},
+): TokenizedDataset {
+  return collectTokenized(examples, tok, options, (example, index) => {
+    options.onProgress?.(index, examples.length);
+    return tokenizeOutcome(example, tok, options);
+  });
+}
+
+/** Examples from which a dataset is tokenized in worker threads (below, starting them costs more than they save). */
+export const WORKER_THRESHOLD = 2000;
+
+/**
+ * tokenizeDataset, in worker threads (one a core, up to 8) where the dataset is large enough to gain from them and
+ * the machine has more than one core.
+ */
+export function tokenizeDatasetAsync(examples: readonly NormalizedExample[], tok: ModelTokenizer, options: TokenizeDatasetOptions = {}): Promise<TokenizedDataset> {
+  const cores = Math.min(8, os.availableParallelism());
+  if (examples.length < WORKER_THRESHOLD || cores < 2) return Promise.resolve().then(() => tokenizeDataset(examples, tok, options));
+  return tokenizeDatasetInWorkers(examples, tok, options, cores);
+}
+
+/**
+ * tokenizeDataset with the examples tokenized in `workers` worker threads (each loads the model's tokenizer), for
+ * large datasets: the same result, in the same order.
+ */
+export async function tokenizeDatasetInWorkers(
+  examples: readonly NormalizedExample[],
+  tok: ModelTokenizer,
+  options: TokenizeDatasetOptions,
+  workers: number,
+): Promise<TokenizedDataset> {
+  const render: RenderOptions = { trainOnPrompt: options.trainOnPrompt, templateVars: options.templateVars };
+  const outcomes = await tokenizeInWorkers(examples, tok.modelDir, render, workers, options.onProgress);
+  return collectTokenized(examples, tok, options, (_, index) => outcomes[index]);
+}
+
+/** The dataset from each example's outcome: truncation, drops, errors and statistics. */
+function collectTokenized(
+  examples: readonly NormalizedExample[],
+  tok: ModelTokenizer,
+  options: TokenizeDatasetOptions,
+  outcomeOf: (example: NormalizedExample, index: number) => ExampleOutcome,
 ): TokenizedDataset {
   const { maxLength } = options;
   if (maxLength !== undefined && (!Number.isInteger(maxLength) || maxLength < 1)) {
@@ -169,13 +225,9 @@ export function tokenizeDataset(
   let systemLeftOut = 0;
 
   for (const [index, example] of examples.entries()) {
-    options.onProgress?.(index, examples.length);
-    let tokenized: ReturnType<typeof tokenizeExample>;
-    try {
-      tokenized = tokenizeExample(example, tok, options);
-    } catch (err) {
-      if (!(err instanceof TemplateRenderError)) throw err;
-      errors.push(new DataError(example.at, err.message));
+    const tokenized = outcomeOf(example, index);
+    if ('error' in tokenized) {
+      errors.push(new DataError(example.at, tokenized.error));
       continue;
     }
     template ??= tokenized.template;

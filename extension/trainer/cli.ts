@@ -1,6 +1,7 @@
 // The qlora-studio command line: every engine capability is scriptable and testable through it, and the trainer
 // process of the extension runs the same code. Errors go to stderr as one sentence (the stack only with --debug)
 // and exit with status 1.
+import { isMainThread } from 'node:worker_threads';
 import { engineInfo, engineVersion, EngineError } from '../engine';
 import { helpText, integerOption, parseIdList, parseOptions, requiredString, stringOption, UsageError, type OptionSpec } from './cliArgs';
 import { makeTinyModel } from './tinyModel/makeTinyModel';
@@ -221,7 +222,8 @@ function dropOutputToClosedPipes(stream: NodeJS.WriteStream): void {
   });
 }
 
-if (require.main === module) {
+// A worker thread runs this bundle too (extension/data/tokenizeWorkers.ts): the command line is the main thread's.
+if (require.main === module && isMainThread) {
   dropOutputToClosedPipes(process.stdout);
   dropOutputToClosedPipes(process.stderr);
   void main(process.argv.slice(2)).then((status) => {

@@ -2,7 +2,7 @@
 // model's own tokenizer and chat template, hold out an eval split, optionally pack. Everything that can be wrong
 // with the data is found here, before the run folder is written.
 import * as path from 'node:path';
-import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDataset, tokenizationWarnings, type ModelTokenizer, type NormalizedExample, type TokenizedExample } from '../data';
+import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleIndices, splitEval, tokenizeDatasetAsync, tokenizationWarnings, type ModelTokenizer, type NormalizedExample, type TokenizedExample } from '../data';
 import type { DatasetStats } from '../protocol/events';
 import type { TrainExample } from './batches';
 import type { TrainConfig } from './config';
@@ -39,7 +39,7 @@ async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainCon
   const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
   const name = path.basename(file);
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
-  const t = tokenizeDataset(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress });
+  const t = await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress });
   if (t.stats.invalid > 0) warnings.push(`${name}: skipped ${t.stats.invalid} example(s) the chat template could not render`);
   for (const w of tokenizationWarnings(t.stats, tok)) warnings.push(`${name}: ${w}`);
   if (t.stats.lengths.truncated > 0)

@@ -14,10 +14,12 @@ import {
   NormalizedExample,
   renderExample,
   tokenizeDataset,
+  tokenizeDatasetInWorkers,
   tokenizeExample,
   TokenizedExample,
 } from '../../extension/data';
 import { tinyModelDir } from '../fixtures/data/helpers';
+import { tempDir } from '../helpers/paths';
 
 const at = (line: number) => ({ file: 'train.jsonl', line });
 const chat = (messages: ChatMessage[], line = 1): NormalizedExample => ({ kind: 'chat', messages, at: at(line) });
@@ -259,4 +261,25 @@ test('tokenizer folder errors name the file', async () => {
   await assert.rejects(loadModelTokenizer(tinyModelDir('qwen2', { eos_token: '<|nope|>' })), {
     message: 'tokenizer_config.json: eos_token "<|nope|>" is not in the tokenizer\'s vocabulary',
   });
+});
+
+test('a large dataset tokenized in worker threads gives what one thread gives, in order, with progress and template errors', async () => {
+  const refuse = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{{ m['content'] + '<|im_end|>' }}{% endfor %}";
+  const tok = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: refuse }));
+  const examples: NormalizedExample[] = Array.from({ length: 301 }, (_, i) => ({
+    kind: 'chat',
+    messages: [...(i % 50 === 7 ? [{ role: 'system' as const, content: 'S' }] : []), { role: 'user', content: `Question ${i}?` }, { role: 'assistant', content: `Answer ${'x'.repeat(i % 40)}.` }],
+    at: { file: 'big.jsonl', line: i + 1 },
+  }));
+  const options = { maxLength: 24, skipInvalid: true };
+  const one = tokenizeDataset(examples, tok, options);
+  const progress: number[] = [];
+  const many = await tokenizeDatasetInWorkers(examples, tok, { ...options, onProgress: (done, total) => { assert.equal(total, 301); progress.push(done); } }, 3);
+  assert.deepEqual(many.stats, one.stats);
+  assert.deepEqual(many.errors.map(String), one.errors.map(String));
+  assert.equal(one.errors.length, 6);
+  assert.deepEqual(many.examples.map((e) => [e.source, Array.from(e.ids), Array.from(e.labels)]), one.examples.map((e) => [e.source, Array.from(e.ids), Array.from(e.labels)]));
+  assert.equal(progress.at(-1), 301);
+  // an error other than a template's refusal fails the whole
+  await assert.rejects(tokenizeDatasetInWorkers(examples, { ...tok, modelDir: path.join(tempDir('no-tokenizer'), 'none') } as typeof tok, options, 2), /tokenizer\.json/);
 });
