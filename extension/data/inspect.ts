@@ -7,7 +7,7 @@ import { DataError } from './errors';
 import { readDataset } from './dataset';
 import { loadModelTokenizer, ModelTokenizer } from './modelTokenizer';
 import { DataFormat } from './readers';
-import { TemplateKind } from './render';
+import { renderExample, TemplateKind, TemplateRenderError } from './render';
 import { DatasetShape } from './shapes';
 import { IGNORE_INDEX, TokenizationStats, tokenizeDatasetAsync, TokenizedExample, tokenizationWarnings, trainedCount } from './tokenize';
 
@@ -95,6 +95,18 @@ export async function inspectDataset(file: string, options: InspectOptions = {})
     });
     errors.push(...result.errors);
     validRows -= result.errors.length;
+    // the rows past the sample still go through the chat template (without tokenizing), for its refusals
+    if (sampled) {
+      for (const example of read.examples.slice(limit)) {
+        try {
+          renderExample(example, tok, { trainOnPrompt: options.trainOnPrompt, templateVars: options.templateVars });
+        } catch (err) {
+          if (!(err instanceof TemplateRenderError)) throw err;
+          errors.push(new DataError(example.at, err.message));
+          validRows--;
+        }
+      }
+    }
     tokenization = {
       template: result.stats.template,
       stats: result.stats,

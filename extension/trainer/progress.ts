@@ -33,6 +33,12 @@ export class TerminalProgress {
     this.out.write(text + '\n');
   }
 
+  /** Ends a line drawn in place (the bar, a tokenizing count), so that what is written next starts a line of its own. */
+  close(): void {
+    if (this.barShown) this.out.write('\n');
+    this.barShown = false;
+  }
+
   /** Before the run: the tokenizing count redrawn in place on a TTY; elsewhere a line when a stage begins. */
   preparing(p: PreparingMessage): void {
     const text = p.stage === 'model' ? 'loading the model...' : `tokenizing the data: ${(p.done ?? 0).toLocaleString('en-US')} of ${(p.total ?? 0).toLocaleString('en-US')} examples`;

@@ -76,6 +76,13 @@ test('inspect: invalid rows are listed (first 50) and counted; template errors j
     'chat.jsonl line 3: conversation has no assistant message',
   ]);
   assert.deepEqual([withModel.validRows, withModel.invalidRows, withModel.tokenization?.stats.examples], [1, 2, 1]);
+  // with the token statistics from a sample, the rows past it still go through the template
+  const many = writeTemp('sampled.jsonl', Array.from({ length: 30 }, (_, i) => JSON.stringify({
+    messages: [...(i === 24 ? [{ role: 'system', content: 'S' }] : []), { role: 'user', content: `Hi ${i}` }, { role: 'assistant', content: 'Hello' }],
+  })).join('\n'));
+  const sampled = await inspectDataset(many, { modelDir: tinyModelDir('qwen2', { chat_template: refuse }), tokenizeAtMost: 10 });
+  assert.deepEqual([sampled.validRows, sampled.invalidRows, sampled.errors, sampled.tokenization?.stats.examples, sampled.tokenization?.sample],
+    [29, 1, ['sampled.jsonl line 25: chat template error: no system role'], 10, { tokenized: 10, of: 30 }]);
 });
 
 test('inspect: a base model without a chat template reports the Alpaca fallback; shape override is honoured', async () => {

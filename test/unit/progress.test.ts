@@ -34,4 +34,11 @@ test('before the run: the tokenizing count in place on a terminal, a line a stag
   const tty = run(true);
   assert.ok(tty.includes('\r\x1b[2Ktokenizing the data: 5,000 of 20,000 examples\r\x1b[2Ktokenizing the data: 20,000 of 20,000 examples'), JSON.stringify(tty));
   assert.ok(tty.includes('loading the model...\r\x1b[2Ktraining: '), 'the run-started line replaces it');
+  // a run that fails while preparing: the line drawn in place is ended before the error sentence
+  const written: string[] = [];
+  const progress = new TerminalProgress({ write: (text: string) => written.push(text) } as unknown as NodeJS.WriteStream, true);
+  progress.preparing({ kind: 'preparing', stage: 'data', done: 30, total: 30 });
+  progress.close();
+  progress.close();
+  assert.equal(written.join(''), '\r\x1b[2Ktokenizing the data: 30 of 30 examples\n');
 });

@@ -54,6 +54,7 @@ async function runWithProgress(start: (control: TrainingControl, watchers: Watch
   try {
     return await start(control, progress ? { onEvent: (e) => progress.handle(e), onPreparing: (p) => progress.preparing(p) } : {});
   } finally {
+    progress?.close(); // an error sentence then starts its own line
     uninstall();
   }
 }
