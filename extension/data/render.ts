@@ -99,6 +99,13 @@ function fallbackSegments(messages: ChatMessage[], tok: ModelTokenizer): Segment
   return withBos(tok, segments);
 }
 
+/** What the chat template renders with besides the messages, as training renders it: the special tokens and a date. */
+function templateContext(tok: ModelTokenizer, vars: Record<string, unknown>): Record<string, unknown> {
+  const context: Record<string, unknown> = { date_string: DEFAULT_DATE_STRING, ...vars, eos_token: tok.eosToken };
+  if (tok.bosToken !== null) context.bos_token = tok.bosToken;
+  return context;
+}
+
 /**
  * The special token the chat template writes after an assistant answer (<|eot_id|>, <|im_end|>, </s>, ...), found by
  * rendering a probe conversation; null without a template, or where the template writes none there. A base model's
@@ -112,7 +119,7 @@ export function templateEndOfTurn(tok: ModelTokenizer): string | null {
   let full: string;
   try {
     full = template.render({
-      date_string: DEFAULT_DATE_STRING, bos_token: tok.bosToken ?? '', eos_token: tok.eosToken, add_generation_prompt: false,
+      ...templateContext(tok, {}), add_generation_prompt: false,
       messages: [{ role: 'user', content: 'What is the answer?' }, { role: 'assistant', content: answer }, { role: 'user', content: 'Thanks.' }],
     });
   } catch {
@@ -151,9 +158,7 @@ export function exportedChatTemplate(tok: ModelTokenizer, finetuned: boolean): s
 function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): { segments: Segment[]; systemLeftOut: boolean } {
   const template = tok.template;
   if (template === null) throw new Error('templateSegments needs a chat template');
-  const context: Record<string, unknown> = { date_string: DEFAULT_DATE_STRING, ...vars };
-  if (tok.bosToken !== null) context.bos_token = tok.bosToken;
-  context.eos_token = tok.eosToken;
+  const context = templateContext(tok, vars);
   // @huggingface/jinja defines raise_exception (and strftime_now) itself; they throw or format as in transformers.
   const render = (msgs: ChatMessage[], addGenerationPrompt: boolean): string => {
     try {
@@ -228,8 +233,7 @@ export function renderGenerationPrompt(messages: ChatMessage[], tok: ModelTokeni
   if (template === null) {
     return fallbackSegments(messages, tok).map((s) => s.text).join('');
   }
-  const context: Record<string, unknown> = { date_string: DEFAULT_DATE_STRING, ...templateVars, eos_token: tok.eosToken };
-  if (tok.bosToken !== null) context.bos_token = tok.bosToken;
+  const context = templateContext(tok, templateVars);
   let text: string;
   try {
     text = template.render({ ...context, messages, add_generation_prompt: true });

@@ -55,8 +55,7 @@ export async function tokenizeInWorkers(
               } else if ('failed' in m) {
                 reject(new Error(m.failed));
               } else {
-                done[w] = share.length;
-                report();
+                done[w] = share.length; // reported with the next count, or the last one (collectTokenized's)
                 resolve(m.outcomes);
               }
             });

@@ -11,6 +11,8 @@ import type { SampleEvent } from '../protocol/events';
 export class TrainingSamples {
   private readonly prompts: { text: string; ids: number[] }[];
   private readonly stopTokenIds: number[];
+  /** config.json's max_position_embeddings (0: not given). */
+  private readonly contextLength: number;
 
   /** Renders every prompt now, so a prompt the chat template refuses, or too long for the model, stops the run before it starts. */
   constructor(
@@ -19,7 +21,7 @@ export class TrainingSamples {
     prompts: readonly string[],
     private readonly maxTokens: number,
   ) {
-    const context = model.config().maxPositionEmbeddings;
+    const context = (this.contextLength = model.config().maxPositionEmbeddings);
     this.prompts = prompts.map((text, i) => {
       let ids: number[];
       try {
@@ -46,7 +48,7 @@ export class TrainingSamples {
       const started = performance.now();
       const session = this.model.startGeneration();
       try {
-        const r = await generate(session, this.tok, prompt.ids, { sampling: GREEDY, maxNewTokens: this.maxTokens, stopTokenIds: this.stopTokenIds, contextLength: this.model.config().maxPositionEmbeddings });
+        const r = await generate(session, this.tok, prompt.ids, { sampling: GREEDY, maxNewTokens: this.maxTokens, stopTokenIds: this.stopTokenIds, contextLength: this.contextLength });
         const ms = performance.now() - started;
         total += ms;
         events.push({ kind: 'sample', step, index, prompt: prompt.text, text: r.text, tokens: r.ids.length, finishReason: r.finishReason, ms });
