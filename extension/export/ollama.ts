@@ -11,6 +11,7 @@ import { loadModelTokenizer, readDataset } from '../data';
 import type { TrainConfig } from '../trainer/config';
 import { runModelDir } from '../trainer/verbs/export';
 import { removeStaleTemps } from '../util/staleTemp';
+import { syncFolder, writeFileAtomic } from '../util/atomicFile';
 import { exportGguf, type ExportGgufOptions, type ExportGgufReport } from './exportGguf';
 import type { GgufFileType } from './gguf/types';
 import { ollamaTemplate, type ChatFamily } from './ollamaTemplate';
@@ -125,9 +126,10 @@ export async function exportOllama(o: ExportOllamaOptions): Promise<ExportOllama
     gguf = await exportGguf({ run: o.run, checkpoint: o.checkpoint, out: path.join(tmp, 'model.gguf'), type: o.type, cli: o.cli, onProgress: o.onProgress });
     const v = gguf.verification!;
     if (!v.verified) throw new Error(`llama.cpp's check of the GGUF failed, so no Ollama folder was written: ${v.problems.join('; ')}`);
-    fs.writeFileSync(path.join(tmp, 'Modelfile'), modelfile);
+    writeFileAtomic(path.join(tmp, 'Modelfile'), modelfile);
     if (fs.existsSync(target)) fs.rmdirSync(target); // empty (checked above); rename cannot replace a folder everywhere
     fs.renameSync(tmp, target);
+    syncFolder(path.dirname(target));
   } catch (err) {
     fs.rmSync(tmp, { recursive: true, force: true });
     throw err;

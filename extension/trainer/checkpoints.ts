@@ -8,7 +8,7 @@ import type { ComputeDtype } from '../engine/native';
 import { writeJsonAtomic } from '../util/atomicFile';
 import type { BatchLayout } from './batches';
 import type { LossScalerState } from './lossScaler';
-import { replaceFolderAtomic } from '../util/atomicFolder';
+import { removeFolderAtomic, removeLeftovers, replaceFolderAtomic, restoreInterruptedReplace } from '../util/atomicFolder';
 
 export interface TrainerState {
   /** Optimizer steps completed. The data position follows from it (step * gradAccum micro-batches). */
@@ -52,10 +52,17 @@ export function writeCheckpoint(runDir: string, model: EngineModel, state: Train
   return finalDir;
 }
 
+const SET_ASIDE = /^\.(step-\d+)\.old-\d+$/;
+
 /** Complete checkpoints (with DONE), oldest first. */
 export function listCheckpoints(runDir: string): { step: number; dir: string }[] {
   const dir = checkpointsDir(runDir);
   if (!fs.existsSync(dir)) return [];
+  // A writer killed while replacing a checkpoint of the same step may have left it set aside: it counts again.
+  for (const name of fs.readdirSync(dir)) {
+    const m = SET_ASIDE.exec(name);
+    if (m) restoreInterruptedReplace(path.join(dir, m[1]));
+  }
   return fs
     .readdirSync(dir)
     .map((name) => ({ name, m: STEP_DIR.exec(name) }))
@@ -73,11 +80,12 @@ export function latestCheckpoint(runDir: string): { step: number; dir: string } 
 export function pruneCheckpoints(runDir: string, keep: number): void {
   const dir = checkpointsDir(runDir);
   if (!fs.existsSync(dir)) return;
-  for (const name of fs.readdirSync(dir)) {
-    if (name.startsWith('.step-') && name.includes('.tmp-')) fs.rmSync(path.join(dir, name), { recursive: true, force: true });
-  }
   const all = listCheckpoints(runDir);
-  for (const old of all.slice(0, Math.max(0, all.length - keep))) fs.rmSync(old.dir, { recursive: true, force: true });
+  for (const name of fs.readdirSync(dir)) {
+    const m = /^\.(step-\d+)\.(tmp|old)-\d+$/.exec(name);
+    if (m) removeLeftovers(path.join(dir, m[1]));
+  }
+  for (const old of all.slice(0, Math.max(0, all.length - keep))) removeFolderAtomic(old.dir);
 }
 
 export function readTrainerState(checkpointDir: string): TrainerState {

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { EngineError, EngineModel, gpuTelemetry, readModelConfig } from '../engine';
 import { estimateMemory } from '../engine/tools';
 import { writeJsonAtomic } from '../util/atomicFile';
-import { replaceFolderAtomic } from '../util/atomicFolder';
+import { removeFolderAtomic, replaceFolderAtomic } from '../util/atomicFolder';
 import { BatchSchedule, makeMicroBatch, type BatchLayout, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
@@ -237,7 +237,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
       model.loadOptimizerState(path.join(checkpoint.dir, 'optimizer.safetensors'));
       // The final adapter a stop wrote is this checkpoint's (a stop saves both at its last step); from here on the
       // checkpoints are newer, and a kill must not leave it standing as the run's adapter.
-      fs.rmSync(path.join(runDir, 'adapter'), { recursive: true, force: true });
+      removeFolderAtomic(path.join(runDir, 'adapter'));
       step = state.step;
       if (scaler && state.lossScaler) scaler = new LossScaler(DEFAULT_LOSS_SCALER, state.lossScaler);
       elapsedBefore = state.elapsedSeconds;

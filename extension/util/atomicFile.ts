@@ -14,9 +14,28 @@ export function writeFileAtomic(file: string, data: string | Uint8Array): void {
       fs.closeSync(fd);
     }
     fs.renameSync(tmp, file);
+    syncFolder(path.dirname(file));
   } catch (err) {
     fs.rmSync(tmp, { force: true });
     throw err;
+  }
+}
+
+/**
+ * Makes renames and new entries in `dir` durable: on POSIX a directory entry reaches the disk only when the directory
+ * itself is synced, so a power cut after a rename could otherwise bring back the old name. Best effort: Windows cannot
+ * open a folder this way, and some file systems refuse to sync one; the files' data is synced already.
+ */
+export function syncFolder(dir: string): void {
+  if (process.platform === 'win32') return;
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(dir, 'r');
+    fs.fsyncSync(fd);
+  } catch {
+    // not possible here; see above
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
   }
 }
 

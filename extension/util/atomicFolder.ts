@@ -2,6 +2,8 @@
 // temporary sibling `<out>.tmp-<pid>`, then rename it to `<out>` (atomic on the same file system).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { syncFolder } from './atomicFile';
+import { isAlive } from './staleTemp';
 
 /**
  * Runs `fill(tmp)` on a fresh temporary folder beside `out` and renames it to `out` once `fill` returns. An `out`
@@ -20,8 +22,10 @@ export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
   try {
     const result = fill(tmp);
     // An empty target (allowed above) is replaced; rename cannot replace a folder on every platform.
+    syncFolder(tmp);
     if (fs.existsSync(target)) fs.rmdirSync(target);
     fs.renameSync(tmp, target);
+    syncFolder(path.dirname(target));
     return result;
   } catch (err) {
     fs.rmSync(tmp, { recursive: true, force: true });
@@ -30,22 +34,91 @@ export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
 }
 
 /**
- * Like writeFolderAtomic, but for outputs that are meant to be rewritten (a run's adapter, a checkpoint of the same
- * step): `fill` writes a temporary sibling, which then replaces `out` whole. A kill leaves the old `out` or the
- * new one, plus at worst a temporary folder that the next write removes.
+ * Like writeFolderAtomic, but for outputs that are meant to be rewritten (a run's adapter): `fill` writes a temporary
+ * sibling, the old `out` is renamed aside (`.<name>.old-<pid>`), the new one renamed into place, and only then is the
+ * old one removed. A kill leaves the old `out` or the new one under the real name, never a half-removed folder; killed
+ * between the two renames, it leaves no `out` and the old one aside, which the next call (or
+ * restoreInterruptedReplace) puts back.
  */
 export function replaceFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
   const target = path.resolve(out);
-  const tmp = path.join(path.dirname(target), `.${path.basename(target)}.tmp-${process.pid}`);
+  restoreInterruptedReplace(target);
+  removeLeftovers(target);
+  const tmp = siblingName(target, 'tmp', process.pid);
+  const aside = siblingName(target, 'old', process.pid);
   fs.rmSync(tmp, { recursive: true, force: true });
   fs.mkdirSync(tmp, { recursive: true });
+  let result: T;
   try {
-    const result = fill(tmp);
-    fs.rmSync(target, { recursive: true, force: true });
-    fs.renameSync(tmp, target);
-    return result;
+    result = fill(tmp);
+    syncFolder(tmp);
+    if (fs.existsSync(target)) fs.renameSync(target, aside);
+    try {
+      fs.renameSync(tmp, target);
+    } catch (err) {
+      if (fs.existsSync(aside)) fs.renameSync(aside, target);
+      throw err;
+    }
   } catch (err) {
     fs.rmSync(tmp, { recursive: true, force: true });
     throw err;
   }
+  syncFolder(path.dirname(target));
+  fs.rmSync(aside, { recursive: true, force: true });
+  return result;
+}
+
+/**
+ * Removes a folder so that no reader ever sees it half removed (a recursive delete goes file by file, and a kill
+ * in the middle would leave, say, a checkpoint's DONE beside a missing adapter): it is first renamed to a hidden
+ * sibling, which is then deleted. A kill leaves at worst that hidden sibling, which replaceFolderAtomic and
+ * removeLeftovers clear.
+ */
+export function removeFolderAtomic(dir: string): void {
+  const target = path.resolve(dir);
+  if (!fs.existsSync(target)) return;
+  const aside = siblingName(target, 'old', process.pid);
+  fs.rmSync(aside, { recursive: true, force: true });
+  fs.renameSync(target, aside);
+  syncFolder(path.dirname(target));
+  fs.rmSync(aside, { recursive: true, force: true });
+}
+
+/**
+ * A replaceFolderAtomic killed between its two renames leaves no `target` and its previous contents at
+ * `.<name>.old-<pid>`: puts them back. Only an aside whose process is gone (a live writer is between its renames).
+ */
+export function restoreInterruptedReplace(target: string): void {
+  const full = path.resolve(target);
+  if (fs.existsSync(full)) return;
+  const aside = deadSiblings(full, 'old')[0];
+  if (aside !== undefined) fs.renameSync(aside, full);
+}
+
+/** Removes the temporary and set-aside siblings (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) of processes that are gone. */
+export function removeLeftovers(target: string): void {
+  const full = path.resolve(target);
+  for (const tag of ['tmp', 'old'] as const) for (const dir of deadSiblings(full, tag)) fs.rmSync(dir, { recursive: true, force: true });
+}
+
+function siblingName(target: string, tag: 'tmp' | 'old', pid: number): string {
+  return path.join(path.dirname(target), `.${path.basename(target)}.${tag}-${pid}`);
+}
+
+/** `.<name>.<tag>-<pid>` siblings of `target` whose process no longer runs. */
+function deadSiblings(target: string, tag: 'tmp' | 'old'): string[] {
+  const prefix = `.${path.basename(target)}.${tag}-`;
+  let names: string[];
+  try {
+    names = fs.readdirSync(path.dirname(target));
+  } catch {
+    return [];
+  }
+  return names
+    .filter((name) => name.startsWith(prefix))
+    .filter((name) => {
+      const pid = Number(name.slice(prefix.length));
+      return Number.isInteger(pid) && pid > 0 && pid !== process.pid && !isAlive(pid);
+    })
+    .map((name) => path.join(path.dirname(target), name));
 }

@@ -6,6 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { removeStaleTemps } from '../../util/staleTemp';
+import { syncFolder } from '../../util/atomicFile';
 import { GGML_TYPES, type GgmlTypeName, tensorBytes } from './types';
 import { IO_CHUNK_BYTES } from './safetensorsReader';
 
@@ -201,5 +202,6 @@ export async function writeGguf(
     if (!ok) fs.rmSync(tmp, { force: true });
   }
   fs.renameSync(tmp, file);
+  syncFolder(path.dirname(file));
   return { bytes: header.length + dataBytes };
 }
