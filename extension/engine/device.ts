@@ -14,8 +14,10 @@ export interface DeviceChoice {
   computeDtype: ComputeDtype;
   /** The GPU trained on (the first usable one); null on the CPU. */
   gpu: NativeGpuInfo | null;
-  /** Why `auto` chose the CPU (what is missing for the GPU); null when it was not a fallback. */
+  /** Why `auto` chose the CPU (what is missing for the GPU), as a warning sentence; null when it was not a fallback. */
   fallback: string | null;
+  /** The same reasons in a few words each ("no NVIDIA driver"); empty when it was not a fallback. */
+  fallbackReasons: string[];
 }
 
 export class DeviceError extends Error {
@@ -58,9 +60,13 @@ export function cpuName(threads: number): string {
   return `${model || `${os.arch()} CPU`} (${threads} threads)`;
 }
 
-/** The CPU as a device; `fallback` says why `auto` chose it. */
-export function cpuDevice(threads: number, fallback: string | null = null): DeviceChoice {
-  return { kind: 'cpu', name: cpuName(threads), computeDtype: 'f32', gpu: null, fallback };
+/** The CPU as a device; `fallbackReasons` say why `auto` chose it (none: it was asked for). */
+export function cpuDevice(threads: number, fallbackReasons: string[] = []): DeviceChoice {
+  const fallback =
+    fallbackReasons.length > 0
+      ? `Training on the CPU: the GPU cannot be used (${fallbackReasons.join('; ')}). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.`
+      : null;
+  return { kind: 'cpu', name: cpuName(threads), computeDtype: 'f32', gpu: null, fallback, fallbackReasons };
 }
 
 /** What the engine offers: its backends, CPU threads, and the compute dtypes its CUDA backend has. */
@@ -77,14 +83,12 @@ export function cudaComputeDtype(report: NativeGpuReport, engine: EngineCapabili
 }
 
 export function chooseDevice(request: DeviceRequest, report: NativeGpuReport, engine: EngineCapabilities): DeviceChoice {
-  const cpu = (fallback: string | null) => cpuDevice(engine.threads, fallback);
-  if (request === 'cpu') return cpu(null);
+  if (request === 'cpu') return cpuDevice(engine.threads);
   const blockers = cudaBlockers(report, engine.backends);
   if (blockers.length > 0) {
     if (request === 'cuda') throw new DeviceError(`cannot use the GPU (--device cuda): ${blockers.join(' ')}`);
-    const brief = cudaBlockersBrief(report, engine.backends);
-    return cpu(`Training on the CPU: the GPU cannot be used (${brief.join('; ')}). QLoRA: Check GPU Setup (qlora-studio doctor) says what to do.`);
+    return cpuDevice(engine.threads, cudaBlockersBrief(report, engine.backends));
   }
   const gpu = trainingGpu(report)!;
-  return { kind: 'cuda', name: gpu.name, computeDtype: cudaComputeDtype(report, engine), gpu, fallback: null };
+  return { kind: 'cuda', name: gpu.name, computeDtype: cudaComputeDtype(report, engine), gpu, fallback: null, fallbackReasons: [] };
 }

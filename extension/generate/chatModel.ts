@@ -61,8 +61,9 @@ export async function loadChatModel(source: ChatModelSource, placement: Placemen
   const placed = placeRun(placement);
   let device = describeDevice(placed.device.kind, placed.device.name, placed.device.computeDtype);
   // a machine without a usable GPU needs no note (the device line says CPU), unless a GPU dtype was asked for
-  const dtypeWarning = placed.warnings.find((w) => w.startsWith('--dtype '));
-  let deviceNote: string | null = dtypeWarning ? dtypeWarning.replace('this run is', 'answering') : null;
+  let deviceNote: string | null = placed.ignoredDtype
+    ? `--dtype ${placed.ignoredDtype} applies on the GPU; answering on the CPU, which computes in fp32.`
+    : null;
   let engine: EngineModel;
   try {
     // under the GPU's free memory less the margin, as training: loading beside a training run fails early, here

@@ -44,8 +44,7 @@ export function refuseHalfDtypeOnCpu(dtype: ComputeDtype | undefined, onCpu: boo
 /** A half-precision --dtype where `--device auto` chose the CPU: an error saying why the GPU could not be used. */
 export function refuseHalfDtypeFallback(dtype: ComputeDtype | undefined, placement: Placement): void {
   if (placement.device.kind === 'cuda' || dtype === undefined || dtype === 'f32') return;
-  // the fallback's brief list of what is missing: "Training on the CPU: the GPU cannot be used (…). QLoRA: …"
-  const why = placement.device.fallback?.match(/cannot be used \((.*)\)\. /)?.[1];
+  const why = placement.device.fallbackReasons.join('; ');
   throw new UsageError(
     `--dtype ${dtype} is the GPU's, and the GPU cannot be used here${why ? ` (${why})` : ''}; leave --dtype out to compute in fp32 on the CPU`,
   );
@@ -57,6 +56,8 @@ export interface Placement {
   memoryBudget: number | null;
   /** For warning events: the CPU fallback and why, a GPU budget given for a CPU run. */
   warnings: string[];
+  /** A half-precision --dtype that does not apply because the run is on the CPU (one of the warnings says so). */
+  ignoredDtype?: ComputeDtype;
   /** A folder searched first for cuBLASLt. */
   cudaLibraryDir?: string;
 }
@@ -77,12 +78,14 @@ export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMac
     device = chooseDevice(o.device ?? 'auto', report, engine);
   }
   const warnings = device.fallback ? [device.fallback] : [];
+  let ignoredDtype: ComputeDtype | undefined;
   if (o.computeDtype !== undefined) {
     if (device.kind === 'cuda') {
       if (o.computeDtype === 'bf16' && device.computeDtype !== 'bf16')
         throw new UsageError(`--dtype bf16: ${device.name} computes in ${device.computeDtype} here (bf16 needs an Ampere or newer GPU)`);
       device = { ...device, computeDtype: o.computeDtype };
     } else if (o.computeDtype !== 'f32') {
+      ignoredDtype = o.computeDtype;
       warnings.push(`--dtype ${o.computeDtype} applies on the GPU; this run is on the CPU, which computes in fp32.`);
     }
   }
@@ -94,7 +97,7 @@ export function placeRun(o: PlacementOptions, probe: MachineProbe = probeThisMac
   } else if (o.gpuMemoryBudget !== undefined) {
     warnings.push(`--gpu-memory-budget ${o.gpuMemoryBudget} applies on the GPU; this run is on the CPU and has no memory budget.`);
   }
-  return { device, memoryBudget, warnings, cudaLibraryDir: o.cudaLibraryDir };
+  return { device, memoryBudget, warnings, ...(ignoredDtype ? { ignoredDtype } : {}), cudaLibraryDir: o.cudaLibraryDir };
 }
 
 /** The engine model's options for this placement: its device, compute dtype, budget and where cuBLASLt is. */
