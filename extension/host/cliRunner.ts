@@ -14,6 +14,8 @@ export interface CliOptions {
   signal?: AbortSignal;
   /** Each line the verb prints to stderr as it goes (its progress). */
   onStderrLine?(line: string): void;
+  /** Exit statuses besides 0 after which the verb's output is still its answer (inspect-data's 2: invalid rows). */
+  answerExitCodes?: readonly number[];
 }
 
 export function runCli(launch: TrainerLaunch, args: readonly string[], options: CliOptions = {}): Promise<string> {
@@ -29,7 +31,7 @@ export function runCli(launch: TrainerLaunch, args: readonly string[], options: 
         windowsHide: true,
       },
       (err, stdout, stderr) => {
-        if (!err) return resolve(stdout);
+        if (!err || (typeof err.code === 'number' && options.answerExitCodes?.includes(err.code))) return resolve(stdout);
         const sentence = stderr
           .split(/\r?\n/)
           .find((l) => l.startsWith('qlora-studio: '))

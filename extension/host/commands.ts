@@ -9,6 +9,7 @@ import * as vscode from 'vscode';
 import type { DatasetReport } from '../data';
 import type { ChatSource } from '../protocol/chat';
 import type { TrainerEvent } from '../protocol/events';
+import { INVALID_ROWS_EXIT_CODE } from '../trainer/exitCodes';
 import type { EstimateForPlan } from '../trainer/memoryPlan';
 import { describeRunLock, liveRunLock, runLockPath, type RunLock } from '../trainer/runLock';
 import { findOnPath } from '../util/findOnPath';
@@ -173,7 +174,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     // every row is checked; the token statistics of a large dataset come from its first examples
     const args = ['inspect-data', '--data', data, '--seq-len', String(seqLen), '--sample', String(PREVIEW_TOKENIZED_EXAMPLES), ...(model ? ['--model', model] : [])];
     return vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Checking ${path.basename(data)}…` }, () =>
-      runCliJson<DatasetPreview>(h.launch(), args, { timeoutMs: 300_000 }),
+      runCliJson<DatasetPreview>(h.launch(), args, { timeoutMs: 300_000, answerExitCodes: [INVALID_ROWS_EXIT_CODE] }),
     );
   }
 

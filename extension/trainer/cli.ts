@@ -141,7 +141,7 @@ const verbs: Record<string, Verb> = {
     },
   },
   'inspect-data': {
-    summary: 'check a dataset: format, shape, invalid rows, token lengths, examples with the trained part marked',
+    summary: 'check a dataset: format, shape, invalid rows, token lengths, examples with the trained part marked (exit status 2: invalid rows)',
     options: inspectDataOptions,
     run: inspectDataVerb,
   },

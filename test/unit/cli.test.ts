@@ -190,7 +190,7 @@ test('inspect-data reports shape, invalid rows and the trained part of rendered 
   const data = path.join(tempDir('inspect-data'), 'mixed.jsonl');
   fs.writeFileSync(data, [JSON.stringify({ prompt: 'Say hi.', completion: ' Hi!' }), '{"prompt": 3, "completion": "x"}', ''].join('\n'));
   const r = cli('inspect-data', '--data', data, '--model', dir, '--json');
-  assert.equal(r.status, 0, r.stderr);
+  assert.equal(r.status, 2, r.stderr); // the report is complete; some rows are invalid
   const report = JSON.parse(r.stdout);
   assert.equal(report.shape, 'completion');
   assert.equal(report.validRows, 1);
@@ -199,6 +199,10 @@ test('inspect-data reports shape, invalid rows and the trained part of rendered 
   assert.equal(segments.filter((s) => s.trained).map((s) => s.text).join(''), ' Hi!<|eot_id|>');
   const human = cli('inspect-data', '--data', data, '--model', dir);
   assert.match(human.stdout, /⟦ Hi!<\|eot_id\|>⟧/);
+  assert.equal(human.status, 2);
+  const valid = path.join(tempDir('inspect-valid'), 'valid.jsonl');
+  fs.writeFileSync(valid, JSON.stringify({ prompt: 'Say hi.', completion: ' Hi!' }) + '\n');
+  assert.equal(cli('inspect-data', '--data', valid).status, 0);
   assert.equal(report.tokenization.sample, null);
   // --sample: every row is checked, the token statistics come from the first examples
   const many = path.join(tempDir('inspect-sample'), 'many.jsonl');

@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { before, test } from 'node:test';
 import { runCliJson } from '../../extension/host/cliRunner';
+import { INVALID_ROWS_EXIT_CODE } from '../../extension/trainer/exitCodes';
 import { parseDataError, placementArgs, trainArgs } from '../../extension/host/newRun';
 import { RunRegistry } from '../../extension/host/runs/registry';
 import { TrainerProcess } from '../../extension/host/trainerProcess';
@@ -64,7 +65,9 @@ test('bad data fails with the CLI sentence and leaves no run folder; inspect-dat
   assert.match(end.reason ?? '', /^bad\.jsonl line 2: /);
   assert.ok(!fs.existsSync(runDir));
 
-  const report = await runCliJson<{ rowCount: number; invalidRows: number; errors: string[] }>(launch(), ['inspect-data', '--data', bad, '--model', model]);
+  // inspect-data exits with 2 on invalid rows; the host reads its report all the same, as New Finetune does
+  const inspect = ['inspect-data', '--data', bad, '--model', model];
+  const report = await runCliJson<{ rowCount: number; invalidRows: number; errors: string[] }>(launch(), inspect, { answerExitCodes: [INVALID_ROWS_EXIT_CODE] });
   assert.equal(report.rowCount, 2);
   assert.equal(report.invalidRows, 1);
   assert.equal(parseDataError(report.errors[0])?.line, 2);

@@ -1,7 +1,8 @@
 // inspect-data: what a dataset file holds, before a run: format and shape, row count, every invalid row, and with
 // a model the token-length statistics and the first examples rendered through the chat template with the trained
-// part marked.
+// part marked. Exits with 2 when some rows are invalid, so that a script can check its data before a run.
 import { inspectDataset, isDatasetShape, type DatasetReport } from '../../data';
+import { INVALID_ROWS_EXIT_CODE } from '../exitCodes';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 
 export const inspectDataOptions: Record<string, OptionSpec> = {
@@ -48,4 +49,6 @@ export async function inspectDataVerb(o: ParsedOptions): Promise<void> {
   if (sample !== undefined && sample < 1) throw new UsageError(`--sample must be at least 1, got ${sample}`);
   const report = await inspectDataset(requiredString(o, 'data'), { modelDir: stringOption(o, 'model'), maxLength: seqLen, shape, tokenizeAtMost: sample });
   process.stdout.write((o.json ? JSON.stringify(report) : formatReport(report, Boolean(process.stdout.isTTY))) + '\n');
+  // a script can tell "checked, some rows are invalid" (2) from "could not check" (1, with an error sentence)
+  if (report.invalidRows > 0) process.exitCode = INVALID_ROWS_EXIT_CODE;
 }
