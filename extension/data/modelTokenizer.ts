@@ -29,6 +29,8 @@ export class ModelTokenizer {
     readonly chatTemplateFile = 'tokenizer_config.json',
     /** For a SentencePiece-style tokenizer that starts every text with "▁": the same tokenizer without that prefix. */
     private readonly makeContinuationTokenizer: (() => Tokenizer) | null = null,
+    /** The named template "tool_use" of a model that has several (Hermes): transformers renders rows with tools with it. */
+    readonly toolUseTemplate: { source: string; file: string } | null = null,
   ) {
     const added = [...tokenizer.get_added_tokens_decoder().values()];
     this.specialTokens = added
@@ -72,9 +74,30 @@ export class ModelTokenizer {
     return this.tokenizer.id_to_token(id);
   }
 
-  /** Whether the chat template reads `tools` (a row's tool definitions are otherwise left out of its text). */
+  /** Whether the chat template for rows with tools reads `tools` (their definitions are otherwise left out of the text). */
   get templateUsesTools(): boolean {
-    return this.chatTemplate !== null && /\btools\b/.test(this.chatTemplate);
+    const source = this.toolUseTemplate?.source ?? this.chatTemplate;
+    return source !== null && /\btools\b/.test(source);
+  }
+
+  /**
+   * The parsed template for a conversation with tools or without, as transformers' apply_chat_template picks it: the
+   * named "tool_use" template where the model has one and tools are given, else the chat template (null: none).
+   */
+  templateFor(withTools: boolean): Template | null {
+    if (!withTools || this.toolUseTemplate === null) return this.template;
+    if (this.compiledToolUseTemplate === undefined) this.compiledToolUseTemplate = this.parse(this.toolUseTemplate.source, this.toolUseTemplate.file);
+    return this.compiledToolUseTemplate;
+  }
+
+  private compiledToolUseTemplate: Template | undefined;
+
+  private parse(source: string, file: string): Template {
+    try {
+      return new Template(source);
+    } catch (err) {
+      throw new DataFileError(path.join(this.modelDir, file), `the chat template cannot be parsed (${(err as Error).message})`);
+    }
   }
 
   /**
@@ -82,14 +105,7 @@ export class ModelTokenizer {
    * parse still tokenizes completion and text datasets.
    */
   get template(): Template | null {
-    if (this.compiledTemplate === undefined) {
-      try {
-        this.compiledTemplate = this.chatTemplate === null ? null : new Template(this.chatTemplate);
-      } catch (err) {
-        const file = path.join(this.modelDir, this.chatTemplateFile);
-        throw new DataFileError(file, `the chat template cannot be parsed (${(err as Error).message})`);
-      }
-    }
+    if (this.compiledTemplate === undefined) this.compiledTemplate = this.chatTemplate === null ? null : this.parse(this.chatTemplate, this.chatTemplateFile);
     return this.compiledTemplate;
   }
 }
@@ -135,37 +151,76 @@ function configTokenId(value: unknown): number | null {
   return null;
 }
 
-/**
- * chat_template is a string, or a list of named templates ({name, template}) of which "default" is the one used
- * for plain chat. A separate chat_template.jinja (newer transformers) or chat_template.json takes precedence.
- */
-async function findChatTemplate(modelDir: string, config: Record<string, unknown>): Promise<{ template: string | null; file: string }> {
-  const jinja = await readTextIfPresent(path.join(modelDir, 'chat_template.jinja'));
-  if (jinja !== null && jinja.trim() !== '') return { template: jinja, file: 'chat_template.jinja' };
-  const json = await readJson(path.join(modelDir, 'chat_template.json'), false);
-  const fromJson = json ? templateFromConfigValue(json.chat_template) : null;
-  if (fromJson !== null) return { template: fromJson, file: 'chat_template.json' };
-  return { template: templateFromConfigValue(config.chat_template), file: 'tokenizer_config.json' };
+interface ChatTemplates {
+  /** The template for plain chat ("default"), or null. */
+  template: string | null;
+  file: string;
+  /** The named "tool_use" template, for conversations with tools. */
+  toolUse: { source: string; file: string } | null;
 }
 
-function templateFromConfigValue(value: unknown): string | null {
-  if (typeof value === 'string') return value.trim() === '' ? null : value;
-  if (Array.isArray(value)) {
-    const named = value as { name?: unknown; template?: unknown }[];
-    const chosen = named.find((t) => t.name === 'default') ?? named[0];
-    return chosen && typeof chosen.template === 'string' ? chosen.template : null;
+/**
+ * The chat templates as transformers finds them: tokenizer_config.json's chat_template, a string or a list of named
+ * templates ({name, template}); chat_template.json's likewise, in its place; chat_template.jinja (newer
+ * transformers), which is the default one; and additional_chat_templates/<name>.jinja, more named ones. "default" is
+ * for plain chat (a list without one: its first), "tool_use" for conversations with tools.
+ */
+async function findChatTemplates(modelDir: string, config: Record<string, unknown>): Promise<ChatTemplates> {
+  const named = new Map<string, { source: string; file: string }>();
+  let firstNamed: { source: string; file: string } | null = null;
+  const addConfigValue = (value: unknown, file: string) => {
+    if (typeof value === 'string') {
+      if (value.trim() !== '') named.set('default', { source: value, file });
+      return;
+    }
+    if (!Array.isArray(value)) return;
+    for (const t of value as { name?: unknown; template?: unknown }[]) {
+      if (typeof t?.name !== 'string' || typeof t.template !== 'string') continue;
+      named.set(t.name, { source: t.template, file });
+      firstNamed ??= { source: t.template, file };
+    }
+  };
+  const json = await readJson(path.join(modelDir, 'chat_template.json'), false);
+  if (json) addConfigValue(json.chat_template, 'chat_template.json');
+  if (named.size === 0) addConfigValue(config.chat_template, 'tokenizer_config.json');
+  const jinja = await readTextIfPresent(path.join(modelDir, 'chat_template.jinja'));
+  if (jinja !== null && jinja.trim() !== '') named.set('default', { source: jinja, file: 'chat_template.jinja' });
+  const extraDir = path.join(modelDir, ADDITIONAL_TEMPLATES_DIR);
+  for (const name of (await readdirIfPresent(extraDir)).filter((n) => n.endsWith('.jinja')).sort()) {
+    named.set(name.slice(0, -'.jinja'.length), { source: await fs.readFile(path.join(extraDir, name), 'utf8'), file: `${ADDITIONAL_TEMPLATES_DIR}/${name}` });
   }
-  return null;
+  const chosen: { source: string; file: string } | null = named.get('default') ?? firstNamed;
+  return { template: chosen?.source ?? null, file: chosen?.file ?? 'tokenizer_config.json', toolUse: named.get('tool_use') ?? null };
+}
+
+/** The folder of a model's named chat templates besides the default one (transformers' additional_chat_templates). */
+export const ADDITIONAL_TEMPLATES_DIR = 'additional_chat_templates';
+
+async function readdirIfPresent(dir: string): Promise<string[]> {
+  try {
+    return await fs.readdir(dir);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT' || (err as NodeJS.ErrnoException).code === 'ENOTDIR') return [];
+    throw err;
+  }
 }
 
 /** Loads the tokenizer of the model in `modelDir` (tokenizer.json required; the other files optional). */
 export async function loadModelTokenizer(modelDir: string): Promise<ModelTokenizer> {
-  const tokenizerJson = await readJson(path.join(modelDir, 'tokenizer.json'), true);
+  const tokenizerFile = path.join(modelDir, 'tokenizer.json');
+  const tokenizerJson = await readJson(tokenizerFile, false);
+  if (tokenizerJson === null) {
+    // older Llama/Mistral releases: transformers converts the SentencePiece model to tokenizer.json on load
+    const sentencePiece = await fs.stat(path.join(modelDir, 'tokenizer.model')).then((st) => st.isFile(), () => false);
+    if (sentencePiece)
+      throw new DataFileError(tokenizerFile, `file not found; ${modelDir} has only tokenizer.model (SentencePiece), which transformers converts when it loads it: write tokenizer.json once with transformers (AutoTokenizer.from_pretrained(folder).save_pretrained(folder))`);
+    await readJson(tokenizerFile, true); // the usual "file not found" error
+  }
   const config = (await readJson(path.join(modelDir, 'tokenizer_config.json'), false)) ?? {};
   const modelConfig = (await readJson(path.join(modelDir, 'config.json'), false)) ?? {};
   let tokenizer: Tokenizer;
   try {
-    tokenizer = new Tokenizer(tokenizerJson as object, config);
+    tokenizer = new Tokenizer(tokenizerJson!, config);
   } catch (err) {
     // the library's message ("Tokenizer must contain a "model" property") does not say which file
     throw new DataFileError(path.join(modelDir, 'tokenizer.json'), `is not a tokenizer the tokenizers library can load (${(err as Error).message}; in ${modelDir})`);
@@ -203,10 +258,10 @@ export async function loadModelTokenizer(modelDir: string): Promise<ModelTokeniz
     else addsBos = tokenizer.encode('a', { add_special_tokens: true }).ids[0] === bos.id;
   }
 
-  const chat = await findChatTemplate(modelDir, config);
+  const chat = await findChatTemplates(modelDir, config);
   const withoutPrefix = withoutDummyPrefix(tokenizerJson as Record<string, unknown>);
   const continuation = withoutPrefix === null ? null : () => new Tokenizer(withoutPrefix, config);
-  return new ModelTokenizer(modelDir, tokenizer, chat.template, bos.token, bos.id, eos.token, eos.id, addsBos, chat.file, continuation);
+  return new ModelTokenizer(modelDir, tokenizer, chat.template, bos.token, bos.id, eos.token, eos.id, addsBos, chat.file, continuation, chat.toolUse);
 }
 
 type JsonObject = Record<string, unknown>;

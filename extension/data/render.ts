@@ -156,7 +156,7 @@ export function exportedChatTemplate(tok: ModelTokenizer, finetuned: boolean): s
 }
 
 function templateSegments(messages: ChatMessage[], tok: ModelTokenizer, vars: Record<string, unknown>): { segments: Segment[]; systemLeftOut: boolean } {
-  const template = tok.template;
+  const template = tok.templateFor(vars.tools !== undefined);
   if (template === null) throw new Error('templateSegments needs a chat template');
   const context = templateContext(tok, vars);
   // @huggingface/jinja defines raise_exception (and strftime_now) itself; they throw or format as in transformers.

@@ -240,6 +240,36 @@ test('tokenizer files: chat_template lists, chat_template.jinja, {content} speci
   assert.deepEqual([fromConfig.bosToken, fromConfig.bosId, fromConfig.eosToken, fromConfig.eosId], ['<|begin_of_text|>', 506, '<|eot_id|>', 511]);
 });
 
+test('named chat templates: rows with tools take "tool_use", the others "default", from a list or additional_chat_templates/', async () => {
+  const turns = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' }}{% endfor %}";
+  const plain = turns + "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+  const withTools = "{{ '<|im_start|>system\\nTools: ' }}{% for t in tools %}{{ t.name }}{% endfor %}{{ '<|im_end|>' }}" + plain;
+  const example = (tools?: Record<string, unknown>[]): NormalizedExample => ({
+    kind: 'chat',
+    at: at(1),
+    messages: [{ role: 'user', content: 'Hi' }, { role: 'assistant', content: 'Hello' }],
+    ...(tools ? { tools } : {}),
+  });
+  const rendered = (tok: ModelTokenizer, ex: NormalizedExample) => renderExample(ex, tok).segments.map((seg) => seg.text).join('');
+
+  // Hermes' layout: a list in tokenizer_config.json
+  const listed = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: [{ name: 'default', template: plain }, { name: 'tool_use', template: withTools }] }));
+  assert.equal(rendered(listed, example([{ name: 'get_weather' }])), '<|im_start|>system\nTools: get_weather<|im_end|><|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|>');
+  assert.equal(rendered(listed, example()), '<|im_start|>user\nHi<|im_end|><|im_start|>assistant\nHello<|im_end|>');
+  assert.deepEqual(trainedRuns(listed, tokenizeExample(example([{ name: 'get_weather' }]), listed)), ['Hello<|im_end|>']);
+  assert.equal(listed.templateUsesTools, true);
+  assert.equal(tokenizeDataset([example([{ name: 'f' }])], listed).stats.toolsUnused, 0);
+
+  // newer transformers: chat_template.jinja is the default one, additional_chat_templates/<name>.jinja the others
+  const dir = tinyModelDir('qwen2', { chat_template: undefined }, { 'chat_template.jinja': plain });
+  fs.mkdirSync(path.join(dir, 'additional_chat_templates'));
+  fs.writeFileSync(path.join(dir, 'additional_chat_templates', 'tool_use.jinja'), withTools);
+  const files = await loadModelTokenizer(dir);
+  assert.deepEqual([files.chatTemplate, files.chatTemplateFile, files.toolUseTemplate?.file], [plain, 'chat_template.jinja', 'additional_chat_templates/tool_use.jinja']);
+  assert.equal(rendered(files, example([{ name: 'search' }])).startsWith('<|im_start|>system\nTools: search<|im_end|>'), true);
+  assert.equal(rendered(files, example()).startsWith('<|im_start|>user'), true);
+});
+
 test('a chat template that does not parse is a clear error when first needed, not before', async () => {
   const tok = await loadModelTokenizer(tinyModelDir('qwen2', {}, { 'chat_template.jinja': '{% for m in messages %}{{ m.content }}' }));
   assert.deepEqual(trainedRuns(tok, tokenizeExample({ kind: 'text', text: 'Hi', at: at(1) }, tok)), ['Hi<|im_end|>']);
@@ -258,6 +288,11 @@ test('tokenizer folder errors name the file', async () => {
   });
   fs.rmSync(path.join(dir, 'tokenizer.json'));
   await assert.rejects(loadModelTokenizer(dir), { message: `tokenizer.json: file not found (${path.join(dir, 'tokenizer.json')})` });
+  fs.writeFileSync(path.join(dir, 'tokenizer.model'), '');
+  await assert.rejects(loadModelTokenizer(dir), {
+    message: `tokenizer.json: file not found; ${dir} has only tokenizer.model (SentencePiece), which transformers converts when it loads it: write tokenizer.json once with transformers (AutoTokenizer.from_pretrained(folder).save_pretrained(folder))`,
+  });
+  fs.rmSync(path.join(dir, 'tokenizer.model'));
   await assert.rejects(loadModelTokenizer(tinyModelDir('qwen2', { eos_token: '<|nope|>' })), {
     message: 'tokenizer_config.json: eos_token "<|nope|>" is not in the tokenizer\'s vocabulary',
   });

@@ -4,7 +4,7 @@
 // template). The folder appears complete or not at all.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
+import { ADDITIONAL_TEMPLATES_DIR, alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
 import { readModelConfig } from '../../engine';
 import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
 import { writeJsonAtomic } from '../../util/atomicFile';
@@ -105,6 +105,12 @@ export function merge(options: MergeOptions): MergeResult {
       if (!fs.existsSync(source) || !fs.statSync(source).isFile()) continue;
       fs.copyFileSync(source, path.join(tmp, name));
       if (!copied.includes(name)) copied.push(name);
+    }
+    // the named chat templates besides the default one (tool_use), the adapter's where it carries them
+    const templates = [adapter, model].map((d) => path.join(d, ADDITIONAL_TEMPLATES_DIR)).find((d) => fs.existsSync(d) && fs.statSync(d).isDirectory());
+    if (templates !== undefined) {
+      fs.cpSync(templates, path.join(tmp, ADDITIONAL_TEMPLATES_DIR), { recursive: true });
+      copied.push(ADDITIONAL_TEMPLATES_DIR);
     }
     if (options.chatTemplate !== undefined) addChatTemplate(tmp, options.chatTemplate);
     // A plain model now: no quantization_config, and the dtype the weights are in, under whichever key the config
