@@ -14,6 +14,7 @@
 #include "model/estimate.h"
 #include "model/lora.h"
 #include "model/merge.h"
+#include "quant/bnb4.h"
 #include "quant/ggml_quants.h"
 
 namespace {
@@ -102,11 +103,24 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
   eo.stored_4bit = c.quantization.has_value() && c.quantization->load_in_4bit;
   if (eo.stored_4bit) {
     // The tensors, not config.json, say whether the block constants are double-quantized (the loader goes by them):
-    // the first layer's q_proj has a nested state or not. Reading the headers maps no weights.
+    // the first quantized linear has a nested state or not; and which linears stay dense (LlamaModel::load). Reading
+    // the headers maps no weights.
     guarded(env, [&] {
       const auto store = TensorStore::open_dir(dir);
-      const std::string q = "model.layers.0.self_attn.q_proj.weight";
-      if (store->has(q)) c.quantization->double_quant = store->has(q + ".nested_absmax");
+      bool nesting_known = false;
+      for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+        for (int mi = 0; mi < kNumModules; ++mi) {
+          const Module m = static_cast<Module>(mi);
+          const std::string name = "model.layers." + std::to_string(layer) + "." + module_parent(m) + "." +
+                                   module_name(m) + ".weight";
+          if (!bnb4::is_quantized(*store, name)) {
+            eo.stored_dense_linears.insert({layer, m});
+          } else if (!nesting_known) {
+            c.quantization->double_quant = store->has(name + ".nested_absmax");
+            nesting_known = true;
+          }
+        }
+      }
       return 0;
     });
   }

@@ -75,7 +75,8 @@ MemoryEstimate estimate_memory(const ModelConfig& c, const EstimateOptions& o) {
       const auto shape = module_shape(c, m);
       const int64_t n = shape[0] * shape[1];
       max_in_plus_out = std::max(max_in_plus_out, shape[0] + shape[1]);
-      add(W, nf4 ? ceil_div(n, 2) + block_constants_bytes(ceil_div(n, kNf4Blocksize)) : n * dense_bytes);
+      const bool quantized = nf4 && !o.stored_dense_linears.count({layer, m});
+      add(W, quantized ? ceil_div(n, 2) + block_constants_bytes(ceil_div(n, kNf4Blocksize)) : n * dense_bytes);
       if (module_has_bias(c, m)) add(W, shape[0] * kF32);
     }
   }

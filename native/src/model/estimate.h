@@ -6,6 +6,8 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <set>
+#include <utility>
 #include <vector>
 
 #include "backend/backend.h"
@@ -24,6 +26,9 @@ struct EstimateOptions {
   // way (stored_4bit).
   bool quantize_nf4 = true;
   bool stored_4bit = false;
+  // Of a bnb-4bit checkpoint (stored_4bit), the linears stored unquantized (llm_int8_skip_modules), which stay
+  // dense: (layer, module) pairs.
+  std::set<std::pair<int64_t, Module>> stored_dense_linears;
   bool gradient_checkpointing = true;
   // RunOptions::offload_block_inputs (with checkpointing): the inputs of the lowest blocks move to host memory
   // between their forward and their backward (at most L - 2 of them count).

@@ -100,6 +100,23 @@ FloatFormat float_format_of(DType t) {
 
 std::string layer_prefix(int64_t layer) { return "model.layers." + std::to_string(layer) + "."; }
 
+// A frozen matrix from fp32 values that are exact in `format` (dequantized and rounded to it), stored in it.
+DenseWeight dense_from_values(Backend* backend, const std::vector<float>& values, FloatFormat format) {
+  DenseWeight w;
+  w.format = format;
+  const int64_t n = static_cast<int64_t>(values.size());
+  w.bytes.reset(backend, n * float_format_bytes(format), MemCategory::Weights);
+  if (format == FloatFormat::F32) {
+    w.bytes.upload(reinterpret_cast<const uint8_t*>(values.data()), n * static_cast<int64_t>(sizeof(float)));
+    return w;
+  }
+  std::vector<uint16_t> half(values.size());
+  for (size_t i = 0; i < values.size(); ++i)
+    half[i] = format == FloatFormat::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+  w.bytes.upload(reinterpret_cast<const uint8_t*>(half.data()), n * 2);
+  return w;
+}
+
 int64_t max_double_quant_blocks(const std::vector<LayerWeights>& layers) {
   int64_t most = 0;
   for (const LayerWeights& lw : layers)
@@ -187,7 +204,25 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
   else
     model->embed_ = load_stored("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
   model->final_norm_ = load_dense("model.norm.weight", {c.hidden_size});
-  if (!c.tie_word_embeddings) model->lm_head_ = load_stored("lm_head.weight", {c.vocab_size, c.hidden_size});
+  if (!c.tie_word_embeddings) {
+    const std::string name = "lm_head.weight";
+    if (bnb4::is_quantized(*store, name)) {
+      // transformers quantizes the LM head too when llm_int8_skip_modules is given without it; bitsandbytes
+      // dequantizes it in every forward, into its quant state's dtype: here once, into that dtype
+      const bnb4::Nf4Weight w = bnb4::read_weight(*store, name);
+      if (w.shape != std::vector<int64_t>{c.vocab_size, c.hidden_size})
+        fail(store->file_of(name), ": tensor '", name, "' has shape ", shape_to_string(w.shape), ", expected ",
+             shape_to_string({c.vocab_size, c.hidden_size}));
+      model->lm_head_ = dense_from_values(backend, bnb4::dequantize_weight(w),
+                                          round_to_for_dtype(w.dtype, store->file_of(name) + ": tensor '" + name + "'"));
+    } else {
+      model->lm_head_ = load_stored(name, {c.vocab_size, c.hidden_size});
+    }
+  }
+  // A bnb-4bit checkpoint's linears without a quant state were left in 16 bits on purpose (llm_int8_skip_modules:
+  // unsloth's dynamic 4-bit models keep the layers that quantize worst), and transformers keeps them so: they are
+  // used as stored, not quantized here.
+  const bool quantize_dense_linears = options.quantize_nf4 && !(c.quantization && c.quantization->load_in_4bit);
 
   model->layers_.resize(static_cast<size_t>(c.num_layers));
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
@@ -218,7 +253,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
         }
         fl.round_to = round_to_for_dtype(w.dtype, store->file_of(name) + ": tensor '" + name + "'");
         model->stored_4bit_ = true;
-      } else if (options.quantize_nf4) {
+      } else if (quantize_dense_linears) {
         const std::vector<float> values = store->read_f32(name, {shape[0], shape[1]});
         const nf4::Blockwise4bit q = nf4::quantize(values.data(), static_cast<int64_t>(values.size()), 64);
         // Double quantization, as QLoRA stores it: the block constants themselves go through 8 bits.
