@@ -531,6 +531,29 @@ TEST(io_bad_configs_name_the_file_and_key) {
 // ---------------------------------------------------------------------------------------------------------------
 // JSON
 
+TEST(io_folders_without_a_loadable_model_say_what_they_hold) {
+  const TempDir dir("folders");
+  const fs::path pickle = dir.path / "pickle", gguf = dir.path / "gguf", adapter = dir.path / "adapter",
+                 original = dir.path / "original";
+  for (const fs::path& p : {pickle, gguf, adapter, original}) fs::create_directories(p);
+  write_bytes(pickle / "config.json", "{}");
+  write_bytes(pickle / "pytorch_model.bin", "PK");
+  EXPECT_THROWS_WITH(TensorStore::open_dir(pickle.string()),
+                     "pickle: no model.safetensors or model.safetensors.index.json: it holds pytorch_model.bin, a PyTorch "
+                     "pickle, which is never loaded");
+  write_bytes(gguf / "model-Q4_K_M.gguf", "GGUF");
+  EXPECT_THROWS_WITH(load_model_config(gguf.string()), "gguf: no config.json: it holds model-Q4_K_M.gguf, a llama.cpp file");
+  EXPECT_THROWS_WITH(load_model_config((gguf / "model-Q4_K_M.gguf").string()), "model-Q4_K_M.gguf is a llama.cpp file");
+  write_bytes(adapter / "adapter_config.json", "{}");
+  write_bytes(adapter / "adapter_model.safetensors", "");
+  EXPECT_THROWS_WITH(load_model_config(adapter.string()), "it holds adapter_config.json, so it is a LoRA adapter, not a model");
+  write_bytes(original / "params.json", "{}");
+  write_bytes(original / "consolidated.00.pth", "");
+  EXPECT_THROWS_WITH(load_model_config(original.string()), "it holds params.json, the original checkpoint layout");
+  // an empty folder: the plain sentence
+  EXPECT_THROWS_WITH(load_model_config(dir.path.string()), "no config.json (is this a Hugging Face model folder?)");
+}
+
 TEST(io_json_parses_values_escapes_and_numbers) {
   const json::Value v = json::Value::parse(
       R"({"s": "a\"b\\\/\u00e9\ud83d\ude80\n\t\b\f\r\u0000", "n": -1.5e2, "z": 0, "e": 1E+2, "a": [true, false, null],)"

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <system_error>
 
+#include "io/folder_hints.h"
 #include "io/safetensors.h"
 #include "util/error.h"
 #include "util/json.h"
@@ -219,10 +220,17 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 ModelConfig load_model_config(const std::string& model_dir) {
   const std::filesystem::path path = std::filesystem::path(model_dir) / "config.json";
   std::error_code ec;
-  if (std::filesystem::is_regular_file(model_dir, ec))
+  if (std::filesystem::is_regular_file(model_dir, ec)) {
+    if (std::filesystem::path(model_dir).extension() == ".gguf")
+      fail(model_dir, " is a llama.cpp file; training needs the model's Hugging Face release (a folder with "
+                      "config.json, safetensors and tokenizer.json)");
     fail(model_dir, " is a file; name the model's folder (the one that holds config.json and the safetensors)");
-  if (!std::filesystem::is_regular_file(path, ec))
+  }
+  if (!std::filesystem::is_regular_file(path, ec)) {
+    const std::string hint = config_hint(model_dir);
+    if (!hint.empty()) fail(model_dir, ": no config.json", hint);
     fail(model_dir, ": no config.json (is this a Hugging Face model folder?)");
+  }
   return parse_model_config(read_text_file(path.string()), path.string());
 }
 

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <system_error>
 
+#include "io/folder_hints.h"
 #include "util/error.h"
 #include "util/json.h"
 
@@ -301,6 +302,8 @@ std::unique_ptr<TensorStore> TensorStore::open_dir(const std::string& dir) {
     store->files_.push_back(SafetensorsFile::open(single.string()));
     for (const TensorInfo& t : store->files_[0]->tensors()) store->file_of_tensor_[t.name] = 0;
   } else {
+    const std::string hint = weights_hint(dir);
+    if (!hint.empty()) fail(dir, ": no model.safetensors or model.safetensors.index.json", hint);
     fail(dir, ": no model.safetensors or model.safetensors.index.json (only safetensors weights can be read)");
   }
   return store;
