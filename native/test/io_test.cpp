@@ -442,6 +442,10 @@ TEST(io_config_defaults_and_variants) {
                 .sliding_window,
             0);
   EXPECT_EQ(parse_cfg(R"(, "model_type": "mistral", "sliding_window": null)").sliding_window, 0);
+  // no key: MistralConfig's default of 4096
+  EXPECT_EQ(parse_cfg(R"(, "model_type": "mistral", "max_position_embeddings": 32768)").sliding_window, 4096);
+  EXPECT_EQ(parse_cfg(R"(, "model_type": "mistral")").sliding_window, 4096);
+  EXPECT_EQ(parse_cfg(R"(, "model_type": "llama")").sliding_window, 0);
   EXPECT_EQ(parse_cfg(R"(, "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": false)").sliding_window,
             0);
   EXPECT_EQ(parse_cfg(R"(, "model_type": "qwen2", "sliding_window": 64, "use_sliding_window": true)").sliding_window,

@@ -152,11 +152,16 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   c.tie_word_embeddings = r.boolean(root, "tie_word_embeddings").value_or(false);
   // Qwen2 has a sliding_window key that only counts with use_sliding_window; Mistral's counts whenever it is set.
   // A window that covers every position the model supports is no window at all.
+  // Without the key, MistralConfig's default is a window of 4096 (the configs transformers saves always state it,
+  // null where there is none).
   const bool uses_window = qwen2 ? r.boolean(root, "use_sliding_window").value_or(false) : true;
+  const bool mistral = c.architecture == "MistralForCausalLM";
   if (uses_window && r.get(root, "sliding_window")) {
     c.sliding_window = r.positive_int("sliding_window");
-    if (c.max_position_embeddings > 0 && c.sliding_window >= c.max_position_embeddings) c.sliding_window = 0;
+  } else if (mistral && root.find("sliding_window") == nullptr) {
+    c.sliding_window = 4096;
   }
+  if (c.max_position_embeddings > 0 && c.sliding_window >= c.max_position_embeddings) c.sliding_window = 0;
   // Qwen2 always has q/k/v biases and never an o_proj bias; Llama and Mistral have either all four or none.
   if (qwen2) {
     c.qkv_bias = true;
