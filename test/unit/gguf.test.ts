@@ -115,6 +115,20 @@ test('token types: added tokens marked special, or that look like control tokens
   assert.deepEqual(['<pad>', '<unused12>', '<|a|>', '<|a', 'a|>', '<b>'].map(looksLikeControlToken), [true, true, true, false, false, false]);
 });
 
+test('named chat templates: the default one is tokenizer.chat_template, tool_use is tokenizer.chat_template.tool_use, listed in tokenizer.chat_templates', async () => {
+  const model = path.join(tempDir('gguf-named-templates'), 'model');
+  makeTinyModel({ out: model, arch: 'qwen2', seed: 2 });
+  const configFile = path.join(model, 'tokenizer_config.json');
+  const config = JSON.parse(fs.readFileSync(configFile, 'utf8')) as { chat_template: string };
+  const toolUse = '{{ tools | length }}' + config.chat_template;
+  fs.writeFileSync(configFile, JSON.stringify({ ...config, chat_template: [{ name: 'default', template: config.chat_template }, { name: 'tool_use', template: toolUse }] }));
+  const meta = new Map((await tokenizerMetadata(model, 512)).entries);
+  const value = (key: string) => (meta.get(key) as unknown as { value?: string; values?: string[] } | undefined);
+  assert.equal(value('tokenizer.chat_template')?.value, config.chat_template);
+  assert.equal(value('tokenizer.chat_template.tool_use')?.value, toolUse);
+  assert.deepEqual(value('tokenizer.chat_templates')?.values, ['tool_use']);
+});
+
 test('Q/K permutation: rotate-half rows become interleaved pairs within each head', () => {
   // 2 heads of 4 rows, 1 column: per head rows [a0 a1 b0 b1] -> [a0 b0 a1 b1]
   const w = Float32Array.from([0, 1, 2, 3, 10, 11, 12, 13]);

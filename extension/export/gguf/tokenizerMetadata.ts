@@ -129,6 +129,10 @@ export async function tokenizerMetadata(modelDir: string, vocabSize: number, fin
   if (padId !== null) entries.push(['tokenizer.ggml.padding_token_id', gguf.u32(padId)]);
   const template = exportedChatTemplate(t, finetuned);
   if (template !== null) entries.push(['tokenizer.chat_template', gguf.str(template)]);
+  // the named template for conversations with tools, as llama.cpp's converter writes it (llama-server renders a
+  // request with tools with it)
+  if (template !== null && t.toolUseTemplate !== null)
+    entries.push(['tokenizer.chat_template.tool_use', gguf.str(t.toolUseTemplate.source)], ['tokenizer.chat_templates', gguf.strings(['tool_use'])]);
   return { entries, vocabSize, eosId: t.eosId };
 }
 
