@@ -40,6 +40,19 @@ suite('QLoRA Studio in the real extension host', () => {
     await vscode.commands.executeCommand('workbench.action.closeActiveEditor');
   });
 
+  test('qlora.selectDataset lists a dataset\'s invalid rows in the Problems panel at their line', async () => {
+    const { data } = h.fixtures();
+    const bad = path.join(h.workspaceDir(), 'with-invalid-rows.jsonl');
+    const rows = fs.readFileSync(data, 'utf8').split('\n').filter(l => l.trim() !== '').slice(0, 3);
+    fs.writeFileSync(bad, [...rows, '{"messages": 5}', ''].join('\n'));
+    // inspect-data exits with 2 for a dataset with invalid rows; the host reads its report all the same
+    assert.strictEqual(await vscode.commands.executeCommand('qlora.selectDataset', bad), bad);
+    const problems = vscode.languages.getDiagnostics(vscode.Uri.file(bad));
+    assert.deepStrictEqual(problems.map(d => [d.range.start.line, d.severity]), [[3, vscode.DiagnosticSeverity.Error]], JSON.stringify(problems.map(d => d.message)));
+    await vscode.commands.executeCommand('workbench.action.closeAllEditors');
+    fs.rmSync(bad);
+  });
+
   test('the extension exports the run registry (runs.list())', async () => {
     const api = await h.api();
     assert.ok(Array.isArray(api.runs.list()));
