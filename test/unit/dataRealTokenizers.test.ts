@@ -20,6 +20,7 @@ import {
   toolsUnusedMessage,
 } from '../../extension/data';
 import { withoutDummyPrefix } from '../../extension/data/modelTokenizer';
+import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { tempDir } from '../helpers/paths';
 import { LLAMA2_DIR, LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
 
@@ -288,4 +289,13 @@ test('the real templates are the ones the packages ship', () => {
   const qwenConfig = JSON.parse(fs.readFileSync(path.join(QWEN3_DIR, 'tokenizer_config.json'), 'utf8')) as { chat_template: string };
   assert.ok(llamaConfig.chat_template.includes('<|eot_id|>'));
   assert.ok(qwenConfig.chat_template.includes('<think>') && qwenConfig.chat_template.includes('enable_thinking'));
+});
+
+test('a tiny model with a real 128k-token vocabulary (Llama 3.1\'s tokenizer) is made and loads', async () => {
+  const model = path.join(tempDir('tiny-llama31'), 'model');
+  makeTinyModel({ out: model, arch: 'llama', seed: 3, tokenizerFrom: LLAMA31_DIR });
+  const config = JSON.parse(fs.readFileSync(path.join(model, 'config.json'), 'utf8')) as { vocab_size: number };
+  assert.equal(config.vocab_size, 128256);
+  const tok = await loadModelTokenizer(model);
+  assert.deepEqual([tok.bosToken, tok.eosToken], ['<|begin_of_text|>', '<|eot_id|>']);
 });

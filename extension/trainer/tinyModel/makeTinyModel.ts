@@ -164,7 +164,7 @@ function tokenizerFromFolder(dir: string): TinyTokenizer {
   const added = (tokenizerJson.added_tokens ?? []) as { id: number; content: string }[];
   const idOf = new Map<string, number>([...Object.entries(model.vocab), ...added.map((a) => [a.content, a.id] as [string, number])]);
   const ids = [...idOf.values()];
-  const vocabSize = Math.max(...ids) + 1;
+  const vocabSize = ids.reduce((m, i) => Math.max(m, i), 0) + 1; // no spread: 128k arguments overflow the stack
   const tokenText = (v: unknown) => (typeof v === 'string' ? v : (v as { content?: string } | null)?.content);
   const id = (key: string): number | null => {
     const text = tokenText(tokenizerConfig[key]);
