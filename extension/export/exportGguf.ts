@@ -97,6 +97,7 @@ async function exportLoraGguf(o: ExportGgufOptions, model: string, adapter: stri
   }
   planLoraGguf({ adapterDir: adapter, baseModelDir: model, type }); // what it refuses, before any file is written
   const name = path.basename(o.run ?? adapter);
+  removeStaleTemps(o.out, 'base-tmp'); // the base GGUF of a killed export, and its writer's temporary
   const base = `${o.out}.base-tmp-${process.pid}.gguf`;
   try {
     // the base first: what stops its GGUF (a missing tokenizer.json, say) stops the export before the LoRA is written

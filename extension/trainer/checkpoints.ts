@@ -81,9 +81,14 @@ export function pruneCheckpoints(runDir: string, keep: number): void {
   const dir = checkpointsDir(runDir);
   if (!fs.existsSync(dir)) return;
   const all = listCheckpoints(runDir);
+  const newest = all.length > 0 ? all[all.length - 1].step : 0;
   for (const name of fs.readdirSync(dir)) {
-    const m = /^\.(step-\d+)\.(tmp|old)-\d+$/.exec(name);
+    const m = /^\.(step-\d+)\.(tmp|old|del)-\d+$/.exec(name);
     if (m) removeLeftovers(path.join(dir, m[1]));
+    // a step folder without DONE older than the newest complete one can never be completed (written before DONE
+    // was kept, or a tool's copy): it only takes room
+    const incomplete = STEP_DIR.exec(name);
+    if (incomplete && Number(incomplete[1]) < newest && !fs.existsSync(path.join(dir, name, 'DONE'))) removeFolderAtomic(path.join(dir, name));
   }
   for (const old of all.slice(0, Math.max(0, all.length - keep))) removeFolderAtomic(old.dir);
 }

@@ -21,7 +21,9 @@ export class EventLog {
   private readonly listeners: ((e: TrainerEvent) => void)[] = [];
 
   constructor(readonly runDir: string) {
-    this.fd = fs.openSync(path.join(runDir, 'events.jsonl'), 'a');
+    const file = path.join(runDir, 'events.jsonl');
+    dropPartialLastLine(file);
+    this.fd = fs.openSync(file, 'a');
   }
 
   onEvent(listener: (e: TrainerEvent) => void): void {
@@ -33,8 +35,11 @@ export class EventLog {
     // writes reads back: an event that would not is a bug here, not a log that no reader can open.
     const line = serializeEvent({ ...partial, time: new Date().toISOString() } as TrainerEvent);
     const event = validateEvent(JSON.parse(line));
-    // One write per line, so a kill leaves at most a partial last line, which readers skip.
-    fs.writeSync(this.fd, line + '\n');
+    // One line at a time, so a kill (or a full disk) leaves at most a partial last line, which readers skip and the
+    // next trainer on the folder cuts off. A write may take less than the whole line (a disk filling up): the rest
+    // follows, or the next write throws.
+    const bytes = Buffer.from(line + '\n', 'utf8');
+    for (let done = 0; done < bytes.length; ) done += fs.writeSync(this.fd, bytes, done, bytes.length - done);
     sendToHost(event);
     for (const l of this.listeners) l(event);
     return event;
@@ -43,4 +48,38 @@ export class EventLog {
   close(): void {
     fs.closeSync(this.fd);
   }
+}
+
+/**
+ * Cuts a partial last line (a kill or a full disk in the middle of a write) off the log, so that the next event starts
+ * a line of its own: appended to the fragment, it would make a line no reader can parse in the middle of the file.
+ */
+export function dropPartialLastLine(file: string): void {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch {
+    return; // no log yet
+  }
+  let keep: number;
+  try {
+    const size = fs.fstatSync(fd).size;
+    keep = size;
+    const chunk = Buffer.alloc(64 * 1024);
+    // from the end backwards to the last newline (the end itself when the file ends with one)
+    for (let end = size; end > 0; ) {
+      const start = Math.max(0, end - chunk.length);
+      fs.readSync(fd, chunk, 0, end - start, start);
+      const at = chunk.subarray(0, end - start).lastIndexOf(0x0a);
+      if (at >= 0) {
+        keep = start + at + 1;
+        break;
+      }
+      end = start;
+      keep = 0;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  if (keep < fs.statSync(file).size) fs.truncateSync(file, keep);
 }

@@ -2,8 +2,8 @@
 // temporary sibling `<out>.tmp-<pid>`, then rename it to `<out>` (atomic on the same file system).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { syncFolder } from './atomicFile';
-import { isAlive } from './staleTemp';
+import { syncFolder, syncTree } from './atomicFile';
+import { isAlive, removeStaleTemps } from './staleTemp';
 
 /**
  * Runs `fill(tmp)` on a fresh temporary folder beside `out` and renames it to `out` once `fill` returns. An `out`
@@ -16,13 +16,14 @@ export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
     if (fs.readdirSync(target).length > 0) throw new Error(`${out} already exists and is not empty; choose a new folder or empty it`);
   }
   fs.mkdirSync(path.dirname(target), { recursive: true });
+  removeStaleTemps(target, 'tmp'); // what writers killed before left
   const tmp = `${target}.tmp-${process.pid}`;
   fs.rmSync(tmp, { recursive: true, force: true }); // a leftover of an earlier run of this same pid
   fs.mkdirSync(tmp);
   try {
     const result = fill(tmp);
     // An empty target (allowed above) is replaced; rename cannot replace a folder on every platform.
-    syncFolder(tmp);
+    syncTree(tmp);
     if (fs.existsSync(target)) fs.rmdirSync(target);
     fs.renameSync(tmp, target);
     syncFolder(path.dirname(target));
@@ -51,7 +52,7 @@ export function replaceFolderAtomic<T>(out: string, fill: (tmp: string) => T): T
   let result: T;
   try {
     result = fill(tmp);
-    syncFolder(tmp);
+    syncTree(tmp);
     if (fs.existsSync(target)) fs.renameSync(target, aside);
     try {
       fs.renameSync(tmp, target);
@@ -71,13 +72,14 @@ export function replaceFolderAtomic<T>(out: string, fill: (tmp: string) => T): T
 /**
  * Removes a folder so that no reader ever sees it half removed (a recursive delete goes file by file, and a kill
  * in the middle would leave, say, a checkpoint's DONE beside a missing adapter): it is first renamed to a hidden
- * sibling, which is then deleted. A kill leaves at worst that hidden sibling, which replaceFolderAtomic and
- * removeLeftovers clear.
+ * sibling (`.<name>.del-<pid>`), which is then deleted. A kill leaves at worst that hidden sibling, which
+ * replaceFolderAtomic and removeLeftovers clear.
  */
 export function removeFolderAtomic(dir: string): void {
   const target = path.resolve(dir);
   if (!fs.existsSync(target)) return;
-  const aside = siblingName(target, 'old', process.pid);
+  // its own tag: a folder on its way out is never put back (restoreInterruptedReplace takes only 'old')
+  const aside = siblingName(target, 'del', process.pid);
   fs.rmSync(aside, { recursive: true, force: true });
   fs.renameSync(target, aside);
   syncFolder(path.dirname(target));
@@ -95,18 +97,25 @@ export function restoreInterruptedReplace(target: string): void {
   if (aside !== undefined) fs.renameSync(aside, full);
 }
 
-/** Removes the temporary and set-aside siblings (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) of processes that are gone. */
+/**
+ * Removes the siblings (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`, `.<name>.del-<pid>`) that processes now gone left
+ * while writing, replacing or removing `target`.
+ */
 export function removeLeftovers(target: string): void {
   const full = path.resolve(target);
-  for (const tag of ['tmp', 'old'] as const) for (const dir of deadSiblings(full, tag)) fs.rmSync(dir, { recursive: true, force: true });
+  for (const tag of SIBLING_TAGS) for (const dir of deadSiblings(full, tag)) fs.rmSync(dir, { recursive: true, force: true });
 }
 
-function siblingName(target: string, tag: 'tmp' | 'old', pid: number): string {
+/** tmp: being written; old: replaced, put back if its writer died before the new one was in place; del: being removed. */
+const SIBLING_TAGS = ['tmp', 'old', 'del'] as const;
+type SiblingTag = (typeof SIBLING_TAGS)[number];
+
+function siblingName(target: string, tag: SiblingTag, pid: number): string {
   return path.join(path.dirname(target), `.${path.basename(target)}.${tag}-${pid}`);
 }
 
 /** `.<name>.<tag>-<pid>` siblings of `target` whose process no longer runs. */
-function deadSiblings(target: string, tag: 'tmp' | 'old'): string[] {
+function deadSiblings(target: string, tag: SiblingTag): string[] {
   const prefix = `.${path.basename(target)}.${tag}-`;
   let names: string[];
   try {

@@ -14,7 +14,7 @@ export function isAlive(pid: number): boolean {
   }
 }
 
-/** Removes `<target>.<tag>-<pid>` entries beside `target` whose process no longer runs; returns what it removed. */
+/** Removes `<target>.<tag>-<pid>...` entries beside `target` whose process no longer runs; returns what it removed. */
 export function removeStaleTemps(target: string, tag: string): string[] {
   const dir = path.dirname(path.resolve(target));
   const prefix = `${path.basename(target)}.${tag}-`;
@@ -27,7 +27,8 @@ export function removeStaleTemps(target: string, tag: string): string[] {
   }
   for (const name of names) {
     if (!name.startsWith(prefix)) continue;
-    const pid = Number(name.slice(prefix.length));
+    // the pid leads what follows the prefix: `<target>.merge-tmp-<pid>.tmp-<pid>` is one writer's temporary inside another's
+    const pid = Number(/^\d+/.exec(name.slice(prefix.length))?.[0]);
     if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid || isAlive(pid)) continue;
     fs.rmSync(path.join(dir, name), { recursive: true, force: true });
     removed.push(path.join(dir, name));

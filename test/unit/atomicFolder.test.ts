@@ -7,7 +7,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { latestCheckpoint, listCheckpoints, pruneCheckpoints } from '../../extension/trainer/checkpoints';
-import { removeFolderAtomic, replaceFolderAtomic, restoreInterruptedReplace } from '../../extension/util/atomicFolder';
+import { removeFolderAtomic, replaceFolderAtomic, restoreInterruptedReplace, writeFolderAtomic } from '../../extension/util/atomicFolder';
+import { removeStaleTemps } from '../../extension/util/staleTemp';
 import { tempDir } from '../helpers/paths';
 
 const checkpointsModule = path.join(__dirname, '../../extension/trainer/checkpoints.js');
@@ -133,3 +134,60 @@ test('removeFolderAtomic removes a folder and leaves nothing beside it', () => {
   assert.deepEqual(fs.readdirSync(dir), []);
 });
 
+
+/** The pid of a process that has ended. */
+function deadPid(): number {
+  return Number(spawnSync(process.execPath, ['-e', 'process.stdout.write(String(process.pid))'], { encoding: 'utf8' }).stdout);
+}
+
+test('a folder killed on its way out is never put back: removals leave .del-, which is only ever removed', () => {
+  const dir = tempDir('atomic-del');
+  const target = path.join(dir, 'adapter');
+  const dead = deadPid();
+  // a resume that removed the stop's adapter was killed after renaming it aside
+  fs.mkdirSync(path.join(dir, `.adapter.del-${dead}`));
+  fs.writeFileSync(path.join(dir, `.adapter.del-${dead}`, 'stale'), 'step 9');
+  restoreInterruptedReplace(target);
+  assert.equal(fs.existsSync(target), false, 'a removed folder came back');
+  replaceFolderAtomic(target, (tmp) => fs.writeFileSync(path.join(tmp, 'fresh'), 'step 60'));
+  assert.deepEqual(fs.readdirSync(target), ['fresh']);
+  assert.deepEqual(fs.readdirSync(dir), ['adapter']);
+});
+
+test('pruning clears what killed writers left: set-aside and removed checkpoints, and step folders without DONE behind a complete one', () => {
+  const runDir = tempDir('atomic-prune');
+  const dir = path.join(runDir, 'checkpoints');
+  const complete = (name: string) => {
+    fs.mkdirSync(path.join(dir, name), { recursive: true });
+    fs.writeFileSync(path.join(dir, name, 'DONE'), '{}');
+  };
+  complete('step-6');
+  complete('step-9');
+  const dead = deadPid();
+  fs.mkdirSync(path.join(dir, 'step-3')); // no DONE, older than the newest complete one
+  fs.mkdirSync(path.join(dir, `.step-3.del-${dead}`));
+  fs.mkdirSync(path.join(dir, `.step-9.tmp-${dead}`));
+  fs.mkdirSync(path.join(dir, `.step-6.old-${dead}`)); // step-6 exists: nothing to put back
+  pruneCheckpoints(runDir, 2);
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['step-6', 'step-9']);
+});
+
+test('stale temporaries: the pid leads what follows the tag (a writer\'s temporary inside another\'s), and writeFolderAtomic clears its own', () => {
+  const dir = tempDir('atomic-stale');
+  const out = path.join(dir, 'model.gguf');
+  const dead = deadPid();
+  fs.mkdirSync(path.join(dir, `model.gguf.merge-tmp-${dead}.tmp-${dead}`));
+  fs.writeFileSync(path.join(dir, `model.gguf.base-tmp-${dead}.gguf`), 'x');
+  fs.writeFileSync(path.join(dir, `model.gguf.base-tmp-${process.ppid}.gguf`), 'a live export');
+  assert.equal(removeStaleTemps(out, 'merge-tmp').length, 1);
+  assert.equal(removeStaleTemps(out, 'base-tmp').length, 1);
+  assert.deepEqual(fs.readdirSync(dir), [`model.gguf.base-tmp-${process.ppid}.gguf`]);
+  const merged = path.join(dir, 'merged');
+  fs.mkdirSync(`${merged}.tmp-${dead}`);
+  writeFolderAtomic(merged, (tmp) => {
+    fs.mkdirSync(path.join(tmp, 'sub'));
+    fs.copyFileSync(path.join(dir, `model.gguf.base-tmp-${process.ppid}.gguf`), path.join(tmp, 'sub', 'copied'));
+  });
+  assert.deepEqual(fs.readdirSync(dir).sort(), ['merged', `model.gguf.base-tmp-${process.ppid}.gguf`]);
+  assert.equal(fs.readFileSync(path.join(merged, 'sub', 'copied'), 'utf8'), 'a live export');
+});
