@@ -243,11 +243,12 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     const data = args.data ?? (await pickDataset(context));
     if (!data) return undefined;
 
-    const seqLen = typeof overrides.seqLen === 'number' ? overrides.seqLen : settings.maxSequenceLength;
-    const report = await inspectData(data, model, seqLen);
+    // the preview's max length: the run's unless the preset, chosen next, decides it (then the default preset's)
+    const previewSeqLen = estimateShape(settings.defaultPreset, overrides, settings.maxSequenceLength).seqLen;
+    const report = await inspectData(data, model, previewSeqLen);
     showDatasetProblems(h.diagnostics, data, report);
     // Shown beside the flow (focus stays in the QuickPick), so the preset is chosen with the data in view.
-    if (interactive) preview.show(report, { maxLength: seqLen, modelDir: model, preserveFocus: true });
+    if (interactive) preview.show(report, { maxLength: previewSeqLen, modelDir: model, preserveFocus: true });
     const summary = `${path.basename(data)}: ${report.shape ?? 'unknown shape'}, ${report.rowCount.toLocaleString('en-US')} rows, ${report.invalidRows} invalid`;
     if (report.validRows === 0) throw new Refusal(`${summary}: nothing to train on${report.errors[0] ? ` (${report.errors[0]})` : ''}.`);
 
@@ -280,7 +281,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     const runDir = path.join(runsDir, name);
 
     if (interactive) {
-      const shape = estimateShape(preset, overrides);
+      const shape = estimateShape(preset, overrides, settings.maxSequenceLength);
+      const seqLen = shape.seqLen;
       let memory: string;
       let fits = true;
       try {
@@ -581,7 +583,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       await context.workspaceState.update(SELECTED_DATASET, file);
       const selected = context.workspaceState.get<string>(SELECTED_MODEL);
       const model = selected && fs.existsSync(selected) ? selected : undefined;
-      const seqLen = readSettings().maxSequenceLength;
+      const settings = readSettings();
+      const seqLen = estimateShape(settings.defaultPreset, {}, settings.maxSequenceLength).seqLen;
       const report = await inspectData(file, model, seqLen);
       showDatasetProblems(h.diagnostics, file, report);
       preview.show(report, { maxLength: seqLen, modelDir: model ?? null, preserveFocus: false });

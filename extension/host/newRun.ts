@@ -11,17 +11,18 @@ export type PresetName = 'qlora' | 'quick';
 export const PRESET_NAMES: readonly PresetName[] = ['qlora', 'quick'];
 
 /**
- * What the memory estimate needs of each preset (LoRA rank, micro-batch, LoRA dropout). They mirror PRESETS in
- * extension/trainer/config.ts, which the host does not import (a unit test keeps the two in step).
+ * What the memory estimate needs of each preset (LoRA rank, micro-batch, LoRA dropout, sequence length). They
+ * mirror PRESETS in extension/trainer/config.ts, which the host does not import (a unit test keeps the two in step).
  */
 export interface EstimateShape {
   rank: number;
   batchSize: number;
   dropout: number;
+  seqLen: number;
 }
 export const PRESET_SHAPES: Record<PresetName, EstimateShape> = {
-  qlora: { rank: 64, batchSize: 4, dropout: 0.05 },
-  quick: { rank: 8, batchSize: 4, dropout: 0.05 },
+  qlora: { rank: 64, batchSize: 4, dropout: 0.05, seqLen: 1024 },
+  quick: { rank: 8, batchSize: 4, dropout: 0.05, seqLen: 512 },
 };
 
 /** Training settings a script may override, by config name, with the `train` flag each becomes. */
@@ -49,10 +50,13 @@ export interface TrainRequest {
   model: string;
   data: string;
   preset: PresetName;
-  /** From the settings qlora.maxSequenceLength, qlora.checkpointEvery, qlora.evalEvery. */
-  seqLen: number;
-  checkpointEvery: number;
-  evalEvery: number;
+  /**
+   * From the settings qlora.maxSequenceLength, qlora.checkpointEvery, qlora.evalEvery where the user set them; null:
+   * the preset's own.
+   */
+  seqLen: number | null;
+  checkpointEvery: number | null;
+  evalEvery: number | null;
   /** From qlora.samplePrompts: answered at the start and at every eval, shown in the panel. */
   samplePrompts?: string[];
   /** Config names (maxSteps) or flag names (max-steps); these win over the settings. */
@@ -80,9 +84,9 @@ export function normalizeOverrides(overrides: Record<string, unknown> = {}): Rec
 /** The `train` arguments before --out and --json (an argument array: paths are never shell-parsed). */
 export function trainArgs(r: TrainRequest): string[] {
   const values: Record<string, number | boolean | string | string[]> = {
-    seqLen: r.seqLen,
-    checkpointEvery: r.checkpointEvery,
-    evalEvery: r.evalEvery,
+    ...(r.seqLen !== null ? { seqLen: r.seqLen } : {}),
+    ...(r.checkpointEvery !== null ? { checkpointEvery: r.checkpointEvery } : {}),
+    ...(r.evalEvery !== null ? { evalEvery: r.evalEvery } : {}),
     ...(r.samplePrompts && r.samplePrompts.length > 0 ? { samplePrompts: r.samplePrompts } : {}),
     ...normalizeOverrides(r.overrides),
   };
@@ -101,14 +105,18 @@ export function trainArgs(r: TrainRequest): string[] {
   return args;
 }
 
-/** The rank, micro-batch and LoRA dropout a run will use, for the memory estimate. */
-export function estimateShape(preset: PresetName, overrides: Record<string, unknown> = {}): EstimateShape {
+/**
+ * The rank, micro-batch, LoRA dropout and sequence length a run will use, for the memory estimate: the overrides',
+ * else qlora.maxSequenceLength where the user set it (`seqLenSetting`), else the preset's.
+ */
+export function estimateShape(preset: PresetName, overrides: Record<string, unknown> = {}, seqLenSetting: number | null = null): EstimateShape {
   const o = normalizeOverrides(overrides);
   const base = PRESET_SHAPES[preset];
   return {
     rank: typeof o.rank === 'number' ? o.rank : base.rank,
     batchSize: typeof o.batchSize === 'number' ? o.batchSize : base.batchSize,
     dropout: base.dropout,
+    seqLen: typeof o.seqLen === 'number' ? o.seqLen : (seqLenSetting ?? base.seqLen),
   };
 }
 

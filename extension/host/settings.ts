@@ -9,9 +9,10 @@ import { expandHome } from '../util/homePath';
 
 export interface Settings {
   defaultPreset: PresetName;
-  maxSequenceLength: number;
-  checkpointEvery: number;
-  evalEvery: number;
+  /** These three where the user set them; null: the chosen preset's own value. */
+  maxSequenceLength: number | null;
+  checkpointEvery: number | null;
+  evalEvery: number | null;
   /** Where runs train (qlora.device). */
   device: DeviceRequest;
   /** GiB of GPU memory a run may use; 0 = what is free when it starts, less a margin. */
@@ -27,14 +28,21 @@ export function readSettings(): Settings {
   const device = c.get<string>('device', 'auto');
   return {
     defaultPreset: preset === 'quick' ? 'quick' : 'qlora',
-    maxSequenceLength: c.get<number>('maxSequenceLength', 1024),
-    checkpointEvery: c.get<number>('checkpointEvery', 100),
-    evalEvery: c.get<number>('evalEvery', 100),
+    maxSequenceLength: userSetting(c, 'maxSequenceLength'),
+    checkpointEvery: userSetting(c, 'checkpointEvery'),
+    evalEvery: userSetting(c, 'evalEvery'),
     device: (DEVICE_REQUESTS as readonly string[]).includes(device) ? (device as DeviceRequest) : 'auto',
     gpuMemoryBudget: Math.max(0, c.get<number>('gpuMemoryBudget', 0)),
     huggingFaceCache: c.get<string>('huggingFaceCache', ''),
     samplePrompts: c.get<unknown[]>('samplePrompts', []).filter((p): p is string => typeof p === 'string' && p.trim() !== '').slice(0, 16),
   };
+}
+
+/** A number setting the user (or the workspace) set, at any level; null where it was left unset. */
+function userSetting(c: vscode.WorkspaceConfiguration, key: string): number | null {
+  const i = c.inspect<number>(key);
+  const set = [i?.workspaceFolderValue, i?.workspaceValue, i?.globalValue].find((v) => typeof v === 'number' && Number.isFinite(v));
+  return set ?? null;
 }
 
 /**

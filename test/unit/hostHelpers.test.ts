@@ -35,6 +35,8 @@ test('train arguments: settings, then overrides by config or flag name; every fl
   const args = trainArgs({ model: '/m s', data: '/d.jsonl', preset: 'quick', seqLen: 1024, checkpointEvery: 100, evalEvery: 50, overrides: { maxSteps: 5, 'batch-size': 2, seqLen: 64, skipInvalid: true, packing: false } });
   assert.deepEqual(args, ['--model', '/m s', '--data', '/d.jsonl', '--preset', 'quick', '--seq-len', '64', '--checkpoint-every', '100', '--eval-every', '50', '--max-steps', '5', '--batch-size', '2', '--skip-invalid']);
   for (const a of args.filter((x) => x.startsWith('--'))) assert.ok(a.slice(2) in trainOptions, `${a} is a train option`);
+  // settings the user left unset leave the preset's values alone (quick's seq-len 512, eval and checkpoints every 20)
+  assert.deepEqual(trainArgs({ model: 'm', data: 'd', preset: 'quick', seqLen: null, checkpointEvery: null, evalEvery: null }), ['--model', 'm', '--data', 'd', '--preset', 'quick']);
   assert.throws(() => normalizeOverrides({ targets: ['q_proj'] }), /unknown training override "targets"/);
   assert.throws(() => normalizeOverrides({ maxSteps: '5' }), /"maxSteps" must be a number/);
   assert.throws(() => normalizeOverrides({ packing: 1 }), /must be true or false/);
@@ -43,9 +45,13 @@ test('train arguments: settings, then overrides by config or flag name; every fl
 test('the presets the estimate uses match the trainer\'s', () => {
   for (const [name, shape] of Object.entries(PRESET_SHAPES)) {
     const values = PRESETS[name as keyof typeof PRESETS].values;
-    assert.deepEqual(shape, { rank: values.rank, batchSize: values.batchSize, dropout: values.dropout });
+    assert.deepEqual(shape, { rank: values.rank, batchSize: values.batchSize, dropout: values.dropout, seqLen: values.seqLen });
   }
-  assert.deepEqual(estimateShape('qlora', { rank: 16 }), { rank: 16, batchSize: 4, dropout: 0.05 });
+  assert.deepEqual(estimateShape('qlora', { rank: 16 }), { rank: 16, batchSize: 4, dropout: 0.05, seqLen: 1024 });
+  // the sequence length: an override's, else the setting's, else the preset's
+  assert.equal(estimateShape('quick').seqLen, 512);
+  assert.equal(estimateShape('quick', {}, 2048).seqLen, 2048);
+  assert.equal(estimateShape('quick', { seqLen: 96 }, 2048).seqLen, 96);
 });
 
 test('memory fit: on the CPU the peak against the free RAM; on the GPU the trainer\'s plan against the budget', () => {
