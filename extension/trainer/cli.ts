@@ -15,7 +15,7 @@ import { inspectDataOptions, inspectDataVerb } from './verbs/inspectData';
 import { chatServerOptions, chatServerVerb } from './verbs/chatServer';
 import { doctorOptions, doctorVerb } from './verbs/doctor';
 import { generateOptions, generateVerb } from './verbs/generate';
-import { mergeVerb } from './verbs/merge';
+import { mergeVerb, parseMergeDtype } from './verbs/merge';
 import { score } from './verbs/score';
 import { engineOptions, placementFromFlags, placementOptions, placeRun, refuseHalfDtypeFallback } from './placement';
 import { resumeVerb, trainOptions, trainVerb } from './verbs/train';
@@ -75,7 +75,7 @@ const verbs: Record<string, Verb> = {
     },
   },
   'make-tiny-model': {
-    summary: 'write a tiny random model in Hugging Face layout, with a real byte-level BPE tokenizer',
+    summary: 'write a tiny random model in Hugging Face layout, with a real tokenizer (byte-level BPE; SentencePiece-style for --arch mistral)',
     options: {
       out: { type: 'string', required: true, description: 'folder to write the model into' },
       arch: { type: 'string', description: 'llama (default, Llama 3 style), mistral (Llama 2 / Mistral style SentencePiece vocabulary) or qwen2' },
@@ -127,13 +127,12 @@ const verbs: Record<string, Verb> = {
       model: { type: 'string', required: true, description: 'Hugging Face model folder (f32/bf16/f16 safetensors)' },
       out: { type: 'string', required: true, description: 'folder for the quantized model' },
       'no-double-quant': { type: 'boolean', description: 'keep the block constants in fp32 instead of 8 bits' },
-      dtype: { type: 'string', description: 'cast the model first: float32, bfloat16 or float16 (default: as stored)' },
+      dtype: { type: 'string', description: 'cast the model first: bf16, f16 or f32 (or bfloat16, float16, float32; default: as stored)' },
       json: { type: 'boolean', description: 'print a JSON report' },
     },
     run(o) {
-      const dtype = stringOption(o, 'dtype');
-      if (dtype !== undefined && dtype !== 'float32' && dtype !== 'bfloat16' && dtype !== 'float16')
-        throw new UsageError(`--dtype must be float32, bfloat16 or float16, got '${dtype}'`);
+      const dtypeText = stringOption(o, 'dtype');
+      const dtype = dtypeText === undefined ? undefined : parseMergeDtype(dtypeText); // the same names as merge's
       const report = quantize({ model: requiredString(o, 'model'), out: requiredString(o, 'out'), doubleQuant: !o['no-double-quant'], dtype });
       if (o.json) return print(JSON.stringify(report));
       const mb = (b: number) => (b / 1048576).toFixed(2);

@@ -58,7 +58,7 @@ export interface TrainConfig {
 
 export type PresetName = 'qlora' | 'quick';
 
-type Tunables = Omit<TrainConfig, 'model' | 'data' | 'evalData' | 'shape' | 'preset'>;
+export type Tunables = Omit<TrainConfig, 'model' | 'data' | 'evalData' | 'shape' | 'preset'>;
 
 const qlora: Tunables = {
   // The QLoRA paper's recipe (artidoro/qlora defaults): r 64, alpha 16, dropout 0.05, lr 2e-4, constant schedule,

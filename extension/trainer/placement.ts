@@ -120,7 +120,7 @@ export function runDevice(p: Placement, plan: MemoryPlan | null): RunDevice {
 
 export const placementOptions: Record<string, OptionSpec> = {
   device: { type: 'string', description: 'auto (default: the GPU when it can be used, else the CPU with a warning), cuda or cpu' },
-  'gpu-memory-budget': { type: 'string', description: 'GiB the engine may use on the GPU (default: what is free, less a margin); the optimizer pages, and if need be the checkpointed block inputs, move to host memory to stay under' },
+  'gpu-memory-budget': { type: 'string', description: 'GiB the engine may use on the GPU (default, or 0: what is free, less a margin); the optimizer pages, and if need be the checkpointed block inputs, move to host memory to stay under' },
   'cuda-lib-dir': { type: 'string', description: 'a folder holding cuBLASLt, searched first (the qlora.cudaLibraryPath setting; else QLORA_CUDA_LIB_DIR)' },
   dtype: { type: 'string', description: 'compute dtype on the GPU: bf16 (default on Ampere and newer: GEMM inputs in bf16, as torch.autocast), fp16 (default on Turing, with dynamic loss scaling) or f32' },
 };
@@ -129,8 +129,10 @@ export function placementFromFlags(o: ParsedOptions): PlacementOptions {
   const device = stringOption(o, 'device');
   if (device !== undefined && !(DEVICE_REQUESTS as readonly string[]).includes(device))
     throw new UsageError(`--device must be one of ${DEVICE_REQUESTS.join(', ')}, got '${device}'`);
-  const budget = numberOption(o, 'gpu-memory-budget');
-  if (budget !== undefined && !(budget > 0)) throw new UsageError(`--gpu-memory-budget must be a positive number of GiB, got ${budget}`);
+  const given = numberOption(o, 'gpu-memory-budget');
+  if (given !== undefined && !(given >= 0)) throw new UsageError(`--gpu-memory-budget must be a number of GiB (0: the default), got ${given}`);
+  // 0, as the qlora.gpuMemoryBudget setting has it: what is free, less a margin
+  const budget = given === 0 ? undefined : given;
   const computeDtype = parseComputeDtype(stringOption(o, 'dtype'));
   refuseHalfDtypeOnCpu(computeDtype, device === 'cpu');
   return { device: device as DeviceRequest | undefined, gpuMemoryBudget: budget, cudaLibraryDir: stringOption(o, 'cuda-lib-dir'), computeDtype };

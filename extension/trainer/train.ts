@@ -9,6 +9,7 @@ import { EngineError, EngineModel, gpuTelemetry, readModelConfig } from '../engi
 import { estimateMemory } from '../engine/tools';
 import { writeJsonAtomic } from '../util/atomicFile';
 import { removeFolderAtomic, replaceFolderAtomic } from '../util/atomicFolder';
+import { assertNewRunFolder, assertRunFolder } from './runFolder';
 import { BatchSchedule, makeMicroBatch, type BatchLayout, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
@@ -80,16 +81,13 @@ function dataDigest(train: readonly TrainExample[], evalSet: readonly TrainExamp
 }
 
 function readRunConfig(runDir: string): TrainConfig {
-  const file = path.join(runDir, 'config.json');
-  if (!fs.existsSync(file)) throw new TrainingError(`${runDir} is not a run folder (no config.json)`);
-  return readJsonFile(file) as TrainConfig;
+  assertRunFolder(runDir, (m) => new TrainingError(m));
+  return readJsonFile(path.join(runDir, 'config.json')) as TrainConfig;
 }
 
-// A new run never overwrites another: the folder must not hold a run already.
+// A new run never overwrites another, nor writes into a model or any other folder with files in it.
 function assertNoRunIn(runDir: string): void {
-  if (fs.existsSync(runDir) && !fs.statSync(runDir).isDirectory()) throw new TrainingError(`${runDir} exists and is not a folder; choose another --out`);
-  if (fs.existsSync(path.join(runDir, 'config.json')) || fs.existsSync(path.join(runDir, 'events.jsonl')))
-    throw new TrainingError(`${runDir} already holds a run; continue it with "resume --run ${runDir}" or choose another --out`);
+  assertNewRunFolder(runDir, (m) => new TrainingError(m));
 }
 
 // Absolute paths, so that resume works from any working directory.
@@ -155,6 +153,11 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
   if (resume) {
     config = readRunConfig(runDir);
     claimRunFolder(); // before the long part (data, model), so that a run being trained is refused at once
+    // the run's settings are fixed (a changed config.json is refused below), so its files must be where they were
+    for (const [file, what] of [[config.data, 'training data'], [config.evalData, 'eval data'], [config.model, 'base model']] as const) {
+      if (file !== null && !fs.existsSync(file))
+        throw new TrainingError(`${file}: the run's ${what} is not there any more; resume reads it from where the run started (${path.join(runDir, 'config.json')}), so put it back there (a link to it will do)`);
+    }
   } else {
     if (!options.config) throw new TrainingError('no configuration for a new run');
     assertNoRunIn(runDir);
@@ -265,7 +268,8 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
         peakTotal: estimate.peakTotal - offloadedBytes,
       },
       totalSteps,
-      resumedFrom: checkpoint ? checkpoint.step : null,
+      // a resume with no checkpoint yet starts over: from step 0, so that readers drop the steps logged before
+      resumedFrom: checkpoint ? checkpoint.step : resume ? 0 : null,
       device: runDevice(placement, plan),
     });
     const warmup = warmupWarning(schedule);

@@ -155,6 +155,27 @@ test('flags that do not apply, folders that hold something else and unreadable r
   expectCleanError(cli('generate', '--model', model, '--adapter', adapterRun, '--prompt', 'hi'), `, or the run itself, --run ${adapterRun}`);
   expectCleanError(cli('export', '--run', adapterRun, '--checkpoint', '7', '--out', path.join(tempDir('e'), 'a')), `${adapterRun} has no complete checkpoint at step 7 (its checkpoints: step 2)`);
   expectCleanError(cli('generate', '--model', badTokenizer, '--prompt', 'hi'), `tokenizer.json: is not a tokenizer the tokenizers library can load (Tokenizer must contain a "model" property; in ${badTokenizer})`);
+  // a finished run has nothing to resume: said, exit 0, its log left alone
+  const log = fs.readFileSync(path.join(adapterRun, 'events.jsonl'), 'utf8');
+  const again = cli('resume', '--run', adapterRun);
+  assert.equal(again.status, 0, again.stderr);
+  assert.match(again.stderr, /finished already \(step 2\); nothing to resume/);
+  assert.equal(fs.readFileSync(path.join(adapterRun, 'events.jsonl'), 'utf8'), log);
+  // a model folder is not a run, and no new run goes into it or into any folder with files
+  expectCleanError(cli('resume', '--run', model), `${model} is a model folder (its config.json describes a model), not a run folder`);
+  expectCleanError(cli('export', '--run', model, '--out', path.join(tempDir('e'), 'a')), `${model} is a model folder`);
+  expectCleanError(cli('train', '--model', model, '--data', data, '--out', model, '--shape', 'text'), `${model} is a model folder (its config.json describes a model); choose a new or empty folder for --out`);
+  const notEmpty = tempDir('not-empty');
+  fs.writeFileSync(path.join(notEmpty, 'adapter_config.json'), '{}');
+  expectCleanError(cli('train', '--model', model, '--data', data, '--out', notEmpty, '--shape', 'text'), `${notEmpty} is not empty and holds no run; choose a new or empty folder for --out`);
+  // a run whose data moved away says so, and how to go on
+  const movingData = path.join(tempDir('moving'), 'chat.jsonl');
+  fs.copyFileSync(path.join(repoRoot, 'examples', 'chat-sample.jsonl'), movingData);
+  const movingRun = path.join(tempDir('moving-run'), 'run');
+  assert.equal(cli('train', '--model', model, '--data', movingData, '--out', movingRun, '--preset', 'quick', '--max-steps', '1', '--seq-len', '64', '--json').status, 0);
+  fs.rmSync(path.join(movingRun, 'adapter'), { recursive: true });
+  fs.renameSync(movingData, movingData + '.moved');
+  expectCleanError(cli('resume', '--run', movingRun), `${movingData}: the run's training data is not there any more; resume reads it from where the run started`);
 });
 
 test('a conversation file with a byte-order mark is read; output to a pipe closed early ends quietly', () => {
@@ -202,7 +223,13 @@ test('inspect-data reports shape, invalid rows and the trained part of rendered 
   assert.equal(human.status, 2);
   const valid = path.join(tempDir('inspect-valid'), 'valid.jsonl');
   fs.writeFileSync(valid, JSON.stringify({ prompt: 'Say hi.', completion: ' Hi!' }) + '\n');
-  assert.equal(cli('inspect-data', '--data', valid).status, 0);
+  const plain = cli('inspect-data', '--data', valid);
+  assert.equal(plain.status, 0);
+  assert.match(plain.stdout, /token lengths and rendered examples: give --model DIR/);
+  // a pretty-printed JSON array saved as .jsonl is said to be one, once
+  const document = path.join(tempDir('inspect-document'), 'rows.jsonl');
+  fs.writeFileSync(document, JSON.stringify([{ prompt: 'a', completion: 'b' }, { prompt: 'c', completion: 'd' }], null, 2));
+  expectCleanError(cli('inspect-data', '--data', document), 'rows.jsonl: is a JSON array of 2 items, not JSON Lines (one object per line): name it .json');
   assert.equal(report.tokenization.sample, null);
   // --sample: every row is checked, the token statistics come from the first examples
   const many = path.join(tempDir('inspect-sample'), 'many.jsonl');

@@ -131,3 +131,25 @@ test('estimate: LoRA dropout adds drop(x)\'s workspace, and on the GPU under bf1
   assert.throws(() => estimate({ model, loraDropout: 1 }), /--lora-dropout must be at least 0 and below 1, got 1/);
   assert.throws(() => estimateVerb.run(parseOptions('estimate', ['--model', model, '--lora-dropout', 'x'], estimateVerb.options)), /--lora-dropout must be a number, got 'x'/);
 });
+
+test('estimate verb: its defaults are the preset\'s that train would use (qlora, or --preset quick)', () => {
+  const run = (...args: string[]) => {
+    const write = process.stdout.write;
+    let out = '';
+    process.stdout.write = ((chunk: string) => {
+      out += chunk;
+      return true;
+    }) as typeof process.stdout.write;
+    try {
+      estimateVerb.run(parseOptions('estimate', ['--model', reference('llama-shared'), '--json', ...args], estimateVerb.options));
+    } finally {
+      process.stdout.write = write;
+    }
+    const o = (JSON.parse(out) as ReturnType<typeof estimate>).options;
+    return [o.seq, o.batch, o.rank, o.loraDropout, o.targets.length];
+  };
+  assert.deepEqual(run(), [1024, 4, 64, 0.05, 7]);
+  assert.deepEqual(run('--preset', 'quick'), [512, 4, 8, 0.05, 7]);
+  assert.deepEqual(run('--preset', 'quick', '--rank', '4', '--lora-dropout', '0'), [512, 4, 4, 0, 7]);
+  assert.throws(() => run('--preset', 'fast'), /--preset must be qlora or quick, got 'fast'/);
+});

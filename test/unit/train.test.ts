@@ -13,6 +13,7 @@ import { parseEventLog, type PreparingMessage, type TrainerEvent } from '../../e
 import { resolveConfig, type TrainConfig } from '../../extension/trainer/config';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { train, TrainingControl } from '../../extension/trainer/train';
+import { reduceRun } from '../../webview/model';
 import { dataFixtures, shapeRows, toCsv } from '../fixtures/data/helpers';
 import { cliPath, repoRoot, tempDir } from '../helpers/paths';
 
@@ -214,6 +215,23 @@ test('a stopped run resumed computes exactly what the uninterrupted run computes
   assert.deepEqual(resumed.map((e) => e.kind === 'run-started' && e.resumedFrom), [null, 5]);
   // keepCheckpoints (3) bounds what stays on disk.
   assert.ok(fs.readdirSync(path.join(interrupted, 'checkpoints')).length <= 3);
+});
+
+test('a run killed before its first checkpoint starts over on resume, from step 0, and its chart draws each step once; a torn last log line is cut off', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const runDir = path.join(tempDir('start-over'), 'run');
+  await train({ runDir, config: config(data, { maxSteps: 4 }), resume: false });
+  // as a kill before the first checkpoint leaves it: steps logged, no checkpoint, no adapter, and half a line
+  fs.rmSync(path.join(runDir, 'checkpoints'), { recursive: true, force: true });
+  fs.rmSync(path.join(runDir, 'adapter'), { recursive: true, force: true });
+  const file = path.join(runDir, 'events.jsonl');
+  const lines = fs.readFileSync(file, 'utf8').split('\n').filter((l) => l !== '' && !l.includes('"kind":"finished"'));
+  fs.writeFileSync(file, lines.join('\n') + '\n{"kind":"step","step":5,"lo');
+  const again = await train({ runDir, resume: true });
+  assert.equal(again.status, 'completed');
+  const all = events(runDir); // parses: the fragment was cut off, not glued to the next event
+  assert.deepEqual(all.filter((e) => e.kind === 'run-started').map((e) => e.kind === 'run-started' && e.resumedFrom), [null, 0]);
+  assert.deepEqual(reduceRun(all).series.loss.map((p) => p.x), [1, 2, 3, 4]);
 });
 
 test('steps stay within an epoch; a run checkpointed before that keeps taking micro-batches across epoch ends when resumed', async () => {

@@ -1,6 +1,6 @@
 /** JSON Lines: one JSON object per line; blank lines are skipped, rows keep their 1-based line number. */
 import * as path from 'node:path';
-import { DataError, jsonTypeName } from '../errors';
+import { DataError, DataFileError, jsonTypeName } from '../errors';
 import { describeJsonError } from './jsonText';
 import { isRecord, RawRow } from './types';
 
@@ -20,6 +20,7 @@ export function parseJsonl(text: string, filePath: string): RawRow[] {
     try {
       value = JSON.parse(line);
     } catch (err) {
+      if (rows.length === 0) refuseJsonDocument(text, filePath);
       rows.push({ at, error: new DataError(at, `not valid JSON (${describeJsonError(err, line)})`) });
       continue;
     }
@@ -27,4 +28,16 @@ export function parseJsonl(text: string, filePath: string): RawRow[] {
     else rows.push({ at, error: new DataError(at, `expected a JSON object, got ${jsonTypeName(value)}`) });
   }
   return rows;
+}
+
+/** A pretty-printed JSON document saved as .jsonl fails on its first line: said once, instead of an error per line. */
+function refuseJsonDocument(text: string, filePath: string): void {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    return;
+  }
+  const what = Array.isArray(value) ? `a JSON array of ${value.length} item${value.length === 1 ? '' : 's'}` : 'one JSON document';
+  throw new DataFileError(filePath, `is ${what}, not JSON Lines (one object per line): name it .json, or write one row per line`);
 }

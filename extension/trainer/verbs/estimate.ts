@@ -4,6 +4,7 @@
 import { estimateMemory, type MemoryEstimate } from '../../engine/tools';
 import type { ComputeDtype, MemoryCategory } from '../../engine/native';
 import { integerOption, numberOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { PRESETS, type PresetName, type Tunables } from '../config';
 import { parseComputeDtype, refuseHalfDtypeOnCpu } from '../placement';
 
 export interface EstimateVerbOptions {
@@ -90,15 +91,25 @@ function deviceOption(text: string | undefined): 'cpu' | 'cuda' | undefined {
   throw new UsageError(`--device must be cpu or cuda, got '${text}'`);
 }
 
+/** The preset a `train` would use, by name (the command line's default is train's: qlora). */
+function presetOption(text: string | undefined): Tunables {
+  const name = text ?? 'qlora';
+  if (!(name in PRESETS)) throw new UsageError(`--preset must be ${Object.keys(PRESETS).join(' or ')}, got '${name}'`);
+  return PRESETS[name as PresetName].values;
+}
+
+const qlora = PRESETS.qlora.values;
+
 export const estimateVerb = {
   summary: 'estimate the memory of one training step by category (weights, adapters, optimizer, activations...)',
   options: {
     model: { type: 'string', required: true, description: 'Hugging Face model folder (only config.json is read)' },
-    'seq-len': { type: 'string', description: `tokens per sequence (default ${DEFAULT_SEQ})` },
-    'batch-size': { type: 'string', description: `sequences per micro-batch (default ${DEFAULT_BATCH})` },
-    rank: { type: 'string', description: `LoRA rank (default ${DEFAULT_RANK})` },
-    targets: { type: 'string', description: 'comma-separated LoRA target modules (default all seven)' },
-    'lora-dropout': { type: 'string', description: 'LoRA dropout of the run (default 0); on the GPU it keeps one MLP activation a block in fp32' },
+    preset: { type: 'string', description: 'the run\'s preset, whose settings are the defaults below: qlora (default, as train) or quick' },
+    'seq-len': { type: 'string', description: `tokens per sequence (default: the preset's, qlora ${qlora.seqLen})` },
+    'batch-size': { type: 'string', description: `sequences per micro-batch (default: the preset's, qlora ${qlora.batchSize})` },
+    rank: { type: 'string', description: `LoRA rank (default: the preset's, qlora ${qlora.rank})` },
+    targets: { type: 'string', description: 'comma-separated LoRA target modules (default: the preset\'s, all seven)' },
+    'lora-dropout': { type: 'string', description: `LoRA dropout of the run (default: the preset's, qlora ${qlora.dropout}); on the GPU it keeps one MLP activation a block in fp32` },
     'no-quantize': { type: 'boolean', description: 'keep dense base weights, in the dtype the model files store (bf16, fp16 or fp32), instead of NF4' },
     'no-checkpointing': { type: 'boolean', description: 'keep every block\'s activations instead of recomputing them' },
     device: { type: 'string', description: 'cpu (default) or cuda: on the GPU the engine also holds cuBLASLt\'s workspace and attention scratch' },
@@ -106,14 +117,15 @@ export const estimateVerb = {
     json: { type: 'boolean', description: 'print JSON (bytes)' },
   } satisfies Record<string, OptionSpec>,
   run(o: ParsedOptions): void {
+    const preset = presetOption(stringOption(o, 'preset'));
     const result = estimate({
       model: requiredString(o, 'model'),
-      seq: integerOption(o, 'seq-len', DEFAULT_SEQ),
-      batch: integerOption(o, 'batch-size', DEFAULT_BATCH),
-      rank: integerOption(o, 'rank', DEFAULT_RANK),
-      targets: targetsOption(stringOption(o, 'targets')),
+      seq: integerOption(o, 'seq-len', preset.seqLen),
+      batch: integerOption(o, 'batch-size', preset.batchSize),
+      rank: integerOption(o, 'rank', preset.rank),
+      targets: targetsOption(stringOption(o, 'targets')) ?? preset.targets,
       quantize: !o['no-quantize'],
-      loraDropout: numberOption(o, 'lora-dropout'),
+      loraDropout: numberOption(o, 'lora-dropout') ?? preset.dropout,
       gradientCheckpointing: !o['no-checkpointing'],
       device: deviceOption(stringOption(o, 'device')),
       computeDtype: parseComputeDtype(stringOption(o, 'dtype')),

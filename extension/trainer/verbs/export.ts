@@ -5,6 +5,7 @@ import { writeFolderAtomic } from '../../util/atomicFolder';
 import { checkpointPath, latestCheckpoint, listCheckpoints } from '../checkpoints';
 import { requiredString, stringOption, UsageError, type ParsedOptions } from '../cliArgs';
 import { readJsonFile } from '../../util/jsonFile';
+import { assertRunFolder } from '../runFolder';
 
 export interface ExportOptions {
   run: string;
@@ -15,7 +16,7 @@ export interface ExportOptions {
 
 /** The adapter folder of a run: a checkpoint's when `checkpoint` is given, else the final one, else the newest checkpoint's. */
 export function runAdapterDir(run: string, checkpoint?: number): string {
-  if (!fs.existsSync(path.join(run, 'config.json'))) throw new Error(`${run} is not a run folder (no config.json)`);
+  assertRunFolder(run);
   if (checkpoint !== undefined) {
     const dir = checkpointPath(run, checkpoint);
     if (!fs.existsSync(path.join(dir, 'DONE'))) {
@@ -33,7 +34,7 @@ export function runAdapterDir(run: string, checkpoint?: number): string {
 /** The base model folder a run trained on (its config.json's `model`). */
 export function runModelDir(run: string): string {
   const file = path.join(run, 'config.json');
-  if (!fs.existsSync(file)) throw new Error(`${run} is not a run folder (no config.json)`);
+  assertRunFolder(run);
   const model = (readJsonFile(file) as { model?: unknown }).model;
   if (typeof model !== 'string' || model === '') throw new Error(`${file} names no model`);
   return model;

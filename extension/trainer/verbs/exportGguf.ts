@@ -1,7 +1,7 @@
 // export-gguf verb: the CLI face of extension/export/exportGguf.ts.
 import { exportGguf, GGUF_FILE_TYPES } from '../../export/exportGguf';
 import { LORA_GGUF_TYPES } from '../../export/gguf/loraGguf';
-import { verifyGguf } from '../../export/verifyGguf';
+import { verifyGguf, type VerifyReport } from '../../export/verifyGguf';
 import type { GgufFileType } from '../../export/gguf/types';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 import { adapterFlag } from './export';
@@ -59,17 +59,19 @@ export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
   }
   const types = Object.entries(report.types).map(([t, n]) => `${n} ${t}`).join(', ');
   process.stdout.write(`wrote ${report.file}: ${report.architecture}${loraOnly ? ' LoRA adapter' : ''}, ${report.tensors} tensors (${types}), ${(report.bytes / 1048576).toFixed(2)} MiB\n`);
-  const v = report.verification;
-  if (v === null) return;
+  if (report.verification !== null) printVerification(report.verification);
+}
+
+/** The llama.cpp check's verdict and figures, and each problem on its own line; exit status 1 when it failed. */
+function printVerification(v: VerifyReport): void {
+  const confident = v.confidentPositions > 0 ? `${(100 * v.confidentTop1Agreement).toFixed(1)}% at the ${v.confidentPositions} confident positions` : 'no confident positions: judged by the KL';
   const figures =
     `${v.tokens} tokens of ${v.sequences} sequences: max |Δ log-prob| ${v.maxAbsLogprobDiff.toFixed(4)}, mean ${v.meanAbsLogprobDiff.toFixed(4)}, ` +
-    `top-1 agreement ${(100 * v.top1Agreement).toFixed(1)}% (${(100 * v.confidentTop1Agreement).toFixed(1)}% at the ${v.confidentPositions} confident positions), mean KL ${v.meanKl.toExponential(2)}; chat prompt tokens ${v.promptTokensMatch ? 'match' : 'DIFFER'}`;
-  if (v.verified) process.stdout.write(`verified in llama.cpp (${v.tolerance}): ${figures}\n`);
-  else {
-    process.stdout.write(`NOT verified in llama.cpp (${v.tolerance}): ${figures}\n`);
-    for (const p of v.problems) process.stdout.write(`  ${p}\n`);
-    process.exitCode = 1;
-  }
+    `top-1 agreement ${(100 * v.top1Agreement).toFixed(1)}% (${confident}), mean KL ${v.meanKl.toExponential(2)}; chat prompt tokens ${v.promptTokensMatch ? 'match' : 'DIFFER'}`;
+  process.stdout.write(`${v.verified ? 'verified' : 'NOT verified'} in llama.cpp (${v.tolerance}): ${figures}\n`);
+  if (v.verified) return;
+  for (const p of v.problems) process.stdout.write(`  ${p}\n`);
+  process.exitCode = 1;
 }
 
 export const verifyGgufOptions: Record<string, OptionSpec> = {
@@ -90,6 +92,6 @@ export async function verifyGgufVerb(o: ParsedOptions): Promise<void> {
     gguf: requiredString(o, 'gguf'), type: type as GgufFileType, model: requiredString(o, 'model'),
     adapter: stringOption(o, 'adapter') ?? null, run: stringOption(o, 'run') ?? null, lora: stringOption(o, 'lora') ?? null,
   });
-  process.stdout.write((o.json ? JSON.stringify(r) : `${r.verified ? 'verified' : 'NOT verified'} (${r.tolerance}); ${r.problems.join('; ')}`) + '\n');
-  if (!o.json && !r.verified) process.exitCode = 1;
+  if (o.json) process.stdout.write(JSON.stringify(r) + '\n');
+  else printVerification(r);
 }

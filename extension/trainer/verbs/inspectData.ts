@@ -8,9 +8,9 @@ import { integerOption, requiredString, stringOption, UsageError, type OptionSpe
 export const inspectDataOptions: Record<string, OptionSpec> = {
   data: { type: 'string', required: true, description: 'dataset file (.jsonl, .json, .csv, .parquet)' },
   model: { type: 'string', description: 'model folder whose tokenizer and chat template to use' },
-  'seq-len': { type: 'string', description: 'maximum tokens per example, for the truncation count' },
+  'seq-len': { type: 'string', description: 'maximum tokens per example, for the truncation count (with --model)' },
   shape: { type: 'string', description: 'messages, sharegpt, alpaca, completion or text (default: detected)' },
-  sample: { type: 'string', description: 'tokenize only the first N examples for the token statistics (every row is still checked)' },
+  sample: { type: 'string', description: 'tokenize only the first N examples for the token statistics (with --model; every row is still checked)' },
   json: { type: 'boolean', description: 'print the report as JSON' },
 };
 
@@ -25,6 +25,7 @@ export function formatReport(r: DatasetReport, color = false): string {
   ];
   for (const e of r.errors) lines.push(`  ${e}`);
   if (r.invalidRows > r.errors.length) lines.push(`  ... and ${r.invalidRows - r.errors.length} more`);
+  if (!r.tokenization) lines.push('token lengths and rendered examples: give --model DIR (its tokenizer and chat template)');
   if (r.tokenization) {
     const { stats, template, examples } = r.tokenization;
     const l = stats.lengths;

@@ -3,11 +3,12 @@
 // progress; SIGINT/SIGTERM stop gracefully after the current step with a final checkpoint (a second SIGINT exits).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { validateControl, type TrainerEvent } from '../../protocol/events';
+import { parseEventLog, validateControl, type FinishedEvent, type TrainerEvent } from '../../protocol/events';
 import { listOption, numberOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
-import { checkSetting, readConfigFile, resolveConfig, type TrainConfig } from '../config';
+import { checkSetting, PRESETS, readConfigFile, resolveConfig, type TrainConfig, type Tunables } from '../config';
 import { placementFromFlags, placementOptions } from '../placement';
 import { TerminalProgress } from '../progress';
+import { assertRunFolder } from '../runFolder';
 import { train, TrainingControl, type TrainOptions, type TrainOutcome } from '../train';
 
 function installControl(control: TrainingControl): () => void {
@@ -59,29 +60,36 @@ async function runWithProgress(start: (control: TrainingControl, watchers: Watch
   }
 }
 
+/** A tunable's default in each preset, for the help: "(default 4)" or "(default: qlora 64, quick 8)". */
+function presetDefault(key: keyof Tunables): string {
+  const show = (v: unknown) => (v === null ? 'none' : String(v));
+  const [q, k] = [PRESETS.qlora.values[key], PRESETS.quick.values[key]].map(show);
+  return q === k ? `(default ${q})` : `(default: qlora ${q}, quick ${k})`;
+}
+
 export const trainOptions: Record<string, OptionSpec> = {
-  model: { type: 'string', description: 'Hugging Face model folder' },
-  data: { type: 'string', description: 'training data (.jsonl, .json, .csv, .parquet)' },
-  out: { type: 'string', required: true, description: 'run folder to create' },
+  model: { type: 'string', description: 'Hugging Face model folder (required unless --config names it)' },
+  data: { type: 'string', description: 'training data (.jsonl, .json, .csv, .parquet; required unless --config names it)' },
+  out: { type: 'string', required: true, description: 'run folder to create (new or empty)' },
   config: { type: 'string', description: 'JSON config file (schemas/train-config.schema.json); flags override it' },
-  'eval-data': { type: 'string', description: 'evaluation data file (default: hold out a fraction of --data)' },
+  'eval-data': { type: 'string', description: `evaluation data file (default: hold out ${PRESETS.qlora.values.evalFraction * 100}% of --data)` },
   shape: { type: 'string', description: 'messages, sharegpt, alpaca, completion or text (default: detected from the fields)' },
-  preset: { type: 'string', description: 'qlora (default: the QLoRA paper recipe) or quick' },
-  'max-steps': { type: 'string', description: 'optimizer steps' },
-  epochs: { type: 'string', description: 'passes over the data (when --max-steps is not given)' },
-  lr: { type: 'string', description: 'learning rate' },
-  rank: { type: 'string', description: 'LoRA rank' },
-  alpha: { type: 'string', description: 'LoRA alpha' },
-  'batch-size': { type: 'string', description: 'sequences per micro-batch' },
-  'grad-accum': { type: 'string', description: 'micro-batches per optimizer step' },
-  'seq-len': { type: 'string', description: 'maximum tokens per sequence' },
-  'checkpoint-every': { type: 'string', description: 'checkpoint every N steps' },
-  'eval-every': { type: 'string', description: 'evaluate every N steps' },
-  seed: { type: 'string', description: 'random seed' },
+  preset: { type: 'string', description: `qlora (default: ${PRESETS.qlora.description}) or quick (${PRESETS.quick.description}); the defaults below are the preset's` },
+  'max-steps': { type: 'string', description: 'optimizer steps (default: as many as --epochs take)' },
+  epochs: { type: 'string', description: `passes over the data, when --max-steps is not given ${presetDefault('epochs')}` },
+  lr: { type: 'string', description: `learning rate ${presetDefault('lr')}` },
+  rank: { type: 'string', description: `LoRA rank ${presetDefault('rank')}` },
+  alpha: { type: 'string', description: `LoRA alpha ${presetDefault('alpha')}` },
+  'batch-size': { type: 'string', description: `sequences per micro-batch ${presetDefault('batchSize')}` },
+  'grad-accum': { type: 'string', description: `micro-batches per optimizer step ${presetDefault('gradAccum')}` },
+  'seq-len': { type: 'string', description: `maximum tokens per sequence ${presetDefault('seqLen')}` },
+  'checkpoint-every': { type: 'string', description: `checkpoint every N steps; 0: only at the end ${presetDefault('checkpointEvery')}` },
+  'eval-every': { type: 'string', description: `evaluate every N steps; 0: only at the end ${presetDefault('evalEvery')}` },
+  seed: { type: 'string', description: `random seed ${presetDefault('seed')}` },
   'skip-invalid': { type: 'boolean', description: 'skip invalid rows instead of refusing to start' },
   packing: { type: 'boolean', description: 'pack examples into full sequences' },
   'sample-prompt': { type: 'string', repeatable: true, description: 'a user message answered with the current adapter at the start and at every eval (repeatable)' },
-  'sample-max-tokens': { type: 'string', description: 'most tokens of each sample answer (default 64)' },
+  'sample-max-tokens': { type: 'string', description: `most tokens of each sample answer ${presetDefault('sampleMaxTokens')}` },
   ...placementOptions,
   json: { type: 'boolean', description: 'print the outcome as JSON (no progress output)' },
 };
@@ -129,6 +137,19 @@ export function configFromFlags(o: ParsedOptions): TrainConfig {
   return resolveConfig(fromFile, overrides);
 }
 
+/** A run whose last event says it completed, with its adapter in place; null for one that can go on. */
+function completedRun(runDir: string): FinishedEvent | null {
+  let events: TrainerEvent[];
+  try {
+    events = parseEventLog(fs.readFileSync(path.join(runDir, 'events.jsonl'), 'utf8')).events;
+  } catch {
+    return null; // no log, or one that does not parse: resume says what it finds
+  }
+  const last = events[events.length - 1];
+  if (last?.kind !== 'finished' || last.status !== 'completed' || last.adapterPath === null) return null;
+  return fs.existsSync(path.join(runDir, 'adapter', 'adapter_model.safetensors')) ? last : null;
+}
+
 function printOutcome(outcome: TrainOutcome, json: boolean): void {
   if (json) process.stdout.write(JSON.stringify(outcome) + '\n');
 }
@@ -144,9 +165,17 @@ export async function trainVerb(o: ParsedOptions): Promise<void> {
 
 export async function resumeVerb(o: ParsedOptions): Promise<void> {
   const runDir = requiredString(o, 'run');
-  if (!fs.existsSync(path.join(runDir, 'config.json'))) throw new UsageError(`${runDir} is not a run folder (no config.json)`);
+  assertRunFolder(runDir, (m) => new UsageError(m));
   const json = Boolean(o.json);
   const placement = placementFromFlags(o);
+  const done = completedRun(runDir);
+  if (done) {
+    // nothing to resume: the run is left as it is (no events appended)
+    const outcome: TrainOutcome = { status: 'completed', step: done.step, totalSteps: done.step, adapterPath: done.adapterPath, finalLoss: done.finalLoss, runDir };
+    if (json) printOutcome(outcome, json);
+    else process.stderr.write(`${runDir} finished already (step ${done.step}); nothing to resume. Its adapter: ${done.adapterPath}\n`);
+    return;
+  }
   const outcome = await runWithProgress((control, watchers) => train({ runDir, resume: true, control, ...watchers, placement }), json);
   printOutcome(outcome, json);
 }
