@@ -13,26 +13,17 @@
 #include "model/llama.h"
 #include "quant/bnb4.h"
 
-#ifndef _WIN32
-#include <unistd.h>
-#endif
-
 using namespace qlora;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_path(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("qlora-prequantized-test-" + std::to_string(QLORA_TEST_PID)) / name;
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
-
-// A copy of the model in `from` with its config.json and every tensor for which `keep` is true, plus what `add` writes.
-fs::path copy_model(const std::string& from, const std::string& name, const std::function<bool(const std::string&)>& keep,
-                    const std::function<void(SafetensorsWriter&)>& add) {
-  const fs::path dir = temp_path(name);
+// A copy of the model in `from` with its config.json and every tensor for which `keep` is true, plus what `add` writes,
+// in a folder under `root`.
+fs::path copy_model(const qtest::TempDir& root, const std::string& from, const std::string& name,
+                    const std::function<bool(const std::string&)>& keep, const std::function<void(SafetensorsWriter&)>& add) {
+  const fs::path dir = root.path / name;
+  fs::create_directories(dir);
   fs::copy_file(fs::path(from) / "config.json", dir / "config.json");
   const auto store = TensorStore::open_dir(from);
   SafetensorsWriter w;
@@ -64,9 +55,10 @@ const char* kSkippedMlp = "model.layers.1.mlp.";
 
 TEST(prequantized_linears_left_dense_stay_dense_when_loading_for_qlora) {
   // layer 1's MLP as unsloth's dynamic models keep their worst-quantizing layers: dense, no quant state
+  const qtest::TempDir root("prequantized-dynamic");
   const auto dense = TensorStore::open_dir(qtest::reference("llama-shared"));
   const fs::path dir = copy_model(
-      qtest::reference("llama-shared-bnb4"), "dynamic", [](const std::string& t) { return !starts_with(t, kSkippedMlp); },
+      root, qtest::reference("llama-shared-bnb4"), "dynamic", [](const std::string& t) { return !starts_with(t, kSkippedMlp); },
       [&](SafetensorsWriter& w) {
         for (const std::string& t : dense->names())
           if (starts_with(t, kSkippedMlp)) w.add(t, dense->info(t).dtype, dense->info(t).shape, dense->data(t), dense->info(t).nbytes);
@@ -89,19 +81,20 @@ TEST(prequantized_linears_left_dense_stay_dense_when_loading_for_qlora) {
 }
 
 TEST(prequantized_lm_head_in_4_bits_computes_as_its_dequantized_values) {
+  const qtest::TempDir root("prequantized-head");
   const auto base = TensorStore::open_dir(qtest::reference("llama-shared"));
   const TensorInfo& head = base->info("lm_head.weight");
   const std::vector<float> values = base->read_f32("lm_head.weight");
   for (const char* dtype : {"float32", "bfloat16"}) {
     // the head quantized, and beside it the same model with the head's dequantized values stored dense
     const fs::path quantized = copy_model(
-        qtest::reference("llama-shared-bnb4"), std::string("head-4bit-") + dtype,
+        root, qtest::reference("llama-shared-bnb4"), std::string("head-4bit-") + dtype,
         [](const std::string& t) { return t != "lm_head.weight"; },
         [&](SafetensorsWriter& w) { bnb4::add_quantized_weight(w, "lm_head.weight", head.shape, values, true, dtype); });
     const auto q = TensorStore::open_dir(quantized.string());
     const std::vector<float> dequantized = bnb4::dequantize_weight(bnb4::read_weight(*q, "lm_head.weight"));
     const fs::path dense = copy_model(
-        qtest::reference("llama-shared-bnb4"), std::string("head-dense-") + dtype,
+        root, qtest::reference("llama-shared-bnb4"), std::string("head-dense-") + dtype,
         [](const std::string& t) { return t != "lm_head.weight"; },
         [&](SafetensorsWriter& w) { w.add_f32("lm_head.weight", head.shape, dequantized); });
     const double a = loss_of(quantized, true), b = loss_of(dense, true);

@@ -10,6 +10,7 @@ import { estimateMemory } from '../../extension/engine/tools';
 import { parseOptions } from '../../extension/trainer/cliArgs';
 import { estimate, estimateVerb, formatEstimate } from '../../extension/trainer/verbs/estimate';
 import { reference } from '../helpers/paths';
+import { captureStdout } from '../helpers/stdout';
 
 for (const quantize of [true, false]) {
   for (const gradientCheckpointing of [true, false]) {
@@ -71,18 +72,10 @@ test('a bnb-4bit checkpoint is estimated by its tensors: double-quantized block 
   }
 });
 
-test('estimate verb: --json gives bytes, the table gives MiB by category and the peak', () => {
-  const write = process.stdout.write;
-  let out = '';
-  process.stdout.write = ((chunk: string) => {
-    out += chunk;
-    return true;
-  }) as typeof process.stdout.write;
-  try {
-    estimateVerb.run(parseOptions('estimate', ['--model', reference('llama-shared'), '--seq-len', '64', '--rank', '16', '--no-checkpointing', '--json'], estimateVerb.options));
-  } finally {
-    process.stdout.write = write;
-  }
+test('estimate verb: --json gives bytes, the table gives MiB by category and the peak', async () => {
+  const out = await captureStdout(() =>
+    estimateVerb.run(parseOptions('estimate', ['--model', reference('llama-shared'), '--seq-len', '64', '--rank', '16', '--no-checkpointing', '--json'], estimateVerb.options)),
+  );
   const json = JSON.parse(out) as ReturnType<typeof estimate>;
   assert.equal(json.options.seq, 64);
   assert.equal(json.options.rank, 16);
@@ -132,24 +125,14 @@ test('estimate: LoRA dropout adds drop(x)\'s workspace, and on the GPU under bf1
   assert.throws(() => estimateVerb.run(parseOptions('estimate', ['--model', model, '--lora-dropout', 'x'], estimateVerb.options)), /--lora-dropout must be a number, got 'x'/);
 });
 
-test('estimate verb: its defaults are the preset\'s that train would use (qlora, or --preset quick)', () => {
-  const run = (...args: string[]) => {
-    const write = process.stdout.write;
-    let out = '';
-    process.stdout.write = ((chunk: string) => {
-      out += chunk;
-      return true;
-    }) as typeof process.stdout.write;
-    try {
-      estimateVerb.run(parseOptions('estimate', ['--model', reference('llama-shared'), '--json', ...args], estimateVerb.options));
-    } finally {
-      process.stdout.write = write;
-    }
+test('estimate verb: its defaults are the preset\'s that train would use (qlora, or --preset quick)', async () => {
+  const run = async (...args: string[]) => {
+    const out = await captureStdout(() => estimateVerb.run(parseOptions('estimate', ['--model', reference('llama-shared'), '--json', ...args], estimateVerb.options)));
     const o = (JSON.parse(out) as ReturnType<typeof estimate>).options;
     return [o.seq, o.batch, o.rank, o.loraDropout, o.targets.length];
   };
-  assert.deepEqual(run(), [1024, 4, 64, 0.05, 7]);
-  assert.deepEqual(run('--preset', 'quick'), [512, 4, 8, 0.05, 7]);
-  assert.deepEqual(run('--preset', 'quick', '--rank', '4', '--lora-dropout', '0'), [512, 4, 4, 0, 7]);
-  assert.throws(() => run('--preset', 'fast'), /--preset must be qlora or quick, got 'fast'/);
+  assert.deepEqual(await run(), [1024, 4, 64, 0.05, 7]);
+  assert.deepEqual(await run('--preset', 'quick'), [512, 4, 8, 0.05, 7]);
+  assert.deepEqual(await run('--preset', 'quick', '--rank', '4', '--lora-dropout', '0'), [512, 4, 4, 0, 7]);
+  await assert.rejects(run('--preset', 'fast'), /--preset must be qlora or quick, got 'fast'/);
 });

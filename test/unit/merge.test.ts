@@ -10,6 +10,7 @@ import { merge, mergeVerb, parseByteSize, parseMergeDtype } from '../../extensio
 import { score } from '../../extension/trainer/verbs/score';
 import { reference, tempDir } from '../helpers/paths';
 import { readSafetensors } from '../helpers/safetensors';
+import { captureStdout } from '../helpers/stdout';
 
 interface Ref {
   ids: number[];
@@ -33,19 +34,8 @@ function leftovers(parent: string): string[] {
 }
 
 // Runs the verb as the CLI would, capturing what it prints.
-async function runVerb(argv: string[]): Promise<string> {
-  const write = process.stdout.write;
-  let out = '';
-  process.stdout.write = ((chunk: string) => {
-    out += chunk;
-    return true;
-  }) as typeof process.stdout.write;
-  try {
-    await mergeVerb.run(parseOptions('merge', argv, mergeVerb.options));
-  } finally {
-    process.stdout.write = write;
-  }
-  return out;
+function runVerb(argv: string[]): Promise<string> {
+  return captureStdout(() => mergeVerb.run(parseOptions('merge', argv, mergeVerb.options)));
 }
 
 test('merge --dtype f32 scores like PEFT merged it (loss and every log-prob within 1e-3)', async () => {
