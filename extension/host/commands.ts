@@ -244,7 +244,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     if (!data) return undefined;
 
     // the preview's max length: the run's unless the preset, chosen next, decides it (then the default preset's)
-    const previewSeqLen = estimateShape(settings.defaultPreset, overrides, settings.maxSequenceLength).seqLen;
+    const previewSeqLen = estimateShape(args.preset ?? settings.defaultPreset, overrides, settings.maxSequenceLength).seqLen;
     const report = await inspectData(data, model, previewSeqLen);
     showDatasetProblems(h.diagnostics, data, report);
     // Shown beside the flow (focus stays in the QuickPick), so the preset is chosen with the data in view.

@@ -1,5 +1,6 @@
 // What a folder given as a run (--run, resume) or as a new run's --out holds: a run (config.json naming the base
-// model), a Hugging Face model (config.json with model_type or architectures), something else, or nothing. The
+// model, or one that does not parse), a Hugging Face model (config.json with model_type or architectures), something
+// else, or nothing. The
 // refusals say which, so that a model folder given as a run is not called "a run" or "not a run folder" alone.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -21,13 +22,12 @@ export function folderKind(dir: string): FolderKind {
     try {
       config = JSON.parse(fs.readFileSync(path.join(dir, 'config.json'), 'utf8'));
     } catch {
-      config = null;
+      return 'run'; // a damaged run's, most likely: reading it says what is wrong with the file
     }
-    const c = (config ?? {}) as Record<string, unknown>;
+    const c = (typeof config === 'object' && config !== null ? config : {}) as Record<string, unknown>;
     if (typeof c.model_type === 'string' || Array.isArray(c.architectures)) return 'model';
-    return 'run';
+    if (typeof c.model === 'string') return 'run';
   }
-  if (names.includes('events.jsonl')) return 'run';
   return names.some((n) => !n.startsWith('.') && !OWN_FILES.has(n)) ? 'other' : 'empty';
 }
 
@@ -41,7 +41,7 @@ export function assertRunFolder(dir: string, makeError: (message: string) => Err
     case 'missing':
       throw makeError(`${dir} does not exist; give the folder a run was trained into (--out of train)`);
     default:
-      throw makeError(`${dir} is not a run folder (no config.json)`);
+      throw makeError(`${dir} is not a run folder (no config.json naming the model it trains)`);
   }
 }
 

@@ -155,7 +155,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     claimRunFolder(); // before the long part (data, model), so that a run being trained is refused at once
     // the run's settings are fixed (a changed config.json is refused below), so its files must be where they were
     for (const [file, what] of [[config.data, 'training data'], [config.evalData, 'eval data'], [config.model, 'base model']] as const) {
-      if (file !== null && !fs.existsSync(file))
+      if (typeof file === 'string' && !fs.existsSync(file))
         throw new TrainingError(`${file}: the run's ${what} is not there any more; resume reads it from where the run started (${path.join(runDir, 'config.json')}), so put it back there (a link to it will do)`);
     }
   } else {
@@ -359,11 +359,12 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
       });
       const loss = labelled > 0 ? lossSum / labelled : NaN;
       if (!Number.isFinite(loss)) {
+        // resuming repeats the same steps (a changed config is refused), so the way on is a new run that trains gentler
         const why = labelled === 0
           ? ' (no labelled tokens in the batch)'
           : scaler
             ? ': in fp16 compute an activation passed fp16\'s range (65504); resume with --dtype f32, or bf16 on an Ampere or newer GPU'
-            : '';
+            : `; resuming repeats the same steps, so the way on is a new run (with a lower --lr than ${config.lr} if the loss was rising before)`;
         throw new TrainingError(`the loss became ${loss} at step ${step + 1}${why}`);
       }
       const lr = learningRate(schedule, step + 1);

@@ -42,22 +42,32 @@ export function syncFolder(dir: string): void {
 /**
  * Flushes every file under `dir` and every folder's entries to disk, before `dir` is renamed into place: files copied
  * into it (fs.copyFileSync, fs.cpSync) are otherwise only in the page cache, and after a power cut the renamed folder
- * could hold them empty. Files already synced cost little. On Windows a file needs write access to be flushed.
+ * could hold them empty. Files already synced cost little. Copies keep their source's permissions, so a file may be
+ * read-only: POSIX flushes through a read-only descriptor; Windows needs write access, and a read-only file is left.
  */
 export function syncTree(dir: string): void {
   for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
     const p = path.join(dir, entry.name);
     if (entry.isDirectory()) syncTree(p);
-    else if (entry.isFile()) {
-      const fd = fs.openSync(p, 'r+');
-      try {
-        fs.fsyncSync(fd);
-      } finally {
-        fs.closeSync(fd);
-      }
-    }
+    else if (entry.isFile()) syncFile(p);
   }
   syncFolder(dir);
+}
+
+function syncFile(file: string): void {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, process.platform === 'win32' ? 'r+' : 'r');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (process.platform === 'win32' && (code === 'EPERM' || code === 'EACCES')) return;
+    throw err;
+  }
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 export function writeJsonAtomic(file: string, value: unknown): void {

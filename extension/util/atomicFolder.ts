@@ -94,7 +94,12 @@ export function restoreInterruptedReplace(target: string): void {
   const full = path.resolve(target);
   if (fs.existsSync(full)) return;
   const aside = deadSiblings(full, 'old')[0];
-  if (aside !== undefined) fs.renameSync(aside, full);
+  if (aside === undefined) return;
+  try {
+    fs.renameSync(aside, full);
+  } catch {
+    // another reader put it back first, or the folder cannot be written (a read-only mount): listing goes on
+  }
 }
 
 /**

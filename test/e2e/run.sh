@@ -52,7 +52,7 @@ for ud in ud-host ud-ui; do
   "workbench.startupEditor": "none", "workbench.tips.enabled": false, "chat.disableAIFeatures": true,
   "extensions.autoCheckUpdates": false, "extensions.autoUpdate": false, "security.workspace.trust.enabled": false,
   "workbench.secondarySideBar.defaultVisibility": "hidden", "workbench.colorTheme": "Default Dark Modern",
-  "qlora.maxSequenceLength": 128, "qlora.checkpointEvery": 50,
+  "qlora.maxSequenceLength": 128, "qlora.checkpointEvery": 50, "qlora.evalEvery": 100,
   "qlora.samplePrompts": ["What is the capital of France?", "What is the capital of Italy?"]
 }
 JSON

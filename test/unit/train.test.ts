@@ -442,7 +442,7 @@ test('a loss that turns NaN stops the run with a clear error and keeps the last 
   const data = write(path.join(tempDir('nan-data'), 'train.jsonl'), rows.map((r) => JSON.stringify(r)).join('\n'));
   const runDir = path.join(tempDir('nan-run'), 'run');
   const c = { ...config(data, { batchSize: 1, checkpointEvery: 1, maxSteps: 12, keepCheckpoints: 20 }), model: poisoned };
-  await assert.rejects(train({ runDir, config: c, resume: false }), /the loss became NaN at step (\d+)/);
+  await assert.rejects(train({ runDir, config: c, resume: false }), /the loss became NaN at step (\d+); resuming repeats the same steps, so the way on is a new run/);
   const log = events(runDir);
   const error = log.find((e) => e.kind === 'error');
   assert.ok(error && error.kind === 'error' && error.step !== null);

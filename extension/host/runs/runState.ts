@@ -4,6 +4,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { parseEventLog, type TrainerEvent } from '../../protocol/events';
 import { describeRunLock, type RunLock } from '../../trainer/runLock';
+import { isAlive } from '../../util/staleTemp';
 import type { RunStatus } from '../../protocol/webview';
 import type { RunInfo } from './types';
 
@@ -84,10 +85,18 @@ export function deriveRunInfo(facts: RunFacts): RunInfo {
   return info;
 }
 
+/**
+ * Whether resume has a checkpoint to go on from: a complete step-N, or one a trainer killed while replacing it left
+ * set aside (`.step-N.old-<pid>` of a process that is gone), which resume puts back.
+ */
 export function hasCompleteCheckpoint(runDir: string): boolean {
   const dir = path.join(runDir, 'checkpoints');
   try {
-    return fs.readdirSync(dir).some((name) => /^step-\d+$/.test(name) && fs.existsSync(path.join(dir, name, 'DONE')));
+    return fs.readdirSync(dir).some((name) => {
+      const aside = /^\.step-\d+\.old-(\d+)$/.exec(name);
+      if (!/^step-\d+$/.test(name) && !(aside && !isAlive(Number(aside[1])))) return false;
+      return fs.existsSync(path.join(dir, name, 'DONE'));
+    });
   } catch {
     return false;
   }

@@ -26,11 +26,14 @@ std::vector<std::string> file_names(const std::string& dir) {
   return names;
 }
 
-// The first name with one of `tails`, or "".
-std::string first_with(const std::vector<std::string>& names, std::initializer_list<const char*> tails) {
-  for (const std::string& n : names)
+// The first name with one of `tails`, or "" (names in `skip` do not count).
+std::string first_with(const std::vector<std::string>& names, std::initializer_list<const char*> tails,
+                       std::initializer_list<const char*> skip = {}) {
+  for (const std::string& n : names) {
+    if (std::any_of(skip.begin(), skip.end(), [&](const char* s) { return n == s; })) continue;
     for (const char* t : tails)
       if (ends_with(n, t)) return n;
+  }
   return "";
 }
 
@@ -47,7 +50,9 @@ const char* kAdapterHint =
 std::string weights_hint(const std::string& dir) {
   const std::vector<std::string> names = file_names(dir);
   if (has(names, "adapter_config.json")) return kAdapterHint;
-  const std::string pickle = first_with(names, {".bin", ".pt", ".pth", ".ckpt", ".pkl"});
+  // a Trainer checkpoint's own pickles (its arguments, optimizer, scheduler, RNG) are not the model's weights
+  const std::string pickle = first_with(names, {".bin", ".pt", ".pth", ".ckpt", ".pkl"},
+                                        {"training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth"});
   if (!pickle.empty())
     return ": it holds " + pickle +
            ", a PyTorch pickle, which is never loaded (a pickle can run code): use the model's safetensors release, "
