@@ -10,6 +10,7 @@ import { estimateMemory } from '../../extension/engine/tools';
 import { parseOptions } from '../../extension/trainer/cliArgs';
 import { estimate, estimateVerb, formatEstimate } from '../../extension/trainer/verbs/estimate';
 import { reference } from '../helpers/paths';
+import { readSafetensors } from '../helpers/safetensors';
 import { captureStdout } from '../helpers/stdout';
 
 for (const quantize of [true, false]) {
@@ -135,4 +136,34 @@ test('estimate verb: its defaults are the preset\'s that train would use (qlora,
   assert.deepEqual(await run('--preset', 'quick'), [512, 4, 8, 0.05, 7]);
   assert.deepEqual(await run('--preset', 'quick', '--rank', '4', '--lora-dropout', '0'), [512, 4, 4, 0, 7]);
   await assert.rejects(run('--preset', 'fast'), /--preset must be qlora or quick, got 'fast'/);
+});
+
+test('estimate of a bnb-4bit checkpoint whose linears are partly stored dense (unsloth\'s dynamic 4-bit) counts those at their stored size, as the engine loads them', () => {
+  // llama-shared-bnb4 with layer 1's MLP as llama-shared stores it: fp32, no quant state
+  const bnb = readSafetensors(path.join(reference('llama-shared-bnb4'), 'model.safetensors'));
+  const dense = readSafetensors(path.join(reference('llama-shared'), 'model.safetensors'));
+  const skipped = (name: string) => name.startsWith('model.layers.1.mlp.');
+  const entries = [...[...bnb].filter(([name]) => !skipped(name)), ...[...dense].filter(([name]) => skipped(name))];
+  const header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }> = {};
+  let offset = 0;
+  for (const [name, t] of entries) {
+    header[name] = { dtype: t.dtype, shape: t.shape, data_offsets: [offset, offset + t.bytes.length] };
+    offset += t.bytes.length;
+  }
+  const json = Buffer.from(JSON.stringify(header));
+  const length = Buffer.alloc(8);
+  length.writeBigUInt64LE(BigInt(json.length));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qlora-dynamic-'));
+  try {
+    fs.copyFileSync(path.join(reference('llama-shared-bnb4'), 'config.json'), path.join(dir, 'config.json'));
+    fs.writeFileSync(path.join(dir, 'model.safetensors'), Buffer.concat([length, json, ...entries.map(([, t]) => t.bytes)]));
+    const stored = estimateMemory(reference('llama-shared-bnb4'));
+    const dynamic = estimateMemory(dir);
+    const c = stored.config;
+    const mlp = 3 * c.hiddenSize * c.intermediateSize;
+    // fp32 in place of NF4 codes (half a byte a weight) and one fp32 constant per block of 64 (no double quantization)
+    assert.equal(dynamic.categories.weights - stored.categories.weights, mlp * 4 - (mlp / 2 + (mlp / 64) * 4));
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
 });
