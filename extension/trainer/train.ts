@@ -33,6 +33,8 @@ export class TrainingError extends Error {
 export class TrainingControl {
   stopRequested = false;
   saveRequested = false;
+  /** Set once the steps begin: a stop asked before then (data, model) is acted on when they do. */
+  training = false;
 }
 
 export interface TrainOptions {
@@ -343,6 +345,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     const firstStep = step;
     let tokensSinceStart = 0;
     const loopStart = Date.now();
+    control.training = true;
     while (step < totalSteps) {
       if (control.stopRequested) break;
       const micro = batches.microBatchesOf(step).map((g) => makeMicroBatch(batches.examplesOf(g), data.padId));

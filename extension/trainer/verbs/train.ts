@@ -17,7 +17,9 @@ function installControl(control: TrainingControl): () => void {
     interrupts += 1;
     if (interrupts > 1) process.exit(130);
     control.stopRequested = true;
-    process.stderr.write('\nstopping after this step (a checkpoint will be written; press Ctrl-C again to quit at once)\n');
+    // before the steps begin the data and model are still being prepared: the stop comes when they are ready
+    const when = control.training ? 'after this step' : 'once the data and model are ready, at the step the run is at';
+    process.stderr.write(`\nstopping ${when} (a checkpoint will be written; press Ctrl-C again to quit at once)\n`);
   };
   const onMessage = (message: unknown) => {
     try {
