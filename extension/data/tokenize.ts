@@ -40,6 +40,16 @@ export interface TokenizeDatasetOptions extends TokenizeOptions {
   skipInvalid?: boolean;
   /** Called after each example with how many are done of how many. */
   onProgress?: (done: number, total: number) => void;
+  /** tokenizeDatasetAsync only: aborting it ends the work early with TokenizationStopped (a stop asked for meanwhile). */
+  signal?: AbortSignal;
+}
+
+/** What tokenizeDatasetAsync throws when its signal was aborted. */
+export class TokenizationStopped extends Error {
+  override readonly name = 'TokenizationStopped';
+  constructor() {
+    super('tokenization stopped');
+  }
 }
 
 export interface TokenizationStats {
@@ -187,8 +197,28 @@ export const WORKER_THRESHOLD = 10_000;
  */
 export function tokenizeDatasetAsync(examples: readonly NormalizedExample[], tok: ModelTokenizer, options: TokenizeDatasetOptions = {}): Promise<TokenizedDataset> {
   const cores = Math.min(8, usableCores());
-  if (examples.length < WORKER_THRESHOLD || cores < 2) return Promise.resolve().then(() => tokenizeDataset(examples, tok, options));
+  if (examples.length < WORKER_THRESHOLD || cores < 2) return tokenizeDatasetInSlices(examples, tok, options);
   return tokenizeDatasetInWorkers(examples, tok, options, cores);
+}
+
+/** Examples tokenized between two turns of the event loop in this thread. */
+const SLICE = 256;
+
+/**
+ * tokenizeDataset in this thread, a slice at a time with the event loop let through in between: signals, a stop
+ * message and progress reports to the host are handled while it works (a whole dataset in one go held them back).
+ */
+async function tokenizeDatasetInSlices(examples: readonly NormalizedExample[], tok: ModelTokenizer, options: TokenizeDatasetOptions): Promise<TokenizedDataset> {
+  const outcomes: ExampleOutcome[] = [];
+  for (let start = 0; start < examples.length; start += SLICE) {
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    if (options.signal?.aborted) throw new TokenizationStopped();
+    for (let i = start; i < Math.min(examples.length, start + SLICE); i++) {
+      options.onProgress?.(i, examples.length);
+      outcomes.push(tokenizeOutcome(examples[i], tok, options));
+    }
+  }
+  return collectTokenized(examples, tok, options, (_, index) => outcomes[index]);
 }
 
 /** The cores this process may use: the machine's, or fewer under a container's CPU quota (cgroup v2 cpu.max). */
@@ -214,7 +244,7 @@ export async function tokenizeDatasetInWorkers(
   workers: number,
 ): Promise<TokenizedDataset> {
   const render: RenderOptions = { trainOnPrompt: options.trainOnPrompt, templateVars: options.templateVars };
-  const outcomes = await tokenizeInWorkers(examples, tok.modelDir, render, workers, options.onProgress);
+  const outcomes = await tokenizeInWorkers(examples, tok.modelDir, render, workers, options.onProgress, options.signal);
   return collectTokenized(examples, tok, options, (_, index) => outcomes[index]);
 }
 

@@ -11,7 +11,7 @@ import { isMainThread, parentPort, Worker, workerData } from 'node:worker_thread
 import { loadModelTokenizer } from './modelTokenizer';
 import type { RenderOptions } from './render';
 import type { NormalizedExample } from './shapes';
-import { tokenizeOutcome, type ExampleOutcome } from './tokenize';
+import { TokenizationStopped, tokenizeOutcome, type ExampleOutcome } from './tokenize';
 
 const WORKER_KIND = 'qlora-studio-tokenize';
 
@@ -33,6 +33,7 @@ export async function tokenizeInWorkers(
   options: RenderOptions,
   workers: number,
   onProgress?: (done: number, total: number) => void,
+  signal?: AbortSignal,
 ): Promise<ExampleOutcome[]> {
   const count = Math.max(1, Math.min(workers, examples.length));
   const size = Math.ceil(examples.length / count);
@@ -61,6 +62,9 @@ export async function tokenizeInWorkers(
             });
             worker.on('error', reject);
             worker.on('exit', (code) => reject(new Error(`a tokenizing worker stopped (exit code ${code}) before it was done`)));
+            // a stop asked for meanwhile: the workers are ended below
+            if (signal?.aborted) reject(new TokenizationStopped());
+            signal?.addEventListener('abort', () => reject(new TokenizationStopped()), { once: true });
           }),
       ),
     );

@@ -35,11 +35,11 @@ function throttled(report: DataProgress): DataProgress {
   };
 }
 
-async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainConfig, warnings: string[], onProgress?: DataProgress) {
+async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainConfig, warnings: string[], onProgress?: DataProgress, signal?: AbortSignal) {
   const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
   const name = path.basename(file);
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
-  const t = await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress });
+  const t = await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress, signal });
   if (t.stats.invalid > 0) warnings.push(`${name}: skipped ${t.stats.invalid} example(s) the chat template could not render`);
   for (const w of tokenizationWarnings(t.stats, tok)) warnings.push(`${name}: ${w}`);
   if (t.stats.lengths.truncated > 0)
@@ -50,16 +50,17 @@ async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainCon
   return { ds, t };
 }
 
-export async function prepareData(config: TrainConfig, onProgress?: DataProgress): Promise<PreparedData> {
+/** `signal`: aborting it (a stop asked for) ends the tokenizing early with TokenizationStopped. */
+export async function prepareData(config: TrainConfig, onProgress?: DataProgress, signal?: AbortSignal): Promise<PreparedData> {
   const tok = await loadModelTokenizer(config.model);
   const warnings: string[] = [];
   const report = onProgress && throttled(onProgress);
-  const { ds, t } = await tokenizedFile(config.data, tok, config, warnings, report);
+  const { ds, t } = await tokenizedFile(config.data, tok, config, warnings, report, signal);
   let train: TokenizedExample[] = t.examples;
   let evalSet: TrainExample[] = [];
   let evalRows = ds.examples;
   if (config.evalData) {
-    const e = await tokenizedFile(config.evalData, tok, config, warnings);
+    const e = await tokenizedFile(config.evalData, tok, config, warnings, undefined, signal);
     evalSet = e.t.examples;
     evalRows = e.ds.examples;
   } else if (config.evalFraction > 0 && train.length >= 2) {

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { EngineError, EngineModel, gpuTelemetry, readModelConfig } from '../engine';
+import { TokenizationStopped } from '../data';
 import { estimateMemory } from '../engine/tools';
 import { writeJsonAtomic } from '../util/atomicFile';
 import { removeFolderAtomic, replaceFolderAtomic } from '../util/atomicFolder';
@@ -14,7 +15,7 @@ import { BatchSchedule, makeMicroBatch, type BatchLayout, type TrainExample } fr
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
 import type { TrainConfig } from './config';
-import { epochOrder, prepareData } from './data';
+import { epochOrder, prepareData, type PreparedData } from './data';
 import { EventLog, sendToHost } from './eventLog';
 import { TrainingSamples } from './samples';
 import type { PreparingMessage, TrainerEvent } from '../protocol/events';
@@ -31,10 +32,25 @@ export class TrainingError extends Error {
 
 /** Requests that arrive while training runs (IPC control messages, SIGINT/SIGTERM). */
 export class TrainingControl {
-  stopRequested = false;
+  private stop = false;
+  private readonly preparation = new AbortController();
   saveRequested = false;
-  /** Set once the steps begin: a stop asked before then (data, model) is acted on when they do. */
+  /** Set once the steps begin (a stop before then ends the run before its first step). */
   training = false;
+
+  /** A stop asked for: after the current step, or, before the run's first step, as soon as the data allows. */
+  get stopRequested(): boolean {
+    return this.stop;
+  }
+  set stopRequested(value: boolean) {
+    this.stop = value;
+    if (value) this.preparation.abort();
+  }
+
+  /** Aborted by a stop: tokenizing the data ends early. */
+  get preparationSignal(): AbortSignal {
+    return this.preparation.signal;
+  }
 }
 
 export interface TrainOptions {
@@ -60,6 +76,8 @@ export interface TrainOutcome {
   adapterPath: string | null;
   finalLoss: number | null;
   runDir: string;
+  /** Stopped before the first step (while the data or model was prepared): nothing was written or changed. */
+  beforeStart?: true;
 }
 
 function configDigest(config: TrainConfig): string {
@@ -187,9 +205,28 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     sendToHost(message);
     options.onPreparing?.(message);
   };
-  const data = await prepareData(config, (done, total) => preparing('data', done, total));
+  // A stop before the first step, while the data or the model is prepared: a new run leaves nothing behind (its
+  // folder is not written yet), a resumed one is left as it was.
+  const stoppedBeforeStart = (): TrainOutcome => {
+    const step = resume ? (latestCheckpoint(runDir)?.step ?? 0) : 0;
+    // no log to append to (a new run has no folder yet): the host hears how the run ended over IPC alone
+    sendToHost({ kind: 'finished', time: new Date().toISOString(), status: 'stopped', step, adapterPath: null, finalLoss: null, elapsedSeconds: 0 } satisfies TrainerEvent);
+    return { status: 'stopped', step, totalSteps: 0, adapterPath: null, finalLoss: null, runDir, beforeStart: true };
+  };
+  let data: PreparedData;
+  try {
+    data = await prepareData(config, (done, total) => preparing('data', done, total), control.preparationSignal);
+  } catch (err) {
+    if (err instanceof TokenizationStopped) return stoppedBeforeStart();
+    throw err;
+  }
   preparing('model', null, null);
   const model = EngineModel.load(config.model, { quantize: config.quantize, ...engineOptions(placement) });
+  await yieldToEventLoop(); // a signal or stop message that came while the model loaded is heard here
+  if (control.stopRequested) {
+    model.dispose();
+    return stoppedBeforeStart();
+  }
   let samples: TrainingSamples;
   try {
     // older runs' config.json has no sample settings

@@ -14,7 +14,9 @@ import {
   NormalizedExample,
   renderExample,
   tokenizeDataset,
+  tokenizeDatasetAsync,
   tokenizeDatasetInWorkers,
+  TokenizationStopped,
   tokenizeExample,
   TokenizedExample,
 } from '../../extension/data';
@@ -317,4 +319,16 @@ test('a large dataset tokenized in worker threads gives what one thread gives, i
   assert.equal(progress.at(-1), 301);
   // an error other than a template's refusal fails the whole
   await assert.rejects(tokenizeDatasetInWorkers(examples, { ...tok, modelDir: path.join(tempDir('no-tokenizer'), 'none') } as typeof tok, options, 2), /tokenizer\.json/);
+  // a stop asked for meanwhile ends the work early, in workers and in this thread (a slice at a time), with the same
+  // result as one thread when nobody stops it
+  const stop = new AbortController();
+  const stopped = tokenizeDatasetInWorkers(examples, tok, { ...options, signal: stop.signal }, 2);
+  setImmediate(() => stop.abort()); // the workers are still loading the tokenizer
+  await assert.rejects(stopped, TokenizationStopped);
+  const sliced = await tokenizeDatasetAsync(examples, tok, options);
+  assert.deepEqual(sliced.examples.map((e) => Array.from(e.ids)), one.examples.map((e) => Array.from(e.ids)));
+  let seen = 0;
+  const halfway = new AbortController();
+  await assert.rejects(tokenizeDatasetAsync(examples, tok, { ...options, signal: halfway.signal, onProgress: (done) => { seen = done; if (done === 10) halfway.abort(); } }), TokenizationStopped);
+  assert.ok(seen < 301, `it went on to ${seen}`);
 });

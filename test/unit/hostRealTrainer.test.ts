@@ -54,6 +54,17 @@ test('train, stop over IPC, resume to the end', async () => {
   runs.dispose();
 });
 
+test('Stop while a new run prepares its data ends it as stopped, with no run folder', async () => {
+  const trainer = new TrainerProcess(launch, memoryOutput());
+  const runDir = path.join(tempDir('host-real-prepare'), 'runs', 'early');
+  const sub = trainer.onDidPrepare(() => trainer.stop());
+  const end = await trainer.start('train', runDir, args({ maxSteps: 50 })).ended;
+  sub.dispose();
+  assert.equal(end.status, 'stopped', end.reason);
+  assert.equal(end.finished?.step, 0);
+  assert.ok(!fs.existsSync(runDir));
+});
+
 test('bad data fails with the CLI sentence and leaves no run folder; inspect-data lists the rows', async () => {
   const dir = tempDir('host-real-bad');
   const bad = path.join(dir, 'bad.jsonl');

@@ -270,6 +270,23 @@ test('before its run starts the trainer says what it prepares: the data tokenize
   assert.equal(startedAfter, messages.length, 'all of it before run-started');
 });
 
+test('a stop asked for while the data is prepared ends a new run before anything is written, and leaves a resumed one as it was', async () => {
+  const data = path.join(repoRoot, 'examples', 'chat-sample.jsonl');
+  const stopWhilePreparing = () => {
+    const control = new TrainingControl();
+    return { control, onPreparing: () => (control.stopRequested = true) };
+  };
+  const runDir = path.join(tempDir('stop-preparing'), 'run');
+  const fresh = await train({ runDir, config: config(data), resume: false, ...stopWhilePreparing() });
+  assert.deepEqual([fresh.status, fresh.step, fresh.beforeStart], ['stopped', 0, true]);
+  assert.equal(fs.existsSync(runDir), false, 'no run folder');
+  await train({ runDir, config: config(data, { maxSteps: 2 }), resume: false });
+  const log = fs.readFileSync(path.join(runDir, 'events.jsonl'), 'utf8');
+  const resumed = await train({ runDir, resume: true, ...stopWhilePreparing() });
+  assert.deepEqual([resumed.status, resumed.step, resumed.beforeStart], ['stopped', 2, true]);
+  assert.equal(fs.readFileSync(path.join(runDir, 'events.jsonl'), 'utf8'), log);
+});
+
 test('a run resumed on data that changed since its checkpoint says so, and one on the same data does not', async () => {
   const dir = tempDir('changed-data');
   const data = path.join(dir, 'train.jsonl');

@@ -17,9 +17,11 @@ function installControl(control: TrainingControl): () => void {
     interrupts += 1;
     if (interrupts > 1) process.exit(130);
     control.stopRequested = true;
-    // before the steps begin the data and model are still being prepared: the stop comes when they are ready
-    const when = control.training ? 'after this step' : 'once the data and model are ready, at the step the run is at';
-    process.stderr.write(`\nstopping ${when} (a checkpoint will be written; press Ctrl-C again to quit at once)\n`);
+    process.stderr.write(
+      control.training
+        ? '\nstopping after this step (a checkpoint will be written; press Ctrl-C again to quit at once)\n'
+        : '\nstopping before the first step (press Ctrl-C again to quit at once)\n',
+    );
   };
   const onMessage = (message: unknown) => {
     try {
@@ -154,6 +156,12 @@ function completedRun(runDir: string): FinishedEvent | null {
 
 function printOutcome(outcome: TrainOutcome, json: boolean): void {
   if (json) process.stdout.write(JSON.stringify(outcome) + '\n');
+  else if (outcome.beforeStart)
+    process.stderr.write(
+      fs.existsSync(path.join(outcome.runDir, 'config.json'))
+        ? `stopped before the first step: ${outcome.runDir} is as it was\n`
+        : 'stopped before the run started: nothing was written\n',
+    );
 }
 
 export async function trainVerb(o: ParsedOptions): Promise<void> {
