@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import { EngineError } from '../../extension/engine';
 import { parseOptions } from '../../extension/trainer/cliArgs';
 import { merge, mergeVerb, parseByteSize, parseMergeDtype } from '../../extension/trainer/verbs/merge';
+import { quantize } from '../../extension/trainer/verbs/quantize';
 import { score } from '../../extension/trainer/verbs/score';
 import { reference, tempDir } from '../helpers/paths';
 import { readSafetensors } from '../helpers/safetensors';
@@ -147,4 +148,27 @@ test('merge option parsing: dtypes and shard sizes', () => {
   assert.equal(parseByteSize('12345'), 12345);
   assert.throws(() => parseByteSize('5 apples'), /size such as 5GB/);
   assert.throws(() => parseByteSize('0'), /size such as 5GB/);
+});
+
+test('a model in a Hugging Face cache snapshot (its files links to blobs): merge and quantize copy what the links point to', () => {
+  // the cache's layout: snapshots/<revision>/<file> -> ../../blobs/<hash>
+  const cache = tempDir('hf-snapshot');
+  const blobs = path.join(cache, 'blobs');
+  const snapshot = path.join(cache, 'snapshots', 'abc123');
+  fs.mkdirSync(blobs, { recursive: true });
+  fs.mkdirSync(snapshot, { recursive: true });
+  for (const name of fs.readdirSync(reference('llama-shared'))) {
+    fs.copyFileSync(path.join(reference('llama-shared'), name), path.join(blobs, `blob-${name}`));
+    fs.symlinkSync(path.join('..', '..', 'blobs', `blob-${name}`), path.join(snapshot, name));
+  }
+  const merged = path.join(tempDir('hf-merged'), 'out');
+  merge({ model: snapshot, adapter: reference('llama-shared-adapter'), out: merged, dtype: 'float32' });
+  const quantized = path.join(tempDir('hf-quantized'), 'out');
+  quantize({ model: snapshot, out: quantized, doubleQuant: true });
+  for (const out of [merged, quantized]) {
+    const copied = path.join(out, 'generation_config.json');
+    assert.ok(fs.existsSync(copied), `${out} lacks generation_config.json`);
+    assert.equal(fs.lstatSync(copied).isSymbolicLink(), false);
+    assert.equal(fs.readFileSync(copied, 'utf8'), fs.readFileSync(path.join(reference('llama-shared'), 'generation_config.json'), 'utf8'));
+  }
 });

@@ -42,7 +42,7 @@ export function runModelDir(run: string): string {
 
 export function exportAdapter(o: ExportOptions): { from: string; out: string } {
   const from = runAdapterDir(o.run, o.checkpoint);
-  writeFolderAtomic(o.out, (tmp) => fs.cpSync(from, tmp, { recursive: true }));
+  writeFolderAtomic(o.out, (tmp) => fs.cpSync(from, tmp, { recursive: true, dereference: true }));
   return { from, out: o.out };
 }
 

@@ -4,6 +4,7 @@
 // template). The folder appears complete or not at all.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { isFile } from '../../util/isFolder';
 import { ADDITIONAL_TEMPLATES_DIR, alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
 import { readModelConfig } from '../../engine';
 import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
@@ -96,20 +97,21 @@ export function merge(options: MergeOptions): MergeResult {
     const report = mergeWeights(model, adapter, tmp, dtype, maxShardBytes);
     const copied: string[] = [];
     for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
-      if (!entry.isFile() || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
+      // a Hugging Face cache snapshot's files are links to its blobs: what they link to is copied
+    if (!isFile(path.join(model, entry.name)) || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
       fs.copyFileSync(path.join(model, entry.name), path.join(tmp, entry.name));
       copied.push(entry.name);
     }
     for (const name of TOKENIZER_FILES) {
       const source = path.join(adapter, name);
-      if (!fs.existsSync(source) || !fs.statSync(source).isFile()) continue;
+      if (!isFile(source)) continue;
       fs.copyFileSync(source, path.join(tmp, name));
       if (!copied.includes(name)) copied.push(name);
     }
     // the named chat templates besides the default one (tool_use), the adapter's where it carries them
     const templates = [adapter, model].map((d) => path.join(d, ADDITIONAL_TEMPLATES_DIR)).find((d) => fs.existsSync(d) && fs.statSync(d).isDirectory());
     if (templates !== undefined) {
-      fs.cpSync(templates, path.join(tmp, ADDITIONAL_TEMPLATES_DIR), { recursive: true });
+      fs.cpSync(templates, path.join(tmp, ADDITIONAL_TEMPLATES_DIR), { recursive: true, dereference: true });
       copied.push(ADDITIONAL_TEMPLATES_DIR);
     }
     if (options.chatTemplate !== undefined) addChatTemplate(tmp, options.chatTemplate);

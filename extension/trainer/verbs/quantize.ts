@@ -3,6 +3,7 @@
 // quantization_config, and the model's other files (tokenizer, generation config) copied as they are.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { isFile } from '../../util/isFolder';
 import { quantizeModel, readModelConfig, type QuantizeDtype, type QuantizeReport } from '../../engine';
 import { writeJsonAtomic } from '../../util/atomicFile';
 import { writeFolderAtomic } from '../../util/atomicFolder';
@@ -37,7 +38,8 @@ export function quantize(options: QuantizeOptions): QuantizeReport & { out: stri
 function writeQuantized(model: string, out: string, rawConfig: Record<string, unknown>, storedDtype: string, doubleQuant: boolean, dtype: QuantizeDtype | undefined): QuantizeReport {
   const report = quantizeModel(model, path.join(out, 'model.safetensors'), doubleQuant, dtype);
   for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
-    if (!entry.isFile() || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
+    // a Hugging Face cache snapshot's files are links to its blobs: what they link to is copied
+    if (!isFile(path.join(model, entry.name)) || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
     fs.copyFileSync(path.join(model, entry.name), path.join(out, entry.name));
   }
   const modelDtype = dtype ?? storedDtype;
