@@ -12,6 +12,7 @@ import type { TrainConfig } from '../trainer/config';
 import { runModelDir } from '../trainer/verbs/export';
 import { removeStaleTemps } from '../util/staleTemp';
 import { syncFolder, writeFileAtomic } from '../util/atomicFile';
+import { assertEmptyOrAbsent, removeEmptyFolder, renameFolder } from '../util/atomicFolder';
 import { exportGguf, type ExportGgufOptions, type ExportGgufReport } from './exportGguf';
 import type { GgufFileType } from './gguf/types';
 import { ollamaTemplate, type ChatFamily } from './ollamaTemplate';
@@ -103,10 +104,7 @@ export function modelfileText(o: { template: string; stops: readonly string[]; s
 
 export async function exportOllama(o: ExportOllamaOptions): Promise<ExportOllamaReport> {
   const target = path.resolve(o.out);
-  if (fs.existsSync(target)) {
-    if (!fs.statSync(target).isDirectory()) throw new Error(`${o.out} exists and is not a folder`);
-    if (fs.readdirSync(target).length > 0) throw new Error(`${o.out} already exists and is not empty; choose a new folder or empty it`);
-  }
+  assertEmptyOrAbsent(o.out);
   const name = o.name ?? defaultOllamaName(o.run);
   checkOllamaName(name);
   const model = runModelDir(o.run);
@@ -127,8 +125,8 @@ export async function exportOllama(o: ExportOllamaOptions): Promise<ExportOllama
     const v = gguf.verification!;
     if (!v.verified) throw new Error(`llama.cpp's check of the GGUF failed, so no Ollama folder was written: ${v.problems.join('; ')}`);
     writeFileAtomic(path.join(tmp, 'Modelfile'), modelfile);
-    if (fs.existsSync(target)) fs.rmdirSync(target); // empty (checked above); rename cannot replace a folder everywhere
-    fs.renameSync(tmp, target);
+    removeEmptyFolder(target); // empty (checked above); rename cannot replace a folder everywhere
+    renameFolder(tmp, target);
     syncFolder(path.dirname(target));
   } catch (err) {
     fs.rmSync(tmp, { recursive: true, force: true });

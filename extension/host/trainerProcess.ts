@@ -28,12 +28,16 @@ export type ForkFunction = (modulePath: string, args: readonly string[], options
  * loader flags do not leak into the child.
  */
 export function forkCli(forkFn: ForkFunction, launch: TrainerLaunch, args: readonly string[]): ChildProcess {
-  return forkFn(launch.cliPath, args, {
+  // Windows: no console window for a node.exe (qlora.nodePath); closing one would end the trainer unsaved. fork
+  // hands its options to spawn, which takes windowsHide, though ForkOptions does not declare it.
+  const options: ForkOptions & { windowsHide: boolean } = {
     execPath: launch.execPath,
     execArgv: [],
     env: { ...process.env, ELECTRON_RUN_AS_NODE: '1' },
     stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
-  });
+    windowsHide: true,
+  };
+  return forkFn(launch.cliPath, args, options);
 }
 
 export interface RunEnd {

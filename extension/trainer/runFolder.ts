@@ -7,8 +7,8 @@ import * as path from 'node:path';
 
 export type FolderKind = 'missing' | 'empty' | 'run' | 'model' | 'other';
 
-/** Files a trainer writes into a new run's folder before it checks the folder again (its lock). */
-const OWN_FILES = new Set(['trainer.lock']);
+/** Files a trainer writes into a new run's folder before it checks the folder again (its lock), and a desktop's. */
+const OWN_FILES = new Set(['trainer.lock', 'Thumbs.db', 'desktop.ini']);
 
 export function folderKind(dir: string): FolderKind {
   let names: string[];

@@ -11,10 +11,7 @@ import { isAlive, removeStaleTemps } from './staleTemp';
  */
 export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
   const target = path.resolve(out);
-  if (fs.existsSync(target)) {
-    if (!fs.statSync(target).isDirectory()) throw new Error(`${out} exists and is not a folder`);
-    if (fs.readdirSync(target).length > 0) throw new Error(`${out} already exists and is not empty; choose a new folder or empty it`);
-  }
+  assertEmptyOrAbsent(out);
   fs.mkdirSync(path.dirname(target), { recursive: true });
   removeStaleTemps(target, 'tmp'); // what writers killed before left
   const tmp = `${target}.tmp-${process.pid}`;
@@ -24,14 +21,32 @@ export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
     const result = fill(tmp);
     // An empty target (allowed above) is replaced; rename cannot replace a folder on every platform.
     syncTree(tmp);
-    if (fs.existsSync(target)) fs.rmdirSync(target);
-    fs.renameSync(tmp, target);
+    removeEmptyFolder(target);
+    renameFolder(tmp, target);
     syncFolder(path.dirname(target));
     return result;
   } catch (err) {
     fs.rmSync(tmp, { recursive: true, force: true });
     throw err;
   }
+}
+
+/** Files a desktop puts in any folder it shows (Finder, Explorer): a folder holding only these counts as empty. */
+const DESKTOP_LITTER = new Set(['.DS_Store', 'Thumbs.db', 'desktop.ini']);
+
+/** Refuses an output folder that is a file or holds anything (but desktop litter). */
+export function assertEmptyOrAbsent(out: string): void {
+  const target = path.resolve(out);
+  if (!fs.existsSync(target)) return;
+  if (!fs.statSync(target).isDirectory()) throw new Error(`${out} exists and is not a folder`);
+  if (fs.readdirSync(target).some((name) => !DESKTOP_LITTER.has(name))) throw new Error(`${out} already exists and is not empty; choose a new folder or empty it`);
+}
+
+/** Removes a folder assertEmptyOrAbsent let through (and its desktop litter), so that a rename can take its place. */
+export function removeEmptyFolder(target: string): void {
+  if (!fs.existsSync(target)) return;
+  for (const name of fs.readdirSync(target)) if (DESKTOP_LITTER.has(name)) fs.rmSync(path.join(target, name), { force: true });
+  fs.rmdirSync(target);
 }
 
 /**
@@ -53,11 +68,11 @@ export function replaceFolderAtomic<T>(out: string, fill: (tmp: string) => T): T
   try {
     result = fill(tmp);
     syncTree(tmp);
-    if (fs.existsSync(target)) fs.renameSync(target, aside);
+    if (fs.existsSync(target)) renameFolder(target, aside);
     try {
-      fs.renameSync(tmp, target);
+      renameFolder(tmp, target);
     } catch (err) {
-      if (fs.existsSync(aside)) fs.renameSync(aside, target);
+      if (fs.existsSync(aside)) renameFolder(aside, target);
       throw err;
     }
   } catch (err) {
@@ -81,7 +96,7 @@ export function removeFolderAtomic(dir: string): void {
   // its own tag: a folder on its way out is never put back (restoreInterruptedReplace takes only 'old')
   const aside = siblingName(target, 'del', process.pid);
   fs.rmSync(aside, { recursive: true, force: true });
-  fs.renameSync(target, aside);
+  renameFolder(target, aside);
   syncFolder(path.dirname(target));
   fs.rmSync(aside, { recursive: true, force: true });
 }
@@ -96,7 +111,7 @@ export function restoreInterruptedReplace(target: string): void {
   const aside = deadSiblings(full, 'old')[0];
   if (aside === undefined) return;
   try {
-    fs.renameSync(aside, full);
+    renameFolder(aside, full);
   } catch {
     // another reader put it back first, or the folder cannot be written (a read-only mount): listing goes on
   }
@@ -135,4 +150,21 @@ function deadSiblings(target: string, tag: SiblingTag): string[] {
       return Number.isInteger(pid) && pid > 0 && pid !== process.pid && !isAlive(pid);
     })
     .map((name) => path.join(path.dirname(target), name));
+}
+
+/**
+ * Renames a folder. On Windows a folder cannot be renamed while any file in it is open, and antivirus scanners and
+ * the search indexer open new files for a moment: there the rename is tried again for up to about two seconds.
+ */
+export function renameFolder(from: string, to: string): void {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      fs.renameSync(from, to);
+      return;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (process.platform !== 'win32' || attempt >= 20 || !['EPERM', 'EACCES', 'EBUSY'].includes(code ?? '')) throw err;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100); // a synchronous pause
+    }
+  }
 }

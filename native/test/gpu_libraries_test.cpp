@@ -57,6 +57,20 @@ TEST(gpu_library_search_order) {
     for (size_t j = i + 1; j < dirs.size(); ++j) EXPECT_TRUE(dirs[i] != dirs[j], "duplicate ", dirs[i]);
 }
 
+TEST(gpu_library_search_windows_python_folders) {
+  // the folder layout only: the search reads SearchEnv, not the machine it runs on
+  const fs::path home = fresh_dir("search-windows") / "home";
+  const fs::path org = home / "AppData" / "Local" / "Programs" / "Python" / "Python312" / "Lib" / "site-packages" / "nvidia" / "cu13" / "bin" / "x86_64";
+  const fs::path user = home / "AppData" / "Roaming" / "Python" / "Python313" / "site-packages" / "nvidia" / "cu13" / "bin";
+  for (const fs::path& d : {org, user}) fs::create_directories(d);
+  SearchEnv env;
+  env.windows = true;
+  env.home = home.string();
+  const std::vector<std::string> dirs = search_dirs(env);
+  EXPECT_TRUE(index_of(dirs, org) >= 0, "python.org install's wheel folder (bin/x86_64) searched");
+  EXPECT_TRUE(index_of(dirs, user) >= 0, "the user site's wheel folder searched");
+}
+
 TEST(gpu_library_load_records_attempts_and_reason) {
   const fs::path dir = fresh_dir("load");
   std::ofstream(dir / "libcublasLt.so.13") << "not a shared library";

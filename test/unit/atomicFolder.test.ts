@@ -191,3 +191,14 @@ test('stale temporaries: the pid leads what follows the tag (a writer\'s tempora
   assert.deepEqual(fs.readdirSync(dir).sort(), ['merged', `model.gguf.base-tmp-${process.ppid}.gguf`]);
   assert.equal(fs.readFileSync(path.join(merged, 'sub', 'copied'), 'utf8'), 'a live export');
 });
+
+test('an output folder holding only what a desktop puts in every folder (.DS_Store, Thumbs.db) counts as empty', () => {
+  const out = tempDir('atomic-litter');
+  fs.writeFileSync(path.join(out, '.DS_Store'), 'finder');
+  fs.writeFileSync(path.join(out, 'Thumbs.db'), 'explorer');
+  writeFolderAtomic(out, (tmp) => fs.writeFileSync(path.join(tmp, 'model.safetensors'), 'x'));
+  assert.deepEqual(fs.readdirSync(out), ['model.safetensors']);
+  const busy = tempDir('atomic-busy');
+  fs.writeFileSync(path.join(busy, 'notes.txt'), 'mine');
+  assert.throws(() => writeFolderAtomic(busy, () => undefined), /already exists and is not empty/);
+});

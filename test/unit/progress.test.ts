@@ -18,7 +18,10 @@ test('a stop prints the resume command for this run, quoted for a shell where th
   assert.ok(linesFor('/runs/r1').some((l) => l.includes('stopped at step 4; resume with "qlora-studio resume --run /runs/r1"')));
   assert.ok(linesFor("/runs/it's mine").some((l) => l.includes(`resume --run '/runs/it'\\''s mine'`)));
   assert.equal(shellLine(['/a/b-c_d.e']), '/a/b-c_d.e');
-  assert.equal(shellLine(['C:\\runs\\r 1']), "'C:\\runs\\r 1'");
+  assert.equal(shellLine(['C:\\runs\\r 1'], 'linux'), "'C:\\runs\\r 1'");
+  // Windows: PowerShell and cmd read double quotes, and backslashes are a path's
+  assert.equal(shellLine(['qlora-studio', 'resume', '--run', 'C:\\runs\\r1'], 'win32'), 'qlora-studio resume --run C:\\runs\\r1');
+  assert.equal(shellLine(['C:\\Users\\Jo Doe\\it\'s'], 'win32'), '"C:\\Users\\Jo Doe\\it\'s"');
 });
 
 test('before the run: the tokenizing count in place on a terminal, a line a stage elsewhere', () => {

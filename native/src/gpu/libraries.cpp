@@ -112,6 +112,16 @@ std::vector<std::string> search_dirs(const SearchEnv& env) {
   if (!env.home.empty()) {
     const fs::path home(env.home);
     prefixes.push_back(home / ".local");
+    if (env.windows) {
+      // python.org's installs (%LOCALAPPDATA%\Programs\Python\Python3xx) and their user sites
+      // (%APPDATA%\Python\Python3xx\site-packages, without a Lib folder)
+      for (const fs::path& py : children_starting_with(home / "AppData" / "Local" / "Programs" / "Python", "Python3"))
+        prefixes.push_back(py);
+      for (const fs::path& py : children_starting_with(home / "AppData" / "Roaming" / "Python", "Python3"))
+        for (const char* sub : {"cu13", "cublas"})
+          for (const fs::path& bin : {fs::path("bin"), fs::path("bin") / "x86_64"})
+            dirs.push_back(py / "site-packages" / "nvidia" / sub / bin);
+    }
     for (const char* conda : {"miniconda3", "anaconda3", "miniforge3", "mambaforge"}) {
       prefixes.push_back(home / conda);
       for (const fs::path& e : children_starting_with(home / conda / "envs", "")) prefixes.push_back(e);
@@ -121,9 +131,17 @@ std::vector<std::string> search_dirs(const SearchEnv& env) {
     prefixes.emplace_back("/usr/local");
     prefixes.emplace_back("/usr");
   }
+  // (on Windows CUDA 13's wheels keep the DLLs in bin\x86_64, earlier ones in bin)
   for (const fs::path& prefix : prefixes)
     for (const fs::path& sp : site_packages(prefix, env.windows))
-      for (const char* sub : {"cu13", "cublas"}) dirs.push_back(sp / "nvidia" / sub / (env.windows ? "bin" : "lib"));
+      for (const char* sub : {"cu13", "cublas"}) {
+        if (!env.windows) {
+          dirs.push_back(sp / "nvidia" / sub / "lib");
+          continue;
+        }
+        for (const fs::path& bin : {fs::path("bin"), fs::path("bin") / "x86_64"})
+          dirs.push_back(sp / "nvidia" / sub / bin);
+      }
 
   // Ollama's bundled CUDA libraries
   if (env.windows) {

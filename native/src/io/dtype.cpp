@@ -105,17 +105,18 @@ uint16_t f32_to_f16(float f) {
 constexpr size_t kParallelFrom = size_t{1} << 16;
 
 void convert_to_f32(DType t, const void* src, size_t n, float* dst, const std::string& context) {
+  const int64_t count = static_cast<int64_t>(n);  // OpenMP 2.0 (MSVC's /openmp) takes only signed loop indices
   switch (t) {
     case DType::F32:
       if (n) std::memcpy(dst, src, n * sizeof(float));
       return;
     case DType::BF16:
 #pragma omp parallel for schedule(static) if (n >= kParallelFrom)
-      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(load<uint16_t>(src, i));
+      for (int64_t i = 0; i < count; ++i) dst[i] = bf16_to_f32(load<uint16_t>(src, static_cast<size_t>(i)));
       return;
     case DType::F16:
 #pragma omp parallel for schedule(static) if (n >= kParallelFrom)
-      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(load<uint16_t>(src, i));
+      for (int64_t i = 0; i < count; ++i) dst[i] = f16_to_f32(load<uint16_t>(src, static_cast<size_t>(i)));
       return;
     case DType::F64:
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<float>(load<double>(src, i));
