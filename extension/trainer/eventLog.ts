@@ -61,9 +61,10 @@ export function dropPartialLastLine(file: string): void {
   } catch {
     return; // no log yet
   }
+  let size: number;
   let keep: number;
   try {
-    const size = fs.fstatSync(fd).size;
+    size = fs.fstatSync(fd).size;
     keep = size;
     const chunk = Buffer.alloc(64 * 1024);
     // from the end backwards to the last newline (the end itself when the file ends with one)
@@ -81,5 +82,5 @@ export function dropPartialLastLine(file: string): void {
   } finally {
     fs.closeSync(fd);
   }
-  if (keep < fs.statSync(file).size) fs.truncateSync(file, keep);
+  if (keep < size) fs.truncateSync(file, keep);
 }

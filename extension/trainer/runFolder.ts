@@ -1,14 +1,13 @@
 // What a folder given as a run (--run, resume) or as a new run's --out holds: a run (config.json naming the base
 // model, or one that does not parse), a Hugging Face model (config.json with model_type or architectures), something
-// else, or nothing. The
-// refusals say which, so that a model folder given as a run is not called "a run" or "not a run folder" alone.
+// else, or nothing. The refusals say which, so that a model folder given as a run is not called "a run" or "not a run
+// folder" alone.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { DESKTOP_LITTER } from '../util/atomicFolder';
+import { RUN_LOCK_FILE } from './runLock';
 
 export type FolderKind = 'missing' | 'empty' | 'run' | 'model' | 'other';
-
-/** Files a trainer writes into a new run's folder before it checks the folder again (its lock), and a desktop's. */
-const OWN_FILES = new Set(['trainer.lock', 'Thumbs.db', 'desktop.ini']);
 
 export function folderKind(dir: string): FolderKind {
   let names: string[];
@@ -28,7 +27,7 @@ export function folderKind(dir: string): FolderKind {
     if (typeof c.model_type === 'string' || Array.isArray(c.architectures)) return 'model';
     if (typeof c.model === 'string') return 'run';
   }
-  return names.some((n) => !n.startsWith('.') && !OWN_FILES.has(n)) ? 'other' : 'empty';
+  return names.some((n) => !n.startsWith('.') && n !== RUN_LOCK_FILE && !DESKTOP_LITTER.has(n)) ? 'other' : 'empty';
 }
 
 /** Refuses a folder that is not a run, saying what it is instead. */

@@ -3,7 +3,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { syncFolder, syncTree } from './atomicFile';
-import { isAlive, removeStaleTemps } from './staleTemp';
+import { entriesOfGoneWriters, removeStaleTemps } from './staleTemp';
 
 /**
  * Runs `fill(tmp)` on a fresh temporary folder beside `out` and renames it to `out` once `fill` returns. An `out`
@@ -32,7 +32,7 @@ export function writeFolderAtomic<T>(out: string, fill: (tmp: string) => T): T {
 }
 
 /** Files a desktop puts in any folder it shows (Finder, Explorer): a folder holding only these counts as empty. */
-const DESKTOP_LITTER = new Set(['.DS_Store', 'Thumbs.db', 'desktop.ini']);
+export const DESKTOP_LITTER: ReadonlySet<string> = new Set(['.DS_Store', 'Thumbs.db', 'desktop.ini']);
 
 /** Refuses an output folder that is a file or holds anything (but desktop litter). */
 export function assertEmptyOrAbsent(out: string): void {
@@ -136,20 +136,7 @@ function siblingName(target: string, tag: SiblingTag, pid: number): string {
 
 /** `.<name>.<tag>-<pid>` siblings of `target` whose process no longer runs. */
 function deadSiblings(target: string, tag: SiblingTag): string[] {
-  const prefix = `.${path.basename(target)}.${tag}-`;
-  let names: string[];
-  try {
-    names = fs.readdirSync(path.dirname(target));
-  } catch {
-    return [];
-  }
-  return names
-    .filter((name) => name.startsWith(prefix))
-    .filter((name) => {
-      const pid = Number(name.slice(prefix.length));
-      return Number.isInteger(pid) && pid > 0 && pid !== process.pid && !isAlive(pid);
-    })
-    .map((name) => path.join(path.dirname(target), name));
+  return entriesOfGoneWriters(path.dirname(target), `.${path.basename(target)}.${tag}-`);
 }
 
 /**

@@ -16,22 +16,29 @@ export function isAlive(pid: number): boolean {
 
 /** Removes `<target>.<tag>-<pid>...` entries beside `target` whose process no longer runs; returns what it removed. */
 export function removeStaleTemps(target: string, tag: string): string[] {
-  const dir = path.dirname(path.resolve(target));
-  const prefix = `${path.basename(target)}.${tag}-`;
-  const removed: string[] = [];
+  const full = path.resolve(target);
+  const removed = entriesOfGoneWriters(path.dirname(full), `${path.basename(full)}.${tag}-`);
+  for (const entry of removed) fs.rmSync(entry, { recursive: true, force: true });
+  return removed;
+}
+
+/**
+ * Paths in `dir` named `<prefix><pid>...` whose process is gone (not this one, not a running one): what writers that
+ * name their work in progress so left behind. The pid leads what follows the prefix: `<target>.merge-tmp-<pid>.tmp-<pid>`
+ * is one writer's temporary inside another's.
+ */
+export function entriesOfGoneWriters(dir: string, prefix: string): string[] {
   let names: string[];
   try {
     names = fs.readdirSync(dir);
   } catch {
-    return removed;
+    return [];
   }
-  for (const name of names) {
-    if (!name.startsWith(prefix)) continue;
-    // the pid leads what follows the prefix: `<target>.merge-tmp-<pid>.tmp-<pid>` is one writer's temporary inside another's
-    const pid = Number(/^\d+/.exec(name.slice(prefix.length))?.[0]);
-    if (!Number.isInteger(pid) || pid <= 0 || pid === process.pid || isAlive(pid)) continue;
-    fs.rmSync(path.join(dir, name), { recursive: true, force: true });
-    removed.push(path.join(dir, name));
-  }
-  return removed;
+  return names
+    .filter((name) => {
+      if (!name.startsWith(prefix)) return false;
+      const pid = Number(/^\d+/.exec(name.slice(prefix.length))?.[0]);
+      return Number.isInteger(pid) && pid > 0 && pid !== process.pid && !isAlive(pid);
+    })
+    .map((name) => path.join(dir, name));
 }

@@ -4,7 +4,8 @@
 // template). The folder appears complete or not at all.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { isFile } from '../../util/isFolder';
+import { isFile, isFolder } from '../../util/isFolder';
+import { copyModelSideFiles } from '../modelFiles';
 import { ADDITIONAL_TEMPLATES_DIR, alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
 import { readModelConfig } from '../../engine';
 import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
@@ -37,11 +38,6 @@ export interface MergeResult extends MergeWeightsReport {
 }
 
 export const DEFAULT_MAX_SHARD_BYTES = 5_000_000_000;
-
-// Weights and their index are written by the merge; the other files of the base are copied.
-function isWeightFile(name: string): boolean {
-  return name.endsWith('.safetensors') || name === 'model.safetensors.index.json' || name.endsWith('.bin') || name.endsWith('.pt');
-}
 
 // Tokenizer files saved beside an adapter (trainers save the tokenizer they trained with, chat template included)
 // take precedence over the base's.
@@ -95,13 +91,7 @@ export function merge(options: MergeOptions): MergeResult {
 
   return writeFolderAtomic(out, (tmp) => {
     const report = mergeWeights(model, adapter, tmp, dtype, maxShardBytes);
-    const copied: string[] = [];
-    for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
-      // a Hugging Face cache snapshot's files are links to its blobs: what they link to is copied
-    if (!isFile(path.join(model, entry.name)) || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
-      fs.copyFileSync(path.join(model, entry.name), path.join(tmp, entry.name));
-      copied.push(entry.name);
-    }
+    const copied = copyModelSideFiles(model, tmp);
     for (const name of TOKENIZER_FILES) {
       const source = path.join(adapter, name);
       if (!isFile(source)) continue;
@@ -109,7 +99,7 @@ export function merge(options: MergeOptions): MergeResult {
       if (!copied.includes(name)) copied.push(name);
     }
     // the named chat templates besides the default one (tool_use), the adapter's where it carries them
-    const templates = [adapter, model].map((d) => path.join(d, ADDITIONAL_TEMPLATES_DIR)).find((d) => fs.existsSync(d) && fs.statSync(d).isDirectory());
+    const templates = [adapter, model].map((d) => path.join(d, ADDITIONAL_TEMPLATES_DIR)).find(isFolder);
     if (templates !== undefined) {
       fs.cpSync(templates, path.join(tmp, ADDITIONAL_TEMPLATES_DIR), { recursive: true, dereference: true });
       copied.push(ADDITIONAL_TEMPLATES_DIR);

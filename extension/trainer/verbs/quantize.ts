@@ -1,9 +1,8 @@
 // quantize: writes a model as a bnb-4bit checkpoint (NF4, blocks of 64, double quantization by default) that
 // transformers loads as it loads any *-bnb-4bit model: model.safetensors in bitsandbytes' layout, config.json with
 // quantization_config, and the model's other files (tokenizer, generation config) copied as they are.
-import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { isFile } from '../../util/isFolder';
+import { copyModelSideFiles } from '../modelFiles';
 import { quantizeModel, readModelConfig, type QuantizeDtype, type QuantizeReport } from '../../engine';
 import { writeJsonAtomic } from '../../util/atomicFile';
 import { writeFolderAtomic } from '../../util/atomicFolder';
@@ -15,12 +14,6 @@ export interface QuantizeOptions {
   doubleQuant: boolean;
   /** Cast the model to this dtype first (transformers' torch_dtype); default: as stored. */
   dtype?: QuantizeDtype;
-}
-
-// Weights and their index are rewritten; everything else the folder holds (tokenizer files, chat template,
-// generation config, README) is copied.
-function isWeightFile(name: string): boolean {
-  return name.endsWith('.safetensors') || name === 'model.safetensors.index.json' || name.endsWith('.bin') || name.endsWith('.pt');
 }
 
 export function quantize(options: QuantizeOptions): QuantizeReport & { out: string } {
@@ -37,11 +30,7 @@ export function quantize(options: QuantizeOptions): QuantizeReport & { out: stri
 
 function writeQuantized(model: string, out: string, rawConfig: Record<string, unknown>, storedDtype: string, doubleQuant: boolean, dtype: QuantizeDtype | undefined): QuantizeReport {
   const report = quantizeModel(model, path.join(out, 'model.safetensors'), doubleQuant, dtype);
-  for (const entry of fs.readdirSync(model, { withFileTypes: true })) {
-    // a Hugging Face cache snapshot's files are links to its blobs: what they link to is copied
-    if (!isFile(path.join(model, entry.name)) || entry.name === 'config.json' || isWeightFile(entry.name)) continue;
-    fs.copyFileSync(path.join(model, entry.name), path.join(out, entry.name));
-  }
+  copyModelSideFiles(model, out);
   const modelDtype = dtype ?? storedDtype;
   const computeDtype = modelDtype === 'float32' || modelDtype === 'float16' ? modelDtype : 'bfloat16';
   if (dtype) {

@@ -111,8 +111,7 @@ Napi::Value EstimateMemory(const Napi::CallbackInfo& info) {
       for (int64_t layer = 0; layer < c.num_layers; ++layer) {
         for (int mi = 0; mi < kNumModules; ++mi) {
           const Module m = static_cast<Module>(mi);
-          const std::string name = "model.layers." + std::to_string(layer) + "." + module_parent(m) + "." +
-                                   module_name(m) + ".weight";
+          const std::string name = module_path(layer, m) + ".weight";
           if (!bnb4::is_quantized(*store, name)) {
             eo.stored_dense_linears.insert({layer, m});
           } else if (!nesting_known) {

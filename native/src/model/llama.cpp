@@ -233,7 +233,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     for (int mi = 0; mi < kNumModules; ++mi) {
       const Module m = static_cast<Module>(mi);
       const auto shape = module_shape(c, m);
-      const std::string name = prefix + module_parent(m) + "." + module_name(m) + ".weight";
+      const std::string name = module_path(layer, m) + ".weight";
       FrozenLinear& fl = lw.linear[mi];
       fl.out = shape[0];
       fl.in = shape[1];
@@ -271,7 +271,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
       } else {
         fl.dense = load_stored(name, {shape[0], shape[1]});
       }
-      if (module_has_bias(c, m)) fl.bias = load_dense(prefix + module_parent(m) + "." + module_name(m) + ".bias", {shape[0]});
+      if (module_has_bias(c, m)) fl.bias = load_dense(module_path(layer, m) + ".bias", {shape[0]});
     }
   }
   model->max_double_quant_blocks_ = max_double_quant_blocks(model->layers_);

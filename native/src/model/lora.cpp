@@ -20,6 +20,10 @@ constexpr std::array<const char*, kNumModules> kModuleNames = {"q_proj", "k_proj
 const char* module_name(Module m) { return kModuleNames[static_cast<int>(m)]; }
 const char* module_parent(Module m) { return static_cast<int>(m) <= static_cast<int>(Module::O) ? "self_attn" : "mlp"; }
 
+std::string module_path(int64_t layer, Module m) {
+  return "model.layers." + std::to_string(layer) + "." + module_parent(m) + "." + module_name(m);
+}
+
 std::optional<Module> module_from_name(const std::string& name) {
   for (int i = 0; i < kNumModules; ++i)
     if (name == kModuleNames[i]) return static_cast<Module>(i);
@@ -108,8 +112,7 @@ std::unique_ptr<LoraAdapter> LoraAdapter::create(Backend* backend, const ModelCo
 }
 
 std::string LoraAdapter::peft_tensor_name(int64_t layer, Module m, char which) {
-  return "base_model.model.model.layers." + std::to_string(layer) + "." + module_parent(m) + "." + module_name(m) +
-         ".lora_" + which + ".weight";
+  return "base_model.model." + module_path(layer, m) + ".lora_" + which + ".weight";
 }
 
 std::unique_ptr<LoraAdapter> LoraAdapter::load_peft(Backend* backend, const ModelConfig& model,

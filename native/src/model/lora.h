@@ -21,6 +21,8 @@ constexpr std::array<Module, 6> kRecomputedModules = {Module::Q, Module::K,    M
                                                       Module::O, Module::Gate, Module::Up};
 const char* module_name(Module m);    // "q_proj"
 const char* module_parent(Module m);  // "self_attn" or "mlp"
+// The base model's name of a linear, without ".weight"/".bias": "model.layers.3.self_attn.q_proj".
+std::string module_path(int64_t layer, Module m);
 std::optional<Module> module_from_name(const std::string& name);
 // [out, in] of a module's base weight.
 std::array<int64_t, 2> module_shape(const ModelConfig& config, Module m);

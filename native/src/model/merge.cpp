@@ -212,8 +212,7 @@ MergeReport merge_weights(const std::string& model_dir, const std::string& adapt
   std::map<std::string, Adapted> adapted;
   for (int64_t layer = 0; layer < config.num_layers; ++layer)
     for (Module m : lc.targets) {
-      const std::string name =
-          "model.layers." + std::to_string(layer) + "." + module_parent(m) + "." + module_name(m) + ".weight";
+      const std::string name = module_path(layer, m) + ".weight";
       if (!store->has(name))
         fail(model_dir, ": the adapter has '", LoraAdapter::peft_tensor_name(layer, m, 'A'),
              "' but the base model has no tensor '", name, "'");
