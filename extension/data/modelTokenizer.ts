@@ -205,6 +205,18 @@ async function readdirIfPresent(dir: string): Promise<string[]> {
   }
 }
 
+/**
+ * The files of `modelDir` that loadModelTokenizer reads, those present: what a model's tokenization of a dataset
+ * depends on (the tokenized-data cache of a run keys on their contents).
+ */
+export async function tokenizerSourceFiles(modelDir: string): Promise<string[]> {
+  const names = ['tokenizer.json', 'tokenizer_config.json', 'config.json', 'chat_template.json', 'chat_template.jinja'];
+  const extra = (await readdirIfPresent(path.join(modelDir, ADDITIONAL_TEMPLATES_DIR))).filter((n) => n.endsWith('.jinja')).sort();
+  const files = [...names.map((n) => path.join(modelDir, n)), ...extra.map((n) => path.join(modelDir, ADDITIONAL_TEMPLATES_DIR, n))];
+  const present = await Promise.all(files.map((f) => fs.stat(f).then((st) => st.isFile(), () => false)));
+  return files.filter((_, i) => present[i]);
+}
+
 /** Loads the tokenizer of the model in `modelDir` (tokenizer.json required; the other files optional). */
 export async function loadModelTokenizer(modelDir: string): Promise<ModelTokenizer> {
   const tokenizerFile = path.join(modelDir, 'tokenizer.json');

@@ -79,7 +79,7 @@ async function sequencesToScore(tok: ModelTokenizer, run: string | null): Promis
   if (run !== null) {
     const config = readJsonFile(path.join(run, 'config.json')) as TrainConfig;
     if (fs.existsSync(config.data)) {
-      const data = await prepareData(config);
+      const data = await prepareData(config, { runDir: run });
       const pool = data.eval.length > 0 ? data.eval : data.train;
       return pool.slice(0, MAX_SEQUENCES).map((e) => Array.from(e.ids.slice(0, MAX_TOKENS)));
     }

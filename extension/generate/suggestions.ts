@@ -16,7 +16,7 @@ export function promptOf(example: NormalizedExample): string | null {
 
 export async function evalPrompts(run: string, limit = 8): Promise<string[]> {
   const config = readJsonFile(path.join(run, 'config.json')) as TrainConfig;
-  const data = await prepareData(config);
+  const data = await prepareData(config, { runDir: run });
   const prompts: string[] = [];
   for (const example of data.heldOut) {
     const prompt = promptOf(example)?.trim();

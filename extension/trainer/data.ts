@@ -6,6 +6,7 @@ import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleI
 import type { DatasetStats } from '../protocol/events';
 import type { TrainExample } from './batches';
 import type { TrainConfig } from './config';
+import { readTokenCache, tokenCacheKey, writeTokenCache, type CachedTokenization, type TokenCacheRole } from './tokenCache';
 
 export interface PreparedData {
   train: TrainExample[];
@@ -18,6 +19,26 @@ export interface PreparedData {
   tokenizer: ModelTokenizer;
   stats: DatasetStats;
   warnings: string[];
+  /** Each data file's tokenization, for the run's cache (saveTokenCache): read from it, or to be written there. */
+  tokenized: TokenizedFile[];
+}
+
+export interface TokenizedFile {
+  role: TokenCacheRole;
+  /** tokenCacheKey of the file as it was read. */
+  key: string;
+  tokenization: CachedTokenization;
+  /** Read from the run's cache (nothing to write). */
+  fromCache: boolean;
+}
+
+export interface PrepareDataOptions {
+  /** Examples tokenized so far of how many, now and then. */
+  onProgress?: DataProgress;
+  /** Aborting it (a stop asked for) ends the tokenizing early with TokenizationStopped. */
+  signal?: AbortSignal;
+  /** The run whose tokenized-data cache to read (tokenCache.ts): a file whose key matches is not tokenized again. */
+  runDir?: string;
 }
 
 /** Examples tokenized so far of how many, now and then while data is prepared. */
@@ -35,11 +56,15 @@ function throttled(report: DataProgress): DataProgress {
   };
 }
 
-async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainConfig, warnings: string[], onProgress?: DataProgress, signal?: AbortSignal) {
+async function tokenizedFile(file: string, role: TokenCacheRole, tok: ModelTokenizer, config: TrainConfig, warnings: string[], options: PrepareDataOptions) {
   const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
   const name = path.basename(file);
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
-  const t = await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress, signal });
+  const key = await tokenCacheKey(file, config.model, { shape: config.shape, skipInvalid: config.skipInvalid, trainOnPrompt: config.trainOnPrompt, maxLength: config.seqLen });
+  const cached = options.runDir === undefined ? null : readTokenCache(options.runDir, role, key);
+  const t: CachedTokenization =
+    cached ??
+    (await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress: options.onProgress, signal: options.signal }));
   if (t.stats.invalid > 0) warnings.push(`${name}: skipped ${t.stats.invalid} example(s) the chat template could not render`);
   for (const w of tokenizationWarnings(t.stats, tok)) warnings.push(`${name}: ${w}`);
   if (t.stats.lengths.truncated > 0)
@@ -47,20 +72,22 @@ async function tokenizedFile(file: string, tok: ModelTokenizer, config: TrainCon
   if (t.stats.droppedNoTrainable > 0)
     warnings.push(`${name}: dropped ${t.stats.droppedNoTrainable} example(s) with nothing left to train after truncation`);
   if (t.examples.length === 0) throw new Error(`${file}: no example has any token to train (all were dropped; raise --seq-len?)`);
-  return { ds, t };
+  const tokenized: TokenizedFile = { role, key, tokenization: t, fromCache: cached !== null };
+  return { ds, t, tokenized };
 }
 
-/** `signal`: aborting it (a stop asked for) ends the tokenizing early with TokenizationStopped. */
-export async function prepareData(config: TrainConfig, onProgress?: DataProgress, signal?: AbortSignal): Promise<PreparedData> {
+export async function prepareData(config: TrainConfig, options: PrepareDataOptions = {}): Promise<PreparedData> {
   const tok = await loadModelTokenizer(config.model);
   const warnings: string[] = [];
-  const report = onProgress && throttled(onProgress);
-  const { ds, t } = await tokenizedFile(config.data, tok, config, warnings, report, signal);
+  const onProgress = options.onProgress && throttled(options.onProgress);
+  const { ds, t, tokenized } = await tokenizedFile(config.data, 'train', tok, config, warnings, { ...options, onProgress });
+  const files = [tokenized];
   let train: TokenizedExample[] = t.examples;
   let evalSet: TrainExample[] = [];
   let evalRows = ds.examples;
   if (config.evalData) {
-    const e = await tokenizedFile(config.evalData, tok, config, warnings, undefined, signal);
+    const e = await tokenizedFile(config.evalData, 'eval', tok, config, warnings, { signal: options.signal, runDir: options.runDir });
+    files.push(e.tokenized);
     evalSet = e.t.examples;
     evalRows = e.ds.examples;
   } else if (config.evalFraction > 0 && train.length >= 2) {
@@ -79,6 +106,7 @@ export async function prepareData(config: TrainConfig, onProgress?: DataProgress
     padId: tok.eosId,
     tokenizer: tok,
     warnings,
+    tokenized: files,
     stats: {
       file: config.data,
       format: ds.format,
@@ -94,6 +122,14 @@ export async function prepareData(config: TrainConfig, onProgress?: DataProgress
       packed: config.packing,
     },
   };
+}
+
+/**
+ * Keeps the tokenizations prepareData made (not those it read from the cache) in the run's folder, for its resumes.
+ * A tokenization that the cache's layout cannot hold is not kept; nothing is lost either way.
+ */
+export function saveTokenCache(runDir: string, data: PreparedData): void {
+  for (const f of data.tokenized) if (!f.fromCache) writeTokenCache(runDir, f.role, f.key, f.tokenization);
 }
 
 /** The order of the training examples in an epoch: a seeded shuffle, the same on every run with that seed. */

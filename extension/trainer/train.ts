@@ -15,7 +15,8 @@ import { BatchSchedule, makeMicroBatch, type BatchLayout, type TrainExample } fr
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
 import type { TrainConfig } from './config';
-import { epochOrder, prepareData, type PreparedData } from './data';
+import { epochOrder, prepareData, saveTokenCache, type PreparedData } from './data';
+import { TOKEN_CACHE_DIR } from './tokenCache';
 import { EventLog, sendToHost } from './eventLog';
 import { TrainingSamples } from './samples';
 import type { PreparingMessage, TrainerEvent } from '../protocol/events';
@@ -215,7 +216,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
   };
   let data: PreparedData;
   try {
-    data = await prepareData(config, (done, total) => preparing('data', done, total), control.preparationSignal);
+    data = await prepareData(config, { onProgress: (done, total) => preparing('data', done, total), signal: control.preparationSignal, runDir });
   } catch (err) {
     if (err instanceof TokenizationStopped) return stoppedBeforeStart();
     throw err;
@@ -257,6 +258,11 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
   let lastCheckpointDir: string | null = null;
   try {
     for (const w of [...placement.warnings, ...data.warnings]) log.emit({ kind: 'warning', message: w });
+    try {
+      saveTokenCache(runDir, data);
+    } catch (err) {
+      log.emit({ kind: 'warning', message: `could not keep the tokenized data in ${path.join(runDir, TOKEN_CACHE_DIR)} (${err instanceof Error ? err.message : String(err)}); a resume will tokenize the data again` });
+    }
     let elapsedBefore = 0;
     let lastLoss: number | null = null;
     let batchLayout: BatchLayout = 'epochs';

@@ -2,13 +2,22 @@
 // file beside the target, flush it, then rename it over the target (atomic on the same file system).
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { entriesOfGoneWriters } from './staleTemp';
 
 export function writeFileAtomic(file: string, data: string | Uint8Array): void {
-  const tmp = path.join(path.dirname(file), `.${path.basename(file)}.tmp-${process.pid}`);
+  writeFileAtomicWith(file, (fd) => fs.writeFileSync(fd, data));
+}
+
+/** writeFileAtomic for a file written in parts: `write` writes the whole content through `fd`. */
+export function writeFileAtomicWith(file: string, write: (fd: number) => void): void {
+  const tmpPrefix = `.${path.basename(file)}.tmp-`;
+  const tmp = path.join(path.dirname(file), `${tmpPrefix}${process.pid}`);
+  // what writers of this file killed mid-write left (a run's tokenized data can be gigabytes)
+  for (const stale of entriesOfGoneWriters(path.dirname(file), tmpPrefix)) fs.rmSync(stale, { force: true });
   try {
     const fd = fs.openSync(tmp, 'w');
     try {
-      fs.writeFileSync(fd, data);
+      write(fd);
       fs.fsyncSync(fd);
     } finally {
       fs.closeSync(fd);
