@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import * as vscode from 'vscode';
 import type { DatasetReport } from '../data';
 import type { ChatSource } from '../protocol/chat';
-import type { TrainerEvent } from '../protocol/events';
+import { preparingText, type TrainerEvent } from '../protocol/events';
 import { INVALID_ROWS_EXIT_CODE } from '../trainer/exitCodes';
 import type { EstimateForPlan } from '../trainer/memoryPlan';
 import { describeRunLock, liveRunLock, runLockPath, type RunLock } from '../trainer/runLock';
@@ -17,7 +17,7 @@ import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
 import { DatasetPreviewPanel } from './datasetPreview/panel';
 import { doctorMarkdown, type DoctorSummary } from './doctorView';
-import { formatMiB, preparingText } from './format';
+import { formatMiB } from './format';
 import {
   adapterOfRun,
   defaultRunName,

@@ -1,5 +1,5 @@
 // Text the host shows: the runs tree's descriptions, the status bar, end-of-run notifications, sizes and times.
-import type { PreparingMessage, StepEvent } from '../protocol/events';
+import type { StepEvent } from '../protocol/events';
 import type { RunInfo } from './runs/types';
 
 /** "just now", "12m ago", "3h ago", "2d ago", then the date. */
@@ -61,9 +61,3 @@ export function statusBarText(step: StepEvent | undefined): string {
   return `$(sync~spin) QLoRA ${step.step}/${step.totalSteps} · loss ${formatLoss(step.loss, 2)} · ${Math.round(step.tokensPerSecond)} tok/s`;
 }
 
-/** What a trainer does before its run starts, for the starting notification. */
-export function preparingText(p: PreparingMessage): string {
-  if (p.stage === 'model') return 'loading the model…';
-  const n = (v: number | null) => (v ?? 0).toLocaleString('en-US');
-  return `tokenizing the data: ${n(p.done)} of ${n(p.total)} examples`;
-}

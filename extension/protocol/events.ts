@@ -207,6 +207,13 @@ export interface PreparingMessage {
   total: number | null;
 }
 
+/** What a trainer does before its run starts, in words: "tokenizing the data: 1,024 of 20,000 examples". */
+export function preparingText(p: PreparingMessage, ellipsis = '…'): string {
+  if (p.stage === 'model') return `loading the model${ellipsis}`;
+  const n = (v: number | null) => (v ?? 0).toLocaleString('en-US');
+  return `tokenizing the data: ${n(p.done)} of ${n(p.total)} examples`;
+}
+
 /** A PreparingMessage, checked; null for any other message (an event); a ProtocolError when malformed. */
 export function validatePreparing(message: unknown): PreparingMessage | null {
   if (!isObject(message) || message.kind !== 'preparing') return null;

@@ -1,6 +1,6 @@
 // Training progress on the terminal: a one-line progress bar redrawn in place when stderr is a TTY, plain lines
 // otherwise (logs, CI, pipes). Driven by the same events that go to events.jsonl.
-import type { PreparingMessage, TrainerEvent } from '../protocol/events';
+import { preparingText, type PreparingMessage, type TrainerEvent } from '../protocol/events';
 import { shellLine } from '../util/shellLine';
 
 export function formatDuration(seconds: number): string {
@@ -41,7 +41,7 @@ export class TerminalProgress {
 
   /** Before the run: the tokenizing count redrawn in place on a TTY; elsewhere a line when a stage begins. */
   preparing(p: PreparingMessage): void {
-    const text = p.stage === 'model' ? 'loading the model...' : `tokenizing the data: ${(p.done ?? 0).toLocaleString('en-US')} of ${(p.total ?? 0).toLocaleString('en-US')} examples`;
+    const text = preparingText(p, '...');
     if (this.tty) {
       this.out.write('\r\x1b[2K' + text);
       this.barShown = true;

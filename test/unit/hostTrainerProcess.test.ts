@@ -3,8 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { failureFromStderr, LineSplitter, runEnd, TrainerBusyError, TrainerProcess, type RunEnd } from '../../extension/host/trainerProcess';
-import { preparingText } from '../../extension/host/format';
-import type { TrainerEvent } from '../../extension/protocol/events';
+import { preparingText, type TrainerEvent } from '../../extension/protocol/events';
 import { ev, fakeFork, memoryOutput, tick } from './hostFakes';
 
 const launch = () => ({ cliPath: '/ext/dist/cli.js', execPath: '/usr/bin/node-custom' });

@@ -42,7 +42,7 @@ export class RunRegistry implements RunSource {
   private readonly subscriptions: { dispose(): void }[] = [];
 
   constructor(
-    private readonly trainer: TrainerProcess,
+    trainer: TrainerProcess,
     readonly runsDirectory: () => string,
     /** Delay that coalesces bursts of file changes and live steps into one onDidChangeRuns. */
     private readonly debounceMs = 250,

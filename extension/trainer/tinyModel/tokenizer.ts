@@ -207,7 +207,7 @@ export function preTokenize(arch: ByteLevelArch, text: string): string[] {
 /** byte value -> its GPT-2 symbol. */
 function byteToChar(): string[] {
   const { bytes, chars } = bytesToUnicode();
-  const table = new Array<string>(256);
+  const table = new Array<string>(BYTE_VOCAB_SIZE);
   bytes.forEach((b, i) => (table[b] = chars[i]));
   return table;
 }
