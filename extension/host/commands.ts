@@ -38,6 +38,7 @@ import {
 } from './newRun';
 import { pickDataset, pickModel, pickPreset, pickRun, rememberModel, SELECTED_DATASET, SELECTED_MODEL } from './pickers';
 import type { RunRegistry } from './runs/registry';
+import { deletionRefusal } from './runs/deletion';
 import { pathSetting, presetDescriptions, readSettings, type Settings } from './settings';
 import { TrainerBusyError, type ActiveRun, type TrainerLaunch, type TrainerProcess } from './trainerProcess';
 
@@ -142,8 +143,13 @@ async function offerToQuit(name: string, quit: () => void): Promise<boolean> {
   return true;
 }
 
-function refuseUntrusted(): void {
-  if (!vscode.workspace.isTrusted) throw new Refusal('QLoRA Studio cannot start training in an untrusted workspace. Trust the workspace first.');
+/**
+ * What reads a workspace's models, datasets and runs with the engine or a chat template, writes from them, or signals
+ * a process a run folder names, waits for the user's trust: a cloned repository must not choose what is loaded,
+ * exported or killed. Runs can still be viewed.
+ */
+function refuseUntrusted(action: string): void {
+  if (!vscode.workspace.isTrusted) throw new Refusal(`QLoRA Studio cannot ${action} in an untrusted workspace (Restricted Mode). Trust the workspace first.`);
 }
 
 /** Row errors of the dataset in the Problems panel, at their line (rows without a line: at the top). */
@@ -230,7 +236,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
   }
 
   async function newFinetune(args: NewFinetuneArgs = {}): Promise<string | undefined> {
-    refuseUntrusted();
+    refuseUntrusted('start training');
     const active = trainer.active;
     if (active) throw new Refusal(`A run is already training (${active.name}); stop it first.`);
     const interactive = !(args.model && args.data && args.preset);
@@ -318,7 +324,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
   }
 
   async function resumeRun(arg?: unknown): Promise<string | undefined> {
-    refuseUntrusted();
+    refuseUntrusted('resume a run');
     const runDir = await runArg(arg, 'Run to resume', ['stopped', 'failed']);
     if (!runDir) return undefined;
     refuseTrainedElsewhere(runDir, 'resume');
@@ -326,6 +332,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
   }
 
   async function exportAdapter(arg?: unknown, outArg?: unknown): Promise<string | undefined> {
+    refuseUntrusted('export an adapter');
     const runDir = await runArg(arg, 'Run whose adapter to export', ['finished', 'stopped']);
     if (!runDir) return undefined;
     let out = typeof outArg === 'string' ? outArg : undefined;
@@ -344,6 +351,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
   }
 
   async function mergeAndSave(arg?: unknown, outArg?: unknown, dtypeArg?: unknown): Promise<string | undefined> {
+    refuseUntrusted('merge a model');
     const runDir = await runArg(arg, 'Run to merge into its base model', ['finished', 'stopped']);
     if (!runDir) return undefined;
     const model = modelOfRun(runDir);
@@ -410,6 +418,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
    * (export-gguf). Arguments for scripts: (runDir, outFile, type).
    */
   async function exportGgufCommand(arg?: unknown, outArg?: unknown, typeArg?: unknown): Promise<GgufExportSummary | undefined> {
+    refuseUntrusted('export to GGUF');
     const runDir = await runArg(arg, 'Run to export as GGUF', ['finished', 'stopped']);
     if (!runDir) return undefined;
     if (!adapterOfRun(runDir)) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
@@ -449,6 +458,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
    * request when Ollama is installed. Arguments for scripts: (runDir, outFolder, type).
    */
   async function exportOllamaCommand(arg?: unknown, outArg?: unknown, typeArg?: unknown): Promise<OllamaExportSummary | undefined> {
+    refuseUntrusted('export for Ollama');
     const runDir = await runArg(arg, 'Run to export for Ollama', ['finished', 'stopped']);
     if (!runDir) return undefined;
     if (!adapterOfRun(runDir)) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
@@ -539,6 +549,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
   }
 
   async function tryModel(arg?: unknown, checkpointArg?: unknown): Promise<string | undefined> {
+    refuseUntrusted('load a model to try');
     const source = await chatSource(arg, checkpointArg);
     if (!source) return undefined;
     const panel = h.chats.open(source);
@@ -546,11 +557,14 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
   }
 
   async function deleteRun(arg?: unknown, confirmed?: unknown): Promise<boolean> {
+    refuseUntrusted('delete a run');
     const runDir = await runArg(arg, 'Run to delete', ['finished', 'stopped', 'failed']);
     if (!runDir) return false;
     const active = trainer.active;
     if (active && path.resolve(active.runDir) === path.resolve(runDir)) throw new Refusal(`${active.name} is training; stop it before deleting it.`);
     refuseTrainedElsewhere(runDir, 'delete');
+    const refusal = deletionRefusal(runDir, runs.runsDirectory(), (vscode.workspace.workspaceFolders ?? []).map((f) => f.uri.fsPath));
+    if (refusal !== null) throw new Refusal(refusal);
     if (confirmed !== true) {
       const remove = 'Delete';
       const answer = await vscode.window.showWarningMessage(
@@ -578,6 +592,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     },
     // Picks (or takes) a dataset, then previews it with the selected model's tokenizer when one is selected.
     'qlora.selectDataset': async (arg) => {
+      refuseUntrusted('check a dataset');
       const file = typeof arg === 'string' && arg !== '' ? arg : await pickDataset(context);
       if (!file) return undefined;
       await context.workspaceState.update(SELECTED_DATASET, file);
@@ -602,6 +617,7 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       } else {
         const holder = liveRunLock(runDir);
         if (holder) {
+          refuseUntrusted('stop a training process it did not start');
           const key = `${holder.pid} ${holder.started}`;
           if (stopsAskedElsewhere.has(key)) return offerToQuit(path.basename(runDir), () => process.kill(holder.pid, 'SIGKILL'));
           stopsAskedElsewhere.add(key);

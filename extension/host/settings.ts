@@ -33,7 +33,7 @@ export function readSettings(): Settings {
     evalEvery: userSetting(c, 'evalEvery'),
     device: (DEVICE_REQUESTS as readonly string[]).includes(device) ? (device as DeviceRequest) : 'auto',
     gpuMemoryBudget: Math.max(0, c.get<number>('gpuMemoryBudget', 0)),
-    huggingFaceCache: c.get<string>('huggingFaceCache', ''),
+    huggingFaceCache: pathSetting('huggingFaceCache'),
     samplePrompts: c.get<unknown[]>('samplePrompts', []).filter((p): p is string => typeof p === 'string' && p.trim() !== '').slice(0, 16),
   };
 }
@@ -46,10 +46,11 @@ function userSetting(c: vscode.WorkspaceConfiguration, key: string): number | nu
 }
 
 /**
- * A setting naming a program or a folder to write to, as the user set it. In an untrusted workspace the
- * workspace's own value is ignored: a cloned repository must not choose the executable we run.
+ * A setting naming a program, a library folder or a folder to read models from or write runs to, as the user set it.
+ * In an untrusted workspace the workspace's own value is ignored (the manifest's restrictedConfigurations): a cloned
+ * repository must not choose the executable we run or the library we load.
  */
-export function pathSetting(key: 'nodePath' | 'runsDirectory' | 'cudaLibraryPath'): string {
+export function pathSetting(key: 'nodePath' | 'runsDirectory' | 'cudaLibraryPath' | 'huggingFaceCache'): string {
   const c = vscode.workspace.getConfiguration('qlora');
   const value = vscode.workspace.isTrusted ? c.get<string>(key, '') : (c.inspect<string>(key)?.globalValue ?? '');
   return expandHome(value.trim());
