@@ -148,6 +148,13 @@ async function offerToQuit(name: string, quit: () => void): Promise<boolean> {
  * a process a run folder names, waits for the user's trust: a cloned repository must not choose what is loaded,
  * exported or killed. Runs can still be viewed.
  */
+/** Files an export or merge left out because they are links leading outside the folder they were in. */
+function warnNotCopied(notCopied: readonly string[] | undefined): void {
+  if (!notCopied || notCopied.length === 0) return;
+  const more = notCopied.length > 3 ? `; and ${notCopied.length - 3} more` : '';
+  void vscode.window.showWarningMessage(`${notCopied.slice(0, 3).join('; ')}${more}.`);
+}
+
 function refuseUntrusted(action: string): void {
   if (!vscode.workspace.isTrusted) throw new Refusal(`QLoRA Studio cannot ${action} in an untrusted workspace (Restricted Mode). Trust the workspace first.`);
 }
@@ -344,8 +351,9 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     }
     const target = out;
     const result = await vscode.window.withProgress({ location: vscode.ProgressLocation.Notification, title: `Exporting the adapter of ${path.basename(runDir)}…` }, () =>
-      runCliJson<{ from: string; out: string }>(h.launch(), ['export', '--run', runDir, '--out', target], { timeoutMs: 300_000 }),
+      runCliJson<{ from: string; out: string; notCopied?: string[] }>(h.launch(), ['export', '--run', runDir, '--out', target], { timeoutMs: 300_000 }),
     );
+    warnNotCopied(result.notCopied);
     void revealNotice(`Exported the adapter of ${path.basename(runDir)} to ${result.out}.`, result.out);
     return result.out;
   }
@@ -384,9 +392,10 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
       (_progress, token) => {
         const abort = new AbortController();
         token.onCancellationRequested(() => abort.abort());
-        return runCliJson<{ out: string }>(h.launch(), ['merge', '--model', model, '--adapter', adapter, '--out', target, '--dtype', chosen], { signal: abort.signal });
+        return runCliJson<{ out: string; notCopied?: string[] }>(h.launch(), ['merge', '--model', model, '--adapter', adapter, '--out', target, '--dtype', chosen], { signal: abort.signal });
       },
     );
+    warnNotCopied(result.notCopied);
     void revealNotice(`Merged ${path.basename(runDir)} into ${result.out}.`, result.out);
     return result.out;
   }

@@ -71,6 +71,7 @@ const verbs: Record<string, Verb> = {
     run(o) {
       const step = stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0);
       const r = exportAdapter({ run: requiredString(o, 'run'), out: requiredString(o, 'out'), checkpoint: step });
+      for (const w of r.notCopied) process.stderr.write(`warning: ${w}\n`);
       print(o.json ? JSON.stringify(r) : `exported ${r.from} to ${r.out}`);
     },
   },
@@ -134,6 +135,7 @@ const verbs: Record<string, Verb> = {
       const dtypeText = stringOption(o, 'dtype');
       const dtype = dtypeText === undefined ? undefined : parseMergeDtype(dtypeText); // the same names as merge's
       const report = quantize({ model: requiredString(o, 'model'), out: requiredString(o, 'out'), doubleQuant: !o['no-double-quant'], dtype });
+      for (const w of report.notCopied) process.stderr.write(`warning: ${w}\n`);
       if (o.json) return print(JSON.stringify(report));
       const mb = (b: number) => (b / 1048576).toFixed(2);
       print(`quantized ${report.quantizedTensors} linear weights to NF4 and copied ${report.copiedTensors} tensors: ${mb(report.bytesIn)} MB -> ${mb(report.bytesOut)} MB in ${report.out}`);

@@ -2,6 +2,7 @@
 // config, README), which a verb that rewrites the weights (merge, quantize) copies as they are.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { leadsOutside, linkRoot, staysInside } from '../util/containedCopy';
 import { isFile } from '../util/isFolder';
 
 /** Weights and their index: the verb writes its own. */
@@ -10,15 +11,23 @@ function isWeightFile(name: string): boolean {
 }
 
 /**
- * Copies the files of `model` but config.json and the weights into `out`; returns their names. A Hugging Face cache
- * snapshot's files are links to its blobs: what they link to is copied.
+ * Copies the files of `model` but config.json and the weights into `out`. A Hugging Face cache snapshot's files are
+ * links to its blobs: what they link to is copied; a link that leads outside the model folder is not (notCopied says
+ * which), lest a file from elsewhere end up in a model the user shares.
  */
-export function copyModelSideFiles(model: string, out: string): string[] {
+export function copyModelSideFiles(model: string, out: string): { copied: string[]; notCopied: string[] } {
   const copied: string[] = [];
+  const notCopied: string[] = [];
+  const root = linkRoot(model);
   for (const name of fs.readdirSync(model)) {
-    if (!isFile(path.join(model, name)) || name === 'config.json' || isWeightFile(name)) continue;
-    fs.copyFileSync(path.join(model, name), path.join(out, name));
+    const file = path.join(model, name);
+    if (!isFile(file) || name === 'config.json' || isWeightFile(name)) continue;
+    if (!staysInside(file, root)) {
+      notCopied.push(leadsOutside(file, root));
+      continue;
+    }
+    fs.copyFileSync(file, path.join(out, name));
     copied.push(name);
   }
-  return copied;
+  return { copied, notCopied };
 }

@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import { EngineError } from '../../extension/engine';
 import { parseOptions } from '../../extension/trainer/cliArgs';
 import { merge, mergeVerb, parseByteSize, parseMergeDtype } from '../../extension/trainer/verbs/merge';
+import { exportAdapter } from '../../extension/trainer/verbs/export';
 import { quantize } from '../../extension/trainer/verbs/quantize';
 import { score } from '../../extension/trainer/verbs/score';
 import { reference, tempDir } from '../helpers/paths';
@@ -171,4 +172,48 @@ test('a model in a Hugging Face cache snapshot (its files links to blobs): merge
     assert.equal(fs.lstatSync(copied).isSymbolicLink(), false);
     assert.equal(fs.readFileSync(copied, 'utf8'), fs.readFileSync(path.join(reference('llama-shared'), 'generation_config.json'), 'utf8'));
   }
+});
+
+test('links that lead outside the model or adapter folder are not followed by merge, quantize or export: a warning names each', () => {
+  // a downloaded model or run whose README.md links to a private file: it must not end up in what the user shares
+  const secrets = tempDir('link-secrets');
+  fs.writeFileSync(path.join(secrets, 'id_rsa'), 'PRIVATE KEY');
+  const model = path.join(tempDir('link-model'), 'model');
+  fs.cpSync(reference('llama-shared'), model, { recursive: true });
+  fs.symlinkSync(path.join(secrets, 'id_rsa'), path.join(model, 'README.md'));
+  fs.writeFileSync(path.join(model, 'NOTES.md'), 'kept');
+  fs.symlinkSync('NOTES.md', path.join(model, 'NOTES-link.md')); // inside: followed
+  const adapter = path.join(tempDir('link-adapter'), 'adapter');
+  fs.cpSync(reference('llama-shared-adapter'), adapter, { recursive: true });
+  fs.symlinkSync(path.join(secrets, 'id_rsa'), path.join(adapter, 'tokenizer_config.json'));
+  fs.mkdirSync(path.join(adapter, 'additional_chat_templates'));
+  fs.symlinkSync(secrets, path.join(adapter, 'additional_chat_templates', 'more'));
+
+  const merged = path.join(tempDir('link-merged'), 'out');
+  const result = merge({ model, adapter, out: merged, dtype: 'float32' });
+  const quantized = path.join(tempDir('link-quantized'), 'out');
+  const q = quantize({ model, out: quantized, doubleQuant: true });
+  for (const out of [merged, quantized]) {
+    assert.equal(fs.existsSync(path.join(out, 'README.md')), false, `${out}: README.md`);
+    assert.equal(fs.readFileSync(path.join(out, 'NOTES-link.md'), 'utf8'), 'kept');
+  }
+  assert.equal(fs.existsSync(path.join(merged, 'tokenizer_config.json')), false);
+  assert.equal(fs.existsSync(path.join(merged, 'additional_chat_templates', 'more')), false);
+  assert.deepEqual(result.notCopied.map((w) => path.basename(w.split(' ')[0])).sort(), ['README.md', 'more', 'tokenizer_config.json']);
+  assert.ok(result.notCopied.every((w) => /is a link that leads outside .* \(to .*id_rsa\)|\(to .*link-secrets/.test(w)), result.notCopied.join('\n'));
+  assert.deepEqual(q.notCopied.map((w) => path.basename(w.split(' ')[0])), ['README.md']);
+  const leaked = (dir: string): boolean => fs.readdirSync(dir, { recursive: true, encoding: 'utf8' }).some((f) => {
+    const p = path.join(dir, f);
+    return fs.statSync(p).isFile() && fs.readFileSync(p).includes('PRIVATE KEY');
+  });
+  assert.equal(leaked(merged) || leaked(quantized), false);
+
+  const run = tempDir('link-run');
+  fs.writeFileSync(path.join(run, 'config.json'), JSON.stringify({ model }));
+  fs.cpSync(adapter, path.join(run, 'adapter'), { recursive: true, verbatimSymlinks: true });
+  const exported = path.join(tempDir('link-export'), 'out');
+  const e = exportAdapter({ run, out: exported });
+  assert.ok(fs.existsSync(path.join(exported, 'adapter_model.safetensors')));
+  assert.deepEqual(e.notCopied.map((w) => path.basename(w.split(' ')[0])).sort(), ['more', 'tokenizer_config.json']);
+  assert.equal(leaked(exported), false);
 });

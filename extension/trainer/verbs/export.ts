@@ -1,6 +1,7 @@
 // export: copies the adapter of a run (its final adapter, or a given checkpoint's) to a folder, as a PEFT adapter.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { copyContained, linkRoot } from '../../util/containedCopy';
 import { writeFolderAtomic } from '../../util/atomicFolder';
 import { checkpointPath, latestCheckpoint, listCheckpoints } from '../checkpoints';
 import { requiredString, stringOption, UsageError, type ParsedOptions } from '../cliArgs';
@@ -40,10 +41,11 @@ export function runModelDir(run: string): string {
   return model;
 }
 
-export function exportAdapter(o: ExportOptions): { from: string; out: string } {
+/** Copies a run's adapter; links in it that lead outside it are not followed (notCopied: a sentence each). */
+export function exportAdapter(o: ExportOptions): { from: string; out: string; notCopied: string[] } {
   const from = runAdapterDir(o.run, o.checkpoint);
-  writeFolderAtomic(o.out, (tmp) => fs.cpSync(from, tmp, { recursive: true, dereference: true }));
-  return { from, out: o.out };
+  const notCopied = writeFolderAtomic(o.out, (tmp) => copyContained(from, tmp, linkRoot(from)));
+  return { from, out: o.out, notCopied };
 }
 
 /**

@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { isFile, isFolder } from '../../util/isFolder';
 import { copyModelSideFiles } from '../modelFiles';
+import { copyContained, leadsOutside, linkRoot, staysInside } from '../../util/containedCopy';
 import { ADDITIONAL_TEMPLATES_DIR, alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
 import { readModelConfig } from '../../engine';
 import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
@@ -35,6 +36,8 @@ export interface MergeResult extends MergeWeightsReport {
   dtype: MergeDtype;
   /** Files copied from the base model (and tokenizer files from the adapter folder). */
   copied: string[];
+  /** Links in the model or adapter folder that lead outside it, not followed (a sentence each). */
+  notCopied: string[];
 }
 
 export const DEFAULT_MAX_SHARD_BYTES = 5_000_000_000;
@@ -91,17 +94,22 @@ export function merge(options: MergeOptions): MergeResult {
 
   return writeFolderAtomic(out, (tmp) => {
     const report = mergeWeights(model, adapter, tmp, dtype, maxShardBytes);
-    const copied = copyModelSideFiles(model, tmp);
+    const { copied, notCopied } = copyModelSideFiles(model, tmp);
+    const adapterRoot = linkRoot(adapter);
     for (const name of TOKENIZER_FILES) {
       const source = path.join(adapter, name);
       if (!isFile(source)) continue;
+      if (!staysInside(source, adapterRoot)) {
+        notCopied.push(leadsOutside(source, adapterRoot));
+        continue;
+      }
       fs.copyFileSync(source, path.join(tmp, name));
       if (!copied.includes(name)) copied.push(name);
     }
     // the named chat templates besides the default one (tool_use), the adapter's where it carries them
-    const templates = [adapter, model].map((d) => path.join(d, ADDITIONAL_TEMPLATES_DIR)).find(isFolder);
-    if (templates !== undefined) {
-      fs.cpSync(templates, path.join(tmp, ADDITIONAL_TEMPLATES_DIR), { recursive: true, dereference: true });
+    const owner = [adapter, model].find((d) => isFolder(path.join(d, ADDITIONAL_TEMPLATES_DIR)));
+    if (owner !== undefined) {
+      notCopied.push(...copyContained(path.join(owner, ADDITIONAL_TEMPLATES_DIR), path.join(tmp, ADDITIONAL_TEMPLATES_DIR), linkRoot(owner)));
       copied.push(ADDITIONAL_TEMPLATES_DIR);
     }
     if (options.chatTemplate !== undefined) addChatTemplate(tmp, options.chatTemplate);
@@ -112,7 +120,7 @@ export function merge(options: MergeOptions): MergeResult {
     if (hasDtype || !hasTorchDtype) rawConfig.dtype = dtype;
     if (hasTorchDtype) rawConfig.torch_dtype = dtype;
     writeJsonAtomic(path.join(tmp, 'config.json'), rawConfig);
-    return { ...report, out, dtype, copied };
+    return { ...report, out, dtype, copied, notCopied };
   });
 }
 
@@ -167,6 +175,7 @@ export const mergeVerb = {
       maxShardBytes: shardText === undefined ? undefined : parseByteSize(shardText),
       chatTemplate: await mergedChatTemplate(model, adapter),
     });
+    for (const w of result.notCopied) process.stderr.write(`warning: ${w}\n`);
     if (o.json) return print(JSON.stringify(result));
     const files = result.shards === 1 ? 'model.safetensors' : `${result.shards} shards`;
     print(`merged ${result.tensors} tensors (${(result.bytes / 1048576).toFixed(2)} MiB, ${result.dtype}) into ${files} in ${result.out}`);

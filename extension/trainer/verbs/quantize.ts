@@ -16,7 +16,10 @@ export interface QuantizeOptions {
   dtype?: QuantizeDtype;
 }
 
-export function quantize(options: QuantizeOptions): QuantizeReport & { out: string } {
+/** What quantize wrote, and the links in the model folder leading outside it that were not followed (a sentence each). */
+export type QuantizeResult = QuantizeReport & { out: string; notCopied: string[] };
+
+export function quantize(options: QuantizeOptions): QuantizeResult {
   const { model, out, doubleQuant, dtype } = options;
   if (path.resolve(model) === path.resolve(out)) throw new Error('--out must be a different folder from --model');
   const configPath = path.join(model, 'config.json');
@@ -28,9 +31,9 @@ export function quantize(options: QuantizeOptions): QuantizeReport & { out: stri
   return writeFolderAtomic(out, (tmp) => ({ ...writeQuantized(model, tmp, rawConfig, config.dtype, doubleQuant, dtype), out }));
 }
 
-function writeQuantized(model: string, out: string, rawConfig: Record<string, unknown>, storedDtype: string, doubleQuant: boolean, dtype: QuantizeDtype | undefined): QuantizeReport {
+function writeQuantized(model: string, out: string, rawConfig: Record<string, unknown>, storedDtype: string, doubleQuant: boolean, dtype: QuantizeDtype | undefined): QuantizeReport & { notCopied: string[] } {
   const report = quantizeModel(model, path.join(out, 'model.safetensors'), doubleQuant, dtype);
-  copyModelSideFiles(model, out);
+  const { notCopied } = copyModelSideFiles(model, out);
   const modelDtype = dtype ?? storedDtype;
   const computeDtype = modelDtype === 'float32' || modelDtype === 'float16' ? modelDtype : 'bfloat16';
   if (dtype) {
@@ -54,5 +57,5 @@ function writeQuantized(model: string, out: string, rawConfig: Record<string, un
     _load_in_8bit: false,
   };
   writeJsonAtomic(path.join(out, 'config.json'), rawConfig);
-  return report;
+  return { ...report, notCopied };
 }
