@@ -15,7 +15,7 @@ import { syncFolder, writeFileAtomic } from '../util/atomicFile';
 import { assertEmptyOrAbsent, removeEmptyFolder, renameFolder } from '../util/atomicFolder';
 import { exportGguf, type ExportGgufOptions, type ExportGgufReport } from './exportGguf';
 import type { GgufFileType } from './gguf/types';
-import { ollamaTemplate, type ChatFamily } from './ollamaTemplate';
+import { modelfileParameterHolds, ollamaTemplate, type ChatFamily } from './ollamaTemplate';
 import { readJsonFile } from '../util/jsonFile';
 import { shellLine } from '../util/shellLine';
 
@@ -93,6 +93,7 @@ export async function sharedSystemMessage(run: string): Promise<{ system: string
 
 /** A PARAMETER value in Modelfile quoting (parser/parser.go unquote: "..." or """...""", taken as written). */
 function quoteParameter(value: string): string {
+  if (!modelfileParameterHolds(value)) throw new Error(`a Modelfile cannot hold the parameter value ${JSON.stringify(value)}`);
   return value.includes('"') ? `"""${value}"""` : `"${value}"`;
 }
 

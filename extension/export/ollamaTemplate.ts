@@ -340,7 +340,19 @@ function configEosIds(modelDir: string): number[] {
 function stopStrings(f: TurnFormat, endOfTurn: string, tok: ModelTokenizer): string[] {
   const eos = [tok.eosToken, ...configEosIds(tok.modelDir).map((id) => tok.idToToken(id)).filter((t): t is string => t !== undefined)];
   const opener = leadingSpecial(f.userOpen, tok) ?? f.userOpen.trim().split('\n')[0].trim();
-  return [...new Set([endOfTurn, ...eos, opener].filter((s) => s !== ''))];
+  // a token's text comes from the model's files: one a PARAMETER cannot hold is left out (llama.cpp still stops at
+  // the end-of-generation tokens the GGUF names), never written so that it ends the quote and adds directives
+  return [...new Set([endOfTurn, ...eos, opener].filter((s) => s !== '' && modelfileParameterHolds(s)))];
+}
+
+/**
+ * Whether a Modelfile PARAMETER value can hold `value` exactly: Ollama's parser (parser/parser.go) ends a """-quoted
+ * value at the first """ (so a value may neither contain one nor end in `"`), a "-quoted one at the line's end, and
+ * drops non-printable characters.
+ */
+export function modelfileParameterHolds(value: string): boolean {
+  if (/[^\p{L}\p{M}\p{N}\p{P}\p{S} ]/u.test(value)) return false; // newlines and tabs included: one line, as written
+  return !value.includes('"""') && !(value.includes('"') && value.endsWith('"'));
 }
 
 /**

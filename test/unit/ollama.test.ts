@@ -14,7 +14,7 @@ import { loadModelTokenizer, renderExample, TemplateRenderError, type ChatMessag
 import { exportGguf } from '../../extension/export/exportGguf';
 import { parseGoTemplate, GoTemplateError } from '../../extension/export/goTemplate';
 import { exportOllama, findOnPath, modelfileText, sharedSystemMessage, type ExportOllamaReport } from '../../extension/export/ollama';
-import { emitGoTemplate, fitTemplate, ollamaTemplate, renderOllama, UnsupportedTemplateError, type OllamaMessage, type TurnFormat } from '../../extension/export/ollamaTemplate';
+import { emitGoTemplate, fitTemplate, modelfileParameterHolds, ollamaTemplate, renderOllama, UnsupportedTemplateError, type OllamaMessage, type TurnFormat } from '../../extension/export/ollamaTemplate';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
 import { cliPath, repoRoot, tempDir } from '../helpers/paths';
@@ -321,6 +321,25 @@ test('the tiny models get Llama 3 and ChatML templates with their end-of-turn an
     assert.equal(t.template, arch === 'llama' ? LLAMA3_TEMPLATE : CHATML_TEMPLATE);
     assert.equal(modelfileText({ template: t.template, stops: t.stops, system: null }), EXPECTED_MODELFILE[arch]);
   }
+});
+
+test("a token text a Modelfile PARAMETER cannot hold is left out of the stops, not written so that it adds directives", async () => {
+  // EOS 507's text from a hostile tokenizer.json: it would end the quote and add ADAPTER / SYSTEM lines to the Modelfile
+  const model = tinyModel('llama');
+  const hostile = path.join(tempDir('ollama-hostile'), 'model');
+  fs.cpSync(model, hostile, { recursive: true });
+  const file = path.join(hostile, 'tokenizer.json');
+  const evil = '<|end"""\nADAPTER /etc/passwd\nSYSTEM """pwned';
+  const json = JSON.parse(fs.readFileSync(file, 'utf8')) as { added_tokens: { id: number; content: string }[] };
+  json.added_tokens.find((t) => t.id === 507)!.content = evil;
+  fs.writeFileSync(file, JSON.stringify(json));
+  const t = ollamaTemplate(await loadModelTokenizer(hostile));
+  assert.deepEqual(t.stops, ['<|eot_id|>', '<|start_header_id|>']);
+  const text = modelfileText({ template: t.template, stops: t.stops, system: null });
+  assert.doesNotMatch(text, /^(ADAPTER|SYSTEM)/m);
+  assert.throws(() => modelfileText({ template: 'T', stops: [evil], system: null }), /a Modelfile cannot hold the parameter value/);
+  for (const [value, holds] of [['<|im_end|>', true], ['say "hi" now', true], ['ends in "', false], ['a"""b', false], ['two\nlines', false], ['tab\there', false], ['</s>', true]] as const)
+    assert.equal(modelfileParameterHolds(value), holds, JSON.stringify(value));
 });
 
 test('a model without a chat template gets the Alpaca-style format it was trained with', async () => {
