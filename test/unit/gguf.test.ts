@@ -205,3 +205,18 @@ test('llama3 rope factors: 1 for high frequencies, the factor for low ones, smoo
   for (let i = 1; i < 32; i++) assert.ok(f[i] >= f[i - 1], 'monotone');
   assert.ok(f.some((x) => x > 1 && x < 8), 'a smooth band');
 });
+
+test("the export's tensor reader refuses an index whose shards lie outside the model folder, as the engine's loader does", () => {
+  const dir = tempDir('gguf-shard-outside');
+  const outside = path.join(dir, 'outside.safetensors');
+  fs.writeFileSync(outside, '');
+  const model = path.join(dir, 'model');
+  fs.mkdirSync(model);
+  const index = path.join(model, 'model.safetensors.index.json');
+  for (const shard of ['../outside.safetensors', outside, 'sub/../../outside.safetensors', 'C:\\\\weights.safetensors', '']) {
+    fs.writeFileSync(index, JSON.stringify({ weight_map: { 'model.norm.weight': shard } }));
+    assert.throws(() => listModelTensors(model), (err: Error) => err.message === `${index}: shard '${shard}' is outside the model folder`, shard);
+  }
+  fs.writeFileSync(index, JSON.stringify({ weight_map: { 'model.norm.weight': 7 } }));
+  assert.throws(() => listModelTensors(model), /weight_map\['model.norm.weight'\] is not a file name/);
+});

@@ -53,12 +53,24 @@ export function readSafetensorsHeader(file: string): TensorEntry[] {
   }
 }
 
+/** The shard files an index names, each checked to stay inside the model folder (as the engine's loader checks). */
+function shardsOf(index: string): string[] {
+  const map = (JSON.parse(fs.readFileSync(index, 'utf8')) as { weight_map?: unknown }).weight_map;
+  if (typeof map !== 'object' || map === null || Array.isArray(map)) throw new Error(`${index}: no weight_map`);
+  const shards = new Set<string>();
+  for (const [name, shard] of Object.entries(map)) {
+    if (typeof shard !== 'string') throw new Error(`${index}: weight_map['${name}'] is not a file name`);
+    const inside = shard !== '' && !path.isAbsolute(shard) && !path.win32.isAbsolute(shard) && !shard.split(/[\\/]/).includes('..');
+    if (!inside) throw new Error(`${index}: shard '${shard}' is outside the model folder`);
+    shards.add(shard);
+  }
+  return [...shards];
+}
+
 /** The tensors of a model folder by name. */
 export function listModelTensors(modelDir: string): Map<string, TensorEntry> {
   const index = path.join(modelDir, 'model.safetensors.index.json');
-  const files = fs.existsSync(index)
-    ? [...new Set(Object.values((JSON.parse(fs.readFileSync(index, 'utf8')) as { weight_map: Record<string, string> }).weight_map))]
-    : ['model.safetensors'];
+  const files = fs.existsSync(index) ? shardsOf(index) : ['model.safetensors'];
   const out = new Map<string, TensorEntry>();
   for (const f of files) {
     const file = path.join(modelDir, f);
