@@ -11,7 +11,7 @@ import type { ChatSource } from '../protocol/chat';
 import { preparingText, type TrainerEvent } from '../protocol/events';
 import { INVALID_ROWS_EXIT_CODE } from '../trainer/exitCodes';
 import type { EstimateForPlan } from '../trainer/memoryPlan';
-import { describeRunLock, liveRunLock, runLockPath, type RunLock } from '../trainer/runLock';
+import { describeRunLock, liveRunLock, runLockPath, signalableRunLock, type RunLock } from '../trainer/runLock';
 import { findOnPath } from '../util/findOnPath';
 import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
@@ -627,6 +627,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
         const holder = liveRunLock(runDir);
         if (holder) {
           refuseUntrusted('stop a training process it did not start');
+          if (signalableRunLock(runDir) === null)
+            throw new Refusal(`${runLockPath(runDir)} names ${describeRunLock(holder)}, which is not a QLoRA Studio trainer, so it was not signalled (if no trainer runs, delete that file).`);
           const key = `${holder.pid} ${holder.started}`;
           if (stopsAskedElsewhere.has(key)) return offerToQuit(path.basename(runDir), () => process.kill(holder.pid, 'SIGKILL'));
           stopsAskedElsewhere.add(key);

@@ -105,6 +105,25 @@ export function liveRunLock(runDir: string): RunLock | null {
   return lock;
 }
 
+/**
+ * The live lock's process when it may be signalled (Stop, Quit Now): on Linux only a lock that names its process's
+ * start (which every trainer writes there) and a process whose command line is a trainer's (a `train` or `resume`
+ * verb), so that a trainer.lock planted in a run folder cannot direct a signal at another program. Elsewhere the pid
+ * is all there is to go by.
+ */
+export function signalableRunLock(runDir: string): RunLock | null {
+  const lock = liveRunLock(runDir);
+  if (!lock || process.platform !== 'linux') return lock;
+  if (!lock.linuxStart) return null;
+  let args: string[];
+  try {
+    args = fs.readFileSync(`/proc/${lock.pid}/cmdline`, 'utf8').split('\0');
+  } catch {
+    return null;
+  }
+  return args.includes('train') || args.includes('resume') ? lock : null;
+}
+
 /** A trainer touches its lock after every step and eval; far longer without a touch, and no pid check beside it, is a stale lock. */
 export const STALE_HEARTBEAT_MS = 2 * 60 * 60 * 1000;
 

@@ -6,7 +6,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { test } from 'node:test';
-import { claimRunLock, liveRunLock, readRunLock, RUN_LOCK_FILE, runLockPath, STALE_HEARTBEAT_MS, type RunLock } from '../../extension/trainer/runLock';
+import { claimRunLock, liveRunLock, readRunLock, RUN_LOCK_FILE, runLockPath, signalableRunLock, STALE_HEARTBEAT_MS, type RunLock } from '../../extension/trainer/runLock';
 import { tempDir } from '../helpers/paths';
 
 const writeLock = (runDir: string, lock: RunLock) => fs.writeFileSync(path.join(runDir, RUN_LOCK_FILE), JSON.stringify(lock));
@@ -127,4 +127,29 @@ test('without a start time to check (Windows, macOS), a lock untouched for hours
   fs.utimesSync(file, old, old);
   handle.heartbeat();
   assert.equal(liveRunLock(runDir)?.pid, process.pid);
+});
+
+test('only a trainer is signalled (Stop, Quit Now): on Linux a lock must name its process\'s start and a train or resume command line', { skip: process.platform !== 'linux' && 'Linux only' }, async () => {
+  const startOf = (pid: number): RunLock['linuxStart'] => {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const ticks = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]);
+    return { bootId: fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim(), ticks };
+  };
+  const sleeper = (args: string[]) => spawn(process.execPath, ['-e', 'setTimeout(() => {}, 60000)', ...args], { stdio: 'ignore' });
+  const other = sleeper([]);
+  const trainer = sleeper(['train', '--out', 'x']);
+  try {
+    await Promise.all([other, trainer].map((c) => new Promise((resolve) => c.once('spawn', resolve))));
+    const runDir = tempDir('lock-signal');
+    // planted: another program's pid, no start (as a lock written by hand would be)
+    writeLock(runDir, { pid: other.pid!, hostname: os.hostname(), started: now() });
+    assert.equal(liveRunLock(runDir)?.pid, other.pid, 'shown as training');
+    assert.equal(signalableRunLock(runDir), null, 'but not signalled');
+    writeLock(runDir, { pid: other.pid!, hostname: os.hostname(), started: now(), linuxStart: startOf(other.pid!) });
+    assert.equal(signalableRunLock(runDir), null, 'its start right, but not a trainer');
+    writeLock(runDir, { pid: trainer.pid!, hostname: os.hostname(), started: now(), linuxStart: startOf(trainer.pid!) });
+    assert.equal(signalableRunLock(runDir)?.pid, trainer.pid);
+  } finally {
+    for (const c of [other, trainer]) c.kill('SIGKILL');
+  }
 });
