@@ -494,6 +494,11 @@ TEST(io_bad_configs_name_the_file_and_key) {
   EXPECT_THROWS_WITH(parse_model_config("[]", "cfg.json"), "cfg.json: is not a JSON object");
   EXPECT_THROWS_WITH(parse_model_config("{\"model_type\": ", "cfg.json"), "cfg.json: invalid JSON at byte 15");
   EXPECT_THROWS_WITH(parse_cfg(R"(, "model_type": "llama", "hidden_act": "gelu")"), "hidden_act 'gelu' is not supported");
+  // sizes past every model are refused before anything is sized from them (20 million layers exhausted memory)
+  EXPECT_THROWS_WITH(parse_cfg(R"(, "model_type": "llama", "num_hidden_layers": 20000000)"),
+                     "cfg.json: num_hidden_layers is 20000000, more than any model this engine loads has (at most 4096)");
+  EXPECT_THROWS_WITH(parse_cfg(R"(, "model_type": "llama", "vocab_size": 2147483648)"), "vocab_size is 2147483648, more than");
+  EXPECT_THROWS_WITH(parse_cfg(R"(, "model_type": "llama", "head_dim": 1000000)"), "head_dim is 1000000, more than");
 
   // Rope kinds the engine does not compute are refused rather than approximated.
   EXPECT_THROWS_WITH(parse_cfg(R"(, "model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4})"),

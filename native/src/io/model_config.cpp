@@ -13,6 +13,12 @@ namespace qlora {
 namespace {
 
 constexpr const char* kSupported = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+// Upper bounds of a config's sizes, far past every published model (Reader::size).
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxWidth = int64_t{1} << 17;
+constexpr int64_t kMaxLayers = 4096;
+constexpr int64_t kMaxHeads = 4096;
+constexpr int64_t kMaxHeadDim = 4096;
 
 // Typed access to config keys; a JSON null counts as absent, as transformers treats it. Errors name the file and
 // key ("<source>: hidden_size: expected a number, got a string"); `prefix` names the enclosing object for keys of
@@ -34,6 +40,13 @@ struct Reader {
   int64_t positive_int(const std::string& key) const {
     const int64_t v = required_int(key);
     if (v <= 0) fail(source, ": ", key, " must be positive, got ", v);
+    return v;
+  }
+  // A size no model comes near (the largest have 126 layers, 128 heads, vocabularies of 262,144), refused before
+  // anything is sized from it: a config.json saying 20 million layers would otherwise exhaust memory building them.
+  int64_t size(const std::string& key, int64_t limit) const {
+    const int64_t v = positive_int(key);
+    if (v > limit) fail(source, ": ", key, " is ", v, ", more than any model this engine loads has (at most ", limit, ")");
     return v;
   }
   std::optional<double> number(const json::Value& obj, const std::string& key, const std::string& prefix = "") const {
@@ -125,17 +138,17 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   if (c.model_type.empty())
     c.model_type = qwen2 ? "qwen2" : c.architecture == "MistralForCausalLM" ? "mistral" : "llama";
 
-  c.vocab_size = r.positive_int("vocab_size");
-  c.hidden_size = r.positive_int("hidden_size");
-  c.intermediate_size = r.positive_int("intermediate_size");
-  c.num_layers = r.positive_int("num_hidden_layers");
-  c.num_heads = r.positive_int("num_attention_heads");
-  c.num_kv_heads = r.get(root, "num_key_value_heads") ? r.positive_int("num_key_value_heads") : c.num_heads;
+  c.vocab_size = r.size("vocab_size", kMaxVocab);
+  c.hidden_size = r.size("hidden_size", kMaxWidth);
+  c.intermediate_size = r.size("intermediate_size", kMaxWidth * 8);
+  c.num_layers = r.size("num_hidden_layers", kMaxLayers);
+  c.num_heads = r.size("num_attention_heads", kMaxHeads);
+  c.num_kv_heads = r.get(root, "num_key_value_heads") ? r.size("num_key_value_heads", kMaxHeads) : c.num_heads;
   if (c.num_heads % c.num_kv_heads != 0)
     fail(source, ": num_key_value_heads (", c.num_kv_heads, ") does not divide num_attention_heads (", c.num_heads,
          ")");
   if (r.get(root, "head_dim")) {
-    c.head_dim = r.positive_int("head_dim");
+    c.head_dim = r.size("head_dim", kMaxHeadDim);
   } else {
     if (c.hidden_size % c.num_heads != 0)
       fail(source, ": num_attention_heads (", c.num_heads, ") does not divide hidden_size (", c.hidden_size,
