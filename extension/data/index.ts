@@ -11,7 +11,7 @@ export { CHAT_ROLES, DATASET_SHAPES, detectShape, isDatasetShape, normalizeRow }
 export type { ChatMessage, ChatRole, DatasetShape, ExampleBody, NormalizedExample } from './shapes';
 export { loadDataset, readDataset } from './dataset';
 export type { DatasetReadResult, LoadDatasetOptions, LoadedDataset, ReadDatasetOptions } from './dataset';
-export { ADDITIONAL_TEMPLATES_DIR, loadModelTokenizer, ModelTokenizer, tokenizerSourceFiles } from './modelTokenizer';
+export { ADDITIONAL_TEMPLATES_DIR, loadModelTokenizer, MAX_TEMPLATE_RANGE, ModelTokenizer, tokenizerSourceFiles } from './modelTokenizer';
 export { renderExample, renderGenerationPrompt, TemplateRenderError, alpacaFallbackTemplate, exportedChatTemplate, templateEndOfTurn } from './render';
 export type { RenderOptions, Segment, TemplateKind } from './render';
 export { IGNORE_INDEX, TokenizationStopped, tokenizeDataset, tokenizeDatasetAsync, tokenizeDatasetInWorkers, tokenizeExample, tokenizeSegments, tokenizationWarnings, toolsUnusedMessage } from './tokenize';

@@ -94,7 +94,7 @@ export class ModelTokenizer {
 
   private parse(source: string, file: string): Template {
     try {
-      return new Template(source);
+      return new BoundedTemplate(source);
     } catch (err) {
       throw new DataFileError(path.join(this.modelDir, file), `the chat template cannot be parsed (${(err as Error).message})`);
     }
@@ -108,6 +108,49 @@ export class ModelTokenizer {
     if (this.compiledTemplate === undefined) this.compiledTemplate = this.chatTemplate === null ? null : this.parse(this.chatTemplate, this.chatTemplateFile);
     return this.compiledTemplate;
   }
+}
+
+/** Most items a chat template's range() makes: far more than any conversation has turns. */
+export const MAX_TEMPLATE_RANGE = 1_000_000;
+
+/**
+ * A chat template whose range() is bounded. A model's template is code from whoever published the model, and
+ * `range(1000000000)` builds a list until the process dies of it (not an error anything can catch); past the bound it
+ * is the template's error, as any other.
+ */
+class BoundedTemplate extends Template {
+  constructor(source: string) {
+    super(source);
+    // the library declares its own range() before the caller's variables and refuses a second one: the template's
+    // calls of range() are pointed at ours instead
+    renameCalls(this.parsed, 'range', BOUNDED_RANGE);
+  }
+
+  override render(items?: Record<string, unknown>): string {
+    return super.render({ ...items, [BOUNDED_RANGE]: boundedRange });
+  }
+}
+
+const BOUNDED_RANGE = '__qlora_bounded_range';
+
+/** Points every call of the function `from` in a parsed template (CallExpression of an Identifier) at `to`. */
+function renameCalls(node: unknown, from: string, to: string): void {
+  if (Array.isArray(node)) {
+    for (const child of node) renameCalls(child, from, to);
+    return;
+  }
+  if (typeof node !== 'object' || node === null) return;
+  const n = node as { type?: unknown; callee?: { type?: unknown; value?: unknown } };
+  if (n.type === 'CallExpression' && n.callee?.type === 'Identifier' && n.callee.value === from) n.callee.value = to;
+  for (const child of Object.values(node)) renameCalls(child, from, to);
+}
+
+function boundedRange(start: number, stop?: number, step = 1): number[] {
+  if (stop === undefined) [start, stop] = [0, start];
+  if (step === 0) throw new Error('range() step must not be zero');
+  const count = Math.max(0, Math.ceil((stop - start) / step));
+  if (count > MAX_TEMPLATE_RANGE) throw new Error(`range() of ${count} items, more than a chat template is allowed (${MAX_TEMPLATE_RANGE})`);
+  return Array.from({ length: count }, (_, i) => start + i * step);
 }
 
 async function readJson(file: string, required: boolean): Promise<Record<string, unknown> | null> {

@@ -10,6 +10,7 @@ import {
   DatasetInvalidError,
   IGNORE_INDEX,
   loadModelTokenizer,
+  MAX_TEMPLATE_RANGE,
   ModelTokenizer,
   NormalizedExample,
   renderExample,
@@ -214,6 +215,17 @@ test('a template that refuses an example: a row error, thrown together or skippe
   assert.equal(skipped.stats.invalid, 1);
   assert.equal(skipped.examples.length, 1);
   assert.deepEqual(skipped.errors.map(String), ['train.jsonl line 4: chat template error: System messages are not supported']);
+});
+
+test("a template's range() is bounded: a billion items is the template's error, not a process that dies of it", async () => {
+  const looping = "{% for i in range(1000000000) %}x{% endfor %}{% for m in messages %}{{ m['content'] }}{% endfor %}";
+  const tok = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: looping }));
+  const skipped = tokenizeDataset([chat(CONVERSATION, 3)], tok, { skipInvalid: true });
+  assert.deepEqual(skipped.errors.map(String), [`train.jsonl line 3: chat template error: range() of 1000000000 items, more than a chat template is allowed (${MAX_TEMPLATE_RANGE})`]);
+  // within the bound, range() is Python's
+  const counting = "{{ range(4) | join(',') }};{{ range(2, 5) | join(',') }};{{ range(5, 0, -2) | join(',') }};{{ range(3, 1) | length }}";
+  const t = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: counting }));
+  assert.equal(t.template!.render({ messages: [] }), '0,1,2,3;2,3,4;5,3,1;0');
 });
 
 test('tokenizer files: chat_template lists, chat_template.jinja, {content} special tokens, config.json fallback', async () => {
