@@ -16,13 +16,14 @@ import {
   type ChartOptions,
 } from 'chart.js';
 import { MEMORY_CATEGORIES } from '../extension/protocol/events';
+import type { ChartId } from './chartSummary';
 import { categoryColors, withAlpha, type Palette } from './colors';
 import { formatBytes, formatDuration, formatNumber, formatRate } from './format';
 import type { Point, RunView } from './model';
 
 Chart.register(LineController, LineElement, PointElement, LinearScale, Legend, Tooltip, Filler, Decimation);
 
-export type ChartId = 'loss-chart' | 'lr-chart' | 'gradnorm-chart' | 'tps-chart' | 'memory-chart' | 'pages-chart';
+export type { ChartId } from './chartSummary';
 
 type LineDataset = ChartDataset<'line', Point[]>;
 
@@ -94,7 +95,9 @@ export const CHART_SPECS: readonly ChartSpec[] = [
 ];
 
 function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
-  const ticks = { color: p.muted };
+  // the workbench's font family and size (--vscode-font-*), as the rest of the panel's text
+  const font = { family: p.fontFamily, size: p.fontSize };
+  const ticks = { color: p.muted, font };
   return {
     // Streaming redraws many times a second; animation would only lag behind the data.
     animation: false,
@@ -107,7 +110,7 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
     scales: {
       x: {
         type: 'linear',
-        title: { display: true, text: spec.xTitle, color: p.muted },
+        title: { display: true, text: spec.xTitle, color: p.muted, font },
         ticks: { ...ticks, callback: spec.xTitle === 'seconds' ? (v) => formatDuration(Number(v)) : undefined },
         grid: { color: p.grid },
         border: { color: p.grid },
@@ -122,13 +125,15 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
       },
     },
     plugins: {
-      legend: { display: true, labels: { color: p.foreground, boxWidth: 12, boxHeight: 12 } },
+      legend: { display: true, labels: { color: p.foreground, boxWidth: 12, boxHeight: 12, font } },
       tooltip: {
         backgroundColor: p.background,
         titleColor: p.foreground,
         bodyColor: p.foreground,
         borderColor: p.grid,
         borderWidth: 1,
+        titleFont: font,
+        bodyFont: font,
         callbacks: { label: (item) => `${item.dataset.label}: ${spec.yTick((item.raw as Point).y)}` },
       },
       decimation: { enabled: spec.decimate ?? false, algorithm: 'lttb' },

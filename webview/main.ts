@@ -7,10 +7,11 @@ import '@vscode-elements/elements/dist/vscode-button/index.js';
 import '@vscode-elements/elements/dist/vscode-progress-bar/index.js';
 import { validateHostMessage, type HostToWebview, type PanelAction, type RunStatus, type WebviewToHost } from '../extension/protocol/webview';
 import { RunCharts, CHART_SPECS, type ChartId } from './charts';
+import { chartSummaries } from './chartSummary';
 import { readPalette, themeKind, type ThemeKind } from './colors';
-import { el } from './dom';
+import { el, guardButtonKeys, hiddenText } from './dom';
 import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from './format';
-import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, hostMemoryNote, type RunView } from './model';
+import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, hostMemoryNote, statusAnnouncement, type RunView } from './model';
 import './styles.css';
 
 interface VsCodeApi {
@@ -73,17 +74,23 @@ const ui = (() => {
   const header = el('header', {}, el('div', { className: 'title-row' }, name, badge), progressBar, progressText, stats.root, actions);
 
   const error = el('div', { id: 'run-error', className: 'error' });
+  error.setAttribute('role', 'alert');
   const warnings = el('ul', { id: 'run-warnings', className: 'warnings' });
   const problems = el('section', { id: 'problems' }, error, warnings);
 
   const canvases = {} as Record<ChartId, HTMLCanvasElement>;
   const figures = {} as Record<ChartId, HTMLElement>;
+  const chartTexts = {} as Record<ChartId, HTMLElement>;
   for (const spec of CHART_SPECS) {
     const canvas = el('canvas', { id: spec.id });
     canvas.setAttribute('role', 'img');
     canvas.setAttribute('aria-label', `${spec.title} chart`);
+    // the latest values as text: a canvas has none of its own
+    chartTexts[spec.id] = hiddenText('', { id: `${spec.id}-summary` });
+    canvas.setAttribute('aria-describedby', chartTexts[spec.id].id);
     canvases[spec.id] = canvas;
-    figures[spec.id] = el('figure', { className: 'chart' }, el('h2', { text: spec.title }), el('div', { className: 'chart-box' }, canvas));
+    const box = el('div', { className: `chart-box${spec.id === 'memory-chart' ? ' tall' : ''}` }, canvas);
+    figures[spec.id] = el('figure', { className: 'chart' }, el('h2', { text: spec.title }), box, chartTexts[spec.id]);
   }
   // The paging figure also holds the counters and, with no page events, says so instead of an empty plot.
   const pageCounters = new Facts();
@@ -101,8 +108,11 @@ const ui = (() => {
   const detailsSection = el('section', { id: 'details' }, el('h2', { text: 'Run' }), details.root);
 
   const run = el('section', { id: 'run' }, header, problems, charts, samples, detailsSection);
-  document.body.append(el('main', {}, empty, run));
-  return { empty, run, name, badge, progressBar, progressText, stats, actions, error, warnings, canvases, figures, pageCounters, noPaging, samples, samplesNote, sampleThreads, details };
+  // status changes, said once (outside #run, which is hidden while no run is shown)
+  const announcer = el('div', { id: 'run-announcer', className: 'visually-hidden' });
+  announcer.setAttribute('role', 'status');
+  document.body.append(el('main', {}, announcer, empty, run));
+  return { empty, run, name, badge, progressBar, progressText, stats, actions, error, warnings, canvases, figures, chartTexts, pageCounters, noPaging, samples, samplesNote, sampleThreads, details, announcer };
 })();
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -131,7 +141,14 @@ function scheduleCharts(): void {
   chartTimer ??= setTimeout(() => {
     chartTimer = undefined;
     charts.update(view);
+    writeChartSummaries();
   }, CHART_INTERVAL_MS);
+}
+
+function writeChartSummaries(): void {
+  for (const [id, text] of Object.entries(chartSummaries(view)) as [ChartId, string][]) {
+    if (ui.chartTexts[id].textContent !== text) ui.chartTexts[id].textContent = text;
+  }
 }
 
 function renderHeader(): void {
@@ -142,8 +159,9 @@ function renderHeader(): void {
   const fraction = progress(view);
   if (fraction === null) ui.progressBar.removeAttribute('value');
   else {
-    ui.progressBar.setAttribute('max', '1');
-    ui.progressBar.setAttribute('value', String(fraction));
+    // a percentage: the bar rounds aria-valuenow to a whole number, so a 0..1 fraction would read 0 all run
+    ui.progressBar.setAttribute('max', '100');
+    ui.progressBar.setAttribute('value', String(Math.round(fraction * 1000) / 10));
   }
   // A finished run's bar should not pulse as indeterminate.
   ui.progressBar.toggleAttribute('indeterminate', fraction === null && status === 'running');
@@ -170,20 +188,24 @@ function renderHeader(): void {
 }
 
 let shownWarnings = '[]';
+let shownError = '';
 
 function renderProblems(): void {
   const message = view.error?.message ?? (status === 'failed' ? statusMessage : undefined);
   ui.error.hidden = message === undefined;
-  if (message !== undefined) {
-    const where = view.error?.step != null ? ` (step ${view.error.step})` : '';
-    const resume = view.error?.lastCheckpoint ? `Resume continues from ${view.error.lastCheckpoint}.` : '';
+  const where = view.error?.step != null ? ` (step ${view.error.step})` : '';
+  const resume = view.error?.lastCheckpoint ? `Resume continues from ${view.error.lastCheckpoint}.` : '';
+  // rewritten only when it changes: the element is an alert, and every rewrite is read out again
+  const errorKey = message === undefined ? '' : JSON.stringify([where, message, resume]);
+  if (message !== undefined && errorKey !== shownError) {
     ui.error.replaceChildren(el('strong', { text: `Failed${where}: ` }), document.createTextNode(message), ...(resume ? [el('div', { className: 'muted', text: resume })] : []));
   }
+  shownError = errorKey;
   // redrawn when the list changes: a count alone would keep another run's warnings when both have as many
   const key = JSON.stringify(view.warnings.map((w) => w.message));
   if (key !== shownWarnings) {
     shownWarnings = key;
-    ui.warnings.replaceChildren(...view.warnings.map((w) => el('li', { text: w.message })));
+    ui.warnings.replaceChildren(...view.warnings.map((w) => el('li', {}, el('strong', { text: 'Warning: ' }), document.createTextNode(w.message))));
   }
   ui.warnings.hidden = view.warnings.length === 0;
 }
@@ -304,7 +326,14 @@ function render(): void {
 // ---------------------------------------------------------------------------------------------------------------
 // Messages
 
+/** Says a status change of the shown run once; nothing for the first status of a run just shown. */
+function announceStatus(was: { runDir: string | undefined; status: RunStatus | null }): void {
+  if (!shown || shown.runDir !== was.runDir || status === null || status === was.status) return;
+  ui.announcer.textContent = statusAnnouncement(shown.name, status, view);
+}
+
 function receive(message: HostToWebview): void {
+  const was = { runDir: shown?.runDir, status };
   switch (message.type) {
     case 'show':
       received = true;
@@ -330,6 +359,7 @@ function receive(message: HostToWebview): void {
       break;
   }
   render();
+  announceStatus(was);
 }
 
 window.addEventListener('message', (e: MessageEvent<unknown>) => {
@@ -343,6 +373,7 @@ window.addEventListener('message', (e: MessageEvent<unknown>) => {
   receive(message);
 });
 
+guardButtonKeys(document);
 document.body.addEventListener('click', (e) => {
   const target = (e.target as Element | null)?.closest<HTMLElement>('[data-action]');
   const action = target?.dataset.action as PanelAction | undefined;

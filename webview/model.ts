@@ -270,6 +270,21 @@ export function progress(view: RunView): number | null {
   return Math.min(1, Math.max(0, view.header.step / total));
 }
 
+/** The polite announcement of a status change: "run1 finished, final loss 4.597", "run1 stopped at step 30". */
+export function statusAnnouncement(name: string, status: RunStatus, view: RunView): string {
+  const step = view.end?.step ?? view.header.step;
+  switch (status) {
+    case 'running':
+      return `${name} running`;
+    case 'finished':
+      return view.end?.finalLoss != null ? `${name} finished, final loss ${Number(view.end.finalLoss.toPrecision(4))}` : `${name} finished`;
+    case 'stopped':
+      return `${name} stopped at step ${step.toLocaleString('en-US')}`;
+    case 'failed':
+      return `${name} failed`;
+  }
+}
+
 /**
  * The buttons a run offers, in display order. Stop only while running; Resume after a stop or failure; the adapter
  * exists once a run finished or stopped (a stop writes a final checkpoint and adapter); the folder always.

@@ -4,9 +4,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { MEMORY_CATEGORIES, type ByCategory, type TrainerEvent } from '../../extension/protocol/events';
-import { categoryColors, readPalette, themeKind, withAlpha } from '../../webview/colors';
+import { chartSummaries } from '../../webview/chartSummary';
+import { categoryColors, opaque, readPalette, themeKind, withAlpha } from '../../webview/colors';
 import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from '../../webview/format';
-import { applyEvent, availableActions, emptyView, hostMemoryNote, progress, reduceRun } from '../../webview/model';
+import { applyEvent, availableActions, emptyView, hostMemoryNote, progress, reduceRun, statusAnnouncement } from '../../webview/model';
 
 const GiB = 1024 ** 3;
 const at = (seconds: number) => new Date(Date.UTC(2026, 10, 24, 10, 0, 0) + seconds * 1000).toISOString();
@@ -216,4 +217,55 @@ test('theme: kind from the body classes, variables with fallbacks, translucent f
   assert.equal(withAlpha('rgba(10, 20, 30, 1)', 0.4), 'rgba(10, 20, 30, 0.4)');
   assert.equal(withAlpha('red', 0.4), 'red');
   assert.equal(withAlpha('#0000ff', 0.5, 'high-contrast'), '#0000ff');
+});
+
+test('theme colours: translucent ones made opaque, high contrast gaps filled from the warning colour, the font', () => {
+  assert.equal(opaque('rgba(234, 92, 0, 0.33)'), 'rgb(234, 92, 0)');
+  assert.equal(opaque('rgb(234 92 0 / 0.5)'), 'rgb(234, 92, 0)');
+  assert.equal(opaque('#ea5c0055'), '#ea5c00');
+  assert.equal(opaque('#f008'), '#f00');
+  assert.equal(opaque('#3794ff'), '#3794ff');
+  assert.equal(opaque('red'), 'red');
+  // Dark Modern: a 33% orange
+  const dark = readPalette((n) => ({ '--vscode-charts-orange': 'rgba(234, 92, 0, 0.33)', '--vscode-font-family': ' "Segoe WPC", sans-serif', '--vscode-font-size': '15px' })[n] ?? '', 'dark');
+  assert.equal(dark.orange, 'rgb(234, 92, 0)');
+  assert.equal(dark.fontFamily, '"Segoe WPC", sans-serif');
+  assert.equal(dark.fontSize, 15);
+  // high contrast: no charts-orange; the warning colour stands in, unless it is the theme's yellow already
+  const hc = { '--vscode-charts-yellow': '#ffd370', '--vscode-editorWarning-foreground': '#ff8800', '--vscode-descriptionForeground': 'rgba(255, 255, 255, 0.7)' } as Record<string, string>;
+  const p = readPalette((n) => hc[n] ?? '', 'high-contrast');
+  assert.equal(p.orange, '#ff8800');
+  assert.equal(p.muted, 'rgb(255, 255, 255)');
+  const same = readPalette((n) => ({ ...hc, '--vscode-editorWarning-foreground': '#ffd370' })[n] ?? '', 'high-contrast');
+  assert.notEqual(same.orange, same.yellow);
+  assert.notEqual(categoryColors(same).optimizer, categoryColors(same).gradients);
+  // fallbacks follow the theme kind: dark text on light, light text on high contrast black
+  assert.equal(readPalette(() => '', 'light').background, '#ffffff');
+  assert.equal(readPalette(() => '', 'high-contrast').foreground, '#ffffff');
+  assert.equal(readPalette(() => '', 'dark').fontSize, 13);
+});
+
+test('charts as text: the latest values of each chart for screen readers', () => {
+  const s = chartSummaries(reduceRun(completedRun));
+  assert.equal(s['loss-chart'], 'train loss 1.6 at step 6, from 2.8; eval loss 1.8 at step 6, from 2.3');
+  assert.equal(s['lr-chart'], 'learning rate 1.00e-4 at step 6, from 1.83e-4');
+  assert.equal(s['gradnorm-chart'], 'grad norm 0.36 at step 6, from 0.31');
+  assert.equal(s['tps-chart'], 'tokens per second 806 at step 6, from 801');
+  assert.equal(s['memory-chart'], 'at step 6: weights 1.00 GiB, adapters 19.1 MiB, gradients 19.1 MiB, optimizer 38.1 MiB, activations 85.8 MiB, workspace 7.63 MiB; peak 1.17 GiB; device 2.00 GiB used of 24.0 GiB');
+  assert.equal(s['pages-chart'], '3 page moves: 91.6 MiB out, 61.0 MiB in; the latest 6s into the run');
+  const empty = chartSummaries(emptyView());
+  assert.equal(empty['loss-chart'], 'no data yet');
+  assert.equal(empty['memory-chart'], 'no data yet');
+  assert.equal(empty['pages-chart'], 'no memory paging');
+  // one step so far: no "from"
+  assert.equal(chartSummaries(reduceRun([started(), step(1, 2.8)]))['loss-chart'], 'train loss 2.8 at step 1');
+});
+
+test('status changes said once: finished with its final loss, stopped at its step, failed', () => {
+  const done = reduceRun(completedRun);
+  assert.equal(statusAnnouncement('run1', 'finished', done), 'run1 finished, final loss 1.6');
+  assert.equal(statusAnnouncement('run1', 'running', reduceRun([started(), step(1, 2.8)])), 'run1 running');
+  assert.equal(statusAnnouncement('run1', 'stopped', reduceRun([started(), step(1, 2.8), step(2, 2.5)])), 'run1 stopped at step 2');
+  assert.equal(statusAnnouncement('run1', 'failed', emptyView()), 'run1 failed');
+  assert.equal(statusAnnouncement('run1', 'finished', emptyView()), 'run1 finished');
 });
