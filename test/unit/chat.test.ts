@@ -13,13 +13,14 @@ import {
   validateChatWebviewMessage,
   validateHostToServer,
   validateServerToHost,
+  type AnswerStats as ChatAnswerStats,
   type ChatHostToWebview,
   type ChatMessage,
   type ChatModelInfo,
   type ChatSettings,
 } from '../../extension/protocol/chat';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
-import { describeStats, parseStopStrings } from '../../webview/chat/format';
+import { answerDoneMessage, describeStats, parseStopStrings } from '../../webview/chat/format';
 import { trainBriefly } from '../helpers/briefRun';
 import { cliPath, tempDir } from '../helpers/paths';
 
@@ -48,6 +49,13 @@ test('stop strings field and the answer line', () => {
   assert.deepEqual(parseStopStrings('  '), []);
   assert.equal(parseStopStrings('"open'), 'A quoted stop string is not closed.');
   assert.equal(describeStats({ tokens: 42, finishReason: 'stop-token', promptTokens: 9, prefillMs: 1, decodeMs: 1, tokensPerSecond: 35.24 }), '42 tokens · 35.2 tokens/s · ended its turn');
+});
+
+test('a finished answer is announced once, in one sentence', () => {
+  const stats = (tokens: number, finishReason: ChatAnswerStats['finishReason']): ChatAnswerStats => ({ tokens, finishReason, promptTokens: 9, prefillMs: 1, decodeMs: 1, tokensPerSecond: 30 });
+  assert.equal(answerDoneMessage('Finetuned', stats(42, 'stop-token')), 'Finetuned answer finished, 42 tokens');
+  assert.equal(answerDoneMessage('Base model', stats(1, 'cancelled')), 'Base model answer stopped, 1 token');
+  assert.equal(answerDoneMessage('Base model', stats(400, 'length')), 'Base model answer finished at the token limit, 400 tokens');
 });
 
 const INFO: ChatModelInfo = {

@@ -1,4 +1,5 @@
-// Pure helpers of the chat panel (unit-tested under node): the line under an answer, and the stop-strings field.
+// Pure helpers of the chat panel (unit-tested under node): the line under an answer, its announcement when done,
+// and the stop-strings field.
 import type { AnswerStats } from '../../extension/protocol/chat';
 
 const FINISH: Record<AnswerStats['finishReason'], string> = {
@@ -15,6 +16,19 @@ export function describeStats(s: AnswerStats): string {
   if (s.tokensPerSecond > 0) parts.push(`${s.tokensPerSecond.toFixed(1)} tokens/s`);
   parts.push(FINISH[s.finishReason]);
   return parts.join(' · ');
+}
+
+const DONE: Record<AnswerStats['finishReason'], string> = {
+  'stop-token': 'finished',
+  'stop-string': 'finished at a stop string',
+  length: 'finished at the token limit',
+  context: "finished at the model's context length",
+  cancelled: 'stopped',
+};
+
+/** The one polite announcement of a finished answer: "Finetuned answer finished, 42 tokens". */
+export function answerDoneMessage(columnTitle: string, s: AnswerStats): string {
+  return `${columnTitle} answer ${DONE[s.finishReason]}, ${s.tokens} token${s.tokens === 1 ? '' : 's'}`;
 }
 
 /**

@@ -18,8 +18,8 @@ import {
   type ChatSettings,
   type ChatWebviewToHost,
 } from '../../extension/protocol/chat';
-import { el } from '../dom';
-import { describeStats, parseStopStrings } from './format';
+import { el, guardButtonKeys, hiddenText, innerControl, rendered, setDisabled } from '../dom';
+import { answerDoneMessage, describeStats, parseStopStrings } from './format';
 import './chat.css';
 
 interface VsCodeApi {
@@ -33,6 +33,16 @@ const vscode = acquireVsCodeApi();
 /** vscode-textarea / vscode-textfield / vscode-single-select: all expose `value`. */
 type ValueElement = HTMLElement & { value: string };
 
+/**
+ * A vscode-* control named for assistive technology. Focus goes to the input inside its shadow root, whose
+ * aria-label the component fills from its `label` property only (an aria-label on the host names nothing focused).
+ */
+function control(tag: string, label: string, attrs: Record<string, string> = {}): ValueElement {
+  const node = custom(tag, attrs);
+  (node as ValueElement & { label: string }).label = label;
+  return node;
+}
+
 function custom(tag: string, attrs: Record<string, string> = {}, text?: string): ValueElement {
   const node = document.createElement(tag) as ValueElement;
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
@@ -41,6 +51,7 @@ function custom(tag: string, attrs: Record<string, string> = {}, text?: string):
 }
 
 const COLUMN_TITLES: Record<ChatColumnId, string> = { base: 'Base model', finetuned: 'Finetuned' };
+const PROMPT_HINT = 'Enter sends, Shift+Enter adds a line, Escape stops the answers.';
 
 // ---------------------------------------------------------------------------------------------------------------
 // DOM
@@ -48,26 +59,29 @@ const COLUMN_TITLES: Record<ChatColumnId, string> = { base: 'Base model', finetu
 const ui = (() => {
   const title = el('h1', { id: 'chat-title' });
   const modelNote = el('div', { id: 'model-note', className: 'muted' });
-  const checkpoint = custom('vscode-single-select', { id: 'checkpoint', 'aria-label': 'Adapter' });
+  const checkpoint = control('vscode-single-select', 'Adapter', { id: 'checkpoint' });
   const clear = custom('vscode-button', { id: 'clear', secondary: '' }, 'Clear');
-  const toolbar = el('div', { className: 'toolbar' }, el('label', { className: 'muted', text: 'Adapter' }), checkpoint, clear);
+  const toolbar = el('div', { className: 'toolbar' }, el('span', { className: 'muted', text: 'Adapter' }), checkpoint, clear);
 
-  const system = custom('vscode-textarea', { id: 'system', rows: '2', placeholder: 'System prompt (optional)', 'aria-label': 'System prompt' });
+  const system = control('vscode-textarea', 'System prompt', { id: 'system', rows: '2', placeholder: 'System prompt (optional)' });
+  // Steps count from each minimum (the input's step base): top-p's 0.05 from 0.001 made the defaults (top-p 0.95,
+  // repetition penalty 1) fail the browser's step check. Fine steps keep every two-decimal value valid; vscode-textfield
+  // takes a number for step, so "any" is not an option.
   const field = (id: string, label: string, limits: readonly [number, number], step: string) => {
-    const input = custom('vscode-textfield', { id, type: 'number', min: String(limits[0]), max: String(limits[1]), step, 'aria-label': label });
-    return { input, row: el('label', { className: 'setting' }, el('span', { text: label }), input) };
+    const input = control('vscode-textfield', label, { id, type: 'number', min: String(limits[0]), max: String(limits[1]), step });
+    return { input, label, row: el('label', { className: 'setting' }, el('span', { text: label }), input) };
   };
   const L = SETTING_LIMITS;
   const fields = {
-    temperature: field('temperature', 'Temperature', L.temperature, '0.05'),
-    topP: field('top-p', 'Top-p', L.topP, '0.05'),
+    temperature: field('temperature', 'Temperature', L.temperature, '0.01'),
+    topP: field('top-p', 'Top-p', L.topP, '0.001'),
     topK: field('top-k', 'Top-k', L.topK, '1'),
-    minP: field('min-p', 'Min-p', L.minP, '0.01'),
-    repetitionPenalty: field('repetition-penalty', 'Repetition penalty', L.repetitionPenalty, '0.05'),
+    minP: field('min-p', 'Min-p', L.minP, '0.001'),
+    repetitionPenalty: field('repetition-penalty', 'Repetition penalty', L.repetitionPenalty, '0.01'),
     maxNewTokens: field('max-new-tokens', 'Max new tokens', L.maxNewTokens, '1'),
     seed: field('seed', 'Seed', L.seed, '1'),
   };
-  const stops = custom('vscode-textfield', { id: 'stop-strings', placeholder: 'e.g. "###", "User:"', 'aria-label': 'Stop strings' });
+  const stops = control('vscode-textfield', 'Stop strings', { id: 'stop-strings', placeholder: 'e.g. "###", "User:"' });
   const settings = custom('vscode-collapsible', { id: 'settings', heading: 'System prompt and sampling' });
   settings.append(
     el('div', { className: 'settings-body' },
@@ -78,8 +92,13 @@ const ui = (() => {
   );
 
   const status = el('div', { id: 'status', className: 'muted' });
+  status.setAttribute('role', 'status');
   const error = el('div', { id: 'error', className: 'error' });
+  error.setAttribute('role', 'alert');
   error.hidden = true;
+  // finished answers and copies, said politely; never the streamed text itself
+  const announcer = el('div', { id: 'announcer', className: 'visually-hidden' });
+  announcer.setAttribute('role', 'status');
 
   const columns = {} as Record<ChatColumnId, { root: HTMLElement; messages: HTMLElement }>;
   for (const id of CHAT_COLUMNS) {
@@ -88,16 +107,17 @@ const ui = (() => {
     root.dataset.column = id;
     columns[id] = { root, messages };
   }
-  const columnsRow = el('div', { id: 'columns' }, columns.base.root, columns.finetuned.root);
+  const columnsRow = el('main', { id: 'columns' }, columns.base.root, columns.finetuned.root);
 
   const suggestions = el('div', { id: 'suggestions' });
-  const prompt = custom('vscode-textarea', { id: 'prompt', rows: '3', placeholder: 'Ask both models… (Enter sends, Shift+Enter adds a line)', 'aria-label': 'Prompt' });
+  const prompt = control('vscode-textarea', 'Prompt', { id: 'prompt', rows: '3', placeholder: 'Ask both models…' });
+  const hint = el('div', { id: 'prompt-hint', className: 'muted', text: PROMPT_HINT });
   const send = custom('vscode-button', { id: 'send' }, 'Send');
   const stop = custom('vscode-button', { id: 'stop', secondary: '' }, 'Stop');
-  const composer = el('footer', { id: 'composer' }, prompt, el('div', { className: 'composer-actions' }, send, stop));
+  const composer = el('footer', { id: 'composer' }, el('div', { className: 'prompt-box' }, prompt, hint), el('div', { className: 'composer-actions' }, send, stop));
 
-  document.body.append(el('header', {}, el('div', { className: 'title-row' }, title, toolbar), modelNote), settings, status, error, columnsRow, suggestions, composer);
-  return { title, modelNote, checkpoint, clear, system, fields, stops, settings, status, error, columns, suggestions, prompt, send, stop };
+  document.body.append(el('header', {}, el('div', { className: 'title-row' }, title, toolbar), modelNote), settings, status, error, announcer, columnsRow, suggestions, composer);
+  return { title, modelNote, checkpoint, clear, system, fields, stops, settings, status, error, announcer, columns, suggestions, prompt, send, stop };
 })();
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -119,6 +139,30 @@ const busy = () => answers.some((t) => Object.values(t).some((a) => a !== undefi
 function showError(message: string | null): void {
   ui.error.hidden = message === null;
   ui.error.textContent = message ?? '';
+}
+
+/** Polite: appended, so an answer finishing right after another does not replace its message unread. */
+function announce(text: string): void {
+  ui.announcer.append(el('div', { text }));
+  while (ui.announcer.childElementCount > 3) ui.announcer.firstElementChild?.remove();
+}
+
+/** A setting the app refuses: marked invalid (drawn and exposed), focused, the reason in the alert. */
+function showInvalid(problem: SettingsProblem): void {
+  showError(problem.message);
+  ui.settings.setAttribute('open', '');
+  setInvalid(problem.field, true);
+  // focusable once the collapsible has drawn itself open
+  void rendered(ui.settings).then(() => problem.field.focus());
+}
+
+function setInvalid(field: ValueElement, invalid: boolean): void {
+  (field as ValueElement & { invalid: boolean }).invalid = invalid;
+  // the host's aria-invalid would not reach the focused input inside it
+  void innerControl(field).then((inner) => {
+    if (invalid) inner?.setAttribute('aria-invalid', 'true');
+    else inner?.removeAttribute('aria-invalid');
+  });
 }
 
 /**
@@ -162,20 +206,25 @@ function fillSettings(d: ChatSettings): void {
   ui.stops.value = d.stopStrings.map((s) => JSON.stringify(s)).join(', ');
 }
 
-/** The settings as typed, checked against the limits; a sentence naming the first bad one otherwise. */
-function readSettings(): ChatSettings | string {
+interface SettingsProblem {
+  message: string;
+  field: ValueElement;
+}
+
+/** The settings as typed, checked against the limits; the first bad field and a sentence naming it otherwise. */
+function readSettings(): ChatSettings | SettingsProblem {
   const out: Record<string, number> = {};
-  for (const [key, f] of Object.entries(ui.fields) as [keyof typeof ui.fields, { input: ValueElement }][]) {
+  for (const [key, f] of Object.entries(ui.fields) as [keyof typeof ui.fields, { input: ValueElement; label: string }][]) {
     const n = Number(f.input.value);
     const [min, max] = SETTING_LIMITS[key];
     const whole = key === 'topK' || key === 'seed' || key === 'maxNewTokens';
     if (f.input.value.trim() === '' || !Number.isFinite(n) || n < min || n > max || (whole && !Number.isInteger(n))) {
-      return `${f.input.getAttribute('aria-label')} must be ${whole ? 'a whole number' : 'a number'} from ${min} to ${max}.`;
+      return { message: `${f.label} must be ${whole ? 'a whole number' : 'a number'} from ${min} to ${max}.`, field: f.input };
     }
     out[key] = n;
   }
   const stops = parseStopStrings(ui.stops.value);
-  if (typeof stops === 'string') return stops;
+  if (typeof stops === 'string') return { message: stops, field: ui.stops };
   return { ...(out as unknown as Omit<ChatSettings, 'stopStrings'>), stopStrings: stops };
 }
 
@@ -189,7 +238,7 @@ function fillCheckpoints(i: ChatModelInfo): void {
     if (o.value === selected) opt.setAttribute('selected', '');
     return opt;
   }));
-  ui.checkpoint.toggleAttribute('disabled', options.length < 2);
+  setDisabled(ui.checkpoint, options.length < 2);
 }
 
 function fillSuggestions(i: ChatModelInfo): void {
@@ -201,17 +250,26 @@ function fillSuggestions(i: ChatModelInfo): void {
   }));
 }
 
+/** "finetuned answer 2": the answer's name on its Copy button and in the Copied message. */
+const answerName = (column: ChatColumnId, turn: number) => `${COLUMN_TITLES[column].toLowerCase()} answer ${turn + 1}`;
+
+/** Each turn of a column is one article (prompt and answer), so a screen reader can tell where one ends. */
 function addTurn(turn: number, prompt: string): void {
   answers[turn] = {};
   for (const id of CHAT_COLUMNS) {
     if (!activeColumns().includes(id)) continue;
     const textNode = el('div', { className: 'answer-text' });
     const statsNode = el('div', { className: 'answer-stats muted', text: 'writing…' });
-    const copy = custom('vscode-button', { secondary: '', title: 'Copy this answer' }, 'Copy');
+    const copy = custom('vscode-button', { secondary: '', title: 'Copy this answer', 'aria-label': `Copy ${answerName(id, turn)}` }, 'Copy');
     copy.classList.add('copy');
     copy.dataset.copy = `${id}:${turn}`;
-    const answer = el('div', { className: 'answer' }, textNode, el('div', { className: 'answer-footer' }, statsNode, copy));
-    ui.columns[id].messages.append(el('div', { className: 'user', text: prompt }), answer);
+    const user = el('div', { className: 'user' }, hiddenText('You: '), document.createTextNode(prompt));
+    const answer = el('div', { className: 'answer' }, hiddenText('Answer: '), textNode, el('div', { className: 'answer-footer' }, statsNode, copy));
+    const article = el('article', { className: 'turn' }, user, answer);
+    article.setAttribute('aria-label', `${COLUMN_TITLES[id]}, turn ${turn + 1}`);
+    const messages = ui.columns[id].messages;
+    messages.append(article);
+    messages.scrollTop = messages.scrollHeight;
     answers[turn][id] = { text: '', stats: null, textNode, statsNode };
   }
 }
@@ -227,9 +285,9 @@ function clearConversation(): void {
 
 function render(): void {
   const b = busy();
-  ui.send.toggleAttribute('disabled', state !== 'ready' || b);
-  ui.stop.toggleAttribute('disabled', !b);
-  ui.clear.toggleAttribute('disabled', state !== 'ready' || answers.length === 0);
+  setDisabled(ui.send, state !== 'ready' || b);
+  setDisabled(ui.stop, !b);
+  setDisabled(ui.clear, state !== 'ready' || answers.length === 0);
   ui.columns.finetuned.root.hidden = !activeColumns().includes('finetuned');
   document.body.classList.toggle('single-column', !activeColumns().includes('finetuned'));
   writeTestHooks();
@@ -299,9 +357,12 @@ function receive(m: ChatHostToWebview): void {
     case 'delta': {
       const a = answers[m.turn]?.[m.column];
       if (!a) break;
+      // follows the answer only when the column is scrolled to its end: someone reading back stays where they are
+      const messages = ui.columns[m.column].messages;
+      const atEnd = messages.scrollHeight - messages.scrollTop - messages.clientHeight < 24;
       a.text += m.text;
       a.textNode.textContent = a.text;
-      a.textNode.parentElement?.scrollIntoView({ block: 'end' });
+      if (atEnd) messages.scrollTop = messages.scrollHeight;
       break;
     }
     case 'done': {
@@ -309,6 +370,7 @@ function receive(m: ChatHostToWebview): void {
       if (!a) break;
       a.stats = m.stats;
       a.statsNode.textContent = describeStats(m.stats);
+      announce(answerDoneMessage(COLUMN_TITLES[m.column], m.stats));
       break;
     }
     case 'cleared':
@@ -326,9 +388,8 @@ function receive(m: ChatHostToWebview): void {
 function ask(prompt: string): void {
   if (prompt.trim() === '' || state !== 'ready' || busy()) return;
   const settings = readSettings();
-  if (typeof settings === 'string') {
-    showError(settings);
-    ui.settings.setAttribute('open', '');
+  if ('message' in settings) {
+    showInvalid(settings);
     return;
   }
   showError(null);
@@ -354,9 +415,15 @@ ui.clear.addEventListener('click', () => vscode.postMessage({ type: 'clear' }));
 ui.prompt.addEventListener('keydown', (e: KeyboardEvent) => {
   if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) {
     e.preventDefault();
-    ask(ui.prompt.value);
+    if (!e.repeat) ask(ui.prompt.value);
+  } else if (e.key === 'Escape' && busy()) {
+    e.preventDefault();
+    vscode.postMessage({ type: 'stop' });
   }
 });
+// The hint as the prompt's description: an aria-describedby on the host cannot point into its shadow root.
+void innerControl(ui.prompt).then((inner) => inner?.setAttribute('aria-description', PROMPT_HINT));
+guardButtonKeys(document);
 ui.checkpoint.addEventListener('change', () => {
   const v = ui.checkpoint.value;
   vscode.postMessage({ type: 'checkpoint', step: v === 'final' || v === '' ? null : Number(v) });
@@ -373,6 +440,7 @@ document.body.addEventListener('click', (e) => {
   if (copy) {
     const [column, turn] = copy.split(':');
     vscode.postMessage({ type: 'copy', column: column as ChatColumnId, turn: Number(turn) });
+    announce(`Copied ${answerName(column as ChatColumnId, Number(turn))}`);
   }
 });
 
@@ -380,6 +448,8 @@ for (const input of [ui.system, ui.stops, ui.prompt, ...Object.values(ui.fields)
   input.addEventListener('input', saveTypedState);
   input.addEventListener('change', saveTypedState);
 }
+// an edited setting is checked again on the next send; until then it is no longer marked
+for (const input of [ui.stops, ...Object.values(ui.fields).map((f) => f.input)]) input.addEventListener('input', () => setInvalid(input, false));
 // the unsent prompt at once; the rest waits for the model's info (see 'loaded')
 ui.prompt.value = savedTypedState()?.prompt ?? '';
 
