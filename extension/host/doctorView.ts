@@ -30,7 +30,7 @@ export function doctorMarkdown(r: DoctorSummary): string {
     '',
     r.device === 'cuda' ? `Training runs on **GPU ${r.gpus.find((g) => g.cudaIndex === 0)?.index ?? 0}** in **${r.computeDtype}**.` : 'Training runs on the **CPU**.',
     '',
-    '| | |',
+    '| Component | Status |',
     '|---|---|',
     `| Platform | ${r.platform} |`,
     ...(r.cpu ? [`| CPU | ${r.cpu.name}; vector code: ${r.cpu.vectorCode} |`] : []),

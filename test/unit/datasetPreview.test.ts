@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { inspectDataset } from '../../extension/data';
-import { buildDatasetPreviewHtml, histogramSvg, previewContentSecurityPolicy } from '../../extension/host/datasetPreview/html';
+import { buildDatasetPreviewHtml, histogramSvg, previewContentSecurityPolicy, trainedMark } from '../../extension/host/datasetPreview/html';
 import { examplesDir, tinyModelDir, writeTemp } from '../fixtures/data/helpers';
 
 const nonce = 'bm9uY2Utbm9uY2Utbm9uY2U=';
@@ -26,6 +26,10 @@ test('preview of a chat dataset with a model: stats, histogram with the max leng
   // the first examples, trained parts marked
   assert.equal((html.match(/<pre class="example">/g) ?? []).length, 3);
   assert.ok((html.match(/<mark class="trained">/g) ?? []).length >= 3);
+  // the trained part is said as well as highlighted; the histogram scrolls in a narrow editor rather than shrinking
+  assert.ok(html.includes('<mark class="trained"><span class="visually-hidden">[trained] </span>'));
+  assert.match(html, /<div class="histogram-scroll" tabindex="0" role="region" aria-label="Token length histogram"><svg class="histogram"/);
+  assert.match(html, /svg\.histogram \{[^}]*min-width: 560px/);
   assert.ok(html.includes('<td>tokens per example</td>'));
   // a large dataset's statistics from its first examples say so
   const sampled = await inspectDataset(path.join(examplesDir, 'chat-sample.jsonl'), { modelDir: tinyModelDir('llama'), maxLength: 64, tokenizeAtMost: 20 });
@@ -59,4 +63,16 @@ test('histogram geometry: bar heights scale to the tallest bin; the limit line s
   const lx = Number(/<line class="limit" x1="([\d.]+)"/.exec(svg)![1]);
   assert.ok(Math.abs(lx - (44 + 704 / 2)) < 0.1);
   assert.equal(previewContentSecurityPolicy('n'), "default-src 'none'; style-src 'nonce-n'");
+});
+
+test('high contrast themes: every histogram and marking colour falls back to one they define', () => {
+  const html = buildDatasetPreviewHtml(
+    { file: 'd.jsonl', format: 'jsonl', shape: null, rowCount: 0, validRows: 0, invalidRows: 0, errors: [] },
+    { nonce, maxLength: 64, modelName: null },
+  );
+  assert.match(html, /svg \.bar\.over \{ fill: var\(--vscode-charts-orange, var\(--vscode-editorWarning-foreground/);
+  assert.match(html, /fill: rgb\(from var\(--vscode-charts-orange, [^;]*\) r g b \/ 1\)/, 'a translucent theme orange drawn opaque');
+  assert.match(html, /body\.vscode-high-contrast svg \.bar \{ stroke: var\(--vscode-contrastBorder\)/);
+  assert.match(html, /body\.vscode-high-contrast mark\.trained \{[^}]*outline: 1px dashed var\(--vscode-contrastActiveBorder, var\(--vscode-contrastBorder\)\)/);
+  assert.equal(trainedMark('a<b'), '<mark class="trained"><span class="visually-hidden">[trained] </span>a&#60;b<span class="visually-hidden"> [end trained]</span></mark>');
 });

@@ -66,6 +66,8 @@ test('the Check GPU Setup document: the device, each library, the GPUs and what 
   const md = doctorMarkdown(base);
   assert.match(md, /\| CPU \| AMD EPYC 9R14 \(2 threads\); vector code: AVX-512, 16-lane vectors \|/);
   assert.match(md, /Training runs on the \*\*CPU\*\*/);
+  // a table with real column headers (an empty header row reads as two blank columns)
+  assert.match(md, /\n\| Component \| Status \|\n\|---\|---\|\n\| Platform \| linux x64 \|/);
   assert.match(md, /\| GPU 0 \| NVIDIA H100 80GB HBM3, compute capability 9\.0, 80\.0 GiB \(79\.0 GiB free\) \|/);
   assert.match(md, /\| cuBLASLt \| \*\*not found\*\* \(libcublasLt\.so\.13: cannot open shared object file\) \|/);
   assert.match(md, /## What to do\n\n- cuBLASLt .* a \\\| b: install it\./);

@@ -30,13 +30,19 @@ h3 { font-size: 1em; font-weight: 600; margin: 14px 0 4px; color: var(--vscode-d
 .warn { color: var(--vscode-editorWarning-foreground); }
 table.stats td { padding: 1px 16px 1px 0; }
 table.stats td:first-child { color: var(--vscode-descriptionForeground); }
-svg.histogram { width: 100%; max-width: 760px; height: auto; display: block; margin-top: 8px; }
-svg .bar { fill: var(--vscode-charts-blue); }
-svg .bar.over { fill: var(--vscode-charts-orange); }
+/* A narrow editor scrolls the histogram rather than shrinking its text to a few pixels. */
+.histogram-scroll { overflow-x: auto; max-width: 760px; margin-top: 8px; }
+svg.histogram { width: 100%; min-width: 560px; height: auto; display: block; }
+/* High contrast themes define few chart colours: each colour falls back to one they do define. Relative colour
+   (where supported) drops a theme colour's alpha: Dark Modern's orange is 33% opaque. */
+svg .bar { fill: var(--vscode-charts-blue, var(--vscode-editorInfo-foreground, var(--vscode-foreground))); }
+svg .bar.over { fill: var(--vscode-charts-orange, var(--vscode-editorWarning-foreground, var(--vscode-foreground)));
+  fill: rgb(from var(--vscode-charts-orange, var(--vscode-editorWarning-foreground, var(--vscode-foreground))) r g b / 1); }
+body.vscode-high-contrast svg .bar { stroke: var(--vscode-contrastBorder); stroke-width: 1; }
 svg .axis { stroke: var(--vscode-panel-border); stroke-width: 1; }
-svg .limit { stroke: var(--vscode-charts-red); stroke-width: 1.5; stroke-dasharray: 5 3; }
-svg text { fill: var(--vscode-descriptionForeground); font-size: 11px; font-family: var(--vscode-font-family); }
-svg text.limit-label { fill: var(--vscode-charts-red); }
+svg .limit { stroke: var(--vscode-charts-red, var(--vscode-editorError-foreground)); stroke-width: 1.5; stroke-dasharray: 5 3; }
+svg text { fill: var(--vscode-descriptionForeground); font-size: 13px; font-family: var(--vscode-font-family); }
+svg text.limit-label { fill: var(--vscode-charts-red, var(--vscode-editorError-foreground)); }
 ul.errors { padding-left: 18px; }
 ul.errors li { font-family: var(--vscode-editor-font-family); font-size: 0.92em; margin: 2px 0; }
 pre.example { white-space: pre-wrap; word-break: break-word; font-family: var(--vscode-editor-font-family);
@@ -44,7 +50,13 @@ pre.example { white-space: pre-wrap; word-break: break-word; font-family: var(--
   border-radius: 3px; margin: 0; }
 mark.trained { background: var(--vscode-diffEditor-insertedTextBackground); color: inherit;
   outline: 1px solid var(--vscode-charts-green); border-radius: 2px; }
+/* high contrast: no inserted-text background there; the theme's border colour and an underline instead */
+body.vscode-high-contrast mark.trained { background: transparent; outline: 1px dashed var(--vscode-contrastActiveBorder, var(--vscode-contrastBorder));
+  text-decoration: underline; text-underline-offset: 3px; }
 .legend mark { padding: 0 4px; }
+/* read by screen readers, not drawn, and left out of a copied selection */
+.visually-hidden { position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; border: 0; overflow: hidden;
+  clip: rect(0 0 0 0); clip-path: inset(50%); white-space: nowrap; user-select: none; }
 `;
 
 /** The histogram as an inline SVG: one bar per bin, bins past maxLength in the warning colour, a dashed limit line. */
@@ -112,14 +124,20 @@ function tokenSection(report: DatasetReport, o: PreviewOptions): string {
   }
   for (const w of t.warnings ?? []) rows.push(['warning', `<span class="warn">${escapeHtml(w)}</span>`]);
   const table = `<table class="stats">${rows.map(([k, v]) => `<tr><td>${k}</td><td>${v}</td></tr>`).join('')}</table>`;
-  return `<h2>Tokens</h2>${table}${l.count > 0 ? histogramSvg(t.stats.histogram, o.maxLength) : ''}`;
+  const histogram = l.count > 0 ? `<div class="histogram-scroll" tabindex="0" role="region" aria-label="Token length histogram">${histogramSvg(t.stats.histogram, o.maxLength)}</div>` : '';
+  return `<h2>Tokens</h2>${table}${histogram}`;
+}
+
+/** A trained segment: highlighted, and said as such (a mark's highlight alone is not read out everywhere). */
+export function trainedMark(text: string): string {
+  return `<mark class="trained"><span class="visually-hidden">[trained] </span>${escapeHtml(text)}<span class="visually-hidden"> [end trained]</span></mark>`;
 }
 
 function examplesSection(report: DatasetReport): string {
   const examples = report.tokenization?.examples ?? [];
   if (examples.length === 0) return '';
   const items = examples.map((e) => {
-    const body = e.segments.map((s) => (s.trained ? `<mark class="trained">${escapeHtml(s.text)}</mark>` : escapeHtml(s.text))).join('');
+    const body = e.segments.map((s) => (s.trained ? trainedMark(s.text) : escapeHtml(s.text))).join('');
     return `<h3>${escapeHtml(e.source)} · ${plural(e.tokens, 'token')}, ${int(e.trainedTokens)} trained</h3><pre class="example">${body}</pre>`;
   });
   return `<h2>First ${plural(examples.length, 'example')}</h2><p class="legend muted">As the model sees them; the <mark class="trained">marked</mark> part is what the loss trains on.</p>${items.join('')}`;
