@@ -69,6 +69,10 @@ test('event files: a partial last line is skipped, a broken line is a parse erro
   assert.deepEqual(listRunFolders(runs).map((d) => path.basename(d)).sort(), ['broken', 'partial']);
   assert.deepEqual(listRunFolders(path.join(runs, 'missing')), []);
   assert.deepEqual(readEventFile(path.join(runs, 'no-config')), { events: [] });
+  // a log past the bound is not read into the window (a runs folder can hold anything)
+  const size = fs.statSync(path.join(partial, 'events.jsonl')).size;
+  assert.deepEqual(readEventFile(partial, size - 1), { events: [], parseError: `events.jsonl is 0 MiB, more than the window reads (0 MiB)` });
+  assert.equal(readEventFile(partial, size).events.length, 2);
 });
 
 function registry(runsDir: string, pollMs?: number) {

@@ -107,11 +107,20 @@ export interface EventFile {
   parseError?: string;
 }
 
-/** Reads <run>/events.jsonl; a missing file is no events yet, a broken one a parse error (never thrown). */
-export function readEventFile(runDir: string): EventFile {
+/**
+ * The largest events.jsonl the window reads: a run of a million steps writes about 300 MiB. A larger file in a runs
+ * folder is no log the panels could draw, and reading it would stall the window (the extension host) meanwhile.
+ */
+export const MAX_EVENT_LOG_BYTES = 384 * 1024 * 1024;
+
+/** Reads <run>/events.jsonl; a missing file is no events yet, a broken or oversized one a parse error (never thrown). */
+export function readEventFile(runDir: string, maxBytes = MAX_EVENT_LOG_BYTES): EventFile {
+  const file = path.join(runDir, 'events.jsonl');
   let text: string;
   try {
-    text = fs.readFileSync(path.join(runDir, 'events.jsonl'), 'utf8');
+    const size = fs.statSync(file).size;
+    if (size > maxBytes) return { events: [], parseError: `events.jsonl is ${(size / 1048576).toFixed(0)} MiB, more than the window reads (${(maxBytes / 1048576).toFixed(0)} MiB)` };
+    text = fs.readFileSync(file, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { events: [] };
     return { events: [], parseError: `cannot read events.jsonl (${(err as NodeJS.ErrnoException).code ?? String(err)})` };
