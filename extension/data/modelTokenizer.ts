@@ -122,8 +122,8 @@ class BoundedTemplate extends Template {
   constructor(source: string) {
     super(source);
     // the library declares its own range() before the caller's variables and refuses a second one: the template's
-    // calls of range() are pointed at ours instead
-    renameCalls(this.parsed, 'range', BOUNDED_RANGE);
+    // every use of the name (a call, or `{% set r = range %}`) is pointed at ours instead
+    renameVariable(this.parsed, 'range', BOUNDED_RANGE);
   }
 
   override render(items?: Record<string, unknown>): string {
@@ -133,16 +133,43 @@ class BoundedTemplate extends Template {
 
 const BOUNDED_RANGE = '__qlora_bounded_range';
 
-/** Points every call of the function `from` in a parsed template (CallExpression of an Identifier) at `to`. */
-function renameCalls(node: unknown, from: string, to: string): void {
+type AstNode = { type?: unknown; [key: string]: unknown };
+
+/**
+ * Renames the variable `from` to `to` wherever a parsed template refers to it: every Identifier of that name but the
+ * ones that name something else (an attribute after a dot, a keyword argument, a filter or a test).
+ */
+function renameVariable(node: unknown, from: string, to: string): void {
   if (Array.isArray(node)) {
-    for (const child of node) renameCalls(child, from, to);
+    for (const child of node) renameVariable(child, from, to);
     return;
   }
   if (typeof node !== 'object' || node === null) return;
-  const n = node as { type?: unknown; callee?: { type?: unknown; value?: unknown } };
-  if (n.type === 'CallExpression' && n.callee?.type === 'Identifier' && n.callee.value === from) n.callee.value = to;
-  for (const child of Object.values(node)) renameCalls(child, from, to);
+  const n = node as AstNode;
+  const walk = (child: unknown) => renameVariable(child, from, to);
+  switch (n.type) {
+    case 'Identifier':
+      if (n.value === from) n.value = to;
+      return;
+    case 'MemberExpression':
+      walk(n.object);
+      if (n.computed === true) walk(n.property);
+      return;
+    case 'KeywordArgumentExpression':
+      walk(n.value);
+      return;
+    case 'FilterExpression': {
+      walk(n.operand);
+      const filter = n.filter as AstNode | undefined;
+      if (filter?.type === 'CallExpression') walk(filter.args);
+      return;
+    }
+    case 'TestExpression':
+      walk(n.operand);
+      return;
+    default:
+      for (const child of Object.values(n)) walk(child);
+  }
 }
 
 function boundedRange(start: number, stop?: number, step = 1): number[] {

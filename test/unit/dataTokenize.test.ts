@@ -226,6 +226,11 @@ test("a template's range() is bounded: a billion items is the template's error, 
   const counting = "{{ range(4) | join(',') }};{{ range(2, 5) | join(',') }};{{ range(5, 0, -2) | join(',') }};{{ range(3, 1) | length }}";
   const t = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: counting }));
   assert.equal(t.template!.render({ messages: [] }), '0,1,2,3;2,3,4;5,3,1;0');
+  // the bound holds through an alias; an attribute or keyword named range is not the function
+  const aliased = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: '{% set r = range %}{{ r(2000000) | length }}' }));
+  assert.throws(() => aliased.template!.render({ messages: [] }), /range\(\) of 2000000 items/);
+  const named = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: '{% set ns = namespace(range=3) %}{{ ns.range }};{{ range(ns.range) | length }}' }));
+  assert.equal(named.template!.render({ messages: [] }), '3;3');
 });
 
 test('tokenizer files: chat_template lists, chat_template.jinja, {content} special tokens, config.json fallback', async () => {
