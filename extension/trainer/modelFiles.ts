@@ -23,7 +23,7 @@ export function copyModelSideFiles(model: string, out: string): { copied: string
     const file = path.join(model, name);
     if (!isFile(file) || name === 'config.json' || isWeightFile(name)) continue;
     if (!staysInside(file, root)) {
-      notCopied.push(leadsOutside(file, root));
+      notCopied.push(`${leadsOutside(file, root)}; it was not copied`);
       continue;
     }
     fs.copyFileSync(file, path.join(out, name));

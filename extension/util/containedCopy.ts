@@ -4,15 +4,17 @@
 // its repository's blobs, which count as inside.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { isFolder } from './isFolder';
 
 /**
  * The folder whose inside a link in `folder` may lead to: the folder itself, or for a Hugging Face cache snapshot
- * (`<repo>/snapshots/<revision>`) its repository folder, which holds the blobs.
+ * (`models--<org>--<name>/snapshots/<revision>`, beside the repository's `blobs/`) the repository folder.
  */
 export function linkRoot(folder: string): string {
   const resolved = path.resolve(folder);
-  const root = path.basename(path.dirname(resolved)) === 'snapshots' ? path.dirname(path.dirname(resolved)) : resolved;
-  return realPathOr(root);
+  const repo = path.dirname(path.dirname(resolved));
+  const snapshot = path.basename(path.dirname(resolved)) === 'snapshots' && /^(models|datasets)--/.test(path.basename(repo)) && isFolder(path.join(repo, 'blobs'));
+  return realPathOr(snapshot ? repo : resolved);
 }
 
 /** Whether `p`, its links followed, is inside `root` (a real path, as linkRoot gives). */
@@ -23,19 +25,24 @@ export function staysInside(p: string, root: string): boolean {
   } catch {
     return false; // a dangling link
   }
-  const rel = path.relative(root, real);
+  return isInsideFolder(real, root);
+}
+
+/** Whether the path `p` is `folder` or inside it (both absolute and resolved; no links followed). */
+export function isInsideFolder(p: string, folder: string): boolean {
+  const rel = path.relative(folder, p);
   return rel === '' || (rel !== '..' && !rel.startsWith(`..${path.sep}`) && !path.isAbsolute(rel));
 }
 
-/** The sentence for a link not followed. */
+/** "<p> is a link that leads outside <root> (to <target>)". */
 export function leadsOutside(p: string, root: string): string {
-  let target = '';
+  let target: string;
   try {
-    target = ` (to ${fs.realpathSync(p)})`;
+    target = `to ${fs.realpathSync(p)}`;
   } catch {
-    target = ' (to nothing)';
+    target = 'to nothing';
   }
-  return `${p} is a link that leads outside ${root}${target}; it was not copied`;
+  return `${p} is a link that leads outside ${root} (${target})`;
 }
 
 /**
@@ -48,7 +55,7 @@ export function copyContained(src: string, dest: string, root: string): string[]
   const folders = new Set<string>(); // real paths of the folders being copied: a link back to one would never end
   const copy = (from: string, to: string) => {
     if (fs.lstatSync(from).isSymbolicLink() && !staysInside(from, root)) {
-      skipped.push(leadsOutside(from, root));
+      skipped.push(`${leadsOutside(from, root)}; it was not copied`);
       return;
     }
     const stat = fs.statSync(from);
@@ -72,7 +79,8 @@ export function copyContained(src: string, dest: string, root: string): string[]
   return skipped;
 }
 
-function realPathOr(p: string): string {
+/** The real path of `p`, or `p` where it does not exist. */
+export function realPathOr(p: string): string {
   try {
     return fs.realpathSync(p);
   } catch {

@@ -1,6 +1,6 @@
 // Delete Run removes only run folders directly inside the runs directory: not through a `.qlora/runs` that a cloned
-// repository made a link to a folder outside it (other projects would list as runs there), not a linked entry, not a
-// model folder, not a path from elsewhere.
+// repository made a link to the folder holding it (the projects beside it would list as runs), not a linked entry,
+// not a model folder, not a path from elsewhere.
 import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -30,7 +30,7 @@ test('a run folder of the workspace runs directory may be deleted; links, models
   assert.ok(fs.existsSync(outside) && fs.existsSync(model));
 });
 
-test('a workspace whose .qlora/runs links outside it deletes nothing there; a runs directory the user set elsewhere may be a link', () => {
+test('a workspace whose .qlora/runs links to a folder holding the workspace deletes nothing there; a runs directory linked elsewhere may be deleted from', () => {
   const elsewhere = tempDir('delete-elsewhere');
   const victim = folderWith(path.join(elsewhere, 'important-project'), { model: 'anything' });
   const ws = path.join(elsewhere, 'evil-repo');
@@ -39,8 +39,15 @@ test('a workspace whose .qlora/runs links outside it deletes nothing there; a ru
   const runs = path.join(ws, '.qlora', 'runs');
   const listed = path.join(runs, 'important-project');
   assert.ok(fs.existsSync(path.join(listed, 'config.json')), 'the folder outside lists as a run');
-  assert.match(deletionRefusal(listed, runs, [ws]) ?? '', /leads outside the workspace .* through a link/);
+  assert.match(deletionRefusal(listed, runs, [ws]) ?? '', /leads, through a link, to .*, which holds the workspace itself/);
   assert.ok(fs.existsSync(victim));
+  // the runs directory linked to a bigger disk: the user's own setup, deleted from as before
+  const ws2 = tempDir('delete-ws2');
+  const disk = tempDir('delete-bigdisk');
+  fs.mkdirSync(path.join(ws2, '.qlora'));
+  fs.symlinkSync(disk, path.join(ws2, '.qlora', 'runs'));
+  folderWith(path.join(disk, 'run3'), { model: 'x' });
+  assert.equal(deletionRefusal(path.join(ws2, '.qlora', 'runs', 'run3'), path.join(ws2, '.qlora', 'runs'), [ws2]), null);
 
   // qlora.runsDirectory set by the user to a link outside any workspace: the user's own choice
   const userRuns = path.join(tempDir('delete-user'), 'runs-link');

@@ -153,7 +153,7 @@ test('merge option parsing: dtypes and shard sizes', () => {
 
 test('a model in a Hugging Face cache snapshot (its files links to blobs): merge and quantize copy what the links point to', () => {
   // the cache's layout: snapshots/<revision>/<file> -> ../../blobs/<hash>
-  const cache = tempDir('hf-snapshot');
+  const cache = path.join(tempDir('hf-snapshot'), 'models--org--tiny');
   const blobs = path.join(cache, 'blobs');
   const snapshot = path.join(cache, 'snapshots', 'abc123');
   fs.mkdirSync(blobs, { recursive: true });
@@ -216,4 +216,30 @@ test('links that lead outside the model or adapter folder are not followed by me
   assert.ok(fs.existsSync(path.join(exported, 'adapter_model.safetensors')));
   assert.deepEqual(e.notCopied.map((w) => path.basename(w.split(' ')[0])).sort(), ['more', 'tokenizer_config.json']);
   assert.equal(leaked(exported), false);
+});
+
+test("a run whose adapter folder is a link out of the run is not exported; a folder named snapshots outside a Hugging Face cache is no snapshot", () => {
+  const secrets = tempDir('link-secrets2');
+  fs.cpSync(reference('llama-shared-adapter'), secrets, { recursive: true });
+  fs.writeFileSync(path.join(secrets, 'id_rsa'), 'PRIVATE KEY');
+  const run = tempDir('link-run2');
+  fs.writeFileSync(path.join(run, 'config.json'), JSON.stringify({ model: 'x' }));
+  fs.mkdirSync(path.join(run, 'checkpoints', 'step-1'), { recursive: true });
+  fs.writeFileSync(path.join(run, 'checkpoints', 'step-1', 'DONE'), '{}');
+  fs.symlinkSync(secrets, path.join(run, 'checkpoints', 'step-1', 'adapter'));
+  const out = path.join(tempDir('link-export2'), 'out');
+  assert.throws(() => exportAdapter({ run, out }), /adapter is a link that leads outside .*; a run's adapter must be inside the run/);
+  assert.equal(fs.existsSync(out), false);
+
+  // ~/Downloads/snapshots/m: a README linking two levels up is outside the model folder, as anywhere else
+  const downloads = tempDir('link-downloads');
+  fs.writeFileSync(path.join(downloads, 'notes.txt'), 'PRIVATE NOTES');
+  const model = path.join(downloads, 'snapshots', 'm');
+  fs.mkdirSync(path.dirname(model));
+  fs.cpSync(reference('llama-shared'), model, { recursive: true });
+  fs.symlinkSync(path.join('..', '..', 'notes.txt'), path.join(model, 'README.md'));
+  const quantized = path.join(tempDir('link-quantized2'), 'out');
+  const q = quantize({ model, out: quantized, doubleQuant: true });
+  assert.deepEqual(q.notCopied.map((w) => path.basename(w.split(' ')[0])), ['README.md']);
+  assert.equal(fs.existsSync(path.join(quantized, 'README.md')), false);
 });

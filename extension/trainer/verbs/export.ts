@@ -1,7 +1,7 @@
 // export: copies the adapter of a run (its final adapter, or a given checkpoint's) to a folder, as a PEFT adapter.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { copyContained, linkRoot } from '../../util/containedCopy';
+import { copyContained, leadsOutside, linkRoot, realPathOr, staysInside } from '../../util/containedCopy';
 import { writeFolderAtomic } from '../../util/atomicFolder';
 import { checkpointPath, latestCheckpoint, listCheckpoints } from '../checkpoints';
 import { requiredString, stringOption, UsageError, type ParsedOptions } from '../cliArgs';
@@ -15,8 +15,24 @@ export interface ExportOptions {
   checkpoint?: number;
 }
 
-/** The adapter folder of a run: a checkpoint's when `checkpoint` is given, else the final one, else the newest checkpoint's. */
+/**
+ * The adapter folder of a run: a checkpoint's when `checkpoint` is given, else the final one, else the newest
+ * checkpoint's. One that is a link leading out of the run is refused: what is exported from a run (a folder that may
+ * have come with a cloned repository) is the run's own.
+ */
 export function runAdapterDir(run: string, checkpoint?: number): string {
+  const dir = findRunAdapterDir(run, checkpoint);
+  assertInsideRun(run, dir);
+  return dir;
+}
+
+/** Refuses `dir` of the run `run` when links lead it outside the run folder. */
+export function assertInsideRun(run: string, dir: string): void {
+  const root = realPathOr(run);
+  if (!staysInside(dir, root)) throw new Error(`${leadsOutside(dir, root)}; a run's adapter must be inside the run`);
+}
+
+function findRunAdapterDir(run: string, checkpoint?: number): string {
   assertRunFolder(run);
   if (checkpoint !== undefined) {
     const dir = checkpointPath(run, checkpoint);

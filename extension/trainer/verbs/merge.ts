@@ -100,7 +100,7 @@ export function merge(options: MergeOptions): MergeResult {
       const source = path.join(adapter, name);
       if (!isFile(source)) continue;
       if (!staysInside(source, adapterRoot)) {
-        notCopied.push(leadsOutside(source, adapterRoot));
+        notCopied.push(`${leadsOutside(source, adapterRoot)}; it was not copied`);
         continue;
       }
       fs.copyFileSync(source, path.join(tmp, name));
