@@ -14,7 +14,7 @@ export type { DatasetReadResult, LoadDatasetOptions, LoadedDataset, ReadDatasetO
 export { ADDITIONAL_TEMPLATES_DIR, loadModelTokenizer, MAX_TEMPLATE_RANGE, ModelTokenizer, tokenizerSourceFiles } from './modelTokenizer';
 export { renderExample, renderGenerationPrompt, TemplateRenderError, alpacaFallbackTemplate, exportedChatTemplate, templateEndOfTurn } from './render';
 export type { RenderOptions, Segment, TemplateKind } from './render';
-export { IGNORE_INDEX, TokenizationStopped, tokenizeDataset, tokenizeDatasetAsync, tokenizeDatasetInWorkers, tokenizeExample, tokenizeSegments, tokenizationWarnings, toolsUnusedMessage } from './tokenize';
+export { IGNORE_INDEX, TOKENIZATION_VERSION, TokenizationStopped, tokenizeDataset, tokenizeDatasetAsync, tokenizeDatasetInWorkers, tokenizeExample, tokenizeSegments, tokenizationWarnings, toolsUnusedMessage } from './tokenize';
 export type { TokenizationStats, TokenizeDatasetOptions, TokenizedDataset, TokenizedExample, TokenizeOptions } from './tokenize';
 export { lengthHistogram, tokenLengthStats } from './stats';
 export type { LengthHistogram, TokenLengthStats } from './stats';

@@ -22,6 +22,13 @@ import { lengthHistogram, type LengthHistogram, TokenLengthStats, tokenLengthSta
 
 export const IGNORE_INDEX = -100;
 
+/**
+ * The version of what rendering and tokenizing make of an example. Bump it with any change that makes some example
+ * tokenize differently (templates, shapes, truncation, the tokenizers library): runs key their tokenized-data caches
+ * on it, and a resume would otherwise go on with the old tokens.
+ */
+export const TOKENIZATION_VERSION = 1;
+
 export interface TokenizedExample {
   ids: Int32Array;
   /** Same length as ids; the token id where trained, IGNORE_INDEX (-100) elsewhere. */

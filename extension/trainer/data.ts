@@ -6,7 +6,7 @@ import { formatLocation, loadDataset, loadModelTokenizer, packExamples, shuffleI
 import type { DatasetStats } from '../protocol/events';
 import type { TrainExample } from './batches';
 import type { TrainConfig } from './config';
-import { readTokenCache, tokenCacheKey, writeTokenCache, type CachedTokenization, type TokenCacheRole } from './tokenCache';
+import { readTokenCache, tokenCacheKey, unchangedSince, writeTokenCache, type CachedTokenization, type TokenCacheKey, type TokenCacheRole } from './tokenCache';
 
 export interface PreparedData {
   train: TrainExample[];
@@ -25,11 +25,11 @@ export interface PreparedData {
 
 export interface TokenizedFile {
   role: TokenCacheRole;
-  /** tokenCacheKey of the file as it was read. */
+  /** tokenCacheKey's digest of the files as they were read. */
   key: string;
   tokenization: CachedTokenization;
-  /** Read from the run's cache (nothing to write). */
-  fromCache: boolean;
+  /** Whether to keep it in the run's cache: not when it came from there, nor when a file changed while it was read. */
+  keep: boolean;
 }
 
 export interface PrepareDataOptions {
@@ -56,12 +56,11 @@ function throttled(report: DataProgress): DataProgress {
   };
 }
 
-async function tokenizedFile(file: string, role: TokenCacheRole, tok: ModelTokenizer, config: TrainConfig, warnings: string[], options: PrepareDataOptions) {
+async function tokenizedFile(file: string, role: TokenCacheRole, key: TokenCacheKey, tok: ModelTokenizer, config: TrainConfig, warnings: string[], options: PrepareDataOptions) {
   const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
   const name = path.basename(file);
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
-  const key = await tokenCacheKey(file, config.model, { shape: config.shape, skipInvalid: config.skipInvalid, trainOnPrompt: config.trainOnPrompt, maxLength: config.seqLen });
-  const cached = options.runDir === undefined ? null : readTokenCache(options.runDir, role, key);
+  const cached = options.runDir !== undefined && unchangedSince(key) ? readTokenCache(options.runDir, role, key.digest) : null;
   const t: CachedTokenization =
     cached ??
     (await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress: options.onProgress, signal: options.signal }));
@@ -72,21 +71,25 @@ async function tokenizedFile(file: string, role: TokenCacheRole, tok: ModelToken
   if (t.stats.droppedNoTrainable > 0)
     warnings.push(`${name}: dropped ${t.stats.droppedNoTrainable} example(s) with nothing left to train after truncation`);
   if (t.examples.length === 0) throw new Error(`${file}: no example has any token to train (all were dropped; raise --seq-len?)`);
-  const tokenized: TokenizedFile = { role, key, tokenization: t, fromCache: cached !== null };
+  const tokenized: TokenizedFile = { role, key: key.digest, tokenization: t, keep: cached === null && unchangedSince(key) };
   return { ds, t, tokenized };
 }
 
 export async function prepareData(config: TrainConfig, options: PrepareDataOptions = {}): Promise<PreparedData> {
+  // keyed before the files are read (tokenCacheKey says why)
+  const settings = { shape: config.shape, skipInvalid: config.skipInvalid, trainOnPrompt: config.trainOnPrompt, maxLength: config.seqLen };
+  const trainKey = await tokenCacheKey(config.data, config.model, settings);
+  const evalKey = config.evalData ? await tokenCacheKey(config.evalData, config.model, settings) : null;
   const tok = await loadModelTokenizer(config.model);
   const warnings: string[] = [];
   const onProgress = options.onProgress && throttled(options.onProgress);
-  const { ds, t, tokenized } = await tokenizedFile(config.data, 'train', tok, config, warnings, { ...options, onProgress });
+  const { ds, t, tokenized } = await tokenizedFile(config.data, 'train', trainKey, tok, config, warnings, { ...options, onProgress });
   const files = [tokenized];
   let train: TokenizedExample[] = t.examples;
   let evalSet: TrainExample[] = [];
   let evalRows = ds.examples;
-  if (config.evalData) {
-    const e = await tokenizedFile(config.evalData, 'eval', tok, config, warnings, { signal: options.signal, runDir: options.runDir });
+  if (config.evalData && evalKey) {
+    const e = await tokenizedFile(config.evalData, 'eval', evalKey, tok, config, warnings, { signal: options.signal, runDir: options.runDir });
     files.push(e.tokenized);
     evalSet = e.t.examples;
     evalRows = e.ds.examples;
@@ -125,11 +128,12 @@ export async function prepareData(config: TrainConfig, options: PrepareDataOptio
 }
 
 /**
- * Keeps the tokenizations prepareData made (not those it read from the cache) in the run's folder, for its resumes.
+ * Keeps the tokenizations prepareData made (not those it read from the cache, nor one of a file that changed while it
+ * was read) in the run's folder, for its resumes.
  * A tokenization that the cache's layout cannot hold is not kept; nothing is lost either way.
  */
 export function saveTokenCache(runDir: string, data: PreparedData): void {
-  for (const f of data.tokenized) if (!f.fromCache) writeTokenCache(runDir, f.role, f.key, f.tokenization);
+  for (const f of data.tokenized) if (f.keep) writeTokenCache(runDir, f.role, f.key, f.tokenization);
 }
 
 /** The order of the training examples in an epoch: a seeded shuffle, the same on every run with that seed. */

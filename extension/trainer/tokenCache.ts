@@ -1,7 +1,7 @@
 // A run's tokenized data, kept in its folder so that a resume, the chat panel's prompts and the GGUF check do not
 // tokenize the dataset again: about 1 ms an example (a million rows is a quarter of an hour of one core). It is keyed
 // on what the tokenization depends on (the data file's bytes, the model's tokenizer files, the settings that shape
-// it), so an edited dataset or tokenizer is tokenized afresh, as before. A cache that is missing, damaged or of
+// it, and the version of the code's tokenization), so an edited dataset or tokenizer is tokenized afresh, as before. A cache that is missing, damaged or of
 // another key is ignored; it is never the only copy of anything.
 //
 // File layout (little-endian): the magic "QLTOKEN1"; a u32 byte length and a JSON header (key, counts, the id width,
@@ -12,7 +12,7 @@ import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { IGNORE_INDEX, tokenizerSourceFiles, type TokenizationStats, type TokenizedExample } from '../data';
+import { IGNORE_INDEX, TOKENIZATION_VERSION, tokenizerSourceFiles, type TokenizationStats, type TokenizedExample } from '../data';
 import { writeFileAtomicWith } from '../util/atomicFile';
 
 /** The folder of a run that holds its tokenized data: `train.tokens`, and `eval.tokens` with an eval file. */
@@ -51,16 +51,51 @@ export function tokenCacheFile(runDir: string, role: TokenCacheRole): string {
   return path.join(runDir, TOKEN_CACHE_DIR, `${role}.tokens`);
 }
 
-/** Hex digest of what tokenizing `dataFile` with the model in `modelDir` under `settings` depends on. */
-export async function tokenCacheKey(dataFile: string, modelDir: string, settings: TokenizationSettings): Promise<string> {
+/** What a tokenization is keyed on, and the files it was read from as they were when hashed. */
+export interface TokenCacheKey {
+  /** Hex digest of the data file's bytes, the tokenizer's files, the settings and TOKENIZATION_VERSION. */
+  digest: string;
+  stamps: FileStamp[];
+}
+
+interface FileStamp {
+  file: string;
+  size: number;
+  mtimeMs: number;
+}
+
+/**
+ * The key of tokenizing `dataFile` with the model in `modelDir` under `settings`. Taken before the files are read for
+ * tokenizing, and checked with unchangedSince after: a file saved in between is neither read from the cache nor kept
+ * in it, since what was tokenized may not be what was hashed.
+ */
+export async function tokenCacheKey(dataFile: string, modelDir: string, settings: TokenizationSettings): Promise<TokenCacheKey> {
   const hash = createHash('sha256');
-  hash.update(`${MAGIC.toString('latin1')}\0${JSON.stringify([settings.shape, settings.skipInvalid, settings.trainOnPrompt, settings.maxLength])}\0`);
-  await hashFile(hash, dataFile);
-  for (const file of await tokenizerSourceFiles(modelDir)) {
-    hash.update(`\0${path.relative(modelDir, file)}\0`);
+  hash.update(`${MAGIC.toString('latin1')}\0${TOKENIZATION_VERSION}\0${JSON.stringify([settings.shape, settings.skipInvalid, settings.trainOnPrompt, settings.maxLength])}\0`);
+  const files = [dataFile, ...(await tokenizerSourceFiles(modelDir))];
+  const stamps = files.map(stampOf);
+  for (const [i, file] of files.entries()) {
+    if (i > 0) hash.update(`\0${path.relative(modelDir, file)}\0`);
     await hashFile(hash, file);
   }
-  return hash.digest('hex');
+  return { digest: hash.digest('hex'), stamps };
+}
+
+/** Whether the files a key was taken from are as they were then (size and modification time). */
+export function unchangedSince(key: TokenCacheKey): boolean {
+  return key.stamps.every((s) => {
+    try {
+      const now = stampOf(s.file);
+      return now.size === s.size && now.mtimeMs === s.mtimeMs;
+    } catch {
+      return false;
+    }
+  });
+}
+
+function stampOf(file: string): FileStamp {
+  const st = fs.statSync(file);
+  return { file, size: st.size, mtimeMs: st.mtimeMs };
 }
 
 async function hashFile(hash: ReturnType<typeof createHash>, file: string): Promise<void> {
