@@ -15,7 +15,7 @@ import { syncFolder, writeFileAtomic } from '../util/atomicFile';
 import { assertEmptyOrAbsent, removeEmptyFolder, renameFolder } from '../util/atomicFolder';
 import { exportGguf, type ExportGgufOptions, type ExportGgufReport } from './exportGguf';
 import type { GgufFileType } from './gguf/types';
-import { modelfileParameterHolds, ollamaTemplate, type ChatFamily } from './ollamaTemplate';
+import { modelfileParameterHolds, modelfileTripleQuotedHolds, ollamaTemplate, type ChatFamily } from './ollamaTemplate';
 import { readJsonFile } from '../util/jsonFile';
 import { shellLine } from '../util/shellLine';
 
@@ -84,9 +84,8 @@ export async function sharedSystemMessage(run: string): Promise<{ system: string
   if (first?.role !== 'system') return { system: null, note: 'the training conversations have no common system message' };
   const shared = chats.every((m) => m[0]?.role === 'system' && m[0].content === first.content);
   if (!shared) return { system: null, note: 'the training conversations have no common system message' };
-  // a Modelfile's SYSTEM """...""" cannot hold `"""`, and its parser drops non-printable characters
-  if (first.content.includes('"""') || /[^\p{L}\p{M}\p{N}\p{P}\p{S} \n\t]/u.test(first.content)) {
-    return { system: null, note: 'the training conversations share a system message that a Modelfile cannot hold (it contains """ or non-printable characters); set it in Ollama with /set system' };
+  if (!modelfileTripleQuotedHolds(first.content)) {
+    return { system: null, note: 'the training conversations share a system message that a Modelfile cannot hold (it contains """, ends in a quote or has non-printable characters); set it in Ollama with /set system' };
   }
   return { system: first.content, note: `every training conversation starts with this system message (${chats.length} conversations)` };
 }

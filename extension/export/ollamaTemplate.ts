@@ -180,8 +180,8 @@ class TemplateBuilder {
 
   text(s: string): this {
     if (s === '') return this;
-    // Modelfiles cannot hold `"""` inside TEMPLATE """...""" and drop non-printable characters; `{{` would start an action
-    if (s.includes('{{') || s.includes('"""') || /[^\p{L}\p{M}\p{N}\p{P}\p{S} \n\t]/u.test(s)) return this.action(quoteGo(s));
+    // a literal a TEMPLATE """...""" cannot hold as written (modelfileTripleQuotedHolds), or a `{{` that would start an action
+    if (s.includes('{{') || !modelfileTripleQuotedHolds(s)) return this.action(quoteGo(s));
     this.out += s;
     this.endsInSpace = /\s$/.test(s);
     return this;
@@ -346,13 +346,17 @@ function stopStrings(f: TurnFormat, endOfTurn: string, tok: ModelTokenizer): str
 }
 
 /**
- * Whether a Modelfile PARAMETER value can hold `value` exactly: Ollama's parser (parser/parser.go) ends a """-quoted
- * value at the first """ (so a value may neither contain one nor end in `"`), a "-quoted one at the line's end, and
- * drops non-printable characters.
+ * Whether Ollama's Modelfile parser (parser/parser.go) reads `value` back as written between """ quotes (TEMPLATE,
+ * SYSTEM, a PARAMETER with a quote in it): it ends the value at the first """, so the value may neither hold one nor
+ * end in `"`, and it drops non-printable characters (newlines and tabs are kept).
  */
+export function modelfileTripleQuotedHolds(value: string): boolean {
+  return !value.includes('"""') && !value.endsWith('"') && !/[^\p{L}\p{M}\p{N}\p{P}\p{S} \n\t]/u.test(value);
+}
+
+/** Whether a Modelfile PARAMETER value can hold `value` exactly: one line, and what a quoted value can hold. */
 export function modelfileParameterHolds(value: string): boolean {
-  if (/[^\p{L}\p{M}\p{N}\p{P}\p{S} ]/u.test(value)) return false; // newlines and tabs included: one line, as written
-  return !value.includes('"""') && !(value.includes('"') && value.endsWith('"'));
+  return !/[\n\t]/.test(value) && modelfileTripleQuotedHolds(value);
 }
 
 /**

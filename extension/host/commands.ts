@@ -144,11 +144,6 @@ async function offerToQuit(name: string, quit: () => void): Promise<boolean> {
   return true;
 }
 
-/**
- * What reads a workspace's models, datasets and runs with the engine or a chat template, writes from them, or signals
- * a process a run folder names, waits for the user's trust: a cloned repository must not choose what is loaded,
- * exported or killed. Runs can still be viewed.
- */
 /** Files an export or merge left out because they are links leading outside the folder they were in. */
 function warnNotCopied(notCopied: readonly string[] | undefined): void {
   if (!notCopied || notCopied.length === 0) return;
@@ -156,6 +151,11 @@ function warnNotCopied(notCopied: readonly string[] | undefined): void {
   void vscode.window.showWarningMessage(`${notCopied.slice(0, 3).join('; ')}${more}.`);
 }
 
+/**
+ * What reads a workspace's models, datasets and runs with the engine or a chat template, writes from them, or signals
+ * a process a run folder names, waits for the user's trust: a cloned repository must not choose what is loaded,
+ * exported or killed. Runs can still be viewed.
+ */
 function refuseUntrusted(action: string): void {
   if (!vscode.workspace.isTrusted) throw new Refusal(`QLoRA Studio cannot ${action} in an untrusted workspace (Restricted Mode). Trust the workspace first.`);
 }
@@ -635,7 +635,13 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
           if (signalableRunLock(runDir) === null)
             throw new Refusal(`${runLockPath(runDir)} names ${describeRunLock(holder)}, which is not a QLoRA Studio trainer, so it was not signalled (if no trainer runs, delete that file).`);
           const key = `${holder.pid} ${holder.started}`;
-          if (stopsAskedElsewhere.has(key)) return offerToQuit(path.basename(runDir), () => process.kill(holder.pid, 'SIGKILL'));
+          if (stopsAskedElsewhere.has(key)) {
+            return offerToQuit(path.basename(runDir), () => {
+              // the dialog may have stood open while the trainer ended and its pid went to another process
+              const still = signalableRunLock(runDir);
+              if (still?.pid === holder.pid && still.started === holder.started) process.kill(holder.pid, 'SIGKILL');
+            });
+          }
           stopsAskedElsewhere.add(key);
           return stopTrainedElsewhere(runDir, holder);
         }

@@ -4,6 +4,7 @@
 import { isMainThread } from 'node:worker_threads';
 import { engineInfo, engineVersion, EngineError } from '../engine';
 import { helpText, integerOption, parseIdList, parseOptions, requiredString, stringOption, UsageError, type OptionSpec } from './cliArgs';
+import { print, printWarnings } from './cliOutput';
 import { makeTinyModel } from './tinyModel/makeTinyModel';
 import { quantize } from './verbs/quantize';
 import { benchOptions, benchVerb } from './verbs/bench';
@@ -26,9 +27,6 @@ interface Verb {
   run(options: ReturnType<typeof parseOptions>): void | Promise<void>;
 }
 
-const print = (text: string): void => {
-  process.stdout.write(text + '\n');
-};
 
 const verbs: Record<string, Verb> = {
   train: {
@@ -71,7 +69,7 @@ const verbs: Record<string, Verb> = {
     run(o) {
       const step = stringOption(o, 'checkpoint') === undefined ? undefined : integerOption(o, 'checkpoint', 0);
       const r = exportAdapter({ run: requiredString(o, 'run'), out: requiredString(o, 'out'), checkpoint: step });
-      for (const w of r.notCopied) process.stderr.write(`warning: ${w}\n`);
+      printWarnings(r.notCopied);
       print(o.json ? JSON.stringify(r) : `exported ${r.from} to ${r.out}`);
     },
   },
@@ -135,7 +133,7 @@ const verbs: Record<string, Verb> = {
       const dtypeText = stringOption(o, 'dtype');
       const dtype = dtypeText === undefined ? undefined : parseMergeDtype(dtypeText); // the same names as merge's
       const report = quantize({ model: requiredString(o, 'model'), out: requiredString(o, 'out'), doubleQuant: !o['no-double-quant'], dtype });
-      for (const w of report.notCopied) process.stderr.write(`warning: ${w}\n`);
+      printWarnings(report.notCopied);
       if (o.json) return print(JSON.stringify(report));
       const mb = (b: number) => (b / 1048576).toFixed(2);
       print(`quantized ${report.quantizedTensors} linear weights to NF4 and copied ${report.copiedTensors} tensors: ${mb(report.bytesIn)} MB -> ${mb(report.bytesOut)} MB in ${report.out}`);

@@ -14,7 +14,7 @@ import { loadModelTokenizer, renderExample, TemplateRenderError, type ChatMessag
 import { exportGguf } from '../../extension/export/exportGguf';
 import { parseGoTemplate, GoTemplateError } from '../../extension/export/goTemplate';
 import { exportOllama, findOnPath, modelfileText, sharedSystemMessage, type ExportOllamaReport } from '../../extension/export/ollama';
-import { emitGoTemplate, fitTemplate, modelfileParameterHolds, ollamaTemplate, renderOllama, UnsupportedTemplateError, type OllamaMessage, type TurnFormat } from '../../extension/export/ollamaTemplate';
+import { emitGoTemplate, fitTemplate, modelfileParameterHolds, modelfileTripleQuotedHolds, ollamaTemplate, renderOllama, UnsupportedTemplateError, type OllamaMessage, type TurnFormat } from '../../extension/export/ollamaTemplate';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { LLAMA31_DIR, QWEN3_DIR } from '../fixtures/data/helpers';
 import { cliPath, repoRoot, tempDir } from '../helpers/paths';
@@ -340,6 +340,9 @@ test("a token text a Modelfile PARAMETER cannot hold is left out of the stops, n
   assert.throws(() => modelfileText({ template: 'T', stops: [evil], system: null }), /a Modelfile cannot hold the parameter value/);
   for (const [value, holds] of [['<|im_end|>', true], ['say "hi" now', true], ['ends in "', false], ['a"""b', false], ['two\nlines', false], ['tab\there', false], ['</s>', true]] as const)
     assert.equal(modelfileParameterHolds(value), holds, JSON.stringify(value));
+  // SYSTEM and TEMPLATE keep newlines and tabs, not a closing quote at the end
+  for (const [value, holds] of [['two\nlines\tand a tab', true], ['Say "yes"', false], ['a"""b', false], ['bell\u0007', false]] as const)
+    assert.equal(modelfileTripleQuotedHolds(value), holds, JSON.stringify(value));
 });
 
 test('a model without a chat template gets the Alpaca-style format it was trained with', async () => {

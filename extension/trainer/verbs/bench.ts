@@ -9,6 +9,7 @@ import { estimateMemory } from '../../engine/tools';
 import { blockInputsOffloaded, MEMORY_CATEGORIES } from '../../protocol/events';
 import { formatBinaryBytes } from '../../util/bytes';
 import { integerOption, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
+import { printWarnings } from '../cliOutput';
 import { peakFlops, trainingFlopsPerToken } from '../flops';
 import { argmax } from '../../generate/sampling';
 import { movableBlockInputs, peakWithOffloadedInputs } from '../memoryPlan';
@@ -345,7 +346,7 @@ export function benchVerb(o: ParsedOptions): void {
       placement: placementFromFlags(o),
       profile: Boolean(o.profile),
     });
-    for (const w of g.warnings) process.stderr.write(`warning: ${w}\n`);
+    printWarnings(g.warnings);
     if (o.profile && g.decode_profile === null) warnNoProfile(g.device);
     process.stdout.write((json ? JSON.stringify(g) : formatGenerateBench(g)) + '\n');
     return;
@@ -362,7 +363,7 @@ export function benchVerb(o: ParsedOptions): void {
     offloadActivations: Boolean(o['offload-activations']),
     onStep: json ? undefined : (i, ms, warm) => process.stderr.write(`${warm ? 'warm-up' : 'step'} ${i + 1}: ${ms.toFixed(1)} ms\n`),
   });
-  for (const w of result.warnings) process.stderr.write(`warning: ${w}\n`);
+  printWarnings(result.warnings);
   if (o.profile && result.profile === null) warnNoProfile(result.device);
   process.stdout.write((json ? JSON.stringify(result) : formatBench(result)) + '\n');
 }

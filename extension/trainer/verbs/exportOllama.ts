@@ -3,6 +3,7 @@ import { GGUF_FILE_TYPES } from '../../export/exportGguf';
 import type { GgufFileType } from '../../export/gguf/types';
 import { checkOllamaName, exportOllama, findOnPath, runOllamaCreate } from '../../export/ollama';
 import { shellLine } from '../../util/shellLine';
+import { print } from '../cliOutput';
 import { integerOption, requiredString, stringOption, UsageError, type OptionSpec, type ParsedOptions } from '../cliArgs';
 
 export const exportOllamaOptions: Record<string, OptionSpec> = {
@@ -46,7 +47,6 @@ export async function exportOllamaVerb(o: ParsedOptions): Promise<void> {
     return;
   }
   const v = report.gguf.verification!;
-  const print = (line: string) => process.stdout.write(line + '\n');
   print(`wrote ${report.out}: model.gguf (${type}, ${(report.gguf.bytes / 1048576).toFixed(2)} MiB, verified in llama.cpp: top-1 agreement ${(100 * v.top1Agreement).toFixed(1)}%) and Modelfile`);
   print(`  template: ${report.family} (from the model's ${report.templateSource === 'chat_template' ? 'chat template' : 'Alpaca-style fallback format'}), stops at ${report.stops.join(' ')}`);
   print(`  system: ${report.system === null ? `none (${report.systemNote})` : JSON.stringify(report.system)}`);

@@ -5,6 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { isFile, isFolder } from '../../util/isFolder';
+import { print, printWarnings } from '../cliOutput';
 import { copyModelSideFiles } from '../modelFiles';
 import { copyContained, leadsOutside, linkRoot, staysInside } from '../../util/containedCopy';
 import { ADDITIONAL_TEMPLATES_DIR, alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
@@ -148,9 +149,6 @@ export async function mergedChatTemplate(model: string, adapter: string): Promis
   }
 }
 
-const print = (text: string): void => {
-  process.stdout.write(text + '\n');
-};
 
 export const mergeVerb = {
   summary: 'merge a LoRA adapter into its base model and write a plain Hugging Face model (bf16 by default)',
@@ -175,7 +173,7 @@ export const mergeVerb = {
       maxShardBytes: shardText === undefined ? undefined : parseByteSize(shardText),
       chatTemplate: await mergedChatTemplate(model, adapter),
     });
-    for (const w of result.notCopied) process.stderr.write(`warning: ${w}\n`);
+    printWarnings(result.notCopied);
     if (o.json) return print(JSON.stringify(result));
     const files = result.shards === 1 ? 'model.safetensors' : `${result.shards} shards`;
     print(`merged ${result.tensors} tensors (${(result.bytes / 1048576).toFixed(2)} MiB, ${result.dtype}) into ${files} in ${result.out}`);
