@@ -329,6 +329,7 @@ function render(): void {
 /** Says a status change of the shown run once; nothing for the first status of a run just shown. */
 function announceStatus(was: { runDir: string | undefined; status: RunStatus | null }): void {
   if (!shown || shown.runDir !== was.runDir || status === null || status === was.status) return;
+  if (status === 'failed' && !ui.error.hidden) return; // the error is an alert: it says the run failed, and why
   ui.announcer.textContent = statusAnnouncement(shown.name, status, view);
 }
 
