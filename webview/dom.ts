@@ -1,5 +1,6 @@
 // Building the webviews' DOM: elements with text set through textContent only (event and model text is never
 // parsed as HTML). Shared by the training panel and the chat panel.
+import './dom.css';
 
 export function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: { id?: string; className?: string; text?: string } = {}, ...children: Node[]): HTMLElementTagNameMap[K] {
   const node = document.createElement(tag);
@@ -10,7 +11,7 @@ export function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: { id?: 
   return node;
 }
 
-/** Text for screen readers only (the .visually-hidden rule of both stylesheets). */
+/** Text for screen readers only (dom.css's .visually-hidden). */
 export function hiddenText(text: string, props: { id?: string } = {}): HTMLElement {
   return el('span', { ...props, className: 'visually-hidden', text });
 }
