@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
-import { Template } from '@huggingface/jinja';
+import { Environment, Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { DataFileError } from './errors';
 
@@ -94,7 +94,7 @@ export class ModelTokenizer {
 
   private parse(source: string, file: string): Template {
     try {
-      return new BoundedTemplate(source);
+      return new Template(source);
     } catch (err) {
       throw new DataFileError(path.join(this.modelDir, file), `the chat template cannot be parsed (${(err as Error).message})`);
     }
@@ -114,62 +114,19 @@ export class ModelTokenizer {
 export const MAX_TEMPLATE_RANGE = 1_000_000;
 
 /**
- * A chat template whose range() is bounded. A model's template is code from whoever published the model, and
- * `range(1000000000)` builds a list until the process dies of it (not an error anything can catch); past the bound it
- * is the template's error, as any other.
+ * Bounds every chat template's range(), once for the process. A model's template is code from whoever published the
+ * model, and `range(1000000000)` builds a list until the process dies of it (V8's fatal error, not anything a catch
+ * sees); past the bound it is the template's error, as any other. The library declares its range() in each render's
+ * global environment through Environment.set; that one declaration is given ours. Renaming the template's references
+ * instead missed some (a dict literal's values, a macro parameter of that name); this has one binding to replace.
  */
-class BoundedTemplate extends Template {
-  constructor(source: string) {
-    super(source);
-    // the library declares its own range() before the caller's variables and refuses a second one: the template's
-    // every use of the name (a call, or `{% set r = range %}`) is pointed at ours instead
-    renameVariable(this.parsed, 'range', BOUNDED_RANGE);
-  }
-
-  override render(items?: Record<string, unknown>): string {
-    return super.render({ ...items, [BOUNDED_RANGE]: boundedRange });
-  }
-}
-
-const BOUNDED_RANGE = '__qlora_bounded_range';
-
-type AstNode = { type?: unknown; [key: string]: unknown };
-
-/**
- * Renames the variable `from` to `to` wherever a parsed template refers to it: every Identifier of that name but the
- * ones that name something else (an attribute after a dot, a keyword argument, a filter or a test).
- */
-function renameVariable(node: unknown, from: string, to: string): void {
-  if (Array.isArray(node)) {
-    for (const child of node) renameVariable(child, from, to);
-    return;
-  }
-  if (typeof node !== 'object' || node === null) return;
-  const n = node as AstNode;
-  const walk = (child: unknown) => renameVariable(child, from, to);
-  switch (n.type) {
-    case 'Identifier':
-      if (n.value === from) n.value = to;
-      return;
-    case 'MemberExpression':
-      walk(n.object);
-      if (n.computed === true) walk(n.property);
-      return;
-    case 'KeywordArgumentExpression':
-      walk(n.value);
-      return;
-    case 'FilterExpression': {
-      walk(n.operand);
-      const filter = n.filter as AstNode | undefined;
-      if (filter?.type === 'CallExpression') walk(filter.args);
-      return;
-    }
-    case 'TestExpression':
-      walk(n.operand);
-      return;
-    default:
-      for (const child of Object.values(n)) walk(child);
-  }
+function boundTemplateRange(): void {
+  const proto = Environment.prototype as unknown as { set(this: Environment, name: string, value: unknown): unknown };
+  const set = proto.set;
+  proto.set = function (name, value) {
+    const isLibraryRange = name === 'range' && this.parent === undefined && typeof value === 'function' && value !== boundedRange;
+    return set.call(this, name, isLibraryRange ? boundedRange : value);
+  };
 }
 
 function boundedRange(start: number, stop?: number, step = 1): number[] {
@@ -179,6 +136,8 @@ function boundedRange(start: number, stop?: number, step = 1): number[] {
   if (count > MAX_TEMPLATE_RANGE) throw new Error(`range() of ${count} items, more than a chat template is allowed (${MAX_TEMPLATE_RANGE})`);
   return Array.from({ length: count }, (_, i) => start + i * step);
 }
+
+boundTemplateRange();
 
 async function readJson(file: string, required: boolean): Promise<Record<string, unknown> | null> {
   let text: string;

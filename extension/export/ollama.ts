@@ -85,7 +85,7 @@ export async function sharedSystemMessage(run: string): Promise<{ system: string
   const shared = chats.every((m) => m[0]?.role === 'system' && m[0].content === first.content);
   if (!shared) return { system: null, note: 'the training conversations have no common system message' };
   if (!modelfileTripleQuotedHolds(first.content)) {
-    return { system: null, note: 'the training conversations share a system message that a Modelfile cannot hold (it contains """, ends in a quote or has non-printable characters); set it in Ollama with /set system' };
+    return { system: null, note: 'the training conversations share a system message that a Modelfile cannot hold (it contains """ or non-printable characters); set it in Ollama with /set system' };
   }
   return { system: first.content, note: `every training conversation starts with this system message (${chats.length} conversations)` };
 }

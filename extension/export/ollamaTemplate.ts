@@ -347,11 +347,12 @@ function stopStrings(f: TurnFormat, endOfTurn: string, tok: ModelTokenizer): str
 
 /**
  * Whether Ollama's Modelfile parser (parser/parser.go) reads `value` back as written between """ quotes (TEMPLATE,
- * SYSTEM, a PARAMETER with a quote in it): it ends the value at the first """, so the value may neither hold one nor
- * end in `"`, and it drops non-printable characters (newlines and tabs are kept).
+ * SYSTEM, a PARAMETER with a quote in it): it ends a value at the first line end where what it has read unquotes, so
+ * a """ inside would end it early (and what follows would be read as directives); it drops non-printable
+ * characters (newlines and tabs are kept). A value may end in a quote: `"""Say "yes""""` unquotes to `Say "yes"`.
  */
 export function modelfileTripleQuotedHolds(value: string): boolean {
-  return !value.includes('"""') && !value.endsWith('"') && !/[^\p{L}\p{M}\p{N}\p{P}\p{S} \n\t]/u.test(value);
+  return !value.includes('"""') && !/[^\p{L}\p{M}\p{N}\p{P}\p{S} \n\t]/u.test(value);
 }
 
 /** Whether a Modelfile PARAMETER value can hold `value` exactly: one line, and what a quoted value can hold. */

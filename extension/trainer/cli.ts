@@ -27,7 +27,6 @@ interface Verb {
   run(options: ReturnType<typeof parseOptions>): void | Promise<void>;
 }
 
-
 const verbs: Record<string, Verb> = {
   train: {
     summary: 'finetune a model with QLoRA on a dataset into a run folder (checkpoints, events, adapter)',

@@ -11,10 +11,10 @@ import { isFolder } from './isFolder';
  * (`models--<org>--<name>/snapshots/<revision>`, beside the repository's `blobs/`) the repository folder.
  */
 export function linkRoot(folder: string): string {
-  const resolved = path.resolve(folder);
+  const resolved = realPathOr(path.resolve(folder)); // a folder that is itself a link to a snapshot is that snapshot
   const repo = path.dirname(path.dirname(resolved));
   const snapshot = path.basename(path.dirname(resolved)) === 'snapshots' && /^(models|datasets)--/.test(path.basename(repo)) && isFolder(path.join(repo, 'blobs'));
-  return realPathOr(snapshot ? repo : resolved);
+  return snapshot ? realPathOr(repo) : resolved;
 }
 
 /** Whether `p`, its links followed, is inside `root` (a real path, as linkRoot gives). */

@@ -226,11 +226,27 @@ test("a template's range() is bounded: a billion items is the template's error, 
   const counting = "{{ range(4) | join(',') }};{{ range(2, 5) | join(',') }};{{ range(5, 0, -2) | join(',') }};{{ range(3, 1) | length }}";
   const t = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: counting }));
   assert.equal(t.template!.render({ messages: [] }), '0,1,2,3;2,3,4;5,3,1;0');
-  // the bound holds through an alias; an attribute or keyword named range is not the function
-  const aliased = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: '{% set r = range %}{{ r(2000000) | length }}' }));
-  assert.throws(() => aliased.template!.render({ messages: [] }), /range\(\) of 2000000 items/);
-  const named = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: '{% set ns = namespace(range=3) %}{{ ns.range }};{{ range(ns.range) | length }}' }));
-  assert.equal(named.template!.render({ messages: [] }), '3;3');
+  // the bound holds however the template reaches range() (3,000,000 items: past the bound, yet a list the process
+  // survives, so that a way around it fails this test rather than ending it)
+  for (const reach of [
+    '{% set r = range %}{{ r(3000000) | length }}',
+    '{% set d = {"a": range(3000000)} %}{{ d.a | length }}',
+    '{% set d = {"a": range} %}{{ d.a(3000000) | length }}',
+    '{% macro m(a) %}{{ a(3000000) | length }}{% endmacro %}{{ m(**{"a": range}) }}',
+    '{% set ns = namespace(r=range) %}{{ ns.r(3000000) | length }}',
+  ]) {
+    const t = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: reach }));
+    assert.throws(() => t.template!.render({ messages: [] }), /range\(\) of 3000000 items/, reach);
+  }
+  // names that are not the function keep working: an attribute, a keyword, a macro parameter
+  for (const [source, expected] of [
+    ['{% set ns = namespace(range=3) %}{{ ns.range }};{{ range(ns.range) | length }}', '3;3'],
+    ['{% macro f(range) %}[{{ range }}]{% endmacro %}{{ f(range=7) }}', '[7]'],
+    ['{% macro f(range=5) %}[{{ range }}]{% endmacro %}{{ f() }}', '[5]'],
+  ]) {
+    const t = await loadModelTokenizer(tinyModelDir('qwen2', { chat_template: source }));
+    assert.equal(t.template!.render({ messages: [] }), expected, source);
+  }
 });
 
 test('tokenizer files: chat_template lists, chat_template.jinja, {content} special tokens, config.json fallback', async () => {

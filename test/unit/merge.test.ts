@@ -166,7 +166,12 @@ test('a model in a Hugging Face cache snapshot (its files links to blobs): merge
   merge({ model: snapshot, adapter: reference('llama-shared-adapter'), out: merged, dtype: 'float32' });
   const quantized = path.join(tempDir('hf-quantized'), 'out');
   quantize({ model: snapshot, out: quantized, doubleQuant: true });
-  for (const out of [merged, quantized]) {
+  // a model folder that is a link to the snapshot (~/models/llama -> the cache's snapshot) is that snapshot
+  const linked = path.join(tempDir('hf-linked'), 'llama');
+  fs.symlinkSync(snapshot, linked);
+  const viaLink = path.join(tempDir('hf-quantized-link'), 'out');
+  assert.deepEqual(quantize({ model: linked, out: viaLink, doubleQuant: true }).notCopied, []);
+  for (const out of [merged, quantized, viaLink]) {
     const copied = path.join(out, 'generation_config.json');
     assert.ok(fs.existsSync(copied), `${out} lacks generation_config.json`);
     assert.equal(fs.lstatSync(copied).isSymbolicLink(), false);

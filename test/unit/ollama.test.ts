@@ -338,10 +338,10 @@ test("a token text a Modelfile PARAMETER cannot hold is left out of the stops, n
   const text = modelfileText({ template: t.template, stops: t.stops, system: null });
   assert.doesNotMatch(text, /^(ADAPTER|SYSTEM)/m);
   assert.throws(() => modelfileText({ template: 'T', stops: [evil], system: null }), /a Modelfile cannot hold the parameter value/);
-  for (const [value, holds] of [['<|im_end|>', true], ['say "hi" now', true], ['ends in "', false], ['a"""b', false], ['two\nlines', false], ['tab\there', false], ['</s>', true]] as const)
+  for (const [value, holds] of [['<|im_end|>', true], ['say "hi" now', true], ['ends in "', true], ['a"""b', false], ['two\nlines', false], ['tab\there', false], ['</s>', true]] as const)
     assert.equal(modelfileParameterHolds(value), holds, JSON.stringify(value));
-  // SYSTEM and TEMPLATE keep newlines and tabs, not a closing quote at the end
-  for (const [value, holds] of [['two\nlines\tand a tab', true], ['Say "yes"', false], ['a"""b', false], ['bell\u0007', false]] as const)
+  // SYSTEM and TEMPLATE keep newlines and tabs, and may end in a quote
+  for (const [value, holds] of [['two\nlines\tand a tab', true], ['Say "yes"', true], ['a"""b', false], ['bell\u0007', false]] as const)
     assert.equal(modelfileTripleQuotedHolds(value), holds, JSON.stringify(value));
 });
 
