@@ -56,11 +56,11 @@ function throttled(report: DataProgress): DataProgress {
   };
 }
 
-async function tokenizedFile(file: string, role: TokenCacheRole, key: TokenCacheKey, tok: ModelTokenizer, config: TrainConfig, warnings: string[], options: PrepareDataOptions) {
+async function tokenizedFile(file: string, role: TokenCacheRole, key: TokenCacheKey | null, tok: ModelTokenizer, config: TrainConfig, warnings: string[], options: PrepareDataOptions) {
   const ds = await loadDataset(file, { shape: config.shape ?? undefined, skipInvalid: config.skipInvalid });
   const name = path.basename(file);
   if (ds.skipped > 0) warnings.push(`${name}: skipped ${ds.skipped} invalid row${ds.skipped === 1 ? '' : 's'} (the first: ${String(ds.errors[0])})`);
-  const cached = options.runDir !== undefined && unchangedSince(key) ? readTokenCache(options.runDir, role, key.digest) : null;
+  const cached = options.runDir !== undefined && key !== null && unchangedSince(key) ? readTokenCache(options.runDir, role, key.digest) : null;
   const t: CachedTokenization =
     cached ??
     (await tokenizeDatasetAsync(ds.examples, tok, { maxLength: config.seqLen, trainOnPrompt: config.trainOnPrompt, skipInvalid: config.skipInvalid, onProgress: options.onProgress, signal: options.signal }));
@@ -71,7 +71,7 @@ async function tokenizedFile(file: string, role: TokenCacheRole, key: TokenCache
   if (t.stats.droppedNoTrainable > 0)
     warnings.push(`${name}: dropped ${t.stats.droppedNoTrainable} example(s) with nothing left to train after truncation`);
   if (t.examples.length === 0) throw new Error(`${file}: no example has any token to train (all were dropped; raise --seq-len?)`);
-  const tokenized: TokenizedFile = { role, key: key.digest, tokenization: t, keep: cached === null && unchangedSince(key) };
+  const tokenized: TokenizedFile = { role, key: key?.digest ?? '', tokenization: t, keep: cached === null && key !== null && unchangedSince(key) };
   return { ds, t, tokenized };
 }
 
@@ -88,7 +88,7 @@ export async function prepareData(config: TrainConfig, options: PrepareDataOptio
   let train: TokenizedExample[] = t.examples;
   let evalSet: TrainExample[] = [];
   let evalRows = ds.examples;
-  if (config.evalData && evalKey) {
+  if (config.evalData) {
     const e = await tokenizedFile(config.evalData, 'eval', evalKey, tok, config, warnings, { signal: options.signal, runDir: options.runDir });
     files.push(e.tokenized);
     evalSet = e.t.examples;

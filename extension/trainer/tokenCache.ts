@@ -65,11 +65,19 @@ interface FileStamp {
 }
 
 /**
- * The key of tokenizing `dataFile` with the model in `modelDir` under `settings`. Taken before the files are read for
- * tokenizing, and checked with unchangedSince after: a file saved in between is neither read from the cache nor kept
- * in it, since what was tokenized may not be what was hashed.
+ * The key of tokenizing `dataFile` with the model in `modelDir` under `settings`; null where a file cannot be read.
+ * Taken before the files are read for tokenizing, and checked with unchangedSince after: a file saved in between is
+ * neither read from the cache nor kept in it, since what was tokenized may not be what was hashed.
  */
-export async function tokenCacheKey(dataFile: string, modelDir: string, settings: TokenizationSettings): Promise<TokenCacheKey> {
+export async function tokenCacheKey(dataFile: string, modelDir: string, settings: TokenizationSettings): Promise<TokenCacheKey | null> {
+  try {
+    return await keyOf(dataFile, modelDir, settings);
+  } catch {
+    return null; // a file missing or unreadable: reading it for tokenizing says what is wrong, and nothing is cached
+  }
+}
+
+async function keyOf(dataFile: string, modelDir: string, settings: TokenizationSettings): Promise<TokenCacheKey> {
   const hash = createHash('sha256');
   hash.update(`${MAGIC.toString('latin1')}\0${TOKENIZATION_VERSION}\0${JSON.stringify([settings.shape, settings.skipInvalid, settings.trainOnPrompt, settings.maxLength])}\0`);
   const files = [dataFile, ...(await tokenizerSourceFiles(modelDir))];

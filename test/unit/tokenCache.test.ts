@@ -83,7 +83,7 @@ test('the key follows the data file, the tokenizer files (chat templates include
   const dir = tempDir('token-cache-key-data');
   const data = path.join(dir, 'train.jsonl');
   fs.copyFileSync(sample, data);
-  const key = async () => (await tokenCacheKey(data, model, settings)).digest;
+  const key = async () => (await tokenCacheKey(data, model, settings))!.digest;
   const first = await key();
   assert.equal(await key(), first);
   fs.utimesSync(data, new Date(2001, 1, 1), new Date(2001, 1, 1));
@@ -95,7 +95,7 @@ test('the key follows the data file, the tokenizer files (chat templates include
     seen.add(v);
   };
   for (const change of [{ shape: 'messages' }, { skipInvalid: true }, { trainOnPrompt: true }, { maxLength: 64 }])
-    await differs(JSON.stringify(change), tokenCacheKey(data, model, { ...settings, ...change }).then((k) => k.digest));
+    await differs(JSON.stringify(change), tokenCacheKey(data, model, { ...settings, ...change }).then((k) => k!.digest));
   fs.appendFileSync(data, '\n');
   await differs('a byte more of data', key());
   const tokConfig = path.join(model, 'tokenizer_config.json');
@@ -109,12 +109,15 @@ test('the key follows the data file, the tokenizer files (chat templates include
   fs.writeFileSync(path.join(model, 'README.md'), 'no part of the tokenizer');
   assert.ok(seen.has(await key()), 'another file of the model folder');
 
+  // a file that cannot be read has no key: reading it for tokenizing says what is wrong
+  assert.equal(await tokenCacheKey(path.join(dir, 'missing.jsonl'), model, settings), null);
+
   // a file saved after the key was taken (while it is read for tokenizing): the key no longer stands for it
-  const taken = await tokenCacheKey(data, model, settings);
+  const taken = (await tokenCacheKey(data, model, settings))!;
   assert.equal(unchangedSince(taken), true);
   fs.appendFileSync(data, '\n');
   assert.equal(unchangedSince(taken), false, 'the data file');
-  const again = await tokenCacheKey(data, model, settings);
+  const again = (await tokenCacheKey(data, model, settings))!;
   fs.appendFileSync(path.join(model, 'tokenizer.json'), ' ');
   assert.equal(unchangedSince(again), false, 'a tokenizer file');
 });
@@ -134,7 +137,7 @@ test('training keeps its tokenized data in the run folder, a resume reads it, an
     return { control, placement: { device: 'cpu' as const }, onEvent: (e: TrainerEvent) => { if (e.kind === 'step' && e.step === n) control.stopRequested = true; } };
   };
   await train({ runDir, config, resume: false, ...stopAt(1) });
-  const trainKey = (await tokenCacheKey(data, model, { shape: null, skipInvalid: false, trainOnPrompt: false, maxLength: 96 })).digest;
+  const trainKey = (await tokenCacheKey(data, model, { shape: null, skipInvalid: false, trainOnPrompt: false, maxLength: 96 }))!.digest;
   const cached = readTokenCache(runDir, 'train', trainKey);
   assert.equal(cached?.examples.length, 40);
   assert.ok(fs.existsSync(tokenCacheFile(runDir, 'eval')));
@@ -151,7 +154,7 @@ test('training keeps its tokenized data in the run folder, a resume reads it, an
   fs.appendFileSync(data, lines[0] + '\n');
   const resumed = await train({ runDir, resume: true, placement: { device: 'cpu' } });
   assert.equal(resumed.status, 'completed');
-  const newKey = (await tokenCacheKey(data, model, { shape: null, skipInvalid: false, trainOnPrompt: false, maxLength: 96 })).digest;
+  const newKey = (await tokenCacheKey(data, model, { shape: null, skipInvalid: false, trainOnPrompt: false, maxLength: 96 }))!.digest;
   assert.equal(readTokenCache(runDir, 'train', newKey)?.examples.length, 41);
   assert.equal(readTokenCache(runDir, 'train', trainKey), null);
   assert.deepEqual(fs.readdirSync(path.join(runDir, 'tokenized')).sort(), ['eval.tokens', 'train.tokens']);

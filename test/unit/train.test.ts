@@ -370,7 +370,7 @@ test('bad input stops train with one sentence, exit 1, and no run folder', () =>
     [['--data', empty], 'empty.jsonl'],
     [['--data', binary], 'blob.jsonl'],
     [['--data', unknownShape], 'shape.jsonl'],
-    [['--data', path.join(dir, 'missing.jsonl')], 'missing.jsonl'],
+    [['--data', path.join(dir, 'missing.jsonl')], `qlora-studio: missing.jsonl: file not found (${path.join(dir, 'missing.jsonl')})`],
     [['--data', path.join(repoRoot, 'examples', 'chat-sample.jsonl'), '--model', notModel], 'no config.json'],
     [['--data', path.join(repoRoot, 'examples', 'chat-sample.jsonl'), '--model', truncated], weights],
   ];
