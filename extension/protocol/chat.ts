@@ -97,6 +97,8 @@ export type ChatHostToWebview =
   | { type: 'delta'; column: ChatColumnId; turn: number; text: string }
   | { type: 'done'; column: ChatColumnId; turn: number; stats: AnswerStats }
   | { type: 'cleared' }
+  /** What became of a Copy: the answer is on the clipboard, or not (no such answer any more, or the clipboard refused it). */
+  | { type: 'copied'; column: ChatColumnId; turn: number; ok: boolean }
   | { type: 'error'; message: string };
 
 export class ChatMessageError extends Error {
@@ -270,6 +272,9 @@ export function validateChatHostMessage(v: unknown): ChatHostToWebview {
       return { type: 'done', column: v.column as ChatColumnId, turn: finite(v.turn, 'turn', 0, 1_000_000, true), stats: validateStats(v.stats) };
     case 'cleared':
       return { type: 'cleared' };
+    case 'copied':
+      if (!isColumn(v.column) || typeof v.ok !== 'boolean') fail('copied needs a column and ok');
+      return { type: 'copied', column: v.column as ChatColumnId, turn: finite(v.turn, 'turn', 0, 1_000_000, true), ok: v.ok as boolean };
     default:
       return fail(`unknown host message type ${JSON.stringify(v.type)}`);
   }

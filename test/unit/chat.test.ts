@@ -41,6 +41,8 @@ test('messages are validated at every boundary: bad settings, unknown types and 
   assert.throws(() => validateHostToServer({ type: 'generate', id: 1, column: 'base', messages: [{ role: 'robot', content: 'x' }], settings: GREEDY }), /role/);
   assert.throws(() => validateServerToHost({ type: 'done', id: 1, text: 'x', stats: { tokens: 1 } }), /stats\.promptTokens/);
   assert.throws(() => validateChatHostMessage({ type: 'delta', column: 'base', turn: -1, text: 'x' }), /turn/);
+  assert.deepEqual(validateChatHostMessage({ type: 'copied', column: 'finetuned', turn: 2, ok: true }), { type: 'copied', column: 'finetuned', turn: 2, ok: true });
+  assert.throws(() => validateChatHostMessage({ type: 'copied', column: 'finetuned', turn: 2 }), /copied needs a column and ok/);
 });
 
 test('stop strings field and the answer line', () => {

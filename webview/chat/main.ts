@@ -141,6 +141,21 @@ function showError(message: string | null): void {
   ui.error.textContent = message ?? '';
 }
 
+/** The host's answer to a Copy, on the button for a moment and said to screen readers. */
+function showCopied(column: ChatColumnId, turn: number, ok: boolean): void {
+  const button = document.querySelector<HTMLElement>(`[data-copy="${column}:${turn}"]`);
+  const text = ok ? 'Copied' : 'Not copied';
+  announce(ok ? `Copied ${answerName(column, turn)}` : `${answerName(column, turn)} was not copied`);
+  if (!button) return;
+  button.textContent = text;
+  setTimeout(() => {
+    if (button.textContent === text) button.textContent = 'Copy';
+  }, COPIED_MS);
+}
+
+/** How long a Copy button says what became of its copy. */
+const COPIED_MS = 1500;
+
 /** Polite: appended, so an answer finishing right after another does not replace its message unread. */
 function announce(text: string): void {
   ui.announcer.append(el('div', { text }));
@@ -376,6 +391,9 @@ function receive(m: ChatHostToWebview): void {
     case 'cleared':
       clearConversation();
       break;
+    case 'copied':
+      showCopied(m.column, m.turn, m.ok);
+      break;
     case 'error':
       if (info === null) state = 'error';
       ui.status.textContent = '';
@@ -440,7 +458,6 @@ document.body.addEventListener('click', (e) => {
   if (copy) {
     const [column, turn] = copy.split(':');
     vscode.postMessage({ type: 'copy', column: column as ChatColumnId, turn: Number(turn) });
-    announce(`Copied ${answerName(column as ChatColumnId, Number(turn))}`);
   }
 });
 

@@ -78,7 +78,16 @@ export class ChatPanels implements vscode.Disposable {
       }
       if (message.type === 'copy') {
         const text = session.answerText(message.column, message.turn);
-        if (text !== undefined) await vscode.env.clipboard.writeText(text);
+        let ok = false;
+        if (text !== undefined) {
+          try {
+            await vscode.env.clipboard.writeText(text);
+            ok = true;
+          } catch (err) {
+            this.output.appendLine(`[chat] the clipboard refused the answer: ${(err as Error).message}`);
+          }
+        }
+        post({ type: 'copied', column: message.column, turn: message.turn, ok });
         return;
       }
       await session.handle(message);
