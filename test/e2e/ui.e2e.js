@@ -378,6 +378,13 @@ async function setTheme(label, cls) {
       if (!c.answers.base[0] || !c.answers.finetuned[0]) throw new Error('a column has no answer');
       if (lengths.size < 2) throw new Error(`the answers did not stream (partial lengths seen: ${[...lengths].join(' ')})`);
       if (c.finished.finetuned[0] !== 'stop-token') throw new Error(`the finetuned answer did not end its turn: ${c.finished.finetuned[0]}`);
+      // Copy: the button says what the host made of it (the headless browser may refuse the clipboard: Not copied)
+      await frame.locator('[data-copy="finetuned:0"]').click();
+      const copied = await waitFor('the Copy button to say what became of the copy', async () => {
+        const text = (await frame.locator('[data-copy="finetuned:0"]').textContent())?.trim();
+        return text === 'Copied' || text === 'Not copied' ? text : null;
+      }, 10000);
+      lap(`  Copy: ${copied}`);
       await shot('chat-dark.png');
       await setTheme('Light Modern', 'vs');
       await shot('chat-light.png');
