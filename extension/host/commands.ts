@@ -12,7 +12,7 @@ import { preparingText, type TrainerEvent } from '../protocol/events';
 import { INVALID_ROWS_EXIT_CODE } from '../trainer/exitCodes';
 import type { EstimateForPlan } from '../trainer/memoryPlan';
 import { describeRunLock, liveRunLock, runLockPath, signalableRunLock, type RunLock } from '../trainer/runLock';
-import { leadsOutside, realPathOr, staysInside } from '../util/containedCopy';
+import { adapterOutsideRun } from '../trainer/verbs/export';
 import { findOnPath } from '../util/findOnPath';
 import type { ChatPanels } from './chat/chatPanel';
 import { runCliJson } from './cliRunner';
@@ -367,7 +367,8 @@ export function createCommands(h: HostServices, preview: DatasetPreviewPanel): R
     const adapter = adapterOfRun(runDir);
     if (!adapter) throw new Refusal(`${path.basename(runDir)} has no adapter and no complete checkpoint yet.`);
     // the run's own adapter: a link out of the run folder (which may have come with a cloned repository) is not merged
-    if (!staysInside(adapter, realPathOr(runDir))) throw new Refusal(`${leadsOutside(adapter, realPathOr(runDir))}; a run's adapter must be inside the run.`);
+    const outside = adapterOutsideRun(runDir, adapter);
+    if (outside !== null) throw new Refusal(`${outside}.`);
     let dtype: MergeDtype | undefined = dtypeArg === 'bf16' || dtypeArg === 'f16' || dtypeArg === 'f32' ? dtypeArg : undefined;
     if (dtypeArg !== undefined && dtype === undefined) throw new Refusal(`dtype must be bf16, f16 or f32, got ${JSON.stringify(dtypeArg)}.`);
     if (!dtype) {

@@ -2,7 +2,7 @@
 // config, README), which a verb that rewrites the weights (merge, quantize) copies as they are.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { leadsOutside, linkRoot, staysInside } from '../util/containedCopy';
+import { copyContained, linkRoot } from '../util/containedCopy';
 import { isFile } from '../util/isFolder';
 
 /** Weights and their index: the verb writes its own. */
@@ -22,12 +22,9 @@ export function copyModelSideFiles(model: string, out: string): { copied: string
   for (const name of fs.readdirSync(model)) {
     const file = path.join(model, name);
     if (!isFile(file) || name === 'config.json' || isWeightFile(name)) continue;
-    if (!staysInside(file, root)) {
-      notCopied.push(`${leadsOutside(file, root)}; it was not copied`);
-      continue;
-    }
-    fs.copyFileSync(file, path.join(out, name));
-    copied.push(name);
+    const skipped = copyContained(file, path.join(out, name), root);
+    if (skipped.length === 0) copied.push(name);
+    notCopied.push(...skipped);
   }
   return { copied, notCopied };
 }

@@ -1,8 +1,8 @@
 // A run's tokenized data, kept in its folder so that a resume, the chat panel's prompts and the GGUF check do not
 // tokenize the dataset again: about 1 ms an example (a million rows is a quarter of an hour of one core). It is keyed
 // on what the tokenization depends on (the data file's bytes, the model's tokenizer files, the settings that shape
-// it, and the version of the code's tokenization), so an edited dataset or tokenizer is tokenized afresh, as before. A cache that is missing, damaged or of
-// another key is ignored; it is never the only copy of anything.
+// it, and the version of the code's tokenization), so an edited dataset or tokenizer is tokenized afresh, as before.
+// A cache that is missing, damaged or of another key is ignored; it is never the only copy of anything.
 //
 // File layout (little-endian): the magic "QLTOKEN1"; a u32 byte length and a JSON header (key, counts, the id width,
 // the tokenization's statistics and each example's source); zero padding to a multiple of 4; each example's length

@@ -22,14 +22,15 @@ export interface ExportOptions {
  */
 export function runAdapterDir(run: string, checkpoint?: number): string {
   const dir = findRunAdapterDir(run, checkpoint);
-  assertInsideRun(run, dir);
+  const outside = adapterOutsideRun(run, dir);
+  if (outside !== null) throw new Error(outside);
   return dir;
 }
 
-/** Refuses `dir` of the run `run` when links lead it outside the run folder. */
-export function assertInsideRun(run: string, dir: string): void {
+/** Why the adapter folder `dir` of the run `run` is not the run's own (links lead it outside the run folder); null when it is. */
+export function adapterOutsideRun(run: string, dir: string): string | null {
   const root = realPathOr(run);
-  if (!staysInside(dir, root)) throw new Error(`${leadsOutside(dir, root)}; a run's adapter must be inside the run`);
+  return staysInside(dir, root) ? null : `${leadsOutside(dir, root)}; a run's adapter must be inside the run`;
 }
 
 function findRunAdapterDir(run: string, checkpoint?: number): string {

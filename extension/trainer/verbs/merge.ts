@@ -7,7 +7,7 @@ import * as path from 'node:path';
 import { isFile, isFolder } from '../../util/isFolder';
 import { print, printWarnings } from '../cliOutput';
 import { copyModelSideFiles } from '../modelFiles';
-import { copyContained, leadsOutside, linkRoot, staysInside } from '../../util/containedCopy';
+import { copyContained, linkRoot } from '../../util/containedCopy';
 import { ADDITIONAL_TEMPLATES_DIR, alpacaFallbackTemplate, loadModelTokenizer } from '../../data';
 import { readModelConfig } from '../../engine';
 import { mergeWeights, type MergeDtype, type MergeWeightsReport } from '../../engine/tools';
@@ -100,12 +100,9 @@ export function merge(options: MergeOptions): MergeResult {
     for (const name of TOKENIZER_FILES) {
       const source = path.join(adapter, name);
       if (!isFile(source)) continue;
-      if (!staysInside(source, adapterRoot)) {
-        notCopied.push(`${leadsOutside(source, adapterRoot)}; it was not copied`);
-        continue;
-      }
-      fs.copyFileSync(source, path.join(tmp, name));
-      if (!copied.includes(name)) copied.push(name);
+      const skipped = copyContained(source, path.join(tmp, name), adapterRoot);
+      if (skipped.length === 0 && !copied.includes(name)) copied.push(name);
+      notCopied.push(...skipped);
     }
     // the named chat templates besides the default one (tool_use), the adapter's where it carries them
     const owner = [adapter, model].find((d) => isFolder(path.join(d, ADDITIONAL_TEMPLATES_DIR)));
@@ -148,7 +145,6 @@ export async function mergedChatTemplate(model: string, adapter: string): Promis
     return undefined;
   }
 }
-
 
 export const mergeVerb = {
   summary: 'merge a LoRA adapter into its base model and write a plain Hugging Face model (bf16 by default)',
