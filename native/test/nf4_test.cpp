@@ -160,6 +160,54 @@ TEST(nf4_decision_tree_edges_zero_blocks_and_padding) {
   EXPECT_EQ(int{q.packed[0]}, 0xc0);
 }
 
+TEST(nf4_vector_quantizer_picks_the_decision_trees_codes) {
+  // quantize_block counts the midpoints a value exceeds; the tree branches on them. Values on, just below and just
+  // above every midpoint, signed zeros, NaN, subnormals and random values, each beside a 1 (absmax 1, so scaled by
+  // exactly 1), must take the tree's code; an infinity (beside 0.5) makes the scale 0 and itself NaN.
+  std::vector<float> values = {0.0f, -0.0f, 1.0f, -1.0f, INFINITY, -INFINITY, NAN, 1e-45f, -1e-45f, 1e-38f, -1e-38f};
+  for (const float m : nf4::kMidpoints)
+    for (const float v : {m, std::nextafter(m, -2.0f), std::nextafter(m, 2.0f)}) values.push_back(v);
+  uint32_t state = 12345;
+  for (int i = 0; i < 4000; ++i) {
+    state = state * 1664525u + 1013904223u;
+    values.push_back(static_cast<float>(static_cast<int32_t>(state)) / 2147483648.0f);  // [-1, 1)
+  }
+  for (const float v : values) {
+    const float block[2] = {std::isfinite(v) ? 1.0f : 0.5f, v};
+    uint8_t packed = 0;
+    const float absmax = nf4::quantize_block(block, 2, &packed);
+    const float scale = 1.0f / absmax;
+    EXPECT_EQ(int{packed & 0x0f}, int{nf4::quantize_normalized(v * scale)});
+    EXPECT_EQ(int{packed >> 4}, int{nf4::quantize_normalized(block[0] * scale)});
+  }
+
+  // Whole tensors: blocks of 2, 64 (with an odd length) and 4096 (several chunks of 64 a block), against the tree a
+  // value at a time; and quantize_loaded, fed the same values a block at a time, gives the same bytes.
+  std::vector<float> x(10001);
+  for (size_t i = 0; i < x.size(); ++i) {
+    state = state * 1664525u + 1013904223u;
+    x[i] = static_cast<float>(static_cast<int32_t>(state)) / 2147483648.0f * (i % 777 == 0 ? 5.0f : 0.02f);
+  }
+  x[300] = NAN;
+  for (size_t i = 128; i < 192; ++i) x[i] = 0.0f;  // an all-zero block of 64
+  for (const int blocksize : {2, 64, 4096}) {
+    const int64_t n = static_cast<int64_t>(x.size());
+    const nf4::Blockwise4bit q = nf4::quantize(x.data(), n, blocksize);
+    for (int64_t i = 0; i < n; ++i) {
+      const float absmax = q.absmax[static_cast<size_t>(i / blocksize)];
+      const int expected = absmax == 0.0f ? 0 : nf4::quantize_normalized(x[static_cast<size_t>(i)] * (1.0f / absmax));
+      const uint8_t byte = q.packed[static_cast<size_t>(i / 2)];
+      EXPECT_EQ(i % 2 == 0 ? byte >> 4 : byte & 0x0f, expected);
+    }
+    EXPECT_EQ(int{q.packed.back() & 0x0f}, 7);  // the odd length's padding: the NF4 zero
+    const nf4::Blockwise4bit loaded = nf4::quantize_loaded(n, blocksize, [&](int64_t begin, int64_t count, float* out) {
+      std::copy(x.begin() + begin, x.begin() + begin + count, out);
+    });
+    EXPECT_SAME_BYTES(loaded.packed, q.packed, 1, "quantize_loaded's codes");
+    EXPECT_SAME_BYTES(bytes_of_floats(loaded.absmax), bytes_of_floats(q.absmax), 4, "quantize_loaded's absmax");
+  }
+}
+
 TEST(nf4_quantizable_linear_names) {
   EXPECT_TRUE(bnb4::is_quantizable_linear("model.layers.0.self_attn.q_proj.weight"));
   EXPECT_TRUE(bnb4::is_quantizable_linear("model.layers.31.self_attn.o_proj.weight"));

@@ -103,3 +103,39 @@ TEST(prequantized_lm_head_in_4_bits_computes_as_its_dequantized_values) {
     if (std::string(dtype) == "float32") EXPECT_TRUE(a == b, "an fp32 head: bit for bit, got ", a, " vs ", b);
   }
 }
+
+TEST(prequantized_quantizing_on_load_matches_the_written_checkpoint) {
+  // The loader quantizes each dense linear straight from its stored bytes, converted a block at a time; quantize
+  // writes a checkpoint from each whole weight read as fp32. The same codes, constants and rounding: the same loss to
+  // the bit, with the weights stored in bf16 (the reference model), f16 and f32.
+  const qtest::TempDir root("prequantized-on-load");
+  const auto dense = TensorStore::open_dir(qtest::reference("llama-shared"));
+  for (const DType stored : {DType::BF16, DType::F16, DType::F32}) {
+    const std::string tag = dtype_name(stored);
+    const fs::path model = copy_model(
+        root, qtest::reference("llama-shared"), "model-" + tag, [](const std::string& t) { return !bnb4::is_quantizable_linear(t); },
+        [&](SafetensorsWriter& w) {
+          for (const std::string& t : dense->names()) {
+            if (!bnb4::is_quantizable_linear(t)) continue;
+            const std::vector<float> values = dense->read_f32(t);
+            if (stored == DType::F32) {
+              w.add_f32(t, dense->info(t).shape, values);
+              continue;
+            }
+            std::vector<uint16_t> half(values.size());
+            for (size_t i = 0; i < values.size(); ++i)
+              half[i] = stored == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+            w.add(t, stored, dense->info(t).shape, half.data(), half.size() * 2);
+          }
+        });
+    const fs::path written = root.path / ("written-" + tag);
+    fs::create_directories(written);
+    fs::copy_file(model / "config.json", written / "config.json");
+    bnb4::quantize_model(model.string(), (written / "model.safetensors").string(), true);
+    const double on_load = loss_of(model, true);
+    const double from_checkpoint = loss_of(written, false);
+    EXPECT_TRUE(std::isfinite(on_load), tag);
+    EXPECT_TRUE(on_load == from_checkpoint, tag, ": quantized on load ", on_load, ", from the checkpoint ", from_checkpoint);
+    EXPECT_TRUE(on_load != loss_of(model, false), tag, ": NF4 computes what the dense weights compute");
+  }
+}

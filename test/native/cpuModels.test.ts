@@ -1,8 +1,8 @@
 // The CPU's vector code is built for AVX-512, AVX2 and baseline x86-64 and chosen when the addon loads, so a machine
 // runs only its own CPU's version. Here the native tests of those kernels (the GEMM's register blocks, the few-row
-// tiles, attention's dot products, dropout, NF4 dequantization and matrix-vector products: each checked bit for bit)
-// also run under qemu-user's emulated Haswell (AVX2, no AVX-512) and Nehalem (SSE4.2) CPUs. Skipped where
-// qemu-x86_64 is not installed (.ci/run installs it) or the machine is not x86-64 Linux.
+// tiles, attention's dot products, dropout, NF4 quantization, dequantization and matrix-vector products: each
+// checked bit for bit) also run under qemu-user's emulated Haswell (AVX2, no AVX-512) and Nehalem (SSE4.2) CPUs.
+// Skipped where qemu-x86_64 is not installed (.ci/run installs it) or the machine is not x86-64 Linux.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -20,9 +20,9 @@ const skip =
       : false;
 
 // The native tests whose names hold these (the harness runs those containing its filter): every kernel_ test (one of
-// them checks that the CPU chose the version named below), the NF4 ones, and dropout's (with two CUDA-emulator tests
-// of the CPU's dropout and one kernel_ test again).
-const filters = ['kernel_', 'model_nf4', 'dropout'];
+// them checks that the CPU chose the version named below), the NF4 ones, NF4 quantization's vector code against the
+// decision tree, and dropout's (with two CUDA-emulator tests of the CPU's dropout and one kernel_ test again).
+const filters = ['kernel_', 'model_nf4', 'nf4_vector', 'dropout'];
 
 for (const [cpu, what, vectorCode] of [
   ['Haswell', 'AVX2 without AVX-512', 'AVX2, 8-lane vectors'],

@@ -7,18 +7,12 @@
 #include "io/dtype.h"
 #include "quant/nf4.h"
 #include "util/philox.h"
+#include "util/simd_clones.h"
 
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <string>
-
-#include <cstdlib>  // through glibc's features.h: __GLIBC__, which target_clones (ifunc) needs
-#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
-#define QLORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define QLORA_SIMD_CLONES
-#endif
 
 // The vector code below uses GCC's __builtin_shuffle, which Clang lacks (it has __builtin_shufflevector): Clang and
 // MSVC build the element-at-a-time fills instead.

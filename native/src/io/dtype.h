@@ -38,5 +38,8 @@ inline float round_to_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
 
 // Converts n elements of a floating dtype (F32, F16, BF16, F64) to fp32; other dtypes throw naming `context`.
 void convert_to_f32(DType t, const void* src, size_t n, float* dst, const std::string& context);
+// convert_to_f32 of a few values (a quantization block) in this thread: no OpenMP region entered, whose cost would
+// exceed the work. `t` must be a floating type (TensorStore::floating checks it).
+void convert_block_to_f32(DType t, const void* src, size_t n, float* dst);
 
 }  // namespace qlora

@@ -317,9 +317,34 @@ const TensorInfo& TensorStore::info(const std::string& name) const {
   return *files_[it->second]->find(name);
 }
 
+namespace {
+
+// Maps a tensor's pages in one call before it is read whole, where Linux can (5.14 and newer): read through the
+// mapping, every 64 KiB is a page fault, and a 16 GB model a quarter of a million of them. A hint only: where it is
+// refused, the reads fault as before.
+void map_in_for_reading(const uint8_t* p, size_t bytes) {
+#if defined(__linux__)
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+  constexpr size_t kWorthIt = size_t{1} << 20;
+  if (bytes < kWorthIt) return;
+  const uintptr_t page = 4096;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  madvise(reinterpret_cast<void*>(start), bytes + (reinterpret_cast<uintptr_t>(p) - start), MADV_POPULATE_READ);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+}  // namespace
+
 const uint8_t* TensorStore::data(const std::string& name) const {
   const TensorInfo& t = info(name);
-  return files_[file_of_tensor_.at(name)]->data(t);
+  const uint8_t* p = files_[file_of_tensor_.at(name)]->data(t);
+  map_in_for_reading(p, t.nbytes);
+  return p;
 }
 
 const std::string& TensorStore::file_of(const std::string& name) const {

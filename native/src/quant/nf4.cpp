@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "util/error.h"
+#include "util/simd_clones.h"
 
 namespace qlora::nf4 {
 
@@ -14,21 +15,6 @@ const float kCodes[16] = {code_value(0),  code_value(1),  code_value(2),  code_v
                           code_value(4),  code_value(5),  code_value(6),  code_value(7),
                           code_value(8),  code_value(9),  code_value(10), code_value(11),
                           code_value(12), code_value(13), code_value(14), code_value(15)};
-
-namespace {
-
-// max |x| over a block; NaN is skipped as fmaxf does in the kernel.
-float block_absmax(const float* x, int64_t count) {
-  float m = 0.0f;
-  for (int64_t i = 0; i < count; ++i) {
-    float a = std::fabs(x[i]);
-    if (a > m) m = a;
-  }
-  return m;
-}
-
-
-}  // namespace
 
 void check_blocksize(int blocksize, const char* what) {
   QLORA_CHECK(blocksize > 0 && blocksize % 2 == 0, what, " blocksize must be a positive even number, got ", blocksize);
@@ -38,32 +24,100 @@ void check_rows(int64_t row_len, int64_t row_stride, const char* what) {
   if (row_len <= 0 || row_stride < row_len) fail(what, ": rows of ", row_len, " values ", row_stride, " apart");
 }
 
-Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
-  check_blocksize(blocksize, "nf4::quantize");
-  QLORA_CHECK(n >= 0, "nf4::quantize: negative length ", n);
+namespace {
+
+// The result of quantizing n values in blocks of `blocksize` (checked, naming `what`), its bytes not yet written.
+Blockwise4bit blockwise_sized(int64_t n, int blocksize, const char* what) {
+  check_blocksize(blocksize, what);
+  QLORA_CHECK(n >= 0, what, ": negative length ", n);
   Blockwise4bit out;
-  const int64_t nblocks = (n + blocksize - 1) / blocksize;
-  out.packed.assign(static_cast<size_t>((n + 1) / 2), 0);
-  out.absmax.resize(static_cast<size_t>(nblocks));
+  out.packed.resize(static_cast<size_t>((n + 1) / 2));
+  out.absmax.resize(static_cast<size_t>((n + blocksize - 1) / blocksize));
+  return out;
+}
+
+// max |x| over a block; NaN is skipped as fmaxf does in the kernel. Whole chunks of 64 go through loops the
+// compiler vectorizes: |x| with NaN as 0 (which changes no maximum of values >= 0), then halving maxima; the
+// maximum of values >= 0 is the same in any order.
+inline float block_absmax(const float* x, int64_t count) {
+  constexpr int64_t kChunk = 64;
+  float m = 0.0f;
+  int64_t i = 0;
+  for (; i + kChunk <= count; i += kChunk) {
+    float a[kChunk];
+    for (int64_t k = 0; k < kChunk; ++k) {
+      const float v = std::fabs(x[i + k]);
+      a[k] = v > 0.0f ? v : 0.0f;
+    }
+    for (int64_t width = kChunk / 2; width >= 1; width /= 2)
+      for (int64_t k = 0; k < width; ++k) a[k] = a[k + width] > a[k] ? a[k + width] : a[k];
+    if (a[0] > m) m = a[0];
+  }
+  for (; i < count; ++i) {
+    const float v = std::fabs(x[i]);
+    if (v > m) m = v;
+  }
+  return m;
+}
+
+}  // namespace
+
+// Vectorized: the codes are counts of kMidpoints exceeded (the decision tree's code, as the static_assert in
+// nf4_codebook.h and nf4_test check), instead of a branch per tree level and value.
+QLORA_SIMD_CLONES
+float quantize_block(const float* x, int64_t count, uint8_t* packed) {
+  const float absmax = block_absmax(x, count);
+  const int64_t bytes = (count + 1) / 2;
+  if (absmax == 0.0f) {  // the GPU path computes 0 * inf = NaN -> code 0
+    std::fill(packed, packed + bytes, uint8_t{0});
+    return absmax;
+  }
+  // The kernel multiplies by the fp32 reciprocal; x / absmax would round differently.
+  const float scale = 1.0f / absmax;
+  constexpr int64_t kChunk = 64;
+  uint8_t codes[kChunk + 1];
+  for (int64_t start = 0; start < count; start += kChunk) {
+    const int64_t len = std::min(kChunk, count - start);
+    for (int64_t k = 0; k < len; ++k) {
+      const float v = x[start + k] * scale;
+      int code = 0;
+      for (int t = 0; t < 15; ++t) code += v > kMidpoints[t] ? 1 : 0;
+      codes[k] = static_cast<uint8_t>(code);
+    }
+    // An odd count leaves one padding element in the last byte's low nibble. The kernel loads it as 0.0f and
+    // quantizes it like any other element (code 7, the NF4 zero; NaN's 0 where the scale is infinite).
+    if (len % 2 != 0) codes[len] = quantize_normalized(0.0f * scale);
+    for (int64_t k = 0; k < len; k += 2)
+      packed[(start + k) / 2] = static_cast<uint8_t>((codes[k] << 4) | codes[k + 1]);
+  }
+  return absmax;
+}
+
+Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
+  Blockwise4bit out = blockwise_sized(n, blocksize, "nf4::quantize");
+  const int64_t nblocks = static_cast<int64_t>(out.absmax.size());
   // Blocks are independent and start on a byte (an even block size), so threads never share a byte.
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t begin = b * blocksize;
     const int64_t count = std::min<int64_t>(blocksize, n - begin);
-    const float absmax = block_absmax(x + begin, count);
-    out.absmax[static_cast<size_t>(b)] = absmax;
-    if (absmax == 0.0f) continue;  // the GPU path computes 0 * inf = NaN -> code 0; packed is already 0
-    // The kernel multiplies by the fp32 reciprocal; x / absmax would round differently.
-    const float scale = 1.0f / absmax;
-    // An odd n leaves one padding element in the last byte's low nibble. The kernel loads it as 0.0f and quantizes
-    // it like any other element (code 7, the NF4 zero), so do the same.
-    const int64_t padded = (count % 2 == 0) ? count : count + 1;
-    for (int64_t i = 0; i < padded; i += 2) {
-      const float v0 = x[begin + i];
-      const float v1 = (i + 1 < count) ? x[begin + i + 1] : 0.0f;
-      const uint8_t hi = quantize_normalized(v0 * scale);
-      const uint8_t lo = quantize_normalized(v1 * scale);
-      out.packed[static_cast<size_t>((begin + i) / 2)] = static_cast<uint8_t>((hi << 4) | lo);
+    out.absmax[static_cast<size_t>(b)] = quantize_block(x + begin, count, out.packed.data() + begin / 2);
+  }
+  return out;
+}
+
+Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load) {
+  Blockwise4bit out = blockwise_sized(n, blocksize, "nf4::quantize_loaded");
+  const int64_t blocks = static_cast<int64_t>(out.absmax.size());
+#pragma omp parallel
+  {
+    std::vector<float> values(static_cast<size_t>(blocksize));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t begin = b * blocksize;
+      const int64_t count = std::min<int64_t>(blocksize, n - begin);
+      load(begin, count, values.data());
+      out.absmax[static_cast<size_t>(b)] = quantize_block(values.data(), count, out.packed.data() + begin / 2);
     }
   }
   return out;

@@ -6,6 +6,7 @@
 //   signed dynamic map (bitsandbytes' create_dynamic_map(signed=True)), one fp32 absmax per 256-block.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,16 @@ struct Blockwise4bit {
 };
 
 Blockwise4bit quantize(const float* x, int64_t n, int blocksize = 64);
+
+// One block of `count` values: its codes into `packed` (ceil(count / 2) bytes, the first value in the high nibble;
+// an odd count's padding quantized as 0.0f, as the kernel loads it) and its absmax returned.
+float quantize_block(const float* x, int64_t count, uint8_t* packed);
+
+// quantize() of n values that `load(begin, count, out)` writes a block at a time into `out` (from a file's bf16
+// bytes, say), so that no fp32 copy of the whole tensor is made. Blocks are loaded on every core; `load` must not
+// throw.
+using BlockLoader = std::function<void(int64_t begin, int64_t count, float* out)>;
+Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load);
 
 // A block must start on a byte (two codes a byte): a positive even block size, else an error naming `what`. The CPU
 // and GPU quantizers and dequantizers all check with it.

@@ -49,4 +49,21 @@ QLORA_HOST_DEVICE constexpr uint8_t quantize_normalized(float x) {
   return x > -0.8480964004993439f ? 1 : 0;
 }
 
+// The tree's 15 midpoints in ascending order. The tree is a binary search over them with strict >, so its code is
+// the number of midpoints x exceeds (NaN exceeds none): the CPU's vector quantizer counts them (the static_asserts
+// below, and a test at and beside each midpoint, check that both give the same code).
+inline constexpr float kMidpoints[15] = {
+    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f, -0.23460740596055984f,
+    -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f, 0.2035212516784668f,
+    0.2920137718319893f,  0.3893125355243683f,  0.5016634166240692f,  0.6427869200706482f,  0.8614784181118011f};
+
+constexpr bool midpoints_match_tree() {
+  for (int k = 0; k < 15; ++k) {
+    if (quantize_normalized(kMidpoints[k]) != k) return false;  // on a midpoint: the lower code
+    if (k > 0 && !(kMidpoints[k - 1] < kMidpoints[k])) return false;
+  }
+  return quantize_normalized(1.0f) == 15;
+}
+static_assert(midpoints_match_tree(), "kMidpoints must be the decision tree's thresholds in ascending order");
+
 }  // namespace qlora::nf4
