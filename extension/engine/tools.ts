@@ -104,8 +104,21 @@ export function ggmlRowBytes(type: GgmlType, cols: number): number {
   return (cols / info.blockSize) * info.blockBytes;
 }
 
+/** A tensor of a merged model: its name and shape as merge writes them (a bnb-4bit weight's real shape). */
+export interface MergedTensorInfo {
+  name: string;
+  shape: number[];
+}
+
+interface NativeMergedWeights {
+  tensors(): MergedTensorInfo[];
+  values(name: string): Float32Array;
+  close(): void;
+}
+
 // The addon's tool functions, as native/src/binding/tools_binding.cpp exports them.
 interface NativeTools {
+  MergedWeights: new (modelDir: string, adapterDir: string) => NativeMergedWeights;
   mergeWeights(modelDir: string, adapterDir: string, folder: string, dtype: string, maxShardBytes?: number): MergeWeightsReport;
   estimateMemory(model: string | { shape: string }, options: EstimateOptions): MemoryEstimate;
   ggmlQuantize(type: string, data: Float32Array, rows: number, cols: number): Uint8Array;
@@ -140,6 +153,34 @@ function call<T>(fn: () => T): T {
  */
 export function mergeWeights(modelDir: string, adapterDir: string, folder: string, dtype: MergeDtype, maxShardBytes?: number): MergeWeightsReport {
   return call(() => tools().mergeWeights(modelDir, adapterDir, folder, dtype, maxShardBytes));
+}
+
+/**
+ * The merge of an adapter into its base model (plain or bnb-4bit) in float32, computed a tensor at a time: what
+ * mergeWeights writes with dtype float32, with no copy of the model on disk. Checked when opened, as mergeWeights
+ * checks; close() unmaps the base model.
+ */
+export class MergedWeights {
+  private constructor(private readonly native: NativeMergedWeights) {}
+
+  static open(modelDir: string, adapterDir: string): MergedWeights {
+    const { MergedWeights: Native } = tools();
+    return new MergedWeights(call(() => new Native(modelDir, adapterDir)));
+  }
+
+  /** Every tensor of the merged model, in the order merge writes them. */
+  tensors(): MergedTensorInfo[] {
+    return call(() => this.native.tensors());
+  }
+
+  /** One tensor's merged values (fp32). */
+  values(name: string): Float32Array {
+    return call(() => this.native.values(name));
+  }
+
+  close(): void {
+    this.native.close();
+  }
 }
 
 /** Memory of one training step by category, from a model folder's config.json alone, or of a benchmark shape ({shape: '8b'}). */

@@ -1,13 +1,15 @@
 // export-gguf: a run's merged model (base + adapter), or a base model alone, as one GGUF file for llama.cpp,
-// Ollama and LM Studio. An adapter (or a bnb-4bit base) is merged first, in float32, into a temporary folder beside
-// the output, which is removed afterwards; the GGUF itself is written under a temporary name and renamed.
+// Ollama and LM Studio. With an adapter (or a bnb-4bit base), the merged model's weights are computed in float32 a
+// tensor at a time as the GGUF is written, and its config.json and tokenizer go to a small temporary folder beside the
+// output, removed afterwards; the GGUF itself is written under a temporary name and renamed.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readModelConfig } from '../engine';
-import { merge, mergedChatTemplate } from '../trainer/verbs/merge';
+import { MergedWeights } from '../engine/tools';
+import { mergedChatTemplate, writeMergedSideFiles } from '../trainer/verbs/merge';
 import { removeStaleTemps } from '../util/staleTemp';
 import { runAdapterDir, runModelDir } from '../trainer/verbs/export';
-import { writeModelGguf, type ModelGgufReport } from './gguf/llamaGguf';
+import { writeModelGguf, type ModelGgufReport, type ModelTensorSource } from './gguf/llamaGguf';
 import { LORA_GGUF_TYPES, planLoraGguf, writeLoraGguf, type LoraGgufType } from './gguf/loraGguf';
 import type { GgufFileType } from './gguf/types';
 import { verifyGguf, verifyGgufInChild, type VerifyReport } from './verifyGguf';
@@ -61,18 +63,23 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
 
   let source = model;
   let tmp: string | null = null;
+  let merged: MergedWeights | null = null;
   try {
     if (adapter !== null) {
-      // float32 so the GGUF's own rounding is the only one (a bf16 merge would round twice)
+      // The merged model's config.json and tokenizer in a small temporary folder; its weights merged in float32 (so
+      // that the GGUF's own rounding is the only one) a tensor at a time as the GGUF is written, never on disk.
       removeStaleTemps(o.out, 'merge-tmp');
       tmp = `${o.out}.merge-tmp-${process.pid}`;
       fs.rmSync(tmp, { recursive: true, force: true });
       o.onProgress?.('merge', 0, 1);
-      merge({ model, adapter, out: tmp, dtype: 'float32', chatTemplate: await mergedChatTemplate(model, adapter) });
+      merged = MergedWeights.open(model, adapter);
+      fs.mkdirSync(tmp);
+      writeMergedSideFiles(model, adapter, tmp, 'float32', await mergedChatTemplate(model, adapter));
       o.onProgress?.('merge', 1, 1);
       source = tmp;
     }
-    const report = await writeModelGguf({ modelDir: source, out: o.out, fileType: o.type, name, finetuned: adapter !== null, onProgress: (done, total) => o.onProgress?.('write', done, total) });
+    const tensors = merged === null ? undefined : mergedTensors(merged);
+    const report = await writeModelGguf({ modelDir: source, tensors, out: o.out, fileType: o.type, name, finetuned: adapter !== null, onProgress: (done, total) => o.onProgress?.('write', done, total) });
     let verification: VerifyReport | null = null;
     if (o.verify !== false) {
       o.onProgress?.('verify', 0, 1);
@@ -82,8 +89,13 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
     }
     return { ...report, model, adapter, type: o.type, verification };
   } finally {
+    merged?.close();
     if (tmp !== null) fs.rmSync(tmp, { recursive: true, force: true });
   }
+}
+
+function mergedTensors(merged: MergedWeights): ModelTensorSource {
+  return { shapes: new Map(merged.tensors().map((t) => [t.name, t.shape])), read: (name) => merged.values(name) };
 }
 
 /** export-gguf --lora-only: the adapter as a GGUF LoRA, checked in llama.cpp on a temporary GGUF of its base. */

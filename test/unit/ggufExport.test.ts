@@ -45,7 +45,13 @@ test('Llama-3 style (llama3 rope scaling, tied embeddings) and Qwen2 (q/k/v bias
   for (const name of ['llama3-shared', 'qwen2-shared']) {
     for (const type of ['f32', 'bf16', 'q8_0'] as GgufFileType[]) {
       const out = path.join(dir, `${name}-${type}.gguf`);
-      const r = await exportGguf({ model: reference(name), adapter: reference(`${name}-adapter`), out, type });
+      // the merged weights are computed as the GGUF is written: the temporary folder beside it holds no weights
+      const tempFiles: string[] = [];
+      const onProgress = (phase: string) => {
+        if (phase === 'write') for (const f of fs.readdirSync(dir, { recursive: true }) as string[]) if (f.includes('merge-tmp') && !tempFiles.includes(f)) tempFiles.push(f);
+      };
+      const r = await exportGguf({ model: reference(name), adapter: reference(`${name}-adapter`), out, type, onProgress });
+      assert.ok(tempFiles.length > 0 && tempFiles.every((f) => !f.endsWith('.safetensors')), tempFiles.join(', '));
       assertVerified(r, `${name} ${type}`);
       if (type === 'f32') assert.ok(r.verification!.maxAbsLogprobDiff < 1e-3, `${name} f32: ${r.verification!.maxAbsLogprobDiff}`);
       const g = readGguf(out);

@@ -5,6 +5,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { EngineError } from '../../extension/engine';
+import { MergedWeights } from '../../extension/engine/tools';
 import { parseOptions } from '../../extension/trainer/cliArgs';
 import { merge, mergeVerb, parseByteSize, parseMergeDtype } from '../../extension/trainer/verbs/merge';
 import { exportAdapter } from '../../extension/trainer/verbs/export';
@@ -113,6 +114,29 @@ test('merge of a bnb-4bit base writes a plain model: no quantization_config, no 
   const result = score({ model: out, ids: Int32Array.from(mergedRef.ids) });
   // NF4 moves the weights a little: close to the unquantized merge, not equal to it.
   assert.ok(Math.abs(result.loss - mergedRef.loss) < 0.1, `loss ${result.loss}`);
+});
+
+test('MergedWeights computes, a tensor at a time, what merge --dtype f32 writes, bit for bit (plain and bnb-4bit bases)', () => {
+  for (const base of ['llama-shared', 'llama-shared-bnb4-dq']) {
+    const out = path.join(tempDir('merged-weights'), 'merged');
+    merge({ model: reference(base), adapter: reference('llama-shared-adapter'), out, dtype: 'float32' });
+    const written = readSafetensors(path.join(out, 'model.safetensors'));
+    const merged = MergedWeights.open(reference(base), reference('llama-shared-adapter'));
+    try {
+      const tensors = merged.tensors();
+      assert.deepEqual(tensors.map((t) => t.name).sort(), [...written.keys()].sort(), base);
+      for (const t of tensors) {
+        const file = written.get(t.name)!;
+        assert.deepEqual(t.shape, file.shape, `${base} ${t.name}`);
+        assert.ok(Buffer.from(merged.values(t.name).buffer).equals(file.bytes), `${base} ${t.name}: not the bytes merge wrote`);
+      }
+      assert.throws(() => merged.values('model.layers.0.mlp.up_proj.weight.absmax'), /the merged model has no tensor/);
+    } finally {
+      merged.close();
+    }
+    assert.throws(() => merged.tensors(), /closed/);
+  }
+  assert.throws(() => MergedWeights.open(reference('llama3-shared'), reference('llama-shared-adapter')), EngineError);
 });
 
 test('a failed merge leaves no output folder and no .tmp- folder', () => {

@@ -8,7 +8,7 @@
 import { readModelConfig } from '../../engine';
 import type { NativeModelConfig } from '../../engine/native';
 import { encodeTensor } from './encode';
-import { listModelTensors, readTensorF32, type TensorEntry } from './safetensorsReader';
+import { listModelTensors, readTensorF32 } from './safetensorsReader';
 import { tokenizerMetadata } from './tokenizerMetadata';
 import { GGML_TYPES, LLAMA_FTYPE, type GgmlTypeName, type GgufFileType } from './types';
 import { GGUF_ALIGNMENT, gguf, writeGguf, type GgufTensorSpec, type GgufValue } from './writer';
@@ -108,19 +108,35 @@ export function tensorTypeFor(fileType: GgufFileType, shape: readonly number[], 
   return fitting(role.kind === 'output' || more ? 'q6_k' : 'q4_k', shape[0]);
 }
 
-function planTensors(modelDir: string, c: NativeModelConfig, arch: GgufArch, fileType: GgufFileType): PlannedTensor[] {
-  const hf = listModelTensors(modelDir);
+/** Where a GGUF export's weights come from: a model folder's safetensors, or a merge computed a tensor at a time. */
+export interface ModelTensorSource {
+  /** Every tensor's Hugging Face shape, by name. */
+  shapes: ReadonlyMap<string, readonly number[]>;
+  /** A tensor's values in float32. */
+  read(name: string): Float32Array;
+}
+
+/** The tensors of a plain model folder, read from its safetensors files. */
+export function folderTensors(modelDir: string): ModelTensorSource {
+  const entries = listModelTensors(modelDir);
+  return {
+    shapes: new Map([...entries].map(([name, e]) => [name, e.shape])),
+    read: (name) => readTensorF32(entries.get(name)!),
+  };
+}
+
+function planTensors(modelDir: string, source: ModelTensorSource, c: NativeModelConfig, arch: GgufArch, fileType: GgufFileType): PlannedTensor[] {
+  const hf = source.shapes;
   const used = new Set<string>();
-  const need = (name: string): TensorEntry => {
-    const e = hf.get(name);
-    if (!e) throw new Error(`${modelDir}: tensor ${name} is missing`);
+  const need = (name: string): string => {
+    if (!hf.has(name)) throw new Error(`${modelDir}: tensor ${name} is missing`);
     used.add(name);
-    return e;
+    return name;
   };
   const planned: PlannedTensor[] = [];
-  const add = (ggufName: string, e: TensorEntry, transform?: (w: Float32Array) => Float32Array, role?: TensorRole) => {
-    const shape = [...e.shape].reverse();
-    planned.push({ name: ggufName, shape, type: tensorTypeFor(fileType, shape, role), values: () => (transform ? transform(readTensorF32(e)) : readTensorF32(e)) });
+  const add = (ggufName: string, name: string, transform?: (w: Float32Array) => Float32Array, role?: TensorRole) => {
+    const shape = [...hf.get(name)!].reverse();
+    planned.push({ name: ggufName, shape, type: tensorTypeFor(fileType, shape, role), values: () => (transform ? transform(source.read(name)) : source.read(name)) });
   };
   const role = (kind: TensorRole['kind'], layer = 0): TensorRole => ({ kind, layer, layers: c.numLayers });
   const outputIsEmbedding = c.tieWordEmbeddings || !hf.has('lm_head.weight');
@@ -199,6 +215,11 @@ export interface ModelGgufOptions {
   name: string;
   /** The folder holds a merged finetune (its chat template: exportedChatTemplate). */
   finetuned?: boolean;
+  /**
+   * The weights, where they are not the folder's own safetensors (a merge computed a tensor at a time, whose folder
+   * holds only config.json and the tokenizer).
+   */
+  tensors?: ModelTensorSource;
   onProgress?(done: number, total: number, bytes: number): void;
 }
 
@@ -217,7 +238,7 @@ export async function writeModelGguf(o: ModelGgufOptions): Promise<ModelGgufRepo
   if (!arch) throw new Error(`${o.modelDir}: architecture ${c.architecture} is not supported for GGUF export (Llama, Mistral and Qwen2 are)`);
   if (c.quantized4bit) throw new Error(`${o.modelDir}: a bnb-4bit model must be dequantized (merged) before GGUF export`);
   const tokenizer = await tokenizerMetadata(o.modelDir, c.vocabSize, o.finetuned ?? false);
-  const tensors = planTensors(o.modelDir, c, arch, o.fileType);
+  const tensors = planTensors(o.modelDir, o.tensors ?? folderTensors(o.modelDir), c, arch, o.fileType);
   const metadata = new Map<string, GgufValue>([...architectureMetadata(c, arch, o.name, o.fileType), ...tokenizer.entries]);
   const { bytes } = await writeGguf(o.out, metadata, tensors, (i) => encodeTensor(tensors[i].type, tensors[i].values(), tensors[i].shape), { onProgress: o.onProgress });
   const types: Partial<Record<GgmlTypeName, number>> = {};

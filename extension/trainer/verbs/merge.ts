@@ -91,35 +91,44 @@ export function merge(options: MergeOptions): MergeResult {
   for (const [name, dir] of [['--model', model], ['--adapter', adapter]] as const)
     if (path.resolve(dir) === path.resolve(out)) throw new Error(`--out must be a different folder from ${name}`);
   readModelConfig(model); // validates the architecture before any work
-  const rawConfig = JSON.parse(fs.readFileSync(path.join(model, 'config.json'), 'utf8')) as Record<string, unknown>;
-
   return writeFolderAtomic(out, (tmp) => {
     const report = mergeWeights(model, adapter, tmp, dtype, maxShardBytes);
-    const { copied, notCopied } = copyModelSideFiles(model, tmp);
-    const adapterRoot = linkRoot(adapter);
-    for (const name of TOKENIZER_FILES) {
-      const source = path.join(adapter, name);
-      if (!isFile(source)) continue;
-      const skipped = copyContained(source, path.join(tmp, name), adapterRoot);
-      if (skipped.length === 0 && !copied.includes(name)) copied.push(name);
-      notCopied.push(...skipped);
-    }
-    // the named chat templates besides the default one (tool_use), the adapter's where it carries them
-    const owner = [adapter, model].find((d) => isFolder(path.join(d, ADDITIONAL_TEMPLATES_DIR)));
-    if (owner !== undefined) {
-      notCopied.push(...copyContained(path.join(owner, ADDITIONAL_TEMPLATES_DIR), path.join(tmp, ADDITIONAL_TEMPLATES_DIR), linkRoot(owner)));
-      copied.push(ADDITIONAL_TEMPLATES_DIR);
-    }
-    if (options.chatTemplate !== undefined) addChatTemplate(tmp, options.chatTemplate);
-    // A plain model now: no quantization_config, and the dtype the weights are in, under whichever key the config
-    // uses (transformers 5: dtype; older: torch_dtype).
-    delete rawConfig.quantization_config;
-    const hasDtype = 'dtype' in rawConfig, hasTorchDtype = 'torch_dtype' in rawConfig;
-    if (hasDtype || !hasTorchDtype) rawConfig.dtype = dtype;
-    if (hasTorchDtype) rawConfig.torch_dtype = dtype;
-    writeJsonAtomic(path.join(tmp, 'config.json'), rawConfig);
+    const { copied, notCopied } = writeMergedSideFiles(model, adapter, tmp, dtype, options.chatTemplate);
     return { ...report, out, dtype, copied, notCopied };
   });
+}
+
+/**
+ * Everything of a merged model's folder but its weights, into `dir`: the base model's other files, the adapter's
+ * tokenizer files over them, the named chat templates, `chatTemplate` where the folder has none (see MergeOptions),
+ * and config.json as a plain model in `dtype`.
+ */
+export function writeMergedSideFiles(model: string, adapter: string, dir: string, dtype: MergeDtype, chatTemplate?: string): { copied: string[]; notCopied: string[] } {
+  const rawConfig = JSON.parse(fs.readFileSync(path.join(model, 'config.json'), 'utf8')) as Record<string, unknown>;
+  const { copied, notCopied } = copyModelSideFiles(model, dir);
+  const adapterRoot = linkRoot(adapter);
+  for (const name of TOKENIZER_FILES) {
+    const source = path.join(adapter, name);
+    if (!isFile(source)) continue;
+    const skipped = copyContained(source, path.join(dir, name), adapterRoot);
+    if (skipped.length === 0 && !copied.includes(name)) copied.push(name);
+    notCopied.push(...skipped);
+  }
+  // the named chat templates besides the default one (tool_use), the adapter's where it carries them
+  const owner = [adapter, model].find((d) => isFolder(path.join(d, ADDITIONAL_TEMPLATES_DIR)));
+  if (owner !== undefined) {
+    notCopied.push(...copyContained(path.join(owner, ADDITIONAL_TEMPLATES_DIR), path.join(dir, ADDITIONAL_TEMPLATES_DIR), linkRoot(owner)));
+    copied.push(ADDITIONAL_TEMPLATES_DIR);
+  }
+  if (chatTemplate !== undefined) addChatTemplate(dir, chatTemplate);
+  // A plain model now: no quantization_config, and the dtype the weights are in, under whichever key the config
+  // uses (transformers 5: dtype; older: torch_dtype).
+  delete rawConfig.quantization_config;
+  const hasDtype = 'dtype' in rawConfig, hasTorchDtype = 'torch_dtype' in rawConfig;
+  if (hasDtype || !hasTorchDtype) rawConfig.dtype = dtype;
+  if (hasTorchDtype) rawConfig.torch_dtype = dtype;
+  writeJsonAtomic(path.join(dir, 'config.json'), rawConfig);
+  return { copied, notCopied };
 }
 
 /** chat_template into `dir`'s tokenizer_config.json, unless the folder has a chat template already. */

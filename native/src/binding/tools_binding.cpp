@@ -3,6 +3,8 @@
 // code "QLORA_ENGINE").
 #include <napi.h>
 
+#include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -220,9 +222,71 @@ Napi::Value GgmlDequantize(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// new MergedWeights(modelDir, adapterDir): the merge of an adapter into its base model in float32, planned and
+// checked; tensors() -> [{name, shape}] in the order merge writes them; values(name) -> Float32Array of one merged
+// tensor; close() unmaps the base model. For the GGUF export, which converts the tensors one at a time.
+class MergedWeightsHandle : public Napi::ObjectWrap<MergedWeightsHandle> {
+ public:
+  static Napi::Function Define(Napi::Env env) {
+    return DefineClass(env, "MergedWeights",
+                       {InstanceMethod("tensors", &MergedWeightsHandle::Tensors),
+                        InstanceMethod("values", &MergedWeightsHandle::Values),
+                        InstanceMethod("close", &MergedWeightsHandle::Close)});
+  }
+
+  explicit MergedWeightsHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<MergedWeightsHandle>(info) {
+    const std::string model_dir = string_arg(info, 0, "model directory");
+    const std::string adapter_dir = string_arg(info, 1, "adapter directory");
+    plan_ = guarded(info.Env(), [&] { return std::make_unique<MergePlan>(model_dir, adapter_dir, "float32"); });
+  }
+
+ private:
+  const MergePlan& open(const Napi::Env& env) const {
+    if (!plan_) throw Napi::Error::New(env, "the merged weights were closed");
+    return *plan_;
+  }
+
+  Napi::Value Tensors(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::vector<MergePlan::Tensor>& tensors = open(env).tensors();
+    Napi::Array out = Napi::Array::New(env, tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      Napi::Object t = Napi::Object::New(env);
+      t.Set("name", tensors[i].name);
+      Napi::Array shape = Napi::Array::New(env, tensors[i].shape.size());
+      for (size_t d = 0; d < tensors[i].shape.size(); ++d)
+        shape.Set(static_cast<uint32_t>(d), static_cast<double>(tensors[i].shape[d]));
+      t.Set("shape", shape);
+      out.Set(static_cast<uint32_t>(i), t);
+    }
+    return out;
+  }
+
+  Napi::Value Values(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    const std::string name = string_arg(info, 0, "tensor name");
+    const MergePlan& plan = open(env);
+    const MergePlan::Tensor* t = plan.find(name);
+    if (!t) throw Napi::Error::New(env, "the merged model has no tensor '" + name + "'");
+    const std::vector<float> values = guarded(env, [&] { return plan.merged_values(*t); });
+    // copied into memory V8 allocates: Electron's Node refuses buffers made outside its heap's sandbox
+    Napi::Float32Array out = Napi::Float32Array::New(env, values.size());
+    if (!values.empty()) std::memcpy(out.Data(), values.data(), values.size() * sizeof(float));
+    return out;
+  }
+
+  Napi::Value Close(const Napi::CallbackInfo& info) {
+    plan_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::unique_ptr<MergePlan> plan_;
+};
+
 }  // namespace
 
 void register_tools(Napi::Env env, Napi::Object exports) {
+  exports.Set("MergedWeights", MergedWeightsHandle::Define(env));
   exports.Set("mergeWeights", Napi::Function::New(env, MergeWeights));
   exports.Set("estimateMemory", Napi::Function::New(env, EstimateMemory));
   exports.Set("ggmlQuantize", Napi::Function::New(env, GgmlQuantize));

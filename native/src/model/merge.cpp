@@ -86,16 +86,6 @@ float round_to_odd_f32(double x) {
   return f;
 }
 
-// One tensor of the output, planned from the base model's header before anything is written.
-struct Planned {
-  std::string name;
-  std::vector<int64_t> shape;  // as written (a bnb-4bit weight's real shape, not its packed one)
-  DType dtype = DType::F32;    // as written
-  int64_t nbytes = 0;
-  bool quantized = false;      // bnb-4bit in the base: dequantized first
-  const LoraParam* lora = nullptr;
-};
-
 // The [out, in] shape recorded in a bnb-4bit weight's quant state (the packed tensor is [out*in/2, 1]).
 std::vector<int64_t> quant_state_shape(const TensorStore& store, const std::string& name) {
   const std::string state = name + kNf4State;
@@ -119,39 +109,13 @@ std::string shard_name(int64_t i, int64_t n) {
 }
 
 // Computes one output tensor and adds it to `writer`.
-void add_merged(SafetensorsWriter& writer, const TensorStore& store, const Planned& t, double scale, int64_t rank) {
-  const TensorInfo& src = store.info(t.name);
-  if (!t.quantized && !t.lora && (src.dtype == t.dtype || !is_floating(src.dtype))) {
-    writer.add(t.name, src.dtype, t.shape, store.data(t.name), src.nbytes);
+void add_merged(SafetensorsWriter& writer, const MergePlan& plan, const MergePlan::Tensor& t) {
+  if (plan.copied_as_stored(t)) {
+    const TensorInfo& src = plan.store().info(t.name);
+    writer.add(t.name, src.dtype, t.shape, plan.store().data(t.name), src.nbytes);
     return;
   }
-  std::vector<float> values =
-      t.quantized ? bnb4::dequantize_weight(bnb4::read_weight(store, t.name)) : store.read_f32(t.name);
-  if (t.lora) {
-    // W' = W + scale * (B @ A), B @ A accumulated in double and the sum rounded once (to fp32 nearest, or to odd
-    // when a half dtype follows).
-    const int64_t out = t.shape[0], in = t.shape[1];
-    const std::vector<float> a = t.lora->a.download(), b = t.lora->b.download();
-    const bool half = t.dtype != DType::F32;
-#pragma omp parallel
-    {
-      std::vector<double> acc(static_cast<size_t>(in));
-#pragma omp for schedule(static)
-      for (int64_t o = 0; o < out; ++o) {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t k = 0; k < rank; ++k) {
-          const double bk = b[static_cast<size_t>(o * rank + k)];
-          const float* ak = a.data() + k * in;
-          for (int64_t i = 0; i < in; ++i) acc[static_cast<size_t>(i)] += bk * static_cast<double>(ak[i]);
-        }
-        float* row = values.data() + o * in;
-        for (int64_t i = 0; i < in; ++i) {
-          const double x = static_cast<double>(row[i]) + scale * acc[static_cast<size_t>(i)];
-          row[i] = half ? round_to_odd_f32(x) : static_cast<float>(x);
-        }
-      }
-    }
-  }
+  const std::vector<float> values = plan.merged_values(t);
   if (t.dtype == DType::F32) {
     writer.add(t.name, DType::F32, t.shape, values.data(), values.size() * sizeof(float));
     return;
@@ -164,24 +128,18 @@ void add_merged(SafetensorsWriter& writer, const TensorStore& store, const Plann
 
 }  // namespace
 
-MergeReport merge_weights(const std::string& model_dir, const std::string& adapter_dir, const std::string& folder,
-                          const std::string& dtype, int64_t max_shard_bytes) {
+MergePlan::MergePlan(const std::string& model_dir, const std::string& adapter_dir, const std::string& dtype) {
   const DType out_dtype = parse_output_dtype(dtype);
-  if (max_shard_bytes <= 0) fail("merge: the maximum shard size must be positive, got ", max_shard_bytes);
-  const bool folder_existed = fs::exists(folder);
-  if (folder_existed) {
-    if (!fs::is_directory(folder)) fail(folder, ": exists and is not a folder");
-    if (!fs::is_empty(folder))
-      fail(folder, ": already exists and is not empty; merge writes into a new or empty folder (nothing was written)");
-  }
-
   const ModelConfig config = load_model_config(model_dir);
-  const std::unique_ptr<TensorStore> store = TensorStore::open_dir(model_dir);
+  store_ = TensorStore::open_dir(model_dir);
+  const TensorStore* store = store_.get();
   // The adapter is small next to the model: read it whole, with LoraAdapter's checks of every name and shape
   // against the model's config.
-  const std::unique_ptr<Backend> backend = make_cpu_backend();
-  const std::unique_ptr<LoraAdapter> adapter = LoraAdapter::load_peft(backend.get(), config, adapter_dir);
-  const LoraConfig& lc = adapter->config();
+  backend_ = make_cpu_backend();
+  adapter_ = LoraAdapter::load_peft(backend_.get(), config, adapter_dir);
+  const LoraConfig& lc = adapter_->config();
+  scale_ = lc.scale();
+  rank_ = lc.rank;
 
   // bnb-4bit weights of the base, and their auxiliary tensors, which are not written.
   std::set<std::string> quantized, auxiliary;
@@ -216,7 +174,7 @@ MergeReport merge_weights(const std::string& model_dir, const std::string& adapt
       if (!store->has(name))
         fail(model_dir, ": the adapter has '", LoraAdapter::peft_tensor_name(layer, m, 'A'),
              "' but the base model has no tensor '", name, "'");
-      adapted[name] = Adapted{adapter->param(layer, m), LoraAdapter::peft_tensor_name(layer, m, 'A')};
+      adapted[name] = Adapted{adapter_->param(layer, m), LoraAdapter::peft_tensor_name(layer, m, 'A')};
     }
 
   std::vector<std::string> names;
@@ -224,10 +182,9 @@ MergeReport merge_weights(const std::string& model_dir, const std::string& adapt
     if (!auxiliary.count(name)) names.push_back(name);
   std::sort(names.begin(), names.end(), natural_less);
 
-  std::vector<Planned> plan;
   for (const std::string& name : names) {
     const TensorInfo& info = store->info(name);
-    Planned t;
+    Tensor t;
     t.name = name;
     t.quantized = quantized.count(name) > 0;
     t.shape = t.quantized ? quant_state_shape(*store, name) : info.shape;
@@ -243,8 +200,67 @@ MergeReport merge_weights(const std::string& model_dir, const std::string& adapt
         fail(store->file_of(name), ": tensor '", name, "' has dtype ", dtype_name(info.dtype),
              ", expected a floating or bnb-4bit weight to merge into");
     }
-    plan.push_back(std::move(t));
+    tensors_.push_back(std::move(t));
   }
+}
+
+MergePlan::~MergePlan() = default;
+
+const MergePlan::Tensor* MergePlan::find(const std::string& name) const {
+  for (const Tensor& t : tensors_)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+bool MergePlan::copied_as_stored(const Tensor& t) const {
+  const TensorInfo& src = store_->info(t.name);
+  return !t.quantized && !t.lora && (src.dtype == t.dtype || !is_floating(src.dtype));
+}
+
+std::vector<float> MergePlan::merged_values(const Tensor& t) const {
+  std::vector<float> values =
+      t.quantized ? bnb4::dequantize_weight(bnb4::read_weight(*store_, t.name)) : store_->read_f32(t.name);
+  if (!t.lora) return values;
+  // W' = W + scale * (B @ A), B @ A accumulated in double and the sum rounded once (to fp32 nearest, or to odd
+  // when a half dtype follows).
+  const int64_t out = t.shape[0], in = t.shape[1], rank = rank_;
+  const double scale = scale_;
+  const std::vector<float> a = t.lora->a.download(), b = t.lora->b.download();
+  const bool half = t.dtype != DType::F32;
+#pragma omp parallel
+  {
+    std::vector<double> acc(static_cast<size_t>(in));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; ++o) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t k = 0; k < rank; ++k) {
+        const double bk = b[static_cast<size_t>(o * rank + k)];
+        const float* ak = a.data() + k * in;
+        for (int64_t i = 0; i < in; ++i) acc[static_cast<size_t>(i)] += bk * static_cast<double>(ak[i]);
+      }
+      float* row = values.data() + o * in;
+      for (int64_t i = 0; i < in; ++i) {
+        const double x = static_cast<double>(row[i]) + scale * acc[static_cast<size_t>(i)];
+        row[i] = half ? round_to_odd_f32(x) : static_cast<float>(x);
+      }
+    }
+  }
+  return values;
+}
+
+MergeReport merge_weights(const std::string& model_dir, const std::string& adapter_dir, const std::string& folder,
+                          const std::string& dtype, int64_t max_shard_bytes) {
+  parse_output_dtype(dtype);  // checked before the folder is
+  if (max_shard_bytes <= 0) fail("merge: the maximum shard size must be positive, got ", max_shard_bytes);
+  const bool folder_existed = fs::exists(folder);
+  if (folder_existed) {
+    if (!fs::is_directory(folder)) fail(folder, ": exists and is not a folder");
+    if (!fs::is_empty(folder))
+      fail(folder, ": already exists and is not empty; merge writes into a new or empty folder (nothing was written)");
+  }
+
+  const MergePlan merge(model_dir, adapter_dir, dtype);
+  const std::vector<MergePlan::Tensor>& plan = merge.tensors();
 
   // Shards from the planned sizes: a new shard starts when the next tensor would overflow the current one.
   std::vector<std::vector<size_t>> shards;
@@ -269,7 +285,7 @@ MergeReport merge_weights(const std::string& model_dir, const std::string& adapt
       SafetensorsWriter writer;
       writer.set_metadata("format", "pt");
       for (size_t i : shards[s]) {
-        add_merged(writer, *store, plan[i], lc.scale(), lc.rank);
+        add_merged(writer, merge, plan[i]);
         report.bytes += plan[i].nbytes;
         ++report.tensors;
       }

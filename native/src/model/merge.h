@@ -5,10 +5,18 @@
 // tensors (.absmax, .quant_map, .nested_*, .quant_state.*) are dropped. Tensor names stay the base model's.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "io/dtype.h"
+
 namespace qlora {
+
+class Backend;
+class LoraAdapter;
+class TensorStore;
+struct LoraParam;
 
 constexpr int64_t kDefaultMaxShardBytes = 5'000'000'000;  // transformers' default max_shard_size ("5GB")
 
@@ -17,6 +25,48 @@ struct MergeReport {
   int64_t tensors = 0;              // tensors written
   int64_t bytes = 0;                // tensor bytes written (the index's total_size)
   std::vector<std::string> files;   // file names written in `folder`, index included
+};
+
+// A merge of an adapter into its base model, planned from their headers and checked (names, shapes, dtypes; an
+// adapter that does not fit the base fails naming the tensor) before anything is computed: the tensors of the merged
+// model in the order they are written, each computed on request. merge_weights writes them; a GGUF export converts
+// them one at a time, with no merged copy of the model on disk.
+class MergePlan {
+ public:
+  struct Tensor {
+    std::string name;
+    std::vector<int64_t> shape;  // as written (a bnb-4bit weight's real shape, not its packed one)
+    DType dtype = DType::F32;    // as written
+    int64_t nbytes = 0;
+    bool quantized = false;      // bnb-4bit in the base: dequantized first
+    const LoraParam* lora = nullptr;
+  };
+
+  // `dtype` ("bfloat16", "float16" or "float32") is what the floating tensors are written in.
+  MergePlan(const std::string& model_dir, const std::string& adapter_dir, const std::string& dtype);
+  ~MergePlan();
+  MergePlan(const MergePlan&) = delete;
+  MergePlan& operator=(const MergePlan&) = delete;
+
+  const std::vector<Tensor>& tensors() const { return tensors_; }
+  const Tensor* find(const std::string& name) const;  // nullptr when the merged model has no such tensor
+  const TensorStore& store() const { return *store_; }
+
+  // Whether `t` is written as the base stores it (not adapted, not 4-bit, already in its output dtype or not
+  // floating).
+  bool copied_as_stored(const Tensor& t) const;
+  // A floating tensor's values in fp32: a bnb-4bit weight dequantized; an adapted one W + scale * B @ A, accumulated
+  // in double and rounded once, to fp32 nearest for a float32 plan and "to odd" for a 16-bit one (so that rounding
+  // that to bf16 or f16 rounds the double sum correctly).
+  std::vector<float> merged_values(const Tensor& t) const;
+
+ private:
+  std::unique_ptr<TensorStore> store_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<LoraAdapter> adapter_;
+  double scale_ = 1.0;
+  int64_t rank_ = 0;
+  std::vector<Tensor> tensors_;
 };
 
 // Writes the merged weights into `folder` (created when absent): model.safetensors when every tensor fits in one
