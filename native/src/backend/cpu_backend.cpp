@@ -106,19 +106,25 @@ nf4::Rounding rounding(FloatFormat format) {
   return format == FloatFormat::F32 ? nullptr : format == FloatFormat::BF16 ? round_to_bf16 : round_to_f16;
 }
 
-// Large allocations (weights, activations, optimizer state) in 2 MiB pages where Linux's transparent huge pages
-// are on for those who ask (enabled = madvise, Ubuntu's default): a 4 KiB page is a fault when first written (a
-// 1B model's weights are 300,000 of them) and a TLB entry when read. Elsewhere, and for small ones, plain malloc.
-// Either is freed with free().
-void* allocate_large_pages_where_possible(size_t bytes) {
+// Large allocations in 2 MiB pages where Linux's transparent huge pages are on for those who ask (enabled = madvise,
+// Ubuntu's and Debian's default): a 4 KiB page is a fault when first written (a 1B model's weights are 300,000 of
+// them) and a TLB entry when read. What lives as long as the model (weights, adapters, gradients, optimizer state)
+// from 4 MiB; activations and workspace, which every step allocates and frees again, only from 32 MiB, which glibc
+// maps afresh for each allocation anyway (its largest mmap threshold), so that smaller ones stay in malloc's reused
+// memory. Only the whole 2 MiB pages inside the request are advised, so that memory beyond what was asked for (and
+// counted) is never backed. Either is freed with free().
+void* allocate_large_pages_where_possible(size_t bytes, MemCategory category) {
 #if defined(__linux__)
   constexpr size_t kHugePage = size_t{2} << 20;
-  if (bytes >= 2 * kHugePage) {
-    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* p = std::aligned_alloc(kHugePage, rounded);
-    if (p) madvise(p, rounded, MADV_HUGEPAGE);  // a hint: where it is refused the memory is still good
+  const bool per_step = category == MemCategory::Activations || category == MemCategory::Workspace;
+  const size_t from = per_step ? size_t{32} << 20 : size_t{4} << 20;
+  if (bytes >= from && bytes <= SIZE_MAX - kHugePage) {
+    void* p = std::aligned_alloc(kHugePage, (bytes + kHugePage - 1) / kHugePage * kHugePage);
+    if (p) madvise(p, bytes / kHugePage * kHugePage, MADV_HUGEPAGE);  // a hint: where it is refused, 4 KiB pages
     return p;
   }
+#else
+  (void)category;
 #endif
   return std::malloc(bytes);
 }
@@ -350,7 +356,7 @@ class CpuBackend final : public Backend {
 
  protected:
   void* device_alloc(size_t bytes, MemCategory category) override {
-    void* p = allocate_large_pages_where_possible(bytes);
+    void* p = allocate_large_pages_where_possible(bytes, category);
     if (!p) fail("out of host memory allocating ", bytes, " bytes for ", mem_category_name(category));
     return p;
   }

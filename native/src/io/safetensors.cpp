@@ -329,7 +329,7 @@ void map_in_for_reading(const uint8_t* p, size_t bytes) {
 #endif
   constexpr size_t kWorthIt = size_t{1} << 20;
   if (bytes < kWorthIt) return;
-  const uintptr_t page = 4096;
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));  // 4 KiB, or 16/64 KiB on some ARM
   const uintptr_t start = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
   madvise(reinterpret_cast<void*>(start), bytes + (reinterpret_cast<uintptr_t>(p) - start), MADV_POPULATE_READ);
 #else

@@ -9,6 +9,10 @@
 #include "util/error.h"
 #include "util/simd_clones.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace qlora::nf4 {
 
 const float kCodes[16] = {code_value(0),  code_value(1),  code_value(2),  code_value(3),
@@ -109,15 +113,27 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
 Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load) {
   Blockwise4bit out = blockwise_sized(n, blocksize, "nf4::quantize_loaded");
   const int64_t blocks = static_cast<int64_t>(out.absmax.size());
-#pragma omp parallel
+  // Each thread's block buffer, allocated before the parallel region: a throw inside it would end the process.
+  const int64_t size = std::min<int64_t>(blocksize, n);
+#ifdef _OPENMP
+  const int64_t threads = omp_get_max_threads();
+#else
+  const int64_t threads = 1;
+#endif
+  std::vector<float> buffers(static_cast<size_t>(size * threads));
+#pragma omp parallel num_threads(static_cast<int>(threads))
   {
-    std::vector<float> values(static_cast<size_t>(blocksize));
+#ifdef _OPENMP
+    float* values = buffers.data() + omp_get_thread_num() * size;
+#else
+    float* values = buffers.data();
+#endif
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t begin = b * blocksize;
       const int64_t count = std::min<int64_t>(blocksize, n - begin);
-      load(begin, count, values.data());
-      out.absmax[static_cast<size_t>(b)] = quantize_block(values.data(), count, out.packed.data() + begin / 2);
+      load(begin, count, values);
+      out.absmax[static_cast<size_t>(b)] = quantize_block(values, count, out.packed.data() + begin / 2);
     }
   }
   return out;
