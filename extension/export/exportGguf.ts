@@ -73,13 +73,16 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
       fs.rmSync(tmp, { recursive: true, force: true });
       o.onProgress?.('merge', 0, 1);
       merged = MergedWeights.open(model, adapter);
-      fs.mkdirSync(tmp);
+      fs.mkdirSync(tmp, { recursive: true }); // the output's folder too, as the GGUF writer makes it
       writeMergedSideFiles(model, adapter, tmp, 'float32', await mergedChatTemplate(model, adapter));
       o.onProgress?.('merge', 1, 1);
       source = tmp;
     }
-    const tensors = merged === null ? undefined : mergedTensors(merged);
+    const tensors = merged === null ? undefined : mergedTensors(merged, model);
     const report = await writeModelGguf({ modelDir: source, tensors, out: o.out, fileType: o.type, name, finetuned: adapter !== null, onProgress: (done, total) => o.onProgress?.('write', done, total) });
+    // the base model unmapped and the adapter freed before the check loads the model again
+    merged?.close();
+    merged = null;
     let verification: VerifyReport | null = null;
     if (o.verify !== false) {
       o.onProgress?.('verify', 0, 1);
@@ -94,8 +97,8 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
   }
 }
 
-function mergedTensors(merged: MergedWeights): ModelTensorSource {
-  return { shapes: new Map(merged.tensors().map((t) => [t.name, t.shape])), read: (name) => merged.values(name) };
+function mergedTensors(merged: MergedWeights, model: string): ModelTensorSource {
+  return { where: model, shapes: new Map(merged.tensors().map((t) => [t.name, t.shape])), read: (name) => merged.values(name) };
 }
 
 /** export-gguf --lora-only: the adapter as a GGUF LoRA, checked in llama.cpp on a temporary GGUF of its base. */

@@ -8,6 +8,8 @@ import { test } from 'node:test';
 import { Template } from '@huggingface/jinja';
 import { alpacaFallbackTemplate, loadModelTokenizer, renderExample, renderGenerationPrompt, type ChatMessage } from '../../extension/data';
 import { exportGguf } from '../../extension/export/exportGguf';
+import { writeModelGguf } from '../../extension/export/gguf/llamaGguf';
+import { merge, mergedChatTemplate } from '../../extension/trainer/verbs/merge';
 import type { GgufFileType } from '../../extension/export/gguf/types';
 import { verifyGguf } from '../../extension/export/verifyGguf';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
@@ -59,6 +61,21 @@ test('Llama-3 style (llama3 rope scaling, tied embeddings) and Qwen2 (q/k/v bias
       assert.equal(g.tensors.some((t) => t.name === 'output.weight'), false, 'tied embeddings: no output.weight');
     }
     assert.deepEqual(fs.readdirSync(dir).filter((f) => !f.endsWith('.gguf')), [], 'no temporary merge folder left');
+  }
+});
+
+test('a finetune\'s GGUF, its merge computed a tensor at a time, is the GGUF of the merged model folder, byte for byte; an output folder that does not exist yet is made', async () => {
+  const dir = tempDir('gguf-streamed');
+  const model = reference('llama3-shared');
+  const adapter = reference('llama3-shared-adapter');
+  const merged = path.join(dir, 'merged');
+  merge({ model, adapter, out: merged, dtype: 'float32', chatTemplate: await mergedChatTemplate(model, adapter) });
+  for (const type of ['f32', 'q8_0'] as GgufFileType[]) {
+    const fromFolder = path.join(dir, `folder-${type}.gguf`);
+    await writeModelGguf({ modelDir: merged, out: fromFolder, fileType: type, name: 'llama3-shared', finetuned: true });
+    const streamed = path.join(dir, 'not', 'yet', `streamed-${type}.gguf`);
+    await exportGguf({ model, adapter, out: streamed, type, verify: false });
+    assert.ok(fs.readFileSync(streamed).equals(fs.readFileSync(fromFolder)), `${type}: the files differ`);
   }
 });
 

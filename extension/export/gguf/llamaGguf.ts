@@ -110,6 +110,8 @@ export function tensorTypeFor(fileType: GgufFileType, shape: readonly number[], 
 
 /** Where a GGUF export's weights come from: a model folder's safetensors, or a merge computed a tensor at a time. */
 export interface ModelTensorSource {
+  /** The model folder the tensors are of, for messages. */
+  where: string;
   /** Every tensor's Hugging Face shape, by name. */
   shapes: ReadonlyMap<string, readonly number[]>;
   /** A tensor's values in float32. */
@@ -120,12 +122,14 @@ export interface ModelTensorSource {
 export function folderTensors(modelDir: string): ModelTensorSource {
   const entries = listModelTensors(modelDir);
   return {
+    where: modelDir,
     shapes: new Map([...entries].map(([name, e]) => [name, e.shape])),
     read: (name) => readTensorF32(entries.get(name)!),
   };
 }
 
-function planTensors(modelDir: string, source: ModelTensorSource, c: NativeModelConfig, arch: GgufArch, fileType: GgufFileType): PlannedTensor[] {
+function planTensors(source: ModelTensorSource, c: NativeModelConfig, arch: GgufArch, fileType: GgufFileType): PlannedTensor[] {
+  const modelDir = source.where;
   const hf = source.shapes;
   const used = new Set<string>();
   const need = (name: string): string => {
@@ -238,7 +242,7 @@ export async function writeModelGguf(o: ModelGgufOptions): Promise<ModelGgufRepo
   if (!arch) throw new Error(`${o.modelDir}: architecture ${c.architecture} is not supported for GGUF export (Llama, Mistral and Qwen2 are)`);
   if (c.quantized4bit) throw new Error(`${o.modelDir}: a bnb-4bit model must be dequantized (merged) before GGUF export`);
   const tokenizer = await tokenizerMetadata(o.modelDir, c.vocabSize, o.finetuned ?? false);
-  const tensors = planTensors(o.modelDir, o.tensors ?? folderTensors(o.modelDir), c, arch, o.fileType);
+  const tensors = planTensors(o.tensors ?? folderTensors(o.modelDir), c, arch, o.fileType);
   const metadata = new Map<string, GgufValue>([...architectureMetadata(c, arch, o.name, o.fileType), ...tokenizer.entries]);
   const { bytes } = await writeGguf(o.out, metadata, tensors, (i) => encodeTensor(tensors[i].type, tensors[i].values(), tensors[i].shape), { onProgress: o.onProgress });
   const types: Partial<Record<GgmlTypeName, number>> = {};

@@ -41,7 +41,7 @@ export async function exportGgufVerb(o: ParsedOptions): Promise<void> {
         return;
       }
       if (phase === 'merge') {
-        if (done === 0) process.stderr.write('merging the adapter into the base (float32)...\n');
+        if (done === 0) process.stderr.write('planning the merge of the adapter into the base (each tensor is merged in float32 as it is written)...\n');
         return;
       }
       if (phase === 'base') {

@@ -36,7 +36,7 @@ export async function exportOllamaVerb(o: ParsedOptions): Promise<void> {
     cli: { execPath: process.execPath, cliPath: process.argv[1] },
     onProgress(phase, done) {
       if (done !== 0) return;
-      if (phase === 'merge') say('merging the adapter into the base (float32)...');
+      if (phase === 'merge') say('planning the merge of the adapter into the base (each tensor is merged in float32 as it is written)...');
       else if (phase === 'write') say('writing model.gguf...');
       else if (phase === 'verify') say('checking model.gguf in llama.cpp against the engine...');
     },

@@ -91,9 +91,10 @@ export function merge(options: MergeOptions): MergeResult {
   for (const [name, dir] of [['--model', model], ['--adapter', adapter]] as const)
     if (path.resolve(dir) === path.resolve(out)) throw new Error(`--out must be a different folder from ${name}`);
   readModelConfig(model); // validates the architecture before any work
+  const rawConfig = readRawConfig(model);
   return writeFolderAtomic(out, (tmp) => {
     const report = mergeWeights(model, adapter, tmp, dtype, maxShardBytes);
-    const { copied, notCopied } = writeMergedSideFiles(model, adapter, tmp, dtype, options.chatTemplate);
+    const { copied, notCopied } = writeMergedSideFiles(model, adapter, tmp, dtype, options.chatTemplate, rawConfig);
     return { ...report, out, dtype, copied, notCopied };
   });
 }
@@ -103,8 +104,14 @@ export function merge(options: MergeOptions): MergeResult {
  * tokenizer files over them, the named chat templates, `chatTemplate` where the folder has none (see MergeOptions),
  * and config.json as a plain model in `dtype`.
  */
-export function writeMergedSideFiles(model: string, adapter: string, dir: string, dtype: MergeDtype, chatTemplate?: string): { copied: string[]; notCopied: string[] } {
-  const rawConfig = JSON.parse(fs.readFileSync(path.join(model, 'config.json'), 'utf8')) as Record<string, unknown>;
+export function writeMergedSideFiles(
+  model: string,
+  adapter: string,
+  dir: string,
+  dtype: MergeDtype,
+  chatTemplate?: string,
+  rawConfig: Record<string, unknown> = readRawConfig(model),
+): { copied: string[]; notCopied: string[] } {
   const { copied, notCopied } = copyModelSideFiles(model, dir);
   const adapterRoot = linkRoot(adapter);
   for (const name of TOKENIZER_FILES) {
@@ -129,6 +136,16 @@ export function writeMergedSideFiles(model: string, adapter: string, dir: string
   if (hasTorchDtype) rawConfig.torch_dtype = dtype;
   writeJsonAtomic(path.join(dir, 'config.json'), rawConfig);
   return { copied, notCopied };
+}
+
+/** The model's config.json as JSON (the engine's reader, which checked it, also takes a few things JSON does not). */
+function readRawConfig(model: string): Record<string, unknown> {
+  const file = path.join(model, 'config.json');
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as Record<string, unknown>;
+  } catch (err) {
+    throw new Error(`${file}: not valid JSON (${(err as Error).message})`);
+  }
 }
 
 /** chat_template into `dir`'s tokenizer_config.json, unless the folder has a chat template already. */

@@ -3,7 +3,6 @@
 // code "QLORA_ENGINE").
 #include <napi.h>
 
-#include <cstring>
 #include <memory>
 #include <optional>
 #include <string>
@@ -268,10 +267,12 @@ class MergedWeightsHandle : public Napi::ObjectWrap<MergedWeightsHandle> {
     const MergePlan& plan = open(env);
     const MergePlan::Tensor* t = plan.find(name);
     if (!t) throw Napi::Error::New(env, "the merged model has no tensor '" + name + "'");
-    const std::vector<float> values = guarded(env, [&] { return plan.merged_values(*t); });
-    // copied into memory V8 allocates: Electron's Node refuses buffers made outside its heap's sandbox
-    Napi::Float32Array out = Napi::Float32Array::New(env, values.size());
-    if (!values.empty()) std::memcpy(out.Data(), values.data(), values.size() * sizeof(float));
+    // computed into memory V8 allocates (Electron's Node refuses buffers made outside its heap's sandbox), so that
+    // one copy of the tensor is held
+    size_t count = 1;
+    for (const int64_t d : t->shape) count *= static_cast<size_t>(d);
+    Napi::Float32Array out = Napi::Float32Array::New(env, count);
+    guarded(env, [&] { plan.merged_values_into(*t, out.Data()); });
     return out;
   }
 

@@ -218,9 +218,22 @@ bool MergePlan::copied_as_stored(const Tensor& t) const {
 }
 
 std::vector<float> MergePlan::merged_values(const Tensor& t) const {
-  std::vector<float> values =
-      t.quantized ? bnb4::dequantize_weight(bnb4::read_weight(*store_, t.name)) : store_->read_f32(t.name);
-  if (!t.lora) return values;
+  std::vector<float> values(static_cast<size_t>(numel_of(t.shape)));
+  merged_values_into(t, values.data());
+  return values;
+}
+
+void MergePlan::merged_values_into(const Tensor& t, float* values) const {
+  const int64_t n = numel_of(t.shape);
+  if (t.quantized) {
+    const std::vector<float> w = bnb4::dequantize_weight(bnb4::read_weight(*store_, t.name));
+    std::copy(w.begin(), w.end(), values);
+  } else {
+    const TensorInfo& info = store_->floating(t.name);
+    convert_to_f32(info.dtype, store_->data(t.name), static_cast<size_t>(n), values,
+                   store_->file_of(t.name) + ": tensor '" + t.name + "'");
+  }
+  if (!t.lora) return;
   // W' = W + scale * (B @ A), B @ A accumulated in double and the sum rounded once (to fp32 nearest, or to odd
   // when a half dtype follows).
   const int64_t out = t.shape[0], in = t.shape[1], rank = rank_;
@@ -238,14 +251,13 @@ std::vector<float> MergePlan::merged_values(const Tensor& t) const {
         const float* ak = a.data() + k * in;
         for (int64_t i = 0; i < in; ++i) acc[static_cast<size_t>(i)] += bk * static_cast<double>(ak[i]);
       }
-      float* row = values.data() + o * in;
+      float* row = values + o * in;
       for (int64_t i = 0; i < in; ++i) {
         const double x = static_cast<double>(row[i]) + scale * acc[static_cast<size_t>(i)];
         row[i] = half ? round_to_odd_f32(x) : static_cast<float>(x);
       }
     }
   }
-  return values;
 }
 
 MergeReport merge_weights(const std::string& model_dir, const std::string& adapter_dir, const std::string& folder,

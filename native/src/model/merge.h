@@ -59,6 +59,8 @@ class MergePlan {
   // in double and rounded once, to fp32 nearest for a float32 plan and "to odd" for a 16-bit one (so that rounding
   // that to bf16 or f16 rounds the double sum correctly).
   std::vector<float> merged_values(const Tensor& t) const;
+  // merged_values into `out`, which holds the tensor's element count (the addon fills a JS array in place).
+  void merged_values_into(const Tensor& t, float* out) const;
 
  private:
   std::unique_ptr<TensorStore> store_;
