@@ -15,6 +15,7 @@
 #include "io/dtype.h"
 #include "io/model_config.h"
 #include "io/safetensors.h"
+#include "util/error.h"
 #include "util/json.h"
 
 using namespace qlora;
@@ -222,6 +223,46 @@ TEST(io_writer_round_trips_bytes_with_a_padded_header) {
   const std::string unwritable = (dir.path / "no-such-folder" / "x.safetensors").string();
   EXPECT_THROWS_WITH(w.write(unwritable), unwritable + ": cannot write");
   EXPECT_THROWS_WITH(SafetensorsWriter().write(dir.path.string() + "/"), "not a file path");
+}
+
+TEST(io_writer_deferred_tensors_write_the_same_file_one_at_a_time) {
+  // Tensors whose bytes are produced when the writer reaches them (merge: one merged weight in memory at a time)
+  // give the file that adding their bytes up front gives; a producer that hands over too few or too many bytes, or
+  // throws, fails the write naming the tensor and leaves no file.
+  const TempDir dir("writer-deferred");
+  const std::vector<float> a = {1.0f, -2.5f, 3.25f, 0.5f};
+  const uint16_t b[3] = {0x3F80, 0xC000, 0x0001};
+  SafetensorsWriter added, deferred;
+  for (SafetensorsWriter* w : {&added, &deferred}) w->set_metadata("format", "pt");
+  added.add_f32("a", {2, 2}, a);
+  added.add("b", DType::BF16, {3}, b, sizeof(b));
+  added.add("empty", DType::F32, {0}, nullptr, 0);
+  std::vector<std::string> order;
+  deferred.add_deferred("a", DType::F32, {2, 2}, [&](const SafetensorsWriter::ByteSink& sink) {
+    order.push_back("a");
+    sink(a.data(), 8);  // in two pieces
+    sink(a.data() + 2, 8);
+  });
+  deferred.add("b", DType::BF16, {3}, b, sizeof(b));
+  deferred.add_deferred("empty", DType::F32, {0}, [&](const SafetensorsWriter::ByteSink&) { order.push_back("empty"); });
+  EXPECT_TRUE(order.empty(), "a producer ran before the write");
+  added.write(dir.file("added.safetensors"));
+  deferred.write(dir.file("deferred.safetensors"));
+  EXPECT_TRUE(order == (std::vector<std::string>{"a", "empty"}));
+  EXPECT_TRUE(read_bytes(dir.file("added.safetensors")) == read_bytes(dir.file("deferred.safetensors")));
+  EXPECT_THROWS_WITH(deferred.add_deferred("a", DType::F32, {1}, nullptr), "tensor 'a' added twice");
+
+  const std::string bad = dir.file("bad.safetensors");
+  SafetensorsWriter short_one, long_one, throwing;
+  short_one.add_deferred("w", DType::F32, {2}, [&](const SafetensorsWriter::ByteSink& sink) { sink(a.data(), 4); });
+  EXPECT_THROWS_WITH(short_one.write(bad), bad + ": tensor 'w' was given 4 of its 8 bytes");
+  long_one.add_deferred("w", DType::F32, {2}, [&](const SafetensorsWriter::ByteSink& sink) { sink(a.data(), 12); });
+  EXPECT_THROWS_WITH(long_one.write(bad), bad + ": tensor 'w' was given more than its 8 bytes");
+  throwing.add_deferred("w", DType::F32, {2}, [](const SafetensorsWriter::ByteSink&) { fail("a corrupt weight"); });
+  EXPECT_THROWS_WITH(throwing.write(bad), "a corrupt weight");
+  EXPECT_TRUE(!fs::exists(bad), "a failed write left its file");
+  for (const auto& entry : fs::directory_iterator(dir.path))
+    EXPECT_TRUE(entry.path().filename().string().find(".tmp-") == std::string::npos, "temp file left behind");
 }
 
 TEST(io_writer_reproduces_a_reference_file_byte_for_byte) {

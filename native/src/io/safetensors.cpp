@@ -381,20 +381,31 @@ std::vector<float> TensorStore::read_f32(const std::string& name, const std::vec
 // ---------------------------------------------------------------------------------------------------------------
 // Writing
 
-void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vector<int64_t>& shape, const void* data,
-                            size_t nbytes) {
+size_t SafetensorsWriter::checked_bytes(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {
   if (name == "__metadata__") fail("safetensors writer: '__metadata__' is reserved and cannot name a tensor");
   for (const Entry& e : entries_)
     if (e.name == name) fail("safetensors writer: tensor '", name, "' added twice");
   uint64_t numel = 0, expected = 0;
   if (!checked_numel(shape, numel) || !checked_mul(numel, dtype_size(dtype), expected))
     fail("safetensors writer: tensor '", name, "' has an invalid shape ", shape_to_string(shape));
+  return static_cast<size_t>(expected);
+}
+
+void SafetensorsWriter::add(const std::string& name, DType dtype, const std::vector<int64_t>& shape, const void* data,
+                            size_t nbytes) {
+  const size_t expected = checked_bytes(name, dtype, shape);
   if (expected != nbytes)
     fail("safetensors writer: tensor '", name, "' has ", nbytes, " bytes for ", dtype_name(dtype), " ",
          shape_to_string(shape), " (needs ", expected, ")");
-  Entry e{name, dtype, shape, std::vector<uint8_t>(nbytes)};
+  Entry e{name, dtype, shape, nbytes, std::vector<uint8_t>(nbytes), nullptr};
   if (nbytes) std::memcpy(e.bytes.data(), data, nbytes);
   entries_.push_back(std::move(e));
+}
+
+void SafetensorsWriter::add_deferred(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
+                                     std::function<void(const ByteSink&)> produce) {
+  const size_t nbytes = checked_bytes(name, dtype, shape);
+  entries_.push_back(Entry{name, dtype, shape, nbytes, {}, std::move(produce)});
 }
 
 void SafetensorsWriter::add_f32(const std::string& name, const std::vector<int64_t>& shape,
@@ -479,11 +490,11 @@ void SafetensorsWriter::write(const std::string& path) const {
     for (const int64_t d : e.shape) shape.push_back(json::Value::number(static_cast<double>(d)));
     // Offsets are contiguous, in the order the tensors were added.
     std::vector<json::Value> offsets = {json::Value::number(static_cast<double>(offset)),
-                                        json::Value::number(static_cast<double>(offset + e.bytes.size()))};
+                                        json::Value::number(static_cast<double>(offset + e.nbytes))};
     members.emplace_back(e.name, json::Value::object({{"dtype", json::Value::string(dtype_name(e.dtype))},
                                                       {"shape", json::Value::array(std::move(shape))},
                                                       {"data_offsets", json::Value::array(std::move(offsets))}}));
-    offset += e.bytes.size();
+    offset += e.nbytes;
   }
   // The offsets are held as doubles in the header; past 2^53 they could no longer be written exactly.
   if (offset > (uint64_t{1} << 53))
@@ -497,7 +508,20 @@ void SafetensorsWriter::write(const std::string& path) const {
     for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
     write_all(f, len, 8, path);
     write_all(f, text.data(), text.size(), path);
-    for (const Entry& e : entries_) write_all(f, e.bytes.data(), e.bytes.size(), path);
+    for (const Entry& e : entries_) {
+      if (!e.produce) {
+        write_all(f, e.bytes.data(), e.bytes.size(), path);
+        continue;
+      }
+      size_t written = 0;
+      e.produce([&](const void* data, size_t nbytes) {
+        if (nbytes > e.nbytes - written)
+          fail(path, ": tensor '", e.name, "' was given more than its ", e.nbytes, " bytes");
+        write_all(f, data, nbytes, path);
+        written += nbytes;
+      });
+      if (written != e.nbytes) fail(path, ": tensor '", e.name, "' was given ", written, " of its ", e.nbytes, " bytes");
+    }
   });
 }
 

@@ -4,6 +4,7 @@
 // optional "__metadata__" (string→string), then the data; offsets are relative to the end of the header.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -86,6 +87,11 @@ class SafetensorsWriter {
  public:
   void add(const std::string& name, DType dtype, const std::vector<int64_t>& shape, const void* data, size_t nbytes);
   void add_f32(const std::string& name, const std::vector<int64_t>& shape, const std::vector<float>& values);
+  // A tensor whose bytes `produce` hands to its sink (in pieces, in order) when write() reaches it, so that only one
+  // tensor is computed and held at a time; handing over other than its shape's byte count fails the write.
+  using ByteSink = std::function<void(const void* data, size_t nbytes)>;
+  void add_deferred(const std::string& name, DType dtype, const std::vector<int64_t>& shape,
+                    std::function<void(const ByteSink&)> produce);
   void set_metadata(const std::string& key, const std::string& value);
   void write(const std::string& path) const;
 
@@ -94,8 +100,11 @@ class SafetensorsWriter {
     std::string name;
     DType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
+    size_t nbytes = 0;
+    std::vector<uint8_t> bytes;                    // added: the bytes themselves
+    std::function<void(const ByteSink&)> produce;  // deferred: what writes them
   };
+  size_t checked_bytes(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const;
   std::vector<Entry> entries_;
   std::map<std::string, std::string> metadata_;
 };

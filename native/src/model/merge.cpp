@@ -108,22 +108,24 @@ std::string shard_name(int64_t i, int64_t n) {
   return buf;
 }
 
-// Computes one output tensor and adds it to `writer`.
+// One output tensor, computed when the writer reaches it: a shard's file holds one merged tensor in memory at a time,
+// and a tensor written as stored goes from the base's mapping straight to the file.
 void add_merged(SafetensorsWriter& writer, const MergePlan& plan, const MergePlan::Tensor& t) {
-  if (plan.copied_as_stored(t)) {
-    const TensorInfo& src = plan.store().info(t.name);
-    writer.add(t.name, src.dtype, t.shape, plan.store().data(t.name), src.nbytes);
-    return;
-  }
-  const std::vector<float> values = plan.merged_values(t);
-  if (t.dtype == DType::F32) {
-    writer.add(t.name, DType::F32, t.shape, values.data(), values.size() * sizeof(float));
-    return;
-  }
-  std::vector<uint16_t> encoded(values.size());
-  for (size_t i = 0; i < values.size(); ++i)
-    encoded[i] = t.dtype == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
-  writer.add(t.name, t.dtype, t.shape, encoded.data(), encoded.size() * sizeof(uint16_t));
+  writer.add_deferred(t.name, t.dtype, t.shape, [&plan, &t](const SafetensorsWriter::ByteSink& sink) {
+    if (plan.copied_as_stored(t)) {
+      sink(plan.store().data(t.name), plan.store().info(t.name).nbytes);
+      return;
+    }
+    const std::vector<float> values = plan.merged_values(t);
+    if (t.dtype == DType::F32) {
+      sink(values.data(), values.size() * sizeof(float));
+      return;
+    }
+    std::vector<uint16_t> encoded(values.size());
+    for (size_t i = 0; i < values.size(); ++i)
+      encoded[i] = t.dtype == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+    sink(encoded.data(), encoded.size() * sizeof(uint16_t));
+  });
 }
 
 }  // namespace

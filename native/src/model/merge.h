@@ -76,9 +76,9 @@ class MergePlan {
 // than the limit gets a shard of its own) and model.safetensors.index.json. `dtype` is "bfloat16", "float16" or
 // "float32". The folder, names, shapes and dtypes are checked before anything is written: a `folder` that exists
 // and is not empty is refused, and an adapter that does not fit the base fails naming the tensor. Memory stays at
-// one shard's tensors plus one weight being merged; each file is written atomically, and on a later failure (a
-// corrupt bnb-4bit weight, a full disk) the files written so far are removed, and `folder` too when this call
-// created it. config.json, tokenizer files and the like are the caller's to write.
+// the one weight being merged (each is computed as its file's writer reaches it); each file is written atomically,
+// and on a later failure (a corrupt bnb-4bit weight, a full disk) the files written so far are removed, and `folder`
+// too when this call created it. config.json, tokenizer files and the like are the caller's to write.
 MergeReport merge_weights(const std::string& model_dir, const std::string& adapter_dir, const std::string& folder,
                           const std::string& dtype, int64_t max_shard_bytes = kDefaultMaxShardBytes);
 
