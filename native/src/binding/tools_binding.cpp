@@ -269,9 +269,7 @@ class MergedWeightsHandle : public Napi::ObjectWrap<MergedWeightsHandle> {
     if (!t) throw Napi::Error::New(env, "the merged model has no tensor '" + name + "'");
     // computed into memory V8 allocates (Electron's Node refuses buffers made outside its heap's sandbox), so that
     // one copy of the tensor is held
-    size_t count = 1;
-    for (const int64_t d : t->shape) count *= static_cast<size_t>(d);
-    Napi::Float32Array out = Napi::Float32Array::New(env, count);
+    Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(numel_of(t->shape)));
     guarded(env, [&] { plan.merged_values_into(*t, out.Data()); });
     return out;
   }

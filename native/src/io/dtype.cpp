@@ -103,10 +103,7 @@ uint16_t f32_to_f16(float f) {
   return static_cast<uint16_t>(sign | h);
 }
 
-namespace {
-
-// One thread's share of a conversion; `t` is a floating type.
-void convert_range_to_f32(DType t, const void* src, size_t n, float* dst) {
+void convert_block_to_f32(DType t, const void* src, size_t n, float* dst) {
   switch (t) {
     case DType::F32:
       if (n) std::memcpy(dst, src, n * sizeof(float));
@@ -124,30 +121,22 @@ void convert_range_to_f32(DType t, const void* src, size_t n, float* dst) {
   }
 }
 
-void check_floating(DType t, const std::string& context) {
-  if (t != DType::F32 && t != DType::BF16 && t != DType::F16 && t != DType::F64)
-    fail(context, ": dtype ", dtype_name(t), " is not a floating type (F32, F16, BF16 or F64 expected)");
-}
-
-}  // namespace
-
 // Conversions of whole tensors (a model's weights on load) run on every core, in chunks; a row of an embedding does
 // not.
 constexpr size_t kParallelFrom = size_t{1} << 16;
 
 void convert_to_f32(DType t, const void* src, size_t n, float* dst, const std::string& context) {
-  check_floating(t, context);
-  if (n < kParallelFrom) return convert_range_to_f32(t, src, n, dst);
+  if (!is_floating(t))
+    fail(context, ": dtype ", dtype_name(t), " is not a floating type (F32, F16, BF16 or F64 expected)");
+  if (n < kParallelFrom) return convert_block_to_f32(t, src, n, dst);
   const int64_t chunks = static_cast<int64_t>((n + kParallelFrom - 1) / kParallelFrom);  // OpenMP 2.0 (MSVC): signed
   const size_t element = dtype_size(t);
 #pragma omp parallel for schedule(static)
   for (int64_t c = 0; c < chunks; ++c) {
     const size_t begin = static_cast<size_t>(c) * kParallelFrom;
-    convert_range_to_f32(t, static_cast<const uint8_t*>(src) + begin * element, std::min(kParallelFrom, n - begin),
+    convert_block_to_f32(t, static_cast<const uint8_t*>(src) + begin * element, std::min(kParallelFrom, n - begin),
                          dst + begin);
   }
 }
-
-void convert_block_to_f32(DType t, const void* src, size_t n, float* dst) { convert_range_to_f32(t, src, n, dst); }
 
 }  // namespace qlora

@@ -64,11 +64,13 @@ bool checked_numel(const std::vector<int64_t>& shape, uint64_t& out) {
 
 }  // namespace
 
-int64_t TensorInfo::numel() const {
+int64_t numel_of(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (const int64_t d : shape) n *= d;
   return n;
 }
+
+int64_t TensorInfo::numel() const { return numel_of(shape); }
 
 std::string shape_to_string(const std::vector<int64_t>& shape) {
   std::ostringstream out;
@@ -365,17 +367,21 @@ const TensorInfo& TensorStore::floating(const std::string& name, const std::vect
   if (!expected_shape.empty() && t.shape != expected_shape)
     fail(file_of(name), ": tensor '", name, "' has shape ", shape_to_string(t.shape), ", expected ",
          shape_to_string(expected_shape));
-  if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16 && t.dtype != DType::F64)
+  if (!is_floating(t.dtype))
     fail(file_of(name), ": tensor '", name, "' is ", dtype_name(t.dtype),
          ", not a floating type (F32, F16, BF16 or F64 expected)");
   return t;
 }
 
 std::vector<float> TensorStore::read_f32(const std::string& name, const std::vector<int64_t>& expected_shape) const {
-  const TensorInfo& t = floating(name, expected_shape);
-  std::vector<float> out(static_cast<size_t>(t.numel()));
-  convert_to_f32(t.dtype, data(name), out.size(), out.data(), file_of(name) + ": tensor '" + name + "'");
+  std::vector<float> out(static_cast<size_t>(floating(name, expected_shape).numel()));
+  read_f32_into(name, out.data());
   return out;
+}
+
+void TensorStore::read_f32_into(const std::string& name, float* out) const {
+  const TensorInfo& t = floating(name);
+  convert_to_f32(t.dtype, data(name), static_cast<size_t>(t.numel()), out, file_of(name) + ": tensor '" + name + "'");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

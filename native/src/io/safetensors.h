@@ -66,6 +66,8 @@ class TensorStore {
   // Reads a floating tensor as fp32, checking its shape when `expected_shape` is non-empty: a mismatch throws
   // "<file>: tensor '<name>' has shape [a, b], expected [c, d]".
   std::vector<float> read_f32(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
+  // read_f32 into `out`, which holds the tensor's element count.
+  void read_f32_into(const std::string& name, float* out) const;
   // The tensor's info after the checks of read_f32 (a floating dtype; the shape when `expected_shape` is non-empty),
   // for a caller that takes its bytes as stored.
   const TensorInfo& floating(const std::string& name, const std::vector<int64_t>& expected_shape = {}) const;
@@ -110,6 +112,7 @@ class SafetensorsWriter {
 };
 
 std::string shape_to_string(const std::vector<int64_t>& shape);  // "[128, 256]"
+int64_t numel_of(const std::vector<int64_t>& shape);             // the product of the dimensions
 
 // Writes `contents` to `path` atomically (temp file + rename).
 void write_file_atomic(const std::string& path, const std::string& contents);

@@ -36,14 +36,6 @@ DType parse_output_dtype(const std::string& dtype) {
   fail("merge: dtype '", dtype, "' is not supported (bfloat16, float16, float32)");
 }
 
-bool is_floating(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16 || t == DType::F64; }
-
-int64_t numel_of(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 // Names in "natural" order (model.layers.2 before model.layers.10), so that shards hold whole layers in sequence.
 bool natural_less(const std::string& a, const std::string& b) {
   auto digit = [](char c) { return c >= '0' && c <= '9'; };
@@ -226,14 +218,11 @@ std::vector<float> MergePlan::merged_values(const Tensor& t) const {
 }
 
 void MergePlan::merged_values_into(const Tensor& t, float* values) const {
-  const int64_t n = numel_of(t.shape);
   if (t.quantized) {
     const std::vector<float> w = bnb4::dequantize_weight(bnb4::read_weight(*store_, t.name));
     std::copy(w.begin(), w.end(), values);
   } else {
-    const TensorInfo& info = store_->floating(t.name);
-    convert_to_f32(info.dtype, store_->data(t.name), static_cast<size_t>(n), values,
-                   store_->file_of(t.name) + ": tensor '" + t.name + "'");
+    store_->read_f32_into(t.name, values);
   }
   if (!t.lora) return;
   // W' = W + scale * (B @ A), B @ A accumulated in double and the sum rounded once (to fp32 nearest, or to odd

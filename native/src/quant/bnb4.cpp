@@ -17,12 +17,6 @@ namespace {
 const char* const kNf4StateSuffix = ".quant_state.bitsandbytes__nf4";
 const char* const kFp4StateSuffix = ".quant_state.bitsandbytes__fp4";
 
-int64_t numel_of(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 bool is_state_dtype(const std::string& dtype) {
@@ -288,8 +282,6 @@ std::optional<DType> parse_target_dtype(const std::string& dtype) {
   if (dtype == "float16") return DType::F16;
   fail("dtype '", dtype, "' is not supported (float32, bfloat16, float16)");
 }
-
-bool is_floating(DType t) { return t == DType::F32 || t == DType::BF16 || t == DType::F16 || t == DType::F64; }
 
 // Rounds fp32 values to `t` in place (what casting the loaded weight to torch_dtype does).
 void round_in_place(std::vector<float>& values, DType t) {
