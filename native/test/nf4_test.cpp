@@ -1,6 +1,7 @@
 // NF4 and the bnb-4bit layout against what bitsandbytes 0.50 wrote on an H100: the quantized vectors and the two
 // reference checkpoints must come out bit for bit, and malformed checkpoints must be rejected by name.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -283,6 +284,100 @@ TEST(nf4_quantize_model_matches_reference_checkpoints) {
       EXPECT_EQ(std::string(got.begin(), got.end()), expected);
     }
     EXPECT_TRUE(ours->info("model.layers.1.mlp.up_proj.weight").dtype == DType::U8);
+  }
+}
+
+// quantize_model writes a tensor at a time: a linear's codes and constants are computed when the writer reaches them,
+// a cast goes in chunks of 2^20 values. Against the eager functions, on sizes that end in a partial block of 64, a
+// partial group of 256 constants and a partial chunk, from fp32 values that each target dtype rounds.
+TEST(nf4_quantize_model_streams_the_same_tensors_the_eager_functions_make) {
+  TempDir tmp("stream");
+  const std::vector<int64_t> linear_shape = {97, 340};  // 32,980 values: 516 blocks (the last of 20), 3 groups of 256
+  const std::vector<int64_t> embed_shape = {(int64_t{1} << 14) + 3, 64};  // 2^20 + 192 values
+  auto values_of = [](int64_t n, uint32_t seed) {
+    std::vector<float> v(static_cast<size_t>(n));
+    uint32_t x = seed;
+    for (float& f : v) {
+      x = x * 1664525u + 1013904223u;
+      f = (static_cast<float>(x >> 8) / 16777216.0f - 0.5f) * 0.37f;  // 24 random bits: bf16 and f16 round them
+    }
+    return v;
+  };
+  const std::vector<float> linear = values_of(numel_of(linear_shape), 1), embed = values_of(numel_of(embed_shape), 2);
+  {
+    SafetensorsWriter w;
+    w.add_f32("model.embed_tokens.weight", embed_shape, embed);
+    w.add_f32("model.layers.0.mlp.up_proj.weight", linear_shape, linear);
+    w.write(tmp.file("model.safetensors"));
+  }
+  for (const auto& [dtype, t] : {std::pair<std::string, DType>{"bfloat16", DType::BF16}, {"float16", DType::F16}}) {
+    for (const bool dq : {true, false}) {
+      const std::string out = tmp.file(dtype + (dq ? "-dq" : "") + ".safetensors");
+      bnb4::quantize_model(tmp.path.string(), out, dq, dtype);
+      const auto ours = TensorStore::open_file(out);
+      const std::string what = dtype + (dq ? " with double quant" : "");
+
+      std::vector<uint16_t> cast(embed.size());
+      for (size_t i = 0; i < embed.size(); ++i)
+        cast[i] = t == DType::BF16 ? f32_to_bf16(embed[i]) : f32_to_f16(embed[i]);
+      std::vector<uint8_t> cast_bytes(cast.size() * 2);
+      std::memcpy(cast_bytes.data(), cast.data(), cast_bytes.size());
+      EXPECT_TRUE(ours->info("model.embed_tokens.weight").dtype == t, what);
+      EXPECT_SAME_BYTES(bytes_of(*ours, "model.embed_tokens.weight"), cast_bytes, 2, what + ": the cast embedding");
+
+      std::vector<float> rounded = linear;
+      for (float& v : rounded) v = t == DType::BF16 ? round_to_bf16(v) : round_to_f16(v);
+      const nf4::Blockwise4bit q = nf4::quantize(rounded.data(), static_cast<int64_t>(rounded.size()), 64);
+      const std::string name = "model.layers.0.mlp.up_proj.weight";
+      EXPECT_SAME_BYTES(bytes_of(*ours, name), q.packed, 1, what + ": the codes");
+      const std::vector<uint8_t> state = bytes_of(*ours, name + ".quant_state.bitsandbytes__nf4");
+      const std::string state_text(state.begin(), state.end());
+      if (dq) {
+        const nf4::DoubleQuantized d = nf4::double_quantize(q.absmax, 256);
+        EXPECT_SAME_BYTES(bytes_of(*ours, name + ".absmax"), d.codes, 1, what + ": the constants' codes");
+        EXPECT_SAME_BYTES(bytes_of(*ours, name + ".nested_absmax"), bytes_of_floats(d.state2_absmax), 4,
+                          what + ": the nested constants");
+        const size_t at = state_text.find("\"nested_offset\": ") + 17;
+        const float offset = static_cast<float>(std::stod(state_text.substr(at)));
+        EXPECT_TRUE(offset == d.offset, what, ": the quant state's offset ", offset, " is not ", d.offset);
+      } else {
+        EXPECT_SAME_BYTES(bytes_of(*ours, name + ".absmax"), bytes_of_floats(q.absmax), 4, what + ": the constants");
+      }
+      EXPECT_TRUE(state_text.find("\"dtype\": \"" + dtype + "\"") != std::string::npos, what, ": ", state_text);
+      // read back as transformers would: the values within NF4's error of the rounded weights
+      const std::vector<float> back = bnb4::dequantize_weight(bnb4::read_weight(*ours, name));
+      for (size_t i = 0; i < back.size(); i += 997)
+        EXPECT_TRUE(std::fabs(back[i] - rounded[i]) < 0.05f, what, " at ", i);
+    }
+  }
+}
+
+// The codes of a weight added with a loader are computed during write() and not before: the loader runs once over
+// the weight for the block constants at add time (with double quantization; not at all without), once more in
+// write(), and the file equals the one made from the values in memory.
+TEST(nf4_add_quantized_weight_loads_the_codes_when_the_writer_writes_them) {
+  TempDir tmp("loader");
+  const std::vector<int64_t> shape = {33, 130};  // 4,290 values: 68 blocks, the last of 2
+  std::vector<float> values(static_cast<size_t>(numel_of(shape)));
+  for (size_t i = 0; i < values.size(); ++i) values[i] = std::sin(0.37f * static_cast<float>(i)) * (1.0f + i % 7);
+  for (const bool dq : {true, false}) {
+    std::atomic<int64_t> loaded{0};
+    SafetensorsWriter streamed;
+    bnb4::add_quantized_weight(
+        streamed, "model.layers.0.self_attn.o_proj.weight", shape,
+        [&](int64_t begin, int64_t count, float* out) {
+          loaded += count;
+          std::copy(values.begin() + begin, values.begin() + begin + count, out);
+        },
+        dq, "float32");
+    EXPECT_EQ(loaded.load(), dq ? numel_of(shape) : int64_t{0});
+    streamed.write(tmp.file("streamed.safetensors"));
+    EXPECT_EQ(loaded.load(), (dq ? 2 : 1) * numel_of(shape));
+
+    SafetensorsWriter eager;
+    bnb4::add_quantized_weight(eager, "model.layers.0.self_attn.o_proj.weight", shape, values, dq, "float32");
+    eager.write(tmp.file("eager.safetensors"));
+    EXPECT_EQ(read_text_file(tmp.file("streamed.safetensors")), read_text_file(tmp.file("eager.safetensors")));
   }
 }
 

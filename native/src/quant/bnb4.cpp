@@ -1,9 +1,10 @@
 // Reading and writing the bnb-4bit (NF4) checkpoint layout that transformers + bitsandbytes use.
 #include "quant/bnb4.h"
 
-
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <optional>
 
 #include "quant/nf4.h"
@@ -54,15 +55,16 @@ std::vector<float> read_f32_count(const TensorStore& store, const TensorInfo& t,
 // Exactly Python's json.dumps(quant_state_dict) for the dict bitsandbytes' QuantState.as_dict(packed=True) builds,
 // so that files we write are byte-identical to the ones transformers saves.
 std::string quant_state_json(const std::vector<int64_t>& shape, const std::string& dtype, int blocksize,
-                             const nf4::DoubleQuantized* dq, int blocksize2) {
+                             std::optional<float> nested_offset, int blocksize2) {
   std::string s = "{\"quant_type\": \"nf4\", \"blocksize\": " + std::to_string(blocksize) + ", \"dtype\": " +
                   json::quote(dtype) + ", \"shape\": [";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   s += "]";
-  if (dq) {
+  if (nested_offset) {
     // bitsandbytes stores the fp32 offset via .item(), i.e. widened to a Python float (double) and printed by repr.
     s += ", \"nested_blocksize\": " + std::to_string(blocksize2) +
-         ", \"nested_dtype\": \"float32\", \"nested_offset\": " + json::format_double(static_cast<double>(dq->offset));
+         ", \"nested_dtype\": \"float32\", \"nested_offset\": " +
+         json::format_double(static_cast<double>(*nested_offset));
   }
   s += "}";
   return s;
@@ -228,35 +230,113 @@ std::vector<float> dequantize_weight(const Nf4Weight& w) {
   return out;
 }
 
+namespace {
+
+// One weight's codes and block constants, computed when the writer reaches the first of its tensors that needs them
+// and freed after the last, so that a writer holds one quantized weight at a time, not the whole output.
+class PendingWeight {
+ public:
+  // With double quantization, `offset` is the one the quant state was written with (nullopt: none).
+  PendingWeight(int64_t n, int blocksize, nf4::BlockLoader load, std::optional<float> offset, int blocksize2)
+      : n_(n), blocksize_(blocksize), load_(std::move(load)), offset_(offset), blocksize2_(blocksize2) {}
+
+  const nf4::Blockwise4bit& quantized() {
+    compute();
+    return *q_;
+  }
+  const nf4::DoubleQuantized& double_quantized() {
+    compute();
+    return *dq_;
+  }
+  void release() {
+    q_.reset();
+    dq_.reset();
+  }
+
+ private:
+  void compute() {
+    if (q_) return;
+    q_ = nf4::quantize_loaded(n_, blocksize_, load_);
+    if (!offset_) return;
+    dq_ = nf4::double_quantize(q_->absmax, blocksize2_);
+    // The quant state, written before the codes existed, holds the offset of the first pass over the weight.
+    QLORA_CHECK(dq_->offset == *offset_, "double quantization offset ", dq_->offset, " differs from the planned ",
+                *offset_);
+  }
+
+  int64_t n_;
+  int blocksize_;
+  nf4::BlockLoader load_;
+  std::optional<float> offset_;
+  int blocksize2_;
+  std::optional<nf4::Blockwise4bit> q_;
+  std::optional<nf4::DoubleQuantized> dq_;
+};
+
+}  // namespace
+
 void add_quantized_weight(SafetensorsWriter& writer, const std::string& name, const std::vector<int64_t>& shape,
-                          const std::vector<float>& values, bool double_quant, const std::string& dtype) {
+                          nf4::BlockLoader load, bool double_quant, const std::string& dtype) {
   constexpr int kBlocksize = 64;
   constexpr int kBlocksize2 = 256;
-  const int64_t n = numel_of(shape);
-  QLORA_CHECK(static_cast<int64_t>(values.size()) == n, name, ": ", values.size(), " values for shape ",
-              shape_to_string(shape));
+  using Sink = SafetensorsWriter::ByteSink;
   QLORA_CHECK(is_state_dtype(dtype), name, ": unsupported quant state dtype '", dtype, "'");
-
-  const nf4::Blockwise4bit q = nf4::quantize(values.data(), n, kBlocksize);
+  const int64_t n = numel_of(shape);
+  const int64_t nblocks = ceil_div(n, kBlocksize);
   const std::vector<float> quant_map(nf4::kCodes, nf4::kCodes + 16);
-  const int64_t nblocks = static_cast<int64_t>(q.absmax.size());
-  // Same order as safetensors' Python writer (fp32 tensors first, then bytes), each group sorted by name.
-  std::string state;
+  // The quant state's JSON, whose length the file's header holds, has the mean block constant in it: a first pass
+  // over the weight computes the block constants alone for it.
+  const std::optional<float> offset =
+      double_quant ? std::optional<float>(nf4::double_quant_offset(nf4::absmax_loaded(n, kBlocksize, load)))
+                   : std::nullopt;
+  const auto pending = std::make_shared<PendingWeight>(n, kBlocksize, std::move(load), offset, kBlocksize2);
+  // Same order as safetensors' Python writer (fp32 tensors first, then bytes), each group sorted by name; the last
+  // tensor that needs the codes or constants frees them.
   if (double_quant) {
-    const nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, kBlocksize2);
-    writer.add_f32(name + ".nested_absmax", {static_cast<int64_t>(dq.state2_absmax.size())}, dq.state2_absmax);
+    writer.add_deferred(name + ".nested_absmax", DType::F32, {ceil_div(nblocks, kBlocksize2)},
+                        [pending](const Sink& sink) {
+                          const nf4::DoubleQuantized& dq = pending->double_quantized();
+                          sink(dq.state2_absmax.data(), dq.state2_absmax.size() * sizeof(float));
+                        });
     writer.add_f32(name + ".nested_quant_map", {256}, nf4::dynamic_map_signed());
     writer.add_f32(name + ".quant_map", {16}, quant_map);
-    writer.add(name, DType::U8, {ceil_div(n, 2), 1}, q.packed.data(), q.packed.size());
-    writer.add(name + ".absmax", DType::U8, {nblocks}, dq.codes.data(), dq.codes.size());
-    state = quant_state_json(shape, dtype, kBlocksize, &dq, kBlocksize2);
+    writer.add_deferred(name, DType::U8, {ceil_div(n, 2), 1}, [pending](const Sink& sink) {
+      const nf4::Blockwise4bit& q = pending->quantized();
+      sink(q.packed.data(), q.packed.size());
+    });
+    writer.add_deferred(name + ".absmax", DType::U8, {nblocks}, [pending](const Sink& sink) {
+      const nf4::DoubleQuantized& dq = pending->double_quantized();
+      sink(dq.codes.data(), dq.codes.size());
+      pending->release();
+    });
   } else {
-    writer.add_f32(name + ".absmax", {nblocks}, q.absmax);
+    writer.add_deferred(name + ".absmax", DType::F32, {nblocks}, [pending](const Sink& sink) {
+      const nf4::Blockwise4bit& q = pending->quantized();
+      sink(q.absmax.data(), q.absmax.size() * sizeof(float));
+    });
     writer.add_f32(name + ".quant_map", {16}, quant_map);
-    writer.add(name, DType::U8, {ceil_div(n, 2), 1}, q.packed.data(), q.packed.size());
-    state = quant_state_json(shape, dtype, kBlocksize, nullptr, 0);
+    writer.add_deferred(name, DType::U8, {ceil_div(n, 2), 1}, [pending](const Sink& sink) {
+      const nf4::Blockwise4bit& q = pending->quantized();
+      sink(q.packed.data(), q.packed.size());
+      pending->release();
+    });
   }
+  const std::string state = quant_state_json(shape, dtype, kBlocksize, offset, kBlocksize2);
   writer.add(name + kNf4StateSuffix, DType::U8, {static_cast<int64_t>(state.size())}, state.data(), state.size());
+}
+
+void add_quantized_weight(SafetensorsWriter& writer, const std::string& name, const std::vector<int64_t>& shape,
+                          const std::vector<float>& values, bool double_quant, const std::string& dtype) {
+  QLORA_CHECK(static_cast<int64_t>(values.size()) == numel_of(shape), name, ": ", values.size(),
+              " values for shape ", shape_to_string(shape));
+  // Held until the writer has written the weight.
+  const auto held = std::make_shared<const std::vector<float>>(values);
+  add_quantized_weight(
+      writer, name, shape,
+      [held](int64_t begin, int64_t count, float* out) {
+        std::copy(held->data() + begin, held->data() + begin + count, out);
+      },
+      double_quant, dtype);
 }
 
 bool is_quantizable_linear(const std::string& name) {
@@ -283,20 +363,42 @@ std::optional<DType> parse_target_dtype(const std::string& dtype) {
   fail("dtype '", dtype, "' is not supported (float32, bfloat16, float16)");
 }
 
-// Rounds fp32 values to `t` in place (what casting the loaded weight to torch_dtype does).
-void round_in_place(std::vector<float>& values, DType t) {
-  if (t == DType::BF16)
-    for (float& v : values) v = round_to_bf16(v);
-  else if (t == DType::F16)
-    for (float& v : values) v = round_to_f16(v);
+// Values of a tensor of the file, a block at a time, rounded to `t` as casting the loaded weight to torch_dtype
+// rounds them (fp32: as stored).
+nf4::BlockLoader rounded_loader(const TensorStore& store, const std::string& name, DType t) {
+  const TensorInfo& info = store.floating(name);
+  const uint8_t* bytes = store.data(name);
+  const size_t element = dtype_size(info.dtype);
+  const DType stored = info.dtype;
+  return [bytes, element, stored, t](int64_t begin, int64_t count, float* out) {
+    convert_block_to_f32(stored, bytes + static_cast<size_t>(begin) * element, static_cast<size_t>(count), out);
+    if (t == DType::BF16)
+      for (int64_t i = 0; i < count; ++i) out[i] = round_to_bf16(out[i]);
+    else if (t == DType::F16)
+      for (int64_t i = 0; i < count; ++i) out[i] = round_to_f16(out[i]);
+  };
 }
 
-void add_cast(SafetensorsWriter& writer, const std::string& name, const std::vector<int64_t>& shape,
-              const std::vector<float>& values, DType t) {
-  if (t == DType::F32) return writer.add_f32(name, shape, values);
-  std::vector<uint16_t> half(values.size());
-  for (size_t i = 0; i < values.size(); ++i) half[i] = t == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
-  writer.add(name, t, shape, half.data(), half.size() * 2);
+// A tensor of the file cast to `t`, converted a chunk at a time as the writer reaches it.
+void add_cast(SafetensorsWriter& writer, const TensorStore& store, const std::string& name, DType t) {
+  const TensorInfo& info = store.floating(name);
+  writer.add_deferred(name, t, info.shape, [&store, &info, t](const SafetensorsWriter::ByteSink& sink) {
+    constexpr size_t kChunk = size_t{1} << 20;
+    const size_t n = static_cast<size_t>(info.numel());
+    const uint8_t* bytes = store.data(info.name);
+    std::vector<float> values(std::min(n, kChunk));
+    std::vector<uint16_t> half(t == DType::F32 ? 0 : values.size());
+    for (size_t begin = 0; begin < n; begin += kChunk) {
+      const size_t count = std::min(kChunk, n - begin);
+      convert_block_to_f32(info.dtype, bytes + begin * dtype_size(info.dtype), count, values.data());
+      if (t == DType::F32) {
+        sink(values.data(), count * sizeof(float));
+        continue;
+      }
+      for (size_t i = 0; i < count; ++i) half[i] = t == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
+      sink(half.data(), count * sizeof(uint16_t));
+    }
+  });
 }
 }  // namespace
 
@@ -309,6 +411,8 @@ QuantizeReport quantize_model(const std::string& model_dir, const std::string& o
     if (name.find(".quant_state.") != std::string::npos) fail(model_dir, ": model is already quantized (bnb-4bit)");
   }
 
+  // Each tensor is computed (or copied from the model's mapping) when the writer reaches it: the output is never
+  // whole in memory.
   QuantizeReport report;
   SafetensorsWriter writer;
   for (const std::string& name : names) {
@@ -326,16 +430,16 @@ QuantizeReport quantize_model(const std::string& model_dir, const std::string& o
              ", expected a 2-D linear weight");
       }
       // The quant state records the model's dtype (as loaded): dequantized values come back rounded to it.
-      std::vector<float> values = store->read_f32(name);
-      round_in_place(values, out_dtype);
-      add_quantized_weight(writer, name, info.shape, values, double_quant, state_dtype);
+      add_quantized_weight(writer, name, info.shape, rounded_loader(*store, name, out_dtype), double_quant,
+                           state_dtype);
       ++report.quantized_tensors;
     } else if (out_dtype != info.dtype) {
-      std::vector<float> values = store->read_f32(name);
-      add_cast(writer, name, info.shape, values, out_dtype);
+      add_cast(writer, *store, name, out_dtype);
       ++report.copied_tensors;
     } else {
-      writer.add(name, info.dtype, info.shape, store->data(name), info.nbytes);
+      writer.add_deferred(name, info.dtype, info.shape, [&store, &info](const SafetensorsWriter::ByteSink& sink) {
+        sink(store->data(info.name), info.nbytes);
+      });
       ++report.copied_tensors;
     }
   }

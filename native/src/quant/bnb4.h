@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "io/safetensors.h"
+#include "quant/nf4.h"
 
 namespace qlora::bnb4 {
 
@@ -45,8 +46,13 @@ Nf4Weight read_weight(const TensorStore& store, const std::string& name);
 // dequantize_4bit returns them.
 std::vector<float> dequantize_weight(const Nf4Weight& w);
 
-// Quantizes `values` (row-major [out, in]) and adds the bnb-4bit tensors for `name` to `writer`. `dtype` is the
-// dtype recorded in the quant state (the model's own dtype).
+// Adds the bnb-4bit tensors of the weight `name` (row-major [out, in]), whose values `load` gives a block at a
+// time, to `writer`. `dtype` is the dtype recorded in the quant state (the model's own dtype). With double
+// quantization the block constants are computed here (the quant state holds their mean); the codes are computed
+// when the writer writes them and freed once written, so `load` must stay valid until then.
+void add_quantized_weight(SafetensorsWriter& writer, const std::string& name, const std::vector<int64_t>& shape,
+                          nf4::BlockLoader load, bool double_quant, const std::string& dtype);
+// The same for values in memory (copied: `values` need not outlive the call).
 void add_quantized_weight(SafetensorsWriter& writer, const std::string& name, const std::vector<int64_t>& shape,
                           const std::vector<float>& values, bool double_quant, const std::string& dtype);
 
@@ -61,7 +67,8 @@ struct QuantizeReport {
   int64_t bytes_out = 0;
 };
 
-// Writes the model in `model_dir` as a bnb-4bit checkpoint `out_file` (one safetensors file, atomically).
+// Writes the model in `model_dir` as a bnb-4bit checkpoint `out_file` (one safetensors file, atomically), a tensor
+// at a time: memory holds one quantized weight, not the output.
 // `dtype` ("float32", "bfloat16", "float16") casts the model first, as transformers' torch_dtype does when it loads
 // a model to quantize it: floating tensors that stay unquantized are written in it and the quant states record it.
 // "" keeps each tensor's stored dtype (copied byte for byte). A model that is already bnb-4bit is rejected.

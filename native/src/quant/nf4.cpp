@@ -110,10 +110,14 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
   return out;
 }
 
-Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load) {
-  Blockwise4bit out = blockwise_sized(n, blocksize, "nf4::quantize_loaded");
-  const int64_t blocks = static_cast<int64_t>(out.absmax.size());
-  // Each thread's block buffer, allocated before the parallel region: a throw inside it would end the process.
+namespace {
+
+// Runs `visit(b, begin, count, values)` for every block of n values, on every core, with the block's values that
+// `load` wrote into a buffer of the thread's own (allocated before the parallel region: a throw inside it would end
+// the process).
+template <typename Visit>
+void for_each_loaded_block(int64_t n, int blocksize, const BlockLoader& load, Visit visit) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
   const int64_t size = std::min<int64_t>(blocksize, n);
 #ifdef _OPENMP
   const int64_t threads = omp_get_max_threads();
@@ -133,10 +137,29 @@ Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load)
       const int64_t begin = b * blocksize;
       const int64_t count = std::min<int64_t>(blocksize, n - begin);
       load(begin, count, values);
-      out.absmax[static_cast<size_t>(b)] = quantize_block(values, count, out.packed.data() + begin / 2);
+      visit(b, begin, count, values);
     }
   }
+}
+
+}  // namespace
+
+Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load) {
+  Blockwise4bit out = blockwise_sized(n, blocksize, "nf4::quantize_loaded");
+  for_each_loaded_block(n, blocksize, load, [&](int64_t b, int64_t begin, int64_t count, const float* values) {
+    out.absmax[static_cast<size_t>(b)] = quantize_block(values, count, out.packed.data() + begin / 2);
+  });
   return out;
+}
+
+std::vector<float> absmax_loaded(int64_t n, int blocksize, const BlockLoader& load) {
+  check_blocksize(blocksize, "nf4::absmax_loaded");
+  QLORA_CHECK(n >= 0, "nf4::absmax_loaded: negative length ", n);
+  std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize));
+  for_each_loaded_block(n, blocksize, load, [&](int64_t b, int64_t, int64_t count, const float* values) {
+    absmax[static_cast<size_t>(b)] = block_absmax(values, count);
+  });
+  return absmax;
 }
 
 void dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, float* out, Rounding round) {
@@ -253,15 +276,20 @@ void quantize_blockwise_8bit(const float* x, int64_t n, const std::vector<float>
   }
 }
 
+float double_quant_offset(const std::vector<float>& absmax) {
+  if (absmax.empty()) return 0.0f;
+  // torch's mean over fp32; summing in double and rounding once matches the references' offsets bit for bit.
+  double sum = 0.0;
+  for (float a : absmax) sum += a;
+  return static_cast<float>(sum / static_cast<double>(absmax.size()));
+}
+
 DoubleQuantized double_quantize(const std::vector<float>& absmax, int blocksize2) {
   QLORA_CHECK(blocksize2 > 0, "double quantization blocksize must be positive, got ", blocksize2);
   DoubleQuantized out;
   const int64_t n = static_cast<int64_t>(absmax.size());
   if (n == 0) return out;
-  // torch's mean over fp32; summing in double and rounding once matches the references' offsets bit for bit.
-  double sum = 0.0;
-  for (float a : absmax) sum += a;
-  out.offset = static_cast<float>(sum / static_cast<double>(n));
+  out.offset = double_quant_offset(absmax);
   std::vector<float> centered(absmax.size());
   for (size_t i = 0; i < absmax.size(); ++i) centered[i] = absmax[i] - out.offset;
   out.codes.resize(absmax.size());

@@ -32,6 +32,9 @@ float quantize_block(const float* x, int64_t count, uint8_t* packed);
 // throw.
 using BlockLoader = std::function<void(int64_t begin, int64_t count, float* out)>;
 Blockwise4bit quantize_loaded(int64_t n, int blocksize, const BlockLoader& load);
+// The block constants quantize_loaded would return, without the codes (what double quantization's offset needs
+// before a writer lays out the quant state).
+std::vector<float> absmax_loaded(int64_t n, int blocksize, const BlockLoader& load);
 
 // A block must start on a byte (two codes a byte): a positive even block size, else an error naming `what`. The CPU
 // and GPU quantizers and dequantizers all check with it.
@@ -64,6 +67,7 @@ struct DoubleQuantized {
 };
 
 DoubleQuantized double_quantize(const std::vector<float>& absmax, int blocksize2 = 256);
+float double_quant_offset(const std::vector<float>& absmax);  // double_quantize's offset alone
 // absmax_i = code2[codes_i] * state2_absmax[i / blocksize2] + offset
 std::vector<float> double_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax,
                                      const float* code2, float offset, int blocksize2 = 256);
