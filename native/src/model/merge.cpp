@@ -19,6 +19,10 @@
 #include "util/error.h"
 #include "util/json.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace qlora {
 
 namespace fs = std::filesystem;
@@ -219,8 +223,7 @@ std::vector<float> MergePlan::merged_values(const Tensor& t) const {
 
 void MergePlan::merged_values_into(const Tensor& t, float* values) const {
   if (t.quantized) {
-    const std::vector<float> w = bnb4::dequantize_weight(bnb4::read_weight(*store_, t.name));
-    std::copy(w.begin(), w.end(), values);
+    bnb4::dequantize_weight_into(bnb4::read_weight(*store_, t.name), values);
   } else {
     store_->read_f32_into(t.name, values);
   }
@@ -231,20 +234,31 @@ void MergePlan::merged_values_into(const Tensor& t, float* values) const {
   const double scale = scale_;
   const std::vector<float> a = t.lora->a.download(), b = t.lora->b.download();
   const bool half = t.dtype != DType::F32;
-#pragma omp parallel
+  // Each thread's row accumulator, allocated before the parallel region: a throw inside it would end the process.
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  std::vector<double> accumulators(static_cast<size_t>(in) * static_cast<size_t>(threads));
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<double> acc(static_cast<size_t>(in));
+#ifdef _OPENMP
+    double* acc = accumulators.data() + static_cast<size_t>(in) * static_cast<size_t>(omp_get_thread_num());
+#else
+    double* acc = accumulators.data();
+#endif
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < out; ++o) {
-      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(acc, acc + in, 0.0);
       for (int64_t k = 0; k < rank; ++k) {
         const double bk = b[static_cast<size_t>(o * rank + k)];
         const float* ak = a.data() + k * in;
-        for (int64_t i = 0; i < in; ++i) acc[static_cast<size_t>(i)] += bk * static_cast<double>(ak[i]);
+        for (int64_t i = 0; i < in; ++i) acc[i] += bk * static_cast<double>(ak[i]);
       }
       float* row = values + o * in;
       for (int64_t i = 0; i < in; ++i) {
-        const double x = static_cast<double>(row[i]) + scale * acc[static_cast<size_t>(i)];
+        const double x = static_cast<double>(row[i]) + scale * acc[i];
         row[i] = half ? round_to_odd_f32(x) : static_cast<float>(x);
       }
     }

@@ -216,6 +216,12 @@ Nf4Weight read_weight(const TensorStore& store, const std::string& name) {
 }
 
 std::vector<float> dequantize_weight(const Nf4Weight& w) {
+  std::vector<float> out(static_cast<size_t>(numel_of(w.shape)));
+  dequantize_weight_into(w, out.data());
+  return out;
+}
+
+void dequantize_weight_into(const Nf4Weight& w, float* out) {
   const int64_t n = numel_of(w.shape);
   QLORA_CHECK(static_cast<int64_t>(w.packed.size()) == ceil_div(n, 2), "packed size ", w.packed.size(),
               " for ", n, " values");
@@ -225,9 +231,7 @@ std::vector<float> dequantize_weight(const Nf4Weight& w) {
   QLORA_CHECK(w.dtype == "bfloat16" || w.dtype == "float16" || w.dtype == "float32", "unknown quant state dtype '",
               w.dtype, "'");
   const nf4::Rounding round = w.dtype == "bfloat16" ? round_to_bf16 : w.dtype == "float16" ? round_to_f16 : nullptr;
-  std::vector<float> out(static_cast<size_t>(n));
-  nf4::dequantize(w.packed.data(), w.absmax.data(), n, w.blocksize, out.data(), round);
-  return out;
+  nf4::dequantize(w.packed.data(), w.absmax.data(), n, w.blocksize, out, round);
 }
 
 namespace {

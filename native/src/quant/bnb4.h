@@ -45,6 +45,7 @@ Nf4Weight read_weight(const TensorStore& store, const std::string& name);
 // Dequantizes to fp32 values rounded to the quant state's dtype (bf16/f16 round to nearest even), as bitsandbytes'
 // dequantize_4bit returns them.
 std::vector<float> dequantize_weight(const Nf4Weight& w);
+void dequantize_weight_into(const Nf4Weight& w, float* out);  // into numel(w.shape) values
 
 // Adds the bnb-4bit tensors of the weight `name` (row-major [out, in]), whose values `load` gives a block at a
 // time, to `writer`. `dtype` is the dtype recorded in the quant state (the model's own dtype). With double
