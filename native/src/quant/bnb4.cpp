@@ -368,12 +368,14 @@ std::optional<DType> parse_target_dtype(const std::string& dtype) {
 }
 
 // Values of a tensor of the file, a block at a time, rounded to `t` as casting the loaded weight to torch_dtype
-// rounds them (fp32: as stored).
+// rounds them (F32: as stored).
 nf4::BlockLoader rounded_loader(const TensorStore& store, const std::string& name, DType t) {
   const TensorInfo& info = store.floating(name);
   const uint8_t* bytes = store.data(name);
   const size_t element = dtype_size(info.dtype);
   const DType stored = info.dtype;
+  // Rounding a value to the dtype it is stored in changes nothing (at most a NaN's payload, which quantizes alike).
+  if (t == stored) t = DType::F32;
   return [bytes, element, stored, t](int64_t begin, int64_t count, float* out) {
     convert_block_to_f32(stored, bytes + static_cast<size_t>(begin) * element, static_cast<size_t>(count), out);
     if (t == DType::BF16)
