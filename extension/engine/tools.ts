@@ -112,7 +112,7 @@ export interface MergedTensorInfo {
 
 interface NativeMergedWeights {
   tensors(): MergedTensorInfo[];
-  values(name: string): Float32Array;
+  values(name: string, into?: Float32Array): Float32Array;
   close(): void;
 }
 
@@ -121,7 +121,7 @@ interface NativeTools {
   MergedWeights: new (modelDir: string, adapterDir: string) => NativeMergedWeights;
   mergeWeights(modelDir: string, adapterDir: string, folder: string, dtype: string, maxShardBytes?: number): MergeWeightsReport;
   estimateMemory(model: string | { shape: string }, options: EstimateOptions): MemoryEstimate;
-  ggmlQuantize(type: string, data: Float32Array, rows: number, cols: number): Uint8Array;
+  ggmlQuantize(type: string, data: Float32Array, rows: number, cols: number, into?: Uint8Array): Uint8Array;
   ggmlDequantize(type: string, bytes: Uint8Array, rows: number, cols: number): Float32Array;
 }
 
@@ -173,9 +173,12 @@ export class MergedWeights {
     return call(() => this.native.tensors());
   }
 
-  /** One tensor's merged values (fp32). */
-  values(name: string): Float32Array {
-    return call(() => this.native.values(name));
+  /**
+   * One tensor's merged values (fp32): in the start of `into` where it is given (the result is a view of it; a
+   * shorter one is an EngineError), else in a new array.
+   */
+  values(name: string, into?: Float32Array): Float32Array {
+    return call(() => this.native.values(name, into));
   }
 
   close(): void {
@@ -193,10 +196,11 @@ export function estimateMemory(model: string | { shape: string }, options: Estim
  * rows * ggmlRowBytes(type, cols) bytes, exactly as a GGUF tensor's data holds them. Rows are independent, so a
  * tensor can be streamed a range of rows at a time and the pieces concatenated. Throws EngineError ('argument') when
  * cols is not a multiple of the type's block size (32 for q8_0, 256 for q4_k and q6_k) or data.length is not
- * rows * cols. Runs on the calling thread (threaded inside the engine).
+ * rows * cols. The bytes go to the start of `into` where it is given (the result is a view of it; a shorter one
+ * throws too). Runs on the calling thread (threaded inside the engine).
  */
-export function ggmlQuantize(type: GgmlType, data: Float32Array, rows: number, cols: number): Uint8Array {
-  return call(() => tools().ggmlQuantize(type, data, rows, cols));
+export function ggmlQuantize(type: GgmlType, data: Float32Array, rows: number, cols: number, into?: Uint8Array): Uint8Array {
+  return call(() => tools().ggmlQuantize(type, data, rows, cols, into));
 }
 
 /** Decodes GGUF block bytes to fp32 with llama.cpp's dequantization arithmetic (the inverse view of ggmlQuantize). */

@@ -98,7 +98,7 @@ export async function exportGguf(o: ExportGgufOptions): Promise<ExportGgufReport
 }
 
 function mergedTensors(merged: MergedWeights, model: string): ModelTensorSource {
-  return { where: model, shapes: new Map(merged.tensors().map((t) => [t.name, t.shape])), read: (name) => merged.values(name) };
+  return { where: model, shapes: new Map(merged.tensors().map((t) => [t.name, t.shape])), read: (name, into) => merged.values(name, into) };
 }
 
 /** export-gguf --lora-only: the adapter as a GGUF LoRA, checked in llama.cpp on a temporary GGUF of its base. */

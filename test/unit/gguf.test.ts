@@ -85,6 +85,13 @@ test('tensors over 2 GiB: reads and writes go in pieces (fs takes at most 2 GiB 
     fs.writeFileSync(file, Buffer.concat([Buffer.from('pad'), data]));
     const e = { name: 't', file, dtype, shape: [2, 4], begin: 3, end: 3 + data.length };
     for (const chunk of [1, 3, 5, 1 << 28]) assert.deepEqual(readTensorF32(e, chunk), expected, `${dtype} in ${chunk}-byte reads`);
+    // into the start of a longer array, the rest left as it was
+    const into = new Float32Array(11).fill(9);
+    const view = readTensorF32(e, 5, into);
+    assert.equal(view.buffer, into.buffer);
+    assert.deepEqual(view, expected, `${dtype} into an array`);
+    assert.deepEqual(Array.from(into.subarray(8)), [9, 9, 9]);
+    assert.throws(() => readTensorF32(e, 5, new Float32Array(7)), /7 values of room for tensor t's 8/);
   }
   assert.throws(() => readTensorF32({ name: 't', file: path.join(dir, 'F32.bin'), dtype: 'F32', shape: [3, 4], begin: 3, end: 35 }), /tensor t holds 32 bytes, not 12 F32 values/);
 
@@ -136,6 +143,11 @@ test('Q/K permutation: rotate-half rows become interleaved pairs within each hea
   // columns move with their rows
   const w2 = Float32Array.from([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5]);
   assert.deepEqual(Array.from(permuteForInterleavedRope(w2, 1, 2)), [0, 0.5, 2, 2.5, 1, 1.5, 3, 3.5]);
+  // into the start of a longer array
+  const into = new Float32Array(10).fill(-1);
+  const view = permuteForInterleavedRope(w, 2, 1, into);
+  assert.equal(view.buffer, into.buffer);
+  assert.deepEqual(Array.from(into), [0, 2, 1, 3, 10, 12, 11, 13, -1, -1]);
 });
 
 test('tensor types: vectors stay f32; matrices follow the file type; q8_0 needs rows of 32', () => {

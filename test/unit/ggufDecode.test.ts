@@ -77,6 +77,13 @@ async function writeProbeGguf(file: string, type: GgmlType, weights: Float32Arra
   for (let t = 0; t < VOCAB; t++) embd[t * HIDDEN + (t % HIDDEN)] = 1;
   const y = 1 / Math.sqrt(1 / HIDDEN + RMS_EPS);
   const quantized = ggmlQuantize(type, weights, VOCAB, HIDDEN);
+  // the same bytes into the start of a longer array
+  const into = new Uint8Array(quantized.length + 5).fill(7);
+  const encoded = ggmlQuantize(type, weights, VOCAB, HIDDEN, into);
+  assert.equal(encoded.buffer, into.buffer);
+  assert.deepEqual(encoded, quantized);
+  assert.deepEqual(Array.from(into.subarray(quantized.length)), [7, 7, 7, 7, 7]);
+  assert.throws(() => ggmlQuantize(type, weights, VOCAB, HIDDEN, new Uint8Array(quantized.length - 1)), /fewer than the \d+ needed/);
   const f32 = (n: number, v = 0) => new Float32Array(n).fill(v);
   const tensors: { spec: GgufTensorSpec; data: Float32Array | Uint8Array }[] = [
     { spec: { name: 'token_embd.weight', shape: [HIDDEN, VOCAB], type: 'f32' }, data: embd },

@@ -125,11 +125,21 @@ test('MergedWeights computes, a tensor at a time, what merge --dtype f32 writes,
     try {
       const tensors = merged.tensors();
       assert.deepEqual(tensors.map((t) => t.name).sort(), [...written.keys()].sort(), base);
+      // computed into one array reused from tensor to tensor too, its first values each time
+      const largest = Math.max(...tensors.map((t) => t.shape.reduce((a, d) => a * d, 1)));
+      const into = new Float32Array(largest + 3);
       for (const t of tensors) {
         const file = written.get(t.name)!;
         assert.deepEqual(t.shape, file.shape, `${base} ${t.name}`);
         assert.ok(Buffer.from(merged.values(t.name).buffer).equals(file.bytes), `${base} ${t.name}: not the bytes merge wrote`);
+        const view = merged.values(t.name, into);
+        assert.equal(view.buffer, into.buffer);
+        assert.equal(view.length, file.bytes.length / 4);
+        assert.ok(Buffer.from(view.buffer, 0, view.byteLength).equals(file.bytes), `${base} ${t.name}: not the bytes merge wrote, into an array`);
       }
+      const embedding = 'model.embed_tokens.weight';
+      assert.throws(() => merged.values(embedding, new Float32Array(3)), /into has 3 elements, fewer than the \d+ needed/);
+      assert.throws(() => merged.values(embedding, new Uint8Array(largest * 4) as unknown as Float32Array), /into must be a Float32Array/);
       assert.throws(() => merged.values('model.layers.0.mlp.up_proj.weight.absmax'), /the merged model has no tensor/);
     } finally {
       merged.close();

@@ -8,9 +8,10 @@
 import { readModelConfig } from '../../engine';
 import type { NativeModelConfig } from '../../engine/native';
 import { encodeTensor } from './encode';
+import { TensorScratch } from './scratch';
 import { listModelTensors, readTensorF32 } from './safetensorsReader';
 import { tokenizerMetadata } from './tokenizerMetadata';
-import { GGML_TYPES, LLAMA_FTYPE, type GgmlTypeName, type GgufFileType } from './types';
+import { GGML_TYPES, LLAMA_FTYPE, tensorBytes, type GgmlTypeName, type GgufFileType } from './types';
 import { GGUF_ALIGNMENT, gguf, writeGguf, type GgufTensorSpec, type GgufValue } from './writer';
 
 export type GgufArch = 'llama' | 'qwen2';
@@ -23,20 +24,20 @@ export const ARCHITECTURES: Record<string, GgufArch> = {
 
 /** What each GGUF tensor is made of. */
 interface PlannedTensor extends GgufTensorSpec {
-  /** Reads and lays out the float32 values in GGUF order. */
-  values(): Float32Array;
+  /** Reads and lays out the float32 values in GGUF order, in `scratch`'s arrays (good until the next tensor's). */
+  values(scratch: TensorScratch): Float32Array;
 }
 
 /**
  * Hugging Face's rotate-half rows to llama.cpp's interleaved pairs, per head: within a head of `headDim` rows,
  * row (j * headDim/2 + i) moves to (2i + j) for i < headDim/2, j in {0, 1}.
  */
-export function permuteForInterleavedRope(w: Float32Array, heads: number, cols: number): Float32Array {
+export function permuteForInterleavedRope(w: Float32Array, heads: number, cols: number, into?: Float32Array): Float32Array {
   const rows = w.length / cols;
   const headDim = rows / heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) throw new Error(`cannot permute ${rows} rows into ${heads} heads of even size`);
   const half = headDim / 2;
-  const out = new Float32Array(w.length);
+  const out = into ? into.subarray(0, w.length) : new Float32Array(w.length);
   for (let h = 0; h < heads; h++) {
     for (let i = 0; i < half; i++) {
       for (let j = 0; j < 2; j++) {
@@ -114,8 +115,8 @@ export interface ModelTensorSource {
   where: string;
   /** Every tensor's Hugging Face shape, by name. */
   shapes: ReadonlyMap<string, readonly number[]>;
-  /** A tensor's values in float32. */
-  read(name: string): Float32Array;
+  /** A tensor's values in float32: in the start of `into` where it is given (the result is a view of it). */
+  read(name: string, into?: Float32Array): Float32Array;
 }
 
 /** The tensors of a plain model folder, read from its safetensors files. */
@@ -124,7 +125,7 @@ export function folderTensors(modelDir: string): ModelTensorSource {
   return {
     where: modelDir,
     shapes: new Map([...entries].map(([name, e]) => [name, e.shape])),
-    read: (name) => readTensorF32(entries.get(name)!),
+    read: (name, into) => readTensorF32(entries.get(name)!, undefined, into),
   };
 }
 
@@ -138,9 +139,14 @@ function planTensors(source: ModelTensorSource, c: NativeModelConfig, arch: Gguf
     return name;
   };
   const planned: PlannedTensor[] = [];
-  const add = (ggufName: string, name: string, transform?: (w: Float32Array) => Float32Array, role?: TensorRole) => {
+  const add = (ggufName: string, name: string, transform?: (w: Float32Array, into: Float32Array) => Float32Array, role?: TensorRole) => {
     const shape = [...hf.get(name)!].reverse();
-    planned.push({ name: ggufName, shape, type: tensorTypeFor(fileType, shape, role), values: () => (transform ? transform(source.read(name)) : source.read(name)) });
+    const count = shape.reduce((a, d) => a * d, 1);
+    const values = (scratch: TensorScratch) => {
+      const read = source.read(name, scratch.read.view(count));
+      return transform ? transform(read, scratch.laidOut.view(count)) : read;
+    };
+    planned.push({ name: ggufName, shape, type: tensorTypeFor(fileType, shape, role), values });
   };
   const role = (kind: TensorRole['kind'], layer = 0): TensorRole => ({ kind, layer, layers: c.numLayers });
   const outputIsEmbedding = c.tieWordEmbeddings || !hf.has('lm_head.weight');
@@ -157,8 +163,8 @@ function planTensors(source: ModelTensorSource, c: NativeModelConfig, arch: Gguf
     const q = need(`${p}.self_attn.q_proj.weight`);
     const k = need(`${p}.self_attn.k_proj.weight`);
     const cols = c.hiddenSize;
-    add(`${b}.attn_q.weight`, q, arch === 'llama' ? (w) => permuteForInterleavedRope(w, c.numHeads, cols) : undefined);
-    add(`${b}.attn_k.weight`, k, arch === 'llama' ? (w) => permuteForInterleavedRope(w, c.numKvHeads, cols) : undefined);
+    add(`${b}.attn_q.weight`, q, arch === 'llama' ? (w, into) => permuteForInterleavedRope(w, c.numHeads, cols, into) : undefined);
+    add(`${b}.attn_k.weight`, k, arch === 'llama' ? (w, into) => permuteForInterleavedRope(w, c.numKvHeads, cols, into) : undefined);
     add(`${b}.attn_v.weight`, need(`${p}.self_attn.v_proj.weight`), undefined, role('attn_v', l));
     if (c.qkvBias) {
       add(`${b}.attn_q.bias`, need(`${p}.self_attn.q_proj.bias`));
@@ -244,7 +250,9 @@ export async function writeModelGguf(o: ModelGgufOptions): Promise<ModelGgufRepo
   const tokenizer = await tokenizerMetadata(o.modelDir, c.vocabSize, o.finetuned ?? false);
   const tensors = planTensors(o.tensors ?? folderTensors(o.modelDir), c, arch, o.fileType);
   const metadata = new Map<string, GgufValue>([...architectureMetadata(c, arch, o.name, o.fileType), ...tokenizer.entries]);
-  const { bytes } = await writeGguf(o.out, metadata, tensors, (i) => encodeTensor(tensors[i].type, tensors[i].values(), tensors[i].shape), { onProgress: o.onProgress });
+  const scratch = new TensorScratch();
+  const encode = (t: PlannedTensor) => encodeTensor(t.type, t.values(scratch), t.shape, scratch.encoded.view(tensorBytes(t.type, t.shape)));
+  const { bytes } = await writeGguf(o.out, metadata, tensors, (i) => encode(tensors[i]), { onProgress: o.onProgress });
   const types: Partial<Record<GgmlTypeName, number>> = {};
   for (const t of tensors) types[t.type] = (types[t.type] ?? 0) + 1;
   return { file: o.out, bytes, tensors: tensors.length, architecture: arch, types };

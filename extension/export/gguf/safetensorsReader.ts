@@ -80,9 +80,6 @@ export function listModelTensors(modelDir: string): Map<string, TensorEntry> {
   return out;
 }
 
-const f32Scratch = new Float32Array(1);
-const u32OfF32 = new Uint32Array(f32Scratch.buffer);
-
 function halfToFloat(h: number): number {
   const sign = h & 0x8000 ? -1 : 1;
   const exp = (h >> 10) & 0x1f;
@@ -100,19 +97,30 @@ export const IO_CHUNK_BYTES = 1 << 28;
 
 const ELEMENT_BYTES: Record<string, number> = { F32: 4, BF16: 2, F16: 2 };
 
+/** Bytes read from a file at a time into one buffer reused by every read (its own ArrayBuffer: aligned for any view). */
+const READ_BUFFER_BYTES = 1 << 24;
+let reusedReadBuffer = new Uint8Array(0);
+function readBuffer(bytes: number): Uint8Array {
+  if (reusedReadBuffer.length < bytes) reusedReadBuffer = new Uint8Array(new ArrayBuffer(bytes));
+  return reusedReadBuffer.subarray(0, bytes);
+}
+
 /**
  * Reads a floating tensor as float32 (F32 as is, BF16 and F16 widened exactly), `chunkBytes` at a time, so that no
- * read and no buffer but the result is larger than that.
+ * read and no buffer but the result is larger than that. The values go to the start of `into` where it is given
+ * (the result is a view of it).
  */
-export function readTensorF32(entry: TensorEntry, chunkBytes = IO_CHUNK_BYTES): Float32Array {
+export function readTensorF32(entry: TensorEntry, chunkBytes = IO_CHUNK_BYTES, into?: Float32Array): Float32Array {
   const size = ELEMENT_BYTES[entry.dtype];
   if (size === undefined) throw new Error(`${entry.file}: tensor ${entry.name} is ${entry.dtype}, not a floating tensor`);
   const count = entry.shape.reduce((a, d) => a * d, 1);
   const total = entry.end - entry.begin;
   if (total !== count * size) throw new Error(`${entry.file}: tensor ${entry.name} holds ${total} bytes, not ${count} ${entry.dtype} values`);
-  const out = new Float32Array(count);
-  const step = Math.max(size, chunkBytes - (chunkBytes % size));
-  const bytes = Buffer.allocUnsafe(Math.min(total, step));
+  if (into && into.length < count) throw new Error(`readTensorF32: ${into.length} values of room for tensor ${entry.name}'s ${count}`);
+  const out = into ? into.subarray(0, count) : new Float32Array(count);
+  const chunk = Math.min(chunkBytes, READ_BUFFER_BYTES);
+  const step = Math.max(size, chunk - (chunk % size));
+  const bytes = readBuffer(Math.min(total, step));
   const fd = fs.openSync(entry.file, 'r');
   try {
     for (let done = 0; done < total; ) {
@@ -131,20 +139,23 @@ export function readTensorF32(entry: TensorEntry, chunkBytes = IO_CHUNK_BYTES): 
   return out;
 }
 
-/** n values of `dtype` from the start of `bytes` (little-endian) as float32 into out[at..]. */
-function widenInto(dtype: string, bytes: Buffer, n: number, out: Float32Array, at: number): void {
+/** n values of `dtype` from the start of `bytes` (little-endian, as the platforms Node runs VS Code on) as float32 into out[at..]. */
+function widenInto(dtype: string, bytes: Uint8Array, n: number, out: Float32Array, at: number): void {
   switch (dtype) {
     case 'F32':
-      for (let i = 0; i < n; i++) out[at + i] = bytes.readFloatLE(i * 4);
+      out.set(new Float32Array(bytes.buffer, bytes.byteOffset, n), at);
       break;
-    case 'BF16':
-      for (let i = 0; i < n; i++) {
-        u32OfF32[0] = bytes.readUInt16LE(i * 2) << 16;
-        out[at + i] = f32Scratch[0];
-      }
+    case 'BF16': {
+      // a bfloat16 is the top half of the float32 it stands for
+      const halves = new Uint16Array(bytes.buffer, bytes.byteOffset, n);
+      const words = new Uint32Array(out.buffer, out.byteOffset + at * 4, n);
+      for (let i = 0; i < n; i++) words[i] = halves[i] << 16;
       break;
-    case 'F16':
-      for (let i = 0; i < n; i++) out[at + i] = halfToFloat(bytes.readUInt16LE(i * 2));
+    }
+    case 'F16': {
+      const halves = new Uint16Array(bytes.buffer, bytes.byteOffset, n);
+      for (let i = 0; i < n; i++) out[at + i] = halfToFloat(halves[i]);
       break;
+    }
   }
 }

@@ -182,8 +182,27 @@ size_t ggml_row_bytes_arg(const Napi::Env& env, ggml::GgmlType t, int64_t cols) 
   }
 }
 
-// ggmlQuantize(type, data: Float32Array, rows, cols) -> Uint8Array of rows * rowBytes(type, cols) bytes in ggml's
-// block layout. Works on a whole tensor or any range of its rows.
+// A typed array of `length` elements for a result: a view of the start of argument `index` when one is given (it
+// must be of `type` and at least that long), else a new one. Reusing one array from tensor to tensor saves zeroing
+// and faulting in fresh memory for each.
+template <typename Array>
+Array typed_array_into(const Napi::CallbackInfo& info, size_t index, napi_typedarray_type type, size_t length,
+                       const char* what) {
+  Napi::Env env = info.Env();
+  if (info.Length() <= index || info[index].IsUndefined()) return Array::New(env, length);
+  if (!info[index].IsTypedArray() || info[index].As<Napi::TypedArray>().TypedArrayType() != type)
+    throw Napi::TypeError::New(env, std::string(what) + " must be a " +
+                                        (type == napi_float32_array ? "Float32Array" : "Uint8Array"));
+  const Array into = info[index].As<Array>();
+  if (into.ElementLength() < length)
+    throw Napi::RangeError::New(env, std::string(what) + " has " + std::to_string(into.ElementLength()) +
+                                         " elements, fewer than the " + std::to_string(length) + " needed");
+  return Array::New(env, length, into.ArrayBuffer(), into.ByteOffset());
+}
+
+// ggmlQuantize(type, data: Float32Array, rows, cols[, into: Uint8Array]) -> Uint8Array of rows * rowBytes(type, cols)
+// bytes in ggml's block layout (a view of `into`'s first bytes when it holds them). Works on a whole tensor or any
+// range of its rows.
 Napi::Value GgmlQuantize(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const ggml::GgmlType t = ggml_type_arg(info, 0);
@@ -197,7 +216,8 @@ Napi::Value GgmlQuantize(const Napi::CallbackInfo& info) {
     throw Napi::RangeError::New(env, "data has " + std::to_string(data.ElementLength()) +
                                          " values, expected rows * cols = " + std::to_string(rows) + " * " +
                                          std::to_string(cols));
-  Napi::Uint8Array out = Napi::Uint8Array::New(env, static_cast<size_t>(rows) * rb);
+  const size_t bytes = static_cast<size_t>(rows) * rb;
+  Napi::Uint8Array out = typed_array_into<Napi::Uint8Array>(info, 4, napi_uint8_array, bytes, "into");
   guarded(env, [&] { ggml::quantize(t, data.Data(), out.Data(), rows, cols); });
   return out;
 }
@@ -268,8 +288,9 @@ class MergedWeightsHandle : public Napi::ObjectWrap<MergedWeightsHandle> {
     const MergePlan::Tensor* t = plan.find(name);
     if (!t) throw Napi::Error::New(env, "the merged model has no tensor '" + name + "'");
     // computed into memory V8 allocates (Electron's Node refuses buffers made outside its heap's sandbox), so that
-    // one copy of the tensor is held
-    Napi::Float32Array out = Napi::Float32Array::New(env, static_cast<size_t>(numel_of(t->shape)));
+    // one copy of the tensor is held: the caller's `into` where it holds the values
+    const size_t n = static_cast<size_t>(numel_of(t->shape));
+    Napi::Float32Array out = typed_array_into<Napi::Float32Array>(info, 1, napi_float32_array, n, "into");
     guarded(env, [&] { plan.merged_values_into(*t, out.Data()); });
     return out;
   }
