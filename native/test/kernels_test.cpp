@@ -4,6 +4,7 @@
 #include <functional>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <random>
 #include <vector>
@@ -159,6 +160,124 @@ TEST(kernel_attention_backward_matches_finite_differences) {
     s1 += q[H * D + d] * k[Hkv * D + d] * scale;
   }
   EXPECT_NEAR(lse[1], std::log(std::exp(s0) + std::exp(s1)), 1e-12);
+}
+
+namespace {
+// attention_backward as it was before key tiles: each query row over all its keys, in turn.
+template <typename T>
+void row_by_row_attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse,
+                                   int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                   T* dq, T* dk, T* dv) {
+  const int64_t group = heads / kv_heads;
+  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+  std::vector<T> p(static_cast<size_t>(seq)), ds(static_cast<size_t>(seq));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+      for (int64_t j = 0; j < seq; ++j)
+        for (int64_t d = 0; d < head_dim; ++d)
+          dk[(b * seq + j) * kv_stride + kvh * head_dim + d] = dv[(b * seq + j) * kv_stride + kvh * head_dim + d] = 0;
+      for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+        for (int64_t i = 0; i < seq; ++i) {
+          const T* doi = dout + (b * seq + i) * q_stride + h * head_dim;
+          const T* oi = out + (b * seq + i) * q_stride + h * head_dim;
+          const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
+          const T row_lse = lse[(b * heads + h) * seq + i];
+          T row_dot = 0;
+          for (int64_t d = 0; d < head_dim; ++d) row_dot += doi[d] * oi[d];
+          cpu::dot_rows(qi, k + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, p.data());
+          cpu::dot_rows(doi, v + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, ds.data());
+          for (int64_t j = 0; j <= i; ++j) p[j] = std::exp(p[j] * scale - row_lse);
+          T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
+          for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            const T dsj = p[j] * (ds[j] - row_dot) * scale;
+            const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
+            T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
+            T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) dqi[d] += dsj * kj[d];
+            for (int64_t d = 0; d < head_dim; ++d) dkj[d] += dsj * qi[d];
+            for (int64_t d = 0; d < head_dim; ++d) dvj[d] += p[j] * doi[d];
+          }
+        }
+    }
+}
+
+// attention_forward's row as it was before its value sum kept its sums in registers.
+template <typename T>
+T plain_attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale,
+                   T* p, T* oi) {
+  T max_score = -INFINITY;
+  cpu::dot_rows(qi, k, kv_stride, last + 1, head_dim, p);
+  for (int64_t j = 0; j <= last; ++j) {
+    p[j] *= scale;
+    max_score = std::max(max_score, p[j]);
+  }
+  T sum = 0;
+  for (int64_t j = 0; j <= last; ++j) {
+    p[j] = std::exp(p[j] - max_score);
+    sum += p[j];
+  }
+  const T inv = T(1) / sum;
+  for (int64_t j = 0; j <= last; ++j) p[j] *= inv;
+  for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
+  for (int64_t j = 0; j <= last; ++j)
+    for (int64_t d = 0; d < head_dim; ++d) oi[d] += p[j] * v[j * kv_stride + d];
+  return max_score + std::log(sum);
+}
+
+template <typename T>
+void expect_tiled_attention_backward_is_row_by_row(int64_t batch, int64_t seq, int64_t heads, int64_t kv_heads,
+                                                   int64_t head_dim, uint32_t seed) {
+  const auto values = [](int64_t n, uint32_t s) {
+    const Vec r = random_vec(static_cast<size_t>(n), s);
+    return std::vector<T>(r.begin(), r.end());
+  };
+  const int64_t nq = batch * seq * heads * head_dim, nkv = batch * seq * kv_heads * head_dim;
+  const std::vector<T> q = values(nq, seed), k = values(nkv, seed + 1), v = values(nkv, seed + 2),
+                       dout = values(nq, seed + 3);
+  std::vector<T> out(static_cast<size_t>(nq)), lse(static_cast<size_t>(batch * heads * seq));
+  cpu::attention_forward<T>(q.data(), k.data(), v.data(), batch, seq, heads, kv_heads, head_dim, out.data(),
+                            lse.data());
+  {
+    const int64_t group = heads / kv_heads, q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
+    const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
+    std::vector<T> p(static_cast<size_t>(seq)), oi(static_cast<size_t>(head_dim));
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < seq; ++i) {
+          const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
+          const T row_lse = plain_attend_row(q.data() + (b * seq + i) * q_stride + h * head_dim, k.data() + kv_offset,
+                                             v.data() + kv_offset, kv_stride, i, head_dim, scale, p.data(), oi.data());
+          EXPECT_TRUE(row_lse == lse[static_cast<size_t>((b * heads + h) * seq + i)], "lse of row ", i);
+          for (int64_t d = 0; d < head_dim; ++d)
+            EXPECT_TRUE(std::memcmp(&oi[d], &out[(b * seq + i) * q_stride + h * head_dim + d], sizeof(T)) == 0,
+                        "out of row ", i, " at ", d);
+        }
+  }
+  std::vector<T> dq(q.size(), T(7)), dk(k.size(), T(7)), dv(v.size(), T(7));
+  std::vector<T> rq(q.size()), rk(k.size()), rv(v.size());
+  cpu::attention_backward<T>(dout.data(), q.data(), k.data(), v.data(), out.data(), lse.data(), batch, seq, heads,
+                             kv_heads, head_dim, dq.data(), dk.data(), dv.data());
+  row_by_row_attention_backward<T>(dout.data(), q.data(), k.data(), v.data(), out.data(), lse.data(), batch, seq,
+                                   heads, kv_heads, head_dim, rq.data(), rk.data(), rv.data());
+  const std::string what = std::string(sizeof(T) == 4 ? "f32" : "f64") + " seq " + std::to_string(seq) +
+                           " head_dim " + std::to_string(head_dim);
+  for (size_t i = 0; i < dq.size(); ++i) EXPECT_TRUE(std::memcmp(&dq[i], &rq[i], sizeof(T)) == 0, what, " dq ", i);
+  for (size_t i = 0; i < dk.size(); ++i) EXPECT_TRUE(std::memcmp(&dk[i], &rk[i], sizeof(T)) == 0, what, " dk ", i);
+  for (size_t i = 0; i < dv.size(); ++i) EXPECT_TRUE(std::memcmp(&dv[i], &rv[i], sizeof(T)) == 0, what, " dv ", i);
+}
+}  // namespace
+
+// The backward pass in tiles of keys keeps every sum's order: bit for bit the row-by-row loop, in fp32 (the vector
+// code this CPU runs) and fp64, over several tiles and a partial one, grouped query heads and odd head sizes; so does
+// the forward pass, its value sums kept in registers.
+TEST(kernel_attention_in_key_tiles_and_registers_equals_the_row_by_row_loops) {
+  for (const int64_t seq : {int64_t{1}, cpu::kNtTile, 2 * cpu::kNtTile + 7}) {
+    expect_tiled_attention_backward_is_row_by_row<float>(2, seq, 6, 2, 24, 40);
+    expect_tiled_attention_backward_is_row_by_row<float>(1, seq, 4, 4, 64, 41);
+    expect_tiled_attention_backward_is_row_by_row<double>(2, seq, 3, 1, 5, 42);
+  }
 }
 
 TEST(kernel_attention_cached_equals_full_causal_attention) {

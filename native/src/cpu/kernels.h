@@ -501,13 +501,40 @@ void rope_apply(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_di
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// acc[d] += a[t] * rows[t * ld + d] for t < count in turn, for d < n: each acc[d] summed in the plain loop's order.
+// With GCC or Clang, fp32 rows of whole vectors of 16 keep their sums in registers across t (the plain loop stores
+// and reloads acc at every t, each add waiting on the last one's store).
+template <typename T>
+QLORA_ALWAYS_INLINE void accumulate_rows(T* acc, const T* a, const T* rows, int64_t ld, int64_t count, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (n % 16 == 0) {
+      typedef float V __attribute__((vector_size(64)));
+      for (int64_t d0 = 0; d0 < n; d0 += 16) {
+        V sum;
+        std::memcpy(&sum, acc + d0, sizeof sum);
+        for (int64_t t = 0; t < count; ++t) {
+          V row;
+          std::memcpy(&row, rows + t * ld + d0, sizeof row);
+          sum += a[t] * row;
+        }
+        std::memcpy(acc + d0, &sum, sizeof sum);
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t t = 0; t < count; ++t)
+    for (int64_t d = 0; d < n; ++d) acc[d] += a[t] * rows[t * ld + d];
+}
+
 // One query row of causal attention: softmax(scale q·k_j) over the keys j = 0..last into p[0..last] (scratch), and
 // out = sum_j p_j v_j; returns the row's log-sum-exp of the scores, max + log(sum exp(s - max)), from which backward
 // recomputes p_j = exp(s_j - lse). k and v point at the kv head's first row; rows are kv_stride apart. Both
 // attention kernels use it, so a cached pass computes exactly what a full one does.
 template <typename T>
-T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
-             T* oi) {
+QLORA_ALWAYS_INLINE T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last,
+                                 int64_t head_dim, T scale, T* p, T* oi) {
   T max_score = -INFINITY;
   dot_rows(qi, k, kv_stride, last + 1, head_dim, p);
   for (int64_t j = 0; j <= last; ++j) {
@@ -522,12 +549,20 @@ T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t las
   const T inv = T(1) / sum;
   for (int64_t j = 0; j <= last; ++j) p[j] *= inv;
   for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
-  for (int64_t j = 0; j <= last; ++j) {
-    const T* vj = v + j * kv_stride;
-    const T pj = p[j];
-    for (int64_t d = 0; d < head_dim; ++d) oi[d] += pj * vj[d];
-  }
+  accumulate_rows(oi, p, v, kv_stride, last + 1, head_dim);
   return max_score + std::log(sum);
+}
+
+// attend_row<float> built for AVX-512, AVX2 and the baseline, the best chosen when the addon loads (cpu/simd_f32.cpp).
+float attend_row_f32(const float* qi, const float* k, const float* v, int64_t kv_stride, int64_t last,
+                     int64_t head_dim, float scale, float* p, float* oi);
+template <typename T>
+T attend_row_best(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale, T* p,
+                  T* oi) {
+  if constexpr (std::is_same_v<T, float>)
+    return attend_row_f32(qi, k, v, kv_stride, last, head_dim, scale, p, oi);
+  else
+    return attend_row<T>(qi, k, v, kv_stride, last, head_dim, scale, p, oi);
 }
 
 // Causal self-attention with grouped KV heads: q [B,T,H,Dh], k/v [B,T,Hkv,Dh], out [B,T,H,Dh]; query head h reads
@@ -548,7 +583,7 @@ void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_
         for (int64_t i = 0; i < seq; ++i) {
           const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
           lse[(b * heads + h) * seq + i] =
-              attend_row(q + (b * seq + i) * q_stride + h * head_dim, k + kv_offset, v + kv_offset, kv_stride, i,
+              attend_row_best(q + (b * seq + i) * q_stride + h * head_dim, k + kv_offset, v + kv_offset, kv_stride, i,
                          head_dim, scale, p.data(), out + (b * seq + i) * q_stride + h * head_dim);
         }
   }
@@ -569,79 +604,127 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < q_len; ++i) {
         const int64_t kv_offset = (h / group) * head_dim;
-        attend_row(q + i * q_stride + h * head_dim, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i,
+        attend_row_best(q + i * q_stride + h * head_dim, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i,
                    head_dim, scale, p.data(), out + i * q_stride + h * head_dim);
       }
   }
 }
 
-// P = exp(scale Q·K^T - lse) recomputed row by row from the forward pass's log-sum-exp, dP = dO·V^T,
+// P = exp(scale Q·K^T - lse) recomputed from the forward pass's log-sum-exp, dP = dO·V^T,
 // dS = P ⊙ (dP - D) with D = rowsum(dO ⊙ O) (= rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO
 // (summed over the query heads that share a kv head). Writes dq, dk, dv (not accumulated).
 // One (batch, kv head) of attention_backward: its query heads write only its dk/dv slices. Always inlined, so that
-// attention_backward_group_f32's AVX-512 and AVX2 versions compile it for their instructions. p and ds: seq each.
+// attention_backward_group_f32's AVX-512 and AVX2 versions compile it for their instructions.
+//
+// Keys go in tiles of 16 whose dk and dv rows stay in L1 while every query row at or after the tile's first passes
+// over them (row by row over all keys, each query's pass streamed every earlier key's dk and dv rows from L2 or
+// farther: most of a CPU step's time at 2048 tokens), and whose k and v rows are laid out once, lane by lane, for
+// the scores and dp of every such row. Every sum keeps its order: scores and dp over d ascending from 0 (as
+// dot_rows), dq_i over keys ascending, dk_j and dv_j over query heads, then query rows ascending, so the results are
+// those of the row-by-row loop, bit for bit.
+// tiles: 2 * kNtTile * head_dim values; row_dots: seq.
 template <typename T>
 QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, const T* k, const T* v, const T* out,
                                                   const T* lse, int64_t b, int64_t kvh, int64_t seq, int64_t heads,
-                                                  int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv, T* p,
-                                                  T* ds) {
+                                                  int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv, T* tiles,
+                                                  T* row_dots) {
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-  for (int64_t j = 0; j < seq; ++j) {
-    T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
-    T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) dkj[d] = dvj[d] = 0;
-  }
-  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h)
+  const T* kb = k + b * seq * kv_stride + kvh * head_dim;
+  const T* vb = v + b * seq * kv_stride + kvh * head_dim;
+  T* dkb = dk + b * seq * kv_stride + kvh * head_dim;
+  T* dvb = dv + b * seq * kv_stride + kvh * head_dim;
+  T* k_lanes = tiles;                         // [head_dim][16]: k_lanes[d][t] = k of key j0 + t at d
+  T* v_lanes = tiles + head_dim * kNtTile;  // the same of v
+  for (int64_t j = 0; j < seq; ++j)
+    for (int64_t d = 0; d < head_dim; ++d) dkb[j * kv_stride + d] = dvb[j * kv_stride + d] = 0;
+  for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
+    const int64_t head = (b * seq) * q_stride + h * head_dim;  // row 0 of this head in q, dout, out and dq
     for (int64_t i = 0; i < seq; ++i) {
-      const T* doi = dout + (b * seq + i) * q_stride + h * head_dim;
-      const T* oi = out + (b * seq + i) * q_stride + h * head_dim;
-      const T* qi = q + (b * seq + i) * q_stride + h * head_dim;
-      const T row_lse = lse[(b * heads + h) * seq + i];
+      const T* doi = dout + head + i * q_stride;
+      const T* oi = out + head + i * q_stride;
       T row_dot = 0;
       for (int64_t d = 0; d < head_dim; ++d) row_dot += doi[d] * oi[d];
-      // the scores into p, then their probabilities; dp into ds
-      dot_rows(qi, k + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, p);
-      dot_rows(doi, v + b * seq * kv_stride + kvh * head_dim, kv_stride, i + 1, head_dim, ds);
-      for (int64_t j = 0; j <= i; ++j) p[j] = std::exp(p[j] * scale - row_lse);
-      T* dqi = dq + (b * seq + i) * q_stride + h * head_dim;
+      row_dots[i] = row_dot;
+      T* dqi = dq + head + i * q_stride;
       for (int64_t d = 0; d < head_dim; ++d) dqi[d] = 0;
-      for (int64_t j = 0; j <= i; ++j) {
-        const T dsj = p[j] * (ds[j] - row_dot) * scale;
-        const T* kj = k + (b * seq + j) * kv_stride + kvh * head_dim;
-        T* dkj = dk + (b * seq + j) * kv_stride + kvh * head_dim;
-        T* dvj = dv + (b * seq + j) * kv_stride + kvh * head_dim;
-        const T pj = p[j];
-        // three separate loops (three different arrays): each vectorizes, where one combined loop does not
-        for (int64_t d = 0; d < head_dim; ++d) dqi[d] += dsj * kj[d];
-        for (int64_t d = 0; d < head_dim; ++d) dkj[d] += dsj * qi[d];
-        for (int64_t d = 0; d < head_dim; ++d) dvj[d] += pj * doi[d];
+    }
+    for (int64_t j0 = 0; j0 < seq; j0 += kNtTile) {
+      const int64_t tile_keys = std::min(kNtTile, seq - j0);
+      for (int64_t t = 0; t < kNtTile; ++t)  // lanes past the last key hold zeros (their sums are not used)
+        for (int64_t d = 0; d < head_dim; ++d) {
+          k_lanes[d * kNtTile + t] = t < tile_keys ? kb[(j0 + t) * kv_stride + d] : T(0);
+          v_lanes[d * kNtTile + t] = t < tile_keys ? vb[(j0 + t) * kv_stride + d] : T(0);
+        }
+      for (int64_t i = j0; i < seq; ++i) {
+        const int64_t keys = std::min(tile_keys, i + 1 - j0);  // the tile's keys this query row sees
+        const T* doi = dout + head + i * q_stride;
+        const T* qi = q + head + i * q_stride;
+        const T row_lse = lse[(b * heads + h) * seq + i];
+        const T row_dot = row_dots[i];
+        // the scores into p, then their probabilities; dp into ds
+        alignas(64) T p[kNtTile] = {};
+        alignas(64) T ds[kNtTile] = {};
+        for (int64_t d = 0; d < head_dim; ++d) {
+          axpy16(p, qi[d], k_lanes + d * kNtTile);
+          axpy16(ds, doi[d], v_lanes + d * kNtTile);
+        }
+        for (int64_t t = 0; t < keys; ++t) {
+          p[t] = std::exp(p[t] * scale - row_lse);
+          ds[t] = p[t] * (ds[t] - row_dot) * scale;  // now dS (scaled)
+        }
+        accumulate_rows(dq + head + i * q_stride, ds, kb + j0 * kv_stride, kv_stride, keys, head_dim);
+        for (int64_t t = 0; t < keys; ++t) {
+          T* dkj = dkb + (j0 + t) * kv_stride;
+          T* dvj = dvb + (j0 + t) * kv_stride;
+          const T dsj = ds[t], pj = p[t];
+          // two separate loops (two different arrays): each vectorizes, where one combined loop does not
+          for (int64_t d = 0; d < head_dim; ++d) dkj[d] += dsj * qi[d];
+          for (int64_t d = 0; d < head_dim; ++d) dvj[d] += pj * doi[d];
+        }
       }
     }
+  }
 }
 
 void attention_backward_group_f32(const float* dout, const float* q, const float* k, const float* v,
                                   const float* out, const float* lse, int64_t b, int64_t kvh, int64_t seq,
                                   int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv,
-                                  float* p, float* ds);
+                                  float* tiles, float* row_dots);
 
 // out and lse: the forward pass's output and log-sum-exp.
 template <typename T>
 void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse, int64_t batch,
                         int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv) {
+  // Each thread's buffers, allocated before the parallel region (a throw inside it would end the process).
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const size_t per_thread = static_cast<size_t>(2 * kNtTile * head_dim + seq);
+  std::vector<T> buffers(per_thread * static_cast<size_t>(threads));
   // Each (batch, kv head) is independent, so the loop parallelizes without atomics.
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
-      std::vector<T> p(static_cast<size_t>(seq)), ds(static_cast<size_t>(seq));
-      if constexpr (std::is_same_v<T, float>)
-        attention_backward_group_f32(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv,
-                                     p.data(), ds.data());
-      else
-        attention_backward_group<T>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv,
-                                    p.data(), ds.data());
-    }
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    T* tiles = buffers.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
+#else
+    T* tiles = buffers.data();
+#endif
+    T* row_dots = tiles + 2 * kNtTile * head_dim;
+#pragma omp for collapse(2) schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t kvh = 0; kvh < kv_heads; ++kvh) {
+        if constexpr (std::is_same_v<T, float>)
+          attention_backward_group_f32(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv,
+                                       tiles, row_dots);
+        else
+          attention_backward_group<T>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv,
+                                      tiles, row_dots);
+      }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

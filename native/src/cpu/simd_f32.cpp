@@ -28,8 +28,15 @@ QLORA_SIMD_CLONES
 void attention_backward_group_f32(const float* dout, const float* q, const float* k, const float* v,
                                   const float* out, const float* lse, int64_t b, int64_t kvh, int64_t seq,
                                   int64_t heads, int64_t kv_heads, int64_t head_dim, float* dq, float* dk, float* dv,
-                                  float* p, float* ds) {
-  attention_backward_group<float>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, p, ds);
+                                  float* tiles, float* row_dots) {
+  attention_backward_group<float>(dout, q, k, v, out, lse, b, kvh, seq, heads, kv_heads, head_dim, dq, dk, dv, tiles,
+                                  row_dots);
+}
+
+QLORA_SIMD_CLONES
+float attend_row_f32(const float* qi, const float* k, const float* v, int64_t kv_stride, int64_t last,
+                     int64_t head_dim, float scale, float* p, float* oi) {
+  return attend_row<float>(qi, k, v, kv_stride, last, head_dim, scale, p, oi);
 }
 
 namespace {
