@@ -202,6 +202,19 @@ void dot_rows(const T* x, const T* rows, int64_t ld, int64_t count, int64_t dim,
   }
 }
 
+// dot_rows of m <= kFewRows vectors at once (xs: m rows of dim values, contiguous): out[r * count + j] = the sum over
+// d < dim, in order, of xs[r * dim + d] * rows[j * ld + d]; each 16 rows are laid out in lanes once for all m.
+void dot_rows_few_f32(const float* xs, int64_t m, const float* rows, int64_t ld, int64_t count, int64_t dim,
+                      float* out);
+template <typename T>
+void dot_rows_few(const T* xs, int64_t m, const T* rows, int64_t ld, int64_t count, int64_t dim, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    dot_rows_few_f32(xs, m, rows, ld, count, dim, out);
+  } else {
+    for (int64_t r = 0; r < m; ++r) dot_rows(xs + r * dim, rows, ld, count, dim, out + r * count);
+  }
+}
+
 // Dropout of n values whose uniforms are those of rng (Philox::uniform) at counters offset .. offset + n - 1: out[i]
 // = x[i] * keep_scale where the uniform is >= p, else 0. Eight Philox blocks (32 values) at a time in vectors: the
 // same words, so the same mask and values, as a block at a time.
@@ -533,10 +546,20 @@ QLORA_ALWAYS_INLINE void accumulate_rows(T* acc, const T* a, const T* rows, int6
 // recomputes p_j = exp(s_j - lse). k and v point at the kv head's first row; rows are kv_stride apart. Both
 // attention kernels use it, so a cached pass computes exactly what a full one does.
 template <typename T>
+QLORA_ALWAYS_INLINE T softmax_and_values(T* p, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale,
+                                         T* oi);
+template <typename T>
 QLORA_ALWAYS_INLINE T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last,
                                  int64_t head_dim, T scale, T* p, T* oi) {
-  T max_score = -INFINITY;
   dot_rows(qi, k, kv_stride, last + 1, head_dim, p);
+  return softmax_and_values(p, v, kv_stride, last, head_dim, scale, oi);
+}
+
+// attend_row once the row's scores p[0..last] are there.
+template <typename T>
+QLORA_ALWAYS_INLINE T softmax_and_values(T* p, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale,
+                                         T* oi) {
+  T max_score = -INFINITY;
   for (int64_t j = 0; j <= last; ++j) {
     p[j] *= scale;
     max_score = std::max(max_score, p[j]);
@@ -565,6 +588,21 @@ T attend_row_best(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_
     return attend_row<T>(qi, k, v, kv_stride, last, head_dim, scale, p, oi);
 }
 
+// Rows i0 .. i0 + m - 1 (m <= kFewRows) of one head of causal attention, as attend_row computes each (the same
+// bits): their scores in one pass over the keys 0 .. i0 + m - 1, which lays each 16 keys out once for all m rows.
+// q and out: row i0 of the head, rows q_stride apart; lse: row i0's. xs: m * head_dim scratch; p: m * (i0 + m).
+template <typename T>
+QLORA_ALWAYS_INLINE void attend_rows(const T* q, int64_t q_stride, const T* k, const T* v, int64_t kv_stride,
+                                     int64_t i0, int64_t m, int64_t head_dim, T scale, T* xs, T* p, T* out, T* lse) {
+  for (int64_t r = 0; r < m; ++r) std::copy(q + r * q_stride, q + r * q_stride + head_dim, xs + r * head_dim);
+  const int64_t count = i0 + m;
+  dot_rows_few(xs, m, k, kv_stride, count, head_dim, p);
+  for (int64_t r = 0; r < m; ++r)
+    lse[r] = softmax_and_values(p + r * count, v, kv_stride, i0 + r, head_dim, scale, out + r * q_stride);
+}
+void attend_rows_f32(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, int64_t i0,
+                     int64_t m, int64_t head_dim, float scale, float* xs, float* p, float* out, float* lse);
+
 // Causal self-attention with grouped KV heads: q [B,T,H,Dh], k/v [B,T,Hkv,Dh], out [B,T,H,Dh]; query head h reads
 // kv head h / (H/Hkv) (transformers' repeat_kv). Only each row's log-sum-exp, lse [B,H,T], is kept for backward,
 // never the T x T probabilities (as FlashAttention keeps them): backward recomputes them.
@@ -574,17 +612,37 @@ void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-#pragma omp parallel
+  // Each thread's scratch, allocated before the parallel region (a throw inside it would end the process).
+#ifdef _OPENMP
+  const int threads = omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  const size_t per_thread = static_cast<size_t>(kFewRows * (head_dim + seq));
+  std::vector<T> scratch(per_thread * static_cast<size_t>(threads));
+  const int64_t blocks = (seq + kFewRows - 1) / kFewRows;  // of kFewRows query rows
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<T> p(static_cast<size_t>(seq));
-#pragma omp for collapse(3) schedule(dynamic, 4)
+#ifdef _OPENMP
+    T* xs = scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
+#else
+    T* xs = scratch.data();
+#endif
+    T* p = xs + kFewRows * head_dim;
+#pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t h = 0; h < heads; ++h)
-        for (int64_t i = 0; i < seq; ++i) {
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const int64_t i0 = blk * kFewRows, m = std::min(kFewRows, seq - i0);
           const int64_t kv_offset = b * seq * kv_stride + (h / group) * head_dim;
-          lse[(b * heads + h) * seq + i] =
-              attend_row_best(q + (b * seq + i) * q_stride + h * head_dim, k + kv_offset, v + kv_offset, kv_stride, i,
-                         head_dim, scale, p.data(), out + (b * seq + i) * q_stride + h * head_dim);
+          const int64_t row = (b * seq + i0) * q_stride + h * head_dim;
+          T* row_lse = lse + (b * heads + h) * seq + i0;
+          if constexpr (std::is_same_v<T, float>)
+            attend_rows_f32(q + row, q_stride, k + kv_offset, v + kv_offset, kv_stride, i0, m, head_dim, scale, xs, p,
+                            out + row, row_lse);
+          else
+            attend_rows<T>(q + row, q_stride, k + kv_offset, v + kv_offset, kv_stride, i0, m, head_dim, scale, xs, p,
+                           out + row, row_lse);
         }
   }
 }

@@ -39,6 +39,12 @@ float attend_row_f32(const float* qi, const float* k, const float* v, int64_t kv
   return attend_row<float>(qi, k, v, kv_stride, last, head_dim, scale, p, oi);
 }
 
+QLORA_SIMD_CLONES
+void attend_rows_f32(const float* q, int64_t q_stride, const float* k, const float* v, int64_t kv_stride, int64_t i0,
+                     int64_t m, int64_t head_dim, float scale, float* xs, float* p, float* out, float* lse) {
+  attend_rows<float>(q, q_stride, k, v, kv_stride, i0, m, head_dim, scale, xs, p, out, lse);
+}
+
 namespace {
 
 // The vector code below (the panels' sums in registers and B^T's packing, the few-row products' tiles) works on
@@ -465,14 +471,19 @@ void transpose_16_rows_f32(const F16Bits* src, int64_t ld_src, int64_t cols, flo
 }
 
 QLORA_SIMD_CLONES
-void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out) {
+void dot_rows_few_f32(const float* xs, int64_t m, const float* rows, int64_t ld, int64_t count, int64_t dim,
+                      float* out) {
   for (int64_t n0 = 0; n0 < count; n0 += kNtTile) {
     const int64_t cols = std::min(kNtTile, count - n0);
     if (has_avx512())
-      nt_tile_product<16>(n0, cols, 1, count, dim, 1.0f, x, 0.0f, out, FastWidenedTile<float, 16>{rows, n0, cols, ld});
+      nt_tile_product<16>(n0, cols, m, count, dim, 1.0f, xs, 0.0f, out, FastWidenedTile<float, 16>{rows, n0, cols, ld});
     else
-      nt_tile_product<8>(n0, cols, 1, count, dim, 1.0f, x, 0.0f, out, FastWidenedTile<float, 8>{rows, n0, cols, ld});
+      nt_tile_product<8>(n0, cols, m, count, dim, 1.0f, xs, 0.0f, out, FastWidenedTile<float, 8>{rows, n0, cols, ld});
   }
+}
+
+void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, int64_t dim, float* out) {
+  dot_rows_few_f32(x, 1, rows, ld, count, dim, out);
 }
 
 #if QLORA_GCC_SHUFFLES
