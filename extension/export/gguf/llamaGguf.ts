@@ -251,7 +251,9 @@ export async function writeModelGguf(o: ModelGgufOptions): Promise<ModelGgufRepo
   const tensors = planTensors(o.tensors ?? folderTensors(o.modelDir), c, arch, o.fileType);
   const metadata = new Map<string, GgufValue>([...architectureMetadata(c, arch, o.name, o.fileType), ...tokenizer.entries]);
   const scratch = new TensorScratch();
-  const encode = (t: PlannedTensor) => encodeTensor(t.type, t.values(scratch), t.shape, scratch.encoded.view(tensorBytes(t.type, t.shape)));
+  // f32 is written from the values themselves, with no encoded copy
+  const encode = (t: PlannedTensor) =>
+    encodeTensor(t.type, t.values(scratch), t.shape, t.type === 'f32' ? undefined : scratch.encoded.view(tensorBytes(t.type, t.shape)));
   const { bytes } = await writeGguf(o.out, metadata, tensors, (i) => encode(tensors[i]), { onProgress: o.onProgress });
   const types: Partial<Record<GgmlTypeName, number>> = {};
   for (const t of tensors) types[t.type] = (types[t.type] ?? 0) + 1;
