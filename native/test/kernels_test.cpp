@@ -13,6 +13,8 @@
 #include "harness.h"
 #include "vector_widths.h"
 #include "model/rope.h"
+#include "quant/nf4.h"
+#include "io/dtype.h"
 
 using namespace qlora;
 using Vec = std::vector<double>;
@@ -277,6 +279,41 @@ TEST(kernel_attention_in_key_tiles_and_registers_equals_the_row_by_row_loops) {
     expect_tiled_attention_backward_is_row_by_row<float>(2, seq, 6, 2, 24, 40);
     expect_tiled_attention_backward_is_row_by_row<float>(2, seq, 4, 2, 64, 41);
     expect_tiled_attention_backward_is_row_by_row<double>(2, seq, 3, 1, 5, 42);
+  }
+}
+
+// The CPU backend's NF4 dequantizer (codes looked up in vectors) gives nf4::dequantize's bits: every rounding, at both
+// vector widths, for block sizes it vectorizes and ones it leaves to nf4::dequantize, with a partial last block and
+// an odd count, and block constants of 0, negative, subnormal, huge, infinite and NaN.
+TEST(kernel_nf4_dequantize_equals_the_reference_bit_for_bit) {
+  std::mt19937 gen(77);
+  for (const int blocksize : {64, 32, 128, 2, 6}) {
+    for (const int64_t n : {int64_t{0}, int64_t{1}, int64_t{blocksize}, int64_t{5 * blocksize + 17},
+                            int64_t{9 * blocksize + 1}}) {
+      std::vector<uint8_t> packed(static_cast<size_t>((n + 1) / 2));
+      for (uint8_t& b : packed) b = static_cast<uint8_t>(gen());
+      std::vector<float> absmax(static_cast<size_t>((n + blocksize - 1) / blocksize));
+      const float specials[] = {0.0f, -0.75f, 1e-40f, 3e38f, INFINITY, NAN};
+      for (size_t i = 0; i < absmax.size(); ++i)
+        absmax[i] = i < 6 ? specials[i] : std::ldexp(static_cast<float>(gen() % 1000) / 997.0f, static_cast<int>(gen() % 20) - 10);
+      for (int round_to = 0; round_to < 3; ++round_to) {
+        const nf4::Rounding round = round_to == 1 ? round_to_bf16 : round_to == 2 ? round_to_f16 : nullptr;
+        std::vector<float> expected(static_cast<size_t>(n));
+        nf4::dequantize(packed.data(), absmax.data(), n, blocksize, expected.data(), round);
+        qtest::at_both_vector_widths([&](bool narrow) {
+          std::vector<float> got(static_cast<size_t>(n), 7.0f);
+          cpu::nf4_dequantize_f32(packed.data(), absmax.data(), n, blocksize, round_to, got.data());
+          for (int64_t i = 0; i < n; ++i) {
+            // a NaN block constant gives NaN values either way; its sign and payload come from the compiler's
+            // choice of instructions for the code times the constant, which the two builds make differently
+            const bool same = std::memcmp(&got[i], &expected[i], 4) == 0 ||
+                              (std::isnan(got[i]) && std::isnan(expected[i]) && std::isnan(absmax[i / blocksize]));
+            EXPECT_TRUE(same, "blocksize ", blocksize, " n ", n, " round ", round_to, narrow ? " (8 lanes)" : "",
+                        " at ", i, ": ", got[i], " vs ", expected[i]);
+          }
+        });
+      }
+    }
   }
 }
 

@@ -101,10 +101,8 @@ void Backend::gemm_dx_with_lora(int64_t, int64_t, int64_t, const float*, uint16_
 
 namespace {
 
-// A dequantized weight's rounding to `format` (none for fp32).
-nf4::Rounding rounding(FloatFormat format) {
-  return format == FloatFormat::F32 ? nullptr : format == FloatFormat::BF16 ? round_to_bf16 : round_to_f16;
-}
+// A dequantized weight's rounding to `format`, as the CPU kernels take it: 0 none (fp32), 1 bf16, 2 fp16.
+int round_kind(FloatFormat format) { return format == FloatFormat::F32 ? 0 : format == FloatFormat::BF16 ? 1 : 2; }
 
 // Large allocations in 2 MiB pages where Linux's transparent huge pages are on for those who ask (enabled = madvise,
 // Ubuntu's and Debian's default): a 4 KiB page is a fault when first written (a 1B model's weights are 300,000 of
@@ -276,7 +274,7 @@ class CpuBackend final : public Backend {
 
   void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, FloatFormat round_to,
                       float* out) override {
-    nf4::dequantize(packed, absmax, n, blocksize, out, rounding(round_to));
+    cpu::nf4_dequantize_f32(packed, absmax, n, blocksize, round_kind(round_to), out);
   }
   void absmax_dequantize(const uint8_t* codes, int64_t n, const float* state2_absmax, const float* code2, float offset,
                          int blocksize2, float* out) override {
@@ -313,7 +311,7 @@ class CpuBackend final : public Backend {
     // the composition this op stands for, step by step: the same numbers bit for bit
     std::vector<float> restored;
     const float* absmax = block_constants(w, restored);
-    const int round = round_to == FloatFormat::F32 ? 0 : round_to == FloatFormat::BF16 ? 1 : 2;
+    const int round = round_kind(round_to);
     const int64_t tiles = (w.out + cpu::kNtTile - 1) / cpu::kNtTile;
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < tiles; ++t) {

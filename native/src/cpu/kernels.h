@@ -230,6 +230,11 @@ void force_narrow_vectors(bool narrow);
 // the vectors' width ("AVX-512, 16-lane vectors").
 std::string vector_code();
 
+// nf4::dequantize (round_to: 0 fp32, 1 bf16, 2 fp16), the same bits, on every core: where the block size is a
+// multiple of 32, 32 values at a time, their codes looked up in the block's 16 values held in vector registers.
+void nf4_dequantize_f32(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
+                        float* out);
+
 // Outputs o0 .. o0 + cols - 1 (cols <= 16) of y [rows, out] = x [rows, in] · W^T with W [out, in] in NF4 (codes
 // `packed`, one constant per `blocksize` weights), each weight dequantized and rounded (round_to: 0 fp32, 1 bf16,
 // 2 fp16) as nf4_dequantize does, summed as gemm_nt_few_rows sums: the same bits as dequantize + gemm.

@@ -470,6 +470,75 @@ void transpose_16_rows_f32(const F16Bits* src, int64_t ld_src, int64_t cols, flo
   transpose_16_rows_lanes(src, ld_src, cols, dst, ld_dst);
 }
 
+namespace {
+
+nf4::Rounding rounding_of(int round_to) {
+  return round_to == 1 ? round_to_bf16 : round_to == 2 ? round_to_f16 : nullptr;
+}
+
+#if QLORA_GCC_SHUFFLES
+// 32 values from 16 bytes (two codes a byte, the first in the high nibble): each code's value from `table`, the
+// block's 16 values, in vectors of L lanes.
+template <int L>
+QLORA_ALWAYS_INLINE void dequantize_32(const uint8_t* bytes, const float* table, float* out) {
+  typedef typename Lanes<L>::F F;
+  typedef typename Lanes<L>::I I;
+  F values[16 / L];
+  std::memcpy(values, table, sizeof values);
+  for (int g = 0; g < 16 / L; ++g) {  // L bytes: 2L values
+    I codes;
+    for (int j = 0; j < L; ++j) codes[j] = bytes[g * L + j];
+    F high, low;
+    if constexpr (L == 16) {
+      high = __builtin_shuffle(values[0], codes >> 4);
+      low = __builtin_shuffle(values[0], codes & 15);
+    } else {
+      high = __builtin_shuffle(values[0], values[1], codes >> 4);
+      low = __builtin_shuffle(values[0], values[1], codes & 15);
+    }
+    // interleaved: high[0] low[0] high[1] low[1] ...
+    I first, second;
+    for (int j = 0; j < L; ++j) {
+      first[j] = (j % 2 == 0 ? 0 : L) + j / 2;
+      second[j] = (j % 2 == 0 ? 0 : L) + L / 2 + j / 2;
+    }
+    const F a = __builtin_shuffle(high, low, first), b = __builtin_shuffle(high, low, second);
+    std::memcpy(out + g * 2 * L, &a, sizeof a);
+    std::memcpy(out + g * 2 * L + L, &b, sizeof b);
+  }
+}
+#endif
+
+}  // namespace
+
+QLORA_SIMD_CLONES
+void nf4_dequantize_f32(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
+                        float* out) {
+  nf4::check_blocksize(blocksize, "nf4_dequantize_f32");
+#if QLORA_GCC_SHUFFLES
+  if (blocksize % 32 != 0) return nf4::dequantize(packed, absmax, n, blocksize, out, rounding_of(round_to));
+  const nf4::Rounding round = rounding_of(round_to);
+  const bool wide = has_avx512();
+  const int64_t full_blocks = n / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < full_blocks; ++b) {
+    alignas(64) float table[16];
+    nf4::block_values(absmax[b], round, table);
+    for (int64_t i = b * blocksize; i < (b + 1) * blocksize; i += 32) {
+      if (wide)
+        dequantize_32<16>(packed + i / 2, table, out + i);
+      else
+        dequantize_32<8>(packed + i / 2, table, out + i);
+    }
+  }
+  // a last partial block as nf4::dequantize does it
+  const int64_t done = full_blocks * blocksize;
+  if (done < n) nf4::dequantize(packed + done / 2, absmax + full_blocks, n - done, blocksize, out + done, round);
+#else
+  nf4::dequantize(packed, absmax, n, blocksize, out, rounding_of(round_to));
+#endif
+}
+
 QLORA_SIMD_CLONES
 void dot_rows_few_f32(const float* xs, int64_t m, const float* rows, int64_t ld, int64_t count, int64_t dim,
                       float* out) {
