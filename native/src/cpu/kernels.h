@@ -15,6 +15,7 @@
 #include "io/dtype.h"
 #include "model/adamw_math.h"
 #include "util/error.h"
+#include "util/per_thread.h"
 #include "util/philox.h"
 
 #ifdef _OPENMP
@@ -617,22 +618,11 @@ void attention_forward(const T* q, const T* k, const T* v, int64_t batch, int64_
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-  // Each thread's scratch, allocated before the parallel region (a throw inside it would end the process).
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
-  const size_t per_thread = static_cast<size_t>(kFewRows * (head_dim + seq));
-  std::vector<T> scratch(per_thread * static_cast<size_t>(threads));
+  PerThreadScratch<T> scratch(static_cast<size_t>(kFewRows * (head_dim + seq)));
   const int64_t blocks = (seq + kFewRows - 1) / kFewRows;  // of kFewRows query rows
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(scratch.threads())
   {
-#ifdef _OPENMP
-    T* xs = scratch.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
-#else
-    T* xs = scratch.data();
-#endif
+    T* xs = scratch.mine();
     T* p = xs + kFewRows * head_dim;
 #pragma omp for collapse(3) schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b)
@@ -760,22 +750,11 @@ void attention_backward_group_f32(const float* dout, const float* q, const float
 template <typename T>
 void attention_backward(const T* dout, const T* q, const T* k, const T* v, const T* out, const T* lse, int64_t batch,
                         int64_t seq, int64_t heads, int64_t kv_heads, int64_t head_dim, T* dq, T* dk, T* dv) {
-  // Each thread's buffers, allocated before the parallel region (a throw inside it would end the process).
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
-  const size_t per_thread = static_cast<size_t>(2 * kNtTile * head_dim + seq);
-  std::vector<T> buffers(per_thread * static_cast<size_t>(threads));
+  PerThreadScratch<T> scratch(static_cast<size_t>(2 * kNtTile * head_dim + seq));
   // Each (batch, kv head) is independent, so the loop parallelizes without atomics.
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(scratch.threads())
   {
-#ifdef _OPENMP
-    T* tiles = buffers.data() + per_thread * static_cast<size_t>(omp_get_thread_num());
-#else
-    T* tiles = buffers.data();
-#endif
+    T* tiles = scratch.mine();
     T* row_dots = tiles + 2 * kNtTile * head_dim;
 #pragma omp for collapse(2) schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b)

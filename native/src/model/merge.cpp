@@ -18,10 +18,7 @@
 #include "quant/bnb4.h"
 #include "util/error.h"
 #include "util/json.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "util/per_thread.h"
 
 namespace qlora {
 
@@ -259,20 +256,10 @@ void MergePlan::merged_values_into(const Tensor& t, float* values) const {
   const double scale = scale_;
   const std::vector<float> a = t.lora->a.download(), b = t.lora->b.download();
   const bool half = t.dtype != DType::F32;
-  // Each thread's row accumulator, allocated before the parallel region: a throw inside it would end the process.
-#ifdef _OPENMP
-  const int threads = omp_get_max_threads();
-#else
-  const int threads = 1;
-#endif
-  std::vector<double> accumulators(static_cast<size_t>(in) * static_cast<size_t>(threads));
-#pragma omp parallel num_threads(threads)
+  PerThreadScratch<double> accumulators(static_cast<size_t>(in));  // a row's sums
+#pragma omp parallel num_threads(accumulators.threads())
   {
-#ifdef _OPENMP
-    double* acc = accumulators.data() + static_cast<size_t>(in) * static_cast<size_t>(omp_get_thread_num());
-#else
-    double* acc = accumulators.data();
-#endif
+    double* acc = accumulators.mine();
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < out; ++o) {
       std::fill(acc, acc + in, 0.0);

@@ -7,11 +7,8 @@
 #include <cmath>
 
 #include "util/error.h"
+#include "util/per_thread.h"
 #include "util/simd_clones.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace qlora::nf4 {
 
@@ -113,25 +110,14 @@ Blockwise4bit quantize(const float* x, int64_t n, int blocksize) {
 namespace {
 
 // Runs `visit(b, begin, count, values)` for every block of n values, on every core, with the block's values that
-// `load` wrote into a buffer of the thread's own (allocated before the parallel region: a throw inside it would end
-// the process).
+// `load` wrote into a buffer of the thread's own.
 template <typename Visit>
 void for_each_loaded_block(int64_t n, int blocksize, const BlockLoader& load, Visit visit) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  const int64_t size = std::min<int64_t>(blocksize, n);
-#ifdef _OPENMP
-  const int64_t threads = omp_get_max_threads();
-#else
-  const int64_t threads = 1;
-#endif
-  std::vector<float> buffers(static_cast<size_t>(size * threads));
-#pragma omp parallel num_threads(static_cast<int>(threads))
+  PerThreadScratch<float> scratch(static_cast<size_t>(std::min<int64_t>(blocksize, n)));
+#pragma omp parallel num_threads(scratch.threads())
   {
-#ifdef _OPENMP
-    float* values = buffers.data() + omp_get_thread_num() * size;
-#else
-    float* values = buffers.data();
-#endif
+    float* values = scratch.mine();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t begin = b * blocksize;
