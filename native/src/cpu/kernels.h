@@ -650,15 +650,16 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
   const int64_t group = heads / kv_heads;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   const int64_t q_stride = heads * head_dim, kv_stride = kv_heads * head_dim;
-#pragma omp parallel
+  PerThreadScratch<T> scratch(static_cast<size_t>(past + q_len));
+#pragma omp parallel num_threads(scratch.threads())
   {
-    std::vector<T> p(static_cast<size_t>(past + q_len));
+    T* p = scratch.mine();
 #pragma omp for collapse(2) schedule(dynamic, 4)
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < q_len; ++i) {
         const int64_t kv_offset = (h / group) * head_dim;
-        attend_row_best(q + i * q_stride + h * head_dim, k_cache + kv_offset, v_cache + kv_offset, kv_stride, past + i,
-                   head_dim, scale, p.data(), out + i * q_stride + h * head_dim);
+        attend_row_best(q + i * q_stride + h * head_dim, k_cache + kv_offset, v_cache + kv_offset, kv_stride,
+                        past + i, head_dim, scale, p, out + i * q_stride + h * head_dim);
       }
   }
 }
@@ -688,7 +689,7 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
   const T* vb = v + b * seq * kv_stride + kvh * head_dim;
   T* dkb = dk + b * seq * kv_stride + kvh * head_dim;
   T* dvb = dv + b * seq * kv_stride + kvh * head_dim;
-  T* k_lanes = tiles;                         // [head_dim][16]: k_lanes[d][t] = k of key j0 + t at d
+  T* k_lanes = tiles;                       // [head_dim][16]: k_lanes[d][t] = k of key j0 + t at d
   T* v_lanes = tiles + head_dim * kNtTile;  // the same of v
   for (int64_t j = 0; j < seq; ++j)
     for (int64_t d = 0; d < head_dim; ++d) dkb[j * kv_stride + d] = dvb[j * kv_stride + d] = 0;
