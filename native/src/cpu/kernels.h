@@ -670,12 +670,12 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
 // One (batch, kv head) of attention_backward: its query heads write only its dk/dv slices. Always inlined, so that
 // attention_backward_group_f32's AVX-512 and AVX2 versions compile it for their instructions.
 //
-// Keys go in tiles of 16 whose dk and dv rows stay in L1 while every query row at or after the tile's first passes
-// over them (row by row over all keys, each query's pass streamed every earlier key's dk and dv rows from L2 or
-// farther: most of a CPU step's time at 2048 tokens), and whose k and v rows are laid out once, lane by lane, for
-// the scores and dp of every such row. Every sum keeps its order: scores and dp over d ascending from 0 (as
-// dot_rows), dq_i over keys ascending, dk_j and dv_j over query heads, then query rows ascending, so the results are
-// those of the row-by-row loop, bit for bit.
+// Keys go in tiles of 16, whose k and v rows are laid out once, lane by lane, for the scores and dp of every query row
+// at or after the tile's first; those rows go in blocks of 16, and each key's dk and dv rows gather the block's 16
+// terms in registers (row by row over all keys, each query's pass read and wrote every earlier key's dk and dv rows
+// from L2 or farther: most of a CPU step's time at 2048 tokens). Every sum keeps its order: scores and dp over d
+// ascending from 0 (as dot_rows), dq_i over keys ascending, dk_j and dv_j over query heads, then query rows
+// ascending, so the results are those of the row-by-row loop, bit for bit.
 // tiles: 2 * kNtTile * head_dim values; row_dots: seq.
 template <typename T>
 QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, const T* k, const T* v, const T* out,
@@ -711,31 +711,43 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
           k_lanes[d * kNtTile + t] = t < tile_keys ? kb[(j0 + t) * kv_stride + d] : T(0);
           v_lanes[d * kNtTile + t] = t < tile_keys ? vb[(j0 + t) * kv_stride + d] : T(0);
         }
-      for (int64_t i = j0; i < seq; ++i) {
-        const int64_t keys = std::min(tile_keys, i + 1 - j0);  // the tile's keys this query row sees
-        const T* doi = dout + head + i * q_stride;
-        const T* qi = q + head + i * q_stride;
-        const T row_lse = lse[(b * heads + h) * seq + i];
-        const T row_dot = row_dots[i];
-        // the scores into p, then their probabilities; dp into ds
-        alignas(64) T p[kNtTile] = {};
-        alignas(64) T ds[kNtTile] = {};
-        for (int64_t d = 0; d < head_dim; ++d) {
-          axpy16(p, qi[d], k_lanes + d * kNtTile);
-          axpy16(ds, doi[d], v_lanes + d * kNtTile);
+      // query rows in blocks of 16: each block's probabilities and dS for the tile's keys, then each key's dk and dv
+      // summed over the block's rows in registers
+      for (int64_t i0 = j0; i0 < seq; i0 += kNtTile) {
+        const int64_t rows = std::min(kNtTile, seq - i0);
+        alignas(64) T p[kNtTile][kNtTile];   // [row][key]
+        alignas(64) T ds[kNtTile][kNtTile];  // dP, then dS
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t i = i0 + r;
+          const int64_t keys = std::min(tile_keys, i + 1 - j0);  // the tile's keys this query row sees
+          const T* doi = dout + head + i * q_stride;
+          const T* qi = q + head + i * q_stride;
+          const T row_lse = lse[(b * heads + h) * seq + i];
+          const T row_dot = row_dots[i];
+          // the scores into p, then their probabilities; dp into ds
+          std::fill(p[r], p[r] + kNtTile, T(0));
+          std::fill(ds[r], ds[r] + kNtTile, T(0));
+          for (int64_t d = 0; d < head_dim; ++d) {
+            axpy16(p[r], qi[d], k_lanes + d * kNtTile);
+            axpy16(ds[r], doi[d], v_lanes + d * kNtTile);
+          }
+          for (int64_t t = 0; t < keys; ++t) {
+            p[r][t] = std::exp(p[r][t] * scale - row_lse);
+            ds[r][t] = p[r][t] * (ds[r][t] - row_dot) * scale;  // now dS (scaled)
+          }
+          accumulate_rows(dq + head + i * q_stride, ds[r], kb + j0 * kv_stride, kv_stride, keys, head_dim);
         }
-        for (int64_t t = 0; t < keys; ++t) {
-          p[t] = std::exp(p[t] * scale - row_lse);
-          ds[t] = p[t] * (ds[t] - row_dot) * scale;  // now dS (scaled)
-        }
-        accumulate_rows(dq + head + i * q_stride, ds, kb + j0 * kv_stride, kv_stride, keys, head_dim);
-        for (int64_t t = 0; t < keys; ++t) {
-          T* dkj = dkb + (j0 + t) * kv_stride;
-          T* dvj = dvb + (j0 + t) * kv_stride;
-          const T dsj = ds[t], pj = p[t];
-          // two separate loops (two different arrays): each vectorizes, where one combined loop does not
-          for (int64_t d = 0; d < head_dim; ++d) dkj[d] += dsj * qi[d];
-          for (int64_t d = 0; d < head_dim; ++d) dvj[d] += pj * doi[d];
+        for (int64_t t = 0; t < tile_keys; ++t) {
+          const int64_t first = std::max<int64_t>(0, j0 + t - i0);  // the block's first row that sees key j0 + t
+          if (first >= rows) continue;
+          T ds_t[kNtTile], p_t[kNtTile];
+          for (int64_t r = first; r < rows; ++r) {
+            ds_t[r - first] = ds[r][t];
+            p_t[r - first] = p[r][t];
+          }
+          const int64_t row0 = head + (i0 + first) * q_stride;
+          accumulate_rows(dkb + (j0 + t) * kv_stride, ds_t, q + row0, q_stride, rows - first, head_dim);
+          accumulate_rows(dvb + (j0 + t) * kv_stride, p_t, dout + row0, q_stride, rows - first, head_dim);
         }
       }
     }
