@@ -91,7 +91,7 @@ test('tensors over 2 GiB: reads and writes go in pieces (fs takes at most 2 GiB 
     assert.equal(view.buffer, into.buffer);
     assert.deepEqual(view, expected, `${dtype} into an array`);
     assert.deepEqual(Array.from(into.subarray(8)), [9, 9, 9]);
-    assert.throws(() => readTensorF32(e, 5, new Float32Array(7)), /7 values of room for tensor t's 8/);
+    assert.throws(() => readTensorF32(e, 5, new Float32Array(7)), /readTensorF32 of tensor t: 7 values of room for 8/);
   }
   assert.throws(() => readTensorF32({ name: 't', file: path.join(dir, 'F32.bin'), dtype: 'F32', shape: [3, 4], begin: 3, end: 35 }), /tensor t holds 32 bytes, not 12 F32 values/);
 
@@ -148,6 +148,7 @@ test('Q/K permutation: rotate-half rows become interleaved pairs within each hea
   const view = permuteForInterleavedRope(w, 2, 1, into);
   assert.equal(view.buffer, into.buffer);
   assert.deepEqual(Array.from(into), [0, 2, 1, 3, 10, 12, 11, 13, -1, -1]);
+  assert.throws(() => permuteForInterleavedRope(w, 2, 1, new Float32Array(7)), /permuteForInterleavedRope: 7 values of room for 8/);
 });
 
 test('tensor types: vectors stay f32; matrices follow the file type; q8_0 needs rows of 32', () => {

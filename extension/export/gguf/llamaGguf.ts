@@ -8,7 +8,7 @@
 import { readModelConfig } from '../../engine';
 import type { NativeModelConfig } from '../../engine/native';
 import { encodeTensor } from './encode';
-import { TensorScratch } from './scratch';
+import { floatsInto, TensorScratch } from './scratch';
 import { listModelTensors, readTensorF32 } from './safetensorsReader';
 import { tokenizerMetadata } from './tokenizerMetadata';
 import { GGML_TYPES, LLAMA_FTYPE, tensorBytes, type GgmlTypeName, type GgufFileType } from './types';
@@ -37,7 +37,7 @@ export function permuteForInterleavedRope(w: Float32Array, heads: number, cols: 
   const headDim = rows / heads;
   if (!Number.isInteger(headDim) || headDim % 2 !== 0) throw new Error(`cannot permute ${rows} rows into ${heads} heads of even size`);
   const half = headDim / 2;
-  const out = into ? into.subarray(0, w.length) : new Float32Array(w.length);
+  const out = floatsInto(into, w.length, 'permuteForInterleavedRope');
   for (let h = 0; h < heads; h++) {
     for (let i = 0; i < half; i++) {
       for (let j = 0; j < 2; j++) {

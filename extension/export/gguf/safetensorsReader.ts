@@ -3,6 +3,7 @@
 // header, offset and size is checked against the file; a problem names the file and the tensor.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { floatsInto } from './scratch';
 
 export interface TensorEntry {
   name: string;
@@ -116,8 +117,7 @@ export function readTensorF32(entry: TensorEntry, chunkBytes = IO_CHUNK_BYTES, i
   const count = entry.shape.reduce((a, d) => a * d, 1);
   const total = entry.end - entry.begin;
   if (total !== count * size) throw new Error(`${entry.file}: tensor ${entry.name} holds ${total} bytes, not ${count} ${entry.dtype} values`);
-  if (into && into.length < count) throw new Error(`readTensorF32: ${into.length} values of room for tensor ${entry.name}'s ${count}`);
-  const out = into ? into.subarray(0, count) : new Float32Array(count);
+  const out = floatsInto(into, count, `readTensorF32 of tensor ${entry.name}`);
   const chunk = Math.min(chunkBytes, READ_BUFFER_BYTES);
   const step = Math.max(size, chunk - (chunk % size));
   const bytes = readBuffer(Math.min(total, step));

@@ -19,6 +19,16 @@ export class ReusedArray<A extends Float32Array | Uint8Array> {
   }
 }
 
+/**
+ * The first `length` values of `into` where it is given (a view of them; an array shorter than that is an error naming
+ * `what`), else a new array: where a reader or transform writes its result.
+ */
+export function floatsInto(into: Float32Array | undefined, length: number, what: string): Float32Array {
+  if (into === undefined) return new Float32Array(length);
+  if (into.length < length) throw new Error(`${what}: ${into.length} values of room for ${length}`);
+  return into.subarray(0, length);
+}
+
 /** The arrays a tensor goes through: its values as read, laid out in GGUF order (where that moves rows), encoded. */
 export class TensorScratch {
   readonly read = new ReusedArray((n) => new Float32Array(n));

@@ -547,20 +547,6 @@ QLORA_ALWAYS_INLINE void accumulate_rows(T* acc, const T* a, const T* rows, int6
     for (int64_t d = 0; d < n; ++d) acc[d] += a[t] * rows[t * ld + d];
 }
 
-// One query row of causal attention: softmax(scale q·k_j) over the keys j = 0..last into p[0..last] (scratch), and
-// out = sum_j p_j v_j; returns the row's log-sum-exp of the scores, max + log(sum exp(s - max)), from which backward
-// recomputes p_j = exp(s_j - lse). k and v point at the kv head's first row; rows are kv_stride apart. Both
-// attention kernels use it, so a cached pass computes exactly what a full one does.
-template <typename T>
-QLORA_ALWAYS_INLINE T softmax_and_values(T* p, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale,
-                                         T* oi);
-template <typename T>
-QLORA_ALWAYS_INLINE T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last,
-                                 int64_t head_dim, T scale, T* p, T* oi) {
-  dot_rows(qi, k, kv_stride, last + 1, head_dim, p);
-  return softmax_and_values(p, v, kv_stride, last, head_dim, scale, oi);
-}
-
 // attend_row once the row's scores p[0..last] are there.
 template <typename T>
 QLORA_ALWAYS_INLINE T softmax_and_values(T* p, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale,
@@ -580,6 +566,18 @@ QLORA_ALWAYS_INLINE T softmax_and_values(T* p, const T* v, int64_t kv_stride, in
   for (int64_t d = 0; d < head_dim; ++d) oi[d] = 0;
   accumulate_rows(oi, p, v, kv_stride, last + 1, head_dim);
   return max_score + std::log(sum);
+}
+
+// One query row of causal attention: softmax(scale q·k_j) over the keys j = 0..last into p[0..last] (scratch), and
+// out = sum_j p_j v_j; returns the row's log-sum-exp of the scores, max + log(sum exp(s - max)), from which backward
+// recomputes p_j = exp(s_j - lse). k and v point at the kv head's first row; rows are kv_stride apart. The KV-cache
+// pass uses it, and the full pass attend_rows, which computes each row the same way: a cached pass computes exactly
+// what a full one does.
+template <typename T>
+QLORA_ALWAYS_INLINE T attend_row(const T* qi, const T* k, const T* v, int64_t kv_stride, int64_t last,
+                                 int64_t head_dim, T scale, T* p, T* oi) {
+  dot_rows(qi, k, kv_stride, last + 1, head_dim, p);
+  return softmax_and_values(p, v, kv_stride, last, head_dim, scale, oi);
 }
 
 // attend_row<float> built for AVX-512, AVX2 and the baseline, the best chosen when the addon loads (cpu/simd_f32.cpp).

@@ -515,28 +515,28 @@ QLORA_SIMD_CLONES
 void nf4_dequantize_f32(const uint8_t* packed, const float* absmax, int64_t n, int blocksize, int round_to,
                         float* out) {
   nf4::check_blocksize(blocksize, "nf4_dequantize_f32");
-#if QLORA_GCC_SHUFFLES
-  if (blocksize % 32 != 0) return nf4::dequantize(packed, absmax, n, blocksize, out, rounding_of(round_to));
   const nf4::Rounding round = rounding_of(round_to);
-  const bool wide = has_avx512();
-  const int64_t full_blocks = n / blocksize;
+  int64_t done = 0;  // values the vector code wrote: whole blocks
+#if QLORA_GCC_SHUFFLES
+  if (blocksize % 32 == 0) {
+    const bool wide = has_avx512();
+    const int64_t full_blocks = n / blocksize;
 #pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < full_blocks; ++b) {
-    alignas(64) float table[16];
-    nf4::block_values(absmax[b], round, table);
-    for (int64_t i = b * blocksize; i < (b + 1) * blocksize; i += 32) {
-      if (wide)
-        dequantize_32<16>(packed + i / 2, table, out + i);
-      else
-        dequantize_32<8>(packed + i / 2, table, out + i);
+    for (int64_t b = 0; b < full_blocks; ++b) {
+      alignas(64) float table[16];
+      nf4::block_values(absmax[b], round, table);
+      for (int64_t i = b * blocksize; i < (b + 1) * blocksize; i += 32) {
+        if (wide)
+          dequantize_32<16>(packed + i / 2, table, out + i);
+        else
+          dequantize_32<8>(packed + i / 2, table, out + i);
+      }
     }
+    done = full_blocks * blocksize;
   }
-  // a last partial block as nf4::dequantize does it
-  const int64_t done = full_blocks * blocksize;
-  if (done < n) nf4::dequantize(packed + done / 2, absmax + full_blocks, n - done, blocksize, out + done, round);
-#else
-  nf4::dequantize(packed, absmax, n, blocksize, out, rounding_of(round_to));
 #endif
+  // the rest (a last partial block, or every block of a size the vectors do not take) as nf4::dequantize does it
+  if (done < n) nf4::dequantize(packed + done / 2, absmax + done / blocksize, n - done, blocksize, out + done, round);
 }
 
 QLORA_SIMD_CLONES
@@ -632,8 +632,7 @@ void nf4_matmul_tile_f32(const float* x, int64_t rows, const uint8_t* packed, co
     return;
   }
 #endif
-  const Nf4Tile fill{packed, absmax, o0, cols, in, blocksize,
-                     round_to == 0 ? nullptr : round_to == 1 ? round_to_bf16 : round_to_f16};
+  const Nf4Tile fill{packed, absmax, o0, cols, in, blocksize, rounding_of(round_to)};
   if (has_avx512())
     nt_tile_product<16>(o0, cols, rows, out, in, 1.0f, x, 0.0f, y, fill);
   else

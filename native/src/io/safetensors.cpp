@@ -531,6 +531,19 @@ void SafetensorsWriter::write(const std::string& path) const {
   });
 }
 
+void sink_f32_as(const SafetensorsWriter::ByteSink& sink, DType t, const float* values, size_t n) {
+  if (t == DType::F32) return sink(values, n * sizeof(float));
+  if (t != DType::BF16 && t != DType::F16) fail("sink_f32_as: ", dtype_name(t), " is not F32, BF16 or F16");
+  constexpr size_t kChunk = 8192;
+  uint16_t encoded[kChunk];
+  for (size_t begin = 0; begin < n; begin += kChunk) {
+    const size_t count = std::min(kChunk, n - begin);
+    for (size_t i = 0; i < count; ++i)
+      encoded[i] = t == DType::BF16 ? f32_to_bf16(values[begin + i]) : f32_to_f16(values[begin + i]);
+    sink(encoded, count * sizeof(uint16_t));
+  }
+}
+
 void write_file_atomic(const std::string& path, const std::string& contents) {
   write_atomic(path, [&](std::FILE* f) { write_all(f, contents.data(), contents.size(), path); });
 }

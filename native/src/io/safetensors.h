@@ -111,6 +111,9 @@ class SafetensorsWriter {
   std::map<std::string, std::string> metadata_;
 };
 
+// Hands n fp32 values to `sink` stored as `t`: F32 as they are, BF16 or F16 rounded to nearest even, a chunk at a time.
+void sink_f32_as(const SafetensorsWriter::ByteSink& sink, DType t, const float* values, size_t n);
+
 std::string shape_to_string(const std::vector<int64_t>& shape);  // "[128, 256]"
 int64_t numel_of(const std::vector<int64_t>& shape);             // the product of the dimensions
 

@@ -101,7 +101,7 @@ std::string shard_name(int64_t i, int64_t n) {
   return buf;
 }
 
-// Where a merged tensor is computed, reused from tensor to tensor: a fresh buffer for each would be zeroed and
+// Where a merged tensor's values are computed, reused from tensor to tensor: a fresh buffer for each would be zeroed and
 // faulted in again (a quarter of a 1B merge's time went to that).
 class MergeBuffers {
  public:
@@ -113,12 +113,10 @@ class MergeBuffers {
     }
     return values_.get();
   }
-  std::vector<uint16_t>& encoded() { return encoded_; }
 
  private:
   std::unique_ptr<float[]> values_;
   size_t capacity_ = 0;
-  std::vector<uint16_t> encoded_ = std::vector<uint16_t>(size_t{1} << 18);  // a half tensor's bytes, a chunk at a time
 };
 
 // One output tensor, computed when the writer reaches it: a shard's file holds one merged tensor in memory at a time,
@@ -132,17 +130,7 @@ void add_merged(SafetensorsWriter& writer, const MergePlan& plan, const MergePla
     const size_t n = static_cast<size_t>(numel_of(t.shape));
     float* values = buffers.values(n);
     plan.merged_values_into(t, values);
-    if (t.dtype == DType::F32) {
-      sink(values, n * sizeof(float));
-      return;
-    }
-    std::vector<uint16_t>& encoded = buffers.encoded();
-    for (size_t begin = 0; begin < n; begin += encoded.size()) {
-      const size_t count = std::min(encoded.size(), n - begin);
-      for (size_t i = 0; i < count; ++i)
-        encoded[i] = t.dtype == DType::BF16 ? f32_to_bf16(values[begin + i]) : f32_to_f16(values[begin + i]);
-      sink(encoded.data(), count * sizeof(uint16_t));
-    }
+    sink_f32_as(sink, t.dtype, values, n);
   });
 }
 
@@ -235,12 +223,6 @@ const MergePlan::Tensor* MergePlan::find(const std::string& name) const {
 bool MergePlan::copied_as_stored(const Tensor& t) const {
   const TensorInfo& src = store_->info(t.name);
   return !t.quantized && !t.lora && (src.dtype == t.dtype || !is_floating(src.dtype));
-}
-
-std::vector<float> MergePlan::merged_values(const Tensor& t) const {
-  std::vector<float> values(static_cast<size_t>(numel_of(t.shape)));
-  merged_values_into(t, values.data());
-  return values;
 }
 
 void MergePlan::merged_values_into(const Tensor& t, float* values) const {

@@ -55,11 +55,10 @@ class MergePlan {
   // Whether `t` is written as the base stores it (not adapted, not 4-bit, already in its output dtype or not
   // floating).
   bool copied_as_stored(const Tensor& t) const;
-  // A floating tensor's values in fp32: a bnb-4bit weight dequantized; an adapted one W + scale * B @ A, accumulated
-  // in double and rounded once, to fp32 nearest for a float32 plan and "to odd" for a 16-bit one (so that rounding
-  // that to bf16 or f16 rounds the double sum correctly).
-  std::vector<float> merged_values(const Tensor& t) const;
-  // merged_values into `out`, which holds the tensor's element count (the addon fills a JS array in place).
+  // A floating tensor's values in fp32 into `out`, which holds its element count (the addon fills a JS array in
+  // place): a bnb-4bit weight dequantized; an adapted one W + scale * B @ A, accumulated in double and rounded once,
+  // to fp32 nearest for a float32 plan and "to odd" for a 16-bit one (so that rounding that to bf16 or f16 rounds the
+  // double sum correctly).
   void merged_values_into(const Tensor& t, float* out) const;
 
  private:

@@ -393,16 +393,10 @@ void add_cast(SafetensorsWriter& writer, const TensorStore& store, const std::st
     const size_t n = static_cast<size_t>(info.numel());
     const uint8_t* bytes = store.data(info.name);
     std::vector<float> values(std::min(n, kChunk));
-    std::vector<uint16_t> half(t == DType::F32 ? 0 : values.size());
     for (size_t begin = 0; begin < n; begin += kChunk) {
       const size_t count = std::min(kChunk, n - begin);
       convert_block_to_f32(info.dtype, bytes + begin * dtype_size(info.dtype), count, values.data());
-      if (t == DType::F32) {
-        sink(values.data(), count * sizeof(float));
-        continue;
-      }
-      for (size_t i = 0; i < count; ++i) half[i] = t == DType::BF16 ? f32_to_bf16(values[i]) : f32_to_f16(values[i]);
-      sink(half.data(), count * sizeof(uint16_t));
+      sink_f32_as(sink, t, values.data(), count);
     }
   });
 }
