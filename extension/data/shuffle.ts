@@ -40,14 +40,16 @@ export interface EvalSplit<T> {
 }
 
 /**
- * Holds out round(n * fraction) items for evaluation, chosen by a seeded permutation, with at least one item on
- * each side whenever n >= 2 (so a tiny dataset still gets an eval loss). Both sides keep the input order.
+ * Holds out round(n * fraction) items for evaluation, at most maxCount, chosen by a seeded permutation, with at
+ * least one item on each side whenever n >= 2 (so a tiny dataset still gets an eval loss). Both sides keep the input
+ * order. A capped split is the first maxCount items of the uncapped one's permutation, so it is a subset of it.
  */
-export function splitEval<T>(items: readonly T[], fraction: number, seed: number | bigint): EvalSplit<T> {
+export function splitEval<T>(items: readonly T[], fraction: number, seed: number | bigint, maxCount = Infinity): EvalSplit<T> {
   if (!(fraction > 0 && fraction < 1)) throw new RangeError(`eval fraction must be between 0 and 1 (exclusive), got ${fraction}`);
+  if (!(maxCount >= 1)) throw new RangeError(`the eval split's largest size must be at least 1, got ${maxCount}`);
   const n = items.length;
   if (n < 2) return { train: [...items], eval: [] };
-  const evalCount = Math.min(n - 1, Math.max(1, Math.round(n * fraction)));
+  const evalCount = Math.min(n - 1, Math.max(1, Math.min(maxCount, Math.round(n * fraction))));
   const held = new Uint8Array(n);
   const order = shuffleIndices(n, seed, EVAL_SPLIT_STEP);
   for (let k = 0; k < evalCount; k++) held[order[k]] = 1;

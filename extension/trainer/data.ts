@@ -94,7 +94,8 @@ export async function prepareData(config: TrainConfig, options: PrepareDataOptio
     evalSet = e.t.examples;
     evalRows = e.ds.examples;
   } else if (config.evalFraction > 0 && train.length >= 2) {
-    const split = splitEval(train, config.evalFraction, config.evalSeed ?? config.seed);
+    // older runs' config.json has no cap (TrainConfig.evalMaxExamples)
+    const split = splitEval(train, config.evalFraction, config.evalSeed ?? config.seed, config.evalMaxExamples ?? Infinity);
     train = split.train;
     evalSet = split.eval;
   }

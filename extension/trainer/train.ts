@@ -11,7 +11,7 @@ import { estimateMemory } from '../engine/tools';
 import { writeJsonAtomic } from '../util/atomicFile';
 import { removeFolderAtomic, replaceFolderAtomic } from '../util/atomicFolder';
 import { assertNewRunFolder, assertRunFolder } from './runFolder';
-import { BatchSchedule, makeMicroBatch, type BatchLayout, type TrainExample } from './batches';
+import { BatchSchedule, evalMicroBatches, makeMicroBatch, type BatchLayout, type TrainExample } from './batches';
 import { latestCheckpoint, pruneCheckpoints, readTrainerState, writeCheckpoint, type TrainerState } from './checkpoints';
 import { DEFAULT_LOSS_SCALER, LossScaler } from './lossScaler';
 import type { TrainConfig } from './config';
@@ -116,11 +116,17 @@ function absolutePaths(config: TrainConfig): TrainConfig {
   return { ...config, model: path.resolve(config.model), data: path.resolve(config.data), evalData: config.evalData ? path.resolve(config.evalData) : null };
 }
 
-function evaluate(model: EngineModel, examples: readonly TrainExample[], batchSize: number, padId: number): { loss: number; tokens: number } {
+/**
+ * The loss over every eval example, a micro-batch at a time (evalMicroBatches); null when a stop asked for meanwhile
+ * ended it (heard between micro-batches: an eval of a large split takes minutes, and a stop must not wait for it).
+ */
+async function evaluate(model: EngineModel, examples: readonly TrainExample[], batchSize: number, padId: number, control: TrainingControl): Promise<{ loss: number; tokens: number } | null> {
   let lossSum = 0;
   let tokens = 0;
-  for (let i = 0; i < examples.length; i += batchSize) {
-    const mb = makeMicroBatch(examples.slice(i, i + batchSize), padId);
+  for (const group of evalMicroBatches(examples, batchSize)) {
+    await yieldToEventLoop();
+    if (control.stopRequested) return null;
+    const mb = makeMicroBatch(group, padId);
     const r = model.run({ ids: mb.ids, labels: mb.labels, batch: mb.batch, seq: mb.seq });
     lossSum += r.lossSum;
     tokens += r.labelled;
@@ -357,7 +363,8 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
     };
     const runEval = async () => {
       if (data.eval.length > 0) {
-        const r = evaluate(model, data.eval, config.batchSize, data.padId);
+        const r = await evaluate(model, data.eval, config.batchSize, data.padId, control);
+        if (r === null) return; // stopped: no eval event, no samples; the run saves and ends
         const finite = Number.isFinite(r.loss);
         log.emit({ kind: 'eval', step, evalLoss: finite ? r.loss : null, evalTokens: r.tokens });
         if (!finite) {
@@ -369,6 +376,7 @@ async function trainClaimed(options: TrainOptions, claimRunFolder: () => void, h
           log.emit({ kind: 'warning', message: `the eval loss at step ${step} is ${r.loss}${why}` });
         }
       }
+      if (control.stopRequested) return; // heard during the eval's last micro-batches: the stop saves at once
       await runSamples();
       emitPageMoves();
       heartbeat();

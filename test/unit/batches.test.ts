@@ -3,7 +3,7 @@
 // so N epochs see every example exactly N times.
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { BatchSchedule, type TrainExample } from '../../extension/trainer/batches';
+import { BatchSchedule, evalMicroBatches, type TrainExample } from '../../extension/trainer/batches';
 import { epochOrder } from '../../extension/trainer/data';
 
 const examples = (n: number): TrainExample[] =>
@@ -53,4 +53,14 @@ test("the 'continuous' layout of runs checkpointed before: gradAccum micro-batch
   assert.deepEqual([schedule.totalSteps(1), schedule.totalSteps(3)], [4, 12]);
   const epochs = new BatchSchedule(examples(57), 64, (epoch) => epochOrder(57, 1, epoch), 1);
   assert.deepEqual([epochs.totalSteps(1), epochs.totalSteps(2.5), epochs.totalSteps(0)], [1, 3, 1]);
+});
+
+test('eval micro-batches take the examples longest first, ties in data order, each example once', () => {
+  const lengths = [3, 9, 1, 9, 5, 2, 7];
+  const data = lengths.map((n, i): TrainExample => ({ ids: new Int32Array(n), labels: new Int32Array(n), source: `row ${i + 1}` }));
+  const batches = evalMicroBatches(data, 3);
+  assert.deepEqual(batches.map((b) => b.map((e) => e.source)), [['row 2', 'row 4', 'row 7'], ['row 5', 'row 1', 'row 6'], ['row 3']]);
+  assert.deepEqual(evalMicroBatches(data, 100).flat().map((e) => e.ids.length), [9, 9, 7, 5, 3, 2, 1]);
+  assert.deepEqual(evalMicroBatches([], 4), []);
+  assert.deepEqual(data.map((e) => e.ids.length), lengths, 'the input untouched');
 });

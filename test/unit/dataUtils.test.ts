@@ -98,6 +98,22 @@ test('eval split: seeded, both sides non-empty when possible, input order kept',
   for (const bad of [0, 1, -0.1, Number.NaN]) assert.throws(() => splitEval(items, bad, 1), /eval fraction must be between 0 and 1/);
 });
 
+test('a capped eval split holds out at most maxCount items, the first of the uncapped split\'s permutation', () => {
+  const items = Array.from({ length: 1000 }, (_, i) => i);
+  const whole = splitEval(items, 0.05, 7);
+  assert.equal(whole.eval.length, 50);
+  const capped = splitEval(items, 0.05, 7, 20);
+  assert.equal(capped.eval.length, 20);
+  assert.equal(capped.train.length, 980);
+  const order = shuffleIndices(1000, 7, EVAL_SPLIT_STEP);
+  assert.deepEqual(capped.eval, Array.from(order.subarray(0, 20)).sort((a, b) => a - b), 'the first 20 of the permutation, in input order');
+  assert.ok(capped.eval.every((i) => whole.eval.includes(i)), 'a subset of the uncapped split');
+  assert.deepEqual(splitEval(items, 0.05, 7, 50), whole, 'a cap at the fraction\'s count changes nothing');
+  assert.deepEqual(splitEval(items, 0.05, 7, 1e9), whole);
+  assert.equal(splitEval(['x', 'y'], 0.5, 1, 1).eval.length, 1);
+  for (const bad of [0, 0.5, -1, Number.NaN]) assert.throws(() => splitEval(items, 0.05, 1, bad), /largest size must be at least 1/);
+});
+
 test('packing: exactly seqLen tokens per sequence, labels carried, the last partial sequence kept', () => {
   const ex = (source: string, n: number, base: number, trainedFrom: number) => ({
     source,

@@ -76,7 +76,7 @@ export const trainOptions: Record<string, OptionSpec> = {
   data: { type: 'string', description: 'training data (.jsonl, .json, .csv, .parquet; required unless --config names it)' },
   out: { type: 'string', required: true, description: 'run folder to create (new or empty)' },
   config: { type: 'string', description: 'JSON config file (schemas/train-config.schema.json); flags override it' },
-  'eval-data': { type: 'string', description: `evaluation data file (default: hold out ${PRESETS.qlora.values.evalFraction * 100}% of --data)` },
+  'eval-data': { type: 'string', description: `evaluation data file (default: hold out ${PRESETS.qlora.values.evalFraction * 100}% of --data, at most ${PRESETS.qlora.values.evalMaxExamples} examples)` },
   shape: { type: 'string', description: 'messages, sharegpt, alpaca, completion or text (default: detected from the fields)' },
   preset: { type: 'string', description: `qlora (default: ${PRESETS.qlora.description}) or quick (${PRESETS.quick.description}); the defaults below are the preset's` },
   'max-steps': { type: 'string', description: 'optimizer steps (default: as many as --epochs take)' },
