@@ -98,6 +98,18 @@ function argmax(row: ArrayLike<number>): number {
   return best;
 }
 
+/**
+ * Below this, llama.cpp's fp32 softmax has no precise log-probability to compare (subnormal probabilities lose
+ * precision from about -87 and are 0, -Infinity, under -103): a token both sides put there is improbable alike, so
+ * the two are compared at this floor. A model with sharp predictions (or random weights) scores such tokens.
+ */
+export const LLAMA_CPP_PRECISE_LOGPROB = -87;
+
+/** |Δ| of two next-token log-probabilities, each raised to LLAMA_CPP_PRECISE_LOGPROB. */
+export function logprobDifference(ours: number, theirs: number): number {
+  return Math.abs(Math.max(ours, LLAMA_CPP_PRECISE_LOGPROB) - Math.max(theirs, LLAMA_CPP_PRECISE_LOGPROB));
+}
+
 /** KL(p ‖ q) from log-probabilities; llama.cpp's fp32 softmax gives -Infinity below ~-103, so q is floored there. */
 function klDivergence(logP: ArrayLike<number>, logQ: ArrayLike<number>): number {
   let kl = 0;
@@ -138,7 +150,7 @@ export async function verifyGguf(o: VerifyOptions): Promise<VerifyReport> {
       const theirs = await gguf.scoreTokens(ids);
       for (let t = 0; t + 1 < ids.length; t++) {
         const row = ours.subarray(t * vocab, (t + 1) * vocab);
-        const diff = Math.abs(row[ids[t + 1]] - theirs[t][ids[t + 1]]);
+        const diff = logprobDifference(row[ids[t + 1]], theirs[t][ids[t + 1]]);
         sumAbs += diff;
         maxAbs = Math.max(maxAbs, diff);
         const top = argmax(row);

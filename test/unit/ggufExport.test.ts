@@ -11,7 +11,8 @@ import { exportGguf } from '../../extension/export/exportGguf';
 import { writeModelGguf } from '../../extension/export/gguf/llamaGguf';
 import { merge, mergedChatTemplate } from '../../extension/trainer/verbs/merge';
 import type { GgufFileType } from '../../extension/export/gguf/types';
-import { verifyGguf } from '../../extension/export/verifyGguf';
+import { logprobDifference, verifyGguf } from '../../extension/export/verifyGguf';
+import { EngineModel } from '../../extension/engine';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { assertVerified } from '../helpers/ggufAssert';
 import { readGguf } from '../helpers/ggufReader';
@@ -143,6 +144,42 @@ test('a finetune of a model without a chat template carries the Alpaca-style for
   assert.equal(mergedConfig.chat_template, fallback);
   const fromMerged = await exportGguf({ model: merged, out: path.join(dir, 'merged.gguf'), type: 'f16', verify: false });
   assert.equal(readGguf(fromMerged.file).metadata.get('tokenizer.chat_template'), fallback);
+});
+
+test('a model with sharp predictions verifies: log-probs under llama.cpp\'s fp32 range (-Infinity there) compare at its floor', async () => {
+  assert.equal(logprobDifference(-120, -Infinity), 0);
+  assert.equal(logprobDifference(-90, -101.5), 0, 'both under the precise range');
+  assert.equal(logprobDifference(-50, -Infinity), 37, 'a probable token llama.cpp calls impossible still differs');
+  assert.ok(Math.abs(logprobDifference(-1, -1.02) - 0.02) < 1e-12);
+  // the final norm's weights times 32 (exact in bf16): logits 32 times as far apart, many scored tokens under -103
+  const model = tiny('llama', 'tiny', 3);
+  const file = path.join(model, 'model.safetensors');
+  const buf = fs.readFileSync(file);
+  const headerLen = Number(buf.readBigUInt64LE(0));
+  const norm = (JSON.parse(buf.subarray(8, 8 + headerLen).toString('utf8')) as Record<string, { dtype: string; data_offsets: [number, number] }>)['model.norm.weight'];
+  assert.equal(norm.dtype, 'BF16');
+  const scaled = new Float32Array(1);
+  const bits = new Uint16Array(scaled.buffer, 2, 1); // the high half of a little-endian float: its bf16 bits
+  for (let at = 8 + headerLen + norm.data_offsets[0]; at < 8 + headerLen + norm.data_offsets[1]; at += 2) {
+    bits[0] = buf.readUInt16LE(at);
+    scaled[0] *= 32;
+    buf.writeUInt16LE(bits[0], at);
+  }
+  fs.writeFileSync(file, buf);
+  const out = path.join(path.dirname(model), 'sharp.gguf');
+  const r = await exportGguf({ model, out, type: 'f32' });
+  const engine = EngineModel.load(model);
+  try {
+    const ids = [1, ...Array.from({ length: 40 }, (_, i) => 3 + ((i * 37) % 200))];
+    const logSoftmax = engine.run({ ids: Int32Array.from(ids), batch: 1, seq: ids.length }, { logSoftmax: true }).logSoftmax!;
+    const vocab = engine.config().vocabSize;
+    const under = ids.slice(1).filter((id, t) => logSoftmax[t * vocab + id] < -103).length;
+    assert.ok(under >= 5, `${under} of 40 next tokens under -103: the model is not sharp enough to test this`);
+  } finally {
+    engine.dispose();
+  }
+  assertVerified(r, 'sharp f32');
+  assert.ok(r.verification!.maxAbsLogprobDiff <= 1e-3, `${r.verification!.maxAbsLogprobDiff}`);
 });
 
 test('a GGUF checked against a model it was not made from fails the check, saying what differs', async () => {
