@@ -424,6 +424,50 @@ TEST(kernel_gemm_few_rows_equals_the_blocked_path_bit_for_bit) {
   });
 }
 
+TEST(kernel_gemm_few_rows_of_weights_off_cache_lines_equals_the_blocked_path_bit_for_bit) {
+  // A weight read where a model file's mapping holds it starts anywhere on a cache line: gemm_nt_few_rows then takes a
+  // short first chunk of k (nt_first_chunk) so that the rest start on lines. The sums stay those of the blocked path,
+  // for bf16 and fp32 weights at every offset (rows of whole lines: the short chunk; rows of 53 values: none).
+  std::mt19937 gen(41);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  const auto check = [&](auto zero, int64_t K, int64_t offset_bytes) {
+    using TB = decltype(zero);
+    const int64_t N = 37;
+    std::vector<float> a(7 * K), big(7 * N);
+    for (float& v : a) v = dist(gen);
+    std::vector<uint8_t> storage(N * K * sizeof(TB) + 128);
+    uint8_t* line = storage.data() + (64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64;
+    TB* b = reinterpret_cast<TB*>(line + offset_bytes);
+    for (int64_t i = 0; i < N * K; ++i) {
+      if constexpr (std::is_same_v<TB, float>)
+        b[i] = dist(gen);
+      else
+        b[i] = cpu::Bf16Bits{f32_to_bf16(dist(gen))};
+    }
+    cpu::gemm<float>(false, true, 7, N, K, 1.0f, a.data(), b, 0.0f, big.data());
+    qtest::at_both_vector_widths([&](bool narrow) {
+      for (int64_t M = 1; M <= cpu::kFewRows; ++M) {
+        std::vector<float> few(M * N, std::nanf(""));
+        cpu::gemm<float>(false, true, M, N, K, 1.0f, a.data(), b, 0.0f, few.data());
+        for (int64_t i = 0; i < M * N; ++i)
+          EXPECT_TRUE(few[i] == big[i], sizeof(TB), "-byte weights ", offset_bytes, " bytes past a line, K ", K,
+                      ", narrow ", narrow, ", index ", i, ": ", few[i], " vs ", big[i]);
+      }
+    });
+  };
+  EXPECT_EQ(cpu::nt_first_chunk(reinterpret_cast<const void*>(uintptr_t{64 * 9 + 8}), 2, 640), 28);
+  EXPECT_EQ(cpu::nt_first_chunk(reinterpret_cast<const void*>(uintptr_t{64 * 9}), 2, 640), cpu::kNtChunk);
+  EXPECT_EQ(cpu::nt_first_chunk(reinterpret_cast<const void*>(uintptr_t{64 * 9 + 8}), 2, 53), cpu::kNtChunk);
+  for (const int64_t offset : {0, 2, 8, 30, 62}) {
+    check(cpu::Bf16Bits{}, 640, offset);
+    check(cpu::Bf16Bits{}, 53, offset);
+  }
+  for (const int64_t offset : {0, 4, 8, 60}) {
+    check(0.0f, 528, offset);
+    check(0.0f, 53, offset);
+  }
+}
+
 TEST(kernel_vector_code_is_the_version_the_cpu_chose) {
   // doctor's description of the CPU kernels' version; QLORA_EXPECT_VECTOR_CODE (set by the emulated-CPU tests, which
   // run this under qemu's CPU models) names the one the CPU must have chosen.

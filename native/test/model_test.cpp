@@ -3,12 +3,14 @@
 // single large elements), identical gradients with and without checkpointing, and dropout that is reproducible.
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "backend/backend.h"
 #include "harness.h"
+#include "io/safetensors.h"
 #include "vector_widths.h"
 #include "model/llama.h"
 #include "model/lora.h"
@@ -320,4 +322,44 @@ TEST(model_nf4_matmul_equals_dequantize_then_gemm_bit_for_bit) {
       }
     }
   });
+}
+
+TEST(model_reads_dense_weights_in_place_on_the_cpu_and_copies_misaligned_ones) {
+  // The reference model (bf16) as it is: its dense weights are read where the file's mapping holds them. The same
+  // tensors after a one-byte tensor (odd offsets, which safetensors allows and 16-bit reads cannot take): copied out
+  // of the mapping. The same log-probs of every next token, to the bit, and the same memory counted.
+  const qtest::TempDir root("in-place");
+  const std::filesystem::path misaligned = root.path / "misaligned";
+  std::filesystem::create_directories(misaligned);
+  std::filesystem::copy_file(std::filesystem::path(qtest::reference("llama-shared")) / "config.json", misaligned / "config.json");
+  {
+    const auto store = TensorStore::open_dir(qtest::reference("llama-shared"));
+    SafetensorsWriter w;
+    const uint8_t pad = 0;
+    w.add("padding", DType::U8, {1}, &pad, 1);
+    for (const std::string& t : store->names()) w.add(t, store->info(t).dtype, store->info(t).shape, store->data(t), store->info(t).nbytes);
+    w.write((misaligned / "model.safetensors").string());
+  }
+  struct Outcome {
+    bool in_place;
+    std::vector<float> log_softmax;
+    int64_t weights;
+  };
+  const auto run = [](const std::string& dir) {
+    auto backend = make_cpu_backend();
+    auto model = LlamaModel::load(backend.get(), dir, LoadOptions{});
+    RunOptions o;
+    o.want_log_softmax = true;
+    RunResult r = model->run(kIds.data(), kIds.data(), 2, 6, nullptr, o);
+    return Outcome{model->reads_weights_in_place(), std::move(r.log_softmax),
+                   backend->memory().current[static_cast<size_t>(MemCategory::Weights)]};
+  };
+  const Outcome mapped = run(qtest::reference("llama-shared"));
+  const Outcome copied = run(misaligned.string());
+  EXPECT_TRUE(mapped.in_place, "the aligned bf16 weights were copied");
+  EXPECT_TRUE(!copied.in_place, "weights at odd offsets were read in place");
+  EXPECT_EQ(mapped.weights, copied.weights);
+  EXPECT_TRUE(!mapped.log_softmax.empty() && mapped.log_softmax.size() == copied.log_softmax.size());
+  EXPECT_TRUE(std::memcmp(mapped.log_softmax.data(), copied.log_softmax.data(), mapped.log_softmax.size() * sizeof(float)) == 0,
+              "in place and copied weights gave different log-probs");
 }

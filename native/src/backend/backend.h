@@ -121,6 +121,10 @@ class Backend {
   // first; if it cannot, the allocation is an EngineError that names the category, the bytes and the budget.
   void* alloc_bytes(size_t bytes, MemCategory category);
   void free_bytes(void* ptr, size_t bytes, MemCategory category);
+  // Counts (and admits under the budget) `bytes` the engine reads where something else holds them, as alloc_bytes
+  // would an allocation of them: a file mapping's weights where the backend reads file mappings.
+  void count_bytes(size_t bytes, MemCategory category);
+  void uncount_bytes(size_t bytes, MemCategory category) { tracker_.on_free(category, static_cast<int64_t>(bytes)); }
   // 0: no budget (the default). A budget below what is allocated already applies to later allocations.
   void set_memory_budget(int64_t bytes) {
     budget_ = bytes;
@@ -220,6 +224,12 @@ class Backend {
   // 70B's in bf16) that nothing but this lookup of a few MiB of rows a step reads. A tied table stays on the device,
   // where it is the LM head.
   virtual bool keeps_embedding_on_host() const { return false; }
+  // Whether the backend's memory is the host's own (the CPU), so that a frozen dense weight can be read where the
+  // model file's mapping holds it instead of being copied out of it: the OS pages it in from the file as it is read
+  // and may drop those pages again under memory pressure, where a copy would hold as much anonymous memory (an 8B
+  // model's bf16 weights: 16 GB) for as long as the model is loaded. Such bytes are counted (count_bytes) as if they
+  // were allocated, so memory reports, budgets and estimates do not change.
+  virtual bool reads_file_mappings() const { return false; }
   virtual void rmsnorm_forward(const float* x, const float* w, int64_t rows, int64_t dim, double eps, float* y,
                                float* rstd) = 0;
   virtual void rmsnorm_backward(const float* dy, const float* x, const float* w, const float* rstd, int64_t rows,
@@ -332,6 +342,8 @@ class Backend {
   MemoryTracker tracker_;
 
  private:
+  // Makes room for `bytes` more under the budget (asking the pressure handler first), or throws what is held.
+  void admit(size_t bytes, MemCategory category);
   int64_t budget_ = 0;
   PressureHandler pressure_handler_;
   std::vector<PageMove> page_moves_;
@@ -426,6 +438,45 @@ class DeviceArray {
   T* ptr_ = nullptr;
   int64_t n_ = 0;
   MemCategory category_ = MemCategory::Workspace;
+};
+
+// Bytes that something else holds (a file mapping) read by the engine, counted as backend memory of a category
+// (Backend::count_bytes) for as long as this object reads them. It neither owns nor frees them.
+class CountedBytes {
+ public:
+  CountedBytes() = default;
+  CountedBytes(Backend* backend, const uint8_t* bytes, int64_t n, MemCategory category)
+      : backend_(backend), ptr_(bytes), n_(n), category_(category) {
+    backend_->count_bytes(static_cast<size_t>(n_), category_);
+  }
+  ~CountedBytes() { release(); }
+  CountedBytes(const CountedBytes&) = delete;
+  CountedBytes& operator=(const CountedBytes&) = delete;
+  CountedBytes(CountedBytes&& o) noexcept { *this = std::move(o); }
+  CountedBytes& operator=(CountedBytes&& o) noexcept {
+    if (this != &o) {
+      release();
+      backend_ = o.backend_;
+      ptr_ = o.ptr_;
+      n_ = o.n_;
+      category_ = o.category_;
+      o.ptr_ = nullptr;
+      o.n_ = 0;
+    }
+    return *this;
+  }
+  const uint8_t* get() const { return ptr_; }
+
+ private:
+  void release() {
+    if (ptr_) backend_->uncount_bytes(static_cast<size_t>(n_), category_);
+    ptr_ = nullptr;
+    n_ = 0;
+  }
+  Backend* backend_ = nullptr;
+  const uint8_t* ptr_ = nullptr;
+  int64_t n_ = 0;
+  MemCategory category_ = MemCategory::Weights;
 };
 
 // Host memory that pages move to (Backend::alloc_host: page-locked on the GPU), owned by one object.

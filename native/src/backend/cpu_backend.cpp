@@ -60,6 +60,18 @@ void MemoryTracker::begin_interval() {
 }
 
 void* Backend::alloc_bytes(size_t bytes, MemCategory category) {
+  admit(bytes, category);
+  void* p = device_alloc(bytes, category);
+  tracker_.on_alloc(category, static_cast<int64_t>(bytes));
+  return p;
+}
+
+void Backend::count_bytes(size_t bytes, MemCategory category) {
+  admit(bytes, category);
+  tracker_.on_alloc(category, static_cast<int64_t>(bytes));
+}
+
+void Backend::admit(size_t bytes, MemCategory category) {
   const int64_t n = static_cast<int64_t>(bytes);
   if (budget_ > 0 && tracker_.stats().total_current + n > budget_ && pressure_handler_)
     pressure_handler_(tracker_.stats().total_current + n - budget_);
@@ -75,9 +87,6 @@ void* Backend::alloc_bytes(size_t bytes, MemCategory category) {
          format_bytes(s.total_current + n), " of a ", format_bytes(budget_), " budget (held now: ",
          held.empty() ? "nothing" : held, ")");
   }
-  void* p = device_alloc(bytes, category);
-  tracker_.on_alloc(category, n);
-  return p;
 }
 
 void Backend::free_bytes(void* ptr, size_t bytes, MemCategory category) {
@@ -130,6 +139,7 @@ void* allocate_large_pages_where_possible(size_t bytes, MemCategory category) {
 class CpuBackend final : public Backend {
  public:
   std::string name() const override { return "cpu"; }
+  bool reads_file_mappings() const override { return true; }
 
   void* alloc_host(size_t bytes) override {
     void* p = std::malloc(bytes);

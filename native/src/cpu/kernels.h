@@ -101,13 +101,15 @@ QLORA_ALWAYS_INLINE void axpy16(T* acc, T a, const T* x) {
 }
 
 // gemm_nt_tile's sums with the tile's values from fill(k0, kc, tile), which writes tile[k][j] = B[n0 + j, k0 + k]
-// (widened or dequantized) for k < kc: one loop of sums for every kind of B, however its tile is made.
+// (widened or dequantized) for k < kc: one loop of sums for every kind of B, however its tile is made. The chunks of
+// k are first_chunk long, then kNtChunk each; every sum runs over k in order whatever the chunks (see
+// nt_first_chunk).
 // Rows: a constant, so that the sums stay in registers instead of going through memory at each k. L: with GCC or
 // Clang, fp32 sums in vectors of L lanes (16 or 8: a register of AVX-512 or AVX2, see cpu/simd_f32.cpp), the same
 // operations as axpy16's.
 template <int Rows, int L, typename T, typename FillTile>
 QLORA_ALWAYS_INLINE void nt_tile_product_rows(int64_t n0, int64_t cols, int64_t N, int64_t K, T alpha, const T* A,
-                                              T beta, T* C, const FillTile& fill) {
+                                              T beta, T* C, const FillTile& fill, int64_t first_chunk) {
   alignas(64) T acc[Rows][kNtTile] = {};
   alignas(64) T tile[kNtChunk][kNtTile];
 #if defined(__GNUC__) || defined(__clang__)
@@ -116,8 +118,8 @@ QLORA_ALWAYS_INLINE void nt_tile_product_rows(int64_t n0, int64_t cols, int64_t 
     // memory between iterations, which makes each add wait for a store
     typedef float V __attribute__((vector_size(L * sizeof(float))));
     constexpr int kGroups = kNtTile / L;
-    for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
-      const int64_t kc = std::min(kNtChunk, K - k0);
+    for (int64_t k0 = 0, kc = 0; k0 < K; k0 += kc) {
+      kc = std::min(k0 == 0 ? first_chunk : kNtChunk, K - k0);
       fill(k0, kc, tile);
       V sums[Rows][kGroups];
       std::memcpy(sums, acc, sizeof sums);
@@ -132,8 +134,8 @@ QLORA_ALWAYS_INLINE void nt_tile_product_rows(int64_t n0, int64_t cols, int64_t 
   } else
 #endif
   {
-    for (int64_t k0 = 0; k0 < K; k0 += kNtChunk) {
-      const int64_t kc = std::min(kNtChunk, K - k0);
+    for (int64_t k0 = 0, kc = 0; k0 < K; k0 += kc) {
+      kc = std::min(k0 == 0 ? first_chunk : kNtChunk, K - k0);
       fill(k0, kc, tile);
       for (int64_t k = 0; k < kc; ++k)
         for (int m = 0; m < Rows; ++m) axpy16(acc[m], A[m * K + k0 + k], tile[k]);
@@ -147,15 +149,28 @@ QLORA_ALWAYS_INLINE void nt_tile_product_rows(int64_t n0, int64_t cols, int64_t 
 }
 template <int L, typename T, typename FillTile>
 QLORA_ALWAYS_INLINE void nt_tile_product(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, T alpha,
-                                         const T* A, T beta, T* C, const FillTile& fill) {
+                                         const T* A, T beta, T* C, const FillTile& fill,
+                                         int64_t first_chunk = kNtChunk) {
   static_assert(kFewRows == 4, "one case per number of rows");
   if (M <= 0) return;
   switch (M) {
-    case 1: return nt_tile_product_rows<1, L>(n0, cols, N, K, alpha, A, beta, C, fill);
-    case 2: return nt_tile_product_rows<2, L>(n0, cols, N, K, alpha, A, beta, C, fill);
-    case 3: return nt_tile_product_rows<3, L>(n0, cols, N, K, alpha, A, beta, C, fill);
-    default: return nt_tile_product_rows<4, L>(n0, cols, N, K, alpha, A, beta, C, fill);
+    case 1: return nt_tile_product_rows<1, L>(n0, cols, N, K, alpha, A, beta, C, fill, first_chunk);
+    case 2: return nt_tile_product_rows<2, L>(n0, cols, N, K, alpha, A, beta, C, fill, first_chunk);
+    case 3: return nt_tile_product_rows<3, L>(n0, cols, N, K, alpha, A, beta, C, fill, first_chunk);
+    default: return nt_tile_product_rows<4, L>(n0, cols, N, K, alpha, A, beta, C, fill, first_chunk);
   }
+}
+
+// The first chunk of k for rows of B of `ld` values of `bytes` each, the first of them at `row`: where every row
+// starts the same distance past a cache line (ld values fill whole lines) and that distance is whole values, the
+// values up to the next line, so that the chunks after start on lines and their vector loads never straddle two (a
+// bf16 model's weights read where the file's mapping holds them lie where the file puts them: 8 bytes past a line,
+// typically, which cost a decoded token over a tenth of its time). Else kNtChunk.
+inline int64_t nt_first_chunk(const void* row, int64_t bytes, int64_t ld) {
+  constexpr int64_t kLine = 64;
+  const int64_t past = static_cast<int64_t>(reinterpret_cast<uintptr_t>(row) % kLine);
+  if (past == 0 || past % bytes != 0 || (ld * bytes) % kLine != 0) return kNtChunk;
+  return (kLine - past) / bytes;
 }
 
 // fill for B [N, K] stored as TB: rows n0 .. n0 + 15 (lanes past cols repeat the last row, unused) into tile[k][j],

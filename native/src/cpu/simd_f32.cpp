@@ -414,10 +414,11 @@ void gemm_panel_f32(int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t 
 template <typename TB>
 QLORA_ALWAYS_INLINE void gemm_nt_tile_lanes(int64_t n0, int64_t cols, int64_t M, int64_t N, int64_t K, float alpha,
                                             const float* A, const TB* B, float beta, float* C) {
+  const int64_t first = nt_first_chunk(B + n0 * K, static_cast<int64_t>(sizeof(TB)), K);
   if (has_avx512())
-    nt_tile_product<16>(n0, cols, M, N, K, alpha, A, beta, C, FastWidenedTile<TB, 16>{B, n0, cols, K});
+    nt_tile_product<16>(n0, cols, M, N, K, alpha, A, beta, C, FastWidenedTile<TB, 16>{B, n0, cols, K}, first);
   else
-    nt_tile_product<8>(n0, cols, M, N, K, alpha, A, beta, C, FastWidenedTile<TB, 8>{B, n0, cols, K});
+    nt_tile_product<8>(n0, cols, M, N, K, alpha, A, beta, C, FastWidenedTile<TB, 8>{B, n0, cols, K}, first);
 }
 
 QLORA_SIMD_CLONES

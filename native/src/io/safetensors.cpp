@@ -349,6 +349,19 @@ const uint8_t* TensorStore::data(const std::string& name) const {
   return p;
 }
 
+void TensorStore::release(const std::string& name) const {
+#if defined(__linux__)
+  const TensorInfo& t = info(name);
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(files_[file_of_tensor_.at(name)]->data(t));
+  const uintptr_t start = (begin + page - 1) & ~(page - 1), end = (begin + t.nbytes) & ~(page - 1);
+  // a read-only private mapping holds no changes of its own: its dropped pages read back as the file has them
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
+#else
+  (void)name;
+#endif
+}
+
 const std::string& TensorStore::file_of(const std::string& name) const {
   const auto it = file_of_tensor_.find(name);
   if (it == file_of_tensor_.end()) return location_;

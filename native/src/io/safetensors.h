@@ -60,6 +60,10 @@ class TensorStore {
   // Returns the tensor and its file; throws EngineError "<dir>: tensor '<name>' not found" when absent.
   const TensorInfo& info(const std::string& name) const;
   const uint8_t* data(const std::string& name) const;
+  // Hands the pages of a tensor's bytes back to the OS once the caller is done with them (a copy or quantization of
+  // them is made): they leave this process's resident memory, and a later read faults them in again from the page
+  // cache or the file. Only whole pages inside the tensor go. Linux; elsewhere nothing.
+  void release(const std::string& name) const;
   const std::string& file_of(const std::string& name) const;
   std::vector<std::string> names() const;  // sorted
 

@@ -172,7 +172,17 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
   model->dir_ = dir;
   model->config_ = load_model_config(dir);
   const ModelConfig& c = model->config_;
-  const auto store = TensorStore::open_dir(dir);
+  std::unique_ptr<TensorStore> store = TensorStore::open_dir(dir);
+  bool reads_in_place = false;  // whether a dense weight is read from the mapping (then the model keeps it)
+  // What is copied or quantized out of the mapping is released (TensorStore::release) once it is, so that the
+  // process does not keep the file's pages resident beside the copies (while it loads, and after where the mapping
+  // stays for weights read in place).
+  const std::vector<std::string> names = store->names();  // sorted
+  auto release_with_prefix = [&](const std::string& prefix) {
+    for (auto it = std::lower_bound(names.begin(), names.end(), prefix);
+         it != names.end() && it->compare(0, prefix.size(), prefix) == 0; ++it)
+      store->release(*it);
+  };
 
   auto load_dense = [&](const std::string& name, std::vector<int64_t> shape) {
     DeviceArray<float> out(backend, shape.size() == 1 ? shape[0] : shape[0] * shape[1], MemCategory::Weights);
@@ -184,20 +194,30 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     FloatFormat format;
     const uint8_t* bytes;
     size_t size;
+    bool in_file;  // bytes are the file mapping's (not narrowed)
   };
   auto stored = [&](const std::string& name, const std::vector<int64_t>& shape, std::vector<float>& narrowed) {
     const TensorInfo& t = store->floating(name, shape);
-    if (t.dtype != DType::F64) return Stored{float_format_of(t.dtype), store->data(name), t.nbytes};
+    if (t.dtype != DType::F64) return Stored{float_format_of(t.dtype), store->data(name), t.nbytes, true};
     narrowed = store->read_f32(name);
-    return Stored{FloatFormat::F32, reinterpret_cast<const uint8_t*>(narrowed.data()), narrowed.size() * sizeof(float)};
+    return Stored{FloatFormat::F32, reinterpret_cast<const uint8_t*>(narrowed.data()), narrowed.size() * sizeof(float), false};
   };
   auto load_stored = [&](const std::string& name, std::vector<int64_t> shape) {
     std::vector<float> narrowed;
     const Stored s = stored(name, shape, narrowed);
     DenseWeight w;
     w.format = s.format;
+    // in place where the backend reads the mapping and the bytes are aligned to their values (safetensors does not
+    // require it; a copy where they are not)
+    if (backend->reads_file_mappings() && s.in_file &&
+        reinterpret_cast<uintptr_t>(s.bytes) % static_cast<uintptr_t>(float_format_bytes(s.format)) == 0) {
+      w.mapped = CountedBytes(backend, s.bytes, static_cast<int64_t>(s.size), MemCategory::Weights);
+      reads_in_place = true;
+      return w;
+    }
     w.bytes.reset(backend, static_cast<int64_t>(s.size), MemCategory::Weights);
     w.bytes.upload(s.bytes, static_cast<int64_t>(s.size));
+    if (s.in_file) store->release(name);
     return w;
   };
   // in host memory, where the backend keeps an untied embedding table
@@ -207,6 +227,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     HostMatrix w;
     w.format = s.format;
     w.bytes.assign(s.bytes, s.bytes + s.size);
+    if (s.in_file) store->release(name);
     return w;
   };
 
@@ -226,6 +247,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
              shape_to_string({c.vocab_size, c.hidden_size}));
       model->lm_head_ = dense_from_values(backend, bnb4::dequantize_weight(w),
                                           round_to_for_dtype(w.dtype, store->file_of(name) + ": tensor '" + name + "'"));
+      release_with_prefix(name);
     } else {
       model->lm_head_ = load_stored(name, {c.vocab_size, c.hidden_size});
     }
@@ -264,8 +286,10 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
         }
         fl.round_to = round_to_for_dtype(w.dtype, store->file_of(name) + ": tensor '" + name + "'");
         model->stored_4bit_ = true;
+        release_with_prefix(name);  // the codes and their quant state
       } else if (quantize_dense_linears) {
         const nf4::Blockwise4bit q = quantize_stored(*store, name, {shape[0], shape[1]});
+        store->release(name);
         // Double quantization, as QLoRA stores it: the block constants themselves go through 8 bits.
         nf4::DoubleQuantized dq = nf4::double_quantize(q.absmax, 256);
         fl.packed.reset(backend, static_cast<int64_t>(q.packed.size()), MemCategory::Weights);
@@ -285,6 +309,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     }
   }
   model->max_double_quant_blocks_ = max_double_quant_blocks(model->layers_);
+  if (reads_in_place) model->mapping_ = std::move(store);
   return model;
 }
 

@@ -11,17 +11,21 @@
 
 #include "backend/backend.h"
 #include "io/model_config.h"
+#include "io/safetensors.h"
 #include "model/lora.h"
 
 namespace qlora {
 
 // A frozen dense matrix (the embedding, the LM head, a linear weight left unquantized) in device memory in its
-// file's format: fp32, bf16 or fp16 (an F64 tensor is narrowed to fp32).
+// file's format: fp32, bf16 or fp16 (an F64 tensor is narrowed to fp32); or, where the backend reads file mappings
+// (Backend::reads_file_mappings), its bytes where the model's file mapping holds them (`mapped`, kept alive by
+// LlamaModel::mapping_).
 struct DenseWeight {
   DeviceArray<uint8_t> bytes;
+  CountedBytes mapped;
   FloatFormat format = FloatFormat::F32;
-  StoredMatrix view() const { return {bytes.get(), format}; }
-  bool empty() const { return bytes.empty(); }
+  StoredMatrix view() const { return {mapped.get() != nullptr ? mapped.get() : bytes.get(), format}; }
+  bool empty() const { return bytes.empty() && mapped.get() == nullptr; }
 };
 
 // A frozen dense matrix in host memory as its file stores it: an untied embedding table where the backend keeps it
@@ -119,6 +123,8 @@ class LlamaModel {
   const ModelConfig& config() const { return config_; }
   const std::string& dir() const { return dir_; }
   bool stored_4bit() const { return stored_4bit_; }
+  // Whether some dense weight is read where the file's mapping holds it (Backend::reads_file_mappings).
+  bool reads_weights_in_place() const { return mapping_ != nullptr; }
   Backend* backend() const { return backend_; }
 
   // ids, labels: [batch, seq] row-major; labels[t] is the label of ids[t] as transformers takes them (shifted
@@ -214,6 +220,9 @@ class LlamaModel {
                Workspace& ws);
 
   Backend* backend_ = nullptr;
+  // The model's safetensors files, kept open (mapped) while dense weights are read from them in place: declared
+  // before the weights, so that it outlives them.
+  std::unique_ptr<TensorStore> mapping_;
   std::string dir_;
   ModelConfig config_;
   bool stored_4bit_ = false;
