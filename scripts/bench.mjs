@@ -180,7 +180,7 @@ function benchGgufExport() {
   for (const r of rows) console.log(line(r));
   console.log(`(wall time of the whole CLI process, start-up included; ${os.cpus().length} CPU cores; peak RSS: each process's high-water mark.`);
   console.log(` The export streams: its peak is the largest tensor's bf16 bytes, f32 values and encoding plus the runtime, whatever the`);
-  console.log(` layer count; the check loads the whole model in the engine (f32) and the GGUF in llama.cpp.)`);
+  console.log(` layer count; the check maps the whole model into the engine (bf16, read in place) and loads the GGUF in llama.cpp.)`);
 }
 
 /** Prefill of a `prompt`-token prompt, then `decode` tokens one at a time (greedy: argmax of the logits). */
