@@ -441,43 +441,18 @@ class DeviceArray {
 };
 
 // Bytes that something else holds (a file mapping) read by the engine, counted as backend memory of a category
-// (Backend::count_bytes) for as long as this object reads them. It neither owns nor frees them.
-class CountedBytes {
- public:
-  CountedBytes() = default;
-  CountedBytes(Backend* backend, const uint8_t* bytes, int64_t n, MemCategory category)
-      : backend_(backend), ptr_(bytes), n_(n), category_(category) {
-    backend_->count_bytes(static_cast<size_t>(n_), category_);
-  }
-  ~CountedBytes() { release(); }
-  CountedBytes(const CountedBytes&) = delete;
-  CountedBytes& operator=(const CountedBytes&) = delete;
-  CountedBytes(CountedBytes&& o) noexcept { *this = std::move(o); }
-  CountedBytes& operator=(CountedBytes&& o) noexcept {
-    if (this != &o) {
-      release();
-      backend_ = o.backend_;
-      ptr_ = o.ptr_;
-      n_ = o.n_;
-      category_ = o.category_;
-      o.ptr_ = nullptr;
-      o.n_ = 0;
-    }
-    return *this;
-  }
-  const uint8_t* get() const { return ptr_; }
-
- private:
-  void release() {
-    if (ptr_) backend_->uncount_bytes(static_cast<size_t>(n_), category_);
-    ptr_ = nullptr;
-    n_ = 0;
-  }
-  Backend* backend_ = nullptr;
-  const uint8_t* ptr_ = nullptr;
-  int64_t n_ = 0;
-  MemCategory category_ = MemCategory::Weights;
+// (Backend::count_bytes) for as long as the pointer lives: its deleter un-counts them and frees nothing.
+struct Uncount {
+  Backend* backend = nullptr;
+  int64_t bytes = 0;
+  MemCategory category = MemCategory::Weights;
+  void operator()(const uint8_t*) const { backend->uncount_bytes(static_cast<size_t>(bytes), category); }
 };
+using CountedBytes = std::unique_ptr<const uint8_t, Uncount>;
+inline CountedBytes count_bytes_of(Backend* backend, const uint8_t* bytes, int64_t n, MemCategory category) {
+  backend->count_bytes(static_cast<size_t>(n), category);
+  return CountedBytes(bytes, Uncount{backend, n, category});
+}
 
 // Host memory that pages move to (Backend::alloc_host: page-locked on the GPU), owned by one object.
 class HostBuffer {

@@ -211,7 +211,7 @@ std::unique_ptr<LlamaModel> LlamaModel::load(Backend* backend, const std::string
     // require it; a copy where they are not)
     if (backend->reads_file_mappings() && s.in_file &&
         reinterpret_cast<uintptr_t>(s.bytes) % static_cast<uintptr_t>(float_format_bytes(s.format)) == 0) {
-      w.mapped = CountedBytes(backend, s.bytes, static_cast<int64_t>(s.size), MemCategory::Weights);
+      w.mapped = count_bytes_of(backend, s.bytes, static_cast<int64_t>(s.size), MemCategory::Weights);
       reads_in_place = true;
       return w;
     }
