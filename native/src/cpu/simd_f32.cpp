@@ -251,6 +251,17 @@ struct Nf4TileLanes {
   int blocksize, round_to;  // 0 fp32, 1 bf16, 2 fp16
 
   QLORA_SIMD_CLONES __attribute__((noinline)) void operator()(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
+    // one loop per rounding, so that none tests it (or rebuilds its constants) at every value
+    if (round_to == 1)
+      fill<1>(k0, kc, tile);
+    else if (round_to == 2)
+      fill<2>(k0, kc, tile);
+    else
+      fill<0>(k0, kc, tile);
+  }
+
+  template <int RoundTo>
+  QLORA_ALWAYS_INLINE void fill(int64_t k0, int64_t kc, float (*tile)[kNtTile]) const {
     typedef typename Lanes<L>::F F;
     typedef typename Lanes<L>::I I;
     constexpr int kGroups = kNtTile / L;  // vectors across a tile's row
@@ -266,17 +277,17 @@ struct Nf4TileLanes {
     F scale[kGroups] = {};
     int64_t next_block = k0;  // where the block constants change next
     bool finite_scales = true;  // then every product is finite too (codes are within [-1, 1])
+    const auto update_scales = [&](int64_t kk) __attribute__((always_inline)) {
+      if (kk != next_block) return;
+      finite_scales = true;
+      for (int64_t j = 0; j < kNtTile; ++j) {
+        scale[j / L][j % L] = absmax[first_block[j] + kk / blocksize];
+        finite_scales = finite_scales && std::isfinite(scale[j / L][j % L]);
+      }
+      next_block = (kk / blocksize + 1) * blocksize;
+    };
     // k and k + 1 of each row from `bytes`, the byte of each row that holds them (k0 is even: chunks are)
     const auto fill_pair = [&](int64_t k, const v16b& bytes) __attribute__((always_inline)) {
-      const int64_t kk = k0 + k;
-      if (kk == next_block) {
-        finite_scales = true;
-        for (int64_t j = 0; j < kNtTile; ++j) {
-          scale[j / L][j % L] = absmax[first_block[j] + kk / blocksize];
-          finite_scales = finite_scales && std::isfinite(scale[j / L][j % L]);
-        }
-        next_block = (kk / blocksize + 1) * blocksize;
-      }
       // through 16 bits: GCC converts bytes to 32 bits directly a value at a time in the target clones
       const v16h wide = __builtin_convertvector(bytes, v16h);
       for (int g = 0; g < kGroups; ++g) {
@@ -293,10 +304,10 @@ struct Nf4TileLanes {
         }
         w0 *= scale[g];
         w1 *= scale[g];
-        if (round_to == 1) {
+        if constexpr (RoundTo == 1) {
           round_bf16_lanes<L>(w0, finite_scales);
           round_bf16_lanes<L>(w1, finite_scales);
-        } else if (round_to == 2) {
+        } else if constexpr (RoundTo == 2) {
           round_f16_lanes<L>(w0);
           round_f16_lanes<L>(w1);
         }
@@ -304,16 +315,28 @@ struct Nf4TileLanes {
         std::memcpy(&tile[k + 1][g * L], &w1, sizeof w1);
       }
     };
+    // 32 values of every row at a time; where blocks are whole groups of 32 (and chunks start on a group: they are
+    // kNtChunk long), the constants can change only at a group's first pair
+    const bool groups_in_blocks = blocksize % 32 == 0 && k0 % 32 == 0;
     int64_t k = 0;
     for (; k + 32 <= kc; k += 32) {
       v16b bytes[kNtTile];
       for (int64_t j = 0; j < kNtTile; ++j) std::memcpy(&bytes[j], row[j] + ((k0 + k) >> 1), sizeof bytes[j]);
       transpose<16, v16b, v16b>(bytes);
-      for (int64_t p = 0; p < 16; ++p) fill_pair(k + 2 * p, bytes[p]);
+      if (groups_in_blocks) {
+        update_scales(k0 + k);
+        for (int64_t p = 0; p < 16; ++p) fill_pair(k + 2 * p, bytes[p]);
+      } else {
+        for (int64_t p = 0; p < 16; ++p) {
+          update_scales(k0 + k + 2 * p);
+          fill_pair(k + 2 * p, bytes[p]);
+        }
+      }
     }
     for (; k < kc; k += 2) {
       v16b bytes;
       for (int64_t j = 0; j < kNtTile; ++j) bytes[j] = row[j][(k0 + k) >> 1];
+      update_scales(k0 + k);
       fill_pair(k, bytes);
     }
   }
