@@ -286,6 +286,29 @@ struct Nf4TileLanes {
       }
       next_block = (kk / blocksize + 1) * blocksize;
     };
+    // tile[k] and tile[k + 1] of group g's lanes from the codes of their values (the code book lookup takes an
+    // index modulo 16: bits above a code's four need not be cleared)
+    const auto store_pair = [&](int64_t k, int g, const I& first, const I& second) __attribute__((always_inline)) {
+      F w0, w1;
+      if constexpr (L == 16) {
+        w0 = __builtin_shuffle(codebook[0], first);
+        w1 = __builtin_shuffle(codebook[0], second);
+      } else {
+        w0 = __builtin_shuffle(codebook[0], codebook[1], first);
+        w1 = __builtin_shuffle(codebook[0], codebook[1], second);
+      }
+      w0 *= scale[g];
+      w1 *= scale[g];
+      if constexpr (RoundTo == 1) {
+        round_bf16_lanes<L>(w0, finite_scales);
+        round_bf16_lanes<L>(w1, finite_scales);
+      } else if constexpr (RoundTo == 2) {
+        round_f16_lanes<L>(w0);
+        round_f16_lanes<L>(w1);
+      }
+      std::memcpy(&tile[k][g * L], &w0, sizeof w0);
+      std::memcpy(&tile[k + 1][g * L], &w1, sizeof w1);
+    };
     // k and k + 1 of each row from `bytes`, the byte of each row that holds them (k0 is even: chunks are)
     const auto fill_pair = [&](int64_t k, const v16b& bytes) __attribute__((always_inline)) {
       // through 16 bits: GCC converts bytes to 32 bits directly a value at a time in the target clones
@@ -294,31 +317,36 @@ struct Nf4TileLanes {
         typename Lanes<L>::H half;
         std::memcpy(&half, reinterpret_cast<const uint16_t*>(&wide) + g * L, sizeof half);
         const I codes = __builtin_convertvector(half, I);
-        F w0, w1;  // the first weight of a byte is its high nibble
-        if constexpr (L == 16) {
-          w0 = __builtin_shuffle(codebook[0], codes >> 4);
-          w1 = __builtin_shuffle(codebook[0], codes & 15);
-        } else {
-          w0 = __builtin_shuffle(codebook[0], codebook[1], codes >> 4);
-          w1 = __builtin_shuffle(codebook[0], codebook[1], codes & 15);
-        }
-        w0 *= scale[g];
-        w1 *= scale[g];
-        if constexpr (RoundTo == 1) {
-          round_bf16_lanes<L>(w0, finite_scales);
-          round_bf16_lanes<L>(w1, finite_scales);
-        } else if constexpr (RoundTo == 2) {
-          round_f16_lanes<L>(w0);
-          round_f16_lanes<L>(w1);
-        }
-        std::memcpy(&tile[k][g * L], &w0, sizeof w0);
-        std::memcpy(&tile[k + 1][g * L], &w1, sizeof w1);
+        store_pair(k, g, codes >> 4, codes & 15);  // the first weight of a byte is its high nibble
       }
     };
     // 32 values of every row at a time; where blocks are whole groups of 32 (and chunks start on a group: they are
     // kNtChunk long), the constants can change only at a group's first pair
     const bool groups_in_blocks = blocksize % 32 == 0 && k0 % 32 == 0;
+    // the next chunk's bytes of the 16 rows (16 streams, more than the hardware prefetchers follow), asked for now so
+    // that they arrive while this chunk is dequantized and multiplied
+    if (k0 + kc < in)
+      for (int64_t j = 0; j < kNtTile; ++j)
+        for (int64_t line = 0; line < kNtChunk / 2; line += 64) __builtin_prefetch(row[j] + ((k0 + kc) >> 1) + line);
     int64_t k = 0;
+    if constexpr (L == 16 && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__) {
+      // With 16 lanes, 128 values of every row at a time: a row's 64 bytes as 16 words, transposed so that word q of
+      // every row is one vector. Byte b of a word holds values 8q + 2b (high nibble) and 8q + 2b + 1; the word shifted
+      // to a nibble is its code's index as it is, with no bytes widened to lanes.
+      typedef typename Lanes<16>::U U;
+      for (; groups_in_blocks && k + 128 <= kc; k += 128) {
+        U words[kNtTile];
+        for (int64_t j = 0; j < kNtTile; ++j) std::memcpy(&words[j], row[j] + ((k0 + k) >> 1), sizeof words[j]);
+        transpose<16, U, U>(words);
+        for (int q = 0; q < 16; ++q) {
+          if (q % 4 == 0) update_scales(k0 + k + 8 * q);  // blocks are whole groups of 32 values
+          for (int b = 0; b < 4; ++b) {
+            const U high = words[q] >> (8 * b + 4), low = words[q] >> (8 * b);
+            store_pair(k + 8 * q + 2 * b, 0, reinterpret_cast<const I&>(high), reinterpret_cast<const I&>(low));
+          }
+        }
+      }
+    }
     for (; k + 32 <= kc; k += 32) {
       v16b bytes[kNtTile];
       for (int64_t j = 0; j < kNtTile; ++j) std::memcpy(&bytes[j], row[j] + ((k0 + k) >> 1), sizeof bytes[j]);
