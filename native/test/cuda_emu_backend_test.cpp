@@ -822,7 +822,7 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
 
 TEST(cuda_backend_keeps_an_untied_embedding_table_in_host_memory) {
   // llama-shared (bf16, untied): the device holds every weight the CPU holds but the table, whose rows a forward
-  // gathers on the host; qwen2-shared ties it to the LM head, so it stays on the device. Same log-probs either way.
+  // gathers on the host from the model file's mapping; qwen2-shared ties it to the LM head, so it stays on the device. Same log-probs either way.
   for (const auto& [name, tied] : {std::pair{"llama-shared", false}, std::pair{"qwen2-shared", true}}) {
     auto cpu = make_cpu_backend();
     auto gpu = emulated(32);
@@ -832,6 +832,8 @@ TEST(cuda_backend_keeps_an_untied_embedding_table_in_host_memory) {
     const auto weights = static_cast<size_t>(MemCategory::Weights);
     const int64_t table = c.vocab_size * c.hidden_size * 2;  // bf16
     EXPECT_EQ(gpu->memory().current[weights], cpu->memory().current[weights] - (tied ? 0 : table));
+    // the untied table is read where the file's mapping holds it; everything else went to the device
+    EXPECT_TRUE(on_gpu->reads_weights_in_place() == !tied, name, ": reads in place ", on_gpu->reads_weights_in_place());
     std::vector<int32_t> ids(12);
     for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 53 + 11) % c.vocab_size);
     RunOptions ro;

@@ -29,11 +29,14 @@ struct DenseWeight {
 };
 
 // A frozen dense matrix in host memory as its file stores it: an untied embedding table where the backend keeps it
-// there (Backend::keeps_embedding_on_host).
+// there (Backend::keeps_embedding_on_host). Read where the model file's mapping holds it (`mapped`, kept alive by
+// LlamaModel::mapping_; rows are copied out, so any alignment does), else (an F64 table narrowed) in `bytes`.
 struct HostMatrix {
   std::vector<uint8_t> bytes;
+  const uint8_t* mapped = nullptr;
   FloatFormat format = FloatFormat::F32;
-  bool empty() const { return bytes.empty(); }
+  const uint8_t* data() const { return mapped != nullptr ? mapped : bytes.data(); }
+  bool empty() const { return bytes.empty() && mapped == nullptr; }
 };
 
 // A frozen base weight [out, in]: either dense (as stored) or NF4 codes with per-block absmax, dequantized (rounded
@@ -123,7 +126,8 @@ class LlamaModel {
   const ModelConfig& config() const { return config_; }
   const std::string& dir() const { return dir_; }
   bool stored_4bit() const { return stored_4bit_; }
-  // Whether some dense weight is read where the file's mapping holds it (Backend::reads_file_mappings).
+  // Whether some dense weight is read where the file's mapping holds it (Backend::reads_file_mappings, or an
+  // embedding table kept in host memory).
   bool reads_weights_in_place() const { return mapping_ != nullptr; }
   Backend* backend() const { return backend_; }
 
