@@ -325,9 +325,9 @@ struct Nf4TileLanes {
     const bool groups_in_blocks = blocksize % 32 == 0 && k0 % 32 == 0;
     // the next chunk's bytes of the 16 rows (16 streams, more than the hardware prefetchers follow), asked for now so
     // that they arrive while this chunk is dequantized and multiplied
-    if (k0 + kc < in)
-      for (int64_t j = 0; j < kNtTile; ++j)
-        for (int64_t line = 0; line < kNtChunk / 2; line += 64) __builtin_prefetch(row[j] + ((k0 + kc) >> 1) + line);
+    const int64_t next_bytes = std::min(kNtChunk, in - (k0 + kc)) / 2;  // within each row
+    for (int64_t j = 0; j < kNtTile; ++j)
+      for (int64_t line = 0; line < next_bytes; line += 64) __builtin_prefetch(row[j] + ((k0 + kc) >> 1) + line);
     int64_t k = 0;
     if constexpr (L == 16 && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__) {
       // With 16 lanes, 128 values of every row at a time: a row's 64 bytes as 16 words, transposed so that word q of
