@@ -41,10 +41,11 @@ done
 node "$ROOT/dist/cli.js" make-tiny-model --out "$RUN/ws/models/tiny" >/dev/null
 cp -r "$RUN/ws/models/tiny" "$RUN/ws-ui/models/tiny"
 # the UI run must still be running when the training view's checks and Stop come, up to about a minute after it
-# starts (after the New Finetune flow and the dataset preview), however fast the machine: the sample 40 times over
-# (3 epochs of the quick preset: about 1700 steps, 1.5 to 4 minutes on 2 cores; the whole run is then resumed to its
-# end)
-for i in $(seq 40); do cat "$ROOT/examples/chat-sample.jsonl"; done >"$RUN/ws-ui/data/chat-long.jsonl"
+# starts (after the New Finetune flow and the dataset preview, which took 45 s once), however fast the machine: the
+# sample 120 times over (3 epochs of the quick preset: about 5,100 steps; a third as many took 43 s on CI's 2 cores
+# once evals and samples got faster, and the training view's check came 66 s after the start; the whole run is then
+# resumed to its end)
+for i in $(seq 120); do cat "$ROOT/examples/chat-sample.jsonl"; done >"$RUN/ws-ui/data/chat-long.jsonl"
 for ud in ud-host ud-ui; do
   mkdir -p "$RUN/$ud/User"
   cat >"$RUN/$ud/User/settings.json" <<JSON

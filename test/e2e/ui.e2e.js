@@ -279,7 +279,7 @@ async function setTheme(label, cls) {
       await shot('training-dark-stopped.png');
       await clickAction('resume');
       await waitFor('data-run-status=running after Resume', async () => (await bodyData(await trainingFrame())).runStatus === 'running', 60000);
-      await waitFor('data-run-status=finished', async () => (await bodyData(await trainingFrame())).runStatus === 'finished', 300000, 1000);
+      await waitFor('data-run-status=finished', async () => (await bodyData(await trainingFrame())).runStatus === 'finished', 600000, 1000);
       if (!events(runDir).some(e => e.kind === 'finished' && e.status === 'completed')) throw new Error('no completed finished event');
     });
 
