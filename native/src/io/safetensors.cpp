@@ -321,6 +321,13 @@ const TensorInfo& TensorStore::info(const std::string& name) const {
 
 namespace {
 
+#if defined(__linux__)
+uintptr_t page_bytes() {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));  // 4 KiB, or 16/64 KiB on some ARM
+  return page;
+}
+#endif
+
 // Maps a tensor's pages in one call before it is read whole, where Linux can (5.14 and newer): read through the
 // mapping, every 64 KiB is a page fault, and a 16 GB model a quarter of a million of them. A hint only: where it is
 // refused, the reads fault as before.
@@ -331,9 +338,21 @@ void map_in_for_reading(const uint8_t* p, size_t bytes) {
 #endif
   constexpr size_t kWorthIt = size_t{1} << 20;
   if (bytes < kWorthIt) return;
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));  // 4 KiB, or 16/64 KiB on some ARM
-  const uintptr_t start = reinterpret_cast<uintptr_t>(p) & ~(page - 1);
+  const uintptr_t start = reinterpret_cast<uintptr_t>(p) & ~(page_bytes() - 1);
   madvise(reinterpret_cast<void*>(start), bytes + (reinterpret_cast<uintptr_t>(p) - start), MADV_POPULATE_READ);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
+// Drops the whole pages inside a tensor's bytes from this process's mapping (TensorStore::release). A read-only
+// private mapping holds no changes of its own: its dropped pages read back as the file has them.
+void map_out(const uint8_t* p, size_t bytes) {
+#if defined(__linux__)
+  const uintptr_t page = page_bytes(), begin = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t start = (begin + page - 1) & ~(page - 1), end = (begin + bytes) & ~(page - 1);
+  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
 #else
   (void)p;
   (void)bytes;
@@ -342,25 +361,18 @@ void map_in_for_reading(const uint8_t* p, size_t bytes) {
 
 }  // namespace
 
+const uint8_t* TensorStore::mapped_bytes(const std::string& name) const {
+  const TensorInfo& t = info(name);  // first: an unknown name is its error, naming the folder
+  return files_[file_of_tensor_.at(name)]->data(t);
+}
+
 const uint8_t* TensorStore::data(const std::string& name) const {
-  const TensorInfo& t = info(name);
-  const uint8_t* p = files_[file_of_tensor_.at(name)]->data(t);
-  map_in_for_reading(p, t.nbytes);
+  const uint8_t* p = mapped_bytes(name);
+  map_in_for_reading(p, info(name).nbytes);
   return p;
 }
 
-void TensorStore::release(const std::string& name) const {
-#if defined(__linux__)
-  const TensorInfo& t = info(name);
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(files_[file_of_tensor_.at(name)]->data(t));
-  const uintptr_t start = (begin + page - 1) & ~(page - 1), end = (begin + t.nbytes) & ~(page - 1);
-  // a read-only private mapping holds no changes of its own: its dropped pages read back as the file has them
-  if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
-#else
-  (void)name;
-#endif
-}
+void TensorStore::release(const std::string& name) const { map_out(mapped_bytes(name), info(name).nbytes); }
 
 const std::string& TensorStore::file_of(const std::string& name) const {
   const auto it = file_of_tensor_.find(name);

@@ -79,6 +79,7 @@ class TensorStore {
   const std::string& location() const { return location_; }
 
  private:
+  const uint8_t* mapped_bytes(const std::string& name) const;  // where the tensor's bytes are mapped, no hint given
   std::string location_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
   std::map<std::string, size_t> file_of_tensor_;
