@@ -12,13 +12,14 @@ import {
   LineElement,
   PointElement,
   Tooltip,
+  type Scale,
   type ChartDataset,
   type ChartOptions,
 } from 'chart.js';
 import { MEMORY_CATEGORIES } from '../extension/protocol/events';
 import type { ChartId } from './chartSummary';
 import { categoryColors, withAlpha, type Palette } from './colors';
-import { formatBytes, formatDuration, formatNumber, formatRate } from './format';
+import { binaryByteTicks, formatByteTick, formatBytes, formatDuration, formatNumber, formatRate } from './format';
 import type { Point, RunView } from './model';
 
 Chart.register(LineController, LineElement, PointElement, LinearScale, Legend, Tooltip, Filler, Decimation);
@@ -32,6 +33,8 @@ interface ChartSpec {
   title: string;
   xTitle: string;
   yTick: (value: number) => string;
+  /** The y axis is bytes: ticks at round binary sizes (binaryByteTicks). */
+  bytes?: boolean;
   stacked?: boolean;
   /** Long series are thinned to the canvas width (LTTB); stacked charts are not, as stacking needs equal x values. */
   decimate?: boolean;
@@ -64,7 +67,7 @@ export const CHART_SPECS: readonly ChartSpec[] = [
     datasets: (v, p) => [line('tokens/s', v.series.tokensPerSecond, p.green)],
   },
   {
-    id: 'memory-chart', title: 'Memory', xTitle: 'step', yTick: (v) => formatBytes(v), stacked: true,
+    id: 'memory-chart', title: 'Memory', xTitle: 'step', yTick: (v) => formatBytes(v), bytes: true, stacked: true,
     datasets: (v, p) => {
       const colors = categoryColors(p);
       // Categories share one stack and fill down to the one below; the totals each get their own stack so they
@@ -86,7 +89,7 @@ export const CHART_SPECS: readonly ChartSpec[] = [
   },
   {
     // every step of a run with offloaded block inputs moves dozens of pages: thinned like the step series
-    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTick: (v) => formatBytes(v), decimate: true,
+    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTick: (v) => formatBytes(v), bytes: true, decimate: true,
     datasets: (v, p) => [
       line('paged out', v.series.pagesOut, p.orange, { showLine: false, pointRadius: 2.5 }),
       line('paged in', v.series.pagesIn, p.blue, { showLine: false, pointRadius: 2.5, pointStyle: 'triangle' }),
@@ -119,9 +122,10 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
         type: 'linear',
         stacked: spec.stacked ?? false,
         beginAtZero: spec.stacked || spec.id === 'pages-chart' || spec.id === 'tps-chart',
-        ticks: { ...ticks, callback: (v) => spec.yTick(Number(v)) },
+        ticks: { ...ticks, callback: (v) => (spec.bytes ? formatByteTick(Number(v)) : spec.yTick(Number(v))) },
         grid: { color: p.grid },
         border: { color: p.grid },
+        ...(spec.bytes ? binaryTickCallbacks(spec.stacked || spec.id === 'pages-chart') : {}),
       },
     },
     plugins: {
@@ -137,6 +141,27 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
         callbacks: { label: (item) => `${item.dataset.label}: ${spec.yTick((item.raw as Point).y)}` },
       },
       decimation: { enabled: spec.decimate ?? false, algorithm: 'lttb' },
+    },
+  };
+}
+
+/**
+ * Scale callbacks that put a byte axis's ticks at binaryByteTicks of the data's range: chart.js's own ticks (decimal
+ * steps, with the axis's ends stretched to them) are replaced, and the axis ends at the first and the last tick.
+ */
+function binaryTickCallbacks(beginAtZero: boolean) {
+  const dataRange = new WeakMap<Scale, { min: number; max: number }>();
+  return {
+    afterDataLimits: (scale: Scale) => {
+      dataRange.set(scale, { min: beginAtZero ? Math.min(0, scale.min) : scale.min, max: beginAtZero ? Math.max(0, scale.max) : scale.max });
+    },
+    afterBuildTicks: (scale: Scale) => {
+      const range = dataRange.get(scale);
+      const values = range ? binaryByteTicks(range.min, range.max) : [];
+      if (values.length < 2) return; // no data yet: chart.js's default axis
+      scale.ticks = values.map((value) => ({ value }));
+      scale.min = values[0];
+      scale.max = values[values.length - 1];
     },
   };
 }

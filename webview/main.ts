@@ -11,7 +11,7 @@ import { chartSummaries } from './chartSummary';
 import { readPalette, themeKind, type ThemeKind } from './colors';
 import { el, guardButtonKeys, hiddenText } from './dom';
 import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from './format';
-import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, hostMemoryNote, statusAnnouncement, type RunView } from './model';
+import { ACTION_LABELS, availableActions, progress, reduceRun, emptyView, applyEvent, hostMemoryNote, sampleRowLabel, sampleRows, statusAnnouncement, type RunView } from './model';
 import './styles.css';
 
 interface VsCodeApi {
@@ -235,11 +235,9 @@ function renderSamples(): void {
   const share = trainingSeconds && trainingSeconds > 0 ? ` (${formatNumber((100 * view.sampleMs) / 1000 / trainingSeconds, 2)}% of the run's time)` : '';
   ui.samplesNote.textContent = `Greedy answers with the adapter of each step (step 0: the base model). Generating them took ${formatDuration(view.sampleMs / 1000)}${share}.`;
   ui.sampleThreads.replaceChildren(...threads.map((t) => {
-    const answers = [...t.answers].reverse().map((a) => {
-      const label = `step ${formatCount(a.step)}${a.step === 0 ? ' (base)' : ''}`;
-      const note = a.finishReason === 'length' || a.finishReason === 'context' ? ' …' : '';
-      const item = el('li', {}, el('span', { className: 'sample-step', text: label }), el('span', { className: 'sample-text', text: a.text + note }));
-      item.title = `${a.tokens} tokens in ${formatNumber(a.ms, 3)} ms`;
+    const answers = sampleRows(t).map((row) => {
+      const item = el('li', {}, el('span', { className: 'sample-step', text: sampleRowLabel(row) }), el('span', { className: 'sample-text', text: row.text + (row.cut ? ' …' : '') }));
+      item.title = `${row.count > 1 ? `at step ${formatCount(row.lastStep)}: ` : ''}${row.tokens} tokens in ${formatNumber(row.ms, 3)} ms`;
       return item;
     });
     const block = el('div', { className: 'sample-thread' }, el('h3', { className: 'sample-prompt', text: t.prompt }), el('ol', { className: 'sample-answers' }, ...answers));

@@ -317,3 +317,47 @@ export function hostMemoryNote(dev: RunDevice): string {
   const moved = [...(dev.pagedOptimizer ? ['optimizer paged'] : []), ...(inputs > 0 ? [blockInputsOffloaded(inputs)] : [])];
   return moved.length > 0 ? `, ${moved.join(' and ')} to host memory` : '';
 }
+
+/** One row of a sample prompt's list: an answer and the steps (one, or a run of evals in a row) that gave it. */
+export interface SampleRow {
+  /** The first and last step that gave this answer; equal for one step. */
+  firstStep: number;
+  lastStep: number;
+  /** How many evals gave it. */
+  count: number;
+  text: string;
+  /** The answer ran out of tokens (max tokens or the model's context) before it ended. */
+  cut: boolean;
+  /** The newest of the steps' answers: its length and time (the row's tooltip). */
+  tokens: number;
+  ms: number;
+}
+
+/**
+ * A prompt's answers as the panel lists them, newest first, with answers the same as the step before (text and
+ * how they ended) in one row: once training settles most evals answer alike, and dozens of the same line would hide
+ * the steps where the answer changed. Step 0 (the base model) always has its own row.
+ */
+export function sampleRows(thread: SampleThread): SampleRow[] {
+  const rows: SampleRow[] = [];
+  for (const a of [...thread.answers].sort((x, y) => x.step - y.step)) {
+    const cut = a.finishReason === 'length' || a.finishReason === 'context';
+    const prev = rows[rows.length - 1];
+    if (prev && prev.firstStep > 0 && a.step > 0 && prev.text === a.text && prev.cut === cut) {
+      prev.lastStep = a.step;
+      prev.count++;
+      prev.tokens = a.tokens;
+      prev.ms = a.ms;
+    } else {
+      rows.push({ firstStep: a.step, lastStep: a.step, count: 1, text: a.text, cut, tokens: a.tokens, ms: a.ms });
+    }
+  }
+  return rows.reverse();
+}
+
+/** "step 0 (base)", "step 1,200", "steps 300–1,200 (10 evals)". */
+export function sampleRowLabel(row: SampleRow): string {
+  const count = (n: number) => n.toLocaleString('en-US');
+  if (row.count === 1) return `step ${count(row.firstStep)}${row.firstStep === 0 ? ' (base)' : ''}`;
+  return `steps ${count(row.firstStep)}–${count(row.lastStep)} (${count(row.count)} evals)`;
+}

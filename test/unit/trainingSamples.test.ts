@@ -12,7 +12,7 @@ import { parseEventLog, type TrainerEvent } from '../../extension/protocol/event
 import { ConfigError, resolveConfig } from '../../extension/trainer/config';
 import { makeTinyModel } from '../../extension/trainer/tinyModel/makeTinyModel';
 import { train } from '../../extension/trainer/train';
-import { applyEvent, emptyView, reduceRun } from '../../webview/model';
+import { applyEvent, emptyView, reduceRun, sampleRowLabel, sampleRows } from '../../webview/model';
 import { repoRoot, tempDir } from '../helpers/paths';
 
 const PROMPTS = ['What is the capital of France?', 'Name a color.'];
@@ -73,6 +73,25 @@ test('the view-model: answers by prompt and step; a resumed run drops the answer
   const live = emptyView();
   for (const e of log) applyEvent(live, e);
   assert.deepEqual(live.samples, view.samples);
+});
+
+test('the panel lists a prompt\'s answers newest first, evals in a row that answered alike in one row, the base apart', () => {
+  const answer = (step: number, text: string, finishReason = 'stop-token') => ({ step, text, tokens: step + 1, finishReason, ms: 2 * step });
+  const thread = {
+    index: 0, prompt: 'p',
+    answers: [
+      answer(0, 'Paris'), answer(100, 'Paris'), answer(200, 'Paris'), answer(300, 'Lyon'), answer(400, 'Paris'),
+      answer(500, 'Paris'), answer(600, 'Paris', 'length'), answer(700, 'Paris', 'length'), answer(1200, 'Paris'),
+    ],
+  };
+  const rows = sampleRows(thread);
+  assert.deepEqual(rows.map(sampleRowLabel), ['step 1,200', 'steps 600–700 (2 evals)', 'steps 400–500 (2 evals)', 'step 300', 'steps 100–200 (2 evals)', 'step 0 (base)']);
+  assert.deepEqual(rows.map((r) => [r.text, r.cut]), [['Paris', false], ['Paris', true], ['Paris', false], ['Lyon', false], ['Paris', false], ['Paris', false]]);
+  // a row's tooltip figures are its newest answer's
+  assert.deepEqual([rows[1].tokens, rows[1].ms], [701, 1400]);
+  // answers arrive in step order, but a resumed run's replaced step may come later: sorted first
+  assert.deepEqual(sampleRows({ ...thread, answers: [answer(200, 'a'), answer(0, 'a'), answer(100, 'a')] }).map(sampleRowLabel), ['steps 100–200 (2 evals)', 'step 0 (base)']);
+  assert.deepEqual(sampleRows({ ...thread, answers: [] }), []);
 });
 
 test('sample prompts in the config: validated, and passed on by the extension as repeated --sample-prompt flags', () => {

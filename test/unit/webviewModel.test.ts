@@ -6,7 +6,7 @@ import { test } from 'node:test';
 import { MEMORY_CATEGORIES, type ByCategory, type TrainerEvent } from '../../extension/protocol/events';
 import { chartSummaries } from '../../webview/chartSummary';
 import { categoryColors, opaque, readPalette, themeKind, withAlpha } from '../../webview/colors';
-import { formatBytes, formatCount, formatDuration, formatNumber, formatRate } from '../../webview/format';
+import { binaryByteTicks, formatByteTick, formatBytes, formatCount, formatDuration, formatNumber, formatRate } from '../../webview/format';
 import { applyEvent, availableActions, emptyView, hostMemoryNote, progress, reduceRun, statusAnnouncement } from '../../webview/model';
 
 const GiB = 1024 ** 3;
@@ -199,6 +199,32 @@ test('number formatting for the header, counters and ticks', () => {
   assert.equal(formatNumber(1.5e-5), '1.500e-5');
   assert.equal(formatRate(2e-4), '2.00e-4');
   assert.equal(formatCount(6_815_744), '6,815,744');
+});
+
+test('byte axes tick at round binary sizes from zero past the data, in at most six steps', () => {
+  const MiB = 1024 ** 2;
+  // the CPU run of the e2e screenshots: chart.js's decimal ticks read 488 KiB, 977 KiB, 1.43 MiB ... 4.77 MiB
+  const memory = binaryByteTicks(0, 4.6 * MiB);
+  assert.deepEqual(memory, [0, 1, 2, 3, 4, 5].map((n) => n * MiB));
+  assert.deepEqual(memory.map(formatByteTick), ['0 B', '1 MiB', '2 MiB', '3 MiB', '4 MiB', '5 MiB']);
+  assert.deepEqual(binaryByteTicks(0, 1.4 * MiB).map(formatByteTick), ['0 B', '256 KiB', '512 KiB', '768 KiB', '1 MiB', '1.25 MiB', '1.5 MiB']);
+  // an 80 GB card's total over a 20 GiB run
+  assert.deepEqual(binaryByteTicks(0, 79.6 * GiB).map(formatByteTick), ['0 B', '16 GiB', '32 GiB', '48 GiB', '64 GiB', '80 GiB']);
+  // off zero: both ends rounded out, and a step more where that would make seven
+  assert.deepEqual(binaryByteTicks(3.1 * MiB, 5.9 * MiB).map((v) => v / MiB), [3, 3.5, 4, 4.5, 5, 5.5, 6]);
+  assert.deepEqual(binaryByteTicks(2.9 * MiB, 5.9 * MiB).map((v) => v / MiB), [2, 3, 4, 5, 6]);
+  for (const [lo, hi] of [[0, 1], [0, 0], [5, 5], [0, 3e9], [1e6, 1.000001e6], [0, 123456789]]) {
+    const ticks = binaryByteTicks(lo, hi);
+    const step = ticks[1] - ticks[0];
+    assert.ok(ticks.length >= 2 && ticks.length <= 7, `${lo}..${hi}: ${ticks}`);
+    assert.ok(ticks[0] <= lo && ticks[ticks.length - 1] >= hi, `${lo}..${hi}: ${ticks}`);
+    assert.ok(Number.isInteger(Math.log2(step)) && step >= 1, `${lo}..${hi}: step ${step}`);
+    assert.ok(ticks.every((v, i) => v === ticks[0] + i * step));
+  }
+  assert.deepEqual(binaryByteTicks(Number.NaN, 1), []);
+  assert.equal(formatByteTick(1.5 * 1024), '1.5 KiB');
+  assert.equal(formatByteTick(10 * GiB), '10 GiB');
+  assert.equal(formatByteTick(100), '100 B');
 });
 
 test('theme: kind from the body classes, variables with fallbacks, translucent fills', () => {

@@ -47,9 +47,10 @@ ul.errors { padding-left: 18px; }
 ul.errors li { font-family: var(--vscode-editor-font-family); font-size: 0.92em; margin: 2px 0; }
 pre.example { white-space: pre-wrap; word-break: break-word; font-family: var(--vscode-editor-font-family);
   font-size: var(--vscode-editor-font-size); background: var(--vscode-textCodeBlock-background); padding: 8px 10px;
-  border-radius: 3px; margin: 0; }
+  border-radius: 3px; margin: 0; line-height: 1.5; }
+/* The padding keeps the outline off the text: at the text's own edge it hid underscores ("<|eot id|>"). */
 mark.trained { background: var(--vscode-diffEditor-insertedTextBackground); color: inherit;
-  outline: 1px solid var(--vscode-charts-green); border-radius: 2px; }
+  outline: 1px solid var(--vscode-charts-green); border-radius: 2px; padding: 1px 1px 2px; }
 /* high contrast: no inserted-text background there; the theme's border colour and an underline instead */
 body.vscode-high-contrast mark.trained { background: transparent; outline: 1px dashed var(--vscode-contrastActiveBorder, var(--vscode-contrastBorder));
   text-decoration: underline; text-underline-offset: 3px; }
