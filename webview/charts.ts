@@ -32,6 +32,8 @@ interface ChartSpec {
   id: ChartId;
   title: string;
   xTitle: string;
+  /** A title for the y axis, where its ticks alone do not say what it shows. */
+  yTitle?: string;
   yTick: (value: number) => string;
   /** The y axis is bytes: ticks at round binary sizes (binaryByteTicks). */
   bytes?: boolean;
@@ -89,10 +91,12 @@ export const CHART_SPECS: readonly ChartSpec[] = [
   },
   {
     // every step of a run with offloaded block inputs moves dozens of pages: thinned like the step series
-    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTick: (v) => formatBytes(v), bytes: true, decimate: true,
+    // Moves out are drawn above zero and moves in below it (the axis reads sizes both ways): a page goes out and
+    // comes back in at the same size, and on one side the later points hid the others.
+    id: 'pages-chart', title: 'Memory paging', xTitle: 'seconds', yTitle: 'in  ·  out', yTick: (v) => formatBytes(Math.abs(v)), bytes: true, decimate: true,
     datasets: (v, p) => [
       line('paged out', v.series.pagesOut, p.orange, { showLine: false, pointRadius: 2.5 }),
-      line('paged in', v.series.pagesIn, p.blue, { showLine: false, pointRadius: 2.5, pointStyle: 'triangle' }),
+      line('paged in', v.series.pagesIn.map((q) => ({ x: q.x, y: -q.y })), p.blue, { showLine: false, pointRadius: 2.5, pointStyle: 'triangle' }),
     ],
   },
 ];
@@ -122,7 +126,8 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
         type: 'linear',
         stacked: spec.stacked ?? false,
         beginAtZero: spec.stacked || spec.id === 'pages-chart' || spec.id === 'tps-chart',
-        ticks: { ...ticks, callback: (v) => (spec.bytes ? formatByteTick(Number(v)) : spec.yTick(Number(v))) },
+        title: { display: spec.yTitle !== undefined, text: spec.yTitle ?? '', color: p.muted, font },
+        ticks: { ...ticks, callback: (v) => (spec.bytes ? formatByteTick(Math.abs(Number(v))) : spec.yTick(Number(v))) },
         grid: { color: p.grid },
         border: { color: p.grid },
         ...(spec.bytes ? binaryTickCallbacks(spec.stacked || spec.id === 'pages-chart') : {}),
