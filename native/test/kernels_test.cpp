@@ -317,6 +317,52 @@ TEST(kernel_nf4_dequantize_equals_the_reference_bit_for_bit) {
   }
 }
 
+// exp_shifted's table is 2^(i/32), and its results are glibc's expf bits (the algorithm glibc runs, in vectors), on
+// every 61st float from the underflow to the overflow threshold and past them, through the vector lanes and the
+// scalar tail alike. glibc's FMA build (chosen on CPUs with FMA) may round a result near a boundary the other way:
+// such results must be one ulp apart and rare.
+TEST(vector_exp_gives_the_bits_of_glibc_expf) {
+  for (int i = 0; i < 32; ++i) {
+    const uint64_t bits = cpu::vector_exp_detail::kTable[i] + (static_cast<uint64_t>(i) << 47);
+    double table;
+    std::memcpy(&table, &bits, sizeof table);
+    EXPECT_EQ(table, static_cast<double>(std::exp2(static_cast<long double>(i) / 32)));
+  }
+  std::vector<float> xs;
+  for (uint32_t b = 0x80000000u; b <= 0xc2d80000u; b += 61) {  // -0 down to -108
+    float x;
+    std::memcpy(&x, &b, sizeof x);
+    xs.push_back(x);
+  }
+  for (uint32_t b = 0; b <= 0x42b40000u; b += 61) {  // 0 up to 90
+    float x;
+    std::memcpy(&x, &b, sizeof x);
+    xs.push_back(x);
+  }
+  for (float x : {INFINITY, -INFINITY, NAN, -NAN, 0x1.62e42ep6f, 0x1.62e430p6f, -0x1.9fe368p6f, -0x1.9fe36ap6f, -0x1.5d589ep6f})
+    xs.push_back(x);
+  std::vector<float> got = xs;
+  cpu::exp_shifted(got.data(), static_cast<int64_t>(got.size()), 0.0f);
+  int64_t differ = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const float expected = std::exp(xs[i]);
+    EXPECT_TRUE(std::isnan(expected) == std::isnan(got[i]), "exp(", xs[i], ") = ", got[i], " vs ", expected);
+    if (std::isnan(expected) || std::memcmp(&got[i], &expected, sizeof expected) == 0) continue;
+    ++differ;
+    EXPECT_TRUE(std::fabs(std::nextafter(got[i], expected) - expected) == 0.0f, "exp(", xs[i], ") = ", got[i], " vs ", expected);
+    EXPECT_EQ(got[i], cpu::exp_like_glibc(xs[i]));
+  }
+  EXPECT_TRUE(differ <= 8, differ, " of ", xs.size(), " results differ from std::exp by an ulp");
+  // the shift is subtracted in float first; every length's tail takes the scalar path to the same bits
+  for (int64_t n = 0; n <= 19; ++n) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = 0.37f * static_cast<float>(i) - 3.1f;
+    std::vector<float> y = x;
+    cpu::exp_shifted(y.data(), n, 1.7f);
+    for (int64_t i = 0; i < n; ++i) EXPECT_EQ(y[static_cast<size_t>(i)], cpu::exp_like_glibc(x[static_cast<size_t>(i)] - 1.7f));
+  }
+}
+
 TEST(kernel_attention_cached_equals_full_causal_attention) {
   // Queries of positions 3..6 over a cache of 7 rows give the full pass's rows 3..6, whatever was cached first.
   const int64_t T = 7, H = 4, Hkv = 2, D = 3, past = 3, n = T - past;
@@ -330,6 +376,19 @@ TEST(kernel_attention_cached_equals_full_causal_attention) {
     Vec one(H * D);
     cpu::attention_cached<double>(q.data() + t * H * D, k.data(), v.data(), 1, t, H, Hkv, D, one.data());
     for (int64_t i = 0; i < H * D; ++i) EXPECT_EQ(one[i], full[t * H * D + i]);
+  }
+  // In fp32, at a 64-wide head and rows past a vector's length, bit for bit too (the vector softmax and P.V)
+  {
+    const int64_t T2 = 45, H2 = 4, Hkv2 = 2, D2 = 64, past2 = 20, n2 = T2 - past2;
+    std::vector<float> q2(T2 * H2 * D2), k2(T2 * Hkv2 * D2), v2(T2 * Hkv2 * D2);
+    std::mt19937 gen(33);
+    std::normal_distribution<float> dist(0.0f, 1.0f);
+    for (auto* x : {&q2, &k2, &v2})
+      for (float& e : *x) e = dist(gen);
+    std::vector<float> full2(T2 * H2 * D2), lse2(H2 * T2), cached2(n2 * H2 * D2);
+    cpu::attention_forward<float>(q2.data(), k2.data(), v2.data(), 1, T2, H2, Hkv2, D2, full2.data(), lse2.data());
+    cpu::attention_cached<float>(q2.data() + past2 * H2 * D2, k2.data(), v2.data(), n2, past2, H2, Hkv2, D2, cached2.data());
+    for (int64_t i = 0; i < n2 * H2 * D2; ++i) EXPECT_EQ(cached2[i], full2[past2 * H2 * D2 + i]);
   }
 }
 

@@ -17,18 +17,13 @@
 #include "util/error.h"
 #include "util/per_thread.h"
 #include "util/philox.h"
+#include "util/simd_clones.h"
+#include "cpu/vector_exp.h"
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-// The hottest loops are always inlined into the fp32 functions of cpu/simd_f32.cpp, which are compiled for several
-// instruction sets: a loop in a separate function would be compiled for the baseline only.
-#if defined(__GNUC__) || defined(__clang__)
-#define QLORA_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define QLORA_ALWAYS_INLINE inline
-#endif
 
 namespace qlora::cpu {
 
@@ -537,14 +532,40 @@ void rope_apply(T* x, int64_t batch, int64_t seq, int64_t heads, int64_t head_di
 // ---------------------------------------------------------------------------------------------------------------
 // acc[d] += a[t] * rows[t * ld + d] for t < count in turn, for d < n: each acc[d] summed in the plain loop's order.
 // With GCC or Clang, fp32 rows of whole vectors of 16 keep their sums in registers across t (the plain loop stores
-// and reloads acc at every t, each add waiting on the last one's store).
+// and reloads acc at every t, each add waiting on the last one's store), four vectors at a time: each vector's adds
+// wait on its previous one, so one vector alone ran at an add per add latency (attention's P·V over a 64-wide head:
+// a quarter of what four independent sums in flight reach).
 template <typename T>
 QLORA_ALWAYS_INLINE void accumulate_rows(T* acc, const T* a, const T* rows, int64_t ld, int64_t count, int64_t n) {
 #if defined(__GNUC__) || defined(__clang__)
   if constexpr (std::is_same_v<T, float>) {
     if (n % 16 == 0) {
       typedef float V __attribute__((vector_size(64)));
-      for (int64_t d0 = 0; d0 < n; d0 += 16) {
+      int64_t d0 = 0;
+      for (; d0 + 64 <= n; d0 += 64) {
+        V s0, s1, s2, s3;
+        std::memcpy(&s0, acc + d0, sizeof s0);
+        std::memcpy(&s1, acc + d0 + 16, sizeof s1);
+        std::memcpy(&s2, acc + d0 + 32, sizeof s2);
+        std::memcpy(&s3, acc + d0 + 48, sizeof s3);
+        for (int64_t t = 0; t < count; ++t) {
+          const float* row = rows + t * ld + d0;
+          V r0, r1, r2, r3;
+          std::memcpy(&r0, row, sizeof r0);
+          std::memcpy(&r1, row + 16, sizeof r1);
+          std::memcpy(&r2, row + 32, sizeof r2);
+          std::memcpy(&r3, row + 48, sizeof r3);
+          s0 += a[t] * r0;
+          s1 += a[t] * r1;
+          s2 += a[t] * r2;
+          s3 += a[t] * r3;
+        }
+        std::memcpy(acc + d0, &s0, sizeof s0);
+        std::memcpy(acc + d0 + 16, &s1, sizeof s1);
+        std::memcpy(acc + d0 + 32, &s2, sizeof s2);
+        std::memcpy(acc + d0 + 48, &s3, sizeof s3);
+      }
+      for (; d0 < n; d0 += 16) {
         V sum;
         std::memcpy(&sum, acc + d0, sizeof sum);
         for (int64_t t = 0; t < count; ++t) {
@@ -562,19 +583,51 @@ QLORA_ALWAYS_INLINE void accumulate_rows(T* acc, const T* a, const T* rows, int6
     for (int64_t d = 0; d < n; ++d) acc[d] += a[t] * rows[t * ld + d];
 }
 
+// x[i] *= scale for i < n; returns the largest (the loop's std::max order matters only for NaNs and signed zeros, which
+// give softmax_and_values the same result either way), 16 lanes at a time with GCC or Clang.
+QLORA_ALWAYS_INLINE float scale_and_max(float* x, int64_t n, float scale) {
+  float max_value = -INFINITY;
+  int64_t i = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  typedef float V __attribute__((vector_size(64)));
+  if (n >= 16) {
+    V lanes_max = V{} - INFINITY;
+    for (; i + 16 <= n; i += 16) {
+      V v;
+      std::memcpy(&v, x + i, sizeof v);
+      v *= scale;
+      std::memcpy(x + i, &v, sizeof v);
+      for (int l = 0; l < 16; ++l) lanes_max[l] = std::max(lanes_max[l], v[l]);
+    }
+    for (int l = 0; l < 16; ++l) max_value = std::max(max_value, lanes_max[l]);
+  }
+#endif
+  for (; i < n; ++i) {
+    x[i] *= scale;
+    max_value = std::max(max_value, x[i]);
+  }
+  return max_value;
+}
+
 // attend_row once the row's scores p[0..last] are there.
 template <typename T>
 QLORA_ALWAYS_INLINE T softmax_and_values(T* p, const T* v, int64_t kv_stride, int64_t last, int64_t head_dim, T scale,
                                          T* oi) {
   T max_score = -INFINITY;
-  for (int64_t j = 0; j <= last; ++j) {
-    p[j] *= scale;
-    max_score = std::max(max_score, p[j]);
-  }
   T sum = 0;
-  for (int64_t j = 0; j <= last; ++j) {
-    p[j] = std::exp(p[j] - max_score);
-    sum += p[j];
+  if constexpr (std::is_same_v<T, float>) {
+    max_score = scale_and_max(p, last + 1, scale);
+    exp_shifted(p, last + 1, max_score);
+    for (int64_t j = 0; j <= last; ++j) sum += p[j];
+  } else {
+    for (int64_t j = 0; j <= last; ++j) {
+      p[j] *= scale;
+      max_score = std::max(max_score, p[j]);
+    }
+    for (int64_t j = 0; j <= last; ++j) {
+      p[j] = std::exp(p[j] - max_score);
+      sum += p[j];
+    }
   }
   const T inv = T(1) / sum;
   for (int64_t j = 0; j <= last; ++j) p[j] *= inv;
@@ -744,10 +797,13 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
             axpy16(p[r], qi[d], k_lanes + d * kNtTile);
             axpy16(ds[r], doi[d], v_lanes + d * kNtTile);
           }
-          for (int64_t t = 0; t < keys; ++t) {
-            p[r][t] = std::exp(p[r][t] * scale - row_lse);
-            ds[r][t] = p[r][t] * (ds[r][t] - row_dot) * scale;  // now dS (scaled)
+          if constexpr (std::is_same_v<T, float>) {
+            for (int64_t t = 0; t < keys; ++t) p[r][t] *= scale;
+            exp_shifted(p[r], keys, row_lse);
+          } else {
+            for (int64_t t = 0; t < keys; ++t) p[r][t] = std::exp(p[r][t] * scale - row_lse);
           }
+          for (int64_t t = 0; t < keys; ++t) ds[r][t] = p[r][t] * (ds[r][t] - row_dot) * scale;  // now dS (scaled)
           accumulate_rows(dq + head + i * q_stride, ds[r], kb + j0 * kv_stride, kv_stride, keys, head_dim);
         }
         for (int64_t t = 0; t < tile_keys; ++t) {

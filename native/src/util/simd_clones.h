@@ -9,3 +9,11 @@
 #else
 #define QLORA_SIMD_CLONES
 #endif
+
+// The hottest loops are always inlined into the fp32 functions of cpu/simd_f32.cpp, which are compiled for several
+// instruction sets: a loop in a separate function would be compiled for the baseline only.
+#if defined(__GNUC__) || defined(__clang__)
+#define QLORA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define QLORA_ALWAYS_INLINE inline
+#endif
