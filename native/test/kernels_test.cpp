@@ -552,25 +552,28 @@ TEST(kernel_philox_gives_the_published_known_answers) {
 TEST(kernel_dropout_keeps_the_values_whose_philox_uniform_reaches_p) {
   // Eight Philox blocks at a time in vectors, with the counters before the first block and after the last group one
   // at a time: every offset within a block and lengths short of, at and past a group give each value the mask of
-  // Philox::uniform at its own counter (the last offset: block indices that pass 2^32 inside a group).
+  // Philox::uniform at its own counter (the last offset: block indices that pass 2^32 inside a group). At both vector
+  // widths: the AVX-512 multiplies, then the AVX2 ones (qemu's CPUs: AVX2, and GCC's vectors on the baseline).
   const Philox rng(1234567, RngStream::Dropout, 9);
   std::vector<float> x(1000);
   for (size_t i = 0; i < x.size(); ++i) x[i] = 0.25f + 0.01f * static_cast<float>(i);
-  for (const float p : {0.05f, 0.5f})
-    for (const uint64_t offset : std::initializer_list<uint64_t>{0, 1, 3, 4, 7, (uint64_t{1} << 34) - 8})
-      for (const int64_t n : {1, 31, 32, 100, 1000}) {
-        const float keep_scale = 1.0f / (1.0f - p);
-        std::vector<float> out(static_cast<size_t>(n), std::nanf(""));
-        cpu::dropout_f32(x.data(), n, p, keep_scale, rng, offset, out.data());
-        int64_t kept = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          const bool keep = rng.uniform(offset + static_cast<uint64_t>(i)) >= p;
-          const float want = keep ? x[i] * keep_scale : 0.0f;
-          kept += keep;
-          EXPECT_TRUE(out[i] == want, "p ", p, " offset ", offset, " n ", n, " index ", i, ": ", out[i], " vs ", want);
+  qtest::at_both_vector_widths([&](bool) {
+    for (const float p : {0.05f, 0.5f})
+      for (const uint64_t offset : std::initializer_list<uint64_t>{0, 1, 3, 4, 7, (uint64_t{1} << 34) - 8})
+        for (const int64_t n : {1, 31, 32, 100, 1000}) {
+          const float keep_scale = 1.0f / (1.0f - p);
+          std::vector<float> out(static_cast<size_t>(n), std::nanf(""));
+          cpu::dropout_f32(x.data(), n, p, keep_scale, rng, offset, out.data());
+          int64_t kept = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            const bool keep = rng.uniform(offset + static_cast<uint64_t>(i)) >= p;
+            const float want = keep ? x[i] * keep_scale : 0.0f;
+            kept += keep;
+            EXPECT_TRUE(out[i] == want, "p ", p, " offset ", offset, " n ", n, " index ", i, ": ", out[i], " vs ", want);
+          }
+          if (n == 1000) EXPECT_NEAR(static_cast<double>(kept) / n, 1.0 - p, 0.05);
         }
-        if (n == 1000) EXPECT_NEAR(static_cast<double>(kept) / n, 1.0 - p, 0.05);
-      }
+  });
 }
 
 TEST(kernel_dot_rows_equals_the_loop_over_d_bit_for_bit) {

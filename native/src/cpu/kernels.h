@@ -730,6 +730,51 @@ void attention_cached(const T* q, const T* k_cache, const T* v_cache, int64_t q_
   }
 }
 
+// attention_backward_group's scores and dp of a block of query rows against a tile of keys laid out in lanes:
+// p[r][t] = the sum over d of q_r[d] k_lanes[d][t], ds[r][t] = the same of dout_r[d] v_lanes[d][t], each over d
+// ascending from 0 (axpy16's operations). Two rows at a time with GCC or Clang: four vector sums in flight, where one
+// row's two chains of adds waited on the add latency.
+template <typename T>
+QLORA_ALWAYS_INLINE void tile_scores_and_dp(const T* q, const T* dout, int64_t stride, int64_t rows, const T* k_lanes,
+                                            const T* v_lanes, int64_t head_dim, T (*p)[kNtTile], T (*ds)[kNtTile]) {
+  int64_t r = 0;
+#if defined(__GNUC__) || defined(__clang__)
+  if constexpr (std::is_same_v<T, float>) {
+    typedef float V __attribute__((vector_size(64)));
+    for (; r + 2 <= rows; r += 2) {
+      const float* q0 = q + r * stride;
+      const float* q1 = q0 + stride;
+      const float* o0 = dout + r * stride;
+      const float* o1 = o0 + stride;
+      V p0{}, p1{}, d0{}, d1{};
+      for (int64_t d = 0; d < head_dim; ++d) {
+        V kl, vl;
+        std::memcpy(&kl, k_lanes + d * kNtTile, sizeof kl);
+        std::memcpy(&vl, v_lanes + d * kNtTile, sizeof vl);
+        p0 += q0[d] * kl;
+        p1 += q1[d] * kl;
+        d0 += o0[d] * vl;
+        d1 += o1[d] * vl;
+      }
+      std::memcpy(p[r], &p0, sizeof p0);
+      std::memcpy(p[r + 1], &p1, sizeof p1);
+      std::memcpy(ds[r], &d0, sizeof d0);
+      std::memcpy(ds[r + 1], &d1, sizeof d1);
+    }
+  }
+#endif
+  for (; r < rows; ++r) {
+    const T* qi = q + r * stride;
+    const T* doi = dout + r * stride;
+    std::fill(p[r], p[r] + kNtTile, T(0));
+    std::fill(ds[r], ds[r] + kNtTile, T(0));
+    for (int64_t d = 0; d < head_dim; ++d) {
+      axpy16(p[r], qi[d], k_lanes + d * kNtTile);
+      axpy16(ds[r], doi[d], v_lanes + d * kNtTile);
+    }
+  }
+}
+
 // P = exp(scale Q·K^T - lse) recomputed from the forward pass's log-sum-exp, dP = dO·V^T,
 // dS = P ⊙ (dP - D) with D = rowsum(dO ⊙ O) (= rowsum(dP ⊙ P)), dQ = scale dS·K, dK = scale dS^T·Q, dV = P^T·dO
 // (summed over the query heads that share a kv head). Writes dq, dk, dv (not accumulated).
@@ -783,20 +828,14 @@ QLORA_ALWAYS_INLINE void attention_backward_group(const T* dout, const T* q, con
         const int64_t rows = std::min(kNtTile, seq - i0);
         alignas(64) T p[kNtTile][kNtTile];   // [row][key]
         alignas(64) T ds[kNtTile][kNtTile];  // dP, then dS
+        // the scores into p, then their probabilities; dp into ds
+        tile_scores_and_dp(q + head + i0 * q_stride, dout + head + i0 * q_stride, q_stride, rows, k_lanes, v_lanes,
+                           head_dim, p, ds);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t i = i0 + r;
           const int64_t keys = std::min(tile_keys, i + 1 - j0);  // the tile's keys this query row sees
-          const T* doi = dout + head + i * q_stride;
-          const T* qi = q + head + i * q_stride;
           const T row_lse = lse[(b * heads + h) * seq + i];
           const T row_dot = row_dots[i];
-          // the scores into p, then their probabilities; dp into ds
-          std::fill(p[r], p[r] + kNtTile, T(0));
-          std::fill(ds[r], ds[r] + kNtTile, T(0));
-          for (int64_t d = 0; d < head_dim; ++d) {
-            axpy16(p[r], qi[d], k_lanes + d * kNtTile);
-            axpy16(ds[r], doi[d], v_lanes + d * kNtTile);
-          }
           if constexpr (std::is_same_v<T, float>) {
             for (int64_t t = 0; t < keys; ++t) p[r][t] *= scale;
             exp_shifted(p[r], keys, row_lse);
