@@ -24,7 +24,6 @@
 #include <omp.h>
 #endif
 
-
 namespace qlora::cpu {
 
 inline int64_t max_threads() {

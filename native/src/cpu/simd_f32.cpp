@@ -641,7 +641,8 @@ struct Philox8Rounds {
 #if defined(__x86_64__)
 // The same rounds with each product one vpmuludq for eight lanes (AVX-512) or four (AVX2), which multiplies the low
 // halves of 64-bit lanes: the multiplies were most of dropout's time, and dropout a tenth of a CPU step with LoRA
-// dropout. Called, not inlined, from the baseline's code (only where the CPU has the instructions).
+// dropout. dropout_f32 picks them where the CPU has the instructions: its AVX-512 and AVX2 versions inline them, the
+// baseline's calls them.
 __attribute__((target("avx512f"), always_inline)) inline void mul_hi_lo_avx512(uint32_t m, const U8& a, U8& hi,
                                                                               U8& lo) {
   __m256i lanes;
