@@ -41,6 +41,37 @@ constexpr uint64_t kTable[32] = {
 constexpr float kOverflow = 0x1.62e42ep6f;
 constexpr float kUnderflow = -0x1.9fe368p6f;
 
+// t = the table entry of each k mod 32. (Vectors go by reference: GCC warns of 64-byte ones passed by value.)
+inline void table_entries(const uint64_t& k, uint64_t& t) { t = kTable[k % 32]; }
+#if defined(__GNUC__) || defined(__clang__)
+typedef uint64_t U8 __attribute__((vector_size(64)));
+QLORA_ALWAYS_INLINE void table_entries(const U8& k, U8& t) {
+  for (int l = 0; l < 8; ++l) t[l] = kTable[k[l] % 32];
+}
+#endif
+
+// out = exp(x) in double, for x (a float's value) past neither threshold: D is double with U uint64_t, or vectors of
+// them.
+template <typename D, typename U>
+QLORA_ALWAYS_INLINE void exp_of_float_value(const D& x, D& out) {
+  const D z = kInvLn2N * x;
+  D kd = z + kShift;
+  U k;
+  std::memcpy(&k, &kd, sizeof k);
+  kd -= kShift;
+  const D r = z - kd;
+  U t;
+  table_entries(k, t);
+  t += k << 47;
+  D s;
+  std::memcpy(&s, &t, sizeof s);
+  const D p = kC0 * r + kC1;
+  const D r2 = r * r;
+  D y = kC2 * r + 1.0;
+  y = p * r2 + y;
+  out = y * s;
+}
+
 }  // namespace vector_exp_detail
 
 // exp(x), the same bits as exp_shifted's lanes.
@@ -49,20 +80,9 @@ inline float exp_like_glibc(float x) {
   if (std::isnan(x)) return x + x;
   if (x > kOverflow) return INFINITY;
   if (x < kUnderflow) return 0.0f;
-  const double z = kInvLn2N * static_cast<double>(x);
-  double kd = z + kShift;
-  uint64_t ki;
-  std::memcpy(&ki, &kd, sizeof ki);
-  kd -= kShift;
-  const double r = z - kd;
-  const uint64_t t = kTable[ki % 32] + (ki << 47);
-  double s;
-  std::memcpy(&s, &t, sizeof s);
-  const double p = kC0 * r + kC1;
-  const double r2 = r * r;
-  double y = kC2 * r + 1.0;
-  y = p * r2 + y;
-  return static_cast<float>(y * s);
+  double y;
+  exp_of_float_value<double, uint64_t>(static_cast<double>(x), y);
+  return static_cast<float>(y);
 }
 
 // x[i] = exp(x[i] - shift) for i < n, each difference rounded to float first (as a plain loop computes it).
@@ -73,27 +93,13 @@ QLORA_ALWAYS_INLINE void exp_shifted(float* x, int64_t n, float shift) {
   typedef float F8 __attribute__((vector_size(32)));
   typedef int32_t I8 __attribute__((vector_size(32)));
   typedef double D8 __attribute__((vector_size(64)));
-  typedef uint64_t U8 __attribute__((vector_size(64)));
   for (; i + 8 <= n; i += 8) {
     F8 xf;
     std::memcpy(&xf, x + i, sizeof xf);
     xf -= shift;
-    const D8 z = kInvLn2N * __builtin_convertvector(xf, D8);
-    D8 kd = z + kShift;
-    U8 ki;
-    std::memcpy(&ki, &kd, sizeof ki);
-    kd -= kShift;
-    const D8 r = z - kd;
-    U8 t;
-    for (int l = 0; l < 8; ++l) t[l] = kTable[ki[l] % 32];
-    t += ki << 47;
-    D8 s;
-    std::memcpy(&s, &t, sizeof s);
-    const D8 p = kC0 * r + kC1;
-    const D8 r2 = r * r;
-    D8 y = kC2 * r + 1.0;
-    y = p * r2 + y;
-    const F8 e = __builtin_convertvector(y * s, F8);
+    D8 y;
+    exp_of_float_value<D8, U8>(__builtin_convertvector(xf, D8), y);
+    const F8 e = __builtin_convertvector(y, F8);
     // the special cases exp_like_glibc takes first; lanes past them computed garbage, replaced here
     I8 bits, nan_bits;
     std::memcpy(&bits, &e, sizeof bits);
