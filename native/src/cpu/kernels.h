@@ -890,26 +890,49 @@ void attention_backward(const T* dout, const T* q, const T* k, const T* v, const
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// SwiGLU's exp(-g[i]) for i < n: in fp32 through exp_shifted in chunks of kExpChunk (glibc's expf bits, eight at a
+// time), otherwise std::exp; `body(i0, m, e)` then uses e[j] = exp(-g[i0 + j]) for j < m. On every core.
+constexpr int64_t kExpChunk = 256;
+template <typename T, typename Body>
+void with_exp_of_negated(const T* g, int64_t n, const Body& body) {
+  const int64_t chunks = (n + kExpChunk - 1) / kExpChunk;
+#pragma omp parallel for schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t i0 = c * kExpChunk, m = std::min(kExpChunk, n - i0);
+    T e[kExpChunk];
+    for (int64_t j = 0; j < m; ++j) e[j] = -g[i0 + j];
+    if constexpr (std::is_same_v<T, float>)
+      exp_shifted(e, m, 0.0f);  // -g - 0 is -g (a negative zero's too)
+    else
+      for (int64_t j = 0; j < m; ++j) e[j] = std::exp(e[j]);
+    body(i0, m, e);
+  }
+}
+
 // SwiGLU: out = silu(g) * u, silu(g) = g * sigmoid(g).
 template <typename T>
 void swiglu_forward(const T* g, const T* u, int64_t n, T* out) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const T s = T(1) / (T(1) + std::exp(-g[i]));
-    out[i] = g[i] * s * u[i];
-  }
+  with_exp_of_negated(g, n, [&](int64_t i0, int64_t m, const T* e) {
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = i0 + j;
+      const T s = T(1) / (T(1) + e[j]);
+      out[i] = g[i] * s * u[i];
+    }
+  });
 }
 
 // dg = dout * u * sigmoid(g) * (1 + g (1 - sigmoid(g))), du = dout * silu(g). dg may be g and du may be u.
 template <typename T>
 void swiglu_backward(const T* dout, const T* g, const T* u, int64_t n, T* dg, T* du) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const T gi = g[i], ui = u[i], di = dout[i];
-    const T s = T(1) / (T(1) + std::exp(-gi));
-    du[i] = di * gi * s;
-    dg[i] = di * ui * s * (T(1) + gi * (T(1) - s));
-  }
+  with_exp_of_negated(g, n, [&](int64_t i0, int64_t m, const T* e) {
+    for (int64_t j = 0; j < m; ++j) {
+      const int64_t i = i0 + j;
+      const T gi = g[i], ui = u[i], di = dout[i];
+      const T s = T(1) / (T(1) + e[j]);
+      du[i] = di * gi * s;
+      dg[i] = di * ui * s * (T(1) + gi * (T(1) - s));
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------------
