@@ -622,8 +622,6 @@ void dot_rows_f32(const float* x, const float* rows, int64_t ld, int64_t count, 
 #if QLORA_GCC_SHUFFLES
 namespace {
 typedef uint32_t U8 __attribute__((vector_size(32)));
-typedef int32_t I8 __attribute__((vector_size(32)));
-typedef float F8 __attribute__((vector_size(32)));
 
 // philox4x32_10_rounds on eight counters at a time in GCC's vectors, whose 64-bit lanes GCC multiplies with three
 // 32-bit multiplies each, not knowing their high halves are zero.
@@ -639,19 +637,9 @@ struct Philox8Rounds {
 };
 
 #if defined(__x86_64__)
-// The same rounds with each product one vpmuludq for eight lanes (AVX-512) or four (AVX2), which multiplies the low
-// halves of 64-bit lanes: the multiplies were most of dropout's time, and dropout a tenth of a CPU step with LoRA
-// dropout. dropout_f32 picks them where the CPU has the instructions: its AVX-512 and AVX2 versions inline them, the
+// The same rounds with two vpmuludq for sixteen lanes (AVX-512) or eight (AVX2), which multiply the low halves of
+// 64-bit lanes: the multiplies were most of dropout's time, and dropout a tenth of a CPU step with LoRA dropout. dropout_f32 picks them where the CPU has the instructions: its AVX-512 and AVX2 versions inline them, the
 // baseline's calls them.
-__attribute__((target("avx512f"), always_inline)) inline void mul_hi_lo_avx512(uint32_t m, const U8& a, U8& hi,
-                                                                              U8& lo) {
-  __m256i lanes;
-  std::memcpy(&lanes, &a, sizeof lanes);
-  const __m512i product = _mm512_mul_epu32(_mm512_cvtepu32_epi64(lanes), _mm512_set1_epi64(m));
-  const __m256i low = _mm512_cvtepi64_epi32(product), high = _mm512_cvtepi64_epi32(_mm512_srli_epi64(product, 32));
-  std::memcpy(&lo, &low, sizeof lo);
-  std::memcpy(&hi, &high, sizeof hi);
-}
 __attribute__((target("avx2"), always_inline)) inline void mul_hi_lo_avx2(uint32_t m, const U8& a, U8& hi, U8& lo) {
   __m256i lanes;
   std::memcpy(&lanes, &a, sizeof lanes);
@@ -663,9 +651,23 @@ __attribute__((target("avx2"), always_inline)) inline void mul_hi_lo_avx2(uint32
   std::memcpy(&lo, &low, sizeof lo);
   std::memcpy(&hi, &high, sizeof hi);
 }
-struct Philox8RoundsAvx512 {
-  __attribute__((target("avx512f"))) void operator()(U8& c0, U8& c1, U8& c2, U8& c3, uint32_t k0, uint32_t k1) const {
-    QLORA_PHILOX4X32_10_ROUNDS(U8, c0, c1, c2, c3, k0, k1, mul_hi_lo_avx512);
+typedef uint32_t U16 __attribute__((vector_size(64)));
+// Sixteen lanes a register: the even lanes' products and the odd lanes' (shifted down first), their halves blended.
+__attribute__((target("avx512f"), always_inline)) inline void mul_hi_lo_avx512(uint32_t m, const U16& a, U16& hi,
+                                                                              U16& lo) {
+  __m512i lanes;
+  std::memcpy(&lanes, &a, sizeof lanes);
+  const __m512i factor = _mm512_set1_epi64(m);
+  const __m512i even = _mm512_mul_epu32(lanes, factor), odd = _mm512_mul_epu32(_mm512_srli_epi64(lanes, 32), factor);
+  const __m512i low = _mm512_mask_blend_epi32(0xaaaa, even, _mm512_slli_epi64(odd, 32));
+  const __m512i high = _mm512_mask_blend_epi32(0xaaaa, _mm512_srli_epi64(even, 32), odd);
+  std::memcpy(&lo, &low, sizeof lo);
+  std::memcpy(&hi, &high, sizeof hi);
+}
+struct Philox16RoundsAvx512 {
+  __attribute__((target("avx512f"))) void operator()(U16& c0, U16& c1, U16& c2, U16& c3, uint32_t k0,
+                                                     uint32_t k1) const {
+    QLORA_PHILOX4X32_10_ROUNDS(U16, c0, c1, c2, c3, k0, k1, mul_hi_lo_avx512);
   }
 };
 struct Philox8RoundsAvx2 {
@@ -679,41 +681,79 @@ bool has_avx2() {
 }
 #endif
 
-// dropout_f32 from `i` (a block's first counter) on, eight Philox blocks (32 values) at a time while whole ones
-// remain; returns where it stopped.
-template <typename Rounds>
+// Philox's four words of L blocks (a block in each lane of c0 .. c3) in counter order, L at a time: block l's words
+// 0..3 are values 4l .. 4l + 3.
+QLORA_ALWAYS_INLINE void counter_order(const U8& c0, const U8& c1, const U8& c2, const U8& c3, U8 (&words)[4]) {
+  const U8 w01_low = __builtin_shuffle(c0, c1, U8{0, 8, 1, 9, 2, 10, 3, 11});
+  const U8 w23_low = __builtin_shuffle(c2, c3, U8{0, 8, 1, 9, 2, 10, 3, 11});
+  const U8 w01_high = __builtin_shuffle(c0, c1, U8{4, 12, 5, 13, 6, 14, 7, 15});
+  const U8 w23_high = __builtin_shuffle(c2, c3, U8{4, 12, 5, 13, 6, 14, 7, 15});
+  words[0] = __builtin_shuffle(w01_low, w23_low, U8{0, 1, 8, 9, 2, 3, 10, 11});
+  words[1] = __builtin_shuffle(w01_low, w23_low, U8{4, 5, 12, 13, 6, 7, 14, 15});
+  words[2] = __builtin_shuffle(w01_high, w23_high, U8{0, 1, 8, 9, 2, 3, 10, 11});
+  words[3] = __builtin_shuffle(w01_high, w23_high, U8{4, 5, 12, 13, 6, 7, 14, 15});
+}
+#if defined(__x86_64__)
+QLORA_ALWAYS_INLINE void counter_order(const U16& c0, const U16& c1, const U16& c2, const U16& c3, U16 (&words)[4]) {
+  const U16 w01_low = __builtin_shuffle(c0, c1, U16{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+  const U16 w23_low = __builtin_shuffle(c2, c3, U16{0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23});
+  const U16 w01_high = __builtin_shuffle(c0, c1, U16{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+  const U16 w23_high = __builtin_shuffle(c2, c3, U16{8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31});
+  const U16 first{0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23};
+  const U16 second{8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31};
+  words[0] = __builtin_shuffle(w01_low, w23_low, first);
+  words[1] = __builtin_shuffle(w01_low, w23_low, second);
+  words[2] = __builtin_shuffle(w01_high, w23_high, first);
+  words[3] = __builtin_shuffle(w01_high, w23_high, second);
+}
+#endif
+
+// dropout_f32 from `i` (a block's first counter) on, L Philox blocks (4 L values) at a time while whole ones remain,
+// W a vector of L words (U8, or U16 for AVX-512's rounds); returns where it stopped.
+template <typename W>
+struct WordLanes;  // the int32 and float vectors as wide as W
+template <>
+struct WordLanes<U8> {
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef float F __attribute__((vector_size(32)));
+};
+#if defined(__x86_64__)
+template <>
+struct WordLanes<U16> {
+  typedef int32_t I __attribute__((vector_size(64)));
+  typedef float F __attribute__((vector_size(64)));
+};
+#endif
+
+template <typename W, typename Rounds>
 QLORA_ALWAYS_INLINE int64_t dropout_blocks(const float* x, int64_t i, int64_t n, float p, float keep_scale,
                                            const Philox& rng, uint64_t offset, float* out, const Rounds& rounds) {
+  constexpr int L = sizeof(W) / sizeof(uint32_t);
+  using I = typename WordLanes<W>::I;
+  using F = typename WordLanes<W>::F;
   const std::array<uint32_t, 2> key = rng.key();
-  for (; i + 32 <= n; i += 32) {
+  for (; i + 4 * L <= n; i += 4 * L) {
     const uint64_t first_block = (offset + static_cast<uint64_t>(i)) >> 2;
-    // philox4x32_10 of the eight blocks' counters (as Philox::block builds them), a block in each lane
-    U8 c0, c1, c2, c3;
-    for (int l = 0; l < 8; ++l) {
+    // philox4x32_10 of the L blocks' counters (as Philox::block builds them), a block in each lane
+    W c0, c1, c2, c3;
+    for (int l = 0; l < L; ++l) {
       c0[l] = static_cast<uint32_t>(first_block + static_cast<uint64_t>(l));
       c1[l] = static_cast<uint32_t>((first_block + static_cast<uint64_t>(l)) >> 32);
       c2[l] = rng.stream_word();
       c3[l] = rng.step_word();
     }
     rounds(c0, c1, c2, c3, key[0], key[1]);
-    // the words in counter order (block l's words 0..3 are values 4l .. 4l + 3): interleave the four vectors
-    const U8 w01_low = __builtin_shuffle(c0, c1, U8{0, 8, 1, 9, 2, 10, 3, 11});
-    const U8 w23_low = __builtin_shuffle(c2, c3, U8{0, 8, 1, 9, 2, 10, 3, 11});
-    const U8 w01_high = __builtin_shuffle(c0, c1, U8{4, 12, 5, 13, 6, 14, 7, 15});
-    const U8 w23_high = __builtin_shuffle(c2, c3, U8{4, 12, 5, 13, 6, 14, 7, 15});
-    const U8 words[4] = {__builtin_shuffle(w01_low, w23_low, U8{0, 1, 8, 9, 2, 3, 10, 11}),
-                         __builtin_shuffle(w01_low, w23_low, U8{4, 5, 12, 13, 6, 7, 14, 15}),
-                         __builtin_shuffle(w01_high, w23_high, U8{0, 1, 8, 9, 2, 3, 10, 11}),
-                         __builtin_shuffle(w01_high, w23_high, U8{4, 5, 12, 13, 6, 7, 14, 15})};
+    W words[4];
+    counter_order(c0, c1, c2, c3, words);
     for (int v = 0; v < 4; ++v) {
       // philox_uniform: the word's top 24 bits over 2^24
-      const U8 top = words[v] >> 8;
-      const F8 uniform = __builtin_convertvector(reinterpret_cast<const I8&>(top), F8) * (1.0f / 16777216.0f);
-      F8 xv;
-      std::memcpy(&xv, x + i + 8 * v, sizeof xv);
-      const F8 kept = xv * keep_scale;
-      const F8 dropped = uniform >= p ? kept : F8{};
-      std::memcpy(out + i + 8 * v, &dropped, sizeof dropped);
+      const W top = words[v] >> 8;
+      const F uniform = __builtin_convertvector(reinterpret_cast<const I&>(top), F) * (1.0f / 16777216.0f);
+      F xv;
+      std::memcpy(&xv, x + i + L * v, sizeof xv);
+      const F kept = xv * keep_scale;
+      const F dropped = uniform >= p ? kept : F{};
+      std::memcpy(out + i + L * v, &dropped, sizeof dropped);
     }
   }
   return i;
@@ -730,17 +770,18 @@ void dropout_f32(const float* x, int64_t n, float p, float keep_scale, const Phi
     for (; i < end; ++i) out[i] = rng.uniform(offset + static_cast<uint64_t>(i)) >= p ? x[i] * keep_scale : 0.0f;
   };
 #if QLORA_GCC_SHUFFLES
-  // up to the first counter that starts a block, then eight blocks (32 values) at a time: with the CPU's own
-  // multiplies where it has AVX-512 or AVX2 (narrow vectors forced for tests: AVX2), else GCC's vectors
+  // up to the first counter that starts a block, then 16 blocks (64 values) at a time with AVX-512's multiplies, or
+  // 8 blocks with AVX2's (narrow vectors forced for tests: AVX2), else with GCC's vectors; 8 blocks at a time after
+  // AVX-512's, where fewer than 16 remain
   one_at_a_time(std::min<int64_t>(n, static_cast<int64_t>((4 - offset % 4) % 4)));
 #if defined(__x86_64__)
   if (has_avx512())
-    i = dropout_blocks(x, i, n, p, keep_scale, rng, offset, out, Philox8RoundsAvx512{});
-  else if (has_avx2())
-    i = dropout_blocks(x, i, n, p, keep_scale, rng, offset, out, Philox8RoundsAvx2{});
+    i = dropout_blocks<U16>(x, i, n, p, keep_scale, rng, offset, out, Philox16RoundsAvx512{});
+  if (has_avx2())
+    i = dropout_blocks<U8>(x, i, n, p, keep_scale, rng, offset, out, Philox8RoundsAvx2{});
   else
 #endif
-    i = dropout_blocks(x, i, n, p, keep_scale, rng, offset, out, Philox8Rounds{});
+    i = dropout_blocks<U8>(x, i, n, p, keep_scale, rng, offset, out, Philox8Rounds{});
 #endif
   one_at_a_time(n);
 }
