@@ -105,6 +105,7 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
   // the workbench's font family and size (--vscode-font-*), as the rest of the panel's text
   const font = { family: p.fontFamily, size: p.fontSize };
   const ticks = { color: p.muted, font };
+  const beginAtZero = spec.stacked || spec.id === 'pages-chart' || spec.id === 'tps-chart';
   return {
     // Streaming redraws many times a second; animation would only lag behind the data.
     animation: false,
@@ -125,12 +126,12 @@ function options(spec: ChartSpec, p: Palette): ChartOptions<'line'> {
       y: {
         type: 'linear',
         stacked: spec.stacked ?? false,
-        beginAtZero: spec.stacked || spec.id === 'pages-chart' || spec.id === 'tps-chart',
+        beginAtZero,
         title: { display: spec.yTitle !== undefined, text: spec.yTitle ?? '', color: p.muted, font },
         ticks: { ...ticks, callback: (v) => (spec.bytes ? formatByteTick(Math.abs(Number(v))) : spec.yTick(Number(v))) },
         grid: { color: p.grid },
         border: { color: p.grid },
-        ...(spec.bytes ? binaryTickCallbacks(spec.stacked || spec.id === 'pages-chart') : {}),
+        ...(spec.bytes ? binaryTickCallbacks(beginAtZero) : {}),
       },
     },
     plugins: {

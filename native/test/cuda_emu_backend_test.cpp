@@ -822,7 +822,8 @@ TEST(cuda_backend_estimate_bounds_the_measured_peaks_in_fp32_and_bf16) {
 
 TEST(cuda_backend_keeps_an_untied_embedding_table_in_host_memory) {
   // llama-shared (bf16, untied): the device holds every weight the CPU holds but the table, whose rows a forward
-  // gathers on the host from the model file's mapping; qwen2-shared ties it to the LM head, so it stays on the device. Same log-probs either way.
+  // gathers on the host from the model file's mapping; qwen2-shared ties it to the LM head, so it stays on the
+  // device. Same log-probs either way.
   for (const auto& [name, tied] : {std::pair{"llama-shared", false}, std::pair{"qwen2-shared", true}}) {
     auto cpu = make_cpu_backend();
     auto gpu = emulated(32);

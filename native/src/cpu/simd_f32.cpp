@@ -11,7 +11,8 @@
 
 #include <atomic>
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// GCC 12 warns of the intrinsics' own _mm512_undefined_*() placeholders (GCC bug 105593) wherever they are inlined
+// GCC 12 warns of the intrinsics' own _mm512_undefined_*() placeholders (GCC bug 105593) wherever they are inlined:
+// the two warnings are off for the header's lines alone, and stay on for this file's.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -638,7 +639,8 @@ struct Philox8Rounds {
 
 #if defined(__x86_64__)
 // The same rounds with two vpmuludq for sixteen lanes (AVX-512) or eight (AVX2), which multiply the low halves of
-// 64-bit lanes: the multiplies were most of dropout's time, and dropout a tenth of a CPU step with LoRA dropout. dropout_f32 picks them where the CPU has the instructions: its AVX-512 and AVX2 versions inline them, the
+// 64-bit lanes: the multiplies were most of dropout's time, and dropout a tenth of a CPU step with LoRA dropout.
+// dropout_f32 picks them where the CPU has the instructions: its AVX-512 and AVX2 versions inline them, the
 // baseline's calls them.
 __attribute__((target("avx2"), always_inline)) inline void mul_hi_lo_avx2(uint32_t m, const U8& a, U8& hi, U8& lo) {
   __m256i lanes;
@@ -708,10 +710,9 @@ QLORA_ALWAYS_INLINE void counter_order(const U16& c0, const U16& c1, const U16& 
 }
 #endif
 
-// dropout_f32 from `i` (a block's first counter) on, L Philox blocks (4 L values) at a time while whole ones remain,
-// W a vector of L words (U8, or U16 for AVX-512's rounds); returns where it stopped.
+// The int32 and float vectors as wide as W.
 template <typename W>
-struct WordLanes;  // the int32 and float vectors as wide as W
+struct WordLanes;
 template <>
 struct WordLanes<U8> {
   typedef int32_t I __attribute__((vector_size(32)));
@@ -725,6 +726,8 @@ struct WordLanes<U16> {
 };
 #endif
 
+// dropout_f32 from `i` (a block's first counter) on, L Philox blocks (4 L values) at a time while whole ones remain,
+// W a vector of L words (U8, or U16 for AVX-512's rounds); returns where it stopped.
 template <typename W, typename Rounds>
 QLORA_ALWAYS_INLINE int64_t dropout_blocks(const float* x, int64_t i, int64_t n, float p, float keep_scale,
                                            const Philox& rng, uint64_t offset, float* out, const Rounds& rounds) {
